@@ -1,0 +1,32 @@
+/* util.h — small shared helpers: time, allocation, file reading, paths, threads.
+ * Every function that returns memory says so; the caller frees it with free(). */
+#ifndef ST_UTIL_H
+#define ST_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Monotonic time in seconds. */
+double st_now(void);
+
+/* 64-byte aligned, zeroed allocation; NULL on failure (free with free()). */
+void *st_calloc_aligned(size_t bytes);
+
+/* Reads a whole file into a malloc'ed buffer (NUL-terminated; *len excludes the NUL).
+ * Returns 0 or ST_EIO with a message naming the path. */
+int st_read_file(const char *path, char **data, size_t *len);
+
+/* Writes `len` bytes to `path` atomically: PATH.partial, fsync, rename. */
+int st_write_file_atomic(const char *path, const void *data, size_t len);
+
+/* mkdir -p. */
+int st_mkdirs(const char *path);
+
+/* Threads this rank should use: OMP_NUM_THREADS if set, else the CPUs in its affinity mask. */
+int st_num_threads(void);
+
+/* 64-bit FNV-1a over bytes, chainable (pass the previous hash, or ST_FNV_INIT). */
+#define ST_FNV_INIT 0xcbf29ce484222325ULL
+uint64_t st_fnv1a(uint64_t h, const void *data, size_t len);
+
+#endif

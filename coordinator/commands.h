@@ -1,0 +1,29 @@
+/* commands.h — the CLI subcommands (one function per `shardtune <cmd>`).
+ * Each takes the arguments after the command name (argv[0] is the command name) and returns
+ * the process exit code. Only these functions print to stdout/stderr. */
+#ifndef ST_COMMANDS_H
+#define ST_COMMANDS_H
+
+/* Exit codes shared by all commands (documented in docs/cli.md). */
+enum {
+    ST_EXIT_OK = 0,
+    ST_EXIT_FAIL = 1,        /* the one-line error says why */
+    ST_EXIT_USAGE = 2,       /* bad command line */
+    ST_EXIT_REQUEUE = 85,    /* checkpointed on a signal or `ctl stop`: please requeue / resume */
+};
+
+int st_cmd_init_model(int argc, char **argv);
+int st_cmd_data(int argc, char **argv);
+int st_cmd_train(int argc, char **argv);
+int st_cmd_eval(int argc, char **argv);
+int st_cmd_plan(int argc, char **argv);
+int st_cmd_ckpt(int argc, char **argv);
+int st_cmd_export(int argc, char **argv);
+int st_cmd_monitor(int argc, char **argv);
+int st_cmd_ctl(int argc, char **argv);
+int st_cmd_plot(int argc, char **argv);
+
+/* Prints "shardtune <cmd>: error: <msg>" to stderr (one line) and returns ST_EXIT_FAIL. */
+int st_cli_error(const char *cmd, const char *msg);
+
+#endif

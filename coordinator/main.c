@@ -1,0 +1,70 @@
+/* main.c — `shardtune` entry point: dispatches to a subcommand (coordinator/commands.h). */
+#include "coordinator/commands.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* Commands not yet linked into this build are weak so the table can list the whole surface. */
+#pragma weak st_cmd_init_model
+#pragma weak st_cmd_data
+#pragma weak st_cmd_train
+#pragma weak st_cmd_eval
+#pragma weak st_cmd_plan
+#pragma weak st_cmd_ckpt
+#pragma weak st_cmd_export
+#pragma weak st_cmd_monitor
+#pragma weak st_cmd_ctl
+#pragma weak st_cmd_plot
+
+struct st_command {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *usage;
+};
+
+static const struct st_command st_commands[] = {
+    {"init-model", st_cmd_init_model,
+     "--family llama|gpt2 --layers L --dim D --heads H [--kv-heads K] [--ffn F] --vocab V [--max-seq S] [--seed N] --out DIR"},
+    {"data", st_cmd_data, "pack (--jsonl IN.jsonl | --llmc-bin 'GLOB') --out DATA.h5 [--vocab V] [--eos ID]"},
+    {"train", st_cmd_train, "JOB.yaml [dotted.key=value ...]"},
+    {"eval", st_cmd_eval, "--model DIR --data DATA.h5 --seq-len T [--json]"},
+    {"plan", st_cmd_plan, "JOB.yaml --ranks N [--json]"},
+    {"ckpt", st_cmd_ckpt, "inspect|verify PATH"},
+    {"export", st_cmd_export, "CKPT --out DIR"},
+    {"monitor", st_cmd_monitor, "ADDR [--plain|--json]"},
+    {"ctl", st_cmd_ctl, "ADDR status|checkpoint|stop|pause|resume"},
+    {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg"},
+};
+#define ST_NCOMMANDS (sizeof st_commands / sizeof st_commands[0])
+
+static void usage(FILE *out) {
+    fprintf(out, "usage: shardtune <command> [args]\n\ncommands:\n");
+    for (size_t i = 0; i < ST_NCOMMANDS; i++)
+        if (st_commands[i].run) fprintf(out, "  %-11s %s\n", st_commands[i].name, st_commands[i].usage);
+}
+
+int st_cli_error(const char *cmd, const char *msg) {
+    fprintf(stderr, "shardtune %s: error: %s\n", cmd, msg && *msg ? msg : "unknown failure");
+    return ST_EXIT_FAIL;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return ST_EXIT_USAGE;
+    }
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return ST_EXIT_OK;
+    }
+    for (size_t i = 0; i < ST_NCOMMANDS; i++) {
+        if (strcmp(argv[1], st_commands[i].name) != 0) continue;
+        if (!st_commands[i].run) {
+            fprintf(stderr, "shardtune: error: command '%s' is not built into this binary\n", argv[1]);
+            return ST_EXIT_FAIL;
+        }
+        return st_commands[i].run(argc - 1, argv + 1);
+    }
+    fprintf(stderr, "shardtune: error: unknown command '%s' (run 'shardtune --help')\n", argv[1]);
+    return ST_EXIT_USAGE;
+}

@@ -1,0 +1,33 @@
+/* backend.c — backend-independent pieces of kernels.h: NF4 levels, RoPE tables, backend lookup. */
+#include "kernels/kernels.h"
+#include "common/error.h"
+
+#include <math.h>
+
+const float ST_NF4_LEVELS[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+};
+
+void st_rope_tables(float *cos_out, float *sin_out, int t, int hd, float theta) {
+    int half = hd / 2;
+    for (int pos = 0; pos < t; pos++) {
+        for (int i = 0; i < half; i++) {
+            /* computed in double then rounded, like HF: inv_freq in fp32 is close enough at 1e-6 */
+            double inv_freq = pow((double)theta, -2.0 * i / (double)hd);
+            double ang = (double)pos * (float)inv_freq;
+            cos_out[pos * half + i] = (float)cos(ang);
+            sin_out[pos * half + i] = (float)sin(ang);
+        }
+    }
+}
+
+#ifndef ST_HAVE_CUDA
+const st_backend *st_backend_cuda(int device) {
+    (void)device;
+    st_fail(ST_EDEVICE, "this shardtune was built without CUDA (configure with -DSHARDTUNE_CUDA=ON)");
+    return NULL;
+}
+#endif

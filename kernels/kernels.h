@@ -1,0 +1,127 @@
+/* kernels.h — the one backend interface. The worker computes only through these functions.
+ *
+ * A backend (cpu, cuda) is a table of function pointers. The CPU backend is the reference: every
+ * CUDA kernel computes the same function as its CPU twin (same inputs, same outputs, same layout).
+ *
+ * Conventions (all backends):
+ *  - fp32 tensors, row-major, contiguous. Pointers are device pointers for the backend (host for cpu).
+ *  - Kernels never allocate: the caller passes every buffer. Small O(T) per-thread stack use is allowed.
+ *  - "_bwd" functions ACCUMULATE (+=) into parameter gradients (dw, db, dwte, dwpe) and into dx of norms
+ *    (a norm's input is always a residual stream whose gradient already holds the skip path). Every other
+ *    output is overwritten unless the comment says otherwise.
+ *  - Linear weights are stored [out, in] (PyTorch nn.Linear). GPT-2 Conv1D weights are transposed at import.
+ *  - Packed attention input qkv: per token [q heads (H*hd) | k heads (KVH*hd) | v heads (KVH*hd)].
+ *  - RoPE is HF's rotate_half form: pairs (i, i + hd/2), angle t * theta^(-2i/hd).
+ */
+#ifndef ST_KERNELS_H
+#define ST_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct st_backend st_backend;
+
+struct st_backend {
+    const char *name; /* "cpu" or "cuda" */
+
+    /* ---- memory ---- */
+    void *(*alloc)(size_t bytes); /* zeroed; NULL on failure */
+    void (*free)(void *p);
+    void (*memset0)(void *p, size_t bytes);
+    void (*copy_to_device)(void *dst, const void *host_src, size_t bytes);
+    void (*copy_to_host)(void *host_dst, const void *src, size_t bytes);
+    void (*copy)(void *dst, const void *src, size_t bytes); /* device to device */
+    void (*synchronize)(void);
+
+    /* ---- matmul ----
+     * C[M,N] = alpha * op(A) @ op(B) + beta * C, op(X) = X or X^T.
+     * A is [M,K] (or [K,M] when trans_a), B is [K,N] (or [N,K] when trans_b). */
+    void (*matmul)(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
+                   float alpha, float beta);
+    /* y[N,C] += bias[C] broadcast over rows. */
+    void (*bias_add)(float *y, const float *bias, int n, int c);
+    /* dbias[C] += sum over rows of dy[N,C]. */
+    void (*bias_bwd)(float *dbias, const float *dy, int n, int c);
+
+    /* ---- elementwise ---- */
+    void (*add)(float *out, const float *a, const float *b, size_t n); /* out = a + b (out may alias) */
+    void (*accumulate)(float *dst, const float *src, size_t n);        /* dst += src */
+    void (*scale)(float *x, float s, size_t n);                        /* x *= s */
+    /* Sum of squares of x, accumulated in double. */
+    double (*sumsq)(const float *x, size_t n);
+
+    /* ---- norms (rows of C) ----
+     * LayerNorm: out = (x - mean) * rstd * w + b; saves mean[N], rstd[N].
+     * RMSNorm:   out = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps); saves rstd[N]. */
+    void (*layernorm_fwd)(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
+                          int n, int c, float eps);
+    void (*layernorm_bwd)(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                          const float *mean, const float *rstd, int n, int c);
+    void (*rmsnorm_fwd)(float *out, float *rstd, const float *x, const float *w, int n, int c, float eps);
+    void (*rmsnorm_bwd)(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                        const float *rstd, int n, int c);
+
+    /* ---- rotary embeddings, in place on packed qkv [B,T,(H+2*KVH)*hd] (q and k heads only) ----
+     * cos/sin: [T, hd/2] tables for positions 0..T-1 (see st_rope_tables). bwd applies the inverse
+     * rotation to dqkv in place. */
+    void (*rope_fwd)(float *qkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
+    void (*rope_bwd)(float *dqkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
+
+    /* ---- causal self-attention with grouped-query heads (query head i uses kv head i / (H/KVH)) ----
+     * out[B,T,H*hd] = softmax(q k^T / sqrt(hd) + causal mask) v; lse[B,H,T] = log-sum-exp of each
+     * scaled score row (saved for backward, which recomputes probabilities from it).
+     * bwd writes (overwrites) dqkv[B,T,(H+2*KVH)*hd]. */
+    void (*attention_fwd)(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd);
+    void (*attention_bwd)(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                          int b, int t, int h, int kvh, int hd);
+
+    /* ---- activations ----
+     * GELU (tanh approximation, GPT-2's gelu_new): out = gelu(x). bwd: dx = dout * gelu'(x).
+     * SwiGLU over packed gate|up rows gu[N, 2F] (per row: F gate values then F up values):
+     * out[N,F] = silu(gate) * up. bwd writes dgu[N,2F]. */
+    void (*gelu_fwd)(float *out, const float *x, size_t n);
+    void (*gelu_bwd)(float *dx, const float *dout, const float *x, size_t n);
+    void (*swiglu_fwd)(float *out, const float *gu, int n, int f);
+    void (*swiglu_bwd)(float *dgu, const float *dout, const float *gu, int n, int f);
+
+    /* ---- embeddings ----
+     * out[B*T, C] = wte[tokens] (+ wpe[t] when wpe != NULL, t = position within the sequence).
+     * bwd accumulates dwte (and dwpe when non-NULL); deterministic (no atomics order dependence). */
+    void (*embedding_fwd)(float *out, const int32_t *tokens, const float *wte, const float *wpe, int b, int t,
+                          int c);
+    void (*embedding_bwd)(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int b, int t,
+                          int c);
+
+    /* ---- fused softmax cross-entropy ----
+     * For each row i of logits[N,V]: loss[i] = logsumexp(logits[i]) - logits[i][target[i]] (0 where
+     * weight[i] == 0), then logits[i] is overwritten IN PLACE with dlogits = weight[i] * (softmax - onehot)
+     * (all zeros where weight[i] == 0). weight carries the loss mask, per-task loss weights and the
+     * 1/normalizer; targets of weight-0 rows are never read. Returns sum_i weight[i] * loss[i] (double). */
+    double (*cross_entropy)(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);
+
+    /* ---- fused AdamW over a flat range (PyTorch torch.optim.AdamW semantics) ----
+     * g = grad * grad_scale; p -= lr * weight_decay * p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+     * p -= (lr / (1 - b1^step)) * m / (sqrt(v) / sqrt(1 - b2^step) + eps). step counts from 1. */
+    void (*adamw)(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, float grad_scale, int step);
+
+    /* ---- dequantization (QLoRA bases) ----
+     * int8: out[i] = q[i] * scale[i / block]. nf4: two 4-bit codes per byte (low nibble first),
+     * out[i] = ST_NF4_LEVELS[code_i] * absmax[i / block]. */
+    void (*dequant_int8)(float *out, const int8_t *q, const float *scale, size_t n, int block);
+    void (*dequant_nf4)(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
+};
+
+/* The 16 NormalFloat-4 levels (QLoRA paper), shared by every backend. */
+extern const float ST_NF4_LEVELS[16];
+
+/* Fills cos/sin [t, hd/2] for positions 0..t-1: angle = pos * theta^(-2i/hd). Host memory. */
+void st_rope_tables(float *cos_out, float *sin_out, int t, int hd, float theta);
+
+/* The CPU backend. Sets the OpenMP and BLAS thread counts to `threads` (<= 0: st_num_threads()). */
+const st_backend *st_backend_cpu(int threads);
+
+/* The CUDA backend, or NULL (with st_error() saying why) when not built or no usable device. */
+const st_backend *st_backend_cuda(int device);
+
+#endif

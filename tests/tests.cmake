@@ -1,0 +1,38 @@
+# Test registration. Labels: unit (cmocka), integration (real processes: mpirun, sockets, Slurm),
+# reference (PyTorch / h5py comparisons run with Debian's /usr/bin/python3).
+set(ST_PYTHON /usr/bin/python3 CACHE FILEPATH "python with Debian's torch, numpy, h5py")
+
+if(CMOCKA_FOUND)
+  file(GLOB ST_UNIT_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/unit/test_*.c)
+  foreach(src ${ST_UNIT_TESTS})
+    get_filename_component(name ${src} NAME_WE)
+    add_executable(${name} ${src})
+    target_link_libraries(${name} PRIVATE shardtune_lib PkgConfig::CMOCKA)
+    add_test(NAME unit.${name} COMMAND ${name})
+    set_tests_properties(unit.${name} PROPERTIES LABELS unit TIMEOUT 300
+      ENVIRONMENT "OMP_NUM_THREADS=2;SHARDTUNE_BIN=$<TARGET_FILE:shardtune>;ST_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
+  endforeach()
+endif()
+
+# Helper programs used by integration/reference tests (tests/tools/*.c).
+file(GLOB ST_TEST_TOOLS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/tools/*.c)
+foreach(src ${ST_TEST_TOOLS})
+  get_filename_component(name ${src} NAME_WE)
+  add_executable(${name} ${src})
+  target_link_libraries(${name} PRIVATE shardtune_lib)
+endforeach()
+
+# Shell and python tests: tests/integration/*.sh and tests/reference/test_*.py
+set(ST_TEST_ENV "SHARDTUNE_BIN=$<TARGET_FILE:shardtune>;ST_BUILD_DIR=${CMAKE_BINARY_DIR};ST_SOURCE_DIR=${CMAKE_SOURCE_DIR};ST_PYTHON=${ST_PYTHON};OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
+file(GLOB ST_INTEGRATION_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/integration/test_*.sh)
+foreach(src ${ST_INTEGRATION_TESTS})
+  get_filename_component(name ${src} NAME_WE)
+  add_test(NAME integration.${name} COMMAND bash ${src})
+  set_tests_properties(integration.${name} PROPERTIES LABELS integration TIMEOUT 600 ENVIRONMENT "${ST_TEST_ENV}")
+endforeach()
+file(GLOB ST_REFERENCE_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/test_*.py)
+foreach(src ${ST_REFERENCE_TESTS})
+  get_filename_component(name ${src} NAME_WE)
+  add_test(NAME reference.${name} COMMAND ${ST_PYTHON} ${src})
+  set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
+endforeach()

@@ -22,7 +22,14 @@ int st_fail_context(int code, const char *fmt, ...) {
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, st_errbuf, sizeof old);
-    snprintf(st_errbuf, sizeof st_errbuf, "%s: %s", prefix, old);
+    size_t n = strlen(prefix);
+    if (n > sizeof st_errbuf - 3) n = sizeof st_errbuf - 3;
+    memcpy(st_errbuf, prefix, n);
+    memcpy(st_errbuf + n, ": ", 2);
+    size_t rest = sizeof st_errbuf - n - 3;
+    size_t m = strnlen(old, rest);
+    memcpy(st_errbuf + n + 2, old, m);
+    st_errbuf[n + 2 + m] = 0;
     return code;
 }
 

@@ -112,3 +112,13 @@ int st_comm_sum(st_comm *c, double *x, int n) {
     if (c->world == 1 || n == 0) return 0;
     return mpi_check(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, c->comm), "scalar all-reduce", c->rank);
 }
+
+int st_comm_gather_state(st_comm *c, const float *part, float *full) {
+    if (c->n_pad == 0) return 0;
+    if (c->stage == 0) {
+        memcpy(full, part, c->n_pad * sizeof(float));
+        return 0;
+    }
+    return mpi_check(MPI_Allgather(part, (int)c->shard, MPI_FLOAT, full, (int)c->shard, MPI_FLOAT, c->comm),
+                     "optimizer state all-gather", c->rank);
+}

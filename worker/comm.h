@@ -39,6 +39,10 @@ double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grad
 /* After the update: makes every rank's trainable weights equal to the owners' (stages 1-2). */
 int st_comm_gather_params(st_comm *c, st_model *m);
 
+/* Full copies of a sharded per-element state (e.g. AdamW moments over the optimizer range) on every
+ * rank: full[n_pad] from each rank's part[range]. */
+int st_comm_gather_state(st_comm *c, const float *part, float *full);
+
 /* Element-wise sum of doubles across ranks, in place. */
 int st_comm_sum(st_comm *c, double *x, int n);
 

@@ -214,6 +214,13 @@ static int param_selected(const st_model *m, int idx, const unsigned char *layer
     return as_embed || as_head;
 }
 
+size_t st_model_count_trainable(const st_model *m, const unsigned char *layer_mask, unsigned module_mask) {
+    size_t n = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (param_selected(m, i, layer_mask, module_mask)) n += m->params[i].numel;
+    return n;
+}
+
 int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigned module_mask) {
     size_t off = 0;
     int lowest = m->cfg.n_layer;
@@ -475,6 +482,8 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
         int rows = N - r0 < R ? N - r0 : R;
         const float *x = b->lnf + (size_t)r0 * C;
         be->matmul(b->logits, x, w, rows, V, C, 0, 1, 1.0f, 0.0f);
+        if (m->capture_logits)
+            be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
         total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
         if (!train) continue;
         be->matmul(b->dlnf + (size_t)r0 * C, b->logits, w, rows, C, V, 0, 0, 1.0f, 0.0f);

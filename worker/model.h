@@ -57,6 +57,7 @@ typedef struct {
     float *rope_cos, *rope_sin;
     float *loss_per_pos; /* [B*T] unweighted loss of each target (0 where weight is 0) */
     void *layer_acts;    /* per-layer pointers into act_arena (model.c) */
+    float *capture_logits; /* optional host [B*T, V]: forward copies the logits here (tests, eval tools) */
 } st_model;
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */
@@ -75,6 +76,9 @@ int st_model_find(const st_model *m, const char *name);
  * and layer 0 is; final norm and LM head when ST_MOD_HEAD is selected. A tied wte trains if either
  * use selects it. Returns the number of trainable floats via m->n_grads. */
 int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigned module_mask);
+
+/* Number of floats that st_model_set_trainable would make trainable (no allocation). */
+size_t st_model_count_trainable(const st_model *m, const unsigned char *layer_mask, unsigned module_mask);
 
 /* Allocates activations for micro-batches of B sequences of T tokens (T <= cfg.max_seq). */
 int st_model_alloc_activations(st_model *m, int B, int T);

@@ -2,15 +2,19 @@
 #include "worker/optim.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common/error.h"
 
-int st_optim_init(st_optim *o, const st_optim_config *cfg, size_t lo, size_t hi, const st_backend *be) {
+int st_optim_init(st_optim *o, const st_optim_config *cfg, size_t lo, size_t hi, const st_model *m,
+                  const st_backend *be) {
     memset(o, 0, sizeof *o);
     o->cfg = *cfg;
     o->lo = lo;
     o->hi = hi;
+    o->param_step = calloc((size_t)m->n_params + 1, sizeof(int));
+    if (!o->param_step) return st_fail(ST_ENOMEM, "out of memory for optimizer step counts");
     size_t n = hi > lo ? hi - lo : 0;
     if (n == 0) return 0;
     o->m = be->alloc(n * sizeof(float));
@@ -61,12 +65,27 @@ void st_for_each_param_range(const st_model *m, size_t lo, size_t hi, st_param_r
     }
 }
 
+void st_optim_carry_over(st_optim *o, const st_model *m, const long *old_off, const int *old_steps,
+                         const float *old_m, const float *old_v) {
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0 || old_off[i] < 0) continue;
+        o->param_step[i] = old_steps[i];
+        if (!old_m) continue;
+        size_t a = (size_t)p->grad_offset, b = a + p->numel;
+        size_t s = a > o->lo ? a : o->lo, e = b < o->hi ? b : o->hi;
+        if (s >= e) continue;
+        size_t from = (size_t)old_off[i] + (s - a);
+        m->be->copy(o->m + (s - o->lo), old_m + from, (e - s) * sizeof(float));
+        m->be->copy(o->v + (s - o->lo), old_v + from, (e - s) * sizeof(float));
+    }
+}
+
 typedef struct {
     st_optim *o;
     st_model *m;
     const float *grads;
     float lr, grad_scale;
-    int step;
 } update_ctx;
 
 static void update_range(void *vctx, const st_param *p, size_t start, size_t len) {
@@ -76,12 +95,14 @@ static void update_range(void *vctx, const st_param *p, size_t start, size_t len
     float wd = p->no_decay ? 0.0f : o->cfg.weight_decay;
     float *w = c->m->weights + p->offset + (start - (size_t)p->grad_offset);
     size_t k = start - o->lo;
+    int step = o->param_step[p - c->m->params];
     c->m->be->adamw(w, c->grads + k, o->m + k, o->v + k, len, lr, o->cfg.beta1, o->cfg.beta2, o->cfg.eps, wd,
-                    c->grad_scale, c->step);
+                    c->grad_scale, step);
 }
 
 void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale) {
-    o->step++;
-    update_ctx c = {o, m, grads, lr, grad_scale, o->step};
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].grad_offset >= 0) o->param_step[i]++;
+    update_ctx c = {o, m, grads, lr, grad_scale};
     st_for_each_param_range(m, o->lo, o->hi, update_range, &c);
 }

@@ -23,13 +23,23 @@ typedef struct {
 
 typedef struct {
     st_optim_config cfg;
-    size_t lo, hi;  /* range of the compact gradient space this optimizer updates */
-    float *m, *v;   /* [hi - lo], backend memory */
-    int step;       /* number of updates taken (bias correction uses step + 1 for the next one) */
+    size_t lo, hi;   /* range of the compact gradient space this optimizer updates */
+    float *m, *v;    /* [hi - lo], backend memory */
+    int *param_step; /* [n_params] updates each parameter has had since it became trainable (every rank
+                        counts every parameter, so bias corrections agree whatever the sharding) */
 } st_optim;
 
-int st_optim_init(st_optim *o, const st_optim_config *cfg, size_t lo, size_t hi, const st_backend *be);
+/* Zeroed state for [lo, hi) of model m's current gradient space. */
+int st_optim_init(st_optim *o, const st_optim_config *cfg, size_t lo, size_t hi, const st_model *m,
+                  const st_backend *be);
+/* Frees m and v (param_step stays: the caller may carry it over; free it with free()). */
 void st_optim_free(st_optim *o, const st_backend *be);
+
+/* After the trainable set changed: parameters trainable before and now take their moments from the
+ * full old moment arrays (indexed by the old gradient offsets old_off[i], -1 = was frozen) and their
+ * step counts from old_steps; new ones start at zero. */
+void st_optim_carry_over(st_optim *o, const st_model *m, const long *old_off, const int *old_steps,
+                         const float *old_m, const float *old_v);
 
 /* Learning rate for the update that follows `step` completed updates (0-based). */
 float st_lr_at(const st_optim_config *cfg, int step);
@@ -41,7 +51,7 @@ float st_param_lr_scale(const st_model *m, const st_param *p, float decay);
 /* PyTorch clip_grad_norm_ factor: min(1, max_norm / (norm + 1e-6)); 1 when max_norm <= 0. */
 float st_clip_scale(double grad_norm, float max_norm);
 
-/* One AdamW update of parameters whose gradients lie in [o->lo, o->hi), reading gradients from
+/* One AdamW update (every trainable parameter's step count advances) of parameters whose gradients lie in [o->lo, o->hi), reading gradients from
  * `grads` (indexed from o->lo: grads[0] is gradient element lo) and writing the model's weights. */
 void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale);
 

@@ -648,14 +648,21 @@ static int finish_finetune(st_config *c, const char *file) {
     return 0;
 }
 
+/* out = a + b; -1 (out untouched) when it does not fit. */
+static int concat(char *out, size_t size, const char *a, const char *b) {
+    size_t na = strlen(a), nb = strlen(b);
+    if (na + nb >= size) return -1;
+    memmove(out, a, na);
+    memcpy(out + na, b, nb + 1);
+    return 0;
+}
+
 static int finish(st_config *c, const char *file, const char *stem) {
     if (!c->model.path[0]) return st_fail(ST_ECONFIG, "%s: model.path is required (the model directory)", file);
-    if (!c->run_dir[0]) snprintf(c->run_dir, sizeof c->run_dir, "runs/%s", stem[0] ? stem : "job");
-    if (!c->checkpoint.dir[0]) {
-        if (strlen(c->run_dir) + sizeof "/checkpoints" > sizeof c->checkpoint.dir)
-            return st_fail(ST_ECONFIG, "%s: checkpoint.dir: run_dir is too long to derive it", file);
-        snprintf(c->checkpoint.dir, sizeof c->checkpoint.dir, "%s/checkpoints", c->run_dir);
-    }
+    if (!c->run_dir[0] && concat(c->run_dir, sizeof c->run_dir, "runs/", stem[0] ? stem : "job"))
+        return st_fail(ST_ECONFIG, "%s: run_dir: the job file name is too long to derive it", file);
+    if (!c->checkpoint.dir[0] && concat(c->checkpoint.dir, sizeof c->checkpoint.dir, c->run_dir, "/checkpoints"))
+        return st_fail(ST_ECONFIG, "%s: checkpoint.dir: run_dir is too long to derive it", file);
     int rc = finish_tasks(c, file);
     if (rc) return rc;
     if ((rc = finish_finetune(c, file))) return rc;

@@ -688,6 +688,36 @@ static void test_json_escapes_and_defaults(void **state) {
     free(json);
 }
 
+/* Every prefix and many byte mutations of a full file: each load either succeeds or fails with a
+ * message; none crashes (run under ASan/UBSan during development). */
+static void test_truncated_and_mutated(void **state) {
+    (void)state;
+    size_t n = strlen(FULL);
+    char *buf = malloc(n + 1);
+    assert_non_null(buf);
+    st_config c;
+    for (size_t len = 0; len <= n; len++) {
+        memcpy(buf, FULL, len);
+        buf[len] = 0;
+        int rc = st_config_load_string(&c, buf, 0, NULL);
+        assert_true(rc == 0 || (rc == ST_ECONFIG && st_error()[0]));
+    }
+    static const char bytes[] = "{}[],:-#'\"\n \t&*!|>%@`0a.";
+    unsigned seed = 12345;
+    for (int trial = 0; trial < 3000; trial++) {
+        memcpy(buf, FULL, n + 1);
+        for (int m = 0; m < 3; m++) {
+            seed = seed * 1103515245u + 12345u;
+            size_t at = (seed >> 8) % n;
+            seed = seed * 1103515245u + 12345u;
+            buf[at] = bytes[(seed >> 8) % (sizeof bytes - 1)];
+        }
+        int rc = st_config_load_string(&c, buf, 0, NULL);
+        assert_true(rc == 0 || (rc == ST_ECONFIG && st_error()[0]));
+    }
+    free(buf);
+}
+
 static void test_names(void **state) {
     (void)state;
     assert_string_equal(st_schedule_name(ST_SCHEDULE_LINEAR), "linear");
@@ -724,6 +754,7 @@ int main(void) {
         cmocka_unit_test(test_json_checker_rejects),
         cmocka_unit_test(test_json_dump),
         cmocka_unit_test(test_json_escapes_and_defaults),
+        cmocka_unit_test(test_truncated_and_mutated),
         cmocka_unit_test(test_names),
     };
     return cmocka_run_group_tests(tests, setup_dir, teardown_dir);

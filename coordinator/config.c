@@ -88,11 +88,12 @@ static const char *const key_aliases[][2] = {
     {"num_threads", "threads"}, {"device", "backend"}, {"lr_decay", "layer_lr_decay"},
 };
 
-/* Optimal string alignment distance (Levenshtein + adjacent transpositions); inputs <= 128 bytes. */
+/* Optimal string alignment distance (Levenshtein + adjacent transpositions) over at most the first
+ * 64 bytes of each input: longer keys are not typos of ours anyway. */
 static int edit_distance(const char *a, size_t na, const char *b, size_t nb) {
-    int d[130][130];
-    if (na > 128) na = 128;
-    if (nb > 128) nb = 128;
+    int d[65][65];
+    if (na > 64) na = 64;
+    if (nb > 64) nb = 64;
     for (size_t i = 0; i <= na; i++) d[i][0] = (int)i;
     for (size_t j = 0; j <= nb; j++) d[0][j] = (int)j;
     for (size_t i = 1; i <= na; i++) {

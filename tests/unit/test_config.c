@@ -718,6 +718,48 @@ static void test_truncated_and_mutated(void **state) {
     free(buf);
 }
 
+/* Every ```yaml example in docs/config.md must load (with the full example checked value by value
+ * against the defaults). */
+static void test_docs_examples(void **state) {
+    (void)state;
+    const char *src = getenv("ST_SOURCE_DIR");
+    if (!src) skip();
+    char path[1024];
+    snprintf(path, sizeof path, "%s/docs/config.md", src);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    static char doc[65536], block[16384];
+    size_t n = fread(doc, 1, sizeof doc - 1, f);
+    fclose(f);
+    doc[n] = 0;
+    int examples = 0;
+    for (const char *p = strstr(doc, "```yaml\n"); p; p = strstr(p, "```yaml\n")) {
+        p += 8;
+        const char *end = strstr(p, "```");
+        assert_non_null(end);
+        assert_true((size_t)(end - p) < sizeof block);
+        memcpy(block, p, (size_t)(end - p));
+        block[end - p] = 0;
+        st_config c, d;
+        int rc = st_config_load_string(&c, block, 0, NULL);
+        if (rc) fail_msg("docs example %d: %s\n%s", examples, st_error(), block);
+        if (examples == 0) { /* "every key at its default" */
+            char *over[] = {"run_dir=runs/full"};
+            assert_int_equal(st_config_load_string(&d, "model: {path: models/llama-tiny}\ntasks: [{path: data/qa.h5}]\n",
+                                                   1, over), 0);
+            char *a, *b;
+            assert_int_equal(st_config_to_json(&c, &a), 0);
+            assert_int_equal(st_config_to_json(&d, &b), 0);
+            assert_string_equal(a, b);
+            free(a);
+            free(b);
+        }
+        examples++;
+        p = end + 3;
+    }
+    assert_int_equal(examples, 4);
+}
+
 static void test_names(void **state) {
     (void)state;
     assert_string_equal(st_schedule_name(ST_SCHEDULE_LINEAR), "linear");
@@ -755,6 +797,7 @@ int main(void) {
         cmocka_unit_test(test_json_dump),
         cmocka_unit_test(test_json_escapes_and_defaults),
         cmocka_unit_test(test_truncated_and_mutated),
+        cmocka_unit_test(test_docs_examples),
         cmocka_unit_test(test_names),
     };
     return cmocka_run_group_tests(tests, setup_dir, teardown_dir);

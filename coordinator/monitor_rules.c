@@ -24,10 +24,10 @@ int st_stall_check(const st_rank_state *r, double now, double stall_after_s, dou
         *seconds = silent;
         return ST_STALL_SILENT;
     }
-    /* Idle is where a paused or finished job waits: long idle is not a stall. */
-    double in_phase = r->phase_seconds + (silent > 0 ? silent : 0);
-    if (r->heard && r->phase != ST_PHASE_IDLE && in_phase > stall_after_s) {
-        *seconds = in_phase;
+    /* Only the reported time counts: extrapolating it across missing heartbeats would call a stopped
+     * process "stuck" before it is "silent". Idle is where a paused or finished job waits: not a stall. */
+    if (r->heard && r->phase != ST_PHASE_IDLE && r->phase_seconds > stall_after_s) {
+        *seconds = r->phase_seconds;
         return ST_STALL_STUCK;
     }
     *seconds = 0;

@@ -32,8 +32,9 @@ void st_rank_heard(st_rank_state *r, const char *host, int64_t step, int phase, 
  *   ST_STALL_SILENT when no heartbeat arrived for more than stall_after_s (process stopped, dead,
  *                   or network gone);
  *   ST_STALL_STUCK  when heartbeats arrive but the worker has been in one phase (other than idle)
- *                   for more than stall_after_s (hung collective, deadlock, slow storage).
- * *seconds gets how long (silence, or time in phase extrapolated to `now`). */
+ *                   for more than stall_after_s as reported by its last heartbeat (hung collective,
+ *                   deadlock, slow storage). Silence wins: a stopped process is silent, not stuck.
+ * *seconds gets how long (silence, or reported time in phase). */
 int st_stall_check(const st_rank_state *r, double now, double stall_after_s, double *seconds);
 
 /* One line for an Alert's text, e.g.

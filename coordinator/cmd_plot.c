@@ -46,11 +46,13 @@ typedef struct {
 } plot_data;
 
 static series *task_series(plot_data *d, const char *name) {
+    char label[sizeof d->loss[0].name];
+    snprintf(label, sizeof label, "loss[%s]", name);
     for (int i = 1; i < d->nloss; i++)
-        if (!strcmp(d->loss[i].name, name)) return &d->loss[i];
-    if (d->nloss == PLOT_MAX_SERIES) return NULL;
+        if (!strcmp(d->loss[i].name, label)) return &d->loss[i];
+    if (d->nloss == PLOT_MAX_SERIES) return NULL; /* more tasks than colours: the rest are left out */
     series *s = &d->loss[d->nloss++];
-    snprintf(s->name, sizeof s->name, "loss[%s]", name);
+    memcpy(s->name, label, sizeof label);
     return s;
 }
 

@@ -19,7 +19,7 @@
 enum { MATMUL_CACHE = 32 };
 
 struct matmul_plan { /* cuBLASLt descriptors + chosen algorithm for one (m, n, k, ta, tb) */
-    int m, n, k, ta, tb, valid;
+    int m, n, k, ta, tb, align, valid; /* align: bytes all three pointers are aligned to (4..16) */
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t la, lb, lc;
     cublasLtMatmulAlgo_t algo;
@@ -253,10 +253,11 @@ static const char *lt_status(cublasStatus_t s) {
 
 /* Row-major C[M,N] = op(A) op(B) is column-major C^T[N,M] = op(B)^T op(A)^T: we hand cuBLASLt B as its
  * "A" and A as its "B". A row-major [r, c] matrix is a column-major [c, r] one with ld = c. */
-static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb) {
+static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, int align) {
     for (int i = 0; i < MATMUL_CACHE; i++) {
         struct matmul_plan *p = &g.plans[i];
-        if (p->valid && p->m == m && p->n == n && p->k == k && p->ta == ta && p->tb == tb) return p;
+        if (p->valid && p->m == m && p->n == n && p->k == k && p->ta == ta && p->tb == tb && p->align == align)
+            return p;
     }
     struct matmul_plan *p = &g.plans[g.next_plan];
     g.next_plan = (g.next_plan + 1) % MATMUL_CACHE;
@@ -288,6 +289,13 @@ static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb) 
     if (s == CUBLAS_STATUS_SUCCESS)
         s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                  &g.lt_workspace_bytes, sizeof g.lt_workspace_bytes);
+    /* sub-tensors of a flat weight buffer may be only 4-byte aligned: ask only for kernels that cope */
+    uint32_t align_bytes = (uint32_t)align;
+    cublasLtMatmulPreferenceAttributes_t align_attrs[] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4 && s == CUBLAS_STATUS_SUCCESS; i++)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &align_bytes, sizeof align_bytes);
     cublasLtMatmulHeuristicResult_t heur;
     int found = 0;
     memset(&heur, 0, sizeof heur);
@@ -301,7 +309,7 @@ static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb) 
         st_cuda_note("matmul", msg);
         return NULL; /* descriptors of a half-built plan leak once per failure; failures are sticky */
     }
-    p->m = m, p->n = n, p->k = k, p->ta = ta, p->tb = tb;
+    p->m = m, p->n = n, p->k = k, p->ta = ta, p->tb = tb, p->align = align;
     p->algo = heur.algo;
     p->valid = 1;
     return p;
@@ -315,7 +323,9 @@ static void cu_matmul(float *c, const float *a, const float *b, int m, int n, in
         else cu_scale(c, beta, (size_t)m * n);
         return;
     }
-    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0);
+    uintptr_t bits = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c;
+    int align = (bits & 15) == 0 ? 16 : (bits & 7) == 0 ? 8 : 4;
+    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align);
     if (!p) return;
     cublasStatus_t s = cublasLtMatmul(g.lt, p->op, &alpha, b, p->la, a, p->lb, &beta, c, p->lc, c, p->lc, &p->algo,
                                       g.lt_workspace, g.lt_workspace_bytes, g.stream);

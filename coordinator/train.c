@@ -328,7 +328,9 @@ static int setup(trainer *t) {
 }
 
 static void teardown(trainer *t) {
+    /* every rank's last reports reach the coordinator before it closes its sockets */
     if (t->tel) st_telemetry_stop(t->tel);
+    if (t->mon || t->tel) MPI_Barrier(t->comm);
     if (t->mon) st_monitor_stop(t->mon);
     if (t->metrics) fclose(t->metrics);
     st_optim_free(&t->optim, t->be);

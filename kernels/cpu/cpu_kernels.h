@@ -13,6 +13,12 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Every file of the backend includes this first. Without these two options GCC keeps float compares
+ * and sqrtf as branches (a NaN compare may raise an FP flag; sqrtf of a negative sets errno) and so
+ * vectorizes none of the loops that clamp, select or take square roots. Neither option changes any
+ * computed value: we never read FP exception flags or errno. */
+#pragma GCC optimize("no-trapping-math", "no-math-errno")
+
 /* Below this much work (roughly: floats touched) a kernel runs on the calling thread only:
  * waking the OpenMP team costs a few microseconds. */
 #define ST_CPU_PAR_MIN 32768

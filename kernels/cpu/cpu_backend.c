@@ -3,7 +3,8 @@
  *
  * Memory: alloc returns 64-byte aligned zeroed host memory owned by the caller (release with ->free).
  * Kernels never allocate. Every reduction runs over a partition that does not depend on the number
- * of threads, so results are bit-identical for any thread count and any scheduling (BLAS aside). */
+ * of threads, so results are bit-identical for any thread count and any scheduling (matmul: for a
+ * given thread count). OpenBLAS runs single-threaded inside the OpenMP team (see st_cpu_matmul). */
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/kernels.h"
 #include "common/util.h"
@@ -33,8 +34,8 @@ static void cpu_synchronize(void) {}
 /* The OpenMP team splits C into contiguous row blocks (or column blocks when C is wider than tall),
  * multiples of 16, and each thread runs a single-threaded sgemm on its block. One thread pool for the
  * whole backend: OpenBLAS's own pthreads would busy-wait between calls and steal the cores from the
- * OpenMP kernels that run in between. Each element of C is still one sgemm dot product over the full
- * K in OpenBLAS's fixed order, so the split does not change results. */
+ * OpenMP kernels that run in between. The split depends only on the shape and the thread count, so
+ * results are reproducible run to run; a different thread count may round edge tiles differently. */
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta) {
     if (m <= 0 || n <= 0) return;

@@ -43,7 +43,69 @@ int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
 void st_comm_free(st_comm *c) {
     free(c->shard_grads);
     free(c->flat_params);
+    free(c->reqs);
     c->shard_grads = c->flat_params = NULL;
+    c->reqs = NULL;
+    c->n_reqs = c->cap_reqs = 0;
+}
+
+/* ---- overlapped, bucketed all-reduce ---- */
+
+static void launch_bucket(st_comm *c, float *grads) {
+    if (c->pend_hi <= c->pend_lo) return;
+    if (c->n_reqs == c->cap_reqs) {
+        int nc = c->cap_reqs ? 2 * c->cap_reqs : 16;
+        MPI_Request *nr = realloc(c->reqs, (size_t)nc * sizeof *nr);
+        if (!nr) return; /* left pending; finish reduces it */
+        c->reqs = nr;
+        c->cap_reqs = nc;
+    }
+    MPI_Iallreduce(MPI_IN_PLACE, grads + c->pend_lo, (int)(c->pend_hi - c->pend_lo), MPI_FLOAT, MPI_SUM, c->comm,
+                   &c->reqs[c->n_reqs++]);
+    c->covered += c->pend_hi - c->pend_lo;
+    c->pend_lo = c->pend_hi = 0;
+}
+
+static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
+    st_comm *c = vctx;
+    float *grads = c->overlap_grads;
+    double t0 = st_now();
+    if (c->pend_hi > c->pend_lo && hi != c->pend_lo) launch_bucket(c, grads); /* not adjacent */
+    if (c->pend_hi <= c->pend_lo) { c->pend_lo = lo; c->pend_hi = hi; }
+    else c->pend_lo = lo;
+    if ((c->pend_hi - c->pend_lo) * sizeof(float) >= c->bucket_bytes) launch_bucket(c, grads);
+    /* Open MPI progresses non-blocking collectives only inside MPI calls: poke it once per layer */
+    int done;
+    if (c->n_reqs) MPI_Testall(c->n_reqs, c->reqs, &done, MPI_STATUSES_IGNORE);
+    c->overlap_seconds += st_now() - t0;
+}
+
+void st_comm_overlap_begin(st_comm *c, st_model *m) {
+    c->overlapping = 0;
+    if (c->world == 1 || c->stage > 1 || c->n == 0) return;
+    if (!c->bucket_bytes) c->bucket_bytes = 4u << 20;
+    c->overlapping = 1;
+    c->pend_lo = c->pend_hi = 0;
+    c->covered = 0;
+    c->n_reqs = 0;
+    c->overlap_seconds = 0;
+    c->overlap_grads = m->grads;
+    m->grad_ready = on_grad_ready;
+    m->grad_ready_ctx = c;
+}
+
+static int overlap_finish(st_comm *c, st_model *m) {
+    launch_bucket(c, m->grads);
+    m->grad_ready = NULL;
+    m->grad_ready_ctx = NULL;
+    c->overlapping = 0;
+    int rc = MPI_Waitall(c->n_reqs, c->reqs, MPI_STATUSES_IGNORE);
+    c->n_reqs = 0;
+    if (rc != MPI_SUCCESS) return mpi_check(rc, "bucketed gradient all-reduce", c->rank);
+    if (c->covered != c->n)
+        return st_fail(ST_ECOMM, "rank %d: internal error: overlapped reduction covered %zu of %zu gradients",
+                       c->rank, c->covered, c->n);
+    return 0;
 }
 
 void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi) {
@@ -56,7 +118,9 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     int rc = 0;
     c->comm_seconds = 0;
     if (c->n_pad == 0) { *optim_grads = m->grads; return 0; }
-    if (c->world > 1) {
+    if (c->overlapping) {
+        rc = overlap_finish(c, m);
+    } else if (c->world > 1) {
         if (c->stage == 2)
             rc = mpi_check(MPI_Reduce_scatter_block(m->grads, c->shard_grads, (int)c->shard, MPI_FLOAT, MPI_SUM,
                                                     c->comm), "gradient reduce-scatter", c->rank);

@@ -555,6 +555,19 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);
 }
 
+/* Reports the gradient range of parameters [first, last) to the grad_ready hook (if any trains). */
+static void report_ready(const st_model *m, int first, int last) {
+    if (!m->grad_ready) return;
+    size_t lo = (size_t)-1, hi = 0;
+    for (int i = first; i < last; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0) continue;
+        if ((size_t)p->grad_offset < lo) lo = (size_t)p->grad_offset;
+        if ((size_t)p->grad_offset + p->numel > hi) hi = (size_t)p->grad_offset + p->numel;
+    }
+    if (hi > lo) m->grad_ready(m->grad_ready_ctx, lo, hi);
+}
+
 void st_model_backward(st_model *m) {
     const st_backend *be = m->be;
     const st_model_config *c = &m->cfg;
@@ -567,10 +580,15 @@ void st_model_backward(st_model *m) {
     be->memset0(b.dres, (size_t)N * c->d_model * sizeof(float));
     norm_bwd(m, b.dres, gptr(m, fn), c->family == ST_FAMILY_GPT2 ? gptr(m, fn + 1) : NULL, b.dlnf, b.res_out,
              wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
-    for (int l = L - 1; l >= m->lowest_trained_layer; l--) layer_backward(m, l, &la[l], &b);
+    report_ready(m, fn, m->n_params); /* final norm and an untied head (its gradient came in forward) */
+    for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
+        layer_backward(m, l, &la[l], &b);
+        report_ready(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+    }
     if (m->embed_trained) /* wte and wpe train together (see param_selected) */
         be->embedding_bwd(gptr(m, 0), c->family == ST_FAMILY_GPT2 ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B,
                           m->T, c->d_model);
+    report_ready(m, 0, layer_first_param(m, 0));
 }
 
 double st_model_flops_per_token(const st_model *m, int T) {

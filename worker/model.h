@@ -58,6 +58,11 @@ typedef struct {
     float *loss_per_pos; /* [B*T] unweighted loss of each target (0 where weight is 0) */
     void *layer_acts;    /* per-layer pointers into act_arena (model.c) */
     float *capture_logits; /* optional host [B*T, V]: forward copies the logits here (tests, eval tools) */
+    /* Optional: called by st_model_backward each time a contiguous range [lo, hi) of the gradient space
+     * is final — head first, then layers top-down, embeddings last — so communication can overlap the
+     * rest of backward. Together the calls cover every trainable element exactly once. */
+    void (*grad_ready)(void *ctx, size_t lo, size_t hi);
+    void *grad_ready_ctx;
 } st_model;
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */

@@ -191,7 +191,7 @@ static int parse_array(parser *p, st_json *v) {
     for (;;) {
         if (grow(v, &cap, 0)) return ST_ENOMEM;
         int rc = parse_value(p, &v->items[v->count]);
-        if (rc) return rc;
+        if (rc) { st_json_free(v->items[v->count]); return rc; } /* partial element, not yet counted */
         v->count++;
         skip_ws(p);
         if (p->pos >= p->len) return perr(p, "unterminated array");
@@ -218,7 +218,7 @@ static int parse_object(parser *p, st_json *v) {
         p->pos++;
         st_json *val = NULL;
         rc = parse_value(p, &val);
-        if (rc) { free(key); return rc; }
+        if (rc) { free(key); st_json_free(val); return rc; }
         v->keys[v->count] = key;
         v->items[v->count] = val;
         v->count++;

@@ -191,7 +191,7 @@ static int parse_array(parser *p, st_json *v) {
     for (;;) {
         if (grow(v, &cap, 0)) return ST_ENOMEM;
         int rc = parse_value(p, &v->items[v->count]);
-        if (rc) { st_json_free(v->items[v->count]); return rc; } /* partial element, not yet counted */
+        if (rc) { st_json_free(v->items[v->count]); return rc; } /* partial element is not counted */
         v->count++;
         skip_ws(p);
         if (p->pos >= p->len) return perr(p, "unterminated array");

@@ -1,0 +1,71 @@
+/* cmd_train.c — `shardtune train JOB.yaml [a.b=value ...]`, started once per rank (srun, mpirun, alone).
+ *
+ * Rank 0 parses the YAML and broadcasts the canonical JSON dump; the other ranks parse the dump, so
+ * every rank runs exactly the same config. Exit codes: 0 done, 1 error, 85 checkpointed on request. */
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "coordinator/commands.h"
+#include "coordinator/config.h"
+#include "coordinator/train.h"
+
+/* Loads the config on rank 0 and shares it; returns 0 on every rank or an error on every rank. */
+static int load_shared_config(int argc, char **argv, st_config *cfg, int rank) {
+    long len = 0;
+    char *json = NULL;
+    int rc = 0;
+    if (rank == 0) {
+        rc = st_config_load(cfg, argv[1], argc - 2, argv + 2);
+        if (!rc) rc = st_config_to_json(cfg, &json);
+        len = rc ? -1 : (long)strlen(json);
+    }
+    MPI_Bcast(&len, 1, MPI_LONG, 0, MPI_COMM_WORLD);
+    if (len < 0) return rc ? rc : ST_ECONFIG;
+    if (rank != 0) {
+        json = malloc((size_t)len + 1);
+        if (!json) return st_fail(ST_ENOMEM, "out of memory");
+    }
+    MPI_Bcast(json, (int)len + 1, MPI_CHAR, 0, MPI_COMM_WORLD);
+    if (rank != 0) {
+        rc = st_config_load_string(cfg, json, 0, NULL);
+        if (!rc) snprintf(cfg->source, sizeof cfg->source, "%s", argv[1]);
+    }
+    free(json);
+    return rc;
+}
+
+int st_cmd_train(int argc, char **argv) {
+    if (argc < 2 || argv[1][0] == '-') {
+        fprintf(stderr, "usage: shardtune train JOB.yaml [dotted.key=value ...]\n");
+        return ST_EXIT_USAGE;
+    }
+    int provided = 0, rank = 0;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    static st_config cfg; /* large (fixed arrays): keep it off the stack */
+    int rc = load_shared_config(argc, argv, &cfg, rank);
+    if (rc) {
+        if (rank == 0) st_cli_error("train", st_error());
+        MPI_Finalize();
+        return ST_EXIT_FAIL;
+    }
+    st_train_install_signals(&cfg);
+    int print_error = 0;
+    st_run_result res = st_train_run(&cfg, MPI_COMM_WORLD, &print_error);
+    if (res == ST_RUN_FAILED && print_error) {
+        int world = 1;
+        MPI_Comm_size(MPI_COMM_WORLD, &world);
+        if (world > 1) {
+            char ctx[1200];
+            snprintf(ctx, sizeof ctx, "rank %d: %s", rank, st_error());
+            st_cli_error("train", ctx);
+        } else {
+            st_cli_error("train", st_error());
+        }
+    }
+    MPI_Finalize();
+    return res == ST_RUN_FINISHED ? ST_EXIT_OK : res == ST_RUN_CHECKPOINTED ? ST_EXIT_REQUEUE : ST_EXIT_FAIL;
+}

@@ -1,0 +1,127 @@
+/* cpu_attention.c — rotary embeddings and causal grouped-query self-attention on packed qkv.
+ *
+ * Layout per token: [q heads (H*hd) | k heads (KVH*hd) | v heads (KVH*hd)]; query head h reads kv
+ * head h / (H/KVH). Forward works one query row at a time with a score buffer of at most T floats on
+ * the stack and saves the row's log-sum-exp; backward recomputes probabilities from it (no T x T
+ * matrix is ever stored). Backward is parallel over (batch, kv head) groups: one thread owns every
+ * write to a group's dk/dv and the dq of its query heads, so accumulation is race-free and always in
+ * the same order. Caller owns every buffer. */
+#include "kernels/cpu/cpu_kernels.h"
+
+#include <math.h>
+
+/* ---- RoPE (HF rotate_half: pairs (i, i + hd/2)) ---- */
+
+/* Rotates the first (H+KVH) heads of every token row by +angle (dir = 1) or -angle (dir = -1). */
+static void rope_apply(float *qkv, const float *cos_t, const float *sin_t, int b, int t, int h, int kvh, int hd,
+                       float dir) {
+    int half = hd / 2, stride = (h + 2 * kvh) * hd, heads = h + kvh;
+    long rows = (long)b * t;
+#pragma omp parallel for schedule(static) if (rows * heads * hd >= ST_CPU_PAR_MIN)
+    for (long r = 0; r < rows; r++) {
+        int pos = (int)(r % t);
+        const float *restrict cs = cos_t + (size_t)pos * half;
+        const float *restrict sn = sin_t + (size_t)pos * half;
+        for (int hh = 0; hh < heads; hh++) {
+            float *restrict x1 = qkv + (size_t)r * stride + (size_t)hh * hd;
+            float *restrict x2 = x1 + half;
+            for (int i = 0; i < half; i++) {
+                float a = x1[i], c = x2[i], s = dir * sn[i];
+                x1[i] = a * cs[i] - c * s;
+                x2[i] = c * cs[i] + a * s;
+            }
+        }
+    }
+}
+
+void st_cpu_rope_fwd(float *qkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd) {
+    rope_apply(qkv, cos, sin, b, t, h, kvh, hd, 1.0f);
+}
+
+/* The rotation is orthogonal, so its transpose (the gradient map) is the inverse rotation. */
+void st_cpu_rope_bwd(float *dqkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd) {
+    rope_apply(dqkv, cos, sin, b, t, h, kvh, hd, -1.0f);
+}
+
+/* ---- attention ---- */
+
+void st_cpu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd) {
+    if (b <= 0 || t <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
+    int stride = (h + 2 * kvh) * hd, group = h / kvh;
+    float scale = 1.0f / sqrtf((float)hd);
+    long rows = (long)b * h * t;
+    /* rows of one head are interleaved across threads in chunks of 8: balances the causal triangle and
+     * keeps both threads on the same K/V block. Each row is independent: any schedule is deterministic. */
+#pragma omp parallel for schedule(static, 8) if (rows * t * hd >= ST_CPU_PAR_MIN)
+    for (long r = 0; r < rows; r++) {
+        int ti = (int)(r % t);
+        int hi = (int)((r / t) % h);
+        int bi = (int)(r / ((long)t * h));
+        float s[t]; /* scores of keys 0..ti */
+        const float *q = qkv + ((size_t)bi * t + ti) * stride + (size_t)hi * hd;
+        const float *kbase = qkv + (size_t)bi * t * stride + (size_t)h * hd + (size_t)(hi / group) * hd;
+        const float *vbase = kbase + (size_t)kvh * hd;
+        int nk = ti + 1;
+        int j = 0;
+        for (; j + 4 <= nk; j += 4) {
+            const float *k0 = kbase + (size_t)j * stride;
+            float d4[4];
+            st_cpu_dot4(d4, q, k0, k0 + stride, k0 + 2 * (size_t)stride, k0 + 3 * (size_t)stride, hd);
+            for (int r4 = 0; r4 < 4; r4++) s[j + r4] = d4[r4] * scale;
+        }
+        for (; j < nk; j++) s[j] = st_cpu_dot(q, kbase + (size_t)j * stride, hd) * scale;
+        float mx = st_cpu_max(s, nk);
+        for (j = 0; j < nk; j++) s[j] = st_cpu_expf(s[j] - mx);
+        float sum = st_cpu_sum(s, nk);
+        float inv = 1.0f / sum;
+        float *restrict o = out + ((size_t)bi * t + ti) * (size_t)h * hd + (size_t)hi * hd;
+        for (int d = 0; d < hd; d++) o[d] = 0.0f;
+        for (j = 0; j < nk; j++) st_cpu_axpy(o, s[j] * inv, vbase + (size_t)j * stride, hd);
+        lse[((size_t)bi * h + hi) * t + ti] = mx + logf(sum);
+    }
+}
+
+/* One (batch, kv head) group: zero its dk/dv, then for each of its query heads and rows accumulate
+ * dq (written once per row), dk and dv in a fixed order. */
+static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv, const float *out,
+                                const float *lse, int bi, int kv, int t, int h, int kvh, int hd) {
+    int stride = (h + 2 * kvh) * hd, group = h / kvh;
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t koff = (size_t)h * hd + (size_t)kv * hd, voff = koff + (size_t)kvh * hd;
+    const float *tok0 = qkv + (size_t)bi * t * stride;
+    float *dtok0 = dqkv + (size_t)bi * t * stride;
+    for (int j = 0; j < t; j++) {
+        memset(dtok0 + (size_t)j * stride + koff, 0, (size_t)hd * sizeof(float));
+        memset(dtok0 + (size_t)j * stride + voff, 0, (size_t)hd * sizeof(float));
+    }
+    float dq[hd];
+    for (int hi = kv * group; hi < (kv + 1) * group; hi++) {
+        for (int ti = 0; ti < t; ti++) {
+            const float *q = tok0 + (size_t)ti * stride + (size_t)hi * hd;
+            size_t orow = ((size_t)bi * t + ti) * (size_t)h * hd + (size_t)hi * hd;
+            const float *dor = dout + orow;
+            float row_lse = lse[((size_t)bi * h + hi) * t + ti];
+            float dsum = st_cpu_dot(dor, out + orow, hd); /* sum_j p_j dp_j = dout . out */
+            for (int d = 0; d < hd; d++) dq[d] = 0.0f;
+            for (int j = 0; j <= ti; j++) {
+                const float *k = tok0 + (size_t)j * stride + koff;
+                const float *v = tok0 + (size_t)j * stride + voff;
+                float p = st_cpu_expf(st_cpu_dot(q, k, hd) * scale - row_lse);
+                float ds = p * (st_cpu_dot(dor, v, hd) - dsum);
+                st_cpu_axpy(dq, ds, k, hd);
+                st_cpu_axpy(dtok0 + (size_t)j * stride + koff, ds * scale, q, hd);
+                st_cpu_axpy(dtok0 + (size_t)j * stride + voff, p, dor, hd);
+            }
+            float *dqr = dtok0 + (size_t)ti * stride + (size_t)hi * hd;
+            for (int d = 0; d < hd; d++) dqr[d] = dq[d] * scale;
+        }
+    }
+}
+
+void st_cpu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                          int b, int t, int h, int kvh, int hd) {
+    if (b <= 0 || t <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
+    int groups = b * kvh;
+#pragma omp parallel for schedule(static) if ((long)b * h * t * t * hd >= ST_CPU_PAR_MIN)
+    for (int g = 0; g < groups; g++) attention_bwd_group(dqkv, dout, qkv, out, lse, g / kvh, g % kvh, t, h, kvh, hd);
+}

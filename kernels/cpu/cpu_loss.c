@@ -1,0 +1,57 @@
+/* cpu_loss.c — fused softmax cross-entropy: one pass per row computes the loss and overwrites the
+ * logits with their gradient.
+ *
+ * Per row: max, exp(x - max) stored in place while summing, then scaled by weight / sum, minus weight
+ * at the target. Rows are independent (parallel over rows); the returned total adds the per-row
+ * weighted losses sequentially in double, so it does not depend on threads. A target outside [0, V)
+ * on a row with non-zero weight makes that row's loss (and the total) NaN instead of reading out of
+ * bounds; its dlogits are then weight * softmax. Caller owns every buffer. */
+#include "kernels/cpu/cpu_kernels.h"
+
+#include <math.h>
+
+double st_cpu_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v) {
+    if (n <= 0) return 0.0;
+#pragma omp parallel for schedule(static) if ((long)n * v >= ST_CPU_PAR_MIN)
+    for (int i = 0; i < n; i++) {
+        float *restrict x = logits + (size_t)i * v;
+        float w = weight[i];
+        if (w == 0.0f || v <= 0) {
+            for (int j = 0; j < v; j++) x[j] = 0.0f;
+            loss[i] = 0.0f;
+            continue;
+        }
+        int32_t tg = target[i];
+        int valid = tg >= 0 && tg < v;
+        float xt = valid ? x[tg] : 0.0f;
+        float mx = st_cpu_max(x, v);
+        float acc[ST_LANES] = {0};
+        int j = 0;
+        for (; j + ST_LANES <= v; j += ST_LANES)
+            for (int l = 0; l < ST_LANES; l++) {
+                float e = st_cpu_expf(x[j + l] - mx);
+                x[j + l] = e;
+                acc[l] += e;
+            }
+        float sum = 0.0f;
+        for (int l = 0; l < ST_LANES; l++) sum += acc[l];
+        for (; j < v; j++) {
+            float e = st_cpu_expf(x[j] - mx);
+            x[j] = e;
+            sum += e;
+        }
+        float lse = mx + logf(sum);
+        float sc = w / sum;
+        for (j = 0; j < v; j++) x[j] *= sc;
+        if (valid) {
+            x[tg] -= w;
+            loss[i] = lse - xt;
+        } else {
+            loss[i] = NAN;
+        }
+    }
+    double total = 0.0;
+    for (int i = 0; i < n; i++)
+        if (weight[i] != 0.0f) total += (double)weight[i] * (double)loss[i];
+    return total;
+}

@@ -1,0 +1,61 @@
+/* cpu_optim.c — fused AdamW over a flat range, and dequantization of int8 / NF4 base weights.
+ *
+ * AdamW follows torch.optim.AdamW (single-tensor path) operation by operation in float32: scalars
+ * that PyTorch computes as Python doubles (1 - lr*wd, bias corrections, step size) are computed in
+ * double here and rounded to float once, exactly where PyTorch hands them to a float kernel.
+ * Elementwise, so parallel over elements with no ordering concern. Caller owns every buffer. */
+#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/kernels.h"
+
+#include <math.h>
+
+void st_cpu_adamw(float *restrict param, const float *restrict grad, float *restrict m, float *restrict v,
+                  size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale,
+                  int step) {
+    double bc1 = 1.0 - pow((double)beta1, (double)step);
+    double bc2 = 1.0 - pow((double)beta2, (double)step);
+    const float decay = (float)(1.0 - (double)lr * (double)weight_decay);
+    const float one_m_b1 = (float)(1.0 - (double)beta1);
+    const float one_m_b2 = (float)(1.0 - (double)beta2);
+    const float neg_step_size = (float)(-((double)lr / bc1));
+    const float bc2_sqrt = (float)sqrt(bc2);
+#pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
+    for (size_t i = 0; i < n; i++) {
+        float g = grad[i] * grad_scale;
+        float p = param[i] * decay;
+        float mi = m[i] * beta1 + one_m_b1 * g;
+        float vi = v[i] * beta2 + one_m_b2 * g * g;
+        float denom = sqrtf(vi) / bc2_sqrt + eps;
+        param[i] = p + neg_step_size * mi / denom;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+void st_cpu_dequant_int8(float *restrict out, const int8_t *restrict q, const float *restrict scale, size_t n,
+                         int block) {
+    if (block <= 0) return;
+    size_t nblocks = (n + (size_t)block - 1) / (size_t)block;
+#pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
+    for (size_t bi = 0; bi < nblocks; bi++) {
+        size_t i0 = bi * (size_t)block, i1 = i0 + (size_t)block < n ? i0 + (size_t)block : n;
+        float s = scale[bi];
+        for (size_t i = i0; i < i1; i++) out[i] = (float)q[i] * s;
+    }
+}
+
+void st_cpu_dequant_nf4(float *restrict out, const uint8_t *restrict packed, const float *restrict absmax,
+                        size_t n, int block) {
+    if (block <= 0) return;
+    size_t nblocks = (n + (size_t)block - 1) / (size_t)block;
+#pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
+    for (size_t bi = 0; bi < nblocks; bi++) {
+        size_t i0 = bi * (size_t)block, i1 = i0 + (size_t)block < n ? i0 + (size_t)block : n;
+        float s = absmax[bi];
+        for (size_t i = i0; i < i1; i++) {
+            uint8_t byte = packed[i >> 1];
+            int code = (i & 1) ? byte >> 4 : byte & 15; /* low nibble first */
+            out[i] = ST_NF4_LEVELS[code] * s;
+        }
+    }
+}

@@ -1,0 +1,409 @@
+/* backend_cuda.cu — the CUDA backend: device state, memory, matmul (cuBLASLt), elementwise kernels,
+ * deterministic reductions, and the st_backend table.
+ *
+ * One process-wide state: the device chosen by the first st_backend_cuda() call, a non-blocking compute
+ * stream, a cuBLASLt handle with its workspace, a scratch buffer for partial sums and a pinned host slot
+ * for scalar results. All owned here and kept for the life of the process (a worker uses one device).
+ * Every operation is queued on the compute stream; copies to the host and scalar-returning reductions
+ * (sumsq, cross_entropy) synchronize that stream. */
+#include "kernels/cuda/cuda_ops.cuh"
+#include "kernels/cuda/cuda_extras.h"
+
+#include <cublasLt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- state & errors */
+
+enum { MATMUL_CACHE = 32 };
+
+struct matmul_plan { /* cuBLASLt descriptors + chosen algorithm for one (m, n, k, ta, tb) */
+    int m, n, k, ta, tb, align, valid; /* align: bytes all three pointers are aligned to (4..16) */
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulAlgo_t algo;
+};
+
+static struct {
+    int ready, device;
+    cudaStream_t stream;
+    cublasLtHandle_t lt;
+    cublasComputeType_t compute; /* CUBLAS_COMPUTE_32F: exact fp32 (TF32 only if asked) */
+    void *lt_workspace;
+    size_t lt_workspace_bytes;
+    void *scratch;
+    size_t scratch_bytes;
+    double *host_scalar; /* pinned */
+    struct matmul_plan plans[MATMUL_CACHE];
+    int next_plan;
+    char error[512]; /* first sticky failure, "" if none */
+} g;
+
+void st_cuda_note(const char *what, const char *msg) {
+    if (g.error[0]) return; /* keep the first: later failures are usually consequences */
+    snprintf(g.error, sizeof g.error, "CUDA %s: %s", what, msg);
+}
+
+void st_cuda_note_err(const char *what, cudaError_t err) { st_cuda_note(what, cudaGetErrorString(err)); }
+
+extern "C" int st_cuda_status(void) {
+    if (!g.error[0]) return 0;
+    st_fail(ST_EDEVICE, "%s", g.error);
+    g.error[0] = 0;
+    return ST_EDEVICE;
+}
+
+cudaStream_t st_cuda_stream_internal(void) { return g.stream; }
+extern "C" void *st_cuda_stream(void) { return (void *)g.stream; }
+
+void *st_cuda_scratch(size_t *bytes) {
+    *bytes = g.scratch_bytes;
+    return g.scratch;
+}
+
+/* ---------------------------------------------------------------- memory */
+
+static void *cu_alloc(size_t bytes) {
+    void *p = NULL;
+    if (bytes == 0) bytes = 1;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+        (void)cudaGetLastError(); /* an out-of-memory is reported by the NULL, not sticky */
+        return NULL;
+    }
+    ST_CUDA_CK("alloc memset", cudaMemsetAsync(p, 0, bytes, g.stream));
+    return p;
+}
+
+static void cu_free(void *p) {
+    if (!p) return;
+    ST_CUDA_CK("free (sync)", cudaStreamSynchronize(g.stream));
+    ST_CUDA_CK("free", cudaFree(p));
+}
+
+static void cu_memset0(void *p, size_t bytes) { ST_CUDA_CK("memset0", cudaMemsetAsync(p, 0, bytes, g.stream)); }
+
+static void cu_copy_to_device(void *dst, const void *src, size_t bytes) {
+    ST_CUDA_CK("copy_to_device", cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, g.stream));
+    /* the caller may reuse its host buffer as soon as we return */
+    ST_CUDA_CK("copy_to_device (sync)", cudaStreamSynchronize(g.stream));
+}
+
+static void cu_copy_to_host(void *dst, const void *src, size_t bytes) {
+    ST_CUDA_CK("copy_to_host", cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, g.stream));
+    ST_CUDA_CK("copy_to_host (sync)", cudaStreamSynchronize(g.stream));
+}
+
+static void cu_copy(void *dst, const void *src, size_t bytes) {
+    ST_CUDA_CK("copy", cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g.stream));
+}
+
+static void cu_synchronize(void) { ST_CUDA_CK("synchronize", cudaStreamSynchronize(g.stream)); }
+
+/* ---------------------------------------------------------------- elementwise */
+
+__global__ void add_kernel(float *out, const float *a, const float *b, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = a[i] + b[i];
+}
+
+__global__ void accumulate_kernel(float *dst, const float *src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] += src[i];
+}
+
+__global__ void scale_kernel(float *x, float s, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+
+static void cu_add(float *out, const float *a, const float *b, size_t n) {
+    if (n == 0) return;
+    add_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(out, a, b, n);
+    ST_CUDA_LAUNCHED("add");
+}
+
+static void cu_accumulate(float *dst, const float *src, size_t n) {
+    if (n == 0) return;
+    accumulate_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dst, src, n);
+    ST_CUDA_LAUNCHED("accumulate");
+}
+
+static void cu_scale(float *x, float s, size_t n) {
+    if (n == 0) return;
+    scale_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(x, s, n);
+    ST_CUDA_LAUNCHED("scale");
+}
+
+/* ---------------------------------------------------------------- deterministic reductions */
+
+/* Stage 1: block b sums elements b*T + tid, stepping by gridDim*T (a partition fixed by n), in double. */
+__global__ void sumsq_partials_kernel(double *partial, const float *x, size_t n) {
+    __shared__ double sh[32];
+    double acc = 0.0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        double v = (double)x[i];
+        acc += v * v;
+    }
+    acc = st_block_sum(acc, sh);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+__global__ void sum_partials_kernel(double *partial, const double *x, size_t n) {
+    __shared__ double sh[32];
+    double acc = 0.0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        acc += x[i];
+    acc = st_block_sum(acc, sh);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+/* Stage 2: one block folds the partials in a fixed tree. */
+__global__ void sum_final_kernel(double *result, const double *partial, int count) {
+    __shared__ double sh[32];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
+    acc = st_block_sum(acc, sh);
+    if (threadIdx.x == 0) *result = acc;
+}
+
+static double fetch_scalar(const double *dev, const char *what) {
+    *g.host_scalar = 0.0;
+    ST_CUDA_CK(what, cudaMemcpyAsync(g.host_scalar, dev, sizeof(double), cudaMemcpyDeviceToHost, g.stream));
+    ST_CUDA_CK(what, cudaStreamSynchronize(g.stream));
+    return *g.host_scalar;
+}
+
+double st_cuda_sum_doubles(const double *x, size_t n, double *scratch) {
+    int blocks = st_cuda_reduce_blocks(n);
+    sum_partials_kernel<<<blocks, ST_CUDA_THREADS, 0, g.stream>>>(scratch + 1, x, n);
+    sum_final_kernel<<<1, ST_CUDA_THREADS, 0, g.stream>>>(scratch, scratch + 1, blocks);
+    ST_CUDA_LAUNCHED("sum (reduce)");
+    return fetch_scalar(scratch, "sum (fetch)");
+}
+
+static double cu_sumsq(const float *x, size_t n) {
+    if (n == 0) return 0.0;
+    double *scratch = (double *)g.scratch; /* [0] result, [1..blocks] partials */
+    int blocks = st_cuda_reduce_blocks(n);
+    sumsq_partials_kernel<<<blocks, ST_CUDA_THREADS, 0, g.stream>>>(scratch + 1, x, n);
+    sum_final_kernel<<<1, ST_CUDA_THREADS, 0, g.stream>>>(scratch, scratch + 1, blocks);
+    ST_CUDA_LAUNCHED("sumsq");
+    return fetch_scalar(scratch, "sumsq (fetch)");
+}
+
+/* Column sums in two deterministic stages: partial[r][j] = sum of rows in chunk r (in order), then
+ * out[j] += sum over r (in order). Threads own columns, so reads are coalesced along rows. */
+__global__ void colsum_partial_kernel(float *partial, const float *x, int n, int c, int rows_per_chunk) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    int r0 = blockIdx.y * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+    float acc = 0.0f;
+    for (int r = r0; r < r1; r++) acc += x[(size_t)r * c + j];
+    partial[(size_t)blockIdx.y * c + j] = acc;
+}
+
+__global__ void colsum_finish_kernel(float *out, const float *partial, int rows, int c) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    float acc = 0.0f;
+    for (int r = 0; r < rows; r++) acc += partial[(size_t)r * c + j];
+    out[j] += acc;
+}
+
+void st_cuda_colsum_finish(float *out, const float *partial, int rows, int c) {
+    dim3 grid((c + ST_CUDA_THREADS - 1) / ST_CUDA_THREADS);
+    colsum_finish_kernel<<<grid, ST_CUDA_THREADS, 0, g.stream>>>(out, partial, rows, c);
+    ST_CUDA_LAUNCHED("column-sum finish");
+}
+
+/* ---------------------------------------------------------------- bias */
+
+__global__ void bias_add_kernel(float *y, const float *bias, int n, int c) {
+    size_t total = (size_t)n * c;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += bias[i % c];
+}
+
+static void cu_bias_add(float *y, const float *bias, int n, int c) {
+    if (n <= 0 || c <= 0) return;
+    size_t total = (size_t)n * c;
+    bias_add_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(y, bias, n, c);
+    ST_CUDA_LAUNCHED("bias_add");
+}
+
+static void cu_bias_bwd(float *dbias, const float *dy, int n, int c) {
+    if (n <= 0 || c <= 0) return;
+    int parts = st_cuda_colsum_partials(n, c, 1, g.scratch_bytes / sizeof(float));
+    if (parts == 0) { st_cuda_note("bias_bwd", "scratch too small for one row of partials"); return; }
+    int rpc = st_cuda_colsum_rows_per_chunk(n, parts);
+    float *partial = (float *)g.scratch;
+    dim3 grid((c + ST_CUDA_THREADS - 1) / ST_CUDA_THREADS, parts);
+    colsum_partial_kernel<<<grid, ST_CUDA_THREADS, 0, g.stream>>>(partial, dy, n, c, rpc);
+    ST_CUDA_LAUNCHED("bias_bwd");
+    st_cuda_colsum_finish(dbias, partial, parts, c);
+}
+
+/* ---------------------------------------------------------------- matmul (cuBLASLt) */
+
+static const char *lt_status(cublasStatus_t s) {
+    const char *name = cublasGetStatusString(s);
+    return name ? name : "cuBLAS error";
+}
+
+/* Row-major C[M,N] = op(A) op(B) is column-major C^T[N,M] = op(B)^T op(A)^T: we hand cuBLASLt B as its
+ * "A" and A as its "B". A row-major [r, c] matrix is a column-major [c, r] one with ld = c. */
+static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, int align) {
+    for (int i = 0; i < MATMUL_CACHE; i++) {
+        struct matmul_plan *p = &g.plans[i];
+        if (p->valid && p->m == m && p->n == n && p->k == k && p->ta == ta && p->tb == tb && p->align == align)
+            return p;
+    }
+    struct matmul_plan *p = &g.plans[g.next_plan];
+    g.next_plan = (g.next_plan + 1) % MATMUL_CACHE;
+    if (p->valid) {
+        cublasLtMatrixLayoutDestroy(p->la);
+        cublasLtMatrixLayoutDestroy(p->lb);
+        cublasLtMatrixLayoutDestroy(p->lc);
+        cublasLtMatmulDescDestroy(p->op);
+        p->valid = 0;
+    }
+    cublasOperation_t op_first = tb ? CUBLAS_OP_T : CUBLAS_OP_N;  /* applied to B's memory */
+    cublasOperation_t op_second = ta ? CUBLAS_OP_T : CUBLAS_OP_N; /* applied to A's memory */
+    cublasStatus_t s = cublasLtMatmulDescCreate(&p->op, g.compute, CUDA_R_32F);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof op_first);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof op_second);
+    /* B memory: [K,N] row-major = col-major [N,K] (ld N); transposed: [N,K] row-major = col-major [K,N] */
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = tb ? cublasLtMatrixLayoutCreate(&p->la, CUDA_R_32F, k, n, k)
+               : cublasLtMatrixLayoutCreate(&p->la, CUDA_R_32F, n, k, n);
+    /* A memory: [M,K] row-major = col-major [K,M] (ld K); transposed: [K,M] = col-major [M,K] (ld M) */
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = ta ? cublasLtMatrixLayoutCreate(&p->lb, CUDA_R_32F, m, k, m)
+               : cublasLtMatrixLayoutCreate(&p->lb, CUDA_R_32F, k, m, k);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&p->lc, CUDA_R_32F, n, m, n);
+    cublasLtMatmulPreference_t pref = NULL;
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceCreate(&pref);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                 &g.lt_workspace_bytes, sizeof g.lt_workspace_bytes);
+    /* sub-tensors of a flat weight buffer may be only 4-byte aligned: ask only for kernels that cope */
+    uint32_t align_bytes = (uint32_t)align;
+    cublasLtMatmulPreferenceAttributes_t align_attrs[] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4 && s == CUBLAS_STATUS_SUCCESS; i++)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &align_bytes, sizeof align_bytes);
+    cublasLtMatmulHeuristicResult_t heur;
+    int found = 0;
+    memset(&heur, 0, sizeof heur);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulAlgoGetHeuristic(g.lt, p->op, p->la, p->lb, p->lc, p->lc, pref, 1, &heur, &found);
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "no cuBLASLt algorithm for m=%d n=%d k=%d ta=%d tb=%d (%s)", m, n, k, ta, tb,
+                 s != CUBLAS_STATUS_SUCCESS ? lt_status(s) : "heuristic found none");
+        st_cuda_note("matmul", msg);
+        return NULL; /* descriptors of a half-built plan leak once per failure; failures are sticky */
+    }
+    p->m = m, p->n = n, p->k = k, p->ta = ta, p->tb = tb, p->align = align;
+    p->algo = heur.algo;
+    p->valid = 1;
+    return p;
+}
+
+static void cu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
+                      float alpha, float beta) {
+    if (m <= 0 || n <= 0) return;
+    if (k <= 0) { /* empty product: C = beta * C (beta 0 clears, even NaN) */
+        if (beta == 0.0f) cu_memset0(c, sizeof(float) * (size_t)m * n);
+        else cu_scale(c, beta, (size_t)m * n);
+        return;
+    }
+    uintptr_t bits = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c;
+    int align = (bits & 15) == 0 ? 16 : (bits & 7) == 0 ? 8 : 4;
+    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align);
+    if (!p) return;
+    cublasStatus_t s = cublasLtMatmul(g.lt, p->op, &alpha, b, p->la, a, p->lb, &beta, c, p->lc, c, p->lc, &p->algo,
+                                      g.lt_workspace, g.lt_workspace_bytes, g.stream);
+    if (s != CUBLAS_STATUS_SUCCESS) st_cuda_note("matmul", lt_status(s));
+}
+
+/* ---------------------------------------------------------------- the table */
+
+static const st_backend cuda_backend = {
+    "cuda",
+    cu_alloc, cu_free, cu_memset0, cu_copy_to_device, cu_copy_to_host, cu_copy, cu_synchronize,
+    cu_matmul, cu_bias_add, cu_bias_bwd,
+    cu_add, cu_accumulate, cu_scale, cu_sumsq,
+    st_cu_layernorm_fwd, st_cu_layernorm_bwd, st_cu_rmsnorm_fwd, st_cu_rmsnorm_bwd,
+    st_cu_rope_fwd, st_cu_rope_bwd,
+    st_cu_attention_fwd, st_cu_attention_bwd,
+    st_cu_gelu_fwd, st_cu_gelu_bwd, st_cu_swiglu_fwd, st_cu_swiglu_bwd,
+    st_cu_embedding_fwd, st_cu_embedding_bwd,
+    st_cu_cross_entropy,
+    st_cu_adamw,
+    st_cu_dequant_int8, st_cu_dequant_nf4,
+};
+
+static size_t env_mib(const char *name, size_t fallback) {
+    const char *s = getenv(name);
+    if (!s || !*s) return fallback;
+    char *end = NULL;
+    unsigned long v = strtoul(s, &end, 10);
+    if (*end || v == 0 || v > 65536) return fallback;
+    return (size_t)v << 20;
+}
+
+static int init_fail(const char *what, const char *msg) {
+    return st_fail(ST_EDEVICE, "CUDA backend on device %d: %s failed: %s", g.device, what, msg);
+}
+
+static int init_state(int device) {
+    g.device = device;
+    cudaError_t e = cudaSetDevice(device);
+    if (e != cudaSuccess) return init_fail("cudaSetDevice", cudaGetErrorString(e));
+    e = cudaStreamCreateWithFlags(&g.stream, cudaStreamNonBlocking);
+    if (e != cudaSuccess) return init_fail("stream creation", cudaGetErrorString(e));
+    cublasStatus_t s = cublasLtCreate(&g.lt);
+    if (s != CUBLAS_STATUS_SUCCESS) return init_fail("cublasLtCreate", lt_status(s));
+    const char *tf32 = getenv("SHARDTUNE_CUDA_TF32");
+    g.compute = (tf32 && strcmp(tf32, "1") == 0) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    g.lt_workspace_bytes = 32u << 20;
+    g.scratch_bytes = env_mib("SHARDTUNE_CUDA_SCRATCH_MB", 64u << 20);
+    e = cudaMalloc(&g.lt_workspace, g.lt_workspace_bytes);
+    if (e == cudaSuccess) e = cudaMalloc(&g.scratch, g.scratch_bytes);
+    if (e == cudaSuccess) e = cudaMallocHost((void **)&g.host_scalar, 64);
+    if (e != cudaSuccess) return init_fail("workspace allocation", cudaGetErrorString(e));
+    return 0;
+}
+
+extern "C" const st_backend *st_backend_cuda(int device) {
+    if (g.ready) {
+        if (device == g.device) return &cuda_backend;
+        st_fail(ST_EDEVICE, "CUDA backend already bound to device %d (asked for %d)", g.device, device);
+        return NULL;
+    }
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        st_fail(ST_EDEVICE, "no CUDA device/driver: %s", cudaGetErrorString(e));
+        return NULL;
+    }
+    if (count == 0) {
+        st_fail(ST_EDEVICE, "no CUDA device/driver: cudaGetDeviceCount found 0 devices");
+        return NULL;
+    }
+    if (device < 0 || device >= count) {
+        st_fail(ST_EDEVICE, "CUDA device %d does not exist (%d device%s visible)", device, count,
+                count == 1 ? "" : "s");
+        return NULL;
+    }
+    if (init_state(device) != 0) return NULL; /* partial state is kept; a process retries at most once */
+    g.ready = 1;
+    return &cuda_backend;
+}

@@ -1,0 +1,53 @@
+/* cuda_extras.h — CUDA-only entry points beyond the fp32 backend table (kernels/kernels.h).
+ *
+ * Plain C declarations (callable from the C worker when built with ST_HAVE_CUDA). Pointers are device
+ * pointers owned by the caller; every call is queued on the backend's compute stream (st_cuda_stream())
+ * and needs st_backend_cuda() to have succeeded first. Functions returning int return 0 or ST_E* with
+ * st_error() set for bad arguments; launch failures are sticky and reported by st_cuda_status(). */
+#ifndef ST_CUDA_EXTRAS_H
+#define ST_CUDA_EXTRAS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* 0 when every CUDA call since the last check succeeded; else ST_EDEVICE with st_error() naming the
+ * first failing kernel/call. Clears the sticky error. Does not synchronize (call synchronize first to
+ * catch asynchronous faults). */
+int st_cuda_status(void);
+
+/* The compute stream as a cudaStream_t (void * here to keep this header free of CUDA types). */
+void *st_cuda_stream(void);
+
+/* One tensor of the multi-tensor AdamW: fp32 master weights with their gradient and moments, plus the
+ * bf16 copy (raw uint16 bits, round-to-nearest-even of the updated fp32 value) the forward pass reads.
+ * lr and weight_decay are per tensor (layer-wise learning-rate decay, no decay on norms/biases). */
+typedef struct {
+    float *param;
+    const float *grad;
+    float *m;
+    float *v;
+    uint16_t *param_bf16; /* may be NULL: no bf16 copy for this tensor */
+    size_t n;
+    float lr;
+    float weight_decay;
+} st_adamw_tensor;
+
+/* AdamW (the same math as st_backend.adamw) over `count` tensors in as few launches as possible
+ * (ST_CUDA_MT_MAX_TENSORS per launch), writing each updated fp32 value and its bf16 copy. */
+int st_cuda_adamw_multi_bf16(const st_adamw_tensor *tensors, int count, float beta1, float beta2, float eps,
+                             float grad_scale, int step);
+
+/* Fused residual add + RMSNorm forward over rows [n, c]:
+ *   residual += delta;  out = residual * rstd * w;  rstd[i] = 1/sqrt(mean(residual_i^2) + eps).
+ * Equals backend add(residual, residual, delta) then rmsnorm_fwd(out, rstd, residual, w), in one pass. */
+int st_cuda_residual_rmsnorm_fwd(float *residual, float *out, float *rstd, const float *delta, const float *w,
+                                 int n, int c, float eps);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

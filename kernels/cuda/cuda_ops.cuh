@@ -1,0 +1,40 @@
+/* cuda_ops.cuh — the kernel entry points each .cu file defines, gathered into the backend table by
+ * backend_cuda.cu. Signatures are exactly those of struct st_backend (kernels/kernels.h). */
+#ifndef ST_CUDA_OPS_CUH
+#define ST_CUDA_OPS_CUH
+
+#include "kernels/cuda/cuda_common.cuh"
+
+/* norms.cu */
+void st_cu_layernorm_fwd(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
+                         int n, int c, float eps);
+void st_cu_layernorm_bwd(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                         const float *mean, const float *rstd, int n, int c);
+void st_cu_rmsnorm_fwd(float *out, float *rstd, const float *x, const float *w, int n, int c, float eps);
+void st_cu_rmsnorm_bwd(float *dx, float *dw, const float *dout, const float *x, const float *w, const float *rstd,
+                       int n, int c);
+
+/* attention.cu */
+void st_cu_rope_fwd(float *qkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
+void st_cu_rope_bwd(float *dqkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
+void st_cu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd);
+void st_cu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                         int b, int t, int h, int kvh, int hd);
+
+/* pointwise.cu */
+void st_cu_gelu_fwd(float *out, const float *x, size_t n);
+void st_cu_gelu_bwd(float *dx, const float *dout, const float *x, size_t n);
+void st_cu_swiglu_fwd(float *out, const float *gu, int n, int f);
+void st_cu_swiglu_bwd(float *dgu, const float *dout, const float *gu, int n, int f);
+void st_cu_embedding_fwd(float *out, const int32_t *tokens, const float *wte, const float *wpe, int b, int t,
+                         int c);
+void st_cu_embedding_bwd(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int b, int t, int c);
+void st_cu_adamw(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1, float beta2,
+                 float eps, float weight_decay, float grad_scale, int step);
+void st_cu_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block);
+void st_cu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
+
+/* cross_entropy.cu */
+double st_cu_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);
+
+#endif

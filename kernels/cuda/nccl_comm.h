@@ -1,0 +1,52 @@
+/* nccl_comm.h — a small C API over NCCL for the data-parallel worker (CUDA builds only).
+ *
+ * Setup: rank 0 calls st_nccl_get_unique_id() and broadcasts the ST_NCCL_ID_BYTES bytes (e.g. with
+ * MPI_Bcast); every rank then calls st_nccl_init() with the same bytes. The communicator owns a dedicated
+ * communication stream and two events. Every collective first makes the comm stream wait for the work
+ * queued so far on the compute stream (event recorded on compute -> waited on comm), so the gradients it
+ * reads are complete, then returns without blocking the host. st_nccl_wait_compute() makes the compute
+ * stream wait for the collectives queued so far (before the optimizer reads reduced gradients).
+ * Buffers are device float pointers owned by the caller. Functions return 0 or ST_ECOMM / ST_EDEVICE /
+ * ST_EINVAL with st_error() naming the operation, rank and NCCL's reason. */
+#ifndef ST_NCCL_COMM_H
+#define ST_NCCL_COMM_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ST_NCCL_ID_BYTES 128
+
+typedef struct st_nccl_comm st_nccl_comm;
+
+/* Fills id_out with a fresh NCCL unique id (call on one rank only). */
+int st_nccl_get_unique_id(unsigned char id_out[ST_NCCL_ID_BYTES]);
+
+/* Joins the communicator of `world` ranks as `rank`, on the CUDA backend's device and compute stream
+ * (st_backend_cuda() must have succeeded). Collective: blocks until all ranks joined. */
+int st_nccl_init(st_nccl_comm **out, int rank, int world, const unsigned char id[ST_NCCL_ID_BYTES]);
+
+/* In place: buf[0..n) = sum over ranks. */
+int st_nccl_all_reduce_sum(st_nccl_comm *comm, float *buf, size_t n);
+/* recv[0..recv_n) = sum over ranks of send[rank * recv_n ..); send has world * recv_n floats. */
+int st_nccl_reduce_scatter_sum(st_nccl_comm *comm, float *recv, const float *send, size_t recv_n);
+/* recv[r * send_n ..) = send of rank r; recv has world * send_n floats (send may alias its slot). */
+int st_nccl_all_gather(st_nccl_comm *comm, float *recv, const float *send, size_t send_n);
+
+/* Compute stream waits (on the device, the host does not block) for the collectives queued so far. */
+int st_nccl_wait_compute(st_nccl_comm *comm);
+/* Host blocks until the queued collectives finished; reports asynchronous NCCL errors. */
+int st_nccl_synchronize(st_nccl_comm *comm);
+
+int st_nccl_rank(const st_nccl_comm *comm);
+int st_nccl_world(const st_nccl_comm *comm);
+
+/* Destroys the communicator, its stream and events (NULL is fine). */
+void st_nccl_destroy(st_nccl_comm *comm);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

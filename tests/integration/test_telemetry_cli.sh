@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# test_telemetry_cli.sh — the user-facing telemetry commands against the real API (telemetry_driver):
+#   shardtune monitor ADDR --json/--plain: sees summaries of two jobs in a row on the same address
+#     (outlives the first job and reconnects), and exits on SIGTERM;
+#   shardtune ctl: unreachable address -> one clear line + exit 1; status ok; checkpoint without token
+#     refused (exit 1); with --run-dir / --token-file accepted; bad token file refused;
+#   shardtune plot: SVG with three panels and one polyline point per metrics line.
+set -euo pipefail
+BIN=${SHARDTUNE_BIN:?}
+DRIVER=${ST_BUILD_DIR:?}/telemetry_driver
+PY=${ST_PYTHON:-/usr/bin/python3}
+T=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$T"; }
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PUB=tcp://127.0.0.1:$(port)
+CTL=tcp://127.0.0.1:$(port)
+
+# --- ctl against nothing ---
+set +e
+out=$("$BIN" ctl "$CTL" status --timeout 0.5 2>&1); rc=$?
+set -e
+[ $rc -eq 1 ] || fail "ctl to a dead address: rc $rc"
+echo "$out" | grep -q "no reply from $CTL" || fail "ctl unreachable message: $out"
+[ "$(echo "$out" | wc -l)" -eq 1 ] || fail "ctl unreachable: more than one line: $out"
+
+# --- monitor across two jobs ---
+"$BIN" monitor "$PUB" --json > "$T/mon.jsonl" 2> "$T/mon.err" &
+MON=$!; PIDS+=("$MON")
+"$DRIVER" --world 2 --steps 6 --step-ms 20 --start-delay-ms 700 --run-dir "$T" --publish "$PUB" --control "$CTL" > "$T/job1.out"
+sleep 0.5
+kill -0 "$MON" 2>/dev/null || fail "monitor exited after the first job ended"
+mkdir -p "$T/run2"
+"$DRIVER" --world 2 --steps 400 --step-ms 20 --start-delay-ms 700 --run-dir "$T/run2" --publish "$PUB" --control "$CTL" > "$T/job2.out" &
+JOB=$!; PIDS+=("$JOB")
+sleep 1.5
+
+# --- ctl against a running job ---
+"$BIN" ctl "$CTL" status | grep -q "^ok: last step" || fail "ctl status"
+set +e
+out=$("$BIN" ctl "$CTL" checkpoint 2>&1); rc=$?
+set -e
+[ $rc -eq 1 ] && echo "$out" | grep -q "refused: checkpoint refused: a token is required" || fail "checkpoint without token: $rc $out"
+cp "$T/run2/control.token" "$T/loose.token"; chmod 644 "$T/loose.token"
+set +e
+out=$("$BIN" ctl "$CTL" checkpoint --token-file "$T/loose.token" 2>&1); rc=$?
+set -e
+[ $rc -eq 1 ] && echo "$out" | grep -q "chmod 600" || fail "loose token file accepted: $out"
+"$BIN" ctl "$CTL" checkpoint --run-dir "$T/run2" | grep -q "^ok: checkpoint accepted" || fail "checkpoint with token"
+"$BIN" ctl "$CTL" stop --token-file "$T/run2/control.token" | grep -q "^ok: stop accepted" || fail "stop with token"
+wait "$JOB"
+sleep 0.5
+kill -TERM "$MON"
+for i in $(seq 50); do kill -0 "$MON" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$MON" 2>/dev/null && fail "monitor ignored SIGTERM"
+wait "$MON" || fail "monitor exit status on SIGTERM"
+
+"$PY" - "$T/mon.jsonl" <<'EOF'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+ends = [i for i, m in enumerate(lines) if m["topic"] == "event" and m["kind"] == "end"]
+assert len(ends) == 2, "monitor saw %d job ends" % len(ends)
+first = {m["step"] for m in lines[:ends[0]] if m["topic"] == "step"}
+assert first == set(range(6)), first
+second = [m for m in lines[ends[0]:] if m["topic"] in ("step", "event")]
+kinds = [m["kind"] for m in second if m["topic"] == "event"]
+assert "checkpoint_saved" in kinds and "stop" in kinds, kinds
+assert any(m["topic"] == "step" for m in second)
+assert any(m["topic"] == "rank" and m["rank"] == 1 for m in lines)
+print("monitor: %d messages over two jobs" % len(lines))
+EOF
+
+# --- monitor --plain --count, and a bad address ---
+"$DRIVER" --world 1 --steps 50 --step-ms 20 --start-delay-ms 700 --run-dir "$T" --publish "$PUB" --control "$CTL" > /dev/null &
+PIDS+=($!)
+timeout 20 "$BIN" monitor "$PUB" --plain --count 5 > "$T/plain.txt" || fail "monitor --count"
+[ "$(wc -l < "$T/plain.txt")" -eq 5 ] || fail "monitor --plain --count 5 printed $(wc -l < "$T/plain.txt") lines"
+grep -Eq "^(step|rank|event) " "$T/plain.txt" || fail "plain format: $(cat "$T/plain.txt")"
+set +e
+out=$("$BIN" monitor "nonsense://x" 2>&1); rc=$?
+set -e
+[ $rc -eq 1 ] && echo "$out" | grep -q "bad monitor address" || fail "monitor bad address: $out"
+wait
+
+# --- plot ---
+mkdir -p "$T/plot"
+"$PY" - "$T/plot/metrics.jsonl" <<'EOF'
+import json, math, sys
+with open(sys.argv[1], "w") as f:
+    for s in range(0, 120):
+        f.write(json.dumps({"step": s, "loss": 3 * math.exp(-s / 30) + 1, "lr": 1e-4 * min(1, (s + 1) / 10),
+                            "grad_norm": 1.0, "tokens": 512, "tokens_per_s": 700 + s, "step_ms": 100,
+                            "task_loss": {"qa": 2.5, "chat": 1.5 + 1 / (s + 1)}}) + "\n")
+    f.write('{"step": 120, "loss"')  # partial last line of a run still writing
+EOF
+"$BIN" plot "$T/plot" --out "$T/plot/p.svg" | grep -q "120 steps, 1 lines skipped" || fail "plot summary line"
+"$PY" - "$T/plot/p.svg" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+ns = "{http://www.w3.org/2000/svg}"
+polys = root.findall(".//" + ns + "polyline")
+assert len(polys) == 5, "want loss, 2 task losses, lr, tokens/s: %d" % len(polys)
+for p in polys:
+    assert len(p.get("points").split()) == 120
+texts = [t.text for t in root.iter(ns + "text")]
+for want in ("loss", "learning rate", "tokens/s", "step", "loss[qa]", "loss[chat]"):
+    assert want in texts, want
+print("plot: 5 series x 120 points, %d labels" % len(texts))
+EOF
+set +e
+"$BIN" plot "$T/nothing" --out "$T/x.svg" 2>"$T/err"; rc=$?
+set -e
+[ $rc -eq 1 ] && grep -q "nothing/metrics.jsonl" "$T/err" || fail "plot of a missing run dir"
+echo "PASS test_telemetry_cli"

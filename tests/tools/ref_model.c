@@ -1,0 +1,170 @@
+/* ref_model.c — runs shardtune's model math on a given batch and dumps everything a reference
+ * implementation needs to compare (tests/reference/test_model_torch.py).
+ *
+ *   ref_model --model DIR --batch BATCH.safetensors --out OUT.safetensors
+ *             [--steps K --lr LR --beta1 B1 --beta2 B2 --eps E --wd WD --clip C
+ *              --schedule constant|cosine|linear --warmup W --total S --min-lr-ratio R]
+ *
+ * BATCH holds "inputs" (I32 [B,T]), "targets" (I32 [B,T]) and "weight" (F32 [B,T], already divided by
+ * the normalizer). OUT gets "logits" [B*T,V], "loss" [1] (sum of weight*loss), "loss_per_pos" [B*T],
+ * "grad.<name>" (HF layout) of the first step, and with --steps K the weights after each AdamW step,
+ * "step<k>.<name>", and "lr<k>" [1]. Every step reuses the same batch. No-decay set: norms, biases,
+ * embeddings. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+
+#include "checkpoints/model_io.h"
+#include "checkpoints/safetensors.h"
+#include "common/error.h"
+#include "worker/model.h"
+#include "worker/optim.h"
+
+typedef struct {
+    st_st_write_item *items;
+    int n, cap;
+    float **owned;
+} outlist;
+
+static char *dupname(const char *prefix, const char *name) {
+    size_t n = strlen(prefix) + strlen(name) + 1;
+    char *s = malloc(n);
+    snprintf(s, n, "%s%s", prefix, name);
+    return s;
+}
+
+static void add(outlist *o, char *name, float *data, int ndim, int64_t d0, int64_t d1) {
+    if (o->n == o->cap) {
+        o->cap = o->cap ? 2 * o->cap : 256;
+        o->items = realloc(o->items, (size_t)o->cap * sizeof *o->items);
+        o->owned = realloc(o->owned, (size_t)o->cap * sizeof *o->owned);
+    }
+    st_st_write_item *it = &o->items[o->n];
+    memset(it, 0, sizeof *it);
+    it->name = name;
+    it->data = data;
+    it->ndim = ndim;
+    it->shape[0] = d0;
+    it->shape[1] = d1;
+    o->owned[o->n++] = data;
+}
+
+static void add_params(outlist *o, const st_model *m, const float *src, const char *prefix, int grads) {
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (grads && p->grad_offset < 0) continue;
+        float *hf = malloc(p->numel * sizeof(float));
+        if (grads) {
+            /* gradients share the weights' layout rules: reuse the HF conversion on a shifted base */
+            const float *g = src + p->grad_offset - (long)p->offset;
+            st_model_param_to_hf(m, i, g, hf);
+        } else {
+            st_model_param_to_hf(m, i, src, hf);
+        }
+        int64_t d0 = p->ndim == 2 && p->transpose_io ? p->shape[1] : p->shape[0];
+        int64_t d1 = p->ndim == 2 && p->transpose_io ? p->shape[0] : p->shape[1];
+        add(o, dupname(prefix, p->name), hf, p->ndim, d0, d1);
+    }
+}
+
+static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, int *B, int *T) {
+    st_safetensors *s;
+    int rc = st_safetensors_open(path, &s);
+    if (rc) return rc;
+    const st_st_tensor *ti = st_safetensors_find(s, "inputs"), *tt = st_safetensors_find(s, "targets"),
+                       *tw = st_safetensors_find(s, "weight");
+    if (!ti || !tt || !tw || ti->ndim != 2) { st_safetensors_close(s); return st_fail(ST_EFORMAT, "%s: needs inputs, targets, weight [B,T]", path); }
+    *B = (int)ti->shape[0];
+    *T = (int)ti->shape[1];
+    size_t n = (size_t)*B * *T;
+    *in = malloc(n * 4);
+    *tg = malloc(n * 4);
+    *w = malloc(n * 4);
+    rc = st_safetensors_read_raw(s, ti, *in, n * 4);
+    if (!rc) rc = st_safetensors_read_raw(s, tt, *tg, n * 4);
+    if (!rc) rc = st_safetensors_read_f32(s, tw, *w, n);
+    st_safetensors_close(s);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    const char *model_dir = NULL, *batch = NULL, *out = NULL, *sched = "constant";
+    int steps = 0;
+    st_optim_config oc = {1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, ST_SCHED_CONSTANT, 0, 0, 0.0f, 1.0f};
+    float clip = 0;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *a = argv[i], *v = argv[i + 1];
+        if (!strcmp(a, "--model")) model_dir = v;
+        else if (!strcmp(a, "--batch")) batch = v;
+        else if (!strcmp(a, "--out")) out = v;
+        else if (!strcmp(a, "--steps")) steps = atoi(v);
+        else if (!strcmp(a, "--lr")) oc.lr = (float)atof(v);
+        else if (!strcmp(a, "--beta1")) oc.beta1 = (float)atof(v);
+        else if (!strcmp(a, "--beta2")) oc.beta2 = (float)atof(v);
+        else if (!strcmp(a, "--eps")) oc.eps = (float)atof(v);
+        else if (!strcmp(a, "--wd")) oc.weight_decay = (float)atof(v);
+        else if (!strcmp(a, "--clip")) clip = (float)atof(v);
+        else if (!strcmp(a, "--schedule")) sched = v;
+        else if (!strcmp(a, "--warmup")) oc.warmup_steps = atoi(v);
+        else if (!strcmp(a, "--total")) oc.total_steps = atoi(v);
+        else if (!strcmp(a, "--min-lr-ratio")) oc.min_lr_ratio = (float)atof(v);
+        else { fprintf(stderr, "ref_model: unknown flag %s\n", a); return 2; }
+    }
+    if (!model_dir || !batch || !out) { fprintf(stderr, "usage: ref_model --model DIR --batch F --out F [...]\n"); return 2; }
+    oc.schedule = !strcmp(sched, "cosine") ? ST_SCHED_COSINE : !strcmp(sched, "linear") ? ST_SCHED_LINEAR : ST_SCHED_CONSTANT;
+    const st_backend *be = st_backend_cpu(0);
+    st_model m;
+    int32_t *in = NULL, *tg = NULL;
+    float *w = NULL;
+    int B = 0, T = 0;
+    int rc = st_model_load_dir(model_dir, be, &m);
+    if (!rc) rc = read_batch(batch, &in, &tg, &w, &B, &T);
+    unsigned char *all = calloc((size_t)m.cfg.n_layer, 1);
+    memset(all, 1, (size_t)m.cfg.n_layer);
+    if (!rc) rc = st_model_set_trainable(&m, all, ST_MOD_ALL);
+    if (!rc) rc = st_model_alloc_activations(&m, B, T);
+    if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
+    size_t N = (size_t)B * T;
+    outlist o = {0};
+    float *logits = malloc(N * (size_t)m.cfg.vocab * sizeof(float));
+    m.capture_logits = logits;
+    st_model_zero_grad(&m);
+    float *loss = malloc(sizeof(float));
+    *loss = (float)st_model_forward(&m, in, tg, w, 1);
+    m.capture_logits = NULL;
+    st_model_backward(&m);
+    float *lpp = malloc(N * sizeof(float));
+    memcpy(lpp, m.loss_per_pos, N * sizeof(float));
+    add(&o, dupname("", "logits"), logits, 2, (int64_t)N, m.cfg.vocab);
+    add(&o, dupname("", "loss"), loss, 1, 1, 0);
+    add(&o, dupname("", "loss_per_pos"), lpp, 1, (int64_t)N, 0);
+    add_params(&o, &m, m.grads, "grad.", 1);
+    st_optim opt;
+    rc = st_optim_init(&opt, &oc, 0, m.grad_alloc, &m, be);
+    for (int k = 1; k <= steps && !rc; k++) {
+        if (k > 1) {
+            st_model_zero_grad(&m);
+            st_model_forward(&m, in, tg, w, 1);
+            st_model_backward(&m);
+        }
+        double norm = sqrt(be->sumsq(m.grads, m.n_grads));
+        float lr = st_lr_at(&oc, k - 1);
+        st_optim_update(&opt, &m, m.grads, lr, st_clip_scale(norm, clip));
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "step%d.", k);
+        add_params(&o, &m, m.weights, prefix, 0);
+        float *lrv = malloc(sizeof(float));
+        *lrv = lr;
+        snprintf(prefix, sizeof prefix, "lr%d", k);
+        add(&o, dupname("", prefix), lrv, 1, 1, 0);
+    }
+    if (!rc) rc = st_safetensors_write(out, o.n, o.items, NULL);
+    if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
+    for (int i = 0; i < o.n; i++) { free((void *)o.items[i].name); free(o.owned[i]); }
+    free(o.items); free(o.owned); free(all); free(in); free(tg); free(w);
+    st_optim_free(&opt, be);
+    free(opt.param_step);
+    st_model_free(&m);
+    return 0;
+}

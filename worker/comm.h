@@ -1,0 +1,49 @@
+/* comm.h — data-parallel communication of the compact gradient / parameter space over MPI.
+ *
+ * ZeRO stages: 0 all-reduces gradients and every rank updates everything; 1 all-reduces gradients, each
+ * rank updates its shard and the updated parameters are all-gathered; 2 reduce-scatters gradients into
+ * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers.
+ * The compact space (model->grad_alloc floats) is padded to a multiple of the world size so every shard
+ * has the same length. The communicator owns its staging buffers (host memory). */
+#ifndef ST_COMM_H
+#define ST_COMM_H
+
+#include <mpi.h>
+#include <stddef.h>
+
+#include "worker/model.h"
+
+typedef struct {
+    MPI_Comm comm;
+    int rank, world, stage;
+    size_t n, n_pad, shard; /* trainable floats, padded total, per-rank shard length */
+    size_t lo, hi;          /* this rank's shard of the compact space (lo..hi may exceed n: padding) */
+    float *shard_grads;     /* stage 2: reduced gradients of the shard [shard] */
+    float *flat_params;     /* stages 1-2: compact parameter staging [n_pad] */
+    double comm_seconds;    /* time spent in collectives in the last step */
+} st_comm;
+
+/* `m` must already have its trainable set (grad_align = world size). */
+int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m);
+void st_comm_free(st_comm *c);
+
+/* The optimizer's range: [lo, hi) for stages 1-2, [0, n_pad) for stage 0. */
+void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi);
+
+/* Sums gradients across ranks. Returns the pointer the optimizer reads (element 0 = its range start). */
+int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads);
+
+/* Global squared L2 norm of the summed gradients (optim_grads over the optimizer range). */
+double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grads);
+
+/* After the update: makes every rank's trainable weights equal to the owners' (stages 1-2). */
+int st_comm_gather_params(st_comm *c, st_model *m);
+
+/* Full copies of a sharded per-element state (e.g. AdamW moments over the optimizer range) on every
+ * rank: full[n_pad] from each rank's part[range]. */
+int st_comm_gather_state(st_comm *c, const float *part, float *full);
+
+/* Element-wise sum of doubles across ranks, in place. */
+int st_comm_sum(st_comm *c, double *x, int n);
+
+#endif

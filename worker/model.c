@@ -1,0 +1,583 @@
+/* model.c — registry, init, forward and backward of the decoder (see model.h).
+ *
+ * Forward of one layer (Llama; GPT-2 differs in the places marked):
+ *   ln1 = norm(res[l])                       (GPT-2: LayerNorm, Llama: RMSNorm)
+ *   qkv = ln1 @ Wqkv^T (+ b)  ; rope(qkv)    (rope: Llama only)
+ *   atty = causal_attention(qkv)
+ *   resmid = res[l] + atty @ Wo^T (+ b)
+ *   ln2 = norm(resmid)
+ *   h1 = ln2 @ Wgu^T ; h2 = swiglu(h1)       (GPT-2: h1 = ln2 @ Wfc^T + b ; h2 = gelu(h1))
+ *   res[l+1] = resmid + h2 @ Wdown^T (+ b)
+ * Backward walks the same steps in reverse, accumulating into the residual gradient `dres`. */
+#include "worker/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/rng.h"
+#include "common/util.h"
+
+/* ---------------- registry ---------------- */
+
+typedef struct {
+    int n, cap;
+    st_param *p;
+    size_t offset;
+} registry;
+
+static int reg_add(registry *r, const char *name, int64_t d0, int64_t d1, int layer, int kind, int no_decay,
+                   int transpose_io) {
+    if (r->n == r->cap) {
+        int nc = r->cap ? r->cap * 2 : 64;
+        st_param *np = realloc(r->p, (size_t)nc * sizeof *np);
+        if (!np) return st_fail(ST_ENOMEM, "out of memory building the parameter registry");
+        r->p = np;
+        r->cap = nc;
+    }
+    st_param *p = &r->p[r->n++];
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = d1 > 0 ? 2 : 1;
+    p->shape[0] = d0;
+    p->shape[1] = d1 > 0 ? d1 : 0;
+    p->numel = (size_t)d0 * (size_t)(d1 > 0 ? d1 : 1);
+    p->offset = r->offset;
+    /* no padding: q/k/v (and gate/up) must stay adjacent to form one packed matrix */
+    r->offset += p->numel;
+    p->layer = layer;
+    p->kind = kind;
+    p->no_decay = no_decay;
+    p->transpose_io = transpose_io;
+    p->grad_offset = -1;
+    return 0;
+}
+
+#define ADD(name, d0, d1, layer, kind, nd, tr)                                                                \
+    do {                                                                                                   \
+        int rc_ = reg_add(r, name, d0, d1, layer, kind, nd, tr);                                           \
+        if (rc_) return rc_;                                                                               \
+    } while (0)
+
+static int build_gpt2(registry *r, const st_model_config *c) {
+    char n[96];
+    int C = c->d_model, F = c->d_ff, V = c->vocab;
+    ADD("wte.weight", V, C, -1, ST_MOD_EMBED, 1, 0);
+    ADD("wpe.weight", c->max_seq, C, -1, ST_MOD_EMBED, 1, 0);
+    for (int l = 0; l < c->n_layer; l++) {
+#define L(fmt) (snprintf(n, sizeof n, "h.%d." fmt, l), n)
+        ADD(L("ln_1.weight"), C, 0, l, ST_MOD_NORM, 1, 0);
+        ADD(L("ln_1.bias"), C, 0, l, ST_MOD_NORM, 1, 0);
+        ADD(L("attn.c_attn.weight"), 3 * C, C, l, ST_MOD_ATTN, 0, 1);
+        ADD(L("attn.c_attn.bias"), 3 * C, 0, l, ST_MOD_ATTN, 1, 0);
+        ADD(L("attn.c_proj.weight"), C, C, l, ST_MOD_ATTN, 0, 1);
+        ADD(L("attn.c_proj.bias"), C, 0, l, ST_MOD_ATTN, 1, 0);
+        ADD(L("ln_2.weight"), C, 0, l, ST_MOD_NORM, 1, 0);
+        ADD(L("ln_2.bias"), C, 0, l, ST_MOD_NORM, 1, 0);
+        ADD(L("mlp.c_fc.weight"), F, C, l, ST_MOD_MLP, 0, 1);
+        ADD(L("mlp.c_fc.bias"), F, 0, l, ST_MOD_MLP, 1, 0);
+        ADD(L("mlp.c_proj.weight"), C, F, l, ST_MOD_MLP, 0, 1);
+        ADD(L("mlp.c_proj.bias"), C, 0, l, ST_MOD_MLP, 1, 0);
+#undef L
+    }
+    ADD("ln_f.weight", C, 0, -1, ST_MOD_HEAD, 1, 0);
+    ADD("ln_f.bias", C, 0, -1, ST_MOD_HEAD, 1, 0);
+    if (!c->tied_embeddings) ADD("lm_head.weight", V, C, -1, ST_MOD_HEAD, 0, 0);
+    return 0;
+}
+
+static int build_llama(registry *r, const st_model_config *c) {
+    char n[96];
+    int C = c->d_model, F = c->d_ff, V = c->vocab, hd = c->head_dim;
+    int QD = c->n_head * hd, KVD = c->n_kv_head * hd;
+    ADD("model.embed_tokens.weight", V, C, -1, ST_MOD_EMBED, 1, 0);
+    for (int l = 0; l < c->n_layer; l++) {
+#define L(fmt) (snprintf(n, sizeof n, "model.layers.%d." fmt, l), n)
+        ADD(L("input_layernorm.weight"), C, 0, l, ST_MOD_NORM, 1, 0);
+        ADD(L("self_attn.q_proj.weight"), QD, C, l, ST_MOD_ATTN, 0, 0);
+        ADD(L("self_attn.k_proj.weight"), KVD, C, l, ST_MOD_ATTN, 0, 0);
+        ADD(L("self_attn.v_proj.weight"), KVD, C, l, ST_MOD_ATTN, 0, 0);
+        if (c->qkv_bias) {
+            ADD(L("self_attn.q_proj.bias"), QD, 0, l, ST_MOD_ATTN, 1, 0);
+            ADD(L("self_attn.k_proj.bias"), KVD, 0, l, ST_MOD_ATTN, 1, 0);
+            ADD(L("self_attn.v_proj.bias"), KVD, 0, l, ST_MOD_ATTN, 1, 0);
+        }
+        ADD(L("self_attn.o_proj.weight"), C, QD, l, ST_MOD_ATTN, 0, 0);
+        ADD(L("post_attention_layernorm.weight"), C, 0, l, ST_MOD_NORM, 1, 0);
+        ADD(L("mlp.gate_proj.weight"), F, C, l, ST_MOD_MLP, 0, 0);
+        ADD(L("mlp.up_proj.weight"), F, C, l, ST_MOD_MLP, 0, 0);
+        ADD(L("mlp.down_proj.weight"), C, F, l, ST_MOD_MLP, 0, 0);
+#undef L
+    }
+    ADD("model.norm.weight", C, 0, -1, ST_MOD_HEAD, 1, 0);
+    if (!c->tied_embeddings) ADD("lm_head.weight", V, C, -1, ST_MOD_HEAD, 0, 0);
+    return 0;
+}
+#undef ADD
+
+static int validate_config(const st_model_config *c) {
+    if (c->n_layer < 1 || c->d_model < 1 || c->n_head < 1 || c->vocab < 2 || c->max_seq < 2 || c->d_ff < 1)
+        return st_fail(ST_ECONFIG, "model config: layers, dim, heads, ffn, vocab and max_seq must be positive "
+                                   "(got layers=%d dim=%d heads=%d ffn=%d vocab=%d max_seq=%d)",
+                       c->n_layer, c->d_model, c->n_head, c->d_ff, c->vocab, c->max_seq);
+    if (c->n_kv_head < 1 || c->n_head % c->n_kv_head != 0)
+        return st_fail(ST_ECONFIG, "model config: heads (%d) must be a multiple of kv heads (%d)", c->n_head,
+                       c->n_kv_head);
+    if (c->head_dim < 2 || (c->family == ST_FAMILY_LLAMA && c->head_dim % 2))
+        return st_fail(ST_ECONFIG, "model config: head_dim %d must be even and >= 2", c->head_dim);
+    if (c->family == ST_FAMILY_GPT2 && (c->n_head * c->head_dim != c->d_model || c->n_kv_head != c->n_head))
+        return st_fail(ST_ECONFIG, "model config: GPT-2 needs heads*head_dim == dim and kv_heads == heads");
+    if (c->family != ST_FAMILY_GPT2 && c->family != ST_FAMILY_LLAMA)
+        return st_fail(ST_ECONFIG, "model config: unknown family %d", (int)c->family);
+    return 0;
+}
+
+int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be) {
+    memset(m, 0, sizeof *m);
+    int rc = validate_config(cfg);
+    if (rc) return rc;
+    m->cfg = *cfg;
+    m->be = be;
+    registry r = {0};
+    rc = cfg->family == ST_FAMILY_GPT2 ? build_gpt2(&r, cfg) : build_llama(&r, cfg);
+    if (rc) { free(r.p); return rc; }
+    m->params = r.p;
+    m->n_params = r.n;
+    m->n_weights = r.offset;
+    m->weights = be->alloc(m->n_weights * sizeof(float));
+    if (!m->weights) {
+        free(r.p);
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights", m->n_weights * 4.0 / 1e6);
+    }
+    m->lowest_trained_layer = cfg->n_layer;
+    return 0;
+}
+
+void st_model_free(st_model *m) {
+    if (!m->be) return;
+    m->be->free(m->weights);
+    m->be->free(m->grads);
+    m->be->free(m->act_arena);
+    m->be->free(m->rope_cos);
+    m->be->free(m->rope_sin);
+    free(m->loss_per_pos);
+    free(m->layer_acts);
+    free(m->params);
+    memset(m, 0, sizeof *m);
+}
+
+int st_model_find(const st_model *m, const char *name) {
+    for (int i = 0; i < m->n_params; i++)
+        if (strcmp(m->params[i].name, name) == 0) return i;
+    return -1;
+}
+
+static int is_residual_projection(const st_param *p) {
+    return strstr(p->name, "attn.c_proj.weight") || strstr(p->name, "mlp.c_proj.weight") ||
+           strstr(p->name, "o_proj.weight") || strstr(p->name, "down_proj.weight");
+}
+
+int st_model_init_random(st_model *m, uint64_t seed) {
+    float *host = malloc(m->n_weights * sizeof(float));
+    if (!host) return st_fail(ST_ENOMEM, "out of memory initializing weights");
+    memset(host, 0, m->n_weights * sizeof(float));
+    float proj_std = 0.02f / sqrtf(2.0f * (float)m->cfg.n_layer);
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        float *w = host + p->offset;
+        int is_norm = p->ndim == 1 && (p->kind == ST_MOD_NORM || p->kind == ST_MOD_HEAD) && strstr(p->name, "weight");
+        if (is_norm) {
+            for (size_t j = 0; j < p->numel; j++) w[j] = 1.0f;
+        } else if (p->ndim == 2) {
+            st_rng rng;
+            st_rng_seed(&rng, seed, (uint64_t)i + 1); /* one stream per tensor: order-independent */
+            float std = is_residual_projection(p) ? proj_std : 0.02f;
+            for (size_t j = 0; j < p->numel; j++) w[j] = (float)(st_rng_normal(&rng) * std);
+        } /* biases stay 0 */
+    }
+    m->be->copy_to_device(m->weights, host, m->n_weights * sizeof(float));
+    free(host);
+    return 0;
+}
+
+/* ---------------- trainable set ---------------- */
+
+static int param_selected(const st_model *m, int idx, const unsigned char *layer_mask, unsigned mods) {
+    const st_param *p = &m->params[idx];
+    if (p->layer >= 0) return layer_mask[p->layer] && (mods & (unsigned)p->kind);
+    if (p->kind == ST_MOD_HEAD) return (mods & ST_MOD_HEAD) != 0;
+    /* embeddings; index 0 (wte / embed_tokens) doubles as the head when tied */
+    int as_embed = (mods & ST_MOD_EMBED) && layer_mask[0];
+    int as_head = idx == 0 && m->cfg.tied_embeddings && (mods & ST_MOD_HEAD);
+    return as_embed || as_head;
+}
+
+size_t st_model_count_trainable(const st_model *m, const unsigned char *layer_mask, unsigned module_mask) {
+    size_t n = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (param_selected(m, i, layer_mask, module_mask)) n += m->params[i].numel;
+    return n;
+}
+
+int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigned module_mask) {
+    size_t off = 0;
+    int lowest = m->cfg.n_layer;
+    m->embed_trained = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        st_param *p = &m->params[i];
+        if (param_selected(m, i, layer_mask, module_mask)) {
+            p->grad_offset = (long)off;
+            off += p->numel;
+            if (p->layer >= 0 && p->layer < lowest) lowest = p->layer;
+            /* a trained embedding (also a tied head) needs the gradient through every layer */
+            if (p->kind == ST_MOD_EMBED) m->embed_trained = 1;
+        } else {
+            p->grad_offset = -1;
+        }
+    }
+    if (m->embed_trained) lowest = 0;
+    m->be->free(m->grads);
+    m->grads = NULL;
+    m->n_grads = off;
+    m->lowest_trained_layer = lowest;
+    size_t align = m->grad_align > 0 ? (size_t)m->grad_align : 1;
+    m->grad_alloc = (off + align - 1) / align * align;
+    if (off == 0) return 0;
+    m->grads = m->be->alloc(m->grad_alloc * sizeof(float));
+    if (!m->grads) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for gradients", off * 4.0 / 1e6);
+    return 0;
+}
+
+void st_model_zero_grad(st_model *m) {
+    if (m->grads) m->be->memset0(m->grads, m->grad_alloc * sizeof(float));
+}
+
+/* ---------------- activations ---------------- */
+
+/* Per-layer saved activations, as pointers into the arena. */
+typedef struct {
+    float *res_in, *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *lse, *resmid, *ln2, *ln2_mean, *ln2_rstd, *h1, *h2;
+} layer_acts;
+
+/* Model-wide buffers in the arena after the layers. */
+typedef struct {
+    float *res_out, *lnf, *lnf_mean, *lnf_rstd;
+    float *dres, *dln, *dqkv, *datt, *dh1, *dh2, *dlnf, *logits, *norm_scratch;
+    int32_t *tokens, *targets;
+    float *weight, *loss;
+} model_bufs;
+
+static int qkv_dim(const st_model_config *c) { return (c->n_head + 2 * c->n_kv_head) * c->head_dim; }
+
+static int head_chunk_rows(const st_model *m) {
+    int N = m->B * m->T;
+    int rows = (1 << 22) / m->cfg.vocab; /* ~16 MB of logits per chunk */
+    if (rows < 128) rows = 128;
+    return rows < N ? rows : N;
+}
+
+/* Lays out the arena; with base == NULL only counts floats. */
+static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs *mb) {
+    const st_model_config *c = &m->cfg;
+    size_t N = (size_t)m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c);
+    size_t A = (size_t)c->n_head * c->head_dim, H = c->n_head;
+    size_t off = 0;
+#define TAKE(ptr, n)                                                                                         \
+    do {                                                                                                   \
+        if (base) (ptr) = base + off;                                                                       \
+        off += ((size_t)(n) + 15) & ~(size_t)15;                                                            \
+    } while (0)
+    for (int l = 0; l < c->n_layer; l++) {
+        layer_acts dummy, *a = la ? &la[l] : &dummy;
+        TAKE(a->res_in, N * C);
+        TAKE(a->ln1, N * C);
+        TAKE(a->ln1_mean, N);
+        TAKE(a->ln1_rstd, N);
+        TAKE(a->qkv, N * Q);
+        TAKE(a->atty, N * A);
+        TAKE(a->lse, N * H);
+        TAKE(a->resmid, N * C);
+        TAKE(a->ln2, N * C);
+        TAKE(a->ln2_mean, N);
+        TAKE(a->ln2_rstd, N);
+        TAKE(a->h1, N * 2 * F);
+        TAKE(a->h2, N * F);
+    }
+    model_bufs dummyb, *b = mb ? mb : &dummyb;
+    size_t R = (size_t)head_chunk_rows(m);
+    TAKE(b->res_out, N * C);
+    TAKE(b->lnf, N * C);
+    TAKE(b->lnf_mean, N);
+    TAKE(b->lnf_rstd, N);
+    TAKE(b->dres, N * C);
+    TAKE(b->dln, N * C);
+    TAKE(b->dqkv, N * Q);
+    TAKE(b->datt, N * A);
+    TAKE(b->dh1, N * 2 * F);
+    TAKE(b->dh2, N * F);
+    TAKE(b->dlnf, N * C);
+    TAKE(b->logits, R * (size_t)c->vocab);
+    TAKE(b->norm_scratch, 2 * C);
+    float *tok = NULL, *tgt = NULL;
+    TAKE(tok, N);
+    TAKE(tgt, N);
+    b->tokens = (int32_t *)tok;
+    b->targets = (int32_t *)tgt;
+    TAKE(b->weight, N);
+    TAKE(b->loss, N);
+#undef TAKE
+    return off;
+}
+
+int st_model_alloc_activations(st_model *m, int B, int T) {
+    if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);
+    if (T > m->cfg.max_seq)
+        return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", T, m->cfg.max_seq);
+    const st_backend *be = m->be;
+    be->free(m->act_arena);
+    be->free(m->rope_cos);
+    be->free(m->rope_sin);
+    free(m->loss_per_pos);
+    m->rope_cos = m->rope_sin = NULL;
+    m->B = B;
+    m->T = T;
+    m->act_floats = layout(m, NULL, NULL, NULL);
+    m->act_arena = be->alloc(m->act_floats * sizeof(float));
+    m->loss_per_pos = calloc((size_t)B * T, sizeof(float));
+    free(m->layer_acts);
+    m->layer_acts = calloc((size_t)m->cfg.n_layer, sizeof(layer_acts));
+    if (!m->act_arena || !m->loss_per_pos || !m->layer_acts)
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of activations for micro_batch %d x seq_len %d",
+                       m->act_floats * 4.0 / 1e6, B, T);
+    if (m->cfg.family == ST_FAMILY_LLAMA) {
+        size_t n = (size_t)T * (m->cfg.head_dim / 2);
+        float *c = malloc(n * sizeof(float)), *s = malloc(n * sizeof(float));
+        m->rope_cos = be->alloc(n * sizeof(float));
+        m->rope_sin = be->alloc(n * sizeof(float));
+        if (!c || !s || !m->rope_cos || !m->rope_sin) {
+            free(c);
+            free(s);
+            return st_fail(ST_ENOMEM, "out of memory for RoPE tables");
+        }
+        st_rope_tables(c, s, T, m->cfg.head_dim, m->cfg.rope_theta);
+        be->copy_to_device(m->rope_cos, c, n * sizeof(float));
+        be->copy_to_device(m->rope_sin, s, n * sizeof(float));
+        free(c);
+        free(s);
+    }
+    return 0;
+}
+
+/* ---------------- forward / backward ---------------- */
+
+/* Pointers to one layer's weights (and gradients, NULL when frozen). */
+typedef struct {
+    const float *n1w, *n1b, *wqkv, *bqkv, *wo, *bo, *n2w, *n2b, *w1, *b1, *w2, *b2;
+    float *gn1w, *gn1b, *gwqkv, *gbqkv, *gwo, *gbo, *gn2w, *gn2b, *gw1, *gb1, *gw2, *gb2;
+} layer_w;
+
+static const float *wptr(const st_model *m, int idx) { return idx >= 0 ? m->weights + m->params[idx].offset : NULL; }
+static float *gptr(const st_model *m, int idx) {
+    if (idx < 0 || m->params[idx].grad_offset < 0) return NULL;
+    return m->grads + m->params[idx].grad_offset;
+}
+
+/* Registry order per layer is fixed by build_*: index arithmetic keeps this O(1). */
+static int layer_first_param(const st_model *m, int l) {
+    int per = m->cfg.family == ST_FAMILY_GPT2 ? 12 : (m->cfg.qkv_bias ? 12 : 9);
+    int first = m->cfg.family == ST_FAMILY_GPT2 ? 2 : 1;
+    return first + l * per;
+}
+
+static layer_w layer_weights(const st_model *m, int l) {
+    layer_w w;
+    memset(&w, 0, sizeof w);
+    int i = layer_first_param(m, l);
+#define SET(field, idx) (w.field = wptr(m, idx), w.g##field = gptr(m, idx))
+    if (m->cfg.family == ST_FAMILY_GPT2) {
+        SET(n1w, i); SET(n1b, i + 1); SET(wqkv, i + 2); SET(bqkv, i + 3); SET(wo, i + 4); SET(bo, i + 5);
+        SET(n2w, i + 6); SET(n2b, i + 7); SET(w1, i + 8); SET(b1, i + 9); SET(w2, i + 10); SET(b2, i + 11);
+    } else {
+        SET(n1w, i);
+        SET(wqkv, i + 1); /* q, then k and v adjacent */
+        int j = i + 4;
+        if (m->cfg.qkv_bias) { SET(bqkv, j); j += 3; }
+        SET(wo, j); SET(n2w, j + 1); SET(w1, j + 2); /* gate, then up adjacent */ SET(w2, j + 4);
+    }
+#undef SET
+    return w;
+}
+
+static void norm_fwd(const st_model *m, float *out, float *mean, float *rstd, const float *x, const float *w,
+                     const float *b, int N) {
+    if (m->cfg.family == ST_FAMILY_GPT2)
+        m->be->layernorm_fwd(out, mean, rstd, x, w, b, N, m->cfg.d_model, m->cfg.norm_eps);
+    else
+        m->be->rmsnorm_fwd(out, rstd, x, w, N, m->cfg.d_model, m->cfg.norm_eps);
+}
+
+/* dx += norm backward; dw/db accumulate only when non-NULL (frozen norms pass scratch). */
+static void norm_bwd(const st_model *m, float *dx, float *dw, float *db, const float *dout, const float *x,
+                     const float *w, const float *mean, const float *rstd, int N, float *scratch) {
+    int C = m->cfg.d_model;
+    /* the kernels always accumulate dw/db: frozen weights accumulate into a scratch row we ignore */
+    if (!dw) { m->be->memset0(scratch, 2 * (size_t)C * sizeof(float)); dw = scratch; }
+    if (!db && m->cfg.family == ST_FAMILY_GPT2) db = scratch + C;
+    if (m->cfg.family == ST_FAMILY_GPT2)
+        m->be->layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, N, C);
+    else
+        m->be->rmsnorm_bwd(dx, dw, dout, x, w, rstd, N, C);
+}
+
+/* The final norm's weight index (its bias, GPT-2 only, follows it). */
+static int final_norm_index(const st_model *m) {
+    return layer_first_param(m, m->cfg.n_layer);
+}
+
+static const float *head_weight(const st_model *m, float **grad) {
+    int idx = m->cfg.tied_embeddings ? 0 : m->n_params - 1;
+    *grad = gptr(m, idx);
+    return wptr(m, idx);
+}
+
+static void layer_forward(st_model *m, int l, const layer_acts *a, float *res_out) {
+    const st_backend *be = m->be;
+    const st_model_config *c = &m->cfg;
+    layer_w w = layer_weights(m, l);
+    int N = m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c), A = c->n_head * c->head_dim;
+    norm_fwd(m, a->ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
+    be->matmul(a->qkv, a->ln1, w.wqkv, N, Q, C, 0, 1, 1.0f, 0.0f);
+    if (w.bqkv) be->bias_add(a->qkv, w.bqkv, N, Q);
+    if (c->family == ST_FAMILY_LLAMA)
+        be->rope_fwd(a->qkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    be->attention_fwd(a->atty, a->lse, a->qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T */
+    be->copy(a->resmid, a->res_in, (size_t)N * C * sizeof(float));
+    be->matmul(a->resmid, a->atty, w.wo, N, C, A, 0, 1, 1.0f, 1.0f);
+    if (w.bo) be->bias_add(a->resmid, w.bo, N, C);
+    norm_fwd(m, a->ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
+    if (c->family == ST_FAMILY_GPT2) {
+        be->matmul(a->h1, a->ln2, w.w1, N, F, C, 0, 1, 1.0f, 0.0f);
+        be->bias_add(a->h1, w.b1, N, F);
+        be->gelu_fwd(a->h2, a->h1, (size_t)N * F);
+    } else {
+        be->matmul(a->h1, a->ln2, w.w1, N, 2 * F, C, 0, 1, 1.0f, 0.0f);
+        be->swiglu_fwd(a->h2, a->h1, N, F);
+    }
+    be->copy(res_out, a->resmid, (size_t)N * C * sizeof(float));
+    be->matmul(res_out, a->h2, w.w2, N, C, F, 0, 1, 1.0f, 1.0f);
+    if (w.b2) be->bias_add(res_out, w.b2, N, C);
+}
+
+/* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. */
+static double head_forward(st_model *m, const model_bufs *b, int train) {
+    const st_backend *be = m->be;
+    int N = m->B * m->T, C = m->cfg.d_model, V = m->cfg.vocab, R = head_chunk_rows(m);
+    float *gw;
+    const float *w = head_weight(m, &gw);
+    double total = 0.0;
+    for (int r0 = 0; r0 < N; r0 += R) {
+        int rows = N - r0 < R ? N - r0 : R;
+        const float *x = b->lnf + (size_t)r0 * C;
+        be->matmul(b->logits, x, w, rows, V, C, 0, 1, 1.0f, 0.0f);
+        if (m->capture_logits)
+            be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
+        total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
+        if (!train) continue;
+        be->matmul(b->dlnf + (size_t)r0 * C, b->logits, w, rows, C, V, 0, 0, 1.0f, 0.0f);
+        if (gw) be->matmul(gw, b->logits, x, V, C, rows, 1, 0, 1.0f, 1.0f);
+    }
+    return total;
+}
+
+static void bind(st_model *m, layer_acts *la, model_bufs *mb) { layout(m, m->act_arena, la, mb); }
+
+double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targets, const float *weight,
+                        int train) {
+    const st_backend *be = m->be;
+    const st_model_config *c = &m->cfg;
+    int N = m->B * m->T, L = c->n_layer;
+    layer_acts *la = m->layer_acts;
+    model_bufs b;
+    bind(m, la, &b);
+    be->copy_to_device(b.tokens, inputs, (size_t)N * sizeof(int32_t));
+    be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
+    be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
+    const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
+    be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
+    for (int l = 0; l < L; l++) layer_forward(m, l, &la[l], l + 1 < L ? la[l + 1].res_in : b.res_out);
+    int fn = final_norm_index(m);
+    const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
+    norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
+    double loss = head_forward(m, &b, train);
+    be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
+    return loss;
+}
+
+/* Weight gradient of y = x @ W^T: dW[out,in] += dy^T @ x. */
+static void linear_wgrad(const st_model *m, float *dw, const float *dy, const float *x, int N, int out, int in) {
+    if (dw) m->be->matmul(dw, dy, x, out, in, N, 1, 0, 1.0f, 1.0f);
+}
+
+static void layer_backward(st_model *m, int l, const layer_acts *a, const model_bufs *b) {
+    const st_backend *be = m->be;
+    const st_model_config *c = &m->cfg;
+    layer_w w = layer_weights(m, l);
+    int N = m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c), A = c->n_head * c->head_dim;
+    float *dres = b->dres;
+    /* MLP branch: dres is the gradient of res_out */
+    if (w.gb2) be->bias_bwd(w.gb2, dres, N, C);
+    be->matmul(b->dh2, dres, w.w2, N, F, C, 0, 0, 1.0f, 0.0f);
+    linear_wgrad(m, w.gw2, dres, a->h2, N, C, F);
+    if (c->family == ST_FAMILY_GPT2) {
+        be->gelu_bwd(b->dh1, b->dh2, a->h1, (size_t)N * F);
+        if (w.gb1) be->bias_bwd(w.gb1, b->dh1, N, F);
+        be->matmul(b->dln, b->dh1, w.w1, N, C, F, 0, 0, 1.0f, 0.0f);
+        linear_wgrad(m, w.gw1, b->dh1, a->ln2, N, F, C);
+    } else {
+        be->swiglu_bwd(b->dh1, b->dh2, a->h1, N, F);
+        be->matmul(b->dln, b->dh1, w.w1, N, C, 2 * F, 0, 0, 1.0f, 0.0f);
+        linear_wgrad(m, w.gw1, b->dh1, a->ln2, N, 2 * F, C);
+    }
+    norm_bwd(m, dres, w.gn2w, w.gn2b, b->dln, a->resmid, w.n2w, a->ln2_mean, a->ln2_rstd, N, b->dh2);
+    /* attention branch: dres is now the gradient of resmid */
+    if (w.gbo) be->bias_bwd(w.gbo, dres, N, C);
+    be->matmul(b->datt, dres, w.wo, N, A, C, 0, 0, 1.0f, 0.0f);
+    linear_wgrad(m, w.gwo, dres, a->atty, N, C, A);
+    be->attention_bwd(b->dqkv, b->datt, a->qkv, a->atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    if (c->family == ST_FAMILY_LLAMA)
+        be->rope_bwd(b->dqkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    if (w.gbqkv) be->bias_bwd(w.gbqkv, b->dqkv, N, Q);
+    be->matmul(b->dln, b->dqkv, w.wqkv, N, C, Q, 0, 0, 1.0f, 0.0f);
+    linear_wgrad(m, w.gwqkv, b->dqkv, a->ln1, N, Q, C);
+    norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);
+}
+
+void st_model_backward(st_model *m) {
+    const st_backend *be = m->be;
+    const st_model_config *c = &m->cfg;
+    int N = m->B * m->T, L = c->n_layer;
+    if (!m->grads) return;
+    layer_acts *la = m->layer_acts;
+    model_bufs b;
+    bind(m, la, &b);
+    int fn = final_norm_index(m);
+    be->memset0(b.dres, (size_t)N * c->d_model * sizeof(float));
+    norm_bwd(m, b.dres, gptr(m, fn), c->family == ST_FAMILY_GPT2 ? gptr(m, fn + 1) : NULL, b.dlnf, b.res_out,
+             wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
+    for (int l = L - 1; l >= m->lowest_trained_layer; l--) layer_backward(m, l, &la[l], &b);
+    if (m->embed_trained) /* wte and wpe train together (see param_selected) */
+        be->embedding_bwd(gptr(m, 0), c->family == ST_FAMILY_GPT2 ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B,
+                          m->T, c->d_model);
+}
+
+double st_model_flops_per_token(const st_model *m, int T) {
+    const st_model_config *c = &m->cfg;
+    double n = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].kind != ST_MOD_EMBED) n += (double)m->params[i].numel;
+    if (c->tied_embeddings) n += (double)c->vocab * c->d_model; /* the head matmul still runs */
+    return 6.0 * n + 12.0 * c->n_layer * (double)T * c->n_head * c->head_dim;
+}

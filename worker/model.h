@@ -1,0 +1,102 @@
+/* model.h — a decoder-only transformer (GPT-2 and Llama family) on a backend.
+ *
+ * The model owns: the parameter registry (HF names, internal shapes, layer, module kind), one contiguous
+ * weight buffer, one compact flat gradient buffer holding only trainable parameters (in registry order),
+ * and the activations saved for backward. All buffers live on the backend and are freed by
+ * st_model_free(). The model knows nothing of files: checkpoints/ maps registry names to tensors.
+ *
+ * Internal layout notes:
+ *  - linear weights are [out, in]; GPT-2's Conv1D tensors are [in, out] in HF files (transpose_io = 1).
+ *  - a layer's q, k, v projections are adjacent (one packed [(H+2KVH)*hd, C] matmul); so are Llama's
+ *    gate and up projections ([2F, C]); the same holds in the gradient buffer since trainability is
+ *    decided per (layer, module kind).
+ *  - the LM head runs in row chunks fused with its backward: when training, forward already produces
+ *    d(final norm output) and the head's weight gradient, so [N, V] logits never exist whole. */
+#ifndef ST_MODEL_H
+#define ST_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/kernels.h"
+#include "worker/model_config.h"
+
+/* Module kinds, as bits (finetune.train_modules; the same values as the config's ST_MODULE_*). */
+enum { ST_MOD_ATTN = 1, ST_MOD_MLP = 2, ST_MOD_NORM = 4, ST_MOD_EMBED = 8, ST_MOD_HEAD = 16, ST_MOD_ALL = 31 };
+
+typedef struct {
+    char name[96];      /* HF name, e.g. model.layers.3.self_attn.q_proj.weight or h.3.attn.c_attn.weight */
+    int ndim;
+    int64_t shape[2];   /* internal shape ([out, in] for linear weights) */
+    size_t offset;      /* into weights (floats) */
+    size_t numel;
+    int layer;          /* 0..L-1, or -1 for embeddings / final norm / head */
+    int kind;           /* one ST_MOD_* bit */
+    int no_decay;       /* norms, biases, embeddings: no weight decay */
+    int transpose_io;   /* stored transposed in HF files (GPT-2 Conv1D) */
+    long grad_offset;   /* into grads (floats), -1 when frozen */
+} st_param;
+
+typedef struct {
+    st_model_config cfg;
+    const st_backend *be;
+    int n_params;
+    st_param *params;
+    float *weights;    /* backend memory, n_weights floats */
+    size_t n_weights;
+    float *grads;      /* backend memory, n_grads floats (trainable only); NULL when nothing trains */
+    size_t n_grads;
+    size_t grad_alloc; /* n_grads rounded up to a multiple of grad_align (zero padding for equal shards) */
+    int grad_align;    /* set by the caller before st_model_set_trainable (the world size); 0 = 1 */
+    int lowest_trained_layer; /* backward stops here (L when only the head trains); set by set_trainable */
+    int embed_trained;
+    /* activations (see model.c for the layout), sized for B x T */
+    int B, T;
+    float *act_arena;
+    size_t act_floats;
+    float *rope_cos, *rope_sin;
+    float *loss_per_pos; /* [B*T] unweighted loss of each target (0 where weight is 0) */
+    void *layer_acts;    /* per-layer pointers into act_arena (model.c) */
+    float *capture_logits; /* optional host [B*T, V]: forward copies the logits here (tests, eval tools) */
+} st_model;
+
+/* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */
+int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be);
+void st_model_free(st_model *m);
+
+/* Random init (std 0.02, residual projections scaled by 1/sqrt(2L), norms 1, biases 0). */
+int st_model_init_random(st_model *m, uint64_t seed);
+
+/* Index of the parameter with this name, or -1. */
+int st_model_find(const st_model *m, const char *name);
+
+/* Decides which parameters train and (re)allocates the compact gradient buffer (zeroed).
+ * layer_mask[l] != 0 selects layer l; module_mask is a set of ST_MOD_* bits. Rules (docs/finetune.md):
+ * in-layer params train when their layer and kind are selected; embeddings when ST_MOD_EMBED is selected
+ * and layer 0 is; final norm and LM head when ST_MOD_HEAD is selected. A tied wte trains if either
+ * use selects it. Returns the number of trainable floats via m->n_grads. */
+int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigned module_mask);
+
+/* Number of floats that st_model_set_trainable would make trainable (no allocation). */
+size_t st_model_count_trainable(const st_model *m, const unsigned char *layer_mask, unsigned module_mask);
+
+/* Allocates activations for micro-batches of B sequences of T tokens (T <= cfg.max_seq). */
+int st_model_alloc_activations(st_model *m, int B, int T);
+
+/* Forward over inputs[B*T]. targets[B*T] and weight[B*T] (loss weights, already divided by the
+ * normalizer; 0 = not a target) give the loss. Returns sum_i weight[i] * loss_i; m->loss_per_pos holds
+ * each position's unweighted loss. With `train` set, also computes the LM head's backward (weight
+ * gradient accumulated into grads if the head trains) in preparation for st_model_backward(). */
+double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targets, const float *weight,
+                        int train);
+
+/* Backward from the saved activations of the last training forward; accumulates into m->grads. */
+void st_model_backward(st_model *m);
+
+/* Sets all gradients to zero. */
+void st_model_zero_grad(st_model *m);
+
+/* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
+double st_model_flops_per_token(const st_model *m, int T);
+
+#endif

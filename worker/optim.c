@@ -1,0 +1,108 @@
+/* optim.c — see optim.h. */
+#include "worker/optim.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+
+int st_optim_init(st_optim *o, const st_optim_config *cfg, size_t lo, size_t hi, const st_model *m,
+                  const st_backend *be) {
+    memset(o, 0, sizeof *o);
+    o->cfg = *cfg;
+    o->lo = lo;
+    o->hi = hi;
+    o->param_step = calloc((size_t)m->n_params + 1, sizeof(int));
+    if (!o->param_step) return st_fail(ST_ENOMEM, "out of memory for optimizer step counts");
+    size_t n = hi > lo ? hi - lo : 0;
+    if (n == 0) return 0;
+    o->m = be->alloc(n * sizeof(float));
+    o->v = be->alloc(n * sizeof(float));
+    if (!o->m || !o->v)
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of optimizer state", 8.0 * (double)n / 1e6);
+    return 0;
+}
+
+void st_optim_free(st_optim *o, const st_backend *be) {
+    be->free(o->m);
+    be->free(o->v);
+    o->m = o->v = NULL;
+}
+
+float st_lr_at(const st_optim_config *c, int step) {
+    if (c->warmup_steps > 0 && step < c->warmup_steps) return c->lr * (float)(step + 1) / (float)c->warmup_steps;
+    if (c->schedule == ST_SCHED_CONSTANT) return c->lr;
+    int span = c->total_steps - c->warmup_steps;
+    double progress = span > 0 ? (double)(step - c->warmup_steps) / (double)span : 1.0;
+    if (progress > 1.0) progress = 1.0;
+    if (progress < 0.0) progress = 0.0;
+    double min_lr = (double)c->lr * c->min_lr_ratio;
+    double shape = c->schedule == ST_SCHED_COSINE ? 0.5 * (1.0 + cos(M_PI * progress)) : 1.0 - progress;
+    return (float)(min_lr + ((double)c->lr - min_lr) * shape);
+}
+
+float st_param_lr_scale(const st_model *m, const st_param *p, float decay) {
+    if (decay == 1.0f) return 1.0f;
+    int L = m->cfg.n_layer;
+    int distance = p->layer >= 0 ? L - 1 - p->layer : (p->kind == ST_MOD_EMBED ? L : 0);
+    return powf(decay, (float)distance);
+}
+
+float st_clip_scale(double grad_norm, float max_norm) {
+    if (max_norm <= 0.0f) return 1.0f;
+    double coef = (double)max_norm / (grad_norm + 1e-6);
+    return coef < 1.0 ? (float)coef : 1.0f;
+}
+
+void st_for_each_param_range(const st_model *m, size_t lo, size_t hi, st_param_range_fn fn, void *ctx) {
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0) continue;
+        size_t a = (size_t)p->grad_offset, b = a + p->numel;
+        size_t s = a > lo ? a : lo, e = b < hi ? b : hi;
+        if (s < e) fn(ctx, p, s, e - s);
+    }
+}
+
+void st_optim_carry_over(st_optim *o, const st_model *m, const long *old_off, const int *old_steps,
+                         const float *old_m, const float *old_v) {
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0 || old_off[i] < 0) continue;
+        o->param_step[i] = old_steps[i];
+        if (!old_m) continue;
+        size_t a = (size_t)p->grad_offset, b = a + p->numel;
+        size_t s = a > o->lo ? a : o->lo, e = b < o->hi ? b : o->hi;
+        if (s >= e) continue;
+        size_t from = (size_t)old_off[i] + (s - a);
+        m->be->copy(o->m + (s - o->lo), old_m + from, (e - s) * sizeof(float));
+        m->be->copy(o->v + (s - o->lo), old_v + from, (e - s) * sizeof(float));
+    }
+}
+
+typedef struct {
+    st_optim *o;
+    st_model *m;
+    const float *grads;
+    float lr, grad_scale;
+} update_ctx;
+
+static void update_range(void *vctx, const st_param *p, size_t start, size_t len) {
+    update_ctx *c = vctx;
+    st_optim *o = c->o;
+    float lr = c->lr * st_param_lr_scale(c->m, p, o->cfg.layer_lr_decay);
+    float wd = p->no_decay ? 0.0f : o->cfg.weight_decay;
+    float *w = c->m->weights + p->offset + (start - (size_t)p->grad_offset);
+    size_t k = start - o->lo;
+    int step = o->param_step[p - c->m->params];
+    c->m->be->adamw(w, c->grads + k, o->m + k, o->v + k, len, lr, o->cfg.beta1, o->cfg.beta2, o->cfg.eps, wd,
+                    c->grad_scale, step);
+}
+
+void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale) {
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].grad_offset >= 0) o->param_step[i]++;
+    update_ctx c = {o, m, grads, lr, grad_scale};
+    st_for_each_param_range(m, o->lo, o->hi, update_range, &c);
+}

@@ -4,7 +4,8 @@
  * rank updates its shard and the updated parameters are all-gathered; 2 reduce-scatters gradients into
  * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers.
  * The compact space (model->grad_alloc floats) is padded to a multiple of the world size so every shard
- * has the same length. The communicator owns its staging buffers (host memory). */
+ * has the same length. The communicator owns its staging buffers (backend memory). On a device backend the
+ * gradient and parameter collectives go through NCCL; scalars always go through MPI. */
 #ifndef ST_COMM_H
 #define ST_COMM_H
 
@@ -15,6 +16,8 @@
 
 typedef struct {
     MPI_Comm comm;
+    const st_backend *be;   /* where the gradient/parameter buffers live */
+    void *nccl;             /* st_nccl_comm when the backend is a device backend and world > 1 */
     int rank, world, stage;
     size_t n, n_pad, shard; /* trainable floats, padded total, per-rank shard length */
     size_t lo, hi;          /* this rank's shard of the compact space (lo..hi may exceed n: padding) */

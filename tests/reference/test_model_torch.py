@@ -9,10 +9,12 @@ head_dim, Qwen2 with q/k/v biases), whose weights are written here from numpy wi
     torch reference. Error measure, per tensor: rel = max|ours - ref| / max|ref| (the largest absolute
     error in units of the tensor's scale: robust to elements near zero, where an elementwise relative
     error means nothing for fp32 results). Required: rel <= 1e-5.
- 2. AdamW: 5 steps (the first 3 under warmup + the start of the decay) with clipping active every step
-    and a warmup + cosine (or linear) schedule, against torch.optim.AdamW with two parameter groups,
-    torch.nn.utils.clip_grad_norm_ and a LambdaLR implementing worker/optim.c's st_lr_at, all in float32.
-    Required: weights after every step within rel 1e-6, learning rates within 1e-6 relative.
+ 2. AdamW: 5 steps (2 warmup steps, then the decay) with clipping active every step and a warmup +
+    cosine (or linear) schedule. (a) The gradients ref_model used at steps 2..5, at its updated weights,
+    match float64 torch at those weights (rel <= 1e-5). (b) torch.optim.AdamW with two parameter groups,
+    torch.nn.utils.clip_grad_norm_ and a LambdaLR implementing worker/optim.c's st_lr_at, in float32 and
+    fed those same gradients, gives ref_model's weights after every step within rel 1e-6 and its
+    learning rates within 1e-6 relative (see check_adamw for why (b) takes our gradients).
  3. masked positions: changing the targets of weight-0 positions (to other ids and to -100) leaves
     loss, logits and all gradients bit-identical.
 Env (set by ctest): ST_BUILD_DIR (ref_model lives there)."""

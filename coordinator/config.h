@@ -62,6 +62,7 @@ typedef struct {
     st_backend_kind backend;
     int threads;                    /* 0 = auto (OMP_NUM_THREADS or the affinity mask) */
     st_loss_weighting_kind loss_weighting;
+    double loss_weighting_lr;       /* Adam step size of the learned per-task log-variances (uncertainty) */
 
     struct {
         int64_t steps;

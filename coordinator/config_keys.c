@@ -132,6 +132,7 @@ const st_key st_config_root_keys[] = {
     KEY_ENUM("backend", offsetof(st_config, backend), backend_names),
     KEY_I32("threads", offsetof(st_config, threads), 0, 0, NO_HI),
     KEY_ENUM("loss_weighting", offsetof(st_config, loss_weighting), loss_weighting_names),
+    KEY_F64("loss_weighting_lr", offsetof(st_config, loss_weighting_lr), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     KEY_SECTION("train", train, train_keys),
     KEY_SECTION("finetune", finetune, finetune_keys),
     KEY_SECTION("sharding", sharding, sharding_keys),
@@ -154,6 +155,7 @@ void st_config_defaults(st_config *c) {
     c->backend = ST_BACKEND_AUTO;
     c->threads = 0;
     c->loss_weighting = ST_LOSS_WEIGHTING_NONE;
+    c->loss_weighting_lr = 0.01;
 
     c->train.steps = 1000;
     c->train.micro_batch = 4;

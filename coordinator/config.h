@@ -90,7 +90,11 @@ typedef struct {
         double layer_lr_decay;
     } finetune;
 
-    struct { int stage; } sharding;
+    struct {
+        int stage;
+        int overlap;      /* reduce gradients in buckets while backward runs (stages 0-1) */
+        double bucket_mb; /* bucket size for the overlapped reduction */
+    } sharding;
 
     st_task_config tasks[ST_CFG_MAX_TASKS];
     int n_tasks;

@@ -84,6 +84,8 @@ static const st_key finetune_keys[] = {
 
 static const st_key sharding_keys[] = {
     KEY_I32("stage", SOFF(sharding, stage), 0, 3, 0),
+    {.name = "overlap", .kind = ST_KEY_BOOL, .off = SOFF(sharding, overlap)},
+    KEY_F64("bucket_mb", SOFF(sharding, bucket_mb), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     {0},
 };
 
@@ -179,6 +181,8 @@ void st_config_defaults(st_config *c) {
     c->finetune.layer_lr_decay = 1.0;
 
     c->sharding.stage = 1;
+    c->sharding.overlap = 1;
+    c->sharding.bucket_mb = 4.0;
 
     c->mixing.strategy = ST_MIXING_PROPORTIONAL;
     c->mixing.temperature = 1.0;

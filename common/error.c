@@ -8,10 +8,13 @@
 static _Thread_local char st_errbuf[1024];
 
 int st_fail(int code, const char *fmt, ...) {
+    /* format aside first: callers may pass st_error() itself as an argument */
+    char msg[sizeof st_errbuf];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(st_errbuf, sizeof st_errbuf, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    memcpy(st_errbuf, msg, sizeof msg);
     return code;
 }
 

@@ -63,7 +63,8 @@ static void print_text(const st_plan *p, const st_model *m) {
             printf("  entering this stage: +%.2f MiB per rank (the previous stage's moments, gathered)\n",
                    mib(sp->transition_extra));
     }
-    printf("\npeak per rank: %.2f MiB (%zu bytes)\n", mib(p->peak), p->peak);
+    printf("\nwriting final/ (rank 0, end of stage %d): +%.2f MiB\n", p->final_stage, mib(p->save_extra));
+    printf("peak per rank: %.2f MiB (%zu bytes)\n", mib(p->peak), p->peak);
 }
 
 static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, int r, const st_model *m,
@@ -104,8 +105,9 @@ static int print_json(const st_plan *p, const st_model *m, const st_config *c) {
                      mc->n_layer, mc->d_model, mc->n_head, mc->n_kv_head, mc->d_ff, mc->vocab, mc->max_seq,
                      p->n_weights, p->n_params);
     st_strbuf_printf(&b, "\"world\":%d,\"zero_stage\":%d,\"micro_batch\":%d,\"grad_accum\":%d,\"seq_len\":%d,"
-                         "\"peak_bytes\":%zu,\"stages\":[",
-                     p->world, p->zero_stage, p->micro_batch, p->grad_accum, p->seq_len, p->peak);
+                         "\"final_stage\":%d,\"save_extra_bytes\":%zu,\"peak_bytes\":%zu,\"stages\":[",
+                     p->world, p->zero_stage, p->micro_batch, p->grad_accum, p->seq_len, p->final_stage,
+                     p->save_extra, p->peak);
     for (int s = 0; s < p->n_stages; s++) {
         const st_stage_plan *sp = &p->stages[s];
         st_model_grad_offsets(m, stages.stages[s].layers, stages.stages[s].modules, goff);

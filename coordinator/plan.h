@@ -74,7 +74,11 @@ typedef struct {
     int n_params;
     int n_stages;
     st_stage_plan *stages; /* [n_stages] */
-    size_t peak;           /* bytes: max over stages and ranks of total, + transition_extra while entering */
+    int final_stage;       /* the stage in force at the last step (train.steps) */
+    size_t save_extra;     /* bytes rank 0 holds in addition while writing final/ (model_io.c's host copy
+                              of the weights and their HF-layout copy) */
+    size_t peak;           /* bytes: max over stages and ranks of total, + transition_extra while entering,
+                              + save_extra on rank 0 at the end */
 } st_plan;
 
 /* Plans `cfg` on `world` ranks for model m (registry only is enough). Checks seq_len against the

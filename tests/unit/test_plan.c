@@ -182,7 +182,6 @@ static void test_registry_only(void **state) {
         assert_string_equal(a.params[i].name, b.params[i].name);
         assert_int_equal(a.params[i].offset, b.params[i].offset);
     }
-    /* a 4-layer dim-256 vocab-32000 Llama: 2 x 32000 x 256 embeddings/head + 4 layers */
     st_model_free(&a);
     st_model_free(&b);
 }

@@ -23,7 +23,8 @@ static __thread char h5_reason[512];
 
 static herr_t first_error(unsigned n, const H5E_error2_t *e, void *ctx) {
     (void)ctx;
-    if (n == 0) snprintf(h5_reason, sizeof h5_reason, "%s", e->desc ? e->desc : "");
+    (void)n;
+    if (!h5_reason[0] && e->desc && e->desc[0]) snprintf(h5_reason, sizeof h5_reason, "%s", e->desc);
     return 0;
 }
 

@@ -6,6 +6,7 @@
  * success, so a write that failed on one aggregator (disk full) ends the save on all ranks together.
  * Host staging buffers are allocated here and freed before returning. */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -264,6 +265,25 @@ static int write_file(writer *w, const st_model *m, const st_optim *o, const st_
     return agree(w, rc);
 }
 
+/* Rank 0, before any collective HDF5 call: reserves the file's estimated size. A write that fails
+ * half-way inside a collective filtered H5Dwrite can leave the other ranks waiting in HDF5's own
+ * collectives, so a full disk (or a file size limit) is detected here, up front, with a clear line.
+ * Best effort: space freed and taken by others between this check and the write is not covered. */
+static int reserve_space(const char *partial, const st_model *m, const st_ckpt_meta *meta) {
+    uint64_t n_sets = (uint64_t)m->n_params * 3;
+    uint64_t bytes = 4 * ((uint64_t)m->n_weights + 2 * (uint64_t)m->n_grads) + 8192 * n_sets + (1u << 18) +
+                     strlen(meta->job_spec ? meta->job_spec : "") + strlen(meta->model_config ? meta->model_config : "");
+    bytes += bytes / 50;
+    int fd = open(partial, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return st_fail(ST_EIO, "checkpoint %s: cannot create: %s", partial, strerror(errno));
+    int e = posix_fallocate(fd, 0, (off_t)bytes);
+    close(fd);
+    if (e == 0) return 0;
+    unlink(partial);
+    return st_fail(ST_EIO, "checkpoint %s: cannot reserve %.1f MB: %s (disk full or file size limit)", partial,
+                   bytes / 1e6, strerror(e));
+}
+
 int st_ckpt_save(MPI_Comm comm, const char *dir, const st_model *m, const st_optim *o, const st_ckpt_meta *meta,
                  int keep_last, char *name_out, double *write_seconds) {
     st_ckpt_h5_quiet();
@@ -281,6 +301,7 @@ int st_ckpt_save(MPI_Comm comm, const char *dir, const st_model *m, const st_opt
         rc = st_mkdirs(dir);
         if (rc) rc = st_fail_context(rc, "checkpoint dir");
         else st_ckpt_remove_partials(dir);
+        if (!rc) rc = reserve_space(partial, m, meta);
     }
     if ((rc = agree(&w, rc))) return rc;
     /* this rank's even share of the padded compact space: inside its optimizer range at every stage */

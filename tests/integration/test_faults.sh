@@ -19,7 +19,7 @@ set +e
 # the limit applies to the ranks only (mpirun's PMIx segments are larger); TCP instead of shared memory
 # for the same reason
 OMPI_MCA_btl=self,tcp mpirun --oversubscribe -np 2 bash -c 'trap "" XFSZ; ulimit -f 1000; exec "$0" "$@"' \
-  "$BIN" train "$T/full.yaml" checkpoint.every_steps=2 >>"$T/full.out" 2>>"$T/full.err"
+  "$BIN" train "$T/full.yaml" $(cat $T/full.args) >>"$T/full.out" 2>>"$T/full.err"
 rc=$?
 set -e
 [ $rc -eq 0 ] || fail "disk full: training should continue, exit $rc: $(cat $T/full.err)"

@@ -4,18 +4,6 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Commands not yet linked into this build are weak so the table can list the whole surface. */
-#pragma weak st_cmd_init_model
-#pragma weak st_cmd_data
-#pragma weak st_cmd_train
-#pragma weak st_cmd_eval
-#pragma weak st_cmd_plan
-#pragma weak st_cmd_ckpt
-#pragma weak st_cmd_export
-#pragma weak st_cmd_monitor
-#pragma weak st_cmd_ctl
-#pragma weak st_cmd_plot
-
 struct st_command {
     const char *name;
     int (*run)(int argc, char **argv);
@@ -40,7 +28,7 @@ static const struct st_command st_commands[] = {
 static void usage(FILE *out) {
     fprintf(out, "usage: shardtune <command> [args]\n\ncommands:\n");
     for (size_t i = 0; i < ST_NCOMMANDS; i++)
-        if (st_commands[i].run) fprintf(out, "  %-11s %s\n", st_commands[i].name, st_commands[i].usage);
+        fprintf(out, "  %-11s %s\n", st_commands[i].name, st_commands[i].usage);
 }
 
 int st_cli_error(const char *cmd, const char *msg) {
@@ -59,10 +47,6 @@ int main(int argc, char **argv) {
     }
     for (size_t i = 0; i < ST_NCOMMANDS; i++) {
         if (strcmp(argv[1], st_commands[i].name) != 0) continue;
-        if (!st_commands[i].run) {
-            fprintf(stderr, "shardtune: error: command '%s' is not built into this binary\n", argv[1]);
-            return ST_EXIT_FAIL;
-        }
         return st_commands[i].run(argc - 1, argv + 1);
     }
     fprintf(stderr, "shardtune: error: unknown command '%s' (run 'shardtune --help')\n", argv[1]);

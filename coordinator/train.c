@@ -20,12 +20,14 @@
 #include "common/util.h"
 #include "coordinator/control_token.h"
 #include "coordinator/monitor_server.h"
+#include "coordinator/plan.h"
 #include "coordinator/telemetry.h"
 #include "worker/comm.h"
 #include "worker/dataset.h"
 #include "worker/loader.h"
 #include "worker/model.h"
 #include "worker/optim.h"
+#include "worker/taskweight.h"
 
 /* ---------------- signals: only set a flag ---------------- */
 
@@ -48,12 +50,6 @@ void st_train_install_signals(const st_config *cfg) {
 /* ---------------- the trainer ---------------- */
 
 typedef struct {
-    int64_t at_step;
-    unsigned char *layers; /* [n_layer] */
-    unsigned modules;
-} stage_plan;
-
-typedef struct {
     const st_config *cfg;
     MPI_Comm comm;
     int rank, world;
@@ -66,13 +62,15 @@ typedef struct {
     int loader_ready;
     st_comm dp;
     st_optim optim;
-    stage_plan *stages;
-    int n_stages, stage;
+    st_stage_list stages; /* the fine-tuning schedule (coordinator/plan.h) */
+    st_taskw taskw;       /* multi-task loss weighting (fixed or learned uncertainty) */
+    int stage;            /* index of the current stage */
     int micro, accum, T, slots; /* slots = micro * accum samples per rank per step */
     int32_t *inputs, *targets;
     float *mask, *weight;
     int *task_of;
     double *task_sums; /* [3 * n_tasks]: loss sum, target count, input tokens */
+    double *task_counts; /* [n_tasks + 1]: targets of each task in the global batch, then the total */
     FILE *metrics;
     st_telemetry *tel;
     st_monitor *mon;
@@ -143,67 +141,6 @@ static int load_data(trainer *t) {
     return 0;
 }
 
-static int add_stage(trainer *t, int64_t at, const char *layers, unsigned modules, const char *what) {
-    int L = t->model.cfg.n_layer;
-    stage_plan *s = &t->stages[t->n_stages];
-    s->at_step = at;
-    s->modules = modules;
-    s->layers = calloc((size_t)L, 1);
-    if (!s->layers) return st_fail(ST_ENOMEM, "out of memory");
-    t->n_stages++;
-    int rc = st_parse_layer_ranges(layers, L, s->layers);
-    if (rc) return st_fail_context(rc, "%s", what);
-    if (st_model_count_trainable(&t->model, s->layers, modules) == 0)
-        return st_fail(ST_ECONFIG, "%s: nothing to train (train_layers '%s' with these train_modules selects no "
-                                   "parameter of a %d-layer model)", what, layers, L);
-    return 0;
-}
-
-static int plan_stages(trainer *t) {
-    const st_config *c = t->cfg;
-    int L = t->model.cfg.n_layer;
-    int max = c->finetune.n_stages > 0 ? c->finetune.n_stages : L + 1;
-    t->stages = calloc((size_t)max + 1, sizeof *t->stages);
-    if (!t->stages) return st_fail(ST_ENOMEM, "out of memory");
-    char what[64], spec[32];
-    switch (c->finetune.mode) {
-    case ST_FINETUNE_FULL: return add_stage(t, 0, "all", ST_MOD_ALL, "finetune.mode full");
-    case ST_FINETUNE_FROZEN:
-        return add_stage(t, 0, c->finetune.train_layers, c->finetune.train_modules, "finetune.train_layers");
-    case ST_FINETUNE_PROGRESSIVE:
-        if (c->finetune.n_stages > 0) {
-            for (int i = 0; i < c->finetune.n_stages; i++) {
-                const st_stage_config *s = &c->finetune.stages[i];
-                snprintf(what, sizeof what, "finetune.stages.%d", i);
-                if (i == 0 && s->at_step != 0) return st_fail(ST_ECONFIG, "%s.at_step must be 0 for the first stage", what);
-                if (i > 0 && s->at_step <= c->finetune.stages[i - 1].at_step)
-                    return st_fail(ST_ECONFIG, "%s.at_step %lld must be greater than the previous stage's", what,
-                                   (long long)s->at_step);
-                int rc = add_stage(t, s->at_step, s->train_layers, s->train_modules, what);
-                if (rc) return rc;
-            }
-            return 0;
-        }
-        if (c->finetune.unfreeze_every <= 0)
-            return st_fail(ST_ECONFIG, "finetune.mode progressive needs finetune.stages or finetune.unfreeze_every");
-        /* top-down: the head alone, then one more layer every unfreeze_every steps */
-        for (int k = 0; k <= L; k++) {
-            snprintf(spec, sizeof spec, k == 0 ? "none" : "-%d", k);
-            snprintf(what, sizeof what, "finetune.unfreeze_every (stage %d)", k);
-            int rc = add_stage(t, (int64_t)k * c->finetune.unfreeze_every, spec, c->finetune.train_modules, what);
-            if (rc) return rc;
-        }
-        return 0;
-    }
-    return st_fail(ST_ECONFIG, "unknown finetune.mode");
-}
-
-static int stage_at(const trainer *t, int64_t step) {
-    int s = 0;
-    while (s + 1 < t->n_stages && t->stages[s + 1].at_step <= step) s++;
-    return s;
-}
-
 static st_optim_config optim_config(const st_config *c) {
     st_optim_config o;
     o.lr = (float)c->train.lr;
@@ -243,8 +180,9 @@ static int enter_stage(trainer *t, int s) {
     st_optim_free(&t->optim, t->be);
     st_comm_free(&t->dp);
     m->grad_align = t->world;
-    if (!rc) rc = st_model_set_trainable(m, t->stages[s].layers, t->stages[s].modules);
+    if (!rc) rc = st_model_set_trainable(m, t->stages.stages[s].layers, t->stages.stages[s].modules);
     if (!rc) rc = st_comm_init(&t->dp, t->comm, t->cfg->sharding.stage, m);
+    t->dp.bucket_bytes = (size_t)(t->cfg->sharding.bucket_mb * 1048576.0);
     size_t lo, hi;
     st_comm_optim_range(&t->dp, &lo, &hi);
     st_optim_config oc = optim_config(t->cfg);
@@ -313,7 +251,9 @@ static int alloc_step_buffers(trainer *t) {
     t->weight = malloc(n * sizeof(float));
     t->task_of = malloc((size_t)t->slots * sizeof(int));
     t->task_sums = calloc(3 * (size_t)t->n_tasks + 2, sizeof(double));
-    if (!t->inputs || !t->targets || !t->mask || !t->weight || !t->task_of || !t->task_sums)
+    t->task_counts = calloc((size_t)t->n_tasks + 1, sizeof(double));
+    st_taskw_init(&t->taskw, t->n_tasks, c->loss_weighting == ST_LOSS_WEIGHTING_UNCERTAINTY, c->loss_weighting_lr);
+    if (!t->inputs || !t->targets || !t->mask || !t->weight || !t->task_of || !t->task_sums || !t->task_counts)
         return st_fail(ST_ENOMEM, "out of memory for step buffers");
     return 0;
 }
@@ -334,7 +274,7 @@ static int setup(trainer *t) {
     if (!rc) rc = agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
     if (!rc) rc = agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = agree(t, load_data(t));
-    if (!rc) rc = agree(t, plan_stages(t));
+    if (!rc) rc = agree(t, st_plan_stages(c, &t->model, &t->stages));
     if (!rc) rc = agree(t, alloc_step_buffers(t));
     if (!rc) rc = agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);
@@ -355,14 +295,14 @@ static void teardown(trainer *t) {
     if (t->loader_ready) st_loader_free(&t->loader);
     for (int k = 0; t->datasets && k < t->n_tasks; k++) st_dataset_free(&t->datasets[k]);
     free(t->datasets);
-    for (int s = 0; s < t->n_stages; s++) free(t->stages[s].layers);
-    free(t->stages);
+    st_stage_list_free(&t->stages);
     free(t->inputs);
     free(t->targets);
     free(t->mask);
     free(t->weight);
     free(t->task_of);
     free(t->task_sums);
+    free(t->task_counts);
     free(t->job_json);
     free(t->model_config_text);
     st_model_free(&t->model);
@@ -381,16 +321,36 @@ static int load_step_data(trainer *t) {
     int G = t->world * t->slots;
     int rc = st_loader_next(&t->loader, G, t->rank * t->slots, t->slots, t->inputs, t->targets, t->mask, t->task_of);
     if (rc) return rc;
-    size_t n = (size_t)t->slots * t->T;
-    double count = 0;
-    for (size_t i = 0; i < n; i++) count += t->mask[i];
-    MPI_Allreduce(MPI_IN_PLACE, &count, 1, MPI_DOUBLE, MPI_SUM, t->comm);
-    double inv = count > 0 ? 1.0 / count : 0.0;
+    /* targets per task in the whole global batch: [n_tasks] then the total */
+    double *count = t->task_counts;
+    memset(count, 0, ((size_t)t->n_tasks + 1) * sizeof(double));
+    for (int s = 0; s < t->slots; s++)
+        for (int j = 0; j < t->T; j++) count[t->task_of[s]] += t->mask[(size_t)s * t->T + j];
+    for (int k = 0; k < t->n_tasks; k++) count[t->n_tasks] += count[k];
+    MPI_Allreduce(MPI_IN_PLACE, count, t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
     for (int s = 0; s < t->slots; s++) {
-        float lw = (float)(c->tasks[t->task_of[s]].loss_weight * inv);
+        int k = t->task_of[s];
+        /* fixed: the mean over all targets, each task scaled by loss_weight; learned: each task's own mean,
+         * scaled by loss_weight * exp(-s_k) */
+        double denom = t->taskw.learned ? count[k] : count[t->n_tasks];
+        float lw = denom > 0 ? (float)(c->tasks[k].loss_weight * st_taskw_scale(&t->taskw, k) / denom) : 0.0f;
         for (int j = 0; j < t->T; j++) t->weight[(size_t)s * t->T + j] = t->mask[(size_t)s * t->T + j] * lw;
     }
     return 0;
+}
+
+/* One step of the learned task weights from this step's all-reduced per-task means. */
+static void update_task_weights(trainer *t) {
+    if (!t->taskw.learned) return;
+    double lw[ST_TASKW_MAX], mean[ST_TASKW_MAX];
+    int present[ST_TASKW_MAX];
+    for (int k = 0; k < t->n_tasks && k < ST_TASKW_MAX; k++) {
+        double cnt = t->task_sums[3 * k + 1];
+        present[k] = cnt > 0;
+        mean[k] = cnt > 0 ? t->task_sums[3 * k] / cnt : 0.0;
+        lw[k] = t->cfg->tasks[k].loss_weight;
+    }
+    st_taskw_update(&t->taskw, lw, mean, present);
 }
 
 /* Adds this micro-batch's per-task loss sums, target counts and input tokens. */
@@ -421,7 +381,8 @@ static int train_step(trainer *t, int64_t step, step_result *r) {
         loss += st_model_forward(m, t->inputs + off, t->targets + off, t->weight + off, 1);
         account_tasks(t, a * t->micro);
         set_phase(t, ST_PHASE_BACKWARD);
-        if (a == t->accum - 1) st_comm_overlap_begin(&t->dp, m); /* reduce while backward runs */
+        if (a == t->accum - 1 && t->cfg->sharding.overlap)
+            st_comm_overlap_begin(&t->dp, m); /* reduce while backward runs */
         st_model_backward(m);
     }
     set_phase(t, ST_PHASE_COMM);
@@ -439,6 +400,7 @@ static int train_step(trainer *t, int64_t step, step_result *r) {
     MPI_Allreduce(MPI_IN_PLACE, t->task_sums, 3 * t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
     set_phase(t, ST_PHASE_IDLE);
     r->loss = t->task_sums[3 * t->n_tasks];
+    update_task_weights(t);
     r->grad_norm = norm;
     r->comm_seconds = t->dp.comm_seconds;
     r->seconds = st_now() - t0;
@@ -523,6 +485,15 @@ static void report_step(trainer *t, int64_t step, const step_result *r, const do
                      tps, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
     json_task_map(&b, t, "task_loss", 0);
     json_task_map(&b, t, "task_tokens", 1);
+    if (t->taskw.learned) {
+        st_strbuf_printf(&b, ",\"task_weight\":{");
+        for (int k = 0; k < t->n_tasks; k++) {
+            st_strbuf_json_string(&b, c->tasks[k].name);
+            st_strbuf_printf(&b, ":%.9g%s", c->tasks[k].loss_weight * st_taskw_scale(&t->taskw, k),
+                             k + 1 < t->n_tasks ? "," : "");
+        }
+        st_strbuf_append(&b, "}", 1);
+    }
     if (val) {
         st_strbuf_append(&b, ",\"val_loss\":{", 13);
         for (int k = 0; k < t->n_tasks; k++) {
@@ -543,7 +514,7 @@ static void report_step(trainer *t, int64_t step, const step_result *r, const do
     if (c->train.log_every > 0 && ((step + 1) % c->train.log_every == 0 || step + 1 == c->train.steps)) {
         printf("step %5lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | %.0f ms", (long long)step + 1,
                (long long)c->train.steps, r->loss, (double)r->lr, r->grad_norm, tps, r->seconds * 1e3);
-        if (t->n_stages > 1) printf(" | stage %d", t->stage);
+        if (t->stages.n > 1) printf(" | stage %d", t->stage);
         if (val)
             for (int k = 0; k < t->n_tasks; k++) printf(" | val[%s] %.4f", c->tasks[k].name, val[k]);
         printf("\n");
@@ -608,6 +579,12 @@ static int save_checkpoint(trainer *t, int64_t completed, const char *why) {
         meta.n_tasks = t->n_tasks;
         meta.task_names = names;
         meta.task_checksums = sums;
+        double tw[1 + 4 * ST_TASKW_MAX];
+        if (t->taskw.learned) {
+            st_taskw_state_save(&t->taskw, tw);
+            meta.task_weighting = tw;
+            meta.task_weighting_len = st_taskw_state_len(&t->taskw);
+        }
         rc = st_ckpt_save(t->comm, c->checkpoint.dir, &t->model, &t->optim, &meta, c->checkpoint.keep_last, name, &secs);
     }
     free(loader_state);
@@ -665,7 +642,7 @@ static int try_resume(trainer *t, const char *path) {
     rc = agree(t, rc);
     float *w = rc ? NULL : malloc(t->model.n_weights * sizeof(float));
     if (!rc) rc = agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
-    int s = stage_at(t, info.step);
+    int s = st_stage_at(&t->stages, info.step);
     if (!rc && s != t->stage) rc = agree(t, enter_stage(t, s));
     size_t n = t->optim.hi - t->optim.lo;
     float *mh = NULL, *vh = NULL;
@@ -681,6 +658,9 @@ static int try_resume(trainer *t, const char *path) {
         if (rc) t->print_error = t->rank == 0; /* every rank holds the same message */
     }
     if (!rc) rc = agree(t, st_loader_state_restore(&t->loader, info.loader_state, info.loader_words));
+    if (!rc && t->taskw.learned && info.task_weighting_len > 0 &&
+        st_taskw_state_restore(&t->taskw, info.task_weighting, info.task_weighting_len) != 0)
+        rc = agree(t, st_fail(ST_ECONFIG, "checkpoint %s: task weighting state is for another number of tasks", path));
     if (!rc) {
         const st_backend *be = t->be;
         be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
@@ -833,7 +813,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     }
     double *val = calloc((size_t)t.n_tasks, sizeof(double)), *val_n = calloc((size_t)t.n_tasks, sizeof(double));
     for (int64_t step = t.start_step; step < cfg->train.steps; step++) {
-        int s = stage_at(&t, step);
+        int s = st_stage_at(&t.stages, step);
         if (s != t.stage) {
             rc = agree(&t, enter_stage(&t, s));
             if (rc) { result = ST_RUN_FAILED; break; }

@@ -36,3 +36,28 @@ double st_taskw_penalty(const st_taskw *w, const int *task_present) {
         if (task_present[k]) p += w->s[k];
     return p;
 }
+
+int st_taskw_state_len(const st_taskw *w) { return 1 + 4 * w->n_tasks; }
+
+void st_taskw_state_save(const st_taskw *w, double *out) {
+    int n = w->n_tasks;
+    out[0] = n;
+    for (int k = 0; k < n; k++) {
+        out[1 + k] = w->s[k];
+        out[1 + n + k] = w->m[k];
+        out[1 + 2 * n + k] = w->v[k];
+        out[1 + 3 * n + k] = w->step[k];
+    }
+}
+
+int st_taskw_state_restore(st_taskw *w, const double *in, int len) {
+    int n = w->n_tasks;
+    if (len != 1 + 4 * n || (int)in[0] != n) return -1;
+    for (int k = 0; k < n; k++) {
+        w->s[k] = in[1 + k];
+        w->m[k] = in[1 + n + k];
+        w->v[k] = in[1 + 2 * n + k];
+        w->step[k] = (int)in[1 + 3 * n + k];
+    }
+    return 0;
+}

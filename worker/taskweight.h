@@ -32,4 +32,10 @@ void st_taskw_update(st_taskw *w, const double *loss_weight, const double *task_
 /* The objective's regularizer sum_k s_k over present tasks (0 when not learned). */
 double st_taskw_penalty(const st_taskw *w, const int *task_present);
 
+/* Checkpoint form: 1 + 4 n doubles (n, s, m, v, step). */
+int st_taskw_state_len(const st_taskw *w);
+void st_taskw_state_save(const st_taskw *w, double *out);
+/* Returns 0, or -1 when the saved state is for another number of tasks. */
+int st_taskw_state_restore(st_taskw *w, const double *in, int len);
+
 #endif

@@ -15,7 +15,7 @@ TEST_NAME=$(basename "$0" .sh)
 
 fail() { echo "FAIL ($TEST_NAME): $*" >&2; exit 1; }
 skip() { echo "SKIP: $*"; exit 0; }
-note() { echo "$TEST_NAME: $*"; }
+note() { echo "$TEST_NAME [${SECONDS}s]: $*"; }
 
 # A test inherits nothing from an allocation it might be running in.
 for v in $(env | sed -n 's/^\(SLURM_[A-Za-z_]*\)=.*/\1/p'); do unset "$v"; done

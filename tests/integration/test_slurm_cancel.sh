@@ -11,20 +11,22 @@ need_checkpoint_support
 slurm_setup 17140
 make_tiny_job
 STEPS=60
-write_job "$WORK/job.yaml" "$WORK/run" $STEPS 2 "checkpoint: { every_steps: 2, keep_last: 2 }"
+write_job "$WORK/job.yaml" "$WORK/run" $STEPS 2 "checkpoint: { every_steps: 0, keep_last: 2 }"
 
 timeout 120 srun -N2 --ntasks-per-node=2 --mpi=pmix "$ST" train "$WORK/job.yaml" run_dir="$WORK/ref" \
   > "$WORK/ref.log" 2>&1 || { cat "$WORK/ref.log"; fail "reference run failed"; }
 
-submit() {
+submit() { # NAME [overrides]
+  local name=$1
+  shift
   SHARDTUNE_BIN=$ST SHARDTUNE_LAUNCH=$SRC/slurm/shardtune-launch \
-    timeout 30 sbatch --parsable -N2 --ntasks-per-node=2 -o "$WORK/$1.out" "$SRC/slurm/shardtune.sbatch" \
-    "$WORK/job.yaml" || fail "sbatch failed"
+    timeout 30 sbatch --parsable -N2 --ntasks-per-node=2 -o "$WORK/$name.out" "$SRC/slurm/shardtune.sbatch" \
+    "$WORK/job.yaml" "$@" || fail "sbatch failed"
 }
 cd "$WORK"
 
-# --- 1. scancel during a save ---
-job=$(submit job1)
+# --- 1. scancel during a save (a checkpoint every 2 steps, so one is nearly always being written) ---
+job=$(submit job1 checkpoint.every_steps=2)
 wait_job "$job" 30 RUNNING
 wait_lines "$WORK/run/metrics.jsonl" 5 60
 during=no

@@ -403,6 +403,7 @@ static int train_step(trainer *t, int64_t step, step_result *r) {
         loss += st_model_forward(m, t->inputs + off, t->targets + off, t->weight + off, 1);
         account_tasks(t, a * t->micro);
         set_phase(t, ST_PHASE_BACKWARD);
+        if (a == t->accum - 1) st_comm_overlap_begin(&t->dp, m); /* reduce while backward runs */
         st_model_backward(m);
     }
     set_phase(t, ST_PHASE_COMM);

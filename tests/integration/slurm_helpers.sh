@@ -119,7 +119,9 @@ wait_lines() {
 
 # Tests (b)-(d) need checkpoints + resume in the binary.
 need_checkpoint_support() {
-  if "$ST" ckpt verify /nonexistent 2>&1 | grep -q "not built into this binary"; then
+  local out
+  out=$("$ST" ckpt verify /nonexistent 2>&1)
+  if [[ $out == *"not built into this binary"* ]]; then
     skip "needs checkpoint/resume (not merged yet)"
   fi
 }

@@ -1,0 +1,127 @@
+# slurm_helpers.sh — shared by tests/integration/test_slurm_*.sh (sourced, not a test itself).
+#
+# Each test starts its own local cluster (slurm/local-cluster) in its own state directory and port range,
+# so Slurm tests may run in parallel; `slurm_setup` registers the teardown. A test SKIPs (exit 0, "SKIP: ...")
+# only when Slurm is not installed or the cluster cannot start; everything after that must pass.
+#
+# Provides: ST, SRC, PY, WORK (scratch dir), SLURM_CONF; slurm_setup PORT, make_tiny_job, losses_of,
+# job_field, wait_job, need_checkpoint_support, fail.
+
+set -uo pipefail
+ST=${SHARDTUNE_BIN:?SHARDTUNE_BIN must point at the shardtune binary}
+SRC=${ST_SOURCE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+PY=${ST_PYTHON:-/usr/bin/python3}
+TEST_NAME=$(basename "$0" .sh)
+
+fail() { echo "FAIL ($TEST_NAME): $*" >&2; exit 1; }
+skip() { echo "SKIP: $*"; exit 0; }
+note() { echo "$TEST_NAME [${SECONDS}s]: $*"; }
+
+# A test inherits nothing from an allocation it might be running in.
+for v in $(env | sed -n 's/^\(SLURM_[A-Za-z_]*\)=.*/\1/p'); do unset "$v"; done
+unset SLURMD_NODENAME
+
+slurm_cleanup() {
+  local rc=$?
+  [ -n "${SHARDTUNE_SLURM_DIR:-}" ] && "$SRC/slurm/local-cluster" down >/dev/null 2>&1
+  if [ $rc -ne 0 ] && [ -n "${WORK:-}" ]; then
+    echo "$TEST_NAME: kept $WORK for inspection" >&2
+  elif [ -n "${WORK:-}" ]; then
+    rm -rf "$WORK"
+  fi
+  exit $rc
+}
+
+# slurm_setup PORT: a 2-node x 4-CPU cluster on ports PORT.. and a scratch directory WORK.
+slurm_setup() {
+  local port=$1
+  for t in munged slurmctld slurmd srun sbatch scontrol; do
+    command -v "$t" >/dev/null 2>&1 ||
+      skip "Slurm is not installed ($t missing; SHARDTUNE_WITH_SLURM=1 bash scripts/setup.sh installs slurm-wlm munge)"
+  done
+  export SHARDTUNE_SLURM_DIR=/tmp/shardtune-slurm-$TEST_NAME SHARDTUNE_SLURM_PORT=$port
+  WORK=$(mktemp -d "/tmp/$TEST_NAME.XXXXXX")
+  trap slurm_cleanup EXIT
+  local out
+  if ! out=$("$SRC/slurm/local-cluster" up --nodes 2 --cpus 4 2>"$WORK/cluster.err"); then
+    cat "$WORK/cluster.err" >&2
+    tail -5 "$SHARDTUNE_SLURM_DIR"/log/*.log 2>/dev/null >&2
+    skip "the local Slurm cluster could not start (see above)"
+  fi
+  eval "$out"
+  export SLURM_CONF OMP_NUM_THREADS=1
+  [ -f "$SLURM_CONF" ] || fail "local-cluster up printed no usable SLURM_CONF ($out)"
+}
+
+# make_tiny_job: a tiny Llama-style model and a packed dataset in $WORK (model/, train.h5).
+make_tiny_job() {
+  "$ST" init-model --family llama --layers 2 --dim 64 --heads 4 --kv-heads 2 --vocab 256 --max-seq 128 \
+        --seed 3 --out "$WORK/model" >/dev/null || fail "init-model failed"
+  "$PY" "$SRC/scripts/make_demo_data.py" --out "$WORK/train.jsonl" --docs 300 --vocab 256 >/dev/null ||
+    fail "make_demo_data.py failed"
+  "$ST" data pack --jsonl "$WORK/train.jsonl" --out "$WORK/train.h5" --vocab 256 >/dev/null || fail "data pack failed"
+}
+
+# write_job FILE RUN_DIR STEPS MICRO [extra yaml lines]
+write_job() {
+  cat > "$1" <<YAML
+model: { path: $WORK/model }
+run_dir: $2
+seed: 7
+train: { steps: $3, micro_batch: $4, seq_len: 32, lr: 3.0e-3, warmup_steps: 3, schedule: cosine, log_every: 10 }
+sharding: { stage: 1 }
+tasks:
+  - { name: count, path: $WORK/train.h5 }
+eval: { every_steps: 0 }
+monitor: { publish: "", control: "" }
+${5:-}
+YAML
+}
+
+# losses_of RUN_DIR: "step loss" per step, the last record of each step (a resumed run appends).
+losses_of() {
+  "$PY" - "$1/metrics.jsonl" <<'EOF'
+import json, sys
+last = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    last[r["step"]] = r["loss"]
+for s in sorted(last):
+    print(s, repr(last[s]))
+EOF
+}
+
+# job_field JOB KEY: one field of `scontrol show job` (JobState, Restarts, ExitCode, ...).
+job_field() {
+  scontrol show job -o "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1
+}
+
+# wait_job JOB SECONDS STATE...: until the job's state is one of STATE (fails on timeout).
+wait_job() {
+  local job=$1 secs=$2 s
+  shift 2
+  for _ in $(seq $((secs * 5))); do
+    s=$(job_field "$job" JobState)
+    for want in "$@"; do [ "$s" = "$want" ] && return 0; done
+    sleep 0.2
+  done
+  fail "job $job still '$s' after ${secs}s (wanted $*)"
+}
+
+# wait_lines FILE N SECONDS: until FILE has at least N lines.
+wait_lines() {
+  for _ in $(seq $(($3 * 10))); do
+    [ -f "$1" ] && [ "$(wc -l < "$1")" -ge "$2" ] && return 0
+    sleep 0.1
+  done
+  fail "$1 has fewer than $2 lines after $3 s"
+}
+
+# Tests (b)-(d) need checkpoints + resume in the binary.
+need_checkpoint_support() {
+  local out
+  out=$("$ST" ckpt verify /nonexistent 2>&1)
+  if [[ $out == *"not built into this binary"* ]]; then
+    skip "needs checkpoint/resume (not merged yet)"
+  fi
+}

@@ -10,15 +10,18 @@
 #include "common/error.h"
 #include "coordinator/commands.h"
 #include "coordinator/config.h"
+#include "coordinator/slurm_env.h"
 #include "coordinator/train.h"
 
 /* Loads the config on rank 0 and shares it; returns 0 on every rank or an error on every rank. */
-static int load_shared_config(int argc, char **argv, st_config *cfg, int rank) {
+static int load_shared_config(int argc, char **argv, st_config *cfg, int rank, st_slurm_env *senv) {
     long len = 0;
     char *json = NULL;
     int rc = 0;
     if (rank == 0) {
-        rc = st_config_load(cfg, argv[1], argc - 2, argv + 2);
+        rc = st_slurm_env_read(senv);
+        if (!rc) rc = st_config_load(cfg, argv[1], argc - 2, argv + 2);
+        if (!rc && st_slurm_apply_run_dir(senv, cfg) < 0) rc = ST_ECONFIG; /* run_dir stable across requeues */
         if (!rc) rc = st_config_to_json(cfg, &json);
         len = rc ? -1 : (long)strlen(json);
     }
@@ -43,16 +46,24 @@ int st_cmd_train(int argc, char **argv) {
         return ST_EXIT_USAGE;
     }
     int provided = 0, rank = 0;
+    st_train_install_signals(NULL); /* a preemption signal during start-up is kept, not fatal */
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     static st_config cfg; /* large (fixed arrays): keep it off the stack */
-    int rc = load_shared_config(argc, argv, &cfg, rank);
+    st_slurm_env senv;
+    memset(&senv, 0, sizeof senv);
+    int rc = load_shared_config(argc, argv, &cfg, rank, &senv);
     if (rc) {
         if (rank == 0) st_cli_error("train", st_error());
         MPI_Finalize();
         return ST_EXIT_FAIL;
     }
     st_train_install_signals(&cfg);
+    char where[256];
+    if (rank == 0 && st_slurm_env_describe(&senv, where, sizeof where)) {
+        printf("%s\n", where);
+        fflush(stdout);
+    }
     int print_error = 0;
     st_run_result res = st_train_run(&cfg, MPI_COMM_WORLD, &print_error);
     if (res == ST_RUN_FAILED && print_error) {

@@ -42,9 +42,12 @@ void st_train_install_signals(const st_config *cfg) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART; /* a signal must not fail a read or write in flight */
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
-    if (cfg->checkpoint.signal > 0) sigaction(cfg->checkpoint.signal, &sa, NULL);
+    /* before the config is known the default checkpoint signal is caught too, so an early USR1 from
+     * Slurm is remembered instead of killing the process */
+    sigaction(cfg && cfg->checkpoint.signal > 0 ? cfg->checkpoint.signal : SIGUSR1, &sa, NULL);
 }
 
 /* ---------------- the trainer ---------------- */
@@ -101,8 +104,9 @@ static int setup_backend(trainer *t) {
     const st_config *c = t->cfg;
     int threads = c->threads > 0 ? c->threads : st_num_threads();
     if (c->backend == ST_BACKEND_CUDA || c->backend == ST_BACKEND_AUTO) {
-        const char *local = getenv("SLURM_LOCALID");
-        if (!local) local = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+        /* under mpirun inside an allocation every rank inherits mpirun's SLURM_LOCALID: OMPI's wins */
+        const char *local = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+        if (!local) local = getenv("SLURM_LOCALID");
         t->be = st_backend_cuda(local ? atoi(local) : 0);
         if (t->be) return 0;
         if (c->backend == ST_BACKEND_CUDA) return st_fail(ST_EDEVICE, "backend: cuda requested but %s", st_error());

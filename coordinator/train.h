@@ -21,8 +21,9 @@ typedef enum {
  * already been printed by the lowest failing rank's agreement (so callers print it only once). */
 st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error);
 
-/* Installs the signal handlers (SIGTERM + cfg->checkpoint.signal) that request a checkpoint-and-exit
- * at the next step boundary; they only set a flag. */
+/* Installs the signal handlers (SIGTERM + cfg->checkpoint.signal; SIGUSR1 when cfg is NULL, for the
+ * time before the config is read) that request a checkpoint-and-exit at the next step boundary; they
+ * only set a flag. */
 void st_train_install_signals(const st_config *cfg);
 
 #endif

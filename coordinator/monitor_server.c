@@ -25,6 +25,7 @@
 
 #define ST_MON_SLOTS 256
 #define ST_MON_EVENTS 256
+#define ST_MON_REPLAY 256 /* step summaries and events kept for late subscribers */
 #define ST_MON_MAX_TASKS ST_TELEMETRY_MAX_TASKS
 
 typedef struct {
@@ -72,6 +73,9 @@ struct st_monitor {
     st_step_slot *slots;
     int64_t last_summary_step;
     char last_alert[256];
+    /* recent "step" and "event" messages, re-sent when a subscriber joins (late-joiner replay) */
+    struct replay_item { char topic[8]; unsigned char *buf; size_t len; } replay[ST_MON_REPLAY];
+    int replay_head, replay_count;
 };
 
 static void bump(st_monitor *m, uint64_t *counter) {
@@ -82,6 +86,38 @@ static void bump(st_monitor *m, uint64_t *counter) {
 
 /* ---- publishing ---- */
 
+/* Keeps a copy of a step/event message for subscribers that join later (bounded ring). */
+static void remember(st_monitor *m, const char *topic, const unsigned char *buf, size_t n) {
+    if (strcmp(topic, "step") != 0 && strcmp(topic, "event") != 0) return;
+    unsigned char *copy = malloc(n ? n : 1);
+    if (!copy) return;
+    memcpy(copy, buf, n);
+    int slot = (m->replay_head + m->replay_count) % ST_MON_REPLAY;
+    if (m->replay_count == ST_MON_REPLAY) {
+        slot = m->replay_head;
+        free(m->replay[slot].buf);
+        m->replay_head = (m->replay_head + 1) % ST_MON_REPLAY;
+    } else {
+        m->replay_count++;
+    }
+    snprintf(m->replay[slot].topic, sizeof m->replay[slot].topic, "%s", topic);
+    m->replay[slot].buf = copy;
+    m->replay[slot].len = n;
+}
+
+/* A subscription arrived on the XPUB socket: replay the recent history. The replay reaches every
+ * subscriber (PUB has no per-peer send), so consumers treat step summaries as keyed by step. */
+static void handle_subscription(st_monitor *m) {
+    unsigned char frame[256];
+    int n = zmq_recv(m->pub, frame, sizeof frame, ZMQ_DONTWAIT);
+    if (n < 1 || frame[0] != 1) return; /* an unsubscribe, or nothing */
+    for (int i = 0; i < m->replay_count; i++) {
+        const struct replay_item *r = &m->replay[(m->replay_head + i) % ST_MON_REPLAY];
+        if (zmq_send(m->pub, r->topic, strlen(r->topic), ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0)
+            zmq_send(m->pub, r->buf, r->len, ZMQ_DONTWAIT);
+    }
+}
+
 static void publish(st_monitor *m, const char *topic, const ProtobufCMessage *msg) {
     size_t n = protobuf_c_message_get_packed_size(msg);
     unsigned char stackbuf[4096];
@@ -91,6 +127,7 @@ static void publish(st_monitor *m, const char *topic, const ProtobufCMessage *ms
     /* PUB never blocks: slow subscribers lose messages at their high-water mark. */
     if (zmq_send(m->pub, topic, strlen(topic), ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0)
         zmq_send(m->pub, buf, n, ZMQ_DONTWAIT);
+    remember(m, topic, buf, n);
     if (buf != stackbuf) free(buf);
 }
 
@@ -420,12 +457,13 @@ static void *monitor_main(void *arg) {
     st_monitor *m = arg;
     double next_check = st_now();
     while (!atomic_load(&m->stopping)) {
-        zmq_pollitem_t items[3] = {
+        zmq_pollitem_t items[4] = {
             {.socket = m->pull, .events = ZMQ_POLLIN},
             {.socket = m->rep, .events = ZMQ_POLLIN},
             {.socket = NULL, .fd = m->wake_fd, .events = ZMQ_POLLIN},
+            {.socket = m->pub, .events = ZMQ_POLLIN},
         };
-        int rc = zmq_poll(items, 3, 100);
+        int rc = zmq_poll(items, m->pub ? 4 : 3, 100);
         if (rc < 0 && zmq_errno() != EINTR) break;
         if (items[0].revents & ZMQ_POLLIN)
             for (int i = 0; i < 256; i++) { /* bounded burst so control stays responsive */
@@ -436,6 +474,7 @@ static void *monitor_main(void *arg) {
                 handle_pull(m);
             }
         if (items[1].revents & ZMQ_POLLIN) handle_control(m);
+        if (m->pub && (items[3].revents & ZMQ_POLLIN)) handle_subscription(m);
         if (items[2].revents & ZMQ_POLLIN) {
             uint64_t v;
             ssize_t r = read(m->wake_fd, &v, sizeof v);
@@ -462,6 +501,7 @@ static void *monitor_main(void *arg) {
 /* ---- lifetime ---- */
 
 static void destroy(st_monitor *m) {
+    for (int i = 0; i < m->replay_count; i++) free(m->replay[(m->replay_head + i) % ST_MON_REPLAY].buf);
     if (m->pull) zmq_close(m->pull);
     if (m->pub) zmq_close(m->pub);
     if (m->rep) zmq_close(m->rep);
@@ -553,7 +593,7 @@ int st_monitor_start(const st_monitor_opts *o, st_monitor **out) {
     }
     const char *pull_addr = o->pull_bind && *o->pull_bind ? o->pull_bind : "tcp://127.0.0.1:*";
     if (!(m->pull = bound_socket(m, ZMQ_PULL, pull_addr, "PULL")) ||
-        !(m->pub = bound_socket(m, ZMQ_PUB, o->publish_addr, "PUB (monitor.publish)")) ||
+        !(m->pub = bound_socket(m, ZMQ_XPUB, o->publish_addr, "PUB (monitor.publish)")) ||
         !(m->rep = bound_socket(m, ZMQ_REP, o->control_addr, "REP (monitor.control)"))) {
         destroy(m);
         return ST_ECOMM;

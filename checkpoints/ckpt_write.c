@@ -186,22 +186,33 @@ static int write_root(writer *w, const st_ckpt_meta *meta, int world) {
 
 typedef struct {
     float *weights, *m, *v;
+    int borrowed;   /* host backend: weights/m/v point at the live buffers (no copy) */
     uint64_t *sums; /* [3 * n_params]: model, exp_avg, exp_avg_sq */
 } staging;
 
 static int stage_host(const st_model *m, const st_optim *o, int world, int rank, uint64_t share_lo,
                       uint64_t share_hi, staging *s, MPI_Comm comm) {
     size_t n_opt = o->hi - o->lo;
-    s->weights = malloc(m->n_weights * sizeof(float));
-    s->m = malloc((n_opt ? n_opt : 1) * sizeof(float));
-    s->v = malloc((n_opt ? n_opt : 1) * sizeof(float));
+    /* On the CPU backend the live buffers are host memory and nothing changes them during a save:
+     * write from them directly instead of holding a second copy of the whole state. */
+    s->borrowed = strcmp(m->be->name, "cpu") == 0 && (o->m || !n_opt);
+    if (s->borrowed) {
+        s->weights = m->weights;
+        s->m = o->m;
+        s->v = o->v;
+    } else {
+        s->weights = malloc(m->n_weights * sizeof(float));
+        s->m = malloc((n_opt ? n_opt : 1) * sizeof(float));
+        s->v = malloc((n_opt ? n_opt : 1) * sizeof(float));
+    }
     s->sums = calloc(3 * (size_t)m->n_params + 1, sizeof(uint64_t));
-    int rc = (!s->weights || !s->m || !s->v || !s->sums) ? st_fail(ST_ENOMEM, "out of memory staging a checkpoint") : 0;
+    int missing = !s->weights || (n_opt && (!s->m || !s->v)) || !s->sums;
+    int rc = missing ? st_fail(ST_ENOMEM, "out of memory staging a checkpoint") : 0;
     int worst = rc;
     MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MIN, comm);
     if (worst) return rc ? rc : st_fail(ST_ENOMEM, "out of memory staging a checkpoint on another rank");
-    m->be->copy_to_host(s->weights, m->weights, m->n_weights * sizeof(float));
-    if (n_opt && o->m) {
+    if (!s->borrowed) m->be->copy_to_host(s->weights, m->weights, m->n_weights * sizeof(float));
+    if (!s->borrowed && n_opt && o->m) {
         m->be->copy_to_host(s->m, o->m, n_opt * sizeof(float));
         m->be->copy_to_host(s->v, o->v, n_opt * sizeof(float));
     }
@@ -311,9 +322,11 @@ int st_ckpt_save(MPI_Comm comm, const char *dir, const st_model *m, const st_opt
     staging s = {0};
     if (!(rc = agree(&w, rc))) rc = stage_host(m, o, w.world, w.rank, share_lo, share_hi, &s, comm);
     if (!rc) rc = write_file(&w, m, o, meta, &s, share_lo, share_hi);
-    free(s.weights);
-    free(s.m);
-    free(s.v);
+    if (!s.borrowed) {
+        free(s.weights);
+        free(s.m);
+        free(s.v);
+    }
     free(s.sums);
     if (w.rank == 0) {
         if (!rc) rc = st_ckpt_commit_file(dir, partial, path);

@@ -646,7 +646,12 @@ static int try_resume(trainer *t, const char *path) {
     rc = agree(t, rc);
     float *w = rc ? NULL : malloc(t->model.n_weights * sizeof(float));
     if (!rc) rc = agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
-    int s = st_stage_at(&t->stages, info.step);
+    /* load the optimizer in the layout it was saved in (the stage of the last completed step); the loop
+     * then enters the stage of the next step, carrying moments over exactly as an uninterrupted run */
+    int s = info.stage;
+    if (!rc && (s < 0 || s >= t->stages.n))
+        rc = agree(t, st_fail(ST_ECONFIG, "checkpoint %s was saved in stage %d, but this schedule has %d stage(s)",
+                              path, s, t->stages.n));
     if (!rc && s != t->stage) rc = agree(t, enter_stage(t, s));
     size_t n = t->optim.hi - t->optim.lo;
     float *mh = NULL, *vh = NULL;

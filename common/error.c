@@ -8,10 +8,13 @@
 static _Thread_local char st_errbuf[1024];
 
 int st_fail(int code, const char *fmt, ...) {
+    /* format into a copy: the arguments may include st_error() itself */
+    char tmp[sizeof st_errbuf];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(st_errbuf, sizeof st_errbuf, fmt, ap);
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
+    memcpy(st_errbuf, tmp, sizeof tmp);
     return code;
 }
 

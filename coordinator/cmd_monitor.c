@@ -250,7 +250,7 @@ int st_cmd_monitor(int argc, char **argv) {
     void *ctx = zmq_ctx_new();
     void *sub = ctx ? zmq_socket(ctx, ZMQ_SUB) : NULL;
     if (!sub) return st_cli_error("monitor", "cannot create a ZeroMQ SUB socket");
-    int linger = 0, ivl = 200, ivl_max = 2000, hb_ivl = 1000, hb_timeout = 5000;
+    int linger = 0, ivl = 100, ivl_max = 1000, hb_ivl = 1000, hb_timeout = 5000; /* a new job is found within 1 s */
     zmq_setsockopt(sub, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(sub, ZMQ_RECONNECT_IVL, &ivl, sizeof ivl);
     zmq_setsockopt(sub, ZMQ_RECONNECT_IVL_MAX, &ivl_max, sizeof ivl_max);

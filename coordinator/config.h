@@ -62,6 +62,7 @@ typedef struct {
     st_backend_kind backend;
     int threads;                    /* 0 = auto (OMP_NUM_THREADS or the affinity mask) */
     st_loss_weighting_kind loss_weighting;
+    double loss_weighting_lr;       /* Adam step size of the learned per-task log-variances (uncertainty) */
 
     struct {
         int64_t steps;
@@ -89,7 +90,11 @@ typedef struct {
         double layer_lr_decay;
     } finetune;
 
-    struct { int stage; } sharding;
+    struct {
+        int stage;
+        int overlap;      /* reduce gradients in buckets while backward runs (stages 0-1) */
+        double bucket_mb; /* bucket size for the overlapped reduction */
+    } sharding;
 
     st_task_config tasks[ST_CFG_MAX_TASKS];
     int n_tasks;

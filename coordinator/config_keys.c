@@ -84,6 +84,8 @@ static const st_key finetune_keys[] = {
 
 static const st_key sharding_keys[] = {
     KEY_I32("stage", SOFF(sharding, stage), 0, 3, 0),
+    {.name = "overlap", .kind = ST_KEY_BOOL, .off = SOFF(sharding, overlap)},
+    KEY_F64("bucket_mb", SOFF(sharding, bucket_mb), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     {0},
 };
 
@@ -132,6 +134,7 @@ const st_key st_config_root_keys[] = {
     KEY_ENUM("backend", offsetof(st_config, backend), backend_names),
     KEY_I32("threads", offsetof(st_config, threads), 0, 0, NO_HI),
     KEY_ENUM("loss_weighting", offsetof(st_config, loss_weighting), loss_weighting_names),
+    KEY_F64("loss_weighting_lr", offsetof(st_config, loss_weighting_lr), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     KEY_SECTION("train", train, train_keys),
     KEY_SECTION("finetune", finetune, finetune_keys),
     KEY_SECTION("sharding", sharding, sharding_keys),
@@ -154,6 +157,7 @@ void st_config_defaults(st_config *c) {
     c->backend = ST_BACKEND_AUTO;
     c->threads = 0;
     c->loss_weighting = ST_LOSS_WEIGHTING_NONE;
+    c->loss_weighting_lr = 0.01;
 
     c->train.steps = 1000;
     c->train.micro_batch = 4;
@@ -177,6 +181,8 @@ void st_config_defaults(st_config *c) {
     c->finetune.layer_lr_decay = 1.0;
 
     c->sharding.stage = 1;
+    c->sharding.overlap = 1;
+    c->sharding.bucket_mb = 4.0;
 
     c->mixing.strategy = ST_MIXING_PROPORTIONAL;
     c->mixing.temperature = 1.0;

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
 #include "common/error.h"
 #include "common/json.h"
@@ -77,6 +78,10 @@ typedef struct {
     st_monitor *mon;
     st_probe *probe;
     uint64_t tokens_seen;
+    /* checkpoint / resume */
+    char *job_json, *model_config_text; /* identical on every rank (attributes are collective) */
+    int64_t start_step, last_saved;     /* first step to run; completed steps of the last save (-1) */
+    double last_loss, resumed_loss;     /* resumed_loss: loss at save of the checkpoint we resumed (NAN) */
 } trainer;
 
 static void set_phase(trainer *t, st_phase phase) {
@@ -313,6 +318,16 @@ static int alloc_step_buffers(trainer *t) {
     return 0;
 }
 
+/* The texts every checkpoint carries: the canonical job JSON and the model's config.json. */
+static int read_job_texts(trainer *t) {
+    int rc = st_config_to_json(t->cfg, &t->job_json);
+    if (rc) return rc;
+    char path[ST_CFG_PATH_MAX + 16];
+    size_t len;
+    snprintf(path, sizeof path, "%s/config.json", t->cfg->model.path);
+    return st_read_file(path, &t->model_config_text, &len);
+}
+
 static int setup(trainer *t) {
     const st_config *c = t->cfg;
     int rc = agree(t, setup_backend(t));
@@ -324,6 +339,7 @@ static int setup(trainer *t) {
     if (!rc) rc = agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);
     if (!rc) rc = agree(t, enter_stage(t, 0));
+    if (!rc) rc = agree(t, read_job_texts(t));
     return rc;
 }
 
@@ -347,6 +363,8 @@ static void teardown(trainer *t) {
     free(t->weight);
     free(t->task_of);
     free(t->task_sums);
+    free(t->job_json);
+    free(t->model_config_text);
     st_model_free(&t->model);
 }
 
@@ -403,6 +421,7 @@ static int train_step(trainer *t, int64_t step, step_result *r) {
         loss += st_model_forward(m, t->inputs + off, t->targets + off, t->weight + off, 1);
         account_tasks(t, a * t->micro);
         set_phase(t, ST_PHASE_BACKWARD);
+        if (a == t->accum - 1) st_comm_overlap_begin(&t->dp, m); /* reduce while backward runs */
         st_model_backward(m);
     }
     set_phase(t, ST_PHASE_COMM);
@@ -557,6 +576,184 @@ static int save_final(trainer *t) {
     return 0;
 }
 
+/* ---------------- checkpoints ---------------- */
+
+/* Collective. Saves the state after `completed` updates. On failure rank 0 prints one line and the
+ * previous checkpoints stay as they were; the training state is never touched by a save. */
+static int save_checkpoint(trainer *t, int64_t completed, const char *why) {
+    const st_config *c = t->cfg;
+    set_phase(t, ST_PHASE_CHECKPOINT);
+    size_t words = st_loader_state_words(&t->loader);
+    uint64_t *loader_state = malloc(words * sizeof *loader_state);
+    const char *names[ST_CFG_MAX_TASKS];
+    uint64_t sums[ST_CFG_MAX_TASKS];
+    for (int k = 0; k < t->n_tasks; k++) {
+        names[k] = c->tasks[k].name;
+        sums[k] = t->datasets[k].checksum;
+    }
+    int rc = agree(t, loader_state ? 0 : st_fail(ST_ENOMEM, "out of memory"));
+    char name[ST_CKPT_NAME_MAX] = "";
+    double secs = 0;
+    if (!rc) {
+        st_loader_state_save(&t->loader, loader_state);
+        st_ckpt_meta meta = {0};
+        meta.step = completed;
+        meta.tokens_seen = t->tokens_seen;
+        meta.stage = t->stage;
+        meta.last_loss = t->last_loss;
+        meta.job_spec = t->job_json;
+        meta.model_config = t->model_config_text;
+        meta.loader_state = loader_state;
+        meta.loader_words = words;
+        meta.n_tasks = t->n_tasks;
+        meta.task_names = names;
+        meta.task_checksums = sums;
+        rc = st_ckpt_save(t->comm, c->checkpoint.dir, &t->model, &t->optim, &meta, c->checkpoint.keep_last, name, &secs);
+    }
+    free(loader_state);
+    set_phase(t, ST_PHASE_IDLE);
+    if (rc == 0) {
+        t->last_saved = completed;
+        if (t->rank == 0) {
+            printf("checkpoint: %s/%s (%s, %.2f s)\n", c->checkpoint.dir, name, why, secs);
+            fflush(stdout);
+        }
+        if (t->mon) st_monitor_event(t->mon, "checkpoint_saved", completed, "%s/%s (%s, %.2f s)", c->checkpoint.dir, name, why, secs);
+        return 0;
+    }
+    if (t->rank == 0) {
+        fprintf(stderr, "shardtune train: warning: checkpoint at step %lld failed (%s): %s\n", (long long)completed, why,
+                st_error());
+        fflush(stderr);
+    }
+    if (t->mon) st_monitor_event(t->mon, "checkpoint_failed", completed, "%s", st_error());
+    return rc;
+}
+
+enum { CTL_SIGNAL = 1u << 8 }; /* a rank got SIGTERM / checkpoint.signal */
+
+/* The control word every rank agrees on at a step boundary: any rank's signal flag OR'ed with the
+ * control requests rank 0's monitor accepted since the last boundary. */
+static unsigned boundary_control(trainer *t) {
+    unsigned bits = st_stop_requested ? CTL_SIGNAL : 0;
+    if (t->rank == 0 && t->mon) bits |= st_monitor_take_control(t->mon);
+    MPI_Allreduce(MPI_IN_PLACE, &bits, 1, MPI_UNSIGNED, MPI_BOR, t->comm);
+    return bits;
+}
+
+/* One checkpoint file: header, datasets, weights, optimizer range, loader. The trainer's state
+ * changes only once everything has been read and verified. */
+static int try_resume(trainer *t, const char *path) {
+    const st_config *c = t->cfg;
+    st_ckpt_info info;
+    int rc = agree(t, st_ckpt_read_info(path, &info));
+    if (rc) return rc;
+    for (int k = 0; !rc && k < t->n_tasks; k++) {
+        int found = -1;
+        for (int j = 0; j < info.n_tasks; j++)
+            if (strcmp(info.task_names[j], c->tasks[k].name) == 0) found = j;
+        if (found < 0)
+            rc = st_fail(ST_ECONFIG, "task '%s' is not in checkpoint %s (the task list changed; use resume: none to start over)",
+                         c->tasks[k].name, path);
+        else if (info.task_checksums[found] != t->datasets[k].checksum)
+            rc = st_fail(ST_ECONFIG, "task '%s': dataset %s changed since checkpoint %s was saved (checksum differs)",
+                         c->tasks[k].name, c->tasks[k].path, path);
+    }
+    if (!rc && info.step > c->train.steps)
+        rc = st_fail(ST_ECONFIG, "checkpoint %s is at step %lld, beyond train.steps %lld", path, (long long)info.step,
+                     (long long)c->train.steps);
+    rc = agree(t, rc);
+    float *w = rc ? NULL : malloc(t->model.n_weights * sizeof(float));
+    if (!rc) rc = agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
+    int s = stage_at(t, info.step);
+    if (!rc && s != t->stage) rc = agree(t, enter_stage(t, s));
+    size_t n = t->optim.hi - t->optim.lo;
+    float *mh = NULL, *vh = NULL;
+    int *steps = NULL;
+    if (!rc) {
+        mh = malloc((n ? n : 1) * sizeof(float));
+        vh = malloc((n ? n : 1) * sizeof(float));
+        steps = calloc((size_t)t->model.n_params, sizeof(int));
+        rc = agree(t, mh && vh && steps ? 0 : st_fail(ST_ENOMEM, "out of memory"));
+    }
+    if (!rc) {
+        rc = st_ckpt_load_optim(t->comm, path, &t->model, t->optim.lo, t->optim.hi, mh, vh, steps);
+        if (rc) t->print_error = t->rank == 0; /* every rank holds the same message */
+    }
+    if (!rc) rc = agree(t, st_loader_state_restore(&t->loader, info.loader_state, info.loader_words));
+    if (!rc) {
+        const st_backend *be = t->be;
+        be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
+        if (n && t->optim.m) {
+            be->copy_to_device(t->optim.m, mh, n * sizeof(float));
+            be->copy_to_device(t->optim.v, vh, n * sizeof(float));
+        }
+        for (int i = 0; i < t->model.n_params; i++)
+            t->optim.param_step[i] = t->model.params[i].grad_offset >= 0 ? steps[i] : 0;
+        t->start_step = info.step;
+        t->last_saved = info.step;
+        t->tokens_seen = info.tokens_seen;
+        t->last_loss = t->resumed_loss = info.last_loss;
+        if (t->rank == 0) {
+            const char *base = strrchr(path, '/');
+            printf("resumed from %s at step %lld (saved by %d rank%s); loss at save %.6f\n", base ? base + 1 : path,
+                   (long long)info.step, info.world_size, info.world_size == 1 ? "" : "s", info.last_loss);
+            fflush(stdout);
+        }
+    }
+    free(w);
+    free(mh);
+    free(vh);
+    free(steps);
+    st_ckpt_info_free(&info);
+    return rc;
+}
+
+/* A damaged file (unreadable, truncated, failing a checksum) makes auto-resume fall back to the
+ * previous checkpoint; a mismatch with the job (shapes, datasets, tasks) is the user's to fix. */
+static int is_damage(int rc) { return rc == ST_ECORRUPT || rc == ST_EFORMAT || rc == ST_EIO; }
+
+static int resume(trainer *t) {
+    const st_config *c = t->cfg;
+    t->resumed_loss = NAN;
+    if (c->resume == ST_RESUME_NONE) {
+        if (t->rank == 0) printf("resume: none -> starting from step 0\n");
+        return 0;
+    }
+    if (c->resume == ST_RESUME_PATH) {
+        char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
+        int rc = agree(t, st_ckpt_resolve(c->resume_path, path, sizeof path));
+        if (rc) return rc;
+        return try_resume(t, path);
+    }
+    /* auto: rank 0 lists the directory, everyone tries the candidates in the same order */
+    char (*names)[ST_CKPT_NAME_MAX] = NULL;
+    int n = 0;
+    int rc = t->rank == 0 ? st_ckpt_candidates(c->checkpoint.dir, &names, &n) : 0;
+    if ((rc = agree(t, rc))) return rc;
+    MPI_Bcast(&n, 1, MPI_INT, 0, t->comm);
+    if (t->rank != 0 && n > 0 && !(names = calloc((size_t)n, ST_CKPT_NAME_MAX))) n = -1;
+    if ((rc = agree(t, n < 0 ? st_fail(ST_ENOMEM, "out of memory") : 0))) return rc;
+    if (n > 0) MPI_Bcast(names, n * ST_CKPT_NAME_MAX, MPI_CHAR, 0, t->comm);
+    for (int i = 0; i < n; i++) {
+        char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
+        snprintf(path, sizeof path, "%s/%s", c->checkpoint.dir, names[i]);
+        rc = try_resume(t, path);
+        if (rc == 0 || !is_damage(rc)) break;
+        if (t->rank == 0) {
+            fprintf(stderr, "shardtune train: warning: checkpoint %s is unusable (%s); falling back to %s\n", path,
+                    st_error(), i + 1 < n ? names[i + 1] : "a fresh start");
+            fflush(stderr);
+        }
+        rc = 0;
+        t->print_error = 1;
+    }
+    if (rc == 0 && t->start_step == 0 && t->rank == 0)
+        printf("resume: auto -> no %scheckpoint in %s, starting from step 0\n", n > 0 ? "usable " : "", c->checkpoint.dir);
+    free(names);
+    return rc;
+}
+
 /* ---------------- the loop ---------------- */
 
 static void print_banner(const trainer *t) {
@@ -571,6 +768,50 @@ static void print_banner(const trainer *t) {
     fflush(stdout);
 }
 
+/* Waits at a step boundary until `ctl resume` or a stop; a checkpoint request is served meanwhile.
+ * Returns the bits that ended the pause. */
+static unsigned pause_here(trainer *t, int64_t completed) {
+    if (t->rank == 0) { printf("paused at step %lld (ctl resume to continue)\n", (long long)completed); fflush(stdout); }
+    if (t->mon) st_monitor_event(t->mon, "pause", completed, "paused");
+    for (;;) {
+        usleep(200 * 1000);
+        unsigned bits = boundary_control(t);
+        if (bits & (ST_CTL_STOP | CTL_SIGNAL)) return bits;
+        if ((bits & ST_CTL_CHECKPOINT) && t->last_saved != completed) save_checkpoint(t, completed, "requested");
+        if (bits & ST_CTL_RESUME) {
+            if (t->rank == 0) { printf("resumed at step %lld\n", (long long)completed); fflush(stdout); }
+            if (t->mon) st_monitor_event(t->mon, "resume", completed, "resumed");
+            return bits;
+        }
+    }
+}
+
+/* Everything that happens between steps after `completed` updates. Returns 0 to go on, 1 when the run
+ * stopped after a checkpoint, or a negative code when it must end with an error. */
+static int step_boundary(trainer *t, int64_t completed) {
+    const st_config *c = t->cfg;
+    unsigned bits = boundary_control(t);
+    if ((bits & ST_CTL_PAUSE) && !(bits & (ST_CTL_STOP | CTL_SIGNAL))) bits |= pause_here(t, completed);
+    int last = completed == c->train.steps;
+    if ((bits & (ST_CTL_STOP | CTL_SIGNAL)) && !last) {
+        const char *why = bits & CTL_SIGNAL ? "signal" : "ctl stop";
+        int rc = t->last_saved == completed ? 0 : save_checkpoint(t, completed, why);
+        if (rc) {
+            if (t->rank == 0) fprintf(stderr, "shardtune train: error: stop requested (%s) but the checkpoint failed; "
+                                              "the previous checkpoint in %s is intact\n", why, c->checkpoint.dir);
+            t->print_error = 0;
+            return rc;
+        }
+        if (t->mon) st_monitor_event(t->mon, "stop", completed, "stopped after a checkpoint (%s)", why);
+        if (t->rank == 0) { printf("stopped at step %lld (%s): checkpointed, exit %d to requeue\n", (long long)completed, why, 85); fflush(stdout); }
+        return 1;
+    }
+    int periodic = c->checkpoint.every_steps > 0 && completed % c->checkpoint.every_steps == 0;
+    if ((periodic || last || (bits & ST_CTL_CHECKPOINT)) && t->last_saved != completed)
+        save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic");
+    return 0; /* a failed save does not stop training: the warning was printed, the old checkpoint stands */
+}
+
 st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error) {
     trainer t;
     memset(&t, 0, sizeof t);
@@ -579,13 +820,19 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     MPI_Comm_rank(comm, &t.rank);
     MPI_Comm_size(comm, &t.world);
     t.print_error = 1;
+    t.last_saved = -1;
+    t.last_loss = NAN;
     st_run_result result = ST_RUN_FINISHED;
     int rc = setup(&t);
+    if (!rc) rc = resume(&t);
     if (rc) { result = ST_RUN_FAILED; goto done; }
     print_banner(&t);
-    if (t.mon) st_monitor_event(t.mon, "start", 0, "training %lld steps on %d rank(s)", (long long)cfg->train.steps, t.world);
+    if (t.mon) {
+        if (t.start_step > 0) st_monitor_event(t.mon, "resume", t.start_step, "resumed at step %lld on %d rank(s)", (long long)t.start_step, t.world);
+        st_monitor_event(t.mon, "start", t.start_step, "training %lld steps on %d rank(s)", (long long)cfg->train.steps, t.world);
+    }
     double *val = calloc((size_t)t.n_tasks, sizeof(double)), *val_n = calloc((size_t)t.n_tasks, sizeof(double));
-    for (int64_t step = 0; step < cfg->train.steps; step++) {
+    for (int64_t step = t.start_step; step < cfg->train.steps; step++) {
         int s = stage_at(&t, step);
         if (s != t.stage) {
             rc = agree(&t, enter_stage(&t, s));
@@ -597,6 +844,11 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
         rc = agree(&t, train_step(&t, step, &r));
         if (rc) { result = ST_RUN_FAILED; break; }
         t.tokens_seen += (uint64_t)t.world * t.slots * t.T;
+        t.last_loss = r.loss;
+        if (step == t.start_step && step > 0 && t.rank == 0) {
+            printf("continuity: first loss after resume %.6f vs %.6f at save\n", r.loss, t.resumed_loss);
+            fflush(stdout);
+        }
         int do_eval = cfg->eval.every_steps > 0 && ((step + 1) % cfg->eval.every_steps == 0);
         if (do_eval) {
             set_phase(&t, ST_PHASE_EVAL);
@@ -604,6 +856,9 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
             set_phase(&t, ST_PHASE_IDLE);
         }
         report_step(&t, step, &r, do_eval ? val : NULL, val_n);
+        int b = step_boundary(&t, step + 1);
+        if (b < 0) { result = ST_RUN_FAILED; break; }
+        if (b > 0) { result = ST_RUN_CHECKPOINTED; break; }
     }
     free(val);
     free(val_n);

@@ -1,4 +1,6 @@
-/* comm.c — see comm.h. Plain blocking MPI collectives over the compact gradient space. */
+/* comm.c — see comm.h. MPI collectives over the compact gradient space on the CPU backend; NCCL
+ * (kernels/cuda/nccl_comm.h, on device buffers, communicator id broadcast over MPI) on the CUDA
+ * backend. Scalars (losses, norms) always go through MPI. */
 #include "worker/comm.h"
 
 #include <stdlib.h>
@@ -7,6 +9,11 @@
 #include "common/error.h"
 #include "common/util.h"
 #include "worker/optim.h"
+#ifdef ST_HAVE_CUDA
+#include "kernels/cuda/nccl_comm.h"
+#endif
+
+static int on_device(const st_model *m) { return strcmp(m->be->name, "cpu") != 0; }
 
 static int mpi_check(int rc, const char *what, int rank) {
     if (rc == MPI_SUCCESS) return 0;
@@ -14,6 +21,48 @@ static int mpi_check(int rc, const char *what, int rank) {
     int len = 0;
     MPI_Error_string(rc, msg, &len);
     return st_fail(ST_ECOMM, "rank %d: %s failed: %s", rank, what, msg);
+}
+
+/* One NCCL communicator per job: rank 0 makes the id, MPI carries it. */
+static int nccl_setup(st_comm *c) {
+#ifdef ST_HAVE_CUDA
+    unsigned char id[ST_NCCL_ID_BYTES];
+    int rc = c->rank == 0 ? st_nccl_get_unique_id(id) : 0;
+    MPI_Bcast(&rc, 1, MPI_INT, 0, c->comm);
+    if (rc) return c->rank == 0 ? rc : st_fail(ST_ECOMM, "rank 0 could not create the NCCL id");
+    MPI_Bcast(id, ST_NCCL_ID_BYTES, MPI_BYTE, 0, c->comm);
+    st_nccl_comm *nc = NULL;
+    rc = st_nccl_init(&nc, c->rank, c->world, id);
+    c->nccl = nc;
+    return rc;
+#else
+    return st_fail(ST_EDEVICE, "rank %d: device buffers need NCCL, but this build has no CUDA", c->rank);
+#endif
+}
+
+/* The three gradient/parameter collectives, on whichever transport this job uses. */
+static int coll_allreduce(st_comm *c, float *buf, size_t n) {
+#ifdef ST_HAVE_CUDA
+    if (c->nccl) return st_nccl_all_reduce_sum(c->nccl, buf, n);
+#endif
+    return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, c->comm), "gradient all-reduce",
+                     c->rank);
+}
+
+static int coll_reduce_scatter(st_comm *c, const float *send, float *recv) {
+#ifdef ST_HAVE_CUDA
+    if (c->nccl) return st_nccl_reduce_scatter_sum(c->nccl, recv, send, c->shard);
+#endif
+    return mpi_check(MPI_Reduce_scatter_block(send, recv, (int)c->shard, MPI_FLOAT, MPI_SUM, c->comm),
+                     "gradient reduce-scatter", c->rank);
+}
+
+static int coll_allgather(st_comm *c, float *flat) {
+#ifdef ST_HAVE_CUDA
+    if (c->nccl) return st_nccl_all_gather(c->nccl, flat, flat + c->lo, c->shard);
+#endif
+    return mpi_check(MPI_Allgather(MPI_IN_PLACE, (int)c->shard, MPI_FLOAT, flat, (int)c->shard, MPI_FLOAT, c->comm),
+                     "parameter all-gather", c->rank);
 }
 
 int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
@@ -29,21 +78,91 @@ int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
     c->shard = c->n_pad / (size_t)c->world;
     c->lo = c->shard * (size_t)c->rank;
     c->hi = c->lo + c->shard;
+    c->be = m->be;
     if (stage >= 1 && c->n_pad) {
-        c->flat_params = st_calloc_aligned(c->n_pad * sizeof(float));
+        c->flat_params = c->be->alloc(c->n_pad * sizeof(float));
         if (!c->flat_params) return st_fail(ST_ENOMEM, "out of memory for the parameter gather buffer");
     }
     if (stage == 2 && c->shard) {
-        c->shard_grads = st_calloc_aligned(c->shard * sizeof(float));
+        c->shard_grads = c->be->alloc(c->shard * sizeof(float));
         if (!c->shard_grads) return st_fail(ST_ENOMEM, "out of memory for the gradient shard");
     }
+    if (on_device(m) && c->world > 1) return nccl_setup(c);
     return 0;
 }
 
 void st_comm_free(st_comm *c) {
-    free(c->shard_grads);
-    free(c->flat_params);
+#ifdef ST_HAVE_CUDA
+    if (c->nccl) st_nccl_destroy(c->nccl);
+    c->nccl = NULL;
+#endif
+    if (c->be) {
+        c->be->free(c->shard_grads);
+        c->be->free(c->flat_params);
+    }
+    free(c->reqs);
     c->shard_grads = c->flat_params = NULL;
+    c->reqs = NULL;
+    c->n_reqs = c->cap_reqs = 0;
+}
+
+/* ---- overlapped, bucketed all-reduce ---- */
+
+static void launch_bucket(st_comm *c, float *grads) {
+    if (c->pend_hi <= c->pend_lo) return;
+    if (c->n_reqs == c->cap_reqs) {
+        int nc = c->cap_reqs ? 2 * c->cap_reqs : 16;
+        MPI_Request *nr = realloc(c->reqs, (size_t)nc * sizeof *nr);
+        if (!nr) return; /* left pending; finish reduces it */
+        c->reqs = nr;
+        c->cap_reqs = nc;
+    }
+    MPI_Iallreduce(MPI_IN_PLACE, grads + c->pend_lo, (int)(c->pend_hi - c->pend_lo), MPI_FLOAT, MPI_SUM, c->comm,
+                   &c->reqs[c->n_reqs++]);
+    c->covered += c->pend_hi - c->pend_lo;
+    c->pend_lo = c->pend_hi = 0;
+}
+
+static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
+    st_comm *c = vctx;
+    float *grads = c->overlap_grads;
+    double t0 = st_now();
+    if (c->pend_hi > c->pend_lo && hi != c->pend_lo) launch_bucket(c, grads); /* not adjacent */
+    if (c->pend_hi <= c->pend_lo) { c->pend_lo = lo; c->pend_hi = hi; }
+    else c->pend_lo = lo;
+    if ((c->pend_hi - c->pend_lo) * sizeof(float) >= c->bucket_bytes) launch_bucket(c, grads);
+    /* Open MPI progresses non-blocking collectives only inside MPI calls: poke it once per layer */
+    int done;
+    if (c->n_reqs) MPI_Testall(c->n_reqs, c->reqs, &done, MPI_STATUSES_IGNORE);
+    c->overlap_seconds += st_now() - t0;
+}
+
+void st_comm_overlap_begin(st_comm *c, st_model *m) {
+    c->overlapping = 0;
+    if (c->world == 1 || c->stage > 1 || c->n == 0 || c->nccl) return;
+    if (!c->bucket_bytes) c->bucket_bytes = 4u << 20;
+    c->overlapping = 1;
+    c->pend_lo = c->pend_hi = 0;
+    c->covered = 0;
+    c->n_reqs = 0;
+    c->overlap_seconds = 0;
+    c->overlap_grads = m->grads;
+    m->grad_ready = on_grad_ready;
+    m->grad_ready_ctx = c;
+}
+
+static int overlap_finish(st_comm *c, st_model *m) {
+    launch_bucket(c, m->grads);
+    m->grad_ready = NULL;
+    m->grad_ready_ctx = NULL;
+    c->overlapping = 0;
+    int rc = MPI_Waitall(c->n_reqs, c->reqs, MPI_STATUSES_IGNORE);
+    c->n_reqs = 0;
+    if (rc != MPI_SUCCESS) return mpi_check(rc, "bucketed gradient all-reduce", c->rank);
+    if (c->covered != c->n)
+        return st_fail(ST_ECOMM, "rank %d: internal error: overlapped reduction covered %zu of %zu gradients",
+                       c->rank, c->covered, c->n);
+    return 0;
 }
 
 void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi) {
@@ -56,15 +175,13 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     int rc = 0;
     c->comm_seconds = 0;
     if (c->n_pad == 0) { *optim_grads = m->grads; return 0; }
-    if (c->world > 1) {
-        if (c->stage == 2)
-            rc = mpi_check(MPI_Reduce_scatter_block(m->grads, c->shard_grads, (int)c->shard, MPI_FLOAT, MPI_SUM,
-                                                    c->comm), "gradient reduce-scatter", c->rank);
-        else
-            rc = mpi_check(MPI_Allreduce(MPI_IN_PLACE, m->grads, (int)c->n_pad, MPI_FLOAT, MPI_SUM, c->comm),
-                           "gradient all-reduce", c->rank);
+    if (c->overlapping) {
+        rc = overlap_finish(c, m);
+    } else if (c->world > 1) {
+        if (c->stage == 2) rc = coll_reduce_scatter(c, m->grads, c->shard_grads);
+        else rc = coll_allreduce(c, m->grads, c->n_pad);
     } else if (c->stage == 2) {
-        memcpy(c->shard_grads, m->grads, c->shard * sizeof(float));
+        m->be->copy(c->shard_grads, m->grads, c->shard * sizeof(float));
     }
     c->comm_seconds += st_now() - t0;
     if (c->stage == 0) *optim_grads = m->grads;
@@ -90,8 +207,8 @@ typedef struct { const st_model *m; float *flat; int to_flat; } pack_ctx;
 static void pack_range(void *vctx, const st_param *p, size_t start, size_t len) {
     pack_ctx *k = vctx;
     float *w = k->m->weights + p->offset + (start - (size_t)p->grad_offset);
-    if (k->to_flat) memcpy(k->flat + start, w, len * sizeof(float));
-    else memcpy(w, k->flat + start, len * sizeof(float));
+    if (k->to_flat) k->m->be->copy(k->flat + start, w, len * sizeof(float));
+    else k->m->be->copy(w, k->flat + start, len * sizeof(float));
 }
 
 int st_comm_gather_params(st_comm *c, st_model *m) {
@@ -99,8 +216,7 @@ int st_comm_gather_params(st_comm *c, st_model *m) {
     double t0 = st_now();
     pack_ctx k = {m, c->flat_params, 1};
     st_for_each_param_range(m, c->lo, c->hi, pack_range, &k);
-    int rc = mpi_check(MPI_Allgather(MPI_IN_PLACE, (int)c->shard, MPI_FLOAT, c->flat_params, (int)c->shard,
-                                     MPI_FLOAT, c->comm), "parameter all-gather", c->rank);
+    int rc = coll_allgather(c, c->flat_params);
     if (rc) return rc;
     k.to_flat = 0;
     st_for_each_param_range(m, 0, c->n_pad, pack_range, &k);
@@ -116,7 +232,7 @@ int st_comm_sum(st_comm *c, double *x, int n) {
 int st_comm_gather_state(st_comm *c, const float *part, float *full) {
     if (c->n_pad == 0) return 0;
     if (c->stage == 0) {
-        memcpy(full, part, c->n_pad * sizeof(float));
+        c->be->copy(full, part, c->n_pad * sizeof(float));
         return 0;
     }
     return mpi_check(MPI_Allgather(part, (int)c->shard, MPI_FLOAT, full, (int)c->shard, MPI_FLOAT, c->comm),

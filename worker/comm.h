@@ -4,7 +4,8 @@
  * rank updates its shard and the updated parameters are all-gathered; 2 reduce-scatters gradients into
  * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers.
  * The compact space (model->grad_alloc floats) is padded to a multiple of the world size so every shard
- * has the same length. The communicator owns its staging buffers (host memory). */
+ * has the same length. The communicator owns its staging buffers (backend memory). On a device backend the
+ * gradient and parameter collectives go through NCCL; scalars always go through MPI. */
 #ifndef ST_COMM_H
 #define ST_COMM_H
 
@@ -15,12 +16,24 @@
 
 typedef struct {
     MPI_Comm comm;
+    const st_backend *be;   /* where the gradient/parameter buffers live */
+    void *nccl;             /* st_nccl_comm when the backend is a device backend and world > 1 */
     int rank, world, stage;
     size_t n, n_pad, shard; /* trainable floats, padded total, per-rank shard length */
     size_t lo, hi;          /* this rank's shard of the compact space (lo..hi may exceed n: padding) */
     float *shard_grads;     /* stage 2: reduced gradients of the shard [shard] */
     float *flat_params;     /* stages 1-2: compact parameter staging [n_pad] */
-    double comm_seconds;    /* time spent in collectives in the last step */
+    double comm_seconds;    /* time the step waited on gradient/parameter collectives (exposed time) */
+    /* Overlap of the gradient all-reduce with backward (stages 0-1): ranges reported by the model's
+     * grad_ready hook are merged into buckets of >= bucket_bytes and reduced with MPI_Iallreduce. */
+    size_t bucket_bytes;
+    int overlapping;        /* a bucketed reduction is in flight for this step */
+    size_t pend_lo, pend_hi; /* the bucket being filled (ranges arrive top-down) */
+    size_t covered;         /* elements handed to MPI so far this step */
+    float *overlap_grads;   /* the model's gradient buffer while overlapping */
+    MPI_Request *reqs;
+    int n_reqs, cap_reqs;
+    double overlap_seconds; /* time spent launching/progressing buckets during backward */
 } st_comm;
 
 /* `m` must already have its trainable set (grad_align = world size). */
@@ -30,7 +43,11 @@ void st_comm_free(st_comm *c);
 /* The optimizer's range: [lo, hi) for stages 1-2, [0, n_pad) for stage 0. */
 void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi);
 
-/* Sums gradients across ranks. Returns the pointer the optimizer reads (element 0 = its range start). */
+/* Arms overlap for the next backward (stages 0-1 with world > 1; a no-op otherwise): installs the
+ * model's grad_ready hook. Call before the last micro-batch's st_model_backward. */
+void st_comm_overlap_begin(st_comm *c, st_model *m);
+
+/* Sums gradients across ranks (finishing an armed overlap: flush, wait, uninstall the hook). Returns the pointer the optimizer reads (element 0 = its range start). */
 int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads);
 
 /* Global squared L2 norm of the summed gradients (optim_grads over the optimizer range). */

@@ -134,29 +134,40 @@ static int validate_config(const st_model_config *c) {
     return 0;
 }
 
-int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be) {
+int st_model_build_registry(st_model *m, const st_model_config *cfg) {
     memset(m, 0, sizeof *m);
     int rc = validate_config(cfg);
     if (rc) return rc;
     m->cfg = *cfg;
-    m->be = be;
     registry r = {0};
     rc = cfg->family == ST_FAMILY_GPT2 ? build_gpt2(&r, cfg) : build_llama(&r, cfg);
     if (rc) { free(r.p); return rc; }
     m->params = r.p;
     m->n_params = r.n;
     m->n_weights = r.offset;
-    m->weights = be->alloc(m->n_weights * sizeof(float));
-    if (!m->weights) {
-        free(r.p);
-        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights", m->n_weights * 4.0 / 1e6);
-    }
     m->lowest_trained_layer = cfg->n_layer;
     return 0;
 }
 
+int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be) {
+    int rc = st_model_build_registry(m, cfg);
+    if (rc) return rc;
+    m->be = be;
+    m->weights = be->alloc(m->n_weights * sizeof(float));
+    if (!m->weights) {
+        free(m->params);
+        m->params = NULL;
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights", m->n_weights * 4.0 / 1e6);
+    }
+    return 0;
+}
+
 void st_model_free(st_model *m) {
-    if (!m->be) return;
+    if (!m->be) { /* registry only (st_model_build_registry) */
+        free(m->params);
+        memset(m, 0, sizeof *m);
+        return;
+    }
     m->be->free(m->weights);
     m->be->free(m->grads);
     m->be->free(m->act_arena);
@@ -215,9 +226,17 @@ static int param_selected(const st_model *m, int idx, const unsigned char *layer
 }
 
 size_t st_model_count_trainable(const st_model *m, const unsigned char *layer_mask, unsigned module_mask) {
+    return st_model_grad_offsets(m, layer_mask, module_mask, NULL);
+}
+
+size_t st_model_grad_offsets(const st_model *m, const unsigned char *layer_mask, unsigned module_mask,
+                             long *grad_offset) {
     size_t n = 0;
-    for (int i = 0; i < m->n_params; i++)
-        if (param_selected(m, i, layer_mask, module_mask)) n += m->params[i].numel;
+    for (int i = 0; i < m->n_params; i++) {
+        int on = param_selected(m, i, layer_mask, module_mask);
+        if (grad_offset) grad_offset[i] = on ? (long)n : -1;
+        if (on) n += m->params[i].numel;
+    }
     return n;
 }
 
@@ -340,6 +359,20 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     return off;
 }
 
+/* Floats of RoPE tables (cos + sin) for T positions; Llama family only. */
+static size_t rope_floats(const st_model_config *c, int T) {
+    return c->family == ST_FAMILY_LLAMA ? 2 * (size_t)T * (size_t)(c->head_dim / 2) : 0;
+}
+
+size_t st_model_activation_floats(const st_model_config *cfg, int B, int T) {
+    st_model tmp;
+    memset(&tmp, 0, sizeof tmp);
+    tmp.cfg = *cfg;
+    tmp.B = B;
+    tmp.T = T;
+    return layout(&tmp, NULL, NULL, NULL) + (size_t)B * T /* loss_per_pos */ + rope_floats(cfg, T);
+}
+
 int st_model_alloc_activations(st_model *m, int B, int T) {
     if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);
     if (T > m->cfg.max_seq)
@@ -361,7 +394,7 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
         return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of activations for micro_batch %d x seq_len %d",
                        m->act_floats * 4.0 / 1e6, B, T);
     if (m->cfg.family == ST_FAMILY_LLAMA) {
-        size_t n = (size_t)T * (m->cfg.head_dim / 2);
+        size_t n = rope_floats(&m->cfg, T) / 2;
         float *c = malloc(n * sizeof(float)), *s = malloc(n * sizeof(float));
         m->rope_cos = be->alloc(n * sizeof(float));
         m->rope_sin = be->alloc(n * sizeof(float));
@@ -564,6 +597,19 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);
 }
 
+/* Reports the gradient range of parameters [first, last) to the grad_ready hook (if any trains). */
+static void report_ready(const st_model *m, int first, int last) {
+    if (!m->grad_ready) return;
+    size_t lo = (size_t)-1, hi = 0;
+    for (int i = first; i < last; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0) continue;
+        if ((size_t)p->grad_offset < lo) lo = (size_t)p->grad_offset;
+        if ((size_t)p->grad_offset + p->numel > hi) hi = (size_t)p->grad_offset + p->numel;
+    }
+    if (hi > lo) m->grad_ready(m->grad_ready_ctx, lo, hi);
+}
+
 void st_model_backward(st_model *m) {
     const st_backend *be = m->be;
     const st_model_config *c = &m->cfg;
@@ -576,10 +622,15 @@ void st_model_backward(st_model *m) {
     be->memset0(b.dres, (size_t)N * c->d_model * sizeof(float));
     norm_bwd(m, b.dres, gptr(m, fn), c->family == ST_FAMILY_GPT2 ? gptr(m, fn + 1) : NULL, b.dlnf, b.res_out,
              wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
-    for (int l = L - 1; l >= m->lowest_trained_layer; l--) layer_backward(m, l, &la[l], &b);
+    report_ready(m, fn, m->n_params); /* final norm and an untied head (its gradient came in forward) */
+    for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
+        layer_backward(m, l, &la[l], &b);
+        report_ready(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+    }
     if (m->embed_trained) /* wte and wpe train together (see param_selected) */
         be->embedding_bwd(gptr(m, 0), c->family == ST_FAMILY_GPT2 ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B,
                           m->T, c->d_model);
+    report_ready(m, 0, layer_first_param(m, 0));
 }
 
 double st_model_flops_per_token(const st_model *m, int T) {

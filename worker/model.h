@@ -58,10 +58,19 @@ typedef struct {
     float *loss_per_pos; /* [B*T] unweighted loss of each target (0 where weight is 0) */
     void *layer_acts;    /* per-layer pointers into act_arena (model.c) */
     float *capture_logits; /* optional host [B*T, V]: forward copies the logits here (tests, eval tools) */
+    /* Optional: called by st_model_backward each time a contiguous range [lo, hi) of the gradient space
+     * is final — head first, then layers top-down, embeddings last — so communication can overlap the
+     * rest of backward. Together the calls cover every trainable element exactly once. */
+    void (*grad_ready)(void *ctx, size_t lo, size_t hi);
+    void *grad_ready_ctx;
 } st_model;
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */
 int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be);
+/* The registry only (names, shapes, offsets, n_weights): no backend, no weights. The planner uses it to
+ * size models that would not fit in this process. st_model_set_trainable must not be called on it (it
+ * allocates gradients); st_model_count_trainable may. Release with st_model_free(). */
+int st_model_build_registry(st_model *m, const st_model_config *cfg);
 void st_model_free(st_model *m);
 
 /* Random init (std 0.02, residual projections scaled by 1/sqrt(2L), norms 1, biases 0). */
@@ -80,8 +89,17 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
 /* Number of floats that st_model_set_trainable would make trainable (no allocation). */
 size_t st_model_count_trainable(const st_model *m, const unsigned char *layer_mask, unsigned module_mask);
 
+/* The gradient offsets st_model_set_trainable would assign (grad_offset[n_params], -1 = frozen; may be
+ * NULL) without allocating anything; returns the number of trainable floats. */
+size_t st_model_grad_offsets(const st_model *m, const unsigned char *layer_mask, unsigned module_mask,
+                             long *grad_offset);
+
 /* Allocates activations for micro-batches of B sequences of T tokens (T <= cfg.max_seq). */
 int st_model_alloc_activations(st_model *m, int B, int T);
+
+/* Floats that st_model_alloc_activations(m, B, T) allocates for a model of this config: the arena (same
+ * layout code), loss_per_pos [B*T] and the RoPE tables. No allocation, no validation of T. */
+size_t st_model_activation_floats(const st_model_config *cfg, int B, int T);
 
 /* Forward over inputs[B*T]. targets[B*T] and weight[B*T] (loss weights, already divided by the
  * normalizer; 0 = not a target) give the loss. Returns sum_i weight[i] * loss_i; m->loss_per_pos holds

@@ -25,6 +25,7 @@ int st_optim_init(st_optim *o, const st_optim_config *cfg, size_t lo, size_t hi,
 }
 
 void st_optim_free(st_optim *o, const st_backend *be) {
+    if (!be) return; /* never initialized */
     be->free(o->m);
     be->free(o->v);
     o->m = o->v = NULL;

@@ -62,14 +62,21 @@ void st_cpu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t
         const float *kbase = qkv + (size_t)bi * t * stride + (size_t)h * hd + (size_t)(hi / group) * hd;
         const float *vbase = kbase + (size_t)kvh * hd;
         int nk = ti + 1;
-        for (int j = 0; j < nk; j++) s[j] = st_cpu_dot(q, kbase + (size_t)j * stride, hd) * scale;
+        int j = 0;
+        for (; j + 4 <= nk; j += 4) {
+            const float *k0 = kbase + (size_t)j * stride;
+            float d4[4];
+            st_cpu_dot4(d4, q, k0, k0 + stride, k0 + 2 * (size_t)stride, k0 + 3 * (size_t)stride, hd);
+            for (int r4 = 0; r4 < 4; r4++) s[j + r4] = d4[r4] * scale;
+        }
+        for (; j < nk; j++) s[j] = st_cpu_dot(q, kbase + (size_t)j * stride, hd) * scale;
         float mx = st_cpu_max(s, nk);
-        for (int j = 0; j < nk; j++) s[j] = st_cpu_expf(s[j] - mx);
+        for (j = 0; j < nk; j++) s[j] = st_cpu_expf(s[j] - mx);
         float sum = st_cpu_sum(s, nk);
         float inv = 1.0f / sum;
         float *restrict o = out + ((size_t)bi * t + ti) * (size_t)h * hd + (size_t)hi * hd;
         for (int d = 0; d < hd; d++) o[d] = 0.0f;
-        for (int j = 0; j < nk; j++) st_cpu_axpy(o, s[j] * inv, vbase + (size_t)j * stride, hd);
+        for (j = 0; j < nk; j++) st_cpu_axpy(o, s[j] * inv, vbase + (size_t)j * stride, hd);
         lse[((size_t)bi * h + hi) * t + ti] = mx + logf(sum);
     }
 }

@@ -3,7 +3,8 @@
  *
  * Memory: alloc returns 64-byte aligned zeroed host memory owned by the caller (release with ->free).
  * Kernels never allocate. Every reduction runs over a partition that does not depend on the number
- * of threads, so results are bit-identical for any thread count and any scheduling (BLAS aside). */
+ * of threads, so results are bit-identical for any thread count and any scheduling (matmul: for a
+ * given thread count). OpenBLAS runs single-threaded inside the OpenMP team (see st_cpu_matmul). */
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/kernels.h"
 #include "common/util.h"
@@ -27,6 +28,14 @@ static void cpu_synchronize(void) {}
 
 /* ---- matmul ---- */
 
+/* Below this many multiply-adds one thread is faster than waking the team. */
+#define ST_MATMUL_PAR_MIN (1L << 21)
+
+/* The OpenMP team splits C into contiguous row blocks (or column blocks when C is wider than tall),
+ * multiples of 16, and each thread runs a single-threaded sgemm on its block. One thread pool for the
+ * whole backend: OpenBLAS's own pthreads would busy-wait between calls and steal the cores from the
+ * OpenMP kernels that run in between. The split depends only on the shape and the thread count, so
+ * results are reproducible run to run; a different thread count may round edge tiles differently. */
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta) {
     if (m <= 0 || n <= 0) return;
@@ -35,10 +44,26 @@ void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k
         if (beta == 0.0f) memset(c, 0, (size_t)m * (size_t)n * sizeof(float));
         return;
     }
-    int lda = trans_a ? m : k;
-    int ldb = trans_b ? k : n;
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n, k,
-                alpha, a, lda, b, ldb, beta, c, n);
+    const int lda = trans_a ? m : k, ldb = trans_b ? k : n;
+    const enum CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
+    const int by_rows = m >= n;
+    const int len = by_rows ? m : n;
+#pragma omp parallel if ((long)m * n * k >= ST_MATMUL_PAR_MIN && len >= 32)
+    {
+        int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        int per = ((len + nt - 1) / nt + 15) / 16 * 16;
+        int lo = id * per < len ? id * per : len;
+        int hi = lo + per < len ? lo + per : len;
+        if (hi > lo) {
+            if (by_rows) {
+                const float *as = trans_a ? a + lo : a + (size_t)lo * k;
+                cblas_sgemm(CblasRowMajor, ta, tb, hi - lo, n, k, alpha, as, lda, b, ldb, beta, c + (size_t)lo * n, n);
+            } else {
+                const float *bs = trans_b ? b + (size_t)lo * k : b + lo;
+                cblas_sgemm(CblasRowMajor, ta, tb, m, hi - lo, k, alpha, a, lda, bs, ldb, beta, c + lo, n);
+            }
+        }
+    }
 }
 
 /* ---- bias ---- */
@@ -163,6 +188,6 @@ const st_backend *st_backend_cpu(int threads) {
     if (threads <= 0) threads = st_num_threads();
     if (threads <= 0) threads = 1;
     omp_set_num_threads(threads);
-    openblas_set_num_threads(threads);
+    openblas_set_num_threads(1); /* parallelism comes from st_cpu_matmul's OpenMP split */
     return &st_cpu_table;
 }

@@ -13,6 +13,12 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Every file of the backend includes this first. Without these two options GCC keeps float compares
+ * and sqrtf as branches (a NaN compare may raise an FP flag; sqrtf of a negative sets errno) and so
+ * vectorizes none of the loops that clamp, select or take square roots. Neither option changes any
+ * computed value: we never read FP exception flags or errno. */
+#pragma GCC optimize("no-trapping-math", "no-math-errno")
+
 /* Below this much work (roughly: floats touched) a kernel runs on the calling thread only:
  * waking the OpenMP team costs a few microseconds. */
 #define ST_CPU_PAR_MIN 32768
@@ -30,6 +36,26 @@ static inline float st_cpu_dot(const float *restrict a, const float *restrict b,
     for (int l = 0; l < ST_LANES; l++) s += acc[l];
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* Four dot products of q with k0..k3 sharing the loads of q: out[r] = st_cpu_dot(q, kr, n) bit for bit
+ * (same lanes, same combination order). */
+static inline void st_cpu_dot4(float out[4], const float *restrict q, const float *restrict k0,
+                               const float *restrict k1, const float *restrict k2, const float *restrict k3, int n) {
+    float a0[ST_LANES] = {0}, a1[ST_LANES] = {0}, a2[ST_LANES] = {0}, a3[ST_LANES] = {0};
+    int i = 0;
+    for (; i + ST_LANES <= n; i += ST_LANES)
+        for (int l = 0; l < ST_LANES; l++) {
+            float x = q[i + l];
+            a0[l] += x * k0[i + l];
+            a1[l] += x * k1[i + l];
+            a2[l] += x * k2[i + l];
+            a3[l] += x * k3[i + l];
+        }
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    for (int l = 0; l < ST_LANES; l++) s0 += a0[l], s1 += a1[l], s2 += a2[l], s3 += a3[l];
+    for (; i < n; i++) s0 += q[i] * k0[i], s1 += q[i] * k1[i], s2 += q[i] * k2[i], s3 += q[i] * k3[i];
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
 }
 
 /* sum_i a[i] with fixed-order lane accumulation. */

@@ -8,7 +8,8 @@
  * BATCH holds "inputs" (I32 [B,T]), "targets" (I32 [B,T]) and "weight" (F32 [B,T], already divided by
  * the normalizer). OUT gets "logits" [B*T,V], "loss" [1] (sum of weight*loss), "loss_per_pos" [B*T],
  * "grad.<name>" (HF layout) of the first step, and with --steps K the weights after each AdamW step,
- * "step<k>.<name>", and "lr<k>" [1]. Every step reuses the same batch. No-decay set: norms, biases,
+ * "step<k>.<name>", the unclipped gradients that step k used, "grad<k>.<name>" (k >= 2; step 1 used
+ * "grad."), and "lr<k>" [1]. Every step reuses the same batch. No-decay set: norms, biases,
  * embeddings. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -147,6 +148,9 @@ int main(int argc, char **argv) {
             st_model_zero_grad(&m);
             st_model_forward(&m, in, tg, w, 1);
             st_model_backward(&m);
+            char gprefix[32];
+            snprintf(gprefix, sizeof gprefix, "grad%d.", k);
+            add_params(&o, &m, m.grads, gprefix, 1);
         }
         double norm = sqrt(be->sumsq(m.grads, m.n_grads));
         float lr = st_lr_at(&oc, k - 1);

@@ -645,7 +645,7 @@ static void test_json_dump(void **state) {
                           "\"betas\": [0.8, 0.99]", "\"log_every\": 5", "\"mode\": \"progressive\"",
                           "\"train_modules\": [\"attn\", \"mlp\", \"head\"]",
                           "{\"at_step\": 200, \"train_layers\": \"-6\", \"train_modules\": [\"attn\", \"norm\"]}",
-                          "\"sharding\": {\"stage\": 2}",
+                          "\"sharding\": {\"stage\": 2, \"overlap\": true, \"bucket_mb\": 4}",
                           "{\"name\": \"qa\", \"path\": \"data/qa.h5\", \"weight\": 2, \"loss_weight\": 0.5}",
                           "\"split\": [0.7, 0.2, 0.1]", "\"eval\": {\"every_steps\": 25, \"batches\": 4}",
                           "\"signal\": \"USR2\"", "\"resume\": \"none\"", "\"curve\": true",

@@ -606,10 +606,10 @@ static void test_memory(void **state) {
 /* ---- determinism: sizes above the parallel thresholds; 2 threads twice, then 1 thread ---- */
 
 struct det_out {
-    float *attn_dqkv, *ce, *ln_dx, *ln_dw, *emb, *bias, *adam;
+    float *mm, *mm2, *attn_dqkv, *ce, *ln_dx, *ln_dw, *emb, *bias, *adam;
     double ce_total, ss;
 };
-enum { DB = 2, DT = 64, DH = 4, DKV = 2, DHD = 32, DN = 128, DC = 320, DV = 2000, DVOC = 50 };
+enum { MM = 203, MN = 151, MK = 133, DB = 2, DT = 64, DH = 4, DKV = 2, DHD = 32, DN = 128, DC = 320, DV = 2000, DVOC = 50 };
 
 static void det_run(struct det_out *o, int threads) {
     const st_backend *k = st_backend_cpu(threads);
@@ -643,14 +643,27 @@ static void det_run(struct det_out *o, int threads) {
     float *m = calloc((size_t)DN * DC, 4), *v = calloc((size_t)DN * DC, 4);
     k->adamw(o->adam, ld, m, v, (size_t)DN * DC, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 1.0f, 1);
     o->ss = k->sumsq(o->ce, (size_t)DN * DV);
+    /* matmul: odd sizes above the parallel threshold, split across threads */
+    float *ma = frand((size_t)MM * MK, 1), *mb = frand((size_t)MK * MN, 1);
+    o->mm = frand((size_t)MM * MN, 1);
+    k->matmul(o->mm, ma, mb, MM, MN, MK, 0, 1, 1.0f, 0.5f);
+    o->mm2 = frand((size_t)MK * MN, 1);
+    k->matmul(o->mm2, ma, o->mm, MK, MN, MM, 1, 0, 1.0f, 0.0f); /* trans_a, split by columns */
+    free(ma), free(mb);
     free(qkv), free(dout), free(out), free(lse), free(loss), free(w), free(tg), free(x), free(lw), free(lb);
     free(mean), free(rstd), free(lo), free(ld), free(ldb), free(tok), free(m), free(v);
 }
 static void det_free(struct det_out *o) {
-    free(o->attn_dqkv), free(o->ce), free(o->ln_dx), free(o->ln_dw), free(o->emb), free(o->bias), free(o->adam);
+    free(o->mm), free(o->mm2), free(o->attn_dqkv), free(o->ce), free(o->ln_dx), free(o->ln_dw), free(o->emb), free(o->bias), free(o->adam);
 }
-static void det_equal(const struct det_out *a, const struct det_out *b) {
+/* matmul is compared only between runs with the same thread count: BLAS edge tiles sum differently
+ * when C is split differently. Every other kernel uses thread-count-independent partitions. */
+static void det_equal(const struct det_out *a, const struct det_out *b, int same_threads) {
     size_t nqkv = (size_t)DB * DT * (DH + 2 * DKV) * DHD;
+    if (same_threads) {
+        assert_memory_equal(a->mm, b->mm, (size_t)MM * MN * 4);
+        assert_memory_equal(a->mm2, b->mm2, (size_t)MK * MN * 4);
+    }
     assert_memory_equal(a->attn_dqkv, b->attn_dqkv, nqkv * 4);
     assert_memory_equal(a->ce, b->ce, (size_t)DN * DV * 4);
     assert_memory_equal(a->ln_dx, b->ln_dx, (size_t)DN * DC * 4);
@@ -667,9 +680,9 @@ static void test_determinism(void **state) {
     struct det_out r1, r2, r3;
     det_run(&r1, 2);
     det_run(&r2, 2);
-    det_equal(&r1, &r2);
+    det_equal(&r1, &r2, 1);
     det_run(&r3, 1); /* the partitions do not depend on the thread count */
-    det_equal(&r1, &r3);
+    det_equal(&r1, &r3, 0);
     det_free(&r1), det_free(&r2), det_free(&r3);
     be = st_backend_cpu(2);
 }

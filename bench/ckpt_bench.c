@@ -1,0 +1,129 @@
+/* ckpt_bench.c — checkpoint write throughput vs the raw sequential write bandwidth of the same
+ * directory (measured in the same run, dd-like: write + fsync of a file of the same size), the time
+ * training is blocked per save (saves are synchronous: the whole st_ckpt_save), and the resume time
+ * (load model + this rank's optimizer range, checksums verified). Prints a table.
+ * usage: mpirun -np N ckpt_bench [--dir DIR] [--layers L] [--dim D] [--vocab V] [--stage S] [--reps R] */
+#include <fcntl.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "checkpoints/ckpt.h"
+#include "common/error.h"
+#include "common/util.h"
+#include "kernels/kernels.h"
+#include "worker/comm.h"
+#include "worker/model.h"
+#include "worker/optim.h"
+
+static double raw_write(const char *dir, size_t bytes) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/raw.bench", dir);
+    char *buf = malloc(1 << 20);
+    memset(buf, 0x5a, 1 << 20);
+    double t0 = st_now();
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    for (size_t done = 0; fd >= 0 && done < bytes; done += 1 << 20)
+        if (write(fd, buf, 1 << 20) < 0) break;
+    if (fd >= 0) { fsync(fd); close(fd); }
+    double t = st_now() - t0;
+    unlink(path);
+    free(buf);
+    return t;
+}
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    int rank, world;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    const char *dir = "/tmp/st_ckpt_bench";
+    int L = 4, D = 256, V = 8192, stage = 1, reps = 3;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--dir")) dir = argv[i + 1];
+        else if (!strcmp(argv[i], "--layers")) L = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--dim")) D = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--vocab")) V = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--stage")) stage = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--reps")) reps = atoi(argv[i + 1]);
+    }
+    const st_backend *be = st_backend_cpu(1);
+    st_model_config c;
+    memset(&c, 0, sizeof c);
+    snprintf(c.model_type, sizeof c.model_type, "llama");
+    c.family = ST_FAMILY_LLAMA;
+    c.n_layer = L; c.d_model = D; c.n_head = 4; c.n_kv_head = 2; c.head_dim = D / 4; c.d_ff = D * 8 / 3;
+    c.vocab = V; c.max_seq = 64; c.norm_eps = 1e-5f; c.rope_theta = 10000.0f; c.bos_id = -1; c.eos_id = -1;
+    st_model m;
+    st_comm comm;
+    st_optim o;
+    memset(&o, 0, sizeof o);
+    unsigned char *layers = malloc((size_t)L);
+    memset(layers, 1, (size_t)L);
+    m.grad_align = world;
+    if (st_model_build(&m, &c, be) || st_model_init_random(&m, 1) || (m.grad_align = world, 0) ||
+        st_model_set_trainable(&m, layers, ST_MOD_ALL) || st_comm_init(&comm, MPI_COMM_WORLD, stage, &m)) {
+        fprintf(stderr, "ckpt_bench: %s\n", st_error());
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    size_t lo, hi;
+    st_comm_optim_range(&comm, &lo, &hi);
+    st_optim_config oc = {.lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f};
+    st_optim_init(&o, &oc, lo, hi, &m, be);
+    for (size_t i = 0; i < hi - lo; i++) { o.m[i] = (float)i * 1e-6f; o.v[i] = (float)i * 1e-7f; }
+    if (rank == 0) st_mkdirs(dir);
+    st_ckpt_meta meta = {.job_spec = "{}", .model_config = "{}", .last_loss = 1.0};
+    double save = 0, save_min = 1e30, raw = 0, load = 0;
+    char name[ST_CKPT_NAME_MAX], path[1300];
+    uint64_t file_bytes = 0;
+    float *w = malloc(m.n_weights * sizeof(float)), *mm = malloc((hi - lo + 1) * 4), *vv = malloc((hi - lo + 1) * 4);
+    int *steps = calloc((size_t)m.n_params, sizeof(int));
+    for (int r = 0; r < reps; r++) {
+        meta.step = r + 1;
+        MPI_Barrier(MPI_COMM_WORLD);
+        double t0 = st_now();
+        if (st_ckpt_save(MPI_COMM_WORLD, dir, &m, &o, &meta, 1, name, NULL)) {
+            if (rank == 0) fprintf(stderr, "ckpt_bench: %s\n", st_error());
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        double t = st_now() - t0;
+        save += t;
+        if (t < save_min) save_min = t;
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        struct stat st;
+        if (stat(path, &st) == 0) file_bytes = (uint64_t)st.st_size;
+        double r0 = 0;
+        if (rank == 0) r0 = raw_write(dir, file_bytes);
+        raw += r0;
+        MPI_Barrier(MPI_COMM_WORLD);
+        t0 = st_now();
+        int rc = st_ckpt_load_model(path, &m, w);
+        if (!rc) rc = st_ckpt_load_optim(MPI_COMM_WORLD, path, &m, lo, hi, mm, vv, steps);
+        MPI_Barrier(MPI_COMM_WORLD);
+        load += st_now() - t0;
+        if (rc) { fprintf(stderr, "ckpt_bench: %s\n", st_error()); MPI_Abort(MPI_COMM_WORLD, 1); }
+    }
+    if (rank == 0) {
+        double mb = file_bytes / 1e6;
+        printf("ckpt_bench: llama L%d D%d V%d (%.2fM params), %d rank(s), ZeRO-%d, %d reps, dir %s\n", L, D, V,
+               m.n_weights / 1e6, world, stage, reps, dir);
+        printf("| %-34s | %10s |\n|%s|%s|\n", "metric", "value", "------------------------------------", "------------");
+        printf("| %-34s | %10.1f |\n", "checkpoint file size (MB)", mb);
+        printf("| %-34s | %10.1f |\n", "raw sequential write+fsync (MB/s)", mb / (raw / reps));
+        printf("| %-34s | %10.1f |\n", "checkpoint write (MB/s, mean)", mb / (save / reps));
+        printf("| %-34s | %10.1f |\n", "checkpoint write (MB/s, best)", mb / save_min);
+        printf("| %-34s | %10.1f |\n", "checkpoint / raw bandwidth (%)", 100.0 * (raw / reps) / (save / reps));
+        printf("| %-34s | %10.3f |\n", "training blocked per save (s)", save / reps);
+        printf("| %-34s | %10.3f |\n", "resume: load + verify (s)", load / reps);
+    }
+    free(w); free(mm); free(vv); free(steps); free(layers);
+    st_optim_free(&o, be);
+    free(o.param_step);
+    st_comm_free(&comm);
+    st_model_free(&m);
+    MPI_Finalize();
+    return 0;
+}

@@ -1,0 +1,134 @@
+/* ckpt.h — training checkpoints: one HDF5 file per checkpoint, world-size independent (format:
+ * docs/checkpoint-format.md).
+ *
+ * Writing is collective parallel HDF5 over the job's communicator: every rank writes exactly the
+ * element ranges it owns (no gather), every dataset is chunked with Fletcher32 and carries a
+ * position-keyed checksum attribute summed across ranks with one MPI_Allreduce. The commit is atomic
+ * (NAME.partial, fsync, rename, then `latest` by write-temp + rename), and retention keeps the newest
+ * checkpoint.keep_last files. Reading is plain (non-MPI) HDF5 on each rank: every rank reads all of
+ * /model and its own optimizer range of /optim, whatever the world size at save.
+ *
+ * Memory: st_ckpt_info owns its strings and arrays (st_ckpt_info_free). Every other function borrows.
+ * Library code: returns 0 or a negative ST_E* code with a one-line st_error() naming the file and
+ * tensor. Collective functions return the same code on every rank. */
+#ifndef ST_CKPT_H
+#define ST_CKPT_H
+
+#include <mpi.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "worker/model.h"
+#include "worker/optim.h"
+
+#define ST_CKPT_FORMAT "shardtune-checkpoint"
+#define ST_CKPT_VERSION 1
+#define ST_CKPT_NAME_MAX 64 /* "step-00000100.h5" */
+
+/* ---- pure layout helpers (unit-tested) ---- */
+
+/* Checksum of n floats that sit at flat positions first, first+1, ... of a tensor (row-major in its
+ * stored shape): sum_i splitmix64(i * 0x9E3779B97F4A7C15 ^ bits(x_i)) mod 2^64. Partial sums of
+ * disjoint ranges add up (mod 2^64) to the whole tensor's checksum, in any order. */
+uint64_t st_ckpt_checksum(const float *x, uint64_t first, size_t n);
+uint64_t st_ckpt_splitmix64(uint64_t z);
+
+/* A box of a 1-D or 2-D dataset: start/count per dimension. */
+typedef struct {
+    uint64_t start[2], count[2];
+} st_ckpt_slab;
+
+/* The flat element range [a, b) of a row-major tensor of shape[ndim] (ndim 1 or 2) as at most three
+ * boxes in row-major order (partial first row, full rows, partial last row). Returns the count (0
+ * when a >= b). */
+int st_ckpt_range_slabs(int ndim, const int64_t shape[2], uint64_t a, uint64_t b, st_ckpt_slab out[3]);
+
+/* Even split of n elements over `world` ranks: [n*r/world, n*(r+1)/world). */
+void st_ckpt_even_split(uint64_t n, int world, int rank, uint64_t *lo, uint64_t *hi);
+
+/* ---- writing ---- */
+
+typedef struct {
+    int64_t step;            /* completed updates (= LR schedule position) */
+    uint64_t tokens_seen;
+    int stage;               /* finetune stage index at save */
+    double last_loss;        /* loss of the last completed step (NAN: none) */
+    const char *job_spec;    /* st_config_to_json */
+    const char *model_config;/* config.json text of the model */
+    const uint64_t *loader_state;
+    size_t loader_words;
+    int n_tasks;
+    const char *const *task_names;
+    const uint64_t *task_checksums;
+    /* multi-task weighting state (adaptive loss weighting); NULL/0 when there is none */
+    const double *task_weighting;
+    int task_weighting_len;
+} st_ckpt_meta;
+
+/* Collective. Writes DIR/step-%08lld.h5 atomically (DIR is created), updates DIR/latest, removes stale
+ * *.partial files and all but the newest keep_last checkpoints (0 = keep all). `o` covers this rank's
+ * optimizer range (a superset of the rank's even share of the compact space); under stage 0 every
+ * rank holds everything and writes only its even share. On failure the previous checkpoints and
+ * `latest` are untouched, the partial file is removed, and every rank returns the same code. The
+ * committed file name (no directory) goes to name_out[ST_CKPT_NAME_MAX]; *write_seconds (optional)
+ * is the time spent writing. */
+int st_ckpt_save(MPI_Comm comm, const char *dir, const st_model *m, const st_optim *o, const st_ckpt_meta *meta,
+                 int keep_last, char *name_out, double *write_seconds);
+
+/* ---- reading ---- */
+
+typedef struct {
+    char path[1024];
+    int version;
+    int64_t step;
+    uint64_t tokens_seen;
+    int stage, world_size;
+    double last_loss;
+    char *job_spec, *model_config;
+    uint64_t *loader_state;
+    size_t loader_words;
+    int n_tasks;
+    char (*task_names)[128];
+    uint64_t *task_checksums;
+    double *task_weighting;
+    int task_weighting_len;
+} st_ckpt_info;
+
+/* Reads the root attributes (no tensors). Refuses files that are not shardtune checkpoints or have a
+ * newer version. */
+int st_ckpt_read_info(const char *path, st_ckpt_info *info);
+void st_ckpt_info_free(st_ckpt_info *info);
+
+/* Reads every /model tensor into host_weights (m->n_weights floats, the model's layout), refusing a
+ * missing tensor or a shape that differs from the model (names the tensor), and verifying each
+ * tensor's checksum attribute (ST_ECORRUPT naming it). Local: no communication. */
+int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights);
+
+/* Collective. Reads the optimizer moments of the compact range [lo, hi) of m's current trainable set
+ * into host m_out/v_out ([hi - lo] floats, padding zeroed) and every trainable parameter's step count
+ * into param_step[n_params]. Checksums are verified across ranks (ST_ECORRUPT naming the tensor).
+ * Refuses a trainable parameter without state or with another size. */
+int st_ckpt_load_optim(MPI_Comm comm, const char *path, const st_model *m, size_t lo, size_t hi, float *m_out,
+                       float *v_out, int *param_step);
+
+/* Reads back every dataset of the file (Fletcher32 is checked by HDF5) and recomputes its checksum.
+ * 0 with *n_tensors set, or ST_ECORRUPT / ST_EFORMAT naming the first bad tensor. */
+int st_ckpt_verify(const char *path, int *n_tensors);
+
+/* One row per dataset, for `ckpt inspect`. */
+typedef void (*st_ckpt_tensor_fn)(void *ctx, const char *name, int ndim, const uint64_t *dims, uint64_t stored_bytes);
+int st_ckpt_list_tensors(const char *path, st_ckpt_tensor_fn fn, void *ctx);
+
+/* Reads one /model tensor by name into a host buffer of `numel` floats (export). */
+int st_ckpt_read_tensor(const char *path, const char *dataset, float *out, size_t numel);
+
+/* ---- the checkpoint directory ---- */
+
+/* Complete checkpoints of DIR, best first: the one `latest` names, then the others by step,
+ * newest first. *names is malloc'ed (free with free()); *n = 0 when there are none. */
+int st_ckpt_candidates(const char *dir, char (**names)[ST_CKPT_NAME_MAX], int *n);
+
+/* PATH if it is a file, else DIR/<latest or newest complete checkpoint>. */
+int st_ckpt_resolve(const char *path, char *out, size_t out_len);
+
+#endif

@@ -1,0 +1,61 @@
+/* ckpt_layout.c — the pure arithmetic of checkpoints: the position-keyed checksum, flat ranges as
+ * hyperslab boxes, and even splits of a range over ranks. No I/O, no allocation. */
+#include <string.h>
+
+#include "checkpoints/ckpt.h"
+
+uint64_t st_ckpt_splitmix64(uint64_t z) {
+    z ^= z >> 30;
+    z *= 0xBF58476D1CE4E5B9ULL;
+    z ^= z >> 27;
+    z *= 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return z;
+}
+
+/* Position-keyed, so a swapped pair of values changes the sum; additive, so ranks sum their own
+ * ranges and one MPI_Allreduce (uint64 addition wraps) gives the whole tensor's value. */
+uint64_t st_ckpt_checksum(const float *x, uint64_t first, size_t n) {
+    uint64_t sum = 0;
+    for (size_t k = 0; k < n; k++) {
+        uint32_t bits;
+        memcpy(&bits, &x[k], sizeof bits);
+        sum += st_ckpt_splitmix64((first + k) * 0x9E3779B97F4A7C15ULL ^ (uint64_t)bits);
+    }
+    return sum;
+}
+
+static void box(st_ckpt_slab *s, uint64_t r, uint64_t nr, uint64_t c, uint64_t nc) {
+    s->start[0] = r;
+    s->count[0] = nr;
+    s->start[1] = c;
+    s->count[1] = nc;
+}
+
+int st_ckpt_range_slabs(int ndim, const int64_t shape[2], uint64_t a, uint64_t b, st_ckpt_slab out[3]) {
+    if (a >= b) return 0;
+    if (ndim == 1) {
+        box(&out[0], a, b - a, 0, 0);
+        return 1;
+    }
+    uint64_t C = (uint64_t)shape[1];
+    uint64_t r0 = a / C, c0 = a % C, r1 = b / C, c1 = b % C; /* b is exclusive: row r1 holds c1 elements */
+    if (r0 == r1) {
+        box(&out[0], r0, 1, c0, c1 - c0);
+        return 1;
+    }
+    int n = 0;
+    if (c0 > 0) {
+        box(&out[n++], r0, 1, c0, C - c0);
+        r0++;
+    }
+    if (r1 > r0) box(&out[n++], r0, r1 - r0, 0, C);
+    if (c1 > 0) box(&out[n++], r1, 1, 0, c1);
+    return n;
+}
+
+void st_ckpt_even_split(uint64_t n, int world, int rank, uint64_t *lo, uint64_t *hi) {
+    /* 128-bit-safe for any realistic n: n * world fits 64 bits below 2^48 elements x 2^16 ranks */
+    *lo = (uint64_t)((unsigned __int128)n * (unsigned)rank / (unsigned)world);
+    *hi = (uint64_t)((unsigned __int128)n * (unsigned)(rank + 1) / (unsigned)world);
+}

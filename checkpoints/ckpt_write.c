@@ -1,0 +1,328 @@
+/* ckpt_write.c — collective parallel-HDF5 checkpoint writer (see ckpt.h, docs/checkpoint-format.md).
+ *
+ * Every rank calls every HDF5 function in the same order with the same arguments (metadata is
+ * collective); each rank's dataset selection is only the elements it owns, possibly empty, because
+ * filtered (Fletcher32) parallel writes must be collective. After every dataset the ranks agree on
+ * success, so a write that failed on one aggregator (disk full) ends the save on all ranks together.
+ * Host staging buffers are allocated here and freed before returning. */
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "checkpoints/ckpt.h"
+#include "checkpoints/ckpt_internal.h"
+#include "common/error.h"
+#include "common/util.h"
+
+/* ---------------- HDF5 error text ---------------- */
+
+static __thread char h5_reason[512];
+
+static herr_t first_error(unsigned n, const H5E_error2_t *e, void *ctx) {
+    (void)ctx;
+    (void)n;
+    if (!h5_reason[0] && e->desc && e->desc[0]) snprintf(h5_reason, sizeof h5_reason, "%s", e->desc);
+    return 0;
+}
+
+const char *st_ckpt_h5_reason(void) {
+    h5_reason[0] = 0;
+    H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, first_error, NULL);
+    return h5_reason;
+}
+
+void st_ckpt_h5_quiet(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
+
+/* ---------------- attributes (collective: same values on every rank) ---------------- */
+
+static int attr_raw(hid_t obj, const char *name, hid_t type, hsize_t n, const void *data) {
+    hid_t sp = n ? H5Screate_simple(1, &n, NULL) : H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(obj, name, type, sp, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t w = a >= 0 ? H5Awrite(a, type, data) : -1;
+    if (a >= 0) H5Aclose(a);
+    H5Sclose(sp);
+    return w < 0 ? -1 : 0;
+}
+
+static int attr_i64(hid_t obj, const char *name, int64_t v) { return attr_raw(obj, name, H5T_NATIVE_INT64, 0, &v); }
+static int attr_u64(hid_t obj, const char *name, uint64_t v) { return attr_raw(obj, name, H5T_NATIVE_UINT64, 0, &v); }
+
+static int attr_str(hid_t obj, const char *name, const char *s) {
+    hid_t t = H5Tcopy(H5T_C_S1);
+    size_t len = strlen(s);
+    H5Tset_size(t, len ? len : 1);
+    H5Tset_strpad(t, H5T_STR_NULLPAD);
+    int rc = attr_raw(obj, name, t, 0, len ? s : "");
+    H5Tclose(t);
+    return rc;
+}
+
+/* ---------------- one dataset ---------------- */
+
+typedef struct {
+    MPI_Comm comm;
+    int rank, world;
+    hid_t file, dxpl;
+    const char *path;
+} writer;
+
+/* All ranks learn whether any rank failed; returns 0 or the failing code on every rank. */
+/* The lowest failing rank's code and message reach every rank, so rank 0 can print the real cause. */
+static int agree(writer *w, int rc) {
+    int mine[2] = {rc ? w->rank : w->world, rc}, first[2];
+    MPI_Allreduce(mine, first, 1, MPI_2INT, MPI_MINLOC, w->comm);
+    if (first[0] == w->world) return 0;
+    int code = rc;
+    char msg[600];
+    snprintf(msg, sizeof msg, "%s", st_error());
+    MPI_Bcast(&code, 1, MPI_INT, first[0], w->comm);
+    MPI_Bcast(msg, sizeof msg, MPI_CHAR, first[0], w->comm);
+    return st_fail(code, "%s", msg);
+}
+
+static void chunk_dims(int ndim, const hsize_t *dims, hsize_t *chunk) {
+    const hsize_t target = 1u << 18; /* ~1 MB of float32 per chunk */
+    if (ndim == 1) {
+        chunk[0] = dims[0] < target ? dims[0] : target;
+    } else {
+        hsize_t rows = dims[1] >= target ? 1 : target / dims[1];
+        chunk[0] = rows < dims[0] ? rows : dims[0];
+        chunk[1] = dims[1];
+    }
+    for (int d = 0; d < ndim; d++)
+        if (chunk[d] == 0) chunk[d] = 1;
+}
+
+/* Writes the flat range [a, b) (data[0] = element a) of a float32 dataset `name` under `group`, with
+ * its checksum attribute (the whole tensor's, already summed over ranks) and an optional step. */
+static int write_tensor(writer *w, hid_t group, const char *name, const char *label, int ndim,
+                        const int64_t shape[2], const float *data, uint64_t a, uint64_t b, uint64_t checksum,
+                        int64_t step_attr, int hf_transposed) {
+    hsize_t dims[2] = {(hsize_t)shape[0], ndim == 2 ? (hsize_t)shape[1] : 1}, chunk[2];
+    chunk_dims(ndim, dims, chunk);
+    int rc = 0;
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(dcpl, ndim, chunk);
+    H5Pset_fletcher32(dcpl);
+    H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY);
+    H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER);
+    hid_t fs = H5Screate_simple(ndim, dims, NULL);
+    hid_t ds = H5Dcreate2(group, name, H5T_IEEE_F32LE, fs, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    H5Pclose(dcpl);
+    if (ds < 0) rc = st_fail(ST_EIO, "checkpoint %s: cannot create dataset %s: %s", w->path, label, st_ckpt_h5_reason());
+    hsize_t count = b > a ? b - a : 0, one = 1;
+    hid_t ms = H5Screate_simple(1, count ? &count : &one, NULL);
+    if (!rc) {
+        st_ckpt_slab slabs[3];
+        int n = st_ckpt_range_slabs(ndim, shape, a, b, slabs);
+        if (n == 0) {
+            H5Sselect_none(fs);
+            H5Sselect_none(ms);
+        }
+        for (int k = 0; k < n; k++)
+            H5Sselect_hyperslab(fs, k ? H5S_SELECT_OR : H5S_SELECT_SET, (const hsize_t *)slabs[k].start, NULL,
+                                (const hsize_t *)slabs[k].count, NULL);
+        static const float dummy = 0;
+        if (H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, w->dxpl, count ? (const void *)data : (const void *)&dummy) < 0)
+            rc = st_fail(ST_EIO, "checkpoint %s: writing %s failed: %s", w->path, label, st_ckpt_h5_reason());
+    }
+    if (!rc && attr_u64(ds, "checksum", checksum)) rc = st_fail(ST_EIO, "checkpoint %s: attribute of %s", w->path, label);
+    if (!rc && step_attr >= 0 && attr_i64(ds, "step", step_attr)) rc = st_fail(ST_EIO, "checkpoint %s: attribute of %s", w->path, label);
+    if (!rc && hf_transposed && attr_i64(ds, "hf_transposed", 1)) rc = st_fail(ST_EIO, "checkpoint %s: attribute of %s", w->path, label);
+    H5Sclose(ms);
+    H5Sclose(fs);
+    if (ds >= 0) H5Dclose(ds);
+    return agree(w, rc);
+}
+
+/* ---------------- ownership ---------------- */
+
+/* The rank's write range of parameter p in /optim, param-relative, or a == b when it owns nothing:
+ * its even share [r*shard, (r+1)*shard) of the padded compact space, intersected with p. */
+static void optim_part(const st_param *p, uint64_t share_lo, uint64_t share_hi, uint64_t *a, uint64_t *b) {
+    uint64_t s = (uint64_t)p->grad_offset, e = s + p->numel;
+    uint64_t lo = s > share_lo ? s : share_lo, hi = e < share_hi ? e : share_hi;
+    if (lo >= hi) { *a = *b = 0; return; }
+    *a = lo - s;
+    *b = hi - s;
+}
+
+/* ---------------- root attributes ---------------- */
+
+static int write_root(writer *w, const st_ckpt_meta *meta, int world) {
+    hid_t f = w->file;
+    int bad = attr_str(f, "format", ST_CKPT_FORMAT) || attr_i64(f, "version", ST_CKPT_VERSION) ||
+              attr_i64(f, "step", meta->step) || attr_u64(f, "tokens_seen", meta->tokens_seen) ||
+              attr_i64(f, "stage", meta->stage) || attr_i64(f, "world_size", world) ||
+              attr_i64(f, "lr_step", meta->step) ||
+              attr_raw(f, "last_loss", H5T_NATIVE_DOUBLE, 0, &meta->last_loss) ||
+              attr_str(f, "job_spec", meta->job_spec ? meta->job_spec : "") ||
+              attr_str(f, "model_config", meta->model_config ? meta->model_config : "");
+    if (!bad && meta->loader_words)
+        bad = attr_raw(f, "loader_state", H5T_NATIVE_UINT64, meta->loader_words, meta->loader_state);
+    if (!bad && meta->n_tasks > 0) {
+        bad = attr_i64(f, "n_tasks", meta->n_tasks) ||
+              attr_raw(f, "task_checksums", H5T_NATIVE_UINT64, (hsize_t)meta->n_tasks, meta->task_checksums);
+        char *names = calloc((size_t)meta->n_tasks, 128);
+        if (!names) return st_fail(ST_ENOMEM, "out of memory");
+        for (int k = 0; k < meta->n_tasks; k++) snprintf(names + 128 * k, 128, "%s", meta->task_names[k]);
+        hid_t t = H5Tcopy(H5T_C_S1);
+        H5Tset_size(t, 128);
+        H5Tset_strpad(t, H5T_STR_NULLTERM);
+        if (!bad) bad = attr_raw(f, "task_names", t, (hsize_t)meta->n_tasks, names);
+        H5Tclose(t);
+        free(names);
+    }
+    if (!bad && meta->task_weighting_len > 0)
+        bad = attr_raw(f, "task_weighting", H5T_NATIVE_DOUBLE, (hsize_t)meta->task_weighting_len, meta->task_weighting);
+    return bad ? st_fail(ST_EIO, "checkpoint %s: writing root attributes failed: %s", w->path, st_ckpt_h5_reason()) : 0;
+}
+
+/* ---------------- the file ---------------- */
+
+typedef struct {
+    float *weights, *m, *v;
+    uint64_t *sums; /* [3 * n_params]: model, exp_avg, exp_avg_sq */
+} staging;
+
+static int stage_host(const st_model *m, const st_optim *o, int world, int rank, uint64_t share_lo,
+                      uint64_t share_hi, staging *s, MPI_Comm comm) {
+    size_t n_opt = o->hi - o->lo;
+    s->weights = malloc(m->n_weights * sizeof(float));
+    s->m = malloc((n_opt ? n_opt : 1) * sizeof(float));
+    s->v = malloc((n_opt ? n_opt : 1) * sizeof(float));
+    s->sums = calloc(3 * (size_t)m->n_params + 1, sizeof(uint64_t));
+    int rc = (!s->weights || !s->m || !s->v || !s->sums) ? st_fail(ST_ENOMEM, "out of memory staging a checkpoint") : 0;
+    int worst = rc;
+    MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MIN, comm);
+    if (worst) return rc ? rc : st_fail(ST_ENOMEM, "out of memory staging a checkpoint on another rank");
+    m->be->copy_to_host(s->weights, m->weights, m->n_weights * sizeof(float));
+    if (n_opt && o->m) {
+        m->be->copy_to_host(s->m, o->m, n_opt * sizeof(float));
+        m->be->copy_to_host(s->v, o->v, n_opt * sizeof(float));
+    }
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        uint64_t a, b;
+        st_ckpt_even_split(p->numel, world, rank, &a, &b);
+        s->sums[3 * i] = st_ckpt_checksum(s->weights + p->offset + a, a, b - a);
+        if (p->grad_offset < 0) continue;
+        optim_part(p, share_lo, share_hi, &a, &b);
+        size_t at = (size_t)p->grad_offset + a - o->lo;
+        s->sums[3 * i + 1] = st_ckpt_checksum(s->m + at, a, b - a);
+        s->sums[3 * i + 2] = st_ckpt_checksum(s->v + at, a, b - a);
+    }
+    MPI_Allreduce(MPI_IN_PLACE, s->sums, 3 * m->n_params, MPI_UINT64_T, MPI_SUM, comm);
+    return 0;
+}
+
+static int write_file(writer *w, const st_model *m, const st_optim *o, const st_ckpt_meta *meta, staging *s,
+                      uint64_t share_lo, uint64_t share_hi) {
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    H5Pset_fapl_mpio(fapl, w->comm, MPI_INFO_NULL);
+    w->file = H5Fcreate(w->path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    H5Pclose(fapl);
+    int rc = w->file < 0 ? st_fail(ST_EIO, "checkpoint %s: cannot create: %s", w->path, st_ckpt_h5_reason()) : 0;
+    if ((rc = agree(w, rc))) return rc;
+    w->dxpl = H5Pcreate(H5P_DATASET_XFER);
+    H5Pset_dxpl_mpio(w->dxpl, H5FD_MPIO_COLLECTIVE);
+    rc = agree(w, write_root(w, meta, w->world));
+    hid_t gm = H5Gcreate2(w->file, "model", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    hid_t go = H5Gcreate2(w->file, "optim", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    if (!rc && (gm < 0 || go < 0)) rc = st_fail(ST_EIO, "checkpoint %s: cannot create groups: %s", w->path, st_ckpt_h5_reason());
+    rc = rc ? rc : agree(w, rc);
+    char label[160];
+    for (int i = 0; !rc && i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        uint64_t a, b;
+        st_ckpt_even_split(p->numel, w->world, w->rank, &a, &b);
+        snprintf(label, sizeof label, "model/%s", p->name);
+        rc = write_tensor(w, gm, p->name, label, p->ndim, p->shape, s->weights + p->offset + a, a, b, s->sums[3 * i],
+                          -1, p->ndim == 2 && p->transpose_io);
+        if (rc || p->grad_offset < 0) continue;
+        hid_t g = H5Gcreate2(go, p->name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+        rc = agree(w, g < 0 ? st_fail(ST_EIO, "checkpoint %s: cannot create group optim/%s", w->path, p->name) : 0);
+        if (rc) { if (g >= 0) H5Gclose(g); break; }
+        optim_part(p, share_lo, share_hi, &a, &b);
+        size_t at = (size_t)p->grad_offset + a - o->lo;
+        snprintf(label, sizeof label, "optim/%s/exp_avg", p->name);
+        rc = write_tensor(w, g, "exp_avg", label, p->ndim, p->shape, s->m + at, a, b, s->sums[3 * i + 1],
+                          o->param_step[i], 0);
+        snprintf(label, sizeof label, "optim/%s/exp_avg_sq", p->name);
+        if (!rc) rc = write_tensor(w, g, "exp_avg_sq", label, p->ndim, p->shape, s->v + at, a, b, s->sums[3 * i + 2],
+                                   o->param_step[i], 0);
+        H5Gclose(g);
+    }
+    if (gm >= 0) H5Gclose(gm);
+    if (go >= 0) H5Gclose(go);
+    H5Pclose(w->dxpl);
+    herr_t closed = H5Fclose(w->file);
+    if (!rc && closed < 0) rc = st_fail(ST_EIO, "checkpoint %s: closing failed: %s", w->path, st_ckpt_h5_reason());
+    return agree(w, rc);
+}
+
+/* Rank 0, before any collective HDF5 call: reserves the file's estimated size. A write that fails
+ * half-way inside a collective filtered H5Dwrite can leave the other ranks waiting in HDF5's own
+ * collectives, so a full disk (or a file size limit) is detected here, up front, with a clear line.
+ * Best effort: space freed and taken by others between this check and the write is not covered. */
+static int reserve_space(const char *partial, const st_model *m, const st_ckpt_meta *meta) {
+    uint64_t n_sets = (uint64_t)m->n_params * 3;
+    uint64_t bytes = 4 * ((uint64_t)m->n_weights + 2 * (uint64_t)m->n_grads) + 8192 * n_sets + (1u << 18) +
+                     strlen(meta->job_spec ? meta->job_spec : "") + strlen(meta->model_config ? meta->model_config : "");
+    bytes += bytes / 50;
+    int fd = open(partial, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return st_fail(ST_EIO, "checkpoint %s: cannot create: %s", partial, strerror(errno));
+    int e = posix_fallocate(fd, 0, (off_t)bytes);
+    close(fd);
+    if (e == 0) return 0;
+    unlink(partial);
+    return st_fail(ST_EIO, "checkpoint %s: cannot reserve %.1f MB: %s (disk full or file size limit)", partial,
+                   bytes / 1e6, strerror(e));
+}
+
+int st_ckpt_save(MPI_Comm comm, const char *dir, const st_model *m, const st_optim *o, const st_ckpt_meta *meta,
+                 int keep_last, char *name_out, double *write_seconds) {
+    st_ckpt_h5_quiet();
+    double t0 = st_now();
+    writer w = {.comm = comm};
+    MPI_Comm_rank(comm, &w.rank);
+    MPI_Comm_size(comm, &w.world);
+    char name[ST_CKPT_NAME_MAX], path[1200], partial[1300];
+    snprintf(name, sizeof name, "step-%08lld.h5", (long long)meta->step);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    snprintf(partial, sizeof partial, "%s.partial", path);
+    w.path = partial;
+    int rc = 0;
+    if (w.rank == 0) {
+        rc = st_mkdirs(dir);
+        if (rc) rc = st_fail_context(rc, "checkpoint dir");
+        else st_ckpt_remove_partials(dir);
+        if (!rc) rc = reserve_space(partial, m, meta);
+    }
+    if ((rc = agree(&w, rc))) return rc;
+    /* this rank's even share of the padded compact space: inside its optimizer range at every stage */
+    uint64_t shard = m->grad_alloc / (uint64_t)w.world, share_lo = shard * (uint64_t)w.rank, share_hi = share_lo + shard;
+    if (m->n_grads && (share_lo < o->lo || share_hi > o->hi))
+        rc = st_fail(ST_EINVAL, "checkpoint: rank %d optimizer range [%zu,%zu) does not hold its share", w.rank, o->lo, o->hi);
+    staging s = {0};
+    if (!(rc = agree(&w, rc))) rc = stage_host(m, o, w.world, w.rank, share_lo, share_hi, &s, comm);
+    if (!rc) rc = write_file(&w, m, o, meta, &s, share_lo, share_hi);
+    free(s.weights);
+    free(s.m);
+    free(s.v);
+    free(s.sums);
+    if (w.rank == 0) {
+        if (!rc) rc = st_ckpt_commit_file(dir, partial, path);
+        if (!rc) rc = st_ckpt_write_latest(dir, name);
+        if (rc) unlink(partial);
+        else st_ckpt_retain(dir, keep_last, name);
+    }
+    rc = agree(&w, rc);
+    if (!rc && name_out) snprintf(name_out, ST_CKPT_NAME_MAX, "%s", name);
+    if (write_seconds) *write_seconds = st_now() - t0;
+    return rc;
+}

@@ -1,0 +1,90 @@
+"""`shardtune plan` memory estimate vs the measured peak RSS of real runs.
+
+A Llama model large enough that its tensors dominate (4 layers, dim 256, vocab 32000: 19.3M floats)
+is trained for 2 steps, once as 1 rank with ZeRO-1 and once as 2 MPI ranks with ZeRO-2; each rank's
+peak RSS comes from /usr/bin/time (max resident set size). The fixed overhead of the process (code,
+MPI, HDF5, OpenBLAS, allocator) is measured, not assumed: the same job on a 1-layer dim-16 vocab-128
+model, minus that model's own (tiny) plan. Each rank's RSS minus this baseline must be within 15% of
+the plan's estimate for that rank: its stage total, plus the final-weights write on rank 0.
+"""
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dp_common as dp  # noqa: E402
+
+TOL = 0.15
+
+
+def plan(job, ranks, overrides):
+    r = dp.sh([dp.BIN, "plan", job, "--ranks", str(ranks), "--json"] + overrides)
+    return json.loads(r.stdout)
+
+
+def expected_per_rank(p):
+    """Peak bytes of each rank from the plan: the largest stage total (+ the transition), + save on rank 0."""
+    out = []
+    for r in range(p["world"]):
+        peak = 0
+        for i, s in enumerate(p["stages"]):
+            held = s["ranks"][r]["bytes"]["total"]
+            if i > 0:
+                held = max(held, p["stages"][i - 1]["ranks"][r]["bytes"]["total"])
+            peak = max(peak, held + s["transition_extra_bytes"])
+        if r == 0:
+            peak = max(peak, p["stages"][p["final_stage"]]["ranks"][0]["bytes"]["total"] + p["save_extra_bytes"])
+        out.append(peak)
+    assert out[0] == p["peak_bytes"] or max(out) == p["peak_bytes"], (out, p["peak_bytes"])
+    return out
+
+
+def measured_rss(job, ranks, overrides):
+    """Max RSS in bytes of each rank (GNU time's %M is in KiB)."""
+    wrap = ['sh', '-c', '/usr/bin/time -f "maxrss ${OMPI_COMM_WORLD_RANK:-0} %M" "$@"', 'sh', dp.BIN, "train", job]
+    args = ["mpirun", "--oversubscribe", "-np", str(ranks)] + wrap + overrides if ranks > 1 else wrap + overrides
+    r = dp.sh(args, timeout=300)
+    rss = {}
+    for line in r.stderr.splitlines():
+        if line.startswith("maxrss "):
+            _, rank, kb = line.split()
+            rss[int(rank)] = int(kb) * 1024
+    assert sorted(rss) == list(range(ranks)), f"missing rank RSS: {r.stderr}"
+    return [rss[i] for i in range(ranks)]
+
+
+def main():
+    t0 = time.time()
+    root = dp.tmpdir("st_dp_mem_")
+    try:
+        big = dp.init_model(os.path.join(root, "big"), "llama", 4, dim=256, heads=4, kv=2, vocab=32000, max_seq=128)
+        small = dp.init_model(os.path.join(root, "small"), "llama", 1, dim=16, heads=2, kv=1, vocab=128, max_seq=128)
+        data = dp.make_dataset(os.path.join(root, "a.h5"), 128, 200, seed=1)
+        job = dp.write_job(os.path.join(root, "job.yaml"), big, os.path.join(root, "run"),
+                           [{"name": "a", "path": data}])
+        common = ["train.steps=2", "train.micro_batch=4", "train.seq_len=64"]
+
+        ov = common + [f"model.path={small}", "sharding.stage=1", f"run_dir={root}/base"]
+        base = measured_rss(job, 1, ov)[0] - plan(job, 1, ov)["peak_bytes"]
+        print(f"  baseline (1-layer dim-16 model, minus its plan): {base / 2**20:.1f} MiB")
+        assert 0 < base < 200 * 2**20, f"implausible baseline {base}"
+
+        for ranks, zero in [(1, 1), (2, 2)]:
+            ov = common + [f"sharding.stage={zero}", f"run_dir={root}/r{ranks}z{zero}"]
+            want = expected_per_rank(plan(job, ranks, ov))
+            got = measured_rss(job, ranks, ov)
+            for r in range(ranks):
+                net = got[r] - base
+                err = (net - want[r]) / want[r]
+                print(f"  {ranks} rank(s) ZeRO-{zero} rank {r}: plan {want[r] / 2**20:7.1f} MiB, "
+                      f"measured {got[r] / 2**20:7.1f} MiB - baseline = {net / 2**20:7.1f} MiB ({err:+.1%})")
+                assert abs(err) <= TOL, f"rank {r}: estimate off by {err:+.1%}"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"test_dp_memory: OK ({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""torch_model.py — independent PyTorch implementations of GPT-2 and the Llama family (llama, mistral,
+qwen2), written from Hugging Face semantics, used as the reference for shardtune's model math.
+
+A RefModel is built from a model dir (config.json with HF keys + model.safetensors in HF layout, read
+with st_io) or from a config dict and {name: numpy array}. Parameters are leaf tensors with
+requires_grad, keyed by their HF names, in HF layout (GPT-2 Conv1D weights are [in, out]; nn.Linear
+weights [out, in]). The dtype is chosen by the caller: float64 for a high-precision reference,
+float32 to mirror fp32 arithmetic. Everything here is plain torch; `transformers` is not used.
+
+    m = RefModel.load(dir, torch.float64)
+    logits = m.logits(inputs)                                   # inputs: int64 [B, T]
+    loss, per_pos = weighted_ce(logits, targets, weight)        # sum_i weight_i * CE_i
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import st_io
+
+
+# ---------------- config ----------------
+
+def parse_config(cfg):
+    """HF config.json dict -> plain dict of the hyper-parameters this module uses (HF defaults)."""
+    mt = cfg["model_type"]
+    if mt == "gpt2":
+        C, H = cfg["n_embd"], cfg["n_head"]
+        assert cfg.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
+        return dict(family="gpt2", model_type=mt, d_model=C, n_layer=cfg["n_layer"], n_head=H, n_kv_head=H,
+                    head_dim=C // H, d_ff=cfg.get("n_inner") or 4 * C, vocab=cfg["vocab_size"],
+                    max_pos=cfg.get("n_positions") or cfg["n_ctx"], eps=cfg.get("layer_norm_epsilon", 1e-5),
+                    tied=cfg.get("tie_word_embeddings", True), qkv_bias=True)
+    if mt in ("llama", "mistral", "qwen2"):
+        C, H = cfg["hidden_size"], cfg["num_attention_heads"]
+        assert cfg.get("hidden_act", "silu") == "silu" and cfg.get("rope_scaling") is None
+        assert not cfg.get("attention_bias", False) and not cfg.get("mlp_bias", False)
+        return dict(family="llama", model_type=mt, d_model=C, n_layer=cfg["num_hidden_layers"], n_head=H,
+                    n_kv_head=cfg.get("num_key_value_heads") or H, head_dim=cfg.get("head_dim") or C // H,
+                    d_ff=cfg["intermediate_size"], vocab=cfg["vocab_size"], max_pos=cfg["max_position_embeddings"],
+                    eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+                    tied=cfg.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2")
+    raise ValueError(f"model_type {mt!r} is not implemented by the reference")
+
+
+def param_shapes(c):
+    """{HF name: shape} of every parameter a model with parsed config c has, in HF layout."""
+    C, F_, V, L = c["d_model"], c["d_ff"], c["vocab"], c["n_layer"]
+    s = {}
+    if c["family"] == "gpt2":
+        s["wte.weight"] = (V, C)
+        s["wpe.weight"] = (c["max_pos"], C)
+        for l in range(L):
+            p = f"h.{l}."
+            s.update({p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
+                      p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
+                      p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
+                      p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
+                      p + "mlp.c_fc.weight": (C, F_), p + "mlp.c_fc.bias": (F_,),
+                      p + "mlp.c_proj.weight": (F_, C), p + "mlp.c_proj.bias": (C,)})
+        s["ln_f.weight"] = (C,)
+        s["ln_f.bias"] = (C,)
+    else:
+        QD, KVD = c["n_head"] * c["head_dim"], c["n_kv_head"] * c["head_dim"]
+        s["model.embed_tokens.weight"] = (V, C)
+        for l in range(L):
+            p = f"model.layers.{l}."
+            s[p + "input_layernorm.weight"] = (C,)
+            s[p + "self_attn.q_proj.weight"] = (QD, C)
+            s[p + "self_attn.k_proj.weight"] = (KVD, C)
+            s[p + "self_attn.v_proj.weight"] = (KVD, C)
+            if c["qkv_bias"]:
+                s[p + "self_attn.q_proj.bias"] = (QD,)
+                s[p + "self_attn.k_proj.bias"] = (KVD,)
+                s[p + "self_attn.v_proj.bias"] = (KVD,)
+            s[p + "self_attn.o_proj.weight"] = (C, QD)
+            s[p + "post_attention_layernorm.weight"] = (C,)
+            s[p + "mlp.gate_proj.weight"] = (F_, C)
+            s[p + "mlp.up_proj.weight"] = (F_, C)
+            s[p + "mlp.down_proj.weight"] = (C, F_)
+        s["model.norm.weight"] = (C,)
+    if not c["tied"]:
+        s["lm_head.weight"] = (V, C)
+    return s
+
+
+def is_no_decay(name):
+    """AdamW groups: no weight decay for norms, biases and embeddings (an untied lm_head decays)."""
+    return (name.endswith(".bias") or "ln_" in name or "norm" in name
+            or name in ("wte.weight", "wpe.weight", "model.embed_tokens.weight"))
+
+
+# ---------------- building blocks (HF semantics) ----------------
+
+def gelu_new(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def rms_norm(x, w, eps):
+    """LlamaRMSNorm: in at least fp32, x * rsqrt(mean(x^2) + eps), cast back, then times weight."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(T, hd, theta, dtype):
+    """LlamaRotaryEmbedding: inv_freq is defined in fp32 (as HF computes it); the angles and their
+    cos/sin are then evaluated in `dtype` (for float64, a more precise rendering of the same function)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    pos = torch.arange(T, dtype=dtype)
+    freqs = pos[:, None] * inv_freq.to(dtype)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def causal_attention(q, k, v):
+    """q [B,H,T,hd], k/v [B,H,T,hd] (kv heads already repeated): softmax(q k^T / sqrt(hd) + mask) v."""
+    T, hd = q.shape[-2], q.shape[-1]
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def repeat_kv(x, n_rep):
+    """[B, KVH, T, hd] -> [B, KVH*n_rep, T, hd]; query head h uses kv head h // n_rep."""
+    if n_rep == 1:
+        return x
+    B, KVH, T, hd = x.shape
+    return x[:, :, None, :, :].expand(B, KVH, n_rep, T, hd).reshape(B, KVH * n_rep, T, hd)
+
+
+# ---------------- the model ----------------
+
+class RefModel:
+    def __init__(self, config, tensors, dtype=torch.float64):
+        self.raw_config = config
+        self.c = parse_config(config)
+        self.dtype = dtype
+        want = param_shapes(self.c)
+        named = {}
+        for name, arr in tensors.items():
+            bare = name[len("transformer."):] if name.startswith("transformer.") else name
+            if bare.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
+                continue  # HF buffers, not parameters
+            if self.c["tied"] and bare == "lm_head.weight":
+                continue
+            named[bare] = arr
+        missing, extra = set(want) - set(named), set(named) - set(want)
+        assert not missing and not extra, f"tensor set mismatch: missing {sorted(missing)}, extra {sorted(extra)}"
+        self.params = {}
+        for name, shape in want.items():
+            a = np.asarray(named[name])
+            assert tuple(a.shape) == shape, f"{name}: shape {a.shape}, expected {shape}"
+            self.params[name] = torch.tensor(a, dtype=dtype).requires_grad_(True)
+
+    @classmethod
+    def load(cls, model_dir, dtype=torch.float64):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+        return cls(config, st_io.read_model(model_dir), dtype)
+
+    def zero_grad(self):
+        for p in self.params.values():
+            p.grad = None
+
+    def head_weight(self):
+        if self.c["tied"]:
+            return self.params["wte.weight" if self.c["family"] == "gpt2" else "model.embed_tokens.weight"]
+        return self.params["lm_head.weight"]
+
+    def logits(self, inputs):
+        """inputs: int64 tensor [B, T] -> logits [B, T, V] in self.dtype."""
+        h = self._gpt2(inputs) if self.c["family"] == "gpt2" else self._llama(inputs)
+        return torch.matmul(h, self.head_weight().t())
+
+    def _gpt2(self, ids):
+        P, c = self.params, self.c
+        B, T = ids.shape
+        C, H, hd, eps = c["d_model"], c["n_head"], c["head_dim"], c["eps"]
+        h = P["wte.weight"][ids] + P["wpe.weight"][torch.arange(T)][None]
+        for l in range(c["n_layer"]):
+            p = f"h.{l}."
+            a = F.layer_norm(h, (C,), P[p + "ln_1.weight"], P[p + "ln_1.bias"], eps)
+            qkv = torch.matmul(a, P[p + "attn.c_attn.weight"]) + P[p + "attn.c_attn.bias"]  # Conv1D: x @ W[in,out]
+            q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(C, dim=-1))
+            y = causal_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+            h = h + torch.matmul(y, P[p + "attn.c_proj.weight"]) + P[p + "attn.c_proj.bias"]
+            m = F.layer_norm(h, (C,), P[p + "ln_2.weight"], P[p + "ln_2.bias"], eps)
+            m = gelu_new(torch.matmul(m, P[p + "mlp.c_fc.weight"]) + P[p + "mlp.c_fc.bias"])
+            h = h + torch.matmul(m, P[p + "mlp.c_proj.weight"]) + P[p + "mlp.c_proj.bias"]
+        return F.layer_norm(h, (C,), P["ln_f.weight"], P["ln_f.bias"], eps)
+
+    def _llama(self, ids):
+        P, c = self.params, self.c
+        B, T = ids.shape
+        H, KVH, hd, eps = c["n_head"], c["n_kv_head"], c["head_dim"], c["eps"]
+        cos, sin = rope_cos_sin(T, hd, c["rope_theta"], self.dtype)
+
+        def lin(x, name, bias=False):
+            y = torch.matmul(x, P[name + ".weight"].t())
+            return y + P[name + ".bias"] if bias else y
+
+        h = P["model.embed_tokens.weight"][ids]
+        for l in range(c["n_layer"]):
+            p = f"model.layers.{l}."
+            a = rms_norm(h, P[p + "input_layernorm.weight"], eps)
+            q = lin(a, p + "self_attn.q_proj", c["qkv_bias"]).view(B, T, H, hd).transpose(1, 2)
+            k = lin(a, p + "self_attn.k_proj", c["qkv_bias"]).view(B, T, KVH, hd).transpose(1, 2)
+            v = lin(a, p + "self_attn.v_proj", c["qkv_bias"]).view(B, T, KVH, hd).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            y = causal_attention(q, repeat_kv(k, H // KVH), repeat_kv(v, H // KVH))
+            h = h + lin(y.transpose(1, 2).reshape(B, T, H * hd), p + "self_attn.o_proj")
+            m = rms_norm(h, P[p + "post_attention_layernorm.weight"], eps)
+            m = F.silu(lin(m, p + "mlp.gate_proj")) * lin(m, p + "mlp.up_proj")
+            h = h + lin(m, p + "mlp.down_proj")
+        return rms_norm(h, P["model.norm.weight"], eps)
+
+
+def weighted_ce(logits, targets, weight):
+    """loss = sum_i weight_i * CE(logits_i, target_i) over all positions; positions of weight 0 add
+    exactly nothing whatever their target (even -100 or out of range). Returns (loss, per-position CE
+    with 0 at weight-0 positions)."""
+    V = logits.shape[-1]
+    lg = logits.reshape(-1, V)
+    t = targets.reshape(-1).long()
+    w = weight.reshape(-1).to(lg.dtype)
+    live = w != 0
+    t = torch.where(live, t, torch.zeros_like(t))
+    ce = F.cross_entropy(lg, t, reduction="none")
+    ce = torch.where(live, ce, torch.zeros_like(ce))
+    return (w * ce).sum(), ce

@@ -1,0 +1,260 @@
+/* test_plan.c — the planner (coordinator/plan.h) against the allocations it predicts.
+ *
+ * For every stage the plan's padded space, shard ranges, gradient offsets and byte counts are compared
+ * with what st_model_set_trainable, st_model_alloc_activations and st_comm_init / st_optim_init really
+ * do on a model built on the CPU backend (MPI singleton for the world-1 communicator; for larger worlds
+ * the shard arithmetic is re-derived here). The stage schedule is checked against hand-written
+ * expectations; bad schedules must fail with a message naming the key. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "coordinator/config.h"
+#include "coordinator/plan.h"
+#include "worker/comm.h"
+#include "worker/model.h"
+#include "worker/optim.h"
+
+static st_model_config llama_cfg(int layers, int tied) {
+    st_model_config c;
+    memset(&c, 0, sizeof c);
+    c.family = ST_FAMILY_LLAMA;
+    snprintf(c.model_type, sizeof c.model_type, "llama");
+    c.n_layer = layers;
+    c.d_model = 32;
+    c.n_head = 4;
+    c.n_kv_head = 2;
+    c.head_dim = 8;
+    c.d_ff = 48;
+    c.vocab = 50;
+    c.max_seq = 32;
+    c.norm_eps = 1e-5f;
+    c.rope_theta = 10000.0f;
+    c.tied_embeddings = tied;
+    c.bos_id = c.eos_id = -1;
+    return c;
+}
+
+static st_model_config gpt2_cfg(int layers) {
+    st_model_config c = llama_cfg(layers, 1);
+    c.family = ST_FAMILY_GPT2;
+    snprintf(c.model_type, sizeof c.model_type, "gpt2");
+    c.n_kv_head = 4;
+    c.d_ff = 128;
+    c.qkv_bias = 1;
+    return c;
+}
+
+static void load_cfg(st_config *c, const char *extra, const char *override) {
+    char yaml[2048];
+    snprintf(yaml, sizeof yaml,
+             "model: {path: m}\ntasks:\n  - {name: a, path: a.h5}\n  - {name: b, path: b.h5}\n"
+             "train: {micro_batch: 3, grad_accum: 2, seq_len: 16}\n%s",
+             extra);
+    char *ov[1] = {(char *)override};
+    int rc = st_config_load_string(c, yaml, override ? 1 : 0, ov);
+    if (rc) fail_msg("config: %s", st_error());
+}
+
+/* Compares a plan with a real model's allocations, stage by stage. */
+static void check_plan_against_model(const st_config *c, const st_model_config *mc, int world) {
+    st_model m;
+    assert_int_equal(st_model_build(&m, mc, st_backend_cpu(1)), 0);
+    st_plan p;
+    if (st_plan_build(c, &m, world, &p)) fail_msg("plan: %s", st_error());
+    st_stage_list sl;
+    assert_int_equal(st_plan_stages(c, &m, &sl), 0);
+    assert_int_equal(sl.n, p.n_stages);
+    assert_int_equal(st_model_alloc_activations(&m, c->train.micro_batch, c->train.seq_len), 0);
+    size_t rope = mc->family == ST_FAMILY_LLAMA ? (size_t)c->train.seq_len * mc->head_dim : 0;
+    size_t acts = (m.act_floats + (size_t)c->train.micro_batch * c->train.seq_len + rope) * sizeof(float);
+    long *goff = malloc((size_t)m.n_params * sizeof(long));
+    size_t prev_pad = 0;
+    for (int s = 0; s < p.n_stages; s++) {
+        const st_stage_plan *sp = &p.stages[s];
+        m.grad_align = world;
+        assert_int_equal(st_model_set_trainable(&m, sl.stages[s].layers, sl.stages[s].modules), 0);
+        assert_int_equal(sp->n_trainable, m.n_grads);
+        assert_int_equal(sp->n_pad, m.grad_alloc);
+        assert_int_equal(sp->n_pad % (size_t)world, 0);
+        assert_true(sp->n_pad - sp->n_trainable < (size_t)world);
+        assert_int_equal(sp->shard * (size_t)world, sp->n_pad);
+        assert_int_equal(sp->transition_extra, 2 * prev_pad * sizeof(float));
+        prev_pad = sp->n_pad;
+        assert_int_equal(st_model_grad_offsets(&m, sl.stages[s].layers, sl.stages[s].modules, goff), m.n_grads);
+        int trainable = 0;
+        for (int i = 0; i < m.n_params; i++) {
+            assert_int_equal(goff[i], m.params[i].grad_offset);
+            trainable += m.params[i].grad_offset >= 0;
+        }
+        assert_int_equal(sp->n_trainable_params, trainable);
+        size_t covered = 0;
+        for (int r = 0; r < world; r++) {
+            const st_rank_plan *rp = &sp->ranks[r];
+            assert_int_equal(rp->lo, covered);
+            covered = rp->hi;
+            /* parameters touching [lo, hi), counted independently */
+            int n = 0, first = -1, last = -1;
+            for (int i = 0; i < m.n_params; i++) {
+                const st_param *q = &m.params[i];
+                if (q->grad_offset < 0) continue;
+                size_t a = (size_t)q->grad_offset;
+                if (a < rp->hi && a + q->numel > rp->lo) { n++; if (first < 0) first = i; last = i; }
+            }
+            assert_int_equal(rp->n_params, n);
+            assert_int_equal(rp->first_param, first);
+            assert_int_equal(rp->last_param, last);
+            size_t range = c->sharding.stage == 0 ? m.grad_alloc : m.grad_alloc / (size_t)world;
+            assert_int_equal(rp->weights, m.n_weights * sizeof(float));
+            assert_int_equal(rp->grads, (m.grad_alloc + (c->sharding.stage == 2 ? range : 0)) * sizeof(float));
+            assert_int_equal(rp->optim, 2 * range * sizeof(float) + ((size_t)m.n_params + 1) * sizeof(int));
+            assert_int_equal(rp->comm, c->sharding.stage ? m.grad_alloc * sizeof(float) : 0);
+            assert_int_equal(rp->activations, acts);
+            assert_int_equal(rp->total, rp->weights + rp->grads + rp->optim + rp->comm + rp->activations +
+                                            rp->buffers);
+        }
+        assert_int_equal(covered, sp->n_pad);
+        if (world == 1) { /* the real communicator and optimizer on one rank */
+            st_comm comm;
+            st_optim o;
+            st_optim_config oc = {0};
+            assert_int_equal(st_comm_init(&comm, MPI_COMM_SELF, c->sharding.stage, &m), 0);
+            size_t lo, hi;
+            st_comm_optim_range(&comm, &lo, &hi);
+            assert_int_equal(st_optim_init(&o, &oc, lo, hi, &m, m.be), 0);
+            size_t have = (comm.flat_params ? comm.n_pad : 0) * sizeof(float);
+            assert_int_equal(sp->ranks[0].comm, have);
+            size_t sg = (comm.shard_grads ? comm.shard : 0) * sizeof(float);
+            assert_int_equal(sp->ranks[0].grads, m.grad_alloc * sizeof(float) + sg);
+            assert_int_equal(sp->ranks[0].optim, 2 * (hi - lo) * sizeof(float) + ((size_t)m.n_params + 1) * sizeof(int));
+            st_optim_free(&o, m.be);
+            free(o.param_step);
+            st_comm_free(&comm);
+        }
+    }
+    free(goff);
+    st_stage_list_free(&sl);
+    st_plan_free(&p);
+    st_model_free(&m);
+}
+
+static void test_plan_matches_allocations(void **state) {
+    (void)state;
+    static st_config c;
+    st_model_config ll = llama_cfg(3, 0), lt = llama_cfg(3, 1), g = gpt2_cfg(2);
+    const char *modes[] = {
+        "finetune: {mode: full}\n",
+        "finetune: {mode: frozen, train_layers: \"-1\", train_modules: [attn, norm]}\n",
+        "finetune: {mode: frozen, train_layers: \"0\", train_modules: [embed, mlp]}\n",
+        "finetune: {mode: progressive, stages: [{at_step: 0, train_layers: \"-1\"}, {at_step: 3, train_layers: "
+        "\"-2\"}, {at_step: 6, train_layers: all}]}\n",
+        "finetune: {mode: progressive, unfreeze_every: 2}\n",
+    };
+    const char *stages[] = {"sharding.stage=0", "sharding.stage=1", "sharding.stage=2"};
+    for (size_t i = 0; i < sizeof modes / sizeof *modes; i++)
+        for (int z = 0; z < 3; z++)
+            for (int w = 1; w <= 5; w += 2) {
+                load_cfg(&c, modes[i], stages[z]);
+                check_plan_against_model(&c, &ll, w);
+                check_plan_against_model(&c, &lt, w);
+                check_plan_against_model(&c, &g, w);
+            }
+}
+
+static void test_registry_only(void **state) {
+    (void)state;
+    st_model_config mc = llama_cfg(2, 0);
+    st_model a, b;
+    assert_int_equal(st_model_build(&a, &mc, st_backend_cpu(1)), 0);
+    assert_int_equal(st_model_build_registry(&b, &mc), 0);
+    assert_null(b.weights);
+    assert_int_equal(a.n_params, b.n_params);
+    assert_int_equal(a.n_weights, b.n_weights);
+    for (int i = 0; i < a.n_params; i++) {
+        assert_string_equal(a.params[i].name, b.params[i].name);
+        assert_int_equal(a.params[i].offset, b.params[i].offset);
+    }
+    st_model_free(&a);
+    st_model_free(&b);
+}
+
+static void test_unfreeze_every_schedule(void **state) {
+    (void)state;
+    static st_config c;
+    load_cfg(&c, "finetune: {mode: progressive, unfreeze_every: 5, train_modules: [attn, mlp, norm, embed, head]}\n",
+             NULL);
+    st_model_config mc = llama_cfg(3, 0);
+    st_model m;
+    assert_int_equal(st_model_build_registry(&m, &mc), 0);
+    st_stage_list l;
+    assert_int_equal(st_plan_stages(&c, &m, &l), 0);
+    assert_int_equal(l.n, 4);
+    static const unsigned char want[4][3] = {{0, 0, 0}, {0, 0, 1}, {0, 1, 1}, {1, 1, 1}};
+    for (int s = 0; s < 4; s++) {
+        assert_int_equal(l.stages[s].at_step, 5 * s);
+        assert_memory_equal(l.stages[s].layers, want[s], 3);
+    }
+    assert_int_equal(st_stage_at(&l, 0), 0);
+    assert_int_equal(st_stage_at(&l, 4), 0);
+    assert_int_equal(st_stage_at(&l, 5), 1);
+    assert_int_equal(st_stage_at(&l, 14), 2);
+    assert_int_equal(st_stage_at(&l, 1000), 3);
+    /* stage 0 (head only): final norm + lm_head, nothing else */
+    long *goff = malloc((size_t)m.n_params * sizeof(long));
+    size_t n = st_model_grad_offsets(&m, l.stages[0].layers, l.stages[0].modules, goff);
+    assert_int_equal(n, (size_t)mc.d_model + (size_t)mc.vocab * mc.d_model);
+    for (int i = 0; i < m.n_params; i++)
+        assert_int_equal(goff[i] >= 0, !strcmp(m.params[i].name, "model.norm.weight") ||
+                                           !strcmp(m.params[i].name, "lm_head.weight"));
+    free(goff);
+    st_stage_list_free(&l);
+    st_model_free(&m);
+}
+
+static void expect_plan_error(const char *extra, const char *override, const char *needle) {
+    static st_config c;
+    load_cfg(&c, extra, override);
+    st_model_config mc = llama_cfg(2, 0);
+    st_model m;
+    assert_int_equal(st_model_build_registry(&m, &mc), 0);
+    st_plan p;
+    int rc = st_plan_build(&c, &m, 2, &p);
+    st_model_free(&m);
+    if (rc == 0) fail_msg("no error for '%s' %s", extra, override ? override : "");
+    if (!strstr(st_error(), needle)) fail_msg("error '%s' lacks '%s'", st_error(), needle);
+    assert_null(p.stages);
+}
+
+static void test_plan_errors(void **state) {
+    (void)state;
+    expect_plan_error("finetune: {mode: frozen, train_layers: \"0-99\"}\n", NULL, "finetune.train_layers");
+    expect_plan_error("finetune: {mode: frozen, train_layers: none, train_modules: [attn]}\n", NULL,
+                      "nothing to train");
+    expect_plan_error("finetune: {mode: frozen, train_layers: \"1\", train_modules: [embed]}\n", NULL,
+                      "nothing to train");
+    expect_plan_error("finetune: {mode: progressive, stages: [{at_step: 0, train_layers: \"-1\"}, {at_step: 4, "
+                      "train_layers: \"0-5\"}]}\n",
+                      NULL, "finetune.stages.1");
+    expect_plan_error("", "train.seq_len=33", "max positions 32");
+}
+
+int main(void) {
+    MPI_Init(NULL, NULL);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_plan_matches_allocations),
+        cmocka_unit_test(test_registry_only),
+        cmocka_unit_test(test_unfreeze_every_schedule),
+        cmocka_unit_test(test_plan_errors),
+    };
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    MPI_Finalize();
+    return rc;
+}

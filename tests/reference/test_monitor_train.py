@@ -186,8 +186,61 @@ def test_monitor_outlives_jobs(tmp):
     print("ok: one monitor followed two jobs in a row (saw >= %s step summaries of each)" % seen)
 
 
+def ctl(addr, command, run_dir):
+    r = subprocess.run([ST, "ctl", addr, command, "--run-dir", run_dir], env=ENV, capture_output=True, text=True,
+                       timeout=30)
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+def test_control(tmp):
+    """`shardtune ctl` against a real 2-rank run: checkpoint at the next boundary, pause/resume, stop =
+    checkpoint + exit 85; without the token the same commands are refused."""
+    pub, addr = "tcp://127.0.0.1:%d" % free_port(), "tcp://127.0.0.1:%d" % free_port()
+    job = make_job(tmp, pub, addr, 100000, extra="checkpoint: { every_steps: 0 }\n")
+    run = os.path.join(tmp, "run")
+    ckdir = os.path.join(run, "checkpoints")
+    sub = Sub(pub)
+    p = start(job)
+    assert sub.poll(30, until=lambda: len(sub.summaries) >= 3), "no StepSummary within 30 s"
+    # a forged token file is refused
+    forged = os.path.join(tmp, "forged")
+    os.makedirs(forged, exist_ok=True)
+    with open(os.path.join(forged, "control.token"), "w") as f:
+        f.write("f" * 32)
+    os.chmod(os.path.join(forged, "control.token"), 0o600)
+    rc, out = ctl(addr, "checkpoint", forged)
+    assert rc != 0, out
+    # checkpoint now
+    rc, out = ctl(addr, "checkpoint", run)
+    assert rc == 0, out
+    assert sub.poll(30, until=lambda: any(e["kind"] == "checkpoint_saved" for e in sub.events)), sub.events
+    saved = [e for e in sub.events if e["kind"] == "checkpoint_saved"][0]
+    files = [f for f in os.listdir(ckdir) if f.endswith(".h5")]
+    assert files, "no checkpoint file after ctl checkpoint"
+    # pause: no new summaries for a second, then resume
+    rc, out = ctl(addr, "pause", run)
+    assert rc == 0, out
+    sub.poll(1.0)
+    paused_at = max(sub.summaries)
+    sub.poll(1.5)
+    assert max(sub.summaries) <= paused_at + 1, "steps advanced while paused: %d -> %d" % (paused_at, max(sub.summaries))
+    rc, out = ctl(addr, "resume", run)
+    assert rc == 0, out
+    assert sub.poll(30, until=lambda: max(sub.summaries) > paused_at + 3), "no progress after resume"
+    # stop: checkpoint at the boundary, exit 85
+    rc, out = ctl(addr, "stop", run)
+    assert rc == 0, out
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 85, "exit %d\n%s" % (p.returncode, out[-2000:])
+    latest = open(os.path.join(ckdir, "latest")).read().strip()
+    v = subprocess.run([ST, "ckpt", "verify", os.path.join(ckdir, latest)], env=ENV, capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+    print("ok: ctl checkpoint -> %s (event at step %d); pause held at step %d; stop -> exit 85 with %s verified"
+          % (files[0], saved["step"], paused_at, latest))
+
+
 def main():
-    for t in (test_summaries_and_stall, test_monitor_outlives_jobs):
+    for t in (test_summaries_and_stall, test_control, test_monitor_outlives_jobs):
         with tempfile.TemporaryDirectory() as tmp:
             t(tmp)
     return 0

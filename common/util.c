@@ -2,6 +2,7 @@
 #include "common/util.h"
 #include "common/error.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -116,4 +117,19 @@ uint64_t st_fnv1a(uint64_t h, const void *data, size_t len) {
         h *= 0x100000001b3ULL;
     }
     return h;
+}
+
+int st_remove_dir_files(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return st_fail(ST_EIO, "cannot open directory %s: %s", dir, strerror(errno));
+    struct dirent *e;
+    char path[4096];
+    while ((e = readdir(d)) != NULL) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+    if (rmdir(dir) != 0) return st_fail(ST_EIO, "cannot remove %s: %s", dir, strerror(errno));
+    return 0;
 }

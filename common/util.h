@@ -19,6 +19,9 @@ int st_read_file(const char *path, char **data, size_t *len);
 /* Writes `len` bytes to `path` atomically: PATH.partial, fsync, rename. */
 int st_write_file_atomic(const char *path, const void *data, size_t len);
 
+/* Removes the regular files directly inside `dir`, then the directory (no recursion). */
+int st_remove_dir_files(const char *dir);
+
 /* mkdir -p. */
 int st_mkdirs(const char *path);
 

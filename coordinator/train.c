@@ -1,37 +1,26 @@
-/* train.c — the run loop (see train.h).
+/* train.c — the run loop (see train.h): set-up, stage changes, teardown, step boundaries.
  *
  * One step: data → forward/backward per micro-batch → gradient reduction (worker/comm) → clip →
  * AdamW on this rank's range → parameter all-gather → metrics. Setup failures are agreed on by all
  * ranks (agree()), so a bad file on one rank ends every rank with one message from the lowest one. */
 #include "coordinator/train.h"
+#include "coordinator/train_internal.h"
 
 #include <errno.h>
 #include <math.h>
-#include <signal.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "checkpoints/ckpt.h"
-#include "checkpoints/model_io.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
+#include "checkpoints/model_io.h"
 #include "coordinator/control_token.h"
-#include "coordinator/monitor_server.h"
-#include "coordinator/plan.h"
-#include "coordinator/telemetry.h"
-#include "worker/comm.h"
-#include "worker/dataset.h"
-#include "worker/loader.h"
-#include "worker/model.h"
-#include "worker/optim.h"
-#include "worker/taskweight.h"
 
 /* ---------------- signals: only set a flag ---------------- */
 
-static volatile sig_atomic_t st_stop_requested;
+volatile sig_atomic_t st_stop_requested;
 
 static void on_signal(int sig) {
     (void)sig;
@@ -50,47 +39,13 @@ void st_train_install_signals(const st_config *cfg) {
     sigaction(cfg && cfg->checkpoint.signal > 0 ? cfg->checkpoint.signal : SIGUSR1, &sa, NULL);
 }
 
-/* ---------------- the trainer ---------------- */
-
-typedef struct {
-    const st_config *cfg;
-    MPI_Comm comm;
-    int rank, world;
-    int print_error;
-    const st_backend *be;
-    st_model model;
-    st_dataset *datasets;
-    int n_tasks;
-    st_loader loader;
-    int loader_ready;
-    st_comm dp;
-    st_optim optim;
-    st_stage_list stages; /* the fine-tuning schedule (coordinator/plan.h) */
-    st_taskw taskw;       /* multi-task loss weighting (fixed or learned uncertainty) */
-    int stage;            /* index of the current stage */
-    int micro, accum, T, slots; /* slots = micro * accum samples per rank per step */
-    int32_t *inputs, *targets;
-    float *mask, *weight;
-    int *task_of;
-    double *task_sums; /* [3 * n_tasks]: loss sum, target count, input tokens */
-    double *task_counts; /* [n_tasks + 1]: targets of each task in the global batch, then the total */
-    FILE *metrics;
-    st_telemetry *tel;
-    st_monitor *mon;
-    st_probe *probe;
-    uint64_t tokens_seen;
-    /* checkpoint / resume */
-    char *job_json, *model_config_text; /* identical on every rank (attributes are collective) */
-    int64_t start_step, last_saved;     /* first step to run; completed steps of the last save (-1) */
-    double last_loss, resumed_loss;     /* resumed_loss: loss at save of the checkpoint we resumed (NAN) */
-} trainer;
-
-static void set_phase(trainer *t, st_phase phase) {
+/* ---------------- shared helpers ---------------- */
+void st_trainer_phase(trainer *t, st_phase phase) {
     if (t->probe) st_probe_set_phase(t->probe, phase);
 }
 
 /* All ranks agree whether any rank failed; the lowest failing rank keeps print_error = 1. */
-static int agree(trainer *t, int rc) {
+int st_trainer_agree(trainer *t, int rc) {
     int mine = rc ? t->rank : t->world, first = t->world;
     MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, t->comm);
     if (first == t->world) return 0;
@@ -164,7 +119,7 @@ static st_optim_config optim_config(const st_config *c) {
 
 /* Makes stage `s` current: trainable set, gradient layout, shards and optimizer state. Parameters that
  * stay trainable keep their AdamW moments and step count; new ones start fresh. */
-static int enter_stage(trainer *t, int s) {
+int st_trainer_enter_stage(trainer *t, int s) {
     st_model *m = &t->model;
     long *old_off = malloc((size_t)m->n_params * sizeof(long));
     if (!old_off) return st_fail(ST_ENOMEM, "out of memory");
@@ -230,7 +185,7 @@ static int start_monitoring(trainer *t) {
         if (!rc) rc = st_monitor_start(&mo, &t->mon);
         if (!rc) snprintf(pull, sizeof pull, "%s", st_monitor_pull_endpoint(t->mon));
     }
-    if ((rc = agree(t, rc))) return rc;
+    if ((rc = st_trainer_agree(t, rc))) return rc;
     MPI_Bcast(pull, sizeof pull, MPI_CHAR, 0, t->comm);
     st_telemetry_opts to = {0};
     to.coordinator_addr = pull;
@@ -239,7 +194,7 @@ static int start_monitoring(trainer *t) {
     to.job_id = getenv("SLURM_JOB_ID");
     rc = st_telemetry_start(&to, &t->tel);
     if (!rc) t->probe = st_telemetry_probe(t->tel);
-    return agree(t, rc);
+    return st_trainer_agree(t, rc);
 }
 
 static int alloc_step_buffers(trainer *t) {
@@ -274,16 +229,16 @@ static int read_job_texts(trainer *t) {
 
 static int setup(trainer *t) {
     const st_config *c = t->cfg;
-    int rc = agree(t, setup_backend(t));
-    if (!rc) rc = agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
-    if (!rc) rc = agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
-    if (!rc) rc = agree(t, load_data(t));
-    if (!rc) rc = agree(t, st_plan_stages(c, &t->model, &t->stages));
-    if (!rc) rc = agree(t, alloc_step_buffers(t));
-    if (!rc) rc = agree(t, open_run_dir(t));
+    int rc = st_trainer_agree(t, setup_backend(t));
+    if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
+    if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
+    if (!rc) rc = st_trainer_agree(t, load_data(t));
+    if (!rc) rc = st_trainer_agree(t, st_plan_stages(c, &t->model, &t->stages));
+    if (!rc) rc = st_trainer_agree(t, alloc_step_buffers(t));
+    if (!rc) rc = st_trainer_agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);
-    if (!rc) rc = agree(t, enter_stage(t, 0));
-    if (!rc) rc = agree(t, read_job_texts(t));
+    if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
+    if (!rc) rc = st_trainer_agree(t, read_job_texts(t));
     return rc;
 }
 
@@ -312,450 +267,8 @@ static void teardown(trainer *t) {
     st_model_free(&t->model);
 }
 
-/* ---------------- one step ---------------- */
-
-typedef struct {
-    double loss, grad_norm, seconds, comm_seconds;
-    float lr;
-} step_result;
-
-/* Fills this rank's samples and their loss weights: mask x task loss weight / targets in the global batch. */
-static int load_step_data(trainer *t) {
-    const st_config *c = t->cfg;
-    int G = t->world * t->slots;
-    int rc = st_loader_next(&t->loader, G, t->rank * t->slots, t->slots, t->inputs, t->targets, t->mask, t->task_of);
-    if (rc) return rc;
-    /* targets per task in the whole global batch: [n_tasks] then the total */
-    double *count = t->task_counts;
-    memset(count, 0, ((size_t)t->n_tasks + 1) * sizeof(double));
-    for (int s = 0; s < t->slots; s++)
-        for (int j = 0; j < t->T; j++) count[t->task_of[s]] += t->mask[(size_t)s * t->T + j];
-    for (int k = 0; k < t->n_tasks; k++) count[t->n_tasks] += count[k];
-    MPI_Allreduce(MPI_IN_PLACE, count, t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
-    for (int s = 0; s < t->slots; s++) {
-        int k = t->task_of[s];
-        /* fixed: the mean over all targets, each task scaled by loss_weight; learned: each task's own mean,
-         * scaled by loss_weight * exp(-s_k) */
-        double denom = t->taskw.learned ? count[k] : count[t->n_tasks];
-        float lw = denom > 0 ? (float)(c->tasks[k].loss_weight * st_taskw_scale(&t->taskw, k) / denom) : 0.0f;
-        for (int j = 0; j < t->T; j++) t->weight[(size_t)s * t->T + j] = t->mask[(size_t)s * t->T + j] * lw;
-    }
-    return 0;
-}
-
-/* One step of the learned task weights from this step's all-reduced per-task means. */
-static void update_task_weights(trainer *t) {
-    if (!t->taskw.learned) return;
-    double lw[ST_TASKW_MAX], mean[ST_TASKW_MAX];
-    int present[ST_TASKW_MAX];
-    for (int k = 0; k < t->n_tasks && k < ST_TASKW_MAX; k++) {
-        double cnt = t->task_sums[3 * k + 1];
-        present[k] = cnt > 0;
-        mean[k] = cnt > 0 ? t->task_sums[3 * k] / cnt : 0.0;
-        lw[k] = t->cfg->tasks[k].loss_weight;
-    }
-    st_taskw_update(&t->taskw, lw, mean, present);
-}
-
-/* Adds this micro-batch's per-task loss sums, target counts and input tokens. */
-static void account_tasks(trainer *t, int first_sample) {
-    int N = t->micro * t->T;
-    for (int i = 0; i < N; i++) {
-        int s = first_sample + i / t->T;
-        int k = t->task_of[s];
-        float mk = t->mask[(size_t)first_sample * t->T + i];
-        t->task_sums[3 * k] += (double)mk * t->model.loss_per_pos[i];
-        t->task_sums[3 * k + 1] += mk;
-        t->task_sums[3 * k + 2] += 1;
-    }
-}
-
-static int train_step(trainer *t, int64_t step, step_result *r) {
-    st_model *m = &t->model;
-    double t0 = st_now();
-    memset(t->task_sums, 0, (3 * (size_t)t->n_tasks + 2) * sizeof(double));
-    set_phase(t, ST_PHASE_DATA);
-    int rc = load_step_data(t);
-    if (rc) return rc;
-    st_model_zero_grad(m);
-    double loss = 0;
-    for (int a = 0; a < t->accum; a++) {
-        size_t off = (size_t)a * t->micro * t->T;
-        set_phase(t, ST_PHASE_FORWARD);
-        loss += st_model_forward(m, t->inputs + off, t->targets + off, t->weight + off, 1);
-        account_tasks(t, a * t->micro);
-        set_phase(t, ST_PHASE_BACKWARD);
-        if (a == t->accum - 1 && t->cfg->sharding.overlap)
-            st_comm_overlap_begin(&t->dp, m); /* reduce while backward runs */
-        st_model_backward(m);
-    }
-    set_phase(t, ST_PHASE_COMM);
-    float *g = NULL;
-    rc = st_comm_reduce_grads(&t->dp, m, &g);
-    if (rc) return rc;
-    double norm = sqrt(st_comm_grad_sumsq(&t->dp, m, g));
-    r->lr = st_lr_at(&t->optim.cfg, (int)step);
-    set_phase(t, ST_PHASE_OPTIMIZER);
-    st_optim_update(&t->optim, m, g, r->lr, st_clip_scale(norm, (float)t->cfg->train.grad_clip));
-    set_phase(t, ST_PHASE_COMM);
-    rc = st_comm_gather_params(&t->dp, m);
-    if (rc) return rc;
-    t->task_sums[3 * t->n_tasks] = loss;
-    MPI_Allreduce(MPI_IN_PLACE, t->task_sums, 3 * t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
-    set_phase(t, ST_PHASE_IDLE);
-    r->loss = t->task_sums[3 * t->n_tasks];
-    update_task_weights(t);
-    r->grad_norm = norm;
-    r->comm_seconds = t->dp.comm_seconds;
-    r->seconds = st_now() - t0;
-    return 0;
-}
-
-/* ---------------- eval on each task's val split ---------------- */
-
-/* Mean val loss per target token of task k over at most eval.batches micro-batches, split over ranks. */
-static double eval_task(trainer *t, int k, double *targets_out) {
-    st_loader_eval it;
-    double sums[2] = {0, 0};
-    if (st_loader_eval_begin(&t->loader, k, ST_SPLIT_VAL, &it) == 0) {
-        int T = t->T, B = t->micro;
-        for (int b = 0; b < t->cfg->eval.batches; b++) {
-            int rows = 0;
-            for (; rows < B; rows++) {
-                size_t o = (size_t)rows * T;
-                if (!st_loader_eval_next(&it, t->inputs + o, t->targets + o, t->mask + o)) break;
-            }
-            if (rows == 0) break;
-            if (b % t->world != t->rank) continue;
-            for (int i = rows * T; i < B * T; i++) { t->inputs[i] = 0; t->targets[i] = 0; t->mask[i] = 0; }
-            st_model_forward(&t->model, t->inputs, t->targets, t->mask, 0);
-            for (int i = 0; i < B * T; i++) {
-                sums[0] += (double)t->mask[i] * t->model.loss_per_pos[i];
-                sums[1] += t->mask[i];
-            }
-        }
-    }
-    MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, t->comm);
-    *targets_out = sums[1];
-    return sums[1] > 0 ? sums[0] / sums[1] : NAN;
-}
-
-/* ---------------- reporting (rank 0) ---------------- */
-
-static void json_task_map(st_strbuf *b, const trainer *t, const char *key, int which) {
-    st_strbuf_printf(b, ",\"%s\":{", key);
-    for (int k = 0; k < t->n_tasks; k++) {
-        double cnt = t->task_sums[3 * k + 1];
-        st_strbuf_json_string(b, t->cfg->tasks[k].name);
-        if (which == 0) {
-            if (cnt > 0) st_strbuf_printf(b, ":%.9g%s", t->task_sums[3 * k] / cnt, k + 1 < t->n_tasks ? "," : "");
-            else st_strbuf_printf(b, ":null%s", k + 1 < t->n_tasks ? "," : "");
-        } else {
-            st_strbuf_printf(b, ":%.0f%s", t->task_sums[3 * k + 2], k + 1 < t->n_tasks ? "," : "");
-        }
-    }
-    st_strbuf_append(b, "}", 1);
-}
-
-static void report_step(trainer *t, int64_t step, const step_result *r, const double *val, const double *val_n) {
-    const st_config *c = t->cfg;
-    uint64_t step_tokens = (uint64_t)t->world * t->slots * t->T;
-    double tps = step_tokens / r->seconds;
-    if (t->tel) {
-        st_step_report rep;
-        memset(&rep, 0, sizeof rep);
-        rep.step = step + 1;
-        rep.loss = r->loss;
-        rep.step_seconds = r->seconds;
-        rep.comm_seconds = r->comm_seconds;
-        rep.tokens = (uint64_t)t->slots * t->T;
-        rep.ntasks = t->n_tasks < ST_TELEMETRY_MAX_TASKS ? t->n_tasks : ST_TELEMETRY_MAX_TASKS;
-        for (int k = 0; k < rep.ntasks; k++) {
-            snprintf(rep.task_name[k], sizeof rep.task_name[k], "%s", c->tasks[k].name);
-            double cnt = t->task_sums[3 * k + 1];
-            rep.task_loss[k] = cnt > 0 ? t->task_sums[3 * k] / cnt : 0;
-            rep.task_tokens[k] = (uint64_t)t->task_sums[3 * k + 2];
-        }
-        rep.grad_norm = r->grad_norm;
-        rep.lr = r->lr;
-        rep.stage = t->stage;
-        st_telemetry_report(t->tel, &rep);
-    }
-    if (t->rank != 0) return;
-    st_strbuf b = {0};
-    st_strbuf_printf(&b, "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens\":%llu,"
-                         "\"tokens_per_s\":%.1f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
-                     (long long)step + 1, r->loss, (double)r->lr, r->grad_norm, (unsigned long long)t->tokens_seen,
-                     tps, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
-    json_task_map(&b, t, "task_loss", 0);
-    json_task_map(&b, t, "task_tokens", 1);
-    if (t->taskw.learned) {
-        st_strbuf_printf(&b, ",\"task_weight\":{");
-        for (int k = 0; k < t->n_tasks; k++) {
-            st_strbuf_json_string(&b, c->tasks[k].name);
-            st_strbuf_printf(&b, ":%.9g%s", c->tasks[k].loss_weight * st_taskw_scale(&t->taskw, k),
-                             k + 1 < t->n_tasks ? "," : "");
-        }
-        st_strbuf_append(&b, "}", 1);
-    }
-    if (val) {
-        st_strbuf_append(&b, ",\"val_loss\":{", 13);
-        for (int k = 0; k < t->n_tasks; k++) {
-            st_strbuf_json_string(&b, c->tasks[k].name);
-            if (isnan(val[k])) st_strbuf_printf(&b, ":null");
-            else st_strbuf_printf(&b, ":%.9g", val[k]);
-            if (k + 1 < t->n_tasks) st_strbuf_append(&b, ",", 1);
-        }
-        st_strbuf_append(&b, "}", 1);
-        (void)val_n;
-    }
-    st_strbuf_append(&b, "}\n", 2);
-    if (b.data) {
-        fputs(b.data, t->metrics);
-        fflush(t->metrics);
-    }
-    st_strbuf_free(&b);
-    if (c->train.log_every > 0 && ((step + 1) % c->train.log_every == 0 || step + 1 == c->train.steps)) {
-        printf("step %5lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | %.0f ms", (long long)step + 1,
-               (long long)c->train.steps, r->loss, (double)r->lr, r->grad_norm, tps, r->seconds * 1e3);
-        if (t->stages.n > 1) printf(" | stage %d", t->stage);
-        if (val)
-            for (int k = 0; k < t->n_tasks; k++) printf(" | val[%s] %.4f", c->tasks[k].name, val[k]);
-        printf("\n");
-        fflush(stdout);
-    }
-}
-
-/* ---------------- final weights ---------------- */
-
-static int save_final(trainer *t) {
-    if (t->rank != 0) return 0;
-    char dir[ST_CFG_PATH_MAX + 16], tmp[ST_CFG_PATH_MAX + 32], old[ST_CFG_PATH_MAX + 32];
-    snprintf(dir, sizeof dir, "%s/final", t->cfg->run_dir);
-    snprintf(tmp, sizeof tmp, "%s/final.partial", t->cfg->run_dir);
-    snprintf(old, sizeof old, "%s/final.old", t->cfg->run_dir);
-    int rc = st_model_save_dir(&t->model, tmp, 0);
-    if (rc) return st_fail_context(rc, "writing final weights");
-    /* swap in atomically-enough: the previous final/ survives until the new one is complete */
-    if (access(dir, F_OK) == 0 && rename(dir, old) != 0)
-        return st_fail(ST_EIO, "cannot replace %s: %s", dir, strerror(errno));
-    if (rename(tmp, dir) != 0) return st_fail(ST_EIO, "cannot rename %s to %s: %s", tmp, dir, strerror(errno));
-    char cmd[ST_CFG_PATH_MAX + 64];
-    if (access(old, F_OK) == 0) {
-        snprintf(cmd, sizeof cmd, "%s/model.safetensors", old);
-        unlink(cmd);
-        snprintf(cmd, sizeof cmd, "%s/config.json", old);
-        unlink(cmd);
-        rmdir(old);
-    }
-    return 0;
-}
-
-/* ---------------- checkpoints ---------------- */
-
-/* Collective. Saves the state after `completed` updates. On failure rank 0 prints one line and the
- * previous checkpoints stay as they were; the training state is never touched by a save. */
-static int save_checkpoint(trainer *t, int64_t completed, const char *why) {
-    const st_config *c = t->cfg;
-    set_phase(t, ST_PHASE_CHECKPOINT);
-    size_t words = st_loader_state_words(&t->loader);
-    uint64_t *loader_state = malloc(words * sizeof *loader_state);
-    const char *names[ST_CFG_MAX_TASKS];
-    uint64_t sums[ST_CFG_MAX_TASKS];
-    for (int k = 0; k < t->n_tasks; k++) {
-        names[k] = c->tasks[k].name;
-        sums[k] = t->datasets[k].checksum;
-    }
-    int rc = agree(t, loader_state ? 0 : st_fail(ST_ENOMEM, "out of memory"));
-    char name[ST_CKPT_NAME_MAX] = "";
-    double secs = 0;
-    if (!rc) {
-        st_loader_state_save(&t->loader, loader_state);
-        st_ckpt_meta meta = {0};
-        meta.step = completed;
-        meta.tokens_seen = t->tokens_seen;
-        meta.stage = t->stage;
-        meta.last_loss = t->last_loss;
-        meta.job_spec = t->job_json;
-        meta.model_config = t->model_config_text;
-        meta.loader_state = loader_state;
-        meta.loader_words = words;
-        meta.n_tasks = t->n_tasks;
-        meta.task_names = names;
-        meta.task_checksums = sums;
-        double tw[1 + 4 * ST_TASKW_MAX];
-        if (t->taskw.learned) {
-            st_taskw_state_save(&t->taskw, tw);
-            meta.task_weighting = tw;
-            meta.task_weighting_len = st_taskw_state_len(&t->taskw);
-        }
-        rc = st_ckpt_save(t->comm, c->checkpoint.dir, &t->model, &t->optim, &meta, c->checkpoint.keep_last, name, &secs);
-    }
-    free(loader_state);
-    set_phase(t, ST_PHASE_IDLE);
-    if (rc == 0) {
-        t->last_saved = completed;
-        if (t->rank == 0) {
-            printf("checkpoint: %s/%s (%s, %.2f s)\n", c->checkpoint.dir, name, why, secs);
-            fflush(stdout);
-        }
-        if (t->mon) st_monitor_event(t->mon, "checkpoint_saved", completed, "%s/%s (%s, %.2f s)", c->checkpoint.dir, name, why, secs);
-        return 0;
-    }
-    if (t->rank == 0) {
-        fprintf(stderr, "shardtune train: warning: checkpoint at step %lld failed (%s): %s\n", (long long)completed, why,
-                st_error());
-        fflush(stderr);
-    }
-    if (t->mon) st_monitor_event(t->mon, "checkpoint_failed", completed, "%s", st_error());
-    return rc;
-}
-
-enum { CTL_SIGNAL = 1u << 8 }; /* a rank got SIGTERM / checkpoint.signal */
-
-/* The control word every rank agrees on at a step boundary: any rank's signal flag OR'ed with the
- * control requests rank 0's monitor accepted since the last boundary. */
-static unsigned boundary_control(trainer *t) {
-    unsigned bits = st_stop_requested ? CTL_SIGNAL : 0;
-    if (t->rank == 0 && t->mon) bits |= st_monitor_take_control(t->mon);
-    MPI_Allreduce(MPI_IN_PLACE, &bits, 1, MPI_UNSIGNED, MPI_BOR, t->comm);
-    return bits;
-}
-
-/* One checkpoint file: header, datasets, weights, optimizer range, loader. The trainer's state
- * changes only once everything has been read and verified. */
-static int try_resume(trainer *t, const char *path) {
-    const st_config *c = t->cfg;
-    st_ckpt_info info;
-    int rc = agree(t, st_ckpt_read_info(path, &info));
-    if (rc) return rc;
-    for (int k = 0; !rc && k < t->n_tasks; k++) {
-        int found = -1;
-        for (int j = 0; j < info.n_tasks; j++)
-            if (strcmp(info.task_names[j], c->tasks[k].name) == 0) found = j;
-        if (found < 0)
-            rc = st_fail(ST_ECONFIG, "task '%s' is not in checkpoint %s (the task list changed; use resume: none to start over)",
-                         c->tasks[k].name, path);
-        else if (info.task_checksums[found] != t->datasets[k].checksum)
-            rc = st_fail(ST_ECONFIG, "task '%s': dataset %s changed since checkpoint %s was saved (checksum differs)",
-                         c->tasks[k].name, c->tasks[k].path, path);
-    }
-    if (!rc && info.step > c->train.steps)
-        rc = st_fail(ST_ECONFIG, "checkpoint %s is at step %lld, beyond train.steps %lld", path, (long long)info.step,
-                     (long long)c->train.steps);
-    rc = agree(t, rc);
-    float *w = rc ? NULL : malloc(t->model.n_weights * sizeof(float));
-    if (!rc) rc = agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
-    /* load the optimizer in the layout it was saved in (the stage of the last completed step); the loop
-     * then enters the stage of the next step, carrying moments over exactly as an uninterrupted run */
-    int s = info.stage;
-    if (!rc && (s < 0 || s >= t->stages.n))
-        rc = agree(t, st_fail(ST_ECONFIG, "checkpoint %s was saved in stage %d, but this schedule has %d stage(s)",
-                              path, s, t->stages.n));
-    if (!rc && s != t->stage) rc = agree(t, enter_stage(t, s));
-    size_t n = t->optim.hi - t->optim.lo;
-    float *mh = NULL, *vh = NULL;
-    int *steps = NULL;
-    if (!rc) {
-        mh = malloc((n ? n : 1) * sizeof(float));
-        vh = malloc((n ? n : 1) * sizeof(float));
-        steps = calloc((size_t)t->model.n_params, sizeof(int));
-        rc = agree(t, mh && vh && steps ? 0 : st_fail(ST_ENOMEM, "out of memory"));
-    }
-    if (!rc) {
-        rc = st_ckpt_load_optim(t->comm, path, &t->model, t->optim.lo, t->optim.hi, mh, vh, steps);
-        if (rc) t->print_error = t->rank == 0; /* every rank holds the same message */
-    }
-    if (!rc) rc = agree(t, st_loader_state_restore(&t->loader, info.loader_state, info.loader_words));
-    if (!rc && t->taskw.learned && info.task_weighting_len > 0 &&
-        st_taskw_state_restore(&t->taskw, info.task_weighting, info.task_weighting_len) != 0)
-        rc = agree(t, st_fail(ST_ECONFIG, "checkpoint %s: task weighting state is for another number of tasks", path));
-    if (!rc) {
-        const st_backend *be = t->be;
-        be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
-        if (n && t->optim.m) {
-            be->copy_to_device(t->optim.m, mh, n * sizeof(float));
-            be->copy_to_device(t->optim.v, vh, n * sizeof(float));
-        }
-        for (int i = 0; i < t->model.n_params; i++)
-            t->optim.param_step[i] = t->model.params[i].grad_offset >= 0 ? steps[i] : 0;
-        t->start_step = info.step;
-        t->last_saved = info.step;
-        t->tokens_seen = info.tokens_seen;
-        t->last_loss = t->resumed_loss = info.last_loss;
-        if (t->rank == 0) {
-            const char *base = strrchr(path, '/');
-            printf("resumed from %s at step %lld (saved by %d rank%s); loss at save %.6f\n", base ? base + 1 : path,
-                   (long long)info.step, info.world_size, info.world_size == 1 ? "" : "s", info.last_loss);
-            fflush(stdout);
-        }
-    }
-    free(w);
-    free(mh);
-    free(vh);
-    free(steps);
-    st_ckpt_info_free(&info);
-    return rc;
-}
-
-/* A damaged file (unreadable, truncated, failing a checksum) makes auto-resume fall back to the
- * previous checkpoint; a mismatch with the job (shapes, datasets, tasks) is the user's to fix. */
-static int is_damage(int rc) { return rc == ST_ECORRUPT || rc == ST_EFORMAT || rc == ST_EIO; }
-
-static int resume(trainer *t) {
-    const st_config *c = t->cfg;
-    t->resumed_loss = NAN;
-    if (c->resume == ST_RESUME_NONE) {
-        if (t->rank == 0) printf("resume: none -> starting from step 0\n");
-        return 0;
-    }
-    if (c->resume == ST_RESUME_PATH) {
-        char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
-        int rc = agree(t, st_ckpt_resolve(c->resume_path, path, sizeof path));
-        if (rc) return rc;
-        return try_resume(t, path);
-    }
-    /* auto: rank 0 lists the directory, everyone tries the candidates in the same order */
-    char (*names)[ST_CKPT_NAME_MAX] = NULL;
-    int n = 0;
-    int rc = t->rank == 0 ? st_ckpt_candidates(c->checkpoint.dir, &names, &n) : 0;
-    if ((rc = agree(t, rc))) return rc;
-    MPI_Bcast(&n, 1, MPI_INT, 0, t->comm);
-    if (t->rank != 0 && n > 0 && !(names = calloc((size_t)n, ST_CKPT_NAME_MAX))) n = -1;
-    if ((rc = agree(t, n < 0 ? st_fail(ST_ENOMEM, "out of memory") : 0))) return rc;
-    if (n > 0) MPI_Bcast(names, n * ST_CKPT_NAME_MAX, MPI_CHAR, 0, t->comm);
-    for (int i = 0; i < n; i++) {
-        char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
-        snprintf(path, sizeof path, "%s/%s", c->checkpoint.dir, names[i]);
-        rc = try_resume(t, path);
-        if (rc == 0 || !is_damage(rc)) break;
-        if (t->rank == 0) {
-            fprintf(stderr, "shardtune train: warning: checkpoint %s is unusable (%s); falling back to %s\n", path,
-                    st_error(), i + 1 < n ? names[i + 1] : "a fresh start");
-            fflush(stderr);
-        }
-        rc = 0;
-        t->print_error = 1;
-    }
-    if (rc == 0 && t->start_step == 0 && t->rank == 0)
-        printf("resume: auto -> no %scheckpoint in %s, starting from step 0\n", n > 0 ? "usable " : "", c->checkpoint.dir);
-    free(names);
-    return rc;
-}
-
 /* ---------------- the loop ---------------- */
 
-static void print_banner(const trainer *t) {
-    if (t->rank != 0) return;
-    const st_config *c = t->cfg;
-    const st_model_config *mc = &t->model.cfg;
-    printf("shardtune: %s %d layers, dim %d, heads %d/%d, vocab %d | %.2fM params, %.2fM trainable | "
-           "%d rank(s) x %d thread(s), backend %s | global batch %d x %d tokens | %d task(s)\n",
-           mc->model_type, mc->n_layer, mc->d_model, mc->n_head, mc->n_kv_head, mc->vocab,
-           t->model.n_weights / 1e6, t->model.n_grads / 1e6, t->world,
-           c->threads > 0 ? c->threads : st_num_threads(), t->be->name, t->world * t->slots, t->T, t->n_tasks);
-    fflush(stdout);
-}
 
 /* Waits at a step boundary until `ctl resume` or a stop; a checkpoint request is served meanwhile.
  * Returns the bits that ended the pause. */
@@ -764,9 +277,9 @@ static unsigned pause_here(trainer *t, int64_t completed) {
     if (t->mon) st_monitor_event(t->mon, "pause", completed, "paused");
     for (;;) {
         usleep(200 * 1000);
-        unsigned bits = boundary_control(t);
+        unsigned bits = st_trainer_control(t);
         if (bits & (ST_CTL_STOP | CTL_SIGNAL)) return bits;
-        if ((bits & ST_CTL_CHECKPOINT) && t->last_saved != completed) save_checkpoint(t, completed, "requested");
+        if ((bits & ST_CTL_CHECKPOINT) && t->last_saved != completed) st_trainer_save_checkpoint(t, completed, "requested");
         if (bits & ST_CTL_RESUME) {
             if (t->rank == 0) { printf("resumed at step %lld\n", (long long)completed); fflush(stdout); }
             if (t->mon) st_monitor_event(t->mon, "resume", completed, "resumed");
@@ -779,12 +292,12 @@ static unsigned pause_here(trainer *t, int64_t completed) {
  * stopped after a checkpoint, or a negative code when it must end with an error. */
 static int step_boundary(trainer *t, int64_t completed) {
     const st_config *c = t->cfg;
-    unsigned bits = boundary_control(t);
+    unsigned bits = st_trainer_control(t);
     if ((bits & ST_CTL_PAUSE) && !(bits & (ST_CTL_STOP | CTL_SIGNAL))) bits |= pause_here(t, completed);
     int last = completed == c->train.steps;
     if ((bits & (ST_CTL_STOP | CTL_SIGNAL)) && !last) {
         const char *why = bits & CTL_SIGNAL ? "signal" : "ctl stop";
-        int rc = t->last_saved == completed ? 0 : save_checkpoint(t, completed, why);
+        int rc = t->last_saved == completed ? 0 : st_trainer_save_checkpoint(t, completed, why);
         if (rc) {
             if (t->rank == 0) fprintf(stderr, "shardtune train: error: stop requested (%s) but the checkpoint failed; "
                                               "the previous checkpoint in %s is intact\n", why, c->checkpoint.dir);
@@ -797,7 +310,7 @@ static int step_boundary(trainer *t, int64_t completed) {
     }
     int periodic = c->checkpoint.every_steps > 0 && completed % c->checkpoint.every_steps == 0;
     if ((periodic || last || (bits & ST_CTL_CHECKPOINT)) && t->last_saved != completed)
-        save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic");
+        st_trainer_save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic");
     return 0; /* a failed save does not stop training: the warning was printed, the old checkpoint stands */
 }
 
@@ -813,9 +326,9 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     t.last_loss = NAN;
     st_run_result result = ST_RUN_FINISHED;
     int rc = setup(&t);
-    if (!rc) rc = resume(&t);
+    if (!rc) rc = st_trainer_resume(&t);
     if (rc) { result = ST_RUN_FAILED; goto done; }
-    print_banner(&t);
+    st_trainer_banner(&t);
     if (t.mon) {
         if (t.start_step > 0) st_monitor_event(t.mon, "resume", t.start_step, "resumed at step %lld on %d rank(s)", (long long)t.start_step, t.world);
         st_monitor_event(t.mon, "start", t.start_step, "training %lld steps on %d rank(s)", (long long)cfg->train.steps, t.world);
@@ -824,13 +337,13 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     for (int64_t step = t.start_step; step < cfg->train.steps; step++) {
         int s = st_stage_at(&t.stages, step);
         if (s != t.stage) {
-            rc = agree(&t, enter_stage(&t, s));
+            rc = st_trainer_agree(&t, st_trainer_enter_stage(&t, s));
             if (rc) { result = ST_RUN_FAILED; break; }
             if (t.mon) st_monitor_event(t.mon, "stage_change", step, "stage %d: %.2fM trainable", s, t.model.n_grads / 1e6);
         }
         if (t.probe) st_probe_set_step(t.probe, step + 1);
-        step_result r = {0};
-        rc = agree(&t, train_step(&t, step, &r));
+        st_step_result r = {0};
+        rc = st_trainer_agree(&t, st_trainer_step(&t, step, &r));
         if (rc) { result = ST_RUN_FAILED; break; }
         t.tokens_seen += (uint64_t)t.world * t.slots * t.T;
         t.last_loss = r.loss;
@@ -840,11 +353,11 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
         }
         int do_eval = cfg->eval.every_steps > 0 && ((step + 1) % cfg->eval.every_steps == 0);
         if (do_eval) {
-            set_phase(&t, ST_PHASE_EVAL);
-            for (int k = 0; k < t.n_tasks; k++) val[k] = eval_task(&t, k, &val_n[k]);
-            set_phase(&t, ST_PHASE_IDLE);
+            st_trainer_phase(&t, ST_PHASE_EVAL);
+            for (int k = 0; k < t.n_tasks; k++) val[k] = st_trainer_eval_task(&t, k, &val_n[k]);
+            st_trainer_phase(&t, ST_PHASE_IDLE);
         }
-        report_step(&t, step, &r, do_eval ? val : NULL, val_n);
+        st_trainer_report(&t, step, &r, do_eval ? val : NULL, val_n);
         int b = step_boundary(&t, step + 1);
         if (b < 0) { result = ST_RUN_FAILED; break; }
         if (b > 0) { result = ST_RUN_CHECKPOINTED; break; }
@@ -852,7 +365,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     free(val);
     free(val_n);
     if (result == ST_RUN_FINISHED) {
-        rc = agree(&t, save_final(&t));
+        rc = st_trainer_agree(&t, st_trainer_save_final(&t));
         if (rc) result = ST_RUN_FAILED;
         else if (t.rank == 0) printf("final weights: %s/final\n", cfg->run_dir);
         if (t.mon) st_monitor_event(t.mon, "end", cfg->train.steps, "finished");

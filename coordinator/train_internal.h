@@ -1,0 +1,87 @@
+/* train_internal.h — the trainer's state and the functions its files share (private to coordinator/).
+ *
+ * coordinator/train.c         set-up, stage changes, teardown, the loop and step boundaries
+ * coordinator/train_step.c    one optimizer step (data, forward/backward, reduction, AdamW) and eval
+ * coordinator/train_ckpt.c    checkpoint save, resume, final weights, the agreed control word
+ * coordinator/train_report.c  metrics.jsonl, the console line, telemetry step reports
+ * All functions here are collective (every rank calls them) unless the comment says rank 0. */
+#ifndef ST_TRAIN_INTERNAL_H
+#define ST_TRAIN_INTERNAL_H
+
+#include <mpi.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "coordinator/config.h"
+#include "coordinator/monitor_server.h"
+#include "coordinator/plan.h"
+#include "coordinator/telemetry.h"
+#include "worker/comm.h"
+#include "worker/dataset.h"
+#include "worker/loader.h"
+#include "worker/model.h"
+#include "worker/optim.h"
+#include "worker/taskweight.h"
+
+typedef struct {
+    const st_config *cfg;
+    MPI_Comm comm;
+    int rank, world;
+    int print_error;
+    const st_backend *be;
+    st_model model;
+    st_dataset *datasets;
+    int n_tasks;
+    st_loader loader;
+    int loader_ready;
+    st_comm dp;
+    st_optim optim;
+    st_stage_list stages; /* the fine-tuning schedule (coordinator/plan.h) */
+    st_taskw taskw;       /* multi-task loss weighting (fixed or learned uncertainty) */
+    int stage;            /* index of the current stage */
+    int micro, accum, T, slots; /* slots = micro * accum samples per rank per step */
+    int32_t *inputs, *targets;
+    float *mask, *weight;
+    int *task_of;
+    double *task_sums; /* [3 * n_tasks]: loss sum, target count, input tokens */
+    double *task_counts; /* [n_tasks + 1]: targets of each task in the global batch, then the total */
+    FILE *metrics;
+    st_telemetry *tel;
+    st_monitor *mon;
+    st_probe *probe;
+    uint64_t tokens_seen;
+    /* checkpoint / resume */
+    char *job_json, *model_config_text; /* identical on every rank (attributes are collective) */
+    int64_t start_step, last_saved;     /* first step to run; completed steps of the last save (-1) */
+    double last_loss, resumed_loss;     /* resumed_loss: loss at save of the checkpoint we resumed (NAN) */
+} trainer;
+
+typedef struct {
+    double loss, grad_norm, seconds, comm_seconds;
+    float lr;
+} st_step_result;
+
+enum { CTL_SIGNAL = 1u << 8 }; /* a rank got SIGTERM / checkpoint.signal */
+
+/* Set by the signal handlers (train.c); read at step boundaries. */
+extern volatile sig_atomic_t st_stop_requested;
+
+void st_trainer_phase(trainer *t, st_phase phase);
+/* All ranks agree whether any rank failed; the lowest failing rank keeps print_error = 1. */
+int st_trainer_agree(trainer *t, int rc);
+/* Makes stage s current (trainable set, shards, optimizer state carried over). */
+int st_trainer_enter_stage(trainer *t, int s);
+
+int st_trainer_step(trainer *t, int64_t step, st_step_result *r);
+double st_trainer_eval_task(trainer *t, int k, double *targets_out);
+
+void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const double *val, const double *val_n);
+void st_trainer_banner(const trainer *t); /* rank 0 prints */
+
+int st_trainer_save_final(trainer *t);
+int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why);
+unsigned st_trainer_control(trainer *t);
+int st_trainer_resume(trainer *t);
+
+#endif

@@ -1,0 +1,112 @@
+/* train_report.c — what a step leaves behind: metrics.jsonl and the console line (rank 0), the
+ * telemetry step report (every rank). */
+#include "coordinator/train_internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/error.h"
+#include "common/json.h"
+#include "common/util.h"
+
+/* ---------------- reporting (rank 0) ---------------- */
+
+static void json_task_map(st_strbuf *b, const trainer *t, const char *key, int which) {
+    st_strbuf_printf(b, ",\"%s\":{", key);
+    for (int k = 0; k < t->n_tasks; k++) {
+        double cnt = t->task_sums[3 * k + 1];
+        st_strbuf_json_string(b, t->cfg->tasks[k].name);
+        if (which == 0) {
+            if (cnt > 0) st_strbuf_printf(b, ":%.9g%s", t->task_sums[3 * k] / cnt, k + 1 < t->n_tasks ? "," : "");
+            else st_strbuf_printf(b, ":null%s", k + 1 < t->n_tasks ? "," : "");
+        } else {
+            st_strbuf_printf(b, ":%.0f%s", t->task_sums[3 * k + 2], k + 1 < t->n_tasks ? "," : "");
+        }
+    }
+    st_strbuf_append(b, "}", 1);
+}
+
+void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const double *val, const double *val_n) {
+    const st_config *c = t->cfg;
+    uint64_t step_tokens = (uint64_t)t->world * t->slots * t->T;
+    double tps = step_tokens / r->seconds;
+    if (t->tel) {
+        st_step_report rep;
+        memset(&rep, 0, sizeof rep);
+        rep.step = step + 1;
+        rep.loss = r->loss;
+        rep.step_seconds = r->seconds;
+        rep.comm_seconds = r->comm_seconds;
+        rep.tokens = (uint64_t)t->slots * t->T;
+        rep.ntasks = t->n_tasks < ST_TELEMETRY_MAX_TASKS ? t->n_tasks : ST_TELEMETRY_MAX_TASKS;
+        for (int k = 0; k < rep.ntasks; k++) {
+            snprintf(rep.task_name[k], sizeof rep.task_name[k], "%s", c->tasks[k].name);
+            double cnt = t->task_sums[3 * k + 1];
+            rep.task_loss[k] = cnt > 0 ? t->task_sums[3 * k] / cnt : 0;
+            rep.task_tokens[k] = (uint64_t)t->task_sums[3 * k + 2];
+        }
+        rep.grad_norm = r->grad_norm;
+        rep.lr = r->lr;
+        rep.stage = t->stage;
+        st_telemetry_report(t->tel, &rep);
+    }
+    if (t->rank != 0) return;
+    st_strbuf b = {0};
+    st_strbuf_printf(&b, "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens\":%llu,"
+                         "\"tokens_per_s\":%.1f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
+                     (long long)step + 1, r->loss, (double)r->lr, r->grad_norm, (unsigned long long)t->tokens_seen,
+                     tps, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
+    json_task_map(&b, t, "task_loss", 0);
+    json_task_map(&b, t, "task_tokens", 1);
+    if (t->taskw.learned) {
+        st_strbuf_printf(&b, ",\"task_weight\":{");
+        for (int k = 0; k < t->n_tasks; k++) {
+            st_strbuf_json_string(&b, c->tasks[k].name);
+            st_strbuf_printf(&b, ":%.9g%s", c->tasks[k].loss_weight * st_taskw_scale(&t->taskw, k),
+                             k + 1 < t->n_tasks ? "," : "");
+        }
+        st_strbuf_append(&b, "}", 1);
+    }
+    if (val) {
+        st_strbuf_append(&b, ",\"val_loss\":{", 13);
+        for (int k = 0; k < t->n_tasks; k++) {
+            st_strbuf_json_string(&b, c->tasks[k].name);
+            if (isnan(val[k])) st_strbuf_printf(&b, ":null");
+            else st_strbuf_printf(&b, ":%.9g", val[k]);
+            if (k + 1 < t->n_tasks) st_strbuf_append(&b, ",", 1);
+        }
+        st_strbuf_append(&b, "}", 1);
+        (void)val_n;
+    }
+    st_strbuf_append(&b, "}\n", 2);
+    if (b.data) {
+        fputs(b.data, t->metrics);
+        fflush(t->metrics);
+    }
+    st_strbuf_free(&b);
+    if (c->train.log_every > 0 && ((step + 1) % c->train.log_every == 0 || step + 1 == c->train.steps)) {
+        printf("step %5lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | %.0f ms", (long long)step + 1,
+               (long long)c->train.steps, r->loss, (double)r->lr, r->grad_norm, tps, r->seconds * 1e3);
+        if (t->stages.n > 1) printf(" | stage %d", t->stage);
+        if (val)
+            for (int k = 0; k < t->n_tasks; k++) printf(" | val[%s] %.4f", c->tasks[k].name, val[k]);
+        printf("\n");
+        fflush(stdout);
+    }
+}
+
+
+void st_trainer_banner(const trainer *t) {
+    if (t->rank != 0) return;
+    const st_config *c = t->cfg;
+    const st_model_config *mc = &t->model.cfg;
+    printf("shardtune: %s %d layers, dim %d, heads %d/%d, vocab %d | %.2fM params, %.2fM trainable | "
+           "%d rank(s) x %d thread(s), backend %s | global batch %d x %d tokens | %d task(s)\n",
+           mc->model_type, mc->n_layer, mc->d_model, mc->n_head, mc->n_kv_head, mc->vocab,
+           t->model.n_weights / 1e6, t->model.n_grads / 1e6, t->world,
+           c->threads > 0 ? c->threads : st_num_threads(), t->be->name, t->world * t->slots, t->T, t->n_tasks);
+    fflush(stdout);
+}

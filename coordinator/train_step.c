@@ -1,0 +1,138 @@
+/* train_step.c — one optimizer step: data and loss weights, forward/backward per micro-batch, the
+ * gradient reduction, clipping, AdamW and the parameter gather; and eval on the val splits. */
+#include "coordinator/train_internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/error.h"
+#include "common/json.h"
+#include "common/util.h"
+
+/* ---------------- one step ---------------- */
+
+
+/* Fills this rank's samples and their loss weights: mask x task loss weight / targets in the global batch. */
+static int load_step_data(trainer *t) {
+    const st_config *c = t->cfg;
+    int G = t->world * t->slots;
+    int rc = st_loader_next(&t->loader, G, t->rank * t->slots, t->slots, t->inputs, t->targets, t->mask, t->task_of);
+    if (rc) return rc;
+    /* targets per task in the whole global batch: [n_tasks] then the total */
+    double *count = t->task_counts;
+    memset(count, 0, ((size_t)t->n_tasks + 1) * sizeof(double));
+    for (int s = 0; s < t->slots; s++)
+        for (int j = 0; j < t->T; j++) count[t->task_of[s]] += t->mask[(size_t)s * t->T + j];
+    for (int k = 0; k < t->n_tasks; k++) count[t->n_tasks] += count[k];
+    MPI_Allreduce(MPI_IN_PLACE, count, t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
+    for (int s = 0; s < t->slots; s++) {
+        int k = t->task_of[s];
+        /* fixed: the mean over all targets, each task scaled by loss_weight; learned: each task's own mean,
+         * scaled by loss_weight * exp(-s_k) */
+        double denom = t->taskw.learned ? count[k] : count[t->n_tasks];
+        float lw = denom > 0 ? (float)(c->tasks[k].loss_weight * st_taskw_scale(&t->taskw, k) / denom) : 0.0f;
+        for (int j = 0; j < t->T; j++) t->weight[(size_t)s * t->T + j] = t->mask[(size_t)s * t->T + j] * lw;
+    }
+    return 0;
+}
+
+/* One step of the learned task weights from this step's all-reduced per-task means. */
+static void update_task_weights(trainer *t) {
+    if (!t->taskw.learned) return;
+    double lw[ST_TASKW_MAX], mean[ST_TASKW_MAX];
+    int present[ST_TASKW_MAX];
+    for (int k = 0; k < t->n_tasks && k < ST_TASKW_MAX; k++) {
+        double cnt = t->task_sums[3 * k + 1];
+        present[k] = cnt > 0;
+        mean[k] = cnt > 0 ? t->task_sums[3 * k] / cnt : 0.0;
+        lw[k] = t->cfg->tasks[k].loss_weight;
+    }
+    st_taskw_update(&t->taskw, lw, mean, present);
+}
+
+/* Adds this micro-batch's per-task loss sums, target counts and input tokens. */
+static void account_tasks(trainer *t, int first_sample) {
+    int N = t->micro * t->T;
+    for (int i = 0; i < N; i++) {
+        int s = first_sample + i / t->T;
+        int k = t->task_of[s];
+        float mk = t->mask[(size_t)first_sample * t->T + i];
+        t->task_sums[3 * k] += (double)mk * t->model.loss_per_pos[i];
+        t->task_sums[3 * k + 1] += mk;
+        t->task_sums[3 * k + 2] += 1;
+    }
+}
+
+int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
+    st_model *m = &t->model;
+    double t0 = st_now();
+    memset(t->task_sums, 0, (3 * (size_t)t->n_tasks + 2) * sizeof(double));
+    st_trainer_phase(t, ST_PHASE_DATA);
+    int rc = load_step_data(t);
+    if (rc) return rc;
+    st_model_zero_grad(m);
+    double loss = 0;
+    for (int a = 0; a < t->accum; a++) {
+        size_t off = (size_t)a * t->micro * t->T;
+        st_trainer_phase(t, ST_PHASE_FORWARD);
+        loss += st_model_forward(m, t->inputs + off, t->targets + off, t->weight + off, 1);
+        account_tasks(t, a * t->micro);
+        st_trainer_phase(t, ST_PHASE_BACKWARD);
+        if (a == t->accum - 1 && t->cfg->sharding.overlap)
+            st_comm_overlap_begin(&t->dp, m); /* reduce while backward runs */
+        st_model_backward(m);
+    }
+    st_trainer_phase(t, ST_PHASE_COMM);
+    float *g = NULL;
+    rc = st_comm_reduce_grads(&t->dp, m, &g);
+    if (rc) return rc;
+    double norm = sqrt(st_comm_grad_sumsq(&t->dp, m, g));
+    r->lr = st_lr_at(&t->optim.cfg, (int)step);
+    st_trainer_phase(t, ST_PHASE_OPTIMIZER);
+    st_optim_update(&t->optim, m, g, r->lr, st_clip_scale(norm, (float)t->cfg->train.grad_clip));
+    st_trainer_phase(t, ST_PHASE_COMM);
+    rc = st_comm_gather_params(&t->dp, m);
+    if (rc) return rc;
+    t->task_sums[3 * t->n_tasks] = loss;
+    MPI_Allreduce(MPI_IN_PLACE, t->task_sums, 3 * t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
+    st_trainer_phase(t, ST_PHASE_IDLE);
+    r->loss = t->task_sums[3 * t->n_tasks];
+    update_task_weights(t);
+    r->grad_norm = norm;
+    r->comm_seconds = t->dp.comm_seconds;
+    r->seconds = st_now() - t0;
+    return 0;
+}
+
+/* ---------------- eval on each task's val split ---------------- */
+
+/* Mean val loss per target token of task k over at most eval.batches micro-batches, split over ranks. */
+double st_trainer_eval_task(trainer *t, int k, double *targets_out) {
+    st_loader_eval it;
+    double sums[2] = {0, 0};
+    if (st_loader_eval_begin(&t->loader, k, ST_SPLIT_VAL, &it) == 0) {
+        int T = t->T, B = t->micro;
+        for (int b = 0; b < t->cfg->eval.batches; b++) {
+            int rows = 0;
+            for (; rows < B; rows++) {
+                size_t o = (size_t)rows * T;
+                if (!st_loader_eval_next(&it, t->inputs + o, t->targets + o, t->mask + o)) break;
+            }
+            if (rows == 0) break;
+            if (b % t->world != t->rank) continue;
+            for (int i = rows * T; i < B * T; i++) { t->inputs[i] = 0; t->targets[i] = 0; t->mask[i] = 0; }
+            st_model_forward(&t->model, t->inputs, t->targets, t->mask, 0);
+            for (int i = 0; i < B * T; i++) {
+                sums[0] += (double)t->mask[i] * t->model.loss_per_pos[i];
+                sums[1] += t->mask[i];
+            }
+        }
+    }
+    MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, t->comm);
+    *targets_out = sums[1];
+    return sums[1] > 0 ? sums[0] / sums[1] : NAN;
+}
+

@@ -327,6 +327,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     st_run_result result = ST_RUN_FINISHED;
     int rc = setup(&t);
     if (!rc) rc = st_trainer_resume(&t);
+    if (!rc) rc = st_trainer_agree(&t, st_trainer_trim_metrics(&t, t.start_step));
     if (rc) { result = ST_RUN_FAILED; goto done; }
     st_trainer_banner(&t);
     if (t.mon) {

@@ -78,6 +78,7 @@ double st_trainer_eval_task(trainer *t, int k, double *targets_out);
 
 void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const double *val, const double *val_n);
 void st_trainer_banner(const trainer *t); /* rank 0 prints */
+int st_trainer_trim_metrics(trainer *t, int64_t keep_upto); /* rank 0 */
 
 int st_trainer_save_final(trainer *t);
 int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why);

@@ -110,3 +110,33 @@ void st_trainer_banner(const trainer *t) {
            c->threads > 0 ? c->threads : st_num_threads(), t->be->name, t->world * t->slots, t->T, t->n_tasks);
     fflush(stdout);
 }
+
+/* Rank 0: drops metrics.jsonl rows of steps after `keep_upto` (steps a crashed run logged after its last
+ * checkpoint, or a whole earlier run when starting fresh), so the file reads as one run. */
+int st_trainer_trim_metrics(trainer *t, int64_t keep_upto) {
+    if (t->rank != 0 || !t->metrics) return 0;
+    char path[ST_CFG_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", t->cfg->run_dir);
+    char *text = NULL;
+    size_t len = 0;
+    fflush(t->metrics);
+    if (st_read_file(path, &text, &len)) return 0; /* nothing to trim */
+    st_strbuf keep = {0};
+    for (char *line = text; line && *line;) {
+        char *nl = strchr(line, '\n');
+        size_t n = nl ? (size_t)(nl - line) + 1 : strlen(line);
+        st_json *row = NULL;
+        int ok = st_json_parse(line, nl ? (size_t)(nl - line) : n, &row) == 0 &&
+                 st_json_get_int(row, "step", INT64_MAX, NULL) <= keep_upto;
+        if (ok) st_strbuf_append(&keep, line, n);
+        st_json_free(row);
+        line = nl ? nl + 1 : NULL;
+    }
+    free(text);
+    int rc = st_write_file_atomic(path, keep.data ? keep.data : "", keep.len);
+    st_strbuf_free(&keep);
+    if (rc) return rc;
+    fclose(t->metrics);
+    t->metrics = fopen(path, "a");
+    return t->metrics ? 0 : st_fail(ST_EIO, "cannot reopen %s", path);
+}

@@ -8,6 +8,7 @@ invalid / out-of-range layer ranges ("5-2", "0-99" on a 2-layer model, "x"), an 
 seq_len above the model's max positions, a token id >= the model's vocabulary, a missing model dir, a
 truncated model.safetensors, an unwritable run_dir.
 """
+import json
 import os
 import shutil
 import sys
@@ -117,6 +118,20 @@ def main():
         st = os.path.join(cut, "model.safetensors")
         os.truncate(st, os.path.getsize(st) // 2)
         expect_fail("truncated safetensors", job, [f"model.path={cut}"], ["model.safetensors"], ranks=2, run_dir=rd)
+        shape = os.path.join(root, "shape")
+        shutil.copytree(model, shape)
+        cfgp = os.path.join(shape, "config.json")
+        cj = json.load(open(cfgp))
+        cj["intermediate_size"] += 8
+        json.dump(cj, open(cfgp, "w"))
+        expect_fail("shape != config.json", job, [f"model.path={shape}"], ["mlp.gate_proj.weight", "shape"], ranks=2,
+                    run_dir=rd)
+        gone = os.path.join(root, "gone")
+        shutil.copytree(model, gone)
+        os.remove(os.path.join(gone, "model.safetensors"))
+        expect_fail("missing safetensors", job, [f"model.path={gone}"], ["gone"], run_dir=rd)
+        expect_fail("mistyped config key", job, ["train.lerning_rate=1e-3"], ["train.lerning_rate", "train.lr"],
+                    ranks=2, run_dir=rd, plan=True)
         blocker = os.path.join(root, "blocker")
         open(blocker, "w").close()
         expect_fail("unwritable run_dir", job, [], ["run_dir", "blocker/run", "Not a directory"], ranks=2,

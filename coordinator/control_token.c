@@ -229,7 +229,7 @@ int st_curve_client_setup(void *s, const char server_public_z85[ST_CURVE_KEY_BUF
     return rc ? st_fail(ST_ECOMM, "cannot make a CURVE client socket: %s", zmq_strerror(zmq_errno())) : 0;
 }
 
-int st_curve_server_setup(void *s, const char secret_z85[ST_CURVE_KEY_BUF]) {
+int st_curve_server_setup(void *s, const char *secret_z85) {
     int one = 1;
     if (!st_curve_available()) return st_fail(ST_ECOMM, "this libzmq was built without CURVE (libsodium)");
     if (!secret_z85 || strlen(secret_z85) != ST_CURVE_KEY_LEN)

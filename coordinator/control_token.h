@@ -62,7 +62,8 @@ int st_curve_client_key(const char *server_key_file, const char *run_dir, char o
  * ST_ECOMM. */
 int st_curve_client_setup(void *zmq_socket, const char server_public_z85[ST_CURVE_KEY_BUF]);
 
-/* Makes a not-yet-bound ZeroMQ socket a CURVE server with this secret key. 0 or ST_ECOMM. */
-int st_curve_server_setup(void *zmq_socket, const char secret_z85[ST_CURVE_KEY_BUF]);
+/* Makes a not-yet-bound ZeroMQ socket a CURVE server with this secret key (40 Z85 chars). 0, ST_EINVAL
+ * (not a 40-char key) or ST_ECOMM. */
+int st_curve_server_setup(void *zmq_socket, const char *secret_z85);
 
 #endif

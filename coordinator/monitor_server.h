@@ -12,7 +12,8 @@
  * The training loop never touches the sockets: st_monitor_event() queues under a mutex and wakes
  * the thread through an eventfd; st_monitor_take_control() is one atomic exchange.
  * Memory: st_monitor_start() allocates the handle; st_monitor_stop() joins and frees it.
- * Strings in the options are copied (the CURVE secret only into the sockets, never kept or logged). Protocol: docs/telemetry.md. */
+ * Strings in the options are copied (the CURVE secret only into the sockets, never kept or logged).
+ * Protocol: docs/telemetry.md. */
 #ifndef ST_MONITOR_SERVER_H
 #define ST_MONITOR_SERVER_H
 

@@ -1,8 +1,9 @@
 /* test_telemetry.c — unit tests of the telemetry decisions that need no sockets: control token file,
  * control request validation (garbage, oversize, tokens), stall and straggler detection with injected
- * clocks, and the probe; CURVE key files (modes, atomic replacement, round trip, malformed files) and a
- * CURVE REQ/REP pair on loopback (right key answered; wrong key and plain client never are). Requests are built with protobuf-c here and by hand (raw wire bytes) so the
- * decoder is checked against an independent encoding. */
+ * clocks, and the probe; CURVE key files (modes, atomic replacement, round trip, malformed files), plus
+ * one CURVE REQ/REP pair on loopback (the right key is answered; a wrong key or a plain client never is).
+ * Requests are built with protobuf-c here and by hand (raw wire bytes) so the decoder is checked against
+ * an independent encoding. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

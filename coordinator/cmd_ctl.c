@@ -1,7 +1,8 @@
 /* cmd_ctl.c — `shardtune ctl ADDR status|checkpoint|stop|pause|resume [--token-file F | --run-dir DIR]
- *                              [--timeout S]`
+ *                              [--server-key FILE] [--timeout S]`
  * Sends one ControlRequest to the job's REP socket (monitor.control), prints the reply text, and exits
- * 0 when the job accepted it, 1 when refused or unreachable. */
+ * 0 when the job accepted it, 1 when refused or unreachable. With --server-key, or --run-dir when
+ * DIR/monitor.pub exists (a job with monitor.curve: true), the connection is a CURVE client of that key. */
 #include "common/error.h"
 #include "coordinator/commands.h"
 #include "coordinator/control_token.h"
@@ -15,13 +16,14 @@
 
 static int ctl_usage(void) {
     fprintf(stderr, "usage: shardtune ctl ADDR status|checkpoint|stop|pause|resume "
-                    "[--token-file F | --run-dir DIR] [--timeout S]\n");
+                    "[--token-file F | --run-dir DIR] [--server-key FILE] [--timeout S]\n");
     return ST_EXIT_USAGE;
 }
 
-/* One request, one reply, bounded by timeout_ms; 0 ok / 1 refused / -1 transport failure (message set). */
-static int ctl_roundtrip(const char *addr, const uint8_t *req, size_t reqlen, int timeout_ms,
-                         Shardtune__ControlReply **reply) {
+/* One request, one reply, bounded by timeout_ms; 0 ok / 1 refused / -1 transport failure (message set).
+ * server_key: the job's CURVE public key, or NULL for a plain connection; key_from names its file. */
+static int ctl_roundtrip(const char *addr, const char *server_key, const char *key_from, const uint8_t *req,
+                         size_t reqlen, int timeout_ms, Shardtune__ControlReply **reply) {
     void *ctx = zmq_ctx_new();
     void *s = ctx ? zmq_socket(ctx, ZMQ_REQ) : NULL;
     int linger = 0, rc = -1;
@@ -33,6 +35,7 @@ static int ctl_roundtrip(const char *addr, const uint8_t *req, size_t reqlen, in
     zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(s, ZMQ_RCVTIMEO, &timeout_ms, sizeof timeout_ms);
     zmq_setsockopt(s, ZMQ_SNDTIMEO, &timeout_ms, sizeof timeout_ms);
+    if (server_key && st_curve_client_setup(s, server_key) != 0) goto out;
     if (zmq_connect(s, addr) != 0) {
         st_fail(ST_ECOMM, "bad control address '%s': %s", addr, zmq_strerror(zmq_errno()));
         goto out;
@@ -44,8 +47,15 @@ static int ctl_roundtrip(const char *addr, const uint8_t *req, size_t reqlen, in
     uint8_t buf[8192];
     int n = zmq_recv(s, buf, sizeof buf, 0);
     if (n < 0) {
-        st_fail(ST_ECOMM, "no reply from %s within %.1f s (is the job running and is this monitor.control?)", addr,
-                timeout_ms / 1e3);
+        /* A CURVE/plain mismatch looks exactly like a dead job: the handshake just never completes. */
+        if (server_key)
+            st_fail(ST_ECOMM, "no reply from %s within %.1f s over CURVE with the server key in %s (is the job "
+                    "running, is this monitor.control, and is the key from this run of the job?)", addr,
+                    timeout_ms / 1e3, key_from);
+        else
+            st_fail(ST_ECOMM, "no reply from %s within %.1f s (is the job running and is this monitor.control? "
+                    "if the job runs with monitor.curve: true, pass --run-dir or --server-key)", addr,
+                    timeout_ms / 1e3);
         goto out;
     }
     if ((size_t)n > sizeof buf || !(*reply = shardtune__control_reply__unpack(NULL, (size_t)n, buf))) {
@@ -61,11 +71,12 @@ out:
 
 int st_cmd_ctl(int argc, char **argv) {
     if (argc < 3) return ctl_usage();
-    const char *addr = argv[1], *cmdname = argv[2], *token_file = NULL, *run_dir = NULL;
+    const char *addr = argv[1], *cmdname = argv[2], *token_file = NULL, *run_dir = NULL, *server_key_file = NULL;
     double timeout_s = 5;
     for (int i = 3; i < argc; i++) {
         if (!strcmp(argv[i], "--token-file") && i + 1 < argc) token_file = argv[++i];
         else if (!strcmp(argv[i], "--run-dir") && i + 1 < argc) run_dir = argv[++i];
+        else if (!strcmp(argv[i], "--server-key") && i + 1 < argc) server_key_file = argv[++i];
         else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) timeout_s = atof(argv[++i]);
         else {
             fprintf(stderr, "shardtune ctl: error: unknown argument '%s'\n", argv[i]);
@@ -81,6 +92,9 @@ int st_cmd_ctl(int argc, char **argv) {
     char token[ST_TOKEN_BUF] = "";
     if (token_file && st_token_read_file(token_file, token) != 0) return st_cli_error("ctl", st_error());
     if (!token_file && run_dir && st_token_read(run_dir, token) != 0) return st_cli_error("ctl", st_error());
+    char server_key[ST_CURVE_KEY_BUF], key_from[4096];
+    int curve = st_curve_client_key(server_key_file, run_dir, server_key, key_from, sizeof key_from);
+    if (curve < 0) return st_cli_error("ctl", st_error());
 
     Shardtune__ControlRequest req = SHARDTUNE__CONTROL_REQUEST__INIT;
     req.version = 1;
@@ -89,7 +103,7 @@ int st_cmd_ctl(int argc, char **argv) {
     uint8_t buf[256];
     size_t len = shardtune__control_request__pack(&req, buf);
     Shardtune__ControlReply *reply;
-    int rc = ctl_roundtrip(addr, buf, len, (int)(timeout_s * 1000), &reply);
+    int rc = ctl_roundtrip(addr, curve ? server_key : NULL, key_from, buf, len, (int)(timeout_s * 1000), &reply);
     if (rc < 0) return st_cli_error("ctl", st_error());
     printf("%s: %s\n", reply->ok ? "ok" : "refused", reply->text ? reply->text : "");
     shardtune__control_reply__free_unpacked(reply, NULL);

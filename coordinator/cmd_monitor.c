@@ -1,11 +1,16 @@
-/* cmd_monitor.c — `shardtune monitor ADDR [--plain|--json] [--count N] [--timeout S]`
+/* cmd_monitor.c — `shardtune monitor ADDR [--plain|--json] [--count N] [--timeout S]
+ *                                   [--run-dir DIR | --server-key FILE]`
  * Subscribes to a job's PUB socket (monitor.publish) and shows it: a live table (one row per rank and a
  * summary line) redrawn with ANSI escapes when stdout is a terminal, otherwise (or with --plain) one
  * line per message, or with --json one JSON object per line.
  * It keeps running across the end of a job: ZeroMQ reconnects the SUB socket when the next job binds
- * the same address. It exits on SIGINT/SIGTERM, or after N messages / S seconds when asked. */
+ * the same address. It exits on SIGINT/SIGTERM, or after N messages / S seconds when asked.
+ * With --server-key, or --run-dir when DIR/monitor.pub exists (a job with monitor.curve: true), it is a
+ * CURVE client of that key; a plain SUB never completes the handshake with a CURVE job and sees nothing. */
 #include "common/util.h"
+#include "common/error.h"
 #include "coordinator/commands.h"
+#include "coordinator/control_token.h"
 #include "coordinator/telemetry.h"
 #include "shardtune.pb-c.h"
 
@@ -222,7 +227,8 @@ static int receive_one(monitor_view *v, void *sub) {
 
 int st_cmd_monitor(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') {
-        fprintf(stderr, "usage: shardtune monitor ADDR [--plain|--json] [--count N] [--timeout S]\n");
+        fprintf(stderr, "usage: shardtune monitor ADDR [--plain|--json] [--count N] [--timeout S] "
+                        "[--run-dir DIR | --server-key FILE]\n");
         return ST_EXIT_USAGE;
     }
     const char *addr = argv[1];
@@ -231,16 +237,22 @@ int st_cmd_monitor(int argc, char **argv) {
     v.mode = isatty(STDOUT_FILENO) ? OUT_TABLE : OUT_PLAIN;
     long count = 0;
     double timeout_s = 0;
+    const char *run_dir = NULL, *server_key_file = NULL;
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--plain")) v.mode = OUT_PLAIN;
         else if (!strcmp(argv[i], "--json")) v.mode = OUT_JSON;
         else if (!strcmp(argv[i], "--count") && i + 1 < argc) count = atol(argv[++i]);
         else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) timeout_s = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--run-dir") && i + 1 < argc) run_dir = argv[++i];
+        else if (!strcmp(argv[i], "--server-key") && i + 1 < argc) server_key_file = argv[++i];
         else {
             fprintf(stderr, "shardtune monitor: error: unknown argument '%s'\n", argv[i]);
             return ST_EXIT_USAGE;
         }
     }
+    char server_key[ST_CURVE_KEY_BUF];
+    int curve = st_curve_client_key(server_key_file, run_dir, server_key, NULL, 0);
+    if (curve < 0) return st_cli_error("monitor", st_error());
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal; /* no SA_RESTART: zmq_poll returns EINTR and we leave */
@@ -257,6 +269,11 @@ int st_cmd_monitor(int argc, char **argv) {
     zmq_setsockopt(sub, ZMQ_HEARTBEAT_IVL, &hb_ivl, sizeof hb_ivl);
     zmq_setsockopt(sub, ZMQ_HEARTBEAT_TIMEOUT, &hb_timeout, sizeof hb_timeout);
     zmq_setsockopt(sub, ZMQ_SUBSCRIBE, "", 0);
+    if (curve && st_curve_client_setup(sub, server_key) != 0) {
+        zmq_close(sub);
+        zmq_ctx_term(ctx);
+        return st_cli_error("monitor", st_error());
+    }
     if (zmq_connect(sub, addr) != 0) {
         char msg[512];
         snprintf(msg, sizeof msg, "bad monitor address '%s': %s", addr, zmq_strerror(zmq_errno()));

@@ -8,6 +8,7 @@
 
 #include "common/error.h"
 #include "common/util.h"
+#include "coordinator/control_token.h"
 #include "coordinator/telemetry.h"
 #include "shardtune.pb-c.h"
 
@@ -521,11 +522,17 @@ static void destroy(st_monitor *m) {
     free(m);
 }
 
-static void *bound_socket(st_monitor *m, int type, const char *addr, const char *what) {
+/* curve_secret: NULL for a plain socket, else the socket is a CURVE server with that key (set before
+ * bind, so no peer ever completes a plain handshake). */
+static void *bound_socket(st_monitor *m, int type, const char *addr, const char *what, const char *curve_secret) {
     void *s = zmq_socket(m->ctx, type);
     int64_t maxmsg = 1 << 20; /* never let a peer make us allocate more than 1 MiB per message */
     if (!s) {
         st_fail(ST_ECOMM, "monitor: cannot create %s socket: %s", what, zmq_strerror(zmq_errno()));
+        return NULL;
+    }
+    if (curve_secret && st_curve_server_setup(s, curve_secret) != 0) {
+        zmq_close(s);
         return NULL;
     }
     if (st_zmq_socket_defaults(s, 200) != 0 || zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg) != 0 ||
@@ -556,6 +563,11 @@ int st_monitor_start(const st_monitor_opts *o, st_monitor **out) {
         return st_fail(ST_EINVAL, "monitor: need world_size >= 1, monitor.publish and monitor.control");
     if (o->token && *o->token && strlen(o->token) != ST_TOKEN_HEX)
         return st_fail(ST_EINVAL, "monitor: control token must be %d hex characters", ST_TOKEN_HEX);
+    if (o->curve && (!o->curve_secret_z85 || strlen(o->curve_secret_z85) != ST_CURVE_KEY_LEN))
+        return st_fail(ST_EINVAL, "monitor: monitor.curve needs the server secret key (%d Z85 characters)",
+                       ST_CURVE_KEY_LEN);
+    if (o->curve && !st_curve_available())
+        return st_fail(ST_EINVAL, "monitor.curve: true, but this libzmq was built without CURVE (libsodium)");
     st_monitor *m = calloc(1, sizeof *m);
     if (!m) return st_fail(ST_ENOMEM, "monitor: out of memory");
     pthread_mutex_init(&m->lock, NULL);
@@ -592,9 +604,11 @@ int st_monitor_start(const st_monitor_opts *o, st_monitor **out) {
         return st_fail(ST_ECOMM, "monitor: cannot create eventfd or ZeroMQ context");
     }
     const char *pull_addr = o->pull_bind && *o->pull_bind ? o->pull_bind : "tcp://127.0.0.1:*";
-    if (!(m->pull = bound_socket(m, ZMQ_PULL, pull_addr, "PULL")) ||
-        !(m->pub = bound_socket(m, ZMQ_XPUB, o->publish_addr, "PUB (monitor.publish)")) ||
-        !(m->rep = bound_socket(m, ZMQ_REP, o->control_addr, "REP (monitor.control)"))) {
+    const char *secret = o->curve ? o->curve_secret_z85 : NULL;
+    /* PULL stays plain: only our own ranks connect to it, at an address they learn over MPI */
+    if (!(m->pull = bound_socket(m, ZMQ_PULL, pull_addr, "PULL", NULL)) ||
+        !(m->pub = bound_socket(m, ZMQ_XPUB, o->publish_addr, "PUB (monitor.publish)", secret)) ||
+        !(m->rep = bound_socket(m, ZMQ_REP, o->control_addr, "REP (monitor.control)", secret))) {
         destroy(m);
         return ST_ECOMM;
     }

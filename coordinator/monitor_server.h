@@ -3,6 +3,8 @@
  *   PUB   (bind, monitor.publish) multipart [topic, message]: "step" StepSummary, "rank" Heartbeat,
  *                                 "event" Event, "alert" Alert,
  *   REP   (bind, monitor.control) ControlRequest -> ControlReply.
+ * With opts.curve the PUB and REP sockets are CURVE servers (encrypted, the job authenticated by its
+ * public key RUN_DIR/monitor.pub); PULL stays plain (internal, see docs/telemetry.md).
  * It aggregates StepReports into one StepSummary per step once every rank reported that step,
  * raises stall/straggler alerts (monitor_rules.h) and turns accepted control requests into a
  * pending control word the training loop takes at each step boundary.
@@ -10,7 +12,8 @@
  * The training loop never touches the sockets: st_monitor_event() queues under a mutex and wakes
  * the thread through an eventfd; st_monitor_take_control() is one atomic exchange.
  * Memory: st_monitor_start() allocates the handle; st_monitor_stop() joins and frees it.
- * Strings in the options are copied. Protocol: docs/telemetry.md. */
+ * Strings in the options are copied (the CURVE secret only into the sockets, never kept or logged).
+ * Protocol: docs/telemetry.md. */
 #ifndef ST_MONITOR_SERVER_H
 #define ST_MONITOR_SERVER_H
 
@@ -25,6 +28,8 @@ typedef struct {
     const char *control_addr;  /* monitor.control, e.g. "tcp://127.0.0.1:5556" (bound) */
     const char *token;         /* the job's 32-hex control token (control_token.h); NULL: refuse all
                                   state-changing commands */
+    int curve;                 /* 1: PUB and REP are CURVE servers (monitor.curve) */
+    const char *curve_secret_z85; /* with curve: the server secret key, 40 Z85 chars (control_token.h) */
     int world_size;
     double stall_after_s;      /* <= 0: 30 */
 } st_monitor_opts;

@@ -174,9 +174,13 @@ static int start_monitoring(trainer *t) {
     int enabled = c->monitor.publish[0] || c->monitor.control[0];
     if (!enabled) return 0;
     if (t->rank == 0) {
-        char token[ST_TOKEN_BUF];
+        char token[ST_TOKEN_BUF], curve_pub[ST_CURVE_KEY_BUF], curve_secret[ST_CURVE_KEY_BUF] = "";
         rc = st_token_create(c->run_dir, token);
+        if (!rc) rc = c->monitor.curve ? st_curve_keys_create(c->run_dir, curve_pub, curve_secret)
+                                       : st_curve_keys_remove(c->run_dir); /* no stale key misleads clients */
         st_monitor_opts mo = {0};
+        mo.curve = c->monitor.curve;
+        mo.curve_secret_z85 = curve_secret;
         mo.publish_addr = c->monitor.publish[0] ? c->monitor.publish : NULL;
         mo.control_addr = c->monitor.control[0] ? c->monitor.control : NULL;
         mo.token = token;

@@ -1,7 +1,9 @@
 /* test_telemetry.c — unit tests of the telemetry decisions that need no sockets: control token file,
  * control request validation (garbage, oversize, tokens), stall and straggler detection with injected
- * clocks, and the probe. Requests are built with protobuf-c here and by hand (raw wire bytes) so the
- * decoder is checked against an independent encoding. */
+ * clocks, and the probe; CURVE key files (modes, atomic replacement, round trip, malformed files), plus
+ * one CURVE REQ/REP pair on loopback (the right key is answered; a wrong key or a plain client never is).
+ * Requests are built with protobuf-c here and by hand (raw wire bytes) so the decoder is checked against
+ * an independent encoding. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,6 +21,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zmq.h>
 
 static char tmpdir[256];
 
@@ -31,9 +34,12 @@ static int setup_dir(void **state) {
 static int teardown_dir(void **state) {
     (void)state;
     char path[512];
-    snprintf(path, sizeof path, "%s/%s", tmpdir, ST_TOKEN_FILE);
-    unlink(path);
-    rmdir(tmpdir);
+    const char *names[] = {ST_TOKEN_FILE, ST_CURVE_SECRET_FILE, ST_CURVE_PUBLIC_FILE, "bad.key"};
+    for (int i = 0; i < 4; i++) {
+        snprintf(path, sizeof path, "%s/%s", tmpdir, names[i]);
+        unlink(path);
+    }
+    assert_int_equal(rmdir(tmpdir), 0); /* also: no stray temporary files left behind */
     return 0;
 }
 
@@ -271,10 +277,190 @@ static void test_probe_and_names(void **state) {
     assert_true(st_rss_bytes() > 0);
 }
 
+
+/* ---- CURVE key files ---- */
+
+static void run_path(const char *name, char *path, size_t n) { snprintf(path, n, "%s/%s", tmpdir, name); }
+
+static void read_text(const char *path, char *out, size_t n) {
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    size_t got = fread(out, 1, n - 1, f);
+    out[got] = 0;
+    fclose(f);
+}
+
+static void test_curve_keys_create_mode_and_read(void **state) {
+    (void)state;
+    assert_int_equal(st_curve_available(), 1); /* Debian's libzmq 4.3.4 has libsodium */
+    char pub[ST_CURVE_KEY_BUF], sec[ST_CURVE_KEY_BUF], back[ST_CURVE_KEY_BUF], derived[ST_CURVE_KEY_BUF];
+    char key_path[512], pub_path[512], from[512], text[128];
+    run_path(ST_CURVE_SECRET_FILE, key_path, sizeof key_path);
+    run_path(ST_CURVE_PUBLIC_FILE, pub_path, sizeof pub_path);
+    umask(0); /* modes must not depend on the umask */
+    assert_int_equal(st_curve_keys_create(tmpdir, pub, sec), 0);
+    umask(022);
+    struct stat st;
+    assert_int_equal(stat(key_path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+    assert_int_equal(stat(pub_path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0644);
+    /* one Z85 line each; the public key really belongs to the secret one (derived independently) */
+    read_text(pub_path, text, sizeof text);
+    assert_int_equal(strlen(text), ST_CURVE_KEY_LEN + 1);
+    assert_memory_equal(text, pub, ST_CURVE_KEY_LEN);
+    assert_int_equal(zmq_curve_public(derived, sec), 0);
+    assert_string_equal(derived, pub);
+    assert_int_equal(st_curve_key_read_file(key_path, 1, back), 0);
+    assert_string_equal(back, sec);
+    assert_int_equal(st_curve_key_read_file(pub_path, 0, back), 0);
+    assert_string_equal(back, pub);
+    /* clients find monitor.pub through the run directory, or take an explicit file first */
+    assert_int_equal(st_curve_client_key(NULL, tmpdir, back, from, sizeof from), 1);
+    assert_string_equal(back, pub);
+    assert_string_equal(from, pub_path);
+    assert_int_equal(st_curve_client_key(pub_path, "/nonexistent", back, from, sizeof from), 1);
+    assert_string_equal(back, pub);
+    /* a new job: new keys, and whoever had the old file open keeps reading the old, complete key */
+    FILE *old = fopen(pub_path, "r");
+    assert_non_null(old);
+    char pub2[ST_CURVE_KEY_BUF], sec2[ST_CURVE_KEY_BUF];
+    assert_int_equal(st_curve_keys_create(tmpdir, pub2, sec2), 0);
+    assert_string_not_equal(pub2, pub);
+    assert_string_not_equal(sec2, sec);
+    assert_non_null(fgets(text, sizeof text, old));
+    fclose(old);
+    assert_memory_equal(text, pub, ST_CURVE_KEY_LEN);
+    assert_int_equal(st_curve_key_read_file(pub_path, 0, back), 0);
+    assert_string_equal(back, pub2);
+    assert_int_equal(st_curve_key_read_file(key_path, 1, back), 0);
+    assert_string_equal(back, sec2);
+    assert_int_equal(stat(key_path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+    /* a job without CURVE removes them: --run-dir clients then connect plain */
+    assert_int_equal(st_curve_keys_remove(tmpdir), 0);
+    assert_int_not_equal(access(key_path, F_OK), 0);
+    assert_int_not_equal(access(pub_path, F_OK), 0);
+    assert_int_equal(st_curve_client_key(NULL, tmpdir, back, from, sizeof from), 0);
+    assert_int_equal(st_curve_client_key(NULL, NULL, back, from, sizeof from), 0);
+    assert_int_equal(st_curve_keys_remove(tmpdir), 0); /* nothing to remove is fine */
+}
+
+static void write_text(const char *path, const char *text, mode_t mode) {
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+    chmod(path, mode);
+}
+
+static void test_curve_key_read_refuses_bad_files(void **state) {
+    (void)state;
+    char pub[ST_CURVE_KEY_BUF], sec[ST_CURVE_KEY_BUF], back[ST_CURVE_KEY_BUF], key_path[512], bad[512];
+    run_path(ST_CURVE_SECRET_FILE, key_path, sizeof key_path);
+    run_path("bad.key", bad, sizeof bad);
+    assert_int_equal(st_curve_keys_create(tmpdir, pub, sec), 0);
+    chmod(key_path, 0640); /* a secret key others can read is refused; a public one may be 0644 */
+    assert_int_equal(st_curve_key_read_file(key_path, 1, back), ST_EINVAL);
+    assert_non_null(strstr(st_error(), "chmod 600"));
+    assert_int_equal(st_curve_key_read_file(key_path, 0, back), 0);
+    char text[128];
+    const char *malformed[] = {
+        "",                                          /* empty */
+        "short\n",                                   /* too short */
+        "",                                          /* 39 chars: filled below */
+        "",                                          /* 41 chars: filled below */
+        "",                                          /* 40 chars with a non-Z85 character: below */
+        "",                                          /* 40 chars with a space inside: below */
+    };
+    char k39[64], k41[64], tilde[64], space[64];
+    snprintf(k39, sizeof k39, "%.39s\n", pub);
+    snprintf(k41, sizeof k41, "%sA\n", pub);
+    snprintf(tilde, sizeof tilde, "%s\n", pub);
+    tilde[7] = '~';
+    snprintf(space, sizeof space, "%s\n", pub);
+    space[20] = ' ';
+    malformed[2] = k39, malformed[3] = k41, malformed[4] = tilde, malformed[5] = space;
+    for (int i = 0; i < 6; i++) {
+        write_text(bad, malformed[i], 0644);
+        assert_int_equal(st_curve_key_read_file(bad, 0, back), ST_EFORMAT);
+        assert_non_null(strstr(st_error(), bad)); /* names the file ... */
+        assert_null(strstr(st_error(), "~"));       /* ... never echoes the content */
+        /* the client resolution refuses it the same way (a bad --server-key is an error, not plain) */
+        assert_int_equal(st_curve_client_key(bad, NULL, back, text, sizeof text), ST_EFORMAT);
+    }
+    /* a file with a key plus trailing junk lines is refused, CRLF is accepted */
+    snprintf(text, sizeof text, "%s\nextra\n", pub);
+    write_text(bad, text, 0644);
+    assert_int_equal(st_curve_key_read_file(bad, 0, back), ST_EFORMAT);
+    snprintf(text, sizeof text, "%s\r\n", pub);
+    write_text(bad, text, 0644);
+    assert_int_equal(st_curve_key_read_file(bad, 0, back), 0);
+    assert_string_equal(back, pub);
+    /* a malformed monitor.pub in the run directory is an error too, naming it */
+    char pub_path[512];
+    run_path(ST_CURVE_PUBLIC_FILE, pub_path, sizeof pub_path);
+    write_text(pub_path, "garbage\n", 0644);
+    assert_int_equal(st_curve_client_key(NULL, tmpdir, back, text, sizeof text), ST_EFORMAT);
+    assert_non_null(strstr(st_error(), pub_path));
+    assert_int_equal(st_curve_key_read_file("/nonexistent/monitor.pub", 0, back), ST_EIO);
+    assert_non_null(strstr(st_error(), "/nonexistent/monitor.pub"));
+    assert_int_equal(st_curve_key_read_file(tmpdir, 0, back), ST_EINVAL); /* a directory */
+    assert_int_equal(st_curve_keys_create("/nonexistent/dir", pub, sec), ST_EIO);
+    assert_non_null(strstr(st_error(), "/nonexistent/dir/monitor.key"));
+}
+
+/* Sends "ping" from a REQ client (CURVE with server_key, or plain when NULL); 1 if "pong" came back. */
+static int curve_ping(void *ctx, void *rep, const char *endpoint, const char *server_key) {
+    void *req = zmq_socket(ctx, ZMQ_REQ);
+    int linger = 0, to = 400;
+    zmq_setsockopt(req, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(req, ZMQ_RCVTIMEO, &to, sizeof to);
+    if (server_key) assert_int_equal(st_curve_client_setup(req, server_key), 0);
+    assert_int_equal(zmq_connect(req, endpoint), 0);
+    zmq_send(req, "ping", 4, 0);
+    int got = 0;
+    zmq_pollitem_t it = {.socket = rep, .events = ZMQ_POLLIN};
+    if (zmq_poll(&it, 1, 400) == 1) {
+        char buf[8];
+        assert_int_equal(zmq_recv(rep, buf, sizeof buf, 0), 4);
+        zmq_send(rep, "pong", 4, 0);
+        char back[8];
+        got = zmq_recv(req, back, sizeof back, 0) == 4 && !memcmp(back, "pong", 4);
+    }
+    zmq_close(req);
+    return got;
+}
+
+static void test_curve_sockets(void **state) {
+    (void)state;
+    char pub[ST_CURVE_KEY_BUF], sec[ST_CURVE_KEY_BUF], other_pub[ST_CURVE_KEY_BUF], other_sec[ST_CURVE_KEY_BUF];
+    assert_int_equal(zmq_curve_keypair(pub, sec), 0);
+    assert_int_equal(zmq_curve_keypair(other_pub, other_sec), 0);
+    void *ctx = zmq_ctx_new();
+    void *rep = zmq_socket(ctx, ZMQ_REP);
+    int linger = 0;
+    zmq_setsockopt(rep, ZMQ_LINGER, &linger, sizeof linger);
+    assert_int_equal(st_curve_server_setup(rep, "too-short"), ST_EINVAL);
+    assert_int_equal(st_curve_server_setup(rep, sec), 0);
+    assert_int_equal(zmq_bind(rep, "tcp://127.0.0.1:*"), 0);
+    char endpoint[256];
+    size_t sz = sizeof endpoint;
+    zmq_getsockopt(rep, ZMQ_LAST_ENDPOINT, endpoint, &sz);
+    assert_int_equal(curve_ping(ctx, rep, endpoint, other_pub), 0); /* an impostor's key: no handshake */
+    assert_int_equal(curve_ping(ctx, rep, endpoint, NULL), 0);      /* plain client: no handshake */
+    assert_int_equal(curve_ping(ctx, rep, endpoint, pub), 1);       /* the job's key: answered */
+    zmq_close(rep);
+    zmq_ctx_term(ctx);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_token_create_mode_and_read, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_token_read_refuses_bad_files, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_curve_keys_create_mode_and_read, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_curve_key_read_refuses_bad_files, setup_dir, teardown_dir),
+        cmocka_unit_test(test_curve_sockets),
         cmocka_unit_test(test_control_tokens),
         cmocka_unit_test(test_control_hand_encoded),
         cmocka_unit_test(test_control_garbage),

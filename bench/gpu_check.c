@@ -8,7 +8,7 @@
  * Relative error of an output element: |gpu - cpu| / max(|cpu|, 1e-3 * max|cpu|, 1e-20), so values
  * near zero are judged against the scale of the whole tensor. Exit status: 0 all within tolerance,
  * 1 some kernel failed (or a CUDA error), 2 no check possible (no device/driver, or no CPU backend
- * linked): then one line says why. Times are single cold-ish runs (after one matmul warm-up), for
+ * linked): then one line says why. matmul_bf16 is checked against the CPU twin (kernels/cpu/cpu_bf16.c). Times are single cold-ish runs (after one matmul warm-up), for
  * orientation, not benchmarks. Builds without CUDA too (it then always exits 2). */
 #include "common/error.h"
 #include "common/util.h"
@@ -119,6 +119,45 @@ static void check_matmul(void) {
             report(name, dev_err(dc, c, (size_t)m * n), tg, tc, 1e-4);
             G->free(da), G->free(db), G->free(dc), free(a), free(b), free(c);
         }
+}
+
+/* Mixed precision: GPU matmul_bf16 (bf16 operands in scratch, cuBLASLt fp32 accumulation) against the
+ * CPU twin (rounded fp32 copies, fp32 sgemm). Both multiply the same bf16 values exactly and differ only
+ * in the order of fp32 additions. The last case puts C at a 4-byte offset (sub-tensor outputs). To show
+ * the GPU really rounded, the result must also be clearly away from the plain fp32 product. */
+static void check_matmul_bf16(void) {
+    const int m = 96, n = 80, k = 136;
+    for (int v = 0; v < 5; v++) {
+        int ta = v & 1, tb = (v >> 1) & 1, off = v == 4;
+        float *a = hrand((size_t)m * k, 1), *b = hrand((size_t)k * n, 1), *c = hrand((size_t)m * n, 1);
+        float *c32 = malloc(sizeof(float) * m * n);
+        memcpy(c32, c, sizeof(float) * m * n);
+        size_t ns = st_matmul_bf16_scratch_floats(m, n, k);
+        float *hs = malloc(ns * sizeof(float)), *ds = dev_from(NULL, ns * sizeof(float));
+        float *da = dev_from(a, sizeof(float) * m * k), *db = dev_from(b, sizeof(float) * k * n);
+        float *dcbuf = dev_from(NULL, sizeof(float) * (m * n + 1)), *dc = dcbuf + off;
+        G->copy_to_device(dc, c, sizeof(float) * m * n);
+        G->matmul_bf16(dc, da, db, m, n, k, ta, tb, 0.5f, 1.0f, ds); /* warm-up: cuBLASLt heuristics */
+        G->copy_to_device(dc, c, sizeof(float) * m * n);
+        tick();
+        G->matmul_bf16(dc, da, db, m, n, k, ta, tb, 0.5f, 1.0f, ds);
+        double tg = tock_gpu();
+        tick();
+        C->matmul_bf16(c, a, b, m, n, k, ta, tb, 0.5f, 1.0f, hs);
+        double tc = tock_cpu();
+        C->matmul(c32, a, b, m, n, k, ta, tb, 0.5f, 1.0f);
+        double vs_fp32 = dev_err(dc, c32, (size_t)m * n);
+        char name[40];
+        snprintf(name, sizeof name, "matmul_bf16_%c%c%s", ta ? 'T' : 'N', tb ? 'T' : 'N', off ? "_offC" : "");
+        double err = dev_err(dc, c, (size_t)m * n);
+        if (vs_fp32 < 1e-3) { /* no rounding happened on the GPU: make the line fail */
+            printf("  %s: only %.2e from the unrounded fp32 product: operands were not rounded\n", name, vs_fp32);
+            err = INFINITY;
+        }
+        report(name, err, tg, tc, 1e-4);
+        G->free(da), G->free(db), G->free(dcbuf), G->free(ds);
+        free(a), free(b), free(c), free(c32), free(hs);
+    }
 }
 
 static void check_bias(void) {
@@ -376,6 +415,7 @@ int main(int argc, char **argv) {
     }
     printf("gpu_check: CUDA device %d vs CPU; * = CUDA-only extra checked against a CPU composition\n", device);
     check_matmul();
+    check_matmul_bf16();
     check_bias();
     check_elementwise();
     check_norms();

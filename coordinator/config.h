@@ -18,6 +18,8 @@
 
 #include <stdint.h>
 
+#include "kernels/kernels.h" /* st_precision */
+
 #define ST_CFG_PATH_MAX 1024 /* bytes for paths and addresses, NUL included */
 #define ST_CFG_NAME_MAX 128  /* bytes for task names and layer specs */
 #define ST_CFG_MAX_TASKS 64
@@ -61,6 +63,7 @@ typedef struct {
     int64_t seed;
     st_backend_kind backend;
     int threads;                    /* 0 = auto (OMP_NUM_THREADS or the affinity mask) */
+    st_precision precision;         /* matmul arithmetic: fp32 | bf16 (bf16 operands, fp32 accumulation) */
     st_loss_weighting_kind loss_weighting;
     double loss_weighting_lr;       /* Adam step size of the learned per-task log-variances (uncertainty) */
 
@@ -152,6 +155,7 @@ int st_parse_layer_ranges(const char *spec, int n_layers, unsigned char *mask_ou
 
 /* Names of enum values as written in YAML ("cosine", "frozen", ...); "?" when out of range. */
 const char *st_backend_name(st_backend_kind k);
+const char *st_precision_name(st_precision p);
 const char *st_schedule_name(st_schedule_kind k);
 const char *st_finetune_mode_name(st_finetune_mode m);
 const char *st_mixing_name(st_mixing_strategy s);

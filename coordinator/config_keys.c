@@ -22,6 +22,7 @@
 #define NO_HI ST_KEY_NO_HI
 
 static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
+static const char *const precision_names[] = {"fp32", "bf16", NULL}; /* indexed by st_precision */
 static const char *const schedule_names[] = {"constant", "cosine", "linear", NULL};
 static const char *const mode_names[] = {"full", "frozen", "progressive", NULL};
 static const char *const mixing_names[] = {"proportional", "temperature", "weights", NULL};
@@ -133,6 +134,7 @@ const st_key st_config_root_keys[] = {
     KEY_I64("seed", offsetof(st_config, seed), 0, 0, NO_HI),
     KEY_ENUM("backend", offsetof(st_config, backend), backend_names),
     KEY_I32("threads", offsetof(st_config, threads), 0, 0, NO_HI),
+    KEY_ENUM("precision", offsetof(st_config, precision), precision_names),
     KEY_ENUM("loss_weighting", offsetof(st_config, loss_weighting), loss_weighting_names),
     KEY_F64("loss_weighting_lr", offsetof(st_config, loss_weighting_lr), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     KEY_SECTION("train", train, train_keys),
@@ -156,6 +158,7 @@ void st_config_defaults(st_config *c) {
     c->seed = 1234;
     c->backend = ST_BACKEND_AUTO;
     c->threads = 0;
+    c->precision = ST_PRECISION_FP32;
     c->loss_weighting = ST_LOSS_WEIGHTING_NONE;
     c->loss_weighting_lr = 0.01;
 
@@ -211,6 +214,7 @@ void st_config_defaults(st_config *c) {
 static const char *name_at(const char *const *names, int n, int i) { return i >= 0 && i < n ? names[i] : "?"; }
 
 const char *st_backend_name(st_backend_kind k) { return name_at(backend_names, 3, (int)k); }
+const char *st_precision_name(st_precision p) { return name_at(precision_names, 2, (int)p); }
 const char *st_schedule_name(st_schedule_kind k) { return name_at(schedule_names, 3, (int)k); }
 const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 3, (int)m); }
 const char *st_mixing_name(st_mixing_strategy s) { return name_at(mixing_names, 3, (int)s); }

@@ -38,6 +38,12 @@ struct st_backend {
      * A is [M,K] (or [K,M] when trans_a), B is [K,N] (or [N,K] when trans_b). */
     void (*matmul)(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta);
+    /* Mixed precision (precision: bf16): the same product with both operands rounded to bf16 (round to
+     * nearest even), products accumulated in fp32, fp32 C: C = alpha * bf16(op(A)) @ bf16(op(B)) + beta * C.
+     * `scratch` is backend memory of st_matmul_bf16_scratch_floats(m, n, k) floats, owned by the caller
+     * (the rounded operand copies go there; A, B are not modified). */
+    void (*matmul_bf16)(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
+                        float alpha, float beta, float *scratch);
     /* y[N,C] += bias[C] broadcast over rows. */
     void (*bias_add)(float *y, const float *bias, int n, int c);
     /* dbias[C] += sum over rows of dy[N,C]. */
@@ -111,6 +117,17 @@ struct st_backend {
     void (*dequant_int8)(float *out, const int8_t *q, const float *scale, size_t n, int block);
     void (*dequant_nf4)(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
 };
+
+/* Arithmetic of the model's matmuls (config key `precision`): fp32, or bf16 operands with fp32
+ * accumulation and output (matmul_bf16). Everything else is fp32 either way. */
+typedef enum { ST_PRECISION_FP32 = 0, ST_PRECISION_BF16 = 1 } st_precision;
+
+/* Floats of scratch matmul_bf16 needs for this shape on any backend: room for a copy of both operands
+ * (A: m*k, B: k*n) as fp32 (the CPU twin) with A's copy padded to 64 bytes; bf16 copies (CUDA) need half. */
+static inline size_t st_matmul_bf16_scratch_floats(int m, int n, int k) {
+    if (m <= 0 || n <= 0 || k <= 0) return 0;
+    return ((size_t)m * (size_t)k + 15) / 16 * 16 + (size_t)k * (size_t)n;
+}
 
 /* The 16 NormalFloat-4 levels (QLoRA paper), shared by every backend. */
 extern const float ST_NF4_LEVELS[16];

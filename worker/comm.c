@@ -106,20 +106,36 @@ void st_comm_free(st_comm *c) {
     c->n_reqs = c->cap_reqs = 0;
 }
 
-/* ---- overlapped, bucketed all-reduce ---- */
+/* ---- overlapped, bucketed all-reduce ----
+ * One host-side code path decides the buckets for both transports (on_grad_ready / launch_bucket);
+ * only the last step differs: MPI starts an MPI_Iallreduce per bucket and waits for all at the end;
+ * NCCL enqueues the bucket's all-reduce on the communication stream behind an event recorded on the
+ * compute stream (st_nccl_all_reduce_sum orders itself after the backward kernels queued so far, so
+ * it reads final gradients while later layers' backward keeps running), and at the end the compute
+ * stream waits for the comm stream before the optimizer reads the gradients. */
 
-static void launch_bucket(st_comm *c, float *grads) {
-    if (c->pend_hi <= c->pend_lo) return;
+/* Starts the reduction of grads[lo, lo + n) on this job's transport. */
+static int bucket_reduce_start(st_comm *c, float *grads, size_t lo, size_t n) {
+#ifdef ST_HAVE_CUDA
+    if (c->nccl) return st_nccl_all_reduce_sum(c->nccl, grads + lo, n);
+#endif
     if (c->n_reqs == c->cap_reqs) {
         int nc = c->cap_reqs ? 2 * c->cap_reqs : 16;
         MPI_Request *nr = realloc(c->reqs, (size_t)nc * sizeof *nr);
-        if (!nr) return; /* left pending; finish reduces it */
+        if (!nr) return st_fail(ST_ENOMEM, "rank %d: out of memory for bucket requests", c->rank);
         c->reqs = nr;
         c->cap_reqs = nc;
     }
-    MPI_Iallreduce(MPI_IN_PLACE, grads + c->pend_lo, (int)(c->pend_hi - c->pend_lo), MPI_FLOAT, MPI_SUM, c->comm,
-                   &c->reqs[c->n_reqs++]);
-    c->covered += c->pend_hi - c->pend_lo;
+    return mpi_check(MPI_Iallreduce(MPI_IN_PLACE, grads + lo, (int)n, MPI_FLOAT, MPI_SUM, c->comm,
+                                    &c->reqs[c->n_reqs++]),
+                     "bucketed gradient all-reduce", c->rank);
+}
+
+static void launch_bucket(st_comm *c, float *grads) {
+    if (c->pend_hi <= c->pend_lo) return;
+    int rc = bucket_reduce_start(c, grads, c->pend_lo, c->pend_hi - c->pend_lo);
+    if (rc && !c->overlap_rc) c->overlap_rc = rc; /* reported by overlap_finish (the hook returns void) */
+    if (!rc) c->covered += c->pend_hi - c->pend_lo;
     c->pend_lo = c->pend_hi = 0;
 }
 
@@ -139,16 +155,30 @@ static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
 
 void st_comm_overlap_begin(st_comm *c, st_model *m) {
     c->overlapping = 0;
-    if (c->world == 1 || c->stage > 1 || c->n == 0 || c->nccl) return;
+    if (c->world == 1 || c->stage > 1 || c->n == 0) return;
     if (!c->bucket_bytes) c->bucket_bytes = 4u << 20;
     c->overlapping = 1;
     c->pend_lo = c->pend_hi = 0;
     c->covered = 0;
     c->n_reqs = 0;
+    c->overlap_rc = 0;
     c->overlap_seconds = 0;
     c->overlap_grads = m->grads;
     m->grad_ready = on_grad_ready;
     m->grad_ready_ctx = c;
+}
+
+/* Compute stream waits (on the device) for the collectives queued so far, then the host checks that
+ * they completed without an asynchronous NCCL error. No-op for MPI (its calls complete on return). */
+static int coll_finish(st_comm *c) {
+#ifdef ST_HAVE_CUDA
+    if (c->nccl) {
+        int rc = st_nccl_wait_compute(c->nccl);
+        return rc ? rc : st_nccl_synchronize(c->nccl);
+    }
+#endif
+    (void)c;
+    return 0;
 }
 
 static int overlap_finish(st_comm *c, st_model *m) {
@@ -158,7 +188,10 @@ static int overlap_finish(st_comm *c, st_model *m) {
     c->overlapping = 0;
     int rc = MPI_Waitall(c->n_reqs, c->reqs, MPI_STATUSES_IGNORE);
     c->n_reqs = 0;
+    int frc = coll_finish(c);
+    if (c->overlap_rc) return c->overlap_rc;
     if (rc != MPI_SUCCESS) return mpi_check(rc, "bucketed gradient all-reduce", c->rank);
+    if (frc) return frc;
     if (c->covered != c->n)
         return st_fail(ST_ECOMM, "rank %d: internal error: overlapped reduction covered %zu of %zu gradients",
                        c->rank, c->covered, c->n);
@@ -180,6 +213,7 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     } else if (c->world > 1) {
         if (c->stage == 2) rc = coll_reduce_scatter(c, m->grads, c->shard_grads);
         else rc = coll_allreduce(c, m->grads, c->n_pad);
+        if (!rc) rc = coll_finish(c);
     } else if (c->stage == 2) {
         m->be->copy(c->shard_grads, m->grads, c->shard * sizeof(float));
     }
@@ -217,6 +251,7 @@ int st_comm_gather_params(st_comm *c, st_model *m) {
     pack_ctx k = {m, c->flat_params, 1};
     st_for_each_param_range(m, c->lo, c->hi, pack_range, &k);
     int rc = coll_allgather(c, c->flat_params);
+    if (!rc) rc = coll_finish(c); /* the unpacking below runs on the compute stream */
     if (rc) return rc;
     k.to_flat = 0;
     st_for_each_param_range(m, 0, c->n_pad, pack_range, &k);

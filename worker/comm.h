@@ -25,7 +25,9 @@ typedef struct {
     float *flat_params;     /* stages 1-2: compact parameter staging [n_pad] */
     double comm_seconds;    /* time the step waited on gradient/parameter collectives (exposed time) */
     /* Overlap of the gradient all-reduce with backward (stages 0-1): ranges reported by the model's
-     * grad_ready hook are merged into buckets of >= bucket_bytes and reduced with MPI_Iallreduce. */
+     * grad_ready hook are merged into buckets of >= bucket_bytes (one host-side bucketing for both
+     * transports) and reduced with MPI_Iallreduce, or with NCCL on the comm stream ordered after the
+     * compute stream by an event (device backends). */
     size_t bucket_bytes;
     int overlapping;        /* a bucketed reduction is in flight for this step */
     size_t pend_lo, pend_hi; /* the bucket being filled (ranges arrive top-down) */
@@ -33,6 +35,7 @@ typedef struct {
     float *overlap_grads;   /* the model's gradient buffer while overlapping */
     MPI_Request *reqs;
     int n_reqs, cap_reqs;
+    int overlap_rc;         /* first failure starting a bucket (the hook cannot return it) */
     double overlap_seconds; /* time spent launching/progressing buckets during backward */
 } st_comm;
 

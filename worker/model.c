@@ -173,6 +173,7 @@ void st_model_free(st_model *m) {
     m->be->free(m->act_arena);
     m->be->free(m->rope_cos);
     m->be->free(m->rope_sin);
+    m->be->free(m->mm_scratch);
     free(m->loss_per_pos);
     free(m->layer_acts);
     free(m->params);
@@ -359,6 +360,58 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     return off;
 }
 
+/* Largest st_matmul_bf16_scratch_floats over every matmul shape the model runs (forward, LM head
+ * chunks, backward): the list mirrors the mm() calls below, (m, n, k) each. */
+static size_t bf16_scratch_for(const st_model *m) {
+    const st_model_config *c = &m->cfg;
+    int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim, V = c->vocab;
+    int R = head_chunk_rows(m), F1 = c->family == ST_FAMILY_GPT2 ? c->d_ff : 2 * c->d_ff, F = c->d_ff;
+    const int shapes[][3] = {
+        {N, Q, C}, {N, C, A}, {N, F1, C}, {N, C, F},      /* forward: qkv, o, up(+gate), down */
+        {R, V, C}, {R, C, V}, {V, C, R},                  /* head: logits, dlnf, dW */
+        {N, F, C}, {C, F, N}, {N, C, F1}, {F1, C, N},     /* backward MLP: dx and dW */
+        {N, A, C}, {C, A, N}, {N, C, Q}, {Q, C, N},       /* backward attention: dx and dW */
+    };
+    size_t most = 0;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        size_t f = st_matmul_bf16_scratch_floats(shapes[i][0], shapes[i][1], shapes[i][2]);
+        if (f > most) most = f;
+    }
+    return most;
+}
+
+size_t st_model_bf16_scratch_floats(const st_model_config *cfg, int B, int T) {
+    st_model tmp;
+    memset(&tmp, 0, sizeof tmp);
+    tmp.cfg = *cfg;
+    tmp.B = B;
+    tmp.T = T;
+    return bf16_scratch_for(&tmp);
+}
+
+/* (Re)allocates mm_scratch for the current B x T when precision is bf16 (frees it otherwise). */
+static int alloc_mm_scratch(st_model *m) {
+    m->be->free(m->mm_scratch);
+    m->mm_scratch = NULL;
+    m->mm_scratch_floats = 0;
+    if (m->precision != ST_PRECISION_BF16 || m->B < 1) return 0;
+    size_t n = bf16_scratch_for(m);
+    m->mm_scratch = m->be->alloc(n * sizeof(float));
+    if (!m->mm_scratch)
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of bf16 matmul scratch (precision: bf16)", n * 4.0 / 1e6);
+    m->mm_scratch_floats = n;
+    return 0;
+}
+
+int st_model_set_precision(st_model *m, st_precision precision) {
+    if (precision != ST_PRECISION_FP32 && precision != ST_PRECISION_BF16)
+        return st_fail(ST_EINVAL, "precision %d is not fp32 (0) or bf16 (1)", (int)precision);
+    if (precision == ST_PRECISION_BF16 && !m->be->matmul_bf16)
+        return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
+    m->precision = precision;
+    return alloc_mm_scratch(m);
+}
+
 /* Floats of RoPE tables (cos + sin) for T positions; Llama family only. */
 static size_t rope_floats(const st_model_config *c, int T) {
     return c->family == ST_FAMILY_LLAMA ? 2 * (size_t)T * (size_t)(c->head_dim / 2) : 0;
@@ -393,6 +446,8 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
     if (!m->act_arena || !m->loss_per_pos || !m->layer_acts)
         return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of activations for micro_batch %d x seq_len %d",
                        m->act_floats * 4.0 / 1e6, B, T);
+    int rc = alloc_mm_scratch(m);
+    if (rc) return rc;
     if (m->cfg.family == ST_FAMILY_LLAMA) {
         size_t n = rope_floats(&m->cfg, T) / 2;
         float *c = malloc(n * sizeof(float)), *s = malloc(n * sizeof(float));
@@ -452,6 +507,15 @@ static layer_w layer_weights(const st_model *m, int l) {
     return w;
 }
 
+/* Every matmul of the model goes through here: the model's precision picks the kernel (one place). */
+static void mm(const st_model *m, float *c, const float *a, const float *b, int M, int N, int K, int ta, int tb,
+               float alpha, float beta) {
+    if (m->precision == ST_PRECISION_BF16)
+        m->be->matmul_bf16(c, a, b, M, N, K, ta, tb, alpha, beta, m->mm_scratch);
+    else
+        m->be->matmul(c, a, b, M, N, K, ta, tb, alpha, beta);
+}
+
 static void norm_fwd(const st_model *m, float *out, float *mean, float *rstd, const float *x, const float *w,
                      const float *b, int N) {
     if (m->cfg.family == ST_FAMILY_GPT2)
@@ -490,26 +554,26 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, float *res_ou
     layer_w w = layer_weights(m, l);
     int N = m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c), A = c->n_head * c->head_dim;
     norm_fwd(m, a->ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
-    be->matmul(a->qkv, a->ln1, w.wqkv, N, Q, C, 0, 1, 1.0f, 0.0f);
+    mm(m, a->qkv, a->ln1, w.wqkv, N, Q, C, 0, 1, 1.0f, 0.0f);
     if (w.bqkv) be->bias_add(a->qkv, w.bqkv, N, Q);
     if (c->family == ST_FAMILY_LLAMA)
         be->rope_fwd(a->qkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     be->attention_fwd(a->atty, a->lse, a->qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T */
     be->copy(a->resmid, a->res_in, (size_t)N * C * sizeof(float));
-    be->matmul(a->resmid, a->atty, w.wo, N, C, A, 0, 1, 1.0f, 1.0f);
+    mm(m, a->resmid, a->atty, w.wo, N, C, A, 0, 1, 1.0f, 1.0f);
     if (w.bo) be->bias_add(a->resmid, w.bo, N, C);
     norm_fwd(m, a->ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
     if (c->family == ST_FAMILY_GPT2) {
-        be->matmul(a->h1, a->ln2, w.w1, N, F, C, 0, 1, 1.0f, 0.0f);
+        mm(m, a->h1, a->ln2, w.w1, N, F, C, 0, 1, 1.0f, 0.0f);
         be->bias_add(a->h1, w.b1, N, F);
         be->gelu_fwd(a->h2, a->h1, (size_t)N * F);
     } else {
-        be->matmul(a->h1, a->ln2, w.w1, N, 2 * F, C, 0, 1, 1.0f, 0.0f);
+        mm(m, a->h1, a->ln2, w.w1, N, 2 * F, C, 0, 1, 1.0f, 0.0f);
         be->swiglu_fwd(a->h2, a->h1, N, F);
     }
     be->copy(res_out, a->resmid, (size_t)N * C * sizeof(float));
-    be->matmul(res_out, a->h2, w.w2, N, C, F, 0, 1, 1.0f, 1.0f);
+    mm(m, res_out, a->h2, w.w2, N, C, F, 0, 1, 1.0f, 1.0f);
     if (w.b2) be->bias_add(res_out, w.b2, N, C);
 }
 
@@ -523,13 +587,13 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
     for (int r0 = 0; r0 < N; r0 += R) {
         int rows = N - r0 < R ? N - r0 : R;
         const float *x = b->lnf + (size_t)r0 * C;
-        be->matmul(b->logits, x, w, rows, V, C, 0, 1, 1.0f, 0.0f);
+        mm(m, b->logits, x, w, rows, V, C, 0, 1, 1.0f, 0.0f);
         if (m->capture_logits)
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
         total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
         if (!train) continue;
-        be->matmul(b->dlnf + (size_t)r0 * C, b->logits, w, rows, C, V, 0, 0, 1.0f, 0.0f);
-        if (gw) be->matmul(gw, b->logits, x, V, C, rows, 1, 0, 1.0f, 1.0f);
+        mm(m, b->dlnf + (size_t)r0 * C, b->logits, w, rows, C, V, 0, 0, 1.0f, 0.0f);
+        if (gw) mm(m, gw, b->logits, x, V, C, rows, 1, 0, 1.0f, 1.0f);
     }
     return total;
 }
@@ -560,7 +624,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
 
 /* Weight gradient of y = x @ W^T: dW[out,in] += dy^T @ x. */
 static void linear_wgrad(const st_model *m, float *dw, const float *dy, const float *x, int N, int out, int in) {
-    if (dw) m->be->matmul(dw, dy, x, out, in, N, 1, 0, 1.0f, 1.0f);
+    if (dw) mm(m, dw, dy, x, out, in, N, 1, 0, 1.0f, 1.0f);
 }
 
 static void layer_backward(st_model *m, int l, const layer_acts *a, const model_bufs *b) {
@@ -571,28 +635,28 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     float *dres = b->dres;
     /* MLP branch: dres is the gradient of res_out */
     if (w.gb2) be->bias_bwd(w.gb2, dres, N, C);
-    be->matmul(b->dh2, dres, w.w2, N, F, C, 0, 0, 1.0f, 0.0f);
+    mm(m, b->dh2, dres, w.w2, N, F, C, 0, 0, 1.0f, 0.0f);
     linear_wgrad(m, w.gw2, dres, a->h2, N, C, F);
     if (c->family == ST_FAMILY_GPT2) {
         be->gelu_bwd(b->dh1, b->dh2, a->h1, (size_t)N * F);
         if (w.gb1) be->bias_bwd(w.gb1, b->dh1, N, F);
-        be->matmul(b->dln, b->dh1, w.w1, N, C, F, 0, 0, 1.0f, 0.0f);
+        mm(m, b->dln, b->dh1, w.w1, N, C, F, 0, 0, 1.0f, 0.0f);
         linear_wgrad(m, w.gw1, b->dh1, a->ln2, N, F, C);
     } else {
         be->swiglu_bwd(b->dh1, b->dh2, a->h1, N, F);
-        be->matmul(b->dln, b->dh1, w.w1, N, C, 2 * F, 0, 0, 1.0f, 0.0f);
+        mm(m, b->dln, b->dh1, w.w1, N, C, 2 * F, 0, 0, 1.0f, 0.0f);
         linear_wgrad(m, w.gw1, b->dh1, a->ln2, N, 2 * F, C);
     }
     norm_bwd(m, dres, w.gn2w, w.gn2b, b->dln, a->resmid, w.n2w, a->ln2_mean, a->ln2_rstd, N, b->dh2);
     /* attention branch: dres is now the gradient of resmid */
     if (w.gbo) be->bias_bwd(w.gbo, dres, N, C);
-    be->matmul(b->datt, dres, w.wo, N, A, C, 0, 0, 1.0f, 0.0f);
+    mm(m, b->datt, dres, w.wo, N, A, C, 0, 0, 1.0f, 0.0f);
     linear_wgrad(m, w.gwo, dres, a->atty, N, C, A);
     be->attention_bwd(b->dqkv, b->datt, a->qkv, a->atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     if (c->family == ST_FAMILY_LLAMA)
         be->rope_bwd(b->dqkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     if (w.gbqkv) be->bias_bwd(w.gbqkv, b->dqkv, N, Q);
-    be->matmul(b->dln, b->dqkv, w.wqkv, N, C, Q, 0, 0, 1.0f, 0.0f);
+    mm(m, b->dln, b->dqkv, w.wqkv, N, C, Q, 0, 0, 1.0f, 0.0f);
     linear_wgrad(m, w.gwqkv, b->dqkv, a->ln1, N, Q, C);
     norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);
 }

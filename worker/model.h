@@ -58,6 +58,11 @@ typedef struct {
     float *loss_per_pos; /* [B*T] unweighted loss of each target (0 where weight is 0) */
     void *layer_acts;    /* per-layer pointers into act_arena (model.c) */
     float *capture_logits; /* optional host [B*T, V]: forward copies the logits here (tests, eval tools) */
+    /* Matmul arithmetic (st_model_set_precision): ST_PRECISION_BF16 sends every matmul of the model
+     * (linear layers, LM head, their backward) through be->matmul_bf16 with mm_scratch. */
+    st_precision precision;
+    float *mm_scratch;   /* backend memory, mm_scratch_floats floats (bf16 only) */
+    size_t mm_scratch_floats;
     /* Optional: called by st_model_backward each time a contiguous range [lo, hi) of the gradient space
      * is final — head first, then layers top-down, embeddings last — so communication can overlap the
      * rest of backward. Together the calls cover every trainable element exactly once. */
@@ -100,6 +105,14 @@ int st_model_alloc_activations(st_model *m, int B, int T);
 /* Floats that st_model_alloc_activations(m, B, T) allocates for a model of this config: the arena (same
  * layout code), loss_per_pos [B*T] and the RoPE tables. No allocation, no validation of T. */
 size_t st_model_activation_floats(const st_model_config *cfg, int B, int T);
+
+/* Selects the matmul arithmetic (fp32 | bf16, see kernels/kernels.h). bf16 needs a backend with
+ * matmul_bf16 and allocates its operand scratch for the current B x T (st_model_alloc_activations
+ * re-sizes it later). Weights, gradients and everything else stay fp32. */
+int st_model_set_precision(st_model *m, st_precision precision);
+
+/* Floats of matmul_bf16 scratch the model needs for micro-batches of B x T (the largest matmul). */
+size_t st_model_bf16_scratch_floats(const st_model_config *cfg, int B, int T);
 
 /* Forward over inputs[B*T]. targets[B*T] and weight[B*T] (loss weights, already divided by the
  * normalizer; 0 = not a target) give the loss. Returns sum_i weight[i] * loss_i; m->loss_per_pos holds

@@ -158,6 +158,7 @@ static const st_backend st_cpu_table = {
     .copy = cpu_copy,
     .synchronize = cpu_synchronize,
     .matmul = st_cpu_matmul,
+    .matmul_bf16 = st_cpu_matmul_bf16,
     .bias_add = st_cpu_bias_add,
     .bias_bwd = st_cpu_bias_bwd,
     .add = st_cpu_add,

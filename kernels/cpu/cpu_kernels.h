@@ -128,6 +128,10 @@ void st_cpu_accumulate(float *dst, const float *src, size_t n);
 void st_cpu_scale(float *x, float s, size_t n);
 double st_cpu_sumsq(const float *x, size_t n);
 
+/* cpu_bf16.c */
+void st_cpu_matmul_bf16(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
+                        float alpha, float beta, float *scratch);
+
 /* cpu_norm.c */
 void st_cpu_layernorm_fwd(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
                           int n, int c, float eps);

@@ -10,6 +10,7 @@
 #include "kernels/cuda/cuda_extras.h"
 
 #include <cublasLt.h>
+#include <cuda_bf16.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,8 +19,9 @@
 
 enum { MATMUL_CACHE = 32 };
 
-struct matmul_plan { /* cuBLASLt descriptors + chosen algorithm for one (m, n, k, ta, tb) */
+struct matmul_plan { /* cuBLASLt descriptors + chosen algorithm for one (m, n, k, ta, tb, input type) */
     int m, n, k, ta, tb, align, valid; /* align: bytes all three pointers are aligned to (4..16) */
+    cudaDataType_t ab_type;            /* CUDA_R_32F (matmul) or CUDA_R_16BF (matmul_bf16) */
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t la, lb, lc;
     cublasLtMatmulAlgo_t algo;
@@ -253,10 +255,13 @@ static const char *lt_status(cublasStatus_t s) {
 
 /* Row-major C[M,N] = op(A) op(B) is column-major C^T[N,M] = op(B)^T op(A)^T: we hand cuBLASLt B as its
  * "A" and A as its "B". A row-major [r, c] matrix is a column-major [c, r] one with ld = c. */
-static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, int align) {
+/* ab_type is the element type of A and B; C/D and the scale type are always fp32. bf16 inputs run with
+ * CUBLAS_COMPUTE_32F (fp32 accumulation) whatever SHARDTUNE_CUDA_TF32 says. */
+static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, int align, cudaDataType_t ab_type) {
     for (int i = 0; i < MATMUL_CACHE; i++) {
         struct matmul_plan *p = &g.plans[i];
-        if (p->valid && p->m == m && p->n == n && p->k == k && p->ta == ta && p->tb == tb && p->align == align)
+        if (p->valid && p->m == m && p->n == n && p->k == k && p->ta == ta && p->tb == tb && p->align == align &&
+            p->ab_type == ab_type)
             return p;
     }
     struct matmul_plan *p = &g.plans[g.next_plan];
@@ -270,19 +275,20 @@ static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, 
     }
     cublasOperation_t op_first = tb ? CUBLAS_OP_T : CUBLAS_OP_N;  /* applied to B's memory */
     cublasOperation_t op_second = ta ? CUBLAS_OP_T : CUBLAS_OP_N; /* applied to A's memory */
-    cublasStatus_t s = cublasLtMatmulDescCreate(&p->op, g.compute, CUDA_R_32F);
+    cublasComputeType_t compute = ab_type == CUDA_R_16BF ? CUBLAS_COMPUTE_32F : g.compute;
+    cublasStatus_t s = cublasLtMatmulDescCreate(&p->op, compute, CUDA_R_32F);
     if (s == CUBLAS_STATUS_SUCCESS)
         s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof op_first);
     if (s == CUBLAS_STATUS_SUCCESS)
         s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof op_second);
     /* B memory: [K,N] row-major = col-major [N,K] (ld N); transposed: [N,K] row-major = col-major [K,N] */
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = tb ? cublasLtMatrixLayoutCreate(&p->la, CUDA_R_32F, k, n, k)
-               : cublasLtMatrixLayoutCreate(&p->la, CUDA_R_32F, n, k, n);
+        s = tb ? cublasLtMatrixLayoutCreate(&p->la, ab_type, k, n, k)
+               : cublasLtMatrixLayoutCreate(&p->la, ab_type, n, k, n);
     /* A memory: [M,K] row-major = col-major [K,M] (ld K); transposed: [K,M] = col-major [M,K] (ld M) */
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = ta ? cublasLtMatrixLayoutCreate(&p->lb, CUDA_R_32F, m, k, m)
-               : cublasLtMatrixLayoutCreate(&p->lb, CUDA_R_32F, k, m, k);
+        s = ta ? cublasLtMatrixLayoutCreate(&p->lb, ab_type, m, k, m)
+               : cublasLtMatrixLayoutCreate(&p->lb, ab_type, k, m, k);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&p->lc, CUDA_R_32F, n, m, n);
     cublasLtMatmulPreference_t pref = NULL;
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceCreate(&pref);
@@ -304,12 +310,13 @@ static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, 
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
         char msg[160];
-        snprintf(msg, sizeof msg, "no cuBLASLt algorithm for m=%d n=%d k=%d ta=%d tb=%d (%s)", m, n, k, ta, tb,
+        snprintf(msg, sizeof msg, "no cuBLASLt algorithm for m=%d n=%d k=%d ta=%d tb=%d %s (%s)", m, n, k, ta, tb,
+                 ab_type == CUDA_R_16BF ? "bf16" : "fp32",
                  s != CUBLAS_STATUS_SUCCESS ? lt_status(s) : "heuristic found none");
         st_cuda_note("matmul", msg);
         return NULL; /* descriptors of a half-built plan leak once per failure; failures are sticky */
     }
-    p->m = m, p->n = n, p->k = k, p->ta = ta, p->tb = tb, p->align = align;
+    p->m = m, p->n = n, p->k = k, p->ta = ta, p->tb = tb, p->align = align, p->ab_type = ab_type;
     p->algo = heur.algo;
     p->valid = 1;
     return p;
@@ -325,11 +332,43 @@ static void cu_matmul(float *c, const float *a, const float *b, int m, int n, in
     }
     uintptr_t bits = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c;
     int align = (bits & 15) == 0 ? 16 : (bits & 7) == 0 ? 8 : 4;
-    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align);
+    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align, CUDA_R_32F);
     if (!p) return;
     cublasStatus_t s = cublasLtMatmul(g.lt, p->op, &alpha, b, p->la, a, p->lb, &beta, c, p->lc, c, p->lc, &p->algo,
                                       g.lt_workspace, g.lt_workspace_bytes, g.stream);
     if (s != CUBLAS_STATUS_SUCCESS) st_cuda_note("matmul", lt_status(s));
+}
+
+/* dst[i] = bf16(src[i]), round to nearest even (the rule of kernels/cuda/bf16_host.h). */
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+static void to_bf16(__nv_bfloat16 *dst, const float *src, size_t n) {
+    to_bf16_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dst, src, n);
+    ST_CUDA_LAUNCHED("matmul_bf16 operand rounding");
+}
+
+/* Mixed-precision matmul: A and B are rounded to bf16 buffers in the caller's scratch (same layouts),
+ * then cuBLASLt multiplies bf16 x bf16 with fp32 accumulation into the fp32 C. The scratch layout is
+ * A's copy at byte 0, B's at a 16-byte aligned offset (well inside st_matmul_bf16_scratch_floats). */
+static void cu_matmul_bf16(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
+                           float alpha, float beta, float *scratch) {
+    if (m <= 0 || n <= 0) return;
+    if (k <= 0) { cu_matmul(c, a, b, m, n, k, trans_a, trans_b, alpha, beta); return; }
+    size_t na = (size_t)m * k, nb = (size_t)k * n;
+    __nv_bfloat16 *ra = (__nv_bfloat16 *)scratch;
+    __nv_bfloat16 *rb = ra + (na + 7) / 8 * 8;
+    to_bf16(ra, a, na);
+    to_bf16(rb, b, nb);
+    uintptr_t bits = (uintptr_t)ra | (uintptr_t)rb | (uintptr_t)c;
+    int align = (bits & 15) == 0 ? 16 : (bits & 7) == 0 ? 8 : 4;
+    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align, CUDA_R_16BF);
+    if (!p) return;
+    cublasStatus_t s = cublasLtMatmul(g.lt, p->op, &alpha, rb, p->la, ra, p->lb, &beta, c, p->lc, c, p->lc,
+                                      &p->algo, g.lt_workspace, g.lt_workspace_bytes, g.stream);
+    if (s != CUBLAS_STATUS_SUCCESS) st_cuda_note("matmul_bf16", lt_status(s));
 }
 
 /* ---------------------------------------------------------------- the table */
@@ -337,7 +376,7 @@ static void cu_matmul(float *c, const float *a, const float *b, int m, int n, in
 static const st_backend cuda_backend = {
     "cuda",
     cu_alloc, cu_free, cu_memset0, cu_copy_to_device, cu_copy_to_host, cu_copy, cu_synchronize,
-    cu_matmul, cu_bias_add, cu_bias_bwd,
+    cu_matmul, cu_matmul_bf16, cu_bias_add, cu_bias_bwd,
     cu_add, cu_accumulate, cu_scale, cu_sumsq,
     st_cu_layernorm_fwd, st_cu_layernorm_bwd, st_cu_rmsnorm_fwd, st_cu_rmsnorm_bwd,
     st_cu_rope_fwd, st_cu_rope_bwd,

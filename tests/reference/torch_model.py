@@ -146,6 +146,9 @@ class RefModel:
         self.raw_config = config
         self.c = parse_config(config)
         self.dtype = dtype
+        # the product of the linear layers and the LM head (not attention's): a mixed-precision reference
+        # swaps in its own (test_bf16_torch.py)
+        self.linear_mm = torch.matmul
         want = param_shapes(self.c)
         named = {}
         for name, arr in tensors.items():
@@ -181,7 +184,7 @@ class RefModel:
     def logits(self, inputs):
         """inputs: int64 tensor [B, T] -> logits [B, T, V] in self.dtype."""
         h = self._gpt2(inputs) if self.c["family"] == "gpt2" else self._llama(inputs)
-        return torch.matmul(h, self.head_weight().t())
+        return self.linear_mm(h, self.head_weight().t())
 
     def _gpt2(self, ids):
         P, c = self.params, self.c
@@ -191,13 +194,13 @@ class RefModel:
         for l in range(c["n_layer"]):
             p = f"h.{l}."
             a = F.layer_norm(h, (C,), P[p + "ln_1.weight"], P[p + "ln_1.bias"], eps)
-            qkv = torch.matmul(a, P[p + "attn.c_attn.weight"]) + P[p + "attn.c_attn.bias"]  # Conv1D: x @ W[in,out]
+            qkv = self.linear_mm(a, P[p + "attn.c_attn.weight"]) + P[p + "attn.c_attn.bias"]  # Conv1D: x @ W[in,out]
             q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(C, dim=-1))
             y = causal_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
-            h = h + torch.matmul(y, P[p + "attn.c_proj.weight"]) + P[p + "attn.c_proj.bias"]
+            h = h + self.linear_mm(y, P[p + "attn.c_proj.weight"]) + P[p + "attn.c_proj.bias"]
             m = F.layer_norm(h, (C,), P[p + "ln_2.weight"], P[p + "ln_2.bias"], eps)
-            m = gelu_new(torch.matmul(m, P[p + "mlp.c_fc.weight"]) + P[p + "mlp.c_fc.bias"])
-            h = h + torch.matmul(m, P[p + "mlp.c_proj.weight"]) + P[p + "mlp.c_proj.bias"]
+            m = gelu_new(self.linear_mm(m, P[p + "mlp.c_fc.weight"]) + P[p + "mlp.c_fc.bias"])
+            h = h + self.linear_mm(m, P[p + "mlp.c_proj.weight"]) + P[p + "mlp.c_proj.bias"]
         return F.layer_norm(h, (C,), P["ln_f.weight"], P["ln_f.bias"], eps)
 
     def _llama(self, ids):
@@ -207,7 +210,7 @@ class RefModel:
         cos, sin = rope_cos_sin(T, hd, c["rope_theta"], self.dtype)
 
         def lin(x, name, bias=False):
-            y = torch.matmul(x, P[name + ".weight"].t())
+            y = self.linear_mm(x, P[name + ".weight"].t())
             return y + P[name + ".bias"] if bias else y
 
         h = P["model.embed_tokens.weight"][ids]

@@ -4,13 +4,14 @@
  *   ref_model --model DIR --batch BATCH.safetensors --out OUT.safetensors
  *             [--steps K --lr LR --beta1 B1 --beta2 B2 --eps E --wd WD --clip C
  *              --schedule constant|cosine|linear --warmup W --total S --min-lr-ratio R]
+ *             [--precision fp32|bf16]
  *
  * BATCH holds "inputs" (I32 [B,T]), "targets" (I32 [B,T]) and "weight" (F32 [B,T], already divided by
  * the normalizer). OUT gets "logits" [B*T,V], "loss" [1] (sum of weight*loss), "loss_per_pos" [B*T],
  * "grad.<name>" (HF layout) of the first step, and with --steps K the weights after each AdamW step,
  * "step<k>.<name>", the unclipped gradients that step k used, "grad<k>.<name>" (k >= 2; step 1 used
  * "grad."), and "lr<k>" [1]. Every step reuses the same batch. No-decay set: norms, biases,
- * embeddings. */
+ * embeddings. --precision bf16 runs every matmul with bf16-rounded operands (kernels.h matmul_bf16). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <math.h>
@@ -90,7 +91,7 @@ static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, i
 }
 
 int main(int argc, char **argv) {
-    const char *model_dir = NULL, *batch = NULL, *out = NULL, *sched = "constant";
+    const char *model_dir = NULL, *batch = NULL, *out = NULL, *sched = "constant", *precision = "fp32";
     int steps = 0;
     st_optim_config oc = {1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, ST_SCHED_CONSTANT, 0, 0, 0.0f, 1.0f};
     float clip = 0;
@@ -110,6 +111,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--warmup")) oc.warmup_steps = atoi(v);
         else if (!strcmp(a, "--total")) oc.total_steps = atoi(v);
         else if (!strcmp(a, "--min-lr-ratio")) oc.min_lr_ratio = (float)atof(v);
+        else if (!strcmp(a, "--precision")) precision = v;
         else { fprintf(stderr, "ref_model: unknown flag %s\n", a); return 2; }
     }
     if (!model_dir || !batch || !out) { fprintf(stderr, "usage: ref_model --model DIR --batch F --out F [...]\n"); return 2; }
@@ -125,6 +127,9 @@ int main(int argc, char **argv) {
     memset(all, 1, (size_t)m.cfg.n_layer);
     if (!rc) rc = st_model_set_trainable(&m, all, ST_MOD_ALL);
     if (!rc) rc = st_model_alloc_activations(&m, B, T);
+    if (!rc && strcmp(precision, "fp32") && strcmp(precision, "bf16"))
+        rc = st_fail(ST_EINVAL, "--precision %s: expected fp32 or bf16", precision);
+    if (!rc) rc = st_model_set_precision(&m, strcmp(precision, "bf16") ? ST_PRECISION_FP32 : ST_PRECISION_BF16);
     if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
     size_t N = (size_t)B * T;
     outlist o = {0};

@@ -77,6 +77,7 @@ static void test_defaults(void **state) {
     assert_int_equal(c.seed, 1234);
     assert_int_equal(c.backend, ST_BACKEND_AUTO);
     assert_int_equal(c.threads, 0);
+    assert_int_equal(c.precision, ST_PRECISION_FP32);
     assert_int_equal(c.loss_weighting, ST_LOSS_WEIGHTING_NONE);
     assert_int_equal(c.train.steps, 1000);
     assert_int_equal(c.train.micro_batch, 4);
@@ -141,6 +142,7 @@ static const char *FULL =
     "seed:     42\n"
     "backend:  cpu\n"
     "threads:  2\n"
+    "precision: bf16\n"
     "loss_weighting: uncertainty\n"
     "train:\n"
     "  steps: 500\n"
@@ -186,6 +188,7 @@ static void check_full(const st_config *c) {
     assert_int_equal(c->seed, 42);
     assert_int_equal(c->backend, ST_BACKEND_CPU);
     assert_int_equal(c->threads, 2);
+    assert_int_equal(c->precision, ST_PRECISION_BF16);
     assert_int_equal(c->loss_weighting, ST_LOSS_WEIGHTING_UNCERTAINTY);
     assert_int_equal(c->train.steps, 500);
     assert_int_equal(c->train.micro_batch, 2);
@@ -415,6 +418,7 @@ static void test_range_errors(void **state) {
     expect_error(with("finetune: {mode: lora}\n"), 0, NULL, "finetune.mode: expected one of full, frozen, progressive",
                  "got 'lora'");
     expect_error(with("backend: tpu\n"), 0, NULL, "backend: expected one of auto, cpu, cuda", "'tpu'");
+    expect_error(with("precision: fp16\n"), 0, NULL, "precision: expected one of fp32, bf16", "'fp16'");
     expect_error(with("train: {schedule: step}\n"), 0, NULL, "train.schedule: expected one of constant, cosine, linear",
                  NULL);
     expect_error(with("mixing: {strategy: random}\n"), 0, NULL, "mixing.strategy: expected one of proportional, "
@@ -641,7 +645,7 @@ static void test_json_dump(void **state) {
     assert_non_null(json);
     if (!json_valid(json)) fail_msg("not valid JSON: %s", json);
     const char *must[] = {"\"model\": {\"path\": \"/models/llama-tiny\"}", "\"seed\": 42", "\"backend\": \"cpu\"",
-                          "\"threads\": 2", "\"loss_weighting\": \"uncertainty\"", "\"lr\": 0.0003",
+                          "\"threads\": 2", "\"precision\": \"bf16\"", "\"loss_weighting\": \"uncertainty\"", "\"lr\": 0.0003",
                           "\"betas\": [0.8, 0.99]", "\"log_every\": 5", "\"mode\": \"progressive\"",
                           "\"train_modules\": [\"attn\", \"mlp\", \"head\"]",
                           "{\"at_step\": 200, \"train_layers\": \"-6\", \"train_modules\": [\"attn\", \"norm\"]}",
@@ -765,6 +769,8 @@ static void test_names(void **state) {
     assert_string_equal(st_schedule_name(ST_SCHEDULE_LINEAR), "linear");
     assert_string_equal(st_finetune_mode_name(ST_FINETUNE_PROGRESSIVE), "progressive");
     assert_string_equal(st_backend_name(ST_BACKEND_CUDA), "cuda");
+    assert_string_equal(st_precision_name(ST_PRECISION_BF16), "bf16");
+    assert_string_equal(st_precision_name(ST_PRECISION_FP32), "fp32");
     assert_string_equal(st_mixing_name(ST_MIXING_WEIGHTS), "weights");
     assert_string_equal(st_loss_weighting_name(ST_LOSS_WEIGHTING_UNCERTAINTY), "uncertainty");
     assert_string_equal(st_module_name(ST_MODULE_EMBED), "embed");

@@ -1,0 +1,248 @@
+/* test_bf16.c — mixed precision (precision: bf16) on the CPU backend.
+ *
+ *  - st_bf16_round against an independent reference (frexp + rint on 8 significant bits, ties to even).
+ *  - matmul_bf16 equals the fp32 matmul of bf16-rounded operands bit for bit (every transpose, alpha/beta,
+ *    a shape big enough to run on the OpenMP team), leaves A and B untouched, is close to a double
+ *    reference on the rounded operands, and is NOT the plain fp32 matmul (the rounding really happens).
+ *  - the model in bf16 sends every matmul (forward, LM head, backward) through matmul_bf16, never through
+ *    matmul, with a scratch large enough for each call; its loss and gradients are near the fp32 ones
+ *    but not equal; bad precisions and backends without matmul_bf16 are refused. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "kernels/cuda/bf16_host.h"
+#include "kernels/kernels.h"
+#include "worker/model.h"
+
+static uint64_t rng_state = 0x2545F4914F6CDD1DULL;
+static double urand(void) { /* uniform [-1, 1) */
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (double)(rng_state >> 11) / (double)(1ULL << 53) * 2.0 - 1.0;
+}
+static float *frand(size_t n, double scale) {
+    float *p = malloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) p[i] = (float)(urand() * scale);
+    return p;
+}
+
+/* Independent bf16 rounding of a finite normal float: keep 8 significant bits, rint (ties to even). */
+static float ref_bf16(float f) {
+    if (f == 0.0f) return f;
+    int e;
+    double mant = frexp((double)f, &e); /* f = mant * 2^e, 0.5 <= |mant| < 1 */
+    return (float)ldexp(rint(mant * 256.0), e - 8);
+}
+
+static void test_rounding(void **state) {
+    (void)state;
+    for (int i = 0; i < 200000; i++) {
+        float f = (float)(urand() * pow(10.0, 6.0 * urand()));
+        float got = st_bf16_round(f), want = ref_bf16(f);
+        if (memcmp(&got, &want, sizeof got)) fail_msg("bf16(%.9g) = %.9g, expected %.9g", f, got, want);
+    }
+    /* exact ties round to the even neighbour, both directions */
+    assert_true(st_bf16_round(1.0f + 1.0f / 256) == 1.0f);
+    assert_true(st_bf16_round(1.0f + 3.0f / 256) == 1.0f + 4.0f / 256);
+    assert_true(st_bf16_round(-(1.0f + 1.0f / 256)) == -1.0f);
+    assert_true(isnan(st_bf16_round(NAN)) && isinf(st_bf16_round(INFINITY)));
+    assert_true(st_bf16_round(3.4e38f) == INFINITY); /* above the largest bf16: rounds to inf */
+}
+
+/* ---- matmul_bf16 ---- */
+
+static void check_matmul(const st_backend *be, int m, int n, int k, int ta, int tb, float alpha, float beta) {
+    size_t na = (size_t)m * k, nb = (size_t)k * n, nc = (size_t)m * n;
+    float *a = frand(na, 1), *b = frand(nb, 1), *c0 = frand(nc, 1);
+    float *a0 = malloc(na * 4), *b0 = malloc(nb * 4), *ra = malloc(na * 4), *rb = malloc(nb * 4);
+    memcpy(a0, a, na * 4);
+    memcpy(b0, b, nb * 4);
+    for (size_t i = 0; i < na; i++) ra[i] = st_bf16_round(a[i]);
+    for (size_t i = 0; i < nb; i++) rb[i] = st_bf16_round(b[i]);
+    float *got = malloc(nc * 4), *want = malloc(nc * 4), *plain = malloc(nc * 4);
+    memcpy(got, c0, nc * 4);
+    memcpy(want, c0, nc * 4);
+    memcpy(plain, c0, nc * 4);
+    size_t ns = st_matmul_bf16_scratch_floats(m, n, k);
+    float *scratch = be->alloc(ns * sizeof(float));
+    be->matmul_bf16(got, a, b, m, n, k, ta, tb, alpha, beta, scratch);
+    be->matmul(want, ra, rb, m, n, k, ta, tb, alpha, beta);
+    be->matmul(plain, a, b, m, n, k, ta, tb, alpha, beta);
+    if (memcmp(got, want, nc * 4))
+        fail_msg("matmul_bf16 %dx%dx%d ta=%d tb=%d differs from fp32 matmul of rounded operands", m, n, k, ta, tb);
+    assert_memory_equal(a, a0, na * 4); /* operands are not modified */
+    assert_memory_equal(b, b0, nb * 4);
+    /* near a double reference on the rounded operands; far (relative to fp32 error) from the unrounded one */
+    double err_bf = 0, err_plain = 0, scale = 0;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            double s = 0, sp = 0;
+            for (int p = 0; p < k; p++) {
+                size_t ia = ta ? (size_t)p * m + i : (size_t)i * k + p, ib = tb ? (size_t)j * k + p : (size_t)p * n + j;
+                s += (double)ra[ia] * rb[ib];
+                sp += (double)a[ia] * b[ib];
+            }
+            double w = alpha * s + beta * (double)c0[(size_t)i * n + j];
+            double wp = alpha * sp + beta * (double)c0[(size_t)i * n + j];
+            err_bf = fmax(err_bf, fabs(got[(size_t)i * n + j] - w));
+            err_plain = fmax(err_plain, fabs(got[(size_t)i * n + j] - wp));
+            scale = fmax(scale, fabs(wp));
+        }
+    if (err_bf / scale > 1e-5) fail_msg("matmul_bf16 vs double on rounded operands: rel %.3g", err_bf / scale);
+    if (err_plain / scale < 1e-4) /* bf16 rounding of k ~ 100 terms moves results by ~1e-3 relative */
+        fail_msg("matmul_bf16 is suspiciously close to the unrounded product (rel %.3g)", err_plain / scale);
+    if (!memcmp(got, plain, nc * 4)) fail_msg("matmul_bf16 equals the plain fp32 matmul: no rounding happened");
+    be->free(scratch);
+    free(a), free(b), free(c0), free(a0), free(b0), free(ra), free(rb), free(got), free(want), free(plain);
+}
+
+static void test_matmul_bf16(void **state) {
+    (void)state;
+    const st_backend *be = st_backend_cpu(2);
+    assert_non_null(be->matmul_bf16);
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            check_matmul(be, 37, 29, 101, ta, tb, 0.7f, 0.3f); /* odd tails, one thread */
+            check_matmul(be, 160, 140, 120, ta, tb, 1.0f, 1.0f); /* > 2^21 multiply-adds: OpenMP split */
+        }
+    check_matmul(be, 150, 200, 96, 0, 0, 1.0f, 0.0f); /* wider than tall: split by columns */
+    /* k = 0: C = beta * C, exactly as the fp32 matmul */
+    float c[6] = {1, 2, 3, 4, 5, 6}, dummy = 0;
+    be->matmul_bf16(c, &dummy, &dummy, 2, 3, 0, 0, 0, 1.0f, 0.5f, NULL);
+    for (int i = 0; i < 6; i++) assert_true(c[i] == 0.5f * (float)(i + 1));
+    assert_int_equal(st_matmul_bf16_scratch_floats(0, 3, 4), 0);
+    assert_true(st_matmul_bf16_scratch_floats(3, 5, 7) >= 3 * 7 + 7 * 5);
+}
+
+/* ---- the model in bf16: a spy backend sees every matmul ---- */
+
+static st_backend spy;
+static const st_backend *cpu;
+static const st_model *spied_model;
+static int fp32_calls, bf16_calls, scratch_too_small;
+
+static void spy_matmul(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb, float alpha,
+                       float beta) {
+    fp32_calls++;
+    cpu->matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
+}
+
+static void spy_matmul_bf16(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb,
+                            float alpha, float beta, float *scratch) {
+    bf16_calls++;
+    if (scratch != spied_model->mm_scratch || st_matmul_bf16_scratch_floats(m, n, k) > spied_model->mm_scratch_floats)
+        scratch_too_small++;
+    cpu->matmul_bf16(c, a, b, m, n, k, ta, tb, alpha, beta, scratch);
+}
+
+static void build(st_model *m, st_family family, int tied, const st_backend *be) {
+    st_model_config c;
+    memset(&c, 0, sizeof c);
+    c.family = family;
+    snprintf(c.model_type, sizeof c.model_type, family == ST_FAMILY_GPT2 ? "gpt2" : "llama");
+    c.n_layer = 2; c.d_model = 32; c.n_head = 4; c.n_kv_head = family == ST_FAMILY_GPT2 ? 4 : 2; c.head_dim = 8;
+    c.d_ff = 48; c.vocab = 61; c.max_seq = 16; c.norm_eps = 1e-5f; c.rope_theta = 10000.0f;
+    c.tied_embeddings = tied; c.qkv_bias = family == ST_FAMILY_GPT2; c.bos_id = c.eos_id = -1;
+    assert_int_equal(st_model_build(m, &c, be), 0);
+    assert_int_equal(st_model_init_random(m, 11), 0);
+    unsigned char layers[2] = {1, 1};
+    m->grad_align = 1;
+    assert_int_equal(st_model_set_trainable(m, layers, ST_MOD_ALL), 0);
+    assert_int_equal(st_model_alloc_activations(m, 2, 12), 0);
+}
+
+/* Loss and a copy of the gradients after one forward + backward. */
+static double run_step(st_model *m, float *grads_out) {
+    int32_t in[24], tg[24];
+    float w[24];
+    for (int i = 0; i < 24; i++) { in[i] = (i * 7 + 3) % 61; tg[i] = (i * 5 + 1) % 61; w[i] = 1.0f / 24; }
+    st_model_zero_grad(m);
+    double loss = st_model_forward(m, in, tg, w, 1);
+    st_model_backward(m);
+    memcpy(grads_out, m->grads, m->n_grads * sizeof(float));
+    return loss;
+}
+
+static void check_model(st_family family, int tied) {
+    cpu = st_backend_cpu(2);
+    spy = *cpu;
+    spy.matmul = spy_matmul;
+    spy.matmul_bf16 = spy_matmul_bf16;
+    st_model m;
+    build(&m, family, tied, &spy);
+    spied_model = &m;
+    float *g32 = malloc(m.n_grads * 4), *g16 = malloc(m.n_grads * 4);
+    fp32_calls = bf16_calls = scratch_too_small = 0;
+    double l32 = run_step(&m, g32);
+    assert_true(fp32_calls > 0 && bf16_calls == 0);
+    assert_int_equal(st_model_set_precision(&m, ST_PRECISION_BF16), 0);
+    assert_non_null(m.mm_scratch);
+    assert_true(m.mm_scratch_floats == st_model_bf16_scratch_floats(&m.cfg, 2, 12));
+    fp32_calls = bf16_calls = 0;
+    double l16 = run_step(&m, g16);
+    if (fp32_calls != 0) fail_msg("bf16 model still ran %d fp32 matmuls", fp32_calls);
+    assert_true(bf16_calls > 0);
+    assert_int_equal(scratch_too_small, 0);
+    /* re-allocating activations keeps bf16 and re-sizes the scratch */
+    assert_int_equal(st_model_alloc_activations(&m, 1, 16), 0);
+    assert_true(m.mm_scratch_floats == st_model_bf16_scratch_floats(&m.cfg, 1, 16));
+    /* near the fp32 result, not equal to it */
+    double gd = 0, gs = 0;
+    for (size_t i = 0; i < m.n_grads; i++) {
+        gd = fmax(gd, fabs((double)g16[i] - g32[i]));
+        gs = fmax(gs, fabs((double)g32[i]));
+    }
+    printf("  %s%s: loss fp32 %.7f bf16 %.7f; grad max|diff|/max|g| = %.3g\n",
+           family == ST_FAMILY_GPT2 ? "gpt2" : "llama", tied ? " tied" : "", l32, l16, gd / gs);
+    assert_true(l16 != l32 && fabs(l16 - l32) < 1e-2 * fabs(l32));
+    assert_true(gd > 0 && gd < 5e-2 * gs);
+    /* back to fp32: bit-identical to the first fp32 run, scratch released */
+    assert_int_equal(st_model_alloc_activations(&m, 2, 12), 0);
+    assert_int_equal(st_model_set_precision(&m, ST_PRECISION_FP32), 0);
+    assert_null(m.mm_scratch);
+    assert_true(run_step(&m, g16) == l32);
+    assert_memory_equal(g16, g32, m.n_grads * 4);
+    free(g32), free(g16);
+    st_model_free(&m);
+}
+
+static void test_model_bf16(void **state) {
+    (void)state;
+    check_model(ST_FAMILY_LLAMA, 0);
+    check_model(ST_FAMILY_LLAMA, 1);
+    check_model(ST_FAMILY_GPT2, 1);
+}
+
+static void test_model_refusals(void **state) {
+    (void)state;
+    cpu = st_backend_cpu(2);
+    spy = *cpu;
+    spy.matmul_bf16 = NULL; /* a backend without the entry */
+    st_model m;
+    build(&m, ST_FAMILY_LLAMA, 0, &spy);
+    assert_int_equal(st_model_set_precision(&m, ST_PRECISION_BF16), ST_ECONFIG);
+    assert_non_null(strstr(st_error(), "bf16"));
+    assert_int_equal(st_model_set_precision(&m, (st_precision)7), ST_EINVAL);
+    assert_int_equal(m.precision, ST_PRECISION_FP32);
+    st_model_free(&m);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_rounding),
+        cmocka_unit_test(test_matmul_bf16),
+        cmocka_unit_test(test_model_bf16),
+        cmocka_unit_test(test_model_refusals),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -236,6 +236,7 @@ static int setup(trainer *t) {
     int rc = st_trainer_agree(t, setup_backend(t));
     if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
+    if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
     if (!rc) rc = st_trainer_agree(t, load_data(t));
     if (!rc) rc = st_trainer_agree(t, st_plan_stages(c, &t->model, &t->stages));
     if (!rc) rc = st_trainer_agree(t, alloc_step_buffers(t));

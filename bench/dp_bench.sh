@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # dp_bench.sh — data-parallel step time: 1 rank x 2 threads vs 2 ranks x 1 thread, same model and global
-# batch, under ZeRO 0/1/2. Reads step_ms and comm_ms from RUN_DIR/metrics.jsonl, skipping the first
-# steps (warm-up), and prints a table of medians. Prints numbers only; asserts nothing.
+# batch, under ZeRO 0/1/2, and how much of the gradient all-reduce the bucketed overlap hides behind
+# backward (ZeRO 0/1 with sharding.overlap true vs false). Reads step_ms and comm_ms (the time a step
+# waited on collectives) from RUN_DIR/metrics.jsonl, skipping the first steps (warm-up), and prints a
+# table of medians. Prints numbers only; asserts nothing.
 #
 #   bench/dp_bench.sh [BUILD_DIR]     env: STEPS (default 12), SKIP (3), LAYERS (4), DIM (256),
 #                                         VOCAB (32000), MICRO (global batch, default 8), SEQ (128)
@@ -60,4 +62,16 @@ for zero in 0 1 2; do
   read -r s c tps < <(summary "$T/b$zero")
   printf "%-22s %6s %10s %10s %7.1f%% %10s\n" "2 ranks x 1 thread" "$zero" "$s" "$c" \
     "$("$PY" -c "print(100*$c/$s)")" "$tps"
+done
+
+echo
+echo "overlap of the gradient all-reduce with backward (2 ranks x 1 thread):"
+printf "%-8s %12s %12s %12s %10s\n" zero exposed_ms blocking_ms hidden step_ms_gain
+for zero in 0 1; do
+  OMP_NUM_THREADS=1 mpirun --oversubscribe -np 2 --bind-to core "$BIN" train "$T/job.yaml" run_dir="$T/n$zero" \
+    sharding.stage=$zero train.micro_batch=$((GB / 2)) sharding.overlap=false >/dev/null
+  read -r s_off c_off _ < <(summary "$T/n$zero")
+  read -r s_on c_on _ < <(summary "$T/b$zero")
+  printf "%-8s %12s %12s %11.0f%% %9.1f ms\n" "$zero" "$c_on" "$c_off" \
+    "$("$PY" -c "print(max(0.0, 100*(1-$c_on/$c_off)) if $c_off > 0 else 0)")" "$("$PY" -c "print($s_off-$s_on)")"
 done

@@ -82,7 +82,11 @@ void st_cpu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t
 }
 
 /* One (batch, kv head) group: zero its dk/dv, then for each of its query heads and rows accumulate
- * dq (written once per row), dk and dv in a fixed order. */
+ * dq (written once per row), dk and dv in a fixed order. Per row the scores q.k_j and dout.v_j of all
+ * keys are computed first, four keys at a time (st_cpu_dot4 shares the loads of q / dout and gives
+ * independent dependency chains to overlap), and the probabilities in one vectorizable pass; only the
+ * three axpys stay in the per-key loop. Every value is the same float computation as the one-key-at-a-time
+ * form (st_cpu_dot4 == st_cpu_dot bit for bit), and dq / dk / dv are accumulated in the same order. */
 static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv, const float *out,
                                 const float *lse, int bi, int kv, int t, int h, int kvh, int hd) {
     int stride = (h + 2 * kvh) * hd, group = h / kvh;
@@ -94,7 +98,8 @@ static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv
         memset(dtok0 + (size_t)j * stride + koff, 0, (size_t)hd * sizeof(float));
         memset(dtok0 + (size_t)j * stride + voff, 0, (size_t)hd * sizeof(float));
     }
-    float dq[hd];
+    float dq[hd], p[t], ds[t]; /* p: probabilities of keys 0..ti; ds: first dout.v_j, then dscore_j */
+    const float *kbase = tok0 + koff, *vbase = tok0 + voff;
     for (int hi = kv * group; hi < (kv + 1) * group; hi++) {
         for (int ti = 0; ti < t; ti++) {
             const float *q = tok0 + (size_t)ti * stride + (size_t)hi * hd;
@@ -102,15 +107,25 @@ static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv
             const float *dor = dout + orow;
             float row_lse = lse[((size_t)bi * h + hi) * t + ti];
             float dsum = st_cpu_dot(dor, out + orow, hd); /* sum_j p_j dp_j = dout . out */
+            int nk = ti + 1, j = 0;
+            for (; j + 4 <= nk; j += 4) {
+                const float *k0 = kbase + (size_t)j * stride, *v0 = vbase + (size_t)j * stride;
+                st_cpu_dot4(p + j, q, k0, k0 + stride, k0 + 2 * (size_t)stride, k0 + 3 * (size_t)stride, hd);
+                st_cpu_dot4(ds + j, dor, v0, v0 + stride, v0 + 2 * (size_t)stride, v0 + 3 * (size_t)stride, hd);
+            }
+            for (; j < nk; j++) {
+                p[j] = st_cpu_dot(q, kbase + (size_t)j * stride, hd);
+                ds[j] = st_cpu_dot(dor, vbase + (size_t)j * stride, hd);
+            }
+            for (j = 0; j < nk; j++) {
+                p[j] = st_cpu_expf(p[j] * scale - row_lse);
+                ds[j] = p[j] * (ds[j] - dsum);
+            }
             for (int d = 0; d < hd; d++) dq[d] = 0.0f;
-            for (int j = 0; j <= ti; j++) {
-                const float *k = tok0 + (size_t)j * stride + koff;
-                const float *v = tok0 + (size_t)j * stride + voff;
-                float p = st_cpu_expf(st_cpu_dot(q, k, hd) * scale - row_lse);
-                float ds = p * (st_cpu_dot(dor, v, hd) - dsum);
-                st_cpu_axpy(dq, ds, k, hd);
-                st_cpu_axpy(dtok0 + (size_t)j * stride + koff, ds * scale, q, hd);
-                st_cpu_axpy(dtok0 + (size_t)j * stride + voff, p, dor, hd);
+            for (j = 0; j < nk; j++) {
+                st_cpu_axpy(dq, ds[j], kbase + (size_t)j * stride, hd);
+                st_cpu_axpy(dtok0 + (size_t)j * stride + koff, ds[j] * scale, q, hd);
+                st_cpu_axpy(dtok0 + (size_t)j * stride + voff, p[j], dor, hd);
             }
             float *dqr = dtok0 + (size_t)ti * stride + (size_t)hi * hd;
             for (int d = 0; d < hd; d++) dqr[d] = dq[d] * scale;

@@ -48,7 +48,7 @@ void st_ckpt_even_split(uint64_t n, int world, int rank, uint64_t *lo, uint64_t 
 
 /* The chunk shape of a dataset of shape[ndim]: whole rows, about ST_CKPT_CHUNK_BYTES of float32,
  * capped at the dataset (a row longer than the target is one chunk row). */
-#define ST_CKPT_CHUNK_BYTES (4u << 20)
+#define ST_CKPT_CHUNK_BYTES (1u << 20)
 void st_ckpt_chunk_shape(int ndim, const int64_t shape[2], uint64_t chunk[2]);
 
 /* The flat range [lo, hi) of a replicated /model tensor that `rank` writes: whole chunks, the

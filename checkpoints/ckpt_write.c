@@ -6,7 +6,7 @@
  * success, so a write that failed on one aggregator (disk full) ends the save on all ranks together.
  * Host staging buffers are allocated here and freed before returning.
  *
- * Where the time went (bench/ckpt_bench, 85 MB, 2 ranks; numbers in bench/README.md): HDF5 walking
+ * Where the time went (bench/ckpt_bench, 85 MB, 2 ranks; numbers in its header): HDF5 walking
  * every element to map a 1-D memory space onto 2-D chunks (fixed in ckpt_select.c), then the number
  * of synchronisation points per dataset on a busy machine. Hence: /model is written in whole chunks
  * (no chunk shared between ranks, nothing to redistribute); one linked-chunk I/O per dataset; the

@@ -46,6 +46,17 @@ int st_ckpt_range_slabs(int ndim, const int64_t shape[2], uint64_t a, uint64_t b
 /* Even split of n elements over `world` ranks: [n*r/world, n*(r+1)/world). */
 void st_ckpt_even_split(uint64_t n, int world, int rank, uint64_t *lo, uint64_t *hi);
 
+/* The chunk shape of a dataset of shape[ndim]: whole rows, about ST_CKPT_CHUNK_BYTES of float32,
+ * capped at the dataset (a row longer than the target is one chunk row). */
+#define ST_CKPT_CHUNK_BYTES (1u << 20)
+void st_ckpt_chunk_shape(int ndim, const int64_t shape[2], uint64_t chunk[2]);
+
+/* The flat range [lo, hi) of a replicated /model tensor that `rank` writes: whole chunks, the
+ * tensor's chunks split evenly over the ranks, the split rotated by tensor_index so that one-chunk
+ * tensors spread over the ranks. Every chunk has exactly one writer (no shared filtered chunk). */
+void st_ckpt_model_part(int ndim, const int64_t shape[2], int world, int rank, int tensor_index, uint64_t *lo,
+                        uint64_t *hi);
+
 /* ---- writing ---- */
 
 typedef struct {

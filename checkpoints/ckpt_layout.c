@@ -1,5 +1,6 @@
 /* ckpt_layout.c — the pure arithmetic of checkpoints: the position-keyed checksum, flat ranges as
- * hyperslab boxes, and even splits of a range over ranks. No I/O, no allocation. */
+ * hyperslab boxes, even splits of a range over ranks, chunk shapes and chunk ownership. No I/O, no
+ * allocation. */
 #include <string.h>
 
 #include "checkpoints/ckpt.h"
@@ -58,4 +59,30 @@ void st_ckpt_even_split(uint64_t n, int world, int rank, uint64_t *lo, uint64_t 
     /* 128-bit-safe for any realistic n: n * world fits 64 bits below 2^48 elements x 2^16 ranks */
     *lo = (uint64_t)((unsigned __int128)n * (unsigned)rank / (unsigned)world);
     *hi = (uint64_t)((unsigned __int128)n * (unsigned)(rank + 1) / (unsigned)world);
+}
+
+void st_ckpt_chunk_shape(int ndim, const int64_t shape[2], uint64_t chunk[2]) {
+    const uint64_t target = ST_CKPT_CHUNK_BYTES / sizeof(float);
+    uint64_t rows = (uint64_t)shape[0], cols = ndim == 2 ? (uint64_t)shape[1] : 1;
+    uint64_t want = cols >= target ? 1 : target / (cols ? cols : 1);
+    chunk[0] = want < rows ? want : rows;
+    chunk[1] = cols;
+    if (chunk[0] == 0) chunk[0] = 1;
+    if (chunk[1] == 0) chunk[1] = 1;
+}
+
+void st_ckpt_model_part(int ndim, const int64_t shape[2], int world, int rank, int tensor_index, uint64_t *lo,
+                        uint64_t *hi) {
+    uint64_t chunk[2];
+    st_ckpt_chunk_shape(ndim, shape, chunk);
+    uint64_t rows = (uint64_t)shape[0], cols = ndim == 2 ? (uint64_t)shape[1] : 1;
+    uint64_t n_chunks = (rows + chunk[0] - 1) / chunk[0];
+    int share = (int)(((unsigned)rank + (unsigned)tensor_index) % (unsigned)world);
+    uint64_t c0, c1;
+    st_ckpt_even_split(n_chunks, world, share, &c0, &c1);
+    uint64_t r0 = c0 * chunk[0], r1 = c1 * chunk[0];
+    if (r0 > rows) r0 = rows;
+    if (r1 > rows) r1 = rows;
+    *lo = r0 * cols;
+    *hi = r1 * cols;
 }

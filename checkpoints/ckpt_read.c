@@ -168,21 +168,24 @@ static hid_t open_tensor(hid_t f, const char *name, int ndim, const int64_t *sha
     return d;
 }
 
-/* Reads the flat range [a, b) into out[0..b-a). Fletcher32 failures become ST_ECORRUPT. */
+/* Reads the flat range [a, b) into out[0..b-a). Fletcher32 failures become ST_ECORRUPT. A range
+ * that is not whole rows goes through a window of whole rows (st_ckpt_select_range says why). */
 static int read_range(hid_t d, int ndim, const int64_t *shape, uint64_t a, uint64_t b, float *out, const char *name,
                       const char *path) {
     if (a >= b) return 0;
     hid_t fs = H5Dget_space(d);
-    st_ckpt_slab slabs[3];
-    int n = st_ckpt_range_slabs(ndim, shape, a, b, slabs);
-    for (int k = 0; k < n; k++)
-        H5Sselect_hyperslab(fs, k ? H5S_SELECT_OR : H5S_SELECT_SET, (const hsize_t *)slabs[k].start, NULL,
-                            (const hsize_t *)slabs[k].count, NULL);
-    hsize_t count = b - a;
-    hid_t ms = H5Screate_simple(1, &count, NULL);
-    herr_t r = H5Dread(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, out);
+    size_t lead, window, count = b - a;
+    hid_t ms = st_ckpt_select_range(fs, ndim, shape, a, b, &lead, &window);
+    float *bounce = lead == 0 && window == count ? NULL : malloc(window * sizeof(float));
+    herr_t r = -1;
+    if (lead == 0 && window == count) r = H5Dread(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, out);
+    else if (bounce) r = H5Dread(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, bounce);
     H5Sclose(ms);
     H5Sclose(fs);
+    if (bounce && r >= 0) memcpy(out, bounce + lead, count * sizeof(float));
+    int missing = !bounce && !(lead == 0 && window == count);
+    free(bounce);
+    if (missing) return st_fail(ST_ENOMEM, "checkpoint %s: out of memory reading %s", path, name);
     if (r < 0) return st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s is corrupt or truncated: %s", path, name, st_ckpt_h5_reason());
     return 0;
 }

@@ -4,6 +4,10 @@
  *  - range slabs: for many shapes and ranges, the boxes cover exactly the flat range, in order, with
  *    at most three boxes.
  *  - even split: covers [0, n) without gaps for any world size.
+ *  - chunk layout: chunks are whole rows of at most ~ST_CKPT_CHUNK_BYTES; the /model parts of the
+ *    ranks tile each tensor exactly, every chunk inside one rank's part, one-chunk tensors rotate.
+ *  - range selection: through st_ckpt_select_range, reading and writing any flat range of a small
+ *    2-D and 1-D dataset touches exactly that range, at the window position it reports.
  *  - save/load: a tiny model's weights and optimizer state survive st_ckpt_save + load; a model of
  *    another shape is refused naming the tensor; verify passes. */
 #include <setjmp.h>
@@ -18,6 +22,7 @@
 #include <mpi.h>
 
 #include "checkpoints/ckpt.h"
+#include "checkpoints/ckpt_internal.h"
 #include "common/error.h"
 #include "kernels/kernels.h"
 #include "worker/comm.h"
@@ -98,6 +103,119 @@ static void test_even_split(void **state) {
         }
 }
 
+static void test_chunk_layout(void **state) {
+    (void)state;
+    const uint64_t target = ST_CKPT_CHUNK_BYTES / 4;
+    int64_t shapes[][3] = {{2, 8192, 256}, {2, 3, 300000}, {1, 5000, 1}, {1, 3000000, 1}, {2, 100, 7},
+                           {2, 1, 1}, {2, 4097, 1000}, {1, 1, 1}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int nd = (int)shapes[s][0];
+        int64_t shape[2] = {shapes[s][1], shapes[s][2]};
+        uint64_t rows = (uint64_t)shape[0], cols = nd == 2 ? (uint64_t)shape[1] : 1, numel = rows * cols;
+        uint64_t chunk[2];
+        st_ckpt_chunk_shape(nd, shape, chunk);
+        assert_true(chunk[1] == cols && chunk[0] >= 1 && chunk[0] <= rows);
+        assert_true(chunk[0] == 1 || chunk[0] * cols <= target);        /* not above the target ... */
+        assert_true(chunk[0] == rows || (chunk[0] + 1) * cols > target); /* ... and not needlessly small */
+        uint64_t chunk_elems = chunk[0] * cols;
+        for (int w = 1; w <= 5; w++)
+            for (int t = 0; t < 4; t++) {
+                uint64_t covered = 0, lo[5], hi[5];
+                for (int r = 0; r < w; r++) {
+                    st_ckpt_model_part(nd, shape, w, r, t, &lo[r], &hi[r]);
+                    assert_true(lo[r] <= hi[r] && hi[r] <= numel);
+                    if (lo[r] < hi[r]) { /* whole chunks: starts on a chunk, ends on one or at the end */
+                        assert_true(lo[r] % chunk_elems == 0);
+                        assert_true(hi[r] % chunk_elems == 0 || hi[r] == numel);
+                    }
+                    covered += hi[r] - lo[r];
+                }
+                assert_true(covered == numel); /* disjoint and complete: every element has one writer */
+                for (int r = 0; r < w; r++)
+                    for (int q = 0; q < w; q++)
+                        if (q != r && lo[r] < hi[r] && lo[q] < hi[q]) assert_true(hi[r] <= lo[q] || hi[q] <= lo[r]);
+                if (t == 0 && numel <= chunk_elems) { /* one chunk: its owner moves with the tensor index */
+                    int seen = 0;
+                    for (int tt = 0; tt < w; tt++)
+                        for (int r = 0; r < w; r++) {
+                            uint64_t a1, b1;
+                            st_ckpt_model_part(nd, shape, w, r, tt, &a1, &b1);
+                            if (b1 > a1) seen |= 1 << r;
+                        }
+                    assert_int_equal(seen, (1 << w) - 1); /* w consecutive tensors: every rank writes one */
+                }
+            }
+    }
+}
+
+/* Reads (then writes) every flat range of a [R, C] (or 1-D) dataset holding value = flat index. */
+static void check_select(hid_t f, int nd, int64_t R, int64_t C) {
+    int64_t shape[2] = {R, nd == 2 ? C : 1};
+    uint64_t n = (uint64_t)(shape[0] * shape[1]);
+    hsize_t dims[2] = {(hsize_t)shape[0], (hsize_t)shape[1]};
+    hid_t sp = H5Screate_simple(nd, dims, NULL);
+    char name[32];
+    snprintf(name, sizeof name, "t%d_%lld", nd, (long long)R);
+    hid_t d = H5Dcreate2(f, name, H5T_IEEE_F32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(d >= 0);
+    float *all = malloc(n * sizeof(float)), *win = malloc((n + 1) * sizeof(float));
+    for (uint64_t i = 0; i < n; i++) all[i] = (float)i;
+    assert_true(H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, all) >= 0);
+    for (uint64_t a = 0; a <= n; a++)
+        for (uint64_t b = a; b <= n; b++) {
+            hid_t fs = H5Dget_space(d);
+            size_t lead = 99, window = 99;
+            hid_t ms = st_ckpt_select_range(fs, nd, shape, a, b, &lead, &window);
+            assert_true(ms >= 0);
+            if (a == b) {
+                assert_true(window == 0 && H5Sget_select_npoints(fs) == 0 && H5Sget_select_npoints(ms) == 0);
+            } else {
+                uint64_t Cw = (uint64_t)shape[1], r0 = a / Cw, r1 = (b + Cw - 1) / Cw; /* rows spanned */
+                assert_true(lead == a - r0 * Cw && window == (r1 - r0) * Cw);
+                for (size_t k = 0; k < window; k++) win[k] = -1.0f;
+                assert_true(H5Dread(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, win) >= 0);
+                for (size_t k = 0; k < window; k++) { /* exactly the range, at lead, nothing else touched */
+                    int inside = k >= lead && k < lead + (b - a);
+                    assert_true(win[k] == (inside ? (float)(a + (k - lead)) : -1.0f));
+                }
+            }
+            H5Sclose(ms);
+            H5Sclose(fs);
+        }
+    /* writing through a window: a middle range becomes negative, the rest stays */
+    uint64_t a = n / 3, b = n - n / 4;
+    hid_t fs = H5Dget_space(d);
+    size_t lead, window;
+    hid_t ms = st_ckpt_select_range(fs, nd, shape, a, b, &lead, &window);
+    for (size_t k = 0; k < window; k++) win[k] = -(float)k - 1000.0f;
+    if (a < b) assert_true(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, win) >= 0);
+    H5Sclose(ms);
+    H5Sclose(fs);
+    assert_true(H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, all) >= 0);
+    for (uint64_t i = 0; i < n; i++)
+        assert_true(all[i] == (i >= a && i < b ? -(float)(i - a + lead) - 1000.0f : (float)i));
+    free(all);
+    free(win);
+    H5Dclose(d);
+    H5Sclose(sp);
+}
+
+static void test_select_range(void **state) {
+    (void)state;
+    char path[] = "/tmp/st_test_select_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(f >= 0);
+    check_select(f, 2, 7, 5);
+    check_select(f, 2, 1, 6);
+    check_select(f, 2, 4, 1);
+    check_select(f, 1, 13, 1);
+    H5Fclose(f);
+    unlink(path);
+}
+
 static void build(st_model *m, int d_ff, const st_backend *be) {
     st_model_config c;
     memset(&c, 0, sizeof c);
@@ -175,6 +293,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_checksum),
         cmocka_unit_test(test_slabs),
         cmocka_unit_test(test_even_split),
+        cmocka_unit_test(test_chunk_layout),
+        cmocka_unit_test(test_select_range),
         cmocka_unit_test(test_roundtrip),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

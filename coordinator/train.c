@@ -334,6 +334,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     if (!rc) rc = st_trainer_resume(&t);
     if (!rc) rc = st_trainer_agree(&t, st_trainer_trim_metrics(&t, t.start_step));
     if (rc) { result = ST_RUN_FAILED; goto done; }
+    st_trainer_measure_peak(&t);
     st_trainer_banner(&t);
     if (t.mon) {
         if (t.start_step > 0) st_monitor_event(t.mon, "resume", t.start_step, "resumed at step %lld on %d rank(s)", (long long)t.start_step, t.world);

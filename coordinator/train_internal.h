@@ -55,6 +55,7 @@ typedef struct {
     char *job_json, *model_config_text; /* identical on every rank (attributes are collective) */
     int64_t start_step, last_saved;     /* first step to run; completed steps of the last save (-1) */
     double last_loss, resumed_loss;     /* resumed_loss: loss at save of the checkpoint we resumed (NAN) */
+    double peak_flops; /* measured matmul FLOP/s of all ranks together (for MFU) */
 } trainer;
 
 typedef struct {
@@ -74,6 +75,8 @@ int st_trainer_agree(trainer *t, int rc);
 int st_trainer_enter_stage(trainer *t, int s);
 
 int st_trainer_step(trainer *t, int64_t step, st_step_result *r);
+/* Measures this backend's matmul FLOP/s on every rank and sums them into t->peak_flops. */
+void st_trainer_measure_peak(trainer *t);
 double st_trainer_eval_task(trainer *t, int k, double *targets_out);
 
 void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const double *val, const double *val_n);

@@ -33,6 +33,8 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
     const st_config *c = t->cfg;
     uint64_t step_tokens = (uint64_t)t->world * t->slots * t->T;
     double tps = step_tokens / r->seconds;
+    /* model FLOPs utilization of a full training step (6N + 12 L T C per token) */
+    double mfu = t->peak_flops > 0 ? st_model_flops_per_token(&t->model, t->T) * tps / t->peak_flops : 0.0;
     if (t->tel) {
         st_step_report rep;
         memset(&rep, 0, sizeof rep);
@@ -50,15 +52,16 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
         }
         rep.grad_norm = r->grad_norm;
         rep.lr = r->lr;
+        rep.mfu = mfu;
         rep.stage = t->stage;
         st_telemetry_report(t->tel, &rep);
     }
     if (t->rank != 0) return;
     st_strbuf b = {0};
     st_strbuf_printf(&b, "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens\":%llu,"
-                         "\"tokens_per_s\":%.1f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
+                         "\"tokens_per_s\":%.1f,\"mfu\":%.4f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
                      (long long)step + 1, r->loss, (double)r->lr, r->grad_norm, (unsigned long long)t->tokens_seen,
-                     tps, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
+                     tps, mfu, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
     json_task_map(&b, t, "task_loss", 0);
     json_task_map(&b, t, "task_tokens", 1);
     if (t->taskw.learned) {
@@ -88,8 +91,9 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
     }
     st_strbuf_free(&b);
     if (c->train.log_every > 0 && ((step + 1) % c->train.log_every == 0 || step + 1 == c->train.steps)) {
-        printf("step %5lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | %.0f ms", (long long)step + 1,
-               (long long)c->train.steps, r->loss, (double)r->lr, r->grad_norm, tps, r->seconds * 1e3);
+        printf("step %5lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | MFU %.0f%% | %.0f ms",
+               (long long)step + 1, (long long)c->train.steps, r->loss, (double)r->lr, r->grad_norm, tps, 100 * mfu,
+               r->seconds * 1e3);
         if (t->stages.n > 1) printf(" | stage %d", t->stage);
         if (val)
             for (int k = 0; k < t->n_tasks; k++) printf(" | val[%s] %.4f", c->tasks[k].name, val[k]);

@@ -136,3 +136,26 @@ double st_trainer_eval_task(trainer *t, int k, double *targets_out) {
     return sums[1] > 0 ? sums[0] / sums[1] : NAN;
 }
 
+
+/* MFU is relative to what this machine's matmul actually reaches (as bench/cpu_train reports it), not
+ * to a datasheet: a 1024^3 matmul on the training backend, best of three. */
+void st_trainer_measure_peak(trainer *t) {
+    const st_backend *be = t->be;
+    const int n = 1024;
+    size_t bytes = (size_t)n * n * sizeof(float);
+    float *a = be->alloc(bytes), *b = be->alloc(bytes), *c = be->alloc(bytes);
+    double best = 0;
+    if (a && b && c) {
+        for (int rep = 0; rep < 3; rep++) {
+            double t0 = st_now();
+            be->matmul(c, a, b, n, n, n, 0, 1, 1.0f, 0.0f);
+            be->synchronize();
+            double dt = st_now() - t0;
+            if (dt > 0 && 2.0 * n * n * n / dt > best) best = 2.0 * n * n * n / dt;
+        }
+    }
+    be->free(a);
+    be->free(b);
+    be->free(c);
+    MPI_Allreduce(&best, &t->peak_flops, 1, MPI_DOUBLE, MPI_SUM, t->comm);
+}

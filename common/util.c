@@ -133,3 +133,13 @@ int st_remove_dir_files(const char *dir) {
     if (rmdir(dir) != 0) return st_fail(ST_EIO, "cannot remove %s: %s", dir, strerror(errno));
     return 0;
 }
+
+void st_path_stem(const char *path, char *out, size_t size) {
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    const char *dot = strrchr(base, '.');
+    size_t n = dot && dot > base ? (size_t)(dot - base) : strlen(base);
+    if (n >= size) n = size - 1;
+    memcpy(out, base, n);
+    out[n] = 0;
+}

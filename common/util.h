@@ -22,6 +22,9 @@ int st_write_file_atomic(const char *path, const void *data, size_t len);
 /* Removes the regular files directly inside `dir`, then the directory (no recursion). */
 int st_remove_dir_files(const char *dir);
 
+/* The file name of `path` without directories and extension ("configs/qa.v2.h5" -> "qa.v2"). */
+void st_path_stem(const char *path, char *out, size_t size);
+
 /* mkdir -p. */
 int st_mkdirs(const char *path);
 

@@ -574,17 +574,6 @@ static int apply_override(st_config *c, const char *file, const char *text) {
 
 /* ---------- derived defaults and validation ---------- */
 
-/* File name without directories and extension ("configs/qa.v2.h5" -> "qa.v2"). */
-static void file_stem(const char *path, char *out, size_t size) {
-    const char *base = strrchr(path, '/');
-    base = base ? base + 1 : path;
-    const char *dot = strrchr(base, '.');
-    size_t n = dot && dot > base ? (size_t)(dot - base) : strlen(base);
-    if (n >= size) n = size - 1;
-    memcpy(out, base, n);
-    out[n] = 0;
-}
-
 static int valid_task_name(const char *s) {
     for (; *s; s++)
         if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') || *s == '_' ||
@@ -608,7 +597,7 @@ static int finish_tasks(st_config *c, const char *file) {
     for (int i = 0; i < c->n_tasks; i++) {
         st_task_config *t = &c->tasks[i];
         if (!t->path[0]) return st_fail(ST_ECONFIG, "%s: tasks.%d.path is required (the task's dataset file)", file, i);
-        if (!t->name[0]) file_stem(t->path, t->name, sizeof t->name);
+        if (!t->name[0]) st_path_stem(t->path, t->name, sizeof t->name);
         if (!t->name[0] || !valid_task_name(t->name))
             return st_fail(ST_ECONFIG, "%s: tasks.%d.name: '%s' must be non-empty letters, digits, '_', '-' or '.'",
                            file, i, t->name);
@@ -719,7 +708,7 @@ int st_config_load(st_config *c, const char *yaml_path, int n_overrides, char **
     int rc = st_read_file(yaml_path, &text, &len);
     if (rc) return rc;
     char stem[ST_CFG_PATH_MAX];
-    file_stem(yaml_path, stem, sizeof stem);
+    st_path_stem(yaml_path, stem, sizeof stem);
     rc = load_text(c, yaml_path, stem, text, len, n_overrides, overrides);
     free(text);
     return rc;

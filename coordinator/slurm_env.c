@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
+#include "common/util.h"
 
 /* *out = the non-negative int in variable `name`; `fallback` when it is unset or empty. */
 static int env_int(const char *name, int fallback, int *out) {
@@ -76,21 +77,10 @@ int st_slurm_env_read(st_slurm_env *env) {
     return 0;
 }
 
-/* File name without directories and extension, the way config.c derives the default run_dir. */
-static void job_stem(const char *path, char *out, size_t size) {
-    const char *base = strrchr(path, '/');
-    base = base ? base + 1 : path;
-    const char *dot = strrchr(base, '.');
-    size_t n = dot && dot > base ? (size_t)(dot - base) : strlen(base);
-    if (n >= size) n = size - 1;
-    memcpy(out, base, n);
-    out[n] = 0;
-}
-
 int st_slurm_apply_run_dir(const st_slurm_env *env, st_config *cfg) {
     if (!env || !cfg || !env->job_id[0]) return 0;
     char stem[ST_CFG_PATH_MAX], def[ST_CFG_PATH_MAX + 8];
-    job_stem(cfg->source, stem, sizeof stem);
+    st_path_stem(cfg->source, stem, sizeof stem);
     snprintf(def, sizeof def, "runs/%s", stem[0] ? stem : "job");
     if (strcmp(cfg->run_dir, def) != 0) return 0; /* the user chose a run_dir: keep it */
     char run_dir[ST_CFG_PATH_MAX], ckpt_default[ST_CFG_PATH_MAX + 32];

@@ -12,31 +12,48 @@
 #include "coordinator/config.h"
 #include "coordinator/slurm_env.h"
 #include "coordinator/train.h"
+#include "shardtune.pb-c.h"
 
-/* Loads the config on rank 0 and shares it; returns 0 on every rank or an error on every rank. */
+/* Loads the config on rank 0 and shares it as a serialized shardtune.JobSpec (the canonical JSON of
+ * every key); returns 0 on every rank or an error on every rank. */
 static int load_shared_config(int argc, char **argv, st_config *cfg, int rank, st_slurm_env *senv) {
     long len = 0;
-    char *json = NULL;
+    uint8_t *buf = NULL;
     int rc = 0;
     if (rank == 0) {
+        char *json = NULL;
         rc = st_slurm_env_read(senv);
         if (!rc) rc = st_config_load(cfg, argv[1], argc - 2, argv + 2);
         if (!rc && st_slurm_apply_run_dir(senv, cfg) < 0) rc = ST_ECONFIG; /* run_dir stable across requeues */
         if (!rc) rc = st_config_to_json(cfg, &json);
-        len = rc ? -1 : (long)strlen(json);
+        if (!rc) {
+            Shardtune__JobSpec spec = SHARDTUNE__JOB_SPEC__INIT;
+            spec.version = 1;
+            spec.config_json = json;
+            spec.source = argv[1];
+            len = (long)shardtune__job_spec__get_packed_size(&spec);
+            buf = malloc((size_t)len + 1);
+            if (buf) shardtune__job_spec__pack(&spec, buf);
+            else rc = st_fail(ST_ENOMEM, "out of memory");
+        }
+        free(json);
+        if (rc) len = -1;
     }
     MPI_Bcast(&len, 1, MPI_LONG, 0, MPI_COMM_WORLD);
     if (len < 0) return rc ? rc : ST_ECONFIG;
     if (rank != 0) {
-        json = malloc((size_t)len + 1);
-        if (!json) return st_fail(ST_ENOMEM, "out of memory");
+        buf = malloc((size_t)len + 1);
+        if (!buf) return st_fail(ST_ENOMEM, "out of memory");
     }
-    MPI_Bcast(json, (int)len + 1, MPI_CHAR, 0, MPI_COMM_WORLD);
+    MPI_Bcast(buf, (int)len, MPI_BYTE, 0, MPI_COMM_WORLD);
     if (rank != 0) {
-        rc = st_config_load_string(cfg, json, 0, NULL);
-        if (!rc) snprintf(cfg->source, sizeof cfg->source, "%s", argv[1]);
+        Shardtune__JobSpec *spec = shardtune__job_spec__unpack(NULL, (size_t)len, buf);
+        if (!spec || !spec->config_json) rc = st_fail(ST_EFORMAT, "the JobSpec broadcast by rank 0 does not decode");
+        if (!rc) rc = st_config_load_string(cfg, spec->config_json, 0, NULL);
+        if (!rc) snprintf(cfg->source, sizeof cfg->source, "%s", spec->source ? spec->source : argv[1]);
+        if (spec) shardtune__job_spec__free_unpacked(spec, NULL);
     }
-    free(json);
+    free(buf);
     return rc;
 }
 

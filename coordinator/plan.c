@@ -7,6 +7,8 @@
  * (tests/reference/test_dp_memory.py compares the total with a real run's RSS). */
 #include "coordinator/plan.h"
 
+#include "shardtune.pb-c.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -198,4 +200,67 @@ void st_plan_free(st_plan *p) {
     for (int i = 0; p->stages && i < p->n_stages; i++) free(p->stages[i].ranks);
     free(p->stages);
     memset(p, 0, sizeof *p);
+}
+
+/* ---- the Plan message ---- */
+
+int st_plan_pack(const st_stage_list *l, int n_layer, int world, int zero_stage, uint8_t **buf, size_t *len) {
+    Shardtune__Plan plan = SHARDTUNE__PLAN__INIT;
+    Shardtune__PlanStage *st = calloc((size_t)l->n, sizeof *st);
+    Shardtune__PlanStage **sp = calloc((size_t)l->n, sizeof *sp);
+    if (!st || !sp) { free(st); free(sp); return st_fail(ST_ENOMEM, "out of memory packing the plan"); }
+    plan.version = 1;
+    plan.world_size = world;
+    plan.zero_stage = zero_stage;
+    plan.n_layer = n_layer;
+    for (int i = 0; i < l->n; i++) {
+        shardtune__plan_stage__init(&st[i]);
+        st[i].at_step = l->stages[i].at_step;
+        st[i].layer_mask.data = l->stages[i].layers;
+        st[i].layer_mask.len = (size_t)n_layer;
+        st[i].modules = l->stages[i].modules;
+        st[i].train_layers = (char *)l->stages[i].layers_spec;
+        sp[i] = &st[i];
+    }
+    plan.n_stages = (size_t)l->n;
+    plan.stages = sp;
+    *len = shardtune__plan__get_packed_size(&plan);
+    *buf = malloc(*len ? *len : 1);
+    int rc = *buf ? 0 : st_fail(ST_ENOMEM, "out of memory packing the plan");
+    if (!rc) shardtune__plan__pack(&plan, *buf);
+    free(st);
+    free(sp);
+    return rc;
+}
+
+int st_plan_unpack(const uint8_t *buf, size_t len, int n_layer, st_stage_list *out) {
+    memset(out, 0, sizeof *out);
+    Shardtune__Plan *p = shardtune__plan__unpack(NULL, len, buf);
+    if (!p) return st_fail(ST_EFORMAT, "the plan broadcast by rank 0 does not decode");
+    int rc = 0;
+    if (p->n_layer != n_layer || p->n_stages == 0 || p->n_stages > 100000)
+        rc = st_fail(ST_EFORMAT, "the plan from rank 0 is for %d layers and %zu stages; this rank's model has %d",
+                     p->n_layer, p->n_stages, n_layer);
+    if (!rc) {
+        out->stages = calloc(p->n_stages, sizeof *out->stages);
+        if (!out->stages) rc = st_fail(ST_ENOMEM, "out of memory unpacking the plan");
+    }
+    for (size_t i = 0; !rc && i < p->n_stages; i++) {
+        const Shardtune__PlanStage *ps = p->stages[i];
+        st_stage *s = &out->stages[i];
+        if (ps->layer_mask.len != (size_t)n_layer || (i > 0 && ps->at_step <= p->stages[i - 1]->at_step)) {
+            rc = st_fail(ST_EFORMAT, "the plan from rank 0 has a malformed stage %zu", i);
+            break;
+        }
+        s->at_step = ps->at_step;
+        s->modules = ps->modules;
+        s->layers = malloc((size_t)n_layer);
+        if (!s->layers) { rc = st_fail(ST_ENOMEM, "out of memory unpacking the plan"); break; }
+        memcpy(s->layers, ps->layer_mask.data, (size_t)n_layer);
+        snprintf(s->layers_spec, sizeof s->layers_spec, "%s", ps->train_layers ? ps->train_layers : "");
+        out->n++;
+    }
+    shardtune__plan__free_unpacked(p, NULL);
+    if (rc) st_stage_list_free(out);
+    return rc;
 }

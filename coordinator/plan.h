@@ -38,6 +38,12 @@ typedef struct {
 int st_plan_stages(const st_config *cfg, const st_model *m, st_stage_list *out);
 void st_stage_list_free(st_stage_list *l);
 
+/* The schedule as a serialized shardtune.Plan (proto/shardtune.proto), for rank 0 to broadcast.
+ * *buf is malloc'ed. unpack never trusts the bytes: a malformed plan or one for another layer count is
+ * ST_EFORMAT. */
+int st_plan_pack(const st_stage_list *l, int n_layer, int world, int zero_stage, uint8_t **buf, size_t *len);
+int st_plan_unpack(const uint8_t *buf, size_t len, int n_layer, st_stage_list *out);
+
 /* Index of the stage in force at `step` (0-based completed steps). */
 int st_stage_at(const st_stage_list *l, int64_t step);
 

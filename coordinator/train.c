@@ -231,6 +231,34 @@ static int read_job_texts(trainer *t) {
     return st_read_file(path, &t->model_config_text, &len);
 }
 
+/* Rank 0 plans the schedule and broadcasts it as a shardtune.Plan; every rank trains exactly that. */
+static int share_plan(trainer *t) {
+    const st_config *c = t->cfg;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc = 0;
+    if (t->rank == 0) {
+        st_stage_list mine;
+        rc = st_plan_stages(c, &t->model, &mine);
+        if (!rc) {
+            rc = st_plan_pack(&mine, t->model.cfg.n_layer, t->world, c->sharding.stage, &buf, &len);
+            st_stage_list_free(&mine);
+        }
+    }
+    rc = st_trainer_agree(t, rc);
+    if (rc) return rc;
+    unsigned long n = (unsigned long)len;
+    MPI_Bcast(&n, 1, MPI_UNSIGNED_LONG, 0, t->comm);
+    if (t->rank != 0) buf = malloc(n ? n : 1);
+    rc = st_trainer_agree(t, buf ? 0 : st_fail(ST_ENOMEM, "out of memory"));
+    if (!rc) {
+        MPI_Bcast(buf, (int)n, MPI_BYTE, 0, t->comm);
+        rc = st_trainer_agree(t, st_plan_unpack(buf, n, t->model.cfg.n_layer, &t->stages));
+    }
+    free(buf);
+    return rc;
+}
+
 static int setup(trainer *t) {
     const st_config *c = t->cfg;
     int rc = st_trainer_agree(t, setup_backend(t));
@@ -238,7 +266,7 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
     if (!rc) rc = st_trainer_agree(t, load_data(t));
-    if (!rc) rc = st_trainer_agree(t, st_plan_stages(c, &t->model, &t->stages));
+    if (!rc) rc = share_plan(t);
     if (!rc) rc = st_trainer_agree(t, alloc_step_buffers(t));
     if (!rc) rc = st_trainer_agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);

@@ -43,14 +43,17 @@ def expected_per_rank(p):
 
 def measured_rss(job, ranks, overrides):
     """Max RSS in bytes of each rank (GNU time's %M is in KiB)."""
-    wrap = ['sh', '-c', '/usr/bin/time -f "maxrss ${OMPI_COMM_WORLD_RANK:-0} %M" "$@"', 'sh', dp.BIN, "train", job]
+    # one file per rank: lines that several ranks write to a shared stderr can interleave mid-line
+    out_dir = dp.tmpdir("st_dp_rss_")
+    wrap = ['sh', '-c', '/usr/bin/time -o "$0/rss.${OMPI_COMM_WORLD_RANK:-0}" -f "%M" "$@"', out_dir, dp.BIN,
+            "train", job]
     args = ["mpirun", "--oversubscribe", "-np", str(ranks)] + wrap + overrides if ranks > 1 else wrap + overrides
     r = dp.sh(args, timeout=300)
     rss = {}
-    for line in r.stderr.splitlines():
-        if line.startswith("maxrss "):
-            _, rank, kb = line.split()
-            rss[int(rank)] = int(kb) * 1024
+    for name in os.listdir(out_dir):
+        if name.startswith("rss."):
+            rss[int(name[4:])] = int(open(os.path.join(out_dir, name)).read().split()[-1]) * 1024
+    shutil.rmtree(out_dir, ignore_errors=True)
     assert sorted(rss) == list(range(ranks)), f"missing rank RSS: {r.stderr}"
     return [rss[i] for i in range(ranks)]
 

@@ -7,7 +7,7 @@
 #      step, so many land inside a write): auto-resume always succeeds from the newest complete
 #      checkpoint and ends with the uninterrupted run's losses and final weights, bit for bit.
 source "$(dirname "$0")/ckpt_lib.sh"
-STEPS=24
+STEPS=60  # long enough that a kill after <= 1 s always lands mid-run, also on a quiet machine
 job ref $STEPS 2 1 checkpoint.every_steps=1 checkpoint.keep_last=2
 [ "$(train 2 ref)" = 0 ] || fail "reference: $(cat $T/ref.err)"
 losses $T/ref > $T/ref.loss
@@ -43,10 +43,11 @@ for trial in $(seq 1 ${ST_FAULT_TRIALS:-10}); do
   wait_until 60 test -s "$T/$name/metrics.jsonl" || fail "$name never started"
   sleep "0.$(( RANDOM % 9 ))$(( RANDOM % 10 ))"
   if (( trial % 2 )); then
-    victims=$(pgrep -P $MP | shuf -n 1 --random-source=<(yes $trial)); what="one rank"
+    victims=$(pgrep -P $MP | shuf -n 1 --random-source=<(yes $trial) || true); what="one rank"
   else
-    victims=$(pgrep -P $MP); what="all ranks"
+    victims=$(pgrep -P $MP || true); what="all ranks"
   fi
+  [ -n "$victims" ] || fail "$name: the job ended before the kill (no rank to kill)"
   for v in $victims; do kill -9 $v 2>/dev/null || true; done
   [ "$what" = "all ranks" ] && kill -9 $MP 2>/dev/null
   set +e; timeout 60 tail --pid=$MP -f /dev/null; set -e

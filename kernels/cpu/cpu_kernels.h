@@ -17,7 +17,9 @@
  * and sqrtf as branches (a NaN compare may raise an FP flag; sqrtf of a negative sets errno) and so
  * vectorizes none of the loops that clamp, select or take square roots. Neither option changes any
  * computed value: we never read FP exception flags or errno. */
+#if defined(__GNUC__) && !defined(__clang__) /* clang (fuzz builds) has no such pragma */
 #pragma GCC optimize("no-trapping-math", "no-math-errno")
+#endif
 
 /* Below this much work (roughly: floats touched) a kernel runs on the calling thread only:
  * waking the OpenMP team costs a few microseconds. */

@@ -17,28 +17,7 @@
 #include "common/error.h"
 #include "worker/dataset.h"
 
-static char tmpdir[256];
-
-static int setup(void **state) {
-    (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/st_test_dataset_XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown(void **state) {
-    (void)state;
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
-}
-
-static const char *tmp(const char *name) {
-    static char buf[4][512];
-    static int i;
-    i = (i + 1) % 4;
-    snprintf(buf[i], sizeof buf[i], "%s/%s", tmpdir, name);
-    return buf[i];
-}
+#include "test_tmpdir.h"
 
 static void write_text(const char *path, const char *text) {
     FILE *f = fopen(path, "wb");
@@ -65,14 +44,14 @@ static void test_pack_jsonl_labels_and_eos(void **state) {
     const int64_t ids[3][4] = {{11, 12, 13, 14}, {20, 21, 0, 0}, {5, 6, 7, 0}};
     const int64_t labels0[4] = {-100, -100, 13, 14}, labels2[3] = {5, 6, 7};
     const int lens[3] = {4, 2, 3};
-    write_text(tmp("a.jsonl"), "{\"input_ids\": [11,12,13,14], \"labels\": [-100,-100,13,14], \"text\": \"x\"}\n"
+    write_text(st_test_path("a.jsonl"), "{\"input_ids\": [11,12,13,14], \"labels\": [-100,-100,13,14], \"text\": \"x\"}\n"
                                "\n   \n"
                                "{\"input_ids\": [20, 21]}\r\n"
                                "{\"labels\": [5,6,7], \"input_ids\": [5,6,7]}");
     for (int with_eos = 0; with_eos <= 1; with_eos++) {
         const int64_t eos = with_eos ? 30 : -1;
         st_dataset ds;
-        assert_int_equal(st_dataset_pack_jsonl(tmp("a.jsonl"), 0, eos, &ds), 0);
+        assert_int_equal(st_dataset_pack_jsonl(st_test_path("a.jsonl"), 0, eos, &ds), 0);
         uint32_t want_tok[16];
         uint8_t want_mask[16];
         uint64_t want_off[4] = {0}, n = 0;
@@ -97,7 +76,7 @@ static void test_pack_jsonl_labels_and_eos(void **state) {
         st_dataset_free(&ds);
     }
     st_dataset ds;
-    assert_int_equal(st_dataset_pack_jsonl(tmp("a.jsonl"), 100, -1, &ds), 0);
+    assert_int_equal(st_dataset_pack_jsonl(st_test_path("a.jsonl"), 100, -1, &ds), 0);
     assert_int_equal(ds.vocab_size, 100);
     st_dataset_free(&ds);
 }
@@ -120,24 +99,24 @@ static void test_pack_jsonl_errors(void **state) {
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         char text[256];
         snprintf(text, sizeof text, "{\"input_ids\": [1, 2, 3]}\n%s\n{\"input_ids\": [4]}\n", cases[c].line2);
-        write_text(tmp("bad.jsonl"), text);
+        write_text(st_test_path("bad.jsonl"), text);
         st_dataset ds;
-        int rc = st_dataset_pack_jsonl(tmp("bad.jsonl"), cases[c].vocab, -1, &ds);
+        int rc = st_dataset_pack_jsonl(st_test_path("bad.jsonl"), cases[c].vocab, -1, &ds);
         assert_true(rc < 0);
         assert_null(ds.tokens);
         char where[300];
-        snprintf(where, sizeof where, "%s:2: ", tmp("bad.jsonl"));
+        snprintf(where, sizeof where, "%s:2: ", st_test_path("bad.jsonl"));
         if (!strstr(st_error(), where) || !strstr(st_error(), cases[c].want))
             fail_msg("case %zu: message '%s' lacks '%s' or '%s'", c, st_error(), where, cases[c].want);
     }
     st_dataset ds;
-    write_text(tmp("empty.jsonl"), "\n\n");
-    assert_true(st_dataset_pack_jsonl(tmp("empty.jsonl"), 0, -1, &ds) < 0);
+    write_text(st_test_path("empty.jsonl"), "\n\n");
+    assert_true(st_dataset_pack_jsonl(st_test_path("empty.jsonl"), 0, -1, &ds) < 0);
     assert_non_null(strstr(st_error(), "no documents"));
-    assert_true(st_dataset_pack_jsonl(tmp("missing.jsonl"), 0, -1, &ds) < 0);
+    assert_true(st_dataset_pack_jsonl(st_test_path("missing.jsonl"), 0, -1, &ds) < 0);
     assert_non_null(strstr(st_error(), "missing.jsonl"));
-    write_text(tmp("ok.jsonl"), "{\"input_ids\": [1]}\n");
-    assert_true(st_dataset_pack_jsonl(tmp("ok.jsonl"), 10, 10, &ds) < 0); /* eos must be below vocab */
+    write_text(st_test_path("ok.jsonl"), "{\"input_ids\": [1]}\n");
+    assert_true(st_dataset_pack_jsonl(st_test_path("ok.jsonl"), 10, 10, &ds) < 0); /* eos must be below vocab */
     assert_non_null(strstr(st_error(), "--eos 10"));
 }
 
@@ -160,11 +139,11 @@ static void test_roundtrip(void **state) {
     ds.n_docs = 3;
     ds.vocab_size = 50257;
     ds.eos_id = 50256;
-    assert_int_equal(st_dataset_write(tmp("rt.h5"), &ds), 0);
+    assert_int_equal(st_dataset_write(st_test_path("rt.h5"), &ds), 0);
     struct stat st;
-    assert_int_not_equal(stat(tmp("rt.h5.partial"), &st), 0);
+    assert_int_not_equal(stat(st_test_path("rt.h5.partial"), &st), 0);
     st_dataset back;
-    assert_int_equal(st_dataset_load(tmp("rt.h5"), &back), 0);
+    assert_int_equal(st_dataset_load(st_test_path("rt.h5"), &back), 0);
     assert_int_equal(back.n_tokens, N);
     assert_int_equal(back.n_docs, 3);
     assert_memory_equal(back.tokens, ds.tokens, N * sizeof(uint32_t));
@@ -173,14 +152,14 @@ static void test_roundtrip(void **state) {
     assert_int_equal(back.vocab_size, 50257);
     assert_int_equal(back.eos_id, 50256);
     assert_true(back.checksum == fnv(fnv(0xcbf29ce484222325ULL, ds.tokens, N * 4), ds.loss_mask, N));
-    assert_string_equal(back.path, tmp("rt.h5"));
+    assert_string_equal(back.path, st_test_path("rt.h5"));
     st_dataset_free(&back);
 
     /* Truncated: everything after the middle of the file is gone. */
-    assert_int_equal(stat(tmp("rt.h5"), &st), 0);
-    assert_int_equal(truncate(tmp("rt.h5"), st.st_size / 2), 0);
-    assert_true(st_dataset_load(tmp("rt.h5"), &back) < 0);
-    assert_non_null(strstr(st_error(), tmp("rt.h5")));
+    assert_int_equal(stat(st_test_path("rt.h5"), &st), 0);
+    assert_int_equal(truncate(st_test_path("rt.h5"), st.st_size / 2), 0);
+    assert_true(st_dataset_load(st_test_path("rt.h5"), &back) < 0);
+    assert_non_null(strstr(st_error(), st_test_path("rt.h5")));
     assert_null(back.tokens);
     st_dataset_free(&ds);
 }
@@ -220,11 +199,11 @@ static void write_raw(const char *path, const raw_file *r) {
 }
 
 static void expect_load_error(const raw_file *r, const char *want) {
-    write_raw(tmp("raw.h5"), r);
+    write_raw(st_test_path("raw.h5"), r);
     st_dataset ds;
-    int rc = st_dataset_load(tmp("raw.h5"), &ds);
+    int rc = st_dataset_load(st_test_path("raw.h5"), &ds);
     if (rc == 0) fail_msg("load accepted a bad file (expected '%s')", want);
-    if (!strstr(st_error(), want) || !strstr(st_error(), tmp("raw.h5")))
+    if (!strstr(st_error(), want) || !strstr(st_error(), st_test_path("raw.h5")))
         fail_msg("message '%s' lacks '%s' or the path", st_error(), want);
     assert_null(ds.tokens);
 }
@@ -238,16 +217,16 @@ static void test_load_errors(void **state) {
     const raw_file good = {H5T_NATIVE_UINT32, tok, 6, H5T_NATIVE_UINT8, mask, 6, H5T_NATIVE_UINT64, off, 3, 10, 1};
 
     /* The good file loads, and without /loss_mask every token is a target. */
-    write_raw(tmp("raw.h5"), &good);
+    write_raw(st_test_path("raw.h5"), &good);
     st_dataset ds;
-    assert_int_equal(st_dataset_load(tmp("raw.h5"), &ds), 0);
+    assert_int_equal(st_dataset_load(st_test_path("raw.h5"), &ds), 0);
     assert_int_equal(ds.eos_id, -1);
     assert_int_equal(ds.loss_mask[1], 0);
     st_dataset_free(&ds);
     raw_file r = good;
     r.mask = NULL;
-    write_raw(tmp("raw.h5"), &r);
-    assert_int_equal(st_dataset_load(tmp("raw.h5"), &ds), 0);
+    write_raw(st_test_path("raw.h5"), &r);
+    assert_int_equal(st_dataset_load(st_test_path("raw.h5"), &ds), 0);
     for (int i = 0; i < 6; i++) assert_int_equal(ds.loss_mask[i], 1);
     st_dataset_free(&ds);
 
@@ -270,10 +249,10 @@ static void test_load_errors(void **state) {
     r = good; r.with_vocab = 0;
     expect_load_error(&r, "missing root attribute vocab_size");
 
-    write_text(tmp("text.h5"), "this is not HDF5\n");
-    assert_true(st_dataset_load(tmp("text.h5"), &ds) < 0);
+    write_text(st_test_path("text.h5"), "this is not HDF5\n");
+    assert_true(st_dataset_load(st_test_path("text.h5"), &ds) < 0);
     assert_non_null(strstr(st_error(), "is not an HDF5 file"));
-    assert_true(st_dataset_load(tmp("nope.h5"), &ds) < 0);
+    assert_true(st_dataset_load(st_test_path("nope.h5"), &ds) < 0);
     assert_non_null(strstr(st_error(), "nope.h5"));
     assert_non_null(strstr(st_error(), "No such file"));
 }
@@ -296,12 +275,12 @@ static void test_pack_llmc(void **state) {
     (void)state;
     const uint16_t E = 50256;
     const uint16_t s0[] = {E, 1, 2, 3, E, 4, 5}, s1[] = {6, E, 7};
-    mkdir(tmp("llmc"), 0755);
+    mkdir(st_test_path("llmc"), 0755);
     /* Created in reverse order: packing must follow the sorted names, not creation order. */
-    write_shard(tmp("llmc/shard_001.bin"), s1, 3, 3, 20240520);
-    write_shard(tmp("llmc/shard_000.bin"), s0, 7, 7, 20240520);
+    write_shard(st_test_path("llmc/shard_001.bin"), s1, 3, 3, 20240520);
+    write_shard(st_test_path("llmc/shard_000.bin"), s0, 7, 7, 20240520);
     char pattern[512];
-    snprintf(pattern, sizeof pattern, "%s", tmp("llmc/shard_*.bin"));
+    snprintf(pattern, sizeof pattern, "%s", st_test_path("llmc/shard_*.bin"));
     st_dataset ds;
     assert_int_equal(st_dataset_pack_llmc(pattern, 0, -1, &ds), 0);
     const uint32_t want_tok[] = {E, 1, 2, 3, E, 4, 5, 6, E, 7};
@@ -324,16 +303,16 @@ static void test_pack_llmc(void **state) {
     assert_non_null(strstr(st_error(), "not below --vocab 100"));
 
     /* Truncated shard: the header promises more tokens than the file holds. */
-    write_shard(tmp("llmc/shard_002.bin"), s1, 3, 5, 20240520);
+    write_shard(st_test_path("llmc/shard_002.bin"), s1, 3, 5, 20240520);
     assert_true(st_dataset_pack_llmc(pattern, 0, -1, &ds) < 0);
     assert_non_null(strstr(st_error(), "shard_002.bin: truncated"));
-    write_shard(tmp("llmc/shard_002.bin"), s1, 3, 3, 1234);
+    write_shard(st_test_path("llmc/shard_002.bin"), s1, 3, 3, 1234);
     assert_true(st_dataset_pack_llmc(pattern, 0, -1, &ds) < 0);
     assert_non_null(strstr(st_error(), "shard_002.bin: bad magic 1234"));
-    write_text(tmp("llmc/shard_002.bin"), "short");
+    write_text(st_test_path("llmc/shard_002.bin"), "short");
     assert_true(st_dataset_pack_llmc(pattern, 0, -1, &ds) < 0);
     assert_non_null(strstr(st_error(), "shard_002.bin: truncated header"));
-    assert_true(st_dataset_pack_llmc(tmp("llmc/none_*.bin"), 0, -1, &ds) < 0);
+    assert_true(st_dataset_pack_llmc(st_test_path("llmc/none_*.bin"), 0, -1, &ds) < 0);
     assert_non_null(strstr(st_error(), "no files match"));
 }
 
@@ -345,5 +324,5 @@ int main(void) {
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_pack_llmc),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, st_test_dir_setup, st_test_dir_teardown);
 }

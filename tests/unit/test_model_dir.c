@@ -16,24 +16,11 @@
 #include "common/json.h"
 #include "common/util.h"
 
-static char g_dir[256];
-
-static int setup(void **state) {
-    (void)state;
-    snprintf(g_dir, sizeof g_dir, "/tmp/st_test_model_dir_XXXXXX");
-    return mkdtemp(g_dir) ? 0 : -1;
-}
-
-static int teardown(void **state) {
-    (void)state;
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
-}
+#include "test_tmpdir.h"
 
 static void put_config(const char *json) {
     char p[512];
-    snprintf(p, sizeof p, "%s/config.json", g_dir);
+    snprintf(p, sizeof p, "%s/config.json", st_test_dir);
     assert_int_equal(st_write_file_atomic(p, json, strlen(json)), 0);
 }
 
@@ -41,7 +28,7 @@ static st_model_config read_ok(const char *json) {
     put_config(json);
     st_model_config c;
     memset(&c, 0xAB, sizeof c);
-    int rc = st_model_config_read(g_dir, &c);
+    int rc = st_model_config_read(st_test_dir, &c);
     if (rc) fail_msg("read failed: %s", st_error());
     return c;
 }
@@ -49,7 +36,7 @@ static st_model_config read_ok(const char *json) {
 static void read_err(const char *json, const char *frag) {
     put_config(json);
     st_model_config c;
-    int rc = st_model_config_read(g_dir, &c);
+    int rc = st_model_config_read(st_test_dir, &c);
     assert_true(rc < 0);
     if (!strstr(st_error(), frag) || !strstr(st_error(), "config.json"))
         fail_msg("message '%s' lacks '%s' or the file name", st_error(), frag);
@@ -240,7 +227,7 @@ static void test_roundtrip(void **state) {
     const char *configs[] = {GPT2, TINYLLAMA, QWEN2, MISTRAL};
     const char *archs[] = {"GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"};
     char out[512], p[600];
-    snprintf(out, sizeof out, "%s/export/sub", g_dir);
+    snprintf(out, sizeof out, "%s/export/sub", st_test_dir);
     for (int i = 0; i < 4; i++) {
         st_model_config a = read_ok(configs[i]);
         a.norm_eps = 1.2345678e-6f; /* an awkward float must survive the decimal round trip */
@@ -278,5 +265,5 @@ int main(void) {
         cmocka_unit_test(test_gpt2),         cmocka_unit_test(test_llama_family), cmocka_unit_test(test_errors),
         cmocka_unit_test(test_errors_llama), cmocka_unit_test(test_roundtrip),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, st_test_dir_setup, st_test_dir_teardown);
 }

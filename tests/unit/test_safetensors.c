@@ -20,30 +20,8 @@
 #include "common/json.h"
 #include "common/util.h"
 
-static char g_dir[256];
+#include "test_tmpdir.h"
 
-static int setup(void **state) {
-    (void)state;
-    snprintf(g_dir, sizeof g_dir, "/tmp/st_test_safetensors_XXXXXX");
-    return mkdtemp(g_dir) ? 0 : -1;
-}
-
-static int teardown(void **state) {
-    (void)state;
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
-}
-
-static const char *tmp_path(const char *name) {
-    static char buf[8][512];
-    static int k;
-    k = (k + 1) % 8;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", g_dir, name);
-    return buf[k];
-}
-
-/* Writes a raw safetensors file: header length (as given), header text, data bytes. */
 static void write_raw(const char *path, uint64_t hlen, const char *header, const void *data, size_t data_len) {
     FILE *f = fopen(path, "wb");
     assert_non_null(f);
@@ -122,10 +100,10 @@ static void test_roundtrip(void **state) {
         {"scalar", &c, 0, {0}},
         {"empty", &z, 2, {0, 7}},
     };
-    const char *path = tmp_path("rt.safetensors");
+    const char *path = st_test_path("rt.safetensors");
     assert_int_equal(st_safetensors_write(path, 4, items, "{\"format\":\"pt\",\"step\":\"12\"}"), 0);
     struct stat stt;
-    assert_int_equal(stat(tmp_path("rt.safetensors.partial"), &stt), -1); /* temp file renamed away */
+    assert_int_equal(stat(st_test_path("rt.safetensors.partial"), &stt), -1); /* temp file renamed away */
 
     /* the data buffer starts 8-byte aligned: check the header length field directly */
     FILE *f = fopen(path, "rb");
@@ -174,7 +152,7 @@ static void test_sharded(void **state) {
     st_st_write_item items[] = {
         {"a", a, 1, {10}}, {"b", b, 2, {2, 5}}, {"c", c, 1, {10}}, {"d", d, 2, {5, 5}}, {"e", e, 1, {2}},
     };
-    const char *dir = tmp_path("sharded");
+    const char *dir = st_test_path("sharded");
     assert_int_equal(st_safetensors_write_sharded(dir, 5, items, 96), 0);
     const char *expect_files[4] = {"model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors",
                                    "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"};
@@ -266,7 +244,7 @@ static void test_upcast_file(void **state) {
                       "\"brain\":{\"dtype\":\"BF16\",\"shape\":[6],\"data_offsets\":[16,28]},"
                       "\"dbl\":{\"dtype\":\"F64\",\"shape\":[3],\"data_offsets\":[28,52]},"
                       "\"ints\":{\"dtype\":\"I32\",\"shape\":[1],\"data_offsets\":[52,56]}}";
-    const char *path = tmp_path("upcast.safetensors");
+    const char *path = st_test_path("upcast.safetensors");
     write_raw(path, strlen(hdr), hdr, data, sizeof data);
     st_safetensors *s = NULL;
     assert_int_equal(st_safetensors_open(path, &s), 0);
@@ -297,7 +275,7 @@ static void test_truncated(void **state) {
     (void)state;
     float a[4] = {1, 2, 3, 4}, b[4] = {5, 6, 7, 8};
     st_st_write_item items[] = {{"h.0.attn.c_attn.weight", a, 1, {4}}, {"h.0.attn.c_proj.weight", b, 1, {4}}};
-    const char *path = tmp_path("trunc.safetensors");
+    const char *path = st_test_path("trunc.safetensors");
     assert_int_equal(st_safetensors_write(path, 2, items, NULL), 0);
     struct stat stt;
     assert_int_equal(stat(path, &stt), 0);
@@ -312,7 +290,7 @@ static void test_truncated(void **state) {
 
 static void test_header_length(void **state) {
     (void)state;
-    const char *path = tmp_path("hlen.safetensors");
+    const char *path = st_test_path("hlen.safetensors");
     write_raw(path, 1000, "{}", NULL, 0);
     expect_open_error(path, ST_EFORMAT, path, "header length 1000 is larger than the file");
     write_raw(path, (uint64_t)200 << 20, "{}", NULL, 0);
@@ -323,7 +301,7 @@ static void test_header_length(void **state) {
 
 static void test_bad_entries(void **state) {
     (void)state;
-    const char *path = tmp_path("bad.safetensors");
+    const char *path = st_test_path("bad.safetensors");
     write_hdr(path, "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},"
                     "\"x.weight\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[8,24]}}", 24);
     expect_open_error(path, ST_EFORMAT, path, "tensor 'x.weight' data_offsets [8,24] overlap tensor 'w' [0,16]");
@@ -370,13 +348,13 @@ static void test_bad_entries(void **state) {
     assert_int_equal(st_safetensors_count(s), 2);
     st_safetensors_close(s);
 
-    expect_open_error(tmp_path("does-not-exist.safetensors"), ST_EIO, "does-not-exist.safetensors", NULL);
-    expect_open_error(g_dir, ST_EIO, g_dir, "no model.safetensors");
+    expect_open_error(st_test_path("does-not-exist.safetensors"), ST_EIO, "does-not-exist.safetensors", NULL);
+    expect_open_error(st_test_dir, ST_EIO, st_test_dir, "no model.safetensors");
 }
 
 static void test_bad_index(void **state) {
     (void)state;
-    const char *dir = tmp_path("badidx");
+    const char *dir = st_test_path("badidx");
     assert_int_equal(st_mkdirs(dir), 0);
     char p[512], shard[512];
     snprintf(shard, sizeof shard, "%s/model-00001-of-00001.safetensors", dir);
@@ -413,7 +391,7 @@ static void test_bad_index(void **state) {
 static void test_writer_errors(void **state) {
     (void)state;
     float a[2] = {1, 2};
-    const char *path = tmp_path("werr.safetensors");
+    const char *path = st_test_path("werr.safetensors");
     st_st_write_item dup[] = {{"x", a, 1, {2}}, {"x", a, 1, {2}}};
     assert_int_equal(st_safetensors_write(path, 2, dup, NULL), ST_EINVAL);
     assert_non_null(strstr(st_error(), "'x' given twice"));
@@ -425,7 +403,7 @@ static void test_writer_errors(void **state) {
     assert_int_equal(st_safetensors_write(path, 1, one, "not json"), ST_EINVAL);
     struct stat stt;
     assert_int_equal(stat(path, &stt), -1); /* nothing left behind */
-    assert_int_equal(stat(tmp_path("werr.safetensors.partial"), &stt), -1);
+    assert_int_equal(stat(st_test_path("werr.safetensors.partial"), &stt), -1);
 }
 
 int main(void) {
@@ -436,5 +414,5 @@ int main(void) {
         cmocka_unit_test(test_bad_entries),   cmocka_unit_test(test_bad_index),
         cmocka_unit_test(test_writer_errors),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, st_test_dir_setup, st_test_dir_teardown);
 }

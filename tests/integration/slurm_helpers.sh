@@ -23,6 +23,9 @@ unset SLURMD_NODENAME
 
 slurm_cleanup() {
   local rc=$?
+  if [ $rc -ne 0 ] && [ -n "${SHARDTUNE_SLURM_DIR:-}" ]; then
+    tail -n 15 "$SHARDTUNE_SLURM_DIR"/log/*.log >&2 2>/dev/null || true
+  fi
   [ -n "${SHARDTUNE_SLURM_DIR:-}" ] && "$SRC/slurm/local-cluster" down >/dev/null 2>&1
   if [ $rc -ne 0 ] && [ -n "${WORK:-}" ]; then
     echo "$TEST_NAME: kept $WORK for inspection" >&2

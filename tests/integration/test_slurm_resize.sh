@@ -34,6 +34,10 @@ stopped_at=$(wc -l < "$WORK/run/metrics.jsonl")
 # shrink: half the ranks, twice the micro-batch (the job file is read again on every restart)
 write_job "$WORK/job.yaml" "$WORK/run" $STEPS 4
 timeout 30 scontrol update JobId="$job" NumNodes=1 NumTasks=2 || fail "scontrol update NumNodes=1 NumTasks=2 failed"
+# Slurm revokes the old incarnation's job credential at the requeue; a restart scheduled within the same
+# second is refused ("Job credential revoked") and the job ends FAILED. Real requeues wait ~2 min
+# (BeginTime); the test waits just past that second before releasing the job.
+sleep 2
 timeout 30 scontrol update JobId="$job" StartTime=now || fail "scontrol update StartTime=now failed"
 note "requeued after $stopped_at steps, shrunk to 1 x 2 and released"
 wait_job "$job" 120 COMPLETED FAILED CANCELLED TIMEOUT

@@ -5,7 +5,7 @@
 # only when Slurm is not installed or the cluster cannot start; everything after that must pass.
 #
 # Provides: ST, SRC, PY, WORK (scratch dir), SLURM_CONF; slurm_setup PORT, make_tiny_job, losses_of,
-# job_field, wait_job, need_checkpoint_support, fail.
+# job_field, wait_job, release_requeued, expect_completed, need_checkpoint_support, fail.
 
 set -uo pipefail
 ST=${SHARDTUNE_BIN:?SHARDTUNE_BIN must point at the shardtune binary}
@@ -127,4 +127,20 @@ need_checkpoint_support() {
   if [[ $out == *"not built into this binary"* ]]; then
     skip "needs checkpoint/resume (not merged yet)"
   fi
+}
+
+# release_requeued JOB: lets a requeued (pending) job start now. Slurm revokes the old incarnation's job
+# credential at the requeue; a restart scheduled within that same second is refused ("Job credential
+# revoked") and the job ends FAILED. Real requeues wait ~2 min (BeginTime); a test waits past the second.
+release_requeued() {
+  sleep 2
+  timeout 30 scontrol update JobId="$1" StartTime=now || fail "scontrol update StartTime=now failed"
+}
+
+# expect_completed JOB: waits for the job to end and fails (printing its log) unless it COMPLETED.
+expect_completed() {
+  wait_job "$1" 120 COMPLETED FAILED CANCELLED TIMEOUT
+  local state
+  state=$(job_field "$1" JobState)
+  [ "$state" = COMPLETED ] || { cat "$WORK/job.out"; fail "job $1 ended $state"; }
 }

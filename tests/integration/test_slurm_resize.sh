@@ -34,15 +34,9 @@ stopped_at=$(wc -l < "$WORK/run/metrics.jsonl")
 # shrink: half the ranks, twice the micro-batch (the job file is read again on every restart)
 write_job "$WORK/job.yaml" "$WORK/run" $STEPS 4
 timeout 30 scontrol update JobId="$job" NumNodes=1 NumTasks=2 || fail "scontrol update NumNodes=1 NumTasks=2 failed"
-# Slurm revokes the old incarnation's job credential at the requeue; a restart scheduled within the same
-# second is refused ("Job credential revoked") and the job ends FAILED. Real requeues wait ~2 min
-# (BeginTime); the test waits just past that second before releasing the job.
-sleep 2
-timeout 30 scontrol update JobId="$job" StartTime=now || fail "scontrol update StartTime=now failed"
+release_requeued "$job"
 note "requeued after $stopped_at steps, shrunk to 1 x 2 and released"
-wait_job "$job" 120 COMPLETED FAILED CANCELLED TIMEOUT
-state=$(job_field "$job" JobState)
-[ "$state" = COMPLETED ] || { cat "$WORK/job.out"; fail "job $job ended $state"; }
+expect_completed "$job"
 grep -q "resumed from" "$WORK/job.out" || { cat "$WORK/job.out"; fail "the shrunk run did not resume"; }
 grep -q "2 rank(s)" "$WORK/job.out" || { cat "$WORK/job.out"; fail "the rerun did not run on 2 ranks"; }
 

@@ -137,13 +137,13 @@ static void check_matmul_bf16(void) {
         float *da = dev_from(a, sizeof(float) * m * k), *db = dev_from(b, sizeof(float) * k * n);
         float *dcbuf = dev_from(NULL, sizeof(float) * (m * n + 1)), *dc = dcbuf + off;
         G->copy_to_device(dc, c, sizeof(float) * m * n);
-        G->matmul_bf16(dc, da, db, m, n, k, ta, tb, 0.5f, 1.0f, ds); /* warm-up: cuBLASLt heuristics */
+        G->matmul_bf16(dc, st_mm_f32(da), st_mm_f32(db), NULL, m, n, k, ta, tb, 0.5f, 1.0f, ds); /* warm-up: cuBLASLt heuristics */
         G->copy_to_device(dc, c, sizeof(float) * m * n);
         tick();
-        G->matmul_bf16(dc, da, db, m, n, k, ta, tb, 0.5f, 1.0f, ds);
+        G->matmul_bf16(dc, st_mm_f32(da), st_mm_f32(db), NULL, m, n, k, ta, tb, 0.5f, 1.0f, ds);
         double tg = tock_gpu();
         tick();
-        C->matmul_bf16(c, a, b, m, n, k, ta, tb, 0.5f, 1.0f, hs);
+        C->matmul_bf16(c, st_mm_f32(a), st_mm_f32(b), NULL, m, n, k, ta, tb, 0.5f, 1.0f, hs);
         double tc = tock_cpu();
         C->matmul(c32, a, b, m, n, k, ta, tb, 0.5f, 1.0f);
         double vs_fp32 = dev_err(dc, c32, (size_t)m * n);

@@ -21,6 +21,16 @@
 
 typedef struct st_backend st_backend;
 
+/* One operand of matmul_bf16: fp32 values (rounded to bf16 by the kernel) or values already stored as
+ * bf16 (raw bit patterns: the upper 16 bits of the fp32 value). Exactly one pointer is non-NULL. */
+typedef struct {
+    const float *f32;
+    const uint16_t *bf16;
+} st_mm_in;
+
+static inline st_mm_in st_mm_f32(const float *p) { st_mm_in o = {p, NULL}; return o; }
+static inline st_mm_in st_mm_bf16(const uint16_t *p) { st_mm_in o = {NULL, p}; return o; }
+
 struct st_backend {
     const char *name; /* "cpu" or "cuda" */
 
@@ -38,12 +48,18 @@ struct st_backend {
      * A is [M,K] (or [K,M] when trans_a), B is [K,N] (or [N,K] when trans_b). */
     void (*matmul)(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta);
-    /* Mixed precision (precision: bf16): the same product with both operands rounded to bf16 (round to
-     * nearest even), products accumulated in fp32, fp32 C: C = alpha * bf16(op(A)) @ bf16(op(B)) + beta * C.
+    /* Mixed precision (precision: bf16): C = alpha * bf16(op(A)) @ bf16(op(B)) + beta * C (+ bias).
+     * Each operand is fp32 (rounded to bf16, round to nearest even, on the fly; the input is not modified)
+     * or already bf16 (st_mm_in); products are accumulated in fp32 into the fp32 C. When `bias` is not
+     * NULL, bias[N] (fp32) is added to every row of C after the product (the cuBLASLt bias epilogue).
      * `scratch` is backend memory of st_matmul_bf16_scratch_floats(m, n, k) floats, owned by the caller
-     * (the rounded operand copies go there; A, B are not modified). */
-    void (*matmul_bf16)(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
-                        float alpha, float beta, float *scratch);
+     * (the CPU twin widens both operands into it as fp32; CUDA keeps bf16 copies of fp32 operands). */
+    void (*matmul_bf16)(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int trans_a,
+                        int trans_b, float alpha, float beta, float *scratch);
+    /* bf16 storage (saved activations, the bf16 weight copy): dst[i] = bf16(src[i]), round to nearest
+     * even (kernels/cuda/bf16_host.h is the one rule); and back, dst[i] = src[i] as fp32 (exact). */
+    void (*to_bf16)(uint16_t *dst, const float *src, size_t n);
+    void (*from_bf16)(float *dst, const uint16_t *src, size_t n);
     /* y[N,C] += bias[C] broadcast over rows. */
     void (*bias_add)(float *y, const float *bias, int n, int c);
     /* dbias[C] += sum over rows of dy[N,C]. */
@@ -118,8 +134,10 @@ struct st_backend {
     void (*dequant_nf4)(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
 };
 
-/* Arithmetic of the model's matmuls (config key `precision`): fp32, or bf16 operands with fp32
- * accumulation and output (matmul_bf16). Everything else is fp32 either way. */
+/* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,
+ * gradients, optimizer state, residual stream and loss; a bf16 copy of the weights and bf16 saved
+ * activations; every matmul on bf16 operands with fp32 accumulation (matmul_bf16). worker/model.c has the
+ * exact list of what is stored as bf16. */
 typedef enum { ST_PRECISION_FP32 = 0, ST_PRECISION_BF16 = 1 } st_precision;
 
 /* Floats of scratch matmul_bf16 needs for this shape on any backend: room for a copy of both operands

@@ -511,7 +511,7 @@ static layer_w layer_weights(const st_model *m, int l) {
 static void mm(const st_model *m, float *c, const float *a, const float *b, int M, int N, int K, int ta, int tb,
                float alpha, float beta) {
     if (m->precision == ST_PRECISION_BF16)
-        m->be->matmul_bf16(c, a, b, M, N, K, ta, tb, alpha, beta, m->mm_scratch);
+        m->be->matmul_bf16(c, st_mm_f32(a), st_mm_f32(b), NULL, M, N, K, ta, tb, alpha, beta, m->mm_scratch);
     else
         m->be->matmul(c, a, b, M, N, K, ta, tb, alpha, beta);
 }

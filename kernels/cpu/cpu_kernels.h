@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include "kernels/kernels.h"
 
 /* Every file of the backend includes this first. Without these two options GCC keeps float compares
  * and sqrtf as branches (a NaN compare may raise an FP flag; sqrtf of a negative sets errno) and so
@@ -131,8 +132,10 @@ void st_cpu_scale(float *x, float s, size_t n);
 double st_cpu_sumsq(const float *x, size_t n);
 
 /* cpu_bf16.c */
-void st_cpu_matmul_bf16(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
-                        float alpha, float beta, float *scratch);
+void st_cpu_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int trans_a,
+                        int trans_b, float alpha, float beta, float *scratch);
+void st_cpu_to_bf16(uint16_t *dst, const float *src, size_t n);
+void st_cpu_from_bf16(float *dst, const uint16_t *src, size_t n);
 
 /* cpu_norm.c */
 void st_cpu_layernorm_fwd(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,

@@ -75,7 +75,7 @@ static void check_matmul(const st_backend *be, int m, int n, int k, int ta, int 
     memcpy(plain, c0, nc * 4);
     size_t ns = st_matmul_bf16_scratch_floats(m, n, k);
     float *scratch = be->alloc(ns * sizeof(float));
-    be->matmul_bf16(got, a, b, m, n, k, ta, tb, alpha, beta, scratch);
+    be->matmul_bf16(got, st_mm_f32(a), st_mm_f32(b), NULL, m, n, k, ta, tb, alpha, beta, scratch);
     be->matmul(want, ra, rb, m, n, k, ta, tb, alpha, beta);
     be->matmul(plain, a, b, m, n, k, ta, tb, alpha, beta);
     if (memcmp(got, want, nc * 4))
@@ -118,7 +118,7 @@ static void test_matmul_bf16(void **state) {
     check_matmul(be, 150, 200, 96, 0, 0, 1.0f, 0.0f); /* wider than tall: split by columns */
     /* k = 0: C = beta * C, exactly as the fp32 matmul */
     float c[6] = {1, 2, 3, 4, 5, 6}, dummy = 0;
-    be->matmul_bf16(c, &dummy, &dummy, 2, 3, 0, 0, 0, 1.0f, 0.5f, NULL);
+    be->matmul_bf16(c, st_mm_f32(&dummy), st_mm_f32(&dummy), NULL, 2, 3, 0, 0, 0, 1.0f, 0.5f, NULL);
     for (int i = 0; i < 6; i++) assert_true(c[i] == 0.5f * (float)(i + 1));
     assert_int_equal(st_matmul_bf16_scratch_floats(0, 3, 4), 0);
     assert_true(st_matmul_bf16_scratch_floats(3, 5, 7) >= 3 * 7 + 7 * 5);
@@ -137,12 +137,12 @@ static void spy_matmul(float *c, const float *a, const float *b, int m, int n, i
     cpu->matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
 }
 
-static void spy_matmul_bf16(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb,
+static void spy_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int ta, int tb,
                             float alpha, float beta, float *scratch) {
     bf16_calls++;
     if (scratch != spied_model->mm_scratch || st_matmul_bf16_scratch_floats(m, n, k) > spied_model->mm_scratch_floats)
         scratch_too_small++;
-    cpu->matmul_bf16(c, a, b, m, n, k, ta, tb, alpha, beta, scratch);
+    cpu->matmul_bf16(c, a, b, bias, m, n, k, ta, tb, alpha, beta, scratch);
 }
 
 static void build(st_model *m, st_family family, int tied, const st_backend *be) {

@@ -93,6 +93,7 @@ int st_model_load_weights(st_model *m, const char *dir) {
         }
     }
     if (!rc) m->be->copy_to_device(m->weights, host, m->n_weights * sizeof(float));
+    st_model_weights_changed(m);
     free(tmp);
     free(host);
     st_safetensors_close(s);

@@ -122,12 +122,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         }
     }
     size_t range = zero == 0 ? sp->n_pad : sp->shard; /* st_comm_optim_range */
-    r->weights = m->n_weights * sizeof(float);
+    r->weights = m->n_weights * (c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float));
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
-    r->activations = st_model_activation_floats(&m->cfg, c->train.micro_batch, c->train.seq_len) * sizeof(float);
+    r->activations = st_model_activation_floats(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision) *
+                     sizeof(float);
     r->buffers = step_buffer_bytes(c);
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
     (void)world;

@@ -152,6 +152,7 @@ static int try_resume(trainer *t, const char *path) {
     if (!rc) {
         const st_backend *be = t->be;
         be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
+        st_model_weights_changed(&t->model);
         if (n && t->optim.m) {
             be->copy_to_device(t->optim.m, mh, n * sizeof(float));
             be->copy_to_device(t->optim.v, vh, n * sizeof(float));

@@ -255,6 +255,7 @@ int st_comm_gather_params(st_comm *c, st_model *m) {
     if (rc) return rc;
     k.to_flat = 0;
     st_for_each_param_range(m, 0, c->n_pad, pack_range, &k);
+    st_model_weights_changed(m);
     c->comm_seconds += st_now() - t0;
     return 0;
 }

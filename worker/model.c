@@ -174,6 +174,7 @@ void st_model_free(st_model *m) {
     m->be->free(m->rope_cos);
     m->be->free(m->rope_sin);
     m->be->free(m->mm_scratch);
+    m->be->free(m->weights_bf16);
     free(m->loss_per_pos);
     free(m->layer_acts);
     free(m->params);
@@ -210,6 +211,7 @@ int st_model_init_random(st_model *m, uint64_t seed) {
         } /* biases stay 0 */
     }
     m->be->copy_to_device(m->weights, host, m->n_weights * sizeof(float));
+    st_model_weights_changed(m);
     free(host);
     return 0;
 }
@@ -276,15 +278,22 @@ void st_model_zero_grad(st_model *m) {
 
 /* ---------------- activations ---------------- */
 
-/* Per-layer saved activations, as pointers into the arena. */
+/* Per-layer saved activations, as pointers into the arena. Under precision bf16 the six tensors that are
+ * matmul or attention inputs (ln1, qkv, atty, ln2, h1, h2) are saved as bf16 in the *_h fields and their
+ * float pointers are NULL; the residual stream (res_in, resmid) and the norm statistics stay fp32.
+ * Under fp32 the *_h fields are NULL. */
 typedef struct {
     float *res_in, *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *lse, *resmid, *ln2, *ln2_mean, *ln2_rstd, *h1, *h2;
+    uint16_t *ln1_h, *qkv_h, *atty_h, *ln2_h, *h1_h, *h2_h;
 } layer_acts;
 
 /* Model-wide buffers in the arena after the layers. */
 typedef struct {
     float *res_out, *lnf, *lnf_mean, *lnf_rstd;
     float *dres, *dln, *dqkv, *datt, *dh1, *dh2, *dlnf, *logits, *norm_scratch;
+    /* bf16 only: one layer's fp32 working copies of the bf16-saved qkv, atty and h1 (forward computes
+     * into them before saving; backward widens the saved values back into them). NULL under fp32. */
+    float *qkv_w, *atty_w, *h1_w;
     int32_t *tokens, *targets;
     float *weight, *loss;
 } model_bufs;
@@ -318,23 +327,34 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         if (base) (ptr) = base + off;                                                                       \
         off += ((size_t)(n) + 15) & ~(size_t)15;                                                            \
     } while (0)
+    /* a saved activation of n elements: fp32, or bf16 (two per float slot) under mixed precision */
+#define SAVED(f32, h16, n)                                                                                   \
+    do {                                                                                                   \
+        if (!bf16) { TAKE(f32, n); break; }                                                                 \
+        float *p_ = NULL;                                                                                   \
+        TAKE(p_, ((size_t)(n) + 1) / 2);                                                                    \
+        if (base) (h16) = (uint16_t *)p_;                                                                   \
+    } while (0)
+    const int bf16 = m->precision == ST_PRECISION_BF16;
     for (int l = 0; l < c->n_layer; l++) {
         layer_acts dummy, *a = la ? &la[l] : &dummy;
+        memset(a, 0, sizeof *a);
         TAKE(a->res_in, N * C);
-        TAKE(a->ln1, N * C);
+        SAVED(a->ln1, a->ln1_h, N * C);
         TAKE(a->ln1_mean, N);
         TAKE(a->ln1_rstd, N);
-        TAKE(a->qkv, N * Q);
-        TAKE(a->atty, N * A);
+        SAVED(a->qkv, a->qkv_h, N * Q);
+        SAVED(a->atty, a->atty_h, N * A);
         TAKE(a->lse, N * H);
         TAKE(a->resmid, N * C);
-        TAKE(a->ln2, N * C);
+        SAVED(a->ln2, a->ln2_h, N * C);
         TAKE(a->ln2_mean, N);
         TAKE(a->ln2_rstd, N);
-        TAKE(a->h1, N * 2 * F);
-        TAKE(a->h2, N * F);
+        SAVED(a->h1, a->h1_h, N * 2 * F);
+        SAVED(a->h2, a->h2_h, N * F);
     }
     model_bufs dummyb, *b = mb ? mb : &dummyb;
+    memset(b, 0, sizeof *b);
     size_t R = (size_t)head_chunk_rows(m);
     TAKE(b->res_out, N * C);
     TAKE(b->lnf, N * C);
@@ -349,6 +369,11 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     TAKE(b->dlnf, N * C);
     TAKE(b->logits, R * (size_t)c->vocab);
     TAKE(b->norm_scratch, 2 * C);
+    if (bf16) {
+        TAKE(b->qkv_w, N * Q);
+        TAKE(b->atty_w, N * A);
+        TAKE(b->h1_w, N * 2 * F);
+    }
     float *tok = NULL, *tgt = NULL;
     TAKE(tok, N);
     TAKE(tgt, N);
@@ -356,6 +381,7 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     b->targets = (int32_t *)tgt;
     TAKE(b->weight, N);
     TAKE(b->loss, N);
+#undef SAVED
 #undef TAKE
     return off;
 }
@@ -403,50 +429,73 @@ static int alloc_mm_scratch(st_model *m) {
     return 0;
 }
 
-int st_model_set_precision(st_model *m, st_precision precision) {
-    if (precision != ST_PRECISION_FP32 && precision != ST_PRECISION_BF16)
-        return st_fail(ST_EINVAL, "precision %d is not fp32 (0) or bf16 (1)", (int)precision);
-    if (precision == ST_PRECISION_BF16 && !m->be->matmul_bf16)
-        return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
-    m->precision = precision;
-    return alloc_mm_scratch(m);
-}
-
 /* Floats of RoPE tables (cos + sin) for T positions; Llama family only. */
 static size_t rope_floats(const st_model_config *c, int T) {
     return c->family == ST_FAMILY_LLAMA ? 2 * (size_t)T * (size_t)(c->head_dim / 2) : 0;
 }
 
-size_t st_model_activation_floats(const st_model_config *cfg, int B, int T) {
+size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_precision precision) {
     st_model tmp;
     memset(&tmp, 0, sizeof tmp);
     tmp.cfg = *cfg;
     tmp.B = B;
     tmp.T = T;
-    return layout(&tmp, NULL, NULL, NULL) + (size_t)B * T /* loss_per_pos */ + rope_floats(cfg, T);
+    tmp.precision = precision;
+    size_t mm = precision == ST_PRECISION_BF16 ? bf16_scratch_for(&tmp) : 0;
+    return layout(&tmp, NULL, NULL, NULL) + (size_t)B * T /* loss_per_pos */ + rope_floats(cfg, T) + mm;
 }
+
+/* (Re)allocates the activation arena and the per-layer pointer table for the current B, T and
+ * precision (the layout depends on all three). */
+static int alloc_arena(st_model *m) {
+    m->be->free(m->act_arena);
+    m->act_floats = layout(m, NULL, NULL, NULL);
+    m->act_arena = m->be->alloc(m->act_floats * sizeof(float));
+    free(m->layer_acts);
+    m->layer_acts = calloc((size_t)m->cfg.n_layer, sizeof(layer_acts));
+    if (!m->act_arena || !m->layer_acts)
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of activations for micro_batch %d x seq_len %d",
+                       m->act_floats * 4.0 / 1e6, m->B, m->T);
+    return 0;
+}
+
+int st_model_set_precision(st_model *m, st_precision precision) {
+    if (precision != ST_PRECISION_FP32 && precision != ST_PRECISION_BF16)
+        return st_fail(ST_EINVAL, "precision %d is not fp32 (0) or bf16 (1)", (int)precision);
+    if (precision == ST_PRECISION_BF16 && (!m->be->matmul_bf16 || !m->be->to_bf16 || !m->be->from_bf16))
+        return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
+    m->precision = precision;
+    m->be->free(m->weights_bf16);
+    m->weights_bf16 = NULL;
+    if (precision == ST_PRECISION_BF16) {
+        m->weights_bf16 = m->be->alloc(m->n_weights * sizeof(uint16_t));
+        if (!m->weights_bf16)
+            return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the bf16 weight copy (precision: bf16)",
+                           m->n_weights * 2.0 / 1e6);
+    }
+    m->weights_bf16_stale = 1;
+    int rc = m->B > 0 ? alloc_arena(m) : 0;
+    return rc ? rc : alloc_mm_scratch(m);
+}
+
+void st_model_weights_changed(st_model *m) { m->weights_bf16_stale = 1; }
 
 int st_model_alloc_activations(st_model *m, int B, int T) {
     if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);
     if (T > m->cfg.max_seq)
         return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", T, m->cfg.max_seq);
     const st_backend *be = m->be;
-    be->free(m->act_arena);
     be->free(m->rope_cos);
     be->free(m->rope_sin);
     free(m->loss_per_pos);
     m->rope_cos = m->rope_sin = NULL;
     m->B = B;
     m->T = T;
-    m->act_floats = layout(m, NULL, NULL, NULL);
-    m->act_arena = be->alloc(m->act_floats * sizeof(float));
+    int rc = alloc_arena(m);
+    if (rc) return rc;
     m->loss_per_pos = calloc((size_t)B * T, sizeof(float));
-    free(m->layer_acts);
-    m->layer_acts = calloc((size_t)m->cfg.n_layer, sizeof(layer_acts));
-    if (!m->act_arena || !m->loss_per_pos || !m->layer_acts)
-        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of activations for micro_batch %d x seq_len %d",
-                       m->act_floats * 4.0 / 1e6, B, T);
-    int rc = alloc_mm_scratch(m);
+    if (!m->loss_per_pos) return st_fail(ST_ENOMEM, "out of memory for per-position losses");
+    rc = alloc_mm_scratch(m);
     if (rc) return rc;
     if (m->cfg.family == ST_FAMILY_LLAMA) {
         size_t n = rope_floats(&m->cfg, T) / 2;
@@ -507,13 +556,41 @@ static layer_w layer_weights(const st_model *m, int l) {
     return w;
 }
 
-/* Every matmul of the model goes through here: the model's precision picks the kernel (one place). */
-static void mm(const st_model *m, float *c, const float *a, const float *b, int M, int N, int K, int ta, int tb,
-               float alpha, float beta) {
-    if (m->precision == ST_PRECISION_BF16)
-        m->be->matmul_bf16(c, st_mm_f32(a), st_mm_f32(b), NULL, M, N, K, ta, tb, alpha, beta, m->mm_scratch);
-    else
-        m->be->matmul(c, a, b, M, N, K, ta, tb, alpha, beta);
+/* Every matmul of the model goes through here: the model's precision picks the kernel (one place).
+ * C = op(A) @ op(B) + beta * C (+ bias[N] on every row). Under fp32 both operands are fp32 (the bf16
+ * pointers of activations and weights are NULL then); under bf16 either may be stored as bf16. */
+static void mm(const st_model *m, float *c, st_mm_in a, st_mm_in b, const float *bias, int M, int N, int K, int ta,
+               int tb, float beta) {
+    if (m->precision == ST_PRECISION_BF16) {
+        m->be->matmul_bf16(c, a, b, bias, M, N, K, ta, tb, 1.0f, beta, m->mm_scratch);
+    } else {
+        m->be->matmul(c, a.f32, b.f32, M, N, K, ta, tb, 1.0f, beta);
+        if (bias) m->be->bias_add(c, bias, M, N);
+    }
+}
+
+/* A saved activation as a matmul operand: its bf16 copy when it has one. */
+static st_mm_in saved(const float *f32, const uint16_t *h16) { return h16 ? st_mm_bf16(h16) : st_mm_f32(f32); }
+
+/* A weight as a matmul operand: its place in the bf16 weight copy under bf16. */
+static st_mm_in weight(const st_model *m, const float *w) {
+    return m->weights_bf16 ? st_mm_bf16(m->weights_bf16 + (w - m->weights)) : st_mm_f32(w);
+}
+
+/* Saves a freshly computed fp32 activation as bf16 (no-op under fp32). With `reuse`, x is replaced by its
+ * rounded value, because forward goes on computing with it and backward will see only the saved copy. */
+static void save(const st_model *m, uint16_t *h16, float *x, size_t n, int reuse) {
+    if (!h16) return;
+    m->be->to_bf16(h16, x, n);
+    if (reuse) m->be->from_bf16(x, h16, n);
+}
+
+/* The fp32 value of a saved activation for backward: the fp32 tensor itself, or its bf16 copy widened
+ * into the working buffer `work`. */
+static const float *restore(const st_model *m, const float *f32, const uint16_t *h16, float *work, size_t n) {
+    if (!h16) return f32;
+    m->be->from_bf16(work, h16, n);
+    return work;
 }
 
 static void norm_fwd(const st_model *m, float *out, float *mean, float *rstd, const float *x, const float *w,
@@ -548,33 +625,39 @@ static const float *head_weight(const st_model *m, float **grad) {
     return wptr(m, idx);
 }
 
-static void layer_forward(st_model *m, int l, const layer_acts *a, float *res_out) {
+/* One layer forward (see the top of this file). Under bf16 the fp32 results land in working buffers
+ * (norm outputs in dln, h2 in dh2: both free during forward) and are saved as bf16. */
+static void layer_forward(st_model *m, int l, const layer_acts *a, const model_bufs *b, float *res_out) {
     const st_backend *be = m->be;
     const st_model_config *c = &m->cfg;
     layer_w w = layer_weights(m, l);
     int N = m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c), A = c->n_head * c->head_dim;
-    norm_fwd(m, a->ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
-    mm(m, a->qkv, a->ln1, w.wqkv, N, Q, C, 0, 1, 1.0f, 0.0f);
-    if (w.bqkv) be->bias_add(a->qkv, w.bqkv, N, Q);
+    int F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    float *ln1 = a->ln1 ? a->ln1 : b->dln, *qkv = a->qkv ? a->qkv : b->qkv_w;
+    float *atty = a->atty ? a->atty : b->atty_w, *ln2 = a->ln2 ? a->ln2 : b->dln;
+    float *h1 = a->h1 ? a->h1 : b->h1_w, *h2 = a->h2 ? a->h2 : b->dh2;
+    norm_fwd(m, ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
+    save(m, a->ln1_h, ln1, (size_t)N * C, 0);
+    mm(m, qkv, saved(ln1, a->ln1_h), weight(m, w.wqkv), w.bqkv, N, Q, C, 0, 1, 0.0f);
     if (c->family == ST_FAMILY_LLAMA)
-        be->rope_fwd(a->qkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
-    be->attention_fwd(a->atty, a->lse, a->qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
-    /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T */
+        be->rope_fwd(qkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    save(m, a->qkv_h, qkv, (size_t)N * Q, 1);
+    be->attention_fwd(atty, a->lse, qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    save(m, a->atty_h, atty, (size_t)N * A, 0);
+    /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T (+ b) */
     be->copy(a->resmid, a->res_in, (size_t)N * C * sizeof(float));
-    mm(m, a->resmid, a->atty, w.wo, N, C, A, 0, 1, 1.0f, 1.0f);
-    if (w.bo) be->bias_add(a->resmid, w.bo, N, C);
-    norm_fwd(m, a->ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
-    if (c->family == ST_FAMILY_GPT2) {
-        mm(m, a->h1, a->ln2, w.w1, N, F, C, 0, 1, 1.0f, 0.0f);
-        be->bias_add(a->h1, w.b1, N, F);
-        be->gelu_fwd(a->h2, a->h1, (size_t)N * F);
-    } else {
-        mm(m, a->h1, a->ln2, w.w1, N, 2 * F, C, 0, 1, 1.0f, 0.0f);
-        be->swiglu_fwd(a->h2, a->h1, N, F);
-    }
+    mm(m, a->resmid, saved(atty, a->atty_h), weight(m, w.wo), w.bo, N, C, A, 0, 1, 1.0f);
+    norm_fwd(m, ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
+    save(m, a->ln2_h, ln2, (size_t)N * C, 0);
+    mm(m, h1, saved(ln2, a->ln2_h), weight(m, w.w1), w.b1, N, F1, C, 0, 1, 0.0f);
+    save(m, a->h1_h, h1, (size_t)N * F1, 1);
+    if (c->family == ST_FAMILY_GPT2)
+        be->gelu_fwd(h2, h1, (size_t)N * F);
+    else
+        be->swiglu_fwd(h2, h1, N, F);
+    save(m, a->h2_h, h2, (size_t)N * F, 0);
     be->copy(res_out, a->resmid, (size_t)N * C * sizeof(float));
-    mm(m, res_out, a->h2, w.w2, N, C, F, 0, 1, 1.0f, 1.0f);
-    if (w.b2) be->bias_add(res_out, w.b2, N, C);
+    mm(m, res_out, saved(h2, a->h2_h), weight(m, w.w2), w.b2, N, C, F, 0, 1, 1.0f);
 }
 
 /* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. */
@@ -587,13 +670,13 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
     for (int r0 = 0; r0 < N; r0 += R) {
         int rows = N - r0 < R ? N - r0 : R;
         const float *x = b->lnf + (size_t)r0 * C;
-        mm(m, b->logits, x, w, rows, V, C, 0, 1, 1.0f, 0.0f);
+        mm(m, b->logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
         if (m->capture_logits)
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
         total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
         if (!train) continue;
-        mm(m, b->dlnf + (size_t)r0 * C, b->logits, w, rows, C, V, 0, 0, 1.0f, 0.0f);
-        if (gw) mm(m, gw, b->logits, x, V, C, rows, 1, 0, 1.0f, 1.0f);
+        mm(m, b->dlnf + (size_t)r0 * C, st_mm_f32(b->logits), weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
+        if (gw) mm(m, gw, st_mm_f32(b->logits), st_mm_f32(x), NULL, V, C, rows, 1, 0, 1.0f);
     }
     return total;
 }
@@ -608,12 +691,16 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     layer_acts *la = m->layer_acts;
     model_bufs b;
     bind(m, la, &b);
+    if (m->weights_bf16 && m->weights_bf16_stale) { /* the bf16 copy every matmul reads */
+        be->to_bf16(m->weights_bf16, m->weights, m->n_weights);
+        m->weights_bf16_stale = 0;
+    }
     be->copy_to_device(b.tokens, inputs, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
     const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
     be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
-    for (int l = 0; l < L; l++) layer_forward(m, l, &la[l], l + 1 < L ? la[l + 1].res_in : b.res_out);
+    for (int l = 0; l < L; l++) layer_forward(m, l, &la[l], &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
     int fn = final_norm_index(m);
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
@@ -623,8 +710,13 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
 }
 
 /* Weight gradient of y = x @ W^T: dW[out,in] += dy^T @ x. */
-static void linear_wgrad(const st_model *m, float *dw, const float *dy, const float *x, int N, int out, int in) {
-    if (dw) mm(m, dw, dy, x, out, in, N, 1, 0, 1.0f, 1.0f);
+static void linear_wgrad(const st_model *m, float *dw, const float *dy, st_mm_in x, int N, int out, int in) {
+    if (dw) mm(m, dw, st_mm_f32(dy), x, NULL, out, in, N, 1, 0, 1.0f);
+}
+
+/* Input gradient of y = x @ W^T: dx[N,in] = dy @ W. */
+static void linear_dgrad(const st_model *m, float *dx, const float *dy, const float *w, int N, int out, int in) {
+    mm(m, dx, st_mm_f32(dy), weight(m, w), NULL, N, in, out, 0, 0, 0.0f);
 }
 
 static void layer_backward(st_model *m, int l, const layer_acts *a, const model_bufs *b) {
@@ -632,32 +724,33 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     const st_model_config *c = &m->cfg;
     layer_w w = layer_weights(m, l);
     int N = m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c), A = c->n_head * c->head_dim;
+    int F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
     float *dres = b->dres;
     /* MLP branch: dres is the gradient of res_out */
     if (w.gb2) be->bias_bwd(w.gb2, dres, N, C);
-    mm(m, b->dh2, dres, w.w2, N, F, C, 0, 0, 1.0f, 0.0f);
-    linear_wgrad(m, w.gw2, dres, a->h2, N, C, F);
-    if (c->family == ST_FAMILY_GPT2) {
-        be->gelu_bwd(b->dh1, b->dh2, a->h1, (size_t)N * F);
-        if (w.gb1) be->bias_bwd(w.gb1, b->dh1, N, F);
-        mm(m, b->dln, b->dh1, w.w1, N, C, F, 0, 0, 1.0f, 0.0f);
-        linear_wgrad(m, w.gw1, b->dh1, a->ln2, N, F, C);
-    } else {
-        be->swiglu_bwd(b->dh1, b->dh2, a->h1, N, F);
-        mm(m, b->dln, b->dh1, w.w1, N, C, 2 * F, 0, 0, 1.0f, 0.0f);
-        linear_wgrad(m, w.gw1, b->dh1, a->ln2, N, 2 * F, C);
-    }
+    linear_dgrad(m, b->dh2, dres, w.w2, N, C, F);
+    linear_wgrad(m, w.gw2, dres, saved(a->h2, a->h2_h), N, C, F);
+    const float *h1 = restore(m, a->h1, a->h1_h, b->h1_w, (size_t)N * F1);
+    if (c->family == ST_FAMILY_GPT2)
+        be->gelu_bwd(b->dh1, b->dh2, h1, (size_t)N * F);
+    else
+        be->swiglu_bwd(b->dh1, b->dh2, h1, N, F);
+    if (w.gb1) be->bias_bwd(w.gb1, b->dh1, N, F1);
+    linear_dgrad(m, b->dln, b->dh1, w.w1, N, F1, C);
+    linear_wgrad(m, w.gw1, b->dh1, saved(a->ln2, a->ln2_h), N, F1, C);
     norm_bwd(m, dres, w.gn2w, w.gn2b, b->dln, a->resmid, w.n2w, a->ln2_mean, a->ln2_rstd, N, b->dh2);
     /* attention branch: dres is now the gradient of resmid */
     if (w.gbo) be->bias_bwd(w.gbo, dres, N, C);
-    mm(m, b->datt, dres, w.wo, N, A, C, 0, 0, 1.0f, 0.0f);
-    linear_wgrad(m, w.gwo, dres, a->atty, N, C, A);
-    be->attention_bwd(b->dqkv, b->datt, a->qkv, a->atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    linear_dgrad(m, b->datt, dres, w.wo, N, C, A);
+    linear_wgrad(m, w.gwo, dres, saved(a->atty, a->atty_h), N, C, A);
+    const float *qkv = restore(m, a->qkv, a->qkv_h, b->qkv_w, (size_t)N * Q);
+    const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
+    be->attention_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     if (c->family == ST_FAMILY_LLAMA)
         be->rope_bwd(b->dqkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     if (w.gbqkv) be->bias_bwd(w.gbqkv, b->dqkv, N, Q);
-    mm(m, b->dln, b->dqkv, w.wqkv, N, C, Q, 0, 0, 1.0f, 0.0f);
-    linear_wgrad(m, w.gwqkv, b->dqkv, a->ln1, N, Q, C);
+    linear_dgrad(m, b->dln, b->dqkv, w.wqkv, N, Q, C);
+    linear_wgrad(m, w.gwqkv, b->dqkv, saved(a->ln1, a->ln1_h), N, Q, C);
     norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);
 }
 

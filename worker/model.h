@@ -58,9 +58,12 @@ typedef struct {
     float *loss_per_pos; /* [B*T] unweighted loss of each target (0 where weight is 0) */
     void *layer_acts;    /* per-layer pointers into act_arena (model.c) */
     float *capture_logits; /* optional host [B*T, V]: forward copies the logits here (tests, eval tools) */
-    /* Matmul arithmetic (st_model_set_precision): ST_PRECISION_BF16 sends every matmul of the model
-     * (linear layers, LM head, their backward) through be->matmul_bf16 with mm_scratch. */
+    /* Arithmetic (st_model_set_precision). ST_PRECISION_BF16: every matmul of the model (linear layers,
+     * LM head, their backward) runs through be->matmul_bf16 with mm_scratch, reading weights from the bf16
+     * copy weights_bf16 and the saved activations from their bf16 copies (model.c lists which). */
     st_precision precision;
+    uint16_t *weights_bf16;  /* backend memory, n_weights (bf16 only): refreshed by the next forward after */
+    int weights_bf16_stale;  /* ... st_model_weights_changed() marked the fp32 master weights as written */
     float *mm_scratch;   /* backend memory, mm_scratch_floats floats (bf16 only) */
     size_t mm_scratch_floats;
     /* Optional: called by st_model_backward each time a contiguous range [lo, hi) of the gradient space
@@ -102,14 +105,20 @@ size_t st_model_grad_offsets(const st_model *m, const unsigned char *layer_mask,
 /* Allocates activations for micro-batches of B sequences of T tokens (T <= cfg.max_seq). */
 int st_model_alloc_activations(st_model *m, int B, int T);
 
-/* Floats that st_model_alloc_activations(m, B, T) allocates for a model of this config: the arena (same
- * layout code), loss_per_pos [B*T] and the RoPE tables. No allocation, no validation of T. */
-size_t st_model_activation_floats(const st_model_config *cfg, int B, int T);
+/* Floats that st_model_alloc_activations(m, B, T) allocates for a model of this config and precision:
+ * the arena (same layout code), loss_per_pos [B*T], the RoPE tables and, under bf16, the matmul operand
+ * scratch. No allocation, no validation of T. (The bf16 weight copy, n_weights halves, is not included.) */
+size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_precision precision);
 
-/* Selects the matmul arithmetic (fp32 | bf16, see kernels/kernels.h). bf16 needs a backend with
- * matmul_bf16 and allocates its operand scratch for the current B x T (st_model_alloc_activations
- * re-sizes it later). Weights, gradients and everything else stay fp32. */
+/* Selects the arithmetic (fp32 | bf16 mixed precision, see kernels/kernels.h). bf16 needs a backend with
+ * matmul_bf16, to_bf16 and from_bf16; it allocates the bf16 weight copy, re-lays out the activations
+ * (bf16 saved tensors) and the matmul operand scratch for the current B x T. Master weights, gradients
+ * and optimizer state stay fp32. */
 int st_model_set_precision(st_model *m, st_precision precision);
+
+/* Tells the model its fp32 weights were written (optimizer step, parameter all-gather, load), so the
+ * bf16 copy is refreshed before the next forward. Every writer of m->weights calls it. */
+void st_model_weights_changed(st_model *m);
 
 /* Floats of matmul_bf16 scratch the model needs for micro-batches of B x T (the largest matmul). */
 size_t st_model_bf16_scratch_floats(const st_model_config *cfg, int B, int T);

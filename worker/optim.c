@@ -106,4 +106,5 @@ void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, flo
         if (m->params[i].grad_offset >= 0) o->param_step[i]++;
     update_ctx c = {o, m, grads, lr, grad_scale};
     st_for_each_param_range(m, o->lo, o->hi, update_range, &c);
+    st_model_weights_changed(m);
 }

@@ -1,16 +1,22 @@
 """test_bf16_torch.py — mixed precision (precision: bf16) against an independent PyTorch reference.
 
-shardtune's bf16 semantics (kernels/kernels.h matmul_bf16): every matmul of the model — linear layers,
-the LM head and their backward products — takes both operands rounded to bf16 (round to nearest even)
-and accumulates in fp32 into an fp32 result; norms, attention, softmax/cross-entropy, the residual
-stream and the loss stay fp32; weights and gradients are fp32.
+shardtune's bf16 semantics (kernels/kernels.h matmul_bf16, worker/model.c): every matmul of the model —
+linear layers, the LM head and their backward products — takes both operands rounded to bf16 (round to
+nearest even; weights come from a bf16 copy) and accumulates in fp32 into an fp32 result. The saved
+activations are stored as bf16: the norm outputs and h2 (matmul inputs only, so storing them changes
+nothing), qkv after RoPE and the MLP's first product h1 (forward goes on with the rounded values, and
+their gradient passes through the rounding unchanged), and the attention output (rounded; backward's
+D = rowsum(dO * O) uses the rounded O). Norms, attention math, softmax/cross-entropy, the residual stream,
+the loss, weights, gradients and optimizer state are fp32.
 
 0. Why the reference emulates instead of calling torch's bf16 matmul: torch.matmul(a.bfloat16(),
    b.bfloat16()) returns a bf16 tensor (the fp32-accumulated result rounded to bf16 once more), which is
    not our fp32 output. So the reference is: torch float64 matmul of bf16-rounded operands (the rounding
    by torch's own fp32 -> bfloat16 conversion, checked here to be round-to-nearest-even bit for bit
    against numpy), wired into every linear/head product and its backward with a custom autograd
-   function; attention's products stay unrounded, as in shardtune.
+   function; attention's products stay unrounded, as in shardtune. The stored activations are emulated by
+   a rounding with an identity gradient (BF16Saved) and an attention whose output is rounded and whose
+   backward uses that rounded output (BF16Attention).
 1. For a tiny Llama (GQA, untied head) and a tiny GPT-2 (tied head, biases), tests/tools/ref_model
    --precision bf16: logits, loss and every gradient vs that reference. Error per tensor
    rel = max|ours - ref| / max|ref|. Our fp32 arithmetic differs from float64 by ~1e-6 relative, and
@@ -22,6 +28,7 @@ stream and the loss stay fp32; weights and gradients are fp32.
 2. Training: `shardtune train ... precision=bf16` on one rank for a few dozen steps lowers the loss like
    fp32 does, with losses that differ from the fp32 run (the setting reaches the model) but stay close.
 Env (set by ctest): ST_BUILD_DIR, SHARDTUNE_BIN."""
+import math
 import os
 import sys
 import tempfile
@@ -34,7 +41,7 @@ import dp_common  # noqa: E402
 import st_io  # noqa: E402
 from test_model_torch import (CONFIGS, SEQ, random_batch, random_weights, rel_err, run_ref_model,  # noqa: E402
                               torch_forward_backward, write_model)
-from torch_model import RefModel, parse_config  # noqa: E402
+from torch_model import RefModel, causal_attention, parse_config  # noqa: E402
 
 BF16_TOL, FP32_TOL, SEPARATION = 1e-2, 1e-5, 2.0
 failures = []
@@ -94,6 +101,67 @@ class BF16Matmul(torch.autograd.Function):
         return ga, gb
 
 
+class BF16Saved(torch.autograd.Function):
+    """An activation stored as bf16: forward goes on with the rounded value; the gradient passes through."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return bf16(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class BF16Attention(torch.autograd.Function):
+    """Causal attention (kv heads already repeated) whose output is stored as bf16: forward returns the
+    rounded O, backward computes D = rowsum(dO * O) from that rounded O (shardtune's attention_bwd reads
+    the saved copy); everything else is exact in the input dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        T, hd = q.shape[-2], q.shape[-1]
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        s = (torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)).masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        o = bf16(torch.matmul(p, v))
+        ctx.save_for_backward(q, k, v, p, o)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, p, o = ctx.saved_tensors
+        dv = torch.matmul(p.transpose(-1, -2), do)
+        dp = torch.matmul(do, v.transpose(-1, -2))
+        ds = p * (dp - (do * o).sum(-1, keepdim=True)) / math.sqrt(q.shape[-1])
+        return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+
+
+def bf16_emulation(model_dir, dtype):
+    """The reference of shardtune's precision: bf16, in `dtype`."""
+    ref = RefModel.load(model_dir, dtype)
+    ref.linear_mm = BF16Matmul.apply
+    ref.saved = BF16Saved.apply
+    ref.attention = BF16Attention.apply
+    return ref
+
+
+def check_attention_function():
+    """BF16Attention without the rounding is the plain attention: its hand-written backward is right."""
+    q, k, v = (torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    saved_bf16 = globals()["bf16"]
+    try:
+        globals()["bf16"] = lambda x: x
+        out = BF16Attention.apply(q, k, v)
+        g = torch.randn_like(out)
+        ours = torch.autograd.grad(out, (q, k, v), g)
+    finally:
+        globals()["bf16"] = saved_bf16
+    ref = torch.autograd.grad(causal_attention(q, k, v), (q, k, v), g)
+    e = max(float((a - b).abs().max()) for a, b in zip(ours, ref))
+    check("BF16Attention backward without rounding == autograd", e < 1e-12, f"max abs diff {e:.1e}")
+
+
 # ---------------- 1. forward + backward vs the emulated reference ----------------
 
 def compare(ours, ref_model, batch, V):
@@ -121,14 +189,12 @@ def check_model(name, tmp, rng):
     st_io.write(batch_path, dict(zip(("inputs", "targets", "weight"), batch)))
     ours16 = run_ref_model(model_dir, batch_path, os.path.join(tmp, f"{name}.bf16.safetensors"), "--precision", "bf16")
     ours32 = run_ref_model(model_dir, batch_path, os.path.join(tmp, f"{name}.fp32.safetensors"), "--precision", "fp32")
-    emul64 = RefModel.load(model_dir, torch.float64)
-    emul64.linear_mm = BF16Matmul.apply
+    emul64 = bf16_emulation(model_dir, torch.float64)
     e16 = compare(ours16, emul64, batch, c["vocab"])
     e32 = compare(ours32, emul64, batch, c["vocab"])
     # the same emulation in float32: an independent fp32 implementation of our arithmetic. Its distance
     # to the float64 emulation is the spread that fp32 evaluation alone causes (bf16 rounding flips)
-    emul32 = RefModel.load(model_dir, torch.float32)
-    emul32.linear_mm = BF16Matmul.apply
+    emul32 = bf16_emulation(model_dir, torch.float32)
     logits32, _, _ = torch_forward_backward(emul32, *batch)
     spread = {"logits": 0.0, "loss": 0.0}
     spread.update({"grad." + n: rel_err(p.grad.numpy(), emul64.params[n].grad.numpy())
@@ -153,6 +219,14 @@ def check_model(name, tmp, rng):
     check(f"{name} bf16 path taken everywhere", ratios[kmin] >= SEPARATION,
           f"min over tensors of err(fp32 run)/err(bf16 run) = {ratios[kmin]:.1f} ({kmin}: {e32[kmin]:.1e} vs "
           f"{e16[kmin]:.1e}); fp32 run loss {e32['loss']:.1e} logits {e32['logits']:.1e} off the bf16 emulation")
+    # (d) the activations really are stored as bf16: the emulation that rounds only matmul operands
+    # (no bf16 storage) is clearly further from our bf16 run than the full emulation is
+    operands_only = RefModel.load(model_dir, torch.float64)
+    operands_only.linear_mm = BF16Matmul.apply
+    eo = compare(ours16, operands_only, batch, c["vocab"])
+    wo, ko = worst(eo)
+    check(f"{name} activations stored as bf16", wo >= 10 * w16,
+          f"ours vs matmul-operands-only emulation: worst {wo:.1e} ({ko}) >= 10x ours vs full emulation {w16:.1e}")
     exact = RefModel.load(model_dir, torch.float64)
     w32, k32 = worst(compare(ours32, exact, batch, c["vocab"]))
     check(f"{name} fp32 unchanged", w32 <= FP32_TOL, f"ref_model --precision fp32 vs float64: max rel {w32:.1e} ({k32})")
@@ -194,6 +268,7 @@ def check_training(tmp):
 def main():
     torch.set_num_threads(2)
     check_rounding_and_torch()
+    check_attention_function()
     rng = np.random.default_rng(99)
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("llama_gqa_untied", "gpt2_tied"):

@@ -149,6 +149,10 @@ class RefModel:
         # the product of the linear layers and the LM head (not attention's): a mixed-precision reference
         # swaps in its own (test_bf16_torch.py)
         self.linear_mm = torch.matmul
+        # bf16 activation storage (test_bf16_torch.py): `saved` rounds the activations shardtune keeps as
+        # bf16 (qkv after RoPE, the MLP's first product h1), `attention` may round its output too
+        self.saved = lambda x: x
+        self.attention = causal_attention
         want = param_shapes(self.c)
         named = {}
         for name, arr in tensors.items():
@@ -195,11 +199,11 @@ class RefModel:
             p = f"h.{l}."
             a = F.layer_norm(h, (C,), P[p + "ln_1.weight"], P[p + "ln_1.bias"], eps)
             qkv = self.linear_mm(a, P[p + "attn.c_attn.weight"]) + P[p + "attn.c_attn.bias"]  # Conv1D: x @ W[in,out]
-            q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(C, dim=-1))
-            y = causal_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+            q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in self.saved(qkv).split(C, dim=-1))
+            y = self.attention(q, k, v).transpose(1, 2).reshape(B, T, C)
             h = h + self.linear_mm(y, P[p + "attn.c_proj.weight"]) + P[p + "attn.c_proj.bias"]
             m = F.layer_norm(h, (C,), P[p + "ln_2.weight"], P[p + "ln_2.bias"], eps)
-            m = gelu_new(self.linear_mm(m, P[p + "mlp.c_fc.weight"]) + P[p + "mlp.c_fc.bias"])
+            m = gelu_new(self.saved(self.linear_mm(m, P[p + "mlp.c_fc.weight"]) + P[p + "mlp.c_fc.bias"]))
             h = h + self.linear_mm(m, P[p + "mlp.c_proj.weight"]) + P[p + "mlp.c_proj.bias"]
         return F.layer_norm(h, (C,), P["ln_f.weight"], P["ln_f.bias"], eps)
 
@@ -220,12 +224,13 @@ class RefModel:
             q = lin(a, p + "self_attn.q_proj", c["qkv_bias"]).view(B, T, H, hd).transpose(1, 2)
             k = lin(a, p + "self_attn.k_proj", c["qkv_bias"]).view(B, T, KVH, hd).transpose(1, 2)
             v = lin(a, p + "self_attn.v_proj", c["qkv_bias"]).view(B, T, KVH, hd).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            y = causal_attention(q, repeat_kv(k, H // KVH), repeat_kv(v, H // KVH))
+            q = self.saved(q * cos + rotate_half(q) * sin)
+            k = self.saved(k * cos + rotate_half(k) * sin)
+            v = self.saved(v)
+            y = self.attention(q, repeat_kv(k, H // KVH), repeat_kv(v, H // KVH))
             h = h + lin(y.transpose(1, 2).reshape(B, T, H * hd), p + "self_attn.o_proj")
             m = rms_norm(h, P[p + "post_attention_layernorm.weight"], eps)
-            m = F.silu(lin(m, p + "mlp.gate_proj")) * lin(m, p + "mlp.up_proj")
+            m = F.silu(self.saved(lin(m, p + "mlp.gate_proj"))) * self.saved(lin(m, p + "mlp.up_proj"))
             h = h + lin(m, p + "mlp.down_proj")
         return rms_norm(h, P["model.norm.weight"], eps)
 

@@ -4,9 +4,13 @@
  *  - matmul_bf16 equals the fp32 matmul of bf16-rounded operands bit for bit (every transpose, alpha/beta,
  *    a shape big enough to run on the OpenMP team), leaves A and B untouched, is close to a double
  *    reference on the rounded operands, and is NOT the plain fp32 matmul (the rounding really happens).
+ *  - matmul_bf16 with operands already stored as bf16 equals the same call on their fp32 values bit for
+ *    bit, and its bias epilogue equals matmul + bias_add; to_bf16 / from_bf16 are the bf16_host.h rule.
  *  - the model in bf16 sends every matmul (forward, LM head, backward) through matmul_bf16, never through
- *    matmul, with a scratch large enough for each call; its loss and gradients are near the fp32 ones
- *    but not equal; bad precisions and backends without matmul_bf16 are refused. */
+ *    matmul, with a scratch large enough for each call, and never reads an fp32 weight or a saved fp32
+ *    activation as an operand (weights come from the bf16 copy); its saved activations take less memory;
+ *    its loss and gradients are near the fp32 ones but not equal; after an optimizer step the bf16 copy
+ *    follows the new weights; bad precisions and backends without the bf16 entries are refused. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -124,12 +128,57 @@ static void test_matmul_bf16(void **state) {
     assert_true(st_matmul_bf16_scratch_floats(3, 5, 7) >= 3 * 7 + 7 * 5);
 }
 
+/* ---- bf16 operands, the bias epilogue and the storage conversions ---- */
+
+static void test_bf16_operands_and_bias(void **state) {
+    (void)state;
+    const st_backend *be = st_backend_cpu(2);
+    int m = 45, n = 70, k = 33;
+    float *a = frand((size_t)m * k, 2.0), *b = frand((size_t)k * n, 0.5), *bias = frand((size_t)n, 1.0);
+    uint16_t *ah = malloc((size_t)m * k * 2), *bh = malloc((size_t)k * n * 2);
+    be->to_bf16(ah, a, (size_t)m * k);
+    be->to_bf16(bh, b, (size_t)k * n);
+    for (size_t i = 0; i < (size_t)m * k; i++)
+        if (ah[i] != st_float_to_bf16_bits(a[i])) fail_msg("to_bf16 differs from bf16_host.h at %zu", i);
+    float *back = malloc((size_t)m * k * 4);
+    be->from_bf16(back, ah, (size_t)m * k);
+    for (size_t i = 0; i < (size_t)m * k; i++)
+        if (back[i] != st_bf16_round(a[i])) fail_msg("from_bf16(to_bf16(x)) != bf16(x) at %zu", i);
+    size_t nc = (size_t)m * n;
+    float *scratch = malloc(st_matmul_bf16_scratch_floats(m, n, k) * 4);
+    float *c0 = frand(nc, 1.0), *want = malloc(nc * 4), *got = malloc(nc * 4);
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) /* the same data read as op(A), op(B) in every layout */
+            for (int mode = 1; mode < 4; mode++) { /* bit 0: A as bf16, bit 1: B as bf16 */
+                memcpy(want, c0, nc * 4);
+                be->matmul_bf16(want, st_mm_f32(a), st_mm_f32(b), NULL, m, n, k, ta, tb, 1.0f, 0.5f, scratch);
+                memcpy(got, c0, nc * 4);
+                be->matmul_bf16(got, mode & 1 ? st_mm_bf16(ah) : st_mm_f32(a), mode & 2 ? st_mm_bf16(bh) : st_mm_f32(b),
+                                NULL, m, n, k, ta, tb, 1.0f, 0.5f, scratch);
+                if (memcmp(got, want, nc * 4)) fail_msg("bf16 operands (mode %d, ta=%d tb=%d) change the result", mode, ta, tb);
+            }
+    /* the epilogue: C = A B + beta C + bias, the same as the product followed by bias_add */
+    memcpy(want, c0, nc * 4);
+    be->matmul_bf16(want, st_mm_bf16(ah), st_mm_f32(b), NULL, m, n, k, 0, 0, 1.0f, 1.0f, scratch);
+    be->bias_add(want, bias, m, n);
+    memcpy(got, c0, nc * 4);
+    be->matmul_bf16(got, st_mm_bf16(ah), st_mm_f32(b), bias, m, n, k, 0, 0, 1.0f, 1.0f, scratch);
+    assert_memory_equal(got, want, nc * 4);
+    free(a), free(b), free(bias), free(ah), free(bh), free(back), free(scratch), free(c0), free(want), free(got);
+}
+
 /* ---- the model in bf16: a spy backend sees every matmul ---- */
 
 static st_backend spy;
 static const st_backend *cpu;
 static const st_model *spied_model;
-static int fp32_calls, bf16_calls, scratch_too_small;
+static int fp32_calls, bf16_calls, scratch_too_small, fp32_weight_reads;
+
+/* Does this fp32 operand point into the model's fp32 weights? (Under bf16 they must come from the copy.) */
+static int is_fp32_weight(st_mm_in x) {
+    const st_model *m = spied_model;
+    return x.f32 && x.f32 >= m->weights && x.f32 < m->weights + m->n_weights;
+}
 
 static void spy_matmul(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb, float alpha,
                        float beta) {
@@ -142,6 +191,7 @@ static void spy_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias,
     bf16_calls++;
     if (scratch != spied_model->mm_scratch || st_matmul_bf16_scratch_floats(m, n, k) > spied_model->mm_scratch_floats)
         scratch_too_small++;
+    if (is_fp32_weight(a) || is_fp32_weight(b)) fp32_weight_reads++;
     cpu->matmul_bf16(c, a, b, bias, m, n, k, ta, tb, alpha, beta, scratch);
 }
 
@@ -188,11 +238,18 @@ static void check_model(st_family family, int tied) {
     assert_int_equal(st_model_set_precision(&m, ST_PRECISION_BF16), 0);
     assert_non_null(m.mm_scratch);
     assert_true(m.mm_scratch_floats == st_model_bf16_scratch_floats(&m.cfg, 2, 12));
-    fp32_calls = bf16_calls = 0;
+    assert_non_null(m.weights_bf16);
+    fp32_calls = bf16_calls = fp32_weight_reads = 0;
     double l16 = run_step(&m, g16);
     if (fp32_calls != 0) fail_msg("bf16 model still ran %d fp32 matmuls", fp32_calls);
     assert_true(bf16_calls > 0);
     assert_int_equal(scratch_too_small, 0);
+    if (fp32_weight_reads) fail_msg("%d bf16 matmuls read fp32 weights instead of the bf16 copy", fp32_weight_reads);
+    /* the saved activations take less memory (six of the per-layer tensors are half size) */
+    size_t a32 = st_model_activation_floats(&m.cfg, 2, 12, ST_PRECISION_FP32);
+    size_t a16 = st_model_activation_floats(&m.cfg, 2, 12, ST_PRECISION_BF16) - st_model_bf16_scratch_floats(&m.cfg, 2, 12);
+    printf("  activations: fp32 %zu floats, bf16 %zu floats (+ matmul scratch)\n", a32, a16);
+    assert_true(m.act_floats < a32);
     /* re-allocating activations keeps bf16 and re-sizes the scratch */
     assert_int_equal(st_model_alloc_activations(&m, 1, 16), 0);
     assert_true(m.mm_scratch_floats == st_model_bf16_scratch_floats(&m.cfg, 1, 16));
@@ -214,6 +271,31 @@ static void check_model(st_family family, int tied) {
     assert_memory_equal(g16, g32, m.n_grads * 4);
     free(g32), free(g16);
     st_model_free(&m);
+}
+
+/* After an optimizer-style write of the weights (st_model_weights_changed), the next forward reads the new
+ * values: the loss equals that of a model built fresh with those weights; without the call it would not. */
+static void test_bf16_copy_follows_weights(void **state) {
+    (void)state;
+    cpu = st_backend_cpu(2);
+    st_model m, fresh;
+    build(&m, ST_FAMILY_LLAMA, 0, cpu);
+    build(&fresh, ST_FAMILY_LLAMA, 0, cpu);
+    assert_int_equal(st_model_set_precision(&m, ST_PRECISION_BF16), 0);
+    assert_int_equal(st_model_set_precision(&fresh, ST_PRECISION_BF16), 0);
+    float *g = malloc(m.n_grads * 4);
+    double before = run_step(&m, g);
+    for (size_t i = 0; i < m.n_weights; i++) m.weights[i] *= 1.5f; /* a big change: the loss must move */
+    st_model_weights_changed(&m);
+    double after = run_step(&m, g);
+    memcpy(fresh.weights, m.weights, m.n_weights * 4);
+    st_model_weights_changed(&fresh);
+    double want = run_step(&fresh, g);
+    printf("  loss before %.7f, after the write %.7f, fresh model %.7f\n", before, after, want);
+    assert_true(after == want && after != before);
+    free(g);
+    st_model_free(&m);
+    st_model_free(&fresh);
 }
 
 static void test_model_bf16(void **state) {
@@ -241,6 +323,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rounding),
         cmocka_unit_test(test_matmul_bf16),
+        cmocka_unit_test(test_bf16_operands_and_bias),
+        cmocka_unit_test(test_bf16_copy_follows_weights),
         cmocka_unit_test(test_model_bf16),
         cmocka_unit_test(test_model_refusals),
     };

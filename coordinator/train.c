@@ -59,10 +59,11 @@ static int setup_backend(trainer *t) {
     const st_config *c = t->cfg;
     int threads = c->threads > 0 ? c->threads : st_num_threads();
     if (c->backend == ST_BACKEND_CUDA || c->backend == ST_BACKEND_AUTO) {
-        /* under mpirun inside an allocation every rank inherits mpirun's SLURM_LOCALID: OMPI's wins */
-        const char *local = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-        if (!local) local = getenv("SLURM_LOCALID");
-        t->be = st_backend_cuda(local ? atoi(local) : 0);
+        /* the node-local rank from MPI itself: launcher variables disagree under mpirun inside srun */
+        int local = 0, local_size = 1;
+        int rc = st_comm_node_rank(t->comm, &local, &local_size);
+        if (rc) return rc;
+        t->be = st_backend_cuda_for_rank(local, local_size);
         if (t->be) return 0;
         if (c->backend == ST_BACKEND_CUDA) return st_fail(ST_EDEVICE, "backend: cuda requested but %s", st_error());
         if (t->rank == 0) printf("backend: auto -> cpu (%s)\n", st_error());

@@ -30,4 +30,9 @@ const st_backend *st_backend_cuda(int device) {
     st_fail(ST_EDEVICE, "this shardtune was built without CUDA (configure with -DSHARDTUNE_CUDA=ON)");
     return NULL;
 }
+const st_backend *st_backend_cuda_for_rank(int local_rank, int local_size) {
+    (void)local_rank;
+    (void)local_size;
+    return st_backend_cuda(0);
+}
 #endif

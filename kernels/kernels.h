@@ -158,5 +158,8 @@ const st_backend *st_backend_cpu(int threads);
 
 /* The CUDA backend, or NULL (with st_error() saying why) when not built or no usable device. */
 const st_backend *st_backend_cuda(int device);
+/* The CUDA backend on the device for rank `local_rank` of the `local_size` ranks on this node
+ * (st_cuda_pick_device in kernels/cuda/launch_host.h has the rule), or NULL with st_error() set. */
+const st_backend *st_backend_cuda_for_rank(int local_rank, int local_size);
 
 #endif

@@ -65,6 +65,16 @@ static int coll_allgather(st_comm *c, float *flat) {
                      "parameter all-gather", c->rank);
 }
 
+int st_comm_node_rank(MPI_Comm comm, int *local_rank, int *local_size) {
+    MPI_Comm node;
+    if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) != MPI_SUCCESS)
+        return st_fail(ST_ECOMM, "MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) failed: cannot tell the ranks per node");
+    MPI_Comm_rank(node, local_rank);
+    MPI_Comm_size(node, local_size);
+    MPI_Comm_free(&node);
+    return 0;
+}
+
 int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
     memset(c, 0, sizeof *c);
     c->comm = comm;

@@ -39,6 +39,10 @@ typedef struct {
     double overlap_seconds; /* time spent launching/progressing buckets during backward */
 } st_comm;
 
+/* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own
+ * grouping by host, whatever launched them) and their number. Collective over `comm`. */
+int st_comm_node_rank(MPI_Comm comm, int *local_rank, int *local_size);
+
 /* `m` must already have its trainable set (grad_align = world size). */
 int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m);
 void st_comm_free(st_comm *c);

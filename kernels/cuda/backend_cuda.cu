@@ -420,6 +420,18 @@ static int init_state(int device) {
     return 0;
 }
 
+extern "C" const st_backend *st_backend_cuda_for_rank(int local_rank, int local_size) {
+    int count = 0, device = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        st_fail(ST_EDEVICE, "no CUDA device/driver: %s", cudaGetErrorString(e));
+        return NULL;
+    }
+    if (st_cuda_pick_device(local_rank, local_size, count, &device) != 0) return NULL;
+    return st_backend_cuda(device);
+}
+
 extern "C" const st_backend *st_backend_cuda(int device) {
     if (g.ready) {
         if (device == g.device) return &cuda_backend;

@@ -80,3 +80,18 @@ int st_cuda_mt_launches(int count) {
     if (count <= 0) return 0;
     return (int)ceil_div((size_t)count, ST_CUDA_MT_MAX_TENSORS);
 }
+
+int st_cuda_pick_device(int local_rank, int local_size, int visible, int *device) {
+    if (local_rank < 0 || local_size < 1 || local_rank >= local_size)
+        return st_fail(ST_EINVAL, "node-local rank %d of %d is not a valid placement", local_rank, local_size);
+    if (visible < 1) return st_fail(ST_EDEVICE, "no CUDA device visible to node-local rank %d", local_rank);
+    if (visible == 1) {
+        *device = 0;
+        return 0;
+    }
+    if (local_size > visible)
+        return st_fail(ST_EDEVICE, "%d ranks on this node but only %d CUDA devices visible: run at most %d "
+                                   "ranks per node (one GPU per rank)", local_size, visible, visible);
+    *device = local_rank;
+    return 0;
+}

@@ -55,6 +55,13 @@ size_t st_cuda_xent_scratch_bytes(int n);
 /* Launches (groups of at most ST_CUDA_MT_MAX_TENSORS) the multi-tensor AdamW needs for `count` tensors. */
 int st_cuda_mt_launches(int count);
 
+/* The device a rank uses: it is rank `local_rank` of the `local_size` ranks on its node and sees
+ * `visible` devices. One visible device (the launcher bound one GPU per task, e.g. srun --gpus-per-task=1
+ * or CUDA_VISIBLE_DEVICES per rank): device 0. Otherwise the node's ranks take devices 0..local_size-1,
+ * one each, because NCCL refuses two ranks on one GPU: more ranks than devices is ST_EDEVICE with a line
+ * saying so. Returns 0 and sets *device, or ST_EDEVICE / ST_EINVAL with st_error() set. */
+int st_cuda_pick_device(int local_rank, int local_size, int visible, int *device);
+
 #ifdef __cplusplus
 }
 #endif

@@ -222,6 +222,26 @@ static void test_bf16_rounding(void **state) {
 
 /* ---------------------------------------------------------------- device lookup */
 
+/* Which GPU each node-local rank takes: one visible device -> 0; else one device per rank, and a clear
+ * refusal when the node has more ranks than devices (NCCL would reject two ranks on one GPU). */
+static void test_pick_device(void **state) {
+    (void)state;
+    int d = -1;
+    for (int r = 0; r < 4; r++) { /* 4 ranks, 4 or 8 devices: rank r on device r, all distinct */
+        assert_int_equal(st_cuda_pick_device(r, 4, 4, &d), 0);
+        assert_int_equal(d, r);
+        assert_int_equal(st_cuda_pick_device(r, 4, 8, &d), 0);
+        assert_int_equal(d, r);
+        assert_int_equal(st_cuda_pick_device(r, 4, 1, &d), 0); /* bound by the launcher */
+        assert_int_equal(d, 0);
+    }
+    assert_int_equal(st_cuda_pick_device(2, 3, 2, &d), ST_EDEVICE);
+    assert_non_null(strstr(st_error(), "3 ranks on this node but only 2 CUDA devices"));
+    assert_int_equal(st_cuda_pick_device(0, 1, 0, &d), ST_EDEVICE);
+    assert_int_equal(st_cuda_pick_device(3, 3, 4, &d), ST_EINVAL);
+    assert_int_equal(st_cuda_pick_device(-1, 3, 4, &d), ST_EINVAL);
+}
+
 static void test_backend_cuda_without_device(void **state) {
     (void)state;
     st_fail(0, "%s", "");
@@ -249,6 +269,7 @@ int main(void) {
         cmocka_unit_test(test_colsum_partials_cover_and_fit),
         cmocka_unit_test(test_attention_limits),
         cmocka_unit_test(test_bf16_rounding),
+        cmocka_unit_test(test_pick_device),
         cmocka_unit_test(test_backend_cuda_without_device),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

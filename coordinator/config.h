@@ -95,7 +95,7 @@ typedef struct {
 
     struct {
         int stage;
-        int overlap;      /* reduce gradients in buckets while backward runs (stages 0-1) */
+        int overlap;      /* reduce gradients in buckets while backward runs (all ZeRO stages) */
         double bucket_mb; /* bucket size for the overlapped reduction */
     } sharding;
 

@@ -111,31 +111,71 @@ void st_comm_free(st_comm *c) {
         c->be->free(c->flat_params);
     }
     free(c->reqs);
+    free(c->req_counts);
     c->shard_grads = c->flat_params = NULL;
     c->reqs = NULL;
+    c->req_counts = NULL;
     c->n_reqs = c->cap_reqs = 0;
 }
 
-/* ---- overlapped, bucketed all-reduce ----
+/* ---- overlapped, bucketed reduction (all-reduce for stages 0-1, reduce-scatter for stage 2) ----
  * One host-side code path decides the buckets for both transports (on_grad_ready / launch_bucket);
- * only the last step differs: MPI starts an MPI_Iallreduce per bucket and waits for all at the end;
- * NCCL enqueues the bucket's all-reduce on the communication stream behind an event recorded on the
- * compute stream (st_nccl_all_reduce_sum orders itself after the backward kernels queued so far, so
- * it reads final gradients while later layers' backward keeps running), and at the end the compute
- * stream waits for the comm stream before the optimizer reads the gradients. */
+ * only the last step differs: MPI starts a non-blocking collective per bucket and waits for all at the
+ * end; NCCL enqueues the bucket's collective on the communication stream behind an event recorded on
+ * the compute stream (it orders itself after the backward kernels queued so far, so it reads final
+ * gradients while later layers' backward keeps running), and at the end the compute stream waits for
+ * the comm stream before the optimizer reads the gradients.
+ * Stage 2: shards are contiguous ranges of the gradient space, so a bucket [a, a + n) splits into
+ * consecutive parts owned by consecutive ranks; each part is summed into its owner's shard_grads (a
+ * reduce-scatter with per-rank counts: MPI_Ireduce_scatter, or one grouped ncclReduce per part). */
+
+/* parts[r] = how much of [a, a + n) lies in rank r's shard. */
+static void bucket_parts(const st_comm *c, size_t a, size_t n, size_t *parts) {
+    for (int r = 0; r < c->world; r++) {
+        size_t lo = c->shard * (size_t)r, hi = lo + c->shard;
+        size_t s = a > lo ? a : lo, e = a + n < hi ? a + n : hi;
+        parts[r] = e > s ? e - s : 0;
+    }
+}
+
+/* Where this rank's part of the bucket [a, ...) lands in its shard_grads. */
+static float *shard_dest(const st_comm *c, size_t a) { return c->shard_grads + (a > c->lo ? a - c->lo : 0); }
+
+static int reserve_request(st_comm *c) {
+    if (c->n_reqs < c->cap_reqs) return 0;
+    int nc = c->cap_reqs ? 2 * c->cap_reqs : 16;
+    MPI_Request *nr = realloc(c->reqs, (size_t)nc * sizeof *nr);
+    if (nr) c->reqs = nr;
+    int **np = nr ? realloc(c->req_counts, (size_t)nc * sizeof *np) : NULL;
+    if (!nr || !np) return st_fail(ST_ENOMEM, "rank %d: out of memory for bucket requests", c->rank);
+    c->req_counts = np;
+    c->cap_reqs = nc;
+    return 0;
+}
+
+/* MPI_Ireduce_scatter of one stage-2 bucket; its counts array lives until the request completes. */
+static int mpi_bucket_reduce_scatter(st_comm *c, float *grads, size_t lo, const size_t *parts) {
+    int *counts = malloc((size_t)c->world * sizeof *counts);
+    if (!counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for bucket counts", c->rank);
+    for (int r = 0; r < c->world; r++) counts[r] = (int)parts[r];
+    c->req_counts[c->n_reqs] = counts;
+    return mpi_check(MPI_Ireduce_scatter(grads + lo, shard_dest(c, lo), counts, MPI_FLOAT, MPI_SUM, c->comm,
+                                         &c->reqs[c->n_reqs++]),
+                     "bucketed gradient reduce-scatter", c->rank);
+}
 
 /* Starts the reduction of grads[lo, lo + n) on this job's transport. */
 static int bucket_reduce_start(st_comm *c, float *grads, size_t lo, size_t n) {
+    size_t parts[c->world > 0 ? c->world : 1];
+    if (c->stage == 2) bucket_parts(c, lo, n, parts);
 #ifdef ST_HAVE_CUDA
+    if (c->nccl && c->stage == 2) return st_nccl_reduce_parts_sum(c->nccl, shard_dest(c, lo), grads + lo, parts);
     if (c->nccl) return st_nccl_all_reduce_sum(c->nccl, grads + lo, n);
 #endif
-    if (c->n_reqs == c->cap_reqs) {
-        int nc = c->cap_reqs ? 2 * c->cap_reqs : 16;
-        MPI_Request *nr = realloc(c->reqs, (size_t)nc * sizeof *nr);
-        if (!nr) return st_fail(ST_ENOMEM, "rank %d: out of memory for bucket requests", c->rank);
-        c->reqs = nr;
-        c->cap_reqs = nc;
-    }
+    int rc = reserve_request(c);
+    if (rc) return rc;
+    if (c->stage == 2) return mpi_bucket_reduce_scatter(c, grads, lo, parts);
+    c->req_counts[c->n_reqs] = NULL;
     return mpi_check(MPI_Iallreduce(MPI_IN_PLACE, grads + lo, (int)n, MPI_FLOAT, MPI_SUM, c->comm,
                                     &c->reqs[c->n_reqs++]),
                      "bucketed gradient all-reduce", c->rank);
@@ -165,7 +205,7 @@ static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
 
 void st_comm_overlap_begin(st_comm *c, st_model *m) {
     c->overlapping = 0;
-    if (c->world == 1 || c->stage > 1 || c->n == 0) return;
+    if (c->world == 1 || c->n == 0) return;
     if (!c->bucket_bytes) c->bucket_bytes = 4u << 20;
     c->overlapping = 1;
     c->pend_lo = c->pend_hi = 0;
@@ -197,6 +237,7 @@ static int overlap_finish(st_comm *c, st_model *m) {
     m->grad_ready_ctx = NULL;
     c->overlapping = 0;
     int rc = MPI_Waitall(c->n_reqs, c->reqs, MPI_STATUSES_IGNORE);
+    for (int i = 0; i < c->n_reqs; i++) free(c->req_counts[i]);
     c->n_reqs = 0;
     int frc = coll_finish(c);
     if (c->overlap_rc) return c->overlap_rc;

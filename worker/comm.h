@@ -24,16 +24,17 @@ typedef struct {
     float *shard_grads;     /* stage 2: reduced gradients of the shard [shard] */
     float *flat_params;     /* stages 1-2: compact parameter staging [n_pad] */
     double comm_seconds;    /* time the step waited on gradient/parameter collectives (exposed time) */
-    /* Overlap of the gradient all-reduce with backward (stages 0-1): ranges reported by the model's
-     * grad_ready hook are merged into buckets of >= bucket_bytes (one host-side bucketing for both
-     * transports) and reduced with MPI_Iallreduce, or with NCCL on the comm stream ordered after the
-     * compute stream by an event (device backends). */
+    /* Overlap of the gradient reduction with backward: ranges reported by the model's grad_ready hook are
+     * merged into buckets of >= bucket_bytes (one host-side bucketing for both transports) and reduced
+     * — all-reduce for stages 0-1, reduce-scatter into the owners' shards for stage 2 — with non-blocking
+     * MPI, or with NCCL on the comm stream ordered after the compute stream by an event. */
     size_t bucket_bytes;
     int overlapping;        /* a bucketed reduction is in flight for this step */
     size_t pend_lo, pend_hi; /* the bucket being filled (ranges arrive top-down) */
     size_t covered;         /* elements handed to MPI so far this step */
     float *overlap_grads;   /* the model's gradient buffer while overlapping */
     MPI_Request *reqs;
+    int **req_counts;       /* per request: the per-rank counts of a stage-2 bucket (MPI keeps reading them) */
     int n_reqs, cap_reqs;
     int overlap_rc;         /* first failure starting a bucket (the hook cannot return it) */
     double overlap_seconds; /* time spent launching/progressing buckets during backward */
@@ -50,8 +51,8 @@ void st_comm_free(st_comm *c);
 /* The optimizer's range: [lo, hi) for stages 1-2, [0, n_pad) for stage 0. */
 void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi);
 
-/* Arms overlap for the next backward (stages 0-1 with world > 1; a no-op otherwise): installs the
- * model's grad_ready hook. Call before the last micro-batch's st_model_backward. */
+/* Arms overlap for the next backward (world > 1; a no-op otherwise): installs the model's grad_ready
+ * hook. Call before the last micro-batch's st_model_backward. */
 void st_comm_overlap_begin(st_comm *c, st_model *m);
 
 /* Sums gradients across ranks (finishing an armed overlap: flush, wait, uninstall the hook). Returns the pointer the optimizer reads (element 0 = its range start). */

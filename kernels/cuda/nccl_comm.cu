@@ -93,6 +93,23 @@ extern "C" int st_nccl_reduce_scatter_sum(st_nccl_comm *c, float *recv, const fl
                   ncclReduceScatter(send, recv, recv_n, ncclFloat32, ncclSum, c->comm, c->comm_stream));
 }
 
+extern "C" int st_nccl_reduce_parts_sum(st_nccl_comm *c, float *recv, const float *send, const size_t *parts) {
+    if (!c) return st_fail(ST_EINVAL, "NCCL reduce_parts: no communicator");
+    int rc = order_after_compute(c, "reduce_parts");
+    if (rc) return rc;
+    ncclResult_t r = ncclGroupStart();
+    size_t off = 0;
+    for (int root = 0; root < c->world && r == ncclSuccess; root++) {
+        if (parts[root] == 0) continue;
+        /* only the root's receive buffer is written; others pass a valid device pointer all the same */
+        float *dst = root == c->rank ? recv : (float *)(send + off);
+        r = ncclReduce(send + off, dst, parts[root], ncclFloat32, ncclSum, root, c->comm, c->comm_stream);
+        off += parts[root];
+    }
+    ncclResult_t g = ncclGroupEnd();
+    return finish(c, "reduce_parts", r != ncclSuccess ? r : g);
+}
+
 extern "C" int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
     if (!c) return st_fail(ST_EINVAL, "NCCL all_gather: no communicator");
     if (send_n == 0) return 0;

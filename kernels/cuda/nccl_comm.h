@@ -32,6 +32,10 @@ int st_nccl_init(st_nccl_comm **out, int rank, int world, const unsigned char id
 int st_nccl_all_reduce_sum(st_nccl_comm *comm, float *buf, size_t n);
 /* recv[0..recv_n) = sum over ranks of send[rank * recv_n ..); send has world * recv_n floats. */
 int st_nccl_reduce_scatter_sum(st_nccl_comm *comm, float *recv, const float *send, size_t recv_n);
+/* A reduce-scatter with uneven parts: send[0..sum(parts)) is summed over ranks and rank r receives the
+ * r-th consecutive part (parts[r] floats, world entries) in its recv. Grouped ncclReduce calls, one per
+ * non-empty part (NCCL's ReduceScatter needs equal parts). */
+int st_nccl_reduce_parts_sum(st_nccl_comm *comm, float *recv, const float *send, const size_t *parts);
 /* recv[r * send_n ..) = send of rank r; recv has world * send_n floats (send may alias its slot). */
 int st_nccl_all_gather(st_nccl_comm *comm, float *recv, const float *send, size_t send_n);
 

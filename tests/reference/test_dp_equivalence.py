@@ -30,6 +30,11 @@ LR = 3.0e-3  # train.lr of dp_common.write_job
 # (ranks, micro_batch, grad_accum, zero stage): always 12 sequences per step
 SPLITS = [(1, 12, 1, 0), (1, 4, 3, 1), (2, 6, 1, 1), (2, 2, 3, 2), (3, 4, 1, 2), (4, 3, 1, 0), (4, 1, 3, 2)]
 SHORT = [(1, 12, 1, 0), (2, 3, 2, 2), (3, 2, 2, 1), (4, 3, 1, 0)]
+# small buckets (~20 KB): the overlapped reduction runs in many buckets that straddle the ZeRO shard
+# boundaries (stage 2 reduce-scatters each bucket into its owners' shards), and without overlap
+SMALL_BUCKETS = "sharding.bucket_mb=0.02"
+BUCKETS = [(2, 6, 1, 0, SMALL_BUCKETS), (3, 4, 1, 1, SMALL_BUCKETS), (3, 4, 1, 2, SMALL_BUCKETS),
+           (4, 1, 3, 2, SMALL_BUCKETS), (3, 4, 1, 2, "sharding.overlap=false")]
 
 
 def llama_kind(name):
@@ -72,10 +77,11 @@ def run_case(root, name, model, tasks, extra, steps, splits, expect_stage, train
     os.makedirs(base)
     job = dp.write_job(os.path.join(base, "job.yaml"), model, os.path.join(base, "run"), tasks, extra)
     ref, ref_w = None, None
-    for (n, mb, acc, zero) in splits:
-        rd = os.path.join(base, f"r{n}x{mb}x{acc}z{zero}")
+    for split in splits:
+        (n, mb, acc, zero), more = split[:4], list(split[4:])  # optional: more overrides
+        rd = os.path.join(base, f"r{n}x{mb}x{acc}z{zero}" + ("-" + "-".join(more) if more else ""))
         dp.train(job, n, [f"run_dir={rd}", f"train.steps={steps}", f"train.micro_batch={mb}",
-                          f"train.grad_accum={acc}", f"sharding.stage={zero}"])
+                          f"train.grad_accum={acc}", f"sharding.stage={zero}"] + more)
         rows = dp.losses(rd)
         assert len(rows) == steps, f"{name} {rd}: {len(rows)} metrics rows, want {steps}"
         got = [r["loss"] for r in rows]
@@ -104,8 +110,8 @@ def run_case(root, name, model, tasks, extra, steps, splits, expect_stage, train
         # AdamW divides by sqrt(v) per element: float32 noise in a near-zero gradient can move that weight
         # by a fraction of lr, so the weight check is loose (lr / 10); the losses are the tight check.
         assert wdiff <= 0.1 * LR, f"{name} ranks={n} zero={zero}: final weights differ by {wdiff:.3g}"
-        print(f"  {name:14s} {n} rank(s) x micro {mb:2d} x accum {acc} ZeRO-{zero}: max rel loss diff {worst:.2e}, "
-              f"max weight diff {wdiff:.2e}")
+        print(f"  {name:14s} {n} rank(s) x micro {mb:2d} x accum {acc} ZeRO-{zero} {' '.join(more)}: max rel loss "
+              f"diff {worst:.2e}, max weight diff {wdiff:.2e}")
     return base, job, ref
 
 
@@ -123,7 +129,7 @@ def main():
         ALL = {"attn", "mlp", "norm", "embed", "head"}
         s0 = lambda s: 0  # noqa: E731
 
-        run_case(root, "full", ll2, one, "finetune: { mode: full }\n", 8, SPLITS, s0,
+        run_case(root, "full", ll2, one, "finetune: { mode: full }\n", 8, SPLITS + BUCKETS, s0,
                  [({0, 1}, ALL)], llama_kind, False)
         run_case(root, "frozen", ll2, one,
                  'finetune: { mode: frozen, train_layers: "-1", train_modules: [attn, norm] }\n', 8, SPLITS, s0,

@@ -266,6 +266,8 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
+    const char *check = getenv("SHARDTUNE_CHECK_BF16_COPY");
+    t->check_bf16_copy = check && !strcmp(check, "1");
     if (!rc) rc = st_trainer_agree(t, load_data(t));
     if (!rc) rc = share_plan(t);
     if (!rc) rc = st_trainer_agree(t, alloc_step_buffers(t));

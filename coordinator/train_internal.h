@@ -29,6 +29,7 @@ typedef struct {
     MPI_Comm comm;
     int rank, world;
     int print_error;
+    int check_bf16_copy; /* SHARDTUNE_CHECK_BF16_COPY=1: verify the bf16 weight copy after every step */
     const st_backend *be;
     st_model model;
     st_dataset *datasets;

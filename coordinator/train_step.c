@@ -95,6 +95,7 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     st_optim_update(&t->optim, m, g, r->lr, st_clip_scale(norm, (float)t->cfg->train.grad_clip));
     st_trainer_phase(t, ST_PHASE_COMM);
     rc = st_comm_gather_params(&t->dp, m);
+    if (!rc && t->check_bf16_copy) rc = st_model_check_bf16_copy(m);
     if (rc) return rc;
     t->task_sums[3 * t->n_tasks] = loss;
     MPI_Allreduce(MPI_IN_PLACE, t->task_sums, 3 * t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);

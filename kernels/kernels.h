@@ -21,6 +21,19 @@
 
 typedef struct st_backend st_backend;
 
+/* One tensor range of a multi-tensor AdamW step (adamw_multi): fp32 master weights with their gradient
+ * and moments, the range's own lr, weight decay and step count (layer-wise lr, no-decay sets, parameters
+ * that started training later), and optionally the bf16 copy to refresh (NULL: none). */
+typedef struct {
+    float *param;
+    const float *grad;
+    float *m, *v;
+    uint16_t *param_bf16;
+    size_t n;
+    float lr, weight_decay;
+    int step;
+} st_adamw_range;
+
 /* One operand of matmul_bf16: fp32 values (rounded to bf16 by the kernel) or values already stored as
  * bf16 (raw bit patterns: the upper 16 bits of the fp32 value). Exactly one pointer is non-NULL. */
 typedef struct {
@@ -132,6 +145,13 @@ struct st_backend {
      * out[i] = ST_NF4_LEVELS[code_i] * absmax[i / block]. */
     void (*dequant_int8)(float *out, const int8_t *q, const float *scale, size_t n, int block);
     void (*dequant_nf4)(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
+
+    /* ---- multi-tensor AdamW (kept last: the CUDA table is initialized positionally) ----
+     * For each range: exactly `adamw` on it, then param_bf16[i] = bf16(param[i]) when param_bf16 is not
+     * NULL (the mixed-precision weight copy, written in the same pass). One call per optimizer step, so
+     * a GPU runs a few launches instead of one per tensor. */
+    void (*adamw_multi)(const st_adamw_range *ranges, int count, float beta1, float beta2, float eps,
+                        float grad_scale);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

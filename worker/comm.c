@@ -289,11 +289,19 @@ double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grad
 
 typedef struct { const st_model *m; float *flat; int to_flat; } pack_ctx;
 
+/* Copies one parameter range between the weights and the flat staging buffer; unpacking also refreshes
+ * that range of the bf16 weight copy (mixed precision), so the next forward needs no repack. */
 static void pack_range(void *vctx, const st_param *p, size_t start, size_t len) {
     pack_ctx *k = vctx;
-    float *w = k->m->weights + p->offset + (start - (size_t)p->grad_offset);
-    if (k->to_flat) k->m->be->copy(k->flat + start, w, len * sizeof(float));
-    else k->m->be->copy(w, k->flat + start, len * sizeof(float));
+    const st_model *m = k->m;
+    size_t off = p->offset + (start - (size_t)p->grad_offset);
+    float *w = m->weights + off;
+    if (k->to_flat) {
+        m->be->copy(k->flat + start, w, len * sizeof(float));
+        return;
+    }
+    m->be->copy(w, k->flat + start, len * sizeof(float));
+    if (m->weights_bf16) m->be->to_bf16(m->weights_bf16 + off, w, len);
 }
 
 int st_comm_gather_params(st_comm *c, st_model *m) {
@@ -306,7 +314,6 @@ int st_comm_gather_params(st_comm *c, st_model *m) {
     if (rc) return rc;
     k.to_flat = 0;
     st_for_each_param_range(m, 0, c->n_pad, pack_range, &k);
-    st_model_weights_changed(m);
     c->comm_seconds += st_now() - t0;
     return 0;
 }

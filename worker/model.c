@@ -19,6 +19,7 @@
 #include "common/error.h"
 #include "common/rng.h"
 #include "common/util.h"
+#include "kernels/cuda/bf16_host.h"
 
 /* ---------------- registry ---------------- */
 
@@ -479,6 +480,29 @@ int st_model_set_precision(st_model *m, st_precision precision) {
 }
 
 void st_model_weights_changed(st_model *m) { m->weights_bf16_stale = 1; }
+
+int st_model_check_bf16_copy(const st_model *m) {
+    if (!m->weights_bf16 || m->weights_bf16_stale) return 0;
+    float *w = malloc(m->n_weights * sizeof(float));
+    uint16_t *copy = malloc(m->n_weights * sizeof(uint16_t)), *want = malloc(m->n_weights * sizeof(uint16_t));
+    int rc = 0;
+    if (!w || !copy || !want) {
+        rc = st_fail(ST_ENOMEM, "out of memory checking the bf16 weight copy");
+    } else {
+        m->be->copy_to_host(w, m->weights, m->n_weights * sizeof(float));
+        m->be->copy_to_host(copy, m->weights_bf16, m->n_weights * sizeof(uint16_t));
+        for (size_t i = 0; i < m->n_weights; i++) want[i] = st_float_to_bf16_bits(w[i]);
+        for (int i = 0; i < m->n_params && !rc; i++) {
+            const st_param *p = &m->params[i];
+            if (memcmp(copy + p->offset, want + p->offset, p->numel * sizeof(uint16_t)))
+                rc = st_fail(ST_ECORRUPT, "bf16 weight copy of %s is out of date with its fp32 weights", p->name);
+        }
+    }
+    free(w);
+    free(copy);
+    free(want);
+    return rc;
+}
 
 int st_model_alloc_activations(st_model *m, int B, int T) {
     if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);

@@ -120,6 +120,11 @@ int st_model_set_precision(st_model *m, st_precision precision);
  * bf16 copy is refreshed before the next forward. Every writer of m->weights calls it. */
 void st_model_weights_changed(st_model *m);
 
+/* Self-check of the mixed-precision bookkeeping: when the bf16 copy is marked current, it must equal the
+ * fp32 weights rounded to bf16, element for element. Returns 0, or ST_ECORRUPT naming the first tensor
+ * that differs (the trainer runs it every step when SHARDTUNE_CHECK_BF16_COPY=1; tests set it). */
+int st_model_check_bf16_copy(const st_model *m);
+
 /* Floats of matmul_bf16 scratch the model needs for micro-batches of B x T (the largest matmul). */
 size_t st_model_bf16_scratch_floats(const st_model_config *cfg, int B, int T);
 

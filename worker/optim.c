@@ -14,7 +14,8 @@ int st_optim_init(st_optim *o, const st_optim_config *cfg, size_t lo, size_t hi,
     o->lo = lo;
     o->hi = hi;
     o->param_step = calloc((size_t)m->n_params + 1, sizeof(int));
-    if (!o->param_step) return st_fail(ST_ENOMEM, "out of memory for optimizer step counts");
+    o->ranges = calloc((size_t)m->n_params + 1, sizeof *o->ranges);
+    if (!o->param_step || !o->ranges) return st_fail(ST_ENOMEM, "out of memory for optimizer step counts");
     size_t n = hi > lo ? hi - lo : 0;
     if (n == 0) return 0;
     o->m = be->alloc(n * sizeof(float));
@@ -28,7 +29,9 @@ void st_optim_free(st_optim *o, const st_backend *be) {
     if (!be) return; /* never initialized */
     be->free(o->m);
     be->free(o->v);
+    free(o->ranges);
     o->m = o->v = NULL;
+    o->ranges = NULL;
 }
 
 float st_lr_at(const st_optim_config *c, int step) {
@@ -86,25 +89,42 @@ typedef struct {
     st_optim *o;
     st_model *m;
     const float *grads;
-    float lr, grad_scale;
+    float lr;
+    int count;
 } update_ctx;
 
-static void update_range(void *vctx, const st_param *p, size_t start, size_t len) {
+static void collect_range(void *vctx, const st_param *p, size_t start, size_t len) {
     update_ctx *c = vctx;
     st_optim *o = c->o;
-    float lr = c->lr * st_param_lr_scale(c->m, p, o->cfg.layer_lr_decay);
-    float wd = p->no_decay ? 0.0f : o->cfg.weight_decay;
-    float *w = c->m->weights + p->offset + (start - (size_t)p->grad_offset);
-    size_t k = start - o->lo;
-    int step = o->param_step[p - c->m->params];
-    c->m->be->adamw(w, c->grads + k, o->m + k, o->v + k, len, lr, o->cfg.beta1, o->cfg.beta2, o->cfg.eps, wd,
-                    c->grad_scale, step);
+    st_model *m = c->m;
+    size_t k = start - o->lo, w = p->offset + (start - (size_t)p->grad_offset);
+    st_adamw_range *r = &o->ranges[c->count++];
+    r->param = m->weights + w;
+    r->param_bf16 = m->weights_bf16 ? m->weights_bf16 + w : NULL;
+    r->grad = c->grads + k;
+    r->m = o->m + k;
+    r->v = o->v + k;
+    r->n = len;
+    r->lr = c->lr * st_param_lr_scale(m, p, o->cfg.layer_lr_decay);
+    r->weight_decay = p->no_decay ? 0.0f : o->cfg.weight_decay;
+    r->step = o->param_step[p - m->params];
 }
 
+/* One multi-tensor AdamW call over every trainable range this optimizer owns; it also refreshes those
+ * ranges of the bf16 weight copy (mixed precision), so the copy stays current without a repack. */
 void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale) {
     for (int i = 0; i < m->n_params; i++)
         if (m->params[i].grad_offset >= 0) o->param_step[i]++;
-    update_ctx c = {o, m, grads, lr, grad_scale};
-    st_for_each_param_range(m, o->lo, o->hi, update_range, &c);
-    st_model_weights_changed(m);
+    st_adamw_range *ranges = o->ranges;
+    update_ctx c = {o, m, grads, lr, 0};
+    st_for_each_param_range(m, o->lo, o->hi, collect_range, &c);
+    const st_backend *be = m->be;
+    if (be->adamw_multi) {
+        be->adamw_multi(ranges, c.count, o->cfg.beta1, o->cfg.beta2, o->cfg.eps, grad_scale);
+    } else { /* a backend without the multi-tensor entry: one call per range, then repack the copy */
+        for (int i = 0; i < c.count; i++)
+            be->adamw(ranges[i].param, ranges[i].grad, ranges[i].m, ranges[i].v, ranges[i].n, ranges[i].lr,
+                      o->cfg.beta1, o->cfg.beta2, o->cfg.eps, ranges[i].weight_decay, grad_scale, ranges[i].step);
+        st_model_weights_changed(m);
+    }
 }

@@ -27,12 +27,13 @@ typedef struct {
     float *m, *v;    /* [hi - lo], backend memory */
     int *param_step; /* [n_params] updates each parameter has had since it became trainable (every rank
                         counts every parameter, so bias corrections agree whatever the sharding) */
+    st_adamw_range *ranges; /* [n_params] host list handed to the backend's multi-tensor AdamW */
 } st_optim;
 
 /* Zeroed state for [lo, hi) of model m's current gradient space. */
 int st_optim_init(st_optim *o, const st_optim_config *cfg, size_t lo, size_t hi, const st_model *m,
                   const st_backend *be);
-/* Frees m and v (param_step stays: the caller may carry it over; free it with free()). */
+/* Frees m, v and the range list (param_step stays: the caller may carry it over; free it with free()). */
 void st_optim_free(st_optim *o, const st_backend *be);
 
 /* After the trainable set changed: parameters trainable before and now take their moments from the
@@ -51,8 +52,10 @@ float st_param_lr_scale(const st_model *m, const st_param *p, float decay);
 /* PyTorch clip_grad_norm_ factor: min(1, max_norm / (norm + 1e-6)); 1 when max_norm <= 0. */
 float st_clip_scale(double grad_norm, float max_norm);
 
-/* One AdamW update (every trainable parameter's step count advances) of parameters whose gradients lie in [o->lo, o->hi), reading gradients from
- * `grads` (indexed from o->lo: grads[0] is gradient element lo) and writing the model's weights. */
+/* One AdamW update (every trainable parameter's step count advances) of parameters whose gradients lie
+ * in [o->lo, o->hi), reading gradients from `grads` (indexed from o->lo: grads[0] is gradient element lo)
+ * and writing the model's weights — and, under mixed precision, the same ranges of its bf16 copy — in
+ * one multi-tensor call. */
 void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale);
 
 /* Registry-order visit of every trainable parameter's intersection with [lo, hi). */

@@ -185,6 +185,7 @@ static const st_backend st_cpu_table = {
     .adamw = st_cpu_adamw,
     .dequant_int8 = st_cpu_dequant_int8,
     .dequant_nf4 = st_cpu_dequant_nf4,
+    .adamw_multi = st_cpu_adamw_multi,
 };
 
 const st_backend *st_backend_cpu(int threads) {

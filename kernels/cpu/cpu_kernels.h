@@ -171,6 +171,8 @@ double st_cpu_cross_entropy(float *logits, float *loss, const int32_t *target, c
 /* cpu_optim.c */
 void st_cpu_adamw(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, float grad_scale, int step);
+void st_cpu_adamw_multi(const st_adamw_range *ranges, int count, float beta1, float beta2, float eps,
+                        float grad_scale);
 void st_cpu_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block);
 void st_cpu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
 

@@ -5,13 +5,15 @@
  * double here and rounded to float once, exactly where PyTorch hands them to a float kernel.
  * Elementwise, so parallel over elements with no ordering concern. Caller owns every buffer. */
 #include "kernels/cpu/cpu_kernels.h"
+#include "kernels/cuda/bf16_host.h"
 #include "kernels/kernels.h"
 
 #include <math.h>
 
-void st_cpu_adamw(float *restrict param, const float *restrict grad, float *restrict m, float *restrict v,
-                  size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale,
-                  int step) {
+/* AdamW on one range; with param_bf16, also its bf16 copy of the updated values (same loop). */
+static void adamw_range(float *restrict param, uint16_t *restrict param_bf16, const float *restrict grad,
+                        float *restrict m, float *restrict v, size_t n, float lr, float beta1, float beta2, float eps,
+                        float weight_decay, float grad_scale, int step) {
     double bc1 = 1.0 - pow((double)beta1, (double)step);
     double bc2 = 1.0 - pow((double)beta2, (double)step);
     const float decay = (float)(1.0 - (double)lr * (double)weight_decay);
@@ -26,10 +28,24 @@ void st_cpu_adamw(float *restrict param, const float *restrict grad, float *rest
         float mi = m[i] * beta1 + one_m_b1 * g;
         float vi = v[i] * beta2 + one_m_b2 * g * g;
         float denom = sqrtf(vi) / bc2_sqrt + eps;
-        param[i] = p + neg_step_size * mi / denom;
+        float updated = p + neg_step_size * mi / denom;
+        param[i] = updated;
         m[i] = mi;
         v[i] = vi;
+        if (param_bf16) param_bf16[i] = st_float_to_bf16_bits(updated);
     }
+}
+
+void st_cpu_adamw(float *restrict param, const float *restrict grad, float *restrict m, float *restrict v,
+                  size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale,
+                  int step) {
+    adamw_range(param, NULL, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, grad_scale, step);
+}
+
+void st_cpu_adamw_multi(const st_adamw_range *r, int count, float beta1, float beta2, float eps, float grad_scale) {
+    for (int i = 0; i < count; i++)
+        adamw_range(r[i].param, r[i].param_bf16, r[i].grad, r[i].m, r[i].v, r[i].n, r[i].lr, beta1, beta2, eps,
+                    r[i].weight_decay, grad_scale, r[i].step);
 }
 
 void st_cpu_dequant_int8(float *restrict out, const int8_t *restrict q, const float *restrict scale, size_t n,

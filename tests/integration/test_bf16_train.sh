@@ -6,7 +6,11 @@
 #      the fp32 reduction-order noise a little, so 5e-4 relative instead of fp32's 1e-6), and
 #   3. differ from the fp32 run (the setting reaches the model), while learning the same.
 # The arithmetic itself is checked against PyTorch in tests/reference/test_bf16_torch.py.
+#   Every run also checks after each step that the bf16 weight copy equals the fp32 weights rounded
+#   (SHARDTUNE_CHECK_BF16_COPY=1): the multi-tensor AdamW refreshes the owned ranges, the ZeRO parameter
+#   all-gather the others, without a repack.
 source "$(dirname "$0")/ckpt_lib.sh"
+export SHARDTUNE_CHECK_BF16_COPY=1
 
 common=(precision=bf16 train.schedule=constant checkpoint.every_steps=8)
 # --- 1. resume, same world size ---

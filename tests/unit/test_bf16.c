@@ -167,6 +167,46 @@ static void test_bf16_operands_and_bias(void **state) {
     free(a), free(b), free(bias), free(ah), free(bh), free(back), free(scratch), free(c0), free(want), free(got);
 }
 
+/* ---- multi-tensor AdamW: each range exactly `adamw` (own lr, decay, step), plus its bf16 copy ---- */
+
+static void test_adamw_multi(void **state) {
+    (void)state;
+    const st_backend *be = st_backend_cpu(2);
+    enum { R = 4 };
+    const size_t n[R] = {1, 37, 5000, 70000}; /* the last one runs on the OpenMP team */
+    st_adamw_range r[R];
+    float *want_p[R], *want_m[R], *want_v[R];
+    for (int i = 0; i < R; i++) {
+        r[i].param = frand(n[i], 1.0);
+        r[i].grad = frand(n[i], 0.1);
+        r[i].m = frand(n[i], 0.01);
+        float *v = frand(n[i], 1e-4);
+        for (size_t j = 0; j < n[i]; j++) v[j] = fabsf(v[j]);
+        r[i].v = v;
+        r[i].param_bf16 = i == 1 ? NULL : malloc(n[i] * 2); /* a range without a copy */
+        r[i].n = n[i];
+        r[i].lr = 1e-3f * (float)(i + 1);
+        r[i].weight_decay = i % 2 ? 0.0f : 0.1f;
+        r[i].step = 1 + 3 * i;
+        want_p[i] = malloc(n[i] * 4), want_m[i] = malloc(n[i] * 4), want_v[i] = malloc(n[i] * 4);
+        memcpy(want_p[i], r[i].param, n[i] * 4);
+        memcpy(want_m[i], r[i].m, n[i] * 4);
+        memcpy(want_v[i], r[i].v, n[i] * 4);
+        be->adamw(want_p[i], r[i].grad, want_m[i], want_v[i], n[i], r[i].lr, 0.9f, 0.95f, 1e-8f, r[i].weight_decay,
+                  0.5f, r[i].step);
+    }
+    be->adamw_multi(r, R, 0.9f, 0.95f, 1e-8f, 0.5f);
+    for (int i = 0; i < R; i++) {
+        assert_memory_equal(r[i].param, want_p[i], n[i] * 4);
+        assert_memory_equal(r[i].m, want_m[i], n[i] * 4);
+        assert_memory_equal(r[i].v, want_v[i], n[i] * 4);
+        for (size_t j = 0; r[i].param_bf16 && j < n[i]; j++)
+            if (r[i].param_bf16[j] != st_float_to_bf16_bits(want_p[i][j])) fail_msg("range %d: bf16 copy at %zu", i, j);
+        free(r[i].param), free((void *)r[i].grad), free(r[i].m), free(r[i].v), free(r[i].param_bf16);
+        free(want_p[i]), free(want_m[i]), free(want_v[i]);
+    }
+}
+
 /* ---- the model in bf16: a spy backend sees every matmul ---- */
 
 static st_backend spy;
@@ -324,6 +364,7 @@ int main(void) {
         cmocka_unit_test(test_rounding),
         cmocka_unit_test(test_matmul_bf16),
         cmocka_unit_test(test_bf16_operands_and_bias),
+        cmocka_unit_test(test_adamw_multi),
         cmocka_unit_test(test_bf16_copy_follows_weights),
         cmocka_unit_test(test_model_bf16),
         cmocka_unit_test(test_model_refusals),

@@ -14,9 +14,12 @@
  * loss on both sides, the max relative loss difference (FAIL above tolerance), the backend's median step
  * time, tokens/s and MFU = flops_per_token * tokens/s / peak, with the peak measured in the same run by
  * timing a large matmul on the backend (fp32 matmul for fp32, matmul_bf16 on bf16 operands for bf16).
- * --self-test: the CPU backend is the backend under test (no GPU needed; CI runs it). Every error is then
- * 0, so it also checks that the comparisons can fail: a perturbed matmul_bf16 output, a perturbed to_bf16
- * result and a perturbed loss must each be reported as a failure. Default sizes are small in this mode.
+ * --self-test (no GPU needed; CI runs it): the backend under test is "cpu+noise", the CPU backend whose
+ * matmul / matmul_bf16 outputs get a deterministic relative noise of up to 4 fp32 ulps per element — what
+ * another summation order (a GPU's) does — so the errors and loss differences are small but not 0 and the
+ * tolerances are exercised, including the training losses after several AdamW steps. It also checks that
+ * the comparisons can fail: a perturbed matmul_bf16 output, a perturbed to_bf16 result and a perturbed
+ * loss must each be reported as a failure. Default sizes are small in this mode.
  * Exit status: 0 all within tolerance, 1 some check failed (or a CUDA error), 2 no check possible (no
  * device/driver, bad arguments): then one line says why. Times are for
  * orientation, not benchmarks. Builds without CUDA too (then only --self-test can check anything). */
@@ -37,7 +40,7 @@
 
 static const st_backend *G, *C; /* backend under test ("gpu"), CPU reference */
 static int failures, checked;
-static int self_test; /* G is the CPU backend: no CUDA-only extras, and the failure paths are tested */
+static int self_test; /* G is cpu+noise: no CUDA-only extras, and the failure paths are tested */
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -697,6 +700,34 @@ static void check_training(st_precision prec) {
     free(in), free(tg), free(w), free(tstep);
 }
 
+/* ---------------------------------------------------------------- self-test backend */
+
+static st_backend noisy; /* the CPU table with noisy matmuls (--self-test) */
+static uint64_t noise_counter;
+
+/* x * (1 + u * 4 * 2^-23), u uniform in [-1, 1) from a counter hash (splitmix64): deterministic, and
+ * the same for every thread count since it runs serially after the matmul. */
+static void add_noise(float *c, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint64_t z = (noise_counter++) + 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL, z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL, z ^= z >> 31;
+        double u = (double)(z >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+        c[i] = (float)((double)c[i] * (1.0 + u * 4.0 * 0x1p-23));
+    }
+}
+
+static void noisy_matmul(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb, float alpha,
+                         float beta) {
+    C->matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
+    if (m > 0 && n > 0) add_noise(c, (size_t)m * n);
+}
+
+static void noisy_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int ta,
+                              int tb, float alpha, float beta, float *scratch) {
+    C->matmul_bf16(c, a, b, bias, m, n, k, ta, tb, alpha, beta, scratch);
+    if (m > 0 && n > 0) add_noise(c, (size_t)m * n);
+}
+
 /* ---------------------------------------------------------------- main */
 
 static int usage(const char *bad) {
@@ -742,7 +773,13 @@ int main(int argc, char **argv) {
     defaults_for(self_test);
     if (self_test) {
         C = st_backend_cpu(0);
-        G = C;
+        if (C) {
+            noisy = *C;
+            noisy.name = "cpu+noise";
+            noisy.matmul = noisy_matmul;
+            noisy.matmul_bf16 = noisy_matmul_bf16;
+            G = &noisy;
+        }
     } else {
         G = st_backend_cuda(device);
         if (!G) {
@@ -756,8 +793,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (self_test)
-        printf("gpu_check --self-test: the CPU backend is the backend under test (errors should be 0; the "
-               "perturbed results must be caught)\n");
+        printf("gpu_check --self-test: backend under test = cpu+noise (the CPU backend, matmul outputs off by up "
+               "to 4 fp32 ulps); the perturbed results must be caught\n");
     else
         printf("gpu_check: CUDA device %d vs CPU; * = CUDA-only extra checked against a CPU composition\n", device);
     check_matmul();

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # gpu_check without a GPU:
-#  - `gpu_check --self-test` (the CPU backend as the backend under test, small sizes) exits 0 and prints
-#    every kernel line, the bf16 storage and matmul_bf16 lines, the training-step lines of both precisions
-#    (per-step losses, the loss agreement, tokens/s and MFU), and shows that perturbed results are caught;
+#  - `gpu_check --self-test` (backend under test: the CPU backend with noisy matmuls; small sizes) exits 0,
+#    prints every kernel line, the bf16 storage and matmul_bf16 lines, the training-step lines of both
+#    precisions (per-step losses, the loss agreement, tokens/s and MFU), shows non-zero (noise) errors
+#    within tolerance, and shows that perturbed results are caught;
 #  - plain `gpu_check` on a machine without a usable CUDA device exits 2 with one line naming the reason.
 set -euo pipefail
 BIN=${ST_BUILD_DIR:?}/gpu_check
@@ -35,7 +36,8 @@ done
 # the training step, both precisions
 for p in fp32 bf16; do
     for s in 1 2 3; do
-        grep -Eq "^train $p step $s  loss [0-9.]+ \(cpu\)  [0-9.]+ \(cpu ref\)" "$T/out" || fail "no $p step $s line"
+        grep -Eq "^train $p step $s  loss [0-9.]+ \(cpu\+noise\)  [0-9.]+ \(cpu ref\)  rel_diff " "$T/out" \
+            || fail "no $p step $s line"
     done
     grep -Eq "^train $p max_rel_loss_diff .* ok$" "$T/out" || fail "no $p loss agreement line"
     grep -Eq "^train $p step_median [0-9.]+ ms  tokens/s [0-9.]+ .* MFU [0-9.]+%$" "$T/out" \
@@ -47,6 +49,9 @@ l32_1=$(awk '/^train fp32 step 1 /{print $6}' "$T/out"); l32_3=$(awk '/^train fp
 l16_1=$(awk '/^train bf16 step 1 /{print $6}' "$T/out")
 awk -v a="$l32_1" -v b="$l32_3" 'BEGIN{exit !(b < a)}' || fail "fp32 loss did not decrease ($l32_1 -> $l32_3)"
 [ "$l32_1" != "$l16_1" ] || fail "fp32 and bf16 first losses are identical ($l32_1)"
+# the backend under test really differs (noisy matmuls, like another summation order): errors are not 0
+! grep -Eq "^matmul_NN +max_rel_err  0.00e\+00" "$T/out" || fail "matmul_NN error is exactly 0: no noise"
+! grep -Eq "^train bf16 max_rel_loss_diff  0.00e\+00" "$T/out" || fail "bf16 losses identical: no noise"
 # the comparisons can fail
 grep -q "^self-test: a perturbed matmul_bf16 output was caught" "$T/out" || fail "perturbed matmul_bf16 not caught"
 grep -q "^self-test: a perturbed to_bf16 result was caught" "$T/out" || fail "perturbed to_bf16 not caught"

@@ -1,20 +1,35 @@
-/* gpu_check.c — checks every CUDA kernel against its CPU twin and times both.
+/* gpu_check.c — checks every CUDA kernel against its CPU twin, then a training step, and times both.
  *
- *   gpu_check [--device N] [--seed S]
+ *   gpu_check [--device N] [--seed S] [--self-test] [model/step flags, see usage()]
  *
- * For each kernel of the backend table (and the CUDA-only extras) it builds random inputs, runs the
- * CPU backend on host copies and the CUDA backend on device copies, and prints one line:
- *   kernel name, max relative error, GPU time (ms), CPU time (ms), tolerance, ok/FAIL.
+ * Kernels: for each entry of the backend table (and the CUDA-only extras) it builds random inputs, runs
+ * the CPU backend on host copies and the backend under test on device copies, and prints one line:
+ *   kernel name, max relative error, backend time (ms), CPU time (ms), tolerance, ok/FAIL.
  * Relative error of an output element: |gpu - cpu| / max(|cpu|, 1e-3 * max|cpu|, 1e-20), so values
- * near zero are judged against the scale of the whole tensor. Exit status: 0 all within tolerance,
- * 1 some kernel failed (or a CUDA error), 2 no check possible (no device/driver, or no CPU backend
- * linked): then one line says why. matmul_bf16 is checked against the CPU twin (kernels/cpu/cpu_bf16.c). Times are single cold-ish runs (after one matmul warm-up), for
- * orientation, not benchmarks. Builds without CUDA too (it then always exits 2). */
+ * near zero are judged against the scale of the whole tensor. to_bf16/from_bf16 are bit-exact checks:
+ * their "error" is the number of differing elements (tolerance 0). matmul_bf16 runs every operand kind
+ * (fp32 / bf16 for A and B), every transpose, with and without the bias epilogue.
+ * Training step: the same small Llama (identical random weights, tokens and AdamW settings) trains a few
+ * steps on the backend under test and on the CPU backend, for precision fp32 and bf16; prints each step's
+ * loss on both sides, the max relative loss difference (FAIL above tolerance), the backend's median step
+ * time, tokens/s and MFU = flops_per_token * tokens/s / peak, with the peak measured in the same run by
+ * timing a large matmul on the backend (fp32 matmul for fp32, matmul_bf16 on bf16 operands for bf16).
+ * --self-test (no GPU needed; CI runs it): the backend under test is "cpu+noise", the CPU backend whose
+ * matmul / matmul_bf16 outputs get a deterministic relative noise of up to 4 fp32 ulps per element — what
+ * another summation order (a GPU's) does — so the errors and loss differences are small but not 0 and the
+ * tolerances are exercised, including the training losses after several AdamW steps. It also checks that
+ * the comparisons can fail: a perturbed matmul_bf16 output, a perturbed to_bf16 result and a perturbed
+ * loss must each be reported as a failure. Default sizes are small in this mode.
+ * Exit status: 0 all within tolerance, 1 some check failed (or a CUDA error), 2 no check possible (no
+ * device/driver, bad arguments): then one line says why. Times are for
+ * orientation, not benchmarks. Builds without CUDA too (then only --self-test can check anything). */
 #include "common/error.h"
 #include "common/util.h"
+#include "kernels/cuda/bf16_host.h" /* plain C: the host rounding rule */
 #include "kernels/kernels.h"
+#include "worker/model.h"
+#include "worker/optim.h"
 #ifdef ST_HAVE_CUDA
-#include "kernels/cuda/bf16_host.h"
 #include "kernels/cuda/cuda_extras.h"
 #endif
 
@@ -23,12 +38,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The CPU backend is merged from another branch; until then this resolves to NULL instead of failing
- * the link. */
-#pragma weak st_backend_cpu
-
-static const st_backend *G, *C; /* gpu, cpu */
+static const st_backend *G, *C; /* backend under test ("gpu"), CPU reference */
 static int failures, checked;
+static int self_test; /* G is cpu+noise: no CUDA-only extras, and the failure paths are tested */
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -36,6 +48,17 @@ static uint64_t rng_state = 0x9E3779B97F4A7C15ULL;
 static float frand(void) { /* uniform [-1, 1) */
     rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
     return (float)((rng_state >> 40) * (1.0 / 8388608.0)) - 1.0f;
+}
+
+static uint32_t rand_bits(void) {
+    rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 32);
+}
+
+static void *xmalloc(size_t bytes) {
+    void *p = malloc(bytes + 1);
+    if (!p) { fprintf(stderr, "gpu_check: out of host memory\n"); exit(2); }
+    return p;
 }
 
 static float *hrand(size_t n, float scale) {
@@ -84,7 +107,7 @@ static void report(const char *name, double err, double gpu_s, double cpu_s, dou
     int ok = err <= tol;
     checked++;
     if (!ok) failures++;
-    printf("%-22s max_rel_err %9.2e  gpu %9.3f ms  cpu %9.3f ms  tol %.0e  %s\n", name, err, gpu_s * 1e3,
+    printf("%-36s max_rel_err %9.2e  gpu %9.3f ms  cpu %9.3f ms  tol %.0e  %s\n", name, err, gpu_s * 1e3,
            cpu_s * 1e3, tol, ok ? "ok" : "FAIL");
 }
 
@@ -121,43 +144,161 @@ static void check_matmul(void) {
         }
 }
 
-/* Mixed precision: GPU matmul_bf16 (bf16 operands in scratch, cuBLASLt fp32 accumulation) against the
- * CPU twin (rounded fp32 copies, fp32 sgemm). Both multiply the same bf16 values exactly and differ only
- * in the order of fp32 additions. The last case puts C at a 4-byte offset (sub-tensor outputs). To show
- * the GPU really rounded, the result must also be clearly away from the plain fp32 product. */
-static void check_matmul_bf16(void) {
-    const int m = 96, n = 80, k = 136;
-    for (int v = 0; v < 5; v++) {
-        int ta = v & 1, tb = (v >> 1) & 1, off = v == 4;
-        float *a = hrand((size_t)m * k, 1), *b = hrand((size_t)k * n, 1), *c = hrand((size_t)m * n, 1);
-        float *c32 = malloc(sizeof(float) * m * n);
-        memcpy(c32, c, sizeof(float) * m * n);
-        size_t ns = st_matmul_bf16_scratch_floats(m, n, k);
-        float *hs = malloc(ns * sizeof(float)), *ds = dev_from(NULL, ns * sizeof(float));
-        float *da = dev_from(a, sizeof(float) * m * k), *db = dev_from(b, sizeof(float) * k * n);
-        float *dcbuf = dev_from(NULL, sizeof(float) * (m * n + 1)), *dc = dcbuf + off;
-        G->copy_to_device(dc, c, sizeof(float) * m * n);
-        G->matmul_bf16(dc, st_mm_f32(da), st_mm_f32(db), NULL, m, n, k, ta, tb, 0.5f, 1.0f, ds); /* warm-up: cuBLASLt heuristics */
-        G->copy_to_device(dc, c, sizeof(float) * m * n);
-        tick();
-        G->matmul_bf16(dc, st_mm_f32(da), st_mm_f32(db), NULL, m, n, k, ta, tb, 0.5f, 1.0f, ds);
-        double tg = tock_gpu();
-        tick();
-        C->matmul_bf16(c, st_mm_f32(a), st_mm_f32(b), NULL, m, n, k, ta, tb, 0.5f, 1.0f, hs);
-        double tc = tock_cpu();
-        C->matmul(c32, a, b, m, n, k, ta, tb, 0.5f, 1.0f);
-        double vs_fp32 = dev_err(dc, c32, (size_t)m * n);
-        char name[40];
-        snprintf(name, sizeof name, "matmul_bf16_%c%c%s", ta ? 'T' : 'N', tb ? 'T' : 'N', off ? "_offC" : "");
-        double err = dev_err(dc, c, (size_t)m * n);
-        if (vs_fp32 < 1e-3) { /* no rounding happened on the GPU: make the line fail */
-            printf("  %s: only %.2e from the unrounded fp32 product: operands were not rounded\n", name, vs_fp32);
-            err = INFINITY;
-        }
-        report(name, err, tg, tc, 1e-4);
-        G->free(da), G->free(db), G->free(dcbuf), G->free(ds);
-        free(a), free(b), free(c), free(c32), free(hs);
+/* Self-test only: a check fed a deliberately wrong result must report a failure. */
+static void expect_caught(const char *what, double err, double tol) {
+    checked++;
+    if (err > tol) {
+        printf("self-test: a perturbed %s was caught (%.1e > tol %.0e)\n", what, err, tol);
+    } else {
+        failures++;
+        printf("self-test: FAIL: a perturbed %s was not caught (%.1e <= tol %.0e)\n", what, err, tol);
     }
+}
+
+/* Elements whose bit patterns differ (the "error" of a bit-exact check). */
+static double bit_diffs(const void *x, const void *y, size_t n, size_t elem_bytes) {
+    const unsigned char *a = x, *b = y;
+    size_t diffs = 0;
+    for (size_t i = 0; i < n; i++) diffs += memcmp(a + i * elem_bytes, b + i * elem_bytes, elem_bytes) != 0;
+    return (double)diffs;
+}
+
+/* to_bf16 over random fp32 bit patterns (NaNs with payloads, infinities, subnormals) led by the edge cases
+ * of round-to-nearest-even; from_bf16 over all 65536 bf16 patterns. Both bit-exact against the CPU twin
+ * (kernels/cuda/bf16_host.h is the rule). */
+static void check_bf16_storage(void) {
+    static const uint32_t edges[] = {
+        0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x3f807fffu, /* ties to even (down, up), just above/below */
+        0x7f7fffffu, 0x7f7f7fffu, 0x7f7f8000u,              /* FLT_MAX overflows to inf; below; tie -> inf */
+        0x00000001u, 0x00008000u, 0x00018000u, 0x007fffffu, /* subnormals, subnormal ties */
+        0x80000000u, 0x00000000u, 0x7f800000u, 0xff800000u, /* zeros, infinities */
+        0x7fc00000u, 0x7f800001u, 0xffffffffu, 0x7fa00000u, 0xff812345u, /* quiet and signalling NaNs */
+    };
+    size_t n = 200003, ne = sizeof edges / sizeof edges[0];
+    float *src = xmalloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u = i < ne ? edges[i] : rand_bits();
+        memcpy(&src[i], &u, sizeof u);
+    }
+    uint16_t *ref = xmalloc(n * 2), *got = xmalloc(n * 2);
+    float *gsrc = dev_from(src, n * sizeof(float));
+    uint16_t *gdst = dev_from(NULL, n * 2);
+    double tg, tc;
+    tick(); G->to_bf16(gdst, gsrc, n); tg = tock_gpu();
+    tick(); C->to_bf16(ref, src, n); tc = tock_cpu();
+    G->copy_to_host(got, gdst, n * 2);
+    report("to_bf16 (bits differ)", bit_diffs(got, ref, n, 2), tg, tc, 0);
+    if (self_test) {
+        got[ne + 7] ^= 1; /* one bf16 ulp off on one element */
+        expect_caught("to_bf16 result", bit_diffs(got, ref, n, 2), 0);
+    }
+    G->free(gsrc), G->free(gdst), free(src), free(ref), free(got);
+
+    size_t nb = 65536;
+    uint16_t *bits = xmalloc(nb * 2);
+    for (size_t i = 0; i < nb; i++) bits[i] = (uint16_t)i;
+    float *wide = xmalloc(nb * sizeof(float)), *gwide_h = xmalloc(nb * sizeof(float));
+    uint16_t *gbits = dev_from(bits, nb * 2);
+    float *gwide = dev_from(NULL, nb * sizeof(float));
+    tick(); G->from_bf16(gwide, gbits, nb); tg = tock_gpu();
+    tick(); C->from_bf16(wide, bits, nb); tc = tock_cpu();
+    G->copy_to_host(gwide_h, gwide, nb * sizeof(float));
+    report("from_bf16 (bits differ)", bit_diffs(gwide_h, wide, nb, 4), tg, tc, 0);
+    G->free(gbits), G->free(gwide), free(bits), free(wide), free(gwide_h);
+}
+
+/* One matmul_bf16 operand: the fp32 values, and when `as_bf16` their bf16 bits (host and device). The
+ * device copy starts `odd` elements into its buffer (odd = 1: a 2-byte aligned bf16 sub-tensor). */
+typedef struct {
+    float *f32;       /* host, unrounded */
+    uint16_t *bits;   /* host bf16 bits (as_bf16) */
+    void *dbuf;       /* device allocation */
+    st_mm_in dev, host;
+} mm_operand;
+
+static void operand_make(mm_operand *o, size_t n, int as_bf16, int odd) {
+    o->f32 = hrand(n, 1);
+    o->bits = NULL;
+    if (as_bf16) {
+        o->bits = xmalloc(n * 2);
+        for (size_t i = 0; i < n; i++) o->bits[i] = st_float_to_bf16_bits(o->f32[i]);
+        o->dbuf = dev_from(NULL, (n + 1) * 2);
+        uint16_t *d = (uint16_t *)o->dbuf + odd;
+        G->copy_to_device(d, o->bits, n * 2);
+        o->dev = st_mm_bf16(d), o->host = st_mm_bf16(o->bits);
+    } else {
+        o->dbuf = dev_from(NULL, (n + 1) * sizeof(float));
+        float *d = (float *)o->dbuf + odd;
+        G->copy_to_device(d, o->f32, n * sizeof(float));
+        o->dev = st_mm_f32(d), o->host = st_mm_f32(o->f32);
+    }
+}
+
+static void operand_free(mm_operand *o) { G->free(o->dbuf), free(o->f32), free(o->bits); }
+
+typedef struct { double err, vs_fp32, tg, tc; } mm_result;
+
+/* One matmul_bf16 case against the CPU twin. Both sides multiply the same bf16 values exactly and differ
+ * only in the order of fp32 additions. off: C and the bias sit 4 bytes into their buffers and a bf16 A 2
+ * bytes into its own (sub-tensors of flat buffers). vs_fp32 is the distance from the unrounded fp32
+ * product (+ bias): it must be clearly non-zero, or the backend did not round. perturb (self-test): the
+ * backend's result is deliberately damaged before comparison. */
+static mm_result mm_bf16_case(int a16, int b16, int ta, int tb, int use_bias, int off, int perturb) {
+    const int m = 96, n = 80, k = 136;
+    size_t nc = (size_t)m * n;
+    mm_operand a, b;
+    operand_make(&a, (size_t)m * k, a16, off && a16);
+    operand_make(&b, (size_t)k * n, b16, 0);
+    float *c = hrand(nc, 1), *bias = hrand(n, 1), *c32 = xmalloc(nc * sizeof(float));
+    memcpy(c32, c, nc * sizeof(float));
+    size_t ns = st_matmul_bf16_scratch_floats(m, n, k);
+    float *hs = xmalloc(ns * sizeof(float)), *ds = dev_from(NULL, ns * sizeof(float));
+    float *dcbuf = dev_from(NULL, sizeof(float) * (nc + 1)), *dc = dcbuf + off;
+    float *dbbuf = dev_from(NULL, sizeof(float) * (n + 1)), *dbias = dbbuf + off;
+    G->copy_to_device(dbias, bias, sizeof(float) * n);
+    const float *gb = use_bias ? dbias : NULL, *cb = use_bias ? bias : NULL;
+    mm_result r;
+    G->copy_to_device(dc, c, sizeof(float) * nc);
+    G->matmul_bf16(dc, a.dev, b.dev, gb, m, n, k, ta, tb, 0.5f, 1.0f, ds); /* warm-up: cuBLASLt heuristics */
+    G->copy_to_device(dc, c, sizeof(float) * nc);
+    tick();
+    G->matmul_bf16(dc, a.dev, b.dev, gb, m, n, k, ta, tb, 0.5f, 1.0f, ds);
+    r.tg = tock_gpu();
+    tick();
+    C->matmul_bf16(c, a.host, b.host, cb, m, n, k, ta, tb, 0.5f, 1.0f, hs);
+    r.tc = tock_cpu();
+    C->matmul(c32, a.f32, b.f32, m, n, k, ta, tb, 0.5f, 1.0f);
+    if (use_bias) C->bias_add(c32, bias, m, n);
+    float *got = fetch(dc, nc);
+    r.vs_fp32 = rel_err(got, c32, nc);
+    if (perturb) {
+        double maxabs = 0;
+        for (size_t i = 0; i < nc; i++) maxabs = fmax(maxabs, fabs(c[i]));
+        got[nc / 2] += (float)(1.2e-2 * maxabs);
+    }
+    r.err = rel_err(got, c, nc);
+    operand_free(&a), operand_free(&b);
+    G->free(ds), G->free(dcbuf), G->free(dbbuf);
+    free(c), free(bias), free(c32), free(hs), free(got);
+    return r;
+}
+
+static void check_matmul_bf16(void) {
+    const double tol = 1e-4;
+    for (int v = 0; v < 33; v++) { /* 32 = (A kind, B kind, bias, ta, tb); the 33rd: offsets */
+        int off = v == 32, a16 = off || (v >> 4 & 1), b16 = !off && (v >> 3 & 1), use_bias = off || (v >> 2 & 1);
+        int ta = !off && (v >> 1 & 1), tb = !off && (v & 1);
+        mm_result r = mm_bf16_case(a16, b16, ta, tb, use_bias, off, 0);
+        char name[48];
+        snprintf(name, sizeof name, "matmul_bf16_%c%c A%s B%s%s%s", ta ? 'T' : 'N', tb ? 'T' : 'N', a16 ? "16" : "32",
+                 b16 ? "16" : "32", use_bias ? " +bias" : "", off ? " offsets" : "");
+        if (r.vs_fp32 < 1e-3) { /* no rounding happened: make the line fail */
+            printf("  %s: only %.2e from the unrounded fp32 product: operands were not rounded\n", name, r.vs_fp32);
+            r.err = INFINITY;
+        }
+        report(name, r.err, r.tg, r.tc, tol);
+    }
+    if (self_test) expect_caught("matmul_bf16 output", mm_bf16_case(0, 1, 1, 0, 1, 0, 1).err, tol);
 }
 
 static void check_bias(void) {
@@ -221,13 +362,14 @@ static void check_norms(void) {
     report("rmsnorm_bwd", fmax(dev_err(gdx, dx, n), dev_err(gdw, dw, CH)), tg, tc, 1e-3);
 
 #ifdef ST_HAVE_CUDA
-    /* fused residual add + RMSNorm == add then rmsnorm_fwd on the CPU */
-    float *delta = hrand(n, 1), *gdelta = dev_from(delta, n * 4);
-    tick(); st_cuda_residual_rmsnorm_fwd(gx, gout, grstd, gdelta, gw, NROWS, CH, 1e-6f); tg = tock_gpu();
-    tick(); C->add(x, x, delta, n); C->rmsnorm_fwd(out, rstd, x, w, NROWS, CH, 1e-6f); tc = tock_cpu();
-    e = fmax(dev_err(gx, x, n), fmax(dev_err(gout, out, n), dev_err(grstd, rstd, NROWS)));
-    report("residual_rmsnorm_fwd*", e, tg, tc, 1e-4);
-    G->free(gdelta), free(delta);
+    if (!self_test) { /* fused residual add + RMSNorm == add then rmsnorm_fwd on the CPU */
+        float *delta = hrand(n, 1), *gdelta = dev_from(delta, n * 4);
+        tick(); st_cuda_residual_rmsnorm_fwd(gx, gout, grstd, gdelta, gw, NROWS, CH, 1e-6f); tg = tock_gpu();
+        tick(); C->add(x, x, delta, n); C->rmsnorm_fwd(out, rstd, x, w, NROWS, CH, 1e-6f); tc = tock_cpu();
+        e = fmax(dev_err(gx, x, n), fmax(dev_err(gout, out, n), dev_err(grstd, rstd, NROWS)));
+        report("residual_rmsnorm_fwd*", e, tg, tc, 1e-4);
+        G->free(gdelta), free(delta);
+    }
 #endif
     G->free(gx), G->free(gw), G->free(gb), G->free(gout), G->free(gmean), G->free(grstd), G->free(gdout);
     G->free(gdx), G->free(gdw), G->free(gdb);
@@ -342,28 +484,29 @@ static void check_adamw(void) {
     double e = fmax(dev_err(gp, p, n), fmax(dev_err(gm, m, n), dev_err(gv, v, n)));
     report("adamw", e, tg, tc, 1e-5);
 #ifdef ST_HAVE_CUDA
-    /* multi-tensor fp32 master -> bf16 copy: two tensors with their own lr/wd, == two adamw calls */
-    size_t n1 = 20000, n2 = n - n1;
-    uint16_t *gbf = dev_from(NULL, n * 2);
-    st_adamw_tensor ts[2] = {
-        {gp, gg, gm, gv, gbf, n1, 2e-3f, 0.1f},
-        {gp + n1, gg + n1, gm + n1, gv + n1, gbf + n1, n2, 1e-3f, 0.0f},
-    };
-    tick(); st_cuda_adamw_multi_bf16(ts, 2, 0.9f, 0.95f, 1e-8f, 0.5f, 8); tg = tock_gpu();
-    tick();
-    C->adamw(p, g, m, v, n1, 2e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 8);
-    C->adamw(p + n1, g + n1, m + n1, v + n1, n2, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.0f, 0.5f, 8);
-    tc = tock_cpu();
-    uint16_t *bf = malloc(n * 2);
-    G->copy_to_host(bf, gbf, n * 2);
-    float *pbf = malloc(n * 4), *pref = fetch(gp, n);
-    for (size_t i = 0; i < n; i++) { /* the copy must be exactly the bf16 rounding of the GPU's fp32 value */
-        pbf[i] = st_bf16_bits_to_float(bf[i]);
-        pref[i] = st_bf16_bits_to_float(st_float_to_bf16_bits(pref[i]));
+    if (!self_test) { /* multi-tensor fp32 master -> bf16 copy: two tensors, own lr/wd, == two adamw calls */
+        size_t n1 = 20000, n2 = n - n1;
+        uint16_t *gbf = dev_from(NULL, n * 2);
+        st_adamw_tensor ts[2] = {
+            {gp, gg, gm, gv, gbf, n1, 2e-3f, 0.1f},
+            {gp + n1, gg + n1, gm + n1, gv + n1, gbf + n1, n2, 1e-3f, 0.0f},
+        };
+        tick(); st_cuda_adamw_multi_bf16(ts, 2, 0.9f, 0.95f, 1e-8f, 0.5f, 8); tg = tock_gpu();
+        tick();
+        C->adamw(p, g, m, v, n1, 2e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 8);
+        C->adamw(p + n1, g + n1, m + n1, v + n1, n2, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.0f, 0.5f, 8);
+        tc = tock_cpu();
+        uint16_t *bf = malloc(n * 2);
+        G->copy_to_host(bf, gbf, n * 2);
+        float *pbf = malloc(n * 4), *pref = fetch(gp, n);
+        for (size_t i = 0; i < n; i++) { /* the copy must be exactly the bf16 rounding of the GPU's fp32 value */
+            pbf[i] = st_bf16_bits_to_float(bf[i]);
+            pref[i] = st_bf16_bits_to_float(st_float_to_bf16_bits(pref[i]));
+        }
+        e = fmax(dev_err(gp, p, n), rel_err(pbf, pref, n));
+        report("adamw_multi_bf16*", e, tg, tc, 1e-5);
+        G->free(gbf), free(bf), free(pbf), free(pref);
     }
-    e = fmax(dev_err(gp, p, n), rel_err(pbf, pref, n));
-    report("adamw_multi_bf16*", e, tg, tc, 1e-5);
-    G->free(gbf), free(bf), free(pbf), free(pref);
 #endif
     G->free(gp), G->free(gg), G->free(gm), G->free(gv), free(p), free(g), free(m), free(v);
 }
@@ -389,33 +532,274 @@ static void check_dequant(void) {
     G->free(gq), G->free(gpk), G->free(gscale), G->free(gout), free(q), free(packed), free(scale), free(out);
 }
 
+/* ---------------------------------------------------------------- training step */
+
+/* The model and step of the training section (flags; -1 = the mode's default, see defaults_for()). */
+static struct {
+    int layers, dim, heads, kv_heads, ff, vocab, seq, batch, steps, peak_n;
+} topt = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
+
+static void defaults_for(int small) {
+    /* full: a 4-layer Llama, d_model 256 (~11M parameters, most in the 32000-word head); small: seconds on
+     * 2 CPU cores */
+    const int full[10] = {4, 256, 4, 2, 688, 32000, 128, 4, 5, 4096};
+    const int tiny[10] = {2, 64, 4, 2, 172, 512, 32, 2, 3, 256};
+    const int *d = small ? tiny : full;
+    int *f[10] = {&topt.layers, &topt.dim, &topt.heads, &topt.kv_heads, &topt.ff, &topt.vocab,
+                  &topt.seq, &topt.batch, &topt.steps, &topt.peak_n};
+    for (int i = 0; i < 10; i++)
+        if (*f[i] < 0) *f[i] = d[i];
+}
+
+static int train_model(st_model *m, const st_backend *be, st_precision prec) {
+    st_model_config c;
+    memset(&c, 0, sizeof c);
+    c.family = ST_FAMILY_LLAMA;
+    snprintf(c.model_type, sizeof c.model_type, "llama");
+    c.n_layer = topt.layers, c.d_model = topt.dim, c.n_head = topt.heads, c.n_kv_head = topt.kv_heads;
+    c.head_dim = topt.heads > 0 ? topt.dim / topt.heads : 0;
+    c.d_ff = topt.ff, c.vocab = topt.vocab, c.max_seq = topt.seq;
+    c.norm_eps = 1e-5f, c.rope_theta = 10000.0f, c.bos_id = c.eos_id = -1;
+    int rc = st_model_build(m, &c, be);
+    if (!rc) rc = st_model_init_random(m, 20261122);
+    unsigned char *layers = xmalloc((size_t)topt.layers);
+    memset(layers, 1, (size_t)topt.layers);
+    m->grad_align = 1;
+    if (!rc) rc = st_model_set_trainable(m, layers, ST_MOD_ALL);
+    free(layers);
+    if (!rc) rc = st_model_alloc_activations(m, topt.batch, topt.seq);
+    if (!rc) rc = st_model_set_precision(m, prec);
+    return rc;
+}
+
+/* Seconds of the fastest of 3 rounds of 4 back-to-back calls, per call. */
+static double time_matmul(float *dc, const void *da, const void *db, float *scratch, int n, st_precision prec) {
+    double best = INFINITY;
+    for (int round = -1; round < 3; round++) { /* round -1: warm-up (cuBLASLt heuristics, page faults) */
+        int reps = round < 0 ? 1 : 4;
+        tick();
+        for (int r = 0; r < reps; r++) {
+            if (prec == ST_PRECISION_BF16)
+                G->matmul_bf16(dc, st_mm_bf16(da), st_mm_bf16(db), NULL, n, n, n, 0, 0, 1.0f, 0.0f, scratch);
+            else
+                G->matmul(dc, da, db, n, n, n, 0, 0, 1.0f, 0.0f);
+        }
+        double t = tock_gpu() / reps;
+        if (round >= 0 && t < best) best = t;
+    }
+    return best;
+}
+
+/* FLOP/s of an n x n x n matmul on the backend under test: the fp32 matmul, or matmul_bf16 on bf16
+ * operands (no rounding pass: the arithmetic a bf16 training step's matmuls reach at best). */
+static double measure_peak(st_precision prec, int n) {
+    size_t nn = (size_t)n * n, esz = prec == ST_PRECISION_BF16 ? 2 : 4;
+    float *h = hrand(nn, 1);
+    void *host = h;
+    uint16_t *bits = NULL;
+    if (prec == ST_PRECISION_BF16) {
+        bits = xmalloc(nn * 2);
+        for (size_t i = 0; i < nn; i++) bits[i] = st_float_to_bf16_bits(h[i]);
+        host = bits;
+    }
+    void *da = dev_from(host, nn * esz), *db = dev_from(host, nn * esz);
+    float *dc = dev_from(NULL, nn * sizeof(float)), *ds = NULL;
+    if (prec == ST_PRECISION_BF16) ds = dev_from(NULL, st_matmul_bf16_scratch_floats(n, n, n) * sizeof(float));
+    double t = time_matmul(dc, da, db, ds, n, prec);
+    G->free(da), G->free(db), G->free(dc), G->free(ds), free(h), free(bits);
+    return 2.0 * (double)n * n * n / t;
+}
+
+static int cmp_double(const void *x, const void *y) {
+    double a = *(const double *)x, b = *(const double *)y;
+    return (a > b) - (a < b);
+}
+
+/* |x - ref| / |ref|; infinite when either is not finite (a diverged step is a failure). */
+static double loss_rel_diff(double x, double ref) {
+    if (!isfinite(x) || !isfinite(ref)) return INFINITY;
+    return fabs(x - ref) / fmax(fabs(ref), 1e-30);
+}
+
+/* One training step: zero grads, forward (loss), backward, AdamW. Returns the loss; *secs its time. */
+static double train_step(st_model *m, st_optim *o, const st_backend *be, const int32_t *in, const int32_t *tg,
+                         const float *w, int step, double *secs) {
+    be->synchronize();
+    double t = st_now();
+    st_model_zero_grad(m);
+    double loss = st_model_forward(m, in, tg, w, 1);
+    st_model_backward(m);
+    st_optim_update(o, m, m->grads, st_lr_at(&o->cfg, step), 1.0f);
+    be->synchronize();
+    *secs = st_now() - t;
+    return loss;
+}
+
+/* Loss tolerances (estimates; nothing has run on a GPU yet): fp32 differs only in summation order; bf16
+ * adds operands that land on the other side of a rounding boundary (one bf16 ulp = 2^-8 relative). */
+static void check_training(st_precision prec) {
+    const char *pn = prec == ST_PRECISION_BF16 ? "bf16" : "fp32";
+    const double tol = prec == ST_PRECISION_BF16 ? 2e-3 : 2e-4;
+    st_model mg, mc;
+    memset(&mg, 0, sizeof mg), memset(&mc, 0, sizeof mc);
+    int rc = train_model(&mg, G, prec);
+    if (!rc) rc = train_model(&mc, C, prec);
+    if (rc) {
+        checked++, failures++;
+        printf("train %s: model setup failed: %s  FAIL\n", pn, st_error());
+        st_model_free(&mg), st_model_free(&mc);
+        return;
+    }
+    st_optim_config oc = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, ST_SCHED_CONSTANT, 0, topt.steps, 0.0f, 1.0f};
+    st_optim og, ocpu;
+    memset(&og, 0, sizeof og), memset(&ocpu, 0, sizeof ocpu);
+    rc = st_optim_init(&og, &oc, 0, mg.grad_alloc, &mg, G);
+    if (!rc) rc = st_optim_init(&ocpu, &oc, 0, mc.grad_alloc, &mc, C);
+    int N = topt.batch * topt.seq;
+    int32_t *in = xmalloc((size_t)N * 4), *tg = xmalloc((size_t)N * 4);
+    float *w = xmalloc((size_t)N * 4);
+    for (int i = 0; i < N; i++) {
+        in[i] = (int32_t)(rand_bits() % (uint32_t)topt.vocab);
+        tg[i] = (int32_t)(rand_bits() % (uint32_t)topt.vocab);
+        w[i] = 1.0f / (float)N;
+    }
+    double *tstep = xmalloc(sizeof(double) * (size_t)topt.steps), worst = 0, last_g = 0, last_c = 0;
+    for (int s = 0; s < topt.steps && !rc; s++) {
+        double tcpu;
+        double lg = train_step(&mg, &og, G, in, tg, w, s, &tstep[s]);
+        double lc = train_step(&mc, &ocpu, C, in, tg, w, s, &tcpu);
+        double d = loss_rel_diff(lg, lc);
+        worst = fmax(worst, d);
+        last_g = lg, last_c = lc;
+        printf("train %s step %d  loss %.7f (%s)  %.7f (cpu ref)  rel_diff %.2e  time %.1f ms (%s), %.1f ms (cpu ref)"
+               "\n", pn, s + 1, lg, G->name, lc, d, tstep[s] * 1e3, G->name, tcpu * 1e3);
+    }
+    if (rc) {
+        checked++, failures++;
+        printf("train %s: optimizer setup failed: %s  FAIL\n", pn, st_error());
+    } else {
+        checked++;
+        int ok = worst <= tol;
+        if (!ok) failures++;
+        printf("train %s max_rel_loss_diff %9.2e  tol %.0e  %s\n", pn, worst, tol, ok ? "ok" : "FAIL");
+        if (self_test) /* the same comparison must fail for a loss off by 3x the tolerance */
+            expect_caught("training loss", loss_rel_diff(last_g * (1.0 + 3.0 * tol), last_c), tol);
+        qsort(tstep, (size_t)topt.steps, sizeof(double), cmp_double);
+        double median = tstep[topt.steps / 2];
+        double tps = (double)N / median, fpt = st_model_flops_per_token(&mg, topt.seq);
+        double peak = measure_peak(prec, topt.peak_n);
+        printf("train %s step_median %.2f ms  tokens/s %.1f  flops/token %.3g  peak %.3g TFLOP/s (%s %d^3 on %s)  "
+               "MFU %.2f%%\n",
+               pn, median * 1e3, tps, fpt, peak * 1e-12, prec == ST_PRECISION_BF16 ? "matmul_bf16, bf16 operands"
+                                                                                   : "matmul fp32",
+               topt.peak_n, G->name, 100.0 * fpt * tps / peak);
+    }
+    st_optim_free(&og, G), st_optim_free(&ocpu, C);
+    free(og.param_step), free(ocpu.param_step);
+    st_model_free(&mg), st_model_free(&mc);
+    free(in), free(tg), free(w), free(tstep);
+}
+
+/* ---------------------------------------------------------------- self-test backend */
+
+static st_backend noisy; /* the CPU table with noisy matmuls (--self-test) */
+static uint64_t noise_counter;
+
+/* x * (1 + u * 4 * 2^-23), u uniform in [-1, 1) from a counter hash (splitmix64): deterministic, and
+ * the same for every thread count since it runs serially after the matmul. */
+static void add_noise(float *c, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint64_t z = (noise_counter++) + 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL, z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL, z ^= z >> 31;
+        double u = (double)(z >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+        c[i] = (float)((double)c[i] * (1.0 + u * 4.0 * 0x1p-23));
+    }
+}
+
+static void noisy_matmul(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb, float alpha,
+                         float beta) {
+    C->matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
+    if (m > 0 && n > 0) add_noise(c, (size_t)m * n);
+}
+
+static void noisy_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int ta,
+                              int tb, float alpha, float beta, float *scratch) {
+    C->matmul_bf16(c, a, b, bias, m, n, k, ta, tb, alpha, beta, scratch);
+    if (m > 0 && n > 0) add_noise(c, (size_t)m * n);
+}
+
+/* ---------------------------------------------------------------- main */
+
+static int usage(const char *bad) {
+    if (bad) printf("gpu_check: bad argument '%s'\n", bad);
+    printf("usage: gpu_check [--device N] [--seed S] [--self-test] [--layers L] [--dim C] [--heads H]\n"
+           "                 [--kv-heads KVH] [--ff F] [--vocab V] [--seq T] [--batch B] [--steps S]\n"
+           "                 [--peak-size N] [--no-train]\n");
+    return 2;
+}
+
+static int parse_int(const char *s, int lo, int hi, int *out) {
+    char *end = NULL;
+    long v = strtol(s, &end, 10);
+    if (!*s || *end || v < lo || v > hi) return -1;
+    *out = (int)v;
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    int device = 0;
+    int device = 0, train = 1;
+    struct { const char *flag; int *dst, lo, hi; } iflags[] = {
+        {"--device", &device, 0, 1024},        {"--layers", &topt.layers, 1, 1024},
+        {"--dim", &topt.dim, 1, 65536},        {"--heads", &topt.heads, 1, 1024},
+        {"--kv-heads", &topt.kv_heads, 1, 1024}, {"--ff", &topt.ff, 1, 1 << 20},
+        {"--vocab", &topt.vocab, 2, 1 << 22},  {"--seq", &topt.seq, 1, 1 << 16},
+        {"--batch", &topt.batch, 1, 1 << 16},  {"--steps", &topt.steps, 1, 1000},
+        {"--peak-size", &topt.peak_n, 16, 32768},
+    };
     for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--device") == 0 && i + 1 < argc) device = atoi(argv[++i]);
-        else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc) rng_state = strtoull(argv[++i], NULL, 10) | 1;
-        else {
-            fprintf(stderr, "usage: gpu_check [--device N] [--seed S]\n");
+        int done = 0;
+        for (size_t f = 0; f < sizeof iflags / sizeof iflags[0] && !done; f++) {
+            if (strcmp(argv[i], iflags[f].flag) != 0) continue;
+            if (i + 1 >= argc || parse_int(argv[i + 1], iflags[f].lo, iflags[f].hi, iflags[f].dst))
+                return usage(i + 1 < argc ? argv[i + 1] : argv[i]);
+            i++, done = 1;
+        }
+        if (done) continue;
+        if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc) rng_state = strtoull(argv[++i], NULL, 10) | 1;
+        else if (strcmp(argv[i], "--self-test") == 0) self_test = 1;
+        else if (strcmp(argv[i], "--no-train") == 0) train = 0;
+        else return usage(argv[i]);
+    }
+    defaults_for(self_test);
+    if (self_test) {
+        C = st_backend_cpu(0);
+        if (C) {
+            noisy = *C;
+            noisy.name = "cpu+noise";
+            noisy.matmul = noisy_matmul;
+            noisy.matmul_bf16 = noisy_matmul_bf16;
+            G = &noisy;
+        }
+    } else {
+        G = st_backend_cuda(device);
+        if (!G) {
+            printf("gpu_check: nothing checked: %s\n", st_error());
             return 2;
         }
+        C = st_backend_cpu(0);
     }
-    G = st_backend_cuda(device);
-    if (!G) {
-        printf("gpu_check: nothing checked: %s\n", st_error());
-        return 2;
-    }
-    if (!st_backend_cpu) {
-        printf("gpu_check: nothing checked: this build has no CPU backend (kernels/cpu) to compare with\n");
-        return 2;
-    }
-    C = st_backend_cpu(0);
     if (!C) {
         printf("gpu_check: nothing checked: CPU backend failed: %s\n", st_error());
         return 2;
     }
-    printf("gpu_check: CUDA device %d vs CPU; * = CUDA-only extra checked against a CPU composition\n", device);
+    if (self_test)
+        printf("gpu_check --self-test: backend under test = cpu+noise (the CPU backend, matmul outputs off by up "
+               "to 4 fp32 ulps); the perturbed results must be caught\n");
+    else
+        printf("gpu_check: CUDA device %d vs CPU; * = CUDA-only extra checked against a CPU composition\n", device);
     check_matmul();
     check_matmul_bf16();
+    check_bf16_storage();
     check_bias();
     check_elementwise();
     check_norms();
@@ -425,13 +809,21 @@ int main(int argc, char **argv) {
     check_cross_entropy();
     check_adamw();
     check_dequant();
+    if (train) {
+        printf("train: llama L=%d C=%d H=%d KVH=%d F=%d V=%d, B=%d T=%d, %d AdamW steps, same weights/tokens on %s "
+               "and cpu\n",
+               topt.layers, topt.dim, topt.heads, topt.kv_heads, topt.ff, topt.vocab, topt.batch, topt.seq, topt.steps,
+               G->name);
+        check_training(ST_PRECISION_FP32);
+        check_training(ST_PRECISION_BF16);
+    }
     G->synchronize();
 #ifdef ST_HAVE_CUDA
-    if (st_cuda_status() != 0) {
+    if (!self_test && st_cuda_status() != 0) {
         printf("gpu_check: CUDA error: %s\n", st_error());
         return 1;
     }
 #endif
-    printf("gpu_check: %d of %d kernels within tolerance\n", checked - failures, checked);
+    printf("gpu_check: %d of %d checks within tolerance\n", checked - failures, checked);
     return failures ? 1 : 0;
 }

@@ -19,9 +19,10 @@
 
 enum { MATMUL_CACHE = 32 };
 
-struct matmul_plan { /* cuBLASLt descriptors + chosen algorithm for one (m, n, k, ta, tb, input type) */
-    int m, n, k, ta, tb, align, valid; /* align: bytes all three pointers are aligned to (4..16) */
+struct matmul_plan { /* cuBLASLt descriptors + algorithm for one (m, n, k, ta, tb, align, input type, epilogue) */
+    int m, n, k, ta, tb, align, valid; /* align: bytes all pointers (and the bias) are aligned to (2..16) */
     cudaDataType_t ab_type;            /* CUDA_R_32F (matmul) or CUDA_R_16BF (matmul_bf16) */
+    int bias;                          /* 1: CUBLASLT_EPILOGUE_BIAS (fp32 bias, pointer set per call) */
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t la, lb, lc;
     cublasLtMatmulAlgo_t algo;
@@ -254,14 +255,23 @@ static const char *lt_status(cublasStatus_t s) {
 }
 
 /* Row-major C[M,N] = op(A) op(B) is column-major C^T[N,M] = op(B)^T op(A)^T: we hand cuBLASLt B as its
- * "A" and A as its "B". A row-major [r, c] matrix is a column-major [c, r] one with ld = c. */
-/* ab_type is the element type of A and B; C/D and the scale type are always fp32. bf16 inputs run with
- * CUBLAS_COMPUTE_32F (fp32 accumulation) whatever SHARDTUNE_CUDA_TF32 says. */
-static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, int align, cudaDataType_t ab_type) {
+ * "A" and A as its "B". A row-major [r, c] matrix is a column-major [c, r] one with ld = c.
+ * ab_type is the element type of A and B; C/D and the scale type are always fp32. bf16 inputs run with
+ * CUBLAS_COMPUTE_32F (fp32 accumulation) whatever SHARDTUNE_CUDA_TF32 says.
+ * bias: CUBLASLT_EPILOGUE_BIAS. cuBLASLt adds a bias vector whose length is the number of ROWS of D,
+ * broadcast over D's columns, after alpha*AB + beta*C (cublasLt.h, CUBLASLT_EPILOGUE_BIAS). Our D is the
+ * column-major C^T [N, M]: its rows are the N columns of the row-major C, so bias[j] lands on column j of
+ * every row of C — exactly bias_add(C, bias, M, N). The bias element type is D's type (fp32) unless
+ * IMMA/fp8 (cublasLt.h, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE); we set CUDA_R_32F explicitly anyway. The
+ * bias pointer is set on the descriptor before the heuristic (which looks at its alignment) and again
+ * before every call; the pointer is not part of the key, its alignment is (through `align`). */
+static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, int align, cudaDataType_t ab_type,
+                                           const float *bias_ptr) {
+    int bias = bias_ptr != NULL;
     for (int i = 0; i < MATMUL_CACHE; i++) {
         struct matmul_plan *p = &g.plans[i];
         if (p->valid && p->m == m && p->n == n && p->k == k && p->ta == ta && p->tb == tb && p->align == align &&
-            p->ab_type == ab_type)
+            p->ab_type == ab_type && p->bias == bias)
             return p;
     }
     struct matmul_plan *p = &g.plans[g.next_plan];
@@ -281,6 +291,17 @@ static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, 
         s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof op_first);
     if (s == CUBLAS_STATUS_SUCCESS)
         s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof op_second);
+    if (bias) {
+        uint32_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+        int32_t bias_type = CUDA_R_32F;
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                               sizeof bias_type);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof bias_ptr);
+    }
     /* B memory: [K,N] row-major = col-major [N,K] (ld N); transposed: [N,K] row-major = col-major [K,N] */
     if (s == CUBLAS_STATUS_SUCCESS)
         s = tb ? cublasLtMatrixLayoutCreate(&p->la, ab_type, k, n, k)
@@ -295,7 +316,8 @@ static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, 
     if (s == CUBLAS_STATUS_SUCCESS)
         s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                  &g.lt_workspace_bytes, sizeof g.lt_workspace_bytes);
-    /* sub-tensors of a flat weight buffer may be only 4-byte aligned: ask only for kernels that cope */
+    /* sub-tensors of a flat weight buffer may be only 4-byte (bf16: 2-byte) aligned: ask only for kernels
+     * that cope */
     uint32_t align_bytes = (uint32_t)align;
     cublasLtMatmulPreferenceAttributes_t align_attrs[] = {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
@@ -309,17 +331,22 @@ static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, 
         s = cublasLtMatmulAlgoGetHeuristic(g.lt, p->op, p->la, p->lb, p->lc, p->lc, pref, 1, &heur, &found);
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "no cuBLASLt algorithm for m=%d n=%d k=%d ta=%d tb=%d %s (%s)", m, n, k, ta, tb,
-                 ab_type == CUDA_R_16BF ? "bf16" : "fp32",
+        char msg[192];
+        snprintf(msg, sizeof msg, "no cuBLASLt algorithm for m=%d n=%d k=%d ta=%d tb=%d %s%s align=%d (%s)", m, n, k,
+                 ta, tb, ab_type == CUDA_R_16BF ? "bf16" : "fp32", bias ? " +bias" : "", align,
                  s != CUBLAS_STATUS_SUCCESS ? lt_status(s) : "heuristic found none");
         st_cuda_note("matmul", msg);
         return NULL; /* descriptors of a half-built plan leak once per failure; failures are sticky */
     }
-    p->m = m, p->n = n, p->k = k, p->ta = ta, p->tb = tb, p->align = align, p->ab_type = ab_type;
+    p->m = m, p->n = n, p->k = k, p->ta = ta, p->tb = tb, p->align = align, p->ab_type = ab_type, p->bias = bias;
     p->algo = heur.algo;
     p->valid = 1;
     return p;
+}
+
+/* Largest power of two (16, 8, 4 or 2) every pointer whose bits are or-ed into `bits` is aligned to. */
+static int pointer_align(uintptr_t bits) {
+    return (bits & 15) == 0 ? 16 : (bits & 7) == 0 ? 8 : (bits & 3) == 0 ? 4 : 2;
 }
 
 static void cu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
@@ -330,44 +357,77 @@ static void cu_matmul(float *c, const float *a, const float *b, int m, int n, in
         else cu_scale(c, beta, (size_t)m * n);
         return;
     }
-    uintptr_t bits = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c;
-    int align = (bits & 15) == 0 ? 16 : (bits & 7) == 0 ? 8 : 4;
-    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align, CUDA_R_32F);
+    int align = pointer_align((uintptr_t)a | (uintptr_t)b | (uintptr_t)c);
+    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align, CUDA_R_32F, NULL);
     if (!p) return;
     cublasStatus_t s = cublasLtMatmul(g.lt, p->op, &alpha, b, p->la, a, p->lb, &beta, c, p->lc, c, p->lc, &p->algo,
                                       g.lt_workspace, g.lt_workspace_bytes, g.stream);
     if (s != CUBLAS_STATUS_SUCCESS) st_cuda_note("matmul", lt_status(s));
 }
 
-/* dst[i] = bf16(src[i]), round to nearest even (the rule of kernels/cuda/bf16_host.h). */
-__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
+/* ---------------------------------------------------------------- bf16 storage and matmul_bf16 */
+
+/* dst[i] = bf16 bits of src[i], round to nearest even (the rule of kernels/cuda/bf16_host.h). */
+__global__ void to_bf16_kernel(uint16_t *dst, const float *src, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = __float2bfloat16_rn(src[i]);
+        dst[i] = st_bf16_bits_rn(src[i]);
 }
 
-static void to_bf16(__nv_bfloat16 *dst, const float *src, size_t n) {
+/* dst[i] = src[i] widened to fp32: the bf16 bits become the upper half of the fp32 bits (exact). */
+__global__ void from_bf16_kernel(float *dst, const uint16_t *src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __uint_as_float((uint32_t)src[i] << 16);
+}
+
+static void cu_to_bf16(uint16_t *dst, const float *src, size_t n) {
+    if (n == 0) return;
     to_bf16_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dst, src, n);
-    ST_CUDA_LAUNCHED("matmul_bf16 operand rounding");
+    ST_CUDA_LAUNCHED("to_bf16");
 }
 
-/* Mixed-precision matmul: A and B are rounded to bf16 buffers in the caller's scratch (same layouts),
- * then cuBLASLt multiplies bf16 x bf16 with fp32 accumulation into the fp32 C. The scratch layout is
- * A's copy at byte 0, B's at a 16-byte aligned offset (well inside st_matmul_bf16_scratch_floats). */
-static void cu_matmul_bf16(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
-                           float alpha, float beta, float *scratch) {
+static void cu_from_bf16(float *dst, const uint16_t *src, size_t n) {
+    if (n == 0) return;
+    from_bf16_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dst, src, n);
+    ST_CUDA_LAUNCHED("from_bf16");
+}
+
+/* The bf16 bits cuBLASLt reads for one operand: a bf16 operand as given (no pass over it), an fp32 one
+ * rounded into `slot` of the caller's scratch (same layout, so the transpose flags are unchanged). */
+static const uint16_t *operand_bf16(st_mm_in x, uint16_t *slot, size_t n) {
+    if (x.bf16) return x.bf16;
+    cu_to_bf16(slot, x.f32, n);
+    return slot;
+}
+
+/* Mixed-precision matmul: cuBLASLt multiplies bf16 x bf16 with fp32 accumulation into the fp32 C, then
+ * (bias != NULL) its BIAS epilogue adds bias[j] to column j. Scratch layout (within
+ * st_matmul_bf16_scratch_floats, which counts fp32 copies, so bf16 copies use less than half of it): A's
+ * bf16 copy at the start, B's at the next 16-byte boundary after it; a slot stays unused when that
+ * operand is already bf16. */
+static void cu_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int trans_a,
+                           int trans_b, float alpha, float beta, float *scratch) {
     if (m <= 0 || n <= 0) return;
-    if (k <= 0) { cu_matmul(c, a, b, m, n, k, trans_a, trans_b, alpha, beta); return; }
+    if ((a.f32 == NULL) == (a.bf16 == NULL) || (b.f32 == NULL) == (b.bf16 == NULL)) {
+        st_cuda_note("matmul_bf16", "each operand needs exactly one of f32 / bf16");
+        return;
+    }
+    if (k <= 0) { /* empty product: beta * C, then the bias, as the CPU twin does */
+        cu_matmul(c, NULL, NULL, m, n, k, trans_a, trans_b, alpha, beta);
+        if (bias) cu_bias_add(c, bias, m, n);
+        return;
+    }
     size_t na = (size_t)m * k, nb = (size_t)k * n;
-    __nv_bfloat16 *ra = (__nv_bfloat16 *)scratch;
-    __nv_bfloat16 *rb = ra + (na + 7) / 8 * 8;
-    to_bf16(ra, a, na);
-    to_bf16(rb, b, nb);
-    uintptr_t bits = (uintptr_t)ra | (uintptr_t)rb | (uintptr_t)c;
-    int align = (bits & 15) == 0 ? 16 : (bits & 7) == 0 ? 8 : 4;
-    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align, CUDA_R_16BF);
+    uint16_t *slot_a = (uint16_t *)scratch, *slot_b = slot_a + (na + 7) / 8 * 8;
+    const uint16_t *ra = operand_bf16(a, slot_a, na), *rb = operand_bf16(b, slot_b, nb);
+    int align = pointer_align((uintptr_t)ra | (uintptr_t)rb | (uintptr_t)c | (uintptr_t)bias);
+    struct matmul_plan *p =
+        matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align, CUDA_R_16BF, bias);
     if (!p) return;
-    cublasStatus_t s = cublasLtMatmul(g.lt, p->op, &alpha, rb, p->la, ra, p->lb, &beta, c, p->lc, c, p->lc,
-                                      &p->algo, g.lt_workspace, g.lt_workspace_bytes, g.stream);
+    cublasStatus_t s = CUBLAS_STATUS_SUCCESS;
+    if (bias) s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmul(g.lt, p->op, &alpha, rb, p->la, ra, p->lb, &beta, c, p->lc, c, p->lc, &p->algo,
+                           g.lt_workspace, g.lt_workspace_bytes, g.stream);
     if (s != CUBLAS_STATUS_SUCCESS) st_cuda_note("matmul_bf16", lt_status(s));
 }
 
@@ -376,7 +436,7 @@ static void cu_matmul_bf16(float *c, const float *a, const float *b, int m, int 
 static const st_backend cuda_backend = {
     "cuda",
     cu_alloc, cu_free, cu_memset0, cu_copy_to_device, cu_copy_to_host, cu_copy, cu_synchronize,
-    cu_matmul, cu_matmul_bf16, cu_bias_add, cu_bias_bwd,
+    cu_matmul, cu_matmul_bf16, cu_to_bf16, cu_from_bf16, cu_bias_add, cu_bias_bwd,
     cu_add, cu_accumulate, cu_scale, cu_sumsq,
     st_cu_layernorm_fwd, st_cu_layernorm_bwd, st_cu_rmsnorm_fwd, st_cu_rmsnorm_bwd,
     st_cu_rope_fwd, st_cu_rope_bwd,

@@ -8,6 +8,7 @@
 #ifndef ST_CUDA_COMMON_CUH
 #define ST_CUDA_COMMON_CUH
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -36,6 +37,15 @@ void st_cuda_note_err(const char *what, cudaError_t err);
 #define ST_CUDA_LAUNCHED(what) ST_CUDA_CK(what, cudaGetLastError())
 
 /* ---- device helpers ---- */
+
+/* bf16 bits of f, round to nearest even: __float2bfloat16_rn, except that a NaN keeps its sign and payload
+ * top bits with the quiet bit forced (the hardware returns one canonical NaN). This is exactly
+ * st_float_to_bf16_bits() of kernels/cuda/bf16_host.h, so bf16 copies are bit-identical to the CPU's. */
+__device__ __forceinline__ uint16_t st_bf16_bits_rn(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) return (uint16_t)((u >> 16) | 0x0040u);
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
 
 template <typename T>
 __device__ __forceinline__ T st_warp_sum(T v) {

@@ -206,7 +206,7 @@ __global__ void adamw_multi_bf16_kernel(mt_batch batch, adamw_consts k) {
     GRID_STRIDE(i, batch.n[ti]) {
         float np = adamw_step(p[i], g[i], m + i, v + i, lr, wd, k);
         p[i] = np;
-        if (bf) bf[i] = __bfloat16_as_ushort(__float2bfloat16_rn(np));
+        if (bf) bf[i] = st_bf16_bits_rn(np);
     }
 }
 

@@ -11,6 +11,18 @@ const float ST_NF4_LEVELS[16] = {
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
 };
 
+st_adamw_scalars st_adamw_scalars_for(float lr, float weight_decay, float beta1, float beta2, int step) {
+    st_adamw_scalars s;
+    double bc1 = 1.0 - pow((double)beta1, (double)step);
+    double bc2 = 1.0 - pow((double)beta2, (double)step);
+    s.decay = (float)(1.0 - (double)lr * (double)weight_decay);
+    s.one_m_b1 = (float)(1.0 - (double)beta1);
+    s.one_m_b2 = (float)(1.0 - (double)beta2);
+    s.neg_step_size = (float)(-((double)lr / bc1));
+    s.bc2_sqrt = (float)sqrt(bc2);
+    return s;
+}
+
 void st_rope_tables(float *cos_out, float *sin_out, int t, int hd, float theta) {
     int half = hd / 2;
     for (int pos = 0; pos < t; pos++) {

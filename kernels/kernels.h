@@ -167,6 +167,15 @@ static inline size_t st_matmul_bf16_scratch_floats(int m, int n, int k) {
     return ((size_t)m * (size_t)k + 15) / 16 * 16 + (size_t)k * (size_t)n;
 }
 
+/* AdamW's per-range scalars, computed in double and rounded to float once, where PyTorch hands them to
+ * its float kernel. Every backend's AdamW takes these and then runs, per element, exactly:
+ *   g = grad * grad_scale; p = param * decay; m = m * beta1 + one_m_b1 * g;
+ *   v = v * beta2 + one_m_b2 * g * g; param = p + neg_step_size * m / (sqrtf(v) / bc2_sqrt + eps). */
+typedef struct {
+    float decay, one_m_b1, one_m_b2, neg_step_size, bc2_sqrt;
+} st_adamw_scalars;
+st_adamw_scalars st_adamw_scalars_for(float lr, float weight_decay, float beta1, float beta2, int step);
+
 /* The 16 NormalFloat-4 levels (QLoRA paper), shared by every backend. */
 extern const float ST_NF4_LEVELS[16];
 

@@ -14,13 +14,9 @@
 static void adamw_range(float *restrict param, uint16_t *restrict param_bf16, const float *restrict grad,
                         float *restrict m, float *restrict v, size_t n, float lr, float beta1, float beta2, float eps,
                         float weight_decay, float grad_scale, int step) {
-    double bc1 = 1.0 - pow((double)beta1, (double)step);
-    double bc2 = 1.0 - pow((double)beta2, (double)step);
-    const float decay = (float)(1.0 - (double)lr * (double)weight_decay);
-    const float one_m_b1 = (float)(1.0 - (double)beta1);
-    const float one_m_b2 = (float)(1.0 - (double)beta2);
-    const float neg_step_size = (float)(-((double)lr / bc1));
-    const float bc2_sqrt = (float)sqrt(bc2);
+    const st_adamw_scalars s = st_adamw_scalars_for(lr, weight_decay, beta1, beta2, step);
+    const float decay = s.decay, one_m_b1 = s.one_m_b1, one_m_b2 = s.one_m_b2;
+    const float neg_step_size = s.neg_step_size, bc2_sqrt = s.bc2_sqrt;
 #pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float g = grad[i] * grad_scale;

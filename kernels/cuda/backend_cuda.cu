@@ -446,6 +446,7 @@ static const st_backend cuda_backend = {
     st_cu_cross_entropy,
     st_cu_adamw,
     st_cu_dequant_int8, st_cu_dequant_nf4,
+    st_cu_adamw_multi,
 };
 
 static size_t env_mib(const char *name, size_t fallback) {

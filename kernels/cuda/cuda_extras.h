@@ -22,25 +22,6 @@ int st_cuda_status(void);
 /* The compute stream as a cudaStream_t (void * here to keep this header free of CUDA types). */
 void *st_cuda_stream(void);
 
-/* One tensor of the multi-tensor AdamW: fp32 master weights with their gradient and moments, plus the
- * bf16 copy (raw uint16 bits, round-to-nearest-even of the updated fp32 value) the forward pass reads.
- * lr and weight_decay are per tensor (layer-wise learning-rate decay, no decay on norms/biases). */
-typedef struct {
-    float *param;
-    const float *grad;
-    float *m;
-    float *v;
-    uint16_t *param_bf16; /* may be NULL: no bf16 copy for this tensor */
-    size_t n;
-    float lr;
-    float weight_decay;
-} st_adamw_tensor;
-
-/* AdamW (the same math as st_backend.adamw) over `count` tensors in as few launches as possible
- * (ST_CUDA_MT_MAX_TENSORS per launch), writing each updated fp32 value and its bf16 copy. */
-int st_cuda_adamw_multi_bf16(const st_adamw_tensor *tensors, int count, float beta1, float beta2, float eps,
-                             float grad_scale, int step);
-
 /* Fused residual add + RMSNorm forward over rows [n, c]:
  *   residual += delta;  out = residual * rstd * w;  rstd[i] = 1/sqrt(mean(residual_i^2) + eps).
  * Equals backend add(residual, residual, delta) then rmsnorm_fwd(out, rstd, residual, w), in one pass. */

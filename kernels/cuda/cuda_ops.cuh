@@ -31,6 +31,8 @@ void st_cu_embedding_fwd(float *out, const int32_t *tokens, const float *wte, co
 void st_cu_embedding_bwd(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int b, int t, int c);
 void st_cu_adamw(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1, float beta2,
                  float eps, float weight_decay, float grad_scale, int step);
+void st_cu_adamw_multi(const st_adamw_range *ranges, int count, float beta1, float beta2, float eps,
+                       float grad_scale);
 void st_cu_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block);
 void st_cu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
 

@@ -144,48 +144,37 @@ void st_cu_embedding_bwd(float *dwte, float *dwpe, const float *dout, const int3
 
 /* ---------------------------------------------------------------- AdamW */
 
-struct adamw_consts {
-    float beta1, beta2, eps, grad_scale;
-    float inv_bc1, inv_sqrt_bc2; /* 1/(1 - beta1^step), 1/sqrt(1 - beta2^step), computed on the host */
-};
-
-static adamw_consts adamw_setup(float beta1, float beta2, float eps, float grad_scale, int step) {
-    adamw_consts k;
-    k.beta1 = beta1, k.beta2 = beta2, k.eps = eps, k.grad_scale = grad_scale;
-    if (step < 1) step = 1;
-    k.inv_bc1 = 1.0f / (1.0f - powf(beta1, (float)step));
-    k.inv_sqrt_bc2 = 1.0f / sqrtf(1.0f - powf(beta2, (float)step));
-    return k;
-}
-
-/* The contract's update for one element; returns the new parameter. */
-__device__ __forceinline__ float adamw_step(float p, float grad, float *m, float *v, float lr, float wd,
-                                            const adamw_consts &k) {
-    float g = grad * k.grad_scale;
-    p -= lr * wd * p;
-    float mi = k.beta1 * *m + (1.0f - k.beta1) * g;
-    float vi = k.beta2 * *v + (1.0f - k.beta2) * g * g;
+/* The contract's update for one element, operation by operation as the CPU twin (kernels/cpu/cpu_optim.c)
+ * with the same host-computed scalars (st_adamw_scalars_for); returns the new parameter. */
+__device__ __forceinline__ float adamw_step(float param, float grad, float *m, float *v, float beta1, float beta2,
+                                            float eps, float grad_scale, const st_adamw_scalars &s) {
+    float g = grad * grad_scale;
+    float p = param * s.decay;
+    float mi = *m * beta1 + s.one_m_b1 * g;
+    float vi = *v * beta2 + s.one_m_b2 * g * g;
+    float denom = sqrtf(vi) / s.bc2_sqrt + eps;
     *m = mi;
     *v = vi;
-    return p - (lr * k.inv_bc1) * mi / (sqrtf(vi) * k.inv_sqrt_bc2 + k.eps);
+    return p + s.neg_step_size * mi / denom;
 }
 
-__global__ void adamw_kernel(float *param, const float *grad, float *m, float *v, size_t n, float lr, float wd,
-                             adamw_consts k) {
-    GRID_STRIDE(i, n) param[i] = adamw_step(param[i], grad[i], m + i, v + i, lr, wd, k);
+__global__ void adamw_kernel(float *param, const float *grad, float *m, float *v, size_t n, float beta1, float beta2,
+                             float eps, float grad_scale, st_adamw_scalars s) {
+    GRID_STRIDE(i, n) param[i] = adamw_step(param[i], grad[i], m + i, v + i, beta1, beta2, eps, grad_scale, s);
 }
 
 void st_cu_adamw(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1, float beta2,
                  float eps, float weight_decay, float grad_scale, int step) {
     if (n == 0) return;
-    adamw_consts k = adamw_setup(beta1, beta2, eps, grad_scale, step);
-    adamw_kernel<<<grid_for(n), ST_CUDA_THREADS, 0, st_cuda_stream_internal()>>>(param, grad, m, v, n, lr,
-                                                                                  weight_decay, k);
+    st_adamw_scalars s = st_adamw_scalars_for(lr, weight_decay, beta1, beta2, step);
+    adamw_kernel<<<grid_for(n), ST_CUDA_THREADS, 0, st_cuda_stream_internal()>>>(param, grad, m, v, n, beta1, beta2,
+                                                                                  eps, grad_scale, s);
     ST_CUDA_LAUNCHED("adamw");
 }
 
-/* Multi-tensor: one launch covers up to ST_CUDA_MT_MAX_TENSORS tensors, passed by value as kernel
- * parameters (1.3 KB, well under the 4 KB parameter limit); blockIdx.y picks the tensor. */
+/* Multi-tensor: one launch covers up to ST_CUDA_MT_MAX_TENSORS ranges, passed by value as kernel
+ * parameters (~1.6 KB, under the 4 KB parameter limit); blockIdx.y picks the range. Each range has its
+ * own scalars (lr, weight decay and step count differ per parameter). */
 struct mt_batch {
     float *p[ST_CUDA_MT_MAX_TENSORS];
     const float *g[ST_CUDA_MT_MAX_TENSORS];
@@ -193,31 +182,23 @@ struct mt_batch {
     float *v[ST_CUDA_MT_MAX_TENSORS];
     uint16_t *bf[ST_CUDA_MT_MAX_TENSORS];
     size_t n[ST_CUDA_MT_MAX_TENSORS];
-    float lr[ST_CUDA_MT_MAX_TENSORS];
-    float wd[ST_CUDA_MT_MAX_TENSORS];
+    st_adamw_scalars s[ST_CUDA_MT_MAX_TENSORS];
 };
 
-__global__ void adamw_multi_bf16_kernel(mt_batch batch, adamw_consts k) {
+__global__ void adamw_multi_kernel(mt_batch batch, float beta1, float beta2, float eps, float grad_scale) {
     int ti = blockIdx.y;
     float *p = batch.p[ti], *m = batch.m[ti], *v = batch.v[ti];
     const float *g = batch.g[ti];
     uint16_t *bf = batch.bf[ti];
-    float lr = batch.lr[ti], wd = batch.wd[ti];
+    const st_adamw_scalars s = batch.s[ti];
     GRID_STRIDE(i, batch.n[ti]) {
-        float np = adamw_step(p[i], g[i], m + i, v + i, lr, wd, k);
+        float np = adamw_step(p[i], g[i], m + i, v + i, beta1, beta2, eps, grad_scale, s);
         p[i] = np;
         if (bf) bf[i] = st_bf16_bits_rn(np);
     }
 }
 
-extern "C" int st_cuda_adamw_multi_bf16(const st_adamw_tensor *tensors, int count, float beta1, float beta2,
-                                        float eps, float grad_scale, int step) {
-    if (count < 0 || (count > 0 && !tensors))
-        return st_fail(ST_EINVAL, "adamw_multi_bf16: bad tensor list (count=%d)", count);
-    for (int i = 0; i < count; i++)
-        if (tensors[i].n > 0 && (!tensors[i].param || !tensors[i].grad || !tensors[i].m || !tensors[i].v))
-            return st_fail(ST_EINVAL, "adamw_multi_bf16: tensor %d has a NULL buffer", i);
-    adamw_consts k = adamw_setup(beta1, beta2, eps, grad_scale, step);
+void st_cu_adamw_multi(const st_adamw_range *r, int count, float beta1, float beta2, float eps, float grad_scale) {
     for (int l = 0; l < st_cuda_mt_launches(count); l++) {
         int first = l * ST_CUDA_MT_MAX_TENSORS;
         int in_batch = count - first < ST_CUDA_MT_MAX_TENSORS ? count - first : ST_CUDA_MT_MAX_TENSORS;
@@ -225,18 +206,18 @@ extern "C" int st_cuda_adamw_multi_bf16(const st_adamw_tensor *tensors, int coun
         memset(&batch, 0, sizeof batch);
         size_t max_n = 0;
         for (int i = 0; i < in_batch; i++) {
-            const st_adamw_tensor *t = &tensors[first + i];
+            const st_adamw_range *t = &r[first + i];
             batch.p[i] = t->param, batch.g[i] = t->grad, batch.m[i] = t->m, batch.v[i] = t->v;
             batch.bf[i] = t->param_bf16, batch.n[i] = t->n;
-            batch.lr[i] = t->lr, batch.wd[i] = t->weight_decay;
+            batch.s[i] = st_adamw_scalars_for(t->lr, t->weight_decay, beta1, beta2, t->step);
             if (t->n > max_n) max_n = t->n;
         }
         if (max_n == 0) continue;
         dim3 grid(st_cuda_grid_1d(max_n, ST_CUDA_THREADS), in_batch);
-        adamw_multi_bf16_kernel<<<grid, ST_CUDA_THREADS, 0, st_cuda_stream_internal()>>>(batch, k);
-        ST_CUDA_LAUNCHED("adamw_multi_bf16");
+        adamw_multi_kernel<<<grid, ST_CUDA_THREADS, 0, st_cuda_stream_internal()>>>(batch, beta1, beta2, eps,
+                                                                                     grad_scale);
+        ST_CUDA_LAUNCHED("adamw_multi");
     }
-    return 0;
 }
 
 /* ---------------------------------------------------------------- dequantization */

@@ -36,3 +36,18 @@ foreach(src ${ST_REFERENCE_TESTS})
   add_test(NAME reference.${name} COMMAND ${ST_PYTHON} ${src})
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
+
+# CUDA builds only: worker/comm.c's NCCL path, run on the CPU against a fake NCCL that checks stream
+# order (tests/tools/nccl_fake.c), for each ZeRO stage; the checker must also catch an injected race.
+if(ST_HAVE_CUDA)
+  set(ST_MPIRUN mpirun --oversubscribe -np 3)
+  foreach(stage 0 1 2)
+    add_test(NAME cuda.nccl_path_zero${stage} COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage ${stage})
+    set_tests_properties(cuda.nccl_path_zero${stage} PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
+  endforeach()
+  add_test(NAME cuda.nccl_path_zero2_blocking COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --no-overlap)
+  set_tests_properties(cuda.nccl_path_zero2_blocking PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
+  add_test(NAME cuda.nccl_path_catches_race COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --inject-race)
+  set_tests_properties(cuda.nccl_path_catches_race PROPERTIES LABELS cuda TIMEOUT 300 WILL_FAIL TRUE
+    ENVIRONMENT "${ST_TEST_ENV}")
+endif()

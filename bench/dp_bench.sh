@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # dp_bench.sh — data-parallel step time: 1 rank x 2 threads vs 2 ranks x 1 thread, same model and global
-# batch, under ZeRO 0/1/2, and how much of the gradient all-reduce the bucketed overlap hides behind
-# backward (ZeRO 0/1 with sharding.overlap true vs false). Reads step_ms and comm_ms (the time a step
-# waited on collectives) from RUN_DIR/metrics.jsonl, skipping the first steps (warm-up), and prints a
+# batch, under ZeRO 0/1/2, and how much of the gradient reduction the bucketed overlap hides behind
+# backward (ZeRO 0/1/2 with sharding.overlap true vs false; stage 2 reduce-scatters each bucket into its
+# owners' shards). Reads step_ms and comm_ms (the time a step waited on collectives) from RUN_DIR/metrics.jsonl, skipping the first steps (warm-up), and prints a
 # table of medians. Prints numbers only; asserts nothing.
 #
 #   bench/dp_bench.sh [BUILD_DIR]     env: STEPS (default 12), SKIP (3), LAYERS (4), DIM (256),
@@ -65,9 +65,9 @@ for zero in 0 1 2; do
 done
 
 echo
-echo "overlap of the gradient all-reduce with backward (2 ranks x 1 thread):"
+echo "overlap of the gradient reduction with backward (2 ranks x 1 thread; ZeRO-2: bucketed reduce-scatter):"
 printf "%-8s %12s %12s %12s %10s\n" zero exposed_ms blocking_ms hidden step_ms_gain
-for zero in 0 1; do
+for zero in 0 1 2; do
   OMP_NUM_THREADS=1 mpirun --oversubscribe -np 2 --bind-to core "$BIN" train "$T/job.yaml" run_dir="$T/n$zero" \
     sharding.stage=$zero train.micro_batch=$((GB / 2)) sharding.overlap=false >/dev/null
   read -r s_off c_off _ < <(summary "$T/n$zero")

@@ -92,9 +92,8 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     double norm = sqrt(st_comm_grad_sumsq(&t->dp, m, g));
     r->lr = st_lr_at(&t->optim.cfg, (int)step);
     st_trainer_phase(t, ST_PHASE_OPTIMIZER);
-    st_optim_update(&t->optim, m, g, r->lr, st_clip_scale(norm, (float)t->cfg->train.grad_clip));
-    st_trainer_phase(t, ST_PHASE_COMM);
-    rc = st_comm_gather_params(&t->dp, m);
+    /* AdamW and (ZeRO 1-2) the parameter all-gather, bucket by bucket */
+    rc = st_comm_update_params(&t->dp, m, &t->optim, g, r->lr, st_clip_scale(norm, (float)t->cfg->train.grad_clip));
     if (!rc && t->check_bf16_copy) rc = st_model_check_bf16_copy(m);
     if (rc) return rc;
     t->task_sums[3 * t->n_tasks] = loss;

@@ -57,12 +57,13 @@ static int coll_reduce_scatter(st_comm *c, const float *send, float *recv) {
                      "gradient reduce-scatter", c->rank);
 }
 
-static int coll_allgather(st_comm *c, float *flat) {
+/* full[r * shard ..) = part of rank r (device buffers go through NCCL: MPI here is not CUDA-aware). */
+static int coll_allgather(st_comm *c, const float *part, float *full) {
 #ifdef ST_HAVE_CUDA
-    if (c->nccl) return st_nccl_all_gather(c->nccl, flat, flat + c->lo, c->shard);
+    if (c->nccl) return st_nccl_all_gather(c->nccl, full, part, c->shard);
 #endif
-    return mpi_check(MPI_Allgather(MPI_IN_PLACE, (int)c->shard, MPI_FLOAT, flat, (int)c->shard, MPI_FLOAT, c->comm),
-                     "parameter all-gather", c->rank);
+    return mpi_check(MPI_Allgather(part, (int)c->shard, MPI_FLOAT, full, (int)c->shard, MPI_FLOAT, c->comm),
+                     "optimizer state all-gather", c->rank);
 }
 
 int st_comm_node_rank(MPI_Comm comm, int *local_rank, int *local_size) {
@@ -304,17 +305,67 @@ static void pack_range(void *vctx, const st_param *p, size_t start, size_t len) 
     if (m->weights_bf16) m->be->to_bf16(m->weights_bf16 + off, w, len);
 }
 
-int st_comm_gather_params(st_comm *c, st_model *m) {
-    if (c->stage == 0 || c->world == 1 || c->n_pad == 0) return 0;
-    double t0 = st_now();
-    pack_ctx k = {m, c->flat_params, 1};
-    st_for_each_param_range(m, c->lo, c->hi, pack_range, &k);
-    int rc = coll_allgather(c, c->flat_params);
-    if (!rc) rc = coll_finish(c); /* the unpacking below runs on the compute stream */
+/* Starts the all-gather of the parameter bucket flat[a, a + n): each owner's part goes to every rank
+ * (in place; MPI_Iallgatherv, or grouped NCCL broadcasts). */
+static int gather_bucket_start(st_comm *c, size_t a, size_t n) {
+    size_t parts[c->world];
+    bucket_parts(c, a, n, parts);
+#ifdef ST_HAVE_CUDA
+    if (c->nccl) return st_nccl_all_gather_parts(c->nccl, c->flat_params + a, parts);
+#endif
+    int rc = reserve_request(c);
     if (rc) return rc;
+    int *counts = malloc(2 * (size_t)c->world * sizeof *counts), *displs = counts + c->world;
+    if (!counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for bucket counts", c->rank);
+    for (int r = 0, off = 0; r < c->world; r++) {
+        counts[r] = (int)parts[r];
+        displs[r] = off;
+        off += counts[r];
+    }
+    c->req_counts[c->n_reqs] = counts;
+    return mpi_check(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->flat_params + a, counts, displs, MPI_FLOAT,
+                                     c->comm, &c->reqs[c->n_reqs++]),
+                     "bucketed parameter all-gather", c->rank);
+}
+
+static int gather_finish(st_comm *c) {
+    int rc = c->n_reqs ? MPI_Waitall(c->n_reqs, c->reqs, MPI_STATUSES_IGNORE) : MPI_SUCCESS;
+    for (int i = 0; i < c->n_reqs; i++) free(c->req_counts[i]);
+    c->n_reqs = 0;
+    int frc = coll_finish(c); /* the unpacking after it runs on the compute stream */
+    if (rc != MPI_SUCCESS) return mpi_check(rc, "bucketed parameter all-gather", c->rank);
+    return frc;
+}
+
+int st_comm_update_params(st_comm *c, st_model *m, st_optim *o, const float *grads, float lr, float grad_scale) {
+    if (c->stage == 0 || c->world == 1 || c->n_pad == 0) {
+        st_optim_update(o, m, grads, lr, grad_scale);
+        return 0;
+    }
+    double t0 = st_now(), optimizer = 0;
+    size_t bucket = c->bucket_bytes >= sizeof(float) ? c->bucket_bytes / sizeof(float) : c->n_pad;
+    st_optim_count_step(o, m);
+    pack_ctx k = {m, c->flat_params, 1};
+    int rc = 0;
+    c->n_reqs = 0;
+    for (size_t a = 0; a < c->n_pad && !rc; a += bucket) {
+        size_t b = a + bucket < c->n_pad ? a + bucket : c->n_pad;
+        size_t s = a > c->lo ? a : c->lo, e = b < c->hi ? b : c->hi;
+        if (s < e) { /* this rank's part of the bucket: update it, stage it for the gather */
+            double t1 = st_now();
+            st_optim_update_range(o, m, grads, lr, grad_scale, s, e);
+            optimizer += st_now() - t1;
+            st_for_each_param_range(m, s, e, pack_range, &k);
+        }
+        rc = gather_bucket_start(c, a, b - a);
+        int done;
+        if (!rc && c->n_reqs) MPI_Testall(c->n_reqs, c->reqs, &done, MPI_STATUSES_IGNORE); /* progress */
+    }
+    int frc = gather_finish(c);
+    if (rc || frc) return rc ? rc : frc;
     k.to_flat = 0;
     st_for_each_param_range(m, 0, c->n_pad, pack_range, &k);
-    c->comm_seconds += st_now() - t0;
+    c->comm_seconds += st_now() - t0 - optimizer;
     return 0;
 }
 
@@ -329,6 +380,6 @@ int st_comm_gather_state(st_comm *c, const float *part, float *full) {
         c->be->copy(full, part, c->n_pad * sizeof(float));
         return 0;
     }
-    return mpi_check(MPI_Allgather(part, (int)c->shard, MPI_FLOAT, full, (int)c->shard, MPI_FLOAT, c->comm),
-                     "optimizer state all-gather", c->rank);
+    int rc = coll_allgather(c, part, full);
+    return rc ? rc : coll_finish(c);
 }

@@ -13,6 +13,7 @@
 #include <stddef.h>
 
 #include "worker/model.h"
+#include "worker/optim.h"
 
 typedef struct {
     MPI_Comm comm;
@@ -61,8 +62,12 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads);
 /* Global squared L2 norm of the summed gradients (optim_grads over the optimizer range). */
 double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grads);
 
-/* After the update: makes every rank's trainable weights equal to the owners' (stages 1-2). */
-int st_comm_gather_params(st_comm *c, st_model *m);
+/* The optimizer step and, for stages 1-2, the parameter all-gather, interleaved per bucket of
+ * bucket_bytes: each bucket's owned part is updated (st_optim_update_range), staged, and its all-gather
+ * started (MPI_Iallgatherv / grouped NCCL broadcasts, uneven per-owner parts) before the next bucket is
+ * updated, so early buckets travel while the optimizer works on later ones. Afterwards every rank's
+ * trainable weights (and their bf16 copy) equal the owners'. Stage 0 / one rank: st_optim_update. */
+int st_comm_update_params(st_comm *c, st_model *m, st_optim *o, const float *grads, float lr, float grad_scale);
 
 /* Full copies of a sharded per-element state (e.g. AdamW moments over the optimizer range) on every
  * rank: full[n_pad] from each rank's part[range]. */

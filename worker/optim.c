@@ -110,14 +110,18 @@ static void collect_range(void *vctx, const st_param *p, size_t start, size_t le
     r->step = o->param_step[p - m->params];
 }
 
-/* One multi-tensor AdamW call over every trainable range this optimizer owns; it also refreshes those
- * ranges of the bf16 weight copy (mixed precision), so the copy stays current without a repack. */
-void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale) {
+void st_optim_count_step(st_optim *o, const st_model *m) {
     for (int i = 0; i < m->n_params; i++)
         if (m->params[i].grad_offset >= 0) o->param_step[i]++;
+}
+
+/* One multi-tensor AdamW call over the trainable ranges of [lo, hi); it also refreshes those ranges of
+ * the bf16 weight copy (mixed precision), so the copy stays current without a repack. */
+void st_optim_update_range(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale, size_t lo,
+                           size_t hi) {
     st_adamw_range *ranges = o->ranges;
     update_ctx c = {o, m, grads, lr, 0};
-    st_for_each_param_range(m, o->lo, o->hi, collect_range, &c);
+    st_for_each_param_range(m, lo > o->lo ? lo : o->lo, hi < o->hi ? hi : o->hi, collect_range, &c);
     const st_backend *be = m->be;
     if (be->adamw_multi) {
         be->adamw_multi(ranges, c.count, o->cfg.beta1, o->cfg.beta2, o->cfg.eps, grad_scale);
@@ -127,4 +131,9 @@ void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, flo
                       o->cfg.beta1, o->cfg.beta2, o->cfg.eps, ranges[i].weight_decay, grad_scale, ranges[i].step);
         st_model_weights_changed(m);
     }
+}
+
+void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale) {
+    st_optim_count_step(o, m);
+    st_optim_update_range(o, m, grads, lr, grad_scale, o->lo, o->hi);
 }

@@ -58,6 +58,13 @@ float st_clip_scale(double grad_norm, float max_norm);
  * one multi-tensor call. */
 void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale);
 
+/* st_optim_update in parts: count the step once (every trainable parameter's step count advances), then
+ * update any number of disjoint sub-ranges [lo, hi) of the optimizer's range (st_comm_update_params
+ * interleaves them with the parameter all-gather). */
+void st_optim_count_step(st_optim *o, const st_model *m);
+void st_optim_update_range(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale, size_t lo,
+                           size_t hi);
+
 /* Registry-order visit of every trainable parameter's intersection with [lo, hi). */
 typedef void (*st_param_range_fn)(void *ctx, const st_param *p, size_t start, size_t len);
 void st_for_each_param_range(const st_model *m, size_t lo, size_t hi, st_param_range_fn fn, void *ctx);

@@ -110,6 +110,21 @@ extern "C" int st_nccl_reduce_parts_sum(st_nccl_comm *c, float *recv, const floa
     return finish(c, "reduce_parts", r != ncclSuccess ? r : g);
 }
 
+extern "C" int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
+    if (!c) return st_fail(ST_EINVAL, "NCCL all_gather_parts: no communicator");
+    int rc = order_after_compute(c, "all_gather_parts");
+    if (rc) return rc;
+    ncclResult_t r = ncclGroupStart();
+    size_t off = 0;
+    for (int root = 0; root < c->world && r == ncclSuccess; root++) {
+        if (parts[root] == 0) continue;
+        r = ncclBroadcast(buf + off, buf + off, parts[root], ncclFloat32, root, c->comm, c->comm_stream);
+        off += parts[root];
+    }
+    ncclResult_t g = ncclGroupEnd();
+    return finish(c, "all_gather_parts", r != ncclSuccess ? r : g);
+}
+
 extern "C" int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
     if (!c) return st_fail(ST_EINVAL, "NCCL all_gather: no communicator");
     if (send_n == 0) return 0;

@@ -36,6 +36,9 @@ int st_nccl_reduce_scatter_sum(st_nccl_comm *comm, float *recv, const float *sen
  * r-th consecutive part (parts[r] floats, world entries) in its recv. Grouped ncclReduce calls, one per
  * non-empty part (NCCL's ReduceScatter needs equal parts). */
 int st_nccl_reduce_parts_sum(st_nccl_comm *comm, float *recv, const float *send, const size_t *parts);
+/* An all-gather with uneven parts, in place: buf[0..sum(parts)) holds consecutive per-rank parts and rank
+ * r's part (parts[r] floats) is broadcast from rank r to every rank. Grouped ncclBroadcast calls. */
+int st_nccl_all_gather_parts(st_nccl_comm *comm, float *buf, const size_t *parts);
 /* recv[r * send_n ..) = send of rank r; recv has world * send_n floats (send may alias its slot). */
 int st_nccl_all_gather(st_nccl_comm *comm, float *recv, const float *send, size_t send_n);
 

@@ -48,7 +48,7 @@ static void violation(const char *what) {
 
 /* ---------------------------------------------------------------- the fake NCCL */
 
-typedef enum { OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER } op_kind;
+typedef enum { OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER, OP_GATHER_PARTS } op_kind;
 
 typedef struct {
     op_kind kind;
@@ -57,7 +57,7 @@ typedef struct {
     float *snapshot;  /* its contents at enqueue */
     float *out;       /* what it writes */
     size_t out_n;
-    int *counts;      /* OP_REDUCE_PARTS: per-rank parts */
+    int *counts;      /* OP_REDUCE_PARTS, OP_GATHER_PARTS: per-rank parts (then their offsets) */
 } pending_op;
 
 struct st_nccl_comm {
@@ -110,6 +110,21 @@ int st_nccl_reduce_parts_sum(st_nccl_comm *c, float *recv, const float *send, co
     return 0;
 }
 
+int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
+    size_t total = 0;
+    for (int r = 0; r < c->world; r++) total += parts[r];
+    int rc = enqueue(c, OP_GATHER_PARTS, buf, total, buf, total);
+    if (rc) return rc;
+    int *counts = malloc(2 * (size_t)c->world * sizeof *counts);
+    for (int r = 0, off = 0; r < c->world; r++) {
+        counts[r] = (int)parts[r];
+        counts[c->world + r] = off;
+        off += counts[r];
+    }
+    c->ops[c->n_ops - 1].counts = counts;
+    return 0;
+}
+
 int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
     return send_n ? enqueue(c, OP_ALL_GATHER, send, send_n, recv, send_n * (size_t)c->world) : 0;
 }
@@ -130,6 +145,12 @@ static int run_pending(st_nccl_comm *c) {
         case OP_REDUCE_PARTS:
             MPI_Reduce_scatter(op->snapshot, op->out, op->counts, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
             break;
+        case OP_GATHER_PARTS: {
+            const int *counts = op->counts, *displs = op->counts + c->world;
+            MPI_Allgatherv(op->snapshot + displs[c->rank], counts[c->rank], MPI_FLOAT, op->out, counts, displs,
+                           MPI_FLOAT, MPI_COMM_WORLD);
+            break;
+        }
         case OP_ALL_GATHER:
             MPI_Allgather(op->snapshot, (int)op->in_n, MPI_FLOAT, op->out, (int)op->in_n, MPI_FLOAT, MPI_COMM_WORLD);
             break;
@@ -242,8 +263,7 @@ static void train(const st_backend *be, const options *o, double *losses) {
         float *g = NULL;
         if (st_comm_reduce_grads(&comm, &m, &g)) goto fail;
         double norm = sqrt(st_comm_grad_sumsq(&comm, &m, g));
-        st_optim_update(&opt, &m, g, 3e-3f, st_clip_scale(norm, 1.0f));
-        if (st_comm_gather_params(&comm, &m)) goto fail;
+        if (st_comm_update_params(&comm, &m, &opt, g, 3e-3f, st_clip_scale(norm, 1.0f))) goto fail;
         if (the_comm && the_comm->n_ops) violation("collectives still queued at the end of a step");
         MPI_Allreduce(MPI_IN_PLACE, &loss, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
         losses[step] = loss;

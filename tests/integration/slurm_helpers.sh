@@ -4,7 +4,7 @@
 # so Slurm tests may run in parallel; `slurm_setup` registers the teardown. A test SKIPs (exit 0, "SKIP: ...")
 # only when Slurm is not installed or the cluster cannot start; everything after that must pass.
 #
-# Provides: ST, SRC, PY, WORK (scratch dir), SLURM_CONF; slurm_setup PORT, make_tiny_job, losses_of,
+# Provides: ST, SRC, PY, WORK (scratch dir), SLURM_CONF; slurm_setup PORT, make_tiny_job, losses,
 # job_field, wait_job, release_requeued, expect_completed, need_checkpoint_support, fail.
 
 set -uo pipefail
@@ -81,18 +81,7 @@ ${5:-}
 YAML
 }
 
-# losses_of RUN_DIR: "step loss" per step, the last record of each step (a resumed run appends).
-losses_of() {
-  "$PY" - "$1/metrics.jsonl" <<'EOF'
-import json, sys
-last = {}
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    last[r["step"]] = r["loss"]
-for s in sorted(last):
-    print(s, repr(last[s]))
-EOF
-}
+source "$(dirname "${BASH_SOURCE[0]}")/metrics_lib.sh" # losses, close_losses
 
 # job_field JOB KEY: one field of `scontrol show job` (JobState, Restarts, ExitCode, ...).
 job_field() {

@@ -64,8 +64,8 @@ note "stopped job $job gracefully at step $(wc -l < "$WORK/run/metrics.jsonl")"
 timeout 120 srun -N2 --ntasks-per-node=2 --mpi=pmix "$ST" train "$WORK/job.yaml" > "$WORK/final.log" 2>&1 ||
   { cat "$WORK/final.log"; fail "the final resume failed"; }
 grep -q "resumed from" "$WORK/final.log" || { cat "$WORK/final.log"; fail "the final run did not resume"; }
-losses_of "$WORK/ref" > "$WORK/ref.loss"
-losses_of "$WORK/run" > "$WORK/run.loss"
+losses "$WORK/ref" > "$WORK/ref.loss"
+losses "$WORK/run" > "$WORK/run.loss"
 diff "$WORK/ref.loss" "$WORK/run.loss" > "$WORK/loss.diff" ||
   { head -20 "$WORK/loss.diff"; fail "losses after cancel + stop + resume differ from the uninterrupted run"; }
 note "OK: all $STEPS losses equal the uninterrupted run (final $(tail -1 "$WORK/run.loss" | cut -d' ' -f2))"

@@ -43,8 +43,8 @@ grep -q "resumed from" "$WORK/job.out" || { cat "$WORK/job.out"; fail "the reque
 [ -f "$WORK/run/final/model.safetensors" ] || fail "no final weights"
 
 note "completed"
-losses_of "$WORK/ref" > "$WORK/ref.loss"
-losses_of "$WORK/run" > "$WORK/run.loss"
+losses "$WORK/ref" > "$WORK/ref.loss"
+losses "$WORK/run" > "$WORK/run.loss"
 diff "$WORK/ref.loss" "$WORK/run.loss" > "$WORK/loss.diff" ||
   { head -20 "$WORK/loss.diff"; fail "losses after requeue + resume differ from the uninterrupted run"; }
 note "OK: stopped after $stopped_at of $STEPS steps, requeued, resumed; all $STEPS losses equal the reference" \

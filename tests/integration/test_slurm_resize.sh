@@ -40,8 +40,8 @@ expect_completed "$job"
 grep -q "resumed from" "$WORK/job.out" || { cat "$WORK/job.out"; fail "the shrunk run did not resume"; }
 grep -q "2 rank(s)" "$WORK/job.out" || { cat "$WORK/job.out"; fail "the rerun did not run on 2 ranks"; }
 
-losses_of "$WORK/ref" > "$WORK/ref.loss"
-losses_of "$WORK/run" > "$WORK/run.loss"
+losses "$WORK/ref" > "$WORK/ref.loss"
+losses "$WORK/run" > "$WORK/run.loss"
 "$PY" - "$WORK/ref.loss" "$WORK/run.loss" "$stopped_at" <<'EOF' || fail "losses after the shrink do not match the 4-rank run"
 import sys
 ref = dict(l.split() for l in open(sys.argv[1]))

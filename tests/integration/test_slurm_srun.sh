@@ -15,8 +15,8 @@ grep -q "4 rank(s)" "$WORK/srun.log" || { cat "$WORK/srun.log"; fail "srun did n
 timeout 120 mpirun --oversubscribe -np 4 "$ST" train "$WORK/job.yaml" run_dir="$WORK/mpirun" \
   > "$WORK/mpirun.log" 2>&1 || { cat "$WORK/mpirun.log"; fail "mpirun training failed"; }
 
-losses_of "$WORK/srun" > "$WORK/srun.loss"
-losses_of "$WORK/mpirun" > "$WORK/mpirun.loss"
+losses "$WORK/srun" > "$WORK/srun.loss"
+losses "$WORK/mpirun" > "$WORK/mpirun.loss"
 [ "$(wc -l < "$WORK/srun.loss")" = 25 ] || fail "expected 25 steps from srun, got $(wc -l < "$WORK/srun.loss")"
 diff "$WORK/mpirun.loss" "$WORK/srun.loss" > "$WORK/loss.diff" ||
   { cat "$WORK/loss.diff"; fail "srun and mpirun losses differ"; }

@@ -160,6 +160,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
                        m->cfg.max_seq);
     out->world = world;
     out->zero_stage = c->sharding.stage;
+    out->precision = c->precision;
     out->micro_batch = c->train.micro_batch;
     out->grad_accum = c->train.grad_accum;
     out->seq_len = c->train.seq_len;

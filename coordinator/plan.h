@@ -76,6 +76,7 @@ typedef struct {
 
 typedef struct {
     int world, zero_stage, micro_batch, grad_accum, seq_len;
+    st_precision precision;
     size_t n_weights;
     int n_params;
     int n_stages;

@@ -16,6 +16,10 @@
 #include "common/json.h"
 #include "common/util.h"
 #include "checkpoints/model_io.h"
+#ifdef ST_HAVE_CUDA
+#include "kernels/cuda/cuda_extras.h"
+#include "kernels/cuda/launch_host.h"
+#endif
 #include "coordinator/control_token.h"
 
 /* ---------------- signals: only set a flag ---------------- */
@@ -69,6 +73,34 @@ static int setup_backend(trainer *t) {
         if (t->rank == 0) printf("backend: auto -> cpu (%s)\n", st_error());
     }
     t->be = st_backend_cpu(threads);
+    return 0;
+}
+
+/* Every rank must run the same backend (comm picks NCCL or MPI by it), and no two ranks of a node may
+ * share a GPU (NCCL refuses): both are one clear line instead of a hang or an NCCL error later. */
+static int check_backends(trainer *t) {
+    int cuda = strcmp(t->be->name, "cpu") != 0, lo = cuda, hi = cuda;
+    MPI_Allreduce(&cuda, &lo, 1, MPI_INT, MPI_MIN, t->comm);
+    MPI_Allreduce(&cuda, &hi, 1, MPI_INT, MPI_MAX, t->comm);
+    if (lo != hi)
+        return st_fail(ST_EDEVICE, "backend: auto found a usable GPU on some ranks but not on others (rank %d: %s): "
+                                   "set backend: cuda or backend: cpu", t->rank, t->be->name);
+#ifdef ST_HAVE_CUDA
+    if (cuda && t->world > 1) {
+        unsigned char id[16], *all = NULL;
+        int n = 0, a = 0, b = 0;
+        if (st_cuda_device_uuid(id) != 0) { /* cannot tell: a unique id, so this rank is never "shared" */
+            memset(id, 0xff, sizeof id);
+            memcpy(id, &t->rank, sizeof t->rank);
+        }
+        int rc = st_comm_node_allgather(t->comm, id, 16, &all, &n);
+        if (!rc && st_cuda_shared_device(all, n, &a, &b))
+            rc = st_fail(ST_EDEVICE, "node-local ranks %d and %d are on the same GPU: give each rank its own "
+                                     "(srun --gpus-per-task=1, or at most one rank per visible GPU)", a, b);
+        free(all);
+        return rc;
+    }
+#endif
     return 0;
 }
 
@@ -263,6 +295,7 @@ static int share_plan(trainer *t) {
 static int setup(trainer *t) {
     const st_config *c = t->cfg;
     int rc = st_trainer_agree(t, setup_backend(t));
+    if (!rc) rc = st_trainer_agree(t, check_backends(t));
     if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));

@@ -76,6 +76,17 @@ int st_comm_node_rank(MPI_Comm comm, int *local_rank, int *local_size) {
     return 0;
 }
 
+int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned char **all, int *n) {
+    MPI_Comm node;
+    if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) != MPI_SUCCESS)
+        return st_fail(ST_ECOMM, "MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) failed: cannot tell the ranks per node");
+    MPI_Comm_size(node, n);
+    *all = malloc((size_t)*n * (size_t)bytes);
+    int rc = *all ? MPI_Allgather(mine, bytes, MPI_BYTE, *all, bytes, MPI_BYTE, node) : MPI_ERR_NO_MEM;
+    MPI_Comm_free(&node);
+    return rc == MPI_SUCCESS ? 0 : st_fail(ST_ECOMM, "node-local all-gather failed");
+}
+
 int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
     memset(c, 0, sizeof *c);
     c->comm = comm;

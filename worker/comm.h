@@ -45,6 +45,10 @@ typedef struct {
  * grouping by host, whatever launched them) and their number. Collective over `comm`. */
 int st_comm_node_rank(MPI_Comm comm, int *local_rank, int *local_size);
 
+/* Every node-local rank's `bytes` bytes, in node-local rank order: *all (malloc'd, caller frees) gets
+ * *n entries. Collective over `comm`. */
+int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned char **all, int *n);
+
 /* `m` must already have its trainable set (grad_align = world size). */
 int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m);
 void st_comm_free(st_comm *c);

@@ -58,6 +58,14 @@ extern "C" int st_cuda_status(void) {
 }
 
 cudaStream_t st_cuda_stream_internal(void) { return g.stream; }
+
+extern "C" int st_cuda_device_uuid(unsigned char uuid[16]) {
+    cudaDeviceProp prop;
+    cudaError_t e = cudaGetDeviceProperties(&prop, g.device);
+    if (e != cudaSuccess) return st_fail(ST_EDEVICE, "cudaGetDeviceProperties(%d): %s", g.device, cudaGetErrorString(e));
+    memcpy(uuid, prop.uuid.bytes, 16);
+    return 0;
+}
 extern "C" void *st_cuda_stream(void) { return (void *)g.stream; }
 
 void *st_cuda_scratch(size_t *bytes) {

@@ -19,6 +19,10 @@ extern "C" {
  * catch asynchronous faults). */
 int st_cuda_status(void);
 
+/* The 16-byte UUID of the device the backend is bound to (tells two ranks that share one GPU apart from
+ * two ranks whose CUDA_VISIBLE_DEVICES each show "device 0"). 0 or ST_EDEVICE. */
+int st_cuda_device_uuid(unsigned char uuid[16]);
+
 /* The compute stream as a cudaStream_t (void * here to keep this header free of CUDA types). */
 void *st_cuda_stream(void);
 

@@ -2,6 +2,8 @@
 #include "kernels/cuda/launch_host.h"
 #include "common/error.h"
 
+#include <string.h>
+
 static size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
 int st_cuda_grid_1d(size_t n, int threads) {
@@ -93,5 +95,16 @@ int st_cuda_pick_device(int local_rank, int local_size, int visible, int *device
         return st_fail(ST_EDEVICE, "%d ranks on this node but only %d CUDA devices visible: run at most %d "
                                    "ranks per node (one GPU per rank)", local_size, visible, visible);
     *device = local_rank;
+    return 0;
+}
+
+int st_cuda_shared_device(const unsigned char *ids, int n, int *a, int *b) {
+    for (int i = 0; i < n; i++)
+        for (int j = i + 1; j < n; j++)
+            if (memcmp(ids + 16 * (size_t)i, ids + 16 * (size_t)j, 16) == 0) {
+                *a = i;
+                *b = j;
+                return 1;
+            }
     return 0;
 }

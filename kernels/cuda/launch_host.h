@@ -62,6 +62,10 @@ int st_cuda_mt_launches(int count);
  * saying so. Returns 0 and sets *device, or ST_EDEVICE / ST_EINVAL with st_error() set. */
 int st_cuda_pick_device(int local_rank, int local_size, int visible, int *device);
 
+/* Two node-local ranks on one GPU (NCCL rejects that): ids holds n device UUIDs of 16 bytes, one per
+ * node-local rank. Returns 1 and the first pair (*a < *b) with equal ids, else 0. */
+int st_cuda_shared_device(const unsigned char *ids, int n, int *a, int *b);
+
 #ifdef __cplusplus
 }
 #endif

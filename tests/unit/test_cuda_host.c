@@ -127,6 +127,22 @@ static void test_pick_device(void **state) {
     assert_int_equal(st_cuda_pick_device(-1, 3, 4, &d), ST_EINVAL);
 }
 
+/* Two node-local ranks on one GPU are found by their device UUIDs (the pair, lowest first). */
+static void test_shared_device(void **state) {
+    (void)state;
+    unsigned char ids[4 * 16];
+    for (int r = 0; r < 4; r++) memset(ids + 16 * r, 0x10 + r, 16);
+    int a = -1, b = -1;
+    assert_int_equal(st_cuda_shared_device(ids, 4, &a, &b), 0);
+    ids[3 * 16 + 15] = 0x11; /* rank 3's last byte differs from rank 1's only there */
+    assert_int_equal(st_cuda_shared_device(ids, 4, &a, &b), 0);
+    memcpy(ids + 3 * 16, ids + 1 * 16, 16); /* now equal */
+    assert_int_equal(st_cuda_shared_device(ids, 4, &a, &b), 1);
+    assert_int_equal(a, 1);
+    assert_int_equal(b, 3);
+    assert_int_equal(st_cuda_shared_device(ids, 1, &a, &b), 0);
+}
+
 static void test_backend_cuda_without_device(void **state) {
     (void)state;
     st_fail(0, "%s", "");
@@ -151,6 +167,7 @@ int main(void) {
         cmocka_unit_test(test_attention_limits),
         cmocka_unit_test(test_bf16_rounding),
         cmocka_unit_test(test_pick_device),
+        cmocka_unit_test(test_shared_device),
         cmocka_unit_test(test_backend_cuda_without_device),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

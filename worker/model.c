@@ -8,7 +8,11 @@
  *   ln2 = norm(resmid)
  *   h1 = ln2 @ Wgu^T ; h2 = swiglu(h1)       (GPT-2: h1 = ln2 @ Wfc^T + b ; h2 = gelu(h1))
  *   res[l+1] = resmid + h2 @ Wdown^T (+ b)
- * Backward walks the same steps in reverse, accumulating into the residual gradient `dres`. */
+ * Backward walks the same steps in reverse, accumulating into the residual gradient `dres`.
+ *
+ * Mixed precision (precision: bf16): every mm() reads its weight from the bf16 copy (weights_bf16) and
+ * rounds fp32 operands to bf16; ln1, qkv, atty, ln2, h1 and h2 are saved as bf16 (save()), and backward
+ * widens the ones non-matmul kernels need (restore()). Residual stream, statistics and gradients stay fp32. */
 #include "worker/model.h"
 
 #include <math.h>

@@ -192,7 +192,14 @@ static void check_bf16_storage(void) {
         got[ne + 7] ^= 1; /* one bf16 ulp off on one element */
         expect_caught("to_bf16 result", bit_diffs(got, ref, n, 2), 0);
     }
-    G->free(gsrc), G->free(gdst), free(src), free(ref), free(got);
+    /* round_bf16: the same inputs rounded in place, kept as fp32 */
+    float *rref = xmalloc(n * sizeof(float)), *rgot = xmalloc(n * sizeof(float));
+    memcpy(rref, src, n * sizeof(float));
+    tick(); G->round_bf16(gsrc, n); tg = tock_gpu();
+    tick(); C->round_bf16(rref, n); tc = tock_cpu();
+    G->copy_to_host(rgot, gsrc, n * sizeof(float));
+    report("round_bf16 (bits differ)", bit_diffs(rgot, rref, n, 4), tg, tc, 0);
+    G->free(gsrc), G->free(gdst), free(src), free(ref), free(got), free(rref), free(rgot);
 
     size_t nb = 65536;
     uint16_t *bits = xmalloc(nb * 2);

@@ -35,14 +35,18 @@ typedef struct {
 } st_adamw_range;
 
 /* One operand of matmul_bf16: fp32 values (rounded to bf16 by the kernel) or values already stored as
- * bf16 (raw bit patterns: the upper 16 bits of the fp32 value). Exactly one pointer is non-NULL. */
+ * bf16 (raw bit patterns: the upper 16 bits of the fp32 value). Exactly one pointer is non-NULL.
+ * `rounded` (fp32 only) promises the fp32 values are already bf16 values (round_bf16 ran on them): the
+ * result is the same either way, but the CPU twin can then skip its rounding copy. */
 typedef struct {
     const float *f32;
     const uint16_t *bf16;
+    int rounded;
 } st_mm_in;
 
-static inline st_mm_in st_mm_f32(const float *p) { st_mm_in o = {p, NULL}; return o; }
-static inline st_mm_in st_mm_bf16(const uint16_t *p) { st_mm_in o = {NULL, p}; return o; }
+static inline st_mm_in st_mm_f32(const float *p) { st_mm_in o = {p, NULL, 0}; return o; }
+static inline st_mm_in st_mm_f32_rounded(const float *p) { st_mm_in o = {p, NULL, 1}; return o; }
+static inline st_mm_in st_mm_bf16(const uint16_t *p) { st_mm_in o = {NULL, p, 0}; return o; }
 
 struct st_backend {
     const char *name; /* "cpu" or "cuda" */
@@ -152,6 +156,9 @@ struct st_backend {
      * a GPU runs a few launches instead of one per tensor. */
     void (*adamw_multi)(const st_adamw_range *ranges, int count, float beta1, float beta2, float eps,
                         float grad_scale);
+    /* x[i] = bf16(x[i]) in place, kept as fp32 (round to nearest even): for an fp32 operand that several
+     * bf16 matmuls read (the LM head's dlogits), rounded once and passed as st_mm_f32_rounded. */
+    void (*round_bf16)(float *x, size_t n);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

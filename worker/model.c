@@ -467,7 +467,8 @@ static int alloc_arena(st_model *m) {
 int st_model_set_precision(st_model *m, st_precision precision) {
     if (precision != ST_PRECISION_FP32 && precision != ST_PRECISION_BF16)
         return st_fail(ST_EINVAL, "precision %d is not fp32 (0) or bf16 (1)", (int)precision);
-    if (precision == ST_PRECISION_BF16 && (!m->be->matmul_bf16 || !m->be->to_bf16 || !m->be->from_bf16))
+    if (precision == ST_PRECISION_BF16 &&
+        (!m->be->matmul_bf16 || !m->be->to_bf16 || !m->be->from_bf16 || !m->be->round_bf16))
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
     m->precision = precision;
     m->be->free(m->weights_bf16);
@@ -703,8 +704,14 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
         total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
         if (!train) continue;
-        mm(m, b->dlnf + (size_t)r0 * C, st_mm_f32(b->logits), weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
-        if (gw) mm(m, gw, st_mm_f32(b->logits), st_mm_f32(x), NULL, V, C, rows, 1, 0, 1.0f);
+        /* dlogits feeds two matmuls: under bf16 round it once, in place, instead of once per matmul */
+        st_mm_in dlogits = st_mm_f32(b->logits);
+        if (m->precision == ST_PRECISION_BF16) {
+            be->round_bf16(b->logits, (size_t)rows * V);
+            dlogits = st_mm_f32_rounded(b->logits);
+        }
+        mm(m, b->dlnf + (size_t)r0 * C, dlogits, weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
+        if (gw) mm(m, gw, dlogits, st_mm_f32(x), NULL, V, C, rows, 1, 0, 1.0f);
     }
     return total;
 }

@@ -186,6 +186,7 @@ static const st_backend st_cpu_table = {
     .dequant_int8 = st_cpu_dequant_int8,
     .dequant_nf4 = st_cpu_dequant_nf4,
     .adamw_multi = st_cpu_adamw_multi,
+    .round_bf16 = st_cpu_round_bf16,
 };
 
 const st_backend *st_backend_cpu(int threads) {

@@ -24,15 +24,23 @@ void st_cpu_from_bf16(float *restrict dst, const uint16_t *restrict src, size_t 
     for (size_t i = 0; i < n; i++) dst[i] = st_bf16_bits_to_float(src[i]);
 }
 
-/* dst[i] = the bf16 value of operand element i, as fp32. */
-static void operand_copy(float *restrict dst, st_mm_in src, size_t n) {
+void st_cpu_round_bf16(float *x, size_t n) {
+#pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
+    for (size_t i = 0; i < n; i++) x[i] = st_bf16_round(x[i]);
+}
+
+/* The operand's bf16 values as fp32 for sgemm: in place when they already are (`rounded`), else a copy
+ * into `slot` (bf16 widened exactly, fp32 rounded). */
+static const float *operand_fp32(st_mm_in src, float *restrict slot, size_t n) {
+    if (src.f32 && src.rounded) return src.f32;
     if (src.bf16) {
-        st_cpu_from_bf16(dst, src.bf16, n);
-        return;
+        st_cpu_from_bf16(slot, src.bf16, n);
+        return slot;
     }
     const float *restrict s = src.f32;
 #pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++) dst[i] = st_bf16_round(s[i]);
+    for (size_t i = 0; i < n; i++) slot[i] = st_bf16_round(s[i]);
+    return slot;
 }
 
 void st_cpu_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int trans_a,
@@ -42,9 +50,8 @@ void st_cpu_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int
         st_cpu_matmul(c, NULL, NULL, m, n, k, trans_a, trans_b, alpha, beta);
     } else {
         size_t na = (size_t)m * (size_t)k, nb = (size_t)k * (size_t)n;
-        float *ra = scratch, *rb = scratch + (na + 15) / 16 * 16; /* layout of st_matmul_bf16_scratch_floats */
-        operand_copy(ra, a, na);
-        operand_copy(rb, b, nb);
+        float *slot_a = scratch, *slot_b = scratch + (na + 15) / 16 * 16; /* st_matmul_bf16_scratch_floats */
+        const float *ra = operand_fp32(a, slot_a, na), *rb = operand_fp32(b, slot_b, nb);
         st_cpu_matmul(c, ra, rb, m, n, k, trans_a, trans_b, alpha, beta);
     }
     if (bias) st_cpu_bias_add(c, bias, m, n);

@@ -136,6 +136,7 @@ void st_cpu_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int
                         int trans_b, float alpha, float beta, float *scratch);
 void st_cpu_to_bf16(uint16_t *dst, const float *src, size_t n);
 void st_cpu_from_bf16(float *dst, const uint16_t *src, size_t n);
+void st_cpu_round_bf16(float *x, size_t n);
 
 /* cpu_norm.c */
 void st_cpu_layernorm_fwd(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,

@@ -387,6 +387,18 @@ __global__ void from_bf16_kernel(float *dst, const uint16_t *src, size_t n) {
         dst[i] = __uint_as_float((uint32_t)src[i] << 16);
 }
 
+/* x[i] = bf16(x[i]), kept as fp32 (the same rounding as to_bf16). */
+__global__ void round_bf16_kernel(float *x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = __uint_as_float((uint32_t)st_bf16_bits_rn(x[i]) << 16);
+}
+
+static void cu_round_bf16(float *x, size_t n) {
+    if (n == 0) return;
+    round_bf16_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(x, n);
+    ST_CUDA_LAUNCHED("round_bf16");
+}
+
 static void cu_to_bf16(uint16_t *dst, const float *src, size_t n) {
     if (n == 0) return;
     to_bf16_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dst, src, n);
@@ -400,7 +412,8 @@ static void cu_from_bf16(float *dst, const uint16_t *src, size_t n) {
 }
 
 /* The bf16 bits cuBLASLt reads for one operand: a bf16 operand as given (no pass over it), an fp32 one
- * rounded into `slot` of the caller's scratch (same layout, so the transpose flags are unchanged). */
+ * rounded into `slot` of the caller's scratch (same layout, so the transpose flags are unchanged; for a
+ * `rounded` operand the conversion is exact). */
 static const uint16_t *operand_bf16(st_mm_in x, uint16_t *slot, size_t n) {
     if (x.bf16) return x.bf16;
     cu_to_bf16(slot, x.f32, n);
@@ -455,6 +468,7 @@ static const st_backend cuda_backend = {
     st_cu_adamw,
     st_cu_dequant_int8, st_cu_dequant_nf4,
     st_cu_adamw_multi,
+    cu_round_bf16,
 };
 
 static size_t env_mib(const char *name, size_t fallback) {

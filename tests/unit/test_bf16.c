@@ -157,6 +157,18 @@ static void test_bf16_operands_and_bias(void **state) {
                                 NULL, m, n, k, ta, tb, 1.0f, 0.5f, scratch);
                 if (memcmp(got, want, nc * 4)) fail_msg("bf16 operands (mode %d, ta=%d tb=%d) change the result", mode, ta, tb);
             }
+    /* round_bf16 in place is the same rule, and an operand marked rounded gives the same product */
+    float *ar = malloc((size_t)m * k * 4);
+    memcpy(ar, a, (size_t)m * k * 4);
+    be->round_bf16(ar, (size_t)m * k);
+    for (size_t i = 0; i < (size_t)m * k; i++)
+        if (ar[i] != st_bf16_round(a[i])) fail_msg("round_bf16 differs from bf16_host.h at %zu", i);
+    memcpy(want, c0, nc * 4);
+    be->matmul_bf16(want, st_mm_f32(a), st_mm_f32(b), NULL, m, n, k, 1, 0, 1.0f, 0.5f, scratch);
+    memcpy(got, c0, nc * 4);
+    be->matmul_bf16(got, st_mm_f32_rounded(ar), st_mm_f32(b), NULL, m, n, k, 1, 0, 1.0f, 0.5f, scratch);
+    if (memcmp(got, want, nc * 4)) fail_msg("a rounded operand changes the result");
+    free(ar);
     /* the epilogue: C = A B + beta C + bias, the same as the product followed by bias_add */
     memcpy(want, c0, nc * 4);
     be->matmul_bf16(want, st_mm_bf16(ah), st_mm_f32(b), NULL, m, n, k, 0, 0, 1.0f, 1.0f, scratch);

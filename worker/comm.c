@@ -165,12 +165,36 @@ static int reserve_request(st_comm *c) {
     return 0;
 }
 
-/* MPI_Ireduce_scatter of one stage-2 bucket; its counts array lives until the request completes. */
-static int mpi_bucket_reduce_scatter(st_comm *c, float *grads, size_t lo, const size_t *parts) {
-    int *counts = malloc((size_t)c->world * sizeof *counts);
-    if (!counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for bucket counts", c->rank);
-    for (int r = 0; r < c->world; r++) counts[r] = (int)parts[r];
+/* MPI's per-rank counts of a bucket's parts, followed by their displacements, for the next request
+ * (reserve_request first): kept in c->req_counts until the request completes, since MPI reads them until
+ * then. NULL (st_error set) when out of memory. */
+static int *request_counts(st_comm *c, const size_t *parts) {
+    int *counts = malloc(2 * (size_t)c->world * sizeof *counts);
+    if (!counts) {
+        st_fail(ST_ENOMEM, "rank %d: out of memory for bucket counts", c->rank);
+        return NULL;
+    }
+    for (int r = 0, off = 0; r < c->world; r++) {
+        counts[r] = (int)parts[r];
+        counts[c->world + r] = off;
+        off += counts[r];
+    }
     c->req_counts[c->n_reqs] = counts;
+    return counts;
+}
+
+/* Waits for every started non-blocking collective and releases their counts; returns MPI's code. */
+static int wait_requests(st_comm *c) {
+    int rc = c->n_reqs ? MPI_Waitall(c->n_reqs, c->reqs, MPI_STATUSES_IGNORE) : MPI_SUCCESS;
+    for (int i = 0; i < c->n_reqs; i++) free(c->req_counts[i]);
+    c->n_reqs = 0;
+    return rc;
+}
+
+/* MPI_Ireduce_scatter of one stage-2 bucket. */
+static int mpi_bucket_reduce_scatter(st_comm *c, float *grads, size_t lo, const size_t *parts) {
+    int *counts = request_counts(c, parts);
+    if (!counts) return ST_ENOMEM;
     return mpi_check(MPI_Ireduce_scatter(grads + lo, shard_dest(c, lo), counts, MPI_FLOAT, MPI_SUM, c->comm,
                                          &c->reqs[c->n_reqs++]),
                      "bucketed gradient reduce-scatter", c->rank);
@@ -248,9 +272,7 @@ static int overlap_finish(st_comm *c, st_model *m) {
     m->grad_ready = NULL;
     m->grad_ready_ctx = NULL;
     c->overlapping = 0;
-    int rc = MPI_Waitall(c->n_reqs, c->reqs, MPI_STATUSES_IGNORE);
-    for (int i = 0; i < c->n_reqs; i++) free(c->req_counts[i]);
-    c->n_reqs = 0;
+    int rc = wait_requests(c);
     int frc = coll_finish(c);
     if (c->overlap_rc) return c->overlap_rc;
     if (rc != MPI_SUCCESS) return mpi_check(rc, "bucketed gradient all-reduce", c->rank);
@@ -326,23 +348,15 @@ static int gather_bucket_start(st_comm *c, size_t a, size_t n) {
 #endif
     int rc = reserve_request(c);
     if (rc) return rc;
-    int *counts = malloc(2 * (size_t)c->world * sizeof *counts), *displs = counts + c->world;
-    if (!counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for bucket counts", c->rank);
-    for (int r = 0, off = 0; r < c->world; r++) {
-        counts[r] = (int)parts[r];
-        displs[r] = off;
-        off += counts[r];
-    }
-    c->req_counts[c->n_reqs] = counts;
-    return mpi_check(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->flat_params + a, counts, displs, MPI_FLOAT,
-                                     c->comm, &c->reqs[c->n_reqs++]),
+    int *counts = request_counts(c, parts);
+    if (!counts) return ST_ENOMEM;
+    return mpi_check(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->flat_params + a, counts, counts + c->world,
+                                     MPI_FLOAT, c->comm, &c->reqs[c->n_reqs++]),
                      "bucketed parameter all-gather", c->rank);
 }
 
 static int gather_finish(st_comm *c) {
-    int rc = c->n_reqs ? MPI_Waitall(c->n_reqs, c->reqs, MPI_STATUSES_IGNORE) : MPI_SUCCESS;
-    for (int i = 0; i < c->n_reqs; i++) free(c->req_counts[i]);
-    c->n_reqs = 0;
+    int rc = wait_requests(c);
     int frc = coll_finish(c); /* the unpacking after it runs on the compute stream */
     if (rc != MPI_SUCCESS) return mpi_check(rc, "bucketed parameter all-gather", c->rank);
     return frc;

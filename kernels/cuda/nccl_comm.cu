@@ -93,36 +93,36 @@ extern "C" int st_nccl_reduce_scatter_sum(st_nccl_comm *c, float *recv, const fl
                   ncclReduceScatter(send, recv, recv_n, ncclFloat32, ncclSum, c->comm, c->comm_stream));
 }
 
-extern "C" int st_nccl_reduce_parts_sum(st_nccl_comm *c, float *recv, const float *send, const size_t *parts) {
-    if (!c) return st_fail(ST_EINVAL, "NCCL reduce_parts: no communicator");
-    int rc = order_after_compute(c, "reduce_parts");
+/* One collective per non-empty per-rank part (parts[root] floats at offset `off`, parts consecutive), as
+ * one NCCL group: op(root, off, count) issues it. NCCL's own ReduceScatter / AllGather need equal parts. */
+template <typename Op> static int grouped_parts(st_nccl_comm *c, const char *what, const size_t *parts, Op op) {
+    int rc = order_after_compute(c, what);
     if (rc) return rc;
     ncclResult_t r = ncclGroupStart();
     size_t off = 0;
     for (int root = 0; root < c->world && r == ncclSuccess; root++) {
         if (parts[root] == 0) continue;
-        /* only the root's receive buffer is written; others pass a valid device pointer all the same */
-        float *dst = root == c->rank ? recv : (float *)(send + off);
-        r = ncclReduce(send + off, dst, parts[root], ncclFloat32, ncclSum, root, c->comm, c->comm_stream);
+        r = op(root, off, parts[root]);
         off += parts[root];
     }
     ncclResult_t g = ncclGroupEnd();
-    return finish(c, "reduce_parts", r != ncclSuccess ? r : g);
+    return finish(c, what, r != ncclSuccess ? r : g);
+}
+
+extern "C" int st_nccl_reduce_parts_sum(st_nccl_comm *c, float *recv, const float *send, const size_t *parts) {
+    if (!c) return st_fail(ST_EINVAL, "NCCL reduce_parts: no communicator");
+    return grouped_parts(c, "reduce_parts", parts, [&](int root, size_t off, size_t n) {
+        /* only the root's receive buffer is written; others pass a valid device pointer all the same */
+        float *dst = root == c->rank ? recv : (float *)(send + off);
+        return ncclReduce(send + off, dst, n, ncclFloat32, ncclSum, root, c->comm, c->comm_stream);
+    });
 }
 
 extern "C" int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
     if (!c) return st_fail(ST_EINVAL, "NCCL all_gather_parts: no communicator");
-    int rc = order_after_compute(c, "all_gather_parts");
-    if (rc) return rc;
-    ncclResult_t r = ncclGroupStart();
-    size_t off = 0;
-    for (int root = 0; root < c->world && r == ncclSuccess; root++) {
-        if (parts[root] == 0) continue;
-        r = ncclBroadcast(buf + off, buf + off, parts[root], ncclFloat32, root, c->comm, c->comm_stream);
-        off += parts[root];
-    }
-    ncclResult_t g = ncclGroupEnd();
-    return finish(c, "all_gather_parts", r != ncclSuccess ? r : g);
+    return grouped_parts(c, "all_gather_parts", parts, [&](int root, size_t off, size_t n) {
+        return ncclBroadcast(buf + off, buf + off, n, ncclFloat32, root, c->comm, c->comm_stream);
+    });
 }
 
 extern "C" int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {

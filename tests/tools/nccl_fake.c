@@ -101,21 +101,13 @@ int st_nccl_reduce_scatter_sum(st_nccl_comm *c, float *recv, const float *send, 
     return recv_n ? enqueue(c, OP_REDUCE_SCATTER, send, recv_n * (size_t)c->world, recv, recv_n) : 0;
 }
 
-int st_nccl_reduce_parts_sum(st_nccl_comm *c, float *recv, const float *send, const size_t *parts) {
+/* Enqueues a collective over consecutive per-rank parts (its output: this rank's part, or all of them);
+ * its op keeps MPI's counts, then displacements. */
+static int enqueue_parts(st_nccl_comm *c, op_kind kind, const float *in, float *out, int out_all,
+                         const size_t *parts) {
     size_t total = 0;
     for (int r = 0; r < c->world; r++) total += parts[r];
-    int rc = enqueue(c, OP_REDUCE_PARTS, send, total, recv, parts[c->rank]);
-    if (rc) return rc;
-    int *counts = malloc((size_t)c->world * sizeof *counts);
-    for (int r = 0; r < c->world; r++) counts[r] = (int)parts[r];
-    c->ops[c->n_ops - 1].counts = counts;
-    return 0;
-}
-
-int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
-    size_t total = 0;
-    for (int r = 0; r < c->world; r++) total += parts[r];
-    int rc = enqueue(c, OP_GATHER_PARTS, buf, total, buf, total);
+    int rc = enqueue(c, kind, in, total, out, out_all ? total : parts[c->rank]);
     if (rc) return rc;
     int *counts = malloc(2 * (size_t)c->world * sizeof *counts);
     for (int r = 0, off = 0; r < c->world; r++) {
@@ -125,6 +117,14 @@ int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
     }
     c->ops[c->n_ops - 1].counts = counts;
     return 0;
+}
+
+int st_nccl_reduce_parts_sum(st_nccl_comm *c, float *recv, const float *send, const size_t *parts) {
+    return enqueue_parts(c, OP_REDUCE_PARTS, send, recv, 0, parts);
+}
+
+int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
+    return enqueue_parts(c, OP_GATHER_PARTS, buf, buf, 1, parts);
 }
 
 int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {

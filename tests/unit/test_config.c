@@ -17,25 +17,12 @@
 
 #include "common/error.h"
 #include "coordinator/config.h"
+#include "test_tmpdir.h"
 
 static const char *MINIMAL = "model: {path: models/tiny}\n"
                              "tasks:\n"
                              "  - {name: qa, path: data/qa.h5}\n";
 
-static char tmpdir[256];
-
-static int setup_dir(void **state) {
-    (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/st_test_config_XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown_dir(void **state) {
-    (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
-}
 
 static void write_file(const char *path, const char *text) {
     FILE *f = fopen(path, "w");
@@ -245,7 +232,7 @@ static void check_full(const st_config *c) {
 static void test_full_file(void **state) {
     (void)state;
     char path[512];
-    snprintf(path, sizeof path, "%s/full.yaml", tmpdir);
+    snprintf(path, sizeof path, "%s/full.yaml", st_test_dir);
     write_file(path, FULL);
     st_config c;
     int rc = st_config_load(&c, path, 0, NULL);
@@ -257,7 +244,7 @@ static void test_full_file(void **state) {
 static void test_run_dir_from_file_name(void **state) {
     (void)state;
     char path[512];
-    snprintf(path, sizeof path, "%s/my-job.yaml", tmpdir);
+    snprintf(path, sizeof path, "%s/my-job.yaml", st_test_dir);
     write_file(path, MINIMAL);
     st_config c;
     assert_int_equal(st_config_load(&c, path, 0, NULL), 0);
@@ -483,13 +470,13 @@ static void test_file_errors(void **state) {
     (void)state;
     st_config c;
     char path[512];
-    snprintf(path, sizeof path, "%s/does-not-exist.yaml", tmpdir);
+    snprintf(path, sizeof path, "%s/does-not-exist.yaml", st_test_dir);
     assert_int_equal(st_config_load(&c, path, 0, NULL), ST_EIO);
     assert_msg_has("does-not-exist.yaml");
-    assert_int_equal(st_config_load(&c, tmpdir, 0, NULL), ST_EIO);
+    assert_int_equal(st_config_load(&c, st_test_dir, 0, NULL), ST_EIO);
     assert_msg_has("not a regular file");
 
-    snprintf(path, sizeof path, "%s/job.yaml", tmpdir);
+    snprintf(path, sizeof path, "%s/job.yaml", st_test_dir);
     write_file(path, "model: {path: m}\ntasks: [{path: a.h5}]\ntrain:\n  lerning_rate: 1\n");
     assert_int_equal(st_config_load(&c, path, 0, NULL), ST_ECONFIG);
     assert_msg_has(path);
@@ -806,5 +793,5 @@ int main(void) {
         cmocka_unit_test(test_docs_examples),
         cmocka_unit_test(test_names),
     };
-    return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
+    return cmocka_run_group_tests(tests, st_test_dir_setup, st_test_dir_teardown);
 }

@@ -15,25 +15,15 @@
 #include "common/error.h"
 #include "coordinator/config.h"
 #include "coordinator/slurm_env.h"
+#include "test_tmpdir.h"
 
 static const char *VARS[] = {"SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS",
                              "SLURM_LOCALID", "SLURM_NODELIST", "SLURMD_NODENAME", "OMPI_COMM_WORLD_RANK",
                              "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"};
 
-static char tmpdir[256];
-
 static int setup(void **state) {
-    (void)state;
     for (size_t i = 0; i < sizeof VARS / sizeof VARS[0]; i++) unsetenv(VARS[i]);
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/st_test_slurm_env_XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown(void **state) {
-    (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return st_test_dir_setup(state);
 }
 
 static void srun_env(void) {
@@ -126,7 +116,7 @@ static void expect_env_error(const char *var, const char *value, const char *nee
     st_slurm_env e;
     assert_int_equal(st_slurm_env_read(&e), ST_EINVAL);
     if (!strstr(st_error(), needle)) fail_msg("message '%s' lacks '%s'", st_error(), needle);
-    teardown(NULL);
+    st_test_dir_teardown(NULL);
 }
 
 static void test_bad_values(void **state) {
@@ -141,7 +131,7 @@ static void test_bad_values(void **state) {
 }
 
 static void write_job(const char *name, const char *extra, char *path, size_t size) {
-    snprintf(path, size, "%s/%s", tmpdir, name);
+    snprintf(path, size, "%s/%s", st_test_dir, name);
     FILE *f = fopen(path, "w");
     assert_non_null(f);
     fprintf(f, "model: {path: models/tiny}\ntasks:\n  - {name: qa, path: data/qa.h5}\n%s", extra);
@@ -223,15 +213,15 @@ static void test_run_dir_outside_slurm(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_setup_teardown(test_alone, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_srun, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_mpirun_in_allocation, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_mpirun_alone, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_alone, setup, st_test_dir_teardown),
+        cmocka_unit_test_setup_teardown(test_srun, setup, st_test_dir_teardown),
+        cmocka_unit_test_setup_teardown(test_mpirun_in_allocation, setup, st_test_dir_teardown),
+        cmocka_unit_test_setup_teardown(test_mpirun_alone, setup, st_test_dir_teardown),
         cmocka_unit_test(test_bad_values),
-        cmocka_unit_test_setup_teardown(test_run_dir_default_under_slurm, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_run_dir_explicit_kept, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_run_dir_explicit_checkpoint_dir_kept, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_run_dir_outside_slurm, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_run_dir_default_under_slurm, setup, st_test_dir_teardown),
+        cmocka_unit_test_setup_teardown(test_run_dir_explicit_kept, setup, st_test_dir_teardown),
+        cmocka_unit_test_setup_teardown(test_run_dir_explicit_checkpoint_dir_kept, setup, st_test_dir_teardown),
+        cmocka_unit_test_setup_teardown(test_run_dir_outside_slurm, setup, st_test_dir_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

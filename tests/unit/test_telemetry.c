@@ -15,6 +15,7 @@
 #include "coordinator/monitor_rules.h"
 #include "coordinator/telemetry.h"
 #include "shardtune.pb-c.h"
+#include "test_tmpdir.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,23 +24,17 @@
 #include <unistd.h>
 #include <zmq.h>
 
-static char tmpdir[256];
-
-static int setup_dir(void **state) {
-    (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/st_test_telemetry_XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
+/* Not st_test_dir_teardown's rm -rf: removing only the known files and then the directory also checks
+ * that nothing left a stray temporary file behind. */
 static int teardown_dir(void **state) {
     (void)state;
     char path[512];
     const char *names[] = {ST_TOKEN_FILE, ST_CURVE_SECRET_FILE, ST_CURVE_PUBLIC_FILE, "bad.key"};
     for (int i = 0; i < 4; i++) {
-        snprintf(path, sizeof path, "%s/%s", tmpdir, names[i]);
+        snprintf(path, sizeof path, "%s/%s", st_test_dir, names[i]);
         unlink(path);
     }
-    assert_int_equal(rmdir(tmpdir), 0); /* also: no stray temporary files left behind */
+    assert_int_equal(rmdir(st_test_dir), 0); /* also: no stray temporary files left behind */
     return 0;
 }
 
@@ -47,29 +42,29 @@ static void test_token_create_mode_and_read(void **state) {
     (void)state;
     umask(0); /* the file must be 0600 even when the umask would allow more */
     char tok[ST_TOKEN_BUF], again[ST_TOKEN_BUF], back[ST_TOKEN_BUF];
-    assert_int_equal(st_token_create(tmpdir, tok), 0);
+    assert_int_equal(st_token_create(st_test_dir, tok), 0);
     umask(022);
     assert_int_equal(strlen(tok), 32);
     for (int i = 0; i < 32; i++) assert_non_null(strchr("0123456789abcdef", tok[i]));
     char path[512];
-    snprintf(path, sizeof path, "%s/%s", tmpdir, ST_TOKEN_FILE);
+    snprintf(path, sizeof path, "%s/%s", st_test_dir, ST_TOKEN_FILE);
     struct stat st;
     assert_int_equal(stat(path, &st), 0);
     assert_int_equal(st.st_mode & 0777, 0600);
-    assert_int_equal(st_token_read(tmpdir, back), 0);
+    assert_int_equal(st_token_read(st_test_dir, back), 0);
     assert_string_equal(back, tok);
     /* a new job gets a new token, replacing the old file */
-    assert_int_equal(st_token_create(tmpdir, again), 0);
+    assert_int_equal(st_token_create(st_test_dir, again), 0);
     assert_string_not_equal(again, tok);
-    assert_int_equal(st_token_read(tmpdir, back), 0);
+    assert_int_equal(st_token_read(st_test_dir, back), 0);
     assert_string_equal(back, again);
 }
 
 static void test_token_read_refuses_bad_files(void **state) {
     (void)state;
     char tok[ST_TOKEN_BUF], path[512];
-    assert_int_equal(st_token_create(tmpdir, tok), 0);
-    snprintf(path, sizeof path, "%s/%s", tmpdir, ST_TOKEN_FILE);
+    assert_int_equal(st_token_create(st_test_dir, tok), 0);
+    snprintf(path, sizeof path, "%s/%s", st_test_dir, ST_TOKEN_FILE);
     chmod(path, 0644);
     assert_int_equal(st_token_read_file(path, tok), ST_EINVAL);
     assert_non_null(strstr(st_error(), "chmod 600"));
@@ -280,7 +275,7 @@ static void test_probe_and_names(void **state) {
 
 /* ---- CURVE key files ---- */
 
-static void run_path(const char *name, char *path, size_t n) { snprintf(path, n, "%s/%s", tmpdir, name); }
+static void run_path(const char *name, char *path, size_t n) { snprintf(path, n, "%s/%s", st_test_dir, name); }
 
 static void read_text(const char *path, char *out, size_t n) {
     FILE *f = fopen(path, "r");
@@ -298,7 +293,7 @@ static void test_curve_keys_create_mode_and_read(void **state) {
     run_path(ST_CURVE_SECRET_FILE, key_path, sizeof key_path);
     run_path(ST_CURVE_PUBLIC_FILE, pub_path, sizeof pub_path);
     umask(0); /* modes must not depend on the umask */
-    assert_int_equal(st_curve_keys_create(tmpdir, pub, sec), 0);
+    assert_int_equal(st_curve_keys_create(st_test_dir, pub, sec), 0);
     umask(022);
     struct stat st;
     assert_int_equal(stat(key_path, &st), 0);
@@ -316,7 +311,7 @@ static void test_curve_keys_create_mode_and_read(void **state) {
     assert_int_equal(st_curve_key_read_file(pub_path, 0, back), 0);
     assert_string_equal(back, pub);
     /* clients find monitor.pub through the run directory, or take an explicit file first */
-    assert_int_equal(st_curve_client_key(NULL, tmpdir, back, from, sizeof from), 1);
+    assert_int_equal(st_curve_client_key(NULL, st_test_dir, back, from, sizeof from), 1);
     assert_string_equal(back, pub);
     assert_string_equal(from, pub_path);
     assert_int_equal(st_curve_client_key(pub_path, "/nonexistent", back, from, sizeof from), 1);
@@ -325,7 +320,7 @@ static void test_curve_keys_create_mode_and_read(void **state) {
     FILE *old = fopen(pub_path, "r");
     assert_non_null(old);
     char pub2[ST_CURVE_KEY_BUF], sec2[ST_CURVE_KEY_BUF];
-    assert_int_equal(st_curve_keys_create(tmpdir, pub2, sec2), 0);
+    assert_int_equal(st_curve_keys_create(st_test_dir, pub2, sec2), 0);
     assert_string_not_equal(pub2, pub);
     assert_string_not_equal(sec2, sec);
     assert_non_null(fgets(text, sizeof text, old));
@@ -338,12 +333,12 @@ static void test_curve_keys_create_mode_and_read(void **state) {
     assert_int_equal(stat(key_path, &st), 0);
     assert_int_equal(st.st_mode & 0777, 0600);
     /* a job without CURVE removes them: --run-dir clients then connect plain */
-    assert_int_equal(st_curve_keys_remove(tmpdir), 0);
+    assert_int_equal(st_curve_keys_remove(st_test_dir), 0);
     assert_int_not_equal(access(key_path, F_OK), 0);
     assert_int_not_equal(access(pub_path, F_OK), 0);
-    assert_int_equal(st_curve_client_key(NULL, tmpdir, back, from, sizeof from), 0);
+    assert_int_equal(st_curve_client_key(NULL, st_test_dir, back, from, sizeof from), 0);
     assert_int_equal(st_curve_client_key(NULL, NULL, back, from, sizeof from), 0);
-    assert_int_equal(st_curve_keys_remove(tmpdir), 0); /* nothing to remove is fine */
+    assert_int_equal(st_curve_keys_remove(st_test_dir), 0); /* nothing to remove is fine */
 }
 
 static void write_text(const char *path, const char *text, mode_t mode) {
@@ -359,7 +354,7 @@ static void test_curve_key_read_refuses_bad_files(void **state) {
     char pub[ST_CURVE_KEY_BUF], sec[ST_CURVE_KEY_BUF], back[ST_CURVE_KEY_BUF], key_path[512], bad[512];
     run_path(ST_CURVE_SECRET_FILE, key_path, sizeof key_path);
     run_path("bad.key", bad, sizeof bad);
-    assert_int_equal(st_curve_keys_create(tmpdir, pub, sec), 0);
+    assert_int_equal(st_curve_keys_create(st_test_dir, pub, sec), 0);
     chmod(key_path, 0640); /* a secret key others can read is refused; a public one may be 0644 */
     assert_int_equal(st_curve_key_read_file(key_path, 1, back), ST_EINVAL);
     assert_non_null(strstr(st_error(), "chmod 600"));
@@ -401,11 +396,11 @@ static void test_curve_key_read_refuses_bad_files(void **state) {
     char pub_path[512];
     run_path(ST_CURVE_PUBLIC_FILE, pub_path, sizeof pub_path);
     write_text(pub_path, "garbage\n", 0644);
-    assert_int_equal(st_curve_client_key(NULL, tmpdir, back, text, sizeof text), ST_EFORMAT);
+    assert_int_equal(st_curve_client_key(NULL, st_test_dir, back, text, sizeof text), ST_EFORMAT);
     assert_non_null(strstr(st_error(), pub_path));
     assert_int_equal(st_curve_key_read_file("/nonexistent/monitor.pub", 0, back), ST_EIO);
     assert_non_null(strstr(st_error(), "/nonexistent/monitor.pub"));
-    assert_int_equal(st_curve_key_read_file(tmpdir, 0, back), ST_EINVAL); /* a directory */
+    assert_int_equal(st_curve_key_read_file(st_test_dir, 0, back), ST_EINVAL); /* a directory */
     assert_int_equal(st_curve_keys_create("/nonexistent/dir", pub, sec), ST_EIO);
     assert_non_null(strstr(st_error(), "/nonexistent/dir/monitor.key"));
 }
@@ -456,10 +451,10 @@ static void test_curve_sockets(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_setup_teardown(test_token_create_mode_and_read, setup_dir, teardown_dir),
-        cmocka_unit_test_setup_teardown(test_token_read_refuses_bad_files, setup_dir, teardown_dir),
-        cmocka_unit_test_setup_teardown(test_curve_keys_create_mode_and_read, setup_dir, teardown_dir),
-        cmocka_unit_test_setup_teardown(test_curve_key_read_refuses_bad_files, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_token_create_mode_and_read, st_test_dir_setup, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_token_read_refuses_bad_files, st_test_dir_setup, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_curve_keys_create_mode_and_read, st_test_dir_setup, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_curve_key_read_refuses_bad_files, st_test_dir_setup, teardown_dir),
         cmocka_unit_test(test_curve_sockets),
         cmocka_unit_test(test_control_tokens),
         cmocka_unit_test(test_control_hand_encoded),

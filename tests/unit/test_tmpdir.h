@@ -8,13 +8,13 @@
 
 static char st_test_dir[256];
 
-static int st_test_dir_setup(void **state) {
+static inline int st_test_dir_setup(void **state) {
     (void)state;
     snprintf(st_test_dir, sizeof st_test_dir, "/tmp/st_test_XXXXXX");
     return mkdtemp(st_test_dir) ? 0 : -1;
 }
 
-static int st_test_dir_teardown(void **state) {
+static inline int st_test_dir_teardown(void **state) {
     (void)state;
     char cmd[512];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", st_test_dir);

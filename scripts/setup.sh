@@ -12,6 +12,7 @@ PKGS=(
   python3 python3-torch python3-numpy python3-h5py python3-zmq python3-protobuf
 )
 if [ "${SHARDTUNE_WITH_SLURM:-0}" = 1 ]; then PKGS+=(slurm-wlm munge); fi
+if [ "${SHARDTUNE_WITH_PYREF:-0}" = 1 ]; then PKGS+=(python3-venv python3-pip); fi
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -19,11 +20,25 @@ for p in "${PKGS[@]}"; do
 done
 if [ ${#missing[@]} -eq 0 ]; then
   echo "setup: all ${#PKGS[@]} packages present"
-  exit 0
+else
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
 fi
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "setup: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
-$SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
+
+# Reference tests only: PyPI's transformers / tokenizers / gguf in a cached virtual environment that also
+# sees Debian's torch, numpy and h5py. Its path depends on the requirements file, so a changed pin makes a
+# new one; scripts/pyref prints it.
+if [ "${SHARDTUNE_WITH_PYREF:-0}" = 1 ]; then
+  venv=$(bash "$(dirname "$0")/pyref" --dir)
+  if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
+    echo "setup: creating the reference-test virtual environment $venv"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/requirements-ref.txt"
+    touch "$venv/.complete"
+  fi
+fi

@@ -1,5 +1,6 @@
 # Test registration. Labels: unit (cmocka), integration (real processes: mpirun, sockets, Slurm),
-# reference (PyTorch / h5py comparisons run with Debian's /usr/bin/python3).
+# reference (PyTorch / h5py comparisons run with Debian's /usr/bin/python3; tests/reference/ref_*.py run with
+# scripts/pyref: PyPI's transformers / tokenizers / gguf in the cached venv that scripts/setup.sh makes).
 set(ST_PYTHON /usr/bin/python3 CACHE FILEPATH "python with Debian's torch, numpy, h5py")
 
 if(CMOCKA_FOUND)
@@ -23,7 +24,8 @@ foreach(src ${ST_TEST_TOOLS})
 endforeach()
 
 # Shell and python tests: tests/integration/*.sh and tests/reference/test_*.py
-set(ST_TEST_ENV "SHARDTUNE_BIN=$<TARGET_FILE:shardtune>;ST_BUILD_DIR=${CMAKE_BINARY_DIR};ST_SOURCE_DIR=${CMAKE_SOURCE_DIR};ST_PYTHON=${ST_PYTHON};OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
+set(ST_PYREF ${CMAKE_SOURCE_DIR}/scripts/pyref)
+set(ST_TEST_ENV "SHARDTUNE_BIN=$<TARGET_FILE:shardtune>;ST_PYREF=${ST_PYREF};TRANSFORMERS_VERBOSITY=error;HF_HUB_OFFLINE=1;ST_BUILD_DIR=${CMAKE_BINARY_DIR};ST_SOURCE_DIR=${CMAKE_SOURCE_DIR};ST_PYTHON=${ST_PYTHON};OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
 file(GLOB ST_INTEGRATION_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/integration/test_*.sh)
 foreach(src ${ST_INTEGRATION_TESTS})
   get_filename_component(name ${src} NAME_WE)
@@ -34,6 +36,13 @@ file(GLOB ST_REFERENCE_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/referen
 foreach(src ${ST_REFERENCE_TESTS})
   get_filename_component(name ${src} NAME_WE)
   add_test(NAME reference.${name} COMMAND ${ST_PYTHON} ${src})
+  set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
+endforeach()
+
+file(GLOB ST_PYREF_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/ref_*.py)
+foreach(src ${ST_PYREF_TESTS})
+  get_filename_component(name ${src} NAME_WE)
+  add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} ${src})
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
 

@@ -1,5 +1,5 @@
 /* compare.h — the blind base-vs-tuned evaluation (`shardtune compare`): the voting page and key
- * (compare_sheet.c) and the unblinded score (cmd_compare.c). Contract: DESIGN.md, docs/generate.md.
+ * and the unblinded score (compare.c; the CLI is cmd_compare.c). Contract: DESIGN.md, docs/generate.md.
  * Nothing here prints; strings passed in stay the caller's. */
 #ifndef ST_COMPARE_H
 #define ST_COMPARE_H

@@ -1,10 +1,12 @@
-/* compare_sheet.c — DIR/sheet.html and DIR/key.json of `shardtune compare sheet` (see compare.h).
+/* compare.c — the library side of `shardtune compare` (see compare.h): DIR/sheet.html and DIR/key.json
+ * of `compare sheet`, and the unblinded score of `compare score`.
  *
  * The page is one file with its style and script inline: it works offline and from file://. The items
  * travel as a JSON document inside <script type="application/json">, with every '<', '>' and '&' written
  * as a \u escape, so no answer text can close the script element; the script puts text on the page only
  * through textContent, never as HTML. Votes live in the page (and in localStorage, so a reload keeps
  * them) and are saved as votes.jsonl through a download; the same lines are shown in a text box too. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,5 +177,104 @@ int st_sheet_write(const char *dir, const st_sheet_item *items, int n, uint64_t 
     }
     st_strbuf_free(&page);
     st_strbuf_free(&key);
+    return rc;
+}
+
+/* ---------------- score ---------------- */
+
+const char *st_compare_band(double support) {
+    if (fabs(support - 0.5) <= ST_COMPARE_NEAR_HALF + 1e-12) return /* 45% and 55% both inside */ "no real progress";
+    if (support < 0.5) return "worse than the base";
+    if (support < 0.7) return "not good enough";
+    if (support <= 0.8) return "successful";
+    return "clear improvement";
+}
+
+void st_wilson95(int wins, int n, double *lo, double *hi) {
+    const double z = 1.959963984540054; /* the 97.5% quantile of the standard normal */
+    if (n <= 0) { *lo = 0; *hi = 1; return; }
+    double p = (double)wins / n, z2 = z * z, den = 1 + z2 / n;
+    double center = (p + z2 / (2.0 * n)) / den;
+    double half = z * sqrt(p * (1 - p) / n + z2 / (4.0 * n * n)) / den;
+    *lo = center - half < 0 ? 0 : center - half;
+    *hi = center + half > 1 ? 1 : center + half;
+}
+
+/* key.json: {"<id>": "A" | "B"} (the side of the tuned answer). */
+static int read_key(const char *dir, st_json **key) {
+    char path[4096], *text = NULL;
+    size_t len = 0;
+    snprintf(path, sizeof path, "%s/key.json", dir);
+    int rc = st_read_file(path, &text, &len);
+    if (!rc) rc = st_json_parse(text, len, key);
+    free(text);
+    if (rc) return st_fail_context(rc, "%s", path);
+    if ((*key)->type != ST_JSON_OBJECT) rc = ST_EFORMAT;
+    for (size_t i = 0; !rc && i < (*key)->count; i++) {
+        const st_json *v = (*key)->items[i];
+        if (v->type != ST_JSON_STRING || (strcmp(v->string, "A") && strcmp(v->string, "B"))) rc = ST_EFORMAT;
+    }
+    if (rc) {
+        st_json_free(*key);
+        *key = NULL;
+        return st_fail(rc, "%s: must be an object {\"<id>\": \"A\" | \"B\"}", path);
+    }
+    return 0;
+}
+
+int st_compare_score(const char *dir, const char *votes_path, st_compare_result *r) {
+    memset(r, 0, sizeof *r);
+    st_json *key = NULL;
+    int rc = read_key(dir, &key);
+    if (rc) return rc;
+    char *text = NULL;
+    size_t len = 0;
+    rc = st_read_file(votes_path, &text, &len);
+    /* the last vote of an id counts (a person may change their mind); index into key->items */
+    char *vote = key ? calloc(key->count + 1, 1) : NULL;
+    if (!rc && !vote) rc = st_fail(ST_ENOMEM, "out of memory");
+    long ln = 0;
+    for (char *s = text; !rc && s && s < text + len; ln++) {
+        char *e = memchr(s, '\n', (size_t)(text + len - s));
+        if (!e) e = text + len;
+        size_t n = (size_t)(e - s);
+        char *line = s;
+        s = e + 1;
+        while (n > 0 && (line[n - 1] == '\r' || line[n - 1] == ' ')) n--;
+        if (n == 0) continue;
+        st_json *v = NULL;
+        rc = st_json_parse(line, n, &v);
+        if (rc) { st_fail_context(rc, "%s line %ld", votes_path, ln + 1); break; }
+        const char *id = st_json_get_string(v, "id", NULL), *choice = st_json_get_string(v, "vote", NULL);
+        size_t k = 0;
+        while (id && k < key->count && strcmp(key->keys[k], id)) k++;
+        if (!id || !choice)
+            rc = st_fail(ST_EFORMAT, "%s line %ld: a vote is {\"id\": \"<id>\", \"vote\": \"A\" | \"B\" | \"tie\"}",
+                         votes_path, ln + 1);
+        else if (k == key->count)
+            rc = st_fail(ST_EINVAL, "%s line %ld: id \"%s\" is not in %s/key.json (votes of another sheet?)",
+                         votes_path, ln + 1, id, dir);
+        else if (!strcmp(choice, "A") || !strcmp(choice, "B") || !strcmp(choice, "tie"))
+            vote[k] = choice[0];
+        else
+            rc = st_fail(ST_EINVAL, "%s line %ld: vote \"%s\" is not A, B or tie", votes_path, ln + 1, choice);
+        st_json_free(v);
+    }
+    for (size_t k = 0; !rc && k < key->count; k++) {
+        if (!vote[k]) continue;
+        if (vote[k] == 't') r->ties++;
+        else if (vote[k] == key->items[k]->string[0]) r->wins++;
+        else r->losses++;
+    }
+    if (!rc && r->wins + r->losses == 0)
+        rc = st_fail(ST_EINVAL, "%s: no decided votes (%d ties): the support rate is undefined", votes_path, r->ties);
+    if (!rc) {
+        r->support = (double)r->wins / (r->wins + r->losses);
+        st_wilson95(r->wins, r->wins + r->losses, &r->lo, &r->hi);
+        r->band = st_compare_band(r->support);
+    }
+    free(vote);
+    free(text);
+    st_json_free(key);
     return rc;
 }

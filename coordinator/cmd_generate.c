@@ -140,6 +140,7 @@ int st_gen_flags_parse(st_gen_flags *f, int argc, char **argv, int *i) {
     static const char *names[] = {"--max-new", "--temperature", "--top-p", "--top-k", "--seed",
                                   "--repetition-penalty", "--batch", "--backend"};
     const char *a = argv[*i];
+    if (!strcmp(a, "--timing")) return f->timing = 1;
     int which = -1;
     for (int k = 0; k < (int)(sizeof names / sizeof names[0]); k++)
         if (!strcmp(a, names[k])) which = k;
@@ -362,7 +363,14 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
             if (!*dump) rc = st_fail(ST_ENOMEM, "out of memory for --dump-logits");
             for (int k = 0; !rc && k < count; k++) seqs[k].logits = *dump + (size_t)k * fl.gp.max_new * m.cfg.vocab;
         }
+        st_gen_stats stats = {0};
+        if (f->timing) fl.gp.stats = &stats;
         if (!rc) rc = st_generate(&m, &fl.gp, seqs, count);
+        if (!rc && f->timing && rank == 0)
+            fprintf(stderr, "timing (rank 0, %s): prefill %ld tokens in %.3f s = %.1f tokens/s; decode %ld tokens in "
+                            "%.3f s = %.1f tokens/s\n", be->name, stats.prefill_tokens, stats.prefill_s,
+                    stats.prefill_tokens / (stats.prefill_s > 0 ? stats.prefill_s : 1e-9), stats.decode_tokens,
+                    stats.decode_s, stats.decode_tokens / (stats.decode_s > 0 ? stats.decode_s : 1e-9));
         if (rc && world > 1) st_fail_context(rc, "rank %d", rank);
     }
     rc = agree(comm, rc, print_error);

@@ -41,6 +41,7 @@ void st_prompts_free(st_prompt_set *ps);
 typedef struct {
     st_gen_params gp;
     char backend[8]; /* auto | cpu | cuda */
+    int timing;      /* --timing: rank 0 prints prefill and decode tokens/s of its own prompts to stderr */
 } st_gen_flags;
 void st_gen_flags_default(st_gen_flags *f);
 int st_gen_flags_parse(st_gen_flags *f, int argc, char **argv, int *i);

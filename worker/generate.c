@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "common/error.h"
+#include "common/util.h"
 
 /* Prefill chunk: at most this many token rows per forward (bounds the scratch). */
 #define GEN_MAX_ROWS 256
@@ -383,7 +384,14 @@ static int run_batch(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_st
         rc = st_fail(ST_ENOMEM, "out of memory for generation");
         goto out;
     }
+    double t0 = st_now();
     prefill(g, p, s, st, nb, first, tok, seq, pos, sel, lg, mark, order);
+    if (p->stats) {
+        g->be->synchronize();
+        p->stats->prefill_s += st_now() - t0;
+        for (int k = 0; k < nb; k++) p->stats->prefill_tokens += s[k].prompt_len;
+        t0 = st_now();
+    }
     for (;;) { /* one decode step: the last token of every unfinished sequence */
         int rows = 0;
         for (int k = 0; k < nb; k++) {
@@ -396,9 +404,11 @@ static int run_batch(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_st
         }
         if (rows == 0) break;
         forward_rows(g, tok, seq, pos, rows, sel, rows, lg);
+        if (p->stats) p->stats->decode_tokens += rows;
         for (int r = 0; r < rows; r++)
             take_token(g, p, &s[seq[r]], &st[seq[r]], first + seq[r], lg + (size_t)r * V, mark, order);
     }
+    if (p->stats) p->stats->decode_s += st_now() - t0;
 out:
     free(tok); free(seq); free(pos); free(sel); free(order); free(lg); free(mark);
     return rc;

@@ -139,7 +139,8 @@ static int generate_both(const char *base, const char *tuned, const st_gen_flags
         st_answer *ans = NULL;
         int rc = st_gen_run(dirs[m], f, ps, MPI_COMM_WORLD, &ans, NULL, NULL, print_error);
         if (rc) return st_fail_context(rc, "%s model %s", m ? "tuned" : "base", dirs[m]);
-        for (int i = 0; ans && i < ps->n; i++) texts[m][i] = ids_text(ans[i].ids, ans[i].n);
+        for (int i = 0; ans && i < ps->n; i++)
+            texts[m][i] = ans[i].text ? strdup(ans[i].text) : ids_text(ans[i].ids, ans[i].n);
         st_answers_free(ans, ps->n);
     }
     return 0;

@@ -16,6 +16,7 @@
 #include "common/util.h"
 #include "coordinator/commands.h"
 #include "coordinator/gen_run.h"
+#include "coordinator/gen_text.h"
 #include "worker/comm.h"
 
 /* ---------------- prompts ---------------- */
@@ -57,12 +58,18 @@ static int parse_prompt(const char *path, long ln, const char *text, size_t len,
         snprintf(idbuf, sizeof idbuf, "%ld", ln);
         p->id = strdup(idbuf);
     }
-    if (!rc && !ids && (st_json_get(v, "prompt") || st_json_get(v, "messages")))
-        rc = st_fail(ST_EINVAL, "%s line %ld: text prompts (\"prompt\" / \"messages\") need tokenizer support, which "
-                                "this build of shardtune does not have yet: give \"input_ids\"", path, ln + 1);
-    else if (!rc && (!ids || ids->type != ST_JSON_ARRAY || ids->count == 0))
+    const st_json *prompt = st_json_get(v, "prompt"), *msgs = st_json_get(v, "messages");
+    p->line_no = ln + 1;
+    if (!rc && !ids && (prompt || msgs)) {
+        p->is_text = 1;
+        if (!st_gen_text_supported())
+            rc = st_fail(ST_EINVAL, "%s line %ld: text prompts (\"prompt\" / \"messages\") need tokenizer support, "
+                                    "which this build of shardtune does not have yet: give \"input_ids\"", path, ln + 1);
+        else if (prompt ? prompt->type != ST_JSON_STRING : msgs->type != ST_JSON_ARRAY)
+            rc = st_fail(ST_EFORMAT, "%s line %ld: \"prompt\" must be a string, \"messages\" an array", path, ln + 1);
+    } else if (!rc && (!ids || ids->type != ST_JSON_ARRAY || ids->count == 0))
         rc = st_fail(ST_EFORMAT, "%s line %ld: needs \"input_ids\", a non-empty array of token ids", path, ln + 1);
-    if (!rc) {
+    if (!rc && !p->is_text) {
         p->n_ids = (int)ids->count;
         p->ids = malloc(ids->count * sizeof(int32_t));
         if (!p->ids) rc = st_fail(ST_ENOMEM, "out of memory reading %s", path);
@@ -141,6 +148,13 @@ int st_gen_flags_parse(st_gen_flags *f, int argc, char **argv, int *i) {
                                   "--repetition-penalty", "--batch", "--backend"};
     const char *a = argv[*i];
     if (!strcmp(a, "--timing")) return f->timing = 1;
+    if (!strcmp(a, "--chat")) return f->chat = 1;
+    if (!strcmp(a, "--stop")) {
+        if (*i + 1 >= argc || !argv[*i + 1][0]) return st_fail(ST_EINVAL, "--stop needs a non-empty string");
+        if (f->n_stop == ST_GEN_MAX_STOP) return st_fail(ST_EINVAL, "at most %d --stop strings", ST_GEN_MAX_STOP);
+        f->stop[f->n_stop++] = argv[++*i];
+        return 1;
+    }
     int which = -1;
     for (int k = 0; k < (int)(sizeof names / sizeof names[0]); k++)
         if (!strcmp(a, names[k])) which = k;
@@ -287,8 +301,68 @@ static int unpack_answers(const int32_t *all, const int *displs, int world, int 
 
 void st_answers_free(st_answer *a, int n) {
     if (!a) return;
-    for (int i = 0; i < n; i++) free(a[i].ids);
+    for (int i = 0; i < n; i++) {
+        free(a[i].ids);
+        free(a[i].text);
+    }
     free(a);
+}
+
+/* ---------------- text ---------------- */
+
+/* Per run: the tokenizer (NULL when the model has none) and the ids of text prompts. */
+typedef struct {
+    st_gen_text *tok;
+    int32_t **enc; /* [n]: encoded ids of text prompts (NULL for input_ids lines) */
+    int *n_enc;
+    const st_gen_flags *f;
+} run_text;
+
+static void run_text_free(run_text *t, int n) {
+    for (int i = 0; t->enc && i < n; i++) free(t->enc[i]);
+    free(t->enc);
+    free(t->n_enc);
+    st_gen_text_free(t->tok);
+}
+
+/* Opens the model's tokenizer and encodes this rank's text prompts (idx[0..count)). */
+static int run_text_open(run_text *t, const char *dir, const st_prompt_set *ps, const int *idx, int count,
+                         const st_gen_flags *f) {
+    memset(t, 0, sizeof *t);
+    t->f = f;
+    int need = f->n_stop > 0 || f->chat;
+    for (int i = 0; i < ps->n; i++) need |= ps->p[i].is_text;
+    int rc = st_gen_text_open(dir, &t->tok);
+    if (rc) return rc;
+    if (!t->tok && need)
+        return st_fail(ST_EINVAL, "%s has no tokenizer.json: text prompts, --chat and --stop need one (give "
+                                  "\"input_ids\")", dir);
+    t->enc = calloc((size_t)ps->n + 1, sizeof *t->enc);
+    t->n_enc = calloc((size_t)ps->n + 1, sizeof *t->n_enc);
+    if (!t->enc || !t->n_enc) return st_fail(ST_ENOMEM, "out of memory");
+    for (int k = 0; k < count; k++) {
+        const st_prompt *p = &ps->p[idx[k]];
+        if (!p->is_text) continue;
+        rc = st_gen_text_encode(t->tok, p->line, f->chat, &t->enc[idx[k]], &t->n_enc[idx[k]]);
+        if (rc) return st_fail_context(rc, "prompt line %ld", p->line_no);
+    }
+    return 0;
+}
+
+/* The stop callback: the answer's text so far holds one of the --stop strings. */
+typedef struct {
+    const run_text *t;
+} stop_ctx;
+
+static int stop_check(void *ctx, int seq, const int32_t *out, int n_out) {
+    (void)seq;
+    const run_text *t = ((stop_ctx *)ctx)->t;
+    char *text = NULL;
+    if (st_gen_text_decode(t->tok, out, n_out, &text)) return 0;
+    int hit = 0;
+    for (int i = 0; i < t->f->n_stop && !hit; i++) hit = strstr(text, t->f->stop[i]) != NULL;
+    free(text);
+    return hit;
 }
 
 static int gather_answers(MPI_Comm comm, const st_gen_seq *s, int count, int n, int batch, st_answer **answers) {
@@ -337,23 +411,33 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     if (!rc) rc = st_model_load_dir(model_dir, be, &m);
     if (!rc) loaded = 1;
     if (!rc) rc = read_eos(model_dir, &m, eos, 64, &n_eos);
-    fl.gp.eos = eos;
-    fl.gp.n_eos = n_eos;
-    if (!rc) rc = st_gen_params_check(&fl.gp, &m);
-    rc = agree(comm, rc, print_error);
     int *idx = NULL, count = 0;
     st_gen_seq *seqs = NULL;
+    run_text txt;
+    memset(&txt, 0, sizeof txt);
     if (!rc) {
         idx = malloc((size_t)ps->n * sizeof *idx);
         seqs = calloc((size_t)ps->n, sizeof *seqs);
         if (!idx || !seqs) rc = st_fail(ST_ENOMEM, "out of memory");
     }
+    if (!rc) count = my_prompts(ps->n, fl.gp.batch, rank, world, idx);
+    if (!rc) rc = run_text_open(&txt, model_dir, ps, idx, count, f);
+    if (!rc && n_eos == 0 && txt.tok && st_gen_text_eos(txt.tok) >= 0) eos[n_eos++] = st_gen_text_eos(txt.tok);
+    fl.gp.eos = eos;
+    fl.gp.n_eos = n_eos;
+    stop_ctx sctx = {&txt};
+    if (f->n_stop > 0) {
+        fl.gp.stop = stop_check;
+        fl.gp.stop_ctx = &sctx;
+    }
+    if (!rc) rc = st_gen_params_check(&fl.gp, &m);
+    rc = agree(comm, rc, print_error);
     if (!rc) {
-        count = my_prompts(ps->n, fl.gp.batch, rank, world, idx);
         size_t dump_floats = 0;
         for (int k = 0; k < count; k++) {
-            seqs[k].prompt = ps->p[idx[k]].ids;
-            seqs[k].prompt_len = ps->p[idx[k]].n_ids;
+            const st_prompt *p = &ps->p[idx[k]];
+            seqs[k].prompt = p->is_text ? txt.enc[idx[k]] : p->ids;
+            seqs[k].prompt_len = p->is_text ? txt.n_enc[idx[k]] : p->n_ids;
             seqs[k].stream = (uint64_t)idx[k];
             dump_floats += (size_t)fl.gp.max_new * m.cfg.vocab;
         }
@@ -375,6 +459,10 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     }
     rc = agree(comm, rc, print_error);
     if (!rc) rc = agree(comm, gather_answers(comm, seqs, count, ps->n, fl.gp.batch, answers), print_error);
+    for (int i = 0; !rc && rank == 0 && txt.tok && i < ps->n; i++) { /* the answers as text */
+        rc = st_gen_text_decode(txt.tok, (*answers)[i].ids, (*answers)[i].n, &(*answers)[i].text);
+        if (rc) *print_error = 1;
+    }
     if (dump && !rc) { /* compact: drop the unused rows after each prompt's last token */
         size_t o = 0;
         for (int k = 0; k < count; k++) {
@@ -386,6 +474,7 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     for (int k = 0; seqs && k < count; k++) free(seqs[k].out);
     free(seqs);
     free(idx);
+    run_text_free(&txt, ps->n);
     if (loaded) st_model_free(&m);
     return rc;
 }
@@ -395,7 +484,8 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
 static int usage(void) {
     fprintf(stderr, "usage: shardtune generate --model DIR [--adapter DIR] --prompts IN.jsonl --out OUT.jsonl "
                     "[--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--chat]\n"
-                    "                          [--repetition-penalty R] [--batch B] [--backend auto|cpu|cuda]\n");
+                    "                          [--repetition-penalty R] [--stop STR] [--batch B] "
+                    "[--backend auto|cpu|cuda] [--timing]\n");
     return ST_EXIT_USAGE;
 }
 
@@ -409,7 +499,13 @@ static int write_outputs(const char *path, const st_prompt_set *ps, const st_ans
         size_t body = len - 1;
         while (body > 0 && (line[body - 1] == ' ' || line[body - 1] == '\t')) body--;
         st_strbuf_append(&b, line, body);
-        st_strbuf_printf(&b, "%s\"output_ids\": [", line[body - 1] == '{' ? "" : ", ");
+        if (ans[i].text) {
+            st_strbuf_printf(&b, "%s\"output\": ", line[body - 1] == '{' ? "" : ", ");
+            st_strbuf_json_string(&b, ans[i].text);
+            st_strbuf_printf(&b, ", \"output_ids\": [");
+        } else {
+            st_strbuf_printf(&b, "%s\"output_ids\": [", line[body - 1] == '{' ? "" : ", ");
+        }
         for (int k = 0; k < ans[i].n; k++) st_strbuf_printf(&b, "%s%d", k ? ", " : "", ans[i].ids[k]);
         st_strbuf_printf(&b, "], \"finish_reason\": \"%s\"}\n", st_gen_finish_name(ans[i].finish));
     }
@@ -427,7 +523,6 @@ static int write_dump(const char *path, const float *d, const st_answer *ans, in
 
 int st_cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompts = NULL, *out = NULL, *adapter = NULL, *dump_path = NULL;
-    int chat = 0;
     st_gen_flags f;
     st_gen_flags_default(&f);
     for (int i = 1; i < argc; i++) {
@@ -439,7 +534,6 @@ int st_cmd_generate(int argc, char **argv) {
         else if (!strcmp(argv[i], "--out") && has) out = argv[++i];
         else if (!strcmp(argv[i], "--adapter") && has) adapter = argv[++i];
         else if (!strcmp(argv[i], "--dump-logits") && has) dump_path = argv[++i]; /* tests: raw fp32 logits */
-        else if (!strcmp(argv[i], "--chat")) chat = 1;
         else return usage();
     }
     if (!model || !prompts || !out) return usage();
@@ -450,7 +544,9 @@ int st_cmd_generate(int argc, char **argv) {
     int rc = 0, print_error = 0;
     st_prompt_set ps = {0};
     if (adapter) rc = st_fail(ST_EINVAL, "--adapter %s: PEFT adapters are not supported by this build yet", adapter);
-    else if (chat) rc = st_fail(ST_EINVAL, "--chat needs chat-template support, which this build does not have yet");
+    else if ((f.chat || f.n_stop) && !st_gen_text_supported())
+        rc = st_fail(ST_EINVAL, "%s needs tokenizer support, which this build does not have yet",
+                     f.chat ? "--chat" : "--stop");
     else if (dump_path && world > 1) rc = st_fail(ST_EINVAL, "--dump-logits runs on one rank only");
     if (!rc) rc = st_prompts_read(prompts, &ps);
     if (rc) { /* every rank read the same input and reached the same verdict */

@@ -14,9 +14,11 @@
 
 typedef struct {
     char *line;     /* the input line's JSON object text, trimmed */
+    long line_no;   /* 1-based, for messages */
     char *id;       /* its "id" (string or number as text), else its 0-based line number */
-    int32_t *ids;   /* prompt token ids */
+    int32_t *ids;   /* prompt token ids ("input_ids"); NULL for a text prompt, encoded per model */
     int n_ids;
+    int is_text;    /* "prompt" / "messages" without "input_ids": the model's tokenizer encodes it */
 } st_prompt;
 
 typedef struct {
@@ -28,20 +30,26 @@ typedef struct {
     int32_t *ids;
     int n;
     st_gen_finish finish;
+    char *text; /* decoded answer when the model has a tokenizer (rank 0), else NULL */
 } st_answer;
 
-/* Reads prompts: one JSON object a line ({"input_ids": [...]}; text prompts need a tokenizer). Blank
- * lines are skipped. Every error names the file and line. */
+/* Reads prompts: one JSON object a line ({"input_ids": [...]}, or {"prompt": "..."} / {"messages": [...]}
+ * when the build has tokenizer support). Blank lines are skipped. Every error names the file and line. */
 int st_prompts_read(const char *path, st_prompt_set *ps);
 void st_prompts_free(st_prompt_set *ps);
 
 /* Generation settings from the command line: parses argv[*i] (and its value) when it is one of
- * --max-new --temperature --top-p --top-k --seed --repetition-penalty --batch --backend; returns 1 when
- * consumed, 0 when not one of these, negative (usage message in st_error()) on a bad value. */
+ * --max-new --temperature --top-p --top-k --seed --repetition-penalty --batch --backend --stop --chat
+ * --timing; returns 1 when consumed, 0 when not one of these, negative (message in st_error()) on a bad
+ * value. */
+#define ST_GEN_MAX_STOP 16
 typedef struct {
     st_gen_params gp;
     char backend[8]; /* auto | cpu | cuda */
     int timing;      /* --timing: rank 0 prints prefill and decode tokens/s of its own prompts to stderr */
+    int chat;        /* --chat: "prompt" lines become one user message through the chat template */
+    const char *stop[ST_GEN_MAX_STOP]; /* --stop STR (repeatable): stop once the answer's text holds one */
+    int n_stop;
 } st_gen_flags;
 void st_gen_flags_default(st_gen_flags *f);
 int st_gen_flags_parse(st_gen_flags *f, int argc, char **argv, int *i);

@@ -18,6 +18,7 @@
 #include "coordinator/commands.h"
 #include "coordinator/compare.h"
 #include "coordinator/gen_run.h"
+#include "coordinator/gen_text.h"
 
 static int cmd_score(int argc, char **argv) {
     const char *dir = NULL, *votes = NULL;
@@ -216,10 +217,194 @@ static int cmd_sheet(int argc, char **argv) {
     return rc ? ST_EXIT_FAIL : ST_EXIT_OK;
 }
 
+/* ---------------- judge ---------------- */
+
+/* The items of DIR/sheet.html (the JSON document the page carries). */
+static int read_sheet_items(const char *dir, st_json **doc) {
+    char path[4096], *html = NULL;
+    size_t len = 0;
+    snprintf(path, sizeof path, "%s/sheet.html", dir);
+    int rc = st_read_file(path, &html, &len);
+    if (rc) return rc;
+    const char *tag = "id=\"sheet-data\">";
+    char *a = strstr(html, tag), *b = a ? strstr(a, "</script>") : NULL;
+    if (!a || !b) rc = st_fail(ST_EFORMAT, "%s: no sheet data (not written by compare sheet?)", path);
+    if (!rc) {
+        a += strlen(tag);
+        rc = st_json_parse(a, (size_t)(b - a), doc);
+        if (rc) st_fail_context(rc, "%s", path);
+    }
+    const st_json *items = rc ? NULL : st_json_get(*doc, "items");
+    if (!rc && (!items || items->type != ST_JSON_ARRAY || items->count == 0))
+        rc = st_fail(ST_EFORMAT, "%s: the sheet data has no items", path);
+    free(html);
+    return rc;
+}
+
+/* The question put to the judge: the prompt and two answers, `first` shown as A. */
+static char *judge_line(const char *prompt, const char *first, const char *second) {
+    st_strbuf t = {0}, line = {0};
+    st_strbuf_printf(&t, "Here is a question and two answers.\n\nQuestion:\n%s\n\nAnswer A:\n%s\n\nAnswer B:\n%s\n\n"
+                         "Which answer is better, A or B? Reply with one letter.\nBetter answer:",
+                     prompt, first, second);
+    if (t.failed) { st_strbuf_free(&t); return NULL; }
+    st_strbuf_printf(&line, "{\"prompt\": ");
+    st_strbuf_json_string(&line, t.data);
+    st_strbuf_printf(&line, "}");
+    st_strbuf_free(&t);
+    if (line.failed) { st_strbuf_free(&line); return NULL; }
+    return line.data;
+}
+
+/* Token ids that start the label ("A" and " A"), deduplicated; n in 1..2. */
+static int label_ids(const st_gen_text *t, char label, int32_t *out, int *n) {
+    char s[3] = {label, 0, 0}, sp[3] = {' ', label, 0};
+    const char *forms[2] = {s, sp};
+    *n = 0;
+    for (int k = 0; k < 2; k++) {
+        int32_t *ids = NULL;
+        int m = 0;
+        int rc = st_gen_text_encode_plain(t, forms[k], 0, &ids, &m);
+        if (rc) return rc;
+        if (m >= 1 && (*n == 0 || out[0] != ids[0])) out[(*n)++] = ids[0];
+        free(ids);
+    }
+    return *n ? 0 : st_fail(ST_EINVAL, "the judge's tokenizer has no token for the label %c", label);
+}
+
+static double label_mass(const float *logits, const int32_t *ids, int n) {
+    double p = 0;
+    for (int k = 0; k < n; k++) p += exp((double)logits[ids[k]]);
+    return p;
+}
+
+/* P(first answer is better) from one order's next-token logits, relative to the two labels only. */
+static double prefer_first(const float *logits, int V, const int32_t *la, int na, const int32_t *lb, int nb) {
+    float mx = logits[0];
+    for (int i = 1; i < V; i++)
+        if (logits[i] > mx) mx = logits[i];
+    float *sh = malloc((size_t)V * sizeof *sh);
+    if (!sh) return 0.5;
+    for (int i = 0; i < V; i++) sh[i] = logits[i] - mx;
+    double a = label_mass(sh, la, na), b = label_mass(sh, lb, nb);
+    free(sh);
+    return a + b > 0 ? a / (a + b) : 0.5;
+}
+
+static int judge_run(const char *dir, const char *judge, const st_gen_flags *f, st_json *doc, int *print_error) {
+    const st_json *items = st_json_get(doc, "items");
+    int n = (int)items->count, rc = 0;
+    st_prompt_set ps = {calloc((size_t)(2 * n), sizeof(st_prompt)), 2 * n};
+    st_gen_text *tok = NULL;
+    int32_t la[2], lb[2];
+    int na = 0, nb = 0;
+    if (!ps.p) return st_fail(ST_ENOMEM, "out of memory");
+    for (int i = 0; !rc && i < n; i++) {
+        const char *id = st_json_get_string(items->items[i], "id", NULL);
+        const char *q = st_json_get_string(items->items[i], "prompt", NULL);
+        const char *a = st_json_get_string(items->items[i], "a", NULL), *b = st_json_get_string(items->items[i], "b", NULL);
+        if (!id || !q || !a || !b) { rc = st_fail(ST_EFORMAT, "%s/sheet.html: item %d lacks id/prompt/a/b", dir, i); break; }
+        for (int o = 0; o < 2; o++) { /* order 0: as on the page; order 1: swapped */
+            st_prompt *p = &ps.p[2 * i + o];
+            p->line = judge_line(q, o ? b : a, o ? a : b);
+            p->id = strdup(id);
+            p->is_text = 1;
+            p->line_no = 2 * i + o + 1;
+            if (!p->line || !p->id) rc = st_fail(ST_ENOMEM, "out of memory");
+        }
+    }
+    if (!rc) rc = st_gen_text_open(judge, &tok);
+    if (!rc && !tok) rc = st_fail(ST_EINVAL, "judge model %s has no tokenizer.json", judge);
+    if (!rc) rc = label_ids(tok, 'A', la, &na);
+    if (!rc) rc = label_ids(tok, 'B', lb, &nb);
+    st_gen_flags jf = *f;
+    jf.gp.max_new = 1;
+    jf.gp.temperature = 0;
+    jf.n_stop = 0;
+    st_answer *ans = NULL;
+    float *logits = NULL;
+    int V = 0;
+    if (!rc) {
+        rc = st_gen_run(judge, &jf, &ps, MPI_COMM_WORLD, &ans, &logits, &V, print_error);
+        if (rc) rc = st_fail_context(rc, "judge %s", judge);
+    }
+    st_strbuf votes = {0};
+    for (int i = 0; !rc && i < n; i++) {
+        /* each answer has exactly one token (max_new 1): its logits row is 2i + o */
+        double p0 = prefer_first(logits + (size_t)(2 * i) * V, V, la, na, lb, nb);     /* A over B */
+        double p1 = prefer_first(logits + (size_t)(2 * i + 1) * V, V, la, na, lb, nb); /* B over A */
+        /* a side wins only when both orders prefer it: a position bias alone gives a tie */
+        const char *v = p0 > 0.5 && p1 < 0.5 ? "A" : p0 < 0.5 && p1 > 0.5 ? "B" : "tie";
+        st_strbuf_printf(&votes, "{\"id\": ");
+        st_strbuf_json_string(&votes, ps.p[2 * i].id);
+        st_strbuf_printf(&votes, ", \"vote\": \"%s\", \"p_a_first\": %.6f, \"p_a_second\": %.6f}\n", v, p0, 1 - p1);
+    }
+    if (!rc) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/judge_votes.jsonl", dir);
+        rc = votes.failed ? st_fail(ST_ENOMEM, "out of memory") : st_write_file_atomic(path, votes.data, votes.len);
+    }
+    if (rc && !*print_error) *print_error = 1;
+    st_strbuf_free(&votes);
+    st_answers_free(ans, 2 * n);
+    free(logits);
+    st_gen_text_free(tok);
+    st_prompts_free(&ps);
+    return rc;
+}
+
+static int cmd_judge(int argc, char **argv) {
+    const char *dir = NULL, *judge = NULL;
+    int json = 0;
+    st_gen_flags f;
+    st_gen_flags_default(&f);
+    for (int i = 1; i < argc; i++) {
+        int c = st_gen_flags_parse(&f, argc, argv, &i);
+        if (c < 0) { fprintf(stderr, "shardtune compare judge: %s\n", st_error()); return ST_EXIT_USAGE; }
+        if (c) continue;
+        if (!strcmp(argv[i], "--judge") && i + 1 < argc) judge = argv[++i];
+        else if (!strcmp(argv[i], "--json")) json = 1;
+        else if (argv[i][0] != '-' && !dir) dir = argv[i];
+        else { dir = NULL; break; }
+    }
+    if (!dir || !judge) {
+        fprintf(stderr, "usage: shardtune compare judge DIR --judge MODEL_DIR [--json] [--chat] [--backend B]\n");
+        return ST_EXIT_USAGE;
+    }
+    int provided = 0, world = 1, print_error = 0;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    st_json *doc = NULL;
+    int rc = world > 1 ? st_fail(ST_EINVAL, "compare judge runs on one rank (got %d)", world) : 0;
+    if (!rc && !st_gen_text_supported())
+        rc = st_fail(ST_EINVAL, "a judge reads the prompt and answers as text: it needs tokenizer support, which this "
+                                "build does not have yet");
+    if (!rc) rc = read_sheet_items(dir, &doc);
+    if (!rc) rc = judge_run(dir, judge, &f, doc, &print_error);
+    else print_error = 1;
+    st_json_free(doc);
+    MPI_Finalize();
+    if (rc) return print_error ? st_cli_error("compare judge", st_error()) : ST_EXIT_FAIL;
+    char votes[4096];
+    snprintf(votes, sizeof votes, "%s/judge_votes.jsonl", dir);
+    st_compare_result r;
+    if (st_compare_score(dir, votes, &r)) return st_cli_error("compare judge", st_error());
+    if (json)
+        printf("{\"support\": %.6f, \"ci\": [%.6f, %.6f], \"wins\": %d, \"losses\": %d, \"ties\": %d, \"band\": \"%s\"}\n",
+               r.support, r.lo, r.hi, r.wins, r.losses, r.ties, r.band);
+    else
+        printf("judge votes written to %s\nsupport: %.1f%% (tuned won %d of %d decided votes; %d ties apart)\n"
+               "95%% CI (Wilson): %.1f%% - %.1f%%\nverdict: %s\n", votes, 100 * r.support, r.wins, r.wins + r.losses,
+               r.ties, 100 * r.lo, 100 * r.hi, r.band);
+    return ST_EXIT_OK;
+}
+
 int st_cmd_compare(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "sheet")) return cmd_sheet(argc - 1, argv + 1);
     if (argc >= 2 && !strcmp(argv[1], "score")) return cmd_score(argc - 1, argv + 1);
+    if (argc >= 2 && !strcmp(argv[1], "judge")) return cmd_judge(argc - 1, argv + 1);
     fprintf(stderr, "usage: shardtune compare sheet --base DIR --tuned DIR --prompts IN.jsonl --out DIR [--max-new N]\n"
-                    "       shardtune compare score DIR --votes VOTES.jsonl [--json]\n");
+                    "       shardtune compare score DIR --votes VOTES.jsonl [--json]\n"
+                    "       shardtune compare judge DIR --judge MODEL_DIR [--json]\n");
     return ST_EXIT_USAGE;
 }

@@ -21,6 +21,11 @@ int st_gen_text_encode(const st_gen_text *t, const char *line_json, int chat, in
     return st_fail(ST_EINVAL, "text prompts need tokenizer support, which this build does not have yet");
 }
 
+int st_gen_text_encode_plain(const st_gen_text *t, const char *text, int add_special, int32_t **ids, int *n) {
+    (void)t; (void)text; (void)add_special; (void)ids; (void)n;
+    return st_fail(ST_EINVAL, "encoding needs tokenizer support, which this build does not have yet");
+}
+
 int st_gen_text_decode(const st_gen_text *t, const int32_t *ids, int n, char **text) {
     (void)t; (void)ids; (void)n; (void)text;
     return st_fail(ST_EINVAL, "decoding needs tokenizer support, which this build does not have yet");

@@ -25,6 +25,9 @@ int st_gen_text_supported(void);
  * {"messages": [...]} (always through the chat template). Errors name the missing piece. */
 int st_gen_text_encode(const st_gen_text *t, const char *line_json, int chat, int32_t **ids, int *n);
 
+/* tokenizer(text, add_special_tokens=add_special).ids */
+int st_gen_text_encode_plain(const st_gen_text *t, const char *text, int add_special, int32_t **ids, int *n);
+
 /* decode(ids, skip_special_tokens=True) as a NUL-terminated string. */
 int st_gen_text_decode(const st_gen_text *t, const int32_t *ids, int n, char **text);
 

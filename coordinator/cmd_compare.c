@@ -62,22 +62,16 @@ static int read_answer_file(const char *path, const st_prompt_set *ps, char **te
     char *data = NULL;
     size_t len = 0;
     int rc = st_read_file(path, &data, &len), n = 0;
-    long ln = 0;
-    for (char *s = data; !rc && s && s < data + len; ln++) {
-        char *e = memchr(s, '\n', (size_t)(data + len - s));
-        if (!e) e = data + len;
-        char *line = s;
-        size_t l = (size_t)(e - s);
-        s = e + 1;
-        while (l > 0 && (line[l - 1] == '\r' || line[l - 1] == ' ')) l--;
-        if (l == 0) continue;
+    long ln = -1;
+    char *cur = data, *line = NULL;
+    size_t l = 0;
+    while (!rc && cur && st_jsonl_next(&cur, data + len, &ln, &line, &l)) {
         st_json *v = NULL;
         rc = st_json_parse(line, l, &v);
         if (rc) { st_fail_context(rc, "%s line %ld", path, ln + 1); break; }
         const st_json *out = st_json_get(v, "output"), *ids = st_json_get(v, "output_ids"), *id = st_json_get(v, "id");
-        char idbuf[64] = "";
-        if (id && id->type == ST_JSON_STRING) snprintf(idbuf, sizeof idbuf, "%s", id->string);
-        else if (id && id->is_integer) snprintf(idbuf, sizeof idbuf, "%lld", (long long)id->integer);
+        char idbuf[256] = "";
+        st_json_id_text(id, idbuf, sizeof idbuf);
         if (n >= ps->n) rc = st_fail(ST_EINVAL, "%s has more answers than the %d prompts", path, ps->n);
         else if (id && strcmp(idbuf, ps->p[n].id))
             rc = st_fail(ST_EINVAL, "%s line %ld: id \"%s\" where prompt %d has id \"%s\"", path, ln + 1, idbuf, n,

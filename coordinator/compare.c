@@ -16,6 +16,7 @@
 #include "common/rng.h"
 #include "common/util.h"
 #include "coordinator/compare.h"
+#include "coordinator/gen_run.h"
 
 char st_sheet_tuned_side(uint64_t seed, int i) {
     st_rng r;
@@ -233,15 +234,10 @@ int st_compare_score(const char *dir, const char *votes_path, st_compare_result 
     /* the last vote of an id counts (a person may change their mind); index into key->items */
     char *vote = key ? calloc(key->count + 1, 1) : NULL;
     if (!rc && !vote) rc = st_fail(ST_ENOMEM, "out of memory");
-    long ln = 0;
-    for (char *s = text; !rc && s && s < text + len; ln++) {
-        char *e = memchr(s, '\n', (size_t)(text + len - s));
-        if (!e) e = text + len;
-        size_t n = (size_t)(e - s);
-        char *line = s;
-        s = e + 1;
-        while (n > 0 && (line[n - 1] == '\r' || line[n - 1] == ' ')) n--;
-        if (n == 0) continue;
+    long ln = -1;
+    char *cur = text, *line = NULL;
+    size_t n = 0;
+    while (!rc && cur && st_jsonl_next(&cur, text + len, &ln, &line, &n)) {
         st_json *v = NULL;
         rc = st_json_parse(line, n, &v);
         if (rc) { st_fail_context(rc, "%s line %ld", votes_path, ln + 1); break; }

@@ -110,9 +110,12 @@ static int bind_weights(gen_state *g) {
 
 /* ---------------- state ---------------- */
 
-/* RoPE angle tables for positions 0..max_t-1, the model's own builder (host). */
-static void rope_host_tables(const st_model *m, float *cos_t, float *sin_t, int max_t) {
+/* RoPE angle tables for positions 0..max_t-1 (host), with the builder the model's forward uses. When the
+ * RoPE variants (worker/model.h st_model_rope_tables) land, this becomes that call, plus
+ * st_model_check_seq_len for max_t. */
+static int rope_host_tables(const st_model *m, float *cos_t, float *sin_t, int max_t) {
     st_rope_tables(cos_t, sin_t, max_t, m->cfg.head_dim, m->cfg.rope_theta);
+    return 0;
 }
 
 static void state_free(gen_state *g) {
@@ -165,7 +168,7 @@ static int state_init(gen_state *g, const st_model *m, int S, int max_t) {
         g->hcos = malloc(R * half * sizeof(float));
         g->hsin = malloc(R * half * sizeof(float));
         if (!g->cos_tab || !g->sin_tab || !g->hcos || !g->hsin) return st_fail(ST_ENOMEM, "out of memory for RoPE");
-        rope_host_tables(m, g->cos_tab, g->sin_tab, max_t);
+        return rope_host_tables(m, g->cos_tab, g->sin_tab, max_t);
     }
     return 0;
 }

@@ -415,6 +415,42 @@ static void check_rope_attention(void) {
     free(cs), free(sn), free(qkv), free(out), free(lse), free(dout), free(dqkv);
 }
 
+/* Generation's decode kernels (kv_store, attention_cached): a prefill-like call (every position of
+ * sequence 0, then of sequence 1 of a different length) and a decode-like call (one token per sequence,
+ * out of order), on caches sized for 3 sequences of T positions. */
+static void check_decode(void) {
+    enum { S = 3 };
+    const int lens[2] = {T, T / 2 + 3};
+    int rows = lens[0] + lens[1];
+    size_t row = (size_t)(H + 2 * KVH) * HD, kvd = (size_t)KVH * HD, cache = (size_t)S * T * kvd;
+    float *qkv = hrand((size_t)rows * row, 3), *kc = hrand(cache, 1), *vc = hrand(cache, 1);
+    float *out = hrand((size_t)rows * H * HD, 1);
+    int32_t *seq = xmalloc((size_t)rows * 4), *pos = xmalloc((size_t)rows * 4);
+    for (int r = 0; r < rows; r++) {
+        seq[r] = r < lens[0] ? 0 : 2; /* sequence slot 1 stays unused: strides must be right */
+        pos[r] = r < lens[0] ? r : r - lens[0];
+    }
+    float *gqkv = dev_from(qkv, (size_t)rows * row * 4), *gkc = dev_from(kc, cache * 4), *gvc = dev_from(vc, cache * 4);
+    float *gout = dev_from(NULL, (size_t)rows * H * HD * 4);
+    int32_t *gseq = dev_from(seq, (size_t)rows * 4), *gpos = dev_from(pos, (size_t)rows * 4);
+    double tg, tc, e;
+    tick(); G->kv_store(gkc, gvc, gqkv, gseq, gpos, rows, H, KVH, HD, T); tg = tock_gpu();
+    tick(); C->kv_store(kc, vc, qkv, seq, pos, rows, H, KVH, HD, T); tc = tock_cpu();
+    report("kv_store", fmax(dev_err(gkc, kc, cache), dev_err(gvc, vc, cache)), tg, tc, 0);
+    tick(); G->attention_cached(gout, gqkv, gkc, gvc, gseq, gpos, rows, H, KVH, HD, T); tg = tock_gpu();
+    tick(); C->attention_cached(out, qkv, kc, vc, seq, pos, rows, H, KVH, HD, T); tc = tock_cpu();
+    report("attention_cached (prefill)", dev_err(gout, out, (size_t)rows * H * HD), tg, tc, 1e-4);
+    int32_t dseq[2] = {2, 0}, dpos[2] = {lens[1] - 1, T - 1}; /* decode: last token of each, reversed */
+    G->copy_to_device(gseq, dseq, sizeof dseq);
+    G->copy_to_device(gpos, dpos, sizeof dpos);
+    tick(); G->attention_cached(gout, gqkv, gkc, gvc, gseq, gpos, 2, H, KVH, HD, T); tg = tock_gpu();
+    tick(); C->attention_cached(out, qkv, kc, vc, dseq, dpos, 2, H, KVH, HD, T); tc = tock_cpu();
+    e = dev_err(gout, out, (size_t)2 * H * HD);
+    report("attention_cached (decode)", e, tg, tc, 1e-4);
+    G->free(gqkv), G->free(gkc), G->free(gvc), G->free(gout), G->free(gseq), G->free(gpos);
+    free(qkv), free(kc), free(vc), free(out), free(seq), free(pos);
+}
+
 static void check_activations(void) {
     size_t n = (size_t)NROWS * FF;
     float *x = hrand(n, 4), *out = hrand(n, 1), *dout = hrand(n, 1), *dx = hrand(n, 1);
@@ -809,6 +845,7 @@ int main(int argc, char **argv) {
     check_elementwise();
     check_norms();
     check_rope_attention();
+    check_decode();
     check_activations();
     check_embedding();
     check_cross_entropy();

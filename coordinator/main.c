@@ -22,6 +22,12 @@ static const struct st_command st_commands[] = {
     {"monitor", st_cmd_monitor, "ADDR [--plain|--json]"},
     {"ctl", st_cmd_ctl, "ADDR status|checkpoint|stop|pause|resume"},
     {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg"},
+    {"generate", st_cmd_generate,
+     "--model DIR [--adapter DIR] --prompts IN.jsonl --out OUT.jsonl [--max-new N] [--temperature T] [--top-p P] "
+     "[--top-k K] [--seed S] [--chat]"},
+    {"compare", st_cmd_compare,
+     "sheet --base DIR --tuned DIR --prompts IN.jsonl --out DIR [--max-new N] | score DIR --votes VOTES.jsonl "
+     "[--json] | judge DIR --judge MODEL_DIR [--json]"},
 };
 #define ST_NCOMMANDS (sizeof st_commands / sizeof st_commands[0])
 

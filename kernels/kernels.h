@@ -159,6 +159,19 @@ struct st_backend {
     /* x[i] = bf16(x[i]) in place, kept as fp32 (round to nearest even): for an fp32 operand that several
      * bf16 matmuls read (the LM head's dlogits), rounded once and passed as st_mm_f32_rounded. */
     void (*round_bf16)(float *x, size_t n);
+
+    /* ---- decoding with a KV cache (worker/generate.c; appended, the CUDA table is positional) ----
+     * Caches kcache/vcache are [S, max_t, KVH*hd]: sequence s, position p. `rows` tokens are in flight;
+     * token i belongs to sequence row_seq[i] at position row_pos[i] (both int32 arrays in backend memory).
+     * kv_store: copies each token's k and v heads from packed qkv [rows, (H+2*KVH)*hd] into the caches.
+     * attention_cached: out[rows, H*hd] = for each token and query head (GQA as above), softmax over keys
+     * 0..row_pos[i] of its sequence of (q . k / sqrt(hd)) times v. Keys of tokens in the same call are
+     * visible once kv_store has run for them (prefill of a chunk: store first, then attend). */
+    void (*kv_store)(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq,
+                     const int32_t *row_pos, int rows, int h, int kvh, int hd, int max_t);
+    void (*attention_cached)(float *out, const float *qkv, const float *kcache, const float *vcache,
+                             const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
+                             int max_t);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

@@ -11,7 +11,8 @@ PKGS=(
   libcmocka-dev libopenblas-dev libyaml-dev
   python3 python3-torch python3-numpy python3-h5py python3-zmq python3-protobuf
 )
-if [ "${SHARDTUNE_WITH_SLURM:-0}" = 1 ]; then PKGS+=(slurm-wlm munge); fi
+# the test extras of `./run test`: Slurm, and a real headless browser for the compare page test
+if [ "${SHARDTUNE_WITH_SLURM:-0}" = 1 ]; then PKGS+=(slurm-wlm munge chromium chromium-driver python3-selenium); fi
 if [ "${SHARDTUNE_WITH_PYREF:-0}" = 1 ]; then PKGS+=(python3-venv python3-pip); fi
 
 missing=()

@@ -187,6 +187,8 @@ static const st_backend st_cpu_table = {
     .dequant_nf4 = st_cpu_dequant_nf4,
     .adamw_multi = st_cpu_adamw_multi,
     .round_bf16 = st_cpu_round_bf16,
+    .kv_store = st_cpu_kv_store,
+    .attention_cached = st_cpu_attention_cached,
 };
 
 const st_backend *st_backend_cpu(int threads) {

@@ -177,4 +177,11 @@ void st_cpu_adamw_multi(const st_adamw_range *ranges, int count, float beta1, fl
 void st_cpu_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block);
 void st_cpu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
 
+/* cpu_decode.c */
+void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,
+                     int rows, int h, int kvh, int hd, int max_t);
+void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, const float *vcache,
+                             const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
+                             int max_t);
+
 #endif

@@ -39,4 +39,11 @@ void st_cu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, s
 /* cross_entropy.cu */
 double st_cu_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);
 
+/* decode.cu */
+void st_cu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,
+                    int rows, int h, int kvh, int hd, int max_t);
+void st_cu_attention_cached(float *out, const float *qkv, const float *kcache, const float *vcache,
+                            const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
+                            int max_t);
+
 #endif

@@ -248,3 +248,39 @@ def weighted_ce(logits, targets, weight):
     ce = F.cross_entropy(lg, t, reduction="none")
     ce = torch.where(live, ce, torch.zeros_like(ce))
     return (w * ce).sum(), ce
+
+
+# ---------------- generation (no KV cache) ----------------
+
+def repetition_penalty(logits, history, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor on a [V] row: each distinct id seen so far gets its
+    logit divided by `penalty` when positive, multiplied when negative."""
+    if penalty == 1.0 or not history:
+        return logits
+    ids = torch.tensor(sorted(set(history)), dtype=torch.int64)
+    s = logits[ids]
+    out = logits.clone()
+    out[ids] = torch.where(s < 0, s * penalty, s / penalty)
+    return out
+
+
+def greedy_generate(model, prompt, max_new, eos=(), penalty=1.0):
+    """transformers' generate(do_sample=False) written out without a cache: every step runs the full
+    forward over prompt + output so far and takes the argmax of the last position's (penalized) logits.
+    Stops after an end token (kept) or max_new tokens. Returns (output ids, raw last-position logits of
+    each step [n, V] as float64 numpy, the top-two gap of the processed logits of each step)."""
+    ids = list(prompt)
+    out, raw, gaps = [], [], []
+    with torch.no_grad():
+        for _ in range(max_new):
+            row = model.logits(torch.tensor([ids], dtype=torch.int64))[0, -1]
+            raw.append(row.double().numpy().copy())
+            row = repetition_penalty(row, ids, penalty)
+            top = torch.topk(row, 2).values
+            gaps.append(float(top[0] - top[1]))
+            nxt = int(torch.argmax(row))
+            out.append(nxt)
+            ids.append(nxt)
+            if nxt in eos:
+                break
+    return out, np.array(raw), gaps

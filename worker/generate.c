@@ -1,0 +1,461 @@
+/* generate.c — KV-cache decoding and token choice (see generate.h).
+ *
+ * One forward over `rows` tokens (prefill chunk or decode step), each token i of sequence seq[i] at
+ * position pos[i]:
+ *   x = wte[tok] (+ wpe[pos], GPT-2)
+ *   per layer: ln = norm(x); qkv = ln @ Wqkv^T (+ b); rope(qkv) at pos (Llama); kv_store(qkv);
+ *              att = attention_cached(qkv); x += att @ Wo^T (+ b); ln = norm(x);
+ *              h1 = ln @ W1^T (+ b); h2 = gelu(h1) | swiglu(h1); x += h2 @ W2^T (+ b)
+ *   logits of the selected rows only: norm(x[sel]) @ Whead^T
+ * the same math as model.c's forward, in fp32, without the saved activations. Weights are found by
+ * their HF names, and a registry tensor this file does not use is an error (a new architecture
+ * feature must not be silently skipped). */
+#include "worker/generate.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/util.h"
+
+/* Prefill chunk: at most this many token rows per forward (bounds the scratch). */
+#define GEN_MAX_ROWS 256
+
+typedef struct {
+    const float *n1w, *n1b, *wqkv, *bqkv, *wo, *bo, *n2w, *n2b, *w1, *b1, *w2, *b2;
+} gen_layer;
+
+typedef struct {
+    const st_model *m;
+    const st_backend *be;
+    int S, max_t, R;
+    int L, C, H, KVH, hd, Q, A, KVD, F, F1, V;
+    gen_layer *layers;
+    const float *wte, *wpe, *nfw, *nfb, *head;
+    float *kc, *vc;                                  /* [L, S, max_t, KVD] */
+    float *x, *ln, *qkv, *att, *h1, *h2, *mean, *rstd, *selx, *seln, *logits; /* backend, per row */
+    float *gcos, *gsin;                              /* backend [R, hd/2]: the rows' rotations */
+    float *cos_tab, *sin_tab, *hcos, *hsin;          /* host: [max_t, hd/2] tables, [R, hd/2] staging */
+    int32_t *d_tok, *d_seq, *d_pos;                  /* backend [R] */
+} gen_state;
+
+/* ---------------- weights ---------------- */
+
+static const float *find_w(const st_model *m, const char *name, unsigned char *used, int *rc) {
+    int i = st_model_find(m, name);
+    if (i < 0) {
+        if (!*rc) *rc = st_fail(ST_ECONFIG, "generate: the model has no tensor %s", name);
+        return NULL;
+    }
+    used[i] = 1;
+    return m->weights + m->params[i].offset;
+}
+
+static int bind_weights(gen_state *g) {
+    const st_model *m = g->m;
+    int gpt2 = m->cfg.family == ST_FAMILY_GPT2, rc = 0;
+    unsigned char *used = calloc((size_t)m->n_params, 1);
+    g->layers = calloc((size_t)g->L, sizeof *g->layers);
+    if (!used || !g->layers) { free(used); return st_fail(ST_ENOMEM, "out of memory binding weights"); }
+    char n[160];
+#define W(field, fmt, ...) (snprintf(n, sizeof n, fmt, __VA_ARGS__), (field) = find_w(m, n, used, &rc))
+    for (int l = 0; l < g->L; l++) {
+        gen_layer *w = &g->layers[l];
+        if (gpt2) {
+            W(w->n1w, "h.%d.ln_1.weight", l); W(w->n1b, "h.%d.ln_1.bias", l);
+            W(w->wqkv, "h.%d.attn.c_attn.weight", l); W(w->bqkv, "h.%d.attn.c_attn.bias", l);
+            W(w->wo, "h.%d.attn.c_proj.weight", l); W(w->bo, "h.%d.attn.c_proj.bias", l);
+            W(w->n2w, "h.%d.ln_2.weight", l); W(w->n2b, "h.%d.ln_2.bias", l);
+            W(w->w1, "h.%d.mlp.c_fc.weight", l); W(w->b1, "h.%d.mlp.c_fc.bias", l);
+            W(w->w2, "h.%d.mlp.c_proj.weight", l); W(w->b2, "h.%d.mlp.c_proj.bias", l);
+        } else {
+            const float *k, *v, *up;
+            W(w->n1w, "model.layers.%d.input_layernorm.weight", l);
+            /* q, k, v (and gate, up) are adjacent in the weight buffer: one packed matmul each */
+            W(w->wqkv, "model.layers.%d.self_attn.q_proj.weight", l);
+            W(k, "model.layers.%d.self_attn.k_proj.weight", l);
+            W(v, "model.layers.%d.self_attn.v_proj.weight", l);
+            if (m->cfg.qkv_bias) {
+                W(w->bqkv, "model.layers.%d.self_attn.q_proj.bias", l);
+                W(k, "model.layers.%d.self_attn.k_proj.bias", l);
+                W(v, "model.layers.%d.self_attn.v_proj.bias", l);
+            }
+            W(w->wo, "model.layers.%d.self_attn.o_proj.weight", l);
+            W(w->n2w, "model.layers.%d.post_attention_layernorm.weight", l);
+            W(w->w1, "model.layers.%d.mlp.gate_proj.weight", l);
+            W(up, "model.layers.%d.mlp.up_proj.weight", l);
+            W(w->w2, "model.layers.%d.mlp.down_proj.weight", l);
+            (void)k; (void)v; (void)up;
+        }
+    }
+    if (gpt2) {
+        W(g->wte, "%s", "wte.weight"); W(g->wpe, "%s", "wpe.weight");
+        W(g->nfw, "%s", "ln_f.weight"); W(g->nfb, "%s", "ln_f.bias");
+    } else {
+        W(g->wte, "%s", "model.embed_tokens.weight");
+        W(g->nfw, "%s", "model.norm.weight");
+    }
+    if (m->cfg.tied_embeddings) g->head = g->wte;
+    else W(g->head, "%s", "lm_head.weight");
+#undef W
+    for (int i = 0; !rc && i < m->n_params; i++)
+        if (!used[i])
+            rc = st_fail(ST_ECONFIG, "generate: tensor %s belongs to an architecture feature that generation does "
+                                     "not implement yet", m->params[i].name);
+    free(used);
+    return rc;
+}
+
+/* ---------------- state ---------------- */
+
+/* RoPE angle tables for positions 0..max_t-1, the model's own builder (host). */
+static void rope_host_tables(const st_model *m, float *cos_t, float *sin_t, int max_t) {
+    st_rope_tables(cos_t, sin_t, max_t, m->cfg.head_dim, m->cfg.rope_theta);
+}
+
+static void state_free(gen_state *g) {
+    const st_backend *be = g->be;
+    float *dev[] = {g->kc, g->vc, g->x, g->ln, g->qkv, g->att, g->h1, g->h2, g->mean, g->rstd,
+                    g->selx, g->seln, g->logits, g->gcos, g->gsin};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->free(dev[i]);
+    be->free(g->d_tok);
+    be->free(g->d_seq);
+    be->free(g->d_pos);
+    free(g->cos_tab); free(g->sin_tab); free(g->hcos); free(g->hsin);
+    free(g->layers);
+}
+
+static int state_init(gen_state *g, const st_model *m, int S, int max_t) {
+    memset(g, 0, sizeof *g);
+    const st_model_config *c = &m->cfg;
+    g->m = m;
+    g->be = m->be;
+    g->S = S;
+    g->max_t = max_t;
+    g->R = GEN_MAX_ROWS > S ? GEN_MAX_ROWS : S;
+    g->L = c->n_layer; g->C = c->d_model; g->H = c->n_head; g->KVH = c->n_kv_head; g->hd = c->head_dim;
+    g->A = g->H * g->hd; g->KVD = g->KVH * g->hd; g->Q = g->A + 2 * g->KVD;
+    g->F = c->d_ff; g->F1 = c->family == ST_FAMILY_GPT2 ? g->F : 2 * g->F; g->V = c->vocab;
+    int rc = bind_weights(g);
+    if (rc) return rc;
+    const st_backend *be = g->be;
+    size_t R = (size_t)g->R, cache = (size_t)g->L * S * max_t * g->KVD, half = (size_t)g->hd / 2;
+    g->kc = be->alloc(cache * sizeof(float));
+    g->vc = be->alloc(cache * sizeof(float));
+    if (!g->kc || !g->vc)
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of KV cache for %d sequences of %d positions "
+                                  "(lower --batch or --max-new)", 2.0 * cache * 4 / 1e6, S, max_t);
+    struct { float **p; size_t n; } bufs[] = {
+        {&g->x, R * g->C}, {&g->ln, R * g->C}, {&g->qkv, R * g->Q}, {&g->att, R * g->A},
+        {&g->h1, R * g->F1}, {&g->h2, R * g->F}, {&g->mean, R}, {&g->rstd, R},
+        {&g->selx, (size_t)S * g->C}, {&g->seln, (size_t)S * g->C}, {&g->logits, (size_t)S * g->V},
+        {&g->gcos, R * half + 1}, {&g->gsin, R * half + 1}};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (!(*bufs[i].p = be->alloc(bufs[i].n * sizeof(float))))
+            return st_fail(ST_ENOMEM, "out of memory for generation scratch");
+    g->d_tok = be->alloc(R * sizeof(int32_t));
+    g->d_seq = be->alloc(R * sizeof(int32_t));
+    g->d_pos = be->alloc(R * sizeof(int32_t));
+    if (!g->d_tok || !g->d_seq || !g->d_pos) return st_fail(ST_ENOMEM, "out of memory for generation scratch");
+    if (c->family == ST_FAMILY_LLAMA) {
+        g->cos_tab = malloc((size_t)max_t * half * sizeof(float));
+        g->sin_tab = malloc((size_t)max_t * half * sizeof(float));
+        g->hcos = malloc(R * half * sizeof(float));
+        g->hsin = malloc(R * half * sizeof(float));
+        if (!g->cos_tab || !g->sin_tab || !g->hcos || !g->hsin) return st_fail(ST_ENOMEM, "out of memory for RoPE");
+        rope_host_tables(m, g->cos_tab, g->sin_tab, max_t);
+    }
+    return 0;
+}
+
+/* ---------------- one forward over token rows ---------------- */
+
+static void norm(const gen_state *g, float *out, const float *x, const float *w, const float *b, int rows) {
+    const st_model_config *c = &g->m->cfg;
+    if (c->family == ST_FAMILY_GPT2)
+        g->be->layernorm_fwd(out, g->mean, g->rstd, x, w, b, rows, g->C, c->norm_eps);
+    else
+        g->be->rmsnorm_fwd(out, g->rstd, x, w, rows, g->C, c->norm_eps);
+}
+
+/* y (+)= x @ W^T (+ b): beta 1 adds into y (the residual stream). */
+static void linear(const gen_state *g, float *y, const float *x, const float *w, const float *b, int rows, int out,
+                   int in, float beta) {
+    g->be->matmul(y, x, w, rows, out, in, 0, 1, 1.0f, beta);
+    if (b) g->be->bias_add(y, b, rows, out);
+}
+
+static void embed(gen_state *g, const int32_t *seq, const int32_t *pos, int rows) {
+    const st_backend *be = g->be;
+    be->embedding_fwd(g->x, g->d_tok, g->wte, NULL, 1, rows, g->C);
+    if (g->wpe) { /* learned positions: one add per run of consecutive positions of one sequence */
+        for (int r0 = 0; r0 < rows;) {
+            int r1 = r0 + 1;
+            while (r1 < rows && seq[r1] == seq[r0] && pos[r1] == pos[r1 - 1] + 1) r1++;
+            be->accumulate(g->x + (size_t)r0 * g->C, g->wpe + (size_t)pos[r0] * g->C, (size_t)(r1 - r0) * g->C);
+            r0 = r1;
+        }
+    }
+    if (g->cos_tab) { /* each row's rotation, so rope_fwd (positions 0..rows-1 of one sequence) applies it */
+        size_t half = (size_t)g->hd / 2;
+        for (int r = 0; r < rows; r++) {
+            memcpy(g->hcos + r * half, g->cos_tab + (size_t)pos[r] * half, half * sizeof(float));
+            memcpy(g->hsin + r * half, g->sin_tab + (size_t)pos[r] * half, half * sizeof(float));
+        }
+        be->copy_to_device(g->gcos, g->hcos, (size_t)rows * half * sizeof(float));
+        be->copy_to_device(g->gsin, g->hsin, (size_t)rows * half * sizeof(float));
+    }
+}
+
+/* Runs rows tokens through the model; writes the logits of rows sel[0..n_sel) to host[n_sel, V]. */
+static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, const int32_t *pos, int rows,
+                         const int *sel, int n_sel, float *host) {
+    const st_backend *be = g->be;
+    be->copy_to_device(g->d_tok, tok, (size_t)rows * sizeof(int32_t));
+    be->copy_to_device(g->d_seq, seq, (size_t)rows * sizeof(int32_t));
+    be->copy_to_device(g->d_pos, pos, (size_t)rows * sizeof(int32_t));
+    embed(g, seq, pos, rows);
+    size_t layer_cache = (size_t)g->S * g->max_t * g->KVD;
+    for (int l = 0; l < g->L; l++) {
+        const gen_layer *w = &g->layers[l];
+        float *kc = g->kc + l * layer_cache, *vc = g->vc + l * layer_cache;
+        norm(g, g->ln, g->x, w->n1w, w->n1b, rows);
+        linear(g, g->qkv, g->ln, w->wqkv, w->bqkv, rows, g->Q, g->C, 0.0f);
+        if (g->cos_tab) be->rope_fwd(g->qkv, g->gcos, g->gsin, 1, rows, g->H, g->KVH, g->hd);
+        be->kv_store(kc, vc, g->qkv, g->d_seq, g->d_pos, rows, g->H, g->KVH, g->hd, g->max_t);
+        be->attention_cached(g->att, g->qkv, kc, vc, g->d_seq, g->d_pos, rows, g->H, g->KVH, g->hd, g->max_t);
+        linear(g, g->x, g->att, w->wo, w->bo, rows, g->C, g->A, 1.0f);
+        norm(g, g->ln, g->x, w->n2w, w->n2b, rows);
+        linear(g, g->h1, g->ln, w->w1, w->b1, rows, g->F1, g->C, 0.0f);
+        if (g->wpe) be->gelu_fwd(g->h2, g->h1, (size_t)rows * g->F);
+        else be->swiglu_fwd(g->h2, g->h1, rows, g->F);
+        linear(g, g->x, g->h2, w->w2, w->b2, rows, g->C, g->F, 1.0f);
+    }
+    if (n_sel == 0) return;
+    for (int k = 0; k < n_sel; k++)
+        be->copy(g->selx + (size_t)k * g->C, g->x + (size_t)sel[k] * g->C, (size_t)g->C * sizeof(float));
+    norm(g, g->seln, g->selx, g->nfw, g->nfb, n_sel);
+    linear(g, g->logits, g->seln, g->head, NULL, n_sel, g->V, g->C, 0.0f);
+    be->copy_to_host(host, g->logits, (size_t)n_sel * g->V * sizeof(float));
+}
+
+/* ---------------- token choice ---------------- */
+
+static const float *g_sort_keys; /* qsort has no context argument; choice runs on one thread per process */
+
+static int by_logit_desc(const void *a, const void *b) {
+    float x = g_sort_keys[*(const int *)a], y = g_sort_keys[*(const int *)b];
+    if (x != y) return x > y ? -1 : 1;
+    return *(const int *)a - *(const int *)b; /* ties: lower id first (stable, deterministic) */
+}
+
+int st_gen_choose(float *logits, int V, const int32_t *history, int n_hist, const st_gen_params *p, st_rng *rng,
+                  unsigned char *mark, int *order) {
+    if (p->repetition_penalty != 1.0f) { /* transformers' RepetitionPenaltyLogitsProcessor, once per id */
+        memset(mark, 0, (size_t)V);
+        for (int i = 0; i < n_hist; i++) {
+            int id = history[i];
+            if (id < 0 || id >= V || mark[id]) continue;
+            mark[id] = 1;
+            float s = logits[id];
+            logits[id] = s < 0 ? s * p->repetition_penalty : s / p->repetition_penalty;
+        }
+    }
+    if (!(p->temperature > 0)) {
+        int best = 0;
+        for (int i = 1; i < V; i++)
+            if (logits[i] > logits[best]) best = i;
+        return best;
+    }
+    /* temperature, then top-k, then top-p (transformers' warper order); removed logits become -inf */
+    for (int i = 0; i < V; i++) logits[i] /= p->temperature;
+    int filter = (p->top_k > 0 && p->top_k < V) || p->top_p < 1.0f;
+    if (filter) {
+        for (int i = 0; i < V; i++) order[i] = i;
+        g_sort_keys = logits;
+        qsort(order, (size_t)V, sizeof *order, by_logit_desc);
+        int keep = V;
+        if (p->top_k > 0 && p->top_k < V) {
+            float kth = logits[order[p->top_k - 1]];
+            keep = p->top_k;
+            while (keep < V && logits[order[keep]] >= kth) keep++; /* ties with the k-th stay */
+        }
+        if (p->top_p < 1.0f) {
+            double mx = logits[order[0]], z = 0, prefix = 0;
+            for (int r = 0; r < keep; r++) z += exp((double)logits[order[r]] - mx);
+            int r = 0;
+            for (; r < keep; r++) { /* keep while the mass above this token is below top_p */
+                if (r > 0 && prefix >= p->top_p) break;
+                prefix += exp((double)logits[order[r]] - mx) / z;
+            }
+            keep = r;
+        }
+        for (int r = keep; r < V; r++) logits[order[r]] = -INFINITY;
+    }
+    double mx = -INFINITY, z = 0;
+    for (int i = 0; i < V; i++)
+        if (logits[i] > mx) mx = logits[i];
+    for (int i = 0; i < V; i++) z += exp((double)logits[i] - mx);
+    double u = st_rng_uniform(rng) * z, acc = 0;
+    int last = 0;
+    for (int i = 0; i < V; i++) {
+        if (logits[i] == -INFINITY) continue;
+        last = i;
+        acc += exp((double)logits[i] - mx);
+        if (acc > u) return i;
+    }
+    return last; /* rounding left u at the very top: the last kept id */
+}
+
+/* ---------------- driver ---------------- */
+
+int st_gen_params_check(const st_gen_params *p, const st_model *m) {
+    if (p->max_new < 1) return st_fail(ST_EINVAL, "--max-new %d must be at least 1", p->max_new);
+    if (!(p->temperature >= 0) || !isfinite(p->temperature))
+        return st_fail(ST_EINVAL, "--temperature %g must be >= 0 (0 = greedy)", (double)p->temperature);
+    if (p->top_k < 0) return st_fail(ST_EINVAL, "--top-k %d must be >= 0 (0 = off)", p->top_k);
+    if (!(p->top_p > 0 && p->top_p <= 1)) return st_fail(ST_EINVAL, "--top-p %g must be in (0, 1]", (double)p->top_p);
+    if (!(p->repetition_penalty > 0) || !isfinite(p->repetition_penalty))
+        return st_fail(ST_EINVAL, "--repetition-penalty %g must be > 0", (double)p->repetition_penalty);
+    if (p->batch < 1) return st_fail(ST_EINVAL, "--batch %d must be at least 1", p->batch);
+    if (!m->be->kv_store || !m->be->attention_cached)
+        return st_fail(ST_EDEVICE, "the %s backend has no decode kernels", m->be->name);
+    return 0;
+}
+
+typedef struct {
+    int32_t *hist; /* prompt + output ids */
+    int n_hist, active;
+    st_rng rng;
+} seq_state;
+
+static int is_eos(const st_gen_params *p, int32_t id) {
+    for (int i = 0; i < p->n_eos; i++)
+        if (p->eos[i] == id) return 1;
+    return 0;
+}
+
+/* Appends the token chosen from logits (host row) to sequence k; marks it finished when it must stop. */
+static void take_token(const gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_state *st, int index,
+                       float *row, unsigned char *mark, int *order) {
+    if (s->logits) memcpy(s->logits + (size_t)s->n_out * g->V, row, (size_t)g->V * sizeof(float));
+    int id = st_gen_choose(row, g->V, st->hist, st->n_hist, p, &st->rng, mark, order);
+    s->out[s->n_out++] = id;
+    st->hist[st->n_hist++] = id;
+    if (is_eos(p, id)) { s->finish = ST_GEN_EOS; st->active = 0; }
+    else if (p->stop && p->stop(p->stop_ctx, index, s->out, s->n_out)) { s->finish = ST_GEN_STOP; st->active = 0; }
+    else if (s->n_out >= p->max_new) { s->finish = ST_GEN_LENGTH; st->active = 0; }
+    else if (st->n_hist > g->max_t) { s->finish = ST_GEN_MAXPOS; st->active = 0; } /* next feed: no position */
+}
+
+/* Prefill: every prompt token of the batch, in chunks of at most R rows; then the first tokens. */
+static void prefill(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_state *st, int nb, int first,
+                    int32_t *tok, int32_t *seq, int32_t *pos, int *sel, float *lg, unsigned char *mark, int *order) {
+    int rows = 0, n_sel = 0, sel_seq[g->S];
+    for (int k = 0; k < nb; k++) {
+        for (int t = 0; t < s[k].prompt_len; t++) {
+            tok[rows] = s[k].prompt[t];
+            seq[rows] = k;
+            pos[rows] = t;
+            if (t == s[k].prompt_len - 1) { sel_seq[n_sel] = k; sel[n_sel++] = rows; }
+            rows++;
+            int last = k == nb - 1 && t == s[k].prompt_len - 1;
+            if (rows < g->R && !last) continue;
+            forward_rows(g, tok, seq, pos, rows, sel, n_sel, lg);
+            for (int j = 0; j < n_sel; j++)
+                take_token(g, p, &s[sel_seq[j]], &st[sel_seq[j]], first + sel_seq[j], lg + (size_t)j * g->V, mark,
+                           order);
+            rows = n_sel = 0;
+        }
+    }
+}
+
+static int run_batch(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_state *st, int nb, int first) {
+    int R = g->R, V = g->V;
+    int32_t *tok = malloc((size_t)R * sizeof *tok), *seq = malloc((size_t)R * sizeof *seq);
+    int32_t *pos = malloc((size_t)R * sizeof *pos);
+    int *sel = malloc((size_t)R * sizeof *sel), *order = malloc((size_t)V * sizeof *order);
+    float *lg = malloc((size_t)g->S * V * sizeof *lg);
+    unsigned char *mark = malloc((size_t)V);
+    int rc = 0;
+    if (!tok || !seq || !pos || !sel || !order || !lg || !mark) {
+        rc = st_fail(ST_ENOMEM, "out of memory for generation");
+        goto out;
+    }
+    double t0 = st_now();
+    prefill(g, p, s, st, nb, first, tok, seq, pos, sel, lg, mark, order);
+    if (p->stats) {
+        g->be->synchronize();
+        p->stats->prefill_s += st_now() - t0;
+        for (int k = 0; k < nb; k++) p->stats->prefill_tokens += s[k].prompt_len;
+        t0 = st_now();
+    }
+    for (;;) { /* one decode step: the last token of every unfinished sequence */
+        int rows = 0;
+        for (int k = 0; k < nb; k++) {
+            if (!st[k].active) continue;
+            tok[rows] = st[k].hist[st[k].n_hist - 1];
+            seq[rows] = k;
+            pos[rows] = st[k].n_hist - 1;
+            sel[rows] = rows;
+            rows++;
+        }
+        if (rows == 0) break;
+        forward_rows(g, tok, seq, pos, rows, sel, rows, lg);
+        if (p->stats) p->stats->decode_tokens += rows;
+        for (int r = 0; r < rows; r++)
+            take_token(g, p, &s[seq[r]], &st[seq[r]], first + seq[r], lg + (size_t)r * V, mark, order);
+    }
+    if (p->stats) p->stats->decode_s += st_now() - t0;
+out:
+    free(tok); free(seq); free(pos); free(sel); free(order); free(lg); free(mark);
+    return rc;
+}
+
+int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int n) {
+    int rc = st_gen_params_check(p, m);
+    if (rc) return rc;
+    int max_t = 0;
+    for (int i = 0; i < n; i++) {
+        seqs[i].out = NULL;
+        seqs[i].n_out = 0;
+        if (seqs[i].prompt_len < 1)
+            return st_fail(ST_EINVAL, "prompt %llu is empty", (unsigned long long)seqs[i].stream);
+        if (seqs[i].prompt_len > m->cfg.max_seq)
+            return st_fail(ST_EINVAL, "prompt %llu has %d tokens, more than the model's %d positions",
+                           (unsigned long long)seqs[i].stream, seqs[i].prompt_len, m->cfg.max_seq);
+        for (int t = 0; t < seqs[i].prompt_len; t++)
+            if (seqs[i].prompt[t] < 0 || seqs[i].prompt[t] >= m->cfg.vocab)
+                return st_fail(ST_EINVAL, "prompt %llu: token %d is outside the model's vocabulary (%d)",
+                               (unsigned long long)seqs[i].stream, seqs[i].prompt[t], m->cfg.vocab);
+        int need = seqs[i].prompt_len + p->max_new - 1; /* the last token is never fed back */
+        if (need > max_t) max_t = need;
+    }
+    if (n == 0) return 0;
+    if (max_t > m->cfg.max_seq) max_t = m->cfg.max_seq;
+    int S = p->batch < n ? p->batch : n;
+    gen_state g;
+    rc = state_init(&g, m, S, max_t);
+    seq_state *st = calloc((size_t)S, sizeof *st);
+    if (!rc && !st) rc = st_fail(ST_ENOMEM, "out of memory for generation");
+    for (int b0 = 0; !rc && b0 < n; b0 += S) {
+        int nb = n - b0 < S ? n - b0 : S;
+        for (int k = 0; k < nb && !rc; k++) {
+            st_gen_seq *s = &seqs[b0 + k];
+            s->out = malloc((size_t)p->max_new * sizeof(int32_t));
+            st[k].hist = malloc((size_t)(s->prompt_len + p->max_new) * sizeof(int32_t));
+            if (!s->out || !st[k].hist) { rc = st_fail(ST_ENOMEM, "out of memory for outputs"); break; }
+            memcpy(st[k].hist, s->prompt, (size_t)s->prompt_len * sizeof(int32_t));
+            st[k].n_hist = s->prompt_len;
+            st[k].active = 1;
+            st_rng_seed(&st[k].rng, p->seed, s->stream);
+        }
+        if (!rc) rc = run_batch(&g, p, seqs + b0, st, nb, b0);
+        for (int k = 0; k < nb; k++) { free(st[k].hist); st[k].hist = NULL; }
+    }
+    free(st);
+    state_free(&g);
+    return rc;
+}

@@ -1,0 +1,77 @@
+/* generate.h — text generation with a KV cache on a built, loaded model (GPT-2 and the Llama family).
+ *
+ * st_generate decodes a list of prompts (token ids) in batches of up to `batch` sequences: the prompts of
+ * a batch are prefilled together (in chunks of rows), then every unfinished sequence adds one token per
+ * step, attending to its own cached keys and values. All model math runs on the model's backend through
+ * kernels.h (kv_store, attention_cached and the training kernels); token choice runs on the host.
+ *
+ * Determinism: sequence i draws from its own RNG stream (seed, seqs[i].stream), so with the stream set to
+ * the prompt's index in the input the output does not depend on which rank or batch position it ran in,
+ * only on the batch composition (which fixes the matmul shapes); the CLI therefore splits prompts
+ * across ranks in whole batches.
+ *
+ * Memory: the generator allocates its KV cache and scratch on the backend per call and frees them before
+ * returning. seqs[i].out is malloc'ed here and owned by the caller (free()); seqs[i].logits, when set,
+ * is a caller buffer of max_new * vocab floats. The model is only read. */
+#ifndef ST_GENERATE_H
+#define ST_GENERATE_H
+
+#include <stdint.h>
+
+#include "common/rng.h"
+#include "worker/model.h"
+
+typedef struct {
+    int max_new;              /* tokens generated per prompt at most (>= 1) */
+    float temperature;        /* 0: greedy (argmax, first index on ties); > 0: sample softmax(logits / T) */
+    int top_k;                /* sampling: keep the logits >= the k-th largest (0 = off) */
+    float top_p;              /* sampling: nucleus, smallest top set with mass >= top_p (1 = off) */
+    float repetition_penalty; /* HF rule on every distinct id of prompt + output so far (1 = off) */
+    uint64_t seed;
+    const int32_t *eos;       /* end tokens: a sequence stops after emitting one (kept in its output) */
+    int n_eos;
+    int batch;                /* sequences decoded together (>= 1) */
+    /* Optional: called after each new token of sequence `seq` (index into the seqs array); returning 1
+     * stops that sequence (stop strings). */
+    int (*stop)(void *ctx, int seq, const int32_t *out, int n_out);
+    void *stop_ctx;
+    /* Optional: accumulates wall time and tokens of prefill (prompt tokens) and decode (generated tokens
+     * after each sequence's first, which prefill yields). */
+    struct st_gen_stats *stats;
+} st_gen_params;
+
+typedef struct st_gen_stats {
+    double prefill_s, decode_s;
+    long prefill_tokens, decode_tokens;
+} st_gen_stats;
+
+typedef enum {
+    ST_GEN_LENGTH = 0, /* max_new tokens generated */
+    ST_GEN_EOS = 1,    /* an end token */
+    ST_GEN_STOP = 2,   /* the stop callback */
+    ST_GEN_MAXPOS = 3, /* the model's position limit (max_seq) */
+} st_gen_finish;
+
+typedef struct {
+    const int32_t *prompt; /* caller's ids, prompt_len >= 1 */
+    int prompt_len;
+    uint64_t stream;       /* RNG stream id: the prompt's index in the input */
+    int32_t *out;          /* generated ids (malloc'ed by st_generate, caller frees) */
+    int n_out;
+    st_gen_finish finish;
+    float *logits;         /* optional caller buffer [max_new, V]: the raw logits each output token came from */
+} st_gen_seq;
+
+/* Checks the parameters against the model (message names the flag). */
+int st_gen_params_check(const st_gen_params *p, const st_model *m);
+
+/* Generates for seqs[0..n). Returns 0 or a negative ST_E* (a prompt that is empty, too long for the
+ * model's positions, or holds an id outside the vocabulary is named by its stream id). */
+int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int n);
+
+/* Chooses the next token from logits[V] (modified in place: penalty, temperature, filters) given the
+ * ids so far (history of n_hist ids). Work buffers: mark[V] bytes, order[V] ints. Exposed for tests. */
+int st_gen_choose(float *logits, int V, const int32_t *history, int n_hist, const st_gen_params *p, st_rng *rng,
+                  unsigned char *mark, int *order);
+
+#endif

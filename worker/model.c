@@ -833,3 +833,17 @@ double st_model_flops_per_token(const st_model *m, int T) {
     if (c->tied_embeddings) n += (double)c->vocab * c->d_model; /* the head matmul still runs */
     return 6.0 * n + 12.0 * c->n_layer * (double)T * c->n_head * c->head_dim;
 }
+
+int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,
+                               const float **res_out) {
+    if (!m->act_arena || m->precision != ST_PRECISION_FP32 || l < 0 || l >= m->cfg.n_layer)
+        return st_fail(ST_EINVAL, "layer activations need an fp32 model with activations (layer %d)", l);
+    layer_acts *la = m->layer_acts;
+    model_bufs b;
+    bind((st_model *)m, la, &b);
+    *res_in = la[l].res_in;
+    *attn = la[l].atty;
+    *mlp = la[l].h2;
+    *res_out = l + 1 < m->cfg.n_layer ? la[l + 1].res_in : b.res_out;
+    return 0;
+}

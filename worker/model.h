@@ -141,6 +141,12 @@ void st_model_backward(st_model *m);
 /* Sets all gradients to zero. */
 void st_model_zero_grad(st_model *m);
 
+/* Layer l's activations from the last forward, in backend memory (fp32 precision only): its input residual
+ * [B*T, C], the attention output before the output projection [B*T, H*hd], the MLP activation before the
+ * down projection [B*T, F] and its output residual [B*T, C]. Used by calibration (worker/prune.c). */
+int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,
+                               const float **res_out);
+
 /* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
 double st_model_flops_per_token(const st_model *m, int T);
 

@@ -54,7 +54,8 @@ static int make_windows(const st_dataset *d, int T, int want, int vocab, windows
 }
 
 static void json_array(st_strbuf *b, const char *key, const double *v, int n, const int *iv) {
-    st_strbuf_printf(b, "\"%s\": [", key);
+    if (key) st_strbuf_printf(b, "\"%s\": ", key);
+    st_strbuf_printf(b, "[");
     for (int i = 0; i < n; i++) {
         if (iv) st_strbuf_printf(b, "%s%d", i ? ", " : "", iv[i]);
         else st_strbuf_printf(b, "%s%.9g", i ? ", " : "", v[i]);
@@ -87,12 +88,12 @@ static int write_report(const char *dir, const st_prune_stats *s, const st_prune
     st_strbuf_printf(&b, ", \"kept_groups\": [");
     for (int l = 0; l < p->n_layer; l++) {
         st_strbuf_printf(&b, "%s", l ? ", " : "");
-        json_array(&b, "", NULL, p->groups, p->group + (size_t)l * p->groups);
+        json_array(&b, NULL, NULL, p->groups, p->group + (size_t)l * p->groups);
     }
     st_strbuf_printf(&b, "], \"kept_channels\": [");
     for (int l = 0; l < p->n_layer; l++) {
         st_strbuf_printf(&b, "%s", l ? ", " : "");
-        json_array(&b, "", NULL, p->chans, p->chan + (size_t)l * p->chans);
+        json_array(&b, NULL, NULL, p->chans, p->chan + (size_t)l * p->chans);
     }
     st_strbuf_printf(&b, "]}\n");
     if (b.failed) { st_strbuf_free(&b); return st_fail(ST_ENOMEM, "out of memory"); }

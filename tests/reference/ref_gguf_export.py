@@ -12,6 +12,7 @@ For llama / mistral (arch `llama`, GQA, untied and tied), qwen2 (q/k/v biases) a
   * logits of the numpy llama.cpp-style forward on the f32 GGUF equal the float64 torch reference on the HF
     model (seq 128, sharp attention so RoPE pairing matters); the same forward with the other RoPE pairing
     must NOT match (the check can fail);
+  * a checkpoint as SRC (a short `train` run): its GGUF holds the weights of the checkpoint's HF export;
   * tokenizer metadata: tokens / token types / merges (byte-level BPE) or scores (SentencePiece-style BPE)
     from tokenizer.json, padded to vocab_size, special ids, chat template; for the SentencePiece case the
     llama.cpp SPM algorithm, re-implemented here over the GGUF vocab and scores, tokenizes text exactly as
@@ -361,8 +362,10 @@ def check_file(path, cfg, hf, quant, tok_expect, label):
         if et == QT.F32:
             check(np.array_equal(deq.view(np.uint32), a.view(np.uint32)), f"{label}: {name} f32 not bit-exact")
         elif et == QT.F16:
-            check(np.array_equal(np.asarray(t.data).view(np.uint16).reshape(a.shape),
-                                 a.astype(np.float16).view(np.uint16)), f"{label}: {name} f16 bits differ")
+            with np.errstate(over="ignore"):  # the edge case's 70000 is meant to become inf
+                f16 = a.astype(np.float16).view(np.uint16)
+            check(np.array_equal(np.asarray(t.data).view(np.uint16).reshape(a.shape), f16),
+                  f"{label}: {name} f16 bits differ")
         else:
             ref = quantize(a, et)
             check(np.array_equal(np.asarray(t.data).view(np.uint8).reshape(ref.shape), ref),
@@ -377,6 +380,9 @@ def check_file(path, cfg, hf, quant, tok_expect, label):
         check(not any(k.startswith("tokenizer.") for k in f), f"{label}: tokenizer keys without a tokenizer")
     else:
         for k, v in tok_expect.items():
+            if v is None:
+                check(k not in f, f"{label}: key {k} present")
+                continue
             check(k in f, f"{label}: key {k} missing")
             if k not in f:
                 continue
@@ -405,6 +411,9 @@ def tok_expectations(tok_str, V, spm, pre, cfg, tcfg):
     e = {"tokenizer.ggml.model": "llama" if spm else "gpt2", "tokenizer.ggml.tokens": tokens,
          "tokenizer.ggml.token_type": ttypes, "tokenizer.ggml.bos_token_id": cfg["bos_token_id"],
          "tokenizer.ggml.eos_token_id": cfg["eos_token_id"]}
+    for k in ("bos", "eos"):  # config.json's ids; absent when it has none (and no tokenizer_config says)
+        if cfg.get(f"{k}_token_id") is None:
+            e[f"tokenizer.ggml.{k}_token_id"] = None
     if spm:
         scores = [0.0] * V
         seen = set()
@@ -503,6 +512,32 @@ def main():
         out = os.path.join(tmp, f"edges.{quant}.gguf")
         run("export", d, "--out", out, "--format", "gguf", "--quant", quant)
         check_file(out, cfg, hf, quant, None, f"edges/{quant}")
+    # a checkpoint as SRC: the GGUF holds the same weights as the checkpoint's HF export
+    ck = os.path.join(tmp, "ck")
+    run("init-model", "--family", "llama", "--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads", "2",
+        "--vocab", "384", "--max-seq", "64", "--out", os.path.join(ck, "model"))
+    with open(os.path.join(ck, "d.jsonl"), "w") as fj:
+        for _ in range(40):
+            fj.write(json.dumps({"input_ids": [int(t) for t in rng.integers(0, 384, 40)]}) + "\n")
+    run("data", "pack", "--jsonl", os.path.join(ck, "d.jsonl"), "--out", os.path.join(ck, "d.h5"), "--vocab", "384")
+    with open(os.path.join(ck, "job.yaml"), "w") as fj:
+        fj.write(f"model: {{ path: {ck}/model }}\nrun_dir: {ck}/run\nseed: 1\n"
+                 "train: { steps: 2, micro_batch: 2, grad_accum: 1, seq_len: 16, lr: 1.0e-2, warmup_steps: 0 }\n"
+                 f"tasks: [ {{ name: t, path: {ck}/d.h5 }} ]\neval: {{ every_steps: 0 }}\n"
+                 "checkpoint: { every_steps: 2, keep_last: 0 }\n"
+                 "monitor: { publish: \"\", control: \"\" }\n")
+    run("train", os.path.join(ck, "job.yaml"))
+    ckdir = os.path.join(ck, "run", "checkpoints")
+    run("export", ckdir, "--out", os.path.join(ck, "hf"))
+    write_model(os.path.join(ck, "tok"), {}, {}, spm)
+    p = run("export", ckdir, "--out", os.path.join(ck, "ck.gguf"), "--format", "gguf", "--quant", "f32",
+            "--tokenizer", os.path.join(ck, "tok"))
+    ck_cfg = json.load(open(os.path.join(ck, "hf", "config.json")))
+    ck_hf = st_io.read_model(os.path.join(ck, "hf"))
+    init_hf = st_io.read_model(os.path.join(ck, "model"))
+    check(any(not np.array_equal(ck_hf[n], init_hf[n]) for n in ck_hf), "checkpoint: training changed nothing")
+    tok_e = tok_expectations(spm, 384, True, None, ck_cfg, None)
+    check_file(os.path.join(ck, "ck.gguf"), ck_cfg, ck_hf, "f32", tok_e, "checkpoint/f32")
     # errors a user can cause: one line, non-zero exit, no file left
     bad = run("export", d, "--out", os.path.join(tmp, "x.gguf"), "--format", "gguf", "--quant", "q5_1", ok=False)
     check(bad.returncode != 0 and "q5_1" in bad.stderr and not os.path.exists(os.path.join(tmp, "x.gguf")),

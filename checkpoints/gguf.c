@@ -213,6 +213,8 @@ static int write_tensor(FILE *f, const gtensor *t, float *scratch, uint8_t *enc)
         src = scratch;
     }
     size_t row = st_ggml_row_bytes(t->type, t->ne[0]);
+    /* rows are independent: encode them on the rank's threads (bench: q8_0 is compute-bound on one) */
+#pragma omp parallel for schedule(static) if (t->ne[1] > 64)
     for (int64_t r = 0; r < t->ne[1]; r++) st_ggml_encode(t->type, src + r * t->ne[0], t->ne[0], enc + r * row);
     size_t bytes = row * (size_t)t->ne[1];
     static const char zeros[GGUF_ALIGN];

@@ -16,7 +16,6 @@ For llama (GQA), qwen2 (q/k/v biases) and gpt2, on calibration windows packed by
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -26,24 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import st_io  # noqa: E402
+from st_cli import check, finish, run  # noqa: E402
 import torch_model as tm  # noqa: E402
-
-BIN = os.environ.get("SHARDTUNE_BIN", "build/shardtune")
-FAILS = []
-
-
-def check(cond, msg):
-    if not cond:
-        FAILS.append(msg)
-        print("FAIL:", msg)
-
-
-def run(*args, ok=True):
-    p = subprocess.run([BIN, *args], capture_output=True, text=True)
-    if ok and p.returncode != 0:
-        raise SystemExit(f"shardtune {' '.join(args)} failed:\n{p.stdout}{p.stderr}")
-    return p
-
 
 def make_model(d, cfg, rng):
     c = tm.parse_config(cfg)
@@ -301,9 +284,7 @@ def main():
         check(r.returncode != 0 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1,
               f"compress {args}: rc {r.returncode} {r.stderr!r}")
         check(not os.path.exists(os.path.join(tmp, "bad", "config.json")), f"compress {args}: left output")
-    if FAILS:
-        raise SystemExit(f"{len(FAILS)} check(s) failed")
-    print("ok")
+    finish()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ llama.cpp itself is not installable here, so it does not run the files.
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -36,27 +35,13 @@ from gguf.quants import quantize, dequantize  # noqa: E402
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, Regex  # noqa: E402
 
 import st_io  # noqa: E402
+from st_cli import check, finish, run  # noqa: E402
 import torch_model  # noqa: E402
 
-BIN = os.environ.get("SHARDTUNE_BIN", "build/shardtune")
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
         "hello world, hello tokenizer; 12345 numbers 678", "Sphinx of black quartz, judge my vow.",
         "a an the of to in is it that for on with as was", "Ünïcödé wörds and emoji ✓ too"] * 20
 QWEN_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-FAILS = []
-
-
-def check(cond, msg):
-    if not cond:
-        FAILS.append(msg)
-        print("FAIL:", msg)
-
-
-def run(*args, ok=True):
-    p = subprocess.run([BIN, *args], capture_output=True, text=True)
-    if ok and p.returncode != 0:
-        raise SystemExit(f"shardtune {' '.join(args)} failed:\n{p.stdout}{p.stderr}")
-    return p
 
 
 # ---------------- models and tokenizers ----------------
@@ -550,9 +535,7 @@ def main():
     bad = run("export", d, "--out", os.path.join(tmp, "z.gguf"), "--format", "gguf", "--tokenizer", wp, ok=False)
     check(bad.returncode != 0 and "WordPiece" in bad.stderr and not os.path.exists(os.path.join(tmp, "z.gguf")),
           f"WordPiece tokenizer: {bad.stderr!r}")
-    if FAILS:
-        raise SystemExit(f"{len(FAILS)} check(s) failed")
-    print("ok")
+    finish()
 
 
 if __name__ == "__main__":

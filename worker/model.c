@@ -702,7 +702,10 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
         mm(m, b->logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
         if (m->capture_logits)
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
-        total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
+        if (m->head_loss)
+            total += m->head_loss(m->head_loss_ctx, b->logits, b->loss + r0, b->targets + r0, b->weight + r0, r0, rows, V);
+        else
+            total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
         if (!train) continue;
         /* dlogits feeds two matmuls: under bf16 round it once, in place, instead of once per matmul */
         st_mm_in dlogits = st_mm_f32(b->logits);
@@ -846,4 +849,11 @@ int st_model_layer_activations(const st_model *m, int l, const float **res_in, c
     *mlp = la[l].h2;
     *res_out = l + 1 < m->cfg.n_layer ? la[l + 1].res_in : b.res_out;
     return 0;
+}
+
+const float *st_model_final_hidden(const st_model *m) {
+    layer_acts *la = m->layer_acts;
+    model_bufs b;
+    bind((st_model *)m, la, &b);
+    return b.lnf;
 }

@@ -101,3 +101,8 @@ void st_distill_attach(st_distill *d, st_model *student, const int32_t *inputs) 
     student->head_loss = head_loss;
     student->head_loss_ctx = d;
 }
+
+void st_distill_detach(st_model *student) {
+    student->head_loss = NULL;
+    student->head_loss_ctx = NULL;
+}

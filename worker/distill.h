@@ -31,6 +31,9 @@ void st_distill_reset(st_distill *d);
 /* Runs the teacher on inputs[B*T] and makes the student's next forward use the distillation loss. */
 void st_distill_attach(st_distill *d, st_model *student, const int32_t *inputs);
 
+/* Back to plain cross-entropy for the student's next forward (evaluation). */
+void st_distill_detach(st_model *student);
+
 /* The loss of rows [0, n) given both logits (host memory): loss[i] unweighted, s_logits overwritten with
  * dlogits (weight-scaled; zero rows where weight is 0). Returns sum weight * loss; adds to *kd, *ce. */
 double st_distill_rows(float *s_logits, const float *t_logits, float *loss, const int32_t *targets,

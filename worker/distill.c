@@ -17,6 +17,14 @@ int st_distill_init(st_distill *d, st_model *teacher, const st_model *student, f
     if (!(temperature > 0) || !(alpha >= 0 && alpha <= 1))
         return st_fail(ST_ECONFIG, "distill: temperature must be > 0 and alpha in [0, 1] (got %g, %g)",
                        (double)temperature, (double)alpha);
+    size_t N = (size_t)student->B * student->T;
+    d->no_targets = calloc(N ? N : 1, sizeof(int32_t));
+    d->no_weight = calloc(N ? N : 1, sizeof(float));
+    if (!d->no_targets || !d->no_weight) {
+        st_distill_free(d);
+        return st_fail(ST_ENOMEM, "out of memory");
+    }
+    teacher->hidden_only = 1;
     d->teacher = teacher;
     d->temperature = temperature;
     d->alpha = alpha;
@@ -25,50 +33,72 @@ int st_distill_init(st_distill *d, st_model *teacher, const st_model *student, f
 
 void st_distill_free(st_distill *d) {
     free(d->t_logits);
+    free(d->no_targets);
+    free(d->no_weight);
     memset(d, 0, sizeof *d);
 }
 
 void st_distill_reset(st_distill *d) { d->kd_sum = d->ce_sum = 0; }
 
-/* log-sum-exp of z[0..v) * scale, and the max it was shifted by. */
-static double lse_scaled(const float *z, int v, double scale, double *max_out) {
-    double mx = -INFINITY, s = 0;
-    for (int j = 0; j < v; j++) mx = fmax(mx, z[j] * scale);
-    for (int j = 0; j < v; j++) s += exp(z[j] * scale - mx);
-    *max_out = mx;
-    return mx + log(s);
+/* One row: the loss parts and, in place of s, the gradient. e[3*v] is scratch: exp(z - max) of t/T, s/T, s. */
+static void kd_row(float *s, const float *t, int32_t y, double w, int v, double T, double alpha, double *e,
+                   double *kd_out, double *ce_out) {
+    const double inv_t = 1.0 / T;
+    double mt = -INFINITY, mq = -INFINITY, m1 = -INFINITY;
+    for (int j = 0; j < v; j++) {
+        mt = fmax(mt, t[j] * inv_t);
+        mq = fmax(mq, s[j] * inv_t);
+        m1 = fmax(m1, (double)s[j]);
+    }
+    double *et = e, *eq = e + v, *e1 = e + 2 * (size_t)v, zt = 0, zq = 0, z1 = 0;
+    for (int j = 0; j < v; j++) {
+        zt += et[j] = exp(t[j] * inv_t - mt);
+        zq += eq[j] = exp(s[j] * inv_t - mq);
+        z1 += e1[j] = exp(s[j] - m1);
+    }
+    double lt = mt + log(zt), lq = mq + log(zq), l1 = m1 + log(z1), kl = 0;
+    for (int j = 0; j < v; j++) {
+        double p = et[j] / zt, q = eq[j] / zq, sm = e1[j] / z1;
+        if (p > 0) kl += p * ((t[j] * inv_t - lt) - (s[j] * inv_t - lq));
+        et[j] = p, eq[j] = q, e1[j] = sm;
+    }
+    *kd_out = T * T * kl;
+    *ce_out = l1 - s[y];
+    for (int j = 0; j < v; j++)
+        s[j] = (float)(w * (alpha * T * (eq[j] - et[j]) + (1 - alpha) * (e1[j] - (j == y))));
 }
 
 double st_distill_rows(float *s_logits, const float *t_logits, float *loss, const int32_t *targets,
                        const float *weight, int n, int v, float temperature, float alpha, double *kd, double *ce) {
-    double total = 0, inv_t = 1.0 / temperature, T = temperature;
-    for (int i = 0; i < n; i++) {
-        float *s = s_logits + (size_t)i * v;
-        const float *t = t_logits + (size_t)i * v;
-        double w = weight[i];
-        if (w == 0) {
-            memset(s, 0, (size_t)v * sizeof(float));
+    double *parts = calloc(2 * (size_t)n + 1, sizeof(double)); /* per-row kd, ce: summed in order below */
+    int failed = parts == NULL;
+#pragma omp parallel if (n > 1) reduction(| : failed)
+    {
+        double *e = parts ? malloc(3 * (size_t)v * sizeof(double)) : NULL;
+        failed |= e == NULL;
+#pragma omp for schedule(static)
+        for (int i = 0; i < n; i++) {
+            float *s = s_logits + (size_t)i * v;
             loss[i] = 0;
-            continue;
+            if (weight[i] == 0 || !e) {
+                memset(s, 0, (size_t)v * sizeof(float));
+                continue;
+            }
+            kd_row(s, t_logits + (size_t)i * v, targets[i], weight[i], v, temperature, alpha, e, &parts[2 * i],
+                   &parts[2 * i + 1]);
+            loss[i] = (float)(alpha * parts[2 * i] + (1 - alpha) * parts[2 * i + 1]);
         }
-        double mx, lt = lse_scaled(t, v, inv_t, &mx), lq = lse_scaled(s, v, inv_t, &mx), l1 = lse_scaled(s, v, 1.0, &mx);
-        double kl = 0;
-        for (int j = 0; j < v; j++) {
-            double logp = t[j] * inv_t - lt, logq = s[j] * inv_t - lq;
-            kl += exp(logp) * (logp - logq);
-        }
-        double kd_i = T * T * kl, ce_i = l1 - s[targets[i]];
-        double li = alpha * kd_i + (1 - alpha) * ce_i;
-        for (int j = 0; j < v; j++) {
-            double p = exp(t[j] * inv_t - lt), q = exp(s[j] * inv_t - lq), sm = exp(s[j] - l1);
-            s[j] = (float)(w * (alpha * T * (q - p) + (1 - alpha) * (sm - (j == targets[i]))));
-        }
-        loss[i] = (float)li;
-        total += w * li;
-        *kd += w * kd_i;
-        *ce += w * ce_i;
+        free(e);
     }
-    return total;
+    double total = 0;
+    for (int i = 0; i < n && !failed; i++) { /* row order, whatever the thread count: deterministic */
+        double w = weight[i];
+        total += w * (alpha * parts[2 * i] + (1 - alpha) * parts[2 * i + 1]);
+        *kd += w * parts[2 * i];
+        *ce += w * parts[2 * i + 1];
+    }
+    free(parts);
+    return failed ? NAN : total; /* NAN: the trainer's non-finite check stops the step */
 }
 
 /* The student's head-loss hook: the teacher's logits for rows [r0, r0+rows) from its final hidden states. */
@@ -91,13 +121,7 @@ static double head_loss(void *ctx, float *logits, float *loss, const int32_t *ta
 }
 
 void st_distill_attach(st_distill *d, st_model *student, const int32_t *inputs) {
-    size_t N = (size_t)student->B * student->T;
-    int32_t *zeros_t = calloc(N, sizeof(int32_t));
-    float *zeros_w = calloc(N, sizeof(float));
-    /* the teacher's own loss is not needed: weight 0 everywhere makes its head produce only lnf */
-    if (zeros_t && zeros_w) st_model_forward(d->teacher, inputs, zeros_t, zeros_w, 0);
-    free(zeros_t);
-    free(zeros_w);
+    st_model_forward(d->teacher, inputs, d->no_targets, d->no_weight, 0);
     student->head_loss = head_loss;
     student->head_loss_ctx = d;
 }

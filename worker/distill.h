@@ -21,9 +21,12 @@ typedef struct {
     float *t_logits;       /* scratch for one head chunk of teacher logits */
     size_t t_logits_floats;
     double kd_sum, ce_sum; /* sum of weight * kd and weight * ce since the last st_distill_reset */
+    int32_t *no_targets;   /* [B*T] zeros: the teacher's forward computes no loss */
+    float *no_weight;
 } st_distill;
 
-/* Checks the pair (same vocabulary, CPU backend, temperature > 0, alpha in [0, 1]). */
+/* Checks the pair (same vocabulary, CPU backend, temperature > 0, alpha in [0, 1]) and makes the teacher's
+ * forward stop at its final hidden states (teacher->hidden_only). */
 int st_distill_init(st_distill *d, st_model *teacher, const st_model *student, float temperature, float alpha);
 void st_distill_free(st_distill *d);
 void st_distill_reset(st_distill *d);

@@ -742,6 +742,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     int fn = final_norm_index(m);
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
+    if (m->hidden_only) return 0.0;
     double loss = head_forward(m, &b, train);
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
     return loss;

@@ -77,6 +77,7 @@ typedef struct {
     double (*head_loss)(void *ctx, float *logits, float *loss, const int32_t *targets, const float *weight, int r0,
                         int rows, int v);
     void *head_loss_ctx;
+    int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
 } st_model;
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */

@@ -36,9 +36,27 @@ static int export_ckpt(const char *path, const char *out) {
 }
 
 int st_cmd_export(int argc, char **argv) {
-    const char *ckpt = NULL, *out = NULL;
+    const char *ckpt = NULL, *out = NULL, *format = "hf";
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--format") && i + 1 < argc) format = argv[i + 1];
+    if (!strcmp(format, "gguf")) {
+        for (int i = 1; i < argc; i++) {
+            if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--format") || !strcmp(argv[i], "--quant") ||
+                 !strcmp(argv[i], "--tokenizer") || !strcmp(argv[i], "--name")) && i + 1 < argc) {
+                if (!strcmp(argv[i], "--out")) out = argv[i + 1];
+                i++;
+            } else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
+        }
+        if (!ckpt || !out) {
+            fprintf(stderr, "usage: shardtune export SRC --out FILE.gguf --format gguf [--quant f32|f16|bf16|q8_0|q4_0]"
+                            " [--tokenizer DIR | --no-tokenizer] [--name NAME]\n");
+            return ST_EXIT_USAGE;
+        }
+        return st_export_gguf(ckpt, out, argc, argv);
+    }
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
+        else if (!strcmp(argv[i], "--format") && i + 1 < argc && !strcmp(argv[i + 1], "hf")) i++;
         else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
         else ckpt = NULL, i = argc;
     }

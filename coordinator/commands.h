@@ -19,6 +19,9 @@ int st_cmd_eval(int argc, char **argv);
 int st_cmd_plan(int argc, char **argv);
 int st_cmd_ckpt(int argc, char **argv);
 int st_cmd_export(int argc, char **argv);
+/* `export SRC --out FILE --format gguf ...` (cmd_export_gguf.c); argv as st_cmd_export's. */
+int st_export_gguf(const char *src, const char *out, int argc, char **argv);
+int st_cmd_compress(int argc, char **argv);
 int st_cmd_monitor(int argc, char **argv);
 int st_cmd_ctl(int argc, char **argv);
 int st_cmd_plot(int argc, char **argv);

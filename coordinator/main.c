@@ -18,7 +18,9 @@ static const struct st_command st_commands[] = {
     {"eval", st_cmd_eval, "--model DIR --data DATA.h5 --seq-len T [--json]"},
     {"plan", st_cmd_plan, "JOB.yaml --ranks N [--json]"},
     {"ckpt", st_cmd_ckpt, "inspect|verify PATH"},
-    {"export", st_cmd_export, "CKPT --out DIR"},
+    {"export", st_cmd_export, "SRC --out DST [--format hf|gguf] [--quant f32|f16|bf16|q8_0|q4_0]"},
+    {"compress", st_cmd_compress, "--model DIR --out DIR [--drop-layers SPEC] [--prune-heads F] [--prune-ffn F] "
+                                  "[--calib DATA.h5]"},
     {"monitor", st_cmd_monitor, "ADDR [--plain|--json]"},
     {"ctl", st_cmd_ctl, "ADDR status|checkpoint|stop|pause|resume"},
     {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg"},

@@ -702,7 +702,10 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
         mm(m, b->logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
         if (m->capture_logits)
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
-        total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
+        if (m->head_loss)
+            total += m->head_loss(m->head_loss_ctx, b->logits, b->loss + r0, b->targets + r0, b->weight + r0, r0, rows, V);
+        else
+            total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
         if (!train) continue;
         /* dlogits feeds two matmuls: under bf16 round it once, in place, instead of once per matmul */
         st_mm_in dlogits = st_mm_f32(b->logits);
@@ -739,6 +742,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     int fn = final_norm_index(m);
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
+    if (m->hidden_only) return 0.0;
     double loss = head_forward(m, &b, train);
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
     return loss;
@@ -832,4 +836,25 @@ double st_model_flops_per_token(const st_model *m, int T) {
         if (m->params[i].kind != ST_MOD_EMBED) n += (double)m->params[i].numel;
     if (c->tied_embeddings) n += (double)c->vocab * c->d_model; /* the head matmul still runs */
     return 6.0 * n + 12.0 * c->n_layer * (double)T * c->n_head * c->head_dim;
+}
+
+int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,
+                               const float **res_out) {
+    if (!m->act_arena || m->precision != ST_PRECISION_FP32 || l < 0 || l >= m->cfg.n_layer)
+        return st_fail(ST_EINVAL, "layer activations need an fp32 model with activations (layer %d)", l);
+    layer_acts *la = m->layer_acts;
+    model_bufs b;
+    bind((st_model *)m, la, &b);
+    *res_in = la[l].res_in;
+    *attn = la[l].atty;
+    *mlp = la[l].h2;
+    *res_out = l + 1 < m->cfg.n_layer ? la[l + 1].res_in : b.res_out;
+    return 0;
+}
+
+const float *st_model_final_hidden(const st_model *m) {
+    layer_acts *la = m->layer_acts;
+    model_bufs b;
+    bind((st_model *)m, la, &b);
+    return b.lnf;
 }

@@ -71,6 +71,13 @@ typedef struct {
      * rest of backward. Together the calls cover every trainable element exactly once. */
     void (*grad_ready)(void *ctx, size_t lo, size_t hi);
     void *grad_ready_ctx;
+    /* Optional: replaces be->cross_entropy in the LM head, with its contract (loss per row, dlogits in
+     * place, returns sum weight * loss) for head chunk rows [r0, r0 + rows): knowledge distillation
+     * (worker/distill.h). */
+    double (*head_loss)(void *ctx, float *logits, float *loss, const int32_t *targets, const float *weight, int r0,
+                        int rows, int v);
+    void *head_loss_ctx;
+    int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
 } st_model;
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */
@@ -140,6 +147,15 @@ void st_model_backward(st_model *m);
 
 /* Sets all gradients to zero. */
 void st_model_zero_grad(st_model *m);
+
+/* Layer l's activations from the last forward, in backend memory (fp32 precision only): its input residual
+ * [B*T, C], the attention output before the output projection [B*T, H*hd], the MLP activation before the
+ * down projection [B*T, F] and its output residual [B*T, C]. Used by calibration (worker/prune.c). */
+int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,
+                               const float **res_out);
+
+/* The final norm's output [B*T, C] from the last forward (backend memory): the LM head's input. */
+const float *st_model_final_hidden(const st_model *m);
 
 /* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
 double st_model_flops_per_token(const st_model *m, int T);

@@ -106,7 +106,7 @@ def run(d, lines, *flags):
                        capture_output=True, text=True, timeout=120)
     if p.returncode != 0:
         raise AssertionError(f"tokenize {flags} failed: {p.stderr}")
-    return [json.loads(l) for l in p.stdout.splitlines()]
+    return [json.loads(l) for l in p.stdout.split("\n")[:-1]]
 
 
 def main():
@@ -142,6 +142,7 @@ def main():
                         if failures < 15:
                             print(f"{name} decode{flags} {s}:\n  want {want!r}\n  got  {g!r}")
             print(f"{name}: vocab {vocab}, {len(texts)} texts, {len(seqs)} id sequences compared")
+        failures += normalizer_sweep(tmp)
         # refusals: an unknown regex and an unknown component, each named
         j = json.loads(build_small().to_str())
         j["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "\\w+"}, "behavior": "Isolated", "invert": False}
@@ -152,6 +153,43 @@ def main():
         print(f"FAIL: {failures} mismatches")
         sys.exit(1)
     print("ok")
+
+
+def normalizer_sweep(tmp):
+    """Every code point of planes 0-3 (in lines of 64, with combining marks mixed in) through NFC/NFD/
+    NFKC/NFKD byte-level tokenizers and the Llama-3 / Qwen2 split regexes: our ids must equal tokenizers'
+    (its normalization is Rust's unicode-normalization and its regexes Oniguruma)."""
+    base = build_small()
+    rng = random.Random(5)
+    cps = [c for c in list(range(0x20, 0x32000)) + list(range(0xE0000, 0xE0200)) + list(range(0x10FF00, 0x110000))
+           if not 0xD800 <= c <= 0xDFFF]
+    marks = [0x301, 0x323, 0x308, 0x327, 0x30A, 0x3099, 0x93C, 0x5B0]
+    lines = []
+    for i in range(0, len(cps), 64):
+        chunk = [chr(c) for c in cps[i:i + 64]]
+        for _ in range(8):
+            chunk.insert(rng.randrange(len(chunk) + 1), chr(rng.choice(marks)))
+        lines.append("".join(chunk))
+    bad = 0
+    for form in ("NFC", "NFD", "NFKC", "NFKD", "llama3", "qwen2"):
+        if form in ("llama3", "qwen2"):  # the split regexes' classes, code point by code point
+            base.normalizer = None
+            base.pre_tokenizer = split_bl(LLAMA3_RE if form == "llama3" else QWEN2_RE)
+        else:
+            base.normalizer = getattr(normalizers, form)()
+        d = os.path.join(tmp, "norm_" + form)
+        ref = save(base, d, False)
+        got = run(d, [json.dumps(l) for l in lines])
+        diff = [l for l, g in zip(lines, got) if g != ref.encode(l).ids]
+        if diff:
+            bad += len(diff)
+            g, w = got[lines.index(diff[0])], ref.encode(diff[0])
+            k = next((k for k in range(min(len(g), len(w.ids))) if g[k] != w.ids[k]), min(len(g), len(w.ids)))
+            print(f"{form}: {len(diff)} of {len(lines)} lines differ, first {diff[0]!r}: at token {k} want "
+                  f"{w.ids[k:k + 4]} {w.tokens[k:k + 4]} got {g[k:k + 4]}")
+        else:
+            print(f"{form}: {len(lines)} lines of 64 code points agree")
+    return bad
 
 
 def build_small():

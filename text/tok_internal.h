@@ -9,8 +9,10 @@
 #include <stdint.h>
 
 /* A growable list of int32 ids. */
-typedef struct { int32_t *v; size_t n, cap; int failed; } st_ids;
+typedef struct { int32_t *v; uint32_t *o; size_t n, cap; int failed, track; } st_ids;
 void st_ids_push(st_ids *a, int32_t id);
+/* Pushes an id with the byte offset (in the encoded text) where its token starts (kept when a->track). */
+void st_ids_push_at(st_ids *a, int32_t id, uint32_t off);
 
 /* Normalizer steps, applied in order. */
 enum { NORM_NFC, NORM_NFD, NORM_NFKC, NORM_NFKD, NORM_PREPEND, NORM_REPLACE, NORM_STRIP };
@@ -76,6 +78,9 @@ int32_t st_strmap_get(const st_strmap *m, const st_tokenizer *t, const char *s, 
 
 /* Applies the normalizer steps to s[0..n): a malloc'ed NUL-terminated result. */
 int st_tok_normalize(const st_tokenizer *t, const char *s, size_t n, char **out, size_t *on);
+/* The same, also mapping each output byte (and the end) to an input byte offset: *align gets on + 1
+ * malloc'ed entries. */
+int st_tok_normalize_aligned(const st_tokenizer *t, const char *s, size_t n, char **out, size_t *on, uint32_t **align);
 
 /* Finds the end (exclusive, index into cps) of the pre-tokenizer regex match that starts at i; the known
  * patterns always match at least one code point. */

@@ -29,7 +29,7 @@ static int char_byte(uint32_t cp) {
 
 /* ---------- BPE on one piece ---------- */
 
-typedef struct { int32_t id, prev, next, alive; } sym;
+typedef struct { int32_t id, prev, next, alive; uint32_t start; } sym;
 typedef struct { uint32_t rank; int32_t pos, new_id; } merge_ent;
 
 static int merge_get(const st_tokenizer *t, int32_t a, int32_t b, uint32_t *rank, int32_t *id) {
@@ -70,8 +70,8 @@ static merge_ent heap_pop(merge_ent *h, size_t *n) {
     return top;
 }
 
-static void add_sym(sym *s, size_t *n, int32_t id) {
-    s[*n] = (sym){id, (int32_t)*n - 1, (int32_t)*n + 1, 1};
+static void add_sym(sym *s, size_t *n, int32_t id, size_t start) {
+    s[*n] = (sym){id, (int32_t)*n - 1, (int32_t)*n + 1, 1, (uint32_t)start};
     (*n)++;
 }
 
@@ -79,35 +79,37 @@ static void add_sym(sym *s, size_t *n, int32_t id) {
 static size_t initial_symbols(const st_tokenizer *t, const char *w, size_t len, sym *s) {
     size_t n = 0;
     int32_t unk = -1;
+    size_t unk_at = 0;
     for (size_t i = 0; i < len;) {
         uint32_t cp;
         size_t cl = (size_t)st_utf8_decode((const unsigned char *)w + i, len - i, &cp);
         int32_t id = st_strmap_get(&t->vocab, t, w + i, cl);
         if (id >= 0) {
-            if (unk >= 0) { add_sym(s, &n, unk); unk = -1; }
-            add_sym(s, &n, id);
+            if (unk >= 0) { add_sym(s, &n, unk, unk_at); unk = -1; }
+            add_sym(s, &n, id, i);
         } else {
             int all = t->byte_fallback;
             for (size_t k = 0; all && k < cl; k++) all = t->byte_ids[(unsigned char)w[i + k]] >= 0;
             if (all) {
-                for (size_t k = 0; k < cl; k++) add_sym(s, &n, t->byte_ids[(unsigned char)w[i + k]]);
+                for (size_t k = 0; k < cl; k++) add_sym(s, &n, t->byte_ids[(unsigned char)w[i + k]], i + k);
             } else if (t->unk_id >= 0) {
-                if (unk >= 0 && !t->fuse_unk) add_sym(s, &n, unk);
+                if (unk >= 0 && !t->fuse_unk) add_sym(s, &n, unk, unk_at);
+                if (unk < 0 || !t->fuse_unk) unk_at = i;
                 unk = t->unk_id;
             }
         }
         i += cl;
     }
-    if (unk >= 0) add_sym(s, &n, unk);
+    if (unk >= 0) add_sym(s, &n, unk, unk_at);
     if (n) s[n - 1].next = -1;
     return n;
 }
 
-static int bpe_piece(const st_tokenizer *t, const char *w, size_t len, st_ids *out) {
+static int bpe_piece(const st_tokenizer *t, const char *w, size_t len, const uint32_t *al, st_ids *out) {
     if (!len) return 0;
     if (t->ignore_merges) {
         int32_t id = st_strmap_get(&t->vocab, t, w, len);
-        if (id >= 0) { st_ids_push(out, id); return 0; }
+        if (id >= 0) { st_ids_push_at(out, id, al ? al[0] : 0); return 0; }
     }
     sym *s = malloc(len * 4 * sizeof *s);
     merge_ent *h = malloc(len * 4 * sizeof *h);
@@ -135,7 +137,7 @@ static int bpe_piece(const st_tokenizer *t, const char *w, size_t len, st_ids *o
             heap_push(h, &hn, (merge_ent){rank, m.pos, nid});
     }
     for (size_t i = 0; i < n; i++)
-        if (s[i].alive) st_ids_push(out, s[i].id);
+        if (s[i].alive) st_ids_push_at(out, s[i].id, al ? al[s[i].start] : 0);
     free(s);
     free(h);
     return out->failed ? st_fail(ST_ENOMEM, "out of memory") : 0;
@@ -159,19 +161,23 @@ static int to_cps(const char *s, size_t len, cps_t *c) {
     return 0;
 }
 
-static int pretok(const st_tokenizer *t, size_t step, const char *s, size_t len, int first, st_ids *out);
+static int pretok(const st_tokenizer *t, size_t step, const char *s, size_t len, const uint32_t *al, int first,
+                  st_ids *out);
 
-static int bytelevel(const st_tokenizer *t, size_t step, const char *s, size_t len, int first, st_ids *out) {
+static int bytelevel(const st_tokenizer *t, size_t step, const char *s, size_t len, const uint32_t *al, int first,
+                     st_ids *out) {
     char *buf = malloc(len * 2 + 2);
-    if (!buf) return st_fail(ST_ENOMEM, "out of memory");
+    uint32_t *bal = al ? malloc((len + 2) * sizeof *bal) : NULL, *mal = al ? malloc((len * 2 + 2) * sizeof *mal) : NULL;
+    if (!buf || (al && (!bal || !mal))) { free(buf); free(bal); free(mal); return st_fail(ST_ENOMEM, "out of memory"); }
     const st_pre_step *p = &t->pre[step];
     size_t k = 0;
-    if (p->add_prefix_space && s[0] != ' ') buf[k++] = ' ';
+    if (p->add_prefix_space && s[0] != ' ') { if (bal) bal[k] = al[0]; buf[k++] = ' '; }
     memcpy(buf + k, s, len);
+    if (bal) memcpy(bal + k, al, len * sizeof *bal);
     k += len;
     cps_t c = {0};
     int rc = 0;
-    if (p->use_regex && (rc = to_cps(buf, k, &c)) < 0) { free(buf); return rc; }
+    if (p->use_regex && (rc = to_cps(buf, k, &c)) < 0) { free(buf); free(bal); free(mal); return rc; }
     size_t nparts = p->use_regex ? c.n : 1;
     char *mapped = malloc(k * 2 + 1);
     if (!mapped) rc = st_fail(ST_ENOMEM, "out of memory");
@@ -182,20 +188,25 @@ static int bytelevel(const st_tokenizer *t, size_t step, const char *s, size_t l
             a = c.off[i], b = c.off[j];
         }
         size_t m = 0;
-        for (size_t q = a; q < b; q++) m += (size_t)st_utf8_encode(byte_char((unsigned char)buf[q]), mapped + m);
-        rc = pretok(t, step + 1, mapped, m, first && a == 0, out);
+        for (size_t q = a; q < b; q++) {
+            int w = st_utf8_encode(byte_char((unsigned char)buf[q]), mapped + m);
+            if (mal) for (int r = 0; r < w; r++) mal[m + (size_t)r] = bal[q];
+            m += (size_t)w;
+        }
+        rc = pretok(t, step + 1, mapped, m, mal, first && a == 0, out);
         i = j;
     }
-    free(mapped), free(buf), free(c.cp), free(c.off);
+    free(mapped), free(buf), free(c.cp), free(c.off), free(bal), free(mal);
     return rc;
 }
 
-static int split_regex(const st_tokenizer *t, size_t step, const char *s, size_t len, int first, st_ids *out) {
+static int split_regex(const st_tokenizer *t, size_t step, const char *s, size_t len, const uint32_t *al, int first,
+                       st_ids *out) {
     cps_t c;
     int rc = to_cps(s, len, &c);
     for (size_t i = 0; rc == 0 && i < c.n;) {
         size_t j = i + st_pretok_match(t->pre[step].regex, c.cp, c.n, i);
-        rc = pretok(t, step + 1, s + c.off[i], c.off[j] - c.off[i], first && i == 0, out);
+        rc = pretok(t, step + 1, s + c.off[i], c.off[j] - c.off[i], al ? al + c.off[i] : NULL, first && i == 0, out);
         i = j;
     }
     free(c.cp), free(c.off);
@@ -203,8 +214,8 @@ static int split_regex(const st_tokenizer *t, size_t step, const char *s, size_t
 }
 
 /* Splits on a literal delimiter with one of the SplitDelimiterBehavior rules. */
-static int split_string(const st_tokenizer *t, size_t step, const char *s, size_t len, int first, int behavior,
-                        const char *d, st_ids *out) {
+static int split_string(const st_tokenizer *t, size_t step, const char *s, size_t len, const uint32_t *al, int first,
+                        int behavior, const char *d, st_ids *out) {
     size_t dl = strlen(d), start = 0, i = 0;
     int rc = 0;
     while (rc == 0 && i + dl <= len) {
@@ -212,56 +223,65 @@ static int split_string(const st_tokenizer *t, size_t step, const char *s, size_
         switch (behavior) {
         case SPLIT_ISOLATED:
         case SPLIT_REMOVED:
-            if (i > start) rc = pretok(t, step + 1, s + start, i - start, first && start == 0, out);
-            if (!rc && behavior == SPLIT_ISOLATED) rc = pretok(t, step + 1, s + i, dl, first && i == 0, out);
+            if (i > start) rc = pretok(t, step + 1, s + start, i - start, al ? al + start : NULL, first && start == 0, out);
+            if (!rc && behavior == SPLIT_ISOLATED) rc = pretok(t, step + 1, s + i, dl, al ? al + i : NULL, first && i == 0, out);
             start = i + dl;
             break;
         case SPLIT_MERGED_PREV:
-            rc = pretok(t, step + 1, s + start, i + dl - start, first && start == 0, out);
+            rc = pretok(t, step + 1, s + start, i + dl - start, al ? al + start : NULL, first && start == 0, out);
             start = i + dl;
             break;
         default: /* merged with next */
-            if (i > start) rc = pretok(t, step + 1, s + start, i - start, first && start == 0, out);
+            if (i > start) rc = pretok(t, step + 1, s + start, i - start, al ? al + start : NULL, first && start == 0, out);
             start = i;
             break;
         }
         i += dl;
     }
-    if (!rc && start < len) rc = pretok(t, step + 1, s + start, len - start, first && start == 0, out);
+    if (!rc && start < len) rc = pretok(t, step + 1, s + start, len - start, al ? al + start : NULL, first && start == 0, out);
     return rc;
 }
 
-static int metaspace(const st_tokenizer *t, size_t step, const char *s, size_t len, int first, st_ids *out) {
+static int metaspace(const st_tokenizer *t, size_t step, const char *s, size_t len, const uint32_t *al, int first,
+                     st_ids *out) {
     const st_pre_step *p = &t->pre[step];
     size_t rl = strlen(p->str), spaces = 0;
     for (size_t i = 0; i < len; i++) spaces += s[i] == ' ';
-    char *buf = malloc(len + (spaces + 1) * rl + 1);
-    if (!buf) return st_fail(ST_ENOMEM, "out of memory");
+    size_t cap = len + (spaces + 1) * rl + 1;
+    char *buf = malloc(cap);
+    uint32_t *mal = al ? malloc(cap * sizeof *mal) : NULL;
+    if (!buf || (al && !mal)) { free(buf); free(mal); return st_fail(ST_ENOMEM, "out of memory"); }
     size_t k = 0;
     int starts = len > 0 && (s[0] == ' ' || (len >= rl && !memcmp(s, p->str, rl)));
     if (!starts && (p->prepend == PREPEND_ALWAYS || (p->prepend == PREPEND_FIRST && first))) {
         memcpy(buf, p->str, rl);
+        if (mal) for (size_t r = 0; r < rl; r++) mal[r] = al[0];
         k = rl;
     }
     for (size_t i = 0; i < len; i++) {
-        if (s[i] == ' ') { memcpy(buf + k, p->str, rl); k += rl; }
-        else buf[k++] = s[i];
+        size_t w = s[i] == ' ' ? rl : 1;
+        if (s[i] == ' ') memcpy(buf + k, p->str, rl);
+        else buf[k] = s[i];
+        if (mal) for (size_t r = 0; r < w; r++) mal[k + r] = al[i];
+        k += w;
     }
-    int rc = p->split ? split_string(t, step, buf, k, first, SPLIT_MERGED_NEXT, p->str, out)
-                      : pretok(t, step + 1, buf, k, first, out);
+    int rc = p->split ? split_string(t, step, buf, k, mal, first, SPLIT_MERGED_NEXT, p->str, out)
+                      : pretok(t, step + 1, buf, k, mal, first, out);
     free(buf);
+    free(mal);
     return rc;
 }
 
-static int pretok(const st_tokenizer *t, size_t step, const char *s, size_t len, int first, st_ids *out) {
+static int pretok(const st_tokenizer *t, size_t step, const char *s, size_t len, const uint32_t *al, int first,
+                  st_ids *out) {
     if (!len) return 0;
-    if (step == t->n_pre) return bpe_piece(t, s, len, out);
+    if (step == t->n_pre) return bpe_piece(t, s, len, al, out);
     const st_pre_step *p = &t->pre[step];
     switch (p->kind) {
-    case PRE_BYTELEVEL: return bytelevel(t, step, s, len, first, out);
-    case PRE_SPLIT_REGEX: return split_regex(t, step, s, len, first, out);
-    case PRE_SPLIT_STRING: return split_string(t, step, s, len, first, p->behavior, p->str, out);
-    default: return metaspace(t, step, s, len, first, out);
+    case PRE_BYTELEVEL: return bytelevel(t, step, s, len, al, first, out);
+    case PRE_SPLIT_REGEX: return split_regex(t, step, s, len, al, first, out);
+    case PRE_SPLIT_STRING: return split_string(t, step, s, len, al, first, p->behavior, p->str, out);
+    default: return metaspace(t, step, s, len, al, first, out);
     }
 }
 
@@ -335,6 +355,95 @@ int st_tok_normalize(const st_tokenizer *t, const char *s, size_t n, char **out,
     return 0;
 }
 
+/* Alignment of a Unicode normalization: chunks of the input (a starter and its non-starters) are
+ * normalized one by one; when their concatenation is the whole string's normalization (always, but for
+ * compositions across starters such as Hangul jamo) each output byte maps to its chunk's start, else the
+ * mapping is proportional (monotone either way). */
+static int unicode_align(int form, const char *s, size_t n, const char *norm, size_t nn, uint32_t *al) {
+    size_t k = 0, i = 0;
+    int ok = 1;
+    while (i < n && ok) {
+        size_t j = i;
+        uint32_t cp;
+        j += (size_t)st_utf8_decode((const unsigned char *)s + j, n - j, &cp);
+        while (j < n) {
+            int l = st_utf8_decode((const unsigned char *)s + j, n - j, &cp);
+            if (st_uc_ccc(cp) == 0) break;
+            j += (size_t)l;
+        }
+        char *part = NULL;
+        size_t pn = 0;
+        int rc = st_uc_normalize(form, s + i, j - i, &part, &pn);
+        if (rc < 0) return rc;
+        if (k + pn > nn || memcmp(norm + k, part, pn)) ok = 0;
+        else for (size_t q = 0; q < pn; q++) al[k + q] = (uint32_t)i;
+        free(part);
+        k += pn;
+        i = j;
+    }
+    if (!ok || k != nn)
+        for (size_t q = 0; q < nn; q++) al[q] = (uint32_t)(nn ? q * n / nn : 0);
+    al[nn] = (uint32_t)n;
+    return 0;
+}
+
+int st_tok_normalize_aligned(const st_tokenizer *t, const char *s, size_t n, char **out, size_t *on, uint32_t **align) {
+    char *cur = malloc(n + 1);
+    uint32_t *al = malloc((n + 1) * sizeof *al);
+    if (!cur || !al) { free(cur); free(al); return st_fail(ST_ENOMEM, "out of memory"); }
+    memcpy(cur, s, n);
+    cur[n] = 0;
+    for (size_t i = 0; i <= n; i++) al[i] = (uint32_t)i;
+    size_t cn = n;
+    st_tokenizer one = *t; /* a view with a single step, to reuse st_tok_normalize */
+    for (size_t i = 0; i < t->n_norm; i++) {
+        const st_norm_step *st = &t->norm[i];
+        one.norm = (st_norm_step *)st, one.n_norm = 1;
+        char *next = NULL;
+        size_t nn = 0;
+        int rc = st_tok_normalize(&one, cur, cn, &next, &nn);
+        uint32_t *step = rc == 0 ? malloc((nn + 1) * sizeof *step) : NULL;
+        if (rc == 0 && !step) rc = st_fail(ST_ENOMEM, "out of memory");
+        if (rc == 0) {
+            switch (st->kind) {
+            case NORM_PREPEND: {
+                size_t pl = nn - cn;
+                for (size_t q = 0; q <= nn; q++) step[q] = q < pl ? 0 : (uint32_t)(q - pl);
+                break;
+            }
+            case NORM_REPLACE: {
+                size_t al_ = strlen(st->a), bl = strlen(st->b), q = 0;
+                for (size_t p = 0; p < cn;) {
+                    if (p + al_ <= cn && !memcmp(cur + p, st->a, al_)) {
+                        for (size_t r = 0; r < bl; r++) step[q++] = (uint32_t)p;
+                        p += al_;
+                    } else step[q++] = (uint32_t)p++;
+                }
+                step[nn] = (uint32_t)cn;
+                break;
+            }
+            case NORM_STRIP: {
+                size_t a = 0; /* the kept bytes are cur[a .. a + nn) */
+                while (a + nn <= cn && memcmp(cur + a, next, nn)) a++;
+                for (size_t q = 0; q <= nn; q++) step[q] = (uint32_t)(a + q);
+                break;
+            }
+            default: {
+                int form = st->kind == NORM_NFC ? ST_NORM_NFC : st->kind == NORM_NFD ? ST_NORM_NFD
+                         : st->kind == NORM_NFKC ? ST_NORM_NFKC : ST_NORM_NFKD;
+                rc = unicode_align(form, cur, cn, next, nn, step);
+            }
+            }
+        }
+        if (rc < 0) { free(cur); free(al); free(next); free(step); return rc; }
+        for (size_t q = 0; q <= nn; q++) step[q] = al[step[q]];
+        free(al), free(cur);
+        al = step, cur = next, cn = nn;
+    }
+    *out = cur, *on = cn, *align = al;
+    return 0;
+}
+
 /* ---------- added tokens ---------- */
 
 static int is_word_char(uint32_t cp) {
@@ -365,11 +474,11 @@ static const st_added_token *find_added(const st_tokenizer *t, const char *s, si
     return NULL;
 }
 
-typedef int (*segment_fn)(const st_tokenizer *t, const char *s, size_t n, int first, st_ids *out);
+typedef int (*segment_fn)(const st_tokenizer *t, const char *s, size_t n, const uint32_t *al, int first, st_ids *out);
 
 /* AddedVocabulary::find_matches: splits s into added tokens and the text between them. */
-static int split_added(const st_tokenizer *t, const char *s, size_t n, int normalized, int first, segment_fn fn,
-                       st_ids *out) {
+static int split_added(const st_tokenizer *t, const char *s, size_t n, const uint32_t *al, int normalized, int first,
+                       segment_fn fn, st_ids *out) {
     size_t start_off = 0, from = 0, at;
     const st_added_token *a;
     int rc = 0;
@@ -400,44 +509,63 @@ static int split_added(const st_tokenizer *t, const char *s, size_t n, int norma
                 stop += (size_t)l;
             }
         }
-        if (start_off < start) rc = fn(t, s + start_off, start - start_off, first && start_off == 0, out);
-        st_ids_push(out, a->id);
+        if (start_off < start) rc = fn(t, s + start_off, start - start_off, al ? al + start_off : NULL, first && start_off == 0, out);
+        st_ids_push_at(out, a->id, al ? al[start] : 0);
         start_off = stop;
         if (from < stop) from = stop;
     }
-    if (rc == 0 && start_off < n) rc = fn(t, s + start_off, n - start_off, first && start_off == 0, out);
+    if (rc == 0 && start_off < n) rc = fn(t, s + start_off, n - start_off, al ? al + start_off : NULL, first && start_off == 0, out);
     if (rc == 0 && out->failed) rc = st_fail(ST_ENOMEM, "out of memory");
     return rc;
 }
 
-static int normalized_segment(const st_tokenizer *t, const char *s, size_t n, int first, st_ids *out) {
-    return pretok(t, 0, s, n, first, out);
+static int normalized_segment(const st_tokenizer *t, const char *s, size_t n, const uint32_t *al, int first, st_ids *out) {
+    return pretok(t, 0, s, n, al, first, out);
 }
 
-static int raw_segment(const st_tokenizer *t, const char *s, size_t n, int first, st_ids *out) {
+static int raw_segment(const st_tokenizer *t, const char *s, size_t n, const uint32_t *al, int first, st_ids *out) {
     char *norm = NULL;
     size_t nn = 0;
-    int rc = st_tok_normalize(t, s, n, &norm, &nn);
+    uint32_t *nal = NULL;
+    int rc = al ? st_tok_normalize_aligned(t, s, n, &norm, &nn, &nal) : st_tok_normalize(t, s, n, &norm, &nn);
     if (rc < 0) return rc;
-    rc = split_added(t, norm, nn, 1, first, normalized_segment, out);
+    if (nal) for (size_t i = 0; i <= nn; i++) nal[i] = al[nal[i]]; /* normalized byte -> original text offset */
+    rc = split_added(t, norm, nn, nal, 1, first, normalized_segment, out);
     free(norm);
+    free(nal);
     return rc;
+}
+
+int st_tokenizer_encode_offsets(const st_tokenizer *t, const char *text, size_t len, int add_special, int32_t **ids,
+                                uint32_t **offsets, size_t *n) {
+    *ids = NULL, *n = 0;
+    if (offsets) *offsets = NULL;
+    if (!st_utf8_valid(text, len)) return st_fail(ST_EINVAL, "text is not valid UTF-8");
+    if (len >= UINT32_MAX) return st_fail(ST_EINVAL, "text longer than 4 GiB");
+    st_ids out = {0};
+    out.track = offsets != NULL;
+    uint32_t *al = NULL;
+    if (offsets) {
+        al = malloc((len + 1) * sizeof *al);
+        if (!al) return st_fail(ST_ENOMEM, "out of memory");
+        for (size_t i = 0; i <= len; i++) al[i] = (uint32_t)i;
+    }
+    if (add_special)
+        for (size_t i = 0; i < t->n_prefix; i++) st_ids_push_at(&out, t->post_prefix[i], 0);
+    int rc = split_added(t, text, len, al, 0, 1, raw_segment, &out);
+    if (add_special)
+        for (size_t i = 0; i < t->n_suffix; i++) st_ids_push_at(&out, t->post_suffix[i], (uint32_t)len);
+    free(al);
+    if (rc == 0 && out.failed) rc = st_fail(ST_ENOMEM, "out of memory");
+    if (rc < 0) { free(out.v); free(out.o); return rc; }
+    *ids = out.v, *n = out.n;
+    if (offsets) *offsets = out.o;
+    return 0;
 }
 
 int st_tokenizer_encode(const st_tokenizer *t, const char *text, size_t len, int add_special, int32_t **ids,
                         size_t *n) {
-    *ids = NULL, *n = 0;
-    if (!st_utf8_valid(text, len)) return st_fail(ST_EINVAL, "text is not valid UTF-8");
-    st_ids out = {0};
-    if (add_special)
-        for (size_t i = 0; i < t->n_prefix; i++) st_ids_push(&out, t->post_prefix[i]);
-    int rc = split_added(t, text, len, 0, 1, raw_segment, &out);
-    if (add_special)
-        for (size_t i = 0; i < t->n_suffix; i++) st_ids_push(&out, t->post_suffix[i]);
-    if (rc == 0 && out.failed) rc = st_fail(ST_ENOMEM, "out of memory");
-    if (rc < 0) { free(out.v); return rc; }
-    *ids = out.v, *n = out.n;
-    return 0;
+    return st_tokenizer_encode_offsets(t, text, len, add_special, ids, NULL, n);
 }
 
 /* ---------- decode ---------- */

@@ -28,6 +28,10 @@ void st_tokenizer_free(st_tokenizer *tok);
 /* Tokenizer.encode(text, add_special_tokens=add_special).ids. `*ids` is malloc'ed (may be NULL when *n == 0). */
 int st_tokenizer_encode(const st_tokenizer *tok, const char *text, size_t len, int add_special, int32_t **ids,
                         size_t *n);
+/* The same, with the byte offset in `text` where each token starts (*offsets malloc'ed, n entries;
+ * post-processor tokens get 0 or len). */
+int st_tokenizer_encode_offsets(const st_tokenizer *tok, const char *text, size_t len, int add_special, int32_t **ids,
+                                uint32_t **offsets, size_t *n);
 /* Tokenizer.decode(ids, skip_special_tokens=skip_special): a malloc'ed NUL-terminated UTF-8 string whose
  * byte length goes to *len (may be NULL; the text itself may hold NUL bytes from <0x00>-like tokens).
  * Unknown ids are dropped, as Hugging Face does. */

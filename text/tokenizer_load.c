@@ -18,16 +18,25 @@ static const char *const RE_LLAMA3 = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L
 static const char *const RE_QWEN2 = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
                                     "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
-void st_ids_push(st_ids *a, int32_t id) {
+void st_ids_push_at(st_ids *a, int32_t id, uint32_t off) {
     if (a->failed) return;
     if (a->n == a->cap) {
         size_t cap = a->cap ? a->cap * 2 : 64;
         int32_t *v = realloc(a->v, cap * sizeof *v);
         if (!v) { a->failed = 1; return; }
-        a->v = v, a->cap = cap;
+        a->v = v;
+        if (a->track) {
+            uint32_t *o = realloc(a->o, cap * sizeof *o);
+            if (!o) { a->failed = 1; return; }
+            a->o = o;
+        }
+        a->cap = cap;
     }
+    if (a->track) a->o[a->n] = off;
     a->v[a->n++] = id;
 }
+
+void st_ids_push(st_ids *a, int32_t id) { st_ids_push_at(a, id, 0); }
 
 uint32_t st_str_hash(const char *s, size_t n) {
     uint32_t h = 2166136261u;

@@ -27,6 +27,7 @@ int st_cmd_ctl(int argc, char **argv);
 int st_cmd_plot(int argc, char **argv);
 int st_cmd_generate(int argc, char **argv);
 int st_cmd_compare(int argc, char **argv);
+int st_cmd_tokenize(int argc, char **argv);
 
 /* Prints "shardtune <cmd>: error: <msg>" to stderr (one line) and returns ST_EXIT_FAIL. */
 int st_cli_error(const char *cmd, const char *msg);

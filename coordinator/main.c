@@ -13,7 +13,8 @@ struct st_command {
 static const struct st_command st_commands[] = {
     {"init-model", st_cmd_init_model,
      "--family llama|gpt2 --layers L --dim D --heads H [--kv-heads K] [--ffn F] --vocab V [--max-seq S] [--seed N] --out DIR"},
-    {"data", st_cmd_data, "pack (--jsonl IN.jsonl | --llmc-bin 'GLOB') --out DATA.h5 [--vocab V] [--eos ID]"},
+    {"data", st_cmd_data, "pack (--jsonl IN.jsonl | --llmc-bin 'GLOB' | --text IN.jsonl --model DIR) --out DATA.h5 ..."},
+    {"tokenize", st_cmd_tokenize, "--model DIR [--decode] [--no-special]   (stdin -> stdout, one JSON value a line)"},
     {"train", st_cmd_train, "JOB.yaml [dotted.key=value ...]"},
     {"eval", st_cmd_eval, "--model DIR --data DATA.h5 --seq-len T [--json]"},
     {"plan", st_cmd_plan, "JOB.yaml --ranks N [--json]"},

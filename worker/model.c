@@ -434,6 +434,124 @@ static int alloc_mm_scratch(st_model *m) {
     return 0;
 }
 
+/* ---------------- RoPE variants (transformers' modeling_rope_utils, one function per rope_type) ---------------- */
+
+/* default: inv_freq[i] = 1 / theta^(2i/hd), the fp32 value transformers holds */
+static double rope_base_inv(double theta, int i, int hd) { return (double)(float)(1.0 / pow(theta, 2.0 * i / hd)); }
+
+static double yarn_get_mscale(double scale, double mscale) {
+    return scale <= 1.0 ? 1.0 : 0.1 * mscale * log(scale) + 1.0;
+}
+
+/* yarn: interpolated frequencies below the correction range, extrapolated above, a linear ramp between. */
+static double rope_yarn(const st_model_config *c, float *inv) {
+    const st_rope_config *r = &c->rope;
+    int hd = c->head_dim, half = hd / 2;
+    double base = c->rope_theta, omax = r->original_max > 0 ? r->original_max : c->max_seq;
+    double factor = r->factor > 0 ? r->factor : c->max_seq / omax;
+    double att = r->attention_factor;
+    if (!(att > 0))
+        att = (r->mscale != 0 && r->mscale_all_dim != 0)
+                  ? yarn_get_mscale(factor, r->mscale) / yarn_get_mscale(factor, r->mscale_all_dim)
+                  : yarn_get_mscale(factor, 1.0);
+    double bf = r->beta_fast != 0 ? r->beta_fast : 32.0, bs = r->beta_slow != 0 ? r->beta_slow : 1.0;
+    /* find_correction_dim(n_rot) = hd * ln(omax / (n_rot * 2 pi)) / (2 ln base) */
+    double lo = hd * log(omax / (bf * 2.0 * M_PI)) / (2.0 * log(base));
+    double hi = hd * log(omax / (bs * 2.0 * M_PI)) / (2.0 * log(base));
+    if (!r->no_truncate) { lo = floor(lo); hi = ceil(hi); }
+    if (lo < 0) lo = 0;
+    if (hi > hd - 1) hi = hd - 1;
+    if (lo == hi) hi += 0.001; /* transformers: prevent a singular ramp */
+    for (int i = 0; i < half; i++) {
+        float pos_freq = (float)pow(base, 2.0 * i / hd);
+        float extra = 1.0f / pos_freq, inter = 1.0f / ((float)factor * pos_freq);
+        float ramp = (float)(((float)i - lo) / (hi - lo));
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        float ef = 1.0f - ramp; /* extrapolation weight */
+        inv[i] = inter * (1.0f - ef) + extra * ef;
+    }
+    return att;
+}
+
+/* llama3: low frequencies divided by factor, high ones kept, a smooth blend between the two wavelengths. */
+static void rope_llama3(const st_model_config *c, float *inv) {
+    const st_rope_config *r = &c->rope;
+    int hd = c->head_dim;
+    double omax = r->original_max > 0 ? r->original_max : c->max_seq;
+    double lo_wl = omax / r->low_freq_factor, hi_wl = omax / r->high_freq_factor;
+    for (int i = 0; i < hd / 2; i++) {
+        float f = (float)rope_base_inv(c->rope_theta, i, hd);
+        double wl = 2.0 * M_PI / f;
+        if (wl < hi_wl) { inv[i] = f; continue; }
+        if (wl > lo_wl) { inv[i] = (float)(f / r->factor); continue; }
+        double smooth = (omax / wl - r->low_freq_factor) / (r->high_freq_factor - r->low_freq_factor);
+        inv[i] = (float)((1.0 - smooth) * f / r->factor + smooth * f);
+    }
+}
+
+int st_model_rope_inv_freq(const st_model_config *c, int T, float *inv, double *att_out) {
+    const st_rope_config *r = &c->rope;
+    int hd = c->head_dim, half = hd / 2;
+    double theta = c->rope_theta, att = 1.0;
+    if (c->family != ST_FAMILY_LLAMA || hd < 2 || hd % 2 || !(theta > 0))
+        return st_fail(ST_ECONFIG, "RoPE needs a Llama-family config with an even head_dim and rope_theta > 0");
+    switch (r->type) {
+    case ST_ROPE_DEFAULT:
+        for (int i = 0; i < half; i++) inv[i] = (float)rope_base_inv(theta, i, hd);
+        break;
+    case ST_ROPE_LINEAR:
+        for (int i = 0; i < half; i++) inv[i] = (float)rope_base_inv(theta, i, hd) / (float)r->factor;
+        break;
+    case ST_ROPE_DYNAMIC: { /* NTK: the base grows once the sequence is longer than max_position_embeddings */
+        double L = T > c->max_seq ? T : c->max_seq;
+        double b = theta * pow(r->factor * L / c->max_seq - (r->factor - 1.0), (double)hd / (hd - 2));
+        for (int i = 0; i < half; i++) inv[i] = (float)rope_base_inv(b, i, hd);
+        break;
+    }
+    case ST_ROPE_YARN:
+        att = rope_yarn(c, inv);
+        break;
+    case ST_ROPE_LLAMA3:
+        rope_llama3(c, inv);
+        break;
+    case ST_ROPE_LONGROPE: {
+        double omax = r->original_max > 0 ? r->original_max : c->max_seq;
+        double factor = r->factor > 0 ? r->factor : c->max_seq / omax;
+        att = r->attention_factor > 0 ? r->attention_factor
+              : factor <= 1.0         ? 1.0
+                                      : sqrt(1.0 + log(factor) / log(omax));
+        if (r->n_factors != half)
+            return st_fail(ST_ECONFIG, "rope longrope: short_factor/long_factor have %d entries, head_dim/2 is %d",
+                           r->n_factors, half);
+        const float *ext = T > omax ? r->long_factor : r->short_factor;
+        for (int i = 0; i < half; i++) inv[i] = 1.0f / (ext[i] * (float)pow(theta, 2.0 * i / hd));
+        break;
+    }
+    default:
+        return st_fail(ST_ECONFIG, "rope_type %d is not implemented", r->type);
+    }
+    if (att_out) *att_out = (double)(float)att; /* transformers multiplies the fp32 cos/sin by it */
+    return 0;
+}
+
+int st_model_rope_tables(const st_model_config *c, int T, float *cos_out, float *sin_out) {
+    int half = c->head_dim / 2;
+    float inv[ST_ROPE_MAX_FACTORS * 4];
+    double att;
+    if (half > (int)(sizeof inv / sizeof inv[0]))
+        return st_fail(ST_ECONFIG, "head_dim %d is larger than RoPE supports (%d)", c->head_dim,
+                       (int)(2 * sizeof inv / sizeof inv[0]));
+    int rc = st_model_rope_inv_freq(c, T, inv, &att);
+    if (rc) return rc;
+    for (int pos = 0; pos < T; pos++)
+        for (int i = 0; i < half; i++) {
+            double ang = (double)pos * inv[i];
+            cos_out[(size_t)pos * half + i] = (float)(cos(ang) * att);
+            sin_out[(size_t)pos * half + i] = (float)(sin(ang) * att);
+        }
+    return 0;
+}
+
 /* Floats of RoPE tables (cos + sin) for T positions; Llama family only. */
 static size_t rope_floats(const st_model_config *c, int T) {
     return c->family == ST_FAMILY_LLAMA ? 2 * (size_t)T * (size_t)(c->head_dim / 2) : 0;
@@ -511,8 +629,15 @@ int st_model_check_bf16_copy(const st_model *m) {
 
 int st_model_alloc_activations(st_model *m, int B, int T) {
     if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);
-    if (T > m->cfg.max_seq)
+    /* dynamic RoPE exists to run past max_position_embeddings (its NTK base grows with T, as in
+     * transformers' forward); every other model is limited to its positions */
+    int dynamic = m->cfg.family == ST_FAMILY_LLAMA && m->cfg.rope.type == ST_ROPE_DYNAMIC;
+    if (T > m->cfg.max_seq && !dynamic)
         return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", T, m->cfg.max_seq);
+    if (m->cfg.sliding_window > 0 && T > m->cfg.sliding_window && m->cfg.max_window_layers < m->cfg.n_layer)
+        return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's sliding_window %d: windowed attention "
+                       "is not implemented (use seq_len <= %d, where it equals full causal attention)",
+                       T, m->cfg.sliding_window, m->cfg.sliding_window);
     const st_backend *be = m->be;
     be->free(m->rope_cos);
     be->free(m->rope_sin);
@@ -536,11 +661,14 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
             free(s);
             return st_fail(ST_ENOMEM, "out of memory for RoPE tables");
         }
-        st_rope_tables(c, s, T, m->cfg.head_dim, m->cfg.rope_theta);
-        be->copy_to_device(m->rope_cos, c, n * sizeof(float));
-        be->copy_to_device(m->rope_sin, s, n * sizeof(float));
+        rc = st_model_rope_tables(&m->cfg, T, c, s);
+        if (!rc) {
+            be->copy_to_device(m->rope_cos, c, n * sizeof(float));
+            be->copy_to_device(m->rope_sin, s, n * sizeof(float));
+        }
         free(c);
         free(s);
+        if (rc) return rc;
     }
     return 0;
 }

@@ -634,7 +634,7 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
     int dynamic = m->cfg.family == ST_FAMILY_LLAMA && m->cfg.rope.type == ST_ROPE_DYNAMIC;
     if (T > m->cfg.max_seq && !dynamic)
         return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", T, m->cfg.max_seq);
-    if (m->cfg.sliding_window > 0 && T > m->cfg.sliding_window && m->cfg.max_window_layers < m->cfg.n_layer)
+    if (m->cfg.sliding_window > 0 && T > m->cfg.sliding_window)
         return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's sliding_window %d: windowed attention "
                        "is not implemented (use seq_len <= %d, where it equals full causal attention)",
                        T, m->cfg.sliding_window, m->cfg.sliding_window);

@@ -187,6 +187,8 @@ static const st_backend st_cpu_table = {
     .dequant_nf4 = st_cpu_dequant_nf4,
     .adamw_multi = st_cpu_adamw_multi,
     .round_bf16 = st_cpu_round_bf16,
+    .head_rmsnorm_fwd = st_cpu_head_rmsnorm_fwd,
+    .head_rmsnorm_bwd = st_cpu_head_rmsnorm_bwd,
 };
 
 const st_backend *st_backend_cpu(int threads) {

@@ -157,6 +157,12 @@ def check_tables(name, d, config, c, cls, tmp):
     check(f"{name} inv_freq vs transformers {c['rope']['rope_type']}", e <= 2e-6, f"max rel {e:.2e}")
     check(f"{name} attention scaling vs transformers", abs(float(ours["attention_scaling"][0]) - att_tf) <= 1e-6 * att_tf,
           f"ours {float(ours['attention_scaling'][0]):.8f} transformers {att_tf:.8f}")
+    if c["rope"]["rope_type"] == "dynamic":  # within max_position_embeddings dynamic is plain RoPE
+        short = os.path.join(tmp, f"{name}.short.safetensors")
+        run(ROPE_DUMP, "--model", d, "--seq-len", c["max_pos"] // 2, "--out", short)
+        plain = rope_inv_freq(dict(c, rope={"rope_type": "default"}), T)[0]
+        check(f"{name} at T <= max_position_embeddings equals default RoPE",
+              np.array_equal(st_io.read(short)["inv_freq"], plain), f"T = {c['max_pos'] // 2}")
     ang = np.arange(T, dtype=np.float64)[:, None] * ours["inv_freq"].astype(np.float64)[None, :]
     a = float(ours["attention_scaling"][0])
     e = max(np.abs(ours["cos"] - np.cos(ang) * a).max(), np.abs(ours["sin"] - np.sin(ang) * a).max())

@@ -18,6 +18,7 @@ does run once handed Debian's torch 1.13 (it only uses arange/pow/where/clamp), 
     (fp32 arithmetic: ~1e-7 per operation, amplified through 2 layers of sharp softmax); for logits and each
     gradient tensor the bound is max(1e-5, 4 x the error of the same torch reference run in float32), since
     sharp attention makes the gradients' fp32 error itself exceed 1e-5 (both numbers are printed).
+    `shardtune eval --seq-len 128` equals the float64 reference of the eval contract within 1e-5.
     Every variant changes the reference loss by far more than the tolerance relative to default RoPE
     (checked: the test can fail), and the issue's case — a theta-500000 Llama saved with rope_parameters
     — is first: reading theta 10000 instead (the old behaviour) misses by far more than 1e-5.
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 
+import h5py
 import numpy as np
 import torch
 
@@ -47,6 +49,7 @@ mru.torch = torch  # modeling_rope_utils only imports torch when transformers ac
 torch.set_num_threads(2)
 BUILD = os.environ.get("ST_BUILD_DIR", "build")
 REF_MODEL, ROPE_DUMP = os.path.join(BUILD, "ref_model"), os.path.join(BUILD, "rope_dump")
+BIN = os.environ.get("SHARDTUNE_BIN", os.path.join(BUILD, "shardtune"))
 ENV = dict(os.environ, OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
 T, B, V = 128, 2, 64
 TOL = 1e-5
@@ -73,6 +76,9 @@ MODELS = [
     ("llama_longrope", LlamaConfig, dict(rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64, "factor": 4.0,
         "short_factor": [1.0 + 0.1 * i for i in range(HALF)], "long_factor": [1.0 + 0.9 * i for i in range(HALF)]})),
+    # the issue's "new user" case: a Qwen2 with theta 1e6 (the window is declared but no layer slides: 2 < 28)
+    ("qwen2_theta1e6", Qwen2Config, dict(use_sliding_window=True, sliding_window=64, rope_parameters={
+        "rope_type": "default", "rope_theta": 1000000.0})),
     ("qwen3", Qwen3Config, dict(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
     ("qwen3_yarn", Qwen3Config, dict(head_dim=16, rope_parameters={
         "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 64})),
@@ -113,7 +119,9 @@ def make_model(d, cls, extra, rng):
     c = parse_config(config)
     tensors = {}
     for name, shape in param_shapes(c).items():
-        if len(shape) == 2:
+        if name.endswith(".bias"):
+            tensors[name] = rng.normal(0.0, 0.1, shape)
+        elif len(shape) == 2:
             std = 0.45 if ("q_proj" in name or "k_proj" in name) else 0.1
             tensors[name] = rng.normal(0.0, std, shape)
         elif "q_norm" in name or "k_norm" in name:  # Qwen3 normalizes q/k per head: sharpness comes from here
@@ -136,7 +144,7 @@ def transformers_inv_freq(config_dict, cls):
     cfg = cls(**{k: v for k, v in config_dict.items() if k not in ("architectures", "transformers_version")})
     t = cfg.rope_parameters["rope_type"]
     if t == "default":  # the default is computed inside each model's RotaryEmbedding: same formula
-        hd = cfg.head_dim
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         inv = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
         return inv.numpy(), 1.0
     inv, att = mru.ROPE_INIT_FUNCTIONS[t](cfg, "cpu", seq_len=T if t in ("dynamic", "longrope") else None)
@@ -241,6 +249,38 @@ def check_model(name, d, c, tmp, rng):
     return loss.item()
 
 
+def make_data(tmp, rng):
+    """A packed dataset of 6 documents (-100 labels on each prompt-like prefix) for `shardtune eval`."""
+    with open(os.path.join(tmp, "docs.jsonl"), "w") as f:
+        for _ in range(6):
+            ids = rng.integers(0, V, int(rng.integers(100, 200))).tolist()
+            k = int(rng.integers(0, 20))
+            labels = [-100] * k + ids[k:]
+            f.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+    data = os.path.join(tmp, "eval.h5")
+    run(BIN, "data", "pack", "--jsonl", os.path.join(tmp, "docs.jsonl"), "--out", data, "--vocab", V)
+    return data
+
+
+def check_eval(name, d, data):
+    """`shardtune eval` (the contract: windows of T+1 tokens, stride T, mean loss per unmasked target)
+    against the float64 reference on the same windows."""
+    with h5py.File(data, "r") as f:
+        tokens = f["tokens"][:].astype(np.int64)
+        mask = f["loss_mask"][:].astype(np.float64)
+    n = (len(tokens) - 1) // T
+    idx = np.arange(n)[:, None] * T + np.arange(T)[None, :]
+    ref = RefModel.load(d, torch.float64)
+    with torch.no_grad():
+        w = torch.from_numpy(mask[idx + 1])
+        loss, _ = weighted_ce(ref.logits(torch.from_numpy(tokens[idx])), torch.from_numpy(tokens[idx + 1]), w)
+    want = loss.item() / w.sum().item()
+    ours = json.loads(run(BIN, "eval", "--model", d, "--data", data, "--seq-len", T, "--batch", 2, "--json").stdout)
+    e = abs(ours["loss"] - want) / want
+    check(f"{name} shardtune eval", e <= TOL and ours["tokens"] == int(w.sum().item()),
+          f"ours {ours['loss']:.8f} ref {want:.8f} rel {e:.2e} over {n} windows")
+
+
 def check_refusals(tmp, rng):
     d = os.path.join(tmp, "mistral_short_window")
     make_model(d, MistralConfig, dict(sliding_window=64), rng)
@@ -265,12 +305,14 @@ def check_refusals(tmp, rng):
 def main():
     rng = np.random.default_rng(14)
     with tempfile.TemporaryDirectory() as tmp:
+        data = make_data(tmp, rng)
         for name, cls, extra in MODELS:
             print(f"{name}:", flush=True)
             d = os.path.join(tmp, name)
             config, c = make_model(d, cls, extra, rng)
             check_tables(name, d, config, c, cls, tmp)
             check_model(name, d, c, tmp, rng)
+            check_eval(name, d, data)
         check_refusals(tmp, rng)
     if failures:
         print(f"FAILED: {len(failures)} checks: {', '.join(failures)}")

@@ -649,17 +649,23 @@ int st_model_check_bf16_copy(const st_model *m) {
     return rc;
 }
 
-int st_model_alloc_activations(st_model *m, int B, int T) {
-    if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);
+int st_model_check_seq_len(const st_model_config *c, int T) {
     /* dynamic RoPE exists to run past max_position_embeddings (its NTK base grows with T, as in
      * transformers' forward); every other model is limited to its positions */
-    int dynamic = m->cfg.family == ST_FAMILY_LLAMA && m->cfg.rope.type == ST_ROPE_DYNAMIC;
-    if (T > m->cfg.max_seq && !dynamic)
-        return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", T, m->cfg.max_seq);
-    if (m->cfg.sliding_window > 0 && T > m->cfg.sliding_window)
+    int dynamic = c->family == ST_FAMILY_LLAMA && c->rope.type == ST_ROPE_DYNAMIC;
+    if (T > c->max_seq && !dynamic)
+        return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", T, c->max_seq);
+    if (c->sliding_window > 0 && T > c->sliding_window)
         return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's sliding_window %d: windowed attention "
                        "is not implemented (use seq_len <= %d, where it equals full causal attention)",
-                       T, m->cfg.sliding_window, m->cfg.sliding_window);
+                       T, c->sliding_window, c->sliding_window);
+    return 0;
+}
+
+int st_model_alloc_activations(st_model *m, int B, int T) {
+    if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);
+    int rc = st_model_check_seq_len(&m->cfg, T);
+    if (rc) return rc;
     const st_backend *be = m->be;
     be->free(m->rope_cos);
     be->free(m->rope_sin);
@@ -667,7 +673,7 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
     m->rope_cos = m->rope_sin = NULL;
     m->B = B;
     m->T = T;
-    int rc = alloc_arena(m);
+    rc = alloc_arena(m);
     if (rc) return rc;
     m->loss_per_pos = calloc((size_t)B * T, sizeof(float));
     if (!m->loss_per_pos) return st_fail(ST_ENOMEM, "out of memory for per-position losses");

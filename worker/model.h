@@ -115,7 +115,12 @@ int st_model_rope_inv_freq(const st_model_config *cfg, int T, float *inv_freq, d
  * its tables with this too. Returns 0 or ST_ECONFIG. */
 int st_model_rope_tables(const st_model_config *cfg, int T, float *cos_out, float *sin_out);
 
-/* Allocates activations for micro-batches of B sequences of T tokens (T <= cfg.max_seq). */
+/* Whether sequences of T tokens can run: T <= max_seq (except dynamic RoPE, made to extend it) and T within
+ * a sliding window (longer sequences would need windowed attention, which the kernels do not do).
+ * 0 or ST_ECONFIG naming the limit. */
+int st_model_check_seq_len(const st_model_config *cfg, int T);
+
+/* Allocates activations for micro-batches of B sequences of T tokens (st_model_check_seq_len). */
 int st_model_alloc_activations(st_model *m, int B, int T);
 
 /* Floats that st_model_alloc_activations(m, B, T) allocates for a model of this config and precision:

@@ -24,8 +24,9 @@ does run once handed Debian's torch 1.13 (it only uses arange/pow/where/clamp), 
     — is first: reading theta 10000 instead (the old behaviour) misses by far more than 1e-5.
  3. dynamic runs at T = 128 > max_position_embeddings = 96 (the NTK base grows, as transformers' forward
     does when seq_len exceeds the cached length); longrope at T > original_max uses long_factor.
- 4. refusals: a Mistral whose sliding_window (64) is shorter than seq_len (128) is refused by name; one
-    with a window >= seq_len is exact (full causal attention equals windowed attention there).
+ 4. refusals: a Mistral whose sliding_window (64) is shorter than seq_len (128) is refused by name (by the
+    model and by `shardtune train`); one with a window >= seq_len is exact (full causal attention equals
+    windowed attention there); `shardtune train` runs the dynamic model at seq_len 128 > 96.
 Env (set by ctest): ST_BUILD_DIR (ref_model and rope_dump live there)."""
 import json
 import math
@@ -281,6 +282,29 @@ def check_eval(name, d, data):
           f"ours {ours['loss']:.8f} ref {want:.8f} rel {e:.2e} over {n} windows")
 
 
+def train_job(tmp, name, d, data, seq_len):
+    """`shardtune train` for 2 steps at seq_len on one rank; returns the CompletedProcess."""
+    y = os.path.join(tmp, f"{name}.yaml")
+    with open(y, "w") as f:
+        f.write(f"model: {{ path: {d} }}\nrun_dir: {os.path.join(tmp, name + '_run')}\nseed: 1\n"
+                f"train: {{ steps: 2, micro_batch: 1, grad_accum: 1, seq_len: {seq_len}, lr: 1.0e-3, "
+                "warmup_steps: 0, log_every: 1000 }\nsharding: { stage: 1 }\n"
+                f"tasks: [ {{ name: t, path: {data} }} ]\neval: {{ every_steps: 0 }}\n"
+                "checkpoint: { every_steps: 0, keep_last: 0 }\nmonitor: { publish: \"\", control: \"\" }\n")
+    return run(BIN, "train", y, ok=False)
+
+
+def check_train_limits(tmp, data):
+    """Training follows the same rule as the model: dynamic RoPE trains past max_position_embeddings (96 < 128),
+    a window shorter than seq_len is refused by name before anything runs."""
+    r = train_job(tmp, "dyn", os.path.join(tmp, "llama_dynamic"), data, T)
+    check("dynamic RoPE trains at seq_len 128 > max_position_embeddings 96", r.returncode == 0,
+          r.stderr.strip()[-200:] if r.returncode else "2 steps")
+    r = train_job(tmp, "win", os.path.join(tmp, "mistral_short_window"), data, T)
+    check("training beyond sliding_window refused by name", r.returncode != 0 and "sliding_window 64" in r.stderr,
+          r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
+
+
 def check_refusals(tmp, rng):
     d = os.path.join(tmp, "mistral_short_window")
     make_model(d, MistralConfig, dict(sliding_window=64), rng)
@@ -314,6 +338,7 @@ def main():
             check_model(name, d, c, tmp, rng)
             check_eval(name, d, data)
         check_refusals(tmp, rng)
+        check_train_limits(tmp, data)
     if failures:
         print(f"FAILED: {len(failures)} checks: {', '.join(failures)}")
         return 1

@@ -109,7 +109,25 @@ size_t st_model_count_trainable(const st_model *m, const unsigned char *layer_ma
 size_t st_model_grad_offsets(const st_model *m, const unsigned char *layer_mask, unsigned module_mask,
                              long *grad_offset);
 
-/* Allocates activations for micro-batches of B sequences of T tokens (T <= cfg.max_seq). */
+/* RoPE of a Llama-family config for a batch of sequence length T (positions 0..T-1), exactly as
+ * transformers' modeling_rope_utils defines each rope_type: inv_freq[head_dim/2] (rounded to fp32, as
+ * transformers holds it) and the attention scaling that multiplies cos and sin (yarn, longrope; 1 else).
+ * T matters only for `dynamic` (NTK base for T > max_seq) and `longrope` (long factors for
+ * T > original_max). Returns 0 or ST_ECONFIG naming what is wrong. */
+int st_model_rope_inv_freq(const st_model_config *cfg, int T, float *inv_freq, double *attention_scaling);
+
+/* The tables every kernel applies (kernels.h rope_fwd/rope_bwd): cos/sin [T, head_dim/2] in host memory,
+ * angle = pos * inv_freq[i], both already multiplied by the attention scaling, so the kernels need not
+ * know the variant (the backward rotation is the transpose of the same scaled matrix). Generation builds
+ * its tables with this too. Returns 0 or ST_ECONFIG. */
+int st_model_rope_tables(const st_model_config *cfg, int T, float *cos_out, float *sin_out);
+
+/* Whether sequences of T tokens can run: T <= max_seq (except dynamic RoPE, made to extend it) and T within
+ * a sliding window (longer sequences would need windowed attention, which the kernels do not do).
+ * 0 or ST_ECONFIG naming the limit. */
+int st_model_check_seq_len(const st_model_config *cfg, int T);
+
+/* Allocates activations for micro-batches of B sequences of T tokens (st_model_check_seq_len). */
 int st_model_alloc_activations(st_model *m, int B, int T);
 
 /* Floats that st_model_alloc_activations(m, B, T) allocates for a model of this config and precision:

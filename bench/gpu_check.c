@@ -451,6 +451,29 @@ static void check_decode(void) {
     free(qkv), free(kc), free(vc), free(out), free(seq), free(pos);
 }
 
+/* Qwen3's per-head q/k RMSNorm on packed qkv (v untouched), forward in place and backward. */
+static void check_head_rmsnorm(void) {
+    size_t row = (size_t)(H + 2 * KVH) * HD, n = (size_t)NROWS * row, nx = (size_t)NROWS * (H + KVH) * HD;
+    size_t nr = (size_t)NROWS * (H + KVH);
+    float *qkv = hrand(n, 2), *wq = hrand(HD, 1), *wk = hrand(HD, 1), *xs = hrand(nx, 1), *rstd = hrand(nr, 1);
+    float *dqkv = hrand(n, 1), *dwq = hrand(HD, 1), *dwk = hrand(HD, 1);
+    float *gqkv = dev_from(qkv, n * 4), *gwq = dev_from(wq, HD * 4), *gwk = dev_from(wk, HD * 4);
+    float *gxs = dev_from(NULL, nx * 4), *grstd = dev_from(NULL, nr * 4), *gdqkv = dev_from(dqkv, n * 4);
+    float *gdwq = dev_from(dwq, HD * 4), *gdwk = dev_from(dwk, HD * 4);
+    double tg, tc;
+    tick(); G->head_rmsnorm_fwd(gqkv, gxs, grstd, gwq, gwk, NROWS, H, KVH, HD, 1e-6f); tg = tock_gpu();
+    tick(); C->head_rmsnorm_fwd(qkv, xs, rstd, wq, wk, NROWS, H, KVH, HD, 1e-6f); tc = tock_cpu();
+    report("head_rmsnorm_fwd", fmax(dev_err(gqkv, qkv, n), fmax(dev_err(gxs, xs, nx), dev_err(grstd, rstd, nr))), tg,
+           tc, 1e-4);
+    tick(); G->head_rmsnorm_bwd(gdqkv, gdwq, gdwk, gxs, grstd, gwq, gwk, NROWS, H, KVH, HD); tg = tock_gpu();
+    tick(); C->head_rmsnorm_bwd(dqkv, dwq, dwk, xs, rstd, wq, wk, NROWS, H, KVH, HD); tc = tock_cpu();
+    report("head_rmsnorm_bwd", fmax(dev_err(gdqkv, dqkv, n), fmax(dev_err(gdwq, dwq, HD), dev_err(gdwk, dwk, HD))),
+           tg, tc, 1e-3);
+    G->free(gqkv), G->free(gwq), G->free(gwk), G->free(gxs), G->free(grstd), G->free(gdqkv), G->free(gdwq);
+    G->free(gdwk);
+    free(qkv), free(wq), free(wk), free(xs), free(rstd), free(dqkv), free(dwq), free(dwk);
+}
+
 static void check_activations(void) {
     size_t n = (size_t)NROWS * FF;
     float *x = hrand(n, 4), *out = hrand(n, 1), *dout = hrand(n, 1), *dx = hrand(n, 1);
@@ -846,6 +869,7 @@ int main(int argc, char **argv) {
     check_norms();
     check_rope_attention();
     check_decode();
+    check_head_rmsnorm();
     check_activations();
     check_embedding();
     check_cross_entropy();

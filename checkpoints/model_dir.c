@@ -129,10 +129,204 @@ static int read_gpt2(const reader *r, st_model_config *c) {
     return 0;
 }
 
+/* ---------------- RoPE settings: rope_parameters (transformers 5) or rope_theta + rope_scaling (4.x) ---------------- */
+
+static const char *const rope_type_names[] = {"default", "linear", "dynamic", "yarn", "llama3", "longrope", NULL};
+
+/* Keys each rope_type may carry (besides rope_type/type and rope_theta), as transformers validates them;
+ * anything else changes the math in a way we would be guessing at, so it is refused by name. */
+static const char *const rope_keys[][9] = {
+    {NULL},
+    {"factor", NULL},
+    {"factor", NULL},
+    {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+     "mscale_all_dim", "truncate", NULL},
+    {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", NULL},
+    {"short_factor", "long_factor", "original_max_position_embeddings", "attention_factor", "factor", NULL},
+};
+
+/* A number of the rope dict: absent/null leaves *out alone, unless required. */
+static int rope_num(const reader *r, const char *what, const st_json *o, const char *key, int required,
+                    double *out) {
+    const st_json *v = st_json_get(o, key);
+    if (!v || v->type == ST_JSON_NULL) {
+        if (required) return st_fail(ST_ECONFIG, "%s: %s needs '%s'", r->src, what, key);
+        return 0;
+    }
+    if (v->type != ST_JSON_NUMBER || !isfinite(v->number))
+        return st_fail(ST_ECONFIG, "%s: %s key '%s' must be a number", r->src, what, key);
+    *out = v->number;
+    return 0;
+}
+
+static int rope_factors(const reader *r, const char *what, const st_json *o, const char *key, float *out, int *n) {
+    const st_json *v = st_json_get(o, key);
+    if (!v || v->type != ST_JSON_ARRAY) return st_fail(ST_ECONFIG, "%s: %s needs '%s' (a list of numbers)", r->src, what, key);
+    if (v->count > ST_ROPE_MAX_FACTORS || (*n >= 0 && (int)v->count != *n))
+        return st_fail(ST_ECONFIG, "%s: %s key '%s' has %zu entries (short_factor and long_factor must both have "
+                       "head_dim/2)", r->src, what, key, v->count);
+    for (size_t i = 0; i < v->count; i++) {
+        if (v->items[i]->type != ST_JSON_NUMBER || !(v->items[i]->number > 0))
+            return st_fail(ST_ECONFIG, "%s: %s key '%s' must hold positive numbers", r->src, what, key);
+        out[i] = (float)v->items[i]->number;
+    }
+    *n = (int)v->count;
+    return 0;
+}
+
+/* Reads one rope dict (rope_parameters or rope_scaling) into c->rope (and its rope_theta into c). */
+static int read_rope_dict(const reader *r, const char *what, const st_json *o, st_model_config *c) {
+    if (o->type != ST_JSON_OBJECT) return st_fail(ST_ECONFIG, "%s: key '%s' must be an object", r->src, what);
+    const char *ty = st_json_get_string(o, "rope_type", NULL), *ty2 = st_json_get_string(o, "type", NULL);
+    if (ty && ty2 && strcmp(ty, ty2) != 0)
+        return st_fail(ST_ECONFIG, "%s: %s has rope_type '%.32s' but type '%.32s'", r->src, what, ty, ty2);
+    if (!ty) ty = ty2 ? ty2 : "default";
+    st_rope_config *rc_ = &c->rope;
+    int t = -1;
+    for (int i = 0; rope_type_names[i]; i++)
+        if (strcmp(ty, rope_type_names[i]) == 0) t = i;
+    if (t < 0)
+        return st_fail(ST_ECONFIG, "%s: %s rope_type '%.32s' is not supported (shardtune implements default, linear, "
+                       "dynamic, yarn, llama3, longrope)", r->src, what, ty);
+    rc_->type = t;
+    for (size_t i = 0; i < o->count; i++) {
+        const char *k = o->keys[i];
+        int ok = !strcmp(k, "rope_type") || !strcmp(k, "type") || !strcmp(k, "rope_theta");
+        for (int j = 0; !ok && rope_keys[t][j]; j++) ok = strcmp(k, rope_keys[t][j]) == 0;
+        if (!strcmp(k, "partial_rotary_factor")) {
+            if (o->items[i]->type == ST_JSON_NUMBER && o->items[i]->number == 1.0) continue;
+            return st_fail(ST_ECONFIG, "%s: %s key 'partial_rotary_factor' is not supported (only 1.0)", r->src, what);
+        }
+        if (!ok) return st_fail(ST_ECONFIG, "%s: %s key '%s' is not supported for rope_type '%s'", r->src, what, k, ty);
+    }
+    double theta = 0, omax = 0;
+    int rc = rope_num(r, what, o, "rope_theta", 0, &theta);
+    if (rc) return rc;
+    if (theta != 0) {
+        if (!(theta > 0)) return st_fail(ST_ECONFIG, "%s: %s key 'rope_theta' must be positive", r->src, what);
+        c->rope_theta = (float)theta;
+    }
+    int need_factor = t == ST_ROPE_LINEAR || t == ST_ROPE_DYNAMIC || t == ST_ROPE_YARN || t == ST_ROPE_LLAMA3;
+    if ((rc = rope_num(r, what, o, "factor", need_factor, &rc_->factor)) ||
+        (rc = rope_num(r, what, o, "original_max_position_embeddings", 0, &omax)) ||
+        (rc = rope_num(r, what, o, "attention_factor", 0, &rc_->attention_factor)) ||
+        (rc = rope_num(r, what, o, "beta_fast", 0, &rc_->beta_fast)) ||
+        (rc = rope_num(r, what, o, "beta_slow", 0, &rc_->beta_slow)) ||
+        (rc = rope_num(r, what, o, "mscale", 0, &rc_->mscale)) ||
+        (rc = rope_num(r, what, o, "mscale_all_dim", 0, &rc_->mscale_all_dim)))
+        return rc;
+    if (t == ST_ROPE_LLAMA3 && ((rc = rope_num(r, what, o, "low_freq_factor", 1, &rc_->low_freq_factor)) ||
+                                (rc = rope_num(r, what, o, "high_freq_factor", 1, &rc_->high_freq_factor))))
+        return rc;
+    if (rc_->factor != 0 && !(rc_->factor > 0))
+        return st_fail(ST_ECONFIG, "%s: %s key 'factor' must be positive", r->src, what);
+    if (t == ST_ROPE_LLAMA3 && !(rc_->high_freq_factor > rc_->low_freq_factor && rc_->low_freq_factor > 0))
+        return st_fail(ST_ECONFIG, "%s: %s needs 0 < low_freq_factor < high_freq_factor", r->src, what);
+    if (omax != 0) {
+        if (!(omax >= 1 && omax <= MAX_DIM && omax == floor(omax)))
+            return st_fail(ST_ECONFIG, "%s: %s key 'original_max_position_embeddings' must be a positive integer",
+                           r->src, what);
+        rc_->original_max = (int)omax;
+    }
+    const st_json *tr = st_json_get(o, "truncate");
+    if (tr && tr->type != ST_JSON_NULL) {
+        if (tr->type != ST_JSON_BOOL) return st_fail(ST_ECONFIG, "%s: %s key 'truncate' must be true or false", r->src, what);
+        rc_->no_truncate = !tr->boolean;
+    }
+    if (t == ST_ROPE_LONGROPE) {
+        rc_->n_factors = -1;
+        if ((rc = rope_factors(r, what, o, "short_factor", rc_->short_factor, &rc_->n_factors)) ||
+            (rc = rope_factors(r, what, o, "long_factor", rc_->long_factor, &rc_->n_factors)))
+            return rc;
+    }
+    return 0;
+}
+
+/* Both generations of RoPE settings. transformers 5 reads rope_scaling first when both are present; a
+ * config with both is ambiguous to a reader, so it is refused. */
+static int read_rope(const reader *r, st_model_config *c) {
+    const st_json *rp = st_json_get(r->root, "rope_parameters"), *rs = st_json_get(r->root, "rope_scaling");
+    int has_rp = rp && rp->type != ST_JSON_NULL, has_rs = rs && rs->type != ST_JSON_NULL;
+    int rc = get_pos_float(r, "rope_theta", 10000.0, &c->rope_theta);
+    if (rc) return rc;
+    memset(&c->rope, 0, sizeof c->rope);
+    if (has_rp && has_rs)
+        return st_fail(ST_ECONFIG, "%s: both 'rope_parameters' and 'rope_scaling' are set (keep one)", r->src);
+    c->rope.format = has_rp ? ST_ROPE_FMT_PARAMETERS : ST_ROPE_FMT_LEGACY;
+    if (has_rp && rp->type == ST_JSON_OBJECT && st_json_get(rp, "full_attention"))
+        return st_fail(ST_ECONFIG, "%s: per-layer-type 'rope_parameters' are not supported", r->src);
+    if (has_rp) rc = read_rope_dict(r, "rope_parameters", rp, c);
+    if (has_rs) rc = read_rope_dict(r, "rope_scaling", rs, c);
+    if (rc) return rc;
+    /* transformers' standardize_rope_params: a top-level original_max_position_embeddings (Phi-3 style)
+     * wins for llama3/yarn/longrope; absent everywhere, it is max_position_embeddings */
+    int t = c->rope.type, top = 0;
+    if (t == ST_ROPE_LLAMA3 || t == ST_ROPE_YARN || t == ST_ROPE_LONGROPE) {
+        if ((rc = get_pos_int(r, "original_max_position_embeddings", 0, 0, &top))) return rc;
+        if (top > 0) {
+            c->rope.original_max = top;
+            c->rope.original_max_top = 1;
+        }
+        if (c->rope.original_max == 0) c->rope.original_max = c->max_seq;
+    } else if (st_json_get(r->root, "original_max_position_embeddings") && t != ST_ROPE_DEFAULT) {
+        return st_fail(ST_ECONFIG, "%s: key 'original_max_position_embeddings' is not used by rope_type '%s'",
+                       r->src, rope_type_names[t]);
+    }
+    if (t == ST_ROPE_LONGROPE && c->rope.n_factors * 2 != c->head_dim)
+        return st_fail(ST_ECONFIG, "%s: longrope short_factor/long_factor have %d entries, head_dim/2 is %d", r->src,
+                       c->rope.n_factors, c->head_dim / 2);
+    if (st_json_get(r->root, "partial_rotary_factor")) {
+        const st_json *v = st_json_get(r->root, "partial_rotary_factor");
+        if (!(v->type == ST_JSON_NUMBER && v->number == 1.0))
+            return st_fail(ST_ECONFIG, "%s: key 'partial_rotary_factor' is not supported (only 1.0)", r->src);
+    }
+    return 0;
+}
+
+/* Sliding-window attention: which layers slide (layer_types, or Qwen's max_window_layers rule) and how far.
+ * Only the window of the sliding layers matters to us: sequences up to it are exact (model.c refuses longer). */
+static int read_sliding(const reader *r, st_model_config *c) {
+    int rc, window = 0, use = 1, mwl = 0;
+    int is_mistral = strcmp(c->model_type, "mistral") == 0, is_llama = strcmp(c->model_type, "llama") == 0;
+    c->sliding_window = 0;
+    if (is_llama) return 0;
+    const st_json *sw = st_json_get(r->root, "sliding_window");
+    if (!sw) window = 4096; /* the config classes' default */
+    else if ((rc = get_pos_int(r, "sliding_window", 0, 0, &window))) return rc;
+    if (!is_mistral) {
+        if ((rc = get_bool(r, "use_sliding_window", 0, &use)) ||
+            (rc = get_pos_int(r, "max_window_layers", 0, 28, &mwl)))
+            return rc;
+        if (!use) window = 0;
+    }
+    if (window == 0) return 0;
+    const st_json *lt = st_json_get(r->root, "layer_types");
+    int sliding = 0;
+    if (lt && lt->type != ST_JSON_NULL && !is_mistral) {
+        if (lt->type != ST_JSON_ARRAY || (int)lt->count != c->n_layer)
+            return st_fail(ST_ECONFIG, "%s: key 'layer_types' must list one type per layer", r->src);
+        for (size_t i = 0; i < lt->count; i++) {
+            const st_json *v = lt->items[i];
+            if (v->type == ST_JSON_STRING && !strcmp(v->string, "sliding_attention")) sliding = 1;
+            else if (!(v->type == ST_JSON_STRING && !strcmp(v->string, "full_attention")))
+                return st_fail(ST_ECONFIG, "%s: layer_types entry %zu is not 'full_attention' or 'sliding_attention'",
+                               r->src, i);
+        }
+    } else {
+        sliding = is_mistral || mwl < c->n_layer;
+    }
+    if (sliding) c->sliding_window = window;
+    return 0;
+}
+
 static int read_llama(const reader *r, st_model_config *c) {
     static const char *const acts[] = {"silu", NULL};
     const char *act;
     int rc;
+    const char *mt = c->model_type;
+    int is_qwen = !strcmp(mt, "qwen2") || !strcmp(mt, "qwen3");
+    /* defaults of the config classes when a key is absent (transformers 5) */
+    int kv_default = !strcmp(mt, "mistral") ? 8 : is_qwen ? 32 : 0, hd_default = !strcmp(mt, "qwen3") ? 128 : 0;
     c->family = ST_FAMILY_LLAMA;
     if ((rc = get_pos_int(r, "hidden_size", 1, 0, &c->d_model)) ||
         (rc = get_pos_int(r, "intermediate_size", 1, 0, &c->d_ff)) ||
@@ -140,46 +334,56 @@ static int read_llama(const reader *r, st_model_config *c) {
         (rc = get_pos_int(r, "num_attention_heads", 1, 0, &c->n_head)) ||
         (rc = get_pos_int(r, "vocab_size", 1, 0, &c->vocab)) ||
         (rc = get_pos_int(r, "max_position_embeddings", 1, 0, &c->max_seq)) ||
-        (rc = get_pos_int(r, "num_key_value_heads", 0, c->n_head, &c->n_kv_head)) ||
-        (rc = get_pos_int(r, "head_dim", 0, 0, &c->head_dim)) ||
+        (rc = get_pos_int(r, "num_key_value_heads", 0, kv_default ? kv_default : c->n_head, &c->n_kv_head)) ||
+        (rc = get_pos_int(r, "head_dim", 0, hd_default, &c->head_dim)) ||
         (rc = get_pos_float(r, "rms_norm_eps", 1e-6, &c->norm_eps)) ||
-        (rc = get_pos_float(r, "rope_theta", 10000.0, &c->rope_theta)) ||
         (rc = get_bool(r, "tie_word_embeddings", 0, &c->tied_embeddings)) ||
         (rc = get_choice(r, "hidden_act", acts, &act)))
         return rc;
-    const st_json *rs = st_json_get(r->root, "rope_scaling");
-    if (rs && rs->type != ST_JSON_NULL)
-        return st_fail(ST_ECONFIG, "%s: key 'rope_scaling' is set: RoPE scaling is not supported", r->src);
     if (c->head_dim == 0) {
         if (c->d_model % c->n_head != 0)
             return st_fail(ST_ECONFIG, "%s: key 'num_attention_heads' = %d does not divide hidden_size = %d "
                            "(and no head_dim is given)", r->src, c->n_head, c->d_model);
         c->head_dim = c->d_model / c->n_head;
     }
+    if ((rc = read_rope(r, c))) return rc;
     c->qkv_bias = 0;
-    if (strcmp(c->model_type, "qwen2") == 0) {
+    c->qk_norm = 0;
+    if (!strcmp(mt, "qwen2")) {
         c->qkv_bias = 1; /* Qwen2 always has q/k/v biases (and none on o_proj) */
-        if ((rc = refuse_if(r, "use_sliding_window", 1))) return rc;
     } else {
-        /* HF llama's attention_bias adds an o_proj bias too, which the model graph does not have */
+        /* llama/qwen3 attention_bias adds an o_proj bias too, which the model graph does not have */
         if ((rc = refuse_if(r, "attention_bias", 1)) || (rc = refuse_if(r, "mlp_bias", 1))) return rc;
+        c->qk_norm = !strcmp(mt, "qwen3");
     }
-    if (strcmp(c->model_type, "mistral") == 0) {
-        /* Sliding-window attention equals full causal attention for sequences no longer than the window,
-         * so a windowed Mistral is used with max_seq capped at the window. */
-        int window = 0;
-        if ((rc = get_pos_int(r, "sliding_window", 0, 0, &window))) return rc;
-        if (window > 0 && window < c->max_seq) c->max_seq = window;
+    return read_sliding(r, c);
+}
+
+/* torch_dtype (4.x) or dtype (transformers 5): the source's storage type, kept for exports. */
+static int read_dtype(const reader *r, st_model_config *c) {
+    static const char *const known[] = {"float32", "bfloat16", "float16", NULL};
+    const char *keys[] = {"dtype", "torch_dtype"};
+    c->dtype[0] = 0;
+    for (int k = 0; k < 2; k++) {
+        const st_json *v = st_json_get(r->root, keys[k]);
+        if (!v || v->type == ST_JSON_NULL) continue;
+        if (v->type != ST_JSON_STRING) return st_fail(ST_ECONFIG, "%s: key '%s' must be a string", r->src, keys[k]);
+        for (int i = 0; known[i]; i++)
+            if (!strcmp(v->string, known[i])) snprintf(c->dtype, sizeof c->dtype, "%s", known[i]);
+        c->dtype_key = k == 0;
+        return 0; /* another dtype name (float64, ...) leaves "" (exports write float32) */
     }
     return 0;
 }
 
 int st_model_config_validate(const st_model_config *c) {
-    static const char *const types[] = {"gpt2", "llama", "qwen2", "mistral"};
+    static const char *const types[] = {"gpt2", "llama", "qwen2", "mistral", "qwen3"};
     int known = -1;
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         if (strcmp(c->model_type, types[i]) == 0) known = i;
-    if (known < 0) return st_fail(ST_ECONFIG, "model_type '%.32s' is not supported (gpt2, llama, qwen2, mistral)", c->model_type);
+    if (known < 0)
+        return st_fail(ST_ECONFIG, "model_type '%.32s' is not supported (gpt2, llama, qwen2, qwen3, mistral)",
+                       c->model_type);
     if ((known == 0) != (c->family == ST_FAMILY_GPT2))
         return st_fail(ST_ECONFIG, "model_type '%s' does not match the model family", c->model_type);
     struct { const char *name; int v; } dims[] = {{"n_layer", c->n_layer}, {"d_model", c->d_model},
@@ -205,7 +409,15 @@ int st_model_config_validate(const st_model_config *c) {
         if ((known == 2) != (c->qkv_bias != 0))
             return st_fail(ST_ECONFIG, "model config: q/k/v biases are %s for model_type '%s'",
                            known == 2 ? "required" : "not supported", c->model_type);
+        if ((known == 4) != (c->qk_norm != 0))
+            return st_fail(ST_ECONFIG, "model config: q/k norms are %s for model_type '%s'",
+                           known == 4 ? "required" : "not supported", c->model_type);
+        if (c->rope.type < ST_ROPE_DEFAULT || c->rope.type > ST_ROPE_LONGROPE)
+            return st_fail(ST_ECONFIG, "model config: rope type %d is unknown", c->rope.type);
+        if (c->head_dim / 2 > ST_ROPE_MAX_FACTORS * 4)
+            return st_fail(ST_ECONFIG, "model config: head_dim = %d is too large for RoPE", c->head_dim);
     }
+    if (c->sliding_window < 0) return st_fail(ST_ECONFIG, "model config: sliding_window must be >= 0");
     return 0;
 }
 
@@ -224,11 +436,16 @@ int st_model_config_parse(const char *text, size_t len, const char *source, st_m
     else {
         strcpy(c.model_type, mt);
         if (strcmp(mt, "gpt2") == 0) rc = read_gpt2(&r, &c);
-        else if (!strcmp(mt, "llama") || !strcmp(mt, "qwen2") || !strcmp(mt, "mistral")) rc = read_llama(&r, &c);
-        else rc = st_fail(ST_ECONFIG, "%s: model_type '%s' is not supported (gpt2, llama, qwen2, mistral)", source, mt);
+        else if (!strcmp(mt, "llama") || !strcmp(mt, "qwen2") || !strcmp(mt, "qwen3") || !strcmp(mt, "mistral"))
+            rc = read_llama(&r, &c);
+        else rc = st_fail(ST_ECONFIG, "%s: model_type '%s' is not supported (gpt2, llama, qwen2, qwen3, mistral)",
+                          source, mt);
     }
-    if (rc == 0 && ((rc = get_token_id(&r, "bos_token_id", &c.bos_id)) == 0))
-        rc = get_token_id(&r, "eos_token_id", &c.eos_id);
+    if (rc == 0 && ((rc = get_token_id(&r, "bos_token_id", &c.bos_id)) == 0) &&
+        (rc = get_token_id(&r, "eos_token_id", &c.eos_id)) == 0)
+        rc = get_token_id(&r, "pad_token_id", &c.pad_id);
+    c.has_pad = c.pad_id >= 0;
+    if (rc == 0) rc = read_dtype(&r, &c);
     if (rc == 0 && (rc = st_model_config_validate(&c)) != 0) rc = st_fail_context(rc, "%s", source);
     st_json_free(root);
     if (rc == 0) *out = c;
@@ -270,6 +487,48 @@ static void put_id(st_strbuf *b, const char *key, int id) {
     else st_strbuf_printf(b, "  \"%s\": null,\n", key);
 }
 
+/* The RoPE settings in the generation config.json had them in (st_rope_format). */
+static void put_rope(st_strbuf *b, const st_model_config *c) {
+    static const char *const names[] = {"default", "linear", "dynamic", "yarn", "llama3", "longrope"};
+    const st_rope_config *r = &c->rope;
+    int params = r->format == ST_ROPE_FMT_PARAMETERS;
+    if (!params) {
+        st_strbuf_printf(b, "  \"rope_theta\": ");
+        put_float(b, c->rope_theta);
+        st_strbuf_printf(b, ",\n");
+        if (r->type == ST_ROPE_DEFAULT) {
+            st_strbuf_printf(b, "  \"rope_scaling\": null,\n");
+            return;
+        }
+    }
+    st_strbuf_printf(b, "  \"%s\": {\"rope_type\": \"%s\"", params ? "rope_parameters" : "rope_scaling", names[r->type]);
+    if (params) {
+        st_strbuf_printf(b, ", \"rope_theta\": ");
+        put_float(b, c->rope_theta);
+    }
+    struct { const char *k; double v; } nums[] = {{"factor", r->factor}, {"low_freq_factor", r->low_freq_factor},
+        {"high_freq_factor", r->high_freq_factor}, {"beta_fast", r->beta_fast}, {"beta_slow", r->beta_slow},
+        {"mscale", r->mscale}, {"mscale_all_dim", r->mscale_all_dim}, {"attention_factor", r->attention_factor}};
+    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++)
+        if (nums[i].v != 0) st_strbuf_printf(b, ", \"%s\": %.17g", nums[i].k, nums[i].v);
+    if (r->original_max > 0 && !r->original_max_top)
+        st_strbuf_printf(b, ", \"original_max_position_embeddings\": %d", r->original_max);
+    if (r->no_truncate) st_strbuf_printf(b, ", \"truncate\": false");
+    if (r->type == ST_ROPE_LONGROPE) {
+        for (int k = 0; k < 2; k++) {
+            const float *f = k ? r->long_factor : r->short_factor;
+            st_strbuf_printf(b, ", \"%s\": [", k ? "long_factor" : "short_factor");
+            for (int i = 0; i < r->n_factors; i++) {
+                if (i) st_strbuf_printf(b, ", ");
+                put_float(b, f[i]);
+            }
+            st_strbuf_printf(b, "]");
+        }
+    }
+    st_strbuf_printf(b, "},\n");
+    if (r->original_max_top) st_strbuf_printf(b, "  \"original_max_position_embeddings\": %d,\n", r->original_max);
+}
+
 int st_model_config_write(const char *dir, const st_model_config *c) {
     int rc = st_model_config_validate(c);
     if (rc) return st_fail_context(rc, "%s/config.json", dir);
@@ -287,9 +546,9 @@ int st_model_config_write(const char *dir, const st_model_config *c) {
         st_strbuf_printf(&b, ",\n  \"activation_function\": \"gelu_new\",\n");
     } else {
         static const char *const arch[][2] = {{"llama", "LlamaForCausalLM"}, {"qwen2", "Qwen2ForCausalLM"},
-                                              {"mistral", "MistralForCausalLM"}};
+                                              {"qwen3", "Qwen3ForCausalLM"}, {"mistral", "MistralForCausalLM"}};
         const char *a = "LlamaForCausalLM";
-        for (int i = 0; i < 3; i++)
+        for (int i = 0; i < 4; i++)
             if (strcmp(c->model_type, arch[i][0]) == 0) a = arch[i][1];
         st_strbuf_printf(&b, "  \"architectures\": [\"%s\"],\n  \"model_type\": \"%s\",\n", a, c->model_type);
         st_strbuf_printf(&b, "  \"hidden_size\": %d,\n  \"intermediate_size\": %d,\n  \"num_hidden_layers\": %d,\n",
@@ -299,18 +558,28 @@ int st_model_config_write(const char *dir, const st_model_config *c) {
         st_strbuf_printf(&b, "  \"max_position_embeddings\": %d,\n  \"vocab_size\": %d,\n", c->max_seq, c->vocab);
         st_strbuf_printf(&b, "  \"rms_norm_eps\": ");
         put_float(&b, c->norm_eps);
-        st_strbuf_printf(&b, ",\n  \"rope_theta\": ");
-        put_float(&b, c->rope_theta);
-        st_strbuf_printf(&b, ",\n  \"rope_scaling\": null,\n  \"hidden_act\": \"silu\",\n");
-        if (strcmp(c->model_type, "llama") == 0)
+        st_strbuf_printf(&b, ",\n");
+        put_rope(&b, c);
+        st_strbuf_printf(&b, "  \"hidden_act\": \"silu\",\n");
+        if (strcmp(c->model_type, "qwen2") != 0)
             st_strbuf_printf(&b, "  \"attention_bias\": false,\n  \"mlp_bias\": false,\n");
-        if (strcmp(c->model_type, "qwen2") == 0) st_strbuf_printf(&b, "  \"use_sliding_window\": false,\n");
-        if (strcmp(c->model_type, "mistral") == 0) st_strbuf_printf(&b, "  \"sliding_window\": null,\n");
+        if (!strcmp(c->model_type, "qwen2") || !strcmp(c->model_type, "qwen3")) {
+            /* a window here means every layer slides (max_window_layers 0), which is what we read it as */
+            if (c->sliding_window > 0)
+                st_strbuf_printf(&b, "  \"use_sliding_window\": true,\n  \"sliding_window\": %d,\n"
+                                 "  \"max_window_layers\": 0,\n", c->sliding_window);
+            else st_strbuf_printf(&b, "  \"use_sliding_window\": false,\n");
+        }
+        if (strcmp(c->model_type, "mistral") == 0) {
+            if (c->sliding_window > 0) st_strbuf_printf(&b, "  \"sliding_window\": %d,\n", c->sliding_window);
+            else st_strbuf_printf(&b, "  \"sliding_window\": null,\n");
+        }
     }
     put_id(&b, "bos_token_id", c->bos_id);
     put_id(&b, "eos_token_id", c->eos_id);
-    st_strbuf_printf(&b, "  \"tie_word_embeddings\": %s,\n  \"torch_dtype\": \"float32\"\n}\n",
-                     c->tied_embeddings ? "true" : "false");
+    if (c->has_pad) put_id(&b, "pad_token_id", c->pad_id);
+    st_strbuf_printf(&b, "  \"tie_word_embeddings\": %s,\n  \"%s\": \"%s\"\n}\n", c->tied_embeddings ? "true" : "false",
+                     c->dtype_key ? "dtype" : "torch_dtype", c->dtype[0] ? c->dtype : "float32");
     char path[4096];
     if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path) rc = st_fail(ST_EINVAL, "path too long: %s", dir);
     else if (b.failed) rc = st_fail(ST_ENOMEM, "out of memory writing %s", path);

@@ -21,14 +21,56 @@ static void hf_shape(const st_param *p, int64_t shape[2]) {
     else { shape[0] = p->shape[0]; shape[1] = p->shape[1]; }
 }
 
-static const st_st_tensor *find_tensor(const st_safetensors *s, const st_model *m, const st_param *p) {
-    const st_st_tensor *t = st_safetensors_find(s, p->name);
+/* The file's tensor for a registry name (GPT-2 also under "transformer."), NULL when absent. */
+static const st_st_tensor *find_named(const st_safetensors *s, const st_model *m, const char *name) {
+    const st_st_tensor *t = st_safetensors_find(s, name);
     if (!t && m->cfg.family == ST_FAMILY_GPT2) {
         char alt[128];
-        snprintf(alt, sizeof alt, "transformer.%s", p->name);
+        snprintf(alt, sizeof alt, "transformer.%s", name);
         t = st_safetensors_find(s, alt);
     }
     return t;
+}
+
+static const st_st_tensor *find_tensor(const st_safetensors *s, const st_model *m, const st_param *p) {
+    const st_st_tensor *t = find_named(s, m, p->name);
+    /* tied, and only lm_head.weight in the file: transformers ties the embeddings to it */
+    if (!t && p == &m->params[0] && m->cfg.tied_embeddings) t = st_safetensors_find(s, "lm_head.weight");
+    return t;
+}
+
+static char load_warning[512];
+
+const char *st_model_load_warning(void) { return load_warning[0] ? load_warning : NULL; }
+
+/* tie_word_embeddings: true, yet the file holds an lm_head.weight that differs from the embeddings:
+ * transformers 5 then does not tie them (and warns), so the model is built untied. Sets *untie. */
+static int check_tied_head(const char *dir, const st_model_config *cfg, int *untie) {
+    *untie = 0;
+    if (!cfg->tied_embeddings) return 0;
+    st_safetensors *s = NULL;
+    int rc = st_safetensors_open(dir, &s);
+    if (rc) return rc;
+    const char *emb_name = cfg->family == ST_FAMILY_GPT2 ? "wte.weight" : "model.embed_tokens.weight";
+    const st_st_tensor *e = st_safetensors_find(s, emb_name), *h = st_safetensors_find(s, "lm_head.weight");
+    if (!e && cfg->family == ST_FAMILY_GPT2) e = st_safetensors_find(s, "transformer.wte.weight");
+    if (e && h && st_st_numel(e) == st_st_numel(h)) {
+        size_t n = (size_t)st_st_numel(e);
+        float *a = malloc(n * sizeof(float)), *b = malloc(n * sizeof(float));
+        if (!a || !b) rc = st_fail(ST_ENOMEM, "out of memory comparing the embeddings with lm_head.weight");
+        if (!rc) rc = st_safetensors_read_f32(s, e, a, n);
+        if (!rc) rc = st_safetensors_read_f32(s, h, b, n);
+        if (!rc && memcmp(a, b, n * sizeof(float)) != 0) {
+            *untie = 1;
+            snprintf(load_warning, sizeof load_warning,
+                     "%s: config.json has tie_word_embeddings: true but lm_head.weight differs from %s; using them "
+                     "untied, as transformers does", dir, emb_name);
+        }
+        free(a);
+        free(b);
+    }
+    st_safetensors_close(s);
+    return rc;
 }
 
 static int ignorable(const st_model *m, const char *name) {
@@ -102,8 +144,12 @@ int st_model_load_weights(st_model *m, const char *dir) {
 
 int st_model_load_dir(const char *dir, const st_backend *be, st_model *m) {
     st_model_config cfg;
+    load_warning[0] = 0;
     int rc = st_model_config_read(dir, &cfg);
     if (rc) return rc;
+    int untie = 0;
+    if ((rc = check_tied_head(dir, &cfg, &untie))) return rc;
+    if (untie) cfg.tied_embeddings = 0;
     rc = st_model_build(m, &cfg, be);
     if (rc) return st_fail_context(rc, "%s/config.json", dir);
     rc = st_model_load_weights(m, dir);
@@ -137,10 +183,55 @@ int st_model_save_dir(const st_model *m, const char *dir, uint64_t max_shard_byt
         items[i].ndim = p->ndim;
         hf_shape(p, items[i].shape);
     }
-    rc = st_safetensors_write_sharded(dir, m->n_params, items, max_shard_bytes ? max_shard_bytes : (4ULL << 30));
+    /* the source's dtype (bf16 stays bf16), fp32 when it had none */
+    int dtype = !strcmp(m->cfg.dtype, "bfloat16") ? ST_DTYPE_BF16 : !strcmp(m->cfg.dtype, "float16") ? ST_DTYPE_F16
+                                                                                                     : ST_DTYPE_F32;
+    rc = st_safetensors_write_sharded_as(dir, m->n_params, items, max_shard_bytes ? max_shard_bytes : (4ULL << 30),
+                                         dtype);
     if (!rc) rc = st_model_config_write(dir, &m->cfg);
     free(items);
     free(hf);
     free(host);
+    return rc;
+}
+
+/* Files of a Hugging Face model directory that are not weights or config.json: what a user needs to run
+ * and serve the model (tokenizer, chat template, generation settings). */
+static const char *const asset_files[] = {
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+    "special_tokens_map.json", "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt",
+    "tokenizer.model", NULL};
+
+int st_model_copy_assets(const char *src_dir, const char *dst_dir) {
+    int rc = st_mkdirs(dst_dir);
+    for (int i = 0; asset_files[i] && !rc; i++) {
+        char from[4096], to[4096];
+        if (snprintf(from, sizeof from, "%s/%s", src_dir, asset_files[i]) >= (int)sizeof from ||
+            snprintf(to, sizeof to, "%s/%s", dst_dir, asset_files[i]) >= (int)sizeof to)
+            return st_fail(ST_EINVAL, "path too long: %s", src_dir);
+        char *text;
+        size_t len;
+        FILE *f = fopen(from, "rb");
+        if (!f) continue; /* absent in the source: nothing to carry */
+        fclose(f);
+        if ((rc = st_read_file(from, &text, &len)) != 0) break;
+        rc = st_write_file_atomic(to, text, len);
+        free(text);
+    }
+    return rc;
+}
+
+int st_model_export_dir(const st_model *m, const char *dir, const char *src_dir, const char *config_text,
+                        uint64_t max_shard_bytes) {
+    int rc = st_model_save_dir(m, dir, max_shard_bytes);
+    if (!rc && config_text && *config_text) {
+        /* the source's own config.json: every key as the user had it (rope_parameters or rope_scaling,
+         * dtype, architectures, layer_types, ...); the weights were written in its dtype */
+        char path[4096];
+        if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
+            return st_fail(ST_EINVAL, "path too long: %s", dir);
+        rc = st_write_file_atomic(path, config_text, strlen(config_text));
+    }
+    if (!rc && src_dir && *src_dir) rc = st_model_copy_assets(src_dir, dir);
     return rc;
 }

@@ -7,6 +7,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
+#include "kernels/cuda/bf16_host.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -582,7 +583,7 @@ int st_safetensors_read_f32(st_safetensors *s, const st_st_tensor *t, float *dst
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-static int check_items(const char *path, int n, const st_st_write_item *items, uint64_t *total_bytes) {
+static int check_items(const char *path, int n, const st_st_write_item *items, int dtype, uint64_t *total_bytes) {
     if (n < 0) return st_fail(ST_EINVAL, "%s: negative tensor count", path);
     uint64_t total = 0;
     for (int i = 0; i < n; i++) {
@@ -592,7 +593,7 @@ static int check_items(const char *path, int n, const st_st_write_item *items, u
         if (it->ndim < 0 || it->ndim > ST_ST_MAX_NDIM)
             return st_fail(ST_EINVAL, "%s: tensor '%s' has ndim %d (0..%d allowed)", path, it->name, it->ndim,
                            ST_ST_MAX_NDIM);
-        uint64_t bytes = 4;
+        uint64_t bytes = st_dtype_size(dtype);
         for (int d = 0; d < it->ndim; d++) {
             if (it->shape[d] < 0) return st_fail(ST_EINVAL, "%s: tensor '%s' has a negative dimension", path, it->name);
             if (__builtin_mul_overflow(bytes, (uint64_t)it->shape[d], &bytes) || bytes > INT64_MAX)
@@ -614,14 +615,14 @@ static int check_items(const char *path, int n, const st_st_write_item *items, u
     return rc;
 }
 
-static uint64_t item_bytes(const st_st_write_item *it) {
-    uint64_t b = 4;
+static uint64_t item_bytes(const st_st_write_item *it, int dtype) {
+    uint64_t b = st_dtype_size(dtype);
     for (int d = 0; d < it->ndim; d++) b *= (uint64_t)it->shape[d];
     return b;
 }
 
 /* The header JSON, space-padded so the data buffer starts 8-byte aligned. */
-static int build_header(const char *path, int n, const st_st_write_item *items, const char *metadata,
+static int build_header(const char *path, int n, const st_st_write_item *items, int dtype, const char *metadata,
                         st_strbuf *h) {
     st_strbuf_printf(h, "{\"__metadata__\":");
     if (metadata) {
@@ -648,10 +649,10 @@ static int build_header(const char *path, int n, const st_st_write_item *items, 
     uint64_t off = 0;
     for (int i = 0; i < n; i++) {
         const st_st_write_item *it = &items[i];
-        uint64_t b = item_bytes(it);
+        uint64_t b = item_bytes(it, dtype);
         st_strbuf_append(h, ",", 1);
         st_strbuf_json_string(h, it->name);
-        st_strbuf_printf(h, ":{\"dtype\":\"F32\",\"shape\":[");
+        st_strbuf_printf(h, ":{\"dtype\":\"%s\",\"shape\":[", st_dtype_name(dtype));
         for (int d = 0; d < it->ndim; d++) st_strbuf_printf(h, d ? ",%" PRId64 : "%" PRId64, it->shape[d]);
         st_strbuf_printf(h, "],\"data_offsets\":[%" PRIu64 ",%" PRIu64 "]}", off, off + b);
         off += b;
@@ -679,11 +680,55 @@ static void fsync_parent_dir(const char *path) {
     }
 }
 
+/* f32 -> IEEE half, round to nearest even (subnormals, overflow to inf, NaN kept quiet). */
+static uint16_t f32_to_f16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504 */
+    if (a < 0x38800000u) { /* half subnormal (or zero): value = a_float / 2^-24, rounded */
+        float v;
+        memcpy(&v, &a, sizeof v);
+        float q = v * 16777216.0f; /* exact: scaling by 2^24 */
+        uint32_t r = (uint32_t)q;
+        float frac = q - (float)r;
+        if (frac > 0.5f || (frac == 0.5f && (r & 1u))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t e = ((a >> 23) - 112u) << 10, m = a & 0x7fffffu;
+    uint32_t h = e | (m >> 13), rest = m & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}
+
+/* Writes n floats as `dtype` (F32 as is; BF16/F16 rounded to nearest even) in bounded chunks. */
+static int write_floats(int fd, const float *x, size_t n, int dtype) {
+    if (dtype == ST_DTYPE_F32) return write_all(fd, x, n * sizeof(float));
+    uint16_t buf[4096];
+    for (size_t i = 0; i < n;) {
+        size_t k = n - i < 4096 ? n - i : 4096;
+        for (size_t j = 0; j < k; j++)
+            buf[j] = dtype == ST_DTYPE_BF16 ? st_float_to_bf16_bits(x[i + j]) : f32_to_f16_bits(x[i + j]);
+        if (write_all(fd, buf, k * sizeof(uint16_t))) return -1;
+        i += k;
+    }
+    return 0;
+}
+
 int st_safetensors_write(const char *path, int n, const st_st_write_item *items, const char *metadata_json) {
-    int rc = check_items(path, n, items, NULL);
+    return st_safetensors_write_as(path, n, items, metadata_json, ST_DTYPE_F32);
+}
+
+int st_safetensors_write_as(const char *path, int n, const st_st_write_item *items, const char *metadata_json,
+                            int dtype) {
+    if (dtype != ST_DTYPE_F32 && dtype != ST_DTYPE_BF16 && dtype != ST_DTYPE_F16)
+        return st_fail(ST_EINVAL, "%s: tensors can be written as F32, BF16 or F16, not %s", path, st_dtype_name(dtype));
+    int rc = check_items(path, n, items, dtype, NULL);
     if (rc) return rc;
     st_strbuf h = {0};
-    if ((rc = build_header(path, n, items, metadata_json, &h)) != 0) {
+    if ((rc = build_header(path, n, items, dtype, metadata_json, &h)) != 0) {
         st_strbuf_free(&h);
         return rc;
     }
@@ -700,7 +745,8 @@ int st_safetensors_write(const char *path, int n, const st_st_write_item *items,
     unsigned char lenb[8];
     for (int i = 0; i < 8; i++) lenb[i] = (unsigned char)((uint64_t)h.len >> (8 * i));
     int bad = write_all(fd, lenb, 8) || write_all(fd, h.data, h.len);
-    for (int i = 0; i < n && !bad; i++) bad = write_all(fd, items[i].data, (size_t)item_bytes(&items[i]));
+    for (int i = 0; i < n && !bad; i++)
+        bad = write_floats(fd, items[i].data, (size_t)(item_bytes(&items[i], dtype) / st_dtype_size(dtype)), dtype);
     int e = errno;
     st_strbuf_free(&h);
     if (bad || fsync(fd) != 0) {
@@ -719,15 +765,20 @@ int st_safetensors_write(const char *path, int n, const st_st_write_item *items,
 }
 
 int st_safetensors_write_sharded(const char *dir, int n, const st_st_write_item *items, uint64_t max_shard_bytes) {
+    return st_safetensors_write_sharded_as(dir, n, items, max_shard_bytes, ST_DTYPE_F32);
+}
+
+int st_safetensors_write_sharded_as(const char *dir, int n, const st_st_write_item *items, uint64_t max_shard_bytes,
+                                    int dtype) {
     uint64_t total = 0;
-    int rc = check_items(dir, n, items, &total);
+    int rc = check_items(dir, n, items, dtype, &total);
     if (rc) return rc;
     if ((rc = st_mkdirs(dir)) != 0) return rc;
     char single[4096], index[4096];
     if ((rc = path_join(single, sizeof single, dir, "model.safetensors")) != 0) return rc;
     if ((rc = path_join(index, sizeof index, dir, "model.safetensors.index.json")) != 0) return rc;
     if (max_shard_bytes == 0 || total <= max_shard_bytes) {
-        rc = st_safetensors_write(single, n, items, NULL);
+        rc = st_safetensors_write_as(single, n, items, NULL, dtype);
         if (rc == 0) unlink(index); /* drop a stale index from an earlier sharded export */
         return rc;
     }
@@ -737,7 +788,7 @@ int st_safetensors_write_sharded(const char *dir, int n, const st_st_write_item 
     int n_shards = 0;
     uint64_t cur = 0;
     for (int i = 0; i < n; i++) {
-        uint64_t b = item_bytes(&items[i]);
+        uint64_t b = item_bytes(&items[i], dtype);
         if (n_shards == 0 || (cur > 0 && cur + b > max_shard_bytes)) {
             start[n_shards++] = i;
             cur = 0;
@@ -755,7 +806,7 @@ int st_safetensors_write_sharded(const char *dir, int n, const st_st_write_item 
         char name[64], path[4096];
         snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", k + 1, n_shards);
         if ((rc = path_join(path, sizeof path, dir, name)) != 0) break;
-        rc = st_safetensors_write(path, start[k + 1] - start[k], items + start[k], NULL);
+        rc = st_safetensors_write_as(path, start[k + 1] - start[k], items + start[k], NULL, dtype);
         for (int i = start[k]; i < start[k + 1]; i++) {
             st_strbuf_printf(&idx, "%s\n    ", i ? "," : "");
             st_strbuf_json_string(&idx, items[i].name);

@@ -98,4 +98,11 @@ int st_safetensors_write(const char *path, int n, const st_st_write_item *items,
  * A stale single file / index from an earlier export of the other kind is removed. */
 int st_safetensors_write_sharded(const char *dir, int n, const st_st_write_item *items, uint64_t max_shard_bytes);
 
+/* The same two writers storing every tensor as `dtype`: ST_DTYPE_F32, or ST_DTYPE_BF16 / ST_DTYPE_F16
+ * (the fp32 data rounded to nearest even, as exports in a bf16/fp16 source's dtype need). */
+int st_safetensors_write_as(const char *path, int n, const st_st_write_item *items, const char *metadata_json,
+                            int dtype);
+int st_safetensors_write_sharded_as(const char *dir, int n, const st_st_write_item *items, uint64_t max_shard_bytes,
+                                    int dtype);
+
 #endif

@@ -68,6 +68,7 @@ int st_cmd_eval(int argc, char **argv) {
     memset(&d, 0, sizeof d);
     int rc = st_model_load_dir(model_dir, st_backend_cpu(0), &m);
     if (rc) return st_cli_error("eval", st_error());
+    if (st_model_load_warning()) fprintf(stderr, "shardtune eval: warning: %s\n", st_model_load_warning());
     rc = st_dataset_load(data, &d);
     for (uint64_t i = 0; !rc && i < d.n_tokens; i++)
         if ((int64_t)d.tokens[i] >= m.cfg.vocab)

@@ -19,11 +19,15 @@ int st_cmd_eval(int argc, char **argv);
 int st_cmd_plan(int argc, char **argv);
 int st_cmd_ckpt(int argc, char **argv);
 int st_cmd_export(int argc, char **argv);
+/* `export SRC --out FILE --format gguf ...` (cmd_export_gguf.c); argv as st_cmd_export's. */
+int st_export_gguf(const char *src, const char *out, int argc, char **argv);
+int st_cmd_compress(int argc, char **argv);
 int st_cmd_monitor(int argc, char **argv);
 int st_cmd_ctl(int argc, char **argv);
 int st_cmd_plot(int argc, char **argv);
 int st_cmd_generate(int argc, char **argv);
 int st_cmd_compare(int argc, char **argv);
+int st_cmd_tokenize(int argc, char **argv);
 
 /* Prints "shardtune <cmd>: error: <msg>" to stderr (one line) and returns ST_EXIT_FAIL. */
 int st_cli_error(const char *cmd, const char *msg);

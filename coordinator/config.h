@@ -94,6 +94,12 @@ typedef struct {
     } finetune;
 
     struct {
+        char teacher[ST_CFG_PATH_MAX]; /* "" = no distillation (worker/distill.h) */
+        double temperature;
+        double alpha;
+    } distill;
+
+    struct {
         int stage;
         int overlap;      /* reduce gradients in buckets while backward runs (all ZeRO stages) */
         double bucket_mb; /* bucket size for the overlapped reduction */

@@ -83,6 +83,13 @@ static const st_key finetune_keys[] = {
     {0},
 };
 
+static const st_key distill_keys[] = {
+    KEY_STR("teacher", SOFF(distill, teacher), ST_CFG_PATH_MAX),
+    KEY_F64("temperature", SOFF(distill, temperature), 0, 0, ST_KEY_LO_OPEN | NO_HI),
+    KEY_F64("alpha", SOFF(distill, alpha), 0, 1, 0),
+    {0},
+};
+
 static const st_key sharding_keys[] = {
     KEY_I32("stage", SOFF(sharding, stage), 0, 3, 0),
     {.name = "overlap", .kind = ST_KEY_BOOL, .off = SOFF(sharding, overlap)},
@@ -139,6 +146,7 @@ const st_key st_config_root_keys[] = {
     KEY_F64("loss_weighting_lr", offsetof(st_config, loss_weighting_lr), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     KEY_SECTION("train", train, train_keys),
     KEY_SECTION("finetune", finetune, finetune_keys),
+    KEY_SECTION("distill", distill, distill_keys),
     KEY_SECTION("sharding", sharding, sharding_keys),
     {.name = "tasks", .kind = ST_KEY_LIST, .off = offsetof(st_config, tasks), .size = sizeof(st_task_config),
      .count_off = offsetof(st_config, n_tasks), .max = ST_CFG_MAX_TASKS, .sub = task_keys,
@@ -182,6 +190,9 @@ void st_config_defaults(st_config *c) {
     c->finetune.train_modules = ST_MODULE_ALL;
     c->finetune.unfreeze_every = 0;
     c->finetune.layer_lr_decay = 1.0;
+
+    c->distill.temperature = 2.0;
+    c->distill.alpha = 0.5;
 
     c->sharding.stage = 1;
     c->sharding.overlap = 1;

@@ -13,12 +13,15 @@ struct st_command {
 static const struct st_command st_commands[] = {
     {"init-model", st_cmd_init_model,
      "--family llama|gpt2 --layers L --dim D --heads H [--kv-heads K] [--ffn F] --vocab V [--max-seq S] [--seed N] --out DIR"},
-    {"data", st_cmd_data, "pack (--jsonl IN.jsonl | --llmc-bin 'GLOB') --out DATA.h5 [--vocab V] [--eos ID]"},
+    {"data", st_cmd_data, "pack (--jsonl IN.jsonl | --llmc-bin 'GLOB' | --text IN.jsonl --model DIR) --out DATA.h5 ..."},
+    {"tokenize", st_cmd_tokenize, "--model DIR [--decode] [--no-special]   (stdin -> stdout, one JSON value a line)"},
     {"train", st_cmd_train, "JOB.yaml [dotted.key=value ...]"},
     {"eval", st_cmd_eval, "--model DIR --data DATA.h5 --seq-len T [--json]"},
     {"plan", st_cmd_plan, "JOB.yaml --ranks N [--json]"},
     {"ckpt", st_cmd_ckpt, "inspect|verify PATH"},
-    {"export", st_cmd_export, "CKPT --out DIR"},
+    {"export", st_cmd_export, "SRC --out DST [--format hf|gguf] [--quant f32|f16|bf16|q8_0|q4_0]"},
+    {"compress", st_cmd_compress, "--model DIR --out DIR [--drop-layers SPEC] [--prune-heads F] [--prune-ffn F] "
+                                  "[--calib DATA.h5]"},
     {"monitor", st_cmd_monitor, "ADDR [--plain|--json]"},
     {"ctl", st_cmd_ctl, "ADDR status|checkpoint|stop|pause|resume"},
     {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg"},

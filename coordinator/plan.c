@@ -155,9 +155,8 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     if (world < 1) return st_fail(ST_EINVAL, "--ranks %d must be at least 1", world);
     if (c->sharding.stage < 0 || c->sharding.stage > 2)
         return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0, 1 or 2)", c->sharding.stage);
-    if (c->train.seq_len > m->cfg.max_seq)
-        return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", c->train.seq_len,
-                       m->cfg.max_seq);
+    int rc = st_model_check_seq_len(&m->cfg, c->train.seq_len);
+    if (rc) return rc;
     out->world = world;
     out->zero_stage = c->sharding.stage;
     out->precision = c->precision;
@@ -167,7 +166,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     out->n_weights = m->n_weights;
     out->n_params = m->n_params;
     st_stage_list stages;
-    int rc = st_plan_stages(c, m, &stages);
+    rc = st_plan_stages(c, m, &stages);
     if (rc) return rc;
     long *goff = malloc((size_t)m->n_params * sizeof(long));
     out->stages = calloc((size_t)stages.n, sizeof *out->stages);

@@ -292,13 +292,26 @@ static int share_plan(trainer *t) {
     return rc;
 }
 
+/* distill.teacher: loaded whole on every rank (fp32), sized for the student's micro-batches. */
+static int load_teacher(trainer *t) {
+    const st_config *c = t->cfg;
+    int rc = st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
+    if (rc) return st_fail_context(rc, "distill.teacher");
+    t->kd_on = 1;
+    if ((rc = st_model_alloc_activations(&t->teacher, c->train.micro_batch, c->train.seq_len))) return rc;
+    return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);
+}
+
 static int setup(trainer *t) {
     const st_config *c = t->cfg;
     int rc = st_trainer_agree(t, setup_backend(t));
     if (!rc) rc = st_trainer_agree(t, check_backends(t));
     if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
+    if (!rc && t->rank == 0 && st_model_load_warning())
+        fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
+    if (!rc && c->distill.teacher[0]) rc = st_trainer_agree(t, load_teacher(t));
     const char *check = getenv("SHARDTUNE_CHECK_BF16_COPY");
     t->check_bf16_copy = check && !strcmp(check, "1");
     if (!rc) rc = st_trainer_agree(t, load_data(t));
@@ -334,6 +347,10 @@ static void teardown(trainer *t) {
     free(t->job_json);
     free(t->model_config_text);
     st_model_free(&t->model);
+    if (t->kd_on) {
+        st_distill_free(&t->kd);
+        st_model_free(&t->teacher);
+    }
 }
 
 /* ---------------- the loop ---------------- */

@@ -22,7 +22,8 @@ int st_trainer_save_final(trainer *t) {
     snprintf(dir, sizeof dir, "%s/final", t->cfg->run_dir);
     snprintf(tmp, sizeof tmp, "%s/final.partial", t->cfg->run_dir);
     snprintf(old, sizeof old, "%s/final.old", t->cfg->run_dir);
-    int rc = st_model_save_dir(&t->model, tmp, 0);
+    /* the source's config.json text and tokenizer / generation files travel with the weights */
+    int rc = st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
     if (rc) return st_fail_context(rc, "writing final weights");
     /* swap in atomically-enough: the previous final/ survives until the new one is complete */
     if (access(dir, F_OK) == 0 && rename(dir, old) != 0)

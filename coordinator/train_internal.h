@@ -19,6 +19,7 @@
 #include "coordinator/telemetry.h"
 #include "worker/comm.h"
 #include "worker/dataset.h"
+#include "worker/distill.h"
 #include "worker/loader.h"
 #include "worker/model.h"
 #include "worker/optim.h"
@@ -57,11 +58,16 @@ typedef struct {
     int64_t start_step, last_saved;     /* first step to run; completed steps of the last save (-1) */
     double last_loss, resumed_loss;     /* resumed_loss: loss at save of the checkpoint we resumed (NAN) */
     double peak_flops; /* measured matmul FLOP/s of all ranks together (for MFU) */
+    /* knowledge distillation (distill.teacher set): the frozen teacher, replicated on every rank */
+    int kd_on;
+    st_model teacher;
+    st_distill kd;
 } trainer;
 
 typedef struct {
     double loss, grad_norm, seconds, comm_seconds;
     float lr;
+    double kd_loss, ce_loss, teacher_seconds; /* distillation only */
 } st_step_result;
 
 enum { CTL_SIGNAL = 1u << 8 }; /* a rank got SIGTERM / checkpoint.signal */

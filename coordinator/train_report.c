@@ -62,6 +62,9 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
                          "\"tokens_per_s\":%.1f,\"mfu\":%.4f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
                      (long long)step + 1, r->loss, (double)r->lr, r->grad_norm, (unsigned long long)t->tokens_seen,
                      tps, mfu, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
+    if (t->kd_on)
+        st_strbuf_printf(&b, ",\"ce_loss\":%.9g,\"kd_loss\":%.9g,\"teacher_ms\":%.3f", r->ce_loss, r->kd_loss,
+                         r->teacher_seconds * 1e3);
     json_task_map(&b, t, "task_loss", 0);
     json_task_map(&b, t, "task_tokens", 1);
     if (t->taskw.learned) {

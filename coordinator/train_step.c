@@ -70,6 +70,8 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     st_model *m = &t->model;
     double t0 = st_now();
     memset(t->task_sums, 0, (3 * (size_t)t->n_tasks + 2) * sizeof(double));
+    r->teacher_seconds = 0;
+    if (t->kd_on) st_distill_reset(&t->kd);
     st_trainer_phase(t, ST_PHASE_DATA);
     int rc = load_step_data(t);
     if (rc) return rc;
@@ -78,7 +80,13 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     for (int a = 0; a < t->accum; a++) {
         size_t off = (size_t)a * t->micro * t->T;
         st_trainer_phase(t, ST_PHASE_FORWARD);
+        if (t->kd_on) { /* the teacher's forward first; the student's head then computes the KD loss */
+            double tt = st_now();
+            st_distill_attach(&t->kd, m, t->inputs + off);
+            r->teacher_seconds += st_now() - tt;
+        }
         loss += st_model_forward(m, t->inputs + off, t->targets + off, t->weight + off, 1);
+        st_distill_detach(m); /* evaluation keeps plain cross-entropy */
         account_tasks(t, a * t->micro);
         st_trainer_phase(t, ST_PHASE_BACKWARD);
         if (a == t->accum - 1 && t->cfg->sharding.overlap)
@@ -100,6 +108,12 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     MPI_Allreduce(MPI_IN_PLACE, t->task_sums, 3 * t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
     st_trainer_phase(t, ST_PHASE_IDLE);
     r->loss = t->task_sums[3 * t->n_tasks];
+    if (t->kd_on) { /* the two parts of the loss, weighted like it (DESIGN.md: ce_loss, kd_loss) */
+        double kc[2] = {t->kd.kd_sum, t->kd.ce_sum};
+        MPI_Allreduce(MPI_IN_PLACE, kc, 2, MPI_DOUBLE, MPI_SUM, t->comm);
+        r->kd_loss = kc[0];
+        r->ce_loss = kc[1];
+    }
     update_task_weights(t);
     r->grad_norm = norm;
     r->comm_seconds = t->dp.comm_seconds;

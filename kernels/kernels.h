@@ -101,8 +101,9 @@ struct st_backend {
                         const float *rstd, int n, int c);
 
     /* ---- rotary embeddings, in place on packed qkv [B,T,(H+2*KVH)*hd] (q and k heads only) ----
-     * cos/sin: [T, hd/2] tables for positions 0..T-1 (see st_rope_tables). bwd applies the inverse
-     * rotation to dqkv in place. */
+     * cos/sin: [T, hd/2] tables for positions 0..T-1 (see st_rope_tables; the model's tables come from
+     * st_model_rope_tables and may carry an attention scaling in both, making the map a scaled rotation).
+     * bwd applies the transpose of the same map to dqkv in place. */
     void (*rope_fwd)(float *qkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
     void (*rope_bwd)(float *dqkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
 
@@ -172,6 +173,16 @@ struct st_backend {
     void (*attention_cached)(float *out, const float *qkv, const float *kcache, const float *vcache,
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
                              int max_t);
+    /* ---- per-head RMSNorm of the q and k heads of packed qkv [N, (H+2*KVH)*hd] (Qwen3's q_norm/k_norm,
+     * before RoPE): every q head row x[hd] becomes x * rstd * wq, every k head row x * rstd * wk,
+     * rstd = 1/sqrt(mean(x^2) + eps); v is untouched. fwd works in place and saves the input rows
+     * xs[N, (H+KVH)*hd] and rstd[N, H+KVH]. bwd turns the q/k part of dqkv (gradient of the output) into
+     * the gradient of the input, in place, and accumulates dwq/dwk (each skipped when NULL), summing rows
+     * in a fixed order. */
+    void (*head_rmsnorm_fwd)(float *qkv, float *xs, float *rstd, const float *wq, const float *wk, int n, int h,
+                             int kvh, int hd, float eps);
+    void (*head_rmsnorm_bwd)(float *dqkv, float *dwq, float *dwk, const float *xs, const float *rstd,
+                             const float *wq, const float *wk, int n, int h, int kvh, int hd);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

@@ -2,7 +2,8 @@
  *
  * Forward of one layer (Llama; GPT-2 differs in the places marked):
  *   ln1 = norm(res[l])                       (GPT-2: LayerNorm, Llama: RMSNorm)
- *   qkv = ln1 @ Wqkv^T (+ b)  ; rope(qkv)    (rope: Llama only)
+ *   qkv = ln1 @ Wqkv^T (+ b)  ; [qk_norm(qkv)] ; rope(qkv)   (rope: Llama only; qk_norm: Qwen3's per-head
+ *                                          RMSNorm of q and k, its inputs saved in fp32)
  *   atty = causal_attention(qkv)
  *   resmid = res[l] + atty @ Wo^T (+ b)
  *   ln2 = norm(resmid)
@@ -110,6 +111,10 @@ static int build_llama(registry *r, const st_model_config *c) {
             ADD(L("self_attn.v_proj.bias"), KVD, 0, l, ST_MOD_ATTN, 1, 0);
         }
         ADD(L("self_attn.o_proj.weight"), C, QD, l, ST_MOD_ATTN, 0, 0);
+        if (c->qk_norm) { /* Qwen3: RMSNorm weights over head_dim, shared by all q (k) heads */
+            ADD(L("self_attn.q_norm.weight"), hd, 0, l, ST_MOD_NORM, 1, 0);
+            ADD(L("self_attn.k_norm.weight"), hd, 0, l, ST_MOD_NORM, 1, 0);
+        }
         ADD(L("post_attention_layernorm.weight"), C, 0, l, ST_MOD_NORM, 1, 0);
         ADD(L("mlp.gate_proj.weight"), F, C, l, ST_MOD_MLP, 0, 0);
         ADD(L("mlp.up_proj.weight"), F, C, l, ST_MOD_MLP, 0, 0);
@@ -136,6 +141,8 @@ static int validate_config(const st_model_config *c) {
         return st_fail(ST_ECONFIG, "model config: GPT-2 needs heads*head_dim == dim and kv_heads == heads");
     if (c->family != ST_FAMILY_GPT2 && c->family != ST_FAMILY_LLAMA)
         return st_fail(ST_ECONFIG, "model config: unknown family %d", (int)c->family);
+    if (c->qk_norm && c->family != ST_FAMILY_LLAMA)
+        return st_fail(ST_ECONFIG, "model config: q/k norms need the Llama family");
     return 0;
 }
 
@@ -157,6 +164,11 @@ int st_model_build_registry(st_model *m, const st_model_config *cfg) {
 int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be) {
     int rc = st_model_build_registry(m, cfg);
     if (rc) return rc;
+    if (cfg->qk_norm && (!be->head_rmsnorm_fwd || !be->head_rmsnorm_bwd)) {
+        st_model_free(m);
+        return st_fail(ST_ECONFIG, "model_type %s needs q/k norms, which the %s backend does not have",
+                       cfg->model_type, be->name);
+    }
     m->be = be;
     m->weights = be->alloc(m->n_weights * sizeof(float));
     if (!m->weights) {
@@ -289,6 +301,7 @@ void st_model_zero_grad(st_model *m) {
  * Under fp32 the *_h fields are NULL. */
 typedef struct {
     float *res_in, *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *lse, *resmid, *ln2, *ln2_mean, *ln2_rstd, *h1, *h2;
+    float *qk_x, *qk_rstd; /* Qwen3 q/k norms: their inputs [N, (H+KVH)*hd] and rstd [N, H+KVH] (fp32) */
     uint16_t *ln1_h, *qkv_h, *atty_h, *ln2_h, *h1_h, *h2_h;
 } layer_acts;
 
@@ -349,6 +362,10 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         TAKE(a->ln1_mean, N);
         TAKE(a->ln1_rstd, N);
         SAVED(a->qkv, a->qkv_h, N * Q);
+        if (c->qk_norm) {
+            TAKE(a->qk_x, N * (H + c->n_kv_head) * c->head_dim);
+            TAKE(a->qk_rstd, N * (H + c->n_kv_head));
+        }
         SAVED(a->atty, a->atty_h, N * A);
         TAKE(a->lse, N * H);
         TAKE(a->resmid, N * C);
@@ -434,6 +451,129 @@ static int alloc_mm_scratch(st_model *m) {
     return 0;
 }
 
+/* ---------------- RoPE variants (transformers' modeling_rope_utils, one function per rope_type) ---------------- */
+
+/* Every formula is evaluated in double and rounded to fp32 once at the end (transformers evaluates the same
+ * formulas in fp32 step by step: the two agree to a few ulp, tests/reference/ref_rope_models.py). */
+
+/* default: inv_freq[i] = 1 / theta^(2i/hd) */
+static double rope_base_inv(double theta, int i, int hd) { return 1.0 / pow(theta, 2.0 * i / hd); }
+
+static double yarn_get_mscale(double scale, double mscale) {
+    return scale <= 1.0 ? 1.0 : 0.1 * mscale * log(scale) + 1.0;
+}
+
+/* yarn: interpolated frequencies below the correction range, extrapolated above, a linear ramp between.
+ * Returns the attention factor. */
+static double rope_yarn(const st_model_config *c, float *inv) {
+    const st_rope_config *r = &c->rope;
+    int hd = c->head_dim, half = hd / 2;
+    double base = c->rope_theta, omax = r->original_max > 0 ? r->original_max : c->max_seq;
+    double factor = r->factor > 0 ? r->factor : c->max_seq / omax;
+    double att = r->attention_factor;
+    if (!(att > 0))
+        att = (r->mscale != 0 && r->mscale_all_dim != 0)
+                  ? yarn_get_mscale(factor, r->mscale) / yarn_get_mscale(factor, r->mscale_all_dim)
+                  : yarn_get_mscale(factor, 1.0);
+    double bf = r->beta_fast != 0 ? r->beta_fast : 32.0, bs = r->beta_slow != 0 ? r->beta_slow : 1.0;
+    /* find_correction_dim(n_rot) = hd * ln(omax / (n_rot * 2 pi)) / (2 ln base) */
+    double lo = hd * log(omax / (bf * 2.0 * M_PI)) / (2.0 * log(base));
+    double hi = hd * log(omax / (bs * 2.0 * M_PI)) / (2.0 * log(base));
+    if (!r->no_truncate) { lo = floor(lo); hi = ceil(hi); }
+    if (lo < 0) lo = 0;
+    if (hi > hd - 1) hi = hd - 1;
+    if (lo == hi) hi += 0.001; /* transformers: prevent a singular ramp */
+    for (int i = 0; i < half; i++) {
+        double pos_freq = pow(base, 2.0 * i / hd);
+        double extra = 1.0 / pos_freq, inter = 1.0 / (factor * pos_freq);
+        double ramp = (i - lo) / (hi - lo);
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        double ef = 1.0 - ramp; /* extrapolation weight */
+        inv[i] = (float)(inter * (1.0 - ef) + extra * ef);
+    }
+    return att;
+}
+
+/* llama3: low frequencies divided by factor, high ones kept, a smooth blend between the two wavelengths. */
+static void rope_llama3(const st_model_config *c, float *inv) {
+    const st_rope_config *r = &c->rope;
+    int hd = c->head_dim;
+    double omax = r->original_max > 0 ? r->original_max : c->max_seq;
+    double lo_wl = omax / r->low_freq_factor, hi_wl = omax / r->high_freq_factor;
+    for (int i = 0; i < hd / 2; i++) {
+        double f = rope_base_inv(c->rope_theta, i, hd), wl = 2.0 * M_PI / f, v = f;
+        if (wl > lo_wl) v = f / r->factor;
+        else if (wl >= hi_wl) {
+            double smooth = (omax / wl - r->low_freq_factor) / (r->high_freq_factor - r->low_freq_factor);
+            v = (1.0 - smooth) * f / r->factor + smooth * f;
+        }
+        inv[i] = (float)v;
+    }
+}
+
+int st_model_rope_inv_freq(const st_model_config *c, int T, float *inv, double *att_out) {
+    const st_rope_config *r = &c->rope;
+    int hd = c->head_dim, half = hd / 2;
+    double theta = c->rope_theta, att = 1.0;
+    if (c->family != ST_FAMILY_LLAMA || hd < 2 || hd % 2 || !(theta > 0))
+        return st_fail(ST_ECONFIG, "RoPE needs a Llama-family config with an even head_dim and rope_theta > 0");
+    switch (r->type) {
+    case ST_ROPE_DEFAULT:
+        for (int i = 0; i < half; i++) inv[i] = (float)rope_base_inv(theta, i, hd);
+        break;
+    case ST_ROPE_LINEAR:
+        for (int i = 0; i < half; i++) inv[i] = (float)(rope_base_inv(theta, i, hd) / r->factor);
+        break;
+    case ST_ROPE_DYNAMIC: { /* NTK: the base grows once the sequence is longer than max_position_embeddings */
+        double L = T > c->max_seq ? T : c->max_seq;
+        double b = theta * pow(r->factor * L / c->max_seq - (r->factor - 1.0), (double)hd / (hd - 2));
+        for (int i = 0; i < half; i++) inv[i] = (float)rope_base_inv(b, i, hd);
+        break;
+    }
+    case ST_ROPE_YARN:
+        att = rope_yarn(c, inv);
+        break;
+    case ST_ROPE_LLAMA3:
+        rope_llama3(c, inv);
+        break;
+    case ST_ROPE_LONGROPE: {
+        double omax = r->original_max > 0 ? r->original_max : c->max_seq;
+        double factor = r->factor > 0 ? r->factor : c->max_seq / omax;
+        att = r->attention_factor > 0 ? r->attention_factor
+              : factor <= 1.0         ? 1.0
+                                      : sqrt(1.0 + log(factor) / log(omax));
+        if (r->n_factors != half)
+            return st_fail(ST_ECONFIG, "rope longrope: short_factor/long_factor have %d entries, head_dim/2 is %d",
+                           r->n_factors, half);
+        const float *ext = T > omax ? r->long_factor : r->short_factor;
+        for (int i = 0; i < half; i++) inv[i] = (float)(1.0 / (ext[i] * pow(theta, 2.0 * i / hd)));
+        break;
+    }
+    default:
+        return st_fail(ST_ECONFIG, "rope_type %d is not implemented", r->type);
+    }
+    if (att_out) *att_out = (double)(float)att; /* transformers multiplies the fp32 cos/sin by an fp32 factor */
+    return 0;
+}
+
+int st_model_rope_tables(const st_model_config *c, int T, float *cos_out, float *sin_out) {
+    int half = c->head_dim / 2;
+    float inv[ST_ROPE_MAX_FACTORS * 4];
+    double att;
+    if (half > (int)(sizeof inv / sizeof inv[0]))
+        return st_fail(ST_ECONFIG, "head_dim %d is larger than RoPE supports (%d)", c->head_dim,
+                       (int)(2 * sizeof inv / sizeof inv[0]));
+    int rc = st_model_rope_inv_freq(c, T, inv, &att);
+    if (rc) return rc;
+    for (int pos = 0; pos < T; pos++)
+        for (int i = 0; i < half; i++) {
+            double ang = (double)pos * inv[i];
+            cos_out[(size_t)pos * half + i] = (float)(cos(ang) * att);
+            sin_out[(size_t)pos * half + i] = (float)(sin(ang) * att);
+        }
+    return 0;
+}
+
 /* Floats of RoPE tables (cos + sin) for T positions; Llama family only. */
 static size_t rope_floats(const st_model_config *c, int T) {
     return c->family == ST_FAMILY_LLAMA ? 2 * (size_t)T * (size_t)(c->head_dim / 2) : 0;
@@ -509,10 +649,23 @@ int st_model_check_bf16_copy(const st_model *m) {
     return rc;
 }
 
+int st_model_check_seq_len(const st_model_config *c, int T) {
+    /* dynamic RoPE exists to run past max_position_embeddings (its NTK base grows with T, as in
+     * transformers' forward); every other model is limited to its positions */
+    int dynamic = c->family == ST_FAMILY_LLAMA && c->rope.type == ST_ROPE_DYNAMIC;
+    if (T > c->max_seq && !dynamic)
+        return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", T, c->max_seq);
+    if (c->sliding_window > 0 && T > c->sliding_window)
+        return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's sliding_window %d: windowed attention "
+                       "is not implemented (use seq_len <= %d, where it equals full causal attention)",
+                       T, c->sliding_window, c->sliding_window);
+    return 0;
+}
+
 int st_model_alloc_activations(st_model *m, int B, int T) {
     if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);
-    if (T > m->cfg.max_seq)
-        return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", T, m->cfg.max_seq);
+    int rc = st_model_check_seq_len(&m->cfg, T);
+    if (rc) return rc;
     const st_backend *be = m->be;
     be->free(m->rope_cos);
     be->free(m->rope_sin);
@@ -520,7 +673,7 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
     m->rope_cos = m->rope_sin = NULL;
     m->B = B;
     m->T = T;
-    int rc = alloc_arena(m);
+    rc = alloc_arena(m);
     if (rc) return rc;
     m->loss_per_pos = calloc((size_t)B * T, sizeof(float));
     if (!m->loss_per_pos) return st_fail(ST_ENOMEM, "out of memory for per-position losses");
@@ -536,11 +689,14 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
             free(s);
             return st_fail(ST_ENOMEM, "out of memory for RoPE tables");
         }
-        st_rope_tables(c, s, T, m->cfg.head_dim, m->cfg.rope_theta);
-        be->copy_to_device(m->rope_cos, c, n * sizeof(float));
-        be->copy_to_device(m->rope_sin, s, n * sizeof(float));
+        rc = st_model_rope_tables(&m->cfg, T, c, s);
+        if (!rc) {
+            be->copy_to_device(m->rope_cos, c, n * sizeof(float));
+            be->copy_to_device(m->rope_sin, s, n * sizeof(float));
+        }
         free(c);
         free(s);
+        if (rc) return rc;
     }
     return 0;
 }
@@ -549,8 +705,8 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
 
 /* Pointers to one layer's weights (and gradients, NULL when frozen). */
 typedef struct {
-    const float *n1w, *n1b, *wqkv, *bqkv, *wo, *bo, *n2w, *n2b, *w1, *b1, *w2, *b2;
-    float *gn1w, *gn1b, *gwqkv, *gbqkv, *gwo, *gbo, *gn2w, *gn2b, *gw1, *gb1, *gw2, *gb2;
+    const float *n1w, *n1b, *wqkv, *bqkv, *wo, *bo, *n2w, *n2b, *w1, *b1, *w2, *b2, *qn, *kn;
+    float *gn1w, *gn1b, *gwqkv, *gbqkv, *gwo, *gbo, *gn2w, *gn2b, *gw1, *gb1, *gw2, *gb2, *gqn, *gkn;
 } layer_w;
 
 static const float *wptr(const st_model *m, int idx) { return idx >= 0 ? m->weights + m->params[idx].offset : NULL; }
@@ -561,7 +717,7 @@ static float *gptr(const st_model *m, int idx) {
 
 /* Registry order per layer is fixed by build_*: index arithmetic keeps this O(1). */
 static int layer_first_param(const st_model *m, int l) {
-    int per = m->cfg.family == ST_FAMILY_GPT2 ? 12 : (m->cfg.qkv_bias ? 12 : 9);
+    int per = m->cfg.family == ST_FAMILY_GPT2 ? 12 : 9 + (m->cfg.qkv_bias ? 3 : 0) + (m->cfg.qk_norm ? 2 : 0);
     int first = m->cfg.family == ST_FAMILY_GPT2 ? 2 : 1;
     return first + l * per;
 }
@@ -579,7 +735,9 @@ static layer_w layer_weights(const st_model *m, int l) {
         SET(wqkv, i + 1); /* q, then k and v adjacent */
         int j = i + 4;
         if (m->cfg.qkv_bias) { SET(bqkv, j); j += 3; }
-        SET(wo, j); SET(n2w, j + 1); SET(w1, j + 2); /* gate, then up adjacent */ SET(w2, j + 4);
+        SET(wo, j);
+        if (m->cfg.qk_norm) { SET(qn, j + 1); SET(kn, j + 2); j += 2; }
+        SET(n2w, j + 1); SET(w1, j + 2); /* gate, then up adjacent */ SET(w2, j + 4);
     }
 #undef SET
     return w;
@@ -668,6 +826,8 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     norm_fwd(m, ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
     save(m, a->ln1_h, ln1, (size_t)N * C, 0);
     mm(m, qkv, saved(ln1, a->ln1_h), weight(m, w.wqkv), w.bqkv, N, Q, C, 0, 1, 0.0f);
+    if (c->qk_norm)
+        be->head_rmsnorm_fwd(qkv, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head, c->head_dim, c->norm_eps);
     if (c->family == ST_FAMILY_LLAMA)
         be->rope_fwd(qkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     save(m, a->qkv_h, qkv, (size_t)N * Q, 1);
@@ -702,7 +862,10 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
         mm(m, b->logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
         if (m->capture_logits)
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
-        total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
+        if (m->head_loss)
+            total += m->head_loss(m->head_loss_ctx, b->logits, b->loss + r0, b->targets + r0, b->weight + r0, r0, rows, V);
+        else
+            total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
         if (!train) continue;
         /* dlogits feeds two matmuls: under bf16 round it once, in place, instead of once per matmul */
         st_mm_in dlogits = st_mm_f32(b->logits);
@@ -739,6 +902,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     int fn = final_norm_index(m);
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
+    if (m->hidden_only) return 0.0;
     double loss = head_forward(m, &b, train);
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
     return loss;
@@ -783,6 +947,9 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     be->attention_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     if (c->family == ST_FAMILY_LLAMA)
         be->rope_bwd(b->dqkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    if (c->qk_norm)
+        be->head_rmsnorm_bwd(b->dqkv, w.gqn, w.gkn, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head,
+                             c->head_dim);
     if (w.gbqkv) be->bias_bwd(w.gbqkv, b->dqkv, N, Q);
     linear_dgrad(m, b->dln, b->dqkv, w.wqkv, N, Q, C);
     linear_wgrad(m, w.gwqkv, b->dqkv, saved(a->ln1, a->ln1_h), N, Q, C);
@@ -832,4 +999,25 @@ double st_model_flops_per_token(const st_model *m, int T) {
         if (m->params[i].kind != ST_MOD_EMBED) n += (double)m->params[i].numel;
     if (c->tied_embeddings) n += (double)c->vocab * c->d_model; /* the head matmul still runs */
     return 6.0 * n + 12.0 * c->n_layer * (double)T * c->n_head * c->head_dim;
+}
+
+int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,
+                               const float **res_out) {
+    if (!m->act_arena || m->precision != ST_PRECISION_FP32 || l < 0 || l >= m->cfg.n_layer)
+        return st_fail(ST_EINVAL, "layer activations need an fp32 model with activations (layer %d)", l);
+    layer_acts *la = m->layer_acts;
+    model_bufs b;
+    bind((st_model *)m, la, &b);
+    *res_in = la[l].res_in;
+    *attn = la[l].atty;
+    *mlp = la[l].h2;
+    *res_out = l + 1 < m->cfg.n_layer ? la[l + 1].res_in : b.res_out;
+    return 0;
+}
+
+const float *st_model_final_hidden(const st_model *m) {
+    layer_acts *la = m->layer_acts;
+    model_bufs b;
+    bind((st_model *)m, la, &b);
+    return b.lnf;
 }

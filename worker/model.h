@@ -71,6 +71,13 @@ typedef struct {
      * rest of backward. Together the calls cover every trainable element exactly once. */
     void (*grad_ready)(void *ctx, size_t lo, size_t hi);
     void *grad_ready_ctx;
+    /* Optional: replaces be->cross_entropy in the LM head, with its contract (loss per row, dlogits in
+     * place, returns sum weight * loss) for head chunk rows [r0, r0 + rows): knowledge distillation
+     * (worker/distill.h). */
+    double (*head_loss)(void *ctx, float *logits, float *loss, const int32_t *targets, const float *weight, int r0,
+                        int rows, int v);
+    void *head_loss_ctx;
+    int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
 } st_model;
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */
@@ -102,7 +109,25 @@ size_t st_model_count_trainable(const st_model *m, const unsigned char *layer_ma
 size_t st_model_grad_offsets(const st_model *m, const unsigned char *layer_mask, unsigned module_mask,
                              long *grad_offset);
 
-/* Allocates activations for micro-batches of B sequences of T tokens (T <= cfg.max_seq). */
+/* RoPE of a Llama-family config for a batch of sequence length T (positions 0..T-1), exactly as
+ * transformers' modeling_rope_utils defines each rope_type: inv_freq[head_dim/2] (rounded to fp32, as
+ * transformers holds it) and the attention scaling that multiplies cos and sin (yarn, longrope; 1 else).
+ * T matters only for `dynamic` (NTK base for T > max_seq) and `longrope` (long factors for
+ * T > original_max). Returns 0 or ST_ECONFIG naming what is wrong. */
+int st_model_rope_inv_freq(const st_model_config *cfg, int T, float *inv_freq, double *attention_scaling);
+
+/* The tables every kernel applies (kernels.h rope_fwd/rope_bwd): cos/sin [T, head_dim/2] in host memory,
+ * angle = pos * inv_freq[i], both already multiplied by the attention scaling, so the kernels need not
+ * know the variant (the backward rotation is the transpose of the same scaled matrix). Generation builds
+ * its tables with this too. Returns 0 or ST_ECONFIG. */
+int st_model_rope_tables(const st_model_config *cfg, int T, float *cos_out, float *sin_out);
+
+/* Whether sequences of T tokens can run: T <= max_seq (except dynamic RoPE, made to extend it) and T within
+ * a sliding window (longer sequences would need windowed attention, which the kernels do not do).
+ * 0 or ST_ECONFIG naming the limit. */
+int st_model_check_seq_len(const st_model_config *cfg, int T);
+
+/* Allocates activations for micro-batches of B sequences of T tokens (st_model_check_seq_len). */
 int st_model_alloc_activations(st_model *m, int B, int T);
 
 /* Floats that st_model_alloc_activations(m, B, T) allocates for a model of this config and precision:
@@ -140,6 +165,15 @@ void st_model_backward(st_model *m);
 
 /* Sets all gradients to zero. */
 void st_model_zero_grad(st_model *m);
+
+/* Layer l's activations from the last forward, in backend memory (fp32 precision only): its input residual
+ * [B*T, C], the attention output before the output projection [B*T, H*hd], the MLP activation before the
+ * down projection [B*T, F] and its output residual [B*T, C]. Used by calibration (worker/prune.c). */
+int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,
+                               const float **res_out);
+
+/* The final norm's output [B*T, C] from the last forward (backend memory): the LM head's input. */
+const float *st_model_final_hidden(const st_model *m);
 
 /* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
 double st_model_flops_per_token(const st_model *m, int T);

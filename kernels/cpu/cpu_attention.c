@@ -43,6 +43,62 @@ void st_cpu_rope_bwd(float *dqkv, const float *cos, const float *sin, int b, int
     rope_apply(dqkv, cos, sin, b, t, h, kvh, hd, -1.0f);
 }
 
+/* ---- per-head q/k RMSNorm (Qwen3) ---- */
+
+void st_cpu_head_rmsnorm_fwd(float *qkv, float *xs, float *rstd, const float *wq, const float *wk, int n, int h,
+                             int kvh, int hd, float eps) {
+    int stride = (h + 2 * kvh) * hd, heads = h + kvh;
+#pragma omp parallel for schedule(static) if ((long)n * heads * hd >= ST_CPU_PAR_MIN)
+    for (long r = 0; r < n; r++) {
+        for (int j = 0; j < heads; j++) {
+            float *restrict x = qkv + (size_t)r * stride + (size_t)j * hd;
+            float *restrict keep = xs + ((size_t)r * heads + j) * hd;
+            const float *restrict w = j < h ? wq : wk;
+            float ss = 0.0f;
+            for (int i = 0; i < hd; i++) {
+                keep[i] = x[i];
+                ss += x[i] * x[i];
+            }
+            float rs = 1.0f / sqrtf(ss / (float)hd + eps);
+            for (int i = 0; i < hd; i++) x[i] = x[i] * rs * w[i];
+            rstd[(size_t)r * heads + j] = rs;
+        }
+    }
+}
+
+void st_cpu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *xs, const float *rstd,
+                             const float *wq, const float *wk, int n, int h, int kvh, int hd) {
+    int stride = (h + 2 * kvh) * hd, heads = h + kvh;
+    /* weight gradients first (they read dout): column i of each weight sums its rows in order */
+    for (int k = 0; k < 2; k++) {
+        float *dw = k ? dwk : dwq;
+        if (!dw) continue;
+        int j0 = k ? h : 0, j1 = k ? heads : h;
+#pragma omp parallel for schedule(static) if ((long)n * heads * hd >= ST_CPU_PAR_MIN)
+        for (int i = 0; i < hd; i++) {
+            float acc = 0.0f;
+            for (long r = 0; r < n; r++)
+                for (int j = j0; j < j1; j++)
+                    acc += dqkv[(size_t)r * stride + (size_t)j * hd + i] * xs[((size_t)r * heads + j) * hd + i] *
+                           rstd[(size_t)r * heads + j];
+            dw[i] += acc;
+        }
+    }
+    /* dx = rs * (w dy) - x * rs^3 * mean(w dy x) */
+#pragma omp parallel for schedule(static) if ((long)n * heads * hd >= ST_CPU_PAR_MIN)
+    for (long r = 0; r < n; r++) {
+        for (int j = 0; j < heads; j++) {
+            float *restrict d = dqkv + (size_t)r * stride + (size_t)j * hd;
+            const float *restrict x = xs + ((size_t)r * heads + j) * hd;
+            const float *restrict w = j < h ? wq : wk;
+            float rs = rstd[(size_t)r * heads + j], dot = 0.0f;
+            for (int i = 0; i < hd; i++) dot += d[i] * w[i] * x[i];
+            float c = rs * rs * rs * dot / (float)hd;
+            for (int i = 0; i < hd; i++) d[i] = rs * w[i] * d[i] - x[i] * c;
+        }
+    }
+}
+
 /* ---- attention ---- */
 
 void st_cpu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd) {

@@ -189,6 +189,8 @@ static const st_backend st_cpu_table = {
     .round_bf16 = st_cpu_round_bf16,
     .kv_store = st_cpu_kv_store,
     .attention_cached = st_cpu_attention_cached,
+    .head_rmsnorm_fwd = st_cpu_head_rmsnorm_fwd,
+    .head_rmsnorm_bwd = st_cpu_head_rmsnorm_bwd,
 };
 
 const st_backend *st_backend_cpu(int threads) {

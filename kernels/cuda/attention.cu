@@ -59,6 +59,98 @@ void st_cu_rope_bwd(float *dqkv, const float *cos, const float *sin, int b, int 
     rope("rope_bwd", dqkv, cos, sin, b, t, h, kvh, hd, -1.0f);
 }
 
+/* ---------------------------------------------------------------- per-head q/k RMSNorm (Qwen3) */
+
+/* One warp per (token, q/k head) row of hd values; lane i owns elements i, i+32, ... */
+__global__ void head_rmsnorm_fwd_kernel(float *qkv, float *xs, float *rstd, const float *wq, const float *wk,
+                                        int n, int h, int kvh, int hd, float eps) {
+    int heads = h + kvh, lane = threadIdx.x & 31;
+    size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= (size_t)n * heads) return;
+    size_t r = row / heads;
+    int j = (int)(row % heads);
+    float *x = qkv + r * (size_t)(h + 2 * kvh) * hd + (size_t)j * hd;
+    float *keep = xs + row * hd;
+    const float *w = j < h ? wq : wk;
+    float ss = 0.0f;
+    for (int i = lane; i < hd; i += 32) {
+        keep[i] = x[i];
+        ss += x[i] * x[i];
+    }
+    float rs = 1.0f / sqrtf(st_warp_sum(ss) / hd + eps);
+    for (int i = lane; i < hd; i += 32) x[i] = x[i] * rs * w[i];
+    if (lane == 0) rstd[row] = rs;
+}
+
+/* dx = rs * (w dy) - x * rs^3 * mean(w dy x), in place over the q/k part of dqkv. */
+__global__ void head_rmsnorm_dx_kernel(float *dqkv, const float *xs, const float *rstd, const float *wq,
+                                       const float *wk, int n, int h, int kvh, int hd) {
+    int heads = h + kvh, lane = threadIdx.x & 31;
+    size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= (size_t)n * heads) return;
+    size_t r = row / heads;
+    int j = (int)(row % heads);
+    float *d = dqkv + r * (size_t)(h + 2 * kvh) * hd + (size_t)j * hd;
+    const float *x = xs + row * hd;
+    const float *w = j < h ? wq : wk;
+    float rs = rstd[row], dot = 0.0f;
+    for (int i = lane; i < hd; i += 32) dot += d[i] * w[i] * x[i];
+    float c = rs * rs * rs * st_warp_sum(dot) / hd;
+    for (int i = lane; i < hd; i += 32) d[i] = rs * w[i] * d[i] - x[i] * c;
+}
+
+/* Partial weight gradients: block p sums rows [p*rpc, (p+1)*rpc) of the (token, head) rows of heads
+ * [j0, j0 + nh), in order; thread i owns column i (and i + blockDim.x, ...). */
+__global__ void head_rmsnorm_dw_kernel(float *partial, const float *dqkv, const float *xs, const float *rstd, int n,
+                                       int h, int kvh, int hd, int j0, int nh, int rpc) {
+    int heads = h + kvh;
+    size_t rows = (size_t)n * nh, r0 = (size_t)blockIdx.x * rpc, r1 = r0 + rpc < rows ? r0 + rpc : rows;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float acc = 0.0f;
+        for (size_t q = r0; q < r1; q++) {
+            size_t r = q / nh;
+            int j = j0 + (int)(q % nh);
+            size_t hr = r * heads + j;
+            acc += dqkv[r * (size_t)(h + 2 * kvh) * hd + (size_t)j * hd + i] * xs[hr * hd + i] * rstd[hr];
+        }
+        partial[(size_t)blockIdx.x * hd + i] = acc;
+    }
+}
+
+void st_cu_head_rmsnorm_fwd(float *qkv, float *xs, float *rstd, const float *wq, const float *wk, int n, int h,
+                            int kvh, int hd, float eps) {
+    if (n <= 0 || hd <= 0) return;
+    size_t rows = (size_t)n * (h + kvh), per = ST_CUDA_THREADS / 32;
+    head_rmsnorm_fwd_kernel<<<(unsigned)((rows + per - 1) / per), ST_CUDA_THREADS, 0, st_cuda_stream_internal()>>>(
+        qkv, xs, rstd, wq, wk, n, h, kvh, hd, eps);
+    ST_CUDA_LAUNCHED("head_rmsnorm_fwd");
+}
+
+void st_cu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *xs, const float *rstd,
+                            const float *wq, const float *wk, int n, int h, int kvh, int hd) {
+    if (n <= 0 || hd <= 0) return;
+    /* weight gradients read the output gradient, so they run before dx overwrites it */
+    for (int k = 0; k < 2; k++) {
+        float *dw = k ? dwk : dwq;
+        int j0 = k ? h : 0, nh = k ? kvh : h;
+        if (!dw || nh == 0) continue;
+        size_t scratch_bytes;
+        float *scratch = (float *)st_cuda_scratch(&scratch_bytes);
+        int rows = n * nh;
+        int parts = st_cuda_colsum_partials(rows, hd, 1, scratch_bytes / sizeof(float));
+        if (parts == 0) { st_cuda_note("head_rmsnorm_bwd", "scratch too small for one row of partials"); return; }
+        int rpc = st_cuda_colsum_rows_per_chunk(rows, parts);
+        head_rmsnorm_dw_kernel<<<parts, 128, 0, st_cuda_stream_internal()>>>(scratch, dqkv, xs, rstd, n, h, kvh, hd,
+                                                                             j0, nh, rpc);
+        ST_CUDA_LAUNCHED("head_rmsnorm_dw");
+        st_cuda_colsum_finish(dw, scratch, parts, hd);
+    }
+    size_t rows = (size_t)n * (h + kvh), per = ST_CUDA_THREADS / 32;
+    head_rmsnorm_dx_kernel<<<(unsigned)((rows + per - 1) / per), ST_CUDA_THREADS, 0, st_cuda_stream_internal()>>>(
+        dqkv, xs, rstd, wq, wk, n, h, kvh, hd);
+    ST_CUDA_LAUNCHED("head_rmsnorm_dx");
+}
+
 /* ---------------------------------------------------------------- shared helpers */
 
 struct attn_shape {

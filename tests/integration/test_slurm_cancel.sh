@@ -7,7 +7,6 @@
 #     wrapper asks for a checkpoint, the ranks exit 85 and the job ends without a requeue;
 #  3. srun resumes from that and finishes with exactly the losses of an uninterrupted run.
 source "$(dirname "$0")/slurm_helpers.sh"
-need_checkpoint_support
 slurm_setup 17140
 make_tiny_job
 STEPS=60

@@ -5,7 +5,6 @@
 # at the next step boundary and exit 85, the wrapper requeues, the rerun (SLURM_RESTART_COUNT=1) resumes
 # from `latest` and finishes with exactly the losses of an uninterrupted run.
 source "$(dirname "$0")/slurm_helpers.sh"
-need_checkpoint_support
 slurm_setup 17120
 make_tiny_job
 STEPS=60

@@ -6,7 +6,6 @@
 # an uninterrupted 4-rank run: identical before the stop, equal to float tolerance after it (the gradient
 # sums of 2 and 4 ranks add in a different order).
 source "$(dirname "$0")/slurm_helpers.sh"
-need_checkpoint_support
 slurm_setup 17130
 make_tiny_job
 STEPS=50

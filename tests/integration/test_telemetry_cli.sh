@@ -29,15 +29,25 @@ echo "$out" | grep -q "no reply from $CTL" || fail "ctl unreachable message: $ou
 # --- monitor across two jobs ---
 "$BIN" monitor "$PUB" --json > "$T/mon.jsonl" 2> "$T/mon.err" &
 MON=$!; PIDS+=("$MON")
+# No fixed sleeps (a loaded machine stretches every start-up): wait for conditions instead. The monitor
+# subscribes once its ZeroMQ context runs (its I/O threads exist: >= 3 threads); the driver's start delay
+# (700 ms) then covers ZeroMQ's reconnect interval (100 ms), and the publisher replays recent steps to a
+# late subscriber anyway.
+for _ in $(seq 300); do [ "$(ls /proc/$MON/task 2>/dev/null | wc -l)" -ge 3 ] && break; sleep 0.1; done
+[ "$(ls /proc/$MON/task 2>/dev/null | wc -l)" -ge 3 ] || fail "monitor did not start within 30 s"
+# ends FILE: how many job-end events the monitor has printed
+ends() { grep -c '"kind": *"end"' "$1" || true; }
+wait_ends() { for _ in $(seq 300); do [ "$(ends "$T/mon.jsonl")" -ge "$1" ] && return 0; sleep 0.1; done; return 1; }
 "$DRIVER" --world 2 --steps 6 --step-ms 20 --start-delay-ms 700 --run-dir "$T" --publish "$PUB" --control "$CTL" > "$T/job1.out"
+wait_ends 1 || fail "monitor saw no job end within 30 s of the first job's end"
 sleep 0.5
 kill -0 "$MON" 2>/dev/null || fail "monitor exited after the first job ended"
 mkdir -p "$T/run2"
 "$DRIVER" --world 2 --steps 400 --step-ms 20 --start-delay-ms 700 --run-dir "$T/run2" --publish "$PUB" --control "$CTL" > "$T/job2.out" &
 JOB=$!; PIDS+=("$JOB")
-sleep 1.5
 
-# --- ctl against a running job ---
+# --- ctl against a running job (once it has logged a step) ---
+for _ in $(seq 30); do "$BIN" ctl "$CTL" status --timeout 1 2>/dev/null | grep -q "^ok: last step" && break; sleep 0.2; done
 "$BIN" ctl "$CTL" status | grep -q "^ok: last step" || fail "ctl status"
 set +e
 out=$("$BIN" ctl "$CTL" checkpoint 2>&1); rc=$?
@@ -51,7 +61,7 @@ set -e
 "$BIN" ctl "$CTL" checkpoint --run-dir "$T/run2" | grep -q "^ok: checkpoint accepted" || fail "checkpoint with token"
 "$BIN" ctl "$CTL" stop --token-file "$T/run2/control.token" | grep -q "^ok: stop accepted" || fail "stop with token"
 wait "$JOB"
-sleep 0.5
+wait_ends 2 || fail "monitor saw $(ends "$T/mon.jsonl") job ends within 30 s of the second job's end"
 kill -TERM "$MON"
 for i in $(seq 50); do kill -0 "$MON" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$MON" 2>/dev/null && fail "monitor ignored SIGTERM"

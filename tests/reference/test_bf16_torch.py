@@ -15,21 +15,37 @@ the loss, weights, gradients and optimizer state are fp32.
    by torch's own fp32 -> bfloat16 conversion, checked here to be round-to-nearest-even bit for bit
    against numpy), wired into every linear/head product and its backward with a custom autograd
    function; attention's products stay unrounded, as in shardtune. The stored activations are emulated by
-   a rounding with an identity gradient (BF16Saved) and an attention whose output is rounded and whose
-   backward uses that rounded output (BF16Attention).
+   a rounding with an identity gradient and an attention whose output is rounded and whose backward uses
+   that rounded output.
 1. For a tiny Llama (GQA, untied head) and a tiny GPT-2 (tied head, biases), tests/tools/ref_model
-   --precision bf16: logits, loss and every gradient vs that reference. Error per tensor
-   rel = max|ours - ref| / max|ref|. Our fp32 arithmetic differs from float64 by ~1e-6 relative, and
-   that difference occasionally flips the bf16 rounding of a downstream operand element by one bf16 ulp
-   (2^-8 relative), so the agreement is not at fp32 level: required rel <= BF16_TOL = 1e-3. The same
-   outputs against the float64 reference WITHOUT rounding are ~1e-2 off, and the test requires them to
-   be at least 10x further than from the bf16 reference (the rounding really happens, everywhere).
-   ref_model --precision fp32 against the unrounded reference stays at the fp32 level (<= 1e-5).
+   --precision bf16: logits, loss and every gradient vs that float64 emulation. Error per tensor t:
+   err_t = max|ours - ref| / max|ref|. The criterion follows from the arithmetic, not from one machine:
+   - The per-tensor condition measure kappa_t: the same float64 model WITHOUT any rounding is off the
+     emulation by err_t(unrounded) = u * kappa_t, u = 2^-8 the bf16 unit roundoff. kappa_t says how much
+     tensor t moves, in units of u, when every operand carries its bf16 rounding (~1..5 here).
+   - A correct bf16 path computes each value before its rounding in fp32, not float64: off by ~n 2^-24
+     relative for a length-n product (n <= 128 here). That changes nothing unless the value lies that
+     close to a bf16 rounding midpoint: then its rounding flips by one bf16 ulp (2^-7 relative). Only a
+     fraction f <= 2 n 2^-24 / 2^-7 = n 2^-16 <= 2e-3 of the roundings flip. Roundings are errors
+     spread over +-ulp/2 (rms ulp/sqrt(12)); f of them moved by a whole ulp move tensor t by about
+     sqrt(12 f) u kappa_t <= 0.16 u kappa_t. Required: err_t <= RHO u kappa_t with RHO = 1/4 (or the fp32
+     level FP32_TOL, whichever is larger). Which values flip depends on the BLAS kernel's summation order,
+     so ref_model runs under the default OpenBLAS kernel and under OPENBLAS_CORETYPE=Haswell, SkylakeX
+     and Zen (each where the CPU has the instructions; the kernel is confirmed by OPENBLAS_VERBOSE), and
+     every run must pass.
+   - The criterion rejects broken bf16 paths (perturbation checks, each a whole model's outputs fed to
+     the same criterion): our own --precision fp32 run (no rounding anywhere) must fail it on EVERY
+     tensor (so the rounding reaches every product); float64 emulations with a bug — operands truncated
+     instead of rounded to nearest even, activations not stored as bf16 (operands only), the backward's
+     input-gradient products or weight-gradient products without rounding — must each fail it.
+   - ref_model --precision fp32 against the unrounded float64 model stays at the fp32 level (<= 1e-5).
 2. Training: `shardtune train ... precision=bf16` on one rank for a few dozen steps lowers the loss like
    fp32 does, with losses that differ from the fp32 run (the setting reaches the model) but stay close.
 Env (set by ctest): ST_BUILD_DIR, SHARDTUNE_BIN."""
 import math
 import os
+import re
+import subprocess
 import sys
 import tempfile
 
@@ -39,11 +55,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dp_common  # noqa: E402
 import st_io  # noqa: E402
-from test_model_torch import (CONFIGS, SEQ, random_batch, random_weights, rel_err, run_ref_model,  # noqa: E402
+from test_model_torch import (CONFIGS, ENV, REF_MODEL, SEQ, random_batch, random_weights, rel_err,  # noqa: E402
                               torch_forward_backward, write_model)
 from torch_model import RefModel, causal_attention, parse_config  # noqa: E402
 
-BF16_TOL, FP32_TOL, SEPARATION = 1e-2, 1e-5, 2.0
+U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
+RHO, FP32_TOL = 0.25, 1e-5
+# OpenBLAS kernels to run ref_model under, with the CPU flags each one needs
+CORETYPES = {"Haswell": ("avx2", "fma"), "SkylakeX": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
+             "Zen": ("avx2", "fma")}
 failures = []
 
 
@@ -67,6 +87,15 @@ def bf16(x):
     return x.float().bfloat16().to(x.dtype)
 
 
+def bf16_truncated(x):
+    """A broken rounding for the perturbation checks: fp32 -> bf16 by dropping the low 16 bits."""
+    return (x.float().view(torch.int32) & -65536).view(torch.float32).to(x.dtype)
+
+
+def unrounded(x):
+    return x
+
+
 def check_rounding_and_torch():
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(100000) * 10.0 ** rng.uniform(-6, 6, 100000)).astype(np.float32)
@@ -84,152 +113,183 @@ def check_rounding_and_torch():
           f"rel {e:.1e} from fp32-accumulated bf16 products -> emulate with float64 instead")
 
 
-class BF16Matmul(torch.autograd.Function):
-    """y = bf16(a) @ bf16(b) in the input dtype (float64); backward: dA = bf16(g) @ bf16(b)^T,
-    dB = bf16(a)^T @ bf16(g) — the products shardtune's backward runs through matmul_bf16."""
+def bf16_matmul(rnd, round_dx=True, round_dw=True):
+    """y = rnd(a) @ rnd(b) in the input dtype (float64); backward: dA = rnd(g) @ rnd(b)^T,
+    dB = rnd(a)^T @ rnd(g) — the products shardtune's backward runs through matmul_bf16. round_dx /
+    round_dw False leave one backward product unrounded (a broken path, for the perturbation checks)."""
+    rx = rnd if round_dx else unrounded
+    rw = rnd if round_dw else unrounded
 
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return torch.matmul(bf16(a), bf16(b))
+    class BF16Matmul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return torch.matmul(rnd(a), rnd(b))
 
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        ga = torch.matmul(bf16(g), bf16(b).transpose(-1, -2))
-        gb = torch.matmul(bf16(a).reshape(-1, a.shape[-1]).t(), bf16(g).reshape(-1, g.shape[-1]))
-        return ga, gb
+        @staticmethod
+        def backward(ctx, g):
+            a, b = ctx.saved_tensors
+            ga = torch.matmul(rx(g), rx(b).transpose(-1, -2))
+            gb = torch.matmul(rw(a).reshape(-1, a.shape[-1]).t(), rw(g).reshape(-1, g.shape[-1]))
+            return ga, gb
+    return BF16Matmul.apply
 
 
-class BF16Saved(torch.autograd.Function):
+def bf16_saved(rnd):
     """An activation stored as bf16: forward goes on with the rounded value; the gradient passes through."""
 
-    @staticmethod
-    def forward(ctx, x):
-        return bf16(x)
+    class BF16Saved(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return rnd(x)
 
-    @staticmethod
-    def backward(ctx, g):
-        return g
+        @staticmethod
+        def backward(ctx, g):
+            return g
+    return BF16Saved.apply
 
 
-class BF16Attention(torch.autograd.Function):
+def bf16_attention(rnd):
     """Causal attention (kv heads already repeated) whose output is stored as bf16: forward returns the
     rounded O, backward computes D = rowsum(dO * O) from that rounded O (shardtune's attention_bwd reads
     the saved copy); everything else is exact in the input dtype."""
 
-    @staticmethod
-    def forward(ctx, q, k, v):
-        T, hd = q.shape[-2], q.shape[-1]
-        mask = torch.ones(T, T, dtype=torch.bool).tril()
-        s = (torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)).masked_fill(~mask, float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        o = bf16(torch.matmul(p, v))
-        ctx.save_for_backward(q, k, v, p, o)
-        return o
+    class BF16Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            T, hd = q.shape[-2], q.shape[-1]
+            mask = torch.ones(T, T, dtype=torch.bool).tril()
+            s = (torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)).masked_fill(~mask, float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            o = rnd(torch.matmul(p, v))
+            ctx.save_for_backward(q, k, v, p, o)
+            return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, p, o = ctx.saved_tensors
-        dv = torch.matmul(p.transpose(-1, -2), do)
-        dp = torch.matmul(do, v.transpose(-1, -2))
-        ds = p * (dp - (do * o).sum(-1, keepdim=True)) / math.sqrt(q.shape[-1])
-        return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+        @staticmethod
+        def backward(ctx, do):
+            q, k, v, p, o = ctx.saved_tensors
+            dv = torch.matmul(p.transpose(-1, -2), do)
+            dp = torch.matmul(do, v.transpose(-1, -2))
+            ds = p * (dp - (do * o).sum(-1, keepdim=True)) / math.sqrt(q.shape[-1])
+            return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+    return BF16Attention.apply
 
 
-def bf16_emulation(model_dir, dtype):
-    """The reference of shardtune's precision: bf16, in `dtype`."""
-    ref = RefModel.load(model_dir, dtype)
-    ref.linear_mm = BF16Matmul.apply
-    ref.saved = BF16Saved.apply
-    ref.attention = BF16Attention.apply
+def bf16_emulation(model_dir, rnd=bf16, storage=True, round_dx=True, round_dw=True):
+    """The float64 reference of shardtune's precision: bf16; the keyword arguments make broken variants."""
+    ref = RefModel.load(model_dir, torch.float64)
+    ref.linear_mm = bf16_matmul(rnd, round_dx, round_dw)
+    if storage:
+        ref.saved = bf16_saved(rnd)
+        ref.attention = bf16_attention(rnd)
     return ref
 
 
 def check_attention_function():
-    """BF16Attention without the rounding is the plain attention: its hand-written backward is right."""
+    """The emulated attention without the rounding is the plain attention: its hand-written backward is right."""
     q, k, v = (torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    saved_bf16 = globals()["bf16"]
-    try:
-        globals()["bf16"] = lambda x: x
-        out = BF16Attention.apply(q, k, v)
-        g = torch.randn_like(out)
-        ours = torch.autograd.grad(out, (q, k, v), g)
-    finally:
-        globals()["bf16"] = saved_bf16
+    out = bf16_attention(unrounded)(q, k, v)
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), g)
     ref = torch.autograd.grad(causal_attention(q, k, v), (q, k, v), g)
     e = max(float((a - b).abs().max()) for a, b in zip(ours, ref))
-    check("BF16Attention backward without rounding == autograd", e < 1e-12, f"max abs diff {e:.1e}")
+    check("bf16 attention backward without rounding == autograd", e < 1e-12, f"max abs diff {e:.1e}")
 
 
 # ---------------- 1. forward + backward vs the emulated reference ----------------
 
-def compare(ours, ref_model, batch, V):
-    """{tensor: rel error} of ref_model output `ours` against `ref_model` on `batch`."""
-    logits, loss, _ = torch_forward_backward(ref_model, *batch)
-    errs = {"logits": rel_err(ours["logits"], logits.detach().numpy().reshape(-1, V)),
-            "loss": abs(float(ours["loss"][0]) - loss.item()) / abs(loss.item())}
-    for pname, p in ref_model.params.items():
-        errs["grad." + pname] = rel_err(ours["grad." + pname], p.grad.numpy())
-    return errs
+def outputs(model, batch, V):
+    """{logits, loss, grad.<name>} of a torch reference model on `batch`, as numpy float64."""
+    logits, loss, _ = torch_forward_backward(model, *batch)
+    out = {"logits": logits.detach().numpy().reshape(-1, V), "loss": np.array([loss.item()])}
+    out.update({"grad." + n: p.grad.numpy() for n, p in model.params.items()})
+    return out
 
 
-def worst(errs):
-    k = max(errs, key=errs.get)
-    return errs[k], k
+def errors(ours, ref):
+    """{tensor: err} of outputs `ours` (ref_model's or a reference's) against `ref`."""
+    return {k: rel_err(np.asarray(ours[k]).reshape(np.shape(r)), r) for k, r in ref.items()}
+
+
+def over_bound(errs, kappa):
+    """The tensors whose error breaks the bound RHO * u * kappa_t (or FP32_TOL): {tensor: err / bound}."""
+    ratios = {k: e / max(RHO * U_BF16 * kappa[k], FP32_TOL) for k, e in errs.items()}
+    return {k: r for k, r in ratios.items() if r > 1.0}, max(ratios.values())
+
+
+def coretypes():
+    """[(label, env overrides)]: the default OpenBLAS kernel and each forced one the CPU can run."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    out = [("default kernel", {})]
+    for core, need in CORETYPES.items():
+        if all(n in flags for n in need):
+            out.append((f"OPENBLAS_CORETYPE={core}", {"OPENBLAS_CORETYPE": core}))
+        else:
+            print(f"  note: OPENBLAS_CORETYPE={core} not run: the CPU lacks {[n for n in need if n not in flags]}")
+    return out
+
+
+def run_ref_model(model_dir, batch_path, out_path, env_extra, *extra):
+    """tests/tools/ref_model under `env_extra`; returns (outputs, the OpenBLAS core it reported)."""
+    env = dict(ENV, OPENBLAS_VERBOSE="2", **env_extra)
+    r = subprocess.run([REF_MODEL, "--model", model_dir, "--batch", batch_path, "--out", out_path, *map(str, extra)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, f"ref_model failed: {r.stderr}"
+    m = re.search(r"Core: (\w+)", r.stdout + r.stderr)
+    return st_io.read(out_path), (m.group(1) if m else "?")
 
 
 def check_model(name, tmp, rng):
     config = CONFIGS[name]
     c = parse_config(config)
+    V = c["vocab"]
     model_dir = os.path.join(tmp, name)
     write_model(model_dir, config, random_weights(c, rng))
     batch = random_batch(c, SEQ[name], rng)
     batch_path = os.path.join(tmp, f"{name}.batch.safetensors")
     st_io.write(batch_path, dict(zip(("inputs", "targets", "weight"), batch)))
-    ours16 = run_ref_model(model_dir, batch_path, os.path.join(tmp, f"{name}.bf16.safetensors"), "--precision", "bf16")
-    ours32 = run_ref_model(model_dir, batch_path, os.path.join(tmp, f"{name}.fp32.safetensors"), "--precision", "fp32")
-    emul64 = bf16_emulation(model_dir, torch.float64)
-    e16 = compare(ours16, emul64, batch, c["vocab"])
-    e32 = compare(ours32, emul64, batch, c["vocab"])
-    # the same emulation in float32: an independent fp32 implementation of our arithmetic. Its distance
-    # to the float64 emulation is the spread that fp32 evaluation alone causes (bf16 rounding flips)
-    emul32 = bf16_emulation(model_dir, torch.float32)
-    logits32, _, _ = torch_forward_backward(emul32, *batch)
-    spread = {"logits": 0.0, "loss": 0.0}
-    spread.update({"grad." + n: rel_err(p.grad.numpy(), emul64.params[n].grad.numpy())
-                   for n, p in emul32.params.items()})
-    vs32 = max(rel_err(ours16["grad." + n], p.grad.numpy()) for n, p in emul32.params.items())
-    w16, k16 = worst(e16)
-    print(f"[{name}] {len(e16)} tensors; ours(bf16) vs float64 emulation: loss {e16['loss']:.1e}, logits "
-          f"{e16['logits']:.1e}, gradients worst {w16:.1e} ({k16}), median {np.median(list(e16.values())):.1e}; "
-          f"float32 emulation vs float64 emulation: worst {max(spread.values()):.1e}; "
-          f"ours vs float32 emulation: worst {vs32:.1e}")
-    # (a) forward: flips are rare there, agreement at the fp32 level
-    fwd = max(e16["logits"], e16["loss"])
-    check(f"{name} bf16 forward", fwd <= FP32_TOL, f"logits/loss max rel {fwd:.1e} <= {FP32_TOL:g}")
-    # (b) gradients: within the fp32 spread of an independent implementation, and an absolute cap
-    over = {k: e for k, e in e16.items() if k.startswith("grad.") and e > max(2 * spread[k], FP32_TOL)}
-    check(f"{name} bf16 gradients within the fp32 spread", not over and w16 <= BF16_TOL,
-          f"max rel {w16:.1e} <= {BF16_TOL:g}; tensors above 2x spread: {sorted(over)[:3]}")
-    # (c) the rounding happens in every product: each tensor is closer to the bf16 emulation from our bf16
-    # run than from our fp32 run
-    ratios = {k: e32[k] / max(e16[k], 1e-12) for k in e16}
-    kmin = min(ratios, key=ratios.get)
-    check(f"{name} bf16 path taken everywhere", ratios[kmin] >= SEPARATION,
-          f"min over tensors of err(fp32 run)/err(bf16 run) = {ratios[kmin]:.1f} ({kmin}: {e32[kmin]:.1e} vs "
-          f"{e16[kmin]:.1e}); fp32 run loss {e32['loss']:.1e} logits {e32['logits']:.1e} off the bf16 emulation")
-    # (d) the activations really are stored as bf16: the emulation that rounds only matmul operands
-    # (no bf16 storage) is clearly further from our bf16 run than the full emulation is
-    operands_only = RefModel.load(model_dir, torch.float64)
-    operands_only.linear_mm = BF16Matmul.apply
-    eo = compare(ours16, operands_only, batch, c["vocab"])
-    wo, ko = worst(eo)
-    check(f"{name} activations stored as bf16", wo >= 10 * w16,
-          f"ours vs matmul-operands-only emulation: worst {wo:.1e} ({ko}) >= 10x ours vs full emulation {w16:.1e}")
-    exact = RefModel.load(model_dir, torch.float64)
-    w32, k32 = worst(compare(ours32, exact, batch, c["vocab"]))
-    check(f"{name} fp32 unchanged", w32 <= FP32_TOL, f"ref_model --precision fp32 vs float64: max rel {w32:.1e} ({k32})")
+    ref = outputs(bf16_emulation(model_dir), batch, V)
+    exact = outputs(RefModel.load(model_dir, torch.float64), batch, V)
+    kappa = {k: e / U_BF16 for k, e in errors(exact, ref).items()}
+    kmin, kmax = min(kappa, key=kappa.get), max(kappa, key=kappa.get)
+    print(f"[{name}] {len(ref)} tensors; condition kappa_t = err_t(unrounded float64 model) / u: "
+          f"{kappa[kmin]:.2f} ({kmin}) .. {kappa[kmax]:.2f} ({kmax}); bound RHO u kappa_t: "
+          f"{RHO * U_BF16 * kappa[kmin]:.1e} .. {RHO * U_BF16 * kappa[kmax]:.1e}")
+    # (a) ours, under every BLAS kernel
+    for label, env in coretypes():
+        ours, core = run_ref_model(model_dir, batch_path, os.path.join(tmp, f"{name}.bf16.safetensors"), env,
+                                   "--precision", "bf16")
+        errs = errors(ours, ref)
+        over, worst = over_bound(errs, kappa)
+        wk = max(errs, key=lambda k: errs[k] / (U_BF16 * kappa[k]))
+        forced = env.get("OPENBLAS_CORETYPE")
+        check(f"{name} bf16 within RHO u kappa_t of the emulation, {label} (OpenBLAS core {core})",
+              not over and (forced is None or core == forced),
+              f"worst err/bound {worst:.3f} (err {errs[wk]:.1e} = {errs[wk] / (U_BF16 * kappa[wk]):.1e} u kappa "
+              f"at {wk}); logits {errs['logits']:.1e}, loss {errs['loss']:.1e}; over the bound: {sorted(over)[:3]}")
+    # (b) the criterion rejects broken bf16 paths
+    ours32, _ = run_ref_model(model_dir, batch_path, os.path.join(tmp, f"{name}.fp32.safetensors"), {},
+                              "--precision", "fp32")
+    over, _ = over_bound(errors(ours32, ref), kappa)
+    low = min((k for k in kappa if k not in over), key=kappa.get, default=None)
+    check(f"{name} rejects: --precision fp32 (no rounding) on every tensor", not low,
+          f"{len(over)} of {len(kappa)} tensors over the bound" + (f"; not {low}" if low else ""))
+    broken = {"operands truncated, not rounded to nearest even": dict(rnd=bf16_truncated),
+              "activations not stored as bf16": dict(storage=False),
+              "input-gradient products unrounded": dict(round_dx=False),
+              "weight-gradient products unrounded": dict(round_dw=False)}
+    for what, kw in broken.items():
+        over, worst = over_bound(errors(outputs(bf16_emulation(model_dir, **kw), batch, V), ref), kappa)
+        check(f"{name} rejects: {what}", bool(over),
+              f"{len(over)} of {len(kappa)} tensors over the bound, worst err/bound {worst:.1f}")
+    w32, k32 = max((e, k) for k, e in errors(ours32, exact).items())
+    check(f"{name} fp32 unchanged", w32 <= FP32_TOL,
+          f"ref_model --precision fp32 vs float64: max rel {w32:.1e} ({k32})")
 
 
 # ---------------- 2. bf16 training lowers the loss ----------------

@@ -10,8 +10,8 @@ micro_batch x grad_accum in several ways and run under ZeRO stages 0/1/2. Checke
     not by the code under test);
   * the same seed and world size reruns bit-identically (losses and final/model.safetensors bytes);
   * the tolerance is meaningful: a different global batch gives losses that differ by far more.
-The progressive-transition-vs-resume check needs `shardtune ckpt` (checkpoints) and is skipped until it
-exists. Mixture proportions over 10k samples are covered by tests/unit/test_loader.c (test_proportions).
+A progressive transition at step k equals resuming the later stage from a step-k checkpoint. Mixture
+proportions over 10k samples are covered by tests/unit/test_loader.c (test_proportions).
 """
 import math
 import os
@@ -183,10 +183,6 @@ def main():
 def progressive_transition_vs_resume(root, model, tasks):
     """A transition at step k equals a run that starts the later stage at k from the same state: run
     stages 0/3 for 6 steps with a checkpoint at step 3; resume from it and compare steps 4-6."""
-    r = dp.sh([dp.BIN, "ckpt"], check=False)
-    if "not built" in r.stderr or "unknown command" in r.stderr:
-        print("  SKIP progressive transition vs resume: `shardtune ckpt` (checkpoints) is not built yet")
-        return
     base = os.path.join(root, "transition")
     os.makedirs(base)
     extra = ('finetune: { mode: progressive, stages: [ {at_step: 0, train_layers: "-1"}, '

@@ -1,5 +1,11 @@
 """torch_model.py — independent PyTorch implementations of GPT-2 and the Llama family (llama, mistral,
-qwen2), written from Hugging Face semantics, used as the reference for shardtune's model math.
+qwen2, qwen3), written from Hugging Face semantics, used as the reference for shardtune's model math.
+
+RoPE: rope_inv_freq() re-derives transformers' modeling_rope_utils formulas (default, linear, dynamic, yarn,
+llama3, longrope) in numpy float64, rounded to fp32 once (transformers holds inv_freq in fp32); both
+config generations are read (rope_parameters, or rope_theta + rope_scaling). Qwen3 applies an RMSNorm over
+head_dim to every q and k head before RoPE. Sliding windows are not modelled (shardtune refuses sequences
+longer than the window, where windowed attention equals full causal attention).
 
 A RefModel is built from a model dir (config.json with HF keys + model.safetensors in HF layout, read
 with st_io) or from a config dict and {name: numpy array}. Parameters are leaf tensors with
@@ -34,15 +40,23 @@ def parse_config(cfg):
                     head_dim=C // H, d_ff=cfg.get("n_inner") or 4 * C, vocab=cfg["vocab_size"],
                     max_pos=cfg.get("n_positions") or cfg["n_ctx"], eps=cfg.get("layer_norm_epsilon", 1e-5),
                     tied=cfg.get("tie_word_embeddings", True), qkv_bias=True)
-    if mt in ("llama", "mistral", "qwen2"):
+    if mt in ("llama", "mistral", "qwen2", "qwen3"):
         C, H = cfg["hidden_size"], cfg["num_attention_heads"]
-        assert cfg.get("hidden_act", "silu") == "silu" and cfg.get("rope_scaling") is None
+        assert cfg.get("hidden_act", "silu") == "silu"
         assert not cfg.get("attention_bias", False) and not cfg.get("mlp_bias", False)
+        rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+        rope.setdefault("rope_type", rope.get("type", "default"))
+        rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        if rope["rope_type"] in ("llama3", "yarn", "longrope"):
+            if "original_max_position_embeddings" in cfg:
+                rope["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+            rope.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+        hd_default = 128 if mt == "qwen3" else C // H
         return dict(family="llama", model_type=mt, d_model=C, n_layer=cfg["num_hidden_layers"], n_head=H,
-                    n_kv_head=cfg.get("num_key_value_heads") or H, head_dim=cfg.get("head_dim") or C // H,
+                    n_kv_head=cfg.get("num_key_value_heads") or H, head_dim=cfg.get("head_dim") or hd_default,
                     d_ff=cfg["intermediate_size"], vocab=cfg["vocab_size"], max_pos=cfg["max_position_embeddings"],
-                    eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
-                    tied=cfg.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2")
+                    eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope["rope_theta"], rope=rope,
+                    tied=cfg.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3")
     raise ValueError(f"model_type {mt!r} is not implemented by the reference")
 
 
@@ -77,6 +91,9 @@ def param_shapes(c):
                 s[p + "self_attn.k_proj.bias"] = (KVD,)
                 s[p + "self_attn.v_proj.bias"] = (KVD,)
             s[p + "self_attn.o_proj.weight"] = (C, QD)
+            if c.get("qk_norm"):
+                s[p + "self_attn.q_norm.weight"] = (c["head_dim"],)
+                s[p + "self_attn.k_norm.weight"] = (c["head_dim"],)
             s[p + "post_attention_layernorm.weight"] = (C,)
             s[p + "mlp.gate_proj.weight"] = (F_, C)
             s[p + "mlp.up_proj.weight"] = (F_, C)
@@ -111,14 +128,73 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_cos_sin(T, hd, theta, dtype):
-    """LlamaRotaryEmbedding: inv_freq is defined in fp32 (as HF computes it); the angles and their
-    cos/sin are then evaluated in `dtype` (for float64, a more precise rendering of the same function)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+def rope_inv_freq(c, T):
+    """(inv_freq [hd/2] as fp32 numpy, attention_scaling) of parsed config c for a batch of length T, from
+    transformers' modeling_rope_utils formulas evaluated in float64 and rounded to fp32 once."""
+    r, hd, theta = c["rope"], c["head_dim"], float(c["rope_theta"])
+    t = r["rope_type"]
+    i = np.arange(0, hd, 2, dtype=np.float64)
+    base_inv = 1.0 / theta ** (i / hd)
+    att = 1.0
+    if t == "default":
+        inv = base_inv
+    elif t == "linear":
+        inv = base_inv / r["factor"]
+    elif t == "dynamic":  # NTK base for seq_len = max(T, max_position_embeddings)
+        L = max(T, c["max_pos"])
+        b = theta * ((r["factor"] * L / c["max_pos"]) - (r["factor"] - 1)) ** (hd / (hd - 2))
+        inv = 1.0 / b ** (i / hd)
+    elif t == "yarn":
+        omax = r["original_max_position_embeddings"]
+        factor = r.get("factor") or c["max_pos"] / omax
+        mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
+        att = r.get("attention_factor")
+        if att is None:
+            if r.get("mscale") and r.get("mscale_all_dim"):
+                att = mscale(factor, r["mscale"]) / mscale(factor, r["mscale_all_dim"])
+            else:
+                att = mscale(factor)
+        bf, bs = r.get("beta_fast") or 32, r.get("beta_slow") or 1
+        cdim = lambda n: hd * math.log(omax / (n * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+        lo, hi = cdim(bf), cdim(bs)
+        if r.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, hd - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(hd // 2, dtype=np.float64) - lo) / (hi - lo), 0, 1)
+        pos_freqs = theta ** (i / hd)
+        extra = 1 - ramp
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
+    elif t == "llama3":
+        omax, f = r["original_max_position_embeddings"], r["factor"]
+        lo_wl, hi_wl = omax / r["low_freq_factor"], omax / r["high_freq_factor"]
+        wl = 2 * math.pi / base_inv
+        smooth = (omax / wl - r["low_freq_factor"]) / (r["high_freq_factor"] - r["low_freq_factor"])
+        inv = np.where(wl > lo_wl, base_inv / f,
+                       np.where(wl < hi_wl, base_inv, (1 - smooth) * base_inv / f + smooth * base_inv))
+    elif t == "longrope":
+        omax = r["original_max_position_embeddings"]
+        factor = r.get("factor") or c["max_pos"] / omax
+        att = r.get("attention_factor")
+        if att is None:
+            att = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(omax))
+        ext = np.asarray(r["long_factor"] if T > omax else r["short_factor"], np.float32).astype(np.float64)
+        inv = 1.0 / (ext * theta ** (i / hd))
+    else:
+        raise ValueError(f"rope_type {t!r} is not implemented by the reference")
+    return inv.astype(np.float32), float(np.float32(att))
+
+
+def rope_cos_sin(T, hd, inv_freq, att, dtype):
+    """LlamaRotaryEmbedding: inv_freq is held in fp32 (as HF holds it); the angles and their cos/sin are
+    evaluated in `dtype` (for float64, a more precise rendering of the same function), times the attention
+    scaling (yarn, longrope)."""
+    inv_freq = torch.from_numpy(np.asarray(inv_freq, np.float32))
     pos = torch.arange(T, dtype=dtype)
     freqs = pos[:, None] * inv_freq.to(dtype)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * att, emb.sin() * att
 
 
 def causal_attention(q, k, v):
@@ -211,7 +287,8 @@ class RefModel:
         P, c = self.params, self.c
         B, T = ids.shape
         H, KVH, hd, eps = c["n_head"], c["n_kv_head"], c["head_dim"], c["eps"]
-        cos, sin = rope_cos_sin(T, hd, c["rope_theta"], self.dtype)
+        inv_freq, att = rope_inv_freq(c, T)
+        cos, sin = rope_cos_sin(T, hd, inv_freq, att, self.dtype)
 
         def lin(x, name, bias=False):
             y = self.linear_mm(x, P[name + ".weight"].t())
@@ -224,6 +301,9 @@ class RefModel:
             q = lin(a, p + "self_attn.q_proj", c["qkv_bias"]).view(B, T, H, hd).transpose(1, 2)
             k = lin(a, p + "self_attn.k_proj", c["qkv_bias"]).view(B, T, KVH, hd).transpose(1, 2)
             v = lin(a, p + "self_attn.v_proj", c["qkv_bias"]).view(B, T, KVH, hd).transpose(1, 2)
+            if c.get("qk_norm"):  # Qwen3: RMSNorm over head_dim of every q and k head, before RoPE
+                q = rms_norm(q, P[p + "self_attn.q_norm.weight"], eps)
+                k = rms_norm(k, P[p + "self_attn.k_norm.weight"], eps)
             q = self.saved(q * cos + rotate_half(q) * sin)
             k = self.saved(k * cos + rotate_half(k) * sin)
             v = self.saved(v)

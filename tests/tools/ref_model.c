@@ -11,7 +11,9 @@
  * "grad.<name>" (HF layout) of the first step, and with --steps K the weights after each AdamW step,
  * "step<k>.<name>", the unclipped gradients that step k used, "grad<k>.<name>" (k >= 2; step 1 used
  * "grad."), and "lr<k>" [1]. Every step reuses the same batch. No-decay set: norms, biases,
- * embeddings. --precision bf16 runs every matmul with bf16-rounded operands (kernels.h matmul_bf16). */
+ * embeddings. --precision bf16 runs every matmul with bf16-rounded operands (kernels.h matmul_bf16).
+ * --teacher DIR [--temperature T] [--alpha A]: the loss is knowledge distillation from that model
+ * (worker/distill.h); OUT also gets "kd" and "ce" [1] (sums of weight * kd, weight * ce). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <math.h>
@@ -20,6 +22,7 @@
 #include "checkpoints/model_io.h"
 #include "checkpoints/safetensors.h"
 #include "common/error.h"
+#include "worker/distill.h"
 #include "worker/model.h"
 #include "worker/optim.h"
 
@@ -92,6 +95,8 @@ static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, i
 
 int main(int argc, char **argv) {
     const char *model_dir = NULL, *batch = NULL, *out = NULL, *sched = "constant", *precision = "fp32";
+    const char *teacher_dir = NULL;
+    float kd_t = 2.0f, kd_alpha = 0.5f;
     int steps = 0;
     st_optim_config oc = {1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, ST_SCHED_CONSTANT, 0, 0, 0.0f, 1.0f};
     float clip = 0;
@@ -112,6 +117,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--total")) oc.total_steps = atoi(v);
         else if (!strcmp(a, "--min-lr-ratio")) oc.min_lr_ratio = (float)atof(v);
         else if (!strcmp(a, "--precision")) precision = v;
+        else if (!strcmp(a, "--teacher")) teacher_dir = v;
+        else if (!strcmp(a, "--temperature")) kd_t = (float)atof(v);
+        else if (!strcmp(a, "--alpha")) kd_alpha = (float)atof(v);
         else { fprintf(stderr, "ref_model: unknown flag %s\n", a); return 2; }
     }
     if (!model_dir || !batch || !out) { fprintf(stderr, "usage: ref_model --model DIR --batch F --out F [...]\n"); return 2; }
@@ -130,7 +138,13 @@ int main(int argc, char **argv) {
     if (!rc && strcmp(precision, "fp32") && strcmp(precision, "bf16"))
         rc = st_fail(ST_EINVAL, "--precision %s: expected fp32 or bf16", precision);
     if (!rc) rc = st_model_set_precision(&m, strcmp(precision, "bf16") ? ST_PRECISION_FP32 : ST_PRECISION_BF16);
+    st_model teacher;
+    st_distill kd = {0};
+    if (!rc && teacher_dir && !(rc = st_model_load_dir(teacher_dir, be, &teacher))) {
+        if (!(rc = st_model_alloc_activations(&teacher, B, T))) rc = st_distill_init(&kd, &teacher, &m, kd_t, kd_alpha);
+    }
     if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
+    if (teacher_dir) st_distill_attach(&kd, &m, in);
     size_t N = (size_t)B * T;
     outlist o = {0};
     float *logits = malloc(N * (size_t)m.cfg.vocab * sizeof(float));
@@ -145,6 +159,13 @@ int main(int argc, char **argv) {
     add(&o, dupname("", "logits"), logits, 2, (int64_t)N, m.cfg.vocab);
     add(&o, dupname("", "loss"), loss, 1, 1, 0);
     add(&o, dupname("", "loss_per_pos"), lpp, 1, (int64_t)N, 0);
+    if (teacher_dir) {
+        float *kdv = malloc(sizeof(float)), *cev = malloc(sizeof(float));
+        *kdv = (float)kd.kd_sum;
+        *cev = (float)kd.ce_sum;
+        add(&o, dupname("", "kd"), kdv, 1, 1, 0);
+        add(&o, dupname("", "ce"), cev, 1, 1, 0);
+    }
     add_params(&o, &m, m.grads, "grad.", 1);
     st_optim opt;
     rc = st_optim_init(&opt, &oc, 0, m.grad_alloc, &m, be);

@@ -135,7 +135,9 @@ static void test_llama_family(void **state) {
     assert_string_equal(c.model_type, "mistral");
     assert_int_equal(c.n_kv_head, 8);
     assert_int_equal(c.head_dim, 128);
-    assert_int_equal(c.max_seq, 4096); /* capped at the sliding window */
+    assert_int_equal(c.max_seq, 32768);
+    assert_int_equal(c.sliding_window, 4096); /* kept: seq_len beyond it is refused by the model */
+    assert_string_equal(c.dtype, "bfloat16");
     assert_int_equal(c.qkv_bias, 0);
 
     /* defaults: kv heads = heads, rope_theta 10000, untied, rms eps 1e-6; eos may be a list (Llama 3) */
@@ -182,8 +184,6 @@ static void test_errors_llama(void **state) {
              "\"max_position_embeddings\":256,\"vocab_size\":500,\"num_attention_heads\":32}",
              "head_dim = 3 must be even for RoPE");
     read_err("{" LLAMA_BASE ",\"num_attention_heads\":5}", "key 'num_attention_heads' = 5 does not divide hidden_size = 64");
-    read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_scaling\":{\"type\":\"linear\",\"factor\":2.0}}",
-             "key 'rope_scaling' is set: RoPE scaling is not supported");
     read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"attention_bias\":true}", "key 'attention_bias' = true is not supported");
     read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"hidden_act\":\"gelu\"}", "hidden_act 'gelu' is not supported");
     read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_theta\":0}", "key 'rope_theta' must be a positive number");
@@ -191,9 +191,6 @@ static void test_errors_llama(void **state) {
     read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"tie_word_embeddings\":1}", "key 'tie_word_embeddings' must be true or false");
     read_err("{\"model_type\":\"llama\",\"hidden_size\":64,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
              "\"max_position_embeddings\":256,\"vocab_size\":500}", "missing key 'intermediate_size'");
-    read_err("{\"model_type\":\"qwen2\",\"hidden_size\":64,\"intermediate_size\":160,\"num_hidden_layers\":2,"
-             "\"max_position_embeddings\":256,\"vocab_size\":500,\"num_attention_heads\":4,\"use_sliding_window\":true}",
-             "use_sliding_window");
     read_err("{\"model_type\":\"bert\",\"hidden_size\":64}", "model_type 'bert' is not supported");
     read_err("{\"hidden_size\":64}", "missing key 'model_type'");
     read_err("{\"model_type\": \"llama\",", "invalid JSON");
@@ -201,6 +198,104 @@ static void test_errors_llama(void **state) {
     st_model_config c;
     assert_int_equal(st_model_config_read("/nonexistent/dir", &c), ST_EIO);
     assert_non_null(strstr(st_error(), "/nonexistent/dir/config.json"));
+}
+
+/* Both generations of RoPE settings, Qwen3, sliding windows, and the refusals naming the key. */
+static void test_rope_qwen3_sliding(void **state) {
+    (void)state;
+    /* transformers 5: rope_parameters carries theta and type (the issue: theta was ignored) */
+    st_model_config c = read_ok("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":"
+                                "{\"rope_theta\":500000.0,\"rope_type\":\"default\"},\"dtype\":\"bfloat16\"}");
+    assert_true(c.rope_theta == 500000.0f);
+    assert_int_equal(c.rope.type, ST_ROPE_DEFAULT);
+    assert_int_equal(c.rope.format, ST_ROPE_FMT_PARAMETERS);
+    assert_int_equal(c.dtype_key, 1);
+    c = read_ok("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_theta\":500000.0,"
+                "\"rope_type\":\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,"
+                "\"original_max_position_embeddings\":64}}");
+    assert_int_equal(c.rope.type, ST_ROPE_LLAMA3);
+    assert_true(c.rope.factor == 8.0 && c.rope.low_freq_factor == 1.0 && c.rope.high_freq_factor == 4.0);
+    assert_int_equal(c.rope.original_max, 64);
+    /* 4.x: top-level theta, rope_scaling with the old "type" key; original max defaults to max positions */
+    c = read_ok("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_theta\":1e6,\"rope_scaling\":"
+                "{\"type\":\"yarn\",\"factor\":4.0,\"beta_fast\":16}}");
+    assert_int_equal(c.rope.type, ST_ROPE_YARN);
+    assert_int_equal(c.rope.format, ST_ROPE_FMT_LEGACY);
+    assert_true(c.rope_theta == 1e6f && c.rope.factor == 4.0 && c.rope.beta_fast == 16.0);
+    assert_int_equal(c.rope.original_max, 256);
+    c = read_ok("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"longrope\","
+                "\"short_factor\":[1,1,1,1,1,1,1,1],\"long_factor\":[1,2,3,4,5,6,7,8]},"
+                "\"original_max_position_embeddings\":128}");
+    assert_int_equal(c.rope.type, ST_ROPE_LONGROPE);
+    assert_int_equal(c.rope.n_factors, 8);
+    assert_int_equal(c.rope.original_max, 128);
+    assert_int_equal(c.rope.original_max_top, 1);
+    assert_true(c.rope.long_factor[7] == 8.0f);
+    /* refusals, each naming what is wrong */
+    read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_type\":\"su\"}}",
+             "rope_type 'su' is not supported");
+    read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_type\":\"linear\"}}",
+             "rope_parameters needs 'factor'");
+    read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_type\":\"linear\",\"factor\":2,"
+             "\"low_freq_factor\":1}}", "key 'low_freq_factor' is not supported for rope_type 'linear'");
+    read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_type\":\"default\"},"
+             "\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":2}}", "both 'rope_parameters' and 'rope_scaling'");
+    read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_type\":\"default\","
+             "\"partial_rotary_factor\":0.5}}", "'partial_rotary_factor' is not supported");
+    read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"longrope\","
+             "\"short_factor\":[1,1],\"long_factor\":[1,1]}}", "head_dim/2 is 8");
+    read_err("{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_type\":\"llama3\",\"factor\":8,"
+             "\"low_freq_factor\":4,\"high_freq_factor\":1}}", "low_freq_factor < high_freq_factor");
+    /* Qwen3: per-head q/k norms, head_dim defaults to 128 (Qwen3Config), attention_bias refused */
+    c = read_ok("{\"model_type\":\"qwen3\",\"hidden_size\":64,\"intermediate_size\":96,\"num_hidden_layers\":2,"
+                "\"num_attention_heads\":4,\"num_key_value_heads\":2,\"max_position_embeddings\":256,"
+                "\"vocab_size\":500,\"layer_types\":[\"full_attention\",\"full_attention\"],\"sliding_window\":null,"
+                "\"use_sliding_window\":false,\"pad_token_id\":7}");
+    assert_int_equal(c.qk_norm, 1);
+    assert_int_equal(c.qkv_bias, 0);
+    assert_int_equal(c.head_dim, 128);
+    assert_int_equal(c.sliding_window, 0);
+    assert_int_equal(c.has_pad, 1);
+    assert_int_equal(c.pad_id, 7);
+    read_err("{\"model_type\":\"qwen3\",\"hidden_size\":64,\"intermediate_size\":96,\"num_hidden_layers\":2,"
+             "\"num_attention_heads\":4,\"max_position_embeddings\":256,\"vocab_size\":500,\"attention_bias\":true}",
+             "key 'attention_bias' = true is not supported");
+    /* Qwen2 windows: only layers >= max_window_layers slide; layer_types overrides the rule */
+    c = read_ok("{\"model_type\":\"qwen2\",\"hidden_size\":64,\"intermediate_size\":160,\"num_hidden_layers\":2,"
+                "\"max_position_embeddings\":256,\"vocab_size\":500,\"num_attention_heads\":4,\"num_key_value_heads\":4,"
+                "\"use_sliding_window\":true,\"sliding_window\":64}");
+    assert_int_equal(c.sliding_window, 0); /* max_window_layers defaults to 28 >= 2 layers */
+    c = read_ok("{\"model_type\":\"qwen2\",\"hidden_size\":64,\"intermediate_size\":160,\"num_hidden_layers\":2,"
+                "\"max_position_embeddings\":256,\"vocab_size\":500,\"num_attention_heads\":4,\"num_key_value_heads\":4,"
+                "\"use_sliding_window\":true,\"sliding_window\":64,\"max_window_layers\":1}");
+    assert_int_equal(c.sliding_window, 64);
+    read_err("{\"model_type\":\"qwen2\",\"hidden_size\":64,\"intermediate_size\":160,\"num_hidden_layers\":2,"
+             "\"max_position_embeddings\":256,\"vocab_size\":500,\"num_attention_heads\":4,\"num_key_value_heads\":4,\"use_sliding_window\":true,"
+             "\"sliding_window\":64,\"layer_types\":[\"full_attention\",\"chunked_attention\"]}",
+             "layer_types entry 1 is not");
+}
+
+/* Writing keeps the generation of the RoPE keys and every parameter (read back equal). */
+static void test_rope_roundtrip(void **state) {
+    (void)state;
+    const char *srcs[] = {
+        "{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_theta\":500000.0,\"rope_type\":"
+        "\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":64}}",
+        "{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_theta\":1e6,\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0,"
+        "\"beta_fast\":16,\"attention_factor\":1.25,\"truncate\":false}}",
+        "{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"longrope\","
+        "\"short_factor\":[1,1,1,1,1,1,1,1.5],\"long_factor\":[1,2,3,4,5,6,7,8]},\"original_max_position_embeddings\":128}",
+        "{" LLAMA_BASE ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_type\":\"dynamic\",\"factor\":2.0}}",
+    };
+    char out[512];
+    snprintf(out, sizeof out, "%s/rope_rt", st_test_dir);
+    for (int i = 0; i < 4; i++) {
+        st_model_config a = read_ok(srcs[i]), b;
+        assert_int_equal(st_model_config_write(out, &a), 0);
+        assert_int_equal(st_model_config_read(out, &b), 0);
+        assert_true(a.rope_theta == b.rope_theta);
+        assert_int_equal(memcmp(&a.rope, &b.rope, sizeof a.rope), 0);
+    }
 }
 
 static void assert_same_config(const st_model_config *a, const st_model_config *b) {
@@ -247,7 +342,7 @@ static void test_roundtrip(void **state) {
         const st_json *ar = st_json_get(j, "architectures");
         assert_non_null(ar);
         assert_string_equal(ar->items[0]->string, archs[i]);
-        assert_string_equal(st_json_get_string(j, "torch_dtype", ""), "float32");
+        assert_string_equal(st_json_get_string(j, "torch_dtype", ""), i == 0 ? "float32" : "bfloat16");
         st_json_free(j);
     }
     /* invalid configs are refused before anything is written */
@@ -264,6 +359,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gpt2),         cmocka_unit_test(test_llama_family), cmocka_unit_test(test_errors),
         cmocka_unit_test(test_errors_llama), cmocka_unit_test(test_roundtrip),
+        cmocka_unit_test(test_rope_qwen3_sliding), cmocka_unit_test(test_rope_roundtrip),
     };
     return cmocka_run_group_tests(tests, st_test_dir_setup, st_test_dir_teardown);
 }

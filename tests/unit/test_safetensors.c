@@ -406,13 +406,68 @@ static void test_writer_errors(void **state) {
     assert_int_equal(stat(st_test_path("werr.safetensors.partial"), &stt), -1);
 }
 
+/* Writing as BF16 / F16: each stored value is the nearest representable one (ties to even), across
+ * normals, subnormals, zeros, infinities and overflow; the header names the dtype. */
+static void test_write_half(void **state) {
+    (void)state;
+    enum { N = 4096 };
+    static float x[N];
+    uint64_t r = 12345;
+    for (int i = 0; i < N; i++) {
+        r = r * 6364136223846793005ULL + 1442695040888963407ULL;
+        uint32_t u = (uint32_t)(r >> 32);
+        float f;
+        memcpy(&f, &u, sizeof f);
+        if (!(f == f)) f = 1.0f; /* NaN payloads are not compared */
+        x[i] = i % 4 == 0 ? f : ldexpf((float)((int)(u % 20001) - 10000) / 7.0f, (int)(u % 48) - 30);
+    }
+    x[0] = 0.0f; x[1] = -0.0f; x[2] = 65504.0f; x[3] = 65520.0f; x[4] = 1e-8f; x[5] = 2.9802322e-08f;
+    x[6] = 1.0f + 1.0f / 2048.0f; /* a tie: rounds to even (1.0) */
+    const int dtypes[2] = {ST_DTYPE_BF16, ST_DTYPE_F16};
+    for (int k = 0; k < 2; k++) {
+        char path[512];
+        snprintf(path, sizeof path, "%s/half%d.safetensors", st_test_dir, k);
+        st_st_write_item it = {"x", x, 1, {N}};
+        assert_int_equal(st_safetensors_write_as(path, 1, &it, NULL, dtypes[k]), 0);
+        st_safetensors *s = NULL;
+        assert_int_equal(st_safetensors_open(path, &s), 0);
+        const st_st_tensor *t = st_safetensors_find(s, "x");
+        assert_non_null(t);
+        assert_int_equal(t->dtype, dtypes[k]);
+        static uint16_t h[N];
+        assert_int_equal(st_safetensors_read_raw(s, t, h, sizeof h), 0);
+        for (int i = 0; i < N; i++) {
+            float (*wide)(uint16_t) = k ? st_f16_to_f32 : st_bf16_to_f32;
+            double got = wide(h[i]), want = x[i];
+            /* neighbours toward +/- (same sign magnitude steps) are not closer */
+            uint16_t mag = h[i] & 0x7fff, sign = h[i] & 0x8000;
+            uint16_t inf = k ? 0x7c00 : 0x7f80;
+            if (mag == inf) { /* overflow: past the largest finite value by at least half an ulp */
+                assert_true(fabs(want) >= fabs((double)wide((uint16_t)(inf - 1))));
+                continue;
+            }
+            double e = fabs(got - want);
+            if (mag > 0) assert_true(e <= fabs((double)wide((uint16_t)(sign | (mag - 1))) - want));
+            assert_true(e <= fabs((double)wide((uint16_t)(sign | (mag + 1))) - want));
+            if (e == fabs((double)wide((uint16_t)(sign | (mag + 1))) - want) && e > 0) assert_int_equal(mag & 1, 0);
+        }
+        assert_true(st_f16_to_f32(0x3c00) == 1.0f);
+        if (k == 1) assert_int_equal(h[6], 0x3c00); /* tie to even */
+        st_safetensors_close(s);
+    }
+    st_st_write_item it = {"x", x, 1, {N}};
+    char path[512];
+    snprintf(path, sizeof path, "%s/bad.safetensors", st_test_dir);
+    assert_int_equal(st_safetensors_write_as(path, 1, &it, NULL, ST_DTYPE_I8), ST_EINVAL);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip),     cmocka_unit_test(test_sharded),
         cmocka_unit_test(test_f16_exhaustive), cmocka_unit_test(test_upcast_file),
         cmocka_unit_test(test_truncated),     cmocka_unit_test(test_header_length),
         cmocka_unit_test(test_bad_entries),   cmocka_unit_test(test_bad_index),
-        cmocka_unit_test(test_writer_errors),
+        cmocka_unit_test(test_writer_errors), cmocka_unit_test(test_write_half),
     };
     return cmocka_run_group_tests(tests, st_test_dir_setup, st_test_dir_teardown);
 }

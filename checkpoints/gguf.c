@@ -1,0 +1,297 @@
+/* gguf.c — GGUF v3 writer for GPT-2 / Llama-family models (see gguf.h and docs/compress.md).
+ *
+ * File layout (little-endian): "GGUF", version 3, tensor count, metadata count, the metadata key/value
+ * pairs, the tensor infos (name, dims with the row length first, ggml type, offset into the data
+ * section), zero padding to general.alignment (32), then each tensor's bytes, each padded to 32. */
+#include "checkpoints/gguf.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "checkpoints/gguf_internal.h"
+#include "common/error.h"
+
+#define GGUF_ALIGN 32
+#define GGUF_VERSION 3
+
+/* ---------------- metadata builder ---------------- */
+
+void st_gguf_put_u32(st_strbuf *b, uint32_t v) { st_strbuf_append(b, (const char *)&v, 4); }
+void st_gguf_put_u64(st_strbuf *b, uint64_t v) { st_strbuf_append(b, (const char *)&v, 8); }
+void st_gguf_put_str(st_strbuf *b, const char *s, size_t len) {
+    st_gguf_put_u64(b, len);
+    st_strbuf_append(b, s, len);
+}
+
+static void kv_key(st_gguf_kv *kv, const char *key, uint32_t type) {
+    st_gguf_put_str(&kv->b, key, strlen(key));
+    st_gguf_put_u32(&kv->b, type);
+    kv->n++;
+}
+void st_gguf_kv_str(st_gguf_kv *kv, const char *key, const char *val) {
+    kv_key(kv, key, GGUF_STR);
+    st_gguf_put_str(&kv->b, val, strlen(val));
+}
+void st_gguf_kv_u32(st_gguf_kv *kv, const char *key, uint32_t val) {
+    kv_key(kv, key, GGUF_U32);
+    st_gguf_put_u32(&kv->b, val);
+}
+void st_gguf_kv_f32(st_gguf_kv *kv, const char *key, float val) {
+    kv_key(kv, key, GGUF_F32);
+    st_strbuf_append(&kv->b, (const char *)&val, 4);
+}
+void st_gguf_kv_bool(st_gguf_kv *kv, const char *key, int val) {
+    kv_key(kv, key, GGUF_BOOL);
+    char c = val ? 1 : 0;
+    st_strbuf_append(&kv->b, &c, 1);
+}
+void st_gguf_kv_array(st_gguf_kv *kv, const char *key, uint32_t type, uint64_t count) {
+    kv_key(kv, key, GGUF_ARR);
+    st_gguf_put_u32(&kv->b, type);
+    st_gguf_put_u64(&kv->b, count);
+}
+
+/* ---------------- tensors ---------------- */
+
+typedef struct {
+    char name[64];
+    int ndim;
+    int64_t ne[2];        /* ne[0] = row length (the fastest dimension), ne[1] = rows */
+    st_ggml_type type;
+    const float *src;     /* internal layout [rows, ne0] */
+    int permute_heads;    /* > 0: llama.cpp's Q/K row permutation with this many heads */
+    uint64_t offset;      /* into the data section */
+} gtensor;
+
+static const char *arch_of(const st_model_config *c) {
+    if (c->family == ST_FAMILY_GPT2) return "gpt2";
+    return strcmp(c->model_type, "qwen2") == 0 ? "qwen2" : "llama"; /* mistral runs as llama */
+}
+
+/* HF in-layer suffix -> llama.cpp name (without "blk.N."). */
+static const char *const k_layer_map[][2] = {
+    {"self_attn.q_proj", "attn_q"}, {"self_attn.k_proj", "attn_k"}, {"self_attn.v_proj", "attn_v"},
+    {"self_attn.o_proj", "attn_output"}, {"mlp.gate_proj", "ffn_gate"}, {"mlp.up_proj", "ffn_up"},
+    {"mlp.down_proj", "ffn_down"}, {"input_layernorm", "attn_norm"}, {"post_attention_layernorm", "ffn_norm"},
+    {"ln_1", "attn_norm"}, {"attn.c_attn", "attn_qkv"}, {"attn.c_proj", "attn_output"}, {"ln_2", "ffn_norm"},
+    {"mlp.c_fc", "ffn_up"}, {"mlp.c_proj", "ffn_down"},
+};
+static const char *const k_top_map[][2] = {
+    {"model.embed_tokens", "token_embd"}, {"wte", "token_embd"}, {"wpe", "position_embd"},
+    {"model.norm", "output_norm"}, {"ln_f", "output_norm"}, {"lm_head", "output"},
+};
+
+/* llama.cpp's name for HF parameter `hf` ("model.layers.3.self_attn.q_proj.weight" -> "blk.3.attn_q.weight"). */
+static int gguf_name(const char *hf, char *out, size_t size) {
+    const char *dot = strrchr(hf, '.'); /* ".weight" / ".bias" */
+    if (!dot) return st_fail(ST_EINVAL, "gguf: cannot map tensor '%s'", hf);
+    size_t stem = (size_t)(dot - hf);
+    int layer = -1, used = 0;
+    if (sscanf(hf, "model.layers.%d.%n", &layer, &used) == 1 || sscanf(hf, "h.%d.%n", &layer, &used) == 1) {
+        for (size_t i = 0; i < sizeof k_layer_map / sizeof k_layer_map[0]; i++) {
+            size_t k = strlen(k_layer_map[i][0]);
+            if (stem - (size_t)used == k && strncmp(hf + used, k_layer_map[i][0], k) == 0) {
+                snprintf(out, size, "blk.%d.%s%s", layer, k_layer_map[i][1], dot);
+                return 0;
+            }
+        }
+    } else {
+        for (size_t i = 0; i < sizeof k_top_map / sizeof k_top_map[0]; i++) {
+            size_t k = strlen(k_top_map[i][0]);
+            if (stem == k && strncmp(hf, k_top_map[i][0], k) == 0) {
+                snprintf(out, size, "%s%s", k_top_map[i][1], dot);
+                return 0;
+            }
+        }
+    }
+    return st_fail(ST_EINVAL, "gguf: no llama.cpp name for tensor '%s'", hf);
+}
+
+static int is_suffix(const char *s, const char *suf) {
+    size_t a = strlen(s), b = strlen(suf);
+    return a >= b && strcmp(s + a - b, suf) == 0;
+}
+
+/* The ggml type a tensor is stored in: 1-D tensors (norms, biases) stay f32 like llama.cpp's converter;
+ * rows that do not fill whole 32-element blocks fall back to f16, as the converter does on QuantError. */
+static st_ggml_type pick_type(const gtensor *t, st_ggml_type quant, int *fallback) {
+    if (t->ndim == 1) return ST_GGML_F32;
+    if ((quant == ST_GGML_Q8_0 || quant == ST_GGML_Q4_0) && t->ne[0] % 32 != 0) {
+        (*fallback)++;
+        return ST_GGML_F16;
+    }
+    return quant;
+}
+
+static int build_tensors(const st_model *m, const float *w, st_ggml_type quant, gtensor *ts, int *n, int *fallback) {
+    const st_model_config *c = &m->cfg;
+    int llama_arch = c->family == ST_FAMILY_LLAMA && strcmp(arch_of(c), "llama") == 0;
+    int k = 0, rc;
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        gtensor *t = &ts[k++];
+        memset(t, 0, sizeof *t);
+        if ((rc = gguf_name(p->name, t->name, sizeof t->name))) return rc;
+        t->ndim = p->ndim;
+        t->ne[0] = p->ndim == 2 ? p->shape[1] : p->shape[0]; /* internal [out, in]: rows of `in` */
+        t->ne[1] = p->ndim == 2 ? p->shape[0] : 1;
+        t->src = w + p->offset;
+        /* llama.cpp's convert_hf_to_gguf permutes q/k rows of `llama` models (rotate-half -> interleaved
+         * RoPE pairs); qwen2 runs NEOX-style RoPE on the HF layout as is. */
+        if (llama_arch && is_suffix(p->name, "q_proj.weight")) t->permute_heads = c->n_head;
+        if (llama_arch && is_suffix(p->name, "k_proj.weight")) t->permute_heads = c->n_kv_head;
+        t->type = pick_type(t, quant, fallback);
+        /* GPT-2's head is always stored (the converter writes output.weight as a copy of wte) */
+        if (c->family == ST_FAMILY_GPT2 && c->tied_embeddings && i == 0) {
+            gtensor *o = &ts[k++];
+            *o = *t;
+            snprintf(o->name, sizeof o->name, "output.weight");
+            if (o->type != quant) (*fallback)++;
+        }
+    }
+    *n = k;
+    return 0;
+}
+
+/* Rows of head h, [2, hd/2] -> [hd/2, 2]: new row 2*i+j = old row j*hd/2+i (LlamaModel.permute). */
+static void permute_rows(const float *src, float *dst, int64_t rows, int64_t cols, int heads) {
+    int64_t hd = rows / heads, half = hd / 2;
+    for (int h = 0; h < heads; h++)
+        for (int64_t i = 0; i < half; i++)
+            for (int j = 0; j < 2; j++)
+                memcpy(dst + (h * hd + 2 * i + j) * cols, src + (h * hd + j * half + i) * cols, (size_t)cols * 4);
+}
+
+static uint64_t align_up(uint64_t x) { return (x + GGUF_ALIGN - 1) / GGUF_ALIGN * GGUF_ALIGN; }
+
+static uint32_t file_type(st_ggml_type q) {
+    switch (q) { /* llama.cpp's enum llama_ftype */
+    case ST_GGML_F32: return 0;
+    case ST_GGML_F16: return 1;
+    case ST_GGML_Q4_0: return 2;
+    case ST_GGML_Q8_0: return 7;
+    case ST_GGML_BF16: return 32;
+    }
+    return 0;
+}
+
+static void model_metadata(st_gguf_kv *kv, const st_model_config *c, st_ggml_type quant, const st_gguf_options *opt) {
+    const char *arch = arch_of(c);
+    char key[96];
+#define K(suffix) (snprintf(key, sizeof key, "%s." suffix, arch), key)
+    st_gguf_kv_str(kv, "general.architecture", arch);
+    if (opt && opt->name) st_gguf_kv_str(kv, "general.name", opt->name);
+    st_gguf_kv_u32(kv, "general.alignment", GGUF_ALIGN);
+    st_gguf_kv_u32(kv, "general.file_type", file_type(quant));
+    st_gguf_kv_u32(kv, "general.quantization_version", 2);
+    st_gguf_kv_u32(kv, K("vocab_size"), (uint32_t)c->vocab);
+    st_gguf_kv_u32(kv, K("context_length"), (uint32_t)c->max_seq);
+    st_gguf_kv_u32(kv, K("embedding_length"), (uint32_t)c->d_model);
+    st_gguf_kv_u32(kv, K("block_count"), (uint32_t)c->n_layer);
+    st_gguf_kv_u32(kv, K("feed_forward_length"), (uint32_t)c->d_ff);
+    st_gguf_kv_u32(kv, K("attention.head_count"), (uint32_t)c->n_head);
+    if (c->family == ST_FAMILY_GPT2) {
+        st_gguf_kv_f32(kv, K("attention.layer_norm_epsilon"), c->norm_eps);
+    } else {
+        st_gguf_kv_u32(kv, K("attention.head_count_kv"), (uint32_t)c->n_kv_head);
+        st_gguf_kv_f32(kv, K("attention.layer_norm_rms_epsilon"), c->norm_eps);
+        st_gguf_kv_f32(kv, K("rope.freq_base"), c->rope_theta);
+        st_gguf_kv_u32(kv, K("rope.dimension_count"), (uint32_t)c->head_dim);
+        st_gguf_kv_u32(kv, K("attention.key_length"), (uint32_t)c->head_dim);
+        st_gguf_kv_u32(kv, K("attention.value_length"), (uint32_t)c->head_dim);
+    }
+#undef K
+}
+
+/* Converts and writes one tensor's data (scratch: rows*cols floats; enc: its encoded bytes). */
+static int write_tensor(FILE *f, const gtensor *t, float *scratch, uint8_t *enc) {
+    const float *src = t->src;
+    if (t->permute_heads) {
+        permute_rows(t->src, scratch, t->ne[1], t->ne[0], t->permute_heads);
+        src = scratch;
+    }
+    size_t row = st_ggml_row_bytes(t->type, t->ne[0]);
+    /* rows are independent: encode them on the rank's threads (bench: q8_0 is compute-bound on one) */
+#pragma omp parallel for schedule(static) if (t->ne[1] > 64)
+    for (int64_t r = 0; r < t->ne[1]; r++) st_ggml_encode(t->type, src + r * t->ne[0], t->ne[0], enc + r * row);
+    size_t bytes = row * (size_t)t->ne[1];
+    static const char zeros[GGUF_ALIGN];
+    if (fwrite(enc, 1, bytes, f) != bytes) return -1;
+    size_t pad = (size_t)(align_up(bytes) - bytes);
+    return fwrite(zeros, 1, pad, f) == pad ? 0 : -1;
+}
+
+static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
+    st_strbuf h = {0};
+    st_strbuf_append(&h, "GGUF", 4);
+    st_gguf_put_u32(&h, GGUF_VERSION);
+    st_gguf_put_u64(&h, (uint64_t)n);
+    st_gguf_put_u64(&h, kv->n);
+    st_strbuf_append(&h, kv->b.data, kv->b.len);
+    uint64_t off = 0;
+    size_t max_floats = 0, max_bytes = 0;
+    for (int i = 0; i < n; i++) {
+        gtensor *t = &ts[i];
+        st_gguf_put_str(&h, t->name, strlen(t->name));
+        st_gguf_put_u32(&h, (uint32_t)t->ndim);
+        for (int d = 0; d < t->ndim; d++) st_gguf_put_u64(&h, (uint64_t)t->ne[d]);
+        st_gguf_put_u32(&h, (uint32_t)t->type);
+        st_gguf_put_u64(&h, off);
+        t->offset = off;
+        size_t bytes = st_ggml_row_bytes(t->type, t->ne[0]) * (size_t)t->ne[1];
+        off += align_up(bytes);
+        size_t fl = (size_t)(t->ne[0] * t->ne[1]);
+        if (fl > max_floats) max_floats = fl;
+        if (bytes > max_bytes) max_bytes = bytes;
+    }
+    static const char zeros[GGUF_ALIGN];
+    st_strbuf_append(&h, zeros, (size_t)(align_up(h.len) - h.len));
+    if (h.failed) {
+        st_strbuf_free(&h);
+        return st_fail(ST_ENOMEM, "out of memory building the GGUF header");
+    }
+    int rc = fwrite(h.data, 1, h.len, f) == h.len ? 0 : -1;
+    st_strbuf_free(&h);
+    float *scratch = malloc(max_floats * sizeof(float) + 1);
+    uint8_t *enc = malloc(max_bytes + 1);
+    if (!scratch || !enc) rc = st_fail(ST_ENOMEM, "out of memory converting tensors");
+    for (int i = 0; i < n && rc == 0; i++) rc = write_tensor(f, &ts[i], scratch, enc);
+    free(scratch);
+    free(enc);
+    return rc;
+}
+
+int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
+                   const char *path, st_gguf_report *rep) {
+    st_gguf_report local;
+    if (!rep) rep = &local;
+    memset(rep, 0, sizeof *rep);
+    gtensor *ts = calloc((size_t)m->n_params + 1, sizeof *ts);
+    if (!ts) return st_fail(ST_ENOMEM, "out of memory");
+    int n = 0, rc = build_tensors(m, host_weights, quant, ts, &n, &rep->n_fallback);
+    st_gguf_kv kv = {{0}, 0};
+    if (!rc) model_metadata(&kv, &m->cfg, quant, opt);
+    if (!rc && opt && opt->tokenizer_dir) rc = st_gguf_add_tokenizer(&kv, opt->tokenizer_dir, &m->cfg, rep);
+    if (!rc && kv.b.failed) rc = st_fail(ST_ENOMEM, "out of memory building GGUF metadata");
+    char tmp[4096];
+    if (!rc && snprintf(tmp, sizeof tmp, "%s.partial", path) >= (int)sizeof tmp)
+        rc = st_fail(ST_EINVAL, "path too long: %s", path);
+    FILE *f = rc ? NULL : fopen(tmp, "wb");
+    if (!rc && !f) rc = st_fail(ST_EIO, "cannot create %s", tmp);
+    if (f) {
+        int wr = write_file(f, &kv, ts, n);
+        if (wr == -1) rc = st_fail(ST_EIO, "write failed on %s (disk full?)", tmp);
+        else rc = wr;
+        if (!rc && (fflush(f) || fsync(fileno(f)))) rc = st_fail(ST_EIO, "write failed on %s", tmp);
+        if (!rc) rep->bytes = (uint64_t)ftell(f);
+        if (fclose(f) && !rc) rc = st_fail(ST_EIO, "write failed on %s", tmp);
+        if (!rc && rename(tmp, path)) rc = st_fail(ST_EIO, "cannot rename %s to %s", tmp, path);
+        if (rc) remove(tmp);
+    }
+    rep->n_tensors = n;
+    st_strbuf_free(&kv.b);
+    free(ts);
+    return rc;
+}

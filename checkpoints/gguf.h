@@ -1,0 +1,52 @@
+/* gguf.h — GGUF v3 export (the file format llama.cpp and Ollama run) of a GPT-2 or Llama-family model.
+ *
+ * st_gguf_export writes one .gguf file from a built model and its weights (host memory, internal
+ * layout): the llama.cpp metadata for the architecture (`llama` for llama/mistral, `qwen2`, `gpt2`),
+ * the tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), the
+ * Q/K row permutation llama.cpp's converter applies to `llama` weights, and, when a tokenizer.json is
+ * given, the tokenizer (see docs/compress.md for exactly which keys and how they are derived).
+ * The block encoders (f16, bf16, Q8_0, Q4_0) are bit-exact to ggml's reference quantizers.
+ * Nothing allocated here is handed to the caller. */
+#ifndef ST_GGUF_H
+#define ST_GGUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "worker/model.h"
+
+/* ggml tensor types (values are ggml's enum ggml_type). */
+typedef enum { ST_GGML_F32 = 0, ST_GGML_F16 = 1, ST_GGML_Q4_0 = 2, ST_GGML_Q8_0 = 8, ST_GGML_BF16 = 30 } st_ggml_type;
+
+/* "f32" | "f16" | "bf16" | "q8_0" | "q4_0" -> type; ST_EINVAL naming the value otherwise. */
+int st_ggml_type_parse(const char *s, st_ggml_type *out);
+const char *st_ggml_type_name(st_ggml_type t);
+/* Bytes of one row of n elements (n must be a multiple of the block size for Q types). */
+size_t st_ggml_row_bytes(st_ggml_type t, int64_t n);
+
+/* Scalar conversions as ggml does them (round to nearest even; bf16 quiets NaNs). */
+uint16_t st_fp32_to_fp16(float f);
+uint16_t st_fp32_to_bf16_ggml(float f);
+/* Encodes n floats (n a multiple of 32 for Q types) into out (st_ggml_row_bytes(t, n) bytes). */
+void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
+
+typedef struct {
+    const char *tokenizer_dir; /* folder with tokenizer.json (+ tokenizer_config.json); NULL: none */
+    const char *name;          /* general.name; NULL: omitted */
+} st_gguf_options;
+
+typedef struct {
+    int n_tensors;
+    int n_fallback;         /* 2-D tensors kept at f16 because their rows do not fit the quant block */
+    int has_tokenizer;      /* tokenizer metadata written */
+    char tokenizer_model[16];  /* "gpt2" | "llama" | "" */
+    char tokenizer_pre[32];
+    uint64_t bytes;         /* file size */
+} st_gguf_report;
+
+/* Writes `path` atomically (PATH.partial, then rename). `host_weights` is m->n_weights floats in the
+ * model's internal layout. Returns 0 or a negative ST_E* with a message naming the cause. */
+int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
+                   const char *path, st_gguf_report *rep);
+
+#endif

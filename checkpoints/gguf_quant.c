@@ -1,0 +1,133 @@
+/* gguf_quant.c — ggml's tensor encodings: f16, bf16, Q8_0, Q4_0 (see gguf.h).
+ *
+ * Bit-exactness with ggml's reference quantizers (ggml-quants.c quantize_row_*_ref) needs the same fp32
+ * operation order: the build uses -march=native, where GCC would fuse `x*id + 8.5f` into one FMA with a
+ * different rounding, so the encoders are compiled with fp-contract off. */
+#include "checkpoints/gguf.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "common/error.h"
+
+#define QK 32 /* elements per Q8_0 / Q4_0 block */
+
+static const struct { const char *name; st_ggml_type t; } k_types[] = {
+    {"f32", ST_GGML_F32}, {"f16", ST_GGML_F16}, {"bf16", ST_GGML_BF16}, {"q8_0", ST_GGML_Q8_0}, {"q4_0", ST_GGML_Q4_0},
+};
+
+int st_ggml_type_parse(const char *s, st_ggml_type *out) {
+    for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++)
+        if (strcmp(s, k_types[i].name) == 0) {
+            *out = k_types[i].t;
+            return 0;
+        }
+    return st_fail(ST_EINVAL, "--quant '%.32s' is not supported (f32, f16, bf16, q8_0 or q4_0)", s);
+}
+
+const char *st_ggml_type_name(st_ggml_type t) {
+    for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++)
+        if (k_types[i].t == t) return k_types[i].name;
+    return "?";
+}
+
+size_t st_ggml_row_bytes(st_ggml_type t, int64_t n) {
+    switch (t) {
+    case ST_GGML_F32: return (size_t)n * 4;
+    case ST_GGML_F16:
+    case ST_GGML_BF16: return (size_t)n * 2;
+    case ST_GGML_Q8_0: return (size_t)(n / QK) * (2 + QK);
+    case ST_GGML_Q4_0: return (size_t)(n / QK) * (2 + QK / 2);
+    }
+    return 0;
+}
+
+uint16_t st_fp32_to_fp16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00 | (uint16_t)((ax >> 13) & 0x3ff); /* NaN stays NaN (quiet) */
+    if (ax >= 0x477ff000u) return sign | 0x7c00;                                  /* >= 65520 rounds to inf */
+    if (ax >= 0x38800000u) {                                                      /* normal half */
+        uint32_t r = ax - 0x38000000u;                                            /* rebias 127 -> 15 */
+        r = (r + 0xfffu + ((r >> 13) & 1u)) >> 13;                                /* round to nearest even */
+        return sign | (uint16_t)r;
+    }
+    if (ax <= 0x33000000u) return sign; /* <= 2^-25: rounds to zero (the tie goes to even 0) */
+    /* subnormal half: value / 2^-24, rounded to nearest even */
+    uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+    int s = 126 - (int)(ax >> 23);
+    uint32_t q = m >> s, rem = m & ((1u << s) - 1), half = 1u << (s - 1);
+    if (rem > half || (rem == half && (q & 1u))) q++;
+    return sign | (uint16_t)q;
+}
+
+uint16_t st_fp32_to_bf16_ggml(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64); /* quiet NaN */
+    return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1u))) >> 16);
+}
+
+static void put_u16(uint8_t *p, uint16_t v) {
+    p[0] = (uint8_t)(v & 0xff);
+    p[1] = (uint8_t)(v >> 8);
+}
+
+/* (int)roundf(v) (halves away from zero) for |v| <= 128, in a form the compiler vectorizes: adding the float
+ * just below 0.5 and truncating gives the same integer for every float in [-128, 128] (checked exhaustively). */
+static inline int32_t round_away(float v) { return (int32_t)(v + copysignf(0.49999997f, v)); }
+
+/* ggml quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x / d) (half away from zero). */
+__attribute__((optimize("fp-contract=off"))) static void q8_0_block(const float *x, uint8_t *out) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) {
+        float a = fabsf(x[j]);
+        amax = amax > a ? amax : a;
+    }
+    const float d = amax / 127;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_u16(out, st_fp32_to_fp16(d));
+    int32_t q[QK]; /* via int32 so the loop vectorizes */
+    for (int j = 0; j < QK; j++) q[j] = round_away(x[j] * id);
+    for (int j = 0; j < QK; j++) out[2 + j] = (uint8_t)(int8_t)q[j];
+}
+
+/* ggml quantize_row_q4_0_ref: d = (signed value of largest magnitude, first one on ties) / -8,
+ * q = min(15, (int8)(x / d + 8.5)); element j in the low nibble of byte j, element j+16 in the high one. */
+__attribute__((optimize("fp-contract=off"))) static void q4_0_block(const float *x, uint8_t *out) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < QK; j++)
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    const float d = max / -8;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_u16(out, st_fp32_to_fp16(d));
+    for (int j = 0; j < QK / 2; j++) {
+        const float x0 = x[j] * id, x1 = x[QK / 2 + j] * id;
+        int8_t a = (int8_t)(x0 + 8.5f), b = (int8_t)(x1 + 8.5f);
+        uint8_t qa = (uint8_t)(a < 15 ? a : 15), qb = (uint8_t)(b < 15 ? b : 15);
+        out[2 + j] = (uint8_t)(qa | (qb << 4));
+    }
+}
+
+void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
+    switch (t) {
+    case ST_GGML_F32: memcpy(out, x, (size_t)n * 4); break;
+    case ST_GGML_F16:
+        for (int64_t i = 0; i < n; i++) put_u16(out + 2 * i, st_fp32_to_fp16(x[i]));
+        break;
+    case ST_GGML_BF16:
+        for (int64_t i = 0; i < n; i++) put_u16(out + 2 * i, st_fp32_to_bf16_ggml(x[i]));
+        break;
+    case ST_GGML_Q8_0:
+        for (int64_t b = 0; b < n / QK; b++) q8_0_block(x + b * QK, out + b * (2 + QK));
+        break;
+    case ST_GGML_Q4_0:
+        for (int64_t b = 0; b < n / QK; b++) q4_0_block(x + b * QK, out + b * (2 + QK / 2));
+        break;
+    }
+}

@@ -120,13 +120,23 @@ def compare_greedy(name, ref_runs, outs, noise):
     return compared
 
 
-def check_family(tmp, name, family_args, rng, head_scale, proj_scale, model_type=None, full=True):
+def check_family(tmp, name, family_args, rng, head_scale, proj_scale, model_type=None, full=True, config=None):
     model = make_model(tmp, name, family_args, qk_scale=8.0, head_scale=head_scale, proj_scale=proj_scale)
-    if model_type:  # the same weights under another Llama-family model_type (Mistral)
-        cfg_path = os.path.join(model, "config.json")
-        cfg = json.load(open(cfg_path))
+    cfg_path = os.path.join(model, "config.json")
+    cfg = json.load(open(cfg_path))
+    if model_type:  # the same weights under another Llama-family model_type (Mistral, Qwen3)
         cfg["model_type"], cfg["architectures"] = model_type, [model_type.capitalize() + "ForCausalLM"]
-        json.dump(cfg, open(cfg_path, "w"), indent=1)
+    cfg.update(config or {})
+    json.dump(cfg, open(cfg_path, "w"), indent=1)
+    if model_type == "qwen3":  # q_norm / k_norm weights over head_dim, after o_proj in each layer
+        t = st_io.read(os.path.join(model, "model.safetensors"))
+        out = {}
+        for k, v in t.items():
+            out[k] = v
+            if k.endswith("self_attn.o_proj.weight"):
+                for n in ("q_norm", "k_norm"):
+                    out[k.replace("o_proj", n)] = (1 + 0.5 * rng.standard_normal(cfg["head_dim"])).astype(np.float32)
+        st_io.write(os.path.join(model, "model.safetensors"), out)
     ref64 = RefModel.load(model, torch.float64)
     ref32 = RefModel.load(model, torch.float32)
     prompts = [rng.integers(0, VOCAB, n).tolist() for n in (150, 9, 130, 33)]
@@ -304,6 +314,15 @@ def main():
         check_family(tmp, "mistral", ["--family", "llama", "--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads",
                                       "1", "--ffn", "80", "--vocab", str(VOCAB), "--max-seq", str(MAX_POS), "--seed",
                                       "24"], rng, 20.0, 1.0, model_type="mistral", full=False)
+        llama_small = ["--family", "llama", "--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads", "2", "--ffn",
+                       "96", "--vocab", str(VOCAB), "--max-seq", str(MAX_POS), "--seed", "25"]
+        check_family(tmp, "qwen3", llama_small, rng, 20.0, 1.0, model_type="qwen3", full=False,
+                     config={"head_dim": 16, "rope_theta": 1000000.0})
+        check_family(tmp, "llama3_rope", llama_small, rng, 20.0, 1.0, full=False, config={"rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}})
+        check_family(tmp, "yarn_rope", llama_small, rng, 20.0, 1.0, full=False, config={"rope_scaling": {
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}})
         check_sampling(tmp, llama, ppath, out1, rng)
         check_distribution(tmp, rng)
         check_errors(tmp, llama)

@@ -287,7 +287,7 @@ def check_distribution(tmp, rng):
 
 def check_errors(tmp, model):
     bad = os.path.join(tmp, "bad.jsonl")
-    cases = [('{"prompt": "hello"}\n', "tokenizer"), ('{"input_ids": [1, 500]}\n', "outside the model's vocabulary"),
+    cases = [('{"prompt": "hello"}\n', "no tokenizer.json"), ('{"input_ids": [1, 500]}\n', "outside the model's vocabulary"),
              ('{"input_ids": []}\n', "non-empty"), ('[1, 2]\n', "JSON object")]
     for text, needle in cases:
         with open(bad, "w") as f:

@@ -370,9 +370,6 @@ static int cmd_judge(int argc, char **argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &world);
     st_json *doc = NULL;
     int rc = world > 1 ? st_fail(ST_EINVAL, "compare judge runs on one rank (got %d)", world) : 0;
-    if (!rc && !st_gen_text_supported())
-        rc = st_fail(ST_EINVAL, "a judge reads the prompt and answers as text: it needs tokenizer support, which this "
-                                "build does not have yet");
     if (!rc) rc = read_sheet_items(dir, &doc);
     if (!rc) rc = judge_run(dir, judge, &f, doc, &print_error);
     else print_error = 1;

@@ -80,9 +80,6 @@ int st_cmd_generate(int argc, char **argv) {
     int rc = 0, print_error = 0;
     st_prompt_set ps = {0};
     if (adapter) rc = st_fail(ST_EINVAL, "--adapter %s: PEFT adapters are not supported by this build yet", adapter);
-    else if ((f.chat || f.n_stop) && !st_gen_text_supported())
-        rc = st_fail(ST_EINVAL, "%s needs tokenizer support, which this build does not have yet",
-                     f.chat ? "--chat" : "--stop");
     else if (dump_path && world > 1) rc = st_fail(ST_EINVAL, "--dump-logits runs on one rank only");
     if (!rc) rc = st_prompts_read(prompts, &ps);
     if (rc) { /* every rank read the same input and reached the same verdict */

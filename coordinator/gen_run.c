@@ -76,10 +76,7 @@ static int parse_prompt(const char *path, long ln, const char *text, size_t len,
     p->line_no = ln + 1;
     if (!rc && !ids && (prompt || msgs)) {
         p->is_text = 1;
-        if (!st_gen_text_supported())
-            rc = st_fail(ST_EINVAL, "%s line %ld: text prompts (\"prompt\" / \"messages\") need tokenizer support, "
-                                    "which this build of shardtune does not have yet: give \"input_ids\"", path, ln + 1);
-        else if (prompt ? prompt->type != ST_JSON_STRING : msgs->type != ST_JSON_ARRAY)
+        if (prompt ? prompt->type != ST_JSON_STRING : msgs->type != ST_JSON_ARRAY)
             rc = st_fail(ST_EFORMAT, "%s line %ld: \"prompt\" must be a string, \"messages\" an array", path, ln + 1);
     } else if (!rc && (!ids || ids->type != ST_JSON_ARRAY || ids->count == 0))
         rc = st_fail(ST_EFORMAT, "%s line %ld: needs \"input_ids\", a non-empty array of token ids", path, ln + 1);

@@ -15,8 +15,6 @@ struct st_gen_text {
     int32_t eos;
 };
 
-int st_gen_text_supported(void) { return 1; }
-
 int st_gen_text_open(const char *dir, st_gen_text **out) {
     *out = NULL;
     char path[4096];

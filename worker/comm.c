@@ -13,7 +13,7 @@
 #include "kernels/cuda/nccl_comm.h"
 #endif
 
-static int on_device(const st_model *m) { return strcmp(m->be->name, "cpu") != 0; }
+static int on_device(const st_model *m) { return !m->be->host_memory; }
 
 static int mpi_check(int rc, const char *what, int rank) {
     if (rc == MPI_SUCCESS) return 0;

@@ -25,6 +25,7 @@ static void cpu_copy(void *dst, const void *src, size_t bytes) {
     if (bytes && dst != src) memcpy(dst, src, bytes);
 }
 static void cpu_synchronize(void) {}
+static int cpu_status(void) { return 0; } /* nothing runs asynchronously, so nothing is left to report */
 
 /* ---- matmul ---- */
 
@@ -150,6 +151,7 @@ double st_cpu_sumsq(const float *x, size_t n) {
 
 static const st_backend st_cpu_table = {
     .name = "cpu",
+    .host_memory = 1,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .memset0 = cpu_memset0,
@@ -157,6 +159,7 @@ static const st_backend st_cpu_table = {
     .copy_to_host = cpu_copy,
     .copy = cpu_copy,
     .synchronize = cpu_synchronize,
+    .status = cpu_status,
     .matmul = st_cpu_matmul,
     .matmul_bf16 = st_cpu_matmul_bf16,
     .to_bf16 = st_cpu_to_bf16,

@@ -91,10 +91,7 @@ struct st_backend {
     /* dbias[C] += sum over rows of dy[N,C]. */
     void (*bias_bwd)(float *dbias, const float *dy, int n, int c);
 
-    /* ---- elementwise ---- */
-    void (*add)(float *out, const float *a, const float *b, size_t n); /* out = a + b (out may alias) */
-    void (*accumulate)(float *dst, const float *src, size_t n);        /* dst += src */
-    void (*scale)(float *x, float s, size_t n);                        /* x *= s */
+    /* ---- reductions ---- */
     /* Sum of squares of x, accumulated in double. */
     double (*sumsq)(const float *x, size_t n);
 

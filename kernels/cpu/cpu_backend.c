@@ -97,18 +97,6 @@ void st_cpu_bias_bwd(float *dbias, const float *dy, int n, int c) {
 
 /* ---- elementwise ---- */
 
-void st_cpu_add(float *out, const float *a, const float *b, size_t n) {
-    /* out may alias a or b, so no restrict here; the loop still vectorizes (runtime alias check
-     * is trivially satisfied for exact aliasing, and elementwise access is safe either way). */
-#pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
-}
-
-void st_cpu_accumulate(float *restrict dst, const float *restrict src, size_t n) {
-#pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++) dst[i] += src[i];
-}
-
 void st_cpu_scale(float *restrict x, float s, size_t n) {
 #pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
     for (size_t i = 0; i < n; i++) x[i] *= s;
@@ -166,9 +154,6 @@ static const st_backend st_cpu_table = {
     .from_bf16 = st_cpu_from_bf16,
     .bias_add = st_cpu_bias_add,
     .bias_bwd = st_cpu_bias_bwd,
-    .add = st_cpu_add,
-    .accumulate = st_cpu_accumulate,
-    .scale = st_cpu_scale,
     .sumsq = st_cpu_sumsq,
     .layernorm_fwd = st_cpu_layernorm_fwd,
     .layernorm_bwd = st_cpu_layernorm_bwd,

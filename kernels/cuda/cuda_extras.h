@@ -19,6 +19,11 @@ extern "C" {
  * catch asynchronous faults). */
 int st_cuda_status(void);
 
+/* The backend table itself, without selecting a device (for tests/unit/test_cuda_host.c: every slot
+ * set). Calling its functions before st_backend_cuda() succeeded is undefined. */
+struct st_backend;
+const struct st_backend *st_cuda_table(void);
+
 /* The 16-byte UUID of the device the backend is bound to (tells two ranks that share one GPU apart from
  * two ranks whose CUDA_VISIBLE_DEVICES each show "device 0"). 0 or ST_EDEVICE. */
 int st_cuda_device_uuid(unsigned char uuid[16]);

@@ -18,7 +18,7 @@ rc=0
 [ "$rc" -eq 0 ] || fail "gpu_check --self-test exited $rc"
 
 # every kernel of the table has an ok line
-for k in matmul_NN matmul_NT matmul_TN matmul_TT to_bf16 from_bf16 bias_add bias_bwd add accumulate scale sumsq \
+for k in matmul_NN matmul_NT matmul_TN matmul_TT to_bf16 from_bf16 bias_add bias_bwd sumsq \
          layernorm_fwd layernorm_bwd rmsnorm_fwd rmsnorm_bwd rope_fwd rope_bwd attention_fwd attention_bwd \
          gelu_fwd gelu_bwd swiglu_fwd swiglu_bwd embedding_fwd embedding_bwd cross_entropy adamw \
          dequant_int8 dequant_nf4; do

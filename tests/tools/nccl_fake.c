@@ -6,7 +6,7 @@
  * parameter all-gather, and the waits before the compute stream touches their results) would only ever
  * be compiled. This tool links its own implementation of kernels/cuda/nccl_comm.h in place of the real
  * one (the static library's nccl_comm.o is then never pulled in) and a "device" backend that is the CPU
- * backend under another name (so comm.c takes its device path). The fake models the two streams:
+ * backend with host_memory 0 (so comm.c takes its device path). The fake models the two streams:
  *  - a collective is only ENQUEUED: it snapshots its input (what the comm stream reads once it has waited
  *    for the compute work queued so far) and runs later, when comm.c calls st_nccl_wait_compute or
  *    st_nccl_synchronize (MPI does the arithmetic then, in enqueue order on every rank);
@@ -15,7 +15,7 @@
  *  - compute that READS a pending collective's output (the optimizer, the grad norm, a copy) before the
  *    wait is a race too.
  * Any violation is printed ("stream order violated: ...") and the exit status is 1. The same training
- * steps also run through the MPI path (backend named "cpu"); both must give the same losses (within
+ * steps also run through the MPI path (the CPU backend itself); both must give the same losses (within
  * 1e-6 relative). --inject-race scales the gradients between backward and the reduction on purpose: the
  * checker must then report a violation (the test requires that, so the checker itself can fail).
  * Last, the sharded AdamW moments are gathered on every rank as at a progressive stage change
@@ -262,7 +262,8 @@ static void train(const st_backend *be, const options *o, double *losses, double
             if (a == o->accum - 1 && o->overlap) st_comm_overlap_begin(&comm, &m);
             st_model_backward(&m);
         }
-        if (o->inject_race) be->scale(m.grads, 0.5f, m.n_grads); /* writes grads that are being reduced */
+        if (o->inject_race) /* writes grads that are being reduced (host memory: the fake device is the CPU) */
+            for (size_t i = 0; i < m.n_grads; i++) m.grads[i] *= 0.5f;
         float *g = NULL;
         if (st_comm_reduce_grads(&comm, &m, &g)) goto fail;
         double norm = sqrt(st_comm_grad_sumsq(&comm, &m, g));
@@ -303,7 +304,8 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     cpu = st_backend_cpu(1);
     dev = *cpu;
-    dev.name = "fake-gpu"; /* not "cpu": worker/comm.c takes its device (NCCL) path */
+    dev.name = "fake-gpu";
+    dev.host_memory = 0; /* worker/comm.c takes its device (NCCL) path */
     dev.sumsq = dev_sumsq;
     dev.copy = dev_copy;
     dev.adamw_multi = dev_adamw_multi;

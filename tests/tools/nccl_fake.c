@@ -20,17 +20,12 @@
  * checker must then report a violation (the test requires that, so the checker itself can fail).
  * Last, the sharded AdamW moments are gathered on every rank as at a progressive stage change
  * (st_comm_gather_state: through the fake NCCL on the device path) and must agree with the MPI path.
- * Prints one line per step and path: "step K path P loss L". Built only with ST_HAVE_CUDA (the device
- * path of comm.c exists only there); otherwise exits 77 (skipped). */
+ * Prints one line per step and path: "step K path P loss L". Runs in any build: comm.c's NCCL path has
+ * no #ifdef, and this file's st_nccl_* replace the real ones (CUDA) or the failing stubs (no CUDA).
+ * On one rank with SHARDTUNE_NCCL_ONE_RANK=1 the device path runs through the (fake) one-rank NCCL. */
 #include <stdio.h>
 #include <stdlib.h>
 
-#ifndef ST_HAVE_CUDA
-int main(void) {
-    puts("nccl_fake: this build has no CUDA (the NCCL path of worker/comm.c is not compiled): skipped");
-    return 77;
-}
-#else
 #include <math.h>
 #include <mpi.h>
 #include <string.h>
@@ -131,10 +126,20 @@ int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t s
     return send_n ? enqueue(c, OP_ALL_GATHER, send, send_n, recv, send_n * (size_t)c->world) : 0;
 }
 
+static long ops_run; /* collectives that went through this fake NCCL */
+/* Whether comm.c's device path must use NCCL: several ranks, or one with SHARDTUNE_NCCL_ONE_RANK=1. */
+static int nccl_expected(void) {
+    const char *one = getenv("SHARDTUNE_NCCL_ONE_RANK");
+    int w = 1;
+    MPI_Comm_size(MPI_COMM_WORLD, &w);
+    return w > 1 || (one && !strcmp(one, "1"));
+}
+
 /* The comm stream runs everything queued, in order. */
 static int run_pending(st_nccl_comm *c) {
     for (int i = 0; i < c->n_ops; i++) {
         pending_op *op = &c->ops[i];
+        ops_run++;
         if (memcmp(op->in, op->snapshot, op->in_n * sizeof(float)) != 0)
             violation("compute wrote a collective's input after it was enqueued (bucket not final yet?)");
         switch (op->kind) {
@@ -321,8 +326,12 @@ int main(int argc, char **argv) {
     }
     if (rank == 0)
         printf("stage %d: %d stream-order violation(s); max relative loss / gathered-moment difference nccl vs mpi "
-               "path %.3g (moments sumsq %.6g vs %.6g)\n", o.stage, total, worst, m_nccl, m_mpi);
+               "path %.3g (moments sumsq %.6g vs %.6g); %ld collectives through the fake NCCL\n", o.stage, total,
+               worst, m_nccl, m_mpi, ops_run);
+    int missing = ops_run == 0 && nccl_expected(); /* the device path must have used NCCL */
+    if (missing) fprintf(stderr, "nccl_fake: the device path never used NCCL\n");
     MPI_Finalize();
+    if (missing) return 4;
     return total ? 1 : worst <= 1e-6 ? 0 : 3;
 }
-#endif
+

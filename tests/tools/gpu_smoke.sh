@@ -1,34 +1,67 @@
 #!/usr/bin/env bash
-# gpu_smoke.sh — the one command to run first on a machine with NVIDIA GPUs (nothing here has run on one).
+# gpu_smoke.sh — the one prepared script for a machine with NVIDIA GPUs: about 10 minutes of device time.
 #
-#   bench/gpu_smoke.sh [--self-test] [BUILD_CUDA_DIR]   (default build-cuda; env GPUS: ranks to use,
-#                                  default min(2, visible GPUs); STEPS: default 12)
+#   tests/tools/gpu_smoke.sh [--self-test] [BUILD_CUDA_DIR]     (default build-cuda)
+#   tests/tools/gpu_smoke.sh --bundle BUILD_CUDA_DIR            (on the build machine, before)
 #
-# 1. build-cuda/gpu_check: every CUDA kernel against its CPU twin, then a training step's loss agreement,
-#    tokens/s and MFU (docs/gpu.md).
-# 2. The real trainer on the GPUs: a small Llama trained with `backend: cuda` on GPUS ranks (NCCL) for
-#    ZeRO 0, 1, 2 in fp32 and bf16, each compared step by step with the same job on the CPU backend
-#    (1 rank, same global batch): max relative loss difference within 1e-4 (fp32) / 5e-3 (bf16).
-# 3. Resume on the GPUs: the bf16 ZeRO-2 job stopped at a checkpoint and resumed equals its uninterrupted
-#    run bit for bit.
-# Prints one line per check and a summary; exit 0 all passed, 1 a check failed, 2 no GPU (one line why).
-# --self-test runs the same script without a GPU (CI: tests/integration/test_gpu_smoke_selftest.sh):
-# `gpu_check --self-test`, the "GPU" runs on the CPU backend on 2 ranks, a tiny model and 6 steps.
+# env: OUT (results go to $OUT/gpu_smoke.txt, else ./gpu_smoke.txt), GPUS (ranks, default min(2, visible
+# GPUs)), STEPS (trainer steps, default 12), PEAK_TFLOPS (MFU denominator; default from the GPU's name).
+#
+# 0. Environment: nvidia-smi, then `ldd` of every binary. A CUDA image may lack Debian's runtime libraries
+#    (OpenBLAS, gfortran, Open MPI, HDF5, ZeroMQ): `--bundle` copies the ones the binaries need (all but the
+#    CUDA libraries, which the image has, and glibc) into BUILD/bundle/lib, which this script then puts on
+#    LD_LIBRARY_PATH. A binary that still misses a library is reported and its sections are skipped
+#    (one line each); the trainer parts also need mpirun: optional.
+# 1. gpu_check: every kernel against its CPU twin at small and real-model shapes, a > 2^31-element tensor,
+#    gradients and losses of Llama / q|k|v-bias / GPT-2 training steps, each check reading the backend's
+#    status (tests/tools/gpu_check.c).
+# 2. compute-sanitizer when present: memcheck on attention, cross-entropy and the bf16 GEMMs; racecheck
+#    on attention (small shapes).
+# 3. gpu_bench when built (bench/gpu_bench.c): 7B-class shapes, TFLOP/s and MFU against the bf16 peak.
+# 4. The real trainer: a small Llama with `backend: cuda` on GPUS ranks (NCCL; one GPU: the one-rank NCCL
+#    switch SHARDTUNE_NCCL_ONE_RANK=1) for ZeRO 0, 1, 2 in fp32 and bf16, each against the same job on the
+#    CPU backend (1 rank, same global batch); a progressive run (stage changes) against the CPU; a bf16
+#    ZeRO-2 stop + resume bit-identical to its unbroken run.
+# One line per check and a summary; exit 0 all passed, 1 a check failed, 2 no GPU (one line why).
+# --self-test runs sections 0, 1 and 4 without a GPU (CI: tests/integration/test_gpu_smoke_selftest.sh):
+# gpu_check --self-test, the "GPU" jobs on the CPU backend on 2 ranks, a tiny model and 6 steps.
 set -uo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+if [ "${1:-}" = --bundle ]; then # copy the non-CUDA, non-glibc shared libraries the binaries need
+  BUILD=${2:-build-cuda}
+  mkdir -p "$BUILD/bundle/lib"
+  for b in shardtune gpu_check gpu_bench; do
+    [ -x "$BUILD/$b" ] || continue
+    ldd "$BUILD/$b" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
+      case $(basename "$lib") in
+        libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*|ld-linux*|libresolv.so*) ;;  # glibc: the image's
+        libcuda.so*|libnvidia*|libcudart*|libcublas*|libnccl*) ;;                           # driver / CUDA: the image's
+        *) cp -Lu "$lib" "$BUILD/bundle/lib/" ;;
+      esac
+    done
+  done
+  echo "gpu_smoke: $(ls "$BUILD/bundle/lib" | wc -l) libraries, $(du -sh "$BUILD/bundle/lib" | cut -f1) in $BUILD/bundle/lib"
+  exit 0
+fi
+
 SELF_TEST=0
 [ "${1:-}" = --self-test ] && { SELF_TEST=1; shift; }
 BUILD=${1:-build-cuda}
 ST=$BUILD/shardtune
-PY=${ST_PYTHON:-/usr/bin/python3}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-[ -x "$ST" ] && [ -x "$BUILD/gpu_check" ] || { echo "gpu_smoke: build the CUDA backend first ($BUILD/shardtune, $BUILD/gpu_check)"; exit 2; }
+PY=${ST_PYTHON:-python3}
+RES=${OUT:-.}/gpu_smoke.txt
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+[ -x "$BUILD/gpu_check" ] || { echo "gpu_smoke: build the CUDA backend first ($BUILD/gpu_check)"; exit 2; }
 if [ $SELF_TEST = 1 ]; then
-  DEV=cpu GPUS=2 STEPS=6 LAYERS=2 DIM=64 FFN=172 SEQ=64 CHECK_ARGS=--self-test
+  DEV=cpu GPUS=2 STEPS=6 LAYERS=2 DIM=64 FFN=172 SEQ=64 CHECK_ARGS="--self-test" NGPU=0
 else
   NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "${NGPU:-0}" -ge 1 ] || { echo "gpu_smoke: no GPU visible (nvidia-smi -L lists none): nothing checked"; exit 2; }
   DEV=cuda GPUS=${GPUS:-$(( NGPU < 2 ? NGPU : 2 ))} STEPS=${STEPS:-12} LAYERS=4 DIM=256 FFN=688 SEQ=256 CHECK_ARGS=
 fi
+mkdir -p "$(dirname "$RES")" && : > "$RES" || RES=/dev/null
+exec > >(tee -a "$RES") 2>&1
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 failed=0
@@ -36,11 +69,56 @@ check() { # NAME STATUS DETAIL
   printf "%-44s %-4s %s\n" "$1" "$([ "$2" = 0 ] && echo ok || echo FAIL)" "$3"
   [ "$2" = 0 ] || failed=1
 }
+skip() { printf "%-44s %-4s %s\n" "$1" skip "$2"; }
 
-echo "== 1. gpu_check (kernels vs CPU twins, training step, tokens/s, MFU)"
-"$BUILD/gpu_check" $CHECK_ARGS; check "gpu_check" $? "see the lines above"
+echo "== 0. environment ($(date -u +%FT%TZ), results in $RES)"
+[ $SELF_TEST = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
+missing() { ldd "$1" 2>&1 | awk '/not found/ {print $1}' | tr '\n' ' '; }
+[ -d "$BUILD/bundle/lib" ] && export LD_LIBRARY_PATH="$BUILD/bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+declare -A RUNS
+for b in gpu_check shardtune gpu_bench; do
+  if [ ! -x "$BUILD/$b" ]; then RUNS[$b]=0; skip "ldd $b" "not built"; continue; fi
+  m=$(missing "$BUILD/$b")
+  if [ -z "$m" ]; then RUNS[$b]=1; check "ldd $b" 0 "all libraries found"
+  else RUNS[$b]=0; check "ldd $b" 1 "missing: $m(run --bundle on the build machine and carry $BUILD/bundle)"; fi
+done
+HAVE_MPI=0; command -v mpirun >/dev/null && HAVE_MPI=1
 
-echo "== 2. trainer on $GPUS $DEV rank(s) vs the CPU backend on 1 rank"
+echo "== 1. gpu_check (kernels vs CPU twins at small and real shapes, gradients, training steps)"
+if [ "${RUNS[gpu_check]}" = 1 ]; then
+  timeout 420 "$BUILD/gpu_check" $CHECK_ARGS; check "gpu_check" $? "see the lines above"
+fi
+
+echo "== 2. compute-sanitizer"
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ $SELF_TEST = 1 ] || [ -z "$SAN" ] || [ "${RUNS[gpu_check]}" != 1 ]; then
+  skip "compute-sanitizer" "$([ $SELF_TEST = 1 ] && echo 'self-test: no GPU' || echo 'not available')"
+else
+  for g in attention xent bf16; do
+    timeout 150 "$SAN" --tool memcheck --error-exitcode 9 "$BUILD/gpu_check" --no-train --no-big --only $g >"$T/san_$g" 2>&1
+    rc=$?; check "memcheck gpu_check --only $g" $rc "$(grep -m1 -E 'ERROR SUMMARY|FAIL' "$T/san_$g")"
+  done
+  timeout 200 "$SAN" --tool racecheck --error-exitcode 9 "$BUILD/gpu_check" --no-train --no-big --only attention >"$T/race" 2>&1
+  rc=$?; check "racecheck gpu_check --only attention" $rc "$(grep -m1 -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$T/race")"
+fi
+
+echo "== 3. gpu_bench (7B-class shapes: TFLOP/s, MFU)"
+if [ $SELF_TEST = 1 ] || [ "${RUNS[gpu_bench]}" != 1 ]; then
+  skip "gpu_bench" "$([ $SELF_TEST = 1 ] && echo 'self-test: no GPU' || echo 'not built or not runnable')"
+else
+  name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  case "$name" in *H100*|*H200*|*H800*) peak=989 ;; *A100*|*A800*) peak=312 ;; *L40S*) peak=362 ;; *) peak=0 ;; esac
+  timeout 240 "$BUILD/gpu_bench" --peak-tflops "${PEAK_TFLOPS:-$peak}"; check "gpu_bench" $? "peak ${PEAK_TFLOPS:-$peak} TFLOP/s ($name)"
+fi
+
+echo "== 4. trainer on $GPUS $DEV rank(s) vs the CPU backend on 1 rank"
+if [ "${RUNS[shardtune]}" != 1 ] || [ $HAVE_MPI = 0 ]; then
+  skip "trainer" "needs a runnable $ST and mpirun"
+  echo "== $([ $failed = 0 ] && echo 'all GPU checks passed (trainer skipped)' || echo 'some GPU checks FAILED')"
+  exit $failed
+fi
+ONE=
+[ "$DEV" = cuda ] && [ "$GPUS" = 1 ] && ONE="-x SHARDTUNE_NCCL_ONE_RANK=1" # one GPU: NCCL on one rank
 "$ST" init-model --family llama --layers $LAYERS --dim $DIM --heads 4 --kv-heads 2 --ffn $FFN --vocab 4096 \
   --max-seq $SEQ --seed 1 --out "$T/model" >/dev/null
 "$PY" - "$T/data.jsonl" <<'EOF'
@@ -82,6 +160,10 @@ assert len(a) == len(b) and a, f'{len(a)} vs {len(b)} steps'
 d = max(abs(x - y) / abs(y) for x, y in zip(a, b))
 print(f'max rel loss diff {d:.2e} (tol {tol:g}), final {a[-1]:.4f} vs {b[-1]:.4f}')
 sys.exit(0 if d <= tol else 1)" "$1" "$2" "$3"; }
+gpu_train() { # NAME [overrides]: the job on GPUS ranks of DEV
+  local name=$1; shift
+  mpirun --oversubscribe $ONE -np "$GPUS" "$ST" train "$T/$name.yaml" "$@" >> "$T/$name.out" 2>&1
+}
 for prec in fp32 bf16; do
   job "cpu_$prec" cpu $prec 0 $GB
   "$ST" train "$T/cpu_$prec.yaml" > "$T/cpu_$prec.out" 2>&1; check "cpu reference $prec" $? "$(tail -1 "$T/cpu_$prec.out")"
@@ -89,18 +171,25 @@ for prec in fp32 bf16; do
   for stage in 0 1 2; do
     name="gpu_${prec}_z$stage"
     job "$name" $DEV $prec $stage 4
-    mpirun --oversubscribe -np "$GPUS" "$ST" train "$T/$name.yaml" > "$T/$name.out" 2>&1
-    rc=$?
-    if [ $rc != 0 ]; then check "$GPUS $DEV rank(s) $prec ZeRO-$stage" 1 "train failed: $(grep -m1 -i error "$T/$name.out")"; continue; fi
+    if ! gpu_train "$name"; then check "$GPUS $DEV rank(s) $prec ZeRO-$stage" 1 "train failed: $(grep -m1 -i error "$T/$name.out")"; continue; fi
     detail=$(compare "$(losses "$name")" "$(losses "cpu_$prec")" "$tol"); check "$GPUS $DEV rank(s) $prec ZeRO-$stage vs CPU" $? "$detail"
   done
 done
 
-echo "== 3. resume on $DEV (bf16, ZeRO-2): stop at step $(( STEPS / 2 )), resume, compare"
+echo "== 4b. progressive stage changes on $DEV (ZeRO-1, bf16): the re-sharded AdamW moments live in device memory"
+prog="finetune: { mode: progressive, unfreeze_every: $(( STEPS / 3 )) }"
+job prog_cpu cpu bf16 0 $GB "$prog"
+job prog_gpu $DEV bf16 1 4 "$prog"
+if "$ST" train "$T/prog_cpu.yaml" > "$T/prog_cpu.out" 2>&1 && gpu_train prog_gpu; then
+  detail=$(compare "$(losses prog_gpu)" "$(losses prog_cpu)" 5e-3); check "progressive bf16 ZeRO-1 vs CPU" $? "$detail"
+else
+  check "progressive bf16 ZeRO-1 vs CPU" 1 "train failed: $(grep -h -m1 -i error "$T/prog_cpu.out" "$T/prog_gpu.out")"
+fi
+
+echo "== 4c. resume on $DEV (bf16, ZeRO-2): stop at step $(( STEPS / 2 )), resume, compare"
 job part $DEV bf16 2 4
 sed -i "s/steps: $STEPS,/steps: $(( STEPS / 2 )),/" "$T/part.yaml"
-mpirun --oversubscribe -np "$GPUS" "$ST" train "$T/part.yaml" > "$T/part.out" 2>&1 &&
-  mpirun --oversubscribe -np "$GPUS" "$ST" train "$T/part.yaml" train.steps=$STEPS >> "$T/part.out" 2>&1
+gpu_train part && gpu_train part train.steps=$STEPS
 rc=$?
 if [ $rc = 0 ] && [ "$(losses part)" = "$(losses gpu_bf16_z2)" ]; then
   check "resume bf16 ZeRO-2 bit-identical" 0 "$(grep -m1 'resumed from' "$T/part.out")"

@@ -7,7 +7,8 @@
  *  - the bf16 peak: matmul_bf16 8192^3 on bf16 operands (the best a step's GEMMs can reach here);
  *  - each GEMM of a layer (q|k|v, o, gate|up, down) and the LM head, forward + the two backward GEMMs, on
  *    bf16 operands (the weights' bf16 copy, bf16 saved activations) with fp32 accumulation;
- *  - attention forward + backward at T, H=32, KVH=8, hd=128 (causal);
+ *  - attention forward + backward at T, H=32, KVH=8, hd=128 (causal): the fp32 kernels and, in CUDA builds,
+ *    the tensor-core ones (kernels/cuda/attention_tc.cu, unverified);
  *  - cross-entropy over T rows of 128256 logits (memory-bound: GB/s);
  *  - a projected step of the 32-layer model from those times (matmuls + attention + head), its tokens/s
  *    and MFU, so the share of attention shows.
@@ -18,6 +19,9 @@
 #include "common/error.h"
 #include "common/util.h"
 #include "kernels/kernels.h"
+#ifdef ST_HAVE_CUDA
+#include "kernels/cuda/cuda_extras.h" /* the tensor-core attention */
+#endif
 
 #include <math.h>
 #include <stdio.h>
@@ -123,6 +127,17 @@ int main(int argc, char **argv) {
     double f_af = 2.0 * 2.0 * H * (double)T * T / 2 * HD, f_ab = 2.5 * f_af;
     line("attention fwd (causal, fp32 kernel)", f_af, t_af);
     line("attention bwd (causal, fp32 kernel)", f_ab, t_ab);
+#ifdef ST_HAVE_CUDA
+    if (!self_test && (HD == 64 || HD == 128)) { /* UNVERIFIED kernels: gpu_check judges them */
+        double t_tf, t_tb;
+        TIME_BEST(t_tf, 1, (void)st_cuda_attention_tc_fwd(out, lse, qkv, 1, T, H, KVH, HD));
+        TIME_BEST(t_tb, 1, (void)st_cuda_attention_tc_bwd(dqkv, dout, qkv, out, lse, 1, T, H, KVH, HD));
+        line("attention fwd (causal, tensor cores)", f_af, t_tf);
+        line("attention bwd (causal, tensor cores)", f_ab, t_tb);
+        printf("projected step with tensor-core attention: attention %.1f ms per layer instead of %.1f\n",
+               (t_tf + t_tb) * 1e3, (t_af + t_ab) * 1e3);
+    }
+#endif
     G->free(qkv), G->free(out), G->free(lse), G->free(dout), G->free(dqkv);
 
     /* cross-entropy: reads the logits twice and writes dlogits once */

@@ -556,8 +556,8 @@ static const st_backend cuda_backend = {
     .rmsnorm_bwd = st_cu_rmsnorm_bwd,
     .rope_fwd = st_cu_rope_fwd,
     .rope_bwd = st_cu_rope_bwd,
-    .attention_fwd = st_cu_attention_fwd,
-    .attention_bwd = st_cu_attention_bwd,
+    .attention_fwd = st_cu_attention_fwd_any, /* fp32 kernels; tensor cores with SHARDTUNE_CUDA_ATTN=tc */
+    .attention_bwd = st_cu_attention_bwd_any,
     .gelu_fwd = st_cu_gelu_fwd,
     .gelu_bwd = st_cu_gelu_bwd,
     .swiglu_fwd = st_cu_swiglu_fwd,

@@ -37,6 +37,14 @@ void *st_cuda_stream(void);
 int st_cuda_residual_rmsnorm_fwd(float *residual, float *out, float *rstd, const float *delta, const float *w,
                                  int n, int c, float eps);
 
+/* Tensor-core causal GQA attention (kernels/cuda/attention_tc.cu; UNVERIFIED: never run): the contract of
+ * the table's attention_fwd / attention_bwd with bf16 operands and fp32 accumulation, head_dim 64 or 128
+ * (else ST_EINVAL). The table uses it only with SHARDTUNE_CUDA_ATTN=tc; these entry points are for
+ * gpu_check, which compares them with the CPU twin at a bf16 tolerance. */
+int st_cuda_attention_tc_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd);
+int st_cuda_attention_tc_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                             int b, int t, int h, int kvh, int hd);
+
 #ifdef __cplusplus
 }
 #endif

@@ -534,6 +534,40 @@ static void check_dequant(void) {
     G->free(gq), G->free(gpk), G->free(gscale), G->free(gout), free(q), free(packed), free(scale), free(out);
 }
 
+/* ---------------------------------------------------------------- tensor-core attention (CUDA) */
+
+static double norm_err(const float *x, const float *ref, size_t n);
+
+#ifdef ST_HAVE_CUDA
+/* kernels/cuda/attention_tc.cu (UNVERIFIED until this passes on a GPU) against the fp32 CPU twin: bf16
+ * operands make it differ by about bf16's precision, so the measure is ||gpu - cpu|| / ||cpu|| per
+ * output (tolerance estimates: 2e-2 forward, 5e-2 backward; the fp32 kernel's lines above are the exact
+ * path). */
+static void check_attention_tc(int b, int t, int h, int kvh, int hd) {
+    size_t n = (size_t)b * t * (h + 2 * kvh) * hd, nout = (size_t)b * t * h * hd, nlse = (size_t)b * h * t;
+    float *qkv = hrand(n, 1), *out = hrand(nout, 1), *lse = hrand(nlse, 1), *dout = hrand(nout, 1);
+    float *dqkv = hrand(n, 1);
+    float *gqkv = dev_from(qkv, n * 4), *gout = dev_from(NULL, nout * 4), *glse = dev_from(NULL, nlse * 4);
+    float *gdout = dev_from(dout, nout * 4), *gdqkv = dev_from(NULL, n * 4);
+    double tg, tc;
+    char name[80];
+    int rc;
+    tick(); rc = st_cuda_attention_tc_fwd(gout, glse, gqkv, b, t, h, kvh, hd); tg = tock_gpu();
+    tick(); C->attention_fwd(out, lse, qkv, b, t, h, kvh, hd); tc = tock_cpu();
+    float *go = fetch(gout, nout), *gl = fetch(glse, nlse);
+    snprintf(name, sizeof name, "attention_fwd_tc* T=%d H=%d/%d hd=%d", t, h, kvh, hd);
+    report(name, rc ? INFINITY : fmax(norm_err(go, out, nout), norm_err(gl, lse, nlse)), tg, tc, 2e-2);
+    tick(); rc = st_cuda_attention_tc_bwd(gdqkv, gdout, gqkv, gout, glse, b, t, h, kvh, hd); tg = tock_gpu();
+    tick(); C->attention_bwd(dqkv, dout, qkv, out, lse, b, t, h, kvh, hd); tc = tock_cpu();
+    float *gd = fetch(gdqkv, n);
+    snprintf(name, sizeof name, "attention_bwd_tc* T=%d H=%d/%d hd=%d", t, h, kvh, hd);
+    report(name, rc ? INFINITY : norm_err(gd, dqkv, n), tg, tc, 5e-2);
+    free(go), free(gl), free(gd);
+    G->free(gqkv), G->free(gout), G->free(glse), G->free(gdout), G->free(gdqkv);
+    free(qkv), free(out), free(lse), free(dout), free(dqkv);
+}
+#endif
+
 /* ---------------------------------------------------------------- shapes real models use */
 
 /* Shapes the fixed-size checks above do not reach: head_dim 64 and 128 with T not a multiple of 8 or 32,
@@ -1056,6 +1090,10 @@ int main(int argc, char **argv) {
     if (GROUP("bf16")) check_matmul_bf16(), check_bf16_storage();
     if (GROUP("norms")) check_bias(), check_elementwise(), check_norms();
     if (GROUP("attention")) check_rope_attention();
+#ifdef ST_HAVE_CUDA
+    if (GROUP("attention") && !self_test) /* tensor cores: CUDA only */
+        check_attention_tc(2, 80, 4, 2, 64), check_attention_tc(1, 515, 8, 2, 128), check_attention_tc(1, 77, 4, 1, 64);
+#endif
     if (GROUP("pointwise")) check_activations(), check_embedding();
     if (GROUP("xent")) check_cross_entropy();
     if (GROUP("adamw")) check_adamw();

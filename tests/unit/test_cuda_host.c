@@ -169,6 +169,10 @@ static void test_tables_complete(void **state) {
     assert_every_slot_set(st_cuda_table());
     assert_int_equal(st_cuda_table()->host_memory, 0);
     assert_string_equal(st_cuda_table()->name, "cuda");
+    /* the tensor-core attention refuses shapes it has no kernel for before touching the device */
+    assert_int_equal(st_cuda_attention_tc_fwd(NULL, NULL, NULL, 1, 16, 4, 2, 96), ST_EINVAL);
+    assert_non_null(strstr(st_error(), "head_dim 96"));
+    assert_int_equal(st_cuda_attention_tc_bwd(NULL, NULL, NULL, NULL, NULL, 1, 16, 4, 3, 64), ST_EINVAL);
 #endif
 }
 

@@ -8,6 +8,18 @@
 #     checkpoint (step 2) intact: a resume from it on the CPU backend finishes like an unbroken run.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
+# same_losses A B: metrics.jsonl files with the same steps 1..6 and bit-identical losses
+same_losses() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+def losses(p):
+    return {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(p) if '"loss"' in l and '"step"' in l}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+assert set(a) == set(b) == set(range(1, 7)), (sorted(a), sorted(b))
+for s in b:
+    assert a[s] == b[s], (s, a[s], b[s])
+PY
+}
 [ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
 
 # --- 1. stage change with device-style allocations ---
@@ -21,16 +33,8 @@ set -e
 ! grep -q "fakedev" "$T/prog.err" || fail "a host/device mix-up: $(cat "$T/prog.err")"
 grep -q '"stage":2' "$T/prog/metrics.jsonl" || fail "no stage change happened: $(cat "$T/prog/metrics.jsonl")"
 [ "$(train 1 progref)" = 0 ] || fail "cpu reference: $(cat "$T/progref.err")"
-python3 - "$T/prog/metrics.jsonl" "$T/progref/metrics.jsonl" <<'PY' || fail "fakedev and cpu losses differ"
-import json, sys
-def losses(p):
-    return {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(p) if '"loss"' in l and '"step"' in l}
-a, b = losses(sys.argv[1]), losses(sys.argv[2])
-assert set(a) == set(b) == set(range(1, 7)), (sorted(a), sorted(b))
-for s in b:
-    assert a[s] == b[s], (s, a[s], b[s])
-print("stage change on device-style memory: losses equal the cpu run over", len(a), "steps")
-PY
+same_losses "$T/prog/metrics.jsonl" "$T/progref/metrics.jsonl" || fail "fakedev and cpu losses differ"
+echo "stage change on device-style memory: losses equal the cpu run over 6 steps"
 # the guard itself can fail: a host buffer handed to a device-to-device copy must be reported
 set +e
 "$FAKE" --guard-self-test >"$T/gst.out" 2>&1; rc=$?
@@ -55,14 +59,6 @@ grep -q '"step":2' "$T/boom/metrics.jsonl" || fail "step 2 missing from metrics.
 grep -q "resumed\|continuity" "$T/boom.out" || fail "the run did not resume from the step-2 checkpoint: $(cat "$T/boom.out")"
 job ref 6 2 1 checkpoint.every_steps=2 train.schedule=constant
 [ "$(train 2 ref)" = 0 ] || fail "reference: $(cat "$T/ref.err")"
-python3 - "$T/boom/metrics.jsonl" "$T/ref/metrics.jsonl" <<'PY' || fail "resumed losses differ from the unbroken run"
-import json, sys
-def losses(p):
-    return {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(p) if '"loss"' in l and '"step"' in l}
-a, b = losses(sys.argv[1]), losses(sys.argv[2])
-assert set(a) == set(b) == set(range(1, 7)), (sorted(a), sorted(b))
-for s in b:
-    assert a[s] == b[s], (s, a[s], b[s])
-print("failure at step 3 on rank 1: stopped; resumed from step 2 equals the unbroken run")
-PY
+same_losses "$T/boom/metrics.jsonl" "$T/ref/metrics.jsonl" || fail "resumed losses differ from the unbroken run"
+echo "failure at step 3 on rank 1: stopped; resumed from step 2 equals the unbroken run"
 echo "ok: device failure test passed"

@@ -11,7 +11,7 @@
 #    (OpenBLAS, gfortran, Open MPI, HDF5, ZeroMQ): `--bundle` copies the ones the binaries need (all but the
 #    CUDA libraries, which the image has, and glibc) into BUILD/bundle/lib, which this script then puts on
 #    LD_LIBRARY_PATH. A binary that still misses a library is reported and its sections are skipped
-#    (one line each); the trainer parts also need mpirun: optional.
+#    (one line each); the trainer parts also need mpirun and python3: optional.
 # 1. gpu_check: every kernel against its CPU twin at small and real-model shapes, a > 2^31-element tensor,
 #    gradients and losses of Llama / q|k|v-bias / GPT-2 training steps, each check reading the backend's
 #    status (tests/tools/gpu_check.c).
@@ -83,6 +83,7 @@ for b in gpu_check shardtune gpu_bench; do
   else RUNS[$b]=0; check "ldd $b" 1 "missing: $m(run --bundle on the build machine and carry $BUILD/bundle)"; fi
 done
 HAVE_MPI=0; command -v mpirun >/dev/null && HAVE_MPI=1
+HAVE_PY=0; command -v "$PY" >/dev/null && HAVE_PY=1 # the trainer section makes its data and compares with it
 
 echo "== 1. gpu_check (kernels vs CPU twins at small and real shapes, gradients, training steps)"
 if [ "${RUNS[gpu_check]}" = 1 ]; then
@@ -112,8 +113,8 @@ else
 fi
 
 echo "== 4. trainer on $GPUS $DEV rank(s) vs the CPU backend on 1 rank"
-if [ "${RUNS[shardtune]}" != 1 ] || [ $HAVE_MPI = 0 ]; then
-  skip "trainer" "needs a runnable $ST and mpirun"
+if [ "${RUNS[shardtune]}" != 1 ] || [ $HAVE_MPI = 0 ] || [ $HAVE_PY = 0 ]; then
+  skip "trainer" "needs a runnable $ST, mpirun and $PY"
   echo "== $([ $failed = 0 ] && echo 'all GPU checks passed (trainer skipped)' || echo 'some GPU checks FAILED')"
   exit $failed
 fi

@@ -126,8 +126,6 @@ void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k
                    float alpha, float beta);
 void st_cpu_bias_add(float *y, const float *bias, int n, int c);
 void st_cpu_bias_bwd(float *dbias, const float *dy, int n, int c);
-void st_cpu_add(float *out, const float *a, const float *b, size_t n);
-void st_cpu_accumulate(float *dst, const float *src, size_t n);
 void st_cpu_scale(float *x, float s, size_t n);
 double st_cpu_sumsq(const float *x, size_t n);
 

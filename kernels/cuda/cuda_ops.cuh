@@ -25,6 +25,11 @@ void st_cu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t,
 void st_cu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
                          int b, int t, int h, int kvh, int hd);
 
+/* attention_tc.cu: the table's attention (tensor-core kernels when SHARDTUNE_CUDA_ATTN=tc, else the above) */
+void st_cu_attention_fwd_any(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd);
+void st_cu_attention_bwd_any(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                             int b, int t, int h, int kvh, int hd);
+
 /* pointwise.cu */
 void st_cu_gelu_fwd(float *out, const float *x, size_t n);
 void st_cu_gelu_bwd(float *dx, const float *dout, const float *x, size_t n);

@@ -189,6 +189,8 @@ static const st_backend st_cpu_table = {
     .round_bf16 = st_cpu_round_bf16,
     .head_rmsnorm_fwd = st_cpu_head_rmsnorm_fwd,
     .head_rmsnorm_bwd = st_cpu_head_rmsnorm_bwd,
+    .attention_window_fwd = st_cpu_attention_window_fwd,
+    .attention_window_bwd = st_cpu_attention_window_bwd,
 };
 
 const st_backend *st_backend_cpu(int threads) {

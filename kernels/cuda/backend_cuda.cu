@@ -470,6 +470,7 @@ static const st_backend cuda_backend = {
     st_cu_adamw_multi,
     cu_round_bf16,
     st_cu_head_rmsnorm_fwd, st_cu_head_rmsnorm_bwd,
+    st_cu_attention_window_fwd, st_cu_attention_window_bwd,
 };
 
 static size_t env_mib(const char *name, size_t fallback) {

@@ -189,6 +189,14 @@ struct st_backend {
                              int kvh, int hd, float eps);
     void (*head_rmsnorm_bwd)(float *dqkv, float *dwq, float *dwk, const float *xs, const float *rstd,
                              const float *wq, const float *wk, int n, int h, int kvh, int hd);
+
+    /* ---- sliding-window causal attention (Mistral, Qwen2/3 sliding layers) ----
+     * attention_fwd / attention_bwd where query row i sees only the keys j with 0 <= i - j < window (as
+     * transformers' sliding-window mask); window <= 0 or >= t is plain causal attention. */
+    void (*attention_window_fwd)(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
+                                 int window);
+    void (*attention_window_bwd)(float *dqkv, const float *dout, const float *qkv, const float *out,
+                                 const float *lse, int b, int t, int h, int kvh, int hd, int window);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

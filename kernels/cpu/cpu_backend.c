@@ -179,6 +179,8 @@ static const st_backend st_cpu_table = {
     .attention_cached = st_cpu_attention_cached,
     .head_rmsnorm_fwd = st_cpu_head_rmsnorm_fwd,
     .head_rmsnorm_bwd = st_cpu_head_rmsnorm_bwd,
+    .attention_window_fwd = st_cpu_attention_window_fwd,
+    .attention_window_bwd = st_cpu_attention_window_bwd,
 };
 
 const st_backend *st_backend_cpu(int threads) {

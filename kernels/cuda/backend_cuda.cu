@@ -574,6 +574,8 @@ static const st_backend cuda_backend = {
     .attention_cached = st_cu_attention_cached,
     .head_rmsnorm_fwd = st_cu_head_rmsnorm_fwd,
     .head_rmsnorm_bwd = st_cu_head_rmsnorm_bwd,
+    .attention_window_fwd = st_cu_attention_window_fwd,
+    .attention_window_bwd = st_cu_attention_window_bwd,
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

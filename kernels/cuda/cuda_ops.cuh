@@ -17,6 +17,10 @@ void st_cu_rmsnorm_bwd(float *dx, float *dw, const float *dout, const float *x, 
 /* attention.cu */
 void st_cu_rope_fwd(float *qkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
 void st_cu_rope_bwd(float *dqkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
+void st_cu_attention_window_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
+                                int window);
+void st_cu_attention_window_bwd(float *dqkv, const float *dout, const float *qkv, const float *out,
+                                const float *lse, int b, int t, int h, int kvh, int hd, int window);
 void st_cu_head_rmsnorm_fwd(float *qkv, float *xs, float *rstd, const float *wq, const float *wk, int n, int h,
                             int kvh, int hd, float eps);
 void st_cu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *xs, const float *rstd,

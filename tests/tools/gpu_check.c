@@ -408,6 +408,15 @@ static void check_rope_attention(void) {
     tick(); C->rope_bwd(dqkv, cs, sn, B, T, H, KVH, HD); tc = tock_cpu();
     report("rope_bwd", dev_err(gdqkv, dqkv, n), tg, tc, 1e-3);
 
+    /* sliding window shorter than T (and not a multiple of the tiles): forward and backward */
+    int win = T > 3 ? T / 3 + 1 : 1;
+    tick(); G->attention_window_fwd(gout, glse, gqkv, B, T, H, KVH, HD, win); tg = tock_gpu();
+    tick(); C->attention_window_fwd(out, lse, qkv, B, T, H, KVH, HD, win); tc = tock_cpu();
+    report("attention_window_fwd", fmax(dev_err(gout, out, nout), dev_err(glse, lse, nlse)), tg, tc, 1e-4);
+    tick(); G->attention_window_bwd(gdqkv, gdout, gqkv, gout, glse, B, T, H, KVH, HD, win); tg = tock_gpu();
+    tick(); C->attention_window_bwd(dqkv, dout, qkv, out, lse, B, T, H, KVH, HD, win); tc = tock_cpu();
+    report("attention_window_bwd", dev_err(gdqkv, dqkv, n), tg, tc, 1e-3);
+
     G->free(gcs), G->free(gsn), G->free(gqkv), G->free(gout), G->free(glse), G->free(gdout), G->free(gdqkv);
     free(cs), free(sn), free(qkv), free(out), free(lse), free(dout), free(dqkv);
 }

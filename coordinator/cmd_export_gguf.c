@@ -67,6 +67,9 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
     }
     st_ggml_type quant;
     if (st_ggml_type_parse(quant_s, &quant)) return st_cli_error("export", st_error());
+    st_model m;
+    float *host;
+    if (load_source(src, &m, &host)) return st_cli_error("export", st_error());
     if (!tok && !no_tok) {
         tok = src;
         if (!file_exists(src, "tokenizer.json")) {
@@ -75,9 +78,6 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
             tok = NULL;
         }
     }
-    st_model m;
-    float *host;
-    if (load_source(src, &m, &host)) return st_cli_error("export", st_error());
     st_gguf_options opt = {no_tok ? NULL : tok, name};
     st_gguf_report rep;
     double t0 = st_now();

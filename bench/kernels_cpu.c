@@ -72,8 +72,6 @@ int main(int argc, char **argv) {
     TIME("rmsnorm_bwd 1024x768", 0, 4 * nc * 4, be->rmsnorm_bwd(dx, dw, dout, x, w, rstd, N, C));
     TIME("bias_add 1024x768", 0, 2 * nc * 4, be->bias_add(out, bb, N, C));
     TIME("bias_bwd 1024x768", 0, nc * 4, be->bias_bwd(db, dout, N, C));
-    TIME("add 1024x768", 0, 3 * nc * 4, be->add(out, x, dout, nc));
-    TIME("accumulate 1024x768", 0, 3 * nc * 4, be->accumulate(out, x, nc));
     volatile double sink = 0;
     TIME("sumsq 1024x768", 0, nc * 4, sink += be->sumsq(x, nc));
 

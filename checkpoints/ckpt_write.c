@@ -206,7 +206,7 @@ static int stage_host(const st_model *m, const st_optim *o, int world, int rank,
     size_t n_opt = o->hi - o->lo;
     /* On the CPU backend the live buffers are host memory and nothing changes them during a save:
      * write from them directly instead of holding a second copy of the whole state. */
-    s->borrowed = strcmp(m->be->name, "cpu") == 0 && (o->m || !n_opt);
+    s->borrowed = m->be->host_memory && (o->m || !n_opt);
     if (s->borrowed) {
         s->weights = m->weights;
         s->m = o->m;

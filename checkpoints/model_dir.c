@@ -289,6 +289,7 @@ static int read_sliding(const reader *r, st_model_config *c) {
     int rc, window = 0, use = 1, mwl = 0;
     int is_mistral = strcmp(c->model_type, "mistral") == 0, is_llama = strcmp(c->model_type, "llama") == 0;
     c->sliding_window = 0;
+    c->window_first_layer = 0;
     if (is_llama) return 0;
     const st_json *sw = st_json_get(r->root, "sliding_window");
     if (!sw) window = 4096; /* the config classes' default */
@@ -301,21 +302,27 @@ static int read_sliding(const reader *r, st_model_config *c) {
     }
     if (window == 0) return 0;
     const st_json *lt = st_json_get(r->root, "layer_types");
-    int sliding = 0;
+    int first = is_mistral ? 0 : mwl; /* the first sliding layer; every later one slides too */
     if (lt && lt->type != ST_JSON_NULL && !is_mistral) {
         if (lt->type != ST_JSON_ARRAY || (int)lt->count != c->n_layer)
             return st_fail(ST_ECONFIG, "%s: key 'layer_types' must list one type per layer", r->src);
+        first = c->n_layer;
         for (size_t i = 0; i < lt->count; i++) {
             const st_json *v = lt->items[i];
-            if (v->type == ST_JSON_STRING && !strcmp(v->string, "sliding_attention")) sliding = 1;
-            else if (!(v->type == ST_JSON_STRING && !strcmp(v->string, "full_attention")))
+            int sl = v->type == ST_JSON_STRING && !strcmp(v->string, "sliding_attention");
+            if (!sl && !(v->type == ST_JSON_STRING && !strcmp(v->string, "full_attention")))
                 return st_fail(ST_ECONFIG, "%s: layer_types entry %zu is not 'full_attention' or 'sliding_attention'",
                                r->src, i);
+            if (sl && first == c->n_layer) first = (int)i;
+            if (!sl && first < c->n_layer)
+                return st_fail(ST_ECONFIG, "%s: layer_types: full_attention layer %zu after sliding_attention layer %d "
+                               "is not supported (sliding layers must be the last ones)", r->src, i, first);
         }
-    } else {
-        sliding = is_mistral || mwl < c->n_layer;
     }
-    if (sliding) c->sliding_window = window;
+    if (first < c->n_layer) {
+        c->sliding_window = window;
+        c->window_first_layer = first;
+    }
     return 0;
 }
 
@@ -417,7 +424,8 @@ int st_model_config_validate(const st_model_config *c) {
         if (c->head_dim / 2 > ST_ROPE_MAX_FACTORS * 4)
             return st_fail(ST_ECONFIG, "model config: head_dim = %d is too large for RoPE", c->head_dim);
     }
-    if (c->sliding_window < 0) return st_fail(ST_ECONFIG, "model config: sliding_window must be >= 0");
+    if (c->sliding_window < 0 || c->window_first_layer < 0)
+        return st_fail(ST_ECONFIG, "model config: sliding_window and its first layer must be >= 0");
     return 0;
 }
 
@@ -564,10 +572,9 @@ int st_model_config_write(const char *dir, const st_model_config *c) {
         if (strcmp(c->model_type, "qwen2") != 0)
             st_strbuf_printf(&b, "  \"attention_bias\": false,\n  \"mlp_bias\": false,\n");
         if (!strcmp(c->model_type, "qwen2") || !strcmp(c->model_type, "qwen3")) {
-            /* a window here means every layer slides (max_window_layers 0), which is what we read it as */
             if (c->sliding_window > 0)
                 st_strbuf_printf(&b, "  \"use_sliding_window\": true,\n  \"sliding_window\": %d,\n"
-                                 "  \"max_window_layers\": 0,\n", c->sliding_window);
+                                 "  \"max_window_layers\": %d,\n", c->sliding_window, c->window_first_layer);
             else st_strbuf_printf(&b, "  \"use_sliding_window\": false,\n");
         }
         if (strcmp(c->model_type, "mistral") == 0) {

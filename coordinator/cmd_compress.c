@@ -217,7 +217,7 @@ int st_cmd_compress(int argc, char **argv) {
     opts o;
     if (parse_args(argc, argv, &o)) return usage();
     double before, after;
-    st_model_config c;
+    st_model_config c = {0};
     if (run(&o, &before, &after, &c)) return st_cli_error("compress", st_error());
     printf("compressed %s -> %s: %d layers, %d heads / %d kv heads, ffn %d", o.model, o.out, c.n_layer, c.n_head,
            c.n_kv_head, c.d_ff);

@@ -71,6 +71,10 @@ int st_cmd_export(int argc, char **argv) {
         }
         return st_export_gguf(ckpt, out, argc, argv);
     }
+    if (strcmp(format, "hf") != 0) {
+        fprintf(stderr, "shardtune export: error: --format '%s' is not supported (hf or gguf)\n", format);
+        return ST_EXIT_USAGE;
+    }
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--format") && i + 1 < argc && !strcmp(argv[i + 1], "hf")) i++;

@@ -62,6 +62,7 @@ int st_trainer_agree(trainer *t, int rc) {
 static int setup_backend(trainer *t) {
     const st_config *c = t->cfg;
     int threads = c->threads > 0 ? c->threads : st_num_threads();
+    if ((t->be = st_backend_override())) return 0; /* a test's backend (kernels.h) */
     if (c->backend == ST_BACKEND_CUDA || c->backend == ST_BACKEND_AUTO) {
         /* the node-local rank from MPI itself: launcher variables disagree under mpirun inside srun */
         int local = 0, local_size = 1;
@@ -79,7 +80,7 @@ static int setup_backend(trainer *t) {
 /* Every rank must run the same backend (comm picks NCCL or MPI by it), and no two ranks of a node may
  * share a GPU (NCCL refuses): both are one clear line instead of a hang or an NCCL error later. */
 static int check_backends(trainer *t) {
-    int cuda = strcmp(t->be->name, "cpu") != 0, lo = cuda, hi = cuda;
+    int cuda = !t->be->host_memory, lo = cuda, hi = cuda;
     MPI_Allreduce(&cuda, &lo, 1, MPI_INT, MPI_MIN, t->comm);
     MPI_Allreduce(&cuda, &hi, 1, MPI_INT, MPI_MAX, t->comm);
     if (lo != hi)
@@ -161,8 +162,8 @@ int st_trainer_enter_stage(trainer *t, int s) {
     float *old_m = NULL, *old_v = NULL;
     int rc = 0;
     if (t->optim.m && t->dp.n_pad > 0) {
-        old_m = st_calloc_aligned(t->dp.n_pad * sizeof(float));
-        old_v = st_calloc_aligned(t->dp.n_pad * sizeof(float));
+        old_m = t->be->alloc(t->dp.n_pad * sizeof(float)); /* backend memory: gathered and copied on the device */
+        old_v = t->be->alloc(t->dp.n_pad * sizeof(float));
         if (!old_m || !old_v) rc = st_fail(ST_ENOMEM, "out of memory re-sharding optimizer state");
         if (!rc) rc = st_comm_gather_state(&t->dp, t->optim.m, old_m);
         if (!rc) rc = st_comm_gather_state(&t->dp, t->optim.v, old_v);
@@ -182,8 +183,8 @@ int st_trainer_enter_stage(trainer *t, int s) {
     if (!rc && old_steps) st_optim_carry_over(&t->optim, m, old_off, old_steps, old_m, old_v);
     t->stage = s;
     free(old_steps);
-    free(old_m);
-    free(old_v);
+    t->be->free(old_m);
+    t->be->free(old_v);
     free(old_off);
     return rc;
 }

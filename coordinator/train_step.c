@@ -118,7 +118,12 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     r->grad_norm = norm;
     r->comm_seconds = t->dp.comm_seconds;
     r->seconds = st_now() - t0;
-    return 0;
+    /* a device failure (kernels.h `status`) ends the run here, after the step's collectives (every rank
+     * ran the same ones) and before the step is reported or saved */
+    if ((rc = t->be->status()) != 0)
+        st_fail_context(rc, "step %lld: device failure (nothing of this step is saved; the last checkpoint stands)",
+                        (long long)step + 1);
+    return rc;
 }
 
 /* ---------------- eval on each task's val split ---------------- */
@@ -152,17 +157,23 @@ double st_trainer_eval_task(trainer *t, int k, double *targets_out) {
 
 
 /* MFU is relative to what this machine's matmul actually reaches (as bench/cpu_train reports it), not
- * to a datasheet: a 1024^3 matmul on the training backend, best of three. */
+ * to a datasheet: a 1024^3 matmul on the training backend in the run's precision (matmul_bf16 under
+ * precision: bf16, whose peak is several times the fp32 one on a GPU), best of three. */
 void st_trainer_measure_peak(trainer *t) {
     const st_backend *be = t->be;
     const int n = 1024;
     size_t bytes = (size_t)n * n * sizeof(float);
+    int bf16 = t->cfg->precision == ST_PRECISION_BF16;
     float *a = be->alloc(bytes), *b = be->alloc(bytes), *c = be->alloc(bytes);
+    float *scratch = bf16 ? be->alloc(st_matmul_bf16_scratch_floats(n, n, n) * sizeof(float)) : NULL;
     double best = 0;
-    if (a && b && c) {
+    if (a && b && c && (scratch || !bf16)) {
         for (int rep = 0; rep < 3; rep++) {
             double t0 = st_now();
-            be->matmul(c, a, b, n, n, n, 0, 1, 1.0f, 0.0f);
+            if (bf16) /* bf16 operands, as the weights and saved activations are: the GEMM alone */
+                be->matmul_bf16(c, st_mm_bf16((const uint16_t *)a), st_mm_bf16((const uint16_t *)b), NULL, n, n, n,
+                                0, 1, 1.0f, 0.0f, scratch);
+            else be->matmul(c, a, b, n, n, n, 0, 1, 1.0f, 0.0f);
             be->synchronize();
             double dt = st_now() - t0;
             if (dt > 0 && 2.0 * n * n * n / dt > best) best = 2.0 * n * n * n / dt;
@@ -171,5 +182,7 @@ void st_trainer_measure_peak(trainer *t) {
     be->free(a);
     be->free(b);
     be->free(c);
+    be->free(scratch);
+    /* a device failure here stays recorded: the first step's status check reports it */
     MPI_Allreduce(&best, &t->peak_flops, 1, MPI_DOUBLE, MPI_SUM, t->comm);
 }

@@ -36,6 +36,10 @@ void st_rope_tables(float *cos_out, float *sin_out, int t, int hd, float theta) 
     }
 }
 
+static const st_backend *override_be;
+void st_backend_set_override(const st_backend *be) { override_be = be; }
+const st_backend *st_backend_override(void) { return override_be; }
+
 #ifndef ST_HAVE_CUDA
 const st_backend *st_backend_cuda(int device) {
     (void)device;

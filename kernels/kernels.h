@@ -49,7 +49,10 @@ static inline st_mm_in st_mm_f32_rounded(const float *p) { st_mm_in o = {p, NULL
 static inline st_mm_in st_mm_bf16(const uint16_t *p) { st_mm_in o = {NULL, p, 0}; return o; }
 
 struct st_backend {
-    const char *name; /* "cpu" or "cuda" */
+    const char *name; /* "cpu" or "cuda" (for messages; code tests the properties below, never the name) */
+    /* 1: buffers from alloc are ordinary host memory (MPI, memcpy and the host may read them in place);
+     * 0: device memory, reached only through this table (copies) and NCCL. */
+    int host_memory;
 
     /* ---- memory ---- */
     void *(*alloc)(size_t bytes); /* zeroed; NULL on failure */
@@ -59,6 +62,12 @@ struct st_backend {
     void (*copy_to_host)(void *host_dst, const void *src, size_t bytes);
     void (*copy)(void *dst, const void *src, size_t bytes); /* device to device */
     void (*synchronize)(void);
+    /* Device failures. The kernels return void and queue asynchronously, so a failure (a launch error, an
+     * illegal address, no cuBLASLt algorithm for a shape, an unsupported head_dim, too little scratch, an
+     * out-of-vocabulary target) is recorded and reported here: synchronizes, then returns 0, or
+     * ST_EDEVICE with st_error() naming the first failing kernel and the reason (the record is cleared).
+     * The trainer calls it at every step boundary; results computed after a failure are garbage. */
+    int (*status)(void);
 
     /* ---- matmul ----
      * C[M,N] = alpha * op(A) @ op(B) + beta * C, op(X) = X or X^T.
@@ -82,10 +91,7 @@ struct st_backend {
     /* dbias[C] += sum over rows of dy[N,C]. */
     void (*bias_bwd)(float *dbias, const float *dy, int n, int c);
 
-    /* ---- elementwise ---- */
-    void (*add)(float *out, const float *a, const float *b, size_t n); /* out = a + b (out may alias) */
-    void (*accumulate)(float *dst, const float *src, size_t n);        /* dst += src */
-    void (*scale)(float *x, float s, size_t n);                        /* x *= s */
+    /* ---- reductions ---- */
     /* Sum of squares of x, accumulated in double. */
     double (*sumsq)(const float *x, size_t n);
 
@@ -151,7 +157,7 @@ struct st_backend {
     void (*dequant_int8)(float *out, const int8_t *q, const float *scale, size_t n, int block);
     void (*dequant_nf4)(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
 
-    /* ---- multi-tensor AdamW (kept last: the CUDA table is initialized positionally) ----
+    /* ---- multi-tensor AdamW ----
      * For each range: exactly `adamw` on it, then param_bf16[i] = bf16(param[i]) when param_bf16 is not
      * NULL (the mixed-precision weight copy, written in the same pass). One call per optimizer step, so
      * a GPU runs a few launches instead of one per tensor. */
@@ -183,6 +189,14 @@ struct st_backend {
                              int kvh, int hd, float eps);
     void (*head_rmsnorm_bwd)(float *dqkv, float *dwq, float *dwk, const float *xs, const float *rstd,
                              const float *wq, const float *wk, int n, int h, int kvh, int hd);
+
+    /* ---- sliding-window causal attention (Mistral, Qwen2/3 sliding layers) ----
+     * attention_fwd / attention_bwd where query row i sees only the keys j with 0 <= i - j < window (as
+     * transformers' sliding-window mask); window <= 0 or >= t is plain causal attention. */
+    void (*attention_window_fwd)(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
+                                 int window);
+    void (*attention_window_bwd)(float *dqkv, const float *dout, const float *qkv, const float *out,
+                                 const float *lse, int b, int t, int h, int kvh, int hd, int window);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,
@@ -221,5 +235,11 @@ const st_backend *st_backend_cuda(int device);
 /* The CUDA backend on the device for rank `local_rank` of the `local_size` ranks on this node
  * (st_cuda_pick_device in kernels/cuda/launch_host.h has the rule), or NULL with st_error() set. */
 const st_backend *st_backend_cuda_for_rank(int local_rank, int local_size);
+
+/* Tests only: a table the trainer uses instead of looking one up (config key `backend` is then ignored),
+ * e.g. tests/tools/fakedev.c's CPU backend with tagged device memory and an injected kernel failure.
+ * NULL (the default) restores the lookup. */
+void st_backend_set_override(const st_backend *be);
+const st_backend *st_backend_override(void);
 
 #endif

@@ -68,20 +68,22 @@ foreach(src ${ST_PYREF_TESTS})
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
 
-# CUDA builds only: worker/comm.c's NCCL path, run on the CPU against a fake NCCL that checks stream
-# order (tests/tools/nccl_fake.c), for each ZeRO stage; the checker must also catch an injected race.
-if(ST_HAVE_CUDA)
-  set(ST_MPIRUN mpirun --oversubscribe -np 3)
-  foreach(stage 0 1 2)
-    add_test(NAME cuda.nccl_path_zero${stage} COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage ${stage})
-    set_tests_properties(cuda.nccl_path_zero${stage} PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
-  endforeach()
-  add_test(NAME cuda.nccl_path_zero2_blocking COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --no-overlap)
-  set_tests_properties(cuda.nccl_path_zero2_blocking PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
-  add_test(NAME cuda.nccl_path_catches_race COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --inject-race)
-  set_tests_properties(cuda.nccl_path_catches_race PROPERTIES LABELS cuda TIMEOUT 300 WILL_FAIL TRUE
-    ENVIRONMENT "${ST_TEST_ENV}")
-endif()
+# worker/comm.c's NCCL path (no #ifdef: it runs in every build), on the CPU against a fake NCCL that checks
+# stream order (tests/tools/nccl_fake.c), for each ZeRO stage, and on one rank through the one-rank NCCL
+# switch (SHARDTUNE_NCCL_ONE_RANK=1); the checker must also catch an injected race.
+set(ST_MPIRUN mpirun --oversubscribe -np 3)
+foreach(stage 0 1 2)
+  add_test(NAME cuda.nccl_path_zero${stage} COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage ${stage})
+  set_tests_properties(cuda.nccl_path_zero${stage} PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
+  add_test(NAME cuda.nccl_path_one_rank_zero${stage} COMMAND mpirun -np 1 $<TARGET_FILE:nccl_fake> --stage ${stage})
+  set_tests_properties(cuda.nccl_path_one_rank_zero${stage} PROPERTIES LABELS cuda TIMEOUT 300
+    ENVIRONMENT "${ST_TEST_ENV};SHARDTUNE_NCCL_ONE_RANK=1")
+endforeach()
+add_test(NAME cuda.nccl_path_zero2_blocking COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --no-overlap)
+set_tests_properties(cuda.nccl_path_zero2_blocking PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
+add_test(NAME cuda.nccl_path_catches_race COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --inject-race)
+set_tests_properties(cuda.nccl_path_catches_race PROPERTIES LABELS cuda TIMEOUT 300 WILL_FAIL TRUE
+  ENVIRONMENT "${ST_TEST_ENV}")
 
 # Every test: exit 77 = skipped; `fast` unless named slow.
 get_property(ST_ALL_TESTS DIRECTORY PROPERTY TESTS)

@@ -1,6 +1,7 @@
 /* comm.c — see comm.h. MPI collectives over the compact gradient space on the CPU backend; NCCL
- * (kernels/cuda/nccl_comm.h, on device buffers, communicator id broadcast over MPI) on the CUDA
- * backend. Scalars (losses, norms) always go through MPI. */
+ * (kernels/cuda/nccl_comm.h, on device buffers, communicator id broadcast over MPI) on a backend whose
+ * memory is device memory. Scalars (losses, norms) always go through MPI. No #ifdef: a build without CUDA
+ * links NCCL stubs that fail with one line (kernels/cuda/nccl_stub_host.c). */
 #include "worker/comm.h"
 
 #include <stdlib.h>
@@ -8,12 +9,15 @@
 
 #include "common/error.h"
 #include "common/util.h"
+#include "kernels/cuda/nccl_comm.h" /* plain C; a build without CUDA links failing stubs */
 #include "worker/optim.h"
-#ifdef ST_HAVE_CUDA
-#include "kernels/cuda/nccl_comm.h"
-#endif
 
-static int on_device(const st_model *m) { return strcmp(m->be->name, "cpu") != 0; }
+static int on_device(const st_model *m) { return !m->be->host_memory; }
+
+/* Whether gradients and parameters go through collectives: several ranks, or NCCL on one rank
+ * (SHARDTUNE_NCCL_ONE_RANK=1: a one-GPU machine exercises the communicator, its events and grouped calls
+ * as a multi-GPU run would; the sums are then identities). */
+static int collective(const st_comm *c) { return c->world > 1 || c->nccl; }
 
 static int mpi_check(int rc, const char *what, int rank) {
     if (rc == MPI_SUCCESS) return 0;
@@ -25,7 +29,6 @@ static int mpi_check(int rc, const char *what, int rank) {
 
 /* One NCCL communicator per job: rank 0 makes the id, MPI carries it. */
 static int nccl_setup(st_comm *c) {
-#ifdef ST_HAVE_CUDA
     unsigned char id[ST_NCCL_ID_BYTES];
     int rc = c->rank == 0 ? st_nccl_get_unique_id(id) : 0;
     MPI_Bcast(&rc, 1, MPI_INT, 0, c->comm);
@@ -34,34 +37,25 @@ static int nccl_setup(st_comm *c) {
     st_nccl_comm *nc = NULL;
     rc = st_nccl_init(&nc, c->rank, c->world, id);
     c->nccl = nc;
-    return rc;
-#else
-    return st_fail(ST_EDEVICE, "rank %d: device buffers need NCCL, but this build has no CUDA", c->rank);
-#endif
+    return rc ? st_fail_context(rc, "rank %d", c->rank) : 0;
 }
 
 /* The three gradient/parameter collectives, on whichever transport this job uses. */
 static int coll_allreduce(st_comm *c, float *buf, size_t n) {
-#ifdef ST_HAVE_CUDA
     if (c->nccl) return st_nccl_all_reduce_sum(c->nccl, buf, n);
-#endif
     return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, c->comm), "gradient all-reduce",
                      c->rank);
 }
 
 static int coll_reduce_scatter(st_comm *c, const float *send, float *recv) {
-#ifdef ST_HAVE_CUDA
     if (c->nccl) return st_nccl_reduce_scatter_sum(c->nccl, recv, send, c->shard);
-#endif
     return mpi_check(MPI_Reduce_scatter_block(send, recv, (int)c->shard, MPI_FLOAT, MPI_SUM, c->comm),
                      "gradient reduce-scatter", c->rank);
 }
 
 /* full[r * shard ..) = part of rank r (device buffers go through NCCL: MPI here is not CUDA-aware). */
 static int coll_allgather(st_comm *c, const float *part, float *full) {
-#ifdef ST_HAVE_CUDA
     if (c->nccl) return st_nccl_all_gather(c->nccl, full, part, c->shard);
-#endif
     return mpi_check(MPI_Allgather(part, (int)c->shard, MPI_FLOAT, full, (int)c->shard, MPI_FLOAT, c->comm),
                      "optimizer state all-gather", c->rank);
 }
@@ -109,15 +103,14 @@ int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
         c->shard_grads = c->be->alloc(c->shard * sizeof(float));
         if (!c->shard_grads) return st_fail(ST_ENOMEM, "out of memory for the gradient shard");
     }
-    if (on_device(m) && c->world > 1) return nccl_setup(c);
+    const char *one = getenv("SHARDTUNE_NCCL_ONE_RANK");
+    if (on_device(m) && (c->world > 1 || (one && !strcmp(one, "1")))) return nccl_setup(c);
     return 0;
 }
 
 void st_comm_free(st_comm *c) {
-#ifdef ST_HAVE_CUDA
     if (c->nccl) st_nccl_destroy(c->nccl);
     c->nccl = NULL;
-#endif
     if (c->be) {
         c->be->free(c->shard_grads);
         c->be->free(c->flat_params);
@@ -204,10 +197,8 @@ static int mpi_bucket_reduce_scatter(st_comm *c, float *grads, size_t lo, const 
 static int bucket_reduce_start(st_comm *c, float *grads, size_t lo, size_t n) {
     size_t parts[c->world > 0 ? c->world : 1];
     if (c->stage == 2) bucket_parts(c, lo, n, parts);
-#ifdef ST_HAVE_CUDA
     if (c->nccl && c->stage == 2) return st_nccl_reduce_parts_sum(c->nccl, shard_dest(c, lo), grads + lo, parts);
     if (c->nccl) return st_nccl_all_reduce_sum(c->nccl, grads + lo, n);
-#endif
     int rc = reserve_request(c);
     if (rc) return rc;
     if (c->stage == 2) return mpi_bucket_reduce_scatter(c, grads, lo, parts);
@@ -241,7 +232,7 @@ static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
 
 void st_comm_overlap_begin(st_comm *c, st_model *m) {
     c->overlapping = 0;
-    if (c->world == 1 || c->n == 0) return;
+    if (!collective(c) || c->n == 0) return;
     if (!c->bucket_bytes) c->bucket_bytes = 4u << 20;
     c->overlapping = 1;
     c->pend_lo = c->pend_hi = 0;
@@ -257,14 +248,9 @@ void st_comm_overlap_begin(st_comm *c, st_model *m) {
 /* Compute stream waits (on the device) for the collectives queued so far, then the host checks that
  * they completed without an asynchronous NCCL error. No-op for MPI (its calls complete on return). */
 static int coll_finish(st_comm *c) {
-#ifdef ST_HAVE_CUDA
-    if (c->nccl) {
-        int rc = st_nccl_wait_compute(c->nccl);
-        return rc ? rc : st_nccl_synchronize(c->nccl);
-    }
-#endif
-    (void)c;
-    return 0;
+    if (!c->nccl) return 0;
+    int rc = st_nccl_wait_compute(c->nccl);
+    return rc ? rc : st_nccl_synchronize(c->nccl);
 }
 
 static int overlap_finish(st_comm *c, st_model *m) {
@@ -295,7 +281,7 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     if (c->n_pad == 0) { *optim_grads = m->grads; return 0; }
     if (c->overlapping) {
         rc = overlap_finish(c, m);
-    } else if (c->world > 1) {
+    } else if (collective(c)) {
         if (c->stage == 2) rc = coll_reduce_scatter(c, m->grads, c->shard_grads);
         else rc = coll_allreduce(c, m->grads, c->n_pad);
         if (!rc) rc = coll_finish(c);
@@ -343,9 +329,7 @@ static void pack_range(void *vctx, const st_param *p, size_t start, size_t len) 
 static int gather_bucket_start(st_comm *c, size_t a, size_t n) {
     size_t parts[c->world];
     bucket_parts(c, a, n, parts);
-#ifdef ST_HAVE_CUDA
     if (c->nccl) return st_nccl_all_gather_parts(c->nccl, c->flat_params + a, parts);
-#endif
     int rc = reserve_request(c);
     if (rc) return rc;
     int *counts = request_counts(c, parts);
@@ -363,7 +347,7 @@ static int gather_finish(st_comm *c) {
 }
 
 int st_comm_update_params(st_comm *c, st_model *m, st_optim *o, const float *grads, float lr, float grad_scale) {
-    if (c->stage == 0 || c->world == 1 || c->n_pad == 0) {
+    if (c->stage == 0 || !collective(c) || c->n_pad == 0) {
         st_optim_update(o, m, grads, lr, grad_scale);
         return 0;
     }

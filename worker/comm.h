@@ -18,7 +18,7 @@
 typedef struct {
     MPI_Comm comm;
     const st_backend *be;   /* where the gradient/parameter buffers live */
-    void *nccl;             /* st_nccl_comm when the backend is a device backend and world > 1 */
+    void *nccl;             /* st_nccl_comm on a device backend when world > 1 (or SHARDTUNE_NCCL_ONE_RANK=1) */
     int rank, world, stage;
     size_t n, n_pad, shard; /* trainable floats, padded total, per-rank shard length */
     size_t lo, hi;          /* this rank's shard of the compact space (lo..hi may exceed n: padding) */

@@ -201,12 +201,15 @@ static void linear(const gen_state *g, float *y, const float *x, const float *w,
 
 static void embed(gen_state *g, const int32_t *seq, const int32_t *pos, int rows) {
     const st_backend *be = g->be;
-    be->embedding_fwd(g->x, g->d_tok, g->wte, NULL, 1, rows, g->C);
-    if (g->wpe) { /* learned positions: one add per run of consecutive positions of one sequence */
+    if (!g->wpe) {
+        be->embedding_fwd(g->x, g->d_tok, g->wte, NULL, 1, rows, g->C);
+    } else { /* learned positions: one lookup per run of consecutive positions of one sequence, with the
+              * position table offset to the run's first position */
         for (int r0 = 0; r0 < rows;) {
             int r1 = r0 + 1;
             while (r1 < rows && seq[r1] == seq[r0] && pos[r1] == pos[r1 - 1] + 1) r1++;
-            be->accumulate(g->x + (size_t)r0 * g->C, g->wpe + (size_t)pos[r0] * g->C, (size_t)(r1 - r0) * g->C);
+            be->embedding_fwd(g->x + (size_t)r0 * g->C, g->d_tok + r0, g->wte, g->wpe + (size_t)pos[r0] * g->C, 1,
+                              r1 - r0, g->C);
             r0 = r1;
         }
     }

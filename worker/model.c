@@ -164,6 +164,11 @@ int st_model_build_registry(st_model *m, const st_model_config *cfg) {
 int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be) {
     int rc = st_model_build_registry(m, cfg);
     if (rc) return rc;
+    if (cfg->sliding_window > 0 && (!be->attention_window_fwd || !be->attention_window_bwd)) {
+        st_model_free(m);
+        return st_fail(ST_ECONFIG, "model has sliding_window %d, which the %s backend cannot attend with",
+                       cfg->sliding_window, be->name);
+    }
     if (cfg->qk_norm && (!be->head_rmsnorm_fwd || !be->head_rmsnorm_bwd)) {
         st_model_free(m);
         return st_fail(ST_ECONFIG, "model_type %s needs q/k norms, which the %s backend does not have",
@@ -655,10 +660,6 @@ int st_model_check_seq_len(const st_model_config *c, int T) {
     int dynamic = c->family == ST_FAMILY_LLAMA && c->rope.type == ST_ROPE_DYNAMIC;
     if (T > c->max_seq && !dynamic)
         return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's max positions %d", T, c->max_seq);
-    if (c->sliding_window > 0 && T > c->sliding_window)
-        return st_fail(ST_ECONFIG, "train.seq_len %d exceeds the model's sliding_window %d: windowed attention "
-                       "is not implemented (use seq_len <= %d, where it equals full causal attention)",
-                       T, c->sliding_window, c->sliding_window);
     return 0;
 }
 
@@ -812,6 +813,13 @@ static const float *head_weight(const st_model *m, float **grad) {
     return wptr(m, idx);
 }
 
+/* The sliding window layer l attends with, or 0 when it sees every earlier key (no window, a full-attention
+ * layer, or sequences no longer than the window, where both are the same). */
+static int layer_window(const st_model *m, int l) {
+    const st_model_config *c = &m->cfg;
+    return c->sliding_window > 0 && l >= c->window_first_layer && m->T > c->sliding_window ? c->sliding_window : 0;
+}
+
 /* One layer forward (see the top of this file). Under bf16 the fp32 results land in working buffers
  * (norm outputs in dln, h2 in dh2: both free during forward) and are saved as bf16. */
 static void layer_forward(st_model *m, int l, const layer_acts *a, const model_bufs *b, float *res_out) {
@@ -831,7 +839,11 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     if (c->family == ST_FAMILY_LLAMA)
         be->rope_fwd(qkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     save(m, a->qkv_h, qkv, (size_t)N * Q, 1);
-    be->attention_fwd(atty, a->lse, qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    int win = layer_window(m, l);
+    if (win)
+        be->attention_window_fwd(atty, a->lse, qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim, win);
+    else
+        be->attention_fwd(atty, a->lse, qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     save(m, a->atty_h, atty, (size_t)N * A, 0);
     /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T (+ b) */
     be->copy(a->resmid, a->res_in, (size_t)N * C * sizeof(float));
@@ -944,7 +956,12 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     linear_wgrad(m, w.gwo, dres, saved(a->atty, a->atty_h), N, C, A);
     const float *qkv = restore(m, a->qkv, a->qkv_h, b->qkv_w, (size_t)N * Q);
     const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
-    be->attention_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    int win = layer_window(m, l);
+    if (win)
+        be->attention_window_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head,
+                                 c->head_dim, win);
+    else
+        be->attention_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     if (c->family == ST_FAMILY_LLAMA)
         be->rope_bwd(b->dqkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     if (c->qk_norm)

@@ -122,8 +122,7 @@ int st_model_rope_inv_freq(const st_model_config *cfg, int T, float *inv_freq, d
  * its tables with this too. Returns 0 or ST_ECONFIG. */
 int st_model_rope_tables(const st_model_config *cfg, int T, float *cos_out, float *sin_out);
 
-/* Whether sequences of T tokens can run: T <= max_seq (except dynamic RoPE, made to extend it) and T within
- * a sliding window (longer sequences would need windowed attention, which the kernels do not do).
+/* Whether sequences of T tokens can run: T <= max_seq, except dynamic RoPE (made to extend it).
  * 0 or ST_ECONFIG naming the limit. */
 int st_model_check_seq_len(const st_model_config *cfg, int T);
 

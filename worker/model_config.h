@@ -59,8 +59,8 @@ typedef struct {
     st_rope_config rope; /* Llama family only: the RoPE variant (type 0 = default) */
     int qk_norm;         /* Qwen3: RMSNorm over head_dim of every q and k head, before RoPE */
     int sliding_window;  /* window of the layers that slide (Mistral; Qwen2/3 with use_sliding_window), 0 =
-                          * none: seq_len beyond it is refused (model.c), the kernels attend to every earlier
-                          * position, which equals windowed attention up to the window */
+                          * none: layers >= window_first_layer attend to the keys j with i - j < window */
+    int window_first_layer; /* Mistral: 0; Qwen2/3: max_window_layers (or the first sliding layer_types) */
     int has_pad, pad_id; /* pad_token_id when has_pad (kept for exports) */
     char dtype[16];      /* the source's torch_dtype / dtype ("float32", "bfloat16", "float16"; "" = float32) */
     int dtype_key;       /* 0: written as "torch_dtype" (4.x), 1: "dtype" (transformers 5) */

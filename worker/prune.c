@@ -37,15 +37,38 @@ static const char *down_fmt(const st_model *m) {
     return m->cfg.family == ST_FAMILY_GPT2 ? "h.%d.mlp.c_proj.weight" : "model.layers.%d.mlp.down_proj.weight";
 }
 
-/* Accumulates one layer's importance sums over the first `rows` tokens of the batch. */
-static void layer_sums(const st_model *m, int l, const float *w, const float *in, const float *att, const float *h,
-                       const float *out, int rows, st_prune_stats *s) {
+/* Host copies of one layer's activations (the backend may be a device), and scratch for the group scores. */
+typedef struct { float *in, *att, *h, *out, *ga, *gw, *gc; } host_acts;
+
+/* Adds, for every KV group g, the sum over tokens of ||W_o[:, cols(g)] a_t[cols(g)]||: one host matmul per
+ * group ([rows, gw] x [gw, C]) instead of a scalar triple loop (minutes per layer on 7B-sized models). */
+static void group_sums(const st_model *m, int l, const float *w, const host_acts *ha, int rows, st_prune_stats *s) {
     const st_model_config *c = &m->cfg;
-    int C = c->d_model, F = c->d_ff, hd = c->head_dim, A = c->n_head * hd, G = c->n_kv_head;
-    int gw = (c->n_head / G) * hd; /* columns of one KV group in the attention output */
+    int C = c->d_model, A = c->n_head * c->head_dim, G = c->n_kv_head, gw = (c->n_head / G) * c->head_dim;
     const float *wo = param_ptr(m, w, o_proj_fmt(m), l);
+    const st_backend *cpu = st_backend_cpu(0);
+    for (int g = 0; g < G; g++) {
+        for (int t = 0; t < rows; t++)
+            memcpy(ha->ga + (size_t)t * gw, ha->att + (size_t)t * A + (size_t)g * gw, (size_t)gw * sizeof(float));
+        for (int o = 0; o < C; o++)
+            memcpy(ha->gw + (size_t)o * gw, wo + (size_t)o * A + (size_t)g * gw, (size_t)gw * sizeof(float));
+        cpu->matmul(ha->gc, ha->ga, ha->gw, rows, C, gw, 0, 1, 1.0f, 0.0f);
+        double sum = 0;
+        for (int t = 0; t < rows; t++) {
+            double n2 = 0;
+            for (int k = 0; k < C; k++) n2 += (double)ha->gc[(size_t)t * C + k] * ha->gc[(size_t)t * C + k];
+            sum += sqrt(n2);
+        }
+        s->group_score[(size_t)l * G + g] += sum;
+    }
+}
+
+/* Accumulates one layer's importance sums over the first `rows` tokens of the batch. */
+static void layer_sums(const st_model *m, int l, const float *w, const host_acts *ha, int rows, st_prune_stats *s) {
+    const st_model_config *c = &m->cfg;
+    int C = c->d_model, F = c->d_ff;
     for (int t = 0; t < rows; t++) {
-        const float *x = in + (size_t)t * C, *y = out + (size_t)t * C, *a = att + (size_t)t * A;
+        const float *x = ha->in + (size_t)t * C, *y = ha->out + (size_t)t * C;
         double dot = 0, nx = 0, ny = 0;
         for (int k = 0; k < C; k++) {
             dot += (double)x[k] * y[k];
@@ -53,19 +76,10 @@ static void layer_sums(const st_model *m, int l, const float *w, const float *in
             ny += (double)y[k] * y[k];
         }
         s->layer_bi[l] += nx > 0 && ny > 0 ? 1.0 - dot / sqrt(nx * ny) : 0.0;
-        for (int g = 0; g < G; g++) {
-            double n2 = 0;
-            for (int o = 0; o < C; o++) {
-                const float *wr = wo + (size_t)o * A + (size_t)g * gw, *ar = a + (size_t)g * gw;
-                double acc = 0;
-                for (int k = 0; k < gw; k++) acc += (double)wr[k] * ar[k];
-                n2 += acc * acc;
-            }
-            s->group_score[(size_t)l * G + g] += sqrt(n2);
-        }
-        const float *hr = h + (size_t)t * F;
+        const float *hr = ha->h + (size_t)t * F;
         for (int j = 0; j < F; j++) s->chan_score[(size_t)l * F + j] += (double)hr[j] * hr[j];
     }
+    group_sums(m, l, w, ha, rows, s);
 }
 
 /* Turns the sums into the importance scores (means; channels times their down-projection column norm). */
@@ -83,9 +97,6 @@ static void finish_scores(const st_model *m, const float *w, double tokens, st_p
         }
     }
 }
-
-/* Host copies of one layer's activations (the backend may be a device). */
-typedef struct { float *in, *att, *h, *out; } host_acts;
 
 static int fetch_layer(const st_model *m, int l, int rows, host_acts *ha) {
     const float *in, *att, *h, *out;
@@ -119,9 +130,13 @@ int st_prune_calibrate(st_model *m, const int32_t *inputs, const int32_t *target
         ha.out = malloc(N * c->d_model * sizeof(float));
         ha.att = malloc(N * c->n_head * c->head_dim * sizeof(float));
         ha.h = malloc(N * c->d_ff * sizeof(float));
+        size_t gw = (size_t)(c->n_head / c->n_kv_head) * c->head_dim;
+        ha.ga = malloc(N * gw * sizeof(float));
+        ha.gw = malloc((size_t)c->d_model * gw * sizeof(float));
+        ha.gc = malloc(N * c->d_model * sizeof(float));
     }
     if (!in || !tg || !wt || (importance && (!w || !s->layer_bi || !s->group_score || !s->chan_score || !ha.in ||
-                                             !ha.out || !ha.att || !ha.h)))
+                                             !ha.out || !ha.att || !ha.h || !ha.ga || !ha.gw || !ha.gc)))
         rc = st_fail(ST_ENOMEM, "out of memory for calibration");
     if (!rc && importance) m->be->copy_to_host(w, m->weights, m->n_weights * sizeof(float));
     double loss = 0, count = 0;
@@ -141,13 +156,13 @@ int st_prune_calibrate(st_model *m, const int32_t *inputs, const int32_t *target
         }
         for (int l = 0; importance && l < c->n_layer && !rc; l++) {
             if (!(rc = fetch_layer(m, l, rows * T, &ha)))
-                layer_sums(m, l, w, ha.in, ha.att, ha.h, ha.out, rows * T, s);
+                layer_sums(m, l, w, &ha, rows * T, s);
         }
     }
     if (!rc && importance) finish_scores(m, w, (double)n * T, s);
     s->loss = count > 0 ? loss / count : 0;
     s->targets = count;
-    free(ha.in); free(ha.out); free(ha.att); free(ha.h);
+    free(ha.in); free(ha.out); free(ha.att); free(ha.h); free(ha.ga); free(ha.gw); free(ha.gc);
     free(w); free(in); free(tg); free(wt);
     if (rc) st_prune_stats_free(s);
     return rc;

@@ -101,7 +101,11 @@ void st_cpu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *x
 
 /* ---- attention ---- */
 
-void st_cpu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd) {
+/* First key query row ti sees: 0, or with a sliding window W the keys j with ti - j < W. */
+static inline int first_key(int ti, int window) { return window > 0 && ti >= window ? ti - window + 1 : 0; }
+
+static void attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
+                          int window) {
     if (b <= 0 || t <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
     int stride = (h + 2 * kvh) * hd, group = h / kvh;
     float scale = 1.0f / sqrtf((float)hd);
@@ -113,11 +117,12 @@ void st_cpu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t
         int ti = (int)(r % t);
         int hi = (int)((r / t) % h);
         int bi = (int)(r / ((long)t * h));
-        float s[t]; /* scores of keys 0..ti */
+        float s[t]; /* scores of keys j0..ti */
+        int j0 = first_key(ti, window);
         const float *q = qkv + ((size_t)bi * t + ti) * stride + (size_t)hi * hd;
-        const float *kbase = qkv + (size_t)bi * t * stride + (size_t)h * hd + (size_t)(hi / group) * hd;
+        const float *kbase = qkv + ((size_t)bi * t + j0) * stride + (size_t)h * hd + (size_t)(hi / group) * hd;
         const float *vbase = kbase + (size_t)kvh * hd;
-        int nk = ti + 1;
+        int nk = ti - j0 + 1;
         int j = 0;
         for (; j + 4 <= nk; j += 4) {
             const float *k0 = kbase + (size_t)j * stride;
@@ -137,6 +142,15 @@ void st_cpu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t
     }
 }
 
+void st_cpu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd) {
+    attention_fwd(out, lse, qkv, b, t, h, kvh, hd, 0);
+}
+
+void st_cpu_attention_window_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
+                                 int window) {
+    attention_fwd(out, lse, qkv, b, t, h, kvh, hd, window);
+}
+
 /* One (batch, kv head) group: zero its dk/dv, then for each of its query heads and rows accumulate
  * dq (written once per row), dk and dv in a fixed order. Per row the scores q.k_j and dout.v_j of all
  * keys are computed first, four keys at a time (st_cpu_dot4 shares the loads of q / dout and gives
@@ -144,7 +158,7 @@ void st_cpu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t
  * three axpys stay in the per-key loop. Every value is the same float computation as the one-key-at-a-time
  * form (st_cpu_dot4 == st_cpu_dot bit for bit), and dq / dk / dv are accumulated in the same order. */
 static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv, const float *out,
-                                const float *lse, int bi, int kv, int t, int h, int kvh, int hd) {
+                                const float *lse, int bi, int kv, int t, int h, int kvh, int hd, int window) {
     int stride = (h + 2 * kvh) * hd, group = h / kvh;
     float scale = 1.0f / sqrtf((float)hd);
     size_t koff = (size_t)h * hd + (size_t)kv * hd, voff = koff + (size_t)kvh * hd;
@@ -154,16 +168,18 @@ static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv
         memset(dtok0 + (size_t)j * stride + koff, 0, (size_t)hd * sizeof(float));
         memset(dtok0 + (size_t)j * stride + voff, 0, (size_t)hd * sizeof(float));
     }
-    float dq[hd], p[t], ds[t]; /* p: probabilities of keys 0..ti; ds: first dout.v_j, then dscore_j */
-    const float *kbase = tok0 + koff, *vbase = tok0 + voff;
+    float dq[hd], p[t], ds[t]; /* p: probabilities of keys j0..ti; ds: first dout.v_j, then dscore_j */
     for (int hi = kv * group; hi < (kv + 1) * group; hi++) {
         for (int ti = 0; ti < t; ti++) {
+            int j0 = first_key(ti, window); /* index j below is key j0 + j */
+            const float *kbase = tok0 + (size_t)j0 * stride + koff, *vbase = tok0 + (size_t)j0 * stride + voff;
+            float *dkv0 = dtok0 + (size_t)j0 * stride;
             const float *q = tok0 + (size_t)ti * stride + (size_t)hi * hd;
             size_t orow = ((size_t)bi * t + ti) * (size_t)h * hd + (size_t)hi * hd;
             const float *dor = dout + orow;
             float row_lse = lse[((size_t)bi * h + hi) * t + ti];
             float dsum = st_cpu_dot(dor, out + orow, hd); /* sum_j p_j dp_j = dout . out */
-            int nk = ti + 1, j = 0;
+            int nk = ti - j0 + 1, j = 0;
             for (; j + 4 <= nk; j += 4) {
                 const float *k0 = kbase + (size_t)j * stride, *v0 = vbase + (size_t)j * stride;
                 st_cpu_dot4(p + j, q, k0, k0 + stride, k0 + 2 * (size_t)stride, k0 + 3 * (size_t)stride, hd);
@@ -180,8 +196,8 @@ static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv
             for (int d = 0; d < hd; d++) dq[d] = 0.0f;
             for (j = 0; j < nk; j++) {
                 st_cpu_axpy(dq, ds[j], kbase + (size_t)j * stride, hd);
-                st_cpu_axpy(dtok0 + (size_t)j * stride + koff, ds[j] * scale, q, hd);
-                st_cpu_axpy(dtok0 + (size_t)j * stride + voff, p[j], dor, hd);
+                st_cpu_axpy(dkv0 + (size_t)j * stride + koff, ds[j] * scale, q, hd);
+                st_cpu_axpy(dkv0 + (size_t)j * stride + voff, p[j], dor, hd);
             }
             float *dqr = dtok0 + (size_t)ti * stride + (size_t)hi * hd;
             for (int d = 0; d < hd; d++) dqr[d] = dq[d] * scale;
@@ -189,10 +205,21 @@ static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv
     }
 }
 
-void st_cpu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                          int b, int t, int h, int kvh, int hd) {
+static void attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                          int b, int t, int h, int kvh, int hd, int window) {
     if (b <= 0 || t <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
     int groups = b * kvh;
 #pragma omp parallel for schedule(static) if ((long)b * h * t * t * hd >= ST_CPU_PAR_MIN)
-    for (int g = 0; g < groups; g++) attention_bwd_group(dqkv, dout, qkv, out, lse, g / kvh, g % kvh, t, h, kvh, hd);
+    for (int g = 0; g < groups; g++)
+        attention_bwd_group(dqkv, dout, qkv, out, lse, g / kvh, g % kvh, t, h, kvh, hd, window);
+}
+
+void st_cpu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                          int b, int t, int h, int kvh, int hd) {
+    attention_bwd(dqkv, dout, qkv, out, lse, b, t, h, kvh, hd, 0);
+}
+
+void st_cpu_attention_window_bwd(float *dqkv, const float *dout, const float *qkv, const float *out,
+                                 const float *lse, int b, int t, int h, int kvh, int hd, int window) {
+    attention_bwd(dqkv, dout, qkv, out, lse, b, t, h, kvh, hd, window);
 }

@@ -126,8 +126,6 @@ void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k
                    float alpha, float beta);
 void st_cpu_bias_add(float *y, const float *bias, int n, int c);
 void st_cpu_bias_bwd(float *dbias, const float *dy, int n, int c);
-void st_cpu_add(float *out, const float *a, const float *b, size_t n);
-void st_cpu_accumulate(float *dst, const float *src, size_t n);
 void st_cpu_scale(float *x, float s, size_t n);
 double st_cpu_sumsq(const float *x, size_t n);
 
@@ -150,6 +148,10 @@ void st_cpu_rmsnorm_bwd(float *dx, float *dw, const float *dout, const float *x,
 /* cpu_attention.c */
 void st_cpu_rope_fwd(float *qkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
 void st_cpu_rope_bwd(float *dqkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
+void st_cpu_attention_window_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
+                                 int window);
+void st_cpu_attention_window_bwd(float *dqkv, const float *dout, const float *qkv, const float *out,
+                                 const float *lse, int b, int t, int h, int kvh, int hd, int window);
 void st_cpu_head_rmsnorm_fwd(float *qkv, float *xs, float *rstd, const float *wq, const float *wk, int n, int h,
                              int kvh, int hd, float eps);
 void st_cpu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *xs, const float *rstd,

@@ -10,6 +10,8 @@
  *   dkv kernel: warp per key row, loops the group's query heads and query tiles in order:
  *               dv = sum P dout,  dk = scale * sum dS q
  * Each output element has one writer and a fixed summation order: no atomics, reproducible.
+ * A sliding window (attention_window_*) masks keys j < i - window + 1 as well and skips the key (query)
+ * tiles no row of a block can see.
  * Shared-memory sizes and shape limits come from launch_host.c (head_dim <= 128). */
 #include "kernels/cuda/cuda_ops.cuh"
 
@@ -155,6 +157,7 @@ void st_cu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *xs
 
 struct attn_shape {
     int b, t, h, kvh, hd;
+    int window;    /* sliding window: query i sees keys j with i - j < window; 0 = all earlier keys */
     size_t stride; /* floats per token in packed qkv */
     float scale;   /* 1/sqrt(hd) */
 };
@@ -186,6 +189,14 @@ __device__ __forceinline__ float dot_rows(const float *a, const float *b, int hd
     return s;
 }
 
+/* First key tile any query row of the block starting at row0 can see (0 without a window). Uniform over
+ * the block, so every thread runs the same tiles (the loops synchronize per tile). */
+__device__ __forceinline__ int first_tile(const attn_shape &s, int row0) {
+    if (s.window <= 0) return 0;
+    int lo = row0 - s.window + 1;
+    return lo > 0 ? lo / TILE * TILE : 0;
+}
+
 /* ---------------------------------------------------------------- forward */
 
 __global__ void attn_fwd_kernel(float *out, float *lse, const float *qkv, attn_shape s) {
@@ -202,16 +213,17 @@ __global__ void attn_fwd_kernel(float *out, float *lse, const float *qkv, attn_s
 
     float m = -INFINITY, l = 0.0f, acc[MAX_PER_LANE] = {0.0f, 0.0f, 0.0f, 0.0f};
     int last = min(s.t - 1, (int)blockIdx.x * ROWS + ROWS - 1);
-    for (int kt = 0; kt <= last; kt += TILE) {
+    int lo = s.window > 0 ? i - s.window + 1 : 0; /* this row's first visible key (may be < 0) */
+    for (int kt = first_tile(s, blockIdx.x * ROWS); kt <= last; kt += TILE) {
         __syncthreads(); /* previous tile fully consumed */
         load_tile(ks, qkv, kt, s.t, hd, [&](int row) { return k_off(s, bi, row, gi); });
         load_tile(vs, qkv, kt, s.t, hd, [&](int row) { return v_off(s, bi, row, gi); });
         __syncthreads();
-        if (!active || kt > i) continue; /* warp-uniform */
+        if (!active || kt > i || kt + TILE - 1 < lo) continue; /* warp-uniform: no visible key here */
         int j = kt + lane;
-        bool ok = j <= i;
+        bool ok = j <= i && j >= lo;
         float sc = ok ? dot_rows(q, ks + lane * ld, hd) * s.scale : -INFINITY;
-        float m_new = fmaxf(m, st_warp_max(sc)); /* finite: key kt <= i is always in the tile */
+        float m_new = fmaxf(m, st_warp_max(sc)); /* finite: the tile holds a key in [lo, i] */
         float pj = ok ? expf(sc - m_new) : 0.0f;
         float corr = expf(m - m_new); /* 0 on the first tile (m = -inf) */
         l = l * corr + st_warp_sum(pj);
@@ -243,17 +255,29 @@ static int shape_ok(const char *name, attn_shape *s, int b, int t, int h, int kv
         return 0;
     }
     s->b = b, s->t = t, s->h = h, s->kvh = kvh, s->hd = hd;
+    s->window = 0;
     s->stride = (size_t)(h + 2 * kvh) * hd;
     s->scale = 1.0f / sqrtf((float)hd);
     return 1;
 }
 
-void st_cu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd) {
+static void attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
+                          int window) {
     attn_shape s;
     if (!shape_ok("attention_fwd", &s, b, t, h, kvh, hd)) return;
+    s.window = window > 0 && window < t ? window : 0;
     dim3 grid((t + ROWS - 1) / ROWS, h, b);
     attn_fwd_kernel<<<grid, ROWS * 32, st_cuda_attn_fwd_smem(hd), st_cuda_stream_internal()>>>(out, lse, qkv, s);
     ST_CUDA_LAUNCHED("attention_fwd");
+}
+
+void st_cu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd) {
+    attention_fwd(out, lse, qkv, b, t, h, kvh, hd, 0);
+}
+
+void st_cu_attention_window_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
+                                int window) {
+    attention_fwd(out, lse, qkv, b, t, h, kvh, hd, window);
 }
 
 /* ---------------------------------------------------------------- backward */
@@ -296,15 +320,16 @@ __global__ void attn_bwd_dq_kernel(float *dqkv, const float *dout, const float *
     }
     float acc[MAX_PER_LANE] = {0.0f, 0.0f, 0.0f, 0.0f};
     int last = min(s.t - 1, (int)blockIdx.x * ROWS + ROWS - 1);
-    for (int kt = 0; kt <= last; kt += TILE) {
+    int lo = s.window > 0 ? i - s.window + 1 : 0;
+    for (int kt = first_tile(s, blockIdx.x * ROWS); kt <= last; kt += TILE) {
         __syncthreads();
         load_tile(ks, qkv, kt, s.t, hd, [&](int row) { return k_off(s, bi, row, gi); });
         load_tile(vs, qkv, kt, s.t, hd, [&](int row) { return v_off(s, bi, row, gi); });
         __syncthreads();
-        if (!active || kt > i) continue;
+        if (!active || kt > i || kt + TILE - 1 < lo) continue;
         int j = kt + lane;
         float dsj = 0.0f;
-        if (j <= i) {
+        if (j <= i && j >= lo) {
             float pj = expf(dot_rows(q, ks + lane * ld, hd) * s.scale - lse_i);
             float dpj = dot_rows(dq_row, vs + lane * ld, hd);
             dsj = pj * (dpj - d_i);
@@ -346,9 +371,11 @@ __global__ void attn_bwd_dkv_kernel(float *dqkv, const float *dout, const float 
         }
     float dk[MAX_PER_LANE] = {0.0f, 0.0f, 0.0f, 0.0f}, dv[MAX_PER_LANE] = {0.0f, 0.0f, 0.0f, 0.0f};
     int first = blockIdx.x * ROWS; /* causal: only queries i >= the block's first key row see it */
+    /* with a window, only queries i < the block's last key row + window do */
+    int qend = s.window > 0 ? min(s.t, first + ROWS - 1 + s.window) : s.t;
     size_t dout_stride = (size_t)s.h * hd;
     for (int hq = gi * group; hq < (gi + 1) * group; hq++) {
-        for (int qt = first; qt < s.t; qt += TILE) {
+        for (int qt = first; qt < qend; qt += TILE) {
             __syncthreads();
             load_tile(qt_s, qkv, qt, s.t, hd, [&](int row) { return q_off(s, bi, row, hq); });
             load_tile(dot_s, dout, qt, s.t, hd,
@@ -363,7 +390,7 @@ __global__ void attn_bwd_dkv_kernel(float *dqkv, const float *dout, const float 
             if (!active || qt + TILE - 1 < j) continue; /* whole tile before this key: masked */
             int i = qt + lane;
             float pi = 0.0f, dsi = 0.0f;
-            if (i < s.t && i >= j) {
+            if (i < s.t && i >= j && (s.window <= 0 || i - j < s.window)) {
                 pi = expf(dot_rows(qt_s + lane * ld, k, hd) * s.scale - lse_s[lane]);
                 float dpi = dot_rows(dot_s + lane * ld, v, hd);
                 dsi = pi * (dpi - d_s[lane]);
@@ -395,10 +422,11 @@ __global__ void attn_bwd_dkv_kernel(float *dqkv, const float *dout, const float 
     }
 }
 
-void st_cu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                         int b, int t, int h, int kvh, int hd) {
+static void attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                          int b, int t, int h, int kvh, int hd, int window) {
     attn_shape s;
     if (!shape_ok("attention_bwd", &s, b, t, h, kvh, hd)) return;
+    s.window = window > 0 && window < t ? window : 0;
     size_t scratch_bytes;
     float *dsum = (float *)st_cuda_scratch(&scratch_bytes);
     size_t need = st_cuda_attn_bwd_scratch_floats(b, t, h);
@@ -419,4 +447,14 @@ void st_cu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const
     ST_CUDA_LAUNCHED("attention_bwd (dq)");
     attn_bwd_dkv_kernel<<<grid_kv, ROWS * 32, st_cuda_attn_bwd_kv_smem(hd), st>>>(dqkv, dout, qkv, lse, dsum, s);
     ST_CUDA_LAUNCHED("attention_bwd (dk, dv)");
+}
+
+void st_cu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                         int b, int t, int h, int kvh, int hd) {
+    attention_bwd(dqkv, dout, qkv, out, lse, b, t, h, kvh, hd, 0);
+}
+
+void st_cu_attention_window_bwd(float *dqkv, const float *dout, const float *qkv, const float *out,
+                                const float *lse, int b, int t, int h, int kvh, int hd, int window) {
+    attention_bwd(dqkv, dout, qkv, out, lse, b, t, h, kvh, hd, window);
 }

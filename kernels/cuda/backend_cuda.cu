@@ -19,8 +19,9 @@
 
 enum { MATMUL_CACHE = 32 };
 
-struct matmul_plan { /* cuBLASLt descriptors + algorithm for one (m, n, k, ta, tb, align, input type, epilogue) */
+struct matmul_plan { /* cuBLASLt descriptors + algorithm for one (m, n, k, ta, tb, lda, ldb, align, type, epilogue) */
     int m, n, k, ta, tb, align, valid; /* align: bytes all pointers (and the bias) are aligned to (2..16) */
+    int lda, ldb;                      /* row pitch (elements) of A's and B's memory: >= their row length */
     cudaDataType_t ab_type;            /* CUDA_R_32F (matmul) or CUDA_R_16BF (matmul_bf16) */
     int bias;                          /* 1: CUBLASLT_EPILOGUE_BIAS (fp32 bias, pointer set per call) */
     cublasLtMatmulDesc_t op;
@@ -41,6 +42,14 @@ static struct {
     struct matmul_plan plans[MATMUL_CACHE];
     int next_plan;
     char error[512]; /* first sticky failure, "" if none */
+    int sync_each;   /* SHARDTUNE_CUDA_SYNC=1: synchronize after every launch (names a faulting kernel) */
+    int *bad_target; /* device: first cross-entropy row with an out-of-vocabulary target (INT_MAX: none) */
+    int bad_target_v; /* the vocabulary size of the last cross_entropy call (for the message) */
+    /* copy_to_device stages small copies through pinned slots, so it returns without waiting for the
+     * stream (the caller may reuse its buffer at once): a slot is reused after its event completed */
+    void *stage[4];
+    cudaEvent_t stage_done[4];
+    int stage_next;
 } g;
 
 void st_cuda_note(const char *what, const char *msg) {
@@ -94,9 +103,23 @@ static void cu_free(void *p) {
 
 static void cu_memset0(void *p, size_t bytes) { ST_CUDA_CK("memset0", cudaMemsetAsync(p, 0, bytes, g.stream)); }
 
+enum { STAGE_SLOTS = 4, STAGE_BYTES = 4u << 20 };
+
+/* The caller may reuse its host buffer as soon as we return. Small copies (a step's tokens, targets and
+ * loss weights) go through a pinned slot and return without waiting for the compute stream; a large one
+ * (loading weights) copies directly and waits once. */
 static void cu_copy_to_device(void *dst, const void *src, size_t bytes) {
+    if (bytes == 0) return;
+    if (bytes <= STAGE_BYTES) {
+        int i = g.stage_next;
+        g.stage_next = (i + 1) % STAGE_SLOTS;
+        ST_CUDA_CK("copy_to_device (slot)", cudaEventSynchronize(g.stage_done[i])); /* its last copy is done */
+        memcpy(g.stage[i], src, bytes);
+        ST_CUDA_CK("copy_to_device", cudaMemcpyAsync(dst, g.stage[i], bytes, cudaMemcpyHostToDevice, g.stream));
+        ST_CUDA_CK("copy_to_device (event)", cudaEventRecord(g.stage_done[i], g.stream));
+        return;
+    }
     ST_CUDA_CK("copy_to_device", cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, g.stream));
-    /* the caller may reuse its host buffer as soon as we return */
     ST_CUDA_CK("copy_to_device (sync)", cudaStreamSynchronize(g.stream));
 }
 
@@ -111,33 +134,43 @@ static void cu_copy(void *dst, const void *src, size_t bytes) {
 
 static void cu_synchronize(void) { ST_CUDA_CK("synchronize", cudaStreamSynchronize(g.stream)); }
 
+/* kernels.h `status`: an asynchronous fault (illegal address, a kernel trap) shows up at this
+ * synchronization without a kernel name; SHARDTUNE_CUDA_SYNC=1 synchronizes after every launch so the
+ * record names the kernel that faulted. */
+static int cu_status(void) {
+    int bad = ST_CUDA_NO_ROW;
+    cudaError_t e = cudaMemcpyAsync(g.host_scalar, g.bad_target, sizeof(int), cudaMemcpyDeviceToHost, g.stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(g.stream);
+    if (e != cudaSuccess)
+        st_cuda_note("an earlier kernel (asynchronous fault; SHARDTUNE_CUDA_SYNC=1 names it)", cudaGetErrorString(e));
+    else
+        memcpy(&bad, g.host_scalar, sizeof bad);
+    if (bad != ST_CUDA_NO_ROW) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "the target of row %d of a chunk is outside the vocabulary [0, %d)", bad,
+                 g.bad_target_v);
+        st_cuda_note("cross_entropy", msg);
+        ST_CUDA_CK("cross_entropy (flag reset)", cudaMemsetAsync(g.bad_target, 0x7f, sizeof(int), g.stream));
+    }
+    return st_cuda_status();
+}
+
+int *st_cuda_bad_target_flag(int v) {
+    g.bad_target_v = v;
+    return g.bad_target;
+}
+
+void st_cuda_launched(const char *what) {
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess && g.sync_each) e = cudaStreamSynchronize(g.stream);
+    if (e != cudaSuccess) st_cuda_note_err(what, e);
+}
+
 /* ---------------------------------------------------------------- elementwise */
-
-__global__ void add_kernel(float *out, const float *a, const float *b, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = a[i] + b[i];
-}
-
-__global__ void accumulate_kernel(float *dst, const float *src, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        dst[i] += src[i];
-}
 
 __global__ void scale_kernel(float *x, float s, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         x[i] *= s;
-}
-
-static void cu_add(float *out, const float *a, const float *b, size_t n) {
-    if (n == 0) return;
-    add_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(out, a, b, n);
-    ST_CUDA_LAUNCHED("add");
-}
-
-static void cu_accumulate(float *dst, const float *src, size_t n) {
-    if (n == 0) return;
-    accumulate_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dst, src, n);
-    ST_CUDA_LAUNCHED("accumulate");
 }
 
 static void cu_scale(float *x, float s, size_t n) {
@@ -273,13 +306,13 @@ static const char *lt_status(cublasStatus_t s) {
  * IMMA/fp8 (cublasLt.h, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE); we set CUDA_R_32F explicitly anyway. The
  * bias pointer is set on the descriptor before the heuristic (which looks at its alignment) and again
  * before every call; the pointer is not part of the key, its alignment is (through `align`). */
-static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, int align, cudaDataType_t ab_type,
-                                           const float *bias_ptr) {
+static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, int lda, int ldb, int align,
+                                           cudaDataType_t ab_type, const float *bias_ptr) {
     int bias = bias_ptr != NULL;
     for (int i = 0; i < MATMUL_CACHE; i++) {
         struct matmul_plan *p = &g.plans[i];
-        if (p->valid && p->m == m && p->n == n && p->k == k && p->ta == ta && p->tb == tb && p->align == align &&
-            p->ab_type == ab_type && p->bias == bias)
+        if (p->valid && p->m == m && p->n == n && p->k == k && p->ta == ta && p->tb == tb && p->lda == lda &&
+            p->ldb == ldb && p->align == align && p->ab_type == ab_type && p->bias == bias)
             return p;
     }
     struct matmul_plan *p = &g.plans[g.next_plan];
@@ -310,14 +343,15 @@ static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, 
         if (s == CUBLAS_STATUS_SUCCESS)
             s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof bias_ptr);
     }
-    /* B memory: [K,N] row-major = col-major [N,K] (ld N); transposed: [N,K] row-major = col-major [K,N] */
+    /* B memory: [K,N] row-major = col-major [N,K] (ld N); transposed: [N,K] row-major = col-major [K,N]
+     * (ld K). ldb >= that row length: a padded copy (see pad_ld) keeps the same layout with a wider pitch. */
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = tb ? cublasLtMatrixLayoutCreate(&p->la, ab_type, k, n, k)
-               : cublasLtMatrixLayoutCreate(&p->la, ab_type, n, k, n);
+        s = tb ? cublasLtMatrixLayoutCreate(&p->la, ab_type, k, n, ldb)
+               : cublasLtMatrixLayoutCreate(&p->la, ab_type, n, k, ldb);
     /* A memory: [M,K] row-major = col-major [K,M] (ld K); transposed: [K,M] = col-major [M,K] (ld M) */
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = ta ? cublasLtMatrixLayoutCreate(&p->lb, ab_type, m, k, m)
-               : cublasLtMatrixLayoutCreate(&p->lb, ab_type, k, m, k);
+        s = ta ? cublasLtMatrixLayoutCreate(&p->lb, ab_type, m, k, lda)
+               : cublasLtMatrixLayoutCreate(&p->lb, ab_type, k, m, lda);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&p->lc, CUDA_R_32F, n, m, n);
     cublasLtMatmulPreference_t pref = NULL;
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceCreate(&pref);
@@ -340,13 +374,14 @@ static struct matmul_plan *matmul_plan_for(int m, int n, int k, int ta, int tb, 
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
         char msg[192];
-        snprintf(msg, sizeof msg, "no cuBLASLt algorithm for m=%d n=%d k=%d ta=%d tb=%d %s%s align=%d (%s)", m, n, k,
-                 ta, tb, ab_type == CUDA_R_16BF ? "bf16" : "fp32", bias ? " +bias" : "", align,
+        snprintf(msg, sizeof msg, "no cuBLASLt algorithm for m=%d n=%d k=%d ta=%d tb=%d lda=%d ldb=%d %s%s align=%d (%s)",
+                 m, n, k, ta, tb, lda, ldb, ab_type == CUDA_R_16BF ? "bf16" : "fp32", bias ? " +bias" : "", align,
                  s != CUBLAS_STATUS_SUCCESS ? lt_status(s) : "heuristic found none");
         st_cuda_note("matmul", msg);
         return NULL; /* descriptors of a half-built plan leak once per failure; failures are sticky */
     }
     p->m = m, p->n = n, p->k = k, p->ta = ta, p->tb = tb, p->align = align, p->ab_type = ab_type, p->bias = bias;
+    p->lda = lda, p->ldb = ldb;
     p->algo = heur.algo;
     p->valid = 1;
     return p;
@@ -366,7 +401,8 @@ static void cu_matmul(float *c, const float *a, const float *b, int m, int n, in
         return;
     }
     int align = pointer_align((uintptr_t)a | (uintptr_t)b | (uintptr_t)c);
-    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align, CUDA_R_32F, NULL);
+    struct matmul_plan *p = matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, trans_a ? m : k, trans_b ? k : n,
+                                            align, CUDA_R_32F, NULL);
     if (!p) return;
     cublasStatus_t s = cublasLtMatmul(g.lt, p->op, &alpha, b, p->la, a, p->lb, &beta, c, p->lc, c, p->lc, &p->algo,
                                       g.lt_workspace, g.lt_workspace_bytes, g.stream);
@@ -411,20 +447,54 @@ static void cu_from_bf16(float *dst, const uint16_t *src, size_t n) {
     ST_CUDA_LAUNCHED("from_bf16");
 }
 
-/* The bf16 bits cuBLASLt reads for one operand: a bf16 operand as given (no pass over it), an fp32 one
- * rounded into `slot` of the caller's scratch (same layout, so the transpose flags are unchanged; for a
- * `rounded` operand the conversion is exact). */
-static const uint16_t *operand_bf16(st_mm_in x, uint16_t *slot, size_t n) {
-    if (x.bf16) return x.bf16;
-    cu_to_bf16(slot, x.f32, n);
-    return slot;
+/* dst[r * ld_dst + c] = bf16(src[r * cols + c]) (or the bf16 bits copied, src16): a pitched copy. */
+__global__ void to_bf16_pitched_kernel(uint16_t *dst, int ld_dst, const float *src, const uint16_t *src16, int rows,
+                                       int cols) {
+    size_t total = (size_t)rows * cols;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / (size_t)cols, c = i % (size_t)cols;
+        dst[r * (size_t)ld_dst + c] = src ? st_bf16_bits_rn(src[i]) : src16[i];
+    }
 }
 
+/* One bf16 operand as cuBLASLt reads it: memory of `rows` rows of `cols` elements with pitch `ld`. */
+typedef struct {
+    const uint16_t *p;
+    int ld;
+} bf16_view;
+
+/* The bf16 operand cuBLASLt reads. A bf16 operand with a pitch that is a multiple of 8 (16 bytes) is used
+ * as given (no pass over it); an fp32 one is rounded into `slot`. A pitch that is not a multiple of 8
+ * (GPT-2's vocabulary 50257: the dlogits operand of the LM head's backward GEMMs) leaves cuBLASLt only
+ * slow 2-byte-aligned kernels, or none: such an operand is written into `slot` with its pitch rounded up
+ * to 8, when that fits in `room` bytes (the caller's scratch is sized for fp32 copies, so it does unless
+ * the row is shorter than 8). A `rounded` fp32 operand converts exactly either way. */
+static bf16_view operand_bf16(st_mm_in x, uint16_t *slot, int rows, int cols, size_t room) {
+    bf16_view v = {x.bf16, cols};
+    int padded = (cols + 7) / 8 * 8;
+    int pad = padded != cols && (size_t)rows * padded * sizeof(uint16_t) <= room;
+    if (x.bf16 && !pad) return v;
+    size_t n = (size_t)rows * cols;
+    v.p = slot;
+    if (!pad) { /* plain conversion, same layout */
+        cu_to_bf16(slot, x.f32, n);
+        return v;
+    }
+    v.ld = padded;
+    to_bf16_pitched_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(slot, padded, x.f32,
+                                                                                                   x.bf16, rows, cols);
+    ST_CUDA_LAUNCHED("matmul_bf16 (padded operand)");
+    return v;
+}
+
+/* Bytes a padded copy of [rows, cols] bf16 takes in a slot (pitch rounded up to 8 elements). */
+static size_t padded_bytes(int rows, int cols) { return (size_t)rows * ((cols + 7) / 8 * 8) * sizeof(uint16_t); }
+
 /* Mixed-precision matmul: cuBLASLt multiplies bf16 x bf16 with fp32 accumulation into the fp32 C, then
- * (bias != NULL) its BIAS epilogue adds bias[j] to column j. Scratch layout (within
- * st_matmul_bf16_scratch_floats, which counts fp32 copies, so bf16 copies use less than half of it): A's
- * bf16 copy at the start, B's at the next 16-byte boundary after it; a slot stays unused when that
- * operand is already bf16. */
+ * (bias != NULL) its BIAS epilogue adds bias[j] to column j. Scratch layout (st_matmul_bf16_scratch_floats
+ * counts fp32 copies of both operands; bf16 copies, even padded ones, take at most about half): A's bf16
+ * copy at the start, B's at the next 16-byte boundary after A's largest (padded) size; a slot stays unused
+ * when that operand is used in place. */
 static void cu_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int trans_a,
                            int trans_b, float alpha, float beta, float *scratch) {
     if (m <= 0 || n <= 0) return;
@@ -437,41 +507,78 @@ static void cu_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, 
         if (bias) cu_bias_add(c, bias, m, n);
         return;
     }
-    size_t na = (size_t)m * k, nb = (size_t)k * n;
-    uint16_t *slot_a = (uint16_t *)scratch, *slot_b = slot_a + (na + 7) / 8 * 8;
-    const uint16_t *ra = operand_bf16(a, slot_a, na), *rb = operand_bf16(b, slot_b, nb);
-    int align = pointer_align((uintptr_t)ra | (uintptr_t)rb | (uintptr_t)c | (uintptr_t)bias);
+    /* memory shapes: A is [M,K] (or [K,M] transposed), B is [K,N] (or [N,K]) */
+    int a_rows = trans_a ? k : m, a_cols = trans_a ? m : k, b_rows = trans_b ? n : k, b_cols = trans_b ? k : n;
+    size_t room = st_matmul_bf16_scratch_floats(m, n, k) * sizeof(float);
+    size_t a_plain = ((size_t)m * k * sizeof(uint16_t) + 15) / 16 * 16, b_plain = (size_t)k * n * sizeof(uint16_t);
+    size_t a_slot = (padded_bytes(a_rows, a_cols) + 15) / 16 * 16;
+    if (a_slot + b_plain > room) a_slot = a_plain; /* A unpadded: both plain copies always fit */
+    uint16_t *slot_a = (uint16_t *)scratch, *slot_b = (uint16_t *)((char *)scratch + a_slot);
+    bf16_view ra = operand_bf16(a, slot_a, a_rows, a_cols, a_slot);
+    bf16_view rb = operand_bf16(b, slot_b, b_rows, b_cols, room - a_slot);
+    int align = pointer_align((uintptr_t)ra.p | (uintptr_t)rb.p | (uintptr_t)c | (uintptr_t)bias);
     struct matmul_plan *p =
-        matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, align, CUDA_R_16BF, bias);
+        matmul_plan_for(m, n, k, trans_a ? 1 : 0, trans_b ? 1 : 0, ra.ld, rb.ld, align, CUDA_R_16BF, bias);
     if (!p) return;
     cublasStatus_t s = CUBLAS_STATUS_SUCCESS;
     if (bias) s = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmul(g.lt, p->op, &alpha, rb, p->la, ra, p->lb, &beta, c, p->lc, c, p->lc, &p->algo,
+        s = cublasLtMatmul(g.lt, p->op, &alpha, rb.p, p->la, ra.p, p->lb, &beta, c, p->lc, c, p->lc, &p->algo,
                            g.lt_workspace, g.lt_workspace_bytes, g.stream);
     if (s != CUBLAS_STATUS_SUCCESS) st_cuda_note("matmul_bf16", lt_status(s));
 }
 
 /* ---------------------------------------------------------------- the table */
 
+/* Designated initializers: a slot added to kernels.h and missed here is NULL, which
+ * tests/unit/test_cuda_host.c (every slot set) catches on any CUDA build, GPU or not. */
 static const st_backend cuda_backend = {
-    "cuda",
-    cu_alloc, cu_free, cu_memset0, cu_copy_to_device, cu_copy_to_host, cu_copy, cu_synchronize,
-    cu_matmul, cu_matmul_bf16, cu_to_bf16, cu_from_bf16, cu_bias_add, cu_bias_bwd,
-    cu_add, cu_accumulate, cu_scale, cu_sumsq,
-    st_cu_layernorm_fwd, st_cu_layernorm_bwd, st_cu_rmsnorm_fwd, st_cu_rmsnorm_bwd,
-    st_cu_rope_fwd, st_cu_rope_bwd,
-    st_cu_attention_fwd, st_cu_attention_bwd,
-    st_cu_gelu_fwd, st_cu_gelu_bwd, st_cu_swiglu_fwd, st_cu_swiglu_bwd,
-    st_cu_embedding_fwd, st_cu_embedding_bwd,
-    st_cu_cross_entropy,
-    st_cu_adamw,
-    st_cu_dequant_int8, st_cu_dequant_nf4,
-    st_cu_adamw_multi,
-    cu_round_bf16,
-    st_cu_kv_store, st_cu_attention_cached,
-    st_cu_head_rmsnorm_fwd, st_cu_head_rmsnorm_bwd,
+    .name = "cuda",
+    .host_memory = 0,
+    .alloc = cu_alloc,
+    .free = cu_free,
+    .memset0 = cu_memset0,
+    .copy_to_device = cu_copy_to_device,
+    .copy_to_host = cu_copy_to_host,
+    .copy = cu_copy,
+    .synchronize = cu_synchronize,
+    .status = cu_status,
+    .matmul = cu_matmul,
+    .matmul_bf16 = cu_matmul_bf16,
+    .to_bf16 = cu_to_bf16,
+    .from_bf16 = cu_from_bf16,
+    .bias_add = cu_bias_add,
+    .bias_bwd = cu_bias_bwd,
+    .sumsq = cu_sumsq,
+    .layernorm_fwd = st_cu_layernorm_fwd,
+    .layernorm_bwd = st_cu_layernorm_bwd,
+    .rmsnorm_fwd = st_cu_rmsnorm_fwd,
+    .rmsnorm_bwd = st_cu_rmsnorm_bwd,
+    .rope_fwd = st_cu_rope_fwd,
+    .rope_bwd = st_cu_rope_bwd,
+    .attention_fwd = st_cu_attention_fwd_any, /* fp32 kernels; tensor cores with SHARDTUNE_CUDA_ATTN=tc */
+    .attention_bwd = st_cu_attention_bwd_any,
+    .gelu_fwd = st_cu_gelu_fwd,
+    .gelu_bwd = st_cu_gelu_bwd,
+    .swiglu_fwd = st_cu_swiglu_fwd,
+    .swiglu_bwd = st_cu_swiglu_bwd,
+    .embedding_fwd = st_cu_embedding_fwd,
+    .embedding_bwd = st_cu_embedding_bwd,
+    .cross_entropy = st_cu_cross_entropy,
+    .adamw = st_cu_adamw,
+    .dequant_int8 = st_cu_dequant_int8,
+    .dequant_nf4 = st_cu_dequant_nf4,
+    .adamw_multi = st_cu_adamw_multi,
+    .round_bf16 = cu_round_bf16,
+    .kv_store = st_cu_kv_store,
+    .attention_cached = st_cu_attention_cached,
+    .head_rmsnorm_fwd = st_cu_head_rmsnorm_fwd,
+    .head_rmsnorm_bwd = st_cu_head_rmsnorm_bwd,
+    .attention_window_fwd = st_cu_attention_window_fwd,
+    .attention_window_bwd = st_cu_attention_window_bwd,
 };
+
+extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }
 
 static size_t env_mib(const char *name, size_t fallback) {
     const char *s = getenv(name);
@@ -490,6 +597,14 @@ static int init_state(int device) {
     g.device = device;
     cudaError_t e = cudaSetDevice(device);
     if (e != cudaSuccess) return init_fail("cudaSetDevice", cudaGetErrorString(e));
+    cudaDeviceProp prop;
+    e = cudaGetDeviceProperties(&prop, device);
+    if (e != cudaSuccess) return init_fail("cudaGetDeviceProperties", cudaGetErrorString(e));
+    if (prop.major < 8) /* bf16 kernels and the build's sm_80/sm_90 images: an older GPU would fail every launch */
+        return st_fail(ST_EDEVICE, "CUDA device %d (%s) is sm_%d%d; shardtune needs sm_80 or newer (A100, H100)",
+                       device, prop.name, prop.major, prop.minor);
+    const char *sync = getenv("SHARDTUNE_CUDA_SYNC");
+    g.sync_each = sync && strcmp(sync, "1") == 0;
     e = cudaStreamCreateWithFlags(&g.stream, cudaStreamNonBlocking);
     if (e != cudaSuccess) return init_fail("stream creation", cudaGetErrorString(e));
     cublasStatus_t s = cublasLtCreate(&g.lt);
@@ -501,6 +616,12 @@ static int init_state(int device) {
     e = cudaMalloc(&g.lt_workspace, g.lt_workspace_bytes);
     if (e == cudaSuccess) e = cudaMalloc(&g.scratch, g.scratch_bytes);
     if (e == cudaSuccess) e = cudaMallocHost((void **)&g.host_scalar, 64);
+    if (e == cudaSuccess) e = cudaMalloc((void **)&g.bad_target, sizeof(int));
+    if (e == cudaSuccess) e = cudaMemset(g.bad_target, 0x7f, sizeof(int)); /* 0x7f7f7f7f: no row */
+    for (int i = 0; i < STAGE_SLOTS && e == cudaSuccess; i++) {
+        e = cudaMallocHost(&g.stage[i], STAGE_BYTES);
+        if (e == cudaSuccess) e = cudaEventCreateWithFlags(&g.stage_done[i], cudaEventDisableTiming);
+    }
     if (e != cudaSuccess) return init_fail("workspace allocation", cudaGetErrorString(e));
     return 0;
 }

@@ -28,13 +28,23 @@ void *st_cuda_scratch(size_t *bytes);
 void st_cuda_note(const char *what, const char *msg);
 void st_cuda_note_err(const char *what, cudaError_t err);
 
+/* The device word where cross_entropy records the first row (of a call) with an out-of-vocabulary
+ * target, as an atomicMin; ST_CUDA_NO_ROW (a memset of 0x7f bytes) when none. The backend's status()
+ * reads and resets it at the step boundary, so cross_entropy never waits for it. `v` is remembered for
+ * the message. */
+enum { ST_CUDA_NO_ROW = 0x7f7f7f7f };
+int *st_cuda_bad_target_flag(int v);
+
 /* Checks a runtime call / the last launch and notes a failure. */
 #define ST_CUDA_CK(what, call)                                      \
     do {                                                            \
         cudaError_t st_ck_err_ = (call);                            \
         if (st_ck_err_ != cudaSuccess) st_cuda_note_err(what, st_ck_err_); \
     } while (0)
-#define ST_CUDA_LAUNCHED(what) ST_CUDA_CK(what, cudaGetLastError())
+/* After a launch: notes a launch error naming the kernel (and, with SHARDTUNE_CUDA_SYNC=1, synchronizes
+ * first so an asynchronous fault is attributed to this kernel too). */
+void st_cuda_launched(const char *what);
+#define ST_CUDA_LAUNCHED(what) st_cuda_launched(what)
 
 /* ---- device helpers ---- */
 

@@ -17,6 +17,10 @@ void st_cu_rmsnorm_bwd(float *dx, float *dw, const float *dout, const float *x, 
 /* attention.cu */
 void st_cu_rope_fwd(float *qkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
 void st_cu_rope_bwd(float *dqkv, const float *cos, const float *sin, int b, int t, int h, int kvh, int hd);
+void st_cu_attention_window_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
+                                int window);
+void st_cu_attention_window_bwd(float *dqkv, const float *dout, const float *qkv, const float *out,
+                                const float *lse, int b, int t, int h, int kvh, int hd, int window);
 void st_cu_head_rmsnorm_fwd(float *qkv, float *xs, float *rstd, const float *wq, const float *wk, int n, int h,
                             int kvh, int hd, float eps);
 void st_cu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *xs, const float *rstd,
@@ -24,6 +28,11 @@ void st_cu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *xs
 void st_cu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd);
 void st_cu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
                          int b, int t, int h, int kvh, int hd);
+
+/* attention_tc.cu: the table's attention (tensor-core kernels when SHARDTUNE_CUDA_ATTN=tc, else the above) */
+void st_cu_attention_fwd_any(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd);
+void st_cu_attention_bwd_any(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                             int b, int t, int h, int kvh, int hd);
 
 /* pointwise.cu */
 void st_cu_gelu_fwd(float *out, const float *x, size_t n);

@@ -42,7 +42,11 @@ extern "C" int st_nccl_init(st_nccl_comm **out, int rank, int world, const unsig
     st_nccl_comm *c = (st_nccl_comm *)calloc(1, sizeof *c);
     if (!c) return st_fail(ST_ENOMEM, "NCCL init on rank %d: out of memory", rank);
     c->rank = rank, c->world = world, c->compute_stream = compute;
-    cudaError_t e = cudaStreamCreateWithFlags(&c->comm_stream, cudaStreamNonBlocking);
+    /* the highest priority the device offers: a bucket's collective is scheduled ahead of the backward
+     * kernels queued behind it, so the reduction overlaps instead of waiting for the compute queue */
+    int least = 0, greatest = 0;
+    cudaError_t e = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    if (e == cudaSuccess) e = cudaStreamCreateWithPriority(&c->comm_stream, cudaStreamNonBlocking, greatest);
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->compute_ready, cudaEventDisableTiming);
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->comm_done, cudaEventDisableTiming);
     if (e != cudaSuccess) {

@@ -7,7 +7,7 @@
 #  - plain `gpu_check` on a machine without a usable CUDA device exits 2 with one line naming the reason.
 set -euo pipefail
 BIN=${ST_BUILD_DIR:?}/gpu_check
-[ -x "$BIN" ] || { echo "no $BIN (bench/gpu_check.c not built)"; exit 1; }
+[ -x "$BIN" ] || { echo "no $BIN (tests/tools/gpu_check.c not built)"; exit 1; }
 export OMP_NUM_THREADS=2
 T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
 fail() { echo "FAIL: $*"; echo "---- output:"; cat "$T/out"; exit 1; }
@@ -18,7 +18,7 @@ rc=0
 [ "$rc" -eq 0 ] || fail "gpu_check --self-test exited $rc"
 
 # every kernel of the table has an ok line
-for k in matmul_NN matmul_NT matmul_TN matmul_TT to_bf16 from_bf16 bias_add bias_bwd add accumulate scale sumsq \
+for k in matmul_NN matmul_NT matmul_TN matmul_TT to_bf16 from_bf16 bias_add bias_bwd sumsq \
          layernorm_fwd layernorm_bwd rmsnorm_fwd rmsnorm_bwd rope_fwd rope_bwd attention_fwd attention_bwd \
          gelu_fwd gelu_bwd swiglu_fwd swiglu_bwd embedding_fwd embedding_bwd cross_entropy adamw \
          dequant_int8 dequant_nf4; do
@@ -44,6 +44,22 @@ for p in fp32 bf16; do
         || fail "no $p tokens/s + MFU line"
     grep -q "^self-test: a perturbed training loss was caught" "$T/out" || fail "perturbed loss not caught"
 done
+# gradients after the first backward, per architecture, and a scaled gradient is caught
+for g in "train fp32" "train bf16" "train-qkvbias fp32" "train-gpt2 bf16"; do
+    grep -Eq "^$g grads after backward 1 .* ok$" "$T/out" || fail "no ok gradient line for $g"
+    grep -Eq "^$g max_rel_loss_diff .* ok$" "$T/out" || fail "no ok loss line for $g"
+done
+[ "$(grep -c '^self-test: a perturbed gradient (scaled by 1 + 3 tol) was caught' "$T/out")" -eq 4 ] \
+    || fail "a scaled gradient was not caught in every architecture"
+# the shapes real models use, and the > 2^31-element path (a small n in the self-test)
+for k in "attention_fwd T=37 H=4/2 hd=64" "attention_bwd T=37 H=8/2 hd=128" "attention_bwd T=29 H=4/1 hd=128 x6" \
+         "layernorm_bwd C=771" "rmsnorm_bwd C=771" "cross_entropy V=32000 chunks of 8" "cross_entropy V=50257 chunks of 4 x60" \
+         "head dx bf16 V=50257" "head dW bf16 V=50257" "round_bf16 n=1052675"; do
+    grep -Eq "^$k.* ok$" "$T/out" || fail "no ok line for '$k'"
+done
+# a device failure recorded by the backend (its status) fails the check even when the numbers agree
+grep -q "^check_me  *device failure: cpu+noise check_me: injected failure" "$T/out" || fail "no device-failure line"
+grep -q "^self-test: an injected device failure was caught" "$T/out" || fail "injected device failure not caught"
 # the losses must have gone down (the optimizer really ran) and fp32 != bf16 (bf16 really rounded)
 l32_1=$(awk '/^train fp32 step 1 /{print $6}' "$T/out"); l32_3=$(awk '/^train fp32 step 3 /{print $6}' "$T/out")
 l16_1=$(awk '/^train bf16 step 1 /{print $6}' "$T/out")
@@ -55,7 +71,7 @@ awk -v a="$l32_1" -v b="$l32_3" 'BEGIN{exit !(b < a)}' || fail "fp32 loss did no
 # the comparisons can fail
 grep -q "^self-test: a perturbed matmul_bf16 output was caught" "$T/out" || fail "perturbed matmul_bf16 not caught"
 grep -q "^self-test: a perturbed to_bf16 result was caught" "$T/out" || fail "perturbed to_bf16 not caught"
-! grep -q "FAIL" "$T/out" || fail "a FAIL line"
+! grep -v "^check_me " "$T/out" | grep -q "FAIL" || fail "a FAIL line (other than the injected check_me)"
 grep -Eq "^gpu_check: ([0-9]+) of \1 checks within tolerance$" "$T/out" || fail "no all-ok summary"
 
 # without --self-test there is no device here: exit 2, one line naming the reason

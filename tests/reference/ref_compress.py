@@ -260,6 +260,11 @@ def main():
               and nc["d_ff"] == fk and nc["head_dim"] == c["head_dim"], f"{label}: config {nc}")
         check(getattr(ac, "num_hidden_layers", getattr(ac, "n_layer", None)) == nc["n_layer"],
               f"{label}: AutoConfig layers")
+        if c["family"] != "gpt2":  # what transformers' attention will use as the head size
+            hd = getattr(ac, "head_dim", None) or ac.hidden_size // ac.num_attention_heads
+            check(hd == c["head_dim"] and ac.num_attention_heads == nc["n_head"] and
+                  ac.num_key_value_heads == nc["n_kv_head"] and ac.intermediate_size == nc["d_ff"],
+                  f"{label}: AutoConfig head_dim {hd}, heads {ac.num_attention_heads}/{ac.num_key_value_heads}")
         check(os.path.exists(os.path.join(dst, "tokenizer.json")), f"{label}: tokenizer.json not copied")
         # losses: shardtune eval of the pruned dir == torch float64 on the independently sliced weights
         before = torch_loss(cfg, hf, inp, tgt)

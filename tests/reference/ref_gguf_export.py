@@ -12,7 +12,8 @@ For llama / mistral (arch `llama`, GQA, untied and tied), qwen2 (q/k/v biases) a
   * logits of the numpy llama.cpp-style forward on the f32 GGUF equal the float64 torch reference on the HF
     model (seq 128, sharp attention so RoPE pairing matters); the same forward with the other RoPE pairing
     must NOT match (the check can fail);
-  * a checkpoint as SRC (a short `train` run): its GGUF holds the weights of the checkpoint's HF export;
+  * a checkpoint as SRC (a short `train` run): its GGUF holds the weights of the checkpoint's HF export, and
+    the tokenizer of the run's model.path;
   * tokenizer metadata: tokens / token types / merges (byte-level BPE) or scores (SentencePiece-style BPE)
     from tokenizer.json, padded to vocab_size, special ids, chat template; for the SentencePiece case the
     llama.cpp SPM algorithm, re-implemented here over the GGUF vocab and scores, tokenizes text exactly as
@@ -514,9 +515,9 @@ def main():
     run("train", os.path.join(ck, "job.yaml"))
     ckdir = os.path.join(ck, "run", "checkpoints")
     run("export", ckdir, "--out", os.path.join(ck, "hf"))
-    write_model(os.path.join(ck, "tok"), {}, {}, spm)
-    p = run("export", ckdir, "--out", os.path.join(ck, "ck.gguf"), "--format", "gguf", "--quant", "f32",
-            "--tokenizer", os.path.join(ck, "tok"))
+    open(os.path.join(ck, "model", "tokenizer.json"), "w").write(spm)  # found through the job's model.path
+    p = run("export", ckdir, "--out", os.path.join(ck, "ck.gguf"), "--format", "gguf", "--quant", "f32")
+    check("model.path" in p.stderr, f"checkpoint export: {p.stderr!r}")
     ck_cfg = json.load(open(os.path.join(ck, "hf", "config.json")))
     ck_hf = st_io.read_model(os.path.join(ck, "hf"))
     init_hf = st_io.read_model(os.path.join(ck, "model"))

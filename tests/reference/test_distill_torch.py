@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import st_io  # noqa: E402
+from st_cli import check, finish  # noqa: E402
 from torch_model import RefModel, param_shapes, parse_config  # noqa: E402
 
 REF_MODEL = os.path.join(os.environ.get("ST_BUILD_DIR", "build"), "ref_model")
@@ -33,13 +34,9 @@ TEACHERS = {
                  layer_norm_epsilon=1e-5, activation_function="gelu_new", tie_word_embeddings=True),
     "llama": dict(STUDENT, hidden_size=96, intermediate_size=128, num_hidden_layers=3, tie_word_embeddings=True),
 }
-failures = []
-
-
-def check(what, ok, msg):
-    print(f"  {'ok  ' if ok else 'FAIL'} {what}: {msg}")
-    if not ok:
-        failures.append(what)
+def check_(what, ok, msg):
+    print(f"  {'ok  ' if ok else '    '} {what}: {msg}")
+    check(ok, f"{what}: {msg}")
 
 
 def rel(ours, ref):
@@ -108,26 +105,24 @@ def main():
                                 "--temperature", str(temp), "--alpha", str(alpha)], capture_output=True, text=True,
                                env=ENV, timeout=120)
             if r.returncode != 0:
-                check(label, False, f"ref_model failed: {r.stderr.strip()}")
+                check_(label, False, f"ref_model failed: {r.stderr.strip()}")
                 continue
             ours = st_io.read(out)
             loss, kd, ce, per, grads = torch_kd(student, teacher, inputs, targets, w, temp, alpha)
             print(f"{label}: loss {ours['loss'][0]:.7f} vs {loss:.7f} (kd {kd:.5f}, ce {ce:.5f})")
-            check(label + " loss", rel(ours["loss"], [loss]) < TOL, f"{rel(ours['loss'], [loss]):.2e}")
-            check(label + " kd", abs(ours["kd"][0] - kd) <= TOL * max(kd, ce), f"{ours['kd'][0]} vs {kd}")
-            check(label + " ce", rel(ours["ce"], [ce]) < TOL, f"{ours['ce'][0]} vs {ce}")
-            check(label + " loss_per_pos", rel(ours["loss_per_pos"], per) < TOL, f"{rel(ours['loss_per_pos'], per):.2e}")
+            check_(label + " loss", rel(ours["loss"], [loss]) < TOL, f"{rel(ours['loss'], [loss]):.2e}")
+            check_(label + " kd", abs(ours["kd"][0] - kd) <= TOL * max(kd, ce), f"{ours['kd'][0]} vs {kd}")
+            check_(label + " ce", rel(ours["ce"], [ce]) < TOL, f"{ours['ce'][0]} vs {ce}")
+            check_(label + " loss_per_pos", rel(ours["loss_per_pos"], per) < TOL, f"{rel(ours['loss_per_pos'], per):.2e}")
             worst = max(rel(ours["grad." + n], g) for n, g in grads.items())
-            check(label + " gradients", worst < TOL, f"max rel err {worst:.2e} over {len(grads)} tensors")
+            check_(label + " gradients", worst < TOL, f"max rel err {worst:.2e} over {len(grads)} tensors")
     # the error a user can cause: a teacher with another vocabulary
     other = os.path.join(tmp, "other")
     make(other, dict(STUDENT, vocab_size=V + 1), rng, 0.1)
     r = subprocess.run([REF_MODEL, "--model", sdir, "--batch", batch, "--out", os.path.join(tmp, "x"), "--teacher",
                         other], capture_output=True, text=True, env=ENV, timeout=120)
-    check("vocabulary mismatch refused", r.returncode != 0 and "vocabulary" in r.stderr, r.stderr.strip())
-    if failures:
-        raise SystemExit(f"{len(failures)} check(s) failed: {failures}")
-    print("ok")
+    check_("vocabulary mismatch refused", r.returncode != 0 and "vocabulary" in r.stderr, r.stderr.strip())
+    finish()
 
 
 if __name__ == "__main__":

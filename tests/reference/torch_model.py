@@ -4,18 +4,9 @@ qwen2, qwen3), written from Hugging Face semantics, used as the reference for sh
 RoPE: rope_inv_freq() re-derives transformers' modeling_rope_utils formulas (default, linear, dynamic, yarn,
 llama3, longrope) in numpy float64, rounded to fp32 once (transformers holds inv_freq in fp32); both
 config generations are read (rope_parameters, or rope_theta + rope_scaling). Qwen3 applies an RMSNorm over
-head_dim to every q and k head before RoPE. Sliding windows are not modelled (shardtune refuses sequences
-longer than the window, where windowed attention equals full causal attention).
-
-A RefModel is built from a model dir (config.json with HF keys + model.safetensors in HF layout, read
-with st_io) or from a config dict and {name: numpy array}. Parameters are leaf tensors with
-requires_grad, keyed by their HF names, in HF layout (GPT-2 Conv1D weights are [in, out]; nn.Linear
-weights [out, in]). The dtype is chosen by the caller: float64 for a high-precision reference,
-float32 to mirror fp32 arithmetic. Everything here is plain torch; `transformers` is not used.
-
-    m = RefModel.load(dir, torch.float64)
-    logits = m.logits(inputs)                                   # inputs: int64 [B, T]
-    loss, per_pos = weighted_ce(logits, targets, weight)        # sum_i weight_i * CE_i
+head_dim to every q and k head before RoPE. Sliding windows follow transformers: key j is visible to query i
+when 0 <= i - j < window, on the layers that slide (Mistral: all; Qwen2/3: use_sliding_window with
+layer_types or max_window_layers).
 """
 import json
 import math
@@ -52,11 +43,24 @@ def parse_config(cfg):
                 rope["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
             rope.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
         hd_default = 128 if mt == "qwen3" else C // H
+        # sliding windows as transformers assigns them to layers (Mistral: all; Qwen2/3: use_sliding_window,
+        # then layer_types or the layers >= max_window_layers)
+        L = cfg["num_hidden_layers"]
+        window, sliding = 0, [False] * L
+        if mt == "mistral":
+            window = cfg.get("sliding_window", 4096) or 0
+            sliding = [True] * L
+        elif mt in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+            window = cfg.get("sliding_window", 4096) or 0
+            lt = cfg.get("layer_types")
+            sliding = ([t == "sliding_attention" for t in lt] if lt else
+                       [i >= cfg.get("max_window_layers", 28) for i in range(L)])
         return dict(family="llama", model_type=mt, d_model=C, n_layer=cfg["num_hidden_layers"], n_head=H,
                     n_kv_head=cfg.get("num_key_value_heads") or H, head_dim=cfg.get("head_dim") or hd_default,
                     d_ff=cfg["intermediate_size"], vocab=cfg["vocab_size"], max_pos=cfg["max_position_embeddings"],
                     eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope["rope_theta"], rope=rope,
-                    tied=cfg.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3")
+                    tied=cfg.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
+                    window=[window if s else 0 for s in sliding])
     raise ValueError(f"model_type {mt!r} is not implemented by the reference")
 
 
@@ -197,11 +201,14 @@ def rope_cos_sin(T, hd, inv_freq, att, dtype):
     return emb.cos() * att, emb.sin() * att
 
 
-def causal_attention(q, k, v):
-    """q [B,H,T,hd], k/v [B,H,T,hd] (kv heads already repeated): softmax(q k^T / sqrt(hd) + mask) v."""
+def causal_attention(q, k, v, window=0):
+    """q [B,H,T,hd], k/v [B,H,T,hd] (kv heads already repeated): softmax(q k^T / sqrt(hd) + mask) v. With a
+    sliding window, query i sees the keys j with 0 <= i - j < window (transformers' sliding_window_overlay)."""
     T, hd = q.shape[-2], q.shape[-1]
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
     mask = torch.ones(T, T, dtype=torch.bool).tril()
+    if window:
+        mask = mask & ~torch.ones(T, T, dtype=torch.bool).tril(-window)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     return torch.matmul(probs, v)
@@ -307,7 +314,9 @@ class RefModel:
             q = self.saved(q * cos + rotate_half(q) * sin)
             k = self.saved(k * cos + rotate_half(k) * sin)
             v = self.saved(v)
-            y = self.attention(q, repeat_kv(k, H // KVH), repeat_kv(v, H // KVH))
+            win = c["window"][l]
+            kr, vr = repeat_kv(k, H // KVH), repeat_kv(v, H // KVH)
+            y = causal_attention(q, kr, vr, win) if win and T > win else self.attention(q, kr, vr)
             h = h + lin(y.transpose(1, 2).reshape(B, T, H * hd), p + "self_attn.o_proj")
             m = rms_norm(h, P[p + "post_attention_layernorm.weight"], eps)
             m = F.silu(self.saved(lin(m, p + "mlp.gate_proj"))) * self.saved(lin(m, p + "mlp.up_proj"))

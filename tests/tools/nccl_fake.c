@@ -6,7 +6,7 @@
  * parameter all-gather, and the waits before the compute stream touches their results) would only ever
  * be compiled. This tool links its own implementation of kernels/cuda/nccl_comm.h in place of the real
  * one (the static library's nccl_comm.o is then never pulled in) and a "device" backend that is the CPU
- * backend under another name (so comm.c takes its device path). The fake models the two streams:
+ * backend with host_memory 0 (so comm.c takes its device path). The fake models the two streams:
  *  - a collective is only ENQUEUED: it snapshots its input (what the comm stream reads once it has waited
  *    for the compute work queued so far) and runs later, when comm.c calls st_nccl_wait_compute or
  *    st_nccl_synchronize (MPI does the arithmetic then, in enqueue order on every rank);
@@ -15,22 +15,17 @@
  *  - compute that READS a pending collective's output (the optimizer, the grad norm, a copy) before the
  *    wait is a race too.
  * Any violation is printed ("stream order violated: ...") and the exit status is 1. The same training
- * steps also run through the MPI path (backend named "cpu"); both must give the same losses (within
+ * steps also run through the MPI path (the CPU backend itself); both must give the same losses (within
  * 1e-6 relative). --inject-race scales the gradients between backward and the reduction on purpose: the
  * checker must then report a violation (the test requires that, so the checker itself can fail).
  * Last, the sharded AdamW moments are gathered on every rank as at a progressive stage change
  * (st_comm_gather_state: through the fake NCCL on the device path) and must agree with the MPI path.
- * Prints one line per step and path: "step K path P loss L". Built only with ST_HAVE_CUDA (the device
- * path of comm.c exists only there); otherwise exits 77 (skipped). */
+ * Prints one line per step and path: "step K path P loss L". Runs in any build: comm.c's NCCL path has
+ * no #ifdef, and this file's st_nccl_* replace the real ones (CUDA) or the failing stubs (no CUDA).
+ * On one rank with SHARDTUNE_NCCL_ONE_RANK=1 the device path runs through the (fake) one-rank NCCL. */
 #include <stdio.h>
 #include <stdlib.h>
 
-#ifndef ST_HAVE_CUDA
-int main(void) {
-    puts("nccl_fake: this build has no CUDA (the NCCL path of worker/comm.c is not compiled): skipped");
-    return 77;
-}
-#else
 #include <math.h>
 #include <mpi.h>
 #include <string.h>
@@ -131,10 +126,20 @@ int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t s
     return send_n ? enqueue(c, OP_ALL_GATHER, send, send_n, recv, send_n * (size_t)c->world) : 0;
 }
 
+static long ops_run; /* collectives that went through this fake NCCL */
+/* Whether comm.c's device path must use NCCL: several ranks, or one with SHARDTUNE_NCCL_ONE_RANK=1. */
+static int nccl_expected(void) {
+    const char *one = getenv("SHARDTUNE_NCCL_ONE_RANK");
+    int w = 1;
+    MPI_Comm_size(MPI_COMM_WORLD, &w);
+    return w > 1 || (one && !strcmp(one, "1"));
+}
+
 /* The comm stream runs everything queued, in order. */
 static int run_pending(st_nccl_comm *c) {
     for (int i = 0; i < c->n_ops; i++) {
         pending_op *op = &c->ops[i];
+        ops_run++;
         if (memcmp(op->in, op->snapshot, op->in_n * sizeof(float)) != 0)
             violation("compute wrote a collective's input after it was enqueued (bucket not final yet?)");
         switch (op->kind) {
@@ -262,7 +267,8 @@ static void train(const st_backend *be, const options *o, double *losses, double
             if (a == o->accum - 1 && o->overlap) st_comm_overlap_begin(&comm, &m);
             st_model_backward(&m);
         }
-        if (o->inject_race) be->scale(m.grads, 0.5f, m.n_grads); /* writes grads that are being reduced */
+        if (o->inject_race) /* writes grads that are being reduced (host memory: the fake device is the CPU) */
+            for (size_t i = 0; i < m.n_grads; i++) m.grads[i] *= 0.5f;
         float *g = NULL;
         if (st_comm_reduce_grads(&comm, &m, &g)) goto fail;
         double norm = sqrt(st_comm_grad_sumsq(&comm, &m, g));
@@ -303,7 +309,8 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     cpu = st_backend_cpu(1);
     dev = *cpu;
-    dev.name = "fake-gpu"; /* not "cpu": worker/comm.c takes its device (NCCL) path */
+    dev.name = "fake-gpu";
+    dev.host_memory = 0; /* worker/comm.c takes its device (NCCL) path */
     dev.sumsq = dev_sumsq;
     dev.copy = dev_copy;
     dev.adamw_multi = dev_adamw_multi;
@@ -319,8 +326,12 @@ int main(int argc, char **argv) {
     }
     if (rank == 0)
         printf("stage %d: %d stream-order violation(s); max relative loss / gathered-moment difference nccl vs mpi "
-               "path %.3g (moments sumsq %.6g vs %.6g)\n", o.stage, total, worst, m_nccl, m_mpi);
+               "path %.3g (moments sumsq %.6g vs %.6g); %ld collectives through the fake NCCL\n", o.stage, total,
+               worst, m_nccl, m_mpi, ops_run);
+    int missing = ops_run == 0 && nccl_expected(); /* the device path must have used NCCL */
+    if (missing) fprintf(stderr, "nccl_fake: the device path never used NCCL\n");
     MPI_Finalize();
+    if (missing) return 4;
     return total ? 1 : worst <= 1e-6 ? 0 : 3;
 }
-#endif
+

@@ -153,16 +153,8 @@ static void test_bias_and_elementwise(void **state) {
     size_t len = 40000 + 13; /* above the parallel threshold, odd tail */
     float *a = frand(len, 2), *b = frand(len, 2), *o = frand(len, 1);
     double *w = dzeros(len);
-    for (size_t i = 0; i < len; i++) w[i] = (double)a[i] + (double)b[i];
-    be->add(o, a, b, len);
-    ASSERT_CLOSE(o, w, len, 1e-7, "add");
-    be->add(a, a, b, len); /* aliasing out == a */
-    ASSERT_CLOSE(a, w, len, 1e-7, "add aliased");
-    for (size_t i = 0; i < len; i++) w[i] = (double)o[i] + (double)b[i];
-    be->accumulate(o, b, len);
-    ASSERT_CLOSE(o, w, len, 1e-7, "accumulate");
     for (size_t i = 0; i < len; i++) w[i] = (double)o[i] * 0.37;
-    be->scale(o, 0.37f, len);
+    st_cpu_scale(o, 0.37f, len); /* the empty-product path of matmul */
     ASSERT_CLOSE(o, w, len, 1e-7, "scale");
 
     size_t big = (size_t)8192 * 256 + 8192 * 3 + 5; /* more than one super block of chunks */

@@ -269,6 +269,20 @@ static void test_rope_qwen3_sliding(void **state) {
                 "\"max_position_embeddings\":256,\"vocab_size\":500,\"num_attention_heads\":4,\"num_key_value_heads\":4,"
                 "\"use_sliding_window\":true,\"sliding_window\":64,\"max_window_layers\":1}");
     assert_int_equal(c.sliding_window, 64);
+    assert_int_equal(c.window_first_layer, 1);
+    c = read_ok("{\"model_type\":\"qwen3\",\"hidden_size\":64,\"intermediate_size\":96,\"num_hidden_layers\":3,"
+                "\"num_attention_heads\":4,\"num_key_value_heads\":2,\"head_dim\":16,\"max_position_embeddings\":256,"
+                "\"vocab_size\":500,\"use_sliding_window\":true,\"sliding_window\":32,"
+                "\"layer_types\":[\"full_attention\",\"sliding_attention\",\"sliding_attention\"]}");
+    assert_int_equal(c.sliding_window, 32);
+    assert_int_equal(c.window_first_layer, 1);
+    c = read_ok(MISTRAL);
+    assert_int_equal(c.window_first_layer, 0);
+    read_err("{\"model_type\":\"qwen3\",\"hidden_size\":64,\"intermediate_size\":96,\"num_hidden_layers\":2,"
+             "\"num_attention_heads\":4,\"num_key_value_heads\":2,\"head_dim\":16,\"max_position_embeddings\":256,"
+             "\"vocab_size\":500,\"use_sliding_window\":true,\"sliding_window\":32,"
+             "\"layer_types\":[\"sliding_attention\",\"full_attention\"]}",
+             "full_attention layer 1 after sliding_attention layer 0 is not supported");
     read_err("{\"model_type\":\"qwen2\",\"hidden_size\":64,\"intermediate_size\":160,\"num_hidden_layers\":2,"
              "\"max_position_embeddings\":256,\"vocab_size\":500,\"num_attention_heads\":4,\"num_key_value_heads\":4,\"use_sliding_window\":true,"
              "\"sliding_window\":64,\"layer_types\":[\"full_attention\",\"chunked_attention\"]}",

@@ -1,0 +1,223 @@
+/* fakedev.c — `shardtune train` on a "device" backend that catches host/device mix-ups and can fail a
+ * chosen kernel, so the trainer's device paths are tested without a GPU.
+ *
+ *   fakedev [--guard] [--fail KERNEL:CALL[@RANK]] JOB.yaml [a.b=value ...]
+ *   fakedev --guard-self-test
+ *
+ * The backend is the CPU backend under the name "fakedev" (installed with st_backend_set_override, so the
+ * job's `backend` key is ignored):
+ *  --guard: its alloc hands out "device" memory from a registry of tagged ranges and it says host_memory 0
+ *    (as CUDA does). copy_to_device must go host -> device, copy_to_host device -> host, copy and memset0
+ *    device only, free only a registered start. A violation (host memory where device memory belongs,
+ *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
+ *    status, so the next step boundary stops training with it, as a GPU would have crashed. Use one rank:
+ *    with host_memory 0 and several ranks worker/comm.c would need NCCL.
+ *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
+ *    attention_bwd, cross_entropy, adamw_multi) records a failure in the status, on every rank or only on
+ *    RANK; the kernel itself still runs (like a GPU kernel whose fault is only seen later).
+ *  --guard-self-test: checks that the guard catches a host buffer in a device copy, and exits.
+ * Exit status and output are those of `shardtune train`. */
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/util.h"
+#include "coordinator/commands.h"
+#include "kernels/kernels.h"
+
+static st_backend fake;
+static const st_backend *cpu;
+static char failure[512]; /* the recorded status, "" if none */
+
+static int my_rank(void) {
+    int init = 0, rank = 0;
+    MPI_Initialized(&init);
+    if (init) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    return rank;
+}
+
+static void record(const char *fmt, const char *a, const char *b) {
+    if (failure[0]) return; /* the first failure, as the CUDA backend keeps it */
+    snprintf(failure, sizeof failure, fmt, a, b);
+    fprintf(stderr, "fakedev (rank %d): %s\n", my_rank(), failure);
+}
+
+static int fake_status(void) {
+    if (!failure[0]) return 0;
+    st_fail(ST_EDEVICE, "%s", failure);
+    failure[0] = 0;
+    return ST_EDEVICE;
+}
+
+/* ---------------------------------------------------------------- tagged "device" memory */
+
+typedef struct { char *lo, *hi; } range;
+static range *ranges;
+static size_t n_ranges, cap_ranges;
+
+static int is_device(const void *p) {
+    const char *c = p;
+    for (size_t i = 0; i < n_ranges; i++)
+        if (c >= ranges[i].lo && c < ranges[i].hi) return 1;
+    return 0;
+}
+
+static void *guard_alloc(size_t bytes) {
+    if (n_ranges == cap_ranges) {
+        size_t nc = cap_ranges ? 2 * cap_ranges : 256;
+        range *nr = realloc(ranges, nc * sizeof *nr);
+        if (!nr) return NULL;
+        ranges = nr, cap_ranges = nc;
+    }
+    char *p = st_calloc_aligned(bytes ? bytes : 1);
+    if (!p) return NULL;
+    ranges[n_ranges].lo = p, ranges[n_ranges].hi = p + (bytes ? bytes : 1);
+    n_ranges++;
+    return p;
+}
+
+static void guard_free(void *p) {
+    if (!p) return;
+    for (size_t i = 0; i < n_ranges; i++)
+        if (ranges[i].lo == p) {
+            ranges[i] = ranges[--n_ranges];
+            free(p);
+            return;
+        }
+    record("free: %s%s is not a device allocation (host memory passed to the backend's free)", "", "");
+}
+
+static void need(int ok, const char *what, const char *which) {
+    if (!ok) record("%s: %s", what, which);
+}
+
+static void guard_memset0(void *p, size_t bytes) {
+    if (bytes) need(is_device(p), "memset0", "the buffer is host memory");
+    cpu->memset0(p, bytes);
+}
+static void guard_copy(void *dst, const void *src, size_t bytes) {
+    if (bytes) {
+        need(is_device(dst), "copy (device to device)", "the destination is host memory");
+        need(is_device(src), "copy (device to device)", "the source is host memory");
+    }
+    cpu->copy(dst, src, bytes);
+}
+static void guard_to_device(void *dst, const void *src, size_t bytes) {
+    if (bytes) {
+        need(is_device(dst), "copy_to_device", "the destination is host memory");
+        need(!is_device(src), "copy_to_device", "the source is device memory");
+    }
+    cpu->copy_to_device(dst, src, bytes);
+}
+static void guard_to_host(void *dst, const void *src, size_t bytes) {
+    if (bytes) {
+        need(!is_device(dst), "copy_to_host", "the destination is device memory");
+        need(is_device(src), "copy_to_host", "the source is host memory");
+    }
+    cpu->copy_to_host(dst, src, bytes);
+}
+
+/* ---------------------------------------------------------------- injected kernel failure */
+
+static char fail_kernel[64];
+static long fail_call, calls;
+static int fail_rank = -1;
+
+static void count_call(const char *kernel) {
+    if (strcmp(kernel, fail_kernel) != 0) return;
+    if (++calls != fail_call || (fail_rank >= 0 && fail_rank != my_rank())) return;
+    record("fakedev %s: injected failure%s", kernel, " (as a launch error or illegal address would be)");
+}
+
+static void f_matmul(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb, float alpha,
+                     float beta) {
+    cpu->matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
+    count_call("matmul");
+}
+static void f_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int ta, int tb,
+                          float alpha, float beta, float *scratch) {
+    cpu->matmul_bf16(c, a, b, bias, m, n, k, ta, tb, alpha, beta, scratch);
+    count_call("matmul_bf16");
+}
+static void f_attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd) {
+    cpu->attention_fwd(out, lse, qkv, b, t, h, kvh, hd);
+    count_call("attention_fwd");
+}
+static void f_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                            int b, int t, int h, int kvh, int hd) {
+    cpu->attention_bwd(dqkv, dout, qkv, out, lse, b, t, h, kvh, hd);
+    count_call("attention_bwd");
+}
+static double f_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v) {
+    double r = cpu->cross_entropy(logits, loss, target, weight, n, v);
+    count_call("cross_entropy");
+    return r;
+}
+static void f_adamw_multi(const st_adamw_range *r, int count, float b1, float b2, float eps, float gs) {
+    cpu->adamw_multi(r, count, b1, b2, eps, gs);
+    count_call("adamw_multi");
+}
+
+static int parse_fail(const char *s) {
+    static const char *known[] = {"matmul", "matmul_bf16", "attention_fwd", "attention_bwd", "cross_entropy",
+                                  "adamw_multi"};
+    const char *colon = strchr(s, ':');
+    if (!colon || (size_t)(colon - s) >= sizeof fail_kernel) return -1;
+    memcpy(fail_kernel, s, (size_t)(colon - s));
+    fail_kernel[colon - s] = 0;
+    char *end = NULL;
+    fail_call = strtol(colon + 1, &end, 10);
+    if (fail_call < 1) return -1;
+    if (*end == '@') fail_rank = (int)strtol(end + 1, &end, 10);
+    if (*end) return -1;
+    for (size_t i = 0; i < sizeof known / sizeof *known; i++)
+        if (!strcmp(fail_kernel, known[i])) return 0;
+    return -1;
+}
+
+/* The CLI's error printer lives in coordinator/main.c (not in the library): the same line here. */
+int st_cli_error(const char *cmd, const char *msg) {
+    fprintf(stderr, "shardtune %s: error: %s\n", cmd, msg && *msg ? msg : "unknown failure");
+    return ST_EXIT_FAIL;
+}
+
+/* --guard-self-test: the guard reports a host buffer passed as a device copy's destination. */
+static int guard_self_test(void) {
+    float host[4] = {0}, *dev = fake.alloc(sizeof host);
+    fake.copy(host, dev, sizeof host);
+    int rc = fake.status();
+    printf("guard self-test: %s\n", rc ? st_error() : "NOT caught");
+    fake.free(dev);
+    return rc == ST_EDEVICE && fake.status() == 0 ? 0 : 1;
+}
+
+int main(int argc, char **argv) {
+    int guard = 0, self_test = 0, i = 1;
+    for (; i < argc && argv[i][0] == '-'; i++) {
+        if (!strcmp(argv[i], "--guard")) guard = 1;
+        else if (!strcmp(argv[i], "--guard-self-test")) guard = self_test = 1;
+        else if (!strcmp(argv[i], "--fail") && i + 1 < argc && parse_fail(argv[i + 1]) == 0) i++;
+        else {
+            fprintf(stderr, "usage: fakedev [--guard] [--fail KERNEL:CALL[@RANK]] JOB.yaml [a.b=value ...]\n");
+            return 2;
+        }
+    }
+    cpu = st_backend_cpu(0);
+    fake = *cpu;
+    fake.name = "fakedev";
+    fake.status = fake_status;
+    if (guard) {
+        fake.host_memory = 0;
+        fake.alloc = guard_alloc, fake.free = guard_free, fake.memset0 = guard_memset0;
+        fake.copy = guard_copy, fake.copy_to_device = guard_to_device, fake.copy_to_host = guard_to_host;
+    }
+    fake.matmul = f_matmul, fake.matmul_bf16 = f_matmul_bf16;
+    fake.attention_fwd = f_attention_fwd, fake.attention_bwd = f_attention_bwd;
+    fake.cross_entropy = f_cross_entropy, fake.adamw_multi = f_adamw_multi;
+    if (self_test) return guard_self_test();
+    st_backend_set_override(&fake);
+    argv[i - 1] = (char *)"train"; /* st_cmd_train(argc, argv): argv[0] is the command, argv[1] the job */
+    return st_cmd_train(argc - (i - 1), argv + (i - 1));
+}

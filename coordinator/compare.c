@@ -184,7 +184,7 @@ int st_sheet_write(const char *dir, const st_sheet_item *items, int n, uint64_t 
 /* ---------------- score ---------------- */
 
 const char *st_compare_band(double support) {
-    if (fabs(support - 0.5) <= ST_COMPARE_NEAR_HALF + 1e-12) return /* 45% and 55% both inside */ "no real progress";
+    if (fabs(support - 0.5) <= ST_COMPARE_NEAR_HALF + 1e-12) return /* 49.5% and 50.5% both inside */ "no real progress";
     if (support < 0.5) return "worse than the base";
     if (support < 0.7) return "not good enough";
     if (support <= 0.8) return "successful";

@@ -1128,7 +1128,7 @@ static size_t cp_offset(const char *s, size_t n, size_t idx) {
     return n;
 }
 
-static jv *index_value(jctx *c, jv *obj, jv *key, int line, int attr_first, const char *attr);
+static jv *index_value(jctx *c, jv *obj, jv *key, int line);
 
 static jv *getattr_v(jctx *c, jv *obj, const char *name, int line) {
     if (obj->t == V_UNDEF) jfail(c, line, "'%s' is undefined", obj->s ? obj->s : "value");
@@ -1147,8 +1147,8 @@ static jv *getattr_v(jctx *c, jv *obj, const char *name, int line) {
     return mk_undef(c, name);
 }
 
-static jv *index_value(jctx *c, jv *obj, jv *key, int line, int attr_first, const char *attr) {
-    (void)attr_first, (void)attr;
+/* obj[key]: item lookup first, then (for string keys) attribute lookup, as Jinja's getitem does. */
+static jv *index_value(jctx *c, jv *obj, jv *key, int line) {
     if (obj->t == V_UNDEF) jfail(c, line, "'%s' is undefined", obj->s ? obj->s : "value");
     if (obj->t == V_DICT || obj->t == V_NS) {
         for (size_t i = 0; i < obj->n; i++) if (veq(obj->keys[i], key)) return obj->items[i];
@@ -1256,12 +1256,10 @@ static jv *split_str(jctx *c, jv *s, jv *sep, int64_t maxsplit) {
     if (sep->t != V_STR || !sep->n) jfail(c, 0, "split: empty or non-string separator");
     size_t i = 0;
     for (;;) {
-        const char *f = maxsplit >= 0 && (int64_t)out->n >= maxsplit ? NULL : NULL;
         size_t j = i;
         int found = 0;
         if (!(maxsplit >= 0 && (int64_t)out->n >= maxsplit))
             for (; j + sep->n <= s->n; j++) if (!memcmp(s->s + j, sep->s, sep->n)) { found = 1; break; }
-        (void)f;
         if (!found) { push_item(c, out, NULL, mk_strn(c, s->s + i, s->n - i)); break; }
         push_item(c, out, NULL, mk_strn(c, s->s + i, j - i));
         i = j + sep->n;
@@ -1522,8 +1520,6 @@ static int do_test(jctx *c, const char *t, jv *v, jargs *a, int line) {
     jfail(c, line, "test '%s' is not supported", t);
 }
 
-static int compare(jctx *c, const char *op, jv *a, jv *b, int line);
-
 static jv *do_filter(jctx *c, const char *f, jv *v, jargs *a, int line) {
     jv *a0 = a->npos ? a->pos[0] : NULL;
     if (!strcmp(f, "trim")) {
@@ -1565,7 +1561,7 @@ static jv *do_filter(jctx *c, const char *f, jv *v, jargs *a, int line) {
         st_strbuf *o = tmp_new(c);
         for (size_t i = 0; i < l->n; i++) {
             if (i && sep) { size_t n; const char *s = to_cstr(c, sep, &n); st_strbuf_append(o, s, n); }
-            jv *it = attr ? index_value(c, l->items[i], attr, line, 0, NULL) : l->items[i];
+            jv *it = attr ? index_value(c, l->items[i], attr, line) : l->items[i];
             size_t n;
             const char *s = to_cstr(c, it, &n);
             st_strbuf_append(o, s, n);
@@ -1686,7 +1682,6 @@ static jv *do_filter(jctx *c, const char *f, jv *v, jargs *a, int line) {
     }
     if (!strcmp(f, "sort") || !strcmp(f, "dictsort") || !strcmp(f, "batch") || !strcmp(f, "groupby") || !strcmp(f, "format"))
         jfail(c, line, "filter '%s' is not supported", f);
-    (void)compare;
     jfail(c, line, "filter '%s' is not supported", f);
 }
 
@@ -1798,7 +1793,7 @@ static jv *eval(jctx *c, jnd *e) {
     case E_LIT: return e->val;
     case E_NAME: return lookup(c, e->name);
     case E_ATTR: return getattr_v(c, eval(c, e->a), e->name, e->line);
-    case E_ITEM: return index_value(c, eval(c, e->a), eval(c, e->b), e->line, 0, NULL);
+    case E_ITEM: return index_value(c, eval(c, e->a), eval(c, e->b), e->line);
     case E_SLICE: {
         jv *o = eval(c, e->a);
         return slice_value(c, o, e->b ? eval(c, e->b) : NULL, e->c ? eval(c, e->c) : NULL, e->d ? eval(c, e->d) : NULL, e->line);

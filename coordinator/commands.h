@@ -9,6 +9,7 @@ enum {
     ST_EXIT_OK = 0,
     ST_EXIT_FAIL = 1,        /* the one-line error says why */
     ST_EXIT_USAGE = 2,       /* bad command line */
+    ST_EXIT_DIVERGED = 3,    /* train: stopped on a non-finite loss / grad norm (train.on_nonfinite) */
     ST_EXIT_REQUEUE = 85,    /* checkpointed on a signal or `ctl stop`: please requeue / resume */
 };
 

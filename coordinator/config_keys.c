@@ -27,6 +27,7 @@ static const char *const schedule_names[] = {"constant", "cosine", "linear", NUL
 static const char *const mode_names[] = {"full", "frozen", "progressive", NULL};
 static const char *const mixing_names[] = {"proportional", "temperature", "weights", NULL};
 static const char *const loss_weighting_names[] = {"none", "uncertainty", NULL};
+static const char *const nonfinite_names[] = {"stop", "skip", NULL}; /* indexed by st_nonfinite_policy */
 const char *const st_module_names[] = {"attn", "mlp", "norm", "embed", "head", NULL};
 
 static void task_defaults(void *elem) {
@@ -61,6 +62,10 @@ static const st_key train_keys[] = {
     KEY_F64("eps", SOFF(train, eps), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     KEY_F64("grad_clip", SOFF(train, grad_clip), 0, 0, NO_HI),
     KEY_I64("log_every", SOFF(train, log_every), 1, 0, NO_HI),
+    KEY_ENUM("on_nonfinite", SOFF(train, on_nonfinite), nonfinite_names),
+    KEY_I32("max_nonfinite_skips", SOFF(train, max_nonfinite_skips), 1, 1000000, 0),
+    KEY_F64("loss_spike", SOFF(train, loss_spike), 0, 0, NO_HI),
+    KEY_F64("collective_timeout_s", SOFF(train, collective_timeout_s), 0, 0, NO_HI),
     {0},
 };
 
@@ -116,6 +121,7 @@ static const st_key checkpoint_keys[] = {
     KEY_I64("every_steps", SOFF(checkpoint, every_steps), 0, 0, NO_HI),
     KEY_I32("keep_last", SOFF(checkpoint, keep_last), 0, 0, NO_HI),
     {.name = "signal", .kind = ST_KEY_SIGNAL, .off = SOFF(checkpoint, signal)},
+    KEY_I32("max_failures", SOFF(checkpoint, max_failures), 0, 0, NO_HI),
     {0},
 };
 
@@ -176,6 +182,10 @@ void st_config_defaults(st_config *c) {
     c->train.eps = 1.0e-8;
     c->train.grad_clip = 1.0;
     c->train.log_every = 1;
+    c->train.on_nonfinite = ST_NONFINITE_STOP;
+    c->train.max_nonfinite_skips = 10;
+    c->train.loss_spike = 0.0;
+    c->train.collective_timeout_s = 600.0;
 
     c->finetune.mode = ST_FINETUNE_FULL;
     strcpy(c->finetune.train_layers, "-4");
@@ -201,6 +211,7 @@ void st_config_defaults(st_config *c) {
     c->checkpoint.every_steps = 100;
     c->checkpoint.keep_last = 3;
     c->checkpoint.signal = SIGUSR1;
+    c->checkpoint.max_failures = 3;
 
     c->resume = ST_RESUME_AUTO;
 
@@ -219,6 +230,7 @@ const char *st_schedule_name(st_schedule_kind k) { return name_at(schedule_names
 const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 3, (int)m); }
 const char *st_mixing_name(st_mixing_strategy s) { return name_at(mixing_names, 3, (int)s); }
 const char *st_loss_weighting_name(st_loss_weighting_kind k) { return name_at(loss_weighting_names, 2, (int)k); }
+const char *st_nonfinite_name(st_nonfinite_policy p) { return name_at(nonfinite_names, 2, (int)p); }
 
 const char *st_module_name(unsigned module_bit) {
     for (int i = 0; st_module_names[i]; i++)

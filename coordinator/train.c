@@ -377,7 +377,8 @@ static int step_boundary(trainer *t, int64_t completed) {
         if (t->rank == 0) { printf("stopped at step %lld (%s): checkpointed, exit %d to requeue\n", (long long)completed, why, 85); fflush(stdout); }
         return 1;
     }
-    int periodic = c->checkpoint.every_steps > 0 && completed % c->checkpoint.every_steps == 0;
+    /* no periodic save while steps are being skipped: those weights are suspect until a good step */
+    int periodic = c->checkpoint.every_steps > 0 && completed % c->checkpoint.every_steps == 0 && !t->skips_in_a_row;
     if ((periodic || last || (bits & ST_CTL_CHECKPOINT)) && t->last_saved != completed)
         st_trainer_save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic");
     return 0; /* a failed save does not stop training: the warning was printed, the old checkpoint stands */
@@ -417,7 +418,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
         rc = st_trainer_agree(&t, st_trainer_step(&t, step, &r));
         if (rc) { result = ST_RUN_FAILED; break; }
         t.tokens_seen += (uint64_t)t.world * t.slots * t.T;
-        t.last_loss = r.loss;
+        if (!r.bad) t.last_loss = r.loss;
         if (step == t.start_step && step > 0 && t.rank == 0) {
             printf("continuity: first loss after resume %.6f vs %.6f at save\n", r.loss, t.resumed_loss);
             fflush(stdout);
@@ -429,6 +430,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
             st_trainer_phase(&t, ST_PHASE_IDLE);
         }
         st_trainer_report(&t, step, &r, do_eval ? val : NULL, val_n);
+        if (st_trainer_guard(&t, step, &r)) { result = ST_RUN_DIVERGED; break; }
         int b = step_boundary(&t, step + 1);
         if (b < 0) { result = ST_RUN_FAILED; break; }
         if (b > 0) { result = ST_RUN_CHECKPOINTED; break; }

@@ -12,6 +12,7 @@
 #include "common/json.h"
 #include "common/util.h"
 #include "checkpoints/ckpt.h"
+#include "checkpoints/ckpt_internal.h" /* retention and `latest` for the divergence guard */
 #include "checkpoints/model_io.h"
 
 /* ---------------- final weights ---------------- */
@@ -70,7 +71,15 @@ int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
             meta.task_weighting = tw;
             meta.task_weighting_len = st_taskw_state_len(&t->taskw);
         }
-        rc = st_ckpt_save(t->comm, c->checkpoint.dir, &t->model, &t->optim, &meta, c->checkpoint.keep_last, name, &secs);
+        /* retention waits until the next step proves these weights sound (st_trainer_confirm_checkpoint), so
+         * a checkpoint of weights that then diverge never rotates out the last good one */
+        int confirm_later = !strcmp(why, "periodic") || !strcmp(why, "requested");
+        rc = st_ckpt_save(t->comm, c->checkpoint.dir, &t->model, &t->optim, &meta,
+                          confirm_later ? 0 : c->checkpoint.keep_last, name, &secs);
+        if (!rc && t->rank == 0) {
+            st_trainer_confirm_checkpoint(t); /* a save after a good step confirms the previous one */
+            if (confirm_later) snprintf(t->pending_ckpt, sizeof t->pending_ckpt, "%s", name);
+        }
     }
     free(loader_state);
     st_trainer_phase(t, ST_PHASE_IDLE);
@@ -90,6 +99,33 @@ int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
     }
     if (t->mon) st_monitor_event(t->mon, "checkpoint_failed", completed, "%s", st_error());
     return rc;
+}
+
+void st_trainer_confirm_checkpoint(trainer *t) {
+    if (t->rank != 0 || !t->pending_ckpt[0]) return;
+    st_ckpt_retain(t->cfg->checkpoint.dir, t->cfg->checkpoint.keep_last, t->pending_ckpt);
+    t->pending_ckpt[0] = 0;
+}
+
+void st_trainer_set_aside_checkpoint(trainer *t) {
+    const char *dir = t->cfg->checkpoint.dir;
+    if (t->rank != 0 || !t->pending_ckpt[0]) return;
+    char from[ST_CFG_PATH_MAX + 80], to[ST_CFG_PATH_MAX + 96];
+    snprintf(from, sizeof from, "%s/%s", dir, t->pending_ckpt);
+    snprintf(to, sizeof to, "%s.diverged", from);
+    if (rename(from, to) != 0) {
+        fprintf(stderr, "shardtune train: warning: cannot set aside %s: %s\n", from, strerror(errno));
+        return;
+    }
+    char (*names)[ST_CKPT_NAME_MAX] = NULL;
+    int n = 0;
+    if (st_ckpt_candidates(dir, &names, &n) == 0 && n > 0) st_ckpt_write_latest(dir, names[0]);
+    else { snprintf(from, sizeof from, "%s/latest", dir); unlink(from); }
+    fprintf(stderr, "shardtune train: %s holds the weights that diverged: moved aside to %s.diverged; latest is now %s\n",
+            t->pending_ckpt, t->pending_ckpt, n > 0 ? names[0] : "none");
+    fflush(stderr);
+    free(names);
+    t->pending_ckpt[0] = 0;
 }
 
 /* The control word every rank agrees on at a step boundary: any rank's signal flag OR'ed with the

@@ -57,11 +57,18 @@ typedef struct {
     int64_t start_step, last_saved;     /* first step to run; completed steps of the last save (-1) */
     double last_loss, resumed_loss;     /* resumed_loss: loss at save of the checkpoint we resumed (NAN) */
     double peak_flops; /* measured matmul FLOP/s of all ranks together (for MFU) */
+    /* divergence guard (train_guard.c) */
+    double loss_mean;      /* running mean of recent good losses (for train.loss_spike) */
+    int64_t good_steps;    /* good steps since start/resume */
+    int skips_in_a_row;    /* bad steps skipped since the last good one */
+    int save_failures;     /* failed checkpoint saves in a row */
+    char pending_ckpt[64]; /* rank 0: a checkpoint not yet confirmed by a good next step (retention waits) */
 } trainer;
 
 typedef struct {
     double loss, grad_norm, seconds, comm_seconds;
     float lr;
+    const char *bad; /* why the step was not applied (non-finite loss/grad norm, loss spike), else NULL */
 } st_step_result;
 
 enum { CTL_SIGNAL = 1u << 8 }; /* a rank got SIGTERM / checkpoint.signal */
@@ -76,6 +83,11 @@ int st_trainer_agree(trainer *t, int rc);
 int st_trainer_enter_stage(trainer *t, int s);
 
 int st_trainer_step(trainer *t, int64_t step, st_step_result *r);
+/* Why a step with this (all-reduced) loss and grad norm must not be applied, or NULL; also updates the
+ * running loss mean on good steps. Same answer on every rank. */
+const char *st_trainer_bad_step(trainer *t, double loss, double grad_norm);
+/* After every step: 0 to go on, 1 when train.on_nonfinite / max_nonfinite_skips end the run (rank 0 prints). */
+int st_trainer_guard(trainer *t, int64_t step, const st_step_result *r);
 /* Measures this backend's matmul FLOP/s on every rank and sums them into t->peak_flops. */
 void st_trainer_measure_peak(trainer *t);
 double st_trainer_eval_task(trainer *t, int k, double *targets_out);
@@ -86,6 +98,10 @@ int st_trainer_trim_metrics(trainer *t, int64_t keep_upto); /* rank 0 */
 
 int st_trainer_save_final(trainer *t);
 int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why);
+/* Rank 0: the pending checkpoint is confirmed (the next step was good): older ones may now rotate out. */
+void st_trainer_confirm_checkpoint(trainer *t);
+/* Rank 0: the pending checkpoint holds the weights that diverged: renamed NAME.diverged, `latest` moved back. */
+void st_trainer_set_aside_checkpoint(trainer *t);
 unsigned st_trainer_control(trainer *t);
 int st_trainer_resume(trainer *t);
 

@@ -14,13 +14,19 @@
 
 /* ---------------- reporting (rank 0) ---------------- */
 
+static void json_number(st_strbuf *b, const char *key, double v) {
+    if (isfinite(v)) st_strbuf_printf(b, ",\"%s\":%.9g", key, v);
+    else st_strbuf_printf(b, ",\"%s\":null", key);
+}
+
 static void json_task_map(st_strbuf *b, const trainer *t, const char *key, int which) {
     st_strbuf_printf(b, ",\"%s\":{", key);
     for (int k = 0; k < t->n_tasks; k++) {
         double cnt = t->task_sums[3 * k + 1];
         st_strbuf_json_string(b, t->cfg->tasks[k].name);
         if (which == 0) {
-            if (cnt > 0) st_strbuf_printf(b, ":%.9g%s", t->task_sums[3 * k] / cnt, k + 1 < t->n_tasks ? "," : "");
+            if (cnt > 0 && isfinite(t->task_sums[3 * k] / cnt))
+                st_strbuf_printf(b, ":%.9g%s", t->task_sums[3 * k] / cnt, k + 1 < t->n_tasks ? "," : "");
             else st_strbuf_printf(b, ":null%s", k + 1 < t->n_tasks ? "," : "");
         } else {
             st_strbuf_printf(b, ":%.0f%s", t->task_sums[3 * k + 2], k + 1 < t->n_tasks ? "," : "");
@@ -58,10 +64,16 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
     }
     if (t->rank != 0) return;
     st_strbuf b = {0};
-    st_strbuf_printf(&b, "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens\":%llu,"
-                         "\"tokens_per_s\":%.1f,\"mfu\":%.4f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
-                     (long long)step + 1, r->loss, (double)r->lr, r->grad_norm, (unsigned long long)t->tokens_seen,
-                     tps, mfu, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
+    st_strbuf_printf(&b, "{\"step\":%lld", (long long)step + 1);
+    json_number(&b, "loss", r->loss); /* JSON has no nan: a non-finite value is null */
+    st_strbuf_printf(&b, ",\"lr\":%.9g", (double)r->lr);
+    json_number(&b, "grad_norm", r->grad_norm);
+    st_strbuf_printf(&b, ",\"tokens\":%llu,\"tokens_per_s\":%.1f,\"mfu\":%.4f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
+                     (unsigned long long)t->tokens_seen, tps, mfu, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
+    if (r->bad) {
+        st_strbuf_printf(&b, ",\"skipped\":");
+        st_strbuf_json_string(&b, r->bad);
+    }
     json_task_map(&b, t, "task_loss", 0);
     json_task_map(&b, t, "task_tokens", 1);
     if (t->taskw.learned) {
@@ -77,7 +89,7 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
         st_strbuf_append(&b, ",\"val_loss\":{", 13);
         for (int k = 0; k < t->n_tasks; k++) {
             st_strbuf_json_string(&b, c->tasks[k].name);
-            if (isnan(val[k])) st_strbuf_printf(&b, ":null");
+            if (!isfinite(val[k])) st_strbuf_printf(&b, ":null");
             else st_strbuf_printf(&b, ":%.9g", val[k]);
             if (k + 1 < t->n_tasks) st_strbuf_append(&b, ",", 1);
         }
@@ -95,6 +107,11 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
                (long long)step + 1, (long long)c->train.steps, r->loss, (double)r->lr, r->grad_norm, tps, 100 * mfu,
                r->seconds * 1e3);
         if (t->stages.n > 1) printf(" | stage %d", t->stage);
+        if (r->bad) printf(" | skipped (%s)", r->bad);
+        for (int k = 0; t->n_tasks > 1 && k < t->n_tasks; k++) {
+            double cnt = t->task_sums[3 * k + 1];
+            if (cnt > 0) printf(" | %s %.4f", c->tasks[k].name, t->task_sums[3 * k] / cnt);
+        }
         if (val)
             for (int k = 0; k < t->n_tasks; k++) printf(" | val[%s] %.4f", c->tasks[k].name, val[k]);
         printf("\n");

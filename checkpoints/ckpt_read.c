@@ -106,6 +106,7 @@ int st_ckpt_read_info(const char *path, st_ckpt_info *info) {
         rc = st_fail(ST_EFORMAT, "checkpoint %s: step/stage/world_size out of range", path);
     info->stage = (int)stage;
     info->world_size = (int)world;
+    if (!rc) rc = attr_num(f, "base_checksum", H5T_NATIVE_UINT64, &info->base_checksum, 0, path) < 0 ? ST_EFORMAT : 0;
     if (!rc) rc = attr_text(f, "job_spec", &info->job_spec, 1, path);
     if (!rc) rc = attr_text(f, "model_config", &info->model_config, 1, path);
     size_t n;

@@ -297,6 +297,7 @@ static int setup(trainer *t) {
     int rc = st_trainer_agree(t, setup_backend(t));
     if (!rc) rc = st_trainer_agree(t, check_backends(t));
     if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
+    if (!rc) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
     const char *check = getenv("SHARDTUNE_CHECK_BF16_COPY");

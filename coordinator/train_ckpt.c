@@ -65,6 +65,7 @@ int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
         meta.n_tasks = t->n_tasks;
         meta.task_names = names;
         meta.task_checksums = sums;
+        meta.base_checksum = t->base_checksum;
         double tw[1 + 4 * ST_TASKW_MAX];
         if (t->taskw.learned) {
             st_taskw_state_save(&t->taskw, tw);
@@ -155,12 +156,11 @@ static int try_resume(trainer *t, const char *path) {
             rc = st_fail(ST_ECONFIG, "task '%s': dataset %s changed since checkpoint %s was saved (checksum differs)",
                          c->tasks[k].name, c->tasks[k].path, path);
     }
-    if (!rc && info.step > c->train.steps)
-        rc = st_fail(ST_ECONFIG, "checkpoint %s is at step %lld, beyond train.steps %lld", path, (long long)info.step,
-                     (long long)c->train.steps);
+    if (!rc) rc = st_trainer_check_compat(t, &info, path);
     rc = st_trainer_agree(t, rc);
     float *w = rc ? NULL : malloc(t->model.n_weights * sizeof(float));
     if (!rc) rc = st_trainer_agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
+    if (!rc) rc = st_trainer_agree(t, st_trainer_check_model(t, &info, path));
     /* load the optimizer in the layout it was saved in (the stage of the last completed step); the loop
      * then enters the stage of the next step, carrying moments over exactly as an uninterrupted run */
     int s = info.stage;
@@ -181,7 +181,13 @@ static int try_resume(trainer *t, const char *path) {
         rc = st_ckpt_load_optim(t->comm, path, &t->model, t->optim.lo, t->optim.hi, mh, vh, steps);
         if (rc) t->print_error = t->rank == 0; /* every rank holds the same message */
     }
-    if (!rc) rc = st_trainer_agree(t, st_loader_state_restore(&t->loader, info.loader_state, info.loader_words));
+    if (!rc) {
+        /* the job's keys matched, so a loader state that does not fit is a different data set-up, not damage */
+        rc = st_loader_state_restore(&t->loader, info.loader_state, info.loader_words);
+        if (rc) rc = st_fail(ST_ECONFIG, "checkpoint %s: %s; restore the job's data settings to resume, or set resume: "
+                             "none or a new run_dir to start over", path, st_error());
+        rc = st_trainer_agree(t, rc);
+    }
     if (!rc && t->taskw.learned && info.task_weighting_len > 0 &&
         st_taskw_state_restore(&t->taskw, info.task_weighting, info.task_weighting_len) != 0)
         rc = st_trainer_agree(t, st_fail(ST_ECONFIG, "checkpoint %s: task weighting state is for another number of tasks", path));
@@ -240,6 +246,11 @@ int st_trainer_resume(trainer *t) {
     if (t->rank != 0 && n > 0 && !(names = calloc((size_t)n, ST_CKPT_NAME_MAX))) n = -1;
     if ((rc = st_trainer_agree(t, n < 0 ? st_fail(ST_ENOMEM, "out of memory") : 0))) return rc;
     if (n > 0) MPI_Bcast(names, n * ST_CKPT_NAME_MAX, MPI_CHAR, 0, t->comm);
+    if (t->rank == 0 && n > 0) {
+        printf("resume: auto -> %d checkpoint(s) in %s, trying %s (a checkpoint of another run stops the job)\n", n,
+               c->checkpoint.dir, names[0]);
+        fflush(stdout);
+    }
     for (int i = 0; i < n; i++) {
         char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
         snprintf(path, sizeof path, "%s/%s", c->checkpoint.dir, names[i]);

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "checkpoints/ckpt.h"
 #include "coordinator/config.h"
 #include "coordinator/monitor_server.h"
 #include "coordinator/plan.h"
@@ -62,6 +63,7 @@ typedef struct {
     int64_t good_steps;    /* good steps since start/resume */
     int skips_in_a_row;    /* bad steps skipped since the last good one */
     int save_failures;     /* failed checkpoint saves in a row */
+    uint64_t base_checksum; /* checksum of the base weights as loaded (train_compat.c) */
     char pending_ckpt[64]; /* rank 0: a checkpoint not yet confirmed by a good next step (retention waits) */
 } trainer;
 
@@ -104,5 +106,14 @@ void st_trainer_confirm_checkpoint(trainer *t);
 void st_trainer_set_aside_checkpoint(trainer *t);
 unsigned st_trainer_control(trainer *t);
 int st_trainer_resume(trainer *t);
+
+/* train_compat.c: 0 when checkpoint `info` may continue this job, else ST_ECONFIG naming what differs
+ * (old and new values) and how to proceed. Same answer on every rank. */
+int st_trainer_check_compat(const trainer *t, const st_ckpt_info *info, const char *path);
+/* The same for the model: config.json keys and the base model's checksum (after the tensors loaded, so a
+ * shape mismatch is reported naming the tensor). */
+int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const char *path);
+/* st_ckpt_checksum of the model's weights (never 0). */
+uint64_t st_trainer_weights_checksum(const trainer *t);
 
 #endif

@@ -380,9 +380,21 @@ static int step_boundary(trainer *t, int64_t completed) {
     }
     /* no periodic save while steps are being skipped: those weights are suspect until a good step */
     int periodic = c->checkpoint.every_steps > 0 && completed % c->checkpoint.every_steps == 0 && !t->skips_in_a_row;
-    if ((periodic || last || (bits & ST_CTL_CHECKPOINT)) && t->last_saved != completed)
-        st_trainer_save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic");
-    return 0; /* a failed save does not stop training: the warning was printed, the old checkpoint stands */
+    if ((periodic || last || (bits & ST_CTL_CHECKPOINT)) && t->last_saved != completed &&
+        st_trainer_save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic")) {
+        /* a failed save is a warning (the previous checkpoint stands) until checkpoint.max_failures in a row;
+         * the one at the end always fails the job, after final/ is written */
+        int max = c->checkpoint.max_failures;
+        if (max > 0 && t->save_failures >= max) {
+            if (t->rank == 0)
+                fprintf(stderr, "shardtune train: error: %d checkpoint saves in a row failed (checkpoint.max_failures %d); "
+                                "stopping: the last good checkpoint in %s is intact\n", t->save_failures, max,
+                        c->checkpoint.dir);
+            t->print_error = 0;
+            return ST_EIO;
+        }
+    }
+    return 0;
 }
 
 st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error) {
@@ -442,6 +454,14 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
         rc = st_trainer_agree(&t, st_trainer_save_final(&t));
         if (rc) result = ST_RUN_FAILED;
         else if (t.rank == 0) printf("final weights: %s/final\n", cfg->run_dir);
+        if (!rc && t.last_saved != cfg->train.steps) {
+            /* the run finished but its last checkpoint could not be saved: not a success for a scheduler */
+            if (t.rank == 0)
+                fprintf(stderr, "shardtune train: error: the checkpoint at the end (step %lld) failed; final/ is written, "
+                                "the newest checkpoint in %s is older\n", (long long)cfg->train.steps, cfg->checkpoint.dir);
+            t.print_error = 0;
+            result = ST_RUN_FAILED;
+        }
         if (t.mon) st_monitor_event(t.mon, "end", cfg->train.steps, "finished");
     }
 done:

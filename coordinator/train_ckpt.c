@@ -23,8 +23,13 @@ int st_trainer_save_final(trainer *t) {
     snprintf(dir, sizeof dir, "%s/final", t->cfg->run_dir);
     snprintf(tmp, sizeof tmp, "%s/final.partial", t->cfg->run_dir);
     snprintf(old, sizeof old, "%s/final.old", t->cfg->run_dir);
+    if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* left by a crash during an earlier run's write */
     int rc = st_model_save_dir(&t->model, tmp, 0);
-    if (rc) return st_fail_context(rc, "writing final weights");
+    if (rc) {
+        rc = st_fail_context(rc, "writing final weights");
+        if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* no final.partial/ left behind */
+        return rc;
+    }
     /* swap in atomically-enough: the previous final/ survives until the new one is complete */
     if (access(dir, F_OK) == 0 && rename(dir, old) != 0)
         return st_fail(ST_EIO, "cannot replace %s: %s", dir, strerror(errno));
@@ -85,6 +90,7 @@ int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
     free(loader_state);
     st_trainer_phase(t, ST_PHASE_IDLE);
     if (rc == 0) {
+        t->save_failures = 0;
         t->last_saved = completed;
         if (t->rank == 0) {
             printf("checkpoint: %s/%s (%s, %.2f s)\n", c->checkpoint.dir, name, why, secs);
@@ -93,12 +99,16 @@ int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
         if (t->mon) st_monitor_event(t->mon, "checkpoint_saved", completed, "%s/%s (%s, %.2f s)", c->checkpoint.dir, name, why, secs);
         return 0;
     }
+    t->save_failures++;
+    int max = c->checkpoint.max_failures;
     if (t->rank == 0) {
-        fprintf(stderr, "shardtune train: warning: checkpoint at step %lld failed (%s): %s\n", (long long)completed, why,
-                st_error());
+        fprintf(stderr, "shardtune train: warning: checkpoint at step %lld failed (%s): %s (%d in a row", (long long)completed,
+                why, st_error(), t->save_failures);
+        if (max > 0) fprintf(stderr, "; the job stops at %d, checkpoint.max_failures)\n", max);
+        else fprintf(stderr, ")\n");
         fflush(stderr);
     }
-    if (t->mon) st_monitor_event(t->mon, "checkpoint_failed", completed, "%s", st_error());
+    if (t->mon) st_monitor_event(t->mon, "checkpoint_failed", completed, "%s (%d in a row)", st_error(), t->save_failures);
     return rc;
 }
 

@@ -144,4 +144,8 @@ int st_ckpt_candidates(const char *dir, char (**names)[ST_CKPT_NAME_MAX], int *n
 /* PATH if it is a file, else DIR/<latest or newest complete checkpoint>. */
 int st_ckpt_resolve(const char *path, char *out, size_t out_len);
 
+/* 0 when every weight of m is finite, else ST_EFORMAT naming `source` (the model dir), the tensor and
+ * the first bad element. Reads through the backend in 4 MB pieces. */
+int st_model_check_finite(const st_model *m, const char *source);
+
 #endif

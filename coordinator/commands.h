@@ -4,6 +4,8 @@
 #ifndef ST_COMMANDS_H
 #define ST_COMMANDS_H
 
+#include <stdint.h>
+
 /* Exit codes shared by all commands (documented in docs/cli.md). */
 enum {
     ST_EXIT_OK = 0,
@@ -26,5 +28,10 @@ int st_cmd_plot(int argc, char **argv);
 
 /* Prints "shardtune <cmd>: error: <msg>" to stderr (one line) and returns ST_EXIT_FAIL. */
 int st_cli_error(const char *cmd, const char *msg);
+
+/* A flag's number, strictly (common/util.h st_parse_*): 0, or prints "shardtune <cmd>: error: <flag>:
+ * expected ..., got '<text>'" and returns ST_EXIT_USAGE. Use: if ((rc = st_cli_int(...))) return rc; */
+int st_cli_int(const char *cmd, const char *flag, const char *text, int64_t lo, int64_t hi, int64_t *out);
+int st_cli_real(const char *cmd, const char *flag, const char *text, double lo, double hi, double *out);
 
 #endif

@@ -5,9 +5,11 @@
  * lists in messages; it follows DESIGN.md's config reference. Static data only. */
 #include "coordinator/config.h"
 #include "coordinator/config_keys.h"
+#include "common/util.h" /* ST_MAX_THREADS */
 
 #include <signal.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 /* Offset of a field inside one of st_config's anonymous section structs. */
@@ -48,13 +50,13 @@ static const st_key model_keys[] = {
 };
 
 static const st_key train_keys[] = {
-    KEY_I64("steps", SOFF(train, steps), 1, 0, NO_HI),
+    KEY_I64("steps", SOFF(train, steps), 1, INT32_MAX, 0) /* the lr schedule counts in int */,
     KEY_I32("micro_batch", SOFF(train, micro_batch), 1, 0, NO_HI),
     KEY_I32("grad_accum", SOFF(train, grad_accum), 1, 0, NO_HI),
     KEY_I32("seq_len", SOFF(train, seq_len), 2, 0, NO_HI),
     KEY_F64("lr", SOFF(train, lr), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     KEY_ENUM("schedule", SOFF(train, schedule), schedule_names),
-    KEY_I64("warmup_steps", SOFF(train, warmup_steps), 0, 0, NO_HI),
+    KEY_I64("warmup_steps", SOFF(train, warmup_steps), 0, INT32_MAX, 0),
     KEY_F64("min_lr_ratio", SOFF(train, min_lr_ratio), 0, 1, 0),
     KEY_F64("weight_decay", SOFF(train, weight_decay), 0, 0, NO_HI),
     {.name = "betas", .kind = ST_KEY_F64_LIST, .off = SOFF(train, betas), .size = 2, .lo = 0, .hi = 1,
@@ -139,7 +141,7 @@ const st_key st_config_root_keys[] = {
     KEY_STR("run_dir", offsetof(st_config, run_dir), ST_CFG_PATH_MAX),
     KEY_I64("seed", offsetof(st_config, seed), 0, 0, NO_HI),
     KEY_ENUM("backend", offsetof(st_config, backend), backend_names),
-    KEY_I32("threads", offsetof(st_config, threads), 0, 0, NO_HI),
+    KEY_I32("threads", offsetof(st_config, threads), 0, ST_MAX_THREADS, 0),
     KEY_ENUM("precision", offsetof(st_config, precision), precision_names),
     KEY_ENUM("loss_weighting", offsetof(st_config, loss_weighting), loss_weighting_names),
     KEY_F64("loss_weighting_lr", offsetof(st_config, loss_weighting_lr), 0, 0, ST_KEY_LO_OPEN | NO_HI),
@@ -215,8 +217,8 @@ void st_config_defaults(st_config *c) {
 
     c->resume = ST_RESUME_AUTO;
 
-    strcpy(c->monitor.publish, "tcp://127.0.0.1:5555");
-    strcpy(c->monitor.control, "tcp://127.0.0.1:5556");
+    strcpy(c->monitor.publish, "tcp://127.0.0.1:*"); /* free ports: a second job on the host just works */
+    strcpy(c->monitor.control, "tcp://127.0.0.1:*");
     c->monitor.heartbeat_ms = 500;
     c->monitor.stall_after_s = 30.0;
     c->monitor.curve = 0;

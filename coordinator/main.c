@@ -4,6 +4,9 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/error.h"
+#include "common/util.h"
+
 struct st_command {
     const char *name;
     int (*run)(int argc, char **argv);
@@ -34,6 +37,18 @@ static void usage(FILE *out) {
 int st_cli_error(const char *cmd, const char *msg) {
     fprintf(stderr, "shardtune %s: error: %s\n", cmd, msg && *msg ? msg : "unknown failure");
     return ST_EXIT_FAIL;
+}
+
+int st_cli_int(const char *cmd, const char *flag, const char *text, int64_t lo, int64_t hi, int64_t *out) {
+    if (st_parse_i64(text, lo, hi, out) == 0) return 0;
+    fprintf(stderr, "shardtune %s: error: %s: %s\n", cmd, flag, st_error());
+    return ST_EXIT_USAGE;
+}
+
+int st_cli_real(const char *cmd, const char *flag, const char *text, double lo, double hi, double *out) {
+    if (st_parse_f64(text, lo, hi, out) == 0) return 0;
+    fprintf(stderr, "shardtune %s: error: %s: %s\n", cmd, flag, st_error());
+    return ST_EXIT_USAGE;
 }
 
 int main(int argc, char **argv) {

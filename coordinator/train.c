@@ -15,6 +15,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
+#include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
 #ifdef ST_HAVE_CUDA
 #include "kernels/cuda/cuda_extras.h"
@@ -116,6 +117,9 @@ static int load_data(trainer *t) {
         int rc = st_dataset_load(c->tasks[k].path, &t->datasets[k]);
         if (rc) return st_fail_context(rc, "task '%s'", c->tasks[k].name);
         const st_dataset *d = &t->datasets[k];
+        if (st_dataset_masked_tokens(d) >= d->n_tokens)
+            return st_fail(ST_EINVAL, "task '%s': every token of %s is masked (loss_mask all 0): nothing to train on",
+                           c->tasks[k].name, c->tasks[k].path);
         if (d->vocab_size > t->model.cfg.vocab) {
             for (uint64_t i = 0; i < d->n_tokens; i++)
                 if ((int64_t)d->tokens[i] >= t->model.cfg.vocab)
@@ -200,6 +204,19 @@ static int open_run_dir(trainer *t) {
     return 0;
 }
 
+/* Rank 0: the addresses the sockets bound ("*" = a free port) go to RUN_DIR/monitor.addr for
+ * `shardtune monitor/ctl --run-dir`, and to the console. */
+static int announce_monitor(trainer *t) {
+    char pub[256], ctl[256];
+    st_monitor_bound(t->mon, pub, ctl, sizeof pub);
+    int rc = st_monitor_addr_write(t->cfg->run_dir, pub, ctl);
+    if (rc) return rc;
+    printf("monitor: publish %s, control %s (in %s/monitor.addr: shardtune monitor --run-dir %s)\n", pub[0] ? pub : "off",
+           ctl[0] ? ctl : "off", t->cfg->run_dir, t->cfg->run_dir);
+    fflush(stdout);
+    return 0;
+}
+
 static int start_monitoring(trainer *t) {
     const st_config *c = t->cfg;
     char pull[256] = "";
@@ -221,6 +238,7 @@ static int start_monitoring(trainer *t) {
         mo.stall_after_s = c->monitor.stall_after_s;
         if (!rc) rc = st_monitor_start(&mo, &t->mon);
         if (!rc) snprintf(pull, sizeof pull, "%s", st_monitor_pull_endpoint(t->mon));
+        if (!rc) rc = announce_monitor(t);
     }
     if ((rc = st_trainer_agree(t, rc))) return rc;
     MPI_Bcast(pull, sizeof pull, MPI_CHAR, 0, t->comm);
@@ -297,6 +315,7 @@ static int setup(trainer *t) {
     int rc = st_trainer_agree(t, setup_backend(t));
     if (!rc) rc = st_trainer_agree(t, check_backends(t));
     if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
+    if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
     if (!rc) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));

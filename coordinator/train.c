@@ -28,8 +28,7 @@
 volatile sig_atomic_t st_stop_requested;
 
 static void on_signal(int sig) {
-    (void)sig;
-    st_stop_requested = 1;
+    st_stop_requested = sig > 0 ? sig : 1; /* which one: the stop line explains mpirun's view of SIGTERM */
 }
 
 void st_train_install_signals(const st_config *cfg) {
@@ -394,7 +393,14 @@ static int step_boundary(trainer *t, int64_t completed) {
             return rc;
         }
         if (t->mon) st_monitor_event(t->mon, "stop", completed, "stopped after a checkpoint (%s)", why);
-        if (t->rank == 0) { printf("stopped at step %lld (%s): checkpointed, exit %d to requeue\n", (long long)completed, why, 85); fflush(stdout); }
+        if (t->rank == 0) {
+            printf("stopped at step %lld (%s): checkpointed, exit %d to requeue\n", (long long)completed, why, 85);
+            /* Ctrl-C on mpirun reaches the ranks as SIGTERM; mpirun then exits 1 whatever the ranks return */
+            if (st_stop_requested == SIGTERM && getenv("OMPI_COMM_WORLD_SIZE"))
+                printf("note: under mpirun, Ctrl-C / SIGTERM makes mpirun itself exit 1 after this clean stop; the "
+                       "checkpoint is committed (send SIGUSR1 to mpirun or use `shardtune ctl stop` for exit 85)\n");
+            fflush(stdout);
+        }
         return 1;
     }
     /* no periodic save while steps are being skipped: those weights are suspect until a good step */

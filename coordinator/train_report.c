@@ -129,6 +129,12 @@ void st_trainer_banner(const trainer *t) {
            mc->model_type, mc->n_layer, mc->d_model, mc->n_head, mc->n_kv_head, mc->vocab,
            t->model.n_weights / 1e6, t->model.n_grads / 1e6, t->world,
            c->threads > 0 ? c->threads : st_num_threads(), t->be->name, t->world * t->slots, t->T, t->n_tasks);
+    /* what the mixture will actually sample, so a mis-set weight is seen before the first step */
+    double p[ST_CFG_MAX_TASKS];
+    st_loader_probabilities(&t->loader, p);
+    printf("tasks (mixing %s):", st_mixing_name(c->mixing.strategy));
+    for (int k = 0; k < t->n_tasks; k++) printf("%s %s p=%.4f", k ? "," : "", c->tasks[k].name, p[k]);
+    printf("\n");
     fflush(stdout);
 }
 

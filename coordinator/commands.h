@@ -13,6 +13,7 @@ enum {
     ST_EXIT_USAGE = 2,       /* bad command line */
     ST_EXIT_DIVERGED = 3,    /* train: stopped on a non-finite loss / grad norm (train.on_nonfinite) */
     ST_EXIT_REQUEUE = 85,    /* checkpointed on a signal or `ctl stop`: please requeue / resume */
+    ST_EXIT_HUNG = 86,       /* train: the collective watchdog aborted the job (a rank never arrived) */
 };
 
 int st_cmd_init_model(int argc, char **argv);

@@ -204,6 +204,28 @@ void st_monitor_get_stats(st_monitor *m, st_monitor_stats *out) {
     pthread_mutex_unlock(&m->lock);
 }
 
+int st_monitor_missing_ranks(st_monitor *m, int self, int64_t step, int phase, double silent_s, char *out, size_t size) {
+    int n = 0;
+    size_t used = 0;
+    out[0] = 0;
+    double now = st_now();
+    pthread_mutex_lock(&m->lock);
+    for (int r = 0; r < m->world; r++) {
+        const st_rank_state *s = &m->ranks[r];
+        if (r == self || (s->heard && s->step == step && s->phase == phase && now - s->heard_at < silent_s)) continue;
+        n++;
+        if (used + 16 >= size) continue;
+        if (s->heard)
+            used += (size_t)snprintf(out + used, size - used, "%s%d (host %s, last seen at step %lld in %s, %.1f s ago)",
+                                     used ? ", " : "", r, s->host, (long long)s->step, st_phase_name(s->phase),
+                                     now - s->heard_at);
+        else
+            used += (size_t)snprintf(out + used, size - used, "%s%d (never heard from)", used ? ", " : "", r);
+    }
+    pthread_mutex_unlock(&m->lock);
+    return n;
+}
+
 void st_monitor_bound(const st_monitor *m, char *publish, char *control, size_t size) {
     publish[0] = control[0] = 0;
     if (m->pub) zmq_getsockopt(m->pub, ZMQ_LAST_ENDPOINT, publish, &size);
@@ -338,7 +360,9 @@ static void on_heartbeat(st_monitor *m, const Shardtune__Heartbeat *hb, const vo
         return;
     }
     bump(m, &m->stats.heartbeats);
+    pthread_mutex_lock(&m->lock); /* st_monitor_missing_ranks reads the rank table from another thread */
     st_rank_heard(&m->ranks[r], hb->host, hb->step, (int)hb->phase, hb->phase_seconds, st_now());
+    pthread_mutex_unlock(&m->lock);
     /* Republish the rank's own bytes: subscribers see exactly what the rank sent. */
     if (m->pub && zmq_send(m->pub, "rank", 4, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0) zmq_send(m->pub, raw, len, ZMQ_DONTWAIT);
 }

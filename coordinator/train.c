@@ -46,6 +46,7 @@ void st_train_install_signals(const st_config *cfg) {
 /* ---------------- shared helpers ---------------- */
 void st_trainer_phase(trainer *t, st_phase phase) {
     if (t->probe) st_probe_set_phase(t->probe, phase);
+    st_watchdog_mark(t->wd, t->wd_step, phase);
 }
 
 /* All ranks agree whether any rank failed; the lowest failing rank keeps print_error = 1. */
@@ -331,9 +332,12 @@ static int setup(trainer *t) {
 }
 
 static void teardown(trainer *t) {
+    st_trainer_phase(t, ST_PHASE_IDLE);
     /* every rank's last reports reach the coordinator before it closes its sockets */
     if (t->tel) st_telemetry_stop(t->tel);
     if (t->mon || t->tel) MPI_Barrier(t->comm);
+    st_watchdog_stop(t->wd); /* after the last collective; before the monitor it reads goes */
+    t->wd = NULL;
     if (t->mon) st_monitor_stop(t->mon);
     if (t->metrics) fclose(t->metrics);
     st_optim_free(&t->optim, t->be);
@@ -363,14 +367,16 @@ static void teardown(trainer *t) {
 static unsigned pause_here(trainer *t, int64_t completed) {
     if (t->rank == 0) { printf("paused at step %lld (ctl resume to continue)\n", (long long)completed); fflush(stdout); }
     if (t->mon) st_monitor_event(t->mon, "pause", completed, "paused");
+    st_watchdog_pause(t->wd, 1); /* the control word is agreed every 200 ms, but nothing moves for hours */
     for (;;) {
         usleep(200 * 1000);
         unsigned bits = st_trainer_control(t);
-        if (bits & (ST_CTL_STOP | CTL_SIGNAL)) return bits;
+        if (bits & (ST_CTL_STOP | CTL_SIGNAL)) { st_watchdog_pause(t->wd, 0); return bits; }
         if ((bits & ST_CTL_CHECKPOINT) && t->last_saved != completed) st_trainer_save_checkpoint(t, completed, "requested");
         if (bits & ST_CTL_RESUME) {
             if (t->rank == 0) { printf("resumed at step %lld\n", (long long)completed); fflush(stdout); }
             if (t->mon) st_monitor_event(t->mon, "resume", completed, "resumed");
+            st_watchdog_pause(t->wd, 0);
             return bits;
         }
     }
@@ -436,6 +442,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     int rc = setup(&t);
     if (!rc) rc = st_trainer_resume(&t);
     if (!rc) rc = st_trainer_agree(&t, st_trainer_trim_metrics(&t, t.start_step));
+    if (!rc) rc = st_trainer_agree(&t, st_watchdog_start(&t));
     if (rc) { result = ST_RUN_FAILED; goto done; }
     st_trainer_measure_peak(&t);
     st_trainer_banner(&t);
@@ -452,6 +459,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
             if (t.mon) st_monitor_event(t.mon, "stage_change", step, "stage %d: %.2fM trainable", s, t.model.n_grads / 1e6);
         }
         if (t.probe) st_probe_set_step(t.probe, step + 1);
+        t.wd_step = step + 1;
         st_step_result r = {0};
         rc = st_trainer_agree(&t, st_trainer_step(&t, step, &r));
         if (rc) { result = ST_RUN_FAILED; break; }
@@ -476,7 +484,9 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     free(val);
     free(val_n);
     if (result == ST_RUN_FINISHED) {
+        st_trainer_phase(&t, ST_PHASE_CHECKPOINT); /* the others wait for rank 0's write */
         rc = st_trainer_agree(&t, st_trainer_save_final(&t));
+        st_trainer_phase(&t, ST_PHASE_IDLE);
         if (rc) result = ST_RUN_FAILED;
         else if (t.rank == 0) printf("final weights: %s/final\n", cfg->run_dir);
         if (!rc && t.last_saved != cfg->train.steps) {

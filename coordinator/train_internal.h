@@ -25,6 +25,8 @@
 #include "worker/optim.h"
 #include "worker/taskweight.h"
 
+typedef struct st_watchdog st_watchdog;
+
 typedef struct {
     const st_config *cfg;
     MPI_Comm comm;
@@ -64,7 +66,9 @@ typedef struct {
     int skips_in_a_row;    /* bad steps skipped since the last good one */
     int save_failures;     /* failed checkpoint saves in a row */
     uint64_t base_checksum; /* checksum of the base weights as loaded (train_compat.c) */
-    char pending_ckpt[64]; /* rank 0: a checkpoint not yet confirmed by a good next step (retention waits) */
+    char pending_ckpt[64];
+    st_watchdog *wd;        /* collective watchdog (train_watchdog.c), NULL when off */
+    int64_t wd_step;        /* the step the watchdog reports (as the probe: completed + 1) */ /* rank 0: a checkpoint not yet confirmed by a good next step (retention waits) */
 } trainer;
 
 typedef struct {
@@ -115,5 +119,13 @@ int st_trainer_check_compat(const trainer *t, const st_ckpt_info *info, const ch
 int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const char *path);
 /* st_ckpt_checksum of the model's weights (never 0). */
 uint64_t st_trainer_weights_checksum(const trainer *t);
+
+/* train_watchdog.c: train.collective_timeout_s. start (after monitoring: rank 0 names missing ranks from
+ * the monitor) / stop are called once; mark at every phase change (st_trainer_phase does it); pause
+ * exempts a paused job. All NULL-safe. */
+int st_watchdog_start(trainer *t);
+void st_watchdog_mark(st_watchdog *w, int64_t step, int phase);
+void st_watchdog_pause(st_watchdog *w, int paused);
+void st_watchdog_stop(st_watchdog *w);
 
 #endif

@@ -245,6 +245,11 @@ int st_trainer_resume(trainer *t) {
         char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
         int rc = st_trainer_agree(t, st_ckpt_resolve(c->resume_path, path, sizeof path));
         if (rc) return rc;
+        if (t->rank == 0) {
+            printf("resume: %s -> trying %s (no fallback: a checkpoint that cannot be used stops the job)\n",
+                   c->resume_path, path);
+            fflush(stdout);
+        }
         return try_resume(t, path);
     }
     /* auto: rank 0 lists the directory, everyone tries the candidates in the same order */

@@ -1,8 +1,8 @@
 /* cmd_plot.c — `shardtune plot RUN_DIR --out FILE.svg`
  * Reads RUN_DIR/metrics.jsonl (one JSON object per line: step, loss, lr, tokens_per_s, optional
- * task_loss {name: value}, ...) and draws a standalone SVG with three panels sharing the step axis:
- * loss (and per-task losses), learning rate, tokens/s. Lines that are not JSON objects with a numeric
- * "step" are skipped and counted (a run still writing may leave a partial last line). */
+ * task_loss and val_loss {name: value}, ...) and draws a standalone SVG with three panels sharing the
+ * step axis: loss (per-task train losses and validation losses `val[task]` too), learning rate,
+ * tokens/s. Lines that are not JSON objects with a numeric "step" are skipped and counted (a run still writing may leave a partial last line). */
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
@@ -45,9 +45,9 @@ typedef struct {
     series lr, tps;
 } plot_data;
 
-static series *task_series(plot_data *d, const char *name) {
+static series *task_series(plot_data *d, const char *kind, const char *name) {
     char label[sizeof d->loss[0].name];
-    snprintf(label, sizeof label, "loss[%s]", name);
+    snprintf(label, sizeof label, "%s[%.40s]", kind, name);
     for (int i = 1; i < d->nloss; i++)
         if (!strcmp(d->loss[i].name, label)) return &d->loss[i];
     if (d->nloss == PLOT_MAX_SERIES) return NULL; /* more tasks than colours: the rest are left out */
@@ -68,10 +68,14 @@ static int add_line(plot_data *d, const char *line, size_t len) {
         double lr = st_json_get_number(obj, "lr", NAN, &ok);
         double tps = st_json_get_number(obj, "tokens_per_s", NAN, &ok);
         int rc = series_push(&d->loss[0], x, loss) | series_push(&d->lr, x, lr) | series_push(&d->tps, x, tps);
-        const st_json *tl = st_json_get(obj, "task_loss");
-        for (size_t i = 0; tl && tl->type == ST_JSON_OBJECT && i < tl->count; i++) {
-            series *s = task_series(d, tl->keys[i]);
-            if (s && tl->items[i]->type == ST_JSON_NUMBER) rc |= series_push(s, x, tl->items[i]->number);
+        /* per-task train loss, and the validation loss of the steps that evaluated */
+        static const char *const maps[2][2] = {{"task_loss", "loss"}, {"val_loss", "val"}};
+        for (int m = 0; m < 2; m++) {
+            const st_json *tl = st_json_get(obj, maps[m][0]);
+            for (size_t i = 0; tl && tl->type == ST_JSON_OBJECT && i < tl->count; i++) {
+                series *s = task_series(d, maps[m][1], tl->keys[i]);
+                if (s && tl->items[i]->type == ST_JSON_NUMBER) rc |= series_push(s, x, tl->items[i]->number);
+            }
         }
         used = rc ? -1 : 1;
     }

@@ -4,7 +4,7 @@
 #     (outlives the first job and reconnects), and exits on SIGTERM;
 #   shardtune ctl: unreachable address -> one clear line + exit 1; status ok; checkpoint without token
 #     refused (exit 1); with --run-dir / --token-file accepted; bad token file refused;
-#   shardtune plot: SVG with three panels and one polyline point per metrics line.
+#   shardtune plot: SVG with three panels and one polyline point per metrics line (val loss: per evaluation).
 set -euo pipefail
 BIN=${SHARDTUNE_BIN:?}
 DRIVER=${ST_BUILD_DIR:?}/telemetry_driver
@@ -90,9 +90,12 @@ mkdir -p "$T/plot"
 import json, math, sys
 with open(sys.argv[1], "w") as f:
     for s in range(0, 120):
-        f.write(json.dumps({"step": s, "loss": 3 * math.exp(-s / 30) + 1, "lr": 1e-4 * min(1, (s + 1) / 10),
-                            "grad_norm": 1.0, "tokens": 512, "tokens_per_s": 700 + s, "step_ms": 100,
-                            "task_loss": {"qa": 2.5, "chat": 1.5 + 1 / (s + 1)}}) + "\n")
+        row = {"step": s, "loss": 3 * math.exp(-s / 30) + 1, "lr": 1e-4 * min(1, (s + 1) / 10),
+               "grad_norm": 1.0, "tokens": 512, "tokens_per_s": 700 + s, "step_ms": 100,
+               "task_loss": {"qa": 2.5, "chat": 1.5 + 1 / (s + 1)}}
+        if s % 20 == 19:
+            row["val_loss"] = {"qa": 2.6, "chat": None}  # null: a task without a val split
+        f.write(json.dumps(row) + "\n")
     f.write('{"step": 120, "loss"')  # partial last line of a run still writing
 EOF
 "$BIN" plot "$T/plot" --out "$T/plot/p.svg" | grep -q "120 steps, 1 lines skipped" || fail "plot summary line"
@@ -101,13 +104,13 @@ import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 ns = "{http://www.w3.org/2000/svg}"
 polys = root.findall(".//" + ns + "polyline")
-assert len(polys) == 5, "want loss, 2 task losses, lr, tokens/s: %d" % len(polys)
-for p in polys:
-    assert len(p.get("points").split()) == 120
+assert len(polys) == 6, "want loss, 2 task losses, val[qa], lr, tokens/s: %d" % len(polys)
+npoints = sorted(len(p.get("points").split()) for p in polys)
+assert npoints == [6, 120, 120, 120, 120, 120], npoints  # val[qa]: the 6 evaluated steps
 texts = [t.text for t in root.iter(ns + "text")]
-for want in ("loss", "learning rate", "tokens/s", "step", "loss[qa]", "loss[chat]"):
+for want in ("loss", "learning rate", "tokens/s", "step", "loss[qa]", "loss[chat]", "val[qa]"):
     assert want in texts, want
-print("plot: 5 series x 120 points, %d labels" % len(texts))
+print("plot: 5 series x 120 points + val loss x 6, %d labels" % len(texts))
 EOF
 set +e
 "$BIN" plot "$T/nothing" --out "$T/x.svg" 2>"$T/err"; rc=$?

@@ -43,6 +43,7 @@ typedef struct {
     series loss[PLOT_MAX_SERIES]; /* [0] = total loss, then tasks */
     int nloss;
     series lr, tps;
+    series resumes; /* x = the first step after each resume (metrics rows with "resumed": true) */
 } plot_data;
 
 static series *task_series(plot_data *d, const char *kind, const char *name) {
@@ -68,6 +69,8 @@ static int add_line(plot_data *d, const char *line, size_t len) {
         double lr = st_json_get_number(obj, "lr", NAN, &ok);
         double tps = st_json_get_number(obj, "tokens_per_s", NAN, &ok);
         int rc = series_push(&d->loss[0], x, loss) | series_push(&d->lr, x, lr) | series_push(&d->tps, x, tps);
+        const st_json *resumed = st_json_get(obj, "resumed");
+        if (resumed && resumed->type == ST_JSON_BOOL && resumed->boolean) rc |= series_push(&d->resumes, x, 0);
         /* per-task train loss, and the validation loss of the steps that evaluated */
         static const char *const maps[2][2] = {{"task_loss", "loss"}, {"val_loss", "val"}};
         for (int m = 0; m < 2; m++) {
@@ -128,7 +131,7 @@ static void xml_text(FILE *f, const char *s) {
     }
 }
 
-static void panel(FILE *f, int index, const char *title, series *s, int n, double xlo, double xhi) {
+static void panel(FILE *f, int index, const char *title, series *s, int n, const series *marks, double xlo, double xhi) {
     double top = index * (PANEL_H + MT + MB) + MT, h = PANEL_H, w = W - ML - MR;
     double ylo, yhi;
     range_of(s, n, 0, &ylo, &yhi);
@@ -162,6 +165,12 @@ static void panel(FILE *f, int index, const char *title, series *s, int n, doubl
         xml_text(f, s[k].name);
         fputs("</text>\n", f);
     }
+    /* where the run was resumed from a checkpoint: a dashed vertical line */
+    for (size_t i = 0; marks && i < marks->n; i++) {
+        fprintf(f, "<line class=\"resume\" x1=\"%.2f\" y1=\"%g\" x2=\"%.2f\" y2=\"%g\" stroke=\"#555\" "
+                   "stroke-dasharray=\"4,3\"/>", PX(marks->x[i]), top, PX(marks->x[i]), top + h);
+        fprintf(f, "<text x=\"%.2f\" y=\"%g\" font-size=\"10\">resume</text>\n", PX(marks->x[i]) + 3, top + 12);
+    }
 #undef PX
 #undef PY
     fputs("</g>\n", f);
@@ -169,7 +178,7 @@ static void panel(FILE *f, int index, const char *title, series *s, int n, doubl
 
 static void free_data(plot_data *d) {
     for (int i = 0; i < d->nloss; i++) free(d->loss[i].x), free(d->loss[i].y);
-    free(d->lr.x), free(d->lr.y), free(d->tps.x), free(d->tps.y);
+    free(d->lr.x), free(d->lr.y), free(d->tps.x), free(d->tps.y), free(d->resumes.x), free(d->resumes.y);
 }
 
 int st_cmd_plot(int argc, char **argv) {
@@ -232,9 +241,9 @@ int st_cmd_plot(int argc, char **argv) {
     double height = 3 * (PANEL_H + MT + MB);
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%g\" height=\"%g\" font-family=\"sans-serif\">\n", W, height);
     fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
-    panel(f, 0, "loss", d.loss, d.nloss, xlo, xhi);
-    panel(f, 1, "learning rate", &d.lr, 1, xlo, xhi);
-    panel(f, 2, "tokens/s", &d.tps, 1, xlo, xhi);
+    panel(f, 0, "loss", d.loss, d.nloss, &d.resumes, xlo, xhi);
+    panel(f, 1, "learning rate", &d.lr, 1, NULL, xlo, xhi);
+    panel(f, 2, "tokens/s", &d.tps, 1, NULL, xlo, xhi);
     fputs("</svg>\n", f);
     int bad = fclose(f) != 0;
     free_data(&d);

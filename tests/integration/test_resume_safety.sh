@@ -45,4 +45,5 @@ refused "another base" "trained from another base model" model.path=$T/other
 # the same job still resumes
 [ "$(train 1 r)" = 0 ] || fail "plain resume: $(cat $T/r.err)"
 grep -q "resumed from step-00000005.h5 at step 5" $T/r.out || fail "did not resume"
+grep -q '"step":6,.*"resumed":true' $T/r/metrics.jsonl || fail "the first row after the resume is not marked (plot)"
 echo "ok: unchanged job resumes"

@@ -93,6 +93,8 @@ with open(sys.argv[1], "w") as f:
         row = {"step": s, "loss": 3 * math.exp(-s / 30) + 1, "lr": 1e-4 * min(1, (s + 1) / 10),
                "grad_norm": 1.0, "tokens": 512, "tokens_per_s": 700 + s, "step_ms": 100,
                "task_loss": {"qa": 2.5, "chat": 1.5 + 1 / (s + 1)}}
+        if s == 60:
+            row["resumed"] = True  # the first row after a resume
         if s % 20 == 19:
             row["val_loss"] = {"qa": 2.6, "chat": None}  # null: a task without a val split
         f.write(json.dumps(row) + "\n")
@@ -110,7 +112,9 @@ assert npoints == [6, 120, 120, 120, 120, 120], npoints  # val[qa]: the 6 evalua
 texts = [t.text for t in root.iter(ns + "text")]
 for want in ("loss", "learning rate", "tokens/s", "step", "loss[qa]", "loss[chat]", "val[qa]"):
     assert want in texts, want
-print("plot: 5 series x 120 points + val loss x 6, %d labels" % len(texts))
+resumes = [l for l in root.iter(ns + "line") if l.get("class") == "resume"]
+assert len(resumes) == 1 and "resume" in texts, "one resume marker"
+print("plot: 5 series x 120 points + val loss x 6, a resume marker, %d labels" % len(texts))
 EOF
 set +e
 "$BIN" plot "$T/nothing" --out "$T/x.svg" 2>"$T/err"; rc=$?

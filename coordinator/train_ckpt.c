@@ -270,6 +270,9 @@ int st_trainer_resume(trainer *t) {
         char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
         snprintf(path, sizeof path, "%s/%s", c->checkpoint.dir, names[i]);
         rc = try_resume(t, path);
+        /* not yet proven by a good step after it (the run that saved it may have died first): a first step
+         * that diverges sets it aside like a checkpoint of this run */
+        if (rc == 0 && t->rank == 0) snprintf(t->pending_ckpt, sizeof t->pending_ckpt, "%s", names[i]);
         if (rc == 0 || !is_damage(rc)) break;
         if (t->rank == 0) {
             fprintf(stderr, "shardtune train: warning: checkpoint %s is unusable (%s); falling back to %s\n", path,

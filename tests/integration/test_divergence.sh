@@ -37,6 +37,19 @@ cp $T/div/checkpoints/step-00000004.h5 $T/good.h5
 [ "$(train 2 div)" = 0 ] || fail "resume after divergence: $(tail -3 $T/div.err)"
 echo "ok: stop policy: exit 3, checkpoints verify, metrics valid JSON, resumable"
 
+# a checkpoint whose weights diverge on the first step after resuming it is set aside too (the run that
+# saved it may have died before a good step proved it)
+job div2 12 2 1 checkpoint.every_steps=1 checkpoint.keep_last=3
+mkdir -p $T/div2/checkpoints
+cp $T/good.h5 $T/div2/checkpoints/step-00000004.h5
+cp $T/div/checkpoints/step-00000005.h5.diverged $T/div2/checkpoints/step-00000005.h5
+echo step-00000005.h5 > $T/div2/checkpoints/latest
+rc=$(train 2 div2)
+[ "$rc" = 3 ] || fail "div2: exit $rc: $(tail -3 $T/div2.err)"
+grep -q "step-00000005.h5 holds the weights that diverged: moved aside" $T/div2.err || fail "div2: $(cat $T/div2.err)"
+[ "$(cat $T/div2/checkpoints/latest)" = step-00000004.h5 ] || fail "div2: latest not moved back"
+echo "ok: a resumed checkpoint that diverges at once is set aside"
+
 # --- 2. skip ---
 job skip 12 2 1 checkpoint.every_steps=0 train.on_nonfinite=skip train.max_nonfinite_skips=3 train.lr=1e20
 rc=$(train 2 skip)

@@ -1,4 +1,4 @@
-/* cmd_plot.c — `shardtune plot RUN_DIR --out FILE.svg`
+/* cmd_plot.c — `shardtune plot RUN_DIR --out FILE.svg|FILE.png` (PNG: coordinator/plot_raster.h)
  * Reads RUN_DIR/metrics.jsonl (one JSON object per line: step, loss, lr, tokens_per_s, optional
  * task_loss and val_loss {name: value}, ...) and draws a standalone SVG with three panels sharing the
  * step axis: loss (per-task train losses and validation losses `val[task]` too), learning rate,
@@ -7,11 +7,13 @@
 #include "common/json.h"
 #include "common/util.h"
 #include "coordinator/commands.h"
+#include "coordinator/plot_raster.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define PLOT_MAX_SERIES 10 /* loss + up to 9 task losses */
 
@@ -176,6 +178,53 @@ static void panel(FILE *f, int index, const char *title, series *s, int n, const
     fputs("</g>\n", f);
 }
 
+/* The same panel as pixels (FILE.png): frame, grid, tick numbers, lines, legend swatches and resume
+ * markers; titles and series names are only in the SVG (the raster font has digits only). */
+static void panel_png(st_raster *img, int index, series *s, int n, const series *marks, double xlo, double xhi) {
+    double top = index * (PANEL_H + MT + MB) + MT, h = PANEL_H, w = W - ML - MR;
+    double ylo, yhi;
+    range_of(s, n, 0, &ylo, &yhi);
+#define PX(v) (ML + ((v) - xlo) / (xhi - xlo) * w)
+#define PY(v) (top + h - ((v) - ylo) / (yhi - ylo) * h)
+    char num[32];
+    double ys = nice_step(ylo, yhi, 5);
+    for (double t = ceil(ylo / ys) * ys; t <= yhi + ys * 1e-9; t += ys) {
+        st_raster_line(img, ML, PY(t), ML + w, PY(t), 0xdddddd, 1, 0);
+        snprintf(num, sizeof num, "%.4g", fabs(t) < ys * 1e-6 ? 0.0 : t);
+        st_raster_number(img, ML - 6, PY(t) + 5, num, 0x333333, 2);
+    }
+    double xs = nice_step(xlo, xhi, 8);
+    for (double t = ceil(xlo / xs) * xs; t <= xhi + xs * 1e-9; t += xs) {
+        st_raster_line(img, PX(t), top + h, PX(t), top + h + 5, 0x333333, 1, 0);
+        snprintf(num, sizeof num, "%.6g", t);
+        st_raster_number(img, PX(t), top + h + 20, num, 0x333333, 1);
+    }
+    for (int k = 0; k < n; k++) {
+        uint32_t c = st_raster_color(colors[k % PLOT_MAX_SERIES]);
+        for (size_t i = 1; i < s[k].n; i++)
+            st_raster_line(img, PX(s[k].x[i - 1]), PY(s[k].y[i - 1]), PX(s[k].x[i]), PY(s[k].y[i]), c, 2, 0);
+        if (s[k].n == 1) st_raster_rect(img, PX(s[k].x[0]) - 1, PY(s[k].y[0]) - 1, 3, 3, c, 1);
+        if (s[k].n) st_raster_rect(img, ML + w + 12, top + 8 + 18 * k, 20, 4, c, 1);
+    }
+    for (size_t i = 0; marks && i < marks->n; i++)
+        st_raster_line(img, PX(marks->x[i]), top, PX(marks->x[i]), top + h, 0x555555, 1, 4);
+    st_raster_rect(img, ML, top, w, h, 0x333333, 0);
+#undef PX
+#undef PY
+}
+
+static int write_png(const char *out, plot_data *d, double xlo, double xhi) {
+    st_raster img;
+    int rc = st_raster_init(&img, (int)W, (int)(3 * (PANEL_H + MT + MB)));
+    if (rc) return rc;
+    panel_png(&img, 0, d->loss, d->nloss, &d->resumes, xlo, xhi);
+    panel_png(&img, 1, &d->lr, 1, NULL, xlo, xhi);
+    panel_png(&img, 2, &d->tps, 1, NULL, xlo, xhi);
+    rc = st_raster_write_png(&img, out);
+    st_raster_free(&img);
+    return rc;
+}
+
 static void free_data(plot_data *d) {
     for (int i = 0; i < d->nloss; i++) free(d->loss[i].x), free(d->loss[i].y);
     free(d->lr.x), free(d->lr.y), free(d->tps.x), free(d->tps.y), free(d->resumes.x), free(d->resumes.y);
@@ -189,7 +238,7 @@ int st_cmd_plot(int argc, char **argv) {
         else run_dir = NULL, out = NULL, i = argc;
     }
     if (!run_dir || !out) {
-        fprintf(stderr, "usage: shardtune plot RUN_DIR --out FILE.svg\n");
+        fprintf(stderr, "usage: shardtune plot RUN_DIR --out FILE.svg|FILE.png\n");
         return ST_EXIT_USAGE;
     }
     char path[4096];
@@ -225,6 +274,21 @@ int st_cmd_plot(int argc, char **argv) {
         snprintf(msg, sizeof msg, "%s has no metric lines (JSON objects with a numeric \"step\")", path);
         return st_cli_error("plot", msg);
     }
+    series all[PLOT_MAX_SERIES + 2];
+    memcpy(all, d.loss, (size_t)d.nloss * sizeof *all);
+    all[d.nloss] = d.lr;
+    all[d.nloss + 1] = d.tps;
+    double xlo, xhi;
+    range_of(all, d.nloss + 2, 1, &xlo, &xhi);
+    size_t out_len = strlen(out);
+    if (out_len > 4 && !strcasecmp(out + out_len - 4, ".png")) {
+        int rc = write_png(out, &d, xlo, xhi);
+        free_data(&d);
+        if (rc) return st_cli_error("plot", st_error());
+        printf("wrote %s: %zu steps%s", out, used, skipped ? "" : "\n");
+        if (skipped) printf(", %zu lines skipped (not metric JSON)\n", skipped);
+        return ST_EXIT_OK;
+    }
     FILE *f = fopen(out, "w");
     if (!f) {
         free_data(&d);
@@ -232,12 +296,6 @@ int st_cmd_plot(int argc, char **argv) {
         snprintf(msg, sizeof msg, "cannot write %s", out);
         return st_cli_error("plot", msg);
     }
-    series all[PLOT_MAX_SERIES + 2];
-    memcpy(all, d.loss, (size_t)d.nloss * sizeof *all);
-    all[d.nloss] = d.lr;
-    all[d.nloss + 1] = d.tps;
-    double xlo, xhi;
-    range_of(all, d.nloss + 2, 1, &xlo, &xhi);
     double height = 3 * (PANEL_H + MT + MB);
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%g\" height=\"%g\" font-family=\"sans-serif\">\n", W, height);
     fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");

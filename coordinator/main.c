@@ -22,9 +22,9 @@ static const struct st_command st_commands[] = {
     {"plan", st_cmd_plan, "JOB.yaml --ranks N [--json]"},
     {"ckpt", st_cmd_ckpt, "inspect|verify PATH"},
     {"export", st_cmd_export, "CKPT --out DIR"},
-    {"monitor", st_cmd_monitor, "ADDR [--plain|--json]"},
-    {"ctl", st_cmd_ctl, "ADDR status|checkpoint|stop|pause|resume"},
-    {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg"},
+    {"monitor", st_cmd_monitor, "[ADDR] [--run-dir DIR] [--plain|--json]"},
+    {"ctl", st_cmd_ctl, "[ADDR] status|checkpoint|stop|pause|resume [--run-dir DIR | --token-file F]"},
+    {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg|FILE.png"},
 };
 #define ST_NCOMMANDS (sizeof st_commands / sizeof st_commands[0])
 

@@ -116,6 +116,32 @@ resumes = [l for l in root.iter(ns + "line") if l.get("class") == "resume"]
 assert len(resumes) == 1 and "resume" in texts, "one resume marker"
 print("plot: 5 series x 120 points + val loss x 6, a resume marker, %d labels" % len(texts))
 EOF
+# the same as PNG: decoded here with zlib alone (no image library), checked for the series colours and
+# the dashed resume marker at step 60
+"$BIN" plot "$T/plot" --out "$T/plot/p.png" | grep -q "wrote .*p.png: 120 steps" || fail "plot png"
+"$PY" - "$T/plot/p.png" <<'EOF'
+import struct, sys, zlib
+b = open(sys.argv[1], "rb").read()
+assert b[:8] == b"\x89PNG\r\n\x1a\n", "PNG signature"
+pos, idat, size = 8, b"", None
+while pos < len(b):
+    n, kind = struct.unpack(">I4s", b[pos:pos + 8]); data = b[pos + 8:pos + 8 + n]
+    assert zlib.crc32(kind + data) == struct.unpack(">I", b[pos + 8 + n:pos + 12 + n])[0], kind
+    if kind == b"IHDR": size = struct.unpack(">IIBB", data[:10])
+    if kind == b"IDAT": idat += data
+    pos += 12 + n
+w, h, depth, ctype = size
+assert (w, h, depth, ctype) == (900, 945, 8, 2), size
+raw = zlib.decompress(idat); row = 3 * w + 1
+px = lambda x, y: raw[y * row + 1 + 3 * x:y * row + 4 + 3 * x]
+count = lambda rgb: sum(px(x, y) == rgb for y in range(h) for x in range(w))
+for name, rgb in (("loss", b"\x1f\x77\xb4"), ("loss[qa]", b"\xff\x7f\x0e"), ("val[qa]", b"\xd6\x27\x28")):
+    assert count(rgb) > 20, name
+x = round(90 + 60 / 119 * 650)  # ML + (60 - 0) / (119 - 0) * plot width
+gray = sum(px(x + d, y) == b"\x55\x55\x55" for y in range(30, 270) for d in (-1, 0, 1))
+assert gray > 60, "resume marker at step 60: %d px" % gray
+print("plot png: %dx%d, series colours and the resume marker present" % (w, h))
+EOF
 set +e
 "$BIN" plot "$T/nothing" --out "$T/x.svg" 2>"$T/err"; rc=$?
 set -e

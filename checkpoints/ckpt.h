@@ -74,6 +74,7 @@ typedef struct {
     /* multi-task weighting state (adaptive loss weighting); NULL/0 when there is none */
     const double *task_weighting;
     int task_weighting_len;
+    uint64_t base_checksum;  /* st_ckpt_checksum of the base model's weights as loaded (0: not recorded) */
 } st_ckpt_meta;
 
 /* Collective. Writes DIR/step-%08lld.h5 atomically (DIR is created), updates DIR/latest, removes stale
@@ -103,6 +104,7 @@ typedef struct {
     uint64_t *task_checksums;
     double *task_weighting;
     int task_weighting_len;
+    uint64_t base_checksum;  /* 0 when the checkpoint predates it */
 } st_ckpt_info;
 
 /* Reads the root attributes (no tensors). Refuses files that are not shardtune checkpoints or have a
@@ -141,5 +143,9 @@ int st_ckpt_candidates(const char *dir, char (**names)[ST_CKPT_NAME_MAX], int *n
 
 /* PATH if it is a file, else DIR/<latest or newest complete checkpoint>. */
 int st_ckpt_resolve(const char *path, char *out, size_t out_len);
+
+/* 0 when every weight of m is finite, else ST_EFORMAT naming `source` (the model dir), the tensor and
+ * the first bad element. Reads through the backend in 4 MB pieces. */
+int st_model_check_finite(const st_model *m, const char *source);
 
 #endif

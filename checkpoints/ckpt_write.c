@@ -169,7 +169,7 @@ static int write_root(writer *w, const st_ckpt_meta *meta, int world) {
     int bad = attr_str(f, "format", ST_CKPT_FORMAT) || attr_i64(f, "version", ST_CKPT_VERSION) ||
               attr_i64(f, "step", meta->step) || attr_u64(f, "tokens_seen", meta->tokens_seen) ||
               attr_i64(f, "stage", meta->stage) || attr_i64(f, "world_size", world) ||
-              attr_i64(f, "lr_step", meta->step) ||
+              attr_i64(f, "lr_step", meta->step) || attr_u64(f, "base_checksum", meta->base_checksum) ||
               attr_raw(f, "last_loss", H5T_NATIVE_DOUBLE, 0, &meta->last_loss) ||
               attr_str(f, "job_spec", meta->job_spec ? meta->job_spec : "") ||
               attr_str(f, "model_config", meta->model_config ? meta->model_config : "");

@@ -614,6 +614,15 @@ static int finish_tasks(st_config *c, const char *file) {
 static int finish_finetune(st_config *c, const char *file) {
     int rc = check_layers(file, "finetune.train_layers", c->finetune.train_layers);
     if (rc) return rc;
+    /* full trains every layer: a layer choice there would be silently ignored */
+    if (c->finetune.mode == ST_FINETUNE_FULL && strcmp(c->finetune.train_layers, "-4") != 0)
+        return st_fail(ST_ECONFIG, "%s: finetune.train_layers: '%s' has no effect in finetune.mode full (every layer "
+                       "trains); set finetune.mode: frozen to train only these layers, or remove the key", file,
+                       c->finetune.train_layers);
+    if (c->finetune.mode != ST_FINETUNE_PROGRESSIVE && (c->finetune.n_stages > 0 || c->finetune.unfreeze_every > 0))
+        return st_fail(ST_ECONFIG, "%s: finetune.%s has no effect in finetune.mode %s; set finetune.mode: progressive "
+                       "or remove the key", file, c->finetune.n_stages > 0 ? "stages" : "unfreeze_every",
+                       st_finetune_mode_name(c->finetune.mode));
     for (int i = 0; i < c->finetune.n_stages; i++) {
         st_stage_config *s = &c->finetune.stages[i];
         char key[64];
@@ -661,7 +670,15 @@ static int finish(st_config *c, const char *file, const char *stem) {
         return st_fail(ST_ECONFIG, "%s: split: the three fractions must sum to 1, got %g + %g + %g = %g", file,
                        c->split[0], c->split[1], c->split[2], sum);
     if (!(c->split[0] > 0)) return st_fail(ST_ECONFIG, "%s: split.0: the train fraction must be > 0", file);
-    if (c->monitor.publish[0] && !strcmp(c->monitor.publish, c->monitor.control))
+    /* sizes the trainer multiplies in int / size_t: refused here, naming the keys, not overflowed later */
+    int64_t per_micro = (int64_t)c->train.micro_batch * c->train.seq_len;
+    if (per_micro > (1 << 26))
+        return st_fail(ST_ECONFIG, "%s: train.micro_batch x train.seq_len = %" PRId64 " tokens per micro-batch is over "
+                       "the limit of %d", file, per_micro, 1 << 26);
+    if (per_micro * c->train.grad_accum > INT_MAX)
+        return st_fail(ST_ECONFIG, "%s: train.micro_batch x train.grad_accum x train.seq_len = %" PRId64 " tokens per "
+                       "rank and step is over the limit of %d", file, per_micro * c->train.grad_accum, INT_MAX);
+    if (c->monitor.publish[0] && !strcmp(c->monitor.publish, c->monitor.control) && !strstr(c->monitor.publish, ":*"))
         return st_fail(ST_ECONFIG, "%s: monitor.control: must differ from monitor.publish (both '%s')", file,
                        c->monitor.control);
     return 0;

@@ -28,8 +28,9 @@ export OMP_NUM_THREADS=1
 SUBSET=${ST_SAN_TESTS:-integration\.(test_strict_inputs|test_divergence|test_resume_safety|test_telemetry_cli)$}
 cd "$B"
 status=0
-ctest -L unit --output-on-failure -j1 || status=1
-ctest -R "$SUBSET" --output-on-failure -j1 || status=1
+# JUnit files for ./run test's summary line (san-unit.xml, san-integration.xml)
+ctest -L unit --output-on-failure -j1 --output-junit "$B/san-unit.xml" || status=1
+ctest -R "$SUBSET" --output-on-failure -j1 --output-junit "$B/san-integration.xml" || status=1
 if [ -n "$(ls -A "$REPORTS")" ]; then
   echo "sanitize: reports in $REPORTS:" >&2
   head -n 30 "$REPORTS"/* >&2

@@ -1,13 +1,15 @@
-/* cmd_eval.c — `shardtune eval --model DIR --data DATA.h5 --seq-len T [--json] [--batch B]`.
+/* cmd_eval.c — `shardtune eval --model DIR [--adapter DIR] --data DATA.h5 --seq-len T [--json] [--batch B]`.
  *
  * The contract (DESIGN.md): mean loss per unmasked target token over consecutive windows of T+1
  * tokens, stride T, in order from the file's token stream; a partial last window is dropped.
- * Prints `loss=<float> tokens=<int>` (or one JSON object with --json). */
+ * Prints `loss=<float> tokens=<int>` (or one JSON object with --json). --adapter applies a PEFT LoRA adapter
+ * directory on top of the base model (checkpoints/peft_dir.h). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "checkpoints/model_io.h"
+#include "checkpoints/peft_dir.h"
 #include "common/error.h"
 #include "coordinator/commands.h"
 #include "kernels/kernels.h"
@@ -15,7 +17,7 @@
 #include "worker/model.h"
 
 static int usage(void) {
-    fprintf(stderr, "usage: shardtune eval --model DIR --data DATA.h5 --seq-len T [--json] [--batch B]\n");
+    fprintf(stderr, "usage: shardtune eval --model DIR [--adapter DIR] --data DATA.h5 --seq-len T [--json] [--batch B]\n");
     return ST_EXIT_USAGE;
 }
 
@@ -52,11 +54,12 @@ static int eval_windows(st_model *m, const st_dataset *d, int T, double *loss_su
 }
 
 int st_cmd_eval(int argc, char **argv) {
-    const char *model_dir = NULL, *data = NULL;
+    const char *model_dir = NULL, *data = NULL, *adapter = NULL;
     int T = 0, B = 8, json = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model_dir = argv[++i];
         else if (!strcmp(argv[i], "--data") && i + 1 < argc) data = argv[++i];
+        else if (!strcmp(argv[i], "--adapter") && i + 1 < argc) adapter = argv[++i];
         else if (!strcmp(argv[i], "--seq-len") && i + 1 < argc) T = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) B = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--json")) json = 1;
@@ -69,6 +72,10 @@ int st_cmd_eval(int argc, char **argv) {
     int rc = st_model_load_dir(model_dir, st_backend_cpu(0), &m);
     if (rc) return st_cli_error("eval", st_error());
     if (st_model_load_warning()) fprintf(stderr, "shardtune eval: warning: %s\n", st_model_load_warning());
+    if (adapter && (rc = st_peft_load_dir(&m, adapter))) {
+        st_model_free(&m);
+        return st_cli_error("eval", st_error());
+    }
     rc = st_dataset_load(data, &d);
     for (uint64_t i = 0; !rc && i < d.n_tokens; i++)
         if ((int64_t)d.tokens[i] >= m.cfg.vocab)

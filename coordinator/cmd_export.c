@@ -10,10 +10,13 @@
 #include "checkpoints/ckpt.h"
 #include "checkpoints/model_dir.h"
 #include "checkpoints/model_io.h"
+#include "checkpoints/peft_dir.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "coordinator/commands.h"
 #include "kernels/kernels.h"
+#include "common/util.h"
+#include "worker/lora.h"
 
 /* The source model directory a checkpoint's job trained (model.path of its job spec), or "" . */
 static void job_model_path(const char *job_spec, char *out, size_t cap) {
@@ -52,7 +55,59 @@ static int export_ckpt(const char *path, const char *out) {
     return rc;
 }
 
+/* export ADAPTER_DIR --merge --out DIR [--model BASE]: the base model (adapter_config.json's
+ * base_model_name_or_path unless --model) with the LoRA adapter folded into its weights. */
+static int export_merged(const char *adapter, const char *base, const char *out) {
+    char path[4200], base_path[4096];
+    char *text = NULL, *base_cfg = NULL;
+    size_t len = 0;
+    snprintf(path, sizeof path, "%s/adapter_config.json", adapter);
+    int rc = st_read_file(path, &text, &len);
+    if (rc) return st_fail(rc, "export --merge: %s is not a PEFT adapter directory (%s)", adapter, st_error());
+    st_json *j = NULL;
+    if ((rc = st_json_parse(text, len, &j))) { free(text); return st_fail_context(rc, "%s", path); }
+    free(text);
+    const char *named = st_json_get_string(j, "base_model_name_or_path", NULL);
+    snprintf(base_path, sizeof base_path, "%s", base ? base : named ? named : "");
+    st_json_free(j);
+    if (!base_path[0]) return st_fail(ST_EINVAL, "export --merge: %s names no base model: pass --model DIR", path);
+    st_model m;
+    if ((rc = st_model_load_dir(base_path, st_backend_cpu(0), &m))) return st_fail_context(rc, "base model %s", base_path);
+    rc = st_peft_load_dir(&m, adapter);
+    if (!rc) rc = st_lora_merge(&m);
+    snprintf(path, sizeof path, "%s/config.json", base_path);
+    if (!rc && (rc = st_read_file(path, &base_cfg, &len))) rc = st_fail(rc, "%s: %s", path, st_error());
+    if (!rc) rc = st_model_export_dir(&m, out, base_path, base_cfg, 0);
+    free(base_cfg);
+    st_model_free(&m);
+    return rc;
+}
+
 int st_cmd_export(int argc, char **argv) {
+    const char *src_arg = NULL, *out_dir_arg = NULL;
+    int merge = 0;
+    const char *base = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--merge")) merge = 1;
+        else if (!strcmp(argv[i], "--model") && i + 1 < argc) base = argv[i + 1];
+    }
+    if (merge) {
+        for (int i = 1; i < argc; i++) {
+            if (!strcmp(argv[i], "--merge")) continue;
+            if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--model")) && i + 1 < argc) {
+                if (!strcmp(argv[i], "--out")) out_dir_arg = argv[i + 1];
+                i++;
+            } else if (argv[i][0] != '-' && !src_arg) src_arg = argv[i];
+            else { src_arg = NULL; break; }
+        }
+        if (!src_arg || !out_dir_arg) {
+            fprintf(stderr, "usage: shardtune export ADAPTER_DIR --merge --out DIR [--model BASE_DIR]\n");
+            return ST_EXIT_USAGE;
+        }
+        if (export_merged(src_arg, base, out_dir_arg)) return st_cli_error("export", st_error());
+        printf("exported %s merged into its base -> %s\n", src_arg, out_dir_arg);
+        return ST_EXIT_OK;
+    }
     const char *ckpt = NULL, *out = NULL, *format = "hf";
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--format") && i + 1 < argc) format = argv[i + 1];

@@ -170,6 +170,7 @@ int st_cmd_plan(int argc, char **argv) {
     }
     st_model m;
     rc = st_model_build_registry(&m, &mc);
+    if (!rc && (rc = st_plan_attach_adapters(&cfg, &m))) st_model_free(&m);
     if (rc) return st_cli_error("plan", st_error());
     st_plan p;
     rc = st_plan_build(&cfg, &m, ranks, &p);

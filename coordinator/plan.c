@@ -14,6 +14,22 @@
 #include <string.h>
 
 #include "common/error.h"
+#include "worker/lora.h"
+
+/* ---------------- adapters ---------------- */
+
+int st_plan_attach_adapters(const st_config *c, st_model *m) {
+    if (c->finetune.mode != ST_FINETUNE_LORA) return 0;
+    unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
+    if (!layers) return st_fail(ST_ENOMEM, "out of memory");
+    int rc = st_parse_layer_ranges(c->finetune.lora.layers, m->cfg.n_layer, layers);
+    if (rc) rc = st_fail_context(rc, "finetune.lora.layers");
+    st_lora_spec spec = {.r = c->finetune.lora.r, .alpha = c->finetune.lora.alpha, .rslora = c->finetune.lora.rslora,
+                         .targets = c->finetune.lora.targets, .layers = layers, .seed = (uint64_t)c->seed};
+    if (!rc) rc = st_lora_attach(m, &spec);
+    free(layers);
+    return rc;
+}
 
 /* ---------------- stages ---------------- */
 
@@ -77,6 +93,10 @@ int st_plan_stages(const st_config *c, const st_model *m, st_stage_list *out) {
         rc = add_stage(out, m, 0, c->finetune.train_layers, c->finetune.train_modules, "finetune.train_layers");
         break;
     case ST_FINETUNE_PROGRESSIVE: rc = progressive_stages(c, m, out); break;
+    case ST_FINETUNE_LORA: /* the adapters alone (st_plan_attach_adapters), every base weight frozen */
+        rc = m->lora ? add_stage(out, m, 0, "all", ST_MOD_LORA, "finetune.mode lora")
+                     : st_fail(ST_ECONFIG, "finetune.mode lora: the model has no adapters attached");
+        break;
     default: rc = st_fail(ST_ECONFIG, "unknown finetune.mode");
     }
     if (rc) st_stage_list_free(out);

@@ -11,9 +11,13 @@ adapters on its last layer only (rsLoRA):
     base_model.model.<module>.lora_A.weight [r, in], lora_B.weight [out, r]; GPT-2 modules under
     transformer., Conv1D in/out from its [in, out] weight), and adapter_config.json's LoraConfig fields;
     every lora_B trained away from its zero init;
-  * the base model is bit-unchanged: every base tensor of the last checkpoint equals the initial model's;
+  * checkpoints hold the adapters only (/model/<name>.lora_A/B.weight, their AdamW moments) and the base
+    model's checksum (root attribute base_checksum), not the base tensors;
   * resume at another world size: 3 steps on 2 ranks, then resumed to 6 steps on 1 rank, equals 6
-    uninterrupted steps on 2 ranks (losses 1e-6 relative, adapters lr/10);
+    uninterrupted steps on 1 rank (losses 1e-6 relative, adapters lr/10);
+  * the base stays bit-unchanged: resuming verifies base_checksum (every base tensor's bits, as the 2-rank
+    run held them when it saved) against model.path's weights, and it passes; the same resume against a
+    copy of the base with one weight changed by one ulp is refused with one line;
   * refusals with one line naming the key: r: 0, an unknown target, a GPT-2 target on Llama, dropout > 0,
     dora: true.
 """
@@ -75,20 +79,15 @@ def run_split(job, rd, split, steps=6, more=()):
     return [r["loss"] for r in dp.losses(rd)]
 
 
-def base_unchanged(model, rd, name):
-    init = dp.read_safetensors(os.path.join(model, "model.safetensors"))
+def adapters_only_checkpoint(rd, adapter, name):
     ck = os.path.join(rd, "checkpoints")
     last = sorted(f for f in os.listdir(ck) if f.endswith(".h5"))[-1]
+    want = {k[len("base_model.model."):] for k in adapter}
+    want = {k[len("transformer."):] if k.startswith("transformer.") else k for k in want}
     with h5py.File(os.path.join(ck, last), "r") as f:
-        for t, a in init.items():
-            key = t[len("transformer."):] if t.startswith("transformer.") else t
-            if key not in f["model"]:
-                continue  # a tied duplicate
-            got = np.asarray(f["model"][key])
-            if key.endswith(".weight") and (".attn.c_" in key or ".mlp.c_" in key):
-                got = got.T  # GPT-2 Conv1D: checkpoints hold [out, in], HF files [in, out]
-            assert np.array_equal(got.astype(np.float32).view(np.uint32), a.astype(np.float32).view(np.uint32)), \
-                f"{name}: base tensor {t} changed"
+        assert set(f["model"].keys()) == want, f"{name}: checkpoint /model holds {sorted(f['model'].keys())}"
+        assert set(f["optim"].keys()) == want, f"{name}: checkpoint /optim holds {sorted(f['optim'].keys())}"
+        assert "base_checksum" in f.attrs, f"{name}: no base_checksum attribute"
 
 
 def check_case(root, name, model, data, lora, targets, r, alpha, rslora, layers):
@@ -123,8 +122,8 @@ def check_case(root, name, model, data, lora, targets, r, alpha, rslora, layers)
             for k, v in exp.items():
                 assert ac.get(k) == v, f"{name}: adapter_config.json {k} = {ac.get(k)!r}, want {v!r}"
             assert sorted(ac["target_modules"]) == sorted(targets), f"{name}: target_modules {ac['target_modules']}"
-            base_unchanged(model, rd, name)
-            print(f"  {name}: adapter names/shapes/config as peft, base unchanged, losses {got[0]:.4f} -> {got[-1]:.4f}")
+            adapters_only_checkpoint(rd, w, name)
+            print(f"  {name}: adapter names/shapes/config as peft, adapter-only checkpoint, losses {got[0]:.4f} -> {got[-1]:.4f}")
             continue
         worst = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
         wdiff = max(float(np.max(np.abs(ref_w[t].astype(np.float64) - w[t]))) for t in w)
@@ -134,10 +133,24 @@ def check_case(root, name, model, data, lora, targets, r, alpha, rslora, layers)
     return job, ref, ref_w
 
 
-def resume_case(root, job, ref, ref_w):
+def resume_case(root, job, model, ref, ref_w):
     # ref: 6 uninterrupted steps on 1 rank. Here 3 steps on 2 ranks (ZeRO-2), then 1 rank resumes to 6.
     rd = os.path.join(root, "resume")
     run_split(job, rd, (2, 6, 1, 2), steps=3, more=["checkpoint.every_steps=3"])
+    # another base (one weight one ulp away): an explicit resume is refused by base_checksum (resume: auto
+    # would warn and start fresh)
+    other = os.path.join(root, "other_base")
+    shutil.copytree(model, other)
+    t = dp.read_safetensors(os.path.join(other, "model.safetensors"))
+    raw = bytearray(open(os.path.join(other, "model.safetensors"), "rb").read())
+    raw[-4] ^= 1  # lowest mantissa bit of the last element of the last tensor
+    open(os.path.join(other, "model.safetensors"), "wb").write(bytes(raw))
+    assert len(t) > 0
+    r = dp.sh([dp.BIN, "train", job, f"run_dir={rd}", f"model.path={other}", "train.steps=6", "train.micro_batch=12",
+               "sharding.stage=0", f"resume={rd}/checkpoints/step-00000003.h5"], check=False)
+    lines = [x for x in r.stderr.strip().splitlines() if x]
+    assert r.returncode != 0 and len(lines) == 1 and "another base model" in lines[0], f"other base: {r.stderr!r}"
+    print(f"  refuses a resume on another base: {lines[0]}")
     got = run_split(job, rd, (1, 12, 1, 0), steps=6, more=["resume=auto"])
     assert len(got) == 6, f"resume: {len(got)} metrics rows"
     worst = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
@@ -168,7 +181,7 @@ def main():
         check_case(root, "gpt2_last_rslora", g2, data,
                    '{ r: 2, alpha: 4, rslora: true, layers: "-1", targets: [c_attn, c_proj, c_fc] }',
                    ["c_attn", "c_proj", "c_fc"], 2, 4, True, {1})
-        resume_case(root, job, ref, ref_w)
+        resume_case(root, job, ll, ref, ref_w)
         refusals(job)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -1,4 +1,5 @@
 /* peft_dir.c — PEFT adapter directories (see peft_dir.h). */
+#define _DEFAULT_SOURCE /* realpath */
 #include "checkpoints/peft_dir.h"
 
 #include <stdio.h>
@@ -20,7 +21,10 @@ static char *config_json(const st_model *m, const st_lora_spec *s, const char *b
     int all = 1;
     for (int l = 0; l < m->cfg.n_layer; l++) all &= s->layers[l] != 0;
     st_strbuf_printf(&b, "{\n  \"peft_type\": \"LORA\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"base_model_name_or_path\": ");
-    if (base_model) st_strbuf_json_string(&b, base_model);
+    char abs[4096];
+    /* absolute when it resolves, so export --merge finds the base from any working directory */
+    if (base_model && realpath(base_model, abs)) st_strbuf_json_string(&b, abs);
+    else if (base_model) st_strbuf_json_string(&b, base_model);
     else st_strbuf_printf(&b, "null");
     st_strbuf_printf(&b, ",\n  \"revision\": null,\n  \"inference_mode\": true,\n  \"r\": %d,\n", s->r);
     st_strbuf_printf(&b, "  \"lora_alpha\": %.17g,\n  \"lora_dropout\": 0.0,\n  \"target_modules\": [", s->alpha);

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "checkpoints/model_io.h"
+#include "checkpoints/peft_dir.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
@@ -18,6 +19,7 @@
 #include "coordinator/gen_run.h"
 #include "coordinator/gen_text.h"
 #include "worker/comm.h"
+#include "worker/lora.h"
 
 /* ---------------- prompts ---------------- */
 
@@ -410,6 +412,8 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     int rc = pick_backend(f, comm, &be);
     if (!rc) rc = st_model_load_dir(model_dir, be, &m);
     if (!rc) loaded = 1;
+    /* an adapter is folded into the weights: the decode path then runs the merged model unchanged */
+    if (!rc && f->adapter && !(rc = st_peft_load_dir(&m, f->adapter))) rc = st_lora_merge(&m);
     if (!rc) rc = read_eos(model_dir, &m, eos, 64, &n_eos);
     int *idx = NULL, count = 0;
     st_gen_seq *seqs = NULL;
@@ -543,8 +547,8 @@ int st_cmd_generate(int argc, char **argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &world);
     int rc = 0, print_error = 0;
     st_prompt_set ps = {0};
-    if (adapter) rc = st_fail(ST_EINVAL, "--adapter %s: PEFT adapters are not supported by this build yet", adapter);
-    else if ((f.chat || f.n_stop) && !st_gen_text_supported())
+    f.adapter = adapter;
+    if ((f.chat || f.n_stop) && !st_gen_text_supported())
         rc = st_fail(ST_EINVAL, "%s needs tokenizer support, which this build does not have yet",
                      f.chat ? "--chat" : "--stop");
     else if (dump_path && world > 1) rc = st_fail(ST_EINVAL, "--dump-logits runs on one rank only");

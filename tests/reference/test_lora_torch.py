@@ -14,7 +14,8 @@ c_attn/c_proj/c_fc (Conv1D). T = 128 with q/k weights scaled so attention is sha
     accurate as an independent fp32 implementation (within 4x, for different summation orders); a wrong
     scale (alpha/r vs alpha/sqrt(r)), a missed projection or a transposed B is O(1).
  2. `shardtune export ADAPTER --merge --out DIR`: the merged model's loss (ref_model, no adapter) equals
-    base + adapter within 1e-5 relative; `shardtune eval --adapter` equals `eval` of the merged model.
+    base + adapter within 1e-5 relative; `shardtune eval --adapter` equals `eval` of the merged model (and
+    differs from the base's); `generate --adapter` decodes greedily as the merged model.
  3. Refusals, one line each: DoRA adapter, a target the family has not, a shape mismatch.
 Env (set by ctest): ST_BUILD_DIR."""
 import json
@@ -227,6 +228,17 @@ def main():
         base = eval_loss(["--model", mdir, "--data", data, "--seq-len", "64"])
         check("eval --adapter == eval merged", abs(a - b) <= TOL * abs(b) and abs(a - base) > 1e-3,
               f"adapter {a:.7f} merged {b:.7f} base {base:.7f}")
+        # generate --adapter (merged in memory) decodes greedily exactly as the merged model directory
+        prompts = os.path.join(tmp, "prompts.jsonl")
+        with open(prompts, "w") as f:
+            for k in range(3):
+                f.write(json.dumps({"input_ids": rng.integers(0, c["vocab"], 5 + k).tolist()}) + "\n")
+        outs = []
+        for args in (["--model", mdir, "--adapter", adir], ["--model", merged]):
+            o = os.path.join(tmp, f"gen{len(outs)}.jsonl")
+            run([BIN, "generate", *args, "--prompts", prompts, "--out", o, "--max-new", "12", "--temperature", "0"])
+            outs.append([json.loads(x)["output_ids"] for x in open(o)])
+        check("generate --adapter == generate merged", outs[0] == outs[1] and len(outs[0]) == 3, f"{outs[0][0]}")
         # 3. refusals
         bad = os.path.join(tmp, "bad_adapter")
         os.makedirs(bad)

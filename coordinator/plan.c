@@ -147,7 +147,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
-    r->activations = st_model_activation_floats(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision) *
+    r->activations = (st_model_activation_floats(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision) +
+                      st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;

@@ -284,6 +284,12 @@ void st_lora_layer_params(const st_model *m, int l, int *first, int *last) {
     if (k1 > k0) { *first = lo->ad[k0].a; *last = lo->ad[k1 - 1].b + 1; }
 }
 
+size_t st_lora_work_floats(const st_model *m, size_t rows) {
+    const st_lora *lo = m->lora;
+    if (!lo) return 0;
+    return rows * ((size_t)lo->n * lo->r + (size_t)lo->max_out + (size_t)lo->r);
+}
+
 /* Working memory for N rows (host memory: the CPU backend). */
 static int ensure_rows(st_lora *lo, size_t N) {
     if (lo->rows == N) return 0;

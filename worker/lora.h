@@ -85,6 +85,10 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
 void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x, const float *dy, int ystride,
                       float *dx);
 
+/* Floats of working memory the adapters use for N = B x T rows (x @ A^T of every adapter, two scratch
+ * tensors): what st_lora_forward allocates. 0 without adapters. */
+size_t st_lora_work_floats(const st_model *m, size_t rows);
+
 /* Parses one target name (q_proj ...); 0 when unknown. */
 unsigned st_lora_target_bit(const char *name);
 

@@ -36,8 +36,8 @@ static char *config_json(const st_model *m, const st_lora_spec *s, const char *b
     }
     st_strbuf_printf(&b, "],\n  \"exclude_modules\": null,\n  \"fan_in_fan_out\": %s,\n",
                      m->cfg.family == ST_FAMILY_GPT2 ? "true" : "false");
-    st_strbuf_printf(&b, "  \"bias\": \"none\",\n  \"use_rslora\": %s,\n  \"use_dora\": false,\n",
-                     s->rslora ? "true" : "false");
+    st_strbuf_printf(&b, "  \"bias\": \"none\",\n  \"use_rslora\": %s,\n  \"use_dora\": %s,\n",
+                     s->rslora ? "true" : "false", s->dora ? "true" : "false");
     st_strbuf_printf(&b, "  \"modules_to_save\": null,\n  \"init_lora_weights\": true,\n  \"layers_to_transform\": ");
     if (all) {
         st_strbuf_printf(&b, "null");
@@ -72,7 +72,7 @@ int st_peft_save_dir(const st_model *m, const char *dir, const char *base_model)
         st_lora_peft_name(m, m->n_base_params + k, names[k], PEFT_NAME_MAX);
         items[k].name = names[k];
         items[k].data = host + (p->offset - m->n_base_weights);
-        items[k].ndim = 2;
+        items[k].ndim = p->ndim;
         items[k].shape[0] = p->shape[0];
         items[k].shape[1] = p->shape[1];
     }
@@ -110,15 +110,14 @@ static int read_spec(const st_json *cfg, const st_model *m, const char *path, st
     const char *type = st_json_get_string(cfg, "peft_type", "");
     if (strcmp(type, "LORA"))
         return st_fail(ST_EFORMAT, "%s: peft_type '%s' is not supported (only LORA)", path, type);
-    int ok = 1, dora = 0, fifo = 0;
+    int ok = 1, fifo = 0;
     s->r = (int)st_json_get_int(cfg, "r", 8, &ok);
     s->alpha = st_json_get_number(cfg, "lora_alpha", 8, &ok);
     if (!ok) return st_fail(ST_EFORMAT, "%s: r and lora_alpha must be numbers", path);
     int rc = bool_field(cfg, "use_rslora", &s->rslora, path);
-    if (!rc) rc = bool_field(cfg, "use_dora", &dora, path);
+    if (!rc) rc = bool_field(cfg, "use_dora", &s->dora, path);
     if (!rc) rc = bool_field(cfg, "fan_in_fan_out", &fifo, path);
     if (rc) return rc;
-    if (dora) return st_fail(ST_EFORMAT, "%s: use_dora: DoRA adapters are not supported yet", path);
     if (st_json_get(cfg, "rank_pattern") && st_json_get(cfg, "rank_pattern")->count)
         return st_fail(ST_EFORMAT, "%s: rank_pattern is not supported (one rank for every module)", path);
     if (st_json_get(cfg, "alpha_pattern") && st_json_get(cfg, "alpha_pattern")->count)
@@ -178,7 +177,7 @@ static int load_tensors(st_model *m, const char *dir) {
         st_lora_peft_name(m, m->n_base_params + k, name, sizeof name);
         const st_st_tensor *t = st_safetensors_find(st, name);
         if (!t) { rc = st_fail(ST_EFORMAT, "%s: tensor %s is missing", path, name); break; }
-        if (t->ndim != 2 || t->shape[0] != p->shape[0] || t->shape[1] != p->shape[1]) {
+        if (t->ndim != p->ndim || t->shape[0] != p->shape[0] || (p->ndim == 2 && t->shape[1] != p->shape[1])) {
             rc = st_fail(ST_ESHAPE, "%s: %s has shape [%lld, %lld], the model needs [%lld, %lld]", path, name,
                          (long long)t->shape[0], (long long)(t->ndim > 1 ? t->shape[1] : 0), (long long)p->shape[0],
                          (long long)p->shape[1]);

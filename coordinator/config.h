@@ -96,7 +96,7 @@ typedef struct {
             double alpha;
             double dropout;         /* only 0 is supported */
             unsigned targets;       /* ST_LORA_* bits */
-            int dora;               /* only false is supported */
+            int dora;               /* DoRA magnitude vectors */
             int rslora;
             char layers[ST_CFG_NAME_MAX]; /* layer spec, see st_parse_layer_ranges */
         } lora;

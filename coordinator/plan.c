@@ -25,6 +25,7 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     int rc = st_parse_layer_ranges(c->finetune.lora.layers, m->cfg.n_layer, layers);
     if (rc) rc = st_fail_context(rc, "finetune.lora.layers");
     st_lora_spec spec = {.r = c->finetune.lora.r, .alpha = c->finetune.lora.alpha, .rslora = c->finetune.lora.rslora,
+                         .dora = c->finetune.lora.dora,
                          .targets = c->finetune.lora.targets, .layers = layers, .seed = (uint64_t)c->seed};
     if (!rc) rc = st_lora_attach(m, &spec);
     free(layers);

@@ -1,7 +1,10 @@
 /* lora.h — LoRA adapters on the linear projections of a st_model (finetune.mode: lora).
  *
  * An adapter on a projection y = x @ W^T adds scale * (x @ A^T) @ B^T, with A [r, in] and B [out, r]
- * (peft's lora_A / lora_B weights) and scale = alpha / r (alpha / sqrt(r) with rsLoRA). Adapters are
+ * (peft's lora_A / lora_B weights) and scale = alpha / r (alpha / sqrt(r) with rsLoRA). DoRA (peft's
+ * use_dora) adds a magnitude vector m [out] (lora_magnitude_vector): the projection becomes
+ * bias + (m / ||W + scale B A||_row) * (x W^T + scale (x A^T) B^T), the norm treated as a constant in
+ * backward (DoRA paper section 4.3, as peft does); m starts at ||W||_row. Adapters are
  * ordinary registry entries appended after the base parameters (kind ST_MOD_LORA, their layer's index),
  * with their weights appended to the model's weight buffer: the trainer makes them the trainable set
  * (module mask ST_MOD_LORA), so gradients, the ZeRO shard map, the optimizer, the parameter all-gather
@@ -40,6 +43,7 @@ typedef struct {
     int r;                      /* rank, >= 1 */
     double alpha;               /* lora_alpha */
     int rslora;                 /* scale = alpha / sqrt(r) instead of alpha / r */
+    int dora;                   /* DoRA magnitude vectors */
     unsigned targets;           /* ST_LORA_* bits */
     const unsigned char *layers; /* [n_layer] selection (1 = adapters on this layer); NULL = all */
     uint64_t seed;              /* A's init stream (B starts at zero) */
@@ -88,6 +92,9 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
 /* Floats of working memory the adapters use for N = B x T rows (x @ A^T of every adapter, two scratch
  * tensors): what st_lora_forward allocates. 0 without adapters. */
 size_t st_lora_work_floats(const st_model *m, size_t rows);
+
+/* Allocates the working memory for N = B x T rows (st_model_alloc_activations calls it). */
+int st_lora_reserve(st_model *m, size_t rows);
 
 /* Parses one target name (q_proj ...); 0 when unknown. */
 unsigned st_lora_target_bit(const char *name);

@@ -685,6 +685,7 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
     if (!m->loss_per_pos) return st_fail(ST_ENOMEM, "out of memory for per-position losses");
     rc = alloc_mm_scratch(m);
     if (rc) return rc;
+    if (m->lora && (rc = st_lora_reserve(m, (size_t)B * T))) return rc;
     if (m->cfg.family == ST_FAMILY_LLAMA) {
         size_t n = rope_floats(&m->cfg, T) / 2;
         float *c = malloc(n * sizeof(float)), *s = malloc(n * sizeof(float));

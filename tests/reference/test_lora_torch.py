@@ -4,7 +4,8 @@ reference of tests/reference/torch_model.py (RefModel.attach_lora: peft's LoRA L
 Adapters are written here, from numpy, in the peft layout (adapter_config.json + adapter_model.safetensors,
 names base_model.model.<module>.lora_A/B.weight) with non-zero A and B, so every adapter tensor matters.
 Models: Llama GQA with all seven projections, Llama with q/v/down on layer 1 only and rsLoRA, GPT-2 with
-c_attn/c_proj/c_fc (Conv1D). T = 128 with q/k weights scaled so attention is sharp (not near-uniform).
+c_attn/c_proj/c_fc (Conv1D), and DoRA (lora_magnitude_vector) on Llama q/k/o/up/down and on GPT-2's last layer
+with rsLoRA (the magnitude gradients are compared too). T = 128 with q/k weights scaled so attention is sharp (not near-uniform).
 
  1. tests/tools/ref_model --adapter: loss, logits and every adapter gradient against torch autograd
     (float64); the dump holds no base-weight gradient at all (the base is frozen, no buffer).
@@ -16,7 +17,8 @@ c_attn/c_proj/c_fc (Conv1D). T = 128 with q/k weights scaled so attention is sha
  2. `shardtune export ADAPTER --merge --out DIR`: the merged model's loss (ref_model, no adapter) equals
     base + adapter within 1e-5 relative; `shardtune eval --adapter` equals `eval` of the merged model (and
     differs from the base's); `generate --adapter` decodes greedily as the merged model.
- 3. Refusals, one line each: DoRA adapter, a target the family has not, a shape mismatch.
+ 3. Refusals, one line each: rank_pattern, a target the family has not, an unknown target, a missing
+    tensor, a shape mismatch, another peft_type.
 Env (set by ctest): ST_BUILD_DIR."""
 import json
 import os
@@ -43,10 +45,12 @@ LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidde
 GPT2 = dict(model_type="gpt2", n_embd=48, n_layer=2, n_head=4, n_inner=96, vocab_size=97, n_positions=256,
             layer_norm_epsilon=1e-5, activation_function="gelu_new", tie_word_embeddings=True)
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CASES = [  # name, config, targets, r, alpha, rslora, layers_to_transform
-    ("llama_all", LLAMA, LLAMA_ALL, 4, 8.0, False, None),
-    ("llama_qv_down_l1_rslora", LLAMA, ["q_proj", "v_proj", "down_proj"], 3, 5.0, True, [1]),
-    ("gpt2_conv1d", GPT2, ["c_attn", "c_proj", "c_fc"], 4, 16.0, False, None),
+CASES = [  # name, config, targets, r, alpha, rslora, layers_to_transform, dora
+    ("llama_all", LLAMA, LLAMA_ALL, 4, 8.0, False, None, False),
+    ("llama_qv_down_l1_rslora", LLAMA, ["q_proj", "v_proj", "down_proj"], 3, 5.0, True, [1], False),
+    ("gpt2_conv1d", GPT2, ["c_attn", "c_proj", "c_fc"], 4, 16.0, False, None, False),
+    ("llama_dora", LLAMA, ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"], 4, 8.0, False, None, True),
+    ("gpt2_dora", GPT2, ["c_attn", "c_proj", "c_fc"], 2, 4.0, True, [1], True),
 ]
 
 failures = []
@@ -106,15 +110,17 @@ def module_shapes(c, targets, layers):
     return out
 
 
-def write_adapter(d, c, targets, r, alpha, rslora, layers, rng):
+def write_adapter(d, c, targets, r, alpha, rslora, layers, rng, dora=False):
     os.makedirs(d, exist_ok=True)
     tensors = {}
     for mod, (i, o) in module_shapes(c, targets, layers).items():
         tensors[mod + ".lora_A.weight"] = rng.normal(0, 0.2, (r, i)).astype(np.float32)
         tensors[mod + ".lora_B.weight"] = rng.normal(0, 0.2, (o, r)).astype(np.float32)
+        if dora:  # peft's key: no ".weight"; around the row norms of a std-0.1 weight (0.1 sqrt(in))
+            tensors[mod + ".lora_magnitude_vector"] = (0.1 * np.sqrt(i) * rng.uniform(0.5, 1.5, o)).astype(np.float32)
     st_io.write(os.path.join(d, "adapter_model.safetensors"), tensors)
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0,
-               target_modules=targets, use_rslora=rslora, use_dora=False, bias="none",
+               target_modules=targets, use_rslora=rslora, use_dora=dora, bias="none",
                fan_in_fan_out=c["family"] == "gpt2", layers_to_transform=layers)
     with open(os.path.join(d, "adapter_config.json"), "w") as f:
         json.dump(cfg, f)
@@ -136,7 +142,7 @@ def run_ref(model_dir, batch, out, adapter=None):
     return st_io.read(out)
 
 
-def case(tmp, name, config, targets, r, alpha, rslora, layers, rng):
+def case(tmp, name, config, targets, r, alpha, rslora, layers, dora, rng):
     print(name)
     c = parse_config(config)
     mdir, adir = os.path.join(tmp, name), os.path.join(tmp, name + "_adapter")
@@ -144,7 +150,7 @@ def case(tmp, name, config, targets, r, alpha, rslora, layers, rng):
     with open(os.path.join(mdir, "config.json"), "w") as f:
         json.dump(config, f)
     st_io.write(os.path.join(mdir, "model.safetensors"), sharp_weights(c, rng))
-    ad = write_adapter(adir, c, targets, r, alpha, rslora, layers, rng)
+    ad = write_adapter(adir, c, targets, r, alpha, rslora, layers, rng, dora)
     V = c["vocab"]
     inputs = rng.integers(0, V, (B, T)).astype(np.int32)
     targets_ = rng.integers(0, V, (B, T)).astype(np.int32)
@@ -178,12 +184,14 @@ def case(tmp, name, config, targets, r, alpha, rslora, layers, rng):
     check(f"{name} no base gradients", not base_grads, f"{len(base_grads)} base gradient tensors dumped")
     worst, n, bad = 0.0, 0, []
     for mod, (A, Bm) in ref.lora.items():
-        for which, t in (("A", A), ("B", Bm)):
-            key = f"grad.{mod}.lora_{which}.weight"
+        trio = [("A", A, f"grad.{mod}.lora_A.weight"), ("B", Bm, f"grad.{mod}.lora_B.weight")]
+        if mod in ref.dora:
+            trio.append(("m", ref.dora[mod], f"grad.{mod}.lora_magnitude_vector"))
+        for which, t, key in trio:
             if key not in ours:
                 bad.append(key + " missing")
                 continue
-            t32 = r32.lora[mod][0 if which == "A" else 1].grad.numpy()
+            t32 = (r32.dora[mod] if which == "m" else r32.lora[mod][0 if which == "A" else 1]).grad.numpy()
             e, e32 = rel_err(ours[key], t.grad.numpy()), rel_err(t32, t.grad.numpy())
             if e > tol_for(e32):
                 bad.append(f"{key} rel {e:.2e} > 4 x torch fp32 {e32:.2e}")
@@ -245,7 +253,8 @@ def main():
         st_io.write(os.path.join(bad, "adapter_model.safetensors"),
                     {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 64), np.float32)})
         for what, cfg, needle in [
-            ("dora", dict(peft_type="LORA", r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True), "DoRA"),
+            ("rank_pattern", dict(peft_type="LORA", r=2, lora_alpha=4, target_modules=["q_proj"],
+                                  rank_pattern={"q_proj": 4}), "rank_pattern"),
             ("gpt2 target on llama", dict(peft_type="LORA", r=2, lora_alpha=4, target_modules=["c_attn"]), "c_attn"),
             ("unknown target", dict(peft_type="LORA", r=2, lora_alpha=4, target_modules=["qq_proj"]), "qq_proj"),
             ("missing tensor", dict(peft_type="LORA", r=2, lora_alpha=4, target_modules=["q_proj"]), "missing"),

@@ -18,8 +18,9 @@ adapters on its last layer only (rsLoRA):
   * the base stays bit-unchanged: resuming verifies base_checksum (every base tensor's bits, as the 2-rank
     run held them when it saved) against model.path's weights, and it passes; the same resume against a
     copy of the base with one weight changed by one ulp is refused with one line;
+  * DoRA (dora: true, Llama q/v/down): the same 1 vs 2 ranks equality, lora_magnitude_vector [out] tensors;
   * refusals with one line naming the key: r: 0, an unknown target, a GPT-2 target on Llama, dropout > 0,
-    dora: true.
+    layers outside the model.
 """
 import json
 import os
@@ -38,8 +39,18 @@ SPLITS = [(1, 12, 1, 0), (2, 6, 1, 1), (2, 3, 2, 2)]
 LLAMA_T = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def expected_adapter(cfg, targets, r, layers):
-    """peft's state-dict names and shapes for a LoRA on this HF config (independent of shardtune)."""
+def expected_adapter(cfg, targets, r, layers, dora=False):
+    """peft's state-dict names and shapes for a LoRA on this HF config (independent of shardtune); DoRA adds
+    <module>.lora_magnitude_vector [out] (peft saves it without ".weight")."""
+    out = expected_lora(cfg, targets, r, layers)
+    if dora:
+        for k, shp in list(out.items()):
+            if k.endswith(".lora_B.weight"):
+                out[k[: -len(".lora_B.weight")] + ".lora_magnitude_vector"] = (shp[0],)
+    return out
+
+
+def expected_lora(cfg, targets, r, layers):
     out = {}
     if cfg["model_type"] == "gpt2":
         C = cfg["n_embd"]
@@ -90,7 +101,7 @@ def adapters_only_checkpoint(rd, adapter, name):
         assert "base_checksum" in f.attrs, f"{name}: no base_checksum attribute"
 
 
-def check_case(root, name, model, data, lora, targets, r, alpha, rslora, layers):
+def check_case(root, name, model, data, lora, targets, r, alpha, rslora, layers, dora=False):
     base = os.path.join(root, name)
     os.makedirs(base)
     job = dp.write_job(os.path.join(base, "job.yaml"), model, os.path.join(base, "run"),
@@ -108,7 +119,7 @@ def check_case(root, name, model, data, lora, targets, r, alpha, rslora, layers)
         if ref is None:
             ref, ref_w = got, w
             assert got[-1] < got[0] - 0.02, f"{name}: no learning {got}"
-            want = expected_adapter(cfg, targets, r, layers)
+            want = expected_adapter(cfg, targets, r, layers, dora)
             shapes = {k: tuple(v.shape) for k, v in w.items()}
             assert shapes == want, f"{name}: adapter tensors {sorted(shapes.items())} != peft's {sorted(want.items())}"
             for k, v in w.items():
@@ -116,7 +127,7 @@ def check_case(root, name, model, data, lora, targets, r, alpha, rslora, layers)
                     assert np.abs(v).max() > 0, f"{name}: {k} never trained"
             ac = json.load(open(os.path.join(rd, "final", "adapter_config.json")))
             exp = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-                   "use_dora": False, "bias": "none", "fan_in_fan_out": cfg["model_type"] == "gpt2",
+                   "use_dora": dora, "bias": "none", "fan_in_fan_out": cfg["model_type"] == "gpt2",
                    "layers_to_transform": None if len(layers) == (cfg.get("n_layer") or cfg.get("num_hidden_layers"))
                    else sorted(layers)}
             for k, v in exp.items():
@@ -163,7 +174,7 @@ def resume_case(root, job, model, ref, ref_w):
 def refusals(job):
     for override, needle in [("finetune.lora.r=0", "finetune.lora.r"), ("finetune.lora.targets=[qq_proj]", "qq_proj"),
                              ("finetune.lora.targets=[c_attn]", "c_attn"), ("finetune.lora.dropout=0.1", "dropout"),
-                             ("finetune.lora.dora=true", "dora")]:
+                             ("finetune.lora.layers=7-9", "finetune.lora.layers")]:
         r = dp.sh([dp.BIN, "train", job, override, "run_dir=" + os.path.dirname(job) + "/refused"], check=False)
         lines = [x for x in r.stderr.strip().splitlines() if x]
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], \
@@ -181,6 +192,11 @@ def main():
         check_case(root, "gpt2_last_rslora", g2, data,
                    '{ r: 2, alpha: 4, rslora: true, layers: "-1", targets: [c_attn, c_proj, c_fc] }',
                    ["c_attn", "c_proj", "c_fc"], 2, 4, True, {1})
+        _, dref, _ = check_case(root, "llama_dora", ll, data,
+                                "{ r: 2, alpha: 4, dora: true, targets: [q_proj, v_proj, down_proj] }",
+                                ["q_proj", "v_proj", "down_proj"], 2, 4, False, {0, 1}, dora=True)
+        # init as peft: B = 0 and m = ||W||_row make step 1 the base model, for LoRA and DoRA alike
+        assert abs(dref[0] - ref[0]) <= TOL * abs(ref[0]), f"DoRA step-1 loss {dref[0]} != LoRA's {ref[0]}"
         resume_case(root, job, ll, ref, ref_w)
         refusals(job)
     finally:

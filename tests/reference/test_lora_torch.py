@@ -247,6 +247,11 @@ def main():
             run([BIN, "generate", *args, "--prompts", prompts, "--out", o, "--max-new", "12", "--temperature", "0"])
             outs.append([json.loads(x)["output_ids"] for x in open(o)])
         check("generate --adapter == generate merged", outs[0] == outs[1] and len(outs[0]) == 3, f"{outs[0][0]}")
+        sheet = os.path.join(tmp, "sheet")
+        r = run([BIN, "compare", "sheet", "--base", mdir, "--tuned", mdir, "--adapter", adir, "--prompts", prompts,
+                 "--out", sheet, "--max-new", "12"], check_rc=False)
+        check("compare sheet --adapter runs", r.returncode == 0 and os.path.exists(os.path.join(sheet, "sheet.html")),
+              r.stderr.strip()[-200:])
         # 3. refusals
         bad = os.path.join(tmp, "bad_adapter")
         os.makedirs(bad)

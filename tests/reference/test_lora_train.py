@@ -11,6 +11,7 @@ adapters on its last layer only (rsLoRA):
     base_model.model.<module>.lora_A.weight [r, in], lora_B.weight [out, r]; GPT-2 modules under
     transformer., Conv1D in/out from its [in, out] weight), and adapter_config.json's LoraConfig fields;
     every lora_B trained away from its zero init;
+  * `export CKPT --format peft` equals final/ bit for bit; `export CKPT --merge` equals `export final --merge`;
   * checkpoints hold the adapters only (/model/<name>.lora_A/B.weight, their AdamW moments) and the base
     model's checksum (root attribute base_checksum), not the base tensors;
   * resume at another world size: 3 steps on 2 ranks, then resumed to 6 steps on 1 rank, equals 6
@@ -101,6 +102,20 @@ def adapters_only_checkpoint(rd, adapter, name):
         assert "base_checksum" in f.attrs, f"{name}: no base_checksum attribute"
 
 
+def export_checks(rd, final_w, name):
+    """export of the run's last checkpoint: --format peft gives final/'s adapter bit for bit; --merge of the
+    checkpoint and of final/ give the same merged model."""
+    ck = os.path.join(rd, "checkpoints")
+    dp.sh([dp.BIN, "export", ck, "--format", "peft", "--out", os.path.join(rd, "x_peft")])
+    w = dp.read_safetensors(os.path.join(rd, "x_peft", "adapter_model.safetensors"))
+    assert set(w) == set(final_w) and all(np.array_equal(w[k], final_w[k]) for k in w), f"{name}: export --format peft"
+    dp.sh([dp.BIN, "export", ck, "--merge", "--out", os.path.join(rd, "x_m1")])
+    dp.sh([dp.BIN, "export", os.path.join(rd, "final"), "--merge", "--out", os.path.join(rd, "x_m2")])
+    a = dp.read_safetensors(os.path.join(rd, "x_m1", "model.safetensors"))
+    b = dp.read_safetensors(os.path.join(rd, "x_m2", "model.safetensors"))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), f"{name}: merged exports differ"
+
+
 def check_case(root, name, model, data, lora, targets, r, alpha, rslora, layers, dora=False):
     base = os.path.join(root, name)
     os.makedirs(base)
@@ -134,6 +149,7 @@ def check_case(root, name, model, data, lora, targets, r, alpha, rslora, layers,
                 assert ac.get(k) == v, f"{name}: adapter_config.json {k} = {ac.get(k)!r}, want {v!r}"
             assert sorted(ac["target_modules"]) == sorted(targets), f"{name}: target_modules {ac['target_modules']}"
             adapters_only_checkpoint(rd, w, name)
+            export_checks(rd, w, name)
             print(f"  {name}: adapter names/shapes/config as peft, adapter-only checkpoint, losses {got[0]:.4f} -> {got[-1]:.4f}")
             continue
         worst = max(abs(a - b) / abs(a) for a, b in zip(ref, got))

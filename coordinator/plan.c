@@ -20,6 +20,10 @@
 
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (c->finetune.mode != ST_FINETUNE_LORA) return 0;
+    /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
+    if (c->sharding.stage >= 3)
+        return st_fail(ST_ECONFIG, "finetune.mode lora with sharding.stage %d is not supported yet (use 0, 1 or 2)",
+                       c->sharding.stage);
     unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
     if (!layers) return st_fail(ST_ENOMEM, "out of memory");
     int rc = st_parse_layer_ranges(c->finetune.lora.layers, m->cfg.n_layer, layers);

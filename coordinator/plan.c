@@ -213,7 +213,8 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     }
     if (!rc) {
         out->final_stage = st_stage_at(&stages, c->train.steps > 0 ? c->train.steps - 1 : 0);
-        out->save_extra = 2 * m->n_weights * sizeof(float); /* st_model_save_dir: host + hf buffers */
+        out->save_extra = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) /* st_peft_save_dir: host copy */
+                                  : 2 * m->n_weights * sizeof(float); /* st_model_save_dir: host + hf buffers */
         size_t at_save = out->stages[out->final_stage].ranks[0].total + out->save_extra;
         if (at_save > out->peak) out->peak = at_save;
     }

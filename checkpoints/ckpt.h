@@ -31,6 +31,13 @@
  * stored shape): sum_i splitmix64(i * 0x9E3779B97F4A7C15 ^ bits(x_i)) mod 2^64. Partial sums of
  * disjoint ranges add up (mod 2^64) to the whole tensor's checksum, in any order. */
 uint64_t st_ckpt_checksum(const float *x, uint64_t first, size_t n);
+
+/* With LoRA adapters (m->lora), checkpoints hold /model/<name> of the adapter tensors only and, as the
+ * root attribute base_checksum, this combination of the frozen base tensors' checksums (sums[i]: tensor
+ * i's st_ckpt_checksum over all of it); loading verifies it against the base model in memory. */
+uint64_t st_ckpt_base_checksum(const st_model *m, const uint64_t *sums, size_t stride);
+/* Whether tensor i is left out of /model (a frozen base tensor of a model with adapters). */
+int st_ckpt_skips_tensor(const st_model *m, int i);
 uint64_t st_ckpt_splitmix64(uint64_t z);
 
 /* A box of a 1-D or 2-D dataset: start/count per dimension. */

@@ -197,13 +197,46 @@ static int checksum_attr(hid_t d, uint64_t *sum, const char *name, const char *p
     return rc ? st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s has no readable checksum attribute", path, name) : 0;
 }
 
+int st_ckpt_skips_tensor(const st_model *m, int i) { return m->lora && m->params[i].kind != ST_MOD_LORA; }
+
+uint64_t st_ckpt_base_checksum(const st_model *m, const uint64_t *sums, size_t stride) {
+    uint64_t h = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (st_ckpt_skips_tensor(m, i)) h = h * 0x100000001b3ull + sums[(size_t)i * stride] + (uint64_t)i;
+    return h;
+}
+
+/* A LoRA checkpoint holds no base tensors: host_weights gets the model's own base (the caller copies
+ * the whole buffer back), whose checksum must be the one the checkpoint was trained on. */
+static int check_base(hid_t f, const st_model *m, float *host_weights, const char *path) {
+    uint64_t want = 0;
+    int rc = attr_num(f, "adapter_base_checksum", H5T_NATIVE_UINT64, &want, 1, path);
+    if (rc) return st_fail(ST_EFORMAT, "checkpoint %s holds no adapter_base_checksum: it is not a LoRA checkpoint", path);
+    uint64_t *sums = calloc((size_t)m->n_params + 1, sizeof *sums);
+    if (!sums) return st_fail(ST_ENOMEM, "out of memory");
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (!st_ckpt_skips_tensor(m, i)) continue;
+        m->be->copy_to_host(host_weights + p->offset, m->weights + p->offset, p->numel * sizeof(float));
+        sums[i] = st_ckpt_checksum(host_weights + p->offset, 0, p->numel);
+    }
+    uint64_t got = st_ckpt_base_checksum(m, sums, 1);
+    free(sums);
+    if (got != want)
+        return st_fail(ST_ECORRUPT, "checkpoint %s was trained on another base model (adapter_base_checksum differs from "
+                                    "model.path's weights)", path);
+    return 0;
+}
+
 int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights) {
     hid_t f = open_file(path);
     if (f < 0) return ST_EFORMAT;
     int rc = 0;
     char name[160];
+    if (m->lora) rc = check_base(f, m, host_weights, path);
     for (int i = 0; !rc && i < m->n_params; i++) {
         const st_param *p = &m->params[i];
+        if (st_ckpt_skips_tensor(m, i)) continue; /* check_base kept the model's own */
         snprintf(name, sizeof name, "model/%s", p->name);
         hid_t d = open_tensor(f, name, p->ndim, p->shape, path, &rc);
         if (d < 0) break;

@@ -263,9 +263,13 @@ static int write_file(writer *w, const st_model *m, const st_optim *o, const st_
     if (!rc && (gm < 0 || go < 0)) rc = st_fail(ST_EIO, "checkpoint %s: cannot create groups: %s", w->path, st_ckpt_h5_reason());
     rc = rc ? rc : agree(w, rc);
     char label[160];
+    if (!rc && m->lora && attr_u64(w->file, "adapter_base_checksum", st_ckpt_base_checksum(m, s->sums, 3)))
+        rc = st_fail(ST_EIO, "checkpoint %s: writing adapter_base_checksum failed: %s", w->path, st_ckpt_h5_reason());
+    rc = rc ? rc : agree(w, rc);
     for (int i = 0; !rc && i < m->n_params; i++) {
         const st_param *p = &m->params[i];
         uint64_t a, b;
+        if (st_ckpt_skips_tensor(m, i)) continue; /* the frozen base: only its checksum is kept */
         st_ckpt_model_part(p->ndim, p->shape, w->world, w->rank, i, &a, &b);
         snprintf(label, sizeof label, "model/%s", p->name);
         rc = write_tensor(w, gm, p->name, label, p->ndim, p->shape, s->weights + p->offset + a, a, b, s->sums[3 * i],

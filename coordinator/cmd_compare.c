@@ -132,7 +132,9 @@ static int generate_both(const char *base, const char *tuned, const st_gen_flags
     char **texts[2] = {tb, tt};
     for (int m = 0; m < 2; m++) {
         st_answer *ans = NULL;
-        int rc = st_gen_run(dirs[m], f, ps, MPI_COMM_WORLD, &ans, NULL, NULL, print_error);
+        st_gen_flags fm = *f;
+        if (m == 0) fm.adapter = NULL; /* --adapter applies to the tuned model only */
+        int rc = st_gen_run(dirs[m], &fm, ps, MPI_COMM_WORLD, &ans, NULL, NULL, print_error);
         if (rc) return st_fail_context(rc, "%s model %s", m ? "tuned" : "base", dirs[m]);
         for (int i = 0; ans && i < ps->n; i++)
             texts[m][i] = ans[i].text ? strdup(ans[i].text) : ids_text(ans[i].ids, ans[i].n);
@@ -165,8 +167,10 @@ static int cmd_sheet(int argc, char **argv) {
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     st_prompt_set ps = {0};
-    int rc = adapter ? st_fail(ST_EINVAL, "--adapter %s: PEFT adapters are not supported by this build yet", adapter) : 0;
-    if (!rc) rc = st_prompts_read(prompts, &ps);
+    f.adapter = adapter;
+    int rc = adapter && !from_models
+                 ? st_fail(ST_EINVAL, "--adapter %s applies to the tuned model: it needs --base and --tuned model directories", adapter)
+                 : st_prompts_read(prompts, &ps);
     if (!rc) rc = check_unique_ids(&ps, prompts);
     if (rc) {
         if (rank == 0) st_cli_error("compare sheet", st_error());

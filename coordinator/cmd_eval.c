@@ -1,8 +1,9 @@
-/* cmd_eval.c — `shardtune eval --model DIR --data DATA.h5 --seq-len T [--json] [--batch B]`.
+/* cmd_eval.c — `shardtune eval --model DIR [--adapter DIR] --data DATA.h5 --seq-len T [--json] [--batch B]`.
  *
  * The contract (DESIGN.md): mean loss per unmasked target token over consecutive windows of T+1
  * tokens, stride T, in order from the file's token stream; a partial last window is dropped.
- * Prints `loss=<float> tokens=<int>` (or one JSON object with --json). */
+ * Prints `loss=<float> tokens=<int>` (or one JSON object with --json). --adapter applies a PEFT LoRA adapter
+ * directory on top of the base model (checkpoints/peft_dir.h). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 
 #include "checkpoints/model_io.h"
 #include "checkpoints/ckpt.h"
+#include "checkpoints/peft_dir.h"
 #include "common/error.h"
 #include "coordinator/commands.h"
 #include "kernels/kernels.h"
@@ -17,7 +19,7 @@
 #include "worker/model.h"
 
 static int usage(void) {
-    fprintf(stderr, "usage: shardtune eval --model DIR --data DATA.h5 --seq-len T [--json] [--batch B]\n");
+    fprintf(stderr, "usage: shardtune eval --model DIR [--adapter DIR] --data DATA.h5 --seq-len T [--json] [--batch B]\n");
     return ST_EXIT_USAGE;
 }
 
@@ -54,11 +56,12 @@ static int eval_windows(st_model *m, const st_dataset *d, int T, double *loss_su
 }
 
 int st_cmd_eval(int argc, char **argv) {
-    const char *model_dir = NULL, *data = NULL;
+    const char *model_dir = NULL, *data = NULL, *adapter = NULL;
     int T = 0, B = 8, json = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model_dir = argv[++i];
         else if (!strcmp(argv[i], "--data") && i + 1 < argc) data = argv[++i];
+        else if (!strcmp(argv[i], "--adapter") && i + 1 < argc) adapter = argv[++i];
         else if ((!strcmp(argv[i], "--seq-len") || !strcmp(argv[i], "--batch")) && i + 1 < argc) {
             int64_t v;
             int seq = !strcmp(argv[i], "--seq-len");
@@ -79,7 +82,7 @@ int st_cmd_eval(int argc, char **argv) {
     int rc = st_model_load_dir(model_dir, st_backend_cpu(0), &m);
     if (rc) return st_cli_error("eval", st_error());
     if (st_model_load_warning()) fprintf(stderr, "shardtune eval: warning: %s\n", st_model_load_warning());
-    if ((rc = st_model_check_finite(&m, model_dir))) {
+    if ((rc = st_model_check_finite(&m, model_dir)) || (adapter && (rc = st_peft_load_dir(&m, adapter)))) {
         st_model_free(&m);
         return st_cli_error("eval", st_error());
     }

@@ -79,8 +79,8 @@ int st_cmd_generate(int argc, char **argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &world);
     int rc = 0, print_error = 0;
     st_prompt_set ps = {0};
-    if (adapter) rc = st_fail(ST_EINVAL, "--adapter %s: PEFT adapters are not supported by this build yet", adapter);
-    else if (dump_path && world > 1) rc = st_fail(ST_EINVAL, "--dump-logits runs on one rank only");
+    f.adapter = adapter;
+    if (dump_path && world > 1) rc = st_fail(ST_EINVAL, "--dump-logits runs on one rank only");
     if (!rc) rc = st_prompts_read(prompts, &ps);
     if (rc) { /* every rank read the same input and reached the same verdict */
         if (rank == 0) st_cli_error("generate", st_error());

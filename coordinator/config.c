@@ -323,6 +323,35 @@ static int parse_modules(const walk *w, const char *path, const yaml_node_t *nod
     return 0;
 }
 
+/* A non-empty list of names from `names` (a single name is accepted as a scalar) into a bit mask. */
+static int parse_nameset(const walk *w, const char *path, const yaml_node_t *node, const char *const *names,
+                         unsigned *out) {
+    char got[80], valid[256] = "";
+    for (int i = 0; names[i]; i++)
+        snprintf(valid + strlen(valid), sizeof valid - strlen(valid), "%s%s", i ? ", " : "", names[i]);
+    int single = node && node->type == YAML_SCALAR_NODE && !is_null(node);
+    if (!single && (!node || node->type != YAML_SEQUENCE_NODE ||
+                    node->data.sequence.items.top == node->data.sequence.items.start))
+        return walk_fail(w, node, "%s: expected a non-empty list of %s, got %s", path, valid,
+                         node_text(node, got, sizeof got));
+    unsigned mask = 0;
+    yaml_node_item_t one = 0;
+    yaml_node_item_t *it = single ? &one : node->data.sequence.items.start;
+    yaml_node_item_t *end = single ? &one + 1 : node->data.sequence.items.top;
+    for (; it < end; it++) {
+        const yaml_node_t *item = single ? node : yaml_document_get_node(w->doc, *it);
+        const char *s = scalar(item);
+        int bit = -1;
+        for (int i = 0; s && names[i]; i++)
+            if (!strcmp(s, names[i])) bit = i;
+        if (bit < 0)
+            return walk_fail(w, item, "%s: unknown name %s (valid: %s)", path, node_text(item, got, sizeof got), valid);
+        mask |= 1u << bit;
+    }
+    *out = mask;
+    return 0;
+}
+
 static int parse_f64_list(const walk *w, const st_key *k, const char *path, const yaml_node_t *node, double *out) {
     char got[80], want[64];
     describe_number(k->lo, k->hi, k->flags, want, sizeof want);
@@ -399,6 +428,7 @@ static int assign(const walk *w, const st_key *k, char *base, const char *path, 
     case ST_KEY_STRING: return parse_string(w, path, node, p, k->size);
     case ST_KEY_ENUM: return parse_enum(w, k, path, node, (int *)p);
     case ST_KEY_MODULES: return parse_modules(w, path, node, (unsigned *)p);
+    case ST_KEY_NAMESET: return parse_nameset(w, path, node, k->names, (unsigned *)p);
     case ST_KEY_SIGNAL: return parse_signal(w, path, node, (int *)p);
     case ST_KEY_RESUME: return parse_resume(w, path, node, (st_config *)base);
     case ST_KEY_END: break;
@@ -636,6 +666,10 @@ static int finish_finetune(st_config *c, const char *file) {
             return st_fail(ST_ECONFIG, "%s: finetune.stages.%d.at_step: stages must start at increasing steps "
                            "(%" PRId64 " after %" PRId64 ")", file, i, s->at_step, s[-1].at_step);
     }
+    if ((rc = check_layers(file, "finetune.lora.layers", c->finetune.lora.layers))) return rc;
+    if (c->finetune.mode == ST_FINETUNE_LORA && c->finetune.lora.dropout > 0)
+        return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g is not supported yet (only 0)", file,
+                       c->finetune.lora.dropout);
     if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE) {
         if (c->finetune.n_stages == 0 && c->finetune.unfreeze_every == 0)
             return st_fail(ST_ECONFIG, "%s: finetune.mode: progressive needs finetune.stages or finetune.unfreeze_every",

@@ -27,7 +27,7 @@
 
 typedef enum { ST_BACKEND_AUTO, ST_BACKEND_CPU, ST_BACKEND_CUDA } st_backend_kind;
 typedef enum { ST_SCHEDULE_CONSTANT, ST_SCHEDULE_COSINE, ST_SCHEDULE_LINEAR } st_schedule_kind;
-typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE } st_finetune_mode;
+typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE, ST_FINETUNE_LORA } st_finetune_mode;
 typedef enum { ST_MIXING_PROPORTIONAL, ST_MIXING_TEMPERATURE, ST_MIXING_WEIGHTS } st_mixing_strategy;
 typedef enum { ST_LOSS_WEIGHTING_NONE, ST_LOSS_WEIGHTING_UNCERTAINTY } st_loss_weighting_kind;
 typedef enum { ST_RESUME_AUTO, ST_RESUME_NONE, ST_RESUME_PATH } st_resume_kind;
@@ -96,6 +96,15 @@ typedef struct {
         int n_stages;
         int64_t unfreeze_every;     /* 0 = off */
         double layer_lr_decay;
+        struct {                    /* mode lora (worker/lora.h) */
+            int r;
+            double alpha;
+            double dropout;         /* only 0 is supported */
+            unsigned targets;       /* ST_LORA_* bits */
+            int dora;               /* DoRA magnitude vectors */
+            int rslora;
+            char layers[ST_CFG_NAME_MAX]; /* layer spec, see st_parse_layer_ranges */
+        } lora;
     } finetune;
 
     struct {

@@ -6,6 +6,7 @@
 #include "coordinator/config.h"
 #include "coordinator/config_keys.h"
 #include "common/util.h" /* ST_MAX_THREADS */
+#include "worker/lora.h"
 
 #include <signal.h>
 #include <stddef.h>
@@ -26,7 +27,7 @@
 static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
 static const char *const precision_names[] = {"fp32", "bf16", NULL}; /* indexed by st_precision */
 static const char *const schedule_names[] = {"constant", "cosine", "linear", NULL};
-static const char *const mode_names[] = {"full", "frozen", "progressive", NULL};
+static const char *const mode_names[] = {"full", "frozen", "progressive", "lora", NULL};
 static const char *const mixing_names[] = {"proportional", "temperature", "weights", NULL};
 static const char *const loss_weighting_names[] = {"none", "uncertainty", NULL};
 static const char *const nonfinite_names[] = {"stop", "skip", NULL}; /* indexed by st_nonfinite_policy */
@@ -78,6 +79,20 @@ static const st_key stage_keys[] = {
     {0},
 };
 
+/* Offset of a field of finetune.lora inside its struct. */
+#define LOFF(field) (offsetof(st_config, finetune.lora.field) - offsetof(st_config, finetune.lora))
+
+static const st_key lora_keys[] = {
+    KEY_I32("r", LOFF(r), 1, 0, NO_HI),
+    KEY_F64("alpha", LOFF(alpha), 0, 0, ST_KEY_LO_OPEN | NO_HI),
+    KEY_F64("dropout", LOFF(dropout), 0, 1, ST_KEY_HI_OPEN),
+    {.name = "targets", .kind = ST_KEY_NAMESET, .off = LOFF(targets), .names = st_lora_target_names},
+    {.name = "dora", .kind = ST_KEY_BOOL, .off = LOFF(dora)},
+    {.name = "rslora", .kind = ST_KEY_BOOL, .off = LOFF(rslora)},
+    KEY_STR("layers", LOFF(layers), ST_CFG_NAME_MAX),
+    {0},
+};
+
 static const st_key finetune_keys[] = {
     KEY_ENUM("mode", SOFF(finetune, mode), mode_names),
     KEY_STR("train_layers", SOFF(finetune, train_layers), ST_CFG_NAME_MAX),
@@ -87,6 +102,7 @@ static const st_key finetune_keys[] = {
      .elem_defaults = stage_defaults},
     KEY_I64("unfreeze_every", SOFF(finetune, unfreeze_every), 0, 0, NO_HI),
     KEY_F64("layer_lr_decay", SOFF(finetune, layer_lr_decay), 0, 1, ST_KEY_LO_OPEN),
+    {.name = "lora", .kind = ST_KEY_SECTION, .off = SOFF(finetune, lora), .sub = lora_keys},
     {0},
 };
 
@@ -202,6 +218,10 @@ void st_config_defaults(st_config *c) {
     c->finetune.train_modules = ST_MODULE_ALL;
     c->finetune.unfreeze_every = 0;
     c->finetune.layer_lr_decay = 1.0;
+    c->finetune.lora.r = 16;
+    c->finetune.lora.alpha = 32;
+    c->finetune.lora.targets = ST_LORA_Q | ST_LORA_K | ST_LORA_V | ST_LORA_O | ST_LORA_GATE | ST_LORA_UP | ST_LORA_DOWN;
+    strcpy(c->finetune.lora.layers, "all");
 
     c->distill.temperature = 2.0;
     c->distill.alpha = 0.5;
@@ -240,7 +260,7 @@ static const char *name_at(const char *const *names, int n, int i) { return i >=
 const char *st_backend_name(st_backend_kind k) { return name_at(backend_names, 3, (int)k); }
 const char *st_precision_name(st_precision p) { return name_at(precision_names, 2, (int)p); }
 const char *st_schedule_name(st_schedule_kind k) { return name_at(schedule_names, 3, (int)k); }
-const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 3, (int)m); }
+const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 4, (int)m); }
 const char *st_mixing_name(st_mixing_strategy s) { return name_at(mixing_names, 3, (int)s); }
 const char *st_loss_weighting_name(st_loss_weighting_kind k) { return name_at(loss_weighting_names, 2, (int)k); }
 const char *st_nonfinite_name(st_nonfinite_policy p) { return name_at(nonfinite_names, 2, (int)p); }

@@ -7,12 +7,14 @@
 #include <string.h>
 
 #include "checkpoints/model_io.h"
+#include "checkpoints/peft_dir.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
 #include "coordinator/gen_run.h"
 #include "coordinator/gen_text.h"
 #include "worker/comm.h"
+#include "worker/lora.h"
 
 /* ---------------- prompts ---------------- */
 
@@ -416,6 +418,8 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     int rc = pick_backend(f, comm, &be);
     if (!rc) rc = st_model_load_dir(model_dir, be, &m);
     if (!rc) loaded = 1;
+    /* an adapter is folded into the weights: the decode path then runs the merged model unchanged */
+    if (!rc && f->adapter && !(rc = st_peft_load_dir(&m, f->adapter))) rc = st_lora_merge(&m);
     if (!rc) rc = read_eos(model_dir, &m, eos, 64, &n_eos);
     int *idx = NULL, count = 0;
     st_gen_seq *seqs = NULL;

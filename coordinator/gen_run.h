@@ -52,6 +52,7 @@ typedef struct {
     int chat;        /* --chat: "prompt" lines become one user message through the chat template */
     const char *stop[ST_GEN_MAX_STOP]; /* --stop STR (repeatable): stop once the answer's text holds one */
     int n_stop;
+    const char *adapter; /* --adapter DIR: a PEFT LoRA adapter merged into the weights after loading */
 } st_gen_flags;
 void st_gen_flags_default(st_gen_flags *f);
 int st_gen_flags_parse(st_gen_flags *f, int argc, char **argv, int *i);

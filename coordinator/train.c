@@ -330,6 +330,7 @@ static int setup(trainer *t) {
         fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
     if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
     if (!rc) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
+    if (!rc) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
     if (!rc && c->distill.teacher[0]) rc = st_trainer_agree(t, load_teacher(t));

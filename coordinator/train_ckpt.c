@@ -1,6 +1,7 @@
 /* train_ckpt.c — checkpoints from the run loop: save (collective), resume with fallback to an older
  * checkpoint, final weights, and the control word all ranks agree on at a step boundary. */
 #include "coordinator/train_internal.h"
+#include "checkpoints/peft_dir.h"
 
 #include <errno.h>
 #include <math.h>
@@ -25,7 +26,9 @@ int st_trainer_save_final(trainer *t) {
     snprintf(old, sizeof old, "%s/final.old", t->cfg->run_dir);
     if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* left by a crash during an earlier run's write */
     /* the source's config.json text and tokenizer / generation files travel with the weights */
-    int rc = st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
+    /* a LoRA run's final/ is the adapter alone, as a peft adapter directory (checkpoints/peft_dir.h) */
+    int rc = t->model.lora ? st_peft_save_dir(&t->model, tmp, t->cfg->model.path)
+                           : st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
     if (rc) {
         rc = st_fail_context(rc, "writing final weights");
         if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* no final.partial/ left behind */

@@ -364,7 +364,13 @@ static void test_unknown_keys(void **state) {
     /* nothing close: the valid keys of that section are listed instead */
     expect_error(with("train: {zzzzzzzzzz: 1}\n"), 0, NULL, "unknown key 'train.zzzzzzzzzz'",
                  "valid keys under 'train': steps, micro_batch");
-    expect_error(with("finetune: {lora: {r: 8}}\n"), 0, NULL, "unknown key 'finetune.lora'", NULL);
+    expect_error(with("finetune: {lora: {rank: 8}}\n"), 0, NULL, "unknown key 'finetune.lora.rank'", NULL);
+    expect_error(with("finetune: {lora: {r: 0}}\n"), 0, NULL, "finetune.lora.r: expected a positive integer", "'0'");
+    expect_error(with("finetune: {lora: {targets: [q_proj, qq_proj]}}\n"), 0, NULL, "finetune.lora.targets: unknown name",
+                 "'qq_proj'");
+    expect_error(with("finetune: {lora: {targets: []}}\n"), 0, NULL, "finetune.lora.targets: expected a non-empty list",
+                 NULL);
+    expect_error(with("finetune: {mode: lora, lora: {dropout: 0.05}}\n"), 0, NULL, "finetune.lora.dropout", "not supported");
     expect_error(with("train: {steps: 3, steps: 4}\n"), 0, NULL, "duplicate key 'train.steps'", NULL);
 }
 
@@ -402,8 +408,8 @@ static void test_range_errors(void **state) {
     expect_error(with("split: [0, 0.5, 0.5]\n"), 0, NULL, "split.0", "train fraction");
     expect_error(with("sharding: {stage: 4}\n"), 0, NULL, "sharding.stage: expected an integer in 0..3", "'4'");
     expect_error(with("sharding: {stage: -1}\n"), 0, NULL, "sharding.stage", "0..3");
-    expect_error(with("finetune: {mode: lora}\n"), 0, NULL, "finetune.mode: expected one of full, frozen, progressive",
-                 "got 'lora'");
+    expect_error(with("finetune: {mode: qlora}\n"), 0, NULL,
+                 "finetune.mode: expected one of full, frozen, progressive, lora", "got 'qlora'");
     expect_error(with("backend: tpu\n"), 0, NULL, "backend: expected one of auto, cpu, cuda", "'tpu'");
     expect_error(with("precision: fp16\n"), 0, NULL, "precision: expected one of fp32, bf16", "'fp16'");
     expect_error(with("train: {schedule: step}\n"), 0, NULL, "train.schedule: expected one of constant, cosine, linear",

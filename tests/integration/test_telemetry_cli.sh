@@ -49,6 +49,11 @@ JOB=$!; PIDS+=("$JOB")
 # --- ctl against a running job (once it has logged a step) ---
 for _ in $(seq 30); do "$BIN" ctl "$CTL" status --timeout 1 2>/dev/null | grep -q "^ok: last step" && break; sleep 0.2; done
 "$BIN" ctl "$CTL" status | grep -q "^ok: last step" || fail "ctl status"
+# ... and once the monitor has printed one of its steps (a slow machine or a sanitizer build can take
+# seconds to reconnect the monitor's subscription to the second job's publisher)
+steps_after_end() { awk '/"kind": *"end"/{e=1; next} e && /"topic": *"step"/{n++} END{print n+0}' "$T/mon.jsonl"; }
+for _ in $(seq 300); do [ "$(steps_after_end)" -ge 1 ] && break; sleep 0.1; done
+[ "$(steps_after_end)" -ge 1 ] || fail "monitor printed no step of the second job within 30 s"
 set +e
 out=$("$BIN" ctl "$CTL" checkpoint 2>&1); rc=$?
 set -e

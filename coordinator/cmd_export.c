@@ -1,4 +1,4 @@
-/* cmd_export.c — `shardtune export CKPT --out DIR [--format hf|peft]`, `export SRC --merge --out DIR`: a
+/* cmd_export.c — `shardtune export CKPT|MODEL_DIR --out DIR [--format hf|peft]`, `export SRC --merge --out DIR`: a
  * checkpoint's weights as an HF model directory (a LoRA run's checkpoint: merged into the base of its job, or
  * with --format peft its adapter directory; an adapter directory with --merge: merged into its base)
  * (model.safetensors + config.json). CKPT is a checkpoint file or directory (its `latest`). The
@@ -121,6 +121,22 @@ static int export_merged(const char *adapter, const char *base, const char *out)
     return rc;
 }
 
+/* export MODEL_DIR --out DIR: a model directory re-written as shardtune writes final/ (its own config.json
+ * text, weights in its dtype, the tokenizer and generation files carried along). */
+static int export_model_dir(const char *src, const char *out) {
+    char path[4200], *cfg = NULL;
+    size_t len = 0;
+    st_model m;
+    int rc = st_model_load_dir(src, st_backend_cpu(0), &m);
+    if (rc) return rc;
+    snprintf(path, sizeof path, "%s/config.json", src);
+    if ((rc = st_read_file(path, &cfg, &len))) rc = st_fail(rc, "%s: %s", path, st_error());
+    if (!rc) rc = st_model_export_dir(&m, out, src, cfg, 0);
+    free(cfg);
+    st_model_free(&m);
+    return rc;
+}
+
 int st_cmd_export(int argc, char **argv) {
     const char *src_arg = NULL, *out_dir_arg = NULL;
     int merge = 0;
@@ -180,10 +196,17 @@ int st_cmd_export(int argc, char **argv) {
         else ckpt = NULL, i = argc;
     }
     if (!ckpt || !out) {
-        fprintf(stderr, "usage: shardtune export CKPT --out DIR [--format hf|peft]\n");
+        fprintf(stderr, "usage: shardtune export CKPT|MODEL_DIR --out DIR [--format hf|peft]\n");
         return ST_EXIT_USAGE;
     }
     char path[2048];
+    snprintf(path, sizeof path, "%s/config.json", ckpt);
+    if (!peft && access(path, F_OK) == 0) { /* SRC is a model directory */
+        if (export_model_dir(ckpt, out)) return st_cli_error("export", st_error());
+        printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", ckpt,
+               out);
+        return ST_EXIT_OK;
+    }
     if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, out, peft)) return st_cli_error("export", st_error());
     if (peft) printf("exported %s -> %s (adapter_config.json + adapter_model.safetensors)\n", path, out);
     else printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", path,

@@ -4,7 +4,7 @@
  * control bit is raised unless the request carried the job's token.
  * Build: CC=clang cmake -S . -B build-fuzz -DSHARDTUNE_FUZZ=ON -DSHARDTUNE_CUDA=OFF
  * Run:   build-fuzz/fuzz_control -max_total_time=60 */
-#include "coordinator/monitor_rules.h"
+#include "coordinator/monitor/monitor_rules.h"
 
 #include <stdint.h>
 #include <stdlib.h>

@@ -24,7 +24,7 @@
 
 #include "common/error.h"
 #include "common/util.h"
-#include "coordinator/commands.h"
+#include "coordinator/cli/commands.h"
 #include "kernels/kernels.h"
 
 static st_backend fake;
@@ -177,7 +177,7 @@ static int parse_fail(const char *s) {
     return -1;
 }
 
-/* The CLI's error printer lives in coordinator/main.c (not in the library): the same line here. */
+/* The CLI's error printer lives in coordinator/cli/main.c (not in the library): the same line here. */
 int st_cli_error(const char *cmd, const char *msg) {
     fprintf(stderr, "shardtune %s: error: %s\n", cmd, msg && *msg ? msg : "unknown failure");
     return ST_EXIT_FAIL;

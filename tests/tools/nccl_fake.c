@@ -234,7 +234,7 @@ static void build_model(st_model *m, const st_backend *be, int world) {
     }
 }
 
-/* The trainer's step sequence (coordinator/train_step.c) on `be`; returns the losses, then (as a stage
+/* The trainer's step sequence (coordinator/trainer/train_step.c) on `be`; returns the losses, then (as a stage
  * change does) gathers the sharded AdamW first moments on every rank and returns their sum of squares. */
 static void train(const st_backend *be, const options *o, double *losses, double *moments) {
     int rank, world;

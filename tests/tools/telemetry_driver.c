@@ -14,9 +14,9 @@
  * lr = 0.001*(step+1). Rank 0 honours control words: CHECKPOINT -> event checkpoint_saved,
  * STOP -> event stop and SIGTERM to the other ranks, PAUSE/RESUME -> idle until resumed. */
 #include "common/error.h"
-#include "coordinator/control_token.h"
-#include "coordinator/monitor_server.h"
-#include "coordinator/telemetry.h"
+#include "coordinator/monitor/control_token.h"
+#include "coordinator/monitor/monitor_server.h"
+#include "coordinator/monitor/telemetry.h"
 
 #include <errno.h>
 #include <signal.h>

@@ -16,7 +16,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
-#include "coordinator/config.h"
+#include "coordinator/config/config.h"
 #include "test_tmpdir.h"
 
 static const char *MINIMAL = "model: {path: models/tiny}\n"

@@ -13,7 +13,7 @@
 #include <string.h>
 
 #include "common/util.h"
-#include "coordinator/compare.h"
+#include "coordinator/generate/compare.h"
 #include "test_tmpdir.h"
 #include "worker/generate.h"
 

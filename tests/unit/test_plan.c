@@ -1,4 +1,4 @@
-/* test_plan.c — the planner (coordinator/plan.h) against the allocations it predicts.
+/* test_plan.c — the planner (coordinator/trainer/plan.h) against the allocations it predicts.
  *
  * For every stage the plan's padded space, shard ranges, gradient offsets and byte counts are compared
  * with what st_model_set_trainable, st_model_alloc_activations and st_comm_init / st_optim_init really
@@ -17,8 +17,8 @@
 #include <string.h>
 
 #include "common/error.h"
-#include "coordinator/config.h"
-#include "coordinator/plan.h"
+#include "coordinator/config/config.h"
+#include "coordinator/trainer/plan.h"
 #include "worker/comm.h"
 #include "worker/model.h"
 #include "worker/optim.h"

@@ -13,8 +13,8 @@
 #include <unistd.h>
 
 #include "common/error.h"
-#include "coordinator/config.h"
-#include "coordinator/slurm_env.h"
+#include "coordinator/config/config.h"
+#include "coordinator/config/slurm_env.h"
 #include "test_tmpdir.h"
 
 static const char *VARS[] = {"SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS",

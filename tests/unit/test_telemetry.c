@@ -11,9 +11,9 @@
 #include <cmocka.h>
 
 #include "common/error.h"
-#include "coordinator/control_token.h"
-#include "coordinator/monitor_rules.h"
-#include "coordinator/telemetry.h"
+#include "coordinator/monitor/control_token.h"
+#include "coordinator/monitor/monitor_rules.h"
+#include "coordinator/monitor/telemetry.h"
 #include "shardtune.pb-c.h"
 #include "test_tmpdir.h"
 

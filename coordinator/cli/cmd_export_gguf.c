@@ -1,0 +1,110 @@
+/* cmd_export_gguf.c — `shardtune export SRC --out FILE.gguf --format gguf [--quant T]`: a checkpoint or HF
+ * model directory as one GGUF file that llama.cpp runs (checkpoints/gguf.h; docs/compress.md).
+ * The tokenizer comes from --tokenizer DIR, else SRC (a model dir) or the checkpoint's job model.path;
+ * without a tokenizer.json the file holds the weights alone and a notice says so. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "checkpoints/ckpt.h"
+#include "checkpoints/gguf.h"
+#include "checkpoints/model_dir.h"
+#include "checkpoints/model_io.h"
+#include "common/error.h"
+#include "common/json.h"
+#include "common/util.h"
+#include "coordinator/cli/commands.h"
+#include "kernels/kernels.h"
+
+static int file_exists(const char *dir, const char *name) {
+    char p[4096];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    return stat(p, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* The job's model.path recorded in a checkpoint (its tokenizer is the run's tokenizer); "" if none. */
+static void job_model_path(const char *job_spec, char *out, size_t size) {
+    st_json *root = NULL;
+    out[0] = 0;
+    if (!job_spec || st_json_parse(job_spec, strlen(job_spec), &root)) return;
+    const char *p = st_json_get_string(st_json_get(root, "model"), "path", NULL);
+    if (p) snprintf(out, size, "%s", p);
+    st_json_free(root);
+}
+
+/* Builds the model from SRC (model dir or checkpoint) and fills host[] with its weights; tok_dir gets
+ * where a tokenizer may be (SRC itself, or a checkpoint's model.path). */
+static int load_source(const char *src, st_model *m, float **host, char *tok_dir, size_t tok_size) {
+    const st_backend *be = st_backend_cpu(1);
+    int rc;
+    *host = NULL;
+    snprintf(tok_dir, tok_size, "%s", src);
+    if (file_exists(src, "config.json")) {
+        if ((rc = st_model_load_dir(src, be, m))) return rc;
+    } else {
+        char path[2048];
+        st_ckpt_info info;
+        if ((rc = st_ckpt_resolve(src, path, sizeof path)) || (rc = st_ckpt_read_info(path, &info))) return rc;
+        st_model_config mc;
+        rc = st_model_config_parse(info.model_config, strlen(info.model_config), path, &mc);
+        job_model_path(info.job_spec, tok_dir, tok_size);
+        st_ckpt_info_free(&info);
+        if (rc || (rc = st_model_build(m, &mc, be))) return rc;
+        if (!(*host = malloc(m->n_weights * sizeof(float)))) rc = st_fail(ST_ENOMEM, "out of memory");
+        if (!rc) rc = st_ckpt_load_model(path, m, *host);
+        if (rc) { free(*host); *host = NULL; st_model_free(m); }
+        return rc;
+    }
+    if (!(*host = malloc(m->n_weights * sizeof(float)))) {
+        st_model_free(m);
+        return st_fail(ST_ENOMEM, "out of memory");
+    }
+    be->copy_to_host(*host, m->weights, m->n_weights * sizeof(float));
+    return 0;
+}
+
+int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
+    const char *quant_s = "f16", *tok = NULL, *name = NULL;
+    int no_tok = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--quant") && i + 1 < argc) quant_s = argv[++i];
+        else if (!strcmp(argv[i], "--tokenizer") && i + 1 < argc) tok = argv[++i];
+        else if (!strcmp(argv[i], "--name") && i + 1 < argc) name = argv[++i];
+        else if (!strcmp(argv[i], "--no-tokenizer")) no_tok = 1;
+        else if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--format")) && i + 1 < argc) i++;
+        else if (argv[i][0] == '-') {
+            fprintf(stderr, "shardtune export: unknown option '%s' for --format gguf\n", argv[i]);
+            return ST_EXIT_USAGE;
+        }
+    }
+    st_ggml_type quant;
+    if (st_ggml_type_parse(quant_s, &quant)) return st_cli_error("export", st_error());
+    st_model m;
+    float *host;
+    char found[4096];
+    if (load_source(src, &m, &host, found, sizeof found)) return st_cli_error("export", st_error());
+    if (!tok && !no_tok) {
+        tok = found;
+        if (!found[0] || !file_exists(found, "tokenizer.json")) {
+            fprintf(stderr, "shardtune export: note: no tokenizer.json in %s (pass --tokenizer DIR): the GGUF "
+                    "holds the weights without a tokenizer\n", found[0] ? found : src);
+            tok = NULL;
+        } else if (strcmp(found, src) != 0) {
+            fprintf(stderr, "shardtune export: note: tokenizer from the run's model.path %s\n", found);
+        }
+    }
+    st_gguf_options opt = {no_tok ? NULL : tok, name};
+    st_gguf_report rep;
+    double t0 = st_now();
+    int rc = st_gguf_export(&m, host, quant, &opt, out, &rep);
+    double dt = st_now() - t0;
+    free(host);
+    st_model_free(&m);
+    if (rc) return st_cli_error("export", st_error());
+    printf("exported %s -> %s (gguf %s, %d tensors, %d kept at f16, tokenizer %s%s%s, %.1f MB in %.2f s)\n", src, out,
+           st_ggml_type_name(quant), rep.n_tensors, rep.n_fallback, rep.has_tokenizer ? rep.tokenizer_model : "none",
+           rep.tokenizer_pre[0] ? "/" : "", rep.tokenizer_pre, (double)rep.bytes / 1e6, dt);
+    return ST_EXIT_OK;
+}

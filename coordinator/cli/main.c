@@ -1,0 +1,78 @@
+/* main.c — `shardtune` entry point: dispatches to a subcommand (coordinator/cli/commands.h). */
+#include "coordinator/cli/commands.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/util.h"
+
+struct st_command {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *usage;
+};
+
+static const struct st_command st_commands[] = {
+    {"init-model", st_cmd_init_model,
+     "--family llama|gpt2 --layers L --dim D --heads H [--kv-heads K] [--ffn F] --vocab V [--max-seq S] [--seed N] --out DIR"},
+    {"data", st_cmd_data, "pack (--jsonl IN.jsonl | --llmc-bin 'GLOB' | --text IN.jsonl --model DIR) --out DATA.h5 ..."},
+    {"tokenize", st_cmd_tokenize, "--model DIR [--decode] [--no-special]   (stdin -> stdout, one JSON value a line)"},
+    {"train", st_cmd_train, "JOB.yaml [dotted.key=value ...]"},
+    {"eval", st_cmd_eval, "--model DIR --data DATA.h5 --seq-len T [--json]"},
+    {"plan", st_cmd_plan, "JOB.yaml --ranks N [--json]"},
+    {"ckpt", st_cmd_ckpt, "inspect|verify PATH"},
+    {"export", st_cmd_export, "SRC --out DST [--format hf|gguf] [--quant f32|f16|bf16|q8_0|q4_0]"},
+    {"compress", st_cmd_compress, "--model DIR --out DIR [--drop-layers SPEC] [--prune-heads F] [--prune-ffn F] "
+                                  "[--calib DATA.h5]"},
+    {"monitor", st_cmd_monitor, "[ADDR] [--run-dir DIR] [--plain|--json]"},
+    {"ctl", st_cmd_ctl, "[ADDR] status|checkpoint|stop|pause|resume [--run-dir DIR | --token-file F]"},
+    {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg|FILE.png"},
+    {"generate", st_cmd_generate,
+     "--model DIR [--adapter DIR] --prompts IN.jsonl --out OUT.jsonl [--max-new N] [--temperature T] [--top-p P] "
+     "[--top-k K] [--seed S] [--chat]"},
+    {"compare", st_cmd_compare,
+     "sheet --base DIR --tuned DIR --prompts IN.jsonl --out DIR [--max-new N] | score DIR --votes VOTES.jsonl "
+     "[--json] | judge DIR --judge MODEL_DIR [--json]"},
+};
+#define ST_NCOMMANDS (sizeof st_commands / sizeof st_commands[0])
+
+static void usage(FILE *out) {
+    fprintf(out, "usage: shardtune <command> [args]\n\ncommands:\n");
+    for (size_t i = 0; i < ST_NCOMMANDS; i++)
+        fprintf(out, "  %-11s %s\n", st_commands[i].name, st_commands[i].usage);
+}
+
+int st_cli_error(const char *cmd, const char *msg) {
+    fprintf(stderr, "shardtune %s: error: %s\n", cmd, msg && *msg ? msg : "unknown failure");
+    return ST_EXIT_FAIL;
+}
+
+int st_cli_int(const char *cmd, const char *flag, const char *text, int64_t lo, int64_t hi, int64_t *out) {
+    if (st_parse_i64(text, lo, hi, out) == 0) return 0;
+    fprintf(stderr, "shardtune %s: error: %s: %s\n", cmd, flag, st_error());
+    return ST_EXIT_USAGE;
+}
+
+int st_cli_real(const char *cmd, const char *flag, const char *text, double lo, double hi, double *out) {
+    if (st_parse_f64(text, lo, hi, out) == 0) return 0;
+    fprintf(stderr, "shardtune %s: error: %s: %s\n", cmd, flag, st_error());
+    return ST_EXIT_USAGE;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return ST_EXIT_USAGE;
+    }
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return ST_EXIT_OK;
+    }
+    for (size_t i = 0; i < ST_NCOMMANDS; i++) {
+        if (strcmp(argv[1], st_commands[i].name) != 0) continue;
+        return st_commands[i].run(argc - 1, argv + 1);
+    }
+    fprintf(stderr, "shardtune: error: unknown command '%s' (run 'shardtune --help')\n", argv[1]);
+    return ST_EXIT_USAGE;
+}

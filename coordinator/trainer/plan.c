@@ -1,0 +1,294 @@
+/* plan.c — stage schedule, shard map and per-rank memory (see plan.h).
+ *
+ * The byte counts follow the allocations of the code that runs, not a model of it: st_model_build
+ * (weights), st_model_set_trainable (gradients padded to the world), st_comm_init (staging),
+ * st_optim_init (moments over the optimizer range), st_model_activation_floats (activations) and
+ * train.c's alloc_step_buffers / enter_stage. If one of those changes, change it here too
+ * (tests/reference/test_dp_memory.py compares the total with a real run's RSS). */
+#include "coordinator/trainer/plan.h"
+
+#include "shardtune.pb-c.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "worker/lora.h"
+
+/* ---------------- adapters ---------------- */
+
+int st_plan_attach_adapters(const st_config *c, st_model *m) {
+    if (c->finetune.mode != ST_FINETUNE_LORA) return 0;
+    /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
+    if (c->sharding.stage >= 3)
+        return st_fail(ST_ECONFIG, "finetune.mode lora with sharding.stage %d is not supported yet (use 0, 1 or 2)",
+                       c->sharding.stage);
+    unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
+    if (!layers) return st_fail(ST_ENOMEM, "out of memory");
+    int rc = st_parse_layer_ranges(c->finetune.lora.layers, m->cfg.n_layer, layers);
+    if (rc) rc = st_fail_context(rc, "finetune.lora.layers");
+    st_lora_spec spec = {.r = c->finetune.lora.r, .alpha = c->finetune.lora.alpha, .rslora = c->finetune.lora.rslora,
+                         .dora = c->finetune.lora.dora,
+                         .targets = c->finetune.lora.targets, .layers = layers, .seed = (uint64_t)c->seed};
+    if (!rc) rc = st_lora_attach(m, &spec);
+    free(layers);
+    return rc;
+}
+
+/* ---------------- stages ---------------- */
+
+static int add_stage(st_stage_list *l, const st_model *m, int64_t at, const char *layers, unsigned modules,
+                     const char *what) {
+    int L = m->cfg.n_layer;
+    st_stage *s = &l->stages[l->n];
+    memset(s, 0, sizeof *s);
+    s->at_step = at;
+    s->modules = modules;
+    snprintf(s->layers_spec, sizeof s->layers_spec, "%s", layers);
+    s->layers = calloc((size_t)L, 1);
+    if (!s->layers) return st_fail(ST_ENOMEM, "out of memory");
+    l->n++;
+    int rc = st_parse_layer_ranges(layers, L, s->layers);
+    if (rc) return st_fail_context(rc, "%s", what);
+    if (st_model_count_trainable(m, s->layers, modules) == 0)
+        return st_fail(ST_ECONFIG, "%s: nothing to train (train_layers '%s' with these train_modules selects no "
+                                   "parameter of a %d-layer model)", what, layers, L);
+    return 0;
+}
+
+static int progressive_stages(const st_config *c, const st_model *m, st_stage_list *l) {
+    const int L = m->cfg.n_layer;
+    char what[64], spec[32];
+    if (c->finetune.n_stages > 0) {
+        for (int i = 0; i < c->finetune.n_stages; i++) {
+            const st_stage_config *s = &c->finetune.stages[i];
+            snprintf(what, sizeof what, "finetune.stages.%d", i);
+            if (i == 0 && s->at_step != 0) return st_fail(ST_ECONFIG, "%s.at_step must be 0 for the first stage", what);
+            if (i > 0 && s->at_step <= c->finetune.stages[i - 1].at_step)
+                return st_fail(ST_ECONFIG, "%s.at_step %lld must be greater than the previous stage's", what,
+                               (long long)s->at_step);
+            int rc = add_stage(l, m, s->at_step, s->train_layers, s->train_modules, what);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+    if (c->finetune.unfreeze_every <= 0)
+        return st_fail(ST_ECONFIG, "finetune.mode progressive needs finetune.stages or finetune.unfreeze_every");
+    /* top-down: the head alone, then one more layer every unfreeze_every steps */
+    for (int k = 0; k <= L; k++) {
+        snprintf(spec, sizeof spec, k == 0 ? "none" : "-%d", k);
+        snprintf(what, sizeof what, "finetune.unfreeze_every (stage %d)", k);
+        int rc = add_stage(l, m, (int64_t)k * c->finetune.unfreeze_every, spec, c->finetune.train_modules, what);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+int st_plan_stages(const st_config *c, const st_model *m, st_stage_list *out) {
+    memset(out, 0, sizeof *out);
+    int L = m->cfg.n_layer;
+    int max = c->finetune.n_stages > 0 ? c->finetune.n_stages : L + 1;
+    out->stages = calloc((size_t)max + 1, sizeof *out->stages);
+    if (!out->stages) return st_fail(ST_ENOMEM, "out of memory");
+    int rc;
+    switch (c->finetune.mode) {
+    case ST_FINETUNE_FULL: rc = add_stage(out, m, 0, "all", ST_MOD_ALL, "finetune.mode full"); break;
+    case ST_FINETUNE_FROZEN:
+        rc = add_stage(out, m, 0, c->finetune.train_layers, c->finetune.train_modules, "finetune.train_layers");
+        break;
+    case ST_FINETUNE_PROGRESSIVE: rc = progressive_stages(c, m, out); break;
+    case ST_FINETUNE_LORA: /* the adapters alone (st_plan_attach_adapters), every base weight frozen */
+        rc = m->lora ? add_stage(out, m, 0, "all", ST_MOD_LORA, "finetune.mode lora")
+                     : st_fail(ST_ECONFIG, "finetune.mode lora: the model has no adapters attached");
+        break;
+    default: rc = st_fail(ST_ECONFIG, "unknown finetune.mode");
+    }
+    if (rc) st_stage_list_free(out);
+    return rc;
+}
+
+void st_stage_list_free(st_stage_list *l) {
+    for (int i = 0; l->stages && i < l->n; i++) free(l->stages[i].layers);
+    free(l->stages);
+    memset(l, 0, sizeof *l);
+}
+
+int st_stage_at(const st_stage_list *l, int64_t step) {
+    int s = 0;
+    while (s + 1 < l->n && l->stages[s + 1].at_step <= step) s++;
+    return s;
+}
+
+/* ---------------- memory and shards ---------------- */
+
+/* What train.c's alloc_step_buffers takes: inputs, targets (int32), mask, weight (float) per token of the
+ * micro x accum samples, task_of per sample, and 3 doubles per task + 2. */
+static size_t step_buffer_bytes(const st_config *c) {
+    size_t slots = (size_t)c->train.micro_batch * (size_t)c->train.grad_accum;
+    return slots * (size_t)c->train.seq_len * (2 * sizeof(int32_t) + 2 * sizeof(float)) + slots * sizeof(int) +
+           (3 * (size_t)c->n_tasks + 2) * sizeof(double);
+}
+
+static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
+                      int rank, st_rank_plan *r) {
+    int zero = c->sharding.stage;
+    memset(r, 0, sizeof *r);
+    r->lo = sp->shard * (size_t)rank;
+    r->hi = r->lo + sp->shard;
+    r->first_param = r->last_param = -1;
+    for (int i = 0; i < m->n_params; i++) {
+        if (goff[i] < 0) continue;
+        size_t a = (size_t)goff[i], b = a + m->params[i].numel;
+        if (a < r->hi && b > r->lo) {
+            if (r->first_param < 0) r->first_param = i;
+            r->last_param = i;
+            r->n_params++;
+        }
+    }
+    size_t range = zero == 0 ? sp->n_pad : sp->shard; /* st_comm_optim_range */
+    r->weights = m->n_weights * (c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float));
+    r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
+    if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
+    r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
+    r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
+    r->activations = (st_model_activation_floats(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision) +
+                      st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
+                     sizeof(float);
+    r->buffers = step_buffer_bytes(c);
+    r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
+    (void)world;
+}
+
+static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, size_t prev_pad, int world,
+                      long *goff, st_stage_plan *sp) {
+    sp->at_step = s->at_step;
+    sp->modules = s->modules;
+    snprintf(sp->layers_spec, sizeof sp->layers_spec, "%s", s->layers_spec);
+    sp->n_trainable = st_model_grad_offsets(m, s->layers, s->modules, goff);
+    sp->n_pad = (sp->n_trainable + (size_t)world - 1) / (size_t)world * (size_t)world;
+    sp->shard = sp->n_pad / (size_t)world;
+    for (int i = 0; i < m->n_params; i++) sp->n_trainable_params += goff[i] >= 0;
+    sp->transition_extra = 2 * prev_pad * sizeof(float); /* enter_stage's old_m + old_v */
+    sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
+    if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
+    for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r]);
+    return 0;
+}
+
+int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out) {
+    memset(out, 0, sizeof *out);
+    if (world < 1) return st_fail(ST_EINVAL, "--ranks %d must be at least 1", world);
+    if (c->sharding.stage < 0 || c->sharding.stage > 2)
+        return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0, 1 or 2)", c->sharding.stage);
+    int rc = st_model_check_seq_len(&m->cfg, c->train.seq_len);
+    if (rc) return rc;
+    out->world = world;
+    out->zero_stage = c->sharding.stage;
+    out->precision = c->precision;
+    out->micro_batch = c->train.micro_batch;
+    out->grad_accum = c->train.grad_accum;
+    out->seq_len = c->train.seq_len;
+    out->n_weights = m->n_weights;
+    out->n_params = m->n_params;
+    st_stage_list stages;
+    rc = st_plan_stages(c, m, &stages);
+    if (rc) return rc;
+    long *goff = malloc((size_t)m->n_params * sizeof(long));
+    out->stages = calloc((size_t)stages.n, sizeof *out->stages);
+    if (!goff || !out->stages) rc = st_fail(ST_ENOMEM, "out of memory");
+    size_t prev_pad = 0;
+    for (int i = 0; !rc && i < stages.n; i++) {
+        st_stage_plan *sp = &out->stages[i];
+        out->n_stages++;
+        rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, sp);
+        if (rc) break;
+        prev_pad = sp->n_pad;
+        /* entering a stage, the gathered old moments coexist first with the old buffers, then the new */
+        for (int r = 0; r < world; r++) {
+            size_t held = sp->ranks[r].total;
+            if (i > 0 && out->stages[i - 1].ranks[r].total > held) held = out->stages[i - 1].ranks[r].total;
+            if (held + sp->transition_extra > out->peak) out->peak = held + sp->transition_extra;
+        }
+    }
+    if (!rc) {
+        out->final_stage = st_stage_at(&stages, c->train.steps > 0 ? c->train.steps - 1 : 0);
+        out->save_extra = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) /* st_peft_save_dir: host copy */
+                                  : 2 * m->n_weights * sizeof(float); /* st_model_save_dir: host + hf buffers */
+        size_t at_save = out->stages[out->final_stage].ranks[0].total + out->save_extra;
+        if (at_save > out->peak) out->peak = at_save;
+    }
+    free(goff);
+    st_stage_list_free(&stages);
+    if (rc) st_plan_free(out);
+    return rc;
+}
+
+void st_plan_free(st_plan *p) {
+    for (int i = 0; p->stages && i < p->n_stages; i++) free(p->stages[i].ranks);
+    free(p->stages);
+    memset(p, 0, sizeof *p);
+}
+
+/* ---- the Plan message ---- */
+
+int st_plan_pack(const st_stage_list *l, int n_layer, int world, int zero_stage, uint8_t **buf, size_t *len) {
+    Shardtune__Plan plan = SHARDTUNE__PLAN__INIT;
+    Shardtune__PlanStage *st = calloc((size_t)l->n, sizeof *st);
+    Shardtune__PlanStage **sp = calloc((size_t)l->n, sizeof *sp);
+    if (!st || !sp) { free(st); free(sp); return st_fail(ST_ENOMEM, "out of memory packing the plan"); }
+    plan.version = 1;
+    plan.world_size = world;
+    plan.zero_stage = zero_stage;
+    plan.n_layer = n_layer;
+    for (int i = 0; i < l->n; i++) {
+        shardtune__plan_stage__init(&st[i]);
+        st[i].at_step = l->stages[i].at_step;
+        st[i].layer_mask.data = l->stages[i].layers;
+        st[i].layer_mask.len = (size_t)n_layer;
+        st[i].modules = l->stages[i].modules;
+        st[i].train_layers = (char *)l->stages[i].layers_spec;
+        sp[i] = &st[i];
+    }
+    plan.n_stages = (size_t)l->n;
+    plan.stages = sp;
+    *len = shardtune__plan__get_packed_size(&plan);
+    *buf = malloc(*len ? *len : 1);
+    int rc = *buf ? 0 : st_fail(ST_ENOMEM, "out of memory packing the plan");
+    if (!rc) shardtune__plan__pack(&plan, *buf);
+    free(st);
+    free(sp);
+    return rc;
+}
+
+int st_plan_unpack(const uint8_t *buf, size_t len, int n_layer, st_stage_list *out) {
+    memset(out, 0, sizeof *out);
+    Shardtune__Plan *p = shardtune__plan__unpack(NULL, len, buf);
+    if (!p) return st_fail(ST_EFORMAT, "the plan broadcast by rank 0 does not decode");
+    int rc = 0;
+    if (p->n_layer != n_layer || p->n_stages == 0 || p->n_stages > 100000)
+        rc = st_fail(ST_EFORMAT, "the plan from rank 0 is for %d layers and %zu stages; this rank's model has %d",
+                     p->n_layer, p->n_stages, n_layer);
+    if (!rc) {
+        out->stages = calloc(p->n_stages, sizeof *out->stages);
+        if (!out->stages) rc = st_fail(ST_ENOMEM, "out of memory unpacking the plan");
+    }
+    for (size_t i = 0; !rc && i < p->n_stages; i++) {
+        const Shardtune__PlanStage *ps = p->stages[i];
+        st_stage *s = &out->stages[i];
+        if (ps->layer_mask.len != (size_t)n_layer || (i > 0 && ps->at_step <= p->stages[i - 1]->at_step)) {
+            rc = st_fail(ST_EFORMAT, "the plan from rank 0 has a malformed stage %zu", i);
+            break;
+        }
+        s->at_step = ps->at_step;
+        s->modules = ps->modules;
+        s->layers = malloc((size_t)n_layer);
+        if (!s->layers) { rc = st_fail(ST_ENOMEM, "out of memory unpacking the plan"); break; }
+        memcpy(s->layers, ps->layer_mask.data, (size_t)n_layer);
+        snprintf(s->layers_spec, sizeof s->layers_spec, "%s", ps->train_layers ? ps->train_layers : "");
+        out->n++;
+    }
+    shardtune__plan__free_unpacked(p, NULL);
+    if (rc) st_stage_list_free(out);
+    return rc;
+}

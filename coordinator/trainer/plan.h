@@ -1,0 +1,100 @@
+/* plan.h — the training plan: stage schedule, shard map and per-rank memory estimate.
+ *
+ * Stages: the fine-tuning mode turns into a list of stages (full: one; frozen: one; progressive: one per
+ * finetune.stages entry, or the head alone then one more layer top-down every unfreeze_every steps).
+ * Each stage is a layer mask and a module mask for st_model_set_trainable. The run loop and
+ * `shardtune plan` share st_plan_stages, so the planner shows exactly what training will do.
+ *
+ * Plan: for each stage and each rank, the compact trainable space padded to the world size, the rank's
+ * shard [lo, hi) and the parameters it touches, and the bytes this rank holds, mirroring the buffers that
+ * worker/model.c, worker/comm.c, worker/optim.c and coordinator/trainer/train.c allocate (docs/finetune.md).
+ *
+ * Memory: st_stage_list and st_plan own their arrays (release with the *_free functions). Both borrow
+ * nothing after they return; the model passed in may be registry-only (st_model_build_registry). */
+#ifndef ST_PLAN_H
+#define ST_PLAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "coordinator/config/config.h"
+#include "worker/model.h"
+
+typedef struct {
+    int64_t at_step;                    /* first step of this stage */
+    unsigned char *layers;              /* [n_layer], 1 = layer selected (owned) */
+    unsigned modules;                   /* ST_MOD_* bits */
+    char layers_spec[ST_CFG_NAME_MAX];  /* the train_layers spec it came from ("all", "-2", ...) */
+} st_stage;
+
+typedef struct {
+    int n;
+    st_stage *stages; /* [n], ascending at_step, the first at 0 */
+} st_stage_list;
+
+/* Builds the stage schedule of cfg->finetune for model m (only m->cfg and the registry are read).
+ * Fails (ST_ECONFIG, message naming the key) on an invalid layer spec, a stage that trains nothing,
+ * non-increasing at_step, or progressive without stages / unfreeze_every. On failure *out is empty. */
+int st_plan_stages(const st_config *cfg, const st_model *m, st_stage_list *out);
+void st_stage_list_free(st_stage_list *l);
+
+/* The schedule as a serialized shardtune.Plan (proto/shardtune.proto), for rank 0 to broadcast.
+ * *buf is malloc'ed. unpack never trusts the bytes: a malformed plan or one for another layer count is
+ * ST_EFORMAT. */
+int st_plan_pack(const st_stage_list *l, int n_layer, int world, int zero_stage, uint8_t **buf, size_t *len);
+int st_plan_unpack(const uint8_t *buf, size_t len, int n_layer, st_stage_list *out);
+
+/* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model
+ * gets the registry entries). No-op for the other modes. Call before st_plan_stages / st_plan_build. */
+int st_plan_attach_adapters(const st_config *cfg, st_model *m);
+
+/* Index of the stage in force at `step` (0-based completed steps). */
+int st_stage_at(const st_stage_list *l, int64_t step);
+
+/* One rank's view of one stage. Byte counts are what the process holds for the run's tensors. */
+typedef struct {
+    size_t lo, hi;            /* shard of the compact space (hi may exceed n_trainable: padding) */
+    int n_params;             /* trainable parameters the shard touches */
+    int first_param, last_param; /* registry indices of the first and last ones, -1 when none */
+    size_t weights;           /* all weights, fp32, replicated */
+    size_t grads;             /* model gradient buffer (padded compact space) + stage-2 reduced shard */
+    size_t optim;             /* AdamW exp_avg + exp_avg_sq over the optimizer range, + step counters */
+    size_t comm;              /* comm.c parameter staging (stages 1-2) */
+    size_t activations;       /* st_model_activation_floats(micro_batch, seq_len) */
+    size_t buffers;           /* train.c step buffers (tokens, masks, loss weights of micro x accum samples) */
+    size_t total;
+} st_rank_plan;
+
+typedef struct {
+    int64_t at_step;
+    char layers_spec[ST_CFG_NAME_MAX];
+    unsigned modules;
+    size_t n_trainable;      /* trainable floats */
+    size_t n_pad;            /* padded to a multiple of the world size */
+    size_t shard;            /* n_pad / world */
+    int n_trainable_params;
+    size_t transition_extra; /* bytes every rank holds in addition while entering this stage (the previous
+                                stage's full moments, gathered to re-shard them); 0 for the first stage */
+    st_rank_plan *ranks;     /* [world] */
+} st_stage_plan;
+
+typedef struct {
+    int world, zero_stage, micro_batch, grad_accum, seq_len;
+    st_precision precision;
+    size_t n_weights;
+    int n_params;
+    int n_stages;
+    st_stage_plan *stages; /* [n_stages] */
+    int final_stage;       /* the stage in force at the last step (train.steps) */
+    size_t save_extra;     /* bytes rank 0 holds in addition while writing final/ (model_io.c's host copy
+                              of the weights and their HF-layout copy) */
+    size_t peak;           /* bytes: max over stages and ranks of total, + transition_extra while entering,
+                              + save_extra on rank 0 at the end */
+} st_plan;
+
+/* Plans `cfg` on `world` ranks for model m (registry only is enough). Checks seq_len against the
+ * model's max positions. On failure *out is empty. */
+int st_plan_build(const st_config *cfg, const st_model *m, int world, st_plan *out);
+void st_plan_free(st_plan *p);
+
+#endif

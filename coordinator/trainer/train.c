@@ -1,0 +1,525 @@
+/* train.c — the run loop (see train.h): set-up, stage changes, teardown, step boundaries.
+ *
+ * One step: data → forward/backward per micro-batch → gradient reduction (worker/comm) → clip →
+ * AdamW on this rank's range → parameter all-gather → metrics. Setup failures are agreed on by all
+ * ranks (agree()), so a bad file on one rank ends every rank with one message from the lowest one. */
+#include "coordinator/trainer/train.h"
+#include "coordinator/trainer/train_internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/error.h"
+#include "common/json.h"
+#include "common/util.h"
+#include "checkpoints/ckpt.h"
+#include "checkpoints/model_io.h"
+#ifdef ST_HAVE_CUDA
+#include "kernels/cuda/cuda_extras.h"
+#include "kernels/cuda/launch_host.h"
+#endif
+#include "coordinator/monitor/control_token.h"
+
+/* ---------------- signals: only set a flag ---------------- */
+
+volatile sig_atomic_t st_stop_requested;
+
+static void on_signal(int sig) {
+    st_stop_requested = sig > 0 ? sig : 1; /* which one: the stop line explains mpirun's view of SIGTERM */
+}
+
+void st_train_install_signals(const st_config *cfg) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART; /* a signal must not fail a read or write in flight */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    /* before the config is known the default checkpoint signal is caught too, so an early USR1 from
+     * Slurm is remembered instead of killing the process */
+    sigaction(cfg && cfg->checkpoint.signal > 0 ? cfg->checkpoint.signal : SIGUSR1, &sa, NULL);
+}
+
+/* ---------------- shared helpers ---------------- */
+void st_trainer_phase(trainer *t, st_phase phase) {
+    if (t->probe) st_probe_set_phase(t->probe, phase);
+    st_watchdog_mark(t->wd, t->wd_step, phase);
+}
+
+/* All ranks agree whether any rank failed; the lowest failing rank keeps print_error = 1. */
+int st_trainer_agree(trainer *t, int rc) {
+    int mine = rc ? t->rank : t->world, first = t->world;
+    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, t->comm);
+    if (first == t->world) return 0;
+    t->print_error = first == t->rank;
+    return rc ? rc : ST_ECOMM;
+}
+
+/* ---------------- setup ---------------- */
+
+static int setup_backend(trainer *t) {
+    const st_config *c = t->cfg;
+    int threads = c->threads > 0 ? c->threads : st_num_threads();
+    if ((t->be = st_backend_override())) return 0; /* a test's backend (kernels.h) */
+    if (c->backend == ST_BACKEND_CUDA || c->backend == ST_BACKEND_AUTO) {
+        /* the node-local rank from MPI itself: launcher variables disagree under mpirun inside srun */
+        int local = 0, local_size = 1;
+        int rc = st_comm_node_rank(t->comm, &local, &local_size);
+        if (rc) return rc;
+        t->be = st_backend_cuda_for_rank(local, local_size);
+        if (t->be) return 0;
+        if (c->backend == ST_BACKEND_CUDA) return st_fail(ST_EDEVICE, "backend: cuda requested but %s", st_error());
+        if (t->rank == 0) printf("backend: auto -> cpu (%s)\n", st_error());
+    }
+    t->be = st_backend_cpu(threads);
+    return 0;
+}
+
+/* Every rank must run the same backend (comm picks NCCL or MPI by it), and no two ranks of a node may
+ * share a GPU (NCCL refuses): both are one clear line instead of a hang or an NCCL error later. */
+static int check_backends(trainer *t) {
+    int cuda = !t->be->host_memory, lo = cuda, hi = cuda;
+    MPI_Allreduce(&cuda, &lo, 1, MPI_INT, MPI_MIN, t->comm);
+    MPI_Allreduce(&cuda, &hi, 1, MPI_INT, MPI_MAX, t->comm);
+    if (lo != hi)
+        return st_fail(ST_EDEVICE, "backend: auto found a usable GPU on some ranks but not on others (rank %d: %s): "
+                                   "set backend: cuda or backend: cpu", t->rank, t->be->name);
+#ifdef ST_HAVE_CUDA
+    if (cuda && t->world > 1) {
+        unsigned char id[16], *all = NULL;
+        int n = 0, a = 0, b = 0;
+        if (st_cuda_device_uuid(id) != 0) { /* cannot tell: a unique id, so this rank is never "shared" */
+            memset(id, 0xff, sizeof id);
+            memcpy(id, &t->rank, sizeof t->rank);
+        }
+        int rc = st_comm_node_allgather(t->comm, id, 16, &all, &n);
+        if (!rc && st_cuda_shared_device(all, n, &a, &b))
+            rc = st_fail(ST_EDEVICE, "node-local ranks %d and %d are on the same GPU: give each rank its own "
+                                     "(srun --gpus-per-task=1, or at most one rank per visible GPU)", a, b);
+        free(all);
+        return rc;
+    }
+#endif
+    return 0;
+}
+
+static int load_data(trainer *t) {
+    const st_config *c = t->cfg;
+    t->n_tasks = c->n_tasks;
+    t->datasets = calloc((size_t)c->n_tasks, sizeof *t->datasets);
+    if (!t->datasets) return st_fail(ST_ENOMEM, "out of memory");
+    const st_dataset *ptrs[ST_CFG_MAX_TASKS];
+    const char *names[ST_CFG_MAX_TASKS];
+    double weights[ST_CFG_MAX_TASKS];
+    for (int k = 0; k < c->n_tasks; k++) {
+        int rc = st_dataset_load(c->tasks[k].path, &t->datasets[k]);
+        if (rc) return st_fail_context(rc, "task '%s'", c->tasks[k].name);
+        const st_dataset *d = &t->datasets[k];
+        if (st_dataset_masked_tokens(d) >= d->n_tokens)
+            return st_fail(ST_EINVAL, "task '%s': every token of %s is masked (loss_mask all 0): nothing to train on",
+                           c->tasks[k].name, c->tasks[k].path);
+        if (d->vocab_size > t->model.cfg.vocab) {
+            for (uint64_t i = 0; i < d->n_tokens; i++)
+                if ((int64_t)d->tokens[i] >= t->model.cfg.vocab)
+                    return st_fail(ST_EINVAL, "%s: token %u at index %llu is outside the model's vocabulary (%d)",
+                                   c->tasks[k].path, d->tokens[i], (unsigned long long)i, t->model.cfg.vocab);
+        }
+        ptrs[k] = d;
+        names[k] = c->tasks[k].name;
+        weights[k] = c->tasks[k].weight;
+    }
+    int rc = st_loader_init(&t->loader, c->n_tasks, ptrs, names, weights, st_mixing_name(c->mixing.strategy),
+                            c->mixing.temperature, c->mixing.cap, c->split, c->train.seq_len, (uint64_t)c->seed);
+    if (rc) return rc;
+    t->loader_ready = 1;
+    return 0;
+}
+
+static st_optim_config optim_config(const st_config *c) {
+    st_optim_config o;
+    o.lr = (float)c->train.lr;
+    o.beta1 = (float)c->train.betas[0];
+    o.beta2 = (float)c->train.betas[1];
+    o.eps = (float)c->train.eps;
+    o.weight_decay = (float)c->train.weight_decay;
+    o.schedule = c->train.schedule == ST_SCHEDULE_COSINE   ? ST_SCHED_COSINE
+                 : c->train.schedule == ST_SCHEDULE_LINEAR ? ST_SCHED_LINEAR
+                                                           : ST_SCHED_CONSTANT;
+    o.warmup_steps = (int)c->train.warmup_steps;
+    o.total_steps = (int)c->train.steps;
+    o.min_lr_ratio = (float)c->train.min_lr_ratio;
+    o.layer_lr_decay = (float)c->finetune.layer_lr_decay;
+    return o;
+}
+
+/* Makes stage `s` current: trainable set, gradient layout, shards and optimizer state. Parameters that
+ * stay trainable keep their AdamW moments and step count; new ones start fresh. */
+int st_trainer_enter_stage(trainer *t, int s) {
+    st_model *m = &t->model;
+    long *old_off = malloc((size_t)m->n_params * sizeof(long));
+    if (!old_off) return st_fail(ST_ENOMEM, "out of memory");
+    for (int i = 0; i < m->n_params; i++) old_off[i] = m->params[i].grad_offset;
+    /* the full old moments on every rank, so each rank can cut its new shard from them */
+    float *old_m = NULL, *old_v = NULL;
+    int rc = 0;
+    if (t->optim.m && t->dp.n_pad > 0) {
+        old_m = t->be->alloc(t->dp.n_pad * sizeof(float)); /* backend memory: gathered and copied on the device */
+        old_v = t->be->alloc(t->dp.n_pad * sizeof(float));
+        if (!old_m || !old_v) rc = st_fail(ST_ENOMEM, "out of memory re-sharding optimizer state");
+        if (!rc) rc = st_comm_gather_state(&t->dp, t->optim.m, old_m);
+        if (!rc) rc = st_comm_gather_state(&t->dp, t->optim.v, old_v);
+    }
+    int *old_steps = t->optim.param_step;
+    t->optim.param_step = NULL;
+    st_optim_free(&t->optim, t->be);
+    st_comm_free(&t->dp);
+    m->grad_align = t->world;
+    if (!rc) rc = st_model_set_trainable(m, t->stages.stages[s].layers, t->stages.stages[s].modules);
+    if (!rc) rc = st_comm_init(&t->dp, t->comm, t->cfg->sharding.stage, m);
+    t->dp.bucket_bytes = (size_t)(t->cfg->sharding.bucket_mb * 1048576.0);
+    size_t lo, hi;
+    st_comm_optim_range(&t->dp, &lo, &hi);
+    st_optim_config oc = optim_config(t->cfg);
+    if (!rc) rc = st_optim_init(&t->optim, &oc, lo, hi, m, t->be);
+    if (!rc && old_steps) st_optim_carry_over(&t->optim, m, old_off, old_steps, old_m, old_v);
+    t->stage = s;
+    free(old_steps);
+    t->be->free(old_m);
+    t->be->free(old_v);
+    free(old_off);
+    return rc;
+}
+
+static int open_run_dir(trainer *t) {
+    const st_config *c = t->cfg;
+    if (t->rank != 0) return 0;
+    int rc = st_mkdirs(c->run_dir);
+    if (rc) return st_fail(rc, "run_dir %s: %s", c->run_dir, st_error());
+    char path[ST_CFG_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", c->run_dir);
+    t->metrics = fopen(path, "a");
+    if (!t->metrics) return st_fail(ST_EIO, "run_dir %s is not writable: %s", c->run_dir, strerror(errno));
+    return 0;
+}
+
+/* Rank 0: the addresses the sockets bound ("*" = a free port) go to RUN_DIR/monitor.addr for
+ * `shardtune monitor/ctl --run-dir`, and to the console. */
+static int announce_monitor(trainer *t) {
+    char pub[256], ctl[256];
+    st_monitor_bound(t->mon, pub, ctl, sizeof pub);
+    int rc = st_monitor_addr_write(t->cfg->run_dir, pub, ctl);
+    if (rc) return rc;
+    printf("monitor: publish %s, control %s (in %s/monitor.addr: shardtune monitor --run-dir %s)\n", pub[0] ? pub : "off",
+           ctl[0] ? ctl : "off", t->cfg->run_dir, t->cfg->run_dir);
+    fflush(stdout);
+    return 0;
+}
+
+static int start_monitoring(trainer *t) {
+    const st_config *c = t->cfg;
+    char pull[256] = "";
+    int rc = 0;
+    int enabled = c->monitor.publish[0] || c->monitor.control[0];
+    if (!enabled) return 0;
+    if (t->rank == 0) {
+        char token[ST_TOKEN_BUF], curve_pub[ST_CURVE_KEY_BUF], curve_secret[ST_CURVE_KEY_BUF] = "";
+        rc = st_token_create(c->run_dir, token);
+        if (!rc) rc = c->monitor.curve ? st_curve_keys_create(c->run_dir, curve_pub, curve_secret)
+                                       : st_curve_keys_remove(c->run_dir); /* no stale key misleads clients */
+        st_monitor_opts mo = {0};
+        mo.curve = c->monitor.curve;
+        mo.curve_secret_z85 = curve_secret;
+        mo.publish_addr = c->monitor.publish[0] ? c->monitor.publish : NULL;
+        mo.control_addr = c->monitor.control[0] ? c->monitor.control : NULL;
+        mo.token = token;
+        mo.world_size = t->world;
+        mo.stall_after_s = c->monitor.stall_after_s;
+        if (!rc) rc = st_monitor_start(&mo, &t->mon);
+        if (!rc) snprintf(pull, sizeof pull, "%s", st_monitor_pull_endpoint(t->mon));
+        if (!rc) rc = announce_monitor(t);
+    }
+    if ((rc = st_trainer_agree(t, rc))) return rc;
+    MPI_Bcast(pull, sizeof pull, MPI_CHAR, 0, t->comm);
+    st_telemetry_opts to = {0};
+    to.coordinator_addr = pull;
+    to.rank = t->rank;
+    to.heartbeat_ms = c->monitor.heartbeat_ms;
+    to.job_id = getenv("SLURM_JOB_ID");
+    rc = st_telemetry_start(&to, &t->tel);
+    if (!rc) t->probe = st_telemetry_probe(t->tel);
+    return st_trainer_agree(t, rc);
+}
+
+static int alloc_step_buffers(trainer *t) {
+    const st_config *c = t->cfg;
+    t->micro = c->train.micro_batch;
+    t->accum = c->train.grad_accum;
+    t->T = c->train.seq_len;
+    t->slots = t->micro * t->accum;
+    size_t n = (size_t)t->slots * t->T;
+    t->inputs = malloc(n * sizeof(int32_t));
+    t->targets = malloc(n * sizeof(int32_t));
+    t->mask = malloc(n * sizeof(float));
+    t->weight = malloc(n * sizeof(float));
+    t->task_of = malloc((size_t)t->slots * sizeof(int));
+    t->task_sums = calloc(3 * (size_t)t->n_tasks + 2, sizeof(double));
+    t->task_counts = calloc((size_t)t->n_tasks + 1, sizeof(double));
+    st_taskw_init(&t->taskw, t->n_tasks, c->loss_weighting == ST_LOSS_WEIGHTING_UNCERTAINTY, c->loss_weighting_lr);
+    if (!t->inputs || !t->targets || !t->mask || !t->weight || !t->task_of || !t->task_sums || !t->task_counts)
+        return st_fail(ST_ENOMEM, "out of memory for step buffers");
+    return 0;
+}
+
+/* The texts every checkpoint carries: the canonical job JSON and the model's config.json. */
+static int read_job_texts(trainer *t) {
+    int rc = st_config_to_json(t->cfg, &t->job_json);
+    if (rc) return rc;
+    char path[ST_CFG_PATH_MAX + 16];
+    size_t len;
+    snprintf(path, sizeof path, "%s/config.json", t->cfg->model.path);
+    return st_read_file(path, &t->model_config_text, &len);
+}
+
+/* Rank 0 plans the schedule and broadcasts it as a shardtune.Plan; every rank trains exactly that. */
+static int share_plan(trainer *t) {
+    const st_config *c = t->cfg;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc = 0;
+    if (t->rank == 0) {
+        st_stage_list mine;
+        rc = st_plan_stages(c, &t->model, &mine);
+        if (!rc) {
+            rc = st_plan_pack(&mine, t->model.cfg.n_layer, t->world, c->sharding.stage, &buf, &len);
+            st_stage_list_free(&mine);
+        }
+    }
+    rc = st_trainer_agree(t, rc);
+    if (rc) return rc;
+    unsigned long n = (unsigned long)len;
+    MPI_Bcast(&n, 1, MPI_UNSIGNED_LONG, 0, t->comm);
+    if (t->rank != 0) buf = malloc(n ? n : 1);
+    rc = st_trainer_agree(t, buf ? 0 : st_fail(ST_ENOMEM, "out of memory"));
+    if (!rc) {
+        MPI_Bcast(buf, (int)n, MPI_BYTE, 0, t->comm);
+        rc = st_trainer_agree(t, st_plan_unpack(buf, n, t->model.cfg.n_layer, &t->stages));
+    }
+    free(buf);
+    return rc;
+}
+
+/* distill.teacher: loaded whole on every rank (fp32), sized for the student's micro-batches. */
+static int load_teacher(trainer *t) {
+    const st_config *c = t->cfg;
+    int rc = st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
+    if (rc) return st_fail_context(rc, "distill.teacher");
+    t->kd_on = 1;
+    if ((rc = st_model_alloc_activations(&t->teacher, c->train.micro_batch, c->train.seq_len))) return rc;
+    return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);
+}
+
+static int setup(trainer *t) {
+    const st_config *c = t->cfg;
+    int rc = st_trainer_agree(t, setup_backend(t));
+    if (!rc) rc = st_trainer_agree(t, check_backends(t));
+    if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
+    if (!rc && t->rank == 0 && st_model_load_warning())
+        fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
+    if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
+    if (!rc) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
+    if (!rc) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
+    if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
+    if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
+    if (!rc && c->distill.teacher[0]) rc = st_trainer_agree(t, load_teacher(t));
+    const char *check = getenv("SHARDTUNE_CHECK_BF16_COPY");
+    t->check_bf16_copy = check && !strcmp(check, "1");
+    if (!rc) rc = st_trainer_agree(t, load_data(t));
+    if (!rc) rc = share_plan(t);
+    if (!rc) rc = st_trainer_agree(t, alloc_step_buffers(t));
+    if (!rc) rc = st_trainer_agree(t, open_run_dir(t));
+    if (!rc) rc = start_monitoring(t);
+    if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
+    if (!rc) rc = st_trainer_agree(t, read_job_texts(t));
+    return rc;
+}
+
+static void teardown(trainer *t) {
+    st_trainer_phase(t, ST_PHASE_IDLE);
+    /* every rank's last reports reach the coordinator before it closes its sockets */
+    if (t->tel) st_telemetry_stop(t->tel);
+    if (t->mon || t->tel) MPI_Barrier(t->comm);
+    st_watchdog_stop(t->wd); /* after the last collective; before the monitor it reads goes */
+    t->wd = NULL;
+    if (t->mon) st_monitor_stop(t->mon);
+    if (t->metrics) fclose(t->metrics);
+    st_optim_free(&t->optim, t->be);
+    free(t->optim.param_step);
+    st_comm_free(&t->dp);
+    if (t->loader_ready) st_loader_free(&t->loader);
+    for (int k = 0; t->datasets && k < t->n_tasks; k++) st_dataset_free(&t->datasets[k]);
+    free(t->datasets);
+    st_stage_list_free(&t->stages);
+    free(t->inputs);
+    free(t->targets);
+    free(t->mask);
+    free(t->weight);
+    free(t->task_of);
+    free(t->task_sums);
+    free(t->task_counts);
+    free(t->job_json);
+    free(t->model_config_text);
+    st_model_free(&t->model);
+    if (t->kd_on) {
+        st_distill_free(&t->kd);
+        st_model_free(&t->teacher);
+    }
+}
+
+/* ---------------- the loop ---------------- */
+
+
+/* Waits at a step boundary until `ctl resume` or a stop; a checkpoint request is served meanwhile.
+ * Returns the bits that ended the pause. */
+static unsigned pause_here(trainer *t, int64_t completed) {
+    if (t->rank == 0) { printf("paused at step %lld (ctl resume to continue)\n", (long long)completed); fflush(stdout); }
+    if (t->mon) st_monitor_event(t->mon, "pause", completed, "paused");
+    st_watchdog_pause(t->wd, 1); /* the control word is agreed every 200 ms, but nothing moves for hours */
+    for (;;) {
+        usleep(200 * 1000);
+        unsigned bits = st_trainer_control(t);
+        if (bits & (ST_CTL_STOP | CTL_SIGNAL)) { st_watchdog_pause(t->wd, 0); return bits; }
+        if ((bits & ST_CTL_CHECKPOINT) && t->last_saved != completed) st_trainer_save_checkpoint(t, completed, "requested");
+        if (bits & ST_CTL_RESUME) {
+            if (t->rank == 0) { printf("resumed at step %lld\n", (long long)completed); fflush(stdout); }
+            if (t->mon) st_monitor_event(t->mon, "resume", completed, "resumed");
+            st_watchdog_pause(t->wd, 0);
+            return bits;
+        }
+    }
+}
+
+/* Everything that happens between steps after `completed` updates. Returns 0 to go on, 1 when the run
+ * stopped after a checkpoint, or a negative code when it must end with an error. */
+static int step_boundary(trainer *t, int64_t completed) {
+    const st_config *c = t->cfg;
+    unsigned bits = st_trainer_control(t);
+    if ((bits & ST_CTL_PAUSE) && !(bits & (ST_CTL_STOP | CTL_SIGNAL))) bits |= pause_here(t, completed);
+    int last = completed == c->train.steps;
+    if ((bits & (ST_CTL_STOP | CTL_SIGNAL)) && !last) {
+        const char *why = bits & CTL_SIGNAL ? "signal" : "ctl stop";
+        int rc = t->last_saved == completed ? 0 : st_trainer_save_checkpoint(t, completed, why);
+        if (rc) {
+            if (t->rank == 0) fprintf(stderr, "shardtune train: error: stop requested (%s) but the checkpoint failed; "
+                                              "the previous checkpoint in %s is intact\n", why, c->checkpoint.dir);
+            t->print_error = 0;
+            return rc;
+        }
+        if (t->mon) st_monitor_event(t->mon, "stop", completed, "stopped after a checkpoint (%s)", why);
+        if (t->rank == 0) {
+            printf("stopped at step %lld (%s): checkpointed, exit %d to requeue\n", (long long)completed, why, 85);
+            /* Ctrl-C on mpirun reaches the ranks as SIGTERM; mpirun then exits 1 whatever the ranks return */
+            if (st_stop_requested == SIGTERM && getenv("OMPI_COMM_WORLD_SIZE"))
+                printf("note: under mpirun, Ctrl-C / SIGTERM makes mpirun itself exit 1 after this clean stop; the "
+                       "checkpoint is committed (send SIGUSR1 to mpirun or use `shardtune ctl stop` for exit 85)\n");
+            fflush(stdout);
+        }
+        return 1;
+    }
+    /* no periodic save while steps are being skipped: those weights are suspect until a good step */
+    int periodic = c->checkpoint.every_steps > 0 && completed % c->checkpoint.every_steps == 0 && !t->skips_in_a_row;
+    if ((periodic || last || (bits & ST_CTL_CHECKPOINT)) && t->last_saved != completed &&
+        st_trainer_save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic")) {
+        /* a failed save is a warning (the previous checkpoint stands) until checkpoint.max_failures in a row;
+         * the one at the end always fails the job, after final/ is written */
+        int max = c->checkpoint.max_failures;
+        if (max > 0 && t->save_failures >= max) {
+            if (t->rank == 0)
+                fprintf(stderr, "shardtune train: error: %d checkpoint saves in a row failed (checkpoint.max_failures %d); "
+                                "stopping: the last good checkpoint in %s is intact\n", t->save_failures, max,
+                        c->checkpoint.dir);
+            t->print_error = 0;
+            return ST_EIO;
+        }
+    }
+    return 0;
+}
+
+st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error) {
+    trainer t;
+    memset(&t, 0, sizeof t);
+    t.cfg = cfg;
+    t.comm = comm;
+    MPI_Comm_rank(comm, &t.rank);
+    MPI_Comm_size(comm, &t.world);
+    t.print_error = 1;
+    t.last_saved = -1;
+    t.last_loss = NAN;
+    st_run_result result = ST_RUN_FINISHED;
+    int rc = setup(&t);
+    if (!rc) rc = st_trainer_resume(&t);
+    if (!rc) rc = st_trainer_agree(&t, st_trainer_trim_metrics(&t, t.start_step));
+    if (!rc) rc = st_trainer_agree(&t, st_watchdog_start(&t));
+    if (rc) { result = ST_RUN_FAILED; goto done; }
+    st_trainer_measure_peak(&t);
+    st_trainer_banner(&t);
+    if (t.mon) {
+        if (t.start_step > 0) st_monitor_event(t.mon, "resume", t.start_step, "resumed at step %lld on %d rank(s)", (long long)t.start_step, t.world);
+        st_monitor_event(t.mon, "start", t.start_step, "training %lld steps on %d rank(s)", (long long)cfg->train.steps, t.world);
+    }
+    double *val = calloc((size_t)t.n_tasks, sizeof(double)), *val_n = calloc((size_t)t.n_tasks, sizeof(double));
+    for (int64_t step = t.start_step; step < cfg->train.steps; step++) {
+        int s = st_stage_at(&t.stages, step);
+        if (s != t.stage) {
+            rc = st_trainer_agree(&t, st_trainer_enter_stage(&t, s));
+            if (rc) { result = ST_RUN_FAILED; break; }
+            if (t.mon) st_monitor_event(t.mon, "stage_change", step, "stage %d: %.2fM trainable", s, t.model.n_grads / 1e6);
+        }
+        if (t.probe) st_probe_set_step(t.probe, step + 1);
+        t.wd_step = step + 1;
+        st_step_result r = {0};
+        rc = st_trainer_agree(&t, st_trainer_step(&t, step, &r));
+        if (rc) { result = ST_RUN_FAILED; break; }
+        t.tokens_seen += (uint64_t)t.world * t.slots * t.T;
+        if (!r.bad) t.last_loss = r.loss;
+        if (step == t.start_step && step > 0 && t.rank == 0) {
+            printf("continuity: first loss after resume %.6f vs %.6f at save\n", r.loss, t.resumed_loss);
+            fflush(stdout);
+        }
+        int do_eval = cfg->eval.every_steps > 0 && ((step + 1) % cfg->eval.every_steps == 0);
+        if (do_eval) {
+            st_trainer_phase(&t, ST_PHASE_EVAL);
+            for (int k = 0; k < t.n_tasks; k++) val[k] = st_trainer_eval_task(&t, k, &val_n[k]);
+            st_trainer_phase(&t, ST_PHASE_IDLE);
+        }
+        st_trainer_report(&t, step, &r, do_eval ? val : NULL, val_n);
+        if (st_trainer_guard(&t, step, &r)) { result = ST_RUN_DIVERGED; break; }
+        int b = step_boundary(&t, step + 1);
+        if (b < 0) { result = ST_RUN_FAILED; break; }
+        if (b > 0) { result = ST_RUN_CHECKPOINTED; break; }
+    }
+    free(val);
+    free(val_n);
+    if (result == ST_RUN_FINISHED) {
+        st_trainer_phase(&t, ST_PHASE_CHECKPOINT); /* the others wait for rank 0's write */
+        rc = st_trainer_agree(&t, st_trainer_save_final(&t));
+        st_trainer_phase(&t, ST_PHASE_IDLE);
+        if (rc) result = ST_RUN_FAILED;
+        else if (t.rank == 0) printf("final weights: %s/final\n", cfg->run_dir);
+        if (!rc && t.last_saved != cfg->train.steps) {
+            /* the run finished but its last checkpoint could not be saved: not a success for a scheduler */
+            if (t.rank == 0)
+                fprintf(stderr, "shardtune train: error: the checkpoint at the end (step %lld) failed; final/ is written, "
+                                "the newest checkpoint in %s is older\n", (long long)cfg->train.steps, cfg->checkpoint.dir);
+            t.print_error = 0;
+            result = ST_RUN_FAILED;
+        }
+        if (t.mon) st_monitor_event(t.mon, "end", cfg->train.steps, "finished");
+    }
+done:
+    *print_error = t.print_error;
+    teardown(&t);
+    return result;
+}

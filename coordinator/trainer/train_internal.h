@@ -1,0 +1,137 @@
+/* train_internal.h — the trainer's state and the functions its files share (private to coordinator/).
+ *
+ * coordinator/trainer/train.c         set-up, stage changes, teardown, the loop and step boundaries
+ * coordinator/trainer/train_step.c    one optimizer step (data, forward/backward, reduction, AdamW) and eval
+ * coordinator/trainer/train_ckpt.c    checkpoint save, resume, final weights, the agreed control word
+ * coordinator/trainer/train_report.c  metrics.jsonl, the console line, telemetry step reports
+ * All functions here are collective (every rank calls them) unless the comment says rank 0. */
+#ifndef ST_TRAIN_INTERNAL_H
+#define ST_TRAIN_INTERNAL_H
+
+#include <mpi.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "checkpoints/ckpt.h"
+#include "coordinator/config/config.h"
+#include "coordinator/monitor/monitor_server.h"
+#include "coordinator/trainer/plan.h"
+#include "coordinator/monitor/telemetry.h"
+#include "worker/comm.h"
+#include "worker/dataset.h"
+#include "worker/distill.h"
+#include "worker/loader.h"
+#include "worker/model.h"
+#include "worker/optim.h"
+#include "worker/taskweight.h"
+
+typedef struct st_watchdog st_watchdog;
+
+typedef struct {
+    const st_config *cfg;
+    MPI_Comm comm;
+    int rank, world;
+    int print_error;
+    int check_bf16_copy; /* SHARDTUNE_CHECK_BF16_COPY=1: verify the bf16 weight copy after every step */
+    const st_backend *be;
+    st_model model;
+    st_dataset *datasets;
+    int n_tasks;
+    st_loader loader;
+    int loader_ready;
+    st_comm dp;
+    st_optim optim;
+    st_stage_list stages; /* the fine-tuning schedule (coordinator/trainer/plan.h) */
+    st_taskw taskw;       /* multi-task loss weighting (fixed or learned uncertainty) */
+    int stage;            /* index of the current stage */
+    int micro, accum, T, slots; /* slots = micro * accum samples per rank per step */
+    int32_t *inputs, *targets;
+    float *mask, *weight;
+    int *task_of;
+    double *task_sums; /* [3 * n_tasks]: loss sum, target count, input tokens */
+    double *task_counts; /* [n_tasks + 1]: targets of each task in the global batch, then the total */
+    FILE *metrics;
+    st_telemetry *tel;
+    st_monitor *mon;
+    st_probe *probe;
+    uint64_t tokens_seen;
+    /* checkpoint / resume */
+    char *job_json, *model_config_text; /* identical on every rank (attributes are collective) */
+    int64_t start_step, last_saved;     /* first step to run; completed steps of the last save (-1) */
+    double last_loss, resumed_loss;     /* resumed_loss: loss at save of the checkpoint we resumed (NAN) */
+    double peak_flops; /* measured matmul FLOP/s of all ranks together (for MFU) */
+    /* knowledge distillation (distill.teacher set): the frozen teacher, replicated on every rank */
+    int kd_on;
+    st_model teacher;
+    st_distill kd;
+    /* divergence guard (train_guard.c) */
+    double loss_mean;      /* running mean of recent good losses (for train.loss_spike) */
+    int64_t good_steps;    /* good steps since start/resume */
+    int skips_in_a_row;    /* bad steps skipped since the last good one */
+    int save_failures;     /* failed checkpoint saves in a row */
+    uint64_t base_checksum; /* checksum of the base weights as loaded (train_compat.c) */
+    char pending_ckpt[64];
+    st_watchdog *wd;        /* collective watchdog (train_watchdog.c), NULL when off */
+    int64_t wd_step;        /* the step the watchdog reports (as the probe: completed + 1) */ /* rank 0: a checkpoint not yet confirmed by a good next step (retention waits) */
+} trainer;
+
+typedef struct {
+    double loss, grad_norm, seconds, comm_seconds;
+    float lr;
+    double kd_loss, ce_loss, teacher_seconds; /* distillation only */
+    const char *bad; /* why the step was not applied (non-finite loss/grad norm, loss spike), else NULL */
+} st_step_result;
+
+enum { CTL_SIGNAL = 1u << 8 }; /* a rank got SIGTERM / checkpoint.signal */
+
+/* Set by the signal handlers (train.c); read at step boundaries. */
+extern volatile sig_atomic_t st_stop_requested;
+
+void st_trainer_phase(trainer *t, st_phase phase);
+/* All ranks agree whether any rank failed; the lowest failing rank keeps print_error = 1. */
+int st_trainer_agree(trainer *t, int rc);
+/* Makes stage s current (trainable set, shards, optimizer state carried over). */
+int st_trainer_enter_stage(trainer *t, int s);
+
+int st_trainer_step(trainer *t, int64_t step, st_step_result *r);
+/* Why a step with this (all-reduced) loss and grad norm must not be applied, or NULL; also updates the
+ * running loss mean on good steps. Same answer on every rank. */
+const char *st_trainer_bad_step(trainer *t, double loss, double grad_norm);
+/* After every step: 0 to go on, 1 when train.on_nonfinite / max_nonfinite_skips end the run (rank 0 prints). */
+int st_trainer_guard(trainer *t, int64_t step, const st_step_result *r);
+/* Measures this backend's matmul FLOP/s on every rank and sums them into t->peak_flops. */
+void st_trainer_measure_peak(trainer *t);
+double st_trainer_eval_task(trainer *t, int k, double *targets_out);
+
+void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const double *val, const double *val_n);
+void st_trainer_banner(const trainer *t); /* rank 0 prints */
+int st_trainer_trim_metrics(trainer *t, int64_t keep_upto); /* rank 0 */
+
+int st_trainer_save_final(trainer *t);
+int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why);
+/* Rank 0: the pending checkpoint is confirmed (the next step was good): older ones may now rotate out. */
+void st_trainer_confirm_checkpoint(trainer *t);
+/* Rank 0: the pending checkpoint holds the weights that diverged: renamed NAME.diverged, `latest` moved back. */
+void st_trainer_set_aside_checkpoint(trainer *t);
+unsigned st_trainer_control(trainer *t);
+int st_trainer_resume(trainer *t);
+
+/* train_compat.c: 0 when checkpoint `info` may continue this job, else ST_ECONFIG naming what differs
+ * (old and new values) and how to proceed. Same answer on every rank. */
+int st_trainer_check_compat(const trainer *t, const st_ckpt_info *info, const char *path);
+/* The same for the model: config.json keys and the base model's checksum (after the tensors loaded, so a
+ * shape mismatch is reported naming the tensor). */
+int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const char *path);
+/* st_ckpt_checksum of the model's weights (never 0). */
+uint64_t st_trainer_weights_checksum(const trainer *t);
+
+/* train_watchdog.c: train.collective_timeout_s. start (after monitoring: rank 0 names missing ranks from
+ * the monitor) / stop are called once; mark at every phase change (st_trainer_phase does it); pause
+ * exempts a paused job. All NULL-safe. */
+int st_watchdog_start(trainer *t);
+void st_watchdog_mark(st_watchdog *w, int64_t step, int phase);
+void st_watchdog_pause(st_watchdog *w, int paused);
+void st_watchdog_stop(st_watchdog *w);
+
+#endif

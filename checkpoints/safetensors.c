@@ -7,7 +7,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
-#include "kernels/cuda/bf16_host.h"
+#include "kernels/bf16.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -83,7 +83,7 @@ struct st_backend {
     void (*matmul_bf16)(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int trans_a,
                         int trans_b, float alpha, float beta, float *scratch);
     /* bf16 storage (saved activations, the bf16 weight copy): dst[i] = bf16(src[i]), round to nearest
-     * even (kernels/cuda/bf16_host.h is the one rule); and back, dst[i] = src[i] as fp32 (exact). */
+     * even (kernels/bf16.h is the one rule); and back, dst[i] = src[i] as fp32 (exact). */
     void (*to_bf16)(uint16_t *dst, const float *src, size_t n);
     void (*from_bf16)(float *dst, const uint16_t *src, size_t n);
     /* y[N,C] += bias[C] broadcast over rows. */

@@ -24,7 +24,7 @@
 #include "common/error.h"
 #include "common/rng.h"
 #include "common/util.h"
-#include "kernels/cuda/bf16_host.h"
+#include "kernels/bf16.h"
 #include "worker/lora.h"
 
 /* ---------------- registry ---------------- */

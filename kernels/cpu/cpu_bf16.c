@@ -2,14 +2,14 @@
  * to_bf16 and from_bf16. They define the numerics every backend must reproduce.
  *
  * matmul_bf16: each operand becomes an fp32 copy of its bf16 value in the caller's scratch (fp32
- * operands are rounded with kernels/cuda/bf16_host.h, the project's one rounding rule; bf16 operands are
+ * operands are rounded with kernels/bf16.h, the project's one rounding rule; bf16 operands are
  * widened exactly), then the ordinary fp32 matmul runs on the copies and the bias, if any, is added
  * after it. Every product of two bf16 values is exact in fp32 (8 + 8 significant bits), so this is
  * "bf16 inputs, fp32 accumulation, fp32 output" — what cuBLASLt computes with CUDA_R_16BF inputs,
  * CUBLAS_COMPUTE_32F and the bias epilogue, up to the order of the fp32 additions. Nothing is allocated;
  * the copies keep A's and B's layout, so the transpose flags pass through unchanged. */
 #include "kernels/cpu/cpu_kernels.h"
-#include "kernels/cuda/bf16_host.h"
+#include "kernels/bf16.h"
 #include "kernels/kernels.h"
 
 #include <stddef.h>

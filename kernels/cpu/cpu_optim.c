@@ -5,7 +5,7 @@
  * double here and rounded to float once, exactly where PyTorch hands them to a float kernel.
  * Elementwise, so parallel over elements with no ordering concern. Caller owns every buffer. */
 #include "kernels/cpu/cpu_kernels.h"
-#include "kernels/cuda/bf16_host.h"
+#include "kernels/bf16.h"
 #include "kernels/kernels.h"
 
 #include <math.h>

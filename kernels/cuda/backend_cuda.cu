@@ -411,7 +411,7 @@ static void cu_matmul(float *c, const float *a, const float *b, int m, int n, in
 
 /* ---------------------------------------------------------------- bf16 storage and matmul_bf16 */
 
-/* dst[i] = bf16 bits of src[i], round to nearest even (the rule of kernels/cuda/bf16_host.h). */
+/* dst[i] = bf16 bits of src[i], round to nearest even (the rule of kernels/bf16.h). */
 __global__ void to_bf16_kernel(uint16_t *dst, const float *src, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = st_bf16_bits_rn(src[i]);

@@ -50,7 +50,7 @@ void st_cuda_launched(const char *what);
 
 /* bf16 bits of f, round to nearest even: __float2bfloat16_rn, except that a NaN keeps its sign and payload
  * top bits with the quiet bit forced (the hardware returns one canonical NaN). This is exactly
- * st_float_to_bf16_bits() of kernels/cuda/bf16_host.h, so bf16 copies are bit-identical to the CPU's. */
+ * st_float_to_bf16_bits() of kernels/bf16.h, so bf16 copies are bit-identical to the CPU's. */
 __device__ __forceinline__ uint16_t st_bf16_bits_rn(float f) {
     uint32_t u = __float_as_uint(f);
     if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) return (uint16_t)((u >> 16) | 0x0040u);

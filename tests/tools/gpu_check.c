@@ -25,7 +25,7 @@
  * orientation, not benchmarks. Builds without CUDA too (then only --self-test can check anything). */
 #include "common/error.h"
 #include "common/util.h"
-#include "kernels/cuda/bf16_host.h" /* plain C: the host rounding rule */
+#include "kernels/bf16.h" /* plain C: the host rounding rule */
 #include "kernels/kernels.h"
 #include "worker/model.h"
 #include "worker/optim.h"
@@ -170,7 +170,7 @@ static double bit_diffs(const void *x, const void *y, size_t n, size_t elem_byte
 
 /* to_bf16 over random fp32 bit patterns (NaNs with payloads, infinities, subnormals) led by the edge cases
  * of round-to-nearest-even; from_bf16 over all 65536 bf16 patterns. Both bit-exact against the CPU twin
- * (kernels/cuda/bf16_host.h is the rule). */
+ * (kernels/bf16.h is the rule). */
 static void check_bf16_storage(void) {
     static const uint32_t edges[] = {
         0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x3f807fffu, /* ties to even (down, up), just above/below */

@@ -5,7 +5,7 @@
  *    a shape big enough to run on the OpenMP team), leaves A and B untouched, is close to a double
  *    reference on the rounded operands, and is NOT the plain fp32 matmul (the rounding really happens).
  *  - matmul_bf16 with operands already stored as bf16 equals the same call on their fp32 values bit for
- *    bit, and its bias epilogue equals matmul + bias_add; to_bf16 / from_bf16 are the bf16_host.h rule.
+ *    bit, and its bias epilogue equals matmul + bias_add; to_bf16 / from_bf16 are the kernels/bf16.h rule.
  *  - the model in bf16 sends every matmul (forward, LM head, backward) through matmul_bf16, never through
  *    matmul, with a scratch large enough for each call, and never reads an fp32 weight or a saved fp32
  *    activation as an operand (weights come from the bf16 copy); its saved activations take less memory;
@@ -23,7 +23,7 @@
 #include <string.h>
 
 #include "common/error.h"
-#include "kernels/cuda/bf16_host.h"
+#include "kernels/bf16.h"
 #include "kernels/kernels.h"
 #include "worker/model.h"
 
@@ -139,7 +139,7 @@ static void test_bf16_operands_and_bias(void **state) {
     be->to_bf16(ah, a, (size_t)m * k);
     be->to_bf16(bh, b, (size_t)k * n);
     for (size_t i = 0; i < (size_t)m * k; i++)
-        if (ah[i] != st_float_to_bf16_bits(a[i])) fail_msg("to_bf16 differs from bf16_host.h at %zu", i);
+        if (ah[i] != st_float_to_bf16_bits(a[i])) fail_msg("to_bf16 differs from kernels/bf16.h at %zu", i);
     float *back = malloc((size_t)m * k * 4);
     be->from_bf16(back, ah, (size_t)m * k);
     for (size_t i = 0; i < (size_t)m * k; i++)
@@ -162,7 +162,7 @@ static void test_bf16_operands_and_bias(void **state) {
     memcpy(ar, a, (size_t)m * k * 4);
     be->round_bf16(ar, (size_t)m * k);
     for (size_t i = 0; i < (size_t)m * k; i++)
-        if (ar[i] != st_bf16_round(a[i])) fail_msg("round_bf16 differs from bf16_host.h at %zu", i);
+        if (ar[i] != st_bf16_round(a[i])) fail_msg("round_bf16 differs from kernels/bf16.h at %zu", i);
     memcpy(want, c0, nc * 4);
     be->matmul_bf16(want, st_mm_f32(a), st_mm_f32(b), NULL, m, n, k, 1, 0, 1.0f, 0.5f, scratch);
     memcpy(got, c0, nc * 4);

@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "common/error.h"
-#include "kernels/cuda/bf16_host.h"
+#include "kernels/bf16.h"
 #include "kernels/cuda/launch_host.h"
 #include "kernels/kernels.h"
 #ifdef ST_HAVE_CUDA

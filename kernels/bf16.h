@@ -1,4 +1,4 @@
-/* bf16_host.h — fp32 <-> bf16 conversion on the host (plain C, no CUDA): the project's one rounding rule.
+/* bf16.h — fp32 <-> bf16 conversion on the host (plain C, no CUDA): the project's one rounding rule.
  *
  * Round to nearest, ties to even — what the GPU's __float2bfloat16_rn does — written once here and used
  * by the CPU backend's matmul_bf16 twin (kernels/cpu/cpu_bf16.c), the multi-tensor AdamW's bf16 copy checks

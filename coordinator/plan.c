@@ -127,7 +127,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
-    r->activations = st_model_activation_floats(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision) *
+    r->activations = st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision,
+                                                     c->memory.activation_checkpointing) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
@@ -160,6 +161,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     out->world = world;
     out->zero_stage = c->sharding.stage;
     out->precision = c->precision;
+    out->act_ckpt = c->memory.activation_checkpointing;
     out->micro_batch = c->train.micro_batch;
     out->grad_accum = c->train.grad_accum;
     out->seq_len = c->train.seq_len;

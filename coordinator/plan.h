@@ -77,6 +77,7 @@ typedef struct {
 typedef struct {
     int world, zero_stage, micro_batch, grad_accum, seq_len;
     st_precision precision;
+    int act_ckpt;             /* memory.activation_checkpointing */
     size_t n_weights;
     int n_params;
     int n_stages;

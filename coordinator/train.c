@@ -310,6 +310,8 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
     if (!rc && t->rank == 0 && st_model_load_warning())
         fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
+    /* checkpointing first: the arena is then laid out once, at its checkpointed size */
+    if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, c->memory.activation_checkpointing));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
     if (!rc && c->distill.teacher[0]) rc = st_trainer_agree(t, load_teacher(t));

@@ -78,6 +78,7 @@ typedef struct {
                         int rows, int v);
     void *head_loss_ctx;
     int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
+    int act_ckpt;    /* activation checkpointing (st_model_set_activation_checkpointing) */
 } st_model;
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */
@@ -133,6 +134,18 @@ int st_model_alloc_activations(st_model *m, int B, int T);
  * the arena (same layout code), loss_per_pos [B*T], the RoPE tables and, under bf16, the matmul operand
  * scratch. No allocation, no validation of T. (The bf16 weight copy, n_weights halves, is not included.) */
 size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_precision precision);
+
+/* Same, with activation checkpointing on (act_ckpt != 0): only each layer's input residual is kept, plus
+ * one layer's full set of saved tensors that backward recomputes into, layer by layer. */
+size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt);
+
+/* Activation checkpointing (memory.activation_checkpointing): forward keeps each layer's input residual
+ * only; backward recomputes the layer's forward from it (into one shared layer's worth of buffers) just
+ * before that layer's backward. The arithmetic is the same calls on the same inputs, so losses and
+ * gradients are bit-identical to the run without it; it costs one more forward of the trained layers
+ * (minus the last projection, which backward does not need). Re-lays out the activations when they are
+ * allocated. st_model_layer_activations is refused while it is on (nothing per layer is kept). */
+int st_model_set_activation_checkpointing(st_model *m, int on);
 
 /* Selects the arithmetic (fp32 | bf16 mixed precision, see kernels/kernels.h). bf16 needs a backend with
  * matmul_bf16, to_bf16 and from_bf16; it allocates the bf16 weight copy, re-lays out the activations

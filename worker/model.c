@@ -295,7 +295,15 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
 }
 
 void st_model_zero_grad(st_model *m) {
-    if (m->grads) m->be->memset0(m->grads, m->grad_alloc * sizeof(float));
+    if (m->grads && !m->release) m->be->memset0(m->grads, m->grad_alloc * sizeof(float));
+}
+
+void st_model_acquire(const st_model *m, int first, int last) {
+    if (m->acquire && last > first) m->acquire(m->residency_ctx, first, last);
+}
+
+void st_model_release(const st_model *m, int first, int last) {
+    if (m->release && last > first) m->release(m->residency_ctx, first, last);
 }
 
 /* ---------------- activations ---------------- */
@@ -932,14 +940,22 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
     const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
+    int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
+    st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
     be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
-    for (int l = 0; l < L; l++)
+    if (!tied) st_model_release(m, 0, e0);
+    for (int l = 0; l < L; l++) {
+        st_model_acquire(m, layer_first_param(m, l), layer_first_param(m, l + 1));
         layer_forward(m, l, acts_for(m, la, l), &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
-    int fn = final_norm_index(m);
+        st_model_release(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+    }
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
+    st_model_acquire(m, fn, m->n_params);
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
+    double loss = m->hidden_only ? 0.0 : head_forward(m, &b, train);
+    st_model_release(m, fn, m->n_params);
+    if (tied) st_model_release(m, 0, e0);
     if (m->hidden_only) return 0.0;
-    double loss = head_forward(m, &b, train);
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
     return loss;
 }
@@ -1020,14 +1036,19 @@ void st_model_backward(st_model *m) {
     bind(m, la, &b);
     int fn = final_norm_index(m);
     be->memset0(b.dres, (size_t)N * c->d_model * sizeof(float));
+    st_model_acquire(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2)); /* the final norm */
     norm_bwd(m, b.dres, gptr(m, fn), c->family == ST_FAMILY_GPT2 ? gptr(m, fn + 1) : NULL, b.dlnf, b.res_out,
              wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
+    st_model_release(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2));
     report_ready(m, fn, m->n_params); /* final norm and an untied head (its gradient came in forward) */
     for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
+        int p0 = layer_first_param(m, l), p1 = layer_first_param(m, l + 1);
         const layer_acts *a = acts_for(m, la, l);
+        st_model_acquire(m, p0, p1);
         if (m->act_ckpt) layer_forward(m, l, a, &b, NULL); /* the same calls on the same input: same values */
         layer_backward(m, l, a, &b);
-        report_ready(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+        st_model_release(m, p0, p1);
+        report_ready(m, p0, p1);
     }
     if (m->embed_trained) /* wte and wpe train together (see param_selected) */
         be->embedding_bwd(gptr(m, 0), c->family == ST_FAMILY_GPT2 ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B,

@@ -79,6 +79,15 @@ typedef struct {
     void *head_loss_ctx;
     int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
     int act_ckpt;    /* activation checkpointing (st_model_set_activation_checkpointing) */
+    /* Optional parameter residency (ZeRO-3, worker/comm.c): the model calls acquire(ctx, first, last) before
+     * it reads the weights of parameters [first, last) and release(ctx, first, last) after its last read of
+     * them, in the same order on every rank (the hooks may be collective): per layer in forward and again in
+     * backward, the embeddings, the final norm and head. While they are installed their owner also manages
+     * m->grads (st_model_zero_grad leaves it alone). Other readers of m->weights (checkpoint, export) use
+     * st_model_acquire / st_model_release. */
+    void (*acquire)(void *ctx, int first, int last);
+    void (*release)(void *ctx, int first, int last);
+    void *residency_ctx;
 } st_model;
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */
@@ -175,8 +184,13 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
 /* Backward from the saved activations of the last training forward; accumulates into m->grads. */
 void st_model_backward(st_model *m);
 
-/* Sets all gradients to zero. */
+/* Sets all gradients to zero (nothing when residency hooks manage them). */
 void st_model_zero_grad(st_model *m);
+
+/* Makes the weights of parameters [first, last) readable in m->weights / lets them go again: the residency
+ * hooks when installed (collective then: every rank makes the same calls), nothing otherwise. */
+void st_model_acquire(const st_model *m, int first, int last);
+void st_model_release(const st_model *m, int first, int last);
 
 /* Layer l's activations from the last forward, in backend memory (fp32 precision only): its input residual
  * [B*T, C], the attention output before the output projection [B*T, H*hd], the MLP activation before the

@@ -64,7 +64,9 @@ static void print_text(const st_plan *p, const st_model *m) {
             printf("  entering this stage: +%.2f MiB per rank (the previous stage's moments, gathered)\n",
                    mib(sp->transition_extra));
     }
-    printf("\nwriting final/ (rank 0, end of stage %d): +%.2f MiB\n", p->final_stage, mib(p->save_extra));
+    printf("\nloading (every rank, the whole model and gradient buffer before sharding): %.2f MiB\n",
+           mib(p->load_bytes));
+    printf("writing final/ (rank 0, end of stage %d): +%.2f MiB\n", p->final_stage, mib(p->save_extra));
     printf("peak per rank: %.2f MiB (%zu bytes)\n", mib(p->peak), p->peak);
 }
 
@@ -83,8 +85,8 @@ static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, i
         st_strbuf_json_string(b, m->params[i].name);
     }
     st_strbuf_printf(b, "],\"bytes\":{\"weights\":%zu,\"grads\":%zu,\"optim\":%zu,\"comm\":%zu,\"activations\":%zu,"
-                        "\"buffers\":%zu,\"total\":%zu}}%s",
-                     rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total,
+                        "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu}}%s",
+                     rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total, rp->at_save,
                      r + 1 < p->world ? "," : "");
 }
 
@@ -107,9 +109,10 @@ static int print_json(const st_plan *p, const st_model *m, const st_config *c) {
                      p->n_weights, p->n_params);
     st_strbuf_printf(&b, "\"world\":%d,\"zero_stage\":%d,\"micro_batch\":%d,\"grad_accum\":%d,\"seq_len\":%d,"
                          "\"precision\":\"%s\",\"activation_checkpointing\":%s,\"final_stage\":%d,"
-                         "\"save_extra_bytes\":%zu,\"peak_bytes\":%zu,\"stages\":[",
+                         "\"save_extra_bytes\":%zu,\"load_bytes\":%zu,\"peak_bytes\":%zu,\"stages\":[",
                      p->world, p->zero_stage, p->micro_batch, p->grad_accum, p->seq_len,
-                     st_precision_name(p->precision), p->act_ckpt ? "true" : "false", p->final_stage, p->save_extra, p->peak);
+                     st_precision_name(p->precision), p->act_ckpt ? "true" : "false", p->final_stage, p->save_extra, p->load_bytes,
+                     p->peak);
     for (int s = 0; s < p->n_stages; s++) {
         const st_stage_plan *sp = &p->stages[s];
         st_model_grad_offsets(m, stages.stages[s].layers, stages.stages[s].modules, goff);

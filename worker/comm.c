@@ -486,17 +486,21 @@ static void z3_release(void *ctx, int first, int last) {
 }
 
 /* grad_ready hook: the finished gradients [lo, hi) are summed into their owners' shard_grads (added: the
- * micro-batches of a step accumulate there) and their pages given back. */
+ * micro-batches of a step accumulate there) and their pages given back. In chunks of ST_Z3_CHUNK floats:
+ * MPI's reduce-scatter holds a temporary as large as its message, and z3_recv needs no more than that. */
 static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
     st_comm *c = ctx;
     float *grads = c->model->grads;
     double t0 = st_now();
-    int counts[c->world], displs[c->world];
-    owner_counts(c, lo, hi, counts, displs);
-    int rc = MPI_Reduce_scatter(grads + lo, c->z3_recv, counts, MPI_FLOAT, MPI_SUM, c->comm);
-    if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
-    float *dst = c->shard_grads + (lo > c->lo ? lo - c->lo : 0);
-    for (int i = 0; i < counts[c->rank]; i++) dst[i] += c->z3_recv[i];
+    for (size_t s = lo; s < hi; s += ST_Z3_CHUNK) {
+        size_t e = hi - s > ST_Z3_CHUNK ? s + ST_Z3_CHUNK : hi;
+        int counts[c->world], displs[c->world];
+        owner_counts(c, s, e, counts, displs);
+        int rc = MPI_Reduce_scatter(grads + s, c->z3_recv, counts, MPI_FLOAT, MPI_SUM, c->comm);
+        if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
+        float *dst = c->shard_grads + (s > c->lo ? s - c->lo : 0);
+        for (int i = 0; i < counts[c->rank]; i++) dst[i] += c->z3_recv[i];
+    }
     discard(grads, lo, hi);
     c->overlap_seconds += st_now() - t0;
 }
@@ -514,7 +518,7 @@ static int z3_init(st_comm *c, const st_model *cm) {
                                    "for now (frozen, progressive and partial train_modules are not); use sharding.stage 2");
     if (c->shard) {
         c->shard_grads = c->be->alloc(c->shard * sizeof(float));
-        c->z3_recv = c->be->alloc(c->shard * sizeof(float));
+        c->z3_recv = c->be->alloc(st_comm_zero3_recv_floats(c->shard) * sizeof(float));
         if (!c->shard_grads || !c->z3_recv) return st_fail(ST_ENOMEM, "rank %d: out of memory for the gradient shard", c->rank);
     }
     c->model = m;
@@ -531,3 +535,5 @@ static int z3_init(st_comm *c, const st_model *cm) {
 void st_comm_weights_loaded(st_comm *c, st_model *m) {
     if (c->stage == 3 && c->model == m) discard_unowned(c, m->weights, 0, m->n_weights);
 }
+
+size_t st_comm_zero3_recv_floats(size_t shard) { return shard < ST_Z3_CHUNK ? shard : ST_Z3_CHUNK; }

@@ -48,7 +48,7 @@ typedef struct {
     double overlap_seconds; /* time spent launching/progressing buckets during backward */
     /* stage 3 */
     st_model *model;        /* whose hooks this communicator installed (cleared by st_comm_free) */
-    float *z3_recv;         /* [shard]: this rank's part of one reduce-scattered gradient range */
+    float *z3_recv;         /* [st_comm_zero3_recv_floats]: this rank's part of one reduce-scattered chunk */
     int z3_rc;              /* first failure inside a hook (they cannot return it); reported by reduce_grads */
 } st_comm;
 
@@ -63,6 +63,12 @@ int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned 
 /* `m` must already have its trainable set (grad_align = world size). */
 int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m);
 void st_comm_free(st_comm *c);
+
+/* Stage 3 reduce-scatters gradients in chunks of this many floats (4 MiB): bounds MPI's temporaries. */
+#define ST_Z3_CHUNK ((size_t)1 << 20)
+
+/* Floats of the stage-3 receive buffer for a shard of `shard` floats (the planner counts it). */
+size_t st_comm_zero3_recv_floats(size_t shard);
 
 /* Stage 3: after something wrote the whole of m->weights (a checkpoint load), gives back the pages of
  * the weights this rank does not own. No-op for other stages. */

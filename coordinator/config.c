@@ -627,6 +627,9 @@ static int finish_finetune(st_config *c, const char *file) {
             return st_fail(ST_ECONFIG, "%s: finetune.stages.%d.at_step: stages must start at increasing steps "
                            "(%" PRId64 " after %" PRId64 ")", file, i, s->at_step, s[-1].at_step);
     }
+    if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE && c->sharding.stage == 3)
+        return st_fail(ST_ECONFIG, "%s: sharding.stage 3 does not support finetune.mode progressive yet (stage "
+                       "transitions would re-shard the weights); use sharding.stage 2", file);
     if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE) {
         if (c->finetune.n_stages == 0 && c->finetune.unfreeze_every == 0)
             return st_fail(ST_ECONFIG, "%s: finetune.mode: progressive needs finetune.stages or finetune.unfreeze_every",

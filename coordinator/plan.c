@@ -106,27 +106,27 @@ static size_t step_buffer_bytes(const st_config *c) {
            (3 * (size_t)c->n_tasks + 2) * sizeof(double);
 }
 
-/* Floats of parameters [first, last) (registry order is weight order). */
-static size_t span_floats(const st_model *m, int first, int last) {
+/* Floats of the trainable parameters among [first, last). */
+static size_t span_floats(const st_model *m, const long *goff, int first, int last) {
     size_t n = 0;
-    for (int i = first; i < last; i++) n += m->params[i].numel;
+    for (int i = first; i < last; i++) n += goff[i] >= 0 ? m->params[i].numel : 0;
     return n;
 }
 
-/* ZeRO-3: the most weight floats gathered at once (worker/model.c's acquire/release order): one layer, the
- * embeddings, or the final norm + head, with a tied embedding held from the embedding to the head. The
- * same bound holds for the gradients resident at once (a layer's until its reduce-scatter; a tied
- * embedding's head gradient from forward to the end of backward). */
-static size_t zero3_working_floats(const st_model *m) {
+/* ZeRO-3: the most trainable weight floats gathered at once (worker/model.c's acquire/release order): one
+ * layer, the embeddings, or the final norm + head, with a tied embedding held from the embedding to the
+ * head. The same bound holds for the gradients resident at once (a layer's until its reduce-scatter; a
+ * tied embedding's head gradient from forward to the end of backward). */
+static size_t zero3_working_floats(const st_model *m, const long *goff) {
     int L = m->cfg.n_layer, per = 0, e0 = 0;
     while (e0 < m->n_params && m->params[e0].layer < 0) e0++; /* embeddings come first */
     int fn = e0;
     while (fn < m->n_params && m->params[fn].layer >= 0) fn++;
-    size_t embed = span_floats(m, 0, e0), head = span_floats(m, fn, m->n_params), layer = 0;
+    size_t embed = span_floats(m, goff, 0, e0), head = span_floats(m, goff, fn, m->n_params), layer = 0;
     for (int i = e0; i < fn; i += per) {
         per = 0;
         while (i + per < fn && m->params[i + per].layer == m->params[i].layer) per++;
-        size_t n = span_floats(m, i, i + per);
+        size_t n = span_floats(m, goff, i, i + per);
         if (n > layer) layer = n;
     }
     (void)L;
@@ -163,14 +163,16 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
     size_t copies = rank == 0 ? 2 * m->n_weights * sizeof(float) : 0; /* st_model_save_dir: host + hf */
-    if (zero == 3) { /* comm.c stage 3: the resident shard, one gathered group, shard_grads + z3_recv */
-        size_t lo = r->lo < m->n_weights ? r->lo : m->n_weights, hi = r->hi < m->n_weights ? r->hi : m->n_weights;
-        size_t work = zero3_working_floats(m);
-        r->weights = (hi - lo + work) * sizeof(float);
+    if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group, shard_grads +
+                        z3_recv (+ the gather staging when some parameters are frozen) */
+        size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
+        size_t work = zero3_working_floats(m, goff), frozen = m->n_weights - n;
+        size_t staging = frozen && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
+        r->weights = (frozen + hi - lo + work) * sizeof(float);
         r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + work) * sizeof(float);
-        r->comm = 0;
+        r->comm = staging * sizeof(float);
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
-        r->at_save = r->total - 2 * work * sizeof(float) + (m->n_weights - (hi - lo)) * sizeof(float) + copies;
+        r->at_save = r->total - 2 * work * sizeof(float) + (n - (hi - lo)) * sizeof(float) + copies;
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
@@ -225,11 +227,6 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
         out->n_stages++;
         rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, sp);
         if (rc) break;
-        if (c->sharding.stage == 3 && sp->n_trainable != m->n_weights) {
-            rc = st_fail(ST_ECONFIG, "sharding.stage 3 supports finetune.mode full with every module trainable only "
-                                     "for now (frozen, progressive and partial train_modules are not); use sharding.stage 2");
-            break;
-        }
         /* setup: every rank reads the whole model and allocates the whole zeroed gradient buffer before
          * the stage-3 communicator gives back what the rank does not own (no streaming load yet) */
         size_t load = m->n_weights * (c->precision == ST_PRECISION_BF16 ? 6 : 4) + sp->n_pad * sizeof(float) +

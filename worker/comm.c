@@ -130,7 +130,9 @@ void st_comm_free(st_comm *c) {
         c->be->free(c->flat_params);
         c->be->free(c->z3_recv);
     }
+    free(c->z3_stage);
     c->z3_recv = NULL;
+    c->z3_stage = NULL;
     free(c->reqs);
     free(c->req_counts);
     c->shard_grads = c->flat_params = NULL;
@@ -447,10 +449,17 @@ static void discard_unowned(const st_comm *c, float *x, size_t a, size_t b) {
     discard(x, a > c->hi ? a : c->hi, b);
 }
 
-/* Weight range [a, b) of parameters [first, last) (registry order is weight order). */
+/* Compact (gradient) range [a, b) of the trainable parameters among [first, last): contiguous, since the
+ * compact space is the trainable parameters in registry order. Empty (a == b) when all are frozen. With
+ * every parameter trainable it is also their weight range. */
 static void param_span(const st_model *m, int first, int last, size_t *a, size_t *b) {
-    *a = m->params[first].offset;
-    *b = m->params[last - 1].offset + m->params[last - 1].numel;
+    *a = *b = 0;
+    for (int i = first; i < last; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0) continue;
+        if (*b == *a) *a = (size_t)p->grad_offset;
+        *b = (size_t)p->grad_offset + p->numel;
+    }
 }
 
 /* MPI counts and displacements of the owners' parts of [a, b), displacements relative to a. */
@@ -464,6 +473,57 @@ static void owner_counts(const st_comm *c, size_t a, size_t b, int *counts, int 
     }
 }
 
+/* Whether the compact space is the weight space (every parameter trains): gathers then go in place. */
+static int z3_in_place(const st_comm *c) { return c->n == c->model->n_weights; }
+
+/* Frozen parameters train nowhere: they stay whole and resident on every rank. Trainable ones are
+ * reached through the compact space, a piece of a parameter at a time. */
+static void discard_piece(void *ctx, const st_param *p, size_t start, size_t len) {
+    const st_model *m = ctx;
+    size_t w = p->offset + (start - (size_t)p->grad_offset);
+    discard(m->weights, w, w + len);
+}
+
+static void pack_piece(void *ctx, const st_param *p, size_t start, size_t len) {
+    st_comm *c = ctx;
+    memcpy(c->z3_stage + (start - c->z3_stage_at), c->model->weights + p->offset + (start - (size_t)p->grad_offset),
+           len * sizeof(float));
+}
+
+static void unpack_piece(void *ctx, const st_param *p, size_t start, size_t len) {
+    st_comm *c = ctx;
+    memcpy(c->model->weights + p->offset + (start - (size_t)p->grad_offset), c->z3_stage + (start - c->z3_stage_at),
+           len * sizeof(float));
+}
+
+/* Gives back the weights of the compact range [a, b) outside this rank's shard. */
+static void release_compact(st_comm *c, size_t a, size_t b) {
+    if (z3_in_place(c)) {
+        discard_unowned(c, c->model->weights, a, b);
+        return;
+    }
+    st_for_each_param_range(c->model, a, b < c->lo ? b : c->lo, discard_piece, c->model);
+    st_for_each_param_range(c->model, a > c->hi ? a : c->hi, b, discard_piece, c->model);
+}
+
+/* All-gather of the compact range [a, b) through the staging buffer, a chunk at a time (frozen
+ * parameters interleave with trainable ones in the weight space): the owner packs its part, the
+ * collective fills the rest in place, every rank unpacks. */
+static int gather_staged(st_comm *c, size_t a, size_t b) {
+    for (size_t s = a; s < b; s += ST_Z3_CHUNK) {
+        size_t e = b - s > ST_Z3_CHUNK ? s + ST_Z3_CHUNK : b;
+        int counts[c->world], displs[c->world];
+        owner_counts(c, s, e, counts, displs);
+        c->z3_stage_at = s;
+        size_t os = s > c->lo ? s : c->lo, oe = e < c->hi ? e : c->hi;
+        if (os < oe) st_for_each_param_range(c->model, os, oe, pack_piece, c);
+        int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->z3_stage, counts, displs, MPI_FLOAT, c->comm);
+        if (rc != MPI_SUCCESS) return mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+        st_for_each_param_range(c->model, s, e, unpack_piece, c);
+    }
+    return 0;
+}
+
 /* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident). */
 static void z3_acquire(void *ctx, int first, int last) {
     st_comm *c = ctx;
@@ -471,10 +531,17 @@ static void z3_acquire(void *ctx, int first, int last) {
     double t0 = st_now();
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
-    int counts[c->world], displs[c->world];
-    owner_counts(c, a, b, counts, displs);
-    int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm);
-    if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+    if (b == a) return; /* frozen: resident everywhere, no communication */
+    int rc;
+    if (z3_in_place(c)) {
+        int counts[c->world], displs[c->world];
+        owner_counts(c, a, b, counts, displs);
+        rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm);
+        rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+    } else {
+        rc = gather_staged(c, a, b);
+    }
+    if (rc && !c->z3_rc) c->z3_rc = rc;
     c->overlap_seconds += st_now() - t0;
 }
 
@@ -482,7 +549,7 @@ static void z3_release(void *ctx, int first, int last) {
     st_comm *c = ctx;
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
-    discard_unowned(c, c->model->weights, a, b);
+    release_compact(c, a, b);
 }
 
 /* grad_ready hook: the finished gradients [lo, hi) are summed into their owners' shard_grads (added: the
@@ -513,13 +580,14 @@ static int z3_init(st_comm *c, const st_model *cm) {
     if (m->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "sharding.stage 3 supports precision fp32 only for now (not bf16); use "
                                    "sharding.stage 2 or precision: fp32");
-    if (m->n_grads != m->n_weights)
-        return st_fail(ST_ECONFIG, "sharding.stage 3 supports finetune.mode full with every module trainable only "
-                                   "for now (frozen, progressive and partial train_modules are not); use sharding.stage 2");
     if (c->shard) {
         c->shard_grads = c->be->alloc(c->shard * sizeof(float));
         c->z3_recv = c->be->alloc(st_comm_zero3_recv_floats(c->shard) * sizeof(float));
         if (!c->shard_grads || !c->z3_recv) return st_fail(ST_ENOMEM, "rank %d: out of memory for the gradient shard", c->rank);
+    }
+    if (c->n != m->n_weights && c->n) { /* frozen parameters: gathers go through a staging buffer */
+        c->z3_stage = malloc((c->n_pad < ST_Z3_CHUNK ? c->n_pad : ST_Z3_CHUNK) * sizeof(float));
+        if (!c->z3_stage) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 gather buffer", c->rank);
     }
     c->model = m;
     m->acquire = z3_acquire;
@@ -527,13 +595,13 @@ static int z3_init(st_comm *c, const st_model *cm) {
     m->residency_ctx = c;
     m->grad_ready = z3_grad_ready;
     m->grad_ready_ctx = c;
-    discard_unowned(c, m->weights, 0, m->n_weights);
-    discard(m->grads, 0, m->grad_alloc);
+    release_compact(c, 0, c->n);
+    if (m->grads) discard(m->grads, 0, m->grad_alloc);
     return 0;
 }
 
 void st_comm_weights_loaded(st_comm *c, st_model *m) {
-    if (c->stage == 3 && c->model == m) discard_unowned(c, m->weights, 0, m->n_weights);
+    if (c->stage == 3 && c->model == m) release_compact(c, 0, c->n);
 }
 
 size_t st_comm_zero3_recv_floats(size_t shard) { return shard < ST_Z3_CHUNK ? shard : ST_Z3_CHUNK; }

@@ -3,10 +3,10 @@
  * ZeRO stages: 0 all-reduces gradients and every rank updates everything; 1 all-reduces gradients, each
  * rank updates its shard and the updated parameters are all-gathered; 2 reduce-scatters gradients into
  * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers.
- * 3 shards the parameters too (MPI on CPU ranks, full fine-tuning in fp32; st_comm_init refuses the rest by
- * name): the compact space is then the weight space itself, each rank's range of m->weights is its fp32
- * master shard and stays resident, and the rest of the weights and all of m->grads are backed by memory
- * only while in use. The model's residency hooks all-gather a layer's weights just before its forward and
+ * 3 shards the parameters too (MPI on CPU ranks, fp32; st_comm_init refuses the rest by name): the weights
+ * of the trainable parameters in this rank's shard of the compact space are its fp32 master shard and stay
+ * resident in m->weights (frozen parameters stay whole on every rank: no communication), and the rest of
+ * the weights and all of m->grads are backed by memory only while in use. The model's residency hooks all-gather a layer's weights just before its forward and
  * again before its backward and give the pages back after (madvise); the grad_ready hook reduce-scatters
  * each layer's gradients into the owners' shard_grads as soon as its backward ends (every micro-batch)
  * and gives those pages back. The optimizer updates the resident shard in place: no parameter gather.
@@ -50,6 +50,8 @@ typedef struct {
     st_model *model;        /* whose hooks this communicator installed (cleared by st_comm_free) */
     float *z3_recv;         /* [st_comm_zero3_recv_floats]: this rank's part of one reduce-scattered chunk */
     int z3_rc;              /* first failure inside a hook (they cannot return it); reported by reduce_grads */
+    float *z3_stage;        /* host [min(n_pad, ST_Z3_CHUNK)]: gather staging when frozen parameters exist */
+    size_t z3_stage_at;     /* compact index of z3_stage[0] during a staged gather */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own

@@ -12,7 +12,10 @@
   is within 15% of `shardtune plan`'s per-rank peak (load, step, final export) for 2-rank stage 3 (3 ranks:
   printed);
   and the plan's per-rank step total at stage 3 is below stage 2's.
-* Refusals: bf16 and frozen mode under stage 3 end with one line naming sharding.stage 3 and exit non-zero.
+* Frozen mode (the top 2 of 3 layers' attention and MLP, and the head, train; the rest stays resident and
+  whole on every rank) on 3 ranks: losses equal its 1-rank ZeRO-0 run, final weights its ZeRO-2 run.
+* Refusals: bf16 and progressive mode under stage 3 end with one line naming sharding.stage 3 and exit
+  non-zero.
 """
 import os
 import shutil
@@ -61,14 +64,19 @@ def check_losses(root, data):
                            [{"name": "a", "path": data}])
         common = ["train.steps=4", "eval.every_steps=2", "eval.batches=3"]
         ref = run(job, 1, common + ["sharding.stage=0", "train.micro_batch=12"], f"{root}/{fam}_ref")
-        for ranks, micro, accum, extra in ((1, 6, 2, []), (2, 3, 2, []), (3, 4, 1, []),
-                                           (2, 6, 1, ["memory.activation_checkpointing=true"])):
+        ref_frozen = run(job, 1, common + ["sharding.stage=0", "train.micro_batch=12", "finetune.mode=frozen",
+                                           "finetune.train_layers=-2", "finetune.train_modules=[attn,mlp,head]"],
+                         f"{root}/{fam}_ref_frozen")
+        frozen = ["finetune.mode=frozen", "finetune.train_layers=-2", "finetune.train_modules=[attn,mlp,head]"]
+        for case, (ranks, micro, accum, extra) in enumerate(((1, 6, 2, []), (2, 3, 2, []), (3, 4, 1, []),
+                                                             (2, 6, 1, ["memory.activation_checkpointing=true"]),
+                                                             (3, 4, 1, frozen))):
             ov = common + [f"train.micro_batch={micro}", f"train.grad_accum={accum}"] + extra
-            z3 = run(job, ranks, ov + ["sharding.stage=3"], f"{root}/{fam}_z3_{ranks}_{accum}")
-            close(z3, ref, f"{fam} stage 3 on {ranks} rank(s) x {micro} x {accum} {extra}")
-            z2 = f"{root}/{fam}_z2_{ranks}_{accum}"
+            z3 = run(job, ranks, ov + ["sharding.stage=3"], f"{root}/{fam}_z3_{case}")
+            close(z3, ref_frozen if extra == frozen else ref, f"{fam} stage 3 on {ranks} rank(s) x {micro} x {accum} {extra}")
+            z2 = f"{root}/{fam}_z2_{case}"
             close(z3, run(job, ranks, ov + ["sharding.stage=2"], z2), f"{fam} stage 3 vs 2 on {ranks}", val=True)
-            weights_close(f"{root}/{fam}_z3_{ranks}_{accum}", z2, f"{fam} final weights, stage 3 vs 2 on {ranks}")
+            weights_close(f"{root}/{fam}_z3_{case}", z2, f"{fam} final weights, stage 3 vs 2 on {ranks}")
             print(f"  {fam} stage 3, {ranks} rank(s) x micro {micro} x accum {accum} {' '.join(extra)}: "
                   f"losses {z3[0]['loss']:.6f} .. {z3[-1]['loss']:.6f} = ZeRO-0")
         assert sum("val_loss" in x for x in ref) == 2, ref
@@ -131,7 +139,8 @@ def check_memory(root, data):
 def check_refusals(root, data):
     model = dp.init_model(os.path.join(root, "rf"), "llama", 2, dim=32, max_seq=64)
     job = dp.write_job(os.path.join(root, "rf.yaml"), model, os.path.join(root, "run"), [{"name": "a", "path": data}])
-    for extra, word in ((["precision=bf16"], "bf16"), (["finetune.mode=frozen", "finetune.train_layers=-1"], "frozen")):
+    for extra, word in ((["precision=bf16"], "bf16"),
+                        (["finetune.mode=progressive", "finetune.unfreeze_every=1"], "progressive")):
         r = dp.train(job, 2, ["sharding.stage=3", "train.steps=1", f"run_dir={root}/rf"] + extra, check=False)
         lines = [ln for ln in r.stderr.splitlines() if "sharding.stage 3" in ln]
         assert r.returncode != 0 and lines and word in lines[0], (r.returncode, r.stderr)

@@ -29,6 +29,6 @@ for model in gpt2-124m llama-small; do
     in="$TMP/prompts.jsonl"; [ "$batch" = 1 ] && in="$TMP/one.jsonl"
     line=$("$BIN" generate --model "$TMP/$model" --prompts "$in" --out "$TMP/out.jsonl" --max-new 64 \
            --batch "$batch" --backend cpu --timing 2>&1 | grep '^timing')
-    printf '%-12s %-6s %s\n' "$model" "$batch" "${line#timing (rank 0, cpu): }"
+    printf '%-12s %-6s %s\n' "$model" "$batch" "${line#timing (rank 0): }"
   done
 done

@@ -31,6 +31,13 @@
  * stored shape): sum_i splitmix64(i * 0x9E3779B97F4A7C15 ^ bits(x_i)) mod 2^64. Partial sums of
  * disjoint ranges add up (mod 2^64) to the whole tensor's checksum, in any order. */
 uint64_t st_ckpt_checksum(const float *x, uint64_t first, size_t n);
+
+/* With LoRA adapters (m->lora), checkpoints hold /model/<name> of the adapter tensors only and, as the
+ * root attribute base_checksum, this combination of the frozen base tensors' checksums (sums[i]: tensor
+ * i's st_ckpt_checksum over all of it); loading verifies it against the base model in memory. */
+uint64_t st_ckpt_base_checksum(const st_model *m, const uint64_t *sums, size_t stride);
+/* Whether tensor i is left out of /model (a frozen base tensor of a model with adapters). */
+int st_ckpt_skips_tensor(const st_model *m, int i);
 uint64_t st_ckpt_splitmix64(uint64_t z);
 
 /* A box of a 1-D or 2-D dataset: start/count per dimension. */
@@ -74,6 +81,7 @@ typedef struct {
     /* multi-task weighting state (adaptive loss weighting); NULL/0 when there is none */
     const double *task_weighting;
     int task_weighting_len;
+    uint64_t base_checksum;  /* st_ckpt_checksum of the base model's weights as loaded (0: not recorded) */
 } st_ckpt_meta;
 
 /* Collective. Writes DIR/step-%08lld.h5 atomically (DIR is created), updates DIR/latest, removes stale
@@ -103,6 +111,7 @@ typedef struct {
     uint64_t *task_checksums;
     double *task_weighting;
     int task_weighting_len;
+    uint64_t base_checksum;  /* 0 when the checkpoint predates it */
 } st_ckpt_info;
 
 /* Reads the root attributes (no tensors). Refuses files that are not shardtune checkpoints or have a
@@ -141,5 +150,9 @@ int st_ckpt_candidates(const char *dir, char (**names)[ST_CKPT_NAME_MAX], int *n
 
 /* PATH if it is a file, else DIR/<latest or newest complete checkpoint>. */
 int st_ckpt_resolve(const char *path, char *out, size_t out_len);
+
+/* 0 when every weight of m is finite, else ST_EFORMAT naming `source` (the model dir), the tensor and
+ * the first bad element. Reads through the backend in 4 MB pieces. */
+int st_model_check_finite(const st_model *m, const char *source);
 
 #endif

@@ -1,6 +1,7 @@
 /* ckpt_read.c — reading checkpoints with plain (non-MPI) HDF5: root attributes, the model tensors,
  * a rank's optimizer range, full verification and listing. Nothing read from the file is trusted:
  * types, ranks and sizes are checked against what the model expects before any buffer is touched. */
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,6 +106,7 @@ int st_ckpt_read_info(const char *path, st_ckpt_info *info) {
         rc = st_fail(ST_EFORMAT, "checkpoint %s: step/stage/world_size out of range", path);
     info->stage = (int)stage;
     info->world_size = (int)world;
+    if (!rc) rc = attr_num(f, "base_checksum", H5T_NATIVE_UINT64, &info->base_checksum, 0, path) < 0 ? ST_EFORMAT : 0;
     if (!rc) rc = attr_text(f, "job_spec", &info->job_spec, 1, path);
     if (!rc) rc = attr_text(f, "model_config", &info->model_config, 1, path);
     size_t n;
@@ -195,13 +197,46 @@ static int checksum_attr(hid_t d, uint64_t *sum, const char *name, const char *p
     return rc ? st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s has no readable checksum attribute", path, name) : 0;
 }
 
+int st_ckpt_skips_tensor(const st_model *m, int i) { return m->lora && m->params[i].kind != ST_MOD_LORA; }
+
+uint64_t st_ckpt_base_checksum(const st_model *m, const uint64_t *sums, size_t stride) {
+    uint64_t h = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (st_ckpt_skips_tensor(m, i)) h = h * 0x100000001b3ull + sums[(size_t)i * stride] + (uint64_t)i;
+    return h;
+}
+
+/* A LoRA checkpoint holds no base tensors: host_weights gets the model's own base (the caller copies
+ * the whole buffer back), whose checksum must be the one the checkpoint was trained on. */
+static int check_base(hid_t f, const st_model *m, float *host_weights, const char *path) {
+    uint64_t want = 0;
+    int rc = attr_num(f, "adapter_base_checksum", H5T_NATIVE_UINT64, &want, 1, path);
+    if (rc) return st_fail(ST_EFORMAT, "checkpoint %s holds no adapter_base_checksum: it is not a LoRA checkpoint", path);
+    uint64_t *sums = calloc((size_t)m->n_params + 1, sizeof *sums);
+    if (!sums) return st_fail(ST_ENOMEM, "out of memory");
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (!st_ckpt_skips_tensor(m, i)) continue;
+        m->be->copy_to_host(host_weights + p->offset, m->weights + p->offset, p->numel * sizeof(float));
+        sums[i] = st_ckpt_checksum(host_weights + p->offset, 0, p->numel);
+    }
+    uint64_t got = st_ckpt_base_checksum(m, sums, 1);
+    free(sums);
+    if (got != want)
+        return st_fail(ST_ECORRUPT, "checkpoint %s was trained on another base model (adapter_base_checksum differs from "
+                                    "model.path's weights)", path);
+    return 0;
+}
+
 int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights) {
     hid_t f = open_file(path);
     if (f < 0) return ST_EFORMAT;
     int rc = 0;
     char name[160];
+    if (m->lora) rc = check_base(f, m, host_weights, path);
     for (int i = 0; !rc && i < m->n_params; i++) {
         const st_param *p = &m->params[i];
+        if (st_ckpt_skips_tensor(m, i)) continue; /* check_base kept the model's own */
         snprintf(name, sizeof name, "model/%s", p->name);
         hid_t d = open_tensor(f, name, p->ndim, p->shape, path, &rc);
         if (d < 0) break;
@@ -218,11 +253,15 @@ int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights)
     return rc;
 }
 
-static int read_step_attr(hid_t d, int *step, const char *name, const char *path) {
+/* A tensor's optimizer step: 0..max_step (the checkpoint's own step; -1 = up to INT_MAX). */
+static int read_step_attr(hid_t d, int *step, int64_t max_step, const char *name, const char *path) {
     int64_t s = 0;
+    if (max_step < 0 || max_step > INT_MAX) max_step = INT_MAX;
     int rc = attr_num(d, "step", H5T_NATIVE_INT64, &s, 1, path);
-    if (!rc && (s < 0 || s > (1LL << 40))) rc = st_fail(ST_EFORMAT, "checkpoint %s: %s step %lld out of range", path, name, (long long)s);
-    *step = (int)s;
+    if (!rc && (s < 0 || s > max_step))
+        rc = st_fail(ST_ECORRUPT, "checkpoint %s: %s step %lld out of range (0..%lld)", path, name, (long long)s,
+                     (long long)max_step);
+    *step = rc ? 0 : (int)s;
     return rc;
 }
 
@@ -257,7 +296,7 @@ int st_ckpt_load_optim(MPI_Comm comm, const char *path, const st_model *m, size_
             float *out = which ? v_out : m_out;
             uint64_t want;
             rc = checksum_attr(d, &want, name, path);
-            if (!rc) rc = read_step_attr(d, &param_step[i], name, path);
+            if (!rc) rc = read_step_attr(d, &param_step[i], -1, name, path);
             if (!rc && a < b) rc = read_range(d, p->ndim, p->shape, a - s, b - s, out + (a - lo), name, path);
             uint64_t va = s > share_lo ? s : share_lo, vb = e < share_hi ? e : share_hi;
             if (!rc && va < vb) sums[4 * i + which] = st_ckpt_checksum(out + (va - lo), va - s, vb - va);
@@ -298,9 +337,31 @@ typedef struct {
     st_ckpt_tensor_fn fn;
     void *ctx;
     int verify;
+    int64_t step; /* the checkpoint's step: no tensor's optimizer step may exceed it */
 } visit_ctx;
 
-static int verify_dataset(hid_t d, const char *name, const char *path) {
+/* What resume will trust beyond the checksum: finite values, non-negative second moments, an
+ * optimizer step within the checkpoint's. */
+static int verify_values(hid_t d, const float *buf, uint64_t numel, const char *name, const visit_ctx *c) {
+    for (uint64_t i = 0; i < numel; i++)
+        if (!isfinite(buf[i]))
+            return st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s holds a non-finite value (%g at element %llu)", c->path,
+                           name, (double)buf[i], (unsigned long long)i);
+    size_t len = strlen(name);
+    if (len > 11 && !strcmp(name + len - 11, "/exp_avg_sq"))
+        for (uint64_t i = 0; i < numel; i++)
+            if (buf[i] < 0)
+                return st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s holds a negative second moment (%g at element %llu)",
+                               c->path, name, (double)buf[i], (unsigned long long)i);
+    if (!strncmp(name, "optim/", 6)) {
+        int step;
+        return read_step_attr(d, &step, c->step, name, c->path);
+    }
+    return 0;
+}
+
+static int verify_dataset(hid_t d, const char *name, const visit_ctx *c) {
+    const char *path = c->path;
     hid_t sp = H5Dget_space(d), t = H5Dget_type(d);
     int nd = H5Sget_simple_extent_ndims(sp);
     hsize_t dims[H5S_MAX_RANK];
@@ -317,6 +378,7 @@ static int verify_dataset(hid_t d, const char *name, const char *path) {
         if (!rc) rc = read_range(d, nd, shape, 0, numel, buf, name, path);
         if (!rc && st_ckpt_checksum(buf, 0, numel) != want)
             rc = st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s fails its checksum", path, name);
+        if (!rc) rc = verify_values(d, buf, numel, name, c);
         free(buf);
     }
     H5Tclose(t);
@@ -333,7 +395,7 @@ static herr_t visit(hid_t obj, const char *name, const H5O_info_t *info, void *p
         return 1;
     }
     c->n++;
-    if (c->verify) c->rc = verify_dataset(d, name, c->path);
+    if (c->verify) c->rc = verify_dataset(d, name, c);
     if (c->fn) {
         hid_t sp = H5Dget_space(d);
         hsize_t dims[H5S_MAX_RANK] = {0};
@@ -351,10 +413,11 @@ static int walk(const char *path, int verify, st_ckpt_tensor_fn fn, void *ctx, i
     st_ckpt_info info;
     int rc = st_ckpt_read_info(path, &info); /* refuses non-checkpoints before walking */
     if (rc) return rc;
+    int64_t step = info.step;
     st_ckpt_info_free(&info);
     hid_t f = open_file(path);
     if (f < 0) return ST_EFORMAT;
-    visit_ctx c = {path, 0, 0, fn, ctx, verify};
+    visit_ctx c = {path, 0, 0, fn, ctx, verify, step};
     herr_t r = H5Ovisit(f, H5_INDEX_NAME, H5_ITER_INC, visit, &c);
     H5Fclose(f);
     if (c.rc) return c.rc;

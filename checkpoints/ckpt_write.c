@@ -169,7 +169,7 @@ static int write_root(writer *w, const st_ckpt_meta *meta, int world) {
     int bad = attr_str(f, "format", ST_CKPT_FORMAT) || attr_i64(f, "version", ST_CKPT_VERSION) ||
               attr_i64(f, "step", meta->step) || attr_u64(f, "tokens_seen", meta->tokens_seen) ||
               attr_i64(f, "stage", meta->stage) || attr_i64(f, "world_size", world) ||
-              attr_i64(f, "lr_step", meta->step) ||
+              attr_i64(f, "lr_step", meta->step) || attr_u64(f, "base_checksum", meta->base_checksum) ||
               attr_raw(f, "last_loss", H5T_NATIVE_DOUBLE, 0, &meta->last_loss) ||
               attr_str(f, "job_spec", meta->job_spec ? meta->job_spec : "") ||
               attr_str(f, "model_config", meta->model_config ? meta->model_config : "");
@@ -265,9 +265,13 @@ static int write_file(writer *w, const st_model *m, const st_optim *o, const st_
     if (!rc && (gm < 0 || go < 0)) rc = st_fail(ST_EIO, "checkpoint %s: cannot create groups: %s", w->path, st_ckpt_h5_reason());
     rc = rc ? rc : agree(w, rc);
     char label[160];
+    if (!rc && m->lora && attr_u64(w->file, "adapter_base_checksum", st_ckpt_base_checksum(m, s->sums, 3)))
+        rc = st_fail(ST_EIO, "checkpoint %s: writing adapter_base_checksum failed: %s", w->path, st_ckpt_h5_reason());
+    rc = rc ? rc : agree(w, rc);
     for (int i = 0; !rc && i < m->n_params; i++) {
         const st_param *p = &m->params[i];
         uint64_t a, b;
+        if (st_ckpt_skips_tensor(m, i)) continue; /* the frozen base: only its checksum is kept */
         st_ckpt_model_part(p->ndim, p->shape, w->world, w->rank, i, &a, &b);
         snprintf(label, sizeof label, "model/%s", p->name);
         st_model_acquire(m, i, i + 1);

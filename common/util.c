@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,9 +99,35 @@ int st_mkdirs(const char *path) {
     return 0;
 }
 
+int st_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out) {
+    char *end = NULL;
+    errno = 0;
+    long long v = s ? strtoll(s, &end, 10) : 0;
+    if (!s || !*s || *s == ' ' || *s == '\t' || *end || errno || v < lo || v > hi)
+        return st_fail(ST_EINVAL, "expected an integer in %lld..%lld, got '%.64s'", (long long)lo, (long long)hi,
+                       s ? s : "");
+    *out = v;
+    return 0;
+}
+
+int st_parse_f64(const char *s, double lo, double hi, double *out) {
+    char *end = NULL;
+    errno = 0;
+    double v = s ? strtod(s, &end) : 0;
+    if (!s || !*s || *s == ' ' || *s == '\t' || *end || errno || !isfinite(v) || v < lo || v > hi)
+        return st_fail(ST_EINVAL, "expected a number in [%g, %g], got '%.64s'", lo, hi, s ? s : "");
+    *out = v;
+    return 0;
+}
+
 int st_num_threads(void) {
     const char *env = getenv("OMP_NUM_THREADS");
-    if (env && atoi(env) > 0) return atoi(env);
+    int64_t n_env;
+    /* a comma list ("4,2", nested levels) uses its first level; nonsense falls back to the mask */
+    char first[32];
+    snprintf(first, sizeof first, "%s", env ? env : "");
+    first[strcspn(first, ",")] = 0;
+    if (env && st_parse_i64(first, 1, ST_MAX_THREADS, &n_env) == 0) return (int)n_env;
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0) {
         int n = CPU_COUNT(&set);

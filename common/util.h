@@ -28,7 +28,14 @@ void st_path_stem(const char *path, char *out, size_t size);
 /* mkdir -p. */
 int st_mkdirs(const char *path);
 
-/* Threads this rank should use: OMP_NUM_THREADS if set, else the CPUs in its affinity mask. */
+/* Strict numbers for command lines and environment variables: the whole string in base 10 (no blanks,
+ * no trailing text), finite, within [lo, hi]. 0, or ST_EINVAL with a message "expected an integer in
+ * LO..HI, got 'TEXT'" (callers add the flag's name with st_fail_context). */
+int st_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out);
+int st_parse_f64(const char *s, double lo, double hi, double *out);
+
+/* Threads this rank should use: OMP_NUM_THREADS if set (1..ST_MAX_THREADS), else the CPUs in its affinity mask. */
+#define ST_MAX_THREADS 1024
 int st_num_threads(void);
 
 /* 64-bit FNV-1a over bytes, chainable (pass the previous hash, or ST_FNV_INIT). */

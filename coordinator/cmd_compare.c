@@ -62,22 +62,16 @@ static int read_answer_file(const char *path, const st_prompt_set *ps, char **te
     char *data = NULL;
     size_t len = 0;
     int rc = st_read_file(path, &data, &len), n = 0;
-    long ln = 0;
-    for (char *s = data; !rc && s && s < data + len; ln++) {
-        char *e = memchr(s, '\n', (size_t)(data + len - s));
-        if (!e) e = data + len;
-        char *line = s;
-        size_t l = (size_t)(e - s);
-        s = e + 1;
-        while (l > 0 && (line[l - 1] == '\r' || line[l - 1] == ' ')) l--;
-        if (l == 0) continue;
+    long ln = -1;
+    char *cur = data, *line = NULL;
+    size_t l = 0;
+    while (!rc && cur && st_jsonl_next(&cur, data + len, &ln, &line, &l)) {
         st_json *v = NULL;
         rc = st_json_parse(line, l, &v);
         if (rc) { st_fail_context(rc, "%s line %ld", path, ln + 1); break; }
         const st_json *out = st_json_get(v, "output"), *ids = st_json_get(v, "output_ids"), *id = st_json_get(v, "id");
-        char idbuf[64] = "";
-        if (id && id->type == ST_JSON_STRING) snprintf(idbuf, sizeof idbuf, "%s", id->string);
-        else if (id && id->is_integer) snprintf(idbuf, sizeof idbuf, "%lld", (long long)id->integer);
+        char idbuf[256] = "";
+        st_json_id_text(id, idbuf, sizeof idbuf);
         if (n >= ps->n) rc = st_fail(ST_EINVAL, "%s has more answers than the %d prompts", path, ps->n);
         else if (id && strcmp(idbuf, ps->p[n].id))
             rc = st_fail(ST_EINVAL, "%s line %ld: id \"%s\" where prompt %d has id \"%s\"", path, ln + 1, idbuf, n,
@@ -138,7 +132,9 @@ static int generate_both(const char *base, const char *tuned, const st_gen_flags
     char **texts[2] = {tb, tt};
     for (int m = 0; m < 2; m++) {
         st_answer *ans = NULL;
-        int rc = st_gen_run(dirs[m], f, ps, MPI_COMM_WORLD, &ans, NULL, NULL, print_error);
+        st_gen_flags fm = *f;
+        if (m == 0) fm.adapter = NULL; /* --adapter applies to the tuned model only */
+        int rc = st_gen_run(dirs[m], &fm, ps, MPI_COMM_WORLD, &ans, NULL, NULL, print_error);
         if (rc) return st_fail_context(rc, "%s model %s", m ? "tuned" : "base", dirs[m]);
         for (int i = 0; ans && i < ps->n; i++)
             texts[m][i] = ans[i].text ? strdup(ans[i].text) : ids_text(ans[i].ids, ans[i].n);
@@ -171,8 +167,10 @@ static int cmd_sheet(int argc, char **argv) {
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     st_prompt_set ps = {0};
-    int rc = adapter ? st_fail(ST_EINVAL, "--adapter %s: PEFT adapters are not supported by this build yet", adapter) : 0;
-    if (!rc) rc = st_prompts_read(prompts, &ps);
+    f.adapter = adapter;
+    int rc = adapter && !from_models
+                 ? st_fail(ST_EINVAL, "--adapter %s applies to the tuned model: it needs --base and --tuned model directories", adapter)
+                 : st_prompts_read(prompts, &ps);
     if (!rc) rc = check_unique_ids(&ps, prompts);
     if (rc) {
         if (rank == 0) st_cli_error("compare sheet", st_error());
@@ -376,9 +374,6 @@ static int cmd_judge(int argc, char **argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &world);
     st_json *doc = NULL;
     int rc = world > 1 ? st_fail(ST_EINVAL, "compare judge runs on one rank (got %d)", world) : 0;
-    if (!rc && !st_gen_text_supported())
-        rc = st_fail(ST_EINVAL, "a judge reads the prompt and answers as text: it needs tokenizer support, which this "
-                                "build does not have yet");
     if (!rc) rc = read_sheet_items(dir, &doc);
     if (!rc) rc = judge_run(dir, judge, &f, doc, &print_error);
     else print_error = 1;

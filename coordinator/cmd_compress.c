@@ -125,25 +125,29 @@ static int copy_side_files(const char *from, const char *to) {
     return 0;
 }
 
+/* 0, -1 for a usage error, or the exit code of a malformed number (already printed). */
 static int parse_args(int argc, char **argv, opts *o) {
     memset(o, 0, sizeof *o);
     o->T = 0, o->windows = 32, o->B = 4;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int64_t n = 0;
+        int rc = 0;
         if (!v) return -1;
         if (!strcmp(a, "--model")) o->model = v;
         else if (!strcmp(a, "--out")) o->out = v;
         else if (!strcmp(a, "--drop-layers")) o->drop = v;
         else if (!strcmp(a, "--calib")) o->calib = v;
-        else if (!strcmp(a, "--prune-heads")) o->heads = atof(v);
-        else if (!strcmp(a, "--prune-ffn")) o->ffn = atof(v);
-        else if (!strcmp(a, "--seq-len")) o->T = atoi(v);
-        else if (!strcmp(a, "--calib-windows")) o->windows = atoi(v);
-        else if (!strcmp(a, "--batch")) o->B = atoi(v);
+        else if (!strcmp(a, "--prune-heads")) rc = st_cli_real("compress", a, v, 0, 1, &o->heads);
+        else if (!strcmp(a, "--prune-ffn")) rc = st_cli_real("compress", a, v, 0, 1, &o->ffn);
+        else if (!strcmp(a, "--seq-len")) { if (!(rc = st_cli_int("compress", a, v, 1, 1 << 20, &n))) o->T = (int)n; }
+        else if (!strcmp(a, "--calib-windows")) { if (!(rc = st_cli_int("compress", a, v, 1, 1 << 20, &n))) o->windows = (int)n; }
+        else if (!strcmp(a, "--batch")) { if (!(rc = st_cli_int("compress", a, v, 1, 4096, &n))) o->B = (int)n; }
         else return -1;
+        if (rc) return rc;
         i++;
     }
-    return o->model && o->out && o->windows > 0 && o->B > 0 && o->T >= 0 ? 0 : -1;
+    return o->model && o->out ? 0 : -1;
 }
 
 static int plan_spec(const opts *o, const st_model *m, st_prune_spec *spec, unsigned char **mask) {
@@ -215,7 +219,9 @@ static int run(const opts *o, double *before, double *after, st_model_config *ou
 
 int st_cmd_compress(int argc, char **argv) {
     opts o;
-    if (parse_args(argc, argv, &o)) return usage();
+    int prc = parse_args(argc, argv, &o);
+    if (prc < 0) return usage();
+    if (prc) return prc;
     double before, after;
     st_model_config c = {0};
     if (run(&o, &before, &after, &c)) return st_cli_error("compress", st_error());

@@ -15,8 +15,8 @@
 #include <zmq.h>
 
 static int ctl_usage(void) {
-    fprintf(stderr, "usage: shardtune ctl ADDR status|checkpoint|stop|pause|resume "
-                    "[--token-file F | --run-dir DIR] [--server-key FILE] [--timeout S]\n");
+    fprintf(stderr, "usage: shardtune ctl [ADDR] status|checkpoint|stop|pause|resume "
+                    "[--run-dir DIR | --token-file F] [--server-key FILE] [--timeout S]\n");
     return ST_EXIT_USAGE;
 }
 
@@ -70,14 +70,21 @@ out:
 }
 
 int st_cmd_ctl(int argc, char **argv) {
-    if (argc < 3) return ctl_usage();
-    const char *addr = argv[1], *cmdname = argv[2], *token_file = NULL, *run_dir = NULL, *server_key_file = NULL;
+    if (argc < 2) return ctl_usage();
+    /* ADDR is optional: `ctl stop --run-dir DIR` reads RUN_DIR/monitor.addr (or the token file's directory's) */
+    int has_addr = argc >= 3 && st_command_from_name(argv[1]) < 0;
+    const char *addr = has_addr ? argv[1] : NULL, *cmdname = argv[has_addr ? 2 : 1];
+    const char *token_file = NULL, *run_dir = NULL, *server_key_file = NULL;
+    char addr_buf[1024];
     double timeout_s = 5;
-    for (int i = 3; i < argc; i++) {
+    for (int i = has_addr ? 3 : 2; i < argc; i++) {
         if (!strcmp(argv[i], "--token-file") && i + 1 < argc) token_file = argv[++i];
         else if (!strcmp(argv[i], "--run-dir") && i + 1 < argc) run_dir = argv[++i];
         else if (!strcmp(argv[i], "--server-key") && i + 1 < argc) server_key_file = argv[++i];
-        else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) timeout_s = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) {
+            int rc = st_cli_real("ctl", "--timeout", argv[++i], 0, 1e9, &timeout_s);
+            if (rc) return rc;
+        }
         else {
             fprintf(stderr, "shardtune ctl: error: unknown argument '%s'\n", argv[i]);
             return ctl_usage();
@@ -89,6 +96,15 @@ int st_cmd_ctl(int argc, char **argv) {
         return ST_EXIT_USAGE;
     }
     if (timeout_s <= 0 || timeout_s > 3600) timeout_s = 5;
+    if (!addr) {
+        char dir[1024];
+        snprintf(dir, sizeof dir, "%s", run_dir ? run_dir : token_file ? token_file : "");
+        if (!run_dir) { char *slash = strrchr(dir, '/'); if (slash) *slash = 0; else snprintf(dir, sizeof dir, "."); }
+        if (!run_dir && !token_file)
+            return st_cli_error("ctl", "no ADDR: pass the job's monitor.control address, --run-dir DIR or --token-file F");
+        if (st_monitor_addr_read(dir, "control", addr_buf, sizeof addr_buf)) return st_cli_error("ctl", st_error());
+        addr = addr_buf;
+    }
     char token[ST_TOKEN_BUF] = "";
     if (token_file && st_token_read_file(token_file, token) != 0) return st_cli_error("ctl", st_error());
     if (!token_file && run_dir && st_token_read(run_dir, token) != 0) return st_cli_error("ctl", st_error());

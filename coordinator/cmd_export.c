@@ -1,4 +1,6 @@
-/* cmd_export.c — `shardtune export CKPT --out DIR`: a checkpoint's weights as an HF model directory
+/* cmd_export.c — `shardtune export CKPT --out DIR [--format hf|peft]`, `export SRC --merge --out DIR`: a
+ * checkpoint's weights as an HF model directory (a LoRA run's checkpoint: merged into the base of its job, or
+ * with --format peft its adapter directory; an adapter directory with --merge: merged into its base)
  * (model.safetensors + config.json). CKPT is a checkpoint file or directory (its `latest`). The
  * checkpoint carries the model's config.json (written back verbatim, weights in its dtype); the tokenizer,
  * chat template and generation files come from the source model directory of its job. */
@@ -10,10 +12,15 @@
 #include "checkpoints/ckpt.h"
 #include "checkpoints/model_dir.h"
 #include "checkpoints/model_io.h"
+#include "checkpoints/peft_dir.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "coordinator/commands.h"
+#include "coordinator/config.h"
+#include "coordinator/plan.h"
 #include "kernels/kernels.h"
+#include "common/util.h"
+#include "worker/lora.h"
 
 /* The source model directory a checkpoint's job trained (model.path of its job spec), or "" . */
 static void job_model_path(const char *job_spec, char *out, size_t cap) {
@@ -25,10 +32,44 @@ static void job_model_path(const char *job_spec, char *out, size_t cap) {
     st_json_free(j);
 }
 
-static int export_ckpt(const char *path, const char *out) {
+/* A LoRA run's checkpoint (adapters + base checksum): the base from its job's model.path, the adapters
+ * attached as the job did, then the adapter directory (peft) or the merged model (hf). */
+static int export_lora_ckpt(const char *path, const st_ckpt_info *info, const st_config *job, const char *out,
+                            int peft) {
+    st_model m;
+    const char *src = job->model.path;
+    int rc = st_model_load_dir(src, st_backend_cpu(0), &m);
+    if (rc) return st_fail_context(rc, "checkpoint %s: its base model (model.path) %s", path, src);
+    float *host = NULL;
+    if (!(rc = st_plan_attach_adapters(job, &m))) {
+        host = malloc(m.n_weights * sizeof(float));
+        rc = host ? st_ckpt_load_model(path, &m, host) : st_fail(ST_ENOMEM, "out of memory");
+    }
+    if (!rc) {
+        m.be->copy_to_device(m.weights, host, m.n_weights * sizeof(float));
+        if (peft) rc = st_peft_save_dir(&m, out, src);
+        else if (!(rc = st_lora_merge(&m))) rc = st_model_export_dir(&m, out, src, info->model_config, 0);
+    }
+    free(host);
+    st_model_free(&m);
+    return rc;
+}
+
+static int export_ckpt(const char *path, const char *out, int peft) {
     st_ckpt_info info;
     int rc = st_ckpt_read_info(path, &info);
     if (rc) return rc;
+    st_config *job = calloc(1, sizeof *job);
+    if (!job) { st_ckpt_info_free(&info); return st_fail(ST_ENOMEM, "out of memory"); }
+    int lora = info.job_spec && !st_config_load_string(job, info.job_spec, 0, NULL) && job->finetune.mode == ST_FINETUNE_LORA;
+    if (lora || peft) {
+        rc = lora ? export_lora_ckpt(path, &info, job, out, peft)
+                  : st_fail(ST_EINVAL, "checkpoint %s is not from a finetune.mode lora run: --format peft needs adapters", path);
+        free(job);
+        st_ckpt_info_free(&info);
+        return rc;
+    }
+    free(job);
     st_model_config mc;
     char src[4096];
     rc = st_model_config_parse(info.model_config, strlen(info.model_config), path, &mc);
@@ -52,7 +93,63 @@ static int export_ckpt(const char *path, const char *out) {
     return rc;
 }
 
+/* export ADAPTER_DIR --merge --out DIR [--model BASE]: the base model (adapter_config.json's
+ * base_model_name_or_path unless --model) with the LoRA adapter folded into its weights. */
+static int export_merged(const char *adapter, const char *base, const char *out) {
+    char path[4200], base_path[4096];
+    char *text = NULL, *base_cfg = NULL;
+    size_t len = 0;
+    snprintf(path, sizeof path, "%s/adapter_config.json", adapter);
+    int rc = st_read_file(path, &text, &len);
+    if (rc) return st_fail(rc, "export --merge: %s is not a PEFT adapter directory (%s)", adapter, st_error());
+    st_json *j = NULL;
+    if ((rc = st_json_parse(text, len, &j))) { free(text); return st_fail_context(rc, "%s", path); }
+    free(text);
+    const char *named = st_json_get_string(j, "base_model_name_or_path", NULL);
+    snprintf(base_path, sizeof base_path, "%s", base ? base : named ? named : "");
+    st_json_free(j);
+    if (!base_path[0]) return st_fail(ST_EINVAL, "export --merge: %s names no base model: pass --model DIR", path);
+    st_model m;
+    if ((rc = st_model_load_dir(base_path, st_backend_cpu(0), &m))) return st_fail_context(rc, "base model %s", base_path);
+    rc = st_peft_load_dir(&m, adapter);
+    if (!rc) rc = st_lora_merge(&m);
+    snprintf(path, sizeof path, "%s/config.json", base_path);
+    if (!rc && (rc = st_read_file(path, &base_cfg, &len))) rc = st_fail(rc, "%s: %s", path, st_error());
+    if (!rc) rc = st_model_export_dir(&m, out, base_path, base_cfg, 0);
+    free(base_cfg);
+    st_model_free(&m);
+    return rc;
+}
+
 int st_cmd_export(int argc, char **argv) {
+    const char *src_arg = NULL, *out_dir_arg = NULL;
+    int merge = 0;
+    const char *base = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--merge")) merge = 1;
+        else if (!strcmp(argv[i], "--model") && i + 1 < argc) base = argv[i + 1];
+    }
+    if (merge) {
+        for (int i = 1; i < argc; i++) {
+            if (!strcmp(argv[i], "--merge")) continue;
+            if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--model")) && i + 1 < argc) {
+                if (!strcmp(argv[i], "--out")) out_dir_arg = argv[i + 1];
+                i++;
+            } else if (argv[i][0] != '-' && !src_arg) src_arg = argv[i];
+            else { src_arg = NULL; break; }
+        }
+        if (!src_arg || !out_dir_arg) {
+            fprintf(stderr, "usage: shardtune export ADAPTER_DIR --merge --out DIR [--model BASE_DIR]\n");
+            return ST_EXIT_USAGE;
+        }
+        char probe[4200], path[2048];
+        snprintf(probe, sizeof probe, "%s/adapter_config.json", src_arg);
+        if (access(probe, F_OK) == 0 ? export_merged(src_arg, base, out_dir_arg)
+                                     : st_ckpt_resolve(src_arg, path, sizeof path) || export_ckpt(path, out_dir_arg, 0))
+            return st_cli_error("export", st_error());
+        printf("exported %s merged into its base -> %s\n", src_arg, out_dir_arg);
+        return ST_EXIT_OK;
+    }
     const char *ckpt = NULL, *out = NULL, *format = "hf";
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--format") && i + 1 < argc) format = argv[i + 1];
@@ -71,23 +168,25 @@ int st_cmd_export(int argc, char **argv) {
         }
         return st_export_gguf(ckpt, out, argc, argv);
     }
-    if (strcmp(format, "hf") != 0) {
-        fprintf(stderr, "shardtune export: error: --format '%s' is not supported (hf or gguf)\n", format);
+    if (strcmp(format, "hf") != 0 && strcmp(format, "peft") != 0) {
+        fprintf(stderr, "shardtune export: error: --format '%s' is not supported (hf, peft or gguf)\n", format);
         return ST_EXIT_USAGE;
     }
+    int peft = !strcmp(format, "peft");
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
-        else if (!strcmp(argv[i], "--format") && i + 1 < argc && !strcmp(argv[i + 1], "hf")) i++;
+        else if (!strcmp(argv[i], "--format") && i + 1 < argc && (!strcmp(argv[i + 1], "hf") || peft)) i++;
         else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
         else ckpt = NULL, i = argc;
     }
     if (!ckpt || !out) {
-        fprintf(stderr, "usage: shardtune export CKPT --out DIR\n");
+        fprintf(stderr, "usage: shardtune export CKPT --out DIR [--format hf|peft]\n");
         return ST_EXIT_USAGE;
     }
     char path[2048];
-    if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, out)) return st_cli_error("export", st_error());
-    printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", path,
-           out);
+    if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, out, peft)) return st_cli_error("export", st_error());
+    if (peft) printf("exported %s -> %s (adapter_config.json + adapter_model.safetensors)\n", path, out);
+    else printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", path,
+                out);
     return ST_EXIT_OK;
 }

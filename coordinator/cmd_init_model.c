@@ -1,6 +1,7 @@
 /* cmd_init_model.c — `shardtune init-model`: a random-init HF-style model dir for demos and tests. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "checkpoints/model_io.h"
@@ -19,24 +20,36 @@ int st_cmd_init_model(int argc, char **argv) {
     st_model_config c;
     memset(&c, 0, sizeof c);
     const char *family = NULL, *out = NULL;
-    long seed = 1234;
+    int64_t seed = 1234;
     int tied = -1, qkv_bias = 0;
     c.max_seq = 1024;
     c.rope_theta = 10000.0f;
     c.bos_id = c.eos_id = -1;
+    /* every number strictly, with a range (a typo is one line naming the flag, never a 0) */
+    static const struct { const char *flag; int64_t lo, hi; } lim[] = {
+        {"--layers", 1, 4096}, {"--dim", 1, 1 << 16}, {"--heads", 1, 1024}, {"--kv-heads", 1, 1024},
+        {"--ffn", 1, 1 << 20}, {"--vocab", 2, 1 << 24}, {"--max-seq", 1, 1 << 22}, {"--seed", 0, INT64_MAX},
+    };
+    int *field[] = {&c.n_layer, &c.d_model, &c.n_head, &c.n_kv_head, &c.d_ff, &c.vocab, &c.max_seq, NULL};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        int has = i + 1 < argc;
+        int has = i + 1 < argc, rc, matched = 0;
+        for (size_t k = 0; k < sizeof lim / sizeof lim[0] && !matched; k++) {
+            if (strcmp(a, lim[k].flag) != 0) continue;
+            if (!has) return usage();
+            int64_t v;
+            if ((rc = st_cli_int("init-model", a, argv[++i], lim[k].lo, lim[k].hi, &v))) return rc;
+            if (field[k]) *field[k] = (int)v;
+            else seed = v;
+            matched = 1;
+        }
+        if (matched) continue;
         if (!strcmp(a, "--family") && has) family = argv[++i];
-        else if (!strcmp(a, "--layers") && has) c.n_layer = atoi(argv[++i]);
-        else if (!strcmp(a, "--dim") && has) c.d_model = atoi(argv[++i]);
-        else if (!strcmp(a, "--heads") && has) c.n_head = atoi(argv[++i]);
-        else if (!strcmp(a, "--kv-heads") && has) c.n_kv_head = atoi(argv[++i]);
-        else if (!strcmp(a, "--ffn") && has) c.d_ff = atoi(argv[++i]);
-        else if (!strcmp(a, "--vocab") && has) c.vocab = atoi(argv[++i]);
-        else if (!strcmp(a, "--max-seq") && has) c.max_seq = atoi(argv[++i]);
-        else if (!strcmp(a, "--seed") && has) seed = atol(argv[++i]);
-        else if (!strcmp(a, "--rope-theta") && has) c.rope_theta = (float)atof(argv[++i]);
+        else if (!strcmp(a, "--rope-theta") && has) {
+            double v;
+            if ((rc = st_cli_real("init-model", a, argv[++i], 1e-6, 1e12, &v))) return rc;
+            c.rope_theta = (float)v;
+        }
         else if (!strcmp(a, "--out") && has) out = argv[++i];
         else if (!strcmp(a, "--tied")) tied = 1;
         else if (!strcmp(a, "--qkv-bias")) qkv_bias = 1;

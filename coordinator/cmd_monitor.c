@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -226,29 +227,45 @@ static int receive_one(monitor_view *v, void *sub) {
 }
 
 int st_cmd_monitor(int argc, char **argv) {
-    if (argc < 2 || argv[1][0] == '-') {
-        fprintf(stderr, "usage: shardtune monitor ADDR [--plain|--json] [--count N] [--timeout S] "
-                        "[--run-dir DIR | --server-key FILE]\n");
+    /* ADDR is optional: without it, the address the job wrote to RUN_DIR/monitor.addr */
+    int first = argc >= 2 && argv[1][0] != '-' ? 2 : 1;
+    if (argc < 2 || (first == 1 && strcmp(argv[1], "--run-dir") != 0 && argc < 3)) {
+        fprintf(stderr, "usage: shardtune monitor [ADDR] [--run-dir DIR] [--plain|--json] [--count N] [--timeout S] "
+                        "[--server-key FILE]\n");
         return ST_EXIT_USAGE;
     }
-    const char *addr = argv[1];
+    const char *addr = first == 2 ? argv[1] : NULL;
+    char addr_buf[1024];
     monitor_view v;
     memset(&v, 0, sizeof v);
     v.mode = isatty(STDOUT_FILENO) ? OUT_TABLE : OUT_PLAIN;
     long count = 0;
     double timeout_s = 0;
     const char *run_dir = NULL, *server_key_file = NULL;
-    for (int i = 2; i < argc; i++) {
+    for (int i = first; i < argc; i++) {
         if (!strcmp(argv[i], "--plain")) v.mode = OUT_PLAIN;
         else if (!strcmp(argv[i], "--json")) v.mode = OUT_JSON;
-        else if (!strcmp(argv[i], "--count") && i + 1 < argc) count = atol(argv[++i]);
-        else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) timeout_s = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--count") && i + 1 < argc) {
+            int64_t n;
+            int rc = st_cli_int("monitor", "--count", argv[++i], 0, INT64_MAX, &n);
+            if (rc) return rc;
+            count = (long)n;
+        }
+        else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) {
+            int rc = st_cli_real("monitor", "--timeout", argv[++i], 0, 1e9, &timeout_s);
+            if (rc) return rc;
+        }
         else if (!strcmp(argv[i], "--run-dir") && i + 1 < argc) run_dir = argv[++i];
         else if (!strcmp(argv[i], "--server-key") && i + 1 < argc) server_key_file = argv[++i];
         else {
             fprintf(stderr, "shardtune monitor: error: unknown argument '%s'\n", argv[i]);
             return ST_EXIT_USAGE;
         }
+    }
+    if (!addr && !run_dir) return st_cli_error("monitor", "no ADDR: pass the job's monitor.publish address or --run-dir DIR");
+    if (!addr) {
+        if (st_monitor_addr_read(run_dir, "publish", addr_buf, sizeof addr_buf)) return st_cli_error("monitor", st_error());
+        addr = addr_buf;
     }
     char server_key[ST_CURVE_KEY_BUF];
     int curve = st_curve_client_key(server_key_file, run_dir, server_key, NULL, 0);
@@ -276,7 +293,7 @@ int st_cmd_monitor(int argc, char **argv) {
     }
     if (zmq_connect(sub, addr) != 0) {
         char msg[512];
-        snprintf(msg, sizeof msg, "bad monitor address '%s': %s", addr, zmq_strerror(zmq_errno()));
+        snprintf(msg, sizeof msg, "bad monitor address '%.200s': %s", addr, zmq_strerror(zmq_errno()));
         zmq_close(sub);
         zmq_ctx_term(ctx);
         return st_cli_error("monitor", msg);

@@ -27,6 +27,7 @@ static void modules_text(unsigned mods, char *out, size_t n) {
         size_t len = strlen(out);
         snprintf(out + len, n - len, "%s%s", len ? "," : "", st_module_name(bit));
     }
+    if (mods & ST_MOD_LORA) snprintf(out + strlen(out), n - strlen(out), "%slora", out[0] ? "," : "");
 }
 
 static double mib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
@@ -124,6 +125,7 @@ static int print_json(const st_plan *p, const st_model *m, const st_config *c) {
         st_strbuf_printf(&b, "],\"modules\":[");
         for (unsigned bit = 1, n = 0; bit <= ST_MOD_HEAD; bit <<= 1)
             if (sp->modules & bit) st_strbuf_printf(&b, "%s\"%s\"", n++ ? "," : "", st_module_name(bit));
+        if (sp->modules & ST_MOD_LORA) st_strbuf_printf(&b, "%s\"lora\"", sp->modules & ST_MOD_ALL ? "," : "");
         st_strbuf_printf(&b, "],\"trainable\":%zu,\"trainable_params\":%d,\"padded\":%zu,\"shard\":%zu,"
                              "\"transition_extra_bytes\":%zu,\"ranks\":[",
                          sp->n_trainable, sp->n_trainable_params, sp->n_pad, sp->shard, sp->transition_extra);
@@ -174,6 +176,7 @@ int st_cmd_plan(int argc, char **argv) {
     }
     st_model m;
     rc = st_model_build_registry(&m, &mc);
+    if (!rc && (rc = st_plan_attach_adapters(&cfg, &m))) st_model_free(&m);
     if (rc) return st_cli_error("plan", st_error());
     st_plan p;
     rc = st_plan_build(&cfg, &m, ranks, &p);

@@ -1,17 +1,19 @@
-/* cmd_plot.c — `shardtune plot RUN_DIR --out FILE.svg`
+/* cmd_plot.c — `shardtune plot RUN_DIR --out FILE.svg|FILE.png` (PNG: coordinator/plot_raster.h)
  * Reads RUN_DIR/metrics.jsonl (one JSON object per line: step, loss, lr, tokens_per_s, optional
- * task_loss {name: value}, ...) and draws a standalone SVG with three panels sharing the step axis:
- * loss (and per-task losses), learning rate, tokens/s. Lines that are not JSON objects with a numeric
- * "step" are skipped and counted (a run still writing may leave a partial last line). */
+ * task_loss and val_loss {name: value}, ...) and draws a standalone SVG with three panels sharing the
+ * step axis: loss (per-task train losses and validation losses `val[task]` too), learning rate,
+ * tokens/s. Lines that are not JSON objects with a numeric "step" are skipped and counted (a run still writing may leave a partial last line). */
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
 #include "coordinator/commands.h"
+#include "coordinator/plot_raster.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define PLOT_MAX_SERIES 10 /* loss + up to 9 task losses */
 
@@ -43,11 +45,12 @@ typedef struct {
     series loss[PLOT_MAX_SERIES]; /* [0] = total loss, then tasks */
     int nloss;
     series lr, tps;
+    series resumes; /* x = the first step after each resume (metrics rows with "resumed": true) */
 } plot_data;
 
-static series *task_series(plot_data *d, const char *name) {
+static series *task_series(plot_data *d, const char *kind, const char *name) {
     char label[sizeof d->loss[0].name];
-    snprintf(label, sizeof label, "loss[%s]", name);
+    snprintf(label, sizeof label, "%s[%.40s]", kind, name);
     for (int i = 1; i < d->nloss; i++)
         if (!strcmp(d->loss[i].name, label)) return &d->loss[i];
     if (d->nloss == PLOT_MAX_SERIES) return NULL; /* more tasks than colours: the rest are left out */
@@ -68,10 +71,16 @@ static int add_line(plot_data *d, const char *line, size_t len) {
         double lr = st_json_get_number(obj, "lr", NAN, &ok);
         double tps = st_json_get_number(obj, "tokens_per_s", NAN, &ok);
         int rc = series_push(&d->loss[0], x, loss) | series_push(&d->lr, x, lr) | series_push(&d->tps, x, tps);
-        const st_json *tl = st_json_get(obj, "task_loss");
-        for (size_t i = 0; tl && tl->type == ST_JSON_OBJECT && i < tl->count; i++) {
-            series *s = task_series(d, tl->keys[i]);
-            if (s && tl->items[i]->type == ST_JSON_NUMBER) rc |= series_push(s, x, tl->items[i]->number);
+        const st_json *resumed = st_json_get(obj, "resumed");
+        if (resumed && resumed->type == ST_JSON_BOOL && resumed->boolean) rc |= series_push(&d->resumes, x, 0);
+        /* per-task train loss, and the validation loss of the steps that evaluated */
+        static const char *const maps[2][2] = {{"task_loss", "loss"}, {"val_loss", "val"}};
+        for (int m = 0; m < 2; m++) {
+            const st_json *tl = st_json_get(obj, maps[m][0]);
+            for (size_t i = 0; tl && tl->type == ST_JSON_OBJECT && i < tl->count; i++) {
+                series *s = task_series(d, maps[m][1], tl->keys[i]);
+                if (s && tl->items[i]->type == ST_JSON_NUMBER) rc |= series_push(s, x, tl->items[i]->number);
+            }
         }
         used = rc ? -1 : 1;
     }
@@ -124,7 +133,7 @@ static void xml_text(FILE *f, const char *s) {
     }
 }
 
-static void panel(FILE *f, int index, const char *title, series *s, int n, double xlo, double xhi) {
+static void panel(FILE *f, int index, const char *title, series *s, int n, const series *marks, double xlo, double xhi) {
     double top = index * (PANEL_H + MT + MB) + MT, h = PANEL_H, w = W - ML - MR;
     double ylo, yhi;
     range_of(s, n, 0, &ylo, &yhi);
@@ -158,14 +167,67 @@ static void panel(FILE *f, int index, const char *title, series *s, int n, doubl
         xml_text(f, s[k].name);
         fputs("</text>\n", f);
     }
+    /* where the run was resumed from a checkpoint: a dashed vertical line */
+    for (size_t i = 0; marks && i < marks->n; i++) {
+        fprintf(f, "<line class=\"resume\" x1=\"%.2f\" y1=\"%g\" x2=\"%.2f\" y2=\"%g\" stroke=\"#555\" "
+                   "stroke-dasharray=\"4,3\"/>", PX(marks->x[i]), top, PX(marks->x[i]), top + h);
+        fprintf(f, "<text x=\"%.2f\" y=\"%g\" font-size=\"10\">resume</text>\n", PX(marks->x[i]) + 3, top + 12);
+    }
 #undef PX
 #undef PY
     fputs("</g>\n", f);
 }
 
+/* The same panel as pixels (FILE.png): frame, grid, tick numbers, lines, legend swatches and resume
+ * markers; titles and series names are only in the SVG (the raster font has digits only). */
+static void panel_png(st_raster *img, int index, series *s, int n, const series *marks, double xlo, double xhi) {
+    double top = index * (PANEL_H + MT + MB) + MT, h = PANEL_H, w = W - ML - MR;
+    double ylo, yhi;
+    range_of(s, n, 0, &ylo, &yhi);
+#define PX(v) (ML + ((v) - xlo) / (xhi - xlo) * w)
+#define PY(v) (top + h - ((v) - ylo) / (yhi - ylo) * h)
+    char num[32];
+    double ys = nice_step(ylo, yhi, 5);
+    for (double t = ceil(ylo / ys) * ys; t <= yhi + ys * 1e-9; t += ys) {
+        st_raster_line(img, ML, PY(t), ML + w, PY(t), 0xdddddd, 1, 0);
+        snprintf(num, sizeof num, "%.4g", fabs(t) < ys * 1e-6 ? 0.0 : t);
+        st_raster_number(img, ML - 6, PY(t) + 5, num, 0x333333, 2);
+    }
+    double xs = nice_step(xlo, xhi, 8);
+    for (double t = ceil(xlo / xs) * xs; t <= xhi + xs * 1e-9; t += xs) {
+        st_raster_line(img, PX(t), top + h, PX(t), top + h + 5, 0x333333, 1, 0);
+        snprintf(num, sizeof num, "%.6g", t);
+        st_raster_number(img, PX(t), top + h + 20, num, 0x333333, 1);
+    }
+    for (int k = 0; k < n; k++) {
+        uint32_t c = st_raster_color(colors[k % PLOT_MAX_SERIES]);
+        for (size_t i = 1; i < s[k].n; i++)
+            st_raster_line(img, PX(s[k].x[i - 1]), PY(s[k].y[i - 1]), PX(s[k].x[i]), PY(s[k].y[i]), c, 2, 0);
+        if (s[k].n == 1) st_raster_rect(img, PX(s[k].x[0]) - 1, PY(s[k].y[0]) - 1, 3, 3, c, 1);
+        if (s[k].n) st_raster_rect(img, ML + w + 12, top + 8 + 18 * k, 20, 4, c, 1);
+    }
+    for (size_t i = 0; marks && i < marks->n; i++)
+        st_raster_line(img, PX(marks->x[i]), top, PX(marks->x[i]), top + h, 0x555555, 1, 4);
+    st_raster_rect(img, ML, top, w, h, 0x333333, 0);
+#undef PX
+#undef PY
+}
+
+static int write_png(const char *out, plot_data *d, double xlo, double xhi) {
+    st_raster img;
+    int rc = st_raster_init(&img, (int)W, (int)(3 * (PANEL_H + MT + MB)));
+    if (rc) return rc;
+    panel_png(&img, 0, d->loss, d->nloss, &d->resumes, xlo, xhi);
+    panel_png(&img, 1, &d->lr, 1, NULL, xlo, xhi);
+    panel_png(&img, 2, &d->tps, 1, NULL, xlo, xhi);
+    rc = st_raster_write_png(&img, out);
+    st_raster_free(&img);
+    return rc;
+}
+
 static void free_data(plot_data *d) {
     for (int i = 0; i < d->nloss; i++) free(d->loss[i].x), free(d->loss[i].y);
-    free(d->lr.x), free(d->lr.y), free(d->tps.x), free(d->tps.y);
+    free(d->lr.x), free(d->lr.y), free(d->tps.x), free(d->tps.y), free(d->resumes.x), free(d->resumes.y);
 }
 
 int st_cmd_plot(int argc, char **argv) {
@@ -176,7 +238,7 @@ int st_cmd_plot(int argc, char **argv) {
         else run_dir = NULL, out = NULL, i = argc;
     }
     if (!run_dir || !out) {
-        fprintf(stderr, "usage: shardtune plot RUN_DIR --out FILE.svg\n");
+        fprintf(stderr, "usage: shardtune plot RUN_DIR --out FILE.svg|FILE.png\n");
         return ST_EXIT_USAGE;
     }
     char path[4096];
@@ -212,6 +274,21 @@ int st_cmd_plot(int argc, char **argv) {
         snprintf(msg, sizeof msg, "%s has no metric lines (JSON objects with a numeric \"step\")", path);
         return st_cli_error("plot", msg);
     }
+    series all[PLOT_MAX_SERIES + 2];
+    memcpy(all, d.loss, (size_t)d.nloss * sizeof *all);
+    all[d.nloss] = d.lr;
+    all[d.nloss + 1] = d.tps;
+    double xlo, xhi;
+    range_of(all, d.nloss + 2, 1, &xlo, &xhi);
+    size_t out_len = strlen(out);
+    if (out_len > 4 && !strcasecmp(out + out_len - 4, ".png")) {
+        int rc = write_png(out, &d, xlo, xhi);
+        free_data(&d);
+        if (rc) return st_cli_error("plot", st_error());
+        printf("wrote %s: %zu steps%s", out, used, skipped ? "" : "\n");
+        if (skipped) printf(", %zu lines skipped (not metric JSON)\n", skipped);
+        return ST_EXIT_OK;
+    }
     FILE *f = fopen(out, "w");
     if (!f) {
         free_data(&d);
@@ -219,18 +296,12 @@ int st_cmd_plot(int argc, char **argv) {
         snprintf(msg, sizeof msg, "cannot write %s", out);
         return st_cli_error("plot", msg);
     }
-    series all[PLOT_MAX_SERIES + 2];
-    memcpy(all, d.loss, (size_t)d.nloss * sizeof *all);
-    all[d.nloss] = d.lr;
-    all[d.nloss + 1] = d.tps;
-    double xlo, xhi;
-    range_of(all, d.nloss + 2, 1, &xlo, &xhi);
     double height = 3 * (PANEL_H + MT + MB);
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%g\" height=\"%g\" font-family=\"sans-serif\">\n", W, height);
     fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
-    panel(f, 0, "loss", d.loss, d.nloss, xlo, xhi);
-    panel(f, 1, "learning rate", &d.lr, 1, xlo, xhi);
-    panel(f, 2, "tokens/s", &d.tps, 1, xlo, xhi);
+    panel(f, 0, "loss", d.loss, d.nloss, &d.resumes, xlo, xhi);
+    panel(f, 1, "learning rate", &d.lr, 1, NULL, xlo, xhi);
+    panel(f, 2, "tokens/s", &d.tps, 1, NULL, xlo, xhi);
     fputs("</svg>\n", f);
     int bad = fclose(f) != 0;
     free_data(&d);

@@ -1,7 +1,8 @@
 /* cmd_train.c — `shardtune train JOB.yaml [a.b=value ...]`, started once per rank (srun, mpirun, alone).
  *
  * Rank 0 parses the YAML and broadcasts the canonical JSON dump; the other ranks parse the dump, so
- * every rank runs exactly the same config. Exit codes: 0 done, 1 error, 85 checkpointed on request. */
+ * every rank runs exactly the same config. Exit codes: 0 done, 1 error, 2 usage, 3 diverged (nothing saved
+ * from the bad step), 85 checkpointed on request. */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,5 +96,8 @@ int st_cmd_train(int argc, char **argv) {
         }
     }
     MPI_Finalize();
-    return res == ST_RUN_FINISHED ? ST_EXIT_OK : res == ST_RUN_CHECKPOINTED ? ST_EXIT_REQUEUE : ST_EXIT_FAIL;
+    return res == ST_RUN_FINISHED       ? ST_EXIT_OK
+           : res == ST_RUN_CHECKPOINTED ? ST_EXIT_REQUEUE
+           : res == ST_RUN_DIVERGED     ? ST_EXIT_DIVERGED
+                                        : ST_EXIT_FAIL;
 }

@@ -4,12 +4,16 @@
 #ifndef ST_COMMANDS_H
 #define ST_COMMANDS_H
 
+#include <stdint.h>
+
 /* Exit codes shared by all commands (documented in docs/cli.md). */
 enum {
     ST_EXIT_OK = 0,
     ST_EXIT_FAIL = 1,        /* the one-line error says why */
     ST_EXIT_USAGE = 2,       /* bad command line */
+    ST_EXIT_DIVERGED = 3,    /* train: stopped on a non-finite loss / grad norm (train.on_nonfinite) */
     ST_EXIT_REQUEUE = 85,    /* checkpointed on a signal or `ctl stop`: please requeue / resume */
+    ST_EXIT_HUNG = 86,       /* train: the collective watchdog aborted the job (a rank never arrived) */
 };
 
 int st_cmd_init_model(int argc, char **argv);
@@ -31,5 +35,10 @@ int st_cmd_tokenize(int argc, char **argv);
 
 /* Prints "shardtune <cmd>: error: <msg>" to stderr (one line) and returns ST_EXIT_FAIL. */
 int st_cli_error(const char *cmd, const char *msg);
+
+/* A flag's number, strictly (common/util.h st_parse_*): 0, or prints "shardtune <cmd>: error: <flag>:
+ * expected ..., got '<text>'" and returns ST_EXIT_USAGE. Use: if ((rc = st_cli_int(...))) return rc; */
+int st_cli_int(const char *cmd, const char *flag, const char *text, int64_t lo, int64_t hi, int64_t *out);
+int st_cli_real(const char *cmd, const char *flag, const char *text, double lo, double hi, double *out);
 
 #endif

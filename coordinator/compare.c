@@ -16,6 +16,7 @@
 #include "common/rng.h"
 #include "common/util.h"
 #include "coordinator/compare.h"
+#include "coordinator/gen_run.h"
 
 char st_sheet_tuned_side(uint64_t seed, int i) {
     st_rng r;
@@ -183,7 +184,7 @@ int st_sheet_write(const char *dir, const st_sheet_item *items, int n, uint64_t 
 /* ---------------- score ---------------- */
 
 const char *st_compare_band(double support) {
-    if (fabs(support - 0.5) <= ST_COMPARE_NEAR_HALF + 1e-12) return /* 45% and 55% both inside */ "no real progress";
+    if (fabs(support - 0.5) <= ST_COMPARE_NEAR_HALF + 1e-12) return /* 49.5% and 50.5% both inside */ "no real progress";
     if (support < 0.5) return "worse than the base";
     if (support < 0.7) return "not good enough";
     if (support <= 0.8) return "successful";
@@ -233,15 +234,10 @@ int st_compare_score(const char *dir, const char *votes_path, st_compare_result 
     /* the last vote of an id counts (a person may change their mind); index into key->items */
     char *vote = key ? calloc(key->count + 1, 1) : NULL;
     if (!rc && !vote) rc = st_fail(ST_ENOMEM, "out of memory");
-    long ln = 0;
-    for (char *s = text; !rc && s && s < text + len; ln++) {
-        char *e = memchr(s, '\n', (size_t)(text + len - s));
-        if (!e) e = text + len;
-        size_t n = (size_t)(e - s);
-        char *line = s;
-        s = e + 1;
-        while (n > 0 && (line[n - 1] == '\r' || line[n - 1] == ' ')) n--;
-        if (n == 0) continue;
+    long ln = -1;
+    char *cur = text, *line = NULL;
+    size_t n = 0;
+    while (!rc && cur && st_jsonl_next(&cur, text + len, &ln, &line, &n)) {
         st_json *v = NULL;
         rc = st_json_parse(line, n, &v);
         if (rc) { st_fail_context(rc, "%s line %ld", votes_path, ln + 1); break; }

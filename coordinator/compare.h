@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 /* |support - 0.5| within this reads as "about 50%": the "no real progress" band. */
-#define ST_COMPARE_NEAR_HALF 0.05
+#define ST_COMPARE_NEAR_HALF 0.005 /* "about 50%": rounds to 50% */
 
 typedef struct {
     const char *id;     /* the prompt id (unique) */

@@ -323,6 +323,35 @@ static int parse_modules(const walk *w, const char *path, const yaml_node_t *nod
     return 0;
 }
 
+/* A non-empty list of names from `names` (a single name is accepted as a scalar) into a bit mask. */
+static int parse_nameset(const walk *w, const char *path, const yaml_node_t *node, const char *const *names,
+                         unsigned *out) {
+    char got[80], valid[256] = "";
+    for (int i = 0; names[i]; i++)
+        snprintf(valid + strlen(valid), sizeof valid - strlen(valid), "%s%s", i ? ", " : "", names[i]);
+    int single = node && node->type == YAML_SCALAR_NODE && !is_null(node);
+    if (!single && (!node || node->type != YAML_SEQUENCE_NODE ||
+                    node->data.sequence.items.top == node->data.sequence.items.start))
+        return walk_fail(w, node, "%s: expected a non-empty list of %s, got %s", path, valid,
+                         node_text(node, got, sizeof got));
+    unsigned mask = 0;
+    yaml_node_item_t one = 0;
+    yaml_node_item_t *it = single ? &one : node->data.sequence.items.start;
+    yaml_node_item_t *end = single ? &one + 1 : node->data.sequence.items.top;
+    for (; it < end; it++) {
+        const yaml_node_t *item = single ? node : yaml_document_get_node(w->doc, *it);
+        const char *s = scalar(item);
+        int bit = -1;
+        for (int i = 0; s && names[i]; i++)
+            if (!strcmp(s, names[i])) bit = i;
+        if (bit < 0)
+            return walk_fail(w, item, "%s: unknown name %s (valid: %s)", path, node_text(item, got, sizeof got), valid);
+        mask |= 1u << bit;
+    }
+    *out = mask;
+    return 0;
+}
+
 static int parse_f64_list(const walk *w, const st_key *k, const char *path, const yaml_node_t *node, double *out) {
     char got[80], want[64];
     describe_number(k->lo, k->hi, k->flags, want, sizeof want);
@@ -399,6 +428,7 @@ static int assign(const walk *w, const st_key *k, char *base, const char *path, 
     case ST_KEY_STRING: return parse_string(w, path, node, p, k->size);
     case ST_KEY_ENUM: return parse_enum(w, k, path, node, (int *)p);
     case ST_KEY_MODULES: return parse_modules(w, path, node, (unsigned *)p);
+    case ST_KEY_NAMESET: return parse_nameset(w, path, node, k->names, (unsigned *)p);
     case ST_KEY_SIGNAL: return parse_signal(w, path, node, (int *)p);
     case ST_KEY_RESUME: return parse_resume(w, path, node, (st_config *)base);
     case ST_KEY_END: break;
@@ -614,6 +644,15 @@ static int finish_tasks(st_config *c, const char *file) {
 static int finish_finetune(st_config *c, const char *file) {
     int rc = check_layers(file, "finetune.train_layers", c->finetune.train_layers);
     if (rc) return rc;
+    /* full trains every layer: a layer choice there would be silently ignored */
+    if (c->finetune.mode == ST_FINETUNE_FULL && strcmp(c->finetune.train_layers, "-4") != 0)
+        return st_fail(ST_ECONFIG, "%s: finetune.train_layers: '%s' has no effect in finetune.mode full (every layer "
+                       "trains); set finetune.mode: frozen to train only these layers, or remove the key", file,
+                       c->finetune.train_layers);
+    if (c->finetune.mode != ST_FINETUNE_PROGRESSIVE && (c->finetune.n_stages > 0 || c->finetune.unfreeze_every > 0))
+        return st_fail(ST_ECONFIG, "%s: finetune.%s has no effect in finetune.mode %s; set finetune.mode: progressive "
+                       "or remove the key", file, c->finetune.n_stages > 0 ? "stages" : "unfreeze_every",
+                       st_finetune_mode_name(c->finetune.mode));
     for (int i = 0; i < c->finetune.n_stages; i++) {
         st_stage_config *s = &c->finetune.stages[i];
         char key[64];
@@ -627,6 +666,10 @@ static int finish_finetune(st_config *c, const char *file) {
             return st_fail(ST_ECONFIG, "%s: finetune.stages.%d.at_step: stages must start at increasing steps "
                            "(%" PRId64 " after %" PRId64 ")", file, i, s->at_step, s[-1].at_step);
     }
+    if ((rc = check_layers(file, "finetune.lora.layers", c->finetune.lora.layers))) return rc;
+    if (c->finetune.mode == ST_FINETUNE_LORA && c->finetune.lora.dropout > 0)
+        return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g is not supported yet (only 0)", file,
+                       c->finetune.lora.dropout);
     if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE && c->sharding.stage == 3)
         return st_fail(ST_ECONFIG, "%s: sharding.stage 3 does not support finetune.mode progressive yet (stage "
                        "transitions would re-shard the weights); use sharding.stage 2", file);
@@ -664,7 +707,15 @@ static int finish(st_config *c, const char *file, const char *stem) {
         return st_fail(ST_ECONFIG, "%s: split: the three fractions must sum to 1, got %g + %g + %g = %g", file,
                        c->split[0], c->split[1], c->split[2], sum);
     if (!(c->split[0] > 0)) return st_fail(ST_ECONFIG, "%s: split.0: the train fraction must be > 0", file);
-    if (c->monitor.publish[0] && !strcmp(c->monitor.publish, c->monitor.control))
+    /* sizes the trainer multiplies in int / size_t: refused here, naming the keys, not overflowed later */
+    int64_t per_micro = (int64_t)c->train.micro_batch * c->train.seq_len;
+    if (per_micro > (1 << 26))
+        return st_fail(ST_ECONFIG, "%s: train.micro_batch x train.seq_len = %" PRId64 " tokens per micro-batch is over "
+                       "the limit of %d", file, per_micro, 1 << 26);
+    if (per_micro * c->train.grad_accum > INT_MAX)
+        return st_fail(ST_ECONFIG, "%s: train.micro_batch x train.grad_accum x train.seq_len = %" PRId64 " tokens per "
+                       "rank and step is over the limit of %d", file, per_micro * c->train.grad_accum, INT_MAX);
+    if (c->monitor.publish[0] && !strcmp(c->monitor.publish, c->monitor.control) && !strstr(c->monitor.publish, ":*"))
         return st_fail(ST_ECONFIG, "%s: monitor.control: must differ from monitor.publish (both '%s')", file,
                        c->monitor.control);
     return 0;

@@ -27,10 +27,11 @@
 
 typedef enum { ST_BACKEND_AUTO, ST_BACKEND_CPU, ST_BACKEND_CUDA } st_backend_kind;
 typedef enum { ST_SCHEDULE_CONSTANT, ST_SCHEDULE_COSINE, ST_SCHEDULE_LINEAR } st_schedule_kind;
-typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE } st_finetune_mode;
+typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE, ST_FINETUNE_LORA } st_finetune_mode;
 typedef enum { ST_MIXING_PROPORTIONAL, ST_MIXING_TEMPERATURE, ST_MIXING_WEIGHTS } st_mixing_strategy;
 typedef enum { ST_LOSS_WEIGHTING_NONE, ST_LOSS_WEIGHTING_UNCERTAINTY } st_loss_weighting_kind;
 typedef enum { ST_RESUME_AUTO, ST_RESUME_NONE, ST_RESUME_PATH } st_resume_kind;
+typedef enum { ST_NONFINITE_STOP, ST_NONFINITE_SKIP } st_nonfinite_policy;
 
 /* Module kinds for train_modules, as a bit mask. */
 enum {
@@ -81,6 +82,10 @@ typedef struct {
         double eps;
         double grad_clip;           /* 0 = no clipping */
         int64_t log_every;
+        st_nonfinite_policy on_nonfinite; /* a non-finite loss / grad norm (or a loss spike): stop | skip the step */
+        int max_nonfinite_skips;    /* skip: stop once this many steps in a row were skipped */
+        double loss_spike;          /* 0 = off; else a loss above loss_spike x the recent mean counts as bad */
+        double collective_timeout_s; /* a collective not done after this long aborts the job (0 = never) */
     } train;
 
     struct {
@@ -91,6 +96,15 @@ typedef struct {
         int n_stages;
         int64_t unfreeze_every;     /* 0 = off */
         double layer_lr_decay;
+        struct {                    /* mode lora (worker/lora.h) */
+            int r;
+            double alpha;
+            double dropout;         /* only 0 is supported */
+            unsigned targets;       /* ST_LORA_* bits */
+            int dora;               /* DoRA magnitude vectors */
+            int rslora;
+            char layers[ST_CFG_NAME_MAX]; /* layer spec, see st_parse_layer_ranges */
+        } lora;
     } finetune;
 
     struct {
@@ -130,6 +144,7 @@ typedef struct {
         int64_t every_steps;        /* 0 = only on signal / stop / end */
         int keep_last;              /* 0 = keep all */
         int signal;                 /* signal number that asks for a checkpoint; 0 = none */
+        int max_failures;           /* this many failed saves in a row stop the job (0 = never) */
     } checkpoint;
 
     st_resume_kind resume;
@@ -170,6 +185,7 @@ const char *st_schedule_name(st_schedule_kind k);
 const char *st_finetune_mode_name(st_finetune_mode m);
 const char *st_mixing_name(st_mixing_strategy s);
 const char *st_loss_weighting_name(st_loss_weighting_kind k);
+const char *st_nonfinite_name(st_nonfinite_policy p);
 const char *st_module_name(unsigned module_bit);  /* one ST_MODULE_* bit: "attn", ... */
 const char *st_signal_name(int signum);           /* "USR1", ... or "none" for 0 */
 

@@ -132,6 +132,19 @@ static void put_value(sbuf *b, const st_key *k, const char *base) {
         puts_(b, "]");
         break;
     }
+    case ST_KEY_NAMESET: {
+        unsigned mask = *(const unsigned *)p;
+        int first = 1;
+        puts_(b, "[");
+        for (int i = 0; k->names[i]; i++) {
+            if (!(mask & (1u << i))) continue;
+            if (!first) puts_(b, ", ");
+            put_string(b, k->names[i]);
+            first = 0;
+        }
+        puts_(b, "]");
+        break;
+    }
     case ST_KEY_SIGNAL: put_string(b, st_signal_name(*(const int *)p)); break;
     case ST_KEY_RESUME: {
         const st_config *c = (const st_config *)base;

@@ -5,9 +5,12 @@
  * lists in messages; it follows DESIGN.md's config reference. Static data only. */
 #include "coordinator/config.h"
 #include "coordinator/config_keys.h"
+#include "common/util.h" /* ST_MAX_THREADS */
+#include "worker/lora.h"
 
 #include <signal.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 /* Offset of a field inside one of st_config's anonymous section structs. */
@@ -24,9 +27,10 @@
 static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
 static const char *const precision_names[] = {"fp32", "bf16", NULL}; /* indexed by st_precision */
 static const char *const schedule_names[] = {"constant", "cosine", "linear", NULL};
-static const char *const mode_names[] = {"full", "frozen", "progressive", NULL};
+static const char *const mode_names[] = {"full", "frozen", "progressive", "lora", NULL};
 static const char *const mixing_names[] = {"proportional", "temperature", "weights", NULL};
 static const char *const loss_weighting_names[] = {"none", "uncertainty", NULL};
+static const char *const nonfinite_names[] = {"stop", "skip", NULL}; /* indexed by st_nonfinite_policy */
 const char *const st_module_names[] = {"attn", "mlp", "norm", "embed", "head", NULL};
 
 static void task_defaults(void *elem) {
@@ -47,13 +51,13 @@ static const st_key model_keys[] = {
 };
 
 static const st_key train_keys[] = {
-    KEY_I64("steps", SOFF(train, steps), 1, 0, NO_HI),
+    KEY_I64("steps", SOFF(train, steps), 1, INT32_MAX, 0) /* the lr schedule counts in int */,
     KEY_I32("micro_batch", SOFF(train, micro_batch), 1, 0, NO_HI),
     KEY_I32("grad_accum", SOFF(train, grad_accum), 1, 0, NO_HI),
     KEY_I32("seq_len", SOFF(train, seq_len), 2, 0, NO_HI),
     KEY_F64("lr", SOFF(train, lr), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     KEY_ENUM("schedule", SOFF(train, schedule), schedule_names),
-    KEY_I64("warmup_steps", SOFF(train, warmup_steps), 0, 0, NO_HI),
+    KEY_I64("warmup_steps", SOFF(train, warmup_steps), 0, INT32_MAX, 0),
     KEY_F64("min_lr_ratio", SOFF(train, min_lr_ratio), 0, 1, 0),
     KEY_F64("weight_decay", SOFF(train, weight_decay), 0, 0, NO_HI),
     {.name = "betas", .kind = ST_KEY_F64_LIST, .off = SOFF(train, betas), .size = 2, .lo = 0, .hi = 1,
@@ -61,6 +65,10 @@ static const st_key train_keys[] = {
     KEY_F64("eps", SOFF(train, eps), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     KEY_F64("grad_clip", SOFF(train, grad_clip), 0, 0, NO_HI),
     KEY_I64("log_every", SOFF(train, log_every), 1, 0, NO_HI),
+    KEY_ENUM("on_nonfinite", SOFF(train, on_nonfinite), nonfinite_names),
+    KEY_I32("max_nonfinite_skips", SOFF(train, max_nonfinite_skips), 1, 1000000, 0),
+    KEY_F64("loss_spike", SOFF(train, loss_spike), 0, 0, NO_HI),
+    KEY_F64("collective_timeout_s", SOFF(train, collective_timeout_s), 0, 0, NO_HI),
     {0},
 };
 
@@ -68,6 +76,20 @@ static const st_key stage_keys[] = {
     KEY_I64("at_step", offsetof(st_stage_config, at_step), 0, 0, NO_HI),
     KEY_STR("train_layers", offsetof(st_stage_config, train_layers), ST_CFG_NAME_MAX),
     {.name = "train_modules", .kind = ST_KEY_MODULES, .off = offsetof(st_stage_config, train_modules)},
+    {0},
+};
+
+/* Offset of a field of finetune.lora inside its struct. */
+#define LOFF(field) (offsetof(st_config, finetune.lora.field) - offsetof(st_config, finetune.lora))
+
+static const st_key lora_keys[] = {
+    KEY_I32("r", LOFF(r), 1, 0, NO_HI),
+    KEY_F64("alpha", LOFF(alpha), 0, 0, ST_KEY_LO_OPEN | NO_HI),
+    KEY_F64("dropout", LOFF(dropout), 0, 1, ST_KEY_HI_OPEN),
+    {.name = "targets", .kind = ST_KEY_NAMESET, .off = LOFF(targets), .names = st_lora_target_names},
+    {.name = "dora", .kind = ST_KEY_BOOL, .off = LOFF(dora)},
+    {.name = "rslora", .kind = ST_KEY_BOOL, .off = LOFF(rslora)},
+    KEY_STR("layers", LOFF(layers), ST_CFG_NAME_MAX),
     {0},
 };
 
@@ -80,6 +102,7 @@ static const st_key finetune_keys[] = {
      .elem_defaults = stage_defaults},
     KEY_I64("unfreeze_every", SOFF(finetune, unfreeze_every), 0, 0, NO_HI),
     KEY_F64("layer_lr_decay", SOFF(finetune, layer_lr_decay), 0, 1, ST_KEY_LO_OPEN),
+    {.name = "lora", .kind = ST_KEY_SECTION, .off = SOFF(finetune, lora), .sub = lora_keys},
     {0},
 };
 
@@ -128,6 +151,7 @@ static const st_key checkpoint_keys[] = {
     KEY_I64("every_steps", SOFF(checkpoint, every_steps), 0, 0, NO_HI),
     KEY_I32("keep_last", SOFF(checkpoint, keep_last), 0, 0, NO_HI),
     {.name = "signal", .kind = ST_KEY_SIGNAL, .off = SOFF(checkpoint, signal)},
+    KEY_I32("max_failures", SOFF(checkpoint, max_failures), 0, 0, NO_HI),
     {0},
 };
 
@@ -145,7 +169,7 @@ const st_key st_config_root_keys[] = {
     KEY_STR("run_dir", offsetof(st_config, run_dir), ST_CFG_PATH_MAX),
     KEY_I64("seed", offsetof(st_config, seed), 0, 0, NO_HI),
     KEY_ENUM("backend", offsetof(st_config, backend), backend_names),
-    KEY_I32("threads", offsetof(st_config, threads), 0, 0, NO_HI),
+    KEY_I32("threads", offsetof(st_config, threads), 0, ST_MAX_THREADS, 0),
     KEY_ENUM("precision", offsetof(st_config, precision), precision_names),
     KEY_ENUM("loss_weighting", offsetof(st_config, loss_weighting), loss_weighting_names),
     KEY_F64("loss_weighting_lr", offsetof(st_config, loss_weighting_lr), 0, 0, ST_KEY_LO_OPEN | NO_HI),
@@ -190,12 +214,20 @@ void st_config_defaults(st_config *c) {
     c->train.eps = 1.0e-8;
     c->train.grad_clip = 1.0;
     c->train.log_every = 1;
+    c->train.on_nonfinite = ST_NONFINITE_STOP;
+    c->train.max_nonfinite_skips = 10;
+    c->train.loss_spike = 0.0;
+    c->train.collective_timeout_s = 600.0;
 
     c->finetune.mode = ST_FINETUNE_FULL;
     strcpy(c->finetune.train_layers, "-4");
     c->finetune.train_modules = ST_MODULE_ALL;
     c->finetune.unfreeze_every = 0;
     c->finetune.layer_lr_decay = 1.0;
+    c->finetune.lora.r = 16;
+    c->finetune.lora.alpha = 32;
+    c->finetune.lora.targets = ST_LORA_Q | ST_LORA_K | ST_LORA_V | ST_LORA_O | ST_LORA_GATE | ST_LORA_UP | ST_LORA_DOWN;
+    strcpy(c->finetune.lora.layers, "all");
 
     c->distill.temperature = 2.0;
     c->distill.alpha = 0.5;
@@ -218,11 +250,12 @@ void st_config_defaults(st_config *c) {
     c->checkpoint.every_steps = 100;
     c->checkpoint.keep_last = 3;
     c->checkpoint.signal = SIGUSR1;
+    c->checkpoint.max_failures = 3;
 
     c->resume = ST_RESUME_AUTO;
 
-    strcpy(c->monitor.publish, "tcp://127.0.0.1:5555");
-    strcpy(c->monitor.control, "tcp://127.0.0.1:5556");
+    strcpy(c->monitor.publish, "tcp://127.0.0.1:*"); /* free ports: a second job on the host just works */
+    strcpy(c->monitor.control, "tcp://127.0.0.1:*");
     c->monitor.heartbeat_ms = 500;
     c->monitor.stall_after_s = 30.0;
     c->monitor.curve = 0;
@@ -233,9 +266,10 @@ static const char *name_at(const char *const *names, int n, int i) { return i >=
 const char *st_backend_name(st_backend_kind k) { return name_at(backend_names, 3, (int)k); }
 const char *st_precision_name(st_precision p) { return name_at(precision_names, 2, (int)p); }
 const char *st_schedule_name(st_schedule_kind k) { return name_at(schedule_names, 3, (int)k); }
-const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 3, (int)m); }
+const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 4, (int)m); }
 const char *st_mixing_name(st_mixing_strategy s) { return name_at(mixing_names, 3, (int)s); }
 const char *st_loss_weighting_name(st_loss_weighting_kind k) { return name_at(loss_weighting_names, 2, (int)k); }
+const char *st_nonfinite_name(st_nonfinite_policy p) { return name_at(nonfinite_names, 2, (int)p); }
 
 const char *st_module_name(unsigned module_bit) {
     for (int i = 0; st_module_names[i]; i++)

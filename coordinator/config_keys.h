@@ -23,6 +23,7 @@ typedef enum {
     ST_KEY_MODULES,  /* unsigned ST_MODULE_* mask written as a list of module names */
     ST_KEY_SIGNAL,   /* int signal number written as a name (USR1, ..., none) */
     ST_KEY_RESUME,   /* top-level `resume`: auto | none | PATH (two struct fields) */
+    ST_KEY_NAMESET,  /* unsigned mask written as a non-empty list of `names` (bit i = names[i]) */
 } st_key_kind;
 
 enum { ST_KEY_LO_OPEN = 1, ST_KEY_HI_OPEN = 2, ST_KEY_NO_HI = 4 };

@@ -2,11 +2,13 @@
 #include "coordinator/control_token.h"
 
 #include "common/error.h"
+#include "common/util.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -238,4 +240,40 @@ int st_curve_server_setup(void *s, const char *secret_z85) {
         zmq_setsockopt(s, ZMQ_CURVE_SECRETKEY, secret_z85, ST_CURVE_KEY_LEN) != 0)
         return st_fail(ST_ECOMM, "cannot make a CURVE server socket: %s", zmq_strerror(zmq_errno()));
     return 0;
+}
+
+/* ---------------- monitor.addr ---------------- */
+
+int st_monitor_addr_write(const char *run_dir, const char *publish, const char *control) {
+    char path[4096], text[2200];
+    snprintf(path, sizeof path, "%s/%s", run_dir, ST_MONITOR_ADDR_FILE);
+    int n = snprintf(text, sizeof text, "publish %s\ncontrol %s\n", publish && *publish ? publish : "-",
+                     control && *control ? control : "-");
+    return st_write_file_atomic(path, text, (size_t)n);
+}
+
+int st_monitor_addr_read(const char *run_dir, const char *which, char *out, size_t size) {
+    char path[4096], *text = NULL;
+    size_t len = 0;
+    snprintf(path, sizeof path, "%s/%s", run_dir, ST_MONITOR_ADDR_FILE);
+    if (st_read_file(path, &text, &len) != 0)
+        return st_fail(ST_EIO, "%s not found: the job has not started its monitor yet, or %s is not its run_dir "
+                       "(or pass ADDR)", path, run_dir);
+    int rc = st_fail(ST_EFORMAT, "%s has no '%s' line", path, which);
+    size_t wl = strlen(which);
+    for (char *line = text; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl) *nl = 0;
+        if (!strncmp(line, which, wl) && line[wl] == ' ') {
+            const char *v = line + wl + 1;
+            if (!strcmp(v, "-")) rc = st_fail(ST_EINVAL, "the job of %s runs without a %s socket (monitor.%s is \"\")",
+                                             run_dir, which, which);
+            else if (strlen(v) >= size) rc = st_fail(ST_EFORMAT, "%s: the %s address is too long", path, which);
+            else { memcpy(out, v, strlen(v) + 1); rc = 0; }
+            break;
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    free(text);
+    return rc;
 }

@@ -5,6 +5,9 @@
  *   monitor.pub    mode 0644, the matching CURVE server PUBLIC key; clients (`shardtune ctl/monitor
  *                  --run-dir`, or a copy given with --server-key) use it to authenticate the job and
  *                  encrypt the connection.
+ *   monitor.addr   mode 0644, the addresses the job's PUB and REP sockets bound (a "*" port resolved), two
+ *                  lines "publish ADDR" and "control ADDR" ("-" for a socket that is off); `shardtune
+ *                  monitor/ctl --run-dir` read it when no ADDR is given.
  * Tokens and keys are written into caller buffers (ST_TOKEN_BUF / ST_CURVE_KEY_BUF bytes, NUL-terminated).
  * Nothing here ever puts a secret into an error message. */
 #ifndef ST_CONTROL_TOKEN_H
@@ -19,6 +22,7 @@
 #define ST_CURVE_KEY_BUF 41
 #define ST_CURVE_SECRET_FILE "monitor.key"
 #define ST_CURVE_PUBLIC_FILE "monitor.pub"
+#define ST_MONITOR_ADDR_FILE "monitor.addr"
 
 /* Creates RUN_DIR/control.token with a fresh token from /dev/urandom. A token file left by a previous
  * job is removed first; the new file is created with O_EXCL and mode 0600 so it is never readable by
@@ -65,5 +69,13 @@ int st_curve_client_setup(void *zmq_socket, const char server_public_z85[ST_CURV
 /* Makes a not-yet-bound ZeroMQ socket a CURVE server with this secret key (40 Z85 chars). 0, ST_EINVAL
  * (not a 40-char key) or ST_ECOMM. */
 int st_curve_server_setup(void *zmq_socket, const char *secret_z85);
+
+/* Writes RUN_DIR/monitor.addr atomically ("" = that socket is off). 0 or ST_EIO naming the path. */
+int st_monitor_addr_write(const char *run_dir, const char *publish, const char *control);
+
+/* Reads the address `which` ("publish" or "control") from RUN_DIR/monitor.addr into out. ST_EIO when the
+ * file is missing (the job has not started, or it is another RUN_DIR), ST_EINVAL when the job runs without
+ * that socket, each naming the path. */
+int st_monitor_addr_read(const char *run_dir, const char *which, char *out, size_t size);
 
 #endif

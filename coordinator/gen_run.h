@@ -1,6 +1,6 @@
 /* gen_run.h — what `generate` and `compare` share: reading a prompts JSONL file, generating answers for
  * every prompt across the MPI ranks (whole batches per rank, so the output does not depend on the number
- * of ranks), and the flags of the token choice. Implemented in cmd_generate.c.
+ * of ranks), and the flags of the token choice. Implemented in gen_run.c.
  *
  * Memory: st_prompt_set and st_answer arrays are owned by the caller and released with the *_free
  * functions here. Errors set st_error() and return a negative ST_E*; nothing here prints. */
@@ -10,6 +10,7 @@
 #include <mpi.h>
 #include <stdint.h>
 
+#include "common/json.h"
 #include "worker/generate.h"
 
 typedef struct {
@@ -46,10 +47,12 @@ void st_prompts_free(st_prompt_set *ps);
 typedef struct {
     st_gen_params gp;
     char backend[8]; /* auto | cpu | cuda */
-    int timing;      /* --timing: rank 0 prints prefill and decode tokens/s of its own prompts to stderr */
+    int timing;      /* --timing: the command prints rank 0's prefill and decode tokens/s */
+    st_gen_stats *stats; /* optional out: this rank's timing (st_gen_run fills it) */
     int chat;        /* --chat: "prompt" lines become one user message through the chat template */
     const char *stop[ST_GEN_MAX_STOP]; /* --stop STR (repeatable): stop once the answer's text holds one */
     int n_stop;
+    const char *adapter; /* --adapter DIR: a PEFT LoRA adapter merged into the weights after loading */
 } st_gen_flags;
 void st_gen_flags_default(st_gen_flags *f);
 int st_gen_flags_parse(st_gen_flags *f, int argc, char **argv, int *i);
@@ -63,6 +66,13 @@ int st_gen_flags_parse(st_gen_flags *f, int argc, char **argv, int *i);
 int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set *ps, MPI_Comm comm,
                st_answer **answers, float **dump, int *vocab, int *print_error);
 void st_answers_free(st_answer *a, int n);
+
+/* JSONL walking: from *cursor (inside [.., end)), finds the next non-blank line, trimmed of spaces, tabs
+ * and CRs, and its 0-based line number (*ln counts every line passed). Returns 0 at the end. */
+int st_jsonl_next(char **cursor, const char *end, long *ln, char **line, size_t *len);
+
+/* A JSON "id" value as text (a string, or an integer printed); 0, or -1 when it is neither. */
+int st_json_id_text(const st_json *id, char *buf, size_t size);
 
 /* "eos" | "length" | "stop" | "max_positions" */
 const char *st_gen_finish_name(st_gen_finish f);

@@ -14,12 +14,9 @@
 typedef struct st_gen_text st_gen_text;
 
 /* Opens DIR's tokenizer (tokenizer.json, tokenizer_config.json / chat_template.jinja). *out is NULL
- * (and 0 returned) when DIR has none or this build has no tokenizer support: text is then unavailable. */
+ * (and 0 returned) when DIR has no tokenizer.json: text is then unavailable. */
 int st_gen_text_open(const char *dir, st_gen_text **out);
 void st_gen_text_free(st_gen_text *t);
-
-/* 1 when this build can tokenize at all. */
-int st_gen_text_supported(void);
 
 /* The ids of a prompt line (its JSON object text): {"prompt": s} (with chat: as one user message) or
  * {"messages": [...]} (always through the chat template). Errors name the missing piece. */

@@ -4,6 +4,9 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/error.h"
+#include "common/util.h"
+
 struct st_command {
     const char *name;
     int (*run)(int argc, char **argv);
@@ -22,9 +25,9 @@ static const struct st_command st_commands[] = {
     {"export", st_cmd_export, "SRC --out DST [--format hf|gguf] [--quant f32|f16|bf16|q8_0|q4_0]"},
     {"compress", st_cmd_compress, "--model DIR --out DIR [--drop-layers SPEC] [--prune-heads F] [--prune-ffn F] "
                                   "[--calib DATA.h5]"},
-    {"monitor", st_cmd_monitor, "ADDR [--plain|--json]"},
-    {"ctl", st_cmd_ctl, "ADDR status|checkpoint|stop|pause|resume"},
-    {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg"},
+    {"monitor", st_cmd_monitor, "[ADDR] [--run-dir DIR] [--plain|--json]"},
+    {"ctl", st_cmd_ctl, "[ADDR] status|checkpoint|stop|pause|resume [--run-dir DIR | --token-file F]"},
+    {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg|FILE.png"},
     {"generate", st_cmd_generate,
      "--model DIR [--adapter DIR] --prompts IN.jsonl --out OUT.jsonl [--max-new N] [--temperature T] [--top-p P] "
      "[--top-k K] [--seed S] [--chat]"},
@@ -43,6 +46,18 @@ static void usage(FILE *out) {
 int st_cli_error(const char *cmd, const char *msg) {
     fprintf(stderr, "shardtune %s: error: %s\n", cmd, msg && *msg ? msg : "unknown failure");
     return ST_EXIT_FAIL;
+}
+
+int st_cli_int(const char *cmd, const char *flag, const char *text, int64_t lo, int64_t hi, int64_t *out) {
+    if (st_parse_i64(text, lo, hi, out) == 0) return 0;
+    fprintf(stderr, "shardtune %s: error: %s: %s\n", cmd, flag, st_error());
+    return ST_EXIT_USAGE;
+}
+
+int st_cli_real(const char *cmd, const char *flag, const char *text, double lo, double hi, double *out) {
+    if (st_parse_f64(text, lo, hi, out) == 0) return 0;
+    fprintf(stderr, "shardtune %s: error: %s: %s\n", cmd, flag, st_error());
+    return ST_EXIT_USAGE;
 }
 
 int main(int argc, char **argv) {

@@ -126,7 +126,7 @@ static void publish(st_monitor *m, const char *topic, const ProtobufCMessage *ms
     if (!buf) return;
     protobuf_c_message_pack(msg, buf);
     /* PUB never blocks: slow subscribers lose messages at their high-water mark. */
-    if (zmq_send(m->pub, topic, strlen(topic), ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0)
+    if (m->pub && zmq_send(m->pub, topic, strlen(topic), ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0)
         zmq_send(m->pub, buf, n, ZMQ_DONTWAIT);
     remember(m, topic, buf, n);
     if (buf != stackbuf) free(buf);
@@ -202,6 +202,35 @@ void st_monitor_get_stats(st_monitor *m, st_monitor_stats *out) {
     pthread_mutex_lock(&m->lock);
     *out = m->stats;
     pthread_mutex_unlock(&m->lock);
+}
+
+int st_monitor_missing_ranks(st_monitor *m, int self, int64_t step, int phase, double silent_s, char *out, size_t size) {
+    int n = 0;
+    size_t used = 0;
+    out[0] = 0;
+    double now = st_now();
+    pthread_mutex_lock(&m->lock);
+    for (int r = 0; r < m->world; r++) {
+        const st_rank_state *s = &m->ranks[r];
+        if (r == self || (s->heard && s->step == step && s->phase == phase && now - s->heard_at < silent_s)) continue;
+        n++;
+        if (used + 16 >= size) continue;
+        if (s->heard)
+            used += (size_t)snprintf(out + used, size - used, "%s%d (host %s, last seen at step %lld in %s, %.1f s ago)",
+                                     used ? ", " : "", r, s->host, (long long)s->step, st_phase_name(s->phase),
+                                     now - s->heard_at);
+        else
+            used += (size_t)snprintf(out + used, size - used, "%s%d (never heard from)", used ? ", " : "", r);
+    }
+    pthread_mutex_unlock(&m->lock);
+    return n;
+}
+
+void st_monitor_bound(const st_monitor *m, char *publish, char *control, size_t size) {
+    publish[0] = control[0] = 0;
+    if (m->pub) zmq_getsockopt(m->pub, ZMQ_LAST_ENDPOINT, publish, &size);
+    size_t sz = size;
+    if (m->rep) zmq_getsockopt(m->rep, ZMQ_LAST_ENDPOINT, control, &sz);
 }
 
 const char *st_monitor_pull_endpoint(const st_monitor *m) { return m->pull_endpoint; }
@@ -331,9 +360,11 @@ static void on_heartbeat(st_monitor *m, const Shardtune__Heartbeat *hb, const vo
         return;
     }
     bump(m, &m->stats.heartbeats);
+    pthread_mutex_lock(&m->lock); /* st_monitor_missing_ranks reads the rank table from another thread */
     st_rank_heard(&m->ranks[r], hb->host, hb->step, (int)hb->phase, hb->phase_seconds, st_now());
+    pthread_mutex_unlock(&m->lock);
     /* Republish the rank's own bytes: subscribers see exactly what the rank sent. */
-    if (zmq_send(m->pub, "rank", 4, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0) zmq_send(m->pub, raw, len, ZMQ_DONTWAIT);
+    if (m->pub && zmq_send(m->pub, "rank", 4, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0) zmq_send(m->pub, raw, len, ZMQ_DONTWAIT);
 }
 
 /* Reads one [kind, message] from PULL; anything else is counted and dropped. */
@@ -458,13 +489,17 @@ static void *monitor_main(void *arg) {
     st_monitor *m = arg;
     double next_check = st_now();
     while (!atomic_load(&m->stopping)) {
+        /* either public socket may be off (monitor.publish / monitor.control ""): poll only what exists */
         zmq_pollitem_t items[4] = {
             {.socket = m->pull, .events = ZMQ_POLLIN},
-            {.socket = m->rep, .events = ZMQ_POLLIN},
             {.socket = NULL, .fd = m->wake_fd, .events = ZMQ_POLLIN},
+            {.socket = m->rep, .events = ZMQ_POLLIN},
             {.socket = m->pub, .events = ZMQ_POLLIN},
         };
-        int rc = zmq_poll(items, m->pub ? 4 : 3, 100);
+        int n_items = 2, at_rep = -1, at_pub = -1;
+        if (m->rep) at_rep = n_items++;
+        if (m->pub) items[n_items] = items[3], at_pub = n_items++;
+        int rc = zmq_poll(items, n_items, 100);
         if (rc < 0 && zmq_errno() != EINTR) break;
         if (items[0].revents & ZMQ_POLLIN)
             for (int i = 0; i < 256; i++) { /* bounded burst so control stays responsive */
@@ -474,9 +509,9 @@ static void *monitor_main(void *arg) {
                 if (!(ev & ZMQ_POLLIN)) break;
                 handle_pull(m);
             }
-        if (items[1].revents & ZMQ_POLLIN) handle_control(m);
-        if (m->pub && (items[3].revents & ZMQ_POLLIN)) handle_subscription(m);
-        if (items[2].revents & ZMQ_POLLIN) {
+        if (at_rep >= 0 && (items[at_rep].revents & ZMQ_POLLIN)) handle_control(m);
+        if (at_pub >= 0 && (items[at_pub].revents & ZMQ_POLLIN)) handle_subscription(m);
+        if (items[1].revents & ZMQ_POLLIN) {
             uint64_t v;
             ssize_t r = read(m->wake_fd, &v, sizeof v);
             (void)r;
@@ -559,8 +594,8 @@ static void resolve_endpoint(st_monitor *m) {
 
 int st_monitor_start(const st_monitor_opts *o, st_monitor **out) {
     *out = NULL;
-    if (!o || o->world_size < 1 || !o->publish_addr || !o->control_addr)
-        return st_fail(ST_EINVAL, "monitor: need world_size >= 1, monitor.publish and monitor.control");
+    if (!o || o->world_size < 1 || (!o->publish_addr && !o->control_addr))
+        return st_fail(ST_EINVAL, "monitor: need world_size >= 1 and monitor.publish or monitor.control");
     if (o->token && *o->token && strlen(o->token) != ST_TOKEN_HEX)
         return st_fail(ST_EINVAL, "monitor: control token must be %d hex characters", ST_TOKEN_HEX);
     if (o->curve && (!o->curve_secret_z85 || strlen(o->curve_secret_z85) != ST_CURVE_KEY_LEN))
@@ -607,8 +642,8 @@ int st_monitor_start(const st_monitor_opts *o, st_monitor **out) {
     const char *secret = o->curve ? o->curve_secret_z85 : NULL;
     /* PULL stays plain: only our own ranks connect to it, at an address they learn over MPI */
     if (!(m->pull = bound_socket(m, ZMQ_PULL, pull_addr, "PULL", NULL)) ||
-        !(m->pub = bound_socket(m, ZMQ_XPUB, o->publish_addr, "PUB (monitor.publish)", secret)) ||
-        !(m->rep = bound_socket(m, ZMQ_REP, o->control_addr, "REP (monitor.control)", secret))) {
+        (o->publish_addr && !(m->pub = bound_socket(m, ZMQ_XPUB, o->publish_addr, "PUB (monitor.publish)", secret))) ||
+        (o->control_addr && !(m->rep = bound_socket(m, ZMQ_REP, o->control_addr, "REP (monitor.control)", secret)))) {
         destroy(m);
         return ST_ECOMM;
     }

@@ -17,6 +17,7 @@
 #ifndef ST_MONITOR_SERVER_H
 #define ST_MONITOR_SERVER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "coordinator/monitor_rules.h" /* ST_CTL_* bits */
@@ -43,6 +44,14 @@ int st_monitor_start(const st_monitor_opts *opts, st_monitor **out);
 /* The address ranks connect their telemetry to (st_telemetry_opts.coordinator_addr), e.g.
  * "tcp://127.0.0.1:41234". Owned by the handle. Rank 0 MPI_Bcasts it to the other ranks. */
 const char *st_monitor_pull_endpoint(const st_monitor *m);
+
+/* For the collective watchdog (any thread): the ranks whose last heartbeat is not at (step, phase) or is
+ * older than silent_s (a stopped process), as "R (host H, last seen at step S in PHASE, N s ago), ..." in
+ * out (`self`, the caller's rank, is never listed); returns their count. */
+int st_monitor_missing_ranks(st_monitor *m, int self, int64_t step, int phase, double silent_s, char *out, size_t size);
+
+/* The addresses PUB and REP actually bound (a "*" port resolved), "" for a socket that is off. */
+void st_monitor_bound(const st_monitor *m, char *publish, char *control, size_t size);
 
 /* Publishes an Event on topic "event" (kind: start, end, stop, resume, stage_change,
  * checkpoint_saved, checkpoint_failed, ...). Never blocks on the network. */

@@ -15,6 +15,27 @@
 
 #include "common/error.h"
 #include "worker/comm.h"
+#include "worker/lora.h"
+
+/* ---------------- adapters ---------------- */
+
+int st_plan_attach_adapters(const st_config *c, st_model *m) {
+    if (c->finetune.mode != ST_FINETUNE_LORA) return 0;
+    /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
+    if (c->sharding.stage >= 3)
+        return st_fail(ST_ECONFIG, "finetune.mode lora with sharding.stage %d is not supported yet (use 0, 1 or 2)",
+                       c->sharding.stage);
+    unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
+    if (!layers) return st_fail(ST_ENOMEM, "out of memory");
+    int rc = st_parse_layer_ranges(c->finetune.lora.layers, m->cfg.n_layer, layers);
+    if (rc) rc = st_fail_context(rc, "finetune.lora.layers");
+    st_lora_spec spec = {.r = c->finetune.lora.r, .alpha = c->finetune.lora.alpha, .rslora = c->finetune.lora.rslora,
+                         .dora = c->finetune.lora.dora,
+                         .targets = c->finetune.lora.targets, .layers = layers, .seed = (uint64_t)c->seed};
+    if (!rc) rc = st_lora_attach(m, &spec);
+    free(layers);
+    return rc;
+}
 
 /* ---------------- stages ---------------- */
 
@@ -78,6 +99,10 @@ int st_plan_stages(const st_config *c, const st_model *m, st_stage_list *out) {
         rc = add_stage(out, m, 0, c->finetune.train_layers, c->finetune.train_modules, "finetune.train_layers");
         break;
     case ST_FINETUNE_PROGRESSIVE: rc = progressive_stages(c, m, out); break;
+    case ST_FINETUNE_LORA: /* the adapters alone (st_plan_attach_adapters), every base weight frozen */
+        rc = m->lora ? add_stage(out, m, 0, "all", ST_MOD_LORA, "finetune.mode lora")
+                     : st_fail(ST_ECONFIG, "finetune.mode lora: the model has no adapters attached");
+        break;
     default: rc = st_fail(ST_ECONFIG, "unknown finetune.mode");
     }
     if (rc) st_stage_list_free(out);
@@ -158,11 +183,15 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
-    r->activations = st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision,
-                                                     c->memory.activation_checkpointing) *
+    r->activations = (st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision,
+                                                      c->memory.activation_checkpointing) +
+                      st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
-    size_t copies = rank == 0 ? 2 * m->n_weights * sizeof(float) : 0; /* st_model_save_dir: host + hf */
+    /* rank 0 writing final/: st_model_save_dir's host + hf buffers, or st_peft_save_dir's adapter copy */
+    size_t copies = rank > 0 ? 0
+                    : m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float)
+                              : 2 * m->n_weights * sizeof(float);
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group, shard_grads +
                         z3_recv (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;

@@ -44,6 +44,10 @@ void st_stage_list_free(st_stage_list *l);
 int st_plan_pack(const st_stage_list *l, int n_layer, int world, int zero_stage, uint8_t **buf, size_t *len);
 int st_plan_unpack(const uint8_t *buf, size_t len, int n_layer, st_stage_list *out);
 
+/* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model
+ * gets the registry entries). No-op for the other modes. Call before st_plan_stages / st_plan_build. */
+int st_plan_attach_adapters(const st_config *cfg, st_model *m);
+
 /* Index of the stage in force at `step` (0-based completed steps). */
 int st_stage_at(const st_stage_list *l, int64_t step);
 

@@ -15,6 +15,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
+#include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
 #ifdef ST_HAVE_CUDA
 #include "kernels/cuda/cuda_extras.h"
@@ -27,8 +28,7 @@
 volatile sig_atomic_t st_stop_requested;
 
 static void on_signal(int sig) {
-    (void)sig;
-    st_stop_requested = 1;
+    st_stop_requested = sig > 0 ? sig : 1; /* which one: the stop line explains mpirun's view of SIGTERM */
 }
 
 void st_train_install_signals(const st_config *cfg) {
@@ -46,6 +46,7 @@ void st_train_install_signals(const st_config *cfg) {
 /* ---------------- shared helpers ---------------- */
 void st_trainer_phase(trainer *t, st_phase phase) {
     if (t->probe) st_probe_set_phase(t->probe, phase);
+    st_watchdog_mark(t->wd, t->wd_step, phase);
 }
 
 /* All ranks agree whether any rank failed; the lowest failing rank keeps print_error = 1. */
@@ -117,6 +118,9 @@ static int load_data(trainer *t) {
         int rc = st_dataset_load(c->tasks[k].path, &t->datasets[k]);
         if (rc) return st_fail_context(rc, "task '%s'", c->tasks[k].name);
         const st_dataset *d = &t->datasets[k];
+        if (st_dataset_masked_tokens(d) >= d->n_tokens)
+            return st_fail(ST_EINVAL, "task '%s': every token of %s is masked (loss_mask all 0): nothing to train on",
+                           c->tasks[k].name, c->tasks[k].path);
         if (d->vocab_size > t->model.cfg.vocab) {
             for (uint64_t i = 0; i < d->n_tokens; i++)
                 if ((int64_t)d->tokens[i] >= t->model.cfg.vocab)
@@ -201,6 +205,19 @@ static int open_run_dir(trainer *t) {
     return 0;
 }
 
+/* Rank 0: the addresses the sockets bound ("*" = a free port) go to RUN_DIR/monitor.addr for
+ * `shardtune monitor/ctl --run-dir`, and to the console. */
+static int announce_monitor(trainer *t) {
+    char pub[256], ctl[256];
+    st_monitor_bound(t->mon, pub, ctl, sizeof pub);
+    int rc = st_monitor_addr_write(t->cfg->run_dir, pub, ctl);
+    if (rc) return rc;
+    printf("monitor: publish %s, control %s (in %s/monitor.addr: shardtune monitor --run-dir %s)\n", pub[0] ? pub : "off",
+           ctl[0] ? ctl : "off", t->cfg->run_dir, t->cfg->run_dir);
+    fflush(stdout);
+    return 0;
+}
+
 static int start_monitoring(trainer *t) {
     const st_config *c = t->cfg;
     char pull[256] = "";
@@ -222,6 +239,7 @@ static int start_monitoring(trainer *t) {
         mo.stall_after_s = c->monitor.stall_after_s;
         if (!rc) rc = st_monitor_start(&mo, &t->mon);
         if (!rc) snprintf(pull, sizeof pull, "%s", st_monitor_pull_endpoint(t->mon));
+        if (!rc) rc = announce_monitor(t);
     }
     if ((rc = st_trainer_agree(t, rc))) return rc;
     MPI_Bcast(pull, sizeof pull, MPI_CHAR, 0, t->comm);
@@ -310,6 +328,9 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
     if (!rc && t->rank == 0 && st_model_load_warning())
         fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
+    if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
+    if (!rc) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
+    if (!rc) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
     /* checkpointing first: the arena is then laid out once, at its checkpointed size */
     if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, c->memory.activation_checkpointing));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
@@ -328,9 +349,12 @@ static int setup(trainer *t) {
 }
 
 static void teardown(trainer *t) {
+    st_trainer_phase(t, ST_PHASE_IDLE);
     /* every rank's last reports reach the coordinator before it closes its sockets */
     if (t->tel) st_telemetry_stop(t->tel);
     if (t->mon || t->tel) MPI_Barrier(t->comm);
+    st_watchdog_stop(t->wd); /* after the last collective; before the monitor it reads goes */
+    t->wd = NULL;
     if (t->mon) st_monitor_stop(t->mon);
     if (t->metrics) fclose(t->metrics);
     st_optim_free(&t->optim, t->be);
@@ -364,14 +388,16 @@ static void teardown(trainer *t) {
 static unsigned pause_here(trainer *t, int64_t completed) {
     if (t->rank == 0) { printf("paused at step %lld (ctl resume to continue)\n", (long long)completed); fflush(stdout); }
     if (t->mon) st_monitor_event(t->mon, "pause", completed, "paused");
+    st_watchdog_pause(t->wd, 1); /* the control word is agreed every 200 ms, but nothing moves for hours */
     for (;;) {
         usleep(200 * 1000);
         unsigned bits = st_trainer_control(t);
-        if (bits & (ST_CTL_STOP | CTL_SIGNAL)) return bits;
+        if (bits & (ST_CTL_STOP | CTL_SIGNAL)) { st_watchdog_pause(t->wd, 0); return bits; }
         if ((bits & ST_CTL_CHECKPOINT) && t->last_saved != completed) st_trainer_save_checkpoint(t, completed, "requested");
         if (bits & ST_CTL_RESUME) {
             if (t->rank == 0) { printf("resumed at step %lld\n", (long long)completed); fflush(stdout); }
             if (t->mon) st_monitor_event(t->mon, "resume", completed, "resumed");
+            st_watchdog_pause(t->wd, 0);
             return bits;
         }
     }
@@ -394,13 +420,33 @@ static int step_boundary(trainer *t, int64_t completed) {
             return rc;
         }
         if (t->mon) st_monitor_event(t->mon, "stop", completed, "stopped after a checkpoint (%s)", why);
-        if (t->rank == 0) { printf("stopped at step %lld (%s): checkpointed, exit %d to requeue\n", (long long)completed, why, 85); fflush(stdout); }
+        if (t->rank == 0) {
+            printf("stopped at step %lld (%s): checkpointed, exit %d to requeue\n", (long long)completed, why, 85);
+            /* Ctrl-C on mpirun reaches the ranks as SIGTERM; mpirun then exits 1 whatever the ranks return */
+            if (st_stop_requested == SIGTERM && getenv("OMPI_COMM_WORLD_SIZE"))
+                printf("note: under mpirun, Ctrl-C / SIGTERM makes mpirun itself exit 1 after this clean stop; the "
+                       "checkpoint is committed (send SIGUSR1 to mpirun or use `shardtune ctl stop` for exit 85)\n");
+            fflush(stdout);
+        }
         return 1;
     }
-    int periodic = c->checkpoint.every_steps > 0 && completed % c->checkpoint.every_steps == 0;
-    if ((periodic || last || (bits & ST_CTL_CHECKPOINT)) && t->last_saved != completed)
-        st_trainer_save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic");
-    return 0; /* a failed save does not stop training: the warning was printed, the old checkpoint stands */
+    /* no periodic save while steps are being skipped: those weights are suspect until a good step */
+    int periodic = c->checkpoint.every_steps > 0 && completed % c->checkpoint.every_steps == 0 && !t->skips_in_a_row;
+    if ((periodic || last || (bits & ST_CTL_CHECKPOINT)) && t->last_saved != completed &&
+        st_trainer_save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic")) {
+        /* a failed save is a warning (the previous checkpoint stands) until checkpoint.max_failures in a row;
+         * the one at the end always fails the job, after final/ is written */
+        int max = c->checkpoint.max_failures;
+        if (max > 0 && t->save_failures >= max) {
+            if (t->rank == 0)
+                fprintf(stderr, "shardtune train: error: %d checkpoint saves in a row failed (checkpoint.max_failures %d); "
+                                "stopping: the last good checkpoint in %s is intact\n", t->save_failures, max,
+                        c->checkpoint.dir);
+            t->print_error = 0;
+            return ST_EIO;
+        }
+    }
+    return 0;
 }
 
 st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error) {
@@ -417,6 +463,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     int rc = setup(&t);
     if (!rc) rc = st_trainer_resume(&t);
     if (!rc) rc = st_trainer_agree(&t, st_trainer_trim_metrics(&t, t.start_step));
+    if (!rc) rc = st_trainer_agree(&t, st_watchdog_start(&t));
     if (rc) { result = ST_RUN_FAILED; goto done; }
     st_trainer_measure_peak(&t);
     st_trainer_banner(&t);
@@ -433,11 +480,12 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
             if (t.mon) st_monitor_event(t.mon, "stage_change", step, "stage %d: %.2fM trainable", s, t.model.n_grads / 1e6);
         }
         if (t.probe) st_probe_set_step(t.probe, step + 1);
+        t.wd_step = step + 1;
         st_step_result r = {0};
         rc = st_trainer_agree(&t, st_trainer_step(&t, step, &r));
         if (rc) { result = ST_RUN_FAILED; break; }
         t.tokens_seen += (uint64_t)t.world * t.slots * t.T;
-        t.last_loss = r.loss;
+        if (!r.bad) t.last_loss = r.loss;
         if (step == t.start_step && step > 0 && t.rank == 0) {
             printf("continuity: first loss after resume %.6f vs %.6f at save\n", r.loss, t.resumed_loss);
             fflush(stdout);
@@ -449,6 +497,7 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
             st_trainer_phase(&t, ST_PHASE_IDLE);
         }
         st_trainer_report(&t, step, &r, do_eval ? val : NULL, val_n);
+        if (st_trainer_guard(&t, step, &r)) { result = ST_RUN_DIVERGED; break; }
         int b = step_boundary(&t, step + 1);
         if (b < 0) { result = ST_RUN_FAILED; break; }
         if (b > 0) { result = ST_RUN_CHECKPOINTED; break; }
@@ -456,9 +505,19 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
     free(val);
     free(val_n);
     if (result == ST_RUN_FINISHED) {
+        st_trainer_phase(&t, ST_PHASE_CHECKPOINT); /* the others wait for rank 0's write */
         rc = st_trainer_agree(&t, st_trainer_save_final(&t));
+        st_trainer_phase(&t, ST_PHASE_IDLE);
         if (rc) result = ST_RUN_FAILED;
         else if (t.rank == 0) printf("final weights: %s/final\n", cfg->run_dir);
+        if (!rc && t.last_saved != cfg->train.steps) {
+            /* the run finished but its last checkpoint could not be saved: not a success for a scheduler */
+            if (t.rank == 0)
+                fprintf(stderr, "shardtune train: error: the checkpoint at the end (step %lld) failed; final/ is written, "
+                                "the newest checkpoint in %s is older\n", (long long)cfg->train.steps, cfg->checkpoint.dir);
+            t.print_error = 0;
+            result = ST_RUN_FAILED;
+        }
         if (t.mon) st_monitor_event(t.mon, "end", cfg->train.steps, "finished");
     }
 done:

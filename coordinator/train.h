@@ -14,7 +14,8 @@
 typedef enum {
     ST_RUN_FINISHED = 0,    /* all steps done, final/ written */
     ST_RUN_FAILED = 1,      /* an error; st_error() on the failing rank says why */
-    ST_RUN_CHECKPOINTED = 2 /* stopped on a signal or `ctl stop` after a checkpoint: requeue/resume */
+    ST_RUN_CHECKPOINTED = 2, /* stopped on a signal or `ctl stop` after a checkpoint: requeue/resume */
+    ST_RUN_DIVERGED = 3      /* stopped on a non-finite loss / grad norm or a loss spike; nothing saved from it */
 } st_run_result;
 
 /* Runs the job described by cfg on `comm`. `reported` is set to 1 on ranks whose error message has

@@ -1,6 +1,7 @@
 /* train_ckpt.c — checkpoints from the run loop: save (collective), resume with fallback to an older
  * checkpoint, final weights, and the control word all ranks agree on at a step boundary. */
 #include "coordinator/train_internal.h"
+#include "checkpoints/peft_dir.h"
 
 #include <errno.h>
 #include <math.h>
@@ -12,6 +13,7 @@
 #include "common/json.h"
 #include "common/util.h"
 #include "checkpoints/ckpt.h"
+#include "checkpoints/ckpt_internal.h" /* retention and `latest` for the divergence guard */
 #include "checkpoints/model_io.h"
 
 /* ---------------- final weights ---------------- */
@@ -31,9 +33,16 @@ static int write_final(trainer *t) {
     snprintf(dir, sizeof dir, "%s/final", t->cfg->run_dir);
     snprintf(tmp, sizeof tmp, "%s/final.partial", t->cfg->run_dir);
     snprintf(old, sizeof old, "%s/final.old", t->cfg->run_dir);
+    if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* left by a crash during an earlier run's write */
     /* the source's config.json text and tokenizer / generation files travel with the weights */
-    int rc = st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
-    if (rc) return st_fail_context(rc, "writing final weights");
+    /* a LoRA run's final/ is the adapter alone, as a peft adapter directory (checkpoints/peft_dir.h) */
+    int rc = t->model.lora ? st_peft_save_dir(&t->model, tmp, t->cfg->model.path)
+                           : st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
+    if (rc) {
+        rc = st_fail_context(rc, "writing final weights");
+        if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* no final.partial/ left behind */
+        return rc;
+    }
     /* swap in atomically-enough: the previous final/ survives until the new one is complete */
     if (access(dir, F_OK) == 0 && rename(dir, old) != 0)
         return st_fail(ST_EIO, "cannot replace %s: %s", dir, strerror(errno));
@@ -74,17 +83,27 @@ int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
         meta.n_tasks = t->n_tasks;
         meta.task_names = names;
         meta.task_checksums = sums;
+        meta.base_checksum = t->base_checksum;
         double tw[1 + 4 * ST_TASKW_MAX];
         if (t->taskw.learned) {
             st_taskw_state_save(&t->taskw, tw);
             meta.task_weighting = tw;
             meta.task_weighting_len = st_taskw_state_len(&t->taskw);
         }
-        rc = st_ckpt_save(t->comm, c->checkpoint.dir, &t->model, &t->optim, &meta, c->checkpoint.keep_last, name, &secs);
+        /* retention waits until the next step proves these weights sound (st_trainer_confirm_checkpoint), so
+         * a checkpoint of weights that then diverge never rotates out the last good one */
+        int confirm_later = !strcmp(why, "periodic") || !strcmp(why, "requested");
+        rc = st_ckpt_save(t->comm, c->checkpoint.dir, &t->model, &t->optim, &meta,
+                          confirm_later ? 0 : c->checkpoint.keep_last, name, &secs);
+        if (!rc && t->rank == 0) {
+            st_trainer_confirm_checkpoint(t); /* a save after a good step confirms the previous one */
+            if (confirm_later) snprintf(t->pending_ckpt, sizeof t->pending_ckpt, "%s", name);
+        }
     }
     free(loader_state);
     st_trainer_phase(t, ST_PHASE_IDLE);
     if (rc == 0) {
+        t->save_failures = 0;
         t->last_saved = completed;
         if (t->rank == 0) {
             printf("checkpoint: %s/%s (%s, %.2f s)\n", c->checkpoint.dir, name, why, secs);
@@ -93,13 +112,44 @@ int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
         if (t->mon) st_monitor_event(t->mon, "checkpoint_saved", completed, "%s/%s (%s, %.2f s)", c->checkpoint.dir, name, why, secs);
         return 0;
     }
+    t->save_failures++;
+    int max = c->checkpoint.max_failures;
     if (t->rank == 0) {
-        fprintf(stderr, "shardtune train: warning: checkpoint at step %lld failed (%s): %s\n", (long long)completed, why,
-                st_error());
+        fprintf(stderr, "shardtune train: warning: checkpoint at step %lld failed (%s): %s (%d in a row", (long long)completed,
+                why, st_error(), t->save_failures);
+        if (max > 0) fprintf(stderr, "; the job stops at %d, checkpoint.max_failures)\n", max);
+        else fprintf(stderr, ")\n");
         fflush(stderr);
     }
-    if (t->mon) st_monitor_event(t->mon, "checkpoint_failed", completed, "%s", st_error());
+    if (t->mon) st_monitor_event(t->mon, "checkpoint_failed", completed, "%s (%d in a row)", st_error(), t->save_failures);
     return rc;
+}
+
+void st_trainer_confirm_checkpoint(trainer *t) {
+    if (t->rank != 0 || !t->pending_ckpt[0]) return;
+    st_ckpt_retain(t->cfg->checkpoint.dir, t->cfg->checkpoint.keep_last, t->pending_ckpt);
+    t->pending_ckpt[0] = 0;
+}
+
+void st_trainer_set_aside_checkpoint(trainer *t) {
+    const char *dir = t->cfg->checkpoint.dir;
+    if (t->rank != 0 || !t->pending_ckpt[0]) return;
+    char from[ST_CFG_PATH_MAX + 80], to[ST_CFG_PATH_MAX + 96];
+    snprintf(from, sizeof from, "%s/%s", dir, t->pending_ckpt);
+    snprintf(to, sizeof to, "%s.diverged", from);
+    if (rename(from, to) != 0) {
+        fprintf(stderr, "shardtune train: warning: cannot set aside %s: %s\n", from, strerror(errno));
+        return;
+    }
+    char (*names)[ST_CKPT_NAME_MAX] = NULL;
+    int n = 0;
+    if (st_ckpt_candidates(dir, &names, &n) == 0 && n > 0) st_ckpt_write_latest(dir, names[0]);
+    else { snprintf(from, sizeof from, "%s/latest", dir); unlink(from); }
+    fprintf(stderr, "shardtune train: %s holds the weights that diverged: moved aside to %s.diverged; latest is now %s\n",
+            t->pending_ckpt, t->pending_ckpt, n > 0 ? names[0] : "none");
+    fflush(stderr);
+    free(names);
+    t->pending_ckpt[0] = 0;
 }
 
 /* The control word every rank agrees on at a step boundary: any rank's signal flag OR'ed with the
@@ -129,12 +179,11 @@ static int try_resume(trainer *t, const char *path) {
             rc = st_fail(ST_ECONFIG, "task '%s': dataset %s changed since checkpoint %s was saved (checksum differs)",
                          c->tasks[k].name, c->tasks[k].path, path);
     }
-    if (!rc && info.step > c->train.steps)
-        rc = st_fail(ST_ECONFIG, "checkpoint %s is at step %lld, beyond train.steps %lld", path, (long long)info.step,
-                     (long long)c->train.steps);
+    if (!rc) rc = st_trainer_check_compat(t, &info, path);
     rc = st_trainer_agree(t, rc);
     float *w = rc ? NULL : malloc(t->model.n_weights * sizeof(float));
     if (!rc) rc = st_trainer_agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
+    if (!rc) rc = st_trainer_agree(t, st_trainer_check_model(t, &info, path));
     /* load the optimizer in the layout it was saved in (the stage of the last completed step); the loop
      * then enters the stage of the next step, carrying moments over exactly as an uninterrupted run */
     int s = info.stage;
@@ -155,7 +204,13 @@ static int try_resume(trainer *t, const char *path) {
         rc = st_ckpt_load_optim(t->comm, path, &t->model, t->optim.lo, t->optim.hi, mh, vh, steps);
         if (rc) t->print_error = t->rank == 0; /* every rank holds the same message */
     }
-    if (!rc) rc = st_trainer_agree(t, st_loader_state_restore(&t->loader, info.loader_state, info.loader_words));
+    if (!rc) {
+        /* the job's keys matched, so a loader state that does not fit is a different data set-up, not damage */
+        rc = st_loader_state_restore(&t->loader, info.loader_state, info.loader_words);
+        if (rc) rc = st_fail(ST_ECONFIG, "checkpoint %s: %s; restore the job's data settings to resume, or set resume: "
+                             "none or a new run_dir to start over", path, st_error());
+        rc = st_trainer_agree(t, rc);
+    }
     if (!rc && t->taskw.learned && info.task_weighting_len > 0 &&
         st_taskw_state_restore(&t->taskw, info.task_weighting, info.task_weighting_len) != 0)
         rc = st_trainer_agree(t, st_fail(ST_ECONFIG, "checkpoint %s: task weighting state is for another number of tasks", path));
@@ -204,6 +259,11 @@ int st_trainer_resume(trainer *t) {
         char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
         int rc = st_trainer_agree(t, st_ckpt_resolve(c->resume_path, path, sizeof path));
         if (rc) return rc;
+        if (t->rank == 0) {
+            printf("resume: %s -> trying %s (no fallback: a checkpoint that cannot be used stops the job)\n",
+                   c->resume_path, path);
+            fflush(stdout);
+        }
         return try_resume(t, path);
     }
     /* auto: rank 0 lists the directory, everyone tries the candidates in the same order */
@@ -215,10 +275,18 @@ int st_trainer_resume(trainer *t) {
     if (t->rank != 0 && n > 0 && !(names = calloc((size_t)n, ST_CKPT_NAME_MAX))) n = -1;
     if ((rc = st_trainer_agree(t, n < 0 ? st_fail(ST_ENOMEM, "out of memory") : 0))) return rc;
     if (n > 0) MPI_Bcast(names, n * ST_CKPT_NAME_MAX, MPI_CHAR, 0, t->comm);
+    if (t->rank == 0 && n > 0) {
+        printf("resume: auto -> %d checkpoint(s) in %s, trying %s (a checkpoint of another run stops the job)\n", n,
+               c->checkpoint.dir, names[0]);
+        fflush(stdout);
+    }
     for (int i = 0; i < n; i++) {
         char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
         snprintf(path, sizeof path, "%s/%s", c->checkpoint.dir, names[i]);
         rc = try_resume(t, path);
+        /* not yet proven by a good step after it (the run that saved it may have died first): a first step
+         * that diverges sets it aside like a checkpoint of this run */
+        if (rc == 0 && t->rank == 0) snprintf(t->pending_ckpt, sizeof t->pending_ckpt, "%s", names[i]);
         if (rc == 0 || !is_damage(rc)) break;
         if (t->rank == 0) {
             fprintf(stderr, "shardtune train: warning: checkpoint %s is unusable (%s); falling back to %s\n", path,

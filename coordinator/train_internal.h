@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "checkpoints/ckpt.h"
 #include "coordinator/config.h"
 #include "coordinator/monitor_server.h"
 #include "coordinator/plan.h"
@@ -24,6 +25,8 @@
 #include "worker/model.h"
 #include "worker/optim.h"
 #include "worker/taskweight.h"
+
+typedef struct st_watchdog st_watchdog;
 
 typedef struct {
     const st_config *cfg;
@@ -62,12 +65,22 @@ typedef struct {
     int kd_on;
     st_model teacher;
     st_distill kd;
+    /* divergence guard (train_guard.c) */
+    double loss_mean;      /* running mean of recent good losses (for train.loss_spike) */
+    int64_t good_steps;    /* good steps since start/resume */
+    int skips_in_a_row;    /* bad steps skipped since the last good one */
+    int save_failures;     /* failed checkpoint saves in a row */
+    uint64_t base_checksum; /* checksum of the base weights as loaded (train_compat.c) */
+    char pending_ckpt[64];
+    st_watchdog *wd;        /* collective watchdog (train_watchdog.c), NULL when off */
+    int64_t wd_step;        /* the step the watchdog reports (as the probe: completed + 1) */ /* rank 0: a checkpoint not yet confirmed by a good next step (retention waits) */
 } trainer;
 
 typedef struct {
     double loss, grad_norm, seconds, comm_seconds;
     float lr;
     double kd_loss, ce_loss, teacher_seconds; /* distillation only */
+    const char *bad; /* why the step was not applied (non-finite loss/grad norm, loss spike), else NULL */
 } st_step_result;
 
 enum { CTL_SIGNAL = 1u << 8 }; /* a rank got SIGTERM / checkpoint.signal */
@@ -82,6 +95,11 @@ int st_trainer_agree(trainer *t, int rc);
 int st_trainer_enter_stage(trainer *t, int s);
 
 int st_trainer_step(trainer *t, int64_t step, st_step_result *r);
+/* Why a step with this (all-reduced) loss and grad norm must not be applied, or NULL; also updates the
+ * running loss mean on good steps. Same answer on every rank. */
+const char *st_trainer_bad_step(trainer *t, double loss, double grad_norm);
+/* After every step: 0 to go on, 1 when train.on_nonfinite / max_nonfinite_skips end the run (rank 0 prints). */
+int st_trainer_guard(trainer *t, int64_t step, const st_step_result *r);
 /* Measures this backend's matmul FLOP/s on every rank and sums them into t->peak_flops. */
 void st_trainer_measure_peak(trainer *t);
 double st_trainer_eval_task(trainer *t, int k, double *targets_out);
@@ -92,7 +110,28 @@ int st_trainer_trim_metrics(trainer *t, int64_t keep_upto); /* rank 0 */
 
 int st_trainer_save_final(trainer *t);
 int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why);
+/* Rank 0: the pending checkpoint is confirmed (the next step was good): older ones may now rotate out. */
+void st_trainer_confirm_checkpoint(trainer *t);
+/* Rank 0: the pending checkpoint holds the weights that diverged: renamed NAME.diverged, `latest` moved back. */
+void st_trainer_set_aside_checkpoint(trainer *t);
 unsigned st_trainer_control(trainer *t);
 int st_trainer_resume(trainer *t);
+
+/* train_compat.c: 0 when checkpoint `info` may continue this job, else ST_ECONFIG naming what differs
+ * (old and new values) and how to proceed. Same answer on every rank. */
+int st_trainer_check_compat(const trainer *t, const st_ckpt_info *info, const char *path);
+/* The same for the model: config.json keys and the base model's checksum (after the tensors loaded, so a
+ * shape mismatch is reported naming the tensor). */
+int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const char *path);
+/* st_ckpt_checksum of the model's weights (never 0). */
+uint64_t st_trainer_weights_checksum(const trainer *t);
+
+/* train_watchdog.c: train.collective_timeout_s. start (after monitoring: rank 0 names missing ranks from
+ * the monitor) / stop are called once; mark at every phase change (st_trainer_phase does it); pause
+ * exempts a paused job. All NULL-safe. */
+int st_watchdog_start(trainer *t);
+void st_watchdog_mark(st_watchdog *w, int64_t step, int phase);
+void st_watchdog_pause(st_watchdog *w, int paused);
+void st_watchdog_stop(st_watchdog *w);
 
 #endif

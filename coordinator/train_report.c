@@ -14,13 +14,19 @@
 
 /* ---------------- reporting (rank 0) ---------------- */
 
+static void json_number(st_strbuf *b, const char *key, double v) {
+    if (isfinite(v)) st_strbuf_printf(b, ",\"%s\":%.9g", key, v);
+    else st_strbuf_printf(b, ",\"%s\":null", key);
+}
+
 static void json_task_map(st_strbuf *b, const trainer *t, const char *key, int which) {
     st_strbuf_printf(b, ",\"%s\":{", key);
     for (int k = 0; k < t->n_tasks; k++) {
         double cnt = t->task_sums[3 * k + 1];
         st_strbuf_json_string(b, t->cfg->tasks[k].name);
         if (which == 0) {
-            if (cnt > 0) st_strbuf_printf(b, ":%.9g%s", t->task_sums[3 * k] / cnt, k + 1 < t->n_tasks ? "," : "");
+            if (cnt > 0 && isfinite(t->task_sums[3 * k] / cnt))
+                st_strbuf_printf(b, ":%.9g%s", t->task_sums[3 * k] / cnt, k + 1 < t->n_tasks ? "," : "");
             else st_strbuf_printf(b, ":null%s", k + 1 < t->n_tasks ? "," : "");
         } else {
             st_strbuf_printf(b, ":%.0f%s", t->task_sums[3 * k + 2], k + 1 < t->n_tasks ? "," : "");
@@ -58,13 +64,22 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
     }
     if (t->rank != 0) return;
     st_strbuf b = {0};
-    st_strbuf_printf(&b, "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens\":%llu,"
-                         "\"tokens_per_s\":%.1f,\"mfu\":%.4f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
-                     (long long)step + 1, r->loss, (double)r->lr, r->grad_norm, (unsigned long long)t->tokens_seen,
-                     tps, mfu, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
-    if (t->kd_on)
-        st_strbuf_printf(&b, ",\"ce_loss\":%.9g,\"kd_loss\":%.9g,\"teacher_ms\":%.3f", r->ce_loss, r->kd_loss,
-                         r->teacher_seconds * 1e3);
+    st_strbuf_printf(&b, "{\"step\":%lld", (long long)step + 1);
+    json_number(&b, "loss", r->loss); /* JSON has no nan: a non-finite value is null */
+    st_strbuf_printf(&b, ",\"lr\":%.9g", (double)r->lr);
+    json_number(&b, "grad_norm", r->grad_norm);
+    st_strbuf_printf(&b, ",\"tokens\":%llu,\"tokens_per_s\":%.1f,\"mfu\":%.4f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
+                     (unsigned long long)t->tokens_seen, tps, mfu, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
+    if (step == t->start_step && step > 0) st_strbuf_printf(&b, ",\"resumed\":true"); /* for plot */
+    if (r->bad) {
+        st_strbuf_printf(&b, ",\"skipped\":");
+        st_strbuf_json_string(&b, r->bad);
+    }
+    if (t->kd_on) {
+        json_number(&b, "ce_loss", r->ce_loss);
+        json_number(&b, "kd_loss", r->kd_loss);
+        st_strbuf_printf(&b, ",\"teacher_ms\":%.3f", r->teacher_seconds * 1e3);
+    }
     json_task_map(&b, t, "task_loss", 0);
     json_task_map(&b, t, "task_tokens", 1);
     if (t->taskw.learned) {
@@ -80,7 +95,7 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
         st_strbuf_append(&b, ",\"val_loss\":{", 13);
         for (int k = 0; k < t->n_tasks; k++) {
             st_strbuf_json_string(&b, c->tasks[k].name);
-            if (isnan(val[k])) st_strbuf_printf(&b, ":null");
+            if (!isfinite(val[k])) st_strbuf_printf(&b, ":null");
             else st_strbuf_printf(&b, ":%.9g", val[k]);
             if (k + 1 < t->n_tasks) st_strbuf_append(&b, ",", 1);
         }
@@ -98,6 +113,11 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
                (long long)step + 1, (long long)c->train.steps, r->loss, (double)r->lr, r->grad_norm, tps, 100 * mfu,
                r->seconds * 1e3);
         if (t->stages.n > 1) printf(" | stage %d", t->stage);
+        if (r->bad) printf(" | skipped (%s)", r->bad);
+        for (int k = 0; t->n_tasks > 1 && k < t->n_tasks; k++) {
+            double cnt = t->task_sums[3 * k + 1];
+            if (cnt > 0) printf(" | %s %.4f", c->tasks[k].name, t->task_sums[3 * k] / cnt);
+        }
         if (val)
             for (int k = 0; k < t->n_tasks; k++) printf(" | val[%s] %.4f", c->tasks[k].name, val[k]);
         printf("\n");
@@ -115,6 +135,12 @@ void st_trainer_banner(const trainer *t) {
            mc->model_type, mc->n_layer, mc->d_model, mc->n_head, mc->n_kv_head, mc->vocab,
            t->model.n_weights / 1e6, t->model.n_grads / 1e6, t->world,
            c->threads > 0 ? c->threads : st_num_threads(), t->be->name, t->world * t->slots, t->T, t->n_tasks);
+    /* what the mixture will actually sample, so a mis-set weight is seen before the first step */
+    double p[ST_CFG_MAX_TASKS];
+    st_loader_probabilities(&t->loader, p);
+    printf("tasks (mixing %s):", st_mixing_name(c->mixing.strategy));
+    for (int k = 0; k < t->n_tasks; k++) printf("%s %s p=%.4f", k ? "," : "", c->tasks[k].name, p[k]);
+    printf("\n");
     fflush(stdout);
 }
 

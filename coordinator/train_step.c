@@ -99,14 +99,9 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     if (rc) return rc;
     double norm = sqrt(st_comm_grad_sumsq(&t->dp, m, g));
     r->lr = st_lr_at(&t->optim.cfg, (int)step);
-    st_trainer_phase(t, ST_PHASE_OPTIMIZER);
-    /* AdamW and (ZeRO 1-2) the parameter all-gather, bucket by bucket */
-    rc = st_comm_update_params(&t->dp, m, &t->optim, g, r->lr, st_clip_scale(norm, (float)t->cfg->train.grad_clip));
-    if (!rc && t->check_bf16_copy) rc = st_model_check_bf16_copy(m);
-    if (rc) return rc;
+    /* the loss is summed before the update so that every rank can refuse a bad step alike */
     t->task_sums[3 * t->n_tasks] = loss;
     MPI_Allreduce(MPI_IN_PLACE, t->task_sums, 3 * t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
-    st_trainer_phase(t, ST_PHASE_IDLE);
     r->loss = t->task_sums[3 * t->n_tasks];
     if (t->kd_on) { /* the two parts of the loss, weighted like it (DESIGN.md: ce_loss, kd_loss) */
         double kc[2] = {t->kd.kd_sum, t->kd.ce_sum};
@@ -114,7 +109,14 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
         r->kd_loss = kc[0];
         r->ce_loss = kc[1];
     }
-    update_task_weights(t);
+    r->bad = st_trainer_bad_step(t, r->loss, norm);
+    st_trainer_phase(t, ST_PHASE_OPTIMIZER);
+    /* AdamW and (ZeRO 1-2) the parameter all-gather, bucket by bucket; a bad step changes nothing */
+    if (!r->bad) rc = st_comm_update_params(&t->dp, m, &t->optim, g, r->lr, st_clip_scale(norm, (float)t->cfg->train.grad_clip));
+    if (!rc && t->check_bf16_copy) rc = st_model_check_bf16_copy(m);
+    if (rc) return rc;
+    st_trainer_phase(t, ST_PHASE_IDLE);
+    if (!r->bad) update_task_weights(t);
     r->grad_norm = norm;
     r->comm_seconds = t->dp.comm_seconds;
     r->seconds = st_now() - t0;

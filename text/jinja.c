@@ -79,8 +79,13 @@ struct jctx {
     size_t nframes, capframes;
     jv *globals;
     int loop_ctl; /* 1 break, 2 continue */
-    int depth;
+    int depth, nest;
+    uint64_t steps; /* evaluation budget: a template runs at most ST_JINJA_MAX_STEPS nodes */
+    st_strbuf tmps[64]; /* temporary buffers (a stack), freed here when a failure longjmps past their users */
+    int ntmp;
 };
+#define ST_JINJA_MAX_STEPS 20000000ull
+#define ST_JINJA_MAX_STR (64u << 20)
 
 static void *aalloc(jctx *c, size_t n) {
     n = (n + 15) & ~(size_t)15;
@@ -108,6 +113,19 @@ static _Noreturn void jfail(jctx *c, int line, const char *fmt, ...) {
     longjmp(c->jb, 1);
 }
 
+static st_strbuf *tmp_new(jctx *c) {
+    if (c->ntmp == 64) jfail(c, 0, "strings nested too deeply");
+    st_strbuf *b = &c->tmps[c->ntmp++];
+    memset(b, 0, sizeof *b);
+    return b;
+}
+
+/* Frees a temporary buffer and every one pushed after it. */
+static void tmp_done(jctx *c, st_strbuf *b) {
+    int k = (int)(b - c->tmps);
+    while (c->ntmp > k) st_strbuf_free(&c->tmps[--c->ntmp]);
+}
+
 static char *astrndup(jctx *c, const char *s, size_t n) {
     char *d = aalloc(c, n + 1);
     memcpy(d, s, n);
@@ -125,6 +143,7 @@ static jv *mk_undef(jctx *c, const char *name) { jv *v = mk(c, V_UNDEF); v->s = 
 static jv *mk_fn(jctx *c, const char *name, jv *self) { jv *v = mk(c, V_FN); v->s = name; v->self = self; return v; }
 
 static void push_item(jctx *c, jv *l, jv *key, jv *val) {
+    if (++c->steps > ST_JINJA_MAX_STEPS) jfail(c, 0, "the template runs too long (over 20M steps)");
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 8;
         jv **ni = aalloc(c, cap * sizeof *ni);
@@ -299,11 +318,11 @@ static void py_repr(jctx *c, st_strbuf *b, const jv *v) {
 
 static const char *to_cstr(jctx *c, const jv *v, size_t *n) {
     if (v->t == V_STR) { if (n) *n = v->n; return v->s; }
-    st_strbuf b = {0};
-    py_str(c, &b, v);
-    char *s = astrndup(c, b.data ? b.data : "", b.len);
-    if (n) *n = b.len;
-    st_strbuf_free(&b);
+    st_strbuf *b = tmp_new(c);
+    py_str(c, b, v);
+    char *s = astrndup(c, b->data ? b->data : "", b->len);
+    if (n) *n = b->len;
+    tmp_done(c, b);
     return s;
 }
 
@@ -420,7 +439,7 @@ static int count_lines(const char *s, size_t from, size_t to) {
 /* String literal with Python's unicode-escape rules for the common escapes. */
 static size_t lex_string(jctx *c, const char *s, size_t n, size_t i, int line, jtok *t) {
     char q = s[i++];
-    st_strbuf b = {0};
+    st_strbuf *b = tmp_new(c);
     while (i < n && s[i] != q) {
         if (s[i] == '\\' && i + 1 < n) {
             char e = s[i + 1];
@@ -439,7 +458,7 @@ static size_t lex_string(jctx *c, const char *s, size_t n, size_t i, int line, j
             case '\n': rep = ""; break;
             default: break;
             }
-            if (rep) { st_strbuf_append(&b, rep, strlen(rep)); i += 2; continue; }
+            if (rep) { st_strbuf_append(b, rep, strlen(rep)); i += 2; continue; }
             if (e == 'x' || e == 'u' || e == 'U') {
                 int nd = e == 'x' ? 2 : e == 'u' ? 4 : 8;
                 uint32_t cp = 0;
@@ -450,24 +469,24 @@ static size_t lex_string(jctx *c, const char *s, size_t n, size_t i, int line, j
                     if (d < 0) ok = 0;
                     cp = cp * 16 + (uint32_t)(d < 0 ? 0 : d);
                 }
-                if (!ok || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF) || cp == 0) { st_strbuf_free(&b); jfail(c, line, "bad \\%c escape in a string literal", e); }
+                if (!ok || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF) || cp == 0) { tmp_done(c, b); jfail(c, line, "bad \\%c escape in a string literal", e); }
                 char u[4];
-                st_strbuf_append(&b, u, (size_t)st_utf8_encode(cp, u));
+                st_strbuf_append(b, u, (size_t)st_utf8_encode(cp, u));
                 i += 2 + (size_t)nd;
                 continue;
             }
-            st_strbuf_append(&b, s + i, 2); /* unknown escapes stay as written */
+            st_strbuf_append(b, s + i, 2); /* unknown escapes stay as written */
             i += 2;
             continue;
         }
-        st_strbuf_append(&b, s + i, 1);
+        st_strbuf_append(b, s + i, 1);
         i++;
     }
-    if (i >= n) { st_strbuf_free(&b); jfail(c, line, "unterminated string literal"); }
+    if (i >= n) { tmp_done(c, b); jfail(c, line, "unterminated string literal"); }
     t->t = T_STR;
-    t->s = astrndup(c, b.data ? b.data : "", b.len);
-    t->n = b.len;
-    st_strbuf_free(&b);
+    t->s = astrndup(c, b->data ? b->data : "", b->len);
+    t->n = b->len;
+    tmp_done(c, b);
     return i + 1;
 }
 
@@ -684,11 +703,11 @@ static jnd *parse_primary(jctx *c) {
     switch (t->t) {
     case T_STR: {
         n = node(c, E_LIT, t->line);
-        st_strbuf b = {0};
-        st_strbuf_append(&b, t->s, t->n);
-        while (peek(c)->t == T_STR) { jtok *u = next(c); st_strbuf_append(&b, u->s, u->n); } /* adjacent literals */
-        n->val = mk_strn(c, b.data ? b.data : "", b.len);
-        st_strbuf_free(&b);
+        st_strbuf *b = tmp_new(c);
+        st_strbuf_append(b, t->s, t->n);
+        while (peek(c)->t == T_STR) { jtok *u = next(c); st_strbuf_append(b, u->s, u->n); } /* adjacent literals */
+        n->val = mk_strn(c, b->data ? b->data : "", b->len);
+        tmp_done(c, b);
         return n;
     }
     case T_INT: n = node(c, E_LIT, t->line); n->val = mk_int(c, t->i); return n;
@@ -808,10 +827,12 @@ static jnd *parse_filters(jctx *c, jnd *e) {
 
 static jnd *parse_unary(jctx *c, int with_filter) {
     int line = peek(c)->line;
+    if (++c->depth > 200) jfail(c, line, "expression nested too deeply");
     jnd *e;
     if (accept_op(c, "-")) { e = node(c, E_NEG, line); e->a = parse_unary(c, 0); }
     else if (accept_op(c, "+")) { e = node(c, E_POS, line); e->a = parse_unary(c, 0); }
     else e = parse_postfix(c, parse_primary(c));
+    c->depth--;
     return with_filter ? parse_filters(c, e) : e;
 }
 
@@ -871,7 +892,13 @@ static jnd *parse_compare(jctx *c) {
 
 static jnd *parse_not(jctx *c) {
     int line = peek(c)->line;
-    if (accept_name(c, "not")) { jnd *n = node(c, E_NOT, line); n->a = parse_not(c); return n; }
+    if (accept_name(c, "not")) {
+        if (++c->depth > 200) jfail(c, line, "expression nested too deeply");
+        jnd *n = node(c, E_NOT, line);
+        n->a = parse_not(c);
+        c->depth--;
+        return n;
+    }
     return parse_compare(c);
 }
 
@@ -923,7 +950,16 @@ static void expect_block_end(jctx *c) {
 
 static jnd *parse_body(jctx *c, const char *const *ends, const char **which);
 
+static jnd *parse_statement1(jctx *c, int line);
+
 static jnd *parse_statement(jctx *c, int line) {
+    if (++c->nest > 100) jfail(c, line, "blocks nested more than 100 deep");
+    jnd *n = parse_statement1(c, line);
+    c->nest--;
+    return n;
+}
+
+static jnd *parse_statement1(jctx *c, int line) {
     const char *kw = expect_name(c);
     if (!strcmp(kw, "if")) {
         jnd *n = node(c, N_IF, line);
@@ -1092,7 +1128,7 @@ static size_t cp_offset(const char *s, size_t n, size_t idx) {
     return n;
 }
 
-static jv *index_value(jctx *c, jv *obj, jv *key, int line, int attr_first, const char *attr);
+static jv *index_value(jctx *c, jv *obj, jv *key, int line);
 
 static jv *getattr_v(jctx *c, jv *obj, const char *name, int line) {
     if (obj->t == V_UNDEF) jfail(c, line, "'%s' is undefined", obj->s ? obj->s : "value");
@@ -1111,8 +1147,8 @@ static jv *getattr_v(jctx *c, jv *obj, const char *name, int line) {
     return mk_undef(c, name);
 }
 
-static jv *index_value(jctx *c, jv *obj, jv *key, int line, int attr_first, const char *attr) {
-    (void)attr_first, (void)attr;
+/* obj[key]: item lookup first, then (for string keys) attribute lookup, as Jinja's getitem does. */
+static jv *index_value(jctx *c, jv *obj, jv *key, int line) {
     if (obj->t == V_UNDEF) jfail(c, line, "'%s' is undefined", obj->s ? obj->s : "value");
     if (obj->t == V_DICT || obj->t == V_NS) {
         for (size_t i = 0; i < obj->n; i++) if (veq(obj->keys[i], key)) return obj->items[i];
@@ -1155,17 +1191,17 @@ static jv *slice_value(jctx *c, jv *obj, jv *a, jv *b, jv *st, int line) {
         if (hi > n - 1) hi = n - 1;
     }
     jv *out = mk(c, V_LIST);
-    st_strbuf sb = {0};
+    st_strbuf *sb = tmp_new(c);
     for (int64_t i = lo; step > 0 ? i < hi : i > hi; i += step) {
         if (obj->t == V_LIST) push_item(c, out, NULL, obj->items[i]);
         else {
             size_t x = cp_offset(obj->s, obj->n, (size_t)i), y = cp_offset(obj->s, obj->n, (size_t)i + 1);
-            st_strbuf_append(&sb, obj->s + x, y - x);
+            st_strbuf_append(sb, obj->s + x, y - x);
         }
     }
     if (obj->t == V_STR) {
-        jv *s = mk_strn(c, sb.data ? sb.data : "", sb.len);
-        st_strbuf_free(&sb);
+        jv *s = mk_strn(c, sb->data ? sb->data : "", sb->len);
+        tmp_done(c, sb);
         return s;
     }
     return out;
@@ -1220,12 +1256,10 @@ static jv *split_str(jctx *c, jv *s, jv *sep, int64_t maxsplit) {
     if (sep->t != V_STR || !sep->n) jfail(c, 0, "split: empty or non-string separator");
     size_t i = 0;
     for (;;) {
-        const char *f = maxsplit >= 0 && (int64_t)out->n >= maxsplit ? NULL : NULL;
         size_t j = i;
         int found = 0;
         if (!(maxsplit >= 0 && (int64_t)out->n >= maxsplit))
             for (; j + sep->n <= s->n; j++) if (!memcmp(s->s + j, sep->s, sep->n)) { found = 1; break; }
-        (void)f;
         if (!found) { push_item(c, out, NULL, mk_strn(c, s->s + i, s->n - i)); break; }
         push_item(c, out, NULL, mk_strn(c, s->s + i, j - i));
         i = j + sep->n;
@@ -1235,19 +1269,19 @@ static jv *split_str(jctx *c, jv *s, jv *sep, int64_t maxsplit) {
 
 static jv *replace_str(jctx *c, jv *s, jv *a, jv *b, int64_t count) {
     if (a->t != V_STR || b->t != V_STR) jfail(c, 0, "replace() needs strings");
-    st_strbuf o = {0};
+    st_strbuf *o = tmp_new(c);
     int64_t done = 0;
     for (size_t i = 0; i < s->n;) {
         if ((count < 0 || done < count) && (a->n ? (i + a->n <= s->n && !memcmp(s->s + i, a->s, a->n)) : 1)) {
-            st_strbuf_append(&o, b->s, b->n);
+            st_strbuf_append(o, b->s, b->n);
             done++;
             if (a->n) { i += a->n; continue; }
         }
-        st_strbuf_append(&o, s->s + i, 1);
+        st_strbuf_append(o, s->s + i, 1);
         i++;
     }
-    jv *r = mk_strn(c, o.data ? o.data : "", o.len);
-    st_strbuf_free(&o);
+    jv *r = mk_strn(c, o->data ? o->data : "", o->len);
+    tmp_done(c, o);
     return r;
 }
 
@@ -1373,14 +1407,14 @@ static jv *call_method(jctx *c, jv *fn, jargs *a, int line) {
     if (!strcmp(m, "join")) {
         if (!a0) jfail(c, line, "join() needs an argument");
         jv *l = iter_list(c, a0, line);
-        st_strbuf o = {0};
+        st_strbuf *o = tmp_new(c);
         for (size_t i = 0; i < l->n; i++) {
-            if (i) st_strbuf_append(&o, s->s, s->n);
-            if (l->items[i]->t != V_STR) { st_strbuf_free(&o); jfail(c, line, "join(): item %zu is not a string", i); }
-            st_strbuf_append(&o, l->items[i]->s, l->items[i]->n);
+            if (i) st_strbuf_append(o, s->s, s->n);
+            if (l->items[i]->t != V_STR) { tmp_done(c, o); jfail(c, line, "join(): item %zu is not a string", i); }
+            st_strbuf_append(o, l->items[i]->s, l->items[i]->n);
         }
-        jv *r = mk_strn(c, o.data ? o.data : "", o.len);
-        st_strbuf_free(&o);
+        jv *r = mk_strn(c, o->data ? o->data : "", o->len);
+        tmp_done(c, o);
         return r;
     }
     if (!strcmp(m, "isdigit") || !strcmp(m, "isspace") || !strcmp(m, "isalpha")) {
@@ -1486,8 +1520,6 @@ static int do_test(jctx *c, const char *t, jv *v, jargs *a, int line) {
     jfail(c, line, "test '%s' is not supported", t);
 }
 
-static int compare(jctx *c, const char *op, jv *a, jv *b, int line);
-
 static jv *do_filter(jctx *c, const char *f, jv *v, jargs *a, int line) {
     jv *a0 = a->npos ? a->pos[0] : NULL;
     if (!strcmp(f, "trim")) {
@@ -1503,10 +1535,10 @@ static jv *do_filter(jctx *c, const char *f, jv *v, jargs *a, int line) {
     if (!strcmp(f, "tojson")) {
         jv *ind = arg(a, 0, "indent"), *sk = arg(a, 3, "sort_keys"), *ea = arg(a, 1, "ensure_ascii"), *sep = arg(a, 2, "separators");
         if ((ea && truthy(ea)) || (sep && sep->t != V_NONE)) jfail(c, line, "tojson: ensure_ascii/separators are not supported");
-        st_strbuf b = {0};
-        to_json(c, &b, v, ind && ind->t == V_INT ? (int)ind->i : -1, 0, sk && truthy(sk), line);
-        jv *r = mk_strn(c, b.data ? b.data : "", b.len);
-        st_strbuf_free(&b);
+        st_strbuf *b = tmp_new(c);
+        to_json(c, b, v, ind && ind->t == V_INT ? (int)ind->i : -1, 0, sk && truthy(sk), line);
+        jv *r = mk_strn(c, b->data ? b->data : "", b->len);
+        tmp_done(c, b);
         return r;
     }
     if (!strcmp(f, "upper") || !strcmp(f, "lower") || !strcmp(f, "title") || !strcmp(f, "capitalize")) {
@@ -1526,16 +1558,16 @@ static jv *do_filter(jctx *c, const char *f, jv *v, jargs *a, int line) {
     if (!strcmp(f, "join")) {
         jv *sep = arg(a, 0, "d"), *attr = arg(a, 1, "attribute");
         jv *l = iter_list(c, v, line);
-        st_strbuf o = {0};
+        st_strbuf *o = tmp_new(c);
         for (size_t i = 0; i < l->n; i++) {
-            if (i && sep) { size_t n; const char *s = to_cstr(c, sep, &n); st_strbuf_append(&o, s, n); }
-            jv *it = attr ? index_value(c, l->items[i], attr, line, 0, NULL) : l->items[i];
+            if (i && sep) { size_t n; const char *s = to_cstr(c, sep, &n); st_strbuf_append(o, s, n); }
+            jv *it = attr ? index_value(c, l->items[i], attr, line) : l->items[i];
             size_t n;
             const char *s = to_cstr(c, it, &n);
-            st_strbuf_append(&o, s, n);
+            st_strbuf_append(o, s, n);
         }
-        jv *r = mk_strn(c, o.data ? o.data : "", o.len);
-        st_strbuf_free(&o);
+        jv *r = mk_strn(c, o->data ? o->data : "", o->len);
+        tmp_done(c, o);
         return r;
     }
     if (!strcmp(f, "list")) return iter_list(c, v, line);
@@ -1621,24 +1653,24 @@ static jv *do_filter(jctx *c, const char *f, jv *v, jargs *a, int line) {
     }
     if (!strcmp(f, "indent")) {
         jv *w = arg(a, 0, "width"), *first = arg(a, 1, "first"), *blank = arg(a, 2, "blank");
-        st_strbuf pad = {0}, o = {0};
-        if (w && w->t == V_STR) st_strbuf_append(&pad, w->s, w->n);
-        else for (int64_t i = 0; i < (w ? to_index(c, w, line) : 4); i++) st_strbuf_append(&pad, " ", 1);
+        st_strbuf *pad = tmp_new(c), *o = tmp_new(c);
+        if (w && w->t == V_STR) st_strbuf_append(pad, w->s, w->n);
+        else for (int64_t i = 0; i < (w ? to_index(c, w, line) : 4); i++) st_strbuf_append(pad, " ", 1);
         size_t n;
         const char *s = to_cstr(c, v, &n);
         int at_start = 1, fst = 1;
         for (size_t i = 0; i <= n; i++) {
             if (at_start && i < n) {
                 int is_blank = s[i] == '\n';
-                if ((fst ? first && truthy(first) : 1) && (!is_blank || (blank && truthy(blank))) && pad.len) st_strbuf_append(&o, pad.data, pad.len);
+                if ((fst ? first && truthy(first) : 1) && (!is_blank || (blank && truthy(blank))) && pad->len) st_strbuf_append(o, pad->data, pad->len);
                 at_start = 0, fst = 0;
             }
             if (i == n) break;
-            st_strbuf_append(&o, s + i, 1);
+            st_strbuf_append(o, s + i, 1);
             if (s[i] == '\n') at_start = 1, fst = 0;
         }
-        jv *r = mk_strn(c, o.data ? o.data : "", o.len);
-        st_strbuf_free(&o), st_strbuf_free(&pad);
+        jv *r = mk_strn(c, o->data ? o->data : "", o->len);
+        tmp_done(c, o), tmp_done(c, pad);
         return r;
     }
     if (!strcmp(f, "round")) {
@@ -1650,7 +1682,6 @@ static jv *do_filter(jctx *c, const char *f, jv *v, jargs *a, int line) {
     }
     if (!strcmp(f, "sort") || !strcmp(f, "dictsort") || !strcmp(f, "batch") || !strcmp(f, "groupby") || !strcmp(f, "format"))
         jfail(c, line, "filter '%s' is not supported", f);
-    (void)compare;
     jfail(c, line, "filter '%s' is not supported", f);
 }
 
@@ -1689,6 +1720,7 @@ static jv *binop(jctx *c, const char *op, jv *a, jv *b, int line) {
     if (!strcmp(op, "~")) {
         size_t n1, n2;
         const char *s1 = to_cstr(c, a, &n1), *s2 = to_cstr(c, b, &n2);
+        if (n1 + n2 > ST_JINJA_MAX_STR) jfail(c, line, "string longer than 64 MiB");
         char *d = aalloc(c, n1 + n2 + 1);
         memcpy(d, s1, n1), memcpy(d + n1, s2, n2);
         jv *v = mk(c, V_STR);
@@ -1700,6 +1732,7 @@ static jv *binop(jctx *c, const char *op, jv *a, jv *b, int line) {
         if (a->t == V_STR && b->t == V_STR) return binop(c, "~", a, b, line);
         if (a->t == V_LIST && b->t == V_LIST) {
             jv *l = mk(c, V_LIST);
+            if (a->n + b->n > (1u << 20)) jfail(c, line, "list longer than 1M items");
             for (size_t i = 0; i < a->n; i++) push_item(c, l, NULL, a->items[i]);
             for (size_t i = 0; i < b->n; i++) push_item(c, l, NULL, b->items[i]);
             return l;
@@ -1708,10 +1741,11 @@ static jv *binop(jctx *c, const char *op, jv *a, jv *b, int line) {
     if (!strcmp(op, "*") && ((a->t == V_STR && b->t == V_INT) || (a->t == V_INT && b->t == V_STR))) {
         jv *s = a->t == V_STR ? a : b;
         int64_t k = a->t == V_INT ? a->i : b->i;
-        st_strbuf o = {0};
-        for (int64_t i = 0; i < k && o.len < (1u << 24); i++) st_strbuf_append(&o, s->s, s->n);
-        jv *r = mk_strn(c, o.data ? o.data : "", o.len);
-        st_strbuf_free(&o);
+        st_strbuf *o = tmp_new(c);
+        if (k > 0 && s->n && (uint64_t)k * s->n > ST_JINJA_MAX_STR) jfail(c, line, "string longer than 64 MiB");
+        for (int64_t i = 0; i < k; i++) st_strbuf_append(o, s->s, s->n);
+        jv *r = mk_strn(c, o->data ? o->data : "", o->len);
+        tmp_done(c, o);
         return r;
     }
     if (!is_num(a) || !is_num(b)) jfail(c, line, "unsupported operand types for %s: %s and %s", op, type_name(a), type_name(b));
@@ -1754,11 +1788,12 @@ static jv *binop(jctx *c, const char *op, jv *a, jv *b, int line) {
 }
 
 static jv *eval(jctx *c, jnd *e) {
+    if (++c->steps > ST_JINJA_MAX_STEPS) jfail(c, e->line, "the template runs too long (over 20M steps)");
     switch (e->k) {
     case E_LIT: return e->val;
     case E_NAME: return lookup(c, e->name);
     case E_ATTR: return getattr_v(c, eval(c, e->a), e->name, e->line);
-    case E_ITEM: return index_value(c, eval(c, e->a), eval(c, e->b), e->line, 0, NULL);
+    case E_ITEM: return index_value(c, eval(c, e->a), eval(c, e->b), e->line);
     case E_SLICE: {
         jv *o = eval(c, e->a);
         return slice_value(c, o, e->b ? eval(c, e->b) : NULL, e->c ? eval(c, e->c) : NULL, e->d ? eval(c, e->d) : NULL, e->line);
@@ -1856,12 +1891,12 @@ static void exec_node(jctx *c, jnd *n) {
     case N_FOR: exec_for(c, n); return;
     case N_SET: assign(c, n->a, eval(c, n->b), n->line); return;
     case N_SETBLOCK: {
-        st_strbuf *saved = c->out, tmp = {0};
-        c->out = &tmp;
+        st_strbuf *saved = c->out, *tmp = tmp_new(c);
+        c->out = tmp;
         exec_body(c, n->b);
         c->out = saved;
-        jv *v = mk_strn(c, tmp.data ? tmp.data : "", tmp.len);
-        st_strbuf_free(&tmp);
+        jv *v = mk_strn(c, tmp->data ? tmp->data : "", tmp->len);
+        tmp_done(c, tmp);
         assign(c, n->a, v, n->line);
         return;
     }
@@ -1875,7 +1910,8 @@ static void exec_node(jctx *c, jnd *n) {
 static void exec_body(jctx *c, jnd *b) {
     for (size_t i = 0; i < b->nk && !c->loop_ctl; i++) {
         if (c->out->failed) { st_fail(ST_ENOMEM, "out of memory rendering a template"); longjmp(c->jb, 1); }
-        if (c->out->len > (256u << 20)) jfail(c, b->kids[i]->line, "output larger than 256 MiB");
+        if (c->out->len > ST_JINJA_MAX_STR) jfail(c, b->kids[i]->line, "output larger than 64 MiB");
+        if (++c->steps > ST_JINJA_MAX_STEPS) jfail(c, b->kids[i]->line, "the template runs too long (over 20M steps)");
         exec_node(c, b->kids[i]);
     }
 }
@@ -1949,6 +1985,7 @@ int st_chat_render(const char *template_src, const st_json *messages, const st_c
     c->name = "chat template";
     c->out = &buf;
     int rc = render_guarded(c, src, n, messages, opts);
+    while (c->ntmp > 0) st_strbuf_free(&c->tmps[--c->ntmp]);
     while (c->arena) { blk *b = c->arena->next; free(c->arena); c->arena = b; }
     free(c);
     free(src);

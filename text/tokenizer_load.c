@@ -142,7 +142,7 @@ static int walk(st_tokenizer *t, const st_json *o, const char *children, leaf_fn
 static int norm_leaf(st_tokenizer *t, const st_json *o) {
     const char *ty = type_of(o);
     GROW(t->norm, t->n_norm);
-    st_norm_step *s = &t->norm[t->n_norm];
+    st_norm_step *s = &t->norm[t->n_norm++]; /* counted at once: st_tokenizer_free releases a half-made step */
     if (!strcmp(ty, "NFC")) s->kind = NORM_NFC;
     else if (!strcmp(ty, "NFD")) s->kind = NORM_NFD;
     else if (!strcmp(ty, "NFKC")) s->kind = NORM_NFKC;
@@ -161,7 +161,6 @@ static int norm_leaf(st_tokenizer *t, const st_json *o) {
     } else if (!strcmp(ty, "Strip")) {
         s->kind = NORM_STRIP, s->left = flag(o, "strip_left", 1), s->right = flag(o, "strip_right", 1);
     } else return unsupported("normalizer", ty);
-    t->n_norm++;
     return 0;
 }
 
@@ -180,7 +179,7 @@ static int prepend_scheme(const st_json *o, int *out) {
 static int pre_leaf(st_tokenizer *t, const st_json *o) {
     const char *ty = type_of(o);
     GROW(t->pre, t->n_pre);
-    st_pre_step *s = &t->pre[t->n_pre];
+    st_pre_step *s = &t->pre[t->n_pre++]; /* counted at once: st_tokenizer_free releases a half-made step */
     if (!strcmp(ty, "ByteLevel")) {
         s->kind = PRE_BYTELEVEL, s->add_prefix_space = flag(o, "add_prefix_space", 1), s->use_regex = flag(o, "use_regex", 1);
     } else if (!strcmp(ty, "Split")) {
@@ -210,14 +209,13 @@ static int pre_leaf(st_tokenizer *t, const st_json *o) {
         s->kind = PRE_METASPACE, s->str = dupstr(r), s->split = flag(o, "split", 1);
         if (prepend_scheme(o, &s->prepend) < 0) return -1;
     } else return unsupported("pre_tokenizer", ty);
-    t->n_pre++;
     return 0;
 }
 
 static int dec_leaf(st_tokenizer *t, const st_json *o) {
     const char *ty = type_of(o);
     GROW(t->dec, t->n_dec);
-    st_dec_step *s = &t->dec[t->n_dec];
+    st_dec_step *s = &t->dec[t->n_dec++]; /* counted at once: st_tokenizer_free releases a half-made step */
     if (!strcmp(ty, "ByteLevel")) s->kind = DEC_BYTELEVEL;
     else if (!strcmp(ty, "ByteFallback")) s->kind = DEC_BYTEFALLBACK;
     else if (!strcmp(ty, "Fuse")) s->kind = DEC_FUSE;
@@ -238,7 +236,6 @@ static int dec_leaf(st_tokenizer *t, const st_json *o) {
         if (re || !*p) return unsupported("decoder Replace with a regex pattern", p);
         s->kind = DEC_REPLACE, s->a = dupstr(p), s->b = dupstr(c);
     } else return unsupported("decoder", ty);
-    t->n_dec++;
     return 0;
 }
 
@@ -374,6 +371,9 @@ static int load_model(st_tokenizer *t, const st_json *model, const st_json *adde
         if (id < 0 || id >= (1LL << 30)) return st_fail(ST_EFORMAT, "added token %zu has no valid id", i);
         if (id > max_id) max_id = id;
     }
+    size_t n_tokens = vocab->count + (added ? added->count : 0);
+    if (max_id >= 0 && (uint64_t)max_id > 2 * (uint64_t)n_tokens + 65536)
+        return st_fail(ST_EFORMAT, "token ids are far from dense: id %lld for %zu tokens", (long long)max_id, n_tokens);
     t->n_ids = (size_t)(max_id + 1);
     t->tok = calloc(t->n_ids + 1, sizeof *t->tok);
     t->tok_len = calloc(t->n_ids + 1, sizeof *t->tok_len);

@@ -24,7 +24,7 @@
 #define GEN_MAX_ROWS 256
 
 typedef struct {
-    const float *n1w, *n1b, *wqkv, *bqkv, *wo, *bo, *n2w, *n2b, *w1, *b1, *w2, *b2;
+    const float *n1w, *n1b, *wqkv, *bqkv, *qn, *kn, *wo, *bo, *n2w, *n2b, *w1, *b1, *w2, *b2;
 } gen_layer;
 
 typedef struct {
@@ -36,6 +36,7 @@ typedef struct {
     const float *wte, *wpe, *nfw, *nfb, *head;
     float *kc, *vc;                                  /* [L, S, max_t, KVD] */
     float *x, *ln, *qkv, *att, *h1, *h2, *mean, *rstd, *selx, *seln, *logits; /* backend, per row */
+    float *qk_x, *qk_rstd;                           /* backend: Qwen3 q/k norm scratch (qk_norm only) */
     float *gcos, *gsin;                              /* backend [R, hd/2]: the rows' rotations */
     float *cos_tab, *sin_tab, *hcos, *hsin;          /* host: [max_t, hd/2] tables, [R, hd/2] staging */
     int32_t *d_tok, *d_seq, *d_pos;                  /* backend [R] */
@@ -83,6 +84,10 @@ static int bind_weights(gen_state *g) {
                 W(v, "model.layers.%d.self_attn.v_proj.bias", l);
             }
             W(w->wo, "model.layers.%d.self_attn.o_proj.weight", l);
+            if (m->cfg.qk_norm) {
+                W(w->qn, "model.layers.%d.self_attn.q_norm.weight", l);
+                W(w->kn, "model.layers.%d.self_attn.k_norm.weight", l);
+            }
             W(w->n2w, "model.layers.%d.post_attention_layernorm.weight", l);
             W(w->w1, "model.layers.%d.mlp.gate_proj.weight", l);
             W(up, "model.layers.%d.mlp.up_proj.weight", l);
@@ -110,15 +115,17 @@ static int bind_weights(gen_state *g) {
 
 /* ---------------- state ---------------- */
 
-/* RoPE angle tables for positions 0..max_t-1, the model's own builder (host). */
-static void rope_host_tables(const st_model *m, float *cos_t, float *sin_t, int max_t) {
-    st_rope_tables(cos_t, sin_t, max_t, m->cfg.head_dim, m->cfg.rope_theta);
+/* RoPE tables for positions 0..max_t-1 (host): the model's own builder (every RoPE variant, attention
+ * scaling included). max_t never exceeds st_gen_max_positions, where the tables do not depend on the
+ * sequence length, as transformers' do for dynamic and longrope past their original length. */
+static int rope_host_tables(const st_model *m, float *cos_t, float *sin_t, int max_t) {
+    return st_model_rope_tables(&m->cfg, max_t, cos_t, sin_t);
 }
 
 static void state_free(gen_state *g) {
     const st_backend *be = g->be;
     float *dev[] = {g->kc, g->vc, g->x, g->ln, g->qkv, g->att, g->h1, g->h2, g->mean, g->rstd,
-                    g->selx, g->seln, g->logits, g->gcos, g->gsin};
+                    g->selx, g->seln, g->logits, g->gcos, g->gsin, g->qk_x, g->qk_rstd};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->free(dev[i]);
     be->free(g->d_tok);
     be->free(g->d_seq);
@@ -155,6 +162,11 @@ static int state_init(gen_state *g, const st_model *m, int S, int max_t) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (!(*bufs[i].p = be->alloc(bufs[i].n * sizeof(float))))
             return st_fail(ST_ENOMEM, "out of memory for generation scratch");
+    if (c->qk_norm) {
+        g->qk_x = be->alloc(R * (size_t)(g->H + g->KVH) * g->hd * sizeof(float));
+        g->qk_rstd = be->alloc(R * (size_t)(g->H + g->KVH) * sizeof(float));
+        if (!g->qk_x || !g->qk_rstd) return st_fail(ST_ENOMEM, "out of memory for generation scratch");
+    }
     g->d_tok = be->alloc(R * sizeof(int32_t));
     g->d_seq = be->alloc(R * sizeof(int32_t));
     g->d_pos = be->alloc(R * sizeof(int32_t));
@@ -165,7 +177,7 @@ static int state_init(gen_state *g, const st_model *m, int S, int max_t) {
         g->hcos = malloc(R * half * sizeof(float));
         g->hsin = malloc(R * half * sizeof(float));
         if (!g->cos_tab || !g->sin_tab || !g->hcos || !g->hsin) return st_fail(ST_ENOMEM, "out of memory for RoPE");
-        rope_host_tables(m, g->cos_tab, g->sin_tab, max_t);
+        return rope_host_tables(m, g->cos_tab, g->sin_tab, max_t);
     }
     return 0;
 }
@@ -226,6 +238,9 @@ static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, c
         float *kc = g->kc + l * layer_cache, *vc = g->vc + l * layer_cache;
         norm(g, g->ln, g->x, w->n1w, w->n1b, rows);
         linear(g, g->qkv, g->ln, w->wqkv, w->bqkv, rows, g->Q, g->C, 0.0f);
+        if (w->qn) /* Qwen3: per-head RMSNorm of q and k before RoPE */
+            be->head_rmsnorm_fwd(g->qkv, g->qk_x, g->qk_rstd, w->qn, w->kn, rows, g->H, g->KVH, g->hd,
+                                 g->m->cfg.norm_eps);
         if (g->cos_tab) be->rope_fwd(g->qkv, g->gcos, g->gsin, 1, rows, g->H, g->KVH, g->hd);
         be->kv_store(kc, vc, g->qkv, g->d_seq, g->d_pos, rows, g->H, g->KVH, g->hd, g->max_t);
         be->attention_cached(g->att, g->qkv, kc, vc, g->d_seq, g->d_pos, rows, g->H, g->KVH, g->hd, g->max_t);
@@ -314,6 +329,15 @@ int st_gen_choose(float *logits, int V, const int32_t *history, int n_hist, cons
 
 /* ---------------- driver ---------------- */
 
+int st_gen_max_positions(const st_model_config *c) {
+    int n = c->max_seq;
+    if (c->sliding_window > 0 && c->sliding_window < n) n = c->sliding_window; /* no windowed attention */
+    if (c->family == ST_FAMILY_LLAMA && c->rope.type == ST_ROPE_LONGROPE && c->rope.original_max > 0 &&
+        c->rope.original_max < n)
+        n = c->rope.original_max; /* transformers switches to the long factors mid-sequence past it */
+    return n;
+}
+
 int st_gen_params_check(const st_gen_params *p, const st_model *m) {
     if (p->max_new < 1) return st_fail(ST_EINVAL, "--max-new %d must be at least 1", p->max_new);
     if (!(p->temperature >= 0) || !isfinite(p->temperature))
@@ -323,7 +347,7 @@ int st_gen_params_check(const st_gen_params *p, const st_model *m) {
     if (!(p->repetition_penalty > 0) || !isfinite(p->repetition_penalty))
         return st_fail(ST_EINVAL, "--repetition-penalty %g must be > 0", (double)p->repetition_penalty);
     if (p->batch < 1) return st_fail(ST_EINVAL, "--batch %d must be at least 1", p->batch);
-    if (!m->be->kv_store || !m->be->attention_cached)
+    if (!m->be->kv_store || !m->be->attention_cached || (m->cfg.qk_norm && !m->be->head_rmsnorm_fwd))
         return st_fail(ST_EDEVICE, "the %s backend has no decode kernels", m->be->name);
     return 0;
 }
@@ -420,15 +444,16 @@ out:
 int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int n) {
     int rc = st_gen_params_check(p, m);
     if (rc) return rc;
-    int max_t = 0;
+    int max_t = 0, limit = st_gen_max_positions(&m->cfg);
     for (int i = 0; i < n; i++) {
         seqs[i].out = NULL;
         seqs[i].n_out = 0;
         if (seqs[i].prompt_len < 1)
             return st_fail(ST_EINVAL, "prompt %llu is empty", (unsigned long long)seqs[i].stream);
-        if (seqs[i].prompt_len > m->cfg.max_seq)
-            return st_fail(ST_EINVAL, "prompt %llu has %d tokens, more than the model's %d positions",
-                           (unsigned long long)seqs[i].stream, seqs[i].prompt_len, m->cfg.max_seq);
+        if (seqs[i].prompt_len > limit)
+            return st_fail(ST_EINVAL, "prompt %llu has %d tokens, more than the %d positions generation can use "
+                                      "with this model (max positions, sliding window)",
+                           (unsigned long long)seqs[i].stream, seqs[i].prompt_len, limit);
         for (int t = 0; t < seqs[i].prompt_len; t++)
             if (seqs[i].prompt[t] < 0 || seqs[i].prompt[t] >= m->cfg.vocab)
                 return st_fail(ST_EINVAL, "prompt %llu: token %d is outside the model's vocabulary (%d)",
@@ -437,7 +462,7 @@ int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int
         if (need > max_t) max_t = need;
     }
     if (n == 0) return 0;
-    if (max_t > m->cfg.max_seq) max_t = m->cfg.max_seq;
+    if (max_t > limit) max_t = limit;
     int S = p->batch < n ? p->batch : n;
     gen_state g;
     rc = state_init(&g, m, S, max_t);

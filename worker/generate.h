@@ -49,7 +49,7 @@ typedef enum {
     ST_GEN_LENGTH = 0, /* max_new tokens generated */
     ST_GEN_EOS = 1,    /* an end token */
     ST_GEN_STOP = 2,   /* the stop callback */
-    ST_GEN_MAXPOS = 3, /* the model's position limit (max_seq) */
+    ST_GEN_MAXPOS = 3, /* the positions generation can use (st_gen_max_positions) */
 } st_gen_finish;
 
 typedef struct {
@@ -61,6 +61,11 @@ typedef struct {
     st_gen_finish finish;
     float *logits;         /* optional caller buffer [max_new, V]: the raw logits each output token came from */
 } st_gen_seq;
+
+/* Positions a sequence (prompt + output) may use: max_position_embeddings, and no more than a sliding
+ * window (no windowed attention) or longrope's original length (where transformers changes factors
+ * mid-sequence); dynamic RoPE is plain RoPE within it. Reaching it ends with ST_GEN_MAXPOS. */
+int st_gen_max_positions(const st_model_config *c);
 
 /* Checks the parameters against the model (message names the flag). */
 int st_gen_params_check(const st_gen_params *p, const st_model *m);

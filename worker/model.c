@@ -25,6 +25,7 @@
 #include "common/rng.h"
 #include "common/util.h"
 #include "kernels/cuda/bf16_host.h"
+#include "worker/lora.h"
 
 /* ---------------- registry ---------------- */
 
@@ -187,6 +188,7 @@ int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be
 void st_model_free(st_model *m) {
     if (!m->be) { /* registry only (st_model_build_registry) */
         free(m->params);
+        st_lora_free(m->lora);
         memset(m, 0, sizeof *m);
         return;
     }
@@ -200,6 +202,7 @@ void st_model_free(st_model *m) {
     free(m->loss_per_pos);
     free(m->layer_acts);
     free(m->params);
+    st_lora_free(m->lora);
     memset(m, 0, sizeof *m);
 }
 
@@ -631,6 +634,8 @@ int st_model_set_precision(st_model *m, st_precision precision) {
     if (precision == ST_PRECISION_BF16 &&
         (!m->be->matmul_bf16 || !m->be->to_bf16 || !m->be->from_bf16 || !m->be->round_bf16))
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
+    if (precision == ST_PRECISION_BF16 && m->lora)
+        return st_fail(ST_ECONFIG, "precision: bf16 with finetune.mode lora is not supported yet (use fp32)");
     m->precision = precision;
     m->be->free(m->weights_bf16);
     m->weights_bf16 = NULL;
@@ -701,6 +706,7 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
     if (!m->loss_per_pos) return st_fail(ST_ENOMEM, "out of memory for per-position losses");
     rc = alloc_mm_scratch(m);
     if (rc) return rc;
+    if (m->lora && (rc = st_lora_reserve(m, (size_t)B * T))) return rc;
     if (m->cfg.family == ST_FAMILY_LLAMA) {
         size_t n = rope_floats(&m->cfg, T) / 2;
         float *c = malloc(n * sizeof(float)), *s = malloc(n * sizeof(float));
@@ -829,7 +835,7 @@ static int final_norm_index(const st_model *m) {
 }
 
 static const float *head_weight(const st_model *m, float **grad) {
-    int idx = m->cfg.tied_embeddings ? 0 : m->n_params - 1;
+    int idx = m->cfg.tied_embeddings ? 0 : st_model_base_params(m) - 1;
     *grad = gptr(m, idx);
     return wptr(m, idx);
 }
@@ -864,6 +870,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     norm_fwd(m, ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
     save(m, a->ln1_h, ln1, (size_t)N * C, 0);
     mm(m, qkv, saved(ln1, a->ln1_h), weight(m, w.wqkv), w.bqkv, N, Q, C, 0, 1, 0.0f);
+    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_QKV, ln1, qkv, Q);
     if (c->qk_norm)
         be->head_rmsnorm_fwd(qkv, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head, c->head_dim, c->norm_eps);
     if (c->family == ST_FAMILY_LLAMA)
@@ -878,9 +885,11 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T (+ b) */
     be->copy(a->resmid, a->res_in, (size_t)N * C * sizeof(float));
     mm(m, a->resmid, saved(atty, a->atty_h), weight(m, w.wo), w.bo, N, C, A, 0, 1, 1.0f);
+    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_O, atty, a->resmid, C);
     norm_fwd(m, ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
     save(m, a->ln2_h, ln2, (size_t)N * C, 0);
     mm(m, h1, saved(ln2, a->ln2_h), weight(m, w.w1), w.b1, N, F1, C, 0, 1, 0.0f);
+    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_UP, ln2, h1, F1);
     save(m, a->h1_h, h1, (size_t)N * F1, 1);
     if (c->family == ST_FAMILY_GPT2)
         be->gelu_fwd(h2, h1, (size_t)N * F);
@@ -890,6 +899,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     if (!res_out) return;
     be->copy(res_out, a->resmid, (size_t)N * C * sizeof(float));
     mm(m, res_out, saved(h2, a->h2_h), weight(m, w.w2), w.b2, N, C, F, 0, 1, 1.0f);
+    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_DOWN, h2, res_out, C);
 }
 
 /* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. */
@@ -950,10 +960,10 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         st_model_release(m, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
-    st_model_acquire(m, fn, m->n_params);
+    st_model_acquire(m, fn, st_model_base_params(m));
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
     double loss = m->hidden_only ? 0.0 : head_forward(m, &b, train);
-    st_model_release(m, fn, m->n_params);
+    st_model_release(m, fn, st_model_base_params(m));
     if (tied) st_model_release(m, 0, e0);
     if (m->hidden_only) return 0.0;
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
@@ -980,6 +990,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     /* MLP branch: dres is the gradient of res_out */
     if (w.gb2) be->bias_bwd(w.gb2, dres, N, C);
     linear_dgrad(m, b->dh2, dres, w.w2, N, C, F);
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, a->h2, dres, C, b->dh2);
     linear_wgrad(m, w.gw2, dres, saved(a->h2, a->h2_h), N, C, F);
     const float *h1 = restore(m, a->h1, a->h1_h, b->h1_w, (size_t)N * F1);
     if (c->family == ST_FAMILY_GPT2)
@@ -988,11 +999,13 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
         be->swiglu_bwd(b->dh1, b->dh2, h1, N, F);
     if (w.gb1) be->bias_bwd(w.gb1, b->dh1, N, F1);
     linear_dgrad(m, b->dln, b->dh1, w.w1, N, F1, C);
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, a->ln2, b->dh1, F1, b->dln);
     linear_wgrad(m, w.gw1, b->dh1, saved(a->ln2, a->ln2_h), N, F1, C);
     norm_bwd(m, dres, w.gn2w, w.gn2b, b->dln, a->resmid, w.n2w, a->ln2_mean, a->ln2_rstd, N, b->dh2);
     /* attention branch: dres is now the gradient of resmid */
     if (w.gbo) be->bias_bwd(w.gbo, dres, N, C);
     linear_dgrad(m, b->datt, dres, w.wo, N, C, A);
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_O, a->atty, dres, C, b->datt);
     linear_wgrad(m, w.gwo, dres, saved(a->atty, a->atty_h), N, C, A);
     const float *qkv = restore(m, a->qkv, a->qkv_h, b->qkv_w, (size_t)N * Q);
     const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
@@ -1009,6 +1022,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
                              c->head_dim);
     if (w.gbqkv) be->bias_bwd(w.gbqkv, b->dqkv, N, Q);
     linear_dgrad(m, b->dln, b->dqkv, w.wqkv, N, Q, C);
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_QKV, a->ln1, b->dqkv, Q, b->dln);
     linear_wgrad(m, w.gwqkv, b->dqkv, saved(a->ln1, a->ln1_h), N, Q, C);
     norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);
 }
@@ -1040,7 +1054,7 @@ void st_model_backward(st_model *m) {
     norm_bwd(m, b.dres, gptr(m, fn), c->family == ST_FAMILY_GPT2 ? gptr(m, fn + 1) : NULL, b.dlnf, b.res_out,
              wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
     st_model_release(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2));
-    report_ready(m, fn, m->n_params); /* final norm and an untied head (its gradient came in forward) */
+    report_ready(m, fn, st_model_base_params(m)); /* final norm and an untied head (its gradient came in forward) */
     for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
         int p0 = layer_first_param(m, l), p1 = layer_first_param(m, l + 1);
         const layer_acts *a = acts_for(m, la, l);
@@ -1049,6 +1063,9 @@ void st_model_backward(st_model *m) {
         layer_backward(m, l, a, &b);
         st_model_release(m, p0, p1);
         report_ready(m, p0, p1);
+        int lf, ll;
+        st_lora_layer_params(m, l, &lf, &ll);
+        report_ready(m, lf, ll); /* the layer's adapters (appended after the base registry) */
     }
     if (m->embed_trained) /* wte and wpe train together (see param_selected) */
         be->embedding_bwd(gptr(m, 0), c->family == ST_FAMILY_GPT2 ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B,

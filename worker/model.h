@@ -23,6 +23,8 @@
 
 /* Module kinds, as bits (finetune.train_modules; the same values as the config's ST_MODULE_*). */
 enum { ST_MOD_ATTN = 1, ST_MOD_MLP = 2, ST_MOD_NORM = 4, ST_MOD_EMBED = 8, ST_MOD_HEAD = 16, ST_MOD_ALL = 31 };
+/* LoRA adapter tensors (worker/lora.h): never part of ST_MOD_ALL, so only a LoRA trainable set selects them. */
+enum { ST_MOD_LORA = 32 };
 
 typedef struct {
     char name[96];      /* HF name, e.g. model.layers.3.self_attn.q_proj.weight or h.3.attn.c_attn.weight */
@@ -88,7 +90,15 @@ typedef struct {
     void (*acquire)(void *ctx, int first, int last);
     void (*release)(void *ctx, int first, int last);
     void *residency_ctx;
+    /* LoRA adapters (worker/lora.h): registry entries [n_base_params, n_params) and weights
+     * [n_base_weights, n_weights); 0 / NULL without adapters (then n_base_* = 0 means "all"). */
+    int n_base_params;
+    size_t n_base_weights;
+    struct st_lora *lora;
 } st_model;
+
+/* Parameters of the base model (the registry without LoRA adapters). */
+static inline int st_model_base_params(const st_model *m) { return m->lora ? m->n_base_params : m->n_params; }
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */
 int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be);

@@ -111,7 +111,7 @@ static inline float st_cpu_expf(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
+    int32_t bits = ((int32_t)(n == n ? n : 0.0f) + 127) << 23; /* NaN: no UB cast; p carries the NaN */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     float y = p * scale;

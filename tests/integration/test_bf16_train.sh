@@ -5,13 +5,13 @@
 #   2. bf16 differs from the fp32 run (the setting reaches the model) while learning the same; D, the
 #      largest relative loss difference between them over the run, is the whole effect of the bf16
 #      arithmetic on the losses.
-#   3. bf16 on 1, 2 (ZeRO-1 and 2) and 3 ranks with the same global batch agree within D. The rank count
+#   3. bf16 on 1, 2 (ZeRO-1 and 2) and 3 ranks with the same global batch agree within 2 D. The rank count
 #      changes only the order of fp32 sums (fp32 runs agree within 1e-6: test_dp_equivalence.py); in bf16
-#      that order flips the rare roundings of values that lie at a rounding midpoint, and the runs drift
-#      apart by a part of what bf16 does as a whole, never by more (measured: 0.13 .. 0.44 of D under the
-#      default, Haswell and SkylakeX OpenBLAS kernels). A tolerance of
-#      its own (it was 5e-4) would hold on one machine and not on another; D is measured in the same run.
-#      A reduction bug moves the losses by far more than D (~3e-4).
+#      that flips the rare roundings of values at a rounding midpoint, each by one bf16 ulp, at most twice
+#      a rounding error, so the runs drift apart by at most twice what bf16 does as a whole (the argument
+#      of test_bf16_torch.py (a); measured: 0.13 .. 0.48 D over the default, Haswell and SkylakeX OpenBLAS
+#      kernels and 6 training seeds). A tolerance of its own (it was 5e-4) holds on one machine and not on
+#      another; D is measured in the same run. A reduction bug moves the losses by far more (D ~ 3e-4).
 # The arithmetic itself is checked against PyTorch in tests/reference/test_bf16_torch.py.
 #   Every run also checks after each step that the bf16 weight copy equals the fp32 weights rounded
 #   (SHARDTUNE_CHECK_BF16_COPY=1): the multi-tensor AdamW refreshes the owned ranges, the ZeRO parameter
@@ -53,16 +53,16 @@ open(sys.argv[3], "w").write(repr(d))
 PYEOF
 echo "ok: bf16 differs from fp32 and learns like it"
 
-# --- 3. 1 rank == 2 ranks (ZeRO-1, ZeRO-2) == 3 ranks within D, global batch 6 ---
-D=$(cat $T/D)
-close_losses $T/one.loss $T/full.loss $D || fail "bf16: 1 rank vs 2 ranks (ZeRO-1) differ"
+# --- 3. 1 rank == 2 ranks (ZeRO-1, ZeRO-2) == 3 ranks within 2 D, global batch 6 ---
+TOL=$("$PY" -c "import sys; print(2 * float(sys.argv[1]))" "$(cat $T/D)")
+close_losses $T/one.loss $T/full.loss $TOL || fail "bf16: 1 rank vs 2 ranks (ZeRO-1) differ"
 job z2 16 3 1 "${common[@]}" sharding.stage=2
 [ "$(train 2 z2)" = 0 ] || fail "bf16 ZeRO-2: $(cat $T/z2.err)"
 losses $T/z2 > $T/z2.loss
-close_losses $T/one.loss $T/z2.loss $D || fail "bf16: 1 rank vs 2 ranks ZeRO-2 differ"
+close_losses $T/one.loss $T/z2.loss $TOL || fail "bf16: 1 rank vs 2 ranks ZeRO-2 differ"
 job three 16 2 1 "${common[@]}"
 [ "$(train 3 three)" = 0 ] || fail "bf16 3 ranks: $(cat $T/three.err)"
 losses $T/three > $T/three.loss
-close_losses $T/one.loss $T/three.loss $D || fail "bf16: 1 rank vs 3 ranks differ"
-echo "ok: bf16 on 1, 2 (ZeRO-1 and 2) and 3 ranks agree within D = $D (bf16 vs fp32)"
+close_losses $T/one.loss $T/three.loss $TOL || fail "bf16: 1 rank vs 3 ranks differ"
+echo "ok: bf16 on 1, 2 (ZeRO-1 and 2) and 3 ranks agree within 2 D = $TOL (D: bf16 vs fp32)"
 

@@ -2,7 +2,8 @@
 # test_faults.sh — crashes and a full disk never lose the last good checkpoint.
 #   1. disk full (ulimit -f with SIGXFSZ ignored, so writes fail with EFBIG): saves fail with one clear
 #      warning line, training goes on with unchanged losses, `latest` and the previous checkpoint stay
-#      valid, no *.partial is left behind.
+#      valid, no *.partial is left behind; the job still fails (exit 1) because its last checkpoint failed;
+#      checkpoint.max_failures saves failing in a row stop it; a failed final/ leaves no final.partial/.
 #   2. 10 seeded trials of kill -9 of one rank or of all ranks at random moments (checkpoints every
 #      step, so many land inside a write): auto-resume always succeeds from the newest complete
 #      checkpoint and ends with the uninterrupted run's losses and final weights, bit for bit.
@@ -22,9 +23,10 @@ OMPI_MCA_btl=self,tcp mpirun --oversubscribe -np 2 bash -c 'trap "" XFSZ; ulimit
   "$BIN" train "$T/full.yaml" $(cat $T/full.args) >>"$T/full.out" 2>>"$T/full.err"
 rc=$?
 set -e
-[ $rc -eq 0 ] || fail "disk full: training should continue, exit $rc: $(cat $T/full.err)"
-grep -q "warning: checkpoint at step 6 failed (periodic): .*step-00000006.h5.partial" $T/full.err ||
+[ $rc -eq 1 ] || fail "disk full: training should continue to the end and then fail, exit $rc: $(cat $T/full.err)"
+grep -q "warning: checkpoint at step 6 failed (periodic): .*step-00000006.h5.partial.* (1 in a row; the job stops at 3" $T/full.err ||
   fail "no clear failure line: $(cat $T/full.err)"
+grep -q "error: the checkpoint at the end (step 8) failed; final/ is written" $T/full.err || fail "no end failure line: $(cat $T/full.err)"
 grep "warning: checkpoint at step 6" $T/full.err | head -1
 [ "$(cat $T/full/checkpoints/latest)" = step-00000004.h5 ] || fail "latest moved: $(cat $T/full/checkpoints/latest)"
 "$BIN" ckpt verify $T/full/checkpoints >/dev/null || fail "previous checkpoint damaged"
@@ -32,7 +34,30 @@ grep "warning: checkpoint at step 6" $T/full.err | head -1
 job ref8 8 2 1 checkpoint.every_steps=2 train.schedule=constant; [ "$(train 2 ref8)" = 0 ] || fail "ref8"
 losses $T/ref8 > $T/ref8.loss; losses $T/full > $T/full.loss
 cmp -s $T/ref8.loss $T/full.loss || fail "losses changed by failed saves"
-echo "ok: disk full: saves failed cleanly, training state and step-4 checkpoint intact"
+echo "ok: disk full: saves failed cleanly, training state and step-4 checkpoint intact, exit 1"
+
+# checkpoint.max_failures in a row stop the job; a final/ that cannot be written leaves nothing behind
+full_run() { # full_run NAME KB [overrides...]
+  local name=$1 kb=$2; shift 2
+  set +e
+  OMPI_MCA_btl=self,tcp mpirun --oversubscribe -np 2 bash -c "trap '' XFSZ; ulimit -f $kb; exec \"\$0\" \"\$@\"" \
+    "$BIN" train "$T/$name.yaml" $(cat $T/$name.args) "$@" >>"$T/$name.out" 2>>"$T/$name.err"
+  echo $?
+  set -e
+}
+job stop 8 2 1 checkpoint.every_steps=1 train.schedule=constant checkpoint.max_failures=2
+[ "$(train 2 stop train.steps=4)" = 0 ] || fail "stop: first part"
+rc=$(full_run stop 1000)
+[ "$rc" = 1 ] || fail "max_failures: exit $rc: $(cat $T/stop.err)"
+grep -q "error: 2 checkpoint saves in a row failed (checkpoint.max_failures 2); stopping" $T/stop.err || fail "no stop line: $(cat $T/stop.err)"
+[ "$(losses $T/stop | tail -1 | cut -d' ' -f1)" = 6 ] || fail "did not stop at step 6: $(losses $T/stop | tail -1)"
+[ "$(cat $T/stop/checkpoints/latest)" = step-00000004.h5 ] || fail "latest moved"
+job fin 2 2 1 checkpoint.every_steps=0
+rc=$(full_run fin 200)
+[ "$rc" = 1 ] || fail "final: exit $rc"
+grep -q "writing final weights" $T/fin.err || fail "no final error line: $(cat $T/fin.err)"
+[ ! -e $T/fin/final.partial ] || fail "final.partial/ left behind"
+echo "ok: max_failures stops the job at step 6; a failed final/ leaves no final.partial/"
 
 # --- 2. kill -9 trials ---
 RANDOM=20240607

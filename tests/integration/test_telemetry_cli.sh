@@ -4,7 +4,7 @@
 #     (outlives the first job and reconnects), and exits on SIGTERM;
 #   shardtune ctl: unreachable address -> one clear line + exit 1; status ok; checkpoint without token
 #     refused (exit 1); with --run-dir / --token-file accepted; bad token file refused;
-#   shardtune plot: SVG with three panels and one polyline point per metrics line.
+#   shardtune plot: SVG with three panels and one polyline point per metrics line (val loss: per evaluation).
 set -euo pipefail
 BIN=${SHARDTUNE_BIN:?}
 DRIVER=${ST_BUILD_DIR:?}/telemetry_driver
@@ -100,9 +100,14 @@ mkdir -p "$T/plot"
 import json, math, sys
 with open(sys.argv[1], "w") as f:
     for s in range(0, 120):
-        f.write(json.dumps({"step": s, "loss": 3 * math.exp(-s / 30) + 1, "lr": 1e-4 * min(1, (s + 1) / 10),
-                            "grad_norm": 1.0, "tokens": 512, "tokens_per_s": 700 + s, "step_ms": 100,
-                            "task_loss": {"qa": 2.5, "chat": 1.5 + 1 / (s + 1)}}) + "\n")
+        row = {"step": s, "loss": 3 * math.exp(-s / 30) + 1, "lr": 1e-4 * min(1, (s + 1) / 10),
+               "grad_norm": 1.0, "tokens": 512, "tokens_per_s": 700 + s, "step_ms": 100,
+               "task_loss": {"qa": 2.5, "chat": 1.5 + 1 / (s + 1)}}
+        if s == 60:
+            row["resumed"] = True  # the first row after a resume
+        if s % 20 == 19:
+            row["val_loss"] = {"qa": 2.6, "chat": None}  # null: a task without a val split
+        f.write(json.dumps(row) + "\n")
     f.write('{"step": 120, "loss"')  # partial last line of a run still writing
 EOF
 "$BIN" plot "$T/plot" --out "$T/plot/p.svg" | grep -q "120 steps, 1 lines skipped" || fail "plot summary line"
@@ -111,13 +116,41 @@ import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 ns = "{http://www.w3.org/2000/svg}"
 polys = root.findall(".//" + ns + "polyline")
-assert len(polys) == 5, "want loss, 2 task losses, lr, tokens/s: %d" % len(polys)
-for p in polys:
-    assert len(p.get("points").split()) == 120
+assert len(polys) == 6, "want loss, 2 task losses, val[qa], lr, tokens/s: %d" % len(polys)
+npoints = sorted(len(p.get("points").split()) for p in polys)
+assert npoints == [6, 120, 120, 120, 120, 120], npoints  # val[qa]: the 6 evaluated steps
 texts = [t.text for t in root.iter(ns + "text")]
-for want in ("loss", "learning rate", "tokens/s", "step", "loss[qa]", "loss[chat]"):
+for want in ("loss", "learning rate", "tokens/s", "step", "loss[qa]", "loss[chat]", "val[qa]"):
     assert want in texts, want
-print("plot: 5 series x 120 points, %d labels" % len(texts))
+resumes = [l for l in root.iter(ns + "line") if l.get("class") == "resume"]
+assert len(resumes) == 1 and "resume" in texts, "one resume marker"
+print("plot: 5 series x 120 points + val loss x 6, a resume marker, %d labels" % len(texts))
+EOF
+# the same as PNG: decoded here with zlib alone (no image library), checked for the series colours and
+# the dashed resume marker at step 60
+"$BIN" plot "$T/plot" --out "$T/plot/p.png" | grep -q "wrote .*p.png: 120 steps" || fail "plot png"
+"$PY" - "$T/plot/p.png" <<'EOF'
+import struct, sys, zlib
+b = open(sys.argv[1], "rb").read()
+assert b[:8] == b"\x89PNG\r\n\x1a\n", "PNG signature"
+pos, idat, size = 8, b"", None
+while pos < len(b):
+    n, kind = struct.unpack(">I4s", b[pos:pos + 8]); data = b[pos + 8:pos + 8 + n]
+    assert zlib.crc32(kind + data) == struct.unpack(">I", b[pos + 8 + n:pos + 12 + n])[0], kind
+    if kind == b"IHDR": size = struct.unpack(">IIBB", data[:10])
+    if kind == b"IDAT": idat += data
+    pos += 12 + n
+w, h, depth, ctype = size
+assert (w, h, depth, ctype) == (900, 945, 8, 2), size
+raw = zlib.decompress(idat); row = 3 * w + 1
+px = lambda x, y: raw[y * row + 1 + 3 * x:y * row + 4 + 3 * x]
+count = lambda rgb: sum(px(x, y) == rgb for y in range(h) for x in range(w))
+for name, rgb in (("loss", b"\x1f\x77\xb4"), ("loss[qa]", b"\xff\x7f\x0e"), ("val[qa]", b"\xd6\x27\x28")):
+    assert count(rgb) > 20, name
+x = round(90 + 60 / 119 * 650)  # ML + (60 - 0) / (119 - 0) * plot width
+gray = sum(px(x + d, y) == b"\x55\x55\x55" for y in range(30, 270) for d in (-1, 0, 1))
+assert gray > 60, "resume marker at step 60: %d px" % gray
+print("plot png: %dx%d, series colours and the resume marker present" % (w, h))
 EOF
 set +e
 "$BIN" plot "$T/nothing" --out "$T/x.svg" 2>"$T/err"; rc=$?

@@ -75,7 +75,7 @@ def instrumented(model, ids):
                 rec["wd"] = P[p + "mlp.c_proj.weight"].t()
                 out.append(rec)
             return F.layer_norm(h, (C,), P["ln_f.weight"], P["ln_f.bias"], eps), out
-        cos, sin = tm.rope_cos_sin(T, hd, c["rope_theta"], model.dtype)
+        cos, sin = tm.rope_cos_sin(T, hd, *tm.rope_inv_freq(c, T), model.dtype)
 
         def lin(x, name, bias=False):
             y = x @ P[name + ".weight"].t()

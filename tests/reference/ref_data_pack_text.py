@@ -169,6 +169,48 @@ def main():
         if got != want or sum(mask) != len(toks):  # text rows train on every token, their end token too
             print(f"text rows: want {want} got {got} mask {mask}")
             failures += 1
+        # a model without a chat template: alpaca (classic Alpaca prompt) and prompt/completion as plain text
+        plain = os.path.join(tmp, "plain")
+        os.makedirs(plain)
+        built["gpt2"].save(os.path.join(plain, "tokenizer.json"))
+        json.dump({"eos_token": "<|endoftext|>"}, open(os.path.join(plain, "tokenizer_config.json"), "w"))
+        tok = Tokenizer.from_file(os.path.join(plain, "tokenizer.json"))
+        eot = tok.token_to_id("<|endoftext|>")
+        prow = [{"prompt": "Q: why?\nA:", "completion": " because ünïcode."}, {"instruction": "Add", "input": "2 and 3", "output": "5"},
+                {"instruction": "Greet", "output": "hello"}]
+        with open(os.path.join(tmp, "plain.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in prow))
+        out = os.path.join(tmp, "p.h5")
+        p = subprocess.run([BIN, "data", "pack", "--text", os.path.join(tmp, "plain.jsonl"), "--model", plain, "--out", out],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"plain pack failed: {p.stderr}")
+            failures += 1
+        else:
+            with h5py.File(out, "r") as h:
+                toks, offs, mask = h["tokens"][:].tolist(), h["doc_offsets"][:].tolist(), h["loss_mask"][:].tolist()
+            for k, r in enumerate(prow):
+                if "prompt" in r:
+                    prompt, completion = r["prompt"], r["completion"]
+                else:
+                    head = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                            "Write a response that appropriately completes the request." if r.get("input") else
+                            "Below is an instruction that describes a task. Write a response that appropriately completes the request.")
+                    prompt = f"{head}\n\n### Instruction:\n{r['instruction']}\n\n"
+                    if r.get("input"):
+                        prompt += f"### Input:\n{r['input']}\n\n"
+                    prompt += "### Response:\n"
+                    completion = r["output"]
+                enc = tok.encode(prompt + completion)
+                full = prompt + completion
+                cut = len(prompt.encode())
+                want_ids = enc.ids + [eot]
+                want_mask = [int(len(full[:a].encode()) >= cut) for a, _ in enc.offsets] + [1]
+                got = (toks[offs[k]:offs[k + 1]], mask[offs[k]:offs[k + 1]])
+                if got != (want_ids, want_mask):
+                    print(f"plain row {k}: want {want_ids} {want_mask}\n  got {got}")
+                    failures += 1
+            print(f"no template: {len(prow)} alpaca/prompt rows compared")
         # the --jsonl path hints at --text
         p = subprocess.run([BIN, "data", "pack", "--jsonl", inp, "--out", os.path.join(tmp, "x.h5")], capture_output=True, text=True)
         if "--text" not in p.stderr:

@@ -1,9 +1,9 @@
 """Activation checkpointing (memory.activation_checkpointing) end to end, with real MPI ranks.
 
 * Llama and GPT-2, fp32 and bf16, 1 rank (ZeRO-1) and 2 ranks (ZeRO-2, and a frozen-mode Llama run whose
-  backward stops above the frozen layers): the run with checkpointing reports bit-identical per-step
+  backward stops above the frozen layers, and LoRA / DoRA runs): the run with checkpointing reports bit-identical per-step
   losses and gradient norms (metrics.jsonl, compared with ==) and writes a byte-identical
-  final/model.safetensors, against the same run without it. The comparison can fail: a different seed
+  final/model.safetensors (adapter_model.safetensors for LoRA), against the same run without it. The comparison can fail: a different seed
   gives different losses.
 * Memory: an activation-dominated Llama job (seq 256, micro_batch 16) is trained with and without
   checkpointing; the drop in measured peak RSS (GNU time) must be within 15% of the drop `shardtune plan`
@@ -22,7 +22,7 @@ from test_dp_memory import measured_rss, plan  # noqa: E402
 CKPT = "memory.activation_checkpointing=true"
 
 
-def same_run(job, ranks, ov, tag, root):
+def same_run(job, ranks, ov, tag, root, final=True):
     runs = []
     for extra in ([], [CKPT]):
         rd = os.path.join(root, f"{tag}{'_ckpt' if extra else ''}")
@@ -34,8 +34,9 @@ def same_run(job, ranks, ov, tag, root):
         assert x["step"] == y["step"]
         assert x["loss"] == y["loss"], f"{tag} step {x['step']}: loss {x['loss']!r} vs {y['loss']!r} with checkpointing"
         assert x["grad_norm"] == y["grad_norm"], f"{tag} step {x['step']}: grad_norm differs"
-    fa, fb = (open(os.path.join(rd, "final", "model.safetensors"), "rb").read() for rd in runs)
-    assert fa == fb, f"{tag}: final/model.safetensors differs with activation checkpointing"
+    name = "model.safetensors" if final else "adapter_model.safetensors"
+    fa, fb = (open(os.path.join(rd, "final", name), "rb").read() for rd in runs)
+    assert fa == fb, f"{tag}: final/{name} differs with activation checkpointing"
     print(f"  {tag}: {len(a)} steps, losses {a[0]['loss']:.6f} .. {a[-1]['loss']:.6f} identical")
     return a
 
@@ -62,6 +63,11 @@ def main():
                 ov = base + ["sharding.stage=2", "train.micro_batch=2", "finetune.mode=frozen",
                              "finetune.train_layers=-1"]
                 same_run(job, 2, ov, "llama_frozen_r2z2", root)
+                # LoRA and DoRA adapters on every projection: their saved x @ A^T is recomputed too
+                for dora in ("false", "true"):
+                    ov = base + ["sharding.stage=2", "train.micro_batch=2", "finetune.mode=lora",
+                                 "finetune.lora.r=4", f"finetune.lora.dora={dora}"]
+                    same_run(job, 2, ov, f"llama_lora_dora{dora}_r2z2", root, final=False)
                 # the == comparisons above can fail: another seed changes every loss
                 rd = os.path.join(root, "seed")
                 dp.train(job, 1, base + ["precision=fp32", "sharding.stage=1", "seed=8", f"run_dir={rd}"],

@@ -18,27 +18,38 @@ the loss, weights, gradients and optimizer state are fp32.
    a rounding with an identity gradient and an attention whose output is rounded and whose backward uses
    that rounded output.
 1. For a tiny Llama (GQA, untied head) and a tiny GPT-2 (tied head, biases), tests/tools/ref_model
-   --precision bf16: logits, loss and every gradient vs that float64 emulation. Error per tensor t:
-   err_t = max|ours - ref| / max|ref|. The criterion follows from the arithmetic, not from one machine:
-   - The per-tensor condition measure kappa_t: the same float64 model WITHOUT any rounding is off the
-     emulation by err_t(unrounded) = u * kappa_t, u = 2^-8 the bf16 unit roundoff. kappa_t says how much
-     tensor t moves, in units of u, when every operand carries its bf16 rounding (~1..5 here).
-   - A correct bf16 path computes each value before its rounding in fp32, not float64: off by ~n 2^-24
-     relative for a length-n product (n <= 128 here). That changes nothing unless the value lies that
-     close to a bf16 rounding midpoint: then its rounding flips by one bf16 ulp (2^-7 relative). Only a
-     fraction f <= 2 n 2^-24 / 2^-7 = n 2^-16 <= 2e-3 of the roundings flip. Roundings are errors
-     spread over +-ulp/2 (rms ulp/sqrt(12)); f of them moved by a whole ulp move tensor t by about
-     sqrt(12 f) u kappa_t <= 0.16 u kappa_t. Required: err_t <= RHO u kappa_t with RHO = 1/4 (or the fp32
-     level FP32_TOL, whichever is larger). Which values flip depends on the BLAS kernel's summation order,
-     so ref_model runs under the default OpenBLAS kernel and under OPENBLAS_CORETYPE=Haswell, SkylakeX
-     and Zen (each where the CPU has the instructions; the kernel is confirmed by OPENBLAS_VERBOSE), and
-     every run must pass.
-   - The criterion rejects broken bf16 paths (perturbation checks, each a whole model's outputs fed to
-     the same criterion): our own --precision fp32 run (no rounding anywhere) must fail it on EVERY
-     tensor (so the rounding reaches every product); float64 emulations with a bug — operands truncated
-     instead of rounded to nearest even, activations not stored as bf16 (operands only), the backward's
-     input-gradient products or weight-gradient products without rounding — must each fail it.
-   - ref_model --precision fp32 against the unrounded float64 model stays at the fp32 level (<= 1e-5).
+   --precision bf16: logits, per-position losses and every gradient vs that float64 emulation. Error of
+   an output tensor t: err_t = ||ours - ref||_2 / ||ref||_2. The criteria follow from the arithmetic, not
+   from one machine:
+   - Condition measure kappa_t: the same float64 model WITHOUT any rounding is off the emulation by
+     u kappa_t (u = 2^-8, the bf16 unit roundoff): how far tensor t moves, in units of u, when every
+     operand carries its bf16 rounding (~1..5 here).
+   - What a correct bf16 path may differ by: it computes each value before its rounding in fp32, not
+     float64 (~n 2^-24 relative for a length-n product). That changes nothing unless the value lies that
+     close to a bf16 rounding midpoint; then its rounding flips by one bf16 ulp. Flips are rare (a
+     fraction ~n 2^-16 of the roundings), but one flip of a large element can move a small tensor
+     noticeably. Which values flip depends on the fp32 evaluation order (OpenBLAS kernel, -march=native
+     code), so no single run's spread is a tolerance.
+   (a) Bound: err_t <= 2 u kappa_t (or the fp32 level FP32_TOL, whichever is larger). A flip moves one
+       operand element by one ulp <= 2u, at most twice the largest rounding error, and only a few
+       elements flip, so the flips move a tensor by at most twice what all roundings together do
+       (measured over 30 random models of each kind x 4 OpenBLAS kernels: at most 0.67 u kappa_t).
+   (b) Model selection, the sharp test: ours must be closer to the bf16 emulation than to each broken
+       variant of it, on every tensor that the variant changes (by more than FP32_TOL): the model without
+       rounding (the bf16 path not taken), operands truncated instead of rounded to nearest even,
+       activations not stored as bf16 (operands only), the backward's input-gradient products on
+       unrounded operands. Flips are sparse; a broken path moves every tensor it touches by ~u kappa_t.
+       (Measured: every tensor, in all 60 random models.) Not checked this way: the weight-gradient
+       products on unrounded operands — at this model size that moves the weight gradients by no more
+       than flip noise can (ours was closer to the emulation on only 47% of those tensors in one of the
+       60 random models), so such a check would depend on the machine.
+   ref_model runs under the default OpenBLAS kernel and under OPENBLAS_CORETYPE=Haswell, SkylakeX and Zen
+   (each where the CPU has the instructions; the kernel is confirmed by OPENBLAS_VERBOSE): every run must
+   pass (a) and (b). Perturbation checks (the criteria can fail): our own --precision fp32 run, and
+   float32 emulations of each broken variant (independent of the float64 ones), must each fail (a) or
+   (b), while a float32 emulation of the correct path passes both.
+   ref_model --precision fp32 against the unrounded float64 model stays at the fp32 level (max-norm
+   relative <= 1e-5, the suite's fp32 tolerance).
 2. Training: `shardtune train ... precision=bf16` on one rank for a few dozen steps lowers the loss like
    fp32 does, with losses that differ from the fp32 run (the setting reaches the model) but stay close.
 Env (set by ctest): ST_BUILD_DIR, SHARDTUNE_BIN."""
@@ -60,7 +71,7 @@ from test_model_torch import (CONFIGS, ENV, REF_MODEL, SEQ, random_batch, random
 from torch_model import RefModel, causal_attention, parse_config  # noqa: E402
 
 U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
-RHO, FP32_TOL = 0.25, 1e-5
+BOUND, FP32_TOL = 2.0, 1e-5  # (a): err_t <= BOUND u kappa_t
 # OpenBLAS kernels to run ref_model under, with the CPU flags each one needs
 CORETYPES = {"Haswell": ("avx2", "fma"), "SkylakeX": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
              "Zen": ("avx2", "fma")}
@@ -175,9 +186,9 @@ def bf16_attention(rnd):
     return BF16Attention.apply
 
 
-def bf16_emulation(model_dir, rnd=bf16, storage=True, round_dx=True, round_dw=True):
-    """The float64 reference of shardtune's precision: bf16; the keyword arguments make broken variants."""
-    ref = RefModel.load(model_dir, torch.float64)
+def bf16_emulation(model_dir, dtype=torch.float64, rnd=bf16, storage=True, round_dx=True, round_dw=True):
+    """The reference of shardtune's precision: bf16 in `dtype`; the keyword arguments make broken variants."""
+    ref = RefModel.load(model_dir, dtype)
     ref.linear_mm = bf16_matmul(rnd, round_dx, round_dw)
     if storage:
         ref.saved = bf16_saved(rnd)
@@ -199,22 +210,38 @@ def check_attention_function():
 # ---------------- 1. forward + backward vs the emulated reference ----------------
 
 def outputs(model, batch, V):
-    """{logits, loss, grad.<name>} of a torch reference model on `batch`, as numpy float64."""
-    logits, loss, _ = torch_forward_backward(model, *batch)
-    out = {"logits": logits.detach().numpy().reshape(-1, V), "loss": np.array([loss.item()])}
-    out.update({"grad." + n: p.grad.numpy() for n, p in model.params.items()})
+    """{logits, loss_per_pos, grad.<name>} of a torch reference model on `batch`, as numpy float64. The
+    per-position losses stand for the loss: the scalar sum can cancel the roundings' effects by chance."""
+    logits, _, per_pos = torch_forward_backward(model, *batch)
+    out = {"logits": logits.detach().double().numpy().reshape(-1, V),
+           "loss_per_pos": per_pos.detach().double().numpy().reshape(-1)}
+    out.update({"grad." + n: p.grad.double().numpy() for n, p in model.params.items()})
     return out
+
+
+def l2_err(ours, ref):
+    ours, ref = np.asarray(ours, np.float64).reshape(np.shape(ref)), np.asarray(ref, np.float64)
+    scale = np.linalg.norm(ref)
+    return np.linalg.norm(ours - ref) / scale if scale > 0 else np.linalg.norm(ours)
 
 
 def errors(ours, ref):
     """{tensor: err} of outputs `ours` (ref_model's or a reference's) against `ref`."""
-    return {k: rel_err(np.asarray(ours[k]).reshape(np.shape(r)), r) for k, r in ref.items()}
+    return {k: l2_err(ours[k], r) for k, r in ref.items()}
 
 
-def over_bound(errs, kappa):
-    """The tensors whose error breaks the bound RHO * u * kappa_t (or FP32_TOL): {tensor: err / bound}."""
-    ratios = {k: e / max(RHO * U_BF16 * kappa[k], FP32_TOL) for k, e in errs.items()}
-    return {k: r for k, r in ratios.items() if r > 1.0}, max(ratios.values())
+def verdict(cand, ref, kappa, variants):
+    """Criteria (a) and (b) for outputs `cand`: ({tensor: err / bound} over the bound, the worst
+    err / (u kappa_t) and its tensor, {variant: tensors where cand is not closer to ref than to it})."""
+    errs = errors(cand, ref)
+    ratios = {k: e / max(BOUND * U_BF16 * kappa[k], FP32_TOL) for k, e in errs.items()}
+    over = {k: r for k, r in ratios.items() if r > 1.0}
+    wk = max(errs, key=lambda k: errs[k] / (U_BF16 * kappa[k]))
+    closer = {}
+    for what, (vout, changed) in variants.items():
+        ev = errors(cand, vout)
+        closer[what] = [k for k in changed if not errs[k] < ev[k]]
+    return over, (errs[wk] / (U_BF16 * kappa[wk]), wk), closer
 
 
 def coretypes():
@@ -254,40 +281,53 @@ def check_model(name, tmp, rng):
     batch_path = os.path.join(tmp, f"{name}.batch.safetensors")
     st_io.write(batch_path, dict(zip(("inputs", "targets", "weight"), batch)))
     ref = outputs(bf16_emulation(model_dir), batch, V)
-    exact = outputs(RefModel.load(model_dir, torch.float64), batch, V)
-    kappa = {k: e / U_BF16 for k, e in errors(exact, ref).items()}
+    exact_model = outputs(RefModel.load(model_dir, torch.float64), batch, V)
+    kappa = {k: e / U_BF16 for k, e in errors(exact_model, ref).items()}
     kmin, kmax = min(kappa, key=kappa.get), max(kappa, key=kappa.get)
     print(f"[{name}] {len(ref)} tensors; condition kappa_t = err_t(unrounded float64 model) / u: "
-          f"{kappa[kmin]:.2f} ({kmin}) .. {kappa[kmax]:.2f} ({kmax}); bound RHO u kappa_t: "
-          f"{RHO * U_BF16 * kappa[kmin]:.1e} .. {RHO * U_BF16 * kappa[kmax]:.1e}")
-    # (a) ours, under every BLAS kernel
+          f"{kappa[kmin]:.2f} ({kmin}) .. {kappa[kmax]:.2f} ({kmax})")
+    broken = {"no rounding": dict(model=exact_model),
+              "operands truncated, not rounded to nearest even": dict(rnd=bf16_truncated),
+              "activations not stored as bf16": dict(storage=False),
+              "input-gradient products unrounded": dict(round_dx=False)}
+    variants = {}
+    for what, kw in broken.items():
+        vout = kw.pop("model", None) or outputs(bf16_emulation(model_dir, **kw), batch, V)
+        variants[what] = (vout, [k for k, e in errors(vout, ref).items() if e > FP32_TOL])
+
+    def judge(what, cand, must_pass, note=""):
+        over, (wr, wk), closer = verdict(cand, ref, kappa, variants)
+        not_closer = {v: ks for v, ks in closer.items() if ks}
+        ok = not over and not not_closer
+        detail = (f"(a) worst err {wr:.3f} u kappa at {wk}, {len(over)} tensors over {BOUND:g} u kappa; (b) "
+                  + ("closer to the emulation than to every broken variant on every tensor it changes" if
+                     not not_closer else "not closer than to: " +
+                     "; ".join(f"{v} on {len(ks)} of {len(variants[v][1])} tensors" for v, ks in not_closer.items())))
+        if must_pass:
+            check(f"{name} {what}{note}", ok, detail)
+        else:
+            check(f"{name} rejects {what}", not ok, detail)
+
+    # ours, under every BLAS kernel
     for label, env in coretypes():
         ours, core = run_ref_model(model_dir, batch_path, os.path.join(tmp, f"{name}.bf16.safetensors"), env,
                                    "--precision", "bf16")
-        errs = errors(ours, ref)
-        over, worst = over_bound(errs, kappa)
-        wk = max(errs, key=lambda k: errs[k] / (U_BF16 * kappa[k]))
         forced = env.get("OPENBLAS_CORETYPE")
-        check(f"{name} bf16 within RHO u kappa_t of the emulation, {label} (OpenBLAS core {core})",
-              not over and (forced is None or core == forced),
-              f"worst err/bound {worst:.3f} (err {errs[wk]:.1e} = {errs[wk] / (U_BF16 * kappa[wk]):.1e} u kappa "
-              f"at {wk}); logits {errs['logits']:.1e}, loss {errs['loss']:.1e}; over the bound: {sorted(over)[:3]}")
-    # (b) the criterion rejects broken bf16 paths
+        check(f"{name} OpenBLAS kernel {label}", forced is None or core == forced, f"OpenBLAS reports core {core}")
+        judge(f"bf16 ({label})", ours, True)
+    # perturbation checks: the criteria can fail
     ours32, _ = run_ref_model(model_dir, batch_path, os.path.join(tmp, f"{name}.fp32.safetensors"), {},
                               "--precision", "fp32")
-    over, _ = over_bound(errors(ours32, ref), kappa)
-    low = min((k for k in kappa if k not in over), key=kappa.get, default=None)
-    check(f"{name} rejects: --precision fp32 (no rounding) on every tensor", not low,
-          f"{len(over)} of {len(kappa)} tensors over the bound" + (f"; not {low}" if low else ""))
-    broken = {"operands truncated, not rounded to nearest even": dict(rnd=bf16_truncated),
-              "activations not stored as bf16": dict(storage=False),
-              "input-gradient products unrounded": dict(round_dx=False),
-              "weight-gradient products unrounded": dict(round_dw=False)}
+    judge("our --precision fp32 run (bf16 path not taken)", ours32, False)
     for what, kw in broken.items():
-        over, worst = over_bound(errors(outputs(bf16_emulation(model_dir, **kw), batch, V), ref), kappa)
-        check(f"{name} rejects: {what}", bool(over),
-              f"{len(over)} of {len(kappa)} tensors over the bound, worst err/bound {worst:.1f}")
-    w32, k32 = max((e, k) for k, e in errors(ours32, exact).items())
+        if kw:
+            judge(f"a float32 emulation with {what}", outputs(bf16_emulation(model_dir, torch.float32, **kw),
+                                                               batch, V), False)
+    judge("float32 emulation of the correct bf16 path", outputs(bf16_emulation(model_dir, torch.float32), batch, V),
+          True, " (positive control)")
+    exact = RefModel.load(model_dir, torch.float64)
+    torch_forward_backward(exact, *batch)
+    w32, k32 = max((rel_err(ours32["grad." + n], p.grad.numpy()), "grad." + n) for n, p in exact.params.items())
     check(f"{name} fp32 unchanged", w32 <= FP32_TOL,
           f"ref_model --precision fp32 vs float64: max rel {w32:.1e} ({k32})")
 

@@ -3,7 +3,8 @@ headless browser (Debian's chromium + chromedriver through selenium), and the sc
 independently computed Wilson intervals and a hand-worked example.
 
  1. sheet from two models: the page's answers, unblinded with key.json, are exactly what `generate`
-    writes for each model; both sides hold the tuned answer for some prompts (the shuffle is real).
+    writes for each model; both sides hold the tuned answer for some prompts (the shuffle is real); 2 ranks
+    (mpirun) write the same sheet and key as 1 rank.
  2. the page is self-contained (no src/href/url/@import, no resource loaded), answers with <script>,
     <img onerror> and & are shown as text and nothing runs; keys A / B / T vote and move on, the
     progress counter follows, ArrowLeft goes back and a new vote replaces the old one, S saves
@@ -87,6 +88,13 @@ def check_models_sheet(tmp):
     check("sheet from models: unblinded answers = generate", not bad and len(items) == 16 and len(key) == 16,
           f"16 prompts, ids 0..15; mismatches {bad}")
     check("sides shuffled", sides == ["A", "B"], f"tuned on A for {sum(v == 'A' for v in key.values())} of 16")
+    out2 = os.path.join(tmp, "msheet2")
+    r = subprocess.run(["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", "2", BIN, "compare", "sheet", "--base",
+                        base, "--tuned", tuned, "--prompts", prompts, "--out", out2, "--max-new", "8", "--batch", "3"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    same = r.returncode == 0 and all(open(os.path.join(out, f), "rb").read() == open(os.path.join(out2, f), "rb").read()
+                                     for f in ("sheet.html", "key.json"))
+    check("sheet on 2 ranks = 1 rank", same, "sheet.html and key.json byte-identical" if same else r.stderr[-300:])
 
 
 EVIL = '<script>window.pwned = 1;</script><img src="x" onerror="window.pwned = 2"> & </textarea> "quoted"'

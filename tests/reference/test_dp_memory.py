@@ -1,8 +1,10 @@
 """`shardtune plan` memory estimate vs the measured peak RSS of real runs.
 
 A Llama model large enough that its tensors dominate (4 layers, dim 256, vocab 32000: 19.3M floats)
-is trained for 2 steps, once as 1 rank with ZeRO-1, once as 2 MPI ranks with ZeRO-2, and once as 1 rank
-with precision bf16 (bf16 weight copy, bf16 saved activations, matmul operand scratch); each rank's
+is trained for 2 steps, once as 1 rank with ZeRO-1, once as 2 MPI ranks with ZeRO-2, once as 1 rank
+with precision bf16 (bf16 weight copy, bf16 saved activations, matmul operand scratch), and once as
+finetune.mode lora on 2 ranks with ZeRO-2 (adapters on all seven projections: adapter gradients and
+moments only, the adapters' working memory, an adapter-only final/); each rank's
 peak RSS comes from /usr/bin/time (max resident set size). The fixed overhead of the process (code,
 MPI, HDF5, OpenBLAS, allocator) is measured, not assumed: the same job on a 1-layer dim-16 vocab-128
 model, minus that model's own (tiny) plan. Each rank's RSS minus this baseline must be within 15% of
@@ -75,15 +77,16 @@ def main():
         print(f"  baseline (1-layer dim-16 model, minus its plan): {base / 2**20:.1f} MiB")
         assert 0 < base < 200 * 2**20, f"implausible baseline {base}"
 
-        for ranks, zero, precision in [(1, 1, "fp32"), (2, 2, "fp32"), (1, 1, "bf16")]:
-            ov = common + [f"sharding.stage={zero}", f"run_dir={root}/r{ranks}z{zero}{precision}",
-                           f"precision={precision}"]
+        for ranks, zero, precision, mode in [(1, 1, "fp32", "full"), (2, 2, "fp32", "full"), (1, 1, "bf16", "full"),
+                                             (2, 2, "fp32", "lora")]:
+            ov = common + [f"sharding.stage={zero}", f"run_dir={root}/r{ranks}z{zero}{precision}{mode}",
+                           f"precision={precision}", f"finetune.mode={mode}"]
             want = expected_per_rank(plan(job, ranks, ov))
             got = measured_rss(job, ranks, ov)
             for r in range(ranks):
                 net = got[r] - base
                 err = (net - want[r]) / want[r]
-                print(f"  {precision} {ranks} rank(s) ZeRO-{zero} rank {r}: plan {want[r] / 2**20:7.1f} MiB, "
+                print(f"  {mode} {precision} {ranks} rank(s) ZeRO-{zero} rank {r}: plan {want[r] / 2**20:7.1f} MiB, "
                       f"measured {got[r] / 2**20:7.1f} MiB - baseline = {net / 2**20:7.1f} MiB ({err:+.1%})")
                 assert abs(err) <= TOL, f"rank {r}: estimate off by {err:+.1%}"
     finally:

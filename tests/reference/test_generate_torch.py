@@ -1,8 +1,9 @@
 """test_generate_torch.py — `shardtune generate` (KV-cache decoding and token choice) against the torch
 reference (torch_model.py: no-cache greedy loop in float64, HF semantics).
 
- 1. greedy = reference token for token, for a Llama model with GQA (4 query / 2 kv heads) and a GPT-2
-    model, both with sharp attention (q/k weights scaled) and spread logits (head scaled), prompts of
+ 1. greedy = reference token for token, for a Llama model with GQA (4 query / 2 kv heads), a GPT-2
+    model, a Qwen2 model (q/k/v biases, tied head, theta 1e6) and a Mistral model (MQA: 1 kv head), all with
+    sharp attention (q/k weights scaled) and spread logits (head scaled), prompts of
     9..150 tokens and 60 new tokens (>= 128 positions in total), --batch 1 and --batch 3 (several prompts
     per batch, prefill split in chunks of rows). A divergence is allowed only where the reference's top
     two logits are within the fp32 noise (reported).
@@ -70,8 +71,8 @@ def make_model(tmp, name, family_args, qk_scale, head_scale, proj_scale=1.0):
             C = t[k].shape[0]
             t[k] = t[k].copy()
             t[k][:, :2 * C] *= qk_scale
-        elif k in ("lm_head.weight", "wte.weight"):
-            t[k] = t[k] * head_scale
+        elif k in ("lm_head.weight", "wte.weight") or (k == "model.embed_tokens.weight" and "lm_head.weight" not in t):
+            t[k] = t[k] * head_scale  # the head, or the embedding it is tied to
         if k.endswith(("c_proj.weight", "c_fc.weight")):
             t[k] = t[k] * proj_scale
     st_io.write(path, t)
@@ -119,8 +120,23 @@ def compare_greedy(name, ref_runs, outs, noise):
     return compared
 
 
-def check_family(tmp, name, family_args, rng, head_scale, proj_scale):
+def check_family(tmp, name, family_args, rng, head_scale, proj_scale, model_type=None, full=True, config=None):
     model = make_model(tmp, name, family_args, qk_scale=8.0, head_scale=head_scale, proj_scale=proj_scale)
+    cfg_path = os.path.join(model, "config.json")
+    cfg = json.load(open(cfg_path))
+    if model_type:  # the same weights under another Llama-family model_type (Mistral, Qwen3)
+        cfg["model_type"], cfg["architectures"] = model_type, [model_type.capitalize() + "ForCausalLM"]
+    cfg.update(config or {})
+    json.dump(cfg, open(cfg_path, "w"), indent=1)
+    if model_type == "qwen3":  # q_norm / k_norm weights over head_dim, after o_proj in each layer
+        t = st_io.read(os.path.join(model, "model.safetensors"))
+        out = {}
+        for k, v in t.items():
+            out[k] = v
+            if k.endswith("self_attn.o_proj.weight"):
+                for n in ("q_norm", "k_norm"):
+                    out[k.replace("o_proj", n)] = (1 + 0.5 * rng.standard_normal(cfg["head_dim"])).astype(np.float32)
+        st_io.write(os.path.join(model, "model.safetensors"), out)
     ref64 = RefModel.load(model, torch.float64)
     ref32 = RefModel.load(model, torch.float32)
     prompts = [rng.integers(0, VOCAB, n).tolist() for n in (150, 9, 130, 33)]
@@ -157,6 +173,8 @@ def check_family(tmp, name, family_args, rng, head_scale, proj_scale):
     check(f"{name} lengths", max(len(p) for p in prompts) + MAX_NEW >= 128 and all(
         o["finish_reason"] == "length" for o in out1), f"positions up to {max(len(p) for p in prompts) + MAX_NEW}, "
           f"shortest {total}")
+    if not full:
+        return model, ppath, out1
 
     # end tokens from generation_config.json (a list): stop right after the first one
     eos_dir = os.path.join(tmp, name + "_eos")
@@ -269,7 +287,7 @@ def check_distribution(tmp, rng):
 
 def check_errors(tmp, model):
     bad = os.path.join(tmp, "bad.jsonl")
-    cases = [('{"prompt": "hello"}\n', "tokenizer"), ('{"input_ids": [1, 500]}\n', "outside the model's vocabulary"),
+    cases = [('{"prompt": "hello"}\n', "no tokenizer.json"), ('{"input_ids": [1, 500]}\n', "outside the model's vocabulary"),
              ('{"input_ids": []}\n', "non-empty"), ('[1, 2]\n', "JSON object")]
     for text, needle in cases:
         with open(bad, "w") as f:
@@ -290,6 +308,21 @@ def main():
                                                          "--max-seq", str(MAX_POS), "--seed", "21"], rng, 20.0, 1.0)
         check_family(tmp, "gpt2", ["--family", "gpt2", "--layers", "2", "--dim", "64", "--heads", "4", "--vocab",
                                    str(VOCAB), "--max-seq", str(MAX_POS), "--seed", "22"], rng, 10.0, 40.0)
+        check_family(tmp, "qwen2", ["--family", "llama", "--qkv-bias", "--tied", "--layers", "2", "--dim", "48",
+                                    "--heads", "6", "--kv-heads", "3", "--vocab", str(VOCAB), "--max-seq", str(MAX_POS),
+                                    "--seed", "23", "--rope-theta", "1000000"], rng, 20.0, 1.0, full=False)
+        check_family(tmp, "mistral", ["--family", "llama", "--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads",
+                                      "1", "--ffn", "80", "--vocab", str(VOCAB), "--max-seq", str(MAX_POS), "--seed",
+                                      "24"], rng, 20.0, 1.0, model_type="mistral", full=False)
+        llama_small = ["--family", "llama", "--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads", "2", "--ffn",
+                       "96", "--vocab", str(VOCAB), "--max-seq", str(MAX_POS), "--seed", "25"]
+        check_family(tmp, "qwen3", llama_small, rng, 20.0, 1.0, model_type="qwen3", full=False,
+                     config={"head_dim": 16, "rope_theta": 1000000.0})
+        check_family(tmp, "llama3_rope", llama_small, rng, 20.0, 1.0, full=False, config={"rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}})
+        check_family(tmp, "yarn_rope", llama_small, rng, 20.0, 1.0, full=False, config={"rope_scaling": {
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}})
         check_sampling(tmp, llama, ppath, out1, rng)
         check_distribution(tmp, rng)
         check_errors(tmp, llama)

@@ -7,6 +7,13 @@ config generations are read (rope_parameters, or rope_theta + rope_scaling). Qwe
 head_dim to every q and k head before RoPE. Sliding windows follow transformers: key j is visible to query i
 when 0 <= i - j < window, on the layers that slide (Mistral: all; Qwen2/3: use_sliding_window with
 layer_types or max_window_layers).
+
+LoRA (attach_lora): peft's LoRA Linear as its forward defines it, y = base(x) + scale * (x @ A^T) @ B^T with
+lora_A [r, in], lora_B [out, r] and scale = alpha / r (alpha / sqrt(r) with use_rslora); GPT-2's Conv1D
+projections too (fan_in_fan_out transposes only the base weight). Adapter tensors are read by their peft
+names (base_model.model.<module>.lora_A.weight) and get gradients like the base parameters. DoRA (a
+<module>.lora_magnitude_vector tensor [out]) as peft's DoraLinearLayer.forward: the result is
+bias + (m / ||W + scale B A||_row) * (x W^T + scale (x A^T) B^T), the norm detached from the graph.
 """
 import json
 import math
@@ -248,6 +255,7 @@ class RefModel:
         missing, extra = set(want) - set(named), set(named) - set(want)
         assert not missing and not extra, f"tensor set mismatch: missing {sorted(missing)}, extra {sorted(extra)}"
         self.params = {}
+        self.lora, self.lora_scale = {}, 0.0  # module name (registry style) -> (A, B)
         for name, shape in want.items():
             a = np.asarray(named[name])
             assert tuple(a.shape) == shape, f"{name}: shape {a.shape}, expected {shape}"
@@ -260,8 +268,40 @@ class RefModel:
         return cls(config, st_io.read_model(model_dir), dtype)
 
     def zero_grad(self):
-        for p in self.params.values():
+        for p in list(self.params.values()) + [t for ab in self.lora.values() for t in ab]:
             p.grad = None
+
+    def attach_lora(self, adapter_tensors, r, alpha, rslora=False):
+        """adapter_tensors: peft state dict (numpy). Keys become registry-style module names
+        (model.layers.0.self_attn.q_proj, h.0.attn.c_attn)."""
+        self.lora_scale = alpha / math.sqrt(r) if rslora else alpha / r
+        mods = {}
+        for key, arr in adapter_tensors.items():
+            assert key.startswith("base_model.model."), key
+            bare = key[len("base_model.model."):]
+            bare = bare[len("transformer."):] if bare.startswith("transformer.") else bare
+            mod, which = bare.rsplit(".lora_", 1)
+            assert which in ("A.weight", "B.weight", "magnitude_vector"), key
+            mods.setdefault(mod, {})[which[0]] = torch.tensor(np.asarray(arr), dtype=self.dtype).requires_grad_(True)
+        self.lora = {m: (ab["A"], ab["B"]) for m, ab in mods.items()}
+        self.dora = {m: ab["m"] for m, ab in mods.items() if "m" in ab}
+
+    def lora_delta(self, x, module):
+        """scale * (x @ A^T) @ B^T for an adapted module, else 0."""
+        if module not in self.lora:
+            return 0.0
+        A, B = self.lora[module]
+        return self.lora_scale * torch.matmul(torch.matmul(x, A.t()), B.t())
+
+    def lora_out(self, x, base, module, w_oi):
+        """The adapted projection without its bias: base (= x W^T) + LoRA, or DoRA's rescaled sum.
+        w_oi: the base weight as [out, in]."""
+        out = base + self.lora_delta(x, module)
+        if module not in getattr(self, "dora", {}):
+            return out
+        A, B = self.lora[module]
+        norm = torch.linalg.norm(w_oi + self.lora_scale * torch.matmul(B, A).detach(), dim=1).detach()
+        return (self.dora[module] / norm) * out
 
     def head_weight(self):
         if self.c["tied"]:
@@ -281,13 +321,17 @@ class RefModel:
         for l in range(c["n_layer"]):
             p = f"h.{l}."
             a = F.layer_norm(h, (C,), P[p + "ln_1.weight"], P[p + "ln_1.bias"], eps)
-            qkv = self.linear_mm(a, P[p + "attn.c_attn.weight"]) + P[p + "attn.c_attn.bias"]  # Conv1D: x @ W[in,out]
+            W = P[p + "attn.c_attn.weight"]  # Conv1D: x @ W[in,out]
+            qkv = self.lora_out(a, self.linear_mm(a, W), p + "attn.c_attn", W.t()) + P[p + "attn.c_attn.bias"]
             q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in self.saved(qkv).split(C, dim=-1))
             y = self.attention(q, k, v).transpose(1, 2).reshape(B, T, C)
-            h = h + self.linear_mm(y, P[p + "attn.c_proj.weight"]) + P[p + "attn.c_proj.bias"]
+            W = P[p + "attn.c_proj.weight"]
+            h = h + self.lora_out(y, self.linear_mm(y, W), p + "attn.c_proj", W.t()) + P[p + "attn.c_proj.bias"]
             m = F.layer_norm(h, (C,), P[p + "ln_2.weight"], P[p + "ln_2.bias"], eps)
-            m = gelu_new(self.saved(self.linear_mm(m, P[p + "mlp.c_fc.weight"]) + P[p + "mlp.c_fc.bias"]))
-            h = h + self.linear_mm(m, P[p + "mlp.c_proj.weight"]) + P[p + "mlp.c_proj.bias"]
+            W = P[p + "mlp.c_fc.weight"]
+            m = gelu_new(self.saved(self.lora_out(m, self.linear_mm(m, W), p + "mlp.c_fc", W.t()) + P[p + "mlp.c_fc.bias"]))
+            W = P[p + "mlp.c_proj.weight"]
+            h = h + self.lora_out(m, self.linear_mm(m, W), p + "mlp.c_proj", W.t()) + P[p + "mlp.c_proj.bias"]
         return F.layer_norm(h, (C,), P["ln_f.weight"], P["ln_f.bias"], eps)
 
     def _llama(self, ids):
@@ -298,7 +342,8 @@ class RefModel:
         cos, sin = rope_cos_sin(T, hd, inv_freq, att, self.dtype)
 
         def lin(x, name, bias=False):
-            y = self.linear_mm(x, P[name + ".weight"].t())
+            W = P[name + ".weight"]
+            y = self.lora_out(x, self.linear_mm(x, W.t()), name, W)
             return y + P[name + ".bias"] if bias else y
 
         h = P["model.embed_tokens.weight"][ids]

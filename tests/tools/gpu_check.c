@@ -959,7 +959,7 @@ static void compare_grads(void) {
         double e = norm_err(g + p->grad_offset, mc->grads + p->grad_offset, p->numel);
         if (e > worst) worst = e, worst_name = p->name;
     }
-    char name[96];
+    char name[256];
     snprintf(name, sizeof name, "%s grads after backward 1 (worst %s)", grads_label, worst_name);
     report(name, worst, 0, 0, grads_tol);
     if (self_test) { /* a gradient scaled by a constant (what AdamW hides) must be caught */

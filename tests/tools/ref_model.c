@@ -13,13 +13,16 @@
  * "grad."), and "lr<k>" [1]. Every step reuses the same batch. No-decay set: norms, biases,
  * embeddings. --precision bf16 runs every matmul with bf16-rounded operands (kernels.h matmul_bf16).
  * --teacher DIR [--temperature T] [--alpha A]: the loss is knowledge distillation from that model
- * (worker/distill.h); OUT also gets "kd" and "ce" [1] (sums of weight * kd, weight * ce). */
+ * (worker/distill.h); OUT also gets "kd" and "ce" [1] (sums of weight * kd, weight * ce).
+ * --adapter DIR: a PEFT LoRA adapter directory applied on the model; the adapters are then the only
+ * trainable tensors (grad.<name>.lora_A.weight ...; no base weight gradient exists). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
 
 #include "checkpoints/model_io.h"
+#include "checkpoints/peft_dir.h"
 #include "checkpoints/safetensors.h"
 #include "common/error.h"
 #include "worker/distill.h"
@@ -95,7 +98,7 @@ static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, i
 
 int main(int argc, char **argv) {
     const char *model_dir = NULL, *batch = NULL, *out = NULL, *sched = "constant", *precision = "fp32";
-    const char *teacher_dir = NULL;
+    const char *teacher_dir = NULL, *adapter = NULL;
     float kd_t = 2.0f, kd_alpha = 0.5f;
     int steps = 0;
     st_optim_config oc = {1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, ST_SCHED_CONSTANT, 0, 0, 0.0f, 1.0f};
@@ -118,6 +121,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--min-lr-ratio")) oc.min_lr_ratio = (float)atof(v);
         else if (!strcmp(a, "--precision")) precision = v;
         else if (!strcmp(a, "--teacher")) teacher_dir = v;
+        else if (!strcmp(a, "--adapter")) adapter = v;
         else if (!strcmp(a, "--temperature")) kd_t = (float)atof(v);
         else if (!strcmp(a, "--alpha")) kd_alpha = (float)atof(v);
         else { fprintf(stderr, "ref_model: unknown flag %s\n", a); return 2; }
@@ -133,7 +137,8 @@ int main(int argc, char **argv) {
     if (!rc) rc = read_batch(batch, &in, &tg, &w, &B, &T);
     unsigned char *all = calloc((size_t)m.cfg.n_layer, 1);
     memset(all, 1, (size_t)m.cfg.n_layer);
-    if (!rc) rc = st_model_set_trainable(&m, all, ST_MOD_ALL);
+    if (!rc && adapter) rc = st_peft_load_dir(&m, adapter);
+    if (!rc) rc = st_model_set_trainable(&m, all, adapter ? ST_MOD_LORA : ST_MOD_ALL);
     if (!rc) rc = st_model_alloc_activations(&m, B, T);
     if (!rc && strcmp(precision, "fp32") && strcmp(precision, "bf16"))
         rc = st_fail(ST_EINVAL, "--precision %s: expected fp32 or bf16", precision);

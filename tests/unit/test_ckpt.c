@@ -240,7 +240,7 @@ static void test_roundtrip(void **state) {
     st_optim_config oc = {.lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f};
     assert_int_equal(st_optim_init(&o, &oc, 0, m.grad_alloc, &m, be), 0);
     for (size_t i = 0; i < m.grad_alloc; i++) { o.m[i] = (float)i * 0.5f; o.v[i] = (float)i + 0.25f; }
-    for (int i = 0; i < m.n_params; i++) o.param_step[i] = m.params[i].grad_offset >= 0 ? 7 + i : 0;
+    for (int i = 0; i < m.n_params; i++) o.param_step[i] = m.params[i].grad_offset >= 0 ? 1 + i % 12 : 0; /* <= the checkpoint step (verify checks it) */
     char dir[] = "/tmp/st_test_ckpt_XXXXXX";
     assert_non_null(mkdtemp(dir));
     st_ckpt_meta meta = {.step = 12, .tokens_seen = 99, .last_loss = 2.5, .job_spec = "{}", .model_config = "{}"};

@@ -99,8 +99,8 @@ static void test_defaults(void **state) {
     assert_int_equal(c.checkpoint.keep_last, 3);
     assert_int_equal(c.checkpoint.signal, SIGUSR1);
     assert_int_equal(c.resume, ST_RESUME_AUTO);
-    assert_string_equal(c.monitor.publish, "tcp://127.0.0.1:5555");
-    assert_string_equal(c.monitor.control, "tcp://127.0.0.1:5556");
+    assert_string_equal(c.monitor.publish, "tcp://127.0.0.1:*");
+    assert_string_equal(c.monitor.control, "tcp://127.0.0.1:*");
     assert_int_equal(c.monitor.heartbeat_ms, 500);
     assert_true(c.monitor.stall_after_s == 30.0);
     assert_int_equal(c.monitor.curve, 0);
@@ -332,7 +332,7 @@ static void test_override_errors(void **state) {
     char *o3[] = {"train.betas=[0.9,"};
     expect_error(MINIMAL, 1, o3, "train.betas=[0.9,", "malformed value");
     char *o4[] = {"train.steps=abc"};
-    expect_error(MINIMAL, 1, o4, "train.steps: expected a positive integer, got 'abc'", NULL);
+    expect_error(MINIMAL, 1, o4, "train.steps: expected an integer in 1..2147483647, got 'abc'", NULL);
     char *o5[] = {"tasks.3.weight=2"};
     expect_error(MINIMAL, 1, o5, "tasks.3", "past the end");
     char *o6[] = {"tasks.0.wieght=2"};
@@ -364,15 +364,21 @@ static void test_unknown_keys(void **state) {
     /* nothing close: the valid keys of that section are listed instead */
     expect_error(with("train: {zzzzzzzzzz: 1}\n"), 0, NULL, "unknown key 'train.zzzzzzzzzz'",
                  "valid keys under 'train': steps, micro_batch");
-    expect_error(with("finetune: {lora: {r: 8}}\n"), 0, NULL, "unknown key 'finetune.lora'", NULL);
+    expect_error(with("finetune: {lora: {rank: 8}}\n"), 0, NULL, "unknown key 'finetune.lora.rank'", NULL);
+    expect_error(with("finetune: {lora: {r: 0}}\n"), 0, NULL, "finetune.lora.r: expected a positive integer", "'0'");
+    expect_error(with("finetune: {lora: {targets: [q_proj, qq_proj]}}\n"), 0, NULL, "finetune.lora.targets: unknown name",
+                 "'qq_proj'");
+    expect_error(with("finetune: {lora: {targets: []}}\n"), 0, NULL, "finetune.lora.targets: expected a non-empty list",
+                 NULL);
+    expect_error(with("finetune: {mode: lora, lora: {dropout: 0.05}}\n"), 0, NULL, "finetune.lora.dropout", "not supported");
     expect_error(with("train: {steps: 3, steps: 4}\n"), 0, NULL, "duplicate key 'train.steps'", NULL);
 }
 
 static void test_type_errors(void **state) {
     (void)state;
-    expect_error(with("train: {steps: abc}\n"), 0, NULL, "train.steps: expected a positive integer, got 'abc'", NULL);
+    expect_error(with("train: {steps: abc}\n"), 0, NULL, "train.steps: expected an integer in 1..2147483647, got 'abc'", NULL);
     assert_msg_has("<string>:4:16:");
-    expect_error(with("train: {steps: 1.5}\n"), 0, NULL, "train.steps: expected a positive integer", "'1.5'");
+    expect_error(with("train: {steps: 1.5}\n"), 0, NULL, "train.steps: expected an integer in 1..2147483647", "'1.5'");
     expect_error(with("train: {steps: [1]}\n"), 0, NULL, "train.steps", "got a list");
     expect_error(with("train: {steps: }\n"), 0, NULL, "train.steps", "got nothing");
     expect_error(with("train: {lr: fast}\n"), 0, NULL, "train.lr: expected a number > 0, got 'fast'", NULL);
@@ -402,8 +408,8 @@ static void test_range_errors(void **state) {
     expect_error(with("split: [0, 0.5, 0.5]\n"), 0, NULL, "split.0", "train fraction");
     expect_error(with("sharding: {stage: 4}\n"), 0, NULL, "sharding.stage: expected an integer in 0..3", "'4'");
     expect_error(with("sharding: {stage: -1}\n"), 0, NULL, "sharding.stage", "0..3");
-    expect_error(with("finetune: {mode: lora}\n"), 0, NULL, "finetune.mode: expected one of full, frozen, progressive",
-                 "got 'lora'");
+    expect_error(with("finetune: {mode: qlora}\n"), 0, NULL,
+                 "finetune.mode: expected one of full, frozen, progressive, lora", "got 'qlora'");
     expect_error(with("backend: tpu\n"), 0, NULL, "backend: expected one of auto, cpu, cuda", "'tpu'");
     expect_error(with("precision: fp16\n"), 0, NULL, "precision: expected one of fp32, bf16", "'fp16'");
     expect_error(with("train: {schedule: step}\n"), 0, NULL, "train.schedule: expected one of constant, cosine, linear",
@@ -415,10 +421,18 @@ static void test_range_errors(void **state) {
     expect_error(with("checkpoint: {signal: KILL}\n"), 0, NULL, "checkpoint.signal: expected one of none, USR1", NULL);
     expect_error(with("mixing: {temperature: 0}\n"), 0, NULL, "mixing.temperature", "> 0");
     expect_error(with("train: {min_lr_ratio: 1.5}\n"), 0, NULL, "train.min_lr_ratio", "[0, 1]");
-    expect_error(with("threads: -2\n"), 0, NULL, "threads: expected a non-negative integer", NULL);
+    expect_error(with("threads: -2\n"), 0, NULL, "threads: expected an integer in 0..1024", NULL);
+    /* issue 15: values that crashed or were cut later are refused here, naming the key */
+    expect_error(with("threads: 100000\n"), 0, NULL, "threads: expected an integer in 0..1024, got '100000'", NULL);
+    expect_error(with("train: {steps: 4294967299}\n"), 0, NULL, "train.steps: expected an integer in 1..2147483647",
+                 "'4294967299'");
+    expect_error(with("train: {micro_batch: 2147483647}\n"), 0, NULL, "train.micro_batch x train.seq_len", "over the limit");
+    expect_error(with("train: {micro_batch: 4096, seq_len: 4096, grad_accum: 1000}\n"), 0, NULL,
+                 "train.micro_batch x train.grad_accum x train.seq_len", "over the limit");
+    expect_error(with("train: {on_nonfinite: ignore}\n"), 0, NULL, "train.on_nonfinite: expected one of stop, skip", NULL);
     expect_error(with("train: {eps: .nan}\n"), 0, NULL, "train.eps", NULL);
-    expect_error(with("monitor: {control: \"tcp://127.0.0.1:5555\"}\n"), 0, NULL, "monitor.control",
-                 "must differ");
+    expect_error(with("monitor: {control: \"tcp://127.0.0.1:5555\", publish: \"tcp://127.0.0.1:5555\"}\n"), 0, NULL,
+                 "monitor.control", "must differ");
 }
 
 static void test_required_and_tasks(void **state) {
@@ -452,6 +466,10 @@ static void test_finetune_errors(void **state) {
                  "malformed item 'top4'");
     expect_error(with("finetune: {mode: progressive, unfreeze_every: 10, stages: [{at_step: 0, train_layers: '-1'}]}\n"),
                  0, NULL, "not both", NULL);
+    /* a layer choice in full mode would be ignored silently */
+    expect_error(with("finetune: {mode: full, train_layers: '0-1'}\n"), 0, NULL,
+                 "finetune.train_layers: '0-1' has no effect in finetune.mode full", "finetune.mode: frozen");
+    expect_error(with("finetune: {unfreeze_every: 5}\n"), 0, NULL, "finetune.unfreeze_every has no effect in finetune.mode full", NULL);
     /* progressive with the shorthand alone is fine */
     st_config c;
     assert_int_equal(st_config_load_string(&c, with("finetune: {mode: progressive, unfreeze_every: 10}\n"), 0, NULL), 0);

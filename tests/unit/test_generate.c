@@ -111,9 +111,13 @@ static void test_wilson_and_bands(void **state) {
     st_wilson95(0, 5, &lo, &hi);
     assert_true(lo == 0.0 && fabs(hi - 0.4345) < 1e-4);
     assert_string_equal(st_compare_band(0.3), "worse than the base");
-    assert_string_equal(st_compare_band(0.45), "no real progress");
+    assert_string_equal(st_compare_band(0.45), "worse than the base");
+    assert_string_equal(st_compare_band(0.49), "worse than the base");
+    assert_string_equal(st_compare_band(0.495), "no real progress");
     assert_string_equal(st_compare_band(0.5), "no real progress");
-    assert_string_equal(st_compare_band(0.55), "no real progress");
+    assert_string_equal(st_compare_band(0.505), "no real progress");
+    assert_string_equal(st_compare_band(0.51), "not good enough");
+    assert_string_equal(st_compare_band(0.55), "not good enough");
     assert_string_equal(st_compare_band(0.6), "not good enough");
     assert_string_equal(st_compare_band(0.7), "successful");
     assert_string_equal(st_compare_band(0.8), "successful");

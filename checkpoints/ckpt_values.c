@@ -1,0 +1,30 @@
+/* ckpt_values.c — value checks of weights as loaded: a model file holding NaN or Inf is refused at
+ * load naming the tensor, instead of training or evaluating to a loss of nan with exit 0. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "checkpoints/ckpt.h"
+#include "common/error.h"
+
+int st_model_check_finite(const st_model *m, const char *source) {
+    const size_t chunk = 1u << 20;
+    float *host = malloc(chunk * sizeof(float));
+    if (!host) return st_fail(ST_ENOMEM, "out of memory checking the weights of %s", source);
+    int rc = 0;
+    for (int i = 0; !rc && i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        for (size_t at = 0; !rc && at < p->numel; at += chunk) {
+            size_t n = p->numel - at < chunk ? p->numel - at : chunk;
+            m->be->copy_to_host(host, m->weights + p->offset + at, n * sizeof(float));
+            for (size_t k = 0; k < n; k++)
+                if (!isfinite(host[k])) {
+                    rc = st_fail(ST_EFORMAT, "%s: tensor %s holds a non-finite value (%g at element %zu): the model "
+                                 "file is damaged or was saved from a diverged run", source, p->name, (double)host[k],
+                                 at + k);
+                    break;
+                }
+        }
+    }
+    free(host);
+    return rc;
+}

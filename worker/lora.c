@@ -1,0 +1,492 @@
+/* lora.c — LoRA adapters on a st_model (see lora.h).
+ *
+ * Forward at a site: u = x @ A^T [N, r] (saved), y[:, col0:col0+out] += scale * u @ B^T.
+ * Backward from dy (the site output's gradient, columns col0..col0+out):
+ *   dB += scale * dy^T @ u ; du = scale * dy @ B ; dA += du^T @ x ; dx += du @ A.
+ * No base weight gradient is ever formed. DoRA (c = m / ||W + scale B A||_row, the norm constant in backward):
+ *   forward  z = x W^T + scale * u B^T (saved), y[:, block] += c * z - x W^T  (the base term is already in y)
+ *   backward dz = c * dy ; dm += sum_rows dy * z / n ; A, B gradients from dz as above ;
+ *            dx += (dz - dy) @ W  (the base projection's own dx used dy).
+ * A packed site (Llama q/k/v, gate/up) writes and reads a column
+ * block of a wider row-major matrix: the backend has no strided matmul, so such an adapter goes through a
+ * contiguous scratch tensor copied with host loops (CPU backend only for now). */
+#include "worker/lora.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/rng.h"
+
+const char *const st_lora_target_names[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj", "c_attn", "c_proj", "c_fc", NULL};
+
+typedef struct {
+    int a, b;           /* registry indices of lora_A [r, in] and lora_B [out, r] */
+    int mag;            /* DoRA: registry index of lora_magnitude_vector [out], else -1 */
+    int end;            /* registry index after the adapter's last tensor */
+    int base;           /* registry index of the adapted weight */
+    int layer;
+    st_lora_site site;
+    int col0, out, in;  /* output columns [col0, col0 + out) of the site's packed output; input features */
+} adapter;
+
+struct st_lora {
+    st_lora_spec spec;  /* as attached; spec.layers points at `layers` */
+    unsigned char *layers; /* [n_layer] */
+    int r;
+    float scale;
+    int n;
+    adapter *ad;        /* registry order, layer-major */
+    int *layer_first;   /* [L + 1]: index into ad of each layer's first adapter */
+    size_t rows;        /* N the working memory is sized for */
+    float *u;           /* [n][rows * r]: x @ A^T of the last forward */
+    float *tmp, *du;    /* [rows * max_out], [rows * r] */
+    int max_out;
+    size_t max_w;       /* largest out * in of an adapted weight */
+    /* DoRA */
+    float *z;           /* [n][rows * out_k] (offsets zoff) pre-scale outputs of the last forward */
+    size_t *zoff;       /* [n] */
+    float *c, *inv_n;   /* [n][max_out]: m / norm and 1 / norm of the last forward */
+    float *base, *ba;   /* [rows * max_out] x W^T ; [max_w] B @ A */
+};
+
+unsigned st_lora_target_bit(const char *name) {
+    for (int i = 0; name && st_lora_target_names[i]; i++)
+        if (!strcmp(name, st_lora_target_names[i])) return 1u << i;
+    return 0;
+}
+
+/* One projection of a layer a target selects: its HF weight name suffix, site and packed column offset. */
+typedef struct {
+    unsigned bit;
+    const char *suffix; /* after "<layer prefix>." */
+    st_lora_site site;
+} target_def;
+
+static const target_def llama_targets[] = {
+    {ST_LORA_Q, "self_attn.q_proj.weight", ST_LORA_SITE_QKV}, {ST_LORA_K, "self_attn.k_proj.weight", ST_LORA_SITE_QKV},
+    {ST_LORA_V, "self_attn.v_proj.weight", ST_LORA_SITE_QKV}, {ST_LORA_O, "self_attn.o_proj.weight", ST_LORA_SITE_O},
+    {ST_LORA_GATE, "mlp.gate_proj.weight", ST_LORA_SITE_UP},  {ST_LORA_UP, "mlp.up_proj.weight", ST_LORA_SITE_UP},
+    {ST_LORA_DOWN, "mlp.down_proj.weight", ST_LORA_SITE_DOWN},
+};
+static const target_def gpt2_targets[] = {
+    {ST_LORA_C_ATTN, "attn.c_attn.weight", ST_LORA_SITE_QKV}, {ST_LORA_C_PROJ, "attn.c_proj.weight", ST_LORA_SITE_O},
+    {ST_LORA_C_FC, "mlp.c_fc.weight", ST_LORA_SITE_UP},       {ST_LORA_C_PROJ, "mlp.c_proj.weight", ST_LORA_SITE_DOWN},
+};
+
+static void valid_list(unsigned all, char *buf, size_t cap) {
+    buf[0] = 0;
+    for (int i = 0; st_lora_target_names[i]; i++)
+        if (all & (1u << i))
+            snprintf(buf + strlen(buf), cap - strlen(buf), "%s%s", buf[0] ? ", " : "", st_lora_target_names[i]);
+}
+
+static int check_spec(const st_model *m, const st_lora_spec *s) {
+    int gpt2 = m->cfg.family == ST_FAMILY_GPT2;
+    unsigned all = gpt2 ? ST_LORA_GPT2_ALL : ST_LORA_LLAMA_ALL;
+    char valid[160];
+    valid_list(all, valid, sizeof valid);
+    if (s->r < 1) return st_fail(ST_ECONFIG, "finetune.lora.r must be >= 1, got %d", s->r);
+    if (!(s->alpha > 0)) return st_fail(ST_ECONFIG, "finetune.lora.alpha must be > 0, got %g", s->alpha);
+    if (!s->targets) return st_fail(ST_ECONFIG, "finetune.lora.targets is empty (valid: %s)", valid);
+    for (int i = 0; st_lora_target_names[i]; i++)
+        if ((s->targets & (1u << i)) && !(all & (1u << i)))
+            return st_fail(ST_ECONFIG, "finetune.lora.targets: %s is not a projection of a %s model (valid: %s)",
+                           st_lora_target_names[i], gpt2 ? "gpt2" : "llama-family", valid);
+    int any = 0;
+    for (int l = 0; l < m->cfg.n_layer; l++) any |= !s->layers || s->layers[l];
+    if (!any) return st_fail(ST_ECONFIG, "finetune.lora.layers selects no layer of a %d-layer model", m->cfg.n_layer);
+    if (m->lora) return st_fail(ST_EINVAL, "the model already has LoRA adapters");
+    if (m->weights_bf16) return st_fail(ST_ECONFIG, "finetune.mode lora needs precision fp32 (bf16 is not supported yet)");
+    if (m->be && !m->be->host_memory)
+        return st_fail(ST_ECONFIG, "finetune.mode lora runs on the cpu backend only for now (%s backend)", m->be->name);
+    return 0;
+}
+
+/* Column offset of a projection inside its site's packed output. */
+static int packed_col0(const st_model *m, unsigned bit) {
+    int hd = m->cfg.head_dim, QD = m->cfg.n_head * hd, KVD = m->cfg.n_kv_head * hd;
+    if (bit == ST_LORA_K) return QD;
+    if (bit == ST_LORA_V) return QD + KVD;
+    if (bit == ST_LORA_UP) return m->cfg.d_ff;
+    return 0;
+}
+
+static int append_param(st_model *m, int *cap, const char *name, int64_t d0, int64_t d1, int layer, size_t offset) {
+    /* d1 == 0: a vector (DoRA magnitude) */
+    if (m->n_params == *cap) {
+        int nc = *cap * 2;
+        st_param *np = realloc(m->params, (size_t)nc * sizeof *np);
+        if (!np) return st_fail(ST_ENOMEM, "out of memory adding LoRA adapters to the registry");
+        m->params = np;
+        *cap = nc;
+    }
+    st_param *p = &m->params[m->n_params++];
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = d1 > 0 ? 2 : 1;
+    p->shape[0] = d0;
+    p->shape[1] = d1;
+    p->numel = (size_t)d0 * (size_t)(d1 > 0 ? d1 : 1);
+    p->offset = offset;
+    p->layer = layer;
+    p->kind = ST_MOD_LORA;
+    p->grad_offset = -1;
+    return 0;
+}
+
+/* Adds the registry entries of every adapter; returns the floats they need. */
+static int add_adapters(st_model *m, st_lora *lo, const st_lora_spec *s, size_t *extra) {
+    int gpt2 = m->cfg.family == ST_FAMILY_GPT2;
+    const target_def *defs = gpt2 ? gpt2_targets : llama_targets;
+    int n_defs = gpt2 ? 4 : 7, cap = m->n_params + 1;
+    size_t off = m->n_weights;
+    char base[96], name[128];
+    lo->ad = calloc((size_t)m->cfg.n_layer * (size_t)n_defs, sizeof *lo->ad);
+    lo->layer_first = calloc((size_t)m->cfg.n_layer + 1, sizeof *lo->layer_first);
+    if (!lo->ad || !lo->layer_first) return st_fail(ST_ENOMEM, "out of memory for LoRA adapters");
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        lo->layer_first[l] = lo->n;
+        if (s->layers && !s->layers[l]) continue;
+        for (int t = 0; t < n_defs; t++) {
+            if (!(s->targets & defs[t].bit)) continue;
+            snprintf(base, sizeof base, gpt2 ? "h.%d.%s" : "model.layers.%d.%s", l, defs[t].suffix);
+            int bi = st_model_find(m, base);
+            if (bi < 0) return st_fail(ST_ECONFIG, "LoRA target %s: the model has no %s", defs[t].suffix, base);
+            adapter *a = &lo->ad[lo->n++];
+            a->base = bi;
+            a->layer = l;
+            a->site = defs[t].site;
+            a->out = (int)m->params[bi].shape[0];
+            a->in = (int)m->params[bi].shape[1];
+            a->col0 = packed_col0(m, defs[t].bit);
+            if (a->out > lo->max_out) lo->max_out = a->out;
+            if ((size_t)a->out * a->in > lo->max_w) lo->max_w = (size_t)a->out * a->in;
+            size_t stem = strlen(base) - strlen(".weight");
+            snprintf(name, sizeof name, "%.*s.lora_A.weight", (int)stem, base);
+            a->a = m->n_params;
+            int rc = append_param(m, &cap, name, s->r, a->in, l, off);
+            off += (size_t)s->r * a->in;
+            snprintf(name, sizeof name, "%.*s.lora_B.weight", (int)stem, base);
+            a->b = m->n_params;
+            if (!rc) rc = append_param(m, &cap, name, a->out, s->r, l, off);
+            off += (size_t)a->out * s->r;
+            a->mag = -1;
+            if (!rc && s->dora) {
+                snprintf(name, sizeof name, "%.*s.lora_magnitude_vector", (int)stem, base);
+                a->mag = m->n_params;
+                rc = append_param(m, &cap, name, a->out, 0, l, off);
+                off += (size_t)a->out;
+            }
+            a->end = m->n_params;
+            if (rc) return rc;
+        }
+    }
+    lo->layer_first[m->cfg.n_layer] = lo->n;
+    *extra = off - m->n_weights;
+    return 0;
+}
+
+/* A ~ U(-1/sqrt(in), 1/sqrt(in)) per tensor stream, B = 0; into the grown weight buffer. */
+static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
+    float *host = calloc(extra ? extra : 1, sizeof(float));
+    if (!host) return st_fail(ST_ENOMEM, "out of memory initializing LoRA adapters");
+    for (int k = 0; k < lo->n; k++) {
+        const st_param *p = &m->params[lo->ad[k].a];
+        st_rng rng;
+        st_rng_seed(&rng, seed, 0x4c6f5241ull + (uint64_t)lo->ad[k].a); /* "LoRA" + index: its own stream */
+        double bound = 1.0 / sqrt((double)lo->ad[k].in);
+        float *w = host + (p->offset - m->n_base_weights);
+        for (size_t j = 0; j < p->numel; j++) w[j] = (float)((2.0 * st_rng_uniform(&rng) - 1.0) * bound);
+        if (lo->ad[k].mag >= 0) { /* DoRA: m = ||W + scale B A||_row = ||W||_row while B = 0 */
+            const adapter *a = &lo->ad[k];
+            float *row = malloc((size_t)a->in * sizeof(float)), *mg = host + (m->params[a->mag].offset - m->n_base_weights);
+            if (!row) { free(host); return st_fail(ST_ENOMEM, "out of memory initializing DoRA"); }
+            for (int j = 0; j < a->out; j++) {
+                m->be->copy_to_host(row, m->weights + m->params[a->base].offset + (size_t)j * a->in, (size_t)a->in * sizeof(float));
+                double ss = 0;
+                for (int i = 0; i < a->in; i++) ss += (double)row[i] * row[i];
+                mg[j] = (float)sqrt(ss);
+            }
+            free(row);
+        }
+    }
+    float *nw = m->be->alloc(m->n_weights * sizeof(float));
+    if (!nw) { free(host); return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with LoRA adapters", m->n_weights * 4.0 / 1e6); }
+    m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float));
+    m->be->copy_to_device(nw + m->n_base_weights, host, extra * sizeof(float));
+    m->be->free(m->weights);
+    m->weights = nw;
+    free(host);
+    return 0;
+}
+
+int st_lora_attach(st_model *m, const st_lora_spec *s) {
+    int rc = check_spec(m, s);
+    if (rc) return rc;
+    st_lora *lo = calloc(1, sizeof *lo);
+    if (!lo) return st_fail(ST_ENOMEM, "out of memory for LoRA adapters");
+    lo->spec = *s;
+    lo->layers = malloc((size_t)m->cfg.n_layer);
+    if (!lo->layers) { free(lo); return st_fail(ST_ENOMEM, "out of memory for LoRA adapters"); }
+    for (int l = 0; l < m->cfg.n_layer; l++) lo->layers[l] = !s->layers || s->layers[l];
+    lo->spec.layers = lo->layers;
+    lo->r = s->r;
+    lo->scale = (float)(s->rslora ? s->alpha / sqrt((double)s->r) : s->alpha / s->r);
+    int n_base = m->n_params;
+    size_t extra = 0;
+    rc = add_adapters(m, lo, s, &extra);
+    if (rc) { /* drop any entries added so far: the model stays as it was */
+        m->n_params = n_base;
+        st_lora_free(lo);
+        return rc;
+    }
+    m->n_base_params = n_base;
+    m->n_base_weights = m->n_weights;
+    m->n_weights += extra;
+    m->lora = lo;
+    if (m->be && (rc = init_weights(m, lo, extra, s->seed))) return rc;
+    return 0;
+}
+
+void st_lora_free(st_lora *l) {
+    if (!l) return;
+    free(l->u); /* host memory (the CPU backend only, see check_spec) */
+    free(l->tmp);
+    free(l->du);
+    free(l->z);
+    free(l->zoff);
+    free(l->c);
+    free(l->inv_n);
+    free(l->base);
+    free(l->ba);
+    free(l->ad);
+    free(l->layer_first);
+    free(l->layers);
+    free(l);
+}
+
+int st_lora_spec_of(const st_model *m, st_lora_spec *out) {
+    if (!m->lora) return st_fail(ST_EINVAL, "the model has no LoRA adapters");
+    *out = m->lora->spec;
+    return 0;
+}
+
+double st_lora_scale(const st_model *m) { return m->lora ? m->lora->scale : 0.0; }
+int st_lora_rank(const st_model *m) { return m->lora ? m->lora->r : 0; }
+
+int st_lora_base_of(const st_model *m, int idx, int *is_b) {
+    const st_lora *lo = m->lora;
+    for (int k = 0; lo && k < lo->n; k++) {
+        if (lo->ad[k].a == idx || lo->ad[k].b == idx || lo->ad[k].mag == idx) {
+            if (is_b) *is_b = lo->ad[k].b == idx;
+            return lo->ad[k].base;
+        }
+    }
+    return -1;
+}
+
+void st_lora_peft_name(const st_model *m, int idx, char *out, size_t cap) {
+    /* peft prefixes the module path of the task model: LlamaForCausalLM's is already model.layers...,
+     * GPT2LMHeadModel's is transformer.h... (our registry drops "transformer.") */
+    snprintf(out, cap, "base_model.model.%s%s", m->cfg.family == ST_FAMILY_GPT2 ? "transformer." : "",
+             m->params[idx].name);
+}
+
+void st_lora_layer_params(const st_model *m, int l, int *first, int *last) {
+    const st_lora *lo = m->lora;
+    *first = *last = 0;
+    if (!lo || l < 0 || l >= m->cfg.n_layer) return;
+    int k0 = lo->layer_first[l], k1 = lo->layer_first[l + 1];
+    if (k1 > k0) { *first = lo->ad[k0].a; *last = lo->ad[k1 - 1].end; }
+}
+
+size_t st_lora_work_floats(const st_model *m, size_t rows) {
+    const st_lora *lo = m->lora;
+    if (!lo) return 0;
+    size_t f = rows * ((size_t)lo->n * lo->r + (size_t)lo->max_out + (size_t)lo->r);
+    if (lo->spec.dora) {
+        for (int k = 0; k < lo->n; k++) f += rows * (size_t)lo->ad[k].out + 2 * (size_t)lo->max_out;
+        f += rows * (size_t)lo->max_out + lo->max_w;
+    }
+    return f;
+}
+
+/* Working memory for N rows (host memory: the CPU backend). */
+static int ensure_rows(st_lora *lo, size_t N) {
+    if (lo->rows == N) return 0;
+    free(lo->u); free(lo->tmp); free(lo->du); free(lo->z); free(lo->zoff); free(lo->c); free(lo->inv_n);
+    free(lo->base); free(lo->ba);
+    lo->z = lo->c = lo->inv_n = lo->base = lo->ba = NULL;
+    lo->zoff = NULL;
+    lo->u = malloc((size_t)lo->n * N * lo->r * sizeof(float) + 1);
+    lo->tmp = malloc(N * (size_t)lo->max_out * sizeof(float) + 1);
+    lo->du = malloc(N * (size_t)lo->r * sizeof(float) + 1);
+    int bad = !lo->u || !lo->tmp || !lo->du;
+    if (!bad && lo->spec.dora) {
+        size_t zn = 0;
+        lo->zoff = malloc((size_t)lo->n * sizeof *lo->zoff + 1);
+        for (int k = 0; lo->zoff && k < lo->n; k++) { lo->zoff[k] = zn; zn += N * (size_t)lo->ad[k].out; }
+        lo->z = malloc(zn * sizeof(float) + 1);
+        lo->c = malloc((size_t)lo->n * lo->max_out * sizeof(float) + 1);
+        lo->inv_n = malloc((size_t)lo->n * lo->max_out * sizeof(float) + 1);
+        lo->base = malloc(N * (size_t)lo->max_out * sizeof(float) + 1);
+        lo->ba = malloc(lo->max_w * sizeof(float) + 1);
+        bad = !lo->zoff || !lo->z || !lo->c || !lo->inv_n || !lo->base || !lo->ba;
+    }
+    lo->rows = bad ? 0 : N;
+    return bad ? st_fail(ST_ENOMEM, "out of memory for LoRA activations (%zu rows)", N) : 0;
+}
+
+int st_lora_reserve(st_model *m, size_t rows) { return m->lora ? ensure_rows(m->lora, rows) : 0; }
+
+/* Whether the adapter covers whole rows of its site's output (no strided copy needed). */
+static int contiguous(const adapter *a, int ystride) { return a->col0 == 0 && a->out == ystride; }
+
+/* c = m / ||W + scale B A||_row for adapter k (into lo->c, lo->inv_n). */
+static void dora_scale(st_model *m, int k) {
+    st_lora *lo = m->lora;
+    const adapter *a = &lo->ad[k];
+    const float *W = m->weights + m->params[a->base].offset, *mg = m->weights + m->params[a->mag].offset;
+    const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
+    m->be->matmul(lo->ba, B, A, a->out, a->in, lo->r, 0, 0, 1.0f, 0.0f); /* B @ A [out, in] */
+    float *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
+    for (int j = 0; j < a->out; j++) {
+        const float *w = W + (size_t)j * a->in, *d = lo->ba + (size_t)j * a->in;
+        double ss = 0;
+        for (int i = 0; i < a->in; i++) {
+            double v = (double)w[i] + (double)lo->scale * d[i];
+            ss += v * v;
+        }
+        inv[j] = (float)(1.0 / sqrt(ss));
+        c[j] = mg[j] * inv[j];
+    }
+}
+
+/* y[:, block] += c * z - x W^T with z = x W^T + scale * u B^T (u already computed). */
+static void dora_forward(st_model *m, int k, const float *x, float *y, int ystride) {
+    st_lora *lo = m->lora;
+    const adapter *a = &lo->ad[k];
+    size_t N = lo->rows;
+    const float *W = m->weights + m->params[a->base].offset, *B = m->weights + m->params[a->b].offset;
+    const float *u = lo->u + (size_t)k * N * lo->r;
+    float *z = lo->z + lo->zoff[k], *c = lo->c + (size_t)k * lo->max_out;
+    dora_scale(m, k);
+    m->be->matmul(lo->base, x, W, (int)N, a->out, a->in, 0, 1, 1.0f, 0.0f);
+    m->be->copy(z, lo->base, N * (size_t)a->out * sizeof(float));
+    m->be->matmul(z, u, B, (int)N, a->out, lo->r, 0, 1, lo->scale, 1.0f);
+    for (size_t i = 0; i < N; i++) {
+        float *yr = y + i * ystride + a->col0;
+        const float *zr = z + i * a->out, *br = lo->base + i * a->out;
+        for (int j = 0; j < a->out; j++) yr[j] += c[j] * zr[j] - br[j];
+    }
+}
+
+int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, float *y, int ystride) {
+    st_lora *lo = m->lora;
+    const st_backend *be = m->be;
+    size_t N = (size_t)m->B * m->T;
+    int rc = ensure_rows(lo, N);
+    if (rc) return rc;
+    for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
+        const adapter *a = &lo->ad[k];
+        if (a->site != site) continue;
+        float *u = lo->u + (size_t)k * N * lo->r;
+        const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
+        be->matmul(u, x, A, (int)N, lo->r, a->in, 0, 1, 1.0f, 0.0f);
+        if (a->mag >= 0) {
+            dora_forward(m, k, x, y, ystride);
+            continue;
+        }
+        if (contiguous(a, ystride)) {
+            be->matmul(y, u, B, (int)N, a->out, lo->r, 0, 1, lo->scale, 1.0f);
+            continue;
+        }
+        be->matmul(lo->tmp, u, B, (int)N, a->out, lo->r, 0, 1, lo->scale, 0.0f);
+        for (size_t i = 0; i < N; i++) {
+            float *yr = y + i * ystride + a->col0;
+            const float *t = lo->tmp + i * a->out;
+            for (int j = 0; j < a->out; j++) yr[j] += t[j];
+        }
+    }
+    return 0;
+}
+
+/* DoRA part of adapter k's backward: dm += sum_rows dy * z / n ; dx += (c - 1) * dy @ W ; dy := c * dy. */
+static void dora_backward(st_model *m, int k, float *dy, float *dx) {
+    st_lora *lo = m->lora;
+    const adapter *a = &lo->ad[k];
+    const st_param *pm = &m->params[a->mag];
+    size_t N = lo->rows;
+    const float *z = lo->z + lo->zoff[k], *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
+    if (pm->grad_offset >= 0) {
+        float *gm = m->grads + pm->grad_offset;
+        for (int j = 0; j < a->out; j++) {
+            double s = 0;
+            for (size_t i = 0; i < N; i++) s += (double)dy[i * a->out + j] * z[i * a->out + j];
+            gm[j] += (float)(s * inv[j]);
+        }
+    }
+    for (size_t i = 0; i < N; i++)
+        for (int j = 0; j < a->out; j++) lo->base[i * a->out + j] = (c[j] - 1.0f) * dy[i * a->out + j];
+    m->be->matmul(dx, lo->base, m->weights + m->params[a->base].offset, (int)N, a->in, a->out, 0, 0, 1.0f, 1.0f);
+    for (size_t i = 0; i < N; i++)
+        for (int j = 0; j < a->out; j++) dy[i * a->out + j] *= c[j];
+}
+
+void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x, const float *dy, int ystride,
+                      float *dx) {
+    st_lora *lo = m->lora;
+    const st_backend *be = m->be;
+    size_t N = lo->rows;
+    for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
+        const adapter *a = &lo->ad[k];
+        if (a->site != site) continue;
+        const st_param *pa = &m->params[a->a], *pb = &m->params[a->b];
+        const float *A = m->weights + pa->offset, *B = m->weights + pb->offset;
+        const float *u = lo->u + (size_t)k * N * lo->r, *dyc = dy;
+        if (!contiguous(a, ystride) || a->mag >= 0) {
+            for (size_t i = 0; i < N; i++) memcpy(lo->tmp + i * a->out, dy + i * ystride + a->col0, (size_t)a->out * sizeof(float));
+            dyc = lo->tmp;
+        }
+        if (a->mag >= 0) dora_backward(m, k, lo->tmp, dx); /* lo->tmp becomes dz */
+        if (pb->grad_offset >= 0)
+            be->matmul(m->grads + pb->grad_offset, dyc, u, a->out, lo->r, (int)N, 1, 0, lo->scale, 1.0f);
+        be->matmul(lo->du, dyc, B, (int)N, lo->r, a->out, 0, 0, lo->scale, 0.0f);
+        if (pa->grad_offset >= 0)
+            be->matmul(m->grads + pa->grad_offset, lo->du, x, lo->r, a->in, (int)N, 1, 0, 1.0f, 1.0f);
+        be->matmul(dx, lo->du, A, (int)N, a->in, lo->r, 0, 0, 1.0f, 1.0f);
+    }
+}
+
+int st_lora_merge(st_model *m) {
+    st_lora *lo = m->lora;
+    if (!lo) return st_fail(ST_EINVAL, "the model has no LoRA adapters to merge");
+    for (int k = 0; k < lo->n; k++) {
+        const adapter *a = &lo->ad[k];
+        float *W = m->weights + m->params[a->base].offset;
+        const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
+        if (a->mag >= 0) { /* DoRA: W := (m / ||W + scale B A||_row) * (W + scale B A) */
+            if (!lo->rows && ensure_rows(lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
+            dora_scale(m, k);
+        }
+        m->be->matmul(W, B, A, a->out, a->in, lo->r, 0, 0, lo->scale, 1.0f); /* W += scale * B @ A */
+        if (a->mag >= 0) {
+            const float *c = lo->c + (size_t)k * lo->max_out;
+            for (int j = 0; j < a->out; j++)
+                for (int i = 0; i < a->in; i++) W[(size_t)j * a->in + i] *= c[j];
+        }
+    }
+    /* drop the adapters: registry, weights tail and table (the buffer keeps its unused tail) */
+    m->n_params = m->n_base_params;
+    m->n_weights = m->n_base_weights;
+    m->n_base_params = 0;
+    m->n_base_weights = 0;
+    m->lora = NULL;
+    st_lora_free(lo);
+    st_model_weights_changed(m);
+    return 0;
+}

@@ -1,0 +1,102 @@
+/* lora.h — LoRA adapters on the linear projections of a st_model (finetune.mode: lora).
+ *
+ * An adapter on a projection y = x @ W^T adds scale * (x @ A^T) @ B^T, with A [r, in] and B [out, r]
+ * (peft's lora_A / lora_B weights) and scale = alpha / r (alpha / sqrt(r) with rsLoRA). DoRA (peft's
+ * use_dora) adds a magnitude vector m [out] (lora_magnitude_vector): the projection becomes
+ * bias + (m / ||W + scale B A||_row) * (x W^T + scale (x A^T) B^T), the norm treated as a constant in
+ * backward (DoRA paper section 4.3, as peft does); m starts at ||W||_row. Adapters are
+ * ordinary registry entries appended after the base parameters (kind ST_MOD_LORA, their layer's index),
+ * with their weights appended to the model's weight buffer: the trainer makes them the trainable set
+ * (module mask ST_MOD_LORA), so gradients, the ZeRO shard map, the optimizer, the parameter all-gather
+ * and checkpoints treat them like any trainable tensor while every base weight stays frozen (no
+ * gradient buffer, no weight gradient computed).
+ *
+ * Targets are bits of ST_LORA_*: Llama family q/k/v/o/gate/up/down, GPT-2 c_attn, c_proj (both the
+ * attention and the MLP output projection, as peft's suffix match does) and c_fc. The model calls
+ * st_lora_forward / st_lora_backward at each of a layer's four matmul sites.
+ *
+ * Memory: st_lora_attach allocates the adapter table (owned by the model, freed by st_model_free through
+ * st_lora_free) and grows the model's registry and weight buffer; the per-batch working memory (the
+ * saved x @ A^T of every adapter and two scratch tensors) is backend memory owned by the table. */
+#ifndef ST_LORA_H
+#define ST_LORA_H
+
+#include <stdint.h>
+
+#include "worker/model.h"
+
+enum {
+    ST_LORA_Q = 1 << 0, ST_LORA_K = 1 << 1, ST_LORA_V = 1 << 2, ST_LORA_O = 1 << 3, ST_LORA_GATE = 1 << 4,
+    ST_LORA_UP = 1 << 5, ST_LORA_DOWN = 1 << 6, ST_LORA_C_ATTN = 1 << 7, ST_LORA_C_PROJ = 1 << 8,
+    ST_LORA_C_FC = 1 << 9,
+    ST_LORA_LLAMA_ALL = (1 << 7) - 1,
+    ST_LORA_GPT2_ALL = ST_LORA_C_ATTN | ST_LORA_C_PROJ | ST_LORA_C_FC,
+};
+
+/* Target names indexed by bit (q_proj ... c_fc), NULL-terminated: the config's finetune.lora.targets. */
+extern const char *const st_lora_target_names[];
+
+/* Where an adapter's projection runs in a layer (model.c's four matmuls). */
+typedef enum { ST_LORA_SITE_QKV, ST_LORA_SITE_O, ST_LORA_SITE_UP, ST_LORA_SITE_DOWN } st_lora_site;
+
+typedef struct {
+    int r;                      /* rank, >= 1 */
+    double alpha;               /* lora_alpha */
+    int rslora;                 /* scale = alpha / sqrt(r) instead of alpha / r */
+    int dora;                   /* DoRA magnitude vectors */
+    unsigned targets;           /* ST_LORA_* bits */
+    const unsigned char *layers; /* [n_layer] selection (1 = adapters on this layer); NULL = all */
+    uint64_t seed;              /* A's init stream (B starts at zero) */
+} st_lora_spec;
+
+typedef struct st_lora st_lora;
+
+/* Adds adapters for `spec` to a built model (registry-only models get the registry entries only):
+ * A initialized as peft does (kaiming_uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) from the
+ * seed, B zero. Must precede st_model_set_trainable, st_model_alloc_activations' use and bf16 precision.
+ * ST_ECONFIG naming the key for a target the family has not, r < 1, an empty layer selection. */
+int st_lora_attach(st_model *m, const st_lora_spec *spec);
+void st_lora_free(st_lora *l);
+
+/* The spec the adapters were attached with (out->layers: the model's own [n_layer] mask, valid while
+ * the adapters are). ST_EINVAL without adapters. */
+int st_lora_spec_of(const st_model *m, st_lora_spec *out);
+
+/* Folds every adapter into its base weight (W += scale * B @ A) and removes the adapters: the model is
+ * the merged base model afterwards. */
+int st_lora_merge(st_model *m);
+
+/* The scale of the model's adapters (0 when none). */
+double st_lora_scale(const st_model *m);
+int st_lora_rank(const st_model *m);
+
+/* For adapter tensor `idx` of the registry: the base parameter it adapts and whether it is B (else A);
+ * -1 when idx is not an adapter tensor. */
+int st_lora_base_of(const st_model *m, int idx, int *is_b);
+
+/* The name peft saves a parameter's adapter tensor under (base_model.model.<HF module>.lora_A.weight). */
+void st_lora_peft_name(const st_model *m, int idx, char *out, size_t cap);
+
+/* Registry indices [first, last) of layer l's adapter tensors (empty when none). */
+void st_lora_layer_params(const st_model *m, int l, int *first, int *last);
+
+/* y[N, ystride] (columns of the site's packed output) += each adapter's scale * (x @ A^T) @ B^T; saves
+ * x @ A^T for backward. Needs fp32 precision. */
+int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, float *y, int ystride);
+
+/* From dy[N, ystride] (the site's output gradient): accumulates the adapters' A and B gradients and adds
+ * their share of the input gradient into dx[N, in] (already holding the base projection's). */
+void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x, const float *dy, int ystride,
+                      float *dx);
+
+/* Floats of working memory the adapters use for N = B x T rows (x @ A^T of every adapter, two scratch
+ * tensors): what st_lora_forward allocates. 0 without adapters. */
+size_t st_lora_work_floats(const st_model *m, size_t rows);
+
+/* Allocates the working memory for N = B x T rows (st_model_alloc_activations calls it). */
+int st_lora_reserve(st_model *m, size_t rows);
+
+/* Parses one target name (q_proj ...); 0 when unknown. */
+unsigned st_lora_target_bit(const char *name);
+
+#endif

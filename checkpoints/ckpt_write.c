@@ -231,7 +231,9 @@ static int stage_host(const st_model *m, const st_optim *o, int world, int rank,
         const st_param *p = &m->params[i];
         uint64_t a, b;
         st_ckpt_model_part(p->ndim, p->shape, world, rank, i, &a, &b);
+        st_model_acquire(m, i, i + 1); /* ZeRO-3: one tensor gathered at a time */
         s->sums[3 * i] = st_ckpt_checksum(s->weights + p->offset + a, a, b - a);
+        st_model_release(m, i, i + 1);
         if (p->grad_offset < 0) continue;
         optim_part(p, share_lo, share_hi, &a, &b);
         size_t at = (size_t)p->grad_offset + a - o->lo;
@@ -272,8 +274,10 @@ static int write_file(writer *w, const st_model *m, const st_optim *o, const st_
         if (st_ckpt_skips_tensor(m, i)) continue; /* the frozen base: only its checksum is kept */
         st_ckpt_model_part(p->ndim, p->shape, w->world, w->rank, i, &a, &b);
         snprintf(label, sizeof label, "model/%s", p->name);
+        st_model_acquire(m, i, i + 1);
         rc = write_tensor(w, gm, p->name, label, p->ndim, p->shape, s->weights + p->offset + a, a, b, s->sums[3 * i],
                           -1, p->ndim == 2 && p->transpose_io);
+        st_model_release(m, i, i + 1);
         if (rc || p->grad_offset < 0) continue;
         hid_t g = H5Gcreate2(go, p->name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         rc = agree(w, g < 0 ? st_fail(ST_EIO, "checkpoint %s: cannot create group optim/%s", w->path, p->name) : 0);

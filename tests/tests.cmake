@@ -12,7 +12,7 @@ set(ST_SLOW_TESTS
   integration.test_ckpt_resume integration.test_faults integration.test_slurm_cancel
   integration.test_slurm_requeue integration.test_slurm_resize reference.test_curve
   reference.test_dp_equivalence reference.test_dp_errors reference.test_dp_memory
-  reference.test_monitor_train reference.test_telemetry_client)
+  reference.test_monitor_train reference.test_telemetry_client reference.test_act_ckpt reference.test_zero3)
 
 # The only tests that run a second time after a failure (tests/retry_once.sh, ctest's --repeat
 # until-pass:2 for one test): each starts a throw-away local Slurm cluster (munged, slurmctld, two slurmd),

@@ -4,8 +4,11 @@
  * links NCCL stubs that fail with one line (kernels/cuda/nccl_stub_host.c). */
 #include "worker/comm.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "common/error.h"
 #include "common/util.h"
@@ -81,12 +84,14 @@ int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned 
     return rc == MPI_SUCCESS ? 0 : st_fail(ST_ECOMM, "node-local all-gather failed");
 }
 
+static int z3_init(st_comm *c, const st_model *m);
+
 int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
     memset(c, 0, sizeof *c);
     c->comm = comm;
     MPI_Comm_rank(comm, &c->rank);
     MPI_Comm_size(comm, &c->world);
-    if (stage < 0 || stage > 2) return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0, 1 or 2)", stage);
+    if (stage < 0 || stage > 3) return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0 to 3)", stage);
     c->stage = stage;
     c->n = m->n_grads;
     c->n_pad = m->grad_alloc;
@@ -95,6 +100,7 @@ int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
     c->lo = c->shard * (size_t)c->rank;
     c->hi = c->lo + c->shard;
     c->be = m->be;
+    if (stage == 3) return z3_init(c, m);
     if (stage >= 1 && c->n_pad) {
         c->flat_params = c->be->alloc(c->n_pad * sizeof(float));
         if (!c->flat_params) return st_fail(ST_ENOMEM, "out of memory for the parameter gather buffer");
@@ -111,10 +117,22 @@ int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
 void st_comm_free(st_comm *c) {
     if (c->nccl) st_nccl_destroy(c->nccl);
     c->nccl = NULL;
+    if (c->model) { /* stage 3: the model's hooks point here */
+        c->model->acquire = NULL;
+        c->model->release = NULL;
+        c->model->residency_ctx = NULL;
+        c->model->grad_ready = NULL;
+        c->model->grad_ready_ctx = NULL;
+        c->model = NULL;
+    }
     if (c->be) {
         c->be->free(c->shard_grads);
         c->be->free(c->flat_params);
+        c->be->free(c->z3_recv);
     }
+    free(c->z3_stage);
+    c->z3_recv = NULL;
+    c->z3_stage = NULL;
     free(c->reqs);
     free(c->req_counts);
     c->shard_grads = c->flat_params = NULL;
@@ -232,6 +250,7 @@ static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
 
 void st_comm_overlap_begin(st_comm *c, st_model *m) {
     c->overlapping = 0;
+    if (c->stage == 3) return; /* its own hook reduces every micro-batch's gradients already */
     if (!collective(c) || c->n == 0) return;
     if (!c->bucket_bytes) c->bucket_bytes = 4u << 20;
     c->overlapping = 1;
@@ -278,6 +297,14 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     double t0 = st_now();
     int rc = 0;
     c->comm_seconds = 0;
+    if (c->stage == 3) { /* reduce-scattered layer by layer during backward */
+        *optim_grads = c->shard_grads;
+        c->comm_seconds = c->overlap_seconds;
+        c->overlap_seconds = 0;
+        rc = c->z3_rc;
+        c->z3_rc = 0;
+        return rc;
+    }
     if (c->n_pad == 0) { *optim_grads = m->grads; return 0; }
     if (c->overlapping) {
         rc = overlap_finish(c, m);
@@ -347,6 +374,11 @@ static int gather_finish(st_comm *c) {
 }
 
 int st_comm_update_params(st_comm *c, st_model *m, st_optim *o, const float *grads, float lr, float grad_scale) {
+    if (c->stage == 3) { /* the shard is the resident master copy: update it in place, no gather */
+        st_optim_update(o, m, grads, lr, grad_scale);
+        if (c->shard) c->be->memset0(c->shard_grads, c->shard * sizeof(float)); /* the next step accumulates */
+        return 0;
+    }
     if (c->stage == 0 || !collective(c) || c->n_pad == 0) {
         st_optim_update(o, m, grads, lr, grad_scale);
         return 0;
@@ -392,3 +424,184 @@ int st_comm_gather_state(st_comm *c, const float *part, float *full) {
     int rc = coll_allgather(c, part, full);
     return rc ? rc : coll_finish(c);
 }
+
+/* ---------------- stage 3: parameters sharded (see comm.h) ---------------- */
+
+/* Gives the memory behind x[a, b) back to the system; the range reads as zero afterwards. Whole pages go
+ * with madvise(MADV_DONTNEED) (private anonymous memory comes back as zeros on the next touch); the partial
+ * pages at either end are shared with neighbouring tensors, so only the range's own elements are zeroed. */
+static void discard(float *x, size_t a, size_t b) {
+    if (b <= a) return;
+    uintptr_t lo = (uintptr_t)(x + a), hi = (uintptr_t)(x + b), page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t plo = (lo + page - 1) / page * page, phi = hi / page * page;
+    if (phi <= plo) {
+        memset(x + a, 0, (b - a) * sizeof(float));
+        return;
+    }
+    memset((void *)lo, 0, plo - lo);
+    memset((void *)phi, 0, hi - phi);
+    if (madvise((void *)plo, phi - plo, MADV_DONTNEED) != 0) memset((void *)plo, 0, phi - plo);
+}
+
+/* The part of x[a, b) that is not this rank's shard. */
+static void discard_unowned(const st_comm *c, float *x, size_t a, size_t b) {
+    discard(x, a, b < c->lo ? b : c->lo);
+    discard(x, a > c->hi ? a : c->hi, b);
+}
+
+/* Compact (gradient) range [a, b) of the trainable parameters among [first, last): contiguous, since the
+ * compact space is the trainable parameters in registry order. Empty (a == b) when all are frozen. With
+ * every parameter trainable it is also their weight range. */
+static void param_span(const st_model *m, int first, int last, size_t *a, size_t *b) {
+    *a = *b = 0;
+    for (int i = first; i < last; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0) continue;
+        if (*b == *a) *a = (size_t)p->grad_offset;
+        *b = (size_t)p->grad_offset + p->numel;
+    }
+}
+
+/* MPI counts and displacements of the owners' parts of [a, b), displacements relative to a. */
+static void owner_counts(const st_comm *c, size_t a, size_t b, int *counts, int *displs) {
+    size_t parts[c->world];
+    bucket_parts(c, a, b - a, parts);
+    for (int r = 0, off = 0; r < c->world; r++) {
+        counts[r] = (int)parts[r];
+        displs[r] = off;
+        off += counts[r];
+    }
+}
+
+/* Whether the compact space is the weight space (every parameter trains): gathers then go in place. */
+static int z3_in_place(const st_comm *c) { return c->n == c->model->n_weights; }
+
+/* Frozen parameters train nowhere: they stay whole and resident on every rank. Trainable ones are
+ * reached through the compact space, a piece of a parameter at a time. */
+static void discard_piece(void *ctx, const st_param *p, size_t start, size_t len) {
+    const st_model *m = ctx;
+    size_t w = p->offset + (start - (size_t)p->grad_offset);
+    discard(m->weights, w, w + len);
+}
+
+static void pack_piece(void *ctx, const st_param *p, size_t start, size_t len) {
+    st_comm *c = ctx;
+    memcpy(c->z3_stage + (start - c->z3_stage_at), c->model->weights + p->offset + (start - (size_t)p->grad_offset),
+           len * sizeof(float));
+}
+
+static void unpack_piece(void *ctx, const st_param *p, size_t start, size_t len) {
+    st_comm *c = ctx;
+    memcpy(c->model->weights + p->offset + (start - (size_t)p->grad_offset), c->z3_stage + (start - c->z3_stage_at),
+           len * sizeof(float));
+}
+
+/* Gives back the weights of the compact range [a, b) outside this rank's shard. */
+static void release_compact(st_comm *c, size_t a, size_t b) {
+    if (z3_in_place(c)) {
+        discard_unowned(c, c->model->weights, a, b);
+        return;
+    }
+    st_for_each_param_range(c->model, a, b < c->lo ? b : c->lo, discard_piece, c->model);
+    st_for_each_param_range(c->model, a > c->hi ? a : c->hi, b, discard_piece, c->model);
+}
+
+/* All-gather of the compact range [a, b) through the staging buffer, a chunk at a time (frozen
+ * parameters interleave with trainable ones in the weight space): the owner packs its part, the
+ * collective fills the rest in place, every rank unpacks. */
+static int gather_staged(st_comm *c, size_t a, size_t b) {
+    for (size_t s = a; s < b; s += ST_Z3_CHUNK) {
+        size_t e = b - s > ST_Z3_CHUNK ? s + ST_Z3_CHUNK : b;
+        int counts[c->world], displs[c->world];
+        owner_counts(c, s, e, counts, displs);
+        c->z3_stage_at = s;
+        size_t os = s > c->lo ? s : c->lo, oe = e < c->hi ? e : c->hi;
+        if (os < oe) st_for_each_param_range(c->model, os, oe, pack_piece, c);
+        int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->z3_stage, counts, displs, MPI_FLOAT, c->comm);
+        if (rc != MPI_SUCCESS) return mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+        st_for_each_param_range(c->model, s, e, unpack_piece, c);
+    }
+    return 0;
+}
+
+/* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident). */
+static void z3_acquire(void *ctx, int first, int last) {
+    st_comm *c = ctx;
+    if (c->world == 1) return;
+    double t0 = st_now();
+    size_t a, b;
+    param_span(c->model, first, last, &a, &b);
+    if (b == a) return; /* frozen: resident everywhere, no communication */
+    int rc;
+    if (z3_in_place(c)) {
+        int counts[c->world], displs[c->world];
+        owner_counts(c, a, b, counts, displs);
+        rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm);
+        rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+    } else {
+        rc = gather_staged(c, a, b);
+    }
+    if (rc && !c->z3_rc) c->z3_rc = rc;
+    c->overlap_seconds += st_now() - t0;
+}
+
+static void z3_release(void *ctx, int first, int last) {
+    st_comm *c = ctx;
+    size_t a, b;
+    param_span(c->model, first, last, &a, &b);
+    release_compact(c, a, b);
+}
+
+/* grad_ready hook: the finished gradients [lo, hi) are summed into their owners' shard_grads (added: the
+ * micro-batches of a step accumulate there) and their pages given back. In chunks of ST_Z3_CHUNK floats:
+ * MPI's reduce-scatter holds a temporary as large as its message, and z3_recv needs no more than that. */
+static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
+    st_comm *c = ctx;
+    float *grads = c->model->grads;
+    double t0 = st_now();
+    for (size_t s = lo; s < hi; s += ST_Z3_CHUNK) {
+        size_t e = hi - s > ST_Z3_CHUNK ? s + ST_Z3_CHUNK : hi;
+        int counts[c->world], displs[c->world];
+        owner_counts(c, s, e, counts, displs);
+        int rc = MPI_Reduce_scatter(grads + s, c->z3_recv, counts, MPI_FLOAT, MPI_SUM, c->comm);
+        if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
+        float *dst = c->shard_grads + (s > c->lo ? s - c->lo : 0);
+        for (int i = 0; i < counts[c->rank]; i++) dst[i] += c->z3_recv[i];
+    }
+    discard(grads, lo, hi);
+    c->overlap_seconds += st_now() - t0;
+}
+
+static int z3_init(st_comm *c, const st_model *cm) {
+    st_model *m = (st_model *)cm; /* the communicator installs its hooks on the model it serves */
+    if (on_device(m))
+        return st_fail(ST_ECONFIG, "sharding.stage 3 is not supported on the %s backend yet (CPU ranks only); "
+                                   "use sharding.stage 2", m->be->name);
+    if (m->precision != ST_PRECISION_FP32)
+        return st_fail(ST_ECONFIG, "sharding.stage 3 supports precision fp32 only for now (not bf16); use "
+                                   "sharding.stage 2 or precision: fp32");
+    if (c->shard) {
+        c->shard_grads = c->be->alloc(c->shard * sizeof(float));
+        c->z3_recv = c->be->alloc(st_comm_zero3_recv_floats(c->shard) * sizeof(float));
+        if (!c->shard_grads || !c->z3_recv) return st_fail(ST_ENOMEM, "rank %d: out of memory for the gradient shard", c->rank);
+    }
+    if (c->n != m->n_weights && c->n) { /* frozen parameters: gathers go through a staging buffer */
+        c->z3_stage = malloc((c->n_pad < ST_Z3_CHUNK ? c->n_pad : ST_Z3_CHUNK) * sizeof(float));
+        if (!c->z3_stage) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 gather buffer", c->rank);
+    }
+    c->model = m;
+    m->acquire = z3_acquire;
+    m->release = z3_release;
+    m->residency_ctx = c;
+    m->grad_ready = z3_grad_ready;
+    m->grad_ready_ctx = c;
+    release_compact(c, 0, c->n);
+    if (m->grads) discard(m->grads, 0, m->grad_alloc);
+    return 0;
+}
+
+void st_comm_weights_loaded(st_comm *c, st_model *m) {
+    if (c->stage == 3 && c->model == m) release_compact(c, 0, c->n);
+}
+
+size_t st_comm_zero3_recv_floats(size_t shard) { return shard < ST_Z3_CHUNK ? shard : ST_Z3_CHUNK; }

@@ -3,6 +3,13 @@
  * ZeRO stages: 0 all-reduces gradients and every rank updates everything; 1 all-reduces gradients, each
  * rank updates its shard and the updated parameters are all-gathered; 2 reduce-scatters gradients into
  * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers.
+ * 3 shards the parameters too (MPI on CPU ranks, fp32; st_comm_init refuses the rest by name): the weights
+ * of the trainable parameters in this rank's shard of the compact space are its fp32 master shard and stay
+ * resident in m->weights (frozen parameters stay whole on every rank: no communication), and the rest of
+ * the weights and all of m->grads are backed by memory only while in use. The model's residency hooks all-gather a layer's weights just before its forward and
+ * again before its backward and give the pages back after (madvise); the grad_ready hook reduce-scatters
+ * each layer's gradients into the owners' shard_grads as soon as its backward ends (every micro-batch)
+ * and gives those pages back. The optimizer updates the resident shard in place: no parameter gather.
  * The compact space (model->grad_alloc floats) is padded to a multiple of the world size so every shard
  * has the same length. The communicator owns its staging buffers (backend memory). On a device backend the
  * gradient and parameter collectives go through NCCL; scalars always go through MPI. */
@@ -39,6 +46,12 @@ typedef struct {
     int n_reqs, cap_reqs;
     int overlap_rc;         /* first failure starting a bucket (the hook cannot return it) */
     double overlap_seconds; /* time spent launching/progressing buckets during backward */
+    /* stage 3 */
+    st_model *model;        /* whose hooks this communicator installed (cleared by st_comm_free) */
+    float *z3_recv;         /* [st_comm_zero3_recv_floats]: this rank's part of one reduce-scattered chunk */
+    int z3_rc;              /* first failure inside a hook (they cannot return it); reported by reduce_grads */
+    float *z3_stage;        /* host [min(n_pad, ST_Z3_CHUNK)]: gather staging when frozen parameters exist */
+    size_t z3_stage_at;     /* compact index of z3_stage[0] during a staged gather */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own
@@ -53,7 +66,17 @@ int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned 
 int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m);
 void st_comm_free(st_comm *c);
 
-/* The optimizer's range: [lo, hi) for stages 1-2, [0, n_pad) for stage 0. */
+/* Stage 3 reduce-scatters gradients in chunks of this many floats (4 MiB): bounds MPI's temporaries. */
+#define ST_Z3_CHUNK ((size_t)1 << 20)
+
+/* Floats of the stage-3 receive buffer for a shard of `shard` floats (the planner counts it). */
+size_t st_comm_zero3_recv_floats(size_t shard);
+
+/* Stage 3: after something wrote the whole of m->weights (a checkpoint load), gives back the pages of
+ * the weights this rank does not own. No-op for other stages. */
+void st_comm_weights_loaded(st_comm *c, st_model *m);
+
+/* The optimizer's range: [lo, hi) for stages 1-3, [0, n_pad) for stage 0. */
 void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi);
 
 /* Arms overlap for the next backward (world > 1; a no-op otherwise): installs the model's grad_ready

@@ -298,7 +298,15 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
 }
 
 void st_model_zero_grad(st_model *m) {
-    if (m->grads) m->be->memset0(m->grads, m->grad_alloc * sizeof(float));
+    if (m->grads && !m->release) m->be->memset0(m->grads, m->grad_alloc * sizeof(float));
+}
+
+void st_model_acquire(const st_model *m, int first, int last) {
+    if (m->acquire && last > first) m->acquire(m->residency_ctx, first, last);
+}
+
+void st_model_release(const st_model *m, int first, int last) {
+    if (m->release && last > first) m->release(m->residency_ctx, first, last);
 }
 
 /* ---------------- activations ---------------- */
@@ -361,11 +369,14 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         TAKE(p_, ((size_t)(n) + 1) / 2);                                                                    \
         if (base) (h16) = (uint16_t *)p_;                                                                   \
     } while (0)
-    const int bf16 = m->precision == ST_PRECISION_BF16;
-    for (int l = 0; l < c->n_layer; l++) {
+    const int bf16 = m->precision == ST_PRECISION_BF16, ckpt = m->act_ckpt;
+    /* activation checkpointing: every layer keeps its input residual only, and one more set (index L, the
+     * work set) holds the rest of one layer's tensors, recomputed for each layer in backward */
+    for (int l = 0; l < c->n_layer + ckpt; l++) {
         layer_acts dummy, *a = la ? &la[l] : &dummy;
         memset(a, 0, sizeof *a);
-        TAKE(a->res_in, N * C);
+        if (l < c->n_layer) TAKE(a->res_in, N * C);
+        if (ckpt && l < c->n_layer) continue;
         SAVED(a->ln1, a->ln1_h, N * C);
         TAKE(a->ln1_mean, N);
         TAKE(a->ln1_rstd, N);
@@ -588,12 +599,17 @@ static size_t rope_floats(const st_model_config *c, int T) {
 }
 
 size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_precision precision) {
+    return st_model_activation_floats_ckpt(cfg, B, T, precision, 0);
+}
+
+size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt) {
     st_model tmp;
     memset(&tmp, 0, sizeof tmp);
     tmp.cfg = *cfg;
     tmp.B = B;
     tmp.T = T;
     tmp.precision = precision;
+    tmp.act_ckpt = act_ckpt != 0;
     size_t mm = precision == ST_PRECISION_BF16 ? bf16_scratch_for(&tmp) : 0;
     return layout(&tmp, NULL, NULL, NULL) + (size_t)B * T /* loss_per_pos */ + rope_floats(cfg, T) + mm;
 }
@@ -605,7 +621,7 @@ static int alloc_arena(st_model *m) {
     m->act_floats = layout(m, NULL, NULL, NULL);
     m->act_arena = m->be->alloc(m->act_floats * sizeof(float));
     free(m->layer_acts);
-    m->layer_acts = calloc((size_t)m->cfg.n_layer, sizeof(layer_acts));
+    m->layer_acts = calloc((size_t)m->cfg.n_layer + 1, sizeof(layer_acts)); /* + the checkpointing work set */
     if (!m->act_arena || !m->layer_acts)
         return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of activations for micro_batch %d x seq_len %d",
                        m->act_floats * 4.0 / 1e6, m->B, m->T);
@@ -635,6 +651,11 @@ int st_model_set_precision(st_model *m, st_precision precision) {
 }
 
 void st_model_weights_changed(st_model *m) { m->weights_bf16_stale = 1; }
+
+int st_model_set_activation_checkpointing(st_model *m, int on) {
+    m->act_ckpt = on != 0;
+    return m->B > 0 ? alloc_arena(m) : 0;
+}
 
 int st_model_check_bf16_copy(const st_model *m) {
     if (!m->weights_bf16 || m->weights_bf16_stale) return 0;
@@ -826,8 +847,17 @@ static int layer_window(const st_model *m, int l) {
     return c->sliding_window > 0 && l >= c->window_first_layer && m->T > c->sliding_window ? c->sliding_window : 0;
 }
 
+/* The saved tensors of layer l: its own set, or under activation checkpointing the shared work set
+ * pointed at layer l's kept input. */
+static layer_acts *acts_for(const st_model *m, layer_acts *la, int l) {
+    if (!m->act_ckpt) return &la[l];
+    la[m->cfg.n_layer].res_in = la[l].res_in;
+    return &la[m->cfg.n_layer];
+}
+
 /* One layer forward (see the top of this file). Under bf16 the fp32 results land in working buffers
- * (norm outputs in dln, h2 in dh2: both free during forward) and are saved as bf16. */
+ * (norm outputs in dln, h2 in dh2: both free during forward, and between two layers' backward) and are
+ * saved as bf16. res_out NULL: a recomputation for backward, which needs everything but the output. */
 static void layer_forward(st_model *m, int l, const layer_acts *a, const model_bufs *b, float *res_out) {
     const st_backend *be = m->be;
     const st_model_config *c = &m->cfg;
@@ -866,6 +896,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     else
         be->swiglu_fwd(h2, h1, N, F);
     save(m, a->h2_h, h2, (size_t)N * F, 0);
+    if (!res_out) return;
     be->copy(res_out, a->resmid, (size_t)N * C * sizeof(float));
     mm(m, res_out, saved(h2, a->h2_h), weight(m, w.w2), w.b2, N, C, F, 0, 1, 1.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_DOWN, h2, res_out, C);
@@ -919,13 +950,22 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
     const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
+    int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
+    st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
     be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
-    for (int l = 0; l < L; l++) layer_forward(m, l, &la[l], &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
-    int fn = final_norm_index(m);
+    if (!tied) st_model_release(m, 0, e0);
+    for (int l = 0; l < L; l++) {
+        st_model_acquire(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+        layer_forward(m, l, acts_for(m, la, l), &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
+        st_model_release(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+    }
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
+    st_model_acquire(m, fn, st_model_base_params(m));
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
+    double loss = m->hidden_only ? 0.0 : head_forward(m, &b, train);
+    st_model_release(m, fn, st_model_base_params(m));
+    if (tied) st_model_release(m, 0, e0);
     if (m->hidden_only) return 0.0;
-    double loss = head_forward(m, &b, train);
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
     return loss;
 }
@@ -1010,12 +1050,19 @@ void st_model_backward(st_model *m) {
     bind(m, la, &b);
     int fn = final_norm_index(m);
     be->memset0(b.dres, (size_t)N * c->d_model * sizeof(float));
+    st_model_acquire(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2)); /* the final norm */
     norm_bwd(m, b.dres, gptr(m, fn), c->family == ST_FAMILY_GPT2 ? gptr(m, fn + 1) : NULL, b.dlnf, b.res_out,
              wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
+    st_model_release(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2));
     report_ready(m, fn, st_model_base_params(m)); /* final norm and an untied head (its gradient came in forward) */
     for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
-        layer_backward(m, l, &la[l], &b);
-        report_ready(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+        int p0 = layer_first_param(m, l), p1 = layer_first_param(m, l + 1);
+        const layer_acts *a = acts_for(m, la, l);
+        st_model_acquire(m, p0, p1);
+        if (m->act_ckpt) layer_forward(m, l, a, &b, NULL); /* the same calls on the same input: same values */
+        layer_backward(m, l, a, &b);
+        st_model_release(m, p0, p1);
+        report_ready(m, p0, p1);
         int lf, ll;
         st_lora_layer_params(m, l, &lf, &ll);
         report_ready(m, lf, ll); /* the layer's adapters (appended after the base registry) */
@@ -1037,8 +1084,9 @@ double st_model_flops_per_token(const st_model *m, int T) {
 
 int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,
                                const float **res_out) {
-    if (!m->act_arena || m->precision != ST_PRECISION_FP32 || l < 0 || l >= m->cfg.n_layer)
-        return st_fail(ST_EINVAL, "layer activations need an fp32 model with activations (layer %d)", l);
+    if (!m->act_arena || m->precision != ST_PRECISION_FP32 || m->act_ckpt || l < 0 || l >= m->cfg.n_layer)
+        return st_fail(ST_EINVAL, "layer activations need an fp32 model with activations and no activation "
+                                  "checkpointing (layer %d)", l);
     layer_acts *la = m->layer_acts;
     model_bufs b;
     bind((st_model *)m, la, &b);

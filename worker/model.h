@@ -80,6 +80,16 @@ typedef struct {
                         int rows, int v);
     void *head_loss_ctx;
     int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
+    int act_ckpt;    /* activation checkpointing (st_model_set_activation_checkpointing) */
+    /* Optional parameter residency (ZeRO-3, worker/comm.c): the model calls acquire(ctx, first, last) before
+     * it reads the weights of parameters [first, last) and release(ctx, first, last) after its last read of
+     * them, in the same order on every rank (the hooks may be collective): per layer in forward and again in
+     * backward, the embeddings, the final norm and head. While they are installed their owner also manages
+     * m->grads (st_model_zero_grad leaves it alone). Other readers of m->weights (checkpoint, export) use
+     * st_model_acquire / st_model_release. */
+    void (*acquire)(void *ctx, int first, int last);
+    void (*release)(void *ctx, int first, int last);
+    void *residency_ctx;
     /* LoRA adapters (worker/lora.h): registry entries [n_base_params, n_params) and weights
      * [n_base_weights, n_weights); 0 / NULL without adapters (then n_base_* = 0 means "all"). */
     int n_base_params;
@@ -144,6 +154,18 @@ int st_model_alloc_activations(st_model *m, int B, int T);
  * scratch. No allocation, no validation of T. (The bf16 weight copy, n_weights halves, is not included.) */
 size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_precision precision);
 
+/* Same, with activation checkpointing on (act_ckpt != 0): only each layer's input residual is kept, plus
+ * one layer's full set of saved tensors that backward recomputes into, layer by layer. */
+size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt);
+
+/* Activation checkpointing (memory.activation_checkpointing): forward keeps each layer's input residual
+ * only; backward recomputes the layer's forward from it (into one shared layer's worth of buffers) just
+ * before that layer's backward. The arithmetic is the same calls on the same inputs, so losses and
+ * gradients are bit-identical to the run without it; it costs one more forward of the trained layers
+ * (minus the last projection, which backward does not need). Re-lays out the activations when they are
+ * allocated. st_model_layer_activations is refused while it is on (nothing per layer is kept). */
+int st_model_set_activation_checkpointing(st_model *m, int on);
+
 /* Selects the arithmetic (fp32 | bf16 mixed precision, see kernels/kernels.h). bf16 needs a backend with
  * matmul_bf16, to_bf16 and from_bf16; it allocates the bf16 weight copy, re-lays out the activations
  * (bf16 saved tensors) and the matmul operand scratch for the current B x T. Master weights, gradients
@@ -172,8 +194,13 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
 /* Backward from the saved activations of the last training forward; accumulates into m->grads. */
 void st_model_backward(st_model *m);
 
-/* Sets all gradients to zero. */
+/* Sets all gradients to zero (nothing when residency hooks manage them). */
 void st_model_zero_grad(st_model *m);
+
+/* Makes the weights of parameters [first, last) readable in m->weights / lets them go again: the residency
+ * hooks when installed (collective then: every rank makes the same calls), nothing otherwise. */
+void st_model_acquire(const st_model *m, int first, int last);
+void st_model_release(const st_model *m, int first, int last);
 
 /* Layer l's activations from the last forward, in backend memory (fp32 precision only): its input residual
  * [B*T, C], the attention output before the output projection [B*T, H*hd], the MLP activation before the

@@ -37,9 +37,10 @@ static void print_text(const st_plan *p, const st_model *m) {
     printf("model: %s %d layers, dim %d, heads %d/%d, ffn %d, vocab %d | %zu floats (%.2f MiB fp32) in %d tensors\n",
            mc->model_type, mc->n_layer, mc->d_model, mc->n_head, mc->n_kv_head, mc->d_ff, mc->vocab, p->n_weights,
            mib(p->n_weights * sizeof(float)), p->n_params);
-    printf("run: %d rank(s), ZeRO stage %d, micro_batch %d x seq_len %d, grad_accum %d (global batch %d), %s\n",
+    printf("run: %d rank(s), ZeRO stage %d, micro_batch %d x seq_len %d, grad_accum %d (global batch %d), %s%s\n",
            p->world, p->zero_stage, p->micro_batch, p->seq_len, p->grad_accum,
-           p->world * p->micro_batch * p->grad_accum, st_precision_name(p->precision));
+           p->world * p->micro_batch * p->grad_accum, st_precision_name(p->precision),
+           p->act_ckpt ? ", activation checkpointing" : "");
     for (int s = 0; s < p->n_stages; s++) {
         const st_stage_plan *sp = &p->stages[s];
         char mods[64];
@@ -64,7 +65,9 @@ static void print_text(const st_plan *p, const st_model *m) {
             printf("  entering this stage: +%.2f MiB per rank (the previous stage's moments, gathered)\n",
                    mib(sp->transition_extra));
     }
-    printf("\nwriting final/ (rank 0, end of stage %d): +%.2f MiB\n", p->final_stage, mib(p->save_extra));
+    printf("\nloading (every rank, the whole model and gradient buffer before sharding): %.2f MiB\n",
+           mib(p->load_bytes));
+    printf("writing final/ (rank 0, end of stage %d): +%.2f MiB\n", p->final_stage, mib(p->save_extra));
     printf("peak per rank: %.2f MiB (%zu bytes)\n", mib(p->peak), p->peak);
 }
 
@@ -83,8 +86,8 @@ static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, i
         st_strbuf_json_string(b, m->params[i].name);
     }
     st_strbuf_printf(b, "],\"bytes\":{\"weights\":%zu,\"grads\":%zu,\"optim\":%zu,\"comm\":%zu,\"activations\":%zu,"
-                        "\"buffers\":%zu,\"total\":%zu}}%s",
-                     rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total,
+                        "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu}}%s",
+                     rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total, rp->at_save,
                      r + 1 < p->world ? "," : "");
 }
 
@@ -106,10 +109,11 @@ static int print_json(const st_plan *p, const st_model *m, const st_config *c) {
                      mc->n_layer, mc->d_model, mc->n_head, mc->n_kv_head, mc->d_ff, mc->vocab, mc->max_seq,
                      p->n_weights, p->n_params);
     st_strbuf_printf(&b, "\"world\":%d,\"zero_stage\":%d,\"micro_batch\":%d,\"grad_accum\":%d,\"seq_len\":%d,"
-                         "\"precision\":\"%s\",\"final_stage\":%d,\"save_extra_bytes\":%zu,\"peak_bytes\":%zu,"
-                         "\"stages\":[",
+                         "\"precision\":\"%s\",\"activation_checkpointing\":%s,\"final_stage\":%d,"
+                         "\"save_extra_bytes\":%zu,\"load_bytes\":%zu,\"peak_bytes\":%zu,\"stages\":[",
                      p->world, p->zero_stage, p->micro_batch, p->grad_accum, p->seq_len,
-                     st_precision_name(p->precision), p->final_stage, p->save_extra, p->peak);
+                     st_precision_name(p->precision), p->act_ckpt ? "true" : "false", p->final_stage, p->save_extra, p->load_bytes,
+                     p->peak);
     for (int s = 0; s < p->n_stages; s++) {
         const st_stage_plan *sp = &p->stages[s];
         st_model_grad_offsets(m, stages.stages[s].layers, stages.stages[s].modules, goff);

@@ -670,6 +670,9 @@ static int finish_finetune(st_config *c, const char *file) {
     if (c->finetune.mode == ST_FINETUNE_LORA && c->finetune.lora.dropout > 0)
         return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g is not supported yet (only 0)", file,
                        c->finetune.lora.dropout);
+    if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE && c->sharding.stage == 3)
+        return st_fail(ST_ECONFIG, "%s: sharding.stage 3 does not support finetune.mode progressive yet (stage "
+                       "transitions would re-shard the weights); use sharding.stage 2", file);
     if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE) {
         if (c->finetune.n_stages == 0 && c->finetune.unfreeze_every == 0)
             return st_fail(ST_ECONFIG, "%s: finetune.mode: progressive needs finetune.stages or finetune.unfreeze_every",

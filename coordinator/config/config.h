@@ -119,6 +119,10 @@ typedef struct {
         double bucket_mb; /* bucket size for the overlapped reduction */
     } sharding;
 
+    struct {
+        int activation_checkpointing; /* keep each layer's input only, recompute the layer in backward */
+    } memory;
+
     st_task_config tasks[ST_CFG_MAX_TASKS];
     int n_tasks;
 

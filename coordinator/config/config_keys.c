@@ -120,6 +120,11 @@ static const st_key sharding_keys[] = {
     {0},
 };
 
+static const st_key memory_keys[] = {
+    {.name = "activation_checkpointing", .kind = ST_KEY_BOOL, .off = SOFF(memory, activation_checkpointing)},
+    {0},
+};
+
 static const st_key task_keys[] = {
     KEY_STR("name", offsetof(st_task_config, name), ST_CFG_NAME_MAX),
     KEY_STR("path", offsetof(st_task_config, path), ST_CFG_PATH_MAX),
@@ -172,6 +177,7 @@ const st_key st_config_root_keys[] = {
     KEY_SECTION("finetune", finetune, finetune_keys),
     KEY_SECTION("distill", distill, distill_keys),
     KEY_SECTION("sharding", sharding, sharding_keys),
+    KEY_SECTION("memory", memory, memory_keys),
     {.name = "tasks", .kind = ST_KEY_LIST, .off = offsetof(st_config, tasks), .size = sizeof(st_task_config),
      .count_off = offsetof(st_config, n_tasks), .max = ST_CFG_MAX_TASKS, .sub = task_keys,
      .elem_defaults = task_defaults},

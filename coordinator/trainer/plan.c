@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "common/error.h"
+#include "worker/comm.h"
 #include "worker/lora.h"
 
 /* ---------------- adapters ---------------- */
@@ -130,6 +131,36 @@ static size_t step_buffer_bytes(const st_config *c) {
            (3 * (size_t)c->n_tasks + 2) * sizeof(double);
 }
 
+/* Floats of the trainable parameters among [first, last). */
+static size_t span_floats(const st_model *m, const long *goff, int first, int last) {
+    size_t n = 0;
+    for (int i = first; i < last; i++) n += goff[i] >= 0 ? m->params[i].numel : 0;
+    return n;
+}
+
+/* ZeRO-3: the most trainable weight floats gathered at once (worker/model.c's acquire/release order): one
+ * layer, the embeddings, or the final norm + head, with a tied embedding held from the embedding to the
+ * head. The same bound holds for the gradients resident at once (a layer's until its reduce-scatter; a
+ * tied embedding's head gradient from forward to the end of backward). */
+static size_t zero3_working_floats(const st_model *m, const long *goff) {
+    int L = m->cfg.n_layer, per = 0, e0 = 0;
+    while (e0 < m->n_params && m->params[e0].layer < 0) e0++; /* embeddings come first */
+    int fn = e0;
+    while (fn < m->n_params && m->params[fn].layer >= 0) fn++;
+    size_t embed = span_floats(m, goff, 0, e0), head = span_floats(m, goff, fn, m->n_params), layer = 0;
+    for (int i = e0; i < fn; i += per) {
+        per = 0;
+        while (i + per < fn && m->params[i + per].layer == m->params[i].layer) per++;
+        size_t n = span_floats(m, goff, i, i + per);
+        if (n > layer) layer = n;
+    }
+    (void)L;
+    size_t tied = m->cfg.tied_embeddings ? embed : 0, most = embed;
+    if (layer + tied > most) most = layer + tied;
+    if (head + tied > most) most = head + tied;
+    return most;
+}
+
 static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
                       int rank, st_rank_plan *r) {
     int zero = c->sharding.stage;
@@ -152,11 +183,29 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
-    r->activations = (st_model_activation_floats(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision) +
+    r->activations = (st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision,
+                                                      c->memory.activation_checkpointing) +
                       st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
+    /* rank 0 writing final/: st_model_save_dir's host + hf buffers, or st_peft_save_dir's adapter copy */
+    size_t copies = rank > 0 ? 0
+                    : m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float)
+                              : 2 * m->n_weights * sizeof(float);
+    if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group, shard_grads +
+                        z3_recv (+ the gather staging when some parameters are frozen) */
+        size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
+        size_t work = zero3_working_floats(m, goff), frozen = m->n_weights - n;
+        size_t staging = frozen && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
+        r->weights = (frozen + hi - lo + work) * sizeof(float);
+        r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + work) * sizeof(float);
+        r->comm = staging * sizeof(float);
+        r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
+        r->at_save = r->total - 2 * work * sizeof(float) + (n - (hi - lo)) * sizeof(float) + copies;
+        return;
+    }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
+    r->at_save = r->total + copies;
     (void)world;
 }
 
@@ -179,13 +228,17 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
 int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out) {
     memset(out, 0, sizeof *out);
     if (world < 1) return st_fail(ST_EINVAL, "--ranks %d must be at least 1", world);
-    if (c->sharding.stage < 0 || c->sharding.stage > 2)
-        return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0, 1 or 2)", c->sharding.stage);
+    if (c->sharding.stage < 0 || c->sharding.stage > 3)
+        return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0 to 3)", c->sharding.stage);
+    if (c->sharding.stage == 3 && c->precision != ST_PRECISION_FP32)
+        return st_fail(ST_ECONFIG, "sharding.stage 3 supports precision fp32 only for now (not bf16); use "
+                                   "sharding.stage 2 or precision: fp32");
     int rc = st_model_check_seq_len(&m->cfg, c->train.seq_len);
     if (rc) return rc;
     out->world = world;
     out->zero_stage = c->sharding.stage;
     out->precision = c->precision;
+    out->act_ckpt = c->memory.activation_checkpointing;
     out->micro_batch = c->train.micro_batch;
     out->grad_accum = c->train.grad_accum;
     out->seq_len = c->train.seq_len;
@@ -203,6 +256,12 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
         out->n_stages++;
         rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, sp);
         if (rc) break;
+        /* setup: every rank reads the whole model and allocates the whole zeroed gradient buffer before
+         * the stage-3 communicator gives back what the rank does not own (no streaming load yet) */
+        size_t load = m->n_weights * (c->precision == ST_PRECISION_BF16 ? 6 : 4) + sp->n_pad * sizeof(float) +
+                      sp->ranks[0].activations + sp->ranks[0].buffers;
+        if (load > out->load_bytes) out->load_bytes = load;
+        if (load > out->peak) out->peak = load;
         prev_pad = sp->n_pad;
         /* entering a stage, the gathered old moments coexist first with the old buffers, then the new */
         for (int r = 0; r < world; r++) {
@@ -213,10 +272,10 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     }
     if (!rc) {
         out->final_stage = st_stage_at(&stages, c->train.steps > 0 ? c->train.steps - 1 : 0);
-        out->save_extra = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) /* st_peft_save_dir: host copy */
-                                  : 2 * m->n_weights * sizeof(float); /* st_model_save_dir: host + hf buffers */
-        size_t at_save = out->stages[out->final_stage].ranks[0].total + out->save_extra;
-        if (at_save > out->peak) out->peak = at_save;
+        const st_rank_plan *fr = out->stages[out->final_stage].ranks;
+        out->save_extra = fr[0].at_save - fr[0].total;
+        for (int r = 0; r < world; r++)
+            if (fr[r].at_save > out->peak) out->peak = fr[r].at_save;
     }
     free(goff);
     st_stage_list_free(&stages);

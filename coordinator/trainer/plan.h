@@ -63,6 +63,9 @@ typedef struct {
     size_t activations;       /* st_model_activation_floats(micro_batch, seq_len) */
     size_t buffers;           /* train.c step buffers (tokens, masks, loss weights of micro x accum samples) */
     size_t total;
+    size_t at_save;           /* held while final/ is written at the end of this stage: total, + model_io.c's
+                                 two host copies of the weights on rank 0; ZeRO-3: every rank gathers the
+                                 whole model (not streamed yet) and holds no per-layer working set then */
 } st_rank_plan;
 
 typedef struct {
@@ -81,15 +84,20 @@ typedef struct {
 typedef struct {
     int world, zero_stage, micro_batch, grad_accum, seq_len;
     st_precision precision;
+    int act_ckpt;             /* memory.activation_checkpointing */
     size_t n_weights;
     int n_params;
     int n_stages;
     st_stage_plan *stages; /* [n_stages] */
     int final_stage;       /* the stage in force at the last step (train.steps) */
     size_t save_extra;     /* bytes rank 0 holds in addition while writing final/ (model_io.c's host copy
-                              of the weights and their HF-layout copy) */
+                              of the weights and their HF-layout copy; ZeRO-3: + the gathered model, - the
+                              per-layer working set): its at_save - total */
+    size_t load_bytes;     /* bytes every rank holds while setting up: the whole model as read, the whole
+                              zeroed gradient buffer, activations and step buffers (ZeRO-3 then gives
+                              back what the rank does not own; for stages 0-2 it is within the totals) */
     size_t peak;           /* bytes: max over stages and ranks of total, + transition_extra while entering,
-                              + save_extra on rank 0 at the end */
+                              + save_extra on rank 0 at the end (ZeRO-3: + the gathered model), load_bytes */
 } st_plan;
 
 /* Plans `cfg` on `world` ranks for model m (registry only is enough). Checks seq_len against the

@@ -331,6 +331,8 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
     if (!rc) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
     if (!rc) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
+    /* checkpointing first: the arena is then laid out once, at its checkpointed size */
+    if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, c->memory.activation_checkpointing));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
     if (!rc && c->distill.teacher[0]) rc = st_trainer_agree(t, load_teacher(t));

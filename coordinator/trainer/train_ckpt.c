@@ -18,8 +18,17 @@
 
 /* ---------------- final weights ---------------- */
 
+static int write_final(trainer *t);
+
 int st_trainer_save_final(trainer *t) {
-    if (t->rank != 0) return 0;
+    /* ZeRO-3: every rank takes part in gathering the weights (the whole model, for now: see docs) */
+    st_model_acquire(&t->model, 0, t->model.n_params);
+    int rc = t->rank == 0 ? write_final(t) : 0;
+    st_model_release(&t->model, 0, t->model.n_params);
+    return rc;
+}
+
+static int write_final(trainer *t) {
     char dir[ST_CFG_PATH_MAX + 16], tmp[ST_CFG_PATH_MAX + 32], old[ST_CFG_PATH_MAX + 32];
     snprintf(dir, sizeof dir, "%s/final", t->cfg->run_dir);
     snprintf(tmp, sizeof tmp, "%s/final.partial", t->cfg->run_dir);
@@ -209,6 +218,7 @@ static int try_resume(trainer *t, const char *path) {
         const st_backend *be = t->be;
         be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
         st_model_weights_changed(&t->model);
+        st_comm_weights_loaded(&t->dp, &t->model); /* ZeRO-3 keeps its shard only */
         if (n && t->optim.m) {
             be->copy_to_device(t->optim.m, mh, n * sizeof(float));
             be->copy_to_device(t->optim.v, vh, n * sizeof(float));

@@ -143,10 +143,12 @@ double st_trainer_eval_task(trainer *t, int k, double *targets_out) {
                 if (!st_loader_eval_next(&it, t->inputs + o, t->targets + o, t->mask + o)) break;
             }
             if (rows == 0) break;
-            if (b % t->world != t->rank) continue;
+            /* ZeRO-3: a forward gathers each layer from every rank, so every rank runs every batch */
+            int mine = b % t->world == t->rank;
+            if (!mine && t->dp.stage != 3) continue;
             for (int i = rows * T; i < B * T; i++) { t->inputs[i] = 0; t->targets[i] = 0; t->mask[i] = 0; }
             st_model_forward(&t->model, t->inputs, t->targets, t->mask, 0);
-            for (int i = 0; i < B * T; i++) {
+            for (int i = 0; i < B * T && mine; i++) {
                 sums[0] += (double)t->mask[i] * t->model.loss_per_pos[i];
                 sums[1] += t->mask[i];
             }

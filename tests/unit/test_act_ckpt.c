@@ -1,0 +1,184 @@
+/* test_act_ckpt.c — activation checkpointing (memory.activation_checkpointing) in worker/model.c.
+ *
+ *  - losses, per-position losses and every gradient are bit-identical with and without checkpointing
+ *    (memcmp, not a tolerance: backward recomputes with the same calls on the same inputs), for Llama
+ *    (GQA, q/k biases; and Qwen3-style q/k norms) and GPT-2, in fp32 and bf16, with every layer trained
+ *    and with only the top layer trained (backward stops early), over two steps with an update between.
+ *  - the arena shrinks by exactly (L - 1) layers' saved tensors less their kept input, where a layer's
+ *    size is measured independently as the arena difference between an L- and an (L+1)-layer model;
+ *    st_model_activation_floats_ckpt (the planner's number) equals what the model allocates.
+ *  - turning it on after activations exist re-lays them out; per-layer activations are refused. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+#include "worker/model.h"
+
+enum { B = 2, T = 24, N = B * T, L = 3 };
+
+static st_model_config config(st_family family, int qk_norm, int n_layer) {
+    st_model_config c;
+    memset(&c, 0, sizeof c);
+    c.family = family;
+    snprintf(c.model_type, sizeof c.model_type, family == ST_FAMILY_GPT2 ? "gpt2" : qk_norm ? "qwen3" : "llama");
+    c.n_layer = n_layer; c.d_model = 32; c.n_head = 4; c.n_kv_head = family == ST_FAMILY_GPT2 ? 4 : 2;
+    c.head_dim = 8; c.d_ff = 40; c.vocab = 53; c.max_seq = 32; c.norm_eps = 1e-5f; c.rope_theta = 10000.0f;
+    c.qkv_bias = family == ST_FAMILY_GPT2 || !qk_norm; c.qk_norm = qk_norm; c.bos_id = c.eos_id = -1;
+    return c;
+}
+
+static void build(st_model *m, const st_model_config *c, st_precision prec, int ckpt, int top_only) {
+    assert_int_equal(st_model_build(m, c, st_backend_cpu(2)), 0);
+    assert_int_equal(st_model_init_random(m, 7), 0);
+    unsigned char layers[L];
+    for (int l = 0; l < L; l++) layers[l] = !top_only || l == L - 1;
+    m->grad_align = 1;
+    assert_int_equal(st_model_set_trainable(m, layers, top_only ? ST_MOD_ATTN | ST_MOD_MLP | ST_MOD_HEAD : ST_MOD_ALL), 0);
+    assert_int_equal(st_model_alloc_activations(m, B, T), 0);
+    assert_int_equal(st_model_set_precision(m, prec), 0);
+    assert_int_equal(st_model_set_activation_checkpointing(m, ckpt), 0);
+}
+
+/* Two training steps (a plain SGD update in between, so the second runs on changed weights): the two losses,
+ * the per-position losses and the gradients of the second step. */
+static void two_steps(st_model *m, double loss[2], float *pos, float *grads) {
+    int32_t in[N], tg[N];
+    float w[N];
+    for (int i = 0; i < N; i++) { in[i] = (i * 7 + 3) % 53; tg[i] = (i * 5 + 1) % 53; w[i] = (i % 5 ? 1.0f : 0.0f) / N; }
+    float *g = malloc(m->n_grads * sizeof(float)), *wt = malloc(m->n_weights * sizeof(float));
+    for (int s = 0; s < 2; s++) {
+        st_model_zero_grad(m);
+        loss[s] = st_model_forward(m, in, tg, w, 1);
+        st_model_backward(m);
+        memcpy(g, m->grads, m->n_grads * sizeof(float));
+        memcpy(wt, m->weights, m->n_weights * sizeof(float));
+        for (int i = 0; i < m->n_params; i++) {
+            const st_param *p = &m->params[i];
+            if (p->grad_offset >= 0)
+                for (size_t j = 0; j < p->numel; j++) wt[p->offset + j] -= 0.5f * g[p->grad_offset + j];
+        }
+        memcpy(m->weights, wt, m->n_weights * sizeof(float));
+        st_model_weights_changed(m);
+    }
+    memcpy(pos, m->loss_per_pos, N * sizeof(float));
+    memcpy(grads, g, m->n_grads * sizeof(float));
+    free(g);
+    free(wt);
+}
+
+static void check_identical(st_family family, int qk_norm, st_precision prec, int top_only) {
+    st_model_config c = config(family, qk_norm, L);
+    st_model a, b;
+    build(&a, &c, prec, 0, top_only);
+    build(&b, &c, prec, 1, top_only);
+    assert_int_equal(a.n_grads, b.n_grads);
+    assert_true(b.act_floats < a.act_floats);
+    double la[2], lb[2];
+    float pa[N], pb[N];
+    float *ga = malloc(a.n_grads * sizeof(float)), *gb = malloc(b.n_grads * sizeof(float));
+    two_steps(&a, la, pa, ga);
+    two_steps(&b, lb, pb, gb);
+    const char *what = family == ST_FAMILY_GPT2 ? "gpt2" : qk_norm ? "qwen3" : "llama";
+    for (int s = 0; s < 2; s++)
+        if (memcmp(&la[s], &lb[s], sizeof la[s]))
+            fail_msg("%s %s: step %d loss %.17g without checkpointing, %.17g with", what,
+                     prec == ST_PRECISION_BF16 ? "bf16" : "fp32", s, la[s], lb[s]);
+    assert_memory_equal(pa, pb, sizeof pa);
+    for (int i = 0; i < a.n_params; i++) {
+        const st_param *p = &a.params[i];
+        if (p->grad_offset < 0) continue;
+        if (memcmp(ga + p->grad_offset, gb + p->grad_offset, p->numel * sizeof(float)))
+            fail_msg("%s %s: gradient of %s differs with activation checkpointing", what,
+                     prec == ST_PRECISION_BF16 ? "bf16" : "fp32", p->name);
+    }
+    /* the gradients are not trivially zero (a test that can fail) */
+    double s = 0;
+    for (size_t i = 0; i < a.n_grads; i++) s += (double)ga[i] * ga[i];
+    assert_true(s > 0);
+    free(ga);
+    free(gb);
+    st_model_free(&a);
+    st_model_free(&b);
+}
+
+static void test_llama(void **state) {
+    (void)state;
+    for (int prec = 0; prec < 2; prec++)
+        for (int top = 0; top < 2; top++) check_identical(ST_FAMILY_LLAMA, 0, (st_precision)prec, top);
+}
+
+static void test_qwen3(void **state) {
+    (void)state;
+    for (int prec = 0; prec < 2; prec++) check_identical(ST_FAMILY_LLAMA, 1, (st_precision)prec, 0);
+}
+
+static void test_gpt2(void **state) {
+    (void)state;
+    for (int prec = 0; prec < 2; prec++)
+        for (int top = 0; top < 2; top++) check_identical(ST_FAMILY_GPT2, 0, (st_precision)prec, top);
+}
+
+/* Arena floats a model of this config allocates (the model's own layout, via a real allocation). */
+static size_t arena(st_family family, int n_layer, st_precision prec, int ckpt) {
+    st_model_config c = config(family, 0, n_layer);
+    st_model m;
+    assert_int_equal(st_model_build(&m, &c, st_backend_cpu(1)), 0);
+    assert_int_equal(st_model_alloc_activations(&m, B, T), 0);
+    assert_int_equal(st_model_set_precision(&m, prec), 0);
+    assert_int_equal(st_model_set_activation_checkpointing(&m, ckpt), 0);
+    size_t n = m.act_floats;
+    st_model_free(&m);
+    return n;
+}
+
+static void test_memory(void **state) {
+    (void)state;
+    for (int fam = 0; fam < 2; fam++)
+        for (int prec = 0; prec < 2; prec++) {
+            st_family f = fam ? ST_FAMILY_GPT2 : ST_FAMILY_LLAMA;
+            st_precision p = (st_precision)prec;
+            size_t full = arena(f, L, p, 0), layer = arena(f, L + 1, p, 0) - full;
+            size_t res_in = ((size_t)N * 32 + 15) & ~(size_t)15; /* the kept input, 16-float aligned */
+            size_t ckpt = arena(f, L, p, 1);
+            assert_int_equal(ckpt, full - (size_t)(L - 1) * (layer - res_in));
+            /* the planner's count: arena + loss_per_pos + RoPE tables (+ bf16 scratch) */
+            st_model_config c = config(f, 0, L);
+            size_t extra = st_model_activation_floats(&c, B, T, p) - full;
+            assert_int_equal(st_model_activation_floats_ckpt(&c, B, T, p, 1), ckpt + extra);
+            assert_int_equal(st_model_activation_floats_ckpt(&c, B, T, p, 0), full + extra);
+        }
+}
+
+static void test_toggle_and_refusal(void **state) {
+    (void)state;
+    st_model_config c = config(ST_FAMILY_LLAMA, 0, L);
+    st_model m;
+    build(&m, &c, ST_PRECISION_FP32, 0, 0);
+    const float *r, *a, *h, *o;
+    assert_int_equal(st_model_layer_activations(&m, 1, &r, &a, &h, &o), 0);
+    size_t before = m.act_floats;
+    assert_int_equal(st_model_set_activation_checkpointing(&m, 1), 0);
+    assert_true(m.act_floats < before);
+    assert_int_not_equal(st_model_layer_activations(&m, 1, &r, &a, &h, &o), 0);
+    assert_int_equal(st_model_set_activation_checkpointing(&m, 0), 0);
+    assert_int_equal(m.act_floats, before);
+    st_model_free(&m);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_llama),
+        cmocka_unit_test(test_qwen3),
+        cmocka_unit_test(test_gpt2),
+        cmocka_unit_test(test_memory),
+        cmocka_unit_test(test_toggle_and_refusal),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

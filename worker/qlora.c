@@ -238,3 +238,51 @@ void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32) {
     *quantized = b;
     *fp32 = q ? q->fp32_bytes : 0;
 }
+
+int st_qlora_materialize(st_model *m) {
+    st_qlora *q = m->qlora;
+    if (!q) return 0;
+    size_t total = 0, nb = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        total += m->params[i].numel;
+        if (i < st_model_base_params(m)) nb += m->params[i].numel;
+    }
+    float *nw = m->be->alloc(total * sizeof(float) + sizeof(float));
+    if (!nw) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the dequantized base", total * 4.0 / 1e6);
+    size_t at = 0;
+    for (int i = 0; i < m->n_params; i++) { /* registry order: q/k/v and gate/up stay adjacent */
+        st_param *p = &m->params[i];
+        if (st_qlora_holds(m, i)) st_qlora_acquire(m, i, i + 1);
+        m->be->copy(nw + at, m->weights + p->offset, p->numel * sizeof(float));
+        p->offset = at;
+        at += p->numel;
+    }
+    m->be->free(m->weights);
+    m->weights = nw;
+    m->n_weights = total;
+    if (m->lora) m->n_base_weights = nb;
+    m->qlora = NULL;
+    st_qlora_free(q);
+    st_model_weights_changed(m);
+    return 0;
+}
+
+void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quantized, size_t *fp32,
+                        size_t *scratch) {
+    size_t qb = 0, fb = 0, layer = 0, most = 0;
+    int cur = -1;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (!quantizable(p)) continue;
+        size_t ns = n_blocks(p->numel, s->block);
+        qb += s->quant == ST_QLORA_NF4 ? (p->numel + 1) / 2 : p->numel;
+        qb += s->double_quant ? ns + n_blocks(ns, DQ_BLOCK) * sizeof(float) + sizeof(float) : ns * sizeof(float);
+        fb += p->numel * sizeof(float);
+        if (p->layer != cur) { cur = p->layer; layer = 0; }
+        layer += p->numel;
+        if (layer > most) most = layer;
+    }
+    *quantized = qb;
+    *fp32 = fb;
+    *scratch = most;
+}

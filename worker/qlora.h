@@ -50,6 +50,16 @@ int st_qlora_holds(const st_model *m, int i);
 /* Bytes the quantized base takes (codes + scales) and the fp32 bytes it replaced. */
 void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32);
 
+/* Gives every quantized weight its own fp32 place again, holding its dequantized values, and drops the
+ * quantized table: the model is then a LoRA model over the dequantized base (what `export --merge` of a
+ * QLoRA run merges onto). */
+int st_qlora_materialize(st_model *m);
+
+/* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
+ * bytes that leave the weight buffer and the scratch floats that replace them. */
+void st_qlora_footprint(const st_model *m, const st_qlora_spec *spec, size_t *quantized, size_t *fp32,
+                        size_t *scratch);
+
 /* The quantization itself, on one host tensor of n floats (exposed for tests):
  * codes: nf4 (n + 1) / 2 bytes, int8 n bytes; scales: ceil(n / block) floats (absmax for nf4, absmax / 127
  * for int8). */

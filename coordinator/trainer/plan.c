@@ -189,6 +189,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     }
     size_t range = zero == 0 ? sp->n_pad : sp->shard; /* st_comm_optim_range */
     r->weights = m->n_weights * (c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float));
+    if (c->finetune.mode == ST_FINETUNE_QLORA) { /* worker/qlora.c: codes + scales, one layer's fp32 scratch */
+        st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
+                            .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block};
+        size_t qb, fb, scratch;
+        st_qlora_footprint(m, &qs, &qb, &fb, &scratch);
+        r->weights = (m->qlora ? r->weights : r->weights - fb + scratch * sizeof(float)) + qb;
+    }
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);

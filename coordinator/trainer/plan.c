@@ -42,6 +42,7 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant, .double_quant = c->finetune.qlora.double_quant,
                             .block = c->finetune.qlora.block};
         rc = st_qlora_quantize(m, &qs);
+        if (!rc && c->finetune.lora.dora) rc = st_lora_init_magnitudes(m);
     }
     return rc;
 }

@@ -13,6 +13,7 @@ For a 2-layer Llama, adapters on all seven projections, base NF4 with double qua
   * `export CKPT --format peft` equals final/; `export CKPT --merge` equals `export final --merge --model
     <numpy-dequantized base>` (QLoRA merges onto the dequantized base);
   * resume: 3 steps on 2 ranks, resumed to 6 on 1 rank, equals 6 uninterrupted steps;
+  * DoRA over the nf4 base equals DoRA over the dequantized base (magnitudes from the dequantized weights);
   * memory: peak RSS of 1-rank training on a 4 x 256 Llama, QLoRA nf4 vs LoRA (printed; QLoRA must be lower);
   * refusals with one line naming the cause: precision bf16, sharding.stage 3, an unknown qlora.quant.
 """
@@ -34,16 +35,16 @@ TOL, LR = 1e-6, 1e-2
 SPLITS = [(1, 12, 1, 0), (2, 6, 1, 1), (2, 3, 2, 2)]
 
 
-def job_text(mode, qlora):
-    return ("finetune: { mode: " + mode + ", lora: { r: 4, alpha: 8 }, qlora: " + qlora + " }\n"
+def job_text(mode, qlora, lora="{ r: 4, alpha: 8 }"):
+    return ("finetune: { mode: " + mode + ", lora: " + lora + ", qlora: " + qlora + " }\n"
             "train: { steps: 6, micro_batch: 12, grad_accum: 1, seq_len: 16, lr: 1.0e-2, warmup_steps: 0, "
             "schedule: constant, weight_decay: 0.0, grad_clip: 1.0, log_every: 100 }\n")
 
 
-def make_job(base, model, data, mode, qlora="{ quant: nf4 }"):
+def make_job(base, model, data, mode, qlora="{ quant: nf4 }", lora="{ r: 4, alpha: 8 }"):
     os.makedirs(base, exist_ok=True)
     job = dp.write_job(os.path.join(base, "job.yaml"), model, os.path.join(base, "run"),
-                       [{"name": "a", "path": data}], job_text(mode, qlora))
+                       [{"name": "a", "path": data}], job_text(mode, qlora, lora))
     text = [l for l in open(job).read().splitlines() if not (l.startswith("train:") and "lr: 3.0e-3" in l)]
     open(job, "w").write("\n".join(text) + "\n")
     return job
@@ -95,6 +96,18 @@ def quant_case(root, model, data, name, qlora, quant, dq, block):
     rd, got = first
     assert got[-1] < got[0] - 0.02, f"{name}: no learning {got}"
     return job, deq, rd, got
+
+
+def dora_case(root, model, data, deq):
+    """DoRA over the quantized base: magnitudes start at the dequantized weights' row norms (as peft on a
+    4-bit base), so the run equals DoRA over the dequantized fp32 base."""
+    lora = "{ r: 2, alpha: 4, dora: true, targets: [q_proj, v_proj, down_proj] }"
+    job = make_job(os.path.join(root, "dora"), model, data, "qlora", "{ quant: nf4, double_quant: true }", lora)
+    ljob = make_job(os.path.join(root, "dora_lora"), deq, data, "lora", lora=lora)
+    ref = run_split(ljob, os.path.join(root, "dora_lora", "run"), SPLITS[0])
+    got = run_split(job, os.path.join(root, "dora", "run"), SPLITS[0])
+    compare("DoRA over nf4 + dq vs DoRA on the dequantized base", ref, final_w(os.path.join(root, "dora_lora", "run")),
+            got, final_w(os.path.join(root, "dora", "run")))
 
 
 def final_dir_checks(model, rd, deq, name):
@@ -166,6 +179,7 @@ def main():
         final_dir_checks(ll, rd, deq, "nf4_dq")
         adapters_only_checkpoint(rd, final_w(rd), "nf4_dq")
         resume_case(root, job, ref, final_w(rd))
+        dora_case(root, ll, data, deq)
         quant_case(root, ll, data, "int8", "{ quant: int8, double_quant: false, block: 32 }", "int8", False, 32)
         refusals(job)
         memory_case(root)

@@ -19,7 +19,13 @@ job sig $STEPS 2 2 checkpoint.every_steps=0 checkpoint.signal=USR1
 start 2 sig
 wait_until 60 test -s "$T/sig/metrics.jsonl" || fail "signal run never started a step: $(cat $T/sig.err)"
 while [ "$(wc -l < $T/sig/metrics.jsonl)" -lt 5 ]; do sleep 0.02; done
-for c in $(pgrep -P $MP); do kill -USR1 "$c"; done
+# freeze the ranks first, so a fast machine cannot finish the run between the check above and the signal;
+# the signal stays pending and is taken at the next step boundary once they continue
+ranks=$(pgrep -P $MP)
+kill -STOP $ranks
+[ "$(wc -l < $T/sig/metrics.jsonl)" -lt $STEPS ] || fail "signal run finished before the signal could be sent"
+kill -USR1 $ranks
+kill -CONT $ranks
 set +e; wait $MP; rc=$?; set -e
 [ $rc -eq 85 ] || fail "signal stop: exit $rc (want 85): $(cat $T/sig.err)"
 grep -q "stopped at step" "$T/sig.out" || fail "no stop line: $(cat $T/sig.out)"

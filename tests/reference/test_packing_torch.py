@@ -4,7 +4,7 @@ CPU backend) against float64 torch running EACH DOCUMENT ALONE (torch_model.py: 
 0..len-1, plain causal mask). Packed attention that never crosses a document and positions that restart per
 document are exactly that, so loss, per-position loss, logits and every parameter gradient must agree.
 
-Models: a tiny Llama (GQA, RoPE) and a tiny GPT-2 (learned positions), T = 160 with documents of 1 to 70
+Models: a tiny Llama (GQA, RoPE), a tiny Mistral (sliding window 24, MQA) and a tiny GPT-2 (learned positions), T = 160 with documents of 1 to 70
 tokens, padding at the end of a row (its own segment, weight 0). q/k projections are scaled up so
 attention is sharp: with near-uniform attention a wrong mask or position would barely move the loss.
 
@@ -37,6 +37,11 @@ CONFIGS = {
     "llama_gqa": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100, max_position_embeddings=256,
                       rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
+    # a sliding window (24) shorter than the long documents: the window still applies inside a document
+    "mistral_window": dict(model_type="mistral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, vocab_size=90, max_position_embeddings=256,
+                           rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                           sliding_window=24),
     "gpt2": dict(model_type="gpt2", n_embd=48, n_layer=2, n_head=4, n_inner=96, vocab_size=97, n_positions=256,
                  layer_norm_epsilon=1e-5, activation_function="gelu_new", tie_word_embeddings=True),
 }
@@ -142,6 +147,20 @@ def main():
             plain = run_ref_model(mdir, plain_bp, os.path.join(tmp, name + ".po"))
             e = rel_err(plain["loss_per_pos"], ref[1].reshape(-1))
             check(f"{name} control (no document reset differs)", e > 100 * TOL, f"rel {e:.2e}")
+            # shardtune itself: each document run alone (its own batch of one sequence, no doc_pos) gives the
+            # packed run's per-position losses (different matmul shapes: equal within TOL, not bitwise)
+            worst = 0.0
+            for b, o, n in batch[4][:4]:
+                if n < 2:
+                    continue
+                w1 = np.where(weight[b:b + 1, o:o + n] > 0, 1.0, 0.0).astype(np.float32)
+                p1 = os.path.join(tmp, name + ".alone")
+                st_io.write(p1, {"inputs": inputs[b:b + 1, o:o + n].copy(), "targets": targets[b:b + 1, o:o + n].copy(),
+                                 "weight": w1})
+                alone = run_ref_model(mdir, p1, os.path.join(tmp, name + ".ao"))
+                packed = ours["loss_per_pos"].reshape(inputs.shape)[b, o:o + n]
+                worst = max(worst, rel_err(alone["loss_per_pos"] * (w1[0] > 0), packed * (w1[0] > 0)))
+            check(f"{name} each document alone (shardtune)", worst <= TOL, f"per-position loss max rel {worst:.2e}")
             ck = run_ref_model(mdir, bp, os.path.join(tmp, name + ".ck"), "--act-ckpt", 1)
             same = all(np.array_equal(ck[k], ours[k]) for k in ours if k == "loss" or k.startswith("grad."))
             check(f"{name} activation checkpointing", same, "loss and gradients bit-identical" if same else "differ")

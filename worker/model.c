@@ -722,6 +722,7 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
     int rc = st_model_check_seq_len(&m->cfg, T);
     if (rc) return rc;
     const st_backend *be = m->be;
+    m->doc_pos_on = 0; /* positions were for the old B x T: set them again (st_model_set_doc_positions) */
     be->free(m->rope_cos);
     be->free(m->rope_sin);
     free(m->loss_per_pos);

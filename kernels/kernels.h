@@ -197,6 +197,26 @@ struct st_backend {
                                  int window);
     void (*attention_window_bwd)(float *dqkv, const float *dout, const float *qkv, const float *out,
                                  const float *lse, int b, int t, int h, int kvh, int hd, int window);
+
+    /* ---- document-packed sequences (train.packing: documents; kernels/cpu/cpu_attention_docs.c) ----
+     * pos[B*T] (backend memory): each token's position inside its document (0 at a document's first
+     * token, +1 per token; documents are contiguous). attention_docs_*: attention_window_* where query row
+     * i also sees only keys j >= i - pos[i] (its own document); window <= 0 = no window. rope_pos_*:
+     * rope_* with table row pos[r] for token r. embedding_pos_fwd: embedding_fwd with wpe[pos[r]] (wpe
+     * required); embedding_pos_bwd accumulates dwpe[pos[r]] += dout[r] only (dwte: embedding_bwd with
+     * dwpe NULL). All optional: a model refuses documents mode on a backend without them. */
+    void (*attention_docs_fwd)(float *out, float *lse, const float *qkv, const int32_t *pos, int b, int t, int h,
+                               int kvh, int hd, int window);
+    void (*attention_docs_bwd)(float *dqkv, const float *dout, const float *qkv, const float *out,
+                               const float *lse, const int32_t *pos, int b, int t, int h, int kvh, int hd,
+                               int window);
+    void (*rope_pos_fwd)(float *qkv, const float *cos, const float *sin, const int32_t *pos, int b, int t, int h,
+                         int kvh, int hd);
+    void (*rope_pos_bwd)(float *dqkv, const float *cos, const float *sin, const int32_t *pos, int b, int t, int h,
+                         int kvh, int hd);
+    void (*embedding_pos_fwd)(float *out, const int32_t *tokens, const float *wte, const float *wpe,
+                              const int32_t *pos, int b, int t, int c);
+    void (*embedding_pos_bwd)(float *dwpe, const float *dout, const int32_t *pos, int b, int t, int c);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

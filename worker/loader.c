@@ -14,7 +14,8 @@
 #define STREAM_EPOCH(task, epoch) ((2ULL << 56) | ((uint64_t)(task) << 40) | ((epoch) & 0xffffffffffULL))
 #define STREAM_SLOT(slot) ((3ULL << 56) | ((slot) & 0xffffffffffffffULL))
 
-#define STATE_TAG 0x53544c4431ULL /* "STLD1" */
+#define STATE_TAG 0x53544c4431ULL      /* "STLD1": stream */
+#define STATE_TAG_DOCS 0x53544c4432ULL /* "STLD2": documents */
 #define NO_EPOCH UINT64_MAX
 
 static int cmp_u64(const void *a, const void *b) {
@@ -135,6 +136,34 @@ static int check_split(const double split[3]) {
     return 0;
 }
 
+static void use_epoch_order(const st_loader *L, st_loader_task *t, int k, uint64_t epoch);
+
+/* Makes t->pack the packing of `epoch`'s document order (documents mode). */
+static int use_epoch_packing(const st_loader *L, st_loader_task *t, int k, uint64_t epoch) {
+    if (t->pack_epoch == epoch) return 0;
+    use_epoch_order(L, t, k, epoch);
+    st_packing_free(&t->pack);
+    t->pack_epoch = NO_EPOCH;
+    int rc = st_packing_build(&t->pack, t->ds, t->order, t->n_docs[ST_SPLIT_TRAIN], L->seq_len);
+    if (rc == 0) t->pack_epoch = epoch;
+    return rc;
+}
+
+/* Documents mode: each split's file-order packing, and epoch 0's (whose size is n_windows). */
+static int init_documents(st_loader *L, st_loader_task *t, int k) {
+    for (int s = 0; s < 3; s++) {
+        int rc = st_packing_build(&t->split_pack[s], t->ds, t->docs[s], t->n_docs[s], L->seq_len);
+        if (rc < 0) return rc;
+    }
+    if (t->split_pack[ST_SPLIT_TRAIN].n_seq == 0)
+        return st_fail(ST_EINVAL, "task '%s': no train document has 2 or more tokens (nothing to predict)", t->name);
+    t->pack_epoch = NO_EPOCH;
+    int rc = use_epoch_packing(L, t, k, 0);
+    if (rc < 0) return rc;
+    t->n_windows = t->pack.n_seq;
+    return 0;
+}
+
 static int init_tasks(st_loader *L, const st_dataset *const *datasets, const char *const *names,
                       const double split[3]) {
     for (int k = 0; k < L->n_tasks; k++) {
@@ -146,6 +175,11 @@ static int init_tasks(st_loader *L, const st_dataset *const *datasets, const cha
             return st_fail(ST_EINVAL, "task '%s' has no data", t->name);
         int rc = make_splits(t, k, split, L->seed);
         if (rc < 0) return rc;
+        if (L->packing == ST_PACKING_DOCUMENTS) {
+            rc = init_documents(L, t, k);
+            if (rc < 0) return rc;
+            continue;
+        }
         uint64_t need = (uint64_t)L->seq_len + 1;
         if (t->n_tokens[ST_SPLIT_TRAIN] < need)
             return st_fail(ST_EINVAL,
@@ -160,7 +194,17 @@ static int init_tasks(st_loader *L, const st_dataset *const *datasets, const cha
 int st_loader_init(st_loader *L, int n_tasks, const st_dataset *const *datasets, const char *const *names,
                    const double *user_weights, const char *strategy, double temperature, int64_t cap,
                    const double split[3], int seq_len, uint64_t seed) {
+    st_loader_options o = {n_tasks, datasets, names, user_weights, strategy, temperature, cap,
+                           {split[0], split[1], split[2]}, seq_len, seed, ST_PACKING_STREAM};
+    return st_loader_open(L, &o);
+}
+
+int st_loader_open(st_loader *L, const st_loader_options *o) {
+    int n_tasks = o->n_tasks, seq_len = o->seq_len;
+    const double *split = o->split;
     memset(L, 0, sizeof *L);
+    if (o->packing != ST_PACKING_STREAM && o->packing != ST_PACKING_DOCUMENTS)
+        return st_fail(ST_ECONFIG, "train.packing %d is not stream or documents", (int)o->packing);
     if (n_tasks < 1 || n_tasks > ST_LOADER_MAX_TASKS)
         return st_fail(ST_ECONFIG, "need 1..%d tasks, got %d", ST_LOADER_MAX_TASKS, n_tasks);
     if (seq_len < 1) return st_fail(ST_ECONFIG, "train.seq_len must be >= 1 (got %d)", seq_len);
@@ -168,12 +212,14 @@ int st_loader_init(st_loader *L, int n_tasks, const st_dataset *const *datasets,
     if (rc < 0) return rc;
     L->n_tasks = n_tasks;
     L->seq_len = seq_len;
-    L->seed = seed;
+    L->seed = o->seed;
+    L->packing = o->packing;
     L->tasks = calloc((size_t)n_tasks, sizeof *L->tasks);
     L->cum_prob = calloc((size_t)n_tasks, sizeof *L->cum_prob);
     if (!L->tasks || !L->cum_prob) rc = st_fail(ST_ENOMEM, "out of memory for %d tasks", n_tasks);
-    if (rc == 0) rc = init_tasks(L, datasets, names, split);
-    if (rc == 0) rc = make_probabilities(L, user_weights, strategy ? strategy : "proportional", temperature, cap);
+    if (rc == 0) rc = init_tasks(L, o->datasets, o->names, split);
+    if (rc == 0)
+        rc = make_probabilities(L, o->weights, o->strategy ? o->strategy : "proportional", o->temperature, o->cap);
     if (rc < 0) st_loader_free(L);
     return rc;
 }
@@ -188,6 +234,8 @@ void st_loader_free(st_loader *L) {
         }
         free(t->order);
         free(t->order_starts);
+        st_packing_free(&t->pack);
+        for (int s = 0; s < 3; s++) st_packing_free(&t->split_pack[s]);
     }
     free(L->tasks);
     free(L->cum_prob);
@@ -225,6 +273,31 @@ static void use_epoch_order(const st_loader *L, st_loader_task *t, int k, uint64
 
 int st_loader_next(st_loader *L, int global_batch, int first_slot, int n_slots, int32_t *inputs, int32_t *targets,
                    float *target_mask, int *task_of_sample) {
+    return st_loader_next_docs(L, global_batch, first_slot, n_slots, inputs, targets, target_mask, task_of_sample,
+                               NULL, NULL);
+}
+
+/* Stream mode's segment ids and positions: one document per window. */
+static void stream_positions(int T, int32_t *seg, int32_t *pos) {
+    for (int j = 0; j < T; j++) {
+        if (seg) seg[j] = 0;
+        if (pos) pos[j] = j;
+    }
+}
+
+/* Sequences in task t's current epoch (documents mode: that epoch's packing, built on demand). */
+static int epoch_windows(const st_loader *L, st_loader_task *t, int k, uint64_t *n) {
+    if (L->packing == ST_PACKING_STREAM) {
+        *n = t->n_windows;
+        return 0;
+    }
+    int rc = use_epoch_packing(L, t, k, t->epoch);
+    *n = t->pack.n_seq;
+    return rc;
+}
+
+int st_loader_next_docs(st_loader *L, int global_batch, int first_slot, int n_slots, int32_t *inputs,
+                        int32_t *targets, float *target_mask, int *task_of_sample, int32_t *seg, int32_t *pos) {
     if (global_batch < 1 || first_slot < 0 || n_slots < 0 || first_slot > global_batch - n_slots)
         return st_fail(ST_EINVAL, "loader: slots [%d, %d+%d) are not inside a global batch of %d", first_slot,
                        first_slot, n_slots, global_batch);
@@ -233,15 +306,25 @@ int st_loader_next(st_loader *L, int global_batch, int first_slot, int n_slots, 
     for (int j = 0; j < global_batch; j++) {
         int k = slot_task(L, L->next_slot + (uint64_t)j);
         st_loader_task *t = &L->tasks[k];
-        if (t->window == t->n_windows) {
+        uint64_t n_win;
+        int rc = epoch_windows(L, t, k, &n_win);
+        if (rc == 0 && t->window >= n_win) {
             t->epoch++;
             t->window = 0;
+            rc = epoch_windows(L, t, k, &n_win);
         }
+        if (rc < 0) return rc;
         if (j >= first_slot && j < first_slot + n_slots) {
             size_t at = (size_t)(j - first_slot) * (size_t)T;
-            use_epoch_order(L, t, k, t->epoch);
-            gather_window(t->ds, t->order, t->order_starts, t->n_docs[ST_SPLIT_TRAIN], t->window * (uint64_t)T, T,
-                          inputs + at, targets + at, target_mask + at);
+            if (L->packing == ST_PACKING_DOCUMENTS) {
+                st_packing_fill(&t->pack, t->ds, t->window, inputs + at, targets + at, target_mask + at,
+                                seg ? seg + at : NULL, pos ? pos + at : NULL);
+            } else {
+                use_epoch_order(L, t, k, t->epoch);
+                gather_window(t->ds, t->order, t->order_starts, t->n_docs[ST_SPLIT_TRAIN], t->window * (uint64_t)T,
+                              T, inputs + at, targets + at, target_mask + at);
+                stream_positions(T, seg ? seg + at : NULL, pos ? pos + at : NULL);
+            }
             if (task_of_sample) task_of_sample[j - first_slot] = k;
         }
         t->window++;
@@ -250,12 +333,32 @@ int st_loader_next(st_loader *L, int global_batch, int first_slot, int n_slots, 
     return 0;
 }
 
+double st_loader_packing_efficiency(const st_loader *L, int task) {
+    if (L->packing == ST_PACKING_STREAM || task < 0 || task >= L->n_tasks) return 1.0;
+    const st_loader_task *t = &L->tasks[task];
+    st_packing p0 = t->pack; /* epoch 0's efficiency is reported; recompute only if the cache moved on */
+    if (t->pack_epoch == 0) return st_packing_efficiency(&p0);
+    uint64_t *order = malloc((t->n_docs[ST_SPLIT_TRAIN] + 1) * sizeof *order);
+    if (!order) return 0.0;
+    memcpy(order, t->docs[ST_SPLIT_TRAIN], t->n_docs[ST_SPLIT_TRAIN] * sizeof *order);
+    st_rng rng;
+    st_rng_seed(&rng, L->seed, STREAM_EPOCH(task, 0));
+    st_rng_shuffle_u64(&rng, order, t->n_docs[ST_SPLIT_TRAIN]);
+    double e = 0.0;
+    if (st_packing_build(&p0, t->ds, order, t->n_docs[ST_SPLIT_TRAIN], L->seq_len) == 0) {
+        e = st_packing_efficiency(&p0);
+        st_packing_free(&p0);
+    }
+    free(order);
+    return e;
+}
+
 /* ---------------------------------------------------------------- resume state */
 
 size_t st_loader_state_words(const st_loader *L) { return 5 + 3 * (size_t)L->n_tasks; }
 
 void st_loader_state_save(const st_loader *L, uint64_t *w) {
-    w[0] = STATE_TAG;
+    w[0] = L->packing == ST_PACKING_DOCUMENTS ? STATE_TAG_DOCS : STATE_TAG;
     w[1] = L->seed;
     w[2] = (uint64_t)L->seq_len;
     w[3] = (uint64_t)L->n_tasks;
@@ -268,7 +371,13 @@ void st_loader_state_save(const st_loader *L, uint64_t *w) {
 }
 
 int st_loader_state_restore(st_loader *L, const uint64_t *w, size_t n) {
-    if (n < 5 || w[0] != STATE_TAG) return st_fail(ST_EFORMAT, "data-loader state: unknown format");
+    if (n < 5 || (w[0] != STATE_TAG && w[0] != STATE_TAG_DOCS))
+        return st_fail(ST_EFORMAT, "data-loader state: unknown format");
+    uint64_t want = L->packing == ST_PACKING_DOCUMENTS ? STATE_TAG_DOCS : STATE_TAG;
+    if (w[0] != want)
+        return st_fail(ST_EFORMAT, "data-loader state was saved with train.packing %s, the job has %s",
+                       w[0] == STATE_TAG_DOCS ? "documents" : "stream",
+                       L->packing == ST_PACKING_DOCUMENTS ? "documents" : "stream");
     if (w[3] != (uint64_t)L->n_tasks || n != st_loader_state_words(L))
         return st_fail(ST_EFORMAT, "data-loader state has %llu tasks, the job has %d", (unsigned long long)w[3],
                        L->n_tasks);
@@ -285,9 +394,21 @@ int st_loader_state_restore(st_loader *L, const uint64_t *w, size_t n) {
                            "task '%s': data-loader state has %llu train windows per epoch, the data now gives %llu "
                            "(dataset or split changed)", t->name, (unsigned long long)w[7 + 3 * k],
                            (unsigned long long)t->n_windows);
-        if (w[6 + 3 * k] > t->n_windows)
+        if (L->packing == ST_PACKING_STREAM && w[6 + 3 * k] > t->n_windows)
             return st_fail(ST_EFORMAT, "task '%s': data-loader state window %llu is past the epoch's %llu", t->name,
                            (unsigned long long)w[6 + 3 * k], (unsigned long long)t->n_windows);
+    }
+    for (int k = 0; k < L->n_tasks; k++) { /* documents mode: the window must lie in its epoch's packing */
+        st_loader_task *t = &L->tasks[k];
+        if (L->packing == ST_PACKING_STREAM) continue;
+        uint64_t save_epoch = t->epoch, n_win;
+        t->epoch = w[5 + 3 * k];
+        int rc = epoch_windows(L, t, k, &n_win);
+        t->epoch = save_epoch;
+        if (rc < 0) return rc;
+        if (w[6 + 3 * k] > n_win)
+            return st_fail(ST_EFORMAT, "task '%s': data-loader state sequence %llu is past the epoch's %llu", t->name,
+                           (unsigned long long)w[6 + 3 * k], (unsigned long long)n_win);
     }
     L->next_slot = w[4];
     for (int k = 0; k < L->n_tasks; k++) {
@@ -306,16 +427,28 @@ int st_loader_eval_begin(const st_loader *L, int task, int split, st_loader_eval
     it->task = &L->tasks[task];
     it->split = split;
     it->seq_len = L->seq_len;
+    it->packing = L->packing;
     uint64_t n = it->task->n_tokens[split];
     it->n_windows = n > (uint64_t)L->seq_len ? (n - 1) / (uint64_t)L->seq_len : 0;
+    if (L->packing == ST_PACKING_DOCUMENTS) it->n_windows = it->task->split_pack[split].n_seq;
     return 0;
 }
 
 int st_loader_eval_next(st_loader_eval *it, int32_t *inputs, int32_t *targets, float *target_mask) {
+    return st_loader_eval_next_docs(it, inputs, targets, target_mask, NULL, NULL);
+}
+
+int st_loader_eval_next_docs(st_loader_eval *it, int32_t *inputs, int32_t *targets, float *target_mask,
+                             int32_t *seg, int32_t *pos) {
     if (!it->task || it->window >= it->n_windows) return 0;
     const st_loader_task *t = it->task;
-    gather_window(t->ds, t->docs[it->split], t->starts[it->split], t->n_docs[it->split],
-                  it->window * (uint64_t)it->seq_len, it->seq_len, inputs, targets, target_mask);
+    if (it->packing == ST_PACKING_DOCUMENTS) {
+        st_packing_fill(&t->split_pack[it->split], t->ds, it->window, inputs, targets, target_mask, seg, pos);
+    } else {
+        gather_window(t->ds, t->docs[it->split], t->starts[it->split], t->n_docs[it->split],
+                      it->window * (uint64_t)it->seq_len, it->seq_len, inputs, targets, target_mask);
+        stream_positions(it->seq_len, seg, pos);
+    }
     it->window++;
     return 1;
 }

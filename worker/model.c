@@ -186,6 +186,33 @@ int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be
     return 0;
 }
 
+int st_model_set_doc_positions(st_model *m, const int32_t *pos_host) {
+    const st_backend *be = m->be;
+    m->doc_pos_on = 0;
+    if (!pos_host) return 0;
+    if (!be->attention_docs_fwd || !be->attention_docs_bwd || !be->rope_pos_fwd || !be->rope_pos_bwd ||
+        !be->embedding_pos_fwd || !be->embedding_pos_bwd)
+        return st_fail(ST_ECONFIG, "train.packing documents: the %s backend has no document attention kernels",
+                       be->name);
+    size_t n = (size_t)m->B * (size_t)m->T;
+    if (n == 0) return st_fail(ST_EINVAL, "st_model_set_doc_positions before st_model_alloc_activations");
+    for (size_t i = 0; i < n; i++) { /* the kernels trust these: a bad one would read outside the sequence */
+        int32_t p = pos_host[i], t = (int32_t)(i % (size_t)m->T);
+        if (p < 0 || p > t || (p > 0 && pos_host[i - 1] != p - 1))
+            return st_fail(ST_EINVAL, "document position %d at token %d of sequence %zu is not a document position",
+                           (int)p, (int)t, i / (size_t)m->T);
+    }
+    if (m->doc_pos_n != n) {
+        be->free(m->doc_pos);
+        m->doc_pos = be->alloc(n * sizeof(int32_t));
+        m->doc_pos_n = m->doc_pos ? n : 0;
+        if (!m->doc_pos) return st_fail(ST_ENOMEM, "out of backend memory for %zu document positions", n);
+    }
+    be->copy_to_device(m->doc_pos, pos_host, n * sizeof(int32_t));
+    m->doc_pos_on = 1;
+    return 0;
+}
+
 void st_model_free(st_model *m) {
     if (!m->be) { /* registry only (st_model_build_registry) */
         free(m->params);
@@ -199,6 +226,7 @@ void st_model_free(st_model *m) {
     m->be->free(m->act_arena);
     m->be->free(m->rope_cos);
     m->be->free(m->rope_sin);
+    m->be->free(m->doc_pos);
     m->be->free(m->mm_scratch);
     m->be->free(m->weights_bf16);
     free(m->loss_per_pos);
@@ -698,6 +726,7 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
     int rc = st_model_check_seq_len(&m->cfg, T);
     if (rc) return rc;
     const st_backend *be = m->be;
+    m->doc_pos_on = 0; /* positions were for the old B x T: set them again (st_model_set_doc_positions) */
     be->free(m->rope_cos);
     be->free(m->rope_sin);
     free(m->loss_per_pos);
@@ -877,11 +906,15 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_QKV, ln1, qkv, Q);
     if (c->qk_norm)
         be->head_rmsnorm_fwd(qkv, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head, c->head_dim, c->norm_eps);
-    if (c->family == ST_FAMILY_LLAMA)
+    if (c->family == ST_FAMILY_LLAMA && m->doc_pos_on)
+        be->rope_pos_fwd(qkv, m->rope_cos, m->rope_sin, m->doc_pos, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    else if (c->family == ST_FAMILY_LLAMA)
         be->rope_fwd(qkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     save(m, a->qkv_h, qkv, (size_t)N * Q, 1);
     int win = layer_window(m, l);
-    if (win)
+    if (m->doc_pos_on)
+        be->attention_docs_fwd(atty, a->lse, qkv, m->doc_pos, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim, win);
+    else if (win)
         be->attention_window_fwd(atty, a->lse, qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim, win);
     else
         be->attention_fwd(atty, a->lse, qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
@@ -956,7 +989,10 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
     st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
-    be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
+    if (wpe && m->doc_pos_on)
+        be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
+    else
+        be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
     if (!tied) st_model_release(m, 0, e0);
     for (int l = 0; l < L; l++) {
         st_model_acquire(m, layer_first_param(m, l), layer_first_param(m, l + 1));
@@ -1014,12 +1050,18 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     const float *qkv = restore(m, a->qkv, a->qkv_h, b->qkv_w, (size_t)N * Q);
     const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
     int win = layer_window(m, l);
-    if (win)
+    if (m->doc_pos_on)
+        be->attention_docs_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->doc_pos, m->B, m->T, c->n_head, c->n_kv_head,
+                               c->head_dim, win);
+    else if (win)
         be->attention_window_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head,
                                  c->head_dim, win);
     else
         be->attention_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
-    if (c->family == ST_FAMILY_LLAMA)
+    if (c->family == ST_FAMILY_LLAMA && m->doc_pos_on)
+        be->rope_pos_bwd(b->dqkv, m->rope_cos, m->rope_sin, m->doc_pos, m->B, m->T, c->n_head, c->n_kv_head,
+                         c->head_dim);
+    else if (c->family == ST_FAMILY_LLAMA)
         be->rope_bwd(b->dqkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     if (c->qk_norm)
         be->head_rmsnorm_bwd(b->dqkv, w.gqn, w.gkn, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head,
@@ -1071,9 +1113,12 @@ void st_model_backward(st_model *m) {
         st_lora_layer_params(m, l, &lf, &ll);
         report_ready(m, lf, ll); /* the layer's adapters (appended after the base registry) */
     }
-    if (m->embed_trained) /* wte and wpe train together (see param_selected) */
-        be->embedding_bwd(gptr(m, 0), c->family == ST_FAMILY_GPT2 ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B,
-                          m->T, c->d_model);
+    int gpt2 = c->family == ST_FAMILY_GPT2;
+    if (m->embed_trained) { /* wte and wpe train together (see param_selected) */
+        be->embedding_bwd(gptr(m, 0), gpt2 && !m->doc_pos_on ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B, m->T,
+                          c->d_model);
+        if (gpt2 && m->doc_pos_on) be->embedding_pos_bwd(gptr(m, 1), b.dres, m->doc_pos, m->B, m->T, c->d_model);
+    }
     report_ready(m, 0, layer_first_param(m, 0));
 }
 

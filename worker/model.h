@@ -58,6 +58,11 @@ typedef struct {
     size_t act_floats;
     float *rope_cos, *rope_sin;
     float *loss_per_pos; /* [B*T] unweighted loss of each target (0 where weight is 0) */
+    /* train.packing documents (st_model_set_doc_positions): each token's position inside its document,
+     * backend memory [doc_pos_n]; doc_pos_on: the next forward/backward use it. */
+    int32_t *doc_pos;
+    size_t doc_pos_n;
+    int doc_pos_on;
     void *layer_acts;    /* per-layer pointers into act_arena (model.c) */
     float *capture_logits; /* optional host [B*T, V]: forward copies the logits here (tests, eval tools) */
     /* Arithmetic (st_model_set_precision). ST_PRECISION_BF16: every matmul of the model (linear layers,
@@ -193,6 +198,13 @@ size_t st_model_bf16_scratch_floats(const st_model_config *cfg, int B, int T);
  * gradient accumulated into grads if the head trains) in preparation for st_model_backward(). */
 double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targets, const float *weight,
                         int train);
+
+/* Document-packed sequences (train.packing: documents): pos_host[B*T] gives each token's position inside
+ * its document (0 at its first token, +1 per token; worker/packing.h), so attention stays inside a
+ * document and RoPE / GPT-2's learned positions restart at each one, for the forwards and backwards
+ * that follow. NULL turns it off (positions 0..T-1, plain causal attention). Needs the backend's
+ * attention_docs / rope_pos / embedding_pos kernels; call after st_model_alloc_activations. */
+int st_model_set_doc_positions(st_model *m, const int32_t *pos_host);
 
 /* Backward from the saved activations of the last training forward; accumulates into m->grads. */
 void st_model_backward(st_model *m);

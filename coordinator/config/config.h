@@ -86,6 +86,7 @@ typedef struct {
         int max_nonfinite_skips;    /* skip: stop once this many steps in a row were skipped */
         double loss_spike;          /* 0 = off; else a loss above loss_spike x the recent mean counts as bad */
         double collective_timeout_s; /* a collective not done after this long aborts the job (0 = never) */
+        int packing;                /* 0 stream | 1 documents (st_packing_mode in worker/loader.h) */
     } train;
 
     struct {

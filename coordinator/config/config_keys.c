@@ -31,6 +31,7 @@ static const char *const mode_names[] = {"full", "frozen", "progressive", "lora"
 static const char *const quant_names[] = {"nf4", "int8", NULL}; /* indexed by st_qlora_quant */
 static const char *const mixing_names[] = {"proportional", "temperature", "weights", NULL};
 static const char *const loss_weighting_names[] = {"none", "uncertainty", NULL};
+static const char *const packing_names[] = {"stream", "documents", NULL}; /* indexed by st_packing_mode */
 static const char *const nonfinite_names[] = {"stop", "skip", NULL}; /* indexed by st_nonfinite_policy */
 const char *const st_module_names[] = {"attn", "mlp", "norm", "embed", "head", NULL};
 
@@ -67,6 +68,7 @@ static const st_key train_keys[] = {
     KEY_F64("grad_clip", SOFF(train, grad_clip), 0, 0, NO_HI),
     KEY_I64("log_every", SOFF(train, log_every), 1, 0, NO_HI),
     KEY_ENUM("on_nonfinite", SOFF(train, on_nonfinite), nonfinite_names),
+    KEY_ENUM("packing", SOFF(train, packing), packing_names),
     KEY_I32("max_nonfinite_skips", SOFF(train, max_nonfinite_skips), 1, 1000000, 0),
     KEY_F64("loss_spike", SOFF(train, loss_spike), 0, 0, NO_HI),
     KEY_F64("collective_timeout_s", SOFF(train, collective_timeout_s), 0, 0, NO_HI),

@@ -131,9 +131,14 @@ static int load_data(trainer *t) {
         names[k] = c->tasks[k].name;
         weights[k] = c->tasks[k].weight;
     }
-    int rc = st_loader_init(&t->loader, c->n_tasks, ptrs, names, weights, st_mixing_name(c->mixing.strategy),
-                            c->mixing.temperature, c->mixing.cap, c->split, c->train.seq_len, (uint64_t)c->seed);
+    st_loader_options lo = {c->n_tasks, ptrs, names, weights, st_mixing_name(c->mixing.strategy),
+                            c->mixing.temperature, c->mixing.cap, {c->split[0], c->split[1], c->split[2]},
+                            c->train.seq_len, (uint64_t)c->seed, (st_packing_mode)c->train.packing};
+    int rc = st_loader_open(&t->loader, &lo);
     if (rc) return rc;
+    for (int k = 0; k < c->n_tasks && c->train.packing == ST_PACKING_DOCUMENTS && t->rank == 0; k++)
+        printf("packing: task %s: %llu sequences per epoch, efficiency %.1f%% (tokens used / slots)\n", names[k],
+               (unsigned long long)t->loader.tasks[k].n_windows, 100.0 * st_loader_packing_efficiency(&t->loader, k));
     t->loader_ready = 1;
     return 0;
 }
@@ -265,6 +270,8 @@ static int alloc_step_buffers(trainer *t) {
     t->mask = malloc(n * sizeof(float));
     t->weight = malloc(n * sizeof(float));
     t->task_of = malloc((size_t)t->slots * sizeof(int));
+    if (c->train.packing == ST_PACKING_DOCUMENTS && !(t->doc_pos = malloc(n * sizeof(int32_t))))
+        return st_fail(ST_ENOMEM, "out of memory for step buffers");
     t->task_sums = calloc(3 * (size_t)t->n_tasks + 2, sizeof(double));
     t->task_counts = calloc((size_t)t->n_tasks + 1, sizeof(double));
     st_taskw_init(&t->taskw, t->n_tasks, c->loss_weighting == ST_LOSS_WEIGHTING_UNCERTAINTY, c->loss_weighting_lr);
@@ -367,6 +374,7 @@ static void teardown(trainer *t) {
     free(t->inputs);
     free(t->targets);
     free(t->mask);
+    free(t->doc_pos);
     free(t->weight);
     free(t->task_of);
     free(t->task_sums);

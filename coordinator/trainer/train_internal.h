@@ -48,6 +48,7 @@ typedef struct {
     int micro, accum, T, slots; /* slots = micro * accum samples per rank per step */
     int32_t *inputs, *targets;
     float *mask, *weight;
+    int32_t *doc_pos; /* train.packing documents: [slots * T] position of each token in its document; else NULL */
     int *task_of;
     double *task_sums; /* [3 * n_tasks]: loss sum, target count, input tokens */
     double *task_counts; /* [n_tasks + 1]: targets of each task in the global batch, then the total */

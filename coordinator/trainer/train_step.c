@@ -19,7 +19,8 @@
 static int load_step_data(trainer *t) {
     const st_config *c = t->cfg;
     int G = t->world * t->slots;
-    int rc = st_loader_next(&t->loader, G, t->rank * t->slots, t->slots, t->inputs, t->targets, t->mask, t->task_of);
+    int rc = st_loader_next_docs(&t->loader, G, t->rank * t->slots, t->slots, t->inputs, t->targets, t->mask,
+                                 t->task_of, NULL, t->doc_pos);
     if (rc) return rc;
     /* targets per task in the whole global batch: [n_tasks] then the total */
     double *count = t->task_counts;
@@ -85,6 +86,7 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
             st_distill_attach(&t->kd, m, t->inputs + off);
             r->teacher_seconds += st_now() - tt;
         }
+        if (t->doc_pos && (rc = st_model_set_doc_positions(m, t->doc_pos + off))) return rc;
         loss += st_model_forward(m, t->inputs + off, t->targets + off, t->weight + off, 1);
         st_distill_detach(m); /* evaluation keeps plain cross-entropy */
         account_tasks(t, a * t->micro);
@@ -140,13 +142,16 @@ double st_trainer_eval_task(trainer *t, int k, double *targets_out) {
             int rows = 0;
             for (; rows < B; rows++) {
                 size_t o = (size_t)rows * T;
-                if (!st_loader_eval_next(&it, t->inputs + o, t->targets + o, t->mask + o)) break;
+                if (!st_loader_eval_next_docs(&it, t->inputs + o, t->targets + o, t->mask + o, NULL,
+                                              t->doc_pos ? t->doc_pos + o : NULL)) break;
             }
             if (rows == 0) break;
             /* ZeRO-3: a forward gathers each layer from every rank, so every rank runs every batch */
             int mine = b % t->world == t->rank;
             if (!mine && t->dp.stage != 3) continue;
             for (int i = rows * T; i < B * T; i++) { t->inputs[i] = 0; t->targets[i] = 0; t->mask[i] = 0; }
+            for (int i = rows * T; i < B * T && t->doc_pos; i++) t->doc_pos[i] = i % T;
+            if (t->doc_pos && st_model_set_doc_positions(&t->model, t->doc_pos)) break; /* checked in training */
             st_model_forward(&t->model, t->inputs, t->targets, t->mask, 0);
             for (int i = 0; i < B * T && mine; i++) {
                 sums[0] += (double)t->mask[i] * t->model.loss_per_pos[i];

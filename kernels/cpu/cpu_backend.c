@@ -181,6 +181,12 @@ static const st_backend st_cpu_table = {
     .head_rmsnorm_bwd = st_cpu_head_rmsnorm_bwd,
     .attention_window_fwd = st_cpu_attention_window_fwd,
     .attention_window_bwd = st_cpu_attention_window_bwd,
+    .attention_docs_fwd = st_cpu_attention_docs_fwd,
+    .attention_docs_bwd = st_cpu_attention_docs_bwd,
+    .rope_pos_fwd = st_cpu_rope_pos_fwd,
+    .rope_pos_bwd = st_cpu_rope_pos_bwd,
+    .embedding_pos_fwd = st_cpu_embedding_pos_fwd,
+    .embedding_pos_bwd = st_cpu_embedding_pos_bwd,
 };
 
 const st_backend *st_backend_cpu(int threads) {

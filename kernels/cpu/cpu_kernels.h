@@ -152,6 +152,18 @@ void st_cpu_attention_window_fwd(float *out, float *lse, const float *qkv, int b
                                  int window);
 void st_cpu_attention_window_bwd(float *dqkv, const float *dout, const float *qkv, const float *out,
                                  const float *lse, int b, int t, int h, int kvh, int hd, int window);
+/* cpu_attention_docs.c: document-packed sequences (kernels.h, attention_docs_fwd and friends). */
+void st_cpu_attention_docs_fwd(float *out, float *lse, const float *qkv, const int32_t *pos, int b, int t, int h,
+                               int kvh, int hd, int window);
+void st_cpu_attention_docs_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                               const int32_t *pos, int b, int t, int h, int kvh, int hd, int window);
+void st_cpu_rope_pos_fwd(float *qkv, const float *cos, const float *sin, const int32_t *pos, int b, int t, int h,
+                         int kvh, int hd);
+void st_cpu_rope_pos_bwd(float *dqkv, const float *cos, const float *sin, const int32_t *pos, int b, int t, int h,
+                         int kvh, int hd);
+void st_cpu_embedding_pos_fwd(float *out, const int32_t *tokens, const float *wte, const float *wpe,
+                              const int32_t *pos, int b, int t, int c);
+void st_cpu_embedding_pos_bwd(float *dwpe, const float *dout, const int32_t *pos, int b, int t, int c);
 void st_cpu_head_rmsnorm_fwd(float *qkv, float *xs, float *rstd, const float *wq, const float *wk, int n, int h,
                              int kvh, int hd, float eps);
 void st_cpu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *xs, const float *rstd,

@@ -576,6 +576,12 @@ static const st_backend cuda_backend = {
     .head_rmsnorm_bwd = st_cu_head_rmsnorm_bwd,
     .attention_window_fwd = st_cu_attention_window_fwd,
     .attention_window_bwd = st_cu_attention_window_bwd,
+    .attention_docs_fwd = st_cu_attention_docs_fwd,
+    .attention_docs_bwd = st_cu_attention_docs_bwd,
+    .rope_pos_fwd = st_cu_rope_pos_fwd,
+    .rope_pos_bwd = st_cu_rope_pos_bwd,
+    .embedding_pos_fwd = st_cu_embedding_pos_fwd,
+    .embedding_pos_bwd = st_cu_embedding_pos_bwd,
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

@@ -29,6 +29,19 @@ void st_cu_attention_fwd(float *out, float *lse, const float *qkv, int b, int t,
 void st_cu_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
                          int b, int t, int h, int kvh, int hd);
 
+/* attention_docs.cu: document-packed sequences (kernels.h attention_docs_*, rope_pos_*, embedding_pos_*) */
+void st_cu_attention_docs_fwd(float *out, float *lse, const float *qkv, const int32_t *pos, int b, int t, int h,
+                              int kvh, int hd, int window);
+void st_cu_attention_docs_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                              const int32_t *pos, int b, int t, int h, int kvh, int hd, int window);
+void st_cu_rope_pos_fwd(float *qkv, const float *cos, const float *sin, const int32_t *pos, int b, int t, int h,
+                        int kvh, int hd);
+void st_cu_rope_pos_bwd(float *dqkv, const float *cos, const float *sin, const int32_t *pos, int b, int t, int h,
+                        int kvh, int hd);
+void st_cu_embedding_pos_fwd(float *out, const int32_t *tokens, const float *wte, const float *wpe,
+                             const int32_t *pos, int b, int t, int c);
+void st_cu_embedding_pos_bwd(float *dwpe, const float *dout, const int32_t *pos, int b, int t, int c);
+
 /* attention_tc.cu: the table's attention (tensor-core kernels when SHARDTUNE_CUDA_ATTN=tc, else the above) */
 void st_cu_attention_fwd_any(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd);
 void st_cu_attention_bwd_any(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,

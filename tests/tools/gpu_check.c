@@ -421,6 +421,64 @@ static void check_rope_attention(void) {
     free(cs), free(sn), free(qkv), free(out), free(lse), free(dout), free(dqkv);
 }
 
+/* Document-packed sequences (train.packing: documents): pos restarts at document starts of several
+ * lengths (1 token, a few, long ones, one reaching the row's end), plain and with a sliding window;
+ * attention_docs_fwd/bwd, rope_pos_fwd/bwd, embedding_pos_fwd/bwd against the CPU backend. */
+static void check_docs(void) {
+    size_t row = (size_t)(H + 2 * KVH) * HD, n = (size_t)NROWS * row, nout = (size_t)NROWS * H * HD;
+    size_t nlse = (size_t)B * H * T, half = HD / 2, ne = (size_t)NROWS * CH;
+    int32_t *pos = xmalloc((size_t)NROWS * 4);
+    const int lens[] = {1, 5, 2, 29, 1, 77, 3};
+    for (int b = 0; b < B; b++) { /* each row starts a document; lengths cycle, shifted per row */
+        int k = b, left = 0, p = 0;
+        for (int t = 0; t < T; t++, left--) {
+            if (left == 0) left = lens[k++ % 7], p = 0;
+            pos[b * T + t] = p++;
+        }
+    }
+    float *cs = malloc(sizeof(float) * T * half), *sn = malloc(sizeof(float) * T * half);
+    st_rope_tables(cs, sn, T, HD, 10000.0f);
+    float *qkv = hrand(n, 2), *out = hrand(nout, 1), *lse = hrand(nlse, 1), *dout = hrand(nout, 1);
+    float *dqkv = hrand(n, 1);
+    int32_t *gpos = dev_from(pos, (size_t)NROWS * 4);
+    float *gcs = dev_from(cs, T * half * 4), *gsn = dev_from(sn, T * half * 4), *gqkv = dev_from(qkv, n * 4);
+    float *gout = dev_from(NULL, nout * 4), *glse = dev_from(NULL, nlse * 4), *gdout = dev_from(dout, nout * 4);
+    float *gdqkv = dev_from(NULL, n * 4);
+    double tg, tc;
+    tick(); G->rope_pos_fwd(gqkv, gcs, gsn, gpos, B, T, H, KVH, HD); tg = tock_gpu();
+    tick(); C->rope_pos_fwd(qkv, cs, sn, pos, B, T, H, KVH, HD); tc = tock_cpu();
+    report("rope_pos_fwd", dev_err(gqkv, qkv, n), tg, tc, 1e-5);
+    for (int w = 0; w < 2; w++) {
+        int win = w ? 11 : 0;
+        tick(); G->attention_docs_fwd(gout, glse, gqkv, gpos, B, T, H, KVH, HD, win); tg = tock_gpu();
+        tick(); C->attention_docs_fwd(out, lse, qkv, pos, B, T, H, KVH, HD, win); tc = tock_cpu();
+        report(w ? "attention_docs_fwd (window)" : "attention_docs_fwd",
+               fmax(dev_err(gout, out, nout), dev_err(glse, lse, nlse)), tg, tc, 1e-4);
+        tick(); G->attention_docs_bwd(gdqkv, gdout, gqkv, gout, glse, gpos, B, T, H, KVH, HD, win); tg = tock_gpu();
+        tick(); C->attention_docs_bwd(dqkv, dout, qkv, out, lse, pos, B, T, H, KVH, HD, win); tc = tock_cpu();
+        report(w ? "attention_docs_bwd (window)" : "attention_docs_bwd", dev_err(gdqkv, dqkv, n), tg, tc, 1e-3);
+    }
+    tick(); G->rope_pos_bwd(gdqkv, gcs, gsn, gpos, B, T, H, KVH, HD); tg = tock_gpu();
+    tick(); C->rope_pos_bwd(dqkv, cs, sn, pos, B, T, H, KVH, HD); tc = tock_cpu();
+    report("rope_pos_bwd", dev_err(gdqkv, dqkv, n), tg, tc, 1e-3);
+    int32_t *tokens = xmalloc((size_t)NROWS * 4);
+    for (int i = 0; i < NROWS; i++) tokens[i] = (int32_t)(rand_bits() % 50);
+    float *wte = hrand((size_t)V * CH, 1), *wpe = hrand((size_t)T * CH, 1), *eo = hrand(ne, 1), *edo = hrand(ne, 1);
+    int32_t *gtok = dev_from(tokens, (size_t)NROWS * 4);
+    float *gwte = dev_from(wte, (size_t)V * CH * 4), *gwpe = dev_from(wpe, (size_t)T * CH * 4);
+    float *geo = dev_from(NULL, ne * 4), *gedo = dev_from(edo, ne * 4);
+    tick(); G->embedding_pos_fwd(geo, gtok, gwte, gwpe, gpos, B, T, CH); tg = tock_gpu();
+    tick(); C->embedding_pos_fwd(eo, tokens, wte, wpe, pos, B, T, CH); tc = tock_cpu();
+    report("embedding_pos_fwd", dev_err(geo, eo, ne), tg, tc, 1e-7);
+    tick(); G->embedding_pos_bwd(gwpe, gedo, gpos, B, T, CH); tg = tock_gpu(); /* accumulates into wpe */
+    tick(); C->embedding_pos_bwd(wpe, edo, pos, B, T, CH); tc = tock_cpu();
+    report("embedding_pos_bwd", dev_err(gwpe, wpe, (size_t)T * CH), tg, tc, 1e-6);
+    G->free(gpos), G->free(gcs), G->free(gsn), G->free(gqkv), G->free(gout), G->free(glse), G->free(gdout);
+    G->free(gdqkv), G->free(gtok), G->free(gwte), G->free(gwpe), G->free(geo), G->free(gedo);
+    free(pos), free(cs), free(sn), free(qkv), free(out), free(lse), free(dout), free(dqkv), free(tokens);
+    free(wte), free(wpe), free(eo), free(edo);
+}
+
 /* Generation's decode kernels (kv_store, attention_cached): a prefill-like call (every position of
  * sequence 0, then of sequence 1 of a different length) and a decode-like call (one token per sequence,
  * out of order), on caches sized for 3 sequences of T positions. */
@@ -1157,7 +1215,7 @@ int main(int argc, char **argv) {
     if (GROUP("matmul")) check_matmul();
     if (GROUP("bf16")) check_matmul_bf16(), check_bf16_storage();
     if (GROUP("norms")) check_bias(), check_elementwise(), check_norms();
-    if (GROUP("attention")) check_rope_attention();
+    if (GROUP("attention")) check_rope_attention(), check_docs();
 #ifdef ST_HAVE_CUDA
     if (GROUP("attention") && !self_test) /* tensor cores: CUDA only */
         check_attention_tc(2, 80, 4, 2, 64), check_attention_tc(1, 515, 8, 2, 128), check_attention_tc(1, 77, 4, 1, 64);

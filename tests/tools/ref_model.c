@@ -19,7 +19,9 @@
  * --qlora nf4|int8|nf4-dq|int8-dq [--qblock N]: after the adapter, the base's layer weights are quantized
  * (worker/qlora.h, -dq: double quantization); the dump adds "dequant.<name>" (HF layout) of every
  * quantized weight as the model dequantizes it and "qlora_bytes" [2] (quantized bytes, fp32 bytes they
- * replaced). Not with --steps. */
+ * replaced). Not with --steps.
+ * BATCH may also hold "doc_pos" (I32 [B,T]): each token's position inside its document, so the model runs
+ * document-packed (st_model_set_doc_positions). --act-ckpt 1 turns on activation checkpointing. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <math.h>
@@ -81,7 +83,7 @@ static void add_params(outlist *o, const st_model *m, const float *src, const ch
     }
 }
 
-static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, int *B, int *T) {
+static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, int32_t **pos, int *B, int *T) {
     st_safetensors *s;
     int rc = st_safetensors_open(path, &s);
     if (rc) return rc;
@@ -97,6 +99,11 @@ static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, i
     rc = st_safetensors_read_raw(s, ti, *in, n * 4);
     if (!rc) rc = st_safetensors_read_raw(s, tt, *tg, n * 4);
     if (!rc) rc = st_safetensors_read_f32(s, tw, *w, n);
+    const st_st_tensor *tp = st_safetensors_find(s, "doc_pos");
+    if (!rc && tp) {
+        *pos = malloc(n * 4);
+        rc = *pos ? st_safetensors_read_raw(s, tp, *pos, n * 4) : st_fail(ST_ENOMEM, "out of memory");
+    }
     st_safetensors_close(s);
     return rc;
 }
@@ -104,7 +111,7 @@ static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, i
 int main(int argc, char **argv) {
     const char *model_dir = NULL, *batch = NULL, *out = NULL, *sched = "constant", *precision = "fp32";
     const char *teacher_dir = NULL, *adapter = NULL, *qlora = NULL;
-    int qblock = 64;
+    int qblock = 64, act_ckpt = 0;
     float kd_t = 2.0f, kd_alpha = 0.5f;
     int steps = 0;
     st_optim_config oc = {1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, ST_SCHED_CONSTANT, 0, 0, 0.0f, 1.0f};
@@ -132,17 +139,18 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--qblock")) qblock = atoi(v);
         else if (!strcmp(a, "--temperature")) kd_t = (float)atof(v);
         else if (!strcmp(a, "--alpha")) kd_alpha = (float)atof(v);
+        else if (!strcmp(a, "--act-ckpt")) act_ckpt = atoi(v);
         else { fprintf(stderr, "ref_model: unknown flag %s\n", a); return 2; }
     }
     if (!model_dir || !batch || !out) { fprintf(stderr, "usage: ref_model --model DIR --batch F --out F [...]\n"); return 2; }
     oc.schedule = !strcmp(sched, "cosine") ? ST_SCHED_COSINE : !strcmp(sched, "linear") ? ST_SCHED_LINEAR : ST_SCHED_CONSTANT;
     const st_backend *be = st_backend_cpu(0);
     st_model m;
-    int32_t *in = NULL, *tg = NULL;
+    int32_t *in = NULL, *tg = NULL, *pos = NULL;
     float *w = NULL;
     int B = 0, T = 0;
     int rc = st_model_load_dir(model_dir, be, &m);
-    if (!rc) rc = read_batch(batch, &in, &tg, &w, &B, &T);
+    if (!rc) rc = read_batch(batch, &in, &tg, &w, &pos, &B, &T);
     unsigned char *all = calloc((size_t)m.cfg.n_layer, 1);
     memset(all, 1, (size_t)m.cfg.n_layer);
     if (!rc && adapter) rc = st_peft_load_dir(&m, adapter);
@@ -152,6 +160,7 @@ int main(int argc, char **argv) {
         rc = steps ? st_fail(ST_EINVAL, "--qlora with --steps is not supported") : st_qlora_quantize(&m, &qs);
     }
     if (!rc) rc = st_model_set_trainable(&m, all, adapter ? ST_MOD_LORA : ST_MOD_ALL);
+    if (!rc && act_ckpt) rc = st_model_set_activation_checkpointing(&m, 1);
     if (!rc) rc = st_model_alloc_activations(&m, B, T);
     if (!rc && strcmp(precision, "fp32") && strcmp(precision, "bf16"))
         rc = st_fail(ST_EINVAL, "--precision %s: expected fp32 or bf16", precision);
@@ -161,6 +170,7 @@ int main(int argc, char **argv) {
     if (!rc && teacher_dir && !(rc = st_model_load_dir(teacher_dir, be, &teacher))) {
         if (!(rc = st_model_alloc_activations(&teacher, B, T))) rc = st_distill_init(&kd, &teacher, &m, kd_t, kd_alpha);
     }
+    if (!rc && pos) rc = st_model_set_doc_positions(&m, pos);
     if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
     if (teacher_dir) st_distill_attach(&kd, &m, in);
     size_t N = (size_t)B * T;
@@ -227,7 +237,7 @@ int main(int argc, char **argv) {
     if (!rc) rc = st_safetensors_write(out, o.n, o.items, NULL);
     if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
     for (int i = 0; i < o.n; i++) { free((void *)o.items[i].name); free(o.owned[i]); }
-    free(o.items); free(o.owned); free(all); free(in); free(tg); free(w);
+    free(o.items); free(o.owned); free(all); free(in); free(tg); free(w); free(pos);
     st_optim_free(&opt, be);
     free(opt.param_step);
     st_model_free(&m);

@@ -66,6 +66,14 @@ int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned 
 int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m);
 void st_comm_free(st_comm *c);
 
+/* Makes a new trainable set current (st_model_set_trainable(m, layer_mask, module_mask) with grad_align =
+ * the world size) and rebuilds the communicator `c` (stage, bucket_bytes) and the optimizer `o` (oc) for
+ * it. Parameters trainable before and after keep their AdamW moments and step counts (the old moments are
+ * gathered in full on every rank, then each rank cuts its new range from them); new ones start fresh.
+ * On the first call c and o are zeroed (nothing to carry over). Collective. */
+int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, int stage, size_t bucket_bytes,
+                          const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask);
+
 /* Stage 3 reduce-scatters gradients in chunks of this many floats (4 MiB): bounds MPI's temporaries. */
 #define ST_Z3_CHUNK ((size_t)1 << 20)
 

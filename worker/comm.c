@@ -86,9 +86,11 @@ int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned 
 
 static int z3_init(st_comm *c, const st_model *m);
 
-int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
+int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st_model *m) {
+    int stage = opt->stage;
     memset(c, 0, sizeof *c);
     c->comm = comm;
+    c->bucket_bytes = opt->bucket_bytes;
     MPI_Comm_rank(comm, &c->rank);
     MPI_Comm_size(comm, &c->world);
     if (stage < 0 || stage > 3) return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0 to 3)", stage);
@@ -293,7 +295,7 @@ void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi) {
     else { *lo = c->lo; *hi = c->hi; }
 }
 
-int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, int stage, size_t bucket_bytes,
+int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
                           const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask) {
     const st_backend *be = m->be;
     long *old_off = malloc((size_t)m->n_params * sizeof(long));
@@ -316,8 +318,7 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, i
     MPI_Comm_size(comm, &world);
     m->grad_align = world;
     if (!rc) rc = st_model_set_trainable(m, layer_mask, module_mask);
-    if (!rc) rc = st_comm_init(c, comm, stage, m);
-    c->bucket_bytes = bucket_bytes;
+    if (!rc) rc = st_comm_init(c, comm, opt, m);
     size_t lo, hi;
     st_comm_optim_range(c, &lo, &hi);
     if (!rc) rc = st_optim_init(o, oc, lo, hi, m, be);

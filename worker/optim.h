@@ -10,8 +10,7 @@
 #include <stddef.h>
 
 #include "worker/model.h"
-
-typedef enum { ST_SCHED_CONSTANT = 0, ST_SCHED_COSINE = 1, ST_SCHED_LINEAR = 2 } st_schedule;
+#include "worker/train_kinds.h" /* st_schedule */
 
 typedef struct {
     float lr, beta1, beta2, eps, weight_decay;

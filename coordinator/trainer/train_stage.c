@@ -10,9 +10,7 @@ static st_optim_config optim_config(const st_config *c) {
     o.beta2 = (float)c->train.betas[1];
     o.eps = (float)c->train.eps;
     o.weight_decay = (float)c->train.weight_decay;
-    o.schedule = c->train.schedule == ST_SCHEDULE_COSINE   ? ST_SCHED_COSINE
-                 : c->train.schedule == ST_SCHEDULE_LINEAR ? ST_SCHED_LINEAR
-                                                           : ST_SCHED_CONSTANT;
+    o.schedule = c->train.schedule;
     o.warmup_steps = (int)c->train.warmup_steps;
     o.total_steps = (int)c->train.steps;
     o.min_lr_ratio = (float)c->train.min_lr_ratio;
@@ -24,9 +22,10 @@ static st_optim_config optim_config(const st_config *c) {
  * stay trainable keep their AdamW moments and step count; new ones start fresh (worker/comm.c). */
 int st_trainer_enter_stage(trainer *t, int s) {
     st_optim_config oc = optim_config(t->cfg);
-    int rc = st_comm_reshard_optim(&t->dp, &t->optim, &t->model, t->comm, t->cfg->sharding.stage,
-                                   (size_t)(t->cfg->sharding.bucket_mb * 1048576.0), &oc,
-                                   t->stages.stages[s].layers, t->stages.stages[s].modules);
+    st_comm_options co = {.stage = t->cfg->sharding.stage,
+                          .bucket_bytes = (size_t)(t->cfg->sharding.bucket_mb * 1048576.0)};
+    int rc = st_comm_reshard_optim(&t->dp, &t->optim, &t->model, t->comm, &co, &oc, t->stages.stages[s].layers,
+                                   t->stages.stages[s].modules);
     t->stage = s;
     return rc;
 }

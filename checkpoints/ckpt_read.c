@@ -10,6 +10,7 @@
 #include "checkpoints/ckpt.h"
 #include "checkpoints/ckpt_internal.h"
 #include "common/error.h"
+#include "worker/qlora.h"
 
 static hid_t open_file(const char *path) {
     st_ckpt_h5_quiet();
@@ -202,7 +203,7 @@ int st_ckpt_skips_tensor(const st_model *m, int i) { return m->lora && m->params
 uint64_t st_ckpt_base_checksum(const st_model *m, const uint64_t *sums, size_t stride) {
     uint64_t h = 0;
     for (int i = 0; i < m->n_params; i++)
-        if (st_ckpt_skips_tensor(m, i)) h = h * 0x100000001b3ull + sums[(size_t)i * stride] + (uint64_t)i;
+        if (st_ckpt_skips_tensor(m, i) && !st_qlora_holds(m, i)) h = h * 0x100000001b3ull + sums[(size_t)i * stride] + (uint64_t)i;
     return h;
 }
 
@@ -216,7 +217,7 @@ static int check_base(hid_t f, const st_model *m, float *host_weights, const cha
     if (!sums) return st_fail(ST_ENOMEM, "out of memory");
     for (int i = 0; i < m->n_params; i++) {
         const st_param *p = &m->params[i];
-        if (!st_ckpt_skips_tensor(m, i)) continue;
+        if (!st_ckpt_skips_tensor(m, i) || st_qlora_holds(m, i)) continue; /* QLoRA scratch: the trainer's own check */
         m->be->copy_to_host(host_weights + p->offset, m->weights + p->offset, p->numel * sizeof(float));
         sums[i] = st_ckpt_checksum(host_weights + p->offset, 0, p->numel);
     }

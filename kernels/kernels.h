@@ -167,7 +167,7 @@ struct st_backend {
      * bf16 matmuls read (the LM head's dlogits), rounded once and passed as st_mm_f32_rounded. */
     void (*round_bf16)(float *x, size_t n);
 
-    /* ---- decoding with a KV cache (worker/generate.c; appended, the CUDA table is positional) ----
+    /* ---- decoding with a KV cache (worker/generate.c) ----
      * Caches kcache/vcache are [S, max_t, KVH*hd]: sequence s, position p. `rows` tokens are in flight;
      * token i belongs to sequence row_seq[i] at position row_pos[i] (both int32 arrays in backend memory).
      * kv_store: copies each token's k and v heads from packed qkv [rows, (H+2*KVH)*hd] into the caches.

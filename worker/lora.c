@@ -224,6 +224,30 @@ static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
     return 0;
 }
 
+int st_lora_init_magnitudes(st_model *m) {
+    st_lora *lo = m->lora;
+    size_t most = 0;
+    for (int k = 0; lo && k < lo->n; k++) most = (size_t)lo->ad[k].in > most ? (size_t)lo->ad[k].in : most;
+    float *row = malloc(most * sizeof(float) + 1), *mg = malloc((size_t)(lo ? lo->max_out : 0) * sizeof(float) + 1);
+    if (!row || !mg) { free(row); free(mg); return st_fail(ST_ENOMEM, "out of memory initializing DoRA"); }
+    for (int k = 0; lo && k < lo->n; k++) {
+        const adapter *a = &lo->ad[k];
+        if (a->mag < 0) continue;
+        st_model_acquire(m, a->base, a->base + 1); /* a quantized base (worker/qlora.h): its dequantized values */
+        for (int j = 0; j < a->out; j++) {
+            m->be->copy_to_host(row, m->weights + m->params[a->base].offset + (size_t)j * a->in, (size_t)a->in * sizeof(float));
+            double ss = 0;
+            for (int i = 0; i < a->in; i++) ss += (double)row[i] * row[i];
+            mg[j] = (float)sqrt(ss);
+        }
+        st_model_release(m, a->base, a->base + 1);
+        m->be->copy_to_device(m->weights + m->params[a->mag].offset, mg, (size_t)a->out * sizeof(float));
+    }
+    free(row);
+    free(mg);
+    return 0;
+}
+
 int st_lora_attach(st_model *m, const st_lora_spec *s) {
     int rc = check_spec(m, s);
     if (rc) return rc;

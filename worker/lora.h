@@ -58,6 +58,10 @@ typedef struct st_lora st_lora;
 int st_lora_attach(st_model *m, const st_lora_spec *spec);
 void st_lora_free(st_lora *l);
 
+/* DoRA: sets every magnitude vector to ||W||_row of the weight the model computes with (after QLoRA
+ * quantized the base: its dequantized values, as peft initializes DoRA on a 4-bit base). */
+int st_lora_init_magnitudes(st_model *m);
+
 /* The spec the adapters were attached with (out->layers: the model's own [n_layer] mask, valid while
  * the adapters are). ST_EINVAL without adapters. */
 int st_lora_spec_of(const st_model *m, st_lora_spec *out);

@@ -26,6 +26,7 @@
 #include "common/util.h"
 #include "kernels/bf16.h"
 #include "worker/lora.h"
+#include "worker/qlora.h"
 
 /* ---------------- registry ---------------- */
 
@@ -189,6 +190,7 @@ void st_model_free(st_model *m) {
     if (!m->be) { /* registry only (st_model_build_registry) */
         free(m->params);
         st_lora_free(m->lora);
+        st_qlora_free(m->qlora);
         memset(m, 0, sizeof *m);
         return;
     }
@@ -203,6 +205,7 @@ void st_model_free(st_model *m) {
     free(m->layer_acts);
     free(m->params);
     st_lora_free(m->lora);
+    st_qlora_free(m->qlora);
     memset(m, 0, sizeof *m);
 }
 
@@ -302,6 +305,7 @@ void st_model_zero_grad(st_model *m) {
 }
 
 void st_model_acquire(const st_model *m, int first, int last) {
+    if (m->qlora) st_qlora_acquire(m, first, last);
     if (m->acquire && last > first) m->acquire(m->residency_ctx, first, last);
 }
 

@@ -91,6 +91,9 @@ typedef struct {
     int n_base_params;
     size_t n_base_weights;
     struct st_lora *lora;
+    /* QLoRA (worker/qlora.h): the layers' projection weights held quantized; their registry offsets point
+     * at one layer's dequantization scratch, filled by st_model_acquire. NULL otherwise. */
+    struct st_qlora *qlora;
 } st_model;
 
 /* Parameters of the base model (the registry without LoRA adapters). */

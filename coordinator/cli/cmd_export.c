@@ -21,6 +21,7 @@
 #include "kernels/kernels.h"
 #include "common/util.h"
 #include "worker/lora.h"
+#include "worker/qlora.h"
 
 /* The source model directory a checkpoint's job trained (model.path of its job spec), or "" . */
 static void job_model_path(const char *job_spec, char *out, size_t cap) {
@@ -48,7 +49,8 @@ static int export_lora_ckpt(const char *path, const st_ckpt_info *info, const st
     if (!rc) {
         m.be->copy_to_device(m.weights, host, m.n_weights * sizeof(float));
         if (peft) rc = st_peft_save_dir(&m, out, src);
-        else if (!(rc = st_lora_merge(&m))) rc = st_model_export_dir(&m, out, src, info->model_config, 0);
+        else if (!(rc = st_qlora_materialize(&m)) && !(rc = st_lora_merge(&m))) /* QLoRA: onto the dequantized base */
+            rc = st_model_export_dir(&m, out, src, info->model_config, 0);
     }
     free(host);
     st_model_free(&m);
@@ -61,7 +63,7 @@ static int export_ckpt(const char *path, const char *out, int peft) {
     if (rc) return rc;
     st_config *job = calloc(1, sizeof *job);
     if (!job) { st_ckpt_info_free(&info); return st_fail(ST_ENOMEM, "out of memory"); }
-    int lora = info.job_spec && !st_config_load_string(job, info.job_spec, 0, NULL) && job->finetune.mode == ST_FINETUNE_LORA;
+    int lora = info.job_spec && !st_config_load_string(job, info.job_spec, 0, NULL) && (job->finetune.mode == ST_FINETUNE_LORA || job->finetune.mode == ST_FINETUNE_QLORA);
     if (lora || peft) {
         rc = lora ? export_lora_ckpt(path, &info, job, out, peft)
                   : st_fail(ST_EINVAL, "checkpoint %s is not from a finetune.mode lora run: --format peft needs adapters", path);

@@ -19,10 +19,10 @@ static const struct st_command st_commands[] = {
     {"data", st_cmd_data, "pack (--jsonl IN.jsonl | --llmc-bin 'GLOB' | --text IN.jsonl --model DIR) --out DATA.h5 ..."},
     {"tokenize", st_cmd_tokenize, "--model DIR [--decode] [--no-special]   (stdin -> stdout, one JSON value a line)"},
     {"train", st_cmd_train, "JOB.yaml [dotted.key=value ...]"},
-    {"eval", st_cmd_eval, "--model DIR --data DATA.h5 --seq-len T [--json]"},
+    {"eval", st_cmd_eval, "--model DIR [--adapter DIR] --data DATA.h5 --seq-len T [--json]"},
     {"plan", st_cmd_plan, "JOB.yaml --ranks N [--json]"},
     {"ckpt", st_cmd_ckpt, "inspect|verify PATH"},
-    {"export", st_cmd_export, "SRC --out DST [--format hf|gguf] [--quant f32|f16|bf16|q8_0|q4_0]"},
+    {"export", st_cmd_export, "SRC --out DST [--format hf|peft|gguf] [--merge] [--quant f32|f16|bf16|q8_0|q4_0]"},
     {"compress", st_cmd_compress, "--model DIR --out DIR [--drop-layers SPEC] [--prune-heads F] [--prune-ffn F] "
                                   "[--calib DATA.h5]"},
     {"monitor", st_cmd_monitor, "[ADDR] [--run-dir DIR] [--plain|--json]"},
@@ -32,7 +32,7 @@ static const struct st_command st_commands[] = {
      "--model DIR [--adapter DIR] --prompts IN.jsonl --out OUT.jsonl [--max-new N] [--temperature T] [--top-p P] "
      "[--top-k K] [--seed S] [--chat]"},
     {"compare", st_cmd_compare,
-     "sheet --base DIR --tuned DIR --prompts IN.jsonl --out DIR [--max-new N] | score DIR --votes VOTES.jsonl "
+     "sheet --base DIR --tuned DIR [--adapter DIR] --prompts IN.jsonl --out DIR [--max-new N] | score DIR --votes VOTES.jsonl "
      "[--json] | judge DIR --judge MODEL_DIR [--json]"},
 };
 #define ST_NCOMMANDS (sizeof st_commands / sizeof st_commands[0])

@@ -27,7 +27,7 @@
 #define ST_CFG_MAX_STAGES 64
 
 typedef enum { ST_BACKEND_AUTO, ST_BACKEND_CPU, ST_BACKEND_CUDA } st_backend_kind;
-typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE, ST_FINETUNE_LORA } st_finetune_mode;
+typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE, ST_FINETUNE_LORA, ST_FINETUNE_QLORA } st_finetune_mode;
 typedef enum { ST_MIXING_PROPORTIONAL, ST_MIXING_TEMPERATURE, ST_MIXING_WEIGHTS } st_mixing_strategy;
 typedef enum { ST_LOSS_WEIGHTING_NONE, ST_LOSS_WEIGHTING_UNCERTAINTY } st_loss_weighting_kind;
 typedef enum { ST_RESUME_AUTO, ST_RESUME_NONE, ST_RESUME_PATH } st_resume_kind;
@@ -95,6 +95,11 @@ typedef struct {
             int rslora;
             char layers[ST_CFG_NAME_MAX]; /* layer spec, see st_parse_layer_ranges */
         } lora;
+        struct {                    /* mode qlora (worker/qlora.h): lora.* plus the quantized base */
+            int quant;              /* st_qlora_quant: 0 nf4, 1 int8 */
+            int double_quant;       /* 8-bit quantization of the block scales */
+            int block;              /* elements per absmax block */
+        } qlora;
     } finetune;
 
     struct {

@@ -27,7 +27,8 @@
 static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
 static const char *const precision_names[] = {"fp32", "bf16", NULL}; /* indexed by st_precision */
 static const char *const schedule_names[] = {"constant", "cosine", "linear", NULL};
-static const char *const mode_names[] = {"full", "frozen", "progressive", "lora", NULL};
+static const char *const mode_names[] = {"full", "frozen", "progressive", "lora", "qlora", NULL};
+static const char *const quant_names[] = {"nf4", "int8", NULL}; /* indexed by st_qlora_quant */
 static const char *const mixing_names[] = {"proportional", "temperature", "weights", NULL};
 static const char *const loss_weighting_names[] = {"none", "uncertainty", NULL};
 static const char *const nonfinite_names[] = {"stop", "skip", NULL}; /* indexed by st_nonfinite_policy */
@@ -93,6 +94,15 @@ static const st_key lora_keys[] = {
     {0},
 };
 
+#define QOFF(field) (offsetof(st_config, finetune.qlora.field) - offsetof(st_config, finetune.qlora))
+
+static const st_key qlora_keys[] = {
+    KEY_ENUM("quant", QOFF(quant), quant_names),
+    {.name = "double_quant", .kind = ST_KEY_BOOL, .off = QOFF(double_quant)},
+    KEY_I32("block", QOFF(block), 1, 0, NO_HI),
+    {0},
+};
+
 static const st_key finetune_keys[] = {
     KEY_ENUM("mode", SOFF(finetune, mode), mode_names),
     KEY_STR("train_layers", SOFF(finetune, train_layers), ST_CFG_NAME_MAX),
@@ -103,6 +113,7 @@ static const st_key finetune_keys[] = {
     KEY_I64("unfreeze_every", SOFF(finetune, unfreeze_every), 0, 0, NO_HI),
     KEY_F64("layer_lr_decay", SOFF(finetune, layer_lr_decay), 0, 1, ST_KEY_LO_OPEN),
     {.name = "lora", .kind = ST_KEY_SECTION, .off = SOFF(finetune, lora), .sub = lora_keys},
+    {.name = "qlora", .kind = ST_KEY_SECTION, .off = SOFF(finetune, qlora), .sub = qlora_keys},
     {0},
 };
 
@@ -228,6 +239,8 @@ void st_config_defaults(st_config *c) {
     c->finetune.lora.alpha = 32;
     c->finetune.lora.targets = ST_LORA_Q | ST_LORA_K | ST_LORA_V | ST_LORA_O | ST_LORA_GATE | ST_LORA_UP | ST_LORA_DOWN;
     strcpy(c->finetune.lora.layers, "all");
+    c->finetune.qlora.double_quant = 1;
+    c->finetune.qlora.block = 64;
 
     c->distill.temperature = 2.0;
     c->distill.alpha = 0.5;

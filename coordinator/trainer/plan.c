@@ -16,15 +16,19 @@
 #include "common/error.h"
 #include "worker/comm.h"
 #include "worker/lora.h"
+#include "worker/qlora.h"
 
 /* ---------------- adapters ---------------- */
 
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
-    if (c->finetune.mode != ST_FINETUNE_LORA) return 0;
+    int q = c->finetune.mode == ST_FINETUNE_QLORA;
+    if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
     if (c->sharding.stage >= 3)
-        return st_fail(ST_ECONFIG, "finetune.mode lora with sharding.stage %d is not supported yet (use 0, 1 or 2)",
-                       c->sharding.stage);
+        return st_fail(ST_ECONFIG, "finetune.mode %s with sharding.stage %d is not supported yet (use 0, 1 or 2)",
+                       q ? "qlora" : "lora", c->sharding.stage);
+    if (q && c->precision != ST_PRECISION_FP32)
+        return st_fail(ST_ECONFIG, "finetune.mode qlora with precision bf16 is not supported yet (use fp32)");
     unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
     if (!layers) return st_fail(ST_ENOMEM, "out of memory");
     int rc = st_parse_layer_ranges(c->finetune.lora.layers, m->cfg.n_layer, layers);
@@ -34,6 +38,12 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
                          .targets = c->finetune.lora.targets, .layers = layers, .seed = (uint64_t)c->seed};
     if (!rc) rc = st_lora_attach(m, &spec);
     free(layers);
+    if (!rc && q && m->be) { /* the base goes quantized once the adapters (DoRA's magnitudes read it) exist */
+        st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant, .double_quant = c->finetune.qlora.double_quant,
+                            .block = c->finetune.qlora.block};
+        rc = st_qlora_quantize(m, &qs);
+        if (!rc && c->finetune.lora.dora) rc = st_lora_init_magnitudes(m);
+    }
     return rc;
 }
 
@@ -99,7 +109,8 @@ int st_plan_stages(const st_config *c, const st_model *m, st_stage_list *out) {
         rc = add_stage(out, m, 0, c->finetune.train_layers, c->finetune.train_modules, "finetune.train_layers");
         break;
     case ST_FINETUNE_PROGRESSIVE: rc = progressive_stages(c, m, out); break;
-    case ST_FINETUNE_LORA: /* the adapters alone (st_plan_attach_adapters), every base weight frozen */
+    case ST_FINETUNE_LORA:
+    case ST_FINETUNE_QLORA: /* the adapters alone (st_plan_attach_adapters), every base weight frozen */
         rc = m->lora ? add_stage(out, m, 0, "all", ST_MOD_LORA, "finetune.mode lora")
                      : st_fail(ST_ECONFIG, "finetune.mode lora: the model has no adapters attached");
         break;
@@ -179,6 +190,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     }
     size_t range = zero == 0 ? sp->n_pad : sp->shard; /* st_comm_optim_range */
     r->weights = m->n_weights * (c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float));
+    if (c->finetune.mode == ST_FINETUNE_QLORA) { /* worker/qlora.c: codes + scales, one layer's fp32 scratch */
+        st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
+                            .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block};
+        size_t qb, fb, scratch;
+        st_qlora_footprint(m, &qs, &qb, &fb, &scratch);
+        r->weights = (m->qlora ? r->weights : r->weights - fb + scratch * sizeof(float)) + qb;
+    }
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);

@@ -1,13 +1,14 @@
 /* cpu_attention.c — rotary embeddings and causal grouped-query self-attention on packed qkv.
  *
  * Layout per token: [q heads (H*hd) | k heads (KVH*hd) | v heads (KVH*hd)]; query head h reads kv
- * head h / (H/KVH). Forward works one query row at a time with a score buffer of at most T floats on
- * the stack and saves the row's log-sum-exp; backward recomputes probabilities from it (no T x T
- * matrix is ever stored). Backward is parallel over (batch, kv head) groups: one thread owns every
+ * head h / (H/KVH). Forward works on tiles of query rows (sgemm for Q K^T and P V, see below) with a
+ * bounded score buffer on the stack and saves each row's log-sum-exp; backward recomputes probabilities
+ * from it (no T x T matrix is ever stored). Backward is parallel over (batch, kv head) groups: one thread owns every
  * write to a group's dk/dv and the dq of its query heads, so accumulation is race-free and always in
  * the same order. Caller owns every buffer. */
 #include "kernels/cpu/cpu_kernels.h"
 
+#include <cblas.h>
 #include <math.h>
 
 /* ---- RoPE (HF rotate_half: pairs (i, i + hd/2)) ---- */
@@ -101,44 +102,61 @@ void st_cpu_head_rmsnorm_bwd(float *dqkv, float *dwq, float *dwk, const float *x
 
 /* ---- attention ---- */
 
+/* The score work runs as small sgemm calls on tiles of query rows: per (batch, head) and tile of QB
+ * consecutive queries, S = scale * Q K^T over the keys the tile can see, then P V (forward) or the five
+ * products of the backward. A tile holds at most ST_ATTN_TILE floats of scores (two such buffers on the
+ * stack in the backward), so QB shrinks for long sequences; it depends only on T, never on threads, and
+ * the single-threaded sgemm inside a unit is deterministic, so results do not depend on the thread count
+ * or the schedule. Entries outside a row's causal (and sliding-window) range are set to exactly 0. */
+#define ST_ATTN_TILE 8192
+
 /* First key query row ti sees: 0, or with a sliding window W the keys j with ti - j < W. */
 static inline int first_key(int ti, int window) { return window > 0 && ti >= window ? ti - window + 1 : 0; }
+
+static inline int attn_tile_rows(int t) {
+    int qb = ST_ATTN_TILE / t;
+    return qb < 1 ? 1 : qb > t ? t : qb;
+}
+
+/* Row r of a tile (query i0 + r) sees the tile's keys [lo, hi] (indices relative to the tile's first key). */
+static inline void tile_row_keys(int i0, int r, int kj0, int window, int *lo, int *hi) {
+    int i = i0 + r;
+    *lo = first_key(i, window) - kj0;
+    *hi = i - kj0;
+}
 
 static void attention_fwd(float *out, float *lse, const float *qkv, int b, int t, int h, int kvh, int hd,
                           int window) {
     if (b <= 0 || t <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
-    int stride = (h + 2 * kvh) * hd, group = h / kvh;
+    int stride = (h + 2 * kvh) * hd, group = h / kvh, qb = attn_tile_rows(t);
+    int ntiles = (t + qb - 1) / qb;
     float scale = 1.0f / sqrtf((float)hd);
-    long rows = (long)b * h * t;
-    /* rows of one head are interleaved across threads in chunks of 8: balances the causal triangle and
-     * keeps both threads on the same K/V block. Each row is independent: any schedule is deterministic. */
-#pragma omp parallel for schedule(static, 8) if (rows * t * hd >= ST_CPU_PAR_MIN)
-    for (long r = 0; r < rows; r++) {
-        int ti = (int)(r % t);
-        int hi = (int)((r / t) % h);
-        int bi = (int)(r / ((long)t * h));
-        float s[t]; /* scores of keys j0..ti */
-        int j0 = first_key(ti, window);
-        const float *q = qkv + ((size_t)bi * t + ti) * stride + (size_t)hi * hd;
-        const float *kbase = qkv + ((size_t)bi * t + j0) * stride + (size_t)h * hd + (size_t)(hi / group) * hd;
-        const float *vbase = kbase + (size_t)kvh * hd;
-        int nk = ti - j0 + 1;
-        int j = 0;
-        for (; j + 4 <= nk; j += 4) {
-            const float *k0 = kbase + (size_t)j * stride;
-            float d4[4];
-            st_cpu_dot4(d4, q, k0, k0 + stride, k0 + 2 * (size_t)stride, k0 + 3 * (size_t)stride, hd);
-            for (int r4 = 0; r4 < 4; r4++) s[j + r4] = d4[r4] * scale;
+    long units = (long)b * h * ntiles;
+    /* units are independent (each writes its own rows of out and lse): any schedule gives the same result */
+#pragma omp parallel for schedule(dynamic, 1) if ((long)b * h * t * t * hd >= ST_CPU_PAR_MIN)
+    for (long u = 0; u < units; u++) {
+        int tile = (int)(u % ntiles), hi = (int)((u / ntiles) % h), bi = (int)(u / ((long)ntiles * h));
+        int i0 = tile * qb, i1 = i0 + qb < t ? i0 + qb : t, nq = i1 - i0;
+        int kj0 = first_key(i0, window), nk = i1 - kj0;
+        const float *tok0 = qkv + (size_t)bi * t * stride;
+        const float *q = tok0 + (size_t)i0 * stride + (size_t)hi * hd;
+        const float *k = tok0 + (size_t)kj0 * stride + (size_t)h * hd + (size_t)(hi / group) * hd;
+        const float *v = k + (size_t)kvh * hd;
+        float s[nq * nk];
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, hd, scale, q, stride, k, stride, 0.0f, s, nk);
+        for (int r = 0; r < nq; r++) {
+            float *restrict row = s + (size_t)r * nk;
+            int lo, hk;
+            tile_row_keys(i0, r, kj0, window, &lo, &hk);
+            float mx = st_cpu_max(row + lo, hk - lo + 1);
+            for (int j = lo; j <= hk; j++) row[j] = st_cpu_expf(row[j] - mx);
+            float sum = st_cpu_sum(row + lo, hk - lo + 1);
+            float inv = 1.0f / sum;
+            for (int j = 0; j < nk; j++) row[j] = j >= lo && j <= hk ? row[j] * inv : 0.0f;
+            lse[((size_t)bi * h + hi) * t + i0 + r] = mx + logf(sum);
         }
-        for (; j < nk; j++) s[j] = st_cpu_dot(q, kbase + (size_t)j * stride, hd) * scale;
-        float mx = st_cpu_max(s, nk);
-        for (j = 0; j < nk; j++) s[j] = st_cpu_expf(s[j] - mx);
-        float sum = st_cpu_sum(s, nk);
-        float inv = 1.0f / sum;
-        float *restrict o = out + ((size_t)bi * t + ti) * (size_t)h * hd + (size_t)hi * hd;
-        for (int d = 0; d < hd; d++) o[d] = 0.0f;
-        for (j = 0; j < nk; j++) st_cpu_axpy(o, s[j] * inv, vbase + (size_t)j * stride, hd);
-        lse[((size_t)bi * h + hi) * t + ti] = mx + logf(sum);
+        float *o = out + ((size_t)bi * t + i0) * (size_t)h * hd + (size_t)hi * hd;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, hd, nk, 1.0f, s, nk, v, stride, 0.0f, o, h * hd);
     }
 }
 
@@ -151,15 +169,13 @@ void st_cpu_attention_window_fwd(float *out, float *lse, const float *qkv, int b
     attention_fwd(out, lse, qkv, b, t, h, kvh, hd, window);
 }
 
-/* One (batch, kv head) group: zero its dk/dv, then for each of its query heads and rows accumulate
- * dq (written once per row), dk and dv in a fixed order. Per row the scores q.k_j and dout.v_j of all
- * keys are computed first, four keys at a time (st_cpu_dot4 shares the loads of q / dout and gives
- * independent dependency chains to overlap), and the probabilities in one vectorizable pass; only the
- * three axpys stay in the per-key loop. Every value is the same float computation as the one-key-at-a-time
- * form (st_cpu_dot4 == st_cpu_dot bit for bit), and dq / dk / dv are accumulated in the same order. */
+/* One (batch, kv head) group: zero its dk/dv, then for each of its query heads and tiles of query rows
+ * recompute P = exp(scale Q K^T - lse) (0 outside the causal range), dP = dO V^T,
+ * dS = P (dP - rowsum(dO * O)), and accumulate dV += P^T dO, dK += scale dS^T Q, dQ = scale dS K.
+ * One thread owns every write of the group (its dk/dv and the dq of its query heads), in a fixed order. */
 static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv, const float *out,
                                 const float *lse, int bi, int kv, int t, int h, int kvh, int hd, int window) {
-    int stride = (h + 2 * kvh) * hd, group = h / kvh;
+    int stride = (h + 2 * kvh) * hd, group = h / kvh, qb = attn_tile_rows(t), ohd = h * hd;
     float scale = 1.0f / sqrtf((float)hd);
     size_t koff = (size_t)h * hd + (size_t)kv * hd, voff = koff + (size_t)kvh * hd;
     const float *tok0 = qkv + (size_t)bi * t * stride;
@@ -168,39 +184,38 @@ static void attention_bwd_group(float *dqkv, const float *dout, const float *qkv
         memset(dtok0 + (size_t)j * stride + koff, 0, (size_t)hd * sizeof(float));
         memset(dtok0 + (size_t)j * stride + voff, 0, (size_t)hd * sizeof(float));
     }
-    float dq[hd], p[t], ds[t]; /* p: probabilities of keys j0..ti; ds: first dout.v_j, then dscore_j */
+    float p[qb * t], ds[qb * t];
     for (int hi = kv * group; hi < (kv + 1) * group; hi++) {
-        for (int ti = 0; ti < t; ti++) {
-            int j0 = first_key(ti, window); /* index j below is key j0 + j */
-            const float *kbase = tok0 + (size_t)j0 * stride + koff, *vbase = tok0 + (size_t)j0 * stride + voff;
-            float *dkv0 = dtok0 + (size_t)j0 * stride;
-            const float *q = tok0 + (size_t)ti * stride + (size_t)hi * hd;
-            size_t orow = ((size_t)bi * t + ti) * (size_t)h * hd + (size_t)hi * hd;
+        for (int i0 = 0; i0 < t; i0 += qb) {
+            int i1 = i0 + qb < t ? i0 + qb : t, nq = i1 - i0;
+            int kj0 = first_key(i0, window), nk = i1 - kj0;
+            const float *q = tok0 + (size_t)i0 * stride + (size_t)hi * hd;
+            const float *k = tok0 + (size_t)kj0 * stride + koff, *v = tok0 + (size_t)kj0 * stride + voff;
+            size_t orow = ((size_t)bi * t + i0) * (size_t)ohd + (size_t)hi * hd;
             const float *dor = dout + orow;
-            float row_lse = lse[((size_t)bi * h + hi) * t + ti];
-            float dsum = st_cpu_dot(dor, out + orow, hd); /* sum_j p_j dp_j = dout . out */
-            int nk = ti - j0 + 1, j = 0;
-            for (; j + 4 <= nk; j += 4) {
-                const float *k0 = kbase + (size_t)j * stride, *v0 = vbase + (size_t)j * stride;
-                st_cpu_dot4(p + j, q, k0, k0 + stride, k0 + 2 * (size_t)stride, k0 + 3 * (size_t)stride, hd);
-                st_cpu_dot4(ds + j, dor, v0, v0 + stride, v0 + 2 * (size_t)stride, v0 + 3 * (size_t)stride, hd);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, hd, scale, q, stride, k, stride, 0.0f, p,
+                        nk);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, hd, 1.0f, dor, ohd, v, stride, 0.0f, ds,
+                        nk);
+            for (int r = 0; r < nq; r++) {
+                float *restrict pr = p + (size_t)r * nk, *restrict dr = ds + (size_t)r * nk;
+                int lo, hk;
+                tile_row_keys(i0, r, kj0, window, &lo, &hk);
+                float row_lse = lse[((size_t)bi * h + hi) * t + i0 + r];
+                float dsum = st_cpu_dot(dor + (size_t)r * ohd, out + orow + (size_t)r * ohd, hd);
+                for (int j = 0; j < nk; j++) {
+                    float pj = j >= lo && j <= hk ? st_cpu_expf(pr[j] - row_lse) : 0.0f;
+                    pr[j] = pj;
+                    dr[j] = pj * (dr[j] - dsum);
+                }
             }
-            for (; j < nk; j++) {
-                p[j] = st_cpu_dot(q, kbase + (size_t)j * stride, hd);
-                ds[j] = st_cpu_dot(dor, vbase + (size_t)j * stride, hd);
-            }
-            for (j = 0; j < nk; j++) {
-                p[j] = st_cpu_expf(p[j] * scale - row_lse);
-                ds[j] = p[j] * (ds[j] - dsum);
-            }
-            for (int d = 0; d < hd; d++) dq[d] = 0.0f;
-            for (j = 0; j < nk; j++) {
-                st_cpu_axpy(dq, ds[j], kbase + (size_t)j * stride, hd);
-                st_cpu_axpy(dkv0 + (size_t)j * stride + koff, ds[j] * scale, q, hd);
-                st_cpu_axpy(dkv0 + (size_t)j * stride + voff, p[j], dor, hd);
-            }
-            float *dqr = dtok0 + (size_t)ti * stride + (size_t)hi * hd;
-            for (int d = 0; d < hd; d++) dqr[d] = dq[d] * scale;
+            float *dk = dtok0 + (size_t)kj0 * stride + koff, *dv = dtok0 + (size_t)kj0 * stride + voff;
+            float *dq = dtok0 + (size_t)i0 * stride + (size_t)hi * hd;
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, hd, nq, 1.0f, p, nk, dor, ohd, 1.0f, dv, stride);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, hd, nq, scale, ds, nk, q, stride, 1.0f, dk,
+                        stride);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, hd, nk, scale, ds, nk, k, stride, 0.0f, dq,
+                        stride);
         }
     }
 }

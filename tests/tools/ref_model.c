@@ -15,7 +15,11 @@
  * --teacher DIR [--temperature T] [--alpha A]: the loss is knowledge distillation from that model
  * (worker/distill.h); OUT also gets "kd" and "ce" [1] (sums of weight * kd, weight * ce).
  * --adapter DIR: a PEFT LoRA adapter directory applied on the model; the adapters are then the only
- * trainable tensors (grad.<name>.lora_A.weight ...; no base weight gradient exists). */
+ * trainable tensors (grad.<name>.lora_A.weight ...; no base weight gradient exists).
+ * --qlora nf4|int8|nf4-dq|int8-dq [--qblock N]: after the adapter, the base's layer weights are quantized
+ * (worker/qlora.h, -dq: double quantization); the dump adds "dequant.<name>" (HF layout) of every
+ * quantized weight as the model dequantizes it and "qlora_bytes" [2] (quantized bytes, fp32 bytes they
+ * replaced). Not with --steps. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <math.h>
@@ -28,6 +32,7 @@
 #include "worker/distill.h"
 #include "worker/model.h"
 #include "worker/optim.h"
+#include "worker/qlora.h"
 
 typedef struct {
     st_st_write_item *items;
@@ -98,7 +103,8 @@ static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, i
 
 int main(int argc, char **argv) {
     const char *model_dir = NULL, *batch = NULL, *out = NULL, *sched = "constant", *precision = "fp32";
-    const char *teacher_dir = NULL, *adapter = NULL;
+    const char *teacher_dir = NULL, *adapter = NULL, *qlora = NULL;
+    int qblock = 64;
     float kd_t = 2.0f, kd_alpha = 0.5f;
     int steps = 0;
     st_optim_config oc = {1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, ST_SCHED_CONSTANT, 0, 0, 0.0f, 1.0f};
@@ -122,6 +128,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--precision")) precision = v;
         else if (!strcmp(a, "--teacher")) teacher_dir = v;
         else if (!strcmp(a, "--adapter")) adapter = v;
+        else if (!strcmp(a, "--qlora")) qlora = v;
+        else if (!strcmp(a, "--qblock")) qblock = atoi(v);
         else if (!strcmp(a, "--temperature")) kd_t = (float)atof(v);
         else if (!strcmp(a, "--alpha")) kd_alpha = (float)atof(v);
         else { fprintf(stderr, "ref_model: unknown flag %s\n", a); return 2; }
@@ -138,6 +146,11 @@ int main(int argc, char **argv) {
     unsigned char *all = calloc((size_t)m.cfg.n_layer, 1);
     memset(all, 1, (size_t)m.cfg.n_layer);
     if (!rc && adapter) rc = st_peft_load_dir(&m, adapter);
+    if (!rc && qlora) {
+        st_qlora_spec qs = {.quant = strncmp(qlora, "int8", 4) ? ST_QLORA_NF4 : ST_QLORA_INT8,
+                            .double_quant = strstr(qlora, "-dq") != NULL, .block = qblock};
+        rc = steps ? st_fail(ST_EINVAL, "--qlora with --steps is not supported") : st_qlora_quantize(&m, &qs);
+    }
     if (!rc) rc = st_model_set_trainable(&m, all, adapter ? ST_MOD_LORA : ST_MOD_ALL);
     if (!rc) rc = st_model_alloc_activations(&m, B, T);
     if (!rc && strcmp(precision, "fp32") && strcmp(precision, "bf16"))
@@ -172,6 +185,23 @@ int main(int argc, char **argv) {
         add(&o, dupname("", "ce"), cev, 1, 1, 0);
     }
     add_params(&o, &m, m.grads, "grad.", 1);
+    for (int i = 0; qlora && i < m.n_params; i++) {
+        if (!st_qlora_holds(&m, i)) continue;
+        const st_param *p = &m.params[i];
+        float *hf = malloc(p->numel * sizeof(float));
+        st_model_acquire(&m, i, i + 1);
+        st_model_param_to_hf(&m, i, m.weights, hf);
+        int64_t d0 = p->transpose_io ? p->shape[1] : p->shape[0], d1 = p->transpose_io ? p->shape[0] : p->shape[1];
+        add(&o, dupname("dequant.", p->name), hf, 2, d0, d1);
+    }
+    if (qlora) {
+        size_t qb, fb;
+        st_qlora_bytes(&m, &qb, &fb);
+        float *v = malloc(2 * sizeof(float));
+        v[0] = (float)qb;
+        v[1] = (float)fb;
+        add(&o, dupname("", "qlora_bytes"), v, 1, 2, 0);
+    }
     st_optim opt;
     rc = st_optim_init(&opt, &oc, 0, m.grad_alloc, &m, be);
     for (int k = 1; k <= steps && !rc; k++) {

@@ -333,6 +333,7 @@ static void test_attention(void **state) {
     check_attention(2, 5, 4, 2, 8); /* GQA */
     check_attention(1, 7, 3, 1, 6); /* MQA, hd not a multiple of the lanes */
     check_attention(2, 3, 2, 2, 20); /* MHA, hd crosses one lane block */
+    check_attention(1, 100, 2, 1, 4); /* two query tiles (81 + 19 rows): the tiled sgemm path's seams */
 }
 
 struct rope_ctx {

@@ -1,0 +1,73 @@
+/* qlora.h — the frozen base of a QLoRA run (finetune.mode: qlora) held quantized in memory.
+ *
+ * st_qlora_quantize replaces every 2-D weight inside the layers (attention and MLP projections: what
+ * bitsandbytes' QLoRA quantizes; embeddings, norms and the LM head stay fp32) by
+ *   nf4:  4-bit codes into the QLoRA NormalFloat table ST_NF4_LEVELS (nearest level of w / absmax, ties to
+ *         the lower code), two codes a byte, low nibble first (the backend's dequant_nf4 order), one fp32
+ *         absmax per `block` consecutive elements of the row-major tensor;
+ *   int8: q = rint(w / s) with s = absmax / 127 per block.
+ * double_quant: the block scales (absmax, or s for int8) lose their mean, then are stored as int8 with a
+ * linear symmetric map, one fp32 scale (max |scale - mean| / 127) per 256 scales — simpler than
+ * bitsandbytes' dynamic 8-bit map and exact to reproduce; it only changes how precisely the scales are kept,
+ * and the base is never saved, so no file format depends on it.
+ * The fp32 copies leave the weight buffer: their registry offsets then point at one shared scratch region
+ * sized for one layer's quantized weights (in registry order, so q/k/v and gate/up stay adjacent), which
+ * st_model_acquire fills for the layer being computed through the backend's dequant_int8 / dequant_nf4.
+ * One layer is resident at a time (the forward and backward walk layers one by one).
+ * Needs the CPU backend (as LoRA does) and no ZeRO-3 residency hooks.
+ *
+ * Memory: the table (codes, scales) is host memory owned by the model (st_model_free). */
+#ifndef ST_QLORA_H
+#define ST_QLORA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "worker/model.h"
+
+typedef enum { ST_QLORA_NF4, ST_QLORA_INT8 } st_qlora_quant;
+
+typedef struct {
+    st_qlora_quant quant;
+    int double_quant;
+    int block; /* elements per scale, >= 1 */
+} st_qlora_spec;
+
+typedef struct st_qlora st_qlora;
+
+/* Quantizes the model's layer weights as `spec` says and shrinks m->weights (call after st_lora_attach:
+ * the adapters are compacted with the rest). ST_ECONFIG for a backend without host memory, residency
+ * hooks, bf16 weights. */
+int st_qlora_quantize(st_model *m, const st_qlora_spec *spec);
+void st_qlora_free(st_qlora *q);
+
+/* Dequantizes the quantized parameters among [first, last) into the scratch their offsets point at. */
+void st_qlora_acquire(const st_model *m, int first, int last);
+
+/* Whether registry entry i is held quantized (its weights are scratch, not the model's). */
+int st_qlora_holds(const st_model *m, int i);
+
+/* Bytes the quantized base takes (codes + scales) and the fp32 bytes it replaced. */
+void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32);
+
+/* Gives every quantized weight its own fp32 place again, holding its dequantized values, and drops the
+ * quantized table: the model is then a LoRA model over the dequantized base (what `export --merge` of a
+ * QLoRA run merges onto). */
+int st_qlora_materialize(st_model *m);
+
+/* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
+ * bytes that leave the weight buffer and the scratch floats that replace them. */
+void st_qlora_footprint(const st_model *m, const st_qlora_spec *spec, size_t *quantized, size_t *fp32,
+                        size_t *scratch);
+
+/* The quantization itself, on one host tensor of n floats (exposed for tests):
+ * codes: nf4 (n + 1) / 2 bytes, int8 n bytes; scales: ceil(n / block) floats (absmax for nf4, absmax / 127
+ * for int8). */
+void st_qlora_quant_tensor(st_qlora_quant quant, const float *w, size_t n, int block, uint8_t *codes,
+                           float *scales);
+
+/* Double quantization of ns scales: q8[ns], scale2[ceil(ns / 256)], *mean; and its inverse. */
+void st_qlora_double_quant(const float *s, size_t ns, int8_t *q8, float *scale2, float *mean);
+void st_qlora_double_dequant(float *s, const int8_t *q8, const float *scale2, float mean, size_t ns);
+
+#endif

@@ -83,8 +83,9 @@ int main(int argc, char **argv) {
     unsigned char *layers = malloc((size_t)L);
     memset(layers, 1, (size_t)L);
     m.grad_align = world;
+    st_comm_options co = {.stage = stage};
     if (st_model_build(&m, &c, be) || st_model_init_random(&m, 1) || (m.grad_align = world, 0) ||
-        st_model_set_trainable(&m, layers, ST_MOD_ALL) || st_comm_init(&comm, MPI_COMM_WORLD, stage, &m)) {
+        st_model_set_trainable(&m, layers, ST_MOD_ALL) || st_comm_init(&comm, MPI_COMM_WORLD, &co, &m)) {
         fprintf(stderr, "ckpt_bench: %s\n", st_error());
         MPI_Abort(MPI_COMM_WORLD, 1);
     }

@@ -86,9 +86,11 @@ int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned 
 
 static int z3_init(st_comm *c, const st_model *m);
 
-int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m) {
+int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st_model *m) {
+    int stage = opt->stage;
     memset(c, 0, sizeof *c);
     c->comm = comm;
+    c->bucket_bytes = opt->bucket_bytes;
     MPI_Comm_rank(comm, &c->rank);
     MPI_Comm_size(comm, &c->world);
     if (stage < 0 || stage > 3) return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0 to 3)", stage);
@@ -291,6 +293,41 @@ static int overlap_finish(st_comm *c, st_model *m) {
 void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi) {
     if (c->stage == 0) { *lo = 0; *hi = c->n_pad; }
     else { *lo = c->lo; *hi = c->hi; }
+}
+
+int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
+                          const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask) {
+    const st_backend *be = m->be;
+    long *old_off = malloc((size_t)m->n_params * sizeof(long));
+    if (!old_off) return st_fail(ST_ENOMEM, "out of memory");
+    for (int i = 0; i < m->n_params; i++) old_off[i] = m->params[i].grad_offset;
+    /* the full old moments on every rank, so each rank can cut its new shard from them */
+    float *old_m = NULL, *old_v = NULL;
+    int rc = 0, world = 1;
+    if (o->m && c->n_pad > 0) {
+        old_m = be->alloc(c->n_pad * sizeof(float)); /* backend memory: gathered and copied on the device */
+        old_v = be->alloc(c->n_pad * sizeof(float));
+        if (!old_m || !old_v) rc = st_fail(ST_ENOMEM, "out of memory re-sharding optimizer state");
+        if (!rc) rc = st_comm_gather_state(c, o->m, old_m);
+        if (!rc) rc = st_comm_gather_state(c, o->v, old_v);
+    }
+    int *old_steps = o->param_step;
+    o->param_step = NULL;
+    st_optim_free(o, be);
+    st_comm_free(c);
+    MPI_Comm_size(comm, &world);
+    m->grad_align = world;
+    if (!rc) rc = st_model_set_trainable(m, layer_mask, module_mask);
+    if (!rc) rc = st_comm_init(c, comm, opt, m);
+    size_t lo, hi;
+    st_comm_optim_range(c, &lo, &hi);
+    if (!rc) rc = st_optim_init(o, oc, lo, hi, m, be);
+    if (!rc && old_steps) st_optim_carry_over(o, m, old_off, old_steps, old_m, old_v);
+    free(old_steps);
+    be->free(old_m);
+    be->free(old_v);
+    free(old_off);
+    return rc;
 }
 
 int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {

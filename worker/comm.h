@@ -62,9 +62,23 @@ int st_comm_node_rank(MPI_Comm comm, int *local_rank, int *local_size);
  * *n entries. Collective over `comm`. */
 int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned char **all, int *n);
 
+/* What a communicator is built with (sharding.stage, sharding.bucket_mb). */
+typedef struct {
+    int stage;           /* ZeRO stage 0-3 */
+    size_t bucket_bytes; /* overlapped reduction / interleaved all-gather bucket size; 0 = 4 MiB when overlapping */
+} st_comm_options;
+
 /* `m` must already have its trainable set (grad_align = world size). */
-int st_comm_init(st_comm *c, MPI_Comm comm, int stage, const st_model *m);
+int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st_model *m);
 void st_comm_free(st_comm *c);
+
+/* Makes a new trainable set current (st_model_set_trainable(m, layer_mask, module_mask) with grad_align =
+ * the world size) and rebuilds the communicator `c` (opt) and the optimizer `o` (oc) for
+ * it. Parameters trainable before and after keep their AdamW moments and step counts (the old moments are
+ * gathered in full on every rank, then each rank cuts its new range from them); new ones start fresh.
+ * On the first call c and o are zeroed (nothing to carry over). Collective. */
+int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
+                          const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask);
 
 /* Stage 3 reduce-scatters gradients in chunks of this many floats (4 MiB): bounds MPI's temporaries. */
 #define ST_Z3_CHUNK ((size_t)1 << 20)

@@ -20,11 +20,7 @@
 
 #include "kernels/kernels.h"
 #include "worker/model_config.h"
-
-/* Module kinds, as bits (finetune.train_modules; the same values as the config's ST_MODULE_*). */
-enum { ST_MOD_ATTN = 1, ST_MOD_MLP = 2, ST_MOD_NORM = 4, ST_MOD_EMBED = 8, ST_MOD_HEAD = 16, ST_MOD_ALL = 31 };
-/* LoRA adapter tensors (worker/lora.h): never part of ST_MOD_ALL, so only a LoRA trainable set selects them. */
-enum { ST_MOD_LORA = 32 };
+#include "worker/train_kinds.h" /* ST_MOD_* module bits */
 
 typedef struct {
     char name[96];      /* HF name, e.g. model.layers.3.self_attn.q_proj.weight or h.3.attn.c_attn.weight */

@@ -85,6 +85,15 @@ void st_optim_carry_over(st_optim *o, const st_model *m, const long *old_off, co
     }
 }
 
+void st_optim_restore(st_optim *o, const st_model *m, const float *m_host, const float *v_host, const int *steps) {
+    size_t n = o->hi - o->lo;
+    if (n && o->m) {
+        m->be->copy_to_device(o->m, m_host, n * sizeof(float));
+        m->be->copy_to_device(o->v, v_host, n * sizeof(float));
+    }
+    for (int i = 0; i < m->n_params; i++) o->param_step[i] = m->params[i].grad_offset >= 0 ? steps[i] : 0;
+}
+
 typedef struct {
     st_optim *o;
     st_model *m;

@@ -10,8 +10,7 @@
 #include <stddef.h>
 
 #include "worker/model.h"
-
-typedef enum { ST_SCHED_CONSTANT = 0, ST_SCHED_COSINE = 1, ST_SCHED_LINEAR = 2 } st_schedule;
+#include "worker/train_kinds.h" /* st_schedule */
 
 typedef struct {
     float lr, beta1, beta2, eps, weight_decay;
@@ -41,6 +40,10 @@ void st_optim_free(st_optim *o, const st_backend *be);
  * step counts from old_steps; new ones start at zero. */
 void st_optim_carry_over(st_optim *o, const st_model *m, const long *old_off, const int *old_steps,
                          const float *old_m, const float *old_v);
+
+/* Restores state saved for this optimizer's range: m_host, v_host [hi - lo] host arrays (unread when the
+ * range is empty) and steps[n_params] (parameters frozen now get 0), as read from a checkpoint. */
+void st_optim_restore(st_optim *o, const st_model *m, const float *m_host, const float *v_host, const int *steps);
 
 /* Learning rate for the update that follows `step` completed updates (0-based). */
 float st_lr_at(const st_optim_config *cfg, int step);

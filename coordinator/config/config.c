@@ -301,7 +301,7 @@ static int parse_modules(const walk *w, const char *path, const yaml_node_t *nod
     char got[80];
     if (node && node->type == YAML_SCALAR_NODE && !is_null(node)) {
         const char *s = scalar(node);
-        if (s && !strcmp(s, "all")) return *out = ST_MODULE_ALL, 0;
+        if (s && !strcmp(s, "all")) return *out = ST_MOD_ALL, 0;
         int bit = module_bit(s);
         if (bit) return *out = (unsigned)bit, 0;
         return walk_fail(w, node, "%s: expected a list of %s (or all), got %s", path, valid,

@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "kernels/kernels.h" /* st_precision */
+#include "worker/train_kinds.h" /* st_schedule, ST_MOD_* module bits */
 
 #define ST_CFG_PATH_MAX 1024 /* bytes for paths and addresses, NUL included */
 #define ST_CFG_NAME_MAX 128  /* bytes for task names and layer specs */
@@ -26,22 +27,11 @@
 #define ST_CFG_MAX_STAGES 64
 
 typedef enum { ST_BACKEND_AUTO, ST_BACKEND_CPU, ST_BACKEND_CUDA } st_backend_kind;
-typedef enum { ST_SCHEDULE_CONSTANT, ST_SCHEDULE_COSINE, ST_SCHEDULE_LINEAR } st_schedule_kind;
 typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE, ST_FINETUNE_LORA, ST_FINETUNE_QLORA } st_finetune_mode;
 typedef enum { ST_MIXING_PROPORTIONAL, ST_MIXING_TEMPERATURE, ST_MIXING_WEIGHTS } st_mixing_strategy;
 typedef enum { ST_LOSS_WEIGHTING_NONE, ST_LOSS_WEIGHTING_UNCERTAINTY } st_loss_weighting_kind;
 typedef enum { ST_RESUME_AUTO, ST_RESUME_NONE, ST_RESUME_PATH } st_resume_kind;
 typedef enum { ST_NONFINITE_STOP, ST_NONFINITE_SKIP } st_nonfinite_policy;
-
-/* Module kinds for train_modules, as a bit mask. */
-enum {
-    ST_MODULE_ATTN = 1 << 0,
-    ST_MODULE_MLP = 1 << 1,
-    ST_MODULE_NORM = 1 << 2,
-    ST_MODULE_EMBED = 1 << 3,
-    ST_MODULE_HEAD = 1 << 4,
-    ST_MODULE_ALL = (1 << 5) - 1,
-};
 
 typedef struct {
     char name[ST_CFG_NAME_MAX];   /* defaults to the file name of `path` without its extension */
@@ -53,7 +43,7 @@ typedef struct {
 typedef struct {
     int64_t at_step;                      /* the stage starts at this step (first stage: 0) */
     char train_layers[ST_CFG_NAME_MAX];   /* layer spec, see st_parse_layer_ranges */
-    unsigned train_modules;               /* ST_MODULE_* mask; inherits finetune.train_modules */
+    unsigned train_modules;               /* ST_MOD_* mask; inherits finetune.train_modules */
 } st_stage_config;
 
 typedef struct {
@@ -74,7 +64,7 @@ typedef struct {
         int grad_accum;
         int seq_len;
         double lr;
-        st_schedule_kind schedule;
+        st_schedule schedule;
         int64_t warmup_steps;
         double min_lr_ratio;
         double weight_decay;
@@ -92,7 +82,7 @@ typedef struct {
     struct {
         st_finetune_mode mode;
         char train_layers[ST_CFG_NAME_MAX];
-        unsigned train_modules;     /* ST_MODULE_* mask */
+        unsigned train_modules;     /* ST_MOD_* mask */
         st_stage_config stages[ST_CFG_MAX_STAGES];
         int n_stages;
         int64_t unfreeze_every;     /* 0 = off */
@@ -187,12 +177,12 @@ int st_parse_layer_ranges(const char *spec, int n_layers, unsigned char *mask_ou
 /* Names of enum values as written in YAML ("cosine", "frozen", ...); "?" when out of range. */
 const char *st_backend_name(st_backend_kind k);
 const char *st_precision_name(st_precision p);
-const char *st_schedule_name(st_schedule_kind k);
+const char *st_schedule_name(st_schedule k);
 const char *st_finetune_mode_name(st_finetune_mode m);
 const char *st_mixing_name(st_mixing_strategy s);
 const char *st_loss_weighting_name(st_loss_weighting_kind k);
 const char *st_nonfinite_name(st_nonfinite_policy p);
-const char *st_module_name(unsigned module_bit);  /* one ST_MODULE_* bit: "attn", ... */
+const char *st_module_name(unsigned module_bit);  /* one ST_MOD_* bit: "attn", ... */
 const char *st_signal_name(int signum);           /* "USR1", ... or "none" for 0 */
 
 #endif

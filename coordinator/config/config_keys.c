@@ -218,7 +218,7 @@ void st_config_defaults(st_config *c) {
     c->train.grad_accum = 1;
     c->train.seq_len = 512;
     c->train.lr = 2.0e-5;
-    c->train.schedule = ST_SCHEDULE_COSINE;
+    c->train.schedule = ST_SCHED_COSINE;
     c->train.warmup_steps = 50;
     c->train.min_lr_ratio = 0.1;
     c->train.weight_decay = 0.0;
@@ -234,7 +234,7 @@ void st_config_defaults(st_config *c) {
 
     c->finetune.mode = ST_FINETUNE_FULL;
     strcpy(c->finetune.train_layers, "-4");
-    c->finetune.train_modules = ST_MODULE_ALL;
+    c->finetune.train_modules = ST_MOD_ALL;
     c->finetune.unfreeze_every = 0;
     c->finetune.layer_lr_decay = 1.0;
     c->finetune.lora.r = 16;
@@ -280,7 +280,7 @@ static const char *name_at(const char *const *names, int n, int i) { return i >=
 
 const char *st_backend_name(st_backend_kind k) { return name_at(backend_names, 3, (int)k); }
 const char *st_precision_name(st_precision p) { return name_at(precision_names, 2, (int)p); }
-const char *st_schedule_name(st_schedule_kind k) { return name_at(schedule_names, 3, (int)k); }
+const char *st_schedule_name(st_schedule k) { return name_at(schedule_names, 3, (int)k); }
 const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 4, (int)m); }
 const char *st_mixing_name(st_mixing_strategy s) { return name_at(mixing_names, 3, (int)s); }
 const char *st_loss_weighting_name(st_loss_weighting_kind k) { return name_at(loss_weighting_names, 2, (int)k); }

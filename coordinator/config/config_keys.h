@@ -20,7 +20,7 @@ typedef enum {
     ST_KEY_BOOL,     /* int 0/1 */
     ST_KEY_STRING,   /* char[size] */
     ST_KEY_ENUM,     /* an enum stored as int; `names` is NULL-terminated */
-    ST_KEY_MODULES,  /* unsigned ST_MODULE_* mask written as a list of module names */
+    ST_KEY_MODULES,  /* unsigned ST_MOD_* mask written as a list of module names */
     ST_KEY_SIGNAL,   /* int signal number written as a name (USR1, ..., none) */
     ST_KEY_RESUME,   /* top-level `resume`: auto | none | PATH (two struct fields) */
     ST_KEY_NAMESET,  /* unsigned mask written as a non-empty list of `names` (bit i = names[i]) */

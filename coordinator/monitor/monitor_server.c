@@ -1,7 +1,7 @@
 /* monitor_server.c — coordinator telemetry thread (see monitor_server.h).
  *
- * All sockets live in the thread; the rest of the process talks to it through a mutex-guarded event
- * queue + eventfd wake-up and one atomic control word. Step aggregation keeps a ring of the most recent
+ * All sockets live in the thread; the rest of the process talks to it through an event mailbox
+ * (mailbox.h: bounded queue + wake-up, shared with the telemetry thread) and one atomic control word. Step aggregation keeps a ring of the most recent
  * ST_MON_SLOTS steps, so ranks may run a few steps apart (or one may be stopped for a while) and every
  * step still gets its summary once the last rank catches up. */
 #include "coordinator/monitor/monitor_server.h"
@@ -9,6 +9,7 @@
 #include "common/error.h"
 #include "common/util.h"
 #include "coordinator/monitor/control_token.h"
+#include "coordinator/monitor/mailbox.h"
 #include "coordinator/monitor/telemetry.h"
 #include "shardtune.pb-c.h"
 
@@ -20,7 +21,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -59,15 +59,12 @@ struct st_monitor {
     char token[64];
     char pull_endpoint[256];
     void *ctx, *pull, *pub, *rep;
-    int wake_fd;
     pthread_t thread;
     atomic_bool stopping;
     atomic_uint control;
-    /* events queued by the API, guarded by lock */
-    pthread_mutex_t lock;
-    st_event_item events[ST_MON_EVENTS];
-    int ev_head, ev_count;
-    st_monitor_stats stats; /* guarded by lock */
+    st_mailbox events;      /* events queued by the API (st_monitor_event), bounded: a full one drops */
+    pthread_mutex_t lock;   /* guards stats and ranks against the API's readers */
+    st_monitor_stats stats;
     /* thread-only state */
     st_rank_state *ranks;
     int *strag_consecutive, *strag_raised, *strag_flag;
@@ -169,31 +166,12 @@ void st_monitor_event(st_monitor *m, const char *kind, int64_t step, const char 
     va_start(ap, fmt);
     vsnprintf(it.text, sizeof it.text, fmt, ap);
     va_end(ap);
-    pthread_mutex_lock(&m->lock);
-    if (m->ev_count < ST_MON_EVENTS) {
-        m->events[(m->ev_head + m->ev_count) % ST_MON_EVENTS] = it;
-        m->ev_count++;
-    }
-    pthread_mutex_unlock(&m->lock);
-    uint64_t one = 1;
-    ssize_t w = write(m->wake_fd, &one, sizeof one);
-    (void)w;
+    st_mailbox_put(&m->events, &it);
 }
 
 static void drain_events(st_monitor *m) {
-    for (;;) {
-        st_event_item it;
-        pthread_mutex_lock(&m->lock);
-        int have = m->ev_count > 0;
-        if (have) {
-            it = m->events[m->ev_head];
-            m->ev_head = (m->ev_head + 1) % ST_MON_EVENTS;
-            m->ev_count--;
-        }
-        pthread_mutex_unlock(&m->lock);
-        if (!have) return;
-        publish_event(m, it.kind, it.step, it.rank, it.text);
-    }
+    st_event_item it;
+    while (st_mailbox_take(&m->events, &it)) publish_event(m, it.kind, it.step, it.rank, it.text);
 }
 
 unsigned st_monitor_take_control(st_monitor *m) { return atomic_exchange(&m->control, 0u); }
@@ -492,7 +470,7 @@ static void *monitor_main(void *arg) {
         /* either public socket may be off (monitor.publish / monitor.control ""): poll only what exists */
         zmq_pollitem_t items[4] = {
             {.socket = m->pull, .events = ZMQ_POLLIN},
-            {.socket = NULL, .fd = m->wake_fd, .events = ZMQ_POLLIN},
+            {.socket = NULL, .fd = st_mailbox_fd(&m->events), .events = ZMQ_POLLIN},
             {.socket = m->rep, .events = ZMQ_POLLIN},
             {.socket = m->pub, .events = ZMQ_POLLIN},
         };
@@ -511,11 +489,7 @@ static void *monitor_main(void *arg) {
             }
         if (at_rep >= 0 && (items[at_rep].revents & ZMQ_POLLIN)) handle_control(m);
         if (at_pub >= 0 && (items[at_pub].revents & ZMQ_POLLIN)) handle_subscription(m);
-        if (items[1].revents & ZMQ_POLLIN) {
-            uint64_t v;
-            ssize_t r = read(m->wake_fd, &v, sizeof v);
-            (void)r;
-        }
+        if (items[1].revents & ZMQ_POLLIN) st_mailbox_drain_wake(&m->events);
         drain_events(m);
         if (st_now() >= next_check) {
             check_stalls(m);
@@ -542,7 +516,7 @@ static void destroy(st_monitor *m) {
     if (m->pub) zmq_close(m->pub);
     if (m->rep) zmq_close(m->rep);
     if (m->ctx) zmq_ctx_term(m->ctx);
-    if (m->wake_fd >= 0) close(m->wake_fd);
+    st_mailbox_free(&m->events);
     if (m->slots)
         for (int i = 0; i < ST_MON_SLOTS; i++) {
             free(m->slots[i].have);
@@ -606,7 +580,7 @@ int st_monitor_start(const st_monitor_opts *o, st_monitor **out) {
     st_monitor *m = calloc(1, sizeof *m);
     if (!m) return st_fail(ST_ENOMEM, "monitor: out of memory");
     pthread_mutex_init(&m->lock, NULL);
-    m->wake_fd = -1;
+    st_mailbox_clear(&m->events);
     m->world = o->world_size;
     m->stall_after_s = o->stall_after_s > 0 ? o->stall_after_s : 30;
     snprintf(m->token, sizeof m->token, "%s", o->token ? o->token : "");
@@ -632,9 +606,9 @@ int st_monitor_start(const st_monitor_opts *o, st_monitor **out) {
         m->ranks[r].rank = r;
         m->ranks[r].heard_at = now; /* a rank that never reports is flagged stall_after_s from now */
     }
-    m->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int rc = st_mailbox_init(&m->events, ST_MON_EVENTS, sizeof(st_event_item));
     m->ctx = zmq_ctx_new();
-    if (m->wake_fd < 0 || !m->ctx) {
+    if (rc || !m->ctx) {
         destroy(m);
         return st_fail(ST_ECOMM, "monitor: cannot create eventfd or ZeroMQ context");
     }
@@ -659,9 +633,7 @@ int st_monitor_start(const st_monitor_opts *o, st_monitor **out) {
 void st_monitor_stop(st_monitor *m) {
     if (!m) return;
     atomic_store(&m->stopping, true);
-    uint64_t one = 1;
-    ssize_t w = write(m->wake_fd, &one, sizeof one);
-    (void)w;
+    st_mailbox_wake(&m->events);
     pthread_join(m->thread, NULL);
     destroy(m);
 }

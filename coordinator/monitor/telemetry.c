@@ -1,10 +1,11 @@
 /* telemetry.c — rank-side telemetry thread (see telemetry.h).
  *
- * The thread waits in zmq_poll on an eventfd (written by st_telemetry_report and stop), so a report
+ * The thread waits in zmq_poll on its mailbox's wake-up (mailbox.h: st_telemetry_report and stop), so a report
  * leaves within microseconds and heartbeats go out on time without busy polling. */
 #include "coordinator/monitor/telemetry.h"
 
 #include "common/error.h"
+#include "coordinator/monitor/mailbox.h"
 #include "shardtune.pb-c.h"
 
 #include <errno.h>
@@ -13,7 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -82,37 +82,17 @@ struct st_telemetry {
     char host[256];
     char job_id[128];
     void *ctx, *push;
-    int wake_fd;
     pthread_t thread;
     atomic_bool stopping;
     atomic_uint_fast64_t dropped;
-    /* bounded ring of step reports, guarded by lock */
-    pthread_mutex_t lock;
-    st_step_report *queue;
-    int cap, head, count;
+    st_mailbox reports; /* step reports from the training loop (bounded: a full one drops) */
 };
 
-static void wake(st_telemetry *t) {
-    uint64_t one = 1;
-    ssize_t w = write(t->wake_fd, &one, sizeof one); /* EAGAIN: counter already non-zero, fine */
-    (void)w;
-}
-
 int st_telemetry_report(st_telemetry *t, const st_step_report *r) {
-    int dropped = 0;
-    pthread_mutex_lock(&t->lock);
-    if (t->count == t->cap) {
-        dropped = 1;
-    } else {
-        t->queue[(t->head + t->count) % t->cap] = *r;
-        t->count++;
-    }
-    pthread_mutex_unlock(&t->lock);
-    if (dropped) {
+    if (st_mailbox_put(&t->reports, r)) {
         atomic_fetch_add(&t->dropped, 1);
         return 1;
     }
-    wake(t);
     return 0;
 }
 
@@ -189,19 +169,8 @@ static void send_report(st_telemetry *t, const st_step_report *r) {
 
 /* Sends every queued report; the copy happens outside the lock so the worker never waits on ZeroMQ. */
 static void drain(st_telemetry *t) {
-    for (;;) {
-        st_step_report r;
-        pthread_mutex_lock(&t->lock);
-        int have = t->count > 0;
-        if (have) {
-            r = t->queue[t->head];
-            t->head = (t->head + 1) % t->cap;
-            t->count--;
-        }
-        pthread_mutex_unlock(&t->lock);
-        if (!have) return;
-        send_report(t, &r);
-    }
+    st_step_report r;
+    while (st_mailbox_take(&t->reports, &r)) send_report(t, &r);
 }
 
 static void *telemetry_main(void *arg) {
@@ -215,14 +184,10 @@ static void *telemetry_main(void *arg) {
         }
         drain(t);
         if (atomic_load(&t->stopping)) break;
-        zmq_pollitem_t item = {.socket = NULL, .fd = t->wake_fd, .events = ZMQ_POLLIN, .revents = 0};
+        zmq_pollitem_t item = {.socket = NULL, .fd = st_mailbox_fd(&t->reports), .events = ZMQ_POLLIN, .revents = 0};
         long wait_ms = (long)((next_beat - now) * 1e3) + 1;
         if (wait_ms < 1) wait_ms = 1;
-        if (zmq_poll(&item, 1, wait_ms) > 0 && (item.revents & ZMQ_POLLIN)) {
-            uint64_t v;
-            ssize_t r = read(t->wake_fd, &v, sizeof v);
-            (void)r;
-        }
+        if (zmq_poll(&item, 1, wait_ms) > 0 && (item.revents & ZMQ_POLLIN)) st_mailbox_drain_wake(&t->reports);
     }
     drain(t);
     send_heartbeat(t); /* the last state, so the monitor shows where the rank ended */
@@ -232,9 +197,7 @@ static void *telemetry_main(void *arg) {
 static void destroy(st_telemetry *t) {
     if (t->push) zmq_close(t->push);
     if (t->ctx) zmq_ctx_term(t->ctx);
-    if (t->wake_fd >= 0) close(t->wake_fd);
-    pthread_mutex_destroy(&t->lock);
-    free(t->queue);
+    st_mailbox_free(&t->reports);
     free(t);
 }
 
@@ -244,18 +207,15 @@ int st_telemetry_start(const st_telemetry_opts *o, st_telemetry **out) {
         return st_fail(ST_EINVAL, "telemetry: no coordinator address");
     st_telemetry *t = calloc(1, sizeof *t);
     if (!t) return st_fail(ST_ENOMEM, "telemetry: out of memory");
-    t->wake_fd = -1;
-    pthread_mutex_init(&t->lock, NULL);
+    st_mailbox_clear(&t->reports);
     st_probe_init(&t->probe);
     t->rank = o->rank;
     t->heartbeat_ms = o->heartbeat_ms > 0 ? o->heartbeat_ms : 500;
-    t->cap = o->queue_capacity > 0 ? o->queue_capacity : 64;
     if (gethostname(t->host, sizeof t->host - 1) != 0) snprintf(t->host, sizeof t->host, "unknown");
     snprintf(t->job_id, sizeof t->job_id, "%s", o->job_id ? o->job_id : "");
-    t->queue = calloc((size_t)t->cap, sizeof *t->queue);
-    t->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int rc = st_mailbox_init(&t->reports, o->queue_capacity > 0 ? o->queue_capacity : 64, sizeof(st_step_report));
     t->ctx = zmq_ctx_new();
-    if (!t->queue || t->wake_fd < 0 || !t->ctx) {
+    if (rc || !t->ctx) {
         destroy(t);
         return st_fail(ST_ENOMEM, "telemetry: cannot allocate queue/eventfd/context on rank %d", o->rank);
     }
@@ -281,7 +241,7 @@ int st_telemetry_start(const st_telemetry_opts *o, st_telemetry **out) {
 void st_telemetry_stop(st_telemetry *t) {
     if (!t) return;
     atomic_store(&t->stopping, true);
-    wake(t);
+    st_mailbox_wake(&t->reports);
     pthread_join(t->thread, NULL);
     destroy(t);
 }

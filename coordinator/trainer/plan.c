@@ -3,8 +3,8 @@
  * The byte counts follow the allocations of the code that runs, not a model of it: st_model_build
  * (weights), st_model_set_trainable (gradients padded to the world), st_comm_init (staging),
  * st_optim_init (moments over the optimizer range), st_model_activation_floats (activations) and
- * train.c's alloc_step_buffers / enter_stage. If one of those changes, change it here too
- * (tests/reference/test_dp_memory.py compares the total with a real run's RSS). */
+ * train.c's alloc_step_buffers / worker/comm.c's st_comm_reshard_optim. If one of those changes, change it
+ * here too (tests/reference/test_dp_memory.py compares the total with a real run's RSS). */
 #include "coordinator/trainer/plan.h"
 
 #include "shardtune.pb-c.h"
@@ -236,7 +236,7 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
     sp->n_pad = (sp->n_trainable + (size_t)world - 1) / (size_t)world * (size_t)world;
     sp->shard = sp->n_pad / (size_t)world;
     for (int i = 0; i < m->n_params; i++) sp->n_trainable_params += goff[i] >= 0;
-    sp->transition_extra = 2 * prev_pad * sizeof(float); /* enter_stage's old_m + old_v */
+    sp->transition_extra = 2 * prev_pad * sizeof(float); /* st_comm_reshard_optim's old_m + old_v */
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
     for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r]);

@@ -43,21 +43,6 @@ void st_train_install_signals(const st_config *cfg) {
     sigaction(cfg && cfg->checkpoint.signal > 0 ? cfg->checkpoint.signal : SIGUSR1, &sa, NULL);
 }
 
-/* ---------------- shared helpers ---------------- */
-void st_trainer_phase(trainer *t, st_phase phase) {
-    if (t->probe) st_probe_set_phase(t->probe, phase);
-    st_watchdog_mark(t->wd, t->wd_step, phase);
-}
-
-/* All ranks agree whether any rank failed; the lowest failing rank keeps print_error = 1. */
-int st_trainer_agree(trainer *t, int rc) {
-    int mine = rc ? t->rank : t->world, first = t->world;
-    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, t->comm);
-    if (first == t->world) return 0;
-    t->print_error = first == t->rank;
-    return rc ? rc : ST_ECOMM;
-}
-
 /* ---------------- setup ---------------- */
 
 static int setup_backend(trainer *t) {
@@ -141,61 +126,6 @@ static int load_data(trainer *t) {
                (unsigned long long)t->loader.tasks[k].n_windows, 100.0 * st_loader_packing_efficiency(&t->loader, k));
     t->loader_ready = 1;
     return 0;
-}
-
-static st_optim_config optim_config(const st_config *c) {
-    st_optim_config o;
-    o.lr = (float)c->train.lr;
-    o.beta1 = (float)c->train.betas[0];
-    o.beta2 = (float)c->train.betas[1];
-    o.eps = (float)c->train.eps;
-    o.weight_decay = (float)c->train.weight_decay;
-    o.schedule = c->train.schedule == ST_SCHEDULE_COSINE   ? ST_SCHED_COSINE
-                 : c->train.schedule == ST_SCHEDULE_LINEAR ? ST_SCHED_LINEAR
-                                                           : ST_SCHED_CONSTANT;
-    o.warmup_steps = (int)c->train.warmup_steps;
-    o.total_steps = (int)c->train.steps;
-    o.min_lr_ratio = (float)c->train.min_lr_ratio;
-    o.layer_lr_decay = (float)c->finetune.layer_lr_decay;
-    return o;
-}
-
-/* Makes stage `s` current: trainable set, gradient layout, shards and optimizer state. Parameters that
- * stay trainable keep their AdamW moments and step count; new ones start fresh. */
-int st_trainer_enter_stage(trainer *t, int s) {
-    st_model *m = &t->model;
-    long *old_off = malloc((size_t)m->n_params * sizeof(long));
-    if (!old_off) return st_fail(ST_ENOMEM, "out of memory");
-    for (int i = 0; i < m->n_params; i++) old_off[i] = m->params[i].grad_offset;
-    /* the full old moments on every rank, so each rank can cut its new shard from them */
-    float *old_m = NULL, *old_v = NULL;
-    int rc = 0;
-    if (t->optim.m && t->dp.n_pad > 0) {
-        old_m = t->be->alloc(t->dp.n_pad * sizeof(float)); /* backend memory: gathered and copied on the device */
-        old_v = t->be->alloc(t->dp.n_pad * sizeof(float));
-        if (!old_m || !old_v) rc = st_fail(ST_ENOMEM, "out of memory re-sharding optimizer state");
-        if (!rc) rc = st_comm_gather_state(&t->dp, t->optim.m, old_m);
-        if (!rc) rc = st_comm_gather_state(&t->dp, t->optim.v, old_v);
-    }
-    int *old_steps = t->optim.param_step;
-    t->optim.param_step = NULL;
-    st_optim_free(&t->optim, t->be);
-    st_comm_free(&t->dp);
-    m->grad_align = t->world;
-    if (!rc) rc = st_model_set_trainable(m, t->stages.stages[s].layers, t->stages.stages[s].modules);
-    if (!rc) rc = st_comm_init(&t->dp, t->comm, t->cfg->sharding.stage, m);
-    t->dp.bucket_bytes = (size_t)(t->cfg->sharding.bucket_mb * 1048576.0);
-    size_t lo, hi;
-    st_comm_optim_range(&t->dp, &lo, &hi);
-    st_optim_config oc = optim_config(t->cfg);
-    if (!rc) rc = st_optim_init(&t->optim, &oc, lo, hi, m, t->be);
-    if (!rc && old_steps) st_optim_carry_over(&t->optim, m, old_off, old_steps, old_m, old_v);
-    t->stage = s;
-    free(old_steps);
-    t->be->free(old_m);
-    t->be->free(old_v);
-    free(old_off);
-    return rc;
 }
 
 static int open_run_dir(trainer *t) {

@@ -219,12 +219,7 @@ static int try_resume(trainer *t, const char *path) {
         be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
         st_model_weights_changed(&t->model);
         st_comm_weights_loaded(&t->dp, &t->model); /* ZeRO-3 keeps its shard only */
-        if (n && t->optim.m) {
-            be->copy_to_device(t->optim.m, mh, n * sizeof(float));
-            be->copy_to_device(t->optim.v, vh, n * sizeof(float));
-        }
-        for (int i = 0; i < t->model.n_params; i++)
-            t->optim.param_step[i] = t->model.params[i].grad_offset >= 0 ? steps[i] : 0;
+        st_optim_restore(&t->optim, &t->model, mh, vh, steps);
         t->start_step = info.step;
         t->last_saved = info.step;
         t->tokens_seen = info.tokens_seen;

@@ -1,9 +1,17 @@
 /* train_internal.h — the trainer's state and the functions its files share (private to coordinator/).
  *
- * coordinator/trainer/train.c         set-up, stage changes, teardown, the loop and step boundaries
+ * coordinator/trainer/train.c         set-up, teardown, the loop and step boundaries (calls the others)
  * coordinator/trainer/train_step.c    one optimizer step (data, forward/backward, reduction, AdamW) and eval
  * coordinator/trainer/train_ckpt.c    checkpoint save, resume, final weights, the agreed control word
- * coordinator/trainer/train_report.c  metrics.jsonl, the console line, telemetry step reports
+ * coordinator/trainer/train_guard.c   divergence guard (bad steps, setting a checkpoint aside)
+ * coordinator/trainer/train_compat.c  whether a checkpoint may continue this job
+ * coordinator/trainer/train_report.c  telemetry step reports, metrics.jsonl, the console line
+ * coordinator/trainer/train_stage.c   stage changes (re-sharding itself is worker/comm.c's)
+ * coordinator/trainer/train_sync.c    leaves: rank agreement and the published phase
+ * coordinator/trainer/train_watchdog.c the collective watchdog thread
+ * Calls go one way (no file calls back into one that calls it):
+ *   train.c → step, ckpt, guard, report, stage, compat, sync, watchdog
+ *   guard → ckpt;  step → guard;  ckpt → stage, compat, sync;  sync → watchdog (mark)
  * All functions here are collective (every rank calls them) unless the comment says rank 0. */
 #ifndef ST_TRAIN_INTERNAL_H
 #define ST_TRAIN_INTERNAL_H
@@ -89,10 +97,11 @@ enum { CTL_SIGNAL = 1u << 8 }; /* a rank got SIGTERM / checkpoint.signal */
 /* Set by the signal handlers (train.c); read at step boundaries. */
 extern volatile sig_atomic_t st_stop_requested;
 
+/* train_sync.c */
 void st_trainer_phase(trainer *t, st_phase phase);
 /* All ranks agree whether any rank failed; the lowest failing rank keeps print_error = 1. */
 int st_trainer_agree(trainer *t, int rc);
-/* Makes stage s current (trainable set, shards, optimizer state carried over). */
+/* train_stage.c: makes stage s current (trainable set, shards, optimizer state carried over). */
 int st_trainer_enter_stage(trainer *t, int s);
 
 int st_trainer_step(trainer *t, int64_t step, st_step_result *r);

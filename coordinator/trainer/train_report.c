@@ -35,12 +35,9 @@ static void json_task_map(st_strbuf *b, const trainer *t, const char *key, int w
     st_strbuf_append(b, "}", 1);
 }
 
-void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const double *val, const double *val_n) {
+/* Every rank: the step report its telemetry thread pushes to rank 0. */
+static void report_telemetry(trainer *t, int64_t step, const st_step_result *r, double mfu) {
     const st_config *c = t->cfg;
-    uint64_t step_tokens = (uint64_t)t->world * t->slots * t->T;
-    double tps = step_tokens / r->seconds;
-    /* model FLOPs utilization of a full training step (6N + 12 L T C per token) */
-    double mfu = t->peak_flops > 0 ? st_model_flops_per_token(&t->model, t->T) * tps / t->peak_flops : 0.0;
     if (t->tel) {
         st_step_report rep;
         memset(&rep, 0, sizeof rep);
@@ -62,7 +59,12 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
         rep.stage = t->stage;
         st_telemetry_report(t->tel, &rep);
     }
-    if (t->rank != 0) return;
+}
+
+/* Rank 0: one line of metrics.jsonl. */
+static void report_metrics(trainer *t, int64_t step, const st_step_result *r, const double *val, double tps,
+                           double mfu) {
+    const st_config *c = t->cfg;
     st_strbuf b = {0};
     st_strbuf_printf(&b, "{\"step\":%lld", (long long)step + 1);
     json_number(&b, "loss", r->loss); /* JSON has no nan: a non-finite value is null */
@@ -100,7 +102,6 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
             if (k + 1 < t->n_tasks) st_strbuf_append(&b, ",", 1);
         }
         st_strbuf_append(&b, "}", 1);
-        (void)val_n;
     }
     st_strbuf_append(&b, "}\n", 2);
     if (b.data) {
@@ -108,6 +109,12 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
         fflush(t->metrics);
     }
     st_strbuf_free(&b);
+}
+
+/* Rank 0: the console line every train.log_every steps and at the last step. */
+static void report_console(const trainer *t, int64_t step, const st_step_result *r, const double *val, double tps,
+                           double mfu) {
+    const st_config *c = t->cfg;
     if (c->train.log_every > 0 && ((step + 1) % c->train.log_every == 0 || step + 1 == c->train.steps)) {
         printf("step %5lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | MFU %.0f%% | %.0f ms",
                (long long)step + 1, (long long)c->train.steps, r->loss, (double)r->lr, r->grad_norm, tps, 100 * mfu,
@@ -123,6 +130,18 @@ void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const 
         printf("\n");
         fflush(stdout);
     }
+}
+
+void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const double *val, const double *val_n) {
+    uint64_t step_tokens = (uint64_t)t->world * t->slots * t->T;
+    double tps = step_tokens / r->seconds;
+    /* model FLOPs utilization of a full training step (6N + 12 L T C per token) */
+    double mfu = t->peak_flops > 0 ? st_model_flops_per_token(&t->model, t->T) * tps / t->peak_flops : 0.0;
+    (void)val_n;
+    report_telemetry(t, step, r, mfu);
+    if (t->rank != 0) return;
+    report_metrics(t, step, r, val, tps, mfu);
+    report_console(t, step, r, val, tps, mfu);
 }
 
 

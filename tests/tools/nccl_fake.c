@@ -246,8 +246,8 @@ static void train(const st_backend *be, const options *o, double *losses, double
     st_optim opt;
     st_optim_config oc = {3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, ST_SCHED_CONSTANT, 0, 0, 0.0f, 1.0f};
     size_t lo, hi;
-    if (st_comm_init(&comm, MPI_COMM_WORLD, o->stage, &m)) goto fail;
-    comm.bucket_bytes = o->bucket_bytes;
+    if (st_comm_init(&comm, MPI_COMM_WORLD, &(st_comm_options){.stage = o->stage, .bucket_bytes = o->bucket_bytes}, &m))
+        goto fail;
     st_comm_optim_range(&comm, &lo, &hi);
     if (st_optim_init(&opt, &oc, lo, hi, &m, be)) goto fail;
     int N = 2 * 16;

@@ -71,7 +71,7 @@ static void test_defaults(void **state) {
     assert_int_equal(c.train.grad_accum, 1);
     assert_int_equal(c.train.seq_len, 512);
     assert_true(c.train.lr == 2.0e-5);
-    assert_int_equal(c.train.schedule, ST_SCHEDULE_COSINE);
+    assert_int_equal(c.train.schedule, ST_SCHED_COSINE);
     assert_int_equal(c.train.warmup_steps, 50);
     assert_true(c.train.min_lr_ratio == 0.1);
     assert_true(c.train.weight_decay == 0.0);
@@ -82,7 +82,7 @@ static void test_defaults(void **state) {
     assert_int_equal(c.finetune.mode, ST_FINETUNE_FULL);
     assert_string_equal(c.finetune.train_layers, "-4");
     assert_int_equal(c.finetune.train_modules,
-                     ST_MODULE_ATTN | ST_MODULE_MLP | ST_MODULE_NORM | ST_MODULE_EMBED | ST_MODULE_HEAD);
+                     ST_MOD_ATTN | ST_MOD_MLP | ST_MOD_NORM | ST_MOD_EMBED | ST_MOD_HEAD);
     assert_int_equal(c.finetune.n_stages, 0);
     assert_int_equal(c.finetune.unfreeze_every, 0);
     assert_true(c.finetune.layer_lr_decay == 1.0);
@@ -182,7 +182,7 @@ static void check_full(const st_config *c) {
     assert_int_equal(c->train.grad_accum, 3);
     assert_int_equal(c->train.seq_len, 128);
     assert_true(c->train.lr == 3.0e-4);
-    assert_int_equal(c->train.schedule, ST_SCHEDULE_LINEAR);
+    assert_int_equal(c->train.schedule, ST_SCHED_LINEAR);
     assert_int_equal(c->train.warmup_steps, 10);
     assert_true(c->train.min_lr_ratio == 0.05);
     assert_true(c->train.weight_decay == 0.01);
@@ -192,15 +192,15 @@ static void check_full(const st_config *c) {
     assert_int_equal(c->train.log_every, 5);
     assert_int_equal(c->finetune.mode, ST_FINETUNE_PROGRESSIVE);
     assert_string_equal(c->finetune.train_layers, "0-3,10-11");
-    assert_int_equal(c->finetune.train_modules, ST_MODULE_ATTN | ST_MODULE_MLP | ST_MODULE_HEAD);
+    assert_int_equal(c->finetune.train_modules, ST_MOD_ATTN | ST_MOD_MLP | ST_MOD_HEAD);
     assert_int_equal(c->finetune.n_stages, 2);
     assert_int_equal(c->finetune.stages[0].at_step, 0);
     assert_string_equal(c->finetune.stages[0].train_layers, "-2");
     /* a stage without train_modules inherits finetune.train_modules */
-    assert_int_equal(c->finetune.stages[0].train_modules, ST_MODULE_ATTN | ST_MODULE_MLP | ST_MODULE_HEAD);
+    assert_int_equal(c->finetune.stages[0].train_modules, ST_MOD_ATTN | ST_MOD_MLP | ST_MOD_HEAD);
     assert_int_equal(c->finetune.stages[1].at_step, 200);
     assert_string_equal(c->finetune.stages[1].train_layers, "-6");
-    assert_int_equal(c->finetune.stages[1].train_modules, ST_MODULE_ATTN | ST_MODULE_NORM);
+    assert_int_equal(c->finetune.stages[1].train_modules, ST_MOD_ATTN | ST_MOD_NORM);
     assert_int_equal(c->finetune.unfreeze_every, 0);
     assert_true(c->finetune.layer_lr_decay == 0.9);
     assert_int_equal(c->sharding.stage, 2);
@@ -283,12 +283,12 @@ static void test_override_lists(void **state) {
     if (rc) fail_msg("%s", st_error());
     assert_true(c.train.betas[0] == 0.9 && c.train.betas[1] == 0.99);
     assert_true(c.split[0] == 0.9 && c.split[1] == 0.05 && c.split[2] == 0.05);
-    assert_int_equal(c.finetune.train_modules, ST_MODULE_ATTN | ST_MODULE_MLP);
+    assert_int_equal(c.finetune.train_modules, ST_MOD_ATTN | ST_MOD_MLP);
     assert_int_equal(c.finetune.n_stages, 2);
     assert_string_equal(c.finetune.stages[0].train_layers, "-1");
     assert_int_equal(c.finetune.stages[1].at_step, 10);
     assert_string_equal(c.finetune.stages[1].train_layers, "all");
-    assert_int_equal(c.finetune.stages[1].train_modules, ST_MODULE_ATTN | ST_MODULE_MLP);
+    assert_int_equal(c.finetune.stages[1].train_modules, ST_MOD_ATTN | ST_MOD_MLP);
 }
 
 static void test_override_indexed(void **state) {
@@ -775,18 +775,18 @@ static void test_docs_examples(void **state) {
 
 static void test_names(void **state) {
     (void)state;
-    assert_string_equal(st_schedule_name(ST_SCHEDULE_LINEAR), "linear");
+    assert_string_equal(st_schedule_name(ST_SCHED_LINEAR), "linear");
     assert_string_equal(st_finetune_mode_name(ST_FINETUNE_PROGRESSIVE), "progressive");
     assert_string_equal(st_backend_name(ST_BACKEND_CUDA), "cuda");
     assert_string_equal(st_precision_name(ST_PRECISION_BF16), "bf16");
     assert_string_equal(st_precision_name(ST_PRECISION_FP32), "fp32");
     assert_string_equal(st_mixing_name(ST_MIXING_WEIGHTS), "weights");
     assert_string_equal(st_loss_weighting_name(ST_LOSS_WEIGHTING_UNCERTAINTY), "uncertainty");
-    assert_string_equal(st_module_name(ST_MODULE_EMBED), "embed");
+    assert_string_equal(st_module_name(ST_MOD_EMBED), "embed");
     assert_string_equal(st_module_name(3), "?");
     assert_string_equal(st_signal_name(SIGUSR1), "USR1");
     assert_string_equal(st_signal_name(0), "none");
-    assert_string_equal(st_schedule_name((st_schedule_kind)9), "?");
+    assert_string_equal(st_schedule_name((st_schedule)9), "?");
 }
 
 int main(void) {

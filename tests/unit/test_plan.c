@@ -126,7 +126,7 @@ static void check_plan_against_model(const st_config *c, const st_model_config *
             st_comm comm;
             st_optim o;
             st_optim_config oc = {0};
-            assert_int_equal(st_comm_init(&comm, MPI_COMM_SELF, c->sharding.stage, &m), 0);
+            assert_int_equal(st_comm_init(&comm, MPI_COMM_SELF, &(st_comm_options){.stage = c->sharding.stage}, &m), 0);
             size_t lo, hi;
             st_comm_optim_range(&comm, &lo, &hi);
             assert_int_equal(st_optim_init(&o, &oc, lo, hi, &m, m.be), 0);

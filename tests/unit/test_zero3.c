@@ -60,7 +60,7 @@ static void train(st_model *m, int stage, int accum, double loss[4]) {
     st_optim_config oc = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f,
                           .schedule = ST_SCHED_CONSTANT, .total_steps = 2, .min_lr_ratio = 1.0f,
                           .layer_lr_decay = 1.0f};
-    assert_int_equal(st_comm_init(&c, MPI_COMM_SELF, stage, m), 0);
+    assert_int_equal(st_comm_init(&c, MPI_COMM_SELF, &(st_comm_options){.stage = stage}, m), 0);
     size_t lo, hi;
     st_comm_optim_range(&c, &lo, &hi);
     assert_int_equal(st_optim_init(&o, &oc, lo, hi, m, m->be), 0);
@@ -125,7 +125,7 @@ static void test_frozen_one_rank(void **state) {
 
 static void expect_refusal(st_model *m, const char *word) {
     st_comm c;
-    assert_int_equal(st_comm_init(&c, MPI_COMM_SELF, 3, m), ST_ECONFIG);
+    assert_int_equal(st_comm_init(&c, MPI_COMM_SELF, &(st_comm_options){.stage = 3}, m), ST_ECONFIG);
     if (!strstr(st_error(), "sharding.stage 3") || !strstr(st_error(), word))
         fail_msg("refusal '%s' does not name sharding.stage 3 and %s", st_error(), word);
     assert_null(m->acquire);

@@ -89,25 +89,25 @@ static int make_splits(st_loader_task *t, int k, const double split[3], uint64_t
     return 0;
 }
 
-static int make_probabilities(st_loader *L, const double *user_weights, const char *strategy, double temperature,
+static int make_probabilities(st_loader *L, const double *user_weights, st_mixing_strategy strategy, double temperature,
                               int64_t cap) {
     double *w = L->cum_prob, total = 0;
     for (int k = 0; k < L->n_tasks; k++) {
         st_loader_task *t = &L->tasks[k];
         double n = (double)t->n_windows;
         if (cap > 0 && n > (double)cap) n = (double)cap;
-        if (!strcmp(strategy, "proportional")) w[k] = n;
-        else if (!strcmp(strategy, "temperature")) {
+        if (strategy == ST_MIXING_PROPORTIONAL) w[k] = n;
+        else if (strategy == ST_MIXING_TEMPERATURE) {
             if (!(temperature > 0) || !isfinite(temperature))
                 return st_fail(ST_ECONFIG, "mixing.temperature must be > 0 (got %g)", temperature);
             w[k] = pow(n, 1.0 / temperature);
-        } else if (!strcmp(strategy, "weights")) {
+        } else if (strategy == ST_MIXING_WEIGHTS) {
             if (!user_weights) return st_fail(ST_ECONFIG, "mixing.strategy 'weights' needs a weight per task");
             w[k] = user_weights[k];
             if (!(w[k] > 0) || !isfinite(w[k]))
                 return st_fail(ST_ECONFIG, "task '%s': weight must be > 0 (got %g)", t->name, w[k]);
         } else {
-            return st_fail(ST_ECONFIG, "mixing.strategy '%s' is not proportional, temperature or weights", strategy);
+            return st_fail(ST_ECONFIG, "mixing.strategy %d is not proportional, temperature or weights", (int)strategy);
         }
         if (!isfinite(w[k]) || !(w[k] > 0))
             return st_fail(ST_ECONFIG, "task '%s': sampling weight %g is not a positive number", t->name, w[k]);
@@ -192,7 +192,7 @@ static int init_tasks(st_loader *L, const st_dataset *const *datasets, const cha
 }
 
 int st_loader_init(st_loader *L, int n_tasks, const st_dataset *const *datasets, const char *const *names,
-                   const double *user_weights, const char *strategy, double temperature, int64_t cap,
+                   const double *user_weights, st_mixing_strategy strategy, double temperature, int64_t cap,
                    const double split[3], int seq_len, uint64_t seed) {
     st_loader_options o = {n_tasks, datasets, names, user_weights, strategy, temperature, cap,
                            {split[0], split[1], split[2]}, seq_len, seed, ST_PACKING_STREAM};
@@ -219,7 +219,7 @@ int st_loader_open(st_loader *L, const st_loader_options *o) {
     if (!L->tasks || !L->cum_prob) rc = st_fail(ST_ENOMEM, "out of memory for %d tasks", n_tasks);
     if (rc == 0) rc = init_tasks(L, o->datasets, o->names, split);
     if (rc == 0)
-        rc = make_probabilities(L, o->weights, o->strategy ? o->strategy : "proportional", o->temperature, o->cap);
+        rc = make_probabilities(L, o->weights, o->strategy, o->temperature, o->cap);
     if (rc < 0) st_loader_free(L);
     return rc;
 }

@@ -22,12 +22,12 @@
 
 #include "worker/dataset.h"
 #include "worker/packing.h"
+#include "worker/train_kinds.h" /* st_mixing_strategy, st_packing_mode */
 
 enum { ST_SPLIT_TRAIN = 0, ST_SPLIT_VAL = 1, ST_SPLIT_TEST = 2 };
 
 /* train.packing: stream = windows of the concatenated documents (cross documents); documents = whole
  * documents packed per sequence (worker/packing.h), attention and positions reset per document. */
-typedef enum { ST_PACKING_STREAM = 0, ST_PACKING_DOCUMENTS = 1 } st_packing_mode;
 
 #define ST_LOADER_MAX_TASKS 65535
 
@@ -59,16 +59,16 @@ typedef struct {
 } st_loader;
 
 /* What st_loader_open needs. datasets[k] is task k's data; names may be NULL ("task<k>");
- * weights is read only for strategy "weights" (each > 0). strategy: "proportional" (p_k ∝
- * min(n_k, cap)), "temperature" (p_k ∝ min(n_k, cap)^(1/temperature)), "weights" (p_k ∝ weight_k),
- * where n_k = train windows of task k and cap <= 0 means no cap; NULL = "proportional".
+ * weights is read only for ST_MIXING_WEIGHTS (each > 0). strategy: ST_MIXING_PROPORTIONAL (p_k ∝
+ * min(n_k, cap)), ST_MIXING_TEMPERATURE (p_k ∝ min(n_k, cap)^(1/temperature)), ST_MIXING_WEIGHTS (p_k ∝
+ * weight_k), where n_k = train windows of task k and cap <= 0 means no cap.
  * split = train/val/test fractions. All pointers are borrowed for the call only, except the datasets. */
 typedef struct {
     int n_tasks;
     const st_dataset *const *datasets;
     const char *const *names;
     const double *weights;
-    const char *strategy;
+    st_mixing_strategy strategy; /* 0 = ST_MIXING_PROPORTIONAL */
     double temperature;
     int64_t cap;
     double split[3];
@@ -82,7 +82,7 @@ int st_loader_open(st_loader *L, const st_loader_options *o);
 
 /* The same with positional arguments and packing stream (kept for existing callers and tests). */
 int st_loader_init(st_loader *L, int n_tasks, const st_dataset *const *datasets, const char *const *names,
-                   const double *user_weights, const char *strategy, double temperature, int64_t cap,
+                   const double *user_weights, st_mixing_strategy strategy, double temperature, int64_t cap,
                    const double split[3], int seq_len, uint64_t seed);
 
 /* Fills samples [first_slot, first_slot + n_slots) of the next global batch of `global_batch` samples

@@ -707,7 +707,7 @@ static int finish(st_config *c, const char *file, const char *stem) {
         return st_fail(ST_ECONFIG, "%s: split: the three fractions must sum to 1, got %g + %g + %g = %g", file,
                        c->split[0], c->split[1], c->split[2], sum);
     if (!(c->split[0] > 0)) return st_fail(ST_ECONFIG, "%s: split.0: the train fraction must be > 0", file);
-    if (c->train.packing == 1 && c->distill.teacher[0]) /* the teacher's forward knows no document positions */
+    if (c->train.packing == ST_PACKING_DOCUMENTS && c->distill.teacher[0]) /* the teacher's forward knows no document positions */
         return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with distill.teacher", file);
     /* sizes the trainer multiplies in int / size_t: refused here, naming the keys, not overflowed later */
     int64_t per_micro = (int64_t)c->train.micro_batch * c->train.seq_len;

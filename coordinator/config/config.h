@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 #include "kernels/kernels.h" /* st_precision */
-#include "worker/train_kinds.h" /* st_schedule, ST_MOD_* module bits */
+#include "worker/train_kinds.h" /* st_schedule, ST_MOD_* module bits, st_mixing_strategy, st_packing_mode */
 
 #define ST_CFG_PATH_MAX 1024 /* bytes for paths and addresses, NUL included */
 #define ST_CFG_NAME_MAX 128  /* bytes for task names and layer specs */
@@ -28,7 +28,6 @@
 
 typedef enum { ST_BACKEND_AUTO, ST_BACKEND_CPU, ST_BACKEND_CUDA } st_backend_kind;
 typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE, ST_FINETUNE_LORA, ST_FINETUNE_QLORA } st_finetune_mode;
-typedef enum { ST_MIXING_PROPORTIONAL, ST_MIXING_TEMPERATURE, ST_MIXING_WEIGHTS } st_mixing_strategy;
 typedef enum { ST_LOSS_WEIGHTING_NONE, ST_LOSS_WEIGHTING_UNCERTAINTY } st_loss_weighting_kind;
 typedef enum { ST_RESUME_AUTO, ST_RESUME_NONE, ST_RESUME_PATH } st_resume_kind;
 typedef enum { ST_NONFINITE_STOP, ST_NONFINITE_SKIP } st_nonfinite_policy;
@@ -76,7 +75,7 @@ typedef struct {
         int max_nonfinite_skips;    /* skip: stop once this many steps in a row were skipped */
         double loss_spike;          /* 0 = off; else a loss above loss_spike x the recent mean counts as bad */
         double collective_timeout_s; /* a collective not done after this long aborts the job (0 = never) */
-        int packing;                /* 0 stream | 1 documents (st_packing_mode in worker/loader.h) */
+        st_packing_mode packing;    /* stream | documents (worker/train_kinds.h) */
     } train;
 
     struct {

@@ -116,9 +116,9 @@ static int load_data(trainer *t) {
         names[k] = c->tasks[k].name;
         weights[k] = c->tasks[k].weight;
     }
-    st_loader_options lo = {c->n_tasks, ptrs, names, weights, st_mixing_name(c->mixing.strategy),
+    st_loader_options lo = {c->n_tasks, ptrs, names, weights, c->mixing.strategy,
                             c->mixing.temperature, c->mixing.cap, {c->split[0], c->split[1], c->split[2]},
-                            c->train.seq_len, (uint64_t)c->seed, (st_packing_mode)c->train.packing};
+                            c->train.seq_len, (uint64_t)c->seed, c->train.packing};
     int rc = st_loader_open(&t->loader, &lo);
     if (rc) return rc;
     for (int k = 0; k < c->n_tasks && c->train.packing == ST_PACKING_DOCUMENTS && t->rank == 0; k++)

@@ -42,7 +42,7 @@ static st_dataset make_ds(uint64_t n_docs, uint64_t min_len, uint64_t max_len, u
 
 static int init1(st_loader *L, const st_dataset *ds, int T, uint64_t seed) {
     const st_dataset *dss[1] = {ds};
-    return st_loader_init(L, 1, dss, NULL, NULL, "proportional", 1.0, 0, SPLIT, T, seed);
+    return st_loader_init(L, 1, dss, NULL, NULL, ST_MIXING_PROPORTIONAL, 1.0, 0, SPLIT, T, seed);
 }
 
 /* Which document of ds holds token position p. */
@@ -149,7 +149,7 @@ static void run_world(const st_dataset *const *dss, int world, int global_batch,
     st_loader *L = calloc((size_t)world, sizeof *L);
     const char *names[2] = {"a", "b"};
     for (int r = 0; r < world; r++)
-        assert_int_equal(st_loader_init(&L[r], 2, dss, names, NULL, "temperature", 2.0, 0, SPLIT, T, 77), 0);
+        assert_int_equal(st_loader_init(&L[r], 2, dss, names, NULL, ST_MIXING_TEMPERATURE, 2.0, 0, SPLIT, T, 77), 0);
     int per = global_batch / world;
     for (int s = 0; s < steps; s++)
         for (int r = 0; r < world; r++) {
@@ -187,7 +187,7 @@ static void test_world_size_independence(void **state) {
     st_dataset_free(&b);
 }
 
-static void check_proportions(const st_dataset *const *dss, const double *weights, const char *strategy,
+static void check_proportions(const st_dataset *const *dss, const double *weights, st_mixing_strategy strategy,
                               double temperature, int64_t cap, const double *want) {
     enum { T = 4, G = 100, STEPS = 100 };
     st_loader L;
@@ -202,9 +202,9 @@ static void check_proportions(const st_dataset *const *dss, const double *weight
         for (int i = 0; i < G; i++) count[task[i]]++;
     }
     for (int k = 0; k < 3; k++) {
-        if (fabs(p[k] - want[k]) > 1e-12) fail_msg("%s: p[%d] = %g, want %g", strategy, k, p[k], want[k]);
+        if (fabs(p[k] - want[k]) > 1e-12) fail_msg("strategy %d: p[%d] = %g, want %g", (int)strategy, k, p[k], want[k]);
         double freq = count[k] / (double)(G * STEPS);
-        if (fabs(freq - want[k]) > 0.02) fail_msg("%s: task %d drawn %.4f, want %.4f", strategy, k, freq, want[k]);
+        if (fabs(freq - want[k]) > 0.02) fail_msg("strategy %d: task %d drawn %.4f, want %.4f", (int)strategy, k, freq, want[k]);
     }
     free(in);
     free(tg);
@@ -217,7 +217,7 @@ static void test_proportions(void **state) {
     st_dataset d[3] = {make_ds(50, 5, 30, 0, 6), make_ds(100, 20, 60, 0, 7), make_ds(200, 40, 80, 0, 8)};
     const st_dataset *dss[3] = {&d[0], &d[1], &d[2]};
     st_loader L;
-    assert_int_equal(st_loader_init(&L, 3, dss, NULL, NULL, NULL, 1.0, 0, SPLIT, 4, 5), 0);
+    assert_int_equal(st_loader_init(&L, 3, dss, NULL, NULL, ST_MIXING_PROPORTIONAL, 1.0, 0, SPLIT, 4, 5), 0);
     double n[3];
     for (int k = 0; k < 3; k++) n[k] = (double)L.tasks[k].n_windows; /* train windows, re-derived below */
     for (int k = 0; k < 3; k++) assert_true(n[k] == (double)((L.tasks[k].n_tokens[0] - 1) / 4));
@@ -227,23 +227,23 @@ static void test_proportions(void **state) {
     double want[3], sum = 0;
     for (int k = 0; k < 3; k++) sum += n[k];
     for (int k = 0; k < 3; k++) want[k] = n[k] / sum;
-    check_proportions(dss, NULL, "proportional", 1.0, 0, want);
+    check_proportions(dss, NULL, ST_MIXING_PROPORTIONAL, 1.0, 0, want);
 
     int64_t cap = (int64_t)n[1] / 2; /* caps tasks 1 and 2 */
     double c[3];
     sum = 0;
     for (int k = 0; k < 3; k++) sum += c[k] = fmin(n[k], (double)cap);
     for (int k = 0; k < 3; k++) want[k] = c[k] / sum;
-    check_proportions(dss, NULL, "proportional", 1.0, cap, want);
+    check_proportions(dss, NULL, ST_MIXING_PROPORTIONAL, 1.0, cap, want);
 
     sum = 0;
     for (int k = 0; k < 3; k++) sum += c[k] = pow(n[k], 1.0 / 3.0);
     for (int k = 0; k < 3; k++) want[k] = c[k] / sum;
-    check_proportions(dss, NULL, "temperature", 3.0, 0, want);
+    check_proportions(dss, NULL, ST_MIXING_TEMPERATURE, 3.0, 0, want);
 
     const double weights[3] = {5, 1, 2};
     for (int k = 0; k < 3; k++) want[k] = weights[k] / 8.0;
-    check_proportions(dss, weights, "weights", 1.0, 0, want);
+    check_proportions(dss, weights, ST_MIXING_WEIGHTS, 1.0, 0, want);
     for (int k = 0; k < 3; k++) st_dataset_free(&d[k]);
 }
 
@@ -254,7 +254,7 @@ static void test_state_restore(void **state) {
     const st_dataset *dss[2] = {&a, &b};
     const double weights[2] = {1, 3};
     st_loader L1, L2;
-    assert_int_equal(st_loader_init(&L1, 2, dss, NULL, weights, "weights", 1, 0, SPLIT, T, 3), 0);
+    assert_int_equal(st_loader_init(&L1, 2, dss, NULL, weights, ST_MIXING_WEIGHTS, 1, 0, SPLIT, T, 3), 0);
     int32_t in1[MORE][G * T], in2[MORE][G * T], tg[G * T];
     float m[G * T];
     int task1[MORE][G], task2[MORE][G];
@@ -265,11 +265,11 @@ static void test_state_restore(void **state) {
     for (int s = 0; s < MORE; s++) assert_int_equal(st_loader_next(&L1, G, 0, G, in1[s], tg, m, task1[s]), 0);
     assert_true(L1.tasks[0].epoch + L1.tasks[1].epoch > 0); /* the run crossed an epoch boundary */
 
-    assert_int_equal(st_loader_init(&L2, 2, dss, NULL, weights, "weights", 1, 0, SPLIT, T, 3), 0);
+    assert_int_equal(st_loader_init(&L2, 2, dss, NULL, weights, ST_MIXING_WEIGHTS, 1, 0, SPLIT, T, 3), 0);
     assert_int_equal(st_loader_state_restore(&L2, words, st_loader_state_words(&L2)), 0);
     /* Resume on "two ranks": halves of the batch from two restored loaders give the same samples. */
     st_loader L3;
-    assert_int_equal(st_loader_init(&L3, 2, dss, NULL, weights, "weights", 1, 0, SPLIT, T, 3), 0);
+    assert_int_equal(st_loader_init(&L3, 2, dss, NULL, weights, ST_MIXING_WEIGHTS, 1, 0, SPLIT, T, 3), 0);
     assert_int_equal(st_loader_state_restore(&L3, words, st_loader_state_words(&L3)), 0);
     for (int s = 0; s < MORE; s++) {
         assert_int_equal(st_loader_next(&L2, G, 0, G / 2, in2[s], tg, m, task2[s]), 0);
@@ -280,7 +280,7 @@ static void test_state_restore(void **state) {
     st_loader_free(&L2);
 
     /* A different seed is refused. */
-    assert_int_equal(st_loader_init(&L2, 2, dss, NULL, weights, "weights", 1, 0, SPLIT, T, 4), 0);
+    assert_int_equal(st_loader_init(&L2, 2, dss, NULL, weights, ST_MIXING_WEIGHTS, 1, 0, SPLIT, T, 4), 0);
     assert_true(st_loader_state_restore(&L2, words, st_loader_state_words(&L2)) < 0);
     assert_non_null(strstr(st_error(), "seed"));
     st_loader_free(&L1);
@@ -324,21 +324,21 @@ static void test_eval_and_errors(void **state) {
     /* Errors name the task and the numbers. */
     const st_dataset *dss[2] = {&ds, &ds};
     const char *names[2] = {"qa", "chat"};
-    assert_true(st_loader_init(&L, 2, dss, names, NULL, "proportional", 1, 0, SPLIT, 100000, 1) < 0);
+    assert_true(st_loader_init(&L, 2, dss, names, NULL, ST_MIXING_PROPORTIONAL, 1, 0, SPLIT, 100000, 1) < 0);
     assert_non_null(strstr(st_error(), "task 'qa': its train split has"));
     assert_non_null(strstr(st_error(), "seq_len+1 = 100001"));
     const double bad_w[2] = {1, 0};
-    assert_true(st_loader_init(&L, 2, dss, names, bad_w, "weights", 1, 0, SPLIT, 4, 1) < 0);
+    assert_true(st_loader_init(&L, 2, dss, names, bad_w, ST_MIXING_WEIGHTS, 1, 0, SPLIT, 4, 1) < 0);
     assert_non_null(strstr(st_error(), "task 'chat': weight must be > 0"));
-    assert_true(st_loader_init(&L, 2, dss, names, NULL, "uniformish", 1, 0, SPLIT, 4, 1) < 0);
-    assert_non_null(strstr(st_error(), "uniformish"));
-    assert_true(st_loader_init(&L, 2, dss, names, NULL, "temperature", 0, 0, SPLIT, 4, 1) < 0);
+    assert_true(st_loader_init(&L, 2, dss, names, NULL, (st_mixing_strategy)7, 1, 0, SPLIT, 4, 1) < 0);
+    assert_non_null(strstr(st_error(), "mixing.strategy 7 is not"));
+    assert_true(st_loader_init(&L, 2, dss, names, NULL, ST_MIXING_TEMPERATURE, 0, 0, SPLIT, 4, 1) < 0);
     const double bad_split[3] = {0.5, 0.1, 0.1};
-    assert_true(st_loader_init(&L, 2, dss, names, NULL, NULL, 1, 0, bad_split, 4, 1) < 0);
+    assert_true(st_loader_init(&L, 2, dss, names, NULL, ST_MIXING_PROPORTIONAL, 1, 0, bad_split, 4, 1) < 0);
     assert_non_null(strstr(st_error(), "sum to"));
     st_dataset empty = {0};
     const st_dataset *with_empty[2] = {&ds, &empty};
-    assert_true(st_loader_init(&L, 2, with_empty, names, NULL, NULL, 1, 0, SPLIT, 4, 1) < 0);
+    assert_true(st_loader_init(&L, 2, with_empty, names, NULL, ST_MIXING_PROPORTIONAL, 1, 0, SPLIT, 4, 1) < 0);
     assert_non_null(strstr(st_error(), "task 'chat' has no data"));
     assert_int_equal(init1(&L, &ds, 4, 1), 0);
     int32_t x[8], y[8];

@@ -137,7 +137,7 @@ static void check_sequence(const st_dataset *ds, int T, const int32_t *in, const
 }
 
 static st_loader_options docs_opts(const st_dataset *const *dss, int n, int T, uint64_t seed) {
-    st_loader_options o = {n, dss, NULL, NULL, "proportional", 1.0, 0, {0.8, 0.1, 0.1}, T, seed,
+    st_loader_options o = {n, dss, NULL, NULL, ST_MIXING_PROPORTIONAL, 1.0, 0, {0.8, 0.1, 0.1}, T, seed,
                            ST_PACKING_DOCUMENTS};
     return o;
 }

@@ -27,6 +27,7 @@
 #include "kernels/bf16.h"
 #include "worker/lora.h"
 #include "worker/qlora.h"
+#include "worker/prompt.h"
 
 /* ---------------- registry ---------------- */
 
@@ -190,6 +191,7 @@ void st_model_free(st_model *m) {
     if (!m->be) { /* registry only (st_model_build_registry) */
         free(m->params);
         st_lora_free(m->lora);
+        st_prompt_free(m->prompt);
         st_qlora_free(m->qlora);
         memset(m, 0, sizeof *m);
         return;
@@ -205,6 +207,7 @@ void st_model_free(st_model *m) {
     free(m->layer_acts);
     free(m->params);
     st_lora_free(m->lora);
+    st_prompt_free(m->prompt);
     st_qlora_free(m->qlora);
     memset(m, 0, sizeof *m);
 }
@@ -249,7 +252,7 @@ int st_model_init_random(st_model *m, uint64_t seed) {
 static int param_selected(const st_model *m, int idx, const unsigned char *layer_mask, unsigned mods) {
     const st_param *p = &m->params[idx];
     if (p->layer >= 0) return layer_mask[p->layer] && (mods & (unsigned)p->kind);
-    if (p->kind == ST_MOD_HEAD) return (mods & ST_MOD_HEAD) != 0;
+    if (p->kind == ST_MOD_HEAD || p->kind == ST_MOD_PROMPT) return (mods & (unsigned)p->kind) != 0;
     /* embeddings; index 0 (wte / embed_tokens) doubles as the head when tied */
     int as_embed = (mods & ST_MOD_EMBED) && layer_mask[0];
     int as_head = idx == 0 && m->cfg.tied_embeddings && (mods & ST_MOD_HEAD);
@@ -282,6 +285,7 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
             off += p->numel;
             if (p->layer >= 0 && p->layer < lowest) lowest = p->layer;
             /* a trained embedding (also a tied head) needs the gradient through every layer */
+            if (p->kind == ST_MOD_EMBED || p->kind == ST_MOD_PROMPT) lowest = 0;
             if (p->kind == ST_MOD_EMBED) m->embed_trained = 1;
         } else {
             p->grad_offset = -1;
@@ -695,7 +699,9 @@ int st_model_check_seq_len(const st_model_config *c, int T) {
 
 int st_model_alloc_activations(st_model *m, int B, int T) {
     if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);
-    int rc = st_model_check_seq_len(&m->cfg, T);
+    int rc = m->prompt ? st_prompt_reserve(m, B, T) : 0;
+    T += st_prompt_tokens(m); /* the virtual tokens lead every sequence */
+    if (!rc) rc = st_model_check_seq_len(&m->cfg, T);
     if (rc) return rc;
     const st_backend *be = m->be;
     be->free(m->rope_cos);
@@ -950,6 +956,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         be->to_bf16(m->weights_bf16, m->weights, m->n_weights);
         m->weights_bf16_stale = 0;
     }
+    if (m->prompt) st_prompt_widen(m, inputs, targets, weight, &inputs, &targets, &weight); /* [B, V + T] */
     be->copy_to_device(b.tokens, inputs, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
@@ -957,6 +964,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
     st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
     be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
+    if (m->prompt) st_prompt_forward(m, la[0].res_in); /* the virtual rows */
     if (!tied) st_model_release(m, 0, e0);
     for (int l = 0; l < L; l++) {
         st_model_acquire(m, layer_first_param(m, l), layer_first_param(m, l + 1));
@@ -1075,6 +1083,10 @@ void st_model_backward(st_model *m) {
         be->embedding_bwd(gptr(m, 0), c->family == ST_FAMILY_GPT2 ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B,
                           m->T, c->d_model);
     report_ready(m, 0, layer_first_param(m, 0));
+    if (m->prompt) {
+        st_prompt_backward(m, b.dres);
+        report_ready(m, st_prompt_param(m), st_prompt_param(m) + 1);
+    }
 }
 
 double st_model_flops_per_token(const st_model *m, int T) {

@@ -151,7 +151,7 @@ int main(int argc, char **argv) {
                             .double_quant = strstr(qlora, "-dq") != NULL, .block = qblock};
         rc = steps ? st_fail(ST_EINVAL, "--qlora with --steps is not supported") : st_qlora_quantize(&m, &qs);
     }
-    if (!rc) rc = st_model_set_trainable(&m, all, adapter ? ST_MOD_LORA : ST_MOD_ALL);
+    if (!rc) rc = st_model_set_trainable(&m, all, adapter ? (m.prompt ? ST_MOD_PROMPT : ST_MOD_LORA) : ST_MOD_ALL);
     if (!rc) rc = st_model_alloc_activations(&m, B, T);
     if (!rc && strcmp(precision, "fp32") && strcmp(precision, "bf16"))
         rc = st_fail(ST_EINVAL, "--precision %s: expected fp32 or bf16", precision);
@@ -163,7 +163,7 @@ int main(int argc, char **argv) {
     }
     if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
     if (teacher_dir) st_distill_attach(&kd, &m, in);
-    size_t N = (size_t)B * T;
+    size_t N = (size_t)B * m.T; /* a prompt (worker/prompt.h) widens the rows */
     outlist o = {0};
     float *logits = malloc(N * (size_t)m.cfg.vocab * sizeof(float));
     m.capture_logits = logits;

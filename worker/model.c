@@ -979,6 +979,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     if (tied) st_model_release(m, 0, e0);
     if (m->hidden_only) return 0.0;
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
+    if (m->prompt) st_prompt_real_rows(m, m->loss_per_pos); /* [B, T] as the caller's batch */
     return loss;
 }
 

@@ -152,3 +152,9 @@ void st_prompt_backward(st_model *m, const float *dx) {
     for (int b = 0; b < p->B; b++)
         for (size_t k = 0; k < (size_t)V * C; k++) g[k] += dx[(size_t)b * Tm * C + k];
 }
+
+void st_prompt_real_rows(const st_model *m, float *x) {
+    const st_prompt *p = m->prompt;
+    for (int b = 0; b < p->B; b++) /* destination never past the source: ascending b is safe */
+        memmove(x + (size_t)b * p->T, x + (size_t)b * (p->V + p->T) + p->V, (size_t)p->T * sizeof *x);
+}

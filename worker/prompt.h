@@ -8,8 +8,9 @@
  * allocated with T + V positions (st_model_alloc_activations adds V); st_model_forward takes the caller's
  * [B, T] inputs/targets/weights and widens them (virtual rows: token 0, weight 0), then overwrites the
  * virtual rows of the embedding output with the prompt. Backward takes the prompt's gradient from the
- * residual gradient of those rows; no base weight trains. Everything sized B x T by the model
- * (loss_per_pos, capture_logits) is B x (V + T) with the prompt rows first in each sequence.
+ * residual gradient of those rows; no base weight trains. loss_per_pos holds the caller's [B, T] real
+ * positions (the first B x T floats); capture_logits is B x (V + T) rows, the prompt rows first in each
+ * sequence.
  *
  * The prompt is one registry entry "prompt_embeddings" [V, C] (kind ST_MOD_PROMPT, layer -1) appended
  * after the base parameters with its floats appended to the weight buffer, so gradients, the ZeRO shard
@@ -54,5 +55,8 @@ void st_prompt_forward(st_model *m, float *x);
 
 /* Accumulates the prompt's gradient from the residual gradient dx [B*(V+T), C] of the embedding output. */
 void st_prompt_backward(st_model *m, const float *dx);
+
+/* Compacts a [B, V + T] per-position array in place to the real positions [B, T] (the first B x T). */
+void st_prompt_real_rows(const st_model *m, float *x);
 
 #endif

@@ -16,11 +16,23 @@
 #include "common/error.h"
 #include "worker/comm.h"
 #include "worker/lora.h"
+#include "worker/prompt.h"
 #include "worker/qlora.h"
 
 /* ---------------- adapters ---------------- */
 
+static int attach_prompt(const st_config *c, st_model *m) {
+    /* worker/prompt.c reads the prompt in place (no residency hooks) and runs host loops */
+    if (c->sharding.stage >= 3)
+        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with sharding.stage %d is not supported yet (use 0, 1 or 2)",
+                       c->sharding.stage);
+    if (c->precision != ST_PRECISION_FP32)
+        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with precision bf16 is not supported yet (use fp32)");
+    return st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
+}
+
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
+    if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
@@ -113,6 +125,10 @@ int st_plan_stages(const st_config *c, const st_model *m, st_stage_list *out) {
     case ST_FINETUNE_QLORA: /* the adapters alone (st_plan_attach_adapters), every base weight frozen */
         rc = m->lora ? add_stage(out, m, 0, "all", ST_MOD_LORA, "finetune.mode lora")
                      : st_fail(ST_ECONFIG, "finetune.mode lora: the model has no adapters attached");
+        break;
+    case ST_FINETUNE_PROMPT_TUNING: /* the prompt alone, every base weight frozen */
+        rc = m->prompt ? add_stage(out, m, 0, "all", ST_MOD_PROMPT, "finetune.mode prompt_tuning")
+                       : st_fail(ST_ECONFIG, "finetune.mode prompt_tuning: the model has no prompt attached");
         break;
     default: rc = st_fail(ST_ECONFIG, "unknown finetune.mode");
     }

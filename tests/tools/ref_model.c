@@ -172,11 +172,11 @@ int main(int argc, char **argv) {
     *loss = (float)st_model_forward(&m, in, tg, w, 1);
     m.capture_logits = NULL;
     st_model_backward(&m);
-    float *lpp = malloc(N * sizeof(float));
-    memcpy(lpp, m.loss_per_pos, N * sizeof(float));
+    float *lpp = malloc((size_t)B * T * sizeof(float)); /* the batch's positions (a prompt's rows dropped) */
+    memcpy(lpp, m.loss_per_pos, (size_t)B * T * sizeof(float));
     add(&o, dupname("", "logits"), logits, 2, (int64_t)N, m.cfg.vocab);
     add(&o, dupname("", "loss"), loss, 1, 1, 0);
-    add(&o, dupname("", "loss_per_pos"), lpp, 1, (int64_t)N, 0);
+    add(&o, dupname("", "loss_per_pos"), lpp, 1, (int64_t)B * T, 0);
     if (teacher_dir) {
         float *kdv = malloc(sizeof(float)), *cev = malloc(sizeof(float));
         *kdv = (float)kd.kd_sum;

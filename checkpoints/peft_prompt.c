@@ -22,11 +22,18 @@ static char *config_json(const st_model *m, const char *base_model) {
     st_strbuf_printf(&b, ",\n  \"inference_mode\": true,\n  \"modules_to_save\": null,\n");
     st_strbuf_printf(&b, "  \"num_attention_heads\": %d,\n  \"num_layers\": %d,\n", m->cfg.n_head, m->cfg.n_layer);
     st_strbuf_printf(&b, "  \"num_transformer_submodules\": 1,\n  \"num_virtual_tokens\": %d,\n", st_prompt_tokens(m));
+    const char *text = st_prompt_init_text(m), *tok = st_prompt_tokenizer_dir(m);
     st_strbuf_printf(&b, "  \"peft_type\": \"PROMPT_TUNING\",\n  \"peft_version\": \"0.21.2\",\n"
-                         "  \"prompt_tuning_init\": \"RANDOM\",\n  \"prompt_tuning_init_text\": null,\n"
-                         "  \"revision\": null,\n  \"task_type\": \"CAUSAL_LM\",\n");
-    st_strbuf_printf(&b, "  \"token_dim\": %d,\n  \"tokenizer_kwargs\": null,\n  \"tokenizer_name_or_path\": null\n}\n",
-                     m->cfg.d_model);
+                         "  \"prompt_tuning_init\": \"%s\",\n  \"prompt_tuning_init_text\": ", text ? "TEXT" : "RANDOM");
+    if (text) st_strbuf_json_string(&b, text);
+    else st_strbuf_printf(&b, "null");
+    st_strbuf_printf(&b, ",\n  \"revision\": null,\n  \"task_type\": \"CAUSAL_LM\",\n");
+    st_strbuf_printf(&b, "  \"token_dim\": %d,\n  \"tokenizer_kwargs\": null,\n  \"tokenizer_name_or_path\": ", m->cfg.d_model);
+    /* peft's PromptTuningConfig requires it with TEXT init (inference_mode skips the init on load) */
+    if (tok && realpath(tok, abs)) st_strbuf_json_string(&b, abs);
+    else if (tok) st_strbuf_json_string(&b, tok);
+    else st_strbuf_printf(&b, "null");
+    st_strbuf_printf(&b, "\n}\n");
     if (b.failed) { st_strbuf_free(&b); return NULL; }
     return b.data;
 }

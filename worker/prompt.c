@@ -1,4 +1,5 @@
 /* prompt.c — prompt tuning on a st_model (see prompt.h). Host loops: the CPU backend only. */
+#define _DEFAULT_SOURCE /* strdup */
 #include "worker/prompt.h"
 
 #include <stdio.h>
@@ -14,6 +15,7 @@ struct st_prompt {
     int B, T;           /* the reserved batch: B sequences of T real tokens */
     int32_t *in, *tg;   /* [B * (V + T)] widened batch */
     float *w;
+    char *init_text, *tokenizer_dir; /* TEXT init, else NULL */
 };
 
 int st_prompt_tokens(const st_model *m) { return m->prompt ? m->prompt->V : 0; }
@@ -24,8 +26,13 @@ void st_prompt_free(st_prompt *p) {
     free(p->in);
     free(p->tg);
     free(p->w);
+    free(p->init_text);
+    free(p->tokenizer_dir);
     free(p);
 }
+
+const char *st_prompt_init_text(const st_model *m) { return m->prompt ? m->prompt->init_text : NULL; }
+const char *st_prompt_tokenizer_dir(const st_model *m) { return m->prompt ? m->prompt->tokenizer_dir : NULL; }
 
 static int check(const st_model *m, int V) {
     if (V < 1) return st_fail(ST_ECONFIG, "finetune.prompt.virtual_tokens must be >= 1, got %d", V);
@@ -83,8 +90,8 @@ int st_prompt_attach(st_model *m, int V, uint64_t seed) {
     return rc;
 }
 
-int st_prompt_init_ids(st_model *m, const int32_t *ids, int n) {
-    const st_prompt *p = m->prompt;
+int st_prompt_init_ids(st_model *m, const int32_t *ids, int n, const char *text, const char *tokenizer_dir) {
+    st_prompt *p = m->prompt;
     if (!p || n < 1) return st_fail(ST_EINVAL, "prompt TEXT init needs a prompt and at least one token");
     int C = m->cfg.d_model;
     float *dst = m->weights + m->params[p->param].offset;
@@ -94,6 +101,11 @@ int st_prompt_init_ids(st_model *m, const int32_t *ids, int n) {
         memcpy(dst + (size_t)v * C, m->weights + m->params[0].offset + (size_t)id * C, (size_t)C * sizeof(float));
     }
     st_model_weights_changed(m);
+    free(p->init_text);
+    free(p->tokenizer_dir);
+    p->init_text = text ? strdup(text) : NULL;
+    p->tokenizer_dir = tokenizer_dir ? strdup(tokenizer_dir) : NULL;
+    if ((text && !p->init_text) || (tokenizer_dir && !p->tokenizer_dir)) return st_fail(ST_ENOMEM, "out of memory");
     return 0;
 }
 

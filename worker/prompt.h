@@ -40,8 +40,13 @@ int st_prompt_tokens(const st_model *m);
 int st_prompt_param(const st_model *m);
 
 /* TEXT init: the prompt's rows are the embeddings of ids[0..n-1] repeated to V rows (peft's
- * PromptTuningInit.TEXT: the ids repeated then truncated to V). */
-int st_prompt_init_ids(st_model *m, const int32_t *ids, int n);
+ * PromptTuningInit.TEXT: the ids repeated then truncated to V). text and tokenizer_dir are kept for the
+ * adapter config (prompt_tuning_init_text, tokenizer_name_or_path). */
+int st_prompt_init_ids(st_model *m, const int32_t *ids, int n, const char *text, const char *tokenizer_dir);
+
+/* The TEXT init's text and tokenizer directory (NULL for RANDOM init). */
+const char *st_prompt_init_text(const st_model *m);
+const char *st_prompt_tokenizer_dir(const st_model *m);
 
 /* Sizes the widened batch buffers for B sequences of T real tokens (st_model_alloc_activations). */
 int st_prompt_reserve(st_model *m, int B, int T);

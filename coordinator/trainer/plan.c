@@ -11,11 +11,13 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 
 #include "common/error.h"
 #include "worker/comm.h"
 #include "worker/lora.h"
+#include "text/tokenizer.h"
 #include "worker/prompt.h"
 #include "worker/qlora.h"
 
@@ -28,7 +30,25 @@ static int attach_prompt(const st_config *c, st_model *m) {
                        c->sharding.stage);
     if (c->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with precision bf16 is not supported yet (use fp32)");
-    return st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
+    int rc = st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
+    if (rc || !c->finetune.prompt.init_text[0] || !m->be) return rc;
+    /* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens
+     * added, as the tokenizer's call does), repeated and cut to V */
+    char path[ST_CFG_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/tokenizer.json", c->model.path);
+    if (access(path, R_OK) != 0)
+        return st_fail(ST_ECONFIG, "finetune.prompt.init_text needs the model's tokenizer.json (%s has none)", c->model.path);
+    st_tokenizer *tok = NULL;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    const char *text = c->finetune.prompt.init_text;
+    rc = st_tokenizer_load(c->model.path, &tok);
+    if (!rc) rc = st_tokenizer_encode(tok, text, strlen(text), 1, &ids, &n);
+    if (!rc) rc = n ? st_prompt_init_ids(m, ids, (int)n, text, c->model.path)
+                    : st_fail(ST_ECONFIG, "finetune.prompt.init_text encodes to no token");
+    free(ids);
+    st_tokenizer_free(tok);
+    return rc ? st_fail_context(rc, "finetune.prompt.init_text") : 0;
 }
 
 int st_plan_attach_adapters(const st_config *c, st_model *m) {

@@ -8,6 +8,7 @@ against torch in test_prompt_torch.py; here, for a Llama and a GPT-2 model:
     adapter_config.json's PromptTuningConfig fields (peft_type PROMPT_TUNING, task_type CAUSAL_LM,
     num_virtual_tokens, token_dim, num_transformer_submodules 1, num_layers, num_attention_heads);
   * checkpoints hold the prompt only (/model/prompt_embeddings, its AdamW moments) and the base's checksum;
+    `export CKPT --format peft` equals final/ bit for bit; `export CKPT --merge` is refused (one line);
   * resume at another world size: 3 steps on 2 ranks then 1 rank to 6 equals 6 uninterrupted steps;
   * `eval --adapter final` runs and differs from the base model's eval;
   * refusals with one line: virtual_tokens 0, p_tuning, prefix_tuning, bf16, sharding.stage 3 (TEXT init:
@@ -72,6 +73,12 @@ def check_case(root, name, model, data):
                 assert set(f["model"].keys()) == {"prompt_embeddings"}, f"{name}: /model holds {list(f['model'])}"
                 assert set(f["optim"].keys()) == {"prompt_embeddings"}, f"{name}: /optim holds {list(f['optim'])}"
                 assert "adapter_base_checksum" in f.attrs, f"{name}: no adapter_base_checksum"
+            dp.sh([dp.BIN, "export", ck, "--format", "peft", "--out", os.path.join(rd, "x_peft")])
+            x = dp.read_safetensors(os.path.join(rd, "x_peft", "adapter_model.safetensors"))
+            assert set(x) == set(w) and np.array_equal(x["prompt_embeddings"], w["prompt_embeddings"]), \
+                f"{name}: export --format peft differs from final/"
+            r = dp.sh([dp.BIN, "export", ck, "--merge", "--out", os.path.join(rd, "x_m")], check=False)
+            assert r.returncode != 0 and "prompt-tuning adapter cannot be merged" in r.stderr, r.stderr
             print(f"  {name}: final/ as peft writes it, prompt-only checkpoint, losses {got[0]:.4f} -> {got[-1]:.4f}")
             continue
         worst = max(abs(a - b) / abs(a) for a, b in zip(ref, got))

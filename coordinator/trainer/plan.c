@@ -237,7 +237,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
-    r->activations = (st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision,
+    /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
+    r->activations = (st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch,
+                                                      c->train.seq_len + st_prompt_tokens(m), c->precision,
                                                       c->memory.activation_checkpointing) +
                       st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
                      sizeof(float);
@@ -287,7 +289,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     if (c->sharding.stage == 3 && c->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "sharding.stage 3 supports precision fp32 only for now (not bf16); use "
                                    "sharding.stage 2 or precision: fp32");
-    int rc = st_model_check_seq_len(&m->cfg, c->train.seq_len);
+    int rc = st_model_check_seq_len(&m->cfg, c->train.seq_len + st_prompt_tokens(m));
     if (rc) return rc;
     out->world = world;
     out->zero_stage = c->sharding.stage;

@@ -30,6 +30,9 @@ static int attach_prompt(const st_config *c, st_model *m) {
                        c->sharding.stage);
     if (c->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with precision bf16 is not supported yet (use fp32)");
+    /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
+    if (c->distill.teacher[0])
+        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with distill.teacher is not supported yet");
     int rc = st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
     if (rc || !c->finetune.prompt.init_text[0] || !m->be) return rc;
     /* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens

@@ -198,7 +198,10 @@ static int checksum_attr(hid_t d, uint64_t *sum, const char *name, const char *p
     return rc ? st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s has no readable checksum attribute", path, name) : 0;
 }
 
-int st_ckpt_skips_tensor(const st_model *m, int i) { return m->lora && m->params[i].kind != ST_MOD_LORA; }
+int st_ckpt_skips_tensor(const st_model *m, int i) {
+    int k = m->params[i].kind;
+    return (m->lora || m->prompt) && k != ST_MOD_LORA && k != ST_MOD_PROMPT;
+}
 
 uint64_t st_ckpt_base_checksum(const st_model *m, const uint64_t *sums, size_t stride) {
     uint64_t h = 0;
@@ -234,7 +237,7 @@ int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights)
     if (f < 0) return ST_EFORMAT;
     int rc = 0;
     char name[160];
-    if (m->lora) rc = check_base(f, m, host_weights, path);
+    if (m->lora || m->prompt) rc = check_base(f, m, host_weights, path);
     for (int i = 0; !rc && i < m->n_params; i++) {
         const st_param *p = &m->params[i];
         if (st_ckpt_skips_tensor(m, i)) continue; /* check_base kept the model's own */

@@ -265,7 +265,7 @@ static int write_file(writer *w, const st_model *m, const st_optim *o, const st_
     if (!rc && (gm < 0 || go < 0)) rc = st_fail(ST_EIO, "checkpoint %s: cannot create groups: %s", w->path, st_ckpt_h5_reason());
     rc = rc ? rc : agree(w, rc);
     char label[160];
-    if (!rc && m->lora && attr_u64(w->file, "adapter_base_checksum", st_ckpt_base_checksum(m, s->sums, 3)))
+    if (!rc && (m->lora || m->prompt) && attr_u64(w->file, "adapter_base_checksum", st_ckpt_base_checksum(m, s->sums, 3)))
         rc = st_fail(ST_EIO, "checkpoint %s: writing adapter_base_checksum failed: %s", w->path, st_ckpt_h5_reason());
     rc = rc ? rc : agree(w, rc);
     for (int i = 0; !rc && i < m->n_params; i++) {

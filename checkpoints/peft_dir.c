@@ -10,6 +10,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
+#include "checkpoints/peft_prompt.h"
 #include "worker/lora.h"
 
 #define PEFT_NAME_MAX 192
@@ -55,6 +56,7 @@ static char *config_json(const st_model *m, const st_lora_spec *s, const char *b
 }
 
 int st_peft_save_dir(const st_model *m, const char *dir, const char *base_model) {
+    if (m->prompt) return st_peft_prompt_save(m, dir, base_model);
     st_lora_spec spec;
     int rc = st_lora_spec_of(m, &spec);
     if (rc) return rc;
@@ -206,6 +208,11 @@ int st_peft_load_dir(st_model *m, const char *dir) {
     rc = st_json_parse(text, len, &cfg);
     free(text);
     if (rc) return st_fail_context(rc, "%s", path);
+    if (!strcmp(st_json_get_string(cfg, "peft_type", ""), "PROMPT_TUNING")) {
+        rc = st_peft_prompt_load(m, cfg, path, dir);
+        st_json_free(cfg);
+        return rc;
+    }
     unsigned char *layers = malloc((size_t)m->cfg.n_layer);
     st_lora_spec spec;
     rc = layers ? read_spec(cfg, m, path, &spec, layers) : st_fail(ST_ENOMEM, "out of memory");

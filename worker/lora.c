@@ -488,6 +488,8 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
 
 int st_lora_merge(st_model *m) {
     st_lora *lo = m->lora;
+    if (!lo && m->prompt)
+        return st_fail(ST_EINVAL, "a prompt-tuning adapter cannot be merged into the weights and is not supported here yet");
     if (!lo) return st_fail(ST_EINVAL, "the model has no LoRA adapters to merge");
     for (int k = 0; k < lo->n; k++) {
         const adapter *a = &lo->ad[k];

@@ -27,6 +27,7 @@
 #include "kernels/bf16.h"
 #include "worker/lora.h"
 #include "worker/qlora.h"
+#include "worker/prompt.h"
 
 /* ---------------- registry ---------------- */
 
@@ -217,6 +218,7 @@ void st_model_free(st_model *m) {
     if (!m->be) { /* registry only (st_model_build_registry) */
         free(m->params);
         st_lora_free(m->lora);
+        st_prompt_free(m->prompt);
         st_qlora_free(m->qlora);
         memset(m, 0, sizeof *m);
         return;
@@ -233,6 +235,7 @@ void st_model_free(st_model *m) {
     free(m->layer_acts);
     free(m->params);
     st_lora_free(m->lora);
+    st_prompt_free(m->prompt);
     st_qlora_free(m->qlora);
     memset(m, 0, sizeof *m);
 }
@@ -277,7 +280,7 @@ int st_model_init_random(st_model *m, uint64_t seed) {
 static int param_selected(const st_model *m, int idx, const unsigned char *layer_mask, unsigned mods) {
     const st_param *p = &m->params[idx];
     if (p->layer >= 0) return layer_mask[p->layer] && (mods & (unsigned)p->kind);
-    if (p->kind == ST_MOD_HEAD) return (mods & ST_MOD_HEAD) != 0;
+    if (p->kind == ST_MOD_HEAD || p->kind == ST_MOD_PROMPT) return (mods & (unsigned)p->kind) != 0;
     /* embeddings; index 0 (wte / embed_tokens) doubles as the head when tied */
     int as_embed = (mods & ST_MOD_EMBED) && layer_mask[0];
     int as_head = idx == 0 && m->cfg.tied_embeddings && (mods & ST_MOD_HEAD);
@@ -310,6 +313,7 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
             off += p->numel;
             if (p->layer >= 0 && p->layer < lowest) lowest = p->layer;
             /* a trained embedding (also a tied head) needs the gradient through every layer */
+            if (p->kind == ST_MOD_EMBED || p->kind == ST_MOD_PROMPT) lowest = 0;
             if (p->kind == ST_MOD_EMBED) m->embed_trained = 1;
         } else {
             p->grad_offset = -1;
@@ -723,7 +727,9 @@ int st_model_check_seq_len(const st_model_config *c, int T) {
 
 int st_model_alloc_activations(st_model *m, int B, int T) {
     if (B < 1 || T < 1) return st_fail(ST_EINVAL, "micro batch %d x seq_len %d must be positive", B, T);
-    int rc = st_model_check_seq_len(&m->cfg, T);
+    int rc = m->prompt ? st_prompt_reserve(m, B, T) : 0;
+    T += st_prompt_tokens(m); /* the virtual tokens lead every sequence */
+    if (!rc) rc = st_model_check_seq_len(&m->cfg, T);
     if (rc) return rc;
     const st_backend *be = m->be;
     m->doc_pos_on = 0; /* positions were for the old B x T: set them again (st_model_set_doc_positions) */
@@ -983,6 +989,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         be->to_bf16(m->weights_bf16, m->weights, m->n_weights);
         m->weights_bf16_stale = 0;
     }
+    if (m->prompt) st_prompt_widen(m, inputs, targets, weight, &inputs, &targets, &weight); /* [B, V + T] */
     be->copy_to_device(b.tokens, inputs, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
@@ -993,6 +1000,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
     else
         be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
+    if (m->prompt) st_prompt_forward(m, la[0].res_in); /* the virtual rows */
     if (!tied) st_model_release(m, 0, e0);
     for (int l = 0; l < L; l++) {
         st_model_acquire(m, layer_first_param(m, l), layer_first_param(m, l + 1));
@@ -1007,6 +1015,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     if (tied) st_model_release(m, 0, e0);
     if (m->hidden_only) return 0.0;
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
+    if (m->prompt) st_prompt_real_rows(m, m->loss_per_pos); /* [B, T] as the caller's batch */
     return loss;
 }
 
@@ -1120,6 +1129,10 @@ void st_model_backward(st_model *m) {
         if (gpt2 && m->doc_pos_on) be->embedding_pos_bwd(gptr(m, 1), b.dres, m->doc_pos, m->B, m->T, c->d_model);
     }
     report_ready(m, 0, layer_first_param(m, 0));
+    if (m->prompt) {
+        st_prompt_backward(m, b.dres);
+        report_ready(m, st_prompt_param(m), st_prompt_param(m) + 1);
+    }
 }
 
 double st_model_flops_per_token(const st_model *m, int T) {

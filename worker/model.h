@@ -96,13 +96,14 @@ typedef struct {
     int n_base_params;
     size_t n_base_weights;
     struct st_lora *lora;
+    struct st_prompt *prompt; /* prompt tuning (worker/prompt.h): registry entry n_base_params; NULL otherwise */
     /* QLoRA (worker/qlora.h): the layers' projection weights held quantized; their registry offsets point
      * at one layer's dequantization scratch, filled by st_model_acquire. NULL otherwise. */
     struct st_qlora *qlora;
 } st_model;
 
 /* Parameters of the base model (the registry without LoRA adapters). */
-static inline int st_model_base_params(const st_model *m) { return m->lora ? m->n_base_params : m->n_params; }
+static inline int st_model_base_params(const st_model *m) { return m->lora || m->prompt ? m->n_base_params : m->n_params; }
 
 /* Builds the registry and allocates zeroed weights. Validates cfg (clear message on nonsense). */
 int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be);

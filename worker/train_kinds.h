@@ -9,6 +9,8 @@
 enum { ST_MOD_ATTN = 1, ST_MOD_MLP = 2, ST_MOD_NORM = 4, ST_MOD_EMBED = 8, ST_MOD_HEAD = 16, ST_MOD_ALL = 31 };
 /* LoRA adapter tensors (worker/lora.h): never part of ST_MOD_ALL, so only a LoRA trainable set selects them. */
 enum { ST_MOD_LORA = 32 };
+/* The prompt-tuning prompt (worker/prompt.h): like ST_MOD_LORA, outside ST_MOD_ALL. */
+enum { ST_MOD_PROMPT = 64 };
 
 /* Learning-rate schedules (YAML: constant, cosine, linear). */
 typedef enum { ST_SCHED_CONSTANT = 0, ST_SCHED_COSINE = 1, ST_SCHED_LINEAR = 2 } st_schedule;

@@ -27,7 +27,8 @@
 #define ST_CFG_MAX_STAGES 64
 
 typedef enum { ST_BACKEND_AUTO, ST_BACKEND_CPU, ST_BACKEND_CUDA } st_backend_kind;
-typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE, ST_FINETUNE_LORA, ST_FINETUNE_QLORA } st_finetune_mode;
+typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE, ST_FINETUNE_LORA, ST_FINETUNE_QLORA,
+               ST_FINETUNE_PROMPT_TUNING, ST_FINETUNE_P_TUNING, ST_FINETUNE_PREFIX_TUNING } st_finetune_mode;
 typedef enum { ST_LOSS_WEIGHTING_NONE, ST_LOSS_WEIGHTING_UNCERTAINTY } st_loss_weighting_kind;
 typedef enum { ST_RESUME_AUTO, ST_RESUME_NONE, ST_RESUME_PATH } st_resume_kind;
 typedef enum { ST_NONFINITE_STOP, ST_NONFINITE_SKIP } st_nonfinite_policy;
@@ -100,6 +101,15 @@ typedef struct {
             int double_quant;       /* 8-bit quantization of the block scales */
             int block;              /* elements per absmax block */
         } qlora;
+        struct {                    /* mode prompt_tuning (worker/prompt.h); p_tuning adds encoder */
+            int virtual_tokens;
+            char init_text[ST_CFG_PATH_MAX]; /* "" = RANDOM init */
+            int encoder;            /* p_tuning: 0 mlp, 1 lstm (p_tuning is refused for now) */
+        } prompt;
+        struct {                    /* mode prefix_tuning (refused for now) */
+            int virtual_tokens;
+            int projection;
+        } prefix;
     } finetune;
 
     struct {

@@ -27,7 +27,9 @@
 static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
 static const char *const precision_names[] = {"fp32", "bf16", NULL}; /* indexed by st_precision */
 static const char *const schedule_names[] = {"constant", "cosine", "linear", NULL};
-static const char *const mode_names[] = {"full", "frozen", "progressive", "lora", "qlora", NULL};
+static const char *const mode_names[] = {"full",          "frozen",   "progressive",   "lora", "qlora",
+                                        "prompt_tuning", "p_tuning", "prefix_tuning", NULL};
+static const char *const encoder_names[] = {"mlp", "lstm", NULL};
 static const char *const quant_names[] = {"nf4", "int8", NULL}; /* indexed by st_qlora_quant */
 static const char *const mixing_names[] = {"proportional", "temperature", "weights", NULL};
 static const char *const loss_weighting_names[] = {"none", "uncertainty", NULL};
@@ -105,6 +107,23 @@ static const st_key qlora_keys[] = {
     {0},
 };
 
+#define POFF(field) (offsetof(st_config, finetune.prompt.field) - offsetof(st_config, finetune.prompt))
+
+static const st_key prompt_keys[] = {
+    KEY_I32("virtual_tokens", POFF(virtual_tokens), 1, 0, NO_HI),
+    KEY_STR("init_text", POFF(init_text), ST_CFG_PATH_MAX),
+    KEY_ENUM("encoder", POFF(encoder), encoder_names),
+    {0},
+};
+
+#define XOFF(field) (offsetof(st_config, finetune.prefix.field) - offsetof(st_config, finetune.prefix))
+
+static const st_key prefix_keys[] = {
+    KEY_I32("virtual_tokens", XOFF(virtual_tokens), 1, 0, NO_HI),
+    {.name = "projection", .kind = ST_KEY_BOOL, .off = XOFF(projection)},
+    {0},
+};
+
 static const st_key finetune_keys[] = {
     KEY_ENUM("mode", SOFF(finetune, mode), mode_names),
     KEY_STR("train_layers", SOFF(finetune, train_layers), ST_CFG_NAME_MAX),
@@ -116,6 +135,8 @@ static const st_key finetune_keys[] = {
     KEY_F64("layer_lr_decay", SOFF(finetune, layer_lr_decay), 0, 1, ST_KEY_LO_OPEN),
     {.name = "lora", .kind = ST_KEY_SECTION, .off = SOFF(finetune, lora), .sub = lora_keys},
     {.name = "qlora", .kind = ST_KEY_SECTION, .off = SOFF(finetune, qlora), .sub = qlora_keys},
+    {.name = "prompt", .kind = ST_KEY_SECTION, .off = SOFF(finetune, prompt), .sub = prompt_keys},
+    {.name = "prefix", .kind = ST_KEY_SECTION, .off = SOFF(finetune, prefix), .sub = prefix_keys},
     {0},
 };
 
@@ -243,6 +264,8 @@ void st_config_defaults(st_config *c) {
     strcpy(c->finetune.lora.layers, "all");
     c->finetune.qlora.double_quant = 1;
     c->finetune.qlora.block = 64;
+    c->finetune.prompt.virtual_tokens = 20;
+    c->finetune.prefix.virtual_tokens = 20;
 
     c->distill.temperature = 2.0;
     c->distill.alpha = 0.5;

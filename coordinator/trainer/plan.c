@@ -11,16 +11,51 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 
 #include "common/error.h"
 #include "worker/comm.h"
 #include "worker/lora.h"
+#include "text/tokenizer.h"
+#include "worker/prompt.h"
 #include "worker/qlora.h"
 
 /* ---------------- adapters ---------------- */
 
+static int attach_prompt(const st_config *c, st_model *m) {
+    /* worker/prompt.c reads the prompt in place (no residency hooks) and runs host loops */
+    if (c->sharding.stage >= 3)
+        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with sharding.stage %d is not supported yet (use 0, 1 or 2)",
+                       c->sharding.stage);
+    if (c->precision != ST_PRECISION_FP32)
+        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with precision bf16 is not supported yet (use fp32)");
+    /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
+    if (c->distill.teacher[0])
+        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with distill.teacher is not supported yet");
+    int rc = st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
+    if (rc || !c->finetune.prompt.init_text[0] || !m->be) return rc;
+    /* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens
+     * added, as the tokenizer's call does), repeated and cut to V */
+    char path[ST_CFG_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/tokenizer.json", c->model.path);
+    if (access(path, R_OK) != 0)
+        return st_fail(ST_ECONFIG, "finetune.prompt.init_text needs the model's tokenizer.json (%s has none)", c->model.path);
+    st_tokenizer *tok = NULL;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    const char *text = c->finetune.prompt.init_text;
+    rc = st_tokenizer_load(c->model.path, &tok);
+    if (!rc) rc = st_tokenizer_encode(tok, text, strlen(text), 1, &ids, &n);
+    if (!rc) rc = n ? st_prompt_init_ids(m, ids, (int)n, text, c->model.path)
+                    : st_fail(ST_ECONFIG, "finetune.prompt.init_text encodes to no token");
+    free(ids);
+    st_tokenizer_free(tok);
+    return rc ? st_fail_context(rc, "finetune.prompt.init_text") : 0;
+}
+
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
+    if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
@@ -114,6 +149,10 @@ int st_plan_stages(const st_config *c, const st_model *m, st_stage_list *out) {
         rc = m->lora ? add_stage(out, m, 0, "all", ST_MOD_LORA, "finetune.mode lora")
                      : st_fail(ST_ECONFIG, "finetune.mode lora: the model has no adapters attached");
         break;
+    case ST_FINETUNE_PROMPT_TUNING: /* the prompt alone, every base weight frozen */
+        rc = m->prompt ? add_stage(out, m, 0, "all", ST_MOD_PROMPT, "finetune.mode prompt_tuning")
+                       : st_fail(ST_ECONFIG, "finetune.mode prompt_tuning: the model has no prompt attached");
+        break;
     default: rc = st_fail(ST_ECONFIG, "unknown finetune.mode");
     }
     if (rc) st_stage_list_free(out);
@@ -201,7 +240,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
-    r->activations = (st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch, c->train.seq_len, c->precision,
+    /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
+    r->activations = (st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch,
+                                                      c->train.seq_len + st_prompt_tokens(m), c->precision,
                                                       c->memory.activation_checkpointing) +
                       st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
                      sizeof(float);
@@ -251,7 +292,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     if (c->sharding.stage == 3 && c->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "sharding.stage 3 supports precision fp32 only for now (not bf16); use "
                                    "sharding.stage 2 or precision: fp32");
-    int rc = st_model_check_seq_len(&m->cfg, c->train.seq_len);
+    int rc = st_model_check_seq_len(&m->cfg, c->train.seq_len + st_prompt_tokens(m));
     if (rc) return rc;
     out->world = world;
     out->zero_stage = c->sharding.stage;

@@ -36,7 +36,7 @@ static int write_final(trainer *t) {
     if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* left by a crash during an earlier run's write */
     /* the source's config.json text and tokenizer / generation files travel with the weights */
     /* a LoRA run's final/ is the adapter alone, as a peft adapter directory (checkpoints/peft_dir.h) */
-    int rc = t->model.lora ? st_peft_save_dir(&t->model, tmp, t->cfg->model.path)
+    int rc = t->model.lora || t->model.prompt ? st_peft_save_dir(&t->model, tmp, t->cfg->model.path)
                            : st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
     if (rc) {
         rc = st_fail_context(rc, "writing final weights");

@@ -256,6 +256,9 @@ class RefModel:
         assert not missing and not extra, f"tensor set mismatch: missing {sorted(missing)}, extra {sorted(extra)}"
         self.params = {}
         self.lora, self.lora_scale = {}, 0.0  # module name (registry style) -> (A, B)
+        # prompt tuning: [V, C] virtual token embeddings peft's PeftModelForCausalLM concatenates in front
+        # of the token embeddings (no position_ids: positions run 0..V+T-1 over the concatenation)
+        self.prompt = None
         for name, shape in want.items():
             a = np.asarray(named[name])
             assert tuple(a.shape) == shape, f"{name}: shape {a.shape}, expected {shape}"
@@ -303,6 +306,11 @@ class RefModel:
         norm = torch.linalg.norm(w_oi + self.lora_scale * torch.matmul(B, A).detach(), dim=1).detach()
         return (self.dora[module] / norm) * out
 
+    def prepend_prompt(self, emb):
+        if self.prompt is None:
+            return emb
+        return torch.cat([self.prompt[None].expand(emb.shape[0], -1, -1), emb], dim=1)
+
     def head_weight(self):
         if self.c["tied"]:
             return self.params["wte.weight" if self.c["family"] == "gpt2" else "model.embed_tokens.weight"]
@@ -315,9 +323,10 @@ class RefModel:
 
     def _gpt2(self, ids):
         P, c = self.params, self.c
-        B, T = ids.shape
+        h = self.prepend_prompt(P["wte.weight"][ids])
+        B, T = h.shape[:2]
         C, H, hd, eps = c["d_model"], c["n_head"], c["head_dim"], c["eps"]
-        h = P["wte.weight"][ids] + P["wpe.weight"][torch.arange(T)][None]
+        h = h + P["wpe.weight"][torch.arange(T)][None]
         for l in range(c["n_layer"]):
             p = f"h.{l}."
             a = F.layer_norm(h, (C,), P[p + "ln_1.weight"], P[p + "ln_1.bias"], eps)
@@ -336,7 +345,8 @@ class RefModel:
 
     def _llama(self, ids):
         P, c = self.params, self.c
-        B, T = ids.shape
+        h = self.prepend_prompt(P["model.embed_tokens.weight"][ids])
+        B, T = h.shape[:2]
         H, KVH, hd, eps = c["n_head"], c["n_kv_head"], c["head_dim"], c["eps"]
         inv_freq, att = rope_inv_freq(c, T)
         cos, sin = rope_cos_sin(T, hd, inv_freq, att, self.dtype)
@@ -346,7 +356,6 @@ class RefModel:
             y = self.lora_out(x, self.linear_mm(x, W.t()), name, W)
             return y + P[name + ".bias"] if bias else y
 
-        h = P["model.embed_tokens.weight"][ids]
         for l in range(c["n_layer"]):
             p = f"model.layers.{l}."
             a = rms_norm(h, P[p + "input_layernorm.weight"], eps)

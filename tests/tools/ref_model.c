@@ -159,7 +159,7 @@ int main(int argc, char **argv) {
                             .double_quant = strstr(qlora, "-dq") != NULL, .block = qblock};
         rc = steps ? st_fail(ST_EINVAL, "--qlora with --steps is not supported") : st_qlora_quantize(&m, &qs);
     }
-    if (!rc) rc = st_model_set_trainable(&m, all, adapter ? ST_MOD_LORA : ST_MOD_ALL);
+    if (!rc) rc = st_model_set_trainable(&m, all, adapter ? (m.prompt ? ST_MOD_PROMPT : ST_MOD_LORA) : ST_MOD_ALL);
     if (!rc && act_ckpt) rc = st_model_set_activation_checkpointing(&m, 1);
     if (!rc) rc = st_model_alloc_activations(&m, B, T);
     if (!rc && strcmp(precision, "fp32") && strcmp(precision, "bf16"))
@@ -173,7 +173,7 @@ int main(int argc, char **argv) {
     if (!rc && pos) rc = st_model_set_doc_positions(&m, pos);
     if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
     if (teacher_dir) st_distill_attach(&kd, &m, in);
-    size_t N = (size_t)B * T;
+    size_t N = (size_t)B * m.T; /* a prompt (worker/prompt.h) widens the rows */
     outlist o = {0};
     float *logits = malloc(N * (size_t)m.cfg.vocab * sizeof(float));
     m.capture_logits = logits;
@@ -182,11 +182,11 @@ int main(int argc, char **argv) {
     *loss = (float)st_model_forward(&m, in, tg, w, 1);
     m.capture_logits = NULL;
     st_model_backward(&m);
-    float *lpp = malloc(N * sizeof(float));
-    memcpy(lpp, m.loss_per_pos, N * sizeof(float));
+    float *lpp = malloc((size_t)B * T * sizeof(float)); /* the batch's positions (a prompt's rows dropped) */
+    memcpy(lpp, m.loss_per_pos, (size_t)B * T * sizeof(float));
     add(&o, dupname("", "logits"), logits, 2, (int64_t)N, m.cfg.vocab);
     add(&o, dupname("", "loss"), loss, 1, 1, 0);
-    add(&o, dupname("", "loss_per_pos"), lpp, 1, (int64_t)N, 0);
+    add(&o, dupname("", "loss_per_pos"), lpp, 1, (int64_t)B * T, 0);
     if (teacher_dir) {
         float *kdv = malloc(sizeof(float)), *cev = malloc(sizeof(float));
         *kdv = (float)kd.kd_sum;

@@ -408,8 +408,12 @@ static void test_range_errors(void **state) {
     expect_error(with("split: [0, 0.5, 0.5]\n"), 0, NULL, "split.0", "train fraction");
     expect_error(with("sharding: {stage: 4}\n"), 0, NULL, "sharding.stage: expected an integer in 0..3", "'4'");
     expect_error(with("sharding: {stage: -1}\n"), 0, NULL, "sharding.stage", "0..3");
-    expect_error(with("finetune: {mode: prompt_tuning}\n"), 0, NULL,
-                 "finetune.mode: expected one of full, frozen, progressive, lora, qlora", "got 'prompt_tuning'");
+    expect_error(with("finetune: {mode: soft_prompt}\n"), 0, NULL,
+                 "finetune.mode: expected one of full, frozen, progressive, lora, qlora, prompt_tuning", "got 'soft_prompt'");
+    expect_error(with("finetune: {mode: p_tuning}\n"), 0, NULL, "finetune.mode p_tuning is not supported yet", NULL);
+    expect_error(with("finetune: {mode: prefix_tuning}\n"), 0, NULL, "finetune.mode prefix_tuning is not supported yet", NULL);
+    expect_error(with("finetune: {mode: prompt_tuning, prompt: {virtual_tokens: 0}}\n"), 0, NULL,
+                 "finetune.prompt.virtual_tokens", "'0'");
     expect_error(with("finetune: {mode: qlora, qlora: {quant: fp4}}\n"), 0, NULL,
                  "finetune.qlora.quant: expected one of nf4, int8", "'fp4'");
     expect_error(with("finetune: {mode: qlora, qlora: {block: 0}}\n"), 0, NULL, "finetune.qlora.block", "'0'");

@@ -1,0 +1,119 @@
+/* peft_prompt.c — PEFT prompt-tuning adapter directories (see peft_prompt.h). */
+#define _DEFAULT_SOURCE /* realpath */
+#include "checkpoints/peft_prompt.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "checkpoints/safetensors.h"
+#include "common/error.h"
+#include "common/util.h"
+#include "worker/prompt.h"
+
+/* PromptTuningConfig.to_dict() as peft saves it (inference_mode true, as save_pretrained sets). */
+static char *config_json(const st_model *m, const char *base_model) {
+    st_strbuf b = {0};
+    char abs[4096];
+    st_strbuf_printf(&b, "{\n  \"auto_mapping\": null,\n  \"base_model_name_or_path\": ");
+    if (base_model && realpath(base_model, abs)) st_strbuf_json_string(&b, abs);
+    else if (base_model) st_strbuf_json_string(&b, base_model);
+    else st_strbuf_printf(&b, "null");
+    st_strbuf_printf(&b, ",\n  \"inference_mode\": true,\n  \"modules_to_save\": null,\n");
+    st_strbuf_printf(&b, "  \"num_attention_heads\": %d,\n  \"num_layers\": %d,\n", m->cfg.n_head, m->cfg.n_layer);
+    st_strbuf_printf(&b, "  \"num_transformer_submodules\": 1,\n  \"num_virtual_tokens\": %d,\n", st_prompt_tokens(m));
+    const char *text = st_prompt_init_text(m), *tok = st_prompt_tokenizer_dir(m);
+    st_strbuf_printf(&b, "  \"peft_type\": \"PROMPT_TUNING\",\n  \"peft_version\": \"0.21.2\",\n"
+                         "  \"prompt_tuning_init\": \"%s\",\n  \"prompt_tuning_init_text\": ", text ? "TEXT" : "RANDOM");
+    if (text) st_strbuf_json_string(&b, text);
+    else st_strbuf_printf(&b, "null");
+    st_strbuf_printf(&b, ",\n  \"revision\": null,\n  \"task_type\": \"CAUSAL_LM\",\n");
+    st_strbuf_printf(&b, "  \"token_dim\": %d,\n  \"tokenizer_kwargs\": null,\n  \"tokenizer_name_or_path\": ", m->cfg.d_model);
+    /* peft's PromptTuningConfig requires it with TEXT init (inference_mode skips the init on load) */
+    if (tok && realpath(tok, abs)) st_strbuf_json_string(&b, abs);
+    else if (tok) st_strbuf_json_string(&b, tok);
+    else st_strbuf_printf(&b, "null");
+    st_strbuf_printf(&b, "\n}\n");
+    if (b.failed) { st_strbuf_free(&b); return NULL; }
+    return b.data;
+}
+
+int st_peft_prompt_save(const st_model *m, const char *dir, const char *base_model) {
+    int pi = st_prompt_param(m);
+    if (pi < 0) return st_fail(ST_EINVAL, "the model has no prompt to save");
+    int rc = st_mkdirs(dir);
+    if (rc) return st_fail(rc, "adapter directory %s: %s", dir, st_error());
+    const st_param *p = &m->params[pi];
+    float *host = malloc(p->numel * sizeof(float));
+    char *json = config_json(m, base_model);
+    if (!host || !json) rc = st_fail(ST_ENOMEM, "out of memory writing adapter %s", dir);
+    char path[4200];
+    if (!rc) {
+        m->be->copy_to_host(host, m->weights + p->offset, p->numel * sizeof(float));
+        st_st_write_item it = {.name = "prompt_embeddings", .data = host, .ndim = 2};
+        it.shape[0] = p->shape[0];
+        it.shape[1] = p->shape[1];
+        snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+        rc = st_safetensors_write(path, 1, &it, NULL);
+    }
+    if (!rc) {
+        snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+        rc = st_write_file_atomic(path, json, strlen(json));
+        if (rc) rc = st_fail(rc, "%s: %s", path, st_error());
+    }
+    free(json);
+    free(host);
+    return rc;
+}
+
+static int int_field(const st_json *cfg, const char *key, const char *path, int64_t *out) {
+    int ok = 1;
+    *out = st_json_get_int(cfg, key, -1, &ok);
+    if (!ok || *out < 0) return st_fail(ST_EFORMAT, "%s: %s must be a non-negative integer", path, key);
+    return 0;
+}
+
+static int read_tensor(st_model *m, const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    st_safetensors *st;
+    int rc = st_safetensors_open(path, &st);
+    if (rc) return rc;
+    const st_param *p = &m->params[st_prompt_param(m)];
+    const st_st_tensor *t = st_safetensors_find(st, "prompt_embeddings");
+    for (int i = 0; !rc && i < st_safetensors_count(st); i++)
+        if (strcmp(st_safetensors_tensor(st, i)->name, "prompt_embeddings"))
+            rc = st_fail(ST_EFORMAT, "%s: tensor %s is not part of a prompt-tuning adapter", path,
+                         st_safetensors_tensor(st, i)->name);
+    if (!rc && !t) rc = st_fail(ST_EFORMAT, "%s: tensor prompt_embeddings is missing", path);
+    if (!rc && (t->ndim != 2 || t->shape[0] != p->shape[0] || t->shape[1] != p->shape[1]))
+        rc = st_fail(ST_ESHAPE, "%s: prompt_embeddings has shape [%lld, %lld], adapter_config.json says [%lld, %lld]", path,
+                     (long long)t->shape[0], (long long)(t->ndim > 1 ? t->shape[1] : 0), (long long)p->shape[0],
+                     (long long)p->shape[1]);
+    float *host = rc ? NULL : malloc(p->numel * sizeof(float));
+    if (!rc && !host) rc = st_fail(ST_ENOMEM, "out of memory reading %s", path);
+    if (!rc) rc = st_safetensors_read_f32(st, t, host, p->numel);
+    if (!rc) m->be->copy_to_device(m->weights + p->offset, host, p->numel * sizeof(float));
+    free(host);
+    st_safetensors_close(st);
+    if (!rc) st_model_weights_changed(m);
+    return rc;
+}
+
+int st_peft_prompt_load(st_model *m, const st_json *cfg, const char *path, const char *dir) {
+    const char *task = st_json_get_string(cfg, "task_type", "");
+    if (strcmp(task, "CAUSAL_LM"))
+        return st_fail(ST_EFORMAT, "%s: task_type \"%s\" is not supported (CAUSAL_LM only)", path, task);
+    int64_t V, dim, subs;
+    int rc = int_field(cfg, "num_virtual_tokens", path, &V);
+    if (!rc) rc = int_field(cfg, "token_dim", path, &dim);
+    if (!rc) rc = int_field(cfg, "num_transformer_submodules", path, &subs);
+    if (rc) return rc;
+    if (V < 1 || V > 1000000) return st_fail(ST_EFORMAT, "%s: num_virtual_tokens %lld must be >= 1", path, (long long)V);
+    if (dim != m->cfg.d_model)
+        return st_fail(ST_ESHAPE, "%s: token_dim %lld is not the model's hidden size %d", path, (long long)dim, m->cfg.d_model);
+    if (subs != 1)
+        return st_fail(ST_EFORMAT, "%s: num_transformer_submodules %lld (a decoder-only model has 1)", path, (long long)subs);
+    if ((rc = st_prompt_attach(m, (int)V, 0))) return st_fail_context(rc, "adapter %s", dir);
+    return read_tensor(m, dir);
+}

@@ -1,0 +1,67 @@
+/* prompt.h — prompt tuning (finetune.mode: prompt_tuning): V trainable virtual token embeddings
+ * prepended to every sequence, as peft's PromptEmbedding / PeftModelForCausalLM apply them.
+ *
+ * peft concatenates the prompt [V, C] in front of the token embeddings and passes no position_ids, so
+ * the model sees one sequence of V + T positions: Llama's RoPE positions and GPT-2's learned positions
+ * (wpe[0..V-1] added to the prompt rows) run 0..V+T-1, every real token attends to the whole prompt
+ * (causal mask over the concatenation), and the virtual positions carry label -100. Here the model is
+ * allocated with T + V positions (st_model_alloc_activations adds V); st_model_forward takes the caller's
+ * [B, T] inputs/targets/weights and widens them (virtual rows: token 0, weight 0), then overwrites the
+ * virtual rows of the embedding output with the prompt. Backward takes the prompt's gradient from the
+ * residual gradient of those rows; no base weight trains. loss_per_pos holds the caller's [B, T] real
+ * positions (the first B x T floats); capture_logits is B x (V + T) rows, the prompt rows first in each
+ * sequence.
+ *
+ * The prompt is one registry entry "prompt_embeddings" [V, C] (kind ST_MOD_PROMPT, layer -1) appended
+ * after the base parameters with its floats appended to the weight buffer, so gradients, the ZeRO shard
+ * map, optimizer and checkpoints treat it as any trainable tensor (module mask ST_MOD_PROMPT).
+ *
+ * Memory: st_prompt_attach allocates the table (owned by the model, freed through st_prompt_free by
+ * st_model_free) and the widened host batch buffers (st_prompt_reserve). */
+#ifndef ST_PROMPT_H
+#define ST_PROMPT_H
+
+#include <stdint.h>
+
+#include "worker/model.h"
+
+typedef struct st_prompt st_prompt;
+
+/* Appends the prompt [V, C] initialized as peft's RANDOM init (torch.nn.Embedding: N(0, 1)) from seed.
+ * Must precede st_model_set_trainable and st_model_alloc_activations. ST_ECONFIG: V < 1, bf16 weights,
+ * a non-host backend, adapters already attached. */
+int st_prompt_attach(st_model *m, int virtual_tokens, uint64_t seed);
+void st_prompt_free(st_prompt *p);
+
+/* Number of virtual tokens (0 without a prompt). */
+int st_prompt_tokens(const st_model *m);
+
+/* Registry index of prompt_embeddings, -1 without a prompt. */
+int st_prompt_param(const st_model *m);
+
+/* TEXT init: the prompt's rows are the embeddings of ids[0..n-1] repeated to V rows (peft's
+ * PromptTuningInit.TEXT: the ids repeated then truncated to V). text and tokenizer_dir are kept for the
+ * adapter config (prompt_tuning_init_text, tokenizer_name_or_path). */
+int st_prompt_init_ids(st_model *m, const int32_t *ids, int n, const char *text, const char *tokenizer_dir);
+
+/* The TEXT init's text and tokenizer directory (NULL for RANDOM init). */
+const char *st_prompt_init_text(const st_model *m);
+const char *st_prompt_tokenizer_dir(const st_model *m);
+
+/* Sizes the widened batch buffers for B sequences of T real tokens (st_model_alloc_activations). */
+int st_prompt_reserve(st_model *m, int B, int T);
+
+/* Widens the caller's [B, T] batch into [B, V + T]; the returned pointers stay owned by the table. */
+void st_prompt_widen(st_model *m, const int32_t *in, const int32_t *tg, const float *w, const int32_t **in_out,
+                     const int32_t **tg_out, const float **w_out);
+
+/* Overwrites the virtual rows of the embedding output x [B*(V+T), C] with the prompt (+ wpe for GPT-2). */
+void st_prompt_forward(st_model *m, float *x);
+
+/* Accumulates the prompt's gradient from the residual gradient dx [B*(V+T), C] of the embedding output. */
+void st_prompt_backward(st_model *m, const float *dx);
+
+/* Compacts a [B, V + T] per-position array in place to the real positions [B, T] (the first B x T). */
+void st_prompt_real_rows(const st_model *m, float *x);
+
+#endif

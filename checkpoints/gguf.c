@@ -344,6 +344,9 @@ int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_ty
     if (spec.dora)
         return st_fail(ST_ECONFIG, "gguf: DoRA adapters (use_dora) have no GGUF LoRA form (llama.cpp applies "
                        "W + s B A only); export the merged model instead");
+    if (st_lora_scale(m) == 0.0) /* llama.cpp reads alpha 0 as "unscaled" (scale 1), not as scale 0 */
+        return st_fail(ST_ECONFIG, "gguf: lora_alpha 0 has no GGUF LoRA form (llama.cpp applies alpha 0 as "
+                       "scale 1)");
     gtensor *ts = calloc((size_t)m->n_params + 1, sizeof *ts);
     if (!ts) return st_fail(ST_ENOMEM, "out of memory");
     int n = 0;

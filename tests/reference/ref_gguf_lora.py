@@ -13,7 +13,8 @@ directory written here with numpy (non-zero A and B):
     every adapted tensor, the GGUF export of the merged model (`export ADAPTER --merge`), within float32
     rounding; merging an unpermuted lora_b into a permuted q/k base must NOT match (the check can fail);
   * a LoRA run's checkpoint as SRC: its GGUF adapter holds the tensors of its own `--format peft` export;
-  * DoRA and a base that does not exist are errors, with no file left.
+  * DoRA, lora_alpha 0 (llama.cpp reads it as scale 1) and a base that does not exist are errors, with no
+    file left.
 """
 import json
 import math
@@ -204,6 +205,11 @@ def main():
     bad = run("export", dora, "--out", os.path.join(tmp, "d.gguf"), "--format", "gguf", ok=False)
     check(bad.returncode != 0 and "DoRA" in bad.stderr and not os.path.exists(os.path.join(tmp, "d.gguf")),
           f"DoRA adapter: rc {bad.returncode}, {bad.stderr!r}")
+    zero = os.path.join(tmp, "alpha0")
+    write_adapter(zero, cases[0][1], os.path.join(tmp, "llama"), ["q_proj"], 4, 0.0, False, rng)
+    bad = run("export", zero, "--out", os.path.join(tmp, "z.gguf"), "--format", "gguf", ok=False)
+    check(bad.returncode != 0 and "alpha" in bad.stderr and not os.path.exists(os.path.join(tmp, "z.gguf")),
+          f"lora_alpha 0: rc {bad.returncode}, {bad.stderr!r}")
     bad = run("export", os.path.join(tmp, "llama_adapter"), "--out", os.path.join(tmp, "e.gguf"), "--format", "gguf",
               "--model", os.path.join(tmp, "nowhere"), ok=False)
     check(bad.returncode != 0 and "nowhere" in bad.stderr and not os.path.exists(os.path.join(tmp, "e.gguf")),

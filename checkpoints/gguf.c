@@ -12,6 +12,7 @@
 
 #include "checkpoints/gguf_internal.h"
 #include "common/error.h"
+#include "worker/lora.h"
 
 #define GGUF_ALIGN 32
 #define GGUF_VERSION 3
@@ -263,6 +264,22 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
     return rc;
 }
 
+/* Writes the header, metadata and tensors to `path` atomically; rep->bytes set on success. */
+static int write_atomic(const char *path, const st_gguf_kv *kv, gtensor *ts, int n, st_gguf_report *rep) {
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.partial", path) >= (int)sizeof tmp) return st_fail(ST_EINVAL, "path too long: %s", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) return st_fail(ST_EIO, "cannot create %s", tmp);
+    int rc = write_file(f, kv, ts, n);
+    if (rc == -1) rc = st_fail(ST_EIO, "write failed on %s (disk full?)", tmp);
+    if (!rc && (fflush(f) || fsync(fileno(f)))) rc = st_fail(ST_EIO, "write failed on %s", tmp);
+    if (!rc) rep->bytes = (uint64_t)ftell(f);
+    if (fclose(f) && !rc) rc = st_fail(ST_EIO, "write failed on %s", tmp);
+    if (!rc && rename(tmp, path)) rc = st_fail(ST_EIO, "cannot rename %s to %s", tmp, path);
+    if (rc) remove(tmp);
+    return rc;
+}
+
 int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
                    const char *path, st_gguf_report *rep) {
     st_gguf_report local;
@@ -273,23 +290,82 @@ int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type qu
     int n = 0, rc = build_tensors(m, host_weights, quant, ts, &n, &rep->n_fallback);
     st_gguf_kv kv = {{0}, 0};
     if (!rc) model_metadata(&kv, &m->cfg, quant, opt);
-    if (!rc && opt && opt->tokenizer_dir) rc = st_gguf_add_tokenizer(&kv, opt->tokenizer_dir, &m->cfg, rep);
+    if (!rc && opt && opt->tokenizer_dir)
+        rc = st_gguf_add_tokenizer(&kv, opt->tokenizer_dir, opt->tokenizer_pre, &m->cfg, rep);
     if (!rc && kv.b.failed) rc = st_fail(ST_ENOMEM, "out of memory building GGUF metadata");
-    char tmp[4096];
-    if (!rc && snprintf(tmp, sizeof tmp, "%s.partial", path) >= (int)sizeof tmp)
-        rc = st_fail(ST_EINVAL, "path too long: %s", path);
-    FILE *f = rc ? NULL : fopen(tmp, "wb");
-    if (!rc && !f) rc = st_fail(ST_EIO, "cannot create %s", tmp);
-    if (f) {
-        int wr = write_file(f, &kv, ts, n);
-        if (wr == -1) rc = st_fail(ST_EIO, "write failed on %s (disk full?)", tmp);
-        else rc = wr;
-        if (!rc && (fflush(f) || fsync(fileno(f)))) rc = st_fail(ST_EIO, "write failed on %s", tmp);
-        if (!rc) rep->bytes = (uint64_t)ftell(f);
-        if (fclose(f) && !rc) rc = st_fail(ST_EIO, "write failed on %s", tmp);
-        if (!rc && rename(tmp, path)) rc = st_fail(ST_EIO, "cannot rename %s to %s", tmp, path);
-        if (rc) remove(tmp);
+    if (!rc) rc = write_atomic(path, &kv, ts, n, rep);
+    rep->n_tensors = n;
+    st_strbuf_free(&kv.b);
+    free(ts);
+    return rc;
+}
+
+/* ---------------- LoRA adapters ---------------- */
+
+/* One lora_a / lora_b tensor per adapter matrix, named after the base tensor's GGUF name. A [r, in] and
+ * B [out, r] are stored as they are (ne = [in, r] and [r, out], what llama.cpp's loader checks against
+ * the base tensor); B of a `llama` q/k projection gets the base weight's row permutation, since
+ * (P W) + s (P B) A = P (W + s B A): the adapter then adds to the permuted base exactly what it adds to
+ * the HF weight (convert_lora_to_gguf.py applies LlamaModel.permute to lora_b alone for this reason). */
+static int build_lora_tensors(const st_model *m, const float *w, st_ggml_type quant, gtensor *ts, int *n,
+                              int *fallback) {
+    const st_model_config *c = &m->cfg;
+    int llama_arch = c->family == ST_FAMILY_LLAMA && strcmp(arch_of(c), "llama") == 0;
+    int k = 0, rc;
+    for (int i = 0; i < m->n_params; i++) {
+        int is_b = 0, base = st_lora_base_of(m, i, &is_b);
+        if (base < 0) continue;
+        const st_param *p = &m->params[i], *bp = &m->params[base];
+        gtensor *t = &ts[k++];
+        memset(t, 0, sizeof *t);
+        char bn[56]; /* + ".lora_a" within ggml's 64-byte tensor names */
+        if ((rc = gguf_name(bp->name, bn, sizeof bn))) return rc;
+        snprintf(t->name, sizeof t->name, "%s.lora_%c", bn, is_b ? 'b' : 'a');
+        t->ndim = 2;
+        t->ne[0] = p->shape[1];
+        t->ne[1] = p->shape[0];
+        t->src = w + p->offset;
+        if (llama_arch && is_b && is_suffix(bp->name, "q_proj.weight")) t->permute_heads = c->n_head;
+        if (llama_arch && is_b && is_suffix(bp->name, "k_proj.weight")) t->permute_heads = c->n_kv_head;
+        t->type = pick_type(t, quant, fallback);
     }
+    *n = k;
+    return 0;
+}
+
+int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
+                        const char *path, st_gguf_report *rep) {
+    st_gguf_report local;
+    if (!rep) rep = &local;
+    memset(rep, 0, sizeof *rep);
+    st_lora_spec spec;
+    int rc = st_lora_spec_of(m, &spec);
+    if (rc) return st_fail(ST_EINVAL, "gguf: the model has no LoRA adapters to export");
+    if (spec.dora)
+        return st_fail(ST_ECONFIG, "gguf: DoRA adapters (use_dora) have no GGUF LoRA form (llama.cpp applies "
+                       "W + s B A only); export the merged model instead");
+    if (st_lora_scale(m) == 0.0) /* llama.cpp reads alpha 0 as "unscaled" (scale 1), not as scale 0 */
+        return st_fail(ST_ECONFIG, "gguf: lora_alpha 0 has no GGUF LoRA form (llama.cpp applies alpha 0 as "
+                       "scale 1)");
+    gtensor *ts = calloc((size_t)m->n_params + 1, sizeof *ts);
+    if (!ts) return st_fail(ST_ENOMEM, "out of memory");
+    int n = 0;
+    rc = build_lora_tensors(m, host_weights, quant, ts, &n, &rep->n_fallback);
+    st_gguf_kv kv = {{0}, 0};
+    if (!rc) {
+        st_gguf_kv_str(&kv, "general.architecture", arch_of(&m->cfg));
+        st_gguf_kv_str(&kv, "general.type", "adapter");
+        if (opt && opt->name) st_gguf_kv_str(&kv, "general.name", opt->name);
+        st_gguf_kv_u32(&kv, "general.alignment", GGUF_ALIGN);
+        st_gguf_kv_u32(&kv, "general.file_type", file_type(quant));
+        st_gguf_kv_u32(&kv, "general.quantization_version", 2);
+        st_gguf_kv_str(&kv, "adapter.type", "lora");
+        /* llama.cpp scales by alpha / rank (rank = lora_b's ne[0]); alpha = scale * r keeps rsLoRA's
+         * alpha / sqrt(r) exact too */
+        st_gguf_kv_f32(&kv, "adapter.lora.alpha", (float)(st_lora_scale(m) * st_lora_rank(m)));
+        if (kv.b.failed) rc = st_fail(ST_ENOMEM, "out of memory building GGUF metadata");
+    }
+    if (!rc) rc = write_atomic(path, &kv, ts, n, rep);
     rep->n_tensors = n;
     st_strbuf_free(&kv.b);
     free(ts);

@@ -33,6 +33,7 @@ void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
 typedef struct {
     const char *tokenizer_dir; /* folder with tokenizer.json (+ tokenizer_config.json); NULL: none */
     const char *name;          /* general.name; NULL: omitted */
+    const char *tokenizer_pre; /* tokenizer.ggml.pre override (--tokenizer-pre); NULL: from the split regex */
 } st_gguf_options;
 
 typedef struct {
@@ -48,5 +49,12 @@ typedef struct {
  * model's internal layout. Returns 0 or a negative ST_E* with a message naming the cause. */
 int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
                    const char *path, st_gguf_report *rep);
+
+/* The model's LoRA adapters (worker/lora.h; host_weights: all m->n_weights floats, adapters included) as
+ * a GGUF LoRA adapter as llama.cpp's convert_lora_to_gguf.py writes one: general.type "adapter",
+ * adapter.type "lora", adapter.lora.alpha (scale * r), general.architecture of the base, tensors
+ * blk.N.<base>.weight.lora_a / .lora_b (docs/compress.md). ST_EINVAL without adapters, ST_ECONFIG for DoRA. */
+int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
+                        const char *path, st_gguf_report *rep);
 
 #endif

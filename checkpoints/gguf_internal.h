@@ -28,7 +28,9 @@ void st_gguf_kv_bool(st_gguf_kv *kv, const char *key, int val);
 void st_gguf_kv_array(st_gguf_kv *kv, const char *key, uint32_t type, uint64_t count);
 
 /* Adds the tokenizer.* keys from DIR/tokenizer.json (+ tokenizer_config.json, chat_template.jinja).
+ * `pre` (may be NULL) overrides tokenizer.ggml.pre; without it an unrecognised split pattern is an error.
  * Returns 0 (rep->has_tokenizer set), or an error naming what cannot be represented. */
-int st_gguf_add_tokenizer(st_gguf_kv *kv, const char *dir, const st_model_config *cfg, st_gguf_report *rep);
+int st_gguf_add_tokenizer(st_gguf_kv *kv, const char *dir, const char *pre, const st_model_config *cfg,
+                          st_gguf_report *rep);
 
 #endif

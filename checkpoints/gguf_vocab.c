@@ -93,19 +93,24 @@ static const st_json *find_typed(const st_json *j, const char *t) {
     return NULL;
 }
 
-/* llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, from its split regex. */
-static const char *pre_name(const st_json *root) {
+/* llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, from its split regex; NULL when the
+ * pattern is none of the recognised ones (*pattern then names it, or "(none)"): guessing `default` would
+ * make llama.cpp split text differently from `tokenizers` without a word, so the caller errors instead. */
+static const char *pre_name(const st_json *root, const char **pattern) {
     const st_json *pre = st_json_get(root, "pre_tokenizer");
     const st_json *split = find_typed(pre, "Split");
     const char *re = split ? st_json_get_string(st_json_get(split, "pattern"), "Regex", NULL) : NULL;
+    if (!re && split) re = st_json_get_string(st_json_get(split, "pattern"), "String", NULL);
+    *pattern = re ? re : "(none)";
     if (re && strstr(re, "\\p{N}{1,3}")) return "llama-bpe";
     if (re && strstr(re, "\\p{N}| ?")) return "qwen2";
     const st_json *bl = find_typed(pre, "ByteLevel");
     if (!split && bl) {
         const st_json *ur = st_json_get(bl, "use_regex");
         if (!ur || ur->type != ST_JSON_BOOL || ur->boolean) return "gpt-2";
+        *pattern = "(ByteLevel without its regex)";
     }
-    return "default";
+    return NULL;
 }
 
 static int is_spm_style(const st_json *root, const st_json *model) {
@@ -244,7 +249,8 @@ static int add_merges(st_gguf_kv *kv, vocab *v, const st_json *merges, int spm, 
     return rc;
 }
 
-int st_gguf_add_tokenizer(st_gguf_kv *kv, const char *dir, const st_model_config *cfg, st_gguf_report *rep) {
+int st_gguf_add_tokenizer(st_gguf_kv *kv, const char *dir, const char *pre, const st_model_config *cfg,
+                          st_gguf_report *rep) {
     char src[4096];
     snprintf(src, sizeof src, "%s/tokenizer.json", dir);
     st_json *root = NULL, *tcfg = NULL;
@@ -268,11 +274,16 @@ int st_gguf_add_tokenizer(st_gguf_kv *kv, const char *dir, const st_model_config
     const char *unk = model ? st_json_get_string(model, "unk_token", NULL) : NULL;
     int unk_id = !rc && unk ? vocab_find(&v, unk, strlen(unk)) : -1;
     if (unk_id >= 0) v.type[unk_id] = TOK_UNKNOWN;
+    const char *pattern = NULL, *pre_tok = pre ? pre : (rc || spm) ? NULL : pre_name(root, &pattern);
+    if (!rc && !spm && !pre_tok)
+        rc = st_fail(ST_ECONFIG, "%s: pre-tokenizer split pattern '%s' is not one whose llama.cpp name is known "
+                     "here (llama-bpe, qwen2, gpt-2); pass --tokenizer-pre NAME (llama.cpp's name for it, e.g. "
+                     "default)", src, pattern);
     if (!rc) {
         snprintf(rep->tokenizer_model, sizeof rep->tokenizer_model, "%s", spm ? "llama" : "gpt2");
         st_gguf_kv_str(kv, "tokenizer.ggml.model", rep->tokenizer_model);
         if (!spm) {
-            snprintf(rep->tokenizer_pre, sizeof rep->tokenizer_pre, "%s", pre_name(root));
+            snprintf(rep->tokenizer_pre, sizeof rep->tokenizer_pre, "%s", pre_tok);
             st_gguf_kv_str(kv, "tokenizer.ggml.pre", rep->tokenizer_pre);
         }
         /* scores are filled from the merges before the arrays are written */

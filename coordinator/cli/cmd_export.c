@@ -175,14 +175,15 @@ int st_cmd_export(int argc, char **argv) {
     if (!strcmp(format, "gguf")) {
         for (int i = 1; i < argc; i++) {
             if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--format") || !strcmp(argv[i], "--quant") ||
-                 !strcmp(argv[i], "--tokenizer") || !strcmp(argv[i], "--name")) && i + 1 < argc) {
+                 !strcmp(argv[i], "--tokenizer") || !strcmp(argv[i], "--name") ||
+                 !strcmp(argv[i], "--tokenizer-pre") || !strcmp(argv[i], "--model")) && i + 1 < argc) {
                 if (!strcmp(argv[i], "--out")) out = argv[i + 1];
                 i++;
             } else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
         }
         if (!ckpt || !out) {
             fprintf(stderr, "usage: shardtune export SRC --out FILE.gguf --format gguf [--quant f32|f16|bf16|q8_0|q4_0]"
-                            " [--tokenizer DIR | --no-tokenizer] [--name NAME]\n");
+                            " [--tokenizer DIR | --no-tokenizer] [--tokenizer-pre NAME] [--name NAME] [--model BASE_DIR]\n");
             return ST_EXIT_USAGE;
         }
         return st_export_gguf(ckpt, out, argc, argv);

@@ -1,7 +1,9 @@
 /* cmd_export_gguf.c — `shardtune export SRC --out FILE.gguf --format gguf [--quant T]`: a checkpoint or HF
  * model directory as one GGUF file that llama.cpp runs (checkpoints/gguf.h; docs/compress.md).
  * The tokenizer comes from --tokenizer DIR, else SRC (a model dir) or the checkpoint's job model.path;
- * without a tokenizer.json the file holds the weights alone and a notice says so. */
+ * without a tokenizer.json the file holds the weights alone and a notice says so.
+ * A PEFT adapter directory or a LoRA run's checkpoint as SRC gives a GGUF LoRA adapter instead (the base
+ * from adapter_config.json's base_model_name_or_path unless --model DIR, or from the job's model.path). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,7 +16,10 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
+#include "checkpoints/peft_dir.h"
 #include "coordinator/cli/commands.h"
+#include "coordinator/config/config.h"
+#include "coordinator/trainer/plan.h"
 #include "kernels/kernels.h"
 
 static int file_exists(const char *dir, const char *name) {
@@ -34,19 +39,88 @@ static void job_model_path(const char *job_spec, char *out, size_t size) {
     st_json_free(root);
 }
 
-/* Builds the model from SRC (model dir or checkpoint) and fills host[] with its weights; tok_dir gets
- * where a tokenizer may be (SRC itself, or a checkpoint's model.path). */
-static int load_source(const char *src, st_model *m, float **host, char *tok_dir, size_t tok_size) {
+/* Copies the model's weights (adapters included) to a new host buffer. */
+static int host_copy(st_model *m, float **host) {
+    if (!(*host = malloc(m->n_weights * sizeof(float)))) {
+        st_model_free(m);
+        return st_fail(ST_ENOMEM, "out of memory");
+    }
+    m->be->copy_to_host(*host, m->weights, m->n_weights * sizeof(float));
+    return 0;
+}
+
+/* A PEFT adapter directory: its base (--model, else base_model_name_or_path) with the adapter loaded. */
+static int load_adapter_dir(const char *src, const char *base, st_model *m, float **host) {
+    char path[4200], base_path[4096];
+    char *text = NULL;
+    size_t len = 0;
+    snprintf(path, sizeof path, "%s/adapter_config.json", src);
+    int rc = st_read_file(path, &text, &len);
+    if (rc) return st_fail(rc, "%s: %s", path, st_error());
+    st_json *j = NULL;
+    rc = st_json_parse(text, len, &j);
+    free(text);
+    if (rc) return st_fail_context(rc, "%s", path);
+    const char *named = st_json_get_string(j, "base_model_name_or_path", NULL);
+    snprintf(base_path, sizeof base_path, "%s", base ? base : named ? named : "");
+    st_json_free(j);
+    if (!base_path[0]) return st_fail(ST_EINVAL, "%s names no base model: pass --model DIR", path);
+    if ((rc = st_model_load_dir(base_path, st_backend_cpu(1), m))) return st_fail_context(rc, "base model %s", base_path);
+    if ((rc = st_peft_load_dir(m, src))) {
+        st_model_free(m);
+        return rc;
+    }
+    return host_copy(m, host);
+}
+
+/* A LoRA (or QLoRA) run's checkpoint: its base from the job's model.path, the adapters attached as the
+ * job did and loaded from the checkpoint. *is_lora = 0 (nothing loaded) for any other checkpoint. */
+static int load_lora_ckpt(const char *path, const char *job_spec, st_model *m, float **host, int *is_lora) {
+    st_config *job = calloc(1, sizeof *job);
+    if (!job) return st_fail(ST_ENOMEM, "out of memory");
+    *is_lora = job_spec && !st_config_load_string(job, job_spec, 0, NULL) &&
+               (job->finetune.mode == ST_FINETUNE_LORA || job->finetune.mode == ST_FINETUNE_QLORA);
+    int rc = 0;
+    if (*is_lora) {
+        rc = st_model_load_dir(job->model.path, st_backend_cpu(1), m);
+        if (rc) rc = st_fail_context(rc, "checkpoint %s: its base model (model.path) %s", path, job->model.path);
+        else if ((rc = st_plan_attach_adapters(job, m)) ||
+                 !(*host = malloc(m->n_weights * sizeof(float))) ||
+                 (rc = st_ckpt_load_model(path, m, *host))) {
+            if (!rc) rc = st_fail(ST_ENOMEM, "out of memory");
+            free(*host);
+            *host = NULL;
+            st_model_free(m);
+        }
+    }
+    free(job);
+    return rc;
+}
+
+/* Builds the model from SRC (model dir, adapter dir or checkpoint) and fills host[] with its weights;
+ * tok_dir gets where a tokenizer may be (SRC itself, or a checkpoint's model.path); *is_lora says the
+ * model carries adapters (an adapter dir or a LoRA checkpoint). */
+static int load_source(const char *src, const char *base, st_model *m, float **host, char *tok_dir,
+                       size_t tok_size, int *is_lora) {
     const st_backend *be = st_backend_cpu(1);
     int rc;
     *host = NULL;
+    *is_lora = 0;
     snprintf(tok_dir, tok_size, "%s", src);
+    if (file_exists(src, "adapter_config.json")) {
+        *is_lora = 1;
+        return load_adapter_dir(src, base, m, host);
+    }
     if (file_exists(src, "config.json")) {
         if ((rc = st_model_load_dir(src, be, m))) return rc;
     } else {
         char path[2048];
         st_ckpt_info info;
         if ((rc = st_ckpt_resolve(src, path, sizeof path)) || (rc = st_ckpt_read_info(path, &info))) return rc;
+        if ((rc = load_lora_ckpt(path, info.job_spec, m, host, is_lora)) || *is_lora) {
+            st_ckpt_info_free(&info);
+            return rc;
+        }
         st_model_config mc;
         rc = st_model_config_parse(info.model_config, strlen(info.model_config), path, &mc);
         job_model_path(info.job_spec, tok_dir, tok_size);
@@ -57,21 +131,32 @@ static int load_source(const char *src, st_model *m, float **host, char *tok_dir
         if (rc) { free(*host); *host = NULL; st_model_free(m); }
         return rc;
     }
-    if (!(*host = malloc(m->n_weights * sizeof(float)))) {
-        st_model_free(m);
-        return st_fail(ST_ENOMEM, "out of memory");
-    }
-    be->copy_to_host(*host, m->weights, m->n_weights * sizeof(float));
-    return 0;
+    return host_copy(m, host);
+}
+
+/* The adapters of an adapter dir / LoRA checkpoint as a GGUF LoRA adapter (no tokenizer: the base's). */
+static int export_lora(const char *src, const char *out, st_model *m, float *host, st_ggml_type quant,
+                       const char *name) {
+    st_gguf_options opt = {NULL, name, NULL};
+    st_gguf_report rep;
+    int rc = st_gguf_export_lora(m, host, quant, &opt, out, &rep);
+    free(host);
+    st_model_free(m);
+    if (rc) return st_cli_error("export", st_error());
+    printf("exported %s -> %s (gguf lora adapter %s, %d tensors, %d kept at f16, %.1f MB)\n", src, out,
+           st_ggml_type_name(quant), rep.n_tensors, rep.n_fallback, (double)rep.bytes / 1e6);
+    return ST_EXIT_OK;
 }
 
 int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
-    const char *quant_s = "f16", *tok = NULL, *name = NULL;
+    const char *quant_s = "f16", *tok = NULL, *name = NULL, *pre = NULL, *base = NULL;
     int no_tok = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quant") && i + 1 < argc) quant_s = argv[++i];
         else if (!strcmp(argv[i], "--tokenizer") && i + 1 < argc) tok = argv[++i];
         else if (!strcmp(argv[i], "--name") && i + 1 < argc) name = argv[++i];
+        else if (!strcmp(argv[i], "--tokenizer-pre") && i + 1 < argc) pre = argv[++i];
+        else if (!strcmp(argv[i], "--model") && i + 1 < argc) base = argv[++i];
         else if (!strcmp(argv[i], "--no-tokenizer")) no_tok = 1;
         else if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--format")) && i + 1 < argc) i++;
         else if (argv[i][0] == '-') {
@@ -79,12 +164,18 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
             return ST_EXIT_USAGE;
         }
     }
+    if (pre && (!pre[0] || strlen(pre) >= sizeof ((st_gguf_report *)0)->tokenizer_pre || strpbrk(pre, " \t\n"))) {
+        fprintf(stderr, "shardtune export: --tokenizer-pre '%s' is not a llama.cpp pre-tokenizer name\n", pre);
+        return ST_EXIT_USAGE;
+    }
     st_ggml_type quant;
     if (st_ggml_type_parse(quant_s, &quant)) return st_cli_error("export", st_error());
     st_model m;
     float *host;
     char found[4096];
-    if (load_source(src, &m, &host, found, sizeof found)) return st_cli_error("export", st_error());
+    int lora;
+    if (load_source(src, base, &m, &host, found, sizeof found, &lora)) return st_cli_error("export", st_error());
+    if (lora) return export_lora(src, out, &m, host, quant, name);
     if (!tok && !no_tok) {
         tok = found;
         if (!found[0] || !file_exists(found, "tokenizer.json")) {
@@ -95,7 +186,7 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
             fprintf(stderr, "shardtune export: note: tokenizer from the run's model.path %s\n", found);
         }
     }
-    st_gguf_options opt = {no_tok ? NULL : tok, name};
+    st_gguf_options opt = {no_tok ? NULL : tok, name, pre};
     st_gguf_report rep;
     double t0 = st_now();
     int rc = st_gguf_export(&m, host, quant, &opt, out, &rep);

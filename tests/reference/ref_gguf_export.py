@@ -536,6 +536,26 @@ def main():
     bad = run("export", d, "--out", os.path.join(tmp, "z.gguf"), "--format", "gguf", "--tokenizer", wp, ok=False)
     check(bad.returncode != 0 and "WordPiece" in bad.stderr and not os.path.exists(os.path.join(tmp, "z.gguf")),
           f"WordPiece tokenizer: {bad.stderr!r}")
+    # a split pattern with no known llama.cpp name: an error naming it unless --tokenizer-pre names it
+    odd = os.path.join(tmp, "odd_pre")
+    os.makedirs(odd)
+    tj = json.loads(bl_gpt2)
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "[A-Za-z]+|\\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    Tokenizer.from_str(json.dumps(tj))  # valid for `tokenizers`
+    open(os.path.join(odd, "tokenizer.json"), "w").write(json.dumps(tj))
+    g2 = os.path.join(tmp, "gpt2")
+    bad = run("export", g2, "--out", os.path.join(tmp, "p.gguf"), "--format", "gguf", "--tokenizer", odd, ok=False)
+    check(bad.returncode != 0 and "[A-Za-z]+|\\s+" in bad.stderr and "--tokenizer-pre" in bad.stderr
+          and not os.path.exists(os.path.join(tmp, "p.gguf")), f"unknown split pattern: {bad.stderr!r}")
+    run("export", g2, "--out", os.path.join(tmp, "p.gguf"), "--format", "gguf", "--tokenizer", odd,
+        "--tokenizer-pre", "default")
+    r = gguf.GGUFReader(os.path.join(tmp, "p.gguf"))
+    check(r.fields["tokenizer.ggml.pre"].contents() == "default", "--tokenizer-pre did not set tokenizer.ggml.pre")
+    p = run("export", g2, "--out", os.path.join(tmp, "q.gguf"), "--format", "gguf", "--tokenizer-pre", "gpt-4o")
+    r = gguf.GGUFReader(os.path.join(tmp, "q.gguf"))
+    check(r.fields["tokenizer.ggml.pre"].contents() == "gpt-4o", "--tokenizer-pre must override a recognised one")
     finish()
 
 

@@ -712,6 +712,9 @@ static int finish(st_config *c, const char *file, const char *stem) {
     if (!(c->split[0] > 0)) return st_fail(ST_ECONFIG, "%s: split.0: the train fraction must be > 0", file);
     if (c->train.packing == ST_PACKING_DOCUMENTS && c->distill.teacher[0]) /* the teacher's forward knows no document positions */
         return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with distill.teacher", file);
+    if (c->train.packing == ST_PACKING_DOCUMENTS && c->finetune.mode == ST_FINETUNE_PROMPT_TUNING)
+        return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with finetune.mode prompt_tuning "
+                                   "(the virtual tokens would open every packed document)", file);
     /* sizes the trainer multiplies in int / size_t: refused here, naming the keys, not overflowed later */
     int64_t per_micro = (int64_t)c->train.micro_batch * c->train.seq_len;
     if (per_micro > (1 << 26))

@@ -41,6 +41,9 @@ grep -q "packing" $T/bad.err || fail "the error does not name train.packing: $(c
 job kd 2 2 1 "${DOCS[@]}" distill.teacher=$T/model
 [ "$(train 1 kd)" != 0 ] || fail "documents + distill.teacher was accepted"
 grep -q "train.packing: documents cannot be combined with distill.teacher" $T/kd.err || fail "kd: $(cat $T/kd.err)"
+job pt 2 2 1 "${DOCS[@]}" finetune.mode=prompt_tuning
+[ "$(train 1 pt)" != 0 ] || fail "documents + prompt_tuning was accepted"
+grep -q "train.packing: documents cannot be combined with finetune.mode prompt_tuning" $T/pt.err || fail "pt: $(cat $T/pt.err)"
 job mix 4 2 1 train.seq_len=32 train.schedule=constant checkpoint.every_steps=4
 [ "$(train 1 mix)" = 0 ] || fail "stream run for the mixed resume: $(cat $T/mix.err)"
 [ "$(train 1 mix train.steps=8 train.packing=documents)" != 0 ] || fail "a stream checkpoint resumed under documents"

@@ -68,6 +68,9 @@ struct st_backend {
      * ST_EDEVICE with st_error() naming the first failing kernel and the reason (the record is cleared).
      * The trainer calls it at every step boundary; results computed after a failure are garbage. */
     int (*status)(void);
+    /* The 16-byte id of the device this backend is bound to (CUDA: its UUID), so ranks can tell two GPUs
+     * apart whatever CUDA_VISIBLE_DEVICES shows; 0, or non-zero when the backend has no device (cpu). */
+    int (*device_id)(unsigned char id[16]);
 
     /* ---- matmul ----
      * C[M,N] = alpha * op(A) @ op(B) + beta * C, op(X) = X or X^T.

@@ -17,10 +17,7 @@
 #include "common/util.h"
 #include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
-#ifdef ST_HAVE_CUDA
-#include "kernels/cuda/cuda_extras.h"
-#include "kernels/cuda/launch_host.h"
-#endif
+#include "kernels/cuda/launch_host.h" /* st_cuda_shared_device: plain C, in every build */
 #include "coordinator/monitor/control_token.h"
 
 /* ---------------- signals: only set a flag ---------------- */
@@ -72,11 +69,10 @@ static int check_backends(trainer *t) {
     if (lo != hi)
         return st_fail(ST_EDEVICE, "backend: auto found a usable GPU on some ranks but not on others (rank %d: %s): "
                                    "set backend: cuda or backend: cpu", t->rank, t->be->name);
-#ifdef ST_HAVE_CUDA
     if (cuda && t->world > 1) {
         unsigned char id[16], *all = NULL;
         int n = 0, a = 0, b = 0;
-        if (st_cuda_device_uuid(id) != 0) { /* cannot tell: a unique id, so this rank is never "shared" */
+        if (t->be->device_id(id) != 0) { /* cannot tell: a unique id, so this rank is never "shared" */
             memset(id, 0xff, sizeof id);
             memcpy(id, &t->rank, sizeof t->rank);
         }
@@ -87,7 +83,6 @@ static int check_backends(trainer *t) {
         free(all);
         return rc;
     }
-#endif
     return 0;
 }
 

@@ -26,6 +26,7 @@ static void cpu_copy(void *dst, const void *src, size_t bytes) {
 }
 static void cpu_synchronize(void) {}
 static int cpu_status(void) { return 0; } /* nothing runs asynchronously, so nothing is left to report */
+static int cpu_device_id(unsigned char id[16]) { (void)id; return -1; } /* no device */
 
 /* ---- matmul ---- */
 
@@ -148,6 +149,7 @@ static const st_backend st_cpu_table = {
     .copy = cpu_copy,
     .synchronize = cpu_synchronize,
     .status = cpu_status,
+    .device_id = cpu_device_id,
     .matmul = st_cpu_matmul,
     .matmul_bf16 = st_cpu_matmul_bf16,
     .to_bf16 = st_cpu_to_bf16,

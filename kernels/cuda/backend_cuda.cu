@@ -543,6 +543,7 @@ static const st_backend cuda_backend = {
     .copy = cu_copy,
     .synchronize = cu_synchronize,
     .status = cu_status,
+    .device_id = st_cuda_device_uuid,
     .matmul = cu_matmul,
     .matmul_bf16 = cu_matmul_bf16,
     .to_bf16 = cu_to_bf16,

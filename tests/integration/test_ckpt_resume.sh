@@ -15,7 +15,12 @@ losses $T/base2 > $T/base2.loss
 [ "$(wc -l < $T/base2.loss)" = $STEPS ] || fail "baseline has $(wc -l < $T/base2.loss) steps"
 
 # --- 1. signal stop + resume, same world size ---
-job sig $STEPS 2 2 checkpoint.every_steps=0 checkpoint.signal=USR1
+# a longer run of its own (SIG_STEPS), so that even an idle machine cannot finish it between the check
+# below and the signal; compared with an uninterrupted run of the same length
+SIG_STEPS=400
+job basesig $SIG_STEPS 2 2 checkpoint.every_steps=0;  [ "$(train 2 basesig)" = 0 ] || fail "baseline $SIG_STEPS steps: $(cat $T/basesig.err)"
+losses $T/basesig > $T/basesig.loss
+job sig $SIG_STEPS 2 2 checkpoint.every_steps=0 checkpoint.signal=USR1
 start 2 sig
 wait_until 60 test -s "$T/sig/metrics.jsonl" || fail "signal run never started a step: $(cat $T/sig.err)"
 while [ "$(wc -l < $T/sig/metrics.jsonl)" -lt 5 ]; do sleep 0.02; done
@@ -23,7 +28,7 @@ while [ "$(wc -l < $T/sig/metrics.jsonl)" -lt 5 ]; do sleep 0.02; done
 # the signal stays pending and is taken at the next step boundary once they continue
 ranks=$(pgrep -P $MP)
 kill -STOP $ranks
-[ "$(wc -l < $T/sig/metrics.jsonl)" -lt $STEPS ] || fail "signal run finished before the signal could be sent"
+[ "$(wc -l < $T/sig/metrics.jsonl)" -lt $SIG_STEPS ] || fail "signal run finished before the signal could be sent"
 kill -USR1 $ranks
 kill -CONT $ranks
 set +e; wait $MP; rc=$?; set -e
@@ -35,20 +40,20 @@ stopped=$(ls $T/sig/checkpoints | grep -c 'step-.*\.h5$')
 grep -q "resumed from step-" "$T/sig.out" || fail "no 'resumed from' line"
 grep -q "continuity: first loss after resume" "$T/sig.out" || fail "no continuity line"
 losses $T/sig > $T/sig.loss
-cmp -s $T/base2.loss $T/sig.loss || { diff $T/base2.loss $T/sig.loss | head; fail "signal resume: losses differ"; }
-cmp -s $T/base2/final/model.safetensors $T/sig/final/model.safetensors || fail "signal resume: final weights differ"
+cmp -s $T/basesig.loss $T/sig.loss || { diff $T/basesig.loss $T/sig.loss | head; fail "signal resume: losses differ"; }
+cmp -s $T/basesig/final/model.safetensors $T/sig/final/model.safetensors || fail "signal resume: final weights differ"
 echo "ok: signal stop at step $(sed -n 's/.*stopped at step \([0-9]*\).*/\1/p' $T/sig.out) + resume is bit-identical"
 
 # --- 2. kill -9 after a checkpoint ---
-job k9 $STEPS 2 2
+job k9 $SIG_STEPS 2 2 # long enough that it cannot finish between the checkpoint check and the kill
 start 2 k9
 wait_until 60 test -f "$T/k9/checkpoints/step-00000008.h5" || fail "no checkpoint at step 8"
 kill9_all $MP
 [ ! -f "$T/k9/final/model.safetensors" ] || fail "the run finished before kill -9 (too fast)"
 [ "$(train 2 k9)" = 0 ] || fail "resume after kill -9: $(cat $T/k9.err)"
 losses $T/k9 > $T/k9.loss
-cmp -s $T/base2.loss $T/k9.loss || { diff $T/base2.loss $T/k9.loss | head; fail "kill -9 resume: losses differ"; }
-cmp -s $T/base2/final/model.safetensors $T/k9/final/model.safetensors || fail "kill -9 resume: final weights differ"
+cmp -s $T/basesig.loss $T/k9.loss || { diff $T/basesig.loss $T/k9.loss | head; fail "kill -9 resume: losses differ"; }
+cmp -s $T/basesig/final/model.safetensors $T/k9/final/model.safetensors || fail "kill -9 resume: final weights differ"
 echo "ok: kill -9 + auto-resume ($(grep -o 'resumed from [^ ]*' $T/k9.out)) is bit-identical"
 
 # --- 3. other world sizes: 4 -> 2 (global batch 8) and 2 -> 3 (global batch 6) ---

@@ -702,6 +702,9 @@ static int finish(st_config *c, const char *file, const char *stem) {
         return st_fail(ST_ECONFIG, "%s: run_dir: the job file name is too long to derive it", file);
     if (!c->checkpoint.dir[0] && concat(c->checkpoint.dir, sizeof c->checkpoint.dir, c->run_dir, "/checkpoints"))
         return st_fail(ST_ECONFIG, "%s: checkpoint.dir: run_dir is too long to derive it", file);
+    if (c->train.steps > 0 && c->train.epochs > 0)
+        return st_fail(ST_ECONFIG, "%s: train.steps and train.epochs are both given: use exactly one of them", file);
+    if (c->train.steps == 0 && c->train.epochs == 0) c->train.steps = 1000; /* DESIGN.md's default */
     int rc = finish_tasks(c, file);
     if (rc) return rc;
     if ((rc = finish_finetune(c, file))) return rc;

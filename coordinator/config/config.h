@@ -59,7 +59,8 @@ typedef struct {
     double loss_weighting_lr;       /* Adam step size of the learned per-task log-variances (uncertainty) */
 
     struct {
-        int64_t steps;
+        int64_t steps;              /* 0 before finish() when not given */
+        double epochs;              /* 0 = not given; else steps are resolved from the data (trainer) */
         int micro_batch;
         int grad_accum;
         int seq_len;

@@ -155,10 +155,19 @@ static void put_value(sbuf *b, const st_key *k, const char *base) {
     }
 }
 
+/* A number key with ST_KEY_UNSET_ZERO whose value is 0 was not given. */
+static int unset_zero(const st_key *k, const char *base) {
+    const char *p = base + k->off;
+    return k->kind == ST_KEY_I64 ? *(const int64_t *)p == 0 : k->kind == ST_KEY_F64 ? *(const double *)p == 0 : 0;
+}
+
 static void put_table(sbuf *b, const st_key *table, const char *base) {
     puts_(b, "{");
+    int first = 1;
     for (const st_key *k = table; k->name; k++) {
-        if (k != table) puts_(b, ", ");
+        if ((k->flags & ST_KEY_UNSET_ZERO) && unset_zero(k, base)) continue;
+        if (!first) puts_(b, ", ");
+        first = 0;
         put_string(b, k->name);
         puts_(b, ": ");
         put_value(b, k, base);

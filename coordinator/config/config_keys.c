@@ -55,7 +55,8 @@ static const st_key model_keys[] = {
 };
 
 static const st_key train_keys[] = {
-    KEY_I64("steps", SOFF(train, steps), 1, INT32_MAX, 0) /* the lr schedule counts in int */,
+    KEY_I64("steps", SOFF(train, steps), 1, INT32_MAX, ST_KEY_UNSET_ZERO) /* the lr schedule counts in int */,
+    KEY_F64("epochs", SOFF(train, epochs), 0, 1e6, ST_KEY_LO_OPEN | ST_KEY_UNSET_ZERO), /* or passes over the train split */
     KEY_I32("micro_batch", SOFF(train, micro_batch), 1, 0, NO_HI),
     KEY_I32("grad_accum", SOFF(train, grad_accum), 1, 0, NO_HI),
     KEY_I32("seq_len", SOFF(train, seq_len), 2, 0, NO_HI),
@@ -234,7 +235,7 @@ void st_config_defaults(st_config *c) {
     c->loss_weighting = ST_LOSS_WEIGHTING_NONE;
     c->loss_weighting_lr = 0.01;
 
-    c->train.steps = 1000;
+    c->train.steps = 0; /* not given: 1000 unless train.epochs is (config.c finish) */
     c->train.micro_batch = 4;
     c->train.grad_accum = 1;
     c->train.seq_len = 512;

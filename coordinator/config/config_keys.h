@@ -26,7 +26,8 @@ typedef enum {
     ST_KEY_NAMESET,  /* unsigned mask written as a non-empty list of `names` (bit i = names[i]) */
 } st_key_kind;
 
-enum { ST_KEY_LO_OPEN = 1, ST_KEY_HI_OPEN = 2, ST_KEY_NO_HI = 4 };
+enum { ST_KEY_LO_OPEN = 1, ST_KEY_HI_OPEN = 2, ST_KEY_NO_HI = 4,
+       ST_KEY_UNSET_ZERO = 8 /* 0 = not given: left out of the JSON dump (train.steps / train.epochs) */ };
 
 typedef struct st_key {
     const char *name;

@@ -19,6 +19,7 @@
 #include "checkpoints/model_io.h"
 #include "kernels/cuda/launch_host.h" /* st_cuda_shared_device: plain C, in every build */
 #include "coordinator/monitor/control_token.h"
+#include "coordinator/trainer/data_plan.h"
 
 /* ---------------- signals: only set a flag ---------------- */
 
@@ -91,35 +92,22 @@ static int load_data(trainer *t) {
     t->n_tasks = c->n_tasks;
     t->datasets = calloc((size_t)c->n_tasks, sizeof *t->datasets);
     if (!t->datasets) return st_fail(ST_ENOMEM, "out of memory");
-    const st_dataset *ptrs[ST_CFG_MAX_TASKS];
-    const char *names[ST_CFG_MAX_TASKS];
-    double weights[ST_CFG_MAX_TASKS];
-    for (int k = 0; k < c->n_tasks; k++) {
-        int rc = st_dataset_load(c->tasks[k].path, &t->datasets[k]);
-        if (rc) return st_fail_context(rc, "task '%s'", c->tasks[k].name);
-        const st_dataset *d = &t->datasets[k];
-        if (st_dataset_masked_tokens(d) >= d->n_tokens)
-            return st_fail(ST_EINVAL, "task '%s': every token of %s is masked (loss_mask all 0): nothing to train on",
-                           c->tasks[k].name, c->tasks[k].path);
-        if (d->vocab_size > t->model.cfg.vocab) {
-            for (uint64_t i = 0; i < d->n_tokens; i++)
-                if ((int64_t)d->tokens[i] >= t->model.cfg.vocab)
-                    return st_fail(ST_EINVAL, "%s: token %u at index %llu is outside the model's vocabulary (%d)",
-                                   c->tasks[k].path, d->tokens[i], (unsigned long long)i, t->model.cfg.vocab);
-        }
-        ptrs[k] = d;
-        names[k] = c->tasks[k].name;
-        weights[k] = c->tasks[k].weight;
-    }
-    st_loader_options lo = {c->n_tasks, ptrs, names, weights, c->mixing.strategy,
-                            c->mixing.temperature, c->mixing.cap, {c->split[0], c->split[1], c->split[2]},
-                            c->train.seq_len, (uint64_t)c->seed, c->train.packing};
-    int rc = st_loader_open(&t->loader, &lo);
+    int rc = st_data_plan_open(c, t->model.cfg.vocab, t->datasets, &t->loader);
     if (rc) return rc;
-    for (int k = 0; k < c->n_tasks && c->train.packing == ST_PACKING_DOCUMENTS && t->rank == 0; k++)
-        printf("packing: task %s: %llu sequences per epoch, efficiency %.1f%% (tokens used / slots)\n", names[k],
-               (unsigned long long)t->loader.tasks[k].n_windows, 100.0 * st_loader_packing_efficiency(&t->loader, k));
     t->loader_ready = 1;
+    for (int k = 0; k < c->n_tasks && c->train.packing == ST_PACKING_DOCUMENTS && t->rank == 0; k++)
+        printf("packing: task %s: %llu sequences per epoch, efficiency %.1f%% (tokens used / slots)\n", c->tasks[k].name,
+               (unsigned long long)t->loader.tasks[k].n_windows, 100.0 * st_loader_packing_efficiency(&t->loader, k));
+    if (c->train.epochs > 0) { /* train.epochs: the step count of this data, batch and packing */
+        int64_t G = (int64_t)c->train.micro_batch * c->train.grad_accum * t->world, steps = 0;
+        if ((rc = st_data_plan_epoch_steps(&t->loader, c->train.epochs, G, &steps))) return rc;
+        t->own_cfg->train.steps = steps;
+        if (t->rank == 0)
+            printf("train.epochs %g -> %lld steps (%llu train sequences per epoch, global batch %lld = micro_batch %d "
+                   "x grad_accum %d x %d rank(s))\n", c->train.epochs, (long long)steps,
+                   (unsigned long long)st_data_plan_epoch_sequences(&t->loader), (long long)G, c->train.micro_batch,
+                   c->train.grad_accum, t->world);
+    }
     return 0;
 }
 
@@ -207,7 +195,7 @@ static int alloc_step_buffers(trainer *t) {
 
 /* The texts every checkpoint carries: the canonical job JSON and the model's config.json. */
 static int read_job_texts(trainer *t) {
-    int rc = st_config_to_json(t->cfg, &t->job_json);
+    int rc = st_config_to_json(t->user_cfg, &t->job_json); /* as given: train.epochs, not the steps it resolved to */
     if (rc) return rc;
     char path[ST_CFG_PATH_MAX + 16];
     size_t len;
@@ -382,10 +370,17 @@ static int step_boundary(trainer *t, int64_t completed) {
     return 0;
 }
 
-st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error) {
+st_run_result st_train_run(const st_config *job, MPI_Comm comm, int *print_error) {
     trainer t;
     memset(&t, 0, sizeof t);
-    t.cfg = cfg;
+    t.user_cfg = job;
+    if (!(t.own_cfg = malloc(sizeof *t.own_cfg))) { /* a copy whose train.steps train.epochs may resolve */
+        st_fail(ST_ENOMEM, "out of memory");
+        *print_error = 1;
+        return ST_RUN_FAILED;
+    }
+    *t.own_cfg = *job;
+    const st_config *cfg = t.cfg = t.own_cfg;
     t.comm = comm;
     MPI_Comm_rank(comm, &t.rank);
     MPI_Comm_size(comm, &t.world);
@@ -456,5 +451,6 @@ st_run_result st_train_run(const st_config *cfg, MPI_Comm comm, int *print_error
 done:
     *print_error = t.print_error;
     teardown(&t);
+    free(t.own_cfg);
     return result;
 }

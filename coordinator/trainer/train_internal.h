@@ -37,7 +37,9 @@
 typedef struct st_watchdog st_watchdog;
 
 typedef struct {
-    const st_config *cfg;
+    const st_config *cfg;      /* = own_cfg: the job with train.steps resolved (train.epochs) */
+    const st_config *user_cfg; /* the job as given (the JobSpec checkpoints record) */
+    st_config *own_cfg;
     MPI_Comm comm;
     int rank, world;
     int print_error;

@@ -72,6 +72,7 @@ static void report_metrics(trainer *t, int64_t step, const st_step_result *r, co
     json_number(&b, "grad_norm", r->grad_norm);
     st_strbuf_printf(&b, ",\"tokens\":%llu,\"tokens_per_s\":%.1f,\"mfu\":%.4f,\"step_ms\":%.3f,\"comm_ms\":%.3f,\"stage\":%d",
                      (unsigned long long)t->tokens_seen, tps, mfu, r->seconds * 1e3, r->comm_seconds * 1e3, t->stage);
+    if (c->train.epochs > 0) st_strbuf_printf(&b, ",\"total_steps\":%lld", (long long)c->train.steps); /* resolved */
     if (step == t->start_step && step > 0) st_strbuf_printf(&b, ",\"resumed\":true"); /* for plot */
     if (r->bad) {
         st_strbuf_printf(&b, ",\"skipped\":");

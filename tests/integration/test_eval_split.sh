@@ -50,45 +50,14 @@ same_as_trainer dv
 echo "ok: documents packing: eval --split val = the trainer's val loss"
 
 # 2. the split, reimplemented; each split's docs alone through `eval --data`
-"$PY" - "$T" <<'PYEOF' || fail "independent split"
+PYTHONPATH="$SRC/tests/integration" "$PY" - "$T" <<'PYEOF' || fail "independent split"
 import sys, h5py, numpy as np
+from split_ref import read, splits
 T = sys.argv[1]
-M = (1 << 64) - 1
-def splitmix(x):
-    x = (x + 0x9e3779b97f4a7c15) & M
-    z = x
-    z = ((z ^ (z >> 30)) * 0xbf58476d1ce4e5b9) & M
-    z = ((z ^ (z >> 27)) * 0x94d049bb133111eb) & M
-    return x, z ^ (z >> 31)
-rotl = lambda x, k: ((x << k) | (x >> (64 - k))) & M
-class Rng:
-    def __init__(self, seed, stream):
-        x = seed ^ ((stream * 0xd1342543de82ef95 + 0x632be59bd9b4e019) & M)
-        self.s = []
-        for _ in range(4):
-            x, v = splitmix(x); self.s.append(v)
-    def u64(self):
-        s = self.s
-        r = (rotl((s[1] * 5) & M, 7) * 9) & M
-        t = (s[1] << 17) & M
-        s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]; s[2] ^= t; s[3] = rotl(s[3], 45)
-        return r
-    def below(self, n):
-        limit = M - (M % n)
-        while True:
-            x = self.u64()
-            if x < limit: return x % n
-def llround(x): return int(np.floor(x + 0.5))
 for k, name in enumerate(["train", "rep"]):
-    f = h5py.File(f"{T}/{name}.h5", "r")
-    tok, mask, off = f["tokens"][:], (f["loss_mask"][:] if "loss_mask" in f else None), f["doc_offsets"][:].astype(np.int64)
+    tok, mask, off, attrs = read(f"{T}/{name}.h5")
     D = len(off) - 1
-    perm = list(range(D))
-    r = Rng(7, (1 << 56) | k)
-    for i in range(D, 1, -1):
-        j = r.below(i); perm[i - 1], perm[j] = perm[j], perm[i - 1]
-    nt = max(1, min(D, llround(0.8 * D))); nv = min(llround(0.1 * D), D - nt)
-    parts = [sorted(perm[:nt]), sorted(perm[nt:nt + nv]), sorted(perm[nt + nv:])]
+    parts = splits(f"{T}/{name}.h5", 7, k)
     assert parts[2] == sorted(set(range(D)) - set(parts[0]) - set(parts[1])), "test != neither train nor val"
     for s, docs in zip(["train", "val", "test"], parts):
         with h5py.File(f"{T}/{name}.{s}.h5", "w") as g:
@@ -96,7 +65,7 @@ for k, name in enumerate(["train", "rep"]):
             g["tokens"] = tok[idx].astype(np.uint32)
             if mask is not None: g["loss_mask"] = mask[idx].astype(np.uint8)
             g["doc_offsets"] = np.concatenate([[0], np.cumsum([off[d + 1] - off[d] for d in docs])]).astype(np.uint64)
-            g.attrs["vocab_size"] = np.int64(f.attrs["vocab_size"]); g.attrs["eos_id"] = np.int64(f.attrs["eos_id"])
+            g.attrs["vocab_size"] = np.int64(attrs["vocab_size"]); g.attrs["eos_id"] = np.int64(attrs["eos_id"])
         print(f"{name}.{s}: {len(docs)} docs")
 PYEOF
 mapfile -t SVARGS < <(grep . "$T/sv.args")

@@ -66,7 +66,8 @@ static void test_defaults(void **state) {
     assert_int_equal(c.threads, 0);
     assert_int_equal(c.precision, ST_PRECISION_FP32);
     assert_int_equal(c.loss_weighting, ST_LOSS_WEIGHTING_NONE);
-    assert_int_equal(c.train.steps, 1000);
+    assert_int_equal(c.train.steps, 0); /* not given: loading makes it 1000 unless train.epochs is given */
+    assert_true(c.train.epochs == 0);
     assert_int_equal(c.train.micro_batch, 4);
     assert_int_equal(c.train.grad_accum, 1);
     assert_int_equal(c.train.seq_len, 512);
@@ -118,6 +119,35 @@ static void test_minimal_derived(void **state) {
     assert_string_equal(c.tasks[0].name, "web-text.v2");
     assert_true(c.tasks[0].weight == 1.0 && c.tasks[0].loss_weight == 1.0);
     assert_int_equal(c.train.steps, 1000); /* untouched defaults survive */
+}
+
+/* train.epochs instead of train.steps: exactly one; the JSON dump leaves out the one not given and
+ * loads back to the same struct. */
+static void test_epochs(void **state) {
+    (void)state;
+    st_config c, back;
+    char *json = NULL;
+    const char *yaml = "model: {path: m}\ntasks: [{path: d.h5}]\ntrain: {epochs: 2.5}\n";
+    assert_int_equal(st_config_load_string(&c, yaml, 0, NULL), 0);
+    assert_true(c.train.epochs == 2.5);
+    assert_int_equal(c.train.steps, 0); /* resolved by the trainer from the data */
+    assert_int_equal(st_config_to_json(&c, &json), 0);
+    assert_null(strstr(json, "\"steps\""));
+    assert_non_null(strstr(json, "\"epochs\": 2.5"));
+    assert_int_equal(st_config_load_string(&back, json, 0, NULL), 0);
+    assert_true(back.train.epochs == 2.5 && back.train.steps == 0);
+    free(json);
+    assert_int_equal(st_config_load_string(&c, "model: {path: m}\ntasks: [{path: d.h5}]\n", 0, NULL), 0);
+    assert_int_equal(c.train.steps, 1000);
+    assert_true(c.train.epochs == 0);
+    assert_int_equal(st_config_to_json(&c, &json), 0);
+    assert_null(strstr(json, "\"epochs\""));
+    free(json);
+    char *o1[] = {"train.epochs=1"};
+    expect_error("model: {path: m}\ntasks: [{path: d.h5}]\ntrain: {steps: 10}\n", 1, o1,
+                 "train.steps and train.epochs are both given", "exactly one");
+    char *o2[] = {"train.epochs=0"};
+    expect_error("model: {path: m}\ntasks: [{path: d.h5}]\n", 1, o2, "train.epochs", NULL);
 }
 
 /* ---------- a full file ---------- */
@@ -363,7 +393,7 @@ static void test_unknown_keys(void **state) {
                  "unknown key 'tasks.0.lossweight'", "did you mean 'tasks.0.loss_weight'?");
     /* nothing close: the valid keys of that section are listed instead */
     expect_error(with("train: {zzzzzzzzzz: 1}\n"), 0, NULL, "unknown key 'train.zzzzzzzzzz'",
-                 "valid keys under 'train': steps, micro_batch");
+                 "valid keys under 'train': steps, epochs, micro_batch");
     expect_error(with("finetune: {lora: {rank: 8}}\n"), 0, NULL, "unknown key 'finetune.lora.rank'", NULL);
     expect_error(with("finetune: {lora: {r: 0}}\n"), 0, NULL, "finetune.lora.r: expected a positive integer", "'0'");
     expect_error(with("finetune: {lora: {targets: [q_proj, qq_proj]}}\n"), 0, NULL, "finetune.lora.targets: unknown name",
@@ -818,6 +848,7 @@ int main(void) {
         cmocka_unit_test(test_truncated_and_mutated),
         cmocka_unit_test(test_docs_examples),
         cmocka_unit_test(test_names),
+        cmocka_unit_test(test_epochs),
     };
     return cmocka_run_group_tests(tests, st_test_dir_setup, st_test_dir_teardown);
 }

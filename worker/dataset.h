@@ -56,6 +56,16 @@ int st_dataset_pack_jsonl_buffer(const char *name, const char *text, size_t len,
 #define ST_GPT2_EOT 50256
 int st_dataset_pack_llmc(const char *glob_pattern, int64_t vocab, int64_t eos_id, st_dataset *out);
 
+/* Streaming writer: the same file layout, written document by document in bounded memory (a few MB of
+ * buffers, whatever the size of the data): PATH.partial is renamed to PATH by a successful close, and
+ * removed by abort or a failed close (nothing half-written is left). add checks every token < vocab_size
+ * and mask values 0/1; close refuses a file without documents. close and abort free the writer. */
+typedef struct st_dataset_writer st_dataset_writer;
+int st_dataset_writer_open(st_dataset_writer **w, const char *path, int64_t vocab_size, int64_t eos_id);
+int st_dataset_writer_add(st_dataset_writer *w, const int32_t *tokens, const uint8_t *mask, size_t n);
+int st_dataset_writer_close(st_dataset_writer *w, uint64_t *n_docs, uint64_t *n_tokens);
+void st_dataset_writer_abort(st_dataset_writer *w);
+
 /* Number of tokens with loss_mask == 0. */
 uint64_t st_dataset_masked_tokens(const st_dataset *ds);
 

@@ -36,11 +36,28 @@ static int parse_int(const char *s, long long lo, long long hi, long long *v) {
     return 0;
 }
 
+/* The progress line on a terminal (stderr): lines, MB/s, tokens, and % of the file when it has a size;
+ * redrawn at most 5 times a second. */
+typedef struct {
+    double t0, last;
+    int drawn;
+} progress_state;
+
 static void text_progress(void *ctx, const st_text_pack_stats *s, uint64_t done, uint64_t total) {
-    (void)ctx;
-    fprintf(stderr, "\rpacking: %llu examples, %llu tokens, %.0f%%", (unsigned long long)s->examples,
-            (unsigned long long)s->tokens, total ? 100.0 * (double)done / (double)total : 100.0);
+    progress_state *p = ctx;
+    double now = st_now();
+    if (now - p->last < 0.2 && done != total) return;
+    p->last = now;
+    p->drawn = 1;
+    double mb_s = now > p->t0 ? (double)done / 1e6 / (now - p->t0) : 0;
+    fprintf(stderr, "\rpacking: %llu lines, %.1f MB/s, %llu tokens", (unsigned long long)s->lines, mb_s,
+            (unsigned long long)s->tokens);
+    if (total) fprintf(stderr, ", %.0f%%", 100.0 * (double)done / (double)total);
     fflush(stderr);
+}
+
+static int emit_doc(void *ctx, const int32_t *ids, const uint8_t *mask, size_t n) {
+    return st_dataset_writer_add(ctx, ids, mask, n);
 }
 
 /* --template: a file path, or a name from tokenizer_config.json's list of named templates. */
@@ -82,20 +99,22 @@ static int pack_text(const char *in, const char *model, const char *out, const c
     if (rc < 0) { st_tokenizer_free(tok); return st_cli_error("data", st_error()); }
     o.template_src = tsrc ? tsrc : st_tokenizer_chat_template(tok);
     o.end_ids = ends, o.n_end = n_end;
-    st_dataset ds;
     st_text_pack_stats s;
-    rc = st_text_pack(in, tok, &o, n_end ? ends[0] : -1, isatty(2) ? text_progress : NULL, NULL, &ds, &s);
-    if (isatty(2)) fputc('\n', stderr);
-    if (rc == 0) {
-        rc = st_dataset_write(out, &ds);
-        if (rc == 0)
-            printf("packed docs=%llu tokens=%llu trained=%llu (chat=%llu alpaca=%llu prompt=%llu text=%llu) vocab=%lld eos=%lld -> %s\n",
-                   (unsigned long long)ds.n_docs, (unsigned long long)ds.n_tokens, (unsigned long long)s.trained,
-                   (unsigned long long)s.per_format[ST_SFT_CHAT], (unsigned long long)s.per_format[ST_SFT_ALPACA],
-                   (unsigned long long)s.per_format[ST_SFT_PROMPT], (unsigned long long)s.per_format[ST_SFT_TEXT],
-                   (long long)ds.vocab_size, (long long)ds.eos_id, out);
-        st_dataset_free(&ds);
-    }
+    st_dataset_writer *w = NULL;
+    int64_t eos = n_end ? ends[0] : -1, vocab = (int64_t)st_tokenizer_vocab_size(tok);
+    progress_state ps = {st_now(), 0, 0};
+    rc = st_dataset_writer_open(&w, out, vocab, eos); /* streamed: memory does not grow with the file */
+    if (rc == 0) rc = st_text_pack(in, tok, &o, emit_doc, w, isatty(2) ? text_progress : NULL, &ps, &s);
+    if (ps.drawn) fputc('\n', stderr);
+    uint64_t docs = 0, tokens = 0;
+    if (rc == 0) rc = st_dataset_writer_close(w, &docs, &tokens);
+    else st_dataset_writer_abort(w);
+    if (rc == 0)
+        printf("packed docs=%llu tokens=%llu trained=%llu (chat=%llu alpaca=%llu prompt=%llu text=%llu) vocab=%lld eos=%lld -> %s\n",
+               (unsigned long long)docs, (unsigned long long)tokens, (unsigned long long)s.trained,
+               (unsigned long long)s.per_format[ST_SFT_CHAT], (unsigned long long)s.per_format[ST_SFT_ALPACA],
+               (unsigned long long)s.per_format[ST_SFT_PROMPT], (unsigned long long)s.per_format[ST_SFT_TEXT],
+               (long long)vocab, (long long)eos, out);
     free(ends), free(tsrc);
     st_tokenizer_free(tok);
     return rc < 0 ? st_cli_error("data", st_error()) : ST_EXIT_OK;

@@ -39,12 +39,35 @@ int st_dataset_validate(const st_dataset *ds, const char *what);
 /* FNV-1a (st_fnv1a) over the tokens' bytes, then the mask's bytes. */
 uint64_t st_dataset_checksum(const st_dataset *ds);
 
+/* Streaming writer: the same file layout, written document by document in bounded memory (a few MB of
+ * buffers, whatever the size of the data): PATH.partial is renamed to PATH by a successful close, and
+ * removed by abort or a failed close (nothing half-written is left). add checks every token < vocab_size
+ * (vocab_size <= 0: max(id, eos_id) + 1, written at close) and mask values 0/1; close refuses a file
+ * without documents or tokens. close and abort free the writer. */
+typedef struct st_dataset_writer st_dataset_writer;
+typedef struct {
+    uint64_t docs, tokens, masked;
+    int64_t vocab_size, eos_id;
+} st_dataset_summary;
+int st_dataset_writer_open(st_dataset_writer **w, const char *path, int64_t vocab_size, int64_t eos_id);
+int st_dataset_writer_add(st_dataset_writer *w, const int32_t *tokens, const uint8_t *mask, size_t n);
+int st_dataset_writer_add_u32(st_dataset_writer *w, const uint32_t *tokens, const uint8_t *mask, size_t n);
+int st_dataset_writer_close(st_dataset_writer *w, st_dataset_summary *out);
+void st_dataset_writer_abort(st_dataset_writer *w);
+
 /* Packs a JSONL file: one object per line with "input_ids" (non-negative ints) and optional "labels"
  * (same length; -100 masks the position, any other label must equal the input id). Empty lines are
  * skipped. When eos_id >= 0 an EOS token (loss_mask 1) is appended to each document. vocab > 0 is
  * validated against; vocab <= 0 means max(id, eos_id) + 1. Errors name FILE:LINE. */
 int st_dataset_pack_jsonl(const char *jsonl_path, int64_t vocab, int64_t eos_id, st_dataset *out);
 
+/* The same, streamed: the JSONL file is read line by line and written to out_path with st_dataset_writer,
+ * so memory stays bounded by the longest line whatever the file size (data pack --jsonl). progress
+ * (may be NULL) is called every 4096 lines and at the end with lines, tokens and bytes read / total. */
+typedef void (*st_pack_progress_fn)(void *ctx, uint64_t lines, uint64_t tokens, uint64_t bytes_done,
+                                    uint64_t bytes_total);
+int st_dataset_pack_jsonl_file(const char *jsonl_path, const char *out_path, int64_t vocab, int64_t eos_id,
+                               st_pack_progress_fn progress, void *ctx, st_dataset_summary *out);
 /* Same from a buffer already in memory; `name` is used in messages (the fuzzer calls this). */
 int st_dataset_pack_jsonl_buffer(const char *name, const char *text, size_t len, int64_t vocab, int64_t eos_id,
                                  st_dataset *out);
@@ -56,15 +79,6 @@ int st_dataset_pack_jsonl_buffer(const char *name, const char *text, size_t len,
 #define ST_GPT2_EOT 50256
 int st_dataset_pack_llmc(const char *glob_pattern, int64_t vocab, int64_t eos_id, st_dataset *out);
 
-/* Streaming writer: the same file layout, written document by document in bounded memory (a few MB of
- * buffers, whatever the size of the data): PATH.partial is renamed to PATH by a successful close, and
- * removed by abort or a failed close (nothing half-written is left). add checks every token < vocab_size
- * and mask values 0/1; close refuses a file without documents. close and abort free the writer. */
-typedef struct st_dataset_writer st_dataset_writer;
-int st_dataset_writer_open(st_dataset_writer **w, const char *path, int64_t vocab_size, int64_t eos_id);
-int st_dataset_writer_add(st_dataset_writer *w, const int32_t *tokens, const uint8_t *mask, size_t n);
-int st_dataset_writer_close(st_dataset_writer *w, uint64_t *n_docs, uint64_t *n_tokens);
-void st_dataset_writer_abort(st_dataset_writer *w);
 
 /* Number of tokens with loss_mask == 0. */
 uint64_t st_dataset_masked_tokens(const st_dataset *ds);

@@ -194,6 +194,49 @@ int st_dataset_pack_jsonl(const char *jsonl_path, int64_t vocab, int64_t eos_id,
     return rc;
 }
 
+int st_dataset_pack_jsonl_file(const char *jsonl_path, const char *out_path, int64_t vocab, int64_t eos_id,
+                               st_pack_progress_fn progress, void *ctx, st_dataset_summary *out) {
+    int rc = check_eos(vocab, eos_id);
+    if (rc < 0) return rc;
+    FILE *f = fopen(jsonl_path, "rb");
+    if (!f) return st_fail(ST_EIO, "%s: cannot open: %s", jsonl_path, strerror(errno));
+    struct stat stt;
+    uint64_t total = fstat(fileno(f), &stt) == 0 && S_ISREG(stt.st_mode) ? (uint64_t)stt.st_size : 0, done = 0;
+    st_dataset_writer *w = NULL;
+    if ((rc = st_dataset_writer_open(&w, out_path, vocab, eos_id)) < 0) { fclose(f); return rc; }
+    builder b = {0}; /* one document at a time */
+    char *line = NULL;
+    size_t cap = 0, line_no = 0, tokens = 0;
+    ssize_t n;
+    while (rc == 0 && (n = getline(&line, &cap, f)) >= 0) {
+        line_no++;
+        done += (uint64_t)n;
+        size_t len = (size_t)n;
+        if (len && line[len - 1] == '\n') len--;
+        if (blank(line, len)) continue;
+        st_json *obj = NULL;
+        b.n = 0, b.n_off = 0, b.max_id = -1;
+        rc = st_json_parse(line, len, &obj);
+        if (rc == 0) rc = json_document(&b, obj, vocab, eos_id);
+        st_json_free(obj);
+        if (rc == 0) rc = st_dataset_writer_add_u32(w, b.tok, b.mask, b.n);
+        if (rc < 0) rc = st_fail_context(rc, "%s:%zu", jsonl_path, line_no);
+        tokens += b.n;
+        if (progress && line_no % 4096 == 0) progress(ctx, line_no, tokens, done, total);
+    }
+    if (rc == 0 && ferror(f)) rc = st_fail(ST_EIO, "%s: read error", jsonl_path);
+    free(line);
+    fclose(f);
+    builder_free(&b);
+    if (rc == 0 && progress) progress(ctx, line_no, tokens, done, total);
+    if (rc < 0) {
+        st_dataset_writer_abort(w);
+        return rc;
+    }
+    rc = st_dataset_writer_close(w, out);
+    return rc < 0 && strstr(st_error(), "no documents") ? st_fail(ST_EFORMAT, "%s: no documents", jsonl_path) : rc;
+}
+
 /* ---------------------------------------------------------------- llm.c shards */
 
 #define LLMC_HEADER_INTS 256

@@ -24,8 +24,8 @@ struct st_dataset_writer {
     uint64_t *off;
     size_t n_tok, n_off;        /* buffered */
     uint64_t done[3];           /* written elements of each dataset */
-    uint64_t tokens, docs;      /* totals */
-    int64_t vocab;
+    uint64_t tokens, docs, masked; /* totals */
+    int64_t vocab, eos, max_id;  /* vocab <= 0: max_id + 1, known at close */
 };
 
 static hid_t create_extendible(hid_t file, const char *name, hid_t type) {
@@ -78,13 +78,15 @@ static int write_attr(hid_t file, const char *name, int64_t value) {
 
 int st_dataset_writer_open(st_dataset_writer **out, const char *path, int64_t vocab_size, int64_t eos_id) {
     *out = NULL;
-    if (vocab_size <= 0 || eos_id < -1 || eos_id >= vocab_size)
+    if (vocab_size > 0x100000000LL || eos_id < -1 || eos_id > 0xffffffffLL || (vocab_size > 0 && eos_id >= vocab_size))
         return st_fail(ST_EINVAL, "%s: vocab_size %lld / eos_id %lld out of range", path, (long long)vocab_size,
                        (long long)eos_id);
     st_dataset_writer *w = calloc(1, sizeof *w);
     if (!w) return st_fail(ST_ENOMEM, "out of memory");
     w->file = w->d[0] = w->d[1] = w->d[2] = -1;
     w->vocab = vocab_size;
+    w->eos = eos_id;
+    w->max_id = eos_id;
     if (snprintf(w->path, sizeof w->path, "%s", path) >= (int)sizeof w->path ||
         snprintf(w->tmp, sizeof w->tmp, "%s.partial", path) >= (int)sizeof w->tmp) {
         free(w);
@@ -107,8 +109,7 @@ int st_dataset_writer_open(st_dataset_writer **out, const char *path, int64_t vo
     w->d[0] = create_extendible(w->file, "/tokens", H5T_STD_U32LE);
     w->d[1] = create_extendible(w->file, "/loss_mask", H5T_STD_U8LE);
     w->d[2] = create_extendible(w->file, "/doc_offsets", H5T_STD_U64LE);
-    if (w->d[0] < 0 || w->d[1] < 0 || w->d[2] < 0 || write_attr(w->file, "vocab_size", vocab_size) ||
-        write_attr(w->file, "eos_id", eos_id)) {
+    if (w->d[0] < 0 || w->d[1] < 0 || w->d[2] < 0) {
         int rc = st_fail(ST_EIO, "cannot write %s", w->tmp);
         st_dataset_writer_abort(w);
         return rc;
@@ -118,16 +119,20 @@ int st_dataset_writer_open(st_dataset_writer **out, const char *path, int64_t vo
     return 0;
 }
 
-int st_dataset_writer_add(st_dataset_writer *w, const int32_t *tokens, const uint8_t *mask, size_t n) {
+/* One document from int32 (s32) or uint32 (u32) ids. */
+static int add_doc(st_dataset_writer *w, const int32_t *s32, const uint32_t *u32, const uint8_t *mask, size_t n) {
     for (size_t i = 0; i < n; i++) {
-        if (tokens[i] < 0 || tokens[i] >= w->vocab)
-            return st_fail(ST_EINVAL, "token %d of a document is outside the vocabulary (%lld)", tokens[i],
+        int64_t id = s32 ? (int64_t)s32[i] : (int64_t)u32[i];
+        if (id < 0 || (w->vocab > 0 && id >= w->vocab))
+            return st_fail(ST_EINVAL, "token %lld of a document is outside the vocabulary (%lld)", (long long)id,
                            (long long)w->vocab);
         if (mask[i] > 1) return st_fail(ST_EINVAL, "loss_mask value %u is not 0 or 1", mask[i]);
+        if (id > w->max_id) w->max_id = id;
+        w->masked += !mask[i];
     }
     for (size_t i = 0; i < n;) {
         size_t take = n - i < BUF_TOKENS - w->n_tok ? n - i : BUF_TOKENS - w->n_tok;
-        for (size_t j = 0; j < take; j++) w->tok[w->n_tok + j] = (uint32_t)tokens[i + j];
+        for (size_t j = 0; j < take; j++) w->tok[w->n_tok + j] = s32 ? (uint32_t)s32[i + j] : u32[i + j];
         memcpy(w->mask + w->n_tok, mask + i, take);
         w->n_tok += take, i += take;
         int rc = w->n_tok == BUF_TOKENS ? flush_tokens(w) : 0;
@@ -139,11 +144,22 @@ int st_dataset_writer_add(st_dataset_writer *w, const int32_t *tokens, const uin
     return w->n_off == BUF_OFFSETS ? flush_offsets(w) : 0;
 }
 
-int st_dataset_writer_close(st_dataset_writer *w, uint64_t *n_docs, uint64_t *n_tokens) {
+int st_dataset_writer_add(st_dataset_writer *w, const int32_t *tokens, const uint8_t *mask, size_t n) {
+    return add_doc(w, tokens, NULL, mask, n);
+}
+
+int st_dataset_writer_add_u32(st_dataset_writer *w, const uint32_t *tokens, const uint8_t *mask, size_t n) {
+    return add_doc(w, NULL, tokens, mask, n);
+}
+
+int st_dataset_writer_close(st_dataset_writer *w, st_dataset_summary *out) {
     int rc = 0;
-    if (w->docs == 0 || w->tokens == 0) rc = st_fail(ST_EINVAL, "%s: no %s", w->path, w->docs ? "tokens" : "documents");
+    if (w->docs == 0 || w->tokens == 0) rc = st_fail(ST_EFORMAT, "%s: no %s", w->path, w->docs ? "tokens" : "documents");
+    int64_t vocab = w->vocab > 0 ? w->vocab : w->max_id + 1;
     if (!rc) rc = flush_tokens(w);
     if (!rc) rc = flush_offsets(w);
+    if (!rc && (write_attr(w->file, "vocab_size", vocab) || write_attr(w->file, "eos_id", w->eos)))
+        rc = st_fail(ST_EIO, "cannot write %s", w->tmp);
     for (int i = 0; i < 3; i++)
         if (w->d[i] >= 0 && H5Dclose(w->d[i]) < 0 && !rc) rc = st_fail(ST_EIO, "cannot write %s", w->tmp);
     w->d[0] = w->d[1] = w->d[2] = -1;
@@ -153,9 +169,9 @@ int st_dataset_writer_close(st_dataset_writer *w, uint64_t *n_docs, uint64_t *n_
     if (!rc && (fd < 0 || fsync(fd) != 0)) rc = st_fail(ST_EIO, "cannot write %s (disk full?)", w->tmp);
     if (fd >= 0) close(fd);
     if (!rc && rename(w->tmp, w->path) != 0) rc = st_fail(ST_EIO, "cannot rename %s to %s: %s", w->tmp, w->path, strerror(errno));
-    if (!rc) {
-        if (n_docs) *n_docs = w->docs;
-        if (n_tokens) *n_tokens = w->tokens;
+    if (!rc && out) {
+        out->docs = w->docs, out->tokens = w->tokens, out->masked = w->masked;
+        out->vocab_size = vocab, out->eos_id = w->eos;
     }
     st_dataset_writer_abort(w); /* frees; unlinks the partial file when it was not renamed */
     return rc;

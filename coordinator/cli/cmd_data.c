@@ -43,17 +43,24 @@ typedef struct {
     int drawn;
 } progress_state;
 
-static void text_progress(void *ctx, const st_text_pack_stats *s, uint64_t done, uint64_t total) {
-    progress_state *p = ctx;
+static void draw_progress(progress_state *p, uint64_t lines, uint64_t tokens, uint64_t done, uint64_t total) {
     double now = st_now();
     if (now - p->last < 0.2 && done != total) return;
     p->last = now;
     p->drawn = 1;
     double mb_s = now > p->t0 ? (double)done / 1e6 / (now - p->t0) : 0;
-    fprintf(stderr, "\rpacking: %llu lines, %.1f MB/s, %llu tokens", (unsigned long long)s->lines, mb_s,
-            (unsigned long long)s->tokens);
+    fprintf(stderr, "\rpacking: %llu lines, %.1f MB/s, %llu tokens", (unsigned long long)lines, mb_s,
+            (unsigned long long)tokens);
     if (total) fprintf(stderr, ", %.0f%%", 100.0 * (double)done / (double)total);
     fflush(stderr);
+}
+
+static void text_progress(void *ctx, const st_text_pack_stats *s, uint64_t done, uint64_t total) {
+    draw_progress(ctx, s->lines, s->tokens, done, total);
+}
+
+static void jsonl_progress(void *ctx, uint64_t lines, uint64_t tokens, uint64_t done, uint64_t total) {
+    draw_progress(ctx, lines, tokens, done, total);
 }
 
 static int emit_doc(void *ctx, const int32_t *ids, const uint8_t *mask, size_t n) {
@@ -106,12 +113,12 @@ static int pack_text(const char *in, const char *model, const char *out, const c
     rc = st_dataset_writer_open(&w, out, vocab, eos); /* streamed: memory does not grow with the file */
     if (rc == 0) rc = st_text_pack(in, tok, &o, emit_doc, w, isatty(2) ? text_progress : NULL, &ps, &s);
     if (ps.drawn) fputc('\n', stderr);
-    uint64_t docs = 0, tokens = 0;
-    if (rc == 0) rc = st_dataset_writer_close(w, &docs, &tokens);
+    st_dataset_summary sum;
+    if (rc == 0) rc = st_dataset_writer_close(w, &sum);
     else st_dataset_writer_abort(w);
     if (rc == 0)
         printf("packed docs=%llu tokens=%llu trained=%llu (chat=%llu alpaca=%llu prompt=%llu text=%llu) vocab=%lld eos=%lld -> %s\n",
-               (unsigned long long)docs, (unsigned long long)tokens, (unsigned long long)s.trained,
+               (unsigned long long)sum.docs, (unsigned long long)sum.tokens, (unsigned long long)s.trained,
                (unsigned long long)s.per_format[ST_SFT_CHAT], (unsigned long long)s.per_format[ST_SFT_ALPACA],
                (unsigned long long)s.per_format[ST_SFT_PROMPT], (unsigned long long)s.per_format[ST_SFT_TEXT],
                (long long)vocab, (long long)eos, out);
@@ -161,14 +168,25 @@ int st_cmd_data(int argc, char **argv) {
     }
     if (model || format || tpl || train_on) return usage_error("--model/--format/--template/--train-on go with --text", NULL);
 
-    st_dataset ds;
-    int rc = jsonl ? st_dataset_pack_jsonl(jsonl, vocab, eos, &ds) : st_dataset_pack_llmc(llmc, vocab, eos, &ds);
-    if (rc < 0 && jsonl && strstr(st_error(), "missing \"input_ids\"")) {
-        char msg[1400];
-        snprintf(msg, sizeof msg, "%s (--jsonl takes token ids; for text rows use: data pack --text %s --model DIR --out %s)",
-                 st_error(), jsonl, out);
-        return st_cli_error("data", msg);
+    if (jsonl) { /* streamed (bounded memory) */
+        progress_state ps = {st_now(), 0, 0};
+        st_dataset_summary sum;
+        int rc = st_dataset_pack_jsonl_file(jsonl, out, vocab, eos, isatty(2) ? jsonl_progress : NULL, &ps, &sum);
+        if (ps.drawn) fputc('\n', stderr);
+        if (rc < 0 && strstr(st_error(), "missing \"input_ids\"")) {
+            char msg[1400];
+            snprintf(msg, sizeof msg, "%s (--jsonl takes token ids; for text rows use: data pack --text %s --model DIR --out %s)",
+                     st_error(), jsonl, out);
+            return st_cli_error("data", msg);
+        }
+        if (rc < 0) return st_cli_error("data", st_error());
+        printf("packed docs=%llu tokens=%llu masked=%llu vocab=%lld eos=%lld -> %s\n", (unsigned long long)sum.docs,
+               (unsigned long long)sum.tokens, (unsigned long long)sum.masked, (long long)sum.vocab_size,
+               (long long)sum.eos_id, out);
+        return ST_EXIT_OK;
     }
+    st_dataset ds;
+    int rc = st_dataset_pack_llmc(llmc, vocab, eos, &ds);
     if (rc < 0) return st_cli_error("data", st_error());
     rc = st_dataset_write(out, &ds);
     if (rc < 0) {

@@ -4,7 +4,9 @@
 #      by less than 8 MB, where keeping the tokens in memory would add > 80 MB; the files read back with
 #      h5py hold every line as a document with the token count computed independently (one merge "h i":
 #      len - count("hi"), + the end token <eos> that closes each document).
-#   2. the progress line (lines, MB/s, tokens) goes to stderr on a terminal (a pty) and not otherwise.
+#   2. `data pack --jsonl` the same: 8 MB and 32 MB of token ids, peak RSS within 8 MB (reading the file into
+#      memory and building the arrays there would add > 50 MB); the tokens read back with h5py.
+#   3. the progress line (lines, MB/s, tokens) goes to stderr on a terminal (a pty) and not otherwise.
 set -euo pipefail
 BIN=${SHARDTUNE_BIN:?}
 PY=${ST_PYTHON:-/usr/bin/python3}
@@ -52,7 +54,35 @@ inmem = (res["big"][1] - res["small"][1]) * 5 / 2**20  # uint32 token + uint8 ma
 print(f"peak RSS grows {grow:.1f} MB for {res['big'][1] - res['small'][1]} more tokens (in memory: +{inmem:.0f} MB)")
 assert inmem > 80 and grow < 8, "peak memory grows with the input"
 PYEOF
-echo "ok: bounded memory"
+echo "ok: bounded memory (--text)"
+
+"$PY" - "$BIN" "$T" <<'PYEOF' || fail "memory (--jsonl)"
+import json, random, resource, subprocess, sys, h5py, numpy as np
+BIN, T = sys.argv[1], sys.argv[2]
+code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, "
+        "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+res = {}
+for name, docs in (("ids_small", 8000), ("ids_big", 32000)):
+    r = random.Random(docs)
+    lens = []
+    with open(f"{T}/{name}.jsonl", "w") as f:
+        for d in range(docs):
+            ids = [r.randrange(1000) for _ in range(100 + d % 200)]
+            lens.append(len(ids))
+            f.write(json.dumps({"input_ids": ids}) + "\n")
+    kb = subprocess.run([sys.executable, "-c", code, BIN, "data", "pack", "--jsonl", f"{T}/{name}.jsonl", "--out",
+                         f"{T}/{name}.h5"], check=True, capture_output=True, text=True).stdout
+    with h5py.File(f"{T}/{name}.h5", "r") as f:
+        assert (np.diff(f["doc_offsets"][:]) == np.array(lens)).all() and f.attrs["vocab_size"] <= 1000
+        last = json.loads(open(f"{T}/{name}.jsonl").readlines()[-1])["input_ids"]
+        assert list(f["tokens"][-len(last):]) == last
+    res[name] = (int(kb) / 1024.0, sum(lens))
+    print(f"{name}: {docs} docs, {sum(lens)} tokens, peak RSS {res[name][0]:.1f} MB")
+grow = res["ids_big"][0] - res["ids_small"][0]
+print(f"peak RSS grows {grow:.1f} MB for {res['ids_big'][1] - res['ids_small'][1]} more tokens")
+assert grow < 8, "peak memory grows with the input"
+PYEOF
+echo "ok: bounded memory (--jsonl)"
 
 "$BIN" data pack --text "$T/small.jsonl" --model "$T/m" --out "$T/x.h5" --format text 2>"$T/err" >/dev/null
 [ ! -s "$T/err" ] || fail "progress on a non-terminal stderr: $(cat $T/err)"

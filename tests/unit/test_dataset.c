@@ -36,6 +36,62 @@ static uint64_t fnv(uint64_t h, const void *p, size_t n) {
     return h;
 }
 
+/* Packs `jsonl` in memory and streamed (st_dataset_pack_jsonl_file); the streamed file must load to the
+ * same arrays and attributes. */
+static void same_streamed(const char *jsonl, int64_t vocab, int64_t eos) {
+    st_dataset mem, file;
+    st_dataset_summary sum;
+    assert_int_equal(st_dataset_pack_jsonl(jsonl, vocab, eos, &mem), 0);
+    assert_int_equal(st_dataset_pack_jsonl_file(jsonl, st_test_path("s.h5"), vocab, eos, NULL, NULL, &sum), 0);
+    assert_int_equal(st_dataset_load(st_test_path("s.h5"), &file), 0);
+    assert_int_equal(file.n_tokens, mem.n_tokens);
+    assert_int_equal(file.n_docs, mem.n_docs);
+    assert_int_equal(file.vocab_size, mem.vocab_size);
+    assert_int_equal(file.eos_id, mem.eos_id);
+    assert_memory_equal(file.tokens, mem.tokens, mem.n_tokens * sizeof *mem.tokens);
+    assert_memory_equal(file.loss_mask, mem.loss_mask, mem.n_tokens);
+    assert_memory_equal(file.doc_offsets, mem.doc_offsets, (mem.n_docs + 1) * sizeof *mem.doc_offsets);
+    assert_int_equal(sum.docs, mem.n_docs);
+    assert_int_equal(sum.tokens, mem.n_tokens);
+    assert_int_equal(sum.masked, st_dataset_masked_tokens(&mem));
+    assert_int_equal(sum.vocab_size, mem.vocab_size);
+    st_dataset_free(&mem);
+    st_dataset_free(&file);
+}
+
+static void test_pack_jsonl_streamed(void **state) {
+    (void)state;
+    write_text(st_test_path("a.jsonl"), "{\"input_ids\": [11,12,13,14], \"labels\": [-100,-100,13,14]}\n\n  \n"
+                                        "{\"input_ids\": [20, 21]}\r\n{\"labels\": [5,6,7], \"input_ids\": [5,6,7]}");
+    same_streamed(st_test_path("a.jsonl"), 0, -1);
+    same_streamed(st_test_path("a.jsonl"), 0, 30);
+    same_streamed(st_test_path("a.jsonl"), 100, 99);
+    /* past the writer's buffers: 70000 documents (> 65536 offsets) of 1..40 tokens (> 2^20 tokens) */
+    FILE *f = fopen(st_test_path("big.jsonl"), "wb");
+    assert_non_null(f);
+    for (int d = 0; d < 70000; d++) {
+        int n = 1 + (d * 7919) % 40;
+        fprintf(f, "{\"input_ids\": [");
+        for (int i = 0; i < n; i++) fprintf(f, "%s%d", i ? "," : "", (d + 3 * i) % 1000);
+        fprintf(f, "], \"labels\": [");
+        for (int i = 0; i < n; i++) fprintf(f, "%s%d", i ? "," : "", i % 3 ? (d + 3 * i) % 1000 : -100);
+        fprintf(f, "]}\n");
+    }
+    fclose(f);
+    same_streamed(st_test_path("big.jsonl"), 0, 1000);
+    /* a bad line: the error names it, and neither the output nor its .partial is left */
+    write_text(st_test_path("bad.jsonl"), "{\"input_ids\": [1]}\n{\"input_ids\": [1, -2]}\n");
+    unlink(st_test_path("o.h5"));
+    assert_true(st_dataset_pack_jsonl_file(st_test_path("bad.jsonl"), st_test_path("o.h5"), 0, -1, NULL, NULL, NULL) < 0);
+    assert_non_null(strstr(st_error(), "bad.jsonl:2"));
+    assert_int_equal(access(st_test_path("o.h5"), F_OK), -1);
+    assert_int_equal(access(st_test_path("o.h5.partial"), F_OK), -1);
+    write_text(st_test_path("empty.jsonl"), "\n \n");
+    assert_true(st_dataset_pack_jsonl_file(st_test_path("empty.jsonl"), st_test_path("o.h5"), 0, -1, NULL, NULL, NULL) < 0);
+    assert_non_null(strstr(st_error(), "no documents"));
+    assert_int_equal(access(st_test_path("o.h5.partial"), F_OK), -1);
+}
+
 /* ---------------------------------------------------------------- JSONL */
 
 static void test_pack_jsonl_labels_and_eos(void **state) {
@@ -320,6 +376,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pack_jsonl_labels_and_eos),
         cmocka_unit_test(test_pack_jsonl_errors),
+        cmocka_unit_test(test_pack_jsonl_streamed),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_pack_llmc),

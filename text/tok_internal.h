@@ -86,4 +86,14 @@ int st_tok_normalize_aligned(const st_tokenizer *t, const char *s, size_t n, cha
  * patterns always match at least one code point. */
 size_t st_pretok_match(int regex, const uint32_t *cps, size_t n, size_t i);
 
+/* The slot of merge key (a << 32 | b) + 1 before masking: a full 64-bit mix (splitmix64's finalizer), so
+ * that the low bits a small table keeps depend on both ids (a multiply alone leaves bits < 32
+ * independent of a: every merge with the same right id collided). */
+static inline size_t st_merge_slot(uint64_t key) {
+    uint64_t z = key;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (size_t)(z ^ (z >> 31));
+}
+
 #endif

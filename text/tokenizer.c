@@ -34,7 +34,7 @@ typedef struct { uint32_t rank; int32_t pos, new_id; } merge_ent;
 
 static int merge_get(const st_tokenizer *t, int32_t a, int32_t b, uint32_t *rank, int32_t *id) {
     uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1;
-    for (size_t i = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 20) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
+    for (size_t i = st_merge_slot(key) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
         if (!t->merge_keys[i]) return 0;
         if (t->merge_keys[i] == key) {
             *rank = (uint32_t)(t->merge_vals[i] >> 32), *id = (int32_t)(uint32_t)t->merge_vals[i];

@@ -27,6 +27,17 @@ static void json_string(st_strbuf *b, const char *s, size_t n) {
     st_strbuf_append(b, "\"", 1);
 }
 
+/* ", <id>" (or "<id>" first) without printf: formatting was a quarter of the encode time. */
+static void append_id(st_strbuf *b, int32_t id, int comma) {
+    char tmp[16], *e = tmp + sizeof tmp, *p = e;
+    uint32_t v = id < 0 ? 0u - (uint32_t)id : (uint32_t)id;
+    do *--p = (char)('0' + v % 10);
+    while (v /= 10);
+    if (id < 0) *--p = '-';
+    if (comma) { *--p = ' '; *--p = ','; }
+    st_strbuf_append(b, p, (size_t)(e - p));
+}
+
 static int encode_line(const st_tokenizer *tok, const st_json *v, int special, st_strbuf *out) {
     if (v->type != ST_JSON_STRING) return st_fail(ST_EINVAL, "expected a JSON string");
     int32_t *ids = NULL;
@@ -34,7 +45,7 @@ static int encode_line(const st_tokenizer *tok, const st_json *v, int special, s
     int rc = st_tokenizer_encode(tok, v->string, strlen(v->string), special, &ids, &n);
     if (rc < 0) return rc;
     st_strbuf_append(out, "[", 1);
-    for (size_t i = 0; i < n; i++) st_strbuf_printf(out, i ? ", %d" : "%d", ids[i]);
+    for (size_t i = 0; i < n; i++) append_id(out, ids[i], i > 0);
     st_strbuf_append(out, "]", 1);
     free(ids);
     return 0;

@@ -1,6 +1,6 @@
 /* cpu_decode.c — the decode-step kernels of generation: storing a token's keys and values in the KV
  * cache, and attention of one query row per token over its sequence's cached keys (kernels.h has the
- * layouts). Each (token, query head) pair is independent, so any thread schedule gives the same bits.
+ * layouts; a sliding window limits the keys a row sees). Each (token, query head) pair is independent, so any thread schedule gives the same bits.
  * Caller owns every buffer; the score row (at most max_t floats) lives on the stack. */
 #include "kernels/cpu/cpu_kernels.h"
 
@@ -17,24 +17,27 @@ void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32
     }
 }
 
+/* First key a query at position p sees: 0, or with a sliding window W the keys j with p - j < W. */
+static inline int first_key(int p, int window) { return window > 0 && p >= window ? p - window + 1 : 0; }
+
 void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, const float *vcache,
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
-                             int max_t) {
+                             int max_t, int window) {
     if (rows <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
     size_t kvd = (size_t)kvh * hd, stride = (size_t)(h + 2 * kvh) * hd;
     int group = h / kvh;
     float scale = 1.0f / sqrtf((float)hd);
     long work = (long)rows * h;
     long keys = 0;
-    for (int i = 0; i < rows; i++) keys += row_pos[i] + 1;
+    for (int i = 0; i < rows; i++) keys += row_pos[i] + 1 - first_key(row_pos[i], window);
 #pragma omp parallel for schedule(dynamic, 4) if (keys * h * hd >= ST_CPU_PAR_MIN)
     for (long w = 0; w < work; w++) {
         int i = (int)(w / h), hi = (int)(w % h);
-        int nk = row_pos[i] + 1;
+        int k0 = first_key(row_pos[i], window), nk = row_pos[i] + 1 - k0;
         float s[nk];
         const float *q = qkv + (size_t)i * stride + (size_t)hi * hd;
-        const float *kb = kcache + (size_t)row_seq[i] * max_t * kvd + (size_t)(hi / group) * hd;
-        const float *vb = vcache + (size_t)row_seq[i] * max_t * kvd + (size_t)(hi / group) * hd;
+        size_t base = ((size_t)row_seq[i] * max_t + (size_t)k0) * kvd + (size_t)(hi / group) * hd;
+        const float *kb = kcache + base, *vb = vcache + base;
         int j = 0;
         for (; j + 4 <= nk; j += 4) {
             const float *k0 = kb + (size_t)j * kvd;

@@ -174,9 +174,21 @@ static const st_key mixing_keys[] = {
     {0},
 };
 
+#define GOFF(field) (offsetof(st_config, eval.generate.field) - offsetof(st_config, eval.generate))
+static const st_key eval_generate_keys[] = {
+    KEY_I64("every_steps", GOFF(every_steps), 0, 0, NO_HI),
+    KEY_STR("prompts", GOFF(prompts), ST_CFG_PATH_MAX),
+    KEY_I32("max_new", GOFF(max_new), 1, 1 << 20, 0),
+    KEY_F64("temperature", GOFF(temperature), 0, 1e6, 0),
+    KEY_I32("batch", GOFF(batch), 1, 4096, 0),
+    KEY_I64("seed", GOFF(seed), 0, 0, NO_HI),
+    {0},
+};
+
 static const st_key eval_keys[] = {
     KEY_I64("every_steps", SOFF(eval, every_steps), 0, 0, NO_HI),
     KEY_I32("batches", SOFF(eval, batches), 1, 0, NO_HI),
+    {.name = "generate", .kind = ST_KEY_SECTION, .off = SOFF(eval, generate), .sub = eval_generate_keys},
     {0},
 };
 
@@ -284,6 +296,9 @@ void st_config_defaults(st_config *c) {
 
     c->eval.every_steps = 100;
     c->eval.batches = 8;
+    c->eval.generate.max_new = 64;
+    c->eval.generate.batch = 8; /* generate's --batch default: the same answers as `shardtune generate` */
+    c->eval.generate.seed = 1234;
 
     c->checkpoint.every_steps = 100;
     c->checkpoint.keep_last = 3;

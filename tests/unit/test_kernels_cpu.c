@@ -108,7 +108,8 @@ static void test_expf(void **state) {
 
 static void test_matmul(void **state) {
     (void)state;
-    const int m = 5, n = 7, k = 9;
+    const int n = 7, k = 9;
+    for (int m = 5; m >= 1; m -= 4) /* m = 1: the matrix-vector path (a decode step) */
     for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++) {
             float *a = frand((size_t)m * k, 1), *b = frand((size_t)k * n, 1), *c = frand((size_t)m * n, 1);
@@ -131,6 +132,18 @@ static void test_matmul(void **state) {
             for (int i = 0; i < m * n; i++) assert_true(c2[i] == c[i] * 0.5f);
             free(a), free(b), free(c), free(c2), free(want);
         }
+    /* one row over many columns (split across threads), beta 0 on a C full of NaN: C is overwritten */
+    const int N = 3001, K = 777;
+    for (int tb = 0; tb < 2; tb++) {
+        float *a = frand((size_t)K, 2), *b = frand((size_t)K * N, 3), *c = frand((size_t)N, 4);
+        for (int j = 0; j < N; j++) c[j] = NAN;
+        double *want = dzeros((size_t)N);
+        for (int j = 0; j < N; j++)
+            for (int p = 0; p < K; p++) want[j] += 1.5 * (double)a[p] * (tb ? b[(size_t)j * K + p] : b[(size_t)p * N + j]);
+        be->matmul(c, a, b, 1, N, K, 0, tb, 1.5f, 0.0f);
+        ASSERT_CLOSE(c, want, (size_t)N, 1e-5, "matmul one row");
+        free(a), free(b), free(c), free(want);
+    }
 }
 
 /* ---- bias and elementwise ---- */

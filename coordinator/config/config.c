@@ -697,10 +697,13 @@ static int finish_eval_generate(const st_config *c, const char *file) {
         return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with sharding.stage 3 yet (the parameters are "
                        "sharded across ranks); use sharding.stage 2 or generate from a checkpoint", file);
     st_finetune_mode m = c->finetune.mode;
-    if (m != ST_FINETUNE_FULL && m != ST_FINETUNE_FROZEN && m != ST_FINETUNE_PROGRESSIVE)
-        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with finetune.mode %s yet (full, frozen and "
-                       "progressive are); generate from the checkpoint or adapter instead", file,
+    if (m != ST_FINETUNE_FULL && m != ST_FINETUNE_FROZEN && m != ST_FINETUNE_PROGRESSIVE && m != ST_FINETUNE_LORA)
+        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with finetune.mode %s yet (full, frozen, "
+                       "progressive and lora are); generate from the checkpoint or adapter instead", file,
                        st_finetune_mode_name(m));
+    if (m == ST_FINETUNE_LORA && c->finetune.lora.dora)
+        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with finetune.lora.dora yet; generate from "
+                       "the exported adapter instead", file);
     return 0;
 }
 

@@ -319,7 +319,7 @@ static const char *name_at(const char *const *names, int n, int i) { return i >=
 const char *st_backend_name(st_backend_kind k) { return name_at(backend_names, 3, (int)k); }
 const char *st_precision_name(st_precision p) { return name_at(precision_names, 2, (int)p); }
 const char *st_schedule_name(st_schedule k) { return name_at(schedule_names, 3, (int)k); }
-const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 4, (int)m); }
+const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 8, (int)m); }
 const char *st_mixing_name(st_mixing_strategy s) { return name_at(mixing_names, 3, (int)s); }
 const char *st_loss_weighting_name(st_loss_weighting_kind k) { return name_at(loss_weighting_names, 2, (int)k); }
 const char *st_nonfinite_name(st_nonfinite_policy p) { return name_at(nonfinite_names, 2, (int)p); }

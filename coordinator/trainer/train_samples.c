@@ -1,7 +1,8 @@
 /* train_samples.c — eval.generate: sample answers during training. Every eval.generate.every_steps steps
  * (and at the end) the ranks generate answers to the prompts of eval.generate.prompts from the current
- * weights (every rank holds them whole below sharding.stage 3; config.c refuses stage 3 and the adapter
- * modes), with generate's own code (st_gen_run_model: prompts split across ranks in whole batches,
+ * weights (every rank holds them whole below sharding.stage 3; config.c refuses stage 3, qlora, DoRA and
+ * prompt tuning; under lora a merged copy W + scale B A is made for the call, as `generate --adapter`
+ * merges the exported adapter), with generate's own code (st_gen_run_model: prompts split across ranks in whole batches,
  * answers gathered on rank 0 in input order), so they equal `shardtune generate` on the checkpoint of the
  * same step. Rank 0 appends one line per prompt to RUN_DIR/samples.jsonl ({"step", "id", "prompt",
  * "output", "output_ids", "finish_reason"}) and publishes each as a monitor Event of kind "sample" (text
@@ -16,6 +17,7 @@
 #include "coordinator/generate/gen_run.h"
 #include "coordinator/generate/gen_text.h"
 #include "coordinator/trainer/train_internal.h"
+#include "worker/lora.h"
 
 struct st_train_samples {
     st_prompt_set ps;
@@ -184,18 +186,58 @@ static int write_samples(trainer *t, int64_t step, const st_answer *ans) {
     return rc;
 }
 
+/* The model generation reads: the trainer's own, or under finetune.mode lora a view of the base registry
+ * over a merged copy of the base weights (*owned, backend memory the caller frees): per adapter
+ * W += scale * B @ A with the same matmul as st_lora_merge, so the result equals the exported adapter
+ * merged by `generate --adapter`. */
+static int gen_model(const trainer *t, st_model *g, float **owned) {
+    const st_model *m = &t->model;
+    *g = *m;
+    *owned = NULL;
+    if (!m->lora) return 0;
+    const st_backend *be = m->be;
+    float *w = be->alloc(m->n_base_weights * sizeof(float));
+    if (!w)
+        return st_fail(ST_ENOMEM, "eval.generate: out of memory for the merged weights (%.1f MB)",
+                       m->n_base_weights * 4.0 / 1e6);
+    be->copy(w, m->weights, m->n_base_weights * sizeof(float));
+    int r = st_lora_rank(m);
+    for (int b = m->n_base_params; b < m->n_params; b++) {
+        int is_b = 0, base = st_lora_base_of(m, b, &is_b);
+        if (base < 0 || !is_b) continue;
+        for (int a = m->n_base_params; a < m->n_params; a++) {
+            int a_is_b = 1;
+            if (a == b || st_lora_base_of(m, a, &a_is_b) != base || a_is_b) continue;
+            be->matmul(w + m->params[base].offset, m->weights + m->params[b].offset, m->weights + m->params[a].offset,
+                       (int)m->params[b].shape[0], (int)m->params[a].shape[1], r, 0, 0, (float)st_lora_scale(m), 1.0f);
+            break;
+        }
+    }
+    g->weights = w;
+    g->n_params = m->n_base_params;
+    g->n_weights = m->n_base_weights;
+    g->n_base_params = 0;
+    g->n_base_weights = 0;
+    g->lora = NULL;
+    *owned = w;
+    return 0;
+}
+
 int st_trainer_samples_run(trainer *t, int64_t completed) {
     struct st_train_samples *s = t->samples;
     st_trainer_phase(t, ST_PHASE_EVAL);
     st_answer *ans = NULL;
+    st_model g;
+    float *owned = NULL;
     int pe = 0;
-    int rc = st_gen_run_model(&t->model, t->cfg->model.path, &s->f, &s->ps, t->comm, &ans, NULL, NULL, &pe);
-    if (rc) {
-        t->print_error = pe;
-        st_fail_context(rc, "eval.generate at step %lld", (long long)completed);
-    } else {
-        rc = st_trainer_agree(t, t->rank == 0 ? write_samples(t, completed, ans) : 0);
+    int rc = st_trainer_agree(t, gen_model(t, &g, &owned));
+    if (!rc) {
+        rc = st_gen_run_model(&g, t->cfg->model.path, &s->f, &s->ps, t->comm, &ans, NULL, NULL, &pe);
+        if (rc) t->print_error = pe; /* only the rank whose st_error() holds the cause prints */
+        if (rc && pe) st_fail_context(rc, "eval.generate at step %lld", (long long)completed);
     }
+    if (owned) t->model.be->free(owned);
+    if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? write_samples(t, completed, ans) : 0);
     st_answers_free(ans, t->rank == 0 ? s->ps.n : 0);
     st_trainer_phase(t, ST_PHASE_IDLE);
     return rc;

@@ -8,9 +8,12 @@
      step's differ from the base model's answers (the samples come from the trained weights);
   3. an independent monitor client (pyzmq + test_telemetry_client's decoder) receives one Event of kind
      "sample" per line, with its step and the text "ID: IDS";
-  4. config: an unknown key under eval.generate, a missing prompts file, sharding.stage 3 and
-     finetune.mode lora are refused with one line naming the key / the cause, before any step runs;
-  5. resume: a run stopped at step 4 (train.steps 4) and resumed to 6 leaves the same samples.jsonl.
+  4. config: an unknown key under eval.generate, a missing prompts file, sharding.stage 3,
+     finetune.mode qlora and DoRA are refused with one line naming the key / the cause, before any step
+     runs;
+  5. resume: a run stopped at step 4 (train.steps 4) and resumed to 6 leaves the same samples.jsonl;
+  6. finetune.mode lora: the samples equal `generate --model BASE --adapter` of the adapter exported from
+     each step's checkpoint (1 and 2 ranks), and differ from the base model's answers.
 Env (set by ctest): SHARDTUNE_BIN, ST_SOURCE_DIR."""
 import json
 import os
@@ -62,7 +65,9 @@ def job_with(tmp, name, extra, steps=STEPS):
     return dst, pub
 
 
-def check_against_generate(tmp, ppath, prompts, samples, run_dir):
+def check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=False):
+    """Each step's samples against `generate` on that step's checkpoint: exported as a model directory, or
+    under lora as a PEFT adapter that generate --adapter merges into the base model."""
     by_step = {}
     for s in samples:
         by_step.setdefault(s["step"], []).append(s)
@@ -75,10 +80,15 @@ def check_against_generate(tmp, ppath, prompts, samples, run_dir):
             assert set(r) == {"step", "id", "prompt", "output", "output_ids", "finish_reason"}, r
         ck = os.path.join(run_dir, "checkpoints", "step-%08d.h5" % step)
         d = os.path.join(tmp, "export%d" % step)
-        sh([ST, "export", ck, "--out", d])
+        if lora:
+            sh([ST, "export", ck, "--format", "peft", "--out", d])
+            model = ["--model", os.path.join(tmp, "model"), "--adapter", d]
+        else:
+            sh([ST, "export", ck, "--out", d])
+            model = ["--model", d]
         for np_ in (1, 2):
             out = os.path.join(tmp, "gen%d_%d.jsonl" % (step, np_))
-            cmd = [ST, "generate", "--model", d, "--prompts", ppath, "--out", out, "--max-new", str(MAX_NEW),
+            cmd = [ST, "generate", *model, "--prompts", ppath, "--out", out, "--max-new", str(MAX_NEW),
                    "--batch", "2", "--backend", "cpu"]
             if np_ == 2:
                 cmd = ["mpirun", "--oversubscribe", "-np", "2"] + cmd
@@ -116,6 +126,20 @@ def test_samples(tmp):
     return samples
 
 
+def test_lora(tmp):
+    """finetune.mode lora: the samples come from the base with the current adapter merged (as generate
+    --adapter merges the adapter exported from the same step's checkpoint)."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    job, _ = job_with(tmp, "lora", sample_extra(ppath) + "finetune: { mode: lora, lora: { r: 4, alpha: 8 } }\n")
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job, "train.lr=0.05"] + OVER[1:])
+    run_dir = os.path.join(tmp, "run")
+    samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+    check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=True)
+    print("ok: lora: %d samples equal generate --adapter on each step's exported adapter (1 and 2 ranks)"
+          % len(samples))
+
+
 def test_resume(tmp, full):
     """The same job stopped at step 4, resumed to 6: the same samples.jsonl as the uninterrupted run."""
     ppath = os.path.join(tmp, "prompts.jsonl")
@@ -139,7 +163,8 @@ def test_refusals(tmp):
     cases = [(sample_extra(ppath), ["eval.generate.max_neww=3"], "eval.generate.max_neww"),
              (sample_extra(os.path.join(tmp, "missing.jsonl")), [], "missing.jsonl"),
              (sample_extra(ppath) + "sharding: { stage: 3 }\n", [], "sharding.stage 3"),
-             (sample_extra(ppath) + "finetune: { mode: lora }\n", [], "finetune.mode lora"),
+             (sample_extra(ppath) + "finetune: { mode: qlora }\n", [], "finetune.mode qlora"),
+             (sample_extra(ppath) + "finetune: { mode: lora, lora: { dora: true } }\n", [], "finetune.lora.dora"),
              ("eval: { generate: { every_steps: 2 } }\n", [], "eval.generate.prompts")]
     for extra, over, needle in cases:
         job, _ = job_with(tmp, "bad", extra)
@@ -157,6 +182,8 @@ def main():
             shutil.copytree(os.path.join(tmp, "model"), os.path.join(tmp2, "model"))
             shutil.copy(os.path.join(tmp, "d.h5"), os.path.join(tmp2, "d.h5"))
             test_resume(tmp2, full)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_lora(tmp)
     with tempfile.TemporaryDirectory() as tmp:
         test_refusals(tmp)
     return 0

@@ -7,7 +7,7 @@
      same step exported as a model directory (token for token, finish reason included), and the last
      step's differ from the base model's answers (the samples come from the trained weights);
   3. an independent monitor client (pyzmq + test_telemetry_client's decoder) receives one Event of kind
-     "sample" per line, with its step and the text "ID: IDS";
+     "sample" per line, with its step and the text "ID: IDS", and `shardtune monitor --json` shows them;
   4. config: an unknown key under eval.generate, a missing prompts file, sharding.stage 3,
      finetune.mode qlora and DoRA are refused with one line naming the key / the cause, before any step
      runs;
@@ -18,9 +18,11 @@ Env (set by ctest): SHARDTUNE_BIN, ST_SOURCE_DIR."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_monitor_train import ENV, ST, Sub, make_job  # noqa: E402
@@ -110,19 +112,28 @@ def test_samples(tmp):
     prompts = write_prompts(ppath)
     job, pub = job_with(tmp, "samples", sample_extra(ppath))
     sub = Sub(pub)
+    mon_out = open(os.path.join(tmp, "monitor.out"), "w+")
+    mon = subprocess.Popen([ST, "monitor", pub, "--json"], stdout=mon_out, stderr=subprocess.STDOUT, env=ENV)
     p = subprocess.Popen(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job] + OVER, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sub.poll(120, until=lambda: any(e["kind"] == "end" for e in sub.events))
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 0, out
+    time.sleep(0.5)
+    mon.send_signal(signal.SIGTERM)
+    mon.wait(timeout=10)
+    mon_out.seek(0)
+    shown = [json.loads(l) for l in mon_out if l.startswith("{")]
+    shown = [(m["step"], m["text"]) for m in shown if m.get("topic") == "event" and m.get("kind") == "sample"]
     run_dir = os.path.join(tmp, "run")
     samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
     check_against_generate(tmp, ppath, prompts, samples, run_dir)
     events = [e for e in sub.events if e["kind"] == "sample"]
     want = [(s["step"], "%s: %s" % (s["id"], " ".join(str(i) for i in s["output_ids"]))) for s in samples]
     assert [(e["step"], e["text"]) for e in events] == want, (events, want)
-    print("ok: %d samples at steps %s equal generate on each step's checkpoint (1 and 2 ranks); %d monitor events"
-          % (len(samples), sorted({s["step"] for s in samples}), len(events)))
+    assert shown == want, ("shardtune monitor --json", shown, want)
+    print("ok: %d samples at steps %s equal generate on each step's checkpoint (1 and 2 ranks); %d monitor events, "
+          "all shown by shardtune monitor" % (len(samples), sorted({s["step"] for s in samples}), len(events)))
     return samples
 
 

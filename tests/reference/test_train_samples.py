@@ -14,6 +14,8 @@
   5. resume: a run stopped at step 4 (train.steps 4) and resumed to 6 leaves the same samples.jsonl;
   6. finetune.mode lora: the samples equal `generate --model BASE --adapter` of the adapter exported from
      each step's checkpoint (1 and 2 ranks), and differ from the base model's answers.
+  7. text prompts with a tokenizer (a byte-level BPE written here): the prompt string and the answer text,
+     equal to generate's, in samples.jsonl and the events.
 Env (set by ctest): SHARDTUNE_BIN, ST_SOURCE_DIR."""
 import json
 import os
@@ -151,6 +153,57 @@ def test_lora(tmp):
           % len(samples))
 
 
+def byte_level_tokenizer(model_dir):
+    """A GPT-2 style byte-level BPE tokenizer.json without merges: byte b is token b (vocab 256)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+           "pre_tokenizer": dict(type="ByteLevel", **level), "post_processor": None,
+           "decoder": dict(type="ByteLevel", **level),
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                     "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+                     "merges": []}}
+    with open(os.path.join(model_dir, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+
+
+def test_text(tmp):
+    """Text prompts (the model has a tokenizer): samples hold the prompt string and the answer text, equal to
+    generate's on the exported checkpoint; the monitor event's text is "ID: ANSWER"."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    with open(ppath, "w") as f:
+        f.write(json.dumps({"id": "q", "prompt": "Say \"hi\"\n\tnow"}) + "\n" + json.dumps({"input_ids": [7, 8]}) + "\n")
+    job, pub = job_with(tmp, "text", sample_extra(ppath))
+    byte_level_tokenizer(os.path.join(tmp, "model"))
+    sub = Sub(pub)
+    p = subprocess.Popen([ST, "train", job, "train.steps=2"] + OVER, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    sub.poll(120, until=lambda: any(e["kind"] == "end" for e in sub.events))
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    rows = read_jsonl(os.path.join(tmp, "run", "samples.jsonl"))
+    d = os.path.join(tmp, "export_text")
+    sh([ST, "export", os.path.join(tmp, "run", "checkpoints", "step-%08d.h5" % 2), "--out", d])
+    if not os.path.exists(os.path.join(d, "tokenizer.json")):
+        shutil.copy(os.path.join(tmp, "model", "tokenizer.json"), d)
+    gen = os.path.join(tmp, "gen_text.jsonl")
+    sh([ST, "generate", "--model", d, "--prompts", ppath, "--out", gen, "--max-new", str(MAX_NEW), "--batch", "2"])
+    gen = read_jsonl(gen)
+    assert [r["prompt"] for r in rows] == ["Say \"hi\"\n\tnow", [7, 8]], rows
+    assert [(r["output"], r["output_ids"]) for r in rows] == [(g["output"], g["output_ids"]) for g in gen], (rows, gen)
+    events = [(e["step"], e["text"]) for e in sub.events if e["kind"] == "sample"]
+    assert events == [(2, "q: " + rows[0]["output"]), (2, "1: " + rows[1]["output"])], events
+    print("ok: text prompts: prompt and answer text in samples.jsonl = generate on the checkpoint; events %s" % events)
+
+
 def test_resume(tmp, full):
     """The same job stopped at step 4, resumed to 6: the same samples.jsonl as the uninterrupted run."""
     ppath = os.path.join(tmp, "prompts.jsonl")
@@ -195,6 +248,8 @@ def main():
             test_resume(tmp2, full)
     with tempfile.TemporaryDirectory() as tmp:
         test_lora(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_text(tmp)
     with tempfile.TemporaryDirectory() as tmp:
         test_refusals(tmp)
     return 0

@@ -149,6 +149,7 @@ typedef struct {
             double temperature;     /* 0 = greedy (default) */
             int batch;              /* prompts decoded together (as generate --batch) */
             int64_t seed;           /* sampling seed (temperature > 0) */
+            int chat;               /* text prompts through the chat template (as generate --chat) */
         } generate;
     } eval;
 

@@ -182,6 +182,7 @@ static const st_key eval_generate_keys[] = {
     KEY_F64("temperature", GOFF(temperature), 0, 1e6, 0),
     KEY_I32("batch", GOFF(batch), 1, 4096, 0),
     KEY_I64("seed", GOFF(seed), 0, 0, NO_HI),
+    {.name = "chat", .kind = ST_KEY_BOOL, .off = GOFF(chat)},
     {0},
 };
 

@@ -48,11 +48,12 @@ static int trim_samples(const char *path, int64_t keep_upto) {
     return rc;
 }
 
-/* Checks what can be checked before training: text prompts need the model's tokenizer, token ids must be
- * in the vocabulary and fit the positions generation can use. */
+/* Checks what can be checked before training: token ids in the vocabulary and within the positions
+ * generation can use; text prompts (and eval.generate.chat) need the model's tokenizer, and every text
+ * prompt is encoded once here (chat template included), so a bad line fails now, not at the first sample. */
 static int check_prompts(const trainer *t, const st_prompt_set *ps) {
     const char *file = t->cfg->eval.generate.prompts;
-    int text = 0, limit = st_gen_max_positions(&t->model.cfg);
+    int chat = t->cfg->eval.generate.chat, text = chat, limit = st_gen_max_positions(&t->model.cfg);
     for (int i = 0; i < ps->n; i++) {
         const st_prompt *p = &ps->p[i];
         text |= p->is_text;
@@ -69,8 +70,16 @@ static int check_prompts(const trainer *t, const st_prompt_set *ps) {
     st_gen_text *tok = NULL;
     int rc = st_gen_text_open(t->cfg->model.path, &tok);
     if (!rc && !tok)
-        rc = st_fail(ST_ECONFIG, "eval.generate.prompts: %s has text prompts but %s has no tokenizer.json (give "
-                     "\"input_ids\")", file, t->cfg->model.path);
+        rc = st_fail(ST_ECONFIG, "eval.generate.prompts: %s has text prompts (or eval.generate.chat) but %s has no "
+                     "tokenizer.json (give \"input_ids\")", file, t->cfg->model.path);
+    for (int i = 0; !rc && i < ps->n; i++) {
+        if (!ps->p[i].is_text) continue;
+        int32_t *ids = NULL;
+        int n = 0;
+        rc = st_gen_text_encode(tok, ps->p[i].line, chat, &ids, &n);
+        if (rc) st_fail_context(rc, "eval.generate.prompts: %s line %ld", file, ps->p[i].line_no);
+        free(ids);
+    }
     st_gen_text_free(tok);
     return rc;
 }
@@ -86,6 +95,7 @@ int st_trainer_samples_open(trainer *t) {
     s->f.gp.temperature = (float)c->eval.generate.temperature;
     s->f.gp.batch = c->eval.generate.batch;
     s->f.gp.seed = (uint64_t)c->eval.generate.seed;
+    s->f.chat = c->eval.generate.chat;
     snprintf(s->path, sizeof s->path, "%s/samples.jsonl", c->run_dir);
     int rc = st_prompts_read(c->eval.generate.prompts, &s->ps);
     if (rc) return st_fail_context(rc, "eval.generate.prompts");

@@ -8,14 +8,15 @@
      step's differ from the base model's answers (the samples come from the trained weights);
   3. an independent monitor client (pyzmq + test_telemetry_client's decoder) receives one Event of kind
      "sample" per line, with its step and the text "ID: IDS", and `shardtune monitor --json` shows them;
-  4. config: an unknown key under eval.generate, a missing prompts file, sharding.stage 3,
+  4. config: an unknown key under eval.generate, a missing prompts file, text prompts for a model
+     without a tokenizer, sharding.stage 3,
      finetune.mode qlora and DoRA are refused with one line naming the key / the cause, before any step
      runs;
   5. resume: a run stopped at step 4 (train.steps 4) and resumed to 6 leaves the same samples.jsonl;
   6. finetune.mode lora: the samples equal `generate --model BASE --adapter` of the adapter exported from
      each step's checkpoint (1 and 2 ranks), and differ from the base model's answers.
-  7. text prompts with a tokenizer (a byte-level BPE written here): the prompt string and the answer text,
-     equal to generate's, in samples.jsonl and the events.
+  7. text prompts with a tokenizer (a byte-level BPE and a chat template written here): the prompt string
+     or messages and the answer text, equal to generate's, in samples.jsonl and the events.
 Env (set by ctest): SHARDTUNE_BIN, ST_SOURCE_DIR."""
 import json
 import os
@@ -173,14 +174,20 @@ def byte_level_tokenizer(model_dir):
                      "merges": []}}
     with open(os.path.join(model_dir, "tokenizer.json"), "w") as f:
         json.dump(tok, f)
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": template}, f)
 
 
 def test_text(tmp):
     """Text prompts (the model has a tokenizer): samples hold the prompt string and the answer text, equal to
     generate's on the exported checkpoint; the monitor event's text is "ID: ANSWER"."""
     ppath = os.path.join(tmp, "prompts.jsonl")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
     with open(ppath, "w") as f:
         f.write(json.dumps({"id": "q", "prompt": "Say \"hi\"\n\tnow"}) + "\n" + json.dumps({"input_ids": [7, 8]}) + "\n")
+        f.write(json.dumps({"id": "m", "messages": msgs}) + "\n")
     job, pub = job_with(tmp, "text", sample_extra(ppath))
     byte_level_tokenizer(os.path.join(tmp, "model"))
     sub = Sub(pub)
@@ -192,15 +199,17 @@ def test_text(tmp):
     rows = read_jsonl(os.path.join(tmp, "run", "samples.jsonl"))
     d = os.path.join(tmp, "export_text")
     sh([ST, "export", os.path.join(tmp, "run", "checkpoints", "step-%08d.h5" % 2), "--out", d])
-    if not os.path.exists(os.path.join(d, "tokenizer.json")):
-        shutil.copy(os.path.join(tmp, "model", "tokenizer.json"), d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not os.path.exists(os.path.join(d, name)):
+            shutil.copy(os.path.join(tmp, "model", name), d)
     gen = os.path.join(tmp, "gen_text.jsonl")
     sh([ST, "generate", "--model", d, "--prompts", ppath, "--out", gen, "--max-new", str(MAX_NEW), "--batch", "2"])
     gen = read_jsonl(gen)
-    assert [r["prompt"] for r in rows] == ["Say \"hi\"\n\tnow", [7, 8]], rows
+    assert [r["prompt"] for r in rows] == ["Say \"hi\"\n\tnow", [7, 8], msgs], rows
     assert [(r["output"], r["output_ids"]) for r in rows] == [(g["output"], g["output_ids"]) for g in gen], (rows, gen)
     events = [(e["step"], e["text"]) for e in sub.events if e["kind"] == "sample"]
-    assert events == [(2, "q: " + rows[0]["output"]), (2, "1: " + rows[1]["output"])], events
+    assert events == [(2, "q: " + rows[0]["output"]), (2, "1: " + rows[1]["output"]), (2, "m: " + rows[2]["output"])], \
+        events
     print("ok: text prompts: prompt and answer text in samples.jsonl = generate on the checkpoint; events %s" % events)
 
 
@@ -224,7 +233,11 @@ def test_resume(tmp, full):
 def test_refusals(tmp):
     ppath = os.path.join(tmp, "prompts.jsonl")
     write_prompts(ppath)
+    text = os.path.join(tmp, "text.jsonl")
+    with open(text, "w") as f:
+        f.write(json.dumps({"prompt": "hi"}) + "\n")
     cases = [(sample_extra(ppath), ["eval.generate.max_neww=3"], "eval.generate.max_neww"),
+             (sample_extra(text), [], "no tokenizer.json"),
              (sample_extra(os.path.join(tmp, "missing.jsonl")), [], "missing.jsonl"),
              (sample_extra(ppath) + "sharding: { stage: 3 }\n", [], "sharding.stage 3"),
              (sample_extra(ppath) + "finetune: { mode: qlora }\n", [], "finetune.mode qlora"),

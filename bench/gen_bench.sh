@@ -2,8 +2,8 @@
 # gen_bench.sh — decode and prefill speed of `shardtune generate` on the CPU (fp32, greedy): prints
 # prefill tokens/s and decode tokens/s for batch 1 and batch 8 on two random-init models.
 #   bench/gen_bench.sh [BUILD_DIR] [THREADS]      (defaults: build, 2)
-# Numbers only; nothing is asserted. transformers' generate cannot run next to it here (Debian's torch
-# 1.13 is too old for transformers 5), so there is no side-by-side ratio yet.
+# Numbers only; nothing is asserted. The side-by-side ratio against transformers' generate (PyPI torch +
+# transformers of bench/torch_venv.sh) is bench/gen_vs_hf.py.
 set -euo pipefail
 BUILD=${1:-build}
 THREADS=${2:-2}

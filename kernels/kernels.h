@@ -175,13 +175,14 @@ struct st_backend {
      * token i belongs to sequence row_seq[i] at position row_pos[i] (both int32 arrays in backend memory).
      * kv_store: copies each token's k and v heads from packed qkv [rows, (H+2*KVH)*hd] into the caches.
      * attention_cached: out[rows, H*hd] = for each token and query head (GQA as above), softmax over keys
-     * 0..row_pos[i] of its sequence of (q . k / sqrt(hd)) times v. Keys of tokens in the same call are
+     * 0..row_pos[i] of its sequence of (q . k / sqrt(hd)) times v; with window > 0 only the keys j with
+     * row_pos[i] - j < window (transformers' sliding-window mask). Keys of tokens in the same call are
      * visible once kv_store has run for them (prefill of a chunk: store first, then attend). */
     void (*kv_store)(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq,
                      const int32_t *row_pos, int rows, int h, int kvh, int hd, int max_t);
     void (*attention_cached)(float *out, const float *qkv, const float *kcache, const float *vcache,
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
-                             int max_t);
+                             int max_t, int window);
     /* ---- per-head RMSNorm of the q and k heads of packed qkv [N, (H+2*KVH)*hd] (Qwen3's q_norm/k_norm,
      * before RoPE): every q head row x[hd] becomes x * rstd * wq, every k head row x * rstd * wk,
      * rstd = 1/sqrt(mean(x^2) + eps); v is untouched. fwd works in place and saves the input rows

@@ -224,6 +224,12 @@ static void embed(gen_state *g, const int32_t *seq, const int32_t *pos, int rows
     }
 }
 
+/* The sliding window of layer l (0: it sees every earlier key): the cache keeps every position and the
+ * attention masks the keys past the window, as transformers' sliding-window mask does. */
+static int layer_window(const st_model_config *c, int l) {
+    return c->sliding_window > 0 && l >= c->window_first_layer ? c->sliding_window : 0;
+}
+
 /* Runs rows tokens through the model; writes the logits of rows sel[0..n_sel) to host[n_sel, V]. */
 static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, const int32_t *pos, int rows,
                          const int *sel, int n_sel, float *host) {
@@ -243,7 +249,8 @@ static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, c
                                  g->m->cfg.norm_eps);
         if (g->cos_tab) be->rope_fwd(g->qkv, g->gcos, g->gsin, 1, rows, g->H, g->KVH, g->hd);
         be->kv_store(kc, vc, g->qkv, g->d_seq, g->d_pos, rows, g->H, g->KVH, g->hd, g->max_t);
-        be->attention_cached(g->att, g->qkv, kc, vc, g->d_seq, g->d_pos, rows, g->H, g->KVH, g->hd, g->max_t);
+        be->attention_cached(g->att, g->qkv, kc, vc, g->d_seq, g->d_pos, rows, g->H, g->KVH, g->hd, g->max_t,
+                             layer_window(&g->m->cfg, l));
         linear(g, g->x, g->att, w->wo, w->bo, rows, g->C, g->A, 1.0f);
         norm(g, g->ln, g->x, w->n2w, w->n2b, rows);
         linear(g, g->h1, g->ln, w->w1, w->b1, rows, g->F1, g->C, 0.0f);
@@ -330,8 +337,7 @@ int st_gen_choose(float *logits, int V, const int32_t *history, int n_hist, cons
 /* ---------------- driver ---------------- */
 
 int st_gen_max_positions(const st_model_config *c) {
-    int n = c->max_seq;
-    if (c->sliding_window > 0 && c->sliding_window < n) n = c->sliding_window; /* no windowed attention */
+    int n = c->max_seq; /* sliding windows: windowed attention over the full cache, no limit of their own */
     if (c->family == ST_FAMILY_LLAMA && c->rope.type == ST_ROPE_LONGROPE && c->rope.original_max > 0 &&
         c->rope.original_max < n)
         n = c->rope.original_max; /* transformers switches to the long factors mid-sequence past it */

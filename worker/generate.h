@@ -62,8 +62,8 @@ typedef struct {
     float *logits;         /* optional caller buffer [max_new, V]: the raw logits each output token came from */
 } st_gen_seq;
 
-/* Positions a sequence (prompt + output) may use: max_position_embeddings, and no more than a sliding
- * window (no windowed attention) or longrope's original length (where transformers changes factors
+/* Positions a sequence (prompt + output) may use: max_position_embeddings (a sliding window is applied
+ * by the attention, past it too), and no more than longrope's original length (where transformers changes factors
  * mid-sequence); dynamic RoPE is plain RoPE within it. Reaching it ends with ST_GEN_MAXPOS. */
 int st_gen_max_positions(const st_model_config *c);
 

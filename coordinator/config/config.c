@@ -687,6 +687,26 @@ static int finish_finetune(st_config *c, const char *file) {
     return 0;
 }
 
+/* eval.generate: sample answers from the weights every rank holds whole (coordinator/trainer/train_samples.c). */
+static int finish_eval_generate(const st_config *c, const char *file) {
+    if (c->eval.generate.every_steps == 0) return 0;
+    if (!c->eval.generate.prompts[0])
+        return st_fail(ST_ECONFIG, "%s: eval.generate.prompts: a prompts JSONL file (generate's input format) is "
+                       "required when eval.generate.every_steps is set", file);
+    if (c->sharding.stage == 3)
+        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with sharding.stage 3 yet (the parameters are "
+                       "sharded across ranks); use sharding.stage 2 or generate from a checkpoint", file);
+    st_finetune_mode m = c->finetune.mode;
+    if (m != ST_FINETUNE_FULL && m != ST_FINETUNE_FROZEN && m != ST_FINETUNE_PROGRESSIVE && m != ST_FINETUNE_LORA)
+        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with finetune.mode %s yet (full, frozen, "
+                       "progressive and lora are); generate from the checkpoint or adapter instead", file,
+                       st_finetune_mode_name(m));
+    if (m == ST_FINETUNE_LORA && c->finetune.lora.dora)
+        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with finetune.lora.dora yet; generate from "
+                       "the exported adapter instead", file);
+    return 0;
+}
+
 /* out = a + b; -1 (out untouched) when it does not fit. */
 static int concat(char *out, size_t size, const char *a, const char *b) {
     size_t na = strlen(a), nb = strlen(b);
@@ -708,6 +728,7 @@ static int finish(st_config *c, const char *file, const char *stem) {
     int rc = finish_tasks(c, file);
     if (rc) return rc;
     if ((rc = finish_finetune(c, file))) return rc;
+    if ((rc = finish_eval_generate(c, file))) return rc;
     double sum = c->split[0] + c->split[1] + c->split[2];
     if (fabs(sum - 1.0) > 1e-6)
         return st_fail(ST_ECONFIG, "%s: split: the three fractions must sum to 1, got %g + %g + %g = %g", file,

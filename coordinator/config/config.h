@@ -143,6 +143,15 @@ typedef struct {
     struct {
         int64_t every_steps;        /* 0 = no periodic evaluation */
         int batches;
+        struct {                    /* sample answers during training (coordinator/trainer/train_samples.c) */
+            int64_t every_steps;    /* 0 = off; else every N steps and at the end */
+            char prompts[ST_CFG_PATH_MAX]; /* JSONL in `generate`'s input format */
+            int max_new;            /* tokens per answer at most */
+            double temperature;     /* 0 = greedy (default) */
+            int batch;              /* prompts decoded together (as generate --batch) */
+            int64_t seed;           /* sampling seed (temperature > 0) */
+            int chat;               /* text prompts through the chat template (as generate --chat) */
+        } generate;
     } eval;
 
     struct {

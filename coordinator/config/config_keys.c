@@ -175,9 +175,22 @@ static const st_key mixing_keys[] = {
     {0},
 };
 
+#define GOFF(field) (offsetof(st_config, eval.generate.field) - offsetof(st_config, eval.generate))
+static const st_key eval_generate_keys[] = {
+    KEY_I64("every_steps", GOFF(every_steps), 0, 0, NO_HI),
+    KEY_STR("prompts", GOFF(prompts), ST_CFG_PATH_MAX),
+    KEY_I32("max_new", GOFF(max_new), 1, 1 << 20, 0),
+    KEY_F64("temperature", GOFF(temperature), 0, 1e6, 0),
+    KEY_I32("batch", GOFF(batch), 1, 4096, 0),
+    KEY_I64("seed", GOFF(seed), 0, 0, NO_HI),
+    {.name = "chat", .kind = ST_KEY_BOOL, .off = GOFF(chat)},
+    {0},
+};
+
 static const st_key eval_keys[] = {
     KEY_I64("every_steps", SOFF(eval, every_steps), 0, 0, NO_HI),
     KEY_I32("batches", SOFF(eval, batches), 1, 0, NO_HI),
+    {.name = "generate", .kind = ST_KEY_SECTION, .off = SOFF(eval, generate), .sub = eval_generate_keys},
     {0},
 };
 
@@ -285,6 +298,9 @@ void st_config_defaults(st_config *c) {
 
     c->eval.every_steps = 100;
     c->eval.batches = 8;
+    c->eval.generate.max_new = 64;
+    c->eval.generate.batch = 8; /* generate's --batch default: the same answers as `shardtune generate` */
+    c->eval.generate.seed = 1234;
 
     c->checkpoint.every_steps = 100;
     c->checkpoint.keep_last = 3;
@@ -305,7 +321,7 @@ static const char *name_at(const char *const *names, int n, int i) { return i >=
 const char *st_backend_name(st_backend_kind k) { return name_at(backend_names, 3, (int)k); }
 const char *st_precision_name(st_precision p) { return name_at(precision_names, 2, (int)p); }
 const char *st_schedule_name(st_schedule k) { return name_at(schedule_names, 3, (int)k); }
-const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 4, (int)m); }
+const char *st_finetune_mode_name(st_finetune_mode m) { return name_at(mode_names, 8, (int)m); }
 const char *st_mixing_name(st_mixing_strategy s) { return name_at(mixing_names, 3, (int)s); }
 const char *st_loss_weighting_name(st_loss_weighting_kind k) { return name_at(loss_weighting_names, 2, (int)k); }
 const char *st_nonfinite_name(st_nonfinite_policy p) { return name_at(nonfinite_names, 2, (int)p); }

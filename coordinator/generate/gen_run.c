@@ -404,23 +404,35 @@ static int gather_answers(MPI_Comm comm, const st_gen_seq *s, int count, int n, 
 
 int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set *ps, MPI_Comm comm,
                st_answer **answers, float **dump, int *vocab, int *print_error) {
+    *answers = NULL;
+    *print_error = 0;
+    const st_backend *be = NULL;
+    st_model m;
+    memset(&m, 0, sizeof m);
+    int loaded = 0;
+    int rc = pick_backend(f, comm, &be);
+    if (!rc) rc = st_model_load_dir(model_dir, be, &m);
+    if (!rc) loaded = 1;
+    /* an adapter is folded into the weights: the decode path then runs the merged model unchanged */
+    if (!rc && f->adapter && !(rc = st_peft_load_dir(&m, f->adapter))) rc = st_lora_merge(&m);
+    rc = agree(comm, rc, print_error);
+    if (!rc) rc = st_gen_run_model(&m, model_dir, f, ps, comm, answers, dump, vocab, print_error);
+    if (loaded) st_model_free(&m);
+    return rc;
+}
+
+int st_gen_run_model(const st_model *mp, const char *model_dir, const st_gen_flags *f, const st_prompt_set *ps,
+                     MPI_Comm comm, st_answer **answers, float **dump, int *vocab, int *print_error) {
     int rank, world;
     MPI_Comm_rank(comm, &rank);
     MPI_Comm_size(comm, &world);
     *answers = NULL;
     *print_error = 0;
     st_gen_flags fl = *f;
-    const st_backend *be = NULL;
-    st_model m;
-    memset(&m, 0, sizeof m);
+    const st_model m = *mp; /* read only (a shallow copy, so the code below keeps its `m.` spelling) */
     int32_t eos[64];
-    int n_eos = 0, loaded = 0;
-    int rc = pick_backend(f, comm, &be);
-    if (!rc) rc = st_model_load_dir(model_dir, be, &m);
-    if (!rc) loaded = 1;
-    /* an adapter is folded into the weights: the decode path then runs the merged model unchanged */
-    if (!rc && f->adapter && !(rc = st_peft_load_dir(&m, f->adapter))) rc = st_lora_merge(&m);
-    if (!rc) rc = read_eos(model_dir, &m, eos, 64, &n_eos);
+    int n_eos = 0;
+    int rc = read_eos(model_dir, &m, eos, 64, &n_eos);
     int *idx = NULL, count = 0;
     st_gen_seq *seqs = NULL;
     run_text txt;
@@ -479,7 +491,6 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     free(seqs);
     free(idx);
     run_text_free(&txt, ps->n);
-    if (loaded) st_model_free(&m);
     return rc;
 }
 

@@ -65,6 +65,10 @@ int st_gen_flags_parse(st_gen_flags *f, int argc, char **argv, int *i);
  * lowest that failed) whose st_error() holds the cause. */
 int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set *ps, MPI_Comm comm,
                st_answer **answers, float **dump, int *vocab, int *print_error);
+/* The same on a model the caller already holds whole on every rank (the trainer's current weights: only
+ * read). model_dir gives the tokenizer and the end tokens; f->backend and f->adapter are not used. */
+int st_gen_run_model(const st_model *m, const char *model_dir, const st_gen_flags *f, const st_prompt_set *ps,
+                     MPI_Comm comm, st_answer **answers, float **dump, int *vocab, int *print_error);
 void st_answers_free(st_answer *a, int n);
 
 /* JSONL walking: from *cursor (inside [.., end)), finds the next non-blank line, trimmed of spaces, tabs

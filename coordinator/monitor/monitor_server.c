@@ -33,7 +33,7 @@ typedef struct {
     char kind[32];
     int64_t step;
     int rank;
-    char text[256];
+    char text[1024]; /* sample answers (eval.generate) use the room */
 } st_event_item;
 
 /* Partial aggregate of one step. */

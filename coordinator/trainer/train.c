@@ -269,6 +269,7 @@ static int setup(trainer *t) {
 }
 
 static void teardown(trainer *t) {
+    st_trainer_samples_close(t);
     st_trainer_phase(t, ST_PHASE_IDLE);
     /* every rank's last reports reach the coordinator before it closes its sockets */
     if (t->tel) st_telemetry_stop(t->tel);
@@ -392,6 +393,7 @@ st_run_result st_train_run(const st_config *job, MPI_Comm comm, int *print_error
     if (!rc) rc = st_trainer_resume(&t);
     if (!rc) rc = st_trainer_agree(&t, st_trainer_trim_metrics(&t, t.start_step));
     if (!rc) rc = st_trainer_agree(&t, st_watchdog_start(&t));
+    if (!rc) rc = st_trainer_agree(&t, st_trainer_samples_open(&t));
     if (rc) { result = ST_RUN_FAILED; goto done; }
     st_trainer_measure_peak(&t);
     st_trainer_banner(&t);
@@ -429,6 +431,7 @@ st_run_result st_train_run(const st_config *job, MPI_Comm comm, int *print_error
         int b = step_boundary(&t, step + 1);
         if (b < 0) { result = ST_RUN_FAILED; break; }
         if (b > 0) { result = ST_RUN_CHECKPOINTED; break; }
+        if (st_trainer_samples_due(&t, step + 1) && st_trainer_samples_run(&t, step + 1)) { result = ST_RUN_FAILED; break; }
     }
     free(val);
     free(val_n);

@@ -9,8 +9,9 @@
  * coordinator/trainer/train_stage.c   stage changes (re-sharding itself is worker/comm.c's)
  * coordinator/trainer/train_sync.c    leaves: rank agreement and the published phase
  * coordinator/trainer/train_watchdog.c the collective watchdog thread
+ * coordinator/trainer/train_samples.c  eval.generate: sample answers to RUN_DIR/samples.jsonl and the monitor
  * Calls go one way (no file calls back into one that calls it):
- *   train.c → step, ckpt, guard, report, stage, compat, sync, watchdog
+ *   train.c → step, ckpt, guard, report, stage, compat, sync, watchdog, samples;  samples → sync
  *   guard → ckpt;  step → guard;  ckpt → stage, compat, sync;  sync → watchdog (mark)
  * All functions here are collective (every rank calls them) unless the comment says rank 0. */
 #ifndef ST_TRAIN_INTERNAL_H
@@ -84,7 +85,8 @@ typedef struct {
     uint64_t base_checksum; /* checksum of the base weights as loaded (train_compat.c) */
     char pending_ckpt[64];
     st_watchdog *wd;        /* collective watchdog (train_watchdog.c), NULL when off */
-    int64_t wd_step;        /* the step the watchdog reports (as the probe: completed + 1) */ /* rank 0: a checkpoint not yet confirmed by a good next step (retention waits) */
+    int64_t wd_step;        /* the step the watchdog reports (as the probe: completed + 1) */
+    struct st_train_samples *samples; /* eval.generate (train_samples.c), NULL when off */ /* rank 0: a checkpoint not yet confirmed by a good next step (retention waits) */
 } trainer;
 
 typedef struct {
@@ -137,6 +139,14 @@ int st_trainer_check_compat(const trainer *t, const st_ckpt_info *info, const ch
 int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const char *path);
 /* st_ckpt_checksum of the model's weights (never 0). */
 uint64_t st_trainer_weights_checksum(const trainer *t);
+
+/* train_samples.c: eval.generate. open (after resume: the prompts are read and checked, samples.jsonl
+ * trimmed to the resumed step) and close are called once; due says whether the boundary after
+ * `completed` steps samples; run generates from the current weights and writes / publishes. */
+int st_trainer_samples_open(trainer *t);
+void st_trainer_samples_close(trainer *t);
+int st_trainer_samples_due(const trainer *t, int64_t completed);
+int st_trainer_samples_run(trainer *t, int64_t completed);
 
 /* train_watchdog.c: train.collective_timeout_s. start (after monitoring: rank 0 names missing ranks from
  * the monitor) / stop are called once; mark at every phase change (st_trainer_phase does it); pause

@@ -38,9 +38,33 @@ static int cpu_device_id(unsigned char id[16]) { (void)id; return -1; } /* no de
  * whole backend: OpenBLAS's own pthreads would busy-wait between calls and steal the cores from the
  * OpenMP kernels that run in between. The split depends only on the shape and the thread count, so
  * results are reproducible run to run; a different thread count may round edge tiles differently. */
+/* One row of C (a decode step at batch 1): matrix-vector products over column blocks. OpenBLAS 0.3.21's
+ * sgemm would pack the whole of B for a single row; sgemv streams it once. Each element of C is one dot
+ * product whatever the block, so the thread count does not change the result. */
+static void matmul_row(float *c, const float *a, const float *b, int n, int k, int trans_b, float alpha, float beta) {
+#pragma omp parallel if ((long)n * k >= ST_MATMUL_PAR_MIN && n >= 32)
+    {
+        int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        int per = ((n + nt - 1) / nt + 15) / 16 * 16;
+        int lo = id * per < n ? id * per : n;
+        int hi = lo + per < n ? lo + per : n;
+        if (hi > lo) {
+            if (beta == 0.0f) memset(c + lo, 0, (size_t)(hi - lo) * sizeof(float)); /* never 0 x NaN */
+            if (trans_b)
+                cblas_sgemv(CblasRowMajor, CblasNoTrans, hi - lo, k, alpha, b + (size_t)lo * k, k, a, 1, beta, c + lo, 1);
+            else
+                cblas_sgemv(CblasRowMajor, CblasTrans, k, hi - lo, alpha, b + lo, n, a, 1, beta, c + lo, 1);
+        }
+    }
+}
+
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta) {
     if (m <= 0 || n <= 0) return;
+    if (m == 1 && k > 0 && !trans_a) {
+        matmul_row(c, a, b, n, k, trans_b, alpha, beta);
+        return;
+    }
     if (k <= 0) { /* empty product: C = beta * C (BLAS would reject the zero leading dimension) */
         st_cpu_scale(c, beta, (size_t)m * (size_t)n);
         if (beta == 0.0f) memset(c, 0, (size_t)m * (size_t)n * sizeof(float));

@@ -1,10 +1,18 @@
 /* cpu_decode.c — the decode-step kernels of generation: storing a token's keys and values in the KV
  * cache, and attention of one query row per token over its sequence's cached keys (kernels.h has the
- * layouts). Each (token, query head) pair is independent, so any thread schedule gives the same bits.
- * Caller owns every buffer; the score row (at most max_t floats) lives on the stack. */
+ * layouts; a sliding window limits the keys a row sees). A run of at least PREFILL_RUN rows of one
+ * sequence at consecutive positions (a prefill chunk) attends per head through two sgemm tiles (scores
+ * Q K^T over the keys the run sees, masked softmax per row, then P V); other rows (decode steps) one by
+ * one with the score row on the stack. Each (row or run, query head) item is computed by one thread in
+ * a fixed order, so any thread schedule gives the same bits. Caller owns every buffer. */
 #include "kernels/cpu/cpu_kernels.h"
 
+#include <cblas.h>
 #include <math.h>
+#include <stdlib.h>
+
+/* Rows of one sequence at consecutive positions from which the sgemm tiles pay off. */
+#define PREFILL_RUN 16
 
 void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,
                      int rows, int h, int kvh, int hd, int max_t) {
@@ -17,37 +25,127 @@ void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32
     }
 }
 
+/* First key a query at position p sees: 0, or with a sliding window W the keys j with p - j < W. */
+static inline int first_key(int p, int window) { return window > 0 && p >= window ? p - window + 1 : 0; }
+
+/* Row i (sequence seq, position p), query head hi, over its keys one by one (the score row on the stack). */
+static void attend_row(float *out, const float *qkv, const float *kcache, const float *vcache, int seq, int p, int i,
+                       int hi, int h, int kvh, int hd, int max_t, int window) {
+    size_t kvd = (size_t)kvh * hd, stride = (size_t)(h + 2 * kvh) * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    int first = first_key(p, window), nk = p + 1 - first; /* >= 1: the row's own key */
+    if (nk < 1) return;
+    float s[nk];
+    const float *q = qkv + (size_t)i * stride + (size_t)hi * hd;
+    size_t base = ((size_t)seq * max_t + (size_t)first) * kvd + (size_t)(hi / (h / kvh)) * hd;
+    const float *kb = kcache + base, *vb = vcache + base;
+    int j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        const float *k0 = kb + (size_t)j * kvd;
+        float d4[4];
+        st_cpu_dot4(d4, q, k0, k0 + kvd, k0 + 2 * kvd, k0 + 3 * kvd, hd);
+        for (int r = 0; r < 4; r++) s[j + r] = d4[r] * scale;
+    }
+    for (; j < nk; j++) s[j] = st_cpu_dot(q, kb + (size_t)j * kvd, hd) * scale;
+    float mx = st_cpu_max(s, nk);
+    for (j = 0; j < nk; j++) s[j] = st_cpu_expf(s[j] - mx);
+    float inv = 1.0f / st_cpu_sum(s, nk);
+    float *restrict o = out + (size_t)i * h * hd + (size_t)hi * hd;
+    for (int d = 0; d < hd; d++) o[d] = 0.0f;
+    for (j = 0; j < nk; j++) st_cpu_axpy(o, s[j] * inv, vb + (size_t)j * kvd, hd);
+}
+
+/* Rows r0..r0+n-1 of one sequence at positions p0..p0+n-1, query head hi: S = scale Q K^T over keys
+ * lo..p0+n-1 (lo: the first key row r0 sees), each row's softmax over its own causal / window range (the
+ * rest 0), O = P V. s: scratch [n, nk]. */
+static void attend_run(float *out, const float *qkv, const float *kcache, const float *vcache, int seq, int r0,
+                       int p0, int n, int hi, int h, int kvh, int hd, int max_t, int window, float *s) {
+    size_t kvd = (size_t)kvh * hd, stride = (size_t)(h + 2 * kvh) * hd;
+    int lo = first_key(p0, window), nk = p0 + n - lo;
+    size_t base = ((size_t)seq * max_t + (size_t)lo) * kvd + (size_t)(hi / (h / kvh)) * hd;
+    const float *q = qkv + (size_t)r0 * stride + (size_t)hi * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nk, hd, 1.0f / sqrtf((float)hd), q, (int)stride,
+                kcache + base, (int)kvd, 0.0f, s, nk);
+    for (int i = 0; i < n; i++) {
+        float *row = s + (size_t)i * nk;
+        int a = first_key(p0 + i, window) - lo, b = p0 + i - lo + 1; /* keys [a, b) */
+        float mx = st_cpu_max(row + a, b - a);
+        for (int j = a; j < b; j++) row[j] = st_cpu_expf(row[j] - mx);
+        float inv = 1.0f / st_cpu_sum(row + a, b - a);
+        for (int j = 0; j < a; j++) row[j] = 0.0f;
+        for (int j = a; j < b; j++) row[j] *= inv;
+        for (int j = b; j < nk; j++) row[j] = 0.0f;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, nk, 1.0f, s, nk, vcache + base, (int)kvd, 0.0f,
+                out + (size_t)r0 * h * hd + (size_t)hi * hd, h * hd);
+}
+
+/* Length of the run of rows from r0 (same sequence, consecutive positions). */
+static int run_length(const int32_t *row_seq, const int32_t *row_pos, int rows, int r0) {
+    int r1 = r0 + 1;
+    while (r1 < rows && row_seq[r1] == row_seq[r0] && row_pos[r1] == row_pos[r1 - 1] + 1) r1++;
+    return r1 - r0;
+}
+
+/* The runs of at least PREFILL_RUN rows: item k of h * n_runs is run k / h, head k % h. */
+static void attention_runs(float *out, const float *qkv, const float *kcache, const float *vcache,
+                           const int32_t *row_seq, const int32_t *row_pos, const int *run_r0, const int *run_n,
+                           int n_runs, int h, int kvh, int hd, int max_t, int window) {
+    long items = (long)n_runs * h;
+#pragma omp parallel if (items > 1)
+    {
+        float *s = NULL;
+        size_t cap = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (long k = 0; k < items; k++) {
+            int r0 = run_r0[k / h], n = run_n[k / h], p0 = row_pos[r0];
+            size_t need = (size_t)n * (size_t)(p0 + n - first_key(p0, window));
+            if (need > cap) {
+                free(s);
+                s = calloc(need, sizeof *s); /* zeroed: the compiler cannot see sgemm write it */
+                cap = s ? need : 0;
+            }
+            if (s)
+                attend_run(out, qkv, kcache, vcache, row_seq[r0], r0, p0, n, (int)(k % h), h, kvh, hd, max_t, window,
+                           s);
+            else /* no scratch: the run's rows one by one */
+                for (int i = 0; i < n; i++)
+                    attend_row(out, qkv, kcache, vcache, row_seq[r0], p0 + i, r0 + i, (int)(k % h), h, kvh, hd, max_t,
+                               window);
+        }
+        free(s);
+    }
+}
+
 void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, const float *vcache,
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
-                             int max_t) {
+                             int max_t, int window) {
     if (rows <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
-    size_t kvd = (size_t)kvh * hd, stride = (size_t)(h + 2 * kvh) * hd;
-    int group = h / kvh;
-    float scale = 1.0f / sqrtf((float)hd);
+    /* prefill runs through sgemm tiles; the rows left (tiled[i] = 0) one by one */
+    int *run_r0 = malloc((size_t)rows * sizeof(int)), *run_n = malloc((size_t)rows * sizeof(int));
+    unsigned char *tiled = calloc((size_t)rows, 1);
+    int n_runs = 0;
+    for (int r0 = 0; run_r0 && run_n && tiled && r0 < rows;) {
+        int n = run_length(row_seq, row_pos, rows, r0);
+        if (n >= PREFILL_RUN) {
+            run_r0[n_runs] = r0;
+            run_n[n_runs++] = n;
+            memset(tiled + r0, 1, (size_t)n);
+        }
+        r0 += n;
+    }
+    if (tiled && n_runs > 0)
+        attention_runs(out, qkv, kcache, vcache, row_seq, row_pos, run_r0, run_n, n_runs, h, kvh, hd, max_t, window);
+    free(run_r0);
+    free(run_n);
     long work = (long)rows * h;
     long keys = 0;
-    for (int i = 0; i < rows; i++) keys += row_pos[i] + 1;
+    for (int i = 0; i < rows; i++)
+        if (!tiled || !tiled[i]) keys += row_pos[i] + 1 - first_key(row_pos[i], window);
 #pragma omp parallel for schedule(dynamic, 4) if (keys * h * hd >= ST_CPU_PAR_MIN)
-    for (long w = 0; w < work; w++) {
-        int i = (int)(w / h), hi = (int)(w % h);
-        int nk = row_pos[i] + 1;
-        float s[nk];
-        const float *q = qkv + (size_t)i * stride + (size_t)hi * hd;
-        const float *kb = kcache + (size_t)row_seq[i] * max_t * kvd + (size_t)(hi / group) * hd;
-        const float *vb = vcache + (size_t)row_seq[i] * max_t * kvd + (size_t)(hi / group) * hd;
-        int j = 0;
-        for (; j + 4 <= nk; j += 4) {
-            const float *k0 = kb + (size_t)j * kvd;
-            float d4[4];
-            st_cpu_dot4(d4, q, k0, k0 + kvd, k0 + 2 * kvd, k0 + 3 * kvd, hd);
-            for (int r = 0; r < 4; r++) s[j + r] = d4[r] * scale;
-        }
-        for (; j < nk; j++) s[j] = st_cpu_dot(q, kb + (size_t)j * kvd, hd) * scale;
-        float mx = st_cpu_max(s, nk);
-        for (j = 0; j < nk; j++) s[j] = st_cpu_expf(s[j] - mx);
-        float inv = 1.0f / st_cpu_sum(s, nk);
-        float *restrict o = out + (size_t)i * h * hd + (size_t)hi * hd;
-        for (int d = 0; d < hd; d++) o[d] = 0.0f;
-        for (j = 0; j < nk; j++) st_cpu_axpy(o, s[j] * inv, vb + (size_t)j * kvd, hd);
-    }
+    for (long w = 0; w < work; w++)
+        if (!tiled || !tiled[w / h])
+            attend_row(out, qkv, kcache, vcache, row_seq[w / h], row_pos[w / h], (int)(w / h), (int)(w % h), h, kvh,
+                       hd, max_t, window);
+    free(tiled);
 }

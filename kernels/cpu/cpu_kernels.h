@@ -200,6 +200,6 @@ void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32
                      int rows, int h, int kvh, int hd, int max_t);
 void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, const float *vcache,
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
-                             int max_t);
+                             int max_t, int window);
 
 #endif

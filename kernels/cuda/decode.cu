@@ -35,7 +35,7 @@ void st_cu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_
 
 __global__ void attention_cached_kernel(float *out, const float *qkv, const float *kc, const float *vc,
                                         const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh,
-                                        int hd, int max_t, float scale) {
+                                        int hd, int max_t, int window, float scale) {
     __shared__ float qs[ST_DECODE_WARPS][ST_DECODE_MAX_HD];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     long w = (long)blockIdx.x * ST_DECODE_WARPS + warp;
@@ -45,8 +45,9 @@ __global__ void attention_cached_kernel(float *out, const float *qkv, const floa
     const float *q = qkv + (size_t)i * stride + (size_t)hi * hd;
     for (int d = lane; d < hd; d += 32) qs[warp][d] = q[d];
     __syncwarp();
-    int nk = row_pos[i] + 1;
-    size_t base = (size_t)row_seq[i] * max_t * kvd + (size_t)(hi / (h / kvh)) * hd;
+    int k0 = window > 0 && row_pos[i] >= window ? row_pos[i] - window + 1 : 0; /* sliding window */
+    int nk = row_pos[i] + 1 - k0;
+    size_t base = ((size_t)row_seq[i] * max_t + (size_t)k0) * kvd + (size_t)(hi / (h / kvh)) * hd;
     const float *kb = kc + base, *vb = vc + base;
     float m = -INFINITY, l = 0.0f, acc[ST_DECODE_MAX_HD / 32];
     for (int c = 0; c < ST_DECODE_MAX_HD / 32; c++) acc[c] = 0.0f;
@@ -85,7 +86,7 @@ __global__ void attention_cached_kernel(float *out, const float *qkv, const floa
 
 void st_cu_attention_cached(float *out, const float *qkv, const float *kcache, const float *vcache,
                             const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
-                            int max_t) {
+                            int max_t, int window) {
     if (rows <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
     if (hd > ST_DECODE_MAX_HD) {
         st_cuda_note("attention_cached", "head_dim above 256 is not supported by the CUDA decode kernel");
@@ -94,6 +95,6 @@ void st_cu_attention_cached(float *out, const float *qkv, const float *kcache, c
     long work = (long)rows * h;
     int blocks = (int)((work + ST_DECODE_WARPS - 1) / ST_DECODE_WARPS);
     attention_cached_kernel<<<blocks, 32 * ST_DECODE_WARPS, 0, st_cuda_stream_internal()>>>(
-        out, qkv, kcache, vcache, row_seq, row_pos, rows, h, kvh, hd, max_t, 1.0f / sqrtf((float)hd));
+        out, qkv, kcache, vcache, row_seq, row_pos, rows, h, kvh, hd, max_t, window, 1.0f / sqrtf((float)hd));
     ST_CUDA_LAUNCHED("attention_cached");
 }

@@ -6,7 +6,8 @@ reference (torch_model.py: no-cache greedy loop in float64, HF semantics).
     sharp attention (q/k weights scaled) and spread logits (head scaled), prompts of
     9..150 tokens and 60 new tokens (>= 128 positions in total), --batch 1 and --batch 3 (several prompts
     per batch, prefill split in chunks of rows). A divergence is allowed only where the reference's top
-    two logits are within the fp32 noise (reported).
+    two logits are within the fp32 noise (reported). Sliding windows (Mistral window 24, Qwen2 window 40
+    on its second layer) smaller than prompt + new tokens: decoding goes on to --max-new past the window.
  2. the logits the cached path chose each token from (--dump-logits) = the float64 full forward over the
     final sequence, within 10x the error torch's own float32 forward has on the same positions.
  3. end tokens: generation_config.json "eos_token_id" as a list stops right after the first of them
@@ -323,6 +324,18 @@ def main():
             "original_max_position_embeddings": 64}})
         check_family(tmp, "yarn_rope", llama_small, rng, 20.0, 1.0, full=False, config={"rope_scaling": {
             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}})
+        # sliding windows smaller than prompt + new tokens: decoding goes on past the window (finish
+        # "length"), the sliding layers masking keys older than the window (Mistral: every layer; Qwen2:
+        # the layers >= max_window_layers)
+        check_family(tmp, "mistral_window", ["--family", "llama", "--layers", "2", "--dim", "64", "--heads", "4",
+                                             "--kv-heads", "1", "--ffn", "80", "--vocab", str(VOCAB), "--max-seq",
+                                             str(MAX_POS), "--seed", "26"], rng, 20.0, 1.0, model_type="mistral",
+                     full=False, config={"sliding_window": 24})
+        check_family(tmp, "qwen2_window", ["--family", "llama", "--qkv-bias", "--tied", "--layers", "2", "--dim", "48",
+                                           "--heads", "6", "--kv-heads", "3", "--vocab", str(VOCAB), "--max-seq",
+                                           str(MAX_POS), "--seed", "27", "--rope-theta", "1000000"], rng, 20.0, 1.0,
+                     model_type="qwen2", full=False,
+                     config={"use_sliding_window": True, "sliding_window": 40, "max_window_layers": 1})
         check_sampling(tmp, llama, ppath, out1, rng)
         check_distribution(tmp, rng)
         check_errors(tmp, llama)

@@ -501,14 +501,17 @@ static void check_decode(void) {
     tick(); G->kv_store(gkc, gvc, gqkv, gseq, gpos, rows, H, KVH, HD, T); tg = tock_gpu();
     tick(); C->kv_store(kc, vc, qkv, seq, pos, rows, H, KVH, HD, T); tc = tock_cpu();
     report("kv_store", fmax(dev_err(gkc, kc, cache), dev_err(gvc, vc, cache)), tg, tc, 0);
-    tick(); G->attention_cached(gout, gqkv, gkc, gvc, gseq, gpos, rows, H, KVH, HD, T); tg = tock_gpu();
-    tick(); C->attention_cached(out, qkv, kc, vc, seq, pos, rows, H, KVH, HD, T); tc = tock_cpu();
+    tick(); G->attention_cached(gout, gqkv, gkc, gvc, gseq, gpos, rows, H, KVH, HD, T, 0); tg = tock_gpu();
+    tick(); C->attention_cached(out, qkv, kc, vc, seq, pos, rows, H, KVH, HD, T, 0); tc = tock_cpu();
     report("attention_cached (prefill)", dev_err(gout, out, (size_t)rows * H * HD), tg, tc, 1e-4);
+    tick(); G->attention_cached(gout, gqkv, gkc, gvc, gseq, gpos, rows, H, KVH, HD, T, T / 4 + 1); tg = tock_gpu();
+    tick(); C->attention_cached(out, qkv, kc, vc, seq, pos, rows, H, KVH, HD, T, T / 4 + 1); tc = tock_cpu();
+    report("attention_cached (prefill, sliding window)", dev_err(gout, out, (size_t)rows * H * HD), tg, tc, 1e-4);
     int32_t dseq[2] = {2, 0}, dpos[2] = {lens[1] - 1, T - 1}; /* decode: last token of each, reversed */
     G->copy_to_device(gseq, dseq, sizeof dseq);
     G->copy_to_device(gpos, dpos, sizeof dpos);
-    tick(); G->attention_cached(gout, gqkv, gkc, gvc, gseq, gpos, 2, H, KVH, HD, T); tg = tock_gpu();
-    tick(); C->attention_cached(out, qkv, kc, vc, dseq, dpos, 2, H, KVH, HD, T); tc = tock_cpu();
+    tick(); G->attention_cached(gout, gqkv, gkc, gvc, gseq, gpos, 2, H, KVH, HD, T, 0); tg = tock_gpu();
+    tick(); C->attention_cached(out, qkv, kc, vc, dseq, dpos, 2, H, KVH, HD, T, 0); tc = tock_cpu();
     e = dev_err(gout, out, (size_t)2 * H * HD);
     report("attention_cached (decode)", e, tg, tc, 1e-4);
     G->free(gqkv), G->free(gkc), G->free(gvc), G->free(gout), G->free(gseq), G->free(gpos);

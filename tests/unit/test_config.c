@@ -694,7 +694,7 @@ static void test_json_dump(void **state) {
                           "{\"at_step\": 200, \"train_layers\": \"-6\", \"train_modules\": [\"attn\", \"norm\"]}",
                           "\"sharding\": {\"stage\": 2, \"overlap\": true, \"bucket_mb\": 4}",
                           "{\"name\": \"qa\", \"path\": \"data/qa.h5\", \"weight\": 2, \"loss_weight\": 0.5}",
-                          "\"split\": [0.7, 0.2, 0.1]", "\"eval\": {\"every_steps\": 25, \"batches\": 4}",
+                          "\"split\": [0.7, 0.2, 0.1]", "\"eval\": {\"every_steps\": 25, \"batches\": 4, \"generate\": {\"every_steps\": 0, \"prompts\": \"\", \"max_new\": 64, \"temperature\": 0, \"batch\": 8, \"seed\": 1234, \"chat\": false}}",
                           "\"signal\": \"USR2\"", "\"resume\": \"none\"", "\"curve\": true",
                           "\"stall_after_s\": 12.5", "\"cap\": 1000", "\"run_dir\": \"runs/full-test\""};
     for (size_t i = 0; i < sizeof must / sizeof must[0]; i++)

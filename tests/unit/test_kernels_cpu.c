@@ -104,11 +104,52 @@ static void test_expf(void **state) {
     assert_true(st_cpu_expf(0.0f) == 1.0f);
 }
 
+/* ---- decode attention over the KV cache ---- */
+
+/* kv_store + attention_cached against a float64 loop: a prefill run of 40 rows of sequence 2 (positions
+ * 0..39: the sgemm-tile path) followed by 3 lone rows (decode steps: the row path) of sequences 0 and 1
+ * whose earlier keys are already cached, GQA 4/2, without and with a sliding window. */
+static void test_attention_cached(void **state) {
+    (void)state;
+    enum { S = 3, MT = 48, H = 4, KVH = 2, HD = 8, RUN = 40, ROWS = RUN + 3 };
+    size_t stride = (size_t)(H + 2 * KVH) * HD, kvd = (size_t)KVH * HD, cache = (size_t)S * MT * kvd;
+    int32_t seq[ROWS], pos[ROWS];
+    for (int r = 0; r < RUN; r++) seq[r] = 2, pos[r] = r;
+    seq[RUN] = 0, pos[RUN] = 30, seq[RUN + 1] = 1, pos[RUN + 1] = 5, seq[RUN + 2] = 0, pos[RUN + 2] = 31;
+    for (int window = 0; window <= 7; window += 7) {
+        float *qkv = frand((size_t)ROWS * stride, 2.0), *kc = frand(cache, 2.0), *vc = frand(cache, 1.0);
+        float *out = frand((size_t)ROWS * H * HD, 1.0);
+        be->kv_store(kc, vc, qkv, seq, pos, ROWS, H, KVH, HD, MT);
+        double *want = dzeros((size_t)ROWS * H * HD);
+        for (int i = 0; i < ROWS; i++)
+            for (int hi = 0; hi < H; hi++) {
+                int lo = window > 0 && pos[i] >= window ? pos[i] - window + 1 : 0, nk = pos[i] + 1 - lo;
+                double sc[MT], mx = -INFINITY, z = 0;
+                const float *q = qkv + (size_t)i * stride + (size_t)hi * HD;
+                size_t base = ((size_t)seq[i] * MT + (size_t)lo) * kvd + (size_t)(hi / (H / KVH)) * HD;
+                for (int j = 0; j < nk; j++) {
+                    double d = 0;
+                    for (int t = 0; t < HD; t++) d += (double)q[t] * kc[base + (size_t)j * kvd + t];
+                    sc[j] = d / sqrt((double)HD);
+                    if (sc[j] > mx) mx = sc[j];
+                }
+                for (int j = 0; j < nk; j++) z += sc[j] = exp(sc[j] - mx);
+                for (int j = 0; j < nk; j++)
+                    for (int t = 0; t < HD; t++)
+                        want[((size_t)i * H + hi) * HD + t] += sc[j] / z * vc[base + (size_t)j * kvd + t];
+            }
+        be->attention_cached(out, qkv, kc, vc, seq, pos, ROWS, H, KVH, HD, MT, window);
+        ASSERT_CLOSE(out, want, (size_t)ROWS * H * HD, 1e-5, window ? "attention_cached (window 7)" : "attention_cached");
+        free(qkv), free(kc), free(vc), free(out), free(want);
+    }
+}
+
 /* ---- matmul ---- */
 
 static void test_matmul(void **state) {
     (void)state;
-    const int m = 5, n = 7, k = 9;
+    const int n = 7, k = 9;
+    for (int m = 5; m >= 1; m -= 4) /* m = 1: the matrix-vector path (a decode step) */
     for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++) {
             float *a = frand((size_t)m * k, 1), *b = frand((size_t)k * n, 1), *c = frand((size_t)m * n, 1);
@@ -131,6 +172,18 @@ static void test_matmul(void **state) {
             for (int i = 0; i < m * n; i++) assert_true(c2[i] == c[i] * 0.5f);
             free(a), free(b), free(c), free(c2), free(want);
         }
+    /* one row over many columns (split across threads), beta 0 on a C full of NaN: C is overwritten */
+    const int N = 3001, K = 777;
+    for (int tb = 0; tb < 2; tb++) {
+        float *a = frand((size_t)K, 2), *b = frand((size_t)K * N, 3), *c = frand((size_t)N, 4);
+        for (int j = 0; j < N; j++) c[j] = NAN;
+        double *want = dzeros((size_t)N);
+        for (int j = 0; j < N; j++)
+            for (int p = 0; p < K; p++) want[j] += 1.5 * (double)a[p] * (tb ? b[(size_t)j * K + p] : b[(size_t)p * N + j]);
+        be->matmul(c, a, b, 1, N, K, 0, tb, 1.5f, 0.0f);
+        ASSERT_CLOSE(c, want, (size_t)N, 1e-5, "matmul one row");
+        free(a), free(b), free(c), free(want);
+    }
 }
 
 /* ---- bias and elementwise ---- */
@@ -684,6 +737,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_expf),
         cmocka_unit_test(test_memory),
+        cmocka_unit_test(test_attention_cached),
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_bias_and_elementwise),
         cmocka_unit_test(test_layernorm),

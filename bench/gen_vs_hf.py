@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""gen_vs_hf.py — `shardtune generate` against transformers' `generate` side by side on the CPU: the same
+random-init Llama model directory, fp32, batch 1, greedy, the same prompt and thread count. Prints the
+decode tokens/s of both and their ratio, and each one's prefill GFLOP/s as a fraction of the machine's
+sgemm peak measured in the same run (build/sgemm_peak, the better of before and after). Runs alternate
+(shardtune, transformers, shardtune, ...) and the best of --reps is kept for each, so a burst of load
+from other users of the machine hits both alike; the load average is printed before and after.
+
+  PY=$(bench/torch_venv.sh); $PY bench/gen_vs_hf.py [--build build] [--threads 1] [--reps 3]
+      [--prompt 512] [--new 128] [--layers 8 --dim 512 --heads 8 --kv-heads 4 --ffn 1376 --vocab 32000]
+
+Prefill FLOPs: 2 x tokens x (the layers' matmul weights) + the causal attention's 4 x L x H x hd x
+T(T+1)/2 (scores and weighted values); the head runs on the last position only (both sides). Decode
+tokens/s counts the tokens after the first (the first comes out of prefill); transformers' decode time is
+generate(new) - generate(1) with min_new_tokens set so neither side stops early. Numbers only."""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def run(cmd, env=None):
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        sys.exit("gen_vs_hf: command failed (%d): %s\n%s" % (p.returncode, " ".join(cmd), p.stdout[-3000:]))
+    return p.stdout
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def prefill_flops(a, T):
+    hd = a.dim // a.heads
+    qkv = a.dim * (a.heads + 2 * a.kv_heads) * hd
+    per_layer = qkv + a.heads * hd * a.dim + 3 * a.dim * a.ffn
+    return 2.0 * T * a.layers * per_layer + 4.0 * a.layers * a.heads * hd * T * (T + 1) / 2 + 2.0 * a.dim * a.vocab
+
+
+def shardtune_once(st, model, prompts, out, a, env):
+    text = run([st, "generate", "--model", model, "--prompts", prompts, "--out", out, "--max-new", str(a.new),
+                "--batch", "1", "--backend", "cpu", "--timing"], env=env)
+    line = [ln for ln in text.splitlines() if ln.startswith("timing")][0]
+    # timing (rank 0): prefill P tokens in X s = ... tokens/s; decode D tokens in Y s = ... tokens/s
+    m = re.search(r"prefill (\d+) tokens in ([0-9.e+-]+) s.*decode (\d+) tokens in ([0-9.e+-]+) s", line)
+    pre_s, dec_tok, dec_s = float(m.group(2)), int(m.group(3)), float(m.group(4))
+    return pre_s, dec_tok / dec_s if dec_s > 0 else 0.0, dec_tok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    for k, v in (("layers", 8), ("dim", 512), ("heads", 8), ("kv-heads", 4), ("ffn", 1376), ("vocab", 32000)):
+        ap.add_argument("--" + k, type=int, default=v)
+    a = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    import torch
+    import transformers
+    torch.set_num_threads(a.threads)
+    st = os.path.join(a.build, "shardtune")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS="1")
+    print("load average before: %s (2 cores shared with other users of the machine)" % loadavg())
+    def measure_peak():
+        out = run([os.path.join(a.build, "sgemm_peak"), str(a.threads), "2048", "5"])
+        return float(out.split("gflops=")[1].split()[0])
+
+    peak = measure_peak()
+    tmp = tempfile.mkdtemp(prefix="gen_vs_hf_")
+    model = os.path.join(tmp, "model")
+    run([st, "init-model", "--family", "llama", "--layers", str(a.layers), "--dim", str(a.dim), "--heads",
+         str(a.heads), "--kv-heads", str(a.kv_heads), "--ffn", str(a.ffn), "--vocab", str(a.vocab), "--max-seq",
+         str(max(2048, a.prompt + a.new)), "--seed", "1", "--out", model])
+    import random
+    rnd = random.Random(3)
+    ids = [rnd.randrange(3, a.vocab) for _ in range(a.prompt)]
+    prompts = os.path.join(tmp, "p.jsonl")
+    with open(prompts, "w") as f:
+        f.write(json.dumps({"input_ids": ids}) + "\n")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+
+    def hf_gen(n):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            o = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0, o[0, len(ids):].tolist()
+
+    hf_gen(2)  # warm-up (first-call allocations)
+    best = {"st_pre": 1e30, "st_dec": 0.0, "hf_pre": 1e30, "hf_dec": 0.0}
+    same = None
+    for _ in range(a.reps):
+        pre_s, dec, n_dec = shardtune_once(st, model, prompts, os.path.join(tmp, "o.jsonl"), a, env)
+        best["st_pre"], best["st_dec"] = min(best["st_pre"], pre_s), max(best["st_dec"], dec)
+        t1, _ = hf_gen(1)
+        tn, hf_ids = hf_gen(a.new)
+        best["hf_pre"] = min(best["hf_pre"], t1)
+        best["hf_dec"] = max(best["hf_dec"], (a.new - 1) / max(tn - t1, 1e-9))
+        with open(os.path.join(tmp, "o.jsonl")) as f:
+            ours = json.loads(f.readline())["output_ids"]
+        k = 0
+        while k < min(len(ours), len(hf_ids)) and ours[k] == hf_ids[k]:
+            k += 1
+        same = k
+    peak = max(peak, measure_peak())  # the better of before and after: load from others only lowers it
+    fl = prefill_flops(a, a.prompt)
+    print("model: llama L=%d C=%d H=%d KVH=%d F=%d V=%d, fp32, batch 1, prompt %d tokens, %d new, %d thread(s), "
+          "torch %s, transformers %s" % (a.layers, a.dim, a.heads, a.kv_heads, a.ffn, a.vocab, a.prompt, a.new,
+                                         a.threads, torch.__version__, transformers.__version__))
+    print("sgemm peak: %.1f GFLOP/s (better of before / after)" % peak)
+    print("%-13s %14s %14s %16s" % ("", "decode tok/s", "prefill GF/s", "prefill % peak"))
+    for name, pre, dec in (("shardtune", best["st_pre"], best["st_dec"]), ("transformers", best["hf_pre"], best["hf_dec"])):
+        g = fl / pre / 1e9
+        print("%-13s %14.1f %14.1f %15.0f%%" % (name, dec, g, 100 * g / peak))
+    print("decode speed-up: %.2fx (target >= 3x); greedy tokens agreeing with transformers: %d of %d" %
+          (best["st_dec"] / best["hf_dec"], same, a.new))
+    print("load average after: %s" % loadavg())
+    subprocess.run(["rm", "-rf", tmp])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+/* train_samples.c — eval.generate: sample answers during training. Every eval.generate.every_steps steps
+ * (and at the end) the ranks generate answers to the prompts of eval.generate.prompts from the current
+ * weights (every rank holds them whole below sharding.stage 3; config.c refuses stage 3, qlora, DoRA and
+ * prompt tuning; under lora a merged copy W + scale B A is made for the call, as `generate --adapter`
+ * merges the exported adapter), with generate's own code (st_gen_run_model: prompts split across ranks in whole batches,
+ * answers gathered on rank 0 in input order), so they equal `shardtune generate` on the checkpoint of the
+ * same step. Rank 0 appends one line per prompt to RUN_DIR/samples.jsonl ({"step", "id", "prompt",
+ * "output", "output_ids", "finish_reason"}) and publishes each as a monitor Event of kind "sample" (text
+ * "ID: OUTPUT"). On resume, lines after the resumed step are dropped (as metrics.jsonl's). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/json.h"
+#include "common/util.h"
+#include "coordinator/generate/gen_run.h"
+#include "coordinator/generate/gen_text.h"
+#include "coordinator/trainer/train_internal.h"
+#include "worker/lora.h"
+
+struct st_train_samples {
+    st_prompt_set ps;
+    st_gen_flags f;
+    char path[ST_CFG_PATH_MAX + 32]; /* RUN_DIR/samples.jsonl */
+};
+
+/* Rank 0: samples.jsonl keeps only the lines of steps <= keep_upto (a resumed run redoes the others). */
+static int trim_samples(const char *path, int64_t keep_upto) {
+    char *text = NULL;
+    size_t len = 0;
+    if (st_read_file(path, &text, &len)) return 0; /* no file yet */
+    st_strbuf keep = {0};
+    for (char *line = text; line && *line;) {
+        char *nl = strchr(line, '\n');
+        size_t n = nl ? (size_t)(nl - line) + 1 : strlen(line);
+        st_json *row = NULL;
+        if (st_json_parse(line, nl ? (size_t)(nl - line) : n, &row) == 0 &&
+            st_json_get_int(row, "step", INT64_MAX, NULL) <= keep_upto)
+            st_strbuf_append(&keep, line, n);
+        st_json_free(row);
+        line = nl ? nl + 1 : NULL;
+    }
+    free(text);
+    int rc = keep.failed ? st_fail(ST_ENOMEM, "out of memory trimming %s", path)
+                         : st_write_file_atomic(path, keep.data ? keep.data : "", keep.len);
+    st_strbuf_free(&keep);
+    return rc;
+}
+
+/* Checks what can be checked before training: token ids in the vocabulary and within the positions
+ * generation can use; text prompts (and eval.generate.chat) need the model's tokenizer, and every text
+ * prompt is encoded once here (chat template included), so a bad line fails now, not at the first sample. */
+static int check_prompts(const trainer *t, const st_prompt_set *ps) {
+    const char *file = t->cfg->eval.generate.prompts;
+    int chat = t->cfg->eval.generate.chat, text = chat, limit = st_gen_max_positions(&t->model.cfg);
+    for (int i = 0; i < ps->n; i++) {
+        const st_prompt *p = &ps->p[i];
+        text |= p->is_text;
+        if (p->is_text) continue;
+        if (p->n_ids > limit)
+            return st_fail(ST_ECONFIG, "eval.generate.prompts: %s line %ld has %d tokens, more than the %d positions "
+                           "of the model", file, p->line_no, p->n_ids, limit);
+        for (int k = 0; k < p->n_ids; k++)
+            if (p->ids[k] < 0 || p->ids[k] >= t->model.cfg.vocab)
+                return st_fail(ST_ECONFIG, "eval.generate.prompts: %s line %ld: token %d is outside the model's "
+                               "vocabulary (%d)", file, p->line_no, p->ids[k], t->model.cfg.vocab);
+    }
+    if (!text) return 0;
+    st_gen_text *tok = NULL;
+    int rc = st_gen_text_open(t->cfg->model.path, &tok);
+    if (!rc && !tok)
+        rc = st_fail(ST_ECONFIG, "eval.generate.prompts: %s has text prompts (or eval.generate.chat) but %s has no "
+                     "tokenizer.json (give \"input_ids\")", file, t->cfg->model.path);
+    for (int i = 0; !rc && i < ps->n; i++) {
+        if (!ps->p[i].is_text) continue;
+        int32_t *ids = NULL;
+        int n = 0;
+        rc = st_gen_text_encode(tok, ps->p[i].line, chat, &ids, &n);
+        if (rc) st_fail_context(rc, "eval.generate.prompts: %s line %ld", file, ps->p[i].line_no);
+        free(ids);
+    }
+    st_gen_text_free(tok);
+    return rc;
+}
+
+int st_trainer_samples_open(trainer *t) {
+    const st_config *c = t->cfg;
+    if (c->eval.generate.every_steps <= 0) return 0;
+    struct st_train_samples *s = calloc(1, sizeof *s);
+    if (!s) return st_fail(ST_ENOMEM, "out of memory");
+    t->samples = s;
+    st_gen_flags_default(&s->f);
+    s->f.gp.max_new = c->eval.generate.max_new;
+    s->f.gp.temperature = (float)c->eval.generate.temperature;
+    s->f.gp.batch = c->eval.generate.batch;
+    s->f.gp.seed = (uint64_t)c->eval.generate.seed;
+    s->f.chat = c->eval.generate.chat;
+    snprintf(s->path, sizeof s->path, "%s/samples.jsonl", c->run_dir);
+    int rc = st_prompts_read(c->eval.generate.prompts, &s->ps);
+    if (rc) return st_fail_context(rc, "eval.generate.prompts");
+    if ((rc = check_prompts(t, &s->ps))) return rc;
+    if ((rc = st_gen_params_check(&s->f.gp, &t->model))) return st_fail_context(rc, "eval.generate");
+    return t->rank == 0 ? trim_samples(s->path, t->start_step) : 0;
+}
+
+void st_trainer_samples_close(trainer *t) {
+    if (!t->samples) return;
+    st_prompts_free(&t->samples->ps);
+    free(t->samples);
+    t->samples = NULL;
+}
+
+int st_trainer_samples_due(const trainer *t, int64_t completed) {
+    int64_t every = t->cfg->eval.generate.every_steps;
+    return t->samples && (completed % every == 0 || completed == t->cfg->train.steps);
+}
+
+/* A parsed JSON value written back as JSON (the prompt's "messages"). */
+static void json_write(st_strbuf *b, const st_json *v) {
+    switch (v->type) {
+    case ST_JSON_STRING: st_strbuf_json_string(b, v->string); break;
+    case ST_JSON_NUMBER:
+        if (v->is_integer) st_strbuf_printf(b, "%lld", (long long)v->integer);
+        else st_strbuf_printf(b, "%.17g", v->number);
+        break;
+    case ST_JSON_ARRAY:
+    case ST_JSON_OBJECT:
+        st_strbuf_append(b, v->type == ST_JSON_ARRAY ? "[" : "{", 1);
+        for (size_t i = 0; i < v->count; i++) {
+            if (i) st_strbuf_append(b, ", ", 2);
+            if (v->type == ST_JSON_OBJECT) {
+                st_strbuf_json_string(b, v->keys[i]);
+                st_strbuf_append(b, ": ", 2);
+            }
+            json_write(b, v->items[i]);
+        }
+        st_strbuf_append(b, v->type == ST_JSON_ARRAY ? "]" : "}", 1);
+        break;
+    case ST_JSON_NULL: st_strbuf_printf(b, "null"); break;
+    default: st_strbuf_printf(b, "%s", v->boolean ? "true" : "false");
+    }
+}
+
+/* The prompt as given: the "prompt" string, the "messages" array, or the input ids. */
+static void write_prompt(st_strbuf *b, const st_prompt *p) {
+    st_json *v = NULL;
+    const st_json *x = NULL;
+    if (st_json_parse(p->line, strlen(p->line), &v) == 0 && !p->ids) {
+        x = st_json_get(v, "prompt");
+        if (!x) x = st_json_get(v, "messages");
+    }
+    if (x) {
+        json_write(b, x);
+    } else {
+        st_strbuf_append(b, "[", 1);
+        for (int k = 0; k < p->n_ids; k++) st_strbuf_printf(b, "%s%d", k ? ", " : "", p->ids[k]);
+        st_strbuf_append(b, "]", 1);
+    }
+    st_json_free(v);
+}
+
+/* Rank 0: one samples.jsonl line per prompt, appended, and one monitor event each. */
+static int write_samples(trainer *t, int64_t step, const st_answer *ans) {
+    const struct st_train_samples *s = t->samples;
+    st_strbuf b = {0};
+    for (int i = 0; i < s->ps.n; i++) {
+        st_strbuf_printf(&b, "{\"step\": %lld, \"id\": ", (long long)step);
+        st_strbuf_json_string(&b, s->ps.p[i].id);
+        st_strbuf_printf(&b, ", \"prompt\": ");
+        write_prompt(&b, &s->ps.p[i]);
+        st_strbuf_printf(&b, ", \"output\": ");
+        if (ans[i].text) st_strbuf_json_string(&b, ans[i].text);
+        else st_strbuf_printf(&b, "null");
+        st_strbuf_printf(&b, ", \"output_ids\": [");
+        st_strbuf line = {0}; /* the event text: the answer, or its ids without a tokenizer */
+        for (int k = 0; k < ans[i].n; k++) {
+            st_strbuf_printf(&b, "%s%d", k ? ", " : "", ans[i].ids[k]);
+            if (!ans[i].text) st_strbuf_printf(&line, "%s%d", k ? " " : "", ans[i].ids[k]);
+        }
+        st_strbuf_printf(&b, "], \"finish_reason\": \"%s\"}\n", st_gen_finish_name(ans[i].finish));
+        if (t->mon)
+            st_monitor_event(t->mon, "sample", step, "%s: %s", s->ps.p[i].id,
+                             ans[i].text ? ans[i].text : line.data ? line.data : "");
+        st_strbuf_free(&line);
+    }
+    int rc = 0;
+    if (b.failed) rc = st_fail(ST_ENOMEM, "out of memory writing %s", s->path);
+    FILE *f = rc ? NULL : fopen(s->path, "a");
+    if (!rc && !f) rc = st_fail(ST_EIO, "cannot open %s: %s", s->path, strerror(errno));
+    if (f) {
+        if (fwrite(b.data, 1, b.len, f) != b.len) rc = st_fail(ST_EIO, "cannot write %s", s->path);
+        if (fclose(f) != 0 && !rc) rc = st_fail(ST_EIO, "cannot write %s: %s", s->path, strerror(errno));
+    }
+    st_strbuf_free(&b);
+    return rc;
+}
+
+/* The model generation reads: the trainer's own, or under finetune.mode lora a view of the base registry
+ * over a merged copy of the base weights (*owned, backend memory the caller frees): per adapter
+ * W += scale * B @ A with the same matmul as st_lora_merge, so the result equals the exported adapter
+ * merged by `generate --adapter`. */
+static int gen_model(const trainer *t, st_model *g, float **owned) {
+    const st_model *m = &t->model;
+    *g = *m;
+    *owned = NULL;
+    if (!m->lora) return 0;
+    const st_backend *be = m->be;
+    float *w = be->alloc(m->n_base_weights * sizeof(float));
+    if (!w)
+        return st_fail(ST_ENOMEM, "eval.generate: out of memory for the merged weights (%.1f MB)",
+                       m->n_base_weights * 4.0 / 1e6);
+    be->copy(w, m->weights, m->n_base_weights * sizeof(float));
+    int r = st_lora_rank(m);
+    for (int b = m->n_base_params; b < m->n_params; b++) {
+        int is_b = 0, base = st_lora_base_of(m, b, &is_b);
+        if (base < 0 || !is_b) continue;
+        for (int a = m->n_base_params; a < m->n_params; a++) {
+            int a_is_b = 1;
+            if (a == b || st_lora_base_of(m, a, &a_is_b) != base || a_is_b) continue;
+            be->matmul(w + m->params[base].offset, m->weights + m->params[b].offset, m->weights + m->params[a].offset,
+                       (int)m->params[b].shape[0], (int)m->params[a].shape[1], r, 0, 0, (float)st_lora_scale(m), 1.0f);
+            break;
+        }
+    }
+    g->weights = w;
+    g->n_params = m->n_base_params;
+    g->n_weights = m->n_base_weights;
+    g->n_base_params = 0;
+    g->n_base_weights = 0;
+    g->lora = NULL;
+    *owned = w;
+    return 0;
+}
+
+int st_trainer_samples_run(trainer *t, int64_t completed) {
+    struct st_train_samples *s = t->samples;
+    st_trainer_phase(t, ST_PHASE_EVAL);
+    st_answer *ans = NULL;
+    st_model g;
+    float *owned = NULL;
+    int pe = 0;
+    int rc = st_trainer_agree(t, gen_model(t, &g, &owned));
+    if (!rc) {
+        rc = st_gen_run_model(&g, t->cfg->model.path, &s->f, &s->ps, t->comm, &ans, NULL, NULL, &pe);
+        if (rc) t->print_error = pe; /* only the rank whose st_error() holds the cause prints */
+        if (rc && pe) st_fail_context(rc, "eval.generate at step %lld", (long long)completed);
+    }
+    if (owned) t->model.be->free(owned);
+    if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? write_samples(t, completed, ans) : 0);
+    st_answers_free(ans, t->rank == 0 ? s->ps.n : 0);
+    st_trainer_phase(t, ST_PHASE_IDLE);
+    return rc;
+}

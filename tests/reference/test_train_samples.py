@@ -1,0 +1,272 @@
+"""test_train_samples.py — eval.generate: sample answers during a REAL 2-rank `shardtune train` run.
+
+  1. samples.jsonl holds one line per prompt at steps 2, 4 and 6 (every_steps 2; 6 is also the end), in
+     input order, with step, id, prompt (as given), output (null: the model has no tokenizer),
+     output_ids and finish_reason;
+  2. each step's samples equal `shardtune generate` (1 rank, and 2 ranks) run on the checkpoint of the
+     same step exported as a model directory (token for token, finish reason included), and the last
+     step's differ from the base model's answers (the samples come from the trained weights);
+  3. an independent monitor client (pyzmq + test_telemetry_client's decoder) receives one Event of kind
+     "sample" per line, with its step and the text "ID: IDS", and `shardtune monitor --json` shows them;
+  4. config: an unknown key under eval.generate, a missing prompts file, text prompts for a model
+     without a tokenizer, sharding.stage 3,
+     finetune.mode qlora and DoRA are refused with one line naming the key / the cause, before any step
+     runs;
+  5. resume: a run stopped at step 4 (train.steps 4) and resumed to 6 leaves the same samples.jsonl;
+  6. finetune.mode lora: the samples equal `generate --model BASE --adapter` of the adapter exported from
+     each step's checkpoint (1 and 2 ranks), and differ from the base model's answers.
+  7. text prompts with a tokenizer (a byte-level BPE and a chat template written here): the prompt string
+     or messages and the answer text, equal to generate's, in samples.jsonl and the events.
+Env (set by ctest): SHARDTUNE_BIN, ST_SOURCE_DIR."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_monitor_train import ENV, ST, Sub, make_job  # noqa: E402
+from test_telemetry_client import free_port  # noqa: E402
+
+MAX_NEW, STEPS, EVERY = 8, 6, 2
+OVER = ["train.lr=0.03", "train.schedule=constant"]  # trained weights differ visibly; resumable schedule
+
+
+def sh(args, check=True):
+    r = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError("%s -> %d\n%s\n%s" % (" ".join(args), r.returncode, r.stdout, r.stderr))
+    return r
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_prompts(path):
+    prompts = [{"id": "a", "input_ids": [5, 6, 7, 8]}, {"input_ids": [100, 3, 50]},
+               {"id": "c", "input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}]
+    with open(path, "w") as f:
+        for p in prompts:
+            f.write(json.dumps(p) + "\n")
+    return prompts
+
+
+def sample_extra(prompts):
+    return ("eval: { every_steps: 0, generate: { every_steps: %d, prompts: %s, max_new: %d, batch: 2 } }\n"
+            "checkpoint: { every_steps: %d, keep_last: 0 }\n" % (EVERY, prompts, MAX_NEW, EVERY))
+
+
+def job_with(tmp, name, extra, steps=STEPS):
+    """make_job's job (model, data and monitor of test_monitor_train) with `extra` appended, as NAME.yaml."""
+    pub, ctl = "tcp://127.0.0.1:%d" % free_port(), "tcp://127.0.0.1:%d" % free_port()
+    job = make_job(tmp, pub, ctl, steps, extra=extra)
+    dst = os.path.join(tmp, name + ".yaml")
+    shutil.move(job, dst)
+    return dst, pub
+
+
+def check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=False):
+    """Each step's samples against `generate` on that step's checkpoint: exported as a model directory, or
+    under lora as a PEFT adapter that generate --adapter merges into the base model."""
+    by_step = {}
+    for s in samples:
+        by_step.setdefault(s["step"], []).append(s)
+    assert sorted(by_step) == list(range(EVERY, STEPS + 1, EVERY)), sorted(by_step)
+    want_ids = [p.get("id", str(i)) for i, p in enumerate(prompts)]
+    for step, rows in sorted(by_step.items()):
+        assert [r["id"] for r in rows] == want_ids, rows
+        for r, p in zip(rows, prompts):
+            assert r["prompt"] == p["input_ids"] and r["output"] is None, r
+            assert set(r) == {"step", "id", "prompt", "output", "output_ids", "finish_reason"}, r
+        ck = os.path.join(run_dir, "checkpoints", "step-%08d.h5" % step)
+        d = os.path.join(tmp, "export%d" % step)
+        if lora:
+            sh([ST, "export", ck, "--format", "peft", "--out", d])
+            model = ["--model", os.path.join(tmp, "model"), "--adapter", d]
+        else:
+            sh([ST, "export", ck, "--out", d])
+            model = ["--model", d]
+        for np_ in (1, 2):
+            out = os.path.join(tmp, "gen%d_%d.jsonl" % (step, np_))
+            cmd = [ST, "generate", *model, "--prompts", ppath, "--out", out, "--max-new", str(MAX_NEW),
+                   "--batch", "2", "--backend", "cpu"]
+            if np_ == 2:
+                cmd = ["mpirun", "--oversubscribe", "-np", "2"] + cmd
+            sh(cmd)
+            gen = read_jsonl(out)
+            got = [(r["output_ids"], r["finish_reason"]) for r in rows]
+            ref = [(g["output_ids"], g["finish_reason"]) for g in gen]
+            assert got == ref, "step %d: samples %s != generate on the checkpoint (%d rank(s)) %s" % (step, got, np_, ref)
+    base = os.path.join(tmp, "base.jsonl")
+    sh([ST, "generate", "--model", os.path.join(tmp, "model"), "--prompts", ppath, "--out", base, "--max-new",
+        str(MAX_NEW), "--batch", "2", "--backend", "cpu"])
+    last = [r["output_ids"] for r in by_step[STEPS]]
+    assert last != [g["output_ids"] for g in read_jsonl(base)], "samples at the end equal the base model's answers"
+    return by_step
+
+
+def test_samples(tmp):
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    job, pub = job_with(tmp, "samples", sample_extra(ppath))
+    sub = Sub(pub)
+    mon_out = open(os.path.join(tmp, "monitor.out"), "w+")
+    mon = subprocess.Popen([ST, "monitor", pub, "--json"], stdout=mon_out, stderr=subprocess.STDOUT, env=ENV)
+    p = subprocess.Popen(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job] + OVER, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sub.poll(120, until=lambda: any(e["kind"] == "end" for e in sub.events))
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    time.sleep(0.5)
+    mon.send_signal(signal.SIGTERM)
+    mon.wait(timeout=10)
+    mon_out.seek(0)
+    shown = [json.loads(l) for l in mon_out if l.startswith("{")]
+    shown = [(m["step"], m["text"]) for m in shown if m.get("topic") == "event" and m.get("kind") == "sample"]
+    run_dir = os.path.join(tmp, "run")
+    samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+    check_against_generate(tmp, ppath, prompts, samples, run_dir)
+    events = [e for e in sub.events if e["kind"] == "sample"]
+    want = [(s["step"], "%s: %s" % (s["id"], " ".join(str(i) for i in s["output_ids"]))) for s in samples]
+    assert [(e["step"], e["text"]) for e in events] == want, (events, want)
+    assert shown == want, ("shardtune monitor --json", shown, want)
+    print("ok: %d samples at steps %s equal generate on each step's checkpoint (1 and 2 ranks); %d monitor events, "
+          "all shown by shardtune monitor" % (len(samples), sorted({s["step"] for s in samples}), len(events)))
+    return samples
+
+
+def test_lora(tmp):
+    """finetune.mode lora: the samples come from the base with the current adapter merged (as generate
+    --adapter merges the adapter exported from the same step's checkpoint)."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    job, _ = job_with(tmp, "lora", sample_extra(ppath) + "finetune: { mode: lora, lora: { r: 4, alpha: 8 } }\n")
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job, "train.lr=0.05"] + OVER[1:])
+    run_dir = os.path.join(tmp, "run")
+    samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+    check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=True)
+    print("ok: lora: %d samples equal generate --adapter on each step's exported adapter (1 and 2 ranks)"
+          % len(samples))
+
+
+def byte_level_tokenizer(model_dir):
+    """A GPT-2 style byte-level BPE tokenizer.json without merges: byte b is token b (vocab 256)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+           "pre_tokenizer": dict(type="ByteLevel", **level), "post_processor": None,
+           "decoder": dict(type="ByteLevel", **level),
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                     "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+                     "merges": []}}
+    with open(os.path.join(model_dir, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": template}, f)
+
+
+def test_text(tmp):
+    """Text prompts (the model has a tokenizer): samples hold the prompt string and the answer text, equal to
+    generate's on the exported checkpoint; the monitor event's text is "ID: ANSWER"."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    with open(ppath, "w") as f:
+        f.write(json.dumps({"id": "q", "prompt": "Say \"hi\"\n\tnow"}) + "\n" + json.dumps({"input_ids": [7, 8]}) + "\n")
+        f.write(json.dumps({"id": "m", "messages": msgs}) + "\n")
+    job, pub = job_with(tmp, "text", sample_extra(ppath))
+    byte_level_tokenizer(os.path.join(tmp, "model"))
+    sub = Sub(pub)
+    p = subprocess.Popen([ST, "train", job, "train.steps=2"] + OVER, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    sub.poll(120, until=lambda: any(e["kind"] == "end" for e in sub.events))
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    rows = read_jsonl(os.path.join(tmp, "run", "samples.jsonl"))
+    d = os.path.join(tmp, "export_text")
+    sh([ST, "export", os.path.join(tmp, "run", "checkpoints", "step-%08d.h5" % 2), "--out", d])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not os.path.exists(os.path.join(d, name)):
+            shutil.copy(os.path.join(tmp, "model", name), d)
+    gen = os.path.join(tmp, "gen_text.jsonl")
+    sh([ST, "generate", "--model", d, "--prompts", ppath, "--out", gen, "--max-new", str(MAX_NEW), "--batch", "2"])
+    gen = read_jsonl(gen)
+    assert [r["prompt"] for r in rows] == ["Say \"hi\"\n\tnow", [7, 8], msgs], rows
+    assert [(r["output"], r["output_ids"]) for r in rows] == [(g["output"], g["output_ids"]) for g in gen], (rows, gen)
+    events = [(e["step"], e["text"]) for e in sub.events if e["kind"] == "sample"]
+    assert events == [(2, "q: " + rows[0]["output"]), (2, "1: " + rows[1]["output"]), (2, "m: " + rows[2]["output"])], \
+        events
+    print("ok: text prompts: prompt and answer text in samples.jsonl = generate on the checkpoint; events %s" % events)
+
+
+def test_resume(tmp, full):
+    """The same job stopped at step 4, resumed to 6: the same samples.jsonl as the uninterrupted run."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    write_prompts(ppath)
+    job, _ = job_with(tmp, "resume", sample_extra(ppath))
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job, "train.steps=4"] + OVER)
+    # a stale line after the resume point (as a crash between sampling and checkpointing leaves) goes away
+    with open(os.path.join(tmp, "run", "samples.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 5, "id": "stale", "prompt": [], "output": None, "output_ids": [],
+                            "finish_reason": "length"}) + "\n")
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job] + OVER)
+    got = read_jsonl(os.path.join(tmp, "run", "samples.jsonl"))
+    # the run stopped at 4 sampled there as its end: same weights as the uninterrupted run's step 4
+    assert got == full, "resumed samples differ:\n%s\n%s" % (got, full)
+    print("ok: stopped at step 4 and resumed: samples.jsonl equals the uninterrupted run's")
+
+
+def test_refusals(tmp):
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    write_prompts(ppath)
+    text = os.path.join(tmp, "text.jsonl")
+    with open(text, "w") as f:
+        f.write(json.dumps({"prompt": "hi"}) + "\n")
+    cases = [(sample_extra(ppath), ["eval.generate.max_neww=3"], "eval.generate.max_neww"),
+             (sample_extra(text), [], "no tokenizer.json"),
+             (sample_extra(os.path.join(tmp, "missing.jsonl")), [], "missing.jsonl"),
+             (sample_extra(ppath) + "sharding: { stage: 3 }\n", [], "sharding.stage 3"),
+             (sample_extra(ppath) + "finetune: { mode: qlora }\n", [], "finetune.mode qlora"),
+             (sample_extra(ppath) + "finetune: { mode: lora, lora: { dora: true } }\n", [], "finetune.lora.dora"),
+             ("eval: { generate: { every_steps: 2 } }\n", [], "eval.generate.prompts")]
+    for extra, over, needle in cases:
+        job, _ = job_with(tmp, "bad", extra)
+        r = sh([ST, "train", job] + over, check=False)
+        lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+        assert r.returncode != 0 and lines and needle in lines[-1], (needle, r.returncode, r.stdout, r.stderr)
+        assert not os.path.exists(os.path.join(tmp, "run", "samples.jsonl")), needle
+        print("ok: refused: %s" % lines[-1])
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        full = test_samples(tmp)
+        with tempfile.TemporaryDirectory() as tmp2:
+            shutil.copytree(os.path.join(tmp, "model"), os.path.join(tmp2, "model"))
+            shutil.copy(os.path.join(tmp, "d.h5"), os.path.join(tmp2, "d.h5"))
+            test_resume(tmp2, full)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_lora(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_text(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_refusals(tmp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

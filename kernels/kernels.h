@@ -186,7 +186,8 @@ struct st_backend {
     void (*adamw_multi)(const st_adamw_range *ranges, int count, float beta1, float beta2, float eps,
                         float grad_scale);
     /* x[i] = bf16(x[i]) in place, kept as fp32 (round to nearest even): for an fp32 operand that several
-     * bf16 matmuls read (the LM head's dlogits), rounded once and passed as st_mm_f32_rounded. */
+     * bf16 matmuls read, rounded once and passed as st_mm_f32_rounded (the LM head's dlogits no longer
+     * need it: the loss kernel writes them as bf16, cross_entropy_acc / kd_loss). */
     void (*round_bf16)(float *x, size_t n);
 
     /* ---- decoding with a KV cache (worker/generate.c) ----

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# distill_bench.sh — knowledge distillation's step time against the student's own fine-tuning step, with a
+# teacher of about twice the student's parameters (issue 21's target: <= 1.5x), in fp32 and bf16 (the bf16
+# teacher: its bf16 weight copy). Reads step_ms and teacher_ms (the teacher's forward per step) from
+# RUN_DIR/metrics.jsonl, skipping the first steps (warm-up), and prints medians, the ratio and the load
+# average (timings on a shared machine move with it). Prints numbers only; asserts nothing.
+#
+#   bench/distill_bench.sh [BUILD_DIR]   env: STEPS (default 8), SKIP (2), VOCAB (8192), MICRO (4), SEQ (128),
+#                                        THREADS (OMP_NUM_THREADS, default 2), PRECISIONS ("fp32 bf16")
+# Student: Llama L4 C256 H4 KV2 F688; teacher: Llama L8 C320 H4 KV2 F864 (parameter counts printed).
+set -euo pipefail
+BUILD=${1:-build}
+BIN=$BUILD/shardtune
+PY=${ST_PYTHON:-/usr/bin/python3}
+STEPS=${STEPS:-8} SKIP=${SKIP:-2} VOCAB=${VOCAB:-8192} MICRO=${MICRO:-4} SEQ=${SEQ:-128} THREADS=${THREADS:-2}
+PRECISIONS=${PRECISIONS:-fp32 bf16}
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+
+"$BIN" init-model --family llama --layers 4 --dim 256 --heads 4 --kv-heads 2 --ffn 688 --vocab "$VOCAB" \
+  --max-seq "$SEQ" --seed 1 --out "$T/student" >/dev/null
+"$BIN" init-model --family llama --layers 8 --dim 320 --heads 4 --kv-heads 2 --ffn 864 --vocab "$VOCAB" \
+  --max-seq "$SEQ" --seed 2 --out "$T/teacher" >/dev/null
+"$PY" - "$T/data.jsonl" "$VOCAB" <<'EOF'
+import json, random, sys
+random.seed(0)
+V = int(sys.argv[2])
+with open(sys.argv[1], "w") as f:
+    for _ in range(400):
+        s = random.randrange(V)
+        f.write(json.dumps({"input_ids": [(s + 7 * i) % V for i in range(random.randint(100, 400))]}) + "\n")
+EOF
+"$BIN" data pack --jsonl "$T/data.jsonl" --out "$T/data.h5" --vocab "$VOCAB" >/dev/null
+cat > "$T/job.yaml" <<YAML
+model: { path: $T/student }
+run_dir: $T/run
+seed: 1
+train: { steps: $STEPS, micro_batch: $MICRO, seq_len: $SEQ, lr: 1.0e-4, warmup_steps: 0, log_every: 1000 }
+tasks:
+  - { name: a, path: $T/data.h5 }
+eval: { every_steps: 0 }
+checkpoint: { every_steps: 0 }
+monitor: { publish: "", control: "" }
+YAML
+
+params() { # model dir -> parameter count (fp32 safetensors: bytes / 4, header aside)
+  "$PY" - "$1/model.safetensors" <<'EOF'
+import json, struct, sys
+with open(sys.argv[1], "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    h = json.loads(f.read(n))
+total = 0
+for k, v in h.items():
+    if k == "__metadata__":
+        continue
+    c = 1
+    for d in v["shape"]:
+        c *= d
+    total += c
+print(total)
+EOF
+}
+summary() { # RUN_DIR -> "step_ms teacher_ms" (medians over steps after SKIP)
+  "$PY" - "$1/metrics.jsonl" "$SKIP" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])][int(sys.argv[2]):]
+med = lambda k: statistics.median(r.get(k, 0.0) for r in rows)
+print(f"{med('step_ms'):.1f} {med('teacher_ms'):.1f}")
+EOF
+}
+
+ps=$(params "$T/student") pt=$(params "$T/teacher")
+echo "student $ps parameters, teacher $pt ($("$PY" -c "print(f'{$pt/$ps:.2f}')")x); batch $MICRO x $SEQ tokens;" \
+     "$THREADS threads; median of steps $((SKIP + 1))..$STEPS"
+printf "%-10s %14s %14s %12s %8s   %s\n" precision student_ms distill_ms teacher_ms ratio "load average (1/5/15 min)"
+for p in $PRECISIONS; do
+  OMP_NUM_THREADS=$THREADS "$BIN" train "$T/job.yaml" run_dir="$T/s_$p" precision=$p >/dev/null
+  read -r s _ < <(summary "$T/s_$p")
+  OMP_NUM_THREADS=$THREADS "$BIN" train "$T/job.yaml" run_dir="$T/d_$p" precision=$p \
+    "distill.teacher=$T/teacher" >/dev/null
+  read -r d tt < <(summary "$T/d_$p")
+  printf "%-10s %14s %14s %12s %7.2fx   %s\n" "$p" "$s" "$d" "$tt" "$("$PY" -c "print($d/$s)")" \
+    "$(cut -d' ' -f1-3 /proc/loadavg)"
+done

@@ -1,9 +1,9 @@
 /* cpu_kd.c — the fused knowledge-distillation loss (kernels.h kd_loss; definition in worker/distill.h): the
  * CPU twin of kernels/cuda/cross_entropy.cu's kd kernel.
  *
- * Per row, in double: the maxima and sums of exp of t/T, s/T and s, the KL term, the CE term and the
- * gradient, written over the student's logits (or, under bf16, as bf16 bits). Rows run in parallel, each
- * thread with its own 3*V doubles of exponentials; the per-row parts are then summed in row order, so the
+ * Per row: the maxima and exponentials of t/T, s/T and s in fp32 (vectorized), their sums, the KL term, the
+ * CE term and the gradient in double, written over the student's logits (or, under bf16, as bf16 bits). Rows
+ * run in parallel, each thread with its own 3*V floats of exponentials; the per-row parts are then summed in row order, so the
  * sums do not depend on the thread count. An allocation failure makes the sums NaN (the trainer's
  * non-finite check stops the step). */
 #include "kernels/bf16.h"
@@ -13,33 +13,43 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* One row: the loss parts and, in place of s, the gradient. e[3*v] is scratch: exp(z - max) of t/T, s/T, s. */
-static void kd_row(float *s, const float *t, int32_t y, double w, int v, double T, double alpha, double *e,
-                   double *kd_out, double *ce_out) {
-    const double inv_t = 1.0 / T;
-    double mt = -INFINITY, mq = -INFINITY, m1 = -INFINITY;
+/* sum_i a[i] in double with fixed-order lane accumulation. */
+static double sum_d(const float *restrict a, int n) {
+    double acc[ST_LANES] = {0};
+    int i = 0;
+    for (; i + ST_LANES <= n; i += ST_LANES)
+        for (int l = 0; l < ST_LANES; l++) acc[l] += a[i + l];
+    double s = 0.0;
+    for (int l = 0; l < ST_LANES; l++) s += acc[l];
+    for (; i < n; i++) s += a[i];
+    return s;
+}
+
+/* One row: the loss parts and, in place of s, the gradient. The scaled logits x/T and the exponentials are
+ * fp32 (vectorized st_cpu_expf; x/T rounded once, the maxima taken before scaling, which rounding's
+ * monotonicity makes the same); sums, logs, probabilities, KL and the gradient are double. e[3*v]: scratch. */
+static void kd_row(float *restrict s, const float *restrict t, int32_t y, double w, int v, float temp, double alpha,
+                   float *restrict e, double *kd_out, double *ce_out) {
+    const float inv_t = 1.0f / temp;
+    const float mt = st_cpu_max(t, v) * inv_t, mq = st_cpu_max(s, v) * inv_t, m1 = st_cpu_max(s, v);
+    float *restrict et = e, *restrict eq = e + v, *restrict e1 = e + 2 * (size_t)v;
     for (int j = 0; j < v; j++) {
-        mt = fmax(mt, t[j] * inv_t);
-        mq = fmax(mq, s[j] * inv_t);
-        m1 = fmax(m1, (double)s[j]);
+        et[j] = st_cpu_expf(t[j] * inv_t - mt);
+        eq[j] = st_cpu_expf(s[j] * inv_t - mq);
+        e1[j] = st_cpu_expf(s[j] - m1);
     }
-    double *et = e, *eq = e + v, *e1 = e + 2 * (size_t)v, zt = 0, zq = 0, z1 = 0;
-    for (int j = 0; j < v; j++) {
-        zt += et[j] = exp(t[j] * inv_t - mt);
-        zq += eq[j] = exp(s[j] * inv_t - mq);
-        z1 += e1[j] = exp(s[j] - m1);
-    }
-    double lt = mt + log(zt), lq = mq + log(zq), l1 = m1 + log(z1), kl = 0;
-    for (int j = 0; j < v; j++) {
-        double p = et[j] / zt, q = eq[j] / zq, sm = e1[j] / z1;
-        if (p > 0) kl += p * ((t[j] * inv_t - lt) - (s[j] * inv_t - lq));
-        et[j] = p, eq[j] = q, e1[j] = sm;
-    }
+    const double zt = sum_d(et, v), zq = sum_d(eq, v), z1 = sum_d(e1, v);
+    const double lt = mt + log(zt), lq = mq + log(zq), l1 = m1 + log(z1);
+    const double rt = 1.0 / zt, rq = 1.0 / zq, r1 = 1.0 / z1, T = temp;
     int valid = y >= 0 && y < v;
-    *kd_out = T * T * kl;
     *ce_out = valid ? l1 - s[y] : NAN;
-    for (int j = 0; j < v; j++)
-        s[j] = (float)(w * (alpha * T * (eq[j] - et[j]) + (1 - alpha) * (e1[j] - (j == y))));
+    double kl = 0;
+    for (int j = 0; j < v; j++) {
+        double p = et[j] * rt, q = eq[j] * rq, sm = e1[j] * r1;
+        if (p > 0) kl += p * (((double)(t[j] * inv_t) - lt) - ((double)(s[j] * inv_t) - lq));
+        s[j] = (float)(w * (alpha * T * (q - p) + (1 - alpha) * (sm - (j == y))));
+    }
+    *kd_out = T * T * kl;
 }
 
 void st_cpu_kd_loss(float *s_logits, uint16_t *dl16, const float *t_logits, float *loss, const int32_t *targets,
@@ -50,7 +60,7 @@ void st_cpu_kd_loss(float *s_logits, uint16_t *dl16, const float *t_logits, floa
     int failed = parts == NULL;
 #pragma omp parallel if (n > 1) reduction(| : failed)
     {
-        double *e = parts ? malloc(3 * (size_t)v * sizeof(double)) : NULL;
+        float *e = parts ? malloc(3 * (size_t)v * sizeof(float)) : NULL;
         failed |= e == NULL;
 #pragma omp for schedule(static)
         for (int i = 0; i < n; i++) {

@@ -10,8 +10,8 @@
  * The LM head's forms never wait for the host: cross_entropy_acc adds the chunk's total to a device double
  * (the model reads it once after its last chunk) and, under bf16, writes dlogits as bf16 bits in the same
  * pass (rounded once, the operand of both head GEMMs). kd_loss is the fused knowledge-distillation row
- * (kernels/cpu/cpu_kd.c is its twin): one block per row, everything in double, exponentials recomputed per
- * pass instead of stored; row parts summed by the same deterministic reduction into device doubles. */
+ * (kernels/cpu/cpu_kd.c is its twin): one block per row, exponentials in fp32 and everything summed in double,
+ * exponentials recomputed per pass instead of stored; row parts summed by the same deterministic reduction into device doubles. */
 #include "kernels/cuda/cuda_ops.cuh"
 
 #include <stdio.h>
@@ -99,10 +99,12 @@ void st_cu_cross_entropy_acc(float *logits, uint16_t *dlogits_bf16, float *loss,
     st_cuda_add_sum_doubles(total, row_loss, (size_t)n, row_loss + n); /* stays on the device */
 }
 
-/* One row of the distillation loss (kernels/cpu/cpu_kd.c kd_row, in the same double arithmetic). The
- * row's weighted parts go to rows[0][row] (w * loss), rows[1][row] (w * kd), rows[2][row] (w * ce). */
+/* One row of the distillation loss (kernels/cpu/cpu_kd.c kd_row, the same arithmetic: x/T and the
+ * exponentials in fp32, sums, logs, probabilities, KL and the gradient in double; the exponentials are
+ * recomputed per pass instead of stored). The row's weighted parts go to rows[row] (w * loss),
+ * rows[n + row] (w * kd), rows[2n + row] (w * ce). */
 __global__ void kd_kernel(float *s_logits, uint16_t *dl16, const float *t_logits, float *loss, double *rows,
-                          int *bad_row, const int32_t *target, const float *weight, int n, int v, double temp,
+                          int *bad_row, const int32_t *target, const float *weight, int n, int v, float temp,
                           double alpha) {
     __shared__ float shf[32];
     __shared__ double shd[32];
@@ -124,35 +126,37 @@ __global__ void kd_kernel(float *s_logits, uint16_t *dl16, const float *t_logits
         }
         return;
     }
-    const double inv_t = 1.0 / temp;
+    const float inv_t = 1.0f / temp;
     float tx = -INFINITY, sx = -INFINITY;
     for (int j = threadIdx.x; j < v; j += blockDim.x) tx = fmaxf(tx, t[j]), sx = fmaxf(sx, s[j]);
     tx = st_block_max(tx, shf);
     sx = st_block_max(sx, shf);
-    /* x * inv_t is monotonic in x, so these are the CPU's maxima of the scaled values exactly */
-    double mt = (double)tx * inv_t, mq = (double)sx * inv_t, m1 = (double)sx;
+    /* rounding is monotonic, so max(x) / T rounded is the max of the rounded x / T (the twin's rule) */
+    const float mt = tx * inv_t, mq = sx * inv_t, m1 = sx;
     double zt = 0, zq = 0, z1 = 0;
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        zt += exp(t[j] * inv_t - mt);
-        zq += exp(s[j] * inv_t - mq);
-        z1 += exp(s[j] - m1);
+        zt += expf(t[j] * inv_t - mt);
+        zq += expf(s[j] * inv_t - mq);
+        z1 += expf(s[j] - m1);
     }
     double s_y = bad ? 0.0 : (double)s[y]; /* read before any thread overwrites the row (the sums sync) */
     zt = st_block_sum(zt, shd);
     zq = st_block_sum(zq, shd);
     z1 = st_block_sum(z1, shd);
-    double lt = mt + log(zt), lq = mq + log(zq), l1 = m1 + log(z1), kl = 0;
+    const double lt = mt + log(zt), lq = mq + log(zq), l1 = m1 + log(z1);
+    const double rt = 1.0 / zt, rq = 1.0 / zq, r1 = 1.0 / z1, T = temp;
+    double kl = 0;
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        double tj = t[j] * inv_t, sj = s[j];
-        double p = exp(tj - mt) / zt, q = exp(sj * inv_t - mq) / zq, sm = exp(sj - m1) / z1;
-        if (p > 0) kl += p * ((tj - lt) - (sj * inv_t - lq));
-        float d = (float)(w * (alpha * temp * (q - p) + (1 - alpha) * (sm - (j == y))));
+        float tj = t[j] * inv_t, sq = s[j] * inv_t, sj = s[j];
+        double p = expf(tj - mt) * rt, q = expf(sq - mq) * rq, sm = expf(sj - m1) * r1;
+        if (p > 0) kl += p * (((double)tj - lt) - ((double)sq - lq));
+        float d = (float)(w * (alpha * T * (q - p) + (1 - alpha) * (sm - (j == y))));
         if (d16) d16[j] = st_bf16_bits_rn(d);
         else s[j] = d;
     }
     kl = st_block_sum(kl, shd);
     if (threadIdx.x == 0) {
-        double kd = temp * temp * kl, ce = bad ? (double)NAN : l1 - s_y;
+        double kd = T * T * kl, ce = bad ? (double)NAN : l1 - s_y;
         double l = alpha * kd + (1 - alpha) * ce;
         loss[row] = (float)l;
         rows[row] = w * l;

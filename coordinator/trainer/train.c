@@ -250,6 +250,8 @@ static int load_teacher(trainer *t) {
     int rc = st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
     if (rc) return st_fail_context(rc, "distill.teacher");
     t->kd_on = 1;
+    /* forward only: activation checkpointing keeps one layer's working set, not every layer's (same math) */
+    if ((rc = st_model_set_activation_checkpointing(&t->teacher, 1))) return rc;
     if ((rc = st_model_alloc_activations(&t->teacher, c->train.micro_batch, c->train.seq_len))) return rc;
     if ((rc = st_model_set_precision(&t->teacher, c->precision))) return st_fail_context(rc, "distill.teacher");
     return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);

@@ -170,7 +170,9 @@ int main(int argc, char **argv) {
     st_model teacher;
     st_distill kd = {0};
     if (!rc && teacher_dir && !(rc = st_model_load_dir(teacher_dir, be, &teacher))) {
-        if (!(rc = st_model_alloc_activations(&teacher, B, T)))
+        rc = st_model_set_activation_checkpointing(&teacher, 1); /* as the trainer's teacher */
+        if (!rc) rc = st_model_alloc_activations(&teacher, B, T);
+        if (!rc)
             rc = st_model_set_precision(&teacher, strcmp(t_precision, "bf16") ? ST_PRECISION_FP32 : ST_PRECISION_BF16);
         if (!rc) rc = st_distill_init(&kd, &teacher, &m, kd_t, kd_alpha);
     }

@@ -4,7 +4,10 @@
 # teacher: its bf16 weight copy). Reads step_ms and teacher_ms (the teacher's forward per step) from
 # RUN_DIR/metrics.jsonl, skipping the first steps (warm-up). The plain and the distillation runs alternate
 # REPEATS times; it prints each pair's medians and the load average, then the best (lowest) median of each
-# kind and their ratio (on a shared machine the lowest is the least disturbed). Prints numbers only.
+# kind and their ratio (on a shared machine the lowest is the least disturbed). Wall time on a loaded machine
+# mostly measures the scheduler, so it also prints CPU time per step (user + system, GNU time, with
+# OMP_WAIT_POLICY=passive so no thread spins): (CPU of a STEPS-step run - CPU of a SKIP-step run) /
+# (STEPS - SKIP), which setup (loading, data) cancels out of. Prints numbers only.
 #
 #   bench/distill_bench.sh [BUILD_DIR]   env: STEPS (default 8), SKIP (2), VOCAB (8192), MICRO (4), SEQ (128),
 #                                        THREADS (OMP_NUM_THREADS, default 2), PRECISIONS ("fp32 bf16"),
@@ -71,6 +74,22 @@ print(f"{med('step_ms'):.1f} {med('teacher_ms'):.1f}")
 EOF
 }
 
+cpu_s() { # job args... -> user+system CPU seconds of the run
+  local f
+  f=$(mktemp)
+  OMP_WAIT_POLICY=passive OMP_NUM_THREADS=$THREADS /usr/bin/time -f "%U %S" -o "$f" "$BIN" train "$T/job.yaml" "$@" \
+    >/dev/null
+  "$PY" -c "import sys; u, s = open(sys.argv[1]).read().split()[-2:]; print(float(u) + float(s))" "$f"
+  rm -f "$f"
+}
+cpu_per_step() { # job args... -> CPU ms per step, setup cancelled
+  local a b
+  a=$(cpu_s train.steps="$SKIP" run_dir="$T/cpu_a" "$@")
+  b=$(cpu_s train.steps="$STEPS" run_dir="$T/cpu_b" "$@")
+  rm -rf "$T/cpu_a" "$T/cpu_b"
+  "$PY" -c "print(f'{($b - $a) * 1e3 / ($STEPS - $SKIP):.1f}')"
+}
+
 ps=$(params "$T/student") pt=$(params "$T/teacher")
 echo "student $ps parameters, teacher $pt ($("$PY" -c "print(f'{$pt/$ps:.2f}')")x); batch $MICRO x $SEQ tokens;" \
      "$THREADS threads; median of steps $((SKIP + 1))..$STEPS"
@@ -91,4 +110,12 @@ for p in $PRECISIONS; do
   done
   printf "%-10s %4s %12s %12s %12s %7.2fx   (best of %s)\n" "$p" best "$best_s" "$best_d" "" \
     "$("$PY" -c "print($best_d/$best_s)")" "$REPEATS"
+done
+echo
+echo "CPU time per step (OMP_WAIT_POLICY=passive; steps $((SKIP + 1))..$STEPS):"
+printf "%-10s %14s %14s %8s   %s\n" precision student_cpu_ms distill_cpu_ms ratio "load average (1/5/15 min)"
+for p in $PRECISIONS; do
+  s=$(cpu_per_step precision=$p)
+  d=$(cpu_per_step precision=$p "distill.teacher=$T/teacher")
+  printf "%-10s %14s %14s %7.2fx   %s\n" "$p" "$s" "$d" "$("$PY" -c "print($d/$s)")" "$(cut -d' ' -f1-3 /proc/loadavg)"
 done

@@ -48,15 +48,15 @@ checkpoint: { every_steps: 0 }
 monitor: { publish: "", control: "" }
 YAML
 
-params() { # model dir -> parameter count (fp32 safetensors: bytes / 4, header aside)
-  "$PY" - "$1/model.safetensors" <<'EOF'
+params() { # model dir [nonemb] -> parameter count (with nonemb: without the input embeddings, a gather)
+  "$PY" - "$1/model.safetensors" "${2:-}" <<'EOF'
 import json, struct, sys
 with open(sys.argv[1], "rb") as f:
     n = struct.unpack("<Q", f.read(8))[0]
     h = json.loads(f.read(n))
 total = 0
 for k, v in h.items():
-    if k == "__metadata__":
+    if k == "__metadata__" or (sys.argv[2] and ("embed_tokens" in k or k.endswith(("wte.weight", "wpe.weight")))):
         continue
     c = 1
     for d in v["shape"]:
@@ -91,8 +91,11 @@ cpu_per_step() { # job args... -> CPU ms per step, setup cancelled
 }
 
 ps=$(params "$T/student") pt=$(params "$T/teacher")
+ns=$(params "$T/student" nonemb) nt=$(params "$T/teacher" nonemb)
 echo "student $ps parameters, teacher $pt ($("$PY" -c "print(f'{$pt/$ps:.2f}')")x); batch $MICRO x $SEQ tokens;" \
      "$THREADS threads; median of steps $((SKIP + 1))..$STEPS"
+echo "FLOP bound of the ratio (matmul FLOPs: student step 6 N_s, teacher forward 2 N_t per token; N without the" \
+     "input embeddings, head included): 1 + 2*$nt / (6*$ns) = $("$PY" -c "print(f'{1 + 2*$nt/(6*$ns):.2f}')")x"
 printf "%-10s %4s %12s %12s %12s %8s   %s\n" precision run student_ms distill_ms teacher_ms ratio \
   "load average (1/5/15 min)"
 for p in $PRECISIONS; do

@@ -682,6 +682,32 @@ static void check_kd(int rows, int v, float temp, float alpha, float scale) {
     free(s), free(t), free(loss), free(weight), free(target), free(s0), free(got), free(wide), free(ref);
 }
 
+/* copy_to_device returns before the copy ran (kernels.h: the caller may reuse its buffer at once): a 40 MiB
+ * copy (more than the CUDA backend's ring of pinned slots, so it wraps) and 100 small copies from one host
+ * buffer rewritten after each call must all land intact. The "error" is the number of wrong floats. */
+static void check_copies(void) {
+    size_t big = (size_t)10 << 20, small = 1024; /* floats */
+    float *h = xmalloc(big * 4), *back = xmalloc(big * 4);
+    for (size_t i = 0; i < big; i++) h[i] = (float)i;
+    float *gbig = dev_from(NULL, big * 4), *gsmall = dev_from(NULL, 100 * small * 4);
+    double t0_ = st_now();
+    G->copy_to_device(gbig, h, big * 4);
+    for (size_t i = 0; i < big; i++) h[i] = -1.0f; /* reused at once */
+    for (int k = 0; k < 100; k++) {
+        for (size_t i = 0; i < small; i++) h[i] = (float)(k * 100000 + (int)i);
+        G->copy_to_device(gsmall + (size_t)k * small, h, small * 4);
+    }
+    G->synchronize();
+    double tg = st_now() - t0_, wrong = 0;
+    G->copy_to_host(back, gbig, big * 4);
+    for (size_t i = 0; i < big; i++) wrong += back[i] != (float)i;
+    G->copy_to_host(back, gsmall, 100 * small * 4);
+    for (int k = 0; k < 100; k++)
+        for (size_t i = 0; i < small; i++) wrong += back[(size_t)k * small + i] != (float)(k * 100000 + (int)i);
+    report("copy_to_device (buffer reused at once)", wrong, tg, 0, 0);
+    G->free(gbig), G->free(gsmall), free(h), free(back);
+}
+
 static void check_cross_entropy(void) {
     size_t n = (size_t)NROWS * V;
     float *logits = hrand(n, 5), *loss = hrand(NROWS, 1), weight[NROWS];
@@ -1330,7 +1356,7 @@ int main(int argc, char **argv) {
 #endif
     if (GROUP("decode")) check_decode();
     if (GROUP("norms")) check_head_rmsnorm();
-    if (GROUP("pointwise")) check_activations(), check_embedding();
+    if (GROUP("pointwise")) check_activations(), check_embedding(), check_copies();
     if (GROUP("xent")) check_cross_entropy(), check_kd(NROWS, V, 2.0f, 0.5f, 5.0f), check_kd(NROWS, V, 0.7f, 1.0f, 20.0f);
     if (GROUP("adamw")) check_adamw();
     if (GROUP("dequant")) check_dequant();

@@ -150,7 +150,18 @@ int main(int argc, char **argv) {
     double t_ce;
     TIME_BEST(t_ce, 1, (void)G->cross_entropy(logits, loss, tg, w, T, V));
     printf("%-40s %9.3f ms  %8.1f GB/s\n", "cross_entropy [T x V]", t_ce * 1e3, 3.0 * T * (double)V * 4 / t_ce * 1e-9);
-    G->free(logits), G->free(loss), G->free(w), G->free(tg);
+    /* the LM head's bf16 form: reads the logits twice, writes bf16 dlogits; and the distillation loss, which
+     * reads both models' logits three times and writes the student's gradient */
+    uint16_t *dl16 = dalloc((size_t)T * V * 2);
+    double *acc = dalloc(4 * sizeof(double)), t_acc, t_kd;
+    float *tlog = dalloc((size_t)T * V * 4);
+    TIME_BEST(t_acc, 1, G->cross_entropy_acc(logits, dl16, loss, tg, w, T, V, acc));
+    printf("%-40s %9.3f ms  %8.1f GB/s\n", "cross_entropy_acc bf16 dlogits [T x V]", t_acc * 1e3,
+           2.5 * T * (double)V * 4 / t_acc * 1e-9);
+    TIME_BEST(t_kd, 1, G->kd_loss(logits, NULL, tlog, loss, tg, w, T, V, 2.0f, 0.5f, acc, acc + 1));
+    printf("%-40s %9.3f ms  %8.1f GB/s\n", "kd_loss [T x V] (student + teacher)", t_kd * 1e3,
+           7.0 * T * (double)V * 4 / t_kd * 1e-9);
+    G->free(logits), G->free(loss), G->free(w), G->free(tg), G->free(dl16), G->free(acc), G->free(tlog);
 
     double t_step = L * (t_layer + t_af + t_ab) + t_head + t_ce, f_step = L * (f_layer + f_af + f_ab) + f_head;
     printf("projected %d-layer step (GEMMs + attention + head + loss; no norms, no communication): %.1f ms, "

@@ -147,6 +147,25 @@ struct st_backend {
      * (all zeros where weight[i] == 0). weight carries the loss mask, per-task loss weights and the
      * 1/normalizer; targets of weight-0 rows are never read. Returns sum_i weight[i] * loss[i] (double). */
     double (*cross_entropy)(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);
+    /* The LM head's form of cross_entropy (one call per head chunk, no host wait per chunk): the same rows,
+     * but the chunk's sum_i weight[i] * loss[i] (summed from 0 in double, as cross_entropy returns it) is
+     * added to total[0], a double in backend memory that the caller reads once after its last chunk.
+     * dlogits_bf16 NULL: logits are overwritten with dlogits as above. Not NULL (precision bf16): dlogits go
+     * there as bf16 bits instead, rounded once (round to nearest even, kernels/bf16.h: the values round_bf16
+     * would leave), ready for matmul_bf16 as st_mm_bf16; logits are then scratch (contents unspecified). */
+    void (*cross_entropy_acc)(float *logits, uint16_t *dlogits_bf16, float *loss, const int32_t *target,
+                              const float *weight, int n, int v, double *total);
+    /* ---- fused knowledge-distillation loss (worker/distill.h has the definition) ----
+     * For each row i of the student's s_logits[N,V] and the teacher's t_logits[N,V], in double:
+     * kd_i = T^2 KL(softmax(t_i/T) || softmax(s_i/T)), ce_i = logsumexp(s_i) - s_i[target[i]],
+     * loss[i] = alpha kd_i + (1 - alpha) ce_i (0 where weight[i] == 0, target then never read), and the
+     * gradient weight[i] * (alpha T (softmax(s_i/T) - softmax(t_i/T)) + (1 - alpha) (softmax(s_i) - onehot))
+     * overwrites s_logits (or goes to dlogits_bf16 as bf16 bits, as cross_entropy_acc). Adds the call's
+     * sum_i w_i loss_i to total[0] and sum_i w_i kd_i, sum_i w_i ce_i to parts[0], parts[1] (backend-memory
+     * doubles). A target outside [0, V) on a live row makes the sums NaN. */
+    void (*kd_loss)(float *s_logits, uint16_t *dlogits_bf16, const float *t_logits, float *loss,
+                    const int32_t *target, const float *weight, int n, int v, float temperature, float alpha,
+                    double *total, double *parts);
 
     /* ---- fused AdamW over a flat range (PyTorch torch.optim.AdamW semantics) ----
      * g = grad * grad_scale; p -= lr * weight_decay * p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
@@ -167,7 +186,8 @@ struct st_backend {
     void (*adamw_multi)(const st_adamw_range *ranges, int count, float beta1, float beta2, float eps,
                         float grad_scale);
     /* x[i] = bf16(x[i]) in place, kept as fp32 (round to nearest even): for an fp32 operand that several
-     * bf16 matmuls read (the LM head's dlogits), rounded once and passed as st_mm_f32_rounded. */
+     * bf16 matmuls read, rounded once and passed as st_mm_f32_rounded (the LM head's dlogits no longer
+     * need it: the loss kernel writes them as bf16, cross_entropy_acc / kd_loss). */
     void (*round_bf16)(float *x, size_t n);
 
     /* ---- decoding with a KV cache (worker/generate.c) ----

@@ -1,4 +1,5 @@
-/* distill.c — see distill.h. */
+/* distill.c — knowledge distillation in the student's LM head (see distill.h); the loss kernel is the
+ * backend's kd_loss (kernels/cpu/cpu_kd.c, kernels/cuda/cross_entropy.cu). */
 #include "worker/distill.h"
 
 #include <math.h>
@@ -12,18 +13,25 @@ int st_distill_init(st_distill *d, st_model *teacher, const st_model *student, f
     if (teacher->cfg.vocab != student->cfg.vocab)
         return st_fail(ST_ECONFIG, "distill.teacher: vocabulary size %d differs from the student's %d",
                        teacher->cfg.vocab, student->cfg.vocab);
-    if (strcmp(student->be->name, "cpu") != 0 || strcmp(teacher->be->name, "cpu") != 0)
-        return st_fail(ST_ECONFIG, "distill: only the cpu backend is supported so far (backend: cpu)");
+    if (teacher->be != student->be)
+        return st_fail(ST_ECONFIG, "distill.teacher: the teacher must run on the student's backend (%s)",
+                       student->be->name);
+    if (!student->be->kd_loss)
+        return st_fail(ST_ECONFIG, "distill: the %s backend has no distillation loss kernel", student->be->name);
     if (!(temperature > 0) || !(alpha >= 0 && alpha <= 1))
         return st_fail(ST_ECONFIG, "distill: temperature must be > 0 and alpha in [0, 1] (got %g, %g)",
                        (double)temperature, (double)alpha);
+    const st_backend *be = student->be;
     size_t N = (size_t)student->B * student->T;
-    d->no_targets = calloc(N ? N : 1, sizeof(int32_t));
-    d->no_weight = calloc(N ? N : 1, sizeof(float));
-    if (!d->no_targets || !d->no_weight) {
-        st_distill_free(d);
+    int32_t *zeros_t = calloc(N ? N : 1, sizeof(int32_t));
+    float *zeros_w = calloc(N ? N : 1, sizeof(float));
+    d->sums = be->alloc(2 * sizeof(double));
+    if (!zeros_t || !zeros_w || !d->sums) {
+        free(zeros_t), free(zeros_w);
+        st_distill_free(d, be);
         return st_fail(ST_ENOMEM, "out of memory");
     }
+    d->no_targets = zeros_t, d->no_weight = zeros_w;
     teacher->hidden_only = 1;
     d->teacher = teacher;
     d->temperature = temperature;
@@ -31,93 +39,46 @@ int st_distill_init(st_distill *d, st_model *teacher, const st_model *student, f
     return 0;
 }
 
-void st_distill_free(st_distill *d) {
-    free(d->t_logits);
+void st_distill_free(st_distill *d, const st_backend *be) {
+    if (be) {
+        be->free(d->t_logits);
+        be->free(d->sums);
+    }
     free(d->no_targets);
     free(d->no_weight);
     memset(d, 0, sizeof *d);
 }
 
-void st_distill_reset(st_distill *d) { d->kd_sum = d->ce_sum = 0; }
-
-/* One row: the loss parts and, in place of s, the gradient. e[3*v] is scratch: exp(z - max) of t/T, s/T, s. */
-static void kd_row(float *s, const float *t, int32_t y, double w, int v, double T, double alpha, double *e,
-                   double *kd_out, double *ce_out) {
-    const double inv_t = 1.0 / T;
-    double mt = -INFINITY, mq = -INFINITY, m1 = -INFINITY;
-    for (int j = 0; j < v; j++) {
-        mt = fmax(mt, t[j] * inv_t);
-        mq = fmax(mq, s[j] * inv_t);
-        m1 = fmax(m1, (double)s[j]);
-    }
-    double *et = e, *eq = e + v, *e1 = e + 2 * (size_t)v, zt = 0, zq = 0, z1 = 0;
-    for (int j = 0; j < v; j++) {
-        zt += et[j] = exp(t[j] * inv_t - mt);
-        zq += eq[j] = exp(s[j] * inv_t - mq);
-        z1 += e1[j] = exp(s[j] - m1);
-    }
-    double lt = mt + log(zt), lq = mq + log(zq), l1 = m1 + log(z1), kl = 0;
-    for (int j = 0; j < v; j++) {
-        double p = et[j] / zt, q = eq[j] / zq, sm = e1[j] / z1;
-        if (p > 0) kl += p * ((t[j] * inv_t - lt) - (s[j] * inv_t - lq));
-        et[j] = p, eq[j] = q, e1[j] = sm;
-    }
-    *kd_out = T * T * kl;
-    *ce_out = l1 - s[y];
-    for (int j = 0; j < v; j++)
-        s[j] = (float)(w * (alpha * T * (eq[j] - et[j]) + (1 - alpha) * (e1[j] - (j == y))));
+void st_distill_reset(st_distill *d) {
+    if (d->sums) d->teacher->be->memset0(d->sums, 2 * sizeof(double));
 }
 
-double st_distill_rows(float *s_logits, const float *t_logits, float *loss, const int32_t *targets,
-                       const float *weight, int n, int v, float temperature, float alpha, double *kd, double *ce) {
-    double *parts = calloc(2 * (size_t)n + 1, sizeof(double)); /* per-row kd, ce: summed in order below */
-    int failed = parts == NULL;
-#pragma omp parallel if (n > 1) reduction(| : failed)
-    {
-        double *e = parts ? malloc(3 * (size_t)v * sizeof(double)) : NULL;
-        failed |= e == NULL;
-#pragma omp for schedule(static)
-        for (int i = 0; i < n; i++) {
-            float *s = s_logits + (size_t)i * v;
-            loss[i] = 0;
-            if (weight[i] == 0 || !e) {
-                memset(s, 0, (size_t)v * sizeof(float));
-                continue;
-            }
-            kd_row(s, t_logits + (size_t)i * v, targets[i], weight[i], v, temperature, alpha, e, &parts[2 * i],
-                   &parts[2 * i + 1]);
-            loss[i] = (float)(alpha * parts[2 * i] + (1 - alpha) * parts[2 * i + 1]);
-        }
-        free(e);
-    }
-    double total = 0;
-    for (int i = 0; i < n && !failed; i++) { /* row order, whatever the thread count: deterministic */
-        double w = weight[i];
-        total += w * (alpha * parts[2 * i] + (1 - alpha) * parts[2 * i + 1]);
-        *kd += w * parts[2 * i];
-        *ce += w * parts[2 * i + 1];
-    }
-    free(parts);
-    return failed ? NAN : total; /* NAN: the trainer's non-finite check stops the step */
+void st_distill_parts(const st_distill *d, double *kd, double *ce) {
+    double kc[2] = {0, 0};
+    if (d->sums) d->teacher->be->copy_to_host(kc, d->sums, sizeof kc);
+    *kd = kc[0], *ce = kc[1];
 }
 
-/* The student's head-loss hook: the teacher's logits for rows [r0, r0+rows) from its final hidden states. */
-static double head_loss(void *ctx, float *logits, float *loss, const int32_t *targets, const float *weight, int r0,
-                        int rows, int v) {
+/* The student's head-loss hook: the teacher's logits for rows [r0, r0+rows) from its final hidden states (its
+ * own precision rules), then the fused KD rows on the backend; nothing waits for the host. */
+static void head_loss(void *ctx, float *logits, uint16_t *dl16, float *loss, const int32_t *targets,
+                      const float *weight, int r0, int rows, int v, double *total) {
     st_distill *d = ctx;
     st_model *t = d->teacher;
+    const st_backend *be = t->be;
     size_t need = (size_t)rows * v;
     if (need > d->t_logits_floats) {
-        free(d->t_logits);
-        d->t_logits = malloc(need * sizeof(float));
+        be->free(d->t_logits);
+        d->t_logits = be->alloc(need * sizeof(float));
         d->t_logits_floats = d->t_logits ? need : 0;
-        if (!d->t_logits) return NAN; /* the trainer's non-finite check stops the step with a message */
     }
-    int C = t->cfg.d_model, head = t->cfg.tied_embeddings ? 0 : t->n_params - 1;
-    const float *x = st_model_final_hidden(t) + (size_t)r0 * C;
-    t->be->matmul(d->t_logits, x, t->weights + t->params[head].offset, rows, v, C, 0, 1, 1.0f, 0.0f);
-    return st_distill_rows(logits, d->t_logits, loss, targets, weight, rows, v, d->temperature, d->alpha, &d->kd_sum,
-                           &d->ce_sum);
+    if (!d->t_logits) { /* the trainer's non-finite check stops the step with a message */
+        double nan = NAN;
+        be->copy_to_device(total, &nan, sizeof nan);
+        return;
+    }
+    st_model_head_logits(t, d->t_logits, r0, rows);
+    be->kd_loss(logits, dl16, d->t_logits, loss, targets, weight, rows, v, d->temperature, d->alpha, total, d->sums);
 }
 
 void st_distill_attach(st_distill *d, st_model *student, const int32_t *inputs) {

@@ -364,6 +364,8 @@ typedef struct {
     /* bf16 only: one layer's fp32 working copies of the bf16-saved qkv, atty and h1 (forward computes
      * into them before saving; backward widens the saved values back into them). NULL under fp32. */
     float *qkv_w, *atty_w, *h1_w;
+    uint16_t *dlogits_h; /* bf16 only: one head chunk's dlogits as bf16, written by the loss kernel */
+    double *loss_acc;    /* the head's loss total, accumulated on the backend over the chunks */
     int32_t *tokens, *targets;
     float *weight, *loss;
 } model_bufs;
@@ -450,8 +452,13 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         TAKE(b->qkv_w, N * Q);
         TAKE(b->atty_w, N * A);
         TAKE(b->h1_w, N * 2 * F);
+        float *p_ = NULL;
+        TAKE(p_, (R * (size_t)c->vocab + 1) / 2);
+        b->dlogits_h = (uint16_t *)p_;
     }
-    float *tok = NULL, *tgt = NULL;
+    float *tok = NULL, *tgt = NULL, *acc = NULL;
+    TAKE(acc, 2); /* one double (the arena's 64-byte alignment keeps it aligned) */
+    b->loss_acc = (double *)acc;
     TAKE(tok, N);
     TAKE(tgt, N);
     b->tokens = (int32_t *)tok;
@@ -668,7 +675,7 @@ int st_model_set_precision(st_model *m, st_precision precision) {
     if (precision != ST_PRECISION_FP32 && precision != ST_PRECISION_BF16)
         return st_fail(ST_EINVAL, "precision %d is not fp32 (0) or bf16 (1)", (int)precision);
     if (precision == ST_PRECISION_BF16 &&
-        (!m->be->matmul_bf16 || !m->be->to_bf16 || !m->be->from_bf16 || !m->be->round_bf16))
+        (!m->be->matmul_bf16 || !m->be->to_bf16 || !m->be->from_bf16 || !m->be->cross_entropy_acc))
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
     if (precision == ST_PRECISION_BF16 && m->lora)
         return st_fail(ST_ECONFIG, "precision: bf16 with finetune.mode lora is not supported yet (use fp32)");
@@ -945,13 +952,16 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_DOWN, h2, res_out, C);
 }
 
-/* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. */
+/* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
+ * the backend until the last chunk (one host wait per forward). Under bf16 the loss kernel writes dlogits
+ * as bf16 (rounded once), the operand of both gradient matmuls. */
 static double head_forward(st_model *m, const model_bufs *b, int train) {
     const st_backend *be = m->be;
     int N = m->B * m->T, C = m->cfg.d_model, V = m->cfg.vocab, R = head_chunk_rows(m);
     float *gw;
     const float *w = head_weight(m, &gw);
-    double total = 0.0;
+    uint16_t *dl16 = train && m->precision == ST_PRECISION_BF16 ? b->dlogits_h : NULL;
+    be->memset0(b->loss_acc, sizeof(double));
     for (int r0 = 0; r0 < N; r0 += R) {
         int rows = N - r0 < R ? N - r0 : R;
         const float *x = b->lnf + (size_t)r0 * C;
@@ -959,19 +969,17 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
         if (m->capture_logits)
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
         if (m->head_loss)
-            total += m->head_loss(m->head_loss_ctx, b->logits, b->loss + r0, b->targets + r0, b->weight + r0, r0, rows, V);
+            m->head_loss(m->head_loss_ctx, b->logits, dl16, b->loss + r0, b->targets + r0, b->weight + r0, r0, rows, V,
+                         b->loss_acc);
         else
-            total += be->cross_entropy(b->logits, b->loss + r0, b->targets + r0, b->weight + r0, rows, V);
+            be->cross_entropy_acc(b->logits, dl16, b->loss + r0, b->targets + r0, b->weight + r0, rows, V, b->loss_acc);
         if (!train) continue;
-        /* dlogits feeds two matmuls: under bf16 round it once, in place, instead of once per matmul */
-        st_mm_in dlogits = st_mm_f32(b->logits);
-        if (m->precision == ST_PRECISION_BF16) {
-            be->round_bf16(b->logits, (size_t)rows * V);
-            dlogits = st_mm_f32_rounded(b->logits);
-        }
+        st_mm_in dlogits = dl16 ? st_mm_bf16(dl16) : st_mm_f32(b->logits);
         mm(m, b->dlnf + (size_t)r0 * C, dlogits, weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
         if (gw) mm(m, gw, dlogits, st_mm_f32(x), NULL, V, C, rows, 1, 0, 1.0f);
     }
+    double total = 0.0;
+    be->copy_to_host(&total, b->loss_acc, sizeof total);
     return total;
 }
 
@@ -1164,4 +1172,13 @@ const float *st_model_final_hidden(const st_model *m) {
     model_bufs b;
     bind((st_model *)m, la, &b);
     return b.lnf;
+}
+
+void st_model_head_logits(st_model *m, float *out, int r0, int rows) {
+    model_bufs b;
+    bind(m, m->layer_acts, &b);
+    float *gw;
+    const float *w = head_weight(m, &gw);
+    int C = m->cfg.d_model;
+    mm(m, out, st_mm_f32(b.lnf + (size_t)r0 * C), weight(m, w), NULL, rows, m->cfg.vocab, C, 0, 1, 0.0f);
 }

@@ -74,11 +74,11 @@ typedef struct {
      * rest of backward. Together the calls cover every trainable element exactly once. */
     void (*grad_ready)(void *ctx, size_t lo, size_t hi);
     void *grad_ready_ctx;
-    /* Optional: replaces be->cross_entropy in the LM head, with its contract (loss per row, dlogits in
-     * place, returns sum weight * loss) for head chunk rows [r0, r0 + rows): knowledge distillation
-     * (worker/distill.h). */
-    double (*head_loss)(void *ctx, float *logits, float *loss, const int32_t *targets, const float *weight, int r0,
-                        int rows, int v);
+    /* Optional: replaces be->cross_entropy_acc in the LM head, with its contract (loss per row; dlogits in
+     * place, or as bf16 into dlogits_bf16 when not NULL; sum weight * loss added to the backend-memory
+     * double *total) for head chunk rows [r0, r0 + rows): knowledge distillation (worker/distill.h). */
+    void (*head_loss)(void *ctx, float *logits, uint16_t *dlogits_bf16, float *loss, const int32_t *targets,
+                      const float *weight, int r0, int rows, int v, double *total);
     void *head_loss_ctx;
     int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
     int act_ckpt;    /* activation checkpointing (st_model_set_activation_checkpointing) */
@@ -222,6 +222,11 @@ int st_model_layer_activations(const st_model *m, int l, const float **res_in, c
 
 /* The final norm's output [B*T, C] from the last forward (backend memory): the LM head's input. */
 const float *st_model_final_hidden(const st_model *m);
+
+/* The LM head's logits for rows [r0, r0 + rows) of the last forward (out: backend memory, rows * vocab
+ * floats; rows <= the model's head chunk), from its final hidden states under its precision rules (bf16: the
+ * bf16 weight copy and the hidden states rounded, fp32 accumulation): a KD teacher's logits. */
+void st_model_head_logits(st_model *m, float *out, int r0, int rows);
 
 /* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
 double st_model_flops_per_token(const st_model *m, int T);

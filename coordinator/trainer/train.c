@@ -231,13 +231,17 @@ static int share_plan(trainer *t) {
     return rc;
 }
 
-/* distill.teacher: loaded whole on every rank (fp32), sized for the student's micro-batches. */
+/* distill.teacher: loaded whole on every rank on the student's backend, sized for the student's micro-batches,
+ * computing in the job's precision (bf16: its own bf16 weight copy, packed once: it is frozen). */
 static int load_teacher(trainer *t) {
     const st_config *c = t->cfg;
     int rc = st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
     if (rc) return st_fail_context(rc, "distill.teacher");
     t->kd_on = 1;
+    /* forward only: activation checkpointing keeps one layer's working set, not every layer's (same math) */
+    if ((rc = st_model_set_activation_checkpointing(&t->teacher, 1))) return rc;
     if ((rc = st_model_alloc_activations(&t->teacher, c->train.micro_batch, c->train.seq_len))) return rc;
+    if ((rc = st_model_set_precision(&t->teacher, c->precision))) return st_fail_context(rc, "distill.teacher");
     return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);
 }
 
@@ -297,7 +301,7 @@ static void teardown(trainer *t) {
     free(t->model_config_text);
     st_model_free(&t->model);
     if (t->kd_on) {
-        st_distill_free(&t->kd);
+        st_distill_free(&t->kd, t->be);
         st_model_free(&t->teacher);
     }
 }

@@ -106,7 +106,8 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     MPI_Allreduce(MPI_IN_PLACE, t->task_sums, 3 * t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
     r->loss = t->task_sums[3 * t->n_tasks];
     if (t->kd_on) { /* the two parts of the loss, weighted like it (DESIGN.md: ce_loss, kd_loss) */
-        double kc[2] = {t->kd.kd_sum, t->kd.ce_sum};
+        double kc[2];
+        st_distill_parts(&t->kd, &kc[0], &kc[1]);
         MPI_Allreduce(MPI_IN_PLACE, kc, 2, MPI_DOUBLE, MPI_SUM, t->comm);
         r->kd_loss = kc[0];
         r->ce_loss = kc[1];

@@ -186,6 +186,11 @@ void st_cpu_embedding_bwd(float *dwte, float *dwpe, const float *dout, const int
 
 /* cpu_loss.c */
 double st_cpu_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);
+void st_cpu_cross_entropy_acc(float *logits, uint16_t *dlogits_bf16, float *loss, const int32_t *target,
+                              const float *weight, int n, int v, double *total);
+void st_cpu_kd_loss(float *s_logits, uint16_t *dlogits_bf16, const float *t_logits, float *loss,
+                    const int32_t *target, const float *weight, int n, int v, float temperature, float alpha,
+                    double *total, double *parts);
 
 /* cpu_optim.c */
 void st_cpu_adamw(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,

@@ -45,10 +45,10 @@ static struct {
     int sync_each;   /* SHARDTUNE_CUDA_SYNC=1: synchronize after every launch (names a faulting kernel) */
     int *bad_target; /* device: first cross-entropy row with an out-of-vocabulary target (INT_MAX: none) */
     int bad_target_v; /* the vocabulary size of the last cross_entropy call (for the message) */
-    /* copy_to_device stages small copies through pinned slots, so it returns without waiting for the
-     * stream (the caller may reuse its buffer at once): a slot is reused after its event completed */
-    void *stage[4];
-    cudaEvent_t stage_done[4];
+    /* copy_to_device stages every copy through a ring of pinned slots (STAGE_SLOTS), so it returns without
+     * waiting for the stream (the caller may reuse its buffer at once): a slot is reused after its event */
+    void *stage[32];
+    cudaEvent_t stage_done[32];
     int stage_next;
 } g;
 
@@ -103,24 +103,24 @@ static void cu_free(void *p) {
 
 static void cu_memset0(void *p, size_t bytes) { ST_CUDA_CK("memset0", cudaMemsetAsync(p, 0, bytes, g.stream)); }
 
-enum { STAGE_SLOTS = 4, STAGE_BYTES = 4u << 20 };
+enum { STAGE_SLOTS = 32, STAGE_BYTES = 1u << 20 };
 
-/* The caller may reuse its host buffer as soon as we return. Small copies (a step's tokens, targets and
- * loss weights) go through a pinned slot and return without waiting for the compute stream; a large one
- * (loading weights) copies directly and waits once. */
+/* The caller may reuse its host buffer as soon as we return, and we never wait for the stream as a whole:
+ * every copy goes through a ring of pinned slots in pieces of at most STAGE_BYTES, each piece's slot reused
+ * once its previous copy (STAGE_SLOTS pieces earlier) completed. A step's tokens, targets and loss weights
+ * take a slot each, so the host only waits when the GPU is that many copies behind; a large copy (loading
+ * weights) streams through the ring, the host's memcpy into one slot overlapping the DMA of the others. */
 static void cu_copy_to_device(void *dst, const void *src, size_t bytes) {
-    if (bytes == 0) return;
-    if (bytes <= STAGE_BYTES) {
+    for (size_t off = 0; off < bytes; off += STAGE_BYTES) {
+        size_t piece = bytes - off < (size_t)STAGE_BYTES ? bytes - off : (size_t)STAGE_BYTES;
         int i = g.stage_next;
         g.stage_next = (i + 1) % STAGE_SLOTS;
         ST_CUDA_CK("copy_to_device (slot)", cudaEventSynchronize(g.stage_done[i])); /* its last copy is done */
-        memcpy(g.stage[i], src, bytes);
-        ST_CUDA_CK("copy_to_device", cudaMemcpyAsync(dst, g.stage[i], bytes, cudaMemcpyHostToDevice, g.stream));
+        memcpy(g.stage[i], (const char *)src + off, piece);
+        ST_CUDA_CK("copy_to_device",
+                   cudaMemcpyAsync((char *)dst + off, g.stage[i], piece, cudaMemcpyHostToDevice, g.stream));
         ST_CUDA_CK("copy_to_device (event)", cudaEventRecord(g.stage_done[i], g.stream));
-        return;
     }
-    ST_CUDA_CK("copy_to_device", cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, g.stream));
-    ST_CUDA_CK("copy_to_device (sync)", cudaStreamSynchronize(g.stream));
 }
 
 static void cu_copy_to_host(void *dst, const void *src, size_t bytes) {
@@ -209,6 +209,21 @@ __global__ void sum_final_kernel(double *result, const double *partial, int coun
     for (int i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
     acc = st_block_sum(acc, sh);
     if (threadIdx.x == 0) *result = acc;
+}
+
+__global__ void sum_final_add_kernel(double *acc, const double *partial, int count) {
+    __shared__ double sh[32];
+    double v = 0.0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) v += partial[i];
+    v = st_block_sum(v, sh);
+    if (threadIdx.x == 0) *acc += v;
+}
+
+void st_cuda_add_sum_doubles(double *acc, const double *x, size_t n, double *scratch) {
+    int blocks = st_cuda_reduce_blocks(n);
+    sum_partials_kernel<<<blocks, ST_CUDA_THREADS, 0, g.stream>>>(scratch, x, n);
+    sum_final_add_kernel<<<1, ST_CUDA_THREADS, 0, g.stream>>>(acc, scratch, blocks);
+    ST_CUDA_LAUNCHED("sum (reduce, add)");
 }
 
 static double fetch_scalar(const double *dev, const char *what) {
@@ -566,6 +581,8 @@ static const st_backend cuda_backend = {
     .embedding_fwd = st_cu_embedding_fwd,
     .embedding_bwd = st_cu_embedding_bwd,
     .cross_entropy = st_cu_cross_entropy,
+    .cross_entropy_acc = st_cu_cross_entropy_acc,
+    .kd_loss = st_cu_kd_loss,
     .adamw = st_cu_adamw,
     .dequant_int8 = st_cu_dequant_int8,
     .dequant_nf4 = st_cu_dequant_nf4,

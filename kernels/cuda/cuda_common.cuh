@@ -99,5 +99,7 @@ void st_cuda_colsum_finish(float *out, const float *partial, int rows, int c);
 /* Deterministic sum of n doubles (device) into one double returned to the host, via `scratch`
  * (at least ST_CUDA_REDUCE_BLOCKS + 1 doubles). */
 double st_cuda_sum_doubles(const double *x, size_t n, double *scratch);
+/* The same sum added to *acc on the device (acc in device memory; no host wait). */
+void st_cuda_add_sum_doubles(double *acc, const double *x, size_t n, double *scratch);
 
 #endif

@@ -64,6 +64,10 @@ void st_cu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, s
 
 /* cross_entropy.cu */
 double st_cu_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);
+void st_cu_cross_entropy_acc(float *logits, uint16_t *dlogits_bf16, float *loss, const int32_t *target,
+                             const float *weight, int n, int v, double *total);
+void st_cu_kd_loss(float *s_logits, uint16_t *dlogits_bf16, const float *t_logits, float *loss, const int32_t *target,
+                   const float *weight, int n, int v, float temperature, float alpha, double *total, double *parts);
 
 /* decode.cu */
 void st_cu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,

@@ -6,7 +6,12 @@
 #  * a GPT-2 teacher for a Llama student (another architecture and size), 1 and 2 ranks: every step
 #    loss = alpha * kd_loss + (1 - alpha) * ce_loss, step 1's ce_loss equals the plain run's loss, teacher_ms
 #    is reported; the loss falls;
-#  * errors: another vocabulary, temperature 0, the cuda backend's absence of support is not tested here.
+#  * precision bf16 (a bf16 teacher: its bf16 weight copy): the self teacher gives kd_loss exactly 0 and the
+#    plain bf16 run's loss as ce_loss (teacher and student compute the same bf16 forward); the GPT-2 teacher
+#    keeps loss = alpha kd + (1 - alpha) ce and the loss falls;
+#  * device-style memory (tests/tools/fakedev --guard: every copy checked for host/device mix-ups, as on
+#    a GPU): the GPT-2-teacher run in fp32 and bf16 gives the cpu runs' losses exactly;
+#  * errors: another vocabulary, temperature 0.
 set -euo pipefail
 BIN=${SHARDTUNE_BIN:?}
 PY=${ST_PYTHON:-/usr/bin/python3}
@@ -45,6 +50,17 @@ job gpt2 "distill: { teacher: $T/teacher, temperature: 2.0, alpha: 0.7 }"
 "$BIN" train "$T/gpt2.yaml" >/dev/null 2>"$T/gpt2.err" || fail "gpt2-teacher run: $(cat "$T/gpt2.err")"
 mpirun --oversubscribe -np 2 "$BIN" train "$T/gpt2.yaml" run_dir="$T/gpt2_2r" train.micro_batch=2 >/dev/null \
   2>"$T/gpt2_2r.err" || fail "2-rank run: $(cat "$T/gpt2_2r.err")"
+for j in plain self gpt2; do
+  "$BIN" train "$T/$j.yaml" run_dir="$T/${j}_bf16" precision=bf16 >/dev/null 2>"$T/${j}_bf16.err" ||
+    fail "bf16 $j run: $(cat "$T/${j}_bf16.err")"
+done
+FAKE=${ST_BUILD_DIR:?}/fakedev
+[ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
+for p in fp32 bf16; do
+  "$FAKE" --guard "$T/gpt2.yaml" run_dir="$T/gpt2_dev_$p" precision=$p >/dev/null 2>"$T/gpt2_dev_$p.err" ||
+    fail "guarded $p run: $(cat "$T/gpt2_dev_$p.err")"
+  ! grep -q "fakedev" "$T/gpt2_dev_$p.err" || fail "a host/device mix-up ($p): $(cat "$T/gpt2_dev_$p.err")"
+done
 
 "$PY" - "$T" <<'PYEOF' || fail "metrics check"
 import json, sys
@@ -71,6 +87,18 @@ for name, r in (("1 rank", g1), ("2 ranks", g2)):
         check(x["teacher_ms"] > 0, f"{name} step {x['step']}: teacher_ms {x['teacher_ms']}")
     check(rel(r[0]["ce_loss"], plain[0]["loss"]) < 1e-5, f"{name}: step-1 ce_loss = plain loss")
     check(r[-1]["loss"] < r[0]["loss"], f"{name}: loss falls {r[0]['loss']:.4f} -> {r[-1]['loss']:.4f}")
+pb, sb, gb = rows("plain_bf16"), rows("self_bf16"), rows("gpt2_bf16")
+check(sb[0]["kd_loss"] == 0.0, f"bf16 self teacher: step-1 kd_loss {sb[0]['kd_loss']!r} == 0")
+check(rel(sb[0]["ce_loss"], pb[0]["loss"]) < 1e-6, f"bf16 self teacher: ce_loss {sb[0]['ce_loss']} = plain bf16 {pb[0]['loss']}")
+check(rel(gb[0]["loss"], g1[0]["loss"]) > 1e-7, f"bf16 differs from fp32: {gb[0]['loss']} vs {g1[0]['loss']}")
+for x in gb:
+    want = 0.7 * x["kd_loss"] + 0.3 * x["ce_loss"]
+    check(rel(x["loss"], want) < 1e-5, f"bf16 step {x['step']}: loss {x['loss']:.6f} = 0.7 kd + 0.3 ce {want:.6f}")
+check(gb[-1]["loss"] < gb[0]["loss"], f"bf16: loss falls {gb[0]['loss']:.4f} -> {gb[-1]['loss']:.4f}")
+for p, ref in (("fp32", g1), ("bf16", gb)):
+    d = rows("gpt2_dev_" + p)
+    same = [(a["loss"], a["kd_loss"], a["ce_loss"]) == (b["loss"], b["kd_loss"], b["ce_loss"]) for a, b in zip(d, ref)]
+    check(len(d) == len(ref) and all(same), f"device-style memory ({p}): losses equal the cpu run's")
 sys.exit(0 if ok else 1)
 PYEOF
 

@@ -6,6 +6,13 @@ masked positions (w = 0) and uneven weights. Checked: the loss, its KD and CE pa
 and every student gradient (autograd), for a teacher of another architecture and size (gpt2 teaching a
 llama) and of the same family, at several temperatures and alphas (alpha 0 must reduce to plain CE).
 Tolerances: fp32 forward/backward against float64, 1e-5 relative (as test_model_torch.py).
+A bf16 teacher (--teacher-precision bf16: its bf16 weight copy, bf16 matmul operands and saved activations)
+is checked against the float64 emulation of that precision (test_bf16_torch.py's bf16_emulation) with the
+bound derived there: per tensor (loss, kd, ce, per-position loss, every student gradient), the 2-norm
+relative error to the emulation is at most 2 u kappa_t (u = 2^-8, kappa_t = how far the tensor moves, in
+units of u, between the unrounded float64 teacher and the emulation; a rounding flip of a value at a bf16
+midpoint moves it by at most about u kappa_t) or 1e-5, and every tensor the rounding changes is closer to
+the emulation than to the unrounded teacher's result (the teacher really computed in bf16).
 Env (set by ctest): ST_BUILD_DIR (ref_model lives there)."""
 import json
 import os
@@ -21,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import st_io  # noqa: E402
 from st_cli import check, finish  # noqa: E402
 from torch_model import RefModel, param_shapes, parse_config  # noqa: E402
+from test_bf16_torch import U_BF16, bf16_emulation  # noqa: E402
 
 REF_MODEL = os.path.join(os.environ.get("ST_BUILD_DIR", "build"), "ref_model")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
@@ -80,6 +88,51 @@ def torch_kd(student, teacher, inputs, targets, weight, temp, alpha):
             torch.where(live, per, torch.zeros_like(per)).detach().numpy(), grads)
 
 
+def l2(ours, ref):
+    ours, ref = np.asarray(ours, np.float64).reshape(np.shape(ref)), np.asarray(ref, np.float64)
+    scale = np.linalg.norm(ref)
+    return np.linalg.norm(ours - ref) / scale if scale > 0 else np.linalg.norm(ours)
+
+
+def as_outputs(res):
+    loss, kd, ce, per, grads = res
+    out = {"loss": [loss], "kd": [kd], "ce": [ce], "loss_per_pos": per}
+    out.update({"grad." + n: g for n, g in grads.items()})
+    return out
+
+
+def check_bf16_teacher(tmp, sdir, student, batch, inputs, targets, w, tname, tdir, exact_teacher):
+    """ref_model with a bf16 teacher against float64 torch with the emulated bf16 teacher (bound: docstring)."""
+    temp, alpha = 2.0, 0.5
+    label = f"bf16 teacher {tname} T={temp} alpha={alpha}"
+    out = os.path.join(tmp, f"out_bf16_{tname}.safetensors")
+    r = subprocess.run([REF_MODEL, "--model", sdir, "--batch", batch, "--out", out, "--teacher", tdir,
+                        "--teacher-precision", "bf16", "--temperature", str(temp), "--alpha", str(alpha)],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    if r.returncode != 0:
+        check_(label, False, f"ref_model failed: {r.stderr.strip()}")
+        return
+    ours = st_io.read(out)
+    emul = as_outputs(torch_kd(student, bf16_emulation(tdir), inputs, targets, w, temp, alpha))
+    exact = as_outputs(torch_kd(student, exact_teacher, inputs, targets, w, temp, alpha))
+    worst, over, not_closer = (0.0, ""), [], []
+    for k, ref in emul.items():
+        kappa = l2(exact[k], ref) / U_BF16
+        err = l2(ours[k], ref)
+        bound = max(2 * U_BF16 * kappa, TOL)
+        if err > bound:
+            over.append(f"{k} {err:.2e} > {bound:.2e}")
+        if kappa * U_BF16 > TOL and not err < l2(ours[k], exact[k]):
+            not_closer.append(k)
+        if kappa > 0 and err / (U_BF16 * kappa) > worst[0]:
+            worst = (err / (U_BF16 * kappa), k)
+    print(f"{label}: loss {ours['loss'][0]:.7f} vs emulation {emul['loss'][0]:.7f} (unrounded teacher "
+          f"{exact['loss'][0]:.7f}); worst {worst[0]:.2e} u kappa at {worst[1]}")
+    check_(label + " within 2 u kappa of the float64 bf16 emulation", not over, "; ".join(over) or f"{len(emul)} tensors")
+    check_(label + " closer to the emulation than to the unrounded teacher", not not_closer,
+           ", ".join(not_closer) or "every tensor the rounding moves")
+
+
 def main():
     rng = np.random.default_rng(11)
     tmp = tempfile.mkdtemp(prefix="st_distill_")
@@ -98,6 +151,7 @@ def main():
     for tname, tcfg in TEACHERS.items():
         tdir = os.path.join(tmp, tname)
         teacher = RefModel(tcfg, make(tdir, tcfg, rng, 0.3), torch.float64)  # a confident teacher
+        check_bf16_teacher(tmp, sdir, student, batch, inputs, targets, w, tname, tdir, teacher)
         for temp, alpha in ((2.0, 0.5), (1.0, 1.0), (4.0, 0.9), (2.0, 0.0)):
             label = f"{tname} T={temp} alpha={alpha}"
             out = os.path.join(tmp, f"out_{tname}_{temp}_{alpha}.safetensors")

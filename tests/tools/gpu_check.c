@@ -586,6 +586,131 @@ static void check_embedding(void) {
     free(wte), free(wpe), free(out), free(dout), free(dwte), free(dwpe);
 }
 
+/* A device double's value (one host wait). */
+static double dev_double(const double *d) {
+    double h = 0;
+    G->copy_to_host(&h, d, sizeof h);
+    return h;
+}
+
+/* cross_entropy_acc, the LM head's form: `orig` (host) holds the logits that cross_entropy turned into the
+ * dlogits `gdone` (device) on the backend under test. Two chunks accumulate into one device total (no host wait between them),
+ * first with fp32 dlogits in place, then with bf16 dlogits, which must be bit for bit the rounding of the
+ * backend's own fp32 dlogits (the rounding is fused into the row's pass, nothing else may change). */
+static void check_xent_acc(const float *orig, const float *gdone, const int32_t *target, const int32_t *gtarget,
+                           const float *weight, const float *gweight) {
+    size_t n = (size_t)NROWS * V;
+    int h = NROWS / 2 + 3; /* uneven chunks */
+    float *logits = hrand(n, 5), *loss = hrand(NROWS, 1);
+    rng_state ^= 0x5bd1e995u;
+    float *gl = dev_from(logits, n * 4), *gloss = dev_from(NULL, NROWS * 4);
+    double *gtot = dev_from(NULL, sizeof(double)), ctot = 0, tg, tc;
+    tick();
+    G->cross_entropy_acc(gl, NULL, gloss, gtarget, gweight, h, V, gtot);
+    G->cross_entropy_acc(gl + (size_t)h * V, NULL, gloss + h, gtarget + h, gweight + h, NROWS - h, V, gtot);
+    tg = tock_gpu();
+    tick();
+    C->cross_entropy_acc(logits, NULL, loss, target, weight, h, V, &ctot);
+    C->cross_entropy_acc(logits + (size_t)h * V, NULL, loss + h, target + h, weight + h, NROWS - h, V, &ctot);
+    tc = tock_cpu();
+    double e = fmax(dev_err(gl, logits, n), dev_err(gloss, loss, NROWS));
+    e = fmax(e, fabs(dev_double(gtot) - ctot) / fmax(fabs(ctot), 1e-30));
+    report("cross_entropy_acc (2 chunks)", e, tg, tc, 1e-4);
+    /* bf16 dlogits from the first check's inputs: compare with the rounding of its fp32 results */
+    float *again = fetch(gdone, n);
+    uint16_t *g16 = dev_from(NULL, n * 2), *got = xmalloc(n * 2), *want = xmalloc(n * 2);
+    G->copy_to_device(gl, orig, n * 4);
+    G->memset0(gtot, sizeof(double));
+    tick(); G->cross_entropy_acc(gl, g16, gloss, gtarget, gweight, NROWS, V, gtot); tg = tock_gpu();
+    G->copy_to_host(got, g16, n * 2);
+    for (size_t i = 0; i < n; i++) want[i] = st_float_to_bf16_bits(again[i]);
+    report("cross_entropy_acc bf16 dlogits (bits)", bit_diffs(got, want, n, 2), tg, 0, 0);
+    G->free(gl), G->free(gloss), G->free(gtot), G->free(g16);
+    free(logits), free(loss), free(again), free(got), free(want);
+}
+
+/* The fused distillation loss (kd_loss) against the CPU twin (kernels/cpu/cpu_kd.c): both compute each row
+ * in double; fp32 dlogits and bf16 dlogits, two temperatures, masked rows, sums accumulated over 2 chunks. */
+static void check_kd(int rows, int v, float temp, float alpha, float scale) {
+    size_t n = (size_t)rows * v;
+    float *s = hrand(n, scale), *t = hrand(n, scale), *loss = hrand((size_t)rows, 1);
+    float *weight = xmalloc((size_t)rows * 4);
+    int32_t *target = xmalloc((size_t)rows * 4);
+    for (int i = 0; i < rows; i++) {
+        weight[i] = (i % 5 == 2) ? 0.0f : (0.5f + 0.25f * (i % 3)) / rows;
+        target[i] = weight[i] == 0.0f ? -100 : (int32_t)(rand_bits() % (uint32_t)v);
+    }
+    float *s0 = xmalloc(n * 4);
+    memcpy(s0, s, n * 4);
+    float *gs = dev_from(s, n * 4), *gt = dev_from(t, n * 4), *gloss = dev_from(NULL, (size_t)rows * 4);
+    float *gw = dev_from(weight, (size_t)rows * 4);
+    int32_t *gtg = dev_from(target, (size_t)rows * 4);
+    double *gsum = dev_from(NULL, 3 * sizeof(double)), csum[3] = {0, 0, 0}, gh[3], tg, tc;
+    int h = rows / 2 + 1;
+    tick();
+    G->kd_loss(gs, NULL, gt, gloss, gtg, gw, h, v, temp, alpha, gsum, gsum + 1);
+    G->kd_loss(gs + (size_t)h * v, NULL, gt + (size_t)h * v, gloss + h, gtg + h, gw + h, rows - h, v, temp, alpha, gsum,
+               gsum + 1);
+    tg = tock_gpu();
+    tick();
+    C->kd_loss(s, NULL, t, loss, target, weight, h, v, temp, alpha, csum, csum + 1);
+    C->kd_loss(s + (size_t)h * v, NULL, t + (size_t)h * v, loss + h, target + h, weight + h, rows - h, v, temp, alpha,
+               csum, csum + 1);
+    tc = tock_cpu();
+    G->copy_to_host(gh, gsum, sizeof gh);
+    double e = fmax(dev_err(gs, s, n), dev_err(gloss, loss, (size_t)rows));
+    for (int k = 0; k < 3; k++) e = fmax(e, fabs(gh[k] - csum[k]) / fmax(fabs(csum[k]), 1e-30));
+    char name[80];
+    snprintf(name, sizeof name, "kd_loss V=%d T=%g alpha=%g x%g", v, temp, alpha, scale);
+    report(name, e, tg, tc, 1e-5);
+    if (self_test && v == V) { /* the comparison can fail: one gradient element off by 1e-4 of the scale */
+        float *bad = fetch(gs, n);
+        double mx = 0;
+        for (size_t i = 0; i < n; i++) mx = fmax(mx, fabs(s[i]));
+        bad[(size_t)1 * v + 3] += (float)(1e-4 * mx);
+        expect_caught("kd_loss gradient", rel_err(bad, s, n), 1e-5);
+        free(bad);
+    }
+    /* bf16 dlogits: the rounding of the fp32 gradient (a one-ulp flip where the two sides' fp32 values straddle a
+     * rounding midpoint: judged as values, a bf16 ulp is 2^-8 relative) */
+    uint16_t *g16 = dev_from(NULL, n * 2), *got = xmalloc(n * 2);
+    G->copy_to_device(gs, s0, n * 4);
+    tick(); G->kd_loss(gs, g16, gt, gloss, gtg, gw, rows, v, temp, alpha, gsum, gsum + 1); tg = tock_gpu();
+    G->copy_to_host(got, g16, n * 2);
+    float *wide = xmalloc(n * 4), *ref = xmalloc(n * 4);
+    for (size_t i = 0; i < n; i++) wide[i] = st_bf16_bits_to_float(got[i]), ref[i] = st_bf16_round(s[i]);
+    snprintf(name, sizeof name, "kd_loss bf16 dlogits V=%d", v);
+    report(name, rel_err(wide, ref, n), tg, 0, 8e-3);
+    G->free(gs), G->free(gt), G->free(gloss), G->free(gw), G->free(gtg), G->free(gsum), G->free(g16);
+    free(s), free(t), free(loss), free(weight), free(target), free(s0), free(got), free(wide), free(ref);
+}
+
+/* copy_to_device returns before the copy ran (kernels.h: the caller may reuse its buffer at once): a 40 MiB
+ * copy (more than the CUDA backend's ring of pinned slots, so it wraps) and 100 small copies from one host
+ * buffer rewritten after each call must all land intact. The "error" is the number of wrong floats. */
+static void check_copies(void) {
+    size_t big = (size_t)10 << 20, small = 1024; /* floats */
+    float *h = xmalloc(big * 4), *back = xmalloc(big * 4);
+    for (size_t i = 0; i < big; i++) h[i] = (float)i;
+    float *gbig = dev_from(NULL, big * 4), *gsmall = dev_from(NULL, 100 * small * 4);
+    double t0_ = st_now();
+    G->copy_to_device(gbig, h, big * 4);
+    for (size_t i = 0; i < big; i++) h[i] = -1.0f; /* reused at once */
+    for (int k = 0; k < 100; k++) {
+        for (size_t i = 0; i < small; i++) h[i] = (float)(k * 100000 + (int)i);
+        G->copy_to_device(gsmall + (size_t)k * small, h, small * 4);
+    }
+    G->synchronize();
+    double tg = st_now() - t0_, wrong = 0;
+    G->copy_to_host(back, gbig, big * 4);
+    for (size_t i = 0; i < big; i++) wrong += back[i] != (float)i;
+    G->copy_to_host(back, gsmall, 100 * small * 4);
+    for (int k = 0; k < 100; k++)
+        for (size_t i = 0; i < small; i++) wrong += back[(size_t)k * small + i] != (float)(k * 100000 + (int)i);
+    report("copy_to_device (buffer reused at once)", wrong, tg, 0, 0);
+    G->free(gbig), G->free(gsmall), free(h), free(back);
+}
+
 static void check_cross_entropy(void) {
     size_t n = (size_t)NROWS * V;
     float *logits = hrand(n, 5), *loss = hrand(NROWS, 1), weight[NROWS];
@@ -594,6 +719,8 @@ static void check_cross_entropy(void) {
         weight[i] = (i % 7 == 3) ? 0.0f : (0.5f + 0.5f * (i % 3)) / NROWS; /* masked rows + task weights */
         target[i] = weight[i] == 0.0f ? -100 : (int32_t)((frand() + 1.0f) * 0.5f * V) % V;
     }
+    float *orig = xmalloc(n * 4);
+    memcpy(orig, logits, n * 4);
     float *glogits = dev_from(logits, n * 4), *gloss = dev_from(NULL, NROWS * 4);
     float *gweight = dev_from(weight, sizeof weight);
     int32_t *gtarget = dev_from(target, sizeof target);
@@ -603,7 +730,8 @@ static void check_cross_entropy(void) {
     double e = fmax(dev_err(glogits, logits, n), dev_err(gloss, loss, NROWS));
     e = fmax(e, fabs(sg - sc) / fmax(fabs(sc), 1e-30));
     report("cross_entropy", e, tg, tc, 1e-4);
-    G->free(glogits), G->free(gloss), G->free(gweight), G->free(gtarget), free(logits), free(loss);
+    check_xent_acc(orig, glogits, target, gtarget, weight, gweight);
+    G->free(glogits), G->free(gloss), G->free(gweight), G->free(gtarget), free(logits), free(loss), free(orig);
 }
 
 static void check_adamw(void) {
@@ -796,7 +924,8 @@ static void check_xent_shape(int rows, int v, int chunk, float scale) {
 }
 
 /* The LM head's GEMMs in bf16 at vocabulary v: logits = x W^T, dx = dlogits W, dW += dlogits^T x, with
- * dlogits an fp32 operand already rounded to bf16 (round_bf16), as worker/model.c passes it. */
+ * dlogits a bf16 operand (pitch v: odd at GPT-2's vocabulary), as worker/model.c passes it from
+ * cross_entropy_acc. */
 static void check_head_gemms(int rows, int v, int c) {
     size_t nx = (size_t)rows * c, nw = (size_t)v * c, nl = (size_t)rows * v;
     float *x = hrand(nx, 1), *w = hrand(nw, 0.05f), *dl = hrand(nl, 1e-3f);
@@ -811,22 +940,25 @@ static void check_head_gemms(int rows, int v, int c) {
     float *gx = dev_from(x, nx * 4), *gw = dev_from(w, nw * 4), *gdl = dev_from(dl, nl * 4);
     float *glog = dev_from(NULL, nl * 4), *gdx = dev_from(NULL, nx * 4), *gdw = dev_from(dw, nw * 4);
     float *gs = dev_from(NULL, sc * 4);
+    uint16_t *dl16 = xmalloc(nl * 2);
+    for (size_t i = 0; i < nl; i++) dl16[i] = st_float_to_bf16_bits(dl[i]);
+    uint16_t *gdl16 = dev_from(dl16, nl * 2);
     double tg, tc;
     char name[64];
     tick(); G->matmul_bf16(glog, st_mm_f32(gx), st_mm_f32(gw), NULL, rows, v, c, 0, 1, 1.0f, 0.0f, gs); tg = tock_gpu();
     tick(); C->matmul_bf16(logits, st_mm_f32(x), st_mm_f32(w), NULL, rows, v, c, 0, 1, 1.0f, 0.0f, scpu); tc = tock_cpu();
     snprintf(name, sizeof name, "head logits bf16 V=%d", v);
     report(name, dev_err(glog, logits, nl), tg, tc, 1e-4);
-    tick(); G->matmul_bf16(gdx, st_mm_f32_rounded(gdl), st_mm_f32(gw), NULL, rows, c, v, 0, 0, 1.0f, 0.0f, gs); tg = tock_gpu();
+    tick(); G->matmul_bf16(gdx, st_mm_bf16(gdl16), st_mm_f32(gw), NULL, rows, c, v, 0, 0, 1.0f, 0.0f, gs); tg = tock_gpu();
     tick(); C->matmul_bf16(dx, st_mm_f32_rounded(dl), st_mm_f32(w), NULL, rows, c, v, 0, 0, 1.0f, 0.0f, scpu); tc = tock_cpu();
     snprintf(name, sizeof name, "head dx bf16 V=%d (dlogits pitch %d)", v, v);
     report(name, dev_err(gdx, dx, nx), tg, tc, 1e-3);
-    tick(); G->matmul_bf16(gdw, st_mm_f32_rounded(gdl), st_mm_f32(gx), NULL, v, c, rows, 1, 0, 1.0f, 1.0f, gs); tg = tock_gpu();
+    tick(); G->matmul_bf16(gdw, st_mm_bf16(gdl16), st_mm_f32(gx), NULL, v, c, rows, 1, 0, 1.0f, 1.0f, gs); tg = tock_gpu();
     tick(); C->matmul_bf16(dw, st_mm_f32_rounded(dl), st_mm_f32(x), NULL, v, c, rows, 1, 0, 1.0f, 1.0f, scpu); tc = tock_cpu();
     snprintf(name, sizeof name, "head dW bf16 V=%d (dlogits^T)", v);
     report(name, dev_err(gdw, dw, nw), tg, tc, 1e-3);
-    G->free(gx), G->free(gw), G->free(gdl), G->free(glog), G->free(gdx), G->free(gdw), G->free(gs);
-    free(x), free(w), free(dl), free(logits), free(dx), free(dw), free(scpu);
+    G->free(gx), G->free(gw), G->free(gdl), G->free(glog), G->free(gdx), G->free(gdw), G->free(gs), G->free(gdl16);
+    free(x), free(w), free(dl), free(logits), free(dx), free(dw), free(scpu), free(dl16);
 }
 
 static void check_real_shapes(void) {
@@ -838,6 +970,8 @@ static void check_real_shapes(void) {
     static const int vocabs[4] = {32000, 50257, 128256, 151936};
     for (int i = 0; i < (self_test ? 2 : 4); i++) check_xent_shape(self_test ? 10 : 24, vocabs[i], 8, 1.0f);
     check_xent_shape(10, 50257, 4, 60.0f);
+    check_kd(self_test ? 6 : 24, self_test ? 50257 : 128256, 2.0f, 0.5f, 8.0f);
+    check_kd(self_test ? 6 : 16, 151936, 1.0f, 0.9f, 30.0f);
     check_head_gemms(self_test ? 8 : 48, 50257, self_test ? 32 : 256);
 }
 
@@ -1225,8 +1359,8 @@ int main(int argc, char **argv) {
 #endif
     if (GROUP("decode")) check_decode();
     if (GROUP("norms")) check_head_rmsnorm();
-    if (GROUP("pointwise")) check_activations(), check_embedding();
-    if (GROUP("xent")) check_cross_entropy();
+    if (GROUP("pointwise")) check_activations(), check_embedding(), check_copies();
+    if (GROUP("xent")) check_cross_entropy(), check_kd(NROWS, V, 2.0f, 0.5f, 5.0f), check_kd(NROWS, V, 0.7f, 1.0f, 20.0f);
     if (GROUP("adamw")) check_adamw();
     if (GROUP("dequant")) check_dequant();
     if (GROUP("shapes")) check_real_shapes();

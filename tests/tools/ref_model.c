@@ -14,6 +14,7 @@
  * embeddings. --precision bf16 runs every matmul with bf16-rounded operands (kernels.h matmul_bf16).
  * --teacher DIR [--temperature T] [--alpha A]: the loss is knowledge distillation from that model
  * (worker/distill.h); OUT also gets "kd" and "ce" [1] (sums of weight * kd, weight * ce).
+ * --teacher-precision fp32|bf16 (default fp32): the teacher's own precision (bf16: its bf16 weight copy).
  * --adapter DIR: a PEFT LoRA adapter directory applied on the model; the adapters are then the only
  * trainable tensors (grad.<name>.lora_A.weight ...; no base weight gradient exists).
  * --qlora nf4|int8|nf4-dq|int8-dq [--qblock N]: after the adapter, the base's layer weights are quantized
@@ -110,7 +111,7 @@ static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, i
 
 int main(int argc, char **argv) {
     const char *model_dir = NULL, *batch = NULL, *out = NULL, *sched = "constant", *precision = "fp32";
-    const char *teacher_dir = NULL, *adapter = NULL, *qlora = NULL;
+    const char *teacher_dir = NULL, *adapter = NULL, *qlora = NULL, *t_precision = "fp32";
     int qblock = 64, act_ckpt = 0;
     float kd_t = 2.0f, kd_alpha = 0.5f;
     int steps = 0;
@@ -134,6 +135,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--min-lr-ratio")) oc.min_lr_ratio = (float)atof(v);
         else if (!strcmp(a, "--precision")) precision = v;
         else if (!strcmp(a, "--teacher")) teacher_dir = v;
+        else if (!strcmp(a, "--teacher-precision")) t_precision = v;
         else if (!strcmp(a, "--adapter")) adapter = v;
         else if (!strcmp(a, "--qlora")) qlora = v;
         else if (!strcmp(a, "--qblock")) qblock = atoi(v);
@@ -168,7 +170,11 @@ int main(int argc, char **argv) {
     st_model teacher;
     st_distill kd = {0};
     if (!rc && teacher_dir && !(rc = st_model_load_dir(teacher_dir, be, &teacher))) {
-        if (!(rc = st_model_alloc_activations(&teacher, B, T))) rc = st_distill_init(&kd, &teacher, &m, kd_t, kd_alpha);
+        rc = st_model_set_activation_checkpointing(&teacher, 1); /* as the trainer's teacher */
+        if (!rc) rc = st_model_alloc_activations(&teacher, B, T);
+        if (!rc)
+            rc = st_model_set_precision(&teacher, strcmp(t_precision, "bf16") ? ST_PRECISION_FP32 : ST_PRECISION_BF16);
+        if (!rc) rc = st_distill_init(&kd, &teacher, &m, kd_t, kd_alpha);
     }
     if (!rc && pos) rc = st_model_set_doc_positions(&m, pos);
     if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
@@ -189,8 +195,10 @@ int main(int argc, char **argv) {
     add(&o, dupname("", "loss_per_pos"), lpp, 1, (int64_t)B * T, 0);
     if (teacher_dir) {
         float *kdv = malloc(sizeof(float)), *cev = malloc(sizeof(float));
-        *kdv = (float)kd.kd_sum;
-        *cev = (float)kd.ce_sum;
+        double kds, ces;
+        st_distill_parts(&kd, &kds, &ces);
+        *kdv = (float)kds;
+        *cev = (float)ces;
         add(&o, dupname("", "kd"), kdv, 1, 1, 0);
         add(&o, dupname("", "ce"), cev, 1, 1, 0);
     }

@@ -1,4 +1,4 @@
-/* gguf_quant.c — ggml's tensor encodings: f16, bf16, Q8_0, Q4_0 (see gguf.h).
+/* gguf_quant.c — ggml's tensor encodings: f16, bf16, Q8_0, Q4_0 (see gguf.h; the k-quants are in gguf_kquant.c).
  *
  * Bit-exactness with ggml's reference quantizers (ggml-quants.c quantize_row_*_ref) needs the same fp32
  * operation order: the build uses -march=native, where GCC would fuse `x*id + 8.5f` into one FMA with a
@@ -14,15 +14,17 @@
 
 static const struct { const char *name; st_ggml_type t; } k_types[] = {
     {"f32", ST_GGML_F32}, {"f16", ST_GGML_F16}, {"bf16", ST_GGML_BF16}, {"q8_0", ST_GGML_Q8_0}, {"q4_0", ST_GGML_Q4_0},
+    {"q4_K", ST_GGML_Q4_K}, {"q6_K", ST_GGML_Q6_K}, {"q5_0", ST_GGML_Q5_0},
 };
+#define N_CLI_TYPES 6 /* the first six are --quant values; q6_K / q5_0 only come from the q4_K recipe */
 
 int st_ggml_type_parse(const char *s, st_ggml_type *out) {
-    for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++)
+    for (size_t i = 0; i < N_CLI_TYPES; i++)
         if (strcmp(s, k_types[i].name) == 0) {
             *out = k_types[i].t;
             return 0;
         }
-    return st_fail(ST_EINVAL, "--quant '%.32s' is not supported (f32, f16, bf16, q8_0 or q4_0)", s);
+    return st_fail(ST_EINVAL, "--quant '%.32s' is not supported (f32, f16, bf16, q8_0, q4_0 or q4_K)", s);
 }
 
 const char *st_ggml_type_name(st_ggml_type t) {
@@ -38,8 +40,22 @@ size_t st_ggml_row_bytes(st_ggml_type t, int64_t n) {
     case ST_GGML_BF16: return (size_t)n * 2;
     case ST_GGML_Q8_0: return (size_t)(n / QK) * (2 + QK);
     case ST_GGML_Q4_0: return (size_t)(n / QK) * (2 + QK / 2);
+    case ST_GGML_Q5_0: return (size_t)(n / QK) * 22;
+    case ST_GGML_Q4_K: return (size_t)(n / 256) * 144;
+    case ST_GGML_Q6_K: return (size_t)(n / 256) * 210;
     }
     return 0;
+}
+
+int64_t st_ggml_block_size(st_ggml_type t) {
+    switch (t) {
+    case ST_GGML_F32:
+    case ST_GGML_F16:
+    case ST_GGML_BF16: return 1;
+    case ST_GGML_Q4_K:
+    case ST_GGML_Q6_K: return 256;
+    default: return QK;
+    }
 }
 
 uint16_t st_fp32_to_fp16(float f) {
@@ -129,5 +145,8 @@ void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
     case ST_GGML_Q4_0:
         for (int64_t b = 0; b < n / QK; b++) q4_0_block(x + b * QK, out + b * (2 + QK / 2));
         break;
+    case ST_GGML_Q5_0:
+    case ST_GGML_Q4_K:
+    case ST_GGML_Q6_K: st_ggml_encode_kquant(t, x, n, out); break;
     }
 }

@@ -225,20 +225,35 @@ static void model_metadata(st_gguf_kv *kv, const st_model_config *c, st_ggml_typ
 #undef K
 }
 
-/* Converts and writes one tensor's data (scratch: rows*cols floats; enc: its encoded bytes). */
+#define CHUNK_BYTES (1u << 20) /* encoded bytes per write: stays in cache between encode and fwrite */
+
+/* Converts and writes one tensor's data in chunks of whole rows (scratch: rows*cols floats when the tensor
+ * is permuted; enc: at least CHUNK_BYTES or one row). f32 rows in their stored order are written straight
+ * from the source. Encoding a chunk into a cache-sized buffer and writing it at once keeps the memory
+ * traffic near the raw write's (bench/gguf_bench.c). */
 static int write_tensor(FILE *f, const gtensor *t, float *scratch, uint8_t *enc) {
     const float *src = t->src;
     if (t->permute_heads) {
         permute_rows(t->src, scratch, t->ne[1], t->ne[0], t->permute_heads);
         src = scratch;
     }
-    size_t row = st_ggml_row_bytes(t->type, t->ne[0]);
-    /* rows are independent: encode them on the rank's threads (bench: q8_0 is compute-bound on one) */
-#pragma omp parallel for schedule(static) if (t->ne[1] > 64)
-    for (int64_t r = 0; r < t->ne[1]; r++) st_ggml_encode(t->type, src + r * t->ne[0], t->ne[0], enc + r * row);
-    size_t bytes = row * (size_t)t->ne[1];
+    size_t row = st_ggml_row_bytes(t->type, t->ne[0]), bytes = row * (size_t)t->ne[1];
+    if (t->type == ST_GGML_F32) {
+        if (fwrite(src, 1, bytes, f) != bytes) return -1;
+    } else {
+        int64_t per = (int64_t)(CHUNK_BYTES / row);
+        if (per < 1) per = 1;
+        /* the block quantizers are compute-bound: rows in parallel on the rank's threads */
+        int heavy = t->type != ST_GGML_F16 && t->type != ST_GGML_BF16;
+        for (int64_t r0 = 0; r0 < t->ne[1]; r0 += per) {
+            int64_t n = t->ne[1] - r0 < per ? t->ne[1] - r0 : per;
+#pragma omp parallel for schedule(static) if (heavy && n > 8)
+            for (int64_t r = 0; r < n; r++)
+                st_ggml_encode(t->type, src + (r0 + r) * t->ne[0], t->ne[0], enc + r * row);
+            if (fwrite(enc, 1, row * (size_t)n, f) != row * (size_t)n) return -1;
+        }
+    }
     static const char zeros[GGUF_ALIGN];
-    if (fwrite(enc, 1, bytes, f) != bytes) return -1;
     size_t pad = (size_t)(align_up(bytes) - bytes);
     return fwrite(zeros, 1, pad, f) == pad ? 0 : -1;
 }
@@ -251,7 +266,7 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
     st_gguf_put_u64(&h, kv->n);
     st_strbuf_append(&h, kv->b.data, kv->b.len);
     uint64_t off = 0;
-    size_t max_floats = 0, max_bytes = 0;
+    size_t max_floats = 0, max_bytes = CHUNK_BYTES;
     for (int i = 0; i < n; i++) {
         gtensor *t = &ts[i];
         st_gguf_put_str(&h, t->name, strlen(t->name));
@@ -262,9 +277,10 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
         t->offset = off;
         size_t bytes = st_ggml_row_bytes(t->type, t->ne[0]) * (size_t)t->ne[1];
         off += align_up(bytes);
-        size_t fl = (size_t)(t->ne[0] * t->ne[1]);
+        size_t fl = t->permute_heads ? (size_t)(t->ne[0] * t->ne[1]) : 0;
+        size_t row = st_ggml_row_bytes(t->type, t->ne[0]);
         if (fl > max_floats) max_floats = fl;
-        if (bytes > max_bytes) max_bytes = bytes;
+        if (row > max_bytes) max_bytes = row;
     }
     static const char zeros[GGUF_ALIGN];
     st_strbuf_append(&h, zeros, (size_t)(align_up(h.len) - h.len));

@@ -7,6 +7,9 @@
 
 #include <math.h>
 #include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 #include "common/error.h"
 
@@ -133,11 +136,23 @@ __attribute__((optimize("fp-contract=off"))) static void q4_0_block(const float 
 void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
     switch (t) {
     case ST_GGML_F32: memcpy(out, x, (size_t)n * 4); break;
-    case ST_GGML_F16:
-        for (int64_t i = 0; i < n; i++) put_u16(out + 2 * i, st_fp32_to_fp16(x[i]));
+    case ST_GGML_F16: {
+        int64_t i = 0;
+#ifdef __F16C__ /* vcvtps2ph, round to nearest even: the same bits as st_fp32_to_fp16 (NaNs quieted alike) */
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(out + 2 * i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; i < n; i++) put_u16(out + 2 * i, st_fp32_to_fp16(x[i]));
         break;
-    case ST_GGML_BF16:
-        for (int64_t i = 0; i < n; i++) put_u16(out + 2 * i, st_fp32_to_bf16_ggml(x[i]));
+    }
+    case ST_GGML_BF16: /* st_fp32_to_bf16_ggml without branches, so the loop vectorizes */
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, x + i, 4);
+            uint16_t r = (uint16_t)((u + (0x7fffu + ((u >> 16) & 1u))) >> 16), q = (uint16_t)((u >> 16) | 64);
+            uint16_t h = (u & 0x7fffffffu) > 0x7f800000u ? q : r;
+            memcpy(out + 2 * i, &h, 2);
+        }
         break;
     case ST_GGML_Q8_0:
         for (int64_t b = 0; b < n / QK; b++) q8_0_block(x + b * QK, out + b * (2 + QK));

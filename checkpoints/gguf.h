@@ -37,6 +37,9 @@ uint16_t st_fp32_to_bf16_ggml(float f);
 void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
 /* The k-quant family (gguf_kquant.c): q4_K, q6_K and q5_0; called by st_ggml_encode. */
 void st_ggml_encode_kquant(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
+/* Q4_K with the sub-blocks fitted one at a time (ggml's loop structure); st_ggml_encode fits the 8 of a
+ * super-block in vector lanes, which must give the same bytes (tests/unit/test_gguf_kquant.c). */
+void st_ggml_q4_K_scalar(const float *x, int64_t n, uint8_t *out);
 
 typedef struct {
     const char *tokenizer_dir; /* folder with tokenizer.json (+ tokenizer_config.json); NULL: none */

@@ -100,19 +100,116 @@ static float fit_group4(const float *x, const float *w, uint8_t *L, float *neg_m
     return scale;
 }
 
+/* fit_group4 for the 8 groups of a super-block at once, lane j = group j: the same operations in the same
+ * order within each lane, written as loops over the 8 lanes (innermost, branch-free) so that they compile
+ * to 8-wide vector instructions; ~5x faster than eight fit_group4 calls and bit-identical to them (lanes
+ * whose group is flat take fit_group4's early exit at the end; tests/unit/test_gguf_kquant.c compares the two).
+ * Rounding: (v + 1.5*2^23) - 1.5*2^23 is round-to-nearest-even for |v| < 2^22 (no FMA/reassociation here). */
+#define NL 8
+static inline float rne(float v) { return (v + 12582912.f) - 12582912.f; }
+static inline float clampf(float v, float hi) { return v < 0 ? 0 : v > hi ? hi : v; }
+
+static void fit_groups4(const float *x, const float w[32][NL], uint8_t *L, float *scale, float *neg_min) {
+    float xt[32][NL], lt[32][NL], aux[32][NL];
+    float mn[NL], mx[NL], sw[NL], sx[NL], isc[NL], sc[NL], best[NL], den[NL], mn0[NL];
+    int flat[NL];
+    for (int i = 0; i < 32; i++)
+        for (int j = 0; j < NL; j++) xt[i][j] = x[32 * j + i];
+    for (int j = 0; j < NL; j++) {
+        mn[j] = mx[j] = xt[0][j];
+        sw[j] = w[0][j];
+        sx[j] = sw[j] * xt[0][j];
+    }
+    for (int i = 1; i < 32; i++)
+        for (int j = 0; j < NL; j++) {
+            mn[j] = xt[i][j] < mn[j] ? xt[i][j] : mn[j];
+            mx[j] = xt[i][j] > mx[j] ? xt[i][j] : mx[j];
+            sw[j] += w[i][j];
+            sx[j] += w[i][j] * xt[i][j];
+        }
+    for (int j = 0; j < NL; j++) {
+        mn[j] = mn[j] > 0 ? 0 : mn[j];
+        mn0[j] = mn[j];
+        flat[j] = mx[j] == mn[j];
+        den[j] = flat[j] ? 1.f : mx[j] - mn[j]; /* flat lanes: finite placeholders, replaced below */
+        isc[j] = 15 / den[j];
+        sc[j] = 1 / isc[j];
+        best[j] = 0;
+    }
+    for (int i = 0; i < 32; i++)
+        for (int j = 0; j < NL; j++) {
+            lt[i][j] = clampf(rne(isc[j] * (xt[i][j] - mn[j])), 15);
+            float diff = sc[j] * lt[i][j] + mn[j] - xt[i][j];
+            best[j] += w[i][j] * (diff * diff);
+        }
+    for (int is = 0; is <= 20; is++) {
+        float sl[NL] = {0}, sl2[NL] = {0}, sxl[NL] = {0}, err[NL] = {0}, ts[NL], tm[NL];
+        for (int j = 0; j < NL; j++) isc[j] = (-1.f + 0.1f * is + 15) / (flat[j] ? 1.f : mx[j] - mn[j]);
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) {
+                float l = clampf(rne(isc[j] * (xt[i][j] - mn[j])), 15);
+                aux[i][j] = l;
+                sl[j] += w[i][j] * l;
+                sl2[j] += w[i][j] * l * l;
+                sxl[j] += w[i][j] * l * xt[i][j];
+            }
+        for (int j = 0; j < NL; j++) {
+            float D = sw[j] * sl2[j] - sl[j] * sl[j];
+            float Dd = D > 0 ? D : 1.f;
+            ts[j] = (sw[j] * sxl[j] - sx[j] * sl[j]) / Dd;
+            tm[j] = (sl2[j] * sx[j] - sl[j] * sxl[j]) / Dd;
+            float s0 = sl2[j] != 0 ? sxl[j] / sl2[j] : 0.f; /* used only when tm > 0, where sl2 > 0 */
+            ts[j] = tm[j] > 0 ? s0 : ts[j];
+            tm[j] = tm[j] > 0 ? 0 : tm[j];
+            den[j] = D; /* reused: > 0 marks a valid candidate */
+        }
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) {
+                float diff = ts[j] * aux[i][j] + tm[j] - xt[i][j];
+                err[j] += w[i][j] * (diff * diff);
+            }
+        int take[NL];
+        for (int j = 0; j < NL; j++) {
+            take[j] = den[j] > 0 && err[j] < best[j];
+            best[j] = take[j] ? err[j] : best[j];
+            sc[j] = take[j] ? ts[j] : sc[j];
+            mn[j] = take[j] ? tm[j] : mn[j];
+        }
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) lt[i][j] = take[j] ? aux[i][j] : lt[i][j];
+    }
+    for (int j = 0; j < NL; j++) {
+        for (int i = 0; i < 32; i++) L[32 * j + i] = flat[j] ? 0 : (uint8_t)lt[i][j];
+        scale[j] = flat[j] ? 0.f : sc[j];
+        neg_min[j] = flat[j] ? -mn0[j] : -mn[j];
+    }
+}
+
 /* Q4_K: 8 groups of 32 fitted independently (weights rms(x) + |x|), their scales and mins quantized to
  * 6 bits against the block's largest (d = max scale / 63, dmin = max min / 63), then every element
  * re-quantized with the 6-bit scale and min it will be decoded with. */
-static void q4_K_block(const float *x, uint8_t *out) {
+static void q4_K_block(const float *x, uint8_t *out, int lanes) {
     uint8_t L[QKK];
     float w[32], scales[8], mins[8], max_scale = 0, max_min = 0;
-    for (int j = 0; j < 8; j++) {
-        const float *g = x + 32 * j;
-        float sum_x2 = 0;
-        for (int l = 0; l < 32; l++) sum_x2 += g[l] * g[l];
-        float av_x = sqrtf(sum_x2 / 32);
-        for (int l = 0; l < 32; l++) w[l] = av_x + fabsf(g[l]);
-        scales[j] = fit_group4(g, w, L + 32 * j, &mins[j]);
+    if (lanes) {
+        float wt[32][NL], sx2[NL] = {0}, av[NL];
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) sx2[j] += x[32 * j + i] * x[32 * j + i];
+        for (int j = 0; j < NL; j++) av[j] = sqrtf(sx2[j] / 32);
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) wt[i][j] = av[j] + fabsf(x[32 * j + i]);
+        fit_groups4(x, (const float(*)[NL])wt, L, scales, mins);
+    } else {
+        for (int j = 0; j < 8; j++) {
+            const float *g = x + 32 * j;
+            float sum_x2 = 0;
+            for (int l = 0; l < 32; l++) sum_x2 += g[l] * g[l];
+            float av_x = sqrtf(sum_x2 / 32);
+            for (int l = 0; l < 32; l++) w[l] = av_x + fabsf(g[l]);
+            scales[j] = fit_group4(g, w, L + 32 * j, &mins[j]);
+        }
+    }
+    for (int j = 0; j < 8; j++) { /* in group order, as ggml's loop does */
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -254,9 +351,13 @@ static void q5_0_block(const float *x, uint8_t *out) {
 
 void st_ggml_encode_kquant(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
     if (t == ST_GGML_Q4_K)
-        for (int64_t b = 0; b < n / QKK; b++) q4_K_block(x + b * QKK, out + b * 144);
+        for (int64_t b = 0; b < n / QKK; b++) q4_K_block(x + b * QKK, out + b * 144, 1);
     else if (t == ST_GGML_Q6_K)
         for (int64_t b = 0; b < n / QKK; b++) q6_K_block(x + b * QKK, out + b * 210);
     else if (t == ST_GGML_Q5_0)
         for (int64_t b = 0; b < n / 32; b++) q5_0_block(x + b * 32, out + b * 22);
+}
+
+void st_ggml_q4_K_scalar(const float *x, int64_t n, uint8_t *out) {
+    for (int64_t b = 0; b < n / QKK; b++) q4_K_block(x + b * QKK, out + b * 144, 0);
 }

@@ -1,7 +1,7 @@
 /* test_gguf_kquant.c — the Q4_K encoder's vector form (the 8 sub-blocks of a super-block fitted in SIMD lanes,
  * what `export --quant q4_K` runs) gives exactly the bytes of its one-sub-block-at-a-time form, which follows
  * ggml's quantize_row_q4_K_ref loop for loop (and is checked against llama.cpp's own quantizer by
- * tests/reference/llamacpp_gguf.py): over 20000 random super-blocks of mixed scales and shapes — Gaussian,
+ * tests/reference/llamacpp_gguf.py): over 8000 random super-blocks of mixed scales and shapes — Gaussian,
  * uniform, all positive, all negative, constant (positive, zero, negative), one spike among zeros, tiny
  * (f16-subnormal scales), sub-blocks of very different magnitudes, repeated values — the two agree byte for
  * byte. Both forms' times are printed (not asserted: the machine is shared). */
@@ -50,7 +50,7 @@ static void fill(float *x, int kind) {
 
 static void test_lanes_equal_scalar(void **state) {
     (void)state;
-    enum { NB = 20000 };
+    enum { NB = 8000 };
     float *x = malloc((size_t)NB * 256 * sizeof(float));
     uint8_t *a = malloc((size_t)NB * 144), *b = malloc((size_t)NB * 144);
     assert_non_null(x);

@@ -98,13 +98,47 @@ static void put_u16(uint8_t *p, uint16_t v) {
  * just below 0.5 and truncating gives the same integer for every float in [-128, 128] (checked exhaustively). */
 static inline int32_t round_away(float v) { return (int32_t)(v + copysignf(0.49999997f, v)); }
 
+/* max |x| over a block, in 8 lanes (max is exact, so the order does not matter; the loop vectorizes). */
+static inline float block_amax(const float *x) {
+    float m[8] = {0};
+    for (int i = 0; i < QK; i += 8)
+        for (int k = 0; k < 8; k++) {
+            float a = fabsf(x[i + k]);
+            m[k] = m[k] > a ? m[k] : a;
+        }
+    float amax = 0.0f;
+    for (int k = 0; k < 8; k++) amax = amax > m[k] ? amax : m[k];
+    return amax;
+}
+
+/* The value of largest magnitude in a block, the first one on ties (ggml's scan), found in 8 lanes: each lane
+ * keeps its own first maximum (strict <, in index order) with its index; lanes are then merged by magnitude,
+ * then by the smaller index. */
+static inline float block_signed_max(const float *x) {
+    float m[8] = {0}, v[8] = {0};
+    int idx[8] = {0};
+    for (int i = 0; i < QK; i += 8)
+        for (int k = 0; k < 8; k++) {
+            float a = fabsf(x[i + k]);
+            int better = m[k] < a;
+            m[k] = better ? a : m[k];
+            v[k] = better ? x[i + k] : v[k];
+            idx[k] = better ? i + k : idx[k];
+        }
+    float amax = 0.0f, max = 0.0f;
+    int best = QK;
+    for (int k = 0; k < 8; k++)
+        if (m[k] > amax || (m[k] == amax && m[k] > 0 && idx[k] < best)) {
+            amax = m[k];
+            max = v[k];
+            best = idx[k];
+        }
+    return max;
+}
+
 /* ggml quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x / d) (half away from zero). */
 __attribute__((optimize("fp-contract=off"))) static void q8_0_block(const float *x, uint8_t *out) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK; j++) {
-        float a = fabsf(x[j]);
-        amax = amax > a ? amax : a;
-    }
+    const float amax = block_amax(x);
     const float d = amax / 127;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     put_u16(out, st_fp32_to_fp16(d));
@@ -116,12 +150,7 @@ __attribute__((optimize("fp-contract=off"))) static void q8_0_block(const float 
 /* ggml quantize_row_q4_0_ref: d = (signed value of largest magnitude, first one on ties) / -8,
  * q = min(15, (int8)(x / d + 8.5)); element j in the low nibble of byte j, element j+16 in the high one. */
 __attribute__((optimize("fp-contract=off"))) static void q4_0_block(const float *x, uint8_t *out) {
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < QK; j++)
-        if (amax < fabsf(x[j])) {
-            amax = fabsf(x[j]);
-            max = x[j];
-        }
+    const float max = block_signed_max(x);
     const float d = max / -8;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     put_u16(out, st_fp32_to_fp16(d));

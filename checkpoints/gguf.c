@@ -115,10 +115,25 @@ static int is_suffix(const char *s, const char *suf) {
     return a >= b && strcmp(s + a - b, suf) == 0;
 }
 
+/* A tensor's type under `--quant q4_K` (llama-quantize's Q4_K rules without per-layer mixing): the output
+ * head (output.weight, or token_embd when it doubles as the head) q6_K, q8_0 when its rows are not a multiple
+ * of 256; other 2-D tensors q4_K, q5_0 for rows not a multiple of 256 (llama.cpp's tensor_type_fallback);
+ * f16 for rows not a multiple of 32; position_embd f16 (llama-quantize leaves it as the converter wrote it). */
+static st_ggml_type pick_kquant(const gtensor *t, int head, int *fallback) {
+    if (strcmp(t->name, "position_embd.weight") == 0) return ST_GGML_F16;
+    st_ggml_type want = head ? ST_GGML_Q6_K : ST_GGML_Q4_K, got = want;
+    if (t->ne[0] % 256 != 0) got = head ? ST_GGML_Q8_0 : ST_GGML_Q5_0;
+    if (t->ne[0] % 32 != 0) got = ST_GGML_F16;
+    if (got != want) (*fallback)++;
+    return got;
+}
+
 /* The ggml type a tensor is stored in: 1-D tensors (norms, biases) stay f32 like llama.cpp's converter;
- * rows that do not fill whole 32-element blocks fall back to f16, as the converter does on QuantError. */
-static st_ggml_type pick_type(const gtensor *t, st_ggml_type quant, int *fallback) {
+ * rows that do not fill whole 32-element blocks fall back to f16, as the converter does on QuantError.
+ * `head`: the tensor is the output head (q4_K stores it at higher precision). */
+static st_ggml_type pick_type(const gtensor *t, st_ggml_type quant, int head, int *fallback) {
     if (t->ndim == 1) return ST_GGML_F32;
+    if (quant == ST_GGML_Q4_K) return pick_kquant(t, head, fallback);
     if ((quant == ST_GGML_Q8_0 || quant == ST_GGML_Q4_0) && t->ne[0] % 32 != 0) {
         (*fallback)++;
         return ST_GGML_F16;
@@ -143,13 +158,16 @@ static int build_tensors(const st_model *m, const float *w, st_ggml_type quant, 
          * RoPE pairs); qwen2 runs NEOX-style RoPE on the HF layout as is. */
         if (llama_arch && is_suffix(p->name, "q_proj.weight")) t->permute_heads = c->n_head;
         if (llama_arch && is_suffix(p->name, "k_proj.weight")) t->permute_heads = c->n_kv_head;
-        t->type = pick_type(t, quant, fallback);
+        /* the head: output.weight, or a tied llama/qwen2 model's token_embd (no output.weight is written) */
+        int head = strcmp(t->name, "output.weight") == 0 ||
+                   (strcmp(t->name, "token_embd.weight") == 0 && c->tied_embeddings && c->family != ST_FAMILY_GPT2);
+        t->type = pick_type(t, quant, head, fallback);
         /* GPT-2's head is always stored (the converter writes output.weight as a copy of wte) */
         if (c->family == ST_FAMILY_GPT2 && c->tied_embeddings && i == 0) {
             gtensor *o = &ts[k++];
             *o = *t;
             snprintf(o->name, sizeof o->name, "output.weight");
-            if (o->type != quant) (*fallback)++;
+            o->type = pick_type(o, quant, 1, fallback);
         }
     }
     *n = k;
@@ -174,8 +192,9 @@ static uint32_t file_type(st_ggml_type q) {
     case ST_GGML_Q4_0: return 2;
     case ST_GGML_Q8_0: return 7;
     case ST_GGML_BF16: return 32;
+    case ST_GGML_Q4_K: return 14; /* LLAMA_FTYPE_MOSTLY_Q4_K_S: q4_K with a q6_K head, no per-layer mixing */
+    default: return 0;
     }
-    return 0;
 }
 
 static void model_metadata(st_gguf_kv *kv, const st_model_config *c, st_ggml_type quant, const st_gguf_options *opt) {
@@ -206,20 +225,35 @@ static void model_metadata(st_gguf_kv *kv, const st_model_config *c, st_ggml_typ
 #undef K
 }
 
-/* Converts and writes one tensor's data (scratch: rows*cols floats; enc: its encoded bytes). */
+#define CHUNK_BYTES (1u << 20) /* encoded bytes per write: stays in cache between encode and fwrite */
+
+/* Converts and writes one tensor's data in chunks of whole rows (scratch: rows*cols floats when the tensor
+ * is permuted; enc: at least CHUNK_BYTES or one row). f32 rows in their stored order are written straight
+ * from the source. Encoding a chunk into a cache-sized buffer and writing it at once keeps the memory
+ * traffic near the raw write's (bench/gguf_bench.c). */
 static int write_tensor(FILE *f, const gtensor *t, float *scratch, uint8_t *enc) {
     const float *src = t->src;
     if (t->permute_heads) {
         permute_rows(t->src, scratch, t->ne[1], t->ne[0], t->permute_heads);
         src = scratch;
     }
-    size_t row = st_ggml_row_bytes(t->type, t->ne[0]);
-    /* rows are independent: encode them on the rank's threads (bench: q8_0 is compute-bound on one) */
-#pragma omp parallel for schedule(static) if (t->ne[1] > 64)
-    for (int64_t r = 0; r < t->ne[1]; r++) st_ggml_encode(t->type, src + r * t->ne[0], t->ne[0], enc + r * row);
-    size_t bytes = row * (size_t)t->ne[1];
+    size_t row = st_ggml_row_bytes(t->type, t->ne[0]), bytes = row * (size_t)t->ne[1];
+    if (t->type == ST_GGML_F32) {
+        if (fwrite(src, 1, bytes, f) != bytes) return -1;
+    } else {
+        int64_t per = (int64_t)(CHUNK_BYTES / row);
+        if (per < 1) per = 1;
+        /* the block quantizers are compute-bound: rows in parallel on the rank's threads */
+        int heavy = t->type != ST_GGML_F16 && t->type != ST_GGML_BF16;
+        for (int64_t r0 = 0; r0 < t->ne[1]; r0 += per) {
+            int64_t n = t->ne[1] - r0 < per ? t->ne[1] - r0 : per;
+#pragma omp parallel for schedule(static) if (heavy && n > 8)
+            for (int64_t r = 0; r < n; r++)
+                st_ggml_encode(t->type, src + (r0 + r) * t->ne[0], t->ne[0], enc + r * row);
+            if (fwrite(enc, 1, row * (size_t)n, f) != row * (size_t)n) return -1;
+        }
+    }
     static const char zeros[GGUF_ALIGN];
-    if (fwrite(enc, 1, bytes, f) != bytes) return -1;
     size_t pad = (size_t)(align_up(bytes) - bytes);
     return fwrite(zeros, 1, pad, f) == pad ? 0 : -1;
 }
@@ -232,7 +266,7 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
     st_gguf_put_u64(&h, kv->n);
     st_strbuf_append(&h, kv->b.data, kv->b.len);
     uint64_t off = 0;
-    size_t max_floats = 0, max_bytes = 0;
+    size_t max_floats = 0, max_bytes = CHUNK_BYTES;
     for (int i = 0; i < n; i++) {
         gtensor *t = &ts[i];
         st_gguf_put_str(&h, t->name, strlen(t->name));
@@ -243,9 +277,10 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
         t->offset = off;
         size_t bytes = st_ggml_row_bytes(t->type, t->ne[0]) * (size_t)t->ne[1];
         off += align_up(bytes);
-        size_t fl = (size_t)(t->ne[0] * t->ne[1]);
+        size_t fl = t->permute_heads ? (size_t)(t->ne[0] * t->ne[1]) : 0;
+        size_t row = st_ggml_row_bytes(t->type, t->ne[0]);
         if (fl > max_floats) max_floats = fl;
-        if (bytes > max_bytes) max_bytes = bytes;
+        if (row > max_bytes) max_bytes = row;
     }
     static const char zeros[GGUF_ALIGN];
     st_strbuf_append(&h, zeros, (size_t)(align_up(h.len) - h.len));
@@ -327,7 +362,7 @@ static int build_lora_tensors(const st_model *m, const float *w, st_ggml_type qu
         t->src = w + p->offset;
         if (llama_arch && is_b && is_suffix(bp->name, "q_proj.weight")) t->permute_heads = c->n_head;
         if (llama_arch && is_b && is_suffix(bp->name, "k_proj.weight")) t->permute_heads = c->n_kv_head;
-        t->type = pick_type(t, quant, fallback);
+        t->type = pick_type(t, quant, 0, fallback);
     }
     *n = k;
     return 0;
@@ -344,6 +379,9 @@ int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_ty
     if (spec.dora)
         return st_fail(ST_ECONFIG, "gguf: DoRA adapters (use_dora) have no GGUF LoRA form (llama.cpp applies "
                        "W + s B A only); export the merged model instead");
+    if (quant == ST_GGML_Q4_K)
+        return st_fail(ST_EINVAL, "gguf: --quant q4_K applies to models; a LoRA adapter exports as f32, f16, bf16, "
+                       "q8_0 or q4_0 (convert_lora_to_gguf.py has no k-quants either)");
     if (st_lora_scale(m) == 0.0) /* llama.cpp reads alpha 0 as "unscaled" (scale 1), not as scale 0 */
         return st_fail(ST_ECONFIG, "gguf: lora_alpha 0 has no GGUF LoRA form (llama.cpp applies alpha 0 as "
                        "scale 1)");

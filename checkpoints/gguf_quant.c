@@ -1,4 +1,4 @@
-/* gguf_quant.c — ggml's tensor encodings: f16, bf16, Q8_0, Q4_0 (see gguf.h).
+/* gguf_quant.c — ggml's tensor encodings: f16, bf16, Q8_0, Q4_0 (see gguf.h; the k-quants are in gguf_kquant.c).
  *
  * Bit-exactness with ggml's reference quantizers (ggml-quants.c quantize_row_*_ref) needs the same fp32
  * operation order: the build uses -march=native, where GCC would fuse `x*id + 8.5f` into one FMA with a
@@ -7,6 +7,9 @@
 
 #include <math.h>
 #include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 #include "common/error.h"
 
@@ -14,15 +17,17 @@
 
 static const struct { const char *name; st_ggml_type t; } k_types[] = {
     {"f32", ST_GGML_F32}, {"f16", ST_GGML_F16}, {"bf16", ST_GGML_BF16}, {"q8_0", ST_GGML_Q8_0}, {"q4_0", ST_GGML_Q4_0},
+    {"q4_K", ST_GGML_Q4_K}, {"q6_K", ST_GGML_Q6_K}, {"q5_0", ST_GGML_Q5_0},
 };
+#define N_CLI_TYPES 6 /* the first six are --quant values; q6_K / q5_0 only come from the q4_K recipe */
 
 int st_ggml_type_parse(const char *s, st_ggml_type *out) {
-    for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++)
+    for (size_t i = 0; i < N_CLI_TYPES; i++)
         if (strcmp(s, k_types[i].name) == 0) {
             *out = k_types[i].t;
             return 0;
         }
-    return st_fail(ST_EINVAL, "--quant '%.32s' is not supported (f32, f16, bf16, q8_0 or q4_0)", s);
+    return st_fail(ST_EINVAL, "--quant '%.32s' is not supported (f32, f16, bf16, q8_0, q4_0 or q4_K)", s);
 }
 
 const char *st_ggml_type_name(st_ggml_type t) {
@@ -38,8 +43,22 @@ size_t st_ggml_row_bytes(st_ggml_type t, int64_t n) {
     case ST_GGML_BF16: return (size_t)n * 2;
     case ST_GGML_Q8_0: return (size_t)(n / QK) * (2 + QK);
     case ST_GGML_Q4_0: return (size_t)(n / QK) * (2 + QK / 2);
+    case ST_GGML_Q5_0: return (size_t)(n / QK) * 22;
+    case ST_GGML_Q4_K: return (size_t)(n / 256) * 144;
+    case ST_GGML_Q6_K: return (size_t)(n / 256) * 210;
     }
     return 0;
+}
+
+int64_t st_ggml_block_size(st_ggml_type t) {
+    switch (t) {
+    case ST_GGML_F32:
+    case ST_GGML_F16:
+    case ST_GGML_BF16: return 1;
+    case ST_GGML_Q4_K:
+    case ST_GGML_Q6_K: return 256;
+    default: return QK;
+    }
 }
 
 uint16_t st_fp32_to_fp16(float f) {
@@ -79,13 +98,47 @@ static void put_u16(uint8_t *p, uint16_t v) {
  * just below 0.5 and truncating gives the same integer for every float in [-128, 128] (checked exhaustively). */
 static inline int32_t round_away(float v) { return (int32_t)(v + copysignf(0.49999997f, v)); }
 
+/* max |x| over a block, in 8 lanes (max is exact, so the order does not matter; the loop vectorizes). */
+static inline float block_amax(const float *x) {
+    float m[8] = {0};
+    for (int i = 0; i < QK; i += 8)
+        for (int k = 0; k < 8; k++) {
+            float a = fabsf(x[i + k]);
+            m[k] = m[k] > a ? m[k] : a;
+        }
+    float amax = 0.0f;
+    for (int k = 0; k < 8; k++) amax = amax > m[k] ? amax : m[k];
+    return amax;
+}
+
+/* The value of largest magnitude in a block, the first one on ties (ggml's scan), found in 8 lanes: each lane
+ * keeps its own first maximum (strict <, in index order) with its index; lanes are then merged by magnitude,
+ * then by the smaller index. */
+static inline float block_signed_max(const float *x) {
+    float m[8] = {0}, v[8] = {0};
+    int idx[8] = {0};
+    for (int i = 0; i < QK; i += 8)
+        for (int k = 0; k < 8; k++) {
+            float a = fabsf(x[i + k]);
+            int better = m[k] < a;
+            m[k] = better ? a : m[k];
+            v[k] = better ? x[i + k] : v[k];
+            idx[k] = better ? i + k : idx[k];
+        }
+    float amax = 0.0f, max = 0.0f;
+    int best = QK;
+    for (int k = 0; k < 8; k++)
+        if (m[k] > amax || (m[k] == amax && m[k] > 0 && idx[k] < best)) {
+            amax = m[k];
+            max = v[k];
+            best = idx[k];
+        }
+    return max;
+}
+
 /* ggml quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x / d) (half away from zero). */
 __attribute__((optimize("fp-contract=off"))) static void q8_0_block(const float *x, uint8_t *out) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK; j++) {
-        float a = fabsf(x[j]);
-        amax = amax > a ? amax : a;
-    }
+    const float amax = block_amax(x);
     const float d = amax / 127;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     put_u16(out, st_fp32_to_fp16(d));
@@ -97,12 +150,7 @@ __attribute__((optimize("fp-contract=off"))) static void q8_0_block(const float 
 /* ggml quantize_row_q4_0_ref: d = (signed value of largest magnitude, first one on ties) / -8,
  * q = min(15, (int8)(x / d + 8.5)); element j in the low nibble of byte j, element j+16 in the high one. */
 __attribute__((optimize("fp-contract=off"))) static void q4_0_block(const float *x, uint8_t *out) {
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < QK; j++)
-        if (amax < fabsf(x[j])) {
-            amax = fabsf(x[j]);
-            max = x[j];
-        }
+    const float max = block_signed_max(x);
     const float d = max / -8;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     put_u16(out, st_fp32_to_fp16(d));
@@ -117,11 +165,23 @@ __attribute__((optimize("fp-contract=off"))) static void q4_0_block(const float 
 void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
     switch (t) {
     case ST_GGML_F32: memcpy(out, x, (size_t)n * 4); break;
-    case ST_GGML_F16:
-        for (int64_t i = 0; i < n; i++) put_u16(out + 2 * i, st_fp32_to_fp16(x[i]));
+    case ST_GGML_F16: {
+        int64_t i = 0;
+#ifdef __F16C__ /* vcvtps2ph, round to nearest even: the same bits as st_fp32_to_fp16 (NaNs quieted alike) */
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(out + 2 * i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; i < n; i++) put_u16(out + 2 * i, st_fp32_to_fp16(x[i]));
         break;
-    case ST_GGML_BF16:
-        for (int64_t i = 0; i < n; i++) put_u16(out + 2 * i, st_fp32_to_bf16_ggml(x[i]));
+    }
+    case ST_GGML_BF16: /* st_fp32_to_bf16_ggml without branches, so the loop vectorizes */
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, x + i, 4);
+            uint16_t r = (uint16_t)((u + (0x7fffu + ((u >> 16) & 1u))) >> 16), q = (uint16_t)((u >> 16) | 64);
+            uint16_t h = (u & 0x7fffffffu) > 0x7f800000u ? q : r;
+            memcpy(out + 2 * i, &h, 2);
+        }
         break;
     case ST_GGML_Q8_0:
         for (int64_t b = 0; b < n / QK; b++) q8_0_block(x + b * QK, out + b * (2 + QK));
@@ -129,5 +189,8 @@ void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
     case ST_GGML_Q4_0:
         for (int64_t b = 0; b < n / QK; b++) q4_0_block(x + b * QK, out + b * (2 + QK / 2));
         break;
+    case ST_GGML_Q5_0:
+    case ST_GGML_Q4_K:
+    case ST_GGML_Q6_K: st_ggml_encode_kquant(t, x, n, out); break;
     }
 }

@@ -42,4 +42,11 @@ if [ "${SHARDTUNE_WITH_PYREF:-0}" = 1 ]; then
     "$venv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/requirements-ref.txt"
     touch "$venv/.complete"
   fi
+  # llama.cpp for the GGUF tests (tests/requirements-llama.txt; minutes, once per machine): in the background
+  # when the caller waits for it later (./run test does, after building shardtune), else here
+  if [ "${SHARDTUNE_LLAMA_BACKGROUND:-0}" = 1 ]; then
+    bash "$(dirname "$0")/build_llama.sh" --background
+  else
+    bash "$(dirname "$0")/build_llama.sh"
+  fi
 fi

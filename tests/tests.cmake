@@ -15,9 +15,10 @@ set(ST_SLOW_TESTS
   reference.test_monitor_train reference.test_telemetry_client reference.test_act_ckpt reference.test_zero3
   integration.test_bf16_train integration.test_device_failure integration.test_distill_train integration.test_divergence
   integration.test_first_hour integration.test_gpu_smoke_selftest integration.test_packing_train
-  integration.test_pack_text_stream integration.test_resume_safety integration.test_train_epochs integration.test_watchdog reference.test_generate_torch
-  reference.test_lora_train reference.test_prompt_train reference.test_qlora_train reference.ref_rope_models
-  reference.test_train_samples)
+  integration.test_pack_text_stream integration.test_resume_safety integration.test_train_epochs
+  integration.test_watchdog reference.test_generate_torch reference.test_lora_train
+  reference.test_prompt_train reference.test_qlora_train reference.ref_rope_models
+  reference.test_train_samples reference.llamacpp_gguf)
 
 # The only tests that run a second time after a failure (tests/retry_once.sh, ctest's --repeat
 # until-pass:2 for one test): each starts a throw-away local Slurm cluster (munged, slurmctld, two slurmd),
@@ -70,6 +71,15 @@ file(GLOB ST_PYREF_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/r
 foreach(src ${ST_PYREF_TESTS})
   get_filename_component(name ${src} NAME_WE)
   add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} ${src})
+  set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
+endforeach()
+
+# llama.cpp itself (tests/reference/llamacpp_*.py, run with `scripts/pyref --llama`: libllama built from PyPI's
+# llama-cpp-python by scripts/build_llama.sh)
+file(GLOB ST_LLAMA_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/llamacpp_*.py)
+foreach(src ${ST_LLAMA_TESTS})
+  get_filename_component(name ${src} NAME_WE)
+  add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} --llama ${src})
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
 

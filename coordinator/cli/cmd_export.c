@@ -182,7 +182,7 @@ int st_cmd_export(int argc, char **argv) {
             } else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
         }
         if (!ckpt || !out) {
-            fprintf(stderr, "usage: shardtune export SRC --out FILE.gguf --format gguf [--quant f32|f16|bf16|q8_0|q4_0]"
+            fprintf(stderr, "usage: shardtune export SRC --out FILE.gguf --format gguf [--quant f32|f16|bf16|q8_0|q4_0|q4_K]"
                             " [--tokenizer DIR | --no-tokenizer] [--tokenizer-pre NAME] [--name NAME] [--model BASE_DIR]\n");
             return ST_EXIT_USAGE;
         }

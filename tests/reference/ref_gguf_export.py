@@ -18,7 +18,7 @@ For llama / mistral (arch `llama`, GQA, untied and tied), qwen2 (q/k/v biases) a
     from tokenizer.json, padded to vocab_size, special ids, chat template; for the SentencePiece case the
     llama.cpp SPM algorithm, re-implemented here over the GGUF vocab and scores, tokenizes text exactly as
     `tokenizers` does.
-llama.cpp itself is not installable here, so it does not run the files.
+llama.cpp itself runs the files in llamacpp_gguf.py (scripts/pyref --llama).
 """
 import json
 import math

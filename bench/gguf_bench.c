@@ -1,0 +1,124 @@
+/* gguf_bench.c — GGUF export throughput (st_gguf_export: convert, encode, write, fsync, rename) vs the raw
+ * sequential write bandwidth of the same directory measured in the same run (write + fsync of a file of
+ * the same size, 1 MiB writes), per --quant type, interleaved export/raw rounds; medians over the rounds
+ * (the machine is shared, so medians are steadier than means) and the load average before and after.
+ * "ratio" = export MB/s / raw MB/s, both over the GGUF file's bytes (the target is >= 50%).
+ * The encoders run on OMP_NUM_THREADS threads (rows in parallel), as `shardtune export` does.
+ * usage: gguf_bench [--dir DIR] [--layers L] [--dim D] [--vocab V] [--reps R] [--quant a,b,...] */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "checkpoints/gguf.h"
+#include "common/error.h"
+#include "common/util.h"
+#include "kernels/kernels.h"
+#include "worker/model.h"
+
+static double raw_write(const char *dir, size_t bytes) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/raw.bench", dir);
+    char *buf = malloc(1 << 20);
+    memset(buf, 0x5a, 1 << 20);
+    double t0 = st_now();
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    for (size_t done = 0; fd >= 0 && done < bytes; done += 1 << 20)
+        if (write(fd, buf, 1 << 20) < 0) break;
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+    double t = st_now() - t0;
+    unlink(path);
+    free(buf);
+    return t;
+}
+
+static int by_value(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, by_value);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static void loadavg(char *out, size_t n) {
+    FILE *f = fopen("/proc/loadavg", "r");
+    out[0] = 0;
+    if (f) {
+        if (!fgets(out, (int)n, f)) out[0] = 0;
+        fclose(f);
+    }
+    char *sp = out;
+    for (int k = 0; k < 3 && sp; k++) sp = strchr(sp + 1, ' '); /* keep the 1/5/15-minute averages */
+    if (sp) *sp = 0;
+}
+
+int main(int argc, char **argv) {
+    const char *dir = "/tmp/st_gguf_bench", *quants = "f32,f16,bf16,q8_0,q4_0,q4_K";
+    int L = 4, D = 1024, V = 32000, reps = 3;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--dir")) dir = argv[i + 1];
+        else if (!strcmp(argv[i], "--layers")) L = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--dim")) D = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--vocab")) V = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--reps")) reps = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--quant")) quants = argv[i + 1];
+    }
+    if (reps < 1) reps = 1;
+    st_model_config c;
+    memset(&c, 0, sizeof c);
+    snprintf(c.model_type, sizeof c.model_type, "llama");
+    c.family = ST_FAMILY_LLAMA;
+    c.n_layer = L; c.d_model = D; c.n_head = 8; c.n_kv_head = 4; c.head_dim = D / 8; c.d_ff = D * 8 / 3 / 256 * 256;
+    c.vocab = V; c.max_seq = 2048; c.norm_eps = 1e-5f; c.rope_theta = 10000.0f; c.bos_id = -1; c.eos_id = -1;
+    st_model m;
+    if (st_model_build(&m, &c, st_backend_cpu(1)) || st_model_init_random(&m, 1)) {
+        fprintf(stderr, "gguf_bench: %s\n", st_error());
+        return 1;
+    }
+    st_mkdirs(dir);
+    char la0[64], la1[64], path[1300];
+    loadavg(la0, sizeof la0);
+    printf("gguf_bench: llama L%d D%d F%d V%d (%.1fM params, %.0f MB f32), %d rounds, dir %s, load average %s\n",
+           L, D, c.d_ff, V, m.n_weights / 1e6, m.n_weights * 4 / 1e6, reps, dir, la0);
+    printf("| quant | file MB | export s (median) | export MB/s | raw write+fsync MB/s | ratio | input MB/s |\n");
+    printf("|---|---|---|---|---|---|---|\n");
+    char list[256];
+    snprintf(list, sizeof list, "%s", quants);
+    for (char *q = strtok(list, ","); q; q = strtok(NULL, ",")) {
+        st_ggml_type t;
+        if (st_ggml_type_parse(q, &t)) {
+            fprintf(stderr, "gguf_bench: %s\n", st_error());
+            return 1;
+        }
+        snprintf(path, sizeof path, "%s/bench.%s.gguf", dir, q);
+        double *ex = calloc((size_t)reps, sizeof(double)), *raw = calloc((size_t)reps, sizeof(double));
+        st_gguf_report rep;
+        for (int r = 0; r < reps; r++) {
+            double t0 = st_now();
+            if (st_gguf_export(&m, m.weights, t, NULL, path, &rep)) {
+                fprintf(stderr, "gguf_bench: %s\n", st_error());
+                return 1;
+            }
+            ex[r] = st_now() - t0;
+            unlink(path);
+            raw[r] = raw_write(dir, rep.bytes);
+        }
+        double mb = rep.bytes / 1e6, e = median(ex, reps), w = median(raw, reps);
+        printf("| %s | %.1f | %.3f | %.0f | %.0f | %.0f%% | %.0f |\n", q, mb, e, mb / e, mb / w, 100 * w / e,
+               m.n_weights * 4 / 1e6 / e);
+        fflush(stdout);
+        free(ex);
+        free(raw);
+    }
+    loadavg(la1, sizeof la1);
+    printf("load average after: %s (2 cores, shared)\n", la1);
+    st_model_free(&m);
+    return 0;
+}

@@ -1,0 +1,363 @@
+/* gguf_kquant.c — ggml's k-quant encodings Q4_K and Q6_K (super-blocks of 256) and Q5_0 (llama.cpp's
+ * fallback for Q4_K rows that are not a multiple of 256), the same arithmetic as ggml's reference
+ * quantizers (quantize_row_q4_K_ref with its make_qkx2_quants search, quantize_row_q6_K_ref with
+ * make_qx_quants, quantize_row_q5_0_ref), which is what llama-quantize runs without an importance matrix.
+ *
+ * Bit-exactness needs the same fp32 operation order and no FMA contraction: CMakeLists.txt compiles this
+ * file with -ffp-contract=off (the build's -march=native would otherwise fuse multiply-adds), and every
+ * sum below runs in the order ggml's loops do. Block layouts (little-endian, as ggml-common.h):
+ *   Q4_K (144 bytes): f16 d, f16 dmin, scales[12] (8 six-bit scales + 8 six-bit mins), qs[128] (nibbles);
+ *                     x = d*sc[j]*q - dmin*m[j] for sub-block j of 32.
+ *   Q6_K (210 bytes): ql[128] (low nibbles), qh[64] (high 2 bits), int8 scales[16], f16 d;
+ *                     x = d*scales[j]*(q - 32) for sub-block j of 16.
+ *   Q5_0 (22 bytes):  f16 d, qh[4] (fifth bits), qs[16]; x = d*(q - 16). */
+#include <math.h>
+#include <string.h>
+
+#include "checkpoints/gguf.h"
+#include "checkpoints/safetensors.h"
+
+#define QKK 256
+#define EPS_GROUP 1e-15f /* ggml's GROUP_MAX_EPS: an all-(near-)zero group */
+
+/* Round to nearest, ties to even, for |v| < 2^22: adding 1.5 * 2^23 leaves the integer in the low
+ * mantissa bits (ggml's nearest_int does the same). */
+static inline int round_ne(float v) {
+    float s = v + 12582912.f;
+    int32_t i;
+    memcpy(&i, &s, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+static void put_f16(uint8_t *p, float f) {
+    uint16_t h = st_fp32_to_fp16(f);
+    p[0] = (uint8_t)(h & 0xff);
+    p[1] = (uint8_t)(h >> 8);
+}
+static float get_f16(const uint8_t *p) { return st_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+
+/* Error of x ~ scale * l + min under weights w (squared differences, in index order). */
+static float affine_error(const float *x, const float *w, const uint8_t *l, float scale, float min) {
+    float e = 0;
+    for (int i = 0; i < 32; i++) {
+        float diff = scale * l[i] + min - x[i];
+        e += w[i] * (diff * diff);
+    }
+    return e;
+}
+
+/* One 32-element group, 4-bit levels 0..15 with an affine fit x ~ scale*l + min (min <= 0): a first guess
+ * from the range, then 21 candidate inverse scales (nmax - 1 + 0.1 k) each refit by weighted least squares;
+ * the smallest weighted squared error wins. Returns scale; *neg_min = -min. (make_qkx2_quants with
+ * nmax 15, rmin -1, rdelta 0.1, nstep 20, squared error.) */
+static float fit_group4(const float *x, const float *w, uint8_t *L, float *neg_min) {
+    float min = x[0], max = x[0], sum_w = w[0], sum_x = sum_w * x[0];
+    for (int i = 1; i < 32; i++) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if (min > 0) min = 0;
+    if (max == min) {
+        memset(L, 0, 32);
+        *neg_min = -min;
+        return 0.f;
+    }
+    float iscale = 15 / (max - min), scale = 1 / iscale;
+    for (int i = 0; i < 32; i++) L[i] = (uint8_t)clampi(round_ne(iscale * (x[i] - min)), 0, 15);
+    float best = affine_error(x, w, L, scale, min);
+    uint8_t aux[32];
+    for (int is = 0; is <= 20; is++) {
+        iscale = (-1.f + 0.1f * is + 15) / (max - min);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < 32; i++) {
+            int l = clampi(round_ne(iscale * (x[i] - min)), 0, 15);
+            aux[i] = (uint8_t)l;
+            sum_l += w[i] * l;
+            sum_l2 += w[i] * l * l;
+            sum_xl += w[i] * l * x[i];
+        }
+        float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (!(D > 0)) continue;
+        float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        if (this_min > 0) {
+            this_min = 0;
+            this_scale = sum_xl / sum_l2;
+        }
+        float err = affine_error(x, w, aux, this_scale, this_min);
+        if (err < best) {
+            memcpy(L, aux, 32);
+            best = err;
+            scale = this_scale;
+            min = this_min;
+        }
+    }
+    *neg_min = -min;
+    return scale;
+}
+
+/* fit_group4 for the 8 groups of a super-block at once, lane j = group j: the same operations in the same
+ * order within each lane, written as loops over the 8 lanes (innermost, branch-free) so that they compile
+ * to 8-wide vector instructions; ~5x faster than eight fit_group4 calls and bit-identical to them (lanes
+ * whose group is flat take fit_group4's early exit at the end; tests/unit/test_gguf_kquant.c compares the two).
+ * Rounding: (v + 1.5*2^23) - 1.5*2^23 is round-to-nearest-even for |v| < 2^22 (no FMA/reassociation here). */
+#define NL 8
+static inline float rne(float v) { return (v + 12582912.f) - 12582912.f; }
+static inline float clampf(float v, float hi) { return v < 0 ? 0 : v > hi ? hi : v; }
+
+static void fit_groups4(const float *x, const float w[32][NL], uint8_t *L, float *scale, float *neg_min) {
+    float xt[32][NL], lt[32][NL], aux[32][NL];
+    float mn[NL], mx[NL], sw[NL], sx[NL], isc[NL], sc[NL], best[NL], den[NL], mn0[NL];
+    int flat[NL];
+    for (int i = 0; i < 32; i++)
+        for (int j = 0; j < NL; j++) xt[i][j] = x[32 * j + i];
+    for (int j = 0; j < NL; j++) {
+        mn[j] = mx[j] = xt[0][j];
+        sw[j] = w[0][j];
+        sx[j] = sw[j] * xt[0][j];
+    }
+    for (int i = 1; i < 32; i++)
+        for (int j = 0; j < NL; j++) {
+            mn[j] = xt[i][j] < mn[j] ? xt[i][j] : mn[j];
+            mx[j] = xt[i][j] > mx[j] ? xt[i][j] : mx[j];
+            sw[j] += w[i][j];
+            sx[j] += w[i][j] * xt[i][j];
+        }
+    for (int j = 0; j < NL; j++) {
+        mn[j] = mn[j] > 0 ? 0 : mn[j];
+        mn0[j] = mn[j];
+        flat[j] = mx[j] == mn[j];
+        den[j] = flat[j] ? 1.f : mx[j] - mn[j]; /* flat lanes: finite placeholders, replaced below */
+        isc[j] = 15 / den[j];
+        sc[j] = 1 / isc[j];
+        best[j] = 0;
+    }
+    for (int i = 0; i < 32; i++)
+        for (int j = 0; j < NL; j++) {
+            lt[i][j] = clampf(rne(isc[j] * (xt[i][j] - mn[j])), 15);
+            float diff = sc[j] * lt[i][j] + mn[j] - xt[i][j];
+            best[j] += w[i][j] * (diff * diff);
+        }
+    for (int is = 0; is <= 20; is++) {
+        float sl[NL] = {0}, sl2[NL] = {0}, sxl[NL] = {0}, err[NL] = {0}, ts[NL], tm[NL];
+        for (int j = 0; j < NL; j++) isc[j] = (-1.f + 0.1f * is + 15) / (flat[j] ? 1.f : mx[j] - mn[j]);
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) {
+                float l = clampf(rne(isc[j] * (xt[i][j] - mn[j])), 15);
+                aux[i][j] = l;
+                sl[j] += w[i][j] * l;
+                sl2[j] += w[i][j] * l * l;
+                sxl[j] += w[i][j] * l * xt[i][j];
+            }
+        for (int j = 0; j < NL; j++) {
+            float D = sw[j] * sl2[j] - sl[j] * sl[j];
+            float Dd = D > 0 ? D : 1.f;
+            ts[j] = (sw[j] * sxl[j] - sx[j] * sl[j]) / Dd;
+            tm[j] = (sl2[j] * sx[j] - sl[j] * sxl[j]) / Dd;
+            float s0 = sl2[j] != 0 ? sxl[j] / sl2[j] : 0.f; /* used only when tm > 0, where sl2 > 0 */
+            ts[j] = tm[j] > 0 ? s0 : ts[j];
+            tm[j] = tm[j] > 0 ? 0 : tm[j];
+            den[j] = D; /* reused: > 0 marks a valid candidate */
+        }
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) {
+                float diff = ts[j] * aux[i][j] + tm[j] - xt[i][j];
+                err[j] += w[i][j] * (diff * diff);
+            }
+        int take[NL];
+        for (int j = 0; j < NL; j++) {
+            take[j] = den[j] > 0 && err[j] < best[j];
+            best[j] = take[j] ? err[j] : best[j];
+            sc[j] = take[j] ? ts[j] : sc[j];
+            mn[j] = take[j] ? tm[j] : mn[j];
+        }
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) lt[i][j] = take[j] ? aux[i][j] : lt[i][j];
+    }
+    for (int j = 0; j < NL; j++) {
+        for (int i = 0; i < 32; i++) L[32 * j + i] = flat[j] ? 0 : (uint8_t)lt[i][j];
+        scale[j] = flat[j] ? 0.f : sc[j];
+        neg_min[j] = flat[j] ? -mn0[j] : -mn[j];
+    }
+}
+
+/* Q4_K: 8 groups of 32 fitted independently (weights rms(x) + |x|), their scales and mins quantized to
+ * 6 bits against the block's largest (d = max scale / 63, dmin = max min / 63), then every element
+ * re-quantized with the 6-bit scale and min it will be decoded with. */
+static void q4_K_block(const float *x, uint8_t *out, int lanes) {
+    uint8_t L[QKK];
+    float w[32], scales[8], mins[8], max_scale = 0, max_min = 0;
+    if (lanes) {
+        float wt[32][NL], sx2[NL] = {0}, av[NL];
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) sx2[j] += x[32 * j + i] * x[32 * j + i];
+        for (int j = 0; j < NL; j++) av[j] = sqrtf(sx2[j] / 32);
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < NL; j++) wt[i][j] = av[j] + fabsf(x[32 * j + i]);
+        fit_groups4(x, (const float(*)[NL])wt, L, scales, mins);
+    } else {
+        for (int j = 0; j < 8; j++) {
+            const float *g = x + 32 * j;
+            float sum_x2 = 0;
+            for (int l = 0; l < 32; l++) sum_x2 += g[l] * g[l];
+            float av_x = sqrtf(sum_x2 / 32);
+            for (int l = 0; l < 32; l++) w[l] = av_x + fabsf(g[l]);
+            scales[j] = fit_group4(g, w, L + 32 * j, &mins[j]);
+        }
+    }
+    for (int j = 0; j < 8; j++) { /* in group order, as ggml's loop does */
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f, inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+    uint8_t *sc = out + 4, ls[8], lm[8];
+    for (int j = 0; j < 8; j++) {
+        ls[j] = (uint8_t)round_ne(inv_scale * scales[j]); /* 0..63 up to rounding: clamped as ggml does */
+        lm[j] = (uint8_t)round_ne(inv_min * mins[j]);
+        if (ls[j] > 63) ls[j] = 63;
+        if (lm[j] > 63) lm[j] = 63;
+    }
+    /* 12 bytes: groups 0-3 in the low 6 bits of bytes 0-3 (scale) / 4-7 (min); groups 4-7 split into a
+     * low nibble pair in bytes 8-11 and their top 2 bits in the high bits of bytes 0-7 */
+    for (int j = 0; j < 4; j++) {
+        sc[j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
+        sc[j + 4] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
+        sc[j + 8] = (uint8_t)((ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4));
+    }
+    put_f16(out, max_scale / 63.f);
+    put_f16(out + 2, max_min / 63.f);
+    float d16 = get_f16(out), dmin16 = get_f16(out + 2);
+    for (int j = 0; j < 8; j++) {
+        const float d = d16 * ls[j];
+        if (!d) continue; /* keeps the search's levels, as ggml does */
+        const float dm = dmin16 * lm[j];
+        for (int i = 0; i < 32; i++) L[32 * j + i] = (uint8_t)clampi(round_ne((x[32 * j + i] + dm) / d), 0, 15);
+    }
+    uint8_t *q = out + 16; /* each 64 elements: element l in the low nibble of byte l, l+32 in the high one */
+    for (int j = 0; j < QKK; j += 64, q += 32)
+        for (int l = 0; l < 32; l++) q[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
+}
+
+/* Sums of w*x*l and w*l*l (w = x^2) for levels l = clamp(round(iscale*x), -32, 31); L gets l + 32. */
+static void sym_sums(const float *x, float iscale, int8_t *L, float *sumlx, float *suml2) {
+    float a = 0, b = 0;
+    for (int i = 0; i < 16; i++) {
+        int l = clampi(round_ne(iscale * x[i]), -32, 31);
+        if (L) L[i] = (int8_t)(l + 32);
+        float w = x[i] * x[i];
+        a += w * x[i] * l;
+        b += w * l * l;
+    }
+    *sumlx = a;
+    *suml2 = b;
+}
+
+/* One 16-element group, symmetric 6-bit levels -32..31: the scale that puts the value of largest magnitude
+ * at -32, then 18 nearby inverse scales, the best by weighted (x^2) least squares. (make_qx_quants with
+ * nmax 32, rmse_type 1.) Returns the scale; L gets levels + 32. */
+static float fit_group6(const float *x, int8_t *L) {
+    float max = 0, amax = 0;
+    for (int i = 0; i < 16; i++) {
+        float ax = fabsf(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    if (amax < EPS_GROUP) {
+        memset(L, 0, 16);
+        return 0.f;
+    }
+    float iscale = -32 / max, sumlx, suml2;
+    sym_sums(x, iscale, L, &sumlx, &suml2);
+    float scale = suml2 ? sumlx / suml2 : 0.0f, best = scale * sumlx;
+    for (int is = -9; is <= 9; is++) {
+        if (is == 0) continue;
+        iscale = -(32 + 0.1f * is) / max;
+        sym_sums(x, iscale, NULL, &sumlx, &suml2);
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            sym_sums(x, iscale, L, &sumlx, &suml2);
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+/* Q6_K: 16 groups of 16 fitted independently, their scales quantized to int8 against the one of largest
+ * magnitude (d = -max/128), then every element re-quantized with the scale it will be decoded with. */
+static void q6_K_block(const float *x, uint8_t *out) {
+    int8_t L[QKK];
+    float scales[16], max_scale = 0, max_abs = 0;
+    for (int g = 0; g < 16; g++) {
+        scales[g] = fit_group6(x + 16 * g, L + 16 * g);
+        if (fabsf(scales[g]) > max_abs) {
+            max_abs = fabsf(scales[g]);
+            max_scale = scales[g];
+        }
+    }
+    uint8_t *ql = out, *qh = out + 128, *sc = out + 192;
+    if (max_abs < EPS_GROUP) {
+        memset(out, 0, 210);
+        return;
+    }
+    float iscale = -128.f / max_scale;
+    put_f16(out + 208, 1 / iscale);
+    float d16 = get_f16(out + 208);
+    for (int g = 0; g < 16; g++) {
+        int s = round_ne(iscale * scales[g]);
+        sc[g] = (uint8_t)(int8_t)(s < 127 ? s : 127);
+    }
+    for (int g = 0; g < 16; g++) {
+        const float d = d16 * (int8_t)sc[g];
+        if (!d) continue;
+        for (int i = 0; i < 16; i++) L[16 * g + i] = (int8_t)(clampi(round_ne(x[16 * g + i] / d), -32, 31) + 32);
+    }
+    /* each 128 elements: low nibbles of l, l+64 in ql[l] and of l+32, l+96 in ql[l+32]; the four high
+     * 2-bit pairs in qh[l] */
+    for (int j = 0; j < QKK; j += 128, ql += 64, qh += 32)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *u = (const uint8_t *)L + j + l;
+            ql[l] = (uint8_t)((u[0] & 0xF) | ((u[64] & 0xF) << 4));
+            ql[l + 32] = (uint8_t)((u[32] & 0xF) | ((u[96] & 0xF) << 4));
+            qh[l] = (uint8_t)((u[0] >> 4) | ((u[32] >> 4) << 2) | ((u[64] >> 4) << 4) | ((u[96] >> 4) << 6));
+        }
+}
+
+/* Q5_0: d = (value of largest magnitude, first on ties) / -16, q = min(31, trunc(x/d + 16.5)); low nibbles
+ * as Q4_0 (element j in byte j, j+16 in its high nibble), the fifth bits in a 32-bit mask. */
+static void q5_0_block(const float *x, uint8_t *out) {
+    float amax = 0, max = 0;
+    for (int j = 0; j < 32; j++)
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    const float d = max / -16, id = d ? 1.0f / d : 0.0f;
+    put_f16(out, d);
+    uint32_t qh = 0;
+    for (int j = 0; j < 16; j++) {
+        int8_t a = (int8_t)(x[j] * id + 16.5f), b = (int8_t)(x[16 + j] * id + 16.5f);
+        uint8_t qa = (uint8_t)(a < 31 ? a : 31), qb = (uint8_t)(b < 31 ? b : 31);
+        out[6 + j] = (uint8_t)((qa & 0xF) | ((qb & 0xF) << 4));
+        qh |= ((uint32_t)(qa >> 4) << j) | ((uint32_t)(qb >> 4) << (j + 16));
+    }
+    for (int k = 0; k < 4; k++) out[2 + k] = (uint8_t)(qh >> (8 * k));
+}
+
+void st_ggml_encode_kquant(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
+    if (t == ST_GGML_Q4_K)
+        for (int64_t b = 0; b < n / QKK; b++) q4_K_block(x + b * QKK, out + b * 144, 1);
+    else if (t == ST_GGML_Q6_K)
+        for (int64_t b = 0; b < n / QKK; b++) q6_K_block(x + b * QKK, out + b * 210);
+    else if (t == ST_GGML_Q5_0)
+        for (int64_t b = 0; b < n / 32; b++) q5_0_block(x + b * 32, out + b * 22);
+}
+
+void st_ggml_q4_K_scalar(const float *x, int64_t n, uint8_t *out) {
+    for (int64_t b = 0; b < n / QKK; b++) q4_K_block(x + b * QKK, out + b * 144, 0);
+}

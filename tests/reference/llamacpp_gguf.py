@@ -1,0 +1,255 @@
+"""llama.cpp itself runs `shardtune export --format gguf` files (PyPI llama-cpp-python, built from source by
+scripts/build_llama.sh; run through `scripts/pyref --llama`, so the low-level libllama API is used directly).
+
+For a Llama (SentencePiece-style BPE tokenizer, GQA), a Qwen2 (byte-level BPE, qwen2 pre-tokenizer, tied head)
+and a GPT-2 (byte-level BPE, gpt-2 pre-tokenizer), all small random models with sharp attention (q/k weights
+of std 0.08: scores of std ~1.6) and width 256, over T = 160 tokens of text:
+  * llama.cpp's tokenizer (llama_tokenize on the GGUF's vocabulary, no special tokens) gives exactly the ids of
+    `tokenizers` on the model's tokenizer.json;
+  * the per-token NLL of the next token from llama.cpp's logits at every position (one llama_decode of the whole
+    sequence, f32 KV cache, flash attention off) is within 1e-3 of the float64 reference (torch_model.py on the
+    HF weights) at every token for the f32 file; for q8_0 / q4_0 the mean NLL (log-perplexity) is within
+    3e-2 / 0.15 of the reference's (see QUANT below for why not per token), q4_K's within 0.15 * max(1, r), where r is the ratio of the
+    RMS weight error of the q4_K file to that of the q4_0 file over the same tensors (measured here by
+    dequantizing both with gguf.quants): to first order the NLL error scales with the weight error, and q4_0's
+    tolerance is the one the issue sets;
+  * a check that can fail: the f32 file with the Q/K rows of layer 0 left unpermuted (llama) or with a
+    corrupted qkv tensor (gpt2) is rejected by the f32 tolerance;
+  * bit-identity with llama.cpp's own quantizer: llama_model_quantize of our f32 GGUF with ftype Q4_K_S, pure
+    (no per-layer mixing), the head at Q6_K, produces exactly our q4_K file's tensor types and bytes (position_embd
+    apart: llama-quantize keeps it as its source had it, f32 here, and we write it f16) and file_type.
+Exit 77 (skip) without the llama.cpp environment unless SHARDTUNE_WITH_PYREF=1 (scripts/pyref).
+"""
+import ctypes
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gguf  # noqa: E402
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from gguf.quants import dequantize  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+import llama_cpp as L  # noqa: E402
+from ref_gguf_export import (TEXT, make_config, make_weights, write_model, bytelevel_tokenizer,  # noqa: E402
+                             spm_tokenizer, expected_tensors)
+from st_cli import check, finish, run  # noqa: E402
+import torch_model  # noqa: E402
+
+T = 160
+# q/k weight std. At ref_gguf_export's 0.25 (scores of std ~16 at width 256: every softmax is an argmax) the
+# f32 file matches within 4e-5, but q8_0's 0.4% weight error already flips argmaxes and moves single-token
+# NLLs by ~1 (measured 0.34-1.08), so no quantized tolerance could hold; 0.08 keeps attention position-
+# dependent (the corrupted-model check below must still fail) with scores of std ~1.6.
+ATTN_STD = 0.08
+# QUANT: for the quantized files the tolerances bound the difference of the mean NLL over the T-1 predicted
+# tokens (log-perplexity, how quantization quality is usually reported; measured 0.0004-0.0022 for q8_0,
+# 0.0095-0.027 for q4_0, 0.0045-0.025 for q4_K). Single tokens move much further (max |diff| 0.04-0.07 for
+# q8_0, 0.4-0.7 for q4_0 / q4_K; mean |diff| 0.012-0.015 and 0.10-0.20) on these random models:
+# every weight's relative error passes straight into the normalized hidden state, and llama.cpp's CPU
+# matmuls also round the activations to 8 bits for these types), which no per-token bound of 3e-2 / 0.15
+# survives; the layout itself is pinned by bit-identity with llama.cpp's quantizer (q4_K, below) and with
+# gguf.quants (q8_0 / q4_0, ref_gguf_export.py), and the runtime by the f32 per-token check.
+TOL = {"f32": 1e-3, "q8_0": 3e-2, "q4_0": 0.15}
+
+
+@L.llama_log_callback
+def _quiet(level, text, user_data):  # llama.cpp's logging off (errors surface as return codes)
+    pass
+
+
+def nll_from_logits(logits, ids):
+    z = logits[:-1].astype(np.float64)
+    z = z - z.max(1, keepdims=True)
+    lse = np.log(np.exp(z).sum(1))
+    return lse - z[np.arange(len(ids) - 1), ids[1:]]
+
+
+class Llama:
+    """One GGUF loaded in libllama: tokenize and all-position logits."""
+
+    def __init__(self, path):
+        mp = L.llama_model_default_params()
+        self.model = L.llama_model_load_from_file(path.encode(), mp)
+        if not self.model:
+            raise SystemExit(f"llama.cpp could not load {path}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = 256
+        cp.n_threads = cp.n_threads_batch = 2
+        cp.type_k = cp.type_v = 0  # GGML_TYPE_F32: no f16 rounding of the KV cache
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise SystemExit(f"llama.cpp could not make a context for {path}")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+
+    def tokenize(self, text):
+        b = text.encode()
+        buf = (L.llama_token * (len(b) + 8))()
+        n = L.llama_tokenize(self.vocab, b, len(b), buf, len(buf), False, False)
+        if n < 0:
+            raise SystemExit("llama_tokenize: buffer too small")
+        return [buf[i] for i in range(n)]
+
+    def logits(self, ids):
+        n = len(ids)
+        batch = L.llama_batch_init(n, 0, 1)
+        for i, t in enumerate(ids):
+            batch.token[i] = int(t)
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = n
+        rc = L.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise SystemExit(f"llama_decode returned {rc}")
+        out = np.empty((n, self.n_vocab), np.float32)
+        for i in range(n):
+            p = L.llama_get_logits_ith(self.ctx, i)
+            out[i] = np.ctypeslib.as_array(p, shape=(self.n_vocab,))
+        L.llama_batch_free(batch)
+        return out
+
+    def close(self):
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)
+
+
+def weight_rms_error(path, hf, cfg):
+    """RMS (dequantized - exact) over the quantized 2-D tensors of a GGUF file, and the tensors' names."""
+    exp = expected_tensors(cfg, hf)
+    se, n, names = 0.0, 0, []
+    for t in gguf.GGUFReader(path).tensors:
+        if t.tensor_type in (QT.F32, QT.F16) or t.name not in exp:
+            continue
+        a = exp[t.name].astype(np.float64)
+        d = dequantize(t.data, t.tensor_type).reshape(a.shape)
+        se += float(((d - a) ** 2).sum())
+        n += a.size
+        names.append(t.name)
+    return (se / max(n, 1)) ** 0.5, names
+
+
+def llama_quantize_matches(tmp, label, f32_path, ours, tied_head):
+    """llama_model_quantize(f32 GGUF, Q4_K_S, pure, head Q6_K) vs our q4_K file: types and bytes."""
+    theirs = os.path.join(tmp, f"{label}.llamacpp_q4_K.gguf")
+    qp = L.llama_model_quantize_default_params()
+    qp.nthread = 2
+    qp.ftype = 14  # LLAMA_FTYPE_MOSTLY_Q4_K_S
+    qp.pure = True
+    qp.output_tensor_type = int(QT.Q6_K)
+    if tied_head:
+        qp.token_embedding_type = int(QT.Q6_K)
+    rc = L.llama_model_quantize(f32_path.encode(), theirs.encode(), ctypes.byref(qp))
+    check(rc == 0, f"{label}: llama_model_quantize returned {rc}")
+    if rc:
+        return
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    check(a.fields["general.file_type"].contents() == b.fields["general.file_type"].contents(),
+          f"{label}: general.file_type differs from llama-quantize's")
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    check(set(ta) == set(tb), f"{label}: tensor names differ from llama-quantize's")
+    same = 0
+    for name in sorted(set(ta) & set(tb)):
+        x, y = ta[name], tb[name]
+        if name == "position_embd.weight":
+            check(x.tensor_type == QT.F16 and y.tensor_type == QT.F32, f"{label}: position_embd types")
+            continue
+        check(x.tensor_type == y.tensor_type,
+              f"{label}: {name} is {x.tensor_type.name} here, {y.tensor_type.name} from llama-quantize")
+        if x.tensor_type != y.tensor_type:
+            continue
+        eq = np.array_equal(np.asarray(x.data).view(np.uint8), np.asarray(y.data).view(np.uint8))
+        if not eq:
+            xa = np.asarray(x.data).view(np.uint8).ravel()
+            ya = np.asarray(y.data).view(np.uint8).ravel()
+            print(f"{label}: {name} ({x.tensor_type.name}): {int((xa != ya).sum())} of {xa.size} bytes differ")
+        check(eq, f"{label}: {name} ({x.tensor_type.name}) bytes differ from llama-quantize's")
+        same += eq
+    print(f"{label}: {same} tensors bit-identical to llama.cpp's llama_model_quantize (Q4_K_S, pure, head Q6_K)")
+
+
+def main():
+    L.llama_log_set(_quiet, ctypes.c_void_p())
+    L.llama_backend_init()
+    rng = np.random.default_rng(21)
+    tmp = tempfile.mkdtemp(prefix="st_llamacpp_")
+    text = " ".join(TEXT[:30])
+    cases = [  # label, config, tokenizer json
+        ("llama", make_config("llama", 2, 256, 4, 2, 352, 0, False), spm_tokenizer()),
+        ("qwen2", make_config("qwen2", 2, 256, 4, 2, 512, 0, True), bytelevel_tokenizer("qwen2")),
+        ("gpt2", make_config("gpt2", 2, 256, 4, 4, 1024, 0, True), bytelevel_tokenizer("gpt-2")),
+    ]
+    for label, cfg, tok in cases:
+        tk = Tokenizer.from_str(tok)
+        V = tk.get_vocab_size(with_added_tokens=True)
+        cfg["vocab_size"] = V
+        hf = make_weights(cfg, rng)
+        head = "lm_head.weight" if "lm_head.weight" in hf else ("wte.weight" if "wte.weight" in hf
+                                                               else "model.embed_tokens.weight")
+        hf[head] = (hf[head] * 2.0).astype(np.float32)  # logits of a useful scale (std ~0.6)
+        for n in hf:  # q/k std 0.25 -> ATTN_STD: attention scores of std ~1.6, see QK note above
+            if any(k in n for k in ("q_proj.weight", "k_proj.weight", "c_attn.weight")):
+                hf[n] = (hf[n] * (ATTN_STD / 0.25)).astype(np.float32)
+        d = os.path.join(tmp, label)
+        write_model(d, cfg, hf, tok)
+        ids = np.array(tk.encode(text, add_special_tokens=False).ids[:T])
+        check(len(ids) == T, f"{label}: the text gives {len(ids)} tokens, need {T}")
+        ref_logits = torch_model.RefModel(cfg, hf, torch.float64).logits(torch.tensor(ids[None])).detach().numpy()[0]
+        ref = nll_from_logits(ref_logits, ids)
+        print(f"{label}: V {V}, reference mean NLL {ref.mean():.4f} (log V {np.log(V):.4f})")
+        paths = {}
+        for quant in ("f32", "q8_0", "q4_0", "q4_K"):
+            paths[quant] = os.path.join(tmp, f"{label}.{quant}.gguf")
+            run("export", d, "--out", paths[quant], "--format", "gguf", "--quant", quant)
+        rms = {q: weight_rms_error(paths[q], hf, cfg)[0] for q in ("q4_0", "q4_K")}
+        tol = dict(TOL, q4_K=TOL["q4_0"] * max(1.0, rms["q4_K"] / rms["q4_0"]))
+        print(f"{label}: weight RMS error q4_K {rms['q4_K']:.3e} vs q4_0 {rms['q4_0']:.3e}: q4_K tolerance "
+              f"{tol['q4_K']:.3f}")
+        for quant, path in paths.items():
+            m = Llama(path)
+            if quant == "f32":
+                got = m.tokenize(text)[:T]
+                check(got == ids.tolist(), f"{label}: llama.cpp tokenizes differently from tokenizers "
+                      f"(first difference at {next((i for i, (a, b) in enumerate(zip(got, ids)) if a != b), -1)})")
+            nll = nll_from_logits(m.logits(ids), ids)
+            m.close()
+            diff = np.abs(nll - ref)
+            # f32: every token (llama.cpp must compute what the file holds); quantized: the mean NLL, i.e. the
+            # log-perplexity (the quantization's damage; single tokens move by more, see the QUANT note above)
+            err = diff.max() if quant == "f32" else abs(nll.mean() - ref.mean())
+            print(f"{label}/{quant}: llama.cpp per-token NLL vs float64: max |diff| {diff.max():.2e}, mean |diff| "
+                  f"{diff.mean():.2e} (mean NLL {nll.mean():.4f} vs {ref.mean():.4f}), tolerance {tol[quant]:.3g} "
+                  f"on the {'max' if quant == 'f32' else 'mean NLL'}")
+            check(err <= tol[quant], f"{label}/{quant}: per-token NLL differs by {err:.3e} > {tol[quant]:.3g}")
+        # the check can fail: a wrong file must be caught by the f32 tolerance
+        bad = dict(hf)
+        if label == "gpt2":
+            w = bad["h.0.attn.c_attn.weight"].copy()
+            w[:, :256] = w[:, :256][:, ::-1]  # q columns reversed
+            bad["h.0.attn.c_attn.weight"] = w
+        else:
+            bad["model.layers.0.self_attn.q_proj.weight"] = hf["model.layers.0.self_attn.k_proj.weight"].repeat(2, 0)
+        bd = os.path.join(tmp, label + "_bad")
+        write_model(bd, cfg, bad, tok)
+        bp = os.path.join(tmp, f"{label}.bad.gguf")
+        run("export", bd, "--out", bp, "--format", "gguf", "--quant", "f32")
+        m = Llama(bp)
+        berr = np.abs(nll_from_logits(m.logits(ids), ids) - ref).max()
+        m.close()
+        print(f"{label}: a corrupted layer-0 attention gives {berr:.2e} (must exceed {TOL['f32']})")
+        check(berr > TOL["f32"], f"{label}: the NLL check cannot tell a corrupted model apart ({berr:.2e})")
+        llama_quantize_matches(tmp, label, paths["f32"], paths["q4_K"], tied_head=cfg.get("tie_word_embeddings")
+                               and label != "gpt2")
+    L.llama_backend_free()
+    finish()
+
+
+if __name__ == "__main__":
+    main()

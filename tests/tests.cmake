@@ -15,7 +15,7 @@ set(ST_SLOW_TESTS
   reference.test_monitor_train reference.test_telemetry_client reference.test_act_ckpt reference.test_zero3
   integration.test_bf16_train integration.test_device_failure integration.test_divergence
   integration.test_first_hour integration.test_gpu_smoke_selftest integration.test_packing_train
-  integration.test_resume_safety integration.test_watchdog reference.test_generate_torch
+  integration.test_resume_safety integration.test_watchdog integration.test_zero3_kill reference.test_generate_torch
   reference.test_lora_train reference.test_prompt_train reference.test_qlora_train reference.ref_rope_models)
 
 # The only tests that run a second time after a failure (tests/retry_once.sh, ctest's --repeat

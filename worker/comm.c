@@ -116,12 +116,17 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
     return 0;
 }
 
+static int prefetch_finish(st_comm *c, size_t a, size_t b); /* stage 3, below */
+
 void st_comm_free(st_comm *c) {
     if (c->nccl) st_nccl_destroy(c->nccl);
     c->nccl = NULL;
     if (c->model) { /* stage 3: the model's hooks point here */
+        prefetch_finish(c, (size_t)-1, 0);
         c->model->acquire = NULL;
         c->model->release = NULL;
+        c->model->prefetch = NULL;
+        c->model->progress = NULL;
         c->model->residency_ctx = NULL;
         c->model->grad_ready = NULL;
         c->model->grad_ready_ctx = NULL;
@@ -133,6 +138,8 @@ void st_comm_free(st_comm *c) {
         c->be->free(c->z3_recv);
     }
     free(c->z3_stage);
+    free(c->z3_pf_counts);
+    c->z3_pf_counts = NULL;
     c->z3_recv = NULL;
     c->z3_stage = NULL;
     free(c->reqs);
@@ -335,6 +342,7 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     int rc = 0;
     c->comm_seconds = 0;
     if (c->stage == 3) { /* reduce-scattered layer by layer during backward */
+        prefetch_finish(c, (size_t)-1, 0);
         *optim_grads = c->shard_grads;
         c->comm_seconds = c->overlap_seconds;
         c->overlap_seconds = 0;
@@ -561,6 +569,18 @@ static int gather_staged(st_comm *c, size_t a, size_t b) {
     return 0;
 }
 
+/* Waits for the prefetched gather in flight (if any). Unless it is of [a, b) (the range being acquired),
+ * its weights are given back again: its acquire never came. Returns whether [a, b) is now resident. */
+static int prefetch_finish(st_comm *c, size_t a, size_t b) {
+    if (!c->z3_pf_active) return 0;
+    c->z3_pf_active = 0;
+    int rc = MPI_Wait(&c->z3_pf_req, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+    if (c->z3_pf_a == a && c->z3_pf_b == b) return 1;
+    release_compact(c, c->z3_pf_a, c->z3_pf_b);
+    return 0;
+}
+
 /* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident). */
 static void z3_acquire(void *ctx, int first, int last) {
     st_comm *c = ctx;
@@ -568,7 +588,11 @@ static void z3_acquire(void *ctx, int first, int last) {
     double t0 = st_now();
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
-    if (b == a) return; /* frozen: resident everywhere, no communication */
+    int done = prefetch_finish(c, a, b);
+    if (b == a || done) { /* frozen: resident everywhere, no communication; or prefetched */
+        c->overlap_seconds += st_now() - t0;
+        return;
+    }
     int rc;
     if (z3_in_place(c)) {
         int counts[c->world], displs[c->world];
@@ -580,6 +604,38 @@ static void z3_acquire(void *ctx, int first, int last) {
     }
     if (rc && !c->z3_rc) c->z3_rc = rc;
     c->overlap_seconds += st_now() - t0;
+}
+
+/* Prefetch hook: starts the in-place all-gather of [first, last) without waiting (the staged gathers of
+ * a model with frozen parameters share one buffer: they stay blocking, in acquire). The range is
+ * disjoint from the layer computing meanwhile, and release of that layer touches only its own elements
+ * (whole pages inside it, the shared edge pages element by element). */
+static void z3_prefetch(void *ctx, int first, int last) {
+    st_comm *c = ctx;
+    if (c->world == 1 || !c->z3_prefetch || !z3_in_place(c)) return;
+    size_t a, b;
+    param_span(c->model, first, last, &a, &b);
+    if (b == a) return;
+    prefetch_finish(c, (size_t)-1, 0); /* one in flight at a time (never reached in the model's order) */
+    int *counts = c->z3_pf_counts, *displs = c->z3_pf_counts + c->world;
+    owner_counts(c, a, b, counts, displs);
+    int rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm,
+                             &c->z3_pf_req);
+    if (rc != MPI_SUCCESS) {
+        if (!c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+        return;
+    }
+    c->z3_pf_active = 1;
+    c->z3_pf_a = a;
+    c->z3_pf_b = b;
+}
+
+/* Progress hook (between matmuls): lets MPI move a prefetched gather on. */
+static void z3_progress(void *ctx) {
+    st_comm *c = ctx;
+    if (!c->z3_pf_active) return;
+    int flag;
+    MPI_Test(&c->z3_pf_req, &flag, MPI_STATUS_IGNORE); /* done: the request is MPI_REQUEST_NULL, Wait returns */
 }
 
 static void z3_release(void *ctx, int first, int last) {
@@ -626,9 +682,15 @@ static int z3_init(st_comm *c, const st_model *cm) {
         c->z3_stage = malloc((c->n_pad < ST_Z3_CHUNK ? c->n_pad : ST_Z3_CHUNK) * sizeof(float));
         if (!c->z3_stage) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 gather buffer", c->rank);
     }
+    const char *pf = getenv("SHARDTUNE_ZERO3_PREFETCH");
+    c->z3_prefetch = !(pf && strcmp(pf, "0") == 0);
+    c->z3_pf_counts = malloc(2 * (size_t)c->world * sizeof(int));
+    if (!c->z3_pf_counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 prefetch", c->rank);
     c->model = m;
     m->acquire = z3_acquire;
     m->release = z3_release;
+    m->prefetch = z3_prefetch;
+    m->progress = z3_progress;
     m->residency_ctx = c;
     m->grad_ready = z3_grad_ready;
     m->grad_ready_ctx = c;

@@ -52,6 +52,13 @@ typedef struct {
     int z3_rc;              /* first failure inside a hook (they cannot return it); reported by reduce_grads */
     float *z3_stage;        /* host [min(n_pad, ST_Z3_CHUNK)]: gather staging when frozen parameters exist */
     size_t z3_stage_at;     /* compact index of z3_stage[0] during a staged gather */
+    /* prefetch (in-place gathers only: every parameter trains): the next layer's MPI_Iallgatherv, started
+     * by the model's prefetch hook while this layer computes, finished by the acquire of that range */
+    int z3_prefetch;        /* enabled (SHARDTUNE_ZERO3_PREFETCH=0 turns it off, for benchmarks) */
+    int z3_pf_active;       /* a gather of [z3_pf_a, z3_pf_b) is in flight */
+    size_t z3_pf_a, z3_pf_b;
+    MPI_Request z3_pf_req;
+    int *z3_pf_counts;      /* [2 * world]: its per-owner counts and displacements (MPI reads them until done) */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own

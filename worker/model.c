@@ -345,6 +345,10 @@ void st_model_release(const st_model *m, int first, int last) {
     if (m->release && last > first) m->release(m->residency_ctx, first, last);
 }
 
+void st_model_prefetch(const st_model *m, int first, int last) {
+    if (m->prefetch && last > first) m->prefetch(m->residency_ctx, first, last);
+}
+
 /* ---------------- activations ---------------- */
 
 /* Per-layer saved activations, as pointers into the arena. Under precision bf16 the six tensors that are
@@ -815,6 +819,7 @@ static layer_w layer_weights(const st_model *m, int l) {
  * pointers of activations and weights are NULL then); under bf16 either may be stored as bf16. */
 static void mm(const st_model *m, float *c, st_mm_in a, st_mm_in b, const float *bias, int M, int N, int K, int ta,
                int tb, float beta) {
+    if (m->progress) m->progress(m->residency_ctx); /* a prefetched gather in flight moves on */
     if (m->precision == ST_PRECISION_BF16) {
         m->be->matmul_bf16(c, a, b, bias, M, N, K, ta, tb, 1.0f, beta, m->mm_scratch);
     } else {
@@ -996,6 +1001,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
     st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
+    if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
     if (wpe && m->doc_pos_on)
         be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
     else
@@ -1004,6 +1010,10 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     if (!tied) st_model_release(m, 0, e0);
     for (int l = 0; l < L; l++) {
         st_model_acquire(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+        if (l + 1 < L) /* the next layer's gather travels while this one computes */
+            st_model_prefetch(m, layer_first_param(m, l + 1), layer_first_param(m, l + 2));
+        else
+            st_model_prefetch(m, fn, st_model_base_params(m));
         layer_forward(m, l, acts_for(m, la, l), &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
         st_model_release(m, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
@@ -1106,6 +1116,7 @@ void st_model_backward(st_model *m) {
     int fn = final_norm_index(m);
     be->memset0(b.dres, (size_t)N * c->d_model * sizeof(float));
     st_model_acquire(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2)); /* the final norm */
+    if (L - 1 >= m->lowest_trained_layer) st_model_prefetch(m, layer_first_param(m, L - 1), layer_first_param(m, L));
     norm_bwd(m, b.dres, gptr(m, fn), c->family == ST_FAMILY_GPT2 ? gptr(m, fn + 1) : NULL, b.dlnf, b.res_out,
              wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
     st_model_release(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2));
@@ -1114,6 +1125,7 @@ void st_model_backward(st_model *m) {
         int p0 = layer_first_param(m, l), p1 = layer_first_param(m, l + 1);
         const layer_acts *a = acts_for(m, la, l);
         st_model_acquire(m, p0, p1);
+        if (l - 1 >= m->lowest_trained_layer) st_model_prefetch(m, layer_first_param(m, l - 1), p0);
         if (m->act_ckpt) layer_forward(m, l, a, &b, NULL); /* the same calls on the same input: same values */
         layer_backward(m, l, a, &b);
         st_model_release(m, p0, p1);

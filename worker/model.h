@@ -90,6 +90,11 @@ typedef struct {
      * st_model_acquire / st_model_release. */
     void (*acquire)(void *ctx, int first, int last);
     void (*release)(void *ctx, int first, int last);
+    /* Optional, with acquire: prefetch(ctx, first, last) announces the next acquire while this layer
+     * computes (the hook may start its gather without waiting; that acquire then finishes it), and
+     * progress(ctx) is called between the model's matmuls so a non-blocking gather moves on. */
+    void (*prefetch)(void *ctx, int first, int last);
+    void (*progress)(void *ctx);
     void *residency_ctx;
     /* LoRA adapters (worker/lora.h): registry entries [n_base_params, n_params) and weights
      * [n_base_weights, n_weights); 0 / NULL without adapters (then n_base_* = 0 means "all"). */
@@ -213,6 +218,8 @@ void st_model_zero_grad(st_model *m);
  * hooks when installed (collective then: every rank makes the same calls), nothing otherwise. */
 void st_model_acquire(const st_model *m, int first, int last);
 void st_model_release(const st_model *m, int first, int last);
+/* The next st_model_acquire will be of [first, last): the residency hooks may start fetching it now. */
+void st_model_prefetch(const st_model *m, int first, int last);
 
 /* Layer l's activations from the last forward, in backend memory (fp32 precision only): its input residual
  * [B*T, C], the attention output before the output projection [B*T, H*hd], the MLP activation before the

@@ -349,6 +349,21 @@ void st_model_prefetch(const st_model *m, int first, int last) {
     if (m->prefetch && last > first) m->prefetch(m->residency_ctx, first, last);
 }
 
+/* Layer l's parameters and its LoRA adapters (appended after the base registry, per layer). */
+static void layer_acquire(const st_model *m, int l, int p0, int p1) {
+    int lf, ll;
+    st_model_acquire(m, p0, p1);
+    st_lora_layer_params(m, l, &lf, &ll);
+    st_model_acquire(m, lf, ll);
+}
+
+static void layer_release(const st_model *m, int l, int p0, int p1) {
+    int lf, ll;
+    st_model_release(m, p0, p1);
+    st_lora_layer_params(m, l, &lf, &ll);
+    st_model_release(m, lf, ll);
+}
+
 /* ---------------- activations ---------------- */
 
 /* Per-layer saved activations, as pointers into the arena. Under precision bf16 the six tensors that are
@@ -1006,16 +1021,21 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
     else
         be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
-    if (m->prompt) st_prompt_forward(m, la[0].res_in); /* the virtual rows */
+    if (m->prompt) { /* the virtual rows */
+        int pp = st_prompt_param(m);
+        st_model_acquire(m, pp, pp + 1);
+        st_prompt_forward(m, la[0].res_in);
+        st_model_release(m, pp, pp + 1);
+    }
     if (!tied) st_model_release(m, 0, e0);
     for (int l = 0; l < L; l++) {
-        st_model_acquire(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+        layer_acquire(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
         if (l + 1 < L) /* the next layer's gather travels while this one computes */
             st_model_prefetch(m, layer_first_param(m, l + 1), layer_first_param(m, l + 2));
         else
             st_model_prefetch(m, fn, st_model_base_params(m));
         layer_forward(m, l, acts_for(m, la, l), &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
-        st_model_release(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+        layer_release(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     st_model_acquire(m, fn, st_model_base_params(m));
@@ -1124,11 +1144,11 @@ void st_model_backward(st_model *m) {
     for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
         int p0 = layer_first_param(m, l), p1 = layer_first_param(m, l + 1);
         const layer_acts *a = acts_for(m, la, l);
-        st_model_acquire(m, p0, p1);
+        layer_acquire(m, l, p0, p1);
         if (l - 1 >= m->lowest_trained_layer) st_model_prefetch(m, layer_first_param(m, l - 1), p0);
         if (m->act_ckpt) layer_forward(m, l, a, &b, NULL); /* the same calls on the same input: same values */
         layer_backward(m, l, a, &b);
-        st_model_release(m, p0, p1);
+        layer_release(m, l, p0, p1);
         report_ready(m, p0, p1);
         int lf, ll;
         st_lora_layer_params(m, l, &lf, &ll);

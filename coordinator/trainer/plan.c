@@ -24,10 +24,7 @@
 /* ---------------- adapters ---------------- */
 
 static int attach_prompt(const st_config *c, st_model *m) {
-    /* worker/prompt.c reads the prompt in place (no residency hooks) and runs host loops */
-    if (c->sharding.stage >= 3)
-        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with sharding.stage %d is not supported yet (use 0, 1 or 2)",
-                       c->sharding.stage);
+    /* sharding.stage 3: the prompt is the one trainable (sharded) tensor; forward acquires it (worker/model.c) */
     if (c->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with precision bf16 is not supported yet (use fp32)");
     /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
@@ -58,10 +55,12 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
-    /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
-    if (c->sharding.stage >= 3)
-        return st_fail(ST_ECONFIG, "finetune.mode %s with sharding.stage %d is not supported yet (use 0, 1 or 2)",
-                       q ? "qlora" : "lora", c->sharding.stage);
+    /* sharding.stage 3: the adapters are the trainable (sharded) tensors, acquired with their layer
+     * (worker/model.c); the frozen base stays whole on every rank. QLoRA's dequantization scratch shares
+     * the acquire hook: not yet */
+    if (q && c->sharding.stage >= 3)
+        return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage %d is not supported yet (use 0, 1 or 2, "
+                                   "or finetune.mode lora)", c->sharding.stage);
     if (q && c->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "finetune.mode qlora with precision bf16 is not supported yet (use fp32)");
     unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);

@@ -475,18 +475,20 @@ int st_comm_gather_state(st_comm *c, const float *part, float *full) {
 /* Gives the memory behind x[a, b) back to the system; the range reads as zero afterwards. Whole pages go
  * with madvise(MADV_DONTNEED) (private anonymous memory comes back as zeros on the next touch); the partial
  * pages at either end are shared with neighbouring tensors, so only the range's own elements are zeroed. */
-static void discard(float *x, size_t a, size_t b) {
+static void discard_bytes(void *x, size_t elem, size_t a, size_t b) {
     if (b <= a) return;
-    uintptr_t lo = (uintptr_t)(x + a), hi = (uintptr_t)(x + b), page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (uintptr_t)x + a * elem, hi = (uintptr_t)x + b * elem, page = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t plo = (lo + page - 1) / page * page, phi = hi / page * page;
     if (phi <= plo) {
-        memset(x + a, 0, (b - a) * sizeof(float));
+        memset((void *)lo, 0, hi - lo);
         return;
     }
     memset((void *)lo, 0, plo - lo);
     memset((void *)phi, 0, hi - phi);
     if (madvise((void *)plo, phi - plo, MADV_DONTNEED) != 0) memset((void *)plo, 0, phi - plo);
 }
+
+static void discard(float *x, size_t a, size_t b) { discard_bytes(x, sizeof(float), a, b); }
 
 /* The part of x[a, b) that is not this rank's shard. */
 static void discard_unowned(const st_comm *c, float *x, size_t a, size_t b) {
@@ -581,29 +583,40 @@ static int prefetch_finish(st_comm *c, size_t a, size_t b) {
     return 0;
 }
 
-/* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident). */
+/* precision bf16: the compute copy of parameters [first, last) from their (now whole) fp32 weights, the
+ * same rounding stage 0 does for the whole model (worker/model.c); release gives it back again. */
+static void bf16_copy(const st_model *m, int first, int last, int make) {
+    for (int i = first; i < last; i++) {
+        const st_param *p = &m->params[i];
+        if (make)
+            m->be->to_bf16(m->weights_bf16 + p->offset, m->weights + p->offset, p->numel);
+        else
+            discard_bytes(m->weights_bf16, sizeof(uint16_t), p->offset, p->offset + p->numel);
+    }
+}
+
+/* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident);
+ * under bf16 then their compute copy. */
 static void z3_acquire(void *ctx, int first, int last) {
     st_comm *c = ctx;
-    if (c->world == 1) return;
     double t0 = st_now();
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
     int done = prefetch_finish(c, a, b);
-    if (b == a || done) { /* frozen: resident everywhere, no communication; or prefetched */
-        c->overlap_seconds += st_now() - t0;
-        return;
-    }
-    int rc;
-    if (z3_in_place(c)) {
-        int counts[c->world], displs[c->world];
-        owner_counts(c, a, b, counts, displs);
-        rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm);
-        rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 parameter all-gather", c->rank);
-    } else {
-        rc = gather_staged(c, a, b);
+    int rc = 0;
+    if (c->world > 1 && b > a && !done) { /* else frozen: resident everywhere; or prefetched */
+        if (z3_in_place(c)) {
+            int counts[c->world], displs[c->world];
+            owner_counts(c, a, b, counts, displs);
+            rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm);
+            rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+        } else {
+            rc = gather_staged(c, a, b);
+        }
     }
     if (rc && !c->z3_rc) c->z3_rc = rc;
     c->overlap_seconds += st_now() - t0;
+    if (c->model->weights_bf16) bf16_copy(c->model, first, last, 1);
 }
 
 /* Prefetch hook: starts the in-place all-gather of [first, last) without waiting (the staged gathers of
@@ -640,6 +653,7 @@ static void z3_progress(void *ctx) {
 
 static void z3_release(void *ctx, int first, int last) {
     st_comm *c = ctx;
+    if (c->model->weights_bf16) bf16_copy(c->model, first, last, 0);
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
     release_compact(c, a, b);
@@ -670,9 +684,6 @@ static int z3_init(st_comm *c, const st_model *cm) {
     if (on_device(m))
         return st_fail(ST_ECONFIG, "sharding.stage 3 is not supported on the %s backend yet (CPU ranks only); "
                                    "use sharding.stage 2", m->be->name);
-    if (m->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "sharding.stage 3 supports precision fp32 only for now (not bf16); use "
-                                   "sharding.stage 2 or precision: fp32");
     if (c->shard) {
         c->shard_grads = c->be->alloc(c->shard * sizeof(float));
         c->z3_recv = c->be->alloc(st_comm_zero3_recv_floats(c->shard) * sizeof(float));
@@ -696,6 +707,7 @@ static int z3_init(st_comm *c, const st_model *cm) {
     m->grad_ready_ctx = c;
     release_compact(c, 0, c->n);
     if (m->grads) discard(m->grads, 0, m->grad_alloc);
+    if (m->weights_bf16) discard_bytes(m->weights_bf16, sizeof(uint16_t), 0, m->n_weights); /* made per acquire */
     return 0;
 }
 

@@ -1005,7 +1005,8 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     layer_acts *la = m->layer_acts;
     model_bufs b;
     bind(m, la, &b);
-    if (m->weights_bf16 && m->weights_bf16_stale) { /* the bf16 copy every matmul reads */
+    if (m->weights_bf16 && m->weights_bf16_stale && !m->acquire) { /* the bf16 copy every matmul reads (ZeRO-3:
+                                                                        made per layer by the acquire hook) */
         be->to_bf16(m->weights_bf16, m->weights, m->n_weights);
         m->weights_bf16_stale = 0;
     }

@@ -256,6 +256,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         size_t work = zero3_working_floats(m, goff), frozen = m->n_weights - n;
         size_t staging = frozen && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
         r->weights = (frozen + hi - lo + work) * sizeof(float);
+        if (c->precision == ST_PRECISION_BF16) { /* the compute copy of the group acquired (frozen weights
+                                                    included) and of the shard the optimizer writes */
+            long *all = calloc((size_t)m->n_params, sizeof(long));
+            size_t bwork = all ? zero3_working_floats(m, all) : m->n_weights;
+            free(all);
+            r->weights += (bwork + hi - lo) * sizeof(uint16_t);
+        }
         r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + work) * sizeof(float);
         r->comm = staging * sizeof(float);
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
@@ -288,9 +295,6 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     if (world < 1) return st_fail(ST_EINVAL, "--ranks %d must be at least 1", world);
     if (c->sharding.stage < 0 || c->sharding.stage > 3)
         return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0 to 3)", c->sharding.stage);
-    if (c->sharding.stage == 3 && c->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "sharding.stage 3 supports precision fp32 only for now (not bf16); use "
-                                   "sharding.stage 2 or precision: fp32");
     int rc = st_model_check_seq_len(&m->cfg, c->train.seq_len + st_prompt_tokens(m));
     if (rc) return rc;
     out->world = world;

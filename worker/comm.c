@@ -318,6 +318,9 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
         if (!rc) rc = st_comm_gather_state(c, o->m, old_m);
         if (!rc) rc = st_comm_gather_state(c, o->v, old_v);
     }
+    /* stage 3: the old trainable weights whole on every rank (every rank acquires: collective), so the new
+     * communicator can cut its shards from them (its init gives back what this rank no longer owns) */
+    if (c->stage == 3 && c->model == m) st_model_acquire(m, 0, m->n_params);
     int *old_steps = o->param_step;
     o->param_step = NULL;
     st_optim_free(o, be);

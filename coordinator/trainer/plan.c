@@ -284,6 +284,7 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
     sp->shard = sp->n_pad / (size_t)world;
     for (int i = 0; i < m->n_params; i++) sp->n_trainable_params += goff[i] >= 0;
     sp->transition_extra = 2 * prev_pad * sizeof(float); /* st_comm_reshard_optim's old_m + old_v */
+    if (c->sharding.stage == 3) sp->transition_extra += prev_pad * sizeof(float); /* + the old trainable weights whole */
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
     for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r]);

@@ -574,6 +574,42 @@ static int gather_staged(st_comm *c, size_t a, size_t b) {
     return 0;
 }
 
+/* precision bf16 inside forward/backward with in-place gathers: the group's bf16 compute copy travels
+ * instead of its fp32 weights (half the bytes), and the fp32 weights only of the parameters read in fp32
+ * (norms, biases, embeddings: st_model_param_bf16_only). Values are those of a local to_bf16: each owner
+ * rounds its own part. */
+static int z3_bf16_gather(const st_comm *c) {
+    return c->world > 1 && c->model->weights_bf16 && c->model->in_compute && z3_in_place(c);
+}
+
+/* Starts (req) or runs (req NULL) the in-place all-gather of the bf16 copy of [a, b), after rounding this
+ * rank's own part. */
+static int gather_bf16(st_comm *c, size_t a, size_t b, int *counts, int *displs, MPI_Request *req) {
+    const st_model *m = c->model;
+    size_t os = a > c->lo ? a : c->lo, oe = b < c->hi ? b : c->hi;
+    if (os < oe) m->be->to_bf16(m->weights_bf16 + os, m->weights + os, oe - os);
+    owner_counts(c, a, b, counts, displs);
+    int rc = req ? MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_UINT16_T, m->weights_bf16 + a, counts, displs, MPI_UINT16_T,
+                                   c->comm, req)
+                 : MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_UINT16_T, m->weights_bf16 + a, counts, displs, MPI_UINT16_T,
+                                  c->comm);
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 bf16 parameter all-gather", c->rank);
+}
+
+/* The fp32 weights of the parameters among [first, last) that forward/backward read in fp32, in place. */
+static int gather_fp32_read(st_comm *c, int first, int last) {
+    for (int i = first; i < last; i++) {
+        const st_param *p = &c->model->params[i];
+        if (p->grad_offset < 0 || st_model_param_bf16_only(c->model, i)) continue;
+        int counts[c->world], displs[c->world];
+        size_t a = (size_t)p->grad_offset;
+        owner_counts(c, a, a + p->numel, counts, displs);
+        int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm);
+        if (rc != MPI_SUCCESS) return mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+    }
+    return 0;
+}
+
 /* Waits for the prefetched gather in flight (if any). Unless it is of [a, b) (the range being acquired),
  * its weights are given back again: its acquire never came. Returns whether [a, b) is now resident. */
 static int prefetch_finish(st_comm *c, size_t a, size_t b) {
@@ -583,6 +619,7 @@ static int prefetch_finish(st_comm *c, size_t a, size_t b) {
     if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 parameter all-gather", c->rank);
     if (c->z3_pf_a == a && c->z3_pf_b == b) return 1;
     release_compact(c, c->z3_pf_a, c->z3_pf_b);
+    if (c->model->weights_bf16) discard_bytes(c->model->weights_bf16, sizeof(uint16_t), c->z3_pf_a, c->z3_pf_b);
     return 0;
 }
 
@@ -607,6 +644,14 @@ static void z3_acquire(void *ctx, int first, int last) {
     param_span(c->model, first, last, &a, &b);
     int done = prefetch_finish(c, a, b);
     int rc = 0;
+    if (z3_bf16_gather(c) && b > a) {
+        int counts[c->world], displs[c->world];
+        if (!done) rc = gather_bf16(c, a, b, counts, displs, NULL);
+        if (!rc) rc = gather_fp32_read(c, first, last);
+        if (rc && !c->z3_rc) c->z3_rc = rc;
+        c->overlap_seconds += st_now() - t0;
+        return; /* the bf16 copy of every parameter of the group is here */
+    }
     if (c->world > 1 && b > a && !done) { /* else frozen: resident everywhere; or prefetched */
         if (z3_in_place(c)) {
             int counts[c->world], displs[c->world];
@@ -634,11 +679,17 @@ static void z3_prefetch(void *ctx, int first, int last) {
     if (b == a) return;
     prefetch_finish(c, (size_t)-1, 0); /* one in flight at a time (never reached in the model's order) */
     int *counts = c->z3_pf_counts, *displs = c->z3_pf_counts + c->world;
-    owner_counts(c, a, b, counts, displs);
-    int rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm,
+    int rc;
+    if (z3_bf16_gather(c)) { /* the bf16 copy; the few fp32 reads are gathered by the acquire */
+        rc = gather_bf16(c, a, b, counts, displs, &c->z3_pf_req);
+    } else {
+        owner_counts(c, a, b, counts, displs);
+        rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm,
                              &c->z3_pf_req);
-    if (rc != MPI_SUCCESS) {
-        if (!c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+        rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+    }
+    if (rc) {
+        if (!c->z3_rc) c->z3_rc = rc;
         return;
     }
     c->z3_pf_active = 1;

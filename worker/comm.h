@@ -10,8 +10,9 @@
  * again before its backward and give the pages back after (madvise); the grad_ready hook reduce-scatters
  * each layer's gradients into the owners' shard_grads as soon as its backward ends (every micro-batch)
  * and gives those pages back. With every parameter trainable the prefetch hook starts the next group's
- * all-gather (MPI_Iallgatherv) while this one computes. Under bf16 the acquire hook makes the group's bf16
- * compute copy from its gathered fp32 weights and release gives it back. The optimizer updates the
+ * all-gather (MPI_Iallgatherv) while this one computes. Under bf16, inside forward/backward, the group's
+ * bf16 compute copy is gathered (plus the fp32 weights the model reads in fp32); elsewhere the acquire
+ * hook makes it from the gathered fp32 weights; release gives it back. The optimizer updates the
  * resident shard in place: no parameter gather.
  * The compact space (model->grad_alloc floats) is padded to a multiple of the world size so every shard
  * has the same length. The communicator owns its staging buffers (backend memory). On a device backend the

@@ -349,6 +349,12 @@ void st_model_prefetch(const st_model *m, int first, int last) {
     if (m->prefetch && last > first) m->prefetch(m->residency_ctx, first, last);
 }
 
+int st_model_param_bf16_only(const st_model *m, int i) {
+    const st_param *p = &m->params[i];
+    if (p->ndim != 2 || m->lora || m->prompt || m->qlora) return 0;
+    return p->layer >= 0 || (!m->cfg.tied_embeddings && i == st_model_base_params(m) - 1);
+}
+
 /* Layer l's parameters and its LoRA adapters (appended after the base registry, per layer). */
 static void layer_acquire(const st_model *m, int l, int p0, int p1) {
     int lf, ll;
@@ -1016,6 +1022,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
     const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
+    m->in_compute = 1;
     st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
     if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
     if (wpe && m->doc_pos_on)
@@ -1044,6 +1051,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     double loss = m->hidden_only ? 0.0 : head_forward(m, &b, train);
     st_model_release(m, fn, st_model_base_params(m));
     if (tied) st_model_release(m, 0, e0);
+    m->in_compute = 0;
     if (m->hidden_only) return 0.0;
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
     if (m->prompt) st_prompt_real_rows(m, m->loss_per_pos); /* [B, T] as the caller's batch */
@@ -1134,6 +1142,7 @@ void st_model_backward(st_model *m) {
     layer_acts *la = m->layer_acts;
     model_bufs b;
     bind(m, la, &b);
+    m->in_compute = 1;
     int fn = final_norm_index(m);
     be->memset0(b.dres, (size_t)N * c->d_model * sizeof(float));
     st_model_acquire(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2)); /* the final norm */
@@ -1155,6 +1164,7 @@ void st_model_backward(st_model *m) {
         st_lora_layer_params(m, l, &lf, &ll);
         report_ready(m, lf, ll); /* the layer's adapters (appended after the base registry) */
     }
+    m->in_compute = 0;
     int gpt2 = c->family == ST_FAMILY_GPT2;
     if (m->embed_trained) { /* wte and wpe train together (see param_selected) */
         be->embedding_bwd(gptr(m, 0), gpt2 && !m->doc_pos_on ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B, m->T,

@@ -124,7 +124,8 @@ def check_bf16(root, data):
     runs (the whole effect of bf16 on the losses, measured here); stage 3 on 2 and 3 ranks (also frozen)
     agrees with ZeRO-0 bf16 within 2 D (the bound of tests/integration/test_bf16_train.sh: the rank count
     reorders fp32 sums, which flips rare bf16 roundings); on 1 rank with one micro-batch it is bit-identical
-    (the same roundings of the same sums)."""
+    (the same roundings of the same sums). On 2 ranks, the run without the prefetch (blocking gathers,
+    SHARDTUNE_ZERO3_PREFETCH=0) has bit-identical losses."""
     model = dp.init_model(os.path.join(root, "bf"), "llama", 3, dim=64, max_seq=64)
     job = dp.write_job(os.path.join(root, "bf.yaml"), model, os.path.join(root, "run"), [{"name": "a", "path": data}])
     common = ["train.steps=8", "train.schedule=constant"]
@@ -140,6 +141,14 @@ def check_bf16(root, data):
         z3 = run(job, ranks, common + extra + ["sharding.stage=3", "precision=bf16", f"train.micro_batch={micro}",
                                                f"train.grad_accum={accum}"], f"{root}/bf_z3_{ranks}_{len(extra)}")
         want = ref_fr if extra else ref
+        if ranks == 2:  # the prefetch changes when bytes move, not which: bit-identical without it
+            dp.ENV["SHARDTUNE_ZERO3_PREFETCH"] = "0"
+            try:
+                nopf = run(job, ranks, common + ["sharding.stage=3", "precision=bf16", f"train.micro_batch={micro}",
+                                                 f"train.grad_accum={accum}"], f"{root}/bf_z3_nopf")
+            finally:
+                del dp.ENV["SHARDTUNE_ZERO3_PREFETCH"]
+            assert [x["loss"] for x in nopf] == [x["loss"] for x in z3], "bf16 stage 3: prefetch on and off differ"
         worst = max(abs(x["loss"] - y["loss"]) / abs(y["loss"]) for x, y in zip(z3, want))
         assert len(z3) == len(want) and worst <= 2 * D, f"bf16 stage 3 on {ranks} ranks {extra}: {worst:.2e} > 2 D = {2 * D:.2e}"
         print(f"  bf16 stage 3, {ranks} ranks {' '.join(extra)}: max relative loss difference {worst:.2e} "

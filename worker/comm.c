@@ -116,12 +116,17 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
     return 0;
 }
 
+static int prefetch_finish(st_comm *c, size_t a, size_t b); /* stage 3, below */
+
 void st_comm_free(st_comm *c) {
     if (c->nccl) st_nccl_destroy(c->nccl);
     c->nccl = NULL;
     if (c->model) { /* stage 3: the model's hooks point here */
+        prefetch_finish(c, (size_t)-1, 0);
         c->model->acquire = NULL;
         c->model->release = NULL;
+        c->model->prefetch = NULL;
+        c->model->progress = NULL;
         c->model->residency_ctx = NULL;
         c->model->grad_ready = NULL;
         c->model->grad_ready_ctx = NULL;
@@ -133,6 +138,8 @@ void st_comm_free(st_comm *c) {
         c->be->free(c->z3_recv);
     }
     free(c->z3_stage);
+    free(c->z3_pf_counts);
+    c->z3_pf_counts = NULL;
     c->z3_recv = NULL;
     c->z3_stage = NULL;
     free(c->reqs);
@@ -311,6 +318,9 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
         if (!rc) rc = st_comm_gather_state(c, o->m, old_m);
         if (!rc) rc = st_comm_gather_state(c, o->v, old_v);
     }
+    /* stage 3: the old trainable weights whole on every rank (every rank acquires: collective), so the new
+     * communicator can cut its shards from them (its init gives back what this rank no longer owns) */
+    if (c->stage == 3 && c->model == m) st_model_acquire(m, 0, m->n_params);
     int *old_steps = o->param_step;
     o->param_step = NULL;
     st_optim_free(o, be);
@@ -335,6 +345,7 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     int rc = 0;
     c->comm_seconds = 0;
     if (c->stage == 3) { /* reduce-scattered layer by layer during backward */
+        prefetch_finish(c, (size_t)-1, 0);
         *optim_grads = c->shard_grads;
         c->comm_seconds = c->overlap_seconds;
         c->overlap_seconds = 0;
@@ -467,18 +478,20 @@ int st_comm_gather_state(st_comm *c, const float *part, float *full) {
 /* Gives the memory behind x[a, b) back to the system; the range reads as zero afterwards. Whole pages go
  * with madvise(MADV_DONTNEED) (private anonymous memory comes back as zeros on the next touch); the partial
  * pages at either end are shared with neighbouring tensors, so only the range's own elements are zeroed. */
-static void discard(float *x, size_t a, size_t b) {
+static void discard_bytes(void *x, size_t elem, size_t a, size_t b) {
     if (b <= a) return;
-    uintptr_t lo = (uintptr_t)(x + a), hi = (uintptr_t)(x + b), page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (uintptr_t)x + a * elem, hi = (uintptr_t)x + b * elem, page = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t plo = (lo + page - 1) / page * page, phi = hi / page * page;
     if (phi <= plo) {
-        memset(x + a, 0, (b - a) * sizeof(float));
+        memset((void *)lo, 0, hi - lo);
         return;
     }
     memset((void *)lo, 0, plo - lo);
     memset((void *)phi, 0, hi - phi);
     if (madvise((void *)plo, phi - plo, MADV_DONTNEED) != 0) memset((void *)plo, 0, phi - plo);
 }
+
+static void discard(float *x, size_t a, size_t b) { discard_bytes(x, sizeof(float), a, b); }
 
 /* The part of x[a, b) that is not this rank's shard. */
 static void discard_unowned(const st_comm *c, float *x, size_t a, size_t b) {
@@ -561,29 +574,140 @@ static int gather_staged(st_comm *c, size_t a, size_t b) {
     return 0;
 }
 
-/* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident). */
+/* precision bf16 inside forward/backward with in-place gathers: the group's bf16 compute copy travels
+ * instead of its fp32 weights (half the bytes), and the fp32 weights only of the parameters read in fp32
+ * (norms, biases, embeddings: st_model_param_bf16_only). Values are those of a local to_bf16: each owner
+ * rounds its own part. */
+static int z3_bf16_gather(const st_comm *c) {
+    return c->world > 1 && c->model->weights_bf16 && c->model->in_compute && z3_in_place(c);
+}
+
+/* Starts (req) or runs (req NULL) the in-place all-gather of the bf16 copy of [a, b), after rounding this
+ * rank's own part. */
+static int gather_bf16(st_comm *c, size_t a, size_t b, int *counts, int *displs, MPI_Request *req) {
+    const st_model *m = c->model;
+    size_t os = a > c->lo ? a : c->lo, oe = b < c->hi ? b : c->hi;
+    if (os < oe) m->be->to_bf16(m->weights_bf16 + os, m->weights + os, oe - os);
+    owner_counts(c, a, b, counts, displs);
+    int rc = req ? MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_UINT16_T, m->weights_bf16 + a, counts, displs, MPI_UINT16_T,
+                                   c->comm, req)
+                 : MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_UINT16_T, m->weights_bf16 + a, counts, displs, MPI_UINT16_T,
+                                  c->comm);
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 bf16 parameter all-gather", c->rank);
+}
+
+/* The fp32 weights of the parameters among [first, last) that forward/backward read in fp32, in place. */
+static int gather_fp32_read(st_comm *c, int first, int last) {
+    for (int i = first; i < last; i++) {
+        const st_param *p = &c->model->params[i];
+        if (p->grad_offset < 0 || st_model_param_bf16_only(c->model, i)) continue;
+        int counts[c->world], displs[c->world];
+        size_t a = (size_t)p->grad_offset;
+        owner_counts(c, a, a + p->numel, counts, displs);
+        int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm);
+        if (rc != MPI_SUCCESS) return mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+    }
+    return 0;
+}
+
+/* Waits for the prefetched gather in flight (if any). Unless it is of [a, b) (the range being acquired),
+ * its weights are given back again: its acquire never came. Returns whether [a, b) is now resident. */
+static int prefetch_finish(st_comm *c, size_t a, size_t b) {
+    if (!c->z3_pf_active) return 0;
+    c->z3_pf_active = 0;
+    int rc = MPI_Wait(&c->z3_pf_req, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+    if (c->z3_pf_a == a && c->z3_pf_b == b) return 1;
+    release_compact(c, c->z3_pf_a, c->z3_pf_b);
+    if (c->model->weights_bf16) discard_bytes(c->model->weights_bf16, sizeof(uint16_t), c->z3_pf_a, c->z3_pf_b);
+    return 0;
+}
+
+/* precision bf16: the compute copy of parameters [first, last) from their (now whole) fp32 weights, the
+ * same rounding stage 0 does for the whole model (worker/model.c); release gives it back again. */
+static void bf16_copy(const st_model *m, int first, int last, int make) {
+    for (int i = first; i < last; i++) {
+        const st_param *p = &m->params[i];
+        if (make)
+            m->be->to_bf16(m->weights_bf16 + p->offset, m->weights + p->offset, p->numel);
+        else
+            discard_bytes(m->weights_bf16, sizeof(uint16_t), p->offset, p->offset + p->numel);
+    }
+}
+
+/* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident);
+ * under bf16 then their compute copy. */
 static void z3_acquire(void *ctx, int first, int last) {
     st_comm *c = ctx;
-    if (c->world == 1) return;
     double t0 = st_now();
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
-    if (b == a) return; /* frozen: resident everywhere, no communication */
-    int rc;
-    if (z3_in_place(c)) {
+    int done = prefetch_finish(c, a, b);
+    int rc = 0;
+    if (z3_bf16_gather(c) && b > a) {
         int counts[c->world], displs[c->world];
-        owner_counts(c, a, b, counts, displs);
-        rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm);
-        rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 parameter all-gather", c->rank);
-    } else {
-        rc = gather_staged(c, a, b);
+        if (!done) rc = gather_bf16(c, a, b, counts, displs, NULL);
+        if (!rc) rc = gather_fp32_read(c, first, last);
+        if (rc && !c->z3_rc) c->z3_rc = rc;
+        c->overlap_seconds += st_now() - t0;
+        return; /* the bf16 copy of every parameter of the group is here */
+    }
+    if (c->world > 1 && b > a && !done) { /* else frozen: resident everywhere; or prefetched */
+        if (z3_in_place(c)) {
+            int counts[c->world], displs[c->world];
+            owner_counts(c, a, b, counts, displs);
+            rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm);
+            rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+        } else {
+            rc = gather_staged(c, a, b);
+        }
     }
     if (rc && !c->z3_rc) c->z3_rc = rc;
     c->overlap_seconds += st_now() - t0;
+    if (c->model->weights_bf16) bf16_copy(c->model, first, last, 1);
+}
+
+/* Prefetch hook: starts the in-place all-gather of [first, last) without waiting (the staged gathers of
+ * a model with frozen parameters share one buffer: they stay blocking, in acquire). The range is
+ * disjoint from the layer computing meanwhile, and release of that layer touches only its own elements
+ * (whole pages inside it, the shared edge pages element by element). */
+static void z3_prefetch(void *ctx, int first, int last) {
+    st_comm *c = ctx;
+    if (c->world == 1 || !c->z3_prefetch || !z3_in_place(c)) return;
+    size_t a, b;
+    param_span(c->model, first, last, &a, &b);
+    if (b == a) return;
+    prefetch_finish(c, (size_t)-1, 0); /* one in flight at a time (never reached in the model's order) */
+    int *counts = c->z3_pf_counts, *displs = c->z3_pf_counts + c->world;
+    int rc;
+    if (z3_bf16_gather(c)) { /* the bf16 copy; the few fp32 reads are gathered by the acquire */
+        rc = gather_bf16(c, a, b, counts, displs, &c->z3_pf_req);
+    } else {
+        owner_counts(c, a, b, counts, displs);
+        rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm,
+                             &c->z3_pf_req);
+        rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 parameter all-gather", c->rank);
+    }
+    if (rc) {
+        if (!c->z3_rc) c->z3_rc = rc;
+        return;
+    }
+    c->z3_pf_active = 1;
+    c->z3_pf_a = a;
+    c->z3_pf_b = b;
+}
+
+/* Progress hook (between matmuls): lets MPI move a prefetched gather on. */
+static void z3_progress(void *ctx) {
+    st_comm *c = ctx;
+    if (!c->z3_pf_active) return;
+    int flag;
+    MPI_Test(&c->z3_pf_req, &flag, MPI_STATUS_IGNORE); /* done: the request is MPI_REQUEST_NULL, Wait returns */
 }
 
 static void z3_release(void *ctx, int first, int last) {
     st_comm *c = ctx;
+    if (c->model->weights_bf16) bf16_copy(c->model, first, last, 0);
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
     release_compact(c, a, b);
@@ -614,9 +738,6 @@ static int z3_init(st_comm *c, const st_model *cm) {
     if (on_device(m))
         return st_fail(ST_ECONFIG, "sharding.stage 3 is not supported on the %s backend yet (CPU ranks only); "
                                    "use sharding.stage 2", m->be->name);
-    if (m->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "sharding.stage 3 supports precision fp32 only for now (not bf16); use "
-                                   "sharding.stage 2 or precision: fp32");
     if (c->shard) {
         c->shard_grads = c->be->alloc(c->shard * sizeof(float));
         c->z3_recv = c->be->alloc(st_comm_zero3_recv_floats(c->shard) * sizeof(float));
@@ -626,14 +747,21 @@ static int z3_init(st_comm *c, const st_model *cm) {
         c->z3_stage = malloc((c->n_pad < ST_Z3_CHUNK ? c->n_pad : ST_Z3_CHUNK) * sizeof(float));
         if (!c->z3_stage) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 gather buffer", c->rank);
     }
+    const char *pf = getenv("SHARDTUNE_ZERO3_PREFETCH");
+    c->z3_prefetch = !(pf && strcmp(pf, "0") == 0);
+    c->z3_pf_counts = malloc(2 * (size_t)c->world * sizeof(int));
+    if (!c->z3_pf_counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 prefetch", c->rank);
     c->model = m;
     m->acquire = z3_acquire;
     m->release = z3_release;
+    m->prefetch = z3_prefetch;
+    m->progress = z3_progress;
     m->residency_ctx = c;
     m->grad_ready = z3_grad_ready;
     m->grad_ready_ctx = c;
     release_compact(c, 0, c->n);
     if (m->grads) discard(m->grads, 0, m->grad_alloc);
+    if (m->weights_bf16) discard_bytes(m->weights_bf16, sizeof(uint16_t), 0, m->n_weights); /* made per acquire */
     return 0;
 }
 

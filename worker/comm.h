@@ -3,13 +3,17 @@
  * ZeRO stages: 0 all-reduces gradients and every rank updates everything; 1 all-reduces gradients, each
  * rank updates its shard and the updated parameters are all-gathered; 2 reduce-scatters gradients into
  * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers.
- * 3 shards the parameters too (MPI on CPU ranks, fp32; st_comm_init refuses the rest by name): the weights
+ * 3 shards the parameters too (MPI on CPU ranks, fp32 or bf16; st_comm_init refuses a device backend by name): the weights
  * of the trainable parameters in this rank's shard of the compact space are its fp32 master shard and stay
  * resident in m->weights (frozen parameters stay whole on every rank: no communication), and the rest of
  * the weights and all of m->grads are backed by memory only while in use. The model's residency hooks all-gather a layer's weights just before its forward and
  * again before its backward and give the pages back after (madvise); the grad_ready hook reduce-scatters
  * each layer's gradients into the owners' shard_grads as soon as its backward ends (every micro-batch)
- * and gives those pages back. The optimizer updates the resident shard in place: no parameter gather.
+ * and gives those pages back. With every parameter trainable the prefetch hook starts the next group's
+ * all-gather (MPI_Iallgatherv) while this one computes. Under bf16, inside forward/backward, the group's
+ * bf16 compute copy is gathered (plus the fp32 weights the model reads in fp32); elsewhere the acquire
+ * hook makes it from the gathered fp32 weights; release gives it back. The optimizer updates the
+ * resident shard in place: no parameter gather.
  * The compact space (model->grad_alloc floats) is padded to a multiple of the world size so every shard
  * has the same length. The communicator owns its staging buffers (backend memory). On a device backend the
  * gradient and parameter collectives go through NCCL; scalars always go through MPI. */
@@ -52,6 +56,13 @@ typedef struct {
     int z3_rc;              /* first failure inside a hook (they cannot return it); reported by reduce_grads */
     float *z3_stage;        /* host [min(n_pad, ST_Z3_CHUNK)]: gather staging when frozen parameters exist */
     size_t z3_stage_at;     /* compact index of z3_stage[0] during a staged gather */
+    /* prefetch (in-place gathers only: every parameter trains): the next layer's MPI_Iallgatherv, started
+     * by the model's prefetch hook while this layer computes, finished by the acquire of that range */
+    int z3_prefetch;        /* enabled (SHARDTUNE_ZERO3_PREFETCH=0 turns it off, for benchmarks) */
+    int z3_pf_active;       /* a gather of [z3_pf_a, z3_pf_b) is in flight */
+    size_t z3_pf_a, z3_pf_b;
+    MPI_Request z3_pf_req;
+    int *z3_pf_counts;      /* [2 * world]: its per-owner counts and displacements (MPI reads them until done) */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own

@@ -345,6 +345,31 @@ void st_model_release(const st_model *m, int first, int last) {
     if (m->release && last > first) m->release(m->residency_ctx, first, last);
 }
 
+void st_model_prefetch(const st_model *m, int first, int last) {
+    if (m->prefetch && last > first) m->prefetch(m->residency_ctx, first, last);
+}
+
+int st_model_param_bf16_only(const st_model *m, int i) {
+    const st_param *p = &m->params[i];
+    if (p->ndim != 2 || m->lora || m->prompt || m->qlora) return 0;
+    return p->layer >= 0 || (!m->cfg.tied_embeddings && i == st_model_base_params(m) - 1);
+}
+
+/* Layer l's parameters and its LoRA adapters (appended after the base registry, per layer). */
+static void layer_acquire(const st_model *m, int l, int p0, int p1) {
+    int lf, ll;
+    st_model_acquire(m, p0, p1);
+    st_lora_layer_params(m, l, &lf, &ll);
+    st_model_acquire(m, lf, ll);
+}
+
+static void layer_release(const st_model *m, int l, int p0, int p1) {
+    int lf, ll;
+    st_model_release(m, p0, p1);
+    st_lora_layer_params(m, l, &lf, &ll);
+    st_model_release(m, lf, ll);
+}
+
 /* ---------------- activations ---------------- */
 
 /* Per-layer saved activations, as pointers into the arena. Under precision bf16 the six tensors that are
@@ -822,6 +847,7 @@ static layer_w layer_weights(const st_model *m, int l) {
  * pointers of activations and weights are NULL then); under bf16 either may be stored as bf16. */
 static void mm(const st_model *m, float *c, st_mm_in a, st_mm_in b, const float *bias, int M, int N, int K, int ta,
                int tb, float beta) {
+    if (m->progress) m->progress(m->residency_ctx); /* a prefetched gather in flight moves on */
     if (m->precision == ST_PRECISION_BF16) {
         m->be->matmul_bf16(c, a, b, bias, M, N, K, ta, tb, 1.0f, beta, m->mm_scratch);
     } else {
@@ -993,7 +1019,8 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     layer_acts *la = m->layer_acts;
     model_bufs b;
     bind(m, la, &b);
-    if (m->weights_bf16 && m->weights_bf16_stale) { /* the bf16 copy every matmul reads */
+    if (m->weights_bf16 && m->weights_bf16_stale && !m->acquire) { /* the bf16 copy every matmul reads (ZeRO-3:
+                                                                        made per layer by the acquire hook) */
         be->to_bf16(m->weights_bf16, m->weights, m->n_weights);
         m->weights_bf16_stale = 0;
     }
@@ -1003,17 +1030,28 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
     const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
+    m->in_compute = 1;
     st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
+    if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
     if (wpe && m->doc_pos_on)
         be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
     else
         be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
-    if (m->prompt) st_prompt_forward(m, la[0].res_in); /* the virtual rows */
+    if (m->prompt) { /* the virtual rows */
+        int pp = st_prompt_param(m);
+        st_model_acquire(m, pp, pp + 1);
+        st_prompt_forward(m, la[0].res_in);
+        st_model_release(m, pp, pp + 1);
+    }
     if (!tied) st_model_release(m, 0, e0);
     for (int l = 0; l < L; l++) {
-        st_model_acquire(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+        layer_acquire(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
+        if (l + 1 < L) /* the next layer's gather travels while this one computes */
+            st_model_prefetch(m, layer_first_param(m, l + 1), layer_first_param(m, l + 2));
+        else
+            st_model_prefetch(m, fn, st_model_base_params(m));
         layer_forward(m, l, acts_for(m, la, l), &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
-        st_model_release(m, layer_first_param(m, l), layer_first_param(m, l + 1));
+        layer_release(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     st_model_acquire(m, fn, st_model_base_params(m));
@@ -1021,6 +1059,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     double loss = m->hidden_only ? 0.0 : head_forward(m, &b, train);
     st_model_release(m, fn, st_model_base_params(m));
     if (tied) st_model_release(m, 0, e0);
+    m->in_compute = 0;
     if (m->hidden_only) return 0.0;
     be->copy_to_host(m->loss_per_pos, b.loss, (size_t)N * sizeof(float));
     if (m->prompt) st_prompt_real_rows(m, m->loss_per_pos); /* [B, T] as the caller's batch */
@@ -1111,9 +1150,11 @@ void st_model_backward(st_model *m) {
     layer_acts *la = m->layer_acts;
     model_bufs b;
     bind(m, la, &b);
+    m->in_compute = 1;
     int fn = final_norm_index(m);
     be->memset0(b.dres, (size_t)N * c->d_model * sizeof(float));
     st_model_acquire(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2)); /* the final norm */
+    if (L - 1 >= m->lowest_trained_layer) st_model_prefetch(m, layer_first_param(m, L - 1), layer_first_param(m, L));
     norm_bwd(m, b.dres, gptr(m, fn), c->family == ST_FAMILY_GPT2 ? gptr(m, fn + 1) : NULL, b.dlnf, b.res_out,
              wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
     st_model_release(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2));
@@ -1121,15 +1162,17 @@ void st_model_backward(st_model *m) {
     for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
         int p0 = layer_first_param(m, l), p1 = layer_first_param(m, l + 1);
         const layer_acts *a = acts_for(m, la, l);
-        st_model_acquire(m, p0, p1);
+        layer_acquire(m, l, p0, p1);
+        if (l - 1 >= m->lowest_trained_layer) st_model_prefetch(m, layer_first_param(m, l - 1), p0);
         if (m->act_ckpt) layer_forward(m, l, a, &b, NULL); /* the same calls on the same input: same values */
         layer_backward(m, l, a, &b);
-        st_model_release(m, p0, p1);
+        layer_release(m, l, p0, p1);
         report_ready(m, p0, p1);
         int lf, ll;
         st_lora_layer_params(m, l, &lf, &ll);
         report_ready(m, lf, ll); /* the layer's adapters (appended after the base registry) */
     }
+    m->in_compute = 0;
     int gpt2 = c->family == ST_FAMILY_GPT2;
     if (m->embed_trained) { /* wte and wpe train together (see param_selected) */
         be->embedding_bwd(gptr(m, 0), gpt2 && !m->doc_pos_on ? gptr(m, 1) : NULL, b.dres, b.tokens, m->B, m->T,

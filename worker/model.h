@@ -90,7 +90,14 @@ typedef struct {
      * st_model_acquire / st_model_release. */
     void (*acquire)(void *ctx, int first, int last);
     void (*release)(void *ctx, int first, int last);
+    /* Optional, with acquire: prefetch(ctx, first, last) announces the next acquire while this layer
+     * computes (the hook may start its gather without waiting; that acquire then finishes it), and
+     * progress(ctx) is called between the model's matmuls so a non-blocking gather moves on. */
+    void (*prefetch)(void *ctx, int first, int last);
+    void (*progress)(void *ctx);
     void *residency_ctx;
+    int in_compute; /* inside forward / backward: under bf16 an acquire then needs the fp32 weights only of
+                       the parameters st_model_param_bf16_only says no to (checkpoints need all of them) */
     /* LoRA adapters (worker/lora.h): registry entries [n_base_params, n_params) and weights
      * [n_base_weights, n_weights); 0 / NULL without adapters (then n_base_* = 0 means "all"). */
     int n_base_params;
@@ -213,6 +220,11 @@ void st_model_zero_grad(st_model *m);
  * hooks when installed (collective then: every rank makes the same calls), nothing otherwise. */
 void st_model_acquire(const st_model *m, int first, int last);
 void st_model_release(const st_model *m, int first, int last);
+/* Whether forward and backward read parameter i only through the bf16 compute copy under precision bf16
+ * (the layers' and the untied head's matmul weights; norms, biases and the embeddings read fp32). */
+int st_model_param_bf16_only(const st_model *m, int i);
+/* The next st_model_acquire will be of [first, last): the residency hooks may start fetching it now. */
+void st_model_prefetch(const st_model *m, int first, int last);
 
 /* Layer l's activations from the last forward, in backend memory (fp32 precision only): its input residual
  * [B*T, C], the attention output before the output projection [B*T, H*hd], the MLP activation before the

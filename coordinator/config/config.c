@@ -673,9 +673,6 @@ static int finish_finetune(st_config *c, const char *file) {
     if (c->finetune.mode == ST_FINETUNE_P_TUNING || c->finetune.mode == ST_FINETUNE_PREFIX_TUNING)
         return st_fail(ST_ECONFIG, "%s: finetune.mode %s is not supported yet (prompt_tuning is)", file,
                        c->finetune.mode == ST_FINETUNE_P_TUNING ? "p_tuning" : "prefix_tuning");
-    if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE && c->sharding.stage == 3)
-        return st_fail(ST_ECONFIG, "%s: sharding.stage 3 does not support finetune.mode progressive yet (stage "
-                       "transitions would re-shard the weights); use sharding.stage 2", file);
     if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE) {
         if (c->finetune.n_stages == 0 && c->finetune.unfreeze_every == 0)
             return st_fail(ST_ECONFIG, "%s: finetune.mode: progressive needs finetune.stages or finetune.unfreeze_every",

@@ -24,10 +24,7 @@
 /* ---------------- adapters ---------------- */
 
 static int attach_prompt(const st_config *c, st_model *m) {
-    /* worker/prompt.c reads the prompt in place (no residency hooks) and runs host loops */
-    if (c->sharding.stage >= 3)
-        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with sharding.stage %d is not supported yet (use 0, 1 or 2)",
-                       c->sharding.stage);
+    /* sharding.stage 3: the prompt is the one trainable (sharded) tensor; forward acquires it (worker/model.c) */
     if (c->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with precision bf16 is not supported yet (use fp32)");
     /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
@@ -58,10 +55,12 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
-    /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
-    if (c->sharding.stage >= 3)
-        return st_fail(ST_ECONFIG, "finetune.mode %s with sharding.stage %d is not supported yet (use 0, 1 or 2)",
-                       q ? "qlora" : "lora", c->sharding.stage);
+    /* sharding.stage 3: the adapters are the trainable (sharded) tensors, acquired with their layer
+     * (worker/model.c); the frozen base stays whole on every rank. QLoRA's dequantization scratch shares
+     * the acquire hook: not yet */
+    if (q && c->sharding.stage >= 3)
+        return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage %d is not supported yet (use 0, 1 or 2, "
+                                   "or finetune.mode lora)", c->sharding.stage);
     if (q && c->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "finetune.mode qlora with precision bf16 is not supported yet (use fp32)");
     unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
@@ -190,24 +189,27 @@ static size_t span_floats(const st_model *m, const long *goff, int first, int la
 
 /* ZeRO-3: the most trainable weight floats gathered at once (worker/model.c's acquire/release order): one
  * layer, the embeddings, or the final norm + head, with a tied embedding held from the embedding to the
- * head. The same bound holds for the gradients resident at once (a layer's until its reduce-scatter; a
- * tied embedding's head gradient from forward to the end of backward). */
-static size_t zero3_working_floats(const st_model *m, const long *goff) {
-    int L = m->cfg.n_layer, per = 0, e0 = 0;
+ * head. When every parameter trains, the next group's gather is prefetched while one computes (comm.c):
+ * two neighbouring groups then. The same bound holds for the gradients resident at once (a layer's until
+ * its reduce-scatter; a tied embedding's head gradient from forward to the end of backward). */
+static size_t zero3_working_floats(const st_model *m, const long *goff, int prefetch) {
+    int e0 = 0, all = prefetch;
+    for (int i = 0; i < m->n_params; i++) all &= goff[i] >= 0;
     while (e0 < m->n_params && m->params[e0].layer < 0) e0++; /* embeddings come first */
     int fn = e0;
     while (fn < m->n_params && m->params[fn].layer >= 0) fn++;
     size_t embed = span_floats(m, goff, 0, e0), head = span_floats(m, goff, fn, m->n_params), layer = 0;
-    for (int i = e0; i < fn; i += per) {
+    for (int i = e0, per = 0; i < fn; i += per) {
         per = 0;
         while (i + per < fn && m->params[i + per].layer == m->params[i].layer) per++;
         size_t n = span_floats(m, goff, i, i + per);
         if (n > layer) layer = n;
     }
-    (void)L;
     size_t tied = m->cfg.tied_embeddings ? embed : 0, most = embed;
-    if (layer + tied > most) most = layer + tied;
-    if (head + tied > most) most = head + tied;
+    size_t next = all && fn > e0 ? layer : 0; /* the prefetched neighbour */
+    if (embed + next > most) most = embed + next;
+    if (layer + next + tied > most) most = layer + next + tied;
+    if (head + next + tied > most) most = head + next + tied;
     return most;
 }
 
@@ -251,16 +253,25 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     size_t copies = rank > 0 ? 0
                     : m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float)
                               : 2 * m->n_weights * sizeof(float);
-    if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group, shard_grads +
-                        z3_recv (+ the gather staging when some parameters are frozen) */
+    if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group (and the next one
+                        in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
+                        (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
-        size_t work = zero3_working_floats(m, goff), frozen = m->n_weights - n;
+        size_t work = zero3_working_floats(m, goff, 1), gwork = zero3_working_floats(m, goff, 0);
+        size_t frozen = m->n_weights - n;
         size_t staging = frozen && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
         r->weights = (frozen + hi - lo + work) * sizeof(float);
-        r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + work) * sizeof(float);
+        if (c->precision == ST_PRECISION_BF16) { /* the compute copy of the group acquired (frozen weights
+                                                    included) and of the shard the optimizer writes */
+            long *all = calloc((size_t)m->n_params, sizeof(long));
+            size_t bwork = all ? zero3_working_floats(m, all, 0) : m->n_weights;
+            free(all);
+            r->weights += (bwork + hi - lo) * sizeof(uint16_t);
+        }
+        r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + gwork) * sizeof(float);
         r->comm = staging * sizeof(float);
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
-        r->at_save = r->total - 2 * work * sizeof(float) + (n - (hi - lo)) * sizeof(float) + copies;
+        r->at_save = r->total - (work + gwork) * sizeof(float) + (n - (hi - lo)) * sizeof(float) + copies;
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
@@ -278,6 +289,7 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
     sp->shard = sp->n_pad / (size_t)world;
     for (int i = 0; i < m->n_params; i++) sp->n_trainable_params += goff[i] >= 0;
     sp->transition_extra = 2 * prev_pad * sizeof(float); /* st_comm_reshard_optim's old_m + old_v */
+    if (c->sharding.stage == 3) sp->transition_extra += prev_pad * sizeof(float); /* + the old trainable weights whole */
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
     for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r]);
@@ -289,9 +301,6 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     if (world < 1) return st_fail(ST_EINVAL, "--ranks %d must be at least 1", world);
     if (c->sharding.stage < 0 || c->sharding.stage > 3)
         return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0 to 3)", c->sharding.stage);
-    if (c->sharding.stage == 3 && c->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "sharding.stage 3 supports precision fp32 only for now (not bf16); use "
-                                   "sharding.stage 2 or precision: fp32");
     int rc = st_model_check_seq_len(&m->cfg, c->train.seq_len + st_prompt_tokens(m));
     if (rc) return rc;
     out->world = world;

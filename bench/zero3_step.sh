@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# zero3_step.sh — step time of ZeRO-3 (sharding.stage 3) against ZeRO-1 on 2 CPU ranks x 1 thread, and
+# what the prefetch (the next layer's all-gather in flight while this layer computes) buys: ZeRO-3 with
+# SHARDTUNE_ZERO3_PREFETCH=0 gathers each layer with a blocking all-gather instead. Llama 8 layers x 512,
+# vocab 32000, global batch 4 x 64 tokens (issue #17). Reads step_ms and comm_ms from metrics.jsonl
+# (medians over the steps after SKIP), prints the load average before and after: the machine may be
+# shared, so compare rows of one run only. Prints numbers only; asserts nothing.
+#
+#   bench/zero3_step.sh [BUILD_DIR]     env: STEPS (default 10), SKIP (2), LAYERS (8), DIM (512),
+#                                         VOCAB (32000), GB (global batch, 4), SEQ (64), ROUNDS (2),
+#                                         PRECISION (fp32 or bf16)
+set -euo pipefail
+BUILD=${1:-build}
+BIN=$BUILD/shardtune
+PY=${ST_PYTHON:-/usr/bin/python3}
+STEPS=${STEPS:-10} SKIP=${SKIP:-2} LAYERS=${LAYERS:-8} DIM=${DIM:-512} VOCAB=${VOCAB:-32000}
+GB=${GB:-4} SEQ=${SEQ:-64} ROUNDS=${ROUNDS:-2} PRECISION=${PRECISION:-fp32}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+
+"$BIN" init-model --family llama --layers "$LAYERS" --dim "$DIM" --heads 8 --kv-heads 4 --vocab "$VOCAB" \
+  --max-seq "$SEQ" --seed 1 --out "$T/model" >/dev/null
+"$PY" - "$T/data.jsonl" "$VOCAB" <<'EOF'
+import json, random, sys
+random.seed(0)
+V = int(sys.argv[2])
+with open(sys.argv[1], "w") as f:
+    for _ in range(200):
+        s = random.randrange(V)
+        f.write(json.dumps({"input_ids": [(s + i) % V for i in range(random.randint(70, 200))]}) + "\n")
+EOF
+"$BIN" data pack --jsonl "$T/data.jsonl" --out "$T/data.h5" --vocab "$VOCAB" >/dev/null
+cat > "$T/job.yaml" <<YAML
+model: { path: $T/model }
+run_dir: $T/run
+seed: 1
+train: { steps: $STEPS, micro_batch: $((GB / 2)), seq_len: $SEQ, lr: 1.0e-4, warmup_steps: 0, log_every: 1000 }
+tasks:
+  - { name: a, path: $T/data.h5 }
+eval: { every_steps: 0 }
+checkpoint: { every_steps: 0 }
+monitor: { publish: "", control: "" }
+YAML
+
+summary() { # RUN_DIR -> "step_ms comm_ms" (medians over steps after SKIP)
+  "$PY" - "$1/metrics.jsonl" "$SKIP" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])][int(sys.argv[2]):]
+med = lambda k: statistics.median(r[k] for r in rows)
+print(f"{med('step_ms'):.1f} {med('comm_ms'):.1f}")
+EOF
+}
+
+echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION}; 2 ranks x 1 thread, global batch ${GB} x ${SEQ};" \
+     "median of steps $((SKIP + 1))..${STEPS}; ${ROUNDS} rounds, interleaved"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
+printf "%-6s %-26s %10s %10s\n" round run step_ms comm_ms
+for round in $(seq "$ROUNDS"); do
+  for cfg in "1 on" "3 on" "3 off"; do
+    set -- $cfg
+    pf=1; [ "$2" = off ] && pf=0
+    name="ZeRO-$1"; [ "$1" = 3 ] && name="ZeRO-3 prefetch $2"
+    SHARDTUNE_ZERO3_PREFETCH=$pf mpirun --oversubscribe -np 2 "$BIN" train "$T/job.yaml" \
+      run_dir="$T/r$round-$1-$2" sharding.stage=$1 precision=$PRECISION >/dev/null
+    read -r s c < <(summary "$T/r$round-$1-$2")
+    printf "%-6s %-26s %10s %10s\n" "$round" "$name" "$s" "$c"
+  done
+done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "checkpoints/model_io.h"
 #include "worker/model.h"
 #include "worker/optim.h"
 
@@ -154,5 +155,8 @@ int st_ckpt_resolve(const char *path, char *out, size_t out_len);
 /* 0 when every weight of m is finite, else ST_EFORMAT naming `source` (the model dir), the tensor and
  * the first bad element. Reads through the backend in 4 MB pieces. */
 int st_model_check_finite(const st_model *m, const char *source);
+/* The same over the elements `keep` selects of each parameter (model_io.h; NULL = all): what a rank
+ * that loaded only its parts (streaming load) holds. */
+int st_model_check_finite_part(const st_model *m, const char *source, st_model_keep_fn keep, void *ctx);
 
 #endif

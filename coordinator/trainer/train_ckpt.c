@@ -20,8 +20,22 @@
 
 static int write_final(trainer *t);
 
+/* ZeRO-3: rank 0 writes, the tensors arrive one at a time (st_comm_gather_param: each owner's part of a
+ * parameter, gathered on rank 0), so no rank ever holds the whole model. */
+static int gather_to_root(void *ctx, const st_model *m, int i, float *dst) {
+    trainer *t = ctx;
+    return st_comm_gather_param(&t->dp, m, i, dst, 0);
+}
+
 int st_trainer_save_final(trainer *t) {
-    /* ZeRO-3: every rank takes part in gathering the weights (the whole model, for now: see docs) */
+    int streamed = t->dp.stage == 3 && !t->model.lora && !t->model.prompt;
+    if (streamed) {
+        int rc = t->rank == 0 ? write_final(t) : 0;
+        if (t->rank != 0) /* serve rank 0's gathers, parameter by parameter */
+            rc = st_model_export_dir_streamed(&t->model, NULL, NULL, NULL, 0, gather_to_root, t);
+        return rc;
+    }
+    /* adapters under ZeRO-3 (when they come): the whole model gathered, as before */
     st_model_acquire(&t->model, 0, t->model.n_params);
     int rc = t->rank == 0 ? write_final(t) : 0;
     st_model_release(&t->model, 0, t->model.n_params);
@@ -36,8 +50,11 @@ static int write_final(trainer *t) {
     if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* left by a crash during an earlier run's write */
     /* the source's config.json text and tokenizer / generation files travel with the weights */
     /* a LoRA run's final/ is the adapter alone, as a peft adapter directory (checkpoints/peft_dir.h) */
+    int streamed = t->dp.stage == 3 && !t->model.lora && !t->model.prompt;
     int rc = t->model.lora || t->model.prompt ? st_peft_save_dir(&t->model, tmp, t->cfg->model.path)
-                           : st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
+             : streamed ? st_model_export_dir_streamed(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0,
+                                                       gather_to_root, t)
+                        : st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
     if (rc) {
         rc = st_fail_context(rc, "writing final weights");
         if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* no final.partial/ left behind */

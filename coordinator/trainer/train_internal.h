@@ -135,6 +135,9 @@ int st_trainer_check_compat(const trainer *t, const st_ckpt_info *info, const ch
 int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const char *path);
 /* st_ckpt_checksum of the model's weights (never 0). */
 uint64_t st_trainer_weights_checksum(const trainer *t);
+/* This rank's, not collective: adds to *sum the checksum's terms of weights [first, first + n) (they add
+ * up: the parts of a streamed load sum to the whole load's); -1 when out of memory. */
+int st_trainer_range_checksum(const trainer *t, size_t first, size_t n, uint64_t *sum);
 
 /* train_watchdog.c: train.collective_timeout_s. start (after monitoring: rank 0 names missing ranks from
  * the monitor) / stop are called once; mark at every phase change (st_trainer_phase does it); pause

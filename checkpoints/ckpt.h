@@ -125,6 +125,10 @@ void st_ckpt_info_free(st_ckpt_info *info);
  * tensor's checksum attribute (ST_ECORRUPT naming it). Local: no communication. */
 int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights);
 
+/* One /model tensor (parameter i of m) into dst (numel floats, the model's layout), with the same shape and
+ * checksum checks: what a streamed export reads, a tensor at a time. Local. */
+int st_ckpt_load_param(const char *path, const st_model *m, int i, float *dst);
+
 /* Collective. Reads the optimizer moments of the compact range [lo, hi) of m's current trainable set
  * into host m_out/v_out ([hi - lo] floats, padding zeroed) and every trainable parameter's step count
  * into param_step[n_params]. Checksums are verified across ranks (ST_ECORRUPT naming the tensor).

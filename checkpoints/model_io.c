@@ -165,6 +165,33 @@ int st_model_load_weights_part(st_model *m, const char *dir, st_model_keep_fn ke
     return rc;
 }
 
+int st_model_check_files(const st_model *m, const char *dir, st_safetensors **out) {
+    *out = NULL;
+    st_safetensors *s = NULL;
+    int rc = st_safetensors_open(dir, &s);
+    if (rc) return rc;
+    rc = check_extras(s, m, dir);
+    for (int i = 0; i < st_model_base_params(m) && !rc; i++) {
+        const st_st_tensor *t = find_tensor(s, m, &m->params[i]);
+        rc = t ? check_shape(&m->params[i], t, dir) : st_fail(ST_EFORMAT, "%s: tensor '%s' is missing", dir, m->params[i].name);
+    }
+    if (rc) st_safetensors_close(s);
+    else *out = s;
+    return rc;
+}
+
+int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst) {
+    const st_param *p = &m->params[i];
+    const st_st_tensor *t = find_tensor(s, m, p);
+    if (!t) return st_fail(ST_EFORMAT, "tensor '%s' is missing", p->name);
+    if (!(p->ndim == 2 && p->transpose_io)) return st_safetensors_read_f32(s, t, dst, p->numel);
+    float *file = malloc(p->numel * sizeof(float));
+    int rc = file ? st_safetensors_read_f32(s, t, file, p->numel) : st_fail(ST_ENOMEM, "out of memory reading %s", p->name);
+    if (!rc) transpose(dst, file, p->shape[1], p->shape[0]);
+    free(file);
+    return rc;
+}
+
 int st_model_load_weights(st_model *m, const char *dir) { return st_model_load_weights_part(m, dir, NULL, NULL); }
 
 int st_model_open_dir(const char *dir, const st_backend *be, st_model *m) {

@@ -9,6 +9,7 @@
 
 #include <stdint.h>
 
+#include "checkpoints/safetensors.h"
 #include "worker/model.h"
 
 /* Reads DIR/config.json, builds the model on `be` and loads its weights. */
@@ -21,6 +22,13 @@ int st_model_open_dir(const char *dir, const st_backend *be, st_model *m);
 /* Loads weights from DIR into an already-built model (shapes must match), a tensor at a time with ranged
  * reads and per-piece dtype conversion (no whole-model host copy). */
 int st_model_load_weights(st_model *m, const char *dir);
+
+/* Opens DIR's safetensors for a model built from its config (st_model_open_dir) and checks them as a load
+ * does (every tensor present with its shape, nothing unexpected); *out is the open handle (caller closes
+ * it with st_safetensors_close). */
+int st_model_check_files(const st_model *m, const char *dir, st_safetensors **out);
+/* Parameter i of m from those files, fp32 in registry layout (numel floats; a Conv1D tensor transposed). */
+int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst);
 
 /* Which elements of parameter i (registry layout, [0, numel)) this rank keeps: sets [*a, *b) (empty when
  * a >= b). */

@@ -16,7 +16,8 @@ set(ST_SLOW_TESTS
   integration.test_bf16_train integration.test_device_failure integration.test_divergence
   integration.test_first_hour integration.test_gpu_smoke_selftest integration.test_packing_train
   integration.test_resume_safety integration.test_watchdog reference.test_generate_torch
-  reference.test_lora_train reference.test_prompt_train reference.test_qlora_train reference.ref_rope_models)
+  reference.test_lora_train reference.test_prompt_train reference.test_qlora_train reference.ref_rope_models
+  reference.ref_stream_io)
 
 # The only tests that run a second time after a failure (tests/retry_once.sh, ctest's --repeat
 # until-pass:2 for one test): each starts a throw-away local Slurm cluster (munged, slurmctld, two slurmd),

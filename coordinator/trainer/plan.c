@@ -282,6 +282,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     /* a checkpoint (checkpoints/ckpt_write.c, CPU ranks: written from the live buffers): a bounce window
      * of at most this rank's rows of one tensor */
     size_t bounce = (largest / (size_t)world + 1) * sizeof(float);
+    /* after the load: the finite check and the base checksum read through a 1 Mi-float chunk, plus a
+     * 64 Ki-element conversion buffer while reading */
+    size_t check = ((largest < ((size_t)1 << 20) ? largest : ((size_t)1 << 20)) + ((size_t)1 << 16)) * sizeof(float);
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group, shard_grads +
                         z3_recv (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
@@ -297,7 +300,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         if (streams(c)) {
             /* load: this rank's parts only, read piece by piece; final/: one tensor gathered at a time on
              * rank 0 (the others serve their parts) */
-            r->at_load = idle + (tr ? io : 0) + ((size_t)1 << 16) * sizeof(float);
+            r->at_load = (frozen + hi - lo) * sizeof(float) + r->buffers + (tr ? io : 0) + check;
             r->at_save = idle + copies;
         } else { /* adapters: the whole model read, then gathered whole for final/ */
             r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + r->buffers;
@@ -311,7 +314,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->at_save = r->total + copies;
     /* load (before the trainable set exists): the weights as read, a tensor at a time (no host copy);
      * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
-    r->at_load = m->n_weights * sizeof(float) + r->activations + r->buffers + (tr ? io : 0);
+    r->at_load = m->n_weights * sizeof(float) + r->buffers + (tr ? io : 0) + check;
     r->at_ckpt = r->total + bounce;
     (void)world;
 }

@@ -66,8 +66,9 @@ typedef struct {
     size_t at_save;           /* held while final/ is written at the end of this stage: total, + model_io.c's
                                  one tensor at a time on rank 0 (two when a tensor is stored transposed);
                                  ZeRO-3 (streamed): no per-layer working set, rank 0 + one gathered tensor */
-    size_t at_load;           /* held while the model is read (setup, first stage only): the weights as read
-                                 (ZeRO-3 full/frozen: this rank's parts only), activations, step buffers */
+    size_t at_load;           /* held once the model is read (setup, first stage only): the weights as read
+                                 (ZeRO-3 full/frozen: frozen + this rank's shard only), the read buffers, step
+                                 buffers; the other buffers are allocated but not touched yet (no memory) */
     size_t at_ckpt;           /* held while a checkpoint is written (CPU ranks: from the live buffers, a
                                  bounce window; ZeRO-3: one tensor gathered at a time, no layer working set) */
 } st_rank_plan;

@@ -15,7 +15,7 @@
 * Frozen mode (the top 2 of 3 layers' attention and MLP, and the head, train; the rest stays resident and
   whole on every rank) on 3 ranks: losses equal its 1-rank ZeRO-0 run, final weights its ZeRO-2 run.
 * Refusals: bf16 and progressive mode under stage 3 end with one line naming sharding.stage 3 and exit
-  non-zero.
+  non-zero (`plan` refuses progressive too; bf16 it plans as designed, with a note that training refuses it).
 """
 import os
 import shutil
@@ -145,7 +145,11 @@ def check_refusals(root, data):
         lines = [ln for ln in r.stderr.splitlines() if "sharding.stage 3" in ln]
         assert r.returncode != 0 and lines and word in lines[0], (r.returncode, r.stderr)
         pr = dp.sh([dp.BIN, "plan", job, "--ranks", "2", "sharding.stage=3"] + extra, check=False)
-        assert pr.returncode != 0 and "sharding.stage 3" in pr.stderr and word in pr.stderr, pr.stderr
+        if word == "bf16":  # planned as designed, with a note that training refuses it for now
+            assert pr.returncode == 0 and "note: sharding.stage 3 with precision bf16" in pr.stdout and \
+                "training refuses it" in pr.stdout, pr.stdout
+        else:
+            assert pr.returncode != 0 and "sharding.stage 3" in pr.stderr and word in pr.stderr, pr.stderr
         print(f"  refused: {lines[0].strip()}")
 
 

@@ -70,22 +70,24 @@ static void print_text(const st_plan *p, const st_model *m) {
     }
     printf("\nper phase (MiB): load (first stage), step (largest stage total), checkpoint, final/ (end of stage %d)\n",
            p->final_stage);
-    printf("  %4s %10s %10s %10s %10s %10s\n", "rank", "load", "step", "checkpoint", "final/", "peak");
+    printf("  %4s %10s %10s %10s %10s %10s %10s\n", "rank", "load", "step", "checkpoint", "final/", "peak", "resume");
     for (int r = 0; r < p->world; r++) {
         size_t step = 0, ck = 0;
         for (int s = 0; s < p->n_stages; s++) {
             if (p->stages[s].ranks[r].total > step) step = p->stages[s].ranks[r].total;
             if (p->stages[s].ranks[r].at_ckpt > ck) ck = p->stages[s].ranks[r].at_ckpt;
         }
-        printf("  %4d %10.2f %10.2f %10.2f %10.2f %10.2f\n", r, mib(p->stages[0].ranks[r].at_load), mib(step), mib(ck),
-               mib(p->stages[p->final_stage].ranks[r].at_save), mib(p->rank_peak[r]));
+        printf("  %4d %10.2f %10.2f %10.2f %10.2f %10.2f %10.2f\n", r, mib(p->stages[0].ranks[r].at_load), mib(step),
+               mib(ck), mib(p->stages[p->final_stage].ranks[r].at_save), mib(p->rank_peak[r]),
+               mib(p->stages[0].ranks[r].at_resume));
     }
     printf("loading: %s\n", p->zero_stage == 3 ? "each rank reads its own parts of the safetensors (streamed)"
                                                : "every rank reads the whole model, a tensor at a time");
     printf("writing final/: rank 0 holds %.2f MiB (one tensor at a time)\n",
            mib(p->stages[p->final_stage].ranks[0].at_save));
     printf("shardtune export of its checkpoint: %.2f MiB (one tensor at a time)\n", mib(p->export_bytes));
-    printf("peak per rank: %.2f MiB (%zu bytes)\n", mib(p->peak), p->peak);
+    printf("peak per rank: %.2f MiB (%zu bytes); resuming from a checkpoint adds its own phase (resume column)\n",
+           mib(p->peak), p->peak);
     if (p->note) printf("note: %s\n", p->note);
 }
 
@@ -104,9 +106,10 @@ static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, i
         st_strbuf_json_string(b, m->params[i].name);
     }
     st_strbuf_printf(b, "],\"bytes\":{\"weights\":%zu,\"grads\":%zu,\"optim\":%zu,\"comm\":%zu,\"activations\":%zu,"
-                        "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu,\"at_load\":%zu,\"at_ckpt\":%zu}}%s",
+                        "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu,\"at_load\":%zu,\"at_ckpt\":%zu,"
+                        "\"at_resume\":%zu}}%s",
                      rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total, rp->at_save,
-                     rp->at_load, rp->at_ckpt, r + 1 < p->world ? "," : "");
+                     rp->at_load, rp->at_ckpt, rp->at_resume, r + 1 < p->world ? "," : "");
 }
 
 static int print_json(const st_plan *p, const st_model *m, const st_config *c) {
@@ -209,6 +212,12 @@ static void advise(const st_config *cfg, const st_model_config *mc, const st_pla
         printf("  fits: every rank's peak (%.2f GiB) is within it at every phase (load, step, checkpoint, final/)\n",
                gib(p->peak));
         if (p->export_bytes > limit) printf("  but shardtune export needs %.2f GiB\n", gib(p->export_bytes));
+        for (int r = 0; r < p->world; r++)
+            if (p->stages[0].ranks[r].at_resume > limit) {
+                printf("  but resuming from a checkpoint does not: rank %d needs %.2f GiB then (the weights it reads and "
+                       "a host copy of its moments)\n", r, gib(p->stages[0].ranks[r].at_resume));
+                break;
+            }
         return;
     }
     for (int r = 0, shown = 0; r < p->world && shown < 8; r++)

@@ -308,6 +308,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         }
         /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c) */
         r->at_ckpt = idle + largest * sizeof(float) + bounce;
+        /* resume (train_ckpt.c): the parts (or the whole weights), one tensor read, the moments' host copy */
+        r->at_resume = idle + 2 * range * sizeof(float) +
+                       (streams(c) ? (frozen + hi - lo + largest) * sizeof(float) : m->n_weights * sizeof(float));
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
@@ -316,6 +319,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
      * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
     r->at_load = m->n_weights * sizeof(float) + r->buffers + (tr ? io : 0) + check;
     r->at_ckpt = r->total + bounce;
+    r->at_resume = r->total + m->n_weights * sizeof(float) + 2 * range * sizeof(float);
     (void)world;
 }
 

@@ -70,6 +70,46 @@ static int write_final(trainer *t) {
 
 /* ---------------- checkpoints ---------------- */
 
+/* ZeRO-3 resume: this rank's parts of the checkpoint's weights (st_comm_param_keep), one tensor read at a
+ * time with its shape and checksum verified as a whole load does, kept in *out (malloc'd: the rank's
+ * share, in parameter order) until every check has passed; put_ckpt_parts then writes them in. */
+static int read_ckpt_parts(trainer *t, const char *path, float **out) {
+    const st_model *m = &t->model;
+    size_t total = 0, most = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        size_t a, b;
+        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        total += b > a ? b - a : 0;
+        if (b > a && m->params[i].numel > most) most = m->params[i].numel;
+    }
+    float *parts = malloc((total ? total : 1) * sizeof(float)), *tmp = malloc((most ? most : 1) * sizeof(float));
+    int rc = parts && tmp ? 0 : st_fail(ST_ENOMEM, "out of memory reading checkpoint %s", path);
+    size_t at = 0;
+    for (int i = 0; i < m->n_params && !rc; i++) {
+        size_t a, b;
+        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        if (b <= a) continue;
+        if (!(rc = st_ckpt_load_param(path, m, i, tmp))) memcpy(parts + at, tmp + a, (b - a) * sizeof(float));
+        at += b - a;
+    }
+    free(tmp);
+    if (rc) free(parts);
+    *out = rc ? NULL : parts;
+    return rc;
+}
+
+static void put_ckpt_parts(trainer *t, const float *parts) {
+    const st_model *m = &t->model;
+    for (int i = 0; i < m->n_params; i++) {
+        size_t a, b;
+        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        if (b <= a) continue;
+        t->be->copy_to_device(m->weights + m->params[i].offset + a, parts, (b - a) * sizeof(float));
+        parts += b - a;
+    }
+}
+
+
 /* Collective. Saves the state after `completed` updates. On failure rank 0 prints one line and the
  * previous checkpoints stay as they were; the training state is never touched by a save. */
 int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
@@ -198,8 +238,11 @@ static int try_resume(trainer *t, const char *path) {
     }
     if (!rc) rc = st_trainer_check_compat(t, &info, path);
     rc = st_trainer_agree(t, rc);
-    float *w = rc ? NULL : malloc(t->model.n_weights * sizeof(float));
-    if (!rc) rc = st_trainer_agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
+    /* ZeRO-3 (full, frozen): only this rank's parts, a tensor at a time; else the whole weights */
+    int parts = t->dp.stage == 3 && !t->model.lora && !t->model.prompt;
+    float *w = rc || parts ? NULL : malloc(t->model.n_weights * sizeof(float));
+    if (!rc && parts) rc = st_trainer_agree(t, read_ckpt_parts(t, path, &w));
+    else if (!rc) rc = st_trainer_agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
     if (!rc) rc = st_trainer_agree(t, st_trainer_check_model(t, &info, path));
     /* load the optimizer in the layout it was saved in (the stage of the last completed step); the loop
      * then enters the stage of the next step, carrying moments over exactly as an uninterrupted run */
@@ -233,7 +276,8 @@ static int try_resume(trainer *t, const char *path) {
         rc = st_trainer_agree(t, st_fail(ST_ECONFIG, "checkpoint %s: task weighting state is for another number of tasks", path));
     if (!rc) {
         const st_backend *be = t->be;
-        be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
+        if (parts) put_ckpt_parts(t, w);
+        else be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
         st_model_weights_changed(&t->model);
         st_comm_weights_loaded(&t->dp, &t->model); /* ZeRO-3 keeps its shard only */
         st_optim_restore(&t->optim, &t->model, mh, vh, steps);

@@ -308,9 +308,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         }
         /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c) */
         r->at_ckpt = idle + largest * sizeof(float) + bounce;
-        /* resume (train_ckpt.c): the parts (or the whole weights), one tensor read, the moments' host copy */
-        r->at_resume = idle + 2 * range * sizeof(float) +
-                       (streams(c) ? (frozen + hi - lo + largest) * sizeof(float) : m->n_weights * sizeof(float));
+        /* resume (train_ckpt.c): the parts and one tensor read, the moments read in place (CPU ranks); else
+         * the whole weights and the moments' host copy */
+        r->at_resume = idle + (streams(c) ? (frozen + hi - lo + largest) * sizeof(float)
+                                          : m->n_weights * sizeof(float) + 2 * range * sizeof(float));
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;

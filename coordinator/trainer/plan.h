@@ -69,9 +69,10 @@ typedef struct {
     size_t at_load;           /* held once the model is read (setup, first stage only): the weights as read
                                  (ZeRO-3 full/frozen: frozen + this rank's shard only), the read buffers, step
                                  buffers; the other buffers are allocated but not touched yet (no memory) */
-    size_t at_resume;         /* held while resuming from a checkpoint (first stage): the weights read (ZeRO-3
-                                 full/frozen: this rank's parts, one tensor at a time) and a host copy of
-                                 the rank's moments, on top of the idle buffers; not part of rank_peak */
+    size_t at_resume;         /* held while resuming from a checkpoint (first stage): the weights read and a
+                                 host copy of the rank's moments (ZeRO-3 full/frozen: this rank's parts,
+                                 one tensor at a time, moments read in place on CPU ranks), on top of the
+                                 buffers held between steps; not part of rank_peak */
     size_t at_ckpt;           /* held while a checkpoint is written (CPU ranks: from the live buffers, a
                                  bounce window; ZeRO-3: one tensor gathered at a time, no layer working set) */
 } st_rank_plan;

@@ -254,9 +254,12 @@ static int try_resume(trainer *t, const char *path) {
     size_t n = t->optim.hi - t->optim.lo;
     float *mh = NULL, *vh = NULL;
     int *steps = NULL;
+    /* ZeRO-3 on host memory: the moments are read straight into the optimizer's own buffers (no second
+     * copy of them); zeroed again below if the resume fails after that */
+    int direct = parts && t->be->host_memory && t->optim.m && n;
     if (!rc) {
-        mh = malloc((n ? n : 1) * sizeof(float));
-        vh = malloc((n ? n : 1) * sizeof(float));
+        mh = direct ? t->optim.m : malloc((n ? n : 1) * sizeof(float));
+        vh = direct ? t->optim.v : malloc((n ? n : 1) * sizeof(float));
         steps = calloc((size_t)t->model.n_params, sizeof(int));
         rc = st_trainer_agree(t, mh && vh && steps ? 0 : st_fail(ST_ENOMEM, "out of memory"));
     }
@@ -293,8 +296,14 @@ static int try_resume(trainer *t, const char *path) {
         }
     }
     free(w);
-    free(mh);
-    free(vh);
+    if (direct && rc) { /* the optimizer must not keep moments of a resume that did not happen */
+        t->be->memset0(t->optim.m, n * sizeof(float));
+        t->be->memset0(t->optim.v, n * sizeof(float));
+    }
+    if (!direct) {
+        free(mh);
+        free(vh);
+    }
     free(steps);
     st_ckpt_info_free(&info);
     return rc;

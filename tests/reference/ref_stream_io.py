@@ -13,7 +13,7 @@
   bits (bf16 stays bf16), with the source's shapes.
 * Planner: Llama-2-7B on 8 ranks and Llama-2-70B on 64 (full fine-tune, bf16, seq 2048, micro_batch 1,
   ZeRO-3 + activation checkpointing) fit 24 and 40 GiB per rank at every phase (load, step, checkpoint,
-  final/) and `plan --device-mem` says so; a ZeRO-2 job without checkpointing does not fit, and the
+  final/, and a resume) and `plan --device-mem` says so; a ZeRO-2 job without checkpointing does not fit, and the
   changes it names together do.
 * Memory (4 layers x 256, vocab 32000, 2 MPI ranks, ZeRO-3, with and without activation checkpointing):
   each rank's peak RSS (GNU time) minus the fixed process overhead is within 15% of `shardtune plan`'s
@@ -222,7 +222,7 @@ def check_planner(root):
         p = plan(job, ranks, ov)
         for r in range(ranks):
             b = p["stages"][0]["ranks"][r]["bytes"]
-            for phase in ("at_load", "total", "at_ckpt", "at_save"):
+            for phase in ("at_load", "total", "at_ckpt", "at_save", "at_resume"):
                 assert b[phase] <= limit * 2**30, (size, r, phase, b[phase])
         assert p["peak_bytes"] <= limit * 2**30 and p["export_bytes"] <= limit * 2**30
         gib = {k: p["stages"][0]["ranks"][0]["bytes"][k] / 2**30 for k in ("at_load", "total", "at_ckpt", "at_save")}

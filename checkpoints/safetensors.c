@@ -838,10 +838,14 @@ static int stream_close_shard(st_st_stream *w) {
     if (fsync(fd) != 0) {
         int e = errno;
         close(fd);
+        unlink(w->tmp);
         return st_fail(ST_EIO, "cannot write %s: %s", w->tmp, strerror(e));
     }
-    if (close(fd) != 0 || rename(w->tmp, w->path) != 0)
-        return st_fail(ST_EIO, "cannot finish %s: %s", w->path, strerror(errno));
+    if (close(fd) != 0 || rename(w->tmp, w->path) != 0) {
+        int e = errno;
+        unlink(w->tmp);
+        return st_fail(ST_EIO, "cannot finish %s: %s", w->path, strerror(e));
+    }
     fsync_parent_dir(w->path);
     return 0;
 }

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "checkpoints/model_io.h"
 #include "worker/model.h"
 #include "worker/optim.h"
 
@@ -124,6 +125,10 @@ void st_ckpt_info_free(st_ckpt_info *info);
  * tensor's checksum attribute (ST_ECORRUPT naming it). Local: no communication. */
 int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights);
 
+/* One /model tensor (parameter i of m) into dst (numel floats, the model's layout), with the same shape and
+ * checksum checks: what a streamed export reads, a tensor at a time. Local. */
+int st_ckpt_load_param(const char *path, const st_model *m, int i, float *dst);
+
 /* Collective. Reads the optimizer moments of the compact range [lo, hi) of m's current trainable set
  * into host m_out/v_out ([hi - lo] floats, padding zeroed) and every trainable parameter's step count
  * into param_step[n_params]. Checksums are verified across ranks (ST_ECORRUPT naming the tensor).
@@ -154,5 +159,8 @@ int st_ckpt_resolve(const char *path, char *out, size_t out_len);
 /* 0 when every weight of m is finite, else ST_EFORMAT naming `source` (the model dir), the tensor and
  * the first bad element. Reads through the backend in 4 MB pieces. */
 int st_model_check_finite(const st_model *m, const char *source);
+/* The same over the elements `keep` selects of each parameter (model_io.h; NULL = all): what a rank
+ * that loaded only its parts (streaming load) holds. */
+int st_model_check_finite_part(const st_model *m, const char *source, st_model_keep_fn keep, void *ctx);
 
 #endif

@@ -452,3 +452,24 @@ int st_ckpt_read_tensor(const char *path, const char *dataset, float *out, size_
     H5Fclose(f);
     return rc;
 }
+
+int st_ckpt_load_param(const char *path, const st_model *m, int i, float *dst) {
+    const st_param *p = &m->params[i];
+    hid_t f = open_file(path);
+    if (f < 0) return ST_EFORMAT;
+    int rc = 0;
+    char name[160];
+    snprintf(name, sizeof name, "model/%s", p->name);
+    hid_t d = open_tensor(f, name, p->ndim, p->shape, path, &rc);
+    if (d >= 0) {
+        rc = 0;
+        uint64_t want = 0;
+        rc = checksum_attr(d, &want, name, path);
+        if (!rc) rc = read_range(d, p->ndim, p->shape, 0, p->numel, dst, name, path);
+        if (!rc && st_ckpt_checksum(dst, 0, p->numel) != want)
+            rc = st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s fails its checksum", path, name);
+        H5Dclose(d);
+    }
+    H5Fclose(f);
+    return rc;
+}

@@ -6,15 +6,19 @@
 #include "checkpoints/ckpt.h"
 #include "common/error.h"
 
-int st_model_check_finite(const st_model *m, const char *source) {
+int st_model_check_finite(const st_model *m, const char *source) { return st_model_check_finite_part(m, source, NULL, NULL); }
+
+int st_model_check_finite_part(const st_model *m, const char *source, st_model_keep_fn keep, void *ctx) {
     const size_t chunk = 1u << 20;
     float *host = malloc(chunk * sizeof(float));
     if (!host) return st_fail(ST_ENOMEM, "out of memory checking the weights of %s", source);
     int rc = 0;
     for (int i = 0; !rc && i < m->n_params; i++) {
         const st_param *p = &m->params[i];
-        for (size_t at = 0; !rc && at < p->numel; at += chunk) {
-            size_t n = p->numel - at < chunk ? p->numel - at : chunk;
+        size_t first = 0, last = p->numel;
+        if (keep) keep(ctx, m, i, &first, &last);
+        for (size_t at = first; !rc && at < last; at += chunk) {
+            size_t n = last - at < chunk ? last - at : chunk;
             m->be->copy_to_host(host, m->weights + p->offset + at, n * sizeof(float));
             for (size_t k = 0; k < n; k++)
                 if (!isfinite(host[k])) {

@@ -55,12 +55,18 @@ static int check_tied_head(const char *dir, const st_model_config *cfg, int *unt
     const st_st_tensor *e = st_safetensors_find(s, emb_name), *h = st_safetensors_find(s, "lm_head.weight");
     if (!e && cfg->family == ST_FAMILY_GPT2) e = st_safetensors_find(s, "transformer.wte.weight");
     if (e && h && st_st_numel(e) == st_st_numel(h)) {
-        size_t n = (size_t)st_st_numel(e);
-        float *a = malloc(n * sizeof(float)), *b = malloc(n * sizeof(float));
+        /* compared a bounded piece at a time: the embeddings may be larger than this rank's share */
+        const size_t chunk = (size_t)1 << 20;
+        size_t n = (size_t)st_st_numel(e), same = 1;
+        float *a = malloc(chunk * sizeof(float)), *b = malloc(chunk * sizeof(float));
         if (!a || !b) rc = st_fail(ST_ENOMEM, "out of memory comparing the embeddings with lm_head.weight");
-        if (!rc) rc = st_safetensors_read_f32(s, e, a, n);
-        if (!rc) rc = st_safetensors_read_f32(s, h, b, n);
-        if (!rc && memcmp(a, b, n * sizeof(float)) != 0) {
+        for (size_t at = 0; at < n && !rc && same; at += chunk) {
+            size_t k = n - at < chunk ? n - at : chunk;
+            rc = st_safetensors_read_f32_range(s, e, at, k, a);
+            if (!rc) rc = st_safetensors_read_f32_range(s, h, at, k, b);
+            if (!rc) same = memcmp(a, b, k * sizeof(float)) == 0;
+        }
+        if (!rc && !same) {
             *untie = 1;
             snprintf(load_warning, sizeof load_warning,
                      "%s: config.json has tie_word_embeddings: true but lm_head.weight differs from %s; using them "
@@ -106,43 +112,89 @@ static int check_extras(const st_safetensors *s, const st_model *m, const char *
     return 0;
 }
 
-int st_model_load_weights(st_model *m, const char *dir) {
+/* Elements [a, b) (registry layout) of parameter p from tensor t into m->weights: ranged reads straight
+ * into host weights, or through a bounded host chunk onto a device. */
+static int load_range(st_model *m, st_safetensors *s, const st_st_tensor *t, const st_param *p, size_t a, size_t b) {
+    float *w = m->weights + p->offset;
+    if (m->be->host_memory) return st_safetensors_read_f32_range(s, t, a, b - a, w + a);
+    const size_t chunk = (size_t)1 << 20;
+    float *buf = malloc((b - a < chunk ? b - a : chunk) * sizeof(float));
+    int rc = buf ? 0 : st_fail(ST_ENOMEM, "out of memory loading %s", p->name);
+    for (size_t at = a; at < b && !rc; at += chunk) {
+        size_t k = b - at < chunk ? b - at : chunk;
+        rc = st_safetensors_read_f32_range(s, t, at, k, buf);
+        if (!rc) m->be->copy_to_device(w + at, buf, k * sizeof(float));
+    }
+    free(buf);
+    return rc;
+}
+
+/* A GPT-2 Conv1D tensor ([in, out] in the file): read whole, transposed, its [a, b) kept. */
+static int load_transposed(st_model *m, st_safetensors *s, const st_st_tensor *t, const st_param *p, size_t a,
+                           size_t b) {
+    float *file = malloc(p->numel * sizeof(float)), *ours = malloc(p->numel * sizeof(float));
+    int rc = file && ours ? 0 : st_fail(ST_ENOMEM, "out of memory loading %s", p->name);
+    if (!rc) rc = st_safetensors_read_f32(s, t, file, p->numel);
+    if (!rc) {
+        transpose(ours, file, p->shape[1], p->shape[0]);
+        m->be->copy_to_device(m->weights + p->offset + a, ours + a, (b - a) * sizeof(float));
+    }
+    free(file);
+    free(ours);
+    return rc;
+}
+
+int st_model_load_weights_part(st_model *m, const char *dir, st_model_keep_fn keep, void *ctx) {
     st_safetensors *s = NULL;
     int rc = st_safetensors_open(dir, &s);
     if (rc) return rc;
-    float *host = malloc(m->n_weights * sizeof(float));
-    float *tmp = NULL;
-    size_t tmp_n = 0;
-    if (!host) { st_safetensors_close(s); return st_fail(ST_ENOMEM, "out of memory loading %s", dir); }
     rc = check_extras(s, m, dir);
-    for (int i = 0; i < m->n_params && !rc; i++) {
+    for (int i = 0; i < st_model_base_params(m) && !rc; i++) {
         const st_param *p = &m->params[i];
         const st_st_tensor *t = find_tensor(s, m, p);
         if (!t) { rc = st_fail(ST_EFORMAT, "%s: tensor '%s' is missing", dir, p->name); break; }
         if ((rc = check_shape(p, t, dir))) break;
-        float *dst = host + p->offset;
-        if (p->ndim == 2 && p->transpose_io) {
-            if (tmp_n < p->numel) {
-                free(tmp);
-                tmp = malloc(p->numel * sizeof(float));
-                tmp_n = tmp ? p->numel : 0;
-                if (!tmp) { rc = st_fail(ST_ENOMEM, "out of memory loading %s", p->name); break; }
-            }
-            if ((rc = st_safetensors_read_f32(s, t, tmp, p->numel))) break;
-            transpose(dst, tmp, p->shape[1], p->shape[0]);
-        } else {
-            rc = st_safetensors_read_f32(s, t, dst, p->numel);
-        }
+        size_t a = 0, b = p->numel;
+        if (keep) keep(ctx, m, i, &a, &b);
+        if (b > p->numel) b = p->numel;
+        if (a >= b) continue;
+        rc = p->ndim == 2 && p->transpose_io ? load_transposed(m, s, t, p, a, b) : load_range(m, s, t, p, a, b);
     }
-    if (!rc) m->be->copy_to_device(m->weights, host, m->n_weights * sizeof(float));
     st_model_weights_changed(m);
-    free(tmp);
-    free(host);
     st_safetensors_close(s);
     return rc;
 }
 
-int st_model_load_dir(const char *dir, const st_backend *be, st_model *m) {
+int st_model_check_files(const st_model *m, const char *dir, st_safetensors **out) {
+    *out = NULL;
+    st_safetensors *s = NULL;
+    int rc = st_safetensors_open(dir, &s);
+    if (rc) return rc;
+    rc = check_extras(s, m, dir);
+    for (int i = 0; i < st_model_base_params(m) && !rc; i++) {
+        const st_st_tensor *t = find_tensor(s, m, &m->params[i]);
+        rc = t ? check_shape(&m->params[i], t, dir) : st_fail(ST_EFORMAT, "%s: tensor '%s' is missing", dir, m->params[i].name);
+    }
+    if (rc) st_safetensors_close(s);
+    else *out = s;
+    return rc;
+}
+
+int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst) {
+    const st_param *p = &m->params[i];
+    const st_st_tensor *t = find_tensor(s, m, p);
+    if (!t) return st_fail(ST_EFORMAT, "tensor '%s' is missing", p->name);
+    if (!(p->ndim == 2 && p->transpose_io)) return st_safetensors_read_f32(s, t, dst, p->numel);
+    float *file = malloc(p->numel * sizeof(float));
+    int rc = file ? st_safetensors_read_f32(s, t, file, p->numel) : st_fail(ST_ENOMEM, "out of memory reading %s", p->name);
+    if (!rc) transpose(dst, file, p->shape[1], p->shape[0]);
+    free(file);
+    return rc;
+}
+
+int st_model_load_weights(st_model *m, const char *dir) { return st_model_load_weights_part(m, dir, NULL, NULL); }
+
+int st_model_open_dir(const char *dir, const st_backend *be, st_model *m) {
     st_model_config cfg;
     load_warning[0] = 0;
     int rc = st_model_config_read(dir, &cfg);
@@ -151,7 +203,12 @@ int st_model_load_dir(const char *dir, const st_backend *be, st_model *m) {
     if ((rc = check_tied_head(dir, &cfg, &untie))) return rc;
     if (untie) cfg.tied_embeddings = 0;
     rc = st_model_build(m, &cfg, be);
-    if (rc) return st_fail_context(rc, "%s/config.json", dir);
+    return rc ? st_fail_context(rc, "%s/config.json", dir) : 0;
+}
+
+int st_model_load_dir(const char *dir, const st_backend *be, st_model *m) {
+    int rc = st_model_open_dir(dir, be, m);
+    if (rc) return rc;
     rc = st_model_load_weights(m, dir);
     if (rc) st_model_free(m);
     return rc;
@@ -164,35 +221,72 @@ void st_model_param_to_hf(const st_model *m, int i, const float *host_weights, f
     else memcpy(out, src, p->numel * sizeof(float));
 }
 
-int st_model_save_dir(const st_model *m, const char *dir, uint64_t max_shard_bytes) {
-    int rc = st_mkdirs(dir);
-    if (rc) return rc;
-    float *host = malloc(m->n_weights * sizeof(float));
-    float *hf = malloc(m->n_weights * sizeof(float));
-    st_st_write_item *items = calloc((size_t)m->n_params, sizeof *items);
-    if (!host || !hf || !items) {
-        free(host); free(hf); free(items);
-        return st_fail(ST_ENOMEM, "out of memory exporting to %s", dir);
-    }
-    m->be->copy_to_host(host, m->weights, m->n_weights * sizeof(float));
-    for (int i = 0; i < m->n_params; i++) {
+/* The source's dtype (bf16 stays bf16), fp32 when it had none. */
+static int save_dtype(const st_model *m) {
+    return !strcmp(m->cfg.dtype, "bfloat16") ? ST_DTYPE_BF16 : !strcmp(m->cfg.dtype, "float16") ? ST_DTYPE_F16
+                                                                                                 : ST_DTYPE_F32;
+}
+
+/* Writes the tensors one at a time: fetch gives parameter i in registry layout, it is put in HF layout. */
+static int save_tensors(const st_model *m, const char *dir, uint64_t max_shard_bytes, st_model_fetch_fn fetch,
+                        void *ctx) {
+    size_t most = 0;
+    for (int i = 0; i < m->n_params; i++) most = m->params[i].numel > most ? m->params[i].numel : most;
+    float *reg = malloc((most ? most : 1) * sizeof(float)), *hf = malloc((most ? most : 1) * sizeof(float));
+    st_st_write_item *items = calloc((size_t)m->n_params + 1, sizeof *items);
+    int rc = reg && hf && items ? st_mkdirs(dir) : st_fail(ST_ENOMEM, "out of memory exporting to %s", dir);
+    for (int i = 0; i < m->n_params && items; i++) {
         const st_param *p = &m->params[i];
-        st_model_param_to_hf(m, i, host, hf + p->offset);
         items[i].name = p->name;
-        items[i].data = hf + p->offset;
         items[i].ndim = p->ndim;
         hf_shape(p, items[i].shape);
     }
-    /* the source's dtype (bf16 stays bf16), fp32 when it had none */
-    int dtype = !strcmp(m->cfg.dtype, "bfloat16") ? ST_DTYPE_BF16 : !strcmp(m->cfg.dtype, "float16") ? ST_DTYPE_F16
-                                                                                                     : ST_DTYPE_F32;
-    rc = st_safetensors_write_sharded_as(dir, m->n_params, items, max_shard_bytes ? max_shard_bytes : (4ULL << 30),
-                                         dtype);
-    if (!rc) rc = st_model_config_write(dir, &m->cfg);
+    st_st_stream *w = NULL;
+    if (!rc) rc = st_safetensors_stream_open(dir, m->n_params, items, max_shard_bytes ? max_shard_bytes : (4ULL << 30),
+                                             save_dtype(m), &w);
+    /* every parameter is fetched even after a failure: a collective fetch must not leave the others waiting */
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        int frc = fetch(ctx, m, i, rc ? NULL : reg);
+        if (!rc) rc = frc;
+        if (rc) continue;
+        if (p->ndim == 2 && p->transpose_io) transpose(hf, reg, p->shape[0], p->shape[1]);
+        rc = st_safetensors_stream_put(w, p->ndim == 2 && p->transpose_io ? hf : reg);
+    }
+    if (w) {
+        if (rc) st_safetensors_stream_abort(w);
+        else rc = st_safetensors_stream_finish(w);
+    }
     free(items);
     free(hf);
-    free(host);
+    free(reg);
     return rc;
+}
+
+int st_model_save_dir_streamed(const st_model *m, const char *dir, uint64_t max_shard_bytes, st_model_fetch_fn fetch,
+                               void *ctx) {
+    if (!dir) { /* a rank that only serves the collective fetches */
+        int rc = 0;
+        for (int i = 0; i < m->n_params; i++) {
+            int frc = fetch(ctx, m, i, NULL);
+            if (!rc) rc = frc;
+        }
+        return rc;
+    }
+    int rc = save_tensors(m, dir, max_shard_bytes, fetch, ctx);
+    if (!rc) rc = st_model_config_write(dir, &m->cfg);
+    return rc;
+}
+
+/* Parameter i from the model's own weights. */
+static int fetch_local(void *ctx, const st_model *m, int i, float *dst) {
+    (void)ctx;
+    if (dst) m->be->copy_to_host(dst, m->weights + m->params[i].offset, m->params[i].numel * sizeof(float));
+    return 0;
+}
+
+int st_model_save_dir(const st_model *m, const char *dir, uint64_t max_shard_bytes) {
+    return st_model_save_dir_streamed(m, dir, max_shard_bytes, fetch_local, NULL);
 }
 
 /* Files of a Hugging Face model directory that are not weights or config.json: what a user needs to run
@@ -223,7 +317,13 @@ int st_model_copy_assets(const char *src_dir, const char *dst_dir) {
 
 int st_model_export_dir(const st_model *m, const char *dir, const char *src_dir, const char *config_text,
                         uint64_t max_shard_bytes) {
-    int rc = st_model_save_dir(m, dir, max_shard_bytes);
+    return st_model_export_dir_streamed(m, dir, src_dir, config_text, max_shard_bytes, fetch_local, NULL);
+}
+
+int st_model_export_dir_streamed(const st_model *m, const char *dir, const char *src_dir, const char *config_text,
+                                 uint64_t max_shard_bytes, st_model_fetch_fn fetch, void *ctx) {
+    int rc = st_model_save_dir_streamed(m, dir, max_shard_bytes, fetch, ctx);
+    if (!dir) return rc;
     if (!rc && config_text && *config_text) {
         /* the source's own config.json: every key as the user had it (rope_parameters or rope_scaling,
          * dtype, architectures, layer_types, ...); the weights were written in its dtype */

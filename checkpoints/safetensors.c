@@ -549,7 +549,17 @@ int st_safetensors_read_f32(st_safetensors *s, const st_st_tensor *t, float *dst
     if (numel != (uint64_t)n_elems)
         return st_fail(ST_ESHAPE, "%s: tensor '%s' has shape %s (%" PRIu64 " elements) but %zu elements were expected",
                        s->paths[t->file], t->name, shape_str(sb, sizeof sb, t->ndim, t->shape), numel, n_elems);
-    if (t->dtype == ST_DTYPE_F32) return n_elems ? read_bytes(s, t, dst, n_elems * 4, 0) : 0;
+    return st_safetensors_read_f32_range(s, t, 0, n_elems, dst);
+}
+
+int st_safetensors_read_f32_range(st_safetensors *s, const st_st_tensor *t, uint64_t first, size_t n, float *dst) {
+    int rc = check_owned(s, t);
+    if (rc) return rc;
+    uint64_t numel = st_st_numel(t);
+    if (first > numel || n > numel - first)
+        return st_fail(ST_ESHAPE, "%s: tensor '%s' has %" PRIu64 " elements; elements [%" PRIu64 ", %" PRIu64
+                       ") were asked for", s->paths[t->file], t->name, numel, first, first + n);
+    if (t->dtype == ST_DTYPE_F32) return n ? read_bytes(s, t, dst, n * 4, first * 4) : 0;
     if (t->dtype != ST_DTYPE_F16 && t->dtype != ST_DTYPE_BF16 && t->dtype != ST_DTYPE_F64)
         return st_fail(ST_EINVAL, "%s: tensor '%s' has dtype %s, which cannot be read as fp32", s->paths[t->file],
                        t->name, dtype_names[t->dtype]);
@@ -558,9 +568,9 @@ int st_safetensors_read_f32(st_safetensors *s, const st_st_tensor *t, float *dst
     size_t esize = dtype_sizes[t->dtype];
     unsigned char *buf = malloc(CHUNK * esize);
     if (!buf) return st_fail(ST_ENOMEM, "out of memory reading tensor '%s'", t->name);
-    for (size_t done = 0; done < n_elems && rc == 0;) {
-        size_t k = n_elems - done < CHUNK ? n_elems - done : CHUNK;
-        rc = read_bytes(s, t, buf, k * esize, done * esize);
+    for (size_t done = 0; done < n && rc == 0;) {
+        size_t k = n - done < CHUNK ? n - done : CHUNK;
+        rc = read_bytes(s, t, buf, k * esize, (first + done) * esize);
         if (rc) break;
         for (size_t i = 0; i < k; i++) {
             if (t->dtype == ST_DTYPE_F64) {
@@ -583,7 +593,8 @@ int st_safetensors_read_f32(st_safetensors *s, const st_st_tensor *t, float *dst
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-static int check_items(const char *path, int n, const st_st_write_item *items, int dtype, uint64_t *total_bytes) {
+static int check_items(const char *path, int n, const st_st_write_item *items, int dtype, int need_data,
+                       uint64_t *total_bytes) {
     if (n < 0) return st_fail(ST_EINVAL, "%s: negative tensor count", path);
     uint64_t total = 0;
     for (int i = 0; i < n; i++) {
@@ -599,7 +610,7 @@ static int check_items(const char *path, int n, const st_st_write_item *items, i
             if (__builtin_mul_overflow(bytes, (uint64_t)it->shape[d], &bytes) || bytes > INT64_MAX)
                 return st_fail(ST_EINVAL, "%s: tensor '%s' is too large", path, it->name);
         }
-        if (bytes > 0 && !it->data) return st_fail(ST_EINVAL, "%s: tensor '%s' has no data", path, it->name);
+        if (need_data && bytes > 0 && !it->data) return st_fail(ST_EINVAL, "%s: tensor '%s' has no data", path, it->name);
         if (__builtin_add_overflow(total, bytes, &total) || total > INT64_MAX)
             return st_fail(ST_EINVAL, "%s: tensors too large in total", path);
     }
@@ -725,7 +736,7 @@ int st_safetensors_write_as(const char *path, int n, const st_st_write_item *ite
                             int dtype) {
     if (dtype != ST_DTYPE_F32 && dtype != ST_DTYPE_BF16 && dtype != ST_DTYPE_F16)
         return st_fail(ST_EINVAL, "%s: tensors can be written as F32, BF16 or F16, not %s", path, st_dtype_name(dtype));
-    int rc = check_items(path, n, items, dtype, NULL);
+    int rc = check_items(path, n, items, dtype, 1, NULL);
     if (rc) return rc;
     st_strbuf h = {0};
     if ((rc = build_header(path, n, items, dtype, metadata_json, &h)) != 0) {
@@ -768,56 +779,194 @@ int st_safetensors_write_sharded(const char *dir, int n, const st_st_write_item 
     return st_safetensors_write_sharded_as(dir, n, items, max_shard_bytes, ST_DTYPE_F32);
 }
 
-int st_safetensors_write_sharded_as(const char *dir, int n, const st_st_write_item *items, uint64_t max_shard_bytes,
-                                    int dtype) {
-    uint64_t total = 0;
-    int rc = check_items(dir, n, items, dtype, &total);
+/* ---- the streaming writer: the layout (shards, headers, offsets) comes from the shapes alone, then the
+ * tensors arrive one at a time, in order, and are written at once (nothing is buffered). ---- */
+
+struct st_st_stream {
+    char dir[4096];
+    int n, dtype, n_shards, sharded, shard; /* sharded: names model-0000k-of-0000n + index; shard: the open one (-1 before the first, n_shards after the last) */
+    st_st_write_item *items;         /* copies of the items (names owned), data unused */
+    int *start;                      /* [n_shards + 1]: shard k covers items [start[k], start[k + 1]) */
+    int next;                        /* the next item to put */
+    int fd;                          /* the open shard's .partial, -1 when none */
+    char path[4096], tmp[4200];      /* the open shard's final and .partial paths */
+    uint64_t total;
+};
+
+static void stream_free(st_st_stream *w) {
+    for (int i = 0; w->items && i < w->n; i++) free((char *)w->items[i].name);
+    free(w->items);
+    free(w->start);
+    free(w);
+}
+
+static int shard_name(const st_st_stream *w, int k, char *out, size_t cap) {
+    char name[64];
+    if (!w->sharded) snprintf(name, sizeof name, "model.safetensors");
+    else snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", k + 1, w->n_shards);
+    return path_join(out, cap, w->dir, name);
+}
+
+/* Creates shard k's .partial and writes its header. */
+static int stream_open_shard(st_st_stream *w, int k) {
+    int rc = shard_name(w, k, w->path, sizeof w->path);
     if (rc) return rc;
-    if ((rc = st_mkdirs(dir)) != 0) return rc;
-    char single[4096], index[4096];
-    if ((rc = path_join(single, sizeof single, dir, "model.safetensors")) != 0) return rc;
-    if ((rc = path_join(index, sizeof index, dir, "model.safetensors.index.json")) != 0) return rc;
-    if (max_shard_bytes == 0 || total <= max_shard_bytes) {
-        rc = st_safetensors_write_as(single, n, items, NULL, dtype);
-        if (rc == 0) unlink(index); /* drop a stale index from an earlier sharded export */
+    snprintf(w->tmp, sizeof w->tmp, "%s.partial", w->path);
+    st_strbuf h = {0};
+    if ((rc = build_header(w->path, w->start[k + 1] - w->start[k], w->items + w->start[k], w->dtype, NULL, &h))) {
+        st_strbuf_free(&h);
         return rc;
     }
-    /* greedy, in order: shard k covers items [start[k], start[k+1]) */
-    int *start = malloc(((size_t)n + 2) * sizeof *start);
-    if (!start) return st_fail(ST_ENOMEM, "out of memory writing %s", dir);
-    int n_shards = 0;
+    w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (w->fd < 0) {
+        st_strbuf_free(&h);
+        return st_fail(ST_EIO, "cannot create %s: %s", w->tmp, strerror(errno));
+    }
+    unsigned char lenb[8];
+    for (int i = 0; i < 8; i++) lenb[i] = (unsigned char)((uint64_t)h.len >> (8 * i));
+    int bad = write_all(w->fd, lenb, 8) || write_all(w->fd, h.data, h.len);
+    int e = errno;
+    st_strbuf_free(&h);
+    w->shard = k;
+    return bad ? st_fail(ST_EIO, "cannot write %s: %s", w->tmp, strerror(e)) : 0;
+}
+
+/* fsync, close and rename the open shard. */
+static int stream_close_shard(st_st_stream *w) {
+    int fd = w->fd;
+    w->fd = -1;
+    if (fsync(fd) != 0) {
+        int e = errno;
+        close(fd);
+        unlink(w->tmp);
+        return st_fail(ST_EIO, "cannot write %s: %s", w->tmp, strerror(e));
+    }
+    if (close(fd) != 0 || rename(w->tmp, w->path) != 0) {
+        int e = errno;
+        unlink(w->tmp);
+        return st_fail(ST_EIO, "cannot finish %s: %s", w->path, strerror(e));
+    }
+    fsync_parent_dir(w->path);
+    return 0;
+}
+
+int st_safetensors_stream_open(const char *dir, int n, const st_st_write_item *items, uint64_t max_shard_bytes,
+                               int dtype, st_st_stream **out) {
+    *out = NULL;
+    if (dtype != ST_DTYPE_F32 && dtype != ST_DTYPE_BF16 && dtype != ST_DTYPE_F16)
+        return st_fail(ST_EINVAL, "%s: tensors can be written as F32, BF16 or F16, not %s", dir, st_dtype_name(dtype));
+    uint64_t total = 0;
+    int rc = check_items(dir, n, items, dtype, 0, &total);
+    if (rc) return rc;
+    if (strlen(dir) >= sizeof((st_st_stream *)0)->dir) return st_fail(ST_EINVAL, "path too long: %s", dir);
+    if ((rc = st_mkdirs(dir)) != 0) return rc;
+    st_st_stream *w = calloc(1, sizeof *w);
+    if (!w) return st_fail(ST_ENOMEM, "out of memory writing %s", dir);
+    snprintf(w->dir, sizeof w->dir, "%s", dir);
+    w->dtype = dtype;
+    w->total = total;
+    w->fd = -1;
+    w->shard = -1;
+    w->items = calloc((size_t)n + 1, sizeof *w->items);
+    w->start = malloc(((size_t)n + 2) * sizeof *w->start);
+    if (!w->items || !w->start) { stream_free(w); return st_fail(ST_ENOMEM, "out of memory writing %s", dir); }
+    for (int i = 0; i < n; i++, w->n++) {
+        w->items[i] = items[i];
+        w->items[i].data = NULL;
+        if (!(w->items[i].name = strdup(items[i].name))) {
+            stream_free(w);
+            return st_fail(ST_ENOMEM, "out of memory writing %s", dir);
+        }
+    }
+    /* one file when it fits; else greedy, in order (a new shard when the next tensor would overflow) */
     uint64_t cur = 0;
+    w->sharded = max_shard_bytes && total > max_shard_bytes;
     for (int i = 0; i < n; i++) {
         uint64_t b = item_bytes(&items[i], dtype);
-        if (n_shards == 0 || (cur > 0 && cur + b > max_shard_bytes)) {
-            start[n_shards++] = i;
+        if (w->n_shards == 0 || (w->sharded && cur > 0 && cur + b > max_shard_bytes)) {
+            w->start[w->n_shards++] = i;
             cur = 0;
         }
         cur += b;
     }
-    start[n_shards] = n;
-    if (n_shards > 99999) {
-        free(start);
-        return st_fail(ST_EINVAL, "%s: %d shards exceed the 5-digit shard naming", dir, n_shards);
+    if (w->n_shards == 0) w->start[w->n_shards++] = 0;
+    w->start[w->n_shards] = n;
+    if (w->n_shards > 99999) {
+        stream_free(w);
+        return st_fail(ST_EINVAL, "%s: shards exceed the 5-digit shard naming", dir);
     }
-    st_strbuf idx = {0};
-    st_strbuf_printf(&idx, "{\n  \"metadata\": {\"total_size\": %" PRIu64 "},\n  \"weight_map\": {", total);
-    for (int k = 0; k < n_shards && rc == 0; k++) {
-        char name[64], path[4096];
-        snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", k + 1, n_shards);
-        if ((rc = path_join(path, sizeof path, dir, name)) != 0) break;
-        rc = st_safetensors_write_as(path, start[k + 1] - start[k], items + start[k], NULL, dtype);
-        for (int i = start[k]; i < start[k + 1]; i++) {
-            st_strbuf_printf(&idx, "%s\n    ", i ? "," : "");
-            st_strbuf_json_string(&idx, items[i].name);
-            st_strbuf_printf(&idx, ": \"%s\"", name);
+    if ((rc = stream_open_shard(w, 0))) { st_safetensors_stream_abort(w); return rc; }
+    if (n == 0 && (rc = stream_close_shard(w))) { st_safetensors_stream_abort(w); return rc; }
+    if (n == 0) w->shard = w->n_shards;
+    *out = w;
+    return 0;
+}
+
+int st_safetensors_stream_put(st_st_stream *w, const float *data) {
+    if (w->next >= w->n) return st_fail(ST_EINVAL, "%s: more tensors put than announced", w->dir);
+    const st_st_write_item *it = &w->items[w->next];
+    uint64_t b = item_bytes(it, w->dtype);
+    if (b && !data) return st_fail(ST_EINVAL, "%s: tensor '%s' has no data", w->dir, it->name);
+    if (w->next == w->start[w->shard + 1]) { /* the open shard is complete */
+        int rc = stream_close_shard(w);
+        if (!rc) rc = stream_open_shard(w, w->shard + 1);
+        if (rc) return rc;
+    }
+    if (write_floats(w->fd, data, (size_t)(b / st_dtype_size(w->dtype)), w->dtype))
+        return st_fail(ST_EIO, "cannot write %s: %s", w->tmp, strerror(errno));
+    w->next++;
+    return 0;
+}
+
+int st_safetensors_stream_finish(st_st_stream *w) {
+    int rc = w->next == w->n ? 0 : st_fail(ST_EINVAL, "%s: %d of %d tensors were put", w->dir, w->next, w->n);
+    if (!rc && w->fd >= 0) rc = stream_close_shard(w);
+    char single[4096], index[4096];
+    if (!rc) rc = path_join(single, sizeof single, w->dir, "model.safetensors");
+    if (!rc) rc = path_join(index, sizeof index, w->dir, "model.safetensors.index.json");
+    if (!rc && !w->sharded) {
+        unlink(index); /* drop a stale index from an earlier sharded export */
+    } else if (!rc) {
+        st_strbuf idx = {0};
+        st_strbuf_printf(&idx, "{\n  \"metadata\": {\"total_size\": %" PRIu64 "},\n  \"weight_map\": {", w->total);
+        for (int k = 0; k < w->n_shards; k++) {
+            char name[64];
+            snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", k + 1, w->n_shards);
+            for (int i = w->start[k]; i < w->start[k + 1]; i++) {
+                st_strbuf_printf(&idx, "%s\n    ", i ? "," : "");
+                st_strbuf_json_string(&idx, w->items[i].name);
+                st_strbuf_printf(&idx, ": \"%s\"", name);
+            }
         }
+        st_strbuf_printf(&idx, "\n  }\n}\n");
+        rc = idx.failed ? st_fail(ST_ENOMEM, "out of memory writing %s", index)
+                        : st_write_file_atomic(index, idx.data, idx.len);
+        st_strbuf_free(&idx);
+        if (!rc) unlink(single); /* a single file would take precedence over the new index */
     }
-    st_strbuf_printf(&idx, "\n  }\n}\n");
-    free(start);
-    if (rc == 0 && idx.failed) rc = st_fail(ST_ENOMEM, "out of memory writing %s", index);
-    if (rc == 0) rc = st_write_file_atomic(index, idx.data, idx.len);
-    st_strbuf_free(&idx);
-    if (rc == 0) unlink(single); /* a single file would take precedence over the new index */
+    if (rc) st_safetensors_stream_abort(w);
+    else stream_free(w);
     return rc;
+}
+
+void st_safetensors_stream_abort(st_st_stream *w) {
+    if (!w) return;
+    if (w->fd >= 0) {
+        close(w->fd);
+        unlink(w->tmp);
+    }
+    stream_free(w);
+}
+
+int st_safetensors_write_sharded_as(const char *dir, int n, const st_st_write_item *items, uint64_t max_shard_bytes,
+                                    int dtype) {
+    int rc = check_items(dir, n, items, dtype, 1, NULL);
+    st_st_stream *w = NULL;
+    if (!rc) rc = st_safetensors_stream_open(dir, n, items, max_shard_bytes, dtype, &w);
+    for (int i = 0; i < n && !rc; i++) rc = st_safetensors_stream_put(w, items[i].data);
+    if (rc) {
+        st_safetensors_stream_abort(w);
+        return rc;
+    }
+    return st_safetensors_stream_finish(w);
 }

@@ -9,7 +9,9 @@
  * its file descriptors and tensor table; st_safetensors_close() releases them. Reads through one handle
  * may run concurrently from several threads (pread only).
  *
- * Writing: fp32 only, atomically (PATH.partial, fsync, rename). The caller keeps ownership of the data. */
+ * Writing: from fp32 data, stored as F32 / BF16 / F16, atomically (PATH.partial, fsync, rename). The caller
+ * keeps ownership of the data. The streaming writer (st_safetensors_stream_*) lays out the files from the
+ * shapes alone and takes the tensors one at a time, so no one holds the whole model. */
 #ifndef ST_SAFETENSORS_H
 #define ST_SAFETENSORS_H
 
@@ -72,6 +74,10 @@ uint64_t st_st_numel(const st_st_tensor *t);
  * (subnormals, inf, nan kept), F64 is rounded. Fails with ST_ESHAPE if n_elems != numel (the message
  * names the tensor and both sizes), ST_EINVAL for other dtypes, ST_EIO on a short read. */
 int st_safetensors_read_f32(st_safetensors *s, const st_st_tensor *t, float *dst, size_t n_elems);
+/* Elements [first, first + n) of tensor `t` (flat, row-major) as fp32 into dst: one ranged pread per
+ * bounded chunk, converted piece by piece (F32 / F16 / BF16 / F64) — what a rank that keeps part of a
+ * tensor reads. ST_ESHAPE when the range leaves the tensor. */
+int st_safetensors_read_f32_range(st_safetensors *s, const st_st_tensor *t, uint64_t first, size_t n, float *dst);
 /* Reads tensor `t`'s raw little-endian bytes (any dtype); `bytes` must equal end - begin. */
 int st_safetensors_read_raw(st_safetensors *s, const st_st_tensor *t, void *dst, size_t bytes);
 
@@ -104,5 +110,17 @@ int st_safetensors_write_as(const char *path, int n, const st_st_write_item *ite
                             int dtype);
 int st_safetensors_write_sharded_as(const char *dir, int n, const st_st_write_item *items, uint64_t max_shard_bytes,
                                     int dtype);
+
+/* Streaming form of st_safetensors_write_sharded_as, byte for byte the same files: open with the items'
+ * names and shapes (data is not read), then put each tensor's fp32 data, in the items' order, once; each
+ * is converted and written at once (nothing is buffered but 8 KiB). finish closes the last shard, writes
+ * the index and releases w (on failure too); after a failing put, abort removes the .partial being written
+ * and releases w. Shards already completed stay (as with st_safetensors_write_sharded_as). */
+typedef struct st_st_stream st_st_stream;
+int st_safetensors_stream_open(const char *dir, int n, const st_st_write_item *items, uint64_t max_shard_bytes,
+                               int dtype, st_st_stream **out);
+int st_safetensors_stream_put(st_st_stream *w, const float *data);
+int st_safetensors_stream_finish(st_st_stream *w);
+void st_safetensors_stream_abort(st_st_stream *w);
 
 #endif

@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,7 +27,17 @@ void *st_calloc_aligned(size_t bytes) {
     size_t rounded = (bytes + 63) & ~(size_t)63;
     if (rounded == 0) rounded = 64;
     if (posix_memalign(&p, 64, rounded) != 0) return NULL;
-    memset(p, 0, rounded);
+    /* large blocks: whole pages are handed back (MADV_DONTNEED: private anonymous memory, as malloc's
+     * always is, reads as zero on the next touch), so a buffer that is never written all over (a ZeRO-3
+     * rank's full-size weight and gradient spaces) takes no memory for the parts it does not use */
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), lo = (uintptr_t)p, hi = lo + rounded;
+    uintptr_t plo = (lo + page - 1) / page * page, phi = hi / page * page;
+    if (rounded < ((size_t)1 << 20) || phi <= plo || madvise((void *)plo, phi - plo, MADV_DONTNEED) != 0) {
+        memset(p, 0, rounded);
+        return p;
+    }
+    memset(p, 0, plo - lo);
+    memset((void *)phi, 0, hi - phi);
     return p;
 }
 

@@ -9,7 +9,8 @@
 /* Monotonic time in seconds. */
 double st_now(void);
 
-/* 64-byte aligned, zeroed allocation; NULL on failure (free with free()). */
+/* 64-byte aligned, zeroed allocation; NULL on failure (free with free()). Blocks of 1 MiB or more get
+ * their whole pages from the system lazily (no memory is resident until a page is written). */
 void *st_calloc_aligned(size_t bytes);
 
 /* Reads a whole file into a malloc'ed buffer (NUL-terminated; *len excludes the NUL).

@@ -770,3 +770,39 @@ void st_comm_weights_loaded(st_comm *c, st_model *m) {
 }
 
 size_t st_comm_zero3_recv_floats(size_t shard) { return shard < ST_Z3_CHUNK ? shard : ST_Z3_CHUNK; }
+
+/* ---------------- streaming load and final weights (stage 3 keeps parts) ---------------- */
+
+void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, size_t *b) {
+    const st_param *p = &m->params[i];
+    *a = 0;
+    *b = p->numel;
+    if (c->stage != 3 || p->grad_offset < 0) return; /* whole on every rank: replicated, or frozen */
+    size_t g = (size_t)p->grad_offset, s = g > c->lo ? g : c->lo, e = g + p->numel < c->hi ? g + p->numel : c->hi;
+    if (e <= s) { *a = *b = 0; return; }
+    *a = s - g;
+    *b = e - g;
+}
+
+int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int root) {
+    const st_param *p = &m->params[i];
+    if (c->stage != 3 || p->grad_offset < 0 || c->world == 1) { /* whole on the root already */
+        if (c->rank == root && dst) m->be->copy_to_host(dst, m->weights + p->offset, p->numel * sizeof(float));
+        return 0;
+    }
+    size_t g = (size_t)p->grad_offset, a, b;
+    int counts[c->world], displs[c->world];
+    owner_counts(c, g, g + p->numel, counts, displs);
+    st_comm_param_keep(c, m, i, &a, &b);
+    /* a root without a buffer (its write failed) still takes part: it receives into a bounded scratch */
+    float *recv = dst, *scratch = NULL;
+    if (c->rank == root && !dst) {
+        scratch = malloc((p->numel ? p->numel : 1) * sizeof(float));
+        if (!scratch) for (int r = 0; r < c->world; r++) counts[r] = displs[r] = 0; /* nothing lands: no hang */
+        recv = scratch;
+    }
+    int rc = MPI_Gatherv(m->weights + p->offset + a, b > a ? (int)(b - a) : 0, MPI_FLOAT, recv, counts, displs,
+                         MPI_FLOAT, root, c->comm);
+    free(scratch);
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "gathering a parameter for the final weights", c->rank);
+}

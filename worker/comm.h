@@ -101,6 +101,16 @@ size_t st_comm_zero3_recv_floats(size_t shard);
  * the weights this rank does not own. No-op for other stages. */
 void st_comm_weights_loaded(st_comm *c, st_model *m);
 
+/* Which elements of parameter i ([*a, *b) of its numel, registry layout) this rank keeps in m->weights:
+ * all of it below stage 3 and for frozen parameters; at stage 3 its part of the rank's shard (maybe none).
+ * The streaming load reads exactly these (st_model_load_weights_part). */
+void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, size_t *b);
+
+/* Parameter i's fp32 values (registry layout, numel floats) gathered into dst on rank `root` from the
+ * ranks that keep its parts (MPI_Gatherv at stage 3; a local copy otherwise). Collective at stage 3: every
+ * rank calls it for the same i; dst is ignored elsewhere and may be NULL on the root too. */
+int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int root);
+
 /* The optimizer's range: [lo, hi) for stages 1-3, [0, n_pad) for stage 0. */
 void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi);
 

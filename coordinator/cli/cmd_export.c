@@ -13,6 +13,7 @@
 #include "checkpoints/model_dir.h"
 #include "checkpoints/model_io.h"
 #include "checkpoints/peft_dir.h"
+#include "checkpoints/safetensors.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "coordinator/cli/commands.h"
@@ -57,6 +58,16 @@ static int export_lora_ckpt(const char *path, const st_ckpt_info *info, const st
     return rc;
 }
 
+/* One parameter from a checkpoint file (ctx: its path). */
+static int fetch_ckpt(void *ctx, const st_model *m, int i, float *dst) {
+    return dst ? st_ckpt_load_param(ctx, m, i, dst) : 0;
+}
+
+/* One parameter from a model directory's safetensors (ctx: the open files; registry layout). */
+static int fetch_model_dir(void *ctx, const st_model *m, int i, float *dst) {
+    return dst ? st_model_read_param(ctx, m, i, dst) : 0;
+}
+
 static int export_ckpt(const char *path, const char *out, int peft) {
     st_ckpt_info info;
     int rc = st_ckpt_read_info(path, &info);
@@ -81,16 +92,12 @@ static int export_ckpt(const char *path, const char *out, int peft) {
     st_model m;
     const st_backend *be = st_backend_cpu(1);
     if ((rc = st_model_build(&m, &mc, be)) != 0) { st_ckpt_info_free(&info); return rc; }
-    float *host = malloc(m.n_weights * sizeof(float));
-    if (!host) rc = st_fail(ST_ENOMEM, "out of memory");
-    if (!rc) rc = st_ckpt_load_model(path, &m, host); /* shapes and checksums verified */
-    if (!rc) {
-        be->copy_to_device(m.weights, host, m.n_weights * sizeof(float));
-        /* the checkpoint's own config.json text; tokenizer and generation files from the source model
-         * directory when it is still there (a moved source only loses those extras) */
-        rc = st_model_export_dir(&m, out, access(src, F_OK) == 0 ? src : NULL, info.model_config, 0);
-    }
-    free(host);
+    /* streamed: a tensor at a time from the checkpoint (shapes and checksums verified) to the files, so the
+     * export never holds the model (the built model's weights stay untouched, hence not resident); the
+     * checkpoint's own config.json text; tokenizer and generation files from the source model directory
+     * when it is still there (a moved source only loses those extras) */
+    rc = st_model_export_dir_streamed(&m, out, access(src, F_OK) == 0 ? src : NULL, info.model_config, 0,
+                                      fetch_ckpt, (void *)path);
     st_model_free(&m);
     st_ckpt_info_free(&info);
     return rc;
@@ -130,11 +137,16 @@ static int export_model_dir(const char *src, const char *out) {
     char path[4200], *cfg = NULL;
     size_t len = 0;
     st_model m;
-    int rc = st_model_load_dir(src, st_backend_cpu(0), &m);
+    /* streamed: the model is built (weights untouched, not resident) and each tensor goes from the source
+     * files to the new ones on its own */
+    int rc = st_model_open_dir(src, st_backend_cpu(0), &m);
     if (rc) return rc;
+    st_safetensors *st = NULL;
     snprintf(path, sizeof path, "%s/config.json", src);
     if ((rc = st_read_file(path, &cfg, &len))) rc = st_fail(rc, "%s: %s", path, st_error());
-    if (!rc) rc = st_model_export_dir(&m, out, src, cfg, 0);
+    if (!rc) rc = st_model_check_files(&m, src, &st);
+    if (!rc) rc = st_model_export_dir_streamed(&m, out, src, cfg, 0, fetch_model_dir, st);
+    st_safetensors_close(st);
     free(cfg);
     st_model_free(&m);
     return rc;

@@ -1,8 +1,11 @@
-/* cmd_plan.c — `shardtune plan JOB.yaml --ranks N [--json] [dotted.key=value ...]`.
+/* cmd_plan.c — `shardtune plan JOB.yaml --ranks N [--json] [--device-mem GiB] [dotted.key=value ...]`.
  *
  * Reads the job and the model's config.json (no weights are loaded or allocated: the registry alone is
- * built), then prints for every stage of the schedule the shard map and each rank's memory
- * (coordinator/trainer/plan.h). --json prints one JSON object with exact byte counts. No MPI. */
+ * built), then prints for every stage of the schedule the shard map and each rank's memory, and each
+ * rank's memory per phase (load, step, checkpoint, final/) and of `export` (coordinator/trainer/plan.h).
+ * --json prints one JSON object with exact byte counts. --device-mem says whether each rank fits in that
+ * many GiB at every phase and, when one does not, what would make it fit (each change re-planned: ZeRO
+ * stage 3, activation checkpointing, micro_batch 1, more ranks, finetune.mode lora). No MPI. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,7 +19,7 @@
 #include "worker/model.h"
 
 static int usage(void) {
-    fprintf(stderr, "usage: shardtune plan JOB.yaml --ranks N [--json] [dotted.key=value ...]\n");
+    fprintf(stderr, "usage: shardtune plan JOB.yaml --ranks N [--json] [--device-mem GiB] [dotted.key=value ...]\n");
     return ST_EXIT_USAGE;
 }
 
@@ -65,10 +68,26 @@ static void print_text(const st_plan *p, const st_model *m) {
             printf("  entering this stage: +%.2f MiB per rank (the previous stage's moments, gathered)\n",
                    mib(sp->transition_extra));
     }
-    printf("\nloading (every rank, the whole model and gradient buffer before sharding): %.2f MiB\n",
-           mib(p->load_bytes));
-    printf("writing final/ (rank 0, end of stage %d): +%.2f MiB\n", p->final_stage, mib(p->save_extra));
-    printf("peak per rank: %.2f MiB (%zu bytes)\n", mib(p->peak), p->peak);
+    printf("\nper phase (MiB): load (first stage), step (largest stage total), checkpoint, final/ (end of stage %d)\n",
+           p->final_stage);
+    printf("  %4s %10s %10s %10s %10s %10s %10s\n", "rank", "load", "step", "checkpoint", "final/", "peak", "resume");
+    for (int r = 0; r < p->world; r++) {
+        size_t step = 0, ck = 0;
+        for (int s = 0; s < p->n_stages; s++) {
+            if (p->stages[s].ranks[r].total > step) step = p->stages[s].ranks[r].total;
+            if (p->stages[s].ranks[r].at_ckpt > ck) ck = p->stages[s].ranks[r].at_ckpt;
+        }
+        printf("  %4d %10.2f %10.2f %10.2f %10.2f %10.2f %10.2f\n", r, mib(p->stages[0].ranks[r].at_load), mib(step),
+               mib(ck), mib(p->stages[p->final_stage].ranks[r].at_save), mib(p->rank_peak[r]),
+               mib(p->stages[0].ranks[r].at_resume));
+    }
+    printf("loading: %s\n", p->zero_stage == 3 ? "each rank reads its own parts of the safetensors (streamed)"
+                                               : "every rank reads the whole model, a tensor at a time");
+    printf("writing final/: rank 0 holds %.2f MiB (one tensor at a time)\n",
+           mib(p->stages[p->final_stage].ranks[0].at_save));
+    printf("shardtune export of its checkpoint: %.2f MiB (one tensor at a time)\n", mib(p->export_bytes));
+    printf("peak per rank: %.2f MiB (%zu bytes); resuming from a checkpoint adds its own phase (resume column)\n",
+           mib(p->peak), p->peak);
 }
 
 static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, int r, const st_model *m,
@@ -86,9 +105,10 @@ static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, i
         st_strbuf_json_string(b, m->params[i].name);
     }
     st_strbuf_printf(b, "],\"bytes\":{\"weights\":%zu,\"grads\":%zu,\"optim\":%zu,\"comm\":%zu,\"activations\":%zu,"
-                        "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu}}%s",
+                        "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu,\"at_load\":%zu,\"at_ckpt\":%zu,"
+                        "\"at_resume\":%zu}}%s",
                      rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total, rp->at_save,
-                     r + 1 < p->world ? "," : "");
+                     rp->at_load, rp->at_ckpt, rp->at_resume, r + 1 < p->world ? "," : "");
 }
 
 static int print_json(const st_plan *p, const st_model *m, const st_config *c) {
@@ -110,10 +130,13 @@ static int print_json(const st_plan *p, const st_model *m, const st_config *c) {
                      p->n_weights, p->n_params);
     st_strbuf_printf(&b, "\"world\":%d,\"zero_stage\":%d,\"micro_batch\":%d,\"grad_accum\":%d,\"seq_len\":%d,"
                          "\"precision\":\"%s\",\"activation_checkpointing\":%s,\"final_stage\":%d,"
-                         "\"save_extra_bytes\":%zu,\"load_bytes\":%zu,\"peak_bytes\":%zu,\"stages\":[",
+                         "\"save_extra_bytes\":%zu,\"load_bytes\":%zu,\"peak_bytes\":%zu,",
                      p->world, p->zero_stage, p->micro_batch, p->grad_accum, p->seq_len,
                      st_precision_name(p->precision), p->act_ckpt ? "true" : "false", p->final_stage, p->save_extra, p->load_bytes,
                      p->peak);
+    st_strbuf_printf(&b, "\"export_bytes\":%zu,\"rank_peak_bytes\":[", p->export_bytes);
+    for (int r = 0; r < p->world; r++) st_strbuf_printf(&b, "%s%zu", r ? "," : "", p->rank_peak[r]);
+    st_strbuf_printf(&b, "],\"stages\":[");
     for (int s = 0; s < p->n_stages; s++) {
         const st_stage_plan *sp = &p->stages[s];
         st_model_grad_offsets(m, stages.stages[s].layers, stages.stages[s].modules, goff);
@@ -140,9 +163,135 @@ static int print_json(const st_plan *p, const st_model *m, const st_config *c) {
     return 0;
 }
 
+/* ---- --device-mem: fit check and what to change ---- */
+
+static double gib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0 * 1024.0); }
+
+/* The peak of `cfg` on `ranks` ranks (a fresh registry with cfg's adapters); 0 with st_error() set when it
+ * does not plan (the change is not possible for this job). */
+static size_t plan_peak(const st_config *cfg, const st_model_config *mc, int ranks) {
+    st_model m;
+    if (st_model_build_registry(&m, mc)) return 0;
+    size_t peak = 0;
+    st_plan p;
+    if (!st_plan_attach_adapters(cfg, &m) && !st_plan_build(cfg, &m, ranks, &p)) {
+        peak = p.peak;
+        st_plan_free(&p);
+    }
+    st_model_free(&m);
+    return peak;
+}
+
+/* The phase where rank r peaks. */
+static const char *peak_phase(const st_plan *p, int r) {
+    size_t peak = p->rank_peak[r];
+    if (p->stages[p->final_stage].ranks[r].at_save == peak) return "writing final/";
+    for (int s = 0; s < p->n_stages; s++)
+        if (p->stages[s].ranks[r].at_ckpt == peak) return "writing a checkpoint";
+    if (p->stages[0].ranks[r].at_load == peak) return "loading";
+    return "in a training step";
+}
+
+typedef struct { char text[160]; size_t peak; int ok; } fix;
+
+/* One change to try: applies it to *c (a copy), re-plans; ranks may change too. */
+static void try_fix(fix *f, const st_config *c, const st_model_config *mc, int ranks, size_t limit) {
+    f->peak = plan_peak(c, mc, ranks);
+    f->ok = f->peak && f->peak <= limit;
+}
+
+static void advise(const st_config *cfg, const st_model_config *mc, const st_plan *p, size_t limit) {
+    int bad = 0;
+    for (int r = 0; r < p->world; r++) bad += p->rank_peak[r] > limit;
+    printf("\ndevice memory %.2f GiB per rank:\n", gib(limit));
+    if (!bad) {
+        printf("  fits: every rank's peak (%.2f GiB) is within it at every phase (load, step, checkpoint, final/)\n",
+               gib(p->peak));
+        if (p->export_bytes > limit) printf("  but shardtune export needs %.2f GiB\n", gib(p->export_bytes));
+        for (int r = 0; r < p->world; r++)
+            if (p->stages[0].ranks[r].at_resume > limit) {
+                printf("  but resuming from a checkpoint does not: rank %d needs %.2f GiB then (the weights it reads and "
+                       "a host copy of its moments)\n", r, gib(p->stages[0].ranks[r].at_resume));
+                break;
+            }
+        return;
+    }
+    for (int r = 0, shown = 0; r < p->world && shown < 8; r++)
+        if (p->rank_peak[r] > limit) {
+            size_t step = 0, ck = 0;
+            for (int s = 0; s < p->n_stages; s++) {
+                if (p->stages[s].ranks[r].total > step) step = p->stages[s].ranks[r].total;
+                if (p->stages[s].ranks[r].at_ckpt > ck) ck = p->stages[s].ranks[r].at_ckpt;
+            }
+            printf("  rank %d does not fit: %.2f GiB at its peak, %s (load %.2f, step %.2f, checkpoint %.2f, final/ "
+                   "%.2f GiB)\n", r, gib(p->rank_peak[r]), peak_phase(p, r), gib(p->stages[0].ranks[r].at_load),
+                   gib(step), gib(ck), gib(p->stages[p->final_stage].ranks[r].at_save));
+            shown++;
+        }
+    if (bad > 8) printf("  (%d ranks in all do not fit)\n", bad);
+    printf("  what would fit (each change re-planned):\n");
+    static st_config c, all; /* large: off the stack */
+    fix f;
+    int ranks = p->world, full = cfg->finetune.mode == ST_FINETUNE_FULL || cfg->finetune.mode == ST_FINETUNE_FROZEN;
+    all = *cfg;
+    if (cfg->sharding.stage < 3 && full) {
+        c = *cfg;
+        c.sharding.stage = 3;
+        all.sharding.stage = 3;
+        try_fix(&f, &c, mc, ranks, limit);
+        if (f.peak) printf("    sharding.stage=3: %.2f GiB%s\n", gib(f.peak), f.ok ? " (fits)" : "");
+    }
+    if (!cfg->memory.activation_checkpointing) {
+        c = *cfg;
+        c.memory.activation_checkpointing = 1;
+        all.memory.activation_checkpointing = 1;
+        try_fix(&f, &c, mc, ranks, limit);
+        if (f.peak) printf("    memory.activation_checkpointing=true: %.2f GiB%s\n", gib(f.peak), f.ok ? " (fits)" : "");
+    }
+    if (cfg->train.micro_batch > 1) {
+        c = *cfg;
+        c.train.grad_accum = cfg->train.grad_accum * cfg->train.micro_batch;
+        c.train.micro_batch = 1;
+        all.train.grad_accum = c.train.grad_accum;
+        all.train.micro_batch = 1;
+        try_fix(&f, &c, mc, ranks, limit);
+        if (f.peak)
+            printf("    train.micro_batch=1 train.grad_accum=%d (same global batch): %.2f GiB%s\n", c.train.grad_accum,
+                   gib(f.peak), f.ok ? " (fits)" : "");
+    }
+    if (cfg->sharding.stage >= 1) { /* more ranks shrink the shards (stages 1-3) */
+        int n = ranks * 2;
+        for (; n <= 65536; n *= 2) {
+            try_fix(&f, cfg, mc, n, limit);
+            if (f.ok) { printf("    --ranks %d: %.2f GiB (fits)\n", n, gib(f.peak)); break; }
+        }
+        if (n > 65536) printf("    more ranks alone: no count up to 65536 fits (what each rank replicates is too large)\n");
+    }
+    if (full) {
+        c = *cfg;
+        c.finetune.mode = ST_FINETUNE_LORA;
+        if (c.sharding.stage > 2) c.sharding.stage = 2; /* lora trains at stages 0-2 */
+        try_fix(&f, &c, mc, ranks, limit);
+        if (f.peak)
+            printf("    finetune.mode=lora%s: %.2f GiB%s\n", cfg->sharding.stage > 2 ? " sharding.stage=2" : "",
+                   gib(f.peak), f.ok ? " (fits)" : "");
+    }
+    /* the memory changes together (they keep the full fine-tune), then the fewest ranks that fit */
+    try_fix(&f, &all, mc, ranks, limit);
+    int n = ranks;
+    while (!f.ok && f.peak && all.sharding.stage >= 1 && n < 65536) try_fix(&f, &all, mc, n *= 2, limit);
+    if (f.ok)
+        printf("    together: sharding.stage=%d memory.activation_checkpointing=%s train.micro_batch=%d on %d ranks: "
+               "%.2f GiB (fits)\n", all.sharding.stage, all.memory.activation_checkpointing ? "true" : "false",
+               all.train.micro_batch, n, gib(f.peak));
+    else
+        printf("    no full fine-tune of this model fits on up to 65536 ranks of %.2f GiB: train an adapter\n", gib(limit));
+}
+
 int st_cmd_plan(int argc, char **argv) {
     const char *job = NULL;
     int ranks = 0, json = 0, n_over = 0;
+    double device_gib = 0;
     char **over = calloc((size_t)argc + 1, sizeof *over);
     if (!over) return st_cli_error("plan", "out of memory");
     for (int i = 1; i < argc; i++) {
@@ -156,6 +305,14 @@ int st_cmd_plan(int argc, char **argv) {
                 return ST_EXIT_USAGE;
             }
             ranks = (int)v;
+        } else if (!strcmp(a, "--device-mem") && i + 1 < argc) {
+            char *end = NULL;
+            device_gib = strtod(argv[++i], &end);
+            if (!end || *end || !(device_gib > 0) || device_gib > 1e6) {
+                free(over);
+                fprintf(stderr, "shardtune plan: error: --device-mem '%s' is not a positive number of GiB\n", argv[i]);
+                return ST_EXIT_USAGE;
+            }
         } else if (!strcmp(a, "--json")) json = 1;
         else if (a[0] == '-') { free(over); return usage(); }
         else if (!job) job = a;
@@ -183,6 +340,7 @@ int st_cmd_plan(int argc, char **argv) {
     if (!rc) {
         if (json) rc = print_json(&p, &m, &cfg);
         else print_text(&p, &m);
+        if (!rc && !json && device_gib > 0) advise(&cfg, &mc, &p, (size_t)(device_gib * 1024.0 * 1024.0 * 1024.0));
         st_plan_free(&p);
     }
     if (rc) st_cli_error("plan", st_error());

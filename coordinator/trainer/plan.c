@@ -213,6 +213,33 @@ static size_t zero3_working_floats(const st_model *m, const long *goff, int pref
     return most;
 }
 
+/* The largest base parameter (floats) and whether one is stored transposed in the files (GPT-2 Conv1D):
+ * what the per-tensor load / final/ / export paths hold at once (model_io.c: one tensor, two when
+ * transposed). */
+static size_t largest_param(const st_model *m, int *transposed) {
+    size_t most = 0;
+    *transposed = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (p->numel > most) most = p->numel;
+        if (p->ndim == 2 && p->transpose_io) *transposed = 1;
+    }
+    return most;
+}
+
+/* model_io.c's per-tensor working memory (bytes): the tensor in registry layout, + its HF-layout copy
+ * when some tensor is transposed (load: the file's copy and ours). */
+static size_t tensor_io_bytes(const st_model *m) {
+    int tr = 0;
+    size_t most = largest_param(m, &tr);
+    return most * sizeof(float) * (tr ? 2 : 1);
+}
+
+/* Whether training streams the weights at stage 3 (train.c: full and frozen modes). */
+static int streams(const st_config *c) {
+    return c->sharding.stage == 3 && (c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN);
+}
+
 static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
                       int rank, st_rank_plan *r) {
     int zero = c->sharding.stage;
@@ -249,10 +276,17 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                       st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
-    /* rank 0 writing final/: st_model_save_dir's host + hf buffers, or st_peft_save_dir's adapter copy */
-    size_t copies = rank > 0 ? 0
-                    : m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float)
-                              : 2 * m->n_weights * sizeof(float);
+    /* rank 0 writing final/: model_io.c's one tensor at a time (st_model_save_dir_streamed), or
+     * st_peft_save_dir's adapter copy */
+    int tr = 0;
+    size_t largest = largest_param(m, &tr), io = tensor_io_bytes(m);
+    size_t copies = rank > 0 ? 0 : m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : io;
+    /* a checkpoint (checkpoints/ckpt_write.c, CPU ranks: written from the live buffers): a bounce window
+     * of at most this rank's rows of one tensor */
+    size_t bounce = (largest / (size_t)world + 1) * sizeof(float);
+    /* after the load: the finite check and the base checksum read through a 1 Mi-float chunk, plus a
+     * 64 Ki-element conversion buffer while reading */
+    size_t check = ((largest < ((size_t)1 << 20) ? largest : ((size_t)1 << 20)) + ((size_t)1 << 16)) * sizeof(float);
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group (and the next one
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */
@@ -261,21 +295,43 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         size_t frozen = m->n_weights - n;
         size_t staging = frozen && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
         r->weights = (frozen + hi - lo + work) * sizeof(float);
+        size_t bf_work = 0;
         if (c->precision == ST_PRECISION_BF16) { /* the compute copy of the group acquired (frozen weights
                                                     included) and of the shard the optimizer writes */
             long *all = calloc((size_t)m->n_params, sizeof(long));
             size_t bwork = all ? zero3_working_floats(m, all, 0) : m->n_weights;
             free(all);
-            r->weights += (bwork + hi - lo) * sizeof(uint16_t);
+            bf_work = bwork * sizeof(uint16_t);
+            r->weights += bf_work + (hi - lo) * sizeof(uint16_t);
         }
         r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + gwork) * sizeof(float);
         r->comm = staging * sizeof(float);
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
-        r->at_save = r->total - (work + gwork) * sizeof(float) + (n - (hi - lo)) * sizeof(float) + copies;
+        size_t idle = r->total - (work + gwork) * sizeof(float) - bf_work; /* between steps: no layer gathered */
+        if (streams(c)) {
+            /* load: this rank's parts only, read piece by piece; final/: one tensor gathered at a time on
+             * rank 0 (the others serve their parts) */
+            r->at_load = (frozen + hi - lo) * sizeof(float) + r->buffers + (tr ? io : 0) + check;
+            r->at_save = idle + copies;
+        } else { /* adapters: the whole model read, then gathered whole for final/ */
+            r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + r->buffers;
+            r->at_save = idle + (n - (hi - lo)) * sizeof(float) + copies;
+        }
+        /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c) */
+        r->at_ckpt = idle + largest * sizeof(float) + bounce;
+        /* resume (train_ckpt.c): the parts and one tensor read, the moments read in place (CPU ranks); else
+         * the whole weights and the moments' host copy */
+        r->at_resume = idle + (streams(c) ? (frozen + hi - lo + largest) * sizeof(float)
+                                          : m->n_weights * sizeof(float) + 2 * range * sizeof(float));
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
     r->at_save = r->total + copies;
+    /* load (before the trainable set exists): the weights as read, a tensor at a time (no host copy);
+     * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
+    r->at_load = m->n_weights * sizeof(float) + r->buffers + (tr ? io : 0) + check;
+    r->at_ckpt = r->total + bounce;
+    r->at_resume = r->total + m->n_weights * sizeof(float) + 2 * range * sizeof(float);
     (void)world;
 }
 
@@ -324,12 +380,13 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
         out->n_stages++;
         rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, sp);
         if (rc) break;
-        /* setup: every rank reads the whole model and allocates the whole zeroed gradient buffer before
-         * the stage-3 communicator gives back what the rank does not own (no streaming load yet) */
-        size_t load = m->n_weights * (c->precision == ST_PRECISION_BF16 ? 6 : 4) + sp->n_pad * sizeof(float) +
-                      sp->ranks[0].activations + sp->ranks[0].buffers;
-        if (load > out->load_bytes) out->load_bytes = load;
-        if (load > out->peak) out->peak = load;
+        /* setup happens in the first stage's layout (stage 3 streams only this rank's parts in) */
+        for (int r = 0; i == 0 && r < world; r++) {
+            if (sp->ranks[r].at_load > out->load_bytes) out->load_bytes = sp->ranks[r].at_load;
+            if (sp->ranks[r].at_load > out->peak) out->peak = sp->ranks[r].at_load;
+        }
+        for (int r = 0; r < world; r++) /* a checkpoint may be written in any stage */
+            if (sp->ranks[r].at_ckpt > out->peak) out->peak = sp->ranks[r].at_ckpt;
         prev_pad = sp->n_pad;
         /* entering a stage, the gathered old moments coexist first with the old buffers, then the new */
         for (int r = 0; r < world; r++) {
@@ -341,9 +398,26 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     if (!rc) {
         out->final_stage = st_stage_at(&stages, c->train.steps > 0 ? c->train.steps - 1 : 0);
         const st_rank_plan *fr = out->stages[out->final_stage].ranks;
-        out->save_extra = fr[0].at_save - fr[0].total;
+        out->save_extra = fr[0].at_save > fr[0].total ? fr[0].at_save - fr[0].total : 0;
         for (int r = 0; r < world; r++)
             if (fr[r].at_save > out->peak) out->peak = fr[r].at_save;
+        out->export_bytes = m->lora || m->prompt ? 0 : tensor_io_bytes(m);
+        out->rank_peak = calloc((size_t)world, sizeof *out->rank_peak);
+        if (!out->rank_peak) rc = st_fail(ST_ENOMEM, "out of memory");
+        for (int r = 0; !rc && r < world; r++) {
+            size_t peak = out->stages[0].ranks[r].at_load;
+            for (int k = 0; k < out->n_stages; k++) {
+                const st_rank_plan *rp = &out->stages[k].ranks[r];
+                size_t held = rp->total;
+                if (k > 0 && out->stages[k - 1].ranks[r].total > held) held = out->stages[k - 1].ranks[r].total;
+                held += out->stages[k].transition_extra;
+                if (held > peak) peak = held;
+                if (rp->at_ckpt > peak) peak = rp->at_ckpt;
+            }
+            if (fr[r].at_save > peak) peak = fr[r].at_save;
+            out->rank_peak[r] = peak;
+            if (peak > out->peak) out->peak = peak;
+        }
     }
     free(goff);
     st_stage_list_free(&stages);
@@ -352,6 +426,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
 }
 
 void st_plan_free(st_plan *p) {
+    free(p->rank_peak);
     for (int i = 0; p->stages && i < p->n_stages; i++) free(p->stages[i].ranks);
     free(p->stages);
     memset(p, 0, sizeof *p);

@@ -64,8 +64,17 @@ typedef struct {
     size_t buffers;           /* train.c step buffers (tokens, masks, loss weights of micro x accum samples) */
     size_t total;
     size_t at_save;           /* held while final/ is written at the end of this stage: total, + model_io.c's
-                                 two host copies of the weights on rank 0; ZeRO-3: every rank gathers the
-                                 whole model (not streamed yet) and holds no per-layer working set then */
+                                 one tensor at a time on rank 0 (two when a tensor is stored transposed);
+                                 ZeRO-3 (streamed): no per-layer working set, rank 0 + one gathered tensor */
+    size_t at_load;           /* held once the model is read (setup, first stage only): the weights as read
+                                 (ZeRO-3 full/frozen: frozen + this rank's shard only), the read buffers, step
+                                 buffers; the other buffers are allocated but not touched yet (no memory) */
+    size_t at_resume;         /* held while resuming from a checkpoint (first stage): the weights read and a
+                                 host copy of the rank's moments (ZeRO-3 full/frozen: this rank's parts,
+                                 one tensor at a time, moments read in place on CPU ranks), on top of the
+                                 buffers held between steps; not part of rank_peak */
+    size_t at_ckpt;           /* held while a checkpoint is written (CPU ranks: from the live buffers, a
+                                 bounce window; ZeRO-3: one tensor gathered at a time, no layer working set) */
 } st_rank_plan;
 
 typedef struct {
@@ -93,11 +102,12 @@ typedef struct {
     size_t save_extra;     /* bytes rank 0 holds in addition while writing final/ (model_io.c's host copy
                               of the weights and their HF-layout copy; ZeRO-3: + the gathered model, - the
                               per-layer working set): its at_save - total */
-    size_t load_bytes;     /* bytes every rank holds while setting up: the whole model as read, the whole
-                              zeroed gradient buffer, activations and step buffers (ZeRO-3 then gives
-                              back what the rank does not own; for stages 0-2 it is within the totals) */
-    size_t peak;           /* bytes: max over stages and ranks of total, + transition_extra while entering,
-                              + save_extra on rank 0 at the end (ZeRO-3: + the gathered model), load_bytes */
+    size_t load_bytes;     /* max over ranks of the first stage's at_load */
+    size_t peak;           /* bytes: max over ranks of rank_peak */
+    size_t *rank_peak;     /* [world]: each rank's max over the phases: at_load, every stage's total (+ the
+                              transition), at_ckpt, and at_save of the final stage */
+    size_t export_bytes;   /* `shardtune export` of such a checkpoint or model directory (one process): one
+                              tensor at a time (two when stored transposed); 0 for adapter runs */
 } st_plan;
 
 /* Plans `cfg` on `world` ranks for model m (registry only is enough). Checks seq_len against the

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "common/error.h"
@@ -245,15 +246,47 @@ static int load_teacher(trainer *t) {
     return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);
 }
 
+/* Which parts of parameter i this rank keeps (the communicator decides: all of it below ZeRO-3). */
+static void keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b) { st_comm_param_keep(ctx, m, i, a, b); }
+
+/* ZeRO-3 streaming load, once the communicator has decided what each rank keeps: every rank reads only
+ * that from the safetensors files (ranged reads, converted per piece), checks those values are finite,
+ * and the base model's checksum is summed from the ranks' parts (a frozen parameter, whole on every rank,
+ * counts on rank 0 only): the number a whole load gives, so resume checks are unchanged. */
+static int load_streamed(trainer *t) {
+    const st_config *c = t->cfg;
+    st_model *m = &t->model;
+    int rc = st_trainer_agree(t, st_model_load_weights_part(m, c->model.path, keep_part, &t->dp));
+    if (!rc) rc = st_trainer_agree(t, st_model_check_finite_part(m, c->model.path, keep_part, &t->dp));
+    if (rc) return rc;
+    uint64_t sum = 0;
+    int ok = 1;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        size_t a, b;
+        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        if (a < b && (p->grad_offset >= 0 || t->rank == 0) && st_trainer_range_checksum(t, p->offset + a, b - a, &sum))
+            ok = 0;
+    }
+    MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, t->comm);
+    MPI_Allreduce(MPI_IN_PLACE, &sum, 1, MPI_UINT64_T, MPI_SUM, t->comm);
+    t->base_checksum = !ok ? 0 : sum ? sum : 1; /* 0: not recorded, the check is skipped, never wrong */
+    return 0;
+}
+
 static int setup(trainer *t) {
     const st_config *c = t->cfg;
     int rc = st_trainer_agree(t, setup_backend(t));
     if (!rc) rc = st_trainer_agree(t, check_backends(t));
-    if (!rc) rc = st_trainer_agree(t, st_model_load_dir(c->model.path, t->be, &t->model));
+    /* ZeRO-3 streams the weights in once the communicator knows what this rank keeps (load_streamed) */
+    int stream = c->sharding.stage == 3 &&
+                 (c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN); /* what stage 3 runs */
+    if (!rc) rc = st_trainer_agree(t, stream ? st_model_open_dir(c->model.path, t->be, &t->model)
+                                             : st_model_load_dir(c->model.path, t->be, &t->model));
     if (!rc && t->rank == 0 && st_model_load_warning())
         fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
-    if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
-    if (!rc) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
+    if (!rc && !stream) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
+    if (!rc && !stream) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
     if (!rc) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
     /* checkpointing first: the arena is then laid out once, at its checkpointed size */
     if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, c->memory.activation_checkpointing));
@@ -268,6 +301,11 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
+    if (!rc && stream) rc = load_streamed(t);
+    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS"); /* tests: the load phase's peak, measured */
+    struct rusage ru;
+    if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)
+        fprintf(stderr, "shardtune train: rank %d: peak RSS after loading the model: %ld kB\n", t->rank, ru.ru_maxrss);
     if (!rc) rc = st_trainer_agree(t, read_job_texts(t));
     return rc;
 }

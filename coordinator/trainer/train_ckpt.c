@@ -20,8 +20,22 @@
 
 static int write_final(trainer *t);
 
+/* ZeRO-3: rank 0 writes, the tensors arrive one at a time (st_comm_gather_param: each owner's part of a
+ * parameter, gathered on rank 0), so no rank ever holds the whole model. */
+static int gather_to_root(void *ctx, const st_model *m, int i, float *dst) {
+    trainer *t = ctx;
+    return st_comm_gather_param(&t->dp, m, i, dst, 0);
+}
+
 int st_trainer_save_final(trainer *t) {
-    /* ZeRO-3: every rank takes part in gathering the weights (the whole model, for now: see docs) */
+    int streamed = t->dp.stage == 3 && !t->model.lora && !t->model.prompt;
+    if (streamed) {
+        int rc = t->rank == 0 ? write_final(t) : 0;
+        if (t->rank != 0) /* serve rank 0's gathers, parameter by parameter */
+            rc = st_model_export_dir_streamed(&t->model, NULL, NULL, NULL, 0, gather_to_root, t);
+        return rc;
+    }
+    /* adapters under ZeRO-3 (when they come): the whole model gathered, as before */
     st_model_acquire(&t->model, 0, t->model.n_params);
     int rc = t->rank == 0 ? write_final(t) : 0;
     st_model_release(&t->model, 0, t->model.n_params);
@@ -36,8 +50,11 @@ static int write_final(trainer *t) {
     if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* left by a crash during an earlier run's write */
     /* the source's config.json text and tokenizer / generation files travel with the weights */
     /* a LoRA run's final/ is the adapter alone, as a peft adapter directory (checkpoints/peft_dir.h) */
+    int streamed = t->dp.stage == 3 && !t->model.lora && !t->model.prompt;
     int rc = t->model.lora || t->model.prompt ? st_peft_save_dir(&t->model, tmp, t->cfg->model.path)
-                           : st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
+             : streamed ? st_model_export_dir_streamed(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0,
+                                                       gather_to_root, t)
+                        : st_model_export_dir(&t->model, tmp, t->cfg->model.path, t->model_config_text, 0);
     if (rc) {
         rc = st_fail_context(rc, "writing final weights");
         if (access(tmp, F_OK) == 0) st_remove_dir_files(tmp); /* no final.partial/ left behind */
@@ -52,6 +69,46 @@ static int write_final(trainer *t) {
 }
 
 /* ---------------- checkpoints ---------------- */
+
+/* ZeRO-3 resume: this rank's parts of the checkpoint's weights (st_comm_param_keep), one tensor read at a
+ * time with its shape and checksum verified as a whole load does, kept in *out (malloc'd: the rank's
+ * share, in parameter order) until every check has passed; put_ckpt_parts then writes them in. */
+static int read_ckpt_parts(trainer *t, const char *path, float **out) {
+    const st_model *m = &t->model;
+    size_t total = 0, most = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        size_t a, b;
+        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        total += b > a ? b - a : 0;
+        if (b > a && m->params[i].numel > most) most = m->params[i].numel;
+    }
+    float *parts = malloc((total ? total : 1) * sizeof(float)), *tmp = malloc((most ? most : 1) * sizeof(float));
+    int rc = parts && tmp ? 0 : st_fail(ST_ENOMEM, "out of memory reading checkpoint %s", path);
+    size_t at = 0;
+    for (int i = 0; i < m->n_params && !rc; i++) {
+        size_t a, b;
+        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        if (b <= a) continue;
+        if (!(rc = st_ckpt_load_param(path, m, i, tmp))) memcpy(parts + at, tmp + a, (b - a) * sizeof(float));
+        at += b - a;
+    }
+    free(tmp);
+    if (rc) free(parts);
+    *out = rc ? NULL : parts;
+    return rc;
+}
+
+static void put_ckpt_parts(trainer *t, const float *parts) {
+    const st_model *m = &t->model;
+    for (int i = 0; i < m->n_params; i++) {
+        size_t a, b;
+        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        if (b <= a) continue;
+        t->be->copy_to_device(m->weights + m->params[i].offset + a, parts, (b - a) * sizeof(float));
+        parts += b - a;
+    }
+}
+
 
 /* Collective. Saves the state after `completed` updates. On failure rank 0 prints one line and the
  * previous checkpoints stay as they were; the training state is never touched by a save. */
@@ -181,8 +238,11 @@ static int try_resume(trainer *t, const char *path) {
     }
     if (!rc) rc = st_trainer_check_compat(t, &info, path);
     rc = st_trainer_agree(t, rc);
-    float *w = rc ? NULL : malloc(t->model.n_weights * sizeof(float));
-    if (!rc) rc = st_trainer_agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
+    /* ZeRO-3 (full, frozen): only this rank's parts, a tensor at a time; else the whole weights */
+    int parts = t->dp.stage == 3 && !t->model.lora && !t->model.prompt;
+    float *w = rc || parts ? NULL : malloc(t->model.n_weights * sizeof(float));
+    if (!rc && parts) rc = st_trainer_agree(t, read_ckpt_parts(t, path, &w));
+    else if (!rc) rc = st_trainer_agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
     if (!rc) rc = st_trainer_agree(t, st_trainer_check_model(t, &info, path));
     /* load the optimizer in the layout it was saved in (the stage of the last completed step); the loop
      * then enters the stage of the next step, carrying moments over exactly as an uninterrupted run */
@@ -194,9 +254,12 @@ static int try_resume(trainer *t, const char *path) {
     size_t n = t->optim.hi - t->optim.lo;
     float *mh = NULL, *vh = NULL;
     int *steps = NULL;
+    /* ZeRO-3 on host memory: the moments are read straight into the optimizer's own buffers (no second
+     * copy of them); zeroed again below if the resume fails after that */
+    int direct = parts && t->be->host_memory && t->optim.m && n;
     if (!rc) {
-        mh = malloc((n ? n : 1) * sizeof(float));
-        vh = malloc((n ? n : 1) * sizeof(float));
+        mh = direct ? t->optim.m : malloc((n ? n : 1) * sizeof(float));
+        vh = direct ? t->optim.v : malloc((n ? n : 1) * sizeof(float));
         steps = calloc((size_t)t->model.n_params, sizeof(int));
         rc = st_trainer_agree(t, mh && vh && steps ? 0 : st_fail(ST_ENOMEM, "out of memory"));
     }
@@ -216,7 +279,8 @@ static int try_resume(trainer *t, const char *path) {
         rc = st_trainer_agree(t, st_fail(ST_ECONFIG, "checkpoint %s: task weighting state is for another number of tasks", path));
     if (!rc) {
         const st_backend *be = t->be;
-        be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
+        if (parts) put_ckpt_parts(t, w);
+        else be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
         st_model_weights_changed(&t->model);
         st_comm_weights_loaded(&t->dp, &t->model); /* ZeRO-3 keeps its shard only */
         st_optim_restore(&t->optim, &t->model, mh, vh, steps);
@@ -232,8 +296,14 @@ static int try_resume(trainer *t, const char *path) {
         }
     }
     free(w);
-    free(mh);
-    free(vh);
+    if (direct && rc) { /* the optimizer must not keep moments of a resume that did not happen */
+        t->be->memset0(t->optim.m, n * sizeof(float));
+        t->be->memset0(t->optim.v, n * sizeof(float));
+    }
+    if (!direct) {
+        free(mh);
+        free(vh);
+    }
     free(steps);
     st_ckpt_info_free(&info);
     return rc;

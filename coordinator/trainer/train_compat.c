@@ -135,17 +135,24 @@ int st_trainer_check_compat(const trainer *t, const st_ckpt_info *info, const ch
     return rc;
 }
 
-uint64_t st_trainer_weights_checksum(const trainer *t) {
+int st_trainer_range_checksum(const trainer *t, size_t first, size_t n, uint64_t *out) {
     const st_model *m = &t->model;
     const size_t chunk = 1u << 20;
     float *host = malloc(chunk * sizeof(float));
-    if (!host) return 0; /* not recorded: the check is skipped, never wrong */
+    if (!host) return -1;
     uint64_t sum = 0;
-    for (size_t at = 0; at < m->n_weights; at += chunk) {
-        size_t n = m->n_weights - at < chunk ? m->n_weights - at : chunk;
-        t->be->copy_to_host(host, m->weights + at, n * sizeof(float));
-        sum += st_ckpt_checksum(host, at, n);
+    for (size_t at = first; at < first + n; at += chunk) {
+        size_t k = first + n - at < chunk ? first + n - at : chunk;
+        t->be->copy_to_host(host, m->weights + at, k * sizeof(float));
+        sum += st_ckpt_checksum(host, at, k);
     }
     free(host);
+    *out += sum;
+    return 0;
+}
+
+uint64_t st_trainer_weights_checksum(const trainer *t) {
+    uint64_t sum = 0;
+    if (st_trainer_range_checksum(t, 0, t->model.n_weights, &sum)) return 0; /* not recorded: the check is skipped, never wrong */
     return sum ? sum : 1;
 }

@@ -139,6 +139,9 @@ int st_trainer_check_compat(const trainer *t, const st_ckpt_info *info, const ch
 int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const char *path);
 /* st_ckpt_checksum of the model's weights (never 0). */
 uint64_t st_trainer_weights_checksum(const trainer *t);
+/* This rank's, not collective: adds to *sum the checksum's terms of weights [first, first + n) (they add
+ * up: the parts of a streamed load sum to the whole load's); -1 when out of memory. */
+int st_trainer_range_checksum(const trainer *t, size_t first, size_t n, uint64_t *sum);
 
 /* train_samples.c: eval.generate. open (after resume: the prompts are read and checked, samples.jsonl
  * trimmed to the resumed step) and close are called once; due says whether the boundary after

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -406,6 +407,105 @@ static void test_writer_errors(void **state) {
     assert_int_equal(stat(st_test_path("werr.safetensors.partial"), &stt), -1);
 }
 
+static int same_file(const char *a, const char *b) {
+    char *x = NULL, *y = NULL;
+    size_t nx = 0, ny = 0;
+    int same = st_read_file(a, &x, &nx) == 0 && st_read_file(b, &y, &ny) == 0 && nx == ny && !memcmp(x, y, nx);
+    free(x);
+    free(y);
+    return same;
+}
+
+/* The streaming writer (layout from the shapes, tensors put one at a time) against the one-call writers:
+ * the same bytes, sharded and single, F32 and BF16; its misuse fails by name and leaves no .partial. */
+static void test_stream_writer(void **state) {
+    (void)state;
+    float a[10], b[10], c[10], d[25], e[2];
+    for (int i = 0; i < 10; i++) a[i] = (float)i * 0.3f, b[i] = (float)-i, c[i] = 1.0f / (float)(i + 1);
+    for (int i = 0; i < 25; i++) d[i] = (float)i * 1e-3f;
+    e[0] = 7, e[1] = 8;
+    st_st_write_item items[] = {
+        {"a", a, 1, {10}}, {"b", b, 2, {2, 5}}, {"c", c, 1, {10}}, {"d", d, 2, {5, 5}}, {"e", e, 1, {2}},
+    };
+    st_st_write_item shapes[5];
+    memcpy(shapes, items, sizeof shapes);
+    for (int i = 0; i < 5; i++) shapes[i].data = NULL; /* the stream needs no data up front */
+    const int dtypes[2] = {ST_DTYPE_F32, ST_DTYPE_BF16};
+    const uint64_t limits[2] = {96, 0};
+    for (int k = 0; k < 4; k++) {
+        int dt = dtypes[k % 2];
+        uint64_t lim = limits[k / 2];
+        char one[256], two[300], p[600], q[600];
+        snprintf(one, sizeof one, "%s", st_test_path(k == 0 ? "sw0" : k == 1 ? "sw1" : k == 2 ? "sw2" : "sw3"));
+        snprintf(two, sizeof two, "%s_s", one);
+        assert_int_equal(st_safetensors_write_sharded_as(one, 5, items, lim, dt), 0);
+        st_st_stream *w = NULL;
+        assert_int_equal(st_safetensors_stream_open(two, 5, shapes, lim, dt, &w), 0);
+        for (int i = 0; i < 5; i++) assert_int_equal(st_safetensors_stream_put(w, items[i].data), 0);
+        assert_int_equal(st_safetensors_stream_finish(w), 0);
+        /* every file of the one-call writer's directory, byte for byte, and no more files */
+        DIR *dd = opendir(one);
+        assert_non_null(dd);
+        int files = 0;
+        for (struct dirent *de; (de = readdir(dd));) {
+            if (de->d_name[0] == '.') continue;
+            snprintf(p, sizeof p, "%s/%s", one, de->d_name);
+            snprintf(q, sizeof q, "%s/%s", two, de->d_name);
+            if (!same_file(p, q)) fail_msg("%s differs from %s", q, p);
+            files++;
+        }
+        closedir(dd);
+        assert_int_equal(files, lim ? (dt == ST_DTYPE_F32 ? 5 : 3) : 1); /* shards (+ index) or one file */
+        dd = opendir(two);
+        for (struct dirent *de; (de = readdir(dd));) files -= de->d_name[0] != '.';
+        closedir(dd);
+        assert_int_equal(files, 0);
+    }
+    /* a single file written through the stream = st_safetensors_write_as with the default metadata */
+    assert_int_equal(st_safetensors_write_as(st_test_path("sw_single.safetensors"), 5, items, NULL, ST_DTYPE_BF16), 0);
+    char p[600];
+    snprintf(p, sizeof p, "%s/model.safetensors", st_test_path("sw3_s"));
+    assert_true(same_file(p, st_test_path("sw_single.safetensors")));
+
+    /* misuse: one put too many, a finish short of tensors, an abort midway: no .partial stays */
+    st_st_stream *w = NULL;
+    assert_int_equal(st_safetensors_stream_open(st_test_path("sw_bad"), 2, shapes, 0, ST_DTYPE_F32, &w), 0);
+    assert_int_equal(st_safetensors_stream_put(w, a), 0);
+    assert_int_equal(st_safetensors_stream_put(w, b), 0);
+    assert_int_equal(st_safetensors_stream_put(w, c), ST_EINVAL);
+    assert_non_null(strstr(st_error(), "more tensors put than announced"));
+    assert_int_equal(st_safetensors_stream_finish(w), 0);
+    assert_int_equal(st_safetensors_stream_open(st_test_path("sw_short"), 3, shapes, 0, ST_DTYPE_F32, &w), 0);
+    assert_int_equal(st_safetensors_stream_put(w, a), 0);
+    assert_int_equal(st_safetensors_stream_finish(w), ST_EINVAL);
+    assert_non_null(strstr(st_error(), "1 of 3 tensors were put"));
+    struct stat stt;
+    snprintf(p, sizeof p, "%s/model.safetensors.partial", st_test_path("sw_short"));
+    assert_int_equal(stat(p, &stt), -1);
+    snprintf(p, sizeof p, "%s/model.safetensors", st_test_path("sw_short"));
+    assert_int_equal(stat(p, &stt), -1);
+    assert_int_equal(st_safetensors_stream_open(st_test_path("sw_abort"), 3, shapes, 0, ST_DTYPE_F32, &w), 0);
+    assert_int_equal(st_safetensors_stream_put(w, a), 0);
+    st_safetensors_stream_abort(w);
+    snprintf(p, sizeof p, "%s/model.safetensors.partial", st_test_path("sw_abort"));
+    assert_int_equal(stat(p, &stt), -1);
+
+    /* ranged reads of a BF16 file: any [first, first + n) equals that slice of the whole read */
+    st_safetensors *s = NULL;
+    assert_int_equal(st_safetensors_open(st_test_path("sw_single.safetensors"), &s), 0);
+    const st_st_tensor *t = st_safetensors_find(s, "d");
+    float whole[25], part[25];
+    assert_int_equal(st_safetensors_read_f32(s, t, whole, 25), 0);
+    for (int first = 0; first < 25; first += 3)
+        for (int n = 0; first + n <= 25; n += 4) {
+            assert_int_equal(st_safetensors_read_f32_range(s, t, (uint64_t)first, (size_t)n, part), 0);
+            assert_memory_equal(part, whole + first, (size_t)n * sizeof(float));
+        }
+    assert_int_equal(st_safetensors_read_f32_range(s, t, 20, 6, part), ST_ESHAPE);
+    assert_non_null(strstr(st_error(), "'d'"));
+    st_safetensors_close(s);
+}
+
 /* Writing as BF16 / F16: each stored value is the nearest representable one (ties to even), across
  * normals, subnormals, zeros, infinities and overflow; the header names the dtype. */
 static void test_write_half(void **state) {
@@ -468,6 +568,7 @@ int main(void) {
         cmocka_unit_test(test_truncated),     cmocka_unit_test(test_header_length),
         cmocka_unit_test(test_bad_entries),   cmocka_unit_test(test_bad_index),
         cmocka_unit_test(test_writer_errors), cmocka_unit_test(test_write_half),
+        cmocka_unit_test(test_stream_writer),
     };
     return cmocka_run_group_tests(tests, st_test_dir_setup, st_test_dir_teardown);
 }

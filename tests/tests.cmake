@@ -1,6 +1,7 @@
 # Test registration. Labels: unit (cmocka), integration (real processes: mpirun, sockets, Slurm),
 # reference (PyTorch / h5py comparisons run with Debian's /usr/bin/python3; tests/reference/ref_*.py run with
-# scripts/pyref: PyPI's transformers / tokenizers / gguf in the cached venv that scripts/setup.sh makes),
+# scripts/pyref: PyPI's transformers / tokenizers / gguf in the cached venv that scripts/setup.sh makes;
+# tests/reference/peft_*.py with scripts/pyref --torch: PyPI torch 2.x + transformers + peft, a second venv),
 # cuda (CUDA builds only), and fast: every test not named in ST_SLOW_TESTS, for the edit-test loop
 # (`./run test -L fast`; README). A test that cannot run exits 77 and ctest reports it as skipped
 # (SKIP_RETURN_CODE), never as passed.
@@ -16,7 +17,8 @@ set(ST_SLOW_TESTS
   integration.test_bf16_train integration.test_device_failure integration.test_divergence
   integration.test_first_hour integration.test_gpu_smoke_selftest integration.test_packing_train
   integration.test_resume_safety integration.test_watchdog reference.test_generate_torch
-  reference.test_lora_train reference.test_prompt_train reference.test_qlora_train reference.ref_rope_models)
+  reference.test_lora_train reference.test_prompt_train reference.test_qlora_train reference.ref_rope_models
+  reference.peft_adapters)
 
 # The only tests that run a second time after a failure (tests/retry_once.sh, ctest's --repeat
 # until-pass:2 for one test): each starts a throw-away local Slurm cluster (munged, slurmctld, two slurmd),
@@ -69,6 +71,13 @@ file(GLOB ST_PYREF_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/r
 foreach(src ${ST_PYREF_TESTS})
   get_filename_component(name ${src} NAME_WE)
   add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} ${src})
+  set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
+endforeach()
+
+file(GLOB ST_PYREF_TORCH_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/peft_*.py)
+foreach(src ${ST_PYREF_TORCH_TESTS})
+  get_filename_component(name ${src} NAME_WE)
+  add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} --torch ${src})
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
 

@@ -1,0 +1,231 @@
+"""peft_adapters.py — adapters trained by shardtune against the REAL `peft` library and transformers' own
+Llama / GPT-2 modules (PyPI torch 2.x; run with `scripts/pyref --torch`, tests/requirements-torch.txt).
+
+For each mode: LoRA (Llama, all seven projections), LoRA (GPT-2 c_attn/c_proj/c_fc Conv1D, rsLoRA), DoRA
+(Llama q/v/down), QLoRA (Llama nf4 + double quantization), prompt tuning (Llama and GPT-2), a small model
+(T = 128, q/k weights scaled x4 so attention is sharp, as test_lora_torch.py) trains 3 steps with
+`shardtune train` on one rank; then
+ 1. transformers' model (float64, eager attention) + PeftModel.from_pretrained(base, RUN_DIR/final) gives
+    the same loss as `shardtune eval --model BASE --adapter final` over the eval contract's windows
+    (T + 1 tokens, stride T, loss_mask of the packed file): 1e-5 relative, same target count;
+ 2. at that fixed point (the trained adapter), the adapter gradients of one batch from tests/tools/ref_model
+    --adapter equal torch autograd through the peft modules (PeftModel.from_pretrained(..., is_trainable)):
+    rel = max|ours - ref| / max|ref| <= max(1e-5, 4 x the error of the same peft model run in float32), the
+    bound test_lora_torch.py measures and argues (sharp attention at T = 128 amplifies fp32 rounding);
+    every trainable peft tensor has its gradient and shardtune dumps no other.
+QLoRA: bitsandbytes is not available, so peft's LoRA runs on the base as shardtune dequantizes it (ref_model
+--qlora nf4-dq dumps dequant.<name>); the eval loss is checked on the full-precision base, which is what
+`eval --adapter` applies a peft LoRA directory to.
+The packed eval file is read with Debian's h5py through ST_PYTHON (this venv does not see Debian's packages).
+Env (set by ctest): SHARDTUNE_BIN, ST_BUILD_DIR, ST_PYTHON."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dp_common as dp  # noqa: E402
+import st_io  # noqa: E402
+from test_lora_torch import GPT2, LLAMA, sharp_weights  # noqa: E402
+from torch_model import parse_config  # noqa: E402
+
+import peft  # noqa: E402
+import transformers  # noqa: E402
+
+torch.set_num_threads(2)
+BUILD = os.environ.get("ST_BUILD_DIR", "build")
+REF_MODEL = os.path.join(BUILD, "ref_model")
+T, TOL = 128, 1e-5
+LLAMA_T = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = [  # name, config, finetune yaml, ref_model extra args
+    ("llama_lora", LLAMA, "{ mode: lora, lora: { r: 4, alpha: 8 } }", []),
+    ("gpt2_lora_rslora", GPT2, "{ mode: lora, lora: { r: 4, alpha: 8, rslora: true, targets: [c_attn, c_proj, c_fc] } }",
+     []),
+    ("llama_dora", LLAMA, "{ mode: lora, lora: { r: 2, alpha: 4, dora: true, targets: [q_proj, v_proj, down_proj] } }",
+     []),
+    ("llama_qlora_nf4dq", LLAMA,
+     "{ mode: qlora, lora: { r: 4, alpha: 8 }, qlora: { quant: nf4, double_quant: true, block: 64 } }",
+     ["--qlora", "nf4-dq", "--qblock", "64"]),
+    ("llama_prompt", LLAMA, "{ mode: prompt_tuning, prompt: { virtual_tokens: 6 } }", []),
+    ("gpt2_prompt", GPT2, "{ mode: prompt_tuning, prompt: { virtual_tokens: 5 } }", []),
+]
+failures = []
+
+
+def check(what, ok, msg):
+    print(f"  {'ok  ' if ok else 'FAIL'} {what}: {msg}")
+    if not ok:
+        failures.append(what)
+
+
+def rel_err(ours, ref):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-300)
+
+
+def read_packed(path):
+    """/tokens and /loss_mask of a packed file, via Debian's python + h5py (ST_PYTHON)."""
+    code = ("import h5py, numpy as np, sys, io\nf = h5py.File(sys.argv[1], 'r')\nb = io.BytesIO()\n"
+            "np.savez(b, tokens=f['tokens'][:], mask=f['loss_mask'][:])\nsys.stdout.buffer.write(b.getvalue())\n")
+    r = subprocess.run([os.environ.get("ST_PYTHON", "/usr/bin/python3"), "-c", code, path], capture_output=True,
+                       check=True)
+    z = np.load(io.BytesIO(r.stdout))
+    return z["tokens"].astype(np.int64), z["mask"].astype(np.float64)
+
+
+def make_model(tmp, name, config, rng, tensors=None):
+    c = parse_config(config)
+    d = os.path.join(tmp, name)
+    os.makedirs(d)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f)
+    st_io.write(os.path.join(d, "model.safetensors"), tensors if tensors is not None else sharp_weights(c, rng))
+    return c, d
+
+
+def make_data(path, vocab, rng, docs, lo, hi):
+    with open(path + ".jsonl", "w") as f:
+        for _ in range(docs):
+            n = int(rng.integers(lo, hi))
+            ids = rng.integers(0, vocab, n).tolist()
+            labels = [-100 if i < 3 or rng.random() < 0.1 else t for i, t in enumerate(ids)]
+            f.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+    dp.sh([dp.BIN, "data", "pack", "--jsonl", path + ".jsonl", "--out", path, "--vocab", str(vocab)])
+    return path
+
+
+def train(tmp, name, mdir, data, finetune):
+    rd = os.path.join(tmp, name + "_run")
+    job = dp.write_job(os.path.join(tmp, name + ".yaml"), mdir, rd, [{"name": "a", "path": data}],
+                       "finetune: " + finetune + "\n")
+    dp.train(job, 1, ["train.steps=3", "train.micro_batch=2", f"train.seq_len={T}", "train.lr=2.0e-2",
+                      "train.warmup_steps=0", "train.schedule=constant"], mpirun=False, timeout=300)
+    return os.path.join(rd, "final")
+
+
+def hf_model(mdir, config, dtype):
+    cls = transformers.GPT2LMHeadModel if config["model_type"] == "gpt2" else transformers.LlamaForCausalLM
+    m = cls.from_pretrained(mdir, dtype=dtype, attn_implementation="eager")
+    return m.to(dtype)
+
+
+def peft_model(mdir, config, adir, dtype, trainable):
+    m = peft.PeftModel.from_pretrained(hf_model(mdir, config, dtype), adir, is_trainable=trainable)
+    m.to(dtype)
+    m.train(False)  # no dropout anywhere
+    return m
+
+
+def real_logits(m, ids):
+    """Logits of the real positions (prompt learning puts the virtual rows first)."""
+    out = m(input_ids=ids).logits
+    nv = m.peft_config["default"].num_virtual_tokens if m.peft_config["default"].is_prompt_learning else 0
+    return out[:, nv:, :] if m.peft_config["default"].peft_type != peft.PeftType.PREFIX_TUNING else out
+
+
+def ce_sum(logits, targets, w):
+    lp = torch.log_softmax(logits, dim=-1)
+    nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (nll * w).sum()
+
+
+def check_eval(name, mdir, config, adir, data):
+    tokens, mask = read_packed(data)
+    nw = (len(tokens) - 1) // T
+    idx = np.arange(nw)[:, None] * T + np.arange(T)[None, :]
+    m = peft_model(mdir, config, adir, torch.float64, False)
+    with torch.no_grad():
+        w = torch.from_numpy(mask[idx + 1])
+        ref = ce_sum(real_logits(m, torch.from_numpy(tokens[idx])), torch.from_numpy(tokens[idx + 1]), w).item()
+    ref, n = ref / w.sum().item(), int(w.sum().item())
+    out = dp.sh([dp.BIN, "eval", "--model", mdir, "--adapter", adir, "--data", data, "--seq-len", str(T), "--json"])
+    ours = json.loads(out.stdout.strip().splitlines()[-1])
+    base = json.loads(dp.sh([dp.BIN, "eval", "--model", mdir, "--data", data, "--seq-len", str(T), "--json"]
+                            ).stdout.strip().splitlines()[-1])["loss"]
+    e = abs(ours["loss"] - ref) / abs(ref)
+    check(f"{name} eval --adapter == peft", e <= TOL and ours["tokens"] == n,
+          f"ours {ours['loss']:.9f} peft {ref:.9f} rel {e:.2e}, targets {ours['tokens']} vs {n} ({nw} windows)")
+    check(f"{name} the adapter changes the loss", abs(base - ref) > 1e-4 * abs(ref), f"base {base:.7f}")
+
+
+def peft_grads(mdir, config, adir, batch, dtype):
+    prompt = json.load(open(os.path.join(adir, "adapter_config.json")))["peft_type"] != "LORA"
+    # peft refuses is_trainable for a prompt-learning adapter: load it for inference, then train its table
+    m = peft_model(mdir, config, adir, dtype, not prompt)
+    if prompt:
+        m.prompt_encoder["default"].embedding.weight.requires_grad_(True)
+    ids, tg = torch.from_numpy(batch["inputs"]).long(), torch.from_numpy(batch["targets"]).long()
+    loss = ce_sum(real_logits(m, ids), tg, torch.from_numpy(batch["weight"]).to(dtype))
+    loss.backward()
+    out = {}
+    for k, p in m.named_parameters():
+        if p.requires_grad:
+            key = k.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+            # ref_model dumps the HF names of the adapted modules (no "base_model.model.", GPT-2 without
+            # "transformer.")
+            key = key.replace("base_model.model.", "", 1)
+            key = key[len("transformer."):] if key.startswith("transformer.") else key
+            if key == "prompt_encoder.embedding.weight":
+                key = "prompt_embeddings"
+            out[key] = p.grad.detach().numpy().astype(np.float64)
+    return loss.item(), out
+
+
+def check_grads(name, tmp, mdir, config, adir, extra, rng):
+    c = parse_config(config)
+    B = 2
+    w = np.where(rng.random((B, T)) >= 0.3, 1.0, 0.0)
+    batch = {"inputs": rng.integers(0, c["vocab"], (B, T)).astype(np.int32),
+             "targets": rng.integers(0, c["vocab"], (B, T)).astype(np.int32), "weight": (w / w.sum()).astype(np.float32)}
+    bpath = os.path.join(tmp, name + "_batch.safetensors")
+    st_io.write(bpath, batch)
+    out = os.path.join(tmp, name + "_ref.safetensors")
+    dp.sh([REF_MODEL, "--model", mdir, "--batch", bpath, "--out", out, "--adapter", adir, *extra], timeout=300)
+    ours = st_io.read(out)
+    if extra:  # QLoRA: peft's LoRA over the base exactly as shardtune dequantized it
+        base = st_io.read(os.path.join(mdir, "model.safetensors"))
+        for k, v in ours.items():
+            if k.startswith("dequant."):
+                base[k[len("dequant."):]] = v.astype(np.float32)
+        _, mdir = make_model(tmp, name + "_dequant", config, rng, base)
+    loss, ref = peft_grads(mdir, config, adir, batch, torch.float64)
+    loss32, ref32 = peft_grads(mdir, config, adir, batch, torch.float32)
+    e, e32 = abs(float(ours["loss"][0]) - loss) / abs(loss), abs(loss32 - loss) / abs(loss)
+    check(f"{name} batch loss == peft", e <= max(TOL, 4 * e32), f"rel {e:.2e} (peft fp32 {e32:.2e})")
+    got = {k[len("grad."):] for k in ours if k.startswith("grad.")}
+    check(f"{name} gradients of exactly peft's trainable tensors", got == set(ref),
+          f"{len(got)} vs {len(ref)}: ours only {sorted(got - set(ref))[:2]}, peft only {sorted(set(ref) - got)[:2]}")
+    worst, bad = 0.0, []
+    for k in sorted(got & set(ref)):
+        e, e32 = rel_err(ours["grad." + k], ref[k]), rel_err(ref32[k], ref[k])
+        worst = max(worst, e)
+        if e > max(TOL, 4 * e32):
+            bad.append(f"{k} rel {e:.2e} (fp32 {e32:.2e})")
+    check(f"{name} adapter gradients == peft autograd", not bad, f"{len(ref)} tensors, worst rel {worst:.2e} {bad[:3]}")
+
+
+def main():
+    rng = np.random.default_rng(5)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, config, finetune, extra in CASES:
+            print(name)
+            c, mdir = make_model(tmp, name + "_base", config, rng)
+            data = make_data(os.path.join(tmp, name + "_train.h5"), c["vocab"], rng, 20, 150, 300)
+            evald = make_data(os.path.join(tmp, name + "_eval.h5"), c["vocab"], rng, 4, 150, 300)
+            adir = train(tmp, name, mdir, data, finetune)
+            check_eval(name, mdir, config, adir, evald)
+            check_grads(name, tmp, mdir, config, adir, extra, rng)
+    if failures:
+        print("FAILED:", failures)
+        sys.exit(1)
+    print("all peft reference checks passed")
+
+
+if __name__ == "__main__":
+    main()

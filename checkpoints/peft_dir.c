@@ -208,7 +208,8 @@ int st_peft_load_dir(st_model *m, const char *dir) {
     rc = st_json_parse(text, len, &cfg);
     free(text);
     if (rc) return st_fail_context(rc, "%s", path);
-    if (!strcmp(st_json_get_string(cfg, "peft_type", ""), "PROMPT_TUNING")) {
+    const char *type = st_json_get_string(cfg, "peft_type", "");
+    if (!strcmp(type, "PROMPT_TUNING") || !strcmp(type, "PREFIX_TUNING")) {
         rc = st_peft_prompt_load(m, cfg, path, dir);
         st_json_free(cfg);
         return rc;

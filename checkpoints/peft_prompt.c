@@ -11,15 +11,39 @@
 #include "common/util.h"
 #include "worker/prompt.h"
 
+static void path_field(st_strbuf *b, const char *path) {
+    char abs[4096];
+    if (path && realpath(path, abs)) st_strbuf_json_string(b, abs);
+    else if (path) st_strbuf_json_string(b, path);
+    else st_strbuf_printf(b, "null");
+}
+
+/* PrefixTuningConfig.to_dict() as peft 0.21 saves it: token_dim and num_attention_heads are the key/value
+ * width and heads (peft's grouped-query adjustment), encoder_hidden_size defaults to token_dim. */
+static void prefix_fields(st_strbuf *b, const st_model *m) {
+    const st_model_config *c = &m->cfg;
+    int kvd = c->n_kv_head * c->head_dim;
+    st_strbuf_printf(b, "  \"encoder_hidden_size\": %d,\n  \"inference_mode\": true,\n  \"init_weights\": null,\n", kvd);
+    st_strbuf_printf(b, "  \"modules_to_save\": null,\n  \"num_attention_heads\": %d,\n  \"num_layers\": %d,\n",
+                     c->n_kv_head, c->n_layer);
+    st_strbuf_printf(b, "  \"num_transformer_submodules\": 1,\n  \"num_virtual_tokens\": %d,\n", st_prompt_tokens(m));
+    st_strbuf_printf(b, "  \"peft_type\": \"PREFIX_TUNING\",\n  \"peft_version\": \"0.21.2\",\n"
+                        "  \"prefix_projection\": false,\n  \"revision\": null,\n  \"task_type\": \"CAUSAL_LM\",\n"
+                        "  \"token_dim\": %d\n}\n", kvd);
+}
+
 /* PromptTuningConfig.to_dict() as peft saves it (inference_mode true, as save_pretrained sets). */
 static char *config_json(const st_model *m, const char *base_model) {
     st_strbuf b = {0};
-    char abs[4096];
     st_strbuf_printf(&b, "{\n  \"auto_mapping\": null,\n  \"base_model_name_or_path\": ");
-    if (base_model && realpath(base_model, abs)) st_strbuf_json_string(&b, abs);
-    else if (base_model) st_strbuf_json_string(&b, base_model);
-    else st_strbuf_printf(&b, "null");
-    st_strbuf_printf(&b, ",\n  \"inference_mode\": true,\n  \"modules_to_save\": null,\n");
+    path_field(&b, base_model);
+    st_strbuf_printf(&b, ",\n");
+    if (st_prompt_is_prefix(m)) {
+        prefix_fields(&b, m);
+        if (b.failed) { st_strbuf_free(&b); return NULL; }
+        return b.data;
+    }
+    st_strbuf_printf(&b, "  \"inference_mode\": true,\n  \"modules_to_save\": null,\n");
     st_strbuf_printf(&b, "  \"num_attention_heads\": %d,\n  \"num_layers\": %d,\n", m->cfg.n_head, m->cfg.n_layer);
     st_strbuf_printf(&b, "  \"num_transformer_submodules\": 1,\n  \"num_virtual_tokens\": %d,\n", st_prompt_tokens(m));
     const char *text = st_prompt_init_text(m), *tok = st_prompt_tokenizer_dir(m);
@@ -30,9 +54,7 @@ static char *config_json(const st_model *m, const char *base_model) {
     st_strbuf_printf(&b, ",\n  \"revision\": null,\n  \"task_type\": \"CAUSAL_LM\",\n");
     st_strbuf_printf(&b, "  \"token_dim\": %d,\n  \"tokenizer_kwargs\": null,\n  \"tokenizer_name_or_path\": ", m->cfg.d_model);
     /* peft's PromptTuningConfig requires it with TEXT init (inference_mode skips the init on load) */
-    if (tok && realpath(tok, abs)) st_strbuf_json_string(&b, abs);
-    else if (tok) st_strbuf_json_string(&b, tok);
-    else st_strbuf_printf(&b, "null");
+    path_field(&b, tok);
     st_strbuf_printf(&b, "\n}\n");
     if (b.failed) { st_strbuf_free(&b); return NULL; }
     return b.data;
@@ -83,7 +105,7 @@ static int read_tensor(st_model *m, const char *dir) {
     const st_st_tensor *t = st_safetensors_find(st, "prompt_embeddings");
     for (int i = 0; !rc && i < st_safetensors_count(st); i++)
         if (strcmp(st_safetensors_tensor(st, i)->name, "prompt_embeddings"))
-            rc = st_fail(ST_EFORMAT, "%s: tensor %s is not part of a prompt-tuning adapter", path,
+            rc = st_fail(ST_EFORMAT, "%s: tensor %s is not part of a prompt-learning adapter", path,
                          st_safetensors_tensor(st, i)->name);
     if (!rc && !t) rc = st_fail(ST_EFORMAT, "%s: tensor prompt_embeddings is missing", path);
     if (!rc && (t->ndim != 2 || t->shape[0] != p->shape[0] || t->shape[1] != p->shape[1]))
@@ -100,6 +122,24 @@ static int read_tensor(st_model *m, const char *dir) {
     return rc;
 }
 
+/* PREFIX_TUNING: token_dim / num_attention_heads are the key/value width and heads (peft's GQA rule). A
+ * saved adapter holds the prefix itself whether or not it trained with prefix_projection (peft saves the
+ * projection's output and loads it into a plain table in inference mode). */
+static int prefix_load(st_model *m, const st_json *cfg, const char *path, const char *dir, int64_t V, int64_t dim) {
+    const st_model_config *c = &m->cfg;
+    int64_t heads, layers;
+    int rc = int_field(cfg, "num_attention_heads", path, &heads);
+    if (!rc) rc = int_field(cfg, "num_layers", path, &layers);
+    if (rc) return rc;
+    if (dim != (int64_t)c->n_kv_head * c->head_dim || heads != c->n_kv_head)
+        return st_fail(ST_ESHAPE, "%s: token_dim %lld / num_attention_heads %lld are not the model's key/value width %d / "
+                       "heads %d", path, (long long)dim, (long long)heads, c->n_kv_head * c->head_dim, c->n_kv_head);
+    if (layers != c->n_layer)
+        return st_fail(ST_ESHAPE, "%s: num_layers %lld is not the model's %d", path, (long long)layers, c->n_layer);
+    if ((rc = st_prefix_attach(m, (int)V, 0))) return st_fail_context(rc, "adapter %s", dir);
+    return read_tensor(m, dir);
+}
+
 int st_peft_prompt_load(st_model *m, const st_json *cfg, const char *path, const char *dir) {
     const char *task = st_json_get_string(cfg, "task_type", "");
     if (strcmp(task, "CAUSAL_LM"))
@@ -110,10 +150,11 @@ int st_peft_prompt_load(st_model *m, const st_json *cfg, const char *path, const
     if (!rc) rc = int_field(cfg, "num_transformer_submodules", path, &subs);
     if (rc) return rc;
     if (V < 1 || V > 1000000) return st_fail(ST_EFORMAT, "%s: num_virtual_tokens %lld must be >= 1", path, (long long)V);
-    if (dim != m->cfg.d_model)
-        return st_fail(ST_ESHAPE, "%s: token_dim %lld is not the model's hidden size %d", path, (long long)dim, m->cfg.d_model);
     if (subs != 1)
         return st_fail(ST_EFORMAT, "%s: num_transformer_submodules %lld (a decoder-only model has 1)", path, (long long)subs);
+    if (!strcmp(st_json_get_string(cfg, "peft_type", ""), "PREFIX_TUNING")) return prefix_load(m, cfg, path, dir, V, dim);
+    if (dim != m->cfg.d_model)
+        return st_fail(ST_ESHAPE, "%s: token_dim %lld is not the model's hidden size %d", path, (long long)dim, m->cfg.d_model);
     if ((rc = st_prompt_attach(m, (int)V, 0))) return st_fail_context(rc, "adapter %s", dir);
     return read_tensor(m, dir);
 }

@@ -916,6 +916,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
         be->rope_pos_fwd(qkv, m->rope_cos, m->rope_sin, m->doc_pos, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     else if (c->family == ST_FAMILY_LLAMA)
         be->rope_fwd(qkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    if (m->prompt) st_prefix_layer_forward(m, l, qkv); /* prefix tuning: layer l's keys/values */
     save(m, a->qkv_h, qkv, (size_t)N * Q, 1);
     int win = layer_window(m, l);
     if (m->doc_pos_on)
@@ -1067,6 +1068,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
                                  c->head_dim, win);
     else
         be->attention_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    if (m->prompt) st_prefix_layer_backward(m, l, b->dqkv); /* prefix tuning: the prefix's gradient */
     if (c->family == ST_FAMILY_LLAMA && m->doc_pos_on)
         be->rope_pos_bwd(b->dqkv, m->rope_cos, m->rope_sin, m->doc_pos, m->B, m->T, c->n_head, c->n_kv_head,
                          c->head_dim);

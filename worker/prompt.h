@@ -33,6 +33,21 @@ typedef struct st_prompt st_prompt;
 int st_prompt_attach(st_model *m, int virtual_tokens, uint64_t seed);
 void st_prompt_free(st_prompt *p);
 
+/* Prefix tuning (finetune.mode: prefix_tuning): the same widened sequence, but the table is
+ * prompt_embeddings [V, L*2*KVH*hd] (peft's PrefixEncoder without projection, viewed [V, L*2, KVH, hd]:
+ * row 2l the keys, 2l+1 the values of layer l) and the virtual rows carry no prompt: in every layer
+ * st_prefix_layer_forward overwrites the virtual rows' keys and values (after RoPE / qk-norm, as peft's
+ * past_key_values enter the cache) with layer l's prefix. The real tokens then sit at positions V..V+T-1
+ * and attend to every prefix row, exactly as transformers runs a V-long past_key_values cache with the
+ * attention mask peft widens by V ones. st_prefix_layer_backward takes the prefix gradient from the
+ * attention's dqkv and zeroes those slices (the virtual rows' own residual stream gets no gradient).
+ * Init: N(0, 1) (torch.nn.Embedding), from seed. */
+int st_prefix_attach(st_model *m, int virtual_tokens, uint64_t seed);
+int st_prompt_is_prefix(const st_model *m);
+int st_prefix_width(const st_model_config *c); /* L * 2 * KVH * hd */
+void st_prefix_layer_forward(st_model *m, int l, float *qkv);
+void st_prefix_layer_backward(st_model *m, int l, float *dqkv);
+
 /* Number of virtual tokens (0 without a prompt). */
 int st_prompt_tokens(const st_model *m);
 

@@ -670,9 +670,11 @@ static int finish_finetune(st_config *c, const char *file) {
     if ((c->finetune.mode == ST_FINETUNE_LORA || c->finetune.mode == ST_FINETUNE_QLORA) && c->finetune.lora.dropout > 0)
         return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g is not supported yet (only 0)", file,
                        c->finetune.lora.dropout);
-    if (c->finetune.mode == ST_FINETUNE_P_TUNING || c->finetune.mode == ST_FINETUNE_PREFIX_TUNING)
-        return st_fail(ST_ECONFIG, "%s: finetune.mode %s is not supported yet (prompt_tuning is)", file,
-                       c->finetune.mode == ST_FINETUNE_P_TUNING ? "p_tuning" : "prefix_tuning");
+    if (c->finetune.mode == ST_FINETUNE_P_TUNING)
+        return st_fail(ST_ECONFIG, "%s: finetune.mode p_tuning is not supported yet (prompt_tuning and prefix_tuning are)",
+                       file);
+    if (c->finetune.mode == ST_FINETUNE_PREFIX_TUNING && c->finetune.prefix.projection)
+        return st_fail(ST_ECONFIG, "%s: finetune.prefix.projection: true is not supported yet (only false)", file);
     if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE && c->sharding.stage == 3)
         return st_fail(ST_ECONFIG, "%s: sharding.stage 3 does not support finetune.mode progressive yet (stage "
                        "transitions would re-shard the weights); use sharding.stage 2", file);
@@ -712,9 +714,11 @@ static int finish(st_config *c, const char *file, const char *stem) {
     if (!(c->split[0] > 0)) return st_fail(ST_ECONFIG, "%s: split.0: the train fraction must be > 0", file);
     if (c->train.packing == ST_PACKING_DOCUMENTS && c->distill.teacher[0]) /* the teacher's forward knows no document positions */
         return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with distill.teacher", file);
-    if (c->train.packing == ST_PACKING_DOCUMENTS && c->finetune.mode == ST_FINETUNE_PROMPT_TUNING)
-        return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with finetune.mode prompt_tuning "
-                                   "(the virtual tokens would open every packed document)", file);
+    if (c->train.packing == ST_PACKING_DOCUMENTS &&
+        (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING || c->finetune.mode == ST_FINETUNE_PREFIX_TUNING))
+        return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with finetune.mode %s "
+                                   "(the virtual tokens would open every packed document)", file,
+                       c->finetune.mode == ST_FINETUNE_PREFIX_TUNING ? "prefix_tuning" : "prompt_tuning");
     /* sizes the trainer multiplies in int / size_t: refused here, naming the keys, not overflowed later */
     int64_t per_micro = (int64_t)c->train.micro_batch * c->train.seq_len;
     if (per_micro > (1 << 26))

@@ -24,15 +24,18 @@
 /* ---------------- adapters ---------------- */
 
 static int attach_prompt(const st_config *c, st_model *m) {
+    int prefix = c->finetune.mode == ST_FINETUNE_PREFIX_TUNING;
+    const char *mode = prefix ? "prefix_tuning" : "prompt_tuning";
     /* worker/prompt.c reads the prompt in place (no residency hooks) and runs host loops */
     if (c->sharding.stage >= 3)
-        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with sharding.stage %d is not supported yet (use 0, 1 or 2)",
+        return st_fail(ST_ECONFIG, "finetune.mode %s with sharding.stage %d is not supported yet (use 0, 1 or 2)", mode,
                        c->sharding.stage);
     if (c->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with precision bf16 is not supported yet (use fp32)");
+        return st_fail(ST_ECONFIG, "finetune.mode %s with precision bf16 is not supported yet (use fp32)", mode);
     /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
     if (c->distill.teacher[0])
-        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with distill.teacher is not supported yet");
+        return st_fail(ST_ECONFIG, "finetune.mode %s with distill.teacher is not supported yet", mode);
+    if (prefix) return st_prefix_attach(m, c->finetune.prefix.virtual_tokens, (uint64_t)c->seed);
     int rc = st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
     if (rc || !c->finetune.prompt.init_text[0] || !m->be) return rc;
     /* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens
@@ -55,7 +58,8 @@ static int attach_prompt(const st_config *c, st_model *m) {
 }
 
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
-    if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING) return attach_prompt(c, m);
+    if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING || c->finetune.mode == ST_FINETUNE_PREFIX_TUNING)
+        return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
@@ -149,7 +153,8 @@ int st_plan_stages(const st_config *c, const st_model *m, st_stage_list *out) {
         rc = m->lora ? add_stage(out, m, 0, "all", ST_MOD_LORA, "finetune.mode lora")
                      : st_fail(ST_ECONFIG, "finetune.mode lora: the model has no adapters attached");
         break;
-    case ST_FINETUNE_PROMPT_TUNING: /* the prompt alone, every base weight frozen */
+    case ST_FINETUNE_PROMPT_TUNING: /* the prompt (prefix) alone, every base weight frozen */
+    case ST_FINETUNE_PREFIX_TUNING:
         rc = m->prompt ? add_stage(out, m, 0, "all", ST_MOD_PROMPT, "finetune.mode prompt_tuning")
                        : st_fail(ST_ECONFIG, "finetune.mode prompt_tuning: the model has no prompt attached");
         break;

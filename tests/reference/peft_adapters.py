@@ -35,6 +35,8 @@ from test_lora_torch import GPT2, LLAMA, sharp_weights  # noqa: E402
 from torch_model import parse_config  # noqa: E402
 
 import peft  # noqa: E402
+
+ONLY = os.environ.get("ST_PEFT_CASES", "")  # a comma-separated subset of the case names (debugging)
 import transformers  # noqa: E402
 
 torch.set_num_threads(2)
@@ -53,6 +55,8 @@ CASES = [  # name, config, finetune yaml, ref_model extra args
      ["--qlora", "nf4-dq", "--qblock", "64"]),
     ("llama_prompt", LLAMA, "{ mode: prompt_tuning, prompt: { virtual_tokens: 6 } }", []),
     ("gpt2_prompt", GPT2, "{ mode: prompt_tuning, prompt: { virtual_tokens: 5 } }", []),
+    ("llama_prefix", LLAMA, "{ mode: prefix_tuning, prefix: { virtual_tokens: 6 } }", []),
+    ("gpt2_prefix", GPT2, "{ mode: prefix_tuning, prefix: { virtual_tokens: 5 } }", []),
 ]
 failures = []
 
@@ -214,6 +218,8 @@ def main():
     rng = np.random.default_rng(5)
     with tempfile.TemporaryDirectory() as tmp:
         for name, config, finetune, extra in CASES:
+            if ONLY and name not in ONLY.split(","):
+                continue
             print(name)
             c, mdir = make_model(tmp, name + "_base", config, rng)
             data = make_data(os.path.join(tmp, name + "_train.h5"), c["vocab"], rng, 20, 150, 300)

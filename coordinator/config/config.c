@@ -673,7 +673,7 @@ static int finish_finetune(st_config *c, const char *file) {
     if (c->finetune.mode == ST_FINETUNE_P_TUNING)
         return st_fail(ST_ECONFIG, "%s: finetune.mode p_tuning is not supported yet (prompt_tuning and prefix_tuning are)",
                        file);
-    if (c->finetune.mode == ST_FINETUNE_PREFIX_TUNING && c->finetune.prefix.projection)
+    if (c->finetune.prefix.projection)
         return st_fail(ST_ECONFIG, "%s: finetune.prefix.projection: true is not supported yet (only false)", file);
     if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE && c->sharding.stage == 3)
         return st_fail(ST_ECONFIG, "%s: sharding.stage 3 does not support finetune.mode progressive yet (stage "

@@ -209,7 +209,7 @@ int st_peft_load_dir(st_model *m, const char *dir) {
     free(text);
     if (rc) return st_fail_context(rc, "%s", path);
     const char *type = st_json_get_string(cfg, "peft_type", "");
-    if (!strcmp(type, "PROMPT_TUNING") || !strcmp(type, "PREFIX_TUNING")) {
+    if (!strcmp(type, "PROMPT_TUNING") || !strcmp(type, "PREFIX_TUNING") || !strcmp(type, "P_TUNING")) {
         rc = st_peft_prompt_load(m, cfg, path, dir);
         st_json_free(cfg);
         return rc;

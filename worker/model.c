@@ -1133,7 +1133,7 @@ void st_model_backward(st_model *m) {
     report_ready(m, 0, layer_first_param(m, 0));
     if (m->prompt) {
         st_prompt_backward(m, b.dres);
-        report_ready(m, st_prompt_param(m), st_prompt_param(m) + 1);
+        report_ready(m, st_prompt_param(m), st_prompt_param(m) + st_prompt_param_count(m));
     }
 }
 

@@ -4,6 +4,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #include "common/error.h"
@@ -12,6 +13,11 @@
 struct st_prompt {
     int V;
     int prefix;         /* prefix tuning: the table is [V, L*2*KVD], per-layer keys/values */
+    int enc;            /* P-tuning: param is the encoder's embedding, followed by its 3 linears (w, b) */
+    int hid;            /* P-tuning encoder hidden size */
+    float *table;       /* P-tuning: [V, C] encoder output of this forward */
+    float *a1, *r1, *a2, *r2, *d1, *d2; /* P-tuning: [V, hid] pre-activations, ReLU outputs, their grads */
+    float *dtab;        /* P-tuning: [V, C] the table's gradient */
     int param;          /* registry index of prompt_embeddings */
     int B, T;           /* the reserved batch: B sequences of T real tokens */
     int32_t *in, *tg;   /* [B * (V + T)] widened batch */
@@ -21,12 +27,17 @@ struct st_prompt {
 
 int st_prompt_tokens(const st_model *m) { return m->prompt ? m->prompt->V : 0; }
 int st_prompt_param(const st_model *m) { return m->prompt ? m->prompt->param : -1; }
+int st_prompt_param_count(const st_model *m) { return !m->prompt ? 0 : m->prompt->enc ? 7 : 1; }
+int st_prompt_is_ptuning(const st_model *m) { return m->prompt && m->prompt->enc; }
 
 void st_prompt_free(st_prompt *p) {
     if (!p) return;
     free(p->in);
     free(p->tg);
     free(p->w);
+    free(p->table);
+    free(p->a1);
+    free(p->dtab);
     free(p->init_text);
     free(p->tokenizer_dir);
     free(p);
@@ -44,46 +55,92 @@ static int check(const st_model *m, int V, const char *mode) {
     return 0;
 }
 
-/* Appends the registry entry; grows the weight buffer (when the model has weights) with init rows. */
-static int add_param(st_model *m, int V, int C, uint64_t seed) {
-    st_param *np = realloc(m->params, (size_t)(m->n_params + 1) * sizeof *np);
+/* One registry entry to append: name, shape and init (std > 0: N(0, std); else U(-bound, bound)). */
+typedef struct {
+    const char *name;
+    int64_t d0, d1;
+    double std, bound;
+} entry;
+
+/* Appends the entries after the base registry (kind ST_MOD_PROMPT, layer -1); grows the weight buffer
+ * (when the model has weights) with their init values, drawn in order from one stream of seed. */
+static int add_entries(st_model *m, int n, const entry *e, uint64_t seed) {
+    st_param *np = realloc(m->params, (size_t)(m->n_params + n) * sizeof *np);
     if (!np) return st_fail(ST_ENOMEM, "out of memory adding the prompt to the registry");
     m->params = np;
-    st_param *p = &m->params[m->n_params];
-    memset(p, 0, sizeof *p);
-    snprintf(p->name, sizeof p->name, "prompt_embeddings");
-    p->ndim = 2;
-    p->shape[0] = V;
-    p->shape[1] = C;
-    p->numel = (size_t)V * C;
-    p->offset = m->n_weights;
-    p->layer = -1;
-    p->kind = ST_MOD_PROMPT;
-    p->grad_offset = -1;
     m->n_base_params = m->n_params;
     m->n_base_weights = m->n_weights;
-    m->prompt->param = m->n_params++;
-    m->n_weights += p->numel;
+    m->prompt->param = m->n_params;
+    for (int k = 0; k < n; k++) {
+        st_param *p = &m->params[m->n_params++];
+        memset(p, 0, sizeof *p);
+        snprintf(p->name, sizeof p->name, "%s", e[k].name);
+        p->ndim = e[k].d1 ? 2 : 1;
+        p->shape[0] = e[k].d0;
+        p->shape[1] = e[k].d1;
+        p->numel = (size_t)e[k].d0 * (size_t)(e[k].d1 ? e[k].d1 : 1);
+        p->offset = m->n_weights;
+        p->layer = -1;
+        p->kind = ST_MOD_PROMPT;
+        p->grad_offset = -1;
+        m->n_weights += p->numel;
+    }
     if (!m->be) return 0; /* registry-only model */
     float *nw = m->be->alloc(m->n_weights * sizeof(float));
     if (!nw) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with a prompt", m->n_weights * 4.0 / 1e6);
     m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float));
     st_rng rng;
     st_rng_seed(&rng, seed, 0x50726f6dull); /* "Prom": its own stream */
-    for (size_t j = 0; j < p->numel; j++) nw[m->n_base_weights + j] = (float)st_rng_normal(&rng);
+    float *dst = nw + m->n_base_weights;
+    for (int k = 0; k < n; k++)
+        for (size_t j = 0; j < m->params[m->prompt->param + k].numel; j++)
+            *dst++ = e[k].std > 0 ? (float)(e[k].std * st_rng_normal(&rng))
+                                  : (float)(e[k].bound * (2.0 * st_rng_uniform(&rng) - 1.0));
     m->be->free(m->weights);
     m->weights = nw;
     return 0;
 }
 
+static int add_param(st_model *m, int V, int C, uint64_t seed) {
+    entry e = {"prompt_embeddings", V, C, 1.0, 0.0};
+    return add_entries(m, 1, &e, seed);
+}
+
+/* P-tuning: peft's PromptEncoder (MLP): embedding [V, C] N(0, 1), then Linear(C, H), ReLU, Linear(H, H),
+ * ReLU, Linear(H, C), each Linear with torch's default init U(+-1/sqrt(in)) for weight and bias. */
+static int add_encoder(st_model *m, int V, int C, int H, uint64_t seed) {
+    double bc = 1.0 / sqrt((double)C), bh = 1.0 / sqrt((double)H);
+    entry e[7] = {{"prompt_encoder.embedding.weight", V, C, 1.0, 0.0},
+                  {"prompt_encoder.mlp_head.0.weight", H, C, 0.0, bc}, {"prompt_encoder.mlp_head.0.bias", H, 0, 0.0, bc},
+                  {"prompt_encoder.mlp_head.2.weight", H, H, 0.0, bh}, {"prompt_encoder.mlp_head.2.bias", H, 0, 0.0, bh},
+                  {"prompt_encoder.mlp_head.4.weight", C, H, 0.0, bh}, {"prompt_encoder.mlp_head.4.bias", C, 0, 0.0, bh}};
+    int rc = add_entries(m, 7, e, seed);
+    if (rc) return rc;
+    st_prompt *p = m->prompt;
+    p->enc = 1;
+    p->hid = H;
+    p->table = malloc((size_t)V * C * sizeof(float));
+    p->dtab = malloc((size_t)V * C * sizeof(float));
+    p->a1 = malloc((size_t)6 * V * H * sizeof(float));
+    if (!p->table || !p->dtab || !p->a1) return st_fail(ST_ENOMEM, "out of memory for the prompt encoder");
+    p->r1 = p->a1 + (size_t)V * H;
+    p->a2 = p->r1 + (size_t)V * H;
+    p->r2 = p->a2 + (size_t)V * H;
+    p->d1 = p->r2 + (size_t)V * H;
+    p->d2 = p->d1 + (size_t)V * H;
+    return 0;
+}
+
+/* kind: 0 prompt tuning, 1 prefix tuning, 2 P-tuning (MLP encoder) */
 static int attach(st_model *m, int V, int prefix, uint64_t seed) {
-    int rc = check(m, V, prefix ? "prefix_tuning" : "prompt_tuning");
+    int rc = check(m, V, prefix == 1 ? "prefix_tuning" : prefix == 2 ? "p_tuning" : "prompt_tuning");
     if (rc) return rc;
     m->prompt = calloc(1, sizeof *m->prompt);
     if (!m->prompt) return st_fail(ST_ENOMEM, "out of memory for the prompt");
     m->prompt->V = V;
-    m->prompt->prefix = prefix;
-    rc = add_param(m, V, prefix ? st_prefix_width(&m->cfg) : m->cfg.d_model, seed);
+    m->prompt->prefix = prefix == 1;
+    if (prefix == 2) rc = add_encoder(m, V, m->cfg.d_model, m->cfg.d_model, seed);
+    else rc = add_param(m, V, prefix ? st_prefix_width(&m->cfg) : m->cfg.d_model, seed);
     if (rc) {
         st_prompt_free(m->prompt);
         m->prompt = NULL;
@@ -93,12 +150,13 @@ static int attach(st_model *m, int V, int prefix, uint64_t seed) {
 
 int st_prompt_attach(st_model *m, int V, uint64_t seed) { return attach(m, V, 0, seed); }
 int st_prefix_attach(st_model *m, int V, uint64_t seed) { return attach(m, V, 1, seed); }
+int st_ptuning_attach(st_model *m, int V, uint64_t seed) { return attach(m, V, 2, seed); }
 int st_prompt_is_prefix(const st_model *m) { return m->prompt && m->prompt->prefix; }
 int st_prefix_width(const st_model_config *c) { return c->n_layer * 2 * c->n_kv_head * c->head_dim; }
 
 int st_prompt_init_ids(st_model *m, const int32_t *ids, int n, const char *text, const char *tokenizer_dir) {
     st_prompt *p = m->prompt;
-    if (p && p->prefix) return st_fail(ST_ECONFIG, "prefix tuning has no TEXT init");
+    if (p && (p->prefix || p->enc)) return st_fail(ST_ECONFIG, "only prompt tuning has a TEXT init");
     if (!p || n < 1) return st_fail(ST_EINVAL, "prompt TEXT init needs a prompt and at least one token");
     int C = m->cfg.d_model;
     float *dst = m->weights + m->params[p->param].offset;
@@ -155,6 +213,10 @@ void st_prompt_forward(st_model *m, float *x) {
     if (p->prefix) return; /* the virtual rows only carry the prefix keys/values (st_prefix_layer_forward) */
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
     const float *pe = m->weights + m->params[p->param].offset;
+    if (p->enc) {
+        st_prompt_encode(m, p->table);
+        pe = p->table;
+    }
     const float *wpe = m->cfg.family == ST_FAMILY_GPT2 ? m->weights + m->params[1].offset : NULL;
     for (int b = 0; b < p->B; b++)
         for (int v = 0; v < V; v++) {
@@ -163,14 +225,60 @@ void st_prompt_forward(st_model *m, float *x) {
         }
 }
 
+/* P-tuning backward: the table's gradient dtab [V, C] through the MLP into its 7 tensors (+=). */
+static void encoder_backward(st_model *m, const float *dtab) {
+    const st_prompt *p = m->prompt;
+    const st_backend *be = m->be;
+    int V = p->V, C = m->cfg.d_model, H = p->hid;
+    const float *w[7];
+    float *g[7];
+    for (int k = 0; k < 7; k++) {
+        const st_param *pp = &m->params[p->param + k];
+        w[k] = m->weights + pp->offset;
+        g[k] = pp->grad_offset >= 0 ? m->grads + pp->grad_offset : NULL;
+    }
+    if (g[5]) be->matmul(g[5], dtab, p->r2, C, H, V, 1, 0, 1.0f, 1.0f); /* dW2 += dtab^T r2 */
+    if (g[6]) be->bias_bwd(g[6], dtab, V, C);
+    be->matmul(p->d2, dtab, w[5], V, H, C, 0, 0, 1.0f, 0.0f); /* dr2 = dtab W2 */
+    for (size_t i = 0; i < (size_t)V * H; i++) p->d2[i] = p->a2[i] > 0 ? p->d2[i] : 0.0f;
+    if (g[3]) be->matmul(g[3], p->d2, p->r1, H, H, V, 1, 0, 1.0f, 1.0f);
+    if (g[4]) be->bias_bwd(g[4], p->d2, V, H);
+    be->matmul(p->d1, p->d2, w[3], V, H, H, 0, 0, 1.0f, 0.0f);
+    for (size_t i = 0; i < (size_t)V * H; i++) p->d1[i] = p->a1[i] > 0 ? p->d1[i] : 0.0f;
+    if (g[1]) be->matmul(g[1], p->d1, w[0], H, C, V, 1, 0, 1.0f, 1.0f);
+    if (g[2]) be->bias_bwd(g[2], p->d1, V, H);
+    if (g[0]) be->matmul(g[0], p->d1, w[1], V, C, H, 0, 0, 1.0f, 1.0f); /* dE += d1 W0 */
+}
+
 void st_prompt_backward(st_model *m, const float *dx) {
     const st_prompt *p = m->prompt;
     const st_param *pp = &m->params[p->param];
-    if (p->prefix || pp->grad_offset < 0 || !m->grads) return; /* prefix: st_prefix_layer_backward */
+    if (p->prefix || !m->grads) return; /* prefix: st_prefix_layer_backward */
+    if (!p->enc && pp->grad_offset < 0) return;
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
-    float *g = m->grads + pp->grad_offset;
+    float *g = p->enc ? p->dtab : m->grads + pp->grad_offset;
+    if (p->enc) memset(g, 0, (size_t)V * C * sizeof(float));
     for (int b = 0; b < p->B; b++)
         for (size_t k = 0; k < (size_t)V * C; k++) g[k] += dx[(size_t)b * Tm * C + k];
+    if (p->enc) encoder_backward(m, g);
+}
+
+/* The P-tuning encoder's output [V, C] into out (host); keeps the activations for backward. */
+void st_prompt_encode(const st_model *m, float *out) {
+    st_prompt *p = m->prompt;
+    const st_backend *be = m->be;
+    int V = p->V, C = m->cfg.d_model, H = p->hid;
+    const float *w[7];
+    for (int k = 0; k < 7; k++) w[k] = m->weights + m->params[p->param + k].offset;
+    size_t n = (size_t)V * H;
+    be->matmul(p->a1, w[0], w[1], V, H, C, 0, 1, 1.0f, 0.0f); /* a1 = E W0^T + b0 */
+    be->bias_add(p->a1, w[2], V, H);
+    for (size_t i = 0; i < n; i++) p->r1[i] = p->a1[i] > 0 ? p->a1[i] : 0.0f;
+    be->matmul(p->a2, p->r1, w[3], V, H, H, 0, 1, 1.0f, 0.0f);
+    be->bias_add(p->a2, w[4], V, H);
+    for (size_t i = 0; i < n; i++) p->r2[i] = p->a2[i] > 0 ? p->a2[i] : 0.0f;
+    be->matmul(out, p->r2, w[5], V, C, H, 0, 1, 1.0f, 0.0f);
+    be->bias_add(out, w[6], V, C);
 }
 
 void st_prompt_real_rows(const st_model *m, float *x) {

@@ -48,6 +48,20 @@ int st_prefix_width(const st_model_config *c); /* L * 2 * KVH * hd */
 void st_prefix_layer_forward(st_model *m, int l, float *qkv);
 void st_prefix_layer_backward(st_model *m, int l, float *dqkv);
 
+/* P-tuning (finetune.mode: p_tuning, encoder mlp): peft's PromptEncoder with its MLP head. The registry
+ * holds 7 entries from st_prompt_param on: prompt_encoder.embedding.weight [V, C] and
+ * prompt_encoder.mlp_head.{0,2,4}.{weight,bias} (Linear C->H, ReLU, Linear H->H, ReLU, Linear H->C, H = C,
+ * peft's default encoder_hidden_size = token_dim). Every forward computes the table [V, C] from them
+ * (st_prompt_encode) and uses it as prompt tuning uses prompt_embeddings; backward runs the MLP's backward.
+ * peft saves (and loads, in inference mode) the encoder's output as prompt_embeddings: a P_TUNING adapter
+ * directory loads as a plain prompt table. */
+int st_ptuning_attach(st_model *m, int virtual_tokens, uint64_t seed);
+int st_prompt_is_ptuning(const st_model *m);
+void st_prompt_encode(const st_model *m, float *out); /* needs the model's weights; host memory */
+
+/* Registry entries of the prompt from st_prompt_param (1, or 7 with a P-tuning encoder). */
+int st_prompt_param_count(const st_model *m);
+
 /* Number of virtual tokens (0 without a prompt). */
 int st_prompt_tokens(const st_model *m);
 

@@ -50,6 +50,15 @@ static int walk_fail(const walk *w, const yaml_node_t *node, const char *fmt, ..
     return st_fail(ST_ECONFIG, "%s: %s", w->file, msg);
 }
 
+const char *st_config_prompt_learning(const st_config *c) {
+    switch (c->finetune.mode) {
+    case ST_FINETUNE_PROMPT_TUNING: return "prompt_tuning";
+    case ST_FINETUNE_P_TUNING: return "p_tuning";
+    case ST_FINETUNE_PREFIX_TUNING: return "prefix_tuning";
+    default: return NULL;
+    }
+}
+
 static void join_path(char *out, size_t size, const char *prefix, const char *name, size_t name_len) {
     if (name_len > 100) name_len = 100;
     if (prefix[0])
@@ -670,8 +679,10 @@ static int finish_finetune(st_config *c, const char *file) {
     if ((c->finetune.mode == ST_FINETUNE_LORA || c->finetune.mode == ST_FINETUNE_QLORA) && c->finetune.lora.dropout > 0)
         return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g is not supported yet (only 0)", file,
                        c->finetune.lora.dropout);
-    if (c->finetune.mode == ST_FINETUNE_P_TUNING)
-        return st_fail(ST_ECONFIG, "%s: finetune.mode p_tuning is not supported yet (prompt_tuning and prefix_tuning are)",
+    if (c->finetune.prompt.encoder != 0)
+        return st_fail(ST_ECONFIG, "%s: finetune.prompt.encoder: lstm is not supported yet (only mlp)", file);
+    if (c->finetune.mode == ST_FINETUNE_P_TUNING && c->finetune.prompt.init_text[0])
+        return st_fail(ST_ECONFIG, "%s: finetune.prompt.init_text is a prompt_tuning option (p_tuning has no text init)",
                        file);
     if (c->finetune.prefix.projection)
         return st_fail(ST_ECONFIG, "%s: finetune.prefix.projection: true is not supported yet (only false)", file);
@@ -714,11 +725,10 @@ static int finish(st_config *c, const char *file, const char *stem) {
     if (!(c->split[0] > 0)) return st_fail(ST_ECONFIG, "%s: split.0: the train fraction must be > 0", file);
     if (c->train.packing == ST_PACKING_DOCUMENTS && c->distill.teacher[0]) /* the teacher's forward knows no document positions */
         return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with distill.teacher", file);
-    if (c->train.packing == ST_PACKING_DOCUMENTS &&
-        (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING || c->finetune.mode == ST_FINETUNE_PREFIX_TUNING))
+    if (c->train.packing == ST_PACKING_DOCUMENTS && st_config_prompt_learning(c))
         return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with finetune.mode %s "
                                    "(the virtual tokens would open every packed document)", file,
-                       c->finetune.mode == ST_FINETUNE_PREFIX_TUNING ? "prefix_tuning" : "prompt_tuning");
+                       st_config_prompt_learning(c));
     /* sizes the trainer multiplies in int / size_t: refused here, naming the keys, not overflowed later */
     int64_t per_micro = (int64_t)c->train.micro_batch * c->train.seq_len;
     if (per_micro > (1 << 26))

@@ -25,7 +25,7 @@
 
 static int attach_prompt(const st_config *c, st_model *m) {
     int prefix = c->finetune.mode == ST_FINETUNE_PREFIX_TUNING;
-    const char *mode = prefix ? "prefix_tuning" : "prompt_tuning";
+    const char *mode = st_config_prompt_learning(c);
     /* worker/prompt.c reads the prompt in place (no residency hooks) and runs host loops */
     if (c->sharding.stage >= 3)
         return st_fail(ST_ECONFIG, "finetune.mode %s with sharding.stage %d is not supported yet (use 0, 1 or 2)", mode,
@@ -36,6 +36,7 @@ static int attach_prompt(const st_config *c, st_model *m) {
     if (c->distill.teacher[0])
         return st_fail(ST_ECONFIG, "finetune.mode %s with distill.teacher is not supported yet", mode);
     if (prefix) return st_prefix_attach(m, c->finetune.prefix.virtual_tokens, (uint64_t)c->seed);
+    if (c->finetune.mode == ST_FINETUNE_P_TUNING) return st_ptuning_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
     int rc = st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
     if (rc || !c->finetune.prompt.init_text[0] || !m->be) return rc;
     /* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens
@@ -58,8 +59,7 @@ static int attach_prompt(const st_config *c, st_model *m) {
 }
 
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
-    if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING || c->finetune.mode == ST_FINETUNE_PREFIX_TUNING)
-        return attach_prompt(c, m);
+    if (st_config_prompt_learning(c)) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* worker/lora.c reads adapter (and DoRA base) weights in place: not yet with parameters sharded */
@@ -155,6 +155,7 @@ int st_plan_stages(const st_config *c, const st_model *m, st_stage_list *out) {
         break;
     case ST_FINETUNE_PROMPT_TUNING: /* the prompt (prefix) alone, every base weight frozen */
     case ST_FINETUNE_PREFIX_TUNING:
+    case ST_FINETUNE_P_TUNING:
         rc = m->prompt ? add_stage(out, m, 0, "all", ST_MOD_PROMPT, "finetune.mode prompt_tuning")
                        : st_fail(ST_ECONFIG, "finetune.mode prompt_tuning: the model has no prompt attached");
         break;

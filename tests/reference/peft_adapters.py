@@ -55,6 +55,8 @@ CASES = [  # name, config, finetune yaml, ref_model extra args
      ["--qlora", "nf4-dq", "--qblock", "64"]),
     ("llama_prompt", LLAMA, "{ mode: prompt_tuning, prompt: { virtual_tokens: 6 } }", []),
     ("gpt2_prompt", GPT2, "{ mode: prompt_tuning, prompt: { virtual_tokens: 5 } }", []),
+    ("llama_ptuning", LLAMA, "{ mode: p_tuning, prompt: { virtual_tokens: 4, encoder: mlp } }", []),
+    ("gpt2_ptuning", GPT2, "{ mode: p_tuning, prompt: { virtual_tokens: 5 } }", []),
     ("llama_prefix", LLAMA, "{ mode: prefix_tuning, prefix: { virtual_tokens: 6 } }", []),
     ("gpt2_prefix", GPT2, "{ mode: prefix_tuning, prefix: { virtual_tokens: 5 } }", []),
 ]
@@ -158,12 +160,26 @@ def check_eval(name, mdir, config, adir, data):
     check(f"{name} the adapter changes the loss", abs(base - ref) > 1e-4 * abs(ref), f"base {base:.7f}")
 
 
-def peft_grads(mdir, config, adir, batch, dtype):
-    prompt = json.load(open(os.path.join(adir, "adapter_config.json")))["peft_type"] != "LORA"
-    # peft refuses is_trainable for a prompt-learning adapter: load it for inference, then train its table
-    m = peft_model(mdir, config, adir, dtype, not prompt)
-    if prompt:
-        m.prompt_encoder["default"].embedding.weight.requires_grad_(True)
+def peft_grads(mdir, config, adir, batch, dtype, encoder=None):
+    """Loss and {name: gradient} of every trainable peft tensor. encoder: a P-tuning encoder's tensors
+    (shardtune's registry names): a trainable PromptEncoder (MLP head) is built with get_peft_model and
+    loaded with them instead of reading adir."""
+    if encoder is not None:
+        V, C = encoder["prompt_encoder.embedding.weight"].shape
+        pc = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=V, encoder_hidden_size=C,
+                                      encoder_reparameterization_type="MLP")
+        m = peft.get_peft_model(hf_model(mdir, config, dtype), pc)
+        m.to(dtype)
+        sd = {k.replace("prompt_encoder.", "", 1): torch.from_numpy(v.astype(np.float64)).to(dtype)
+              for k, v in encoder.items()}
+        m.prompt_encoder["default"].load_state_dict(sd, strict=True)
+        m.train(False)
+    else:
+        prompt = json.load(open(os.path.join(adir, "adapter_config.json")))["peft_type"] != "LORA"
+        # peft refuses is_trainable for a prompt-learning adapter: load it for inference, then train its table
+        m = peft_model(mdir, config, adir, dtype, not prompt)
+        if prompt:
+            m.prompt_encoder["default"].embedding.weight.requires_grad_(True)
     ids, tg = torch.from_numpy(batch["inputs"]).long(), torch.from_numpy(batch["targets"]).long()
     loss = ce_sum(real_logits(m, ids), tg, torch.from_numpy(batch["weight"]).to(dtype))
     loss.backward()
@@ -175,13 +191,42 @@ def peft_grads(mdir, config, adir, batch, dtype):
             # "transformer.")
             key = key.replace("base_model.model.", "", 1)
             key = key[len("transformer."):] if key.startswith("transformer.") else key
-            if key == "prompt_encoder.embedding.weight":
+            if key == "prompt_encoder.embedding.weight" and encoder is None:
                 key = "prompt_embeddings"
             out[key] = p.grad.detach().numpy().astype(np.float64)
+    if encoder is not None:  # the table peft would save: equal to final/'s prompt_embeddings
+        with torch.no_grad():
+            out["table"] = m.get_prompt_embedding_to_save("default").numpy().astype(np.float64)
     return loss.item(), out
 
 
-def check_grads(name, tmp, mdir, config, adir, extra, rng):
+def last_checkpoint_model(run_dir):
+    """/model/* of the run's last checkpoint, via Debian's python + h5py (ST_PYTHON)."""
+    ck = os.path.join(run_dir, "checkpoints")
+    last = os.path.join(ck, sorted(f for f in os.listdir(ck) if f.endswith(".h5"))[-1])
+    code = ("import h5py, numpy as np, sys, io\nf = h5py.File(sys.argv[1], 'r')\nb = io.BytesIO()\n"
+            "np.savez(b, **{k: f['model'][k][:] for k in f['model'].keys()})\nsys.stdout.buffer.write(b.getvalue())\n")
+    r = subprocess.run([os.environ.get("ST_PYTHON", "/usr/bin/python3"), "-c", code, last], capture_output=True,
+                       check=True)
+    z = np.load(io.BytesIO(r.stdout))
+    return {k: z[k] for k in z.files}
+
+
+def check_encoder(name, tmp, mdir, config, adir, rng):
+    """P-tuning: the trained encoder (the run's last checkpoint) written as a P_TUNING directory holding the
+    encoder's tensors: ref_model's gradients of all 7 equal autograd through peft's PromptEncoder (MLP), and
+    peft's saved table from it equals final/'s prompt_embeddings."""
+    enc = last_checkpoint_model(os.path.dirname(adir))
+    d = os.path.join(tmp, name + "_encoder")
+    os.makedirs(d)
+    st_io.write(os.path.join(d, "adapter_model.safetensors"), {k: v.astype(np.float32) for k, v in enc.items()})
+    cfg = json.load(open(os.path.join(adir, "adapter_config.json")))
+    with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        json.dump(dict(cfg, inference_mode=False), f)
+    check_grads(name + "_encoder", tmp, mdir, config, d, [], rng, encoder=enc)
+
+
+def check_grads(name, tmp, mdir, config, adir, extra, rng, encoder=None):
     c = parse_config(config)
     B = 2
     w = np.where(rng.random((B, T)) >= 0.3, 1.0, 0.0)
@@ -198,8 +243,13 @@ def check_grads(name, tmp, mdir, config, adir, extra, rng):
             if k.startswith("dequant."):
                 base[k[len("dequant."):]] = v.astype(np.float32)
         _, mdir = make_model(tmp, name + "_dequant", config, rng, base)
-    loss, ref = peft_grads(mdir, config, adir, batch, torch.float64)
-    loss32, ref32 = peft_grads(mdir, config, adir, batch, torch.float32)
+    loss, ref = peft_grads(mdir, config, adir, batch, torch.float64, encoder)
+    loss32, ref32 = peft_grads(mdir, config, adir, batch, torch.float32, encoder)
+    if encoder is not None:
+        final = st_io.read(os.path.join(adir.replace("_encoder", "_run/final"), "adapter_model.safetensors"))
+        e = rel_err(final["prompt_embeddings"], ref.pop("table"))
+        ref32.pop("table")
+        check(f"{name} final/ prompt_embeddings == peft's saved table", e <= TOL, f"rel {e:.2e}")
     e, e32 = abs(float(ours["loss"][0]) - loss) / abs(loss), abs(loss32 - loss) / abs(loss)
     check(f"{name} batch loss == peft", e <= max(TOL, 4 * e32), f"rel {e:.2e} (peft fp32 {e32:.2e})")
     got = {k[len("grad."):] for k in ours if k.startswith("grad.")}
@@ -227,6 +277,8 @@ def main():
             adir = train(tmp, name, mdir, data, finetune)
             check_eval(name, mdir, config, adir, evald)
             check_grads(name, tmp, mdir, config, adir, extra, rng)
+            if "ptuning" in name:
+                check_encoder(name, tmp, mdir, config, adir, rng)
     if failures:
         print("FAILED:", failures)
         sys.exit(1)

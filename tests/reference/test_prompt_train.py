@@ -11,7 +11,7 @@ against torch in test_prompt_torch.py; here, for a Llama and a GPT-2 model:
     `export CKPT --format peft` equals final/ bit for bit; `export CKPT --merge` is refused (one line);
   * resume at another world size: 3 steps on 2 ranks then 1 rank to 6 equals 6 uninterrupted steps;
   * `eval --adapter final` runs and differs from the base model's eval;
-  * refusals with one line: virtual_tokens 0, p_tuning, prefix projection, bf16, sharding.stage 3,
+  * refusals with one line: virtual_tokens 0, a p_tuning LSTM encoder, prefix projection, bf16, sharding.stage 3,
     distill.teacher (TEXT init:
     ref_prompt_text_init.py).
 """
@@ -114,7 +114,7 @@ def eval_case(model, data, final):
 
 def refusals(job):
     for override, needle in [("finetune.prompt.virtual_tokens=0", "virtual_tokens"),
-                             ("finetune.mode=p_tuning", "p_tuning"), ("finetune.prefix.projection=true", "finetune.prefix.projection"),
+                             ("finetune.prompt.encoder=lstm", "lstm"), ("finetune.prefix.projection=true", "finetune.prefix.projection"),
                              ("precision=bf16", "bf16"),
                              ("sharding.stage=3", "sharding.stage 3"),
                              ("distill.teacher=" + os.path.dirname(os.path.dirname(job)) + "/llama", "distill.teacher")]:

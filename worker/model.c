@@ -990,6 +990,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         be->to_bf16(m->weights_bf16, m->weights, m->n_weights);
         m->weights_bf16_stale = 0;
     }
+    if (m->lora) st_lora_set_training(m, train); /* LoRA dropout: training forwards only */
     if (m->prompt) st_prompt_widen(m, inputs, targets, weight, &inputs, &targets, &weight); /* [B, V + T] */
     be->copy_to_device(b.tokens, inputs, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));

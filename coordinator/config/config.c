@@ -676,8 +676,8 @@ static int finish_finetune(st_config *c, const char *file) {
                            "(%" PRId64 " after %" PRId64 ")", file, i, s->at_step, s[-1].at_step);
     }
     if ((rc = check_layers(file, "finetune.lora.layers", c->finetune.lora.layers))) return rc;
-    if ((c->finetune.mode == ST_FINETUNE_LORA || c->finetune.mode == ST_FINETUNE_QLORA) && c->finetune.lora.dropout > 0)
-        return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g is not supported yet (only 0)", file,
+    if (c->finetune.lora.dora && c->finetune.lora.dropout > 0)
+        return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g with dora: true is not supported yet (only 0)", file,
                        c->finetune.lora.dropout);
     if (c->finetune.prompt.encoder != 0)
         return st_fail(ST_ECONFIG, "%s: finetune.prompt.encoder: lstm is not supported yet (only mlp)", file);

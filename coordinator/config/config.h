@@ -90,7 +90,7 @@ typedef struct {
         struct {                    /* mode lora (worker/lora.h) */
             int r;
             double alpha;
-            double dropout;         /* only 0 is supported */
+            double dropout;         /* lora_dropout, [0, 1); not with dora (worker/lora.h) */
             unsigned targets;       /* ST_LORA_* bits */
             int dora;               /* DoRA magnitude vectors */
             int rslora;

@@ -74,7 +74,8 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (rc) rc = st_fail_context(rc, "finetune.lora.layers");
     st_lora_spec spec = {.r = c->finetune.lora.r, .alpha = c->finetune.lora.alpha, .rslora = c->finetune.lora.rslora,
                          .dora = c->finetune.lora.dora,
-                         .targets = c->finetune.lora.targets, .layers = layers, .seed = (uint64_t)c->seed};
+                         .targets = c->finetune.lora.targets, .layers = layers, .seed = (uint64_t)c->seed,
+                         .dropout = c->finetune.lora.dropout};
     if (!rc) rc = st_lora_attach(m, &spec);
     free(layers);
     if (!rc && q && m->be) { /* the base goes quantized once the adapters (DoRA's magnitudes read it) exist */

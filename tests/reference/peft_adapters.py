@@ -1,8 +1,10 @@
 """peft_adapters.py — adapters trained by shardtune against the REAL `peft` library and transformers' own
 Llama / GPT-2 modules (PyPI torch 2.x; run with `scripts/pyref --torch`, tests/requirements-torch.txt).
 
-For each mode: LoRA (Llama, all seven projections), LoRA (GPT-2 c_attn/c_proj/c_fc Conv1D, rsLoRA), DoRA
-(Llama q/v/down), QLoRA (Llama nf4 + double quantization), prompt tuning (Llama and GPT-2), a small model
+For each mode: LoRA (Llama, all seven projections), LoRA with lora_dropout 0.1 (trained with dropout; peft in
+eval mode, as `eval` runs without dropout), LoRA (GPT-2 c_attn/c_proj/c_fc Conv1D, rsLoRA), DoRA
+(Llama q/v/down), QLoRA (Llama nf4 + double quantization), prompt tuning, P-tuning (MLP encoder) and prefix
+tuning (Llama and GPT-2 each), a small model
 (T = 128, q/k weights scaled x4 so attention is sharp, as test_lora_torch.py) trains 3 steps with
 `shardtune train` on one rank; then
  1. transformers' model (float64, eager attention) + PeftModel.from_pretrained(base, RUN_DIR/final) gives
@@ -13,6 +15,10 @@ For each mode: LoRA (Llama, all seven projections), LoRA (GPT-2 c_attn/c_proj/c_
     rel = max|ours - ref| / max|ref| <= max(1e-5, 4 x the error of the same peft model run in float32), the
     bound test_lora_torch.py measures and argues (sharp attention at T = 128 amplifies fp32 rounding);
     every trainable peft tensor has its gradient and shardtune dumps no other.
+P-tuning: final/ holds the encoder's output (as peft saves it); the encoder itself (the run's last checkpoint,
+written as a P_TUNING directory of its 7 tensors) gives ref_model gradients equal to autograd through peft's
+PromptEncoder with an MLP head, and peft's saved table from it equals final/'s.
+Prefix tuning: peft's past_key_values (a V-long cache, positions V.., the attention mask widened by V).
 QLoRA: bitsandbytes is not available, so peft's LoRA runs on the base as shardtune dequantizes it (ref_model
 --qlora nf4-dq dumps dequant.<name>); the eval loss is checked on the full-precision base, which is what
 `eval --adapter` applies a peft LoRA directory to.
@@ -46,6 +52,8 @@ T, TOL = 128, 1e-5
 LLAMA_T = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = [  # name, config, finetune yaml, ref_model extra args
     ("llama_lora", LLAMA, "{ mode: lora, lora: { r: 4, alpha: 8 } }", []),
+    ("llama_lora_dropout", LLAMA, "{ mode: lora, lora: { r: 4, alpha: 8, dropout: 0.1, targets: [q_proj, v_proj, up_proj] } }",
+     []),
     ("gpt2_lora_rslora", GPT2, "{ mode: lora, lora: { r: 4, alpha: 8, rslora: true, targets: [c_attn, c_proj, c_fc] } }",
      []),
     ("llama_dora", LLAMA, "{ mode: lora, lora: { r: 2, alpha: 4, dora: true, targets: [q_proj, v_proj, down_proj] } }",

@@ -28,8 +28,8 @@ static void prefix_fields(st_strbuf *b, const st_model *m) {
                      c->n_kv_head, c->n_layer);
     st_strbuf_printf(b, "  \"num_transformer_submodules\": 1,\n  \"num_virtual_tokens\": %d,\n", st_prompt_tokens(m));
     st_strbuf_printf(b, "  \"peft_type\": \"PREFIX_TUNING\",\n  \"peft_version\": \"0.21.2\",\n"
-                        "  \"prefix_projection\": false,\n  \"revision\": null,\n  \"task_type\": \"CAUSAL_LM\",\n"
-                        "  \"token_dim\": %d\n}\n", kvd);
+                        "  \"prefix_projection\": %s,\n  \"revision\": null,\n  \"task_type\": \"CAUSAL_LM\",\n"
+                        "  \"token_dim\": %d\n}\n", st_prompt_has_encoder(m) ? "true" : "false", kvd);
 }
 
 /* PromptEncoderConfig.to_dict() (P-tuning, MLP encoder, hidden size = token_dim) as peft 0.21 saves it. */
@@ -80,13 +80,13 @@ int st_peft_prompt_save(const st_model *m, const char *dir, const char *base_mod
     if (rc) return st_fail(rc, "adapter directory %s: %s", dir, st_error());
     const st_param *p = &m->params[pi];
     /* P-tuning: peft saves the encoder's output (get_prompt_embedding_to_save), [V, C] */
-    int64_t d0 = p->shape[0], d1 = st_prompt_is_ptuning(m) ? m->cfg.d_model : p->shape[1];
+    int64_t d0 = p->shape[0], d1 = st_prompt_table_width(m);
     float *host = malloc((size_t)d0 * d1 * sizeof(float));
     char *json = config_json(m, base_model);
     if (!host || !json) rc = st_fail(ST_ENOMEM, "out of memory writing adapter %s", dir);
     char path[4200];
     if (!rc) {
-        if (st_prompt_is_ptuning(m)) st_prompt_encode(m, host);
+        if (st_prompt_has_encoder(m)) st_prompt_encode(m, host);
         else m->be->copy_to_host(host, m->weights + p->offset, p->numel * sizeof(float));
         st_st_write_item it = {.name = "prompt_embeddings", .data = host, .ndim = 2};
         it.shape[0] = d0;
@@ -172,7 +172,12 @@ static int prefix_load(st_model *m, const st_json *cfg, const char *path, const 
                        "heads %d", path, (long long)dim, (long long)heads, c->n_kv_head * c->head_dim, c->n_kv_head);
     if (layers != c->n_layer)
         return st_fail(ST_ESHAPE, "%s: num_layers %lld is not the model's %d", path, (long long)layers, c->n_layer);
-    if ((rc = st_prefix_attach(m, (int)V, 0))) return st_fail_context(rc, "adapter %s", dir);
+    /* a directory with the projection's own tensors (prompt_encoder.*) loads the projection */
+    int proj = has_encoder_state(dir);
+    if (proj && st_json_get_int(cfg, "encoder_hidden_size", dim, &(int){1}) != dim)
+        return st_fail(ST_EFORMAT, "%s: a prefix projection with encoder_hidden_size other than token_dim is not supported",
+                       path);
+    if ((rc = st_prefix_attach(m, (int)V, proj, 0))) return st_fail_context(rc, "adapter %s", dir);
     return read_tensors(m, dir);
 }
 

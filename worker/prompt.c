@@ -13,11 +13,14 @@
 struct st_prompt {
     int V;
     int prefix;         /* prefix tuning: the table is [V, L*2*KVD], per-layer keys/values */
-    int enc;            /* P-tuning: param is the encoder's embedding, followed by its 3 linears (w, b) */
-    int hid;            /* P-tuning encoder hidden size */
-    float *table;       /* P-tuning: [V, C] encoder output of this forward */
-    float *a1, *r1, *a2, *r2, *d1, *d2; /* P-tuning: [V, hid] pre-activations, ReLU outputs, their grads */
-    float *dtab;        /* P-tuning: [V, C] the table's gradient */
+    /* an encoder (P-tuning's MLP head, prefix tuning's projection): param is its embedding [V, cin],
+     * followed by its `enc` linears (weight, bias); hidden layers are ReLU (P-tuning) or Tanh (prefix) */
+    int enc;            /* number of linears: 0 (none), 3 (P-tuning), 2 (prefix projection) */
+    int tanh_act;
+    int cin, hid, cout;
+    float *table;       /* [V, cout] encoder output of this forward */
+    float *a[2], *r[2], *d[2]; /* [V, hid] pre-activations, activations, their gradients */
+    float *dtab;        /* [V, cout] the table's gradient */
     int param;          /* registry index of prompt_embeddings */
     int B, T;           /* the reserved batch: B sequences of T real tokens */
     int32_t *in, *tg;   /* [B * (V + T)] widened batch */
@@ -27,8 +30,12 @@ struct st_prompt {
 
 int st_prompt_tokens(const st_model *m) { return m->prompt ? m->prompt->V : 0; }
 int st_prompt_param(const st_model *m) { return m->prompt ? m->prompt->param : -1; }
-int st_prompt_param_count(const st_model *m) { return !m->prompt ? 0 : m->prompt->enc ? 7 : 1; }
-int st_prompt_is_ptuning(const st_model *m) { return m->prompt && m->prompt->enc; }
+int st_prompt_param_count(const st_model *m) { return !m->prompt ? 0 : 1 + 2 * m->prompt->enc; }
+int st_prompt_is_ptuning(const st_model *m) { return m->prompt && m->prompt->enc && !m->prompt->prefix; }
+int st_prompt_has_encoder(const st_model *m) { return m->prompt && m->prompt->enc; }
+int st_prompt_table_width(const st_model *m) {
+    return !m->prompt ? 0 : m->prompt->prefix ? st_prefix_width(&m->cfg) : m->cfg.d_model;
+}
 
 void st_prompt_free(st_prompt *p) {
     if (!p) return;
@@ -36,7 +43,7 @@ void st_prompt_free(st_prompt *p) {
     free(p->tg);
     free(p->w);
     free(p->table);
-    free(p->a1);
+    free(p->a[0]);
     free(p->dtab);
     free(p->init_text);
     free(p->tokenizer_dir);
@@ -106,40 +113,57 @@ static int add_param(st_model *m, int V, int C, uint64_t seed) {
     return add_entries(m, 1, &e, seed);
 }
 
-/* P-tuning: peft's PromptEncoder (MLP): embedding [V, C] N(0, 1), then Linear(C, H), ReLU, Linear(H, H),
- * ReLU, Linear(H, C), each Linear with torch's default init U(+-1/sqrt(in)) for weight and bias. */
-static int add_encoder(st_model *m, int V, int C, int H, uint64_t seed) {
-    double bc = 1.0 / sqrt((double)C), bh = 1.0 / sqrt((double)H);
-    entry e[7] = {{"prompt_encoder.embedding.weight", V, C, 1.0, 0.0},
-                  {"prompt_encoder.mlp_head.0.weight", H, C, 0.0, bc}, {"prompt_encoder.mlp_head.0.bias", H, 0, 0.0, bc},
-                  {"prompt_encoder.mlp_head.2.weight", H, H, 0.0, bh}, {"prompt_encoder.mlp_head.2.bias", H, 0, 0.0, bh},
-                  {"prompt_encoder.mlp_head.4.weight", C, H, 0.0, bh}, {"prompt_encoder.mlp_head.4.bias", C, 0, 0.0, bh}};
-    int rc = add_entries(m, 7, e, seed);
-    if (rc) return rc;
-    st_prompt *p = m->prompt;
-    p->enc = 1;
-    p->hid = H;
-    p->table = malloc((size_t)V * C * sizeof(float));
-    p->dtab = malloc((size_t)V * C * sizeof(float));
-    p->a1 = malloc((size_t)6 * V * H * sizeof(float));
-    if (!p->table || !p->dtab || !p->a1) return st_fail(ST_ENOMEM, "out of memory for the prompt encoder");
-    p->r1 = p->a1 + (size_t)V * H;
-    p->a2 = p->r1 + (size_t)V * H;
-    p->r2 = p->a2 + (size_t)V * H;
-    p->d1 = p->r2 + (size_t)V * H;
-    p->d2 = p->d1 + (size_t)V * H;
+/* The encoder's working memory: table and dtab [V, cout], activations [V, hid] x 6. */
+static int encoder_buffers(st_prompt *p) {
+    size_t vh = (size_t)p->V * p->hid;
+    p->table = malloc((size_t)p->V * p->cout * sizeof(float));
+    p->dtab = malloc((size_t)p->V * p->cout * sizeof(float));
+    p->a[0] = malloc(6 * vh * sizeof(float));
+    if (!p->table || !p->dtab || !p->a[0]) return st_fail(ST_ENOMEM, "out of memory for the prompt encoder");
+    p->a[1] = p->a[0] + vh;
+    p->r[0] = p->a[1] + vh;
+    p->r[1] = p->r[0] + vh;
+    p->d[0] = p->r[1] + vh;
+    p->d[1] = p->d[0] + vh;
     return 0;
 }
 
-/* kind: 0 prompt tuning, 1 prefix tuning, 2 P-tuning (MLP encoder) */
+/* P-tuning: peft's PromptEncoder (MLP): embedding [V, C] N(0, 1), then Linear(C, H), ReLU, Linear(H, H),
+ * ReLU, Linear(H, C), each Linear with torch's default init U(+-1/sqrt(in)) for weight and bias.
+ * Prefix projection: peft's PrefixEncoder: embedding [V, D] (D = KVH*hd, its token_dim), Linear(D, H), Tanh,
+ * Linear(H, L*2*D), H = D (its default encoder_hidden_size). */
+static int add_encoder(st_model *m, int V, int prefix, uint64_t seed) {
+    st_prompt *p = m->prompt;
+    int C = prefix ? m->cfg.n_kv_head * m->cfg.head_dim : m->cfg.d_model, H = C;
+    int out = prefix ? st_prefix_width(&m->cfg) : C;
+    double bc = 1.0 / sqrt((double)C), bh = 1.0 / sqrt((double)H);
+    entry mlp[7] = {{"prompt_encoder.embedding.weight", V, C, 1.0, 0.0},
+                    {"prompt_encoder.mlp_head.0.weight", H, C, 0.0, bc}, {"prompt_encoder.mlp_head.0.bias", H, 0, 0.0, bc},
+                    {"prompt_encoder.mlp_head.2.weight", H, H, 0.0, bh}, {"prompt_encoder.mlp_head.2.bias", H, 0, 0.0, bh},
+                    {"prompt_encoder.mlp_head.4.weight", out, H, 0.0, bh}, {"prompt_encoder.mlp_head.4.bias", out, 0, 0.0, bh}};
+    entry proj[5] = {{"prompt_encoder.embedding.weight", V, C, 1.0, 0.0},
+                     {"prompt_encoder.transform.0.weight", H, C, 0.0, bc}, {"prompt_encoder.transform.0.bias", H, 0, 0.0, bc},
+                     {"prompt_encoder.transform.2.weight", out, H, 0.0, bh},
+                     {"prompt_encoder.transform.2.bias", out, 0, 0.0, bh}};
+    int rc = prefix ? add_entries(m, 5, proj, seed) : add_entries(m, 7, mlp, seed);
+    if (rc) return rc;
+    p->enc = prefix ? 2 : 3;
+    p->tanh_act = prefix;
+    p->cin = C;
+    p->hid = H;
+    p->cout = out;
+    return encoder_buffers(p);
+}
+
+/* kind: 0 prompt tuning, 1 prefix tuning, 2 P-tuning (MLP encoder), 3 prefix tuning with projection */
 static int attach(st_model *m, int V, int prefix, uint64_t seed) {
-    int rc = check(m, V, prefix == 1 ? "prefix_tuning" : prefix == 2 ? "p_tuning" : "prompt_tuning");
+    int rc = check(m, V, prefix == 2 ? "p_tuning" : prefix ? "prefix_tuning" : "prompt_tuning");
     if (rc) return rc;
     m->prompt = calloc(1, sizeof *m->prompt);
     if (!m->prompt) return st_fail(ST_ENOMEM, "out of memory for the prompt");
     m->prompt->V = V;
-    m->prompt->prefix = prefix == 1;
-    if (prefix == 2) rc = add_encoder(m, V, m->cfg.d_model, m->cfg.d_model, seed);
+    m->prompt->prefix = prefix == 1 || prefix == 3;
+    if (prefix >= 2) rc = add_encoder(m, V, prefix == 3, seed);
     else rc = add_param(m, V, prefix ? st_prefix_width(&m->cfg) : m->cfg.d_model, seed);
     if (rc) {
         st_prompt_free(m->prompt);
@@ -149,7 +173,7 @@ static int attach(st_model *m, int V, int prefix, uint64_t seed) {
 }
 
 int st_prompt_attach(st_model *m, int V, uint64_t seed) { return attach(m, V, 0, seed); }
-int st_prefix_attach(st_model *m, int V, uint64_t seed) { return attach(m, V, 1, seed); }
+int st_prefix_attach(st_model *m, int V, int projection, uint64_t seed) { return attach(m, V, projection ? 3 : 1, seed); }
 int st_ptuning_attach(st_model *m, int V, uint64_t seed) { return attach(m, V, 2, seed); }
 int st_prompt_is_prefix(const st_model *m) { return m->prompt && m->prompt->prefix; }
 int st_prefix_width(const st_model_config *c) { return c->n_layer * 2 * c->n_kv_head * c->head_dim; }
@@ -210,13 +234,14 @@ void st_prompt_widen(st_model *m, const int32_t *in, const int32_t *tg, const fl
 
 void st_prompt_forward(st_model *m, float *x) {
     const st_prompt *p = m->prompt;
-    if (p->prefix) return; /* the virtual rows only carry the prefix keys/values (st_prefix_layer_forward) */
+    if (p->enc) st_prompt_encode(m, p->table);
+    if (p->prefix) { /* the virtual rows only carry the prefix keys/values (st_prefix_layer_forward) */
+        if (p->enc) memset(p->dtab, 0, (size_t)p->V * p->cout * sizeof(float));
+        return;
+    }
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
     const float *pe = m->weights + m->params[p->param].offset;
-    if (p->enc) {
-        st_prompt_encode(m, p->table);
-        pe = p->table;
-    }
+    if (p->enc) pe = p->table;
     const float *wpe = m->cfg.family == ST_FAMILY_GPT2 ? m->weights + m->params[1].offset : NULL;
     for (int b = 0; b < p->B; b++)
         for (int v = 0; v < V; v++) {
@@ -225,35 +250,45 @@ void st_prompt_forward(st_model *m, float *x) {
         }
 }
 
-/* P-tuning backward: the table's gradient dtab [V, C] through the MLP into its 7 tensors (+=). */
+/* The encoder's backward: the table's gradient dtab [V, cout] through its linears into its tensors (+=). */
 static void encoder_backward(st_model *m, const float *dtab) {
     const st_prompt *p = m->prompt;
     const st_backend *be = m->be;
-    int V = p->V, C = m->cfg.d_model, H = p->hid;
+    int V = p->V, H = p->hid, n = p->enc;
     const float *w[7];
     float *g[7];
-    for (int k = 0; k < 7; k++) {
+    for (int k = 0; k < 1 + 2 * n; k++) {
         const st_param *pp = &m->params[p->param + k];
         w[k] = m->weights + pp->offset;
         g[k] = pp->grad_offset >= 0 ? m->grads + pp->grad_offset : NULL;
     }
-    if (g[5]) be->matmul(g[5], dtab, p->r2, C, H, V, 1, 0, 1.0f, 1.0f); /* dW2 += dtab^T r2 */
-    if (g[6]) be->bias_bwd(g[6], dtab, V, C);
-    be->matmul(p->d2, dtab, w[5], V, H, C, 0, 0, 1.0f, 0.0f); /* dr2 = dtab W2 */
-    for (size_t i = 0; i < (size_t)V * H; i++) p->d2[i] = p->a2[i] > 0 ? p->d2[i] : 0.0f;
-    if (g[3]) be->matmul(g[3], p->d2, p->r1, H, H, V, 1, 0, 1.0f, 1.0f);
-    if (g[4]) be->bias_bwd(g[4], p->d2, V, H);
-    be->matmul(p->d1, p->d2, w[3], V, H, H, 0, 0, 1.0f, 0.0f);
-    for (size_t i = 0; i < (size_t)V * H; i++) p->d1[i] = p->a1[i] > 0 ? p->d1[i] : 0.0f;
-    if (g[1]) be->matmul(g[1], p->d1, w[0], H, C, V, 1, 0, 1.0f, 1.0f);
-    if (g[2]) be->bias_bwd(g[2], p->d1, V, H);
-    if (g[0]) be->matmul(g[0], p->d1, w[1], V, C, H, 0, 0, 1.0f, 1.0f); /* dE += d1 W0 */
+    const float *dy = dtab;
+    for (int j = n - 1; j >= 0; j--) { /* linear j: y = x W^T + b, W = w[1 + 2j] [out, in] */
+        int in = j == 0 ? p->cin : H, out = j == n - 1 ? p->cout : H;
+        const float *x = j == 0 ? w[0] : p->r[j - 1];
+        if (g[1 + 2 * j]) be->matmul(g[1 + 2 * j], dy, x, out, in, V, 1, 0, 1.0f, 1.0f); /* dW += dy^T x */
+        if (g[2 + 2 * j]) be->bias_bwd(g[2 + 2 * j], dy, V, out);
+        if (j == 0) {
+            if (g[0]) be->matmul(g[0], dy, w[1], V, in, out, 0, 0, 1.0f, 1.0f); /* dE += dy W0 */
+            break;
+        }
+        float *dx = p->d[j - 1]; /* through the activation before linear j */
+        be->matmul(dx, dy, w[1 + 2 * j], V, in, out, 0, 0, 1.0f, 0.0f);
+        const float *a = p->a[j - 1], *r = p->r[j - 1];
+        for (size_t i = 0; i < (size_t)V * H; i++)
+            dx[i] *= p->tanh_act ? 1.0f - r[i] * r[i] : (a[i] > 0 ? 1.0f : 0.0f);
+        dy = dx;
+    }
 }
 
 void st_prompt_backward(st_model *m, const float *dx) {
     const st_prompt *p = m->prompt;
     const st_param *pp = &m->params[p->param];
-    if (p->prefix || !m->grads) return; /* prefix: st_prefix_layer_backward */
+    if (!m->grads) return;
+    if (p->prefix) { /* its gradient came from st_prefix_layer_backward (into dtab with a projection) */
+        if (p->enc) encoder_backward(m, p->dtab);
+        return;
+    }
     if (!p->enc && pp->grad_offset < 0) return;
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
     float *g = p->enc ? p->dtab : m->grads + pp->grad_offset;
@@ -263,22 +298,23 @@ void st_prompt_backward(st_model *m, const float *dx) {
     if (p->enc) encoder_backward(m, g);
 }
 
-/* The P-tuning encoder's output [V, C] into out (host); keeps the activations for backward. */
+/* The encoder's output [V, cout] into out (host); keeps the activations for backward. */
 void st_prompt_encode(const st_model *m, float *out) {
     st_prompt *p = m->prompt;
     const st_backend *be = m->be;
-    int V = p->V, C = m->cfg.d_model, H = p->hid;
-    const float *w[7];
-    for (int k = 0; k < 7; k++) w[k] = m->weights + m->params[p->param + k].offset;
-    size_t n = (size_t)V * H;
-    be->matmul(p->a1, w[0], w[1], V, H, C, 0, 1, 1.0f, 0.0f); /* a1 = E W0^T + b0 */
-    be->bias_add(p->a1, w[2], V, H);
-    for (size_t i = 0; i < n; i++) p->r1[i] = p->a1[i] > 0 ? p->a1[i] : 0.0f;
-    be->matmul(p->a2, p->r1, w[3], V, H, H, 0, 1, 1.0f, 0.0f);
-    be->bias_add(p->a2, w[4], V, H);
-    for (size_t i = 0; i < n; i++) p->r2[i] = p->a2[i] > 0 ? p->a2[i] : 0.0f;
-    be->matmul(out, p->r2, w[5], V, C, H, 0, 1, 1.0f, 0.0f);
-    be->bias_add(out, w[6], V, C);
+    int V = p->V, H = p->hid, n = p->enc;
+    const float *x = m->weights + m->params[p->param].offset;
+    for (int j = 0; j < n; j++) {
+        const float *w = m->weights + m->params[p->param + 1 + 2 * j].offset;
+        const float *b = m->weights + m->params[p->param + 2 + 2 * j].offset;
+        int in = j == 0 ? p->cin : H, o = j == n - 1 ? p->cout : H;
+        float *y = j == n - 1 ? out : p->a[j];
+        be->matmul(y, x, w, V, o, in, 0, 1, 1.0f, 0.0f); /* y = x W^T + b */
+        be->bias_add(y, b, V, o);
+        if (j == n - 1) break;
+        for (size_t i = 0; i < (size_t)V * H; i++) p->r[j][i] = p->tanh_act ? tanhf(y[i]) : (y[i] > 0 ? y[i] : 0.0f);
+        x = p->r[j];
+    }
 }
 
 void st_prompt_real_rows(const st_model *m, float *x) {
@@ -298,7 +334,7 @@ void st_prefix_layer_forward(st_model *m, int l, float *qkv) {
     const st_model_config *c = &m->cfg;
     int V = p->V, Tm = V + p->T, W = st_prefix_width(c), KVD = c->n_kv_head * c->head_dim;
     size_t Q = (size_t)(c->n_head + 2 * c->n_kv_head) * c->head_dim, qd = (size_t)c->n_head * c->head_dim;
-    const float *tab = m->weights + m->params[p->param].offset;
+    const float *tab = p->enc ? p->table : m->weights + m->params[p->param].offset;
     for (int b = 0; b < p->B; b++)
         for (int v = 0; v < V; v++) {
             float *row = qkv + ((size_t)b * Tm + v) * Q;
@@ -314,7 +350,7 @@ void st_prefix_layer_backward(st_model *m, int l, float *dqkv) {
     const st_param *pp = &m->params[p->param];
     int V = p->V, Tm = V + p->T, W = st_prefix_width(c), KVD = c->n_kv_head * c->head_dim;
     size_t Q = (size_t)(c->n_head + 2 * c->n_kv_head) * c->head_dim, qd = (size_t)c->n_head * c->head_dim;
-    float *g = pp->grad_offset >= 0 && m->grads ? m->grads + pp->grad_offset : NULL;
+    float *g = !m->grads ? NULL : p->enc ? p->dtab : pp->grad_offset >= 0 ? m->grads + pp->grad_offset : NULL;
     for (int b = 0; b < p->B; b++)
         for (int v = 0; v < V; v++) {
             float *row = dqkv + ((size_t)b * Tm + v) * Q;

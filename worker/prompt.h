@@ -41,8 +41,10 @@ void st_prompt_free(st_prompt *p);
  * and attend to every prefix row, exactly as transformers runs a V-long past_key_values cache with the
  * attention mask peft widens by V ones. st_prefix_layer_backward takes the prefix gradient from the
  * attention's dqkv and zeroes those slices (the virtual rows' own residual stream gets no gradient).
- * Init: N(0, 1) (torch.nn.Embedding), from seed. */
-int st_prefix_attach(st_model *m, int virtual_tokens, uint64_t seed);
+ * Init: N(0, 1) (torch.nn.Embedding), from seed. With projection (peft's prefix_projection): the table is
+ * the output of an encoder like P-tuning's (below): prompt_encoder.embedding.weight [V, D] (D = KVH*hd),
+ * prompt_encoder.transform.0 (Linear D -> D), Tanh, prompt_encoder.transform.2 (Linear D -> L*2*D). */
+int st_prefix_attach(st_model *m, int virtual_tokens, int projection, uint64_t seed);
 int st_prompt_is_prefix(const st_model *m);
 int st_prefix_width(const st_model_config *c); /* L * 2 * KVH * hd */
 void st_prefix_layer_forward(st_model *m, int l, float *qkv);
@@ -57,9 +59,12 @@ void st_prefix_layer_backward(st_model *m, int l, float *dqkv);
  * directory loads as a plain prompt table. */
 int st_ptuning_attach(st_model *m, int virtual_tokens, uint64_t seed);
 int st_prompt_is_ptuning(const st_model *m);
-void st_prompt_encode(const st_model *m, float *out); /* needs the model's weights; host memory */
+void st_prompt_encode(const st_model *m, float *out); /* the encoder's output [V, width]; host memory */
+int st_prompt_has_encoder(const st_model *m);         /* P-tuning or prefix projection */
+int st_prompt_table_width(const st_model *m);         /* C, or L*2*KVH*hd for a prefix */
 
-/* Registry entries of the prompt from st_prompt_param (1, or 7 with a P-tuning encoder). */
+/* Registry entries of the prompt from st_prompt_param (1; 7 with a P-tuning encoder, 5 with a prefix
+ * projection). */
 int st_prompt_param_count(const st_model *m);
 
 /* Number of virtual tokens (0 without a prompt). */

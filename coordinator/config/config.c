@@ -684,8 +684,6 @@ static int finish_finetune(st_config *c, const char *file) {
     if (c->finetune.mode == ST_FINETUNE_P_TUNING && c->finetune.prompt.init_text[0])
         return st_fail(ST_ECONFIG, "%s: finetune.prompt.init_text is a prompt_tuning option (p_tuning has no text init)",
                        file);
-    if (c->finetune.prefix.projection)
-        return st_fail(ST_ECONFIG, "%s: finetune.prefix.projection: true is not supported yet (only false)", file);
     if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE && c->sharding.stage == 3)
         return st_fail(ST_ECONFIG, "%s: sharding.stage 3 does not support finetune.mode progressive yet (stage "
                        "transitions would re-shard the weights); use sharding.stage 2", file);

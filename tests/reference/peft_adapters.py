@@ -18,7 +18,8 @@ tuning (Llama and GPT-2 each), a small model
 P-tuning: final/ holds the encoder's output (as peft saves it); the encoder itself (the run's last checkpoint,
 written as a P_TUNING directory of its 7 tensors) gives ref_model gradients equal to autograd through peft's
 PromptEncoder with an MLP head, and peft's saved table from it equals final/'s.
-Prefix tuning: peft's past_key_values (a V-long cache, positions V.., the attention mask widened by V).
+Prefix tuning: peft's past_key_values (a V-long cache, positions V.., the attention mask widened by V); with
+prefix_projection the encoder (embedding, Linear, Tanh, Linear) is checked as P-tuning's is.
 QLoRA: bitsandbytes is not available, so peft's LoRA runs on the base as shardtune dequantizes it (ref_model
 --qlora nf4-dq dumps dequant.<name>); the eval loss is checked on the full-precision base, which is what
 `eval --adapter` applies a peft LoRA directory to.
@@ -67,6 +68,8 @@ CASES = [  # name, config, finetune yaml, ref_model extra args
     ("gpt2_ptuning", GPT2, "{ mode: p_tuning, prompt: { virtual_tokens: 5 } }", []),
     ("llama_prefix", LLAMA, "{ mode: prefix_tuning, prefix: { virtual_tokens: 6 } }", []),
     ("gpt2_prefix", GPT2, "{ mode: prefix_tuning, prefix: { virtual_tokens: 5 } }", []),
+    ("llama_prefix_proj", LLAMA, "{ mode: prefix_tuning, prefix: { virtual_tokens: 4, projection: true } }", []),
+    ("gpt2_prefix_proj", GPT2, "{ mode: prefix_tuning, prefix: { virtual_tokens: 3, projection: true } }", []),
 ]
 failures = []
 
@@ -174,8 +177,11 @@ def peft_grads(mdir, config, adir, batch, dtype, encoder=None):
     loaded with them instead of reading adir."""
     if encoder is not None:
         V, C = encoder["prompt_encoder.embedding.weight"].shape
-        pc = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=V, encoder_hidden_size=C,
-                                      encoder_reparameterization_type="MLP")
+        if "prompt_encoder.transform.0.weight" in encoder:  # prefix projection (hidden size: peft's default)
+            pc = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V, prefix_projection=True)
+        else:
+            pc = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=V, encoder_hidden_size=C,
+                                          encoder_reparameterization_type="MLP")
         m = peft.get_peft_model(hf_model(mdir, config, dtype), pc)
         m.to(dtype)
         sd = {k.replace("prompt_encoder.", "", 1): torch.from_numpy(v.astype(np.float64)).to(dtype)
@@ -221,8 +227,9 @@ def last_checkpoint_model(run_dir):
 
 
 def check_encoder(name, tmp, mdir, config, adir, rng):
-    """P-tuning: the trained encoder (the run's last checkpoint) written as a P_TUNING directory holding the
-    encoder's tensors: ref_model's gradients of all 7 equal autograd through peft's PromptEncoder (MLP), and
+    """P-tuning and prefix projection: the trained encoder (the run's last checkpoint) written as a P_TUNING directory holding the
+    encoder's tensors: ref_model's gradients of all of them equal autograd through peft's PromptEncoder (MLP) /
+    PrefixEncoder (projection), and
     peft's saved table from it equals final/'s prompt_embeddings."""
     enc = last_checkpoint_model(os.path.dirname(adir))
     d = os.path.join(tmp, name + "_encoder")
@@ -285,7 +292,7 @@ def main():
             adir = train(tmp, name, mdir, data, finetune)
             check_eval(name, mdir, config, adir, evald)
             check_grads(name, tmp, mdir, config, adir, extra, rng)
-            if "ptuning" in name:
+            if "ptuning" in name or "proj" in name:
                 check_encoder(name, tmp, mdir, config, adir, rng)
     if failures:
         print("FAILED:", failures)

@@ -11,11 +11,11 @@ against torch in test_prompt_torch.py; here, for a Llama and a GPT-2 model:
     `export CKPT --format peft` equals final/ bit for bit; `export CKPT --merge` is refused (one line);
   * resume at another world size: 3 steps on 2 ranks then 1 rank to 6 equals 6 uninterrupted steps;
   * `eval --adapter final` runs and differs from the base model's eval;
-  * prefix_tuning (Llama) and p_tuning (GPT-2, MLP encoder): 1 rank vs 2 ranks x 2 micro-batches ZeRO-2,
+  * prefix_tuning (Llama, with and without projection) and p_tuning (GPT-2, MLP encoder): 1 rank vs 2 ranks x 2 micro-batches ZeRO-2,
     final/ (PREFIX_TUNING [V, L*2*KVH*hd] / P_TUNING [V, C]), checkpoints holding the prefix or the encoder's
     7 tensors, export --format peft == final/, resume 2 -> 1 rank (their arithmetic against the real peft:
     peft_adapters.py);
-  * refusals with one line: virtual_tokens 0, a p_tuning LSTM encoder, prefix projection, bf16, sharding.stage 3,
+  * refusals with one line: virtual_tokens 0, a p_tuning LSTM encoder, bf16, sharding.stage 3,
     distill.teacher (TEXT init:
     ref_prompt_text_init.py).
 """
@@ -161,7 +161,7 @@ def eval_case(model, data, final):
 
 def refusals(job):
     for override, needle in [("finetune.prompt.virtual_tokens=0", "virtual_tokens"),
-                             ("finetune.prompt.encoder=lstm", "lstm"), ("finetune.prefix.projection=true", "finetune.prefix.projection"),
+                             ("finetune.prompt.encoder=lstm", "lstm"),
                              ("precision=bf16", "bf16"),
                              ("sharding.stage=3", "sharding.stage 3"),
                              ("distill.teacher=" + os.path.dirname(os.path.dirname(job)) + "/llama", "distill.teacher")]:
@@ -186,6 +186,11 @@ def main():
                    "PREFIX_TUNING", 2 * 2 * 2 * 16, {"prompt_embeddings"})  # L * 2 * KVH * hd
         other_mode(root, "gpt2_ptuning", g2, data, "{ mode: p_tuning, prompt: { virtual_tokens: %d } }" % NV,
                    "P_TUNING", 64, ENCODER)
+        other_mode(root, "llama_prefix_proj", ll, data,
+                   "{ mode: prefix_tuning, prefix: { virtual_tokens: %d, projection: true } }" % NV, "PREFIX_TUNING",
+                   128, {"prompt_encoder.embedding.weight", "prompt_encoder.transform.0.weight",
+                         "prompt_encoder.transform.0.bias", "prompt_encoder.transform.2.weight",
+                         "prompt_encoder.transform.2.bias"})
         refusals(job)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -415,8 +415,6 @@ static void test_range_errors(void **state) {
     expect_error(with("finetune: {mode: p_tuning, prompt: {encoder: lstm}}\n"), 0, NULL,
                  "finetune.prompt.encoder: lstm is not supported yet", NULL);
     expect_error(with("finetune: {mode: p_tuning, prompt: {init_text: hi}}\n"), 0, NULL, "finetune.prompt.init_text", NULL);
-    expect_error(with("finetune: {mode: prefix_tuning, prefix: {projection: true}}\n"), 0, NULL,
-                 "finetune.prefix.projection: true is not supported yet", NULL);
     expect_error(with("finetune: {mode: prompt_tuning, prompt: {virtual_tokens: 0}}\n"), 0, NULL,
                  "finetune.prompt.virtual_tokens", "'0'");
     expect_error(with("finetune: {mode: qlora, qlora: {quant: fp4}}\n"), 0, NULL,

@@ -434,6 +434,17 @@ void st_lora_dropout_batch(st_model *m, int64_t step, int64_t first_sample) {
     m->lora->drop_sample = first_sample;
 }
 
+int st_lora_set_dropout(st_model *m, double p, uint64_t seed) {
+    st_lora *lo = m->lora;
+    if (!lo) return st_fail(ST_EINVAL, "the model has no LoRA adapters");
+    if (!(p >= 0 && p < 1)) return st_fail(ST_ECONFIG, "finetune.lora.dropout must be in [0, 1), got %g", p);
+    if (p > 0 && lo->spec.dora) return st_fail(ST_ECONFIG, "finetune.lora.dropout > 0 with dora: true is not supported yet");
+    lo->spec.dropout = p;
+    lo->spec.seed = seed;
+    lo->rows = 0; /* the next forward sizes the working memory again (with the dropout buffer) */
+    return 0;
+}
+
 void st_lora_set_training(st_model *m, int train) {
     if (m->lora) m->lora->drop_on = train && m->lora->spec.dropout > 0;
 }

@@ -61,6 +61,9 @@ typedef struct st_lora st_lora;
  * st_lora_dropout_batch before each training forward; backward recomputes the masks. */
 void st_lora_dropout_batch(st_model *m, int64_t step, int64_t first_sample);
 void st_lora_set_training(st_model *m, int train);
+/* Sets an attached adapter set's dropout p and mask seed (tests/tools/ref_model; the trainer sets both
+ * through st_lora_spec). ST_ECONFIG as st_lora_attach for p outside [0, 1) or with DoRA. */
+int st_lora_set_dropout(st_model *m, double p, uint64_t seed);
 
 /* Adds adapters for `spec` to a built model (registry-only models get the registry entries only):
  * A initialized as peft does (kaiming_uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) from the

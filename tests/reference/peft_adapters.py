@@ -2,7 +2,9 @@
 Llama / GPT-2 modules (PyPI torch 2.x; run with `scripts/pyref --torch`, tests/requirements-torch.txt).
 
 For each mode: LoRA (Llama, all seven projections), LoRA with lora_dropout 0.1 (trained with dropout; peft in
-eval mode, as `eval` runs without dropout), LoRA (GPT-2 c_attn/c_proj/c_fc Conv1D, rsLoRA), DoRA
+eval mode, as `eval` runs without dropout; and one training forward/backward with ref_model --lora-dropout
+against peft's modules with each lora_dropout replaced by the same masks, recomputed here in numpy from the
+hash worker/lora.h documents), LoRA (GPT-2 c_attn/c_proj/c_fc Conv1D, rsLoRA), DoRA
 (Llama q/v/down), QLoRA (Llama nf4 + double quantization), prompt tuning, P-tuning (MLP encoder) and prefix
 tuning (Llama and GPT-2 each), a small model
 (T = 128, q/k weights scaled x4 so attention is sharp, as test_lora_torch.py) trains 3 steps with
@@ -279,6 +281,85 @@ def check_grads(name, tmp, mdir, config, adir, extra, rng, encoder=None):
     check(f"{name} adapter gradients == peft autograd", not bad, f"{len(ref)} tensors, worst rel {worst:.2e} {bad[:3]}")
 
 
+def mix64(z):
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic), as worker/lora.c's mask hash."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def dropout_mask(p, seed, step, sample, k, B, T, n_in):
+    """Adapter k's keep/(1-p) mask [B, T, in], from worker/lora.h's documented key (written independently
+    here from the description: seed, step, global sample, position, adapter, feature)."""
+    u = np.uint64
+    key = mix64(np.array([seed ^ 0x4C6F5241], u))
+    key = mix64(key ^ u(step))
+    rows = np.arange(B * T, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        rk = mix64(key ^ mix64((u(sample) + rows // u(T)) * u(0x9E3779B97F4A7C15) + rows % u(T)))
+        rk = mix64(rk ^ u(k))
+        h = mix64(rk[:, None] + np.arange(n_in, dtype=np.uint64)[None, :])
+    keep = h >= u(int(p * 2.0 ** 64))
+    return (keep / (1.0 - p)).reshape(B, T, n_in)
+
+
+class MaskDropout(torch.nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask.to(x.dtype)
+
+
+def check_dropout_grads(name, tmp, mdir, config, adir, rng, p=0.1, seed=3, step=5, sample=40):
+    """LoRA dropout in a training forward: ref_model --lora-dropout (the masks of worker/lora.h) against
+    peft's LoRA modules with each lora_dropout replaced by the same mask (peft applies dropout to the adapter
+    input only: lora_B(lora_A(dropout(x)))): loss and every adapter gradient."""
+    c = parse_config(config)
+    B = 2
+    w = np.where(rng.random((B, T)) >= 0.3, 1.0, 0.0)
+    batch = {"inputs": rng.integers(0, c["vocab"], (B, T)).astype(np.int32),
+             "targets": rng.integers(0, c["vocab"], (B, T)).astype(np.int32), "weight": (w / w.sum()).astype(np.float32)}
+    bpath = os.path.join(tmp, name + "_dbatch.safetensors")
+    st_io.write(bpath, batch)
+    out = os.path.join(tmp, name + "_dref.safetensors")
+    dp.sh([REF_MODEL, "--model", mdir, "--batch", bpath, "--out", out, "--adapter", adir,
+           "--lora-dropout", f"{p},{seed},{step},{sample}"], timeout=300)
+    ours = st_io.read(out)
+    order = [k[len("grad."):-len(".lora_A.weight")] for k in ours if k.endswith(".lora_A.weight")]  # adapter order
+
+    def run(dtype):
+        m = peft_model(mdir, config, adir, dtype, True)
+        for k, mod in enumerate(order):
+            layer = m.get_submodule("base_model.model." + mod)
+            n_in = layer.lora_A["default"].in_features
+            layer.lora_dropout["default"] = MaskDropout(torch.from_numpy(
+                dropout_mask(p, seed, step, sample, k, B, T, n_in)))
+        ids, tg = torch.from_numpy(batch["inputs"]).long(), torch.from_numpy(batch["targets"]).long()
+        loss = ce_sum(real_logits(m, ids), tg, torch.from_numpy(batch["weight"]).to(dtype))
+        loss.backward()
+        return loss.item(), {k.replace(".default", "").replace("base_model.model.", "", 1): q.grad.numpy()
+                             for k, q in m.named_parameters() if q.requires_grad}
+
+    loss, ref = run(torch.float64)
+    loss32, ref32 = run(torch.float32)
+    e, e32 = abs(float(ours["loss"][0]) - loss) / abs(loss), abs(loss32 - loss) / abs(loss)
+    _, plain = peft_grads(mdir, config, adir, batch, torch.float64)
+    check(f"{name} dropout batch loss == peft with the same masks", e <= max(TOL, 4 * e32),
+          f"rel {e:.2e} (peft fp32 {e32:.2e})")
+    worst, bad = 0.0, []
+    for k in ref:
+        e, e32 = rel_err(ours["grad." + k], ref[k]), rel_err(ref32[k], ref[k])
+        worst = max(worst, e)
+        if e > max(TOL, 4 * e32):
+            bad.append(f"{k} rel {e:.2e} (fp32 {e32:.2e})")
+    moved = max(rel_err(plain[k], ref[k]) for k in ref)
+    check(f"{name} dropout adapter gradients == peft autograd", not bad and len(ref) == len(order) * 2 and moved > 1e-3,
+          f"{len(ref)} tensors, worst rel {worst:.2e}; without dropout they differ by {moved:.2e} {bad[:3]}")
+
+
 def main():
     rng = np.random.default_rng(5)
     with tempfile.TemporaryDirectory() as tmp:
@@ -292,6 +373,8 @@ def main():
             adir = train(tmp, name, mdir, data, finetune)
             check_eval(name, mdir, config, adir, evald)
             check_grads(name, tmp, mdir, config, adir, extra, rng)
+            if "dropout" in name:
+                check_dropout_grads(name, tmp, mdir, config, adir, rng)
             if "ptuning" in name or "proj" in name:
                 check_encoder(name, tmp, mdir, config, adir, rng)
     if failures:

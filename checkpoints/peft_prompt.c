@@ -36,7 +36,8 @@ static void prefix_fields(st_strbuf *b, const st_model *m) {
 static void ptuning_fields(st_strbuf *b, const st_model *m) {
     const st_model_config *c = &m->cfg;
     st_strbuf_printf(b, "  \"encoder_dropout\": 0.0,\n  \"encoder_hidden_size\": %d,\n  \"encoder_num_layers\": 2,\n"
-                        "  \"encoder_reparameterization_type\": \"MLP\",\n  \"inference_mode\": true,\n", c->d_model);
+                        "  \"encoder_reparameterization_type\": \"%s\",\n  \"inference_mode\": true,\n", c->d_model,
+                     st_prompt_is_lstm(m) ? "LSTM" : "MLP");
     st_strbuf_printf(b, "  \"modules_to_save\": null,\n  \"num_attention_heads\": %d,\n  \"num_layers\": %d,\n",
                      c->n_head, c->n_layer);
     st_strbuf_printf(b, "  \"num_transformer_submodules\": 1,\n  \"num_virtual_tokens\": %d,\n", st_prompt_tokens(m));
@@ -199,11 +200,13 @@ int st_peft_prompt_load(st_model *m, const st_json *cfg, const char *path, const
     /* P_TUNING: peft's saved adapter is the encoder's output, a plain table; a directory with the
      * encoder's own tensors (MLP, hidden size = token_dim) loads the encoder */
     int enc = !strcmp(st_json_get_string(cfg, "peft_type", ""), "P_TUNING") && has_encoder_state(dir);
-    if (enc && (strcmp(st_json_get_string(cfg, "encoder_reparameterization_type", "MLP"), "MLP") ||
-                st_json_get_int(cfg, "encoder_hidden_size", dim, &(int){1}) != dim))
-        return st_fail(ST_EFORMAT, "%s: a P-tuning encoder other than MLP with encoder_hidden_size = token_dim is not "
-                       "supported", path);
-    if ((rc = enc ? st_ptuning_attach(m, (int)V, 0) : st_prompt_attach(m, (int)V, 0)))
+    const char *kind = st_json_get_string(cfg, "encoder_reparameterization_type", "MLP");
+    int lstm = !strcmp(kind, "LSTM");
+    if (enc && ((!lstm && strcmp(kind, "MLP")) || st_json_get_int(cfg, "encoder_hidden_size", dim, &(int){1}) != dim ||
+                (lstm && st_json_get_int(cfg, "encoder_num_layers", 2, &(int){1}) != 2)))
+        return st_fail(ST_EFORMAT, "%s: a P-tuning encoder other than MLP or a 2-layer LSTM with encoder_hidden_size = "
+                       "token_dim is not supported", path);
+    if ((rc = enc ? st_ptuning_attach(m, (int)V, lstm, 0) : st_prompt_attach(m, (int)V, 0)))
         return st_fail_context(rc, "adapter %s", dir);
     return read_tensors(m, dir);
 }

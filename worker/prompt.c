@@ -9,13 +9,17 @@
 
 #include "common/error.h"
 #include "common/rng.h"
+#include "worker/prompt_lstm.h"
 
 struct st_prompt {
     int V;
     int prefix;         /* prefix tuning: the table is [V, L*2*KVD], per-layer keys/values */
     /* an encoder (P-tuning's MLP head, prefix tuning's projection): param is its embedding [V, cin],
      * followed by its `enc` linears (weight, bias); hidden layers are ReLU (P-tuning) or Tanh (prefix) */
-    int enc;            /* number of linears: 0 (none), 3 (P-tuning), 2 (prefix projection) */
+    int enc;            /* number of linears: 0 (none), 3 (P-tuning MLP), 2 (prefix projection, P-tuning LSTM) */
+    int lstm;           /* P-tuning LSTM: 16 LSTM tensors between the embedding and the linears */
+    st_plstm *ls;
+    float *lx, *ldx, *lde; /* LSTM: output [V, 2H], its gradient, the embedding's gradient scratch [V, C] */
     int tanh_act;
     int cin, hid, cout;
     float *table;       /* [V, cout] encoder output of this forward */
@@ -30,7 +34,8 @@ struct st_prompt {
 
 int st_prompt_tokens(const st_model *m) { return m->prompt ? m->prompt->V : 0; }
 int st_prompt_param(const st_model *m) { return m->prompt ? m->prompt->param : -1; }
-int st_prompt_param_count(const st_model *m) { return !m->prompt ? 0 : 1 + 2 * m->prompt->enc; }
+int st_prompt_param_count(const st_model *m) { return !m->prompt ? 0 : 1 + 16 * m->prompt->lstm + 2 * m->prompt->enc; }
+static int lin0(const st_prompt *p) { return 1 + 16 * p->lstm; } /* the first linear's offset from param */
 int st_prompt_is_ptuning(const st_model *m) { return m->prompt && m->prompt->enc && !m->prompt->prefix; }
 int st_prompt_has_encoder(const st_model *m) { return m->prompt && m->prompt->enc; }
 int st_prompt_table_width(const st_model *m) {
@@ -44,6 +49,8 @@ void st_prompt_free(st_prompt *p) {
     free(p->w);
     free(p->table);
     free(p->a[0]);
+    st_plstm_free(p->ls);
+    free(p->lx);
     free(p->dtab);
     free(p->init_text);
     free(p->tokenizer_dir);
@@ -155,15 +162,64 @@ static int add_encoder(st_model *m, int V, int prefix, uint64_t seed) {
     return encoder_buffers(p);
 }
 
-/* kind: 0 prompt tuning, 1 prefix tuning, 2 P-tuning (MLP encoder), 3 prefix tuning with projection */
+/* P-tuning with the LSTM encoder: peft's PromptEncoder (LSTM): embedding [V, C] N(0, 1), torch.nn.LSTM(C, H,
+ * num_layers 2, bidirectional) with torch's init U(+-1/sqrt(H)), then Linear(2H, 2H), ReLU, Linear(2H, C)
+ * (U(+-1/sqrt(2H))); H = C, peft's default encoder_hidden_size. */
+static int add_lstm_encoder(st_model *m, int V, uint64_t seed) {
+    st_prompt *p = m->prompt;
+    int C = m->cfg.d_model, H = C;
+    double bh = 1.0 / sqrt((double)H), b2 = 1.0 / sqrt(2.0 * H);
+    entry e[21];
+    char names[16][64];
+    e[0] = (entry){"prompt_encoder.embedding.weight", V, C, 1.0, 0.0};
+    static const char *const kinds[4] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
+    for (int l = 0; l < ST_PLSTM_LAYERS; l++)
+        for (int d = 0; d < 2; d++)
+            for (int k = 0; k < 4; k++) {
+                int i = (l * 2 + d) * 4 + k;
+                snprintf(names[i], sizeof names[i], "prompt_encoder.lstm_head.%s_l%d%s", kinds[k], l, d ? "_reverse" : "");
+                e[1 + i] = (entry){names[i], 4 * H, k == 0 ? (l ? 2 * H : C) : k == 1 ? H : 0, 0.0, bh};
+            }
+    e[17] = (entry){"prompt_encoder.mlp_head.0.weight", 2 * H, 2 * H, 0.0, b2};
+    e[18] = (entry){"prompt_encoder.mlp_head.0.bias", 2 * H, 0, 0.0, b2};
+    e[19] = (entry){"prompt_encoder.mlp_head.2.weight", C, 2 * H, 0.0, b2};
+    e[20] = (entry){"prompt_encoder.mlp_head.2.bias", C, 0, 0.0, b2};
+    int rc = add_entries(m, 21, e, seed);
+    if (rc) return rc;
+    p->enc = 2;
+    p->lstm = 1;
+    p->cin = p->hid = 2 * H;
+    p->cout = C;
+    rc = st_plstm_init(&p->ls, V, C, H);
+    p->lx = rc ? NULL : malloc((size_t)V * (4 * H + C) * sizeof(float));
+    if (!rc && !p->lx) rc = st_fail(ST_ENOMEM, "out of memory for the LSTM prompt encoder");
+    if (rc) return rc;
+    p->ldx = p->lx + (size_t)V * 2 * H;
+    p->lde = p->ldx + (size_t)V * 2 * H;
+    return encoder_buffers(p);
+}
+
+/* The LSTM's 16 weights (and gradients, NULL where frozen) in torch's order. */
+static void lstm_tensors(const st_model *m, const float *w[16], float *g[16]) {
+    const st_prompt *p = m->prompt;
+    for (int k = 0; k < 16; k++) {
+        const st_param *pp = &m->params[p->param + 1 + k];
+        w[k] = m->weights + pp->offset;
+        if (g) g[k] = pp->grad_offset >= 0 && m->grads ? m->grads + pp->grad_offset : NULL;
+    }
+}
+
+/* kind: 0 prompt tuning, 1 prefix tuning, 2 P-tuning (MLP encoder), 3 prefix tuning with projection,
+ * 4 P-tuning (LSTM encoder) */
 static int attach(st_model *m, int V, int prefix, uint64_t seed) {
-    int rc = check(m, V, prefix == 2 ? "p_tuning" : prefix ? "prefix_tuning" : "prompt_tuning");
+    int rc = check(m, V, prefix == 2 || prefix == 4 ? "p_tuning" : prefix ? "prefix_tuning" : "prompt_tuning");
     if (rc) return rc;
     m->prompt = calloc(1, sizeof *m->prompt);
     if (!m->prompt) return st_fail(ST_ENOMEM, "out of memory for the prompt");
     m->prompt->V = V;
     m->prompt->prefix = prefix == 1 || prefix == 3;
-    if (prefix >= 2) rc = add_encoder(m, V, prefix == 3, seed);
+    if (prefix == 4) rc = add_lstm_encoder(m, V, seed);
+    else if (prefix >= 2) rc = add_encoder(m, V, prefix == 3, seed);
     else rc = add_param(m, V, prefix ? st_prefix_width(&m->cfg) : m->cfg.d_model, seed);
     if (rc) {
         st_prompt_free(m->prompt);
@@ -174,7 +230,8 @@ static int attach(st_model *m, int V, int prefix, uint64_t seed) {
 
 int st_prompt_attach(st_model *m, int V, uint64_t seed) { return attach(m, V, 0, seed); }
 int st_prefix_attach(st_model *m, int V, int projection, uint64_t seed) { return attach(m, V, projection ? 3 : 1, seed); }
-int st_ptuning_attach(st_model *m, int V, uint64_t seed) { return attach(m, V, 2, seed); }
+int st_ptuning_attach(st_model *m, int V, int lstm, uint64_t seed) { return attach(m, V, lstm ? 4 : 2, seed); }
+int st_prompt_is_lstm(const st_model *m) { return m->prompt && m->prompt->lstm; }
 int st_prompt_is_prefix(const st_model *m) { return m->prompt && m->prompt->prefix; }
 int st_prefix_width(const st_model_config *c) { return c->n_layer * 2 * c->n_kv_head * c->head_dim; }
 
@@ -254,20 +311,29 @@ void st_prompt_forward(st_model *m, float *x) {
 static void encoder_backward(st_model *m, const float *dtab) {
     const st_prompt *p = m->prompt;
     const st_backend *be = m->be;
-    int V = p->V, H = p->hid, n = p->enc;
+    int V = p->V, H = p->hid, n = p->enc, l0 = lin0(p);
     const float *w[7];
     float *g[7];
-    for (int k = 0; k < 1 + 2 * n; k++) {
-        const st_param *pp = &m->params[p->param + k];
+    for (int k = 0; k < 1 + 2 * n; k++) { /* w[0]: the embedding, w[1 + 2j], w[2 + 2j]: linear j */
+        const st_param *pp = &m->params[p->param + (k ? l0 - 1 + k : 0)];
         w[k] = m->weights + pp->offset;
         g[k] = pp->grad_offset >= 0 ? m->grads + pp->grad_offset : NULL;
     }
     const float *dy = dtab;
     for (int j = n - 1; j >= 0; j--) { /* linear j: y = x W^T + b, W = w[1 + 2j] [out, in] */
         int in = j == 0 ? p->cin : H, out = j == n - 1 ? p->cout : H;
-        const float *x = j == 0 ? w[0] : p->r[j - 1];
+        const float *x = j == 0 ? (p->lstm ? p->lx : w[0]) : p->r[j - 1];
         if (g[1 + 2 * j]) be->matmul(g[1 + 2 * j], dy, x, out, in, V, 1, 0, 1.0f, 1.0f); /* dW += dy^T x */
         if (g[2 + 2 * j]) be->bias_bwd(g[2 + 2 * j], dy, V, out);
+        if (j == 0 && p->lstm) { /* through the LSTM into the embedding */
+            const float *lw[16];
+            float *lg[16];
+            lstm_tensors(m, lw, lg);
+            be->matmul(p->ldx, dy, w[1], V, in, out, 0, 0, 1.0f, 0.0f);
+            float *de = g[0] ? g[0] : p->lde;
+            st_plstm_backward(p->ls, w[0], lw, lg, p->ldx, de);
+            break;
+        }
         if (j == 0) {
             if (g[0]) be->matmul(g[0], dy, w[1], V, in, out, 0, 0, 1.0f, 1.0f); /* dE += dy W0 */
             break;
@@ -302,11 +368,17 @@ void st_prompt_backward(st_model *m, const float *dx) {
 void st_prompt_encode(const st_model *m, float *out) {
     st_prompt *p = m->prompt;
     const st_backend *be = m->be;
-    int V = p->V, H = p->hid, n = p->enc;
+    int V = p->V, H = p->hid, n = p->enc, l0 = lin0(p);
     const float *x = m->weights + m->params[p->param].offset;
+    if (p->lstm) {
+        const float *lw[16];
+        lstm_tensors(m, lw, NULL);
+        st_plstm_forward(p->ls, x, lw, p->lx);
+        x = p->lx;
+    }
     for (int j = 0; j < n; j++) {
-        const float *w = m->weights + m->params[p->param + 1 + 2 * j].offset;
-        const float *b = m->weights + m->params[p->param + 2 + 2 * j].offset;
+        const float *w = m->weights + m->params[p->param + l0 + 2 * j].offset;
+        const float *b = m->weights + m->params[p->param + l0 + 1 + 2 * j].offset;
         int in = j == 0 ? p->cin : H, o = j == n - 1 ? p->cout : H;
         float *y = j == n - 1 ? out : p->a[j];
         be->matmul(y, x, w, V, o, in, 0, 1, 1.0f, 0.0f); /* y = x W^T + b */

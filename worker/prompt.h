@@ -57,14 +57,19 @@ void st_prefix_layer_backward(st_model *m, int l, float *dqkv);
  * (st_prompt_encode) and uses it as prompt tuning uses prompt_embeddings; backward runs the MLP's backward.
  * peft saves (and loads, in inference mode) the encoder's output as prompt_embeddings: a P_TUNING adapter
  * directory loads as a plain prompt table. */
-int st_ptuning_attach(st_model *m, int virtual_tokens, uint64_t seed);
+int st_ptuning_attach(st_model *m, int virtual_tokens, int lstm, uint64_t seed);
+/* encoder lstm: prompt_encoder.embedding.weight, the 16 prompt_encoder.lstm_head.* tensors of a 2-layer
+ * bidirectional torch.nn.LSTM (worker/prompt_lstm.h), then prompt_encoder.mlp_head.{0,2}.{weight,bias}
+ * (Linear 2H -> 2H, ReLU, Linear 2H -> C), as peft's PromptEncoder with encoder_reparameterization_type
+ * LSTM builds it (21 registry entries). */
+int st_prompt_is_lstm(const st_model *m);
 int st_prompt_is_ptuning(const st_model *m);
 void st_prompt_encode(const st_model *m, float *out); /* the encoder's output [V, width]; host memory */
 int st_prompt_has_encoder(const st_model *m);         /* P-tuning or prefix projection */
 int st_prompt_table_width(const st_model *m);         /* C, or L*2*KVH*hd for a prefix */
 
-/* Registry entries of the prompt from st_prompt_param (1; 7 with a P-tuning encoder, 5 with a prefix
- * projection). */
+/* Registry entries of the prompt from st_prompt_param (1; 7 with a P-tuning MLP encoder, 21 with its LSTM
+ * encoder, 5 with a prefix projection). */
 int st_prompt_param_count(const st_model *m);
 
 /* Number of virtual tokens (0 without a prompt). */

@@ -679,8 +679,6 @@ static int finish_finetune(st_config *c, const char *file) {
     if (c->finetune.lora.dora && c->finetune.lora.dropout > 0)
         return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g with dora: true is not supported yet (only 0)", file,
                        c->finetune.lora.dropout);
-    if (c->finetune.prompt.encoder != 0)
-        return st_fail(ST_ECONFIG, "%s: finetune.prompt.encoder: lstm is not supported yet (only mlp)", file);
     if (c->finetune.mode == ST_FINETUNE_P_TUNING && c->finetune.prompt.init_text[0])
         return st_fail(ST_ECONFIG, "%s: finetune.prompt.init_text is a prompt_tuning option (p_tuning has no text init)",
                        file);

@@ -104,7 +104,7 @@ typedef struct {
         struct {                    /* mode prompt_tuning (worker/prompt.h); p_tuning adds encoder */
             int virtual_tokens;
             char init_text[ST_CFG_PATH_MAX]; /* "" = RANDOM init */
-            int encoder;            /* p_tuning: 0 mlp, 1 lstm (lstm is refused for now) */
+            int encoder;            /* p_tuning: 0 mlp, 1 lstm */
         } prompt;
         struct {                    /* mode prefix_tuning (worker/prompt.h; projection true is refused for now) */
             int virtual_tokens;

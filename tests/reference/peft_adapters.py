@@ -5,8 +5,8 @@ For each mode: LoRA (Llama, all seven projections), LoRA with lora_dropout 0.1 (
 eval mode, as `eval` runs without dropout; and one training forward/backward with ref_model --lora-dropout
 against peft's modules with each lora_dropout replaced by the same masks, recomputed here in numpy from the
 hash worker/lora.h documents), LoRA (GPT-2 c_attn/c_proj/c_fc Conv1D, rsLoRA), DoRA
-(Llama q/v/down), QLoRA (Llama nf4 + double quantization), prompt tuning, P-tuning (MLP encoder) and prefix
-tuning (Llama and GPT-2 each), a small model
+(Llama q/v/down), QLoRA (Llama nf4 + double quantization), prompt tuning, P-tuning (MLP encoder; LSTM encoder on Llama) and
+prefix tuning with and without projection (Llama and GPT-2 each), a small model
 (T = 128, q/k weights scaled x4 so attention is sharp, as test_lora_torch.py) trains 3 steps with
 `shardtune train` on one rank; then
  1. transformers' model (float64, eager attention) + PeftModel.from_pretrained(base, RUN_DIR/final) gives
@@ -68,6 +68,7 @@ CASES = [  # name, config, finetune yaml, ref_model extra args
     ("gpt2_prompt", GPT2, "{ mode: prompt_tuning, prompt: { virtual_tokens: 5 } }", []),
     ("llama_ptuning", LLAMA, "{ mode: p_tuning, prompt: { virtual_tokens: 4, encoder: mlp } }", []),
     ("gpt2_ptuning", GPT2, "{ mode: p_tuning, prompt: { virtual_tokens: 5 } }", []),
+    ("llama_ptuning_lstm", LLAMA, "{ mode: p_tuning, prompt: { virtual_tokens: 4, encoder: lstm } }", []),
     ("llama_prefix", LLAMA, "{ mode: prefix_tuning, prefix: { virtual_tokens: 6 } }", []),
     ("gpt2_prefix", GPT2, "{ mode: prefix_tuning, prefix: { virtual_tokens: 5 } }", []),
     ("llama_prefix_proj", LLAMA, "{ mode: prefix_tuning, prefix: { virtual_tokens: 4, projection: true } }", []),
@@ -182,8 +183,9 @@ def peft_grads(mdir, config, adir, batch, dtype, encoder=None):
         if "prompt_encoder.transform.0.weight" in encoder:  # prefix projection (hidden size: peft's default)
             pc = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V, prefix_projection=True)
         else:
+            lstm = "prompt_encoder.lstm_head.weight_ih_l0" in encoder
             pc = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=V, encoder_hidden_size=C,
-                                          encoder_reparameterization_type="MLP")
+                                          encoder_reparameterization_type="LSTM" if lstm else "MLP")
         m = peft.get_peft_model(hf_model(mdir, config, dtype), pc)
         m.to(dtype)
         sd = {k.replace("prompt_encoder.", "", 1): torch.from_numpy(v.astype(np.float64)).to(dtype)

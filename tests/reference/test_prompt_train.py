@@ -11,11 +11,11 @@ against torch in test_prompt_torch.py; here, for a Llama and a GPT-2 model:
     `export CKPT --format peft` equals final/ bit for bit; `export CKPT --merge` is refused (one line);
   * resume at another world size: 3 steps on 2 ranks then 1 rank to 6 equals 6 uninterrupted steps;
   * `eval --adapter final` runs and differs from the base model's eval;
-  * prefix_tuning (Llama, with and without projection) and p_tuning (GPT-2, MLP encoder): 1 rank vs 2 ranks x 2 micro-batches ZeRO-2,
+  * prefix_tuning (Llama, with and without projection) and p_tuning (GPT-2 MLP encoder, Llama LSTM encoder): 1 rank vs 2 ranks x 2 micro-batches ZeRO-2,
     final/ (PREFIX_TUNING [V, L*2*KVH*hd] / P_TUNING [V, C]), checkpoints holding the prefix or the encoder's
     7 tensors, export --format peft == final/, resume 2 -> 1 rank (their arithmetic against the real peft:
     peft_adapters.py);
-  * refusals with one line: virtual_tokens 0, a p_tuning LSTM encoder, bf16, sharding.stage 3,
+  * refusals with one line: virtual_tokens 0, p_tuning with init_text, bf16, sharding.stage 3,
     distill.teacher (TEXT init:
     ref_prompt_text_init.py).
 """
@@ -161,11 +161,11 @@ def eval_case(model, data, final):
 
 def refusals(job):
     for override, needle in [("finetune.prompt.virtual_tokens=0", "virtual_tokens"),
-                             ("finetune.prompt.encoder=lstm", "lstm"),
+                             ("finetune.mode=p_tuning finetune.prompt.init_text=hi", "init_text"),
                              ("precision=bf16", "bf16"),
                              ("sharding.stage=3", "sharding.stage 3"),
                              ("distill.teacher=" + os.path.dirname(os.path.dirname(job)) + "/llama", "distill.teacher")]:
-        r = dp.sh([dp.BIN, "train", job, override, "run_dir=" + os.path.dirname(job) + "/refused"], check=False)
+        r = dp.sh([dp.BIN, "train", job, *override.split(), "run_dir=" + os.path.dirname(job) + "/refused"], check=False)
         lines = [x for x in r.stderr.strip().splitlines() if x]
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], \
             f"{override}: rc {r.returncode}, stderr {r.stderr!r}"
@@ -186,6 +186,13 @@ def main():
                    "PREFIX_TUNING", 2 * 2 * 2 * 16, {"prompt_embeddings"})  # L * 2 * KVH * hd
         other_mode(root, "gpt2_ptuning", g2, data, "{ mode: p_tuning, prompt: { virtual_tokens: %d } }" % NV,
                    "P_TUNING", 64, ENCODER)
+        lstm = {"prompt_encoder.lstm_head.%s_l%d%s" % (k, l, r) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                for l in (0, 1) for r in ("", "_reverse")}
+        other_mode(root, "llama_ptuning_lstm", ll, data,
+                   "{ mode: p_tuning, prompt: { virtual_tokens: %d, encoder: lstm } }" % NV, "P_TUNING", 64,
+                   lstm | {"prompt_encoder.embedding.weight", "prompt_encoder.mlp_head.0.weight",
+                           "prompt_encoder.mlp_head.0.bias", "prompt_encoder.mlp_head.2.weight",
+                           "prompt_encoder.mlp_head.2.bias"})
         other_mode(root, "llama_prefix_proj", ll, data,
                    "{ mode: prefix_tuning, prefix: { virtual_tokens: %d, projection: true } }" % NV, "PREFIX_TUNING",
                    128, {"prompt_encoder.embedding.weight", "prompt_encoder.transform.0.weight",

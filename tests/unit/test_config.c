@@ -412,8 +412,7 @@ static void test_range_errors(void **state) {
     expect_error(with("sharding: {stage: -1}\n"), 0, NULL, "sharding.stage", "0..3");
     expect_error(with("finetune: {mode: soft_prompt}\n"), 0, NULL,
                  "finetune.mode: expected one of full, frozen, progressive, lora, qlora, prompt_tuning", "got 'soft_prompt'");
-    expect_error(with("finetune: {mode: p_tuning, prompt: {encoder: lstm}}\n"), 0, NULL,
-                 "finetune.prompt.encoder: lstm is not supported yet", NULL);
+    expect_error(with("finetune: {mode: p_tuning, prompt: {encoder: gru}}\n"), 0, NULL, "finetune.prompt.encoder", NULL);
     expect_error(with("finetune: {mode: p_tuning, prompt: {init_text: hi}}\n"), 0, NULL, "finetune.prompt.init_text", NULL);
     expect_error(with("finetune: {mode: prompt_tuning, prompt: {virtual_tokens: 0}}\n"), 0, NULL,
                  "finetune.prompt.virtual_tokens", "'0'");

@@ -1,4 +1,6 @@
-/* prompt.c — prompt tuning on a st_model (see prompt.h). Host loops: the CPU backend only. */
+/* prompt.c — prompt learning on a st_model (see prompt.h): prompt tuning, P-tuning's encoders (MLP here,
+ * the LSTM core in prompt_lstm.c), prefix tuning with or without its projection. Host memory: the CPU
+ * backend only. */
 #define _DEFAULT_SOURCE /* strdup */
 #include "worker/prompt.h"
 
@@ -61,7 +63,9 @@ const char *st_prompt_init_text(const st_model *m) { return m->prompt ? m->promp
 const char *st_prompt_tokenizer_dir(const st_model *m) { return m->prompt ? m->prompt->tokenizer_dir : NULL; }
 
 static int check(const st_model *m, int V, const char *mode) {
-    if (V < 1) return st_fail(ST_ECONFIG, "finetune.%s.virtual_tokens must be >= 1, got %d", mode[1] == 'r' ? "prefix" : "prompt", V);
+    if (V < 1)
+        return st_fail(ST_ECONFIG, "finetune.%s.virtual_tokens must be >= 1, got %d",
+                       strcmp(mode, "prefix_tuning") ? "prompt" : "prefix", V);
     if (m->lora || m->prompt) return st_fail(ST_EINVAL, "the model already has adapters");
     if (m->weights_bf16) return st_fail(ST_ECONFIG, "finetune.mode %s needs precision fp32 (bf16 is not supported yet)", mode);
     if (m->be && !m->be->host_memory)

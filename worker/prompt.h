@@ -1,4 +1,5 @@
-/* prompt.h — prompt tuning (finetune.mode: prompt_tuning): V trainable virtual token embeddings
+/* prompt.h — prompt learning: prompt tuning (finetune.mode: prompt_tuning), P-tuning (p_tuning) and prefix
+ * tuning (prefix_tuning), each as peft applies it. Prompt tuning: V trainable virtual token embeddings
  * prepended to every sequence, as peft's PromptEmbedding / PeftModelForCausalLM apply them.
  *
  * peft concatenates the prompt [V, C] in front of the token embeddings and passes no position_ids, so

@@ -35,9 +35,10 @@ static int attach_prompt(const st_config *c, st_model *m) {
     /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
     if (c->distill.teacher[0])
         return st_fail(ST_ECONFIG, "finetune.mode %s with distill.teacher is not supported yet", mode);
-    if (prefix) return st_prefix_attach(m, c->finetune.prefix.virtual_tokens, c->finetune.prefix.projection, (uint64_t)c->seed);
-    if (c->finetune.mode == ST_FINETUNE_P_TUNING) return st_ptuning_attach(m, c->finetune.prompt.virtual_tokens,
-                                                                          c->finetune.prompt.encoder == 1, (uint64_t)c->seed);
+    if (prefix)
+        return st_prefix_attach(m, c->finetune.prefix.virtual_tokens, c->finetune.prefix.projection, (uint64_t)c->seed);
+    if (c->finetune.mode == ST_FINETUNE_P_TUNING)
+        return st_ptuning_attach(m, c->finetune.prompt.virtual_tokens, c->finetune.prompt.encoder == 1, (uint64_t)c->seed);
     int rc = st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
     if (rc || !c->finetune.prompt.init_text[0] || !m->be) return rc;
     /* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens

@@ -25,6 +25,7 @@ prefix_projection the encoder (embedding, Linear, Tanh, Linear) is checked as P-
 QLoRA: bitsandbytes is not available, so peft's LoRA runs on the base as shardtune dequantizes it (ref_model
 --qlora nf4-dq dumps dequant.<name>); the eval loss is checked on the full-precision base, which is what
 `eval --adapter` applies a peft LoRA directory to.
+Refusals: PREFIX_TUNING without peft's GQA token_dim, another num_layers, a P_TUNING table of the wrong shape.
 The packed eval file is read with Debian's h5py through ST_PYTHON (this venv does not see Debian's packages).
 Env (set by ctest): SHARDTUNE_BIN, ST_BUILD_DIR, ST_PYTHON."""
 import io
@@ -362,6 +363,33 @@ def check_dropout_grads(name, tmp, mdir, config, adir, rng, p=0.1, seed=3, step=
           f"{len(ref)} tensors, worst rel {worst:.2e}; without dropout they differ by {moved:.2e} {bad[:3]}")
 
 
+def refusals(tmp, rng):
+    """Prompt-learning directories that do not fit the model: one line naming the field, non-zero exit."""
+    print("refusals")
+    c, mdir = make_model(tmp, "refusal_base", LLAMA, rng)
+    kvd = c["n_kv_head"] * c["head_dim"]
+    base = dict(task_type="CAUSAL_LM", num_virtual_tokens=3, num_transformer_submodules=1, num_layers=c["n_layer"])
+    cases = [
+        ("prefix token_dim without peft's GQA rule", dict(base, peft_type="PREFIX_TUNING", token_dim=c["d_model"],
+                                                          num_attention_heads=c["n_head"]),
+         (3, 2 * c["n_layer"] * c["d_model"]), "token_dim"),
+        ("prefix num_layers", dict(base, peft_type="PREFIX_TUNING", token_dim=kvd, num_attention_heads=c["n_kv_head"],
+                                   num_layers=c["n_layer"] + 1), (3, 2 * (c["n_layer"] + 1) * kvd), "num_layers"),
+        ("p_tuning table shape", dict(base, peft_type="P_TUNING", token_dim=c["d_model"]), (4, c["d_model"]),
+         "prompt_embeddings has shape"),
+    ]
+    data = make_data(os.path.join(tmp, "refusal.h5"), c["vocab"], rng, 2, 150, 200)
+    for what, cfg, shape, needle in cases:
+        d = os.path.join(tmp, "bad_" + what.replace(" ", "_").replace("'", ""))
+        os.makedirs(d)
+        st_io.write(os.path.join(d, "adapter_model.safetensors"), {"prompt_embeddings": np.zeros(shape, np.float32)})
+        with open(os.path.join(d, "adapter_config.json"), "w") as f:
+            json.dump(cfg, f)
+        r = dp.sh([dp.BIN, "eval", "--model", mdir, "--adapter", d, "--data", data, "--seq-len", str(T)], check=False)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        check(f"refuses {what}", r.returncode != 0 and len(lines) == 1 and needle in lines[0], repr(r.stderr.strip()))
+
+
 def main():
     rng = np.random.default_rng(5)
     with tempfile.TemporaryDirectory() as tmp:
@@ -379,6 +407,8 @@ def main():
                 check_dropout_grads(name, tmp, mdir, config, adir, rng)
             if "ptuning" in name or "proj" in name:
                 check_encoder(name, tmp, mdir, config, adir, rng)
+        if not ONLY or "refusals" in ONLY.split(","):
+            refusals(tmp, rng)
     if failures:
         print("FAILED:", failures)
         sys.exit(1)

@@ -172,7 +172,11 @@ def check_eval(name, mdir, config, adir, data):
     e = abs(ours["loss"] - ref) / abs(ref)
     check(f"{name} eval --adapter == peft", e <= TOL and ours["tokens"] == n,
           f"ours {ours['loss']:.9f} peft {ref:.9f} rel {e:.2e}, targets {ours['tokens']} vs {n} ({nw} windows)")
-    check(f"{name} the adapter changes the loss", abs(base - ref) > 1e-4 * abs(ref), f"base {base:.7f}")
+    # the adapter is not a no-op: it moves the loss well past the ours-vs-peft difference (3 steps from peft's
+    # init move a bounded-output encoder's prompt only a little, so no fixed size is asked)
+    moved = abs(base - ref)
+    check(f"{name} the adapter changes the loss", moved > 1e-6 * abs(ref) and moved > 10 * abs(ours["loss"] - ref),
+          f"base {base:.9f}, moved {moved:.2e}")
 
 
 def peft_grads(mdir, config, adir, batch, dtype, encoder=None):

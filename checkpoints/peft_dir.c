@@ -28,7 +28,8 @@ static char *config_json(const st_model *m, const st_lora_spec *s, const char *b
     else if (base_model) st_strbuf_json_string(&b, base_model);
     else st_strbuf_printf(&b, "null");
     st_strbuf_printf(&b, ",\n  \"revision\": null,\n  \"inference_mode\": true,\n  \"r\": %d,\n", s->r);
-    st_strbuf_printf(&b, "  \"lora_alpha\": %.17g,\n  \"lora_dropout\": 0.0,\n  \"target_modules\": [", s->alpha);
+    st_strbuf_printf(&b, "  \"lora_alpha\": %.17g,\n  \"lora_dropout\": %.17g,\n  \"target_modules\": [", s->alpha,
+                     s->dropout);
     int first = 1;
     for (int i = 0; st_lora_target_names[i]; i++) {
         if (!(s->targets & (1u << i))) continue;
@@ -208,7 +209,8 @@ int st_peft_load_dir(st_model *m, const char *dir) {
     rc = st_json_parse(text, len, &cfg);
     free(text);
     if (rc) return st_fail_context(rc, "%s", path);
-    if (!strcmp(st_json_get_string(cfg, "peft_type", ""), "PROMPT_TUNING")) {
+    const char *type = st_json_get_string(cfg, "peft_type", "");
+    if (!strcmp(type, "PROMPT_TUNING") || !strcmp(type, "PREFIX_TUNING") || !strcmp(type, "P_TUNING")) {
         rc = st_peft_prompt_load(m, cfg, path, dir);
         st_json_free(cfg);
         return rc;

@@ -49,4 +49,13 @@ if [ "${SHARDTUNE_WITH_PYREF:-0}" = 1 ]; then
   else
     bash "$(dirname "$0")/build_llama.sh"
   fi
+  # PyPI torch 2.x + transformers + peft (tests/requirements-torch.txt), isolated from Debian's torch 1.13
+  tvenv=$(bash "$(dirname "$0")/pyref" --torch --dir)
+  if [ ! -x "$tvenv/bin/python" ] || [ ! -f "$tvenv/.complete" ]; then
+    echo "setup: creating the torch reference-test virtual environment $tvenv (~5 GB, a few minutes)"
+    rm -rf "$tvenv"
+    /usr/bin/python3 -m venv "$tvenv"
+    "$tvenv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/requirements-torch.txt"
+    touch "$tvenv/.complete"
+  fi
 fi

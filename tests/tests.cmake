@@ -1,6 +1,7 @@
 # Test registration. Labels: unit (cmocka), integration (real processes: mpirun, sockets, Slurm),
 # reference (PyTorch / h5py comparisons run with Debian's /usr/bin/python3; tests/reference/ref_*.py run with
-# scripts/pyref: PyPI's transformers / tokenizers / gguf in the cached venv that scripts/setup.sh makes),
+# scripts/pyref: PyPI's transformers / tokenizers / gguf in the cached venv that scripts/setup.sh makes;
+# tests/reference/peft_*.py with scripts/pyref --torch: PyPI torch 2.x + transformers + peft, a second venv),
 # cuda (CUDA builds only), and fast: every test not named in ST_SLOW_TESTS, for the edit-test loop
 # (`./run test -L fast`; README). A test that cannot run exits 77 and ctest reports it as skipped
 # (SKIP_RETURN_CODE), never as passed.
@@ -18,7 +19,8 @@ set(ST_SLOW_TESTS
   integration.test_pack_text_stream integration.test_resume_safety integration.test_train_epochs
   integration.test_watchdog reference.test_generate_torch reference.test_lora_train
   reference.test_prompt_train reference.test_qlora_train reference.ref_rope_models
-  reference.test_train_samples reference.llamacpp_gguf integration.test_zero3_kill reference.ref_stream_io)
+  reference.test_train_samples reference.llamacpp_gguf integration.test_zero3_kill reference.ref_stream_io
+  reference.peft_adapters)
 
 # The only tests that run a second time after a failure (tests/retry_once.sh, ctest's --repeat
 # until-pass:2 for one test): each starts a throw-away local Slurm cluster (munged, slurmctld, two slurmd),
@@ -74,12 +76,11 @@ foreach(src ${ST_PYREF_TESTS})
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
 
-# llama.cpp itself (tests/reference/llamacpp_*.py, run with `scripts/pyref --llama`: libllama built from PyPI's
-# llama-cpp-python by scripts/build_llama.sh)
-file(GLOB ST_LLAMA_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/llamacpp_*.py)
-foreach(src ${ST_LLAMA_TESTS})
-  get_filename_component(name ${src} NAME_WE)
-  add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} --llama ${src})
+  # llama.cpp itself (tests/reference/llamacpp_*.py, run with `scripts/pyref --llama`: libllama built from
+  PyPI's llama-cpp-python by scripts/build_llama.sh file(GLOB ST_LLAMA_TESTS CONFIGURE_DEPENDS
+  ${CMAKE_SOURCE_DIR}/tests/reference/llamacpp_*.py foreach(src ${ST_LLAMA_TESTS} get_filename_component(name
+  ${src} NAME_WE add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} --llama ST_PYREF_TORCH_TESTS
+  ${CMAKE_SOURCE_DIR}/tests/reference/peft_*.py ${ST_PYREF_TORCH_TESTS} --torch)
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
 

@@ -51,6 +51,11 @@ struct st_lora {
     size_t *zoff;       /* [n] */
     float *c, *inv_n;   /* [n][max_out]: m / norm and 1 / norm of the last forward */
     float *base, *ba;   /* [rows * max_out] x W^T ; [max_w] B @ A */
+    /* dropout */
+    int drop_on;        /* the current forward trains with dropout > 0 */
+    int64_t drop_step, drop_sample; /* the micro-batch's key: step and its first global sample */
+    float *xd;          /* [rows * max_in] the dropped input (forward) / du @ A (backward) */
+    int max_in;
 };
 
 unsigned st_lora_target_bit(const char *name) {
@@ -85,6 +90,11 @@ static void valid_list(unsigned all, char *buf, size_t cap) {
 }
 
 static int check_spec(const st_model *m, const st_lora_spec *s) {
+    if (!(s->dropout >= 0 && s->dropout < 1))
+        return st_fail(ST_ECONFIG, "finetune.lora.dropout must be in [0, 1), got %g", s->dropout);
+    if (s->dropout > 0 && s->dora)
+        return st_fail(ST_ECONFIG, "finetune.lora.dropout > 0 with dora: true is not supported yet (peft then runs DoRA's "
+                       "base term on the dropped input)");
     int gpt2 = m->cfg.family == ST_FAMILY_GPT2;
     unsigned all = gpt2 ? ST_LORA_GPT2_ALL : ST_LORA_LLAMA_ALL;
     char valid[160];
@@ -287,6 +297,7 @@ void st_lora_free(st_lora *l) {
     free(l->inv_n);
     free(l->base);
     free(l->ba);
+    free(l->xd);
     free(l->ad);
     free(l->layer_first);
     free(l->layers);
@@ -332,6 +343,9 @@ size_t st_lora_work_floats(const st_model *m, size_t rows) {
     const st_lora *lo = m->lora;
     if (!lo) return 0;
     size_t f = rows * ((size_t)lo->n * lo->r + (size_t)lo->max_out + (size_t)lo->r);
+    if (lo->spec.dropout > 0)
+        for (int k = 0, mx = 0; k < lo->n; k++)
+            if (lo->ad[k].in > mx) { f += rows * (size_t)(lo->ad[k].in - mx); mx = lo->ad[k].in; }
     if (lo->spec.dora) {
         for (int k = 0; k < lo->n; k++) f += rows * (size_t)lo->ad[k].out + 2 * (size_t)lo->max_out;
         f += rows * (size_t)lo->max_out + lo->max_w;
@@ -343,13 +357,18 @@ size_t st_lora_work_floats(const st_model *m, size_t rows) {
 static int ensure_rows(st_lora *lo, size_t N) {
     if (lo->rows == N) return 0;
     free(lo->u); free(lo->tmp); free(lo->du); free(lo->z); free(lo->zoff); free(lo->c); free(lo->inv_n);
-    free(lo->base); free(lo->ba);
-    lo->z = lo->c = lo->inv_n = lo->base = lo->ba = NULL;
+    free(lo->base); free(lo->ba); free(lo->xd);
+    lo->z = lo->c = lo->inv_n = lo->base = lo->ba = lo->xd = NULL;
     lo->zoff = NULL;
     lo->u = malloc((size_t)lo->n * N * lo->r * sizeof(float) + 1);
     lo->tmp = malloc(N * (size_t)lo->max_out * sizeof(float) + 1);
     lo->du = malloc(N * (size_t)lo->r * sizeof(float) + 1);
     int bad = !lo->u || !lo->tmp || !lo->du;
+    if (!bad && lo->spec.dropout > 0) {
+        for (int k = 0; k < lo->n; k++) lo->max_in = lo->ad[k].in > lo->max_in ? lo->ad[k].in : lo->max_in;
+        lo->xd = malloc(N * (size_t)lo->max_in * sizeof(float) + 1);
+        bad = !lo->xd;
+    }
     if (!bad && lo->spec.dora) {
         size_t zn = 0;
         lo->zoff = malloc((size_t)lo->n * sizeof *lo->zoff + 1);
@@ -409,6 +428,56 @@ static void dora_forward(st_model *m, int k, const float *x, float *y, int ystri
     }
 }
 
+void st_lora_dropout_batch(st_model *m, int64_t step, int64_t first_sample) {
+    if (!m->lora) return;
+    m->lora->drop_step = step;
+    m->lora->drop_sample = first_sample;
+}
+
+int st_lora_set_dropout(st_model *m, double p, uint64_t seed) {
+    st_lora *lo = m->lora;
+    if (!lo) return st_fail(ST_EINVAL, "the model has no LoRA adapters");
+    if (!(p >= 0 && p < 1)) return st_fail(ST_ECONFIG, "finetune.lora.dropout must be in [0, 1), got %g", p);
+    if (p > 0 && lo->spec.dora) return st_fail(ST_ECONFIG, "finetune.lora.dropout > 0 with dora: true is not supported yet");
+    lo->spec.dropout = p;
+    lo->spec.seed = seed;
+    lo->rows = 0; /* the next forward sizes the working memory again (with the dropout buffer) */
+    return 0;
+}
+
+void st_lora_set_training(st_model *m, int train) {
+    if (m->lora) m->lora->drop_on = train && m->lora->spec.dropout > 0;
+}
+
+static uint64_t mix64(uint64_t z) { /* splitmix64's finalizer */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* out[i, j] = add[i, j] + keep(i, j) * x[i, j] / (1 - p) over adapter k's [N, in] input (add == out: +=;
+ * add == x: the dropped input alone, zeros where dropped). keep: a hash of the micro-batch key, the row's
+ * global sample and position, k and j, compared with p. Returns out. */
+static const float *dropped(st_model *m, int k, const float *x, const float *add, float *out) {
+    const st_lora *lo = m->lora;
+    int in = lo->ad[k].in, T = m->T;
+    double p = lo->spec.dropout;
+    uint64_t thresh = (uint64_t)(p * 18446744073709551616.0), key = mix64(lo->spec.seed ^ 0x4c6f5241ull); /* "LoRA" */
+    key = mix64(key ^ (uint64_t)lo->drop_step);
+    float inv = (float)(1.0 / (1.0 - p));
+    for (size_t i = 0; i < lo->rows; i++) {
+        uint64_t rk = mix64(key ^ mix64((uint64_t)(lo->drop_sample + (int64_t)(i / T)) * 0x9e3779b97f4a7c15ull + i % T));
+        rk = mix64(rk ^ (uint64_t)k);
+        const float *xr = x + i * in, *ar = add + i * in;
+        float *orow = out + i * in;
+        for (int j = 0; j < in; j++) {
+            float v = mix64(rk + (uint64_t)j) >= thresh ? xr[j] * inv : 0.0f;
+            orow[j] = add == x ? v : ar[j] + v;
+        }
+    }
+    return out;
+}
+
 int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, float *y, int ystride) {
     st_lora *lo = m->lora;
     const st_backend *be = m->be;
@@ -420,7 +489,7 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
         if (a->site != site) continue;
         float *u = lo->u + (size_t)k * N * lo->r;
         const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
-        be->matmul(u, x, A, (int)N, lo->r, a->in, 0, 1, 1.0f, 0.0f);
+        be->matmul(u, lo->drop_on ? dropped(m, k, x, x, lo->xd) : x, A, (int)N, lo->r, a->in, 0, 1, 1.0f, 0.0f);
         if (a->mag >= 0) {
             dora_forward(m, k, x, y, ystride);
             continue;
@@ -480,9 +549,15 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
         if (pb->grad_offset >= 0)
             be->matmul(m->grads + pb->grad_offset, dyc, u, a->out, lo->r, (int)N, 1, 0, lo->scale, 1.0f);
         be->matmul(lo->du, dyc, B, (int)N, lo->r, a->out, 0, 0, lo->scale, 0.0f);
+        const float *xa = lo->drop_on ? dropped(m, k, x, x, lo->xd) : x;
         if (pa->grad_offset >= 0)
-            be->matmul(m->grads + pa->grad_offset, lo->du, x, lo->r, a->in, (int)N, 1, 0, 1.0f, 1.0f);
-        be->matmul(dx, lo->du, A, (int)N, a->in, lo->r, 0, 0, 1.0f, 1.0f);
+            be->matmul(m->grads + pa->grad_offset, lo->du, xa, lo->r, a->in, (int)N, 1, 0, 1.0f, 1.0f);
+        if (!lo->drop_on) {
+            be->matmul(dx, lo->du, A, (int)N, a->in, lo->r, 0, 0, 1.0f, 1.0f);
+            continue;
+        }
+        be->matmul(lo->xd, lo->du, A, (int)N, a->in, lo->r, 0, 0, 1.0f, 0.0f); /* dx += mask (du @ A) / (1 - p) */
+        dropped(m, k, lo->xd, dx, dx);
     }
 }
 

@@ -46,10 +46,24 @@ typedef struct {
     int dora;                   /* DoRA magnitude vectors */
     unsigned targets;           /* ST_LORA_* bits */
     const unsigned char *layers; /* [n_layer] selection (1 = adapters on this layer); NULL = all */
-    uint64_t seed;              /* A's init stream (B starts at zero) */
+    uint64_t seed;              /* A's init stream (B starts at zero) and the dropout masks' key */
+    double dropout;             /* lora_dropout p in [0, 1): training forwards only (not with dora) */
 } st_lora_spec;
 
 typedef struct st_lora st_lora;
+
+/* LoRA dropout (peft's lora_dropout: nn.Dropout on the adapter's input, x -> A -> B; the base projection
+ * sees x unchanged). Active only in forwards with train = 1 (st_model_forward sets it; eval, generate and
+ * the validation loss run without). Element (row, feature) of adapter k is kept with probability 1 - p and
+ * scaled by 1 / (1 - p); the decision is a hash of (spec.seed, step, the row's global sample index, its
+ * position, k, feature), so the masks of a step do not depend on how the global batch is split across
+ * ranks and micro-batches, and a resumed run draws the masks the uninterrupted one drew. The trainer calls
+ * st_lora_dropout_batch before each training forward; backward recomputes the masks. */
+void st_lora_dropout_batch(st_model *m, int64_t step, int64_t first_sample);
+void st_lora_set_training(st_model *m, int train);
+/* Sets an attached adapter set's dropout p and mask seed (tests/tools/ref_model; the trainer sets both
+ * through st_lora_spec). ST_ECONFIG as st_lora_attach for p outside [0, 1) or with DoRA. */
+int st_lora_set_dropout(st_model *m, double p, uint64_t seed);
 
 /* Adds adapters for `spec` to a built model (registry-only models get the registry entries only):
  * A initialized as peft does (kaiming_uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) from the

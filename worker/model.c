@@ -949,6 +949,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
         be->rope_pos_fwd(qkv, m->rope_cos, m->rope_sin, m->doc_pos, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
     else if (c->family == ST_FAMILY_LLAMA)
         be->rope_fwd(qkv, m->rope_cos, m->rope_sin, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    if (m->prompt) st_prefix_layer_forward(m, l, qkv); /* prefix tuning: layer l's keys/values */
     save(m, a->qkv_h, qkv, (size_t)N * Q, 1);
     int win = layer_window(m, l);
     if (m->doc_pos_on)
@@ -1024,6 +1025,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         be->to_bf16(m->weights_bf16, m->weights, m->n_weights);
         m->weights_bf16_stale = 0;
     }
+    if (m->lora) st_lora_set_training(m, train); /* LoRA dropout: training forwards only */
     if (m->prompt) st_prompt_widen(m, inputs, targets, weight, &inputs, &targets, &weight); /* [B, V + T] */
     be->copy_to_device(b.tokens, inputs, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
@@ -1114,6 +1116,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
                                  c->head_dim, win);
     else
         be->attention_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
+    if (m->prompt) st_prefix_layer_backward(m, l, b->dqkv); /* prefix tuning: the prefix's gradient */
     if (c->family == ST_FAMILY_LLAMA && m->doc_pos_on)
         be->rope_pos_bwd(b->dqkv, m->rope_cos, m->rope_sin, m->doc_pos, m->B, m->T, c->n_head, c->n_kv_head,
                          c->head_dim);
@@ -1182,7 +1185,7 @@ void st_model_backward(st_model *m) {
     report_ready(m, 0, layer_first_param(m, 0));
     if (m->prompt) {
         st_prompt_backward(m, b.dres);
-        report_ready(m, st_prompt_param(m), st_prompt_param(m) + 1);
+        report_ready(m, st_prompt_param(m), st_prompt_param(m) + st_prompt_param_count(m));
     }
 }
 

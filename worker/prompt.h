@@ -1,4 +1,5 @@
-/* prompt.h — prompt tuning (finetune.mode: prompt_tuning): V trainable virtual token embeddings
+/* prompt.h — prompt learning: prompt tuning (finetune.mode: prompt_tuning), P-tuning (p_tuning) and prefix
+ * tuning (prefix_tuning), each as peft applies it. Prompt tuning: V trainable virtual token embeddings
  * prepended to every sequence, as peft's PromptEmbedding / PeftModelForCausalLM apply them.
  *
  * peft concatenates the prompt [V, C] in front of the token embeddings and passes no position_ids, so
@@ -32,6 +33,45 @@ typedef struct st_prompt st_prompt;
  * a non-host backend, adapters already attached. */
 int st_prompt_attach(st_model *m, int virtual_tokens, uint64_t seed);
 void st_prompt_free(st_prompt *p);
+
+/* Prefix tuning (finetune.mode: prefix_tuning): the same widened sequence, but the table is
+ * prompt_embeddings [V, L*2*KVH*hd] (peft's PrefixEncoder without projection, viewed [V, L*2, KVH, hd]:
+ * row 2l the keys, 2l+1 the values of layer l) and the virtual rows carry no prompt: in every layer
+ * st_prefix_layer_forward overwrites the virtual rows' keys and values (after RoPE / qk-norm, as peft's
+ * past_key_values enter the cache) with layer l's prefix. The real tokens then sit at positions V..V+T-1
+ * and attend to every prefix row, exactly as transformers runs a V-long past_key_values cache with the
+ * attention mask peft widens by V ones. st_prefix_layer_backward takes the prefix gradient from the
+ * attention's dqkv and zeroes those slices (the virtual rows' own residual stream gets no gradient).
+ * Init: N(0, 1) (torch.nn.Embedding), from seed. With projection (peft's prefix_projection): the table is
+ * the output of an encoder like P-tuning's (below): prompt_encoder.embedding.weight [V, D] (D = KVH*hd),
+ * prompt_encoder.transform.0 (Linear D -> D), Tanh, prompt_encoder.transform.2 (Linear D -> L*2*D). */
+int st_prefix_attach(st_model *m, int virtual_tokens, int projection, uint64_t seed);
+int st_prompt_is_prefix(const st_model *m);
+int st_prefix_width(const st_model_config *c); /* L * 2 * KVH * hd */
+void st_prefix_layer_forward(st_model *m, int l, float *qkv);
+void st_prefix_layer_backward(st_model *m, int l, float *dqkv);
+
+/* P-tuning (finetune.mode: p_tuning, encoder mlp): peft's PromptEncoder with its MLP head. The registry
+ * holds 7 entries from st_prompt_param on: prompt_encoder.embedding.weight [V, C] and
+ * prompt_encoder.mlp_head.{0,2,4}.{weight,bias} (Linear C->H, ReLU, Linear H->H, ReLU, Linear H->C, H = C,
+ * peft's default encoder_hidden_size = token_dim). Every forward computes the table [V, C] from them
+ * (st_prompt_encode) and uses it as prompt tuning uses prompt_embeddings; backward runs the MLP's backward.
+ * peft saves (and loads, in inference mode) the encoder's output as prompt_embeddings: a P_TUNING adapter
+ * directory loads as a plain prompt table. */
+int st_ptuning_attach(st_model *m, int virtual_tokens, int lstm, uint64_t seed);
+/* encoder lstm: prompt_encoder.embedding.weight, the 16 prompt_encoder.lstm_head.* tensors of a 2-layer
+ * bidirectional torch.nn.LSTM (worker/prompt_lstm.h), then prompt_encoder.mlp_head.{0,2}.{weight,bias}
+ * (Linear 2H -> 2H, ReLU, Linear 2H -> C), as peft's PromptEncoder with encoder_reparameterization_type
+ * LSTM builds it (21 registry entries). */
+int st_prompt_is_lstm(const st_model *m);
+int st_prompt_is_ptuning(const st_model *m);
+void st_prompt_encode(const st_model *m, float *out); /* the encoder's output [V, width]; host memory */
+int st_prompt_has_encoder(const st_model *m);         /* P-tuning or prefix projection */
+int st_prompt_table_width(const st_model *m);         /* C, or L*2*KVH*hd for a prefix */
+
+/* Registry entries of the prompt from st_prompt_param (1; 7 with a P-tuning MLP encoder, 21 with its LSTM
+ * encoder, 5 with a prefix projection). */
+int st_prompt_param_count(const st_model *m);
 
 /* Number of virtual tokens (0 without a prompt). */
 int st_prompt_tokens(const st_model *m);

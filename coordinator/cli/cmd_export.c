@@ -74,8 +74,9 @@ static int export_ckpt(const char *path, const char *out, int peft) {
     if (rc) return rc;
     st_config *job = calloc(1, sizeof *job);
     if (!job) { st_ckpt_info_free(&info); return st_fail(ST_ENOMEM, "out of memory"); }
-    int lora = info.job_spec && !st_config_load_string(job, info.job_spec, 0, NULL) && (job->finetune.mode == ST_FINETUNE_LORA || job->finetune.mode == ST_FINETUNE_QLORA ||
-                                                                                         job->finetune.mode == ST_FINETUNE_PROMPT_TUNING);
+    int lora = info.job_spec && !st_config_load_string(job, info.job_spec, 0, NULL) &&
+               (job->finetune.mode == ST_FINETUNE_LORA || job->finetune.mode == ST_FINETUNE_QLORA ||
+                st_config_prompt_learning(job)); /* any PEFT mode: its adapters */
     if (lora || peft) {
         rc = lora ? export_lora_ckpt(path, &info, job, out, peft)
                   : st_fail(ST_EINVAL, "checkpoint %s is not from a finetune.mode lora run: --format peft needs adapters", path);

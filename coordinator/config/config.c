@@ -50,6 +50,15 @@ static int walk_fail(const walk *w, const yaml_node_t *node, const char *fmt, ..
     return st_fail(ST_ECONFIG, "%s: %s", w->file, msg);
 }
 
+const char *st_config_prompt_learning(const st_config *c) {
+    switch (c->finetune.mode) {
+    case ST_FINETUNE_PROMPT_TUNING: return "prompt_tuning";
+    case ST_FINETUNE_P_TUNING: return "p_tuning";
+    case ST_FINETUNE_PREFIX_TUNING: return "prefix_tuning";
+    default: return NULL;
+    }
+}
+
 static void join_path(char *out, size_t size, const char *prefix, const char *name, size_t name_len) {
     if (name_len > 100) name_len = 100;
     if (prefix[0])
@@ -667,12 +676,12 @@ static int finish_finetune(st_config *c, const char *file) {
                            "(%" PRId64 " after %" PRId64 ")", file, i, s->at_step, s[-1].at_step);
     }
     if ((rc = check_layers(file, "finetune.lora.layers", c->finetune.lora.layers))) return rc;
-    if ((c->finetune.mode == ST_FINETUNE_LORA || c->finetune.mode == ST_FINETUNE_QLORA) && c->finetune.lora.dropout > 0)
-        return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g is not supported yet (only 0)", file,
+    if (c->finetune.lora.dora && c->finetune.lora.dropout > 0)
+        return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g with dora: true is not supported yet (only 0)", file,
                        c->finetune.lora.dropout);
-    if (c->finetune.mode == ST_FINETUNE_P_TUNING || c->finetune.mode == ST_FINETUNE_PREFIX_TUNING)
-        return st_fail(ST_ECONFIG, "%s: finetune.mode %s is not supported yet (prompt_tuning is)", file,
-                       c->finetune.mode == ST_FINETUNE_P_TUNING ? "p_tuning" : "prefix_tuning");
+    if (c->finetune.mode == ST_FINETUNE_P_TUNING && c->finetune.prompt.init_text[0])
+        return st_fail(ST_ECONFIG, "%s: finetune.prompt.init_text is a prompt_tuning option (p_tuning has no text init)",
+                       file);
     if (c->finetune.mode == ST_FINETUNE_PROGRESSIVE) {
         if (c->finetune.n_stages == 0 && c->finetune.unfreeze_every == 0)
             return st_fail(ST_ECONFIG, "%s: finetune.mode: progressive needs finetune.stages or finetune.unfreeze_every",
@@ -733,9 +742,10 @@ static int finish(st_config *c, const char *file, const char *stem) {
     if (!(c->split[0] > 0)) return st_fail(ST_ECONFIG, "%s: split.0: the train fraction must be > 0", file);
     if (c->train.packing == ST_PACKING_DOCUMENTS && c->distill.teacher[0]) /* the teacher's forward knows no document positions */
         return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with distill.teacher", file);
-    if (c->train.packing == ST_PACKING_DOCUMENTS && c->finetune.mode == ST_FINETUNE_PROMPT_TUNING)
-        return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with finetune.mode prompt_tuning "
-                                   "(the virtual tokens would open every packed document)", file);
+    if (c->train.packing == ST_PACKING_DOCUMENTS && st_config_prompt_learning(c))
+        return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with finetune.mode %s "
+                                   "(the virtual tokens would open every packed document)", file,
+                       st_config_prompt_learning(c));
     /* sizes the trainer multiplies in int / size_t: refused here, naming the keys, not overflowed later */
     int64_t per_micro = (int64_t)c->train.micro_batch * c->train.seq_len;
     if (per_micro > (1 << 26))

@@ -91,7 +91,7 @@ typedef struct {
         struct {                    /* mode lora (worker/lora.h) */
             int r;
             double alpha;
-            double dropout;         /* only 0 is supported */
+            double dropout;         /* lora_dropout, [0, 1); not with dora (worker/lora.h) */
             unsigned targets;       /* ST_LORA_* bits */
             int dora;               /* DoRA magnitude vectors */
             int rslora;
@@ -105,9 +105,9 @@ typedef struct {
         struct {                    /* mode prompt_tuning (worker/prompt.h); p_tuning adds encoder */
             int virtual_tokens;
             char init_text[ST_CFG_PATH_MAX]; /* "" = RANDOM init */
-            int encoder;            /* p_tuning: 0 mlp, 1 lstm (p_tuning is refused for now) */
+            int encoder;            /* p_tuning: 0 mlp, 1 lstm */
         } prompt;
-        struct {                    /* mode prefix_tuning (refused for now) */
+        struct {                    /* mode prefix_tuning (worker/prompt.h; projection true is refused for now) */
             int virtual_tokens;
             int projection;
         } prefix;
@@ -196,6 +196,8 @@ int st_parse_layer_ranges(const char *spec, int n_layers, unsigned char *mask_ou
 /* Names of enum values as written in YAML ("cosine", "frozen", ...); "?" when out of range. */
 const char *st_backend_name(st_backend_kind k);
 const char *st_precision_name(st_precision p);
+/* "prompt_tuning" / "p_tuning" / "prefix_tuning" for the prompt-learning modes (worker/prompt.h), else NULL. */
+const char *st_config_prompt_learning(const st_config *c);
 const char *st_schedule_name(st_schedule k);
 const char *st_finetune_mode_name(st_finetune_mode m);
 const char *st_mixing_name(st_mixing_strategy s);

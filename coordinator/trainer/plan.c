@@ -24,12 +24,23 @@
 /* ---------------- adapters ---------------- */
 
 static int attach_prompt(const st_config *c, st_model *m) {
-    /* sharding.stage 3: the prompt is the one trainable (sharded) tensor; forward acquires it (worker/model.c) */
+    int prefix = c->finetune.mode == ST_FINETUNE_PREFIX_TUNING;
+    const char *mode = st_config_prompt_learning(c);
+    /* sharding.stage 3: prompt tuning's prompt is the one trainable (sharded) tensor; forward acquires it
+     * (worker/model.c). P-tuning's encoder and prefix tuning's per-layer prefixes are read in place by
+     * worker/prompt.c (no residency hooks yet) */
+    if (c->sharding.stage >= 3 && c->finetune.mode != ST_FINETUNE_PROMPT_TUNING)
+        return st_fail(ST_ECONFIG, "finetune.mode %s with sharding.stage %d is not supported yet (use 0, 1 or 2)", mode,
+                       c->sharding.stage);
     if (c->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with precision bf16 is not supported yet (use fp32)");
+        return st_fail(ST_ECONFIG, "finetune.mode %s with precision bf16 is not supported yet (use fp32)", mode);
     /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
     if (c->distill.teacher[0])
-        return st_fail(ST_ECONFIG, "finetune.mode prompt_tuning with distill.teacher is not supported yet");
+        return st_fail(ST_ECONFIG, "finetune.mode %s with distill.teacher is not supported yet", mode);
+    if (prefix)
+        return st_prefix_attach(m, c->finetune.prefix.virtual_tokens, c->finetune.prefix.projection, (uint64_t)c->seed);
+    if (c->finetune.mode == ST_FINETUNE_P_TUNING)
+        return st_ptuning_attach(m, c->finetune.prompt.virtual_tokens, c->finetune.prompt.encoder == 1, (uint64_t)c->seed);
     int rc = st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
     if (rc || !c->finetune.prompt.init_text[0] || !m->be) return rc;
     /* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens
@@ -52,7 +63,7 @@ static int attach_prompt(const st_config *c, st_model *m) {
 }
 
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
-    if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING) return attach_prompt(c, m);
+    if (st_config_prompt_learning(c)) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* sharding.stage 3: the adapters are the trainable (sharded) tensors, acquired with their layer
@@ -69,7 +80,8 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (rc) rc = st_fail_context(rc, "finetune.lora.layers");
     st_lora_spec spec = {.r = c->finetune.lora.r, .alpha = c->finetune.lora.alpha, .rslora = c->finetune.lora.rslora,
                          .dora = c->finetune.lora.dora,
-                         .targets = c->finetune.lora.targets, .layers = layers, .seed = (uint64_t)c->seed};
+                         .targets = c->finetune.lora.targets, .layers = layers, .seed = (uint64_t)c->seed,
+                         .dropout = c->finetune.lora.dropout};
     if (!rc) rc = st_lora_attach(m, &spec);
     free(layers);
     if (!rc && q && m->be) { /* the base goes quantized once the adapters (DoRA's magnitudes read it) exist */
@@ -148,7 +160,9 @@ int st_plan_stages(const st_config *c, const st_model *m, st_stage_list *out) {
         rc = m->lora ? add_stage(out, m, 0, "all", ST_MOD_LORA, "finetune.mode lora")
                      : st_fail(ST_ECONFIG, "finetune.mode lora: the model has no adapters attached");
         break;
-    case ST_FINETUNE_PROMPT_TUNING: /* the prompt alone, every base weight frozen */
+    case ST_FINETUNE_PROMPT_TUNING: /* the prompt (prefix) alone, every base weight frozen */
+    case ST_FINETUNE_PREFIX_TUNING:
+    case ST_FINETUNE_P_TUNING:
         rc = m->prompt ? add_stage(out, m, 0, "all", ST_MOD_PROMPT, "finetune.mode prompt_tuning")
                        : st_fail(ST_ECONFIG, "finetune.mode prompt_tuning: the model has no prompt attached");
         break;

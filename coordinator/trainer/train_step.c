@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/util.h"
+#include "worker/lora.h"
 
 /* ---------------- one step ---------------- */
 
@@ -87,6 +88,9 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
             r->teacher_seconds += st_now() - tt;
         }
         if (t->doc_pos && (rc = st_model_set_doc_positions(m, t->doc_pos + off))) return rc;
+        /* LoRA dropout masks keyed by the step and the global sample index (split-independent) */
+        st_lora_dropout_batch(m, step, (int64_t)t->world * t->slots * step + (int64_t)t->rank * t->slots +
+                                           (int64_t)a * t->micro);
         loss += st_model_forward(m, t->inputs + off, t->targets + off, t->weight + off, 1);
         st_distill_detach(m); /* evaluation keeps plain cross-entropy */
         account_tasks(t, a * t->micro);

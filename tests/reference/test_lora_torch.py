@@ -264,7 +264,7 @@ def main():
             ("unknown target", dict(peft_type="LORA", r=2, lora_alpha=4, target_modules=["qq_proj"]), "qq_proj"),
             ("missing tensor", dict(peft_type="LORA", r=2, lora_alpha=4, target_modules=["q_proj"]), "missing"),
             ("shape mismatch", dict(peft_type="LORA", r=3, lora_alpha=4, target_modules=["q_proj"]), "shape"),
-            ("prefix tuning", dict(peft_type="PREFIX_TUNING", num_virtual_tokens=4), "PREFIX_TUNING"),
+            ("ia3", dict(peft_type="IA3", target_modules=["q_proj"]), "IA3"),
         ]:
             with open(os.path.join(bad, "adapter_config.json"), "w") as f:
                 json.dump(cfg, f)

@@ -20,8 +20,14 @@ adapters on its last layer only (rsLoRA):
     run held them when it saved) against model.path's weights, and it passes; the same resume against a
     copy of the base with one weight changed by one ulp is refused with one line;
   * DoRA (dora: true, Llama q/v/down): the same 1 vs 2 ranks equality, lora_magnitude_vector [out] tensors;
-  * refusals with one line naming the key: r: 0, an unknown target, a GPT-2 target on Llama, dropout > 0,
-    layers outside the model.
+  * lora.dropout 0.2 (masks keyed by seed, step and global sample, worker/lora.h): two runs with one seed give
+    bit-identical losses and adapters; 1 rank and 2 ranks x 2 micro-batches (ZeRO-2) give the same losses
+    (1e-6) since the masks do not depend on the split; another seed and dropout 0 give other losses after
+    step 1 (step 1 is the base model: B = 0); final/'s adapter_config.json says lora_dropout 0.2, and `eval
+    --adapter` equals the merged model's eval (dropout is off in eval; reference.peft_adapters checks the
+    same adapter against peft in eval mode);
+  * refusals with one line naming the key: r: 0, an unknown target, a GPT-2 target on Llama, dropout with
+    dora, layers outside the model.
 """
 import json
 import os
@@ -189,13 +195,46 @@ def resume_case(root, job, model, ref, ref_w):
 
 def refusals(job):
     for override, needle in [("finetune.lora.r=0", "finetune.lora.r"), ("finetune.lora.targets=[qq_proj]", "qq_proj"),
-                             ("finetune.lora.targets=[c_attn]", "c_attn"), ("finetune.lora.dropout=0.1", "dropout"),
+                             ("finetune.lora.targets=[c_attn]", "c_attn"), ("finetune.lora.dora=true finetune.lora.dropout=0.1", "dropout"),
                              ("finetune.lora.layers=7-9", "finetune.lora.layers")]:
-        r = dp.sh([dp.BIN, "train", job, override, "run_dir=" + os.path.dirname(job) + "/refused"], check=False)
+        r = dp.sh([dp.BIN, "train", job, *override.split(), "run_dir=" + os.path.dirname(job) + "/refused"], check=False)
         lines = [x for x in r.stderr.strip().splitlines() if x]
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], \
             f"{override}: rc {r.returncode}, stderr {r.stderr!r}"
         print(f"  refuses {override}: {lines[0]}")
+
+
+def dropout_case(root, job):
+    runs = {}
+    for name, split, more in [("a", (1, 12, 1, 0), []), ("again", (1, 12, 1, 0), []), ("split", (2, 3, 2, 2), []),
+                              ("seed", (1, 12, 1, 0), ["seed=8"])]:
+        rd = os.path.join(root, "dropout_" + name)
+        runs[name] = (run_split(job, rd, split, more=["finetune.lora.dropout=0.2"] + more), rd)
+    none = run_split(job, os.path.join(root, "dropout_none"), (1, 12, 1, 0))
+    (a, ra), (again, rg) = runs["a"], runs["again"]
+    wa = dp.read_safetensors(os.path.join(ra, "final", "adapter_model.safetensors"))
+    wg = dp.read_safetensors(os.path.join(rg, "final", "adapter_model.safetensors"))
+    assert a == again and all(np.array_equal(wa[k], wg[k]) for k in wa), f"dropout: one seed, two results {a} {again}"
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, runs["split"][0]))
+    assert worst <= TOL, f"dropout: 1 rank vs 2 ranks x 2 micro-batches differ by {worst:.3g}\n {a}\n {runs['split'][0]}"
+    other = runs["seed"][0]
+    assert abs(a[0] - none[0]) <= TOL * abs(a[0]), f"dropout: step 1 (B = 0) {a[0]} != no dropout {none[0]}"
+    assert all(abs(x - y) > 1e-7 for x, y in zip(a[1:], none[1:])), f"dropout changes nothing: {a} {none}"
+    assert any(abs(x - y) > 1e-7 for x, y in zip(a[1:], other[1:])), f"dropout: another seed, same losses {a}"
+    ac = json.load(open(os.path.join(ra, "final", "adapter_config.json")))
+    assert ac["lora_dropout"] == 0.2, f"adapter_config.json lora_dropout {ac['lora_dropout']}"
+    cfg_model = [l.split("path:")[1].strip(" }\n") for l in open(job) if l.startswith("model:")][0]
+    merged = os.path.join(ra, "merged")
+    dp.sh([dp.BIN, "export", os.path.join(ra, "final"), "--merge", "--out", merged])
+    data = [l.split("path:")[1].strip(" }\n") for l in open(job) if "path:" in l and l.strip().startswith("-")][0]
+
+    def ev(extra):
+        r = dp.sh([dp.BIN, "eval", "--data", data, "--seq-len", "16", "--json"] + extra)
+        return json.loads(r.stdout)["loss"]
+    e1, e2 = ev(["--model", cfg_model, "--adapter", os.path.join(ra, "final")]), ev(["--model", merged])
+    assert abs(e1 - e2) <= 1e-6 * abs(e2), f"dropout: eval --adapter {e1} != merged {e2}"
+    print(f"  dropout 0.2: reproducible, 1 vs 2 ranks {worst:.2e}, losses {a[0]:.4f} -> {a[-1]:.4f} "
+          f"(no dropout -> {none[-1]:.4f}), eval --adapter == merged ({e1:.6f})")
 
 
 def main():
@@ -214,6 +253,7 @@ def main():
         # init as peft: B = 0 and m = ||W||_row make step 1 the base model, for LoRA and DoRA alike
         assert abs(dref[0] - ref[0]) <= TOL * abs(ref[0]), f"DoRA step-1 loss {dref[0]} != LoRA's {ref[0]}"
         resume_case(root, job, ll, ref, ref_w)
+        dropout_case(root, job)
         refusals(job)
     finally:
         shutil.rmtree(root, ignore_errors=True)

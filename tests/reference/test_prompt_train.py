@@ -11,8 +11,12 @@ against torch in test_prompt_torch.py; here, for a Llama and a GPT-2 model:
     `export CKPT --format peft` equals final/ bit for bit; `export CKPT --merge` is refused (one line);
   * resume at another world size: 3 steps on 2 ranks then 1 rank to 6 equals 6 uninterrupted steps;
   * `eval --adapter final` runs and differs from the base model's eval;
-  * refusals with one line: virtual_tokens 0, p_tuning, prefix_tuning, bf16,
-    distill.teacher (sharding.stage 3 trains: tests/reference/test_zero3.py) (TEXT init:
+  * prefix_tuning (Llama, with and without projection) and p_tuning (GPT-2 MLP encoder, Llama LSTM encoder): 1 rank vs 2 ranks x 2 micro-batches ZeRO-2,
+    final/ (PREFIX_TUNING [V, L*2*KVH*hd] / P_TUNING [V, C]), checkpoints holding the prefix or the encoder's
+    7 tensors, export --format peft == final/, resume 2 -> 1 rank (their arithmetic against the real peft:
+    peft_adapters.py);
+  * refusals with one line: virtual_tokens 0, p_tuning with init_text, bf16, sharding.stage 3 for p_tuning
+    and prefix_tuning, distill.teacher (prompt_tuning under sharding.stage 3 trains: tests/reference/test_zero3.py) (TEXT init:
     ref_prompt_text_init.py).
 """
 import json
@@ -90,6 +94,49 @@ def check_case(root, name, model, data):
     return job, ref, ref_w
 
 
+ENCODER = {"prompt_encoder.embedding.weight", "prompt_encoder.mlp_head.0.weight", "prompt_encoder.mlp_head.0.bias",
+           "prompt_encoder.mlp_head.2.weight", "prompt_encoder.mlp_head.2.bias", "prompt_encoder.mlp_head.4.weight",
+           "prompt_encoder.mlp_head.4.bias"}
+
+
+def other_mode(root, name, model, data, finetune, ptype, width, ckpt_keys):
+    """prefix_tuning / p_tuning: 1 rank ZeRO-0 vs 2 ranks x 2 micro-batches ZeRO-2 (losses 1e-6, final/ lr/10),
+    final/ = one prompt_embeddings [V, width] with peft_type ptype, checkpoints hold ckpt_keys (the prefix,
+    or the P-tuning encoder's 7 tensors), export --format peft equals final/, and a resume 2 -> 1 rank at
+    step 3 equals the uninterrupted run."""
+    base = os.path.join(root, name)
+    os.makedirs(base)
+    job = dp.write_job(os.path.join(base, "job.yaml"), model, os.path.join(base, "run"), [{"name": "a", "path": data}],
+                       job_text(NV).replace("{ mode: prompt_tuning, prompt: { virtual_tokens: %d } }" % NV, finetune))
+    text = [l for l in open(job).read().splitlines() if not (l.startswith("train:") and "lr: 3.0e-3" in l)]
+    open(job, "w").write("\n".join(text) + "\n")
+    runs = []
+    for split in (SPLITS[0], SPLITS[2]):
+        rd = os.path.join(base, "r%dx%dx%dz%d" % split)
+        runs.append((run_split(job, rd, split), dp.read_safetensors(os.path.join(rd, "final", "adapter_model.safetensors")), rd))
+    (l1, w1, rd1), (l2, w2, _) = runs
+    worst = max(abs(a - b) / abs(a) for a, b in zip(l1, l2))
+    wdiff = float(np.max(np.abs(w1["prompt_embeddings"].astype(np.float64) - w2["prompt_embeddings"])))
+    assert worst <= TOL and wdiff <= 0.1 * LR, f"{name}: 1 vs 2 ranks: loss diff {worst:.3g}, final diff {wdiff:.3g}"
+    assert {k: v.shape for k, v in w1.items()} == {"prompt_embeddings": (NV, width)}, f"{name}: final/ {list(w1)}"
+    ac = json.load(open(os.path.join(rd1, "final", "adapter_config.json")))
+    assert ac["peft_type"] == ptype and ac["num_virtual_tokens"] == NV, f"{name}: adapter_config.json {ac}"
+    ck = os.path.join(rd1, "checkpoints")
+    last = sorted(f for f in os.listdir(ck) if f.endswith(".h5"))[-1]
+    with h5py.File(os.path.join(ck, last), "r") as f:
+        assert set(f["model"].keys()) == ckpt_keys and set(f["optim"].keys()) == ckpt_keys, f"{name}: {list(f['model'])}"
+    dp.sh([dp.BIN, "export", ck, "--format", "peft", "--out", os.path.join(rd1, "x_peft")])
+    x = dp.read_safetensors(os.path.join(rd1, "x_peft", "adapter_model.safetensors"))
+    assert np.array_equal(x["prompt_embeddings"], w1["prompt_embeddings"]), f"{name}: export --format peft != final/"
+    rd = os.path.join(base, "resume")
+    run_split(job, rd, (2, 6, 1, 2), steps=3, more=["checkpoint.every_steps=3"])
+    got = run_split(job, rd, (1, 12, 1, 0), steps=6, more=["resume=auto"])
+    rworst = max(abs(a - b) / abs(a) for a, b in zip(l1, got))
+    assert len(got) == 6 and rworst <= TOL, f"{name}: resume loss diff {rworst:.3g}"
+    print(f"  {name}: 1 vs 2 ranks {worst:.2e} (final {wdiff:.2e}), resume 2 -> 1 {rworst:.2e}, final/ {ptype}, "
+          f"checkpoint {len(ckpt_keys)} tensor(s), losses {l1[0]:.4f} -> {l1[-1]:.4f}")
+
+
 def resume_case(root, job, ref, ref_w):
     rd = os.path.join(root, "resume")
     run_split(job, rd, (2, 6, 1, 2), steps=3, more=["checkpoint.every_steps=3"])
@@ -114,10 +161,12 @@ def eval_case(model, data, final):
 
 def refusals(job):
     for override, needle in [("finetune.prompt.virtual_tokens=0", "virtual_tokens"),
-                             ("finetune.mode=p_tuning", "p_tuning"), ("finetune.mode=prefix_tuning", "prefix_tuning"),
+                             ("finetune.mode=p_tuning finetune.prompt.init_text=hi", "init_text"),
                              ("precision=bf16", "bf16"),
+                             ("finetune.mode=p_tuning sharding.stage=3", "sharding.stage 3"),
+                             ("finetune.mode=prefix_tuning sharding.stage=3", "sharding.stage 3"),
                              ("distill.teacher=" + os.path.dirname(os.path.dirname(job)) + "/llama", "distill.teacher")]:
-        r = dp.sh([dp.BIN, "train", job, override, "run_dir=" + os.path.dirname(job) + "/refused"], check=False)
+        r = dp.sh([dp.BIN, "train", job, *override.split(), "run_dir=" + os.path.dirname(job) + "/refused"], check=False)
         lines = [x for x in r.stderr.strip().splitlines() if x]
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], \
             f"{override}: rc {r.returncode}, stderr {r.stderr!r}"
@@ -134,6 +183,22 @@ def main():
         check_case(root, "gpt2_prompt", g2, data)
         resume_case(root, job, ref, ref_w)
         eval_case(ll, data, os.path.join(root, "llama_prompt", "r1x12x1z0", "final"))
+        other_mode(root, "llama_prefix", ll, data, "{ mode: prefix_tuning, prefix: { virtual_tokens: %d } }" % NV,
+                   "PREFIX_TUNING", 2 * 2 * 2 * 16, {"prompt_embeddings"})  # L * 2 * KVH * hd
+        other_mode(root, "gpt2_ptuning", g2, data, "{ mode: p_tuning, prompt: { virtual_tokens: %d } }" % NV,
+                   "P_TUNING", 64, ENCODER)
+        lstm = {"prompt_encoder.lstm_head.%s_l%d%s" % (k, l, r) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                for l in (0, 1) for r in ("", "_reverse")}
+        other_mode(root, "llama_ptuning_lstm", ll, data,
+                   "{ mode: p_tuning, prompt: { virtual_tokens: %d, encoder: lstm } }" % NV, "P_TUNING", 64,
+                   lstm | {"prompt_encoder.embedding.weight", "prompt_encoder.mlp_head.0.weight",
+                           "prompt_encoder.mlp_head.0.bias", "prompt_encoder.mlp_head.2.weight",
+                           "prompt_encoder.mlp_head.2.bias"})
+        other_mode(root, "llama_prefix_proj", ll, data,
+                   "{ mode: prefix_tuning, prefix: { virtual_tokens: %d, projection: true } }" % NV, "PREFIX_TUNING",
+                   128, {"prompt_encoder.embedding.weight", "prompt_encoder.transform.0.weight",
+                         "prompt_encoder.transform.0.bias", "prompt_encoder.transform.2.weight",
+                         "prompt_encoder.transform.2.bias"})
         refusals(job)
     finally:
         shutil.rmtree(root, ignore_errors=True)

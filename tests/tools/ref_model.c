@@ -17,6 +17,8 @@
  * --teacher-precision fp32|bf16 (default fp32): the teacher's own precision (bf16: its bf16 weight copy).
  * --adapter DIR: a PEFT LoRA adapter directory applied on the model; the adapters are then the only
  * trainable tensors (grad.<name>.lora_A.weight ...; no base weight gradient exists).
+ * --lora-dropout P,SEED,STEP,SAMPLE: the adapters train with LoRA dropout P (worker/lora.h), masks keyed by
+ * SEED, STEP and the batch's first global sample index SAMPLE.
  * --qlora nf4|int8|nf4-dq|int8-dq [--qblock N]: after the adapter, the base's layer weights are quantized
  * (worker/qlora.h, -dq: double quantization); the dump adds "dequant.<name>" (HF layout) of every
  * quantized weight as the model dequantizes it and "qlora_bytes" [2] (quantized bytes, fp32 bytes they
@@ -35,6 +37,7 @@
 #include "worker/distill.h"
 #include "worker/model.h"
 #include "worker/optim.h"
+#include "worker/lora.h"
 #include "worker/qlora.h"
 
 typedef struct {
@@ -111,7 +114,7 @@ static int read_batch(const char *path, int32_t **in, int32_t **tg, float **w, i
 
 int main(int argc, char **argv) {
     const char *model_dir = NULL, *batch = NULL, *out = NULL, *sched = "constant", *precision = "fp32";
-    const char *teacher_dir = NULL, *adapter = NULL, *qlora = NULL, *t_precision = "fp32";
+    const char *teacher_dir = NULL, *adapter = NULL, *qlora = NULL, *t_precision = "fp32", *dropout = NULL;
     int qblock = 64, act_ckpt = 0;
     float kd_t = 2.0f, kd_alpha = 0.5f;
     int steps = 0;
@@ -138,6 +141,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--teacher-precision")) t_precision = v;
         else if (!strcmp(a, "--adapter")) adapter = v;
         else if (!strcmp(a, "--qlora")) qlora = v;
+        else if (!strcmp(a, "--lora-dropout")) dropout = v;
         else if (!strcmp(a, "--qblock")) qblock = atoi(v);
         else if (!strcmp(a, "--temperature")) kd_t = (float)atof(v);
         else if (!strcmp(a, "--alpha")) kd_alpha = (float)atof(v);
@@ -156,6 +160,15 @@ int main(int argc, char **argv) {
     unsigned char *all = calloc((size_t)m.cfg.n_layer, 1);
     memset(all, 1, (size_t)m.cfg.n_layer);
     if (!rc && adapter) rc = st_peft_load_dir(&m, adapter);
+    if (!rc && dropout) {
+        double p = 0;
+        unsigned long long seed = 0;
+        long long step = 0, sample = 0;
+        rc = sscanf(dropout, "%lf,%llu,%lld,%lld", &p, &seed, &step, &sample) != 4
+                 ? st_fail(ST_EINVAL, "--lora-dropout %s: expected P,SEED,STEP,SAMPLE", dropout)
+                 : st_lora_set_dropout(&m, p, seed);
+        if (!rc) st_lora_dropout_batch(&m, step, sample);
+    }
     if (!rc && qlora) {
         st_qlora_spec qs = {.quant = strncmp(qlora, "int8", 4) ? ST_QLORA_NF4 : ST_QLORA_INT8,
                             .double_quant = strstr(qlora, "-dq") != NULL, .block = qblock};

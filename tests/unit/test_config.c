@@ -400,7 +400,9 @@ static void test_unknown_keys(void **state) {
                  "'qq_proj'");
     expect_error(with("finetune: {lora: {targets: []}}\n"), 0, NULL, "finetune.lora.targets: expected a non-empty list",
                  NULL);
-    expect_error(with("finetune: {mode: lora, lora: {dropout: 0.05}}\n"), 0, NULL, "finetune.lora.dropout", "not supported");
+    expect_error(with("finetune: {mode: lora, lora: {dropout: 0.05, dora: true}}\n"), 0, NULL, "finetune.lora.dropout",
+                 "not supported");
+    expect_error(with("finetune: {mode: lora, lora: {dropout: 1.0}}\n"), 0, NULL, "finetune.lora.dropout", NULL);
     expect_error(with("train: {steps: 3, steps: 4}\n"), 0, NULL, "duplicate key 'train.steps'", NULL);
 }
 
@@ -440,8 +442,8 @@ static void test_range_errors(void **state) {
     expect_error(with("sharding: {stage: -1}\n"), 0, NULL, "sharding.stage", "0..3");
     expect_error(with("finetune: {mode: soft_prompt}\n"), 0, NULL,
                  "finetune.mode: expected one of full, frozen, progressive, lora, qlora, prompt_tuning", "got 'soft_prompt'");
-    expect_error(with("finetune: {mode: p_tuning}\n"), 0, NULL, "finetune.mode p_tuning is not supported yet", NULL);
-    expect_error(with("finetune: {mode: prefix_tuning}\n"), 0, NULL, "finetune.mode prefix_tuning is not supported yet", NULL);
+    expect_error(with("finetune: {mode: p_tuning, prompt: {encoder: gru}}\n"), 0, NULL, "finetune.prompt.encoder", NULL);
+    expect_error(with("finetune: {mode: p_tuning, prompt: {init_text: hi}}\n"), 0, NULL, "finetune.prompt.init_text", NULL);
     expect_error(with("finetune: {mode: prompt_tuning, prompt: {virtual_tokens: 0}}\n"), 0, NULL,
                  "finetune.prompt.virtual_tokens", "'0'");
     expect_error(with("finetune: {mode: qlora, qlora: {quant: fp4}}\n"), 0, NULL,

@@ -76,11 +76,20 @@ foreach(src ${ST_PYREF_TESTS})
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
 
-  # llama.cpp itself (tests/reference/llamacpp_*.py, run with `scripts/pyref --llama`: libllama built from
-  PyPI's llama-cpp-python by scripts/build_llama.sh file(GLOB ST_LLAMA_TESTS CONFIGURE_DEPENDS
-  ${CMAKE_SOURCE_DIR}/tests/reference/llamacpp_*.py foreach(src ${ST_LLAMA_TESTS} get_filename_component(name
-  ${src} NAME_WE add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} --llama ST_PYREF_TORCH_TESTS
-  ${CMAKE_SOURCE_DIR}/tests/reference/peft_*.py ${ST_PYREF_TORCH_TESTS} --torch)
+# llama.cpp itself (tests/reference/llamacpp_*.py, run with `scripts/pyref --llama`: libllama built from PyPI's
+# llama-cpp-python by scripts/build_llama.sh)
+file(GLOB ST_LLAMA_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/llamacpp_*.py)
+foreach(src ${ST_LLAMA_TESTS})
+  get_filename_component(name ${src} NAME_WE)
+  add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} --llama ${src})
+  set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
+endforeach()
+
+# the real transformers models and peft (tests/reference/peft_*.py, run with `scripts/pyref --torch`)
+file(GLOB ST_PYREF_TORCH_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/peft_*.py)
+foreach(src ${ST_PYREF_TORCH_TESTS})
+  get_filename_component(name ${src} NAME_WE)
+  add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} --torch ${src})
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
 

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "checkpoints/ckpt.h"
+
 long long st_ckpt_name_step(const char *name);
 int st_ckpt_commit_file(const char *dir, const char *partial, const char *final_path);
 int st_ckpt_write_latest(const char *dir, const char *name);
@@ -24,5 +26,29 @@ hid_t st_ckpt_select_range(hid_t fs, int ndim, const int64_t shape[2], uint64_t 
 
 /* Turns HDF5's automatic error printing off for this thread (the library never prints). */
 void st_ckpt_h5_quiet(void);
+
+/* One tensor of a snapshot: what this rank writes of it and the whole tensor's checksums. */
+typedef struct {
+    char name[96];
+    int ndim, transposed, trainable, skip;
+    int64_t shape[2], step;
+    uint64_t ma, mb, oa, ob;  /* this rank's /model and /optim element ranges */
+    const float *w, *m, *v;   /* the data of those ranges (into the snapshot's copy, or the live buffers) */
+    uint64_t sum_w, sum_m, sum_v;
+} st_ckpt_snap_param;
+
+/* Everything a checkpoint write needs, detached from the model and optimizer (see ckpt.h). */
+struct st_ckpt_snap {
+    int rank, world, n, adapters;
+    st_ckpt_snap_param *p;
+    float *buf;                       /* the copy (NULL when the snapshot borrows the live buffers) */
+    size_t copied;                    /* floats in buf */
+    uint64_t adapter_base_checksum, n_weights, n_grads;
+    st_ckpt_meta meta;                /* deep copy: every pointer below is owned */
+    char *job_spec, *model_config, *names_block;
+    const char **task_names;
+    uint64_t *loader_state, *task_checksums;
+    double *task_weighting;
+};
 
 #endif

@@ -103,12 +103,23 @@ static void report_metrics(trainer *t, int64_t step, const st_step_result *r, co
         }
         st_strbuf_append(&b, "}", 1);
     }
-    st_strbuf_append(&b, "}\n", 2);
-    if (b.data) {
-        fputs(b.data, t->metrics);
+    /* held until the step boundary is over: a checkpoint there adds ckpt_blocked_ms to this line */
+    st_trainer_metrics_flush(t);
+    t->metrics_held = b;
+}
+
+void st_trainer_metrics_flush(trainer *t) {
+    st_strbuf *b = &t->metrics_held;
+    if (t->ckpt_blocked_ms >= 0 && b->data) st_strbuf_printf(b, ",\"ckpt_blocked_ms\":%.3f", t->ckpt_blocked_ms);
+    t->ckpt_blocked_ms = -1;
+    if (!b->data) return;
+    st_strbuf_append(b, "}\n", 2);
+    if (b->data && t->metrics) {
+        fputs(b->data, t->metrics);
         fflush(t->metrics);
     }
-    st_strbuf_free(&b);
+    st_strbuf_free(b);
+    memset(b, 0, sizeof *b);
 }
 
 /* Rank 0: the console line every train.log_every steps and at the last step. */

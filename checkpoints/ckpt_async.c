@@ -22,6 +22,8 @@ struct st_ckpt_async {
     int pending;     /* started, not collected */
     volatile int finished;
     st_ckpt_snap *snap;
+    float *buf;      /* the snapshot's copy, kept from save to save */
+    size_t buf_cap;
     char dir[1024];
     int keep_last;
     /* the result */
@@ -58,7 +60,8 @@ int st_ckpt_async_start(st_ckpt_async *a, const char *dir, const st_model *m, co
                         const st_ckpt_meta *meta, int keep_last, double *blocked_seconds) {
     double t0 = st_now();
     if (a->pending) return st_fail(ST_EINVAL, "checkpoint: a background write is still pending");
-    int rc = st_ckpt_snapshot(a->comm, m, o, meta, 1, &a->snap); /* same ranks as the training comm */
+    /* on the writer's communicator (same ranks as the training one; no write runs now) */
+    int rc = st_ckpt_snapshot_reuse(a->comm, m, o, meta, 1, &a->buf, &a->buf_cap, &a->snap);
     if (rc) return rc;
     snprintf(a->dir, sizeof a->dir, "%s", dir);
     a->keep_last = keep_last;
@@ -96,5 +99,6 @@ void st_ckpt_async_free(st_ckpt_async *a) {
     if (!a) return;
     st_ckpt_async_wait(a, NULL, NULL, NULL);
     MPI_Comm_free(&a->comm);
+    free(a->buf);
     free(a);
 }

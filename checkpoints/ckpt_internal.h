@@ -34,7 +34,7 @@ typedef struct {
     int64_t shape[2], step;
     uint64_t ma, mb, oa, ob;  /* this rank's /model and /optim element ranges */
     const float *w, *m, *v;   /* the data of those ranges (into the snapshot's copy, or the live buffers) */
-    uint64_t sum_w, sum_m, sum_v;
+    uint64_t sum_w;           /* skipped (frozen base) tensors only: the whole tensor's checksum */
 } st_ckpt_snap_param;
 
 /* Everything a checkpoint write needs, detached from the model and optimizer (see ckpt.h). */
@@ -42,6 +42,7 @@ struct st_ckpt_snap {
     int rank, world, n, adapters;
     st_ckpt_snap_param *p;
     float *buf;                       /* the copy (NULL when the snapshot borrows the live buffers) */
+    int buf_borrowed;                 /* buf belongs to the caller of st_ckpt_snapshot_reuse */
     size_t copied;                    /* floats in buf */
     uint64_t adapter_base_checksum, n_weights, n_grads;
     st_ckpt_meta meta;                /* deep copy: every pointer below is owned */
@@ -50,5 +51,14 @@ struct st_ckpt_snap {
     uint64_t *loader_state, *task_checksums;
     double *task_weighting;
 };
+
+/* st_ckpt_snapshot with a copy buffer the caller keeps between saves (*keep, *keep_cap floats; grown
+ * when too small): the background writer reuses it, so its pages are not faulted in again. */
+int st_ckpt_snapshot_reuse(MPI_Comm comm, const st_model *m, const st_optim *o, const st_ckpt_meta *meta, int copy,
+                           float **keep, size_t *keep_cap, st_ckpt_snap **out);
+
+/* Collective over the writer's communicator: every tensor's three whole-tensor checksums into
+ * sums[3 * n] (model, exp_avg, exp_avg_sq), from the snapshot's data. */
+int st_ckpt_snap_sums(MPI_Comm comm, const st_ckpt_snap *s, uint64_t *sums);
 
 #endif

@@ -78,7 +78,9 @@ static size_t plan(st_ckpt_snap *s, const st_model *m, const st_optim *o, uint64
     return total;
 }
 
-/* Copies (or points at) the data of every range and sums this rank's checksums. */
+/* Copies (or points at) the data of every range. Only the checksums of the tensors left out (the frozen
+ * base under adapters: not copied) are summed here; the others are the write's work (st_ckpt_snap_sums),
+ * off the training's critical path. */
 static void fill(st_ckpt_snap *s, const st_model *m, const st_optim *o, int borrow) {
     const st_backend *be = m->be;
     float *at = s->buf;
@@ -104,7 +106,7 @@ static void fill(st_ckpt_snap *s, const st_model *m, const st_optim *o, int borr
                 be->copy_to_host(piece, live + k, c * sizeof(float));
                 q->sum_w += st_ckpt_checksum(piece, q->ma + k, c); /* partial sums add up (ckpt.h) */
             }
-        } else q->sum_w = st_ckpt_checksum(q->w, q->ma, nw);
+        } else if (q->skip) q->sum_w = st_ckpt_checksum(q->w, q->ma, nw);
         st_model_release(m, i, i + 1);
         if (!q->trainable) continue;
         size_t off = (size_t)p->grad_offset + q->oa - o->lo;
@@ -120,36 +122,46 @@ static void fill(st_ckpt_snap *s, const st_model *m, const st_optim *o, int borr
             q->v = at + no;
             at += 2 * no;
         }
-        q->sum_m = st_ckpt_checksum(q->m, q->oa, no);
-        q->sum_v = st_ckpt_checksum(q->v, q->oa, no);
     }
 }
 
-/* Sums every tensor's three checksums across the ranks. */
-static int sum_checksums(st_ckpt_snap *s, const st_model *m, MPI_Comm comm) {
-    uint64_t *sums = malloc((3 * (size_t)s->n + 1) * sizeof(uint64_t));
+/* The frozen base's checksums (adapters only), summed across the ranks, and their combination. */
+static int sum_base(st_ckpt_snap *s, const st_model *m, MPI_Comm comm) {
+    s->adapters = m->lora || m->prompt;
+    if (!s->adapters) return 0;
+    uint64_t *sums = calloc(3 * (size_t)s->n + 1, sizeof(uint64_t));
     int rc = sums ? 0 : st_fail(ST_ENOMEM, "out of memory staging a checkpoint"), worst;
     MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MIN, comm);
     if (worst) { free(sums); return rc ? rc : st_fail(ST_ENOMEM, "out of memory staging a checkpoint on another rank"); }
+    for (int i = 0; i < s->n; i++) sums[3 * i] = s->p[i].skip ? s->p[i].sum_w : 0;
+    MPI_Allreduce(MPI_IN_PLACE, sums, 3 * s->n, MPI_UINT64_T, MPI_SUM, comm);
+    for (int i = 0; i < s->n; i++)
+        if (s->p[i].skip) s->p[i].sum_w = sums[3 * i];
+    s->adapter_base_checksum = st_ckpt_base_checksum(m, sums, 3);
+    free(sums);
+    return 0;
+}
+
+int st_ckpt_snap_sums(MPI_Comm comm, const st_ckpt_snap *s, uint64_t *sums) {
     for (int i = 0; i < s->n; i++) {
-        sums[3 * i] = s->p[i].sum_w;
-        sums[3 * i + 1] = s->p[i].sum_m;
-        sums[3 * i + 2] = s->p[i].sum_v;
+        const st_ckpt_snap_param *q = &s->p[i];
+        sums[3 * i] = q->skip ? 0 : st_ckpt_checksum(q->w, q->ma, q->mb - q->ma);
+        sums[3 * i + 1] = q->trainable ? st_ckpt_checksum(q->m, q->oa, q->ob - q->oa) : 0;
+        sums[3 * i + 2] = q->trainable ? st_ckpt_checksum(q->v, q->oa, q->ob - q->oa) : 0;
     }
     MPI_Allreduce(MPI_IN_PLACE, sums, 3 * s->n, MPI_UINT64_T, MPI_SUM, comm);
-    for (int i = 0; i < s->n; i++) {
-        s->p[i].sum_w = sums[3 * i];
-        s->p[i].sum_m = sums[3 * i + 1];
-        s->p[i].sum_v = sums[3 * i + 2];
-    }
-    s->adapters = m->lora || m->prompt;
-    if (s->adapters) s->adapter_base_checksum = st_ckpt_base_checksum(m, sums, 3);
-    free(sums);
+    for (int i = 0; i < s->n; i++)
+        if (s->p[i].skip) sums[3 * i] = s->p[i].sum_w; /* summed at the snapshot */
     return 0;
 }
 
 int st_ckpt_snapshot(MPI_Comm comm, const st_model *m, const st_optim *o, const st_ckpt_meta *meta, int copy,
                      st_ckpt_snap **out) {
+    return st_ckpt_snapshot_reuse(comm, m, o, meta, copy, NULL, NULL, out);
+}
+
+int st_ckpt_snapshot_reuse(MPI_Comm comm, const st_model *m, const st_optim *o, const st_ckpt_meta *meta, int copy,
+                           float **keep, size_t *keep_cap, st_ckpt_snap **out) {
     *out = NULL;
     st_ckpt_snap *s = calloc(1, sizeof *s);
     int rc = s ? 0 : st_fail(ST_ENOMEM, "out of memory staging a checkpoint");
@@ -174,11 +186,20 @@ int st_ckpt_snapshot(MPI_Comm comm, const st_model *m, const st_optim *o, const 
     int borrow = !copy && m->be->host_memory && !m->acquire && !m->qlora && (o->m || o->hi == o->lo);
     if (!rc) {
         size_t n = plan(s, m, o, share_lo, share_hi);
-        if (!borrow) {
+        if (!borrow && keep && *keep_cap >= n && *keep) {
+            s->buf = *keep; /* already faulted in by an earlier save: no page faults on the critical path */
+            s->buf_borrowed = 1;
+        } else if (!borrow) {
             s->buf = malloc((n ? n : 1) * sizeof(float));
-            s->copied = n;
             if (!s->buf) rc = st_fail(ST_ENOMEM, "out of memory staging a checkpoint (%.1f MB of host memory)", n * 4e-6);
+            else if (keep) { /* the caller keeps it for the next snapshot */
+                free(*keep);
+                *keep = s->buf;
+                *keep_cap = n;
+                s->buf_borrowed = 1;
+            }
         }
+        s->copied = n;
     }
     int worst = rc;
     MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MIN, comm);
@@ -187,7 +208,7 @@ int st_ckpt_snapshot(MPI_Comm comm, const st_model *m, const st_optim *o, const 
         return rc ? rc : st_fail(worst, "staging a checkpoint failed on another rank");
     }
     fill(s, m, o, borrow);
-    rc = sum_checksums(s, m, comm);
+    rc = sum_base(s, m, comm);
     if (rc) { st_ckpt_snap_free(s); return rc; }
     *out = s;
     return 0;
@@ -198,7 +219,7 @@ size_t st_ckpt_snap_bytes(const st_ckpt_snap *s) { return s && s->buf ? s->copie
 void st_ckpt_snap_free(st_ckpt_snap *s) {
     if (!s) return;
     free(s->p);
-    free(s->buf);
+    if (!s->buf_borrowed) free(s->buf);
     free(s->job_spec);
     free(s->model_config);
     free(s->names_block);

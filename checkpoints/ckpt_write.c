@@ -183,7 +183,7 @@ static int write_root(writer *w, const st_ckpt_meta *meta, int world) {
 
 /* ---------------- the file ---------------- */
 
-static int write_file(writer *w, const st_ckpt_snap *s) {
+static int write_file(writer *w, const st_ckpt_snap *s, const uint64_t *sums) {
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
     H5Pset_fapl_mpio(fapl, w->comm, MPI_INFO_NULL);
     /* every rank makes every metadata call anyway: let HDF5 treat them (and the flush) as collective */
@@ -210,15 +210,15 @@ static int write_file(writer *w, const st_ckpt_snap *s) {
         const st_ckpt_snap_param *p = &s->p[i];
         if (p->skip) continue; /* the frozen base: only its checksum is kept */
         snprintf(label, sizeof label, "model/%s", p->name);
-        rc = write_tensor(w, gm, p->name, label, p->ndim, p->shape, p->w, p->ma, p->mb, p->sum_w, -1, p->transposed);
+        rc = write_tensor(w, gm, p->name, label, p->ndim, p->shape, p->w, p->ma, p->mb, sums[3 * i], -1, p->transposed);
         if (rc || !p->trainable) continue;
         hid_t g = H5Gcreate2(go, p->name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         rc = agree(w, g < 0 ? st_fail(ST_EIO, "checkpoint %s: cannot create group optim/%s", w->path, p->name) : 0);
         if (rc) { if (g >= 0) H5Gclose(g); break; }
         snprintf(label, sizeof label, "optim/%s/exp_avg", p->name);
-        rc = write_tensor(w, g, "exp_avg", label, p->ndim, p->shape, p->m, p->oa, p->ob, p->sum_m, p->step, 0);
+        rc = write_tensor(w, g, "exp_avg", label, p->ndim, p->shape, p->m, p->oa, p->ob, sums[3 * i + 1], p->step, 0);
         snprintf(label, sizeof label, "optim/%s/exp_avg_sq", p->name);
-        if (!rc) rc = write_tensor(w, g, "exp_avg_sq", label, p->ndim, p->shape, p->v, p->oa, p->ob, p->sum_v, p->step, 0);
+        if (!rc) rc = write_tensor(w, g, "exp_avg_sq", label, p->ndim, p->shape, p->v, p->oa, p->ob, sums[3 * i + 2], p->step, 0);
         H5Gclose(g);
     }
     if (gm >= 0) H5Gclose(gm);
@@ -288,7 +288,11 @@ int st_ckpt_write_snapshot(MPI_Comm comm, const char *dir, const st_ckpt_snap *s
         else st_ckpt_remove_partials(dir);
         if (!rc) rc = reserve_space(partial, s, &s->meta);
     }
-    if (!(rc = agree(&w, rc))) rc = write_file(&w, s);
+    uint64_t *sums = calloc(3 * (size_t)s->n + 1, sizeof(uint64_t));
+    if (!rc && !sums) rc = st_fail(ST_ENOMEM, "out of memory writing a checkpoint");
+    if (!(rc = agree(&w, rc))) rc = st_ckpt_snap_sums(comm, s, sums);
+    if (!rc) rc = write_file(&w, s, sums);
+    free(sums);
     if (!rc) test_delay();
     if (w.rank == 0) {
         if (!rc) rc = st_ckpt_commit_file(dir, partial, path);

@@ -146,8 +146,12 @@ static void report_console(const trainer *t, int64_t step, const st_step_result 
 void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const double *val, const double *val_n) {
     uint64_t step_tokens = (uint64_t)t->world * t->slots * t->T;
     double tps = step_tokens / r->seconds;
-    /* model FLOPs utilization of a full training step (6N + 12 L T C per token) */
-    double mfu = t->peak_flops > 0 ? st_model_flops_per_token(&t->model, t->T) * tps / t->peak_flops : 0.0;
+    /* FLOPs utilization of the step as performed (frozen layers, adapters, recomputation, attention) */
+    /* the FLOPs the step performs (st_model_step_flops), with a distillation teacher's forward */
+    double fpt = st_model_flops_per_token(&t->model, t->T);
+    if (t->kd_on && t->teacher.B * t->teacher.T > 0)
+        fpt += st_model_step_flops(&t->teacher, 0) / ((double)t->teacher.B * t->teacher.T);
+    double mfu = t->peak_flops > 0 ? fpt * tps / t->peak_flops : 0.0;
     (void)val_n;
     report_telemetry(t, step, r, mfu);
     if (t->rank != 0) return;

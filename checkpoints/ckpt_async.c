@@ -50,7 +50,7 @@ int st_ckpt_async_init(MPI_Comm comm, st_ckpt_async **out) {
 
 static void *writer_main(void *arg) {
     st_ckpt_async *a = arg;
-    a->rc = st_ckpt_write_snapshot(a->comm, a->dir, a->snap, a->keep_last, a->name, &a->seconds);
+    a->rc = st_ckpt_write_prepared(a->comm, a->dir, a->snap, a->keep_last, a->name, &a->seconds);
     if (a->rc) snprintf(a->msg, sizeof a->msg, "%s", st_error());
     __atomic_store_n(&a->finished, 1, __ATOMIC_RELEASE);
     return NULL;
@@ -62,7 +62,12 @@ int st_ckpt_async_start(st_ckpt_async *a, const char *dir, const st_model *m, co
     if (a->pending) return st_fail(ST_EINVAL, "checkpoint: a background write is still pending");
     /* on the writer's communicator (same ranks as the training one; no write runs now) */
     int rc = st_ckpt_snapshot_reuse(a->comm, m, o, meta, 1, &a->buf, &a->buf_cap, &a->snap);
-    if (rc) return rc;
+    if (!rc) rc = st_ckpt_prepare(a->comm, dir, a->snap); /* a full disk fails here, at the save step */
+    if (rc) {
+        st_ckpt_snap_free(a->snap);
+        a->snap = NULL;
+        return rc;
+    }
     snprintf(a->dir, sizeof a->dir, "%s", dir);
     a->keep_last = keep_last;
     a->rc = 0;

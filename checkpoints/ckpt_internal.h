@@ -57,6 +57,14 @@ struct st_ckpt_snap {
 int st_ckpt_snapshot_reuse(MPI_Comm comm, const st_model *m, const st_optim *o, const st_ckpt_meta *meta, int copy,
                            float **keep, size_t *keep_cap, st_ckpt_snap **out);
 
+/* The two halves of st_ckpt_write_snapshot, both collective. prepare: rank 0 creates the directory,
+ * removes stale partial files and reserves the file's size (a full disk or a file-size limit fails
+ * here, before any write: the async writer runs it on the training thread, so such a failure is
+ * reported at the save step itself). write_prepared: checksums, the HDF5 file, the commit. */
+int st_ckpt_prepare(MPI_Comm comm, const char *dir, const st_ckpt_snap *s);
+int st_ckpt_write_prepared(MPI_Comm comm, const char *dir, const st_ckpt_snap *s, int keep_last, char *name_out,
+                           double *write_seconds);
+
 /* Collective over the writer's communicator: every tensor's three whole-tensor checksums into
  * sums[3 * n] (model, exp_avg, exp_avg_sq), from the snapshot's data. */
 int st_ckpt_snap_sums(MPI_Comm comm, const st_ckpt_snap *s, uint64_t *sums);

@@ -266,19 +266,19 @@ static void test_delay(void) {
     if (ms > 0) usleep((useconds_t)ms * 1000);
 }
 
-int st_ckpt_write_snapshot(MPI_Comm comm, const char *dir, const st_ckpt_snap *s, int keep_last, char *name_out,
-                           double *write_seconds) {
-    st_h5_lock();
-    st_ckpt_h5_quiet();
-    double t0 = st_now();
+static void paths(const char *dir, const st_ckpt_snap *s, char name[ST_CKPT_NAME_MAX], char *path, size_t path_len,
+                  char *partial, size_t partial_len) {
+    snprintf(name, ST_CKPT_NAME_MAX, "step-%08lld.h5", (long long)s->meta.step);
+    snprintf(path, path_len, "%s/%s", dir, name);
+    snprintf(partial, partial_len, "%s.partial", path);
+}
+
+int st_ckpt_prepare(MPI_Comm comm, const char *dir, const st_ckpt_snap *s) {
     writer w = {.comm = comm};
     MPI_Comm_rank(comm, &w.rank);
     MPI_Comm_size(comm, &w.world);
     char name[ST_CKPT_NAME_MAX], path[1200], partial[1300];
-    snprintf(name, sizeof name, "step-%08lld.h5", (long long)s->meta.step);
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    snprintf(partial, sizeof partial, "%s.partial", path);
-    w.path = partial;
+    paths(dir, s, name, path, sizeof path, partial, sizeof partial);
     int rc = w.rank != s->rank || w.world != s->world
                  ? st_fail(ST_EINVAL, "checkpoint: the snapshot was taken on another communicator")
                  : 0;
@@ -288,8 +288,22 @@ int st_ckpt_write_snapshot(MPI_Comm comm, const char *dir, const st_ckpt_snap *s
         else st_ckpt_remove_partials(dir);
         if (!rc) rc = reserve_space(partial, s, &s->meta);
     }
+    return agree(&w, rc);
+}
+
+int st_ckpt_write_prepared(MPI_Comm comm, const char *dir, const st_ckpt_snap *s, int keep_last, char *name_out,
+                           double *write_seconds) {
+    st_h5_lock();
+    st_ckpt_h5_quiet();
+    double t0 = st_now();
+    writer w = {.comm = comm};
+    MPI_Comm_rank(comm, &w.rank);
+    MPI_Comm_size(comm, &w.world);
+    char name[ST_CKPT_NAME_MAX], path[1200], partial[1300];
+    paths(dir, s, name, path, sizeof path, partial, sizeof partial);
+    w.path = partial;
     uint64_t *sums = calloc(3 * (size_t)s->n + 1, sizeof(uint64_t));
-    if (!rc && !sums) rc = st_fail(ST_ENOMEM, "out of memory writing a checkpoint");
+    int rc = sums ? 0 : st_fail(ST_ENOMEM, "out of memory writing a checkpoint");
     if (!(rc = agree(&w, rc))) rc = st_ckpt_snap_sums(comm, s, sums);
     if (!rc) rc = write_file(&w, s, sums);
     free(sums);
@@ -303,6 +317,15 @@ int st_ckpt_write_snapshot(MPI_Comm comm, const char *dir, const st_ckpt_snap *s
     rc = agree(&w, rc);
     st_h5_unlock();
     if (!rc && name_out) snprintf(name_out, ST_CKPT_NAME_MAX, "%s", name);
+    if (write_seconds) *write_seconds = st_now() - t0;
+    return rc;
+}
+
+int st_ckpt_write_snapshot(MPI_Comm comm, const char *dir, const st_ckpt_snap *s, int keep_last, char *name_out,
+                           double *write_seconds) {
+    double t0 = st_now();
+    int rc = st_ckpt_prepare(comm, dir, s);
+    if (!rc) rc = st_ckpt_write_prepared(comm, dir, s, keep_last, name_out, NULL);
     if (write_seconds) *write_seconds = st_now() - t0;
     return rc;
 }

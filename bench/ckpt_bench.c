@@ -1,8 +1,10 @@
 /* ckpt_bench.c — checkpoint write throughput vs the raw sequential write bandwidth of the same
  * directory (measured in the same run, dd-like: write + fsync of a file of the same size), the time
- * training is blocked per save (saves are synchronous: the whole st_ckpt_save), and the resume time
- * (load model + this rank's optimizer range, checksums verified). Prints a table of medians over the
- * repetitions (the machine is shared: medians are steadier than means), plus the best save.
+ * training is blocked per save, synchronous (the whole st_ckpt_save) and asynchronous (the same state
+ * through st_ckpt_async_start: snapshot + prepare + thread start; then its write is waited for and timed),
+ * and the resume time (load model + this rank's optimizer range, checksums verified). Prints a table of
+ * medians over the repetitions (the machine is shared: medians are steadier than means), plus the best
+ * save. Numbers with their load averages: bench/RESULTS.md.
  *
  * Measured (default model: llama L4 D256 V8192, 85.4 MB file, 2 ranks, ZeRO-1, 2 shared cores, medians of
  * 5 saves, 4 interleaved rounds, old and new writer in the same run; raw here is page-cache speed,

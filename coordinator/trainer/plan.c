@@ -251,6 +251,14 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     size_t copies = rank > 0 ? 0
                     : m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float)
                               : 2 * m->n_weights * sizeof(float);
+    /* checkpoint.async (checkpoints/ckpt_snap.c): the snapshot's host copy of this rank's /model chunks
+     * (adapters only with LoRA) and /optim share, kept from the first save to the end of the run */
+    size_t snap = 0;
+    if (c->checkpoint.async) {
+        size_t written = m->lora || m->prompt ? m->n_weights - m->n_base_weights : m->n_weights;
+        snap = ((written + (size_t)world - 1) / (size_t)world + 2 * sp->shard) * sizeof(float);
+    }
+    r->buffers += snap;
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group, shard_grads +
                         z3_recv (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;

@@ -95,6 +95,49 @@ typedef struct {
 int st_ckpt_save(MPI_Comm comm, const char *dir, const st_model *m, const st_optim *o, const st_ckpt_meta *meta,
                  int keep_last, char *name_out, double *write_seconds);
 
+/* ---- snapshots and asynchronous saves ----
+ * A save is two halves: a snapshot (collective over the training communicator: this rank's share of
+ * the weights and optimizer moments copied to host memory, device-to-host through the backend's
+ * copy_to_host slot, the checksums summed across ranks, the metadata deep-copied) and the write of
+ * that snapshot (collective parallel HDF5 + atomic commit). The write touches neither the model nor
+ * the optimizer, so training may go on while it runs. st_ckpt_save is both halves in a row (with a
+ * host-memory model the snapshot borrows the live buffers instead of copying them). */
+typedef struct st_ckpt_snap st_ckpt_snap;
+
+/* Collective. copy = 0 may borrow the live buffers (host memory, no ZeRO-3/QLoRA residency): the
+ * snapshot is then valid only until the weights change. */
+int st_ckpt_snapshot(MPI_Comm comm, const st_model *m, const st_optim *o, const st_ckpt_meta *meta, int copy,
+                     st_ckpt_snap **out);
+/* Collective over `comm` (same ranks and order as the snapshot's). As st_ckpt_save. */
+int st_ckpt_write_snapshot(MPI_Comm comm, const char *dir, const st_ckpt_snap *s, int keep_last, char *name_out,
+                           double *write_seconds);
+void st_ckpt_snap_free(st_ckpt_snap *s);
+/* Bytes of host memory the snapshot holds (0 when it borrows). */
+size_t st_ckpt_snap_bytes(const st_ckpt_snap *s);
+
+/* The background writer: one write at a time, on a thread of its own with its own communicator
+ * (MPI_Comm_dup of the training communicator; needs MPI_THREAD_MULTIPLE). HDF5 here is not built
+ * thread-safe: while a write runs, other HDF5 calls of the process must hold st_h5_lock (common/util.h). */
+typedef struct st_ckpt_async st_ckpt_async;
+
+/* Collective. ST_EINVAL (message says why) when MPI does not provide MPI_THREAD_MULTIPLE. */
+int st_ckpt_async_init(MPI_Comm comm, st_ckpt_async **out);
+/* Collective over the training communicator. Takes a snapshot (copy) and starts its write in the
+ * background; the previous write must have been collected (st_ckpt_async_wait). *blocked_seconds:
+ * the time the caller was held (snapshot + thread start). A snapshot failure returns its code and
+ * starts nothing. */
+int st_ckpt_async_start(st_ckpt_async *a, const char *dir, const st_model *m, const st_optim *o,
+                        const st_ckpt_meta *meta, int keep_last, double *blocked_seconds);
+/* Local: 1 while a started write has not been collected yet and is still running. */
+int st_ckpt_async_running(const st_ckpt_async *a);
+/* Local: 1 when a write was started and not collected. */
+int st_ckpt_async_pending(const st_ckpt_async *a);
+/* Waits for the write and collects it: its code (the same on every rank), step, file name and
+ * write time. 0 with *step = -1 when nothing was pending. */
+int st_ckpt_async_wait(st_ckpt_async *a, int64_t *step, char *name_out, double *write_seconds);
+/* Waits for a pending write (its result is dropped), frees the communicator. NULL is fine. */
+void st_ckpt_async_free(st_ckpt_async *a);
+
 /* ---- reading ---- */
 
 typedef struct {

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "checkpoints/ckpt.h"
+
 long long st_ckpt_name_step(const char *name);
 int st_ckpt_commit_file(const char *dir, const char *partial, const char *final_path);
 int st_ckpt_write_latest(const char *dir, const char *name);
@@ -24,5 +26,47 @@ hid_t st_ckpt_select_range(hid_t fs, int ndim, const int64_t shape[2], uint64_t 
 
 /* Turns HDF5's automatic error printing off for this thread (the library never prints). */
 void st_ckpt_h5_quiet(void);
+
+/* One tensor of a snapshot: what this rank writes of it and the whole tensor's checksums. */
+typedef struct {
+    char name[96];
+    int ndim, transposed, trainable, skip;
+    int64_t shape[2], step;
+    uint64_t ma, mb, oa, ob;  /* this rank's /model and /optim element ranges */
+    const float *w, *m, *v;   /* the data of those ranges (into the snapshot's copy, or the live buffers) */
+    uint64_t sum_w;           /* skipped (frozen base) tensors only: the whole tensor's checksum */
+} st_ckpt_snap_param;
+
+/* Everything a checkpoint write needs, detached from the model and optimizer (see ckpt.h). */
+struct st_ckpt_snap {
+    int rank, world, n, adapters;
+    st_ckpt_snap_param *p;
+    float *buf;                       /* the copy (NULL when the snapshot borrows the live buffers) */
+    int buf_borrowed;                 /* buf belongs to the caller of st_ckpt_snapshot_reuse */
+    size_t copied;                    /* floats in buf */
+    uint64_t adapter_base_checksum, n_weights, n_grads;
+    st_ckpt_meta meta;                /* deep copy: every pointer below is owned */
+    char *job_spec, *model_config, *names_block;
+    const char **task_names;
+    uint64_t *loader_state, *task_checksums;
+    double *task_weighting;
+};
+
+/* st_ckpt_snapshot with a copy buffer the caller keeps between saves (*keep, *keep_cap floats; grown
+ * when too small): the background writer reuses it, so its pages are not faulted in again. */
+int st_ckpt_snapshot_reuse(MPI_Comm comm, const st_model *m, const st_optim *o, const st_ckpt_meta *meta, int copy,
+                           float **keep, size_t *keep_cap, st_ckpt_snap **out);
+
+/* The two halves of st_ckpt_write_snapshot, both collective. prepare: rank 0 creates the directory,
+ * removes stale partial files and reserves the file's size (a full disk or a file-size limit fails
+ * here, before any write: the async writer runs it on the training thread, so such a failure is
+ * reported at the save step itself). write_prepared: checksums, the HDF5 file, the commit. */
+int st_ckpt_prepare(MPI_Comm comm, const char *dir, const st_ckpt_snap *s);
+int st_ckpt_write_prepared(MPI_Comm comm, const char *dir, const st_ckpt_snap *s, int keep_last, char *name_out,
+                           double *write_seconds);
+
+/* Collective over the writer's communicator: every tensor's three whole-tensor checksums into
+ * sums[3 * n] (model, exp_avg, exp_avg_sq), from the snapshot's data. */
+int st_ckpt_snap_sums(MPI_Comm comm, const st_ckpt_snap *s, uint64_t *sums);
 
 #endif

@@ -150,18 +150,6 @@ static int write_tensor(writer *w, hid_t group, const char *name, const char *la
     return agree(w, rc);
 }
 
-/* ---------------- ownership ---------------- */
-
-/* The rank's write range of parameter p in /optim, param-relative, or a == b when it owns nothing:
- * its even share [r*shard, (r+1)*shard) of the padded compact space, intersected with p. */
-static void optim_part(const st_param *p, uint64_t share_lo, uint64_t share_hi, uint64_t *a, uint64_t *b) {
-    uint64_t s = (uint64_t)p->grad_offset, e = s + p->numel;
-    uint64_t lo = s > share_lo ? s : share_lo, hi = e < share_hi ? e : share_hi;
-    if (lo >= hi) { *a = *b = 0; return; }
-    *a = lo - s;
-    *b = hi - s;
-}
-
 /* ---------------- root attributes ---------------- */
 
 static int write_root(writer *w, const st_ckpt_meta *meta, int world) {
@@ -195,57 +183,7 @@ static int write_root(writer *w, const st_ckpt_meta *meta, int world) {
 
 /* ---------------- the file ---------------- */
 
-typedef struct {
-    float *weights, *m, *v;
-    int borrowed;   /* host backend: weights/m/v point at the live buffers (no copy) */
-    uint64_t *sums; /* [3 * n_params]: model, exp_avg, exp_avg_sq */
-} staging;
-
-static int stage_host(const st_model *m, const st_optim *o, int world, int rank, uint64_t share_lo,
-                      uint64_t share_hi, staging *s, MPI_Comm comm) {
-    size_t n_opt = o->hi - o->lo;
-    /* On the CPU backend the live buffers are host memory and nothing changes them during a save:
-     * write from them directly instead of holding a second copy of the whole state. */
-    s->borrowed = m->be->host_memory && (o->m || !n_opt);
-    if (s->borrowed) {
-        s->weights = m->weights;
-        s->m = o->m;
-        s->v = o->v;
-    } else {
-        s->weights = malloc(m->n_weights * sizeof(float));
-        s->m = malloc((n_opt ? n_opt : 1) * sizeof(float));
-        s->v = malloc((n_opt ? n_opt : 1) * sizeof(float));
-    }
-    s->sums = calloc(3 * (size_t)m->n_params + 1, sizeof(uint64_t));
-    int missing = !s->weights || (n_opt && (!s->m || !s->v)) || !s->sums;
-    int rc = missing ? st_fail(ST_ENOMEM, "out of memory staging a checkpoint") : 0;
-    int worst = rc;
-    MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MIN, comm);
-    if (worst) return rc ? rc : st_fail(ST_ENOMEM, "out of memory staging a checkpoint on another rank");
-    if (!s->borrowed) m->be->copy_to_host(s->weights, m->weights, m->n_weights * sizeof(float));
-    if (!s->borrowed && n_opt && o->m) {
-        m->be->copy_to_host(s->m, o->m, n_opt * sizeof(float));
-        m->be->copy_to_host(s->v, o->v, n_opt * sizeof(float));
-    }
-    for (int i = 0; i < m->n_params; i++) {
-        const st_param *p = &m->params[i];
-        uint64_t a, b;
-        st_ckpt_model_part(p->ndim, p->shape, world, rank, i, &a, &b);
-        st_model_acquire(m, i, i + 1); /* ZeRO-3: one tensor gathered at a time */
-        s->sums[3 * i] = st_ckpt_checksum(s->weights + p->offset + a, a, b - a);
-        st_model_release(m, i, i + 1);
-        if (p->grad_offset < 0) continue;
-        optim_part(p, share_lo, share_hi, &a, &b);
-        size_t at = (size_t)p->grad_offset + a - o->lo;
-        s->sums[3 * i + 1] = st_ckpt_checksum(s->m + at, a, b - a);
-        s->sums[3 * i + 2] = st_ckpt_checksum(s->v + at, a, b - a);
-    }
-    MPI_Allreduce(MPI_IN_PLACE, s->sums, 3 * m->n_params, MPI_UINT64_T, MPI_SUM, comm);
-    return 0;
-}
-
-static int write_file(writer *w, const st_model *m, const st_optim *o, const st_ckpt_meta *meta, staging *s,
-                      uint64_t share_lo, uint64_t share_hi) {
+static int write_file(writer *w, const st_ckpt_snap *s, const uint64_t *sums) {
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
     H5Pset_fapl_mpio(fapl, w->comm, MPI_INFO_NULL);
     /* every rank makes every metadata call anyway: let HDF5 treat them (and the flush) as collective */
@@ -259,37 +197,28 @@ static int write_file(writer *w, const st_model *m, const st_optim *o, const st_
     H5Pset_dxpl_mpio(w->dxpl, H5FD_MPIO_COLLECTIVE); /* required for filtered datasets */
     H5Pset_dxpl_mpio_chunk_opt(w->dxpl, H5FD_MPIO_CHUNK_ONE_IO);
     H5Pset_dxpl_mpio_collective_opt(w->dxpl, H5FD_MPIO_INDIVIDUAL_IO);
-    rc = agree(w, write_root(w, meta, w->world));
+    rc = agree(w, write_root(w, &s->meta, w->world));
     hid_t gm = H5Gcreate2(w->file, "model", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     hid_t go = H5Gcreate2(w->file, "optim", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     if (!rc && (gm < 0 || go < 0)) rc = st_fail(ST_EIO, "checkpoint %s: cannot create groups: %s", w->path, st_ckpt_h5_reason());
     rc = rc ? rc : agree(w, rc);
     char label[160];
-    if (!rc && (m->lora || m->prompt) && attr_u64(w->file, "adapter_base_checksum", st_ckpt_base_checksum(m, s->sums, 3)))
+    if (!rc && s->adapters && attr_u64(w->file, "adapter_base_checksum", s->adapter_base_checksum))
         rc = st_fail(ST_EIO, "checkpoint %s: writing adapter_base_checksum failed: %s", w->path, st_ckpt_h5_reason());
     rc = rc ? rc : agree(w, rc);
-    for (int i = 0; !rc && i < m->n_params; i++) {
-        const st_param *p = &m->params[i];
-        uint64_t a, b;
-        if (st_ckpt_skips_tensor(m, i)) continue; /* the frozen base: only its checksum is kept */
-        st_ckpt_model_part(p->ndim, p->shape, w->world, w->rank, i, &a, &b);
+    for (int i = 0; !rc && i < s->n; i++) {
+        const st_ckpt_snap_param *p = &s->p[i];
+        if (p->skip) continue; /* the frozen base: only its checksum is kept */
         snprintf(label, sizeof label, "model/%s", p->name);
-        st_model_acquire(m, i, i + 1);
-        rc = write_tensor(w, gm, p->name, label, p->ndim, p->shape, s->weights + p->offset + a, a, b, s->sums[3 * i],
-                          -1, p->ndim == 2 && p->transpose_io);
-        st_model_release(m, i, i + 1);
-        if (rc || p->grad_offset < 0) continue;
+        rc = write_tensor(w, gm, p->name, label, p->ndim, p->shape, p->w, p->ma, p->mb, sums[3 * i], -1, p->transposed);
+        if (rc || !p->trainable) continue;
         hid_t g = H5Gcreate2(go, p->name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         rc = agree(w, g < 0 ? st_fail(ST_EIO, "checkpoint %s: cannot create group optim/%s", w->path, p->name) : 0);
         if (rc) { if (g >= 0) H5Gclose(g); break; }
-        optim_part(p, share_lo, share_hi, &a, &b);
-        size_t at = (size_t)p->grad_offset + a - o->lo;
         snprintf(label, sizeof label, "optim/%s/exp_avg", p->name);
-        rc = write_tensor(w, g, "exp_avg", label, p->ndim, p->shape, s->m + at, a, b, s->sums[3 * i + 1],
-                          o->param_step[i], 0);
+        rc = write_tensor(w, g, "exp_avg", label, p->ndim, p->shape, p->m, p->oa, p->ob, sums[3 * i + 1], p->step, 0);
         snprintf(label, sizeof label, "optim/%s/exp_avg_sq", p->name);
-        if (!rc) rc = write_tensor(w, g, "exp_avg_sq", label, p->ndim, p->shape, s->v + at, a, b, s->sums[3 * i + 2],
-                                   o->param_step[i], 0);
+        if (!rc) rc = write_tensor(w, g, "exp_avg_sq", label, p->ndim, p->shape, p->v, p->oa, p->ob, sums[3 * i + 2], p->step, 0);
         H5Gclose(g);
     }
     if (gm >= 0) H5Gclose(gm);
@@ -307,9 +236,9 @@ static int write_file(writer *w, const st_model *m, const st_optim *o, const st_
  * fallocate(2), not posix_fallocate(3): where the filesystem cannot allocate without writing
  * (NFS, ZFS, ...) glibc's fallback writes a byte into every block of the file, which costs as much
  * as the checkpoint itself. There the free space and the file size limit are checked instead. */
-static int reserve_space(const char *partial, const st_model *m, const st_ckpt_meta *meta) {
-    uint64_t n_sets = (uint64_t)m->n_params * 3;
-    uint64_t bytes = 4 * ((uint64_t)m->n_weights + 2 * (uint64_t)m->n_grads) + 8192 * n_sets + (1u << 18) +
+static int reserve_space(const char *partial, const st_ckpt_snap *s, const st_ckpt_meta *meta) {
+    uint64_t n_sets = (uint64_t)s->n * 3;
+    uint64_t bytes = 4 * (s->n_weights + 2 * s->n_grads) + 8192 * n_sets + (1u << 18) +
                      strlen(meta->job_spec ? meta->job_spec : "") + strlen(meta->model_config ? meta->model_config : "");
     bytes += bytes / 50;
     int fd = open(partial, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -329,39 +258,56 @@ static int reserve_space(const char *partial, const st_model *m, const st_ckpt_m
                    bytes / 1e6, strerror(e));
 }
 
-int st_ckpt_save(MPI_Comm comm, const char *dir, const st_model *m, const st_optim *o, const st_ckpt_meta *meta,
-                 int keep_last, char *name_out, double *write_seconds) {
+/* Test hook (tests only): ST_TEST_CKPT_SLOW_MS holds every rank for that long with the partial file
+ * written and not yet committed, so a test can kill the job in the middle of a (background) write. */
+static void test_delay(void) {
+    const char *e = getenv("ST_TEST_CKPT_SLOW_MS");
+    long ms = e ? strtol(e, NULL, 10) : 0;
+    if (ms > 0) usleep((useconds_t)ms * 1000);
+}
+
+static void paths(const char *dir, const st_ckpt_snap *s, char name[ST_CKPT_NAME_MAX], char *path, size_t path_len,
+                  char *partial, size_t partial_len) {
+    snprintf(name, ST_CKPT_NAME_MAX, "step-%08lld.h5", (long long)s->meta.step);
+    snprintf(path, path_len, "%s/%s", dir, name);
+    snprintf(partial, partial_len, "%s.partial", path);
+}
+
+int st_ckpt_prepare(MPI_Comm comm, const char *dir, const st_ckpt_snap *s) {
+    writer w = {.comm = comm};
+    MPI_Comm_rank(comm, &w.rank);
+    MPI_Comm_size(comm, &w.world);
+    char name[ST_CKPT_NAME_MAX], path[1200], partial[1300];
+    paths(dir, s, name, path, sizeof path, partial, sizeof partial);
+    int rc = w.rank != s->rank || w.world != s->world
+                 ? st_fail(ST_EINVAL, "checkpoint: the snapshot was taken on another communicator")
+                 : 0;
+    if (!rc && w.rank == 0) {
+        rc = st_mkdirs(dir);
+        if (rc) rc = st_fail_context(rc, "checkpoint dir");
+        else st_ckpt_remove_partials(dir);
+        if (!rc) rc = reserve_space(partial, s, &s->meta);
+    }
+    return agree(&w, rc);
+}
+
+int st_ckpt_write_prepared(MPI_Comm comm, const char *dir, const st_ckpt_snap *s, int keep_last, char *name_out,
+                           double *write_seconds) {
+    st_h5_lock();
     st_ckpt_h5_quiet();
     double t0 = st_now();
     writer w = {.comm = comm};
     MPI_Comm_rank(comm, &w.rank);
     MPI_Comm_size(comm, &w.world);
     char name[ST_CKPT_NAME_MAX], path[1200], partial[1300];
-    snprintf(name, sizeof name, "step-%08lld.h5", (long long)meta->step);
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    snprintf(partial, sizeof partial, "%s.partial", path);
+    paths(dir, s, name, path, sizeof path, partial, sizeof partial);
     w.path = partial;
-    int rc = 0;
-    if (w.rank == 0) {
-        rc = st_mkdirs(dir);
-        if (rc) rc = st_fail_context(rc, "checkpoint dir");
-        else st_ckpt_remove_partials(dir);
-        if (!rc) rc = reserve_space(partial, m, meta);
-    }
-    if ((rc = agree(&w, rc))) return rc;
-    /* this rank's even share of the padded compact space: inside its optimizer range at every stage */
-    uint64_t shard = m->grad_alloc / (uint64_t)w.world, share_lo = shard * (uint64_t)w.rank, share_hi = share_lo + shard;
-    if (m->n_grads && (share_lo < o->lo || share_hi > o->hi))
-        rc = st_fail(ST_EINVAL, "checkpoint: rank %d optimizer range [%zu,%zu) does not hold its share", w.rank, o->lo, o->hi);
-    staging s = {0};
-    if (!(rc = agree(&w, rc))) rc = stage_host(m, o, w.world, w.rank, share_lo, share_hi, &s, comm);
-    if (!rc) rc = write_file(&w, m, o, meta, &s, share_lo, share_hi);
-    if (!s.borrowed) {
-        free(s.weights);
-        free(s.m);
-        free(s.v);
-    }
-    free(s.sums);
+    uint64_t *sums = calloc(3 * (size_t)s->n + 1, sizeof(uint64_t));
+    int rc = sums ? 0 : st_fail(ST_ENOMEM, "out of memory writing a checkpoint");
+    if (!(rc = agree(&w, rc))) rc = st_ckpt_snap_sums(comm, s, sums);
+    if (!rc) rc = write_file(&w, s, sums);
+    free(sums);
+    if (!rc) test_delay();
     if (w.rank == 0) {
         if (!rc) rc = st_ckpt_commit_file(dir, partial, path);
         if (!rc) rc = st_ckpt_write_latest(dir, name);
@@ -369,7 +315,28 @@ int st_ckpt_save(MPI_Comm comm, const char *dir, const st_model *m, const st_opt
         else st_ckpt_retain(dir, keep_last, name);
     }
     rc = agree(&w, rc);
+    st_h5_unlock();
     if (!rc && name_out) snprintf(name_out, ST_CKPT_NAME_MAX, "%s", name);
+    if (write_seconds) *write_seconds = st_now() - t0;
+    return rc;
+}
+
+int st_ckpt_write_snapshot(MPI_Comm comm, const char *dir, const st_ckpt_snap *s, int keep_last, char *name_out,
+                           double *write_seconds) {
+    double t0 = st_now();
+    int rc = st_ckpt_prepare(comm, dir, s);
+    if (!rc) rc = st_ckpt_write_prepared(comm, dir, s, keep_last, name_out, NULL);
+    if (write_seconds) *write_seconds = st_now() - t0;
+    return rc;
+}
+
+int st_ckpt_save(MPI_Comm comm, const char *dir, const st_model *m, const st_optim *o, const st_ckpt_meta *meta,
+                 int keep_last, char *name_out, double *write_seconds) {
+    double t0 = st_now();
+    st_ckpt_snap *s = NULL;
+    int rc = st_ckpt_snapshot(comm, m, o, meta, 0, &s);
+    if (!rc) rc = st_ckpt_write_snapshot(comm, dir, s, keep_last, name_out, NULL);
+    st_ckpt_snap_free(s);
     if (write_seconds) *write_seconds = st_now() - t0;
     return rc;
 }

@@ -2,6 +2,7 @@
 #include "common/util.h"
 #include "common/error.h"
 
+#include <pthread.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -182,3 +183,8 @@ void st_path_stem(const char *path, char *out, size_t size) {
     memcpy(out, base, n);
     out[n] = 0;
 }
+
+static pthread_mutex_t h5_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+void st_h5_lock(void) { pthread_mutex_lock(&h5_mutex); }
+void st_h5_unlock(void) { pthread_mutex_unlock(&h5_mutex); }

@@ -8,6 +8,11 @@
 
 /* Monotonic time in seconds. */
 double st_now(void);
+/* The process-wide HDF5 lock: Debian's parallel HDF5 is not thread-safe, and a background checkpoint
+ * write (checkpoints/ckpt_async.c) holds it while it runs; every HDF5 user in a multi-threaded
+ * process takes it around its calls. Not recursive. */
+void st_h5_lock(void);
+void st_h5_unlock(void);
 
 /* 64-byte aligned, zeroed allocation; NULL on failure (free with free()). Blocks of 1 MiB or more get
  * their whole pages from the system lazily (no memory is resident until a page is written). */

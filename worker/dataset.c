@@ -197,7 +197,16 @@ static int load_contents(hid_t file, const char *path, off_t file_size, st_datas
     return rc;
 }
 
+static int dataset_load(const char *path, st_dataset *ds);
+
 int st_dataset_load(const char *path, st_dataset *ds) {
+    st_h5_lock(); /* a background checkpoint write may be running (common/util.h) */
+    int rc = dataset_load(path, ds);
+    st_h5_unlock();
+    return rc;
+}
+
+static int dataset_load(const char *path, st_dataset *ds) {
     memset(ds, 0, sizeof *ds);
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL); /* one line of our own instead of HDF5's error stack */
     if (strlen(path) >= sizeof ds->path) return st_fail(ST_EINVAL, "dataset path too long: %.100s...", path);

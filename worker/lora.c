@@ -478,6 +478,26 @@ static const float *dropped(st_model *m, int k, const float *x, const float *add
     return out;
 }
 
+void st_lora_flops(const st_model *m, int layer, double N, double *fwd, double *fwd_down, double *bwd) {
+    *fwd = *fwd_down = *bwd = 0;
+    const st_lora *lo = m->lora;
+    if (!lo) return;
+    double r = lo->r;
+    for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
+        const adapter *a = &lo->ad[k];
+        double in = a->in, out = a->out, f = 2 * N * r * in + 2 * N * out * r, b = 2 * N * out * r + 2 * N * r * in;
+        if (a->mag >= 0) {
+            f += 2 * out * in * r + 2 * N * out * in; /* B A for the norms, x W^T of the slice */
+            b += 2 * N * out * in;                    /* dx += ((c - 1) dy) W */
+        }
+        b += m->params[a->b].grad_offset >= 0 ? 2 * N * out * r : 0;
+        b += m->params[a->a].grad_offset >= 0 ? 2 * N * r * in : 0;
+        *fwd += f;
+        if (a->site == ST_LORA_SITE_DOWN) *fwd_down += f;
+        *bwd += b;
+    }
+}
+
 int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, float *y, int ystride) {
     st_lora *lo = m->lora;
     const st_backend *be = m->be;

@@ -70,6 +70,10 @@ int st_lora_set_dropout(st_model *m, double p, uint64_t seed);
  * seed, B zero. Must precede st_model_set_trainable, st_model_alloc_activations' use and bf16 precision.
  * ST_ECONFIG naming the key for a target the family has not, r < 1, an empty layer selection. */
 int st_lora_attach(st_model *m, const st_lora_spec *spec);
+/* The adapter matmul FLOPs of layer `layer` over N rows (model.c's step count): *fwd (x A^T, u B^T; DoRA
+ * also B A, x W^T), *fwd_down (the part at the down projection, which an activation-checkpointing
+ * recompute skips), *bwd (dB, du, dA, dx; DoRA also its dx through W). All 0 without adapters. */
+void st_lora_flops(const st_model *m, int layer, double N, double *fwd, double *fwd_down, double *bwd);
 void st_lora_free(st_lora *l);
 
 /* DoRA: sets every magnitude vector to ||W||_row of the weight the model computes with (after QLoRA

@@ -211,6 +211,12 @@ int st_model_set_doc_positions(st_model *m, const int32_t *pos_host) {
     }
     be->copy_to_device(m->doc_pos, pos_host, n * sizeof(int32_t));
     m->doc_pos_on = 1;
+    m->doc_pairs[0] = m->doc_pairs[1] = 0;
+    for (size_t i = 0; i < n; i++) {
+        double k = pos_host[i] + 1.0, w = m->cfg.sliding_window;
+        m->doc_pairs[0] += k;
+        m->doc_pairs[1] += w > 0 && w < k ? w : k;
+    }
     return 0;
 }
 
@@ -1189,13 +1195,60 @@ void st_model_backward(st_model *m) {
     }
 }
 
-double st_model_flops_per_token(const st_model *m, int T) {
+/* Attended (query, key) pairs of layer l over the batch: each query sees the keys up to itself (inside
+ * its document when packed, the last W with a sliding window). */
+static double attention_pairs(const st_model *m, int l) {
+    int win = layer_window(m, l);
+    if (m->doc_pos_on) return m->doc_pairs[win > 0];
+    double T = m->T, per_seq = win > 0 ? win * (win + 1) / 2.0 + (T - win) * win : T * (T + 1) / 2;
+    return m->B * per_seq;
+}
+
+/* 2 N in out of each linear weight of layer l: {qkv, o, up, down}, and whether each trains. */
+static void layer_linear(const st_model *m, int l, double N, double f[4], int trains[4]) {
     const st_model_config *c = &m->cfg;
-    double n = 0;
-    for (int i = 0; i < m->n_params; i++)
-        if (m->params[i].kind != ST_MOD_EMBED) n += (double)m->params[i].numel;
-    if (c->tied_embeddings) n += (double)c->vocab * c->d_model; /* the head matmul still runs */
-    return 6.0 * n + 12.0 * c->n_layer * (double)T * c->n_head * c->head_dim;
+    double C = c->d_model, Q = qkv_dim(c), A = (double)c->n_head * c->head_dim, F = c->d_ff;
+    double F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    f[0] = 2 * N * C * Q;
+    f[1] = 2 * N * A * C;
+    f[2] = 2 * N * C * F1;
+    f[3] = 2 * N * F * C;
+    layer_w w = layer_weights(m, l);
+    trains[0] = w.gwqkv != NULL;
+    trains[1] = w.gwo != NULL;
+    trains[2] = w.gw1 != NULL;
+    trains[3] = w.gw2 != NULL;
+}
+
+double st_model_step_flops(const st_model *m, int train) {
+    const st_model_config *c = &m->cfg;
+    double N = (double)m->B * m->T, flops = 0, hd_h = (double)c->head_dim * c->n_head;
+    for (int l = 0; l < c->n_layer; l++) {
+        double f[4], lora_fwd, lora_down, lora_bwd;
+        int trains[4];
+        layer_linear(m, l, N, f, trains);
+        st_lora_flops(m, l, N, &lora_fwd, &lora_down, &lora_bwd);
+        double fwd = f[0] + f[1] + f[2] + f[3] + lora_fwd + 4 * hd_h * attention_pairs(m, l);
+        flops += fwd;
+        if (!train || !m->grads || l < m->lowest_trained_layer) continue;
+        if (m->act_ckpt) flops += fwd - f[3] - lora_down; /* recomputed without the down projection */
+        flops += f[0] + f[1] + f[2] + f[3] + lora_bwd + 10 * hd_h * attention_pairs(m, l); /* dgrad */
+        for (int k = 0; k < 4; k++) flops += trains[k] ? f[k] : 0; /* wgrad */
+    }
+    if (m->hidden_only) return flops;
+    double head = 2 * N * c->d_model * c->vocab;
+    float *gw = NULL;
+    head_weight(m, &gw);
+    flops += head;
+    if (train) flops += head + (gw && m->grads ? head : 0); /* dlnf always, the head's dW when it trains */
+    return flops;
+}
+
+/* Per token, for MFU (train/train_report.c). */
+double st_model_flops_per_token(const st_model *m, int T) {
+    (void)T; /* the batch's own T (st_model_alloc_activations) */
+    double N = (double)m->B * m->T;
+    return N > 0 ? st_model_step_flops(m, 1) / N : 0;
 }
 
 int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,

@@ -59,6 +59,8 @@ typedef struct {
     int32_t *doc_pos;
     size_t doc_pos_n;
     int doc_pos_on;
+    double doc_pairs[2]; /* sum over the B x T tokens of (position in document + 1), and of
+                            min(that, cfg.sliding_window): the attended (query, key) pairs (FLOP count) */
     void *layer_acts;    /* per-layer pointers into act_arena (model.c) */
     float *capture_logits; /* optional host [B*T, V]: forward copies the logits here (tests, eval tools) */
     /* Arithmetic (st_model_set_precision). ST_PRECISION_BF16: every matmul of the model (linear layers,
@@ -242,5 +244,13 @@ void st_model_head_logits(st_model *m, float *out, int r0, int rows);
 
 /* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
 double st_model_flops_per_token(const st_model *m, int T);
+/* The FLOPs of one training forward + backward of the current B x T batch as the step performs them
+ * (docs/architecture.md "MFU"): every matmul of the linear layers and the LM head, the weight-gradient
+ * matmuls of trainable weights only, no backward below the lowest trained layer, the LoRA / DoRA
+ * adapter matmuls, the layer forward recomputed under activation checkpointing, and attention over the
+ * causal (sliding-window, same-document when packed) pairs: 4 hd FLOPs per pair and head forward, 10
+ * backward (P is recomputed). Elementwise work (norms, activations, softmax, optimizer) is not counted.
+ * train = 0: a forward only (eval, a KD teacher). */
+double st_model_step_flops(const st_model *m, int train);
 
 #endif

@@ -65,7 +65,8 @@ int st_cmd_train(int argc, char **argv) {
     }
     int provided = 0, rank = 0;
     st_train_install_signals(NULL); /* a preemption signal during start-up is kept, not fatal */
-    MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+    /* MULTIPLE: checkpoint.async writes with collective MPI-IO from a thread of its own */
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     static st_config cfg; /* large (fixed arrays): keep it off the stack */
     st_slurm_env senv;

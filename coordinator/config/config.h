@@ -160,6 +160,7 @@ typedef struct {
         int keep_last;              /* 0 = keep all */
         int signal;                 /* signal number that asks for a checkpoint; 0 = none */
         int max_failures;           /* this many failed saves in a row stop the job (0 = never) */
+        int async;                  /* 1: the step waits for a snapshot only, the write runs in the background */
     } checkpoint;
 
     st_resume_kind resume;

@@ -200,6 +200,7 @@ static const st_key checkpoint_keys[] = {
     KEY_I32("keep_last", SOFF(checkpoint, keep_last), 0, 0, NO_HI),
     {.name = "signal", .kind = ST_KEY_SIGNAL, .off = SOFF(checkpoint, signal)},
     KEY_I32("max_failures", SOFF(checkpoint, max_failures), 0, 0, NO_HI),
+    {.name = "async", .kind = ST_KEY_BOOL, .off = SOFF(checkpoint, async)},
     {0},
 };
 
@@ -306,6 +307,7 @@ void st_config_defaults(st_config *c) {
     c->checkpoint.keep_last = 3;
     c->checkpoint.signal = SIGUSR1;
     c->checkpoint.max_failures = 3;
+    c->checkpoint.async = 1;
 
     c->resume = ST_RESUME_AUTO;
 

@@ -301,6 +301,14 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     /* after the load: the finite check and the base checksum read through a 1 Mi-float chunk, plus a
      * 64 Ki-element conversion buffer while reading */
     size_t check = ((largest < ((size_t)1 << 20) ? largest : ((size_t)1 << 20)) + ((size_t)1 << 16)) * sizeof(float);
+    /* checkpoint.async (checkpoints/ckpt_snap.c): the snapshot's host copy of this rank's /model chunks
+     * (adapters only with LoRA) and /optim share, kept from the first save to the end of the run */
+    size_t snap = 0;
+    if (c->checkpoint.async) {
+        size_t written = m->lora || m->prompt ? m->n_weights - m->n_base_weights : m->n_weights;
+        snap = ((written + (size_t)world - 1) / (size_t)world + 2 * sp->shard) * sizeof(float);
+    }
+    r->buffers += snap;
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group (and the next one
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */

@@ -61,7 +61,8 @@ typedef struct {
     size_t optim;             /* AdamW exp_avg + exp_avg_sq over the optimizer range, + step counters */
     size_t comm;              /* comm.c parameter staging (stages 1-2) */
     size_t activations;       /* st_model_activation_floats(micro_batch, seq_len) */
-    size_t buffers;           /* train.c step buffers (tokens, masks, loss weights of micro x accum samples) */
+    size_t buffers;           /* train.c step buffers (tokens, masks, loss weights of micro x accum samples),
+                                 + the checkpoint.async snapshot copy (ckpt_snap.c) */
     size_t total;
     size_t at_save;           /* held while final/ is written at the end of this stage: total, + model_io.c's
                                  one tensor at a time on rank 0 (two when a tensor is stored transposed);

@@ -319,6 +319,9 @@ static void teardown(trainer *t) {
     st_watchdog_stop(t->wd); /* after the last collective; before the monitor it reads goes */
     t->wd = NULL;
     if (t->mon) st_monitor_stop(t->mon);
+    st_ckpt_async_free(t->ckpt_bg); /* a failed run may leave one in flight: it ends first */
+    t->ckpt_bg = NULL;
+    st_trainer_metrics_flush(t);
     if (t->metrics) fclose(t->metrics);
     st_optim_free(&t->optim, t->be);
     free(t->optim.param_step);
@@ -367,6 +370,19 @@ static unsigned pause_here(trainer *t, int64_t completed) {
     }
 }
 
+/* A failed save is a warning (the previous checkpoint stands) until checkpoint.max_failures in a row;
+ * the one at the end always fails the job, after final/ is written. 1 when the job must stop. */
+static int too_many_failures(trainer *t) {
+    int max = t->cfg->checkpoint.max_failures;
+    if (max <= 0 || t->save_failures < max) return 0;
+    if (t->rank == 0)
+        fprintf(stderr, "shardtune train: error: %d checkpoint saves in a row failed (checkpoint.max_failures %d); "
+                        "stopping: the last good checkpoint in %s is intact\n", t->save_failures, max,
+                t->cfg->checkpoint.dir);
+    t->print_error = 0;
+    return 1;
+}
+
 /* Everything that happens between steps after `completed` updates. Returns 0 to go on, 1 when the run
  * stopped after a checkpoint, or a negative code when it must end with an error. */
 static int step_boundary(trainer *t, int64_t completed) {
@@ -376,7 +392,8 @@ static int step_boundary(trainer *t, int64_t completed) {
     int last = completed == c->train.steps;
     if ((bits & (ST_CTL_STOP | CTL_SIGNAL)) && !last) {
         const char *why = bits & CTL_SIGNAL ? "signal" : "ctl stop";
-        int rc = t->last_saved == completed ? 0 : st_trainer_save_checkpoint(t, completed, why);
+        /* exit 85 only once the checkpoint (a background write included) is committed */
+        int rc = t->last_saved == completed ? st_trainer_ckpt_collect(t) : st_trainer_save_checkpoint(t, completed, why);
         if (rc) {
             if (t->rank == 0) fprintf(stderr, "shardtune train: error: stop requested (%s) but the checkpoint failed; "
                                               "the previous checkpoint in %s is intact\n", why, c->checkpoint.dir);
@@ -394,22 +411,16 @@ static int step_boundary(trainer *t, int64_t completed) {
         }
         return 1;
     }
+    /* a background write that every rank has finished is collected here (its failure counts) */
+    if (st_ckpt_async_pending(t->ckpt_bg) && !(bits & CTL_CKPT_BUSY) && st_trainer_ckpt_collect(t) &&
+        too_many_failures(t))
+        return ST_EIO;
     /* no periodic save while steps are being skipped: those weights are suspect until a good step */
     int periodic = c->checkpoint.every_steps > 0 && completed % c->checkpoint.every_steps == 0 && !t->skips_in_a_row;
     if ((periodic || last || (bits & ST_CTL_CHECKPOINT)) && t->last_saved != completed &&
-        st_trainer_save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic")) {
-        /* a failed save is a warning (the previous checkpoint stands) until checkpoint.max_failures in a row;
-         * the one at the end always fails the job, after final/ is written */
-        int max = c->checkpoint.max_failures;
-        if (max > 0 && t->save_failures >= max) {
-            if (t->rank == 0)
-                fprintf(stderr, "shardtune train: error: %d checkpoint saves in a row failed (checkpoint.max_failures %d); "
-                                "stopping: the last good checkpoint in %s is intact\n", t->save_failures, max,
-                        c->checkpoint.dir);
-            t->print_error = 0;
-            return ST_EIO;
-        }
-    }
+        st_trainer_save_checkpoint(t, completed, bits & ST_CTL_CHECKPOINT ? "requested" : last ? "end" : "periodic") &&
+        too_many_failures(t))
+        return ST_EIO;
     return 0;
 }
 
@@ -430,8 +441,10 @@ st_run_result st_train_run(const st_config *job, MPI_Comm comm, int *print_error
     t.print_error = 1;
     t.last_saved = -1;
     t.last_loss = NAN;
+    t.ckpt_blocked_ms = -1;
     st_run_result result = ST_RUN_FINISHED;
     int rc = setup(&t);
+    if (!rc && cfg->checkpoint.async) rc = st_trainer_agree(&t, st_ckpt_async_init(comm, &t.ckpt_bg));
     if (!rc) rc = st_trainer_resume(&t);
     if (!rc) rc = st_trainer_agree(&t, st_trainer_trim_metrics(&t, t.start_step));
     if (!rc) rc = st_trainer_agree(&t, st_watchdog_start(&t));
@@ -469,14 +482,16 @@ st_run_result st_train_run(const st_config *job, MPI_Comm comm, int *print_error
             st_trainer_phase(&t, ST_PHASE_IDLE);
         }
         st_trainer_report(&t, step, &r, do_eval ? val : NULL, val_n);
-        if (st_trainer_guard(&t, step, &r)) { result = ST_RUN_DIVERGED; break; }
+        if (st_trainer_guard(&t, step, &r)) { st_trainer_metrics_flush(&t); result = ST_RUN_DIVERGED; break; }
         int b = step_boundary(&t, step + 1);
+        st_trainer_metrics_flush(&t);
         if (b < 0) { result = ST_RUN_FAILED; break; }
         if (b > 0) { result = ST_RUN_CHECKPOINTED; break; }
         if (st_trainer_samples_due(&t, step + 1) && st_trainer_samples_run(&t, step + 1)) { result = ST_RUN_FAILED; break; }
     }
     free(val);
     free(val_n);
+    st_trainer_ckpt_collect(&t); /* a write still in flight ends before anything else (reported, counted) */
     if (result == ST_RUN_FINISHED) {
         st_trainer_phase(&t, ST_PHASE_CHECKPOINT); /* the others wait for rank 0's write */
         rc = st_trainer_agree(&t, st_trainer_save_final(&t));

@@ -109,11 +109,62 @@ static void put_ckpt_parts(trainer *t, const float *parts) {
     }
 }
 
+/* Both halves of a save end here: the console line, the monitor event and the failure count. */
+static int report_save(trainer *t, int rc, int64_t completed, const char *why, const char *name, double secs) {
+    const st_config *c = t->cfg;
+    if (rc == 0) {
+        t->save_failures = 0;
+        if (t->rank == 0) {
+            printf("checkpoint: %s/%s (%s, %.2f s%s)\n", c->checkpoint.dir, name, why, secs, t->ckpt_bg ? ", background" : "");
+            fflush(stdout);
+        }
+        if (t->mon) st_monitor_event(t->mon, "checkpoint_saved", completed, "%s/%s (%s, %.2f s)", c->checkpoint.dir, name, why, secs);
+        return 0;
+    }
+    t->save_failures++;
+    if (t->last_saved == completed) t->last_saved = -1;
+    int max = c->checkpoint.max_failures;
+    if (t->rank == 0) {
+        fprintf(stderr, "shardtune train: warning: checkpoint at step %lld failed (%s): %s (%d in a row", (long long)completed,
+                why, st_error(), t->save_failures);
+        if (max > 0) fprintf(stderr, "; the job stops at %d, checkpoint.max_failures)\n", max);
+        else fprintf(stderr, ")\n");
+        fflush(stderr);
+    }
+    if (t->mon) st_monitor_event(t->mon, "checkpoint_failed", completed, "%s (%d in a row)", st_error(), t->save_failures);
+    return rc;
+}
+
+/* retention waits until the next step proves these weights sound (st_trainer_confirm_checkpoint), so
+ * a checkpoint of weights that then diverge never rotates out the last good one */
+static int confirm_later(const char *why) { return !strcmp(why, "periodic") || !strcmp(why, "requested"); }
+
+/* Rank 0, after a save committed: it confirms the previous one and waits for its own confirmation. */
+static void committed(trainer *t, const char *why, const char *name) {
+    if (t->rank != 0) return;
+    st_trainer_confirm_checkpoint(t); /* a save after a good step confirms the previous one */
+    if (confirm_later(why)) snprintf(t->pending_ckpt, sizeof t->pending_ckpt, "%s", name);
+}
+
+int st_trainer_ckpt_collect(trainer *t) {
+    if (!st_ckpt_async_pending(t->ckpt_bg)) return 0;
+    int64_t step;
+    char name[ST_CKPT_NAME_MAX] = "";
+    double secs = 0;
+    st_trainer_phase(t, ST_PHASE_CHECKPOINT);
+    int rc = st_ckpt_async_wait(t->ckpt_bg, &step, name, &secs);
+    st_trainer_phase(t, ST_PHASE_IDLE);
+    if (!rc) committed(t, t->bg_why, name);
+    return report_save(t, rc, step, t->bg_why, name, secs);
+}
 
 /* Collective. Saves the state after `completed` updates. On failure rank 0 prints one line and the
- * previous checkpoints stay as they were; the training state is never touched by a save. */
+ * previous checkpoints stay as they were; the training state is never touched by a save. With
+ * checkpoint.async the step waits for the snapshot only; a save that ends the run (end, signal, ctl
+ * stop) then waits for its write too. A failure of the previous background write is counted here. */
 int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
     const st_config *c = t->cfg;
+    int prev_rc = st_trainer_ckpt_collect(t); /* never two writes at once */
     st_trainer_phase(t, ST_PHASE_CHECKPOINT);
     size_t words = st_loader_state_words(&t->loader);
     uint64_t *loader_state = malloc(words * sizeof *loader_state);
@@ -125,7 +176,8 @@ int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
     }
     int rc = st_trainer_agree(t, loader_state ? 0 : st_fail(ST_ENOMEM, "out of memory"));
     char name[ST_CKPT_NAME_MAX] = "";
-    double secs = 0;
+    double secs = 0, blocked = 0;
+    int background = 0;
     if (!rc) {
         st_loader_state_save(&t->loader, loader_state);
         st_ckpt_meta meta = {0};
@@ -147,39 +199,28 @@ int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why) {
             meta.task_weighting = tw;
             meta.task_weighting_len = st_taskw_state_len(&t->taskw);
         }
-        /* retention waits until the next step proves these weights sound (st_trainer_confirm_checkpoint), so
-         * a checkpoint of weights that then diverge never rotates out the last good one */
-        int confirm_later = !strcmp(why, "periodic") || !strcmp(why, "requested");
-        rc = st_ckpt_save(t->comm, c->checkpoint.dir, &t->model, &t->optim, &meta,
-                          confirm_later ? 0 : c->checkpoint.keep_last, name, &secs);
-        if (!rc && t->rank == 0) {
-            st_trainer_confirm_checkpoint(t); /* a save after a good step confirms the previous one */
-            if (confirm_later) snprintf(t->pending_ckpt, sizeof t->pending_ckpt, "%s", name);
+        int keep = confirm_later(why) ? 0 : c->checkpoint.keep_last;
+        if (t->ckpt_bg) {
+            rc = st_ckpt_async_start(t->ckpt_bg, c->checkpoint.dir, &t->model, &t->optim, &meta, keep, &blocked);
+            background = !rc;
+        } else {
+            rc = st_ckpt_save(t->comm, c->checkpoint.dir, &t->model, &t->optim, &meta, keep, name, &secs);
+            blocked = secs;
+            if (!rc) committed(t, why, name);
         }
     }
     free(loader_state);
     st_trainer_phase(t, ST_PHASE_IDLE);
-    if (rc == 0) {
-        t->save_failures = 0;
+    t->ckpt_blocked_ms = blocked * 1e3;
+    if (background) {
         t->last_saved = completed;
-        if (t->rank == 0) {
-            printf("checkpoint: %s/%s (%s, %.2f s)\n", c->checkpoint.dir, name, why, secs);
-            fflush(stdout);
-        }
-        if (t->mon) st_monitor_event(t->mon, "checkpoint_saved", completed, "%s/%s (%s, %.2f s)", c->checkpoint.dir, name, why, secs);
-        return 0;
+        t->bg_why = why;
+        if (confirm_later(why)) return prev_rc; /* the write goes on while training does */
+        return st_trainer_ckpt_collect(t);
     }
-    t->save_failures++;
-    int max = c->checkpoint.max_failures;
-    if (t->rank == 0) {
-        fprintf(stderr, "shardtune train: warning: checkpoint at step %lld failed (%s): %s (%d in a row", (long long)completed,
-                why, st_error(), t->save_failures);
-        if (max > 0) fprintf(stderr, "; the job stops at %d, checkpoint.max_failures)\n", max);
-        else fprintf(stderr, ")\n");
-        fflush(stderr);
-    }
-    if (t->mon) st_monitor_event(t->mon, "checkpoint_failed", completed, "%s (%d in a row)", st_error(), t->save_failures);
-    return rc;
+    if (rc == 0) t->last_saved = completed;
+    rc = report_save(t, rc, completed, why, name, secs);
+    return rc ? rc : (confirm_later(why) ? prev_rc : 0);
 }
 
 void st_trainer_confirm_checkpoint(trainer *t) {
@@ -190,6 +231,7 @@ void st_trainer_confirm_checkpoint(trainer *t) {
 
 void st_trainer_set_aside_checkpoint(trainer *t) {
     const char *dir = t->cfg->checkpoint.dir;
+    st_trainer_ckpt_collect(t); /* the write in flight holds the weights that are set aside */
     if (t->rank != 0 || !t->pending_ckpt[0]) return;
     char from[ST_CFG_PATH_MAX + 80], to[ST_CFG_PATH_MAX + 96];
     snprintf(from, sizeof from, "%s/%s", dir, t->pending_ckpt);
@@ -213,6 +255,7 @@ void st_trainer_set_aside_checkpoint(trainer *t) {
  * control requests rank 0's monitor accepted since the last boundary. */
 unsigned st_trainer_control(trainer *t) {
     unsigned bits = st_stop_requested ? CTL_SIGNAL : 0;
+    if (st_ckpt_async_running(t->ckpt_bg)) bits |= CTL_CKPT_BUSY;
     if (t->rank == 0 && t->mon) bits |= st_monitor_take_control(t->mon);
     MPI_Allreduce(MPI_IN_PLACE, &bits, 1, MPI_UNSIGNED, MPI_BOR, t->comm);
     return bits;

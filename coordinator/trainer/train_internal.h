@@ -23,6 +23,7 @@
 #include <stdio.h>
 
 #include "checkpoints/ckpt.h"
+#include "common/json.h"
 #include "coordinator/config/config.h"
 #include "coordinator/monitor/monitor_server.h"
 #include "coordinator/trainer/plan.h"
@@ -84,6 +85,10 @@ typedef struct {
     int save_failures;     /* failed checkpoint saves in a row */
     uint64_t base_checksum; /* checksum of the base weights as loaded (train_compat.c) */
     char pending_ckpt[64];
+    st_ckpt_async *ckpt_bg;  /* checkpoint.async: the background writer (NULL: saves are synchronous) */
+    const char *bg_why;      /* why the pending background save was taken ("periodic", "requested") */
+    double ckpt_blocked_ms;  /* how long the save at this boundary held training (< 0: no save) */
+    st_strbuf metrics_held;  /* rank 0: this step's metrics.jsonl line, written when the boundary is over */
     st_watchdog *wd;        /* collective watchdog (train_watchdog.c), NULL when off */
     int64_t wd_step;        /* the step the watchdog reports (as the probe: completed + 1) */
     struct st_train_samples *samples; /* eval.generate (train_samples.c), NULL when off */ /* rank 0: a checkpoint not yet confirmed by a good next step (retention waits) */
@@ -96,7 +101,8 @@ typedef struct {
     const char *bad; /* why the step was not applied (non-finite loss/grad norm, loss spike), else NULL */
 } st_step_result;
 
-enum { CTL_SIGNAL = 1u << 8 }; /* a rank got SIGTERM / checkpoint.signal */
+enum { CTL_SIGNAL = 1u << 8,   /* a rank got SIGTERM / checkpoint.signal */
+       CTL_CKPT_BUSY = 1u << 9 }; /* a rank's background checkpoint write is still running */
 
 /* Set by the signal handlers (train.c); read at step boundaries. */
 extern volatile sig_atomic_t st_stop_requested;
@@ -124,6 +130,11 @@ int st_trainer_trim_metrics(trainer *t, int64_t keep_upto); /* rank 0 */
 
 int st_trainer_save_final(trainer *t);
 int st_trainer_save_checkpoint(trainer *t, int64_t completed, const char *why);
+/* Collective. Waits for the pending background checkpoint write (if any) and reports it like a
+ * synchronous save (console line, monitor event, save_failures, retention). Returns its code. */
+int st_trainer_ckpt_collect(trainer *t);
+/* Rank 0: writes the held metrics.jsonl line of the last step (with ckpt_blocked_ms when it saved). */
+void st_trainer_metrics_flush(trainer *t);
 /* Rank 0: the pending checkpoint is confirmed (the next step was good): older ones may now rotate out. */
 void st_trainer_confirm_checkpoint(trainer *t);
 /* Rank 0: the pending checkpoint holds the weights that diverged: renamed NAME.diverged, `latest` moved back. */

@@ -104,12 +104,23 @@ static void report_metrics(trainer *t, int64_t step, const st_step_result *r, co
         }
         st_strbuf_append(&b, "}", 1);
     }
-    st_strbuf_append(&b, "}\n", 2);
-    if (b.data) {
-        fputs(b.data, t->metrics);
+    /* held until the step boundary is over: a checkpoint there adds ckpt_blocked_ms to this line */
+    st_trainer_metrics_flush(t);
+    t->metrics_held = b;
+}
+
+void st_trainer_metrics_flush(trainer *t) {
+    st_strbuf *b = &t->metrics_held;
+    if (t->ckpt_blocked_ms >= 0 && b->data) st_strbuf_printf(b, ",\"ckpt_blocked_ms\":%.3f", t->ckpt_blocked_ms);
+    t->ckpt_blocked_ms = -1;
+    if (!b->data) return;
+    st_strbuf_append(b, "}\n", 2);
+    if (b->data && t->metrics) {
+        fputs(b->data, t->metrics);
         fflush(t->metrics);
     }
-    st_strbuf_free(&b);
+    st_strbuf_free(b);
+    memset(b, 0, sizeof *b);
 }
 
 /* Rank 0: the console line every train.log_every steps and at the last step. */
@@ -136,8 +147,12 @@ static void report_console(const trainer *t, int64_t step, const st_step_result 
 void st_trainer_report(trainer *t, int64_t step, const st_step_result *r, const double *val, const double *val_n) {
     uint64_t step_tokens = (uint64_t)t->world * t->slots * t->T;
     double tps = step_tokens / r->seconds;
-    /* model FLOPs utilization of a full training step (6N + 12 L T C per token) */
-    double mfu = t->peak_flops > 0 ? st_model_flops_per_token(&t->model, t->T) * tps / t->peak_flops : 0.0;
+    /* FLOPs utilization of the step as performed (frozen layers, adapters, recomputation, attention) */
+    /* the FLOPs the step performs (st_model_step_flops), with a distillation teacher's forward */
+    double fpt = st_model_flops_per_token(&t->model, t->T);
+    if (t->kd_on && t->teacher.B * t->teacher.T > 0)
+        fpt += st_model_step_flops(&t->teacher, 0) / ((double)t->teacher.B * t->teacher.T);
+    double mfu = t->peak_flops > 0 ? fpt * tps / t->peak_flops : 0.0;
     (void)val_n;
     report_telemetry(t, step, r, mfu);
     if (t->rank != 0) return;

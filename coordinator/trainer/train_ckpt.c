@@ -281,19 +281,22 @@ static int try_resume(trainer *t, const char *path) {
     }
     if (!rc) rc = st_trainer_check_compat(t, &info, path);
     rc = st_trainer_agree(t, rc);
+    /* load the weights and the optimizer in the layout they were saved in (the stage of the last completed
+     * step; the loop then enters the stage of the next step, carrying moments over exactly as an
+     * uninterrupted run). Entered before anything is read: under ZeRO-3 the stage's trainable set decides
+     * which parts of each tensor this rank keeps (st_comm_param_keep), so reading the parts in the start
+     * stage's layout and writing them in after the switch would put them at other offsets. */
+    int s = info.stage;
+    if (!rc && (s < 0 || s >= t->stages.n))
+        rc = st_trainer_agree(t, st_fail(ST_ECONFIG, "checkpoint %s was saved in stage %d, but this schedule has %d stage(s)",
+                              path, s, t->stages.n));
+    if (!rc && s != t->stage) rc = st_trainer_agree(t, st_trainer_enter_stage(t, s));
     /* ZeRO-3 (full, frozen): only this rank's parts, a tensor at a time; else the whole weights */
     int parts = t->dp.stage == 3 && !t->model.lora && !t->model.prompt;
     float *w = rc || parts ? NULL : malloc(t->model.n_weights * sizeof(float));
     if (!rc && parts) rc = st_trainer_agree(t, read_ckpt_parts(t, path, &w));
     else if (!rc) rc = st_trainer_agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
     if (!rc) rc = st_trainer_agree(t, st_trainer_check_model(t, &info, path));
-    /* load the optimizer in the layout it was saved in (the stage of the last completed step); the loop
-     * then enters the stage of the next step, carrying moments over exactly as an uninterrupted run */
-    int s = info.stage;
-    if (!rc && (s < 0 || s >= t->stages.n))
-        rc = st_trainer_agree(t, st_fail(ST_ECONFIG, "checkpoint %s was saved in stage %d, but this schedule has %d stage(s)",
-                              path, s, t->stages.n));
-    if (!rc && s != t->stage) rc = st_trainer_agree(t, st_trainer_enter_stage(t, s));
     size_t n = t->optim.hi - t->optim.lo;
     float *mh = NULL, *vh = NULL;
     int *steps = NULL;

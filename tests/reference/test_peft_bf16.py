@@ -5,7 +5,8 @@ For a 2-layer Llama with adapters on all seven projections (r 4), 6 steps of a 1
   * D_lora, the largest relative loss difference between the bf16 and the fp32 LoRA run, is the whole effect
     of the bf16 arithmetic on the losses: it must be > 0 (the setting reaches the base matmuls) and < 2e-2,
     and the bf16 run learns. Step 1 (B = 0: the base model) must differ from fp32 too.
-  * 1 rank, 2 ranks ZeRO-1 and 2 ranks x 2 micro-batches ZeRO-2 agree within 2 D: the rank count changes
+  * 1 rank, 2 ranks ZeRO-1, 2 ranks x 2 micro-batches ZeRO-2 and 2 ranks ZeRO-3 (the adapters sharded, the
+    base's bf16 copy made per acquired layer) agree within 2 D: the rank count changes
     only the order of fp32 sums, which flips rare bf16 roundings by one ulp, at most twice a rounding
     error (the argument of tests/integration/test_bf16_train.sh and test_bf16_torch.py (a)).
   * QLoRA nf4 + double quantization in bf16 equals bf16 LoRA over the numpy-dequantized base (written as an
@@ -13,6 +14,8 @@ For a 2-layer Llama with adapters on all seven projections (r 4), 6 steps of a 1
     QLoRA bf16-vs-fp32 difference: both round the same dequantized values to bf16 for every base matmul,
     so only evaluation order can differ (measured: printed, typically 0). QLoRA bf16 on 1 vs 2 ranks
     (ZeRO-1) within 2 D_q.
+  * bf16 LoRA and QLoRA with activation checkpointing is bit-identical to without (the recomputed layer rounds the
+    adapter inputs as the first forward did).
   * final/ is the same peft adapter directory as under fp32 (tensor names and shapes peft saves, adapter
     config), `eval --adapter final/` runs and equals eval of the merged export (fp32 eval, 1e-6).
   * refusal with one line: finetune.lora.dora with precision bf16.
@@ -30,7 +33,7 @@ from test_lora_train import LLAMA_T, expected_adapter  # noqa: E402
 from test_qlora_train import dequantized_copy, final_w, make_job, run_split  # noqa: E402
 
 LR = 1e-2
-SPLITS = [(1, 12, 1, 0), (2, 6, 1, 1), (2, 3, 2, 2)]
+SPLITS = [(1, 12, 1, 0), (2, 6, 1, 1), (2, 3, 2, 2), (2, 6, 1, 3)]
 BF16 = ["precision=bf16"]
 
 
@@ -59,6 +62,12 @@ def ranks_agree(name, job, root, ref, d, splits):
         assert worst <= 2 * d, f"{name} {split}: bf16 losses differ from 1 rank by {worst:.3g} > 2 D = {2 * d:.3g}"
         print(f"  {name}: bf16 {'%d rank(s) x micro %d x accum %d ZeRO-%d' % split} vs 1 rank {worst:.2e} "
               f"<= 2 D = {2 * d:.2e}")
+
+
+def ckpt_same(name, job, root, ref):
+    got = run_split(job, os.path.join(root, name + "_ckpt"), SPLITS[0], more=BF16 + ["memory.activation_checkpointing=true"])
+    assert got == ref, f"{name} bf16: activation checkpointing changes the losses\n {got}\n {ref}"
+    print(f"  {name}: bf16 with activation checkpointing is bit-identical")
 
 
 def final_checks(name, model, data, rd):
@@ -90,6 +99,7 @@ def main():
         d, ref = bf16_effect("lora", job, root)
         ranks_agree("lora", job, root, ref, d, SPLITS[1:])
         final_checks("lora", ll, data, os.path.join(root, "lora_bf16"))
+        ckpt_same("lora", job, root, ref)
         # QLoRA: nf4 with double quantization, block 64
         qjob = make_job(os.path.join(root, "qlora"), ll, data, "qlora", "{ quant: nf4, double_quant: true, block: 64 }")
         dq, qref = bf16_effect("qlora", qjob, root)
@@ -104,6 +114,7 @@ def main():
         print(f"  qlora bf16 vs bf16 LoRA on the numpy-dequantized base: losses {worst:.2e} (<= 2 D_q = {2 * dq:.2e}), "
               f"adapters {wdiff:.2e}")
         ranks_agree("qlora", qjob, root, qref, dq, SPLITS[1:2])
+        ckpt_same("qlora", qjob, root, qref)
         final_checks("qlora", ll, data, os.path.join(root, "qlora_bf16"))
         r = dp.sh([dp.BIN, "train", job, "precision=bf16", "finetune.lora.dora=true", "run_dir=" + root + "/refused"],
                   check=False)

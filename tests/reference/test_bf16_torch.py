@@ -52,6 +52,11 @@ the loss, weights, gradients and optimizer state are fp32.
    relative <= 1e-5, the suite's fp32 tolerance).
 2. Training: `shardtune train ... precision=bf16` on one rank for a few dozen steps lowers the loss like
    fp32 does, with losses that differ from the fp32 run (the setting reaches the model) but stay close.
+3. LoRA / QLoRA under bf16 (the base as above, fp32 adapters reading the bf16-rounded input of their base
+   matmul): ref_model --adapter (Llama all 7 projections, GPT-2 c_attn/c_proj/c_fc; Llama also --qlora
+   nf4-dq against the numpy-dequantized base) --precision bf16: logits, per-position losses and every
+   adapter gradient pass (a) and (b) against the emulation with fp32 adapters, the broken variants being the
+   unrounded model and adapters reading the unrounded input; --precision fp32 must fail.
 Env (set by ctest): ST_BUILD_DIR, SHARDTUNE_BIN."""
 import math
 import os
@@ -397,21 +402,28 @@ def check_lora(tmp, rng):
     rounds the dequantized layer to bf16 for every base matmul."""
     from test_lora_torch import write_adapter
     from test_qlora_torch import quant_dequant
-    name = "llama_gqa_untied"
-    config, targets, r, alpha = CONFIGS[name], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"], 4, 8.0
+    for name, targets in (("llama_gqa_untied", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"]), ("gpt2_tied", ["c_attn", "c_proj", "c_fc"])):
+        lora_case(tmp, rng, name, targets, quant_dequant, write_adapter)
+
+
+def lora_case(tmp, rng, name, targets, quant_dequant, write_adapter):
+    config, r, alpha = CONFIGS[name], 4, 8.0
     c = parse_config(config)
     V = c["vocab"]
     weights = random_weights(c, rng)
     batch = random_batch(c, SEQ[name], rng)
-    batch_path = os.path.join(tmp, "lora.batch.safetensors")
+    batch_path = os.path.join(tmp, f"lora_{name}.batch.safetensors")
     st_io.write(batch_path, dict(zip(("inputs", "targets", "weight"), batch)))
-    adir = os.path.join(tmp, "lora_adapter")
+    adir = os.path.join(tmp, f"lora_{name}_adapter")
     ad = write_adapter(adir, c, targets, r, alpha, False, None, rng)
     deq = {k: (quant_dequant(v, "nf4", True, 64) if v.ndim == 2 and k.startswith("model.layers.") else v)
            for k, v in weights.items()}
-    for label, w, extra in (("LoRA", weights, []), ("QLoRA nf4-dq", deq, ["--qlora", "nf4-dq", "--qblock", "64"])):
-        model_dir = os.path.join(tmp, "lora_" + label.split()[0])
+    # QLoRA on the Llama only: GPT-2's Conv1D weights are stored transposed, so their blocks are another story
+    runs = [("LoRA", weights, [])] + ([("QLoRA nf4-dq", deq, ["--qlora", "nf4-dq", "--qblock", "64"])]
+                                      if c["family"] == "llama" else [])
+    for label, w, extra in runs:
+        model_dir = os.path.join(tmp, f"lora_{name}_{label.split()[0]}")
         write_model(model_dir, config, w)  # QLoRA: ref_model quantizes the fp32 weights, the emulation reads deq
         if extra:
             write_model(model_dir + "_src", config, weights)
@@ -435,7 +447,7 @@ def check_lora(tmp, rng):
                       f"kappa; (b) " + ("closer to the emulation than to every broken variant" if not not_closer else
                                         "; ".join(f"not closer than {v} on {len(ks)} of {len(variants[v][1])}"
                                                   for v, ks in not_closer.items())))
-            check(f"{label} --precision {prec} {'matches' if must else 'is rejected by'} the bf16 emulation",
+            check(f"{name} {label} --precision {prec} {'matches' if must else 'is rejected by'} the bf16 emulation",
                   ok == must, detail)
 
 

@@ -110,7 +110,8 @@ static int check_spec(const st_model *m, const st_lora_spec *s) {
     for (int l = 0; l < m->cfg.n_layer; l++) any |= !s->layers || s->layers[l];
     if (!any) return st_fail(ST_ECONFIG, "finetune.lora.layers selects no layer of a %d-layer model", m->cfg.n_layer);
     if (m->lora) return st_fail(ST_EINVAL, "the model already has LoRA adapters");
-    if (m->weights_bf16) return st_fail(ST_ECONFIG, "finetune.mode lora needs precision fp32 (bf16 is not supported yet)");
+    if (m->weights_bf16) /* the bf16 copy is sized for the weights before the adapters */
+        return st_fail(ST_EINVAL, "LoRA adapters must be attached before precision bf16 is set");
     if (m->be && !m->be->host_memory)
         return st_fail(ST_ECONFIG, "finetune.mode lora runs on the cpu backend only for now (%s backend)", m->be->name);
     return 0;
@@ -444,6 +445,8 @@ int st_lora_set_dropout(st_model *m, double p, uint64_t seed) {
     lo->rows = 0; /* the next forward sizes the working memory again (with the dropout buffer) */
     return 0;
 }
+
+int st_lora_has_dora(const st_model *m) { return m->lora && m->lora->spec.dora; }
 
 void st_lora_set_training(st_model *m, int train) {
     if (m->lora) m->lora->drop_on = train && m->lora->spec.dropout > 0;

@@ -67,7 +67,8 @@ int st_lora_set_dropout(st_model *m, double p, uint64_t seed);
 
 /* Adds adapters for `spec` to a built model (registry-only models get the registry entries only):
  * A initialized as peft does (kaiming_uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) from the
- * seed, B zero. Must precede st_model_set_trainable, st_model_alloc_activations' use and bf16 precision.
+ * seed, B zero. Must precede st_model_set_trainable, st_model_alloc_activations' use and
+ * st_model_set_precision (bf16 is refused with DoRA: its base term is fp32).
  * ST_ECONFIG naming the key for a target the family has not, r < 1, an empty layer selection. */
 int st_lora_attach(st_model *m, const st_lora_spec *spec);
 /* The adapter matmul FLOPs of layer `layer` over N rows (model.c's step count): *fwd (x A^T, u B^T; DoRA
@@ -88,6 +89,9 @@ int st_lora_spec_of(const st_model *m, st_lora_spec *out);
  * the merged base model afterwards. */
 int st_lora_merge(st_model *m);
 
+/* Whether the model's adapters are DoRA (0 without adapters). */
+int st_lora_has_dora(const st_model *m);
+
 /* The scale of the model's adapters (0 when none). */
 double st_lora_scale(const st_model *m);
 int st_lora_rank(const st_model *m);
@@ -103,7 +107,8 @@ void st_lora_peft_name(const st_model *m, int idx, char *out, size_t cap);
 void st_lora_layer_params(const st_model *m, int l, int *first, int *last);
 
 /* y[N, ystride] (columns of the site's packed output) += each adapter's scale * (x @ A^T) @ B^T; saves
- * x @ A^T for backward. Needs fp32 precision. */
+ * x @ A^T for backward. Computes in fp32 under either precision (model.c passes, under bf16, the
+ * bf16-rounded inputs the base matmul reads). */
 int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, float *y, int ystride);
 
 /* From dy[N, ystride] (the site's output gradient): accumulates the adapters' A and B gradients and adds

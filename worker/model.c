@@ -13,7 +13,10 @@
  *
  * Mixed precision (precision: bf16): every mm() reads its weight from the bf16 copy (weights_bf16) and
  * rounds fp32 operands to bf16; ln1, qkv, atty, ln2, h1 and h2 are saved as bf16 (save()), and backward
- * widens the ones non-matmul kernels need (restore()). Residual stream, statistics and gradients stay fp32. */
+ * widens the ones non-matmul kernels need (restore()). Residual stream, statistics and gradients stay fp32.
+ * LoRA adapters (worker/lora.c) compute in fp32 on the bf16-rounded matmul inputs (forward rounds ln1, atty,
+ * ln2 and h2 in place when adapters exist; backward widens them for the adapter gradients); the frozen base
+ * reads its bf16 copy like any weight (QLoRA: the dequantized layer, rounded as it is acquired). */
 #include "worker/model.h"
 
 #include <math.h>
@@ -708,8 +711,8 @@ int st_model_set_precision(st_model *m, st_precision precision) {
     if (precision == ST_PRECISION_BF16 &&
         (!m->be->matmul_bf16 || !m->be->to_bf16 || !m->be->from_bf16 || !m->be->cross_entropy_acc))
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
-    if (precision == ST_PRECISION_BF16 && m->lora)
-        return st_fail(ST_ECONFIG, "precision: bf16 with finetune.mode lora is not supported yet (use fp32)");
+    if (precision == ST_PRECISION_BF16 && m->lora && st_lora_has_dora(m))
+        return st_fail(ST_ECONFIG, "precision: bf16 with finetune.lora.dora is not supported yet (use fp32)");
     m->precision = precision;
     m->be->free(m->weights_bf16);
     m->weights_bf16 = NULL;
@@ -945,8 +948,11 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     float *ln1 = a->ln1 ? a->ln1 : b->dln, *qkv = a->qkv ? a->qkv : b->qkv_w;
     float *atty = a->atty ? a->atty : b->atty_w, *ln2 = a->ln2 ? a->ln2 : b->dln;
     float *h1 = a->h1 ? a->h1 : b->h1_w, *h2 = a->h2 ? a->h2 : b->dh2;
+    /* LoRA under bf16: the adapters (fp32) read the bf16-rounded inputs the base matmuls read, the values
+     * backward widens again for their A gradients */
+    const int lora_in = m->lora != NULL;
     norm_fwd(m, ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
-    save(m, a->ln1_h, ln1, (size_t)N * C, 0);
+    save(m, a->ln1_h, ln1, (size_t)N * C, lora_in);
     mm(m, qkv, saved(ln1, a->ln1_h), weight(m, w.wqkv), w.bqkv, N, Q, C, 0, 1, 0.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_QKV, ln1, qkv, Q);
     if (c->qk_norm)
@@ -964,13 +970,13 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
         be->attention_window_fwd(atty, a->lse, qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim, win);
     else
         be->attention_fwd(atty, a->lse, qkv, m->B, m->T, c->n_head, c->n_kv_head, c->head_dim);
-    save(m, a->atty_h, atty, (size_t)N * A, 0);
+    save(m, a->atty_h, atty, (size_t)N * A, lora_in);
     /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T (+ b) */
     be->copy(a->resmid, a->res_in, (size_t)N * C * sizeof(float));
     mm(m, a->resmid, saved(atty, a->atty_h), weight(m, w.wo), w.bo, N, C, A, 0, 1, 1.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_O, atty, a->resmid, C);
     norm_fwd(m, ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
-    save(m, a->ln2_h, ln2, (size_t)N * C, 0);
+    save(m, a->ln2_h, ln2, (size_t)N * C, lora_in);
     mm(m, h1, saved(ln2, a->ln2_h), weight(m, w.w1), w.b1, N, F1, C, 0, 1, 0.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_UP, ln2, h1, F1);
     save(m, a->h1_h, h1, (size_t)N * F1, 1);
@@ -978,7 +984,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
         be->gelu_fwd(h2, h1, (size_t)N * F);
     else
         be->swiglu_fwd(h2, h1, N, F);
-    save(m, a->h2_h, h2, (size_t)N * F, 0);
+    save(m, a->h2_h, h2, (size_t)N * F, lora_in);
     if (!res_out) return;
     be->copy(res_out, a->resmid, (size_t)N * C * sizeof(float));
     mm(m, res_out, saved(h2, a->h2_h), weight(m, w.w2), w.b2, N, C, F, 0, 1, 1.0f);
@@ -1094,7 +1100,9 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     /* MLP branch: dres is the gradient of res_out */
     if (w.gb2) be->bias_bwd(w.gb2, dres, N, C);
     linear_dgrad(m, b->dh2, dres, w.w2, N, C, F);
-    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, a->h2, dres, C, b->dh2);
+    /* LoRA under bf16: each adapter input widened from its bf16 copy into a buffer free at that point
+     * (h1_w before h1 is restored, dlnf once the final norm's backward has run, atty_w) */
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, restore(m, a->h2, a->h2_h, b->h1_w, (size_t)N * F), dres, C, b->dh2);
     linear_wgrad(m, w.gw2, dres, saved(a->h2, a->h2_h), N, C, F);
     const float *h1 = restore(m, a->h1, a->h1_h, b->h1_w, (size_t)N * F1);
     if (c->family == ST_FAMILY_GPT2)
@@ -1103,16 +1111,16 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
         be->swiglu_bwd(b->dh1, b->dh2, h1, N, F);
     if (w.gb1) be->bias_bwd(w.gb1, b->dh1, N, F1);
     linear_dgrad(m, b->dln, b->dh1, w.w1, N, F1, C);
-    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, a->ln2, b->dh1, F1, b->dln);
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, restore(m, a->ln2, a->ln2_h, b->dlnf, (size_t)N * C), b->dh1, F1, b->dln);
     linear_wgrad(m, w.gw1, b->dh1, saved(a->ln2, a->ln2_h), N, F1, C);
     norm_bwd(m, dres, w.gn2w, w.gn2b, b->dln, a->resmid, w.n2w, a->ln2_mean, a->ln2_rstd, N, b->dh2);
     /* attention branch: dres is now the gradient of resmid */
     if (w.gbo) be->bias_bwd(w.gbo, dres, N, C);
     linear_dgrad(m, b->datt, dres, w.wo, N, C, A);
-    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_O, a->atty, dres, C, b->datt);
+    const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_O, atty, dres, C, b->datt);
     linear_wgrad(m, w.gwo, dres, saved(a->atty, a->atty_h), N, C, A);
     const float *qkv = restore(m, a->qkv, a->qkv_h, b->qkv_w, (size_t)N * Q);
-    const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
     int win = layer_window(m, l);
     if (m->doc_pos_on)
         be->attention_docs_bwd(b->dqkv, b->datt, qkv, atty, a->lse, m->doc_pos, m->B, m->T, c->n_head, c->n_kv_head,
@@ -1133,7 +1141,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
                              c->head_dim);
     if (w.gbqkv) be->bias_bwd(w.gbqkv, b->dqkv, N, Q);
     linear_dgrad(m, b->dln, b->dqkv, w.wqkv, N, Q, C);
-    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_QKV, a->ln1, b->dqkv, Q, b->dln);
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_QKV, restore(m, a->ln1, a->ln1_h, b->dlnf, (size_t)N * C), b->dqkv, Q, b->dln);
     linear_wgrad(m, w.gwqkv, b->dqkv, saved(a->ln1, a->ln1_h), N, Q, C);
     norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);
 }

@@ -173,7 +173,8 @@ int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
         return st_fail(ST_ECONFIG, "finetune.mode qlora runs on the cpu backend only for now%s%s%s",
                        m->be ? " (" : "", m->be ? m->be->name : "", m->be ? " backend)" : "");
     if (m->acquire) return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage 3 is not supported yet");
-    if (m->weights_bf16) return st_fail(ST_ECONFIG, "finetune.mode qlora needs precision fp32 (bf16 compute is not supported yet)");
+    if (m->weights_bf16) /* the bf16 copy is sized for the fp32 buffer that compact() shrinks */
+        return st_fail(ST_EINVAL, "the base must be quantized before precision bf16 is set");
     if (s->block < 1) return st_fail(ST_ECONFIG, "finetune.qlora.block must be >= 1, got %d", s->block);
     if (m->qlora) return st_fail(ST_EINVAL, "the model's base is already quantized");
     st_qlora *q = calloc(1, sizeof *q);
@@ -218,6 +219,9 @@ void st_qlora_acquire(const st_model *m, int first, int last) {
             be->dequant_nf4(out, t->codes, s, t->n, q->spec.block);
         else
             be->dequant_int8(out, (const int8_t *)t->codes, s, t->n, q->spec.block);
+        /* precision bf16: the matmuls read the dequantized layer rounded to bf16 (the fused dequant's output
+         * precision); the fp32 values stay for the adapters and DoRA */
+        if (m->weights_bf16) be->to_bf16(m->weights_bf16 + m->params[t->param].offset, out, t->n);
     }
 }
 

@@ -13,7 +13,8 @@
  * The fp32 copies leave the weight buffer: their registry offsets then point at one shared scratch region
  * sized for one layer's quantized weights (in registry order, so q/k/v and gate/up stay adjacent), which
  * st_model_acquire fills for the layer being computed through the backend's dequant_int8 / dequant_nf4.
- * One layer is resident at a time (the forward and backward walk layers one by one).
+ * One layer is resident at a time (the forward and backward walk layers one by one). Under precision bf16
+ * the acquire also rounds the dequantized values into the model's bf16 copy, which the matmuls read.
  * Needs the CPU backend (as LoRA does) and no ZeRO-3 residency hooks.
  *
  * Memory: the table (codes, scales) is host memory owned by the model (st_model_free). */
@@ -37,7 +38,7 @@ typedef struct st_qlora st_qlora;
 
 /* Quantizes the model's layer weights as `spec` says and shrinks m->weights (call after st_lora_attach:
  * the adapters are compacted with the rest). ST_ECONFIG for a backend without host memory, residency
- * hooks, bf16 weights. */
+ * hooks; ST_EINVAL once bf16 weights exist (set precision after quantizing). */
 int st_qlora_quantize(st_model *m, const st_qlora_spec *spec);
 void st_qlora_free(st_qlora *q);
 

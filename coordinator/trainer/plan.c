@@ -72,8 +72,10 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (q && c->sharding.stage >= 3)
         return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage %d is not supported yet (use 0, 1 or 2, "
                                    "or finetune.mode lora)", c->sharding.stage);
-    if (q && c->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "finetune.mode qlora with precision bf16 is not supported yet (use fp32)");
+    /* precision bf16: the base (QLoRA: each dequantized layer) computes from its bf16 copy, the adapters and
+     * their optimizer state stay fp32 (worker/model.c); DoRA's base term is fp32 math, not yet */
+    if (c->finetune.lora.dora && c->precision != ST_PRECISION_FP32)
+        return st_fail(ST_ECONFIG, "finetune.lora.dora with precision bf16 is not supported yet (use fp32)");
     unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
     if (!layers) return st_fail(ST_ENOMEM, "out of memory");
     int rc = st_parse_layer_ranges(c->finetune.lora.layers, m->cfg.n_layer, layers);
@@ -277,7 +279,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                             .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block};
         size_t qb, fb, scratch;
         st_qlora_footprint(m, &qs, &qb, &fb, &scratch);
-        r->weights = (m->qlora ? r->weights : r->weights - fb + scratch * sizeof(float)) + qb;
+        /* from the registry alone: the fp32 buffer (and under bf16 its bf16 copy) after compact() */
+        size_t per = c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float);
+        r->weights = (m->qlora ? r->weights : (m->n_weights - fb / sizeof(float) + scratch) * per) + qb;
     }
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */

@@ -52,6 +52,11 @@ the loss, weights, gradients and optimizer state are fp32.
    relative <= 1e-5, the suite's fp32 tolerance).
 2. Training: `shardtune train ... precision=bf16` on one rank for a few dozen steps lowers the loss like
    fp32 does, with losses that differ from the fp32 run (the setting reaches the model) but stay close.
+3. LoRA / QLoRA under bf16 (the base as above, fp32 adapters reading the bf16-rounded input of their base
+   matmul): ref_model --adapter (Llama all 7 projections, GPT-2 c_attn/c_proj/c_fc; Llama also --qlora
+   nf4-dq against the numpy-dequantized base) --precision bf16: logits, per-position losses and every
+   adapter gradient pass (a) and (b) against the emulation with fp32 adapters, the broken variants being the
+   unrounded model and adapters reading the unrounded input; --precision fp32 must fail.
 Env (set by ctest): ST_BUILD_DIR, SHARDTUNE_BIN."""
 import math
 import os
@@ -365,6 +370,87 @@ def check_training(tmp):
           f"step-1 loss bf16 {l16[0]:.6f} vs fp32 {l32[0]:.6f} (rel {d1:.1e}); runs differ: {differ}")
 
 
+# ---------------- 3. LoRA and QLoRA adapters under bf16 ----------------
+
+def lora_emulation(model_dir, ad, r, alpha, rnd=bf16, round_input=True):
+    """shardtune's bf16 LoRA (worker/model.c, worker/lora.c): the base as in bf16_emulation (rnd None: the
+    unrounded float64 model), each adapter's scale * (x A^T) B^T unrounded (fp32 adapters) on the input the
+    base matmul reads, i.e. x stored as bf16 (rounded, the gradient passing through); round_input False: a
+    broken variant whose adapters read the unrounded x."""
+    ref = bf16_emulation(model_dir, rnd=rnd) if rnd else RefModel.load(model_dir, torch.float64)
+    ref.attach_lora(ad, r, alpha)
+    if rnd and round_input:
+        delta, store = ref.lora_delta, bf16_saved(rnd)
+        ref.lora_delta = lambda x, module: delta(store(x), module)
+    return ref
+
+
+def lora_outputs(model, batch, V):
+    """{logits, loss_per_pos, grad.<module>.lora_A/B.weight}: the adapters are the trainable tensors."""
+    logits, _, per_pos = torch_forward_backward(model, *batch)  # a fresh model: the adapter grads start empty
+    out = {"logits": logits.detach().double().numpy().reshape(-1, V),
+           "loss_per_pos": per_pos.detach().double().numpy().reshape(-1)}
+    for mod, (A, B) in model.lora.items():
+        out[f"grad.{mod}.lora_A.weight"], out[f"grad.{mod}.lora_B.weight"] = A.grad.numpy(), B.grad.numpy()
+    return out
+
+
+def check_lora(tmp, rng):
+    """ref_model --adapter [--qlora nf4-dq] --precision bf16 against lora_emulation with criteria (a) and (b)
+    of section 1 (default OpenBLAS kernel). QLoRA: the emulation's base is test_qlora_torch's numpy
+    dequantization of the weights (its independent implementation of the format), since QLoRA under bf16
+    rounds the dequantized layer to bf16 for every base matmul."""
+    from test_lora_torch import write_adapter
+    from test_qlora_torch import quant_dequant
+    for name, targets in (("llama_gqa_untied", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"]), ("gpt2_tied", ["c_attn", "c_proj", "c_fc"])):
+        lora_case(tmp, rng, name, targets, quant_dequant, write_adapter)
+
+
+def lora_case(tmp, rng, name, targets, quant_dequant, write_adapter):
+    config, r, alpha = CONFIGS[name], 4, 8.0
+    c = parse_config(config)
+    V = c["vocab"]
+    weights = random_weights(c, rng)
+    batch = random_batch(c, SEQ[name], rng)
+    batch_path = os.path.join(tmp, f"lora_{name}.batch.safetensors")
+    st_io.write(batch_path, dict(zip(("inputs", "targets", "weight"), batch)))
+    adir = os.path.join(tmp, f"lora_{name}_adapter")
+    ad = write_adapter(adir, c, targets, r, alpha, False, None, rng)
+    deq = {k: (quant_dequant(v, "nf4", True, 64) if v.ndim == 2 and k.startswith("model.layers.") else v)
+           for k, v in weights.items()}
+    # QLoRA on the Llama only: GPT-2's Conv1D weights are stored transposed, so their blocks are another story
+    runs = [("LoRA", weights, [])] + ([("QLoRA nf4-dq", deq, ["--qlora", "nf4-dq", "--qblock", "64"])]
+                                      if c["family"] == "llama" else [])
+    for label, w, extra in runs:
+        model_dir = os.path.join(tmp, f"lora_{name}_{label.split()[0]}")
+        write_model(model_dir, config, w)  # QLoRA: ref_model quantizes the fp32 weights, the emulation reads deq
+        if extra:
+            write_model(model_dir + "_src", config, weights)
+        ref = lora_outputs(lora_emulation(model_dir, ad, r, alpha), batch, V)
+        exact = lora_outputs(lora_emulation(model_dir, ad, r, alpha, rnd=None), batch, V)
+        kappa = {k: max(e, FP32_TOL) / U_BF16 for k, e in errors(exact, ref).items()}
+        variants = {}
+        for what, vout in (("no rounding", exact),
+                           ("adapters on the unrounded input",
+                            lora_outputs(lora_emulation(model_dir, ad, r, alpha, round_input=False), batch, V))):
+            variants[what] = (vout, [k for k, e in errors(vout, ref).items() if e > FP32_TOL])
+        src = model_dir + "_src" if extra else model_dir
+        for prec, must in (("bf16", True), ("fp32", False)):
+            ours, _ = run_ref_model(src, batch_path, os.path.join(tmp, f"lora.{prec}.safetensors"), {},
+                                    "--adapter", adir, "--precision", prec, *extra)
+            ours = {k: ours[k] for k in ref}
+            over, (wr, wk), closer = verdict(ours, ref, kappa, variants)
+            not_closer = {v: ks for v, ks in closer.items() if ks}
+            ok = not over and not not_closer
+            detail = (f"{len(ref)} tensors; (a) worst err {wr:.3f} u kappa at {wk}, {len(over)} over {BOUND:g} u "
+                      f"kappa; (b) " + ("closer to the emulation than to every broken variant" if not not_closer else
+                                        "; ".join(f"not closer than {v} on {len(ks)} of {len(variants[v][1])}"
+                                                  for v, ks in not_closer.items())))
+            check(f"{name} {label} --precision {prec} {'matches' if must else 'is rejected by'} the bf16 emulation",
+                  ok == must, detail)
+
+
 def main():
     torch.set_num_threads(2)
     check_rounding_and_torch()
@@ -374,6 +460,7 @@ def main():
         for name in ("llama_gqa_untied", "gpt2_tied"):
             check_model(name, tmp, rng)
         check_training(tmp)
+        check_lora(tmp, rng)
     if failures:
         print(f"FAILED: {len(failures)} check(s): {failures}")
         return 1

@@ -4,7 +4,8 @@ A Llama model large enough that its tensors dominate (4 layers, dim 256, vocab 3
 is trained for 2 steps, once as 1 rank with ZeRO-1, once as 2 MPI ranks with ZeRO-2, once as 1 rank
 with precision bf16 (bf16 weight copy, bf16 saved activations, matmul operand scratch), and once as
 finetune.mode lora on 2 ranks with ZeRO-2 (adapters on all seven projections: adapter gradients and
-moments only, the adapters' working memory, an adapter-only final/); each rank's
+moments only, the adapters' working memory, an adapter-only final/), and lora / qlora (nf4) on 1 rank under
+bf16 (the base's bf16 copy; QLoRA: of the compacted buffer only); each rank's
 peak RSS comes from /usr/bin/time (max resident set size). The fixed overhead of the process (code,
 MPI, HDF5, OpenBLAS, allocator) is measured, not assumed: the same job on a 1-layer dim-16 vocab-128
 model, minus that model's own (tiny) plan. Each rank's RSS minus this baseline must be within 15% of
@@ -79,7 +80,7 @@ def main():
         assert 0 < base < 200 * 2**20, f"implausible baseline {base}"
 
         for ranks, zero, precision, mode in [(1, 1, "fp32", "full"), (2, 2, "fp32", "full"), (1, 1, "bf16", "full"),
-                                             (2, 2, "fp32", "lora")]:
+                                             (2, 2, "fp32", "lora"), (1, 1, "bf16", "lora"), (1, 1, "bf16", "qlora")]:
             ov = common + [f"sharding.stage={zero}", f"run_dir={root}/r{ranks}z{zero}{precision}{mode}",
                            f"precision={precision}", f"finetune.mode={mode}"]
             want = expected_per_rank(plan(job, ranks, ov))

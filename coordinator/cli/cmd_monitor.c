@@ -46,7 +46,26 @@ typedef struct {
     uint64_t alerts;
     char last_alert[256], last_event[256];
     double last_draw;
+    /* hashes of the step summaries and events already shown: the job replays its recent history to every
+     * subscriber whenever one joins (monitor_server.c), so a message may arrive twice */
+    uint64_t seen[1024];
+    int n_seen, seen_next;
 } monitor_view;
+
+/* 1 when this step/event message (topic + body) was shown before; else remembers it and returns 0. */
+static int already_seen(monitor_view *v, const void *topic, size_t tn, const void *body, size_t bn) {
+    uint64_t h = 1469598103934665603ull; /* FNV-1a over topic, a separator, body */
+    for (size_t i = 0; i < tn; i++) h = (h ^ ((const unsigned char *)topic)[i]) * 1099511628211ull;
+    h = (h ^ 0xff) * 1099511628211ull;
+    for (size_t i = 0; i < bn; i++) h = (h ^ ((const unsigned char *)body)[i]) * 1099511628211ull;
+    for (int i = 0; i < v->n_seen; i++)
+        if (v->seen[i] == h) return 1;
+    int cap = (int)(sizeof v->seen / sizeof v->seen[0]);
+    v->seen[v->seen_next] = h;
+    v->seen_next = (v->seen_next + 1) % cap;
+    if (v->n_seen < cap) v->n_seen++;
+    return 0;
+}
 
 /* Prints s as a JSON string literal. */
 static void json_str(const char *s) {
@@ -219,6 +238,11 @@ static int receive_one(monitor_view *v, void *sub) {
         else zmq_msg_close(&msg), extra = 1;
     }
     int ok = 0;
+    int replayable = n == 2 && ((zmq_msg_size(&parts[0]) == 4 && !memcmp(zmq_msg_data(&parts[0]), "step", 4)) ||
+                                (zmq_msg_size(&parts[0]) == 5 && !memcmp(zmq_msg_data(&parts[0]), "event", 5)));
+    if (replayable && already_seen(v, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]), zmq_msg_data(&parts[1]),
+                                   zmq_msg_size(&parts[1])))
+        extra = 1; /* a replay of something shown: skip it */
     if (n == 2 && !extra)
         ok = handle(v, zmq_msg_data(&parts[0]), zmq_msg_size(&parts[0]), zmq_msg_data(&parts[1]),
                     zmq_msg_size(&parts[1]));

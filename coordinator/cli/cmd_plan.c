@@ -88,6 +88,9 @@ static void print_text(const st_plan *p, const st_model *m) {
     printf("shardtune export of its checkpoint: %.2f MiB (one tensor at a time)\n", mib(p->export_bytes));
     printf("peak per rank: %.2f MiB (%zu bytes); resuming from a checkpoint adds its own phase (resume column)\n",
            mib(p->peak), p->peak);
+    if (p->stages[0].ranks[0].host_snapshot)
+        printf("checkpoint.async: rank 0 also keeps %.2f MiB of host memory for its snapshot (not in the device "
+               "figures above)\n", mib(p->stages[0].ranks[0].host_snapshot));
 }
 
 static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, int r, const st_model *m,
@@ -106,9 +109,9 @@ static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, i
     }
     st_strbuf_printf(b, "],\"bytes\":{\"weights\":%zu,\"grads\":%zu,\"optim\":%zu,\"comm\":%zu,\"activations\":%zu,"
                         "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu,\"at_load\":%zu,\"at_ckpt\":%zu,"
-                        "\"at_resume\":%zu}}%s",
+                        "\"at_resume\":%zu,\"host_snapshot\":%zu}}%s",
                      rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total, rp->at_save,
-                     rp->at_load, rp->at_ckpt, rp->at_resume, r + 1 < p->world ? "," : "");
+                     rp->at_load, rp->at_ckpt, rp->at_resume, rp->host_snapshot, r + 1 < p->world ? "," : "");
 }
 
 static int print_json(const st_plan *p, const st_model *m, const st_config *c) {

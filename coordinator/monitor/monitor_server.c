@@ -544,6 +544,14 @@ static void *bound_socket(st_monitor *m, int type, const char *addr, const char 
         zmq_close(s);
         return NULL;
     }
+    /* XPUB: pass up every subscription, not only the first of its topic, so each joining subscriber gets
+     * the replay (handle_subscription); the earlier ones see it again and skip what they have shown */
+    int verbose = 1;
+    if (type == ZMQ_XPUB && zmq_setsockopt(s, ZMQ_XPUB_VERBOSE, &verbose, sizeof verbose) != 0) {
+        st_fail(ST_ECOMM, "monitor: cannot set up the %s socket: %s", what, zmq_strerror(zmq_errno()));
+        zmq_close(s);
+        return NULL;
+    }
     if (st_zmq_socket_defaults(s, 200) != 0 || zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg) != 0 ||
         zmq_bind(s, addr) != 0) {
         st_fail(ST_ECOMM, "monitor: cannot bind %s socket to %s: %s", what, addr, zmq_strerror(zmq_errno()));

@@ -294,6 +294,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                       st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
+    size_t stepbuf = r->buffers; /* what the load phase holds: the async snapshot comes with the first save */
     /* rank 0 writing final/: model_io.c's one tensor at a time (st_model_save_dir_streamed), or
      * st_peft_save_dir's adapter copy */
     int tr = 0;
@@ -312,7 +313,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         size_t written = m->lora || m->prompt ? m->n_weights - m->n_base_weights : m->n_weights;
         snap = ((written + (size_t)world - 1) / (size_t)world + 2 * sp->shard) * sizeof(float);
     }
-    r->buffers += snap;
+    if (c->backend == ST_BACKEND_CUDA) r->host_snapshot = snap; /* host memory beside the device's */
+    else r->buffers += snap;
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group (and the next one
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */
@@ -337,10 +339,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         if (streams(c)) {
             /* load: this rank's parts only, read piece by piece; final/: one tensor gathered at a time on
              * rank 0 (the others serve their parts) */
-            r->at_load = (frozen + hi - lo) * sizeof(float) + r->buffers + (tr ? io : 0) + check;
+            r->at_load = (frozen + hi - lo) * sizeof(float) + stepbuf + (tr ? io : 0) + check;
             r->at_save = idle + copies;
         } else { /* adapters: the whole model read, then gathered whole for final/ */
-            r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + r->buffers;
+            r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf;
             r->at_save = idle + (n - (hi - lo)) * sizeof(float) + copies;
         }
         /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c) */
@@ -355,7 +357,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->at_save = r->total + copies;
     /* load (before the trainable set exists): the weights as read, a tensor at a time (no host copy);
      * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
-    r->at_load = m->n_weights * sizeof(float) + r->buffers + (tr ? io : 0) + check;
+    r->at_load = m->n_weights * sizeof(float) + stepbuf + (tr ? io : 0) + check;
     r->at_ckpt = r->total + bounce;
     r->at_resume = r->total + m->n_weights * sizeof(float) + 2 * range * sizeof(float);
     (void)world;

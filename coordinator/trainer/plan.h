@@ -62,7 +62,9 @@ typedef struct {
     size_t comm;              /* comm.c parameter staging (stages 1-2) */
     size_t activations;       /* st_model_activation_floats(micro_batch, seq_len) */
     size_t buffers;           /* train.c step buffers (tokens, masks, loss weights of micro x accum samples),
-                                 + the checkpoint.async snapshot copy (ckpt_snap.c) */
+                                 + the checkpoint.async snapshot copy (ckpt_snap.c) on the CPU backend */
+    size_t host_snapshot;     /* backend cuda: the checkpoint.async snapshot, in host memory (copy_to_host),
+                                 so not part of the device figures (total, at_*) */
     size_t total;
     size_t at_save;           /* held while final/ is written at the end of this stage: total, + model_io.c's
                                  one tensor at a time on rank 0 (two when a tensor is stored transposed);

@@ -60,12 +60,16 @@ class Sub:
         self.s.setsockopt(zmq.RECONNECT_IVL, 10)  # catch the job's first messages
         self.s.connect(pub)
         self.summaries, self.alerts, self.events, self.ranks = {}, [], [], {}
+        self.seen = set()  # the job replays recent step/event messages to all whenever a subscriber joins
 
     def poll(self, seconds, until=None):
         end = time.time() + seconds
         while time.time() < end:
             if self.s.poll(100):
                 topic, body = self.s.recv_multipart()
+                if topic in (b"step", b"event") and (topic, body) in self.seen:
+                    continue
+                self.seen.add((topic, body))
                 msg = decode(body, SCHEMAS[topic])
                 if topic == b"step":
                     self.summaries[msg["step"]] = msg

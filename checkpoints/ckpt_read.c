@@ -198,6 +198,22 @@ static int checksum_attr(hid_t d, uint64_t *sum, const char *name, const char *p
     return rc ? st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s has no readable checksum attribute", path, name) : 0;
 }
 
+/* /model/<name> of parameter p, whole, into dst: its shape and its checksum attribute verified. */
+static int read_verified(hid_t f, const st_param *p, float *dst, const char *path) {
+    char name[160];
+    snprintf(name, sizeof name, "model/%s", p->name);
+    int rc = 0;
+    hid_t d = open_tensor(f, name, p->ndim, p->shape, path, &rc);
+    if (d < 0) return rc ? rc : ST_EFORMAT;
+    uint64_t want = 0;
+    rc = checksum_attr(d, &want, name, path);
+    if (!rc) rc = read_range(d, p->ndim, p->shape, 0, p->numel, dst, name, path);
+    if (!rc && st_ckpt_checksum(dst, 0, p->numel) != want)
+        rc = st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s fails its checksum", path, name);
+    H5Dclose(d);
+    return rc;
+}
+
 int st_ckpt_skips_tensor(const st_model *m, int i) {
     int k = m->params[i].kind;
     return (m->lora || m->prompt) && k != ST_MOD_LORA && k != ST_MOD_PROMPT;
@@ -236,22 +252,11 @@ int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights)
     hid_t f = open_file(path);
     if (f < 0) return ST_EFORMAT;
     int rc = 0;
-    char name[160];
     if (m->lora || m->prompt) rc = check_base(f, m, host_weights, path);
     for (int i = 0; !rc && i < m->n_params; i++) {
         const st_param *p = &m->params[i];
         if (st_ckpt_skips_tensor(m, i)) continue; /* check_base kept the model's own */
-        snprintf(name, sizeof name, "model/%s", p->name);
-        hid_t d = open_tensor(f, name, p->ndim, p->shape, path, &rc);
-        if (d < 0) break;
-        rc = 0;
-        float *dst = host_weights + p->offset;
-        uint64_t want = 0;
-        rc = checksum_attr(d, &want, name, path);
-        if (!rc) rc = read_range(d, p->ndim, p->shape, 0, p->numel, dst, name, path);
-        if (!rc && st_ckpt_checksum(dst, 0, p->numel) != want)
-            rc = st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s fails its checksum", path, name);
-        H5Dclose(d);
+        rc = read_verified(f, p, host_weights + p->offset, path);
     }
     H5Fclose(f);
     return rc;
@@ -457,19 +462,7 @@ int st_ckpt_load_param(const char *path, const st_model *m, int i, float *dst) {
     const st_param *p = &m->params[i];
     hid_t f = open_file(path);
     if (f < 0) return ST_EFORMAT;
-    int rc = 0;
-    char name[160];
-    snprintf(name, sizeof name, "model/%s", p->name);
-    hid_t d = open_tensor(f, name, p->ndim, p->shape, path, &rc);
-    if (d >= 0) {
-        rc = 0;
-        uint64_t want = 0;
-        rc = checksum_attr(d, &want, name, path);
-        if (!rc) rc = read_range(d, p->ndim, p->shape, 0, p->numel, dst, name, path);
-        if (!rc && st_ckpt_checksum(dst, 0, p->numel) != want)
-            rc = st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s fails its checksum", path, name);
-        H5Dclose(d);
-    }
+    int rc = read_verified(f, p, dst, path);
     H5Fclose(f);
     return rc;
 }

@@ -1,6 +1,7 @@
 /* dataset.c — dataset file read/write (serial HDF5) and validation; the packers live in dataset_pack.c.
  * See dataset.h for the layout and memory ownership. */
 #include "worker/dataset.h"
+#include "worker/dataset_h5.h"
 #include "common/error.h"
 #include "common/util.h"
 
@@ -244,7 +245,7 @@ static int write_array(hid_t file, const char *name, hid_t file_type, hid_t mem_
     return ok ? 0 : -1;
 }
 
-static int write_int_attr(hid_t file, const char *name, int64_t value) {
+int st_dataset_h5_int_attr(hid_t file, const char *name, int64_t value) {
     hid_t space = H5Screate(H5S_SCALAR);
     hid_t a = space >= 0 ? H5Acreate2(file, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT) : -1;
     int ok = a >= 0 && H5Awrite(a, H5T_NATIVE_INT64, &value) >= 0;
@@ -273,7 +274,7 @@ int st_dataset_write(const char *path, const st_dataset *ds) {
     int bad = write_array(file, "/tokens", H5T_STD_U32LE, H5T_NATIVE_UINT32, ds->n_tokens, ds->tokens) ||
               write_array(file, "/loss_mask", H5T_STD_U8LE, H5T_NATIVE_UINT8, ds->n_tokens, ds->loss_mask) ||
               write_array(file, "/doc_offsets", H5T_STD_U64LE, H5T_NATIVE_UINT64, ds->n_docs + 1, ds->doc_offsets) ||
-              write_int_attr(file, "vocab_size", ds->vocab_size) || write_int_attr(file, "eos_id", ds->eos_id);
+              st_dataset_h5_int_attr(file, "vocab_size", ds->vocab_size) || st_dataset_h5_int_attr(file, "eos_id", ds->eos_id);
     if (H5Fclose(file) < 0) bad = 1;
     if (bad || fsync_path(tmp) != 0) {
         unlink(tmp);

@@ -2,6 +2,7 @@
  * st_dataset_writer): /tokens, /loss_mask and /doc_offsets are extendible chunked datasets (the layout
  * st_dataset_write makes), appended from fixed-size buffers; PATH.partial is renamed at close. */
 #include "worker/dataset.h"
+#include "worker/dataset_h5.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -65,15 +66,6 @@ static int flush_offsets(st_dataset_writer *w) {
         return st_fail(ST_EIO, "cannot write %s (disk full or not writable?)", w->tmp);
     w->n_off = 0;
     return 0;
-}
-
-static int write_attr(hid_t file, const char *name, int64_t value) {
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t a = space >= 0 ? H5Acreate2(file, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT) : -1;
-    int ok = a >= 0 && H5Awrite(a, H5T_NATIVE_INT64, &value) >= 0;
-    if (a >= 0) H5Aclose(a);
-    if (space >= 0) H5Sclose(space);
-    return ok ? 0 : -1;
 }
 
 int st_dataset_writer_open(st_dataset_writer **out, const char *path, int64_t vocab_size, int64_t eos_id) {
@@ -158,7 +150,7 @@ int st_dataset_writer_close(st_dataset_writer *w, st_dataset_summary *out) {
     int64_t vocab = w->vocab > 0 ? w->vocab : w->max_id + 1;
     if (!rc) rc = flush_tokens(w);
     if (!rc) rc = flush_offsets(w);
-    if (!rc && (write_attr(w->file, "vocab_size", vocab) || write_attr(w->file, "eos_id", w->eos)))
+    if (!rc && (st_dataset_h5_int_attr(w->file, "vocab_size", vocab) || st_dataset_h5_int_attr(w->file, "eos_id", w->eos)))
         rc = st_fail(ST_EIO, "cannot write %s", w->tmp);
     for (int i = 0; i < 3; i++)
         if (w->d[i] >= 0 && H5Dclose(w->d[i]) < 0 && !rc) rc = st_fail(ST_EIO, "cannot write %s", w->tmp);

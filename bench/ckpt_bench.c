@@ -30,31 +30,7 @@
 #include "worker/model.h"
 #include "worker/optim.h"
 
-static double raw_write(const char *dir, size_t bytes) {
-    char path[1200];
-    snprintf(path, sizeof path, "%s/raw.bench", dir);
-    char *buf = malloc(1 << 20);
-    memset(buf, 0x5a, 1 << 20);
-    double t0 = st_now();
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    for (size_t done = 0; fd >= 0 && done < bytes; done += 1 << 20)
-        if (write(fd, buf, 1 << 20) < 0) break;
-    if (fd >= 0) { fsync(fd); close(fd); }
-    double t = st_now() - t0;
-    unlink(path);
-    free(buf);
-    return t;
-}
-
-static int by_value(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, by_value);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+#include "bench/bench_io.h"
 
 int main(int argc, char **argv) {
     int provided;
@@ -127,7 +103,7 @@ int main(int argc, char **argv) {
         struct stat st;
         if (stat(path, &st) == 0) file_bytes = (uint64_t)st.st_size;
         double r0 = 0;
-        if (rank == 0) r0 = raw_write(dir, file_bytes);
+        if (rank == 0) r0 = bench_raw_write(dir, file_bytes);
         raw[r] = r0;
         MPI_Barrier(MPI_COMM_WORLD);
         t0 = st_now();
@@ -157,13 +133,13 @@ int main(int argc, char **argv) {
                m.n_weights / 1e6, world, stage, reps, dir);
         printf("| %-34s | %10s |\n|%s|%s|\n", "metric", "value", "------------------------------------", "------------");
         printf("| %-34s | %10.1f |\n", "checkpoint file size (MB)", mb);
-        double raw_s = median(raw, reps), save_s = median(save, reps), load_s = median(load, reps);
+        double raw_s = bench_median(raw, reps), save_s = bench_median(save, reps), load_s = bench_median(load, reps);
         printf("| %-34s | %10.1f |\n", "raw sequential write+fsync (MB/s)", mb / raw_s);
         printf("| %-34s | %10.1f |\n", "checkpoint write (MB/s, median)", mb / save_s);
         printf("| %-34s | %10.1f |\n", "checkpoint write (MB/s, best)", mb / save_min);
         printf("| %-34s | %10.1f |\n", "checkpoint / raw bandwidth (%)", 100.0 * raw_s / save_s);
         printf("| %-34s | %10.3f |\n", "sync save: training blocked (s)", save_s);
-        double ab = median(ablock, reps), aw = median(awrite, reps);
+        double ab = bench_median(ablock, reps), aw = bench_median(awrite, reps);
         printf("| %-34s | %10.3f |\n", "async save: training blocked (s)", ab);
         printf("| %-34s | %10.1f |\n", "async blocked / sync blocked (%)", 100.0 * ab / save_s);
         printf("| %-34s | %10.3f |\n", "async save: snapshot + write (s)", aw);

@@ -18,46 +18,7 @@
 #include "kernels/kernels.h"
 #include "worker/model.h"
 
-static double raw_write(const char *dir, size_t bytes) {
-    char path[1200];
-    snprintf(path, sizeof path, "%s/raw.bench", dir);
-    char *buf = malloc(1 << 20);
-    memset(buf, 0x5a, 1 << 20);
-    double t0 = st_now();
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    for (size_t done = 0; fd >= 0 && done < bytes; done += 1 << 20)
-        if (write(fd, buf, 1 << 20) < 0) break;
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-    double t = st_now() - t0;
-    unlink(path);
-    free(buf);
-    return t;
-}
-
-static int by_value(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, by_value);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-static void loadavg(char *out, size_t n) {
-    FILE *f = fopen("/proc/loadavg", "r");
-    out[0] = 0;
-    if (f) {
-        if (!fgets(out, (int)n, f)) out[0] = 0;
-        fclose(f);
-    }
-    char *sp = out;
-    for (int k = 0; k < 3 && sp; k++) sp = strchr(sp + 1, ' '); /* keep the 1/5/15-minute averages */
-    if (sp) *sp = 0;
-}
+#include "bench/bench_io.h"
 
 int main(int argc, char **argv) {
     const char *dir = "/tmp/st_gguf_bench", *quants = "f32,f16,bf16,q8_0,q4_0,q4_K";
@@ -84,7 +45,7 @@ int main(int argc, char **argv) {
     }
     st_mkdirs(dir);
     char la0[64], la1[64], path[1300];
-    loadavg(la0, sizeof la0);
+    bench_loadavg(la0, sizeof la0);
     printf("gguf_bench: llama L%d D%d F%d V%d (%.1fM params, %.0f MB f32), %d rounds, dir %s, load average %s\n",
            L, D, c.d_ff, V, m.n_weights / 1e6, m.n_weights * 4 / 1e6, reps, dir, la0);
     printf("| quant | file MB | export s (median) | export MB/s | raw write+fsync MB/s | ratio | input MB/s |\n");
@@ -108,16 +69,16 @@ int main(int argc, char **argv) {
             }
             ex[r] = st_now() - t0;
             unlink(path);
-            raw[r] = raw_write(dir, rep.bytes);
+            raw[r] = bench_raw_write(dir, rep.bytes);
         }
-        double mb = rep.bytes / 1e6, e = median(ex, reps), w = median(raw, reps);
+        double mb = rep.bytes / 1e6, e = bench_median(ex, reps), w = bench_median(raw, reps);
         printf("| %s | %.1f | %.3f | %.0f | %.0f | %.0f%% | %.0f |\n", q, mb, e, mb / e, mb / w, 100 * w / e,
                m.n_weights * 4 / 1e6 / e);
         fflush(stdout);
         free(ex);
         free(raw);
     }
-    loadavg(la1, sizeof la1);
+    bench_loadavg(la1, sizeof la1);
     printf("load average after: %s (2 cores, shared)\n", la1);
     st_model_free(&m);
     return 0;

@@ -7,6 +7,13 @@
  *   forward  z = x W^T + scale * u B^T (saved), y[:, block] += c * z - x W^T  (the base term is already in y)
  *   backward dz = c * dy ; dm += sum_rows dy * z / n ; A, B gradients from dz as above ;
  *            dx += (dz - dy) @ W  (the base projection's own dx used dy).
+ * With LoRA dropout (training forwards) x above is the dropped input xd = mask * x / (1 - p), one mask for the
+ * LoRA branch and DoRA's base term alike, as peft's DoRA forward (F.linear(dropout(x), W) replaces the base
+ * result): the base projection's own y keeps the undropped x, and dx += mask * ((dz - dy) @ W + du @ A) / (1 - p).
+ * Under precision bf16 (model.c: the base matmuls read the bf16 weight copy) W here is that copy widened to
+ * fp32 — the base weight as the base matmul sees it, what peft's DoRA reads from a bf16 base layer
+ * (weight.to(x.dtype)) — in the norms and the DoRA term alike; the rest of the adapter math is fp32 on the
+ * bf16-rounded input the base matmul reads (as LoRA under bf16).
  * A packed site (Llama q/k/v, gate/up) writes and reads a column
  * block of a wider row-major matrix: the backend has no strided matmul, so such an adapter goes through a
  * contiguous scratch tensor copied with host loops (CPU backend only for now). */
@@ -56,6 +63,7 @@ struct st_lora {
     int64_t drop_step, drop_sample; /* the micro-batch's key: step and its first global sample */
     float *xd;          /* [rows * max_in] the dropped input (forward) / du @ A (backward) */
     int max_in;
+    float *wf;          /* DoRA under bf16: [max_w] an adapted weight's bf16 copy widened to fp32 */
 };
 
 unsigned st_lora_target_bit(const char *name) {
@@ -92,9 +100,6 @@ static void valid_list(unsigned all, char *buf, size_t cap) {
 static int check_spec(const st_model *m, const st_lora_spec *s) {
     if (!(s->dropout >= 0 && s->dropout < 1))
         return st_fail(ST_ECONFIG, "finetune.lora.dropout must be in [0, 1), got %g", s->dropout);
-    if (s->dropout > 0 && s->dora)
-        return st_fail(ST_ECONFIG, "finetune.lora.dropout > 0 with dora: true is not supported yet (peft then runs DoRA's "
-                       "base term on the dropped input)");
     int gpt2 = m->cfg.family == ST_FAMILY_GPT2;
     unsigned all = gpt2 ? ST_LORA_GPT2_ALL : ST_LORA_LLAMA_ALL;
     char valid[160];
@@ -299,6 +304,7 @@ void st_lora_free(st_lora *l) {
     free(l->base);
     free(l->ba);
     free(l->xd);
+    free(l->wf);
     free(l->ad);
     free(l->layer_first);
     free(l->layers);
@@ -354,6 +360,10 @@ size_t st_lora_work_floats(const st_model *m, size_t rows) {
     return f;
 }
 
+size_t st_lora_bf16_work_floats(const st_model *m) {
+    return m->lora && m->lora->spec.dora ? m->lora->max_w : 0;
+}
+
 /* Working memory for N rows (host memory: the CPU backend). */
 static int ensure_rows(st_lora *lo, size_t N) {
     if (lo->rows == N) return 0;
@@ -390,11 +400,21 @@ int st_lora_reserve(st_model *m, size_t rows) { return m->lora ? ensure_rows(m->
 /* Whether the adapter covers whole rows of its site's output (no strided copy needed). */
 static int contiguous(const adapter *a, int ystride) { return a->col0 == 0 && a->out == ystride; }
 
+/* The adapted weight of adapter k as DoRA reads it: the fp32 weights, or under bf16 the bf16 copy the base
+ * matmul reads, widened into lo->wf (allocated by st_lora_forward). */
+static const float *dora_weight(const st_model *m, int k) {
+    const st_lora *lo = m->lora;
+    const st_param *p = &m->params[lo->ad[k].base];
+    if (!m->weights_bf16) return m->weights + p->offset;
+    m->be->from_bf16(lo->wf, m->weights_bf16 + p->offset, p->numel);
+    return lo->wf;
+}
+
 /* c = m / ||W + scale B A||_row for adapter k (into lo->c, lo->inv_n). */
-static void dora_scale(st_model *m, int k) {
+static void dora_scale(st_model *m, int k, const float *W) {
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
-    const float *W = m->weights + m->params[a->base].offset, *mg = m->weights + m->params[a->mag].offset;
+    const float *mg = m->weights + m->params[a->mag].offset;
     const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
     m->be->matmul(lo->ba, B, A, a->out, a->in, lo->r, 0, 0, 1.0f, 0.0f); /* B @ A [out, in] */
     float *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
@@ -410,15 +430,16 @@ static void dora_scale(st_model *m, int k) {
     }
 }
 
-/* y[:, block] += c * z - x W^T with z = x W^T + scale * u B^T (u already computed). */
+/* y[:, block] += c * z - x W^T with z = x W^T + scale * u B^T (u already computed; x the adapter's input,
+ * dropped under LoRA dropout). */
 static void dora_forward(st_model *m, int k, const float *x, float *y, int ystride) {
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
     size_t N = lo->rows;
-    const float *W = m->weights + m->params[a->base].offset, *B = m->weights + m->params[a->b].offset;
+    const float *W = dora_weight(m, k), *B = m->weights + m->params[a->b].offset;
     const float *u = lo->u + (size_t)k * N * lo->r;
     float *z = lo->z + lo->zoff[k], *c = lo->c + (size_t)k * lo->max_out;
-    dora_scale(m, k);
+    dora_scale(m, k, W);
     m->be->matmul(lo->base, x, W, (int)N, a->out, a->in, 0, 1, 1.0f, 0.0f);
     m->be->copy(z, lo->base, N * (size_t)a->out * sizeof(float));
     m->be->matmul(z, u, B, (int)N, a->out, lo->r, 0, 1, lo->scale, 1.0f);
@@ -439,7 +460,6 @@ int st_lora_set_dropout(st_model *m, double p, uint64_t seed) {
     st_lora *lo = m->lora;
     if (!lo) return st_fail(ST_EINVAL, "the model has no LoRA adapters");
     if (!(p >= 0 && p < 1)) return st_fail(ST_ECONFIG, "finetune.lora.dropout must be in [0, 1), got %g", p);
-    if (p > 0 && lo->spec.dora) return st_fail(ST_ECONFIG, "finetune.lora.dropout > 0 with dora: true is not supported yet");
     lo->spec.dropout = p;
     lo->spec.seed = seed;
     lo->rows = 0; /* the next forward sizes the working memory again (with the dropout buffer) */
@@ -507,14 +527,17 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
     size_t N = (size_t)m->B * m->T;
     int rc = ensure_rows(lo, N);
     if (rc) return rc;
+    if (lo->spec.dora && m->weights_bf16 && !lo->wf && !(lo->wf = malloc(lo->max_w * sizeof(float) + 1)))
+        return st_fail(ST_ENOMEM, "out of memory for DoRA under bf16 (%zu floats)", lo->max_w);
     for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
         const adapter *a = &lo->ad[k];
         if (a->site != site) continue;
         float *u = lo->u + (size_t)k * N * lo->r;
         const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
-        be->matmul(u, lo->drop_on ? dropped(m, k, x, x, lo->xd) : x, A, (int)N, lo->r, a->in, 0, 1, 1.0f, 0.0f);
+        const float *xa = lo->drop_on ? dropped(m, k, x, x, lo->xd) : x;
+        be->matmul(u, xa, A, (int)N, lo->r, a->in, 0, 1, 1.0f, 0.0f);
         if (a->mag >= 0) {
-            dora_forward(m, k, x, y, ystride);
+            dora_forward(m, k, xa, y, ystride);
             continue;
         }
         if (contiguous(a, ystride)) {
@@ -531,7 +554,8 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
     return 0;
 }
 
-/* DoRA part of adapter k's backward: dm += sum_rows dy * z / n ; dx += (c - 1) * dy @ W ; dy := c * dy. */
+/* DoRA part of adapter k's backward: dm += sum_rows dy * z / n ; dx += (c - 1) * dy @ W ; dy := c * dy.
+ * Under dropout dx is NULL: (c - 1) * dy stays in lo->base for st_lora_backward to send through the mask. */
 static void dora_backward(st_model *m, int k, float *dy, float *dx) {
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
@@ -548,7 +572,7 @@ static void dora_backward(st_model *m, int k, float *dy, float *dx) {
     }
     for (size_t i = 0; i < N; i++)
         for (int j = 0; j < a->out; j++) lo->base[i * a->out + j] = (c[j] - 1.0f) * dy[i * a->out + j];
-    m->be->matmul(dx, lo->base, m->weights + m->params[a->base].offset, (int)N, a->in, a->out, 0, 0, 1.0f, 1.0f);
+    if (dx) m->be->matmul(dx, lo->base, dora_weight(m, k), (int)N, a->in, a->out, 0, 0, 1.0f, 1.0f);
     for (size_t i = 0; i < N; i++)
         for (int j = 0; j < a->out; j++) dy[i * a->out + j] *= c[j];
 }
@@ -568,7 +592,7 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
             for (size_t i = 0; i < N; i++) memcpy(lo->tmp + i * a->out, dy + i * ystride + a->col0, (size_t)a->out * sizeof(float));
             dyc = lo->tmp;
         }
-        if (a->mag >= 0) dora_backward(m, k, lo->tmp, dx); /* lo->tmp becomes dz */
+        if (a->mag >= 0) dora_backward(m, k, lo->tmp, lo->drop_on ? NULL : dx); /* lo->tmp becomes dz */
         if (pb->grad_offset >= 0)
             be->matmul(m->grads + pb->grad_offset, dyc, u, a->out, lo->r, (int)N, 1, 0, lo->scale, 1.0f);
         be->matmul(lo->du, dyc, B, (int)N, lo->r, a->out, 0, 0, lo->scale, 0.0f);
@@ -579,7 +603,12 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
             be->matmul(dx, lo->du, A, (int)N, a->in, lo->r, 0, 0, 1.0f, 1.0f);
             continue;
         }
-        be->matmul(lo->xd, lo->du, A, (int)N, a->in, lo->r, 0, 0, 1.0f, 0.0f); /* dx += mask (du @ A) / (1 - p) */
+        float beta = 0.0f; /* dx += mask ((c - 1) dy @ W (DoRA) + du @ A) / (1 - p) */
+        if (a->mag >= 0) {
+            be->matmul(lo->xd, lo->base, dora_weight(m, k), (int)N, a->in, a->out, 0, 0, 1.0f, 0.0f);
+            beta = 1.0f;
+        }
+        be->matmul(lo->xd, lo->du, A, (int)N, a->in, lo->r, 0, 0, 1.0f, beta);
         dropped(m, k, lo->xd, dx, dx);
     }
 }
@@ -595,7 +624,7 @@ int st_lora_merge(st_model *m) {
         const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
         if (a->mag >= 0) { /* DoRA: W := (m / ||W + scale B A||_row) * (W + scale B A) */
             if (!lo->rows && ensure_rows(lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
-            dora_scale(m, k);
+            dora_scale(m, k, W); /* the fp32 weights merge */
         }
         m->be->matmul(W, B, A, a->out, a->in, lo->r, 0, 0, lo->scale, 1.0f); /* W += scale * B @ A */
         if (a->mag >= 0) {

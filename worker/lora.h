@@ -62,7 +62,7 @@ typedef struct st_lora st_lora;
 void st_lora_dropout_batch(st_model *m, int64_t step, int64_t first_sample);
 void st_lora_set_training(st_model *m, int train);
 /* Sets an attached adapter set's dropout p and mask seed (tests/tools/ref_model; the trainer sets both
- * through st_lora_spec). ST_ECONFIG as st_lora_attach for p outside [0, 1) or with DoRA. */
+ * through st_lora_spec). ST_ECONFIG as st_lora_attach for p outside [0, 1). */
 int st_lora_set_dropout(st_model *m, double p, uint64_t seed);
 
 /* Adds adapters for `spec` to a built model (registry-only models get the registry entries only):
@@ -119,6 +119,9 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
 /* Floats of working memory the adapters use for N = B x T rows (x @ A^T of every adapter, two scratch
  * tensors): what st_lora_forward allocates. 0 without adapters. */
 size_t st_lora_work_floats(const st_model *m, size_t rows);
+/* Floats more that DoRA needs under precision bf16 (one adapted weight widened from its bf16 copy); 0
+ * without DoRA. */
+size_t st_lora_bf16_work_floats(const st_model *m);
 
 /* Allocates the working memory for N = B x T rows (st_model_alloc_activations calls it). */
 int st_lora_reserve(st_model *m, size_t rows);

@@ -711,8 +711,8 @@ int st_model_set_precision(st_model *m, st_precision precision) {
     if (precision == ST_PRECISION_BF16 &&
         (!m->be->matmul_bf16 || !m->be->to_bf16 || !m->be->from_bf16 || !m->be->cross_entropy_acc))
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
-    if (precision == ST_PRECISION_BF16 && m->lora && st_lora_has_dora(m))
-        return st_fail(ST_ECONFIG, "precision: bf16 with finetune.lora.dora is not supported yet (use fp32)");
+    if (precision == ST_PRECISION_BF16 && m->qlora && st_lora_has_dora(m)) /* DoRA reads the bf16 copy of W */
+        return st_fail(ST_ECONFIG, "precision: bf16 with finetune.mode qlora and finetune.lora.dora is not supported yet");
     m->precision = precision;
     m->be->free(m->weights_bf16);
     m->weights_bf16 = NULL;

@@ -67,7 +67,8 @@ static int check(const st_model *m, int V, const char *mode) {
         return st_fail(ST_ECONFIG, "finetune.%s.virtual_tokens must be >= 1, got %d",
                        strcmp(mode, "prefix_tuning") ? "prompt" : "prefix", V);
     if (m->lora || m->prompt) return st_fail(ST_EINVAL, "the model already has adapters");
-    if (m->weights_bf16) return st_fail(ST_ECONFIG, "finetune.mode %s needs precision fp32 (bf16 is not supported yet)", mode);
+    if (m->weights_bf16) /* the bf16 copy is sized for the weights before the prompt's tensors */
+        return st_fail(ST_EINVAL, "finetune.mode %s: the prompt must be attached before precision bf16 is set", mode);
     if (m->be && !m->be->host_memory)
         return st_fail(ST_ECONFIG, "finetune.mode %s runs on the cpu backend only for now (%s backend)", mode, m->be->name);
     return 0;

@@ -676,9 +676,6 @@ static int finish_finetune(st_config *c, const char *file) {
                            "(%" PRId64 " after %" PRId64 ")", file, i, s->at_step, s[-1].at_step);
     }
     if ((rc = check_layers(file, "finetune.lora.layers", c->finetune.lora.layers))) return rc;
-    if (c->finetune.lora.dora && c->finetune.lora.dropout > 0)
-        return st_fail(ST_ECONFIG, "%s: finetune.lora.dropout: %g with dora: true is not supported yet (only 0)", file,
-                       c->finetune.lora.dropout);
     if (c->finetune.mode == ST_FINETUNE_P_TUNING && c->finetune.prompt.init_text[0])
         return st_fail(ST_ECONFIG, "%s: finetune.prompt.init_text is a prompt_tuning option (p_tuning has no text init)",
                        file);

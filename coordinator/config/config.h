@@ -91,7 +91,7 @@ typedef struct {
         struct {                    /* mode lora (worker/lora.h) */
             int r;
             double alpha;
-            double dropout;         /* lora_dropout, [0, 1); not with dora (worker/lora.h) */
+            double dropout;         /* lora_dropout, [0, 1) (worker/lora.h) */
             unsigned targets;       /* ST_LORA_* bits */
             int dora;               /* DoRA magnitude vectors */
             int rslora;

@@ -32,8 +32,6 @@ static int attach_prompt(const st_config *c, st_model *m) {
     if (c->sharding.stage >= 3 && c->finetune.mode != ST_FINETUNE_PROMPT_TUNING)
         return st_fail(ST_ECONFIG, "finetune.mode %s with sharding.stage %d is not supported yet (use 0, 1 or 2)", mode,
                        c->sharding.stage);
-    if (c->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "finetune.mode %s with precision bf16 is not supported yet (use fp32)", mode);
     /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
     if (c->distill.teacher[0])
         return st_fail(ST_ECONFIG, "finetune.mode %s with distill.teacher is not supported yet", mode);
@@ -73,9 +71,11 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
         return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage %d is not supported yet (use 0, 1 or 2, "
                                    "or finetune.mode lora)", c->sharding.stage);
     /* precision bf16: the base (QLoRA: each dequantized layer) computes from its bf16 copy, the adapters and
-     * their optimizer state stay fp32 (worker/model.c); DoRA's base term is fp32 math, not yet */
-    if (c->finetune.lora.dora && c->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "finetune.lora.dora with precision bf16 is not supported yet (use fp32)");
+     * their optimizer state stay fp32 (worker/model.c); DoRA reads the base weight's bf16 copy widened
+     * (worker/lora.c). QLoRA's DoRA under bf16 (the dequantized layer's copy): not yet */
+    if (q && c->finetune.lora.dora && c->precision != ST_PRECISION_FP32)
+        return st_fail(ST_ECONFIG, "finetune.mode qlora with finetune.lora.dora and precision bf16 is not supported yet "
+                                   "(use fp32, or finetune.mode lora)");
     unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
     if (!layers) return st_fail(ST_ENOMEM, "out of memory");
     int rc = st_parse_layer_ranges(c->finetune.lora.layers, m->cfg.n_layer, layers);
@@ -291,7 +291,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->activations = (st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch,
                                                       c->train.seq_len + st_prompt_tokens(m), c->precision,
                                                       c->memory.activation_checkpointing) +
-                      st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
+                      st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len) +
+                      (c->precision == ST_PRECISION_BF16 ? st_lora_bf16_work_floats(m) : 0)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
     size_t stepbuf = r->buffers; /* what the load phase holds: the async snapshot comes with the first save */

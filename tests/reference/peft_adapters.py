@@ -5,7 +5,8 @@ For each mode: LoRA (Llama, all seven projections), LoRA with lora_dropout 0.1 (
 eval mode, as `eval` runs without dropout; and one training forward/backward with ref_model --lora-dropout
 against peft's modules with each lora_dropout replaced by the same masks, recomputed here in numpy from the
 hash worker/lora.h documents), LoRA (GPT-2 c_attn/c_proj/c_fc Conv1D, rsLoRA), DoRA
-(Llama q/v/down), QLoRA (Llama nf4 + double quantization), prompt tuning, P-tuning (MLP encoder; LSTM encoder on Llama) and
+(Llama q/v/down; and with lora_dropout 0.1 on q/v/o/down, its training forward/backward against peft's
+DoRA with the same masks as LoRA dropout's), QLoRA (Llama nf4 + double quantization), prompt tuning, P-tuning (MLP encoder; LSTM encoder on Llama) and
 prefix tuning with and without projection (Llama and GPT-2 each), a small model
 (T = 128, q/k weights scaled x4 so attention is sharp, as test_lora_torch.py) trains 3 steps with
 `shardtune train` on one rank; then
@@ -61,6 +62,9 @@ CASES = [  # name, config, finetune yaml, ref_model extra args
     ("gpt2_lora_rslora", GPT2, "{ mode: lora, lora: { r: 4, alpha: 8, rslora: true, targets: [c_attn, c_proj, c_fc] } }",
      []),
     ("llama_dora", LLAMA, "{ mode: lora, lora: { r: 2, alpha: 4, dora: true, targets: [q_proj, v_proj, down_proj] } }",
+     []),
+    ("llama_dora_dropout", LLAMA,
+     "{ mode: lora, lora: { r: 2, alpha: 4, dora: true, dropout: 0.1, targets: [q_proj, v_proj, o_proj, down_proj] } }",
      []),
     ("llama_qlora_nf4dq", LLAMA,
      "{ mode: qlora, lora: { r: 4, alpha: 8 }, qlora: { quant: nf4, double_quant: true, block: 64 } }",
@@ -323,7 +327,9 @@ class MaskDropout(torch.nn.Module):
 def check_dropout_grads(name, tmp, mdir, config, adir, rng, p=0.1, seed=3, step=5, sample=40):
     """LoRA dropout in a training forward: ref_model --lora-dropout (the masks of worker/lora.h) against
     peft's LoRA modules with each lora_dropout replaced by the same mask (peft applies dropout to the adapter
-    input only: lora_B(lora_A(dropout(x)))): loss and every adapter gradient."""
+    input only: lora_B(lora_A(dropout(x)))): loss and every adapter gradient. DoRA: peft's DoraLinearVariant in a
+    training module runs the whole DoRA term on dropout(x) (its base term F.linear(dropout(x), W) too, one mask);
+    the adapted modules are put in training mode for that (nothing else of the model has dropout)."""
     c = parse_config(config)
     B = 2
     w = np.where(rng.random((B, T)) >= 0.3, 1.0, 0.0)
@@ -344,10 +350,12 @@ def check_dropout_grads(name, tmp, mdir, config, adir, rng, p=0.1, seed=3, step=
             n_in = layer.lora_A["default"].in_features
             layer.lora_dropout["default"] = MaskDropout(torch.from_numpy(
                 dropout_mask(p, seed, step, sample, k, B, T, n_in)))
+            layer.train(True)  # DoRA applies lora_dropout only in training (variants.py DoraLinearVariant)
         ids, tg = torch.from_numpy(batch["inputs"]).long(), torch.from_numpy(batch["targets"]).long()
         loss = ce_sum(real_logits(m, ids), tg, torch.from_numpy(batch["weight"]).to(dtype))
         loss.backward()
-        return loss.item(), {k.replace(".default", "").replace("base_model.model.", "", 1): q.grad.numpy()
+        return loss.item(), {k.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+                             .replace("base_model.model.", "", 1): q.grad.numpy()
                              for k, q in m.named_parameters() if q.requires_grad}
 
     loss, ref = run(torch.float64)
@@ -363,7 +371,8 @@ def check_dropout_grads(name, tmp, mdir, config, adir, rng, p=0.1, seed=3, step=
         if e > max(TOL, 4 * e32):
             bad.append(f"{k} rel {e:.2e} (fp32 {e32:.2e})")
     moved = max(rel_err(plain[k], ref[k]) for k in ref)
-    check(f"{name} dropout adapter gradients == peft autograd", not bad and len(ref) == len(order) * 2 and moved > 1e-3,
+    per = 3 if any(k.endswith("lora_magnitude_vector") for k in ref) else 2  # DoRA: A, B and the magnitude
+    check(f"{name} dropout adapter gradients == peft autograd", not bad and len(ref) == len(order) * per and moved > 1e-3,
           f"{len(ref)} tensors, worst rel {worst:.2e}; without dropout they differ by {moved:.2e} {bad[:3]}")
 
 

@@ -195,7 +195,7 @@ def resume_case(root, job, model, ref, ref_w):
 
 def refusals(job):
     for override, needle in [("finetune.lora.r=0", "finetune.lora.r"), ("finetune.lora.targets=[qq_proj]", "qq_proj"),
-                             ("finetune.lora.targets=[c_attn]", "c_attn"), ("finetune.lora.dora=true finetune.lora.dropout=0.1", "dropout"),
+                             ("finetune.lora.targets=[c_attn]", "c_attn"),
                              ("finetune.lora.layers=7-9", "finetune.lora.layers")]:
         r = dp.sh([dp.BIN, "train", job, *override.split(), "run_dir=" + os.path.dirname(job) + "/refused"], check=False)
         lines = [x for x in r.stderr.strip().splitlines() if x]

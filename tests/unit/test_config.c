@@ -400,8 +400,6 @@ static void test_unknown_keys(void **state) {
                  "'qq_proj'");
     expect_error(with("finetune: {lora: {targets: []}}\n"), 0, NULL, "finetune.lora.targets: expected a non-empty list",
                  NULL);
-    expect_error(with("finetune: {mode: lora, lora: {dropout: 0.05, dora: true}}\n"), 0, NULL, "finetune.lora.dropout",
-                 "not supported");
     expect_error(with("finetune: {mode: lora, lora: {dropout: 1.0}}\n"), 0, NULL, "finetune.lora.dropout", NULL);
     expect_error(with("train: {steps: 3, steps: 4}\n"), 0, NULL, "duplicate key 'train.steps'", NULL);
 }

@@ -1,0 +1,125 @@
+"""DoRA, DoRA with LoRA dropout, prompt tuning, P-tuning (MLP and LSTM encoders) and prefix tuning (with and
+without projection) under precision: bf16, through the real trainer on MPI ranks (mpirun, OMP_NUM_THREADS=1):
+the frozen base computes from its bf16 copy, the adapters (DoRA's magnitudes, the prompts, prefixes and
+encoders) and their AdamW state stay fp32 (their arithmetic against a float64 emulation of the bf16 path:
+test_bf16_torch.py section 3; against the real peft in fp32: peft_adapters.py).
+
+For a 2-layer Llama (GPT-2 for one prompt mode), 6 steps of a 12-sequence global batch, per mode:
+  * D, the largest relative loss difference between the bf16 and the fp32 run on 1 rank, is the whole effect
+    of the bf16 arithmetic on the losses: 0 < D < 2e-2, step 1 differs from fp32 (the base is in bf16), and
+    the bf16 run learns;
+  * 1 rank, 2 ranks ZeRO-1, 2 ranks x 2 micro-batches ZeRO-2 and — for the modes that run at stage 3 (DoRA,
+    prompt tuning) — 2 ranks ZeRO-3 agree within 2 D: the rank count changes only the order of fp32 sums,
+    which flips rare bf16 roundings by one ulp, at most twice a rounding error (test_peft_bf16.py's argument);
+  * DoRA with dropout: the masks are keyed by the global sample (worker/lora.h), so in fp32 1 rank and 2 ranks
+    x 2 micro-batches agree within 1e-6 (test_lora_train.py's bound), dropout changes the losses after step 1,
+    and step 1 (B = 0, m = ||W||: the base model) equals the run without dropout;
+  * final/ of a bf16 DoRA run is peft's DORA layout (fp32, use_dora), and eval --adapter equals eval of the
+    merged export (fp32 eval, 1e-6);
+  * P-tuning and prefix tuning under stage 3 are still refused with one line (precision bf16 or not).
+"""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dp_common as dp  # noqa: E402
+from test_peft_bf16 import BF16, SPLITS, bf16_effect, rel  # noqa: E402
+from test_qlora_train import final_w, run_split  # noqa: E402
+
+TOL = 1e-6
+TRAIN = ("train: { steps: 6, micro_batch: 12, grad_accum: 1, seq_len: 16, lr: %s, warmup_steps: 0, "
+         "schedule: constant, weight_decay: 0.0, grad_clip: 1.0, log_every: 100 }\n")
+DORA = "{ mode: lora, lora: { r: 4, alpha: 8, dora: true, targets: [q_proj, v_proj, o_proj, up_proj, down_proj] } }"
+DORA_DROP = DORA.replace("dora: true", "dora: true, dropout: 0.2")
+# name, family, finetune, lr, runs at stage 3
+MODES = [
+    ("dora", "llama", DORA, "1.0e-2", True),
+    ("dora_dropout", "llama", DORA_DROP, "1.0e-2", True),
+    ("prompt", "llama", "{ mode: prompt_tuning, prompt: { virtual_tokens: 5 } }", "1.0e-1", True),
+    ("ptuning_mlp", "gpt2", "{ mode: p_tuning, prompt: { virtual_tokens: 5, encoder: mlp } }", "1.0e-2", False),
+    ("ptuning_lstm", "llama", "{ mode: p_tuning, prompt: { virtual_tokens: 4, encoder: lstm } }", "1.0e-2", False),
+    ("prefix", "llama", "{ mode: prefix_tuning, prefix: { virtual_tokens: 5 } }", "1.0e-1", False),
+    ("prefix_proj", "llama", "{ mode: prefix_tuning, prefix: { virtual_tokens: 4, projection: true } }", "1.0e-2",
+     False),
+]
+
+
+def make_job(base, model, data, finetune, lr):
+    os.makedirs(base, exist_ok=True)
+    return dp.write_job(os.path.join(base, "job.yaml"), model, os.path.join(base, "run"), [{"name": "a", "path": data}],
+                        "finetune: " + finetune + "\n" + TRAIN % lr)
+
+
+def ranks_agree(name, job, root, ref, d, splits):
+    worst_all = 0.0
+    for split in splits:
+        got = run_split(job, os.path.join(root, name + "_r%dx%dx%dz%d" % split), split, more=BF16)
+        worst = rel(ref, got)
+        assert worst <= 2 * d, f"{name} {split}: bf16 losses differ from 1 rank by {worst:.3g} > 2 D = {2 * d:.3g}"
+        worst_all = max(worst_all, worst)
+    label = ", ".join("%dx%dx%d ZeRO-%d" % s for s in splits)
+    print(f"  {name}: bf16 on {label} vs 1 rank: worst {worst_all:.2e} <= 2 D = {2 * d:.2e}")
+
+
+def dropout_fp32(job, root):
+    one = run_split(job, os.path.join(root, "dd_fp32_1"), SPLITS[0])
+    two = run_split(job, os.path.join(root, "dd_fp32_2"), SPLITS[2])
+    none = run_split(job, os.path.join(root, "dd_fp32_none"), SPLITS[0], more=["finetune.lora.dropout=0"])
+    worst = rel(one, two)
+    assert worst <= TOL, f"dora dropout fp32: 1 rank vs 2 ranks x 2 micro-batches differ by {worst:.3g}\n {one}\n {two}"
+    assert abs(one[0] - none[0]) <= TOL * abs(one[0]), f"dora dropout: step 1 {one[0]} != no dropout {none[0]}"
+    assert all(abs(x - y) > 1e-7 for x, y in zip(one[1:], none[1:])), f"dora dropout changes nothing {one} {none}"
+    print(f"  dora_dropout fp32: 1 vs 2 ranks x 2 micro-batches {worst:.2e}, step 1 == no dropout, "
+          f"losses {one[0]:.4f} -> {one[-1]:.4f} (no dropout -> {none[-1]:.4f})")
+
+
+def dora_final(model, data, rd):
+    w = final_w(rd)
+    assert any(k.endswith("lora_magnitude_vector") for k in w), f"dora bf16 final/: no magnitudes {sorted(w)[:4]}"
+    assert all(v.dtype == np.float32 and np.all(np.isfinite(v)) for v in w.values()), "dora bf16: adapters not fp32"
+    ac = json.load(open(os.path.join(rd, "final", "adapter_config.json")))
+    assert ac["peft_type"] == "LORA" and ac.get("use_dora") is True, f"dora bf16: adapter_config {ac}"
+    merged = os.path.join(rd, "merged")
+    dp.sh([dp.BIN, "export", os.path.join(rd, "final"), "--merge", "--model", model, "--out", merged])
+
+    def ev(extra):
+        return json.loads(dp.sh([dp.BIN, "eval", "--data", data, "--seq-len", "16", "--json"] + extra).stdout)["loss"]
+    e1, e2 = ev(["--model", model, "--adapter", os.path.join(rd, "final")]), ev(["--model", merged])
+    assert abs(e1 - e2) <= 1e-6 * abs(e2), f"dora bf16: eval --adapter {e1} != merged {e2}"
+    print(f"  dora: bf16 final/ is peft's DoRA layout (fp32), eval --adapter == merged ({e1:.6f})")
+
+
+def main():
+    root = dp.tmpdir("st_peft_modes_bf16_")
+    only = os.environ.get("ST_PEFT_CASES", "")
+    try:
+        models = {"llama": dp.init_model(os.path.join(root, "llama"), "llama", 2),
+                  "gpt2": dp.init_model(os.path.join(root, "gpt2"), "gpt2", 2, seed=3)}
+        data = dp.make_dataset(os.path.join(root, "a.h5"), 128, 200, seed=1, step=1)
+        for name, family, finetune, lr, zero3 in MODES:
+            if only and name not in only.split(","):
+                continue
+            job = make_job(os.path.join(root, name), models[family], data, finetune, lr)
+            if name == "dora_dropout":
+                dropout_fp32(job, root)
+            d, ref = bf16_effect(name, job, root)
+            ranks_agree(name, job, root, ref, d, SPLITS[1:] if zero3 else SPLITS[1:3])
+            if name == "dora":
+                dora_final(models[family], data, os.path.join(root, name + "_bf16"))
+            if not zero3:
+                r = dp.sh([dp.BIN, "train", job, "precision=bf16", "sharding.stage=3", "run_dir=" + root + "/refused"],
+                          check=False)
+                lines = [x for x in r.stderr.strip().splitlines() if x]
+                assert r.returncode != 0 and len(lines) == 1 and "sharding.stage 3" in lines[0], r.stderr
+                print(f"  {name}: refuses sharding.stage 3: {lines[0]}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print("DoRA / prompt-learning bf16 training checks passed")
+
+
+if __name__ == "__main__":
+    main()

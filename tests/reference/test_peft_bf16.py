@@ -18,7 +18,8 @@ For a 2-layer Llama with adapters on all seven projections (r 4), 6 steps of a 1
     adapter inputs as the first forward did).
   * final/ is the same peft adapter directory as under fp32 (tensor names and shapes peft saves, adapter
     config), `eval --adapter final/` runs and equals eval of the merged export (fp32 eval, 1e-6).
-  * refusal with one line: finetune.lora.dora with precision bf16.
+  * refusal with one line: finetune.mode qlora with finetune.lora.dora under precision bf16 (LoRA's DoRA under
+    bf16: test_peft_modes_bf16.py).
 """
 import json
 import os
@@ -116,11 +117,11 @@ def main():
         ranks_agree("qlora", qjob, root, qref, dq, SPLITS[1:2])
         ckpt_same("qlora", qjob, root, qref)
         final_checks("qlora", ll, data, os.path.join(root, "qlora_bf16"))
-        r = dp.sh([dp.BIN, "train", job, "precision=bf16", "finetune.lora.dora=true", "run_dir=" + root + "/refused"],
+        r = dp.sh([dp.BIN, "train", qjob, "precision=bf16", "finetune.lora.dora=true", "run_dir=" + root + "/refused"],
                   check=False)
         lines = [x for x in r.stderr.strip().splitlines() if x]
         assert r.returncode != 0 and len(lines) == 1 and "dora" in lines[0] and "bf16" in lines[0], r.stderr
-        print(f"  refuses dora with bf16: {lines[0]}")
+        print(f"  refuses qlora + dora with bf16: {lines[0]}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("LoRA / QLoRA bf16 training checks passed")

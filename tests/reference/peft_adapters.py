@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dp_common as dp  # noqa: E402
+from lora_masks import dropout_mask  # noqa: E402
 import st_io  # noqa: E402
 from test_lora_torch import GPT2, LLAMA, sharp_weights  # noqa: E402
 from torch_model import parse_config  # noqa: E402
@@ -290,29 +291,6 @@ def check_grads(name, tmp, mdir, config, adir, extra, rng, encoder=None):
         if e > max(TOL, 4 * e32):
             bad.append(f"{k} rel {e:.2e} (fp32 {e32:.2e})")
     check(f"{name} adapter gradients == peft autograd", not bad, f"{len(ref)} tensors, worst rel {worst:.2e} {bad[:3]}")
-
-
-def mix64(z):
-    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic), as worker/lora.c's mask hash."""
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def dropout_mask(p, seed, step, sample, k, B, T, n_in):
-    """Adapter k's keep/(1-p) mask [B, T, in], from worker/lora.h's documented key (written independently
-    here from the description: seed, step, global sample, position, adapter, feature)."""
-    u = np.uint64
-    key = mix64(np.array([seed ^ 0x4C6F5241], u))
-    key = mix64(key ^ u(step))
-    rows = np.arange(B * T, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        rk = mix64(key ^ mix64((u(sample) + rows // u(T)) * u(0x9E3779B97F4A7C15) + rows % u(T)))
-        rk = mix64(rk ^ u(k))
-        h = mix64(rk[:, None] + np.arange(n_in, dtype=np.uint64)[None, :])
-    keep = h >= u(int(p * 2.0 ** 64))
-    return (keep / (1.0 - p)).reshape(B, T, n_in)
 
 
 class MaskDropout(torch.nn.Module):

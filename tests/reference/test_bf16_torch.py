@@ -57,7 +57,18 @@ the loss, weights, gradients and optimizer state are fp32.
    nf4-dq against the numpy-dequantized base) --precision bf16: logits, per-position losses and every
    adapter gradient pass (a) and (b) against the emulation with fp32 adapters, the broken variants being the
    unrounded model and adapters reading the unrounded input; --precision fp32 must fail.
-Env (set by ctest): ST_BUILD_DIR, SHARDTUNE_BIN."""
+4. DoRA, DoRA with LoRA dropout, prompt tuning, P-tuning (MLP, LSTM) and prefix tuning (with and without
+   projection) under bf16: ref_model --adapter DIR [--lora-dropout P,SEED,STEP,SAMPLE] --precision bf16 against
+   float64 emulations of the path (mode_emulation): DoRA as peft's DoRA on a bf16 base layer with fp32 adapters
+   (the norms ||W + scale B A||_row and the base term (c - 1) x W^T from the base weight's bf16 value, x the
+   bf16-rounded input of the base matmul, dropped by the masks of worker/lora.h under dropout in both terms);
+   the prompts, P-tuning encoders (torch modules in float64) and prefixes fp32, the prompt rows entering the fp32
+   residual stream unrounded, prefix keys/values stored as bf16 like all keys/values. Criteria (a) and (b) on
+   logits, per-position losses and every adapter gradient, with the broken variants each mode can plausibly
+   have (the unrounded model; DoRA: adapters on the unrounded input, norms / base term on the fp32 W, the base
+   term on the undropped input; prompts rounded to bf16 as they enter); --precision fp32 must fail.
+Env (set by ctest): ST_BUILD_DIR, SHARDTUNE_BIN; ST_BF16_SECTIONS (e.g. "3,4": a subset, for debugging)."""
+import json
 import math
 import os
 import re
@@ -71,9 +82,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dp_common  # noqa: E402
 import st_io  # noqa: E402
+from lora_masks import dropout_mask  # noqa: E402
 from test_model_torch import (CONFIGS, ENV, REF_MODEL, SEQ, random_batch, random_weights, rel_err,  # noqa: E402
                               torch_forward_backward, write_model)
-from torch_model import RefModel, causal_attention, parse_config  # noqa: E402
+from torch_model import RefModel, causal_attention, parse_config, weighted_ce  # noqa: E402
 
 U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
 BOUND, FP32_TOL = 2.0, 1e-5  # (a): err_t <= BOUND u kappa_t
@@ -451,16 +463,260 @@ def lora_case(tmp, rng, name, targets, quant_dequant, write_adapter):
                   ok == must, detail)
 
 
+# ---------------- 4. DoRA and prompt learning under bf16 ----------------
+
+def tensor_leaves(arrs, dtype=torch.float64):
+    return {k: torch.tensor(np.asarray(v), dtype=dtype).requires_grad_(True) for k, v in arrs.items()}
+
+
+def lin(x, t, name):
+    return x @ t[name + ".weight"].t() + t[name + ".bias"]
+
+
+def prompt_encoder(t, kind):
+    """peft's encoders on the tensors t (shardtune's registry names = peft's state dict), in t's dtype:
+    P-tuning MLP (Linear, ReLU, Linear, ReLU, Linear), P-tuning LSTM (a 2-layer bidirectional torch LSTM, then
+    Linear, ReLU, Linear), prefix projection (Linear, Tanh, Linear); the input is the embedding table."""
+    e = t["prompt_encoder.embedding.weight"]
+    if kind == "mlp":
+        h = torch.relu(lin(e, t, "prompt_encoder.mlp_head.0"))
+        return lin(torch.relu(lin(h, t, "prompt_encoder.mlp_head.2")), t, "prompt_encoder.mlp_head.4")
+    if kind == "proj":
+        return lin(torch.tanh(lin(e, t, "prompt_encoder.transform.0")), t, "prompt_encoder.transform.2")
+    H = t["prompt_encoder.lstm_head.weight_hh_l0"].shape[1]
+    lstm = torch.nn.LSTM(e.shape[1], H, num_layers=2, bidirectional=True, batch_first=True).to(e.dtype)
+    for name in [n for n, _ in lstm.named_parameters()]:  # the leaves themselves, so their gradients land there
+        delattr(lstm, name)
+        setattr(lstm, name, t["prompt_encoder.lstm_head." + name])
+    lstm._flat_weights = [getattr(lstm, n) for n in lstm._flat_weights_names]
+    h = lstm(e[None])[0][0]
+    return lin(torch.relu(lin(h, t, "prompt_encoder.mlp_head.0")), t, "prompt_encoder.mlp_head.2")
+
+
+def dora_bf16_out(ref, rnd, round_input=True, w_rounded=True, masks=None, base_dropped=True):
+    """shardtune's DoRA under bf16 (worker/lora.c) as a RefModel.lora_out: the base product from the bf16
+    operands (BF16Matmul), plus (c - 1) x W^T + c * scale * (x A^T) B^T with x the bf16-rounded input of the base
+    matmul (identity gradient) and W the base weight's bf16 value — peft's DoRA (dora.py) on a bf16 base
+    layer with fp32 adapters: c = m / ||W + scale B A||_row (detached); the rest unrounded (fp32 adapters).
+    masks {module: [B, T, in]}: LoRA dropout, x := mask * x in both DoRA terms (peft's DoraLinearVariant in
+    training). round_input / w_rounded / base_dropped False: broken variants (the adapters on the unrounded x;
+    DoRA on the fp32 W; DoRA's base term on the undropped x)."""
+    store = bf16_saved(rnd)
+
+    def out(x, base, module, w_oi):
+        if module not in ref.lora:
+            return base
+        xr = store(x) if round_input else x
+        xd = xr * masks[module] if masks else xr
+        A, B = ref.lora[module]
+        delta = ref.lora_scale * torch.matmul(torch.matmul(xd, A.t()), B.t())
+        if module not in ref.dora:
+            return base + delta
+        W = rnd(w_oi.detach()) if w_rounded else w_oi.detach()
+        c = ref.dora[module] / torch.linalg.norm(W + ref.lora_scale * torch.matmul(B, A).detach(), dim=1).detach()
+        return base + (c - 1) * torch.matmul(xd if base_dropped else xr, W.t()) + c * delta
+    return out
+
+
+def mode_emulation(model_dir, mode, arrs, r=4, alpha=8.0, rnd=bf16, **broken):
+    """(RefModel, {name: leaf}, V) of shardtune's bf16 path for an adapter `mode` with tensors `arrs`
+    (rnd None: the unrounded float64 model). Prompt learning: the prompt rows are the fp32 (here float64)
+    prompt or encoder output put into the fp32 residual stream unrounded; prefix tuning: the virtual rows
+    are token 0's embedding and every layer's keys/values of those rows are the prefix's, stored as bf16
+    like every key/value. broken: round_input / w_rounded (DoRA), round_prompt (the prompt rounded to bf16 as
+    it enters the residual stream, what peft on a bf16 model does; shardtune's residual stream is fp32)."""
+    ref = bf16_emulation(model_dir, rnd=rnd) if rnd else RefModel.load(model_dir, torch.float64)
+    leaves = tensor_leaves(arrs)
+    if mode.startswith("dora"):
+        ref.attach_lora(arrs, r, alpha)
+        leaves = {}
+        for mod, (A, B) in ref.lora.items():
+            leaves[f"{mod}.lora_A.weight"], leaves[f"{mod}.lora_B.weight"] = A, B
+            leaves[f"{mod}.lora_magnitude_vector"] = ref.dora[mod]
+        masks = broken.get("masks")
+        if rnd or masks:  # unrounded with dropout: the same function on the identity rounding
+            ref.lora_out = dora_bf16_out(ref, rnd or unrounded, broken.get("round_input", True),
+                                         broken.get("w_rounded", True),
+                                         {m: torch.from_numpy(v) for m, v in masks.items()} if masks else None,
+                                         broken.get("base_dropped", True))
+        return ref, leaves, 0
+    c = ref.c
+    if mode == "prompt":
+        table = leaves["prompt_embeddings"]
+    elif mode in ("mlp", "lstm", "proj"):
+        table = prompt_encoder(leaves, mode)
+    else:
+        table = leaves["prompt_embeddings"]
+    V = table.shape[0]
+    if mode in ("prefix", "proj"):
+        emb = ref.params["wte.weight" if c["family"] == "gpt2" else "model.embed_tokens.weight"]
+        ref.prompt = emb[0].detach()[None].expand(V, -1)
+        KVH, hd = c["n_kv_head"], c["head_dim"]
+        kv = table.view(V, c["n_layer"], 2, KVH, hd).permute(1, 2, 3, 0, 4)  # [L, 2, KVH, V, hd]
+
+        def prefix_kv(l, k, v):
+            B = k.shape[0]
+            pk, pv = (kv[l, j][None].expand(B, -1, -1, -1) for j in (0, 1))
+            return torch.cat([pk, k[:, :, V:]], 2), torch.cat([pv, v[:, :, V:]], 2)
+        ref.prefix_kv = prefix_kv
+    else:
+        ref.prompt = bf16_saved(rnd)(table) if broken.get("round_prompt") else table
+    return ref, leaves, V
+
+
+def mode_outputs(ref, leaves, V, batch, vocab):
+    """{logits (every row, the virtual ones first), loss_per_pos (the real rows), grad.<adapter tensor>}."""
+    inputs, targets, weight = batch
+    Bn = inputs.shape[0]
+    pad_t = np.concatenate([np.zeros((Bn, V), np.int64), targets], axis=1)
+    pad_w = np.concatenate([np.zeros((Bn, V), np.float32), weight], axis=1)
+    logits = ref.logits(torch.from_numpy(inputs).long())
+    loss, per_pos = weighted_ce(logits, torch.from_numpy(pad_t), torch.from_numpy(pad_w).double())
+    loss.backward()
+    out = {"logits": logits.detach().numpy().reshape(-1, vocab),
+           "loss_per_pos": per_pos.detach().numpy().reshape(Bn, -1)[:, V:].reshape(-1)}
+    out.update({"grad." + k: t.grad.numpy().copy() for k, t in leaves.items()})
+    return out
+
+
+def mode_adapter(adir, c, mode, rng, V=4):
+    """A random adapter directory for `mode` (peft's layout, as checkpoints/peft_dir.c and peft_prompt.c read it)
+    and its tensors. P-tuning / prefix projection: the encoder's own tensors (shardtune's P_TUNING / PREFIX_TUNING
+    directory of an encoder, as peft_adapters.py's check_encoder writes one)."""
+    from test_lora_torch import write_adapter
+    from test_prompt_torch import write_prompt_adapter
+    if mode.startswith("dora"):
+        targets = (["c_attn", "c_proj", "c_fc"] if c["family"] == "gpt2" else
+                   ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        return write_adapter(adir, c, targets, 4, 8.0, False, None, rng, dora=True)
+    if mode == "prompt":
+        return {"prompt_embeddings": write_prompt_adapter(adir, c, V, rng)}
+    C, L, KVD = c["d_model"], c["n_layer"], c["n_kv_head"] * c["head_dim"]
+
+    def u(shape, fan_in):
+        return rng.uniform(-1, 1, shape).astype(np.float32) / np.float32(math.sqrt(fan_in))
+    cfg = dict(task_type="CAUSAL_LM", num_virtual_tokens=V, num_transformer_submodules=1, num_layers=L,
+               inference_mode=False)
+    if mode in ("prefix", "proj"):
+        cfg.update(peft_type="PREFIX_TUNING", token_dim=KVD, num_attention_heads=c["n_kv_head"],
+                   prefix_projection=mode == "proj", encoder_hidden_size=KVD)
+        t = ({"prompt_embeddings": rng.normal(0, 1, (V, 2 * L * KVD)).astype(np.float32)} if mode == "prefix" else
+             {"prompt_encoder.embedding.weight": rng.normal(0, 1, (V, KVD)).astype(np.float32),
+              "prompt_encoder.transform.0.weight": u((KVD, KVD), KVD), "prompt_encoder.transform.0.bias": u(KVD, KVD),
+              "prompt_encoder.transform.2.weight": u((2 * L * KVD, KVD), KVD),
+              "prompt_encoder.transform.2.bias": u(2 * L * KVD, KVD)})
+    else:
+        cfg.update(peft_type="P_TUNING", token_dim=C, num_attention_heads=c["n_head"], encoder_hidden_size=C,
+                   encoder_reparameterization_type=mode.upper(), encoder_num_layers=2, encoder_dropout=0.0)
+        t = {"prompt_encoder.embedding.weight": rng.normal(0, 1, (V, C)).astype(np.float32)}
+        if mode == "mlp":
+            for j, (o, i) in enumerate([(C, C), (C, C), (C, C)]):
+                t[f"prompt_encoder.mlp_head.{2 * j}.weight"], t[f"prompt_encoder.mlp_head.{2 * j}.bias"] = u((o, i), i), u(o, i)
+        else:
+            H = C
+            for layer in range(2):
+                for sfx in ("", "_reverse"):
+                    n = f"prompt_encoder.lstm_head.%s_l{layer}{sfx}"
+                    t[n % "weight_ih"] = u((4 * H, C if layer == 0 else 2 * H), H)
+                    t[n % "weight_hh"], t[n % "bias_ih"], t[n % "bias_hh"] = u((4 * H, H), H), u(4 * H, H), u(4 * H, H)
+            t["prompt_encoder.mlp_head.0.weight"], t["prompt_encoder.mlp_head.0.bias"] = u((2 * H, 2 * H), 2 * H), u(2 * H, 2 * H)
+            t["prompt_encoder.mlp_head.2.weight"], t["prompt_encoder.mlp_head.2.bias"] = u((C, 2 * H), 2 * H), u(C, 2 * H)
+    os.makedirs(adir, exist_ok=True)
+    st_io.write(os.path.join(adir, "adapter_model.safetensors"), t)
+    with open(os.path.join(adir, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return t
+
+
+MODE_CASES = [("llama_gqa_untied", "dora"), ("gpt2_tied", "dora"), ("llama_gqa_untied", "dora_dropout"),
+              ("gpt2_tied", "dora_dropout"), ("llama_gqa_untied", "prompt"), ("gpt2_tied", "prompt"),
+              ("gpt2_tied", "mlp"), ("llama_gqa_untied", "lstm"), ("llama_gqa_untied", "prefix"), ("gpt2_tied", "prefix"),
+              ("llama_gqa_untied", "proj")]
+MODE_NAMES = {"dora": "DoRA", "dora_dropout": "DoRA with LoRA dropout 0.2", "prompt": "prompt tuning", "mlp": "P-tuning (MLP)", "lstm": "P-tuning (LSTM)",
+              "prefix": "prefix tuning", "proj": "prefix tuning (projection)"}
+
+
+def lora_order(mdir, bpath, adir, extra, tmp):
+    """The adapted modules in shardtune's registry order (the index k of the dropout masks): the order of
+    ref_model's lora_A gradients."""
+    got, _ = run_ref_model(mdir, bpath, os.path.join(tmp, "order.safetensors"), {}, "--adapter", adir, *extra)
+    return [k[len("grad."):-len(".lora_A.weight")] for k in got if k.endswith(".lora_A.weight")]
+
+
+def check_modes(tmp, rng):
+    """ref_model --adapter DIR --precision bf16 for DoRA and the prompt-learning modes against mode_emulation with
+    criteria (a) and (b) of section 1 (default OpenBLAS kernel): logits, per-position losses and every adapter
+    gradient (exactly the adapter's tensors have one). Broken variants: the unrounded model; DoRA: the adapters on
+    the unrounded input, DoRA's norms and base term on the fp32 W; prompt / P-tuning: the prompt rounded to bf16 as
+    it enters; DoRA with dropout (ref_model --lora-dropout, the masks recomputed in numpy, lora_masks.py): DoRA's
+    base term on the undropped input (the unrounded model here has the same masks). --precision fp32 must fail."""
+    for name, mode in MODE_CASES:
+        config = CONFIGS[name]
+        c = parse_config(config)
+        vocab = c["vocab"]
+        label = f"{name} {MODE_NAMES[mode]}"
+        mdir = os.path.join(tmp, f"mode_{name}_{mode}")
+        write_model(mdir, config, random_weights(c, rng))
+        adir = mdir + "_adapter"
+        arrs = mode_adapter(adir, c, mode, rng)
+        batch = random_batch(c, SEQ[name], rng)
+        bpath = mdir + ".batch.safetensors"
+        st_io.write(bpath, dict(zip(("inputs", "targets", "weight"), batch)))
+        extra, kw0 = [], {}
+        if mode == "dora_dropout":  # ref_model --lora-dropout: the masks of worker/lora.h, recomputed in numpy
+            p, seed, step, sample = 0.2, 7, 3, 11
+            extra = ["--lora-dropout", f"{p},{seed},{step},{sample}"]
+            Bn, T = batch[0].shape
+            kw0["masks"] = {mod: dropout_mask(p, seed, step, sample, k, Bn, T, arrs[f"base_model.model.{'transformer.' if c['family'] == 'gpt2' else ''}{mod}.lora_A.weight"].shape[1])
+                            for k, mod in enumerate(lora_order(mdir, bpath, adir, extra, tmp))}
+        ref = mode_outputs(*mode_emulation(mdir, mode, arrs, **kw0), batch, vocab)
+        exact = mode_outputs(*mode_emulation(mdir, mode, arrs, rnd=None, **kw0), batch, vocab)
+        kappa = {k: max(e, FP32_TOL) / U_BF16 for k, e in errors(exact, ref).items()}
+        broken = ({"adapters on the unrounded input": dict(round_input=False),
+                   "DoRA's norms and base term on the fp32 W": dict(w_rounded=False)} if mode == "dora" else
+                  {"DoRA's base term on the undropped input": dict(base_dropped=False)} if mode == "dora_dropout" else
+                  {"the prompt rounded to bf16 as it enters": dict(round_prompt=True)}
+                  if mode in ("prompt", "mlp", "lstm") else {})
+        variants = {"no rounding": (exact, [k for k, e in errors(exact, ref).items() if e > FP32_TOL])}
+        for what, kw in broken.items():
+            vout = mode_outputs(*mode_emulation(mdir, mode, arrs, **kw0, **kw), batch, vocab)
+            variants[what] = (vout, [k for k, e in errors(vout, ref).items() if e > FP32_TOL])
+        for prec, must in (("bf16", True), ("fp32", False)):
+            got, _ = run_ref_model(mdir, bpath, os.path.join(tmp, f"mode.{prec}.safetensors"), {}, "--adapter", adir,
+                                   "--precision", prec, *extra)
+            grads = {k for k in got if k.startswith("grad.")}
+            want = {k for k in ref if k.startswith("grad.")}
+            if grads != want:
+                check(f"{label} --precision {prec}: gradients of exactly the adapter's tensors", False,
+                      f"ours only {sorted(grads - want)[:3]}, reference only {sorted(want - grads)[:3]}")
+                continue
+            ours = {k: got[k] for k in ref}
+            over, (wr, wk), closer = verdict(ours, ref, kappa, variants)
+            not_closer = {v: ks for v, ks in closer.items() if ks}
+            ok = not over and not not_closer
+            detail = (f"{len(ref)} tensors; (a) worst err {wr:.3f} u kappa at {wk}, {len(over)} over {BOUND:g} u "
+                      f"kappa; (b) " + ("closer to the emulation than to " + ", ".join(variants) if not not_closer else
+                                        "; ".join(f"not closer than {v} on {len(ks)} of {len(variants[v][1])}: {ks[:2]}"
+                                                  for v, ks in not_closer.items())))
+            check(f"{label} --precision {prec} {'matches' if must else 'is rejected by'} the bf16 emulation",
+                  ok == must, detail)
+
 def main():
     torch.set_num_threads(2)
     check_rounding_and_torch()
     check_attention_function()
     rng = np.random.default_rng(99)
+    only = os.environ.get("ST_BF16_SECTIONS", "1,2,3,4").split(",")  # a subset of the sections (debugging)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("llama_gqa_untied", "gpt2_tied"):
-            check_model(name, tmp, rng)
-        check_training(tmp)
-        check_lora(tmp, rng)
+        if "1" in only:
+            for name in ("llama_gqa_untied", "gpt2_tied"):
+                check_model(name, tmp, rng)
+        if "2" in only:
+            check_training(tmp)
+        if "3" in only:
+            check_lora(tmp, rng)
+        if "4" in only:
+            check_modes(tmp, rng)
     if failures:
         print(f"FAILED: {len(failures)} check(s): {failures}")
         return 1

@@ -259,6 +259,9 @@ class RefModel:
         # prompt tuning: [V, C] virtual token embeddings peft's PeftModelForCausalLM concatenates in front
         # of the token embeddings (no position_ids: positions run 0..V+T-1 over the concatenation)
         self.prompt = None
+        # prefix tuning (test_bf16_torch.py): (layer, k, v) -> (k, v) with the virtual rows' keys and values
+        # replaced (after RoPE, before the activations are stored); identity otherwise
+        self.prefix_kv = lambda l, k, v: (k, v)
         for name, shape in want.items():
             a = np.asarray(named[name])
             assert tuple(a.shape) == shape, f"{name}: shape {a.shape}, expected {shape}"
@@ -332,7 +335,9 @@ class RefModel:
             a = F.layer_norm(h, (C,), P[p + "ln_1.weight"], P[p + "ln_1.bias"], eps)
             W = P[p + "attn.c_attn.weight"]  # Conv1D: x @ W[in,out]
             qkv = self.lora_out(a, self.linear_mm(a, W), p + "attn.c_attn", W.t()) + P[p + "attn.c_attn.bias"]
-            q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in self.saved(qkv).split(C, dim=-1))
+            q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(C, dim=-1))
+            k, v = self.prefix_kv(l, k, v)
+            q, k, v = self.saved(q), self.saved(k), self.saved(v)  # elementwise: as rounding qkv whole
             y = self.attention(q, k, v).transpose(1, 2).reshape(B, T, C)
             W = P[p + "attn.c_proj.weight"]
             h = h + self.lora_out(y, self.linear_mm(y, W), p + "attn.c_proj", W.t()) + P[p + "attn.c_proj.bias"]
@@ -366,8 +371,8 @@ class RefModel:
                 q = rms_norm(q, P[p + "self_attn.q_norm.weight"], eps)
                 k = rms_norm(k, P[p + "self_attn.k_norm.weight"], eps)
             q = self.saved(q * cos + rotate_half(q) * sin)
-            k = self.saved(k * cos + rotate_half(k) * sin)
-            v = self.saved(v)
+            k, v = self.prefix_kv(l, k * cos + rotate_half(k) * sin, v)
+            k, v = self.saved(k), self.saved(v)
             win = c["window"][l]
             kr, vr = repeat_kv(k, H // KVH), repeat_kv(v, H // KVH)
             y = causal_attention(q, kr, vr, win) if win and T > win else self.attention(q, kr, vr)

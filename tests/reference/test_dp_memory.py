@@ -5,7 +5,8 @@ is trained for 2 steps, once as 1 rank with ZeRO-1, once as 2 MPI ranks with ZeR
 with precision bf16 (bf16 weight copy, bf16 saved activations, matmul operand scratch), and once as
 finetune.mode lora on 2 ranks with ZeRO-2 (adapters on all seven projections: adapter gradients and
 moments only, the adapters' working memory, an adapter-only final/), and lora / qlora (nf4) on 1 rank under
-bf16 (the base's bf16 copy; QLoRA: of the compacted buffer only); each rank's
+bf16 (the base's bf16 copy; QLoRA: of the compacted buffer only), DoRA and P-tuning (MLP encoder) on 1 rank
+under bf16 (DoRA: its working memory and the bf16 weight scratch; P-tuning: V + T rows); each rank's
 peak RSS comes from /usr/bin/time (max resident set size). The fixed overhead of the process (code,
 MPI, HDF5, OpenBLAS, allocator) is measured, not assumed: the same job on a 1-layer dim-16 vocab-128
 model, minus that model's own (tiny) plan. Each rank's RSS minus this baseline must be within 15% of
@@ -80,9 +81,11 @@ def main():
         assert 0 < base < 200 * 2**20, f"implausible baseline {base}"
 
         for ranks, zero, precision, mode in [(1, 1, "fp32", "full"), (2, 2, "fp32", "full"), (1, 1, "bf16", "full"),
-                                             (2, 2, "fp32", "lora"), (1, 1, "bf16", "lora"), (1, 1, "bf16", "qlora")]:
+                                             (2, 2, "fp32", "lora"), (1, 1, "bf16", "lora"), (1, 1, "bf16", "qlora"),
+                                             (1, 1, "bf16", "dora"), (1, 1, "bf16", "p_tuning")]:
+            more = ["finetune.mode=lora", "finetune.lora.dora=true"] if mode == "dora" else [f"finetune.mode={mode}"]
             ov = common + [f"sharding.stage={zero}", f"run_dir={root}/r{ranks}z{zero}{precision}{mode}",
-                           f"precision={precision}", f"finetune.mode={mode}"]
+                           f"precision={precision}"] + more
             want = expected_per_rank(plan(job, ranks, ov))
             got = measured_rss(job, ranks, ov)
             for r in range(ranks):

@@ -4,7 +4,9 @@
  * (peft's lora_A / lora_B weights) and scale = alpha / r (alpha / sqrt(r) with rsLoRA). DoRA (peft's
  * use_dora) adds a magnitude vector m [out] (lora_magnitude_vector): the projection becomes
  * bias + (m / ||W + scale B A||_row) * (x W^T + scale (x A^T) B^T), the norm treated as a constant in
- * backward (DoRA paper section 4.3, as peft does); m starts at ||W||_row. Adapters are
+ * backward (DoRA paper section 4.3, as peft does); m starts at ||W||_row. Under precision bf16 the adapters
+ * compute in fp32 on the bf16-rounded input of their base matmul, and DoRA's W (norms, base term) is the
+ * base weight's bf16 copy widened: peft's DoRA on a bf16 base layer with fp32 adapters. Adapters are
  * ordinary registry entries appended after the base parameters (kind ST_MOD_LORA, their layer's index),
  * with their weights appended to the model's weight buffer: the trainer makes them the trainable set
  * (module mask ST_MOD_LORA), so gradients, the ZeRO shard map, the optimizer, the parameter all-gather
@@ -53,7 +55,8 @@ typedef struct {
 typedef struct st_lora st_lora;
 
 /* LoRA dropout (peft's lora_dropout: nn.Dropout on the adapter's input, x -> A -> B; the base projection
- * sees x unchanged). Active only in forwards with train = 1 (st_model_forward sets it; eval, generate and
+ * sees x unchanged; with DoRA the whole DoRA term, its base term x W^T included, reads the dropped x, as peft's
+ * DoraLinearVariant in training). Active only in forwards with train = 1 (st_model_forward sets it; eval, generate and
  * the validation loss run without). Element (row, feature) of adapter k is kept with probability 1 - p and
  * scaled by 1 / (1 - p); the decision is a hash of (spec.seed, step, the row's global sample index, its
  * position, k, feature), so the masks of a step do not depend on how the global batch is split across

@@ -29,8 +29,9 @@
 typedef struct st_prompt st_prompt;
 
 /* Appends the prompt [V, C] initialized as peft's RANDOM init (torch.nn.Embedding: N(0, 1)) from seed.
- * Must precede st_model_set_trainable and st_model_alloc_activations. ST_ECONFIG: V < 1, bf16 weights,
- * a non-host backend, adapters already attached. */
+ * Must precede st_model_set_trainable, st_model_alloc_activations and st_model_set_precision (under bf16 the
+ * prompt and encoders stay fp32 and compute in fp32; the bf16 copy covers them). ST_EINVAL: bf16 weights
+ * already set, adapters already attached; ST_ECONFIG: V < 1, a non-host backend. */
 int st_prompt_attach(st_model *m, int virtual_tokens, uint64_t seed);
 void st_prompt_free(st_prompt *p);
 

@@ -16,6 +16,8 @@ For a 2-layer Llama (GPT-2 for one prompt mode), 6 steps of a 12-sequence global
   * DoRA with dropout: the masks are keyed by the global sample (worker/lora.h), so in fp32 1 rank and 2 ranks
     x 2 micro-batches agree within 1e-6 (test_lora_train.py's bound), dropout changes the losses after step 1,
     and step 1 (B = 0, m = ||W||: the base model) equals the run without dropout;
+  * with activation checkpointing the bf16 run is bit-identical (the recomputed layer rounds, drops and
+    overwrites as the first forward did);
   * final/ of a bf16 DoRA run is peft's DORA layout (fp32, use_dora), and eval --adapter equals eval of the
     merged export (fp32 eval, 1e-6);
   * P-tuning and prefix tuning under stage 3 are still refused with one line (precision bf16 or not).
@@ -29,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dp_common as dp  # noqa: E402
-from test_peft_bf16 import BF16, SPLITS, rel  # noqa: E402
+from test_peft_bf16 import BF16, SPLITS, ckpt_same, rel  # noqa: E402
 from test_qlora_train import final_w, run_split  # noqa: E402
 
 TOL = 1e-6
@@ -132,6 +134,7 @@ def main():
                 dropout_fp32(job, root)
             d, ref = bf16_effect(name, job, root, name.startswith("dora"))
             ranks_agree(name, job, root, ref, d, SPLITS[1:] if zero3 else SPLITS[1:3])
+            ckpt_same(name, job, root, ref)
             if name == "dora":
                 dora_final(models[family], data, os.path.join(root, name + "_bf16"))
             if not zero3:

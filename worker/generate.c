@@ -9,7 +9,13 @@
  *   logits of the selected rows only: norm(x[sel]) @ Whead^T
  * the same math as model.c's forward, in fp32, without the saved activations. Weights are found by
  * their HF names, and a registry tensor this file does not use is an error (a new architecture
- * feature must not be silently skipped). */
+ * feature must not be silently skipped).
+ *
+ * Residency: each forward acquires the weight groups it reads in the training forward's order and
+ * releases them after (st_model_acquire: embeddings, each layer, final norm + head), so a ZeRO-3 rank
+ * holds its shard plus one gathered group (QLoRA: one dequantized layer). Those gathers are collective:
+ * with st_gen_params.sync set every forward of every rank is preceded by sync(ctx, 1), and a rank out of
+ * work answers sync(ctx, 0) and runs the same acquires without computing until no rank has work. */
 #include "worker/generate.h"
 
 #include <math.h>
@@ -40,6 +46,8 @@ typedef struct {
     float *gcos, *gsin;                              /* backend [R, hd/2]: the rows' rotations */
     float *cos_tab, *sin_tab, *hcos, *hsin;          /* host: [max_t, hd/2] tables, [R, hd/2] staging */
     int32_t *d_tok, *d_seq, *d_pos;                  /* backend [R] */
+    int (*sync)(void *ctx, int busy);                /* st_gen_params.sync (lockstep), or NULL */
+    void *sync_ctx;
 } gen_state;
 
 /* ---------------- weights ---------------- */
@@ -230,17 +238,44 @@ static int layer_window(const st_model_config *c, int l) {
     return c->sliding_window > 0 && l >= c->window_first_layer ? c->sliding_window : 0;
 }
 
+/* The weight groups a forward reads, acquired just before and released after their use (training's
+ * order: a tied wte stays until the head has run). step: 0 embeddings, 1..L layer step-1, L+1 the head;
+ * acquire 1 / release 0. */
+static void residency(const st_model *m, int step, int acquire) {
+    int L = m->cfg.n_layer, e0 = st_model_layer_first_param(m, 0), tied = m->cfg.tied_embeddings;
+    int first = step == 0 ? 0 : st_model_layer_first_param(m, step - 1);
+    int last = step == 0 ? e0 : step <= L ? st_model_layer_first_param(m, step) : st_model_base_params(m);
+    if (acquire) {
+        st_model_acquire(m, first, last);
+        return;
+    }
+    if (step > 0 || !tied) st_model_release(m, first, last);
+    if (step == L + 1 && tied) st_model_release(m, 0, e0);
+}
+
+/* A rank without work while others generate: the same collective acquires, no compute. */
+static void idle_pass(const st_model *m) {
+    for (int step = 0; step <= m->cfg.n_layer + 1; step++) {
+        residency(m, step, 1);
+        residency(m, step, 0);
+    }
+}
+
 /* Runs rows tokens through the model; writes the logits of rows sel[0..n_sel) to host[n_sel, V]. */
 static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, const int32_t *pos, int rows,
                          const int *sel, int n_sel, float *host) {
     const st_backend *be = g->be;
+    if (g->sync) g->sync(g->sync_ctx, 1);
     be->copy_to_device(g->d_tok, tok, (size_t)rows * sizeof(int32_t));
     be->copy_to_device(g->d_seq, seq, (size_t)rows * sizeof(int32_t));
     be->copy_to_device(g->d_pos, pos, (size_t)rows * sizeof(int32_t));
+    residency(g->m, 0, 1);
     embed(g, seq, pos, rows);
+    residency(g->m, 0, 0);
     size_t layer_cache = (size_t)g->S * g->max_t * g->KVD;
     for (int l = 0; l < g->L; l++) {
         const gen_layer *w = &g->layers[l];
+        residency(g->m, l + 1, 1);
         float *kc = g->kc + l * layer_cache, *vc = g->vc + l * layer_cache;
         norm(g, g->ln, g->x, w->n1w, w->n1b, rows);
         linear(g, g->qkv, g->ln, w->wqkv, w->bqkv, rows, g->Q, g->C, 0.0f);
@@ -257,13 +292,17 @@ static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, c
         if (g->wpe) be->gelu_fwd(g->h2, g->h1, (size_t)rows * g->F);
         else be->swiglu_fwd(g->h2, g->h1, rows, g->F);
         linear(g, g->x, g->h2, w->w2, w->b2, rows, g->C, g->F, 1.0f);
+        residency(g->m, l + 1, 0);
     }
-    if (n_sel == 0) return;
-    for (int k = 0; k < n_sel; k++)
-        be->copy(g->selx + (size_t)k * g->C, g->x + (size_t)sel[k] * g->C, (size_t)g->C * sizeof(float));
-    norm(g, g->seln, g->selx, g->nfw, g->nfb, n_sel);
-    linear(g, g->logits, g->seln, g->head, NULL, n_sel, g->V, g->C, 0.0f);
-    be->copy_to_host(host, g->logits, (size_t)n_sel * g->V * sizeof(float));
+    residency(g->m, g->L + 1, 1);
+    if (n_sel > 0) {
+        for (int k = 0; k < n_sel; k++)
+            be->copy(g->selx + (size_t)k * g->C, g->x + (size_t)sel[k] * g->C, (size_t)g->C * sizeof(float));
+        norm(g, g->seln, g->selx, g->nfw, g->nfb, n_sel);
+        linear(g, g->logits, g->seln, g->head, NULL, n_sel, g->V, g->C, 0.0f);
+        be->copy_to_host(host, g->logits, (size_t)n_sel * g->V * sizeof(float));
+    }
+    residency(g->m, g->L + 1, 0);
 }
 
 /* ---------------- token choice ---------------- */
@@ -447,7 +486,7 @@ out:
     return rc;
 }
 
-int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int n) {
+static int generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int n) {
     int rc = st_gen_params_check(p, m);
     if (rc) return rc;
     int max_t = 0, limit = st_gen_max_positions(&m->cfg);
@@ -472,6 +511,8 @@ int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int
     int S = p->batch < n ? p->batch : n;
     gen_state g;
     rc = state_init(&g, m, S, max_t);
+    g.sync = p->sync;
+    g.sync_ctx = p->sync_ctx;
     seq_state *st = calloc((size_t)S, sizeof *st);
     if (!rc && !st) rc = st_fail(ST_ENOMEM, "out of memory for generation");
     for (int b0 = 0; !rc && b0 < n; b0 += S) {
@@ -491,5 +532,12 @@ int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int
     }
     free(st);
     state_free(&g);
+    return rc;
+}
+
+int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int n) {
+    int rc = generate(m, p, seqs, n);
+    /* lockstep: this rank is done (or failed); it keeps taking part in the others' gathers */
+    while (p->sync && p->sync(p->sync_ctx, 0)) idle_pass(m);
     return rc;
 }

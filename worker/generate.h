@@ -38,6 +38,11 @@ typedef struct {
     /* Optional: accumulates wall time and tokens of prefill (prompt tokens) and decode (generated tokens
      * after each sequence's first, which prefill yields). */
     struct st_gen_stats *stats;
+    /* Optional lockstep for models whose residency hooks are collective (ZeRO-3 eval.generate): returns
+     * whether any rank is busy (an all-reduce of `busy`); every forward calls sync(ctx, 1) first, and a
+     * rank out of work calls sync(ctx, 0) and repeats the forward's acquires while it returns 1. */
+    int (*sync)(void *ctx, int busy);
+    void *sync_ctx;
 } st_gen_params;
 
 typedef struct st_gen_stats {

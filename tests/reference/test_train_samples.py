@@ -9,14 +9,20 @@
   3. an independent monitor client (pyzmq + test_telemetry_client's decoder) receives one Event of kind
      "sample" per line, with its step and the text "ID: IDS", and `shardtune monitor --json` shows them;
   4. config: an unknown key under eval.generate, a missing prompts file, text prompts for a model
-     without a tokenizer, sharding.stage 3,
-     finetune.mode qlora and DoRA are refused with one line naming the key / the cause, before any step
-     runs;
+     without a tokenizer and finetune.mode prompt_tuning are refused with one line naming the key / the
+     cause, before any step runs;
   5. resume: a run stopped at step 4 (train.steps 4) and resumed to 6 leaves the same samples.jsonl;
   6. finetune.mode lora: the samples equal `generate --model BASE --adapter` of the adapter exported from
      each step's checkpoint (1 and 2 ranks), and differ from the base model's answers.
   7. text prompts with a tokenizer (a byte-level BPE and a chat template written here): the prompt string
      or messages and the answer text, equal to generate's, in samples.jsonl and the events.
+  8. sharding.stage 3 on 2 ranks (each rank holds half the weights; generation gathers a layer at a time,
+     the ranks in lockstep although their prompts, 2 and 1, take different numbers of decode steps): the
+     samples equal generate (1 and 2 ranks) on each step's checkpoint; the same under lora with DoRA at
+     stage 3 (adapters sharded too) against generate --adapter on the exported adapter.
+  9. finetune.mode qlora: the samples equal generate --adapter on each step's exported adapter over the
+     base dequantized in numpy (test_qlora_torch.quant_dequant: nf4, double quantization, block 64), the
+     base the training forward reads.
 Env (set by ctest): SHARDTUNE_BIN, ST_SOURCE_DIR."""
 import json
 import os
@@ -70,9 +76,11 @@ def job_with(tmp, name, extra, steps=STEPS):
     return dst, pub
 
 
-def check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=False):
+def check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=False, base_model=None):
     """Each step's samples against `generate` on that step's checkpoint: exported as a model directory, or
-    under lora as a PEFT adapter that generate --adapter merges into the base model."""
+    under lora as a PEFT adapter that generate --adapter merges into the base model (base_model: another
+    base directory, e.g. the dequantized one of a qlora run)."""
+    base_model = base_model or os.path.join(tmp, "model")
     by_step = {}
     for s in samples:
         by_step.setdefault(s["step"], []).append(s)
@@ -87,7 +95,7 @@ def check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=False):
         d = os.path.join(tmp, "export%d" % step)
         if lora:
             sh([ST, "export", ck, "--format", "peft", "--out", d])
-            model = ["--model", os.path.join(tmp, "model"), "--adapter", d]
+            model = ["--model", base_model, "--adapter", d]
         else:
             sh([ST, "export", ck, "--out", d])
             model = ["--model", d]
@@ -152,6 +160,56 @@ def test_lora(tmp):
     check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=True)
     print("ok: lora: %d samples equal generate --adapter on each step's exported adapter (1 and 2 ranks)"
           % len(samples))
+
+
+def test_zero3(tmp):
+    """sharding.stage 3: every rank holds its half of the weights; generation gathers them a layer at a time
+    in lockstep (rank 0 decodes prompts a and 1, rank 1 prompt c: different numbers of forwards)."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    job, _ = job_with(tmp, "zero3", sample_extra(ppath) + "sharding: { stage: 3 }\n")
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job] + OVER)
+    run_dir = os.path.join(tmp, "run")
+    samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+    check_against_generate(tmp, ppath, prompts, samples, run_dir)
+    print("ok: sharding.stage 3: %d samples equal generate on each step's checkpoint (1 and 2 ranks)" % len(samples))
+
+
+def test_dora_zero3(tmp):
+    """lora with DoRA at sharding.stage 3 (the adapters sharded): the samples equal generate --adapter."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    extra = sample_extra(ppath) + "finetune: { mode: lora, lora: { r: 4, alpha: 8, dora: true } }\nsharding: { stage: 3 }\n"
+    job, _ = job_with(tmp, "dora", extra)
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job, "train.lr=0.05"] + OVER[1:])
+    run_dir = os.path.join(tmp, "run")
+    samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+    check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=True)
+    print("ok: DoRA at stage 3: %d samples equal generate --adapter on each step's exported adapter" % len(samples))
+
+
+def test_qlora(tmp):
+    """finetune.mode qlora: the samples come from the quantized base the training forward reads (dequantized
+    a layer at a time) with the adapter folded in: generate --adapter over the numpy-dequantized base."""
+    from test_qlora_torch import quant_dequant  # numpy nf4 / int8 (double) quantization round trip
+    import numpy as np
+    import st_io
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    extra = sample_extra(ppath) + "finetune: { mode: qlora, lora: { r: 4, alpha: 8 }, qlora: { quant: nf4, block: 64 } }\n"
+    job, _ = job_with(tmp, "qlora", extra)
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job, "train.lr=0.05"] + OVER[1:])
+    model, deq = os.path.join(tmp, "model"), os.path.join(tmp, "deq")
+    shutil.copytree(model, deq)
+    w = st_io.read(os.path.join(model, "model.safetensors"))
+    for k in w:
+        if w[k].ndim == 2 and k.startswith("model.layers."):
+            w[k] = quant_dequant(np.asarray(w[k], np.float32), "nf4", True, 64)
+    st_io.write(os.path.join(deq, "model.safetensors"), {k: np.asarray(v, np.float32) for k, v in w.items()})
+    run_dir = os.path.join(tmp, "run")
+    samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+    check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=True, base_model=deq)
+    print("ok: qlora: %d samples equal generate --adapter over the numpy-dequantized base" % len(samples))
 
 
 def byte_level_tokenizer(model_dir):
@@ -239,9 +297,7 @@ def test_refusals(tmp):
     cases = [(sample_extra(ppath), ["eval.generate.max_neww=3"], "eval.generate.max_neww"),
              (sample_extra(text), [], "no tokenizer.json"),
              (sample_extra(os.path.join(tmp, "missing.jsonl")), [], "missing.jsonl"),
-             (sample_extra(ppath) + "sharding: { stage: 3 }\n", [], "sharding.stage 3"),
-             (sample_extra(ppath) + "finetune: { mode: qlora }\n", [], "finetune.mode qlora"),
-             (sample_extra(ppath) + "finetune: { mode: lora, lora: { dora: true } }\n", [], "finetune.lora.dora"),
+             (sample_extra(ppath) + "finetune: { mode: prompt_tuning }\n", [], "finetune.mode prompt_tuning"),
              ("eval: { generate: { every_steps: 2 } }\n", [], "eval.generate.prompts")]
     for extra, over, needle in cases:
         job, _ = job_with(tmp, "bad", extra)
@@ -253,6 +309,12 @@ def test_refusals(tmp):
 
 
 def main():
+    only = sys.argv[1:]  # names of the test_ functions to run (all when none)
+    if only:
+        for name in only:
+            with tempfile.TemporaryDirectory() as tmp:
+                globals()["test_" + name](tmp)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         full = test_samples(tmp)
         with tempfile.TemporaryDirectory() as tmp2:
@@ -261,6 +323,12 @@ def main():
             test_resume(tmp2, full)
     with tempfile.TemporaryDirectory() as tmp:
         test_lora(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_zero3(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_dora_zero3(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_qlora(tmp)
     with tempfile.TemporaryDirectory() as tmp:
         test_text(tmp)
     with tempfile.TemporaryDirectory() as tmp:

@@ -209,7 +209,14 @@ def test_qlora(tmp):
     run_dir = os.path.join(tmp, "run")
     samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
     check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=True, base_model=deq)
-    print("ok: qlora: %d samples equal generate --adapter over the numpy-dequantized base" % len(samples))
+    # the quantization shows: over the fp32 base the same adapter answers otherwise
+    d, out = os.path.join(tmp, "export%d" % STEPS), os.path.join(tmp, "fp32base.jsonl")
+    sh([ST, "generate", "--model", model, "--adapter", d, "--prompts", ppath, "--out", out, "--max-new", str(MAX_NEW),
+        "--batch", "2", "--backend", "cpu"])
+    last = [r["output_ids"] for r in samples if r["step"] == STEPS]
+    assert last != [g["output_ids"] for g in read_jsonl(out)], "qlora samples equal the fp32 base's: no quantization seen"
+    print("ok: qlora: %d samples equal generate --adapter over the numpy-dequantized base (and differ over the fp32 "
+          "base)" % len(samples))
 
 
 def byte_level_tokenizer(model_dir):

@@ -694,19 +694,13 @@ static int finish_finetune(st_config *c, const char *file) {
 }
 
 /* eval.generate: sample answers from the current weights (coordinator/trainer/train_samples.c): every
- * sharding stage (ZeRO-3 gathers a layer at a time) and the LoRA family (lora, DoRA, qlora: the adapters
- * folded in per layer); the prompt-learning modes need virtual tokens generation does not have yet. */
+ * sharding stage (ZeRO-3 gathers a layer at a time) and every fine-tuning mode (LoRA, DoRA, qlora: the
+ * adapters folded in per layer; prompt learning: its virtual tokens lead, worker/generate.c). */
 static int finish_eval_generate(const st_config *c, const char *file) {
     if (c->eval.generate.every_steps == 0) return 0;
     if (!c->eval.generate.prompts[0])
         return st_fail(ST_ECONFIG, "%s: eval.generate.prompts: a prompts JSONL file (generate's input format) is "
                        "required when eval.generate.every_steps is set", file);
-    st_finetune_mode m = c->finetune.mode;
-    if (m != ST_FINETUNE_FULL && m != ST_FINETUNE_FROZEN && m != ST_FINETUNE_PROGRESSIVE && m != ST_FINETUNE_LORA &&
-        m != ST_FINETUNE_QLORA)
-        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with finetune.mode %s yet (generation has no "
-                       "virtual tokens; full, frozen, progressive, lora and qlora are supported)", file,
-                       st_finetune_mode_name(m));
     return 0;
 }
 

@@ -54,7 +54,8 @@ static int trim_samples(const char *path, int64_t keep_upto) {
  * prompt is encoded once here (chat template included), so a bad line fails now, not at the first sample. */
 static int check_prompts(const trainer *t, const st_prompt_set *ps) {
     const char *file = t->cfg->eval.generate.prompts;
-    int chat = t->cfg->eval.generate.chat, text = chat, limit = st_gen_max_positions(&t->model.cfg);
+    int chat = t->cfg->eval.generate.chat, text = chat;
+    int limit = st_gen_prompt_positions(&t->model); /* a prompt's virtual tokens lead */
     for (int i = 0; i < ps->n; i++) {
         const st_prompt *p = &ps->p[i];
         text |= p->is_text;

@@ -8,9 +8,8 @@
      step's differ from the base model's answers (the samples come from the trained weights);
   3. an independent monitor client (pyzmq + test_telemetry_client's decoder) receives one Event of kind
      "sample" per line, with its step and the text "ID: IDS", and `shardtune monitor --json` shows them;
-  4. config: an unknown key under eval.generate, a missing prompts file, text prompts for a model
-     without a tokenizer and finetune.mode prompt_tuning are refused with one line naming the key / the
-     cause, before any step runs;
+  4. config: an unknown key under eval.generate, a missing prompts file and text prompts for a model
+     without a tokenizer are refused with one line naming the key / the cause, before any step runs;
   5. resume: a run stopped at step 4 (train.steps 4) and resumed to 6 leaves the same samples.jsonl;
   6. finetune.mode lora: the samples equal `generate --model BASE --adapter` of the adapter exported from
      each step's checkpoint (1 and 2 ranks), and differ from the base model's answers.
@@ -23,6 +22,10 @@
   9. finetune.mode qlora: the samples equal generate --adapter on each step's exported adapter over the
      base dequantized in numpy (test_qlora_torch.quant_dequant: nf4, double quantization, block 64), the
      base the training forward reads.
+ 10. prompt learning: prompt_tuning at sharding.stage 3 (the prompt sharded), p_tuning (MLP encoder: the
+     samples use the encoder's output, the table peft saves) and prefix_tuning: the samples equal generate
+     --adapter on the adapter exported from each step's checkpoint (peft_generate_prompt.py checks that
+     generate against the real peft).
 Env (set by ctest): SHARDTUNE_BIN, ST_SOURCE_DIR."""
 import json
 import os
@@ -219,6 +222,26 @@ def test_qlora(tmp):
           "base)" % len(samples))
 
 
+def test_prompt_modes(tmp):
+    """prompt_tuning at stage 3, p_tuning and prefix_tuning: the samples equal generate --adapter on the
+    adapter exported from each step's checkpoint."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    cases = [("prompt_tuning", "{ mode: prompt_tuning, prompt: { virtual_tokens: 4 } }", "sharding: { stage: 3 }\n"),
+             ("p_tuning", "{ mode: p_tuning, prompt: { virtual_tokens: 3, encoder: mlp } }", ""),
+             ("prefix_tuning", "{ mode: prefix_tuning, prefix: { virtual_tokens: 5 } }", "")]
+    for name, ft, more in cases:
+        sub = os.path.join(tmp, name)
+        os.makedirs(sub)
+        job, _ = job_with(sub, name, sample_extra(ppath) + "finetune: " + ft + "\n" + more)
+        sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job, "train.lr=0.05"] + OVER[1:])
+        run_dir = os.path.join(sub, "run")
+        samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+        check_against_generate(sub, ppath, prompts, samples, run_dir, lora=True)
+        print("ok: %s%s: %d samples equal generate --adapter on each step's exported adapter (1 and 2 ranks)"
+              % (name, " at stage 3" if more else "", len(samples)))
+
+
 def byte_level_tokenizer(model_dir):
     """A GPT-2 style byte-level BPE tokenizer.json without merges: byte b is token b (vocab 256)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
@@ -304,7 +327,6 @@ def test_refusals(tmp):
     cases = [(sample_extra(ppath), ["eval.generate.max_neww=3"], "eval.generate.max_neww"),
              (sample_extra(text), [], "no tokenizer.json"),
              (sample_extra(os.path.join(tmp, "missing.jsonl")), [], "missing.jsonl"),
-             (sample_extra(ppath) + "finetune: { mode: prompt_tuning }\n", [], "finetune.mode prompt_tuning"),
              ("eval: { generate: { every_steps: 2 } }\n", [], "eval.generate.prompts")]
     for extra, over, needle in cases:
         job, _ = job_with(tmp, "bad", extra)
@@ -336,6 +358,8 @@ def main():
         test_dora_zero3(tmp)
     with tempfile.TemporaryDirectory() as tmp:
         test_qlora(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_prompt_modes(tmp)
     with tempfile.TemporaryDirectory() as tmp:
         test_text(tmp)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@
   7. text prompts with a tokenizer (a byte-level BPE and a chat template written here): the prompt string
      or messages and the answer text, equal to generate's, in samples.jsonl and the events.
   8. sharding.stage 3 on 2 ranks (each rank holds half the weights; generation gathers a layer at a time,
-     the ranks in lockstep although their prompts, 2 and 1, take different numbers of decode steps): the
+     the ranks in lockstep although rank 0 decodes two batches and rank 1 one): the
      samples equal generate (1 and 2 ranks) on each step's checkpoint; the same under lora with DoRA at
      stage 3 (adapters sharded too) against generate --adapter on the exported adapter.
   9. finetune.mode qlora: the samples equal generate --adapter on each step's exported adapter over the
@@ -56,9 +56,9 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_prompts(path):
+def write_prompts(path, more=()):
     prompts = [{"id": "a", "input_ids": [5, 6, 7, 8]}, {"input_ids": [100, 3, 50]},
-               {"id": "c", "input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}]
+               {"id": "c", "input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}] + list(more)
     with open(path, "w") as f:
         for p in prompts:
             f.write(json.dumps(p) + "\n")
@@ -167,9 +167,10 @@ def test_lora(tmp):
 
 def test_zero3(tmp):
     """sharding.stage 3: every rank holds its half of the weights; generation gathers them a layer at a time
-    in lockstep (rank 0 decodes prompts a and 1, rank 1 prompt c: different numbers of forwards)."""
+    in lockstep: 5 prompts in batches of 2 give rank 0 batches 0 and 2 and rank 1 batch 1, so rank 0 runs
+    twice the forwards (without the lockstep the gathers would not match and the run would hang)."""
     ppath = os.path.join(tmp, "prompts.jsonl")
-    prompts = write_prompts(ppath)
+    prompts = write_prompts(ppath, [{"id": "d", "input_ids": [9, 9, 30]}, {"id": "e", "input_ids": [77, 1]}])
     job, _ = job_with(tmp, "zero3", sample_extra(ppath) + "sharding: { stage: 3 }\n")
     sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job] + OVER)
     run_dir = os.path.join(tmp, "run")

@@ -18,7 +18,8 @@
   8. sharding.stage 3 on 2 ranks (each rank holds half the weights; generation gathers a layer at a time,
      the ranks in lockstep although rank 0 decodes two batches and rank 1 one): the
      samples equal generate (1 and 2 ranks) on each step's checkpoint; the same under lora with DoRA at
-     stage 3 (adapters sharded too) against generate --adapter on the exported adapter.
+     stage 3 (adapters sharded too) against generate --adapter on the exported adapter; memory: sampling
+     at stage 3 adds less than half of the half model a rank does not hold to its peak RSS (measured).
   9. finetune.mode qlora: the samples equal generate --adapter on each step's exported adapter over the
      base dequantized in numpy (test_qlora_torch.quant_dequant: nf4, double quantization, block 64), the
      base the training forward reads.
@@ -177,6 +178,40 @@ def test_zero3(tmp):
     samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
     check_against_generate(tmp, ppath, prompts, samples, run_dir)
     print("ok: sharding.stage 3: %d samples equal generate on each step's checkpoint (1 and 2 ranks)" % len(samples))
+
+
+def peak_rss(cmd, out):
+    """The larger rank's peak RSS (bytes) of a 2-rank command, each rank under /usr/bin/time (into out)."""
+    sh(["mpirun", "--oversubscribe", "-np", "2", "/usr/bin/time", "-f", "rss %M", "-a", "-o", out] + cmd)
+    return 1024 * max(int(l.split()[1]) for l in open(out) if l.startswith("rss "))
+
+
+def test_zero3_memory(tmp):
+    """Bounded memory: at stage 3 a rank samples with its shard plus one gathered layer, never the whole
+    model. A Llama of 8 layers x 256 (23 MiB fp32), 2 ranks: the peak RSS of a run
+    with eval.generate (every 2 steps, 5 prompts, 16 new tokens) exceeds that of the same run without it
+    by less than half of the half model a rank does not hold (gathering the whole model would add all of
+    it; observed +1.7 MiB against 11.5)."""
+    if not os.path.exists("/usr/bin/time"):
+        print("skip: no /usr/bin/time")
+        return
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    write_prompts(ppath, [{"id": "d", "input_ids": [9, 9, 30]}, {"id": "e", "input_ids": [77, 1]}])
+    job, _ = job_with(tmp, "mem", sample_extra(ppath).replace("max_new: %d" % MAX_NEW, "max_new: 16") +
+                      "sharding: { stage: 3 }\n")
+    model = os.path.join(tmp, "model")  # the job's data, a larger model
+    shutil.rmtree(model)
+    sh([ST, "init-model", "--family", "llama", "--layers", "8", "--dim", "256", "--heads", "4", "--kv-heads", "2",
+        "--vocab", "256", "--max-seq", "64", "--out", model])
+    base = [ST, "train", job, "train.steps=4", "checkpoint.every_steps=0"]
+    with_gen = peak_rss(base + ["run_dir=%s/run_gen" % tmp], os.path.join(tmp, "rss_gen"))
+    without = peak_rss(base + ["run_dir=%s/run_plain" % tmp, "eval.generate.every_steps=0"], os.path.join(tmp, "rss_plain"))
+    whole = os.path.getsize(os.path.join(model, "model.safetensors"))
+    assert len(read_jsonl(os.path.join(tmp, "run_gen", "samples.jsonl"))) == 10
+    d = with_gen - without
+    print("ok: stage-3 sampling adds %.1f MiB to a rank's peak RSS (%.1f -> %.1f MiB); the model is %.1f MiB, half "
+          "of it %.1f MiB" % (d / 2**20, without / 2**20, with_gen / 2**20, whole / 2**20, whole / 2**21))
+    assert d < 0.5 * whole / 2, "sampling at stage 3 holds more than a layer's weights: +%d bytes" % d
 
 
 def test_dora_zero3(tmp):
@@ -355,6 +390,8 @@ def main():
         test_lora(tmp)
     with tempfile.TemporaryDirectory() as tmp:
         test_zero3(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_zero3_memory(tmp)
     with tempfile.TemporaryDirectory() as tmp:
         test_dora_zero3(tmp)
     with tempfile.TemporaryDirectory() as tmp:

@@ -604,7 +604,10 @@ static int prompt_table(const st_model *m, float **out) {
     else if (t) m->be->copy_to_host(t, m->weights + m->params[pp].offset, n * sizeof(float));
     st_model_release(m, pp, pp + np);
     if (!t) return st_fail(ST_ENOMEM, "out of memory for the prompt table");
-    if (!m->be->host_memory) { free(t); return st_fail(ST_ECONFIG, "generation with a prompt runs on the cpu backend only"); }
+    if (!m->be->host_memory) {
+        free(t);
+        return st_fail(ST_ECONFIG, "generation with a prompt runs on the cpu backend only");
+    }
     *out = t;
     return 0;
 }

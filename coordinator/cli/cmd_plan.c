@@ -113,7 +113,8 @@ static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, i
                         "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu,\"at_load\":%zu,\"at_ckpt\":%zu,"
                         "\"at_resume\":%zu,\"host_snapshot\":%zu,\"teacher\":%zu}}%s",
                      rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total, rp->at_save,
-                     rp->at_load, rp->at_ckpt, rp->at_resume, rp->host_snapshot, rp->teacher, r + 1 < p->world ? "," : "");
+                     rp->at_load, rp->at_ckpt, rp->at_resume, rp->host_snapshot, rp->teacher,
+                     r + 1 < p->world ? "," : "");
 }
 
 static int print_json(const st_plan *p, const st_model *m, const st_config *c) {

@@ -253,7 +253,8 @@ static int load_teacher_sharded(trainer *t) {
  * once: it is frozen; at stage 3 made per gathered layer). */
 static int load_teacher(trainer *t) {
     const st_config *c = t->cfg;
-    int rc = c->sharding.stage == 3 ? load_teacher_sharded(t) : st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
+    int rc = c->sharding.stage == 3 ? load_teacher_sharded(t)
+                                    : st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
     if (rc) return st_fail_context(rc, "distill.teacher");
     t->kd_on = 1;
     /* forward only: activation checkpointing keeps one layer's working set, not every layer's (same math) */

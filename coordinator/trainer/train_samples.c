@@ -1,8 +1,10 @@
 /* train_samples.c — eval.generate: sample answers during training. Every eval.generate.every_steps steps
  * (and at the end) the ranks generate answers to the prompts of eval.generate.prompts from the current
- * weights (every rank holds them whole below sharding.stage 3; config.c refuses stage 3, qlora, DoRA and
- * prompt tuning; under lora a merged copy W + scale B A is made for the call, as `generate --adapter`
- * merges the exported adapter), with generate's own code (st_gen_run_model: prompts split across ranks in whole batches,
+ * weights, a group (embeddings, layer, head) at a time: at sharding.stage 3 each group is gathered and
+ * given back (the ranks in lockstep, st_gen_params.sync); under lora / DoRA / qlora each group is the
+ * base's (dequantized) with the adapters folded in, as `generate --adapter` folds the exported adapter;
+ * a prompt-learning table leads every sequence as under `generate --adapter`), with generate's own code
+ * (st_gen_run_model: prompts split across ranks in whole batches,
  * answers gathered on rank 0 in input order), so they equal `shardtune generate` on the checkpoint of the
  * same step. Rank 0 appends one line per prompt to RUN_DIR/samples.jsonl ({"step", "id", "prompt",
  * "output", "output_ids", "finish_reason"}) and publishes each as a monitor Event of kind "sample" (text

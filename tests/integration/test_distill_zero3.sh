@@ -3,7 +3,8 @@
 # (worker/comm.h st_frozen_shard): each of 2 ranks keeps half of the teacher's weights and gathers a layer
 # at a time for its forward.
 #  * the losses (loss, kd_loss, ce_loss) of every step at stage 3 equal the stage-0 run's on 2 ranks within
-#    1e-6 relative (fp32; and bf16, whose compute copy is rounded from the same gathered values);
+#    1e-6 relative (fp32; bf16, whose compute copy is rounded from the same gathered values; and a Llama
+#    teacher with GQA and an untied head, gathered per LM-head chunk);
 #  * memory, measured (peak RSS of each rank, /usr/bin/time): what the teacher adds to a rank at stage 3
 #    (run with teacher - run without) is under 0.7 x what it adds at stage 0, where it is held whole (a
 #    GPT-2 teacher of ~19 MB against a small Llama student); the stage-0 addition is at least 0.8 x the
@@ -26,6 +27,8 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
   --out "$T/student" >/dev/null
 "$BIN" init-model --family gpt2 --layers 6 --dim 256 --heads 4 --vocab 128 --max-seq 64 --seed 5 \
   --out "$T/teacher" >/dev/null
+"$BIN" init-model --family llama --layers 3 --dim 96 --heads 4 --kv-heads 2 --vocab 128 --max-seq 64 --seed 9 \
+  --out "$T/lteacher" >/dev/null
 "$PY" "$SRC/scripts/make_demo_data.py" --out "$T/train.jsonl" --docs 200 --vocab 128 >/dev/null
 "$BIN" data pack --jsonl "$T/train.jsonl" --out "$T/train.h5" --vocab 128 >/dev/null
 
@@ -52,6 +55,8 @@ run s0_plain 0 distill.teacher=
 run s3_plain 3 distill.teacher=
 run s0_bf16 0 precision=bf16
 run s3_bf16 3 precision=bf16
+run s0_llama 0 distill.teacher="$T/lteacher"
+run s3_llama 3 distill.teacher="$T/lteacher"
 "$BIN" plan "$T/job.yaml" --ranks 2 --json sharding.stage=0 >"$T/plan0.json" 2>"$T/plan.err" || fail "plan: $(cat "$T/plan.err")"
 "$BIN" plan "$T/job.yaml" --ranks 2 --json sharding.stage=3 >"$T/plan3.json" 2>"$T/plan.err" || fail "plan: $(cat "$T/plan.err")"
 
@@ -69,7 +74,7 @@ def check(c, msg):
     global ok
     print(("ok   " if c else "FAIL ") + msg)
     ok &= bool(c)
-for p in ("", "_bf16"):
+for p in ("", "_bf16", "_llama"):
     a, b = rows("s0" + p), rows("s3" + p)
     check(len(a) == 4 and len(b) == 4, f"{p or 'fp32'}: 4 steps each")
     for x, y in zip(a, b):

@@ -14,13 +14,13 @@ set(ST_SLOW_TESTS
   integration.test_slurm_requeue integration.test_slurm_resize reference.test_curve
   reference.test_dp_equivalence reference.test_dp_errors reference.test_dp_memory
   reference.test_monitor_train reference.test_telemetry_client reference.test_act_ckpt reference.test_zero3
-  integration.test_bf16_train integration.test_device_failure integration.test_distill_train integration.test_divergence
+  integration.test_bf16_train integration.test_device_failure integration.test_distill_train integration.test_distill_zero3 integration.test_divergence
   integration.test_first_hour integration.test_gpu_smoke_selftest integration.test_packing_train
   integration.test_pack_text_stream integration.test_resume_safety integration.test_train_epochs
   integration.test_watchdog reference.test_generate_torch reference.test_lora_train
   reference.test_prompt_train reference.test_qlora_train reference.test_peft_bf16 reference.ref_rope_models
   reference.test_train_samples reference.llamacpp_gguf integration.test_zero3_kill reference.ref_stream_io
-  reference.peft_adapters reference.test_peft_modes_bf16)
+  reference.peft_adapters reference.test_peft_modes_bf16 reference.peft_generate_prompt reference.test_bf16_torch)
 
 # The only tests that run a second time after a failure (tests/retry_once.sh, ctest's --repeat
 # until-pass:2 for one test): each starts a throw-away local Slurm cluster (munged, slurmctld, two slurmd),

@@ -493,6 +493,8 @@ static void discard_bytes(void *x, size_t elem, size_t a, size_t b) {
 
 static void discard(float *x, size_t a, size_t b) { discard_bytes(x, sizeof(float), a, b); }
 
+void st_comm_discard(void *x, size_t elem, size_t a, size_t b) { discard_bytes(x, elem, a, b); }
+
 /* The part of x[a, b) that is not this rank's shard. */
 static void discard_unowned(const st_comm *c, float *x, size_t a, size_t b) {
     discard(x, a, b < c->lo ? b : c->lo);
@@ -805,4 +807,89 @@ int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int r
                          MPI_FLOAT, root, c->comm);
     free(scratch);
     return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "gathering a parameter for the final weights", c->rank);
+}
+
+/* ---------------- a frozen model sharded over the weight space (the distillation teacher) ---------------- */
+
+/* Weight range [a, b) of parameters [first, last): contiguous (registry order is offset order). */
+static void weight_span(const st_model *m, int first, int last, size_t *a, size_t *b) {
+    *a = m->params[first].offset;
+    *b = m->params[last - 1].offset + m->params[last - 1].numel;
+}
+
+static void frozen_acquire(void *ctx, int first, int last) {
+    st_frozen_shard *s = ctx;
+    const st_model *m = s->model;
+    size_t a, b;
+    weight_span(m, first, last, &a, &b);
+    if (s->world > 1 && b > a) {
+        int counts[s->world], displs[s->world];
+        for (int r = 0, off = 0; r < s->world; r++) {
+            size_t lo = s->shard * (size_t)r, hi = lo + s->shard;
+            size_t x = a > lo ? a : lo, y = b < hi ? b : hi;
+            counts[r] = y > x ? (int)(y - x) : 0;
+            displs[r] = off;
+            off += counts[r];
+        }
+        int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, m->weights + a, counts, displs, MPI_FLOAT, s->comm);
+        if (rc != MPI_SUCCESS && !s->rc) s->rc = mpi_check(rc, "the sharded teacher's all-gather", s->rank);
+    }
+    if (m->weights_bf16 && b > a) m->be->to_bf16(m->weights_bf16 + a, m->weights + a, b - a);
+}
+
+static void frozen_release(void *ctx, int first, int last) {
+    st_frozen_shard *s = ctx;
+    const st_model *m = s->model;
+    size_t a, b;
+    weight_span(m, first, last, &a, &b);
+    if (m->weights_bf16) discard_bytes(m->weights_bf16, sizeof(uint16_t), a, b);
+    if (s->world == 1) return;
+    discard(m->weights, a, b < s->lo ? b : s->lo);
+    discard(m->weights, a > s->hi ? a : s->hi, b);
+}
+
+int st_frozen_shard_init(st_frozen_shard *s, MPI_Comm comm, st_model *m) {
+    memset(s, 0, sizeof *s);
+    if (on_device(m))
+        return st_fail(ST_ECONFIG, "a sharded frozen model (distill.teacher at sharding.stage 3) needs CPU ranks, "
+                                   "not the %s backend", m->be->name);
+    if (m->acquire) return st_fail(ST_EINVAL, "the model already has residency hooks");
+    for (int i = 1; i < m->n_params; i++)
+        if (m->params[i].offset != m->params[i - 1].offset + m->params[i - 1].numel)
+            return st_fail(ST_EINVAL, "a sharded frozen model needs its weights in registry order");
+    s->comm = comm;
+    MPI_Comm_rank(comm, &s->rank);
+    MPI_Comm_size(comm, &s->world);
+    s->shard = (m->n_weights + (size_t)s->world - 1) / (size_t)s->world;
+    s->lo = s->shard * (size_t)s->rank;
+    s->hi = s->lo + s->shard;
+    s->model = m;
+    m->acquire = frozen_acquire;
+    m->release = frozen_release;
+    m->prefetch = NULL;
+    m->progress = NULL;
+    m->residency_ctx = s;
+    if (s->world > 1) {
+        discard(m->weights, 0, s->lo < m->n_weights ? s->lo : m->n_weights);
+        if (s->hi < m->n_weights) discard(m->weights, s->hi, m->n_weights);
+    }
+    if (m->weights_bf16) discard_bytes(m->weights_bf16, sizeof(uint16_t), 0, m->n_weights);
+    return 0;
+}
+
+void st_frozen_shard_keep(const st_frozen_shard *s, const st_model *m, int i, size_t *a, size_t *b) {
+    const st_param *p = &m->params[i];
+    size_t x = p->offset > s->lo ? p->offset : s->lo, y = p->offset + p->numel < s->hi ? p->offset + p->numel : s->hi;
+    if (y <= x) { *a = *b = 0; return; }
+    *a = x - p->offset;
+    *b = y - p->offset;
+}
+
+void st_frozen_shard_free(st_frozen_shard *s) {
+    if (s->model && s->model->residency_ctx == s) {
+        s->model->acquire = NULL;
+        s->model->release = NULL;
+        s->model->residency_ctx = NULL;
+    }
+    s->model = NULL;
 }

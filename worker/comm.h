@@ -138,4 +138,31 @@ int st_comm_gather_state(st_comm *c, const float *part, float *full);
 /* Element-wise sum of doubles across ranks, in place. */
 int st_comm_sum(st_comm *c, double *x, int n);
 
+/* Gives back the memory behind x[a, b) (elements of `elem` bytes, host memory): whole pages with
+ * madvise(MADV_DONTNEED), the edge pages' elements zeroed. The range reads as zero afterwards. */
+void st_comm_discard(void *x, size_t elem, size_t a, size_t b);
+
+/* A frozen, forward-only model sharded across the ranks of `comm` (ZeRO-3's distillation teacher,
+ * "sharded like the student"): its weight space [0, n_weights) is split into `world` equal contiguous
+ * ranges (the last padded); each rank keeps only its range in m->weights (the rest of the full-size
+ * buffer holds no memory) and the model's residency hooks all-gather a group's weights in place just
+ * before the model reads them (MPI_Allgatherv) and give the other ranks' parts back after; under bf16 the
+ * group's compute copy is rounded from the gathered fp32 weights and given back too. No gradients, no
+ * optimizer state. Collective: every rank makes the same acquire/release calls (the forward does). */
+typedef struct {
+    MPI_Comm comm;
+    int rank, world;
+    size_t shard, lo, hi; /* floats per rank; this rank's [lo, hi) of the weight space */
+    st_model *model;      /* whose hooks are installed (NULL after st_frozen_shard_free) */
+    int rc;               /* first failure inside a hook (they cannot return it) */
+} st_frozen_shard;
+
+/* Installs the hooks on m (whose registry is built; its weights may be loaded whole or not yet) and gives
+ * back the weights this rank does not keep. A model that already has residency hooks is refused. */
+int st_frozen_shard_init(st_frozen_shard *s, MPI_Comm comm, st_model *m);
+/* Which elements [*a, *b) of parameter i this rank keeps (for st_model_load_weights_part). */
+void st_frozen_shard_keep(const st_frozen_shard *s, const st_model *m, int i, size_t *a, size_t *b);
+/* Removes the hooks (the model's weights stay as they are: this rank's part). */
+void st_frozen_shard_free(st_frozen_shard *s);
+
 #endif

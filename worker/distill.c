@@ -72,12 +72,20 @@ static void head_loss(void *ctx, float *logits, uint16_t *dl16, float *loss, con
         d->t_logits = be->alloc(need * sizeof(float));
         d->t_logits_floats = d->t_logits ? need : 0;
     }
+    /* a sharded teacher (ZeRO-3) gathers its final norm and head (a tied wte) for the chunk: every rank runs
+     * the same chunks (the same micro-batch shape), so the gathers happen even without a logits buffer */
+    int fn = st_model_layer_first_param(t, t->cfg.n_layer), nb = st_model_base_params(t);
+    int e0 = st_model_layer_first_param(t, 0), tied = t->cfg.tied_embeddings;
+    st_model_acquire(t, fn, nb);
+    if (tied) st_model_acquire(t, 0, e0);
+    if (d->t_logits) st_model_head_logits(t, d->t_logits, r0, rows);
+    if (tied) st_model_release(t, 0, e0);
+    st_model_release(t, fn, nb);
     if (!d->t_logits) { /* the trainer's non-finite check stops the step with a message */
         double nan = NAN;
         be->copy_to_device(total, &nan, sizeof nan);
         return;
     }
-    st_model_head_logits(t, d->t_logits, r0, rows);
     be->kd_loss(logits, dl16, d->t_logits, loss, targets, weight, rows, v, d->temperature, d->alpha, total, d->sums);
 }
 

@@ -9,7 +9,20 @@
  *   logits of the selected rows only: norm(x[sel]) @ Whead^T
  * the same math as model.c's forward, in fp32, without the saved activations. Weights are found by
  * their HF names, and a registry tensor this file does not use is an error (a new architecture
- * feature must not be silently skipped). */
+ * feature must not be silently skipped).
+ *
+ * Residency: each forward acquires the weight groups it reads in the training forward's order and
+ * releases them after (st_model_acquire: embeddings, each layer, final norm + head), so a ZeRO-3 rank
+ * holds its shard plus one gathered group (QLoRA: one dequantized layer). Those gathers are collective:
+ * with st_gen_params.sync set every forward of every rank is preceded by sync(ctx, 1), and a rank out of
+ * work answers sync(ctx, 0) and runs the same acquires without computing until no rank has work.
+ *
+ * Prompt learning (worker/prompt.h), as the training forward applies it: the table (prompt tuning's
+ * embeddings, P-tuning's encoder output, prefix tuning's per-layer keys/values) is taken once per call.
+ * Prompt / P-tuning: each sequence's prefill starts with V virtual rows at positions 0..V-1 whose
+ * embedding is the table row (+ wpe[v], GPT-2); prefix tuning: the V prefix keys/values of every layer
+ * are stored in the cache at positions 0..V-1 (as past_key_values enter it). Either way the real tokens
+ * sit at positions V.. and attend to the virtual ones. */
 #include "worker/generate.h"
 
 #include <math.h>
@@ -19,6 +32,7 @@
 
 #include "common/error.h"
 #include "common/util.h"
+#include "worker/prompt.h"
 
 /* Prefill chunk: at most this many token rows per forward (bounds the scratch). */
 #define GEN_MAX_ROWS 256
@@ -40,6 +54,11 @@ typedef struct {
     float *gcos, *gsin;                              /* backend [R, hd/2]: the rows' rotations */
     float *cos_tab, *sin_tab, *hcos, *hsin;          /* host: [max_t, hd/2] tables, [R, hd/2] staging */
     int32_t *d_tok, *d_seq, *d_pos;                  /* backend [R] */
+    int (*sync)(void *ctx, int busy);                /* st_gen_params.sync (lockstep), or NULL */
+    void *sync_ctx;
+    const float *ptab;                               /* host [PV, width]: the prompt table, or NULL */
+    int PV, prefix;                                  /* virtual tokens (real tokens start there); prefix */
+    int *vrow;                                       /* host [R]: a prefill row's virtual index, or -1 */
 } gen_state;
 
 /* ---------------- weights ---------------- */
@@ -105,6 +124,7 @@ static int bind_weights(gen_state *g) {
     if (m->cfg.tied_embeddings) g->head = g->wte;
     else W(g->head, "%s", "lm_head.weight");
 #undef W
+    for (int i = 0; i < st_prompt_param_count(m); i++) used[st_prompt_param(m) + i] = 1; /* the table, taken apart */
     for (int i = 0; !rc && i < m->n_params; i++)
         if (!used[i])
             rc = st_fail(ST_ECONFIG, "generate: tensor %s belongs to an architecture feature that generation does "
@@ -132,6 +152,7 @@ static void state_free(gen_state *g) {
     be->free(g->d_pos);
     free(g->cos_tab); free(g->sin_tab); free(g->hcos); free(g->hsin);
     free(g->layers);
+    free(g->vrow);
 }
 
 static int state_init(gen_state *g, const st_model *m, int S, int max_t) {
@@ -167,6 +188,7 @@ static int state_init(gen_state *g, const st_model *m, int S, int max_t) {
         g->qk_rstd = be->alloc(R * (size_t)(g->H + g->KVH) * sizeof(float));
         if (!g->qk_x || !g->qk_rstd) return st_fail(ST_ENOMEM, "out of memory for generation scratch");
     }
+    if (!(g->vrow = malloc(R * sizeof(int)))) return st_fail(ST_ENOMEM, "out of memory for generation scratch");
     g->d_tok = be->alloc(R * sizeof(int32_t));
     g->d_seq = be->alloc(R * sizeof(int32_t));
     g->d_pos = be->alloc(R * sizeof(int32_t));
@@ -199,7 +221,7 @@ static void linear(const gen_state *g, float *y, const float *x, const float *w,
     if (b) g->be->bias_add(y, b, rows, out);
 }
 
-static void embed(gen_state *g, const int32_t *seq, const int32_t *pos, int rows) {
+static void embed(gen_state *g, const int32_t *seq, const int32_t *pos, const int *vrow, int rows) {
     const st_backend *be = g->be;
     if (!g->wpe) {
         be->embedding_fwd(g->x, g->d_tok, g->wte, NULL, 1, rows, g->C);
@@ -212,6 +234,12 @@ static void embed(gen_state *g, const int32_t *seq, const int32_t *pos, int rows
                               r1 - r0, g->C);
             r0 = r1;
         }
+    }
+    for (int r = 0; vrow && r < rows; r++) { /* prompt / P-tuning: a virtual row is the table row (+ wpe) */
+        if (vrow[r] < 0) continue;
+        const float *pe = g->ptab + (size_t)vrow[r] * g->C;
+        float *x = g->x + (size_t)r * g->C; /* host memory: prompt learning runs on the CPU backend */
+        for (int j = 0; j < g->C; j++) x[j] = pe[j] + (g->wpe ? g->wpe[(size_t)pos[r] * g->C + j] : 0.0f);
     }
     if (g->cos_tab) { /* each row's rotation, so rope_fwd (positions 0..rows-1 of one sequence) applies it */
         size_t half = (size_t)g->hd / 2;
@@ -230,17 +258,44 @@ static int layer_window(const st_model_config *c, int l) {
     return c->sliding_window > 0 && l >= c->window_first_layer ? c->sliding_window : 0;
 }
 
+/* The weight groups a forward reads, acquired just before and released after their use (training's
+ * order: a tied wte stays until the head has run). step: 0 embeddings, 1..L layer step-1, L+1 the head;
+ * acquire 1 / release 0. */
+static void residency(const st_model *m, int step, int acquire) {
+    int L = m->cfg.n_layer, e0 = st_model_layer_first_param(m, 0), tied = m->cfg.tied_embeddings;
+    int first = step == 0 ? 0 : st_model_layer_first_param(m, step - 1);
+    int last = step == 0 ? e0 : step <= L ? st_model_layer_first_param(m, step) : st_model_base_params(m);
+    if (acquire) {
+        st_model_acquire(m, first, last);
+        return;
+    }
+    if (step > 0 || !tied) st_model_release(m, first, last);
+    if (step == L + 1 && tied) st_model_release(m, 0, e0);
+}
+
+/* A rank without work while others generate: the same collective acquires, no compute. */
+static void idle_pass(const st_model *m) {
+    for (int step = 0; step <= m->cfg.n_layer + 1; step++) {
+        residency(m, step, 1);
+        residency(m, step, 0);
+    }
+}
+
 /* Runs rows tokens through the model; writes the logits of rows sel[0..n_sel) to host[n_sel, V]. */
-static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, const int32_t *pos, int rows,
-                         const int *sel, int n_sel, float *host) {
+static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, const int32_t *pos, const int *vrow,
+                         int rows, const int *sel, int n_sel, float *host) {
     const st_backend *be = g->be;
+    if (g->sync) g->sync(g->sync_ctx, 1);
     be->copy_to_device(g->d_tok, tok, (size_t)rows * sizeof(int32_t));
     be->copy_to_device(g->d_seq, seq, (size_t)rows * sizeof(int32_t));
     be->copy_to_device(g->d_pos, pos, (size_t)rows * sizeof(int32_t));
-    embed(g, seq, pos, rows);
+    residency(g->m, 0, 1);
+    embed(g, seq, pos, vrow, rows);
+    residency(g->m, 0, 0);
     size_t layer_cache = (size_t)g->S * g->max_t * g->KVD;
     for (int l = 0; l < g->L; l++) {
         const gen_layer *w = &g->layers[l];
+        residency(g->m, l + 1, 1);
         float *kc = g->kc + l * layer_cache, *vc = g->vc + l * layer_cache;
         norm(g, g->ln, g->x, w->n1w, w->n1b, rows);
         linear(g, g->qkv, g->ln, w->wqkv, w->bqkv, rows, g->Q, g->C, 0.0f);
@@ -257,13 +312,17 @@ static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, c
         if (g->wpe) be->gelu_fwd(g->h2, g->h1, (size_t)rows * g->F);
         else be->swiglu_fwd(g->h2, g->h1, rows, g->F);
         linear(g, g->x, g->h2, w->w2, w->b2, rows, g->C, g->F, 1.0f);
+        residency(g->m, l + 1, 0);
     }
-    if (n_sel == 0) return;
-    for (int k = 0; k < n_sel; k++)
-        be->copy(g->selx + (size_t)k * g->C, g->x + (size_t)sel[k] * g->C, (size_t)g->C * sizeof(float));
-    norm(g, g->seln, g->selx, g->nfw, g->nfb, n_sel);
-    linear(g, g->logits, g->seln, g->head, NULL, n_sel, g->V, g->C, 0.0f);
-    be->copy_to_host(host, g->logits, (size_t)n_sel * g->V * sizeof(float));
+    residency(g->m, g->L + 1, 1);
+    if (n_sel > 0) {
+        for (int k = 0; k < n_sel; k++)
+            be->copy(g->selx + (size_t)k * g->C, g->x + (size_t)sel[k] * g->C, (size_t)g->C * sizeof(float));
+        norm(g, g->seln, g->selx, g->nfw, g->nfb, n_sel);
+        linear(g, g->logits, g->seln, g->head, NULL, n_sel, g->V, g->C, 0.0f);
+        be->copy_to_host(host, g->logits, (size_t)n_sel * g->V * sizeof(float));
+    }
+    residency(g->m, g->L + 1, 0);
 }
 
 /* ---------------- token choice ---------------- */
@@ -344,6 +403,8 @@ int st_gen_max_positions(const st_model_config *c) {
     return n;
 }
 
+int st_gen_prompt_positions(const st_model *m) { return st_gen_max_positions(&m->cfg) - st_prompt_tokens(m); }
+
 int st_gen_params_check(const st_gen_params *p, const st_model *m) {
     if (p->max_new < 1) return st_fail(ST_EINVAL, "--max-new %d must be at least 1", p->max_new);
     if (!(p->temperature >= 0) || !isfinite(p->temperature))
@@ -380,23 +441,55 @@ static void take_token(const gen_state *g, const st_gen_params *p, st_gen_seq *s
     if (is_eos(p, id)) { s->finish = ST_GEN_EOS; st->active = 0; }
     else if (p->stop && p->stop(p->stop_ctx, index, s->out, s->n_out)) { s->finish = ST_GEN_STOP; st->active = 0; }
     else if (s->n_out >= p->max_new) { s->finish = ST_GEN_LENGTH; st->active = 0; }
-    else if (st->n_hist > g->max_t) { s->finish = ST_GEN_MAXPOS; st->active = 0; } /* next feed: no position */
+    else if (g->PV + st->n_hist > g->max_t) { s->finish = ST_GEN_MAXPOS; st->active = 0; } /* next feed: no position */
 }
 
-/* Prefill: every prompt token of the batch, in chunks of at most R rows; then the first tokens. */
+/* Prefix tuning: layer l's V prefix keys/values of sequences 0..nb-1 into the cache at positions 0..V-1
+ * (the q part of the staged rows is unused by kv_store). */
+static void store_prefix(gen_state *g, int nb, int32_t *seq, int32_t *pos) {
+    const st_backend *be = g->be;
+    size_t layer_cache = (size_t)g->S * g->max_t * g->KVD, W = (size_t)g->L * 2 * g->KVD;
+    float *row = malloc((size_t)g->Q * sizeof(float));
+    if (!row) return; /* cannot happen in practice; the answers then come without the prefix */
+    memset(row, 0, (size_t)g->Q * sizeof(float));
+    for (int l = 0; l < g->L; l++)
+        for (int k = 0; k < nb; k++)
+            for (int v0 = 0; v0 < g->PV; v0 += g->R) {
+                int rows = g->PV - v0 < g->R ? g->PV - v0 : g->R;
+                for (int r = 0; r < rows; r++) {
+                    const float *t = g->ptab + (size_t)(v0 + r) * W + (size_t)2 * l * g->KVD;
+                    memcpy(row + g->A, t, (size_t)g->KVD * sizeof(float));
+                    memcpy(row + g->A + g->KVD, t + g->KVD, (size_t)g->KVD * sizeof(float));
+                    be->copy_to_device(g->qkv + (size_t)r * g->Q, row, (size_t)g->Q * sizeof(float));
+                    seq[r] = k;
+                    pos[r] = v0 + r;
+                }
+                be->copy_to_device(g->d_seq, seq, (size_t)rows * sizeof(int32_t));
+                be->copy_to_device(g->d_pos, pos, (size_t)rows * sizeof(int32_t));
+                be->kv_store(g->kc + l * layer_cache, g->vc + l * layer_cache, g->qkv, g->d_seq, g->d_pos, rows, g->H,
+                             g->KVH, g->hd, g->max_t);
+            }
+    free(row);
+}
+
+/* Prefill: every prompt token of the batch (after its virtual rows under prompt / P-tuning), in chunks of
+ * at most R rows; then the first tokens. */
 static void prefill(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_state *st, int nb, int first,
                     int32_t *tok, int32_t *seq, int32_t *pos, int *sel, float *lg, unsigned char *mark, int *order) {
     int rows = 0, n_sel = 0, sel_seq[g->S];
+    if (g->prefix) store_prefix(g, nb, seq, pos);
+    int virt = g->ptab && !g->prefix ? g->PV : 0;
     for (int k = 0; k < nb; k++) {
-        for (int t = 0; t < s[k].prompt_len; t++) {
-            tok[rows] = s[k].prompt[t];
+        for (int t = -virt; t < s[k].prompt_len; t++) {
+            tok[rows] = t < 0 ? 0 : s[k].prompt[t];
+            g->vrow[rows] = t < 0 ? t + virt : -1;
             seq[rows] = k;
-            pos[rows] = t;
+            pos[rows] = g->PV + t;
             if (t == s[k].prompt_len - 1) { sel_seq[n_sel] = k; sel[n_sel++] = rows; }
             rows++;
             int last = k == nb - 1 && t == s[k].prompt_len - 1;
             if (rows < g->R && !last) continue;
-            forward_rows(g, tok, seq, pos, rows, sel, n_sel, lg);
+            forward_rows(g, tok, seq, pos, g->vrow, rows, sel, n_sel, lg);
             for (int j = 0; j < n_sel; j++)
                 take_token(g, p, &s[sel_seq[j]], &st[sel_seq[j]], first + sel_seq[j], lg + (size_t)j * g->V, mark,
                            order);
@@ -431,12 +524,12 @@ static int run_batch(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_st
             if (!st[k].active) continue;
             tok[rows] = st[k].hist[st[k].n_hist - 1];
             seq[rows] = k;
-            pos[rows] = st[k].n_hist - 1;
+            pos[rows] = g->PV + st[k].n_hist - 1;
             sel[rows] = rows;
             rows++;
         }
         if (rows == 0) break;
-        forward_rows(g, tok, seq, pos, rows, sel, rows, lg);
+        forward_rows(g, tok, seq, pos, NULL, rows, sel, rows, lg);
         if (p->stats) p->stats->decode_tokens += rows;
         for (int r = 0; r < rows; r++)
             take_token(g, p, &s[seq[r]], &st[seq[r]], first + seq[r], lg + (size_t)r * V, mark, order);
@@ -447,10 +540,10 @@ out:
     return rc;
 }
 
-int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int n) {
+static int generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int n, const float *ptab) {
     int rc = st_gen_params_check(p, m);
     if (rc) return rc;
-    int max_t = 0, limit = st_gen_max_positions(&m->cfg);
+    int PV = st_prompt_tokens(m), max_t = 0, limit = st_gen_max_positions(&m->cfg) - PV;
     for (int i = 0; i < n; i++) {
         seqs[i].out = NULL;
         seqs[i].n_out = 0;
@@ -458,7 +551,7 @@ int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int
             return st_fail(ST_EINVAL, "prompt %llu is empty", (unsigned long long)seqs[i].stream);
         if (seqs[i].prompt_len > limit)
             return st_fail(ST_EINVAL, "prompt %llu has %d tokens, more than the %d positions generation can use "
-                                      "with this model (max positions, sliding window)",
+                                      "with this model (max positions, sliding window, virtual tokens)",
                            (unsigned long long)seqs[i].stream, seqs[i].prompt_len, limit);
         for (int t = 0; t < seqs[i].prompt_len; t++)
             if (seqs[i].prompt[t] < 0 || seqs[i].prompt[t] >= m->cfg.vocab)
@@ -471,7 +564,12 @@ int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int
     if (max_t > limit) max_t = limit;
     int S = p->batch < n ? p->batch : n;
     gen_state g;
-    rc = state_init(&g, m, S, max_t);
+    rc = state_init(&g, m, S, max_t + PV);
+    g.sync = p->sync;
+    g.sync_ctx = p->sync_ctx;
+    g.ptab = ptab;
+    g.PV = PV;
+    g.prefix = st_prompt_is_prefix(m);
     seq_state *st = calloc((size_t)S, sizeof *st);
     if (!rc && !st) rc = st_fail(ST_ENOMEM, "out of memory for generation");
     for (int b0 = 0; !rc && b0 < n; b0 += S) {
@@ -491,5 +589,35 @@ int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int
     }
     free(st);
     state_free(&g);
+    return rc;
+}
+
+/* The prompt table [V, width] (host, caller frees): acquired (collective), copied or encoded, released. */
+static int prompt_table(const st_model *m, float **out) {
+    *out = NULL;
+    if (!m->prompt) return 0;
+    int pp = st_prompt_param(m), np = st_prompt_param_count(m);
+    size_t n = (size_t)st_prompt_tokens(m) * st_prompt_table_width(m);
+    float *t = malloc(n * sizeof(float) + 1);
+    st_model_acquire(m, pp, pp + np);
+    if (t && st_prompt_has_encoder(m)) st_prompt_encode(m, t);
+    else if (t) m->be->copy_to_host(t, m->weights + m->params[pp].offset, n * sizeof(float));
+    st_model_release(m, pp, pp + np);
+    if (!t) return st_fail(ST_ENOMEM, "out of memory for the prompt table");
+    if (!m->be->host_memory) {
+        free(t);
+        return st_fail(ST_ECONFIG, "generation with a prompt runs on the cpu backend only");
+    }
+    *out = t;
+    return 0;
+}
+
+int st_generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs, int n) {
+    float *ptab = NULL;
+    int rc = prompt_table(m, &ptab);
+    if (!rc) rc = generate(m, p, seqs, n, ptab);
+    free(ptab);
+    /* lockstep: this rank is done (or failed); it keeps taking part in the others' gathers */
+    while (p->sync && p->sync(p->sync_ctx, 0)) idle_pass(m);
     return rc;
 }

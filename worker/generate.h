@@ -38,6 +38,11 @@ typedef struct {
     /* Optional: accumulates wall time and tokens of prefill (prompt tokens) and decode (generated tokens
      * after each sequence's first, which prefill yields). */
     struct st_gen_stats *stats;
+    /* Optional lockstep for models whose residency hooks are collective (ZeRO-3 eval.generate): returns
+     * whether any rank is busy (an all-reduce of `busy`); every forward calls sync(ctx, 1) first, and a
+     * rank out of work calls sync(ctx, 0) and repeats the forward's acquires while it returns 1. */
+    int (*sync)(void *ctx, int busy);
+    void *sync_ctx;
 } st_gen_params;
 
 typedef struct st_gen_stats {
@@ -66,6 +71,9 @@ typedef struct {
  * by the attention, past it too), and no more than longrope's original length (where transformers changes factors
  * mid-sequence); dynamic RoPE is plain RoPE within it. Reaching it ends with ST_GEN_MAXPOS. */
 int st_gen_max_positions(const st_model_config *c);
+/* The positions a prompt's tokens may use with this model: st_gen_max_positions less the virtual tokens
+ * of an attached prompt (worker/prompt.h), which lead every sequence. */
+int st_gen_prompt_positions(const st_model *m);
 
 /* Checks the parameters against the model (message names the flag). */
 int st_gen_params_check(const st_gen_params *p, const st_model *m);

@@ -613,25 +613,45 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
     }
 }
 
+/* Adapter k folded into W (its base weight's values, here or in another buffer of the same layout):
+ * W += scale * B @ A, and under DoRA W := (m / ||W + scale B A||_row) * (W + scale B A), the row norms
+ * taken from the model's own base weight (equal to W's values on entry). */
+static int merge_adapter(st_model *m, int k, float *W) {
+    st_lora *lo = m->lora;
+    const adapter *a = &lo->ad[k];
+    const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
+    if (a->mag >= 0) {
+        if (!lo->rows && ensure_rows(lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
+        dora_scale(m, k, W); /* the norm of the weight being merged */
+    }
+    m->be->matmul(W, B, A, a->out, a->in, lo->r, 0, 0, lo->scale, 1.0f); /* W += scale * B @ A */
+    if (a->mag >= 0) {
+        const float *c = lo->c + (size_t)k * lo->max_out;
+        for (int j = 0; j < a->out; j++)
+            for (int i = 0; i < a->in; i++) W[(size_t)j * a->in + i] *= c[j];
+    }
+    return 0;
+}
+
+int st_lora_merge_range(const st_model *m, float *dst, int first, int last) {
+    const st_lora *lo = m->lora;
+    for (int k = 0; lo && k < lo->n; k++) {
+        int base = lo->ad[k].base;
+        if (base < first || base >= last) continue;
+        int rc = merge_adapter((st_model *)m, k, dst + m->params[base].offset);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 int st_lora_merge(st_model *m) {
     st_lora *lo = m->lora;
     if (!lo && m->prompt)
         return st_fail(ST_EINVAL, "a prompt-tuning adapter cannot be merged into the weights and is not supported here yet");
     if (!lo) return st_fail(ST_EINVAL, "the model has no LoRA adapters to merge");
     for (int k = 0; k < lo->n; k++) {
-        const adapter *a = &lo->ad[k];
-        float *W = m->weights + m->params[a->base].offset;
-        const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
-        if (a->mag >= 0) { /* DoRA: W := (m / ||W + scale B A||_row) * (W + scale B A) */
-            if (!lo->rows && ensure_rows(lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
-            dora_scale(m, k, W); /* the fp32 weights merge */
-        }
-        m->be->matmul(W, B, A, a->out, a->in, lo->r, 0, 0, lo->scale, 1.0f); /* W += scale * B @ A */
-        if (a->mag >= 0) {
-            const float *c = lo->c + (size_t)k * lo->max_out;
-            for (int j = 0; j < a->out; j++)
-                for (int i = 0; i < a->in; i++) W[(size_t)j * a->in + i] *= c[j];
-        }
+        int rc = merge_adapter(m, k, m->weights + m->params[lo->ad[k].base].offset);
+        if (rc) return rc;
     }
     /* drop the adapters: registry, weights tail and table (the buffer keeps its unused tail) */
     m->n_params = m->n_base_params;

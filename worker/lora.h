@@ -92,6 +92,12 @@ int st_lora_spec_of(const st_model *m, st_lora_spec *out);
  * the merged base model afterwards. */
 int st_lora_merge(st_model *m);
 
+/* The same fold into dst, a weight buffer laid out as the base's (dst + params[i].offset), for the
+ * adapters of base parameters [first, last) only; the model keeps its adapters (its DoRA scratch is
+ * used). The caller has the base weights and the adapters of that range resident (st_model_acquire) and
+ * dst holding the base values. eval.generate's per-layer merge (coordinator/trainer/train_samples.c). */
+int st_lora_merge_range(const st_model *m, float *dst, int first, int last);
+
 /* Whether the model's adapters are DoRA (0 without adapters). */
 int st_lora_has_dora(const st_model *m);
 

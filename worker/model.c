@@ -830,6 +830,8 @@ static int layer_first_param(const st_model *m, int l) {
     return first + l * per;
 }
 
+int st_model_layer_first_param(const st_model *m, int l) { return layer_first_param(m, l); }
+
 static layer_w layer_weights(const st_model *m, int l) {
     layer_w w;
     memset(&w, 0, sizeof w);

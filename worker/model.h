@@ -221,6 +221,10 @@ void st_model_zero_grad(st_model *m);
 /* Makes the weights of parameters [first, last) readable in m->weights / lets them go again: the residency
  * hooks when installed (collective then: every rank makes the same calls), nothing otherwise. */
 void st_model_acquire(const st_model *m, int first, int last);
+/* Registry index of layer l's first parameter (l = n_layer: the final norm's); the embeddings are
+ * [0, st_model_layer_first_param(m, 0)), the final norm and head [that of n_layer, st_model_base_params).
+ * The groups the forward acquires (generation acquires the same ones). */
+int st_model_layer_first_param(const st_model *m, int l);
 void st_model_release(const st_model *m, int first, int last);
 /* Whether forward and backward read parameter i only through the bf16 compute copy under precision bf16
  * (the layers' and the untied head's matmul weights; norms, biases and the embeddings read fp32). */

@@ -64,6 +64,8 @@ static void print_text(const st_plan *p, const st_model *m) {
             if (rp->first_param < 0) printf("(padding only)\n");
             else printf("%s .. %s\n", m->params[rp->first_param].name, m->params[rp->last_param].name);
         }
+        if (sp->ranks[0].teacher)
+            printf("  distill.teacher: %.2f MiB per rank (in total)\n", mib(sp->ranks[0].teacher));
         if (sp->transition_extra)
             printf("  entering this stage: +%.2f MiB per rank (the previous stage's moments, gathered)\n",
                    mib(sp->transition_extra));
@@ -109,9 +111,10 @@ static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, i
     }
     st_strbuf_printf(b, "],\"bytes\":{\"weights\":%zu,\"grads\":%zu,\"optim\":%zu,\"comm\":%zu,\"activations\":%zu,"
                         "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu,\"at_load\":%zu,\"at_ckpt\":%zu,"
-                        "\"at_resume\":%zu,\"host_snapshot\":%zu}}%s",
+                        "\"at_resume\":%zu,\"host_snapshot\":%zu,\"teacher\":%zu}}%s",
                      rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total, rp->at_save,
-                     rp->at_load, rp->at_ckpt, rp->at_resume, rp->host_snapshot, r + 1 < p->world ? "," : "");
+                     rp->at_load, rp->at_ckpt, rp->at_resume, rp->host_snapshot, rp->teacher,
+                     r + 1 < p->world ? "," : "");
 }
 
 static int print_json(const st_plan *p, const st_model *m, const st_config *c) {

@@ -690,23 +690,14 @@ static int finish_finetune(st_config *c, const char *file) {
     return 0;
 }
 
-/* eval.generate: sample answers from the weights every rank holds whole (coordinator/trainer/train_samples.c). */
+/* eval.generate: sample answers from the current weights (coordinator/trainer/train_samples.c): every
+ * sharding stage (ZeRO-3 gathers a layer at a time) and every fine-tuning mode (LoRA, DoRA, qlora: the
+ * adapters folded in per layer; prompt learning: its virtual tokens lead, worker/generate.c). */
 static int finish_eval_generate(const st_config *c, const char *file) {
     if (c->eval.generate.every_steps == 0) return 0;
     if (!c->eval.generate.prompts[0])
         return st_fail(ST_ECONFIG, "%s: eval.generate.prompts: a prompts JSONL file (generate's input format) is "
                        "required when eval.generate.every_steps is set", file);
-    if (c->sharding.stage == 3)
-        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with sharding.stage 3 yet (the parameters are "
-                       "sharded across ranks); use sharding.stage 2 or generate from a checkpoint", file);
-    st_finetune_mode m = c->finetune.mode;
-    if (m != ST_FINETUNE_FULL && m != ST_FINETUNE_FROZEN && m != ST_FINETUNE_PROGRESSIVE && m != ST_FINETUNE_LORA)
-        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with finetune.mode %s yet (full, frozen, "
-                       "progressive and lora are); generate from the checkpoint or adapter instead", file,
-                       st_finetune_mode_name(m));
-    if (m == ST_FINETUNE_LORA && c->finetune.lora.dora)
-        return st_fail(ST_ECONFIG, "%s: eval.generate is not supported with finetune.lora.dora yet; generate from "
-                       "the exported adapter instead", file);
     return 0;
 }
 

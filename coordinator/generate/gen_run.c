@@ -413,8 +413,9 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     int rc = pick_backend(f, comm, &be);
     if (!rc) rc = st_model_load_dir(model_dir, be, &m);
     if (!rc) loaded = 1;
-    /* an adapter is folded into the weights: the decode path then runs the merged model unchanged */
-    if (!rc && f->adapter && !(rc = st_peft_load_dir(&m, f->adapter))) rc = st_lora_merge(&m);
+    /* a LoRA adapter is folded into the weights: the decode path then runs the merged model unchanged; a
+     * prompt-learning adapter stays attached (generation prepends its virtual tokens, worker/generate.c) */
+    if (!rc && f->adapter && !(rc = st_peft_load_dir(&m, f->adapter)) && !m.prompt) rc = st_lora_merge(&m);
     rc = agree(comm, rc, print_error);
     if (!rc) rc = st_gen_run_model(&m, model_dir, f, ps, comm, answers, dump, vocab, print_error);
     if (loaded) st_model_free(&m);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <string.h>
 
+#include "checkpoints/model_dir.h"
 #include "common/error.h"
 #include "worker/comm.h"
 #include "worker/lora.h"
@@ -256,8 +257,35 @@ static int streams(const st_config *c) {
     return c->sharding.stage == 3 && (c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN);
 }
 
+/* distill.teacher's bytes on one rank (st_rank_plan.teacher): the registry of its config.json. */
+static int teacher_bytes(const st_config *c, int world, size_t *out) {
+    *out = 0;
+    if (!c->distill.teacher[0]) return 0;
+    st_model_config tc;
+    st_model t;
+    int rc = st_model_config_read(c->distill.teacher, &tc);
+    if (!rc) rc = st_model_build_registry(&t, &tc);
+    if (rc) return st_fail_context(rc, "distill.teacher %s", c->distill.teacher);
+    size_t n = t.n_weights, group = 0, per = c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t)
+                                                                                  : sizeof(float);
+    int L = t.cfg.n_layer, nb = st_model_base_params(&t);
+    for (int l = -1; l <= L; l++) { /* the groups the forward gathers: embeddings, each layer, norm + head */
+        int a = l < 0 ? 0 : st_model_layer_first_param(&t, l), b = l < 0 ? st_model_layer_first_param(&t, 0)
+                                                                 : l < L ? st_model_layer_first_param(&t, l + 1) : nb;
+        size_t f = b > a ? t.params[b - 1].offset + t.params[b - 1].numel - t.params[a].offset : 0;
+        if (l == L && t.cfg.tied_embeddings) f += t.params[0].numel; /* the tied wte stays until the head ran */
+        if (f > group) group = f;
+    }
+    size_t weights = c->sharding.stage == 3 ? (n + (size_t)world - 1) / (size_t)world * sizeof(float) + group * per
+                                            : n * per;
+    *out = weights + st_model_activation_floats_ckpt(&tc, c->train.micro_batch, c->train.seq_len, c->precision, 1) *
+                         sizeof(float);
+    st_model_free(&t);
+    return 0;
+}
+
 static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
-                      int rank, st_rank_plan *r) {
+                      int rank, st_rank_plan *r, size_t teacher) {
     int zero = c->sharding.stage;
     memset(r, 0, sizeof *r);
     r->lo = sp->shard * (size_t)rank;
@@ -274,6 +302,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     }
     size_t range = zero == 0 ? sp->n_pad : sp->shard; /* st_comm_optim_range */
     r->weights = m->n_weights * (c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float));
+    r->teacher = teacher;
     if (c->finetune.mode == ST_FINETUNE_QLORA) { /* worker/qlora.c: codes + scales, one layer's fp32 scratch */
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
                             .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block};
@@ -335,15 +364,15 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         }
         r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + gwork) * sizeof(float);
         r->comm = staging * sizeof(float);
-        r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
+        r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
         size_t idle = r->total - (work + gwork) * sizeof(float) - bf_work; /* between steps: no layer gathered */
         if (streams(c)) {
             /* load: this rank's parts only, read piece by piece; final/: one tensor gathered at a time on
              * rank 0 (the others serve their parts) */
-            r->at_load = (frozen + hi - lo) * sizeof(float) + stepbuf + (tr ? io : 0) + check;
+            r->at_load = (frozen + hi - lo) * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
             r->at_save = idle + copies;
         } else { /* adapters: the whole model read, then gathered whole for final/ */
-            r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf;
+            r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf + teacher;
             r->at_save = idle + (n - (hi - lo)) * sizeof(float) + copies;
         }
         /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c) */
@@ -354,18 +383,18 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                                           : m->n_weights * sizeof(float) + 2 * range * sizeof(float));
         return;
     }
-    r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
+    r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
     r->at_save = r->total + copies;
     /* load (before the trainable set exists): the weights as read, a tensor at a time (no host copy);
      * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
-    r->at_load = m->n_weights * sizeof(float) + stepbuf + (tr ? io : 0) + check;
+    r->at_load = m->n_weights * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
     r->at_ckpt = r->total + bounce;
     r->at_resume = r->total + m->n_weights * sizeof(float) + 2 * range * sizeof(float);
     (void)world;
 }
 
 static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, size_t prev_pad, int world,
-                      long *goff, st_stage_plan *sp) {
+                      long *goff, st_stage_plan *sp, size_t teacher) {
     sp->at_step = s->at_step;
     sp->modules = s->modules;
     snprintf(sp->layers_spec, sizeof sp->layers_spec, "%s", s->layers_spec);
@@ -377,7 +406,7 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
     if (c->sharding.stage == 3) sp->transition_extra += prev_pad * sizeof(float); /* + the old trainable weights whole */
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
-    for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r]);
+    for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r], teacher);
     return 0;
 }
 
@@ -397,6 +426,8 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     out->seq_len = c->train.seq_len;
     out->n_weights = m->n_weights;
     out->n_params = m->n_params;
+    size_t teacher;
+    if ((rc = teacher_bytes(c, world, &teacher))) return rc;
     st_stage_list stages;
     rc = st_plan_stages(c, m, &stages);
     if (rc) return rc;
@@ -407,7 +438,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     for (int i = 0; !rc && i < stages.n; i++) {
         st_stage_plan *sp = &out->stages[i];
         out->n_stages++;
-        rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, sp);
+        rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, sp, teacher);
         if (rc) break;
         /* setup happens in the first stage's layout (stage 3 streams only this rank's parts in) */
         for (int r = 0; i == 0 && r < world; r++) {

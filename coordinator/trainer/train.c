@@ -232,11 +232,29 @@ static int share_plan(trainer *t) {
     return rc;
 }
 
-/* distill.teacher: loaded whole on every rank on the student's backend, sized for the student's micro-batches,
- * computing in the job's precision (bf16: its own bf16 weight copy, packed once: it is frozen). */
+static void keep_teacher_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b) {
+    st_frozen_shard_keep(ctx, m, i, a, b);
+}
+
+/* sharding.stage 3: the teacher sharded like the student (worker/comm.h st_frozen_shard): each rank reads
+ * only its 1/N of the weight space from the files (streaming load) and keeps it; the forward gathers a
+ * layer at a time. */
+static int load_teacher_sharded(trainer *t) {
+    const char *dir = t->cfg->distill.teacher;
+    int rc = st_model_open_dir(dir, t->be, &t->teacher);
+    if (!rc) rc = st_frozen_shard_init(&t->teacher_shard, t->comm, &t->teacher);
+    if (!rc) rc = st_model_load_weights_part(&t->teacher, dir, keep_teacher_part, &t->teacher_shard);
+    if (!rc) rc = st_model_check_finite_part(&t->teacher, dir, keep_teacher_part, &t->teacher_shard);
+    return rc;
+}
+
+/* distill.teacher: loaded whole on every rank on the student's backend (sharded at sharding.stage 3), sized
+ * for the student's micro-batches, computing in the job's precision (bf16: its own bf16 weight copy, packed
+ * once: it is frozen; at stage 3 made per gathered layer). */
 static int load_teacher(trainer *t) {
     const st_config *c = t->cfg;
-    int rc = st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
+    int rc = c->sharding.stage == 3 ? load_teacher_sharded(t)
+                                    : st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
     if (rc) return st_fail_context(rc, "distill.teacher");
     t->kd_on = 1;
     /* forward only: activation checkpointing keeps one layer's working set, not every layer's (same math) */
@@ -343,6 +361,7 @@ static void teardown(trainer *t) {
     st_model_free(&t->model);
     if (t->kd_on) {
         st_distill_free(&t->kd, t->be);
+        st_frozen_shard_free(&t->teacher_shard);
         st_model_free(&t->teacher);
     }
 }

@@ -74,10 +74,13 @@ typedef struct {
     int64_t start_step, last_saved;     /* first step to run; completed steps of the last save (-1) */
     double last_loss, resumed_loss;     /* resumed_loss: loss at save of the checkpoint we resumed (NAN) */
     double peak_flops; /* measured matmul FLOP/s of all ranks together (for MFU) */
-    /* knowledge distillation (distill.teacher set): the frozen teacher, replicated on every rank */
+    /* knowledge distillation (distill.teacher set): the frozen teacher, replicated on every rank below
+     * sharding.stage 3; at stage 3 sharded like the student (teacher_shard: 1/N of its weights per rank,
+     * gathered per layer for its forward) */
     int kd_on;
     st_model teacher;
     st_distill kd;
+    st_frozen_shard teacher_shard;
     /* divergence guard (train_guard.c) */
     double loss_mean;      /* running mean of recent good losses (for train.loss_spike) */
     int64_t good_steps;    /* good steps since start/resume */

@@ -1,8 +1,10 @@
 /* train_samples.c — eval.generate: sample answers during training. Every eval.generate.every_steps steps
  * (and at the end) the ranks generate answers to the prompts of eval.generate.prompts from the current
- * weights (every rank holds them whole below sharding.stage 3; config.c refuses stage 3, qlora, DoRA and
- * prompt tuning; under lora a merged copy W + scale B A is made for the call, as `generate --adapter`
- * merges the exported adapter), with generate's own code (st_gen_run_model: prompts split across ranks in whole batches,
+ * weights, a group (embeddings, layer, head) at a time: at sharding.stage 3 each group is gathered and
+ * given back (the ranks in lockstep, st_gen_params.sync); under lora / DoRA / qlora each group is the
+ * base's (dequantized) with the adapters folded in, as `generate --adapter` folds the exported adapter;
+ * a prompt-learning table leads every sequence as under `generate --adapter`), with generate's own code
+ * (st_gen_run_model: prompts split across ranks in whole batches,
  * answers gathered on rank 0 in input order), so they equal `shardtune generate` on the checkpoint of the
  * same step. Rank 0 appends one line per prompt to RUN_DIR/samples.jsonl ({"step", "id", "prompt",
  * "output", "output_ids", "finish_reason"}) and publishes each as a monitor Event of kind "sample" (text
@@ -17,6 +19,7 @@
 #include "coordinator/generate/gen_run.h"
 #include "coordinator/generate/gen_text.h"
 #include "coordinator/trainer/train_internal.h"
+#include "worker/comm.h"
 #include "worker/lora.h"
 
 struct st_train_samples {
@@ -53,7 +56,8 @@ static int trim_samples(const char *path, int64_t keep_upto) {
  * prompt is encoded once here (chat template included), so a bad line fails now, not at the first sample. */
 static int check_prompts(const trainer *t, const st_prompt_set *ps) {
     const char *file = t->cfg->eval.generate.prompts;
-    int chat = t->cfg->eval.generate.chat, text = chat, limit = st_gen_max_positions(&t->model.cfg);
+    int chat = t->cfg->eval.generate.chat, text = chat;
+    int limit = st_gen_prompt_positions(&t->model); /* a prompt's virtual tokens lead */
     for (int i = 0; i < ps->n; i++) {
         const st_prompt *p = &ps->p[i];
         text |= p->is_text;
@@ -196,41 +200,79 @@ static int write_samples(trainer *t, int64_t step, const st_answer *ans) {
     return rc;
 }
 
-/* The model generation reads: the trainer's own, or under finetune.mode lora a view of the base registry
- * over a merged copy of the base weights (*owned, backend memory the caller frees): per adapter
- * W += scale * B @ A with the same matmul as st_lora_merge, so the result equals the exported adapter
- * merged by `generate --adapter`. */
-static int gen_model(const trainer *t, st_model *g, float **owned) {
+/* Under LoRA (qlora and DoRA too) generation reads a view of the base registry over `w`, a buffer laid
+ * out as the base weights whose groups this view's residency hooks fill one at a time: the trainer model's
+ * group acquired (its ZeRO-3 gathers, its QLoRA dequantization), copied, each adapter of the group folded
+ * in with st_lora_merge_range (the fold `generate --adapter` applies to the exported adapter), the
+ * trainer's group released; released groups give their pages back, so the copy holds one group (the
+ * CPU backend; a device backend keeps what it touched). */
+typedef struct {
+    const st_model *tm; /* the trainer's model */
+    float *w;           /* n_base_weights floats (backend memory) */
+    int rc;             /* first failure inside a hook */
+} merged_view;
+
+static void merged_acquire(void *ctx, int first, int last) {
+    merged_view *v = ctx;
+    const st_model *m = v->tm;
+    int lf, ll;
+    st_lora_layer_params(m, m->params[first].layer, &lf, &ll);
+    st_model_acquire(m, first, last);
+    st_model_acquire(m, lf, ll);
+    for (int i = first; i < last; i++)
+        m->be->copy(v->w + m->params[i].offset, m->weights + m->params[i].offset, m->params[i].numel * sizeof(float));
+    int rc = st_lora_merge_range(m, v->w, first, last);
+    if (rc && !v->rc) v->rc = rc;
+    st_model_release(m, lf, ll);
+    st_model_release(m, first, last);
+}
+
+static void merged_release(void *ctx, int first, int last) {
+    merged_view *v = ctx;
+    const st_model *m = v->tm;
+    if (!m->be->host_memory) return;
+    for (int i = first; i < last; i++)
+        st_comm_discard(v->w, sizeof(float), m->params[i].offset, m->params[i].offset + m->params[i].numel);
+}
+
+/* The model generation reads: the trainer's own (its ZeRO-3 hooks gather each group), or under LoRA the
+ * merged view above over *owned (backend memory the caller frees). */
+static int gen_model(const trainer *t, st_model *g, merged_view *v, float **owned) {
     const st_model *m = &t->model;
     *g = *m;
     *owned = NULL;
     if (!m->lora) return 0;
     const st_backend *be = m->be;
-    float *w = be->alloc(m->n_base_weights * sizeof(float));
+    float *w = be->alloc(m->n_base_weights * sizeof(float) + sizeof(float));
     if (!w)
         return st_fail(ST_ENOMEM, "eval.generate: out of memory for the merged weights (%.1f MB)",
                        m->n_base_weights * 4.0 / 1e6);
-    be->copy(w, m->weights, m->n_base_weights * sizeof(float));
-    int r = st_lora_rank(m);
-    for (int b = m->n_base_params; b < m->n_params; b++) {
-        int is_b = 0, base = st_lora_base_of(m, b, &is_b);
-        if (base < 0 || !is_b) continue;
-        for (int a = m->n_base_params; a < m->n_params; a++) {
-            int a_is_b = 1;
-            if (a == b || st_lora_base_of(m, a, &a_is_b) != base || a_is_b) continue;
-            be->matmul(w + m->params[base].offset, m->weights + m->params[b].offset, m->weights + m->params[a].offset,
-                       (int)m->params[b].shape[0], (int)m->params[a].shape[1], r, 0, 0, (float)st_lora_scale(m), 1.0f);
-            break;
-        }
-    }
+    v->tm = m;
+    v->w = w;
+    v->rc = 0;
     g->weights = w;
+    g->weights_bf16 = NULL;
     g->n_params = m->n_base_params;
     g->n_weights = m->n_base_weights;
     g->n_base_params = 0;
     g->n_base_weights = 0;
     g->lora = NULL;
+    g->qlora = NULL;
+    g->acquire = merged_acquire;
+    g->release = merged_release;
+    g->prefetch = NULL;
+    g->progress = NULL;
+    g->residency_ctx = v;
     *owned = w;
     return 0;
+}
+
+/* eval.generate's lockstep under ZeRO-3 (st_gen_params.sync): whether any rank still generates. */
+static int any_busy(void *ctx, int busy) {
+    const trainer *t = ctx;
+    int any = busy;
+    MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, t->comm);
+    return any;
 }
 
 int st_trainer_samples_run(trainer *t, int64_t completed) {
@@ -238,13 +280,20 @@ int st_trainer_samples_run(trainer *t, int64_t completed) {
     st_trainer_phase(t, ST_PHASE_EVAL);
     st_answer *ans = NULL;
     st_model g;
+    merged_view v;
     float *owned = NULL;
     int pe = 0;
-    int rc = st_trainer_agree(t, gen_model(t, &g, &owned));
+    int rc = st_trainer_agree(t, gen_model(t, &g, &v, &owned));
     if (!rc) {
-        rc = st_gen_run_model(&g, t->cfg->model.path, &s->f, &s->ps, t->comm, &ans, NULL, NULL, &pe);
-        if (rc) t->print_error = pe; /* only the rank whose st_error() holds the cause prints */
-        if (rc && pe) st_fail_context(rc, "eval.generate at step %lld", (long long)completed);
+        st_gen_flags f = s->f;
+        if (t->model.acquire && t->world > 1) { /* ZeRO-3: the gathers are collective */
+            f.gp.sync = any_busy;
+            f.gp.sync_ctx = t;
+        }
+        rc = st_gen_run_model(&g, t->cfg->model.path, &f, &s->ps, t->comm, &ans, NULL, NULL, &pe);
+        if (!rc && owned) rc = st_trainer_agree(t, v.rc);
+        else if (rc) t->print_error = pe; /* only the rank whose st_error() holds the cause prints */
+        if (rc && t->print_error) st_fail_context(rc, "eval.generate at step %lld", (long long)completed);
     }
     if (owned) t->model.be->free(owned);
     if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? write_samples(t, completed, ans) : 0);

@@ -8,15 +8,25 @@
      step's differ from the base model's answers (the samples come from the trained weights);
   3. an independent monitor client (pyzmq + test_telemetry_client's decoder) receives one Event of kind
      "sample" per line, with its step and the text "ID: IDS", and `shardtune monitor --json` shows them;
-  4. config: an unknown key under eval.generate, a missing prompts file, text prompts for a model
-     without a tokenizer, sharding.stage 3,
-     finetune.mode qlora and DoRA are refused with one line naming the key / the cause, before any step
-     runs;
+  4. config: an unknown key under eval.generate, a missing prompts file and text prompts for a model
+     without a tokenizer are refused with one line naming the key / the cause, before any step runs;
   5. resume: a run stopped at step 4 (train.steps 4) and resumed to 6 leaves the same samples.jsonl;
   6. finetune.mode lora: the samples equal `generate --model BASE --adapter` of the adapter exported from
      each step's checkpoint (1 and 2 ranks), and differ from the base model's answers.
   7. text prompts with a tokenizer (a byte-level BPE and a chat template written here): the prompt string
      or messages and the answer text, equal to generate's, in samples.jsonl and the events.
+  8. sharding.stage 3 on 2 ranks (each rank holds half the weights; generation gathers a layer at a time,
+     the ranks in lockstep although rank 0 decodes two batches and rank 1 one): the
+     samples equal generate (1 and 2 ranks) on each step's checkpoint; the same under lora with DoRA at
+     stage 3 (adapters sharded too) against generate --adapter on the exported adapter; memory: sampling
+     at stage 3 adds less than half of the half model a rank does not hold to its peak RSS (measured).
+  9. finetune.mode qlora: the samples equal generate --adapter on each step's exported adapter over the
+     base dequantized in numpy (test_qlora_torch.quant_dequant: nf4, double quantization, block 64), the
+     base the training forward reads.
+ 10. prompt learning: prompt_tuning at sharding.stage 3 (the prompt sharded), p_tuning (MLP encoder: the
+     samples use the encoder's output, the table peft saves) and prefix_tuning: the samples equal generate
+     --adapter on the adapter exported from each step's checkpoint (peft_generate_prompt.py checks that
+     generate against the real peft).
 Env (set by ctest): SHARDTUNE_BIN, ST_SOURCE_DIR."""
 import json
 import os
@@ -47,9 +57,9 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_prompts(path):
+def write_prompts(path, more=()):
     prompts = [{"id": "a", "input_ids": [5, 6, 7, 8]}, {"input_ids": [100, 3, 50]},
-               {"id": "c", "input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}]
+               {"id": "c", "input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}] + list(more)
     with open(path, "w") as f:
         for p in prompts:
             f.write(json.dumps(p) + "\n")
@@ -70,9 +80,11 @@ def job_with(tmp, name, extra, steps=STEPS):
     return dst, pub
 
 
-def check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=False):
+def check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=False, base_model=None):
     """Each step's samples against `generate` on that step's checkpoint: exported as a model directory, or
-    under lora as a PEFT adapter that generate --adapter merges into the base model."""
+    under lora as a PEFT adapter that generate --adapter merges into the base model (base_model: another
+    base directory, e.g. the dequantized one of a qlora run)."""
+    base_model = base_model or os.path.join(tmp, "model")
     by_step = {}
     for s in samples:
         by_step.setdefault(s["step"], []).append(s)
@@ -87,7 +99,7 @@ def check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=False):
         d = os.path.join(tmp, "export%d" % step)
         if lora:
             sh([ST, "export", ck, "--format", "peft", "--out", d])
-            model = ["--model", os.path.join(tmp, "model"), "--adapter", d]
+            model = ["--model", base_model, "--adapter", d]
         else:
             sh([ST, "export", ck, "--out", d])
             model = ["--model", d]
@@ -152,6 +164,118 @@ def test_lora(tmp):
     check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=True)
     print("ok: lora: %d samples equal generate --adapter on each step's exported adapter (1 and 2 ranks)"
           % len(samples))
+
+
+def test_zero3(tmp):
+    """sharding.stage 3: every rank holds its half of the weights; generation gathers them a layer at a time
+    in lockstep: 5 prompts in batches of 2 give rank 0 batches 0 and 2 and rank 1 batch 1, so rank 0 runs
+    twice the forwards (without the lockstep the gathers would not match and the run would hang)."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath, [{"id": "d", "input_ids": [9, 9, 30]}, {"id": "e", "input_ids": [77, 1]}])
+    job, _ = job_with(tmp, "zero3", sample_extra(ppath) + "sharding: { stage: 3 }\n")
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job] + OVER)
+    run_dir = os.path.join(tmp, "run")
+    samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+    check_against_generate(tmp, ppath, prompts, samples, run_dir)
+    print("ok: sharding.stage 3: %d samples equal generate on each step's checkpoint (1 and 2 ranks)" % len(samples))
+
+
+def peak_rss(cmd, out):
+    """The larger rank's peak RSS (bytes) of a 2-rank command, each rank under /usr/bin/time (into out)."""
+    sh(["mpirun", "--oversubscribe", "-np", "2", "/usr/bin/time", "-f", "rss %M", "-a", "-o", out] + cmd)
+    return 1024 * max(int(l.split()[1]) for l in open(out) if l.startswith("rss "))
+
+
+def test_zero3_memory(tmp):
+    """Bounded memory: at stage 3 a rank samples with its shard plus one gathered layer, never the whole
+    model. A Llama of 8 layers x 256 (23 MiB fp32), 2 ranks: the peak RSS of a run
+    with eval.generate (every 2 steps, 5 prompts, 16 new tokens) exceeds that of the same run without it
+    by less than half of the half model a rank does not hold (gathering the whole model would add all of
+    it; observed +1.7 MiB against 11.5)."""
+    if not os.path.exists("/usr/bin/time"):
+        print("skip: no /usr/bin/time")
+        return
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    write_prompts(ppath, [{"id": "d", "input_ids": [9, 9, 30]}, {"id": "e", "input_ids": [77, 1]}])
+    job, _ = job_with(tmp, "mem", sample_extra(ppath).replace("max_new: %d" % MAX_NEW, "max_new: 16") +
+                      "sharding: { stage: 3 }\n")
+    model = os.path.join(tmp, "model")  # the job's data, a larger model
+    shutil.rmtree(model)
+    sh([ST, "init-model", "--family", "llama", "--layers", "8", "--dim", "256", "--heads", "4", "--kv-heads", "2",
+        "--vocab", "256", "--max-seq", "64", "--out", model])
+    base = [ST, "train", job, "train.steps=4", "checkpoint.every_steps=0"]
+    with_gen = peak_rss(base + ["run_dir=%s/run_gen" % tmp], os.path.join(tmp, "rss_gen"))
+    without = peak_rss(base + ["run_dir=%s/run_plain" % tmp, "eval.generate.every_steps=0"], os.path.join(tmp, "rss_plain"))
+    whole = os.path.getsize(os.path.join(model, "model.safetensors"))
+    assert len(read_jsonl(os.path.join(tmp, "run_gen", "samples.jsonl"))) == 10
+    d = with_gen - without
+    print("ok: stage-3 sampling adds %.1f MiB to a rank's peak RSS (%.1f -> %.1f MiB); the model is %.1f MiB, half "
+          "of it %.1f MiB" % (d / 2**20, without / 2**20, with_gen / 2**20, whole / 2**20, whole / 2**21))
+    assert d < 0.5 * whole / 2, "sampling at stage 3 holds more than a layer's weights: +%d bytes" % d
+
+
+def test_dora_zero3(tmp):
+    """lora with DoRA at sharding.stage 3 (the adapters sharded): the samples equal generate --adapter."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    extra = sample_extra(ppath) + "finetune: { mode: lora, lora: { r: 4, alpha: 8, dora: true } }\nsharding: { stage: 3 }\n"
+    job, _ = job_with(tmp, "dora", extra)
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job, "train.lr=0.05"] + OVER[1:])
+    run_dir = os.path.join(tmp, "run")
+    samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+    check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=True)
+    print("ok: DoRA at stage 3: %d samples equal generate --adapter on each step's exported adapter" % len(samples))
+
+
+def test_qlora(tmp):
+    """finetune.mode qlora: the samples come from the quantized base the training forward reads (dequantized
+    a layer at a time) with the adapter folded in: generate --adapter over the numpy-dequantized base."""
+    from test_qlora_torch import quant_dequant  # numpy nf4 / int8 (double) quantization round trip
+    import numpy as np
+    import st_io
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    extra = sample_extra(ppath) + "finetune: { mode: qlora, lora: { r: 4, alpha: 8 }, qlora: { quant: nf4, block: 64 } }\n"
+    job, _ = job_with(tmp, "qlora", extra)
+    sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job, "train.lr=0.05"] + OVER[1:])
+    model, deq = os.path.join(tmp, "model"), os.path.join(tmp, "deq")
+    shutil.copytree(model, deq)
+    w = st_io.read(os.path.join(model, "model.safetensors"))
+    for k in w:
+        if w[k].ndim == 2 and k.startswith("model.layers."):
+            w[k] = quant_dequant(np.asarray(w[k], np.float32), "nf4", True, 64)
+    st_io.write(os.path.join(deq, "model.safetensors"), {k: np.asarray(v, np.float32) for k, v in w.items()})
+    run_dir = os.path.join(tmp, "run")
+    samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+    check_against_generate(tmp, ppath, prompts, samples, run_dir, lora=True, base_model=deq)
+    # the quantization shows: over the fp32 base the same adapter answers otherwise
+    d, out = os.path.join(tmp, "export%d" % STEPS), os.path.join(tmp, "fp32base.jsonl")
+    sh([ST, "generate", "--model", model, "--adapter", d, "--prompts", ppath, "--out", out, "--max-new", str(MAX_NEW),
+        "--batch", "2", "--backend", "cpu"])
+    last = [r["output_ids"] for r in samples if r["step"] == STEPS]
+    assert last != [g["output_ids"] for g in read_jsonl(out)], "qlora samples equal the fp32 base's: no quantization seen"
+    print("ok: qlora: %d samples equal generate --adapter over the numpy-dequantized base (and differ over the fp32 "
+          "base)" % len(samples))
+
+
+def test_prompt_modes(tmp):
+    """prompt_tuning at stage 3, p_tuning and prefix_tuning: the samples equal generate --adapter on the
+    adapter exported from each step's checkpoint."""
+    ppath = os.path.join(tmp, "prompts.jsonl")
+    prompts = write_prompts(ppath)
+    cases = [("prompt_tuning", "{ mode: prompt_tuning, prompt: { virtual_tokens: 4 } }", "sharding: { stage: 3 }\n"),
+             ("p_tuning", "{ mode: p_tuning, prompt: { virtual_tokens: 3, encoder: mlp } }", ""),
+             ("prefix_tuning", "{ mode: prefix_tuning, prefix: { virtual_tokens: 5 } }", "")]
+    for name, ft, more in cases:
+        sub = os.path.join(tmp, name)
+        os.makedirs(sub)
+        job, _ = job_with(sub, name, sample_extra(ppath) + "finetune: " + ft + "\n" + more)
+        sh(["mpirun", "--oversubscribe", "-np", "2", ST, "train", job, "train.lr=0.05"] + OVER[1:])
+        run_dir = os.path.join(sub, "run")
+        samples = read_jsonl(os.path.join(run_dir, "samples.jsonl"))
+        check_against_generate(sub, ppath, prompts, samples, run_dir, lora=True)
+        print("ok: %s%s: %d samples equal generate --adapter on each step's exported adapter (1 and 2 ranks)"
+              % (name, " at stage 3" if more else "", len(samples)))
 
 
 def byte_level_tokenizer(model_dir):
@@ -239,9 +363,6 @@ def test_refusals(tmp):
     cases = [(sample_extra(ppath), ["eval.generate.max_neww=3"], "eval.generate.max_neww"),
              (sample_extra(text), [], "no tokenizer.json"),
              (sample_extra(os.path.join(tmp, "missing.jsonl")), [], "missing.jsonl"),
-             (sample_extra(ppath) + "sharding: { stage: 3 }\n", [], "sharding.stage 3"),
-             (sample_extra(ppath) + "finetune: { mode: qlora }\n", [], "finetune.mode qlora"),
-             (sample_extra(ppath) + "finetune: { mode: lora, lora: { dora: true } }\n", [], "finetune.lora.dora"),
              ("eval: { generate: { every_steps: 2 } }\n", [], "eval.generate.prompts")]
     for extra, over, needle in cases:
         job, _ = job_with(tmp, "bad", extra)
@@ -253,6 +374,12 @@ def test_refusals(tmp):
 
 
 def main():
+    only = sys.argv[1:]  # names of the test_ functions to run (all when none)
+    if only:
+        for name in only:
+            with tempfile.TemporaryDirectory() as tmp:
+                globals()["test_" + name](tmp)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         full = test_samples(tmp)
         with tempfile.TemporaryDirectory() as tmp2:
@@ -261,6 +388,16 @@ def main():
             test_resume(tmp2, full)
     with tempfile.TemporaryDirectory() as tmp:
         test_lora(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_zero3(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_zero3_memory(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_dora_zero3(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_qlora(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_prompt_modes(tmp)
     with tempfile.TemporaryDirectory() as tmp:
         test_text(tmp)
     with tempfile.TemporaryDirectory() as tmp:

@@ -115,25 +115,52 @@ static int is_suffix(const char *s, const char *suf) {
     return a >= b && strcmp(s + a - b, suf) == 0;
 }
 
-/* A tensor's type under `--quant q4_K` (llama-quantize's Q4_K rules without per-layer mixing): the output
- * head (output.weight, or token_embd when it doubles as the head) q6_K, q8_0 when its rows are not a multiple
- * of 256; other 2-D tensors q4_K, q5_0 for rows not a multiple of 256 (llama.cpp's tensor_type_fallback);
- * f16 for rows not a multiple of 32; position_embd f16 (llama-quantize leaves it as the converter wrote it). */
-static st_ggml_type pick_kquant(const gtensor *t, int head, int *fallback) {
+static int is_kquant(st_ggml_type q) {
+    return q == ST_GGML_Q2_K || q == ST_GGML_Q3_K || q == ST_GGML_Q4_K || q == ST_GGML_Q5_K || q == ST_GGML_Q6_K ||
+           q == ST_GGUF_MIX_Q4_K_M || q == ST_GGUF_MIX_Q5_K_M;
+}
+
+/* llama.cpp's tensor_type_fallback: a k-quant whose rows are not a multiple of 256 goes to a 32-block type
+ * (q2_K, q3_K -> q4_0; q4_K -> q5_0; q5_K -> q5_1; q6_K -> q8_0), and to f16 when even that does not fit. */
+static st_ggml_type kquant_fallback(st_ggml_type want, int64_t ne0) {
+    if (ne0 % st_ggml_block_size(want) == 0) return want;
+    st_ggml_type got = want == ST_GGML_Q4_K ? ST_GGML_Q5_0 : want == ST_GGML_Q5_K ? ST_GGML_Q5_1
+                     : want == ST_GGML_Q6_K ? ST_GGML_Q8_0 : want == ST_GGML_Q8_0 ? ST_GGML_Q8_0 : ST_GGML_Q4_0;
+    return ne0 % st_ggml_block_size(got) == 0 ? got : ST_GGML_F16;
+}
+
+/* llama-quantize's layer pick for the _M mixes: the first and last eighth of the layers and every third
+ * one between them. */
+static int use_more_bits(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
+
+/* A tensor's type under a k-quant `--quant` (llama-quantize's rules: docs/compress.md). The output head
+ * (output.weight, or token_embd when it doubles as the head) q6_K. q2_K..q6_K: every other 2-D tensor in
+ * that type (llama-quantize's "pure" recipe with a q6_K head). q4_K_M / q5_K_M: q4_K / q5_K, except the
+ * attention value projections (attn_v, GPT-2's fused attn_qkv) and ffn_down of the layers use_more_bits
+ * picks, which get q6_K. Then kquant_fallback for rows that do not fit; position_embd stays f16 (llama-
+ * quantize leaves it as the converter wrote it). */
+static st_ggml_type pick_kquant(const gtensor *t, st_ggml_type quant, int head, int n_layer, int *fallback) {
     if (strcmp(t->name, "position_embd.weight") == 0) return ST_GGML_F16;
-    st_ggml_type want = head ? ST_GGML_Q6_K : ST_GGML_Q4_K, got = want;
-    if (t->ne[0] % 256 != 0) got = head ? ST_GGML_Q8_0 : ST_GGML_Q5_0;
-    if (t->ne[0] % 32 != 0) got = ST_GGML_F16;
+    st_ggml_type want = quant == ST_GGUF_MIX_Q4_K_M ? ST_GGML_Q4_K : quant == ST_GGUF_MIX_Q5_K_M ? ST_GGML_Q5_K : quant;
+    int layer = -1;
+    if (head) {
+        want = ST_GGML_Q6_K;
+    } else if (want != quant && sscanf(t->name, "blk.%d.", &layer) == 1) {
+        int more = is_suffix(t->name, ".attn_v.weight") || is_suffix(t->name, ".attn_qkv.weight") ||
+                   is_suffix(t->name, ".ffn_down.weight");
+        if (more && use_more_bits(layer, n_layer)) want = ST_GGML_Q6_K;
+    }
+    st_ggml_type got = kquant_fallback(want, t->ne[0]);
     if (got != want) (*fallback)++;
     return got;
 }
 
 /* The ggml type a tensor is stored in: 1-D tensors (norms, biases) stay f32 like llama.cpp's converter;
  * rows that do not fill whole 32-element blocks fall back to f16, as the converter does on QuantError.
- * `head`: the tensor is the output head (q4_K stores it at higher precision). */
-static st_ggml_type pick_type(const gtensor *t, st_ggml_type quant, int head, int *fallback) {
+ * `head`: the tensor is the output head (the k-quants store it at higher precision). */
+static st_ggml_type pick_type(const gtensor *t, st_ggml_type quant, int head, int n_layer, int *fallback) {
     if (t->ndim == 1) return ST_GGML_F32;
-    if (quant == ST_GGML_Q4_K) return pick_kquant(t, head, fallback);
+    if (is_kquant(quant)) return pick_kquant(t, quant, head, n_layer, fallback);
     if ((quant == ST_GGML_Q8_0 || quant == ST_GGML_Q4_0) && t->ne[0] % 32 != 0) {
         (*fallback)++;
         return ST_GGML_F16;
@@ -161,13 +188,13 @@ static int build_tensors(const st_model *m, const float *w, st_ggml_type quant, 
         /* the head: output.weight, or a tied llama/qwen2 model's token_embd (no output.weight is written) */
         int head = strcmp(t->name, "output.weight") == 0 ||
                    (strcmp(t->name, "token_embd.weight") == 0 && c->tied_embeddings && c->family != ST_FAMILY_GPT2);
-        t->type = pick_type(t, quant, head, fallback);
+        t->type = pick_type(t, quant, head, c->n_layer, fallback);
         /* GPT-2's head is always stored (the converter writes output.weight as a copy of wte) */
         if (c->family == ST_FAMILY_GPT2 && c->tied_embeddings && i == 0) {
             gtensor *o = &ts[k++];
             *o = *t;
             snprintf(o->name, sizeof o->name, "output.weight");
-            o->type = pick_type(o, quant, 1, fallback);
+            o->type = pick_type(o, quant, 1, c->n_layer, fallback);
         }
     }
     *n = k;
@@ -192,7 +219,14 @@ static uint32_t file_type(st_ggml_type q) {
     case ST_GGML_Q4_0: return 2;
     case ST_GGML_Q8_0: return 7;
     case ST_GGML_BF16: return 32;
-    case ST_GGML_Q4_K: return 14; /* LLAMA_FTYPE_MOSTLY_Q4_K_S: q4_K with a q6_K head, no per-layer mixing */
+    /* the single k-quants are llama-quantize's pure recipes (q6_K head, no per-layer mixing) of: */
+    case ST_GGML_Q2_K: return 10; /* LLAMA_FTYPE_MOSTLY_Q2_K */
+    case ST_GGML_Q3_K: return 11; /* _Q3_K_S */
+    case ST_GGML_Q4_K: return 14; /* _Q4_K_S */
+    case ST_GGML_Q5_K: return 16; /* _Q5_K_S */
+    case ST_GGML_Q6_K: return 18; /* _Q6_K */
+    case ST_GGUF_MIX_Q4_K_M: return 15;
+    case ST_GGUF_MIX_Q5_K_M: return 17;
     default: return 0;
     }
 }
@@ -362,7 +396,7 @@ static int build_lora_tensors(const st_model *m, const float *w, st_ggml_type qu
         t->src = w + p->offset;
         if (llama_arch && is_b && is_suffix(bp->name, "q_proj.weight")) t->permute_heads = c->n_head;
         if (llama_arch && is_b && is_suffix(bp->name, "k_proj.weight")) t->permute_heads = c->n_kv_head;
-        t->type = pick_type(t, quant, 0, fallback);
+        t->type = pick_type(t, quant, 0, c->n_layer, fallback);
     }
     *n = k;
     return 0;
@@ -379,9 +413,9 @@ int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_ty
     if (spec.dora)
         return st_fail(ST_ECONFIG, "gguf: DoRA adapters (use_dora) have no GGUF LoRA form (llama.cpp applies "
                        "W + s B A only); export the merged model instead");
-    if (quant == ST_GGML_Q4_K)
-        return st_fail(ST_EINVAL, "gguf: --quant q4_K applies to models; a LoRA adapter exports as f32, f16, bf16, "
-                       "q8_0 or q4_0 (convert_lora_to_gguf.py has no k-quants either)");
+    if (is_kquant(quant))
+        return st_fail(ST_EINVAL, "gguf: --quant %s applies to models; a LoRA adapter exports as f32, f16, bf16, "
+                       "q8_0 or q4_0 (convert_lora_to_gguf.py has no k-quants either)", st_ggml_type_name(quant));
     if (st_lora_scale(m) == 0.0) /* llama.cpp reads alpha 0 as "unscaled" (scale 1), not as scale 0 */
         return st_fail(ST_ECONFIG, "gguf: lora_alpha 0 has no GGUF LoRA form (llama.cpp applies alpha 0 as "
                        "scale 1)");

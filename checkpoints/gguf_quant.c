@@ -17,9 +17,11 @@
 
 static const struct { const char *name; st_ggml_type t; } k_types[] = {
     {"f32", ST_GGML_F32}, {"f16", ST_GGML_F16}, {"bf16", ST_GGML_BF16}, {"q8_0", ST_GGML_Q8_0}, {"q4_0", ST_GGML_Q4_0},
-    {"q4_K", ST_GGML_Q4_K}, {"q6_K", ST_GGML_Q6_K}, {"q5_0", ST_GGML_Q5_0},
+    {"q2_K", ST_GGML_Q2_K}, {"q3_K", ST_GGML_Q3_K}, {"q4_K", ST_GGML_Q4_K}, {"q5_K", ST_GGML_Q5_K},
+    {"q6_K", ST_GGML_Q6_K}, {"q4_K_M", ST_GGUF_MIX_Q4_K_M}, {"q5_K_M", ST_GGUF_MIX_Q5_K_M},
+    {"q5_0", ST_GGML_Q5_0}, {"q5_1", ST_GGML_Q5_1},
 };
-#define N_CLI_TYPES 6 /* the first six are --quant values; q6_K / q5_0 only come from the q4_K recipe */
+#define N_CLI_TYPES 12 /* the first twelve are --quant values; q5_0 / q5_1 only come as k-quant fallbacks */
 
 int st_ggml_type_parse(const char *s, st_ggml_type *out) {
     for (size_t i = 0; i < N_CLI_TYPES; i++)
@@ -27,7 +29,8 @@ int st_ggml_type_parse(const char *s, st_ggml_type *out) {
             *out = k_types[i].t;
             return 0;
         }
-    return st_fail(ST_EINVAL, "--quant '%.32s' is not supported (f32, f16, bf16, q8_0, q4_0 or q4_K)", s);
+    return st_fail(ST_EINVAL, "--quant '%.32s' is not supported (f32, f16, bf16, q8_0, q4_0, q2_K, q3_K, q4_K, "
+                   "q5_K, q6_K, q4_K_M or q5_K_M)", s);
 }
 
 const char *st_ggml_type_name(st_ggml_type t) {
@@ -44,8 +47,13 @@ size_t st_ggml_row_bytes(st_ggml_type t, int64_t n) {
     case ST_GGML_Q8_0: return (size_t)(n / QK) * (2 + QK);
     case ST_GGML_Q4_0: return (size_t)(n / QK) * (2 + QK / 2);
     case ST_GGML_Q5_0: return (size_t)(n / QK) * 22;
+    case ST_GGML_Q5_1: return (size_t)(n / QK) * 24;
+    case ST_GGML_Q2_K: return (size_t)(n / 256) * 84;
+    case ST_GGML_Q3_K: return (size_t)(n / 256) * 110;
     case ST_GGML_Q4_K: return (size_t)(n / 256) * 144;
+    case ST_GGML_Q5_K: return (size_t)(n / 256) * 176;
     case ST_GGML_Q6_K: return (size_t)(n / 256) * 210;
+    default: return 0; /* the mixes are not tensor types */
     }
     return 0;
 }
@@ -55,8 +63,13 @@ int64_t st_ggml_block_size(st_ggml_type t) {
     case ST_GGML_F32:
     case ST_GGML_F16:
     case ST_GGML_BF16: return 1;
+    case ST_GGML_Q2_K:
+    case ST_GGML_Q3_K:
     case ST_GGML_Q4_K:
-    case ST_GGML_Q6_K: return 256;
+    case ST_GGML_Q5_K:
+    case ST_GGML_Q6_K:
+    case ST_GGUF_MIX_Q4_K_M:
+    case ST_GGUF_MIX_Q5_K_M: return 256;
     default: return QK;
     }
 }
@@ -189,8 +202,6 @@ void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
     case ST_GGML_Q4_0:
         for (int64_t b = 0; b < n / QK; b++) q4_0_block(x + b * QK, out + b * (2 + QK / 2));
         break;
-    case ST_GGML_Q5_0:
-    case ST_GGML_Q4_K:
-    case ST_GGML_Q6_K: st_ggml_encode_kquant(t, x, n, out); break;
+    default: st_ggml_encode_kquant(t, x, n, out); break; /* q5_0, q5_1, q2_K..q6_K */
     }
 }

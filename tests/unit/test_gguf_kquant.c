@@ -1,6 +1,6 @@
-/* test_gguf_kquant.c — the Q4_K encoder's vector form (the 8 sub-blocks of a super-block fitted in SIMD lanes,
- * what `export --quant q4_K` runs) gives exactly the bytes of its one-sub-block-at-a-time form, which follows
- * ggml's quantize_row_q4_K_ref loop for loop (and is checked against llama.cpp's own quantizer by
+/* test_gguf_kquant.c — the Q4_K and Q5_K encoders' vector form (the 8 sub-blocks of a super-block fitted in
+ * SIMD lanes, what `export --quant q4_K|q5_K` runs) gives exactly the bytes of its one-sub-block-at-a-time
+ * form, which follows ggml's quantize_row_q4_K_ref / q5_K_ref loop for loop (and is checked against llama.cpp's own quantizer by
  * tests/reference/llamacpp_gguf.py): over 8000 random super-blocks of mixed scales and shapes — Gaussian,
  * uniform, all positive, all negative, constant (positive, zero, negative), one spike among zeros, tiny
  * (f16-subnormal scales), sub-blocks of very different magnitudes, repeated values — the two agree byte for
@@ -48,30 +48,41 @@ static void fill(float *x, int kind) {
     }
 }
 
-static void test_lanes_equal_scalar(void **state) {
-    (void)state;
+static void lanes_equal_scalar(st_ggml_type t) {
     enum { NB = 8000 };
+    const size_t bs = st_ggml_row_bytes(t, 256);
     float *x = malloc((size_t)NB * 256 * sizeof(float));
-    uint8_t *a = malloc((size_t)NB * 144), *b = malloc((size_t)NB * 144);
+    uint8_t *a = malloc((size_t)NB * bs), *b = malloc((size_t)NB * bs);
     assert_non_null(x);
     for (int k = 0; k < NB; k++) fill(x + (size_t)k * 256, k % 9);
     double t0 = st_now();
-    st_ggml_encode(ST_GGML_Q4_K, x, (int64_t)NB * 256, a);
+    st_ggml_encode(t, x, (int64_t)NB * 256, a);
     double t1 = st_now();
-    st_ggml_q4_K_scalar(x, (int64_t)NB * 256, b);
+    st_ggml_kquant_scalar(t, x, (int64_t)NB * 256, b);
     double t2 = st_now();
     int bad = 0;
     for (int k = 0; k < NB; k++)
-        if (memcmp(a + (size_t)k * 144, b + (size_t)k * 144, 144) != 0 && bad++ < 5)
+        if (memcmp(a + (size_t)k * bs, b + (size_t)k * bs, bs) != 0 && bad++ < 5)
             fprintf(stderr, "super-block %d (kind %d) differs\n", k, k % 9);
-    printf("q4_K: %d of %d super-blocks differ; vector %.3f s, scalar %.3f s\n", bad, NB, t1 - t0, t2 - t1);
+    printf("%s: %d of %d super-blocks differ; vector %.3f s, scalar %.3f s\n", st_ggml_type_name(t), bad, NB,
+           t1 - t0, t2 - t1);
     assert_int_equal(bad, 0);
     free(x);
     free(a);
     free(b);
 }
 
+static void test_q4_K_lanes_equal_scalar(void **state) {
+    (void)state;
+    lanes_equal_scalar(ST_GGML_Q4_K);
+}
+static void test_q5_K_lanes_equal_scalar(void **state) {
+    (void)state;
+    lanes_equal_scalar(ST_GGML_Q5_K);
+}
+
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_lanes_equal_scalar)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_q4_K_lanes_equal_scalar),
+                                       cmocka_unit_test(test_q5_K_lanes_equal_scalar)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

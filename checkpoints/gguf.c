@@ -413,9 +413,10 @@ int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_ty
     if (spec.dora)
         return st_fail(ST_ECONFIG, "gguf: DoRA adapters (use_dora) have no GGUF LoRA form (llama.cpp applies "
                        "W + s B A only); export the merged model instead");
-    if (is_kquant(quant))
-        return st_fail(ST_EINVAL, "gguf: --quant %s applies to models; a LoRA adapter exports as f32, f16, bf16, "
-                       "q8_0 or q4_0 (convert_lora_to_gguf.py has no k-quants either)", st_ggml_type_name(quant));
+    if (quant == ST_GGUF_MIX_Q4_K_M || quant == ST_GGUF_MIX_Q5_K_M)
+        return st_fail(ST_EINVAL, "gguf: --quant %s is a mix for models (per-layer rules for attn_v / ffn_down); a "
+                       "LoRA adapter takes one type: f32, f16, bf16, q8_0, q4_0 or q2_K..q6_K",
+                       st_ggml_type_name(quant));
     if (st_lora_scale(m) == 0.0) /* llama.cpp reads alpha 0 as "unscaled" (scale 1), not as scale 0 */
         return st_fail(ST_ECONFIG, "gguf: lora_alpha 0 has no GGUF LoRA form (llama.cpp applies alpha 0 as "
                        "scale 1)");

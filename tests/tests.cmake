@@ -19,7 +19,8 @@ set(ST_SLOW_TESTS
   integration.test_pack_text_stream integration.test_resume_safety integration.test_train_epochs
   integration.test_watchdog reference.test_generate_torch reference.test_lora_train
   reference.test_prompt_train reference.test_qlora_train reference.test_peft_bf16 reference.ref_rope_models
-  reference.test_train_samples reference.llamacpp_gguf integration.test_zero3_kill reference.ref_stream_io
+  reference.test_train_samples reference.llamacpp_gguf reference.llamacpp_lora integration.test_zero3_kill
+  reference.ref_stream_io
   reference.peft_adapters)
 
 # The only tests that run a second time after a failure (tests/retry_once.sh, ctest's --repeat

@@ -44,6 +44,9 @@ void st_ggml_encode_kquant(st_ggml_type t, const float *x, int64_t n, uint8_t *o
 /* Q4_K / Q5_K with the sub-blocks fitted one at a time (ggml's loop structure); st_ggml_encode fits the 8 of
  * a super-block in vector lanes, which must give the same bytes (tests/unit/test_gguf_kquant.c). */
 void st_ggml_kquant_scalar(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
+/* The plain, ggml-loop-shaped form of every encoder that st_ggml_encode runs in a faster form (q8_0 / q4_0:
+ * AVX2; q4_K / q5_K: vector lanes); the unit test holds the two to the same bytes. Other types: nothing. */
+void st_ggml_encode_reference(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
 
 typedef struct {
     const char *tokenizer_dir; /* folder with tokenizer.json (+ tokenizer_config.json); NULL: none */

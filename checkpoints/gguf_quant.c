@@ -7,7 +7,7 @@
 
 #include <math.h>
 #include <string.h>
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -175,6 +175,92 @@ __attribute__((optimize("fp-contract=off"))) static void q4_0_block(const float 
     }
 }
 
+#if defined(__AVX2__) && defined(__F16C__)
+/* Q8_0 / Q4_0 in AVX2, a block of 32 as four vectors of 8: the same fp32 operations as q8_0_block /
+ * q4_0_block (mul, add, truncating conversion: no FMA, nothing reassociated; max is exact in any order), so
+ * the same bytes for finite inputs (tests/unit/test_gguf_kquant.c compares them over random and edge-case
+ * blocks; NaN blocks are not meaningful weights and may differ). */
+static inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* 4 x 8 int32 in [-128, 127] -> 32 int8 in element order (packs work per 128-bit half: dwords are regrouped). */
+static inline __m256i pack32(const __m256i q[4]) {
+    __m256i ab = _mm256_packs_epi32(q[0], q[1]), cd = _mm256_packs_epi32(q[2], q[3]);
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static inline void put_f16_fast(uint8_t *p, float f) {
+    uint16_t h = (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); /* = st_fp32_to_fp16 (round to nearest even) */
+    memcpy(p, &h, 2);
+}
+
+__attribute__((optimize("fp-contract=off"))) static void q8_0_block_avx2(const float *x, uint8_t *out) {
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        m = _mm256_max_ps(abs8(v[k]), m);
+    }
+    const float d = hmax8(m) / 127;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_f16_fast(out, d);
+    const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.49999997f), sign = _mm256_set1_ps(-0.0f);
+    __m256i q[4];
+    for (int k = 0; k < 4; k++) { /* round_away: + copysign(0.49999997, v), truncate */
+        __m256 p = _mm256_mul_ps(v[k], vid);
+        q[k] = _mm256_cvttps_epi32(_mm256_add_ps(p, _mm256_or_ps(_mm256_and_ps(p, sign), half)));
+    }
+    _mm256_storeu_si256((__m256i *)(out + 2), pack32(q));
+}
+
+__attribute__((optimize("fp-contract=off"))) static void q4_0_block_avx2(const float *x, uint8_t *out) {
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        m = _mm256_max_ps(abs8(v[k]), m); /* a NaN lane loses to m, as in ggml's scan */
+    }
+    const float amax = hmax8(m);
+    float max = 0.0f;
+    if (amax > 0) { /* the first element of that magnitude */
+        const __m256 va = _mm256_set1_ps(amax);
+        uint32_t mask = 0;
+        for (int k = 0; k < 4; k++)
+            mask |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(abs8(v[k]), va, _CMP_EQ_OQ)) << (8 * k);
+        max = x[__builtin_ctz(mask)];
+    }
+    const float d = max / -8;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_f16_fast(out, d);
+    const __m256 vid = _mm256_set1_ps(id), off = _mm256_set1_ps(8.5f);
+    const __m256i top = _mm256_set1_epi32(15);
+    __m256i q[4];
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v[k], vid), off)), top);
+    __m256i b = pack32(q); /* elements 0-15 low nibbles, 16-31 high nibbles */
+    __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+    _mm_storeu_si128((__m128i *)(out + 2), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+}
+#define Q8_0_BLOCK q8_0_block_avx2
+#define Q4_0_BLOCK q4_0_block_avx2
+#else
+#define Q8_0_BLOCK q8_0_block
+#define Q4_0_BLOCK q4_0_block
+#endif
+
+void st_ggml_encode_reference(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
+    if (t == ST_GGML_Q8_0)
+        for (int64_t b = 0; b < n / QK; b++) q8_0_block(x + b * QK, out + b * (2 + QK));
+    else if (t == ST_GGML_Q4_0)
+        for (int64_t b = 0; b < n / QK; b++) q4_0_block(x + b * QK, out + b * (2 + QK / 2));
+    else
+        st_ggml_kquant_scalar(t, x, n, out);
+}
+
 void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
     switch (t) {
     case ST_GGML_F32: memcpy(out, x, (size_t)n * 4); break;
@@ -197,10 +283,10 @@ void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
         }
         break;
     case ST_GGML_Q8_0:
-        for (int64_t b = 0; b < n / QK; b++) q8_0_block(x + b * QK, out + b * (2 + QK));
+        for (int64_t b = 0; b < n / QK; b++) Q8_0_BLOCK(x + b * QK, out + b * (2 + QK));
         break;
     case ST_GGML_Q4_0:
-        for (int64_t b = 0; b < n / QK; b++) q4_0_block(x + b * QK, out + b * (2 + QK / 2));
+        for (int64_t b = 0; b < n / QK; b++) Q4_0_BLOCK(x + b * QK, out + b * (2 + QK / 2));
         break;
     default: st_ggml_encode_kquant(t, x, n, out); break; /* q5_0, q5_1, q2_K..q6_K */
     }

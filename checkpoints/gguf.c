@@ -5,6 +5,7 @@
  * section), zero padding to general.alignment (32), then each tensor's bytes, each padded to 32. */
 #include "checkpoints/gguf.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -261,35 +262,156 @@ static void model_metadata(st_gguf_kv *kv, const st_model_config *c, st_ggml_typ
 
 #define CHUNK_BYTES (1u << 20) /* encoded bytes per write: stays in cache between encode and fwrite */
 
+/* ---------------- pipelined writer ----------------
+ * The encoders (rows in parallel on the OpenMP threads) fill one chunk while a writer thread fwrite()s the
+ * previous one: two slots, handed over in order. A slot either owns its chunk buffer (encoded rows) or
+ * points at bytes that stay valid until the writer is drained (f32 rows straight from the source, the
+ * permutation scratch, padding). Without a thread (pthread_create failed) every push writes at once. */
+typedef struct {
+    const void *p;
+    size_t n;
+    int full;
+    uint8_t *buf; /* CHUNK_BYTES or one row */
+} wslot;
+
+typedef struct {
+    FILE *f;
+    pthread_t th;
+    int threaded;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    wslot s[2];
+    int head;   /* next slot the producer fills */
+    int stop;
+    int failed; /* an fwrite came short: the producer stops early, write_file reports it */
+} gwriter;
+
+static void *writer_main(void *arg) {
+    gwriter *w = arg;
+    for (int k = 0;; k ^= 1) {
+        pthread_mutex_lock(&w->mu);
+        while (!w->s[k].full && !w->stop) pthread_cond_wait(&w->cv, &w->mu);
+        if (!w->s[k].full) { /* stop, nothing left */
+            pthread_mutex_unlock(&w->mu);
+            return NULL;
+        }
+        const void *p = w->s[k].p;
+        size_t n = w->s[k].n;
+        pthread_mutex_unlock(&w->mu);
+        pthread_mutex_lock(&w->mu);
+        int skip = w->failed;
+        pthread_mutex_unlock(&w->mu);
+        int bad = !skip && fwrite(p, 1, n, w->f) != n;
+        pthread_mutex_lock(&w->mu);
+        if (bad) w->failed = 1;
+        w->s[k].full = 0;
+        pthread_cond_broadcast(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+    }
+}
+
+/* The next slot, once the writer has emptied it. */
+static wslot *writer_slot(gwriter *w) {
+    wslot *s = &w->s[w->head];
+    if (w->threaded) {
+        pthread_mutex_lock(&w->mu);
+        while (s->full) pthread_cond_wait(&w->cv, &w->mu);
+        pthread_mutex_unlock(&w->mu);
+    }
+    return s;
+}
+
+/* Hands slot s (filled: p, n) to the writer. */
+static void writer_push(gwriter *w, wslot *s, const void *p, size_t n) {
+    if (!w->threaded) {
+        if (!w->failed && fwrite(p, 1, n, w->f) != n) w->failed = 1;
+        return;
+    }
+    pthread_mutex_lock(&w->mu);
+    s->p = p;
+    s->n = n;
+    s->full = 1;
+    w->head ^= 1;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static int writer_failed(gwriter *w) {
+    if (!w->threaded) return w->failed;
+    pthread_mutex_lock(&w->mu);
+    int bad = w->failed;
+    pthread_mutex_unlock(&w->mu);
+    return bad;
+}
+
+/* Waits until everything pushed is written (before reusing memory a slot points at). */
+static void writer_drain(gwriter *w) {
+    if (!w->threaded) return;
+    pthread_mutex_lock(&w->mu);
+    while (w->s[0].full || w->s[1].full) pthread_cond_wait(&w->cv, &w->mu);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static int writer_start(gwriter *w, FILE *f, size_t buf_bytes) {
+    memset(w, 0, sizeof *w);
+    w->f = f;
+    for (int k = 0; k < 2; k++)
+        if (!(w->s[k].buf = malloc(buf_bytes + 1))) return -1;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    w->threaded = pthread_create(&w->th, NULL, writer_main, w) == 0;
+    return 0;
+}
+
+/* Drains and stops the writer; 0, or -1 when a write failed. */
+static int writer_finish(gwriter *w) {
+    if (w->threaded) {
+        writer_drain(w);
+        pthread_mutex_lock(&w->mu);
+        w->stop = 1;
+        pthread_cond_broadcast(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+        pthread_join(w->th, NULL);
+    }
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    free(w->s[0].buf);
+    free(w->s[1].buf);
+    return w->failed ? -1 : 0;
+}
+
 /* Converts and writes one tensor's data in chunks of whole rows (scratch: rows*cols floats when the tensor
- * is permuted; enc: at least CHUNK_BYTES or one row). f32 rows in their stored order are written straight
- * from the source. Encoding a chunk into a cache-sized buffer and writing it at once keeps the memory
- * traffic near the raw write's (bench/gguf_bench.c). */
-static int write_tensor(FILE *f, const gtensor *t, float *scratch, uint8_t *enc) {
+ * is permuted). f32 rows are written straight from the source (or the scratch). Each chunk is encoded into
+ * a cache-sized slot buffer while the writer thread writes the previous one (bench/gguf_bench.c). */
+static int write_tensor(gwriter *w, const gtensor *t, float *scratch) {
+    static const char zeros[GGUF_ALIGN];
     const float *src = t->src;
     if (t->permute_heads) {
+        writer_drain(w); /* the scratch may still be queued from the previous permuted tensor */
         permute_rows(t->src, scratch, t->ne[1], t->ne[0], t->permute_heads);
         src = scratch;
     }
     size_t row = st_ggml_row_bytes(t->type, t->ne[0]), bytes = row * (size_t)t->ne[1];
     if (t->type == ST_GGML_F32) {
-        if (fwrite(src, 1, bytes, f) != bytes) return -1;
+        writer_push(w, writer_slot(w), src, bytes);
     } else {
         int64_t per = (int64_t)(CHUNK_BYTES / row);
         if (per < 1) per = 1;
         /* the block quantizers are compute-bound: rows in parallel on the rank's threads */
         int heavy = t->type != ST_GGML_F16 && t->type != ST_GGML_BF16;
-        for (int64_t r0 = 0; r0 < t->ne[1]; r0 += per) {
+        for (int64_t r0 = 0; r0 < t->ne[1] && !writer_failed(w); r0 += per) {
             int64_t n = t->ne[1] - r0 < per ? t->ne[1] - r0 : per;
+            wslot *s = writer_slot(w);
+            uint8_t *enc = s->buf;
 #pragma omp parallel for schedule(static) if (heavy && n > 8)
             for (int64_t r = 0; r < n; r++)
                 st_ggml_encode(t->type, src + (r0 + r) * t->ne[0], t->ne[0], enc + r * row);
-            if (fwrite(enc, 1, row * (size_t)n, f) != row * (size_t)n) return -1;
+            writer_push(w, s, enc, row * (size_t)n);
         }
     }
-    static const char zeros[GGUF_ALIGN];
     size_t pad = (size_t)(align_up(bytes) - bytes);
-    return fwrite(zeros, 1, pad, f) == pad ? 0 : -1;
+    if (pad) writer_push(w, writer_slot(w), zeros, pad);
+    return writer_failed(w) ? -1 : 0;
 }
 
 static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
@@ -325,11 +447,17 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
     int rc = fwrite(h.data, 1, h.len, f) == h.len ? 0 : -1;
     st_strbuf_free(&h);
     float *scratch = malloc(max_floats * sizeof(float) + 1);
-    uint8_t *enc = malloc(max_bytes + 1);
-    if (!scratch || !enc) rc = st_fail(ST_ENOMEM, "out of memory converting tensors");
-    for (int i = 0; i < n && rc == 0; i++) rc = write_tensor(f, &ts[i], scratch, enc);
+    gwriter w;
+    memset(&w, 0, sizeof w);
+    if (!scratch || writer_start(&w, f, max_bytes)) {
+        free(scratch);
+        free(w.s[0].buf);
+        free(w.s[1].buf);
+        return st_fail(ST_ENOMEM, "out of memory converting tensors");
+    }
+    for (int i = 0; i < n && rc == 0; i++) rc = write_tensor(&w, &ts[i], scratch);
+    if (writer_finish(&w)) rc = -1;
     free(scratch);
-    free(enc);
     return rc;
 }
 

@@ -1,6 +1,6 @@
-/* test_gguf_kquant.c — the Q4_K, Q5_K and Q6_K encoders' vector form (the 8 / 16 sub-blocks of a super-block fitted in
+/* test_gguf_kquant.c — the Q2_K, Q4_K, Q5_K and Q6_K encoders' vector form (the 8 / 16 sub-blocks of a super-block fitted in
  * SIMD lanes, what `export --quant` runs) gives exactly the bytes of its one-sub-block-at-a-time
- * form, which follows ggml's quantize_row_q4_K_ref / q5_K_ref / q6_K_ref loop for loop; likewise the AVX2 Q8_0 / Q4_0
+ * form, which follows ggml's quantize_row_q2_K_ref / q4_K_ref / q5_K_ref / q6_K_ref loop for loop; likewise the AVX2 Q8_0 / Q4_0
  * block encoders and their scalar forms (quantize_row_q8_0_ref / q4_0_ref). The scalar forms are checked
  * against llama.cpp's own quantizer by tests/reference/llamacpp_gguf.py. Over 8000 random super-blocks of mixed scales and shapes — Gaussian,
  * uniform, all positive, all negative, constant (positive, zero, negative), one spike among zeros, tiny
@@ -83,6 +83,10 @@ static void test_q5_K_lanes_equal_scalar(void **state) {
     (void)state;
     lanes_equal_scalar(ST_GGML_Q5_K);
 }
+static void test_q2_K_lanes_equal_scalar(void **state) {
+    (void)state;
+    lanes_equal_scalar(ST_GGML_Q2_K);
+}
 static void test_q6_K_lanes_equal_scalar(void **state) {
     (void)state;
     lanes_equal_scalar(ST_GGML_Q6_K);
@@ -100,6 +104,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_q4_K_lanes_equal_scalar),
                                        cmocka_unit_test(test_q5_K_lanes_equal_scalar),
                                        cmocka_unit_test(test_q6_K_lanes_equal_scalar),
+                                       cmocka_unit_test(test_q2_K_lanes_equal_scalar),
                                        cmocka_unit_test(test_q8_0_simd_equal_scalar),
                                        cmocka_unit_test(test_q4_0_simd_equal_scalar)};
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -113,12 +113,13 @@ static float fit_affine(const float *x, const float *w, int n, const affine_fit 
     return scale;
 }
 
-/* fit_affine for 8 groups of n (16 or 32) consecutive elements at once, lane j = group j: the same
- * operations in the same order within each lane, written as loops over the 8 lanes (innermost, branch-free) so that they compile
+/* fit_affine for 16 groups of n (16 or 32) consecutive elements at once, lane j = group j (q2_K: the 16
+ * groups of a super-block; q4_K / q5_K: the 8 groups of two consecutive super-blocks): the same operations
+ * in the same order within each lane, written as loops over the 8 lanes (innermost, branch-free) so that they compile
  * to 8-wide vector instructions; ~5x faster than eight fit_affine calls and bit-identical to them (lanes
  * whose group is flat take fit_affine's early exit at the end; tests/unit/test_gguf_kquant.c compares the two).
  * Rounding: (v + 1.5*2^23) - 1.5*2^23 is round-to-nearest-even for |v| < 2^22 (no FMA/reassociation here). */
-#define NL 8
+#define NL 16
 static inline float rne(float v) { return (v + 12582912.f) - 12582912.f; }
 static inline float clampf(float v, float hi) { return v < 0 ? 0 : v > hi ? hi : v; }
 
@@ -217,17 +218,22 @@ static void fit_groups16_mad(const float *x, const float w[32][NL], const affine
  * their scales and mins quantized to 6 bits against the block's largest (d = max scale / 63, dmin = max
  * min / 63), then every element re-quantized with the 6-bit scale and min it will be decoded with.
  * Writes d, dmin and the 12 scale bytes at out[0..15] and the levels to L. */
-static void kx_block(const float *x, uint8_t *out, const affine_fit *p, int lanes, uint8_t *L) {
-    float w[32], scales[8], mins[8], max_scale = 0, max_min = 0;
-    if (lanes) {
-        float wt[32][NL], sx2[NL] = {0}, av[NL];
-        for (int i = 0; i < 32; i++)
-            for (int j = 0; j < NL; j++) sx2[j] += x[32 * j + i] * x[32 * j + i];
-        for (int j = 0; j < NL; j++) av[j] = sqrtf(sx2[j] / 32);
-        for (int i = 0; i < 32; i++)
-            for (int j = 0; j < NL; j++) wt[i][j] = av[j] + fabsf(x[32 * j + i]);
-        fit_groups32(x, (const float(*)[NL])wt, p, L, scales, mins);
-    } else {
+/* The 16 groups of 32 of two consecutive super-blocks (512 floats) fitted in the lanes, weights rms + |x|. */
+static void kx_fit_pair(const float *x, const affine_fit *p, uint8_t *L, float *scales, float *mins) {
+    float wt[32][NL], sx2[NL] = {0}, av[NL];
+    for (int i = 0; i < 32; i++)
+        for (int j = 0; j < NL; j++) sx2[j] += x[32 * j + i] * x[32 * j + i];
+    for (int j = 0; j < NL; j++) av[j] = sqrtf(sx2[j] / 32);
+    for (int i = 0; i < 32; i++)
+        for (int j = 0; j < NL; j++) wt[i][j] = av[j] + fabsf(x[32 * j + i]);
+    fit_groups32(x, (const float(*)[NL])wt, p, L, scales, mins);
+}
+
+/* fitted: L, scales and mins hold the sub-block fits (kx_fit_pair); else they are fitted here, one at a time. */
+static void kx_block(const float *x, uint8_t *out, const affine_fit *p, int fitted, uint8_t *L, float *scales,
+                     float *mins) {
+    float w[32], max_scale = 0, max_min = 0;
+    if (!fitted) {
         for (int j = 0; j < 8; j++) {
             const float *g = x + 32 * j;
             float sum_x2 = 0;
@@ -269,18 +275,16 @@ static void kx_block(const float *x, uint8_t *out, const affine_fit *p, int lane
 }
 
 /* Q4_K (144 bytes): each 64 elements, element l in the low nibble of qs byte l, l+32 in the high one. */
-static void q4_K_block(const float *x, uint8_t *out, int lanes) {
-    uint8_t L[QKK], *q = out + 16;
-    kx_block(x, out, &FIT_Q4, lanes, L);
+static void q4_K_pack(const uint8_t *L, uint8_t *out) {
+    uint8_t *q = out + 16;
     for (int j = 0; j < QKK; j += 64, q += 32)
         for (int l = 0; l < 32; l++) q[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
 }
 
 /* Q5_K (176 bytes): qh[32] after the scales, then qs[128] as Q4_K's low nibbles; the fifth bit of element
  * 64 k + l goes to bit 2k of qh[l], of element 64 k + 32 + l to bit 2k+1. */
-static void q5_K_block(const float *x, uint8_t *out, int lanes) {
-    uint8_t L[QKK], *qh = out + 16, *q = out + 48;
-    kx_block(x, out, &FIT_Q5, lanes, L);
+static void q5_K_pack(const uint8_t *L, uint8_t *out) {
+    uint8_t *qh = out + 16, *q = out + 48;
     memset(qh, 0, 32);
     for (int j = 0, k = 0; j < QKK; j += 64, q += 32, k += 2)
         for (int l = 0; l < 32; l++) {
@@ -290,6 +294,36 @@ static void q5_K_block(const float *x, uint8_t *out, int lanes) {
         }
 }
 
+/* nb Q4_K / Q5_K super-blocks: pairs fitted in the 16 lanes (a last odd one next to a copy of itself). */
+static void kx_row(const float *x, int64_t nb, uint8_t *out, st_ggml_type t) {
+    const affine_fit *p = t == ST_GGML_Q4_K ? &FIT_Q4 : &FIT_Q5;
+    const size_t bytes = t == ST_GGML_Q4_K ? 144 : 176;
+    for (int64_t b = 0; b < nb; b += 2) {
+        float pair[2 * QKK], scales[16], mins[16];
+        uint8_t L[2 * QKK];
+        const float *src = x + b * QKK;
+        if (b + 1 == nb) {
+            memcpy(pair, src, sizeof(float) * QKK);
+            memcpy(pair + QKK, src, sizeof(float) * QKK);
+            src = pair;
+        }
+        kx_fit_pair(src, p, L, scales, mins);
+        for (int h = 0; h < 2 && b + h < nb; h++) {
+            uint8_t *o = out + (size_t)(b + h) * bytes;
+            kx_block(src + h * QKK, o, p, 1, L + h * QKK, scales + 8 * h, mins + 8 * h);
+            (t == ST_GGML_Q4_K ? q4_K_pack : q5_K_pack)(L + h * QKK, o);
+        }
+    }
+}
+
+/* One super-block with the sub-blocks fitted one at a time (the reference form). */
+static void kx_block_scalar(const float *x, uint8_t *out, st_ggml_type t) {
+    uint8_t L[QKK];
+    float scales[8], mins[8];
+    kx_block(x, out, t == ST_GGML_Q4_K ? &FIT_Q4 : &FIT_Q5, 0, L, scales, mins);
+    (t == ST_GGML_Q4_K ? q4_K_pack : q5_K_pack)(L, out);
+}
+
 /* Q2_K (84 bytes: scales[16], qs[64], f16 d, f16 dmin): 16 groups of 16 fitted with levels 0..3 (weights |x|,
  * absolute error), scale and min of each group as 4-bit multiples of d = max scale / 15 and dmin = max min
  * / 15 (low / high nibble of scales[g]; not clamped, as ggml does), then re-quantized with them. Each 128
@@ -297,13 +331,12 @@ static void q5_K_block(const float *x, uint8_t *out, int lanes) {
 static void q2_K_block(const float *x, uint8_t *out, int lanes) {
     uint8_t L[QKK], *sc = out, *qs = out + 16;
     float w[16], scales[16], mins[16], max_scale = 0, max_min = 0;
-    if (lanes) /* groups 0-7, then 8-15, in the 8 lanes of fit_groups */
-        for (int h = 0; h < 2; h++) {
-            float wt[32][NL];
-            for (int i = 0; i < 16; i++)
-                for (int j = 0; j < NL; j++) wt[i][j] = fabsf(x[128 * h + 16 * j + i]);
-            fit_groups16_mad(x + 128 * h, (const float(*)[NL])wt, &FIT_Q2, L + 128 * h, scales + 8 * h, mins + 8 * h);
-        }
+    if (lanes) { /* the 16 groups in the 16 lanes of fit_groups */
+        float wt[32][NL];
+        for (int i = 0; i < 16; i++)
+            for (int j = 0; j < NL; j++) wt[i][j] = fabsf(x[16 * j + i]);
+        fit_groups16_mad(x, (const float(*)[NL])wt, &FIT_Q2, L, scales, mins);
+    }
     for (int g = 0; g < 16; g++) {
         if (!lanes) {
             for (int l = 0; l < 16; l++) w[l] = fabsf(x[16 * g + l]);
@@ -612,6 +645,10 @@ static void q5_1_block(const float *x, uint8_t *out) {
 }
 
 void st_ggml_encode_kquant(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
+    if (t == ST_GGML_Q4_K || t == ST_GGML_Q5_K) {
+        kx_row(x, n / QKK, out, t);
+        return;
+    }
     const size_t bytes = st_ggml_row_bytes(t, st_ggml_block_size(t));
     const int64_t nb = n / st_ggml_block_size(t);
     for (int64_t b = 0; b < nb; b++) {
@@ -620,8 +657,6 @@ void st_ggml_encode_kquant(st_ggml_type t, const float *x, int64_t n, uint8_t *o
         switch (t) {
         case ST_GGML_Q2_K: q2_K_block(xb, ob, 1); break;
         case ST_GGML_Q3_K: q3_K_block(xb, ob); break;
-        case ST_GGML_Q4_K: q4_K_block(xb, ob, 1); break;
-        case ST_GGML_Q5_K: q5_K_block(xb, ob, 1); break;
         case ST_GGML_Q6_K: q6_K_block(xb, ob, 1); break;
         case ST_GGML_Q5_0: q5_0_block(xb, ob); break;
         case ST_GGML_Q5_1: q5_1_block(xb, ob); break;
@@ -632,8 +667,8 @@ void st_ggml_encode_kquant(st_ggml_type t, const float *x, int64_t n, uint8_t *o
 
 void st_ggml_kquant_scalar(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
     for (int64_t b = 0; b < n / QKK; b++) {
-        if (t == ST_GGML_Q4_K) q4_K_block(x + b * QKK, out + b * 144, 0);
-        if (t == ST_GGML_Q5_K) q5_K_block(x + b * QKK, out + b * 176, 0);
+        if (t == ST_GGML_Q4_K) kx_block_scalar(x + b * QKK, out + b * 144, t);
+        if (t == ST_GGML_Q5_K) kx_block_scalar(x + b * QKK, out + b * 176, t);
         if (t == ST_GGML_Q6_K) q6_K_block(x + b * QKK, out + b * 210, 0);
         if (t == ST_GGML_Q2_K) q2_K_block(x + b * QKK, out + b * 84, 0);
     }

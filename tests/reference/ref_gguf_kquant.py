@@ -15,7 +15,8 @@ For llama (GQA; ffn_down rows of 352: not a multiple of 256), qwen2 (tied: token
     for the 6-bit rounding of the scales (the search minimises a weighted squared error starting from that
     quantizer, so it should not lose to it by more than the scale rounding can cost);
   * a LoRA adapter exports under `--quant q4_K` (lora_a of rows 256 in q4_K, lora_b of rows r = 4 in f16, the
-    fallback), and the model-only mix `--quant q4_K_M` is refused by name.
+    fallback), and the model-only mix `--quant q4_K_M` is refused by name;
+  * a write that fails part-way (RLIMIT_FSIZE 200 kB) is one line naming it, a non-zero exit, and no file.
 Bit-identity with llama.cpp's own quantizer (llama_model_quantize), every k-quant, and running the files
 (adapters included) in llama.cpp: llamacpp_gguf.py, llamacpp_lora.py.
 """
@@ -202,6 +203,24 @@ def main():
     check(p.returncode != 0 and "q4_K_M" in msg and "LoRA" in msg and msg.count("\n") == 0,
           f"LoRA q4_K_M: expected one line naming q4_K_M and LoRA, got rc {p.returncode}: {msg!r}")
     check(not os.path.exists(os.path.join(tmp, "m.gguf")), "LoRA q4_K_M: a file was written")
+    # a write that fails part-way (the file size limit: the writer thread's fwrite comes short): one line,
+    # non-zero exit, neither the file nor its .partial left
+    import resource
+    import signal
+    import subprocess
+    from st_cli import BIN
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    full = os.path.join(tmp, "full.gguf")
+    p = subprocess.run([BIN, "export", os.path.join(tmp, "llama"), "--out", full, "--format", "gguf", "--quant",
+                        "q4_K_M", "--no-tokenizer"], capture_output=True, text=True, preexec_fn=small_files)
+    msg = (p.stdout + p.stderr).strip()
+    check(p.returncode != 0 and "write failed" in msg and msg.count("\n") == 0,
+          f"a failed write: expected one line 'write failed', got rc {p.returncode}: {msg!r}")
+    check(not os.path.exists(full) and not os.path.exists(full + ".partial"), "a failed write left a file")
     finish()
 
 

@@ -126,7 +126,7 @@ static int is_kquant(st_ggml_type q) {
 static st_ggml_type kquant_fallback(st_ggml_type want, int64_t ne0) {
     if (ne0 % st_ggml_block_size(want) == 0) return want;
     st_ggml_type got = want == ST_GGML_Q4_K ? ST_GGML_Q5_0 : want == ST_GGML_Q5_K ? ST_GGML_Q5_1
-                     : want == ST_GGML_Q6_K ? ST_GGML_Q8_0 : want == ST_GGML_Q8_0 ? ST_GGML_Q8_0 : ST_GGML_Q4_0;
+                     : want == ST_GGML_Q6_K ? ST_GGML_Q8_0 : ST_GGML_Q4_0; /* q2_K, q3_K */
     return ne0 % st_ggml_block_size(got) == 0 ? got : ST_GGML_F16;
 }
 

@@ -72,7 +72,8 @@ int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type qu
 /* The model's LoRA adapters (worker/lora.h; host_weights: all m->n_weights floats, adapters included) as
  * a GGUF LoRA adapter as llama.cpp's convert_lora_to_gguf.py writes one: general.type "adapter",
  * adapter.type "lora", adapter.lora.alpha (scale * r), general.architecture of the base, tensors
- * blk.N.<base>.weight.lora_a / .lora_b (docs/compress.md). ST_EINVAL without adapters, ST_ECONFIG for DoRA. */
+ * blk.N.<base>.weight.lora_a / .lora_b (docs/compress.md). Any single type incl. q2_K..q6_K (llama.cpp loads
+ * quantized adapters); ST_EINVAL without adapters or for the q4_K_M / q5_K_M mixes, ST_ECONFIG for DoRA. */
 int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
                         const char *path, st_gguf_report *rep);
 

@@ -1,16 +1,25 @@
-/* gguf_kquant.c — ggml's k-quant encodings Q4_K and Q6_K (super-blocks of 256) and Q5_0 (llama.cpp's
- * fallback for Q4_K rows that are not a multiple of 256), the same arithmetic as ggml's reference
- * quantizers (quantize_row_q4_K_ref with its make_qkx2_quants search, quantize_row_q6_K_ref with
- * make_qx_quants, quantize_row_q5_0_ref), which is what llama-quantize runs without an importance matrix.
+/* gguf_kquant.c — ggml's k-quant encodings Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (super-blocks of 256) and Q5_0 / Q5_1
+ * (llama.cpp's fallbacks for Q4_K / Q5_K rows that are not a multiple of 256), the same arithmetic as ggml's
+ * reference quantizers (quantize_row_q2_K_ref / q4_K_ref / q5_K_ref with make_qkx2_quants, q3_K_ref with
+ * make_q3_quants, q6_K_ref with make_qx_quants, q5_0_ref, q5_1_ref), which is what llama-quantize runs
+ * without an importance matrix.
  *
  * Bit-exactness needs the same fp32 operation order and no FMA contraction: CMakeLists.txt compiles this
  * file with -ffp-contract=off (the build's -march=native would otherwise fuse multiply-adds), and every
- * sum below runs in the order ggml's loops do. Block layouts (little-endian, as ggml-common.h):
+ * sum below runs in the order ggml's loops do. The sub-block searches also run in vector lanes (one lane per
+ * sub-block, the scalar operations in the scalar order), which the unit test holds to the scalar bytes.
+ * Block layouts (little-endian, as ggml-common.h):
+ *   Q2_K (84 bytes):  scales[16] (4-bit scale | 4-bit min << 4), qs[64] (2-bit levels), f16 d, f16 dmin;
+ *                     x = d*sc[j]*q - dmin*m[j] for sub-block j of 16.
+ *   Q3_K (110 bytes): hmask[32] (third bits), qs[64] (low 2 bits), scales[12] (16 six-bit), f16 d;
+ *                     x = d*(sc[j]-32)*(q-4) for sub-block j of 16.
  *   Q4_K (144 bytes): f16 d, f16 dmin, scales[12] (8 six-bit scales + 8 six-bit mins), qs[128] (nibbles);
  *                     x = d*sc[j]*q - dmin*m[j] for sub-block j of 32.
+ *   Q5_K (176 bytes): as Q4_K with qh[32] (fifth bits) before qs[128].
  *   Q6_K (210 bytes): ql[128] (low nibbles), qh[64] (high 2 bits), int8 scales[16], f16 d;
  *                     x = d*scales[j]*(q - 32) for sub-block j of 16.
- *   Q5_0 (22 bytes):  f16 d, qh[4] (fifth bits), qs[16]; x = d*(q - 16). */
+ *   Q5_0 (22 bytes):  f16 d, qh[4] (fifth bits), qs[16]; x = d*(q - 16).
+ *   Q5_1 (24 bytes):  f16 d, f16 m, qh[4], qs[16]; x = d*q + m. */
 #include <float.h>
 #include <math.h>
 #include <string.h>

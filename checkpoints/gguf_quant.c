@@ -2,7 +2,8 @@
  *
  * Bit-exactness with ggml's reference quantizers (ggml-quants.c quantize_row_*_ref) needs the same fp32
  * operation order: the build uses -march=native, where GCC would fuse `x*id + 8.5f` into one FMA with a
- * different rounding, so the encoders are compiled with fp-contract off. */
+ * different rounding, so the encoders are compiled with fp-contract off. With AVX2 + F16C, Q8_0 / Q4_0 blocks
+ * are encoded 8 lanes at a time by the same operations (st_ggml_encode_reference keeps the scalar form). */
 #include "checkpoints/gguf.h"
 
 #include <math.h>

@@ -21,7 +21,7 @@
 #include "bench/bench_io.h"
 
 int main(int argc, char **argv) {
-    const char *dir = "/tmp/st_gguf_bench", *quants = "f32,f16,bf16,q8_0,q4_0,q4_K";
+    const char *dir = "/tmp/st_gguf_bench", *quants = "f32,f16,bf16,q8_0,q4_0,q2_K,q3_K,q4_K,q5_K,q6_K,q4_K_M,q5_K_M";
     int L = 4, D = 1024, V = 32000, reps = 3;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--dir")) dir = argv[i + 1];

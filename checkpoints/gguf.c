@@ -5,6 +5,7 @@
  * section), zero padding to general.alignment (32), then each tensor's bytes, each padded to 32. */
 #include "checkpoints/gguf.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -115,25 +116,52 @@ static int is_suffix(const char *s, const char *suf) {
     return a >= b && strcmp(s + a - b, suf) == 0;
 }
 
-/* A tensor's type under `--quant q4_K` (llama-quantize's Q4_K rules without per-layer mixing): the output
- * head (output.weight, or token_embd when it doubles as the head) q6_K, q8_0 when its rows are not a multiple
- * of 256; other 2-D tensors q4_K, q5_0 for rows not a multiple of 256 (llama.cpp's tensor_type_fallback);
- * f16 for rows not a multiple of 32; position_embd f16 (llama-quantize leaves it as the converter wrote it). */
-static st_ggml_type pick_kquant(const gtensor *t, int head, int *fallback) {
+static int is_kquant(st_ggml_type q) {
+    return q == ST_GGML_Q2_K || q == ST_GGML_Q3_K || q == ST_GGML_Q4_K || q == ST_GGML_Q5_K || q == ST_GGML_Q6_K ||
+           q == ST_GGUF_MIX_Q4_K_M || q == ST_GGUF_MIX_Q5_K_M;
+}
+
+/* llama.cpp's tensor_type_fallback: a k-quant whose rows are not a multiple of 256 goes to a 32-block type
+ * (q2_K, q3_K -> q4_0; q4_K -> q5_0; q5_K -> q5_1; q6_K -> q8_0), and to f16 when even that does not fit. */
+static st_ggml_type kquant_fallback(st_ggml_type want, int64_t ne0) {
+    if (ne0 % st_ggml_block_size(want) == 0) return want;
+    st_ggml_type got = want == ST_GGML_Q4_K ? ST_GGML_Q5_0 : want == ST_GGML_Q5_K ? ST_GGML_Q5_1
+                     : want == ST_GGML_Q6_K ? ST_GGML_Q8_0 : ST_GGML_Q4_0; /* q2_K, q3_K */
+    return ne0 % st_ggml_block_size(got) == 0 ? got : ST_GGML_F16;
+}
+
+/* llama-quantize's layer pick for the _M mixes: the first and last eighth of the layers and every third
+ * one between them. */
+static int use_more_bits(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
+
+/* A tensor's type under a k-quant `--quant` (llama-quantize's rules: docs/compress.md). The output head
+ * (output.weight, or token_embd when it doubles as the head) q6_K. q2_K..q6_K: every other 2-D tensor in
+ * that type (llama-quantize's "pure" recipe with a q6_K head). q4_K_M / q5_K_M: q4_K / q5_K, except the
+ * attention value projections (attn_v, GPT-2's fused attn_qkv) and ffn_down of the layers use_more_bits
+ * picks, which get q6_K. Then kquant_fallback for rows that do not fit; position_embd stays f16 (llama-
+ * quantize leaves it as the converter wrote it). */
+static st_ggml_type pick_kquant(const gtensor *t, st_ggml_type quant, int head, int n_layer, int *fallback) {
     if (strcmp(t->name, "position_embd.weight") == 0) return ST_GGML_F16;
-    st_ggml_type want = head ? ST_GGML_Q6_K : ST_GGML_Q4_K, got = want;
-    if (t->ne[0] % 256 != 0) got = head ? ST_GGML_Q8_0 : ST_GGML_Q5_0;
-    if (t->ne[0] % 32 != 0) got = ST_GGML_F16;
+    st_ggml_type want = quant == ST_GGUF_MIX_Q4_K_M ? ST_GGML_Q4_K : quant == ST_GGUF_MIX_Q5_K_M ? ST_GGML_Q5_K : quant;
+    int layer = -1;
+    if (head) {
+        want = ST_GGML_Q6_K;
+    } else if (want != quant && sscanf(t->name, "blk.%d.", &layer) == 1) {
+        int more = is_suffix(t->name, ".attn_v.weight") || is_suffix(t->name, ".attn_qkv.weight") ||
+                   is_suffix(t->name, ".ffn_down.weight");
+        if (more && use_more_bits(layer, n_layer)) want = ST_GGML_Q6_K;
+    }
+    st_ggml_type got = kquant_fallback(want, t->ne[0]);
     if (got != want) (*fallback)++;
     return got;
 }
 
 /* The ggml type a tensor is stored in: 1-D tensors (norms, biases) stay f32 like llama.cpp's converter;
  * rows that do not fill whole 32-element blocks fall back to f16, as the converter does on QuantError.
- * `head`: the tensor is the output head (q4_K stores it at higher precision). */
-static st_ggml_type pick_type(const gtensor *t, st_ggml_type quant, int head, int *fallback) {
+ * `head`: the tensor is the output head (the k-quants store it at higher precision). */
+static st_ggml_type pick_type(const gtensor *t, st_ggml_type quant, int head, int n_layer, int *fallback) {
     if (t->ndim == 1) return ST_GGML_F32;
-    if (quant == ST_GGML_Q4_K) return pick_kquant(t, head, fallback);
+    if (is_kquant(quant)) return pick_kquant(t, quant, head, n_layer, fallback);
     if ((quant == ST_GGML_Q8_0 || quant == ST_GGML_Q4_0) && t->ne[0] % 32 != 0) {
         (*fallback)++;
         return ST_GGML_F16;
@@ -161,13 +189,13 @@ static int build_tensors(const st_model *m, const float *w, st_ggml_type quant, 
         /* the head: output.weight, or a tied llama/qwen2 model's token_embd (no output.weight is written) */
         int head = strcmp(t->name, "output.weight") == 0 ||
                    (strcmp(t->name, "token_embd.weight") == 0 && c->tied_embeddings && c->family != ST_FAMILY_GPT2);
-        t->type = pick_type(t, quant, head, fallback);
+        t->type = pick_type(t, quant, head, c->n_layer, fallback);
         /* GPT-2's head is always stored (the converter writes output.weight as a copy of wte) */
         if (c->family == ST_FAMILY_GPT2 && c->tied_embeddings && i == 0) {
             gtensor *o = &ts[k++];
             *o = *t;
             snprintf(o->name, sizeof o->name, "output.weight");
-            o->type = pick_type(o, quant, 1, fallback);
+            o->type = pick_type(o, quant, 1, c->n_layer, fallback);
         }
     }
     *n = k;
@@ -192,7 +220,14 @@ static uint32_t file_type(st_ggml_type q) {
     case ST_GGML_Q4_0: return 2;
     case ST_GGML_Q8_0: return 7;
     case ST_GGML_BF16: return 32;
-    case ST_GGML_Q4_K: return 14; /* LLAMA_FTYPE_MOSTLY_Q4_K_S: q4_K with a q6_K head, no per-layer mixing */
+    /* the single k-quants are llama-quantize's pure recipes (q6_K head, no per-layer mixing) of: */
+    case ST_GGML_Q2_K: return 10; /* LLAMA_FTYPE_MOSTLY_Q2_K */
+    case ST_GGML_Q3_K: return 11; /* _Q3_K_S */
+    case ST_GGML_Q4_K: return 14; /* _Q4_K_S */
+    case ST_GGML_Q5_K: return 16; /* _Q5_K_S */
+    case ST_GGML_Q6_K: return 18; /* _Q6_K */
+    case ST_GGUF_MIX_Q4_K_M: return 15;
+    case ST_GGUF_MIX_Q5_K_M: return 17;
     default: return 0;
     }
 }
@@ -227,35 +262,156 @@ static void model_metadata(st_gguf_kv *kv, const st_model_config *c, st_ggml_typ
 
 #define CHUNK_BYTES (1u << 20) /* encoded bytes per write: stays in cache between encode and fwrite */
 
+/* ---------------- pipelined writer ----------------
+ * The encoders (rows in parallel on the OpenMP threads) fill one chunk while a writer thread fwrite()s the
+ * previous one: two slots, handed over in order. A slot either owns its chunk buffer (encoded rows) or
+ * points at bytes that stay valid until the writer is drained (f32 rows straight from the source, the
+ * permutation scratch, padding). Without a thread (pthread_create failed) every push writes at once. */
+typedef struct {
+    const void *p;
+    size_t n;
+    int full;
+    uint8_t *buf; /* CHUNK_BYTES or one row */
+} wslot;
+
+typedef struct {
+    FILE *f;
+    pthread_t th;
+    int threaded;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    wslot s[2];
+    int head;   /* next slot the producer fills */
+    int stop;
+    int failed; /* an fwrite came short: the producer stops early, write_file reports it */
+} gwriter;
+
+static void *writer_main(void *arg) {
+    gwriter *w = arg;
+    for (int k = 0;; k ^= 1) {
+        pthread_mutex_lock(&w->mu);
+        while (!w->s[k].full && !w->stop) pthread_cond_wait(&w->cv, &w->mu);
+        if (!w->s[k].full) { /* stop, nothing left */
+            pthread_mutex_unlock(&w->mu);
+            return NULL;
+        }
+        const void *p = w->s[k].p;
+        size_t n = w->s[k].n;
+        pthread_mutex_unlock(&w->mu);
+        pthread_mutex_lock(&w->mu);
+        int skip = w->failed;
+        pthread_mutex_unlock(&w->mu);
+        int bad = !skip && fwrite(p, 1, n, w->f) != n;
+        pthread_mutex_lock(&w->mu);
+        if (bad) w->failed = 1;
+        w->s[k].full = 0;
+        pthread_cond_broadcast(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+    }
+}
+
+/* The next slot, once the writer has emptied it. */
+static wslot *writer_slot(gwriter *w) {
+    wslot *s = &w->s[w->head];
+    if (w->threaded) {
+        pthread_mutex_lock(&w->mu);
+        while (s->full) pthread_cond_wait(&w->cv, &w->mu);
+        pthread_mutex_unlock(&w->mu);
+    }
+    return s;
+}
+
+/* Hands slot s (filled: p, n) to the writer. */
+static void writer_push(gwriter *w, wslot *s, const void *p, size_t n) {
+    if (!w->threaded) {
+        if (!w->failed && fwrite(p, 1, n, w->f) != n) w->failed = 1;
+        return;
+    }
+    pthread_mutex_lock(&w->mu);
+    s->p = p;
+    s->n = n;
+    s->full = 1;
+    w->head ^= 1;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static int writer_failed(gwriter *w) {
+    if (!w->threaded) return w->failed;
+    pthread_mutex_lock(&w->mu);
+    int bad = w->failed;
+    pthread_mutex_unlock(&w->mu);
+    return bad;
+}
+
+/* Waits until everything pushed is written (before reusing memory a slot points at). */
+static void writer_drain(gwriter *w) {
+    if (!w->threaded) return;
+    pthread_mutex_lock(&w->mu);
+    while (w->s[0].full || w->s[1].full) pthread_cond_wait(&w->cv, &w->mu);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static int writer_start(gwriter *w, FILE *f, size_t buf_bytes) {
+    memset(w, 0, sizeof *w);
+    w->f = f;
+    for (int k = 0; k < 2; k++)
+        if (!(w->s[k].buf = malloc(buf_bytes + 1))) return -1;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    w->threaded = pthread_create(&w->th, NULL, writer_main, w) == 0;
+    return 0;
+}
+
+/* Drains and stops the writer; 0, or -1 when a write failed. */
+static int writer_finish(gwriter *w) {
+    if (w->threaded) {
+        writer_drain(w);
+        pthread_mutex_lock(&w->mu);
+        w->stop = 1;
+        pthread_cond_broadcast(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+        pthread_join(w->th, NULL);
+    }
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    free(w->s[0].buf);
+    free(w->s[1].buf);
+    return w->failed ? -1 : 0;
+}
+
 /* Converts and writes one tensor's data in chunks of whole rows (scratch: rows*cols floats when the tensor
- * is permuted; enc: at least CHUNK_BYTES or one row). f32 rows in their stored order are written straight
- * from the source. Encoding a chunk into a cache-sized buffer and writing it at once keeps the memory
- * traffic near the raw write's (bench/gguf_bench.c). */
-static int write_tensor(FILE *f, const gtensor *t, float *scratch, uint8_t *enc) {
+ * is permuted). f32 rows are written straight from the source (or the scratch). Each chunk is encoded into
+ * a cache-sized slot buffer while the writer thread writes the previous one (bench/gguf_bench.c). */
+static int write_tensor(gwriter *w, const gtensor *t, float *scratch) {
+    static const char zeros[GGUF_ALIGN];
     const float *src = t->src;
     if (t->permute_heads) {
+        writer_drain(w); /* the scratch may still be queued from the previous permuted tensor */
         permute_rows(t->src, scratch, t->ne[1], t->ne[0], t->permute_heads);
         src = scratch;
     }
     size_t row = st_ggml_row_bytes(t->type, t->ne[0]), bytes = row * (size_t)t->ne[1];
     if (t->type == ST_GGML_F32) {
-        if (fwrite(src, 1, bytes, f) != bytes) return -1;
+        writer_push(w, writer_slot(w), src, bytes);
     } else {
         int64_t per = (int64_t)(CHUNK_BYTES / row);
         if (per < 1) per = 1;
         /* the block quantizers are compute-bound: rows in parallel on the rank's threads */
         int heavy = t->type != ST_GGML_F16 && t->type != ST_GGML_BF16;
-        for (int64_t r0 = 0; r0 < t->ne[1]; r0 += per) {
+        for (int64_t r0 = 0; r0 < t->ne[1] && !writer_failed(w); r0 += per) {
             int64_t n = t->ne[1] - r0 < per ? t->ne[1] - r0 : per;
+            wslot *s = writer_slot(w);
+            uint8_t *enc = s->buf;
 #pragma omp parallel for schedule(static) if (heavy && n > 8)
             for (int64_t r = 0; r < n; r++)
                 st_ggml_encode(t->type, src + (r0 + r) * t->ne[0], t->ne[0], enc + r * row);
-            if (fwrite(enc, 1, row * (size_t)n, f) != row * (size_t)n) return -1;
+            writer_push(w, s, enc, row * (size_t)n);
         }
     }
-    static const char zeros[GGUF_ALIGN];
     size_t pad = (size_t)(align_up(bytes) - bytes);
-    return fwrite(zeros, 1, pad, f) == pad ? 0 : -1;
+    if (pad) writer_push(w, writer_slot(w), zeros, pad);
+    return writer_failed(w) ? -1 : 0;
 }
 
 static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
@@ -291,11 +447,17 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
     int rc = fwrite(h.data, 1, h.len, f) == h.len ? 0 : -1;
     st_strbuf_free(&h);
     float *scratch = malloc(max_floats * sizeof(float) + 1);
-    uint8_t *enc = malloc(max_bytes + 1);
-    if (!scratch || !enc) rc = st_fail(ST_ENOMEM, "out of memory converting tensors");
-    for (int i = 0; i < n && rc == 0; i++) rc = write_tensor(f, &ts[i], scratch, enc);
+    gwriter w;
+    memset(&w, 0, sizeof w);
+    if (!scratch || writer_start(&w, f, max_bytes)) {
+        free(scratch);
+        free(w.s[0].buf);
+        free(w.s[1].buf);
+        return st_fail(ST_ENOMEM, "out of memory converting tensors");
+    }
+    for (int i = 0; i < n && rc == 0; i++) rc = write_tensor(&w, &ts[i], scratch);
+    if (writer_finish(&w)) rc = -1;
     free(scratch);
-    free(enc);
     return rc;
 }
 
@@ -362,7 +524,7 @@ static int build_lora_tensors(const st_model *m, const float *w, st_ggml_type qu
         t->src = w + p->offset;
         if (llama_arch && is_b && is_suffix(bp->name, "q_proj.weight")) t->permute_heads = c->n_head;
         if (llama_arch && is_b && is_suffix(bp->name, "k_proj.weight")) t->permute_heads = c->n_kv_head;
-        t->type = pick_type(t, quant, 0, fallback);
+        t->type = pick_type(t, quant, 0, c->n_layer, fallback);
     }
     *n = k;
     return 0;
@@ -379,9 +541,10 @@ int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_ty
     if (spec.dora)
         return st_fail(ST_ECONFIG, "gguf: DoRA adapters (use_dora) have no GGUF LoRA form (llama.cpp applies "
                        "W + s B A only); export the merged model instead");
-    if (quant == ST_GGML_Q4_K)
-        return st_fail(ST_EINVAL, "gguf: --quant q4_K applies to models; a LoRA adapter exports as f32, f16, bf16, "
-                       "q8_0 or q4_0 (convert_lora_to_gguf.py has no k-quants either)");
+    if (quant == ST_GGUF_MIX_Q4_K_M || quant == ST_GGUF_MIX_Q5_K_M)
+        return st_fail(ST_EINVAL, "gguf: --quant %s is a mix for models (per-layer rules for attn_v / ffn_down); a "
+                       "LoRA adapter takes one type: f32, f16, bf16, q8_0, q4_0 or q2_K..q6_K",
+                       st_ggml_type_name(quant));
     if (st_lora_scale(m) == 0.0) /* llama.cpp reads alpha 0 as "unscaled" (scale 1), not as scale 0 */
         return st_fail(ST_ECONFIG, "gguf: lora_alpha 0 has no GGUF LoRA form (llama.cpp applies alpha 0 as "
                        "scale 1)");

@@ -5,7 +5,7 @@
  * the tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), the
  * Q/K row permutation llama.cpp's converter applies to `llama` weights, and, when a tokenizer.json is
  * given, the tokenizer (see docs/compress.md for exactly which keys and how they are derived).
- * The block encoders (f16, bf16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) are bit-exact to ggml's reference quantizers.
+ * The block encoders (f16, bf16, Q8_0, Q4_0, Q5_0, Q5_1, Q2_K..Q6_K) are bit-exact to ggml's reference quantizers.
  * Nothing allocated here is handed to the caller. */
 #ifndef ST_GGUF_H
 #define ST_GGUF_H
@@ -15,19 +15,23 @@
 
 #include "worker/model.h"
 
-/* ggml tensor types (values are ggml's enum ggml_type). */
+/* ggml tensor types (values are ggml's enum ggml_type), and the two mixes `--quant q4_K_M | q5_K_M` (not ggml
+ * types: values outside ggml's enum; their tensors are stored as q4_K / q5_K / q6_K / fallbacks, chosen per
+ * tensor as llama-quantize's Q4_K_M / Q5_K_M do: docs/compress.md). */
 typedef enum {
-    ST_GGML_F32 = 0, ST_GGML_F16 = 1, ST_GGML_Q4_0 = 2, ST_GGML_Q5_0 = 6, ST_GGML_Q8_0 = 8, ST_GGML_Q4_K = 12,
-    ST_GGML_Q6_K = 14, ST_GGML_BF16 = 30
+    ST_GGML_F32 = 0, ST_GGML_F16 = 1, ST_GGML_Q4_0 = 2, ST_GGML_Q5_0 = 6, ST_GGML_Q5_1 = 7, ST_GGML_Q8_0 = 8,
+    ST_GGML_Q2_K = 10, ST_GGML_Q3_K = 11, ST_GGML_Q4_K = 12, ST_GGML_Q5_K = 13, ST_GGML_Q6_K = 14, ST_GGML_BF16 = 30,
+    ST_GGUF_MIX_Q4_K_M = 1015, ST_GGUF_MIX_Q5_K_M = 1017
 } st_ggml_type;
 
-/* "f32" | "f16" | "bf16" | "q8_0" | "q4_0" | "q4_K" -> type; ST_EINVAL naming the value otherwise. (q6_K and
- * q5_0 are only picked per tensor by the q4_K recipe: docs/compress.md.) */
+/* A --quant value: "f32" | "f16" | "bf16" | "q8_0" | "q4_0" | "q2_K" | "q3_K" | "q4_K" | "q5_K" | "q6_K" |
+ * "q4_K_M" | "q5_K_M" -> type; ST_EINVAL naming the value otherwise. (q5_0 / q5_1 are only picked per tensor
+ * as the k-quants' fallbacks: docs/compress.md.) */
 int st_ggml_type_parse(const char *s, st_ggml_type *out);
 const char *st_ggml_type_name(st_ggml_type t);
 /* Bytes of one row of n elements (n must be a multiple of the block size for Q types). */
 size_t st_ggml_row_bytes(st_ggml_type t, int64_t n);
-/* Elements per block: 1 (f32/f16/bf16), 32 (q4_0/q5_0/q8_0), 256 (q4_K/q6_K). */
+/* Elements per block: 1 (f32/f16/bf16), 32 (q4_0/q5_0/q5_1/q8_0), 256 (q2_K..q6_K). */
 int64_t st_ggml_block_size(st_ggml_type t);
 
 /* Scalar conversions as ggml does them (round to nearest even; bf16 quiets NaNs). */
@@ -35,11 +39,14 @@ uint16_t st_fp32_to_fp16(float f);
 uint16_t st_fp32_to_bf16_ggml(float f);
 /* Encodes n floats (n a multiple of the type's block size) into out (st_ggml_row_bytes(t, n) bytes). */
 void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
-/* The k-quant family (gguf_kquant.c): q4_K, q6_K and q5_0; called by st_ggml_encode. */
+/* The k-quant family (gguf_kquant.c): q2_K..q6_K and their fallbacks q5_0, q5_1; called by st_ggml_encode. */
 void st_ggml_encode_kquant(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
-/* Q4_K with the sub-blocks fitted one at a time (ggml's loop structure); st_ggml_encode fits the 8 of a
- * super-block in vector lanes, which must give the same bytes (tests/unit/test_gguf_kquant.c). */
-void st_ggml_q4_K_scalar(const float *x, int64_t n, uint8_t *out);
+/* Q4_K / Q5_K with the sub-blocks fitted one at a time (ggml's loop structure); st_ggml_encode fits the 8 of
+ * a super-block in vector lanes, which must give the same bytes (tests/unit/test_gguf_kquant.c). */
+void st_ggml_kquant_scalar(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
+/* The plain, ggml-loop-shaped form of every encoder that st_ggml_encode runs in a faster form (q8_0 / q4_0:
+ * AVX2; q4_K / q5_K: vector lanes); the unit test holds the two to the same bytes. Other types: nothing. */
+void st_ggml_encode_reference(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
 
 typedef struct {
     const char *tokenizer_dir; /* folder with tokenizer.json (+ tokenizer_config.json); NULL: none */
@@ -50,7 +57,7 @@ typedef struct {
 typedef struct {
     int n_tensors;
     int n_fallback;         /* 2-D tensors stored in another type because their rows do not fit the quant block
-                               (f16; under q4_K: q5_0, or q8_0 / f16) */
+                               (f16; under the k-quants: q5_0 / q5_1 / q4_0 / q8_0, or f16) */
     int has_tokenizer;      /* tokenizer metadata written */
     char tokenizer_model[16];  /* "gpt2" | "llama" | "" */
     char tokenizer_pre[32];
@@ -65,7 +72,8 @@ int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type qu
 /* The model's LoRA adapters (worker/lora.h; host_weights: all m->n_weights floats, adapters included) as
  * a GGUF LoRA adapter as llama.cpp's convert_lora_to_gguf.py writes one: general.type "adapter",
  * adapter.type "lora", adapter.lora.alpha (scale * r), general.architecture of the base, tensors
- * blk.N.<base>.weight.lora_a / .lora_b (docs/compress.md). ST_EINVAL without adapters, ST_ECONFIG for DoRA. */
+ * blk.N.<base>.weight.lora_a / .lora_b (docs/compress.md). Any single type incl. q2_K..q6_K (llama.cpp loads
+ * quantized adapters); ST_EINVAL without adapters or for the q4_K_M / q5_K_M mixes, ST_ECONFIG for DoRA. */
 int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
                         const char *path, st_gguf_report *rep);
 

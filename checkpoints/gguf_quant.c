@@ -2,12 +2,13 @@
  *
  * Bit-exactness with ggml's reference quantizers (ggml-quants.c quantize_row_*_ref) needs the same fp32
  * operation order: the build uses -march=native, where GCC would fuse `x*id + 8.5f` into one FMA with a
- * different rounding, so the encoders are compiled with fp-contract off. */
+ * different rounding, so the encoders are compiled with fp-contract off. With AVX2 + F16C, Q8_0 / Q4_0 blocks
+ * are encoded 8 lanes at a time by the same operations (st_ggml_encode_reference keeps the scalar form). */
 #include "checkpoints/gguf.h"
 
 #include <math.h>
 #include <string.h>
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -17,9 +18,11 @@
 
 static const struct { const char *name; st_ggml_type t; } k_types[] = {
     {"f32", ST_GGML_F32}, {"f16", ST_GGML_F16}, {"bf16", ST_GGML_BF16}, {"q8_0", ST_GGML_Q8_0}, {"q4_0", ST_GGML_Q4_0},
-    {"q4_K", ST_GGML_Q4_K}, {"q6_K", ST_GGML_Q6_K}, {"q5_0", ST_GGML_Q5_0},
+    {"q2_K", ST_GGML_Q2_K}, {"q3_K", ST_GGML_Q3_K}, {"q4_K", ST_GGML_Q4_K}, {"q5_K", ST_GGML_Q5_K},
+    {"q6_K", ST_GGML_Q6_K}, {"q4_K_M", ST_GGUF_MIX_Q4_K_M}, {"q5_K_M", ST_GGUF_MIX_Q5_K_M},
+    {"q5_0", ST_GGML_Q5_0}, {"q5_1", ST_GGML_Q5_1},
 };
-#define N_CLI_TYPES 6 /* the first six are --quant values; q6_K / q5_0 only come from the q4_K recipe */
+#define N_CLI_TYPES 12 /* the first twelve are --quant values; q5_0 / q5_1 only come as k-quant fallbacks */
 
 int st_ggml_type_parse(const char *s, st_ggml_type *out) {
     for (size_t i = 0; i < N_CLI_TYPES; i++)
@@ -27,7 +30,8 @@ int st_ggml_type_parse(const char *s, st_ggml_type *out) {
             *out = k_types[i].t;
             return 0;
         }
-    return st_fail(ST_EINVAL, "--quant '%.32s' is not supported (f32, f16, bf16, q8_0, q4_0 or q4_K)", s);
+    return st_fail(ST_EINVAL, "--quant '%.32s' is not supported (f32, f16, bf16, q8_0, q4_0, q2_K, q3_K, q4_K, "
+                   "q5_K, q6_K, q4_K_M or q5_K_M)", s);
 }
 
 const char *st_ggml_type_name(st_ggml_type t) {
@@ -44,8 +48,13 @@ size_t st_ggml_row_bytes(st_ggml_type t, int64_t n) {
     case ST_GGML_Q8_0: return (size_t)(n / QK) * (2 + QK);
     case ST_GGML_Q4_0: return (size_t)(n / QK) * (2 + QK / 2);
     case ST_GGML_Q5_0: return (size_t)(n / QK) * 22;
+    case ST_GGML_Q5_1: return (size_t)(n / QK) * 24;
+    case ST_GGML_Q2_K: return (size_t)(n / 256) * 84;
+    case ST_GGML_Q3_K: return (size_t)(n / 256) * 110;
     case ST_GGML_Q4_K: return (size_t)(n / 256) * 144;
+    case ST_GGML_Q5_K: return (size_t)(n / 256) * 176;
     case ST_GGML_Q6_K: return (size_t)(n / 256) * 210;
+    default: return 0; /* the mixes are not tensor types */
     }
     return 0;
 }
@@ -55,8 +64,13 @@ int64_t st_ggml_block_size(st_ggml_type t) {
     case ST_GGML_F32:
     case ST_GGML_F16:
     case ST_GGML_BF16: return 1;
+    case ST_GGML_Q2_K:
+    case ST_GGML_Q3_K:
     case ST_GGML_Q4_K:
-    case ST_GGML_Q6_K: return 256;
+    case ST_GGML_Q5_K:
+    case ST_GGML_Q6_K:
+    case ST_GGUF_MIX_Q4_K_M:
+    case ST_GGUF_MIX_Q5_K_M: return 256;
     default: return QK;
     }
 }
@@ -162,6 +176,92 @@ __attribute__((optimize("fp-contract=off"))) static void q4_0_block(const float 
     }
 }
 
+#if defined(__AVX2__) && defined(__F16C__)
+/* Q8_0 / Q4_0 in AVX2, a block of 32 as four vectors of 8: the same fp32 operations as q8_0_block /
+ * q4_0_block (mul, add, truncating conversion: no FMA, nothing reassociated; max is exact in any order), so
+ * the same bytes for finite inputs (tests/unit/test_gguf_kquant.c compares them over random and edge-case
+ * blocks; NaN blocks are not meaningful weights and may differ). */
+static inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* 4 x 8 int32 in [-128, 127] -> 32 int8 in element order (packs work per 128-bit half: dwords are regrouped). */
+static inline __m256i pack32(const __m256i q[4]) {
+    __m256i ab = _mm256_packs_epi32(q[0], q[1]), cd = _mm256_packs_epi32(q[2], q[3]);
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static inline void put_f16_fast(uint8_t *p, float f) {
+    uint16_t h = (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); /* = st_fp32_to_fp16 (round to nearest even) */
+    memcpy(p, &h, 2);
+}
+
+__attribute__((optimize("fp-contract=off"))) static void q8_0_block_avx2(const float *x, uint8_t *out) {
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        m = _mm256_max_ps(abs8(v[k]), m);
+    }
+    const float d = hmax8(m) / 127;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_f16_fast(out, d);
+    const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.49999997f), sign = _mm256_set1_ps(-0.0f);
+    __m256i q[4];
+    for (int k = 0; k < 4; k++) { /* round_away: + copysign(0.49999997, v), truncate */
+        __m256 p = _mm256_mul_ps(v[k], vid);
+        q[k] = _mm256_cvttps_epi32(_mm256_add_ps(p, _mm256_or_ps(_mm256_and_ps(p, sign), half)));
+    }
+    _mm256_storeu_si256((__m256i *)(out + 2), pack32(q));
+}
+
+__attribute__((optimize("fp-contract=off"))) static void q4_0_block_avx2(const float *x, uint8_t *out) {
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        m = _mm256_max_ps(abs8(v[k]), m); /* a NaN lane loses to m, as in ggml's scan */
+    }
+    const float amax = hmax8(m);
+    float max = 0.0f;
+    if (amax > 0) { /* the first element of that magnitude */
+        const __m256 va = _mm256_set1_ps(amax);
+        uint32_t mask = 0;
+        for (int k = 0; k < 4; k++)
+            mask |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(abs8(v[k]), va, _CMP_EQ_OQ)) << (8 * k);
+        max = x[__builtin_ctz(mask)];
+    }
+    const float d = max / -8;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_f16_fast(out, d);
+    const __m256 vid = _mm256_set1_ps(id), off = _mm256_set1_ps(8.5f);
+    const __m256i top = _mm256_set1_epi32(15);
+    __m256i q[4];
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v[k], vid), off)), top);
+    __m256i b = pack32(q); /* elements 0-15 low nibbles, 16-31 high nibbles */
+    __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+    _mm_storeu_si128((__m128i *)(out + 2), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+}
+#define Q8_0_BLOCK q8_0_block_avx2
+#define Q4_0_BLOCK q4_0_block_avx2
+#else
+#define Q8_0_BLOCK q8_0_block
+#define Q4_0_BLOCK q4_0_block
+#endif
+
+void st_ggml_encode_reference(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
+    if (t == ST_GGML_Q8_0)
+        for (int64_t b = 0; b < n / QK; b++) q8_0_block(x + b * QK, out + b * (2 + QK));
+    else if (t == ST_GGML_Q4_0)
+        for (int64_t b = 0; b < n / QK; b++) q4_0_block(x + b * QK, out + b * (2 + QK / 2));
+    else
+        st_ggml_kquant_scalar(t, x, n, out);
+}
+
 void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
     switch (t) {
     case ST_GGML_F32: memcpy(out, x, (size_t)n * 4); break;
@@ -184,13 +284,11 @@ void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
         }
         break;
     case ST_GGML_Q8_0:
-        for (int64_t b = 0; b < n / QK; b++) q8_0_block(x + b * QK, out + b * (2 + QK));
+        for (int64_t b = 0; b < n / QK; b++) Q8_0_BLOCK(x + b * QK, out + b * (2 + QK));
         break;
     case ST_GGML_Q4_0:
-        for (int64_t b = 0; b < n / QK; b++) q4_0_block(x + b * QK, out + b * (2 + QK / 2));
+        for (int64_t b = 0; b < n / QK; b++) Q4_0_BLOCK(x + b * QK, out + b * (2 + QK / 2));
         break;
-    case ST_GGML_Q5_0:
-    case ST_GGML_Q4_K:
-    case ST_GGML_Q6_K: st_ggml_encode_kquant(t, x, n, out); break;
+    default: st_ggml_encode_kquant(t, x, n, out); break; /* q5_0, q5_1, q2_K..q6_K */
     }
 }

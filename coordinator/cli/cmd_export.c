@@ -195,7 +195,7 @@ int st_cmd_export(int argc, char **argv) {
             } else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
         }
         if (!ckpt || !out) {
-            fprintf(stderr, "usage: shardtune export SRC --out FILE.gguf --format gguf [--quant f32|f16|bf16|q8_0|q4_0|q4_K]"
+            fprintf(stderr, "usage: shardtune export SRC --out FILE.gguf --format gguf [--quant f32|f16|bf16|q8_0|q4_0|q2_K|q3_K|q4_K|q5_K|q6_K|q4_K_M|q5_K_M]"
                             " [--tokenizer DIR | --no-tokenizer] [--tokenizer-pre NAME] [--name NAME] [--model BASE_DIR]\n");
             return ST_EXIT_USAGE;
         }

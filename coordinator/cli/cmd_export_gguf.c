@@ -196,7 +196,7 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
     if (rc) return st_cli_error("export", st_error());
     printf("exported %s -> %s (gguf %s, %d tensors, %d %s, tokenizer %s%s%s, %.1f MB in %.2f s)\n", src, out,
            st_ggml_type_name(quant), rep.n_tensors, rep.n_fallback,
-           quant == ST_GGML_Q4_K ? "in a fallback type (q5_0/q8_0/f16)" : "kept at f16", rep.has_tokenizer ? rep.tokenizer_model : "none",
+           st_ggml_block_size(quant) == 256 ? "in a fallback type (q4_0/q5_0/q5_1/q8_0/f16)" : "kept at f16", rep.has_tokenizer ? rep.tokenizer_model : "none",
            rep.tokenizer_pre[0] ? "/" : "", rep.tokenizer_pre, (double)rep.bytes / 1e6, dt);
     return ST_EXIT_OK;
 }

@@ -22,7 +22,7 @@ static const struct st_command st_commands[] = {
     {"eval", st_cmd_eval, "--model DIR [--adapter DIR] --data DATA.h5 --seq-len T [--json]"},
     {"plan", st_cmd_plan, "JOB.yaml --ranks N [--json]"},
     {"ckpt", st_cmd_ckpt, "inspect|verify PATH"},
-    {"export", st_cmd_export, "SRC --out DST [--format hf|peft|gguf] [--merge] [--quant f32|f16|bf16|q8_0|q4_0|q4_K]"},
+    {"export", st_cmd_export, "SRC --out DST [--format hf|peft|gguf] [--merge] [--quant f32|f16|bf16|q8_0|q4_0|q2_K|q3_K|q4_K|q5_K|q6_K|q4_K_M|q5_K_M]"},
     {"compress", st_cmd_compress, "--model DIR --out DIR [--drop-layers SPEC] [--prune-heads F] [--prune-ffn F] "
                                   "[--calib DATA.h5]"},
     {"monitor", st_cmd_monitor, "[ADDR] [--run-dir DIR] [--plain|--json]"},

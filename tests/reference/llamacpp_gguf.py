@@ -9,15 +9,18 @@ of std 0.08: scores of std ~1.6) and width 256, over T = 160 tokens of text:
   * the per-token NLL of the next token from llama.cpp's logits at every position (one llama_decode of the whole
     sequence, f32 KV cache, flash attention off) is within 1e-3 of the float64 reference (torch_model.py on the
     HF weights) at every token for the f32 file; for q8_0 / q4_0 the mean NLL (log-perplexity) is within
-    3e-2 / 0.15 of the reference's (see QUANT below for why not per token), q4_K's within 0.15 * max(1, r), where r is the ratio of the
-    RMS weight error of the q4_K file to that of the q4_0 file over the same tensors (measured here by
-    dequantizing both with gguf.quants): to first order the NLL error scales with the weight error, and q4_0's
-    tolerance is the one the issue sets;
+    3e-2 / 0.15 of the reference's (see QUANT below for why not per token), every k-quant's (q2_K, q3_K, q4_K,
+    q5_K, q6_K, q4_K_M, q5_K_M) within 0.15 * max(1, r), where r is the ratio of the RMS weight error of that
+    file to that of the q4_0 file over the same tensors (measured here by dequantizing both with gguf.quants):
+    to first order the NLL error scales with the weight error, and q4_0's tolerance is the one the issue sets;
   * a check that can fail: the f32 file with the Q/K rows of layer 0 left unpermuted (llama) or with a
     corrupted qkv tensor (gpt2) is rejected by the f32 tolerance;
-  * bit-identity with llama.cpp's own quantizer: llama_model_quantize of our f32 GGUF with ftype Q4_K_S, pure
-    (no per-layer mixing), the head at Q6_K, produces exactly our q4_K file's tensor types and bytes (position_embd
-    apart: llama-quantize keeps it as its source had it, f32 here, and we write it f16) and file_type.
+  * bit-identity with llama.cpp's own quantizer: llama_model_quantize of our f32 GGUF produces exactly each
+    k-quant file's tensor types and bytes (position_embd apart: llama-quantize keeps it as its source had it,
+    f32 here, and we write it f16) and general.file_type: q2_K / q3_K / q4_K / q5_K / q6_K against ftypes Q2_K /
+    Q3_K_S / Q4_K_S / Q5_K_S / Q6_K, pure (no per-layer mixing), the head at Q6_K; q4_K_M / q5_K_M against
+    ftypes Q4_K_M / Q5_K_M with llama-quantize's own per-tensor choice (no overrides), on these models and on
+    a 12-layer Llama (layers 10 and 11 sort before 2 by name: the per-layer rule must follow layer numbers).
 Exit 77 (skip) without the llama.cpp environment unless SHARDTUNE_WITH_PYREF=1 (scripts/pyref).
 """
 import ctypes
@@ -55,6 +58,9 @@ ATTN_STD = 0.08
 # survives; the layout itself is pinned by bit-identity with llama.cpp's quantizer (q4_K, below) and with
 # gguf.quants (q8_0 / q4_0, ref_gguf_export.py), and the runtime by the f32 per-token check.
 TOL = {"f32": 1e-3, "q8_0": 3e-2, "q4_0": 0.15}
+# --quant value -> (llama_ftype, pure): the llama-quantize run each k-quant file must match byte for byte
+KQUANTS = {"q2_K": (10, True), "q3_K": (11, True), "q4_K": (14, True), "q5_K": (16, True), "q6_K": (18, True),
+           "q4_K_M": (15, False), "q5_K_M": (17, False)}
 
 
 @L.llama_log_callback
@@ -136,43 +142,64 @@ def weight_rms_error(path, hf, cfg):
     return (se / max(n, 1)) ** 0.5, names
 
 
-def llama_quantize_matches(tmp, label, f32_path, ours, tied_head):
-    """llama_model_quantize(f32 GGUF, Q4_K_S, pure, head Q6_K) vs our q4_K file: types and bytes."""
-    theirs = os.path.join(tmp, f"{label}.llamacpp_q4_K.gguf")
+def llama_quantize_matches(tmp, label, f32_path, ours, quant, tied_head):
+    """llama_model_quantize(f32 GGUF, the ftype of `quant`) vs our file: types and bytes. The pure recipes put
+    the head at Q6_K (output_tensor_type, and token_embedding_type for a tied head); the _M mixes run
+    llama-quantize's own per-tensor rules."""
+    ftype, pure = KQUANTS[quant]
+    theirs = os.path.join(tmp, f"{label}.llamacpp_{quant}.gguf")
     qp = L.llama_model_quantize_default_params()
     qp.nthread = 2
-    qp.ftype = 14  # LLAMA_FTYPE_MOSTLY_Q4_K_S
-    qp.pure = True
-    qp.output_tensor_type = int(QT.Q6_K)
-    if tied_head:
-        qp.token_embedding_type = int(QT.Q6_K)
+    qp.ftype = ftype
+    qp.pure = pure
+    if pure:
+        qp.output_tensor_type = int(QT.Q6_K)
+        if tied_head:
+            qp.token_embedding_type = int(QT.Q6_K)
     rc = L.llama_model_quantize(f32_path.encode(), theirs.encode(), ctypes.byref(qp))
     check(rc == 0, f"{label}: llama_model_quantize returned {rc}")
     if rc:
         return
     a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
     check(a.fields["general.file_type"].contents() == b.fields["general.file_type"].contents(),
-          f"{label}: general.file_type differs from llama-quantize's")
+          f"{label}/{quant}: general.file_type differs from llama-quantize's")
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
-    check(set(ta) == set(tb), f"{label}: tensor names differ from llama-quantize's")
-    same = 0
+    check(set(ta) == set(tb), f"{label}/{quant}: tensor names differ from llama-quantize's")
+    same, types = 0, {}
     for name in sorted(set(ta) & set(tb)):
         x, y = ta[name], tb[name]
         if name == "position_embd.weight":
             check(x.tensor_type == QT.F16 and y.tensor_type == QT.F32, f"{label}: position_embd types")
             continue
         check(x.tensor_type == y.tensor_type,
-              f"{label}: {name} is {x.tensor_type.name} here, {y.tensor_type.name} from llama-quantize")
+              f"{label}/{quant}: {name} is {x.tensor_type.name} here, {y.tensor_type.name} from llama-quantize")
         if x.tensor_type != y.tensor_type:
             continue
+        types[x.tensor_type.name] = types.get(x.tensor_type.name, 0) + 1
         eq = np.array_equal(np.asarray(x.data).view(np.uint8), np.asarray(y.data).view(np.uint8))
         if not eq:
             xa = np.asarray(x.data).view(np.uint8).ravel()
             ya = np.asarray(y.data).view(np.uint8).ravel()
-            print(f"{label}: {name} ({x.tensor_type.name}): {int((xa != ya).sum())} of {xa.size} bytes differ")
-        check(eq, f"{label}: {name} ({x.tensor_type.name}) bytes differ from llama-quantize's")
+            print(f"{label}/{quant}: {name} ({x.tensor_type.name}): {int((xa != ya).sum())} of {xa.size} bytes differ")
+        check(eq, f"{label}/{quant}: {name} ({x.tensor_type.name}) bytes differ from llama-quantize's")
         same += eq
-    print(f"{label}: {same} tensors bit-identical to llama.cpp's llama_model_quantize (Q4_K_S, pure, head Q6_K)")
+    print(f"{label}/{quant}: {same} tensors bit-identical to llama.cpp's llama_model_quantize (ftype {ftype}"
+          f"{', pure, head Q6_K' if pure else ''}; types {dict(sorted(types.items()))})")
+
+
+def deep_mix_check(tmp, rng):
+    """The _M mixes on a 12-layer Llama: the layers that get Q6_K for attn_v / ffn_down are llama-quantize's."""
+    tok = spm_tokenizer()
+    cfg = make_config("llama", 12, 256, 4, 2, 352, 0, False)
+    cfg["vocab_size"] = Tokenizer.from_str(tok).get_vocab_size(with_added_tokens=True)
+    d = os.path.join(tmp, "deep")
+    write_model(d, cfg, make_weights(cfg, rng), tok)
+    f32 = os.path.join(tmp, "deep.f32.gguf")
+    run("export", d, "--out", f32, "--format", "gguf", "--quant", "f32")
+    for quant in ("q4_K_M", "q5_K_M"):
+        p = os.path.join(tmp, f"deep.{quant}.gguf")
+        run("export", d, "--out", p, "--format", "gguf", "--quant", quant)
+        llama_quantize_matches(tmp, "deep12", f32, p, quant, False)
 
 
 def main():
@@ -205,13 +232,14 @@ def main():
         ref = nll_from_logits(ref_logits, ids)
         print(f"{label}: V {V}, reference mean NLL {ref.mean():.4f} (log V {np.log(V):.4f})")
         paths = {}
-        for quant in ("f32", "q8_0", "q4_0", "q4_K"):
+        for quant in ("f32", "q8_0", "q4_0") + tuple(KQUANTS):
             paths[quant] = os.path.join(tmp, f"{label}.{quant}.gguf")
             run("export", d, "--out", paths[quant], "--format", "gguf", "--quant", quant)
-        rms = {q: weight_rms_error(paths[q], hf, cfg)[0] for q in ("q4_0", "q4_K")}
-        tol = dict(TOL, q4_K=TOL["q4_0"] * max(1.0, rms["q4_K"] / rms["q4_0"]))
-        print(f"{label}: weight RMS error q4_K {rms['q4_K']:.3e} vs q4_0 {rms['q4_0']:.3e}: q4_K tolerance "
-              f"{tol['q4_K']:.3f}")
+        rms = {q: weight_rms_error(paths[q], hf, cfg)[0] for q in ("q4_0",) + tuple(KQUANTS)}
+        tol = dict(TOL)
+        for q in KQUANTS:
+            tol[q] = TOL["q4_0"] * max(1.0, rms[q] / rms["q4_0"])
+            print(f"{label}: weight RMS error {q} {rms[q]:.3e} vs q4_0 {rms['q4_0']:.3e}: {q} tolerance {tol[q]:.3f}")
         for quant, path in paths.items():
             m = Llama(path)
             if quant == "f32":
@@ -245,8 +273,10 @@ def main():
         m.close()
         print(f"{label}: a corrupted layer-0 attention gives {berr:.2e} (must exceed {TOL['f32']})")
         check(berr > TOL["f32"], f"{label}: the NLL check cannot tell a corrupted model apart ({berr:.2e})")
-        llama_quantize_matches(tmp, label, paths["f32"], paths["q4_K"], tied_head=cfg.get("tie_word_embeddings")
-                               and label != "gpt2")
+        for quant in KQUANTS:
+            llama_quantize_matches(tmp, label, paths["f32"], paths[quant], quant,
+                                   tied_head=cfg.get("tie_word_embeddings") and label != "gpt2")
+    deep_mix_check(tmp, rng)
     L.llama_backend_free()
     finish()
 

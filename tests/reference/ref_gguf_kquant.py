@@ -14,9 +14,11 @@ For llama (GQA; ffn_down rows of 352: not a multiple of 256), qwen2 (tied: token
     that of the plain min/max 4-bit (6-bit) quantizer of the same sub-blocks with exact scales, times 1.25
     for the 6-bit rounding of the scales (the search minimises a weighted squared error starting from that
     quantizer, so it should not lose to it by more than the scale rounding can cost);
-  * `--quant q4_K` on a LoRA adapter is refused by name.
-Bit-identity with llama.cpp's own quantizer (llama_model_quantize) and running the files in llama.cpp:
-ref_gguf_llama.py.
+  * a LoRA adapter exports under `--quant q4_K` (lora_a of rows 256 in q4_K, lora_b of rows r = 4 in f16, the
+    fallback), and the model-only mix `--quant q4_K_M` is refused by name;
+  * a write that fails part-way (RLIMIT_FSIZE 200 kB) is one line naming it, a non-zero exit, and no file.
+Bit-identity with llama.cpp's own quantizer (llama_model_quantize), every k-quant, and running the files
+(adapters included) in llama.cpp: llamacpp_gguf.py, llamacpp_lora.py.
 """
 import os
 import sys
@@ -178,7 +180,7 @@ def main():
             elif et == QT.F16:
                 check(np.array_equal(np.asarray(t.data).view(np.uint16).reshape(a.shape),
                                      a.astype(np.float16).view(np.uint16)), f"{label}: {name} f16 bits differ")
-    # a LoRA adapter: no k-quant form, refused by name
+    # a LoRA adapter: single k-quants apply (lora_b rows of r fall back); the per-layer mixes are refused
     ad = os.path.join(tmp, "adapter")
     os.makedirs(ad)
     import json
@@ -192,11 +194,33 @@ def main():
         lw[pre + ".lora_A.weight"] = (0.1 * rng.standard_normal((4, 256))).astype(np.float32)
         lw[pre + ".lora_B.weight"] = (0.1 * rng.standard_normal((256, 4))).astype(np.float32)
     st_io.write(os.path.join(ad, "adapter_model.safetensors"), lw)
-    p = run("export", ad, "--out", os.path.join(tmp, "a.gguf"), "--format", "gguf", "--quant", "q4_K", ok=False)
+    run("export", ad, "--out", os.path.join(tmp, "a.gguf"), "--format", "gguf", "--quant", "q4_K")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(os.path.join(tmp, "a.gguf")).tensors}
+    want = {f"blk.{i}.attn_q.weight.lora_{ab}": QT.Q4_K if ab == "a" else QT.F16 for i in range(2) for ab in "ab"}
+    check(types == want, f"LoRA q4_K: tensor types {types}, expected {want}")
+    p = run("export", ad, "--out", os.path.join(tmp, "m.gguf"), "--format", "gguf", "--quant", "q4_K_M", ok=False)
     msg = (p.stdout + p.stderr).strip()
-    check(p.returncode != 0 and "q4_K" in msg and "LoRA" in msg and msg.count("\n") == 0,
-          f"LoRA q4_K: expected one line naming q4_K and LoRA, got rc {p.returncode}: {msg!r}")
-    check(not os.path.exists(os.path.join(tmp, "a.gguf")), "LoRA q4_K: a file was written")
+    check(p.returncode != 0 and "q4_K_M" in msg and "LoRA" in msg and msg.count("\n") == 0,
+          f"LoRA q4_K_M: expected one line naming q4_K_M and LoRA, got rc {p.returncode}: {msg!r}")
+    check(not os.path.exists(os.path.join(tmp, "m.gguf")), "LoRA q4_K_M: a file was written")
+    # a write that fails part-way (the file size limit: the writer thread's fwrite comes short): one line,
+    # non-zero exit, neither the file nor its .partial left
+    import resource
+    import signal
+    import subprocess
+    from st_cli import BIN
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    full = os.path.join(tmp, "full.gguf")
+    p = subprocess.run([BIN, "export", os.path.join(tmp, "llama"), "--out", full, "--format", "gguf", "--quant",
+                        "q4_K_M", "--no-tokenizer"], capture_output=True, text=True, preexec_fn=small_files)
+    msg = (p.stdout + p.stderr).strip()
+    check(p.returncode != 0 and "write failed" in msg and msg.count("\n") == 0,
+          f"a failed write: expected one line 'write failed', got rc {p.returncode}: {msg!r}")
+    check(not os.path.exists(full) and not os.path.exists(full + ".partial"), "a failed write left a file")
     finish()
 
 

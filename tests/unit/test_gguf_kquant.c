@@ -1,9 +1,11 @@
-/* test_gguf_kquant.c — the Q4_K encoder's vector form (the 8 sub-blocks of a super-block fitted in SIMD lanes,
- * what `export --quant q4_K` runs) gives exactly the bytes of its one-sub-block-at-a-time form, which follows
- * ggml's quantize_row_q4_K_ref loop for loop (and is checked against llama.cpp's own quantizer by
- * tests/reference/llamacpp_gguf.py): over 8000 random super-blocks of mixed scales and shapes — Gaussian,
+/* test_gguf_kquant.c — the Q2_K, Q4_K, Q5_K and Q6_K encoders' vector form (the 8 / 16 sub-blocks of a super-block fitted in
+ * SIMD lanes, what `export --quant` runs) gives exactly the bytes of its one-sub-block-at-a-time
+ * form, which follows ggml's quantize_row_q2_K_ref / q4_K_ref / q5_K_ref / q6_K_ref loop for loop; likewise the AVX2 Q8_0 / Q4_0
+ * block encoders and their scalar forms (quantize_row_q8_0_ref / q4_0_ref). The scalar forms are checked
+ * against llama.cpp's own quantizer by tests/reference/llamacpp_gguf.py. Over 8000 random super-blocks of mixed scales and shapes — Gaussian,
  * uniform, all positive, all negative, constant (positive, zero, negative), one spike among zeros, tiny
- * (f16-subnormal scales), sub-blocks of very different magnitudes, repeated values — the two agree byte for
+ * (f16-subnormal scales), sub-blocks of very different magnitudes, signed zeros, repeated values with ties of
+ * magnitude in both signs (Q4_0 takes the first) — the two agree byte for
  * byte. Both forms' times are printed (not asserted: the machine is shared). */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -43,35 +45,69 @@ static void fill(float *x, int kind) {
         case 5: x[i] = i == 77 ? 3.0f : 0.0f; break;
         case 6: x[i] = 1e-7f * gauss(); break;
         case 7: x[i] = (float)pow(10.0, (i / 32) - 4) * gauss(); break;
-        default: x[i] = s * (float)((int)(urand() * 5) - 2); break;
+        case 8: x[i] = (i / 32) % 2 ? -0.0f : (i % 7 == 0 ? -0.0f : 0.0f); break;
+        default: x[i] = s * (float)((int)(urand() * 5) - 2); break; /* ties of magnitude, both signs */
         }
     }
 }
 
-static void test_lanes_equal_scalar(void **state) {
-    (void)state;
+static void lanes_equal_scalar(st_ggml_type t) {
     enum { NB = 8000 };
+    const size_t bs = st_ggml_row_bytes(t, 256); /* bytes per 256 elements (8 blocks for q8_0 / q4_0) */
     float *x = malloc((size_t)NB * 256 * sizeof(float));
-    uint8_t *a = malloc((size_t)NB * 144), *b = malloc((size_t)NB * 144);
+    uint8_t *a = malloc((size_t)NB * bs), *b = malloc((size_t)NB * bs);
     assert_non_null(x);
-    for (int k = 0; k < NB; k++) fill(x + (size_t)k * 256, k % 9);
+    for (int k = 0; k < NB; k++) fill(x + (size_t)k * 256, k % 10);
     double t0 = st_now();
-    st_ggml_encode(ST_GGML_Q4_K, x, (int64_t)NB * 256, a);
+    /* rows of 7999 and 1 super-blocks: q4_K / q5_K fit two super-blocks at a time, an odd last one alone */
+    st_ggml_encode(t, x, (int64_t)(NB - 1) * 256, a);
+    st_ggml_encode(t, x + (size_t)(NB - 1) * 256, 256, a + (size_t)(NB - 1) * bs);
     double t1 = st_now();
-    st_ggml_q4_K_scalar(x, (int64_t)NB * 256, b);
+    st_ggml_encode_reference(t, x, (int64_t)NB * 256, b);
     double t2 = st_now();
     int bad = 0;
     for (int k = 0; k < NB; k++)
-        if (memcmp(a + (size_t)k * 144, b + (size_t)k * 144, 144) != 0 && bad++ < 5)
-            fprintf(stderr, "super-block %d (kind %d) differs\n", k, k % 9);
-    printf("q4_K: %d of %d super-blocks differ; vector %.3f s, scalar %.3f s\n", bad, NB, t1 - t0, t2 - t1);
+        if (memcmp(a + (size_t)k * bs, b + (size_t)k * bs, bs) != 0 && bad++ < 5)
+            fprintf(stderr, "super-block %d (kind %d) differs\n", k, k % 10);
+    printf("%s: %d of %d super-blocks differ; vector %.3f s, scalar %.3f s\n", st_ggml_type_name(t), bad, NB,
+           t1 - t0, t2 - t1);
     assert_int_equal(bad, 0);
     free(x);
     free(a);
     free(b);
 }
 
+static void test_q4_K_lanes_equal_scalar(void **state) {
+    (void)state;
+    lanes_equal_scalar(ST_GGML_Q4_K);
+}
+static void test_q5_K_lanes_equal_scalar(void **state) {
+    (void)state;
+    lanes_equal_scalar(ST_GGML_Q5_K);
+}
+static void test_q2_K_lanes_equal_scalar(void **state) {
+    (void)state;
+    lanes_equal_scalar(ST_GGML_Q2_K);
+}
+static void test_q6_K_lanes_equal_scalar(void **state) {
+    (void)state;
+    lanes_equal_scalar(ST_GGML_Q6_K);
+}
+static void test_q8_0_simd_equal_scalar(void **state) {
+    (void)state;
+    lanes_equal_scalar(ST_GGML_Q8_0);
+}
+static void test_q4_0_simd_equal_scalar(void **state) {
+    (void)state;
+    lanes_equal_scalar(ST_GGML_Q4_0);
+}
+
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_lanes_equal_scalar)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_q4_K_lanes_equal_scalar),
+                                       cmocka_unit_test(test_q5_K_lanes_equal_scalar),
+                                       cmocka_unit_test(test_q6_K_lanes_equal_scalar),
+                                       cmocka_unit_test(test_q2_K_lanes_equal_scalar),
+                                       cmocka_unit_test(test_q8_0_simd_equal_scalar),
+                                       cmocka_unit_test(test_q4_0_simd_equal_scalar)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

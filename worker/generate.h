@@ -35,13 +35,14 @@ typedef struct {
      * stops that sequence (stop strings). */
     int (*stop)(void *ctx, int seq, const int32_t *out, int n_out);
     void *stop_ctx;
-    /* Optional: accumulates wall time and tokens of prefill (prompt tokens) and decode (generated tokens
-     * after each sequence's first, which prefill yields). */
+    /* Optional: accumulates wall time, process CPU time (every thread's) and tokens of prefill (prompt
+     * tokens) and decode (generated tokens after each sequence's first, which prefill yields). */
     struct st_gen_stats *stats;
 } st_gen_params;
 
 typedef struct st_gen_stats {
     double prefill_s, decode_s;
+    double prefill_cpu_s, decode_cpu_s; /* CPU seconds of all threads: with one thread, time it ran */
     long prefill_tokens, decode_tokens;
 } st_gen_stats;
 

@@ -2,8 +2,8 @@
  * cache, and attention of one query row per token over its sequence's cached keys (kernels.h has the
  * layouts; a sliding window limits the keys a row sees). A run of at least PREFILL_RUN rows of one
  * sequence at consecutive positions (a prefill chunk) attends per head through two sgemm tiles (scores
- * Q K^T over the keys the run sees, masked softmax per row, then P V); other rows (decode steps) one by
- * one with the score row on the stack. Each (row or run, query head) item is computed by one thread in
+ * Q K^T over the keys the run sees, masked softmax per row, then P V), in pieces of PREFILL_TILE rows;
+ * other rows (decode steps) one by one with the score row on the stack. Each (row or run, query head) item is computed by one thread in
  * a fixed order, so any thread schedule gives the same bits. Caller owns every buffer. */
 #include "kernels/cpu/cpu_kernels.h"
 
@@ -13,6 +13,10 @@
 
 /* Rows of one sequence at consecutive positions from which the sgemm tiles pay off. */
 #define PREFILL_RUN 16
+/* A long run is cut into tiles of this many rows: a tile scores only the keys up to its own last row, so
+ * the masked (causal) part of the score tiles that is computed and thrown away shrinks from half of a
+ * T x T square to about one tile per row. */
+#define PREFILL_TILE 128
 
 void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,
                      int rows, int h, int kvh, int hd, int max_t) {
@@ -128,9 +132,13 @@ void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, 
     for (int r0 = 0; run_r0 && run_n && tiled && r0 < rows;) {
         int n = run_length(row_seq, row_pos, rows, r0);
         if (n >= PREFILL_RUN) {
-            run_r0[n_runs] = r0;
-            run_n[n_runs++] = n;
             memset(tiled + r0, 1, (size_t)n);
+            for (int a = 0; a < n;) { /* tiles of PREFILL_TILE rows; a short last piece joins the one before */
+                int m = n - a <= PREFILL_TILE + PREFILL_RUN ? n - a : PREFILL_TILE;
+                run_r0[n_runs] = r0 + a;
+                run_n[n_runs++] = m;
+                a += m;
+            }
         }
         r0 += n;
     }

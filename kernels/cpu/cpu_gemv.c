@@ -3,7 +3,7 @@
  *
  * Decode at batch 1 streams every weight once per token, so it runs at memory speed; this kernel reads
  * four weight rows per pass against one load of x, prefetches ahead, and splits the rows over the
- * OpenMP team from a lower size than the training matmul does (more cores pull more bandwidth).
+ * OpenMP team in blocks of 64 rows.
  * Every y[j] is the same bits whatever the instruction set and thread count: 16 lanes of separate
  * multiply and add (this file is compiled with -ffp-contract=off, so the portable body, st_cpu_dot,
  * does not fuse them either), the lanes summed in order, then the tail. The AVX-512 and AVX2 bodies are picked at run time
@@ -19,10 +19,12 @@
 #define ST_GEMV_X86 1
 #endif
 
-/* Rows per parallel block, and the weight size (floats) from which the team helps: a 1 MB GEMV takes
- * tens of microseconds, waking the team a few. */
+/* Rows per parallel block, and the weight size (floats) from which the team helps: the training
+ * matmul's threshold. 2^18 (every projection of a 512-wide model split over 2 threads) decoded 2-3x
+ * slower on the shared 2-core machine at load average 11-14 (a barrier per GEMV waits for a descheduled
+ * thread), so the split stays for the large ones (the LM head). */
 #define GEMV_BLOCK 64
-#define GEMV_PAR_MIN (1L << 18)
+#define GEMV_PAR_MIN (1L << 21)
 
 /* Lanes summed in order, as st_cpu_dot does. */
 static inline float lane_sum(const float *acc) {

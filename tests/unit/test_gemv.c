@@ -57,7 +57,7 @@ static void test_reference(void **state) {
             check_shape(ns[a], ks[b], 0.0f);
             check_shape(ns[a], ks[b], 1.0f);
         }
-    check_shape(2000, 700, 1.0f); /* large enough to split over the team */
+    check_shape(3001, 700, 1.0f); /* over 2^21 weights: split over the team */
 }
 
 /* beta 0 never reads y: NaN there must not leak; k = 0 gives 0 (or y). */
@@ -76,7 +76,7 @@ static void test_edges(void **state) {
 /* Same bits from every body this CPU runs and from 1 or 2 threads. */
 static void test_bits(void **state) {
     (void)state;
-    enum { N = 1031, K = 777 };
+    enum { N = 2731, K = 777 }; /* over 2^21 weights: split over the team */
     float *w = frand((size_t)N * K), *x = frand(K), *y0 = frand(N), *ref = malloc(N * 4), *y = malloc(N * 4);
     assert_non_null(st_cpu_gemv_use("portable"));
     memcpy(ref, y0, N * 4);

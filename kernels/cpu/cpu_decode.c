@@ -32,6 +32,29 @@ void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32
 /* First key a query at position p sees: 0, or with a sliding window W the keys j with p - j < W. */
 static inline int first_key(int p, int window) { return window > 0 && p >= window ? p - window + 1 : 0; }
 
+/* o[hd] = sum_j p[j] v_j (v_j: row j of vb, stride kvd), keys in order for every element. A chunk of
+ * VALUE_CHUNK output dims stays in registers over all the keys (the same sums as an axpy per key, which
+ * would store and reload o for every key). */
+#define VALUE_CHUNK 64
+static void weigh_values(float *restrict o, const float *restrict p, const float *restrict vb, int nk, size_t kvd,
+                         int hd) {
+    for (int d0 = 0; d0 < hd; d0 += VALUE_CHUNK) {
+        int w = hd - d0 < VALUE_CHUNK ? hd - d0 : VALUE_CHUNK;
+        float acc[VALUE_CHUNK] = {0};
+        if (w == VALUE_CHUNK)
+            for (int j = 0; j < nk; j++) {
+                const float *restrict v = vb + (size_t)j * kvd + d0;
+                for (int d = 0; d < VALUE_CHUNK; d++) acc[d] += p[j] * v[d];
+            }
+        else
+            for (int j = 0; j < nk; j++) {
+                const float *restrict v = vb + (size_t)j * kvd + d0;
+                for (int d = 0; d < w; d++) acc[d] += p[j] * v[d];
+            }
+        memcpy(o + d0, acc, (size_t)w * sizeof(float));
+    }
+}
+
 /* Row i (sequence seq, position p), query head hi, over its keys one by one (the score row on the stack). */
 static void attend_row(float *out, const float *qkv, const float *kcache, const float *vcache, int seq, int p, int i,
                        int hi, int h, int kvh, int hd, int max_t, int window) {
@@ -54,9 +77,8 @@ static void attend_row(float *out, const float *qkv, const float *kcache, const 
     float mx = st_cpu_max(s, nk);
     for (j = 0; j < nk; j++) s[j] = st_cpu_expf(s[j] - mx);
     float inv = 1.0f / st_cpu_sum(s, nk);
-    float *restrict o = out + (size_t)i * h * hd + (size_t)hi * hd;
-    for (int d = 0; d < hd; d++) o[d] = 0.0f;
-    for (j = 0; j < nk; j++) st_cpu_axpy(o, s[j] * inv, vb + (size_t)j * kvd, hd);
+    for (j = 0; j < nk; j++) s[j] *= inv;
+    weigh_values(out + (size_t)i * h * hd + (size_t)hi * hd, s, vb, nk, kvd, hd);
 }
 
 /* Rows r0..r0+n-1 of one sequence at positions p0..p0+n-1, query head hi: S = scale Q K^T over keys

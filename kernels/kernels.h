@@ -203,11 +203,6 @@ struct st_backend {
     void (*attention_cached)(float *out, const float *qkv, const float *kcache, const float *vcache,
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
                              int max_t, int window);
-    /* gemv: y[n] = W[n, k] x[k] (+ y when beta is 1; beta 0 never reads y), W row-major as HF stores a
-     * linear layer's weight: a decode step's matmul at batch 1 (one token row), which streams the
-     * weights once and runs at memory speed. Each y[j] has one fixed summation order: the same bits for
-     * any thread count. NULL: generation uses matmul. */
-    void (*gemv)(float *y, const float *x, const float *w, int n, int k, float beta);
     /* ---- per-head RMSNorm of the q and k heads of packed qkv [N, (H+2*KVH)*hd] (Qwen3's q_norm/k_norm,
      * before RoPE): every q head row x[hd] becomes x * rstd * wq, every k head row x * rstd * wk,
      * rstd = 1/sqrt(mean(x^2) + eps); v is untouched. fwd works in place and saves the input rows

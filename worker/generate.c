@@ -194,12 +194,10 @@ static void norm(const gen_state *g, float *out, const float *x, const float *w,
         g->be->rmsnorm_fwd(out, g->rstd, x, w, rows, g->C, c->norm_eps);
 }
 
-/* y (+)= x @ W^T (+ b): beta 1 adds into y (the residual stream). One row (a decode step at batch 1)
- * through the backend's gemv when it has one. */
+/* y (+)= x @ W^T (+ b): beta 1 adds into y (the residual stream). */
 static void linear(const gen_state *g, float *y, const float *x, const float *w, const float *b, int rows, int out,
                    int in, float beta) {
-    if (rows == 1 && g->be->gemv) g->be->gemv(y, x, w, out, in, beta);
-    else g->be->matmul(y, x, w, rows, out, in, 0, 1, 1.0f, beta);
+    g->be->matmul(y, x, w, rows, out, in, 0, 1, 1.0f, beta);
     if (b) g->be->bias_add(y, b, rows, out);
 }
 

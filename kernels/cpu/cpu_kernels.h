@@ -203,10 +203,6 @@ void st_cpu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, 
 /* cpu_decode.c */
 void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,
                      int rows, int h, int kvh, int hd, int max_t);
-void st_cpu_gemv(float *y, const float *x, const float *w, int n, int k, float beta);
-/* The GEMV body by instruction set ("avx512", "avx2", "portable"; NULL: the widest this CPU runs): its
- * name, or NULL (nothing changed) when this CPU cannot run it. Every body gives the same bits. */
-const char *st_cpu_gemv_use(const char *isa);
 void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, const float *vcache,
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
                              int max_t, int window);

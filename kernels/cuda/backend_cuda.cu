@@ -590,7 +590,6 @@ static const st_backend cuda_backend = {
     .round_bf16 = cu_round_bf16,
     .kv_store = st_cu_kv_store,
     .attention_cached = st_cu_attention_cached,
-    .gemv = st_cu_gemv,
     .head_rmsnorm_fwd = st_cu_head_rmsnorm_fwd,
     .head_rmsnorm_bwd = st_cu_head_rmsnorm_bwd,
     .attention_window_fwd = st_cu_attention_window_fwd,

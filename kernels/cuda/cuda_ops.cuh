@@ -75,6 +75,5 @@ void st_cu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_
 void st_cu_attention_cached(float *out, const float *qkv, const float *kcache, const float *vcache,
                             const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
                             int max_t, int window);
-void st_cu_gemv(float *y, const float *x, const float *w, int n, int k, float beta);
 
 #endif

@@ -3,9 +3,7 @@
  * warp per (token, query head) over the token's cached keys in tiles of 32: lane j scores key j of the
  * tile against the query (kept in shared memory), the warp keeps an online softmax (running max and sum,
  * rescaled accumulator) and lane d owns output dims d, d + 32, ... Each output element has one writer
- * and a fixed summation order: reproducible. head_dim <= ST_DECODE_MAX_HD. gemv (twin of
- * kernels/cpu/cpu_gemv.c): one warp per output row, lane l summing elements l, l + 32, ... of the row
- * (coalesced weight reads), then a fixed shuffle tree: reproducible, within fp32 rounding of the CPU. */
+ * and a fixed summation order: reproducible. head_dim <= ST_DECODE_MAX_HD. */
 #include "kernels/cuda/cuda_ops.cuh"
 
 #include <math.h>
@@ -99,22 +97,4 @@ void st_cu_attention_cached(float *out, const float *qkv, const float *kcache, c
     attention_cached_kernel<<<blocks, 32 * ST_DECODE_WARPS, 0, st_cuda_stream_internal()>>>(
         out, qkv, kcache, vcache, row_seq, row_pos, rows, h, kvh, hd, max_t, window, 1.0f / sqrtf((float)hd));
     ST_CUDA_LAUNCHED("attention_cached");
-}
-
-__global__ void gemv_kernel(float *y, const float *x, const float *w, int n, int k, float beta) {
-    int lane = threadIdx.x % 32;
-    long j = (long)blockIdx.x * ST_DECODE_WARPS + threadIdx.x / 32;
-    if (j >= n) return;
-    const float *row = w + (size_t)j * k;
-    float s = 0.0f;
-    for (int i = lane; i < k; i += 32) s += row[i] * x[i];
-    for (int off = 16; off > 0; off /= 2) s += __shfl_down_sync(0xffffffffu, s, off);
-    if (lane == 0) y[j] = beta == 0.0f ? s : s + beta * y[j];
-}
-
-void st_cu_gemv(float *y, const float *x, const float *w, int n, int k, float beta) {
-    if (n <= 0) return;
-    int blocks = (int)(((long)n + ST_DECODE_WARPS - 1) / ST_DECODE_WARPS);
-    gemv_kernel<<<blocks, 32 * ST_DECODE_WARPS, 0, st_cuda_stream_internal()>>>(y, x, w, n, k < 0 ? 0 : k, beta);
-    ST_CUDA_LAUNCHED("gemv");
 }

@@ -518,22 +518,6 @@ static void check_decode(void) {
     free(qkv), free(kc), free(vc), free(out), free(seq), free(pos);
 }
 
-/* The decode GEMV (y = W x, then y += W x) on an LM-head-like shape with odd sizes. */
-static void check_gemv(void) {
-    const int n = 4099, k = 515;
-    float *w = hrand((size_t)n * k, 1), *x = hrand((size_t)k, 1), *y = hrand((size_t)n, 1);
-    float *gw = dev_from(w, (size_t)n * k * 4), *gx = dev_from(x, (size_t)k * 4), *gy = dev_from(y, (size_t)n * 4);
-    double tg, tc;
-    tick(); G->gemv(gy, gx, gw, n, k, 0.0f); tg = tock_gpu();
-    tick(); C->gemv(y, x, w, n, k, 0.0f); tc = tock_cpu();
-    report("gemv", dev_err(gy, y, (size_t)n), tg, tc, 1e-4);
-    tick(); G->gemv(gy, gx, gw, n, k, 1.0f); tg = tock_gpu();
-    tick(); C->gemv(y, x, w, n, k, 1.0f); tc = tock_cpu();
-    report("gemv (beta 1)", dev_err(gy, y, (size_t)n), tg, tc, 1e-4);
-    G->free(gw), G->free(gx), G->free(gy);
-    free(w), free(x), free(y);
-}
-
 /* Qwen3's per-head q/k RMSNorm on packed qkv (v untouched), forward in place and backward. */
 static void check_head_rmsnorm(void) {
     size_t row = (size_t)(H + 2 * KVH) * HD, n = (size_t)NROWS * row, nx = (size_t)NROWS * (H + KVH) * HD;
@@ -1373,7 +1357,7 @@ int main(int argc, char **argv) {
     if (GROUP("attention") && !self_test) /* tensor cores: CUDA only */
         check_attention_tc(2, 80, 4, 2, 64), check_attention_tc(1, 515, 8, 2, 128), check_attention_tc(1, 77, 4, 1, 64);
 #endif
-    if (GROUP("decode")) check_decode(), check_gemv();
+    if (GROUP("decode")) check_decode();
     if (GROUP("norms")) check_head_rmsnorm();
     if (GROUP("pointwise")) check_activations(), check_embedding(), check_copies();
     if (GROUP("xent")) check_cross_entropy(), check_kd(NROWS, V, 2.0f, 0.5f, 5.0f), check_kd(NROWS, V, 0.7f, 1.0f, 20.0f);

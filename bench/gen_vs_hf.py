@@ -19,7 +19,9 @@ one thread, the time it actually ran, which on a machine shared with other jobs 
 machine would take, up to memory and cache contention). shardtune's --timing prints its CPU seconds;
 transformers' are time.process_time() around generate; the sgemm peak by CPU time is the FLOPs of
 sgemm_peak's 6 calls over its CPU seconds (matrix set-up included: a slight underestimate), or its wall
-peak when that is higher. The CPU-time columns are the load-insensitive ones at 1 thread; with more
+peak when that is higher. Decode at batch 1 streams every weight (and the KV cache) once per token, so
+its ceiling is the machine's read bandwidth: the run measures a single-threaded 256 MB torch sum (best
+of 5 by CPU time) and prints bytes-per-token / bandwidth as the decode floor. The CPU-time columns are the load-insensitive ones at 1 thread; with more
 threads CPU seconds also count threads waiting at barriers, so only the wall columns mean a rate. Numbers
 only."""
 import argparse
@@ -50,6 +52,26 @@ def prefill_flops(a, T):
     qkv = a.dim * (a.heads + 2 * a.kv_heads) * hd
     per_layer = qkv + a.heads * hd * a.dim + 3 * a.dim * a.ffn
     return 2.0 * T * a.layers * per_layer + 4.0 * a.layers * a.heads * hd * T * (T + 1) / 2 + 2.0 * a.dim * a.vocab
+
+
+def decode_bytes(a):
+    """fp32 bytes one decode step reads: every layer's matmul weights, the LM head, and the keys and
+    values cached so far (at the middle of the generation)."""
+    hd = a.dim // a.heads
+    per_layer = a.dim * (a.heads + 2 * a.kv_heads) * hd + a.heads * hd * a.dim + 3 * a.dim * a.ffn
+    kv = 2 * a.layers * (a.prompt + a.new // 2) * a.kv_heads * hd
+    return 4.0 * (a.layers * per_layer + a.vocab * a.dim + kv)
+
+
+def read_bandwidth(torch):
+    """GB/s of a single-threaded sum over 256 MB, best of 5 by CPU time."""
+    x = torch.ones(64 << 20, dtype=torch.float32)
+    best = 1e30
+    for _ in range(5):
+        c0 = time.process_time()
+        float(x.sum())
+        best = min(best, time.process_time() - c0)
+    return x.numel() * 4 / best / 1e9
 
 
 def shardtune_once(st, model, prompts, out, a, env):
@@ -132,6 +154,7 @@ def main():
         while k < min(len(ours), len(hf_ids)) and ours[k] == hf_ids[k]:
             k += 1
         same = k
+    bw = read_bandwidth(torch)
     p2, p2c = measure_peak()  # the better of before and after: load from others only lowers it
     peak, peak_cpu = max(peak, p2), max(peak_cpu, p2c)
     fl = prefill_flops(a, a.prompt)
@@ -147,6 +170,11 @@ def main():
             print("%-13s %-5s %14.1f %14.1f %15.0f%%" % (name, clock, dec, g, 100 * g / pk))
     print("decode speed-up: %.2fx by wall time, %.2fx by CPU time (target >= 3x); greedy tokens agreeing with "
           "transformers: %d of %d" % (best["st_dec"] / best["hf_dec"], best["st_cdec"] / best["hf_cdec"], same, a.new))
+    floor = bw * 1e9 / decode_bytes(a)
+    print("decode memory floor: %.1f MB per token / %.1f GB/s read (1 thread, CPU time) = %.1f tok/s at most; "
+          "shardtune at %.0f%% of it (CPU time), transformers at %.0f%%" % (decode_bytes(a) / 1e6, bw, floor,
+                                                                          100 * best["st_cdec"] / floor,
+                                                                          100 * best["hf_cdec"] / floor))
     print("load average after: %s" % loadavg())
     subprocess.run(["rm", "-rf", tmp])
 

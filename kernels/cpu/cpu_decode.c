@@ -147,9 +147,12 @@ void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, 
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
                              int max_t, int window) {
     if (rows <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
-    /* prefill runs through sgemm tiles; the rows left (tiled[i] = 0) one by one */
-    int *run_r0 = malloc((size_t)rows * sizeof(int)), *run_n = malloc((size_t)rows * sizeof(int));
-    unsigned char *tiled = calloc((size_t)rows, 1);
+    /* prefill runs through sgemm tiles; the rows left (tiled[i] = 0) one by one. Fewer rows than a run
+     * (a decode step) allocate nothing. */
+    int runs_possible = rows >= PREFILL_RUN;
+    int *run_r0 = runs_possible ? malloc((size_t)rows * sizeof(int)) : NULL;
+    int *run_n = runs_possible ? malloc((size_t)rows * sizeof(int)) : NULL;
+    unsigned char *tiled = runs_possible ? calloc((size_t)rows, 1) : NULL;
     int n_runs = 0;
     for (int r0 = 0; run_r0 && run_n && tiled && r0 < rows;) {
         int n = run_length(row_seq, row_pos, rows, r0);

@@ -12,11 +12,23 @@ from other users of the machine hits both alike; the load average is printed bef
 Prefill FLOPs: 2 x tokens x (the layers' matmul weights) + the causal attention's 4 x L x H x hd x
 T(T+1)/2 (scores and weighted values); the head runs on the last position only (both sides). Decode
 tokens/s counts the tokens after the first (the first comes out of prefill); transformers' decode time is
-generate(new) - generate(1) with min_new_tokens set so neither side stops early. Numbers only."""
+generate(new) - generate(1) with min_new_tokens set so neither side stops early.
+
+Each rate is given twice: by wall time, and by CPU time (the process's CPU seconds, every thread: with
+one thread, the time it actually ran, which on a machine shared with other jobs is the time a quiet
+machine would take, up to memory and cache contention). shardtune's --timing prints its CPU seconds;
+transformers' are time.process_time() around generate; the sgemm peak by CPU time is the FLOPs of
+sgemm_peak's 6 calls over its CPU seconds (matrix set-up included: a slight underestimate), or its wall
+peak when that is higher. Decode at batch 1 streams every weight (and the KV cache) once per token, so
+its ceiling is the machine's read bandwidth: the run measures a single-threaded 256 MB torch sum (best
+of 5 by CPU time) and prints bytes-per-token / bandwidth as the decode floor. The CPU-time columns are the load-insensitive ones at 1 thread; with more
+threads CPU seconds also count threads waiting at barriers, so only the wall columns mean a rate. Numbers
+only."""
 import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,14 +54,36 @@ def prefill_flops(a, T):
     return 2.0 * T * a.layers * per_layer + 4.0 * a.layers * a.heads * hd * T * (T + 1) / 2 + 2.0 * a.dim * a.vocab
 
 
+def decode_bytes(a):
+    """fp32 bytes one decode step reads: every layer's matmul weights, the LM head, and the keys and
+    values cached so far (at the middle of the generation)."""
+    hd = a.dim // a.heads
+    per_layer = a.dim * (a.heads + 2 * a.kv_heads) * hd + a.heads * hd * a.dim + 3 * a.dim * a.ffn
+    kv = 2 * a.layers * (a.prompt + a.new // 2) * a.kv_heads * hd
+    return 4.0 * (a.layers * per_layer + a.vocab * a.dim + kv)
+
+
+def read_bandwidth(torch):
+    """GB/s of a single-threaded sum over 256 MB, best of 5 by CPU time."""
+    x = torch.ones(64 << 20, dtype=torch.float32)
+    best = 1e30
+    for _ in range(5):
+        c0 = time.process_time()
+        float(x.sum())
+        best = min(best, time.process_time() - c0)
+    return x.numel() * 4 / best / 1e9
+
+
 def shardtune_once(st, model, prompts, out, a, env):
     text = run([st, "generate", "--model", model, "--prompts", prompts, "--out", out, "--max-new", str(a.new),
                 "--batch", "1", "--backend", "cpu", "--timing"], env=env)
     line = [ln for ln in text.splitlines() if ln.startswith("timing")][0]
     # timing (rank 0): prefill P tokens in X s = ... tokens/s; decode D tokens in Y s = ... tokens/s
-    m = re.search(r"prefill (\d+) tokens in ([0-9.e+-]+) s.*decode (\d+) tokens in ([0-9.e+-]+) s", line)
+    m = re.search(r"prefill (\d+) tokens in ([0-9.e+-]+) s.*decode (\d+) tokens in ([0-9.e+-]+) s.*"
+                  r"cpu seconds: prefill ([0-9.e+-]+), decode ([0-9.e+-]+)", line)
     pre_s, dec_tok, dec_s = float(m.group(2)), int(m.group(3)), float(m.group(4))
-    return pre_s, dec_tok / dec_s if dec_s > 0 else 0.0, dec_tok
+    pre_c, dec_c = float(m.group(5)), float(m.group(6))
+    return pre_s, dec_tok / dec_s if dec_s > 0 else 0.0, pre_c, dec_tok / dec_c if dec_c > 0 else 0.0
 
 
 def main():
@@ -71,10 +105,14 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS="1")
     print("load average before: %s (2 cores shared with other users of the machine)" % loadavg())
     def measure_peak():
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = run([os.path.join(a.build, "sgemm_peak"), str(a.threads), "2048", "5"])
-        return float(out.split("gflops=")[1].split()[0])
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = float(out.split("gflops=")[1].split()[0])
+        cpu_s = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        return wall, max(wall, 6 * 2.0 * 2048 ** 3 / cpu_s / 1e9 if cpu_s > 0 else 0.0)
 
-    peak = measure_peak()
+    peak, peak_cpu = measure_peak()
     tmp = tempfile.mkdtemp(prefix="gen_vs_hf_")
     model = os.path.join(tmp, "model")
     run([st, "init-model", "--family", "llama", "--layers", str(a.layers), "--dim", str(a.dim), "--heads",
@@ -90,39 +128,53 @@ def main():
     x = torch.tensor([ids])
 
     def hf_gen(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             o = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t0, o[0, len(ids):].tolist()
+        return time.perf_counter() - t0, time.process_time() - c0, o[0, len(ids):].tolist()
 
     hf_gen(2)  # warm-up (first-call allocations)
-    best = {"st_pre": 1e30, "st_dec": 0.0, "hf_pre": 1e30, "hf_dec": 0.0}
+    best = {k: 1e30 if k.endswith("pre") else 0.0 for k in ("st_pre", "st_dec", "hf_pre", "hf_dec", "st_cpre",
+                                                             "st_cdec", "hf_cpre", "hf_cdec")}
+
+    def keep(key, v):
+        best[key] = min(best[key], v) if key.endswith("pre") else max(best[key], v)
+
     same = None
     for _ in range(a.reps):
-        pre_s, dec, n_dec = shardtune_once(st, model, prompts, os.path.join(tmp, "o.jsonl"), a, env)
-        best["st_pre"], best["st_dec"] = min(best["st_pre"], pre_s), max(best["st_dec"], dec)
-        t1, _ = hf_gen(1)
-        tn, hf_ids = hf_gen(a.new)
-        best["hf_pre"] = min(best["hf_pre"], t1)
-        best["hf_dec"] = max(best["hf_dec"], (a.new - 1) / max(tn - t1, 1e-9))
+        pre_s, dec, pre_c, dec_c = shardtune_once(st, model, prompts, os.path.join(tmp, "o.jsonl"), a, env)
+        keep("st_pre", pre_s), keep("st_dec", dec), keep("st_cpre", pre_c), keep("st_cdec", dec_c)
+        t1, c1, _ = hf_gen(1)
+        tn, cn, hf_ids = hf_gen(a.new)
+        keep("hf_pre", t1), keep("hf_dec", (a.new - 1) / max(tn - t1, 1e-9))
+        keep("hf_cpre", c1), keep("hf_cdec", (a.new - 1) / max(cn - c1, 1e-9))
         with open(os.path.join(tmp, "o.jsonl")) as f:
             ours = json.loads(f.readline())["output_ids"]
         k = 0
         while k < min(len(ours), len(hf_ids)) and ours[k] == hf_ids[k]:
             k += 1
         same = k
-    peak = max(peak, measure_peak())  # the better of before and after: load from others only lowers it
+    bw = read_bandwidth(torch)
+    p2, p2c = measure_peak()  # the better of before and after: load from others only lowers it
+    peak, peak_cpu = max(peak, p2), max(peak_cpu, p2c)
     fl = prefill_flops(a, a.prompt)
     print("model: llama L=%d C=%d H=%d KVH=%d F=%d V=%d, fp32, batch 1, prompt %d tokens, %d new, %d thread(s), "
           "torch %s, transformers %s" % (a.layers, a.dim, a.heads, a.kv_heads, a.ffn, a.vocab, a.prompt, a.new,
                                          a.threads, torch.__version__, transformers.__version__))
-    print("sgemm peak: %.1f GFLOP/s (better of before / after)" % peak)
-    print("%-13s %14s %14s %16s" % ("", "decode tok/s", "prefill GF/s", "prefill % peak"))
-    for name, pre, dec in (("shardtune", best["st_pre"], best["st_dec"]), ("transformers", best["hf_pre"], best["hf_dec"])):
-        g = fl / pre / 1e9
-        print("%-13s %14.1f %14.1f %15.0f%%" % (name, dec, g, 100 * g / peak))
-    print("decode speed-up: %.2fx (target >= 3x); greedy tokens agreeing with transformers: %d of %d" %
-          (best["st_dec"] / best["hf_dec"], same, a.new))
+    print("sgemm peak: %.1f GFLOP/s by wall time, %.1f by CPU time (better of before / after)" % (peak, peak_cpu))
+    print("%-13s %-5s %14s %14s %16s" % ("", "time", "decode tok/s", "prefill GF/s", "prefill % peak"))
+    for name, k in (("shardtune", "st"), ("transformers", "hf")):
+        for clock, pre, dec, pk in (("wall", best[k + "_pre"], best[k + "_dec"], peak),
+                                    ("cpu", best[k + "_cpre"], best[k + "_cdec"], peak_cpu)):
+            g = fl / pre / 1e9
+            print("%-13s %-5s %14.1f %14.1f %15.0f%%" % (name, clock, dec, g, 100 * g / pk))
+    print("decode speed-up: %.2fx by wall time, %.2fx by CPU time (target >= 3x); greedy tokens agreeing with "
+          "transformers: %d of %d" % (best["st_dec"] / best["hf_dec"], best["st_cdec"] / best["hf_cdec"], same, a.new))
+    floor = bw * 1e9 / decode_bytes(a)
+    print("decode memory floor: %.1f MB per token / %.1f GB/s read (1 thread, CPU time) = %.1f tok/s at most; "
+          "shardtune at %.0f%% of it (CPU time), transformers at %.0f%%" % (decode_bytes(a) / 1e6, bw, floor,
+                                                                          100 * best["st_cdec"] / floor,
+                                                                          100 * best["hf_cdec"] / floor))
     print("load average after: %s" % loadavg())
     subprocess.run(["rm", "-rf", tmp])
 

@@ -35,8 +35,8 @@ typedef struct {
      * stops that sequence (stop strings). */
     int (*stop)(void *ctx, int seq, const int32_t *out, int n_out);
     void *stop_ctx;
-    /* Optional: accumulates wall time and tokens of prefill (prompt tokens) and decode (generated tokens
-     * after each sequence's first, which prefill yields). */
+    /* Optional: accumulates wall time, process CPU time (every thread's) and tokens of prefill (prompt
+     * tokens) and decode (generated tokens after each sequence's first, which prefill yields). */
     struct st_gen_stats *stats;
     /* Optional lockstep for models whose residency hooks are collective (ZeRO-3 eval.generate): returns
      * whether any rank is busy (an all-reduce of `busy`); every forward calls sync(ctx, 1) first, and a
@@ -47,6 +47,7 @@ typedef struct {
 
 typedef struct st_gen_stats {
     double prefill_s, decode_s;
+    double prefill_cpu_s, decode_cpu_s; /* CPU seconds of all threads: with one thread, time it ran */
     long prefill_tokens, decode_tokens;
 } st_gen_stats;
 

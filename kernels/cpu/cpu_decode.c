@@ -2,8 +2,8 @@
  * cache, and attention of one query row per token over its sequence's cached keys (kernels.h has the
  * layouts; a sliding window limits the keys a row sees). A run of at least PREFILL_RUN rows of one
  * sequence at consecutive positions (a prefill chunk) attends per head through two sgemm tiles (scores
- * Q K^T over the keys the run sees, masked softmax per row, then P V); other rows (decode steps) one by
- * one with the score row on the stack. Each (row or run, query head) item is computed by one thread in
+ * Q K^T over the keys the run sees, masked softmax per row, then P V), in pieces of PREFILL_TILE rows;
+ * other rows (decode steps) one by one with the score row on the stack. Each (row or run, query head) item is computed by one thread in
  * a fixed order, so any thread schedule gives the same bits. Caller owns every buffer. */
 #include "kernels/cpu/cpu_kernels.h"
 
@@ -13,6 +13,10 @@
 
 /* Rows of one sequence at consecutive positions from which the sgemm tiles pay off. */
 #define PREFILL_RUN 16
+/* A long run is cut into tiles of this many rows: a tile scores only the keys up to its own last row, so
+ * the masked (causal) part of the score tiles that is computed and thrown away shrinks from half of a
+ * T x T square to about one tile per row. */
+#define PREFILL_TILE 128
 
 void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,
                      int rows, int h, int kvh, int hd, int max_t) {
@@ -27,6 +31,29 @@ void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32
 
 /* First key a query at position p sees: 0, or with a sliding window W the keys j with p - j < W. */
 static inline int first_key(int p, int window) { return window > 0 && p >= window ? p - window + 1 : 0; }
+
+/* o[hd] = sum_j p[j] v_j (v_j: row j of vb, stride kvd), keys in order for every element. A chunk of
+ * VALUE_CHUNK output dims stays in registers over all the keys (the same sums as an axpy per key, which
+ * would store and reload o for every key). */
+#define VALUE_CHUNK 64
+static void weigh_values(float *restrict o, const float *restrict p, const float *restrict vb, int nk, size_t kvd,
+                         int hd) {
+    for (int d0 = 0; d0 < hd; d0 += VALUE_CHUNK) {
+        int w = hd - d0 < VALUE_CHUNK ? hd - d0 : VALUE_CHUNK;
+        float acc[VALUE_CHUNK] = {0};
+        if (w == VALUE_CHUNK)
+            for (int j = 0; j < nk; j++) {
+                const float *restrict v = vb + (size_t)j * kvd + d0;
+                for (int d = 0; d < VALUE_CHUNK; d++) acc[d] += p[j] * v[d];
+            }
+        else
+            for (int j = 0; j < nk; j++) {
+                const float *restrict v = vb + (size_t)j * kvd + d0;
+                for (int d = 0; d < w; d++) acc[d] += p[j] * v[d];
+            }
+        memcpy(o + d0, acc, (size_t)w * sizeof(float));
+    }
+}
 
 /* Row i (sequence seq, position p), query head hi, over its keys one by one (the score row on the stack). */
 static void attend_row(float *out, const float *qkv, const float *kcache, const float *vcache, int seq, int p, int i,
@@ -50,9 +77,8 @@ static void attend_row(float *out, const float *qkv, const float *kcache, const 
     float mx = st_cpu_max(s, nk);
     for (j = 0; j < nk; j++) s[j] = st_cpu_expf(s[j] - mx);
     float inv = 1.0f / st_cpu_sum(s, nk);
-    float *restrict o = out + (size_t)i * h * hd + (size_t)hi * hd;
-    for (int d = 0; d < hd; d++) o[d] = 0.0f;
-    for (j = 0; j < nk; j++) st_cpu_axpy(o, s[j] * inv, vb + (size_t)j * kvd, hd);
+    for (j = 0; j < nk; j++) s[j] *= inv;
+    weigh_values(out + (size_t)i * h * hd + (size_t)hi * hd, s, vb, nk, kvd, hd);
 }
 
 /* Rows r0..r0+n-1 of one sequence at positions p0..p0+n-1, query head hi: S = scale Q K^T over keys
@@ -121,16 +147,23 @@ void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, 
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
                              int max_t, int window) {
     if (rows <= 0 || h <= 0 || kvh <= 0 || hd <= 0) return;
-    /* prefill runs through sgemm tiles; the rows left (tiled[i] = 0) one by one */
-    int *run_r0 = malloc((size_t)rows * sizeof(int)), *run_n = malloc((size_t)rows * sizeof(int));
-    unsigned char *tiled = calloc((size_t)rows, 1);
+    /* prefill runs through sgemm tiles; the rows left (tiled[i] = 0) one by one. Fewer rows than a run
+     * (a decode step) allocate nothing. */
+    int runs_possible = rows >= PREFILL_RUN;
+    int *run_r0 = runs_possible ? malloc((size_t)rows * sizeof(int)) : NULL;
+    int *run_n = runs_possible ? malloc((size_t)rows * sizeof(int)) : NULL;
+    unsigned char *tiled = runs_possible ? calloc((size_t)rows, 1) : NULL;
     int n_runs = 0;
     for (int r0 = 0; run_r0 && run_n && tiled && r0 < rows;) {
         int n = run_length(row_seq, row_pos, rows, r0);
         if (n >= PREFILL_RUN) {
-            run_r0[n_runs] = r0;
-            run_n[n_runs++] = n;
             memset(tiled + r0, 1, (size_t)n);
+            for (int a = 0; a < n;) { /* tiles of PREFILL_TILE rows; a short last piece joins the one before */
+                int m = n - a <= PREFILL_TILE + PREFILL_RUN ? n - a : PREFILL_TILE;
+                run_r0[n_runs] = r0 + a;
+                run_n[n_runs++] = m;
+                a += m;
+            }
         }
         r0 += n;
     }

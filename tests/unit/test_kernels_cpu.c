@@ -106,12 +106,13 @@ static void test_expf(void **state) {
 
 /* ---- decode attention over the KV cache ---- */
 
-/* kv_store + attention_cached against a float64 loop: a prefill run of 40 rows of sequence 2 (positions
- * 0..39: the sgemm-tile path) followed by 3 lone rows (decode steps: the row path) of sequences 0 and 1
- * whose earlier keys are already cached, GQA 4/2, without and with a sliding window. */
+/* kv_store + attention_cached against a float64 loop: a prefill run of 300 rows of sequence 2 (positions
+ * 0..299: the sgemm-tile path, cut into tiles of 128, 128 and 44 rows) followed by 3 lone rows (decode
+ * steps: the row path) of sequences 0 and 1 whose earlier keys are already cached, GQA 4/2, without and
+ * with a sliding window. */
 static void test_attention_cached(void **state) {
     (void)state;
-    enum { S = 3, MT = 48, H = 4, KVH = 2, HD = 8, RUN = 40, ROWS = RUN + 3 };
+    enum { S = 3, MT = 320, H = 4, KVH = 2, HD = 8, RUN = 300, ROWS = RUN + 3 };
     size_t stride = (size_t)(H + 2 * KVH) * HD, kvd = (size_t)KVH * HD, cache = (size_t)S * MT * kvd;
     int32_t seq[ROWS], pos[ROWS];
     for (int r = 0; r < RUN; r++) seq[r] = 2, pos[r] = r;

@@ -167,27 +167,26 @@ int st_model_build_registry(st_model *m, const st_model_config *cfg) {
     return 0;
 }
 
-int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be) {
-    int rc = st_model_build_registry(m, cfg);
-    if (rc) return rc;
-    if (cfg->sliding_window > 0 && (!be->attention_window_fwd || !be->attention_window_bwd)) {
-        st_model_free(m);
+int st_model_bind(st_model *m, const st_backend *be, int alloc_weights) {
+    const st_model_config *cfg = &m->cfg;
+    if (cfg->sliding_window > 0 && (!be->attention_window_fwd || !be->attention_window_bwd))
         return st_fail(ST_ECONFIG, "model has sliding_window %d, which the %s backend cannot attend with",
                        cfg->sliding_window, be->name);
-    }
-    if (cfg->qk_norm && (!be->head_rmsnorm_fwd || !be->head_rmsnorm_bwd)) {
-        st_model_free(m);
+    if (cfg->qk_norm && (!be->head_rmsnorm_fwd || !be->head_rmsnorm_bwd))
         return st_fail(ST_ECONFIG, "model_type %s needs q/k norms, which the %s backend does not have",
                        cfg->model_type, be->name);
-    }
     m->be = be;
+    if (!alloc_weights) return 0;
     m->weights = be->alloc(m->n_weights * sizeof(float));
-    if (!m->weights) {
-        free(m->params);
-        m->params = NULL;
-        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights", m->n_weights * 4.0 / 1e6);
-    }
+    if (!m->weights) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights", m->n_weights * 4.0 / 1e6);
     return 0;
+}
+
+int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be) {
+    int rc = st_model_build_registry(m, cfg);
+    if (!rc) rc = st_model_bind(m, be, 1);
+    if (rc) st_model_free(m);
+    return rc;
 }
 
 int st_model_set_doc_positions(st_model *m, const int32_t *pos_host) {

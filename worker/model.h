@@ -120,6 +120,10 @@ int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be
  * size models that would not fit in this process. st_model_set_trainable must not be called on it (it
  * allocates gradients); st_model_count_trainable may. Release with st_model_free(). */
 int st_model_build_registry(st_model *m, const st_model_config *cfg);
+/* Puts a registry-only model on `be` (ST_ECONFIG when the backend lacks a kernel the config needs) and,
+ * with alloc_weights, allocates its weight buffer (n_weights floats); without, m->weights stays NULL for
+ * the caller to lay out (worker/qlora.h's streamed load). st_model_build = registry + bind(.., 1). */
+int st_model_bind(st_model *m, const st_backend *be, int alloc_weights);
 void st_model_free(st_model *m);
 
 /* Random init (std 0.02, residual projections scaled by 1/sqrt(2L), norms 1, biases 0). */

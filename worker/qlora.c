@@ -1,7 +1,8 @@
 /* qlora.c — quantized frozen base for QLoRA (see qlora.h).
  *
- * Layout after st_qlora_quantize: m->weights = [kept base params | scratch (one layer's quantized weights) |
- * adapters]. Every quantized parameter's offset points into the scratch at its place in its layer, so the
+ * Layout after st_qlora_begin: m->weights = [kept base params | scratch (one layer's quantized weights) |
+ * adapters]. st_qlora_put then fills it a tensor at a time (the trainer's streamed load: one fp32 tensor in
+ * flight, never the fp32 base); st_qlora_quantize does the same from an already loaded model. Every quantized parameter's offset points into the scratch at its place in its layer, so the
  * model's weight pointers (wptr, the packed q/k/v and gate/up matmuls) work unchanged once the layer is
  * acquired. */
 #include "worker/qlora.h"
@@ -112,15 +113,12 @@ static int quantizable(const st_param *p) {
     return p->layer >= 0 && p->ndim == 2 && (p->kind == ST_MOD_ATTN || p->kind == ST_MOD_MLP);
 }
 
-static int quantize_one(const st_model *m, const st_qlora_spec *s, int idx, qtensor *t, float *host) {
-    const st_param *p = &m->params[idx];
-    t->param = idx;
-    t->n = p->numel;
-    t->ns = n_blocks(p->numel, s->block);
+/* Quantizes one host tensor (registry entry t->param, n floats) into t. */
+static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, const float *host) {
+    const st_param *p = &m->params[t->param];
     t->codes = malloc(s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n);
     t->scales = malloc(t->ns * sizeof(float));
     if (!t->codes || !t->scales) return st_fail(ST_ENOMEM, "out of memory quantizing %s", p->name);
-    m->be->copy_to_host(host, m->weights + p->offset, p->numel * sizeof(float));
     st_qlora_quant_tensor(s->quant, host, t->n, s->block, t->codes, t->scales);
     if (!s->double_quant) return 0;
     t->q8 = malloc(t->ns);
@@ -132,74 +130,110 @@ static int quantize_one(const st_model *m, const st_qlora_spec *s, int idx, qten
     return 0;
 }
 
-/* Moves every kept parameter to its new offset in a new, smaller buffer; quantized ones point at the
- * scratch. */
-static int compact(st_model *m, const st_qlora *q) {
-    int n = m->n_params, nb = st_model_base_params(m);
-    size_t *off = malloc((size_t)n * sizeof *off), at = 0, scratch = 0, layer_at = 0;
-    unsigned char *isq = calloc((size_t)n, 1);
-    if (!off || !isq) { free(off); free(isq); return st_fail(ST_ENOMEM, "out of memory"); }
-    for (int k = 0; k < q->n; k++) isq[q->t[k].param] = 1;
+/* The compacted layout: kept base parameters first (registry order), then one layer's scratch, then the
+ * adapters; sets every offset, n_weights (and n_base_weights with adapters). */
+static void layout(st_model *m, const st_qlora *q) {
+    int n = m->n_params, nb = st_model_base_params(m), k = 0, cur = -1;
+    size_t at = 0, scratch = 0, layer_at = 0, adapters = m->lora ? m->n_weights - m->n_base_weights : 0;
+    size_t adapter0 = m->lora ? m->n_base_weights : m->n_weights;
     for (int i = 0; i < nb; i++)
-        if (!isq[i]) { off[i] = at; at += m->params[i].numel; }
+        if (k < q->n && q->t[k].param == i) k++;
+        else { m->params[i].offset = at; at += m->params[i].numel; }
     size_t scratch0 = at;
-    int cur = -1;
-    for (int i = 0; i < nb; i++) { /* per layer, in registry order */
-        if (!isq[i]) continue;
-        if (m->params[i].layer != cur) { cur = m->params[i].layer; layer_at = 0; }
-        off[i] = scratch0 + layer_at;
-        layer_at += m->params[i].numel;
+    for (k = 0; k < q->n; k++) { /* per layer, in registry order */
+        st_param *p = &m->params[q->t[k].param];
+        if (p->layer != cur) { cur = p->layer; layer_at = 0; }
+        p->offset = scratch0 + layer_at;
+        layer_at += p->numel;
         if (layer_at > scratch) scratch = layer_at;
     }
     size_t base_end = scratch0 + scratch;
-    for (int i = nb; i < n; i++) off[i] = base_end + (m->params[i].offset - m->n_base_weights);
-    size_t total = base_end + (m->n_weights - (m->lora ? m->n_base_weights : m->n_weights));
-    float *nw = m->be->alloc(total * sizeof(float) + sizeof(float));
-    if (!nw) { free(off); free(isq); return st_fail(ST_ENOMEM, "out of memory for the QLoRA weight buffer"); }
-    for (int i = 0; i < n; i++)
-        if (i >= nb || !isq[i]) m->be->copy(nw + off[i], m->weights + m->params[i].offset, m->params[i].numel * sizeof(float));
-    m->be->free(m->weights);
-    m->weights = nw;
-    for (int i = 0; i < n; i++) m->params[i].offset = off[i];
+    for (int i = nb; i < n; i++) m->params[i].offset = base_end + (m->params[i].offset - adapter0);
     if (m->lora) m->n_base_weights = base_end;
-    m->n_weights = total;
-    free(off);
-    free(isq);
-    return 0;
+    m->n_weights = base_end + adapters;
 }
 
-int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
+int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     if (!m->be || !m->be->host_memory)
         return st_fail(ST_ECONFIG, "finetune.mode qlora runs on the cpu backend only for now%s%s%s",
                        m->be ? " (" : "", m->be ? m->be->name : "", m->be ? " backend)" : "");
     if (m->acquire) return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage 3 is not supported yet");
-    if (m->weights_bf16) /* the bf16 copy is sized for the fp32 buffer that compact() shrinks */
+    if (m->weights_bf16) /* the bf16 copy is sized for the fp32 buffer that the layout shrinks */
         return st_fail(ST_EINVAL, "the base must be quantized before precision bf16 is set");
     if (s->block < 1) return st_fail(ST_ECONFIG, "finetune.qlora.block must be >= 1, got %d", s->block);
     if (m->qlora) return st_fail(ST_EINVAL, "the model's base is already quantized");
     st_qlora *q = calloc(1, sizeof *q);
     if (q) q->t = calloc((size_t)m->n_params, sizeof *q->t);
-    float *host = NULL;
-    size_t max_n = 0, max_ns = 0;
-    for (int i = 0; i < st_model_base_params(m); i++)
-        if (quantizable(&m->params[i]) && m->params[i].numel > max_n) max_n = m->params[i].numel;
-    if (q && q->t) host = malloc(max_n * sizeof(float) + 1);
-    int rc = host ? 0 : st_fail(ST_ENOMEM, "out of memory quantizing the base model");
-    if (q) q->spec = *s;
-    for (int i = 0; !rc && i < st_model_base_params(m); i++) {
+    if (!q || !q->t) { st_qlora_free(q); return st_fail(ST_ENOMEM, "out of memory quantizing the base model"); }
+    q->spec = *s;
+    size_t max_ns = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) {
         if (!quantizable(&m->params[i])) continue;
-        rc = quantize_one(m, s, i, &q->t[q->n], host);
-        q->fp32_bytes += m->params[i].numel * sizeof(float);
-        if (q->t[q->n].ns > max_ns) max_ns = q->t[q->n].ns;
-        q->n++;
+        qtensor *t = &q->t[q->n++];
+        t->param = i;
+        t->n = m->params[i].numel;
+        t->ns = n_blocks(t->n, s->block);
+        q->fp32_bytes += t->n * sizeof(float);
+        if (t->ns > max_ns) max_ns = t->ns;
     }
-    free(host);
-    if (!rc && !(q->sbuf = malloc(max_ns * sizeof(float) + 1))) rc = st_fail(ST_ENOMEM, "out of memory");
-    if (!rc) rc = compact(m, q);
-    if (rc) { st_qlora_free(q); return rc; }
+    layout(m, q);
+    m->weights = m->be->alloc(m->n_weights * sizeof(float) + sizeof(float));
+    q->sbuf = malloc(max_ns * sizeof(float) + 1);
+    if (!m->weights || !q->sbuf) {
+        m->be->free(m->weights);
+        m->weights = NULL;
+        st_qlora_free(q);
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the QLoRA weight buffer", m->n_weights * 4.0 / 1e6);
+    }
     m->qlora = q;
     st_model_weights_changed(m);
     return 0;
+}
+
+int st_qlora_put(st_model *m, int i, const float *host) {
+    st_qlora *q = m->qlora;
+    for (int k = 0; k < q->n; k++)
+        if (q->t[k].param == i) {
+            if (q->t[k].codes) return st_fail(ST_EINVAL, "%s is already quantized", m->params[i].name);
+            return quantize_one(m, &q->spec, &q->t[k], host);
+        }
+    m->be->copy_to_device(m->weights + m->params[i].offset, host, m->params[i].numel * sizeof(float));
+    st_model_weights_changed(m);
+    return 0;
+}
+
+int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
+    if (m->qlora) return st_fail(ST_EINVAL, "the model's base is already quantized");
+    int n = m->n_params, nb = st_model_base_params(m);
+    size_t *old = malloc((size_t)n * sizeof *old + 1), most = 0;
+    if (!old) return st_fail(ST_ENOMEM, "out of memory quantizing the base model");
+    for (int i = 0; i < n; i++) {
+        old[i] = m->params[i].offset;
+        if (i < nb && m->params[i].numel > most) most = m->params[i].numel;
+    }
+    float *w = m->weights;
+    size_t nw = m->n_weights, nbw = m->n_base_weights;
+    m->weights = NULL;
+    int rc = st_qlora_begin(m, s);
+    float *host = rc ? NULL : malloc(most * sizeof(float) + sizeof(float));
+    if (!rc && !host) rc = st_fail(ST_ENOMEM, "out of memory quantizing the base model");
+    for (int i = 0; !rc && i < nb; i++) { /* through host memory: exactly what the streamed load quantizes */
+        m->be->copy_to_host(host, w + old[i], m->params[i].numel * sizeof(float));
+        rc = st_qlora_put(m, i, host);
+    }
+    for (int i = nb; !rc && i < n; i++)
+        m->be->copy(m->weights + m->params[i].offset, w + old[i], m->params[i].numel * sizeof(float));
+    free(host);
+    if (rc) { /* the model as it was */
+        if (m->qlora) { m->be->free(m->weights); st_qlora_free(m->qlora); m->qlora = NULL; }
+        m->weights = w;
+        m->n_weights = nw;
+        m->n_base_weights = nbw;
+        for (int i = 0; i < n; i++) m->params[i].offset = old[i];
+    } else
+        m->be->free(w);
+    free(old);
+    return rc;
 }
 
 void st_qlora_acquire(const st_model *m, int first, int last) {

@@ -42,6 +42,14 @@ typedef struct st_qlora st_qlora;
 int st_qlora_quantize(st_model *m, const st_qlora_spec *spec);
 void st_qlora_free(st_qlora *q);
 
+/* The streamed form of st_qlora_quantize, for a model bound to its backend without weights (st_model_bind
+ * with alloc_weights 0; adapters attached to the registry): lays out and allocates the compacted buffer
+ * (kept base, one layer's scratch, the adapters, uninitialized). Then st_qlora_put for every base parameter,
+ * in any order, each once: a quantized one is quantized from `host` (its fp32 values, numel floats, registry
+ * layout), a kept one copied to its place. Same errors as st_qlora_quantize. */
+int st_qlora_begin(st_model *m, const st_qlora_spec *spec);
+int st_qlora_put(st_model *m, int i, const float *host);
+
 /* Dequantizes the quantized parameters among [first, last) into the scratch their offsets point at. */
 void st_qlora_acquire(const st_model *m, int first, int last);
 

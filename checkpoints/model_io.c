@@ -192,6 +192,14 @@ int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst)
     return rc;
 }
 
+int st_model_read_param_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, float *dst) {
+    const st_param *p = &m->params[i];
+    const st_st_tensor *t = find_tensor(s, m, p);
+    if (!t) return st_fail(ST_EFORMAT, "tensor '%s' is missing", p->name);
+    if (p->ndim == 2 && p->transpose_io) return st_fail(ST_EINVAL, "a ranged read of transposed tensor %s", p->name);
+    return st_safetensors_read_f32_range(s, t, a, n, dst);
+}
+
 int st_model_load_weights(st_model *m, const char *dir) { return st_model_load_weights_part(m, dir, NULL, NULL); }
 
 int st_model_open_registry(const char *dir, st_model *m) {

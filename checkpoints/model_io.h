@@ -33,6 +33,8 @@ int st_model_load_weights(st_model *m, const char *dir);
 int st_model_check_files(const st_model *m, const char *dir, st_safetensors **out);
 /* Parameter i of m from those files, fp32 in registry layout (numel floats; a Conv1D tensor transposed). */
 int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst);
+/* Elements [a, a + n) of it (not for a transposed Conv1D tensor: ST_EINVAL). */
+int st_model_read_param_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, float *dst);
 
 /* Which elements of parameter i (registry layout, [0, numel)) this rank keeps: sets [*a, *b) (empty when
  * a >= b). */

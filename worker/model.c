@@ -231,7 +231,7 @@ void st_model_free(st_model *m) {
         memset(m, 0, sizeof *m);
         return;
     }
-    m->be->free(m->weights);
+    m->be->free(m->weights ? m->weights + m->n_w16 : NULL);
     m->be->free(m->grads);
     m->be->free(m->act_arena);
     m->be->free(m->rope_cos);
@@ -712,10 +712,14 @@ int st_model_set_precision(st_model *m, st_precision precision) {
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
     if (precision == ST_PRECISION_BF16 && m->lora && st_lora_has_dora(m))
         return st_fail(ST_ECONFIG, "precision: bf16 with finetune.lora.dora is not supported yet (use fp32)");
+    if (m->n_w16 && precision != ST_PRECISION_BF16) /* worker/qlora.h: that part exists in bf16 only */
+        return st_fail(ST_EINVAL, "the model's frozen base is held in bf16 only: precision must stay bf16");
     m->precision = precision;
-    m->be->free(m->weights_bf16);
-    m->weights_bf16 = NULL;
-    if (precision == ST_PRECISION_BF16) {
+    if (!m->n_w16) { /* else the bf16 copy came with the weights (st_qlora_begin) */
+        m->be->free(m->weights_bf16);
+        m->weights_bf16 = NULL;
+    }
+    if (precision == ST_PRECISION_BF16 && !m->weights_bf16) {
         m->weights_bf16 = m->be->alloc(m->n_weights * sizeof(uint16_t));
         if (!m->weights_bf16)
             return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the bf16 weight copy (precision: bf16)",
@@ -1033,7 +1037,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     bind(m, la, &b);
     if (m->weights_bf16 && m->weights_bf16_stale && !m->acquire) { /* the bf16 copy every matmul reads (ZeRO-3:
                                                                         made per layer by the acquire hook) */
-        be->to_bf16(m->weights_bf16, m->weights, m->n_weights);
+        be->to_bf16(m->weights_bf16 + m->n_w16, m->weights + m->n_w16, m->n_weights - m->n_w16);
         m->weights_bf16_stale = 0;
     }
     if (m->lora) st_lora_set_training(m, train); /* LoRA dropout: training forwards only */
@@ -1048,6 +1052,10 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
     if (wpe && m->doc_pos_on)
         be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
+    else if (m->params[0].offset < m->n_w16) /* the embedding in bf16 only (Llama family): widened row by row */
+        for (int i = 0; i < N; i++)
+            be->from_bf16(la[0].res_in + (size_t)i * c->d_model, m->weights_bf16 + m->params[0].offset +
+                          (size_t)inputs[i] * c->d_model, (size_t)c->d_model);
     else
         be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
     if (m->prompt) { /* the virtual rows */

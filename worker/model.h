@@ -42,6 +42,10 @@ typedef struct {
     st_param *params;
     float *weights;    /* backend memory, n_weights floats */
     size_t n_weights;
+    /* weight floats [0, n_w16) have no fp32 storage, only their place in weights_bf16 (QLoRA under bf16,
+     * worker/qlora.h: the frozen embeddings and head, and the layer scratch): m->weights + n_w16 is the
+     * allocation, and nothing reads m->weights below it. 0 otherwise. */
+    size_t n_w16;
     float *grads;      /* backend memory, n_grads floats (trainable only); NULL when nothing trains */
     size_t n_grads;
     size_t grad_alloc; /* n_grads rounded up to a multiple of grad_align (zero padding for equal shards) */

@@ -32,6 +32,9 @@ struct st_qlora {
     int n;
     qtensor *t;       /* registry order */
     float *sbuf;      /* host [max ns]: dequantized scales of the tensor being acquired */
+    float *fbuf;      /* spec.bf16: host [CHUNK floats]: a piece dequantized before its rounding to bf16 */
+    size_t chunk;
+    uint64_t *sums;   /* spec.bf16: [n_params] the checksums st_qlora_set_sum recorded (bf16-only params) */
     size_t fp32_bytes;
 };
 
@@ -105,6 +108,8 @@ void st_qlora_free(st_qlora *q) {
     for (int i = 0; i < q->n; i++) free_tensor(&q->t[i]);
     free(q->t);
     free(q->sbuf);
+    free(q->fbuf);
+    free(q->sums);
     free(q);
 }
 
@@ -114,6 +119,15 @@ static int quantizable(const st_param *p) {
 }
 
 /* Quantizes one host tensor (registry entry t->param, n floats) into t. */
+/* spec.bf16: the frozen base parameters held in bf16 only besides the quantized ones: the token embedding
+ * (Llama family: its rows are widened from bf16, worker/model.c) and an untied LM head (a matmul weight). */
+static int bf16_only(const st_model *m, int i) {
+    const st_param *p = &m->params[i];
+    if (p->layer >= 0 || p->ndim != 2 || i >= st_model_base_params(m)) return 0;
+    if (i == 0) return m->cfg.family != ST_FAMILY_GPT2;
+    return p->kind == ST_MOD_HEAD;
+}
+
 static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, const float *host) {
     const st_param *p = &m->params[t->param];
     t->codes = malloc(s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n);
@@ -133,12 +147,11 @@ static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, c
 /* The compacted layout: kept base parameters first (registry order), then one layer's scratch, then the
  * adapters; sets every offset, n_weights (and n_base_weights with adapters). */
 static void layout(st_model *m, const st_qlora *q) {
-    int n = m->n_params, nb = st_model_base_params(m), k = 0, cur = -1;
+    int n = m->n_params, nb = st_model_base_params(m), k = 0, cur = -1, w16 = q->spec.bf16;
     size_t at = 0, scratch = 0, layer_at = 0, adapters = m->lora ? m->n_weights - m->n_base_weights : 0;
     size_t adapter0 = m->lora ? m->n_base_weights : m->n_weights;
-    for (int i = 0; i < nb; i++)
-        if (k < q->n && q->t[k].param == i) k++;
-        else { m->params[i].offset = at; at += m->params[i].numel; }
+    for (int i = 0; w16 && i < nb; i++) /* bf16: [bf16-only kept | scratch | fp32 kept | adapters] */
+        if (bf16_only(m, i)) { m->params[i].offset = at; at += m->params[i].numel; }
     size_t scratch0 = at;
     for (k = 0; k < q->n; k++) { /* per layer, in registry order */
         st_param *p = &m->params[q->t[k].param];
@@ -147,7 +160,17 @@ static void layout(st_model *m, const st_qlora *q) {
         layer_at += p->numel;
         if (layer_at > scratch) scratch = layer_at;
     }
-    size_t base_end = scratch0 + scratch;
+    at = scratch0 + scratch;
+    m->n_w16 = w16 ? at : 0;
+    if (!w16) at = 0; /* fp32: [kept | scratch | adapters] */
+    k = 0;
+    for (int i = 0; i < nb; i++) /* q->t is in registry order */
+        if (k < q->n && q->t[k].param == i) k++;
+        else if (!(w16 && bf16_only(m, i))) { m->params[i].offset = at; at += m->params[i].numel; }
+    size_t base_end = w16 ? at : at + scratch;
+    if (!w16) { /* the scratch follows the kept parameters */
+        for (k = 0; k < q->n; k++) m->params[q->t[k].param].offset += at;
+    }
     for (int i = nb; i < n; i++) m->params[i].offset = base_end + (m->params[i].offset - adapter0);
     if (m->lora) m->n_base_weights = base_end;
     m->n_weights = base_end + adapters;
@@ -162,6 +185,8 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
         return st_fail(ST_EINVAL, "the base must be quantized before precision bf16 is set");
     if (s->block < 1) return st_fail(ST_ECONFIG, "finetune.qlora.block must be >= 1, got %d", s->block);
     if (m->qlora) return st_fail(ST_EINVAL, "the model's base is already quantized");
+    if (s->bf16 && (!m->be->to_bf16 || !m->be->from_bf16))
+        return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
     st_qlora *q = calloc(1, sizeof *q);
     if (q) q->t = calloc((size_t)m->n_params, sizeof *q->t);
     if (!q || !q->t) { st_qlora_free(q); return st_fail(ST_ENOMEM, "out of memory quantizing the base model"); }
@@ -177,30 +202,63 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
         if (t->ns > max_ns) max_ns = t->ns;
     }
     layout(m, q);
-    m->weights = m->be->alloc(m->n_weights * sizeof(float) + sizeof(float));
+    size_t n32 = m->n_weights - m->n_w16;
+    float *w32 = m->be->alloc(n32 * sizeof(float) + sizeof(float));
+    m->weights = w32 ? w32 - m->n_w16 : NULL; /* nothing reads below n_w16 (model.h) */
     q->sbuf = malloc(max_ns * sizeof(float) + 1);
-    if (!m->weights || !q->sbuf) {
-        m->be->free(m->weights);
+    int ok = w32 && q->sbuf;
+    if (ok && s->bf16) {
+        q->chunk = (size_t)s->block * 2 * (((size_t)1 << 16) / ((size_t)s->block * 2) + 1); /* whole blocks, bytes */
+        q->fbuf = malloc(q->chunk * sizeof(float));
+        q->sums = calloc((size_t)m->n_params, sizeof *q->sums);
+        m->weights_bf16 = m->be->alloc(m->n_weights * sizeof(uint16_t));
+        ok = q->fbuf && q->sums && m->weights_bf16;
+    }
+    if (!ok) {
+        m->be->free(w32);
+        m->be->free(m->weights_bf16);
         m->weights = NULL;
+        m->weights_bf16 = NULL;
+        m->n_w16 = 0;
         st_qlora_free(q);
-        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the QLoRA weight buffer", m->n_weights * 4.0 / 1e6);
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the QLoRA weight buffer", n32 * 4.0 / 1e6);
     }
     m->qlora = q;
     st_model_weights_changed(m);
     return 0;
 }
 
+static int find(const st_qlora *q, int i) {
+    for (int k = 0; k < q->n; k++)
+        if (q->t[k].param == i) return k;
+    return -1;
+}
+
 int st_qlora_put(st_model *m, int i, const float *host) {
     st_qlora *q = m->qlora;
-    for (int k = 0; k < q->n; k++)
-        if (q->t[k].param == i) {
-            if (q->t[k].codes) return st_fail(ST_EINVAL, "%s is already quantized", m->params[i].name);
-            return quantize_one(m, &q->spec, &q->t[k], host);
-        }
-    m->be->copy_to_device(m->weights + m->params[i].offset, host, m->params[i].numel * sizeof(float));
+    int k = find(q, i);
+    if (k < 0) return st_qlora_put_part(m, i, 0, m->params[i].numel, host);
+    if (q->t[k].codes) return st_fail(ST_EINVAL, "%s is already quantized", m->params[i].name);
+    return quantize_one(m, &q->spec, &q->t[k], host);
+}
+
+int st_qlora_put_part(st_model *m, int i, size_t a, size_t n, const float *host) {
+    const st_param *p = &m->params[i];
+    if (find(m->qlora, i) >= 0 || a + n > p->numel)
+        return st_fail(ST_EINVAL, "st_qlora_put_part: %s is quantized (whole only) or the range is outside it", p->name);
+    if (p->offset < m->n_w16) m->be->to_bf16(m->weights_bf16 + p->offset + a, host, n);
+    else m->be->copy_to_device(m->weights + p->offset + a, host, n * sizeof(float));
     st_model_weights_changed(m);
     return 0;
 }
+
+int st_qlora_bf16_only(const st_model *m, int i) { return m->params[i].offset < m->n_w16 && !st_qlora_holds(m, i); }
+
+void st_qlora_set_sum(st_model *m, int i, uint64_t sum) {
+    if (m->qlora && m->qlora->sums) m->qlora->sums[i] = sum;
+}
+
+uint64_t st_qlora_sum(const st_model *m, int i) { return m->qlora && m->qlora->sums ? m->qlora->sums[i] : 0; }
 
 int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
     if (m->qlora) return st_fail(ST_EINVAL, "the model's base is already quantized");
@@ -248,6 +306,18 @@ void st_qlora_acquire(const st_model *m, int first, int last) {
             for (size_t i = 0; i < t->ns; i++) q->sbuf[i] += t->mean;
             s = q->sbuf;
         }
+        if (q->spec.bf16) { /* bf16 only: a piece at a time through fbuf (whole blocks, whole bytes) */
+            uint16_t *out16 = m->weights_bf16 + m->params[t->param].offset;
+            for (size_t at = 0; at < t->n; at += q->chunk) {
+                size_t k = t->n - at < q->chunk ? t->n - at : q->chunk, sb = at / (size_t)q->spec.block;
+                if (q->spec.quant == ST_QLORA_NF4)
+                    be->dequant_nf4(q->fbuf, t->codes + at / 2, s + sb, k, q->spec.block);
+                else
+                    be->dequant_int8(q->fbuf, (const int8_t *)t->codes + at, s + sb, k, q->spec.block);
+                be->to_bf16(out16 + at, q->fbuf, k);
+            }
+            continue;
+        }
         float *out = m->weights + m->params[t->param].offset;
         if (q->spec.quant == ST_QLORA_NF4)
             be->dequant_nf4(out, t->codes, s, t->n, q->spec.block);
@@ -280,6 +350,7 @@ void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32) {
 int st_qlora_materialize(st_model *m) {
     st_qlora *q = m->qlora;
     if (!q) return 0;
+    if (q->spec.bf16) return st_fail(ST_EINVAL, "a base held in bf16 only cannot be materialized in fp32");
     size_t total = 0, nb = 0;
     for (int i = 0; i < m->n_params; i++) {
         total += m->params[i].numel;

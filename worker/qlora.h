@@ -32,6 +32,7 @@ typedef struct {
     st_qlora_quant quant;
     int double_quant;
     int block; /* elements per scale, >= 1 */
+    int bf16;  /* precision bf16 (st_qlora_begin only): the frozen base is held once, in bf16 (see below) */
 } st_qlora_spec;
 
 typedef struct st_qlora st_qlora;
@@ -49,6 +50,18 @@ void st_qlora_free(st_qlora *q);
  * layout), a kept one copied to its place. Same errors as st_qlora_quantize. */
 int st_qlora_begin(st_model *m, const st_qlora_spec *spec);
 int st_qlora_put(st_model *m, int i, const float *host);
+/* Elements [a, a + n) of a parameter that is not quantized (a piece of a large tensor at a time). */
+int st_qlora_put_part(st_model *m, int i, size_t a, size_t n, const float *host);
+/* spec.bf16 ("the frozen weights once, in the compute precision"): the layout is [bf16-only kept | one
+ * layer's scratch | fp32 kept | adapters], m->n_w16 the end of the scratch: the token embedding (Llama family)
+ * and an untied LM head live in the bf16 copy only (st_qlora_begin allocates it; st_model_set_precision
+ * keeps it), the scratch too (the acquire dequantizes a piece at a time and rounds it into the bf16 copy:
+ * the values the fp32 path would round). Norms, biases and the adapters keep fp32 masters. Without fp32
+ * values, those parameters' checksums (checkpoints' adapter_base_checksum) are recorded at load:
+ * st_qlora_set_sum / st_qlora_sum (st_ckpt_checksum of the fp32 values, from element 0). */
+int st_qlora_bf16_only(const st_model *m, int i);
+void st_qlora_set_sum(st_model *m, int i, uint64_t sum);
+uint64_t st_qlora_sum(const st_model *m, int i);
 
 /* Dequantizes the quantized parameters among [first, last) into the scratch their offsets point at. */
 void st_qlora_acquire(const st_model *m, int first, int last);

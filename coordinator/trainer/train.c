@@ -276,6 +276,28 @@ static int load_streamed(trainer *t) {
     return 0;
 }
 
+/* A parameter QLoRA holds in bf16 only (worker/qlora.h): read, checked and summed a piece at a time; its own
+ * checksum (from element 0) kept for the checkpoints' adapter_base_checksum. */
+static int load_bf16_only(st_model *m, st_safetensors *s, int i, const char *dir, size_t at, uint64_t *sum) {
+    const size_t chunk = (size_t)1 << 20;
+    const st_param *p = &m->params[i];
+    float *buf = malloc((p->numel < chunk ? p->numel : chunk) * sizeof(float) + sizeof(float));
+    int rc = buf ? 0 : st_fail(ST_ENOMEM, "out of memory loading %s", p->name);
+    uint64_t own = 0;
+    for (size_t a = 0; !rc && a < p->numel; a += chunk) {
+        size_t n = p->numel - a < chunk ? p->numel - a : chunk;
+        rc = st_model_read_param_range(s, m, i, a, n, buf);
+        if (!rc) rc = st_check_finite_values(buf, n, a, dir, p->name);
+        if (rc) break;
+        *sum += st_ckpt_checksum(buf, at + a, n);
+        own += st_ckpt_checksum(buf, a, n);
+        rc = st_qlora_put_part(m, i, a, n, buf);
+    }
+    st_qlora_set_sum(m, i, own);
+    free(buf);
+    return rc;
+}
+
 /* QLoRA below stage 3: the base is read a tensor at a time and quantized as it comes (worker/qlora.h
  * st_qlora_begin / st_qlora_put): the load holds the compacted buffer (kept base, one layer's scratch, the
  * adapters), the codes so far and one fp32 tensor, never the fp32 base. Each tensor is checked finite and
@@ -292,7 +314,7 @@ static int load_quantized(trainer *t) {
     if (!at) return st_fail(ST_ENOMEM, "out of memory loading %s", c->model.path);
     for (int i = 0; i < nb; i++) at[i] = m->params[i].offset; /* the registry's, before the layout moves them */
     st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant, .double_quant = c->finetune.qlora.double_quant,
-                        .block = c->finetune.qlora.block};
+                        .block = c->finetune.qlora.block, .bf16 = c->precision == ST_PRECISION_BF16};
     rc = st_qlora_begin(m, &qs);
     for (int i = 0; !rc && i < nb; i++)
         if (st_qlora_holds(m, i) && m->params[i].numel > most) most = m->params[i].numel;
@@ -303,6 +325,10 @@ static int load_quantized(trainer *t) {
     uint64_t sum = 0;
     for (int i = 0; !rc && i < nb; i++) { /* host memory (st_qlora_begin's CPU backend): kept ones read in place */
         const st_param *p = &m->params[i];
+        if (st_qlora_bf16_only(m, i)) { /* a piece at a time, rounded into the bf16 copy */
+            rc = load_bf16_only(m, s, i, c->model.path, at[i], &sum);
+            continue;
+        }
         float *dst = st_qlora_holds(m, i) ? host : m->weights + p->offset;
         rc = st_model_read_param(s, m, i, dst);
         if (!rc) rc = st_check_finite_values(dst, p->numel, 0, c->model.path, p->name);

@@ -10,7 +10,8 @@ For a 2-layer Llama with adapters on all seven projections (r 4), 6 steps of a 1
     only the order of fp32 sums, which flips rare bf16 roundings by one ulp, at most twice a rounding
     error (the argument of tests/integration/test_bf16_train.sh and test_bf16_torch.py (a)).
   * QLoRA nf4 + double quantization in bf16 equals bf16 LoRA over the numpy-dequantized base (written as an
-    fp32 model: test_qlora_torch's independent implementation of the format) within 2 D_q, D_q being the
+    fp32 model: test_qlora_torch's independent implementation of the format; its token embedding and LM head
+    rounded to bf16, as QLoRA under bf16 holds them in bf16 only) within 2 D_q, D_q being the
     QLoRA bf16-vs-fp32 difference: both round the same dequantized values to bf16 for every base matmul,
     so only evaluation order can differ (measured: printed, typically 0). QLoRA bf16 on 1 vs 2 ranks
     (ZeRO-1) within 2 D_q.
@@ -103,7 +104,7 @@ def main():
         # QLoRA: nf4 with double quantization, block 64
         qjob = make_job(os.path.join(root, "qlora"), ll, data, "qlora", "{ quant: nf4, double_quant: true, block: 64 }")
         dq, qref = bf16_effect("qlora", qjob, root)
-        deq = dequantized_copy(ll, os.path.join(root, "deq"), "nf4", True, 64)
+        deq = dequantized_copy(ll, os.path.join(root, "deq"), "nf4", True, 64, bf16_frozen=True)
         ljob = make_job(os.path.join(root, "deq_lora"), deq, data, "lora")
         on_deq = run_split(ljob, os.path.join(root, "deq_lora_bf16"), SPLITS[0], more=BF16)
         worst = rel(on_deq, qref)

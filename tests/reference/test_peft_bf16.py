@@ -115,6 +115,14 @@ def main():
         print(f"  qlora bf16 vs bf16 LoRA on the numpy-dequantized base: losses {worst:.2e} (<= 2 D_q = {2 * dq:.2e}), "
               f"adapters {wdiff:.2e}")
         ranks_agree("qlora", qjob, root, qref, dq, SPLITS[1:2])
+        # resume: the checkpoint's adapter_base_checksum covers the bf16-only embedding / head by their load-time
+        # sums (no fp32 values exist), and resuming restores the fp32 part of the buffer only
+        rrd = os.path.join(root, "qlora_resume")
+        run_split(qjob, rrd, SPLITS[1], steps=3, more=BF16 + ["checkpoint.every_steps=3"])
+        got = run_split(qjob, rrd, SPLITS[0], steps=6, more=BF16 + ["resume=auto"])
+        worst = rel(got, qref)
+        assert len(got) == len(qref) and worst <= 2 * dq, f"qlora bf16 resume 2 -> 1 rank: {worst:.3g} > 2 D_q"
+        print(f"  qlora: bf16 resume 2 ranks -> 1 rank at step 3 vs uninterrupted {worst:.2e} <= 2 D_q")
         ckpt_same("qlora", qjob, root, qref)
         final_checks("qlora", ll, data, os.path.join(root, "qlora_bf16"))
         r = dp.sh([dp.BIN, "train", job, "precision=bf16", "finetune.lora.dora=true", "run_dir=" + root + "/refused"],

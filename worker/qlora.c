@@ -377,11 +377,12 @@ int st_qlora_materialize(st_model *m) {
 }
 
 void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quantized, size_t *fp32,
-                        size_t *scratch) {
-    size_t qb = 0, fb = 0, layer = 0, most = 0;
+                        size_t *scratch, size_t *w16) {
+    size_t qb = 0, fb = 0, layer = 0, most = 0, kept16 = 0;
     int cur = -1;
     for (int i = 0; i < st_model_base_params(m); i++) {
         const st_param *p = &m->params[i];
+        if (s->bf16 && bf16_only(m, i)) kept16 += p->numel;
         if (!quantizable(p)) continue;
         size_t ns = n_blocks(p->numel, s->block);
         qb += s->quant == ST_QLORA_NF4 ? (p->numel + 1) / 2 : p->numel;
@@ -394,4 +395,19 @@ void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quant
     *quantized = qb;
     *fp32 = fb;
     *scratch = most;
+    *w16 = s->bf16 ? kept16 + most : 0;
+}
+
+size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *s) {
+    size_t most = 0, ns = 0, w16 = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (s->bf16 && bf16_only(m, i)) w16 = 1;
+        if (!quantizable(p) || p->numel <= most) continue;
+        most = p->numel;
+        ns = n_blocks(p->numel, s->block);
+    }
+    /* load_quantized's host tensor + quantize_one's fp32 scales of it (before double quantization) +
+     * load_bf16_only's 1 Mi-float piece */
+    return (most + 1) * sizeof(float) + ns * sizeof(float) + (w16 ? ((size_t)1 << 20) * sizeof(float) : 0);
 }

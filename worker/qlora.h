@@ -78,9 +78,13 @@ void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32);
 int st_qlora_materialize(st_model *m);
 
 /* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
- * bytes that leave the weight buffer and the scratch floats that replace them. */
+ * bytes that leave the weight buffer, the scratch floats that replace them and (spec.bf16) the floats held
+ * in bf16 only (the bf16-only kept parameters + the scratch: below n_w16). */
 void st_qlora_footprint(const st_model *m, const st_qlora_spec *spec, size_t *quantized, size_t *fp32,
-                        size_t *scratch);
+                        size_t *scratch, size_t *w16);
+/* The streamed load's working memory besides the model (bytes): one fp32 tensor to quantize and its scales,
+ * plus the piece buffer of the bf16-only parameters (coordinator/trainer/train.c load_quantized). */
+size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *spec);
 
 /* The quantization itself, on one host tensor of n floats (exposed for tests):
  * codes: nf4 (n + 1) / 2 bytes, int8 n bytes; scales: ceil(n / block) floats (absmax for nf4, absmax / 127

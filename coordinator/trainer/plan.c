@@ -293,6 +293,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         size_t adapters = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
         qload = st_qlora_load_work(m, &qs);
         if (adapters > qload) qload = adapters;
+        /* what the load has written: the fp32 part but the scratch, the bf16-only kept parameters' bf16 (the
+         * scratch is first written by a layer's acquire, the rest of the bf16 copy by the first forward) */
+        qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qb)
+                      : (q32 - scratch) * sizeof(float) + qb;
     }
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
@@ -376,7 +380,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
      * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
     r->at_load = m->n_weights * sizeof(float) + stepbuf + (tr ? io : 0) + check;
     /* QLoRA: quantized while read (train.c load_quantized), the layout's buffers from the start */
-    if (c->finetune.mode == ST_FINETUNE_QLORA) r->at_load = r->weights + stepbuf + qload;
+    if (c->finetune.mode == ST_FINETUNE_QLORA) r->at_load = stepbuf + qload;
     r->at_ckpt = r->total + bounce;
     /* resume: a host image of the weights, of which the fp32 part is written (QLoRA: not below n_w16) */
     r->at_resume = r->total + q32 * sizeof(float) + 2 * range * sizeof(float);

@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -345,6 +346,15 @@ static int load_quantized(trainer *t) {
     return rc;
 }
 
+/* The resident set now (kB, from /proc/self/statm; -1 where it cannot be read): the tests' load report. */
+static long resident_kb(void) {
+    long pages = -1, rss = -1;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f && fscanf(f, "%ld %ld", &pages, &rss) != 2) rss = -1;
+    if (f) fclose(f);
+    return rss < 0 ? -1 : rss * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
 static int setup(trainer *t) {
     const st_config *c = t->cfg;
     int rc = st_trainer_agree(t, setup_backend(t));
@@ -352,6 +362,11 @@ static int setup(trainer *t) {
     /* ZeRO-3 streams the weights in once the communicator knows what this rank keeps (load_streamed) */
     int stream = c->sharding.stage == 3 &&
                  (c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN); /* what stage 3 runs */
+    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS"); /* tests: the load phase's peak, measured */
+    struct rusage ru;
+    if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)
+        fprintf(stderr, "shardtune train: rank %d: peak RSS before loading the model: %ld kB, resident now %ld kB\n",
+                t->rank, ru.ru_maxrss, resident_kb());
     int quant = !stream && c->finetune.mode == ST_FINETUNE_QLORA; /* quantized while read (load_quantized) */
     if (!rc) rc = st_trainer_agree(t, stream  ? st_model_open_dir(c->model.path, t->be, &t->model)
                                       : quant ? load_quantized(t)
@@ -375,8 +390,6 @@ static int setup(trainer *t) {
     if (!rc) rc = start_monitoring(t);
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
     if (!rc && stream) rc = load_streamed(t);
-    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS"); /* tests: the load phase's peak, measured */
-    struct rusage ru;
     if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)
         fprintf(stderr, "shardtune train: rank %d: peak RSS after loading the model: %ld kB\n", t->rank, ru.ru_maxrss);
     if (!rc) rc = st_trainer_agree(t, read_job_texts(t));

@@ -398,6 +398,7 @@ typedef struct {
      * into them before saving; backward widens the saved values back into them). NULL under fp32. */
     float *qkv_w, *atty_w, *h1_w;
     uint16_t *dlogits_h; /* bf16 only: one head chunk's dlogits as bf16, written by the loss kernel */
+    float *head_tmp;     /* bf16 with a blocked head (head_vblock < V): [R, vblock], one vocabulary block */
     double *loss_acc;    /* the head's loss total, accumulated on the backend over the chunks */
     int32_t *tokens, *targets;
     float *weight, *loss;
@@ -419,6 +420,21 @@ static int head_chunk_rows(const st_model *m) {
     long chunks = (N + rows - 1) / rows;
     rows = ((N + chunks - 1) / chunks + 15) / 16 * 16;
     return rows < N ? (int)rows : N;
+}
+
+/* Vocabulary rows of the LM head per matmul under bf16. Every matmul_bf16 operand gets an fp32 (CPU twin) or
+ * bf16 copy in mm_scratch, so a head weight [V, C] above ST_HEAD_WIDEN_FLOATS goes through the head matmuls
+ * in blocks of this many rows (a multiple of 16), each block's output moved into place: the scratch then
+ * holds one block, not the whole head (Llama-3-8B: 2 GiB of widened head otherwise). V when not blocked
+ * (fp32, or a small head). */
+#define ST_HEAD_WIDEN_FLOATS (1L << 24)
+static int head_vblock(const st_model *m) {
+    long V = m->cfg.vocab, C = m->cfg.d_model, most = ST_HEAD_WIDEN_FLOATS;
+    const char *e = getenv("SHARDTUNE_HEAD_WIDEN_FLOATS"); /* tests: block small heads too */
+    if (e && atol(e) > 0) most = atol(e);
+    if (m->precision != ST_PRECISION_BF16 || V * C <= most) return (int)V;
+    long rows = most / C / 16 * 16;
+    return (int)(rows < 16 ? 16 : rows < V ? rows : V);
 }
 
 /* Lays out the arena; with base == NULL only counts floats. */
@@ -488,6 +504,8 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         float *p_ = NULL;
         TAKE(p_, (R * (size_t)c->vocab + 1) / 2);
         b->dlogits_h = (uint16_t *)p_;
+        size_t VB = (size_t)head_vblock(m);
+        if (VB < (size_t)c->vocab) TAKE(b->head_tmp, R * VB);
     }
     float *tok = NULL, *tgt = NULL, *acc = NULL;
     TAKE(acc, 2); /* one double (the arena's 64-byte alignment keeps it aligned) */
@@ -509,6 +527,7 @@ static size_t bf16_scratch_for(const st_model *m) {
     const st_model_config *c = &m->cfg;
     int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim, V = c->vocab;
     int R = head_chunk_rows(m), F1 = c->family == ST_FAMILY_GPT2 ? c->d_ff : 2 * c->d_ff, F = c->d_ff;
+    V = head_vblock(m); /* the head's matmuls run on vocabulary blocks of this many rows */
     const int shapes[][3] = {
         {N, Q, C}, {N, C, A}, {N, F1, C}, {N, C, F},      /* forward: qkv, o, up(+gate), down */
         {R, V, C}, {R, C, V}, {V, C, R},                  /* head: logits, dlnf, dW */
@@ -526,6 +545,7 @@ static size_t bf16_scratch_for(const st_model *m) {
 size_t st_model_bf16_scratch_floats(const st_model_config *cfg, int B, int T) {
     st_model tmp;
     memset(&tmp, 0, sizeof tmp);
+    tmp.precision = ST_PRECISION_BF16;
     tmp.cfg = *cfg;
     tmp.B = B;
     tmp.T = T;
@@ -997,6 +1017,53 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
 /* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
  * the backend until the last chunk (one host wait per forward). Under bf16 the loss kernel writes dlogits
  * as bf16 (rounded once), the operand of both gradient matmuls. */
+/* Rows [j0, j0 + n) of the head's vocabulary of a [rows, V] matrix <-> a packed [rows, n] one (elem bytes). */
+static void vblock_copy(const st_model *m, void *packed, const void *full, int rows, int V, int j0, int n, size_t elem,
+                        int to_full) {
+    for (int i = 0; i < rows; i++) {
+        char *pk = (char *)packed + (size_t)i * n * elem, *fl = (char *)full + ((size_t)i * V + j0) * elem;
+        if (to_full) m->be->copy(fl, pk, (size_t)n * elem);
+        else m->be->copy(pk, fl, (size_t)n * elem);
+    }
+}
+
+/* logits[rows, V] = x @ W^T, in vocabulary blocks when head_vblock says so. */
+static void head_logits(st_model *m, const model_bufs *b, float *logits, const float *x, const float *w, int rows) {
+    int C = m->cfg.d_model, V = m->cfg.vocab, VB = head_vblock(m);
+    if (VB >= V) {
+        mm(m, logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
+        return;
+    }
+    for (int j0 = 0; j0 < V; j0 += VB) {
+        int n = V - j0 < VB ? V - j0 : VB;
+        mm(m, b->head_tmp, st_mm_f32(x), weight(m, w + (size_t)j0 * C), NULL, rows, n, C, 0, 1, 0.0f);
+        vblock_copy(m, b->head_tmp, logits, rows, V, j0, n, sizeof(float), 1);
+    }
+}
+
+/* dlnf[rows, C] = dlogits @ W and (gw) dW += dlogits^T @ x, in vocabulary blocks when head_vblock says so
+ * (dlnf then sums the blocks' products in block order). */
+static void head_backward(st_model *m, const model_bufs *b, float *dlnf, const uint16_t *dl16, const float *x,
+                          const float *w, float *gw, int rows) {
+    int C = m->cfg.d_model, V = m->cfg.vocab, VB = head_vblock(m);
+    if (VB >= V) {
+        st_mm_in dlogits = dl16 ? st_mm_bf16(dl16) : st_mm_f32(b->logits);
+        mm(m, dlnf, dlogits, weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
+        if (gw) mm(m, gw, dlogits, st_mm_f32(x), NULL, V, C, rows, 1, 0, 1.0f);
+        return;
+    }
+    for (int j0 = 0; j0 < V; j0 += VB) { /* blocked only under bf16: dlogits is bf16 (dl16) */
+        int n = V - j0 < VB ? V - j0 : VB;
+        uint16_t *blk = (uint16_t *)b->head_tmp;
+        vblock_copy(m, blk, dl16, rows, V, j0, n, sizeof(uint16_t), 0);
+        mm(m, dlnf, st_mm_bf16(blk), weight(m, w + (size_t)j0 * C), NULL, rows, C, n, 0, 0, j0 ? 1.0f : 0.0f);
+        if (gw) mm(m, gw + (size_t)j0 * C, st_mm_bf16(blk), st_mm_f32(x), NULL, n, C, rows, 1, 0, 1.0f);
+    }
+}
+
+/* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
+ * the backend until the last chunk (one host wait per forward). Under bf16 the loss kernel writes dlogits
+ * as bf16 (rounded once), the operand of both gradient matmuls. */
 static double head_forward(st_model *m, const model_bufs *b, int train) {
     const st_backend *be = m->be;
     int N = m->B * m->T, C = m->cfg.d_model, V = m->cfg.vocab, R = head_chunk_rows(m);
@@ -1007,7 +1074,7 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
     for (int r0 = 0; r0 < N; r0 += R) {
         int rows = N - r0 < R ? N - r0 : R;
         const float *x = b->lnf + (size_t)r0 * C;
-        mm(m, b->logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
+        head_logits(m, b, b->logits, x, w, rows);
         if (m->capture_logits)
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
         if (m->head_loss)
@@ -1016,9 +1083,7 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
         else
             be->cross_entropy_acc(b->logits, dl16, b->loss + r0, b->targets + r0, b->weight + r0, rows, V, b->loss_acc);
         if (!train) continue;
-        st_mm_in dlogits = dl16 ? st_mm_bf16(dl16) : st_mm_f32(b->logits);
-        mm(m, b->dlnf + (size_t)r0 * C, dlogits, weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
-        if (gw) mm(m, gw, dlogits, st_mm_f32(x), NULL, V, C, rows, 1, 0, 1.0f);
+        head_backward(m, b, b->dlnf + (size_t)r0 * C, dl16, x, w, gw, rows);
     }
     double total = 0.0;
     be->copy_to_host(&total, b->loss_acc, sizeof total);
@@ -1294,5 +1359,5 @@ void st_model_head_logits(st_model *m, float *out, int r0, int rows) {
     float *gw;
     const float *w = head_weight(m, &gw);
     int C = m->cfg.d_model;
-    mm(m, out, st_mm_f32(b.lnf + (size_t)r0 * C), weight(m, w), NULL, rows, m->cfg.vocab, C, 0, 1, 0.0f);
+    head_logits(m, &b, out, b.lnf + (size_t)r0 * C, w, rows);
 }

@@ -24,6 +24,7 @@ For a 2-layer Llama with adapters on all seven projections (r 4), 6 steps of a 1
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -124,6 +125,19 @@ def main():
         assert len(got) == len(qref) and worst <= 2 * dq, f"qlora bf16 resume 2 -> 1 rank: {worst:.3g} > 2 D_q"
         print(f"  qlora: bf16 resume 2 ranks -> 1 rank at step 3 vs uninterrupted {worst:.2e} <= 2 D_q")
         ckpt_same("qlora", qjob, root, qref)
+        # the LM head in vocabulary blocks (worker/model.c head_vblock; by default only heads above 16 Mi
+        # floats, e.g. Llama-3-8B's): the same losses up to the order of dlnf's fp32 sums, within 2 D_q
+        env = dict(dp.ENV, SHARDTUNE_HEAD_WIDEN_FLOATS="4096")
+        brd = os.path.join(root, "qlora_blocked")
+        n, mb, acc, zero = SPLITS[0]
+        r = subprocess.run([dp.BIN, "train", qjob, f"run_dir={brd}", "train.steps=6", f"train.micro_batch={mb}",
+                            f"train.grad_accum={acc}", f"sharding.stage={zero}"] + BF16,
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        blocked = [x["loss"] for x in dp.losses(brd)]
+        worst = rel(blocked, qref)
+        assert len(blocked) == len(qref) and worst <= 2 * dq, f"qlora bf16, blocked head: {worst:.3g} > 2 D_q"
+        print(f"  qlora: bf16 with the LM head in vocabulary blocks of 4096 floats vs whole {worst:.2e} <= 2 D_q")
         final_checks("qlora", ll, data, os.path.join(root, "qlora_bf16"))
         r = dp.sh([dp.BIN, "train", job, "precision=bf16", "finetune.lora.dora=true", "run_dir=" + root + "/refused"],
                   check=False)

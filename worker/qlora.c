@@ -1,10 +1,11 @@
 /* qlora.c — quantized frozen base for QLoRA (see qlora.h).
  *
  * Layout after st_qlora_begin: m->weights = [kept base params | scratch (one layer's quantized weights) |
- * adapters]. st_qlora_put then fills it a tensor at a time (the trainer's streamed load: one fp32 tensor in
- * flight, never the fp32 base); st_qlora_quantize does the same from an already loaded model. Every quantized parameter's offset points into the scratch at its place in its layer, so the
- * model's weight pointers (wptr, the packed q/k/v and gate/up matmuls) work unchanged once the layer is
- * acquired. */
+ * adapters]; with spec.bf16 [bf16-only kept | scratch | fp32 kept | adapters], the first two without fp32
+ * storage (m->n_w16). st_qlora_put then fills it a tensor at a time (the trainer's streamed load: one fp32
+ * tensor in flight, never the fp32 base); st_qlora_quantize does the same from an already loaded model.
+ * Every quantized parameter's offset points into the scratch at its place in its layer, so the model's
+ * weight pointers (wptr, the packed q/k/v and gate/up matmuls) work unchanged once the layer is acquired. */
 #include "worker/qlora.h"
 
 #include <math.h>
@@ -118,7 +119,6 @@ static int quantizable(const st_param *p) {
     return p->layer >= 0 && p->ndim == 2 && (p->kind == ST_MOD_ATTN || p->kind == ST_MOD_MLP);
 }
 
-/* Quantizes one host tensor (registry entry t->param, n floats) into t. */
 /* spec.bf16: the frozen base parameters held in bf16 only besides the quantized ones: the token embedding
  * (Llama family: its rows are widened from bf16, worker/model.c) and an untied LM head (a matmul weight). */
 static int bf16_only(const st_model *m, int i) {
@@ -128,6 +128,7 @@ static int bf16_only(const st_model *m, int i) {
     return p->kind == ST_MOD_HEAD;
 }
 
+/* Quantizes one host tensor (registry entry t->param, n floats) into t. */
 static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, const float *host) {
     const st_param *p = &m->params[t->param];
     t->codes = malloc(s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n);

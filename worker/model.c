@@ -426,10 +426,12 @@ static int head_chunk_rows(const st_model *m) {
  * bf16 copy in mm_scratch, so a head weight [V, C] above ST_HEAD_WIDEN_FLOATS goes through the head matmuls
  * in blocks of this many rows (a multiple of 16), each block's output moved into place: the scratch then
  * holds one block, not the whole head (Llama-3-8B: 2 GiB of widened head otherwise). V when not blocked
- * (fp32, or a small head). */
+ * (fp32, a small head, or a device backend, whose matmul_bf16 reads a bf16 weight in place). */
 #define ST_HEAD_WIDEN_FLOATS (1L << 24)
 static int head_vblock(const st_model *m) {
     long V = m->cfg.vocab, C = m->cfg.d_model, most = ST_HEAD_WIDEN_FLOATS;
+    /* a device backend copies fp32 operands only (the head is a bf16 weight there): the whole head */
+    if (m->be ? !m->be->host_memory : m->sizing_device) return (int)V;
     const char *e = getenv("SHARDTUNE_HEAD_WIDEN_FLOATS"); /* tests: block small heads too */
     if (e && atol(e) > 0) most = atol(e);
     if (m->precision != ST_PRECISION_BF16 || V * C <= most) return (int)V;
@@ -699,8 +701,14 @@ size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_p
 }
 
 size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt) {
+    return st_model_activation_floats_dev(cfg, B, T, precision, act_ckpt, 0);
+}
+
+size_t st_model_activation_floats_dev(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                      int device) {
     st_model tmp;
     memset(&tmp, 0, sizeof tmp);
+    tmp.sizing_device = device != 0;
     tmp.cfg = *cfg;
     tmp.B = B;
     tmp.T = T;

@@ -46,6 +46,7 @@ typedef struct {
      * worker/qlora.h: the frozen embeddings and head, and the layer scratch): m->weights + n_w16 is the
      * allocation, and nothing reads m->weights below it. 0 otherwise. */
     size_t n_w16;
+    int sizing_device; /* registry-only sizing (no backend): as on a device backend (st_model_activation_floats_dev) */
     float *grads;      /* backend memory, n_grads floats (trainable only); NULL when nothing trains */
     size_t n_grads;
     size_t grad_alloc; /* n_grads rounded up to a multiple of grad_align (zero padding for equal shards) */
@@ -179,6 +180,10 @@ size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_p
 /* Same, with activation checkpointing on (act_ckpt != 0): only each layer's input residual is kept, plus
  * one layer's full set of saved tensors that backward recomputes into, layer by layer. */
 size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt);
+/* The same for a model on a device backend (device != 0: CUDA) or a host one (the CPU backend; what _ckpt
+ * gives): under bf16 the CPU twin's LM head runs in vocabulary blocks, a device's whole (model.c). */
+size_t st_model_activation_floats_dev(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                      int device);
 
 /* Activation checkpointing (memory.activation_checkpointing): forward keeps each layer's input residual
  * only; backward recomputes the layer's forward from it (into one shared layer's worth of buffers) just

@@ -1,7 +1,8 @@
 /* qlora.h — the frozen base of a QLoRA run (finetune.mode: qlora) held quantized in memory.
  *
  * st_qlora_quantize replaces every 2-D weight inside the layers (attention and MLP projections: what
- * bitsandbytes' QLoRA quantizes; embeddings, norms and the LM head stay fp32) by
+ * bitsandbytes' QLoRA quantizes; embeddings, norms and the LM head stay unquantized: fp32, or bf16 only with
+ * spec.bf16, below) by
  *   nf4:  4-bit codes into the QLoRA NormalFloat table ST_NF4_LEVELS (nearest level of w / absmax, ties to
  *         the lower code), two codes a byte, low nibble first (the backend's dequant_nf4 order), one fp32
  *         absmax per `block` consecutive elements of the row-major tensor;
@@ -14,7 +15,8 @@
  * sized for one layer's quantized weights (in registry order, so q/k/v and gate/up stay adjacent), which
  * st_model_acquire fills for the layer being computed through the backend's dequant_int8 / dequant_nf4.
  * One layer is resident at a time (the forward and backward walk layers one by one). Under precision bf16
- * the acquire also rounds the dequantized values into the model's bf16 copy, which the matmuls read.
+ * the acquire also rounds the dequantized values into the model's bf16 copy, which the matmuls read (with
+ * spec.bf16 straight into it, a piece at a time: the scratch then has no fp32 storage).
  * Needs the CPU backend (as LoRA does) and no ZeRO-3 residency hooks.
  *
  * Memory: the table (codes, scales) is host memory owned by the model (st_model_free). */

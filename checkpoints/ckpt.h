@@ -202,6 +202,8 @@ int st_ckpt_resolve(const char *path, char *out, size_t out_len);
 /* 0 when every weight of m is finite, else ST_EFORMAT naming `source` (the model dir), the tensor and
  * the first bad element. Reads through the backend in 4 MB pieces. */
 int st_model_check_finite(const st_model *m, const char *source);
+/* The same check on host values x[n] of tensor `name`, elements first.. of it (the QLoRA streamed load). */
+int st_check_finite_values(const float *x, size_t n, size_t first, const char *source, const char *name);
 /* The same over the elements `keep` selects of each parameter (model_io.h; NULL = all): what a rank
  * that loaded only its parts (streaming load) holds. */
 int st_model_check_finite_part(const st_model *m, const char *source, st_model_keep_fn keep, void *ctx);

@@ -237,6 +237,7 @@ static int check_base(hid_t f, const st_model *m, float *host_weights, const cha
     for (int i = 0; i < m->n_params; i++) {
         const st_param *p = &m->params[i];
         if (!st_ckpt_skips_tensor(m, i) || st_qlora_holds(m, i)) continue; /* QLoRA scratch: the trainer's own check */
+        if (st_qlora_bf16_only(m, i)) { sums[i] = st_qlora_sum(m, i); continue; } /* no fp32 values: the load's sum */
         m->be->copy_to_host(host_weights + p->offset, m->weights + p->offset, p->numel * sizeof(float));
         sums[i] = st_ckpt_checksum(host_weights + p->offset, 0, p->numel);
     }

@@ -8,6 +8,7 @@
 #include "checkpoints/ckpt.h"
 #include "checkpoints/ckpt_internal.h"
 #include "common/error.h"
+#include "worker/qlora.h"
 
 /* The rank's write range of parameter p in /optim, param-relative, or a == b when it owns nothing:
  * its even share [share_lo, share_hi) of the padded compact space, intersected with p. */
@@ -97,8 +98,11 @@ static void fill(st_ckpt_snap *s, const st_model *m, const st_optim *o, int borr
             q->w = at;
             at += nw;
         }
-        /* a skipped (frozen base) tensor still counts in base_checksum: summed from the live buffer */
-        if (q->skip && !borrow) {
+        /* a skipped (frozen base) tensor still counts in base_checksum: summed from the live buffer (QLoRA: a
+         * quantized one does not count; one held in bf16 only has its load-time sum, counted once) */
+        if (q->skip && st_qlora_holds(m, i)) q->sum_w = 0;
+        else if (q->skip && st_qlora_bf16_only(m, i)) q->sum_w = s->rank == 0 ? st_qlora_sum(m, i) : 0;
+        else if (q->skip && !borrow) {
             float piece[4096];
             q->sum_w = 0;
             for (size_t k = 0; k < nw; k += 4096) {

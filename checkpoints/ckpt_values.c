@@ -6,6 +6,14 @@
 #include "checkpoints/ckpt.h"
 #include "common/error.h"
 
+int st_check_finite_values(const float *x, size_t n, size_t first, const char *source, const char *name) {
+    for (size_t k = 0; k < n; k++)
+        if (!isfinite(x[k]))
+            return st_fail(ST_EFORMAT, "%s: tensor %s holds a non-finite value (%g at element %zu): the model file is "
+                           "damaged or was saved from a diverged run", source, name, (double)x[k], first + k);
+    return 0;
+}
+
 int st_model_check_finite(const st_model *m, const char *source) { return st_model_check_finite_part(m, source, NULL, NULL); }
 
 int st_model_check_finite_part(const st_model *m, const char *source, st_model_keep_fn keep, void *ctx) {
@@ -20,13 +28,7 @@ int st_model_check_finite_part(const st_model *m, const char *source, st_model_k
         for (size_t at = first; !rc && at < last; at += chunk) {
             size_t n = last - at < chunk ? last - at : chunk;
             m->be->copy_to_host(host, m->weights + p->offset + at, n * sizeof(float));
-            for (size_t k = 0; k < n; k++)
-                if (!isfinite(host[k])) {
-                    rc = st_fail(ST_EFORMAT, "%s: tensor %s holds a non-finite value (%g at element %zu): the model "
-                                 "file is damaged or was saved from a diverged run", source, p->name, (double)host[k],
-                                 at + k);
-                    break;
-                }
+            rc = st_check_finite_values(host, n, at, source, p->name);
         }
     }
     free(host);

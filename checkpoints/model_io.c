@@ -192,9 +192,17 @@ int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst)
     return rc;
 }
 
+int st_model_read_param_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, float *dst) {
+    const st_param *p = &m->params[i];
+    const st_st_tensor *t = find_tensor(s, m, p);
+    if (!t) return st_fail(ST_EFORMAT, "tensor '%s' is missing", p->name);
+    if (p->ndim == 2 && p->transpose_io) return st_fail(ST_EINVAL, "a ranged read of transposed tensor %s", p->name);
+    return st_safetensors_read_f32_range(s, t, a, n, dst);
+}
+
 int st_model_load_weights(st_model *m, const char *dir) { return st_model_load_weights_part(m, dir, NULL, NULL); }
 
-int st_model_open_dir(const char *dir, const st_backend *be, st_model *m) {
+int st_model_open_registry(const char *dir, st_model *m) {
     st_model_config cfg;
     load_warning[0] = 0;
     int rc = st_model_config_read(dir, &cfg);
@@ -202,8 +210,17 @@ int st_model_open_dir(const char *dir, const st_backend *be, st_model *m) {
     int untie = 0;
     if ((rc = check_tied_head(dir, &cfg, &untie))) return rc;
     if (untie) cfg.tied_embeddings = 0;
-    rc = st_model_build(m, &cfg, be);
+    rc = st_model_build_registry(m, &cfg);
     return rc ? st_fail_context(rc, "%s/config.json", dir) : 0;
+}
+
+int st_model_open_dir(const char *dir, const st_backend *be, st_model *m) {
+    int rc = st_model_open_registry(dir, m);
+    if (!rc && (rc = st_model_bind(m, be, 1))) {
+        st_model_free(m);
+        rc = st_fail_context(rc, "%s/config.json", dir);
+    }
+    return rc;
 }
 
 int st_model_load_dir(const char *dir, const st_backend *be, st_model *m) {

@@ -19,6 +19,10 @@ int st_model_load_dir(const char *dir, const st_backend *be, st_model *m);
  * on the CPU backend no page of them is resident yet): st_model_load_weights_part follows. */
 int st_model_open_dir(const char *dir, const st_backend *be, st_model *m);
 
+/* Reads DIR/config.json into a registry-only model (st_model_build_registry; a tied head the files untie
+ * comes untied): st_model_bind and a load follow (the QLoRA load quantizes tensor by tensor). */
+int st_model_open_registry(const char *dir, st_model *m);
+
 /* Loads weights from DIR into an already-built model (shapes must match), a tensor at a time with ranged
  * reads and per-piece dtype conversion (no whole-model host copy). */
 int st_model_load_weights(st_model *m, const char *dir);
@@ -29,6 +33,8 @@ int st_model_load_weights(st_model *m, const char *dir);
 int st_model_check_files(const st_model *m, const char *dir, st_safetensors **out);
 /* Parameter i of m from those files, fp32 in registry layout (numel floats; a Conv1D tensor transposed). */
 int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst);
+/* Elements [a, a + n) of it (not for a transposed Conv1D tensor: ST_EINVAL). */
+int st_model_read_param_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, float *dst);
 
 /* Which elements of parameter i (registry layout, [0, numel)) this rank keeps: sets [*a, *b) (empty when
  * a >= b). */

@@ -206,10 +206,9 @@ static int add_adapters(st_model *m, st_lora *lo, const st_lora_spec *s, size_t 
     return 0;
 }
 
-/* A ~ U(-1/sqrt(in), 1/sqrt(in)) per tensor stream, B = 0; into the grown weight buffer. */
-static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
-    float *host = calloc(extra ? extra : 1, sizeof(float));
-    if (!host) return st_fail(ST_ENOMEM, "out of memory initializing LoRA adapters");
+/* A ~ U(-1/sqrt(in), 1/sqrt(in)) per tensor stream, B = 0, DoRA's m = the base rows' norms (with_mag) into
+ * host[extra] (the adapters' floats, from n_base_weights on). */
+static int fill_host(st_model *m, st_lora *lo, float *host, uint64_t seed, int with_mag) {
     for (int k = 0; k < lo->n; k++) {
         const st_param *p = &m->params[lo->ad[k].a];
         st_rng rng;
@@ -217,10 +216,10 @@ static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
         double bound = 1.0 / sqrt((double)lo->ad[k].in);
         float *w = host + (p->offset - m->n_base_weights);
         for (size_t j = 0; j < p->numel; j++) w[j] = (float)((2.0 * st_rng_uniform(&rng) - 1.0) * bound);
-        if (lo->ad[k].mag >= 0) { /* DoRA: m = ||W + scale B A||_row = ||W||_row while B = 0 */
+        if (with_mag && lo->ad[k].mag >= 0) { /* DoRA: m = ||W + scale B A||_row = ||W||_row while B = 0 */
             const adapter *a = &lo->ad[k];
             float *row = malloc((size_t)a->in * sizeof(float)), *mg = host + (m->params[a->mag].offset - m->n_base_weights);
-            if (!row) { free(host); return st_fail(ST_ENOMEM, "out of memory initializing DoRA"); }
+            if (!row) return st_fail(ST_ENOMEM, "out of memory initializing DoRA");
             for (int j = 0; j < a->out; j++) {
                 m->be->copy_to_host(row, m->weights + m->params[a->base].offset + (size_t)j * a->in, (size_t)a->in * sizeof(float));
                 double ss = 0;
@@ -230,6 +229,15 @@ static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
             free(row);
         }
     }
+    return 0;
+}
+
+/* The adapters' initial values into the grown weight buffer. */
+static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
+    float *host = calloc(extra ? extra : 1, sizeof(float));
+    if (!host) return st_fail(ST_ENOMEM, "out of memory initializing LoRA adapters");
+    int rc = fill_host(m, lo, host, seed, 1);
+    if (rc) { free(host); return rc; }
     float *nw = m->be->alloc(m->n_weights * sizeof(float));
     if (!nw) { free(host); return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with LoRA adapters", m->n_weights * 4.0 / 1e6); }
     m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float));
@@ -238,6 +246,19 @@ static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
     m->weights = nw;
     free(host);
     return 0;
+}
+
+int st_lora_init_adapters(st_model *m) {
+    st_lora *lo = m->lora;
+    if (!lo || !m->be || !m->weights) return st_fail(ST_EINVAL, "st_lora_init_adapters: no adapters or no weight buffer");
+    size_t extra = m->n_weights - m->n_base_weights;
+    float *host = calloc(extra ? extra : 1, sizeof(float));
+    if (!host) return st_fail(ST_ENOMEM, "out of memory initializing LoRA adapters");
+    int rc = fill_host(m, lo, host, lo->spec.seed, 0);
+    if (!rc) m->be->copy_to_device(m->weights + m->n_base_weights, host, extra * sizeof(float));
+    free(host);
+    st_model_weights_changed(m);
+    return rc;
 }
 
 int st_lora_init_magnitudes(st_model *m) {

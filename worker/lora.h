@@ -82,6 +82,10 @@ void st_lora_free(st_lora *l);
 
 /* DoRA: sets every magnitude vector to ||W||_row of the weight the model computes with (after QLoRA
  * quantized the base: its dequantized values, as peft initializes DoRA on a 4-bit base). */
+/* A model whose adapters were attached to the registry alone (no backend then) and whose weight buffer
+ * was laid out later (worker/qlora.h's streamed load): writes the adapters' initial values (A, B = 0 as
+ * st_lora_attach; DoRA magnitudes 0 until st_lora_init_magnitudes) in place. */
+int st_lora_init_adapters(st_model *m);
 int st_lora_init_magnitudes(st_model *m);
 
 /* The spec the adapters were attached with (out->layers: the model's own [n_layer] mask, valid while

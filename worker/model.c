@@ -167,27 +167,26 @@ int st_model_build_registry(st_model *m, const st_model_config *cfg) {
     return 0;
 }
 
-int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be) {
-    int rc = st_model_build_registry(m, cfg);
-    if (rc) return rc;
-    if (cfg->sliding_window > 0 && (!be->attention_window_fwd || !be->attention_window_bwd)) {
-        st_model_free(m);
+int st_model_bind(st_model *m, const st_backend *be, int alloc_weights) {
+    const st_model_config *cfg = &m->cfg;
+    if (cfg->sliding_window > 0 && (!be->attention_window_fwd || !be->attention_window_bwd))
         return st_fail(ST_ECONFIG, "model has sliding_window %d, which the %s backend cannot attend with",
                        cfg->sliding_window, be->name);
-    }
-    if (cfg->qk_norm && (!be->head_rmsnorm_fwd || !be->head_rmsnorm_bwd)) {
-        st_model_free(m);
+    if (cfg->qk_norm && (!be->head_rmsnorm_fwd || !be->head_rmsnorm_bwd))
         return st_fail(ST_ECONFIG, "model_type %s needs q/k norms, which the %s backend does not have",
                        cfg->model_type, be->name);
-    }
     m->be = be;
+    if (!alloc_weights) return 0;
     m->weights = be->alloc(m->n_weights * sizeof(float));
-    if (!m->weights) {
-        free(m->params);
-        m->params = NULL;
-        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights", m->n_weights * 4.0 / 1e6);
-    }
+    if (!m->weights) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights", m->n_weights * 4.0 / 1e6);
     return 0;
+}
+
+int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be) {
+    int rc = st_model_build_registry(m, cfg);
+    if (!rc) rc = st_model_bind(m, be, 1);
+    if (rc) st_model_free(m);
+    return rc;
 }
 
 int st_model_set_doc_positions(st_model *m, const int32_t *pos_host) {
@@ -232,7 +231,7 @@ void st_model_free(st_model *m) {
         memset(m, 0, sizeof *m);
         return;
     }
-    m->be->free(m->weights);
+    m->be->free(m->weights ? m->weights + m->n_w16 : NULL);
     m->be->free(m->grads);
     m->be->free(m->act_arena);
     m->be->free(m->rope_cos);
@@ -399,6 +398,7 @@ typedef struct {
      * into them before saving; backward widens the saved values back into them). NULL under fp32. */
     float *qkv_w, *atty_w, *h1_w;
     uint16_t *dlogits_h; /* bf16 only: one head chunk's dlogits as bf16, written by the loss kernel */
+    float *head_tmp;     /* bf16 with a blocked head (head_vblock < V): [R, vblock], one vocabulary block */
     double *loss_acc;    /* the head's loss total, accumulated on the backend over the chunks */
     int32_t *tokens, *targets;
     float *weight, *loss;
@@ -420,6 +420,23 @@ static int head_chunk_rows(const st_model *m) {
     long chunks = (N + rows - 1) / rows;
     rows = ((N + chunks - 1) / chunks + 15) / 16 * 16;
     return rows < N ? (int)rows : N;
+}
+
+/* Vocabulary rows of the LM head per matmul under bf16. Every matmul_bf16 operand gets an fp32 (CPU twin) or
+ * bf16 copy in mm_scratch, so a head weight [V, C] above ST_HEAD_WIDEN_FLOATS goes through the head matmuls
+ * in blocks of this many rows (a multiple of 16), each block's output moved into place: the scratch then
+ * holds one block, not the whole head (Llama-3-8B: 2 GiB of widened head otherwise). V when not blocked
+ * (fp32, a small head, or a device backend, whose matmul_bf16 reads a bf16 weight in place). */
+#define ST_HEAD_WIDEN_FLOATS (1L << 24)
+static int head_vblock(const st_model *m) {
+    long V = m->cfg.vocab, C = m->cfg.d_model, most = ST_HEAD_WIDEN_FLOATS;
+    /* a device backend copies fp32 operands only (the head is a bf16 weight there): the whole head */
+    if (m->be ? !m->be->host_memory : m->sizing_device) return (int)V;
+    const char *e = getenv("SHARDTUNE_HEAD_WIDEN_FLOATS"); /* tests: block small heads too */
+    if (e && atol(e) > 0) most = atol(e);
+    if (m->precision != ST_PRECISION_BF16 || V * C <= most) return (int)V;
+    long rows = most / C / 16 * 16;
+    return (int)(rows < 16 ? 16 : rows < V ? rows : V);
 }
 
 /* Lays out the arena; with base == NULL only counts floats. */
@@ -489,6 +506,8 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         float *p_ = NULL;
         TAKE(p_, (R * (size_t)c->vocab + 1) / 2);
         b->dlogits_h = (uint16_t *)p_;
+        size_t VB = (size_t)head_vblock(m);
+        if (VB < (size_t)c->vocab) TAKE(b->head_tmp, R * VB);
     }
     float *tok = NULL, *tgt = NULL, *acc = NULL;
     TAKE(acc, 2); /* one double (the arena's 64-byte alignment keeps it aligned) */
@@ -510,6 +529,7 @@ static size_t bf16_scratch_for(const st_model *m) {
     const st_model_config *c = &m->cfg;
     int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim, V = c->vocab;
     int R = head_chunk_rows(m), F1 = c->family == ST_FAMILY_GPT2 ? c->d_ff : 2 * c->d_ff, F = c->d_ff;
+    V = head_vblock(m); /* the head's matmuls run on vocabulary blocks of this many rows */
     const int shapes[][3] = {
         {N, Q, C}, {N, C, A}, {N, F1, C}, {N, C, F},      /* forward: qkv, o, up(+gate), down */
         {R, V, C}, {R, C, V}, {V, C, R},                  /* head: logits, dlnf, dW */
@@ -527,6 +547,7 @@ static size_t bf16_scratch_for(const st_model *m) {
 size_t st_model_bf16_scratch_floats(const st_model_config *cfg, int B, int T) {
     st_model tmp;
     memset(&tmp, 0, sizeof tmp);
+    tmp.precision = ST_PRECISION_BF16;
     tmp.cfg = *cfg;
     tmp.B = B;
     tmp.T = T;
@@ -680,8 +701,14 @@ size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_p
 }
 
 size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt) {
+    return st_model_activation_floats_dev(cfg, B, T, precision, act_ckpt, 0);
+}
+
+size_t st_model_activation_floats_dev(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                      int device) {
     st_model tmp;
     memset(&tmp, 0, sizeof tmp);
+    tmp.sizing_device = device != 0;
     tmp.cfg = *cfg;
     tmp.B = B;
     tmp.T = T;
@@ -713,10 +740,14 @@ int st_model_set_precision(st_model *m, st_precision precision) {
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
     if (precision == ST_PRECISION_BF16 && m->qlora && st_lora_has_dora(m)) /* DoRA reads the bf16 copy of W */
         return st_fail(ST_ECONFIG, "precision: bf16 with finetune.mode qlora and finetune.lora.dora is not supported yet");
+    if (m->n_w16 && precision != ST_PRECISION_BF16) /* worker/qlora.h: that part exists in bf16 only */
+        return st_fail(ST_EINVAL, "the model's frozen base is held in bf16 only: precision must stay bf16");
     m->precision = precision;
-    m->be->free(m->weights_bf16);
-    m->weights_bf16 = NULL;
-    if (precision == ST_PRECISION_BF16) {
+    if (!m->n_w16) { /* else the bf16 copy came with the weights (st_qlora_begin) */
+        m->be->free(m->weights_bf16);
+        m->weights_bf16 = NULL;
+    }
+    if (precision == ST_PRECISION_BF16 && !m->weights_bf16) {
         m->weights_bf16 = m->be->alloc(m->n_weights * sizeof(uint16_t));
         if (!m->weights_bf16)
             return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the bf16 weight copy (precision: bf16)",
@@ -742,11 +773,13 @@ int st_model_check_bf16_copy(const st_model *m) {
     if (!w || !copy || !want) {
         rc = st_fail(ST_ENOMEM, "out of memory checking the bf16 weight copy");
     } else {
-        m->be->copy_to_host(w, m->weights, m->n_weights * sizeof(float));
+        size_t lo = m->n_w16; /* below it the bf16 copy is the only one (worker/qlora.h) */
+        m->be->copy_to_host(w + lo, m->weights + lo, (m->n_weights - lo) * sizeof(float));
         m->be->copy_to_host(copy, m->weights_bf16, m->n_weights * sizeof(uint16_t));
-        for (size_t i = 0; i < m->n_weights; i++) want[i] = st_float_to_bf16_bits(w[i]);
+        for (size_t i = lo; i < m->n_weights; i++) want[i] = st_float_to_bf16_bits(w[i]);
         for (int i = 0; i < m->n_params && !rc; i++) {
             const st_param *p = &m->params[i];
+            if (p->offset < lo) continue;
             if (memcmp(copy + p->offset, want + p->offset, p->numel * sizeof(uint16_t)))
                 rc = st_fail(ST_ECORRUPT, "bf16 weight copy of %s is out of date with its fp32 weights", p->name);
         }
@@ -996,6 +1029,53 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
 /* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
  * the backend until the last chunk (one host wait per forward). Under bf16 the loss kernel writes dlogits
  * as bf16 (rounded once), the operand of both gradient matmuls. */
+/* Rows [j0, j0 + n) of the head's vocabulary of a [rows, V] matrix <-> a packed [rows, n] one (elem bytes). */
+static void vblock_copy(const st_model *m, void *packed, const void *full, int rows, int V, int j0, int n, size_t elem,
+                        int to_full) {
+    for (int i = 0; i < rows; i++) {
+        char *pk = (char *)packed + (size_t)i * n * elem, *fl = (char *)full + ((size_t)i * V + j0) * elem;
+        if (to_full) m->be->copy(fl, pk, (size_t)n * elem);
+        else m->be->copy(pk, fl, (size_t)n * elem);
+    }
+}
+
+/* logits[rows, V] = x @ W^T, in vocabulary blocks when head_vblock says so. */
+static void head_logits(st_model *m, const model_bufs *b, float *logits, const float *x, const float *w, int rows) {
+    int C = m->cfg.d_model, V = m->cfg.vocab, VB = head_vblock(m);
+    if (VB >= V) {
+        mm(m, logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
+        return;
+    }
+    for (int j0 = 0; j0 < V; j0 += VB) {
+        int n = V - j0 < VB ? V - j0 : VB;
+        mm(m, b->head_tmp, st_mm_f32(x), weight(m, w + (size_t)j0 * C), NULL, rows, n, C, 0, 1, 0.0f);
+        vblock_copy(m, b->head_tmp, logits, rows, V, j0, n, sizeof(float), 1);
+    }
+}
+
+/* dlnf[rows, C] = dlogits @ W and (gw) dW += dlogits^T @ x, in vocabulary blocks when head_vblock says so
+ * (dlnf then sums the blocks' products in block order). */
+static void head_backward(st_model *m, const model_bufs *b, float *dlnf, const uint16_t *dl16, const float *x,
+                          const float *w, float *gw, int rows) {
+    int C = m->cfg.d_model, V = m->cfg.vocab, VB = head_vblock(m);
+    if (VB >= V) {
+        st_mm_in dlogits = dl16 ? st_mm_bf16(dl16) : st_mm_f32(b->logits);
+        mm(m, dlnf, dlogits, weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
+        if (gw) mm(m, gw, dlogits, st_mm_f32(x), NULL, V, C, rows, 1, 0, 1.0f);
+        return;
+    }
+    for (int j0 = 0; j0 < V; j0 += VB) { /* blocked only under bf16: dlogits is bf16 (dl16) */
+        int n = V - j0 < VB ? V - j0 : VB;
+        uint16_t *blk = (uint16_t *)b->head_tmp;
+        vblock_copy(m, blk, dl16, rows, V, j0, n, sizeof(uint16_t), 0);
+        mm(m, dlnf, st_mm_bf16(blk), weight(m, w + (size_t)j0 * C), NULL, rows, C, n, 0, 0, j0 ? 1.0f : 0.0f);
+        if (gw) mm(m, gw + (size_t)j0 * C, st_mm_bf16(blk), st_mm_f32(x), NULL, n, C, rows, 1, 0, 1.0f);
+    }
+}
+
+/* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
+ * the backend until the last chunk (one host wait per forward). Under bf16 the loss kernel writes dlogits
+ * as bf16 (rounded once), the operand of both gradient matmuls. */
 static double head_forward(st_model *m, const model_bufs *b, int train) {
     const st_backend *be = m->be;
     int N = m->B * m->T, C = m->cfg.d_model, V = m->cfg.vocab, R = head_chunk_rows(m);
@@ -1006,7 +1086,7 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
     for (int r0 = 0; r0 < N; r0 += R) {
         int rows = N - r0 < R ? N - r0 : R;
         const float *x = b->lnf + (size_t)r0 * C;
-        mm(m, b->logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
+        head_logits(m, b, b->logits, x, w, rows);
         if (m->capture_logits)
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
         if (m->head_loss)
@@ -1015,9 +1095,7 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
         else
             be->cross_entropy_acc(b->logits, dl16, b->loss + r0, b->targets + r0, b->weight + r0, rows, V, b->loss_acc);
         if (!train) continue;
-        st_mm_in dlogits = dl16 ? st_mm_bf16(dl16) : st_mm_f32(b->logits);
-        mm(m, b->dlnf + (size_t)r0 * C, dlogits, weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
-        if (gw) mm(m, gw, dlogits, st_mm_f32(x), NULL, V, C, rows, 1, 0, 1.0f);
+        head_backward(m, b, b->dlnf + (size_t)r0 * C, dl16, x, w, gw, rows);
     }
     double total = 0.0;
     be->copy_to_host(&total, b->loss_acc, sizeof total);
@@ -1036,7 +1114,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     bind(m, la, &b);
     if (m->weights_bf16 && m->weights_bf16_stale && !m->acquire) { /* the bf16 copy every matmul reads (ZeRO-3:
                                                                         made per layer by the acquire hook) */
-        be->to_bf16(m->weights_bf16, m->weights, m->n_weights);
+        be->to_bf16(m->weights_bf16 + m->n_w16, m->weights + m->n_w16, m->n_weights - m->n_w16);
         m->weights_bf16_stale = 0;
     }
     if (m->lora) st_lora_set_training(m, train); /* LoRA dropout: training forwards only */
@@ -1051,6 +1129,10 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
     if (wpe && m->doc_pos_on)
         be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
+    else if (m->params[0].offset < m->n_w16) /* the embedding in bf16 only (Llama family): widened row by row */
+        for (int i = 0; i < N; i++)
+            be->from_bf16(la[0].res_in + (size_t)i * c->d_model, m->weights_bf16 + m->params[0].offset +
+                          (size_t)inputs[i] * c->d_model, (size_t)c->d_model);
     else
         be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
     if (m->prompt) { /* the virtual rows */
@@ -1289,5 +1371,5 @@ void st_model_head_logits(st_model *m, float *out, int r0, int rows) {
     float *gw;
     const float *w = head_weight(m, &gw);
     int C = m->cfg.d_model;
-    mm(m, out, st_mm_f32(b.lnf + (size_t)r0 * C), weight(m, w), NULL, rows, m->cfg.vocab, C, 0, 1, 0.0f);
+    head_logits(m, &b, out, b.lnf + (size_t)r0 * C, w, rows);
 }

@@ -42,6 +42,11 @@ typedef struct {
     st_param *params;
     float *weights;    /* backend memory, n_weights floats */
     size_t n_weights;
+    /* weight floats [0, n_w16) have no fp32 storage, only their place in weights_bf16 (QLoRA under bf16,
+     * worker/qlora.h: the frozen embeddings and head, and the layer scratch): m->weights + n_w16 is the
+     * allocation, and nothing reads m->weights below it. 0 otherwise. */
+    size_t n_w16;
+    int sizing_device; /* registry-only sizing (no backend): as on a device backend (st_model_activation_floats_dev) */
     float *grads;      /* backend memory, n_grads floats (trainable only); NULL when nothing trains */
     size_t n_grads;
     size_t grad_alloc; /* n_grads rounded up to a multiple of grad_align (zero padding for equal shards) */
@@ -120,6 +125,10 @@ int st_model_build(st_model *m, const st_model_config *cfg, const st_backend *be
  * size models that would not fit in this process. st_model_set_trainable must not be called on it (it
  * allocates gradients); st_model_count_trainable may. Release with st_model_free(). */
 int st_model_build_registry(st_model *m, const st_model_config *cfg);
+/* Puts a registry-only model on `be` (ST_ECONFIG when the backend lacks a kernel the config needs) and,
+ * with alloc_weights, allocates its weight buffer (n_weights floats); without, m->weights stays NULL for
+ * the caller to lay out (worker/qlora.h's streamed load). st_model_build = registry + bind(.., 1). */
+int st_model_bind(st_model *m, const st_backend *be, int alloc_weights);
 void st_model_free(st_model *m);
 
 /* Random init (std 0.02, residual projections scaled by 1/sqrt(2L), norms 1, biases 0). */
@@ -171,6 +180,10 @@ size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_p
 /* Same, with activation checkpointing on (act_ckpt != 0): only each layer's input residual is kept, plus
  * one layer's full set of saved tensors that backward recomputes into, layer by layer. */
 size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt);
+/* The same for a model on a device backend (device != 0: CUDA) or a host one (the CPU backend; what _ckpt
+ * gives): under bf16 the CPU twin's LM head runs in vocabulary blocks, a device's whole (model.c). */
+size_t st_model_activation_floats_dev(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                      int device);
 
 /* Activation checkpointing (memory.activation_checkpointing): forward keeps each layer's input residual
  * only; backward recomputes the layer's forward from it (into one shared layer's worth of buffers) just

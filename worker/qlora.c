@@ -1,9 +1,11 @@
 /* qlora.c — quantized frozen base for QLoRA (see qlora.h).
  *
- * Layout after st_qlora_quantize: m->weights = [kept base params | scratch (one layer's quantized weights) |
- * adapters]. Every quantized parameter's offset points into the scratch at its place in its layer, so the
- * model's weight pointers (wptr, the packed q/k/v and gate/up matmuls) work unchanged once the layer is
- * acquired. */
+ * Layout after st_qlora_begin: m->weights = [kept base params | scratch (one layer's quantized weights) |
+ * adapters]; with spec.bf16 [bf16-only kept | scratch | fp32 kept | adapters], the first two without fp32
+ * storage (m->n_w16). st_qlora_put then fills it a tensor at a time (the trainer's streamed load: one fp32
+ * tensor in flight, never the fp32 base); st_qlora_quantize does the same from an already loaded model.
+ * Every quantized parameter's offset points into the scratch at its place in its layer, so the model's
+ * weight pointers (wptr, the packed q/k/v and gate/up matmuls) work unchanged once the layer is acquired. */
 #include "worker/qlora.h"
 
 #include <math.h>
@@ -31,6 +33,9 @@ struct st_qlora {
     int n;
     qtensor *t;       /* registry order */
     float *sbuf;      /* host [max ns]: dequantized scales of the tensor being acquired */
+    float *fbuf;      /* spec.bf16: host [CHUNK floats]: a piece dequantized before its rounding to bf16 */
+    size_t chunk;
+    uint64_t *sums;   /* spec.bf16: [n_params] the checksums st_qlora_set_sum recorded (bf16-only params) */
     size_t fp32_bytes;
 };
 
@@ -104,6 +109,8 @@ void st_qlora_free(st_qlora *q) {
     for (int i = 0; i < q->n; i++) free_tensor(&q->t[i]);
     free(q->t);
     free(q->sbuf);
+    free(q->fbuf);
+    free(q->sums);
     free(q);
 }
 
@@ -112,15 +119,21 @@ static int quantizable(const st_param *p) {
     return p->layer >= 0 && p->ndim == 2 && (p->kind == ST_MOD_ATTN || p->kind == ST_MOD_MLP);
 }
 
-static int quantize_one(const st_model *m, const st_qlora_spec *s, int idx, qtensor *t, float *host) {
-    const st_param *p = &m->params[idx];
-    t->param = idx;
-    t->n = p->numel;
-    t->ns = n_blocks(p->numel, s->block);
+/* spec.bf16: the frozen base parameters held in bf16 only besides the quantized ones: the token embedding
+ * (Llama family: its rows are widened from bf16, worker/model.c) and an untied LM head (a matmul weight). */
+static int bf16_only(const st_model *m, int i) {
+    const st_param *p = &m->params[i];
+    if (p->layer >= 0 || p->ndim != 2 || i >= st_model_base_params(m)) return 0;
+    if (i == 0) return m->cfg.family != ST_FAMILY_GPT2;
+    return p->kind == ST_MOD_HEAD;
+}
+
+/* Quantizes one host tensor (registry entry t->param, n floats) into t. */
+static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, const float *host) {
+    const st_param *p = &m->params[t->param];
     t->codes = malloc(s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n);
     t->scales = malloc(t->ns * sizeof(float));
     if (!t->codes || !t->scales) return st_fail(ST_ENOMEM, "out of memory quantizing %s", p->name);
-    m->be->copy_to_host(host, m->weights + p->offset, p->numel * sizeof(float));
     st_qlora_quant_tensor(s->quant, host, t->n, s->block, t->codes, t->scales);
     if (!s->double_quant) return 0;
     t->q8 = malloc(t->ns);
@@ -132,74 +145,154 @@ static int quantize_one(const st_model *m, const st_qlora_spec *s, int idx, qten
     return 0;
 }
 
-/* Moves every kept parameter to its new offset in a new, smaller buffer; quantized ones point at the
- * scratch. */
-static int compact(st_model *m, const st_qlora *q) {
-    int n = m->n_params, nb = st_model_base_params(m);
-    size_t *off = malloc((size_t)n * sizeof *off), at = 0, scratch = 0, layer_at = 0;
-    unsigned char *isq = calloc((size_t)n, 1);
-    if (!off || !isq) { free(off); free(isq); return st_fail(ST_ENOMEM, "out of memory"); }
-    for (int k = 0; k < q->n; k++) isq[q->t[k].param] = 1;
-    for (int i = 0; i < nb; i++)
-        if (!isq[i]) { off[i] = at; at += m->params[i].numel; }
+/* The compacted layout: kept base parameters first (registry order), then one layer's scratch, then the
+ * adapters; sets every offset, n_weights (and n_base_weights with adapters). */
+static void layout(st_model *m, const st_qlora *q) {
+    int n = m->n_params, nb = st_model_base_params(m), k = 0, cur = -1, w16 = q->spec.bf16;
+    size_t at = 0, scratch = 0, layer_at = 0, adapters = m->lora ? m->n_weights - m->n_base_weights : 0;
+    size_t adapter0 = m->lora ? m->n_base_weights : m->n_weights;
+    for (int i = 0; w16 && i < nb; i++) /* bf16: [bf16-only kept | scratch | fp32 kept | adapters] */
+        if (bf16_only(m, i)) { m->params[i].offset = at; at += m->params[i].numel; }
     size_t scratch0 = at;
-    int cur = -1;
-    for (int i = 0; i < nb; i++) { /* per layer, in registry order */
-        if (!isq[i]) continue;
-        if (m->params[i].layer != cur) { cur = m->params[i].layer; layer_at = 0; }
-        off[i] = scratch0 + layer_at;
-        layer_at += m->params[i].numel;
+    for (k = 0; k < q->n; k++) { /* per layer, in registry order */
+        st_param *p = &m->params[q->t[k].param];
+        if (p->layer != cur) { cur = p->layer; layer_at = 0; }
+        p->offset = scratch0 + layer_at;
+        layer_at += p->numel;
         if (layer_at > scratch) scratch = layer_at;
     }
-    size_t base_end = scratch0 + scratch;
-    for (int i = nb; i < n; i++) off[i] = base_end + (m->params[i].offset - m->n_base_weights);
-    size_t total = base_end + (m->n_weights - (m->lora ? m->n_base_weights : m->n_weights));
-    float *nw = m->be->alloc(total * sizeof(float) + sizeof(float));
-    if (!nw) { free(off); free(isq); return st_fail(ST_ENOMEM, "out of memory for the QLoRA weight buffer"); }
-    for (int i = 0; i < n; i++)
-        if (i >= nb || !isq[i]) m->be->copy(nw + off[i], m->weights + m->params[i].offset, m->params[i].numel * sizeof(float));
-    m->be->free(m->weights);
-    m->weights = nw;
-    for (int i = 0; i < n; i++) m->params[i].offset = off[i];
+    at = scratch0 + scratch;
+    m->n_w16 = w16 ? at : 0;
+    if (!w16) at = 0; /* fp32: [kept | scratch | adapters] */
+    k = 0;
+    for (int i = 0; i < nb; i++) /* q->t is in registry order */
+        if (k < q->n && q->t[k].param == i) k++;
+        else if (!(w16 && bf16_only(m, i))) { m->params[i].offset = at; at += m->params[i].numel; }
+    size_t base_end = w16 ? at : at + scratch;
+    if (!w16) { /* the scratch follows the kept parameters */
+        for (k = 0; k < q->n; k++) m->params[q->t[k].param].offset += at;
+    }
+    for (int i = nb; i < n; i++) m->params[i].offset = base_end + (m->params[i].offset - adapter0);
     if (m->lora) m->n_base_weights = base_end;
-    m->n_weights = total;
-    free(off);
-    free(isq);
-    return 0;
+    m->n_weights = base_end + adapters;
 }
 
-int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
+int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     if (!m->be || !m->be->host_memory)
         return st_fail(ST_ECONFIG, "finetune.mode qlora runs on the cpu backend only for now%s%s%s",
                        m->be ? " (" : "", m->be ? m->be->name : "", m->be ? " backend)" : "");
     if (m->acquire) return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage 3 is not supported yet");
-    if (m->weights_bf16) /* the bf16 copy is sized for the fp32 buffer that compact() shrinks */
+    if (m->weights_bf16) /* the bf16 copy is sized for the fp32 buffer that the layout shrinks */
         return st_fail(ST_EINVAL, "the base must be quantized before precision bf16 is set");
     if (s->block < 1) return st_fail(ST_ECONFIG, "finetune.qlora.block must be >= 1, got %d", s->block);
     if (m->qlora) return st_fail(ST_EINVAL, "the model's base is already quantized");
+    if (s->bf16 && (!m->be->to_bf16 || !m->be->from_bf16))
+        return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
     st_qlora *q = calloc(1, sizeof *q);
     if (q) q->t = calloc((size_t)m->n_params, sizeof *q->t);
-    float *host = NULL;
-    size_t max_n = 0, max_ns = 0;
-    for (int i = 0; i < st_model_base_params(m); i++)
-        if (quantizable(&m->params[i]) && m->params[i].numel > max_n) max_n = m->params[i].numel;
-    if (q && q->t) host = malloc(max_n * sizeof(float) + 1);
-    int rc = host ? 0 : st_fail(ST_ENOMEM, "out of memory quantizing the base model");
-    if (q) q->spec = *s;
-    for (int i = 0; !rc && i < st_model_base_params(m); i++) {
+    if (!q || !q->t) { st_qlora_free(q); return st_fail(ST_ENOMEM, "out of memory quantizing the base model"); }
+    q->spec = *s;
+    size_t max_ns = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) {
         if (!quantizable(&m->params[i])) continue;
-        rc = quantize_one(m, s, i, &q->t[q->n], host);
-        q->fp32_bytes += m->params[i].numel * sizeof(float);
-        if (q->t[q->n].ns > max_ns) max_ns = q->t[q->n].ns;
-        q->n++;
+        qtensor *t = &q->t[q->n++];
+        t->param = i;
+        t->n = m->params[i].numel;
+        t->ns = n_blocks(t->n, s->block);
+        q->fp32_bytes += t->n * sizeof(float);
+        if (t->ns > max_ns) max_ns = t->ns;
     }
-    free(host);
-    if (!rc && !(q->sbuf = malloc(max_ns * sizeof(float) + 1))) rc = st_fail(ST_ENOMEM, "out of memory");
-    if (!rc) rc = compact(m, q);
-    if (rc) { st_qlora_free(q); return rc; }
+    layout(m, q);
+    size_t n32 = m->n_weights - m->n_w16;
+    float *w32 = m->be->alloc(n32 * sizeof(float) + sizeof(float));
+    m->weights = w32 ? w32 - m->n_w16 : NULL; /* nothing reads below n_w16 (model.h) */
+    q->sbuf = malloc(max_ns * sizeof(float) + 1);
+    int ok = w32 && q->sbuf;
+    if (ok && s->bf16) {
+        q->chunk = (size_t)s->block * 2 * (((size_t)1 << 16) / ((size_t)s->block * 2) + 1); /* whole blocks, bytes */
+        q->fbuf = malloc(q->chunk * sizeof(float));
+        q->sums = calloc((size_t)m->n_params, sizeof *q->sums);
+        m->weights_bf16 = m->be->alloc(m->n_weights * sizeof(uint16_t));
+        ok = q->fbuf && q->sums && m->weights_bf16;
+    }
+    if (!ok) {
+        m->be->free(w32);
+        m->be->free(m->weights_bf16);
+        m->weights = NULL;
+        m->weights_bf16 = NULL;
+        m->n_w16 = 0;
+        st_qlora_free(q);
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the QLoRA weight buffer", n32 * 4.0 / 1e6);
+    }
     m->qlora = q;
     st_model_weights_changed(m);
     return 0;
+}
+
+static int find(const st_qlora *q, int i) {
+    for (int k = 0; k < q->n; k++)
+        if (q->t[k].param == i) return k;
+    return -1;
+}
+
+int st_qlora_put(st_model *m, int i, const float *host) {
+    st_qlora *q = m->qlora;
+    int k = find(q, i);
+    if (k < 0) return st_qlora_put_part(m, i, 0, m->params[i].numel, host);
+    if (q->t[k].codes) return st_fail(ST_EINVAL, "%s is already quantized", m->params[i].name);
+    return quantize_one(m, &q->spec, &q->t[k], host);
+}
+
+int st_qlora_put_part(st_model *m, int i, size_t a, size_t n, const float *host) {
+    const st_param *p = &m->params[i];
+    if (find(m->qlora, i) >= 0 || a + n > p->numel)
+        return st_fail(ST_EINVAL, "st_qlora_put_part: %s is quantized (whole only) or the range is outside it", p->name);
+    if (p->offset < m->n_w16) m->be->to_bf16(m->weights_bf16 + p->offset + a, host, n);
+    else m->be->copy_to_device(m->weights + p->offset + a, host, n * sizeof(float));
+    st_model_weights_changed(m);
+    return 0;
+}
+
+int st_qlora_bf16_only(const st_model *m, int i) { return m->params[i].offset < m->n_w16 && !st_qlora_holds(m, i); }
+
+void st_qlora_set_sum(st_model *m, int i, uint64_t sum) {
+    if (m->qlora && m->qlora->sums) m->qlora->sums[i] = sum;
+}
+
+uint64_t st_qlora_sum(const st_model *m, int i) { return m->qlora && m->qlora->sums ? m->qlora->sums[i] : 0; }
+
+int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
+    if (m->qlora) return st_fail(ST_EINVAL, "the model's base is already quantized");
+    int n = m->n_params, nb = st_model_base_params(m);
+    size_t *old = malloc((size_t)n * sizeof *old + 1), most = 0;
+    if (!old) return st_fail(ST_ENOMEM, "out of memory quantizing the base model");
+    for (int i = 0; i < n; i++) {
+        old[i] = m->params[i].offset;
+        if (i < nb && m->params[i].numel > most) most = m->params[i].numel;
+    }
+    float *w = m->weights;
+    size_t nw = m->n_weights, nbw = m->n_base_weights;
+    m->weights = NULL;
+    int rc = st_qlora_begin(m, s);
+    float *host = rc ? NULL : malloc(most * sizeof(float) + sizeof(float));
+    if (!rc && !host) rc = st_fail(ST_ENOMEM, "out of memory quantizing the base model");
+    for (int i = 0; !rc && i < nb; i++) { /* through host memory: exactly what the streamed load quantizes */
+        m->be->copy_to_host(host, w + old[i], m->params[i].numel * sizeof(float));
+        rc = st_qlora_put(m, i, host);
+    }
+    for (int i = nb; !rc && i < n; i++)
+        m->be->copy(m->weights + m->params[i].offset, w + old[i], m->params[i].numel * sizeof(float));
+    free(host);
+    if (rc) { /* the model as it was */
+        if (m->qlora) { m->be->free(m->weights); st_qlora_free(m->qlora); m->qlora = NULL; }
+        m->weights = w;
+        m->n_weights = nw;
+        m->n_base_weights = nbw;
+        for (int i = 0; i < n; i++) m->params[i].offset = old[i];
+    } else
+        m->be->free(w);
+    free(old);
+    return rc;
 }
 
 void st_qlora_acquire(const st_model *m, int first, int last) {
@@ -213,6 +306,18 @@ void st_qlora_acquire(const st_model *m, int first, int last) {
             be->dequant_int8(q->sbuf, t->q8, t->scale2, t->ns, DQ_BLOCK);
             for (size_t i = 0; i < t->ns; i++) q->sbuf[i] += t->mean;
             s = q->sbuf;
+        }
+        if (q->spec.bf16) { /* bf16 only: a piece at a time through fbuf (whole blocks, whole bytes) */
+            uint16_t *out16 = m->weights_bf16 + m->params[t->param].offset;
+            for (size_t at = 0; at < t->n; at += q->chunk) {
+                size_t k = t->n - at < q->chunk ? t->n - at : q->chunk, sb = at / (size_t)q->spec.block;
+                if (q->spec.quant == ST_QLORA_NF4)
+                    be->dequant_nf4(q->fbuf, t->codes + at / 2, s + sb, k, q->spec.block);
+                else
+                    be->dequant_int8(q->fbuf, (const int8_t *)t->codes + at, s + sb, k, q->spec.block);
+                be->to_bf16(out16 + at, q->fbuf, k);
+            }
+            continue;
         }
         float *out = m->weights + m->params[t->param].offset;
         if (q->spec.quant == ST_QLORA_NF4)
@@ -246,6 +351,7 @@ void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32) {
 int st_qlora_materialize(st_model *m) {
     st_qlora *q = m->qlora;
     if (!q) return 0;
+    if (q->spec.bf16) return st_fail(ST_EINVAL, "a base held in bf16 only cannot be materialized in fp32");
     size_t total = 0, nb = 0;
     for (int i = 0; i < m->n_params; i++) {
         total += m->params[i].numel;
@@ -272,11 +378,12 @@ int st_qlora_materialize(st_model *m) {
 }
 
 void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quantized, size_t *fp32,
-                        size_t *scratch) {
-    size_t qb = 0, fb = 0, layer = 0, most = 0;
+                        size_t *scratch, size_t *w16) {
+    size_t qb = 0, fb = 0, layer = 0, most = 0, kept16 = 0;
     int cur = -1;
     for (int i = 0; i < st_model_base_params(m); i++) {
         const st_param *p = &m->params[i];
+        if (s->bf16 && bf16_only(m, i)) kept16 += p->numel;
         if (!quantizable(p)) continue;
         size_t ns = n_blocks(p->numel, s->block);
         qb += s->quant == ST_QLORA_NF4 ? (p->numel + 1) / 2 : p->numel;
@@ -289,4 +396,19 @@ void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quant
     *quantized = qb;
     *fp32 = fb;
     *scratch = most;
+    *w16 = s->bf16 ? kept16 + most : 0;
+}
+
+size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *s) {
+    size_t most = 0, ns = 0, w16 = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (s->bf16 && bf16_only(m, i)) w16 = 1;
+        if (!quantizable(p) || p->numel <= most) continue;
+        most = p->numel;
+        ns = n_blocks(p->numel, s->block);
+    }
+    /* load_quantized's host tensor + quantize_one's fp32 scales of it (before double quantization) +
+     * load_bf16_only's 1 Mi-float piece */
+    return (most + 1) * sizeof(float) + ns * sizeof(float) + (w16 ? ((size_t)1 << 20) * sizeof(float) : 0);
 }

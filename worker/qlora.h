@@ -1,7 +1,8 @@
 /* qlora.h — the frozen base of a QLoRA run (finetune.mode: qlora) held quantized in memory.
  *
  * st_qlora_quantize replaces every 2-D weight inside the layers (attention and MLP projections: what
- * bitsandbytes' QLoRA quantizes; embeddings, norms and the LM head stay fp32) by
+ * bitsandbytes' QLoRA quantizes; embeddings, norms and the LM head stay unquantized: fp32, or bf16 only with
+ * spec.bf16, below) by
  *   nf4:  4-bit codes into the QLoRA NormalFloat table ST_NF4_LEVELS (nearest level of w / absmax, ties to
  *         the lower code), two codes a byte, low nibble first (the backend's dequant_nf4 order), one fp32
  *         absmax per `block` consecutive elements of the row-major tensor;
@@ -14,7 +15,8 @@
  * sized for one layer's quantized weights (in registry order, so q/k/v and gate/up stay adjacent), which
  * st_model_acquire fills for the layer being computed through the backend's dequant_int8 / dequant_nf4.
  * One layer is resident at a time (the forward and backward walk layers one by one). Under precision bf16
- * the acquire also rounds the dequantized values into the model's bf16 copy, which the matmuls read.
+ * the acquire also rounds the dequantized values into the model's bf16 copy, which the matmuls read (with
+ * spec.bf16 straight into it, a piece at a time: the scratch then has no fp32 storage).
  * Needs the CPU backend (as LoRA does) and no ZeRO-3 residency hooks.
  *
  * Memory: the table (codes, scales) is host memory owned by the model (st_model_free). */
@@ -32,6 +34,7 @@ typedef struct {
     st_qlora_quant quant;
     int double_quant;
     int block; /* elements per scale, >= 1 */
+    int bf16;  /* precision bf16 (st_qlora_begin only): the frozen base is held once, in bf16 (see below) */
 } st_qlora_spec;
 
 typedef struct st_qlora st_qlora;
@@ -41,6 +44,26 @@ typedef struct st_qlora st_qlora;
  * hooks; ST_EINVAL once bf16 weights exist (set precision after quantizing). */
 int st_qlora_quantize(st_model *m, const st_qlora_spec *spec);
 void st_qlora_free(st_qlora *q);
+
+/* The streamed form of st_qlora_quantize, for a model bound to its backend without weights (st_model_bind
+ * with alloc_weights 0; adapters attached to the registry): lays out and allocates the compacted buffer
+ * (kept base, one layer's scratch, the adapters, uninitialized). Then st_qlora_put for every base parameter,
+ * in any order, each once: a quantized one is quantized from `host` (its fp32 values, numel floats, registry
+ * layout), a kept one copied to its place. Same errors as st_qlora_quantize. */
+int st_qlora_begin(st_model *m, const st_qlora_spec *spec);
+int st_qlora_put(st_model *m, int i, const float *host);
+/* Elements [a, a + n) of a parameter that is not quantized (a piece of a large tensor at a time). */
+int st_qlora_put_part(st_model *m, int i, size_t a, size_t n, const float *host);
+/* spec.bf16 ("the frozen weights once, in the compute precision"): the layout is [bf16-only kept | one
+ * layer's scratch | fp32 kept | adapters], m->n_w16 the end of the scratch: the token embedding (Llama family)
+ * and an untied LM head live in the bf16 copy only (st_qlora_begin allocates it; st_model_set_precision
+ * keeps it), the scratch too (the acquire dequantizes a piece at a time and rounds it into the bf16 copy:
+ * the values the fp32 path would round). Norms, biases and the adapters keep fp32 masters. Without fp32
+ * values, those parameters' checksums (checkpoints' adapter_base_checksum) are recorded at load:
+ * st_qlora_set_sum / st_qlora_sum (st_ckpt_checksum of the fp32 values, from element 0). */
+int st_qlora_bf16_only(const st_model *m, int i);
+void st_qlora_set_sum(st_model *m, int i, uint64_t sum);
+uint64_t st_qlora_sum(const st_model *m, int i);
 
 /* Dequantizes the quantized parameters among [first, last) into the scratch their offsets point at. */
 void st_qlora_acquire(const st_model *m, int first, int last);
@@ -57,9 +80,13 @@ void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32);
 int st_qlora_materialize(st_model *m);
 
 /* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
- * bytes that leave the weight buffer and the scratch floats that replace them. */
+ * bytes that leave the weight buffer, the scratch floats that replace them and (spec.bf16) the floats held
+ * in bf16 only (the bf16-only kept parameters + the scratch: below n_w16). */
 void st_qlora_footprint(const st_model *m, const st_qlora_spec *spec, size_t *quantized, size_t *fp32,
-                        size_t *scratch);
+                        size_t *scratch, size_t *w16);
+/* The streamed load's working memory besides the model (bytes): one fp32 tensor to quantize and its scales,
+ * plus the piece buffer of the bf16-only parameters (coordinator/trainer/train.c load_quantized). */
+size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *spec);
 
 /* The quantization itself, on one host tensor of n floats (exposed for tests):
  * codes: nf4 (n + 1) / 2 bytes, int8 n bytes; scales: ceil(n / block) floats (absmax for nf4, absmax / 127

@@ -303,23 +303,39 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     size_t range = zero == 0 ? sp->n_pad : sp->shard; /* st_comm_optim_range */
     r->weights = m->n_weights * (c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float));
     r->teacher = teacher;
-    if (c->finetune.mode == ST_FINETUNE_QLORA) { /* worker/qlora.c: codes + scales, one layer's fp32 scratch */
+    size_t qload = 0, q32 = m->n_weights; /* QLoRA: the load's working bytes; the floats with fp32 storage */
+    if (c->finetune.mode == ST_FINETUNE_QLORA) {
+        /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one layer's
+         * scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
+         * bf16 copy only */
+        int bf16 = c->precision == ST_PRECISION_BF16;
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
-                            .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block};
-        size_t qb, fb, scratch;
-        st_qlora_footprint(m, &qs, &qb, &fb, &scratch);
-        /* from the registry alone: the fp32 buffer (and under bf16 its bf16 copy) after compact() */
-        size_t per = c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float);
-        r->weights = (m->qlora ? r->weights : (m->n_weights - fb / sizeof(float) + scratch) * per) + qb;
+                            .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block,
+                            .bf16 = bf16 && !m->qlora};
+        size_t qb, fb, scratch, w16;
+        st_qlora_footprint(m, &qs, &qb, &fb, &scratch, &w16);
+        size_t nw = m->qlora ? m->n_weights : m->n_weights - fb / sizeof(float) + scratch;
+        if (m->qlora) w16 = m->n_w16;
+        q32 = nw - w16;
+        r->weights = q32 * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0) + qb;
+        /* train.c load_quantized: one tensor in flight, then the adapters' initial values (host) */
+        size_t adapters = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
+        qload = st_qlora_load_work(m, &qs);
+        if (adapters > qload) qload = adapters;
+        /* what the load has written: the fp32 part but the scratch, the bf16-only kept parameters' bf16 (the
+         * scratch is first written by a layer's acquire, the rest of the bf16 copy by the first forward) */
+        qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qb)
+                      : (q32 - scratch) * sizeof(float) + qb;
     }
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
     /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
-    r->activations = (st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch,
-                                                      c->train.seq_len + st_prompt_tokens(m), c->precision,
-                                                      c->memory.activation_checkpointing) +
+    r->activations = (st_model_activation_floats_dev(&m->cfg, c->train.micro_batch,
+                                                     c->train.seq_len + st_prompt_tokens(m), c->precision,
+                                                     c->memory.activation_checkpointing,
+                                                     c->backend == ST_BACKEND_CUDA) +
                       st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len) +
                       (c->precision == ST_PRECISION_BF16 ? st_lora_bf16_work_floats(m) : 0)) *
                      sizeof(float);
@@ -332,7 +348,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     size_t copies = rank > 0 ? 0 : m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : io;
     /* a checkpoint (checkpoints/ckpt_write.c, CPU ranks: written from the live buffers): a bounce window
      * of at most this rank's rows of one tensor */
-    size_t bounce = (largest / (size_t)world + 1) * sizeof(float);
+    size_t written = largest; /* with adapters only they are written (the base tensors are skipped) */
+    if (m->lora || m->prompt) {
+        written = 0;
+        for (int i = st_model_base_params(m); i < m->n_params; i++)
+            if (m->params[i].numel > written) written = m->params[i].numel;
+    }
+    size_t bounce = (written / (size_t)world + 1) * sizeof(float);
     /* after the load: the finite check and the base checksum read through a 1 Mi-float chunk, plus a
      * 64 Ki-element conversion buffer while reading */
     size_t check = ((largest < ((size_t)1 << 20) ? largest : ((size_t)1 << 20)) + ((size_t)1 << 16)) * sizeof(float);
@@ -388,8 +410,11 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     /* load (before the trainable set exists): the weights as read, a tensor at a time (no host copy);
      * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
     r->at_load = m->n_weights * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
+    /* QLoRA: quantized while read (train.c load_quantized), the layout's buffers from the start */
+    if (c->finetune.mode == ST_FINETUNE_QLORA) r->at_load = stepbuf + qload + teacher;
     r->at_ckpt = r->total + bounce;
-    r->at_resume = r->total + m->n_weights * sizeof(float) + 2 * range * sizeof(float);
+    /* resume: a host image of the weights, of which the fp32 part is written (QLoRA: not below n_w16) */
+    r->at_resume = r->total + q32 * sizeof(float) + 2 * range * sizeof(float);
     (void)world;
 }
 

@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -18,6 +19,8 @@
 #include "common/util.h"
 #include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
+#include "worker/lora.h"
+#include "worker/qlora.h"
 #include "kernels/cuda/launch_host.h" /* st_cuda_shared_device: plain C, in every build */
 #include "coordinator/monitor/control_token.h"
 #include "coordinator/trainer/data_plan.h"
@@ -292,6 +295,84 @@ static int load_streamed(trainer *t) {
     return 0;
 }
 
+/* A parameter QLoRA holds in bf16 only (worker/qlora.h): read, checked and summed a piece at a time; its own
+ * checksum (from element 0) kept for the checkpoints' adapter_base_checksum. */
+static int load_bf16_only(st_model *m, st_safetensors *s, int i, const char *dir, size_t at, uint64_t *sum) {
+    const size_t chunk = (size_t)1 << 20;
+    const st_param *p = &m->params[i];
+    float *buf = malloc((p->numel < chunk ? p->numel : chunk) * sizeof(float) + sizeof(float));
+    int rc = buf ? 0 : st_fail(ST_ENOMEM, "out of memory loading %s", p->name);
+    uint64_t own = 0;
+    for (size_t a = 0; !rc && a < p->numel; a += chunk) {
+        size_t n = p->numel - a < chunk ? p->numel - a : chunk;
+        rc = st_model_read_param_range(s, m, i, a, n, buf);
+        if (!rc) rc = st_check_finite_values(buf, n, a, dir, p->name);
+        if (rc) break;
+        *sum += st_ckpt_checksum(buf, at + a, n);
+        own += st_ckpt_checksum(buf, a, n);
+        rc = st_qlora_put_part(m, i, a, n, buf);
+    }
+    st_qlora_set_sum(m, i, own);
+    free(buf);
+    return rc;
+}
+
+/* QLoRA below stage 3: the base is read a tensor at a time and quantized as it comes (worker/qlora.h
+ * st_qlora_begin / st_qlora_put): the load holds the compacted buffer (kept base, one layer's scratch, the
+ * adapters), the codes so far and one fp32 tensor, never the fp32 base. Each tensor is checked finite and
+ * summed into the base checksum at its registry offset: the number a whole load gives. */
+static int load_quantized(trainer *t) {
+    const st_config *c = t->cfg;
+    st_model *m = &t->model;
+    int rc = st_model_open_registry(c->model.path, m);
+    if (!rc) rc = st_plan_attach_adapters(c, m); /* the adapters' registry entries (no backend yet) */
+    if (!rc) rc = st_model_bind(m, t->be, 0);
+    if (rc) return rc;
+    int nb = st_model_base_params(m);
+    size_t *at = malloc((size_t)nb * sizeof *at + 1), most = 0;
+    if (!at) return st_fail(ST_ENOMEM, "out of memory loading %s", c->model.path);
+    for (int i = 0; i < nb; i++) at[i] = m->params[i].offset; /* the registry's, before the layout moves them */
+    st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant, .double_quant = c->finetune.qlora.double_quant,
+                        .block = c->finetune.qlora.block, .bf16 = c->precision == ST_PRECISION_BF16};
+    rc = st_qlora_begin(m, &qs);
+    for (int i = 0; !rc && i < nb; i++)
+        if (st_qlora_holds(m, i) && m->params[i].numel > most) most = m->params[i].numel;
+    float *host = rc ? NULL : malloc(most * sizeof(float) + sizeof(float));
+    if (!rc && !host) rc = st_fail(ST_ENOMEM, "out of memory loading %s", c->model.path);
+    st_safetensors *s = NULL;
+    if (!rc) rc = st_model_check_files(m, c->model.path, &s);
+    uint64_t sum = 0;
+    for (int i = 0; !rc && i < nb; i++) { /* host memory (st_qlora_begin's CPU backend): kept ones read in place */
+        const st_param *p = &m->params[i];
+        if (st_qlora_bf16_only(m, i)) { /* a piece at a time, rounded into the bf16 copy */
+            rc = load_bf16_only(m, s, i, c->model.path, at[i], &sum);
+            continue;
+        }
+        float *dst = st_qlora_holds(m, i) ? host : m->weights + p->offset;
+        rc = st_model_read_param(s, m, i, dst);
+        if (!rc) rc = st_check_finite_values(dst, p->numel, 0, c->model.path, p->name);
+        if (!rc) sum += st_ckpt_checksum(dst, at[i], p->numel);
+        if (!rc && dst == host) rc = st_qlora_put(m, i, host);
+    }
+    if (s) st_safetensors_close(s);
+    free(host);
+    free(at);
+    st_model_weights_changed(m);
+    if (!rc) rc = st_lora_init_adapters(m);
+    if (!rc && c->finetune.lora.dora) rc = st_lora_init_magnitudes(m);
+    t->base_checksum = sum ? sum : 1;
+    return rc;
+}
+
+/* The resident set now (kB, from /proc/self/statm; -1 where it cannot be read): the tests' load report. */
+static long resident_kb(void) {
+    long pages = -1, rss = -1;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f && fscanf(f, "%ld %ld", &pages, &rss) != 2) rss = -1;
+    if (f) fclose(f);
+    return rss < 0 ? -1 : rss * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
 static int setup(trainer *t) {
     const st_config *c = t->cfg;
     int rc = st_trainer_agree(t, setup_backend(t));
@@ -299,13 +380,20 @@ static int setup(trainer *t) {
     /* ZeRO-3 streams the weights in once the communicator knows what this rank keeps (load_streamed) */
     int stream = c->sharding.stage == 3 &&
                  (c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN); /* what stage 3 runs */
-    if (!rc) rc = st_trainer_agree(t, stream ? st_model_open_dir(c->model.path, t->be, &t->model)
-                                             : st_model_load_dir(c->model.path, t->be, &t->model));
+    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS"); /* tests: the load phase's peak, measured */
+    struct rusage ru;
+    if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)
+        fprintf(stderr, "shardtune train: rank %d: peak RSS before loading the model: %ld kB, resident now %ld kB\n",
+                t->rank, ru.ru_maxrss, resident_kb());
+    int quant = !stream && c->finetune.mode == ST_FINETUNE_QLORA; /* quantized while read (load_quantized) */
+    if (!rc) rc = st_trainer_agree(t, stream  ? st_model_open_dir(c->model.path, t->be, &t->model)
+                                      : quant ? load_quantized(t)
+                                              : st_model_load_dir(c->model.path, t->be, &t->model));
     if (!rc && t->rank == 0 && st_model_load_warning())
         fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
-    if (!rc && !stream) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
-    if (!rc && !stream) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
-    if (!rc) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
+    if (!rc && !stream && !quant) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
+    if (!rc && !stream && !quant) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
+    if (!rc && !quant) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
     /* checkpointing first: the arena is then laid out once, at its checkpointed size */
     if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, c->memory.activation_checkpointing));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
@@ -320,8 +408,6 @@ static int setup(trainer *t) {
     if (!rc) rc = start_monitoring(t);
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
     if (!rc && stream) rc = load_streamed(t);
-    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS"); /* tests: the load phase's peak, measured */
-    struct rusage ru;
     if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)
         fprintf(stderr, "shardtune train: rank %d: peak RSS after loading the model: %ld kB\n", t->rank, ru.ru_maxrss);
     if (!rc) rc = st_trainer_agree(t, read_job_texts(t));

@@ -326,7 +326,9 @@ static int try_resume(trainer *t, const char *path) {
     if (!rc) {
         const st_backend *be = t->be;
         if (parts) put_ckpt_parts(t, w);
-        else be->copy_to_device(t->model.weights, w, t->model.n_weights * sizeof(float));
+        else /* n_w16: QLoRA's bf16-only part has no fp32 place (and came from the model directory, not the checkpoint) */
+            be->copy_to_device(t->model.weights + t->model.n_w16, w + t->model.n_w16,
+                               (t->model.n_weights - t->model.n_w16) * sizeof(float));
         st_model_weights_changed(&t->model);
         st_comm_weights_loaded(&t->dp, &t->model); /* ZeRO-3 keeps its shard only */
         st_optim_restore(&t->optim, &t->model, mh, vh, steps);

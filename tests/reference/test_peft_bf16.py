@@ -10,7 +10,8 @@ For a 2-layer Llama with adapters on all seven projections (r 4), 6 steps of a 1
     only the order of fp32 sums, which flips rare bf16 roundings by one ulp, at most twice a rounding
     error (the argument of tests/integration/test_bf16_train.sh and test_bf16_torch.py (a)).
   * QLoRA nf4 + double quantization in bf16 equals bf16 LoRA over the numpy-dequantized base (written as an
-    fp32 model: test_qlora_torch's independent implementation of the format) within 2 D_q, D_q being the
+    fp32 model: test_qlora_torch's independent implementation of the format; its token embedding and LM head
+    rounded to bf16, as QLoRA under bf16 holds them in bf16 only) within 2 D_q, D_q being the
     QLoRA bf16-vs-fp32 difference: both round the same dequantized values to bf16 for every base matmul,
     so only evaluation order can differ (measured: printed, typically 0). QLoRA bf16 on 1 vs 2 ranks
     (ZeRO-1) within 2 D_q.
@@ -24,6 +25,7 @@ For a 2-layer Llama with adapters on all seven projections (r 4), 6 steps of a 1
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -104,7 +106,7 @@ def main():
         # QLoRA: nf4 with double quantization, block 64
         qjob = make_job(os.path.join(root, "qlora"), ll, data, "qlora", "{ quant: nf4, double_quant: true, block: 64 }")
         dq, qref = bf16_effect("qlora", qjob, root)
-        deq = dequantized_copy(ll, os.path.join(root, "deq"), "nf4", True, 64)
+        deq = dequantized_copy(ll, os.path.join(root, "deq"), "nf4", True, 64, bf16_frozen=True)
         ljob = make_job(os.path.join(root, "deq_lora"), deq, data, "lora")
         on_deq = run_split(ljob, os.path.join(root, "deq_lora_bf16"), SPLITS[0], more=BF16)
         worst = rel(on_deq, qref)
@@ -115,7 +117,28 @@ def main():
         print(f"  qlora bf16 vs bf16 LoRA on the numpy-dequantized base: losses {worst:.2e} (<= 2 D_q = {2 * dq:.2e}), "
               f"adapters {wdiff:.2e}")
         ranks_agree("qlora", qjob, root, qref, dq, SPLITS[1:2])
+        # resume: the checkpoint's adapter_base_checksum covers the bf16-only embedding / head by their load-time
+        # sums (no fp32 values exist), and resuming restores the fp32 part of the buffer only
+        rrd = os.path.join(root, "qlora_resume")
+        run_split(qjob, rrd, SPLITS[1], steps=3, more=BF16 + ["checkpoint.every_steps=3"])
+        got = run_split(qjob, rrd, SPLITS[0], steps=6, more=BF16 + ["resume=auto"])
+        worst = rel(got, qref)
+        assert len(got) == len(qref) and worst <= 2 * dq, f"qlora bf16 resume 2 -> 1 rank: {worst:.3g} > 2 D_q"
+        print(f"  qlora: bf16 resume 2 ranks -> 1 rank at step 3 vs uninterrupted {worst:.2e} <= 2 D_q")
         ckpt_same("qlora", qjob, root, qref)
+        # the LM head in vocabulary blocks (worker/model.c head_vblock; by default only heads above 16 Mi
+        # floats, e.g. Llama-3-8B's): the same losses up to the order of dlnf's fp32 sums, within 2 D_q
+        env = dict(dp.ENV, SHARDTUNE_HEAD_WIDEN_FLOATS="4096")
+        brd = os.path.join(root, "qlora_blocked")
+        n, mb, acc, zero = SPLITS[0]
+        r = subprocess.run([dp.BIN, "train", qjob, f"run_dir={brd}", "train.steps=6", f"train.micro_batch={mb}",
+                            f"train.grad_accum={acc}", f"sharding.stage={zero}"] + BF16,
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        blocked = [x["loss"] for x in dp.losses(brd)]
+        worst = rel(blocked, qref)
+        assert len(blocked) == len(qref) and worst <= 2 * dq, f"qlora bf16, blocked head: {worst:.3g} > 2 D_q"
+        print(f"  qlora: bf16 with the LM head in vocabulary blocks of 4096 floats vs whole {worst:.2e} <= 2 D_q")
         final_checks("qlora", ll, data, os.path.join(root, "qlora_bf16"))
         r = dp.sh([dp.BIN, "train", qjob, "precision=bf16", "finetune.lora.dora=true", "run_dir=" + root + "/refused"],
                   check=False)

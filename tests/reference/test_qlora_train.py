@@ -58,12 +58,22 @@ def run_split(job, rd, split, steps=6, more=()):
     return [r["loss"] for r in dp.losses(rd)]
 
 
-def dequantized_copy(model, out, quant, dq, block):
+def bf16_rounded(x):
+    """fp32 values rounded to the nearest bf16 (ties to even, on the bits), as float32."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32)).view(np.float32)
+
+
+def dequantized_copy(model, out, quant, dq, block, bf16_frozen=False):
+    """The model with its layer weights as QLoRA dequantizes them; bf16_frozen: the token embedding and the
+    LM head rounded to bf16 too (QLoRA under precision bf16 holds them in bf16 only, worker/qlora.h)."""
     shutil.copytree(model, out)
     w = dp.read_safetensors(os.path.join(model, "model.safetensors"))
     for k in w:
         if w[k].ndim == 2 and k.startswith("model.layers."):
             w[k] = quant_dequant(w[k].astype(np.float32), quant, dq, block)
+        elif bf16_frozen and k in ("model.embed_tokens.weight", "lm_head.weight"):
+            w[k] = bf16_rounded(w[k])
     st_io.write(os.path.join(out, "model.safetensors"), {k: np.asarray(v, np.float32) for k, v in w.items()})
     return out
 

@@ -26,12 +26,9 @@
 static int attach_prompt(const st_config *c, st_model *m) {
     int prefix = c->finetune.mode == ST_FINETUNE_PREFIX_TUNING;
     const char *mode = st_config_prompt_learning(c);
-    /* sharding.stage 3: prompt tuning's prompt is the one trainable (sharded) tensor; forward acquires it
-     * (worker/model.c). P-tuning's encoder and prefix tuning's per-layer prefixes are read in place by
-     * worker/prompt.c (no residency hooks yet) */
-    if (c->sharding.stage >= 3 && c->finetune.mode != ST_FINETUNE_PROMPT_TUNING)
-        return st_fail(ST_ECONFIG, "finetune.mode %s with sharding.stage %d is not supported yet (use 0, 1 or 2)", mode,
-                       c->sharding.stage);
+    /* sharding.stage 3: the prompt (P-tuning's encoder, prefix tuning's table or projection) is the
+     * trainable (sharded) set; worker/model.c acquires it around the prompt's forward and backward (a
+     * prefix table across the layers that read it) */
     if (c->precision != ST_PRECISION_FP32)
         return st_fail(ST_ECONFIG, "finetune.mode %s with precision bf16 is not supported yet (use fp32)", mode);
     /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
@@ -67,11 +64,8 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* sharding.stage 3: the adapters are the trainable (sharded) tensors, acquired with their layer
-     * (worker/model.c); the frozen base stays whole on every rank. QLoRA's dequantization scratch shares
-     * the acquire hook: not yet */
-    if (q && c->sharding.stage >= 3)
-        return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage %d is not supported yet (use 0, 1 or 2, "
-                                   "or finetune.mode lora)", c->sharding.stage);
+     * (worker/model.c); the frozen base stays whole on every rank (QLoRA: quantized, each layer dequantized
+     * into its scratch by st_model_acquire before the residency hook gathers the layer's adapters) */
     /* precision bf16: the base (QLoRA: each dequantized layer) computes from its bf16 copy, the adapters and
      * their optimizer state stay fp32 (worker/model.c); DoRA's base term is fp32 math, not yet */
     if (c->finetune.lora.dora && c->precision != ST_PRECISION_FP32)

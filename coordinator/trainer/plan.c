@@ -268,6 +268,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     }
     size_t range = zero == 0 ? sp->n_pad : sp->shard; /* st_comm_optim_range */
     r->weights = m->n_weights * (c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float));
+    size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes, the fp32 floats compact() removes */
     if (c->finetune.mode == ST_FINETUNE_QLORA) { /* worker/qlora.c: codes + scales, one layer's fp32 scratch */
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
                             .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block};
@@ -276,6 +277,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         /* from the registry alone: the fp32 buffer (and under bf16 its bf16 copy) after compact() */
         size_t per = c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float);
         r->weights = (m->qlora ? r->weights : (m->n_weights - fb / sizeof(float) + scratch) * per) + qb;
+        qbytes = qb;
+        qdrop = m->qlora ? 0 : fb / sizeof(float) - scratch;
     }
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
@@ -314,9 +317,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                         (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
         size_t work = zero3_working_floats(m, goff, 1), gwork = zero3_working_floats(m, goff, 0);
-        size_t frozen = m->n_weights - n;
+        size_t frozen = m->n_weights - n - qdrop; /* QLoRA: kept base + one layer's scratch (+ qbytes) */
         size_t staging = frozen && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
-        r->weights = (frozen + hi - lo + work) * sizeof(float);
+        r->weights = (frozen + hi - lo + work) * sizeof(float) + qbytes;
         size_t bf_work = 0;
         if (c->precision == ST_PRECISION_BF16) { /* the compute copy of the group acquired (frozen weights
                                                     included) and of the shard the optimizer writes */
@@ -344,7 +347,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         /* resume (train_ckpt.c): the parts and one tensor read, the moments read in place (CPU ranks); else
          * the whole weights and the moments' host copy */
         r->at_resume = idle + (streams(c) ? (frozen + hi - lo + largest) * sizeof(float)
-                                          : m->n_weights * sizeof(float) + 2 * range * sizeof(float));
+                                          : (m->n_weights - qdrop) * sizeof(float) + 2 * range * sizeof(float));
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;

@@ -251,7 +251,7 @@ static void keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b)
 
 /* ZeRO-3 streaming load, once the communicator has decided what each rank keeps: every rank reads only
  * that from the safetensors files (ranged reads, converted per piece), checks those values are finite,
- * and the base model's checksum is summed from the ranks' parts (a frozen parameter, whole on every rank,
+ * and the base model's checksum is summed from the ranks' parts (a parameter kept whole on every rank
  * counts on rank 0 only): the number a whole load gives, so resume checks are unchanged. */
 static int load_streamed(trainer *t) {
     const st_config *c = t->cfg;
@@ -265,7 +265,8 @@ static int load_streamed(trainer *t) {
         const st_param *p = &m->params[i];
         size_t a, b;
         st_comm_param_keep(&t->dp, m, i, &a, &b);
-        if (a < b && (p->grad_offset >= 0 || t->rank == 0) && st_trainer_range_checksum(t, p->offset + a, b - a, &sum))
+        if (a < b && (st_comm_param_sharded(&t->dp, m, i) || t->rank == 0) &&
+            st_trainer_range_checksum(t, p->offset + a, b - a, &sum))
             ok = 0;
     }
     MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, t->comm);

@@ -197,14 +197,13 @@ static size_t span_floats(const st_model *m, const long *goff, int first, int la
     return n;
 }
 
-/* ZeRO-3: the most trainable weight floats gathered at once (worker/model.c's acquire/release order): one
- * layer, the embeddings, or the final norm + head, with a tied embedding held from the embedding to the
- * head. When every parameter trains, the next group's gather is prefetched while one computes (comm.c):
+/* ZeRO-3: the most weight floats gathered at once (worker/model.c's acquire/release order) among those
+ * goff marks (>= 0): one layer, the embeddings, or the final norm + head, with a tied embedding held from
+ * the embedding to the head. With `prefetch`, the next group's gather travels while one computes (comm.c):
  * two neighbouring groups then. The same bound holds for the gradients resident at once (a layer's until
  * its reduce-scatter; a tied embedding's head gradient from forward to the end of backward). */
 static size_t zero3_working_floats(const st_model *m, const long *goff, int prefetch) {
     int e0 = 0, all = prefetch;
-    for (int i = 0; i < m->n_params; i++) all &= goff[i] >= 0;
     while (e0 < m->n_params && m->params[e0].layer < 0) e0++; /* embeddings come first */
     int fn = e0;
     while (fn < m->n_params && m->params[fn].layer >= 0) fn++;
@@ -245,10 +244,18 @@ static size_t tensor_io_bytes(const st_model *m) {
     return most * sizeof(float) * (tr ? 2 : 1);
 }
 
-/* Whether training streams the weights at stage 3 (train.c: full and frozen modes). */
-static int streams(const st_config *c) {
-    return c->sharding.stage == 3 && (c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN);
+int st_plan_streams(const st_config *c) {
+    if (c->sharding.stage != 3) return 0;
+    switch (c->finetune.mode) {
+    case ST_FINETUNE_FULL: case ST_FINETUNE_FROZEN: return 1;
+    case ST_FINETUNE_LORA: return !c->finetune.lora.dora; /* DoRA's magnitudes read the base */
+    case ST_FINETUNE_PROMPT_TUNING: return !c->finetune.prompt.init_text[0]; /* TEXT init reads embeddings */
+    case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING: return 1;
+    default: return 0; /* qlora: the base is quantized whole at attach */
+    }
 }
+
+static int streams(const st_config *c) { return st_plan_streams(c); }
 
 static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
                       int rank, st_rank_plan *r) {
@@ -316,9 +323,29 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
-        size_t work = zero3_working_floats(m, goff, 1), gwork = zero3_working_floats(m, goff, 0);
-        size_t frozen = m->n_weights - n - qdrop; /* QLoRA: kept base + one layer's scratch (+ qbytes) */
-        size_t staging = frozen && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
+        /* the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones (their one layer's
+         * scratch stays whole, with the codes), sharded like the trainable ones: this rank's part of it */
+        long *gath = malloc((size_t)m->n_params * sizeof(long));
+        size_t nf = 0, whole = 0;
+        int every = 1; /* every parameter trains: in-place gathers, prefetched */
+        for (int i = 0; i < m->n_params; i++) {
+            const st_param *p = &m->params[i];
+            int held = qbytes && p->layer >= 0 && p->ndim == 2 && (p->kind == ST_MOD_ATTN || p->kind == ST_MOD_MLP) &&
+                       goff[i] < 0; /* worker/qlora.c quantizable() */
+            if (goff[i] < 0 && !held) nf += p->numel;
+            every &= goff[i] >= 0;
+            if (gath) gath[i] = held ? -1 : 0;
+        }
+        if (qbytes) whole = m->qlora ? m->n_weights - n - nf : m->n_weights - n - nf - qdrop; /* the scratch */
+        size_t fshard = (nf + (size_t)world - 1) / (size_t)world, flo = fshard * (size_t)rank;
+        size_t kept = (flo + fshard < nf ? flo + fshard : nf) - (flo < nf ? flo : nf);
+        size_t frozen = whole + kept; /* resident frozen floats */
+        /* gathered at once: a group's trainable and frozen weights, the next group's prefetched with them
+         * (the frozen part always, the trainable part when every parameter trains) */
+        size_t work = gath ? zero3_working_floats(m, gath, world > 1 && (every || nf)) : m->n_weights;
+        size_t gwork = zero3_working_floats(m, goff, 0);
+        free(gath);
+        size_t staging = n != m->n_weights - qdrop && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
         r->weights = (frozen + hi - lo + work) * sizeof(float) + qbytes;
         size_t bf_work = 0;
         if (c->precision == ST_PRECISION_BF16) { /* the compute copy of the group acquired (frozen weights
@@ -333,21 +360,20 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         r->comm = staging * sizeof(float);
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
         size_t idle = r->total - (work + gwork) * sizeof(float) - bf_work; /* between steps: no layer gathered */
-        if (streams(c)) {
-            /* load: this rank's parts only, read piece by piece; final/: one tensor gathered at a time on
-             * rank 0 (the others serve their parts) */
-            r->at_load = (frozen + hi - lo) * sizeof(float) + stepbuf + (tr ? io : 0) + check;
-            r->at_save = idle + copies;
-        } else { /* adapters: the whole model read, then gathered whole for final/ */
-            r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf;
-            r->at_save = idle + (n - (hi - lo)) * sizeof(float) + copies;
-        }
+        int adapters = m->lora || m->prompt;
+        /* load: streamed, this rank's parts only, read piece by piece (adapters: attached first, over
+         * zeros); else the whole model read, then given back down to this rank's parts */
+        if (streams(c)) r->at_load = (frozen + hi - lo + (adapters ? n : 0)) * sizeof(float) + stepbuf + (tr ? io : 0) + check;
+        else r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf;
+        /* final/: one tensor gathered at a time on rank 0 (the others serve their parts); adapters: gathered
+         * whole on every rank (st_trainer_save_final) */
+        r->at_save = idle + (adapters ? (n - (hi - lo)) * sizeof(float) : 0) + copies;
         /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c) */
         r->at_ckpt = idle + largest * sizeof(float) + bounce;
-        /* resume (train_ckpt.c): the parts and one tensor read, the moments read in place (CPU ranks); else
-         * the whole weights and the moments' host copy */
-        r->at_resume = idle + (streams(c) ? (frozen + hi - lo + largest) * sizeof(float)
-                                          : (m->n_weights - qdrop) * sizeof(float) + 2 * range * sizeof(float));
+        /* resume (train_ckpt.c): full / frozen: the parts and one tensor read, the moments read in place (CPU
+         * ranks); else the whole weights (the base checked a tensor at a time) and the moments' host copy */
+        r->at_resume = idle + (streams(c) && !adapters ? (frozen + hi - lo + largest) * sizeof(float)
+                                                       : (m->n_weights - qdrop + largest) * sizeof(float) + 2 * range * sizeof(float));
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers;
@@ -370,7 +396,8 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
     sp->shard = sp->n_pad / (size_t)world;
     for (int i = 0; i < m->n_params; i++) sp->n_trainable_params += goff[i] >= 0;
     sp->transition_extra = 2 * prev_pad * sizeof(float); /* st_comm_reshard_optim's old_m + old_v */
-    if (c->sharding.stage == 3) sp->transition_extra += prev_pad * sizeof(float); /* + the old trainable weights whole */
+    if (c->sharding.stage == 3) /* + the old weights whole (trainable and frozen: comm.c gathers the model) */
+        sp->transition_extra += prev_pad ? m->n_weights * sizeof(float) : 0;
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
     for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r]);

@@ -280,15 +280,16 @@ static int setup(trainer *t) {
     int rc = st_trainer_agree(t, setup_backend(t));
     if (!rc) rc = st_trainer_agree(t, check_backends(t));
     /* ZeRO-3 streams the weights in once the communicator knows what this rank keeps (load_streamed) */
-    int stream = c->sharding.stage == 3 &&
-                 (c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN); /* what stage 3 runs */
+    int stream = st_plan_streams(c);
     if (!rc) rc = st_trainer_agree(t, stream ? st_model_open_dir(c->model.path, t->be, &t->model)
                                              : st_model_load_dir(c->model.path, t->be, &t->model));
+    t->model.weights_unread = stream; /* the adapters attach over zeros: the base is read after */
     if (!rc && t->rank == 0 && st_model_load_warning())
         fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
     if (!rc && !stream) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
     if (!rc && !stream) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
     if (!rc) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
+    t->model.weights_unread = 0;
     /* checkpointing first: the arena is then laid out once, at its checkpointed size */
     if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, c->memory.activation_checkpointing));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));

@@ -368,8 +368,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         /* final/: one tensor gathered at a time on rank 0 (the others serve their parts); adapters: gathered
          * whole on every rank (st_trainer_save_final) */
         r->at_save = idle + (adapters ? (n - (hi - lo)) * sizeof(float) : 0) + copies;
-        /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c) */
-        r->at_ckpt = idle + largest * sizeof(float) + bounce;
+        /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c): of an adapter mode,
+         * the adapters only */
+        size_t ck = largest;
+        if (adapters)
+            for (int i = st_model_base_params(m), first = 1; i < m->n_params; i++, first = 0)
+                ck = first || m->params[i].numel > ck ? m->params[i].numel : ck;
+        r->at_ckpt = idle + ck * sizeof(float) + (adapters ? (ck / (size_t)world + 1) * sizeof(float) : bounce);
         /* resume (train_ckpt.c): full / frozen: the parts and one tensor read, the moments read in place (CPU
          * ranks); else the whole weights (the base checked a tensor at a time) and the moments' host copy */
         r->at_resume = idle + (streams(c) && !adapters ? (frozen + hi - lo + largest) * sizeof(float)

@@ -8,13 +8,15 @@
 #
 #   bench/zero3_step.sh [BUILD_DIR]     env: STEPS (default 10), SKIP (2), LAYERS (8), DIM (512),
 #                                         VOCAB (32000), GB (global batch, 4), SEQ (64), ROUNDS (2),
-#                                         PRECISION (fp32 or bf16)
+#                                         PRECISION (fp32 or bf16), EXTRA (train overrides for every
+#                                         run, e.g. "finetune.mode=lora": the frozen base sharded,
+#                                         its runs prefetched)
 set -euo pipefail
 BUILD=${1:-build}
 BIN=$BUILD/shardtune
 PY=${ST_PYTHON:-/usr/bin/python3}
 STEPS=${STEPS:-10} SKIP=${SKIP:-2} LAYERS=${LAYERS:-8} DIM=${DIM:-512} VOCAB=${VOCAB:-32000}
-GB=${GB:-4} SEQ=${SEQ:-64} ROUNDS=${ROUNDS:-2} PRECISION=${PRECISION:-fp32}
+GB=${GB:-4} SEQ=${SEQ:-64} ROUNDS=${ROUNDS:-2} PRECISION=${PRECISION:-fp32} EXTRA=${EXTRA:-}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
@@ -52,7 +54,7 @@ print(f"{med('step_ms'):.1f} {med('comm_ms'):.1f}")
 EOF
 }
 
-echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION}; 2 ranks x 1 thread, global batch ${GB} x ${SEQ};" \
+echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION} ${EXTRA}; 2 ranks x 1 thread, global batch ${GB} x ${SEQ};" \
      "median of steps $((SKIP + 1))..${STEPS}; ${ROUNDS} rounds, interleaved"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
 printf "%-6s %-26s %10s %10s\n" round run step_ms comm_ms
@@ -62,7 +64,7 @@ for round in $(seq "$ROUNDS"); do
     pf=1; [ "$2" = off ] && pf=0
     name="ZeRO-$1"; [ "$1" = 3 ] && name="ZeRO-3 prefetch $2"
     SHARDTUNE_ZERO3_PREFETCH=$pf mpirun --oversubscribe -np 2 "$BIN" train "$T/job.yaml" \
-      run_dir="$T/r$round-$1-$2" sharding.stage=$1 precision=$PRECISION >/dev/null
+      run_dir="$T/r$round-$1-$2" sharding.stage=$1 precision=$PRECISION $EXTRA >/dev/null
     read -r s c < <(summary "$T/r$round-$1-$2")
     printf "%-6s %-26s %10s %10s\n" "$round" "$name" "$s" "$c"
   done

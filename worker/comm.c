@@ -14,6 +14,7 @@
 #include "common/util.h"
 #include "kernels/cuda/nccl_comm.h" /* plain C; a build without CUDA links failing stubs */
 #include "worker/optim.h"
+#include "worker/qlora.h"
 
 static int on_device(const st_model *m) { return !m->be->host_memory; }
 
@@ -116,13 +117,13 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
     return 0;
 }
 
-static int prefetch_finish(st_comm *c, size_t a, size_t b); /* stage 3, below */
+static int prefetch_finish(st_comm *c, int first, int last); /* stage 3, below */
 
 void st_comm_free(st_comm *c) {
     if (c->nccl) st_nccl_destroy(c->nccl);
     c->nccl = NULL;
     if (c->model) { /* stage 3: the model's hooks point here */
-        prefetch_finish(c, (size_t)-1, 0);
+        prefetch_finish(c, -1, -1);
         c->model->acquire = NULL;
         c->model->release = NULL;
         c->model->prefetch = NULL;
@@ -140,6 +141,14 @@ void st_comm_free(st_comm *c) {
     free(c->z3_stage);
     free(c->z3_pf_counts);
     c->z3_pf_counts = NULL;
+    free(c->z3_foff);
+    free(c->z3_runs);
+    free(c->z3_pf_freqs);
+    free(c->z3_pf_fcounts);
+    c->z3_foff = NULL;
+    c->z3_runs = NULL;
+    c->z3_pf_freqs = NULL;
+    c->z3_pf_fcounts = NULL;
     c->z3_recv = NULL;
     c->z3_stage = NULL;
     free(c->reqs);
@@ -345,7 +354,7 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     int rc = 0;
     c->comm_seconds = 0;
     if (c->stage == 3) { /* reduce-scattered layer by layer during backward */
-        prefetch_finish(c, (size_t)-1, 0);
+        prefetch_finish(c, -1, -1);
         *optim_grads = c->shard_grads;
         c->comm_seconds = c->overlap_seconds;
         c->overlap_seconds = 0;
@@ -558,6 +567,76 @@ static void release_compact(st_comm *c, size_t a, size_t b) {
     st_for_each_param_range(c->model, a > c->hi ? a : c->hi, b, discard_piece, c->model);
 }
 
+/* ---- the frozen space (see comm.h) ---- */
+
+static long foff(const st_comm *c, int i) { return c->z3_foff ? c->z3_foff[i] : -1; }
+
+/* MPI counts and displacements of the owners' parts of the frozen range [a, b), relative to a. */
+static void frozen_counts(const st_comm *c, size_t a, size_t b, int *counts, int *displs) {
+    for (int r = 0, off = 0; r < c->world; r++) {
+        size_t lo = c->fshard * (size_t)r, hi = lo + c->fshard;
+        size_t s = a > lo ? a : lo, e = b < hi ? b : hi;
+        counts[r] = e > s ? (int)(e - s) : 0;
+        displs[r] = off;
+        off += counts[r];
+    }
+}
+
+/* The frozen parameters of [first, last) as runs contiguous in both the frozen space and m->weights:
+ * c->z3_runs[3k] frozen offset, [3k + 1] weight offset, [3k + 2] length. Returns the number of runs. */
+static int frozen_runs(st_comm *c, int first, int last) {
+    int nr = 0;
+    size_t *r = c->z3_runs;
+    for (int i = first; c->z3_foff && i < last; i++) {
+        const st_param *p = &c->model->params[i];
+        long f = foff(c, i);
+        if (f < 0 || !p->numel) continue;
+        if (nr && r[3 * nr - 3] + r[3 * nr - 1] == (size_t)f && r[3 * nr - 2] + r[3 * nr - 1] == p->offset) {
+            r[3 * nr - 1] += p->numel;
+            continue;
+        }
+        r[3 * nr] = (size_t)f;
+        r[3 * nr + 1] = p->offset;
+        r[3 * nr + 2] = p->numel;
+        nr++;
+    }
+    return nr;
+}
+
+/* Starts (reqs) or runs (reqs NULL) the in-place all-gathers of the frozen parameters of [first, last):
+ * each owner's part is resident at its place, the collective fills in the rest. counts: [nr * 2 * world]
+ * (kept until the requests complete). Returns 0 or the MPI failure; *nruns the requests started. */
+static int gather_frozen(st_comm *c, int first, int last, MPI_Request *reqs, int *counts, int *nruns) {
+    int nr = frozen_runs(c, first, last), rc = MPI_SUCCESS;
+    *nruns = 0;
+    for (int k = 0; k < nr && rc == MPI_SUCCESS; k++) {
+        const size_t *run = c->z3_runs + 3 * k;
+        int *cn = counts + (size_t)k * 2 * (size_t)c->world, *ds = cn + c->world;
+        frozen_counts(c, run[0], run[0] + run[2], cn, ds);
+        float *at = c->model->weights + run[1];
+        if (reqs) {
+            rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, at, cn, ds, MPI_FLOAT, c->comm, &reqs[k]);
+            if (rc == MPI_SUCCESS) (*nruns)++;
+        } else {
+            rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, at, cn, ds, MPI_FLOAT, c->comm);
+        }
+    }
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 frozen parameter all-gather", c->rank);
+}
+
+/* Gives back the frozen weights of [first, last) outside this rank's part of the frozen space. */
+static void release_frozen(st_comm *c, int first, int last) {
+    for (int i = first; c->z3_foff && i < last; i++) {
+        const st_param *p = &c->model->params[i];
+        long f = foff(c, i);
+        if (f < 0) continue;
+        size_t a = (size_t)f, b = a + p->numel, w = p->offset;
+        size_t e1 = b < c->flo ? b : c->flo, s2 = a > c->fhi ? a : c->fhi;
+        if (e1 > a) discard(c->model->weights, w, w + (e1 - a));
+        if (b > s2) discard(c->model->weights, w + (s2 - a), w + (b - a));
+    }
+}
+
 /* All-gather of the compact range [a, b) through the staging buffer, a chunk at a time (frozen
  * parameters interleave with trainable ones in the weight space): the owner packs its part, the
  * collective fills the rest in place, every rank unpacks. */
@@ -612,16 +691,21 @@ static int gather_fp32_read(st_comm *c, int first, int last) {
     return 0;
 }
 
-/* Waits for the prefetched gather in flight (if any). Unless it is of [a, b) (the range being acquired),
- * its weights are given back again: its acquire never came. Returns whether [a, b) is now resident. */
-static int prefetch_finish(st_comm *c, size_t a, size_t b) {
+/* Waits for the prefetched gathers in flight (if any). Unless they are of the group [first, last) (the one
+ * being acquired), their weights are given back again: its acquire never came. Returns what of the group
+ * is now resident: 1 its trainable part, 2 its frozen part. */
+static int prefetch_finish(st_comm *c, int first, int last) {
     if (!c->z3_pf_active) return 0;
     c->z3_pf_active = 0;
-    int rc = MPI_Wait(&c->z3_pf_req, MPI_STATUS_IGNORE);
+    int rc = c->z3_pf_train ? MPI_Wait(&c->z3_pf_req, MPI_STATUS_IGNORE) : MPI_SUCCESS;
+    if (rc == MPI_SUCCESS && c->z3_pf_nruns) rc = MPI_Waitall(c->z3_pf_nruns, c->z3_pf_freqs, MPI_STATUSES_IGNORE);
     if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 parameter all-gather", c->rank);
-    if (c->z3_pf_a == a && c->z3_pf_b == b) return 1;
-    release_compact(c, c->z3_pf_a, c->z3_pf_b);
-    if (c->model->weights_bf16) discard_bytes(c->model->weights_bf16, sizeof(uint16_t), c->z3_pf_a, c->z3_pf_b);
+    if (c->z3_pf_first == first && c->z3_pf_last == last) return (c->z3_pf_train ? 1 : 0) | (c->z3_pf_nruns ? 2 : 0);
+    if (c->z3_pf_train) {
+        release_compact(c, c->z3_pf_a, c->z3_pf_b);
+        if (c->model->weights_bf16) discard_bytes(c->model->weights_bf16, sizeof(uint16_t), c->z3_pf_a, c->z3_pf_b);
+    }
+    release_frozen(c, c->z3_pf_first, c->z3_pf_last);
     return 0;
 }
 
@@ -644,8 +728,10 @@ static void z3_acquire(void *ctx, int first, int last) {
     double t0 = st_now();
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
-    int done = prefetch_finish(c, a, b);
-    int rc = 0;
+    int pf = prefetch_finish(c, first, last), done = pf & 1, n = 0;
+    int rc = c->world > 1 && !(pf & 2) ? gather_frozen(c, first, last, NULL, c->z3_pf_fcounts, &n) : 0;
+    if (rc && !c->z3_rc) c->z3_rc = rc;
+    rc = 0;
     if (z3_bf16_gather(c) && b > a) {
         int counts[c->world], displs[c->world];
         if (!done) rc = gather_bf16(c, a, b, counts, displs, NULL);
@@ -675,36 +761,41 @@ static void z3_acquire(void *ctx, int first, int last) {
  * (whole pages inside it, the shared edge pages element by element). */
 static void z3_prefetch(void *ctx, int first, int last) {
     st_comm *c = ctx;
-    if (c->world == 1 || !c->z3_prefetch || !z3_in_place(c)) return;
+    if (c->world == 1 || !c->z3_prefetch) return;
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
-    if (b == a) return;
-    prefetch_finish(c, (size_t)-1, 0); /* one in flight at a time (never reached in the model's order) */
+    int train = z3_in_place(c) && b > a;
+    if (!train && !frozen_runs(c, first, last)) return;
+    prefetch_finish(c, -1, -1); /* one in flight at a time (never reached in the model's order) */
     int *counts = c->z3_pf_counts, *displs = c->z3_pf_counts + c->world;
-    int rc;
-    if (z3_bf16_gather(c)) { /* the bf16 copy; the few fp32 reads are gathered by the acquire */
+    int rc = 0;
+    if (train && z3_bf16_gather(c)) { /* the bf16 copy; the few fp32 reads are gathered by the acquire */
         rc = gather_bf16(c, a, b, counts, displs, &c->z3_pf_req);
-    } else {
+    } else if (train) {
         owner_counts(c, a, b, counts, displs);
         rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->model->weights + a, counts, displs, MPI_FLOAT, c->comm,
                              &c->z3_pf_req);
         rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 parameter all-gather", c->rank);
     }
-    if (rc) {
-        if (!c->z3_rc) c->z3_rc = rc;
-        return;
-    }
-    c->z3_pf_active = 1;
+    c->z3_pf_train = train && !rc;
+    c->z3_pf_nruns = 0;
+    if (!rc) rc = gather_frozen(c, first, last, c->z3_pf_freqs, c->z3_pf_fcounts, &c->z3_pf_nruns);
+    /* what was started is finished by the next acquire (or given back by prefetch_finish) */
+    c->z3_pf_active = c->z3_pf_train || c->z3_pf_nruns;
+    c->z3_pf_first = first;
+    c->z3_pf_last = last;
     c->z3_pf_a = a;
     c->z3_pf_b = b;
+    if (rc && !c->z3_rc) c->z3_rc = rc;
 }
 
 /* Progress hook (between matmuls): lets MPI move a prefetched gather on. */
 static void z3_progress(void *ctx) {
     st_comm *c = ctx;
     if (!c->z3_pf_active) return;
-    int flag;
-    MPI_Test(&c->z3_pf_req, &flag, MPI_STATUS_IGNORE); /* done: the request is MPI_REQUEST_NULL, Wait returns */
+    int flag; /* done: a request is MPI_REQUEST_NULL, Wait returns */
+    if (c->z3_pf_train) MPI_Test(&c->z3_pf_req, &flag, MPI_STATUS_IGNORE);
+    if (c->z3_pf_nruns) MPI_Testall(c->z3_pf_nruns, c->z3_pf_freqs, &flag, MPI_STATUSES_IGNORE);
 }
 
 static void z3_release(void *ctx, int first, int last) {
@@ -713,6 +804,7 @@ static void z3_release(void *ctx, int first, int last) {
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
     release_compact(c, a, b);
+    release_frozen(c, first, last);
 }
 
 /* grad_ready hook: the finished gradients [lo, hi) are summed into their owners' shard_grads (added: the
@@ -735,6 +827,29 @@ static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
     c->overlap_seconds += st_now() - t0;
 }
 
+/* Lays out the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones, registry order. */
+static int frozen_space(st_comm *c, const st_model *m) {
+    const char *env = getenv("SHARDTUNE_ZERO3_SHARD_FROZEN");
+    if (env && strcmp(env, "0") == 0) return 0;
+    size_t np = (size_t)m->n_params, w = (size_t)c->world;
+    c->z3_foff = malloc(np * sizeof(long));
+    c->z3_runs = malloc(3 * np * sizeof(size_t));
+    c->z3_pf_freqs = malloc(np * sizeof(MPI_Request));
+    c->z3_pf_fcounts = malloc(np * 2 * w * sizeof(int));
+    if (!c->z3_foff || !c->z3_runs || !c->z3_pf_freqs || !c->z3_pf_fcounts)
+        return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 frozen space", c->rank);
+    c->nf = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        c->z3_foff[i] = p->grad_offset >= 0 || st_qlora_holds(m, i) ? -1 : (long)c->nf;
+        if (c->z3_foff[i] >= 0) c->nf += p->numel;
+    }
+    c->fshard = (c->nf + w - 1) / w;
+    c->flo = c->fshard * (size_t)c->rank;
+    c->fhi = c->flo + c->fshard;
+    return 0;
+}
+
 static int z3_init(st_comm *c, const st_model *cm) {
     st_model *m = (st_model *)cm; /* the communicator installs its hooks on the model it serves */
     if (on_device(m))
@@ -753,6 +868,8 @@ static int z3_init(st_comm *c, const st_model *cm) {
     c->z3_prefetch = !(pf && strcmp(pf, "0") == 0);
     c->z3_pf_counts = malloc(2 * (size_t)c->world * sizeof(int));
     if (!c->z3_pf_counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 prefetch", c->rank);
+    int rc = frozen_space(c, m);
+    if (rc) return rc;
     c->model = m;
     m->acquire = z3_acquire;
     m->release = z3_release;
@@ -762,25 +879,49 @@ static int z3_init(st_comm *c, const st_model *cm) {
     m->grad_ready = z3_grad_ready;
     m->grad_ready_ctx = c;
     release_compact(c, 0, c->n);
+    release_frozen(c, 0, m->n_params);
     if (m->grads) discard(m->grads, 0, m->grad_alloc);
     if (m->weights_bf16) discard_bytes(m->weights_bf16, sizeof(uint16_t), 0, m->n_weights); /* made per acquire */
     return 0;
 }
 
 void st_comm_weights_loaded(st_comm *c, st_model *m) {
-    if (c->stage == 3 && c->model == m) release_compact(c, 0, c->n);
+    if (c->stage != 3 || c->model != m) return;
+    release_compact(c, 0, c->n);
+    release_frozen(c, 0, m->n_params);
 }
 
 size_t st_comm_zero3_recv_floats(size_t shard) { return shard < ST_Z3_CHUNK ? shard : ST_Z3_CHUNK; }
 
 /* ---------------- streaming load and final weights (stage 3 keeps parts) ---------------- */
 
+/* Parameter i's offset in its sharded space and that space's range kept by this rank; 0 when whole. */
+static int param_space(const st_comm *c, const st_model *m, int i, size_t *g, size_t *lo, size_t *hi) {
+    const st_param *p = &m->params[i];
+    if (c->stage != 3) return 0;
+    if (p->grad_offset >= 0) {
+        *g = (size_t)p->grad_offset, *lo = c->lo, *hi = c->hi;
+        return 1;
+    }
+    if (c->z3_foff && c->z3_foff[i] >= 0) {
+        *g = (size_t)c->z3_foff[i], *lo = c->flo, *hi = c->fhi;
+        return 1;
+    }
+    return 0;
+}
+
+int st_comm_param_sharded(const st_comm *c, const st_model *m, int i) {
+    size_t g, lo, hi;
+    return param_space(c, m, i, &g, &lo, &hi);
+}
+
 void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, size_t *b) {
     const st_param *p = &m->params[i];
+    size_t g, lo, hi;
     *a = 0;
     *b = p->numel;
-    if (c->stage != 3 || p->grad_offset < 0) return; /* whole on every rank: replicated, or frozen */
-    size_t g = (size_t)p->grad_offset, s = g > c->lo ? g : c->lo, e = g + p->numel < c->hi ? g + p->numel : c->hi;
+    if (!param_space(c, m, i, &g, &lo, &hi)) return; /* whole on every rank */
+    size_t s = g > lo ? g : lo, e = g + p->numel < hi ? g + p->numel : hi;
     if (e <= s) { *a = *b = 0; return; }
     *a = s - g;
     *b = e - g;
@@ -788,13 +929,14 @@ void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, s
 
 int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int root) {
     const st_param *p = &m->params[i];
-    if (c->stage != 3 || p->grad_offset < 0 || c->world == 1) { /* whole on the root already */
+    size_t g, lo, hi, a, b;
+    if (!param_space(c, m, i, &g, &lo, &hi) || c->world == 1) { /* whole on the root already */
         if (c->rank == root && dst) m->be->copy_to_host(dst, m->weights + p->offset, p->numel * sizeof(float));
         return 0;
     }
-    size_t g = (size_t)p->grad_offset, a, b;
     int counts[c->world], displs[c->world];
-    owner_counts(c, g, g + p->numel, counts, displs);
+    if (p->grad_offset >= 0) owner_counts(c, g, g + p->numel, counts, displs);
+    else frozen_counts(c, g, g + p->numel, counts, displs);
     st_comm_param_keep(c, m, i, &a, &b);
     /* a root without a buffer (its write failed) still takes part: it receives into a bounded scratch */
     float *recv = dst, *scratch = NULL;

@@ -5,13 +5,14 @@
  * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers.
  * 3 shards the parameters too (MPI on CPU ranks, fp32 or bf16; st_comm_init refuses a device backend by name): the weights
  * of the trainable parameters in this rank's shard of the compact space are its fp32 master shard and stay
- * resident in m->weights (frozen parameters stay whole on every rank: no communication), and the rest of
+ * resident in m->weights (frozen parameters are sharded the same way over their own "frozen space", gathered
+ * with their group and given back after: no gradient, no optimizer state), and the rest of
  * the weights and all of m->grads are backed by memory only while in use. The model's residency hooks all-gather a layer's weights just before its forward and
  * again before its backward and give the pages back after (madvise); the grad_ready hook reduce-scatters
  * each layer's gradients into the owners' shard_grads as soon as its backward ends (every micro-batch)
- * and gives those pages back. With every parameter trainable the prefetch hook starts the next group's
- * all-gather (MPI_Iallgatherv) while this one computes. Under bf16, inside forward/backward, the group's
- * bf16 compute copy is gathered (plus the fp32 weights the model reads in fp32); elsewhere the acquire
+ * and gives those pages back. The prefetch hook starts the next group's all-gathers (MPI_Iallgatherv, in
+ * place: the frozen part always, the trainable part when every parameter trains) while this one computes.
+ * Under bf16, inside forward/backward, the group's bf16 compute copy is gathered (plus the fp32 weights the model reads in fp32); elsewhere the acquire
  * hook makes it from the gathered fp32 weights; release gives it back. The optimizer updates the
  * resident shard in place: no parameter gather.
  * The compact space (model->grad_alloc floats) is padded to a multiple of the world size so every shard
@@ -63,6 +64,18 @@ typedef struct {
     size_t z3_pf_a, z3_pf_b;
     MPI_Request z3_pf_req;
     int *z3_pf_counts;      /* [2 * world]: its per-owner counts and displacements (MPI reads them until done) */
+    int z3_pf_first, z3_pf_last; /* the parameter group prefetched */
+    int z3_pf_train;        /* its trainable part is in flight (z3_pf_req; in-place gathers only) */
+    /* the frozen space: the frozen parameters (registry order, QLoRA's quantized ones excepted: their
+     * scratch is refilled per acquire) concatenated, padded to the world and sharded like the compact
+     * space: each rank keeps [flo, fhi) of it, a group's frozen part is gathered in place per run of
+     * parameters contiguous in both spaces (SHARDTUNE_ZERO3_SHARD_FROZEN=0: kept whole, as before) */
+    long *z3_foff;          /* [n_params]: offset in the frozen space, -1 (trainable, kept whole) */
+    size_t nf, fshard, flo, fhi;
+    size_t *z3_runs;        /* [3 * n_params]: a group's runs (frozen offset, weight offset, length) */
+    int z3_pf_nruns;        /* frozen runs of the prefetched group in flight */
+    MPI_Request *z3_pf_freqs; /* [n_params] */
+    int *z3_pf_fcounts;     /* [n_params * 2 * world] */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own
@@ -102,9 +115,13 @@ size_t st_comm_zero3_recv_floats(size_t shard);
 void st_comm_weights_loaded(st_comm *c, st_model *m);
 
 /* Which elements of parameter i ([*a, *b) of its numel, registry layout) this rank keeps in m->weights:
- * all of it below stage 3 and for frozen parameters; at stage 3 its part of the rank's shard (maybe none).
- * The streaming load reads exactly these (st_model_load_weights_part). */
+ * all of it below stage 3 (and for a QLoRA-quantized parameter); at stage 3 its part of the rank's shard of
+ * the compact space (trainable) or of the frozen space (frozen), maybe none. The streaming load reads
+ * exactly these (st_model_load_weights_part). */
 void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, size_t *b);
+
+/* Whether parameter i is split across the ranks (stage 3: trainable, or frozen and sharded). */
+int st_comm_param_sharded(const st_comm *c, const st_model *m, int i);
 
 /* Parameter i's fp32 values (registry layout, numel floats) gathered into dst on rank `root` from the
  * ranks that keep its parts (MPI_Gatherv at stage 3; a local copy otherwise). Collective at stage 3: every

@@ -240,7 +240,7 @@ static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
     if (rc) { free(host); return rc; }
     float *nw = m->be->alloc(m->n_weights * sizeof(float));
     if (!nw) { free(host); return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with LoRA adapters", m->n_weights * 4.0 / 1e6); }
-    m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float));
+    if (!m->weights_unread) m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float)); /* else zeros */
     m->be->copy_to_device(nw + m->n_base_weights, host, extra * sizeof(float));
     m->be->free(m->weights);
     m->weights = nw;

@@ -1135,11 +1135,14 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
                           (size_t)inputs[i] * c->d_model, (size_t)c->d_model);
     else
         be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
-    if (m->prompt) { /* the virtual rows */
-        int pp = st_prompt_param(m);
-        st_model_acquire(m, pp, pp + 1);
+    /* the virtual rows (an encoder's tensors acquired together); a prefix table without an encoder is read
+     * by every layer: it stays acquired until the last one */
+    int pp = st_prompt_param(m), pn = st_prompt_param_count(m);
+    int hold = st_prompt_is_prefix(m) && !st_prompt_has_encoder(m);
+    if (m->prompt) {
+        st_model_acquire(m, pp, pp + pn);
         st_prompt_forward(m, la[0].res_in);
-        st_model_release(m, pp, pp + 1);
+        if (!hold) st_model_release(m, pp, pp + pn);
     }
     if (!tied) st_model_release(m, 0, e0);
     for (int l = 0; l < L; l++) {
@@ -1151,6 +1154,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         layer_forward(m, l, acts_for(m, la, l), &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
         layer_release(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
+    if (hold) st_model_release(m, pp, pp + pn);
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     st_model_acquire(m, fn, st_model_base_params(m));
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
@@ -1281,8 +1285,11 @@ void st_model_backward(st_model *m) {
         if (gpt2 && m->doc_pos_on) be->embedding_pos_bwd(gptr(m, 1), b.dres, m->doc_pos, m->B, m->T, c->d_model);
     }
     report_ready(m, 0, layer_first_param(m, 0));
-    if (m->prompt) {
+    if (m->prompt) { /* an encoder's backward reads its tensors */
+        int enc = st_prompt_has_encoder(m), pp = st_prompt_param(m), pn = st_prompt_param_count(m);
+        if (enc) st_model_acquire(m, pp, pp + pn);
         st_prompt_backward(m, b.dres);
+        if (enc) st_model_release(m, pp, pp + pn);
         report_ready(m, st_prompt_param(m), st_prompt_param(m) + st_prompt_param_count(m));
     }
 }

@@ -114,6 +114,10 @@ typedef struct {
     /* QLoRA (worker/qlora.h): the layers' projection weights held quantized; their registry offsets point
      * at one layer's dequantization scratch, filled by st_model_acquire. NULL otherwise. */
     struct st_qlora *qlora;
+    /* Set by a caller whose weights are still the allocation's zeros (ZeRO-3 streams them in after the
+     * adapters are attached): attaching adapters then grows the buffer without copying the base (no page
+     * of it touched). Cleared by the caller once the adapters are attached. */
+    int weights_unread;
 } st_model;
 
 /* Parameters of the base model (the registry without LoRA adapters). */

@@ -107,7 +107,7 @@ static int add_entries(st_model *m, int n, const entry *e, uint64_t seed) {
     if (!m->be) return 0; /* registry-only model */
     float *nw = m->be->alloc(m->n_weights * sizeof(float));
     if (!nw) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with a prompt", m->n_weights * 4.0 / 1e6);
-    m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float));
+    if (!m->weights_unread) m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float)); /* else zeros */
     st_rng rng;
     st_rng_seed(&rng, seed, 0x50726f6dull); /* "Prom": its own stream */
     float *dst = nw + m->n_base_weights;

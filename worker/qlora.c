@@ -181,8 +181,9 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     if (!m->be || !m->be->host_memory)
         return st_fail(ST_ECONFIG, "finetune.mode qlora runs on the cpu backend only for now%s%s%s",
                        m->be ? " (" : "", m->be ? m->be->name : "", m->be ? " backend)" : "");
-    if (m->acquire) return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage 3 is not supported yet");
-    if (m->weights_bf16) /* the bf16 copy is sized for the fp32 buffer that the layout shrinks */
+    if (m->acquire) /* ZeRO-3 lays out its frozen space from the quantized registry */
+        return st_fail(ST_EINVAL, "the base must be quantized before the stage-3 communicator is built");
+    if (m->weights_bf16) /* the bf16 copy is sized for the fp32 buffer that compact() shrinks */
         return st_fail(ST_EINVAL, "the base must be quantized before precision bf16 is set");
     if (s->block < 1) return st_fail(ST_ECONFIG, "finetune.qlora.block must be >= 1, got %d", s->block);
     if (m->qlora) return st_fail(ST_EINVAL, "the model's base is already quantized");

@@ -35,7 +35,7 @@ static void modules_text(unsigned mods, char *out, size_t n) {
 
 static double mib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
 
-static void print_text(const st_plan *p, const st_model *m) {
+static void print_text(const st_plan *p, const st_model *m, const st_config *c) {
     const st_model_config *mc = &m->cfg;
     printf("model: %s %d layers, dim %d, heads %d/%d, ffn %d, vocab %d | %zu floats (%.2f MiB fp32) in %d tensors\n",
            mc->model_type, mc->n_layer, mc->d_model, mc->n_head, mc->n_kv_head, mc->d_ff, mc->vocab, p->n_weights,
@@ -83,8 +83,9 @@ static void print_text(const st_plan *p, const st_model *m) {
                mib(ck), mib(p->stages[p->final_stage].ranks[r].at_save), mib(p->rank_peak[r]),
                mib(p->stages[0].ranks[r].at_resume));
     }
-    printf("loading: %s\n", p->zero_stage == 3 ? "each rank reads its own parts of the safetensors (streamed)"
-                                               : "every rank reads the whole model, a tensor at a time");
+    printf("loading: %s\n", st_plan_streams(c) ? "each rank reads its own parts of the safetensors (streamed)"
+                            : p->zero_stage == 3 ? "every rank reads the whole model, then keeps its parts"
+                                                 : "every rank reads the whole model, a tensor at a time");
     printf("writing final/: rank 0 holds %.2f MiB (one tensor at a time)\n",
            mib(p->stages[p->final_stage].ranks[0].at_save));
     printf("shardtune export of its checkpoint: %.2f MiB (one tensor at a time)\n", mib(p->export_bytes));
@@ -345,7 +346,7 @@ int st_cmd_plan(int argc, char **argv) {
     rc = st_plan_build(&cfg, &m, ranks, &p);
     if (!rc) {
         if (json) rc = print_json(&p, &m, &cfg);
-        else print_text(&p, &m);
+        else print_text(&p, &m, &cfg);
         if (!rc && !json && device_gib > 0) advise(&cfg, &mc, &p, (size_t)(device_gib * 1024.0 * 1024.0 * 1024.0));
         st_plan_free(&p);
     }

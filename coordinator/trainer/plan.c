@@ -27,12 +27,9 @@
 static int attach_prompt(const st_config *c, st_model *m) {
     int prefix = c->finetune.mode == ST_FINETUNE_PREFIX_TUNING;
     const char *mode = st_config_prompt_learning(c);
-    /* sharding.stage 3: prompt tuning's prompt is the one trainable (sharded) tensor; forward acquires it
-     * (worker/model.c). P-tuning's encoder and prefix tuning's per-layer prefixes are read in place by
-     * worker/prompt.c (no residency hooks yet) */
-    if (c->sharding.stage >= 3 && c->finetune.mode != ST_FINETUNE_PROMPT_TUNING)
-        return st_fail(ST_ECONFIG, "finetune.mode %s with sharding.stage %d is not supported yet (use 0, 1 or 2)", mode,
-                       c->sharding.stage);
+    /* sharding.stage 3: the prompt (P-tuning's encoder, prefix tuning's table or projection) is the
+     * trainable (sharded) set; worker/model.c acquires it around the prompt's forward and backward (a
+     * prefix table across the layers that read it) */
     /* the teacher sees T positions, the student V + T (worker/distill.c pairs their rows) */
     if (c->distill.teacher[0])
         return st_fail(ST_ECONFIG, "finetune.mode %s with distill.teacher is not supported yet", mode);
@@ -66,11 +63,8 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* sharding.stage 3: the adapters are the trainable (sharded) tensors, acquired with their layer
-     * (worker/model.c); the frozen base stays whole on every rank. QLoRA's dequantization scratch shares
-     * the acquire hook: not yet */
-    if (q && c->sharding.stage >= 3)
-        return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage %d is not supported yet (use 0, 1 or 2, "
-                                   "or finetune.mode lora)", c->sharding.stage);
+     * (worker/model.c); the frozen base stays whole on every rank (QLoRA: quantized, each layer dequantized
+     * into its scratch by st_model_acquire before the residency hook gathers the layer's adapters) */
     /* precision bf16: the base (QLoRA: each dequantized layer) computes from its bf16 copy, the adapters and
      * their optimizer state stay fp32 (worker/model.c); DoRA reads the base weight's bf16 copy widened
      * (worker/lora.c). QLoRA's DoRA under bf16 (the dequantized layer's copy): not yet */
@@ -204,14 +198,13 @@ static size_t span_floats(const st_model *m, const long *goff, int first, int la
     return n;
 }
 
-/* ZeRO-3: the most trainable weight floats gathered at once (worker/model.c's acquire/release order): one
- * layer, the embeddings, or the final norm + head, with a tied embedding held from the embedding to the
- * head. When every parameter trains, the next group's gather is prefetched while one computes (comm.c):
+/* ZeRO-3: the most weight floats gathered at once (worker/model.c's acquire/release order) among those
+ * goff marks (>= 0): one layer, the embeddings, or the final norm + head, with a tied embedding held from
+ * the embedding to the head. With `prefetch`, the next group's gather travels while one computes (comm.c):
  * two neighbouring groups then. The same bound holds for the gradients resident at once (a layer's until
  * its reduce-scatter; a tied embedding's head gradient from forward to the end of backward). */
 static size_t zero3_working_floats(const st_model *m, const long *goff, int prefetch) {
     int e0 = 0, all = prefetch;
-    for (int i = 0; i < m->n_params; i++) all &= goff[i] >= 0;
     while (e0 < m->n_params && m->params[e0].layer < 0) e0++; /* embeddings come first */
     int fn = e0;
     while (fn < m->n_params && m->params[fn].layer >= 0) fn++;
@@ -252,9 +245,15 @@ static size_t tensor_io_bytes(const st_model *m) {
     return most * sizeof(float) * (tr ? 2 : 1);
 }
 
-/* Whether training streams the weights at stage 3 (train.c: full and frozen modes). */
-static int streams(const st_config *c) {
-    return c->sharding.stage == 3 && (c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN);
+int st_plan_streams(const st_config *c) {
+    if (c->sharding.stage != 3) return 0;
+    switch (c->finetune.mode) {
+    case ST_FINETUNE_FULL: case ST_FINETUNE_FROZEN: return 1;
+    case ST_FINETUNE_LORA: return !c->finetune.lora.dora; /* DoRA's magnitudes read the base */
+    case ST_FINETUNE_PROMPT_TUNING: return !c->finetune.prompt.init_text[0]; /* TEXT init reads embeddings */
+    case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING: return 1;
+    default: return 0; /* qlora: the base is quantized whole at attach */
+    }
 }
 
 /* distill.teacher's bytes on one rank (st_rank_plan.teacher): the registry of its config.json. */
@@ -284,6 +283,8 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
     return 0;
 }
 
+static int streams(const st_config *c) { return st_plan_streams(c); }
+
 static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
                       int rank, st_rank_plan *r, size_t teacher) {
     int zero = c->sharding.stage;
@@ -304,6 +305,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->weights = m->n_weights * (c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float));
     r->teacher = teacher;
     size_t qload = 0, q32 = m->n_weights; /* QLoRA: the load's working bytes; the floats with fp32 storage */
+    size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes, the fp32 floats compact() removes */
     if (c->finetune.mode == ST_FINETUNE_QLORA) {
         /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one layer's
          * scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
@@ -311,13 +313,15 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         int bf16 = c->precision == ST_PRECISION_BF16;
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
                             .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block,
-                            .bf16 = bf16 && !m->qlora};
+                            .bf16 = bf16 && !m->qlora && zero < 3}; /* train.c load_quantized */
         size_t qb, fb, scratch, w16;
         st_qlora_footprint(m, &qs, &qb, &fb, &scratch, &w16);
         size_t nw = m->qlora ? m->n_weights : m->n_weights - fb / sizeof(float) + scratch;
         if (m->qlora) w16 = m->n_w16;
         q32 = nw - w16;
         r->weights = q32 * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0) + qb;
+        qbytes = qb;
+        qdrop = m->qlora ? 0 : fb / sizeof(float) - scratch;
         /* train.c load_quantized: one tensor in flight, then the adapters' initial values (host) */
         size_t adapters = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
         qload = st_qlora_load_work(m, &qs);
@@ -371,10 +375,30 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
-        size_t work = zero3_working_floats(m, goff, 1), gwork = zero3_working_floats(m, goff, 0);
-        size_t frozen = m->n_weights - n;
-        size_t staging = frozen && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
-        r->weights = (frozen + hi - lo + work) * sizeof(float);
+        /* the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones (their one layer's
+         * scratch stays whole, with the codes), sharded like the trainable ones: this rank's part of it */
+        long *gath = malloc((size_t)m->n_params * sizeof(long));
+        size_t nf = 0, whole = 0;
+        int every = 1; /* every parameter trains: in-place gathers, prefetched */
+        for (int i = 0; i < m->n_params; i++) {
+            const st_param *p = &m->params[i];
+            int held = qbytes && p->layer >= 0 && p->ndim == 2 && (p->kind == ST_MOD_ATTN || p->kind == ST_MOD_MLP) &&
+                       goff[i] < 0; /* worker/qlora.c quantizable() */
+            if (goff[i] < 0 && !held) nf += p->numel;
+            every &= goff[i] >= 0;
+            if (gath) gath[i] = held ? -1 : 0;
+        }
+        if (qbytes) whole = m->qlora ? m->n_weights - n - nf : m->n_weights - n - nf - qdrop; /* the scratch */
+        size_t fshard = (nf + (size_t)world - 1) / (size_t)world, flo = fshard * (size_t)rank;
+        size_t kept = (flo + fshard < nf ? flo + fshard : nf) - (flo < nf ? flo : nf);
+        size_t frozen = whole + kept; /* resident frozen floats */
+        /* gathered at once: a group's trainable and frozen weights, the next group's prefetched with them
+         * (the frozen part always, the trainable part when every parameter trains) */
+        size_t work = gath ? zero3_working_floats(m, gath, world > 1 && (every || nf)) : m->n_weights;
+        size_t gwork = zero3_working_floats(m, goff, 0);
+        free(gath);
+        size_t staging = n != m->n_weights - qdrop && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
+        r->weights = (frozen + hi - lo + work) * sizeof(float) + qbytes;
         size_t bf_work = 0;
         if (c->precision == ST_PRECISION_BF16) { /* the compute copy of the group acquired (frozen weights
                                                     included) and of the shard the optimizer writes */
@@ -388,21 +412,25 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         r->comm = staging * sizeof(float);
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
         size_t idle = r->total - (work + gwork) * sizeof(float) - bf_work; /* between steps: no layer gathered */
-        if (streams(c)) {
-            /* load: this rank's parts only, read piece by piece; final/: one tensor gathered at a time on
-             * rank 0 (the others serve their parts) */
-            r->at_load = (frozen + hi - lo) * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
-            r->at_save = idle + copies;
-        } else { /* adapters: the whole model read, then gathered whole for final/ */
-            r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf + teacher;
-            r->at_save = idle + (n - (hi - lo)) * sizeof(float) + copies;
-        }
-        /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c) */
-        r->at_ckpt = idle + largest * sizeof(float) + bounce;
-        /* resume (train_ckpt.c): the parts and one tensor read, the moments read in place (CPU ranks); else
-         * the whole weights and the moments' host copy */
-        r->at_resume = idle + (streams(c) ? (frozen + hi - lo + largest) * sizeof(float)
-                                          : m->n_weights * sizeof(float) + 2 * range * sizeof(float));
+        int adapters = m->lora || m->prompt;
+        /* load: streamed, this rank's parts only, read piece by piece (adapters: attached first, over
+         * zeros); else the whole model read, then given back down to this rank's parts */
+        if (streams(c)) r->at_load = (frozen + hi - lo + (adapters ? n : 0)) * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
+        else r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf + teacher;
+        /* final/: one tensor gathered at a time on rank 0 (the others serve their parts); adapters: gathered
+         * whole on every rank (st_trainer_save_final) */
+        r->at_save = idle + (adapters ? (n - (hi - lo)) * sizeof(float) : 0) + copies;
+        /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c): of an adapter mode,
+         * the adapters only */
+        size_t ck = largest;
+        if (adapters)
+            for (int i = st_model_base_params(m), first = 1; i < m->n_params; i++, first = 0)
+                ck = first || m->params[i].numel > ck ? m->params[i].numel : ck;
+        r->at_ckpt = idle + ck * sizeof(float) + (adapters ? (ck / (size_t)world + 1) * sizeof(float) : bounce);
+        /* resume (train_ckpt.c): full / frozen: the parts and one tensor read, the moments read in place (CPU
+         * ranks); else the whole weights (the base checked a tensor at a time) and the moments' host copy */
+        r->at_resume = idle + (streams(c) && !adapters ? (frozen + hi - lo + largest) * sizeof(float)
+                                                       : (m->n_weights - qdrop + largest) * sizeof(float) + 2 * range * sizeof(float));
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
@@ -428,7 +456,8 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
     sp->shard = sp->n_pad / (size_t)world;
     for (int i = 0; i < m->n_params; i++) sp->n_trainable_params += goff[i] >= 0;
     sp->transition_extra = 2 * prev_pad * sizeof(float); /* st_comm_reshard_optim's old_m + old_v */
-    if (c->sharding.stage == 3) sp->transition_extra += prev_pad * sizeof(float); /* + the old trainable weights whole */
+    if (c->sharding.stage == 3) /* + the old weights whole (trainable and frozen: comm.c gathers the model) */
+        sp->transition_extra += prev_pad ? m->n_weights * sizeof(float) : 0;
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
     for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r], teacher);

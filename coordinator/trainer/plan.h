@@ -44,6 +44,12 @@ void st_stage_list_free(st_stage_list *l);
 int st_plan_pack(const st_stage_list *l, int n_layer, int world, int zero_stage, uint8_t **buf, size_t *len);
 int st_plan_unpack(const uint8_t *buf, size_t len, int n_layer, st_stage_list *out);
 
+/* Whether training at sharding.stage 3 streams the base in (each rank reads only the parts it keeps,
+ * after the adapters are attached): full and frozen, LoRA without DoRA, prompt tuning without a TEXT init,
+ * P-tuning and prefix tuning. Not progressive, DoRA, a TEXT init (they read the base while setting up)
+ * nor QLoRA (its base is quantized whole): those read the whole model, then keep their parts. */
+int st_plan_streams(const st_config *cfg);
+
 /* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model
  * gets the registry entries). No-op for the other modes. Call before st_plan_stages / st_plan_build. */
 int st_plan_attach_adapters(const st_config *cfg, st_model *m);

@@ -272,7 +272,7 @@ static void keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b)
 
 /* ZeRO-3 streaming load, once the communicator has decided what each rank keeps: every rank reads only
  * that from the safetensors files (ranged reads, converted per piece), checks those values are finite,
- * and the base model's checksum is summed from the ranks' parts (a frozen parameter, whole on every rank,
+ * and the base model's checksum is summed from the ranks' parts (a parameter kept whole on every rank
  * counts on rank 0 only): the number a whole load gives, so resume checks are unchanged. */
 static int load_streamed(trainer *t) {
     const st_config *c = t->cfg;
@@ -286,7 +286,8 @@ static int load_streamed(trainer *t) {
         const st_param *p = &m->params[i];
         size_t a, b;
         st_comm_param_keep(&t->dp, m, i, &a, &b);
-        if (a < b && (p->grad_offset >= 0 || t->rank == 0) && st_trainer_range_checksum(t, p->offset + a, b - a, &sum))
+        if (a < b && (st_comm_param_sharded(&t->dp, m, i) || t->rank == 0) &&
+            st_trainer_range_checksum(t, p->offset + a, b - a, &sum))
             ok = 0;
     }
     MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, t->comm);
@@ -333,7 +334,9 @@ static int load_quantized(trainer *t) {
     if (!at) return st_fail(ST_ENOMEM, "out of memory loading %s", c->model.path);
     for (int i = 0; i < nb; i++) at[i] = m->params[i].offset; /* the registry's, before the layout moves them */
     st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant, .double_quant = c->finetune.qlora.double_quant,
-                        .block = c->finetune.qlora.block, .bf16 = c->precision == ST_PRECISION_BF16};
+                        .block = c->finetune.qlora.block,
+                        /* bf16-only frozen parts: not with ZeRO-3's frozen space, which gathers fp32 */
+                        .bf16 = c->precision == ST_PRECISION_BF16 && c->sharding.stage < 3};
     rc = st_qlora_begin(m, &qs);
     for (int i = 0; !rc && i < nb; i++)
         if (st_qlora_holds(m, i) && m->params[i].numel > most) most = m->params[i].numel;
@@ -378,8 +381,7 @@ static int setup(trainer *t) {
     int rc = st_trainer_agree(t, setup_backend(t));
     if (!rc) rc = st_trainer_agree(t, check_backends(t));
     /* ZeRO-3 streams the weights in once the communicator knows what this rank keeps (load_streamed) */
-    int stream = c->sharding.stage == 3 &&
-                 (c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN); /* what stage 3 runs */
+    int stream = st_plan_streams(c);
     const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS"); /* tests: the load phase's peak, measured */
     struct rusage ru;
     if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)
@@ -389,11 +391,13 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, stream  ? st_model_open_dir(c->model.path, t->be, &t->model)
                                       : quant ? load_quantized(t)
                                               : st_model_load_dir(c->model.path, t->be, &t->model));
+    t->model.weights_unread = stream; /* the adapters attach over zeros: the base is read after */
     if (!rc && t->rank == 0 && st_model_load_warning())
         fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
     if (!rc && !stream && !quant) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
     if (!rc && !stream && !quant) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
     if (!rc && !quant) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
+    t->model.weights_unread = 0;
     /* checkpointing first: the arena is then laid out once, at its checkpointed size */
     if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, c->memory.activation_checkpointing));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));

@@ -35,10 +35,11 @@ int st_trainer_save_final(trainer *t) {
             rc = st_model_export_dir_streamed(&t->model, NULL, NULL, NULL, 0, gather_to_root, t);
         return rc;
     }
-    /* adapters under ZeRO-3 (when they come): the whole model gathered, as before */
-    st_model_acquire(&t->model, 0, t->model.n_params);
+    /* adapters (ZeRO-3: gathered whole on every rank; st_peft_save_dir reads no base weight) */
+    int first = st_model_base_params(&t->model);
+    st_model_acquire(&t->model, first, t->model.n_params);
     int rc = t->rank == 0 ? write_final(t) : 0;
-    st_model_release(&t->model, 0, t->model.n_params);
+    st_model_release(&t->model, first, t->model.n_params);
     return rc;
 }
 

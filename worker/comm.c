@@ -323,9 +323,23 @@ static int s2_launch(st_comm *c, float *grads, size_t lo, size_t n) {
     return c->s2_wait_each ? s2_drain(c) : 0;
 }
 
+/* Stage 2 on host memory: a bucket larger than bucket_bytes (one range reported at once: a layer, the
+ * head) goes as several reduce-scatters of at most that size, which bounds MPI's temporaries and lets
+ * the first pieces' pages go while later ones travel. */
+static int s2_launch_pieces(st_comm *c, float *grads, size_t lo, size_t hi) {
+    size_t piece = st_comm_zero2_piece_floats(c->bucket_bytes);
+    int rc = 0;
+    for (size_t s = lo; s < hi && !rc; s += piece) rc = s2_launch(c, grads, s, hi - s < piece ? hi - s : piece);
+    return rc;
+}
+
+size_t st_comm_zero2_piece_floats(size_t bucket_bytes) {
+    return bucket_bytes >= sizeof(float) ? bucket_bytes / sizeof(float) : ((size_t)4 << 20) / sizeof(float);
+}
+
 static void launch_bucket(st_comm *c, float *grads) {
     if (c->pend_hi <= c->pend_lo) return;
-    int rc = c->s2_release ? s2_launch(c, grads, c->pend_lo, c->pend_hi - c->pend_lo)
+    int rc = c->s2_release ? s2_launch_pieces(c, grads, c->pend_lo, c->pend_hi)
                            : bucket_reduce_start(c, grads, c->pend_lo, c->pend_hi - c->pend_lo);
     if (rc && !c->overlap_rc) c->overlap_rc = rc; /* reported by overlap_finish (the hook returns void) */
     if (!rc) c->covered += c->pend_hi - c->pend_lo;

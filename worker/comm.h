@@ -2,14 +2,17 @@
  *
  * ZeRO stages: 0 all-reduces gradients and every rank updates everything; 1 all-reduces gradients, each
  * rank updates its shard and the updated parameters are all-gathered; 2 reduce-scatters gradients into
- * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers.
+ * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers (in place
+ * into the weights when every parameter trains); on host memory with several ranks it does so bucket by
+ * bucket during every micro-batch's backward and gives each bucket's pages back (s2_release below).
  * 3 shards the parameters too (MPI on CPU ranks, fp32 or bf16; st_comm_init refuses a device backend by name): the weights
  * of the trainable parameters in this rank's shard of the compact space are its fp32 master shard and stay
  * resident in m->weights (frozen parameters stay whole on every rank: no communication), and the rest of
  * the weights and all of m->grads are backed by memory only while in use. The model's residency hooks all-gather a layer's weights just before its forward and
  * again before its backward and give the pages back after (madvise); the grad_ready hook reduce-scatters
  * each layer's gradients into the owners' shard_grads as soon as its backward ends (every micro-batch)
- * and gives those pages back. With every parameter trainable the prefetch hook starts the next group's
+ * and gives those pages back (non-blocking when armed with overlap: in flight while the next layer's
+ * backward computes, finished by the next reduction or st_comm_backward_end). With every parameter trainable the prefetch hook starts the next group's
  * all-gather (MPI_Iallgatherv) while this one computes. Under bf16, inside forward/backward, the group's
  * bf16 compute copy is gathered (plus the fp32 weights the model reads in fp32); elsewhere the acquire
  * hook makes it from the gathered fp32 weights; release gives it back. The optimizer updates the
@@ -167,6 +170,9 @@ void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last);
  * memory: every bucket summed into the shard and its pages given back; stage 3: the last layer's
  * reduce-scatter). Collective; the next forward may then write gradients again. */
 int st_comm_backward_end(st_comm *c, st_model *m);
+
+/* Stage 2 on host memory: the most floats of one reduce-scatter (a larger bucket goes in pieces). */
+size_t st_comm_zero2_piece_floats(size_t bucket_bytes);
 
 /* Floats of the stage-2 parameter staging buffer (0 when gathers go in place into the weights). */
 size_t st_comm_param_staging_floats(size_t n_pad, size_t bucket_bytes, int in_place);

@@ -232,18 +232,19 @@ static size_t zero3_working_floats(const st_model *m, const long *goff, int pref
 /* One stage-2 bucket simulation step (comm.c on_grad_ready / s2_launch): the reported gradient range
  * [lo, hi) joins the pending bucket (or first launches it when not adjacent); a bucket of >= `bucket`
  * floats starts; a start with `cap` buckets in flight first finishes the oldest (its pages given back). */
-typedef struct { size_t pend_lo, pend_hi, fly[ST_S2_INFLIGHT + 1], live, biggest; int n, cap; } s2_sim;
+typedef struct { size_t pend_lo, pend_hi, fly[ST_S2_INFLIGHT + 1], live, biggest, piece; int n, cap; } s2_sim;
 
 static void s2_sim_launch(s2_sim *s) {
-    size_t n = s->pend_hi - s->pend_lo;
-    if (!n) return;
-    if (s->n == s->cap && s->n > 0) { /* the oldest completes first */
-        s->live -= s->fly[0];
-        memmove(s->fly, s->fly + 1, (size_t)--s->n * sizeof *s->fly);
+    for (size_t a = s->pend_lo; a < s->pend_hi; a += s->piece) { /* pieces of at most `piece` floats */
+        size_t n = s->pend_hi - a < s->piece ? s->pend_hi - a : s->piece;
+        if (s->n == s->cap && s->n > 0) { /* the oldest completes first */
+            s->live -= s->fly[0];
+            memmove(s->fly, s->fly + 1, (size_t)--s->n * sizeof *s->fly);
+        }
+        if (n > s->biggest) s->biggest = n;
+        if (s->cap > 0) s->fly[s->n++] = n;
+        else s->live -= n; /* no overlap: waited for at once */
     }
-    if (n > s->biggest) s->biggest = n;
-    if (s->cap > 0) s->fly[s->n++] = n;
-    else s->live -= n; /* no overlap: waited for at once */
     s->pend_lo = s->pend_hi = 0;
 }
 
@@ -273,7 +274,7 @@ static void s2_span(const st_model *m, const long *goff, int first, int last, si
  * until its bucket completes; the head's (and a tied embedding's head part) are written in forward.
  * *biggest: the largest bucket (a later micro-batch receives this rank's part of it separately). */
 static size_t zero2_working_floats(const st_model *m, const long *goff, size_t bucket, int overlap, size_t *biggest) {
-    s2_sim s = {.cap = overlap ? ST_S2_INFLIGHT : 0};
+    s2_sim s = {.cap = overlap ? ST_S2_INFLIGHT : 0, .piece = bucket};
     int e0 = 0, nb = st_model_base_params(m);
     while (e0 < nb && m->params[e0].layer < 0) e0++; /* embeddings come first */
     int fn = e0;
@@ -376,7 +377,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         r->comm = st_comm_param_staging_floats(sp->n_pad, bucket, in_place) * sizeof(float);
         if (c->backend != ST_BACKEND_CUDA && world > 1 && sp->n_trainable) {
             /* s2_release: the shard, the gradients resident at once, a later micro-batch's receive buffers */
-            size_t biggest = 0, bf = bucket >= sizeof(float) ? bucket / sizeof(float) : ((size_t)4 << 20) / sizeof(float);
+            size_t biggest = 0, bf = st_comm_zero2_piece_floats(bucket);
             size_t live = zero2_working_floats(m, goff, bf, c->sharding.overlap, &biggest);
             size_t recv = c->train.grad_accum > 1 ? (biggest < sp->shard ? biggest : sp->shard) : 0;
             r->grads = (sp->shard + live + ST_S2_INFLIGHT * recv) * sizeof(float);

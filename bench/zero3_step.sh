@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # zero3_step.sh — step time of ZeRO-2 and ZeRO-3 (sharding.stage 2 / 3) against ZeRO-1 on 2 CPU ranks x 1
 # thread (ZeRO-2: buckets reduce-scattered during every micro-batch's backward, no full gradient), and
-# what the prefetch (the next layer's all-gather in flight while this layer computes) buys: ZeRO-3 with
+# what ZeRO-2's page release costs (SHARDTUNE_ZERO2_FULL_GRADS=1: the full gradient buffer reduced once at the
+# end of the step, as before), and what the prefetch (the next layer's all-gather in flight while this layer computes) buys: ZeRO-3 with
 # SHARDTUNE_ZERO3_PREFETCH=0 gathers each layer with a blocking all-gather instead. Llama 8 layers x 512,
 # vocab 32000, global batch 4 x 64 tokens (issue #17). Reads step_ms and comm_ms from metrics.jsonl
 # (medians over the steps after SKIP), prints the load average before and after: the machine may be
@@ -58,11 +59,12 @@ echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION}; 2 ra
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
 printf "%-6s %-26s %10s %10s\n" round run step_ms comm_ms
 for round in $(seq "$ROUNDS"); do
-  for cfg in "1 on" "2 on" "3 on" "3 off"; do
+  for cfg in "1 on" "2 on" "2 off" "3 on" "3 off"; do
     set -- $cfg
     pf=1; [ "$2" = off ] && pf=0
     name="ZeRO-$1"; [ "$1" = 3 ] && name="ZeRO-3 prefetch $2"
-    SHARDTUNE_ZERO3_PREFETCH=$pf mpirun --oversubscribe -np 2 "$BIN" train "$T/job.yaml" \
+    [ "$1" = 2 ] && name="ZeRO-2 grads released $2"
+    SHARDTUNE_ZERO2_FULL_GRADS=$((1 - pf)) SHARDTUNE_ZERO3_PREFETCH=$pf mpirun --oversubscribe -np 2 "$BIN" train "$T/job.yaml" \
       run_dir="$T/r$round-$1-$2" sharding.stage=$1 precision=$PRECISION train.grad_accum=$ACCUM \
       train.micro_batch=$((GB / 2 / ACCUM)) >/dev/null
     read -r s c < <(summary "$T/r$round-$1-$2")

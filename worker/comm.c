@@ -130,7 +130,8 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
         if (!c->shard_grads) return st_fail(ST_ENOMEM, "out of memory for the gradient shard");
         c->be->memset0(c->shard_grads, c->shard * sizeof(float)); /* the padding is never reduced into */
     }
-    if (stage == 2 && !on_device(m) && c->world > 1 && c->n) { /* see comm.h: s2_release */
+    const char *keep = getenv("SHARDTUNE_ZERO2_FULL_GRADS"); /* =1: the full buffer, reduced once (benchmarks) */
+    if (stage == 2 && !on_device(m) && c->world > 1 && c->n && !(keep && !strcmp(keep, "1"))) { /* comm.h: s2_release */
         c->s2_release = 1;
         c->s2_model = (st_model *)m;
         c->s2_model->grads_managed = 1;

@@ -31,7 +31,7 @@
 
 /* Stage 2 on host memory: at most this many reduce-scatter buckets in flight; the oldest is finished
  * (summed into the shard, its gradient pages given back) before another starts. */
-#define ST_S2_INFLIGHT 2
+#define ST_S2_INFLIGHT 4
 
 /* One stage-2 bucket in flight: grads[lo, hi) being reduce-scattered into the owners' shards. */
 typedef struct {
@@ -74,7 +74,8 @@ typedef struct {
      * the first micro-batch of a step straight into shard_grads, later ones through a bucket-sized
      * receive buffer and then added), at most ST_S2_INFLIGHT in flight; a finished bucket's gradient
      * pages are given back (madvise), so a rank holds its shard plus a few buckets, never the whole
-     * gradient. A device backend keeps the full buffer and reduces once per step (no page release). */
+     * gradient. A device backend keeps the full buffer and reduces once per step (no page release); so
+     * does SHARDTUNE_ZERO2_FULL_GRADS=1 (for bench/zero3_step.sh; the planner does not know it). */
     int s2_release;
     int s2_wait_each;       /* sharding.overlap false: each bucket is waited for as soon as it starts */
     int s2_micro;           /* micro-batches of this step already summed into shard_grads */

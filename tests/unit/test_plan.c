@@ -125,9 +125,9 @@ static void check_plan_against_model(const st_config *c, const st_model_config *
             if (c->sharding.stage == 2 && world > 1) {
                 /* ZeRO-2 on CPU ranks: the shard plus the gradients resident at once (at least the largest
                  * trainable tensor, less than the full buffer when more than one group trains), no full
-                 * gradient; receive buffers of later micro-batches (grad_accum 2) at most 2 shards */
+                 * gradient; receive buffers of later micro-batches (grad_accum 2): one shard per piece in flight */
                 assert_true(rp->grads >= (range + largest) * sizeof(float));
-                assert_true(rp->grads <= (range + m.grad_alloc + 2 * range) * sizeof(float));
+                assert_true(rp->grads <= (range + m.grad_alloc + ST_S2_INFLIGHT * range) * sizeof(float));
             } else {
                 assert_int_equal(rp->grads, (m.grad_alloc + (c->sharding.stage == 2 ? range : 0)) * sizeof(float));
             }

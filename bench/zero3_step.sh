@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# zero3_step.sh — step time of ZeRO-3 (sharding.stage 3) against ZeRO-1 on 2 CPU ranks x 1 thread, and
-# what the prefetch (the next layer's all-gather in flight while this layer computes) buys: ZeRO-3 with
+# zero3_step.sh — step time of ZeRO-2 and ZeRO-3 (sharding.stage 2 / 3) against ZeRO-1 on 2 CPU ranks x 1
+# thread (ZeRO-2: buckets reduce-scattered during every micro-batch's backward, no full gradient), and
+# what ZeRO-2's page release costs (SHARDTUNE_ZERO2_FULL_GRADS=1: the full gradient buffer reduced once at the
+# end of the step, as before), and what the prefetch (the next layer's all-gather in flight while this layer computes) buys: ZeRO-3 with
 # SHARDTUNE_ZERO3_PREFETCH=0 gathers each layer with a blocking all-gather instead. Llama 8 layers x 512,
 # vocab 32000, global batch 4 x 64 tokens (issue #17). Reads step_ms and comm_ms from metrics.jsonl
 # (medians over the steps after SKIP), prints the load average before and after: the machine may be
@@ -8,15 +10,15 @@
 #
 #   bench/zero3_step.sh [BUILD_DIR]     env: STEPS (default 10), SKIP (2), LAYERS (8), DIM (512),
 #                                         VOCAB (32000), GB (global batch, 4), SEQ (64), ROUNDS (2),
-#                                         PRECISION (fp32 or bf16), EXTRA (train overrides for every
-#                                         run, e.g. "finetune.mode=lora": the frozen base sharded,
-#                                         its runs prefetched)
+#                                         PRECISION (fp32 or bf16), ACCUM (train.grad_accum, 1), EXTRA
+#                                         (train overrides for every run, e.g. "finetune.mode=lora": the
+#                                         frozen base sharded, its runs prefetched)
 set -euo pipefail
 BUILD=${1:-build}
 BIN=$BUILD/shardtune
 PY=${ST_PYTHON:-/usr/bin/python3}
 STEPS=${STEPS:-10} SKIP=${SKIP:-2} LAYERS=${LAYERS:-8} DIM=${DIM:-512} VOCAB=${VOCAB:-32000}
-GB=${GB:-4} SEQ=${SEQ:-64} ROUNDS=${ROUNDS:-2} PRECISION=${PRECISION:-fp32} EXTRA=${EXTRA:-}
+GB=${GB:-4} SEQ=${SEQ:-64} ROUNDS=${ROUNDS:-2} PRECISION=${PRECISION:-fp32} ACCUM=${ACCUM:-1} EXTRA=${EXTRA:-}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
@@ -59,12 +61,14 @@ echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION} ${EXT
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
 printf "%-6s %-26s %10s %10s\n" round run step_ms comm_ms
 for round in $(seq "$ROUNDS"); do
-  for cfg in "1 on" "3 on" "3 off"; do
+  for cfg in "1 on" "2 on" "2 off" "3 on" "3 off"; do
     set -- $cfg
     pf=1; [ "$2" = off ] && pf=0
     name="ZeRO-$1"; [ "$1" = 3 ] && name="ZeRO-3 prefetch $2"
-    SHARDTUNE_ZERO3_PREFETCH=$pf mpirun --oversubscribe -np 2 "$BIN" train "$T/job.yaml" \
-      run_dir="$T/r$round-$1-$2" sharding.stage=$1 precision=$PRECISION $EXTRA >/dev/null
+    [ "$1" = 2 ] && name="ZeRO-2 grads released $2"
+    SHARDTUNE_ZERO2_FULL_GRADS=$((1 - pf)) SHARDTUNE_ZERO3_PREFETCH=$pf mpirun --oversubscribe -np 2 "$BIN" train "$T/job.yaml" \
+      run_dir="$T/r$round-$1-$2" sharding.stage=$1 precision=$PRECISION train.grad_accum=$ACCUM \
+      train.micro_batch=$((GB / 2 / ACCUM)) $EXTRA >/dev/null
     read -r s c < <(summary "$T/r$round-$1-$2")
     printf "%-6s %-26s %10s %10s\n" "$round" "$name" "$s" "$c"
   done

@@ -86,6 +86,22 @@ int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned 
 }
 
 static int z3_init(st_comm *c, const st_model *m);
+static void discard(float *x, size_t a, size_t b); /* stage 3, below: gives x[a, b)'s pages back */
+
+/* Whether every parameter trains and the compact space is the weight space (offset = grad_offset): the
+ * parameter all-gather then goes in place into the weights. */
+static int weights_in_place(const st_model *m) {
+    if (m->n_grads != m->n_weights) return 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].grad_offset != (long)m->params[i].offset) return 0;
+    return 1;
+}
+
+size_t st_comm_param_staging_floats(size_t n_pad, size_t bucket_bytes, int in_place) {
+    if (in_place) return 0;
+    size_t bucket = bucket_bytes >= sizeof(float) ? bucket_bytes / sizeof(float) : ST_Z3_CHUNK;
+    return bucket < n_pad ? bucket : n_pad;
+}
 
 int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st_model *m) {
     int stage = opt->stage;
@@ -104,13 +120,23 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
     c->hi = c->lo + c->shard;
     c->be = m->be;
     if (stage == 3) return z3_init(c, m);
-    if (stage >= 1 && c->n_pad) {
-        c->flat_params = c->be->alloc(c->n_pad * sizeof(float));
+    size_t flat = stage == 1 ? c->n_pad : 0;
+    if (stage == 2) flat = st_comm_param_staging_floats(c->n_pad, c->bucket_bytes, weights_in_place(m));
+    if (flat) {
+        c->flat_params = c->be->alloc(flat * sizeof(float));
         if (!c->flat_params) return st_fail(ST_ENOMEM, "out of memory for the parameter gather buffer");
     }
     if (stage == 2 && c->shard) {
         c->shard_grads = c->be->alloc(c->shard * sizeof(float));
         if (!c->shard_grads) return st_fail(ST_ENOMEM, "out of memory for the gradient shard");
+        c->be->memset0(c->shard_grads, c->shard * sizeof(float)); /* the padding is never reduced into */
+    }
+    const char *keep = getenv("SHARDTUNE_ZERO2_FULL_GRADS"); /* =1: the full buffer, reduced once (benchmarks) */
+    if (stage == 2 && !on_device(m) && c->world > 1 && c->n && !(keep && !strcmp(keep, "1"))) { /* comm.h: s2_release */
+        c->s2_release = 1;
+        c->s2_model = (st_model *)m;
+        c->s2_model->grads_managed = 1;
+        discard(m->grads, 0, m->grad_alloc);
     }
     const char *one = getenv("SHARDTUNE_NCCL_ONE_RANK");
     if (on_device(m) && (c->world > 1 || (one && !strcmp(one, "1")))) return nccl_setup(c);
@@ -118,12 +144,44 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
 }
 
 static int prefetch_finish(st_comm *c, int first, int last); /* stage 3, below */
+static int z3_rs_finish(st_comm *c);
+
+/* Waits for the oldest stage-2 bucket in flight, adds a later micro-batch's part into the shard, and gives
+ * the bucket's gradient pages back. */
+static int s2_complete_oldest(st_comm *c) {
+    st_s2_bucket *b = &c->s2[0];
+    int rc = MPI_Wait(&b->req, MPI_STATUS_IGNORE);
+    if (b->tmp) {
+        for (size_t i = 0; i < b->own; i++) b->dst[i] += b->tmp[i];
+        free(b->tmp);
+    }
+    free(b->counts);
+    if (c->s2_model) discard(c->s2_model->grads, b->lo, b->hi);
+    c->s2_n--;
+    memmove(c->s2, c->s2 + 1, (size_t)c->s2_n * sizeof *c->s2);
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "bucketed gradient reduce-scatter", c->rank);
+}
+
+/* Finishes every stage-2 bucket in flight; the first failure. */
+static int s2_drain(st_comm *c) {
+    int rc = 0;
+    while (c->s2_n > 0) {
+        int r = s2_complete_oldest(c);
+        if (r && !rc) rc = r;
+    }
+    return rc;
+}
 
 void st_comm_free(st_comm *c) {
+    s2_drain(c);
+    if (c->s2_model) c->s2_model->grads_managed = 0;
+    c->s2_model = NULL;
+    c->s2_release = 0;
     if (c->nccl) st_nccl_destroy(c->nccl);
     c->nccl = NULL;
     if (c->model) { /* stage 3: the model's hooks point here */
         prefetch_finish(c, -1, -1);
+        z3_rs_finish(c);
         c->model->acquire = NULL;
         c->model->release = NULL;
         c->model->prefetch = NULL;
@@ -149,6 +207,8 @@ void st_comm_free(st_comm *c) {
     c->z3_runs = NULL;
     c->z3_pf_freqs = NULL;
     c->z3_pf_fcounts = NULL;
+    free(c->z3_rs_counts);
+    c->z3_rs_counts = NULL;
     c->z3_recv = NULL;
     c->z3_stage = NULL;
     free(c->reqs);
@@ -244,9 +304,54 @@ static int bucket_reduce_start(st_comm *c, float *grads, size_t lo, size_t n) {
                      "bucketed gradient all-reduce", c->rank);
 }
 
+/* Stage 2 on host memory: starts the reduce-scatter of grads[lo, lo + n) (see comm.h: s2_release). */
+static int s2_launch(st_comm *c, float *grads, size_t lo, size_t n) {
+    int rc = c->s2_n == ST_S2_INFLIGHT ? s2_complete_oldest(c) : 0;
+    if (rc) return rc;
+    size_t parts[c->world];
+    bucket_parts(c, lo, n, parts);
+    st_s2_bucket *b = &c->s2[c->s2_n];
+    memset(b, 0, sizeof *b);
+    b->lo = lo;
+    b->hi = lo + n;
+    b->own = parts[c->rank];
+    b->dst = shard_dest(c, lo);
+    b->counts = malloc((size_t)c->world * sizeof *b->counts);
+    if (c->s2_micro > 0 && b->own) b->tmp = malloc(b->own * sizeof(float));
+    if (!b->counts || (c->s2_micro > 0 && b->own && !b->tmp)) {
+        free(b->counts);
+        free(b->tmp);
+        return st_fail(ST_ENOMEM, "rank %d: out of memory for a gradient bucket", c->rank);
+    }
+    for (int r = 0; r < c->world; r++) b->counts[r] = (int)parts[r];
+    rc = MPI_Ireduce_scatter(grads + lo, b->tmp ? b->tmp : b->dst, b->counts, MPI_FLOAT, MPI_SUM, c->comm, &b->req);
+    if (rc != MPI_SUCCESS) {
+        free(b->counts);
+        free(b->tmp);
+        return mpi_check(rc, "bucketed gradient reduce-scatter", c->rank);
+    }
+    c->s2_n++;
+    return c->s2_wait_each ? s2_drain(c) : 0;
+}
+
+/* Stage 2 on host memory: a bucket larger than bucket_bytes (one range reported at once: a layer, the
+ * head) goes as several reduce-scatters of at most that size, which bounds MPI's temporaries and lets
+ * the first pieces' pages go while later ones travel. */
+static int s2_launch_pieces(st_comm *c, float *grads, size_t lo, size_t hi) {
+    size_t piece = st_comm_zero2_piece_floats(c->bucket_bytes);
+    int rc = 0;
+    for (size_t s = lo; s < hi && !rc; s += piece) rc = s2_launch(c, grads, s, hi - s < piece ? hi - s : piece);
+    return rc;
+}
+
+size_t st_comm_zero2_piece_floats(size_t bucket_bytes) {
+    return bucket_bytes >= sizeof(float) ? bucket_bytes / sizeof(float) : ((size_t)4 << 20) / sizeof(float);
+}
+
 static void launch_bucket(st_comm *c, float *grads) {
     if (c->pend_hi <= c->pend_lo) return;
-    int rc = bucket_reduce_start(c, grads, c->pend_lo, c->pend_hi - c->pend_lo);
+    int rc = c->s2_release ? s2_launch_pieces(c, grads, c->pend_lo, c->pend_hi)
+                           : bucket_reduce_start(c, grads, c->pend_lo, c->pend_hi - c->pend_lo);
     if (rc && !c->overlap_rc) c->overlap_rc = rc; /* reported by overlap_finish (the hook returns void) */
     if (!rc) c->covered += c->pend_hi - c->pend_lo;
     c->pend_lo = c->pend_hi = 0;
@@ -263,6 +368,7 @@ static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
     /* Open MPI progresses non-blocking collectives only inside MPI calls: poke it once per layer */
     int done;
     if (c->n_reqs) MPI_Testall(c->n_reqs, c->reqs, &done, MPI_STATUSES_IGNORE);
+    for (int i = 0; i < c->s2_n; i++) MPI_Test(&c->s2[i].req, &done, MPI_STATUS_IGNORE); /* done: Wait returns */
     c->overlap_seconds += st_now() - t0;
 }
 
@@ -272,11 +378,12 @@ void st_comm_overlap_begin(st_comm *c, st_model *m) {
     if (!collective(c) || c->n == 0) return;
     if (!c->bucket_bytes) c->bucket_bytes = 4u << 20;
     c->overlapping = 1;
+    c->s2_wait_each = 0;
     c->pend_lo = c->pend_hi = 0;
     c->covered = 0;
     c->n_reqs = 0;
     c->overlap_rc = 0;
-    c->overlap_seconds = 0;
+    if (!c->s2_micro) c->overlap_seconds = 0;
     c->overlap_grads = m->grads;
     m->grad_ready = on_grad_ready;
     m->grad_ready_ctx = c;
@@ -295,6 +402,8 @@ static int overlap_finish(st_comm *c, st_model *m) {
     m->grad_ready = NULL;
     m->grad_ready_ctx = NULL;
     c->overlapping = 0;
+    int src = s2_drain(c);
+    if (src && !c->overlap_rc) c->overlap_rc = src;
     int rc = wait_requests(c);
     int frc = coll_finish(c);
     if (c->overlap_rc) return c->overlap_rc;
@@ -304,6 +413,34 @@ static int overlap_finish(st_comm *c, st_model *m) {
         return st_fail(ST_ECOMM, "rank %d: internal error: overlapped reduction covered %zu of %zu gradients",
                        c->rank, c->covered, c->n);
     return 0;
+}
+
+void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last) {
+    if (c->stage == 3) {
+        c->z3_async = overlap && c->world > 1;
+        return;
+    }
+    if (c->s2_release) {
+        st_comm_overlap_begin(c, m);
+        c->s2_wait_each = !overlap;
+        return;
+    }
+    if (overlap && last) st_comm_overlap_begin(c, m);
+}
+
+int st_comm_backward_end(st_comm *c, st_model *m) {
+    if (c->stage == 3) { /* the last layer's (the embeddings') reduction; failures: st_comm_reduce_grads */
+        double t0 = st_now();
+        z3_rs_finish(c);
+        c->overlap_seconds += st_now() - t0;
+        return 0;
+    }
+    if (!c->s2_release || !c->overlapping) return 0;
+    double t0 = st_now();
+    int rc = overlap_finish(c, m);
+    c->s2_micro++;
+    c->exposed_seconds += st_now() - t0;
+    return rc;
 }
 
 void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi) {
@@ -355,8 +492,11 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     c->comm_seconds = 0;
     if (c->stage == 3) { /* reduce-scattered layer by layer during backward */
         prefetch_finish(c, -1, -1);
+        z3_rs_finish(c);
+        c->z3_async = 0;
+        c->fresh = 1;
         *optim_grads = c->shard_grads;
-        c->comm_seconds = c->overlap_seconds;
+        c->comm_seconds = c->overlap_seconds + (st_now() - t0);
         c->overlap_seconds = 0;
         rc = c->z3_rc;
         c->z3_rc = 0;
@@ -365,14 +505,20 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     if (c->n_pad == 0) { *optim_grads = m->grads; return 0; }
     if (c->overlapping) {
         rc = overlap_finish(c, m);
+        if (c->s2_release) c->s2_micro++;
+    } else if (c->s2_micro > 0) {
+        /* stage 2 on host memory: every micro-batch was reduced into the shard during its backward */
     } else if (collective(c)) {
         if (c->stage == 2) rc = coll_reduce_scatter(c, m->grads, c->shard_grads);
         else rc = coll_allreduce(c, m->grads, c->n_pad);
         if (!rc) rc = coll_finish(c);
+        if (c->s2_release) discard(m->grads, 0, m->grad_alloc); /* not armed: reduced whole, now given back */
     } else if (c->stage == 2) {
         m->be->copy(c->shard_grads, m->grads, c->shard * sizeof(float));
     }
-    c->comm_seconds += st_now() - t0;
+    c->comm_seconds += st_now() - t0 + c->exposed_seconds;
+    c->exposed_seconds = 0;
+    c->s2_micro = 0;
     if (c->stage == 0) *optim_grads = m->grads;
     else if (c->stage == 1) *optim_grads = m->grads + c->lo;
     else *optim_grads = c->shard_grads;
@@ -391,7 +537,7 @@ double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grad
     return s;
 }
 
-typedef struct { const st_model *m; float *flat; int to_flat; } pack_ctx;
+typedef struct { const st_model *m; float *flat; size_t at; int to_flat; } pack_ctx; /* flat[0] = element at */
 
 /* Copies one parameter range between the weights and the flat staging buffer; unpacking also refreshes
  * that range of the bf16 weight copy (mixed precision), so the next forward needs no repack. */
@@ -401,24 +547,24 @@ static void pack_range(void *vctx, const st_param *p, size_t start, size_t len) 
     size_t off = p->offset + (start - (size_t)p->grad_offset);
     float *w = m->weights + off;
     if (k->to_flat) {
-        m->be->copy(k->flat + start, w, len * sizeof(float));
+        m->be->copy(k->flat + (start - k->at), w, len * sizeof(float));
         return;
     }
-    m->be->copy(w, k->flat + start, len * sizeof(float));
+    m->be->copy(w, k->flat + (start - k->at), len * sizeof(float));
     if (m->weights_bf16) m->be->to_bf16(m->weights_bf16 + off, w, len);
 }
 
-/* Starts the all-gather of the parameter bucket flat[a, a + n): each owner's part goes to every rank
- * (in place; MPI_Iallgatherv, or grouped NCCL broadcasts). */
-static int gather_bucket_start(st_comm *c, size_t a, size_t n) {
+/* Starts the all-gather of the parameter bucket [a, a + n), element a at buf[0]: each owner's part goes to
+ * every rank (in place; MPI_Iallgatherv, or grouped NCCL broadcasts). */
+static int gather_bucket_start(st_comm *c, float *buf, size_t a, size_t n) {
     size_t parts[c->world];
     bucket_parts(c, a, n, parts);
-    if (c->nccl) return st_nccl_all_gather_parts(c->nccl, c->flat_params + a, parts);
+    if (c->nccl) return st_nccl_all_gather_parts(c->nccl, buf, parts);
     int rc = reserve_request(c);
     if (rc) return rc;
     int *counts = request_counts(c, parts);
     if (!counts) return ST_ENOMEM;
-    return mpi_check(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, c->flat_params + a, counts, counts + c->world,
+    return mpi_check(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, buf, counts, counts + c->world,
                                      MPI_FLOAT, c->comm, &c->reqs[c->n_reqs++]),
                      "bucketed parameter all-gather", c->rank);
 }
@@ -442,27 +588,43 @@ int st_comm_update_params(st_comm *c, st_model *m, st_optim *o, const float *gra
     }
     double t0 = st_now(), optimizer = 0;
     size_t bucket = c->bucket_bytes >= sizeof(float) ? c->bucket_bytes / sizeof(float) : c->n_pad;
+    /* stage 2: in place into the weights (flat_params NULL), or a bucket at a time through its staging */
+    int in_place = c->stage == 2 && !c->flat_params, staged = c->stage == 2 && c->flat_params;
+    if (staged) bucket = st_comm_param_staging_floats(c->n_pad, c->bucket_bytes, 0);
     st_optim_count_step(o, m);
-    pack_ctx k = {m, c->flat_params, 1};
+    pack_ctx k = {m, c->flat_params, 0, 1};
     int rc = 0;
     c->n_reqs = 0;
     for (size_t a = 0; a < c->n_pad && !rc; a += bucket) {
         size_t b = a + bucket < c->n_pad ? a + bucket : c->n_pad;
         size_t s = a > c->lo ? a : c->lo, e = b < c->hi ? b : c->hi;
+        k.at = staged ? a : 0;
+        k.to_flat = 1;
         if (s < e) { /* this rank's part of the bucket: update it, stage it for the gather */
             double t1 = st_now();
             st_optim_update_range(o, m, grads, lr, grad_scale, s, e);
             optimizer += st_now() - t1;
-            st_for_each_param_range(m, s, e, pack_range, &k);
+            if (!in_place) st_for_each_param_range(m, s, e, pack_range, &k);
         }
-        rc = gather_bucket_start(c, a, b - a);
+        float *buf = in_place ? m->weights + a : staged ? c->flat_params : c->flat_params + a;
+        size_t len = in_place ? (b < c->n ? b : c->n) - (a < c->n ? a : c->n) : b - a; /* no padding weights */
+        if (len) rc = gather_bucket_start(c, buf, a, len);
         int done;
         if (!rc && c->n_reqs) MPI_Testall(c->n_reqs, c->reqs, &done, MPI_STATUSES_IGNORE); /* progress */
+        if (!rc && staged) { /* one staging buffer: finish this bucket and unpack it before the next */
+            rc = gather_finish(c);
+            k.to_flat = 0;
+            if (!rc) st_for_each_param_range(m, a, b < c->n ? b : c->n, pack_range, &k);
+        }
     }
     int frc = gather_finish(c);
     if (rc || frc) return rc ? rc : frc;
-    k.to_flat = 0;
-    st_for_each_param_range(m, 0, c->n_pad, pack_range, &k);
+    if (in_place && m->weights_bf16) m->be->to_bf16(m->weights_bf16, m->weights, c->n); /* the gathered parts */
+    if (!in_place && !staged) {
+        k.to_flat = 0;
+        k.at = 0;
+        st_for_each_param_range(m, 0, c->n_pad, pack_range, &k);
+    }
     c->comm_seconds += st_now() - t0 - optimizer;
     return 0;
 }
@@ -792,8 +954,9 @@ static void z3_prefetch(void *ctx, int first, int last) {
 /* Progress hook (between matmuls): lets MPI move a prefetched gather on. */
 static void z3_progress(void *ctx) {
     st_comm *c = ctx;
-    if (!c->z3_pf_active) return;
     int flag; /* done: a request is MPI_REQUEST_NULL, Wait returns */
+    if (c->z3_rs_active) MPI_Test(&c->z3_rs_req, &flag, MPI_STATUS_IGNORE); /* a gradient reduce-scatter too */
+    if (!c->z3_pf_active) return;
     if (c->z3_pf_train) MPI_Test(&c->z3_pf_req, &flag, MPI_STATUS_IGNORE);
     if (c->z3_pf_nruns) MPI_Testall(c->z3_pf_nruns, c->z3_pf_freqs, &flag, MPI_STATUSES_IGNORE);
 }
@@ -807,23 +970,56 @@ static void z3_release(void *ctx, int first, int last) {
     release_frozen(c, first, last);
 }
 
-/* grad_ready hook: the finished gradients [lo, hi) are summed into their owners' shard_grads (added: the
- * micro-batches of a step accumulate there) and their pages given back. In chunks of ST_Z3_CHUNK floats:
- * MPI's reduce-scatter holds a temporary as large as its message, and z3_recv needs no more than that. */
+/* Adds this rank's part of the reduce-scattered chunk starting at compact index a (in z3_recv) to its
+ * shard_grads (the micro-batches of a step accumulate there). */
+static void z3_rs_add(st_comm *c, size_t a, int own) {
+    float *dst = c->shard_grads + (a > c->lo ? a - c->lo : 0);
+    for (int i = 0; i < own; i++) dst[i] += c->z3_recv[i];
+}
+
+/* Finishes the reduce-scatter in flight (if any): its part added to the shard, its gradient pages given
+ * back. A failure is kept in z3_rc (reported by st_comm_reduce_grads). */
+static int z3_rs_finish(st_comm *c) {
+    if (!c->z3_rs_active) return 0;
+    c->z3_rs_active = 0;
+    int rc = MPI_Wait(&c->z3_rs_req, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
+    z3_rs_add(c, c->z3_rs_a, c->z3_rs_counts[c->rank]);
+    discard(c->model->grads, c->z3_rs_a, c->z3_rs_b);
+    return 0;
+}
+
+/* grad_ready hook: the finished gradients [lo, hi) are summed into their owners' shard_grads and their
+ * pages given back. In chunks of ST_Z3_CHUNK floats: MPI's reduce-scatter holds a temporary as large as
+ * its message, and z3_recv needs no more than that. Armed with overlap (z3_async), each chunk's
+ * MPI_Ireduce_scatter is left in flight, finished when the next chunk needs z3_recv (the next layer's
+ * gradients, whose backward ran meanwhile) or by st_comm_backward_end; else each is blocking. */
 static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
     st_comm *c = ctx;
     float *grads = c->model->grads;
     double t0 = st_now();
+    if (c->fresh) { /* the first reduction of a step: the last step's sums are spent (or its step was skipped) */
+        c->be->memset0(c->shard_grads, c->shard * sizeof(float));
+        c->fresh = 0;
+    }
     for (size_t s = lo; s < hi; s += ST_Z3_CHUNK) {
         size_t e = hi - s > ST_Z3_CHUNK ? s + ST_Z3_CHUNK : hi;
-        int counts[c->world], displs[c->world];
+        z3_rs_finish(c); /* one chunk in flight: z3_recv is free again */
+        int *counts = c->z3_rs_counts, displs[c->world];
         owner_counts(c, s, e, counts, displs);
-        int rc = MPI_Reduce_scatter(grads + s, c->z3_recv, counts, MPI_FLOAT, MPI_SUM, c->comm);
+        int rc;
+        if (c->z3_async) {
+            rc = MPI_Ireduce_scatter(grads + s, c->z3_recv, counts, MPI_FLOAT, MPI_SUM, c->comm, &c->z3_rs_req);
+            c->z3_rs_active = rc == MPI_SUCCESS;
+            c->z3_rs_a = s;
+            c->z3_rs_b = e;
+        } else {
+            rc = MPI_Reduce_scatter(grads + s, c->z3_recv, counts, MPI_FLOAT, MPI_SUM, c->comm);
+            if (rc == MPI_SUCCESS) z3_rs_add(c, s, counts[c->rank]);
+            discard(grads, s, e);
+        }
         if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
-        float *dst = c->shard_grads + (s > c->lo ? s - c->lo : 0);
-        for (int i = 0; i < counts[c->rank]; i++) dst[i] += c->z3_recv[i];
     }
-    discard(grads, lo, hi);
     c->overlap_seconds += st_now() - t0;
 }
 
@@ -867,7 +1063,8 @@ static int z3_init(st_comm *c, const st_model *cm) {
     const char *pf = getenv("SHARDTUNE_ZERO3_PREFETCH");
     c->z3_prefetch = !(pf && strcmp(pf, "0") == 0);
     c->z3_pf_counts = malloc(2 * (size_t)c->world * sizeof(int));
-    if (!c->z3_pf_counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 prefetch", c->rank);
+    c->z3_rs_counts = malloc((size_t)c->world * sizeof(int));
+    if (!c->z3_pf_counts || !c->z3_rs_counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 prefetch", c->rank);
     int rc = frozen_space(c, m);
     if (rc) return rc;
     c->model = m;

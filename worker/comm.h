@@ -2,7 +2,9 @@
  *
  * ZeRO stages: 0 all-reduces gradients and every rank updates everything; 1 all-reduces gradients, each
  * rank updates its shard and the updated parameters are all-gathered; 2 reduce-scatters gradients into
- * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers.
+ * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers (in place
+ * into the weights when every parameter trains); on host memory with several ranks it does so bucket by
+ * bucket during every micro-batch's backward and gives each bucket's pages back (s2_release below).
  * 3 shards the parameters too (MPI on CPU ranks, fp32 or bf16; st_comm_init refuses a device backend by name): the weights
  * of the trainable parameters in this rank's shard of the compact space are its fp32 master shard and stay
  * resident in m->weights (frozen parameters are sharded the same way over their own "frozen space", gathered
@@ -10,8 +12,10 @@
  * the weights and all of m->grads are backed by memory only while in use. The model's residency hooks all-gather a layer's weights just before its forward and
  * again before its backward and give the pages back after (madvise); the grad_ready hook reduce-scatters
  * each layer's gradients into the owners' shard_grads as soon as its backward ends (every micro-batch)
- * and gives those pages back. The prefetch hook starts the next group's all-gathers (MPI_Iallgatherv, in
- * place: the frozen part always, the trainable part when every parameter trains) while this one computes.
+ * and gives those pages back (non-blocking when armed with overlap: in flight while the next layer's
+ * backward computes, finished by the next reduction or st_comm_backward_end). The prefetch hook starts the
+ * next group's all-gathers (MPI_Iallgatherv, in place: the frozen part always, the trainable part when every
+ * parameter trains) while this one computes.
  * Under bf16, inside forward/backward, the group's bf16 compute copy is gathered (plus the fp32 weights the model reads in fp32); elsewhere the acquire
  * hook makes it from the gathered fp32 weights; release gives it back. The optimizer updates the
  * resident shard in place: no parameter gather.
@@ -27,6 +31,20 @@
 #include "worker/model.h"
 #include "worker/optim.h"
 
+/* Stage 2 on host memory: at most this many reduce-scatter buckets in flight; the oldest is finished
+ * (summed into the shard, its gradient pages given back) before another starts. */
+#define ST_S2_INFLIGHT 4
+
+/* One stage-2 bucket in flight: grads[lo, hi) being reduce-scattered into the owners' shards. */
+typedef struct {
+    MPI_Request req;
+    int *counts;     /* per-rank counts (MPI reads them until the request completes) */
+    size_t lo, hi;
+    float *dst;      /* this rank's part of the sum lands at dst[0 .. own) in shard_grads */
+    float *tmp;      /* later micro-batches: received here, then added to dst (NULL: received into dst) */
+    size_t own;
+} st_s2_bucket;
+
 typedef struct {
     MPI_Comm comm;
     const st_backend *be;   /* where the gradient/parameter buffers live */
@@ -35,7 +53,9 @@ typedef struct {
     size_t n, n_pad, shard; /* trainable floats, padded total, per-rank shard length */
     size_t lo, hi;          /* this rank's shard of the compact space (lo..hi may exceed n: padding) */
     float *shard_grads;     /* stage 2: reduced gradients of the shard [shard] */
-    float *flat_params;     /* stages 1-2: compact parameter staging [n_pad] */
+    float *flat_params;     /* stage 1: compact parameter staging [n_pad]; stage 2: NULL when the compact space
+                               is the weight space (gathers in place), else one bucket's staging
+                               [st_comm_param_staging_floats] */
     double comm_seconds;    /* time the step waited on gradient/parameter collectives (exposed time) */
     /* Overlap of the gradient reduction with backward: ranges reported by the model's grad_ready hook are
      * merged into buckets of >= bucket_bytes (one host-side bucketing for both transports) and reduced
@@ -51,6 +71,20 @@ typedef struct {
     int n_reqs, cap_reqs;
     int overlap_rc;         /* first failure starting a bucket (the hook cannot return it) */
     double overlap_seconds; /* time spent launching/progressing buckets during backward */
+    /* stage 2 on host memory with several ranks (s2_release): the model's gradient buffer is address space
+     * only. Every micro-batch's backward reduce-scatters each bucket as it fills (MPI_Ireduce_scatter;
+     * the first micro-batch of a step straight into shard_grads, later ones through a bucket-sized
+     * receive buffer and then added), at most ST_S2_INFLIGHT in flight; a finished bucket's gradient
+     * pages are given back (madvise), so a rank holds its shard plus a few buckets, never the whole
+     * gradient. A device backend keeps the full buffer and reduces once per step (no page release); so
+     * does SHARDTUNE_ZERO2_FULL_GRADS=1 (for bench/zero3_step.sh; the planner does not know it). */
+    int s2_release;
+    int s2_wait_each;       /* sharding.overlap false: each bucket is waited for as soon as it starts */
+    int s2_micro;           /* micro-batches of this step already summed into shard_grads */
+    int s2_n;               /* buckets in flight, oldest first */
+    st_s2_bucket s2[ST_S2_INFLIGHT];
+    st_model *s2_model;     /* whose grads_managed flag this communicator set (cleared by st_comm_free) */
+    double exposed_seconds; /* waits at the end of earlier micro-batches' backward (added to comm_seconds) */
     /* stage 3 */
     st_model *model;        /* whose hooks this communicator installed (cleared by st_comm_free) */
     float *z3_recv;         /* [st_comm_zero3_recv_floats]: this rank's part of one reduce-scattered chunk */
@@ -76,6 +110,16 @@ typedef struct {
     int z3_pf_nruns;        /* frozen runs of the prefetched group in flight */
     MPI_Request *z3_pf_freqs; /* [n_params] */
     int *z3_pf_fcounts;     /* [n_params * 2 * world] */
+    /* overlapped gradient reduce-scatter (armed by st_comm_backward_begin with overlap): the grad_ready
+     * hook starts a chunk's MPI_Ireduce_scatter into z3_recv and returns; the chunk is finished (added to
+     * shard_grads, its gradient pages given back) by the next chunk, the progress hook's test, or
+     * st_comm_backward_end — so a layer's reduction travels while the next layer's backward computes */
+    int z3_async;
+    int z3_rs_active;       /* a reduce-scatter of grads[z3_rs_a, z3_rs_b) is in flight */
+    size_t z3_rs_a, z3_rs_b;
+    MPI_Request z3_rs_req;
+    int *z3_rs_counts;      /* [world]: its per-owner counts */
+    int fresh;              /* stages 2-3: shard_grads holds a finished step's sums; the next reduction restarts */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own
@@ -134,6 +178,23 @@ void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi);
 /* Arms overlap for the next backward (world > 1; a no-op otherwise): installs the model's grad_ready
  * hook. Call before the last micro-batch's st_model_backward. */
 void st_comm_overlap_begin(st_comm *c, st_model *m);
+
+/* Before each micro-batch's st_model_backward (`last`: the step's last one; `overlap`: sharding.overlap):
+ * stages 0-1 and stage 2 on a device arm the overlap (st_comm_overlap_begin) on the last micro-batch
+ * only; stage 2 on host memory arms its per-bucket reduce-scatter on every micro-batch (blocking per
+ * bucket without overlap); stage 3 makes its per-layer reduce-scatter non-blocking with overlap. */
+void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last);
+
+/* After each micro-batch's st_model_backward: finishes what the hooks started during it (stage 2 on host
+ * memory: every bucket summed into the shard and its pages given back; stage 3: the last layer's
+ * reduce-scatter). Collective; the next forward may then write gradients again. */
+int st_comm_backward_end(st_comm *c, st_model *m);
+
+/* Stage 2 on host memory: the most floats of one reduce-scatter (a larger bucket goes in pieces). */
+size_t st_comm_zero2_piece_floats(size_t bucket_bytes);
+
+/* Floats of the stage-2 parameter staging buffer (0 when gathers go in place into the weights). */
+size_t st_comm_param_staging_floats(size_t n_pad, size_t bucket_bytes, int in_place);
 
 /* Sums gradients across ranks (finishing an armed overlap: flush, wait, uninstall the hook). Returns the pointer the optimizer reads (element 0 = its range start). */
 int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads);

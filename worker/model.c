@@ -341,7 +341,7 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
 }
 
 void st_model_zero_grad(st_model *m) {
-    if (m->grads && !m->release) m->be->memset0(m->grads, m->grad_alloc * sizeof(float));
+    if (m->grads && !m->release && !m->grads_managed) m->be->memset0(m->grads, m->grad_alloc * sizeof(float));
 }
 
 void st_model_acquire(const st_model *m, int first, int last) {

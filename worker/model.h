@@ -51,6 +51,8 @@ typedef struct {
     size_t n_grads;
     size_t grad_alloc; /* n_grads rounded up to a multiple of grad_align (zero padding for equal shards) */
     int grad_align;    /* set by the caller before st_model_set_trainable (the world size); 0 = 1 */
+    int grads_managed; /* a communicator reduces m->grads range by range during backward and gives their pages
+                          back (ZeRO-2 on host memory): they read zero after, st_model_zero_grad leaves them */
     int lowest_trained_layer; /* backward stops here (L when only the head trains); set by set_trainable */
     int embed_trained;
     /* activations (see model.c for the layout), sized for B x T */

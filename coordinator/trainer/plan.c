@@ -223,6 +223,89 @@ static size_t zero3_working_floats(const st_model *m, const long *goff, int pref
     return most;
 }
 
+/* One stage-2 bucket simulation step (comm.c on_grad_ready / s2_launch): the reported gradient range
+ * [lo, hi) joins the pending bucket (or first launches it when not adjacent); a bucket of >= `bucket`
+ * floats starts; a start with `cap` buckets in flight first finishes the oldest (its pages given back). */
+typedef struct { size_t pend_lo, pend_hi, fly[ST_S2_INFLIGHT + 1], live, biggest, piece; int n, cap; } s2_sim;
+
+static void s2_sim_launch(s2_sim *s) {
+    for (size_t a = s->pend_lo; a < s->pend_hi; a += s->piece) { /* pieces of at most `piece` floats */
+        size_t n = s->pend_hi - a < s->piece ? s->pend_hi - a : s->piece;
+        if (s->n == s->cap && s->n > 0) { /* the oldest completes first */
+            s->live -= s->fly[0];
+            memmove(s->fly, s->fly + 1, (size_t)--s->n * sizeof *s->fly);
+        }
+        if (n > s->biggest) s->biggest = n;
+        if (s->cap > 0) s->fly[s->n++] = n;
+        else s->live -= n; /* no overlap: waited for at once */
+    }
+    s->pend_lo = s->pend_hi = 0;
+}
+
+static void s2_sim_report(s2_sim *s, size_t lo, size_t hi, size_t bucket) {
+    if (hi <= lo) return;
+    if (s->pend_hi > s->pend_lo && hi != s->pend_lo) s2_sim_launch(s);
+    if (s->pend_hi <= s->pend_lo) s->pend_hi = hi;
+    s->pend_lo = lo;
+    if (s->pend_hi - s->pend_lo >= bucket) s2_sim_launch(s);
+}
+
+/* Compact range of parameters [first, last) under goff (lo = hi when none trains). */
+static void s2_span(const st_model *m, const long *goff, int first, int last, size_t *lo, size_t *hi) {
+    *lo = (size_t)-1;
+    *hi = 0;
+    for (int i = first; i < last; i++) {
+        if (goff[i] < 0) continue;
+        if ((size_t)goff[i] < *lo) *lo = (size_t)goff[i];
+        if ((size_t)goff[i] + m->params[i].numel > *hi) *hi = (size_t)goff[i] + m->params[i].numel;
+    }
+    if (*hi == 0) *lo = 0;
+}
+
+/* ZeRO-2 on host memory (comm.c s2_release): the most gradient floats resident at once during a backward,
+ * replaying worker/model.c's report order (final norm + head, each layer top-down then its adapters, the
+ * embeddings, a prompt) through the bucketing. A group's gradients are resident while it computes and
+ * until its bucket completes; the head's (and a tied embedding's head part) are written in forward.
+ * *biggest: the largest bucket (a later micro-batch receives this rank's part of it separately). */
+static size_t zero2_working_floats(const st_model *m, const long *goff, size_t bucket, int overlap, size_t *biggest) {
+    s2_sim s = {.cap = overlap ? ST_S2_INFLIGHT : 0, .piece = bucket};
+    int e0 = 0, nb = st_model_base_params(m);
+    while (e0 < nb && m->params[e0].layer < 0) e0++; /* embeddings come first */
+    int fn = e0;
+    while (fn < nb && m->params[fn].layer >= 0) fn++;
+    size_t lo, hi, elo, ehi, peak;
+    s2_span(m, goff, 0, e0, &elo, &ehi);
+    size_t tied = m->cfg.tied_embeddings ? ehi - elo : 0;
+    s2_span(m, goff, fn, nb, &lo, &hi); /* final norm + head: computed first (the head in forward) */
+    s.live = tied + (hi - lo);
+    peak = s.live;
+    s2_sim_report(&s, lo, hi, bucket);
+    for (int i = fn; i > e0;) { /* layers, top-down */
+        int first = i - 1, lf = 0, ll = 0;
+        while (first > e0 && m->params[first - 1].layer == m->params[i - 1].layer) first--;
+        size_t alo, ahi;
+        s2_span(m, goff, first, i, &lo, &hi);
+        if (m->lora) st_lora_layer_params(m, m->params[i - 1].layer, &lf, &ll);
+        s2_span(m, goff, lf, ll, &alo, &ahi);
+        s.live += (hi - lo) + (ahi - alo);
+        if (s.live > peak) peak = s.live;
+        s2_sim_report(&s, lo, hi, bucket);
+        s2_sim_report(&s, alo, ahi, bucket);
+        i = first;
+    }
+    s.live += (ehi - elo) - tied;
+    if (s.live > peak) peak = s.live;
+    s2_sim_report(&s, elo, ehi, bucket);
+    s2_span(m, goff, nb, m->n_params, &lo, &hi); /* a prompt (adapters were counted with their layers) */
+    if (m->prompt && hi > lo) {
+        s.live += hi - lo;
+        if (s.live > peak) peak = s.live;
+    }
+    s2_sim_launch(&s);
+    *biggest = s.biggest;
+    return peak;
+}
+
 /* The largest base parameter (floats) and whether one is stored transposed in the files (GPT-2 Conv1D):
  * what the per-tensor load / final/ / export paths hold at once (model_io.c: one tensor, two when
  * transposed). */
@@ -335,6 +418,19 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
+    if (zero == 2) { /* comm.c: stage 2 gathers in place when the compact space is the weight space */
+        int in_place = sp->n_trainable == m->n_weights;
+        for (int i = 0; i < m->n_params && in_place; i++) in_place = goff[i] == (long)m->params[i].offset;
+        size_t bucket = (size_t)(c->sharding.bucket_mb * 1048576.0);
+        r->comm = st_comm_param_staging_floats(sp->n_pad, bucket, in_place) * sizeof(float);
+        if (c->backend != ST_BACKEND_CUDA && world > 1 && sp->n_trainable) {
+            /* s2_release: the shard, the gradients resident at once, a later micro-batch's receive buffers */
+            size_t biggest = 0, bf = st_comm_zero2_piece_floats(bucket);
+            size_t live = zero2_working_floats(m, goff, bf, c->sharding.overlap, &biggest);
+            size_t recv = c->train.grad_accum > 1 ? (biggest < sp->shard ? biggest : sp->shard) : 0;
+            r->grads = (sp->shard + live + ST_S2_INFLIGHT * recv) * sizeof(float);
+        }
+    }
     /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
     r->activations = (st_model_activation_floats_dev(&m->cfg, c->train.micro_batch,
                                                      c->train.seq_len + st_prompt_tokens(m), c->precision,
@@ -396,6 +492,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
          * (the frozen part always, the trainable part when every parameter trains) */
         size_t work = gath ? zero3_working_floats(m, gath, world > 1 && (every || nf)) : m->n_weights;
         size_t gwork = zero3_working_floats(m, goff, 0);
+        /* with overlap, the previous group's last reduce-scatter chunk is in flight while a group computes */
+        if (c->sharding.overlap && world > 1) gwork += st_comm_zero3_recv_floats(gwork);
         free(gath);
         size_t staging = n != m->n_weights - qdrop && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
         r->weights = (frozen + hi - lo + work) * sizeof(float) + qbytes;

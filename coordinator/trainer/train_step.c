@@ -95,9 +95,10 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
         st_distill_detach(m); /* evaluation keeps plain cross-entropy */
         account_tasks(t, a * t->micro);
         st_trainer_phase(t, ST_PHASE_BACKWARD);
-        if (a == t->accum - 1 && t->cfg->sharding.overlap)
-            st_comm_overlap_begin(&t->dp, m); /* reduce while backward runs */
+        /* reduce while backward runs: stages 0-1 on the last micro-batch; stages 2-3 every micro-batch */
+        st_comm_backward_begin(&t->dp, m, t->cfg->sharding.overlap, a == t->accum - 1);
         st_model_backward(m);
+        if ((rc = st_comm_backward_end(&t->dp, m))) return rc;
     }
     st_trainer_phase(t, ST_PHASE_COMM);
     float *g = NULL;

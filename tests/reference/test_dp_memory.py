@@ -1,7 +1,9 @@
 """`shardtune plan` memory estimate vs the measured peak RSS of real runs.
 
 A Llama model large enough that its tensors dominate (4 layers, dim 256, vocab 32000: 19.3M floats)
-is trained for 2 steps, once as 1 rank with ZeRO-1, once as 2 MPI ranks with ZeRO-2, once as 1 rank
+is trained for 2 steps, once as 1 rank with ZeRO-1, once as 2 MPI ranks with ZeRO-2 (no full gradient:
+buckets reduce-scattered and their pages given back during backward; again with 2 micro-batches per step,
+whose later one receives through per-bucket buffers), once as 1 rank
 with precision bf16 (bf16 weight copy, bf16 saved activations, matmul operand scratch), and once as
 finetune.mode lora on 2 ranks with ZeRO-2 (adapters on all seven projections: adapter gradients and
 moments only, the adapters' working memory, an adapter-only final/), and lora / qlora (nf4) on 1 rank under
@@ -130,18 +132,20 @@ def main():
         print(f"  baseline (1-layer dim-16 model, minus its plan): {base / 2**20:.1f} MiB")
         assert 0 < base < 200 * 2**20, f"implausible baseline {base}"
 
-        for ranks, zero, precision, mode in [(1, 1, "fp32", "full"), (2, 2, "fp32", "full"), (1, 1, "bf16", "full"),
-                                             (2, 2, "fp32", "lora"), (1, 1, "bf16", "lora"), (1, 1, "bf16", "qlora"),
-                                             (1, 1, "bf16", "dora"), (1, 1, "bf16", "p_tuning")]:
-            more = ["finetune.mode=lora", "finetune.lora.dora=true"] if mode == "dora" else [f"finetune.mode={mode}"]
-            ov = common + [f"sharding.stage={zero}", f"run_dir={root}/r{ranks}z{zero}{precision}{mode}",
-                           f"precision={precision}"] + more
+        for ranks, zero, precision, mode, *more in [
+                (1, 1, "fp32", "full"), (2, 2, "fp32", "full"), (1, 1, "bf16", "full"),
+                (2, 2, "fp32", "full", "train.micro_batch=2", "train.grad_accum=2"),
+                (2, 2, "fp32", "lora"), (1, 1, "bf16", "lora"), (1, 1, "bf16", "qlora"),
+                (1, 1, "bf16", "dora"), (1, 1, "bf16", "p_tuning")]:
+            mode_ov = ["finetune.mode=lora", "finetune.lora.dora=true"] if mode == "dora" else [f"finetune.mode={mode}"]
+            ov = common + [f"sharding.stage={zero}", f"run_dir={root}/r{ranks}z{zero}{precision}{mode}{len(more)}",
+                           f"precision={precision}"] + mode_ov + more
             want = expected_per_rank(plan(job, ranks, ov))
             got = measured_rss(job, ranks, ov)
             for r in range(ranks):
                 net = got[r] - base
                 err = (net - want[r]) / want[r]
-                print(f"  {mode} {precision} {ranks} rank(s) ZeRO-{zero} rank {r}: plan {want[r] / 2**20:7.1f} MiB, "
+                print(f"  {mode} {precision} {ranks} rank(s) ZeRO-{zero} {' '.join(more)} rank {r}: plan {want[r] / 2**20:7.1f} MiB, "
                       f"measured {got[r] / 2**20:7.1f} MiB - baseline = {net / 2**20:7.1f} MiB ({err:+.1%})")
                 assert abs(err) <= TOL, f"rank {r}: estimate off by {err:+.1%}"
         qlora_phases(root, data, small)

@@ -18,6 +18,8 @@
  * steps also run through the MPI path (the CPU backend itself); both must give the same losses (within
  * 1e-6 relative). --inject-race scales the gradients between backward and the reduction on purpose: the
  * checker must then report a violation (the test requires that, so the checker itself can fail).
+ * On the MPI path at stage 2 (several ranks) the model's full-size gradient buffer must read all zero after
+ * every backward (every bucket reduce-scattered into the shard during it, its pages given back).
  * Last, the sharded AdamW moments are gathered on every rank as at a progressive stage change
  * (st_comm_gather_state: through the fake NCCL on the device path) and must agree with the MPI path.
  * Prints one line per step and path: "step K path P loss L". Runs in any build: comm.c's NCCL path has
@@ -264,8 +266,17 @@ static void train(const st_backend *be, const options *o, double *losses, double
                 w[i] = 1.0f / (float)(N * world * o->accum);
             }
             loss += st_model_forward(&m, in, tg, w, 1);
-            if (a == o->accum - 1 && o->overlap) st_comm_overlap_begin(&comm, &m);
+            st_comm_backward_begin(&comm, &m, o->overlap, a == o->accum - 1);
             st_model_backward(&m);
+            if (st_comm_backward_end(&comm, &m)) goto fail;
+            /* ZeRO-2 on host memory (the MPI path, several ranks): each bucket was reduce-scattered into
+             * the shard and its gradient pages given back, so the full-size buffer holds nothing */
+            if (comm.s2_release && !o->inject_race)
+                for (size_t i = 0; i < m.grad_alloc; i++)
+                    if (m.grads[i] != 0.0f) {
+                        violation("stage 2: gradients left in the full-size buffer after backward");
+                        break;
+                    }
         }
         if (o->inject_race) /* writes grads that are being reduced (host memory: the fake device is the CPU) */
             for (size_t i = 0; i < m.n_grads; i++) m.grads[i] *= 0.5f;

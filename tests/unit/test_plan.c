@@ -96,6 +96,11 @@ static void check_plan_against_model(const st_config *c, const st_model_config *
             trainable += m.params[i].grad_offset >= 0;
         }
         assert_int_equal(sp->n_trainable_params, trainable);
+        /* parameter staging: stage 1 the whole compact space; stage 2 none when every parameter trains
+         * (in place into the weights), else one bucket */
+        int in_place = m.n_grads == m.n_weights;
+        size_t bucket_f = (size_t)(c->sharding.bucket_mb * 1048576.0) / sizeof(float);
+        size_t staging = in_place ? 0 : bucket_f < m.grad_alloc ? bucket_f : m.grad_alloc;
         size_t covered = 0;
         for (int r = 0; r < world; r++) {
             const st_rank_plan *rp = &sp->ranks[r];
@@ -114,9 +119,21 @@ static void check_plan_against_model(const st_config *c, const st_model_config *
             assert_int_equal(rp->last_param, last);
             size_t range = c->sharding.stage == 0 ? m.grad_alloc : m.grad_alloc / (size_t)world;
             assert_int_equal(rp->weights, m.n_weights * sizeof(float));
-            assert_int_equal(rp->grads, (m.grad_alloc + (c->sharding.stage == 2 ? range : 0)) * sizeof(float));
+            size_t largest = 0;
+            for (int i = 0; i < m.n_params; i++)
+                if (m.params[i].grad_offset >= 0 && m.params[i].numel > largest) largest = m.params[i].numel;
+            if (c->sharding.stage == 2 && world > 1) {
+                /* ZeRO-2 on CPU ranks: the shard plus the gradients resident at once (at least the largest
+                 * trainable tensor, less than the full buffer when more than one group trains), no full
+                 * gradient; receive buffers of later micro-batches (grad_accum 2): one shard per piece in flight */
+                assert_true(rp->grads >= (range + largest) * sizeof(float));
+                assert_true(rp->grads <= (range + m.grad_alloc + ST_S2_INFLIGHT * range) * sizeof(float));
+            } else {
+                assert_int_equal(rp->grads, (m.grad_alloc + (c->sharding.stage == 2 ? range : 0)) * sizeof(float));
+            }
             assert_int_equal(rp->optim, 2 * range * sizeof(float) + ((size_t)m.n_params + 1) * sizeof(int));
-            assert_int_equal(rp->comm, c->sharding.stage ? m.grad_alloc * sizeof(float) : 0);
+            size_t want_comm = c->sharding.stage == 1 ? m.grad_alloc : c->sharding.stage == 2 ? staging : 0;
+            assert_int_equal(rp->comm, want_comm * sizeof(float));
             assert_int_equal(rp->activations, acts);
             assert_int_equal(rp->total, rp->weights + rp->grads + rp->optim + rp->comm + rp->activations +
                                             rp->buffers);
@@ -126,11 +143,12 @@ static void check_plan_against_model(const st_config *c, const st_model_config *
             st_comm comm;
             st_optim o;
             st_optim_config oc = {0};
-            assert_int_equal(st_comm_init(&comm, MPI_COMM_SELF, &(st_comm_options){.stage = c->sharding.stage}, &m), 0);
+            st_comm_options co = {.stage = c->sharding.stage, .bucket_bytes = (size_t)(c->sharding.bucket_mb * 1048576.0)};
+            assert_int_equal(st_comm_init(&comm, MPI_COMM_SELF, &co, &m), 0);
             size_t lo, hi;
             st_comm_optim_range(&comm, &lo, &hi);
             assert_int_equal(st_optim_init(&o, &oc, lo, hi, &m, m.be), 0);
-            size_t have = (comm.flat_params ? comm.n_pad : 0) * sizeof(float);
+            size_t have = (comm.flat_params ? c->sharding.stage == 2 ? staging : comm.n_pad : 0) * sizeof(float);
             assert_int_equal(sp->ranks[0].comm, have);
             size_t sg = (comm.shard_grads ? comm.shard : 0) * sizeof(float);
             assert_int_equal(sp->ranks[0].grads, m.grad_alloc * sizeof(float) + sg);

@@ -10,6 +10,7 @@
  *    st_model_zero_grad leaves it alone; the residency hooks are installed, and removed by st_comm_free;
  *  - the same with frozen layers and modules (the top layer's MLP trains: gathers go through the staging
  *    buffer, frozen weights never change);
+ *  - a skipped (bad) step's reduced gradients do not leak into the next step (bit-identical to stage 0);
  *  - refusals, ST_ECONFIG naming sharding.stage 3 and the cause: a device backend (host_memory 0);
  *    precision bf16 is accepted (hooks installed; its losses: tests/reference/test_zero3.py). */
 #include <setjmp.h>
@@ -53,6 +54,8 @@ static int all_zero(const float *x, size_t n) {
     return 1;
 }
 
+static int skip_first_step; /* step 0 is "bad": reduced but not applied, as the trainer skips one */
+
 /* Two steps of two micro-batches each; losses out, weights left in the model. */
 static void train(st_model *m, int stage, int accum, double loss[4]) {
     st_comm c;
@@ -81,7 +84,7 @@ static void train(st_model *m, int stage, int accum, double loss[4]) {
         }
         float *g = NULL;
         assert_int_equal(st_comm_reduce_grads(&c, m, &g), 0);
-        assert_int_equal(st_comm_update_params(&c, m, &o, g, 1e-2f, 1.0f), 0);
+        if (!(skip_first_step && s == 0)) assert_int_equal(st_comm_update_params(&c, m, &o, g, 1e-2f, 1.0f), 0);
     }
     st_optim_free(&o, m->be);
     free(o.param_step);
@@ -123,6 +126,24 @@ static void test_frozen_one_rank(void **state) {
     check_family(ST_FAMILY_GPT2, top_layer);
 }
 
+/* A skipped step's reduced gradients are not carried into the next step (the first reduction of a step
+ * starts the shard from zero): stage 3 after a skipped step is bit-identical to stage 0 after one. */
+static void test_skipped_step(void **state) {
+    (void)state;
+    skip_first_step = 1;
+    st_model a, b;
+    build(&a, ST_FAMILY_LLAMA, NULL);
+    build(&b, ST_FAMILY_LLAMA, NULL);
+    double la[4] = {0}, lb[4] = {0};
+    train(&a, 0, 1, la);
+    train(&b, 3, 1, lb);
+    skip_first_step = 0;
+    assert_memory_equal(la, lb, sizeof la);
+    assert_memory_equal(a.weights, b.weights, a.n_weights * sizeof(float));
+    st_model_free(&a);
+    st_model_free(&b);
+}
+
 static void expect_refusal(st_model *m, const char *word) {
     st_comm c;
     assert_int_equal(st_comm_init(&c, MPI_COMM_SELF, &(st_comm_options){.stage = 3}, m), ST_ECONFIG);
@@ -158,6 +179,7 @@ int main(void) {
         cmocka_unit_test(test_llama_one_rank),
         cmocka_unit_test(test_gpt2_tied_one_rank),
         cmocka_unit_test(test_frozen_one_rank),
+        cmocka_unit_test(test_skipped_step),
         cmocka_unit_test(test_refusals),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

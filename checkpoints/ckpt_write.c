@@ -1,18 +1,20 @@
-/* ckpt_write.c — collective parallel-HDF5 checkpoint writer (see ckpt.h, docs/checkpoint-format.md).
+/* ckpt_write.c — parallel-HDF5 checkpoint writer (see ckpt.h, docs/checkpoint-format.md).
  *
- * Every rank calls every HDF5 function in the same order with the same arguments (metadata is
- * collective); each rank's dataset selection is only the elements it owns, possibly empty, because
- * filtered (Fletcher32) parallel writes must be collective. After every dataset the ranks agree on
- * success, so a write that failed on one aggregator (disk full) ends the save on all ranks together.
+ * Every rank calls every HDF5 metadata function in the same order with the same arguments (metadata
+ * operations and the flush at close are collective); the data goes out with independent transfers,
+ * each rank writing only the ranges it owns of contiguous, unfiltered datasets, summing each range's
+ * checksum just before writing it. The ranks synchronise a handful of times per file (file created,
+ * groups, after the data, the one checksum reduction, close), not per dataset: a rank whose write
+ * failed keeps making the same metadata calls with nothing written, so nobody waits in a collective
+ * the others skipped, and the agreement after the data ends the save on all ranks together.
  * Host staging buffers are allocated here and freed before returning.
  *
- * Where the time went (bench/ckpt_bench, 85 MB, 2 ranks; numbers in its header): HDF5 walking
- * every element to map a 1-D memory space onto 2-D chunks (fixed in ckpt_select.c), then the number
- * of synchronisation points per dataset on a busy machine. Hence: /model is written in whole chunks
- * (no chunk shared between ranks, nothing to redistribute); one linked-chunk I/O per dataset; the
- * bytes themselves go out with independent MPI-IO calls inside the collective H5Dwrite (each rank's
- * chunks are already contiguous runs, two-phase collective buffering only shuffled them between
- * ranks); metadata is written collectively at close instead of by rank 0 between barriers. */
+ * Where the time went (bench/ckpt_bench, 85 MB; numbers in its header and bench/RESULTS.md): HDF5
+ * walking every element to map a 1-D memory space onto 2-D chunks (fixed in ckpt_select.c), then the
+ * synchronisation points per dataset on a busy machine (two or three collectives per dataset, ~120
+ * datasets), then the Fletcher32 filter (its byte-wise sum inside HDF5 plus a copy of every chunk: ~70%
+ * of a 1-rank save, 2026-12-06) and the separate checksum pass over the data. Hence no filter, no
+ * chunking, independent transfers, the checksum in the write's pass. */
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>

@@ -410,11 +410,17 @@ static int qkv_dim(const st_model_config *c) { return (c->n_head + 2 * c->n_kv_h
  * (dW[V,C] += dlogits^T @ x) streams all of dW through memory with only `rows` of inner dimension,
  * so small chunks cost both GEMM efficiency and V*C read-modify-write traffic per chunk. ~64 MB of
  * logits per chunk measured ~10% faster on the head than 16 MB (GPT-2 V=50257, B*T=1024); chunks are
- * equal-sized (multiples of 16 rows) so no tiny tail chunk. */
+ * equal-sized (multiples of 16 rows) so no tiny tail chunk. On host memory (the CPU backend) chunks
+ * hold up to ~256 MB: the three GEMMs per thread get 2-4x the rows (dlogits @ W splits rows over the
+ * threads, 128-256 rows each ran at ~75% of the sgemm peak) and dW is streamed 2-4x less often; at
+ * B*T = 1024 the whole head is then one chunk for Llama's V = 32000 and GPT-2's 50257 (2026-12-06,
+ * bench/RESULTS.md). Device memory keeps the 64 MB chunk. */
 #define ST_HEAD_CHUNK_FLOATS (1L << 24)
+#define ST_HEAD_CHUNK_FLOATS_HOST (1L << 26)
 static int head_chunk_rows(const st_model *m) {
     int N = m->B * m->T;
-    long rows = ST_HEAD_CHUNK_FLOATS / m->cfg.vocab;
+    int host = !m->be || m->be->host_memory; /* no backend: the host-side estimators below */
+    long rows = (host ? ST_HEAD_CHUNK_FLOATS_HOST : ST_HEAD_CHUNK_FLOATS) / m->cfg.vocab;
     if (rows < 128) rows = 128;
     if (rows >= N) return N;
     long chunks = (N + rows - 1) / rows;
@@ -680,8 +686,15 @@ size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_p
 }
 
 size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt) {
+    return st_model_activation_floats_on(cfg, B, T, precision, act_ckpt, 0);
+}
+
+size_t st_model_activation_floats_on(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                     int device_memory) {
+    static const st_backend device_like = {.host_memory = 0}; /* only read for host_memory: nothing is called */
     st_model tmp;
     memset(&tmp, 0, sizeof tmp);
+    tmp.be = device_memory ? &device_like : NULL;
     tmp.cfg = *cfg;
     tmp.B = B;
     tmp.T = T;

@@ -172,6 +172,11 @@ size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_p
  * one layer's full set of saved tensors that backward recomputes into, layer by layer. */
 size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt);
 
+/* Same for a backend with device memory (device_memory != 0: the LM head's logits chunk is smaller there)
+ * or host memory (0, what the two functions above assume). */
+size_t st_model_activation_floats_on(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                     int device_memory);
+
 /* Activation checkpointing (memory.activation_checkpointing): forward keeps each layer's input residual
  * only; backward recomputes the layer's forward from it (into one shared layer's worth of buffers) just
  * before that layer's backward. The arithmetic is the same calls on the same inputs, so losses and

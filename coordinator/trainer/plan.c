@@ -288,9 +288,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
     /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
-    r->activations = (st_model_activation_floats_ckpt(&m->cfg, c->train.micro_batch,
-                                                      c->train.seq_len + st_prompt_tokens(m), c->precision,
-                                                      c->memory.activation_checkpointing) +
+    r->activations = (st_model_activation_floats_on(&m->cfg, c->train.micro_batch,
+                                                    c->train.seq_len + st_prompt_tokens(m), c->precision,
+                                                    c->memory.activation_checkpointing, c->backend == ST_BACKEND_CUDA) +
                       st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);

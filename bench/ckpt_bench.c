@@ -13,6 +13,9 @@
  *     save, resume 0.9-1.3 s (under heavier load earlier: 10-17 MB/s, 5-8.6 s, 2-3 s);
  *   after: 90-267 MB/s, blocked 0.32-0.95 s, resume 0.10-0.20 s.
  *   Without Fletcher32 (for reference, not the product): ~0.22 s per save at quiet times vs ~0.30 s.
+ * 2026-12-06, contiguous unfiltered datasets, independent transfers, checksum in the write's pass (load
+ * average 11-13, old and new writer alternating, bench/RESULTS.md): 1 rank 49-57% -> 73-117% of raw,
+ * 2 ranks 13-24% -> 37-102% of raw; sync save 0.9-1.2 s -> 0.23-0.54 s (1 rank), 2.6-7.4 s -> 0.5-0.9 s.
  * usage: mpirun -np N ckpt_bench [--dir DIR] [--layers L] [--dim D] [--vocab V] [--stage S] [--reps R] */
 #include <fcntl.h>
 #include <mpi.h>

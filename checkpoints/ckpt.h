@@ -2,8 +2,8 @@
  * docs/checkpoint-format.md).
  *
  * Writing is collective parallel HDF5 over the job's communicator: every rank writes exactly the
- * element ranges it owns (no gather), every dataset is chunked with Fletcher32 and carries a
- * position-keyed checksum attribute summed across ranks with one MPI_Allreduce. The commit is atomic
+ * element ranges it owns (no gather), every dataset is contiguous and unfiltered and carries a
+ * position-keyed checksum attribute (its integrity check) summed across ranks with one MPI_Allreduce. The commit is atomic
  * (NAME.partial, fsync, rename, then `latest` by write-temp + rename), and retention keeps the newest
  * checkpoint.keep_last files. Reading is plain (non-MPI) HDF5 on each rank: every rank reads all of
  * /model and its own optimizer range of /optim, whatever the world size at save.
@@ -54,14 +54,15 @@ int st_ckpt_range_slabs(int ndim, const int64_t shape[2], uint64_t a, uint64_t b
 /* Even split of n elements over `world` ranks: [n*r/world, n*(r+1)/world). */
 void st_ckpt_even_split(uint64_t n, int world, int rank, uint64_t *lo, uint64_t *hi);
 
-/* The chunk shape of a dataset of shape[ndim]: whole rows, about ST_CKPT_CHUNK_BYTES of float32,
- * capped at the dataset (a row longer than the target is one chunk row). */
+/* The block shape a /model tensor of shape[ndim] is split into between writers (and the chunk shape of
+ * files written before 2026-12-06): whole rows, about ST_CKPT_CHUNK_BYTES of float32, capped at the
+ * dataset (a row longer than the target is one block row). */
 #define ST_CKPT_CHUNK_BYTES (1u << 20)
 void st_ckpt_chunk_shape(int ndim, const int64_t shape[2], uint64_t chunk[2]);
 
-/* The flat range [lo, hi) of a replicated /model tensor that `rank` writes: whole chunks, the
- * tensor's chunks split evenly over the ranks, the split rotated by tensor_index so that one-chunk
- * tensors spread over the ranks. Every chunk has exactly one writer (no shared filtered chunk). */
+/* The flat range [lo, hi) of a replicated /model tensor that `rank` writes: whole blocks, the
+ * tensor's blocks split evenly over the ranks, the split rotated by tensor_index so that one-block
+ * tensors spread over the ranks. Every element has exactly one writer. */
 void st_ckpt_model_part(int ndim, const int64_t shape[2], int world, int rank, int tensor_index, uint64_t *lo,
                         uint64_t *hi);
 
@@ -179,7 +180,8 @@ int st_ckpt_load_param(const char *path, const st_model *m, int i, float *dst);
 int st_ckpt_load_optim(MPI_Comm comm, const char *path, const st_model *m, size_t lo, size_t hi, float *m_out,
                        float *v_out, int *param_step);
 
-/* Reads back every dataset of the file (Fletcher32 is checked by HDF5) and recomputes its checksum.
+/* Reads back every dataset of the file (HDF5 checks Fletcher32 in files that have it) and recomputes
+ * its checksum.
  * 0 with *n_tensors set, or ST_ECORRUPT / ST_EFORMAT naming the first bad tensor. */
 int st_ckpt_verify(const char *path, int *n_tensors);
 

@@ -65,8 +65,4 @@ int st_ckpt_prepare(MPI_Comm comm, const char *dir, const st_ckpt_snap *s);
 int st_ckpt_write_prepared(MPI_Comm comm, const char *dir, const st_ckpt_snap *s, int keep_last, char *name_out,
                            double *write_seconds);
 
-/* Collective over the writer's communicator: every tensor's three whole-tensor checksums into
- * sums[3 * n] (model, exp_avg, exp_avg_sq), from the snapshot's data. */
-int st_ckpt_snap_sums(MPI_Comm comm, const st_ckpt_snap *s, uint64_t *sums);
-
 #endif

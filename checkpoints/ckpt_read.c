@@ -171,7 +171,8 @@ static hid_t open_tensor(hid_t f, const char *name, int ndim, const int64_t *sha
     return d;
 }
 
-/* Reads the flat range [a, b) into out[0..b-a). Fletcher32 failures become ST_ECORRUPT. A range
+/* Reads the flat range [a, b) into out[0..b-a). Read failures (Fletcher32 in older files, a range past
+ * the end of a truncated file) become ST_ECORRUPT. A range
  * that is not whole rows goes through a window of whole rows (st_ckpt_select_range says why). */
 static int read_range(hid_t d, int ndim, const int64_t *shape, uint64_t a, uint64_t b, float *out, const char *name,
                       const char *path) {

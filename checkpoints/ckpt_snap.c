@@ -80,7 +80,7 @@ static size_t plan(st_ckpt_snap *s, const st_model *m, const st_optim *o, uint64
 }
 
 /* Copies (or points at) the data of every range. Only the checksums of the tensors left out (the frozen
- * base under adapters: not copied) are summed here; the others are the write's work (st_ckpt_snap_sums),
+ * base under adapters: not copied) are summed here; the others are the write's work (ckpt_write.c, each range just before it is written),
  * off the training's critical path. */
 static void fill(st_ckpt_snap *s, const st_model *m, const st_optim *o, int borrow) {
     const st_backend *be = m->be;
@@ -143,19 +143,6 @@ static int sum_base(st_ckpt_snap *s, const st_model *m, MPI_Comm comm) {
         if (s->p[i].skip) s->p[i].sum_w = sums[3 * i];
     s->adapter_base_checksum = st_ckpt_base_checksum(m, sums, 3);
     free(sums);
-    return 0;
-}
-
-int st_ckpt_snap_sums(MPI_Comm comm, const st_ckpt_snap *s, uint64_t *sums) {
-    for (int i = 0; i < s->n; i++) {
-        const st_ckpt_snap_param *q = &s->p[i];
-        sums[3 * i] = q->skip ? 0 : st_ckpt_checksum(q->w, q->ma, q->mb - q->ma);
-        sums[3 * i + 1] = q->trainable ? st_ckpt_checksum(q->m, q->oa, q->ob - q->oa) : 0;
-        sums[3 * i + 2] = q->trainable ? st_ckpt_checksum(q->v, q->oa, q->ob - q->oa) : 0;
-    }
-    MPI_Allreduce(MPI_IN_PLACE, sums, 3 * s->n, MPI_UINT64_T, MPI_SUM, comm);
-    for (int i = 0; i < s->n; i++)
-        if (s->p[i].skip) sums[3 * i] = s->p[i].sum_w; /* summed at the snapshot */
     return 0;
 }
 

@@ -1,18 +1,20 @@
-/* ckpt_write.c — collective parallel-HDF5 checkpoint writer (see ckpt.h, docs/checkpoint-format.md).
+/* ckpt_write.c — parallel-HDF5 checkpoint writer (see ckpt.h, docs/checkpoint-format.md).
  *
- * Every rank calls every HDF5 function in the same order with the same arguments (metadata is
- * collective); each rank's dataset selection is only the elements it owns, possibly empty, because
- * filtered (Fletcher32) parallel writes must be collective. After every dataset the ranks agree on
- * success, so a write that failed on one aggregator (disk full) ends the save on all ranks together.
+ * Every rank calls every HDF5 metadata function in the same order with the same arguments (metadata
+ * operations and the flush at close are collective); the data goes out with independent transfers,
+ * each rank writing only the ranges it owns of contiguous, unfiltered datasets, summing each range's
+ * checksum just before writing it. The ranks synchronise a handful of times per file (file created,
+ * groups, after the data, the one checksum reduction, close), not per dataset: a rank whose write
+ * failed keeps making the same metadata calls with nothing written, so nobody waits in a collective
+ * the others skipped, and the agreement after the data ends the save on all ranks together.
  * Host staging buffers are allocated here and freed before returning.
  *
- * Where the time went (bench/ckpt_bench, 85 MB, 2 ranks; numbers in its header): HDF5 walking
- * every element to map a 1-D memory space onto 2-D chunks (fixed in ckpt_select.c), then the number
- * of synchronisation points per dataset on a busy machine. Hence: /model is written in whole chunks
- * (no chunk shared between ranks, nothing to redistribute); one linked-chunk I/O per dataset; the
- * bytes themselves go out with independent MPI-IO calls inside the collective H5Dwrite (each rank's
- * chunks are already contiguous runs, two-phase collective buffering only shuffled them between
- * ranks); metadata is written collectively at close instead of by rank 0 between barriers. */
+ * Where the time went (bench/ckpt_bench, 85 MB; numbers in its header and bench/RESULTS.md): HDF5
+ * walking every element to map a 1-D memory space onto 2-D chunks (fixed in ckpt_select.c), then the
+ * synchronisation points per dataset on a busy machine (two or three collectives per dataset, ~120
+ * datasets), then the Fletcher32 filter (its byte-wise sum inside HDF5 plus a copy of every chunk: ~70%
+ * of a 1-rank save, 2026-12-06) and the separate checksum pass over the data. Hence no filter, no
+ * chunking, independent transfers, the checksum in the write's pass. */
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -76,7 +78,7 @@ static int attr_str(hid_t obj, const char *name, const char *s) {
 typedef struct {
     MPI_Comm comm;
     int rank, world;
-    hid_t file, dxpl;
+    hid_t file;
     const char *path;
 } writer;
 
@@ -108,46 +110,51 @@ static const float *write_window(const float *data, size_t count, size_t lead, s
     return *bounce;
 }
 
-/* Writes the flat range [a, b) (data[0] = element a) of a float32 dataset `name` under `group`, with
- * its checksum attribute (the whole tensor's, already summed over ranks) and an optional step. */
-static int write_tensor(writer *w, hid_t group, const char *name, const char *label, int ndim,
-                        const int64_t shape[2], const float *data, uint64_t a, uint64_t b, uint64_t checksum,
-                        int64_t step_attr, int hf_transposed) {
+/* One dataset being written: its handle, kept open until the checksums are summed across ranks. */
+typedef struct {
+    hid_t ds;
+    uint64_t sum; /* this rank's part of the tensor's checksum */
+    char label[160];
+} dataset_out;
+
+/* Creates float32 dataset `name` under `group` (contiguous, no filter: the per-tensor checksum is the
+ * integrity check, see docs/checkpoint-format.md), with its step / hf_transposed attributes, and writes
+ * the flat range [a, b) of it (data[0] = element a) with an independent transfer. out->sum is this rank's
+ * checksum of that range, taken just before the write (the data is then in cache for the copy into the
+ * page cache: one pass from memory). A local failure is returned but leaves every later metadata call
+ * in place, so the ranks' collective metadata operations stay in step (see write_file). */
+static int write_tensor(writer *w, hid_t group, const char *name, int ndim,
+                        const int64_t shape[2], const float *data, uint64_t a, uint64_t b, int64_t step_attr,
+                        int hf_transposed, int failed, dataset_out *out) {
     hsize_t dims[2] = {(hsize_t)shape[0], ndim == 2 ? (hsize_t)shape[1] : 1};
-    uint64_t chunk[2];
-    st_ckpt_chunk_shape(ndim, shape, chunk);
     int rc = 0;
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
-    H5Pset_chunk(dcpl, ndim, (const hsize_t *)chunk);
-    H5Pset_fletcher32(dcpl);
+    H5Pset_layout(dcpl, H5D_CONTIGUOUS);
     H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY);
     H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER);
     hid_t fs = H5Screate_simple(ndim, dims, NULL);
-    hid_t ds = H5Dcreate2(group, name, H5T_IEEE_F32LE, fs, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    const char *label = out->label;
+    out->sum = 0;
+    out->ds = H5Dcreate2(group, name, H5T_IEEE_F32LE, fs, H5P_DEFAULT, dcpl, H5P_DEFAULT);
     H5Pclose(dcpl);
-    if (ds < 0) rc = st_fail(ST_EIO, "checkpoint %s: cannot create dataset %s: %s", w->path, label, st_ckpt_h5_reason());
-    if (!rc) {
-        size_t lead, window, count = b > a ? b - a : 0;
+    if (out->ds < 0) rc = st_fail(ST_EIO, "checkpoint %s: cannot create dataset %s: %s", w->path, label, st_ckpt_h5_reason());
+    if (!rc && step_attr >= 0 && attr_i64(out->ds, "step", step_attr)) rc = st_fail(ST_EIO, "checkpoint %s: attribute of %s", w->path, label);
+    if (!rc && hf_transposed && attr_i64(out->ds, "hf_transposed", 1)) rc = st_fail(ST_EIO, "checkpoint %s: attribute of %s", w->path, label);
+    size_t count = b > a ? b - a : 0;
+    if (!rc && !failed && count) {
+        size_t lead, window;
+        out->sum = st_ckpt_checksum(data, a, count);
         hid_t ms = st_ckpt_select_range(fs, ndim, shape, a, b, &lead, &window);
         float *bounce;
         const float *src = write_window(data, count, lead, window, &bounce);
-        if (!src) { /* still take part in the collective write, with nothing selected */
-            rc = st_fail(ST_ENOMEM, "checkpoint %s: out of memory writing %s", w->path, label);
-            H5Sclose(ms);
-            ms = st_ckpt_select_range(fs, ndim, shape, 0, 0, &lead, &window);
-            src = write_window(data, 0, 0, 0, &bounce);
-        }
-        if (H5Dwrite(ds, H5T_NATIVE_FLOAT, ms, fs, w->dxpl, src) < 0 && !rc)
+        if (!src) rc = st_fail(ST_ENOMEM, "checkpoint %s: out of memory writing %s", w->path, label);
+        else if (H5Dwrite(out->ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, src) < 0)
             rc = st_fail(ST_EIO, "checkpoint %s: writing %s failed: %s", w->path, label, st_ckpt_h5_reason());
         free(bounce);
         H5Sclose(ms);
     }
-    if (!rc && attr_u64(ds, "checksum", checksum)) rc = st_fail(ST_EIO, "checkpoint %s: attribute of %s", w->path, label);
-    if (!rc && step_attr >= 0 && attr_i64(ds, "step", step_attr)) rc = st_fail(ST_EIO, "checkpoint %s: attribute of %s", w->path, label);
-    if (!rc && hf_transposed && attr_i64(ds, "hf_transposed", 1)) rc = st_fail(ST_EIO, "checkpoint %s: attribute of %s", w->path, label);
     H5Sclose(fs);
-    if (ds >= 0) H5Dclose(ds);
-    return agree(w, rc);
+    return rc;
 }
 
 /* ---------------- root attributes ---------------- */
@@ -183,47 +190,76 @@ static int write_root(writer *w, const st_ckpt_meta *meta, int world) {
 
 /* ---------------- the file ---------------- */
 
-static int write_file(writer *w, const st_ckpt_snap *s, const uint64_t *sums) {
+/* Every /model and /optim dataset of the snapshot, in registry order; returns the first local failure.
+ * After one, this rank still makes every later metadata call (with nothing written), so the collective
+ * metadata of all ranks stays in step until the one agreement that follows. */
+static int write_tensors(writer *w, const st_ckpt_snap *s, hid_t gm, hid_t go, dataset_out *out) {
+    int rc = 0, e;
+    for (int i = 0; i < s->n; i++) {
+        const st_ckpt_snap_param *p = &s->p[i];
+        dataset_out *o = &out[3 * i];
+        if (p->skip) continue; /* the frozen base: only its checksum is kept */
+        snprintf(o[0].label, sizeof o[0].label, "model/%s", p->name);
+        snprintf(o[1].label, sizeof o[1].label, "optim/%s/exp_avg", p->name);
+        snprintf(o[2].label, sizeof o[2].label, "optim/%s/exp_avg_sq", p->name);
+        e = write_tensor(w, gm, p->name, p->ndim, p->shape, p->w, p->ma, p->mb, -1, p->transposed, rc, &o[0]);
+        rc = rc ? rc : e;
+        if (!p->trainable) continue;
+        hid_t g = H5Gcreate2(go, p->name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+        if (g < 0 && !rc) rc = st_fail(ST_EIO, "checkpoint %s: cannot create group optim/%s", w->path, p->name);
+        e = write_tensor(w, g, "exp_avg", p->ndim, p->shape, p->m, p->oa, p->ob, p->step, 0, rc, &o[1]);
+        rc = rc ? rc : e;
+        e = write_tensor(w, g, "exp_avg_sq", p->ndim, p->shape, p->v, p->oa, p->ob, p->step, 0, rc, &o[2]);
+        rc = rc ? rc : e;
+        if (g >= 0) H5Gclose(g);
+    }
+    return rc;
+}
+
+/* The whole tensors' checksums (one reduction of every rank's parts), as each dataset's attribute. */
+static int write_checksums(writer *w, const st_ckpt_snap *s, dataset_out *out) {
+    size_t n = 3 * (size_t)s->n;
+    uint64_t *sums = malloc((n + 1) * sizeof *sums);
+    int rc = agree(w, sums ? 0 : st_fail(ST_ENOMEM, "out of memory writing a checkpoint"));
+    if (rc) { free(sums); return rc; }
+    for (size_t k = 0; k < n; k++) sums[k] = out[k].sum;
+    MPI_Allreduce(MPI_IN_PLACE, sums, (int)n, MPI_UINT64_T, MPI_SUM, w->comm);
+    for (size_t k = 0; k < n; k++)
+        if (out[k].ds > 0 && !rc && attr_u64(out[k].ds, "checksum", sums[k]))
+            rc = st_fail(ST_EIO, "checkpoint %s: checksum attribute of %s: %s", w->path, out[k].label, st_ckpt_h5_reason());
+    free(sums);
+    return rc;
+}
+
+static int write_file(writer *w, const st_ckpt_snap *s) {
+    dataset_out *out = calloc(3 * (size_t)s->n + 1, sizeof *out);
+    int rc = agree(w, out ? 0 : st_fail(ST_ENOMEM, "out of memory writing a checkpoint"));
+    if (rc) { free(out); return rc; }
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
     H5Pset_fapl_mpio(fapl, w->comm, MPI_INFO_NULL);
     /* every rank makes every metadata call anyway: let HDF5 treat them (and the flush) as collective */
     H5Pset_all_coll_metadata_ops(fapl, 1);
     H5Pset_coll_metadata_write(fapl, 1);
+    /* metadata packed into 1 MiB blocks; tensor data starts on 4 KiB pages (whole-page writes) */
+    H5Pset_meta_block_size(fapl, 1 << 20);
+    H5Pset_alignment(fapl, 1 << 16, 1 << 12);
     w->file = H5Fcreate(w->path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
     H5Pclose(fapl);
-    int rc = w->file < 0 ? st_fail(ST_EIO, "checkpoint %s: cannot create: %s", w->path, st_ckpt_h5_reason()) : 0;
-    if ((rc = agree(w, rc))) return rc;
-    w->dxpl = H5Pcreate(H5P_DATASET_XFER);
-    H5Pset_dxpl_mpio(w->dxpl, H5FD_MPIO_COLLECTIVE); /* required for filtered datasets */
-    H5Pset_dxpl_mpio_chunk_opt(w->dxpl, H5FD_MPIO_CHUNK_ONE_IO);
-    H5Pset_dxpl_mpio_collective_opt(w->dxpl, H5FD_MPIO_INDIVIDUAL_IO);
-    rc = agree(w, write_root(w, &s->meta, w->world));
+    rc = w->file < 0 ? st_fail(ST_EIO, "checkpoint %s: cannot create: %s", w->path, st_ckpt_h5_reason()) : 0;
+    if ((rc = agree(w, rc))) { free(out); return rc; }
+    rc = write_root(w, &s->meta, w->world);
+    if (!rc && s->adapters && attr_u64(w->file, "adapter_base_checksum", s->adapter_base_checksum))
+        rc = st_fail(ST_EIO, "checkpoint %s: writing adapter_base_checksum failed: %s", w->path, st_ckpt_h5_reason());
     hid_t gm = H5Gcreate2(w->file, "model", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     hid_t go = H5Gcreate2(w->file, "optim", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     if (!rc && (gm < 0 || go < 0)) rc = st_fail(ST_EIO, "checkpoint %s: cannot create groups: %s", w->path, st_ckpt_h5_reason());
-    rc = rc ? rc : agree(w, rc);
-    char label[160];
-    if (!rc && s->adapters && attr_u64(w->file, "adapter_base_checksum", s->adapter_base_checksum))
-        rc = st_fail(ST_EIO, "checkpoint %s: writing adapter_base_checksum failed: %s", w->path, st_ckpt_h5_reason());
-    rc = rc ? rc : agree(w, rc);
-    for (int i = 0; !rc && i < s->n; i++) {
-        const st_ckpt_snap_param *p = &s->p[i];
-        if (p->skip) continue; /* the frozen base: only its checksum is kept */
-        snprintf(label, sizeof label, "model/%s", p->name);
-        rc = write_tensor(w, gm, p->name, label, p->ndim, p->shape, p->w, p->ma, p->mb, sums[3 * i], -1, p->transposed);
-        if (rc || !p->trainable) continue;
-        hid_t g = H5Gcreate2(go, p->name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        rc = agree(w, g < 0 ? st_fail(ST_EIO, "checkpoint %s: cannot create group optim/%s", w->path, p->name) : 0);
-        if (rc) { if (g >= 0) H5Gclose(g); break; }
-        snprintf(label, sizeof label, "optim/%s/exp_avg", p->name);
-        rc = write_tensor(w, g, "exp_avg", label, p->ndim, p->shape, p->m, p->oa, p->ob, sums[3 * i + 1], p->step, 0);
-        snprintf(label, sizeof label, "optim/%s/exp_avg_sq", p->name);
-        if (!rc) rc = write_tensor(w, g, "exp_avg_sq", label, p->ndim, p->shape, p->v, p->oa, p->ob, sums[3 * i + 2], p->step, 0);
-        H5Gclose(g);
-    }
+    if ((rc = agree(w, rc)) == 0) rc = agree(w, write_tensors(w, s, gm, go, out));
+    if (!rc) rc = agree(w, write_checksums(w, s, out));
+    for (int k = 0; k < 3 * s->n; k++)
+        if (out[k].ds > 0) H5Dclose(out[k].ds);
+    free(out);
     if (gm >= 0) H5Gclose(gm);
     if (go >= 0) H5Gclose(go);
-    H5Pclose(w->dxpl);
     herr_t closed = H5Fclose(w->file);
     if (!rc && closed < 0) rc = st_fail(ST_EIO, "checkpoint %s: closing failed: %s", w->path, st_ckpt_h5_reason());
     return agree(w, rc);
@@ -302,11 +338,7 @@ int st_ckpt_write_prepared(MPI_Comm comm, const char *dir, const st_ckpt_snap *s
     char name[ST_CKPT_NAME_MAX], path[1200], partial[1300];
     paths(dir, s, name, path, sizeof path, partial, sizeof partial);
     w.path = partial;
-    uint64_t *sums = calloc(3 * (size_t)s->n + 1, sizeof(uint64_t));
-    int rc = sums ? 0 : st_fail(ST_ENOMEM, "out of memory writing a checkpoint");
-    if (!(rc = agree(&w, rc))) rc = st_ckpt_snap_sums(comm, s, sums);
-    if (!rc) rc = write_file(&w, s, sums);
-    free(sums);
+    int rc = write_file(&w, s);
     if (!rc) test_delay();
     if (w.rank == 0) {
         if (!rc) rc = st_ckpt_commit_file(dir, partial, path);

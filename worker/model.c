@@ -410,11 +410,20 @@ static int qkv_dim(const st_model_config *c) { return (c->n_head + 2 * c->n_kv_h
  * (dW[V,C] += dlogits^T @ x) streams all of dW through memory with only `rows` of inner dimension,
  * so small chunks cost both GEMM efficiency and V*C read-modify-write traffic per chunk. ~64 MB of
  * logits per chunk measured ~10% faster on the head than 16 MB (GPT-2 V=50257, B*T=1024); chunks are
- * equal-sized (multiples of 16 rows) so no tiny tail chunk. */
+ * equal-sized (multiples of 16 rows) so no tiny tail chunk. On host memory (the CPU backend) with a
+ * vocabulary of at most 32768, chunks hold up to ~256 MB: Llama-small (V = 32000, B*T = 1024) then runs
+ * its head as one chunk of 1024 rows instead of two of 512 (dW streamed once, twice the rows per thread
+ * in dlogits @ W) and its step was faster in 3 of 3 interleaved runs; GPT-2's V = 50257 was slower with
+ * 512- or 1024-row chunks than with 256 in 3 of 4 (probably: its 51 MB chunk nearly fits the 48 MB L3 the next GEMM
+ * reads it from), so it keeps the 64 MB chunk (2026-12-06, bench/RESULTS.md). Device memory keeps it too. */
 #define ST_HEAD_CHUNK_FLOATS (1L << 24)
+#define ST_HEAD_CHUNK_FLOATS_HOST (1L << 26)
+#define ST_HEAD_CHUNK_HOST_MAX_VOCAB 32768
 static int head_chunk_rows(const st_model *m) {
     int N = m->B * m->T;
-    long rows = ST_HEAD_CHUNK_FLOATS / m->cfg.vocab;
+    int host = m->be ? m->be->host_memory : !m->sizing_device; /* no backend: registry-only sizing */
+    int big = host && m->cfg.vocab <= ST_HEAD_CHUNK_HOST_MAX_VOCAB;
+    long rows = (big ? ST_HEAD_CHUNK_FLOATS_HOST : ST_HEAD_CHUNK_FLOATS) / m->cfg.vocab;
     if (rows < 128) rows = 128;
     if (rows >= N) return N;
     long chunks = (N + rows - 1) / rows;

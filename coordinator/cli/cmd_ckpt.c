@@ -1,9 +1,9 @@
 /* cmd_ckpt.c — `shardtune ckpt inspect PATH` and `shardtune ckpt verify PATH`.
  *
  * PATH is a checkpoint file or a checkpoint directory (its `latest`). inspect prints the root
- * attributes and one row per tensor (shape, stored bytes); verify reads every dataset back
- * (HDF5 checks Fletcher32, we recompute the checksum attribute) and prints "ok: N tensors" or one
- * line naming the first bad tensor (exit 1). Format: docs/checkpoint-format.md. */
+ * attributes and one row per tensor (shape, stored bytes); verify reads every dataset back (HDF5
+ * checks Fletcher32 in files written before 2026-12-06) and recomputes its checksum attribute, and
+ * prints "ok: N tensors" or one line naming the first bad tensor (exit 1). Format: docs/checkpoint-format.md. */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>

@@ -418,6 +418,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
     r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
+    size_t transient = 0; /* stage 2 on host memory: gradients given back once a backward ends */
     if (zero == 2) { /* comm.c: stage 2 gathers in place when the compact space is the weight space */
         int in_place = sp->n_trainable == m->n_weights;
         for (int i = 0; i < m->n_params && in_place; i++) in_place = goff[i] == (long)m->params[i].offset;
@@ -429,6 +430,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
             size_t live = zero2_working_floats(m, goff, bf, c->sharding.overlap, &biggest);
             size_t recv = c->train.grad_accum > 1 ? (biggest < sp->shard ? biggest : sp->shard) : 0;
             r->grads = (sp->shard + live + ST_S2_INFLIGHT * recv) * sizeof(float);
+            transient = (live + ST_S2_INFLIGHT * recv) * sizeof(float);
         }
     }
     /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
@@ -465,8 +467,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         size_t written = m->lora || m->prompt ? m->n_weights - m->n_base_weights : m->n_weights;
         snap = ((written + (size_t)world - 1) / (size_t)world + 2 * sp->shard) * sizeof(float);
     }
+    /* with periodic saves the snapshot stays beside every later step; a run whose one save is its last
+     * (end, signal, ctl stop) holds it only then, beside the state between steps (late) */
+    int periodic = c->checkpoint.every_steps > 0 && (c->train.steps <= 0 || c->checkpoint.every_steps < c->train.steps);
+    size_t late = 0;
     if (c->backend == ST_BACKEND_CUDA) r->host_snapshot = snap; /* host memory beside the device's */
-    else r->buffers += snap;
+    else if (periodic) r->buffers += snap;
+    else late = snap;
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group (and the next one
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */
@@ -517,14 +524,14 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         else r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf + teacher;
         /* final/: one tensor gathered at a time on rank 0 (the others serve their parts); adapters: gathered
          * whole on every rank (st_trainer_save_final) */
-        r->at_save = idle + (adapters ? (n - (hi - lo)) * sizeof(float) : 0) + copies;
+        r->at_save = idle + (adapters ? (n - (hi - lo)) * sizeof(float) : 0) + copies + late;
         /* a checkpoint gathers one tensor at a time for its checksum (ckpt_write.c): of an adapter mode,
          * the adapters only */
         size_t ck = largest;
         if (adapters)
             for (int i = st_model_base_params(m), first = 1; i < m->n_params; i++, first = 0)
                 ck = first || m->params[i].numel > ck ? m->params[i].numel : ck;
-        r->at_ckpt = idle + ck * sizeof(float) + (adapters ? (ck / (size_t)world + 1) * sizeof(float) : bounce);
+        r->at_ckpt = idle + ck * sizeof(float) + (adapters ? (ck / (size_t)world + 1) * sizeof(float) : bounce) + late;
         /* resume (train_ckpt.c): full / frozen: the parts and one tensor read, the moments read in place (CPU
          * ranks); else the whole weights (the base checked a tensor at a time) and the moments' host copy */
         r->at_resume = idle + (streams(c) && !adapters ? (frozen + hi - lo + largest) * sizeof(float)
@@ -532,13 +539,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
-    r->at_save = r->total + copies;
+    r->at_save = r->total - transient + copies + late;
     /* load (before the trainable set exists): the weights as read, a tensor at a time (no host copy);
      * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
     r->at_load = m->n_weights * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
     /* QLoRA: quantized while read (train.c load_quantized), the layout's buffers from the start */
     if (c->finetune.mode == ST_FINETUNE_QLORA) r->at_load = stepbuf + qload + teacher;
-    r->at_ckpt = r->total + bounce;
+    r->at_ckpt = r->total - transient + bounce + late;
     /* resume: a host image of the weights, of which the fp32 part is written (QLoRA: not below n_w16) */
     r->at_resume = r->total + q32 * sizeof(float) + 2 * range * sizeof(float);
     (void)world;

@@ -241,6 +241,12 @@ struct st_backend {
     void (*embedding_pos_fwd)(float *out, const int32_t *tokens, const float *wte, const float *wpe,
                               const int32_t *pos, int b, int t, int c);
     void (*embedding_pos_bwd)(float *dwpe, const float *dout, const int32_t *pos, int b, int t, int c);
+    /* A column block of a row-major matrix (a packed q/k/v or gate/up site's LoRA adapter, worker/lora.c):
+     * dst[i * ldd + j] = src[i * lds + j] (accumulate 0) or dst[i * ldd + j] += src[i * lds + j] (1),
+     * i < rows, j < cols; both pointers are device memory, already offset to the block's first column. */
+    void (*copy_cols)(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate);
+    /* x[i] += v, i < n (QLoRA's double-quantized scales: their mean added back, worker/qlora.c). */
+    void (*add_scalar)(float *x, float v, size_t n);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

@@ -16,7 +16,9 @@
  * bf16-rounded input the base matmul reads (as LoRA under bf16).
  * A packed site (Llama q/k/v, gate/up) writes and reads a column
  * block of a wider row-major matrix: the backend has no strided matmul, so such an adapter goes through a
- * contiguous scratch tensor copied with host loops (CPU backend only for now). */
+ * contiguous scratch tensor copied by the backend's copy_cols. The working memory is backend memory, so
+ * plain LoRA (and QLoRA's adapters) run on a device backend; DoRA and LoRA dropout still use host loops
+ * over it (the norms, the mask) and are refused there by name (check_spec). */
 #include "worker/lora.h"
 
 #include <math.h>
@@ -64,6 +66,7 @@ struct st_lora {
     float *xd;          /* [rows * max_in] the dropped input (forward) / du @ A (backward) */
     int max_in;
     float *wf;          /* DoRA under bf16: [max_w] an adapted weight's bf16 copy widened to fp32 */
+    const st_backend *be; /* the backend the working memory (u .. xd, wf) came from; NULL before any */
 };
 
 unsigned st_lora_target_bit(const char *name) {
@@ -117,8 +120,11 @@ static int check_spec(const st_model *m, const st_lora_spec *s) {
     if (m->lora) return st_fail(ST_EINVAL, "the model already has LoRA adapters");
     if (m->weights_bf16) /* the bf16 copy is sized for the weights before the adapters */
         return st_fail(ST_EINVAL, "LoRA adapters must be attached before precision bf16 is set");
-    if (m->be && !m->be->host_memory)
-        return st_fail(ST_ECONFIG, "finetune.mode lora runs on the cpu backend only for now (%s backend)", m->be->name);
+    if (m->be && !m->be->host_memory && s->dora)
+        return st_fail(ST_ECONFIG, "finetune.lora.dora runs on the cpu backend only for now (%s backend)", m->be->name);
+    if (m->be && !m->be->host_memory && s->dropout > 0)
+        return st_fail(ST_ECONFIG, "finetune.lora.dropout > 0 runs on the cpu backend only for now (%s backend)",
+                       m->be->name);
     return 0;
 }
 
@@ -292,19 +298,27 @@ int st_lora_attach(st_model *m, const st_lora_spec *s) {
     return 0;
 }
 
+/* The working memory: backend memory (+1 float: never a zero-size allocation). */
+static float *work_alloc(const st_backend *be, size_t floats) { return be->alloc((floats + 1) * sizeof(float)); }
+static void work_free(const st_backend *be, float **p) {
+    if (*p) be->free(*p);
+    *p = NULL;
+}
+
+static void free_rows(st_lora *l) {
+    float **bufs[] = {&l->u, &l->tmp, &l->du, &l->z, &l->c, &l->inv_n, &l->base, &l->ba, &l->xd};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) work_free(l->be, bufs[i]);
+    free(l->zoff);
+    l->zoff = NULL;
+    l->rows = 0;
+}
+
 void st_lora_free(st_lora *l) {
     if (!l) return;
-    free(l->u); /* host memory (the CPU backend only, see check_spec) */
-    free(l->tmp);
-    free(l->du);
-    free(l->z);
-    free(l->zoff);
-    free(l->c);
-    free(l->inv_n);
-    free(l->base);
-    free(l->ba);
-    free(l->xd);
-    free(l->wf);
+    if (l->be) {
+        free_rows(l);
+        work_free(l->be, &l->wf);
+    }
     free(l->ad);
     free(l->layer_first);
     free(l->layers);
@@ -364,38 +378,36 @@ size_t st_lora_bf16_work_floats(const st_model *m) {
     return m->lora && m->lora->spec.dora ? m->lora->max_w : 0;
 }
 
-/* Working memory for N rows (host memory: the CPU backend). */
-static int ensure_rows(st_lora *lo, size_t N) {
-    if (lo->rows == N) return 0;
-    free(lo->u); free(lo->tmp); free(lo->du); free(lo->z); free(lo->zoff); free(lo->c); free(lo->inv_n);
-    free(lo->base); free(lo->ba); free(lo->xd);
-    lo->z = lo->c = lo->inv_n = lo->base = lo->ba = lo->xd = NULL;
-    lo->zoff = NULL;
-    lo->u = malloc((size_t)lo->n * N * lo->r * sizeof(float) + 1);
-    lo->tmp = malloc(N * (size_t)lo->max_out * sizeof(float) + 1);
-    lo->du = malloc(N * (size_t)lo->r * sizeof(float) + 1);
+/* Working memory for N rows (backend memory; zoff, an index table, is host memory). */
+static int ensure_rows(const st_backend *be, st_lora *lo, size_t N) {
+    if (lo->rows == N && lo->be == be) return 0;
+    if (lo->be) free_rows(lo);
+    lo->be = be;
+    lo->u = work_alloc(be, (size_t)lo->n * N * lo->r);
+    lo->tmp = work_alloc(be, N * (size_t)lo->max_out);
+    lo->du = work_alloc(be, N * (size_t)lo->r);
     int bad = !lo->u || !lo->tmp || !lo->du;
     if (!bad && lo->spec.dropout > 0) {
         for (int k = 0; k < lo->n; k++) lo->max_in = lo->ad[k].in > lo->max_in ? lo->ad[k].in : lo->max_in;
-        lo->xd = malloc(N * (size_t)lo->max_in * sizeof(float) + 1);
+        lo->xd = work_alloc(be, N * (size_t)lo->max_in);
         bad = !lo->xd;
     }
     if (!bad && lo->spec.dora) {
         size_t zn = 0;
         lo->zoff = malloc((size_t)lo->n * sizeof *lo->zoff + 1);
         for (int k = 0; lo->zoff && k < lo->n; k++) { lo->zoff[k] = zn; zn += N * (size_t)lo->ad[k].out; }
-        lo->z = malloc(zn * sizeof(float) + 1);
-        lo->c = malloc((size_t)lo->n * lo->max_out * sizeof(float) + 1);
-        lo->inv_n = malloc((size_t)lo->n * lo->max_out * sizeof(float) + 1);
-        lo->base = malloc(N * (size_t)lo->max_out * sizeof(float) + 1);
-        lo->ba = malloc(lo->max_w * sizeof(float) + 1);
+        lo->z = work_alloc(be, zn);
+        lo->c = work_alloc(be, (size_t)lo->n * lo->max_out);
+        lo->inv_n = work_alloc(be, (size_t)lo->n * lo->max_out);
+        lo->base = work_alloc(be, N * (size_t)lo->max_out);
+        lo->ba = work_alloc(be, lo->max_w);
         bad = !lo->zoff || !lo->z || !lo->c || !lo->inv_n || !lo->base || !lo->ba;
     }
     lo->rows = bad ? 0 : N;
     return bad ? st_fail(ST_ENOMEM, "out of memory for LoRA activations (%zu rows)", N) : 0;
 }
 
-int st_lora_reserve(st_model *m, size_t rows) { return m->lora ? ensure_rows(m->lora, rows) : 0; }
+int st_lora_reserve(st_model *m, size_t rows) { return m->lora ? ensure_rows(m->be, m->lora, rows) : 0; }
 
 /* Whether the adapter covers whole rows of its site's output (no strided copy needed). */
 static int contiguous(const adapter *a, int ystride) { return a->col0 == 0 && a->out == ystride; }
@@ -460,6 +472,9 @@ int st_lora_set_dropout(st_model *m, double p, uint64_t seed) {
     st_lora *lo = m->lora;
     if (!lo) return st_fail(ST_EINVAL, "the model has no LoRA adapters");
     if (!(p >= 0 && p < 1)) return st_fail(ST_ECONFIG, "finetune.lora.dropout must be in [0, 1), got %g", p);
+    if (m->be && !m->be->host_memory && p > 0)
+        return st_fail(ST_ECONFIG, "finetune.lora.dropout > 0 runs on the cpu backend only for now (%s backend)",
+                       m->be->name);
     lo->spec.dropout = p;
     lo->spec.seed = seed;
     lo->rows = 0; /* the next forward sizes the working memory again (with the dropout buffer) */
@@ -525,9 +540,9 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
     st_lora *lo = m->lora;
     const st_backend *be = m->be;
     size_t N = (size_t)m->B * m->T;
-    int rc = ensure_rows(lo, N);
+    int rc = ensure_rows(be, lo, N);
     if (rc) return rc;
-    if (lo->spec.dora && m->weights_bf16 && !lo->wf && !(lo->wf = malloc(lo->max_w * sizeof(float) + 1)))
+    if (lo->spec.dora && m->weights_bf16 && !lo->wf && !(lo->wf = work_alloc(be, lo->max_w)))
         return st_fail(ST_ENOMEM, "out of memory for DoRA under bf16 (%zu floats)", lo->max_w);
     for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
         const adapter *a = &lo->ad[k];
@@ -545,11 +560,7 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
             continue;
         }
         be->matmul(lo->tmp, u, B, (int)N, a->out, lo->r, 0, 1, lo->scale, 0.0f);
-        for (size_t i = 0; i < N; i++) {
-            float *yr = y + i * ystride + a->col0;
-            const float *t = lo->tmp + i * a->out;
-            for (int j = 0; j < a->out; j++) yr[j] += t[j];
-        }
+        be->copy_cols(y + a->col0, ystride, lo->tmp, a->out, (int)N, a->out, 1);
     }
     return 0;
 }
@@ -589,7 +600,7 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
         const float *A = m->weights + pa->offset, *B = m->weights + pb->offset;
         const float *u = lo->u + (size_t)k * N * lo->r, *dyc = dy;
         if (!contiguous(a, ystride) || a->mag >= 0) {
-            for (size_t i = 0; i < N; i++) memcpy(lo->tmp + i * a->out, dy + i * ystride + a->col0, (size_t)a->out * sizeof(float));
+            be->copy_cols(lo->tmp, a->out, dy + a->col0, ystride, (int)N, a->out, 0);
             dyc = lo->tmp;
         }
         if (a->mag >= 0) dora_backward(m, k, lo->tmp, lo->drop_on ? NULL : dx); /* lo->tmp becomes dz */
@@ -621,7 +632,7 @@ static int merge_adapter(st_model *m, int k, float *W) {
     const adapter *a = &lo->ad[k];
     const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
     if (a->mag >= 0) {
-        if (!lo->rows && ensure_rows(lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
+        if (!lo->rows && ensure_rows(m->be, lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
         dora_scale(m, k, W); /* the norm of the weight being merged */
     }
     m->be->matmul(W, B, A, a->out, a->in, lo->r, 0, 0, lo->scale, 1.0f); /* W += scale * B @ A */

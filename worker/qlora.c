@@ -30,8 +30,9 @@ struct st_qlora {
     st_qlora_spec spec;
     int n;
     qtensor *t;       /* registry order */
-    float *sbuf;      /* host [max ns]: dequantized scales of the tensor being acquired */
+    float *sbuf;      /* [max ns]: dequantized scales of the tensor being acquired */
     size_t fp32_bytes;
+    const st_backend *dev; /* a device backend: codes, scales, q8, scale2 and sbuf are its memory; else NULL */
 };
 
 static size_t n_blocks(size_t n, int block) { return (n + (size_t)block - 1) / (size_t)block; }
@@ -99,11 +100,36 @@ static void free_tensor(qtensor *t) {
     free(t->scale2);
 }
 
+/* A device backend: the quantized tensor moves to device memory (quantized on the host, as on the CPU). */
+static void *upload(const st_backend *be, void **host, size_t bytes, int *bad) {
+    void *d = *host ? be->alloc(bytes + 1) : NULL;
+    if (d) be->copy_to_device(d, *host, bytes);
+    if (*host && !d) *bad = 1;
+    free(*host);
+    *host = NULL;
+    return d;
+}
+
+static int upload_tensor(const st_backend *be, int nf4, qtensor *t) {
+    int bad = 0;
+    size_t nc = nf4 ? (t->n + 1) / 2 : t->n, n2 = n_blocks(t->ns, DQ_BLOCK);
+    t->codes = upload(be, (void **)&t->codes, nc, &bad);
+    t->scales = upload(be, (void **)&t->scales, t->ns * sizeof(float), &bad);
+    t->q8 = upload(be, (void **)&t->q8, t->ns, &bad);
+    t->scale2 = upload(be, (void **)&t->scale2, n2 * sizeof(float), &bad);
+    return bad ? st_fail(ST_ENOMEM, "out of device memory for the quantized base") : 0;
+}
+
 void st_qlora_free(st_qlora *q) {
     if (!q) return;
-    for (int i = 0; i < q->n; i++) free_tensor(&q->t[i]);
+    for (int i = 0; i < q->n; i++) {
+        if (!q->dev) { free_tensor(&q->t[i]); continue; }
+        void *p[] = {q->t[i].codes, q->t[i].scales, q->t[i].q8, q->t[i].scale2};
+        for (int j = 0; j < 4; j++) if (p[j]) q->dev->free(p[j]);
+    }
     free(q->t);
-    free(q->sbuf);
+    if (q->dev && q->sbuf) q->dev->free(q->sbuf);
+    else free(q->sbuf);
     free(q);
 }
 
@@ -169,9 +195,7 @@ static int compact(st_model *m, const st_qlora *q) {
 }
 
 int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
-    if (!m->be || !m->be->host_memory)
-        return st_fail(ST_ECONFIG, "finetune.mode qlora runs on the cpu backend only for now%s%s%s",
-                       m->be ? " (" : "", m->be ? m->be->name : "", m->be ? " backend)" : "");
+    if (!m->be) return st_fail(ST_EINVAL, "the model has no backend to quantize on");
     if (m->acquire) return st_fail(ST_ECONFIG, "finetune.mode qlora with sharding.stage 3 is not supported yet");
     if (m->weights_bf16) /* the bf16 copy is sized for the fp32 buffer that compact() shrinks */
         return st_fail(ST_EINVAL, "the base must be quantized before precision bf16 is set");
@@ -186,15 +210,19 @@ int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
     if (q && q->t) host = malloc(max_n * sizeof(float) + 1);
     int rc = host ? 0 : st_fail(ST_ENOMEM, "out of memory quantizing the base model");
     if (q) q->spec = *s;
+    if (q && !m->be->host_memory) q->dev = m->be;
     for (int i = 0; !rc && i < st_model_base_params(m); i++) {
         if (!quantizable(&m->params[i])) continue;
         rc = quantize_one(m, s, i, &q->t[q->n], host);
+        if (q->dev && rc) { free_tensor(&q->t[q->n]); memset(&q->t[q->n], 0, sizeof q->t[q->n]); }
+        if (q->dev && !rc) rc = upload_tensor(q->dev, s->quant == ST_QLORA_NF4, &q->t[q->n]);
         q->fp32_bytes += m->params[i].numel * sizeof(float);
         if (q->t[q->n].ns > max_ns) max_ns = q->t[q->n].ns;
         q->n++;
     }
     free(host);
-    if (!rc && !(q->sbuf = malloc(max_ns * sizeof(float) + 1))) rc = st_fail(ST_ENOMEM, "out of memory");
+    if (!rc && !(q->sbuf = q->dev ? q->dev->alloc(max_ns * sizeof(float) + 1) : malloc(max_ns * sizeof(float) + 1)))
+        rc = st_fail(ST_ENOMEM, "out of memory");
     if (!rc) rc = compact(m, q);
     if (rc) { st_qlora_free(q); return rc; }
     m->qlora = q;
@@ -209,9 +237,9 @@ void st_qlora_acquire(const st_model *m, int first, int last) {
         const qtensor *t = &q->t[k];
         if (t->param < first || t->param >= last) continue;
         const float *s = t->scales;
-        if (!s) { /* double quantization: the scales first (host memory: the CPU backend) */
+        if (!s) { /* double quantization: the scales first */
             be->dequant_int8(q->sbuf, t->q8, t->scale2, t->ns, DQ_BLOCK);
-            for (size_t i = 0; i < t->ns; i++) q->sbuf[i] += t->mean;
+            be->add_scalar(q->sbuf, t->mean, t->ns);
             s = q->sbuf;
         }
         float *out = m->weights + m->params[t->param].offset;

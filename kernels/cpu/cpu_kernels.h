@@ -125,6 +125,8 @@ static inline float st_cpu_expf(float x) {
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta);
 void st_cpu_bias_add(float *y, const float *bias, int n, int c);
+void st_cpu_add_scalar(float *x, float v, size_t n);
+void st_cpu_copy_cols(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate);
 void st_cpu_bias_bwd(float *dbias, const float *dy, int n, int c);
 void st_cpu_scale(float *x, float s, size_t n);
 double st_cpu_sumsq(const float *x, size_t n);

@@ -291,6 +291,35 @@ static void cu_bias_add(float *y, const float *bias, int n, int c) {
     ST_CUDA_LAUNCHED("bias_add");
 }
 
+/* a column block of a row-major matrix: dst[i * ldd + j] (+)= src[i * lds + j] (worker/lora.c's packed sites) */
+__global__ void copy_cols_kernel(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate) {
+    size_t total = (size_t)rows * cols;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        size_t i = e / cols, j = e % cols;
+        float v = src[i * lds + j];
+        dst[i * ldd + j] = accumulate ? dst[i * ldd + j] + v : v;
+    }
+}
+
+static void cu_copy_cols(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate) {
+    if (rows <= 0 || cols <= 0) return;
+    size_t total = (size_t)rows * cols;
+    copy_cols_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dst, ldd, src, lds,
+                                                                                                 rows, cols, accumulate);
+    ST_CUDA_LAUNCHED("copy_cols");
+}
+
+__global__ void add_scalar_kernel(float *x, float v, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] += v;
+}
+
+static void cu_add_scalar(float *x, float v, size_t n) {
+    if (!n) return;
+    add_scalar_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(x, v, n);
+    ST_CUDA_LAUNCHED("add_scalar");
+}
+
 static void cu_bias_bwd(float *dbias, const float *dy, int n, int c) {
     if (n <= 0 || c <= 0) return;
     int parts = st_cuda_colsum_partials(n, c, 1, g.scratch_bytes / sizeof(float));
@@ -600,6 +629,8 @@ static const st_backend cuda_backend = {
     .rope_pos_bwd = st_cu_rope_pos_bwd,
     .embedding_pos_fwd = st_cu_embedding_pos_fwd,
     .embedding_pos_bwd = st_cu_embedding_pos_bwd,
+    .copy_cols = cu_copy_cols,
+    .add_scalar = cu_add_scalar,
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

@@ -324,6 +324,26 @@ static void check_bias(void) {
     tick(); C->bias_bwd(db, y, NROWS, CH); tc = tock_cpu();
     report("bias_bwd", dev_err(ddb, db, CH), tg, tc, 1e-5);
     G->free(dy), G->free(dbias), G->free(ddb), free(y), free(bias), free(db);
+    /* copy_cols: a 37-column block at column 11 of a [NROWS, CH] matrix from a [NROWS, 37] one, copied and
+     * accumulated (exact: one add per element) */
+    const int cols = 37, col0 = 11;
+    float *m = hrand(n, 1), *blk = hrand((size_t)NROWS * cols, 1);
+    float *dm = dev_from(m, n * 4), *dblk = dev_from(blk, (size_t)NROWS * cols * 4);
+    for (int acc = 0; acc < 2; acc++) {
+        tick(); G->copy_cols(dm + col0, CH, dblk, cols, NROWS, cols, acc); tg = tock_gpu();
+        tick(); C->copy_cols(m + col0, CH, blk, cols, NROWS, cols, acc); tc = tock_cpu();
+        report(acc ? "copy_cols (accumulate)" : "copy_cols", dev_err(dm, m, n), tg, tc, 0);
+    }
+    tick(); G->copy_cols(dblk, cols, dm + col0, CH, NROWS, cols, 0); tg = tock_gpu();
+    tick(); C->copy_cols(blk, cols, m + col0, CH, NROWS, cols, 0); tc = tock_cpu();
+    report("copy_cols (gather)", dev_err(dblk, blk, (size_t)NROWS * cols), tg, tc, 0);
+    G->free(dm), G->free(dblk), free(m), free(blk);
+    /* add_scalar: one fp32 add per element, exact */
+    float *x = hrand(n, 1), *dx = dev_from(x, n * 4);
+    tick(); G->add_scalar(dx, 0.3125f, n); tg = tock_gpu();
+    tick(); C->add_scalar(x, 0.3125f, n); tc = tock_cpu();
+    report("add_scalar", dev_err(dx, x, n), tg, tc, 0);
+    G->free(dx), free(x);
 }
 
 static void check_elementwise(void) {

@@ -247,6 +247,12 @@ struct st_backend {
     void (*copy_cols)(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate);
     /* x[i] += v, i < n (QLoRA's double-quantized scales: their mean added back, worker/qlora.c). */
     void (*add_scalar)(float *x, float v, size_t n);
+    /* LoRA dropout over adapter k's [rows, in] input x (worker/lora.c): row i's key
+     * rk = mix(mix(key ^ mix((sample0 + i / t) * 0x9e3779b97f4a7c15 + i % t)) ^ k) (mix: splitmix64's
+     * finalizer, uint64 arithmetic), element j kept when mix(rk + j) >= thresh; v = kept ? x * inv : 0;
+     * out = v (add NULL) or add + v (add may be out). */
+    void (*lora_dropout)(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
+                         int64_t sample0, int k, uint64_t thresh, float inv);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

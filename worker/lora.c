@@ -16,9 +16,9 @@
  * bf16-rounded input the base matmul reads (as LoRA under bf16).
  * A packed site (Llama q/k/v, gate/up) writes and reads a column
  * block of a wider row-major matrix: the backend has no strided matmul, so such an adapter goes through a
- * contiguous scratch tensor copied by the backend's copy_cols. The working memory is backend memory, so
- * plain LoRA (and QLoRA's adapters) run on a device backend; DoRA and LoRA dropout still use host loops
- * over it (the norms, the mask) and are refused there by name (check_spec). */
+ * contiguous scratch tensor copied by the backend's copy_cols; the dropout mask is the backend's
+ * lora_dropout. The working memory is backend memory, so LoRA (and QLoRA's adapters) run on a device
+ * backend; DoRA still uses host loops over it (the norms, c * z) and is refused there by name (check_spec). */
 #include "worker/lora.h"
 
 #include <math.h>
@@ -122,9 +122,6 @@ static int check_spec(const st_model *m, const st_lora_spec *s) {
         return st_fail(ST_EINVAL, "LoRA adapters must be attached before precision bf16 is set");
     if (m->be && !m->be->host_memory && s->dora)
         return st_fail(ST_ECONFIG, "finetune.lora.dora runs on the cpu backend only for now (%s backend)", m->be->name);
-    if (m->be && !m->be->host_memory && s->dropout > 0)
-        return st_fail(ST_ECONFIG, "finetune.lora.dropout > 0 runs on the cpu backend only for now (%s backend)",
-                       m->be->name);
     return 0;
 }
 
@@ -472,9 +469,6 @@ int st_lora_set_dropout(st_model *m, double p, uint64_t seed) {
     st_lora *lo = m->lora;
     if (!lo) return st_fail(ST_EINVAL, "the model has no LoRA adapters");
     if (!(p >= 0 && p < 1)) return st_fail(ST_ECONFIG, "finetune.lora.dropout must be in [0, 1), got %g", p);
-    if (m->be && !m->be->host_memory && p > 0)
-        return st_fail(ST_ECONFIG, "finetune.lora.dropout > 0 runs on the cpu backend only for now (%s backend)",
-                       m->be->name);
     lo->spec.dropout = p;
     lo->spec.seed = seed;
     lo->rows = 0; /* the next forward sizes the working memory again (with the dropout buffer) */
@@ -487,32 +481,22 @@ void st_lora_set_training(st_model *m, int train) {
     if (m->lora) m->lora->drop_on = train && m->lora->spec.dropout > 0;
 }
 
+/* out[i, j] = add[i, j] + keep(i, j) * x[i, j] / (1 - p) over adapter k's [N, in] input (add == out: +=;
+ * add == x: the dropped input alone, zeros where dropped). keep: a hash of the micro-batch key, the row's
+ * global sample and position, k and j, compared with p. Returns out. */
 static uint64_t mix64(uint64_t z) { /* splitmix64's finalizer */
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
 
-/* out[i, j] = add[i, j] + keep(i, j) * x[i, j] / (1 - p) over adapter k's [N, in] input (add == out: +=;
- * add == x: the dropped input alone, zeros where dropped). keep: a hash of the micro-batch key, the row's
- * global sample and position, k and j, compared with p. Returns out. */
 static const float *dropped(st_model *m, int k, const float *x, const float *add, float *out) {
     const st_lora *lo = m->lora;
-    int in = lo->ad[k].in, T = m->T;
     double p = lo->spec.dropout;
     uint64_t thresh = (uint64_t)(p * 18446744073709551616.0), key = mix64(lo->spec.seed ^ 0x4c6f5241ull); /* "LoRA" */
     key = mix64(key ^ (uint64_t)lo->drop_step);
-    float inv = (float)(1.0 / (1.0 - p));
-    for (size_t i = 0; i < lo->rows; i++) {
-        uint64_t rk = mix64(key ^ mix64((uint64_t)(lo->drop_sample + (int64_t)(i / T)) * 0x9e3779b97f4a7c15ull + i % T));
-        rk = mix64(rk ^ (uint64_t)k);
-        const float *xr = x + i * in, *ar = add + i * in;
-        float *orow = out + i * in;
-        for (int j = 0; j < in; j++) {
-            float v = mix64(rk + (uint64_t)j) >= thresh ? xr[j] * inv : 0.0f;
-            orow[j] = add == x ? v : ar[j] + v;
-        }
-    }
+    m->be->lora_dropout(out, x, add == x ? NULL : add, (int)lo->rows, lo->ad[k].in, m->T, key, lo->drop_sample, k,
+                        thresh, (float)(1.0 / (1.0 - p)));
     return out;
 }
 

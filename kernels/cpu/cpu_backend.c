@@ -233,6 +233,7 @@ static const st_backend st_cpu_table = {
     .embedding_pos_bwd = st_cpu_embedding_pos_bwd,
     .copy_cols = st_cpu_copy_cols,
     .add_scalar = st_cpu_add_scalar,
+    .lora_dropout = st_cpu_lora_dropout,
 };
 
 const st_backend *st_backend_cpu(int threads) {

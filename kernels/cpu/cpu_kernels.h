@@ -126,6 +126,8 @@ void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k
                    float alpha, float beta);
 void st_cpu_bias_add(float *y, const float *bias, int n, int c);
 void st_cpu_add_scalar(float *x, float v, size_t n);
+void st_cpu_lora_dropout(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
+                         int64_t sample0, int k, uint64_t thresh, float inv);
 void st_cpu_copy_cols(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate);
 void st_cpu_bias_bwd(float *dbias, const float *dy, int n, int c);
 void st_cpu_scale(float *x, float s, size_t n);

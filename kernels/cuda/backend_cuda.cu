@@ -320,6 +320,34 @@ static void cu_add_scalar(float *x, float v, size_t n) {
     ST_CUDA_LAUNCHED("add_scalar");
 }
 
+__device__ static uint64_t mix64_dev(uint64_t z) { /* splitmix64's finalizer, as kernels/cpu */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+__global__ void lora_dropout_kernel(float *out, const float *x, const float *add, int rows, int in, int t,
+                                    uint64_t key, int64_t sample0, int k, uint64_t thresh, float inv) {
+    size_t total = (size_t)rows * in;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        int i = (int)(e / in), j = (int)(e % in);
+        uint64_t rk = mix64_dev(key ^ mix64_dev((uint64_t)(sample0 + (int64_t)(i / t)) * 0x9e3779b97f4a7c15ull +
+                                                (uint64_t)(i % t)));
+        rk = mix64_dev(rk ^ (uint64_t)k);
+        float v = mix64_dev(rk + (uint64_t)j) >= thresh ? __fmul_rn(x[e], inv) : 0.0f;
+        out[e] = add ? __fadd_rn(add[e], v) : v;
+    }
+}
+
+static void cu_lora_dropout(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
+                            int64_t sample0, int k, uint64_t thresh, float inv) {
+    if (rows <= 0 || in <= 0) return;
+    size_t total = (size_t)rows * in;
+    lora_dropout_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(
+        out, x, add, rows, in, t, key, sample0, k, thresh, inv);
+    ST_CUDA_LAUNCHED("lora_dropout");
+}
+
 static void cu_bias_bwd(float *dbias, const float *dy, int n, int c) {
     if (n <= 0 || c <= 0) return;
     int parts = st_cuda_colsum_partials(n, c, 1, g.scratch_bytes / sizeof(float));
@@ -631,6 +659,7 @@ static const st_backend cuda_backend = {
     .embedding_pos_bwd = st_cu_embedding_pos_bwd,
     .copy_cols = cu_copy_cols,
     .add_scalar = cu_add_scalar,
+    .lora_dropout = cu_lora_dropout,
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

@@ -2,12 +2,12 @@
 # test_peft_device.sh — LoRA and QLoRA on a device backend without a GPU (tests/tools/fakedev.c --guard:
 # the CPU backend's kernels behind device-style memory, host_memory 0, every copy and every operand of
 # matmul / copy_cols / add_scalar / dequant_* checked against the tagged device allocations):
-#  1. lora (every llama projection: packed q/k/v and gate/up column blocks), qlora nf4 with double
-#     quantization, qlora int8 without, prompt tuning (llama, and gpt2: its position rows added), prefix
+#  1. lora (every llama projection: packed q/k/v and gate/up column blocks; without and with dropout),
+#     qlora nf4 with double quantization, qlora int8 without, qlora under bf16 with dropout, prompt tuning (llama, and gpt2: its position rows added), prefix
 #     tuning: no host buffer reaches the backend, the losses of 6 steps (2 micro-batches each) are
 #     bit-identical to the same job on the CPU backend, and the saved adapter
 #     (final/adapter_model.safetensors) is byte-identical;
-#  2. what is not supported on a device backend yet is refused by name: DoRA, LoRA dropout, P-tuning,
+#  2. what is not supported on a device backend yet is refused by name: DoRA, P-tuning,
 #     prefix tuning's projection.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
@@ -44,8 +44,10 @@ device() {
   echo "$name on device-style memory: 6 losses bit-identical to the cpu run, adapter byte-identical"
 }
 device lora finetune.mode=lora
+device lora_dropout finetune.mode=lora finetune.lora.dropout=0.2
 device qlora_nf4 finetune.mode=qlora finetune.qlora.quant=nf4 finetune.qlora.double_quant=true
 device qlora_int8 finetune.mode=qlora finetune.qlora.quant=int8 finetune.qlora.double_quant=false
+device qlora_bf16 finetune.mode=qlora precision=bf16 finetune.lora.dropout=0.1
 device prompt finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=3
 device prefix finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3
 "$BIN" init-model --family gpt2 --layers 2 --dim 64 --heads 4 --vocab 128 --max-seq 64 --seed 3 --out "$T/gpt2" >/dev/null
@@ -64,8 +66,7 @@ refused() {
   rm -rf "$T/ref" "$T/ref.out" "$T/ref.err"
 }
 refused "finetune.lora.dora" finetune.mode=lora finetune.lora.dora=true
-refused "finetune.lora.dropout" finetune.mode=lora finetune.lora.dropout=0.1
 refused "finetune.lora.dora" finetune.mode=qlora finetune.lora.dora=true
 refused "p_tuning" finetune.mode=p_tuning
 refused "finetune.prefix.projection" finetune.mode=prefix_tuning finetune.prefix.projection=true
-echo "dora, lora dropout, p_tuning, prefix projection: refused on a device backend by name"
+echo "dora, p_tuning, prefix projection: refused on a device backend by name"

@@ -8,8 +8,8 @@
  * job's `backend` key is ignored):
  *  --guard: its alloc hands out "device" memory from a registry of tagged ranges and it says host_memory 0
  *    (as CUDA does). copy_to_device must go host -> device, copy_to_host device -> host, copy and memset0
- *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, dequant_nf4
- *    and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c) device only. A violation (host memory where device memory belongs,
+ *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, lora_dropout,
+ *    dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c) device only. A violation (host memory where device memory belongs,
  *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
  *    status, so the next step boundary stops training with it, as a GPU would have crashed. Use one rank:
  *    with host_memory 0 and several ranks worker/comm.c would need NCCL.
@@ -134,6 +134,11 @@ static void guard_add_scalar(float *x, float v, size_t n) {
     if (n) operands("add_scalar", 1, (const void *[]){x});
     cpu->add_scalar(x, v, n);
 }
+static void guard_lora_dropout(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
+                               int64_t sample0, int k, uint64_t thresh, float inv) {
+    if (rows > 0 && in > 0) operands("lora_dropout", 3, (const void *[]){out, x, add});
+    cpu->lora_dropout(out, x, add, rows, in, t, key, sample0, k, thresh, inv);
+}
 static void guard_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block) {
     if (n) operands("dequant_int8", 3, (const void *[]){out, q, scale});
     cpu->dequant_int8(out, q, scale, n, block);
@@ -247,7 +252,7 @@ int main(int argc, char **argv) {
         fake.host_memory = 0;
         fake.alloc = guard_alloc, fake.free = guard_free, fake.memset0 = guard_memset0;
         fake.copy = guard_copy, fake.copy_to_device = guard_to_device, fake.copy_to_host = guard_to_host;
-        fake.copy_cols = guard_copy_cols, fake.add_scalar = guard_add_scalar;
+        fake.copy_cols = guard_copy_cols, fake.add_scalar = guard_add_scalar, fake.lora_dropout = guard_lora_dropout;
         fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
         guarded = 1;
     }

@@ -343,7 +343,20 @@ static void check_bias(void) {
     tick(); G->add_scalar(dx, 0.3125f, n); tg = tock_gpu();
     tick(); C->add_scalar(x, 0.3125f, n); tc = tock_cpu();
     report("add_scalar", dev_err(dx, x, n), tg, tc, 0);
-    G->free(dx), free(x);
+    /* lora_dropout: the mask (64-bit hashes) and x * inv, then add + v in place; exact. T = 80 rows a
+     * sequence, a first sample past 2^32, p = 0.3 */
+    float *a = hrand(n, 1), *da = dev_from(a, n * 4), *dout = dev_from(x, n * 4);
+    uint64_t thresh = (uint64_t)(0.3 * 18446744073709551616.0);
+    float inv = (float)(1.0 / 0.7);
+    tick(); G->lora_dropout(dout, dx, NULL, NROWS, CH, T, 0x1234567890abcdefull, 5000000000ll, 3, thresh, inv); tg = tock_gpu();
+    float *ref = malloc(n * sizeof(float));
+    tick(); C->lora_dropout(ref, x, NULL, NROWS, CH, T, 0x1234567890abcdefull, 5000000000ll, 3, thresh, inv); tc = tock_cpu();
+    report("lora_dropout", dev_err(dout, ref, n), tg, tc, 0);
+    free(ref);
+    tick(); G->lora_dropout(da, dx, da, NROWS, CH, T, 0x77ull, 1, 0, thresh, inv); tg = tock_gpu();
+    tick(); C->lora_dropout(a, x, a, NROWS, CH, T, 0x77ull, 1, 0, thresh, inv); tc = tock_cpu();
+    report("lora_dropout (accumulate)", dev_err(da, a, n), tg, tc, 0);
+    G->free(dx), G->free(da), G->free(dout), free(x), free(a);
 }
 
 static void check_elementwise(void) {

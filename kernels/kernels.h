@@ -253,6 +253,17 @@ struct st_backend {
      * out = v (add NULL) or add + v (add may be out). */
     void (*lora_dropout)(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
                          int64_t sample0, int k, uint64_t thresh, float inv);
+    /* DoRA (worker/lora.c), every product and sum rounded on its own (no FMA contraction), double sums in
+     * row / column order. dora_norm: for row j of the [out, in] weight, ss = sum_i (W + (double)scale * ba)^2
+     * in double, inv[j] = (float)(1 / sqrt(ss)), c[j] = mg[j] * inv[j]. dora_apply: y[i * ldy + j] +=
+     * c[j] * z[i, j] - base[i, j] over [rows, out]. dora_bwd: gm[j] += (float)(inv[j] * sum_i (double)dy[i, j]
+     * z[i, j]) (gm NULL: skipped), base = (c[j] - 1) * dy, then dy *= c[j]. scale_rows: w[j, i] *= c[j]. */
+    void (*dora_norm)(float *c, float *inv, const float *w, const float *ba, const float *mg, int out, int in,
+                      float scale);
+    void (*dora_apply)(float *y, int ldy, const float *z, const float *base, const float *c, int rows, int out);
+    void (*dora_bwd)(float *gm, float *base, float *dy, const float *z, const float *c, const float *inv, int rows,
+                     int out);
+    void (*scale_rows)(float *w, const float *c, int out, int in);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

@@ -17,8 +17,8 @@
  * A packed site (Llama q/k/v, gate/up) writes and reads a column
  * block of a wider row-major matrix: the backend has no strided matmul, so such an adapter goes through a
  * contiguous scratch tensor copied by the backend's copy_cols; the dropout mask is the backend's
- * lora_dropout. The working memory is backend memory, so LoRA (and QLoRA's adapters) run on a device
- * backend; DoRA still uses host loops over it (the norms, c * z) and is refused there by name (check_spec). */
+ * lora_dropout, DoRA's norms and scalings its dora_* kernels. The working memory is backend memory, so
+ * LoRA, DoRA (and QLoRA's adapters) run on a device backend. */
 #include "worker/lora.h"
 
 #include <math.h>
@@ -120,8 +120,6 @@ static int check_spec(const st_model *m, const st_lora_spec *s) {
     if (m->lora) return st_fail(ST_EINVAL, "the model already has LoRA adapters");
     if (m->weights_bf16) /* the bf16 copy is sized for the weights before the adapters */
         return st_fail(ST_EINVAL, "LoRA adapters must be attached before precision bf16 is set");
-    if (m->be && !m->be->host_memory && s->dora)
-        return st_fail(ST_ECONFIG, "finetune.lora.dora runs on the cpu backend only for now (%s backend)", m->be->name);
     return 0;
 }
 
@@ -427,16 +425,7 @@ static void dora_scale(st_model *m, int k, const float *W) {
     const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
     m->be->matmul(lo->ba, B, A, a->out, a->in, lo->r, 0, 0, 1.0f, 0.0f); /* B @ A [out, in] */
     float *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
-    for (int j = 0; j < a->out; j++) {
-        const float *w = W + (size_t)j * a->in, *d = lo->ba + (size_t)j * a->in;
-        double ss = 0;
-        for (int i = 0; i < a->in; i++) {
-            double v = (double)w[i] + (double)lo->scale * d[i];
-            ss += v * v;
-        }
-        inv[j] = (float)(1.0 / sqrt(ss));
-        c[j] = mg[j] * inv[j];
-    }
+    m->be->dora_norm(c, inv, W, lo->ba, mg, a->out, a->in, lo->scale);
 }
 
 /* y[:, block] += c * z - x W^T with z = x W^T + scale * u B^T (u already computed; x the adapter's input,
@@ -452,11 +441,7 @@ static void dora_forward(st_model *m, int k, const float *x, float *y, int ystri
     m->be->matmul(lo->base, x, W, (int)N, a->out, a->in, 0, 1, 1.0f, 0.0f);
     m->be->copy(z, lo->base, N * (size_t)a->out * sizeof(float));
     m->be->matmul(z, u, B, (int)N, a->out, lo->r, 0, 1, lo->scale, 1.0f);
-    for (size_t i = 0; i < N; i++) {
-        float *yr = y + i * ystride + a->col0;
-        const float *zr = z + i * a->out, *br = lo->base + i * a->out;
-        for (int j = 0; j < a->out; j++) yr[j] += c[j] * zr[j] - br[j];
-    }
+    m->be->dora_apply(y + a->col0, ystride, z, lo->base, c, (int)N, a->out);
 }
 
 void st_lora_dropout_batch(st_model *m, int64_t step, int64_t first_sample) {
@@ -557,19 +542,9 @@ static void dora_backward(st_model *m, int k, float *dy, float *dx) {
     const st_param *pm = &m->params[a->mag];
     size_t N = lo->rows;
     const float *z = lo->z + lo->zoff[k], *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
-    if (pm->grad_offset >= 0) {
-        float *gm = m->grads + pm->grad_offset;
-        for (int j = 0; j < a->out; j++) {
-            double s = 0;
-            for (size_t i = 0; i < N; i++) s += (double)dy[i * a->out + j] * z[i * a->out + j];
-            gm[j] += (float)(s * inv[j]);
-        }
-    }
-    for (size_t i = 0; i < N; i++)
-        for (int j = 0; j < a->out; j++) lo->base[i * a->out + j] = (c[j] - 1.0f) * dy[i * a->out + j];
+    m->be->dora_bwd(pm->grad_offset >= 0 ? m->grads + pm->grad_offset : NULL, lo->base, dy, z, c, inv, (int)N,
+                    a->out);
     if (dx) m->be->matmul(dx, lo->base, dora_weight(m, k), (int)N, a->in, a->out, 0, 0, 1.0f, 1.0f);
-    for (size_t i = 0; i < N; i++)
-        for (int j = 0; j < a->out; j++) dy[i * a->out + j] *= c[j];
 }
 
 void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x, const float *dy, int ystride,
@@ -621,9 +596,7 @@ static int merge_adapter(st_model *m, int k, float *W) {
     }
     m->be->matmul(W, B, A, a->out, a->in, lo->r, 0, 0, lo->scale, 1.0f); /* W += scale * B @ A */
     if (a->mag >= 0) {
-        const float *c = lo->c + (size_t)k * lo->max_out;
-        for (int j = 0; j < a->out; j++)
-            for (int i = 0; i < a->in; i++) W[(size_t)j * a->in + i] *= c[j];
+        m->be->scale_rows(W, lo->c + (size_t)k * lo->max_out, a->out, a->in);
     }
     return 0;
 }

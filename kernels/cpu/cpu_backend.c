@@ -234,6 +234,10 @@ static const st_backend st_cpu_table = {
     .copy_cols = st_cpu_copy_cols,
     .add_scalar = st_cpu_add_scalar,
     .lora_dropout = st_cpu_lora_dropout,
+    .dora_norm = st_cpu_dora_norm,
+    .dora_apply = st_cpu_dora_apply,
+    .dora_bwd = st_cpu_dora_bwd,
+    .scale_rows = st_cpu_scale_rows,
 };
 
 const st_backend *st_backend_cpu(int threads) {

@@ -348,6 +348,82 @@ static void cu_lora_dropout(float *out, const float *x, const float *add, int ro
     ST_CUDA_LAUNCHED("lora_dropout");
 }
 
+/* DoRA (kernels/kernels.h): one thread a row / column for the double sums (their order is the CPU twin's),
+ * every operation rounded on its own (no FMA contraction) */
+__global__ void dora_norm_kernel(float *c, float *inv, const float *w, const float *ba, const float *mg, int out,
+                                 int in, float scale) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < out; j += gridDim.x * blockDim.x) {
+        const float *wr = w + (size_t)j * in, *d = ba + (size_t)j * in;
+        double ss = 0;
+        for (int i = 0; i < in; i++) {
+            double v = __dadd_rn((double)wr[i], __dmul_rn((double)scale, (double)d[i]));
+            ss = __dadd_rn(ss, __dmul_rn(v, v));
+        }
+        inv[j] = (float)__ddiv_rn(1.0, __dsqrt_rn(ss));
+        c[j] = __fmul_rn(mg[j], inv[j]);
+    }
+}
+static void cu_dora_norm(float *c, float *inv, const float *w, const float *ba, const float *mg, int out, int in,
+                         float scale) {
+    if (out <= 0) return;
+    dora_norm_kernel<<<st_cuda_grid_1d((size_t)out, 128), 128, 0, g.stream>>>(c, inv, w, ba, mg, out, in, scale);
+    ST_CUDA_LAUNCHED("dora_norm");
+}
+__global__ void dora_apply_kernel(float *y, int ldy, const float *z, const float *base, const float *c, int rows,
+                                  int out) {
+    size_t total = (size_t)rows * out;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        size_t i = e / out, j = e % out;
+        float *yp = y + i * ldy + j;
+        *yp = __fadd_rn(*yp, __fsub_rn(__fmul_rn(c[j], z[e]), base[e]));
+    }
+}
+static void cu_dora_apply(float *y, int ldy, const float *z, const float *base, const float *c, int rows, int out) {
+    if (rows <= 0 || out <= 0) return;
+    size_t total = (size_t)rows * out;
+    dora_apply_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(y, ldy, z, base, c,
+                                                                                                  rows, out);
+    ST_CUDA_LAUNCHED("dora_apply");
+}
+__global__ void dora_dm_kernel(float *gm, const float *dy, const float *z, const float *inv, int rows, int out) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < out; j += gridDim.x * blockDim.x) {
+        double s = 0;
+        for (int i = 0; i < rows; i++)
+            s = __dadd_rn(s, __dmul_rn((double)dy[(size_t)i * out + j], (double)z[(size_t)i * out + j]));
+        gm[j] = __fadd_rn(gm[j], (float)__dmul_rn(s, (double)inv[j]));
+    }
+}
+__global__ void dora_dz_kernel(float *base, float *dy, const float *c, int rows, int out) {
+    size_t total = (size_t)rows * out;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        float cj = c[e % out], d = dy[e];
+        base[e] = __fmul_rn(__fsub_rn(cj, 1.0f), d);
+        dy[e] = __fmul_rn(d, cj);
+    }
+}
+static void cu_dora_bwd(float *gm, float *base, float *dy, const float *z, const float *c, const float *inv, int rows,
+                        int out) {
+    if (rows <= 0 || out <= 0) return;
+    if (gm) {
+        dora_dm_kernel<<<st_cuda_grid_1d((size_t)out, 128), 128, 0, g.stream>>>(gm, dy, z, inv, rows, out);
+        ST_CUDA_LAUNCHED("dora_bwd (magnitude)");
+    }
+    size_t total = (size_t)rows * out;
+    dora_dz_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(base, dy, c, rows, out);
+    ST_CUDA_LAUNCHED("dora_bwd");
+}
+__global__ void scale_rows_kernel(float *w, const float *c, int out, int in) {
+    size_t total = (size_t)out * in;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x)
+        w[e] = __fmul_rn(w[e], c[e / in]);
+}
+static void cu_scale_rows(float *w, const float *c, int out, int in) {
+    if (out <= 0 || in <= 0) return;
+    size_t total = (size_t)out * in;
+    scale_rows_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(w, c, out, in);
+    ST_CUDA_LAUNCHED("scale_rows");
+}
+
 static void cu_bias_bwd(float *dbias, const float *dy, int n, int c) {
     if (n <= 0 || c <= 0) return;
     int parts = st_cuda_colsum_partials(n, c, 1, g.scratch_bytes / sizeof(float));
@@ -660,6 +736,10 @@ static const st_backend cuda_backend = {
     .copy_cols = cu_copy_cols,
     .add_scalar = cu_add_scalar,
     .lora_dropout = cu_lora_dropout,
+    .dora_norm = cu_dora_norm,
+    .dora_apply = cu_dora_apply,
+    .dora_bwd = cu_dora_bwd,
+    .scale_rows = cu_scale_rows,
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

@@ -3,11 +3,12 @@
 # the CPU backend's kernels behind device-style memory, host_memory 0, every copy and every operand of
 # matmul / copy_cols / add_scalar / dequant_* checked against the tagged device allocations):
 #  1. lora (every llama projection: packed q/k/v and gate/up column blocks; without and with dropout),
-#     qlora nf4 with double quantization, qlora int8 without, qlora under bf16 with dropout, prompt tuning (llama, and gpt2: its position rows added), prefix
+#     DoRA (fp32; bf16 with dropout), qlora nf4 with double quantization, qlora int8 without, qlora under
+#     bf16 with dropout, qlora with DoRA, prompt tuning (llama, and gpt2: its position rows added), prefix
 #     tuning: no host buffer reaches the backend, the losses of 6 steps (2 micro-batches each) are
 #     bit-identical to the same job on the CPU backend, and the saved adapter
 #     (final/adapter_model.safetensors) is byte-identical;
-#  2. what is not supported on a device backend yet is refused by name: DoRA, P-tuning,
+#  2. what is not supported on a device backend yet is refused by name: P-tuning,
 #     prefix tuning's projection.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
@@ -45,9 +46,12 @@ device() {
 }
 device lora finetune.mode=lora
 device lora_dropout finetune.mode=lora finetune.lora.dropout=0.2
+device dora finetune.mode=lora finetune.lora.dora=true
+device dora_bf16 finetune.mode=lora finetune.lora.dora=true finetune.lora.dropout=0.2 precision=bf16
 device qlora_nf4 finetune.mode=qlora finetune.qlora.quant=nf4 finetune.qlora.double_quant=true
 device qlora_int8 finetune.mode=qlora finetune.qlora.quant=int8 finetune.qlora.double_quant=false
 device qlora_bf16 finetune.mode=qlora precision=bf16 finetune.lora.dropout=0.1
+device qlora_dora finetune.mode=qlora finetune.lora.dora=true
 device prompt finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=3
 device prefix finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3
 "$BIN" init-model --family gpt2 --layers 2 --dim 64 --heads 4 --vocab 128 --max-seq 64 --seed 3 --out "$T/gpt2" >/dev/null
@@ -65,8 +69,6 @@ refused() {
   ! grep -q "fakedev (rank" "$T/ref.err" || fail "$*: refused only after a host/device mix-up: $(cat "$T/ref.err")"
   rm -rf "$T/ref" "$T/ref.out" "$T/ref.err"
 }
-refused "finetune.lora.dora" finetune.mode=lora finetune.lora.dora=true
-refused "finetune.lora.dora" finetune.mode=qlora finetune.lora.dora=true
 refused "p_tuning" finetune.mode=p_tuning
 refused "finetune.prefix.projection" finetune.mode=prefix_tuning finetune.prefix.projection=true
-echo "dora, p_tuning, prefix projection: refused on a device backend by name"
+echo "p_tuning, prefix projection: refused on a device backend by name"

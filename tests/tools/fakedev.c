@@ -9,7 +9,7 @@
  *  --guard: its alloc hands out "device" memory from a registry of tagged ranges and it says host_memory 0
  *    (as CUDA does). copy_to_device must go host -> device, copy_to_host device -> host, copy and memset0
  *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, lora_dropout,
- *    dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c) device only. A violation (host memory where device memory belongs,
+ *    dora_norm, dora_apply, dora_bwd, scale_rows, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c) device only. A violation (host memory where device memory belongs,
  *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
  *    status, so the next step boundary stops training with it, as a GPU would have crashed. Use one rank:
  *    with host_memory 0 and several ranks worker/comm.c would need NCCL.
@@ -139,6 +139,24 @@ static void guard_lora_dropout(float *out, const float *x, const float *add, int
     if (rows > 0 && in > 0) operands("lora_dropout", 3, (const void *[]){out, x, add});
     cpu->lora_dropout(out, x, add, rows, in, t, key, sample0, k, thresh, inv);
 }
+static void guard_dora_norm(float *c, float *inv, const float *w, const float *ba, const float *mg, int out, int in,
+                            float scale) {
+    if (out > 0) operands("dora_norm", 4, (const void *[]){c, inv, w, ba}), operands("dora_norm", 1, (const void *[]){mg});
+    cpu->dora_norm(c, inv, w, ba, mg, out, in, scale);
+}
+static void guard_dora_apply(float *y, int ldy, const float *z, const float *base, const float *c, int rows, int out) {
+    if (rows > 0 && out > 0) operands("dora_apply", 4, (const void *[]){y, z, base, c});
+    cpu->dora_apply(y, ldy, z, base, c, rows, out);
+}
+static void guard_dora_bwd(float *gm, float *base, float *dy, const float *z, const float *c, const float *inv,
+                           int rows, int out) {
+    if (rows > 0 && out > 0) operands("dora_bwd", 4, (const void *[]){gm, base, dy, z}), operands("dora_bwd", 2, (const void *[]){c, inv});
+    cpu->dora_bwd(gm, base, dy, z, c, inv, rows, out);
+}
+static void guard_scale_rows(float *w, const float *c, int out, int in) {
+    if (out > 0 && in > 0) operands("scale_rows", 2, (const void *[]){w, c});
+    cpu->scale_rows(w, c, out, in);
+}
 static void guard_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block) {
     if (n) operands("dequant_int8", 3, (const void *[]){out, q, scale});
     cpu->dequant_int8(out, q, scale, n, block);
@@ -253,6 +271,8 @@ int main(int argc, char **argv) {
         fake.alloc = guard_alloc, fake.free = guard_free, fake.memset0 = guard_memset0;
         fake.copy = guard_copy, fake.copy_to_device = guard_to_device, fake.copy_to_host = guard_to_host;
         fake.copy_cols = guard_copy_cols, fake.add_scalar = guard_add_scalar, fake.lora_dropout = guard_lora_dropout;
+        fake.dora_norm = guard_dora_norm, fake.dora_apply = guard_dora_apply, fake.dora_bwd = guard_dora_bwd;
+        fake.scale_rows = guard_scale_rows;
         fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
         guarded = 1;
     }

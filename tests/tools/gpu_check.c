@@ -313,6 +313,36 @@ static void check_matmul_bf16(void) {
     if (self_test) expect_caught("matmul_bf16 output", mm_bf16_case(0, 1, 1, 0, 1, 0, 1).err, tol);
 }
 
+/* DoRA's kernels on a [FF, CH] weight and [NROWS, FF] activations written into columns 5.. of a
+ * [NROWS, FF + 9] output: every operation rounded on its own on both sides, so exact */
+static void check_dora(void) {
+    const int out = FF, in = CH, ld = FF + 9;
+    size_t nw = (size_t)out * in, na = (size_t)NROWS * out, ny = (size_t)NROWS * ld;
+    float *w = hrand(nw, 1), *ba = hrand(nw, 1), *mg = hrand(out, 1), *c = malloc(out * 4), *inv = malloc(out * 4);
+    float *dw = dev_from(w, nw * 4), *dba = dev_from(ba, nw * 4), *dmg = dev_from(mg, out * 4);
+    float *dc = G->alloc(out * 4), *dinv = G->alloc(out * 4);
+    tick(); G->dora_norm(dc, dinv, dw, dba, dmg, out, in, 0.75f); double tg = tock_gpu();
+    tick(); C->dora_norm(c, inv, w, ba, mg, out, in, 0.75f); double tc = tock_cpu();
+    report("dora_norm (c)", dev_err(dc, c, out), tg, tc, 0);
+    report("dora_norm (1 / norm)", dev_err(dinv, inv, out), tg, tc, 0);
+    float *y = hrand(ny, 1), *z = hrand(na, 1), *base = hrand(na, 1), *dy = hrand(na, 1), *gm = hrand(out, 1);
+    float *gy = dev_from(y, ny * 4), *gz = dev_from(z, na * 4), *gbase = dev_from(base, na * 4);
+    float *gdy = dev_from(dy, na * 4), *ggm = dev_from(gm, out * 4);
+    tick(); G->dora_apply(gy + 5, ld, gz, gbase, dc, NROWS, out); tg = tock_gpu();
+    tick(); C->dora_apply(y + 5, ld, z, base, c, NROWS, out); tc = tock_cpu();
+    report("dora_apply", dev_err(gy, y, ny), tg, tc, 0);
+    tick(); G->dora_bwd(ggm, gbase, gdy, gz, dc, dinv, NROWS, out); tg = tock_gpu();
+    tick(); C->dora_bwd(gm, base, dy, z, c, inv, NROWS, out); tc = tock_cpu();
+    report("dora_bwd (magnitude gradient)", dev_err(ggm, gm, out), tg, tc, 0);
+    report("dora_bwd ((c - 1) dy)", dev_err(gbase, base, na), tg, tc, 0);
+    report("dora_bwd (c dy)", dev_err(gdy, dy, na), tg, tc, 0);
+    tick(); G->scale_rows(dw, dc, out, in); tg = tock_gpu();
+    tick(); C->scale_rows(w, c, out, in); tc = tock_cpu();
+    report("scale_rows", dev_err(dw, w, nw), tg, tc, 0);
+    float *hp[] = {w, ba, mg, c, inv, y, z, base, dy, gm}, *dp[] = {dw, dba, dmg, dc, dinv, gy, gz, gbase, gdy, ggm};
+    for (int i = 0; i < 10; i++) free(hp[i]), G->free(dp[i]);
+}
+
 static void check_bias(void) {
     size_t n = (size_t)NROWS * CH;
     float *y = hrand(n, 1), *bias = hrand(CH, 1), *db = hrand(CH, 1);
@@ -357,6 +387,7 @@ static void check_bias(void) {
     tick(); C->lora_dropout(a, x, a, NROWS, CH, T, 0x77ull, 1, 0, thresh, inv); tc = tock_cpu();
     report("lora_dropout (accumulate)", dev_err(da, a, n), tg, tc, 0);
     G->free(dx), G->free(da), G->free(dout), free(x), free(a);
+    check_dora();
 }
 
 static void check_elementwise(void) {

@@ -264,6 +264,10 @@ struct st_backend {
     void (*dora_bwd)(float *gm, float *base, float *dy, const float *z, const float *c, const float *inv, int rows,
                      int out);
     void (*scale_rows)(float *w, const float *c, int out, int in);
+    /* The prompt encoders' hidden activation (worker/prompt.c): r = tanh(a) (tanh_act) or max(a, 0); and its
+     * backward dx *= tanh_act ? 1 - r * r : (a > 0). */
+    void (*prompt_act)(float *r, const float *a, size_t n, int tanh_act);
+    void (*prompt_act_bwd)(float *dx, const float *a, const float *r, size_t n, int tanh_act);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

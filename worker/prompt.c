@@ -33,7 +33,7 @@ struct st_prompt {
     int32_t *in, *tg;   /* [B * (V + T)] widened batch */
     float *w;
     float *zeros;       /* prefix tuning: 2 * KVD zeros (backend memory) that clear the virtual rows' dk/dv */
-    const st_backend *be; /* the backend zeros came from */
+    const st_backend *be; /* the backend zeros, table, dtab and a[0] came from (NULL: host memory) */
     char *init_text, *tokenizer_dir; /* TEXT init, else NULL */
 };
 
@@ -52,12 +52,12 @@ void st_prompt_free(st_prompt *p) {
     free(p->in);
     free(p->tg);
     free(p->w);
-    free(p->table);
-    free(p->a[0]);
+    float *bufs[] = {p->table, p->a[0], p->dtab, p->zeros};
+    for (int i = 0; i < 4; i++)
+        if (bufs[i] && p->be) p->be->free(bufs[i]);
+        else free(bufs[i]);
     st_plstm_free(p->ls);
     free(p->lx);
-    free(p->dtab);
-    if (p->zeros) p->be->free(p->zeros);
     free(p->init_text);
     free(p->tokenizer_dir);
     free(p);
@@ -74,8 +74,8 @@ static int check(const st_model *m, int V, const char *mode, int encoder) {
     if (m->weights_bf16) /* the bf16 copy is sized for the weights before the prompt's tensors */
         return st_fail(ST_EINVAL, "finetune.mode %s: the prompt must be attached before precision bf16 is set", mode);
     if (m->be && !m->be->host_memory && encoder)
-        return st_fail(ST_ECONFIG, "finetune.mode %s%s runs on the cpu backend only for now (%s backend)", mode,
-                       strcmp(mode, "p_tuning") ? " with finetune.prefix.projection" : "", m->be->name);
+        return st_fail(ST_ECONFIG, "finetune.mode p_tuning with finetune.prompt.encoder lstm runs on the cpu backend "
+                                   "only for now (%s backend)", m->be->name);
     return 0;
 }
 
@@ -135,12 +135,18 @@ static int add_param(st_model *m, int V, int C, uint64_t seed) {
     return add_entries(m, 1, &e, seed);
 }
 
+/* Backend memory (host memory for a model without a backend). */
+static float *palloc(st_prompt *p, const st_model *m, size_t floats) {
+    p->be = m->be;
+    return m->be ? m->be->alloc(floats * sizeof(float) + sizeof(float)) : calloc(floats + 1, sizeof(float));
+}
+
 /* The encoder's working memory: table and dtab [V, cout], activations [V, hid] x 6. */
-static int encoder_buffers(st_prompt *p) {
+static int encoder_buffers(st_prompt *p, const st_model *m) {
     size_t vh = (size_t)p->V * p->hid;
-    p->table = malloc((size_t)p->V * p->cout * sizeof(float));
-    p->dtab = malloc((size_t)p->V * p->cout * sizeof(float));
-    p->a[0] = malloc(6 * vh * sizeof(float));
+    p->table = palloc(p, m, (size_t)p->V * p->cout);
+    p->dtab = palloc(p, m, (size_t)p->V * p->cout);
+    p->a[0] = palloc(p, m, 6 * vh);
     if (!p->table || !p->dtab || !p->a[0]) return st_fail(ST_ENOMEM, "out of memory for the prompt encoder");
     p->a[1] = p->a[0] + vh;
     p->r[0] = p->a[1] + vh;
@@ -174,7 +180,7 @@ static int add_encoder(st_model *m, int V, int prefix, uint64_t seed) {
     p->cin = C;
     p->hid = H;
     p->cout = out;
-    return encoder_buffers(p);
+    return encoder_buffers(p, m);
 }
 
 /* P-tuning with the LSTM encoder: peft's PromptEncoder (LSTM): embedding [V, C] N(0, 1), torch.nn.LSTM(C, H,
@@ -211,7 +217,7 @@ static int add_lstm_encoder(st_model *m, int V, uint64_t seed) {
     if (rc) return rc;
     p->ldx = p->lx + (size_t)V * 2 * H;
     p->lde = p->ldx + (size_t)V * 2 * H;
-    return encoder_buffers(p);
+    return encoder_buffers(p, m);
 }
 
 /* The LSTM's 16 weights (and gradients, NULL where frozen) in torch's order. */
@@ -227,7 +233,7 @@ static void lstm_tensors(const st_model *m, const float *w[16], float *g[16]) {
 /* kind: 0 prompt tuning, 1 prefix tuning, 2 P-tuning (MLP encoder), 3 prefix tuning with projection,
  * 4 P-tuning (LSTM encoder) */
 static int attach(st_model *m, int V, int prefix, uint64_t seed) {
-    int rc = check(m, V, prefix == 2 || prefix == 4 ? "p_tuning" : prefix ? "prefix_tuning" : "prompt_tuning", prefix >= 2);
+    int rc = check(m, V, prefix == 2 || prefix == 4 ? "p_tuning" : prefix ? "prefix_tuning" : "prompt_tuning", prefix == 4);
     if (rc) return rc;
     m->prompt = calloc(1, sizeof *m->prompt);
     if (!m->prompt) return st_fail(ST_ENOMEM, "out of memory for the prompt");
@@ -281,8 +287,7 @@ int st_prompt_reserve(st_model *m, int B, int T) {
     p->w = calloc(n, sizeof *p->w);
     if (!p->in || !p->tg || !p->w) return st_fail(ST_ENOMEM, "out of memory for the prompt's batch");
     if (p->prefix && !p->zeros && m->be) {
-        p->be = m->be;
-        p->zeros = m->be->alloc(2 * (size_t)m->cfg.n_kv_head * m->cfg.head_dim * sizeof(float) + sizeof(float));
+        p->zeros = palloc(p, m, 2 * (size_t)m->cfg.n_kv_head * m->cfg.head_dim);
         if (!p->zeros) return st_fail(ST_ENOMEM, "out of memory for the prefix");
     }
     p->B = B;
@@ -309,11 +314,13 @@ void st_prompt_widen(st_model *m, const int32_t *in, const int32_t *tg, const fl
     *w_out = p->w;
 }
 
+static void encode(const st_model *m, float *out);
+
 void st_prompt_forward(st_model *m, float *x) {
     const st_prompt *p = m->prompt;
-    if (p->enc) st_prompt_encode(m, p->table);
+    if (p->enc) encode(m, p->table);
     if (p->prefix) { /* the virtual rows only carry the prefix keys/values (st_prefix_layer_forward) */
-        if (p->enc) memset(p->dtab, 0, (size_t)p->V * p->cout * sizeof(float));
+        if (p->enc) m->be->memset0(p->dtab, (size_t)p->V * p->cout * sizeof(float));
         return;
     }
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
@@ -360,9 +367,7 @@ static void encoder_backward(st_model *m, const float *dtab) {
         }
         float *dx = p->d[j - 1]; /* through the activation before linear j */
         be->matmul(dx, dy, w[1 + 2 * j], V, in, out, 0, 0, 1.0f, 0.0f);
-        const float *a = p->a[j - 1], *r = p->r[j - 1];
-        for (size_t i = 0; i < (size_t)V * H; i++)
-            dx[i] *= p->tanh_act ? 1.0f - r[i] * r[i] : (a[i] > 0 ? 1.0f : 0.0f);
+        be->prompt_act_bwd(dx, p->a[j - 1], p->r[j - 1], (size_t)V * H, p->tanh_act);
         dy = dx;
     }
 }
@@ -378,13 +383,13 @@ void st_prompt_backward(st_model *m, const float *dx) {
     if (!p->enc && pp->grad_offset < 0) return;
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
     float *g = p->enc ? p->dtab : m->grads + pp->grad_offset;
-    if (p->enc) memset(g, 0, (size_t)V * C * sizeof(float));
+    if (p->enc) m->be->memset0(g, (size_t)V * C * sizeof(float));
     for (int b = 0; b < p->B; b++) m->be->copy_cols(g, C, dx + (size_t)b * Tm * C, C, V, C, 1);
     if (p->enc) encoder_backward(m, g);
 }
 
-/* The encoder's output [V, cout] into out (host); keeps the activations for backward. */
-void st_prompt_encode(const st_model *m, float *out) {
+/* The encoder's output [V, cout] into out (backend memory); keeps the activations for backward. */
+static void encode(const st_model *m, float *out) {
     st_prompt *p = m->prompt;
     const st_backend *be = m->be;
     int V = p->V, H = p->hid, n = p->enc, l0 = lin0(p);
@@ -403,9 +408,19 @@ void st_prompt_encode(const st_model *m, float *out) {
         be->matmul(y, x, w, V, o, in, 0, 1, 1.0f, 0.0f); /* y = x W^T + b */
         be->bias_add(y, b, V, o);
         if (j == n - 1) break;
-        for (size_t i = 0; i < (size_t)V * H; i++) p->r[j][i] = p->tanh_act ? tanhf(y[i]) : (y[i] > 0 ? y[i] : 0.0f);
+        be->prompt_act(p->r[j], y, (size_t)V * H, p->tanh_act);
         x = p->r[j];
     }
+}
+
+void st_prompt_encode(const st_model *m, float *out) {
+    const st_prompt *p = m->prompt;
+    if (m->be->host_memory) {
+        encode(m, out);
+        return;
+    }
+    encode(m, p->table);
+    m->be->copy_to_host(out, p->table, (size_t)p->V * p->cout * sizeof(float));
 }
 
 void st_prompt_real_rows(const st_model *m, float *x) {

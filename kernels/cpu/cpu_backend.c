@@ -238,6 +238,8 @@ static const st_backend st_cpu_table = {
     .dora_apply = st_cpu_dora_apply,
     .dora_bwd = st_cpu_dora_bwd,
     .scale_rows = st_cpu_scale_rows,
+    .prompt_act = st_cpu_prompt_act,
+    .prompt_act_bwd = st_cpu_prompt_act_bwd,
 };
 
 const st_backend *st_backend_cpu(int threads) {

@@ -132,6 +132,8 @@ void st_cpu_dora_apply(float *y, int ldy, const float *z, const float *base, con
 void st_cpu_dora_bwd(float *gm, float *base, float *dy, const float *z, const float *c, const float *inv, int rows,
                      int out);
 void st_cpu_scale_rows(float *w, const float *c, int out, int in);
+void st_cpu_prompt_act(float *r, const float *a, size_t n, int tanh_act);
+void st_cpu_prompt_act_bwd(float *dx, const float *a, const float *r, size_t n, int tanh_act);
 void st_cpu_lora_dropout(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
                          int64_t sample0, int k, uint64_t thresh, float inv);
 void st_cpu_copy_cols(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate);

@@ -1,5 +1,6 @@
-/* cpu_lora.c — the CPU twins of the LoRA dropout mask and DoRA's kernels (st_backend.lora_dropout,
- * dora_norm, dora_apply, dora_bwd, scale_rows: kernels/kernels.h; the CUDA kernels are in
+/* cpu_lora.c — the CPU twins of the LoRA dropout mask, DoRA's kernels and the prompt encoders' activation
+ * (st_backend.lora_dropout, dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd:
+ * kernels/kernels.h; the CUDA kernels are in
  * kernels/cuda/backend_cuda.cu). Built with -ffp-contract=off (CMakeLists.txt): every product and sum is
  * rounded on its own, as the CUDA kernels' __fmul_rn / __dmul_rn ..., on any -march. */
 #include "kernels/cpu/cpu_kernels.h"
@@ -65,4 +66,12 @@ void st_cpu_dora_bwd(float *gm, float *base, float *dy, const float *z, const fl
 void st_cpu_scale_rows(float *w, const float *c, int out, int in) {
     for (int j = 0; j < out; j++)
         for (int i = 0; i < in; i++) w[(size_t)j * in + i] *= c[j];
+}
+
+void st_cpu_prompt_act(float *r, const float *a, size_t n, int tanh_act) {
+    for (size_t i = 0; i < n; i++) r[i] = tanh_act ? tanhf(a[i]) : (a[i] > 0 ? a[i] : 0.0f);
+}
+
+void st_cpu_prompt_act_bwd(float *dx, const float *a, const float *r, size_t n, int tanh_act) {
+    for (size_t i = 0; i < n; i++) dx[i] *= tanh_act ? 1.0f - r[i] * r[i] : (a[i] > 0 ? 1.0f : 0.0f);
 }

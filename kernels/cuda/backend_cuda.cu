@@ -424,6 +424,27 @@ static void cu_scale_rows(float *w, const float *c, int out, int in) {
     ST_CUDA_LAUNCHED("scale_rows");
 }
 
+/* the prompt encoders' activation (kernels/kernels.h); tanhf is CUDA's (within 2 ulp of the CPU's) */
+__global__ void prompt_act_kernel(float *r, const float *a, size_t n, int tanh_act) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        r[i] = tanh_act ? tanhf(a[i]) : (a[i] > 0 ? a[i] : 0.0f);
+}
+static void cu_prompt_act(float *r, const float *a, size_t n, int tanh_act) {
+    if (!n) return;
+    prompt_act_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(r, a, n, tanh_act);
+    ST_CUDA_LAUNCHED("prompt_act");
+}
+__global__ void prompt_act_bwd_kernel(float *dx, const float *a, const float *r, size_t n, int tanh_act) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dx[i] = __fmul_rn(dx[i], tanh_act ? __fsub_rn(1.0f, __fmul_rn(r[i], r[i])) : (a[i] > 0 ? 1.0f : 0.0f));
+}
+static void cu_prompt_act_bwd(float *dx, const float *a, const float *r, size_t n, int tanh_act) {
+    if (!n) return;
+    prompt_act_bwd_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dx, a, r, n,
+                                                                                                  tanh_act);
+    ST_CUDA_LAUNCHED("prompt_act_bwd");
+}
+
 static void cu_bias_bwd(float *dbias, const float *dy, int n, int c) {
     if (n <= 0 || c <= 0) return;
     int parts = st_cuda_colsum_partials(n, c, 1, g.scratch_bytes / sizeof(float));
@@ -740,6 +761,8 @@ static const st_backend cuda_backend = {
     .dora_apply = cu_dora_apply,
     .dora_bwd = cu_dora_bwd,
     .scale_rows = cu_scale_rows,
+    .prompt_act = cu_prompt_act,
+    .prompt_act_bwd = cu_prompt_act_bwd,
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# test_peft_device.sh — LoRA and QLoRA on a device backend without a GPU (tests/tools/fakedev.c --guard:
+# test_peft_device.sh — the PEFT modes on a device backend without a GPU (tests/tools/fakedev.c --guard:
 # the CPU backend's kernels behind device-style memory, host_memory 0, every copy and every operand of
-# matmul / copy_cols / add_scalar / dequant_* checked against the tagged device allocations):
-#  1. lora (every llama projection: packed q/k/v and gate/up column blocks; without and with dropout),
-#     DoRA (fp32; bf16 with dropout), qlora nf4 with double quantization, qlora int8 without, qlora under
-#     bf16 with dropout, qlora with DoRA, prompt tuning (llama, and gpt2: its position rows added), prefix
-#     tuning: no host buffer reaches the backend, the losses of 6 steps (2 micro-batches each) are
-#     bit-identical to the same job on the CPU backend, and the saved adapter
+# matmul / copy_cols / add_scalar / lora_dropout / dora_* / scale_rows / prompt_act* / dequant_* checked
+# against the tagged device allocations):
+#  1. LoRA (every llama projection: packed q/k/v and gate/up column blocks; without and with dropout), DoRA
+#     (fp32; bf16 with dropout), QLoRA (nf4 with double quantization, int8 without, bf16 with dropout,
+#     with DoRA), prompt tuning (llama, and gpt2: its position rows added), prefix tuning with and without
+#     projection, P-tuning (MLP encoder): no host buffer reaches the backend, the losses of 6 steps (2
+#     micro-batches each) are bit-identical to the same job on the CPU backend, and the saved adapter
 #     (final/adapter_model.safetensors) is byte-identical;
-#  2. what is not supported on a device backend yet is refused by name: P-tuning,
-#     prefix tuning's projection.
+#  2. what is not supported on a device backend yet is refused by name: P-tuning's LSTM encoder.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
 [ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
@@ -54,6 +54,8 @@ device qlora_bf16 finetune.mode=qlora precision=bf16 finetune.lora.dropout=0.1
 device qlora_dora finetune.mode=qlora finetune.lora.dora=true
 device prompt finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=3
 device prefix finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3
+device ptuning finetune.mode=p_tuning finetune.prompt.virtual_tokens=3
+device prefix_proj finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3 finetune.prefix.projection=true
 "$BIN" init-model --family gpt2 --layers 2 --dim 64 --heads 4 --vocab 128 --max-seq 64 --seed 3 --out "$T/gpt2" >/dev/null
 device prompt_gpt2 finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=3 model.path="$T/gpt2"
 
@@ -69,6 +71,5 @@ refused() {
   ! grep -q "fakedev (rank" "$T/ref.err" || fail "$*: refused only after a host/device mix-up: $(cat "$T/ref.err")"
   rm -rf "$T/ref" "$T/ref.out" "$T/ref.err"
 }
-refused "p_tuning" finetune.mode=p_tuning
-refused "finetune.prefix.projection" finetune.mode=prefix_tuning finetune.prefix.projection=true
-echo "p_tuning, prefix projection: refused on a device backend by name"
+refused "finetune.prompt.encoder lstm" finetune.mode=p_tuning finetune.prompt.encoder=lstm
+echo "p_tuning's lstm encoder: refused on a device backend by name"

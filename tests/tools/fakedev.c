@@ -9,7 +9,7 @@
  *  --guard: its alloc hands out "device" memory from a registry of tagged ranges and it says host_memory 0
  *    (as CUDA does). copy_to_device must go host -> device, copy_to_host device -> host, copy and memset0
  *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, lora_dropout,
- *    dora_norm, dora_apply, dora_bwd, scale_rows, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c) device only. A violation (host memory where device memory belongs,
+ *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c) device only. A violation (host memory where device memory belongs,
  *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
  *    status, so the next step boundary stops training with it, as a GPU would have crashed. Use one rank:
  *    with host_memory 0 and several ranks worker/comm.c would need NCCL.
@@ -157,6 +157,14 @@ static void guard_scale_rows(float *w, const float *c, int out, int in) {
     if (out > 0 && in > 0) operands("scale_rows", 2, (const void *[]){w, c});
     cpu->scale_rows(w, c, out, in);
 }
+static void guard_prompt_act(float *r, const float *a, size_t n, int tanh_act) {
+    if (n) operands("prompt_act", 2, (const void *[]){r, a});
+    cpu->prompt_act(r, a, n, tanh_act);
+}
+static void guard_prompt_act_bwd(float *dx, const float *a, const float *r, size_t n, int tanh_act) {
+    if (n) operands("prompt_act_bwd", 3, (const void *[]){dx, a, r});
+    cpu->prompt_act_bwd(dx, a, r, n, tanh_act);
+}
 static void guard_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block) {
     if (n) operands("dequant_int8", 3, (const void *[]){out, q, scale});
     cpu->dequant_int8(out, q, scale, n, block);
@@ -272,7 +280,7 @@ int main(int argc, char **argv) {
         fake.copy = guard_copy, fake.copy_to_device = guard_to_device, fake.copy_to_host = guard_to_host;
         fake.copy_cols = guard_copy_cols, fake.add_scalar = guard_add_scalar, fake.lora_dropout = guard_lora_dropout;
         fake.dora_norm = guard_dora_norm, fake.dora_apply = guard_dora_apply, fake.dora_bwd = guard_dora_bwd;
-        fake.scale_rows = guard_scale_rows;
+        fake.scale_rows = guard_scale_rows, fake.prompt_act = guard_prompt_act, fake.prompt_act_bwd = guard_prompt_act_bwd;
         fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
         guarded = 1;
     }

@@ -341,6 +341,20 @@ static void check_dora(void) {
     report("scale_rows", dev_err(dw, w, nw), tg, tc, 0);
     float *hp[] = {w, ba, mg, c, inv, y, z, base, dy, gm}, *dp[] = {dw, dba, dmg, dc, dinv, gy, gz, gbase, gdy, ggm};
     for (int i = 0; i < 10; i++) free(hp[i]), G->free(dp[i]);
+    /* the prompt encoders' activation: ReLU exact; tanh within CUDA tanhf's 2 ulp (and the backward's
+     * 1 - r^2 of those values, relative to its size near 0 for |a| large: inputs in [-1, 1]) */
+    for (int th = 0; th < 2; th++) {
+        float *a = hrand(na, 1), *r = malloc(na * 4), *d = hrand(na, 1);
+        float *ga = dev_from(a, na * 4), *gr = G->alloc(na * 4), *gd = dev_from(d, na * 4);
+        tick(); G->prompt_act(gr, ga, na, th); tg = tock_gpu();
+        tick(); C->prompt_act(r, a, na, th); tc = tock_cpu();
+        report(th ? "prompt_act (tanh)" : "prompt_act (relu)", dev_err(gr, r, na), tg, tc, th ? 1e-6 : 0);
+        G->copy_to_device(gr, r, na * 4); /* the backward from the same activations */
+        tick(); G->prompt_act_bwd(gd, ga, gr, na, th); tg = tock_gpu();
+        tick(); C->prompt_act_bwd(d, a, r, na, th); tc = tock_cpu();
+        report(th ? "prompt_act_bwd (tanh)" : "prompt_act_bwd (relu)", dev_err(gd, d, na), tg, tc, 0);
+        free(a), free(r), free(d), G->free(ga), G->free(gr), G->free(gd);
+    }
 }
 
 static void check_bias(void) {

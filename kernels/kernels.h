@@ -241,6 +241,33 @@ struct st_backend {
     void (*embedding_pos_fwd)(float *out, const int32_t *tokens, const float *wte, const float *wpe,
                               const int32_t *pos, int b, int t, int c);
     void (*embedding_pos_bwd)(float *dwpe, const float *dout, const int32_t *pos, int b, int t, int c);
+    /* A column block of a row-major matrix (a packed q/k/v or gate/up site's LoRA adapter, worker/lora.c):
+     * dst[i * ldd + j] = src[i * lds + j] (accumulate 0) or dst[i * ldd + j] += src[i * lds + j] (1),
+     * i < rows, j < cols; both pointers are device memory, already offset to the block's first column. */
+    void (*copy_cols)(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate);
+    /* x[i] += v, i < n (QLoRA's double-quantized scales: their mean added back, worker/qlora.c). */
+    void (*add_scalar)(float *x, float v, size_t n);
+    /* LoRA dropout over adapter k's [rows, in] input x (worker/lora.c): row i's key
+     * rk = mix(mix(key ^ mix((sample0 + i / t) * 0x9e3779b97f4a7c15 + i % t)) ^ k) (mix: splitmix64's
+     * finalizer, uint64 arithmetic), element j kept when mix(rk + j) >= thresh; v = kept ? x * inv : 0;
+     * out = v (add NULL) or add + v (add may be out). */
+    void (*lora_dropout)(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
+                         int64_t sample0, int k, uint64_t thresh, float inv);
+    /* DoRA (worker/lora.c), every product and sum rounded on its own (no FMA contraction), double sums in
+     * row / column order. dora_norm: for row j of the [out, in] weight, ss = sum_i (W + (double)scale * ba)^2
+     * in double, inv[j] = (float)(1 / sqrt(ss)), c[j] = mg[j] * inv[j]. dora_apply: y[i * ldy + j] +=
+     * c[j] * z[i, j] - base[i, j] over [rows, out]. dora_bwd: gm[j] += (float)(inv[j] * sum_i (double)dy[i, j]
+     * z[i, j]) (gm NULL: skipped), base = (c[j] - 1) * dy, then dy *= c[j]. scale_rows: w[j, i] *= c[j]. */
+    void (*dora_norm)(float *c, float *inv, const float *w, const float *ba, const float *mg, int out, int in,
+                      float scale);
+    void (*dora_apply)(float *y, int ldy, const float *z, const float *base, const float *c, int rows, int out);
+    void (*dora_bwd)(float *gm, float *base, float *dy, const float *z, const float *c, const float *inv, int rows,
+                     int out);
+    void (*scale_rows)(float *w, const float *c, int out, int in);
+    /* The prompt encoders' hidden activation (worker/prompt.c): r = tanh(a) (tanh_act) or max(a, 0); and its
+     * backward dx *= tanh_act ? 1 - r * r : (a > 0). */
+    void (*prompt_act)(float *r, const float *a, size_t n, int tanh_act);
+    void (*prompt_act_bwd)(float *dx, const float *a, const float *r, size_t n, int tanh_act);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,

@@ -16,7 +16,9 @@
  * bf16-rounded input the base matmul reads (as LoRA under bf16).
  * A packed site (Llama q/k/v, gate/up) writes and reads a column
  * block of a wider row-major matrix: the backend has no strided matmul, so such an adapter goes through a
- * contiguous scratch tensor copied with host loops (CPU backend only for now). */
+ * contiguous scratch tensor copied by the backend's copy_cols; the dropout mask is the backend's
+ * lora_dropout, DoRA's norms and scalings its dora_* kernels. The working memory is backend memory, so
+ * LoRA, DoRA (and QLoRA's adapters) run on a device backend. */
 #include "worker/lora.h"
 
 #include <math.h>
@@ -64,6 +66,7 @@ struct st_lora {
     float *xd;          /* [rows * max_in] the dropped input (forward) / du @ A (backward) */
     int max_in;
     float *wf;          /* DoRA under bf16: [max_w] an adapted weight's bf16 copy widened to fp32 */
+    const st_backend *be; /* the backend the working memory (u .. xd, wf) came from; NULL before any */
 };
 
 unsigned st_lora_target_bit(const char *name) {
@@ -117,8 +120,6 @@ static int check_spec(const st_model *m, const st_lora_spec *s) {
     if (m->lora) return st_fail(ST_EINVAL, "the model already has LoRA adapters");
     if (m->weights_bf16) /* the bf16 copy is sized for the weights before the adapters */
         return st_fail(ST_EINVAL, "LoRA adapters must be attached before precision bf16 is set");
-    if (m->be && !m->be->host_memory)
-        return st_fail(ST_ECONFIG, "finetune.mode lora runs on the cpu backend only for now (%s backend)", m->be->name);
     return 0;
 }
 
@@ -313,19 +314,27 @@ int st_lora_attach(st_model *m, const st_lora_spec *s) {
     return 0;
 }
 
+/* The working memory: backend memory (+1 float: never a zero-size allocation). */
+static float *work_alloc(const st_backend *be, size_t floats) { return be->alloc((floats + 1) * sizeof(float)); }
+static void work_free(const st_backend *be, float **p) {
+    if (*p) be->free(*p);
+    *p = NULL;
+}
+
+static void free_rows(st_lora *l) {
+    float **bufs[] = {&l->u, &l->tmp, &l->du, &l->z, &l->c, &l->inv_n, &l->base, &l->ba, &l->xd};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) work_free(l->be, bufs[i]);
+    free(l->zoff);
+    l->zoff = NULL;
+    l->rows = 0;
+}
+
 void st_lora_free(st_lora *l) {
     if (!l) return;
-    free(l->u); /* host memory (the CPU backend only, see check_spec) */
-    free(l->tmp);
-    free(l->du);
-    free(l->z);
-    free(l->zoff);
-    free(l->c);
-    free(l->inv_n);
-    free(l->base);
-    free(l->ba);
-    free(l->xd);
-    free(l->wf);
+    if (l->be) {
+        free_rows(l);
+        work_free(l->be, &l->wf);
+    }
     free(l->ad);
     free(l->layer_first);
     free(l->layers);
@@ -385,38 +394,36 @@ size_t st_lora_bf16_work_floats(const st_model *m) {
     return m->lora && m->lora->spec.dora ? m->lora->max_w : 0;
 }
 
-/* Working memory for N rows (host memory: the CPU backend). */
-static int ensure_rows(st_lora *lo, size_t N) {
-    if (lo->rows == N) return 0;
-    free(lo->u); free(lo->tmp); free(lo->du); free(lo->z); free(lo->zoff); free(lo->c); free(lo->inv_n);
-    free(lo->base); free(lo->ba); free(lo->xd);
-    lo->z = lo->c = lo->inv_n = lo->base = lo->ba = lo->xd = NULL;
-    lo->zoff = NULL;
-    lo->u = malloc((size_t)lo->n * N * lo->r * sizeof(float) + 1);
-    lo->tmp = malloc(N * (size_t)lo->max_out * sizeof(float) + 1);
-    lo->du = malloc(N * (size_t)lo->r * sizeof(float) + 1);
+/* Working memory for N rows (backend memory; zoff, an index table, is host memory). */
+static int ensure_rows(const st_backend *be, st_lora *lo, size_t N) {
+    if (lo->rows == N && lo->be == be) return 0;
+    if (lo->be) free_rows(lo);
+    lo->be = be;
+    lo->u = work_alloc(be, (size_t)lo->n * N * lo->r);
+    lo->tmp = work_alloc(be, N * (size_t)lo->max_out);
+    lo->du = work_alloc(be, N * (size_t)lo->r);
     int bad = !lo->u || !lo->tmp || !lo->du;
     if (!bad && lo->spec.dropout > 0) {
         for (int k = 0; k < lo->n; k++) lo->max_in = lo->ad[k].in > lo->max_in ? lo->ad[k].in : lo->max_in;
-        lo->xd = malloc(N * (size_t)lo->max_in * sizeof(float) + 1);
+        lo->xd = work_alloc(be, N * (size_t)lo->max_in);
         bad = !lo->xd;
     }
     if (!bad && lo->spec.dora) {
         size_t zn = 0;
         lo->zoff = malloc((size_t)lo->n * sizeof *lo->zoff + 1);
         for (int k = 0; lo->zoff && k < lo->n; k++) { lo->zoff[k] = zn; zn += N * (size_t)lo->ad[k].out; }
-        lo->z = malloc(zn * sizeof(float) + 1);
-        lo->c = malloc((size_t)lo->n * lo->max_out * sizeof(float) + 1);
-        lo->inv_n = malloc((size_t)lo->n * lo->max_out * sizeof(float) + 1);
-        lo->base = malloc(N * (size_t)lo->max_out * sizeof(float) + 1);
-        lo->ba = malloc(lo->max_w * sizeof(float) + 1);
+        lo->z = work_alloc(be, zn);
+        lo->c = work_alloc(be, (size_t)lo->n * lo->max_out);
+        lo->inv_n = work_alloc(be, (size_t)lo->n * lo->max_out);
+        lo->base = work_alloc(be, N * (size_t)lo->max_out);
+        lo->ba = work_alloc(be, lo->max_w);
         bad = !lo->zoff || !lo->z || !lo->c || !lo->inv_n || !lo->base || !lo->ba;
     }
     lo->rows = bad ? 0 : N;
     return bad ? st_fail(ST_ENOMEM, "out of memory for LoRA activations (%zu rows)", N) : 0;
 }
 
-int st_lora_reserve(st_model *m, size_t rows) { return m->lora ? ensure_rows(m->lora, rows) : 0; }
+int st_lora_reserve(st_model *m, size_t rows) { return m->lora ? ensure_rows(m->be, m->lora, rows) : 0; }
 
 /* Whether the adapter covers whole rows of its site's output (no strided copy needed). */
 static int contiguous(const adapter *a, int ystride) { return a->col0 == 0 && a->out == ystride; }
@@ -439,16 +446,7 @@ static void dora_scale(st_model *m, int k, const float *W) {
     const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
     m->be->matmul(lo->ba, B, A, a->out, a->in, lo->r, 0, 0, 1.0f, 0.0f); /* B @ A [out, in] */
     float *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
-    for (int j = 0; j < a->out; j++) {
-        const float *w = W + (size_t)j * a->in, *d = lo->ba + (size_t)j * a->in;
-        double ss = 0;
-        for (int i = 0; i < a->in; i++) {
-            double v = (double)w[i] + (double)lo->scale * d[i];
-            ss += v * v;
-        }
-        inv[j] = (float)(1.0 / sqrt(ss));
-        c[j] = mg[j] * inv[j];
-    }
+    m->be->dora_norm(c, inv, W, lo->ba, mg, a->out, a->in, lo->scale);
 }
 
 /* y[:, block] += c * z - x W^T with z = x W^T + scale * u B^T (u already computed; x the adapter's input,
@@ -464,11 +462,7 @@ static void dora_forward(st_model *m, int k, const float *x, float *y, int ystri
     m->be->matmul(lo->base, x, W, (int)N, a->out, a->in, 0, 1, 1.0f, 0.0f);
     m->be->copy(z, lo->base, N * (size_t)a->out * sizeof(float));
     m->be->matmul(z, u, B, (int)N, a->out, lo->r, 0, 1, lo->scale, 1.0f);
-    for (size_t i = 0; i < N; i++) {
-        float *yr = y + i * ystride + a->col0;
-        const float *zr = z + i * a->out, *br = lo->base + i * a->out;
-        for (int j = 0; j < a->out; j++) yr[j] += c[j] * zr[j] - br[j];
-    }
+    m->be->dora_apply(y + a->col0, ystride, z, lo->base, c, (int)N, a->out);
 }
 
 void st_lora_dropout_batch(st_model *m, int64_t step, int64_t first_sample) {
@@ -493,32 +487,22 @@ void st_lora_set_training(st_model *m, int train) {
     if (m->lora) m->lora->drop_on = train && m->lora->spec.dropout > 0;
 }
 
+/* out[i, j] = add[i, j] + keep(i, j) * x[i, j] / (1 - p) over adapter k's [N, in] input (add == out: +=;
+ * add == x: the dropped input alone, zeros where dropped). keep: a hash of the micro-batch key, the row's
+ * global sample and position, k and j, compared with p. Returns out. */
 static uint64_t mix64(uint64_t z) { /* splitmix64's finalizer */
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
 
-/* out[i, j] = add[i, j] + keep(i, j) * x[i, j] / (1 - p) over adapter k's [N, in] input (add == out: +=;
- * add == x: the dropped input alone, zeros where dropped). keep: a hash of the micro-batch key, the row's
- * global sample and position, k and j, compared with p. Returns out. */
 static const float *dropped(st_model *m, int k, const float *x, const float *add, float *out) {
     const st_lora *lo = m->lora;
-    int in = lo->ad[k].in, T = m->T;
     double p = lo->spec.dropout;
     uint64_t thresh = (uint64_t)(p * 18446744073709551616.0), key = mix64(lo->spec.seed ^ 0x4c6f5241ull); /* "LoRA" */
     key = mix64(key ^ (uint64_t)lo->drop_step);
-    float inv = (float)(1.0 / (1.0 - p));
-    for (size_t i = 0; i < lo->rows; i++) {
-        uint64_t rk = mix64(key ^ mix64((uint64_t)(lo->drop_sample + (int64_t)(i / T)) * 0x9e3779b97f4a7c15ull + i % T));
-        rk = mix64(rk ^ (uint64_t)k);
-        const float *xr = x + i * in, *ar = add + i * in;
-        float *orow = out + i * in;
-        for (int j = 0; j < in; j++) {
-            float v = mix64(rk + (uint64_t)j) >= thresh ? xr[j] * inv : 0.0f;
-            orow[j] = add == x ? v : ar[j] + v;
-        }
-    }
+    m->be->lora_dropout(out, x, add == x ? NULL : add, (int)lo->rows, lo->ad[k].in, m->T, key, lo->drop_sample, k,
+                        thresh, (float)(1.0 / (1.0 - p)));
     return out;
 }
 
@@ -546,9 +530,9 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
     st_lora *lo = m->lora;
     const st_backend *be = m->be;
     size_t N = (size_t)m->B * m->T;
-    int rc = ensure_rows(lo, N);
+    int rc = ensure_rows(be, lo, N);
     if (rc) return rc;
-    if (lo->spec.dora && m->weights_bf16 && !lo->wf && !(lo->wf = malloc(lo->max_w * sizeof(float) + 1)))
+    if (lo->spec.dora && m->weights_bf16 && !lo->wf && !(lo->wf = work_alloc(be, lo->max_w)))
         return st_fail(ST_ENOMEM, "out of memory for DoRA under bf16 (%zu floats)", lo->max_w);
     for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
         const adapter *a = &lo->ad[k];
@@ -566,11 +550,7 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
             continue;
         }
         be->matmul(lo->tmp, u, B, (int)N, a->out, lo->r, 0, 1, lo->scale, 0.0f);
-        for (size_t i = 0; i < N; i++) {
-            float *yr = y + i * ystride + a->col0;
-            const float *t = lo->tmp + i * a->out;
-            for (int j = 0; j < a->out; j++) yr[j] += t[j];
-        }
+        be->copy_cols(y + a->col0, ystride, lo->tmp, a->out, (int)N, a->out, 1);
     }
     return 0;
 }
@@ -583,19 +563,9 @@ static void dora_backward(st_model *m, int k, float *dy, float *dx) {
     const st_param *pm = &m->params[a->mag];
     size_t N = lo->rows;
     const float *z = lo->z + lo->zoff[k], *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
-    if (pm->grad_offset >= 0) {
-        float *gm = m->grads + pm->grad_offset;
-        for (int j = 0; j < a->out; j++) {
-            double s = 0;
-            for (size_t i = 0; i < N; i++) s += (double)dy[i * a->out + j] * z[i * a->out + j];
-            gm[j] += (float)(s * inv[j]);
-        }
-    }
-    for (size_t i = 0; i < N; i++)
-        for (int j = 0; j < a->out; j++) lo->base[i * a->out + j] = (c[j] - 1.0f) * dy[i * a->out + j];
+    m->be->dora_bwd(pm->grad_offset >= 0 ? m->grads + pm->grad_offset : NULL, lo->base, dy, z, c, inv, (int)N,
+                    a->out);
     if (dx) m->be->matmul(dx, lo->base, dora_weight(m, k), (int)N, a->in, a->out, 0, 0, 1.0f, 1.0f);
-    for (size_t i = 0; i < N; i++)
-        for (int j = 0; j < a->out; j++) dy[i * a->out + j] *= c[j];
 }
 
 void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x, const float *dy, int ystride,
@@ -610,7 +580,7 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
         const float *A = m->weights + pa->offset, *B = m->weights + pb->offset;
         const float *u = lo->u + (size_t)k * N * lo->r, *dyc = dy;
         if (!contiguous(a, ystride) || a->mag >= 0) {
-            for (size_t i = 0; i < N; i++) memcpy(lo->tmp + i * a->out, dy + i * ystride + a->col0, (size_t)a->out * sizeof(float));
+            be->copy_cols(lo->tmp, a->out, dy + a->col0, ystride, (int)N, a->out, 0);
             dyc = lo->tmp;
         }
         if (a->mag >= 0) dora_backward(m, k, lo->tmp, lo->drop_on ? NULL : dx); /* lo->tmp becomes dz */
@@ -642,14 +612,12 @@ static int merge_adapter(st_model *m, int k, float *W) {
     const adapter *a = &lo->ad[k];
     const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
     if (a->mag >= 0) {
-        if (!lo->rows && ensure_rows(lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
+        if (!lo->rows && ensure_rows(m->be, lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
         dora_scale(m, k, W); /* the norm of the weight being merged */
     }
     m->be->matmul(W, B, A, a->out, a->in, lo->r, 0, 0, lo->scale, 1.0f); /* W += scale * B @ A */
     if (a->mag >= 0) {
-        const float *c = lo->c + (size_t)k * lo->max_out;
-        for (int j = 0; j < a->out; j++)
-            for (int i = 0; i < a->in; i++) W[(size_t)j * a->in + i] *= c[j];
+        m->be->scale_rows(W, lo->c + (size_t)k * lo->max_out, a->out, a->in);
     }
     return 0;
 }

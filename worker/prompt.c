@@ -1,6 +1,7 @@
 /* prompt.c — prompt learning on a st_model (see prompt.h): prompt tuning, P-tuning's encoders (MLP here,
- * the LSTM core in prompt_lstm.c), prefix tuning with or without its projection. Host memory: the CPU
- * backend only. */
+ * the LSTM core in prompt_lstm.c), prefix tuning with or without its projection. Prompt tuning and prefix
+ * tuning without a projection run on any backend (their rows move with the backend's copy / copy_cols);
+ * the encoders keep host working memory and host loops: the CPU backend only (refused by name). */
 #define _DEFAULT_SOURCE /* strdup */
 #include "worker/prompt.h"
 
@@ -31,6 +32,8 @@ struct st_prompt {
     int B, T;           /* the reserved batch: B sequences of T real tokens */
     int32_t *in, *tg;   /* [B * (V + T)] widened batch */
     float *w;
+    float *zeros;       /* prefix tuning: 2 * KVD zeros (backend memory) that clear the virtual rows' dk/dv */
+    const st_backend *be; /* the backend zeros, table, dtab and a[0] came from (NULL: host memory) */
     char *init_text, *tokenizer_dir; /* TEXT init, else NULL */
 };
 
@@ -49,11 +52,12 @@ void st_prompt_free(st_prompt *p) {
     free(p->in);
     free(p->tg);
     free(p->w);
-    free(p->table);
-    free(p->a[0]);
+    float *bufs[] = {p->table, p->a[0], p->dtab, p->zeros};
+    for (int i = 0; i < 4; i++)
+        if (bufs[i] && p->be) p->be->free(bufs[i]);
+        else free(bufs[i]);
     st_plstm_free(p->ls);
     free(p->lx);
-    free(p->dtab);
     free(p->init_text);
     free(p->tokenizer_dir);
     free(p);
@@ -62,15 +66,16 @@ void st_prompt_free(st_prompt *p) {
 const char *st_prompt_init_text(const st_model *m) { return m->prompt ? m->prompt->init_text : NULL; }
 const char *st_prompt_tokenizer_dir(const st_model *m) { return m->prompt ? m->prompt->tokenizer_dir : NULL; }
 
-static int check(const st_model *m, int V, const char *mode) {
+static int check(const st_model *m, int V, const char *mode, int encoder) {
     if (V < 1)
         return st_fail(ST_ECONFIG, "finetune.%s.virtual_tokens must be >= 1, got %d",
                        strcmp(mode, "prefix_tuning") ? "prompt" : "prefix", V);
     if (m->lora || m->prompt) return st_fail(ST_EINVAL, "the model already has adapters");
     if (m->weights_bf16) /* the bf16 copy is sized for the weights before the prompt's tensors */
         return st_fail(ST_EINVAL, "finetune.mode %s: the prompt must be attached before precision bf16 is set", mode);
-    if (m->be && !m->be->host_memory)
-        return st_fail(ST_ECONFIG, "finetune.mode %s runs on the cpu backend only for now (%s backend)", mode, m->be->name);
+    if (m->be && !m->be->host_memory && encoder)
+        return st_fail(ST_ECONFIG, "finetune.mode p_tuning with finetune.prompt.encoder lstm runs on the cpu backend "
+                                   "only for now (%s backend)", m->be->name);
     return 0;
 }
 
@@ -107,14 +112,19 @@ static int add_entries(st_model *m, int n, const entry *e, uint64_t seed) {
     if (!m->be) return 0; /* registry-only model */
     float *nw = m->be->alloc(m->n_weights * sizeof(float));
     if (!nw) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with a prompt", m->n_weights * 4.0 / 1e6);
+    size_t extra = m->n_weights - m->n_base_weights;
+    float *host = malloc(extra * sizeof(float) + 1);
+    if (!host) { m->be->free(nw); return st_fail(ST_ENOMEM, "out of memory initializing the prompt"); }
     if (!m->weights_unread) m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float)); /* else zeros */
     st_rng rng;
     st_rng_seed(&rng, seed, 0x50726f6dull); /* "Prom": its own stream */
-    float *dst = nw + m->n_base_weights;
+    float *dst = host;
     for (int k = 0; k < n; k++)
         for (size_t j = 0; j < m->params[m->prompt->param + k].numel; j++)
             *dst++ = e[k].std > 0 ? (float)(e[k].std * st_rng_normal(&rng))
                                   : (float)(e[k].bound * (2.0 * st_rng_uniform(&rng) - 1.0));
+    m->be->copy_to_device(nw + m->n_base_weights, host, extra * sizeof(float));
+    free(host);
     m->be->free(m->weights);
     m->weights = nw;
     return 0;
@@ -125,12 +135,18 @@ static int add_param(st_model *m, int V, int C, uint64_t seed) {
     return add_entries(m, 1, &e, seed);
 }
 
+/* Backend memory (host memory for a model without a backend). */
+static float *palloc(st_prompt *p, const st_model *m, size_t floats) {
+    p->be = m->be;
+    return m->be ? m->be->alloc(floats * sizeof(float) + sizeof(float)) : calloc(floats + 1, sizeof(float));
+}
+
 /* The encoder's working memory: table and dtab [V, cout], activations [V, hid] x 6. */
-static int encoder_buffers(st_prompt *p) {
+static int encoder_buffers(st_prompt *p, const st_model *m) {
     size_t vh = (size_t)p->V * p->hid;
-    p->table = malloc((size_t)p->V * p->cout * sizeof(float));
-    p->dtab = malloc((size_t)p->V * p->cout * sizeof(float));
-    p->a[0] = malloc(6 * vh * sizeof(float));
+    p->table = palloc(p, m, (size_t)p->V * p->cout);
+    p->dtab = palloc(p, m, (size_t)p->V * p->cout);
+    p->a[0] = palloc(p, m, 6 * vh);
     if (!p->table || !p->dtab || !p->a[0]) return st_fail(ST_ENOMEM, "out of memory for the prompt encoder");
     p->a[1] = p->a[0] + vh;
     p->r[0] = p->a[1] + vh;
@@ -164,7 +180,7 @@ static int add_encoder(st_model *m, int V, int prefix, uint64_t seed) {
     p->cin = C;
     p->hid = H;
     p->cout = out;
-    return encoder_buffers(p);
+    return encoder_buffers(p, m);
 }
 
 /* P-tuning with the LSTM encoder: peft's PromptEncoder (LSTM): embedding [V, C] N(0, 1), torch.nn.LSTM(C, H,
@@ -201,7 +217,7 @@ static int add_lstm_encoder(st_model *m, int V, uint64_t seed) {
     if (rc) return rc;
     p->ldx = p->lx + (size_t)V * 2 * H;
     p->lde = p->ldx + (size_t)V * 2 * H;
-    return encoder_buffers(p);
+    return encoder_buffers(p, m);
 }
 
 /* The LSTM's 16 weights (and gradients, NULL where frozen) in torch's order. */
@@ -217,7 +233,7 @@ static void lstm_tensors(const st_model *m, const float *w[16], float *g[16]) {
 /* kind: 0 prompt tuning, 1 prefix tuning, 2 P-tuning (MLP encoder), 3 prefix tuning with projection,
  * 4 P-tuning (LSTM encoder) */
 static int attach(st_model *m, int V, int prefix, uint64_t seed) {
-    int rc = check(m, V, prefix == 2 || prefix == 4 ? "p_tuning" : prefix ? "prefix_tuning" : "prompt_tuning");
+    int rc = check(m, V, prefix == 2 || prefix == 4 ? "p_tuning" : prefix ? "prefix_tuning" : "prompt_tuning", prefix == 4);
     if (rc) return rc;
     m->prompt = calloc(1, sizeof *m->prompt);
     if (!m->prompt) return st_fail(ST_ENOMEM, "out of memory for the prompt");
@@ -249,7 +265,7 @@ int st_prompt_init_ids(st_model *m, const int32_t *ids, int n, const char *text,
     for (int v = 0; v < p->V; v++) {
         int32_t id = ids[v % n];
         if (id < 0 || id >= m->cfg.vocab) return st_fail(ST_EINVAL, "prompt init token %d is outside the vocabulary", id);
-        memcpy(dst + (size_t)v * C, m->weights + m->params[0].offset + (size_t)id * C, (size_t)C * sizeof(float));
+        m->be->copy(dst + (size_t)v * C, m->weights + m->params[0].offset + (size_t)id * C, (size_t)C * sizeof(float));
     }
     st_model_weights_changed(m);
     free(p->init_text);
@@ -270,6 +286,10 @@ int st_prompt_reserve(st_model *m, int B, int T) {
     p->tg = calloc(n, sizeof *p->tg);
     p->w = calloc(n, sizeof *p->w);
     if (!p->in || !p->tg || !p->w) return st_fail(ST_ENOMEM, "out of memory for the prompt's batch");
+    if (p->prefix && !p->zeros && m->be) {
+        p->zeros = palloc(p, m, 2 * (size_t)m->cfg.n_kv_head * m->cfg.head_dim);
+        if (!p->zeros) return st_fail(ST_ENOMEM, "out of memory for the prefix");
+    }
     p->B = B;
     p->T = T;
     return 0;
@@ -294,22 +314,24 @@ void st_prompt_widen(st_model *m, const int32_t *in, const int32_t *tg, const fl
     *w_out = p->w;
 }
 
+static void encode(const st_model *m, float *out);
+
 void st_prompt_forward(st_model *m, float *x) {
     const st_prompt *p = m->prompt;
-    if (p->enc) st_prompt_encode(m, p->table);
+    if (p->enc) encode(m, p->table);
     if (p->prefix) { /* the virtual rows only carry the prefix keys/values (st_prefix_layer_forward) */
-        if (p->enc) memset(p->dtab, 0, (size_t)p->V * p->cout * sizeof(float));
+        if (p->enc) m->be->memset0(p->dtab, (size_t)p->V * p->cout * sizeof(float));
         return;
     }
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
     const float *pe = m->weights + m->params[p->param].offset;
     if (p->enc) pe = p->table;
     const float *wpe = m->cfg.family == ST_FAMILY_GPT2 ? m->weights + m->params[1].offset : NULL;
-    for (int b = 0; b < p->B; b++)
-        for (int v = 0; v < V; v++) {
-            float *row = x + ((size_t)b * Tm + v) * C;
-            for (int j = 0; j < C; j++) row[j] = pe[(size_t)v * C + j] + (wpe ? wpe[(size_t)v * C + j] : 0.0f);
-        }
+    for (int b = 0; b < p->B; b++) { /* rows = pe (+ wpe): backend copies (encoder: its host table, the CPU) */
+        float *rows = x + (size_t)b * Tm * C;
+        m->be->copy(rows, pe, (size_t)V * C * sizeof(float));
+        if (wpe) m->be->copy_cols(rows, C, wpe, C, V, C, 1);
+    }
 }
 
 /* The encoder's backward: the table's gradient dtab [V, cout] through its linears into its tensors (+=). */
@@ -345,9 +367,7 @@ static void encoder_backward(st_model *m, const float *dtab) {
         }
         float *dx = p->d[j - 1]; /* through the activation before linear j */
         be->matmul(dx, dy, w[1 + 2 * j], V, in, out, 0, 0, 1.0f, 0.0f);
-        const float *a = p->a[j - 1], *r = p->r[j - 1];
-        for (size_t i = 0; i < (size_t)V * H; i++)
-            dx[i] *= p->tanh_act ? 1.0f - r[i] * r[i] : (a[i] > 0 ? 1.0f : 0.0f);
+        be->prompt_act_bwd(dx, p->a[j - 1], p->r[j - 1], (size_t)V * H, p->tanh_act);
         dy = dx;
     }
 }
@@ -363,14 +383,13 @@ void st_prompt_backward(st_model *m, const float *dx) {
     if (!p->enc && pp->grad_offset < 0) return;
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
     float *g = p->enc ? p->dtab : m->grads + pp->grad_offset;
-    if (p->enc) memset(g, 0, (size_t)V * C * sizeof(float));
-    for (int b = 0; b < p->B; b++)
-        for (size_t k = 0; k < (size_t)V * C; k++) g[k] += dx[(size_t)b * Tm * C + k];
+    if (p->enc) m->be->memset0(g, (size_t)V * C * sizeof(float));
+    for (int b = 0; b < p->B; b++) m->be->copy_cols(g, C, dx + (size_t)b * Tm * C, C, V, C, 1);
     if (p->enc) encoder_backward(m, g);
 }
 
-/* The encoder's output [V, cout] into out (host); keeps the activations for backward. */
-void st_prompt_encode(const st_model *m, float *out) {
+/* The encoder's output [V, cout] into out (backend memory); keeps the activations for backward. */
+static void encode(const st_model *m, float *out) {
     st_prompt *p = m->prompt;
     const st_backend *be = m->be;
     int V = p->V, H = p->hid, n = p->enc, l0 = lin0(p);
@@ -389,9 +408,19 @@ void st_prompt_encode(const st_model *m, float *out) {
         be->matmul(y, x, w, V, o, in, 0, 1, 1.0f, 0.0f); /* y = x W^T + b */
         be->bias_add(y, b, V, o);
         if (j == n - 1) break;
-        for (size_t i = 0; i < (size_t)V * H; i++) p->r[j][i] = p->tanh_act ? tanhf(y[i]) : (y[i] > 0 ? y[i] : 0.0f);
+        be->prompt_act(p->r[j], y, (size_t)V * H, p->tanh_act);
         x = p->r[j];
     }
+}
+
+void st_prompt_encode(const st_model *m, float *out) {
+    const st_prompt *p = m->prompt;
+    if (m->be->host_memory) {
+        encode(m, out);
+        return;
+    }
+    encode(m, p->table);
+    m->be->copy_to_host(out, p->table, (size_t)p->V * p->cout * sizeof(float));
 }
 
 void st_prompt_real_rows(const st_model *m, float *x) {
@@ -413,11 +442,9 @@ void st_prefix_layer_forward(st_model *m, int l, float *qkv) {
     size_t Q = (size_t)(c->n_head + 2 * c->n_kv_head) * c->head_dim, qd = (size_t)c->n_head * c->head_dim;
     const float *tab = p->enc ? p->table : m->weights + m->params[p->param].offset;
     for (int b = 0; b < p->B; b++)
-        for (int v = 0; v < V; v++) {
-            float *row = qkv + ((size_t)b * Tm + v) * Q;
-            memcpy(row + qd, tab + (size_t)v * W + prefix_col(m, l, 0), (size_t)KVD * sizeof(float));
-            memcpy(row + qd + KVD, tab + (size_t)v * W + prefix_col(m, l, 1), (size_t)KVD * sizeof(float));
-        }
+        for (int kv = 0; kv < 2; kv++)
+            m->be->copy_cols(qkv + (size_t)b * Tm * Q + qd + (size_t)kv * KVD, (int)Q, tab + prefix_col(m, l, kv), W, V,
+                             KVD, 0);
 }
 
 void st_prefix_layer_backward(st_model *m, int l, float *dqkv) {
@@ -428,17 +455,11 @@ void st_prefix_layer_backward(st_model *m, int l, float *dqkv) {
     int V = p->V, Tm = V + p->T, W = st_prefix_width(c), KVD = c->n_kv_head * c->head_dim;
     size_t Q = (size_t)(c->n_head + 2 * c->n_kv_head) * c->head_dim, qd = (size_t)c->n_head * c->head_dim;
     float *g = !m->grads ? NULL : p->enc ? p->dtab : pp->grad_offset >= 0 ? m->grads + pp->grad_offset : NULL;
-    for (int b = 0; b < p->B; b++)
-        for (int v = 0; v < V; v++) {
-            float *row = dqkv + ((size_t)b * Tm + v) * Q;
-            for (int kv = 0; kv < 2; kv++) {
-                float *d = row + qd + (size_t)kv * KVD;
-                if (g) {
-                    float *gr = g + (size_t)v * W + prefix_col(m, l, kv);
-                    for (int j = 0; j < KVD; j++) gr[j] += d[j];
-                }
-                /* the virtual rows' own keys/values were replaced: nothing flows back into their residual */
-                memset(d, 0, (size_t)KVD * sizeof(float));
-            }
-        }
+    for (int b = 0; b < p->B; b++) {
+        float *rows = dqkv + (size_t)b * Tm * Q + qd;
+        for (int kv = 0; g && kv < 2; kv++)
+            m->be->copy_cols(g + prefix_col(m, l, kv), W, rows + (size_t)kv * KVD, (int)Q, V, KVD, 1);
+        /* the virtual rows' own keys/values were replaced: nothing flows back into their residual */
+        m->be->copy_cols(rows, (int)Q, p->zeros, 0, V, 2 * KVD, 0);
+    }
 }

@@ -66,7 +66,8 @@ int st_ptuning_attach(st_model *m, int virtual_tokens, int lstm, uint64_t seed);
  * LSTM builds it (21 registry entries). */
 int st_prompt_is_lstm(const st_model *m);
 int st_prompt_is_ptuning(const st_model *m);
-void st_prompt_encode(const st_model *m, float *out); /* the encoder's output [V, width]; host memory */
+void st_prompt_encode(const st_model *m, float *out); /* the encoder's output [V, width] into host memory
+                                                          (a device backend: through the encoder's table) */
 int st_prompt_has_encoder(const st_model *m);         /* P-tuning or prefix projection */
 int st_prompt_table_width(const st_model *m);         /* C, or L*2*KVH*hd for a prefix */
 

@@ -160,6 +160,22 @@ double st_cpu_sumsq(const float *x, size_t n) {
     return total;
 }
 
+void st_cpu_copy_cols(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate) {
+#pragma omp parallel for schedule(static) if ((long)rows * cols >= ST_CPU_PAR_MIN)
+    for (int i = 0; i < rows; i++) {
+        float *restrict d = dst + (size_t)i * ldd;
+        const float *restrict r = src + (size_t)i * lds;
+        if (accumulate)
+            for (int j = 0; j < cols; j++) d[j] += r[j];
+        else
+            memcpy(d, r, (size_t)cols * sizeof(float));
+    }
+}
+
+void st_cpu_add_scalar(float *x, float v, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += v;
+}
+
 /* ---- the table ---- */
 
 static const st_backend st_cpu_table = {
@@ -215,6 +231,15 @@ static const st_backend st_cpu_table = {
     .rope_pos_bwd = st_cpu_rope_pos_bwd,
     .embedding_pos_fwd = st_cpu_embedding_pos_fwd,
     .embedding_pos_bwd = st_cpu_embedding_pos_bwd,
+    .copy_cols = st_cpu_copy_cols,
+    .add_scalar = st_cpu_add_scalar,
+    .lora_dropout = st_cpu_lora_dropout,
+    .dora_norm = st_cpu_dora_norm,
+    .dora_apply = st_cpu_dora_apply,
+    .dora_bwd = st_cpu_dora_bwd,
+    .scale_rows = st_cpu_scale_rows,
+    .prompt_act = st_cpu_prompt_act,
+    .prompt_act_bwd = st_cpu_prompt_act_bwd,
 };
 
 const st_backend *st_backend_cpu(int threads) {

@@ -125,6 +125,18 @@ static inline float st_cpu_expf(float x) {
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta);
 void st_cpu_bias_add(float *y, const float *bias, int n, int c);
+void st_cpu_add_scalar(float *x, float v, size_t n);
+void st_cpu_dora_norm(float *c, float *inv, const float *w, const float *ba, const float *mg, int out, int in,
+                      float scale);
+void st_cpu_dora_apply(float *y, int ldy, const float *z, const float *base, const float *c, int rows, int out);
+void st_cpu_dora_bwd(float *gm, float *base, float *dy, const float *z, const float *c, const float *inv, int rows,
+                     int out);
+void st_cpu_scale_rows(float *w, const float *c, int out, int in);
+void st_cpu_prompt_act(float *r, const float *a, size_t n, int tanh_act);
+void st_cpu_prompt_act_bwd(float *dx, const float *a, const float *r, size_t n, int tanh_act);
+void st_cpu_lora_dropout(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
+                         int64_t sample0, int k, uint64_t thresh, float inv);
+void st_cpu_copy_cols(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate);
 void st_cpu_bias_bwd(float *dbias, const float *dy, int n, int c);
 void st_cpu_scale(float *x, float s, size_t n);
 double st_cpu_sumsq(const float *x, size_t n);

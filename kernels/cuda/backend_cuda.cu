@@ -291,6 +291,160 @@ static void cu_bias_add(float *y, const float *bias, int n, int c) {
     ST_CUDA_LAUNCHED("bias_add");
 }
 
+/* a column block of a row-major matrix: dst[i * ldd + j] (+)= src[i * lds + j] (worker/lora.c's packed sites) */
+__global__ void copy_cols_kernel(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate) {
+    size_t total = (size_t)rows * cols;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        size_t i = e / cols, j = e % cols;
+        float v = src[i * lds + j];
+        dst[i * ldd + j] = accumulate ? dst[i * ldd + j] + v : v;
+    }
+}
+
+static void cu_copy_cols(float *dst, int ldd, const float *src, int lds, int rows, int cols, int accumulate) {
+    if (rows <= 0 || cols <= 0) return;
+    size_t total = (size_t)rows * cols;
+    copy_cols_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dst, ldd, src, lds,
+                                                                                                 rows, cols, accumulate);
+    ST_CUDA_LAUNCHED("copy_cols");
+}
+
+__global__ void add_scalar_kernel(float *x, float v, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] += v;
+}
+
+static void cu_add_scalar(float *x, float v, size_t n) {
+    if (!n) return;
+    add_scalar_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(x, v, n);
+    ST_CUDA_LAUNCHED("add_scalar");
+}
+
+__device__ static uint64_t mix64_dev(uint64_t z) { /* splitmix64's finalizer, as kernels/cpu */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+__global__ void lora_dropout_kernel(float *out, const float *x, const float *add, int rows, int in, int t,
+                                    uint64_t key, int64_t sample0, int k, uint64_t thresh, float inv) {
+    size_t total = (size_t)rows * in;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        int i = (int)(e / in), j = (int)(e % in);
+        uint64_t rk = mix64_dev(key ^ mix64_dev((uint64_t)(sample0 + (int64_t)(i / t)) * 0x9e3779b97f4a7c15ull +
+                                                (uint64_t)(i % t)));
+        rk = mix64_dev(rk ^ (uint64_t)k);
+        float v = mix64_dev(rk + (uint64_t)j) >= thresh ? __fmul_rn(x[e], inv) : 0.0f;
+        out[e] = add ? __fadd_rn(add[e], v) : v;
+    }
+}
+
+static void cu_lora_dropout(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
+                            int64_t sample0, int k, uint64_t thresh, float inv) {
+    if (rows <= 0 || in <= 0) return;
+    size_t total = (size_t)rows * in;
+    lora_dropout_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(
+        out, x, add, rows, in, t, key, sample0, k, thresh, inv);
+    ST_CUDA_LAUNCHED("lora_dropout");
+}
+
+/* DoRA (kernels/kernels.h): one thread a row / column for the double sums (their order is the CPU twin's),
+ * every operation rounded on its own (no FMA contraction) */
+__global__ void dora_norm_kernel(float *c, float *inv, const float *w, const float *ba, const float *mg, int out,
+                                 int in, float scale) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < out; j += gridDim.x * blockDim.x) {
+        const float *wr = w + (size_t)j * in, *d = ba + (size_t)j * in;
+        double ss = 0;
+        for (int i = 0; i < in; i++) {
+            double v = __dadd_rn((double)wr[i], __dmul_rn((double)scale, (double)d[i]));
+            ss = __dadd_rn(ss, __dmul_rn(v, v));
+        }
+        inv[j] = (float)__ddiv_rn(1.0, __dsqrt_rn(ss));
+        c[j] = __fmul_rn(mg[j], inv[j]);
+    }
+}
+static void cu_dora_norm(float *c, float *inv, const float *w, const float *ba, const float *mg, int out, int in,
+                         float scale) {
+    if (out <= 0) return;
+    dora_norm_kernel<<<st_cuda_grid_1d((size_t)out, 128), 128, 0, g.stream>>>(c, inv, w, ba, mg, out, in, scale);
+    ST_CUDA_LAUNCHED("dora_norm");
+}
+__global__ void dora_apply_kernel(float *y, int ldy, const float *z, const float *base, const float *c, int rows,
+                                  int out) {
+    size_t total = (size_t)rows * out;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        size_t i = e / out, j = e % out;
+        float *yp = y + i * ldy + j;
+        *yp = __fadd_rn(*yp, __fsub_rn(__fmul_rn(c[j], z[e]), base[e]));
+    }
+}
+static void cu_dora_apply(float *y, int ldy, const float *z, const float *base, const float *c, int rows, int out) {
+    if (rows <= 0 || out <= 0) return;
+    size_t total = (size_t)rows * out;
+    dora_apply_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(y, ldy, z, base, c,
+                                                                                                  rows, out);
+    ST_CUDA_LAUNCHED("dora_apply");
+}
+__global__ void dora_dm_kernel(float *gm, const float *dy, const float *z, const float *inv, int rows, int out) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < out; j += gridDim.x * blockDim.x) {
+        double s = 0;
+        for (int i = 0; i < rows; i++)
+            s = __dadd_rn(s, __dmul_rn((double)dy[(size_t)i * out + j], (double)z[(size_t)i * out + j]));
+        gm[j] = __fadd_rn(gm[j], (float)__dmul_rn(s, (double)inv[j]));
+    }
+}
+__global__ void dora_dz_kernel(float *base, float *dy, const float *c, int rows, int out) {
+    size_t total = (size_t)rows * out;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        float cj = c[e % out], d = dy[e];
+        base[e] = __fmul_rn(__fsub_rn(cj, 1.0f), d);
+        dy[e] = __fmul_rn(d, cj);
+    }
+}
+static void cu_dora_bwd(float *gm, float *base, float *dy, const float *z, const float *c, const float *inv, int rows,
+                        int out) {
+    if (rows <= 0 || out <= 0) return;
+    if (gm) {
+        dora_dm_kernel<<<st_cuda_grid_1d((size_t)out, 128), 128, 0, g.stream>>>(gm, dy, z, inv, rows, out);
+        ST_CUDA_LAUNCHED("dora_bwd (magnitude)");
+    }
+    size_t total = (size_t)rows * out;
+    dora_dz_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(base, dy, c, rows, out);
+    ST_CUDA_LAUNCHED("dora_bwd");
+}
+__global__ void scale_rows_kernel(float *w, const float *c, int out, int in) {
+    size_t total = (size_t)out * in;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x)
+        w[e] = __fmul_rn(w[e], c[e / in]);
+}
+static void cu_scale_rows(float *w, const float *c, int out, int in) {
+    if (out <= 0 || in <= 0) return;
+    size_t total = (size_t)out * in;
+    scale_rows_kernel<<<st_cuda_grid_1d(total, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(w, c, out, in);
+    ST_CUDA_LAUNCHED("scale_rows");
+}
+
+/* the prompt encoders' activation (kernels/kernels.h); tanhf is CUDA's (within 2 ulp of the CPU's) */
+__global__ void prompt_act_kernel(float *r, const float *a, size_t n, int tanh_act) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        r[i] = tanh_act ? tanhf(a[i]) : (a[i] > 0 ? a[i] : 0.0f);
+}
+static void cu_prompt_act(float *r, const float *a, size_t n, int tanh_act) {
+    if (!n) return;
+    prompt_act_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(r, a, n, tanh_act);
+    ST_CUDA_LAUNCHED("prompt_act");
+}
+__global__ void prompt_act_bwd_kernel(float *dx, const float *a, const float *r, size_t n, int tanh_act) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dx[i] = __fmul_rn(dx[i], tanh_act ? __fsub_rn(1.0f, __fmul_rn(r[i], r[i])) : (a[i] > 0 ? 1.0f : 0.0f));
+}
+static void cu_prompt_act_bwd(float *dx, const float *a, const float *r, size_t n, int tanh_act) {
+    if (!n) return;
+    prompt_act_bwd_kernel<<<st_cuda_grid_1d(n, ST_CUDA_THREADS), ST_CUDA_THREADS, 0, g.stream>>>(dx, a, r, n,
+                                                                                                  tanh_act);
+    ST_CUDA_LAUNCHED("prompt_act_bwd");
+}
+
 static void cu_bias_bwd(float *dbias, const float *dy, int n, int c) {
     if (n <= 0 || c <= 0) return;
     int parts = st_cuda_colsum_partials(n, c, 1, g.scratch_bytes / sizeof(float));
@@ -600,6 +754,15 @@ static const st_backend cuda_backend = {
     .rope_pos_bwd = st_cu_rope_pos_bwd,
     .embedding_pos_fwd = st_cu_embedding_pos_fwd,
     .embedding_pos_bwd = st_cu_embedding_pos_bwd,
+    .copy_cols = cu_copy_cols,
+    .add_scalar = cu_add_scalar,
+    .lora_dropout = cu_lora_dropout,
+    .dora_norm = cu_dora_norm,
+    .dora_apply = cu_dora_apply,
+    .dora_bwd = cu_dora_bwd,
+    .scale_rows = cu_scale_rows,
+    .prompt_act = cu_prompt_act,
+    .prompt_act_bwd = cu_prompt_act_bwd,
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

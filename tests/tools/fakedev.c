@@ -8,14 +8,16 @@
  * job's `backend` key is ignored):
  *  --guard: its alloc hands out "device" memory from a registry of tagged ranges and it says host_memory 0
  *    (as CUDA does). copy_to_device must go host -> device, copy_to_host device -> host, copy and memset0
- *    device only, free only a registered start. A violation (host memory where device memory belongs,
+ *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, lora_dropout,
+ *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c) device only. A violation (host memory where device memory belongs,
  *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
  *    status, so the next step boundary stops training with it, as a GPU would have crashed. Use one rank:
  *    with host_memory 0 and several ranks worker/comm.c would need NCCL.
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
  *    attention_bwd, cross_entropy, adamw_multi) records a failure in the status, on every rank or only on
  *    RANK; the kernel itself still runs (like a GPU kernel whose fault is only seen later).
- *  --guard-self-test: checks that the guard catches a host buffer in a device copy, and exits.
+ *  --guard-self-test: checks that the guard catches a host buffer in a device copy and a host kernel
+ *    operand (copy_cols), and exits.
  * Exit status and output are those of `shardtune train`. */
 #include <mpi.h>
 #include <stdio.h>
@@ -119,6 +121,59 @@ static void guard_to_host(void *dst, const void *src, size_t bytes) {
     cpu->copy_to_host(dst, src, bytes);
 }
 
+/* kernel operands: each non-NULL pointer must lie in device memory */
+static void operands(const char *kernel, int n, const void *const *p) {
+    for (int i = 0; i < n; i++)
+        if (p[i] && !is_device(p[i])) record("%s: operand %s is host memory", kernel, (const char *[]){"0", "1", "2", "3"}[i]);
+}
+static void guard_copy_cols(float *dst, int ldd, const float *src, int lds, int rows, int cols, int acc) {
+    if (rows > 0 && cols > 0) operands("copy_cols", 2, (const void *[]){dst, src});
+    cpu->copy_cols(dst, ldd, src, lds, rows, cols, acc);
+}
+static void guard_add_scalar(float *x, float v, size_t n) {
+    if (n) operands("add_scalar", 1, (const void *[]){x});
+    cpu->add_scalar(x, v, n);
+}
+static void guard_lora_dropout(float *out, const float *x, const float *add, int rows, int in, int t, uint64_t key,
+                               int64_t sample0, int k, uint64_t thresh, float inv) {
+    if (rows > 0 && in > 0) operands("lora_dropout", 3, (const void *[]){out, x, add});
+    cpu->lora_dropout(out, x, add, rows, in, t, key, sample0, k, thresh, inv);
+}
+static void guard_dora_norm(float *c, float *inv, const float *w, const float *ba, const float *mg, int out, int in,
+                            float scale) {
+    if (out > 0) operands("dora_norm", 4, (const void *[]){c, inv, w, ba}), operands("dora_norm", 1, (const void *[]){mg});
+    cpu->dora_norm(c, inv, w, ba, mg, out, in, scale);
+}
+static void guard_dora_apply(float *y, int ldy, const float *z, const float *base, const float *c, int rows, int out) {
+    if (rows > 0 && out > 0) operands("dora_apply", 4, (const void *[]){y, z, base, c});
+    cpu->dora_apply(y, ldy, z, base, c, rows, out);
+}
+static void guard_dora_bwd(float *gm, float *base, float *dy, const float *z, const float *c, const float *inv,
+                           int rows, int out) {
+    if (rows > 0 && out > 0) operands("dora_bwd", 4, (const void *[]){gm, base, dy, z}), operands("dora_bwd", 2, (const void *[]){c, inv});
+    cpu->dora_bwd(gm, base, dy, z, c, inv, rows, out);
+}
+static void guard_scale_rows(float *w, const float *c, int out, int in) {
+    if (out > 0 && in > 0) operands("scale_rows", 2, (const void *[]){w, c});
+    cpu->scale_rows(w, c, out, in);
+}
+static void guard_prompt_act(float *r, const float *a, size_t n, int tanh_act) {
+    if (n) operands("prompt_act", 2, (const void *[]){r, a});
+    cpu->prompt_act(r, a, n, tanh_act);
+}
+static void guard_prompt_act_bwd(float *dx, const float *a, const float *r, size_t n, int tanh_act) {
+    if (n) operands("prompt_act_bwd", 3, (const void *[]){dx, a, r});
+    cpu->prompt_act_bwd(dx, a, r, n, tanh_act);
+}
+static void guard_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block) {
+    if (n) operands("dequant_int8", 3, (const void *[]){out, q, scale});
+    cpu->dequant_int8(out, q, scale, n, block);
+}
+static void guard_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, size_t n, int block) {
+    if (n) operands("dequant_nf4", 3, (const void *[]){out, packed, absmax});
+    cpu->dequant_nf4(out, packed, absmax, n, block);
+}
+
 /* ---------------------------------------------------------------- injected kernel failure */
 
 static char fail_kernel[64];
@@ -131,8 +186,10 @@ static void count_call(const char *kernel) {
     record("fakedev %s: injected failure%s", kernel, " (as a launch error or illegal address would be)");
 }
 
+static int guarded;
 static void f_matmul(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb, float alpha,
                      float beta) {
+    if (guarded && m > 0 && n > 0) operands("matmul", k > 0 ? 3 : 1, (const void *[]){c, a, b});
     cpu->matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
     count_call("matmul");
 }
@@ -195,8 +252,11 @@ static int guard_self_test(void) {
     fake.copy(host, dev, sizeof host);
     int rc = fake.status();
     printf("guard self-test: %s\n", rc ? st_error() : "NOT caught");
+    fake.copy_cols(dev, 2, host, 2, 2, 1, 1); /* a kernel operand in host memory (a LoRA scratch on the host) */
+    int rc2 = fake.status();
+    printf("guard self-test: %s\n", rc2 ? st_error() : "NOT caught");
     fake.free(dev);
-    return rc == ST_EDEVICE && fake.status() == 0 ? 0 : 1;
+    return rc == ST_EDEVICE && rc2 == ST_EDEVICE && fake.status() == 0 ? 0 : 1;
 }
 
 int main(int argc, char **argv) {
@@ -218,6 +278,11 @@ int main(int argc, char **argv) {
         fake.host_memory = 0;
         fake.alloc = guard_alloc, fake.free = guard_free, fake.memset0 = guard_memset0;
         fake.copy = guard_copy, fake.copy_to_device = guard_to_device, fake.copy_to_host = guard_to_host;
+        fake.copy_cols = guard_copy_cols, fake.add_scalar = guard_add_scalar, fake.lora_dropout = guard_lora_dropout;
+        fake.dora_norm = guard_dora_norm, fake.dora_apply = guard_dora_apply, fake.dora_bwd = guard_dora_bwd;
+        fake.scale_rows = guard_scale_rows, fake.prompt_act = guard_prompt_act, fake.prompt_act_bwd = guard_prompt_act_bwd;
+        fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
+        guarded = 1;
     }
     fake.matmul = f_matmul, fake.matmul_bf16 = f_matmul_bf16;
     fake.attention_fwd = f_attention_fwd, fake.attention_bwd = f_attention_bwd;

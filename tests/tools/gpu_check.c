@@ -313,6 +313,50 @@ static void check_matmul_bf16(void) {
     if (self_test) expect_caught("matmul_bf16 output", mm_bf16_case(0, 1, 1, 0, 1, 0, 1).err, tol);
 }
 
+/* DoRA's kernels on a [FF, CH] weight and [NROWS, FF] activations written into columns 5.. of a
+ * [NROWS, FF + 9] output: every operation rounded on its own on both sides, so exact */
+static void check_dora(void) {
+    const int out = FF, in = CH, ld = FF + 9;
+    size_t nw = (size_t)out * in, na = (size_t)NROWS * out, ny = (size_t)NROWS * ld;
+    float *w = hrand(nw, 1), *ba = hrand(nw, 1), *mg = hrand(out, 1), *c = malloc(out * 4), *inv = malloc(out * 4);
+    float *dw = dev_from(w, nw * 4), *dba = dev_from(ba, nw * 4), *dmg = dev_from(mg, out * 4);
+    float *dc = G->alloc(out * 4), *dinv = G->alloc(out * 4);
+    tick(); G->dora_norm(dc, dinv, dw, dba, dmg, out, in, 0.75f); double tg = tock_gpu();
+    tick(); C->dora_norm(c, inv, w, ba, mg, out, in, 0.75f); double tc = tock_cpu();
+    report("dora_norm (c)", dev_err(dc, c, out), tg, tc, 0);
+    report("dora_norm (1 / norm)", dev_err(dinv, inv, out), tg, tc, 0);
+    float *y = hrand(ny, 1), *z = hrand(na, 1), *base = hrand(na, 1), *dy = hrand(na, 1), *gm = hrand(out, 1);
+    float *gy = dev_from(y, ny * 4), *gz = dev_from(z, na * 4), *gbase = dev_from(base, na * 4);
+    float *gdy = dev_from(dy, na * 4), *ggm = dev_from(gm, out * 4);
+    tick(); G->dora_apply(gy + 5, ld, gz, gbase, dc, NROWS, out); tg = tock_gpu();
+    tick(); C->dora_apply(y + 5, ld, z, base, c, NROWS, out); tc = tock_cpu();
+    report("dora_apply", dev_err(gy, y, ny), tg, tc, 0);
+    tick(); G->dora_bwd(ggm, gbase, gdy, gz, dc, dinv, NROWS, out); tg = tock_gpu();
+    tick(); C->dora_bwd(gm, base, dy, z, c, inv, NROWS, out); tc = tock_cpu();
+    report("dora_bwd (magnitude gradient)", dev_err(ggm, gm, out), tg, tc, 0);
+    report("dora_bwd ((c - 1) dy)", dev_err(gbase, base, na), tg, tc, 0);
+    report("dora_bwd (c dy)", dev_err(gdy, dy, na), tg, tc, 0);
+    tick(); G->scale_rows(dw, dc, out, in); tg = tock_gpu();
+    tick(); C->scale_rows(w, c, out, in); tc = tock_cpu();
+    report("scale_rows", dev_err(dw, w, nw), tg, tc, 0);
+    float *hp[] = {w, ba, mg, c, inv, y, z, base, dy, gm}, *dp[] = {dw, dba, dmg, dc, dinv, gy, gz, gbase, gdy, ggm};
+    for (int i = 0; i < 10; i++) free(hp[i]), G->free(dp[i]);
+    /* the prompt encoders' activation: ReLU exact; tanh within CUDA tanhf's 2 ulp (and the backward's
+     * 1 - r^2 of those values, relative to its size near 0 for |a| large: inputs in [-1, 1]) */
+    for (int th = 0; th < 2; th++) {
+        float *a = hrand(na, 1), *r = malloc(na * 4), *d = hrand(na, 1);
+        float *ga = dev_from(a, na * 4), *gr = G->alloc(na * 4), *gd = dev_from(d, na * 4);
+        tick(); G->prompt_act(gr, ga, na, th); tg = tock_gpu();
+        tick(); C->prompt_act(r, a, na, th); tc = tock_cpu();
+        report(th ? "prompt_act (tanh)" : "prompt_act (relu)", dev_err(gr, r, na), tg, tc, th ? 1e-6 : 0);
+        G->copy_to_device(gr, r, na * 4); /* the backward from the same activations */
+        tick(); G->prompt_act_bwd(gd, ga, gr, na, th); tg = tock_gpu();
+        tick(); C->prompt_act_bwd(d, a, r, na, th); tc = tock_cpu();
+        report(th ? "prompt_act_bwd (tanh)" : "prompt_act_bwd (relu)", dev_err(gd, d, na), tg, tc, 0);
+        free(a), free(r), free(d), G->free(ga), G->free(gr), G->free(gd);
+    }
+}
+
 static void check_bias(void) {
     size_t n = (size_t)NROWS * CH;
     float *y = hrand(n, 1), *bias = hrand(CH, 1), *db = hrand(CH, 1);
@@ -324,6 +368,40 @@ static void check_bias(void) {
     tick(); C->bias_bwd(db, y, NROWS, CH); tc = tock_cpu();
     report("bias_bwd", dev_err(ddb, db, CH), tg, tc, 1e-5);
     G->free(dy), G->free(dbias), G->free(ddb), free(y), free(bias), free(db);
+    /* copy_cols: a 37-column block at column 11 of a [NROWS, CH] matrix from a [NROWS, 37] one, copied and
+     * accumulated (exact: one add per element) */
+    const int cols = 37, col0 = 11;
+    float *m = hrand(n, 1), *blk = hrand((size_t)NROWS * cols, 1);
+    float *dm = dev_from(m, n * 4), *dblk = dev_from(blk, (size_t)NROWS * cols * 4);
+    for (int acc = 0; acc < 2; acc++) {
+        tick(); G->copy_cols(dm + col0, CH, dblk, cols, NROWS, cols, acc); tg = tock_gpu();
+        tick(); C->copy_cols(m + col0, CH, blk, cols, NROWS, cols, acc); tc = tock_cpu();
+        report(acc ? "copy_cols (accumulate)" : "copy_cols", dev_err(dm, m, n), tg, tc, 0);
+    }
+    tick(); G->copy_cols(dblk, cols, dm + col0, CH, NROWS, cols, 0); tg = tock_gpu();
+    tick(); C->copy_cols(blk, cols, m + col0, CH, NROWS, cols, 0); tc = tock_cpu();
+    report("copy_cols (gather)", dev_err(dblk, blk, (size_t)NROWS * cols), tg, tc, 0);
+    G->free(dm), G->free(dblk), free(m), free(blk);
+    /* add_scalar: one fp32 add per element, exact */
+    float *x = hrand(n, 1), *dx = dev_from(x, n * 4);
+    tick(); G->add_scalar(dx, 0.3125f, n); tg = tock_gpu();
+    tick(); C->add_scalar(x, 0.3125f, n); tc = tock_cpu();
+    report("add_scalar", dev_err(dx, x, n), tg, tc, 0);
+    /* lora_dropout: the mask (64-bit hashes) and x * inv, then add + v in place; exact. T = 80 rows a
+     * sequence, a first sample past 2^32, p = 0.3 */
+    float *a = hrand(n, 1), *da = dev_from(a, n * 4), *dout = dev_from(x, n * 4);
+    uint64_t thresh = (uint64_t)(0.3 * 18446744073709551616.0);
+    float inv = (float)(1.0 / 0.7);
+    tick(); G->lora_dropout(dout, dx, NULL, NROWS, CH, T, 0x1234567890abcdefull, 5000000000ll, 3, thresh, inv); tg = tock_gpu();
+    float *ref = malloc(n * sizeof(float));
+    tick(); C->lora_dropout(ref, x, NULL, NROWS, CH, T, 0x1234567890abcdefull, 5000000000ll, 3, thresh, inv); tc = tock_cpu();
+    report("lora_dropout", dev_err(dout, ref, n), tg, tc, 0);
+    free(ref);
+    tick(); G->lora_dropout(da, dx, da, NROWS, CH, T, 0x77ull, 1, 0, thresh, inv); tg = tock_gpu();
+    tick(); C->lora_dropout(a, x, a, NROWS, CH, T, 0x77ull, 1, 0, thresh, inv); tc = tock_cpu();
+    report("lora_dropout (accumulate)", dev_err(da, a, n), tg, tc, 0);
+    G->free(dx), G->free(da), G->free(dout), free(x), free(a);
+    check_dora();
 }
 
 static void check_elementwise(void) {

@@ -62,7 +62,10 @@ ST_CKS_TARGET static uint64_t checksum_avx512(const float *x, uint64_t first, si
         key0 = _mm512_add_epi64(key0, step);
         key1 = _mm512_add_epi64(key1, step);
     }
-    uint64_t sum = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(acc0, acc1));
+    /* the lanes summed as uint64_t: GCC's _mm512_reduce_add_epi64 adds signed long longs (UB on overflow) */
+    uint64_t lane[8], sum = 0;
+    _mm512_storeu_si512(lane, _mm512_add_epi64(acc0, acc1));
+    for (int j = 0; j < 8; j++) sum += lane[j];
     return sum + checksum_plain(x + k, first + k, n - k);
 }
 #endif

@@ -377,18 +377,25 @@ static void q2_K_block(const float *x, uint8_t *out, int lanes) {
             qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
 }
 
+/* The value of largest magnitude in a 16-element group (the first on ties), its magnitude in *amax. */
+static float group_extreme16(const float *x, float *amax) {
+    float max = 0;
+    *amax = 0;
+    for (int i = 0; i < 16; i++) {
+        float ax = fabsf(x[i]);
+        if (ax > *amax) {
+            *amax = ax;
+            max = x[i];
+        }
+    }
+    return max;
+}
+
 /* One 16-element group, symmetric 3-bit levels -4..3: start from the scale that puts the value of largest
  * magnitude at -4, then up to 5 sweeps that move single levels while that raises sum(w x l)^2 / sum(w l^2)
  * (w = x^2). Returns the least-squares scale; L gets levels + 4. (make_q3_quants with nmax 4, rmse.) */
 static float fit_group3(const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < 16; i++) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
-    }
+    float amax, max = group_extreme16(x, &amax);
     if (amax < EPS_GROUP) {
         memset(L, 0, 16);
         return 0.f;
@@ -489,14 +496,7 @@ static void sym_sums(const float *x, float iscale, int8_t *L, float *sumlx, floa
  * at -32, then 18 nearby inverse scales, the best by weighted (x^2) least squares. (make_qx_quants with
  * nmax 32, rmse_type 1.) Returns the scale; L gets levels + 32. */
 static float fit_group6(const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < 16; i++) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
-    }
+    float amax, max = group_extreme16(x, &amax);
     if (amax < EPS_GROUP) {
         memset(L, 0, 16);
         return 0.f;

@@ -6,6 +6,7 @@
 # be bit-identical) and must pass every check; without --self-test on this GPU-less machine it must exit 2
 # with one line saying why.
 set -euo pipefail
+# (matches read $out from a here-string: `echo | grep -q` can lose echo to SIGPIPE, which pipefail counts)
 B=${ST_BUILD_DIR:?}
 SRC=${ST_SOURCE_DIR:?}
 R=$(mktemp -d); trap 'rm -rf "$R"' EXIT
@@ -15,10 +16,10 @@ grep -q "all GPU checks passed" "$R/gpu_smoke.txt" || { echo "FAIL: no summary i
 echo "$out" | grep -v '^matmul\|max_rel_err'
 for want in "ldd gpu_check  *ok" "ldd shardtune  *ok" "^gpu_check  *ok" "cpu reference fp32  *ok" "cpu reference bf16  *ok" \
             "progressive bf16 ZeRO-1 vs CPU  *ok" "resume bf16 ZeRO-2 bit-identical  *ok" "all GPU checks passed"; do
-  echo "$out" | grep -q "$want" || { echo "FAIL: no line matching '$want'"; exit 1; }
+  grep -q "$want" <<<"$out" || { echo "FAIL: no line matching '$want'"; exit 1; }
 done
 for p in fp32 bf16; do for z in 0 1 2; do
-  echo "$out" | grep -q "2 cpu rank(s) $p ZeRO-$z vs CPU  *ok" || { echo "FAIL: no ok line for $p ZeRO-$z"; exit 1; }
+  grep -q "2 cpu rank(s) $p ZeRO-$z vs CPU  *ok" <<<"$out" || { echo "FAIL: no ok line for $p ZeRO-$z"; exit 1; }
 done; done
 if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then echo "ok: gpu_smoke --self-test passed (a GPU is visible: the no-GPU path is not checked)"; exit 0; fi
 set +e

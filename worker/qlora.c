@@ -30,10 +30,12 @@ typedef struct {
 
 struct st_qlora {
     st_qlora_spec spec;
+    const st_backend *be; /* owns the codes, scales, sbuf and fbuf (backend memory: device memory on a GPU) */
     int n;
     qtensor *t;       /* registry order */
-    float *sbuf;      /* host [max ns]: dequantized scales of the tensor being acquired */
-    float *fbuf;      /* spec.bf16: host [CHUNK floats]: a piece dequantized before its rounding to bf16 */
+    float *sbuf;      /* backend [max ns]: dequantized scales of the tensor being acquired */
+    float *fbuf;      /* backend [chunk floats]: spec.bf16: a piece dequantized before its rounding to bf16; a
+                         device backend: also the staging of a bf16-only piece put from the host */
     size_t chunk;
     uint64_t *sums;   /* spec.bf16: [n_params] the checksums st_qlora_set_sum recorded (bf16-only params) */
     size_t fp32_bytes;
@@ -97,19 +99,24 @@ void st_qlora_double_dequant(float *s, const int8_t *q8, const float *scale2, fl
     for (size_t i = 0; i < ns; i++) s[i] = (float)q8[i] * scale2[i / DQ_BLOCK] + mean;
 }
 
-static void free_tensor(qtensor *t) {
-    free(t->codes);
-    free(t->scales);
-    free(t->q8);
-    free(t->scale2);
+/* A quantized tensor's buffers: host (malloc) with a host-memory backend, else the backend's (device)
+ * memory, uploaded by quantize_one. */
+static void free_tensor(const st_backend *be, qtensor *t) {
+    void (*release)(void *) = be && !be->host_memory ? be->free : free;
+    release(t->codes);
+    release(t->scales);
+    release(t->q8);
+    release(t->scale2);
 }
 
 void st_qlora_free(st_qlora *q) {
     if (!q) return;
-    for (int i = 0; i < q->n; i++) free_tensor(&q->t[i]);
+    for (int i = 0; i < q->n; i++) free_tensor(q->be, &q->t[i]);
     free(q->t);
-    free(q->sbuf);
-    free(q->fbuf);
+    if (q->be) {
+        q->be->free(q->sbuf);
+        q->be->free(q->fbuf);
+    }
     free(q->sums);
     free(q);
 }
@@ -128,20 +135,42 @@ static int bf16_only(const st_model *m, int i) {
     return p->kind == ST_MOD_HEAD;
 }
 
-/* Quantizes one host tensor (registry entry t->param, n floats) into t. */
+/* One host buffer into backend memory (a device backend); the host one freed either way. */
+static void *upload(const st_backend *be, void *host, size_t bytes) {
+    void *d = host ? be->alloc(bytes) : NULL;
+    if (d) be->copy_to_device(d, host, bytes);
+    free(host);
+    return d;
+}
+
+/* Quantizes one host tensor (registry entry t->param, n floats) into t: on the host (bit-identical on every
+ * backend), then, on a device backend, codes and scales uploaded (the acquire dequantizes on the device). */
 static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, const float *host) {
     const st_param *p = &m->params[t->param];
-    t->codes = malloc(s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n);
-    t->scales = malloc(t->ns * sizeof(float));
-    if (!t->codes || !t->scales) return st_fail(ST_ENOMEM, "out of memory quantizing %s", p->name);
-    st_qlora_quant_tensor(s->quant, host, t->n, s->block, t->codes, t->scales);
-    if (!s->double_quant) return 0;
-    t->q8 = malloc(t->ns);
-    t->scale2 = malloc(n_blocks(t->ns, DQ_BLOCK) * sizeof(float));
-    if (!t->q8 || !t->scale2) return st_fail(ST_ENOMEM, "out of memory quantizing %s", p->name);
-    st_qlora_double_quant(t->scales, t->ns, t->q8, t->scale2, &t->mean);
-    free(t->scales);
-    t->scales = NULL;
+    size_t nc = s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n, n2 = n_blocks(t->ns, DQ_BLOCK);
+    qtensor h = *t;
+    h.codes = malloc(nc);
+    h.scales = malloc(t->ns * sizeof(float));
+    if (h.codes && h.scales) st_qlora_quant_tensor(s->quant, host, t->n, s->block, h.codes, h.scales);
+    if (h.codes && h.scales && s->double_quant) {
+        h.q8 = malloc(t->ns);
+        h.scale2 = malloc(n2 * sizeof(float));
+        if (h.q8 && h.scale2) st_qlora_double_quant(h.scales, t->ns, h.q8, h.scale2, &h.mean);
+        free(h.scales);
+        h.scales = NULL;
+    }
+    int ok = h.codes && (s->double_quant ? h.q8 && h.scale2 : h.scales != NULL);
+    if (!ok) free_tensor(NULL, &h);
+    if (ok && !m->be->host_memory) { /* device memory from here on (free_tensor's rule) */
+        h.codes = upload(m->be, h.codes, nc);
+        h.scales = upload(m->be, h.scales, t->ns * sizeof(float));
+        h.q8 = upload(m->be, h.q8, t->ns);
+        h.scale2 = upload(m->be, h.scale2, n2 * sizeof(float));
+        ok = h.codes && (s->double_quant ? h.q8 && h.scale2 : h.scales != NULL);
+        if (!ok) free_tensor(m->be, &h);
+    }
+    if (!ok) return st_fail(ST_ENOMEM, "out of memory quantizing %s%s", p->name, m->be->host_memory ? "" : " (device)");
+    *t = h;
     return 0;
 }
 
@@ -178,9 +207,10 @@ static void layout(st_model *m, const st_qlora *q) {
 }
 
 int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
-    if (!m->be || !m->be->host_memory)
-        return st_fail(ST_ECONFIG, "finetune.mode qlora runs on the cpu backend only for now%s%s%s",
-                       m->be ? " (" : "", m->be ? m->be->name : "", m->be ? " backend)" : "");
+    if (!m->be) return st_fail(ST_EINVAL, "st_qlora_begin: the model has no backend");
+    if (!m->be->dequant_nf4 || !m->be->dequant_int8 || !m->be->add_scalar)
+        return st_fail(ST_ECONFIG, "finetune.mode qlora is not supported by the %s backend (no dequantization kernels)",
+                       m->be->name);
     if (m->acquire) /* ZeRO-3 lays out its frozen space from the quantized registry */
         return st_fail(ST_EINVAL, "the base must be quantized before the stage-3 communicator is built");
     if (m->weights_bf16) /* the bf16 copy is sized for the fp32 buffer that compact() shrinks */
@@ -193,6 +223,7 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     if (q) q->t = calloc((size_t)m->n_params, sizeof *q->t);
     if (!q || !q->t) { st_qlora_free(q); return st_fail(ST_ENOMEM, "out of memory quantizing the base model"); }
     q->spec = *s;
+    q->be = m->be;
     size_t max_ns = 0;
     for (int i = 0; i < st_model_base_params(m); i++) {
         if (!quantizable(&m->params[i])) continue;
@@ -207,14 +238,18 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     size_t n32 = m->n_weights - m->n_w16;
     float *w32 = m->be->alloc(n32 * sizeof(float) + sizeof(float));
     m->weights = w32 ? w32 - m->n_w16 : NULL; /* nothing reads below n_w16 (model.h) */
-    q->sbuf = malloc(max_ns * sizeof(float) + 1);
+    q->sbuf = m->be->alloc(max_ns * sizeof(float) + sizeof(float));
     int ok = w32 && q->sbuf;
+    /* whole blocks, whole bytes: a piece of nf4 codes starts on a byte */
+    q->chunk = (size_t)s->block * 2 * (((size_t)1 << 16) / ((size_t)s->block * 2) + 1);
+    if (ok && (s->bf16 || !m->be->host_memory)) {
+        q->fbuf = m->be->alloc(q->chunk * sizeof(float));
+        ok = q->fbuf != NULL;
+    }
     if (ok && s->bf16) {
-        q->chunk = (size_t)s->block * 2 * (((size_t)1 << 16) / ((size_t)s->block * 2) + 1); /* whole blocks, bytes */
-        q->fbuf = malloc(q->chunk * sizeof(float));
         q->sums = calloc((size_t)m->n_params, sizeof *q->sums);
         m->weights_bf16 = m->be->alloc(m->n_weights * sizeof(uint16_t));
-        ok = q->fbuf && q->sums && m->weights_bf16;
+        ok = q->sums && m->weights_bf16;
     }
     if (!ok) {
         m->be->free(w32);
@@ -248,8 +283,17 @@ int st_qlora_put_part(st_model *m, int i, size_t a, size_t n, const float *host)
     const st_param *p = &m->params[i];
     if (find(m->qlora, i) >= 0 || a + n > p->numel)
         return st_fail(ST_EINVAL, "st_qlora_put_part: %s is quantized (whole only) or the range is outside it", p->name);
-    if (p->offset < m->n_w16) m->be->to_bf16(m->weights_bf16 + p->offset + a, host, n);
-    else m->be->copy_to_device(m->weights + p->offset + a, host, n * sizeof(float));
+    const st_qlora *q = m->qlora;
+    if (p->offset >= m->n_w16)
+        m->be->copy_to_device(m->weights + p->offset + a, host, n * sizeof(float));
+    else if (m->be->host_memory)
+        m->be->to_bf16(m->weights_bf16 + p->offset + a, host, n);
+    else /* a device backend rounds device memory: through fbuf, a piece at a time */
+        for (size_t at = 0; at < n; at += q->chunk) {
+            size_t k = n - at < q->chunk ? n - at : q->chunk;
+            m->be->copy_to_device(q->fbuf, host + at, k * sizeof(float));
+            m->be->to_bf16(m->weights_bf16 + p->offset + a + at, q->fbuf, k);
+        }
     st_model_weights_changed(m);
     return 0;
 }
@@ -303,9 +347,9 @@ void st_qlora_acquire(const st_model *m, int first, int last) {
         const qtensor *t = &q->t[k];
         if (t->param < first || t->param >= last) continue;
         const float *s = t->scales;
-        if (!s) { /* double quantization: the scales first (host memory: the CPU backend) */
+        if (!s) { /* double quantization: the scales first, in backend memory */
             be->dequant_int8(q->sbuf, t->q8, t->scale2, t->ns, DQ_BLOCK);
-            for (size_t i = 0; i < t->ns; i++) q->sbuf[i] += t->mean;
+            be->add_scalar(q->sbuf, t->mean, t->ns);
             s = q->sbuf;
         }
         if (q->spec.bf16) { /* bf16 only: a piece at a time through fbuf (whole blocks, whole bytes) */

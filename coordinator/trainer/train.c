@@ -296,9 +296,11 @@ static int load_streamed(trainer *t) {
     return 0;
 }
 
-/* A parameter QLoRA holds in bf16 only (worker/qlora.h): read, checked and summed a piece at a time; its own
- * checksum (from element 0) kept for the checkpoints' adapter_base_checksum. */
-static int load_bf16_only(st_model *m, st_safetensors *s, int i, const char *dir, size_t at, uint64_t *sum) {
+/* A parameter QLoRA keeps unquantized but cannot read in place: one held in bf16 only (worker/qlora.h), or
+ * any kept one on a device backend: read, checked and summed a piece at a time (st_qlora_put_part rounds it
+ * into the bf16 copy or copies it to the device); its own checksum (from element 0) kept for the
+ * checkpoints' adapter_base_checksum (used for the bf16-only ones). */
+static int load_pieces(st_model *m, st_safetensors *s, int i, const char *dir, size_t at, uint64_t *sum) {
     const size_t chunk = (size_t)1 << 20;
     const st_param *p = &m->params[i];
     float *buf = malloc((p->numel < chunk ? p->numel : chunk) * sizeof(float) + sizeof(float));
@@ -345,10 +347,10 @@ static int load_quantized(trainer *t) {
     st_safetensors *s = NULL;
     if (!rc) rc = st_model_check_files(m, c->model.path, &s);
     uint64_t sum = 0;
-    for (int i = 0; !rc && i < nb; i++) { /* host memory (st_qlora_begin's CPU backend): kept ones read in place */
+    for (int i = 0; !rc && i < nb; i++) { /* kept ones read in place on a host-memory backend */
         const st_param *p = &m->params[i];
-        if (st_qlora_bf16_only(m, i)) { /* a piece at a time, rounded into the bf16 copy */
-            rc = load_bf16_only(m, s, i, c->model.path, at[i], &sum);
+        if (st_qlora_bf16_only(m, i) || (!st_qlora_holds(m, i) && !m->be->host_memory)) {
+            rc = load_pieces(m, s, i, c->model.path, at[i], &sum);
             continue;
         }
         float *dst = st_qlora_holds(m, i) ? host : m->weights + p->offset;

@@ -43,6 +43,10 @@ struct st_qlora {
 
 static size_t n_blocks(size_t n, int block) { return (n + (size_t)block - 1) / (size_t)block; }
 
+/* st_qlora_begin's chunk: whole blocks, whole bytes of nf4 codes, about 64 Ki floats */
+static size_t chunk_floats(int block) { return (size_t)block * 2 * (((size_t)1 << 16) / ((size_t)block * 2) + 1); }
+
+
 static int nearest_nf4(float x) {
     int best = 0;
     float bd = fabsf(x - ST_NF4_LEVELS[0]);
@@ -241,7 +245,7 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     q->sbuf = m->be->alloc(max_ns * sizeof(float) + sizeof(float));
     int ok = w32 && q->sbuf;
     /* whole blocks, whole bytes: a piece of nf4 codes starts on a byte */
-    q->chunk = (size_t)s->block * 2 * (((size_t)1 << 16) / ((size_t)s->block * 2) + 1);
+    q->chunk = chunk_floats(s->block);
     if (ok && (s->bf16 || !m->be->host_memory)) {
         q->fbuf = m->be->alloc(q->chunk * sizeof(float));
         ok = q->fbuf != NULL;
@@ -444,16 +448,23 @@ void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quant
     *w16 = s->bf16 ? kept16 + most : 0;
 }
 
-size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *s) {
+size_t st_qlora_acquire_work(const st_model *m, const st_qlora_spec *s, int device) {
+    size_t ns = 0;
+    for (int i = 0; i < st_model_base_params(m); i++)
+        if (quantizable(&m->params[i]) && n_blocks(m->params[i].numel, s->block) > ns) ns = n_blocks(m->params[i].numel, s->block);
+    return (ns + 1) * sizeof(float) + (s->bf16 || device ? chunk_floats(s->block) * sizeof(float) : 0);
+}
+
+size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *s, int device) {
     size_t most = 0, ns = 0, w16 = 0;
     for (int i = 0; i < st_model_base_params(m); i++) {
         const st_param *p = &m->params[i];
-        if (s->bf16 && bf16_only(m, i)) w16 = 1;
+        if ((s->bf16 && bf16_only(m, i)) || (device && !quantizable(p))) w16 = 1;
         if (!quantizable(p) || p->numel <= most) continue;
         most = p->numel;
         ns = n_blocks(p->numel, s->block);
     }
     /* load_quantized's host tensor + quantize_one's fp32 scales of it (before double quantization) +
-     * load_bf16_only's 1 Mi-float piece */
+     * load_pieces' 1 Mi-float piece (bf16-only parameters; on a device backend every kept one) */
     return (most + 1) * sizeof(float) + ns * sizeof(float) + (w16 ? ((size_t)1 << 20) * sizeof(float) : 0);
 }

@@ -17,9 +17,13 @@
  * One layer is resident at a time (the forward and backward walk layers one by one). Under precision bf16
  * the acquire also rounds the dequantized values into the model's bf16 copy, which the matmuls read (with
  * spec.bf16 straight into it, a piece at a time: the scratch then has no fp32 storage).
- * Needs the CPU backend (as LoRA does) and no ZeRO-3 residency hooks.
+ * Any backend with dequant_nf4 / dequant_int8 / add_scalar: the quantization itself runs on the host (one
+ * fp32 tensor at a time, bit-identical everywhere); on a device backend (host_memory 0) the codes and scales
+ * are then uploaded, the acquire dequantizes in device memory, and the bf16-only parameters are put through
+ * a device staging piece. No ZeRO-3 residency hooks when quantizing.
  *
- * Memory: the table (codes, scales) is host memory owned by the model (st_model_free). */
+ * Memory: the table (codes, scales) is backend memory (host memory on the CPU backend, device memory on a
+ * GPU) owned by the model (st_model_free), as are the acquire's scale and piece buffers. */
 #ifndef ST_QLORA_H
 #define ST_QLORA_H
 
@@ -84,9 +88,13 @@ int st_qlora_materialize(st_model *m);
  * in bf16 only (the bf16-only kept parameters + the scratch: below n_w16). */
 void st_qlora_footprint(const st_model *m, const st_qlora_spec *spec, size_t *quantized, size_t *fp32,
                         size_t *scratch, size_t *w16);
-/* The streamed load's working memory besides the model (bytes): one fp32 tensor to quantize and its scales,
- * plus the piece buffer of the bf16-only parameters (coordinator/trainer/train.c load_quantized). */
-size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *spec);
+/* The streamed load's working memory besides the model (bytes, host memory): one fp32 tensor to quantize and
+ * its scales, plus the piece buffer of the bf16-only parameters, and on a device backend (device 1) of every
+ * kept one (coordinator/trainer/train.c load_quantized). */
+size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *spec, int device);
+/* The acquire's buffers st_qlora_begin allocates beside the model (bytes, backend memory): the dequantized
+ * scales of the largest tensor, and with spec.bf16 or on a device backend the piece buffer. */
+size_t st_qlora_acquire_work(const st_model *m, const st_qlora_spec *spec, int device);
 
 /* The quantization itself, on one host tensor of n floats (exposed for tests):
  * codes: nf4 (n + 1) / 2 bytes, int8 n bytes; scales: ceil(n / block) floats (absmax for nf4, absmax / 127

@@ -388,7 +388,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->weights = m->n_weights * (c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t) : sizeof(float));
     r->teacher = teacher;
     size_t qload = 0, q32 = m->n_weights; /* QLoRA: the load's working bytes; the floats with fp32 storage */
-    size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes, the fp32 floats compact() removes */
+    size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes + the acquire's buffers, the fp32 floats compact() removes */
     if (c->finetune.mode == ST_FINETUNE_QLORA) {
         /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one layer's
          * scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
@@ -402,17 +402,20 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         size_t nw = m->qlora ? m->n_weights : m->n_weights - fb / sizeof(float) + scratch;
         if (m->qlora) w16 = m->n_w16;
         q32 = nw - w16;
-        r->weights = q32 * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0) + qb;
-        qbytes = qb;
+        /* the codes and the acquire's buffers (device memory on CUDA, where every kept tensor is put in
+         * pieces: worker/qlora.h) */
+        int dev = c->backend == ST_BACKEND_CUDA;
+        qbytes = qb + st_qlora_acquire_work(m, &qs, dev);
+        r->weights = q32 * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0) + qbytes;
         qdrop = m->qlora ? 0 : fb / sizeof(float) - scratch;
         /* train.c load_quantized: one tensor in flight, then the adapters' initial values (host) */
         size_t adapters = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
-        qload = st_qlora_load_work(m, &qs);
+        qload = st_qlora_load_work(m, &qs, dev);
         if (adapters > qload) qload = adapters;
         /* what the load has written: the fp32 part but the scratch, the bf16-only kept parameters' bf16 (the
          * scratch is first written by a layer's acquire, the rest of the bf16 copy by the first forward) */
-        qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qb)
-                      : (q32 - scratch) * sizeof(float) + qb;
+        qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qbytes)
+                      : (q32 - scratch) * sizeof(float) + qbytes;
     }
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */

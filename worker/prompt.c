@@ -1,7 +1,10 @@
 /* prompt.c — prompt learning on a st_model (see prompt.h): prompt tuning, P-tuning's encoders (MLP here,
- * the LSTM core in prompt_lstm.c), prefix tuning with or without its projection. Prompt tuning and prefix
- * tuning without a projection run on any backend (their rows move with the backend's copy / copy_cols);
- * the encoders keep host working memory and host loops: the CPU backend only (refused by name). */
+ * the LSTM core in prompt_lstm.c), prefix tuning with or without its projection. Every mode runs on any
+ * backend: the rows move with the backend's copy / copy_cols, the linears are backend matmuls. The LSTM core
+ * is host code (a recurrence over the V virtual tokens with fp64 sums, as torch's reference computes it):
+ * on a device backend its weights are copied to a host mirror at each encode, its [V, 2H] output up to
+ * the device, the output's gradient down, and its tensors' gradients accumulated on the host mirror and
+ * copied back (lstm_* below). */
 #define _DEFAULT_SOURCE /* strdup */
 #include "worker/prompt.h"
 
@@ -23,6 +26,10 @@ struct st_prompt {
     int lstm;           /* P-tuning LSTM: 16 LSTM tensors between the embedding and the linears */
     st_plstm *ls;
     float *lx, *ldx, *lde; /* LSTM: output [V, 2H], its gradient, the embedding's gradient scratch [V, C] */
+    float *hw, *hg;     /* LSTM on a device backend: host mirrors of [embedding | 16 LSTM tensors] (weights,
+                           gradients), the tensors at mo[k] */
+    size_t mo[17];
+    float *dlx;         /* LSTM on a device backend: [2, V, 2H] device copies of lx and ldx */
     int tanh_act;
     int cin, hid, cout;
     float *table;       /* [V, cout] encoder output of this forward */
@@ -52,12 +59,14 @@ void st_prompt_free(st_prompt *p) {
     free(p->in);
     free(p->tg);
     free(p->w);
-    float *bufs[] = {p->table, p->a[0], p->dtab, p->zeros};
-    for (int i = 0; i < 4; i++)
+    float *bufs[] = {p->table, p->a[0], p->dtab, p->zeros, p->dlx};
+    for (int i = 0; i < 5; i++)
         if (bufs[i] && p->be) p->be->free(bufs[i]);
         else free(bufs[i]);
     st_plstm_free(p->ls);
     free(p->lx);
+    free(p->hw);
+    free(p->hg);
     free(p->init_text);
     free(p->tokenizer_dir);
     free(p);
@@ -73,9 +82,7 @@ static int check(const st_model *m, int V, const char *mode, int encoder) {
     if (m->lora || m->prompt) return st_fail(ST_EINVAL, "the model already has adapters");
     if (m->weights_bf16) /* the bf16 copy is sized for the weights before the prompt's tensors */
         return st_fail(ST_EINVAL, "finetune.mode %s: the prompt must be attached before precision bf16 is set", mode);
-    if (m->be && !m->be->host_memory && encoder)
-        return st_fail(ST_ECONFIG, "finetune.mode p_tuning with finetune.prompt.encoder lstm runs on the cpu backend "
-                                   "only for now (%s backend)", m->be->name);
+    (void)encoder;
     return 0;
 }
 
@@ -183,6 +190,30 @@ static int add_encoder(st_model *m, int V, int prefix, uint64_t seed) {
     return encoder_buffers(p, m);
 }
 
+/* A device backend: the LSTM's host mirrors and the device copies of its output and output gradient. */
+static int lstm_mirrors(st_prompt *p, const st_model *m) {
+    size_t n = 0;
+    for (int k = 0; k < 17; k++) {
+        p->mo[k] = n;
+        n += m->params[p->param + k].numel;
+    }
+    p->hw = malloc(n * sizeof(float));
+    p->hg = malloc(n * sizeof(float));
+    p->dlx = palloc(p, m, (size_t)p->V * 2 * p->hid);
+    if (!p->hw || !p->hg || !p->dlx) return st_fail(ST_ENOMEM, "out of memory for the LSTM prompt encoder's host mirror");
+    return 0;
+}
+
+/* The host mirror of tensor k (0: the embedding, 1 + j: LSTM tensor j) from the device: weights, or the
+ * gradient (0 where the tensor has none). */
+static void lstm_down(const st_model *m, int k, int grads) {
+    const st_prompt *p = m->prompt;
+    const st_param *pp = &m->params[p->param + k];
+    if (!grads) m->be->copy_to_host(p->hw + p->mo[k], m->weights + pp->offset, pp->numel * sizeof(float));
+    else if (pp->grad_offset >= 0)
+        m->be->copy_to_host(p->hg + p->mo[k], m->grads + pp->grad_offset, pp->numel * sizeof(float));
+}
+
 /* P-tuning with the LSTM encoder: peft's PromptEncoder (LSTM): embedding [V, C] N(0, 1), torch.nn.LSTM(C, H,
  * num_layers 2, bidirectional) with torch's init U(+-1/sqrt(H)), then Linear(2H, 2H), ReLU, Linear(2H, C)
  * (U(+-1/sqrt(2H))); H = C, peft's default encoder_hidden_size. */
@@ -217,7 +248,8 @@ static int add_lstm_encoder(st_model *m, int V, uint64_t seed) {
     if (rc) return rc;
     p->ldx = p->lx + (size_t)V * 2 * H;
     p->lde = p->ldx + (size_t)V * 2 * H;
-    return encoder_buffers(p, m);
+    rc = encoder_buffers(p, m);
+    return rc || !m->be || m->be->host_memory ? rc : lstm_mirrors(p, m);
 }
 
 /* The LSTM's 16 weights (and gradients, NULL where frozen) in torch's order. */
@@ -349,16 +381,33 @@ static void encoder_backward(st_model *m, const float *dtab) {
     const float *dy = dtab;
     for (int j = n - 1; j >= 0; j--) { /* linear j: y = x W^T + b, W = w[1 + 2j] [out, in] */
         int in = j == 0 ? p->cin : H, out = j == n - 1 ? p->cout : H;
-        const float *x = j == 0 ? (p->lstm ? p->lx : w[0]) : p->r[j - 1];
+        const float *x = j == 0 ? (p->lstm ? (p->dlx ? p->dlx : p->lx) : w[0]) : p->r[j - 1];
         if (g[1 + 2 * j]) be->matmul(g[1 + 2 * j], dy, x, out, in, V, 1, 0, 1.0f, 1.0f); /* dW += dy^T x */
         if (g[2 + 2 * j]) be->bias_bwd(g[2 + 2 * j], dy, V, out);
         if (j == 0 && p->lstm) { /* through the LSTM into the embedding */
             const float *lw[16];
             float *lg[16];
             lstm_tensors(m, lw, lg);
-            be->matmul(p->ldx, dy, w[1], V, in, out, 0, 0, 1.0f, 0.0f);
+            be->matmul(p->dlx ? p->dlx + (size_t)V * in : p->ldx, dy, w[1], V, in, out, 0, 0, 1.0f, 0.0f);
             float *de = g[0] ? g[0] : p->lde;
-            st_plstm_backward(p->ls, w[0], lw, lg, p->ldx, de);
+            if (!p->dlx) {
+                st_plstm_backward(p->ls, w[0], lw, lg, p->ldx, de);
+                break;
+            }
+            /* a device backend: on the host mirror (weights mirrored by this forward's encode), the
+             * gradients accumulated there and copied back */
+            be->copy_to_host(p->ldx, p->dlx + (size_t)V * in, (size_t)V * in * sizeof(float));
+            for (int k = 0; k < 17; k++) lstm_down(m, k, 1);
+            for (int k = 0; k < 16; k++) {
+                lw[k] = p->hw + p->mo[1 + k];
+                lg[k] = lg[k] ? p->hg + p->mo[1 + k] : NULL;
+            }
+            st_plstm_backward(p->ls, p->hw, lw, lg, p->ldx, g[0] ? p->hg : p->lde);
+            for (int k = 0; k < 17; k++) {
+                const st_param *q = &m->params[p->param + k];
+                if (q->grad_offset >= 0)
+                    be->copy_to_device(m->grads + q->grad_offset, p->hg + p->mo[k], q->numel * sizeof(float));
+            }
             break;
         }
         if (j == 0) {
@@ -397,8 +446,17 @@ static void encode(const st_model *m, float *out) {
     if (p->lstm) {
         const float *lw[16];
         lstm_tensors(m, lw, NULL);
+        if (p->dlx) { /* a device backend: the host mirror of this step's weights (lstm_mirrors) */
+            for (int k = 0; k < 17; k++) lstm_down(m, k, 0);
+            for (int k = 0; k < 16; k++) lw[k] = p->hw + p->mo[1 + k];
+            x = p->hw;
+        }
         st_plstm_forward(p->ls, x, lw, p->lx);
         x = p->lx;
+        if (p->dlx) {
+            be->copy_to_device(p->dlx, p->lx, (size_t)V * p->cin * sizeof(float));
+            x = p->dlx;
+        }
     }
     for (int j = 0; j < n; j++) {
         const float *w = m->weights + m->params[p->param + l0 + 2 * j].offset;

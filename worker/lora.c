@@ -28,6 +28,7 @@
 
 #include "common/error.h"
 #include "common/rng.h"
+#include "worker/qlora.h"
 
 const char *const st_lora_target_names[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj", "c_attn", "c_proj", "c_fc", NULL};
@@ -262,28 +263,41 @@ int st_lora_init_adapters(st_model *m) {
     return rc;
 }
 
+/* DoRA's m = ||W||_row of every adapted weight, W its dequantized values when the base is quantized: read
+ * a row at a time after the acquire, or (QLoRA's bf16-only scratch, worker/qlora.h: no fp32 storage) the
+ * fp32 dequantized tensor whole, st_qlora_dequant_host. */
 int st_lora_init_magnitudes(st_model *m) {
     st_lora *lo = m->lora;
-    size_t most = 0;
-    for (int k = 0; lo && k < lo->n; k++) most = (size_t)lo->ad[k].in > most ? (size_t)lo->ad[k].in : most;
-    float *row = malloc(most * sizeof(float) + 1), *mg = malloc((size_t)(lo ? lo->max_out : 0) * sizeof(float) + 1);
-    if (!row || !mg) { free(row); free(mg); return st_fail(ST_ENOMEM, "out of memory initializing DoRA"); }
+    size_t most = 0, whole = 0;
     for (int k = 0; lo && k < lo->n; k++) {
+        most = (size_t)lo->ad[k].in > most ? (size_t)lo->ad[k].in : most;
+        const st_param *p = &m->params[lo->ad[k].base];
+        if (lo->ad[k].mag >= 0 && p->offset < m->n_w16 && p->numel > whole) whole = p->numel;
+    }
+    float *row = malloc(most * sizeof(float) + 1), *mg = malloc((size_t)(lo ? lo->max_out : 0) * sizeof(float) + 1);
+    float *w = whole ? malloc(whole * sizeof(float)) : NULL;
+    int rc = row && mg && (w || !whole) ? 0 : st_fail(ST_ENOMEM, "out of memory initializing DoRA");
+    for (int k = 0; !rc && lo && k < lo->n; k++) {
         const adapter *a = &lo->ad[k];
         if (a->mag < 0) continue;
-        st_model_acquire(m, a->base, a->base + 1); /* a quantized base (worker/qlora.h): its dequantized values */
-        for (int j = 0; j < a->out; j++) {
-            m->be->copy_to_host(row, m->weights + m->params[a->base].offset + (size_t)j * a->in, (size_t)a->in * sizeof(float));
+        int in_pieces = m->params[a->base].offset < m->n_w16;
+        if (in_pieces) rc = st_qlora_dequant_host(m, a->base, w);
+        else st_model_acquire(m, a->base, a->base + 1); /* a quantized base (worker/qlora.h): its dequantized values */
+        for (int j = 0; !rc && j < a->out; j++) {
+            const float *r = in_pieces ? w + (size_t)j * a->in : row;
+            if (!in_pieces)
+                m->be->copy_to_host(row, m->weights + m->params[a->base].offset + (size_t)j * a->in, (size_t)a->in * sizeof(float));
             double ss = 0;
-            for (int i = 0; i < a->in; i++) ss += (double)row[i] * row[i];
+            for (int i = 0; i < a->in; i++) ss += (double)r[i] * r[i];
             mg[j] = (float)sqrt(ss);
         }
-        st_model_release(m, a->base, a->base + 1);
-        m->be->copy_to_device(m->weights + m->params[a->mag].offset, mg, (size_t)a->out * sizeof(float));
+        if (!in_pieces) st_model_release(m, a->base, a->base + 1);
+        if (!rc) m->be->copy_to_device(m->weights + m->params[a->mag].offset, mg, (size_t)a->out * sizeof(float));
     }
     free(row);
     free(mg);
-    return 0;
+    free(w);
+    return rc;
 }
 
 int st_lora_attach(st_model *m, const st_lora_spec *s) {

@@ -747,8 +747,6 @@ int st_model_set_precision(st_model *m, st_precision precision) {
     if (precision == ST_PRECISION_BF16 &&
         (!m->be->matmul_bf16 || !m->be->to_bf16 || !m->be->from_bf16 || !m->be->cross_entropy_acc))
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
-    if (precision == ST_PRECISION_BF16 && m->qlora && st_lora_has_dora(m)) /* DoRA reads the bf16 copy of W */
-        return st_fail(ST_ECONFIG, "precision: bf16 with finetune.mode qlora and finetune.lora.dora is not supported yet");
     if (m->n_w16 && precision != ST_PRECISION_BF16) /* worker/qlora.h: that part exists in bf16 only */
         return st_fail(ST_EINVAL, "the model's frozen base is held in bf16 only: precision must stay bf16");
     m->precision = precision;

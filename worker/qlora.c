@@ -344,27 +344,52 @@ int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
     return rc;
 }
 
+/* The block scales of t in backend memory: its own, or (double quantization) dequantized into sbuf. */
+static const float *tensor_scales(const st_qlora *q, const st_backend *be, const qtensor *t) {
+    if (t->scales) return t->scales;
+    be->dequant_int8(q->sbuf, t->q8, t->scale2, t->ns, DQ_BLOCK);
+    be->add_scalar(q->sbuf, t->mean, t->ns);
+    return q->sbuf;
+}
+
+/* Elements [at, at + k) of t dequantized into fbuf (at a multiple of the chunk: whole blocks, whole bytes). */
+static void dequant_piece(const st_qlora *q, const st_backend *be, const qtensor *t, const float *s, size_t at,
+                          size_t k) {
+    size_t sb = at / (size_t)q->spec.block;
+    if (q->spec.quant == ST_QLORA_NF4)
+        be->dequant_nf4(q->fbuf, t->codes + at / 2, s + sb, k, q->spec.block);
+    else
+        be->dequant_int8(q->fbuf, (const int8_t *)t->codes + at, s + sb, k, q->spec.block);
+}
+
+int st_qlora_dequant_host(const st_model *m, int i, float *host) {
+    const st_qlora *q = m->qlora;
+    int k = q ? find(q, i) : -1;
+    if (k < 0 || !q->fbuf || !q->t[k].codes)
+        return st_fail(ST_EINVAL, "st_qlora_dequant_host: %s is not a quantized parameter held in pieces", m->params[i].name);
+    const qtensor *t = &q->t[k];
+    const float *s = tensor_scales(q, m->be, t);
+    for (size_t at = 0; at < t->n; at += q->chunk) {
+        size_t n = t->n - at < q->chunk ? t->n - at : q->chunk;
+        dequant_piece(q, m->be, t, s, at, n);
+        m->be->copy_to_host(host + at, q->fbuf, n * sizeof(float));
+    }
+    return 0;
+}
+
 void st_qlora_acquire(const st_model *m, int first, int last) {
     st_qlora *q = m->qlora;
     const st_backend *be = m->be;
     for (int k = 0; k < q->n; k++) {
         const qtensor *t = &q->t[k];
         if (t->param < first || t->param >= last) continue;
-        const float *s = t->scales;
-        if (!s) { /* double quantization: the scales first, in backend memory */
-            be->dequant_int8(q->sbuf, t->q8, t->scale2, t->ns, DQ_BLOCK);
-            be->add_scalar(q->sbuf, t->mean, t->ns);
-            s = q->sbuf;
-        }
+        const float *s = tensor_scales(q, be, t);
         if (q->spec.bf16) { /* bf16 only: a piece at a time through fbuf (whole blocks, whole bytes) */
             uint16_t *out16 = m->weights_bf16 + m->params[t->param].offset;
             for (size_t at = 0; at < t->n; at += q->chunk) {
-                size_t k = t->n - at < q->chunk ? t->n - at : q->chunk, sb = at / (size_t)q->spec.block;
-                if (q->spec.quant == ST_QLORA_NF4)
-                    be->dequant_nf4(q->fbuf, t->codes + at / 2, s + sb, k, q->spec.block);
-                else
-                    be->dequant_int8(q->fbuf, (const int8_t *)t->codes + at, s + sb, k, q->spec.block);
-                be->to_bf16(out16 + at, q->fbuf, k);
+                size_t n = t->n - at < q->chunk ? t->n - at : q->chunk;
+                dequant_piece(q, be, t, s, at, n);
+                be->to_bf16(out16 + at, q->fbuf, n);
             }
             continue;
         }

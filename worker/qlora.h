@@ -69,6 +69,11 @@ int st_qlora_bf16_only(const st_model *m, int i);
 void st_qlora_set_sum(st_model *m, int i, uint64_t sum);
 uint64_t st_qlora_sum(const st_model *m, int i);
 
+/* The fp32 dequantized values of quantized parameter i (the values the acquire rounds to bf16) into
+ * host[numel], a piece at a time (spec.bf16 or a device backend: the piece buffer exists; ST_EINVAL else):
+ * DoRA's magnitude init when the scratch has no fp32 storage. */
+int st_qlora_dequant_host(const st_model *m, int i, float *host);
+
 /* Dequantizes the quantized parameters among [first, last) into the scratch their offsets point at. */
 void st_qlora_acquire(const st_model *m, int first, int last);
 

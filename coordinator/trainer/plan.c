@@ -67,10 +67,8 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
      * into its scratch by st_model_acquire before the residency hook gathers the layer's adapters) */
     /* precision bf16: the base (QLoRA: each dequantized layer) computes from its bf16 copy, the adapters and
      * their optimizer state stay fp32 (worker/model.c); DoRA reads the base weight's bf16 copy widened
-     * (worker/lora.c). QLoRA's DoRA under bf16 (the dequantized layer's copy): not yet */
-    if (q && c->finetune.lora.dora && c->precision != ST_PRECISION_FP32)
-        return st_fail(ST_ECONFIG, "finetune.mode qlora with finetune.lora.dora and precision bf16 is not supported yet "
-                                   "(use fp32, or finetune.mode lora)");
+     * (worker/lora.c; QLoRA: the acquired layer's copy), its magnitudes start at the fp32 dequantized rows'
+     * norms (st_lora_init_magnitudes) */
     unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
     if (!layers) return st_fail(ST_ENOMEM, "out of memory");
     int rc = st_parse_layer_ranges(c->finetune.lora.layers, m->cfg.n_layer, layers);

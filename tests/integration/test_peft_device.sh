@@ -55,6 +55,7 @@ device qlora finetune.mode=qlora
 device qlora_int8 finetune.mode=qlora finetune.qlora.quant=int8 finetune.qlora.double_quant=false
 device qlora_bf16 finetune.mode=qlora precision=bf16 finetune.lora.dropout=0.2
 device qlora_dora finetune.mode=qlora finetune.lora.dora=true finetune.qlora.block=48
+device qlora_dora_bf16 finetune.mode=qlora finetune.lora.dora=true precision=bf16 finetune.lora.dropout=0.2
 device lora finetune.mode=lora
 device lora_dropout finetune.mode=lora finetune.lora.dropout=0.2
 device dora finetune.mode=lora finetune.lora.dora=true

@@ -19,8 +19,9 @@ For a 2-layer Llama with adapters on all seven projections (r 4), 6 steps of a 1
     adapter inputs as the first forward did).
   * final/ is the same peft adapter directory as under fp32 (tensor names and shapes peft saves, adapter
     config), `eval --adapter final/` runs and equals eval of the merged export (fp32 eval, 1e-6).
-  * refusal with one line: finetune.mode qlora with finetune.lora.dora under precision bf16 (LoRA's DoRA under
-    bf16: test_peft_modes_bf16.py).
+  * QLoRA + DoRA under bf16 (its magnitudes the fp32 dequantized rows' norms, its W the acquired layer's bf16
+    copy) equals bf16 LoRA + DoRA over the same numpy-dequantized base within 2 D_qd (D_qd its bf16-vs-fp32
+    difference; the same argument; LoRA's DoRA under bf16: test_peft_modes_bf16.py).
 """
 import json
 import os
@@ -140,11 +141,20 @@ def main():
         assert len(blocked) == len(qref) and worst <= 2 * dq, f"qlora bf16, blocked head: {worst:.3g} > 2 D_q"
         print(f"  qlora: bf16 with the LM head in vocabulary blocks of 4096 floats vs whole {worst:.2e} <= 2 D_q")
         final_checks("qlora", ll, data, os.path.join(root, "qlora_bf16"))
-        r = dp.sh([dp.BIN, "train", qjob, "precision=bf16", "finetune.lora.dora=true", "run_dir=" + root + "/refused"],
-                  check=False)
-        lines = [x for x in r.stderr.strip().splitlines() if x]
-        assert r.returncode != 0 and len(lines) == 1 and "dora" in lines[0] and "bf16" in lines[0], r.stderr
-        print(f"  refuses qlora + dora with bf16: {lines[0]}")
+        # QLoRA + DoRA: the same comparison
+        dlora = "{ r: 4, alpha: 8, dora: true }"
+        djob = make_job(os.path.join(root, "qdora"), ll, data, "qlora", "{ quant: nf4, double_quant: true, block: 64 }",
+                        dlora)
+        dd, dref = bf16_effect("qlora_dora", djob, root)
+        dl = make_job(os.path.join(root, "deq_dora"), deq, data, "lora", lora=dlora)
+        on_deq = run_split(dl, os.path.join(root, "deq_dora_bf16"), SPLITS[0], more=BF16)
+        worst = rel(on_deq, dref)
+        assert worst <= 2 * dd, f"qlora+dora bf16 vs bf16 LoRA+DoRA on the dequantized base: {worst:.3g} > 2 D = {2 * dd:.3g}"
+        wq, wl = final_w(os.path.join(root, "qlora_dora_bf16")), final_w(os.path.join(root, "deq_dora_bf16"))
+        wdiff = max(float(np.max(np.abs(wq[k].astype(np.float64) - wl[k]))) for k in wq)
+        assert set(wq) == set(wl) and wdiff <= 0.1 * LR, f"qlora+dora bf16: adapters differ from LoRA on deq by {wdiff:.3g}"
+        print(f"  qlora + dora bf16 vs bf16 LoRA + DoRA on the numpy-dequantized base: losses {worst:.2e} "
+              f"(<= 2 D = {2 * dd:.2e}), adapters {wdiff:.2e}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("LoRA / QLoRA bf16 training checks passed")

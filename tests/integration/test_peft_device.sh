@@ -8,8 +8,9 @@
 #     projection, P-tuning (MLP encoder): no host buffer reaches the backend, the losses of 6 steps (2
 #     micro-batches each) are bit-identical to the same job on the CPU backend, and the saved adapter
 #     (final/adapter_model.safetensors) is byte-identical;
-#  2. what is not supported on a device backend yet is refused by name: P-tuning's LSTM encoder, QLoRA (its
-#     streamed quantizing load and bf16-only layout are host code, worker/qlora.c).
+#  2. QLoRA (nf4 + double quantization, int8, bf16 with its bf16-only layout, DoRA in fp32 and bf16) and
+#     P-tuning's LSTM encoder (host LSTM core fed by explicit copies), as 1.; QLoRA + DoRA bf16 checkpointed
+#     and resumed on the device backend gives the uninterrupted run's losses.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
 [ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
@@ -56,6 +57,19 @@ device qlora_int8 finetune.mode=qlora finetune.qlora.quant=int8 finetune.qlora.d
 device qlora_bf16 finetune.mode=qlora precision=bf16 finetune.lora.dropout=0.2
 device qlora_dora finetune.mode=qlora finetune.lora.dora=true finetune.qlora.block=48
 device qlora_dora_bf16 finetune.mode=qlora finetune.lora.dora=true precision=bf16 finetune.lora.dropout=0.2
+# resumed on the device backend: checkpointed at step 3 (adapters and AdamW state; the fp32 part of the
+# buffer restored, the bf16-only embedding / head read again from the model directory) = the 6 steps above
+if [ -s "$T/qlora_dora_bf16/metrics.jsonl" ]; then
+  rargs=(finetune.mode=qlora finetune.lora.dora=true precision=bf16 finetune.lora.dropout=0.2)
+  job qresume 6 1 2 "${common[@]}" "${rargs[@]}"
+  "$FAKE" --guard "$T/qresume.yaml" "${common[@]}" "${rargs[@]}" checkpoint.every_steps=3 train.steps=3 \
+    >"$T/qresume.out" 2>"$T/qresume.err" || fail "qresume part 1: $(cat "$T/qresume.err")"
+  "$FAKE" --guard "$T/qresume.yaml" "${common[@]}" "${rargs[@]}" checkpoint.every_steps=3 resume=auto \
+    >>"$T/qresume.out" 2>>"$T/qresume.err" || fail "qresume part 2: $(cat "$T/qresume.err")"
+  ! grep -q "fakedev" "$T/qresume.err" || fail "qresume: a host/device mix-up: $(cat "$T/qresume.err")"
+  same_losses "$T/qresume/metrics.jsonl" "$T/qlora_dora_bf16/metrics.jsonl" || fail "qresume: resumed losses differ"
+  echo "qlora + dora bf16 resumed at step 3 on device-style memory: losses bit-identical to the uninterrupted run"
+fi
 device lora finetune.mode=lora
 device lora_dropout finetune.mode=lora finetune.lora.dropout=0.2
 device dora finetune.mode=lora finetune.lora.dora=true

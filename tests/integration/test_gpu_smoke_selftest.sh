@@ -15,7 +15,8 @@ out=$(OUT=$R bash "$SRC/tests/tools/gpu_smoke.sh" --self-test "$B" 2>&1) || { ec
 grep -q "all GPU checks passed" "$R/gpu_smoke.txt" || { echo "FAIL: no summary in \$OUT/gpu_smoke.txt"; exit 1; }
 echo "$out" | grep -v '^matmul\|max_rel_err'
 for want in "ldd gpu_check  *ok" "ldd shardtune  *ok" "^gpu_check  *ok" "cpu reference fp32  *ok" "cpu reference bf16  *ok" \
-            "progressive bf16 ZeRO-1 vs CPU  *ok" "resume bf16 ZeRO-2 bit-identical  *ok" "all GPU checks passed"; do
+            "progressive bf16 ZeRO-1 vs CPU  *ok" "resume bf16 ZeRO-2 bit-identical  *ok" "qlora fp32 ZeRO-1 vs CPU  *ok" \
+            "qlora_dora bf16 ZeRO-1 vs CPU  *ok" "ptuning_lstm fp32 ZeRO-1 vs CPU  *ok" "all GPU checks passed"; do
   grep -q "$want" <<<"$out" || { echo "FAIL: no line matching '$want'"; exit 1; }
 done
 for p in fp32 bf16; do for z in 0 1 2; do

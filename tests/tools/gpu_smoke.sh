@@ -21,7 +21,8 @@
 # 4. The real trainer: a small Llama with `backend: cuda` on GPUS ranks (NCCL; one GPU: the one-rank NCCL
 #    switch SHARDTUNE_NCCL_ONE_RANK=1) for ZeRO 0, 1, 2 in fp32 and bf16, each against the same job on the
 #    CPU backend (1 rank, same global batch); a progressive run (stage changes) against the CPU; a bf16
-#    ZeRO-2 stop + resume bit-identical to its unbroken run.
+#    ZeRO-2 stop + resume bit-identical to its unbroken run; PEFT on the device (QLoRA fp32, QLoRA + DoRA
+#    bf16, P-tuning's LSTM encoder) against the CPU backend.
 # One line per check and a summary; exit 0 all passed, 1 a check failed, 2 no GPU (one line why).
 # --self-test runs sections 0, 1 and 4 without a GPU (CI: tests/integration/test_gpu_smoke_selftest.sh):
 # gpu_check --self-test, the "GPU" jobs on the CPU backend on 2 ranks, a tiny model and 6 steps.
@@ -197,6 +198,24 @@ if [ $rc = 0 ] && [ "$(losses part)" = "$(losses gpu_bf16_z2)" ]; then
 else
   check "resume bf16 ZeRO-2 bit-identical" 1 "rc $rc; losses $(losses part 2>/dev/null | cut -c1-80) vs $(losses gpu_bf16_z2 | cut -c1-80)"
 fi
+
+echo "== 4d. PEFT on $DEV (ZeRO-1) against the CPU backend: QLoRA nf4 + dq (fp32), QLoRA + DoRA (bf16), P-tuning LSTM (fp32)"
+ALLP="[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"
+peft_case() { # NAME PRECISION TOL FINETUNE-YAML [overrides]: CPU 1 rank vs DEV on GPUS ranks
+  local name=$1 prec=$2 tol=$3 ft=$4; shift 4
+  job "${name}_cpu" cpu "$prec" 0 $GB "$ft"
+  job "${name}_gpu" $DEV "$prec" 1 4 "$ft"
+  if "$ST" train "$T/${name}_cpu.yaml" "$@" > "$T/${name}_cpu.out" 2>&1 && gpu_train "${name}_gpu" "$@"; then
+    detail=$(compare "$(losses "${name}_gpu")" "$(losses "${name}_cpu")" "$tol"); check "$name $prec ZeRO-1 vs CPU" $? "$detail"
+  else
+    check "$name $prec ZeRO-1 vs CPU" 1 "train failed: $(grep -h -m1 -i error "$T/${name}_cpu.out" "$T/${name}_gpu.out")"
+  fi
+}
+peft_case qlora fp32 1e-4 "finetune: { mode: qlora, lora: { r: 8, alpha: 16, targets: $ALLP } }"
+peft_case qlora_dora bf16 5e-3 "finetune: { mode: qlora, lora: { r: 8, alpha: 16, dora: true, targets: $ALLP } }"
+# the virtual tokens lead every sequence: V + seq_len within the model's positions
+peft_case ptuning_lstm fp32 1e-4 "finetune: { mode: p_tuning, prompt: { virtual_tokens: 8, encoder: lstm } }" \
+  train.seq_len=$(( SEQ - 8 ))
 
 echo "== $([ $failed = 0 ] && echo 'all GPU checks passed' || echo 'some GPU checks FAILED')"
 exit $failed

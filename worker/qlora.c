@@ -5,7 +5,9 @@
  * storage (m->n_w16). st_qlora_put then fills it a tensor at a time (the trainer's streamed load: one fp32
  * tensor in flight, never the fp32 base); st_qlora_quantize does the same from an already loaded model.
  * Every quantized parameter's offset points into the scratch at its place in its layer, so the model's
- * weight pointers (wptr, the packed q/k/v and gate/up matmuls) work unchanged once the layer is acquired. */
+ * weight pointers (wptr, the packed q/k/v and gate/up matmuls) work unchanged once the layer is acquired.
+ * Quantization always runs on the host; on a device backend quantize_one then uploads the codes and scales
+ * and every dequantization (acquire, st_qlora_dequant_host) runs through the backend's kernels. */
 #include "worker/qlora.h"
 
 #include <math.h>
@@ -45,7 +47,6 @@ static size_t n_blocks(size_t n, int block) { return (n + (size_t)block - 1) / (
 
 /* st_qlora_begin's chunk: whole blocks, whole bytes of nf4 codes, about 64 Ki floats */
 static size_t chunk_floats(int block) { return (size_t)block * 2 * (((size_t)1 << 16) / ((size_t)block * 2) + 1); }
-
 
 static int nearest_nf4(float x) {
     int best = 0;

@@ -202,7 +202,8 @@ static int write_samples(trainer *t, int64_t step, const st_answer *ans) {
 
 /* Under LoRA (qlora and DoRA too) generation reads a view of the base registry over `w`, a buffer laid
  * out as the base weights whose groups this view's residency hooks fill one at a time: the trainer model's
- * group acquired (its ZeRO-3 gathers, its QLoRA dequantization), copied, each adapter of the group folded
+ * group acquired (its ZeRO-3 gathers, its QLoRA dequantization), copied (QLoRA under bf16: the embedding,
+ * head and dequantized layer exist in bf16 only, widened: the values the training forward reads), each adapter of the group folded
  * in with st_lora_merge_range (the fold `generate --adapter` applies to the exported adapter), the
  * trainer's group released; released groups give their pages back, so the copy holds one group (the
  * CPU backend; a device backend keeps what it touched). */
@@ -219,8 +220,11 @@ static void merged_acquire(void *ctx, int first, int last) {
     st_lora_layer_params(m, m->params[first].layer, &lf, &ll);
     st_model_acquire(m, first, last);
     st_model_acquire(m, lf, ll);
-    for (int i = first; i < last; i++)
-        m->be->copy(v->w + m->params[i].offset, m->weights + m->params[i].offset, m->params[i].numel * sizeof(float));
+    for (int i = first; i < last; i++) { /* QLoRA's bf16-only part (below n_w16, worker/qlora.h): widened */
+        const st_param *p = &m->params[i];
+        if (p->offset < m->n_w16) m->be->from_bf16(v->w + p->offset, m->weights_bf16 + p->offset, p->numel);
+        else m->be->copy(v->w + p->offset, m->weights + p->offset, p->numel * sizeof(float));
+    }
     int rc = st_lora_merge_range(m, v->w, first, last);
     if (rc && !v->rc) v->rc = rc;
     st_model_release(m, lf, ll);

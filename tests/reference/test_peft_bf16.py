@@ -74,6 +74,20 @@ def ckpt_same(name, job, root, ref):
     print(f"  {name}: bf16 with activation checkpointing is bit-identical")
 
 
+def against_deq(name, lname, deq, data, root, qref, dq, lora="{ r: 4, alpha: 8 }"):
+    """The bf16 QLoRA run `name` (losses qref, bf16-vs-fp32 difference dq) against bf16 LoRA with the same
+    adapters over the numpy-dequantized base deq: losses within 2 dq, final adapters within 0.1 LR."""
+    ljob = make_job(os.path.join(root, lname), deq, data, "lora", lora=lora)
+    on_deq = run_split(ljob, os.path.join(root, lname + "_bf16"), SPLITS[0], more=BF16)
+    worst = rel(on_deq, qref)
+    assert worst <= 2 * dq, f"{name} bf16 vs bf16 LoRA on the dequantized base: {worst:.3g} > 2 D = {2 * dq:.3g}"
+    wq, wl = final_w(os.path.join(root, name + "_bf16")), final_w(os.path.join(root, lname + "_bf16"))
+    wdiff = max(float(np.max(np.abs(wq[k].astype(np.float64) - wl[k]))) for k in wq)
+    assert set(wq) == set(wl) and wdiff <= 0.1 * LR, f"{name} bf16: adapters differ from LoRA on deq by {wdiff:.3g}"
+    print(f"  {name} bf16 vs bf16 LoRA with the same adapters on the numpy-dequantized base: losses {worst:.2e} "
+          f"(<= 2 D = {2 * dq:.2e}), adapters {wdiff:.2e}")
+
+
 def final_checks(name, model, data, rd):
     cfg = json.load(open(os.path.join(model, "config.json")))
     w = final_w(rd)
@@ -108,15 +122,7 @@ def main():
         qjob = make_job(os.path.join(root, "qlora"), ll, data, "qlora", "{ quant: nf4, double_quant: true, block: 64 }")
         dq, qref = bf16_effect("qlora", qjob, root)
         deq = dequantized_copy(ll, os.path.join(root, "deq"), "nf4", True, 64, bf16_frozen=True)
-        ljob = make_job(os.path.join(root, "deq_lora"), deq, data, "lora")
-        on_deq = run_split(ljob, os.path.join(root, "deq_lora_bf16"), SPLITS[0], more=BF16)
-        worst = rel(on_deq, qref)
-        assert worst <= 2 * dq, f"qlora bf16 vs bf16 LoRA on the dequantized base: {worst:.3g} > 2 D_q = {2 * dq:.3g}"
-        wq, wl = final_w(os.path.join(root, "qlora_bf16")), final_w(os.path.join(root, "deq_lora_bf16"))
-        wdiff = max(float(np.max(np.abs(wq[k].astype(np.float64) - wl[k]))) for k in wq)
-        assert set(wq) == set(wl) and wdiff <= 0.1 * LR, f"qlora bf16: adapters differ from LoRA on deq by {wdiff:.3g}"
-        print(f"  qlora bf16 vs bf16 LoRA on the numpy-dequantized base: losses {worst:.2e} (<= 2 D_q = {2 * dq:.2e}), "
-              f"adapters {wdiff:.2e}")
+        against_deq("qlora", "deq_lora", deq, data, root, qref, dq)
         ranks_agree("qlora", qjob, root, qref, dq, SPLITS[1:2])
         # resume: the checkpoint's adapter_base_checksum covers the bf16-only embedding / head by their load-time
         # sums (no fp32 values exist), and resuming restores the fp32 part of the buffer only
@@ -146,15 +152,7 @@ def main():
         djob = make_job(os.path.join(root, "qdora"), ll, data, "qlora", "{ quant: nf4, double_quant: true, block: 64 }",
                         dlora)
         dd, dref = bf16_effect("qlora_dora", djob, root)
-        dl = make_job(os.path.join(root, "deq_dora"), deq, data, "lora", lora=dlora)
-        on_deq = run_split(dl, os.path.join(root, "deq_dora_bf16"), SPLITS[0], more=BF16)
-        worst = rel(on_deq, dref)
-        assert worst <= 2 * dd, f"qlora+dora bf16 vs bf16 LoRA+DoRA on the dequantized base: {worst:.3g} > 2 D = {2 * dd:.3g}"
-        wq, wl = final_w(os.path.join(root, "qlora_dora_bf16")), final_w(os.path.join(root, "deq_dora_bf16"))
-        wdiff = max(float(np.max(np.abs(wq[k].astype(np.float64) - wl[k]))) for k in wq)
-        assert set(wq) == set(wl) and wdiff <= 0.1 * LR, f"qlora+dora bf16: adapters differ from LoRA on deq by {wdiff:.3g}"
-        print(f"  qlora + dora bf16 vs bf16 LoRA + DoRA on the numpy-dequantized base: losses {worst:.2e} "
-              f"(<= 2 D = {2 * dd:.2e}), adapters {wdiff:.2e}")
+        against_deq("qlora_dora", "deq_dora", deq, data, root, dref, dd, lora=dlora)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("LoRA / QLoRA bf16 training checks passed")

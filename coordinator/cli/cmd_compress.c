@@ -133,7 +133,7 @@ static int parse_args(int argc, char **argv, opts *o) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int64_t n = 0;
         int rc = 0;
-        if (!v) return -1;
+        if (!v) return st_cli_bad_arg("compress", a), -1;
         if (!strcmp(a, "--model")) o->model = v;
         else if (!strcmp(a, "--out")) o->out = v;
         else if (!strcmp(a, "--drop-layers")) o->drop = v;
@@ -143,11 +143,12 @@ static int parse_args(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--seq-len")) { if (!(rc = st_cli_int("compress", a, v, 1, 1 << 20, &n))) o->T = (int)n; }
         else if (!strcmp(a, "--calib-windows")) { if (!(rc = st_cli_int("compress", a, v, 1, 1 << 20, &n))) o->windows = (int)n; }
         else if (!strcmp(a, "--batch")) { if (!(rc = st_cli_int("compress", a, v, 1, 4096, &n))) o->B = (int)n; }
-        else return -1;
+        else return st_cli_bad_arg("compress", a), -1;
         if (rc) return rc;
         i++;
     }
-    return o->model && o->out ? 0 : -1;
+    if (!o->model || !o->out) return st_cli_missing("compress", !o->model ? "--model DIR" : "--out DIR"), -1;
+    return 0;
 }
 
 static int plan_spec(const opts *o, const st_model *m, st_prune_spec *spec, unsigned char **mask) {

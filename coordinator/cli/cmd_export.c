@@ -153,6 +153,15 @@ static int export_model_dir(const char *src, const char *out) {
     return rc;
 }
 
+/* A failed export: the one error line, and no half-written OUT left behind (a directory this run created is
+ * removed with whatever it wrote; an OUT that existed before is left as it was). */
+static int export_failed(const char *out, int out_existed) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", st_error());
+    if (!out_existed && out && access(out, F_OK) == 0) st_remove_dir_files(out);
+    return st_cli_error("export", msg);
+}
+
 int st_cmd_export(int argc, char **argv) {
     const char *src_arg = NULL, *out_dir_arg = NULL;
     int merge = 0;
@@ -168,17 +177,19 @@ int st_cmd_export(int argc, char **argv) {
                 if (!strcmp(argv[i], "--out")) out_dir_arg = argv[i + 1];
                 i++;
             } else if (argv[i][0] != '-' && !src_arg) src_arg = argv[i];
-            else { src_arg = NULL; break; }
+            else { st_cli_bad_arg("export", argv[i]); src_arg = out_dir_arg = NULL; break; }
         }
         if (!src_arg || !out_dir_arg) {
+            if (src_arg || out_dir_arg) st_cli_missing("export", !src_arg ? "SRC" : "--out DIR");
             fprintf(stderr, "usage: shardtune export ADAPTER_DIR --merge --out DIR [--model BASE_DIR]\n");
             return ST_EXIT_USAGE;
         }
         char probe[4200], path[2048];
+        int existed = access(out_dir_arg, F_OK) == 0;
         snprintf(probe, sizeof probe, "%s/adapter_config.json", src_arg);
         if (access(probe, F_OK) == 0 ? export_merged(src_arg, base, out_dir_arg)
                                      : st_ckpt_resolve(src_arg, path, sizeof path) || export_ckpt(path, out_dir_arg, 0))
-            return st_cli_error("export", st_error());
+            return export_failed(out_dir_arg, existed);
         printf("exported %s merged into its base -> %s\n", src_arg, out_dir_arg);
         return ST_EXIT_OK;
     }
@@ -195,6 +206,7 @@ int st_cmd_export(int argc, char **argv) {
             } else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
         }
         if (!ckpt || !out) {
+            st_cli_missing("export", !ckpt ? "SRC" : "--out FILE.gguf");
             fprintf(stderr, "usage: shardtune export SRC --out FILE.gguf --format gguf [--quant f32|f16|bf16|q8_0|q4_0|q2_K|q3_K|q4_K|q5_K|q6_K|q4_K_M|q5_K_M]"
                             " [--tokenizer DIR | --no-tokenizer] [--tokenizer-pre NAME] [--name NAME] [--model BASE_DIR]\n");
             return ST_EXIT_USAGE;
@@ -210,21 +222,29 @@ int st_cmd_export(int argc, char **argv) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--format") && i + 1 < argc && (!strcmp(argv[i + 1], "hf") || peft)) i++;
         else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
-        else ckpt = NULL, i = argc;
+        else {
+            if (!strcmp(argv[i], "--quant") || !strcmp(argv[i], "--tokenizer") || !strcmp(argv[i], "--tokenizer-pre"))
+                fprintf(stderr, "shardtune export: error: %s goes with --format gguf\n", argv[i]);
+            else st_cli_bad_arg("export", argv[i]);
+            ckpt = out = NULL;
+            break;
+        }
     }
     if (!ckpt || !out) {
-        fprintf(stderr, "usage: shardtune export CKPT|MODEL_DIR --out DIR [--format hf|peft]\n");
+        if (ckpt || out || argc < 2) st_cli_missing("export", !ckpt ? "SRC" : "--out DIR");
+        fprintf(stderr, "usage: shardtune export SRC --out DST [--format hf|peft|gguf] [--merge] [--quant TYPE]\n");
         return ST_EXIT_USAGE;
     }
     char path[2048];
+    int existed = access(out, F_OK) == 0;
     snprintf(path, sizeof path, "%s/config.json", ckpt);
     if (!peft && access(path, F_OK) == 0) { /* SRC is a model directory */
-        if (export_model_dir(ckpt, out)) return st_cli_error("export", st_error());
+        if (export_model_dir(ckpt, out)) return export_failed(out, existed);
         printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", ckpt,
                out);
         return ST_EXIT_OK;
     }
-    if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, out, peft)) return st_cli_error("export", st_error());
+    if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, out, peft)) return export_failed(out, existed);
     if (peft) printf("exported %s -> %s (adapter_config.json + adapter_model.safetensors)\n", path, out);
     else printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", path,
                 out);

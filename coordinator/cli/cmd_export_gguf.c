@@ -160,12 +160,12 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
         else if (!strcmp(argv[i], "--no-tokenizer")) no_tok = 1;
         else if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--format")) && i + 1 < argc) i++;
         else if (argv[i][0] == '-') {
-            fprintf(stderr, "shardtune export: unknown option '%s' for --format gguf\n", argv[i]);
+            fprintf(stderr, "shardtune export: error: unknown option '%s' for --format gguf\n", argv[i]);
             return ST_EXIT_USAGE;
         }
     }
     if (pre && (!pre[0] || strlen(pre) >= sizeof ((st_gguf_report *)0)->tokenizer_pre || strpbrk(pre, " \t\n"))) {
-        fprintf(stderr, "shardtune export: --tokenizer-pre '%s' is not a llama.cpp pre-tokenizer name\n", pre);
+        fprintf(stderr, "shardtune export: error: --tokenizer-pre '%s' is not a llama.cpp pre-tokenizer name\n", pre);
         return ST_EXIT_USAGE;
     }
     st_ggml_type quant;

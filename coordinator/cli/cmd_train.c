@@ -60,6 +60,8 @@ static int load_shared_config(int argc, char **argv, st_config *cfg, int rank, s
 
 int st_cmd_train(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') {
+        if (argc < 2) st_cli_missing("train", "JOB.yaml");
+        else st_cli_bad_arg("train", argv[1]);
         fprintf(stderr, "usage: shardtune train JOB.yaml [dotted.key=value ...]\n");
         return ST_EXIT_USAGE;
     }

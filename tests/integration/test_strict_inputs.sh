@@ -57,3 +57,51 @@ bad "$BIN" eval --model $T/model --data $T/masked.h5 --seq-len 16 "no unmasked t
 [ "$(train 1 j 'monitor.publish=""' 'monitor.control=tcp://127.0.0.1:*')" = 0 ] || fail "publish off: $(tail -2 $T/j.err)"
 [ "$(train 1 j 'monitor.control=""' 'monitor.publish=tcp://127.0.0.1:*' resume=none)" = 0 ] || fail "control off: $(tail -2 $T/j.err)"
 echo "ok: one monitor socket off works"
+
+# a bad command line: exit 2 and a first line naming the flag or what is missing (then the usage)
+bad_usage() {
+  local pat=${*: -1}; local cmd=("${@:1:$#-1}")
+  set +e; local err; err=$(timeout 10 "${cmd[@]}" 2>&1 >/dev/null); local rc=$?; set -e
+  [ $rc -eq 2 ] || fail "${cmd[*]}: exit $rc (expected 2): $err"
+  echo "$err" | head -1 | grep -q -- "$pat" || fail "${cmd[*]}: first line of '$err' lacks '$pat'"
+  echo "ok: ${cmd[1]} ${cmd[2]}: $(echo "$err" | head -1)"
+}
+bad_usage "$BIN" "${IM[@]}" --layers 2 --bogus "init-model: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" init-model --family llama --layers 2 --dim 64 --heads 4 --vocab 128 "init-model: error: missing --out DIR"
+bad_usage "$BIN" eval --model $T/model --data $T/train.h5 --seq-len 16 --bogus "eval: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" eval --model $T/model --data $T/train.h5 "eval: error: missing --seq-len T"
+bad_usage "$BIN" generate --model $T/model --out $T/o.jsonl "generate: error: missing --prompts IN.jsonl"
+bad_usage "$BIN" generate --model $T/model --prompts x --out $T/o.jsonl --top-p 2 "generate: error: --top-p '2'"
+bad_usage "$BIN" plan $T/j.yaml "plan: error: missing --ranks N"
+bad_usage "$BIN" plan $T/j.yaml --ranks 2 --bogus "plan: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" ckpt check $T/x.h5 "ckpt: error: unknown subcommand 'check'"
+bad_usage "$BIN" export $T/model --out $T/e --quant q8_0 "export: error: --quant goes with --format gguf"
+bad_usage "$BIN" export $T/model --out $T/e --bogus "export: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" export $T/model "export: error: missing --out DIR"
+bad_usage "$BIN" compress --model $T/model --out $T/c --bogus "compress: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" compare score $T --bogus "compare: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" compare rank "compare: error: unknown subcommand 'rank'"
+bad_usage "$BIN" plot $T/j "plot: error: missing --out FILE.svg|FILE.png"
+bad_usage "$BIN" monitor --bogus "monitor: error: unknown argument '--bogus'"
+bad_usage "$BIN" ctl --run-dir $T/j "ctl: error: missing the command"
+bad_usage "$BIN" train --bogus "train: error: unknown or incomplete argument '--bogus'"
+[ ! -e $T/e ] && [ ! -e $T/c ] || fail "a refused command line left output behind"
+
+# a failed export leaves no OUT directory behind (a checkpoint whose /model tensor fails its checksum)
+[ "$(train 1 j)" = 0 ] || fail "train for export: $(tail -2 $T/j.err)"
+CK=$T/j/checkpoints/$(cat $T/j/checkpoints/latest)
+cp "$CK" $T/flip.h5
+"$PY" - $T/flip.h5 <<'PYEOF'
+import h5py, sys
+with h5py.File(sys.argv[1], "r") as f:
+    off = f["model/model.layers.1.mlp.up_proj.weight"].id.get_offset()
+b = bytearray(open(sys.argv[1], "rb").read()); b[off + 101] ^= 4; open(sys.argv[1], "wb").write(b)
+PYEOF
+bad "$BIN" export $T/flip.h5 --out $T/exp_bad "tensor model/model.layers.1.mlp.up_proj.weight fails its checksum"
+[ ! -e $T/exp_bad ] || fail "a failed export left $T/exp_bad behind: $(ls -la $T/exp_bad)"
+bad "$BIN" export $T/flip.h5 --merge --out $T/exp_bad "fails its checksum"
+[ ! -e $T/exp_bad ] || fail "a failed export --merge left $T/exp_bad behind"
+mkdir $T/exp_keep; echo mine > $T/exp_keep/note.txt
+bad "$BIN" export $T/flip.h5 --out $T/exp_keep "fails its checksum"
+[ "$(cat $T/exp_keep/note.txt)" = mine ] || fail "a failed export into an existing directory removed its files"
+echo "ok: a failed export leaves no output"

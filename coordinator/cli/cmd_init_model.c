@@ -63,6 +63,9 @@ int st_cmd_init_model(int argc, char **argv) {
     if (!strcmp(family, "gpt2")) {
         c.family = ST_FAMILY_GPT2;
         snprintf(c.model_type, sizeof c.model_type, "gpt2");
+        if (c.n_kv_head && c.n_kv_head != c.n_head) /* GPT-2 has one key/value head per query head */
+            return st_cli_error("init-model", "--kv-heads: GPT-2 has no grouped-query attention (--kv-heads must equal "
+                                              "--heads or be left out)");
         c.n_kv_head = c.n_head;
         if (!c.d_ff) c.d_ff = 4 * c.d_model;
         c.norm_eps = 1e-5f;

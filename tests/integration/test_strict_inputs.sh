@@ -18,6 +18,8 @@ bad "$BIN" "${IM[@]}" --layers foo "init-model: error: --layers: expected an int
 bad "$BIN" "${IM[@]}" --layers 2 --seed abc "--seed: expected an integer in 0..9223372036854775807, got 'abc'"
 bad "$BIN" "${IM[@]}" --layers 2 --heads 4x "--heads: expected an integer in 1..1024, got '4x'"
 bad "$BIN" "${IM[@]}" --layers 2 --rope-theta nan "--rope-theta: expected a number"
+bad "$BIN" init-model --family gpt2 --layers 2 --dim 64 --heads 4 --kv-heads 2 --vocab 128 --out $T/g "--kv-heads: GPT-2 has no grouped-query attention"
+[ ! -e $T/g ] || fail "a refused init-model left $T/g"
 bad "$BIN" eval --model $T/model --data $T/train.h5 --seq-len 16x "eval: error: --seq-len: expected an integer"
 bad "$BIN" monitor tcp://127.0.0.1:1 --timeout nan "monitor: error: --timeout: expected a number in \[0, 1e+09\], got 'nan'"
 bad "$BIN" ctl tcp://127.0.0.1:1 status --timeout -1 "ctl: error: --timeout: expected a number"

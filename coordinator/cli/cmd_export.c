@@ -244,6 +244,12 @@ int st_cmd_export(int argc, char **argv) {
                out);
         return ST_EXIT_OK;
     }
+    snprintf(path, sizeof path, "%s/adapter_config.json", ckpt);
+    if (access(path, F_OK) == 0) { /* a PEFT adapter directory: hf needs the base, peft is what it already is */
+        fprintf(stderr, "shardtune export: error: %s is a PEFT adapter directory: pass --merge to write the base model "
+                        "with the adapter folded in (or --format gguf for a GGUF LoRA adapter)\n", ckpt);
+        return ST_EXIT_USAGE;
+    }
     if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, out, peft)) return export_failed(out, existed);
     if (peft) printf("exported %s -> %s (adapter_config.json + adapter_model.safetensors)\n", path, out);
     else printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", path,

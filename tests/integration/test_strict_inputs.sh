@@ -80,6 +80,8 @@ bad_usage "$BIN" ckpt check $T/x.h5 "ckpt: error: unknown subcommand 'check'"
 bad_usage "$BIN" export $T/model --out $T/e --quant q8_0 "export: error: --quant goes with --format gguf"
 bad_usage "$BIN" export $T/model --out $T/e --bogus "export: error: unknown or incomplete argument '--bogus'"
 bad_usage "$BIN" export $T/model "export: error: missing --out DIR"
+mkdir -p $T/adapter && echo '{"peft_type": "LORA"}' > $T/adapter/adapter_config.json
+bad_usage "$BIN" export $T/adapter --out $T/e "export: error: $T/adapter is a PEFT adapter directory: pass --merge"
 bad_usage "$BIN" compress --model $T/model --out $T/c --bogus "compress: error: unknown or incomplete argument '--bogus'"
 bad_usage "$BIN" compare score $T --bogus "compare: error: unknown or incomplete argument '--bogus'"
 bad_usage "$BIN" compare rank "compare: error: unknown subcommand 'rank'"

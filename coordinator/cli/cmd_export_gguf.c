@@ -78,9 +78,12 @@ static int load_adapter_dir(const char *src, const char *base, st_model *m, floa
 static int load_lora_ckpt(const char *path, const char *job_spec, st_model *m, float **host, int *is_lora) {
     st_config *job = calloc(1, sizeof *job);
     if (!job) return st_fail(ST_ENOMEM, "out of memory");
-    *is_lora = job_spec && !st_config_load_string(job, job_spec, 0, NULL) &&
-               (job->finetune.mode == ST_FINETUNE_LORA || job->finetune.mode == ST_FINETUNE_QLORA);
+    int loaded = job_spec && !st_config_load_string(job, job_spec, 0, NULL);
+    *is_lora = loaded && (job->finetune.mode == ST_FINETUNE_LORA || job->finetune.mode == ST_FINETUNE_QLORA);
     int rc = 0;
+    if (loaded && st_config_prompt_learning(job)) /* its /model holds the prompt alone */
+        rc = st_fail(ST_EINVAL, "checkpoint %s is from a finetune.mode %s run: GGUF has no prompt-learning adapter "
+                     "(export it with --format peft)", path, st_finetune_mode_name(job->finetune.mode));
     if (*is_lora) {
         rc = st_model_load_dir(job->model.path, st_backend_cpu(1), m);
         if (rc) rc = st_fail_context(rc, "checkpoint %s: its base model (model.path) %s", path, job->model.path);

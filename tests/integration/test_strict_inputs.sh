@@ -109,3 +109,8 @@ mkdir $T/exp_keep; echo mine > $T/exp_keep/note.txt
 bad "$BIN" export $T/flip.h5 --out $T/exp_keep "fails its checksum"
 [ "$(cat $T/exp_keep/note.txt)" = mine ] || fail "a failed export into an existing directory removed its files"
 echo "ok: a failed export leaves no output"
+
+# a prompt-tuning checkpoint has no GGUF form: refused naming the mode (it said the embedding was missing)
+[ "$(train 1 j run_dir=$T/pt finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=4)" = 0 ] || fail "prompt_tuning train: $(tail -2 $T/j.err)"
+bad "$BIN" export $T/pt/checkpoints --out $T/pt.gguf --format gguf "is from a finetune.mode prompt_tuning run: GGUF has no prompt-learning adapter"
+[ ! -e $T/pt.gguf ] || fail "a refused GGUF export left $T/pt.gguf"

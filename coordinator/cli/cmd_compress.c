@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "checkpoints/model_io.h"
 #include "common/error.h"
@@ -225,7 +226,13 @@ int st_cmd_compress(int argc, char **argv) {
     if (prc) return prc;
     double before, after;
     st_model_config c = {0};
-    if (run(&o, &before, &after, &c)) return st_cli_error("compress", st_error());
+    int existed = access(o.out, F_OK) == 0;
+    if (run(&o, &before, &after, &c)) { /* no half-written OUT: a directory this run created goes again */
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", st_error());
+        if (!existed && access(o.out, F_OK) == 0) st_remove_dir_files(o.out);
+        return st_cli_error("compress", msg);
+    }
     printf("compressed %s -> %s: %d layers, %d heads / %d kv heads, ffn %d", o.model, o.out, c.n_layer, c.n_head,
            c.n_kv_head, c.d_ff);
     if (before >= 0) printf("; calibration loss %.6f -> %.6f", before, after);

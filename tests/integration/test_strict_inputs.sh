@@ -108,6 +108,12 @@ bad "$BIN" export $T/flip.h5 --merge --out $T/exp_bad "fails its checksum"
 mkdir $T/exp_keep; echo mine > $T/exp_keep/note.txt
 bad "$BIN" export $T/flip.h5 --out $T/exp_keep "fails its checksum"
 [ "$(cat $T/exp_keep/note.txt)" = mine ] || fail "a failed export into an existing directory removed its files"
+# a failure late in compress (after the weights were written) leaves no OUT either; a directory where a
+# file belongs is named as such (it read as a 2^63-byte file: "out of memory")
+cp -r $T/model $T/mdir && mkdir $T/mdir/tokenizer.json
+bad "$BIN" compress --model $T/mdir --out $T/cz --drop-layers 1 "$T/mdir/tokenizer.json is not a regular file (a directory)"
+[ ! -e $T/cz ] || fail "a failed compress left $T/cz behind: $(ls $T/cz)"
+bad "$BIN" generate --model $T/model --prompts $T --out $T/o.jsonl "$T is not a regular file (a directory)"
 echo "ok: a failed export leaves no output"
 
 # a prompt-tuning checkpoint has no GGUF form: refused naming the mode (it said the embedding was missing)

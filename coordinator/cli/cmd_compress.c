@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
 #include "common/error.h"
 #include "common/json.h"
@@ -183,6 +184,10 @@ static int run(const opts *o, double *before, double *after, st_model_config *ou
     float *host = NULL;
     int rc = st_model_load_dir(o->model, be, &m), have_pm = 0, have_d = 0;
     if (rc) return rc;
+    if ((rc = st_model_check_finite(&m, o->model))) { /* NaN weights: refused naming the tensor, as eval does */
+        st_model_free(&m);
+        return rc;
+    }
     int T = o->T ? o->T : (m.cfg.max_seq < 128 ? m.cfg.max_seq : 128);
     *before = *after = -1;
     rc = plan_spec(o, &m, &spec, &mask);

@@ -42,6 +42,10 @@ open(p, "wb").write(b)
 PYEOF
 bad "$BIN" eval --model $T/nanmodel --data $T/train.h5 --seq-len 16 "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value (inf at element 5)"
 bad "$BIN" train $T/j.yaml model.path=$T/nanmodel "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+echo '{"input_ids": [1, 2, 3]}' > $T/p.jsonl
+bad "$BIN" generate --model $T/nanmodel --prompts $T/p.jsonl --out $T/nan.jsonl "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+bad "$BIN" compress --model $T/nanmodel --out $T/nanc --drop-layers 1 "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+[ ! -e $T/nan.jsonl ] && [ ! -e $T/nanc ] || fail "a refused NaN model left output behind"
 
 # an all-masked dataset
 "$PY" - $T/masked.jsonl <<'PYEOF'

@@ -64,8 +64,17 @@ static int fetch_ckpt(void *ctx, const st_model *m, int i, float *dst) {
 }
 
 /* One parameter from a model directory's safetensors (ctx: the open files; registry layout). */
+struct model_dir_src {
+    st_safetensors *st;
+    const char *dir;
+};
+
 static int fetch_model_dir(void *ctx, const st_model *m, int i, float *dst) {
-    return dst ? st_model_read_param(ctx, m, i, dst) : 0;
+    const struct model_dir_src *src = ctx;
+    if (!dst) return 0;
+    int rc = st_model_read_param(src->st, m, i, dst);
+    /* NaN/Inf weights: refused naming the tensor, as eval and train do (a checkpoint's are verified on save) */
+    return rc ? rc : st_check_finite_values(dst, m->params[i].numel, 0, src->dir, m->params[i].name);
 }
 
 static int export_ckpt(const char *path, const char *out, int peft) {
@@ -146,7 +155,8 @@ static int export_model_dir(const char *src, const char *out) {
     snprintf(path, sizeof path, "%s/config.json", src);
     if ((rc = st_read_file(path, &cfg, &len))) rc = st_fail(rc, "%s: %s", path, st_error());
     if (!rc) rc = st_model_check_files(&m, src, &st);
-    if (!rc) rc = st_model_export_dir_streamed(&m, out, src, cfg, 0, fetch_model_dir, st);
+    struct model_dir_src from = {NULL, src};
+    if (!rc) from.st = st, rc = st_model_export_dir_streamed(&m, out, src, cfg, 0, fetch_model_dir, &from);
     st_safetensors_close(st);
     free(cfg);
     st_model_free(&m);

@@ -116,6 +116,7 @@ static int load_source(const char *src, const char *base, st_model *m, float **h
     }
     if (file_exists(src, "config.json")) {
         if ((rc = st_model_load_dir(src, be, m))) return rc;
+        if ((rc = st_model_check_finite(m, src))) { st_model_free(m); return rc; } /* NaN/Inf: named, as eval */
     } else {
         char path[2048];
         st_ckpt_info info;

@@ -45,7 +45,9 @@ bad "$BIN" train $T/j.yaml model.path=$T/nanmodel "tensor model.layers.1.mlp.up_
 echo '{"input_ids": [1, 2, 3]}' > $T/p.jsonl
 bad "$BIN" generate --model $T/nanmodel --prompts $T/p.jsonl --out $T/nan.jsonl "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
 bad "$BIN" compress --model $T/nanmodel --out $T/nanc --drop-layers 1 "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
-[ ! -e $T/nan.jsonl ] && [ ! -e $T/nanc ] || fail "a refused NaN model left output behind"
+bad "$BIN" export $T/nanmodel --out $T/nane "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+bad "$BIN" export $T/nanmodel --out $T/nan.gguf --format gguf "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+[ ! -e $T/nan.jsonl ] && [ ! -e $T/nanc ] && [ ! -e $T/nane ] && [ ! -e $T/nan.gguf ] || fail "a refused NaN model left output behind"
 
 # an all-masked dataset
 "$PY" - $T/masked.jsonl <<'PYEOF'

@@ -89,7 +89,7 @@ bad_usage "$BIN" export $T/model "export: error: missing --out DIR"
 mkdir -p $T/adapter && echo '{"peft_type": "LORA"}' > $T/adapter/adapter_config.json
 bad_usage "$BIN" export $T/adapter --out $T/e "export: error: $T/adapter is a PEFT adapter directory: pass --merge"
 bad_usage "$BIN" compress --model $T/model --out $T/c --bogus "compress: error: unknown or incomplete argument '--bogus'"
-bad_usage "$BIN" compare score $T --bogus "compare: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" compare score $T --bogus "compare score: error: unknown or incomplete argument '--bogus'"
 bad_usage "$BIN" compare rank "compare: error: unknown subcommand 'rank'"
 bad_usage "$BIN" plot $T/j "plot: error: missing --out FILE.svg|FILE.png"
 bad_usage "$BIN" monitor --bogus "monitor: error: unknown argument '--bogus'"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # test_strict_inputs.sh — every bad input a user can give ends with one line naming it (issue 15, item 4).
 # CLI numbers (init-model, eval, monitor, ctl), config ranges (threads, int64 steps, micro_batch overflow,
-# train_layers in full mode), NaN/Inf weights at load, an all-masked dataset, one monitor socket off.
+# train_layers in full mode), NaN/Inf weights at load (train, eval, generate, compress, export), an all-masked
+# dataset, one monitor socket off; bad command lines name the flag (exit 2); failed export/compress leave no
+# OUT behind; a prompt-tuning checkpoint has no GGUF form.
 source "$(dirname "$0")/ckpt_lib.sh"
 
 # bad CMD... -- PATTERN: exits non-zero within 10 s, stderr matches PATTERN, nothing but one error line

@@ -128,3 +128,18 @@ echo "ok: a failed export leaves no output"
 [ "$(train 1 j run_dir=$T/pt finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=4)" = 0 ] || fail "prompt_tuning train: $(tail -2 $T/j.err)"
 bad "$BIN" export $T/pt/checkpoints --out $T/pt.gguf --format gguf "is from a finetune.mode prompt_tuning run: GGUF has no prompt-learning adapter"
 [ ! -e $T/pt.gguf ] || fail "a refused GGUF export left $T/pt.gguf"
+
+# adapter_config.json keys that change what a PEFT LoRA adapter computes: refused by name, never applied as
+# plain LoRA (peft's defaults, as in final/, load)
+[ "$(train 1 j run_dir=$T/lo finetune.mode=lora finetune.lora.r=2)" = 0 ] || fail "lora train: $(tail -2 $T/j.err)"
+"$BIN" eval --model $T/model --adapter $T/lo/final --data $T/train.h5 --seq-len 16 >/dev/null || fail "final/ adapter"
+for kv in '"exclude_modules": ["q_proj"]' '"modules_to_save": ["lm_head"]' '"layer_replication": [[0, 1]]' \
+          '"trainable_token_indices": [1]' '"lora_bias": true' '"use_qalora": true' '"bias": "all"'; do
+  rm -rf $T/ad && cp -r $T/lo/final $T/ad
+  "$PY" - $T/ad/adapter_config.json "$kv" <<'PYEOF'
+import json, sys
+c = json.load(open(sys.argv[1])); c.update(json.loads("{" + sys.argv[2] + "}")); json.dump(c, open(sys.argv[1], "w"))
+PYEOF
+  key=$(echo "$kv" | cut -d'"' -f2)
+  bad "$BIN" eval --model $T/model --adapter $T/ad --data $T/train.h5 --seq-len 16 "adapter_config.json: $key"
+done

@@ -128,6 +128,9 @@ echo "ok: a failed export leaves no output"
 [ "$(train 1 j run_dir=$T/pt finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=4)" = 0 ] || fail "prompt_tuning train: $(tail -2 $T/j.err)"
 bad "$BIN" export $T/pt/checkpoints --out $T/pt.gguf --format gguf "is from a finetune.mode prompt_tuning run: GGUF has no prompt-learning adapter"
 [ ! -e $T/pt.gguf ] || fail "a refused GGUF export left $T/pt.gguf"
+cp -r $T/pt/final $T/pta
+"$PY" -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c['modules_to_save'] = ['lm_head']; json.dump(c, open(p, 'w'))" $T/pta/adapter_config.json
+bad "$BIN" eval --model $T/model --adapter $T/pta --data $T/train.h5 --seq-len 16 "adapter_config.json: modules_to_save is not supported"
 
 # adapter_config.json keys that change what a PEFT LoRA adapter computes: refused by name, never applied as
 # plain LoRA (peft's defaults, as in final/, load)

@@ -73,8 +73,9 @@ bad_usage() {
   local pat=${*: -1}; local cmd=("${@:1:$#-1}")
   set +e; local err; err=$(timeout 10 "${cmd[@]}" 2>&1 >/dev/null); local rc=$?; set -e
   [ $rc -eq 2 ] || fail "${cmd[*]}: exit $rc (expected 2): $err"
-  echo "$err" | head -1 | grep -q -- "$pat" || fail "${cmd[*]}: first line of '$err' lacks '$pat'"
-  echo "ok: ${cmd[1]} ${cmd[2]}: $(echo "$err" | head -1)"
+  local first=${err%%$'\n'*} # no pipe into grep -q: under pipefail an early exit would SIGPIPE the writer
+  grep -q -- "$pat" <<< "$first" || fail "${cmd[*]}: first line of '$err' lacks '$pat'"
+  echo "ok: ${cmd[1]} ${cmd[2]}: $first"
 }
 bad_usage "$BIN" "${IM[@]}" --layers 2 --bogus "init-model: error: unknown or incomplete argument '--bogus'"
 bad_usage "$BIN" init-model --family llama --layers 2 --dim 64 --heads 4 --vocab 128 "init-model: error: missing --out DIR"

@@ -121,6 +121,25 @@ static int read_spec(const st_json *cfg, const st_model *m, const char *path, st
     if (!rc) rc = bool_field(cfg, "use_dora", &s->dora, path);
     if (!rc) rc = bool_field(cfg, "fan_in_fan_out", &fifo, path);
     if (rc) return rc;
+    /* keys that change what the adapter computes when set: refused by name rather than applied as plain LoRA */
+    static const char *const unsupported[] = {"exclude_modules", "layer_replication", "modules_to_save",
+                                              "trainable_token_indices", NULL};
+    for (int k = 0; unsupported[k]; k++) {
+        const st_json *v = st_json_get(cfg, unsupported[k]);
+        if (v && v->type != ST_JSON_NULL && !((v->type == ST_JSON_ARRAY || v->type == ST_JSON_OBJECT) && !v->count))
+            return st_fail(ST_EFORMAT, "%s: %s is not supported (plain LoRA on target_modules only)", path,
+                           unsupported[k]);
+    }
+    int flag = 0;
+    if (!rc) rc = bool_field(cfg, "lora_bias", &flag, path);
+    if (!rc && flag) return st_fail(ST_EFORMAT, "%s: lora_bias: true is not supported (no bias on lora_B)", path);
+    if (!rc) rc = bool_field(cfg, "use_qalora", &flag, path);
+    if (!rc && flag) return st_fail(ST_EFORMAT, "%s: use_qalora: true is not supported", path);
+    if (rc) return rc;
+    const char *bias = st_json_get_string(cfg, "bias", "none");
+    if (!bias || strcmp(bias, "none"))
+        return st_fail(ST_EFORMAT, "%s: bias '%s' is not supported (only \"none\": no trained biases)", path,
+                       bias ? bias : "(not a string)");
     if (st_json_get(cfg, "rank_pattern") && st_json_get(cfg, "rank_pattern")->count)
         return st_fail(ST_EFORMAT, "%s: rank_pattern is not supported (one rank for every module)", path);
     if (st_json_get(cfg, "alpha_pattern") && st_json_get(cfg, "alpha_pattern")->count)

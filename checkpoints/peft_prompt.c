@@ -192,6 +192,9 @@ int st_peft_prompt_load(st_model *m, const st_json *cfg, const char *path, const
     if (!rc) rc = int_field(cfg, "num_transformer_submodules", path, &subs);
     if (rc) return rc;
     if (V < 1 || V > 1000000) return st_fail(ST_EFORMAT, "%s: num_virtual_tokens %lld must be >= 1", path, (long long)V);
+    const st_json *mts = st_json_get(cfg, "modules_to_save"); /* full module copies: not a prompt's computation */
+    if (mts && mts->type != ST_JSON_NULL && !(mts->type == ST_JSON_ARRAY && !mts->count))
+        return st_fail(ST_EFORMAT, "%s: modules_to_save is not supported (the prompt alone)", path);
     if (subs != 1)
         return st_fail(ST_EFORMAT, "%s: num_transformer_submodules %lld (a decoder-only model has 1)", path, (long long)subs);
     if (!strcmp(st_json_get_string(cfg, "peft_type", ""), "PREFIX_TUNING")) return prefix_load(m, cfg, path, dir, V, dim);

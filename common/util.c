@@ -45,6 +45,11 @@ void *st_calloc_aligned(size_t bytes) {
 int st_read_file(const char *path, char **data, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return st_fail(ST_EIO, "cannot open %s: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fileno(f), &sb) == 0 && !S_ISREG(sb.st_mode)) { /* a directory "opens" but has no size */
+        fclose(f);
+        return st_fail(ST_EIO, "%s is not a regular file%s", path, S_ISDIR(sb.st_mode) ? " (a directory)" : "");
+    }
     if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return st_fail(ST_EIO, "cannot seek %s", path); }
     long n = ftell(f);
     if (n < 0) { fclose(f); return st_fail(ST_EIO, "cannot size %s", path); }

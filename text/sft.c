@@ -134,7 +134,8 @@ static int to_messages(const st_json *row, int format, st_json **msgs) {
             return 0;
         }
         src = st_json_get(row, "conversations");
-        if (!src || src->type != ST_JSON_ARRAY || !src->count) return st_fail(ST_EINVAL, "\"conversations\" is not a non-empty list");
+        if (!src) return st_fail(ST_EINVAL, "a chat row needs \"messages\" (or ShareGPT's \"conversations\")");
+        if (src->type != ST_JSON_ARRAY || !src->count) return st_fail(ST_EINVAL, "\"conversations\" is not a non-empty list");
         for (size_t i = 0; i < src->count; i++) {
             const char *from = st_json_get_string(src->items[i], "from", NULL), *value = st_json_get_string(src->items[i], "value", NULL);
             if (!from || !value) return st_fail(ST_EINVAL, "conversations[%zu] needs string \"from\" and \"value\"", i);

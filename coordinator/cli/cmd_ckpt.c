@@ -67,7 +67,15 @@ static int verify(const char *path) {
 }
 
 int st_cmd_ckpt(int argc, char **argv) {
-    if (argc != 3) return usage();
+    if (argc != 3) {
+        if (argc > 3) st_cli_bad_arg("ckpt", argv[3]);
+        else st_cli_missing("ckpt", argc < 2 ? "inspect|verify" : "PATH");
+        return usage();
+    }
+    if (strcmp(argv[1], "inspect") != 0 && strcmp(argv[1], "verify") != 0) {
+        fprintf(stderr, "shardtune ckpt: error: unknown subcommand '%s' (inspect or verify)\n", argv[1]);
+        return usage();
+    }
     char path[2048];
     if (st_ckpt_resolve(argv[2], path, sizeof path)) return st_cli_error("ckpt", st_error());
     if (!strcmp(argv[1], "inspect")) return inspect(path);

@@ -27,9 +27,14 @@ static int cmd_score(int argc, char **argv) {
         if (!strcmp(argv[i], "--votes") && i + 1 < argc) votes = argv[++i];
         else if (!strcmp(argv[i], "--json")) json = 1;
         else if (argv[i][0] != '-' && !dir) dir = argv[i];
-        else dir = NULL, i = argc;
+        else {
+            st_cli_bad_arg("compare score", argv[i]);
+            fprintf(stderr, "usage: shardtune compare score DIR --votes VOTES.jsonl [--json]\n");
+            return ST_EXIT_USAGE;
+        }
     }
     if (!dir || !votes) {
+        st_cli_missing("compare score", !dir ? "DIR (the sheet's directory)" : "--votes VOTES.jsonl");
         fprintf(stderr, "usage: shardtune compare score DIR --votes VOTES.jsonl [--json]\n");
         return ST_EXIT_USAGE;
     }
@@ -150,7 +155,7 @@ static int cmd_sheet(int argc, char **argv) {
     st_gen_flags_default(&f);
     for (int i = 1; i < argc; i++) {
         int has = i + 1 < argc, c = st_gen_flags_parse(&f, argc, argv, &i);
-        if (c < 0) { fprintf(stderr, "shardtune compare sheet: %s\n", st_error()); return usage_sheet(); }
+        if (c < 0) { fprintf(stderr, "shardtune compare sheet: error: %s\n", st_error()); return usage_sheet(); }
         if (c) continue;
         if (!strcmp(argv[i], "--base") && has) base = argv[++i];
         else if (!strcmp(argv[i], "--tuned") && has) tuned = argv[++i];
@@ -159,10 +164,14 @@ static int cmd_sheet(int argc, char **argv) {
         else if (!strcmp(argv[i], "--out") && has) out = argv[++i];
         else if (!strcmp(argv[i], "--base-answers") && has) base_ans = argv[++i];
         else if (!strcmp(argv[i], "--tuned-answers") && has) tuned_ans = argv[++i];
-        else return usage_sheet();
+        else { st_cli_bad_arg("compare sheet", argv[i]); return usage_sheet(); }
     }
     int from_models = base && tuned && !base_ans && !tuned_ans, from_files = base_ans && tuned_ans && !base && !tuned;
-    if (!prompts || !out || !(from_models || from_files)) return usage_sheet();
+    if (!prompts || !out || !(from_models || from_files)) {
+        st_cli_missing("compare sheet", !prompts ? "--prompts IN.jsonl" : !out ? "--out DIR"
+                                  : "--base DIR and --tuned DIR (or --base-answers and --tuned-answers)");
+        return usage_sheet();
+    }
     int provided = 0, rank = 0, print_error = 0;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -358,14 +367,15 @@ static int cmd_judge(int argc, char **argv) {
     st_gen_flags_default(&f);
     for (int i = 1; i < argc; i++) {
         int c = st_gen_flags_parse(&f, argc, argv, &i);
-        if (c < 0) { fprintf(stderr, "shardtune compare judge: %s\n", st_error()); return ST_EXIT_USAGE; }
+        if (c < 0) { fprintf(stderr, "shardtune compare judge: error: %s\n", st_error()); return ST_EXIT_USAGE; }
         if (c) continue;
         if (!strcmp(argv[i], "--judge") && i + 1 < argc) judge = argv[++i];
         else if (!strcmp(argv[i], "--json")) json = 1;
         else if (argv[i][0] != '-' && !dir) dir = argv[i];
-        else { dir = NULL; break; }
+        else { st_cli_bad_arg("compare judge", argv[i]); dir = judge = NULL; break; }
     }
     if (!dir || !judge) {
+        if (dir || judge || argc < 2) st_cli_missing("compare judge", !dir ? "DIR (the sheet's directory)" : "--judge MODEL_DIR");
         fprintf(stderr, "usage: shardtune compare judge DIR --judge MODEL_DIR [--json] [--chat] [--backend B]\n");
         return ST_EXIT_USAGE;
     }
@@ -398,6 +408,8 @@ int st_cmd_compare(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "sheet")) return cmd_sheet(argc - 1, argv + 1);
     if (argc >= 2 && !strcmp(argv[1], "score")) return cmd_score(argc - 1, argv + 1);
     if (argc >= 2 && !strcmp(argv[1], "judge")) return cmd_judge(argc - 1, argv + 1);
+    if (argc >= 2) fprintf(stderr, "shardtune compare: error: unknown subcommand '%s' (sheet, score or judge)\n", argv[1]);
+    else st_cli_missing("compare", "the subcommand (sheet, score or judge)");
     fprintf(stderr, "usage: shardtune compare sheet --base DIR --tuned DIR --prompts IN.jsonl --out DIR [--max-new N]\n"
                     "       shardtune compare score DIR --votes VOTES.jsonl [--json]\n"
                     "       shardtune compare judge DIR --judge MODEL_DIR [--json]\n");

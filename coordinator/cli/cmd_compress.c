@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
 #include "common/error.h"
 #include "common/json.h"
@@ -133,7 +135,7 @@ static int parse_args(int argc, char **argv, opts *o) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int64_t n = 0;
         int rc = 0;
-        if (!v) return -1;
+        if (!v) return st_cli_bad_arg("compress", a), -1;
         if (!strcmp(a, "--model")) o->model = v;
         else if (!strcmp(a, "--out")) o->out = v;
         else if (!strcmp(a, "--drop-layers")) o->drop = v;
@@ -143,11 +145,12 @@ static int parse_args(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--seq-len")) { if (!(rc = st_cli_int("compress", a, v, 1, 1 << 20, &n))) o->T = (int)n; }
         else if (!strcmp(a, "--calib-windows")) { if (!(rc = st_cli_int("compress", a, v, 1, 1 << 20, &n))) o->windows = (int)n; }
         else if (!strcmp(a, "--batch")) { if (!(rc = st_cli_int("compress", a, v, 1, 4096, &n))) o->B = (int)n; }
-        else return -1;
+        else return st_cli_bad_arg("compress", a), -1;
         if (rc) return rc;
         i++;
     }
-    return o->model && o->out ? 0 : -1;
+    if (!o->model || !o->out) return st_cli_missing("compress", !o->model ? "--model DIR" : "--out DIR"), -1;
+    return 0;
 }
 
 static int plan_spec(const opts *o, const st_model *m, st_prune_spec *spec, unsigned char **mask) {
@@ -181,6 +184,10 @@ static int run(const opts *o, double *before, double *after, st_model_config *ou
     float *host = NULL;
     int rc = st_model_load_dir(o->model, be, &m), have_pm = 0, have_d = 0;
     if (rc) return rc;
+    if ((rc = st_model_check_finite(&m, o->model))) { /* NaN weights: refused naming the tensor, as eval does */
+        st_model_free(&m);
+        return rc;
+    }
     int T = o->T ? o->T : (m.cfg.max_seq < 128 ? m.cfg.max_seq : 128);
     *before = *after = -1;
     rc = plan_spec(o, &m, &spec, &mask);
@@ -224,7 +231,13 @@ int st_cmd_compress(int argc, char **argv) {
     if (prc) return prc;
     double before, after;
     st_model_config c = {0};
-    if (run(&o, &before, &after, &c)) return st_cli_error("compress", st_error());
+    int existed = access(o.out, F_OK) == 0;
+    if (run(&o, &before, &after, &c)) { /* no half-written OUT: a directory this run created goes again */
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", st_error());
+        if (!existed && access(o.out, F_OK) == 0) st_remove_dir_files(o.out);
+        return st_cli_error("compress", msg);
+    }
     printf("compressed %s -> %s: %d layers, %d heads / %d kv heads, ffn %d", o.model, o.out, c.n_layer, c.n_head,
            c.n_kv_head, c.d_ff);
     if (before >= 0) printf("; calibration loss %.6f -> %.6f", before, after);

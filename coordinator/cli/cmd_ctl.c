@@ -71,13 +71,14 @@ out:
 
 int st_cmd_ctl(int argc, char **argv) {
     if (argc < 2) return ctl_usage();
-    /* ADDR is optional: `ctl stop --run-dir DIR` reads RUN_DIR/monitor.addr (or the token file's directory's) */
-    int has_addr = argc >= 3 && st_command_from_name(argv[1]) < 0;
-    const char *addr = has_addr ? argv[1] : NULL, *cmdname = argv[has_addr ? 2 : 1];
+    /* ADDR is optional: `ctl stop --run-dir DIR` reads RUN_DIR/monitor.addr (or the token file's directory's);
+     * flags may come before or after the positional ADDR and COMMAND */
+    const char *pos[2] = {NULL, NULL};
+    int n_pos = 0;
     const char *token_file = NULL, *run_dir = NULL, *server_key_file = NULL;
     char addr_buf[1024];
     double timeout_s = 5;
-    for (int i = has_addr ? 3 : 2; i < argc; i++) {
+    for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--token-file") && i + 1 < argc) token_file = argv[++i];
         else if (!strcmp(argv[i], "--run-dir") && i + 1 < argc) run_dir = argv[++i];
         else if (!strcmp(argv[i], "--server-key") && i + 1 < argc) server_key_file = argv[++i];
@@ -85,11 +86,17 @@ int st_cmd_ctl(int argc, char **argv) {
             int rc = st_cli_real("ctl", "--timeout", argv[++i], 0, 1e9, &timeout_s);
             if (rc) return rc;
         }
+        else if (argv[i][0] != '-' && n_pos < 2) pos[n_pos++] = argv[i];
         else {
             fprintf(stderr, "shardtune ctl: error: unknown argument '%s'\n", argv[i]);
             return ctl_usage();
         }
     }
+    if (n_pos == 0) {
+        fprintf(stderr, "shardtune ctl: error: missing the command (status|checkpoint|stop|pause|resume)\n");
+        return ctl_usage();
+    }
+    const char *addr = n_pos == 2 ? pos[0] : NULL, *cmdname = pos[n_pos - 1];
     int command = st_command_from_name(cmdname);
     if (command < 0) {
         fprintf(stderr, "shardtune ctl: error: unknown command '%s' (status|checkpoint|stop|pause|resume)\n", cmdname);

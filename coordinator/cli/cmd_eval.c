@@ -202,7 +202,7 @@ int st_cmd_eval(int argc, char **argv) {
             else B = (int)v;
         }
         else if (!strcmp(argv[i], "--json")) json = 1;
-        else { free(over); return usage(); }
+        else { free(over); st_cli_bad_arg("eval", argv[i]); return usage(); }
     }
     if (split_name || job) {
         int split = -1, rc;
@@ -221,7 +221,10 @@ int st_cmd_eval(int argc, char **argv) {
     free(over);
     if (n_over) return usage_line("key=value overrides go with --job JOB.yaml");
     if (!B) B = 8;
-    if (!model_dir || !data || T < 1 || B < 1) return usage();
+    if (!model_dir || !data || T < 1) {
+        st_cli_missing("eval", !model_dir ? "--model DIR" : !data ? "--data DATA.h5" : "--seq-len T");
+        return usage();
+    }
     if ((int64_t)B * T > (1 << 26)) return st_cli_error("eval", "--batch x --seq-len is over 2^26 tokens per batch");
     st_model m;
     st_dataset d;

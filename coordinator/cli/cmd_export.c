@@ -64,8 +64,17 @@ static int fetch_ckpt(void *ctx, const st_model *m, int i, float *dst) {
 }
 
 /* One parameter from a model directory's safetensors (ctx: the open files; registry layout). */
+struct model_dir_src {
+    st_safetensors *st;
+    const char *dir;
+};
+
 static int fetch_model_dir(void *ctx, const st_model *m, int i, float *dst) {
-    return dst ? st_model_read_param(ctx, m, i, dst) : 0;
+    const struct model_dir_src *src = ctx;
+    if (!dst) return 0;
+    int rc = st_model_read_param(src->st, m, i, dst);
+    /* NaN/Inf weights: refused naming the tensor, as eval and train do (a checkpoint's are verified on save) */
+    return rc ? rc : st_check_finite_values(dst, m->params[i].numel, 0, src->dir, m->params[i].name);
 }
 
 static int export_ckpt(const char *path, const char *out, int peft) {
@@ -146,11 +155,21 @@ static int export_model_dir(const char *src, const char *out) {
     snprintf(path, sizeof path, "%s/config.json", src);
     if ((rc = st_read_file(path, &cfg, &len))) rc = st_fail(rc, "%s: %s", path, st_error());
     if (!rc) rc = st_model_check_files(&m, src, &st);
-    if (!rc) rc = st_model_export_dir_streamed(&m, out, src, cfg, 0, fetch_model_dir, st);
+    struct model_dir_src from = {NULL, src};
+    if (!rc) from.st = st, rc = st_model_export_dir_streamed(&m, out, src, cfg, 0, fetch_model_dir, &from);
     st_safetensors_close(st);
     free(cfg);
     st_model_free(&m);
     return rc;
+}
+
+/* A failed export: the one error line, and no half-written OUT left behind (a directory this run created is
+ * removed with whatever it wrote; an OUT that existed before is left as it was). */
+static int export_failed(const char *out, int out_existed) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", st_error());
+    if (!out_existed && out && access(out, F_OK) == 0) st_remove_dir_files(out);
+    return st_cli_error("export", msg);
 }
 
 int st_cmd_export(int argc, char **argv) {
@@ -168,17 +187,19 @@ int st_cmd_export(int argc, char **argv) {
                 if (!strcmp(argv[i], "--out")) out_dir_arg = argv[i + 1];
                 i++;
             } else if (argv[i][0] != '-' && !src_arg) src_arg = argv[i];
-            else { src_arg = NULL; break; }
+            else { st_cli_bad_arg("export", argv[i]); src_arg = out_dir_arg = NULL; break; }
         }
         if (!src_arg || !out_dir_arg) {
+            if (src_arg || out_dir_arg) st_cli_missing("export", !src_arg ? "SRC" : "--out DIR");
             fprintf(stderr, "usage: shardtune export ADAPTER_DIR --merge --out DIR [--model BASE_DIR]\n");
             return ST_EXIT_USAGE;
         }
         char probe[4200], path[2048];
+        int existed = access(out_dir_arg, F_OK) == 0;
         snprintf(probe, sizeof probe, "%s/adapter_config.json", src_arg);
         if (access(probe, F_OK) == 0 ? export_merged(src_arg, base, out_dir_arg)
                                      : st_ckpt_resolve(src_arg, path, sizeof path) || export_ckpt(path, out_dir_arg, 0))
-            return st_cli_error("export", st_error());
+            return export_failed(out_dir_arg, existed);
         printf("exported %s merged into its base -> %s\n", src_arg, out_dir_arg);
         return ST_EXIT_OK;
     }
@@ -195,6 +216,7 @@ int st_cmd_export(int argc, char **argv) {
             } else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
         }
         if (!ckpt || !out) {
+            st_cli_missing("export", !ckpt ? "SRC" : "--out FILE.gguf");
             fprintf(stderr, "usage: shardtune export SRC --out FILE.gguf --format gguf [--quant f32|f16|bf16|q8_0|q4_0|q2_K|q3_K|q4_K|q5_K|q6_K|q4_K_M|q5_K_M]"
                             " [--tokenizer DIR | --no-tokenizer] [--tokenizer-pre NAME] [--name NAME] [--model BASE_DIR]\n");
             return ST_EXIT_USAGE;
@@ -210,21 +232,35 @@ int st_cmd_export(int argc, char **argv) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--format") && i + 1 < argc && (!strcmp(argv[i + 1], "hf") || peft)) i++;
         else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
-        else ckpt = NULL, i = argc;
+        else {
+            if (!strcmp(argv[i], "--quant") || !strcmp(argv[i], "--tokenizer") || !strcmp(argv[i], "--tokenizer-pre"))
+                fprintf(stderr, "shardtune export: error: %s goes with --format gguf\n", argv[i]);
+            else st_cli_bad_arg("export", argv[i]);
+            ckpt = out = NULL;
+            break;
+        }
     }
     if (!ckpt || !out) {
-        fprintf(stderr, "usage: shardtune export CKPT|MODEL_DIR --out DIR [--format hf|peft]\n");
+        if (ckpt || out || argc < 2) st_cli_missing("export", !ckpt ? "SRC" : "--out DIR");
+        fprintf(stderr, "usage: shardtune export SRC --out DST [--format hf|peft|gguf] [--merge] [--quant TYPE]\n");
         return ST_EXIT_USAGE;
     }
     char path[2048];
+    int existed = access(out, F_OK) == 0;
     snprintf(path, sizeof path, "%s/config.json", ckpt);
     if (!peft && access(path, F_OK) == 0) { /* SRC is a model directory */
-        if (export_model_dir(ckpt, out)) return st_cli_error("export", st_error());
+        if (export_model_dir(ckpt, out)) return export_failed(out, existed);
         printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", ckpt,
                out);
         return ST_EXIT_OK;
     }
-    if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, out, peft)) return st_cli_error("export", st_error());
+    snprintf(path, sizeof path, "%s/adapter_config.json", ckpt);
+    if (access(path, F_OK) == 0) { /* a PEFT adapter directory: hf needs the base, peft is what it already is */
+        fprintf(stderr, "shardtune export: error: %s is a PEFT adapter directory: pass --merge to write the base model "
+                        "with the adapter folded in (or --format gguf for a GGUF LoRA adapter)\n", ckpt);
+        return ST_EXIT_USAGE;
+    }
+    if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, out, peft)) return export_failed(out, existed);
     if (peft) printf("exported %s -> %s (adapter_config.json + adapter_model.safetensors)\n", path, out);
     else printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", path,
                 out);

@@ -78,9 +78,12 @@ static int load_adapter_dir(const char *src, const char *base, st_model *m, floa
 static int load_lora_ckpt(const char *path, const char *job_spec, st_model *m, float **host, int *is_lora) {
     st_config *job = calloc(1, sizeof *job);
     if (!job) return st_fail(ST_ENOMEM, "out of memory");
-    *is_lora = job_spec && !st_config_load_string(job, job_spec, 0, NULL) &&
-               (job->finetune.mode == ST_FINETUNE_LORA || job->finetune.mode == ST_FINETUNE_QLORA);
+    int loaded = job_spec && !st_config_load_string(job, job_spec, 0, NULL);
+    *is_lora = loaded && (job->finetune.mode == ST_FINETUNE_LORA || job->finetune.mode == ST_FINETUNE_QLORA);
     int rc = 0;
+    if (loaded && st_config_prompt_learning(job)) /* its /model holds the prompt alone */
+        rc = st_fail(ST_EINVAL, "checkpoint %s is from a finetune.mode %s run: GGUF has no prompt-learning adapter "
+                     "(export it with --format peft)", path, st_finetune_mode_name(job->finetune.mode));
     if (*is_lora) {
         rc = st_model_load_dir(job->model.path, st_backend_cpu(1), m);
         if (rc) rc = st_fail_context(rc, "checkpoint %s: its base model (model.path) %s", path, job->model.path);
@@ -113,6 +116,7 @@ static int load_source(const char *src, const char *base, st_model *m, float **h
     }
     if (file_exists(src, "config.json")) {
         if ((rc = st_model_load_dir(src, be, m))) return rc;
+        if ((rc = st_model_check_finite(m, src))) { st_model_free(m); return rc; } /* NaN/Inf: named, as eval */
     } else {
         char path[2048];
         st_ckpt_info info;
@@ -160,12 +164,12 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
         else if (!strcmp(argv[i], "--no-tokenizer")) no_tok = 1;
         else if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--format")) && i + 1 < argc) i++;
         else if (argv[i][0] == '-') {
-            fprintf(stderr, "shardtune export: unknown option '%s' for --format gguf\n", argv[i]);
+            fprintf(stderr, "shardtune export: error: unknown option '%s' for --format gguf\n", argv[i]);
             return ST_EXIT_USAGE;
         }
     }
     if (pre && (!pre[0] || strlen(pre) >= sizeof ((st_gguf_report *)0)->tokenizer_pre || strpbrk(pre, " \t\n"))) {
-        fprintf(stderr, "shardtune export: --tokenizer-pre '%s' is not a llama.cpp pre-tokenizer name\n", pre);
+        fprintf(stderr, "shardtune export: error: --tokenizer-pre '%s' is not a llama.cpp pre-tokenizer name\n", pre);
         return ST_EXIT_USAGE;
     }
     st_ggml_type quant;

@@ -63,16 +63,19 @@ int st_cmd_generate(int argc, char **argv) {
     st_gen_flags_default(&f);
     for (int i = 1; i < argc; i++) {
         int has = i + 1 < argc, c = st_gen_flags_parse(&f, argc, argv, &i);
-        if (c < 0) { fprintf(stderr, "shardtune generate: %s\n", st_error()); return usage(); }
+        if (c < 0) { fprintf(stderr, "shardtune generate: error: %s\n", st_error()); return usage(); }
         if (c) continue;
         if (!strcmp(argv[i], "--model") && has) model = argv[++i];
         else if (!strcmp(argv[i], "--prompts") && has) prompts = argv[++i];
         else if (!strcmp(argv[i], "--out") && has) out = argv[++i];
         else if (!strcmp(argv[i], "--adapter") && has) adapter = argv[++i];
         else if (!strcmp(argv[i], "--dump-logits") && has) dump_path = argv[++i]; /* tests: raw fp32 logits */
-        else return usage();
+        else { st_cli_bad_arg("generate", argv[i]); return usage(); }
     }
-    if (!model || !prompts || !out) return usage();
+    if (!model || !prompts || !out) {
+        st_cli_missing("generate", !model ? "--model DIR" : !prompts ? "--prompts IN.jsonl" : "--out OUT.jsonl");
+        return usage();
+    }
     int provided = 0, rank = 0, world = 1;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);

@@ -36,7 +36,7 @@ int st_cmd_init_model(int argc, char **argv) {
         int has = i + 1 < argc, rc, matched = 0;
         for (size_t k = 0; k < sizeof lim / sizeof lim[0] && !matched; k++) {
             if (strcmp(a, lim[k].flag) != 0) continue;
-            if (!has) return usage();
+            if (!has) { st_cli_bad_arg("init-model", a); return usage(); }
             int64_t v;
             if ((rc = st_cli_int("init-model", a, argv[++i], lim[k].lo, lim[k].hi, &v))) return rc;
             if (field[k]) *field[k] = (int)v;
@@ -53,12 +53,19 @@ int st_cmd_init_model(int argc, char **argv) {
         else if (!strcmp(a, "--out") && has) out = argv[++i];
         else if (!strcmp(a, "--tied")) tied = 1;
         else if (!strcmp(a, "--qkv-bias")) qkv_bias = 1;
-        else return usage();
+        else { st_cli_bad_arg("init-model", a); return usage(); }
     }
-    if (!family || !out || c.n_layer < 1 || c.d_model < 1 || c.n_head < 1 || c.vocab < 2) return usage();
+    if (!family || !out || c.n_layer < 1 || c.d_model < 1 || c.n_head < 1 || c.vocab < 2) {
+        st_cli_missing("init-model", !family ? "--family llama|gpt2" : !out ? "--out DIR" : c.n_layer < 1 ? "--layers L"
+                                     : c.d_model < 1 ? "--dim D" : c.n_head < 1 ? "--heads H" : "--vocab V");
+        return usage();
+    }
     if (!strcmp(family, "gpt2")) {
         c.family = ST_FAMILY_GPT2;
         snprintf(c.model_type, sizeof c.model_type, "gpt2");
+        if (c.n_kv_head && c.n_kv_head != c.n_head) /* GPT-2 has one key/value head per query head */
+            return st_cli_error("init-model", "--kv-heads: GPT-2 has no grouped-query attention (--kv-heads must equal "
+                                              "--heads or be left out)");
         c.n_kv_head = c.n_head;
         if (!c.d_ff) c.d_ff = 4 * c.d_model;
         c.norm_eps = 1e-5f;

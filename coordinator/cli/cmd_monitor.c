@@ -251,14 +251,14 @@ static int receive_one(monitor_view *v, void *sub) {
 }
 
 int st_cmd_monitor(int argc, char **argv) {
-    /* ADDR is optional: without it, the address the job wrote to RUN_DIR/monitor.addr */
-    int first = argc >= 2 && argv[1][0] != '-' ? 2 : 1;
-    if (argc < 2 || (first == 1 && strcmp(argv[1], "--run-dir") != 0 && argc < 3)) {
+    /* ADDR is optional: without it, the address the job wrote to RUN_DIR/monitor.addr; flags may come
+     * before or after it */
+    if (argc < 2) {
         fprintf(stderr, "usage: shardtune monitor [ADDR] [--run-dir DIR] [--plain|--json] [--count N] [--timeout S] "
                         "[--server-key FILE]\n");
         return ST_EXIT_USAGE;
     }
-    const char *addr = first == 2 ? argv[1] : NULL;
+    const char *addr = NULL;
     char addr_buf[1024];
     monitor_view v;
     memset(&v, 0, sizeof v);
@@ -266,8 +266,9 @@ int st_cmd_monitor(int argc, char **argv) {
     long count = 0;
     double timeout_s = 0;
     const char *run_dir = NULL, *server_key_file = NULL;
-    for (int i = first; i < argc; i++) {
-        if (!strcmp(argv[i], "--plain")) v.mode = OUT_PLAIN;
+    for (int i = 1; i < argc; i++) {
+        if (argv[i][0] != '-' && !addr) addr = argv[i];
+        else if (!strcmp(argv[i], "--plain")) v.mode = OUT_PLAIN;
         else if (!strcmp(argv[i], "--json")) v.mode = OUT_JSON;
         else if (!strcmp(argv[i], "--count") && i + 1 < argc) {
             int64_t n;

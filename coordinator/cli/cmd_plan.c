@@ -321,12 +321,12 @@ int st_cmd_plan(int argc, char **argv) {
                 return ST_EXIT_USAGE;
             }
         } else if (!strcmp(a, "--json")) json = 1;
-        else if (a[0] == '-') { free(over); return usage(); }
+        else if (a[0] == '-') { free(over); st_cli_bad_arg("plan", a); return usage(); }
         else if (!job) job = a;
         else if (strchr(a, '=')) over[n_over++] = argv[i];
-        else { free(over); return usage(); }
+        else { free(over); st_cli_bad_arg("plan", a); return usage(); }
     }
-    if (!job || ranks < 1) { free(over); return usage(); }
+    if (!job || ranks < 1) { free(over); st_cli_missing("plan", !job ? "JOB.yaml" : "--ranks N"); return usage(); }
     static st_config cfg; /* large (fixed arrays): keep it off the stack */
     int rc = st_config_load(&cfg, job, n_over, over);
     free(over);

@@ -235,9 +235,14 @@ int st_cmd_plot(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (argv[i][0] != '-' && !run_dir) run_dir = argv[i];
-        else run_dir = NULL, out = NULL, i = argc;
+        else {
+            st_cli_bad_arg("plot", argv[i]);
+            run_dir = out = NULL;
+            break;
+        }
     }
     if (!run_dir || !out) {
+        if (run_dir || out || argc < 2) st_cli_missing("plot", !run_dir ? "RUN_DIR" : "--out FILE.svg|FILE.png");
         fprintf(stderr, "usage: shardtune plot RUN_DIR --out FILE.svg|FILE.png\n");
         return ST_EXIT_USAGE;
     }

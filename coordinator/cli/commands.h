@@ -36,6 +36,11 @@ int st_cmd_tokenize(int argc, char **argv);
 /* Prints "shardtune <cmd>: error: <msg>" to stderr (one line) and returns ST_EXIT_FAIL. */
 int st_cli_error(const char *cmd, const char *msg);
 
+/* A bad command line, before the command prints its usage: "shardtune <cmd>: error: unknown or incomplete
+ * argument '<arg>'" / "shardtune <cmd>: error: missing <what>" on stderr; both return ST_EXIT_USAGE. */
+int st_cli_bad_arg(const char *cmd, const char *arg);
+int st_cli_missing(const char *cmd, const char *what);
+
 /* A flag's number, strictly (common/util.h st_parse_*): 0, or prints "shardtune <cmd>: error: <flag>:
  * expected ..., got '<text>'" and returns ST_EXIT_USAGE. Use: if ((rc = st_cli_int(...))) return rc; */
 int st_cli_int(const char *cmd, const char *flag, const char *text, int64_t lo, int64_t hi, int64_t *out);

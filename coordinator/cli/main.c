@@ -48,6 +48,16 @@ int st_cli_error(const char *cmd, const char *msg) {
     return ST_EXIT_FAIL;
 }
 
+int st_cli_bad_arg(const char *cmd, const char *arg) {
+    fprintf(stderr, "shardtune %s: error: unknown or incomplete argument '%s'\n", cmd, arg ? arg : "");
+    return ST_EXIT_USAGE;
+}
+
+int st_cli_missing(const char *cmd, const char *what) {
+    fprintf(stderr, "shardtune %s: error: missing %s\n", cmd, what);
+    return ST_EXIT_USAGE;
+}
+
 int st_cli_int(const char *cmd, const char *flag, const char *text, int64_t lo, int64_t hi, int64_t *out) {
     if (st_parse_i64(text, lo, hi, out) == 0) return 0;
     fprintf(stderr, "shardtune %s: error: %s: %s\n", cmd, flag, st_error());

@@ -658,6 +658,15 @@ static int finish_finetune(st_config *c, const char *file) {
         return st_fail(ST_ECONFIG, "%s: finetune.train_layers: '%s' has no effect in finetune.mode full (every layer "
                        "trains); set finetune.mode: frozen to train only these layers, or remove the key", file,
                        c->finetune.train_layers);
+    /* the adapter modes train adapters (finetune.lora.layers picks their layers) or a prompt: a layer choice
+     * for the base would be silently ignored too */
+    if (c->finetune.mode != ST_FINETUNE_FULL && c->finetune.mode != ST_FINETUNE_FROZEN &&
+        c->finetune.mode != ST_FINETUNE_PROGRESSIVE && strcmp(c->finetune.train_layers, "-4") != 0)
+        return st_fail(ST_ECONFIG, "%s: finetune.train_layers: '%s' has no effect in finetune.mode %s (the base "
+                       "stays frozen)%s", file, c->finetune.train_layers, st_finetune_mode_name(c->finetune.mode),
+                       c->finetune.mode == ST_FINETUNE_LORA || c->finetune.mode == ST_FINETUNE_QLORA
+                           ? "; finetune.lora.layers picks the layers that get adapters"
+                           : "; remove the key");
     if (c->finetune.mode != ST_FINETUNE_PROGRESSIVE && (c->finetune.n_stages > 0 || c->finetune.unfreeze_every > 0))
         return st_fail(ST_ECONFIG, "%s: finetune.%s has no effect in finetune.mode %s; set finetune.mode: progressive "
                        "or remove the key", file, c->finetune.n_stages > 0 ? "stages" : "unfreeze_every",

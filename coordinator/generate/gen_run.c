@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
 #include "checkpoints/peft_dir.h"
 #include "common/error.h"
@@ -413,6 +414,7 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     int rc = pick_backend(f, comm, &be);
     if (!rc) rc = st_model_load_dir(model_dir, be, &m);
     if (!rc) loaded = 1;
+    if (!rc) rc = st_model_check_finite(&m, model_dir); /* NaN weights: refused naming the tensor, as eval does */
     /* a LoRA adapter is folded into the weights: the decode path then runs the merged model unchanged; a
      * prompt-learning adapter stays attached (generation prepends its virtual tokens, worker/generate.c) */
     if (!rc && f->adapter && !(rc = st_peft_load_dir(&m, f->adapter)) && !m.prompt) rc = st_lora_merge(&m);

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # test_strict_inputs.sh — every bad input a user can give ends with one line naming it (issue 15, item 4).
 # CLI numbers (init-model, eval, monitor, ctl), config ranges (threads, int64 steps, micro_batch overflow,
-# train_layers in full mode), NaN/Inf weights at load, an all-masked dataset, one monitor socket off.
+# train_layers in full mode), NaN/Inf weights at load (train, eval, generate, compress, export), an all-masked
+# dataset, one monitor socket off; bad command lines name the flag (exit 2); failed export/compress leave no
+# OUT behind; a prompt-tuning checkpoint has no GGUF form.
 source "$(dirname "$0")/ckpt_lib.sh"
 
 # bad CMD... -- PATTERN: exits non-zero within 10 s, stderr matches PATTERN, nothing but one error line
@@ -18,6 +20,8 @@ bad "$BIN" "${IM[@]}" --layers foo "init-model: error: --layers: expected an int
 bad "$BIN" "${IM[@]}" --layers 2 --seed abc "--seed: expected an integer in 0..9223372036854775807, got 'abc'"
 bad "$BIN" "${IM[@]}" --layers 2 --heads 4x "--heads: expected an integer in 1..1024, got '4x'"
 bad "$BIN" "${IM[@]}" --layers 2 --rope-theta nan "--rope-theta: expected a number"
+bad "$BIN" init-model --family gpt2 --layers 2 --dim 64 --heads 4 --kv-heads 2 --vocab 128 --out $T/g "--kv-heads: GPT-2 has no grouped-query attention"
+[ ! -e $T/g ] || fail "a refused init-model left $T/g"
 bad "$BIN" eval --model $T/model --data $T/train.h5 --seq-len 16x "eval: error: --seq-len: expected an integer"
 bad "$BIN" monitor tcp://127.0.0.1:1 --timeout nan "monitor: error: --timeout: expected a number in \[0, 1e+09\], got 'nan'"
 bad "$BIN" ctl tcp://127.0.0.1:1 status --timeout -1 "ctl: error: --timeout: expected a number"
@@ -40,6 +44,12 @@ open(p, "wb").write(b)
 PYEOF
 bad "$BIN" eval --model $T/nanmodel --data $T/train.h5 --seq-len 16 "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value (inf at element 5)"
 bad "$BIN" train $T/j.yaml model.path=$T/nanmodel "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+echo '{"input_ids": [1, 2, 3]}' > $T/p.jsonl
+bad "$BIN" generate --model $T/nanmodel --prompts $T/p.jsonl --out $T/nan.jsonl "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+bad "$BIN" compress --model $T/nanmodel --out $T/nanc --drop-layers 1 "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+bad "$BIN" export $T/nanmodel --out $T/nane "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+bad "$BIN" export $T/nanmodel --out $T/nan.gguf --format gguf "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value"
+[ ! -e $T/nan.jsonl ] && [ ! -e $T/nanc ] && [ ! -e $T/nane ] && [ ! -e $T/nan.gguf ] || fail "a refused NaN model left output behind"
 
 # an all-masked dataset
 "$PY" - $T/masked.jsonl <<'PYEOF'
@@ -57,3 +67,83 @@ bad "$BIN" eval --model $T/model --data $T/masked.h5 --seq-len 16 "no unmasked t
 [ "$(train 1 j 'monitor.publish=""' 'monitor.control=tcp://127.0.0.1:*')" = 0 ] || fail "publish off: $(tail -2 $T/j.err)"
 [ "$(train 1 j 'monitor.control=""' 'monitor.publish=tcp://127.0.0.1:*' resume=none)" = 0 ] || fail "control off: $(tail -2 $T/j.err)"
 echo "ok: one monitor socket off works"
+
+# a bad command line: exit 2 and a first line naming the flag or what is missing (then the usage)
+bad_usage() {
+  local pat=${*: -1}; local cmd=("${@:1:$#-1}")
+  set +e; local err; err=$(timeout 10 "${cmd[@]}" 2>&1 >/dev/null); local rc=$?; set -e
+  [ $rc -eq 2 ] || fail "${cmd[*]}: exit $rc (expected 2): $err"
+  local first=${err%%$'\n'*} # no pipe into grep -q: under pipefail an early exit would SIGPIPE the writer
+  grep -q -- "$pat" <<< "$first" || fail "${cmd[*]}: first line of '$err' lacks '$pat'"
+  echo "ok: ${cmd[1]} ${cmd[2]}: $first"
+}
+bad_usage "$BIN" "${IM[@]}" --layers 2 --bogus "init-model: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" init-model --family llama --layers 2 --dim 64 --heads 4 --vocab 128 "init-model: error: missing --out DIR"
+bad_usage "$BIN" eval --model $T/model --data $T/train.h5 --seq-len 16 --bogus "eval: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" eval --model $T/model --data $T/train.h5 "eval: error: missing --seq-len T"
+bad_usage "$BIN" generate --model $T/model --out $T/o.jsonl "generate: error: missing --prompts IN.jsonl"
+bad_usage "$BIN" generate --model $T/model --prompts x --out $T/o.jsonl --top-p 2 "generate: error: --top-p '2'"
+bad_usage "$BIN" plan $T/j.yaml "plan: error: missing --ranks N"
+bad_usage "$BIN" plan $T/j.yaml --ranks 2 --bogus "plan: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" ckpt check $T/x.h5 "ckpt: error: unknown subcommand 'check'"
+bad_usage "$BIN" export $T/model --out $T/e --quant q8_0 "export: error: --quant goes with --format gguf"
+bad_usage "$BIN" export $T/model --out $T/e --bogus "export: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" export $T/model "export: error: missing --out DIR"
+mkdir -p $T/adapter && echo '{"peft_type": "LORA"}' > $T/adapter/adapter_config.json
+bad_usage "$BIN" export $T/adapter --out $T/e "export: error: $T/adapter is a PEFT adapter directory: pass --merge"
+bad_usage "$BIN" compress --model $T/model --out $T/c --bogus "compress: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" compare score $T --bogus "compare score: error: unknown or incomplete argument '--bogus'"
+bad_usage "$BIN" compare rank "compare: error: unknown subcommand 'rank'"
+bad_usage "$BIN" plot $T/j "plot: error: missing --out FILE.svg|FILE.png"
+bad_usage "$BIN" monitor --bogus "monitor: error: unknown argument '--bogus'"
+bad_usage "$BIN" ctl --run-dir $T/j "ctl: error: missing the command"
+bad_usage "$BIN" train --bogus "train: error: unknown or incomplete argument '--bogus'"
+[ ! -e $T/e ] && [ ! -e $T/c ] || fail "a refused command line left output behind"
+
+# a failed export leaves no OUT directory behind (a checkpoint whose /model tensor fails its checksum)
+[ "$(train 1 j)" = 0 ] || fail "train for export: $(tail -2 $T/j.err)"
+CK=$T/j/checkpoints/$(cat $T/j/checkpoints/latest)
+cp "$CK" $T/flip.h5
+"$PY" - $T/flip.h5 <<'PYEOF'
+import h5py, sys
+with h5py.File(sys.argv[1], "r") as f:
+    off = f["model/model.layers.1.mlp.up_proj.weight"].id.get_offset()
+b = bytearray(open(sys.argv[1], "rb").read()); b[off + 101] ^= 4; open(sys.argv[1], "wb").write(b)
+PYEOF
+bad "$BIN" export $T/flip.h5 --out $T/exp_bad "tensor model/model.layers.1.mlp.up_proj.weight fails its checksum"
+[ ! -e $T/exp_bad ] || fail "a failed export left $T/exp_bad behind: $(ls -la $T/exp_bad)"
+bad "$BIN" export $T/flip.h5 --merge --out $T/exp_bad "fails its checksum"
+[ ! -e $T/exp_bad ] || fail "a failed export --merge left $T/exp_bad behind"
+mkdir $T/exp_keep; echo mine > $T/exp_keep/note.txt
+bad "$BIN" export $T/flip.h5 --out $T/exp_keep "fails its checksum"
+[ "$(cat $T/exp_keep/note.txt)" = mine ] || fail "a failed export into an existing directory removed its files"
+# a failure late in compress (after the weights were written) leaves no OUT either; a directory where a
+# file belongs is named as such (it read as a 2^63-byte file: "out of memory")
+cp -r $T/model $T/mdir && mkdir $T/mdir/tokenizer.json
+bad "$BIN" compress --model $T/mdir --out $T/cz --drop-layers 1 "$T/mdir/tokenizer.json is not a regular file (a directory)"
+[ ! -e $T/cz ] || fail "a failed compress left $T/cz behind: $(ls $T/cz)"
+bad "$BIN" generate --model $T/model --prompts $T --out $T/o.jsonl "$T is not a regular file (a directory)"
+echo "ok: a failed export leaves no output"
+
+# a prompt-tuning checkpoint has no GGUF form: refused naming the mode (it said the embedding was missing)
+[ "$(train 1 j run_dir=$T/pt finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=4)" = 0 ] || fail "prompt_tuning train: $(tail -2 $T/j.err)"
+bad "$BIN" export $T/pt/checkpoints --out $T/pt.gguf --format gguf "is from a finetune.mode prompt_tuning run: GGUF has no prompt-learning adapter"
+[ ! -e $T/pt.gguf ] || fail "a refused GGUF export left $T/pt.gguf"
+cp -r $T/pt/final $T/pta
+"$PY" -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c['modules_to_save'] = ['lm_head']; json.dump(c, open(p, 'w'))" $T/pta/adapter_config.json
+bad "$BIN" eval --model $T/model --adapter $T/pta --data $T/train.h5 --seq-len 16 "adapter_config.json: modules_to_save is not supported"
+
+# adapter_config.json keys that change what a PEFT LoRA adapter computes: refused by name, never applied as
+# plain LoRA (peft's defaults, as in final/, load)
+[ "$(train 1 j run_dir=$T/lo finetune.mode=lora finetune.lora.r=2)" = 0 ] || fail "lora train: $(tail -2 $T/j.err)"
+"$BIN" eval --model $T/model --adapter $T/lo/final --data $T/train.h5 --seq-len 16 >/dev/null || fail "final/ adapter"
+for kv in '"exclude_modules": ["q_proj"]' '"modules_to_save": ["lm_head"]' '"layer_replication": [[0, 1]]' \
+          '"trainable_token_indices": [1]' '"lora_bias": true' '"use_qalora": true' '"bias": "all"'; do
+  rm -rf $T/ad && cp -r $T/lo/final $T/ad
+  "$PY" - $T/ad/adapter_config.json "$kv" <<'PYEOF'
+import json, sys
+c = json.load(open(sys.argv[1])); c.update(json.loads("{" + sys.argv[2] + "}")); json.dump(c, open(sys.argv[1], "w"))
+PYEOF
+  key=$(echo "$kv" | cut -d'"' -f2)
+  bad "$BIN" eval --model $T/model --adapter $T/ad --data $T/train.h5 --seq-len 16 "adapter_config.json: $key"
+done

@@ -63,7 +63,8 @@ set +e
 out=$("$BIN" ctl "$CTL" checkpoint --token-file "$T/loose.token" 2>&1); rc=$?
 set -e
 [ $rc -eq 1 ] && echo "$out" | grep -q "chmod 600" || fail "loose token file accepted: $out"
-"$BIN" ctl "$CTL" checkpoint --run-dir "$T/run2" | grep -q "^ok: checkpoint accepted" || fail "checkpoint with token"
+# flags may come before ADDR and the command too
+"$BIN" ctl --run-dir "$T/run2" "$CTL" checkpoint | grep -q "^ok: checkpoint accepted" || fail "checkpoint with token"
 "$BIN" ctl "$CTL" stop --token-file "$T/run2/control.token" | grep -q "^ok: stop accepted" || fail "stop with token"
 wait "$JOB"
 wait_ends 2 || fail "monitor saw $(ends "$T/mon.jsonl") job ends within 30 s of the second job's end"
@@ -90,7 +91,7 @@ EOF
 # --- monitor --plain --count, and a bad address ---
 "$DRIVER" --world 1 --steps 50 --step-ms 20 --start-delay-ms 700 --run-dir "$T" --publish "$PUB" --control "$CTL" > /dev/null &
 PIDS+=($!)
-timeout 20 "$BIN" monitor "$PUB" --plain --count 5 > "$T/plain.txt" || fail "monitor --count"
+timeout 20 "$BIN" monitor --plain --count 5 "$PUB" > "$T/plain.txt" || fail "monitor --count"
 [ "$(wc -l < "$T/plain.txt")" -eq 5 ] || fail "monitor --plain --count 5 printed $(wc -l < "$T/plain.txt") lines"
 grep -Eq "^(step|rank|event) " "$T/plain.txt" || fail "plain format: $(cat "$T/plain.txt")"
 set +e

@@ -50,5 +50,6 @@ echo '{% for m in messages %}{{ m.content }}{% endfor %}{{ eos_token }}' >"$T/t.
 expect 1 "no assistant message" "$BIN" data pack --text "$T/chat.jsonl" --model "$T/m" --out "$T/o.h5" --template "$T/t.jinja"
 echo '{% for m in messages %}{{ m.content | bogus }}{% endfor %}' >"$T/bad.jinja"
 expect 1 "filter 'bogus' is not supported" "$BIN" data pack --text "$T/chat.jsonl" --model "$T/m" --out "$T/o.h5" --template "$T/bad.jinja" --train-on all
+expect 1 "line 1: a chat row needs \"messages\"" "$BIN" data pack --text "$T/ok.jsonl" --model "$T/m" --out "$T/o.h5" --format chat --template "$T/t.jinja"
 "$BIN" data pack --text "$T/ok.jsonl" --model "$T/m" --out "$T/o.h5" | grep -q "packed docs=1 tokens=2 trained=2" || fail "text pack summary"
 echo "ok"

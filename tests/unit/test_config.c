@@ -508,6 +508,11 @@ static void test_finetune_errors(void **state) {
     expect_error(with("finetune: {mode: full, train_layers: '0-1'}\n"), 0, NULL,
                  "finetune.train_layers: '0-1' has no effect in finetune.mode full", "finetune.mode: frozen");
     expect_error(with("finetune: {unfreeze_every: 5}\n"), 0, NULL, "finetune.unfreeze_every has no effect in finetune.mode full", NULL);
+    /* ... and in the adapter modes (the base stays frozen; lora.layers picks the adapted layers) */
+    expect_error(with("finetune: {mode: lora, train_layers: '-1'}\n"), 0, NULL,
+                 "finetune.train_layers: '-1' has no effect in finetune.mode lora", "finetune.lora.layers");
+    expect_error(with("finetune: {mode: prompt_tuning, train_layers: '0'}\n"), 0, NULL,
+                 "finetune.train_layers: '0' has no effect in finetune.mode prompt_tuning", NULL);
     /* progressive with the shorthand alone is fine */
     st_config c;
     assert_int_equal(st_config_load_string(&c, with("finetune: {mode: progressive, unfreeze_every: 10}\n"), 0, NULL), 0);

@@ -237,7 +237,7 @@ static int fill_host(st_model *m, st_lora *lo, float *host, uint64_t seed, int w
 static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
     float *host = calloc(extra ? extra : 1, sizeof(float));
     if (!host) return st_fail(ST_ENOMEM, "out of memory initializing LoRA adapters");
-    int rc = fill_host(m, lo, host, seed, 1);
+    int rc = fill_host(m, lo, host, seed, !m->weights_unread); /* unread: st_lora_init_magnitudes_kept later */
     if (rc) { free(host); return rc; }
     float *nw = m->be->alloc(m->n_weights * sizeof(float));
     if (!nw) { free(host); return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with LoRA adapters", m->n_weights * 4.0 / 1e6); }
@@ -262,7 +262,17 @@ int st_lora_init_adapters(st_model *m) {
     return rc;
 }
 
-int st_lora_init_magnitudes(st_model *m) {
+size_t st_lora_dora_base_floats(const st_model *m) {
+    size_t most = 0;
+    for (int k = 0; m->lora && k < m->lora->n; k++)
+        if (m->lora->ad[k].mag >= 0 && m->params[m->lora->ad[k].base].numel > most) most = m->params[m->lora->ad[k].base].numel;
+    return most;
+}
+
+int st_lora_init_magnitudes(st_model *m) { return st_lora_init_magnitudes_kept(m, NULL, NULL); }
+
+int st_lora_init_magnitudes_kept(st_model *m, void (*keep)(void *ctx, const st_model *m, int i, size_t *a, size_t *b),
+                                 void *ctx) {
     st_lora *lo = m->lora;
     size_t most = 0;
     for (int k = 0; lo && k < lo->n; k++) most = (size_t)lo->ad[k].in > most ? (size_t)lo->ad[k].in : most;
@@ -271,7 +281,8 @@ int st_lora_init_magnitudes(st_model *m) {
     for (int k = 0; lo && k < lo->n; k++) {
         const adapter *a = &lo->ad[k];
         if (a->mag < 0) continue;
-        st_model_acquire(m, a->base, a->base + 1); /* a quantized base (worker/qlora.h): its dequantized values */
+        /* a quantized base (worker/qlora.h): its dequantized values; a sharded one (ZeRO-3): gathered whole */
+        st_model_acquire(m, a->base, a->base + 1);
         for (int j = 0; j < a->out; j++) {
             m->be->copy_to_host(row, m->weights + m->params[a->base].offset + (size_t)j * a->in, (size_t)a->in * sizeof(float));
             double ss = 0;
@@ -279,10 +290,13 @@ int st_lora_init_magnitudes(st_model *m) {
             mg[j] = (float)sqrt(ss);
         }
         st_model_release(m, a->base, a->base + 1);
-        m->be->copy_to_device(m->weights + m->params[a->mag].offset, mg, (size_t)a->out * sizeof(float));
+        size_t s = 0, e = (size_t)a->out;
+        if (keep) keep(ctx, m, a->mag, &s, &e);
+        if (e > s) m->be->copy_to_device(m->weights + m->params[a->mag].offset + s, mg + s, (e - s) * sizeof(float));
     }
     free(row);
     free(mg);
+    st_model_weights_changed(m);
     return 0;
 }
 

@@ -39,23 +39,37 @@ static int attach_prompt(const st_config *c, st_model *m) {
         return st_ptuning_attach(m, c->finetune.prompt.virtual_tokens, c->finetune.prompt.encoder == 1, (uint64_t)c->seed);
     int rc = st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
     if (rc || !c->finetune.prompt.init_text[0] || !m->be) return rc;
-    /* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens
-     * added, as the tokenizer's call does), repeated and cut to V */
+    int32_t *ids = NULL;
+    size_t n = 0;
+    if ((rc = st_plan_prompt_text_ids(c, &ids, &n))) return rc;
+    /* streamed (ZeRO-3): the embeddings are not read yet; rows of zeros now, train.c copies the rows after
+     * the load (the text and the tokenizer are recorded here for adapter_config.json either way) */
+    rc = st_prompt_init_ids(m, ids, (int)n, c->finetune.prompt.init_text, c->model.path);
+    free(ids);
+    return rc ? st_fail_context(rc, "finetune.prompt.init_text") : 0;
+}
+
+/* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens added,
+ * as the tokenizer's call does), repeated and cut to V */
+int st_plan_prompt_text_ids(const st_config *c, int32_t **ids, size_t *n) {
     char path[ST_CFG_PATH_MAX + 32];
+    *ids = NULL;
+    *n = 0;
     snprintf(path, sizeof path, "%s/tokenizer.json", c->model.path);
     if (access(path, R_OK) != 0)
         return st_fail(ST_ECONFIG, "finetune.prompt.init_text needs the model's tokenizer.json (%s has none)", c->model.path);
     st_tokenizer *tok = NULL;
-    int32_t *ids = NULL;
-    size_t n = 0;
     const char *text = c->finetune.prompt.init_text;
-    rc = st_tokenizer_load(c->model.path, &tok);
-    if (!rc) rc = st_tokenizer_encode(tok, text, strlen(text), 1, &ids, &n);
-    if (!rc) rc = n ? st_prompt_init_ids(m, ids, (int)n, text, c->model.path)
-                    : st_fail(ST_ECONFIG, "finetune.prompt.init_text encodes to no token");
-    free(ids);
+    int rc = st_tokenizer_load(c->model.path, &tok);
+    if (!rc) rc = st_tokenizer_encode(tok, text, strlen(text), 1, ids, n);
+    if (!rc && !*n) rc = st_fail(ST_ECONFIG, "encodes to no token");
+    if (rc) {
+        rc = st_fail_context(rc, "finetune.prompt.init_text");
+        free(*ids);
+        *ids = NULL;
+    }
     st_tokenizer_free(tok);
-    return rc ? st_fail_context(rc, "finetune.prompt.init_text") : 0;
+    return rc;
 }
 
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
@@ -332,9 +346,9 @@ int st_plan_streams(const st_config *c) {
     if (c->sharding.stage != 3) return 0;
     switch (c->finetune.mode) {
     case ST_FINETUNE_FULL: case ST_FINETUNE_FROZEN: return 1;
-    case ST_FINETUNE_LORA: return !c->finetune.lora.dora; /* DoRA's magnitudes read the base */
-    case ST_FINETUNE_PROMPT_TUNING: return !c->finetune.prompt.init_text[0]; /* TEXT init reads embeddings */
-    case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING: return 1;
+    /* DoRA's magnitudes and a TEXT init read the base: after the streamed load (train.c init_from_base) */
+    case ST_FINETUNE_LORA: case ST_FINETUNE_PROMPT_TUNING: case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING:
+        return 1;
     default: return 0; /* qlora: the base is quantized whole at attach */
     }
 }
@@ -520,7 +534,12 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         int adapters = m->lora || m->prompt;
         /* load: streamed, this rank's parts only, read piece by piece (adapters: attached first, over
          * zeros); else the whole model read, then given back down to this rank's parts */
-        if (streams(c)) r->at_load = (frozen + hi - lo + (adapters ? n : 0)) * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
+        /* after it (train.c init_from_base): DoRA gathers one base weight at a time for its magnitudes (and
+         * under bf16 its compute copy); a TEXT init assembles the prompt's rows (V x C, and MPI's copy) */
+        size_t from_base = st_lora_dora_base_floats(m) * (sizeof(float) + (c->precision == ST_PRECISION_BF16 ? sizeof(uint16_t) : 0));
+        if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING && c->finetune.prompt.init_text[0])
+            from_base = 2 * (size_t)st_prompt_tokens(m) * (size_t)m->cfg.d_model * sizeof(float);
+        if (streams(c)) r->at_load = (frozen + hi - lo + (adapters ? n : 0)) * sizeof(float) + from_base + stepbuf + (tr ? io : 0) + check + teacher;
         else r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf + teacher;
         /* final/: one tensor gathered at a time on rank 0 (the others serve their parts); adapters: gathered
          * whole on every rank (st_trainer_save_final) */

@@ -203,6 +203,9 @@ void st_comm_free(st_comm *c) {
     free(c->z3_runs);
     free(c->z3_pf_freqs);
     free(c->z3_pf_fcounts);
+    free(c->z3_pf_qcounts);
+    c->z3_pf_qcounts = NULL;
+    c->nq = 0;
     c->z3_foff = NULL;
     c->z3_runs = NULL;
     c->z3_pf_freqs = NULL;
@@ -433,6 +436,7 @@ int st_comm_backward_end(st_comm *c, st_model *m) {
         double t0 = st_now();
         z3_rs_finish(c);
         c->overlap_seconds += st_now() - t0;
+        c->z3_prof[ST_Z3_BWD_END] += st_now() - t0;
         return 0;
     }
     if (!c->s2_release || !c->overlapping) return 0;
@@ -799,6 +803,37 @@ static void release_frozen(st_comm *c, int first, int last) {
     }
 }
 
+/* ---- QLoRA's quantized bytes (comm.h: z3_qb) ---- */
+
+/* Starts (req) or runs (req NULL) the in-place all-gather of the quantized bytes of [first, last); counts
+ * [2 * world] as in frozen_counts. Returns 0 or the MPI failure; *started whether a request was started. */
+static int gather_qlora(st_comm *c, int first, int last, MPI_Request *req, int *counts, int *started) {
+    size_t a, b;
+    *started = 0;
+    st_qlora_span(c->model, first, last, &a, &b);
+    if (!c->nq || b <= a || c->world == 1) return 0;
+    int *ds = counts + c->world;
+    for (int r = 0, off = 0; r < c->world; r++) {
+        size_t lo = c->qshard * (size_t)r, hi = lo + c->qshard, s = a > lo ? a : lo, e = b < hi ? b : hi;
+        counts[r] = e > s ? (int)(e - s) : 0;
+        ds[r] = off;
+        off += counts[r];
+    }
+    int rc = req ? MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_BYTE, c->z3_qb + a, counts, ds, MPI_BYTE, c->comm, req)
+                 : MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_BYTE, c->z3_qb + a, counts, ds, MPI_BYTE, c->comm);
+    *started = req && rc == MPI_SUCCESS;
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 quantized base all-gather", c->rank);
+}
+
+/* Gives back the quantized bytes of [first, last) outside this rank's part. */
+static void release_qlora(st_comm *c, int first, int last) {
+    size_t a, b;
+    if (!c->nq) return;
+    st_qlora_span(c->model, first, last, &a, &b);
+    discard_bytes(c->z3_qb, 1, a, b < c->qlo ? b : c->qlo);
+    discard_bytes(c->z3_qb, 1, a > c->qhi ? a : c->qhi, b);
+}
+
 /* All-gather of the compact range [a, b) through the staging buffer, a chunk at a time (frozen
  * parameters interleave with trainable ones in the weight space): the owner packs its part, the
  * collective fills the rest in place, every rank unpacks. */
@@ -861,13 +896,16 @@ static int prefetch_finish(st_comm *c, int first, int last) {
     c->z3_pf_active = 0;
     int rc = c->z3_pf_train ? MPI_Wait(&c->z3_pf_req, MPI_STATUS_IGNORE) : MPI_SUCCESS;
     if (rc == MPI_SUCCESS && c->z3_pf_nruns) rc = MPI_Waitall(c->z3_pf_nruns, c->z3_pf_freqs, MPI_STATUSES_IGNORE);
+    if (rc == MPI_SUCCESS && c->z3_pf_q) rc = MPI_Wait(&c->z3_pf_qreq, MPI_STATUS_IGNORE);
     if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 parameter all-gather", c->rank);
-    if (c->z3_pf_first == first && c->z3_pf_last == last) return (c->z3_pf_train ? 1 : 0) | (c->z3_pf_nruns ? 2 : 0);
+    if (c->z3_pf_first == first && c->z3_pf_last == last)
+        return (c->z3_pf_train ? 1 : 0) | (c->z3_pf_nruns ? 2 : 0) | (c->z3_pf_q ? 4 : 0);
     if (c->z3_pf_train) {
         release_compact(c, c->z3_pf_a, c->z3_pf_b);
         if (c->model->weights_bf16) discard_bytes(c->model->weights_bf16, sizeof(uint16_t), c->z3_pf_a, c->z3_pf_b);
     }
     release_frozen(c, c->z3_pf_first, c->z3_pf_last);
+    release_qlora(c, c->z3_pf_first, c->z3_pf_last);
     return 0;
 }
 
@@ -883,6 +921,15 @@ static void bf16_copy(const st_model *m, int first, int last, int make) {
     }
 }
 
+static void z3_prof_acquire(st_comm *c, int first, double dt) {
+    int layer = c->model->params[first].layer;
+    c->z3_prof[first == 0 ? ST_Z3_ACQ_EMBED : layer >= 0 ? ST_Z3_ACQ_LAYER : ST_Z3_ACQ_HEAD] += dt;
+}
+
+void st_comm_zero3_profile(const st_comm *c, double out[ST_Z3_PROF_N]) {
+    for (int k = 0; k < ST_Z3_PROF_N; k++) out[k] = c->z3_prof[k];
+}
+
 /* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident);
  * under bf16 then their compute copy. */
 static void z3_acquire(void *ctx, int first, int last) {
@@ -892,6 +939,7 @@ static void z3_acquire(void *ctx, int first, int last) {
     param_span(c->model, first, last, &a, &b);
     int pf = prefetch_finish(c, first, last), done = pf & 1, n = 0;
     int rc = c->world > 1 && !(pf & 2) ? gather_frozen(c, first, last, NULL, c->z3_pf_fcounts, &n) : 0;
+    if (!rc && !(pf & 4)) rc = gather_qlora(c, first, last, NULL, c->z3_pf_qcounts, &n); /* st_qlora_acquire next */
     if (rc && !c->z3_rc) c->z3_rc = rc;
     rc = 0;
     if (z3_bf16_gather(c) && b > a) {
@@ -900,6 +948,7 @@ static void z3_acquire(void *ctx, int first, int last) {
         if (!rc) rc = gather_fp32_read(c, first, last);
         if (rc && !c->z3_rc) c->z3_rc = rc;
         c->overlap_seconds += st_now() - t0;
+        z3_prof_acquire(c, first, st_now() - t0);
         return; /* the bf16 copy of every parameter of the group is here */
     }
     if (c->world > 1 && b > a && !done) { /* else frozen: resident everywhere; or prefetched */
@@ -914,6 +963,7 @@ static void z3_acquire(void *ctx, int first, int last) {
     }
     if (rc && !c->z3_rc) c->z3_rc = rc;
     c->overlap_seconds += st_now() - t0;
+    z3_prof_acquire(c, first, st_now() - t0);
     if (c->model->weights_bf16) bf16_copy(c->model, first, last, 1);
 }
 
@@ -926,8 +976,10 @@ static void z3_prefetch(void *ctx, int first, int last) {
     if (c->world == 1 || !c->z3_prefetch) return;
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
+    size_t qa, qb;
+    st_qlora_span(c->model, first, last, &qa, &qb);
     int train = z3_in_place(c) && b > a;
-    if (!train && !frozen_runs(c, first, last)) return;
+    if (!train && !frozen_runs(c, first, last) && !(c->nq && qb > qa)) return;
     prefetch_finish(c, -1, -1); /* one in flight at a time (never reached in the model's order) */
     int *counts = c->z3_pf_counts, *displs = c->z3_pf_counts + c->world;
     int rc = 0;
@@ -942,8 +994,10 @@ static void z3_prefetch(void *ctx, int first, int last) {
     c->z3_pf_train = train && !rc;
     c->z3_pf_nruns = 0;
     if (!rc) rc = gather_frozen(c, first, last, c->z3_pf_freqs, c->z3_pf_fcounts, &c->z3_pf_nruns);
+    c->z3_pf_q = 0;
+    if (!rc) rc = gather_qlora(c, first, last, &c->z3_pf_qreq, c->z3_pf_qcounts, &c->z3_pf_q);
     /* what was started is finished by the next acquire (or given back by prefetch_finish) */
-    c->z3_pf_active = c->z3_pf_train || c->z3_pf_nruns;
+    c->z3_pf_active = c->z3_pf_train || c->z3_pf_nruns || c->z3_pf_q;
     c->z3_pf_first = first;
     c->z3_pf_last = last;
     c->z3_pf_a = a;
@@ -959,6 +1013,7 @@ static void z3_progress(void *ctx) {
     if (!c->z3_pf_active) return;
     if (c->z3_pf_train) MPI_Test(&c->z3_pf_req, &flag, MPI_STATUS_IGNORE);
     if (c->z3_pf_nruns) MPI_Testall(c->z3_pf_nruns, c->z3_pf_freqs, &flag, MPI_STATUSES_IGNORE);
+    if (c->z3_pf_q) MPI_Test(&c->z3_pf_qreq, &flag, MPI_STATUS_IGNORE);
 }
 
 static void z3_release(void *ctx, int first, int last) {
@@ -968,6 +1023,7 @@ static void z3_release(void *ctx, int first, int last) {
     param_span(c->model, first, last, &a, &b);
     release_compact(c, a, b);
     release_frozen(c, first, last);
+    release_qlora(c, first, last);
 }
 
 /* Adds this rank's part of the reduce-scattered chunk starting at compact index a (in z3_recv) to its
@@ -1021,6 +1077,7 @@ static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
         if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
     }
     c->overlap_seconds += st_now() - t0;
+    c->z3_prof[ST_Z3_GRAD] += st_now() - t0;
 }
 
 /* Lays out the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones, registry order. */
@@ -1043,6 +1100,12 @@ static int frozen_space(st_comm *c, const st_model *m) {
     c->fshard = (c->nf + w - 1) / w;
     c->flo = c->fshard * (size_t)c->rank;
     c->fhi = c->flo + c->fshard;
+    st_qlora_blob(m, &c->z3_qb, &c->nq); /* QLoRA's quantized bytes: sharded the same way */
+    c->qshard = (c->nq + w - 1) / w;
+    c->qlo = c->qshard * (size_t)c->rank;
+    c->qhi = c->qlo + c->qshard;
+    c->z3_pf_qcounts = malloc(2 * w * sizeof(int));
+    if (!c->z3_pf_qcounts) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 frozen space", c->rank);
     return 0;
 }
 
@@ -1077,6 +1140,7 @@ static int z3_init(st_comm *c, const st_model *cm) {
     m->grad_ready_ctx = c;
     release_compact(c, 0, c->n);
     release_frozen(c, 0, m->n_params);
+    release_qlora(c, 0, m->n_params);
     if (m->grads) discard(m->grads, 0, m->grad_alloc);
     if (m->weights_bf16) discard_bytes(m->weights_bf16, sizeof(uint16_t), 0, m->n_weights); /* made per acquire */
     return 0;

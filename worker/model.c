@@ -345,8 +345,9 @@ void st_model_zero_grad(st_model *m) {
 }
 
 void st_model_acquire(const st_model *m, int first, int last) {
-    if (m->qlora) st_qlora_acquire(m, first, last);
+    /* the residency hook first: under ZeRO-3 it gathers the quantized bytes st_qlora_acquire reads */
     if (m->acquire && last > first) m->acquire(m->residency_ctx, first, last);
+    if (m->qlora) st_qlora_acquire(m, first, last);
 }
 
 void st_model_release(const st_model *m, int first, int last) {

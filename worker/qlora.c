@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "common/error.h"
+#include "common/util.h"
 #include "kernels/kernels.h"
 
 #define DQ_BLOCK 256 /* scales per double-quantization block (bitsandbytes' blocksize for the absmax) */
@@ -26,6 +27,8 @@ typedef struct {
     int8_t *q8;       /* double_quant: ns codes */
     float *scale2;    /* double_quant: ceil(ns / 256) */
     float mean;       /* double_quant: the scales' mean */
+    size_t at, bytes; /* its codes and scales: blob[at, at + bytes) */
+    int done;         /* quantized (st_qlora_put) */
 } qtensor;
 
 struct st_qlora {
@@ -37,7 +40,13 @@ struct st_qlora {
     size_t chunk;
     uint64_t *sums;   /* spec.bf16: [n_params] the checksums st_qlora_set_sum recorded (bf16-only params) */
     size_t fp32_bytes;
+    uint8_t *blob;    /* every tensor's codes and scales, registry order (a layer's are contiguous) */
+    size_t blob_bytes;
 };
+
+/* A tensor's bytes in the blob: codes, then (4-byte aligned) its fp32 scales, or its int8 scale codes and
+ * (aligned) their fp32 scales under double quantization; the whole padded to 4 bytes. */
+static size_t align4(size_t x) { return (x + 3) / 4 * 4; }
 
 static size_t n_blocks(size_t n, int block) { return (n + (size_t)block - 1) / (size_t)block; }
 
@@ -97,16 +106,23 @@ void st_qlora_double_dequant(float *s, const int8_t *q8, const float *scale2, fl
     for (size_t i = 0; i < ns; i++) s[i] = (float)q8[i] * scale2[i / DQ_BLOCK] + mean;
 }
 
-static void free_tensor(qtensor *t) {
-    free(t->codes);
-    free(t->scales);
-    free(t->q8);
-    free(t->scale2);
+static size_t tensor_bytes(const st_qlora_spec *s, size_t n, size_t ns) {
+    size_t codes = align4(s->quant == ST_QLORA_NF4 ? (n + 1) / 2 : n);
+    return codes + (s->double_quant ? align4(ns) + n_blocks(ns, DQ_BLOCK) * sizeof(float) : ns * sizeof(float));
+}
+
+/* Points t's codes and scales at its place in the blob. */
+static void place(qtensor *t, const st_qlora_spec *s, uint8_t *blob) {
+    uint8_t *at = blob + t->at, *sc = at + align4(s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n);
+    t->codes = at;
+    t->scales = s->double_quant ? NULL : (float *)sc;
+    t->q8 = s->double_quant ? (int8_t *)sc : NULL;
+    t->scale2 = s->double_quant ? (float *)(sc + align4(t->ns)) : NULL;
 }
 
 void st_qlora_free(st_qlora *q) {
     if (!q) return;
-    for (int i = 0; i < q->n; i++) free_tensor(&q->t[i]);
+    free(q->blob);
     free(q->t);
     free(q->sbuf);
     free(q->fbuf);
@@ -128,20 +144,15 @@ static int bf16_only(const st_model *m, int i) {
     return p->kind == ST_MOD_HEAD;
 }
 
-/* Quantizes one host tensor (registry entry t->param, n floats) into t. */
+/* Quantizes one host tensor (registry entry t->param, n floats) into its place in the blob. */
 static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, const float *host) {
     const st_param *p = &m->params[t->param];
-    t->codes = malloc(s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n);
-    t->scales = malloc(t->ns * sizeof(float));
-    if (!t->codes || !t->scales) return st_fail(ST_ENOMEM, "out of memory quantizing %s", p->name);
-    st_qlora_quant_tensor(s->quant, host, t->n, s->block, t->codes, t->scales);
-    if (!s->double_quant) return 0;
-    t->q8 = malloc(t->ns);
-    t->scale2 = malloc(n_blocks(t->ns, DQ_BLOCK) * sizeof(float));
-    if (!t->q8 || !t->scale2) return st_fail(ST_ENOMEM, "out of memory quantizing %s", p->name);
-    st_qlora_double_quant(t->scales, t->ns, t->q8, t->scale2, &t->mean);
-    free(t->scales);
-    t->scales = NULL;
+    float *scales = s->double_quant ? malloc(t->ns * sizeof(float) + 1) : t->scales;
+    if (!scales) return st_fail(ST_ENOMEM, "out of memory quantizing %s", p->name);
+    st_qlora_quant_tensor(s->quant, host, t->n, s->block, t->codes, scales);
+    if (s->double_quant) st_qlora_double_quant(scales, t->ns, t->q8, t->scale2, &t->mean);
+    if (s->double_quant) free(scales);
+    t->done = 1;
     return 0;
 }
 
@@ -202,7 +213,13 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
         t->ns = n_blocks(t->n, s->block);
         q->fp32_bytes += t->n * sizeof(float);
         if (t->ns > max_ns) max_ns = t->ns;
+        t->at = q->blob_bytes;
+        t->bytes = tensor_bytes(s, t->n, t->ns);
+        q->blob_bytes += t->bytes;
     }
+    q->blob = st_calloc_aligned(q->blob_bytes + 64); /* address space: pages come as the codes are written */
+    if (!q->blob) { st_qlora_free(q); return st_fail(ST_ENOMEM, "out of memory for the quantized base"); }
+    for (int k = 0; k < q->n; k++) place(&q->t[k], s, q->blob);
     layout(m, q);
     size_t n32 = m->n_weights - m->n_w16;
     float *w32 = m->be->alloc(n32 * sizeof(float) + sizeof(float));
@@ -240,7 +257,7 @@ int st_qlora_put(st_model *m, int i, const float *host) {
     st_qlora *q = m->qlora;
     int k = find(q, i);
     if (k < 0) return st_qlora_put_part(m, i, 0, m->params[i].numel, host);
-    if (q->t[k].codes) return st_fail(ST_EINVAL, "%s is already quantized", m->params[i].name);
+    if (q->t[k].done) return st_fail(ST_EINVAL, "%s is already quantized", m->params[i].name);
     return quantize_one(m, &q->spec, &q->t[k], host);
 }
 
@@ -342,8 +359,7 @@ void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32) {
     const st_qlora *q = m->qlora;
     for (int k = 0; q && k < q->n; k++) {
         const qtensor *t = &q->t[k];
-        b += q->spec.quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n;
-        b += t->scales ? t->ns * sizeof(float) : t->ns + n_blocks(t->ns, DQ_BLOCK) * sizeof(float) + sizeof(float);
+        b += t->bytes;
     }
     *quantized = b;
     *fp32 = q ? q->fp32_bytes : 0;
@@ -386,9 +402,7 @@ void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quant
         const st_param *p = &m->params[i];
         if (s->bf16 && bf16_only(m, i)) kept16 += p->numel;
         if (!quantizable(p)) continue;
-        size_t ns = n_blocks(p->numel, s->block);
-        qb += s->quant == ST_QLORA_NF4 ? (p->numel + 1) / 2 : p->numel;
-        qb += s->double_quant ? ns + n_blocks(ns, DQ_BLOCK) * sizeof(float) + sizeof(float) : ns * sizeof(float);
+        qb += tensor_bytes(s, p->numel, n_blocks(p->numel, s->block));
         fb += p->numel * sizeof(float);
         if (p->layer != cur) { cur = p->layer; layer = 0; }
         layer += p->numel;
@@ -412,4 +426,32 @@ size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *s) {
     /* load_quantized's host tensor + quantize_one's fp32 scales of it (before double quantization) +
      * load_bf16_only's 1 Mi-float piece */
     return (most + 1) * sizeof(float) + ns * sizeof(float) + (w16 ? ((size_t)1 << 20) * sizeof(float) : 0);
+}
+
+void st_qlora_blob(const st_model *m, uint8_t **blob, size_t *bytes) {
+    *blob = m->qlora ? m->qlora->blob : NULL;
+    *bytes = m->qlora ? m->qlora->blob_bytes : 0;
+}
+
+void st_qlora_span(const st_model *m, int first, int last, size_t *a, size_t *b) {
+    *a = *b = 0;
+    for (int k = 0; m->qlora && k < m->qlora->n; k++) {
+        const qtensor *t = &m->qlora->t[k];
+        if (t->param < first || t->param >= last) continue;
+        if (*b == *a) *a = t->at;
+        *b = t->at + t->bytes;
+    }
+}
+
+size_t st_qlora_layer_bytes_max(const st_model *m, const st_qlora_spec *s) {
+    size_t most = 0, layer = 0;
+    int cur = -1;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (!quantizable(p)) continue;
+        if (p->layer != cur) { cur = p->layer; layer = 0; }
+        layer += tensor_bytes(s, p->numel, n_blocks(p->numel, s->block));
+        if (layer > most) most = layer;
+    }
+    return most;
 }

@@ -403,6 +403,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->teacher = teacher;
     size_t qload = 0, q32 = m->n_weights; /* QLoRA: the load's working bytes; the floats with fp32 storage */
     size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes, the fp32 floats compact() removes */
+    size_t qlayer = 0;            /* QLoRA: the most quantized bytes of one layer */
     if (c->finetune.mode == ST_FINETUNE_QLORA) {
         /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one layer's
          * scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
@@ -418,6 +419,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         q32 = nw - w16;
         r->weights = q32 * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0) + qb;
         qbytes = qb;
+        qlayer = st_qlora_layer_bytes_max(m, &qs);
         qdrop = m->qlora ? 0 : fb / sizeof(float) - scratch;
         /* train.c load_quantized: one tensor in flight, then the adapters' initial values (host) */
         size_t adapters = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
@@ -517,7 +519,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         if (c->sharding.overlap && world > 1) gwork += st_comm_zero3_recv_floats(gwork);
         free(gath);
         size_t staging = n != m->n_weights - qdrop && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
-        r->weights = (frozen + hi - lo + work) * sizeof(float) + qbytes;
+        /* QLoRA's quantized bytes sharded like the frozen space (comm.c z3_qb): this rank's part, and the
+         * layer gathered (the next one prefetched with it) */
+        size_t qwork = world > 1 ? 2 * qlayer : 0, qkept = world > 1 ? (qbytes + (size_t)world - 1) / (size_t)world : qbytes;
+        r->weights = (frozen + hi - lo + work) * sizeof(float) + qkept + qwork;
         size_t bf_work = 0;
         if (c->precision == ST_PRECISION_BF16) { /* the compute copy of the group acquired (frozen weights
                                                     included) and of the shard the optimizer writes */
@@ -530,7 +535,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + gwork) * sizeof(float);
         r->comm = staging * sizeof(float);
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
-        size_t idle = r->total - (work + gwork) * sizeof(float) - bf_work; /* between steps: no layer gathered */
+        size_t idle = r->total - (work + gwork) * sizeof(float) - bf_work - qwork; /* between steps: no layer gathered */
         int adapters = m->lora || m->prompt;
         /* load: streamed, this rank's parts only, read piece by piece (adapters: attached first, over
          * zeros); else the whole model read, then given back down to this rank's parts */
@@ -540,6 +545,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING && c->finetune.prompt.init_text[0])
             from_base = 2 * (size_t)st_prompt_tokens(m) * (size_t)m->cfg.d_model * sizeof(float);
         if (streams(c)) r->at_load = (frozen + hi - lo + (adapters ? n : 0)) * sizeof(float) + from_base + stepbuf + (tr ? io : 0) + check + teacher;
+        else if (qbytes) r->at_load = stepbuf + qload + teacher; /* load_quantized, as below stage 3: codes whole */
         else r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf + teacher;
         /* final/: one tensor gathered at a time on rank 0 (the others serve their parts); adapters: gathered
          * whole on every rank (st_trainer_save_final) */

@@ -463,6 +463,18 @@ static int setup(trainer *t) {
     return rc;
 }
 
+/* SHARDTUNE_ZERO3_PROFILE=1 (bench/zero3_step.sh): where stage 3 spent its communication time, per rank. */
+static void report_zero3_profile(const trainer *t) {
+    const char *on = getenv("SHARDTUNE_ZERO3_PROFILE");
+    if (!on || strcmp(on, "1") || t->dp.stage != 3) return;
+    double p[ST_Z3_PROF_N];
+    st_comm_zero3_profile(&t->dp, p);
+    fprintf(stderr, "shardtune train: rank %d: stage-3 comm ms: acquire embeddings %.1f, layers %.1f, head %.1f; "
+                    "grad reduce-scatter %.1f, backward end %.1f\n",
+            t->rank, 1e3 * p[ST_Z3_ACQ_EMBED], 1e3 * p[ST_Z3_ACQ_LAYER], 1e3 * p[ST_Z3_ACQ_HEAD], 1e3 * p[ST_Z3_GRAD],
+            1e3 * p[ST_Z3_BWD_END]);
+}
+
 static void teardown(trainer *t) {
     st_trainer_samples_close(t);
     st_trainer_phase(t, ST_PHASE_IDLE);
@@ -478,6 +490,7 @@ static void teardown(trainer *t) {
     if (t->metrics) fclose(t->metrics);
     st_optim_free(&t->optim, t->be);
     free(t->optim.param_step);
+    report_zero3_profile(t);
     st_comm_free(&t->dp);
     if (t->loader_ready) st_loader_free(&t->loader);
     for (int k = 0; t->datasets && k < t->n_tasks; k++) st_dataset_free(&t->datasets[k]);

@@ -361,8 +361,8 @@ def check_memory(root, data):
 def check_memory_qlora(root, job, common, base):
     """QLoRA (nf4, double quantization) on 2 ranks: its quantized bytes sharded like the frozen weights
     (each rank keeps half, a layer's gathered for its dequantization): peak RSS per rank within 15% of the
-    plan, and the step's resident set (the plan's step total) below the same run with the codes whole. The
-    load quantizes every tensor on every rank (one fp32 tensor in flight), so the peak may be the load's."""
+    plan. The load quantizes every tensor on every rank (one fp32 tensor in flight, the codes whole), so
+    the peak may be the load's."""
     ov = common + ["sharding.stage=3", "finetune.mode=qlora", "finetune.lora.r=4", "finetune.qlora.quant=nf4",
                    "finetune.qlora.double_quant=true"]
     p = plan(job, 2, ov)

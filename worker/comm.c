@@ -186,6 +186,7 @@ void st_comm_free(st_comm *c) {
         c->model->release = NULL;
         c->model->prefetch = NULL;
         c->model->progress = NULL;
+        c->model->embed_rows = NULL;
         c->model->residency_ctx = NULL;
         c->model->grad_ready = NULL;
         c->model->grad_ready_ctx = NULL;
@@ -930,6 +931,55 @@ void st_comm_zero3_profile(const st_comm *c, double out[ST_Z3_PROF_N]) {
     for (int k = 0; k < ST_Z3_PROF_N; k++) out[k] = c->z3_prof[k];
 }
 
+/* embed_rows hook (model.h): the rows of every rank's ids, assembled from their owners' parts. The ranks'
+ * id counts (and whether each could allocate) are all-gathered, then their ids; each rank writes the
+ * elements of those rows it keeps into a table of zeros (rows of all ranks, in rank order), and a
+ * bitwise-OR reduce-scatter hands each rank its own rows: every element's bits come from its one owner,
+ * exactly (an embedding kept whole gives the same bits from every rank). Moves the ranks' rows instead of
+ * the vocabulary x d_model table; declined (0, by every rank alike) when those rows are not fewer than the
+ * table's or a rank could not allocate: the forward then gathers the table. */
+static int z3_embed_rows(void *ctx, const int32_t *ids, int n, float *out) {
+    st_comm *c = ctx;
+    const st_model *m = c->model;
+    double t0 = st_now();
+    size_t C = (size_t)m->cfg.d_model, e0 = m->params[0].offset, V = (size_t)m->cfg.vocab, a, b;
+    int w = c->world, mine[2] = {n, 0}, got[2 * w], counts[w], displs[w], rcounts[w], total = 0, ok = 1;
+    if (w == 1) return 0;
+    int32_t *all = malloc((size_t)w * (size_t)n * sizeof *all + 1); /* resized below if a rank has more */
+    mine[1] = all != NULL;
+    int rc = MPI_Allgather(mine, 2, MPI_INT, got, 2, MPI_INT, c->comm);
+    for (int r = 0; r < w; r++) {
+        counts[r] = got[2 * r];
+        displs[r] = total;
+        total += counts[r];
+        ok &= got[2 * r + 1];
+    }
+    uint32_t *tab = NULL;
+    if (ok && (size_t)total < V) {
+        int32_t *grown = realloc(all, (size_t)total * sizeof *all + 1);
+        if (grown) all = grown;
+        tab = grown ? calloc((size_t)total * C + 1, sizeof *tab) : NULL;
+    }
+    mine[0] = tab != NULL; /* every rank's table, or none uses the rows */
+    if (rc == MPI_SUCCESS && ok && (size_t)total < V) rc = MPI_Allreduce(MPI_IN_PLACE, mine, 1, MPI_INT, MPI_MIN, c->comm);
+    int use = rc == MPI_SUCCESS && ok && (size_t)total < V && mine[0];
+    if (use) rc = MPI_Allgatherv(ids, n, MPI_INT32_T, all, counts, displs, MPI_INT32_T, c->comm);
+    st_comm_param_keep(c, m, 0, &a, &b);
+    for (int i = 0; use && rc == MPI_SUCCESS && i < total; i++) {
+        if (all[i] < 0 || (size_t)all[i] >= V) continue; /* not a token (the forward does not read it) */
+        size_t s = (size_t)all[i] * C, lo = s > a ? s : a, hi = s + C < b ? s + C : b;
+        if (lo < hi) memcpy(tab + (size_t)i * C + (lo - s), m->weights + e0 + lo, (hi - lo) * sizeof(float));
+    }
+    for (int r = 0; r < w; r++) rcounts[r] = counts[r] * (int)C;
+    if (use && rc == MPI_SUCCESS) rc = MPI_Reduce_scatter(tab, out, rcounts, MPI_UINT32_T, MPI_BOR, c->comm);
+    if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 embedding rows", c->rank);
+    free(all);
+    free(tab);
+    c->overlap_seconds += st_now() - t0;
+    c->z3_prof[ST_Z3_ACQ_EMBED] += st_now() - t0;
+    return use || rc != MPI_SUCCESS; /* a failed collective: reported by the step, the table not gathered */
+}
+
 /* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident);
  * under bf16 then their compute copy. */
 static void z3_acquire(void *ctx, int first, int last) {
@@ -1135,6 +1185,8 @@ static int z3_init(st_comm *c, const st_model *cm) {
     m->release = z3_release;
     m->prefetch = z3_prefetch;
     m->progress = z3_progress;
+    const char *er = getenv("SHARDTUNE_ZERO3_EMBED_ROWS"); /* 0: gather the whole table (bench, tests) */
+    m->embed_rows = er && strcmp(er, "0") == 0 ? NULL : z3_embed_rows;
     m->residency_ctx = c;
     m->grad_ready = z3_grad_ready;
     m->grad_ready_ctx = c;

@@ -20,7 +20,8 @@
   QLoRA (its codes sharded);
   and the plan's per-rank step total at stage 3 is below stage 2's.
 * The frozen weights sharded (frozen, progressive, every adapter mode, fp32 and bf16): bit-identical losses
-  and final/ to the frozen weights kept whole, and to the run without the prefetch (check_frozen_shard).
+  and final/ to the frozen weights kept whole, to the run without the prefetch, and to the run that gathers
+  the whole embedding table instead of the batch's rows (SHARDTUNE_ZERO3_EMBED_ROWS=0) (check_frozen_shard).
 * Frozen mode (the top 2 of 3 layers' attention and MLP, and the head, train; the rest is sharded too and
   gathered with its layer) on 3 ranks: losses equal its 1-rank ZeRO-0 run, final weights its ZeRO-2 run.
 * precision bf16 (1 rank: bit-identical to ZeRO-0 bf16; 2, 3 ranks and frozen: within 2 D, D the bf16-vs-fp32
@@ -178,8 +179,9 @@ def check_frozen_shard(root, data):
     """The frozen weights sharded at stage 3 (the frozen space, worker/comm.h) for frozen, progressive and
     the adapter modes: only where the weights live changes, not the math. On 2 or 3 ranks every per-step
     loss and every byte of final/ equals the same run with the frozen weights kept whole on every rank
-    (SHARDTUNE_ZERO3_SHARD_FROZEN=0, the previous residency), and the run without the prefetch
-    (SHARDTUNE_ZERO3_PREFETCH=0); fp32 and bf16. LoRA, DoRA, P-tuning and prefix tuning also stream the base
+    (SHARDTUNE_ZERO3_SHARD_FROZEN=0, the previous residency), the run without the prefetch
+    (SHARDTUNE_ZERO3_PREFETCH=0) and the run whose forward gathers the embedding table instead of moving the
+    batch's rows (SHARDTUNE_ZERO3_EMBED_ROWS=0); fp32 and bf16. LoRA, DoRA, P-tuning and prefix tuning also stream the base
     in (each rank reads its parts; DoRA's magnitudes from each base weight gathered after the load); QLoRA
     quantizes it whole and keeps its part of the codes (kept whole on every rank with the switch)."""
     model = dp.init_model(os.path.join(root, "fs"), "llama", 3, dim=64, max_seq=64)
@@ -199,7 +201,7 @@ def check_frozen_shard(root, data):
             ov = ["train.steps=5", "sharding.stage=3", f"train.micro_batch={micro}", "checkpoint.every_steps=0"] + extra
             got = {}
             for tag, env in (("sharded", {}), ("whole", {"SHARDTUNE_ZERO3_SHARD_FROZEN": "0"}),
-                             ("nopf", {"SHARDTUNE_ZERO3_PREFETCH": "0"})):
+                             ("nopf", {"SHARDTUNE_ZERO3_PREFETCH": "0"}), ("table", {"SHARDTUNE_ZERO3_EMBED_ROWS": "0"})):
                 dp.ENV.update(env)
                 try:
                     rd = f"{root}/fs_{name}_{ranks}_{tag}"
@@ -211,10 +213,10 @@ def check_frozen_shard(root, data):
                 files = {f: open(os.path.join(fin, f), "rb").read() for f in os.listdir(fin) if f.endswith(".safetensors")}
                 assert files, os.listdir(fin)
                 got[tag] = (losses, files)
-            for tag in ("whole", "nopf"):
+            for tag in ("whole", "nopf", "table"):
                 assert got[tag][0] == got["sharded"][0], f"{name} on {ranks} ranks: losses differ ({tag}): {got[tag][0]} vs {got['sharded'][0]}"
                 assert got[tag][1] == got["sharded"][1], f"{name} on {ranks} ranks: final/ differs ({tag})"
-        print(f"  {name}: frozen weights sharded on {ranks} ranks = kept whole = without prefetch, bit for bit "
+        print(f"  {name}: frozen weights sharded on {ranks} ranks = kept whole = without prefetch = table gathered, bit for bit "
               f"(losses {got['sharded'][0][0]:.6f} .. {got['sharded'][0][-1]:.6f}, final/ bytes)")
 
 

@@ -77,8 +77,8 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* sharding.stage 3: the adapters are the trainable (sharded) tensors, acquired with their layer
-     * (worker/model.c); the frozen base stays whole on every rank (QLoRA: quantized, each layer dequantized
-     * into its scratch by st_model_acquire before the residency hook gathers the layer's adapters) */
+     * (worker/model.c); the frozen base is sharded too (QLoRA: its quantized bytes, which the residency
+     * hook gathers per layer before st_model_acquire dequantizes them into the layer's scratch) */
     /* precision bf16: the base (QLoRA: each dequantized layer) computes from its bf16 copy, the adapters and
      * their optimizer state stay fp32 (worker/model.c); DoRA reads the base weight's bf16 copy widened
      * (worker/lora.c). QLoRA's DoRA under bf16 (the dequantized layer's copy): not yet */
@@ -349,7 +349,7 @@ int st_plan_streams(const st_config *c) {
     /* DoRA's magnitudes and a TEXT init read the base: after the streamed load (train.c init_from_base) */
     case ST_FINETUNE_LORA: case ST_FINETUNE_PROMPT_TUNING: case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING:
         return 1;
-    default: return 0; /* qlora: the base is quantized whole at attach */
+    default: return 0; /* qlora: quantized as read, every tensor on every rank (train.c load_quantized) */
     }
 }
 

@@ -8,6 +8,12 @@
 # (medians over the steps after SKIP), prints the load average before and after: the machine may be
 # shared, so compare rows of one run only. Prints numbers only; asserts nothing.
 #
+# ZeRO-3 "table" gathers the whole embedding table for the forward (SHARDTUNE_ZERO3_EMBED_ROWS=0) instead of
+# moving the batch's rows. CONFIGS picks the runs (default "1 on,2 on,2 off,3 on,3 table,3 off"); each ZeRO-3
+# run also prints where its ranks spent their comm time (SHARDTUNE_ZERO3_PROFILE=1: acquires of the
+# embeddings / layers / head, gradient reduce-scatters, the wait at backward's end; totals over all steps),
+# and each round ends with ZeRO-3 / ZeRO-1 step-time ratios.
+#
 #   bench/zero3_step.sh [BUILD_DIR]     env: STEPS (default 10), SKIP (2), LAYERS (8), DIM (512),
 #                                         VOCAB (32000), GB (global batch, 4), SEQ (64), ROUNDS (2),
 #                                         PRECISION (fp32 or bf16), ACCUM (train.grad_accum, 1), EXTRA
@@ -60,17 +66,27 @@ echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION} ${EXT
      "median of steps $((SKIP + 1))..${STEPS}; ${ROUNDS} rounds, interleaved"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
 printf "%-6s %-26s %10s %10s\n" round run step_ms comm_ms
+CONFIGS=${CONFIGS:-1 on,2 on,2 off,3 on,3 table,3 off}
 for round in $(seq "$ROUNDS"); do
-  for cfg in "1 on" "2 on" "2 off" "3 on" "3 off"; do
+  z1=""; ratios=""
+  IFS=, read -r -a cfgs <<<"$CONFIGS"
+  for cfg in "${cfgs[@]}"; do
     set -- $cfg
     pf=1; [ "$2" = off ] && pf=0
+    rows=1; [ "$2" = table ] && rows=0
     name="ZeRO-$1"; [ "$1" = 3 ] && name="ZeRO-3 prefetch $2"
+    [ "$1" = 3 ] && [ "$2" = table ] && name="ZeRO-3 table gathered"
     [ "$1" = 2 ] && name="ZeRO-2 grads released $2"
-    SHARDTUNE_ZERO2_FULL_GRADS=$((1 - pf)) SHARDTUNE_ZERO3_PREFETCH=$pf mpirun --oversubscribe -np 2 "$BIN" train "$T/job.yaml" \
+    SHARDTUNE_ZERO2_FULL_GRADS=$((1 - pf)) SHARDTUNE_ZERO3_PREFETCH=$pf SHARDTUNE_ZERO3_EMBED_ROWS=$rows \
+      SHARDTUNE_ZERO3_PROFILE=1 mpirun --oversubscribe -np 2 "$BIN" train "$T/job.yaml" \
       run_dir="$T/r$round-$1-$2" sharding.stage=$1 precision=$PRECISION train.grad_accum=$ACCUM \
-      train.micro_batch=$((GB / 2 / ACCUM)) $EXTRA >/dev/null
+      train.micro_batch=$((GB / 2 / ACCUM)) $EXTRA 2>"$T/err" >/dev/null
     read -r s c < <(summary "$T/r$round-$1-$2")
     printf "%-6s %-26s %10s %10s\n" "$round" "$name" "$s" "$c"
+    grep -o "rank [0-9]*: stage-3 comm ms: .*" "$T/err" | sed 's/^/         /' || true
+    [ "$1" = 1 ] && z1=$s
+    [ "$1" = 3 ] && [ -n "$z1" ] && ratios="$ratios $name $(awk -v a="$s" -v b="$z1" 'BEGIN { printf "%.3f", a / b }')x;"
   done
+  [ -n "$ratios" ] && echo "round $round, step time over ZeRO-1:$ratios (load average now $(cut -d' ' -f1 /proc/loadavg))"
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -186,6 +186,7 @@ void st_comm_free(st_comm *c) {
         c->model->release = NULL;
         c->model->prefetch = NULL;
         c->model->progress = NULL;
+        c->model->embed_rows = NULL;
         c->model->residency_ctx = NULL;
         c->model->grad_ready = NULL;
         c->model->grad_ready_ctx = NULL;
@@ -203,6 +204,9 @@ void st_comm_free(st_comm *c) {
     free(c->z3_runs);
     free(c->z3_pf_freqs);
     free(c->z3_pf_fcounts);
+    free(c->z3_pf_qcounts);
+    c->z3_pf_qcounts = NULL;
+    c->nq = 0;
     c->z3_foff = NULL;
     c->z3_runs = NULL;
     c->z3_pf_freqs = NULL;
@@ -433,6 +437,7 @@ int st_comm_backward_end(st_comm *c, st_model *m) {
         double t0 = st_now();
         z3_rs_finish(c);
         c->overlap_seconds += st_now() - t0;
+        c->z3_prof[ST_Z3_BWD_END] += st_now() - t0;
         return 0;
     }
     if (!c->s2_release || !c->overlapping) return 0;
@@ -799,6 +804,37 @@ static void release_frozen(st_comm *c, int first, int last) {
     }
 }
 
+/* ---- QLoRA's quantized bytes (comm.h: z3_qb) ---- */
+
+/* Starts (req) or runs (req NULL) the in-place all-gather of the quantized bytes of [first, last); counts
+ * [2 * world] as in frozen_counts. Returns 0 or the MPI failure; *started whether a request was started. */
+static int gather_qlora(st_comm *c, int first, int last, MPI_Request *req, int *counts, int *started) {
+    size_t a, b;
+    *started = 0;
+    st_qlora_span(c->model, first, last, &a, &b);
+    if (!c->nq || b <= a || c->world == 1) return 0;
+    int *ds = counts + c->world;
+    for (int r = 0, off = 0; r < c->world; r++) {
+        size_t lo = c->qshard * (size_t)r, hi = lo + c->qshard, s = a > lo ? a : lo, e = b < hi ? b : hi;
+        counts[r] = e > s ? (int)(e - s) : 0;
+        ds[r] = off;
+        off += counts[r];
+    }
+    int rc = req ? MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_BYTE, c->z3_qb + a, counts, ds, MPI_BYTE, c->comm, req)
+                 : MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_BYTE, c->z3_qb + a, counts, ds, MPI_BYTE, c->comm);
+    *started = req && rc == MPI_SUCCESS;
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 quantized base all-gather", c->rank);
+}
+
+/* Gives back the quantized bytes of [first, last) outside this rank's part. */
+static void release_qlora(st_comm *c, int first, int last) {
+    size_t a, b;
+    if (!c->nq) return;
+    st_qlora_span(c->model, first, last, &a, &b);
+    discard_bytes(c->z3_qb, 1, a, b < c->qlo ? b : c->qlo);
+    discard_bytes(c->z3_qb, 1, a > c->qhi ? a : c->qhi, b);
+}
+
 /* All-gather of the compact range [a, b) through the staging buffer, a chunk at a time (frozen
  * parameters interleave with trainable ones in the weight space): the owner packs its part, the
  * collective fills the rest in place, every rank unpacks. */
@@ -861,13 +897,16 @@ static int prefetch_finish(st_comm *c, int first, int last) {
     c->z3_pf_active = 0;
     int rc = c->z3_pf_train ? MPI_Wait(&c->z3_pf_req, MPI_STATUS_IGNORE) : MPI_SUCCESS;
     if (rc == MPI_SUCCESS && c->z3_pf_nruns) rc = MPI_Waitall(c->z3_pf_nruns, c->z3_pf_freqs, MPI_STATUSES_IGNORE);
+    if (rc == MPI_SUCCESS && c->z3_pf_q) rc = MPI_Wait(&c->z3_pf_qreq, MPI_STATUS_IGNORE);
     if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 parameter all-gather", c->rank);
-    if (c->z3_pf_first == first && c->z3_pf_last == last) return (c->z3_pf_train ? 1 : 0) | (c->z3_pf_nruns ? 2 : 0);
+    if (c->z3_pf_first == first && c->z3_pf_last == last)
+        return (c->z3_pf_train ? 1 : 0) | (c->z3_pf_nruns ? 2 : 0) | (c->z3_pf_q ? 4 : 0);
     if (c->z3_pf_train) {
         release_compact(c, c->z3_pf_a, c->z3_pf_b);
         if (c->model->weights_bf16) discard_bytes(c->model->weights_bf16, sizeof(uint16_t), c->z3_pf_a, c->z3_pf_b);
     }
     release_frozen(c, c->z3_pf_first, c->z3_pf_last);
+    release_qlora(c, c->z3_pf_first, c->z3_pf_last);
     return 0;
 }
 
@@ -883,6 +922,64 @@ static void bf16_copy(const st_model *m, int first, int last, int make) {
     }
 }
 
+static void z3_prof_acquire(st_comm *c, int first, double dt) {
+    int layer = c->model->params[first].layer;
+    c->z3_prof[first == 0 ? ST_Z3_ACQ_EMBED : layer >= 0 ? ST_Z3_ACQ_LAYER : ST_Z3_ACQ_HEAD] += dt;
+}
+
+void st_comm_zero3_profile(const st_comm *c, double out[ST_Z3_PROF_N]) {
+    for (int k = 0; k < ST_Z3_PROF_N; k++) out[k] = c->z3_prof[k];
+}
+
+/* embed_rows hook (model.h): the rows of every rank's ids, assembled from their owners' parts. The ranks'
+ * id counts (and whether each could allocate) are all-gathered, then their ids; each rank writes the
+ * elements of those rows it keeps into a table of zeros (rows of all ranks, in rank order), and a
+ * bitwise-OR reduce-scatter hands each rank its own rows: every element's bits come from its one owner,
+ * exactly (an embedding kept whole gives the same bits from every rank). Moves the ranks' rows instead of
+ * the vocabulary x d_model table; declined (0, by every rank alike) when those rows are not fewer than the
+ * table's or a rank could not allocate: the forward then gathers the table. */
+static int z3_embed_rows(void *ctx, const int32_t *ids, int n, float *out) {
+    st_comm *c = ctx;
+    const st_model *m = c->model;
+    double t0 = st_now();
+    size_t C = (size_t)m->cfg.d_model, e0 = m->params[0].offset, V = (size_t)m->cfg.vocab, a, b;
+    int w = c->world, mine[2] = {n, 0}, got[2 * w], counts[w], displs[w], rcounts[w], total = 0, ok = 1;
+    if (w == 1) return 0;
+    int32_t *all = malloc((size_t)w * (size_t)n * sizeof *all + 1); /* resized below if a rank has more */
+    mine[1] = all != NULL;
+    int rc = MPI_Allgather(mine, 2, MPI_INT, got, 2, MPI_INT, c->comm);
+    for (int r = 0; r < w; r++) {
+        counts[r] = got[2 * r];
+        displs[r] = total;
+        total += counts[r];
+        ok &= got[2 * r + 1];
+    }
+    uint32_t *tab = NULL;
+    if (ok && (size_t)total < V) {
+        int32_t *grown = realloc(all, (size_t)total * sizeof *all + 1);
+        if (grown) all = grown;
+        tab = grown ? calloc((size_t)total * C + 1, sizeof *tab) : NULL;
+    }
+    mine[0] = tab != NULL; /* every rank's table, or none uses the rows */
+    if (rc == MPI_SUCCESS && ok && (size_t)total < V) rc = MPI_Allreduce(MPI_IN_PLACE, mine, 1, MPI_INT, MPI_MIN, c->comm);
+    int use = rc == MPI_SUCCESS && ok && (size_t)total < V && mine[0];
+    if (use) rc = MPI_Allgatherv(ids, n, MPI_INT32_T, all, counts, displs, MPI_INT32_T, c->comm);
+    st_comm_param_keep(c, m, 0, &a, &b);
+    for (int i = 0; use && rc == MPI_SUCCESS && i < total; i++) {
+        if (all[i] < 0 || (size_t)all[i] >= V) continue; /* not a token (the forward does not read it) */
+        size_t s = (size_t)all[i] * C, lo = s > a ? s : a, hi = s + C < b ? s + C : b;
+        if (lo < hi) memcpy(tab + (size_t)i * C + (lo - s), m->weights + e0 + lo, (hi - lo) * sizeof(float));
+    }
+    for (int r = 0; r < w; r++) rcounts[r] = counts[r] * (int)C;
+    if (use && rc == MPI_SUCCESS) rc = MPI_Reduce_scatter(tab, out, rcounts, MPI_UINT32_T, MPI_BOR, c->comm);
+    if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 embedding rows", c->rank);
+    free(all);
+    free(tab);
+    c->overlap_seconds += st_now() - t0;
+    c->z3_prof[ST_Z3_ACQ_EMBED] += st_now() - t0;
+    return use || rc != MPI_SUCCESS; /* a failed collective: reported by the step, the table not gathered */
+}
+
 /* Residency hook: every rank's part of the parameters' weights, in place (the owner's part is resident);
  * under bf16 then their compute copy. */
 static void z3_acquire(void *ctx, int first, int last) {
@@ -892,6 +989,7 @@ static void z3_acquire(void *ctx, int first, int last) {
     param_span(c->model, first, last, &a, &b);
     int pf = prefetch_finish(c, first, last), done = pf & 1, n = 0;
     int rc = c->world > 1 && !(pf & 2) ? gather_frozen(c, first, last, NULL, c->z3_pf_fcounts, &n) : 0;
+    if (!rc && !(pf & 4)) rc = gather_qlora(c, first, last, NULL, c->z3_pf_qcounts, &n); /* st_qlora_acquire next */
     if (rc && !c->z3_rc) c->z3_rc = rc;
     rc = 0;
     if (z3_bf16_gather(c) && b > a) {
@@ -900,6 +998,7 @@ static void z3_acquire(void *ctx, int first, int last) {
         if (!rc) rc = gather_fp32_read(c, first, last);
         if (rc && !c->z3_rc) c->z3_rc = rc;
         c->overlap_seconds += st_now() - t0;
+        z3_prof_acquire(c, first, st_now() - t0);
         return; /* the bf16 copy of every parameter of the group is here */
     }
     if (c->world > 1 && b > a && !done) { /* else frozen: resident everywhere; or prefetched */
@@ -914,6 +1013,7 @@ static void z3_acquire(void *ctx, int first, int last) {
     }
     if (rc && !c->z3_rc) c->z3_rc = rc;
     c->overlap_seconds += st_now() - t0;
+    z3_prof_acquire(c, first, st_now() - t0);
     if (c->model->weights_bf16) bf16_copy(c->model, first, last, 1);
 }
 
@@ -926,8 +1026,10 @@ static void z3_prefetch(void *ctx, int first, int last) {
     if (c->world == 1 || !c->z3_prefetch) return;
     size_t a, b;
     param_span(c->model, first, last, &a, &b);
+    size_t qa, qb;
+    st_qlora_span(c->model, first, last, &qa, &qb);
     int train = z3_in_place(c) && b > a;
-    if (!train && !frozen_runs(c, first, last)) return;
+    if (!train && !frozen_runs(c, first, last) && !(c->nq && qb > qa)) return;
     prefetch_finish(c, -1, -1); /* one in flight at a time (never reached in the model's order) */
     int *counts = c->z3_pf_counts, *displs = c->z3_pf_counts + c->world;
     int rc = 0;
@@ -942,8 +1044,10 @@ static void z3_prefetch(void *ctx, int first, int last) {
     c->z3_pf_train = train && !rc;
     c->z3_pf_nruns = 0;
     if (!rc) rc = gather_frozen(c, first, last, c->z3_pf_freqs, c->z3_pf_fcounts, &c->z3_pf_nruns);
+    c->z3_pf_q = 0;
+    if (!rc) rc = gather_qlora(c, first, last, &c->z3_pf_qreq, c->z3_pf_qcounts, &c->z3_pf_q);
     /* what was started is finished by the next acquire (or given back by prefetch_finish) */
-    c->z3_pf_active = c->z3_pf_train || c->z3_pf_nruns;
+    c->z3_pf_active = c->z3_pf_train || c->z3_pf_nruns || c->z3_pf_q;
     c->z3_pf_first = first;
     c->z3_pf_last = last;
     c->z3_pf_a = a;
@@ -959,6 +1063,7 @@ static void z3_progress(void *ctx) {
     if (!c->z3_pf_active) return;
     if (c->z3_pf_train) MPI_Test(&c->z3_pf_req, &flag, MPI_STATUS_IGNORE);
     if (c->z3_pf_nruns) MPI_Testall(c->z3_pf_nruns, c->z3_pf_freqs, &flag, MPI_STATUSES_IGNORE);
+    if (c->z3_pf_q) MPI_Test(&c->z3_pf_qreq, &flag, MPI_STATUS_IGNORE);
 }
 
 static void z3_release(void *ctx, int first, int last) {
@@ -968,6 +1073,7 @@ static void z3_release(void *ctx, int first, int last) {
     param_span(c->model, first, last, &a, &b);
     release_compact(c, a, b);
     release_frozen(c, first, last);
+    release_qlora(c, first, last);
 }
 
 /* Adds this rank's part of the reduce-scattered chunk starting at compact index a (in z3_recv) to its
@@ -1021,6 +1127,7 @@ static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
         if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
     }
     c->overlap_seconds += st_now() - t0;
+    c->z3_prof[ST_Z3_GRAD] += st_now() - t0;
 }
 
 /* Lays out the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones, registry order. */
@@ -1043,6 +1150,12 @@ static int frozen_space(st_comm *c, const st_model *m) {
     c->fshard = (c->nf + w - 1) / w;
     c->flo = c->fshard * (size_t)c->rank;
     c->fhi = c->flo + c->fshard;
+    st_qlora_blob(m, &c->z3_qb, &c->nq); /* QLoRA's quantized bytes: sharded the same way */
+    c->qshard = (c->nq + w - 1) / w;
+    c->qlo = c->qshard * (size_t)c->rank;
+    c->qhi = c->qlo + c->qshard;
+    c->z3_pf_qcounts = malloc(2 * w * sizeof(int));
+    if (!c->z3_pf_qcounts) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 frozen space", c->rank);
     return 0;
 }
 
@@ -1072,11 +1185,14 @@ static int z3_init(st_comm *c, const st_model *cm) {
     m->release = z3_release;
     m->prefetch = z3_prefetch;
     m->progress = z3_progress;
+    const char *er = getenv("SHARDTUNE_ZERO3_EMBED_ROWS"); /* 0: gather the whole table (bench, tests) */
+    m->embed_rows = er && strcmp(er, "0") == 0 ? NULL : z3_embed_rows;
     m->residency_ctx = c;
     m->grad_ready = z3_grad_ready;
     m->grad_ready_ctx = c;
     release_compact(c, 0, c->n);
     release_frozen(c, 0, m->n_params);
+    release_qlora(c, 0, m->n_params);
     if (m->grads) discard(m->grads, 0, m->grad_alloc);
     if (m->weights_bf16) discard_bytes(m->weights_bf16, sizeof(uint16_t), 0, m->n_weights); /* made per acquire */
     return 0;

@@ -45,6 +45,11 @@ typedef struct {
     size_t own;
 } st_s2_bucket;
 
+/* Where stage 3 spends its communication time (st_comm_zero3_profile): the acquires of the embeddings,
+ * of the layers and of the final norm + head (gathers, the prefetched ones' waits), the gradient
+ * reduce-scatters started and waited for in backward, and the wait for the last one at its end. */
+enum { ST_Z3_ACQ_EMBED, ST_Z3_ACQ_LAYER, ST_Z3_ACQ_HEAD, ST_Z3_GRAD, ST_Z3_BWD_END, ST_Z3_PROF_N };
+
 typedef struct {
     MPI_Comm comm;
     const st_backend *be;   /* where the gradient/parameter buffers live */
@@ -110,6 +115,15 @@ typedef struct {
     int z3_pf_nruns;        /* frozen runs of the prefetched group in flight */
     MPI_Request *z3_pf_freqs; /* [n_params] */
     int *z3_pf_fcounts;     /* [n_params * 2 * world] */
+    /* QLoRA's quantized base (worker/qlora.h's blob: every quantized tensor's codes and scales, registry
+     * order) sharded by bytes like the frozen space: each rank keeps [qlo, qhi) of it; a group's range is
+     * gathered in place (MPI_BYTE) before st_qlora_acquire dequantizes it, prefetched with the group, and
+     * given back by its release (SHARDTUNE_ZERO3_SHARD_FROZEN=0: kept whole) */
+    uint8_t *z3_qb;
+    size_t nq, qshard, qlo, qhi;
+    int z3_pf_q;            /* the prefetched group's quantized bytes are in flight (z3_pf_qreq) */
+    MPI_Request z3_pf_qreq;
+    int *z3_pf_qcounts;     /* [2 * world] */
     /* overlapped gradient reduce-scatter (armed by st_comm_backward_begin with overlap): the grad_ready
      * hook starts a chunk's MPI_Ireduce_scatter into z3_recv and returns; the chunk is finished (added to
      * shard_grads, its gradient pages given back) by the next chunk, the progress hook's test, or
@@ -120,6 +134,7 @@ typedef struct {
     MPI_Request z3_rs_req;
     int *z3_rs_counts;      /* [world]: its per-owner counts */
     int fresh;              /* stages 2-3: shard_grads holds a finished step's sums; the next reduction restarts */
+    double z3_prof[ST_Z3_PROF_N]; /* stage 3: seconds spent, by where (st_comm_zero3_profile) */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own
@@ -147,6 +162,9 @@ void st_comm_free(st_comm *c);
  * On the first call c and o are zeroed (nothing to carry over). Collective. */
 int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
                           const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask);
+
+/* Seconds by ST_Z3_* (above) since the communicator was built (all zero below stage 3). */
+void st_comm_zero3_profile(const st_comm *c, double out[ST_Z3_PROF_N]);
 
 /* Stage 3 reduce-scatters gradients in chunks of this many floats (4 MiB): bounds MPI's temporaries. */
 #define ST_Z3_CHUNK ((size_t)1 << 20)

@@ -238,7 +238,7 @@ static int fill_host(st_model *m, st_lora *lo, float *host, uint64_t seed, int w
 static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
     float *host = calloc(extra ? extra : 1, sizeof(float));
     if (!host) return st_fail(ST_ENOMEM, "out of memory initializing LoRA adapters");
-    int rc = fill_host(m, lo, host, seed, 1);
+    int rc = fill_host(m, lo, host, seed, !m->weights_unread); /* unread: st_lora_init_magnitudes_kept later */
     if (rc) { free(host); return rc; }
     float *nw = m->be->alloc(m->n_weights * sizeof(float));
     if (!nw) { free(host); return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with LoRA adapters", m->n_weights * 4.0 / 1e6); }
@@ -263,10 +263,20 @@ int st_lora_init_adapters(st_model *m) {
     return rc;
 }
 
+size_t st_lora_dora_base_floats(const st_model *m) {
+    size_t most = 0;
+    for (int k = 0; m->lora && k < m->lora->n; k++)
+        if (m->lora->ad[k].mag >= 0 && m->params[m->lora->ad[k].base].numel > most) most = m->params[m->lora->ad[k].base].numel;
+    return most;
+}
+
+int st_lora_init_magnitudes(st_model *m) { return st_lora_init_magnitudes_kept(m, NULL, NULL); }
+
 /* DoRA's m = ||W||_row of every adapted weight, W its dequantized values when the base is quantized: read
- * a row at a time after the acquire, or (QLoRA's bf16-only scratch, worker/qlora.h: no fp32 storage) the
- * fp32 dequantized tensor whole, st_qlora_dequant_host. */
-int st_lora_init_magnitudes(st_model *m) {
+ * a row at a time after the acquire (a sharded base, ZeRO-3: gathered whole), or (QLoRA's bf16-only
+ * scratch, worker/qlora.h: no fp32 storage) the fp32 dequantized tensor whole, st_qlora_dequant_host. */
+int st_lora_init_magnitudes_kept(st_model *m, void (*keep)(void *ctx, const st_model *m, int i, size_t *a, size_t *b),
+                                 void *ctx) {
     st_lora *lo = m->lora;
     size_t most = 0, whole = 0;
     for (int k = 0; lo && k < lo->n; k++) {
@@ -292,11 +302,14 @@ int st_lora_init_magnitudes(st_model *m) {
             mg[j] = (float)sqrt(ss);
         }
         if (!in_pieces) st_model_release(m, a->base, a->base + 1);
-        if (!rc) m->be->copy_to_device(m->weights + m->params[a->mag].offset, mg, (size_t)a->out * sizeof(float));
+        size_t s = 0, e = (size_t)a->out;
+        if (keep) keep(ctx, m, a->mag, &s, &e);
+        if (!rc && e > s) m->be->copy_to_device(m->weights + m->params[a->mag].offset + s, mg + s, (e - s) * sizeof(float));
     }
     free(row);
     free(mg);
     free(w);
+    st_model_weights_changed(m);
     return rc;
 }
 

@@ -87,6 +87,13 @@ void st_lora_free(st_lora *l);
  * st_lora_attach; DoRA magnitudes 0 until st_lora_init_magnitudes) in place. */
 int st_lora_init_adapters(st_model *m);
 int st_lora_init_magnitudes(st_model *m);
+/* The same, writing only the elements [*a, *b) of each magnitude vector that keep (NULL: all) selects (ZeRO-3's
+ * streamed load, train.c: the base weights are gathered one at a time through st_model_acquire, collective
+ * there, so every rank calls it). */
+/* The largest base weight a DoRA magnitude is initialized from (floats; 0 without DoRA): the planner. */
+size_t st_lora_dora_base_floats(const st_model *m);
+int st_lora_init_magnitudes_kept(st_model *m, void (*keep)(void *ctx, const st_model *m, int i, size_t *a, size_t *b),
+                                 void *ctx);
 
 /* The spec the adapters were attached with (out->layers: the model's own [n_layer] mask, valid while
  * the adapters are). ST_EINVAL without adapters. */

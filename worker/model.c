@@ -345,8 +345,9 @@ void st_model_zero_grad(st_model *m) {
 }
 
 void st_model_acquire(const st_model *m, int first, int last) {
-    if (m->qlora) st_qlora_acquire(m, first, last);
+    /* the residency hook first: under ZeRO-3 it gathers the quantized bytes st_qlora_acquire reads */
     if (m->acquire && last > first) m->acquire(m->residency_ctx, first, last);
+    if (m->qlora) st_qlora_acquire(m, first, last);
 }
 
 void st_model_release(const st_model *m, int first, int last) {
@@ -1132,9 +1133,13 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
     m->in_compute = 1;
-    st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
+    /* ZeRO-3, an untied Llama-family embedding: only the batch's rows travel (embed_rows), not the table */
+    int rows = m->embed_rows && !tied && e0 == 1 && !wpe && m->params[0].offset >= m->n_w16 &&
+               m->embed_rows(m->residency_ctx, inputs, N, la[0].res_in);
+    if (!rows) st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
     if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
-    if (wpe && m->doc_pos_on)
+    if (rows) { /* the batch's rows are in res_in already */
+    } else if (wpe && m->doc_pos_on)
         be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
     else if (m->params[0].offset < m->n_w16) /* the embedding in bf16 only (Llama family): widened row by row */
         for (int i = 0; i < N; i++)
@@ -1151,7 +1156,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         st_prompt_forward(m, la[0].res_in);
         if (!hold) st_model_release(m, pp, pp + pn);
     }
-    if (!tied) st_model_release(m, 0, e0);
+    if (!tied && !rows) st_model_release(m, 0, e0);
     for (int l = 0; l < L; l++) {
         layer_acquire(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
         if (l + 1 < L) /* the next layer's gather travels while this one computes */

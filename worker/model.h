@@ -104,6 +104,11 @@ typedef struct {
      * progress(ctx) is called between the model's matmuls so a non-blocking gather moves on. */
     void (*prefetch)(void *ctx, int first, int last);
     void (*progress)(void *ctx);
+    /* Optional, with acquire (ZeRO-3): the token embedding's rows for ids[0..n) into out[n, d_model] (host),
+     * collective, without gathering the table; returns 1, or 0 when it declined (every rank alike: the
+     * forward then acquires the table as usual). The forward tries it for an untied Llama-family embedding
+     * (no position table); the values are the table's rows, bit for bit. */
+    int (*embed_rows)(void *ctx, const int32_t *ids, int n, float *out);
     void *residency_ctx;
     int in_compute; /* inside forward / backward: under bf16 an acquire then needs the fp32 weights only of
                        the parameters st_model_param_bf16_only says no to (checkpoints need all of them) */

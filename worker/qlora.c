@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "common/error.h"
+#include "common/util.h"
 #include "kernels/kernels.h"
 
 #define DQ_BLOCK 256 /* scales per double-quantization block (bitsandbytes' blocksize for the absmax) */
@@ -28,6 +29,8 @@ typedef struct {
     int8_t *q8;       /* double_quant: ns codes */
     float *scale2;    /* double_quant: ceil(ns / 256) */
     float mean;       /* double_quant: the scales' mean */
+    size_t at, bytes; /* its codes and scales: blob[at, at + bytes) */
+    int done;         /* quantized (st_qlora_put) */
 } qtensor;
 
 struct st_qlora {
@@ -41,7 +44,13 @@ struct st_qlora {
     size_t chunk;
     uint64_t *sums;   /* spec.bf16: [n_params] the checksums st_qlora_set_sum recorded (bf16-only params) */
     size_t fp32_bytes;
+    uint8_t *blob;    /* every tensor's codes and scales, registry order (a layer's are contiguous) */
+    size_t blob_bytes;
 };
+
+/* A tensor's bytes in the blob: codes, then (4-byte aligned) its fp32 scales, or its int8 scale codes and
+ * (aligned) their fp32 scales under double quantization; the whole padded to 4 bytes. */
+static size_t align4(size_t x) { return (x + 3) / 4 * 4; }
 
 static size_t n_blocks(size_t n, int block) { return (n + (size_t)block - 1) / (size_t)block; }
 
@@ -104,19 +113,23 @@ void st_qlora_double_dequant(float *s, const int8_t *q8, const float *scale2, fl
     for (size_t i = 0; i < ns; i++) s[i] = (float)q8[i] * scale2[i / DQ_BLOCK] + mean;
 }
 
-/* A quantized tensor's buffers: host (malloc) with a host-memory backend, else the backend's (device)
- * memory, uploaded by quantize_one. */
-static void free_tensor(const st_backend *be, qtensor *t) {
-    void (*release)(void *) = be && !be->host_memory ? be->free : free;
-    release(t->codes);
-    release(t->scales);
-    release(t->q8);
-    release(t->scale2);
+static size_t tensor_bytes(const st_qlora_spec *s, size_t n, size_t ns) {
+    size_t codes = align4(s->quant == ST_QLORA_NF4 ? (n + 1) / 2 : n);
+    return codes + (s->double_quant ? align4(ns) + n_blocks(ns, DQ_BLOCK) * sizeof(float) : ns * sizeof(float));
+}
+
+/* Points t's codes and scales at its place in the blob. */
+static void place(qtensor *t, const st_qlora_spec *s, uint8_t *blob) {
+    uint8_t *at = blob + t->at, *sc = at + align4(s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n);
+    t->codes = at;
+    t->scales = s->double_quant ? NULL : (float *)sc;
+    t->q8 = s->double_quant ? (int8_t *)sc : NULL;
+    t->scale2 = s->double_quant ? (float *)(sc + align4(t->ns)) : NULL;
 }
 
 void st_qlora_free(st_qlora *q) {
     if (!q) return;
-    for (int i = 0; i < q->n; i++) free_tensor(q->be, &q->t[i]);
+    if (q->blob) (q->be && !q->be->host_memory ? q->be->free : free)(q->blob);
     free(q->t);
     if (q->be) {
         q->be->free(q->sbuf);
@@ -140,42 +153,29 @@ static int bf16_only(const st_model *m, int i) {
     return p->kind == ST_MOD_HEAD;
 }
 
-/* One host buffer into backend memory (a device backend); the host one freed either way. */
-static void *upload(const st_backend *be, void *host, size_t bytes) {
-    void *d = host ? be->alloc(bytes) : NULL;
-    if (d) be->copy_to_device(d, host, bytes);
-    free(host);
-    return d;
-}
-
-/* Quantizes one host tensor (registry entry t->param, n floats) into t: on the host (bit-identical on every
- * backend), then, on a device backend, codes and scales uploaded (the acquire dequantizes on the device). */
+/* Quantizes one host tensor (registry entry t->param, n floats) into its place in the blob, always on the
+ * host (bit-identical on every backend); on a device backend into a host copy of its bytes, then uploaded
+ * (the acquire dequantizes on the device). */
 static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, const float *host) {
     const st_param *p = &m->params[t->param];
-    size_t nc = s->quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n, n2 = n_blocks(t->ns, DQ_BLOCK);
+    int dev = !m->be->host_memory;
     qtensor h = *t;
-    h.codes = malloc(nc);
-    h.scales = malloc(t->ns * sizeof(float));
-    if (h.codes && h.scales) st_qlora_quant_tensor(s->quant, host, t->n, s->block, h.codes, h.scales);
-    if (h.codes && h.scales && s->double_quant) {
-        h.q8 = malloc(t->ns);
-        h.scale2 = malloc(n2 * sizeof(float));
-        if (h.q8 && h.scale2) st_qlora_double_quant(h.scales, t->ns, h.q8, h.scale2, &h.mean);
-        free(h.scales);
-        h.scales = NULL;
+    uint8_t *stage = dev ? calloc(t->bytes + 1, 1) : NULL;
+    if (stage) {
+        h.at = 0;
+        place(&h, s, stage);
     }
-    int ok = h.codes && (s->double_quant ? h.q8 && h.scale2 : h.scales != NULL);
-    if (!ok) free_tensor(NULL, &h);
-    if (ok && !m->be->host_memory) { /* device memory from here on (free_tensor's rule) */
-        h.codes = upload(m->be, h.codes, nc);
-        h.scales = upload(m->be, h.scales, t->ns * sizeof(float));
-        h.q8 = upload(m->be, h.q8, t->ns);
-        h.scale2 = upload(m->be, h.scale2, n2 * sizeof(float));
-        ok = h.codes && (s->double_quant ? h.q8 && h.scale2 : h.scales != NULL);
-        if (!ok) free_tensor(m->be, &h);
+    float *scales = dev && !stage ? NULL : s->double_quant ? malloc(t->ns * sizeof(float) + 1) : h.scales;
+    if (!scales) {
+        free(stage);
+        return st_fail(ST_ENOMEM, "out of memory quantizing %s", p->name);
     }
-    if (!ok) return st_fail(ST_ENOMEM, "out of memory quantizing %s%s", p->name, m->be->host_memory ? "" : " (device)");
-    *t = h;
+    st_qlora_quant_tensor(s->quant, host, t->n, s->block, h.codes, scales);
+    if (s->double_quant) st_qlora_double_quant(scales, t->ns, h.q8, h.scale2, &t->mean);
+    if (s->double_quant) free(scales);
+    if (stage) m->be->copy_to_device(t->codes, stage, t->bytes); /* t->codes: its place in the device blob */
+    free(stage);
+    t->done = 1;
     return 0;
 }
 
@@ -238,7 +238,14 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
         t->ns = n_blocks(t->n, s->block);
         q->fp32_bytes += t->n * sizeof(float);
         if (t->ns > max_ns) max_ns = t->ns;
+        t->at = q->blob_bytes;
+        t->bytes = tensor_bytes(s, t->n, t->ns);
+        q->blob_bytes += t->bytes;
     }
+    /* host: address space, pages come as the codes are written; a device backend: device memory */
+    q->blob = m->be->host_memory ? st_calloc_aligned(q->blob_bytes + 64) : m->be->alloc(q->blob_bytes + 64);
+    if (!q->blob) { st_qlora_free(q); return st_fail(ST_ENOMEM, "out of memory for the quantized base"); }
+    for (int k = 0; k < q->n; k++) place(&q->t[k], s, q->blob);
     layout(m, q);
     size_t n32 = m->n_weights - m->n_w16;
     float *w32 = m->be->alloc(n32 * sizeof(float) + sizeof(float));
@@ -280,7 +287,7 @@ int st_qlora_put(st_model *m, int i, const float *host) {
     st_qlora *q = m->qlora;
     int k = find(q, i);
     if (k < 0) return st_qlora_put_part(m, i, 0, m->params[i].numel, host);
-    if (q->t[k].codes) return st_fail(ST_EINVAL, "%s is already quantized", m->params[i].name);
+    if (q->t[k].done) return st_fail(ST_EINVAL, "%s is already quantized", m->params[i].name);
     return quantize_one(m, &q->spec, &q->t[k], host);
 }
 
@@ -366,7 +373,7 @@ static void dequant_piece(const st_qlora *q, const st_backend *be, const qtensor
 int st_qlora_dequant_host(const st_model *m, int i, float *host) {
     const st_qlora *q = m->qlora;
     int k = q ? find(q, i) : -1;
-    if (k < 0 || !q->fbuf || !q->t[k].codes)
+    if (k < 0 || !q->fbuf || !q->t[k].done)
         return st_fail(ST_EINVAL, "st_qlora_dequant_host: %s is not a quantized parameter held in pieces", m->params[i].name);
     const qtensor *t = &q->t[k];
     const float *s = tensor_scales(q, m->be, t);
@@ -416,8 +423,7 @@ void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32) {
     const st_qlora *q = m->qlora;
     for (int k = 0; q && k < q->n; k++) {
         const qtensor *t = &q->t[k];
-        b += q->spec.quant == ST_QLORA_NF4 ? (t->n + 1) / 2 : t->n;
-        b += t->scales ? t->ns * sizeof(float) : t->ns + n_blocks(t->ns, DQ_BLOCK) * sizeof(float) + sizeof(float);
+        b += t->bytes;
     }
     *quantized = b;
     *fp32 = q ? q->fp32_bytes : 0;
@@ -460,9 +466,7 @@ void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quant
         const st_param *p = &m->params[i];
         if (s->bf16 && bf16_only(m, i)) kept16 += p->numel;
         if (!quantizable(p)) continue;
-        size_t ns = n_blocks(p->numel, s->block);
-        qb += s->quant == ST_QLORA_NF4 ? (p->numel + 1) / 2 : p->numel;
-        qb += s->double_quant ? ns + n_blocks(ns, DQ_BLOCK) * sizeof(float) + sizeof(float) : ns * sizeof(float);
+        qb += tensor_bytes(s, p->numel, n_blocks(p->numel, s->block));
         fb += p->numel * sizeof(float);
         if (p->layer != cur) { cur = p->layer; layer = 0; }
         layer += p->numel;
@@ -493,4 +497,32 @@ size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *s, int device)
     /* load_quantized's host tensor + quantize_one's fp32 scales of it (before double quantization) +
      * load_pieces' 1 Mi-float piece (bf16-only parameters; on a device backend every kept one) */
     return (most + 1) * sizeof(float) + ns * sizeof(float) + (w16 ? ((size_t)1 << 20) * sizeof(float) : 0);
+}
+
+void st_qlora_blob(const st_model *m, uint8_t **blob, size_t *bytes) {
+    *blob = m->qlora ? m->qlora->blob : NULL;
+    *bytes = m->qlora ? m->qlora->blob_bytes : 0;
+}
+
+void st_qlora_span(const st_model *m, int first, int last, size_t *a, size_t *b) {
+    *a = *b = 0;
+    for (int k = 0; m->qlora && k < m->qlora->n; k++) {
+        const qtensor *t = &m->qlora->t[k];
+        if (t->param < first || t->param >= last) continue;
+        if (*b == *a) *a = t->at;
+        *b = t->at + t->bytes;
+    }
+}
+
+size_t st_qlora_layer_bytes_max(const st_model *m, const st_qlora_spec *s) {
+    size_t most = 0, layer = 0;
+    int cur = -1;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (!quantizable(p)) continue;
+        if (p->layer != cur) { cur = p->layer; layer = 0; }
+        layer += tensor_bytes(s, p->numel, n_blocks(p->numel, s->block));
+        if (layer > most) most = layer;
+    }
+    return most;
 }

@@ -22,8 +22,9 @@
  * are then uploaded, the acquire dequantizes in device memory, and the bf16-only parameters are put through
  * a device staging piece. No ZeRO-3 residency hooks when quantizing.
  *
- * Memory: the table (codes, scales) is backend memory (host memory on the CPU backend, device memory on a
- * GPU) owned by the model (st_model_free), as are the acquire's scale and piece buffers. */
+ * Memory: the table (codes, scales: the blob below, registry order) is backend memory (host memory on the CPU
+ * backend, device memory on a GPU) owned by the model (st_model_free), as are the acquire's scale and piece
+ * buffers. */
 #ifndef ST_QLORA_H
 #define ST_QLORA_H
 
@@ -87,6 +88,16 @@ void st_qlora_bytes(const st_model *m, size_t *quantized, size_t *fp32);
  * quantized table: the model is then a LoRA model over the dequantized base (what `export --merge` of a
  * QLoRA run merges onto). */
 int st_qlora_materialize(st_model *m);
+
+/* Every quantized tensor's codes and scales live in one byte buffer ("the blob", registry order, so a
+ * layer's bytes are one contiguous range; large: its pages are resident once written): ZeRO-3 shards it
+ * like the frozen weights (worker/comm.c gathers a layer's range before st_qlora_acquire dequantizes it, and
+ * gives back the bytes outside this rank's part afterwards). NULL / 0 without a quantized base. */
+void st_qlora_blob(const st_model *m, uint8_t **blob, size_t *bytes);
+/* The blob's byte range [*a, *b) of the quantized parameters among [first, last) (empty: *a == *b). */
+void st_qlora_span(const st_model *m, int first, int last, size_t *a, size_t *b);
+/* From the registry: the most blob bytes one layer holds (the planner: one layer gathered at a time). */
+size_t st_qlora_layer_bytes_max(const st_model *m, const st_qlora_spec *spec);
 
 /* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
  * bytes that leave the weight buffer, the scratch floats that replace them and (spec.bf16) the floats held

@@ -39,23 +39,37 @@ static int attach_prompt(const st_config *c, st_model *m) {
         return st_ptuning_attach(m, c->finetune.prompt.virtual_tokens, c->finetune.prompt.encoder == 1, (uint64_t)c->seed);
     int rc = st_prompt_attach(m, c->finetune.prompt.virtual_tokens, (uint64_t)c->seed);
     if (rc || !c->finetune.prompt.init_text[0] || !m->be) return rc;
-    /* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens
-     * added, as the tokenizer's call does), repeated and cut to V */
+    int32_t *ids = NULL;
+    size_t n = 0;
+    if ((rc = st_plan_prompt_text_ids(c, &ids, &n))) return rc;
+    /* streamed (ZeRO-3): the embeddings are not read yet; rows of zeros now, train.c copies the rows after
+     * the load (the text and the tokenizer are recorded here for adapter_config.json either way) */
+    rc = st_prompt_init_ids(m, ids, (int)n, c->finetune.prompt.init_text, c->model.path);
+    free(ids);
+    return rc ? st_fail_context(rc, "finetune.prompt.init_text") : 0;
+}
+
+/* peft's TEXT init: the rows are the embeddings of tokenizer(init_text)["input_ids"] (special tokens added,
+ * as the tokenizer's call does), repeated and cut to V */
+int st_plan_prompt_text_ids(const st_config *c, int32_t **ids, size_t *n) {
     char path[ST_CFG_PATH_MAX + 32];
+    *ids = NULL;
+    *n = 0;
     snprintf(path, sizeof path, "%s/tokenizer.json", c->model.path);
     if (access(path, R_OK) != 0)
         return st_fail(ST_ECONFIG, "finetune.prompt.init_text needs the model's tokenizer.json (%s has none)", c->model.path);
     st_tokenizer *tok = NULL;
-    int32_t *ids = NULL;
-    size_t n = 0;
     const char *text = c->finetune.prompt.init_text;
-    rc = st_tokenizer_load(c->model.path, &tok);
-    if (!rc) rc = st_tokenizer_encode(tok, text, strlen(text), 1, &ids, &n);
-    if (!rc) rc = n ? st_prompt_init_ids(m, ids, (int)n, text, c->model.path)
-                    : st_fail(ST_ECONFIG, "finetune.prompt.init_text encodes to no token");
-    free(ids);
+    int rc = st_tokenizer_load(c->model.path, &tok);
+    if (!rc) rc = st_tokenizer_encode(tok, text, strlen(text), 1, ids, n);
+    if (!rc && !*n) rc = st_fail(ST_ECONFIG, "encodes to no token");
+    if (rc) {
+        rc = st_fail_context(rc, "finetune.prompt.init_text");
+        free(*ids);
+        *ids = NULL;
+    }
     st_tokenizer_free(tok);
-    return rc ? st_fail_context(rc, "finetune.prompt.init_text") : 0;
+    return rc;
 }
 
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
@@ -63,8 +77,8 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* sharding.stage 3: the adapters are the trainable (sharded) tensors, acquired with their layer
-     * (worker/model.c); the frozen base stays whole on every rank (QLoRA: quantized, each layer dequantized
-     * into its scratch by st_model_acquire before the residency hook gathers the layer's adapters) */
+     * (worker/model.c); the frozen base is sharded too (QLoRA: its quantized bytes, which the residency
+     * hook gathers per layer before st_model_acquire dequantizes them into the layer's scratch) */
     /* precision bf16: the base (QLoRA: each dequantized layer) computes from its bf16 copy, the adapters and
      * their optimizer state stay fp32 (worker/model.c); DoRA reads the base weight's bf16 copy widened
      * (worker/lora.c; QLoRA: the acquired layer's copy), its magnitudes start at the fp32 dequantized rows'
@@ -330,10 +344,10 @@ int st_plan_streams(const st_config *c) {
     if (c->sharding.stage != 3) return 0;
     switch (c->finetune.mode) {
     case ST_FINETUNE_FULL: case ST_FINETUNE_FROZEN: return 1;
-    case ST_FINETUNE_LORA: return !c->finetune.lora.dora; /* DoRA's magnitudes read the base */
-    case ST_FINETUNE_PROMPT_TUNING: return !c->finetune.prompt.init_text[0]; /* TEXT init reads embeddings */
-    case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING: return 1;
-    default: return 0; /* qlora: the base is quantized whole at attach */
+    /* DoRA's magnitudes and a TEXT init read the base: after the streamed load (train.c init_from_base) */
+    case ST_FINETUNE_LORA: case ST_FINETUNE_PROMPT_TUNING: case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING:
+        return 1;
+    default: return 0; /* qlora: quantized as read, every tensor on every rank (train.c load_quantized) */
     }
 }
 
@@ -387,6 +401,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->teacher = teacher;
     size_t qload = 0, q32 = m->n_weights; /* QLoRA: the load's working bytes; the floats with fp32 storage */
     size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes + the acquire's buffers, the fp32 floats compact() removes */
+    size_t qlayer = 0, qacq = 0;  /* QLoRA: the most quantized bytes of one layer; the acquire's buffers */
     if (c->finetune.mode == ST_FINETUNE_QLORA) {
         /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one layer's
          * scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
@@ -403,8 +418,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         /* the codes and the acquire's buffers (device memory on CUDA, where every kept tensor is put in
          * pieces: worker/qlora.h) */
         int dev = c->backend == ST_BACKEND_CUDA;
-        qbytes = qb + st_qlora_acquire_work(m, &qs, dev);
+        qacq = st_qlora_acquire_work(m, &qs, dev);
+        qbytes = qb + qacq;
         r->weights = q32 * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0) + qbytes;
+        qlayer = st_qlora_layer_bytes_max(m, &qs);
         qdrop = m->qlora ? 0 : fb / sizeof(float) - scratch;
         /* train.c load_quantized: one tensor in flight, then the adapters' initial values (host) */
         size_t adapters = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
@@ -504,7 +521,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         if (c->sharding.overlap && world > 1) gwork += st_comm_zero3_recv_floats(gwork);
         free(gath);
         size_t staging = n != m->n_weights - qdrop && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
-        r->weights = (frozen + hi - lo + work) * sizeof(float) + qbytes;
+        /* QLoRA's quantized bytes sharded like the frozen space (comm.c z3_qb): this rank's part, and the
+         * layer gathered (the next one prefetched with it) */
+        size_t qwork = world > 1 ? 2 * qlayer : 0, qkept = world > 1 ? (qbytes - qacq + (size_t)world - 1) / (size_t)world + qacq : qbytes;
+        r->weights = (frozen + hi - lo + work) * sizeof(float) + qkept + qwork;
         size_t bf_work = 0;
         if (c->precision == ST_PRECISION_BF16) { /* the compute copy of the group acquired (frozen weights
                                                     included) and of the shard the optimizer writes */
@@ -517,11 +537,17 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + gwork) * sizeof(float);
         r->comm = staging * sizeof(float);
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
-        size_t idle = r->total - (work + gwork) * sizeof(float) - bf_work; /* between steps: no layer gathered */
+        size_t idle = r->total - (work + gwork) * sizeof(float) - bf_work - qwork; /* between steps: no layer gathered */
         int adapters = m->lora || m->prompt;
         /* load: streamed, this rank's parts only, read piece by piece (adapters: attached first, over
          * zeros); else the whole model read, then given back down to this rank's parts */
-        if (streams(c)) r->at_load = (frozen + hi - lo + (adapters ? n : 0)) * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
+        /* after it (train.c init_from_base): DoRA gathers one base weight at a time for its magnitudes (and
+         * under bf16 its compute copy); a TEXT init assembles the prompt's rows (V x C, and MPI's copy) */
+        size_t from_base = st_lora_dora_base_floats(m) * (sizeof(float) + (c->precision == ST_PRECISION_BF16 ? sizeof(uint16_t) : 0));
+        if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING && c->finetune.prompt.init_text[0])
+            from_base = 2 * (size_t)st_prompt_tokens(m) * (size_t)m->cfg.d_model * sizeof(float);
+        if (streams(c)) r->at_load = (frozen + hi - lo + (adapters ? n : 0)) * sizeof(float) + from_base + stepbuf + (tr ? io : 0) + check + teacher;
+        else if (qbytes) r->at_load = stepbuf + qload + teacher; /* load_quantized, as below stage 3: codes whole */
         else r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf + teacher;
         /* final/: one tensor gathered at a time on rank 0 (the others serve their parts); adapters: gathered
          * whole on every rank (st_trainer_save_final) */

@@ -53,6 +53,8 @@ int st_plan_streams(const st_config *cfg);
 /* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model
  * gets the registry entries). No-op for the other modes. Call before st_plan_stages / st_plan_build. */
 int st_plan_attach_adapters(const st_config *cfg, st_model *m);
+/* finetune.prompt.init_text's token ids (*ids malloc'd, *n > 0): the model directory's tokenizer.json. */
+int st_plan_prompt_text_ids(const st_config *cfg, int32_t **ids, size_t *n);
 
 /* Index of the stage in force at `step` (0-based completed steps). */
 int st_stage_at(const st_stage_list *l, int64_t step);

@@ -20,6 +20,7 @@
 #include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
 #include "worker/lora.h"
+#include "worker/prompt.h"
 #include "worker/qlora.h"
 #include "kernels/cuda/launch_host.h" /* st_cuda_shared_device: plain C, in every build */
 #include "coordinator/monitor/control_token.h"
@@ -296,6 +297,49 @@ static int load_streamed(trainer *t) {
     return 0;
 }
 
+/* ZeRO-3 streamed prompt tuning with a TEXT init: the prompt's rows are rows of the embeddings, of which
+ * each rank holds its part. Every rank puts the elements of those rows it keeps into a V x C table (zeros
+ * elsewhere); a bitwise-OR all-reduce assembles it (each element's bits from its owner, exactly; an
+ * embedding kept whole gives the same bits from every rank), and each rank keeps its part of the prompt. */
+static int prompt_text_rows(trainer *t) {
+    st_model *m = &t->model;
+    int32_t *ids = NULL;
+    size_t n = 0, ea, eb, pa, pb;
+    int rc = st_plan_prompt_text_ids(t->cfg, &ids, &n);
+    int V = st_prompt_tokens(m), P = st_prompt_param(m);
+    size_t C = (size_t)m->cfg.d_model, e0 = m->params[0].offset;
+    uint32_t *rows = rc ? NULL : calloc((size_t)V * C + 1, sizeof *rows);
+    if (!rc && !rows) rc = st_fail(ST_ENOMEM, "out of memory for the prompt's TEXT init");
+    st_comm_param_keep(&t->dp, m, 0, &ea, &eb);
+    for (int v = 0; !rc && v < V; v++) { /* the ids were checked against the vocabulary at attach */
+        size_t s = (size_t)ids[v % n] * C, a = s > ea ? s : ea, b = s + C < eb ? s + C : eb;
+        if (a < b) memcpy(rows + (size_t)v * C + (a - s), m->weights + e0 + a, (b - a) * sizeof(float));
+    }
+    free(ids);
+    int ok = !rc;
+    MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, t->comm);
+    if (ok && MPI_Allreduce(MPI_IN_PLACE, rows, V * (int)C, MPI_UINT32_T, MPI_BOR, t->comm) != MPI_SUCCESS)
+        rc = st_fail(ST_ECOMM, "rank %d: the prompt's TEXT init all-reduce failed", t->rank);
+    if (ok && !rc) {
+        st_comm_param_keep(&t->dp, m, P, &pa, &pb);
+        if (pb > pa) memcpy(m->weights + m->params[P].offset + pa, rows + pa, (pb - pa) * sizeof(float));
+        st_model_weights_changed(m);
+    }
+    free(rows);
+    return rc ? rc : ok ? 0 : st_fail(ST_ECOMM, "rank %d: another rank could not set up the prompt's TEXT init", t->rank);
+}
+
+/* ZeRO-3 streamed load, then what reads the base while setting up (stages 0-2 do it at attach, from the
+ * whole base): DoRA's magnitudes (each base weight gathered whole in turn, st_model_acquire, the same norms
+ * as at attach; each rank writes its part) and prompt tuning's TEXT init (its rows assembled above). */
+static int init_from_base(trainer *t) {
+    const st_config *c = t->cfg;
+    if (c->finetune.mode == ST_FINETUNE_LORA && c->finetune.lora.dora)
+        return st_trainer_agree(t, st_lora_init_magnitudes_kept(&t->model, keep_part, &t->dp));
+    if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING && c->finetune.prompt.init_text[0]) return prompt_text_rows(t);
+    return 0;
+}
+
 /* A parameter QLoRA keeps unquantized but cannot read in place: one held in bf16 only (worker/qlora.h), or
  * any kept one on a device backend: read, checked and summed a piece at a time (st_qlora_put_part rounds it
  * into the bf16 copy or copies it to the device); its own checksum (from element 0) kept for the
@@ -414,10 +458,23 @@ static int setup(trainer *t) {
     if (!rc) rc = start_monitoring(t);
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
     if (!rc && stream) rc = load_streamed(t);
+    if (!rc && stream) rc = init_from_base(t);
     if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)
         fprintf(stderr, "shardtune train: rank %d: peak RSS after loading the model: %ld kB\n", t->rank, ru.ru_maxrss);
     if (!rc) rc = st_trainer_agree(t, read_job_texts(t));
     return rc;
+}
+
+/* SHARDTUNE_ZERO3_PROFILE=1 (bench/zero3_step.sh): where stage 3 spent its communication time, per rank. */
+static void report_zero3_profile(const trainer *t) {
+    const char *on = getenv("SHARDTUNE_ZERO3_PROFILE");
+    if (!on || strcmp(on, "1") || t->dp.stage != 3) return;
+    double p[ST_Z3_PROF_N];
+    st_comm_zero3_profile(&t->dp, p);
+    fprintf(stderr, "shardtune train: rank %d: stage-3 comm ms: acquire embeddings %.1f, layers %.1f, head %.1f; "
+                    "grad reduce-scatter %.1f, backward end %.1f\n",
+            t->rank, 1e3 * p[ST_Z3_ACQ_EMBED], 1e3 * p[ST_Z3_ACQ_LAYER], 1e3 * p[ST_Z3_ACQ_HEAD], 1e3 * p[ST_Z3_GRAD],
+            1e3 * p[ST_Z3_BWD_END]);
 }
 
 static void teardown(trainer *t) {
@@ -435,6 +492,7 @@ static void teardown(trainer *t) {
     if (t->metrics) fclose(t->metrics);
     st_optim_free(&t->optim, t->be);
     free(t->optim.param_step);
+    report_zero3_profile(t);
     st_comm_free(&t->dp);
     if (t->loader_ready) st_loader_free(&t->loader);
     for (int k = 0; t->datasets && k < t->n_tasks; k++) st_dataset_free(&t->datasets[k]);

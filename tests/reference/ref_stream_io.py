@@ -22,6 +22,8 @@
   model on as many ranks) is within 15% of the plan's at_load and about 1/ranks of the model on 2 and 4
   ranks: each rank read only its shard; `shardtune export` of that model holds one tensor at a time: its
   RSS minus the overhead of exporting a tiny model is within 15% of the plan's export bytes.
+* The same load check for DoRA and a prompt TEXT init, which read the base after the streamed load
+  (check_load_from_base; `ref_stream_io.py load_from_base` runs it alone).
 """
 import json
 import os
@@ -198,6 +200,51 @@ def check_memory(root, data):
     assert abs(err) <= MEM_TOL, f"export: estimate off by {err:+.1%}"
 
 
+def write_tokenizer(model_dir):
+    """A small BPE tokenizer.json (ids below 10, in every vocabulary here) for a TEXT init."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {ch: i for i, ch in enumerate("abcdefgh")}
+    vocab["ab"] = 8
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "removed")
+    tok.save(os.path.join(model_dir, "tokenizer.json"))
+
+
+def check_load_from_base(root, data):
+    """The streamed loads that read the base while setting up (after the load, collective): DoRA (every
+    projection: its magnitudes from each base weight gathered whole in turn) and prompt tuning with a TEXT
+    init (its rows assembled from the ranks' parts of the embeddings). On 2 ranks each rank's peak RSS right
+    after loading (over the same run of a tiny model) is within 15% of the plan's at_load, and about half
+    of the model: no rank read the whole base."""
+    big = dp.init_model(os.path.join(root, "fb_big"), "llama", 4, dim=256, heads=4, kv=2, vocab=32000, max_seq=128)
+    small = dp.init_model(os.path.join(root, "fb_small"), "llama", 1, dim=16, heads=2, kv=1, vocab=128, max_seq=128)
+    for d in (big, small):
+        write_tokenizer(d)
+    whole = plan(dp.write_job(os.path.join(root, "fb.yaml"), big, os.path.join(root, "run"),
+                              [{"name": "a", "path": data}]), 1, [])["model"]["n_weights"] * 4
+    cases = (("dora", "finetune: { mode: lora, lora: { r: 4, alpha: 8, dora: true, targets: [q_proj, k_proj, v_proj, "
+                      "o_proj, gate_proj, up_proj, down_proj] } }\n"),
+             ("prompt text", 'finetune: { mode: prompt_tuning, prompt: { virtual_tokens: 8, init_text: "ab c abd" } }\n'))
+    common = ["train.steps=1", "train.micro_batch=2", "train.seq_len=64", "sharding.stage=3"]
+    for k, (name, ft) in enumerate(cases):
+        job = dp.write_job(os.path.join(root, f"fb{k}.yaml"), big, os.path.join(root, "run"),
+                           [{"name": "a", "path": data}], ft)
+        sp = plan(job, 2, common + [f"model.path={small}"])
+        base_load = [x - sp["stages"][0]["ranks"][i]["bytes"]["at_load"]
+                     for i, x in enumerate(load_rss(job, 2, common + [f"model.path={small}", f"run_dir={root}/fbs{k}"]))]
+        p = plan(job, 2, common)
+        assert "streamed" in subprocess.run([dp.BIN, "plan", job, "--ranks", "2"] + common, env=dp.ENV,
+                                            capture_output=True, text=True).stdout
+        got = load_rss(job, 2, common + [f"run_dir={root}/fbb{k}"])
+        for r in range(2):
+            want, net = p["stages"][0]["ranks"][r]["bytes"]["at_load"], got[r] - base_load[r]
+            err = (net - want) / want
+            print(f"  load, stage 3, {name}, 2 ranks, rank {r}: plan {want / 2**20:.1f} MiB, measured {net / 2**20:.1f} "
+                  f"MiB over a tiny model's load ({err:+.1%}); the whole model is {whole / 2**20:.1f} MiB")
+            assert abs(err) <= MEM_TOL, f"{name} load, rank {r}: estimate off by {err:+.1%}"
+            assert net < whole * 0.75, f"{name} load, rank {r}: {net} bytes is not about half of {whole}"
+
+
 LLAMA2 = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                      num_hidden_layers=32),
           "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -248,12 +295,16 @@ def main():
     t0 = time.time()
     root = dp.tmpdir("st_stream_")
     try:
+        if sys.argv[1:] == ["load_from_base"]:  # this part alone
+            check_load_from_base(root, dp.make_dataset(os.path.join(root, "b.h5"), 128, 200, seed=1))
+            return
         check_planner(root)
         data = dp.make_dataset(os.path.join(root, "a.h5"), 512, 200, seed=3)
         check_files(root, data, "llama", True)
         check_files(root, data, "gpt2", False)
         big_data = dp.make_dataset(os.path.join(root, "b.h5"), 128, 200, seed=1)  # in both vocabularies
         check_memory(root, big_data)
+        check_load_from_base(root, big_data)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"ref_stream_io: OK ({time.time() - t0:.1f} s)")

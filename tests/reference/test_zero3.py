@@ -16,10 +16,12 @@
   run writes (h5py reads both; abs lr/10 on weights).
 * Memory: the peak RSS of each rank (GNU time), minus the fixed process overhead measured on a tiny model,
   is within 15% of `shardtune plan`'s per-rank peak (load, step, checkpoint, final/) for 2-rank stage 3 (3 ranks:
-  printed), full and LoRA (its frozen base sharded and streamed in: below the same run with the base whole);
+  printed), full, LoRA (its frozen base sharded and streamed in: below the same run with the base whole) and
+  QLoRA (its codes sharded);
   and the plan's per-rank step total at stage 3 is below stage 2's.
 * The frozen weights sharded (frozen, progressive, every adapter mode, fp32 and bf16): bit-identical losses
-  and final/ to the frozen weights kept whole, and to the run without the prefetch (check_frozen_shard).
+  and final/ to the frozen weights kept whole, to the run without the prefetch, and to the run that gathers
+  the whole embedding table instead of the batch's rows (SHARDTUNE_ZERO3_EMBED_ROWS=0) (check_frozen_shard).
 * Frozen mode (the top 2 of 3 layers' attention and MLP, and the head, train; the rest is sharded too and
   gathered with its layer) on 3 ranks: losses equal its 1-rank ZeRO-0 run, final weights its ZeRO-2 run.
 * precision bf16 (1 rank: bit-identical to ZeRO-0 bf16; 2, 3 ranks and frozen: within 2 D, D the bf16-vs-fp32
@@ -105,7 +107,7 @@ def check_peft(root, data):
                           ("prompt", "{ mode: prompt_tuning, prompt: { virtual_tokens: 4 } }", "adapter_model.safetensors")):
         job = dp.write_job(os.path.join(root, f"{name}.yaml"), model, os.path.join(root, "run"),
                            [{"name": "a", "path": data}], "finetune: " + ft + "\n")
-        common = ["train.steps=4"]
+        common = ["train.steps=4"] + (["checkpoint.every_steps=2"] if name == "dora" else [])
         ref = run(job, 1, common + ["sharding.stage=0", "train.micro_batch=12"], f"{root}/{name}_ref")
         ref_w = dp.read_safetensors(os.path.join(root, f"{name}_ref", "final", out))
         for ranks, micro, accum in ((2, 3, 2), (3, 4, 1)):
@@ -119,12 +121,17 @@ def check_peft(root, data):
                 assert d <= LR / 10, f"{name}: final {k} differs by {d}"
             print(f"  {name} stage 3, {ranks} ranks x micro {micro} x accum {accum}: losses "
                   f"{z3[0]['loss']:.6f} .. {z3[-1]['loss']:.6f} = ZeRO-0, {len(w)} final tensors = ZeRO-0's")
+        if name == "dora":  # streamed: the magnitudes from the gathered base; resumed across world sizes
+            ck = os.path.join(root, "dora_z3_2", "checkpoints", "step-00000002.h5")
+            resumed = run(job, 3, common + ["sharding.stage=3", "train.micro_batch=4", f"resume={ck}"], f"{root}/dora_rs")
+            close([x for x in resumed if x["step"] > 2], [x for x in ref if x["step"] > 2], "dora resumed 2 -> 3 ranks")
+            print("  dora stage 3: checkpoint at step 2 on 2 ranks resumed on 3: steps 3-4 equal")
 
 
 def check_peft_more(root, data):
     """QLoRA (nf4, double quantization), P-tuning (MLP and LSTM encoders) and prefix tuning (plain and with
     its projection) under stage 3: the adapters / encoders are the trainable, sharded tensors (the QLoRA
-    base stays quantized and whole on every rank); losses on 2 and 3 ranks equal the 1-rank ZeRO-0 run
+    base's codes and scales sharded by bytes, a layer's gathered before its dequantization); losses on 2 and 3 ranks equal the 1-rank ZeRO-0 run
     (1e-6 relative), and so do the final adapter tensors (abs lr/10). A 2-rank stage-3 run checkpointed at
     step 2 and resumed on 3 ranks gives steps 3-4 of the uninterrupted ZeRO-0 run (1e-6). QLoRA under
     precision bf16 on 2 ranks agrees with its ZeRO-0 bf16 run within 2 D (D: bf16 vs fp32 at ZeRO-0, as
@@ -172,9 +179,11 @@ def check_frozen_shard(root, data):
     """The frozen weights sharded at stage 3 (the frozen space, worker/comm.h) for frozen, progressive and
     the adapter modes: only where the weights live changes, not the math. On 2 or 3 ranks every per-step
     loss and every byte of final/ equals the same run with the frozen weights kept whole on every rank
-    (SHARDTUNE_ZERO3_SHARD_FROZEN=0, the previous residency), and the run without the prefetch
-    (SHARDTUNE_ZERO3_PREFETCH=0); fp32 and bf16. LoRA, P-tuning and prefix tuning also stream the base in
-    (each rank reads its parts); DoRA and QLoRA read it whole and keep their parts."""
+    (SHARDTUNE_ZERO3_SHARD_FROZEN=0, the previous residency), the run without the prefetch
+    (SHARDTUNE_ZERO3_PREFETCH=0) and the run whose forward gathers the embedding table instead of moving the
+    batch's rows (SHARDTUNE_ZERO3_EMBED_ROWS=0); fp32 and bf16. LoRA, DoRA, P-tuning and prefix tuning also stream the base
+    in (each rank reads its parts; DoRA's magnitudes from each base weight gathered after the load); QLoRA
+    quantizes it whole and keeps its part of the codes (kept whole on every rank with the switch)."""
     model = dp.init_model(os.path.join(root, "fs"), "llama", 3, dim=64, max_seq=64)
     cases = (("frozen", 'finetune: { mode: frozen, train_layers: "-2", train_modules: [attn, mlp, head] }\n', []),
              ("frozen_bf16", 'finetune: { mode: frozen, train_layers: "-2", train_modules: [attn, mlp] }\n', ["precision=bf16"]),
@@ -192,7 +201,7 @@ def check_frozen_shard(root, data):
             ov = ["train.steps=5", "sharding.stage=3", f"train.micro_batch={micro}", "checkpoint.every_steps=0"] + extra
             got = {}
             for tag, env in (("sharded", {}), ("whole", {"SHARDTUNE_ZERO3_SHARD_FROZEN": "0"}),
-                             ("nopf", {"SHARDTUNE_ZERO3_PREFETCH": "0"})):
+                             ("nopf", {"SHARDTUNE_ZERO3_PREFETCH": "0"}), ("table", {"SHARDTUNE_ZERO3_EMBED_ROWS": "0"})):
                 dp.ENV.update(env)
                 try:
                     rd = f"{root}/fs_{name}_{ranks}_{tag}"
@@ -204,10 +213,10 @@ def check_frozen_shard(root, data):
                 files = {f: open(os.path.join(fin, f), "rb").read() for f in os.listdir(fin) if f.endswith(".safetensors")}
                 assert files, os.listdir(fin)
                 got[tag] = (losses, files)
-            for tag in ("whole", "nopf"):
+            for tag in ("whole", "nopf", "table"):
                 assert got[tag][0] == got["sharded"][0], f"{name} on {ranks} ranks: losses differ ({tag}): {got[tag][0]} vs {got['sharded'][0]}"
                 assert got[tag][1] == got["sharded"][1], f"{name} on {ranks} ranks: final/ differs ({tag})"
-        print(f"  {name}: frozen weights sharded on {ranks} ranks = kept whole = without prefetch, bit for bit "
+        print(f"  {name}: frozen weights sharded on {ranks} ranks = kept whole = without prefetch = table gathered, bit for bit "
               f"(losses {got['sharded'][0][0]:.6f} .. {got['sharded'][0][-1]:.6f}, final/ bytes)")
 
 
@@ -348,6 +357,24 @@ def check_memory(root, data):
               f"({err:+.1%}); base kept whole: {(whole[r] - base) / 2**20:.1f} MiB")
         assert abs(err) <= 0.15, f"lora rank {r}: estimate off by {err:+.1%}"
         assert got[r] < whole[r], f"lora rank {r}: the sharded base ({got[r]}) is not below the whole one ({whole[r]})"
+    check_memory_qlora(root, job, common, base)
+
+
+def check_memory_qlora(root, job, common, base):
+    """QLoRA (nf4, double quantization) on 2 ranks: its quantized bytes sharded like the frozen weights
+    (each rank keeps half, a layer's gathered for its dequantization): peak RSS per rank within 15% of the
+    plan. The load quantizes every tensor on every rank (one fp32 tensor in flight, the codes whole), so
+    the peak may be the load's."""
+    ov = common + ["sharding.stage=3", "finetune.mode=qlora", "finetune.lora.r=4", "finetune.qlora.quant=nf4",
+                   "finetune.qlora.double_quant=true"]
+    p = plan(job, 2, ov)
+    got = measured_rss(job, 2, ov + [f"run_dir={root}/mq"])
+    for r in range(2):
+        want, net = p["rank_peak_bytes"][r], got[r] - base
+        err = (net - want) / want
+        print(f"  qlora stage 3, 2 ranks, rank {r}: planned peak {want / 2**20:.1f} MiB, measured {net / 2**20:.1f} MiB "
+              f"({err:+.1%})")
+        assert abs(err) <= 0.15, f"qlora rank {r}: estimate off by {err:+.1%}"
 
 
 def main():
@@ -356,6 +383,14 @@ def main():
     try:
         data = dp.make_dataset(os.path.join(root, "a.h5"), 128, 200, seed=1)
         which = sys.argv[1:] or ["losses", "peft", "peft_more", "frozen_shard", "bf16", "progressive", "resume", "memory"]
+        if which == ["memory_qlora"]:  # that part of check_memory alone (its baseline as there)
+            which = []
+            big = dp.init_model(os.path.join(root, "big"), "llama", 4, dim=256, heads=4, kv=2, vocab=32000, max_seq=128)
+            small = dp.init_model(os.path.join(root, "small"), "llama", 1, dim=16, heads=2, kv=1, vocab=128, max_seq=128)
+            job = dp.write_job(os.path.join(root, "big.yaml"), big, os.path.join(root, "run"), [{"name": "a", "path": data}])
+            common = ["train.steps=2", "train.micro_batch=2", "train.seq_len=64"]
+            ov = common + [f"model.path={small}", "sharding.stage=1", f"run_dir={root}/base"]
+            check_memory_qlora(root, job, common, measured_rss(job, 1, ov)[0] - plan(job, 1, ov)["peak_bytes"])
         for name in which:
             globals()["check_" + name](root, data)
     finally:

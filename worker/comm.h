@@ -5,7 +5,8 @@
  * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers (in place
  * into the weights when every parameter trains); on host memory with several ranks it does so bucket by
  * bucket during every micro-batch's backward and gives each bucket's pages back (s2_release below).
- * 3 shards the parameters too (MPI on CPU ranks, fp32 or bf16; st_comm_init refuses a device backend by name): the weights
+ * 3 shards the parameters too (MPI on CPU ranks, fp32 or bf16; on a device backend worker/comm_zero3_dev.h,
+ * NCCL, every parameter trained; what follows is the host layout): the weights
  * of the trainable parameters in this rank's shard of the compact space are its fp32 master shard and stay
  * resident in m->weights (frozen parameters are sharded the same way over their own "frozen space", gathered
  * with their group and given back after: no gradient, no optimizer state), and the rest of
@@ -120,6 +121,7 @@ typedef struct {
     MPI_Request z3_rs_req;
     int *z3_rs_counts;      /* [world]: its per-owner counts */
     int fresh;              /* stages 2-3: shard_grads holds a finished step's sums; the next reduction restarts */
+    struct st_z3dev *z3dev; /* stage 3 on a device backend (worker/comm_zero3_dev.h), else NULL */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own

@@ -859,10 +859,24 @@ typedef struct {
     float *gn1w, *gn1b, *gwqkv, *gbqkv, *gwo, *gbo, *gn2w, *gn2b, *gw1, *gb1, *gw2, *gb2, *gqn, *gkn;
 } layer_w;
 
-static const float *wptr(const st_model *m, int idx) { return idx >= 0 ? m->weights + m->params[idx].offset : NULL; }
+/* The window of w[0 .. n) holding element `at` of its space, or NULL (st_model.windowed). */
+static const st_res_window *window_at(const st_res_window *w, int n, size_t at) {
+    for (int k = 0; k < n; k++)
+        if (at >= w[k].lo && at < w[k].hi) return &w[k];
+    return NULL;
+}
+
+static const float *wptr(const st_model *m, int idx) {
+    if (idx < 0) return NULL;
+    if (!m->windowed) return m->weights + m->params[idx].offset;
+    const st_res_window *w = window_at(m->wwin, m->n_wwin, m->params[idx].offset);
+    return w ? w->p + (m->params[idx].offset - w->lo) : NULL;
+}
 static float *gptr(const st_model *m, int idx) {
     if (idx < 0 || m->params[idx].grad_offset < 0) return NULL;
-    return m->grads + m->params[idx].grad_offset;
+    if (!m->windowed) return m->grads + m->params[idx].grad_offset;
+    const st_res_window *w = window_at(m->gwin, m->n_gwin, (size_t)m->params[idx].grad_offset);
+    return w ? w->p + ((size_t)m->params[idx].grad_offset - w->lo) : NULL;
 }
 
 /* Registry order per layer is fixed by build_*: index arithmetic keeps this O(1). */
@@ -914,6 +928,10 @@ static st_mm_in saved(const float *f32, const uint16_t *h16) { return h16 ? st_m
 
 /* A weight as a matmul operand: its place in the bf16 weight copy under bf16. */
 static st_mm_in weight(const st_model *m, const float *w) {
+    for (int k = 0; m->windowed && k < m->n_wwin; k++) { /* the window's bf16 copy at the same place */
+        const st_res_window *r = &m->wwin[k];
+        if (w >= r->p && w < r->p + (r->hi - r->lo)) return r->p16 ? st_mm_bf16(r->p16 + (w - r->p)) : st_mm_f32(w);
+    }
     return m->weights_bf16 ? st_mm_bf16(m->weights_bf16 + (w - m->weights)) : st_mm_f32(w);
 }
 

@@ -35,6 +35,15 @@ typedef struct {
     long grad_offset;   /* into grads (floats), -1 when frozen */
 } st_param;
 
+/* A residency window (st_model.windowed): the range [lo, hi) of the weight or gradient space lives at p
+ * (element lo at p[0]); p16: the weights' bf16 copy there (precision bf16), else NULL. */
+typedef struct {
+    size_t lo, hi;
+    float *p;
+    uint16_t *p16;
+} st_res_window;
+#define ST_RES_WINDOWS 6
+
 typedef struct {
     st_model_config cfg;
     const st_backend *be;
@@ -105,6 +114,14 @@ typedef struct {
     void (*prefetch)(void *ctx, int first, int last);
     void (*progress)(void *ctx);
     void *residency_ctx;
+    /* Optional residency windows (ZeRO-3 on a device backend, worker/comm_zero3_dev.c): with `windowed` set,
+     * forward and backward find a parameter's weights (and their bf16 copy) in the window of wwin that holds
+     * its weight offset, and its gradient in the window of gwin that holds its gradient offset, instead of
+     * at weights + offset / grads + grad_offset (NULL when none holds it). The hooks keep the windows
+     * current: the groups gathered into per-group device buffers, and where their gradients go. */
+    int windowed;
+    int n_wwin, n_gwin;
+    st_res_window wwin[ST_RES_WINDOWS], gwin[ST_RES_WINDOWS];
     int in_compute; /* inside forward / backward: under bf16 an acquire then needs the fp32 weights only of
                        the parameters st_model_param_bf16_only says no to (checkpoints need all of them) */
     /* LoRA adapters (worker/lora.h): registry entries [n_base_params, n_params) and weights

@@ -18,8 +18,9 @@
  * reduce-scattered (st_nccl_reduce_parts_sum: each owner's part summed into `recv`), the compute stream
  * waits, and recv is added into shard_grads (bias_add over one row: the micro-batches accumulate there
  * as on CPU ranks); an edge buffer is zeroed again. One rank without NCCL copies and adds locally.
- * Outside forward/backward (checkpoints, export) acquire and release do nothing: those readers touch only
- * this rank's parts. */
+ * Outside forward/backward an acquire (a checkpoint snapshot: one tensor at a time, collective) gathers into
+ * a slot the same way; such readers find the tensor with st_model_param_weights. The optimizer, the final
+ * weights' gathers and the streaming load touch only this rank's parts, at weights + offset. */
 #include "worker/comm_zero3_dev.h"
 
 #include <stdlib.h>
@@ -146,7 +147,7 @@ static void z3d_acquire(void *ctx, int first, int last) {
     st_comm *c = ctx;
     st_z3dev *z = c->z3dev;
     st_model *m = z->m;
-    if (!m->in_compute || last <= first) return; /* checkpoints and exports read this rank's parts only */
+    if (last <= first) return;
     double t0 = st_now();
     z3d_slot *s = NULL;
     for (int k = 0; k < z->n_slots && !s; k++)
@@ -161,7 +162,7 @@ static void z3d_acquire(void *ctx, int first, int last) {
     keep_rc(c, rc);
     if (!s) return;
     s->state = 2;
-    if (s->w16) m->be->to_bf16(s->w16, s->w, s->hi - s->lo);
+    if (s->w16 && m->in_compute) m->be->to_bf16(s->w16, s->w, s->hi - s->lo);
     if (z->in_bwd && is_layer_group(z, first)) { /* the layer's backward accumulates into zeros */
         m->be->memset0(s->g, (s->hi - s->lo) * sizeof(float));
         s->g_live = 1;
@@ -173,7 +174,6 @@ static void z3d_acquire(void *ctx, int first, int last) {
 static void z3d_release(void *ctx, int first, int last) {
     st_comm *c = ctx;
     st_z3dev *z = c->z3dev;
-    if (!z->m->in_compute) return;
     for (int k = 0; k < z->n_slots; k++) {
         z3d_slot *s = &z->slot[k];
         if (s->state == 2 && s->first == first && s->last == last) {

@@ -879,6 +879,8 @@ static float *gptr(const st_model *m, int idx) {
     return w ? w->p + ((size_t)m->params[idx].grad_offset - w->lo) : NULL;
 }
 
+const float *st_model_param_weights(const st_model *m, int i) { return wptr(m, i); }
+
 /* Registry order per layer is fixed by build_*: index arithmetic keeps this O(1). */
 static int layer_first_param(const st_model *m, int l) {
     int per = m->cfg.family == ST_FAMILY_GPT2 ? 12 : 9 + (m->cfg.qkv_bias ? 3 : 0) + (m->cfg.qk_norm ? 2 : 0);

@@ -263,6 +263,9 @@ void st_model_acquire(const st_model *m, int first, int last);
  * The groups the forward acquires (generation acquires the same ones). */
 int st_model_layer_first_param(const st_model *m, int l);
 void st_model_release(const st_model *m, int first, int last);
+/* Where parameter i's fp32 weights are now: m->weights + offset, or while acquired on a windowed model
+ * (ZeRO-3 on a device) its place in the gather buffer (NULL when not resident there). */
+const float *st_model_param_weights(const st_model *m, int i);
 /* Whether forward and backward read parameter i only through the bf16 compute copy under precision bf16
  * (the layers' and the untied head's matmul weights; norms, biases and the embeddings read fp32). */
 int st_model_param_bf16_only(const st_model *m, int i);

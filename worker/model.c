@@ -1151,10 +1151,10 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     be->copy_to_device(b.tokens, inputs, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
-    const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
     m->in_compute = 1;
     st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
+    const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL; /* resident now (windowed: found) */
     if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
     if (wpe && m->doc_pos_on)
         be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
@@ -1184,8 +1184,8 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         layer_release(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
     if (hold) st_model_release(m, pp, pp + pn);
-    const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     st_model_acquire(m, fn, st_model_base_params(m));
+    const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
     double loss = m->hidden_only ? 0.0 : head_forward(m, &b, train);
     st_model_release(m, fn, st_model_base_params(m));

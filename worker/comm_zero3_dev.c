@@ -257,17 +257,16 @@ static void group_sizes(const st_model *m, size_t *most, size_t *layer_most) {
     if (b - a > *most) *most = b - a;
 }
 
-size_t st_z3dev_floats(const st_model *m, size_t shard, int bf16, size_t *edge_floats) {
+void st_z3dev_floats(const st_model *m, size_t shard, int bf16, size_t *weight_floats, size_t *grad_floats) {
     size_t most, layer_most, a, b, e;
     group_sizes(m, &most, &layer_most);
     span(m, 0, st_model_layer_first_param(m, 0), &a, &b);
     e = b - a;
     span(m, st_model_layer_first_param(m, m->cfg.n_layer), m->n_params, &a, &b);
     e += b - a;
-    if (edge_floats) *edge_floats = e;
-    int slots = m->cfg.tied_embeddings ? 3 : 2;
-    size_t slot = most + (bf16 ? (most + 1) / 2 : 0) + layer_most;
-    return (size_t)slots * slot + e + shard /* master */ + (shard < most ? shard : most) /* recv */;
+    size_t slots = m->cfg.tied_embeddings ? 3 : 2;
+    *weight_floats = slots * (most + (bf16 ? (most + 1) / 2 : 0)) + shard; /* slots (+ bf16 copies), master */
+    *grad_floats = slots * layer_most + e + shard + (shard < most ? shard : most); /* + edges, shard, recv */
 }
 
 int st_z3dev_supported(const st_model *m) {
@@ -295,6 +294,18 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     int L = m->cfg.n_layer, e0 = st_model_layer_first_param(m, 0), fn = st_model_layer_first_param(m, L);
     span(m, 0, e0, &z->edge_lo[0], &z->edge_hi[0]);
     span(m, fn, m->n_params, &z->edge_lo[1], &z->edge_hi[1]);
+    /* the full gradient buffer and bf16 copy go first, the full weights once the master shard is cut */
+    be->free(m->grads);
+    m->grads = NULL;
+    be->free(m->weights_bf16);
+    m->weights_bf16 = NULL;
+    z->master = be->alloc(c->shard * sizeof(float));
+    if (!z->master) return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 shard", c->rank, be->name);
+    be->memset0(z->master, c->shard * sizeof(float)); /* the padding past the last parameter */
+    size_t own_end = c->hi < c->n ? c->hi : c->n;
+    if (own_end > c->lo) be->copy(z->master, m->weights + c->lo, (own_end - c->lo) * sizeof(float));
+    be->free(m->weights); /* from here on this rank's parts are the whole of its weights */
+    m->weights = z->master - c->lo; /* weights + offset reaches this rank's parts (see the top of the file) */
     int ok = 1;
     for (int k = 0; k < z->n_slots; k++) {
         z->slot[k].w = be->alloc(z->slot_floats * sizeof(float));
@@ -308,21 +319,11 @@ int st_z3dev_init(st_comm *c, st_model *m) {
         ok = ok && (!n || z->edge[e]);
         if (z->edge[e]) be->memset0(z->edge[e], n * sizeof(float));
     }
-    z->master = be->alloc(c->shard * sizeof(float));
     z->recv = be->alloc(z->recv_floats * sizeof(float));
     c->shard_grads = be->alloc(c->shard * sizeof(float));
-    if (!ok || !z->master || !z->recv || !c->shard_grads)
-        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 gather buffers and shard", c->rank, be->name);
+    if (!ok || !z->recv || !c->shard_grads)
+        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 gather buffers", c->rank, be->name);
     be->memset0(c->shard_grads, c->shard * sizeof(float));
-    be->memset0(z->master, c->shard * sizeof(float)); /* the padding past the last parameter */
-    size_t own_end = c->hi < c->n ? c->hi : c->n;
-    if (own_end > c->lo) be->copy(z->master, m->weights + c->lo, (own_end - c->lo) * sizeof(float));
-    /* from here on this rank's parts are the whole of its weights: the full buffers go */
-    be->free(m->weights);
-    m->weights = z->master - c->lo; /* weights + offset reaches this rank's parts (see the top of the file) */
-    be->free(m->weights_bf16);
-    m->weights_bf16 = NULL;
-    be->free(m->grads);
     m->grads = c->shard_grads - c->lo; /* not read: gradients live in the windows and the shard */
     const char *pf = getenv("SHARDTUNE_ZERO3_PREFETCH");
     c->z3_prefetch = !(pf && strcmp(pf, "0") == 0);

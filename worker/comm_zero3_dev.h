@@ -23,9 +23,9 @@ void st_z3dev_backward(st_comm *c, int in_backward);
 /* Frees it; the model is left without weights (the end of a run). */
 void st_z3dev_free(st_comm *c);
 
-/* Device floats (4-byte units) it holds for a model with this registry and shard, bf16 or not: gather
- * slots (fp32, bf16 copy, a layer's gradients), edge gradients (*edge_floats), master shard and receive
- * buffer. The planner counts it. */
-size_t st_z3dev_floats(const st_model *m, size_t shard, int bf16, size_t *edge_floats);
+/* Device floats (4-byte units) it holds for a model with this registry (and cfg) and shard, bf16 or not:
+ * *weight_floats the gather slots' fp32 weights and bf16 copies and the master shard; *grad_floats the
+ * slots' layer gradients, the edge gradients, shard_grads and the receive buffer. The planner counts them. */
+void st_z3dev_floats(const st_model *m, size_t shard, int bf16, size_t *weight_floats, size_t *grad_floats);
 
 #endif

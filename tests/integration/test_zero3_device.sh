@@ -12,7 +12,7 @@
 #  2. precision bf16 on 2 ranks: losses bit-identical to the CPU ranks' bf16 stage 3;
 #  3. a device stage-3 run checkpointed at step 3 on 2 ranks resumes on 3 ranks (fakedev) and on 1 CPU rank:
 #     steps 4-6 equal the uninterrupted 2-rank device run within 1e-6 relative;
-#  4. what the device layout does not support is refused by name (frozen layers).
+#  4. what the device layout does not support is refused by name (frozen layers; eval.generate samples).
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
 [ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
@@ -90,3 +90,11 @@ set -e
 grep "error:" "$T/frz.err" | grep -q "sharding.stage 3 on the fakedev backend needs every parameter trained" ||
   fail "frozen at stage 3: not refused by name: $(cat "$T/frz.err")"
 echo "frozen layers at stage 3 on a device backend: refused by name"
+
+job gen 2 3 1 sharding.stage=3 eval.generate.every_steps=1 "eval.generate.prompts=$T/none.jsonl" "${common[@]}"
+set +e
+"$FAKE" --guard "$T/gen.yaml" $(cat "$T/gen.args") >"$T/gen.out" 2>"$T/gen.err"; rc=$?
+set -e
+[ $rc != 0 ] && grep "error:" "$T/gen.err" | grep -q "eval.generate at sharding.stage 3 is supported on CPU ranks only" ||
+  fail "eval.generate at stage 3 on a device backend: not refused by name: $(cat "$T/gen.err")"
+echo "eval.generate samples at stage 3 on a device backend: refused by name"

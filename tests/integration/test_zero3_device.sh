@@ -12,7 +12,10 @@
 #  2. precision bf16 on 2 ranks: losses bit-identical to the CPU ranks' bf16 stage 3;
 #  3. a device stage-3 run checkpointed at step 3 on 2 ranks resumes on 3 ranks (fakedev) and on 1 CPU rank:
 #     steps 4-6 equal the uninterrupted 2-rank device run within 1e-6 relative;
-#  4. what the device layout does not support is refused by name (frozen layers; eval.generate samples).
+#  4. the planner is true for it: `shardtune plan --json` with backend=cuda gives each rank's step total
+#     equal to the device bytes fakedev saw allocated at step boundaries (FAKEDEV_REPORT_MEM=1) within 1%,
+#     on 3 ranks fp32 and 2 ranks bf16;
+#  5. what the device layout does not support is refused by name (frozen layers; eval.generate samples).
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
 [ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
@@ -45,6 +48,22 @@ dev() {
   ! grep -q "fakedev (rank\|stream order violated" "$T/$name.err" || fail "$name: $(grep -m3 "fakedev (rank\|stream order" "$T/$name.err")"
 }
 
+export FAKEDEV_REPORT_MEM=1
+# plan_true NP NAME: each rank's plan step total = the device bytes fakedev held between steps (1%)
+plan_true() {
+  local np=$1 name=$2
+  local args=(); mapfile -t args < <(grep . "$T/$name.args" || true)
+  "$BIN" plan "$T/$name.yaml" --ranks "$np" backend=cuda "${args[@]}" --json >"$T/$name.plan" || fail "plan of $name"
+  python3 - "$T/$name.plan" "$T/$name.out" <<'PY'
+import json, re, sys
+plan = {r["rank"]: r["bytes"]["total"] for r in json.load(open(sys.argv[1]))["stages"][0]["ranks"]}
+seen = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"fakedev device bytes: rank (\d+) peak \d+ between steps (\d+)", open(sys.argv[2]).read())}
+assert set(seen) == set(plan), (seen, plan)
+worst = max(abs(seen[r] - plan[r]) / plan[r] for r in plan)
+assert worst <= 0.01, f"plan {plan} vs measured {seen}"
+print(f"{worst:.2g}")
+PY
+}
 job ref0 6 6 2 sharding.stage=0 "${common[@]}"
 [ "$(train 1 ref0)" = 0 ] || fail "ZeRO-0 reference: $(cat "$T/ref0.err")"
 for np in 1 2 3; do
@@ -61,13 +80,17 @@ for np in 1 2 3; do
   fi
   echo "stage 3 on $np fake device rank(s): losses vs cpu stage 3 $same (tolerance $tol), vs 1-rank ZeRO-0 $z0 (1e-5)"
 done
+p=$(plan_true 3 d3) || fail "3 ranks: the plan's step total is not the device memory held"
+echo "plan step total vs device bytes held between steps, 3 ranks fp32: $p relative (1%)"
 
 job b2 6 3 2 sharding.stage=3 precision=bf16 "${common[@]}"
 job bc2 6 3 2 sharding.stage=3 precision=bf16 "${common[@]}"
 dev 2 b2
 [ "$(train 2 bc2)" = 0 ] || fail "cpu bf16 stage 3: $(cat "$T/bc2.err")"
 close "$T/b2/metrics.jsonl" "$T/bc2/metrics.jsonl" 0 1 6 >/dev/null || fail "bf16: device vs cpu stage 3 differ"
-echo "stage 3 bf16 on 2 fake device ranks: losses bit-identical to the cpu ranks' bf16 stage 3"
+p=$(plan_true 2 b2) || fail "bf16 2 ranks: the plan's step total is not the device memory held"
+echo "stage 3 bf16 on 2 fake device ranks: losses bit-identical to the cpu ranks' bf16 stage 3; plan vs held $p"
+unset FAKEDEV_REPORT_MEM
 
 # checkpoint at step 3 on 2 device ranks, resumed on 3 device ranks and on 1 cpu rank
 job full 6 3 2 sharding.stage=3 checkpoint.every_steps=3 train.schedule=constant

@@ -14,6 +14,8 @@
  *    status, so the next step boundary stops training with it, as a GPU would have crashed. With several
  *    ranks worker/comm.c then takes its NCCL path: the fake NCCL of nccl_fake.h (collectives run through
  *    MPI when the compute stream waits; a stream-order violation is printed and recorded in the status).
+ *    FAKEDEV_REPORT_MEM=1 prints each rank's device bytes at exit: the peak, and the most allocated at a
+ *    step boundary (what `shardtune plan` calls the step total).
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
  *    attention_bwd, cross_entropy, adamw_multi) records a failure in the status, on every rank or only on
  *    RANK; the kernel itself still runs (like a GPU kernel whose fault is only seen later).
@@ -48,7 +50,12 @@ static void record(const char *fmt, const char *a, const char *b) {
     fprintf(stderr, "fakedev (rank %d): %s\n", my_rank(), failure);
 }
 
+static size_t dev_bytes, dev_peak, dev_between; /* allocated now, at most, at most at a step boundary */
+static int status_rank; /* this rank (read while MPI runs) */
+
 static int fake_status(void) {
+    if (dev_bytes > dev_between) dev_between = dev_bytes; /* the trainer asks at every step boundary */
+    status_rank = my_rank();
     if (violations && !failure[0]) record("%s%s", "the fake NCCL's stream order was violated (see above)", "");
     violations = 0;
     if (!failure[0]) return 0;
@@ -81,6 +88,8 @@ static void *guard_alloc(size_t bytes) {
     if (!p) return NULL;
     ranges[n_ranges].lo = p, ranges[n_ranges].hi = p + (bytes ? bytes : 1);
     n_ranges++;
+    dev_bytes += bytes ? bytes : 1;
+    if (dev_bytes > dev_peak) dev_peak = dev_bytes;
     return p;
 }
 
@@ -88,6 +97,7 @@ static void guard_free(void *p) {
     if (!p) return;
     for (size_t i = 0; i < n_ranges; i++)
         if (ranges[i].lo == p) {
+            dev_bytes -= (size_t)(ranges[i].hi - ranges[i].lo);
             ranges[i] = ranges[--n_ranges];
             free(p);
             return;
@@ -307,5 +317,9 @@ int main(int argc, char **argv) {
     if (self_test) return guard_self_test();
     st_backend_set_override(&fake);
     argv[i - 1] = (char *)"train"; /* st_cmd_train(argc, argv): argv[0] is the command, argv[1] the job */
-    return st_cmd_train(argc - (i - 1), argv + (i - 1));
+    int rc = st_cmd_train(argc - (i - 1), argv + (i - 1));
+    const char *mem = getenv("FAKEDEV_REPORT_MEM");
+    if (guard && mem && !strcmp(mem, "1"))
+        printf("fakedev device bytes: rank %d peak %zu between steps %zu\n", status_rank, dev_peak, dev_between);
+    return rc;
 }

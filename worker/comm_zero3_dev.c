@@ -303,7 +303,8 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     if (!z->master) return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 shard", c->rank, be->name);
     be->memset0(z->master, c->shard * sizeof(float)); /* the padding past the last parameter */
     size_t own_end = c->hi < c->n ? c->hi : c->n;
-    if (own_end > c->lo) be->copy(z->master, m->weights + c->lo, (own_end - c->lo) * sizeof(float));
+    if (own_end > c->lo && m->weights) /* NULL: built without weights (buffers_external), streamed in after */
+        be->copy(z->master, m->weights + c->lo, (own_end - c->lo) * sizeof(float));
     be->free(m->weights); /* from here on this rank's parts are the whole of its weights */
     m->weights = z->master - c->lo; /* weights + offset reaches this rank's parts (see the top of the file) */
     int ok = 1;

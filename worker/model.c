@@ -328,13 +328,13 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
         }
     }
     if (m->embed_trained) lowest = 0;
-    m->be->free(m->grads);
+    if (!m->buffers_external) m->be->free(m->grads);
     m->grads = NULL;
     m->n_grads = off;
     m->lowest_trained_layer = lowest;
     size_t align = m->grad_align > 0 ? (size_t)m->grad_align : 1;
     m->grad_alloc = (off + align - 1) / align * align;
-    if (off == 0) return 0;
+    if (off == 0 || m->buffers_external) return 0;
     m->grads = m->be->alloc(m->grad_alloc * sizeof(float));
     if (!m->grads) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for gradients", off * 4.0 / 1e6);
     return 0;
@@ -756,7 +756,7 @@ int st_model_set_precision(st_model *m, st_precision precision) {
         m->be->free(m->weights_bf16);
         m->weights_bf16 = NULL;
     }
-    if (precision == ST_PRECISION_BF16 && !m->weights_bf16) {
+    if (precision == ST_PRECISION_BF16 && !m->weights_bf16 && !m->buffers_external) {
         m->weights_bf16 = m->be->alloc(m->n_weights * sizeof(uint16_t));
         if (!m->weights_bf16)
             return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the bf16 weight copy (precision: bf16)",

@@ -122,6 +122,10 @@ typedef struct {
     int windowed;
     int n_wwin, n_gwin;
     st_res_window wwin[ST_RES_WINDOWS], gwin[ST_RES_WINDOWS];
+    /* The weights, their bf16 copy and the gradients belong to a communicator (ZeRO-3 on a device,
+     * worker/comm_zero3_dev.c), set before the buffers would be made: st_model_set_precision allocates no
+     * bf16 copy and st_model_set_trainable no gradient buffer (a model bound without weights keeps none). */
+    int buffers_external;
     int in_compute; /* inside forward / backward: under bf16 an acquire then needs the fp32 weights only of
                        the parameters st_model_param_bf16_only says no to (checkpoints need all of them) */
     /* LoRA adapters (worker/lora.h): registry entries [n_base_params, n_params) and weights

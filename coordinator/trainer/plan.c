@@ -485,12 +485,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         r->grads = gf * sizeof(float);
         r->comm = 0;
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
-        /* load: the whole model read into a full device buffer, its bf16 copy, the activations and step
-         * buffers, then the full gradient buffer of st_model_set_trainable; the communicator frees those
-         * two (bf16, gradients) and cuts the master shard before it frees the weights */
-        r->at_load = (m->n_weights + sp->n_pad + sp->shard) * sizeof(float) +
-                     (c->precision == ST_PRECISION_BF16 ? m->n_weights * sizeof(uint16_t) : 0) + r->activations +
-                     stepbuf + teacher;
+        /* load (train.c: the model bound without weights, buffers_external): streamed into the shard once
+         * the communicator and optimizer exist, a host chunk at a time: the step's device memory */
+        r->at_load = r->total;
         /* checkpoints gather one tensor at a time into a slot (already counted); final/ and resume go
          * through host memory a tensor or this rank's parts at a time */
         r->at_save = r->total + late;

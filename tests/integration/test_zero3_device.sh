@@ -14,7 +14,8 @@
 #     steps 4-6 equal the uninterrupted 2-rank device run within 1e-6 relative;
 #  4. the planner is true for it: `shardtune plan --json` with backend=cuda gives each rank's step total
 #     equal to the device bytes fakedev saw allocated at step boundaries (FAKEDEV_REPORT_MEM=1) within 1%,
-#     on 3 ranks fp32 and 2 ranks bf16;
+#     on 3 ranks fp32 and 2 ranks bf16, and the peak (loading included) exceeds it only by the trainer's MFU
+#     probe (12 MiB + the bf16 GEMM scratch): no whole-model buffer exists on a device rank;
 #  5. what the device layout does not support is refused by name (frozen layers; eval.generate samples).
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
@@ -61,6 +62,11 @@ seen = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"fakedev device b
 assert set(seen) == set(plan), (seen, plan)
 worst = max(abs(seen[r] - plan[r]) / plan[r] for r in plan)
 assert worst <= 0.01, f"plan {plan} vs measured {seen}"
+# the peak: loading included (no whole-model buffer), beyond the step total only the trainer's MFU probe,
+# three 1024 x 1024 fp32 matrices (+ the bf16 GEMM scratch: at most another 8 MiB) that the plan leaves out
+peak = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"fakedev device bytes: rank (\d+) peak (\d+)", open(sys.argv[2]).read())}
+extra = max(peak[r] - seen[r] for r in peak)
+assert 12 << 20 <= extra <= 20 << 20, f"device peak beyond the step total: {extra} bytes ({peak} vs {seen})"
 print(f"{worst:.2g}")
 PY
 }

@@ -12,11 +12,12 @@
  * and an in-place uneven all-gather (st_nccl_all_gather_parts) fills in the rest; the prefetch hook
  * enqueues the next group's gather on the comm stream while this group computes, and its acquire makes
  * the compute stream wait for it (st_nccl_wait_compute).
- * Gradients: a layer's gradient goes to its slot's gradient buffer (zeroed by the acquire in backward);
- * the embeddings' and final norm + head's gradients (written in the training forward's fused head as well
- * as in backward) to two resident edge buffers. When a group's backward ends (grad_ready) its range is
- * reduce-scattered (st_nccl_reduce_parts_sum: each owner's part summed into `recv`), the compute stream
- * waits, and recv is added into shard_grads (bias_add over one row: the micro-batches accumulate there
+ * Gradients: a layer's gradient goes to the one layer gradient buffer the slots share (zeroed by the
+ * acquire in backward); final norm + head's and a tied embedding's (written in the training forward's fused
+ * head as well as in backward) to resident edge buffers; an untied embedding's (written only after layer
+ * 0's reduction) to the layer gradient buffer again. When a group's backward ends (grad_ready) its range is
+ * reduce-scattered in chunks (st_nccl_reduce_parts_sum: each owner's part summed into `recv`), the compute
+ * stream waits, and recv is added into shard_grads (bias_add over one row: the micro-batches accumulate there
  * as on CPU ranks); an edge buffer is zeroed again. One rank without NCCL copies and adds locally.
  * Outside forward/backward an acquire (a checkpoint snapshot: one tensor at a time, collective) gathers into
  * a slot the same way; such readers find the tensor with st_model_param_weights. The optimizer, the final
@@ -35,7 +36,8 @@
 typedef struct {
     float *w;        /* [slot_floats] the group's fp32 weights */
     uint16_t *w16;   /* [slot_floats] their bf16 copy (precision bf16), else NULL */
-    float *g;        /* [layer_floats] a layer's gradients */
+    float *g;        /* [layer_floats] a layer's gradients: one buffer shared by the slots (a layer's
+                        reduction is finished before the next layer's backward begins) */
     int first, last; /* the group held (parameters) */
     size_t lo, hi;   /* its weight (= compact) range */
     int state;       /* 0 free, 1 gather enqueued (prefetched), 2 resident */
@@ -52,6 +54,8 @@ struct st_z3dev {
     float *recv;         /* [recv_floats] this rank's part of a reduce-scattered group */
     size_t recv_floats;
     float *edge[2];      /* gradients of the embeddings and of final norm + head */
+    int edge0_shared;    /* untied embeddings: their gradient, written only after the last layer's backward
+                            (embedding_bwd), lives in the layer gradient buffer */
     size_t edge_lo[2], edge_hi[2];
 };
 
@@ -164,6 +168,10 @@ static void z3d_acquire(void *ctx, int first, int last) {
     s->state = 2;
     if (s->w16 && m->in_compute) m->be->to_bf16(s->w16, s->w, s->hi - s->lo);
     if (z->in_bwd && is_layer_group(z, first)) { /* the layer's backward accumulates into zeros */
+        for (int k = 0; k < z->n_slots; k++)
+            if (z->slot[k].g_live)
+                keep_rc(c, st_fail(ST_EINVAL, "rank %d: internal error: a layer's gradients were not reduced before "
+                                              "the next layer's backward", c->rank));
         m->be->memset0(s->g, (s->hi - s->lo) * sizeof(float));
         s->g_live = 1;
     }
@@ -223,22 +231,39 @@ static void z3d_grad_ready(void *ctx, size_t lo, size_t hi) {
                            lo, hi));
         return;
     }
-    size_t os = lo > c->lo ? lo : c->lo, oe = hi < c->hi ? hi : c->hi, own = oe > os ? oe - os : 0;
     int rc = 0;
-    if (c->nccl) {
-        size_t parts[c->world];
-        owner_parts(c, lo, hi, parts);
-        rc = st_nccl_reduce_parts_sum(c->nccl, z->recv, src, parts);
-        if (!rc) rc = st_nccl_wait_compute(c->nccl); /* recv is read and src reused on the compute stream */
-        if (!rc && own) be->bias_add(c->shard_grads + (os - c->lo), z->recv, 1, (int)own);
-    } else if (own) { /* one rank: the sum is its own gradient */
-        be->bias_add(c->shard_grads + (os - c->lo), src + (os - lo), 1, (int)own);
+    for (size_t a = lo; a < hi && !rc; a += z->recv_floats) { /* in chunks: recv holds one rank's part of one */
+        size_t b = hi - a < z->recv_floats ? hi : a + z->recv_floats;
+        size_t os = a > c->lo ? a : c->lo, oe = b < c->hi ? b : c->hi, own = oe > os ? oe - os : 0;
+        if (c->nccl) {
+            size_t parts[c->world];
+            owner_parts(c, a, b, parts);
+            rc = st_nccl_reduce_parts_sum(c->nccl, z->recv, src + (a - lo), parts);
+            if (!rc) rc = st_nccl_wait_compute(c->nccl); /* recv is read and src reused on the compute stream */
+            if (!rc && own) be->bias_add(c->shard_grads + (os - c->lo), z->recv, 1, (int)own);
+        } else if (own) { /* one rank: the sum is its own gradient */
+            be->bias_add(c->shard_grads + (os - c->lo), src + (os - lo), 1, (int)own);
+        }
     }
     keep_rc(c, rc);
     if (edge) be->memset0(src, (hi - lo) * sizeof(float)); /* the next micro-batch accumulates into zeros */
     if (slot) slot->g_live = 0;
+    if (slot && z->edge0_shared && slot->first == st_model_layer_first_param(z->m, 0)) /* the embeddings' next */
+        be->memset0(z->edge[0], (z->edge_hi[0] - z->edge_lo[0]) * sizeof(float));
     sync_windows(z);
     c->overlap_seconds += st_now() - t0;
+}
+
+/* Floats of the receive buffer: one rank's part of a reduce-scattered chunk of at most ST_Z3_CHUNK. */
+static size_t recv_floats(size_t shard, size_t most) {
+    size_t r = shard < most ? shard : most;
+    return r < ST_Z3_CHUNK ? r : ST_Z3_CHUNK;
+}
+
+/* Whether the embeddings' gradient (n floats) can live in the layer gradient buffer: untied, so nothing
+ * writes it before layer 0's gradients are reduced. */
+static int embed_shares(const st_model *m, size_t n, size_t layer_floats) {
+    return !m->cfg.tied_embeddings && n <= layer_floats;
 }
 
 /* The largest group: the embeddings, a layer, or final norm + head. */
@@ -261,12 +286,12 @@ void st_z3dev_floats(const st_model *m, size_t shard, int bf16, size_t *weight_f
     size_t most, layer_most, a, b, e;
     group_sizes(m, &most, &layer_most);
     span(m, 0, st_model_layer_first_param(m, 0), &a, &b);
-    e = b - a;
+    e = embed_shares(m, b - a, layer_most) ? 0 : b - a;
     span(m, st_model_layer_first_param(m, m->cfg.n_layer), m->n_params, &a, &b);
     e += b - a;
     size_t slots = m->cfg.tied_embeddings ? 3 : 2;
     *weight_floats = slots * (most + (bf16 ? (most + 1) / 2 : 0)) + shard; /* slots (+ bf16 copies), master */
-    *grad_floats = slots * layer_most + e + shard + (shard < most ? shard : most); /* + edges, shard, recv */
+    *grad_floats = layer_most + e + shard + recv_floats(shard, most); /* a layer's, edges, shard_grads, recv */
 }
 
 int st_z3dev_supported(const st_model *m) {
@@ -290,7 +315,7 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     int bf16 = m->precision == ST_PRECISION_BF16;
     group_sizes(m, &z->slot_floats, &z->layer_floats);
     z->n_slots = m->cfg.tied_embeddings ? 3 : 2;
-    z->recv_floats = c->shard < z->slot_floats ? c->shard : z->slot_floats;
+    z->recv_floats = recv_floats(c->shard, z->slot_floats);
     int L = m->cfg.n_layer, e0 = st_model_layer_first_param(m, 0), fn = st_model_layer_first_param(m, L);
     span(m, 0, e0, &z->edge_lo[0], &z->edge_hi[0]);
     span(m, fn, m->n_params, &z->edge_lo[1], &z->edge_hi[1]);
@@ -311,12 +336,13 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     for (int k = 0; k < z->n_slots; k++) {
         z->slot[k].w = be->alloc(z->slot_floats * sizeof(float));
         z->slot[k].w16 = bf16 ? be->alloc(z->slot_floats * sizeof(uint16_t)) : NULL;
-        z->slot[k].g = be->alloc(z->layer_floats * sizeof(float));
+        z->slot[k].g = k ? z->slot[0].g : be->alloc(z->layer_floats * sizeof(float));
         ok = ok && z->slot[k].w && (!bf16 || z->slot[k].w16) && z->slot[k].g;
     }
+    z->edge0_shared = embed_shares(m, z->edge_hi[0] - z->edge_lo[0], z->layer_floats) && z->slot[0].g;
     for (int e = 0; e < 2; e++) {
         size_t n = z->edge_hi[e] - z->edge_lo[e];
-        z->edge[e] = n ? be->alloc(n * sizeof(float)) : NULL;
+        z->edge[e] = e == 0 && z->edge0_shared ? z->slot[0].g : n ? be->alloc(n * sizeof(float)) : NULL;
         ok = ok && (!n || z->edge[e]);
         if (z->edge[e]) be->memset0(z->edge[e], n * sizeof(float));
     }
@@ -354,9 +380,10 @@ void st_z3dev_free(st_comm *c) {
     for (int k = 0; k < z->n_slots; k++) {
         be->free(z->slot[k].w);
         be->free(z->slot[k].w16);
-        be->free(z->slot[k].g);
+        if (k == 0) be->free(z->slot[k].g); /* shared */
     }
-    for (int e = 0; e < 2; e++) be->free(z->edge[e]);
+    for (int e = 0; e < 2; e++)
+        if (e || !z->edge0_shared) be->free(z->edge[e]);
     be->free(z->master);
     be->free(z->recv);
     /* the model keeps no weights: a device stage-3 communicator is freed at the end of a run only

@@ -9,7 +9,8 @@
 #     either order), within 1e-6 relative on 3 (NCCL and MPI may associate a sum of three differently: a
 #     few ulp per step); and the 1-rank ZeRO-0 run within 1e-5 relative (other reduction orders; #17's
 #     bound). final/model.safetensors is byte-identical to the CPU stage-3 run's on 1 and 2 ranks;
-#  2. precision bf16 on 2 ranks: losses bit-identical to the CPU ranks' bf16 stage 3;
+#  2. precision bf16 with activation checkpointing and eval on 2 ranks: losses and eval losses bit-identical
+#     to the CPU ranks' bf16 stage 3;
 #  3. a device stage-3 run checkpointed at step 3 on 2 ranks resumes on 3 ranks (fakedev) and on 1 CPU rank:
 #     steps 4-6 equal the uninterrupted 2-rank device run within 1e-6 relative;
 #  4. the planner is true for it: `shardtune plan --json` with backend=cuda gives each rank's step total
@@ -89,13 +90,16 @@ done
 p=$(plan_true 3 d3) || fail "3 ranks: the plan's step total is not the device memory held"
 echo "plan step total vs device bytes held between steps, 3 ranks fp32: $p relative (1%)"
 
-job b2 6 3 2 sharding.stage=3 precision=bf16 "${common[@]}"
-job bc2 6 3 2 sharding.stage=3 precision=bf16 "${common[@]}"
+bf=(sharding.stage=3 precision=bf16 memory.activation_checkpointing=true eval.every_steps=3)
+job b2 6 3 2 "${bf[@]}" "${common[@]}"
+job bc2 6 3 2 "${bf[@]}" "${common[@]}"
 dev 2 b2
 [ "$(train 2 bc2)" = 0 ] || fail "cpu bf16 stage 3: $(cat "$T/bc2.err")"
 close "$T/b2/metrics.jsonl" "$T/bc2/metrics.jsonl" 0 1 6 >/dev/null || fail "bf16: device vs cpu stage 3 differ"
+[ "$(grep -o '"val_loss":{[^}]*}' "$T/b2/metrics.jsonl")" = "$(grep -o '"val_loss":{[^}]*}' "$T/bc2/metrics.jsonl")" ] &&
+  grep -q val_loss "$T/b2/metrics.jsonl" || fail "bf16: device vs cpu stage 3 eval losses differ"
 p=$(plan_true 2 b2) || fail "bf16 2 ranks: the plan's step total is not the device memory held"
-echo "stage 3 bf16 on 2 fake device ranks: losses bit-identical to the cpu ranks' bf16 stage 3; plan vs held $p"
+echo "stage 3 bf16 + activation checkpointing on 2 fake device ranks: losses and eval losses bit-identical to the cpu ranks'; plan vs held $p"
 unset FAKEDEV_REPORT_MEM
 
 # checkpoint at step 3 on 2 device ranks, resumed on 3 device ranks and on 1 cpu rank

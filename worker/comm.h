@@ -169,8 +169,9 @@ void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, s
 /* Whether parameter i is split across the ranks (stage 3: trainable, or frozen and sharded). */
 int st_comm_param_sharded(const st_comm *c, const st_model *m, int i);
 
-/* Parameter i's fp32 values (registry layout, numel floats) gathered into dst on rank `root` from the
- * ranks that keep its parts (MPI_Gatherv at stage 3; a local copy otherwise). Collective at stage 3: every
+/* Parameter i's fp32 values (registry layout, numel floats) gathered into dst (host memory) on rank `root`
+ * from the ranks that keep its parts (MPI_Gatherv at stage 3, device parts staged through the host; a
+ * local copy otherwise). Collective at stage 3: every
  * rank calls it for the same i; dst is ignored elsewhere and may be NULL on the root too. */
 int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int root);
 

@@ -105,7 +105,8 @@ typedef struct {
      * them, in the same order on every rank (the hooks may be collective): per layer in forward and again in
      * backward, the embeddings, the final norm and head. While they are installed their owner also manages
      * m->grads (st_model_zero_grad leaves it alone). Other readers of m->weights (checkpoint, export) use
-     * st_model_acquire / st_model_release. */
+     * st_model_acquire / st_model_release, and find the acquired tensor with st_model_param_weights (a
+     * windowed model's is in its gather buffer). */
     void (*acquire)(void *ctx, int first, int last);
     void (*release)(void *ctx, int first, int last);
     /* Optional, with acquire: prefetch(ctx, first, last) announces the next acquire while this layer

@@ -90,7 +90,7 @@ static void fill(st_ckpt_snap *s, const st_model *m, const st_optim *o, int borr
         st_ckpt_snap_param *q = &s->p[i];
         size_t nw = q->mb - q->ma, no = q->ob - q->oa;
         st_model_acquire(m, i, i + 1); /* ZeRO-3: one tensor gathered at a time */
-        const float *live = m->weights + p->offset + q->ma;
+        const float *live = st_model_param_weights(m, i) + q->ma; /* a device ZeRO-3 gather buffer too */
         if (borrow) q->w = live;
         else if (q->skip) q->w = NULL;
         else {

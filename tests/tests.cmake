@@ -14,7 +14,7 @@ set(ST_SLOW_TESTS
   integration.test_slurm_requeue integration.test_slurm_resize reference.test_curve
   reference.test_dp_equivalence reference.test_dp_errors reference.test_dp_memory
   reference.test_monitor_train reference.test_telemetry_client reference.test_act_ckpt reference.test_zero3
-  integration.test_bf16_train integration.test_device_failure integration.test_peft_device integration.test_distill_train integration.test_distill_zero3 integration.test_divergence
+  integration.test_bf16_train integration.test_device_failure integration.test_peft_device integration.test_distill_train integration.test_distill_zero3 integration.test_zero3_device integration.test_divergence
   integration.test_first_hour integration.test_gpu_smoke_selftest integration.test_packing_train
   integration.test_pack_text_stream integration.test_resume_safety integration.test_train_epochs
   integration.test_watchdog reference.test_generate_torch reference.test_lora_train
@@ -98,13 +98,18 @@ endforeach()
 # stream order (tests/tools/nccl_fake.c), for each ZeRO stage, and on one rank through the one-rank NCCL
 # switch (SHARDTUNE_NCCL_ONE_RANK=1); the checker must also catch an injected race.
 set(ST_MPIRUN mpirun --oversubscribe -np 3)
-foreach(stage 0 1 2)
+foreach(stage 0 1 2 3)
   add_test(NAME cuda.nccl_path_zero${stage} COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage ${stage})
   set_tests_properties(cuda.nccl_path_zero${stage} PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
   add_test(NAME cuda.nccl_path_one_rank_zero${stage} COMMAND mpirun -np 1 $<TARGET_FILE:nccl_fake> --stage ${stage})
   set_tests_properties(cuda.nccl_path_one_rank_zero${stage} PROPERTIES LABELS cuda TIMEOUT 300
     ENVIRONMENT "${ST_TEST_ENV};SHARDTUNE_NCCL_ONE_RANK=1")
 endforeach()
+# ZeRO-3 on a device (worker/comm_zero3_dev.c) against the CPU ranks' ZeRO-3: also 2 ranks, bf16, accumulation
+add_test(NAME cuda.nccl_path_zero3_two_ranks COMMAND mpirun --oversubscribe -np 2 $<TARGET_FILE:nccl_fake> --stage 3)
+add_test(NAME cuda.nccl_path_zero3_bf16 COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 3 --bf16 --accum 3)
+set_tests_properties(cuda.nccl_path_zero3_two_ranks cuda.nccl_path_zero3_bf16 PROPERTIES LABELS cuda TIMEOUT 300
+  ENVIRONMENT "${ST_TEST_ENV}")
 add_test(NAME cuda.nccl_path_zero2_blocking COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --no-overlap)
 set_tests_properties(cuda.nccl_path_zero2_blocking PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
 add_test(NAME cuda.nccl_path_catches_race COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --inject-race)

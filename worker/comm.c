@@ -13,6 +13,7 @@
 #include "common/error.h"
 #include "common/util.h"
 #include "kernels/cuda/nccl_comm.h" /* plain C; a build without CUDA links failing stubs */
+#include "worker/comm_zero3_dev.h"
 #include "worker/optim.h"
 #include "worker/qlora.h"
 
@@ -173,6 +174,7 @@ static int s2_drain(st_comm *c) {
 }
 
 void st_comm_free(st_comm *c) {
+    st_z3dev_free(c); /* before the NCCL communicator goes: it waits for what is queued */
     s2_drain(c);
     if (c->s2_model) c->s2_model->grads_managed = 0;
     c->s2_model = NULL;
@@ -422,6 +424,7 @@ static int overlap_finish(st_comm *c, st_model *m) {
 void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last) {
     if (c->stage == 3) {
         c->z3_async = overlap && c->world > 1;
+        st_z3dev_backward(c, 1);
         return;
     }
     if (c->s2_release) {
@@ -434,6 +437,7 @@ void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last) {
 
 int st_comm_backward_end(st_comm *c, st_model *m) {
     if (c->stage == 3) { /* the last layer's (the embeddings') reduction; failures: st_comm_reduce_grads */
+        st_z3dev_backward(c, 0);
         double t0 = st_now();
         z3_rs_finish(c);
         c->overlap_seconds += st_now() - t0;
@@ -456,6 +460,9 @@ void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi) {
 int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
                           const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask) {
     const st_backend *be = m->be;
+    if (c->z3dev) /* its master shards are the only weights: nothing to cut a new layout from */
+        return st_fail(ST_ECONFIG, "changing the trainable set (progressive stages) at sharding.stage 3 is supported on "
+                                   "CPU ranks only, not on the %s backend", be->name);
     long *old_off = malloc((size_t)m->n_params * sizeof(long));
     if (!old_off) return st_fail(ST_ENOMEM, "out of memory");
     for (int i = 0; i < m->n_params; i++) old_off[i] = m->params[i].grad_offset;
@@ -498,12 +505,13 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     if (c->stage == 3) { /* reduce-scattered layer by layer during backward */
         prefetch_finish(c, -1, -1);
         z3_rs_finish(c);
+        if (c->z3dev) rc = coll_finish(c); /* nothing of the step left queued on the comm stream */
         c->z3_async = 0;
         c->fresh = 1;
         *optim_grads = c->shard_grads;
         c->comm_seconds = c->overlap_seconds + (st_now() - t0);
         c->overlap_seconds = 0;
-        rc = c->z3_rc;
+        if (c->z3_rc) rc = c->z3_rc;
         c->z3_rc = 0;
         return rc;
     }
@@ -1161,9 +1169,12 @@ static int frozen_space(st_comm *c, const st_model *m) {
 
 static int z3_init(st_comm *c, const st_model *cm) {
     st_model *m = (st_model *)cm; /* the communicator installs its hooks on the model it serves */
-    if (on_device(m))
-        return st_fail(ST_ECONFIG, "sharding.stage 3 is not supported on the %s backend yet (CPU ranks only); "
-                                   "use sharding.stage 2", m->be->name);
+    if (on_device(m)) { /* worker/comm_zero3_dev.c; NCCL as for the other stages */
+        if (!st_z3dev_supported(m)) return st_z3dev_init(c, m); /* the refusal naming the cause */
+        const char *one = getenv("SHARDTUNE_NCCL_ONE_RANK");
+        int rc = c->world > 1 || (one && !strcmp(one, "1")) ? nccl_setup(c) : 0;
+        return rc ? rc : st_z3dev_init(c, m);
+    }
     if (c->shard) {
         c->shard_grads = c->be->alloc(c->shard * sizeof(float));
         c->z3_recv = c->be->alloc(st_comm_zero3_recv_floats(c->shard) * sizeof(float));
@@ -1199,7 +1210,7 @@ static int z3_init(st_comm *c, const st_model *cm) {
 }
 
 void st_comm_weights_loaded(st_comm *c, st_model *m) {
-    if (c->stage != 3 || c->model != m) return;
+    if (c->stage != 3 || c->model != m || c->z3dev) return; /* a device rank holds its parts only */
     release_compact(c, 0, c->n);
     release_frozen(c, 0, m->n_params);
 }
@@ -1258,9 +1269,18 @@ int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int r
         if (!scratch) for (int r = 0; r < c->world; r++) counts[r] = displs[r] = 0; /* nothing lands: no hang */
         recv = scratch;
     }
-    int rc = MPI_Gatherv(m->weights + p->offset + a, b > a ? (int)(b - a) : 0, MPI_FLOAT, recv, counts, displs,
+    const float *part = m->weights + p->offset + a;
+    float *host = NULL; /* device memory: MPI is not CUDA-aware, the part goes through the host */
+    if (on_device(m) && b > a) {
+        host = malloc((b - a) * sizeof(float));
+        if (host) m->be->copy_to_host(host, part, (b - a) * sizeof(float));
+        else for (int r = 0; r < c->world; r++) counts[r] = displs[r] = 0; /* nobody waits for a part: no hang */
+        part = host;
+    }
+    int rc = MPI_Gatherv(part, b > a && part ? (int)(b - a) : 0, MPI_FLOAT, recv, counts, displs,
                          MPI_FLOAT, root, c->comm);
     free(scratch);
+    free(host);
     return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "gathering a parameter for the final weights", c->rank);
 }
 

@@ -5,7 +5,8 @@
  * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers (in place
  * into the weights when every parameter trains); on host memory with several ranks it does so bucket by
  * bucket during every micro-batch's backward and gives each bucket's pages back (s2_release below).
- * 3 shards the parameters too (MPI on CPU ranks, fp32 or bf16; st_comm_init refuses a device backend by name): the weights
+ * 3 shards the parameters too (MPI on CPU ranks, fp32 or bf16; on a device backend worker/comm_zero3_dev.h,
+ * NCCL, every parameter trained; what follows is the host layout): the weights
  * of the trainable parameters in this rank's shard of the compact space are its fp32 master shard and stay
  * resident in m->weights (frozen parameters are sharded the same way over their own "frozen space", gathered
  * with their group and given back after: no gradient, no optimizer state), and the rest of
@@ -135,6 +136,7 @@ typedef struct {
     int *z3_rs_counts;      /* [world]: its per-owner counts */
     int fresh;              /* stages 2-3: shard_grads holds a finished step's sums; the next reduction restarts */
     double z3_prof[ST_Z3_PROF_N]; /* stage 3: seconds spent, by where (st_comm_zero3_profile) */
+    struct st_z3dev *z3dev; /* stage 3 on a device backend (worker/comm_zero3_dev.h), else NULL */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own
@@ -185,8 +187,9 @@ void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, s
 /* Whether parameter i is split across the ranks (stage 3: trainable, or frozen and sharded). */
 int st_comm_param_sharded(const st_comm *c, const st_model *m, int i);
 
-/* Parameter i's fp32 values (registry layout, numel floats) gathered into dst on rank `root` from the
- * ranks that keep its parts (MPI_Gatherv at stage 3; a local copy otherwise). Collective at stage 3: every
+/* Parameter i's fp32 values (registry layout, numel floats) gathered into dst (host memory) on rank `root`
+ * from the ranks that keep its parts (MPI_Gatherv at stage 3, device parts staged through the host; a
+ * local copy otherwise). Collective at stage 3: every
  * rank calls it for the same i; dst is ignored elsewhere and may be NULL on the root too. */
 int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int root);
 

@@ -328,13 +328,13 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
         }
     }
     if (m->embed_trained) lowest = 0;
-    m->be->free(m->grads);
+    if (!m->buffers_external) m->be->free(m->grads);
     m->grads = NULL;
     m->n_grads = off;
     m->lowest_trained_layer = lowest;
     size_t align = m->grad_align > 0 ? (size_t)m->grad_align : 1;
     m->grad_alloc = (off + align - 1) / align * align;
-    if (off == 0) return 0;
+    if (off == 0 || m->buffers_external) return 0;
     m->grads = m->be->alloc(m->grad_alloc * sizeof(float));
     if (!m->grads) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for gradients", off * 4.0 / 1e6);
     return 0;
@@ -755,7 +755,7 @@ int st_model_set_precision(st_model *m, st_precision precision) {
         m->be->free(m->weights_bf16);
         m->weights_bf16 = NULL;
     }
-    if (precision == ST_PRECISION_BF16 && !m->weights_bf16) {
+    if (precision == ST_PRECISION_BF16 && !m->weights_bf16 && !m->buffers_external) {
         m->weights_bf16 = m->be->alloc(m->n_weights * sizeof(uint16_t));
         if (!m->weights_bf16)
             return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the bf16 weight copy (precision: bf16)",
@@ -858,11 +858,27 @@ typedef struct {
     float *gn1w, *gn1b, *gwqkv, *gbqkv, *gwo, *gbo, *gn2w, *gn2b, *gw1, *gb1, *gw2, *gb2, *gqn, *gkn;
 } layer_w;
 
-static const float *wptr(const st_model *m, int idx) { return idx >= 0 ? m->weights + m->params[idx].offset : NULL; }
+/* The window of w[0 .. n) holding element `at` of its space, or NULL (st_model.windowed). */
+static const st_res_window *window_at(const st_res_window *w, int n, size_t at) {
+    for (int k = 0; k < n; k++)
+        if (at >= w[k].lo && at < w[k].hi) return &w[k];
+    return NULL;
+}
+
+static const float *wptr(const st_model *m, int idx) {
+    if (idx < 0) return NULL;
+    if (!m->windowed) return m->weights + m->params[idx].offset;
+    const st_res_window *w = window_at(m->wwin, m->n_wwin, m->params[idx].offset);
+    return w ? w->p + (m->params[idx].offset - w->lo) : NULL;
+}
 static float *gptr(const st_model *m, int idx) {
     if (idx < 0 || m->params[idx].grad_offset < 0) return NULL;
-    return m->grads + m->params[idx].grad_offset;
+    if (!m->windowed) return m->grads + m->params[idx].grad_offset;
+    const st_res_window *w = window_at(m->gwin, m->n_gwin, (size_t)m->params[idx].grad_offset);
+    return w ? w->p + ((size_t)m->params[idx].grad_offset - w->lo) : NULL;
 }
+
+const float *st_model_param_weights(const st_model *m, int i) { return wptr(m, i); }
 
 /* Registry order per layer is fixed by build_*: index arithmetic keeps this O(1). */
 static int layer_first_param(const st_model *m, int l) {
@@ -913,6 +929,10 @@ static st_mm_in saved(const float *f32, const uint16_t *h16) { return h16 ? st_m
 
 /* A weight as a matmul operand: its place in the bf16 weight copy under bf16. */
 static st_mm_in weight(const st_model *m, const float *w) {
+    for (int k = 0; m->windowed && k < m->n_wwin; k++) { /* the window's bf16 copy at the same place */
+        const st_res_window *r = &m->wwin[k];
+        if (w >= r->p && w < r->p + (r->hi - r->lo)) return r->p16 ? st_mm_bf16(r->p16 + (w - r->p)) : st_mm_f32(w);
+    }
     return m->weights_bf16 ? st_mm_bf16(m->weights_bf16 + (w - m->weights)) : st_mm_f32(w);
 }
 
@@ -1130,13 +1150,14 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     be->copy_to_device(b.tokens, inputs, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
-    const float *wpe = c->family == ST_FAMILY_GPT2 ? wptr(m, 1) : NULL;
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
     m->in_compute = 1;
     /* ZeRO-3, an untied Llama-family embedding: only the batch's rows travel (embed_rows), not the table */
-    int rows = m->embed_rows && !tied && e0 == 1 && !wpe && m->params[0].offset >= m->n_w16 &&
+    int gpt2 = c->family == ST_FAMILY_GPT2;
+    int rows = m->embed_rows && !tied && e0 == 1 && !gpt2 && m->params[0].offset >= m->n_w16 &&
                m->embed_rows(m->residency_ctx, inputs, N, la[0].res_in);
     if (!rows) st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
+    const float *wpe = gpt2 ? wptr(m, 1) : NULL; /* resident now (windowed: found) */
     if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
     if (rows) { /* the batch's rows are in res_in already */
     } else if (wpe && m->doc_pos_on)
@@ -1167,8 +1188,8 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         layer_release(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
     if (hold) st_model_release(m, pp, pp + pn);
-    const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     st_model_acquire(m, fn, st_model_base_params(m));
+    const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
     double loss = m->hidden_only ? 0.0 : head_forward(m, &b, train);
     st_model_release(m, fn, st_model_base_params(m));

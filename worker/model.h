@@ -35,6 +35,15 @@ typedef struct {
     long grad_offset;   /* into grads (floats), -1 when frozen */
 } st_param;
 
+/* A residency window (st_model.windowed): the range [lo, hi) of the weight or gradient space lives at p
+ * (element lo at p[0]); p16: the weights' bf16 copy there (precision bf16), else NULL. */
+typedef struct {
+    size_t lo, hi;
+    float *p;
+    uint16_t *p16;
+} st_res_window;
+#define ST_RES_WINDOWS 6
+
 typedef struct {
     st_model_config cfg;
     const st_backend *be;
@@ -96,7 +105,8 @@ typedef struct {
      * them, in the same order on every rank (the hooks may be collective): per layer in forward and again in
      * backward, the embeddings, the final norm and head. While they are installed their owner also manages
      * m->grads (st_model_zero_grad leaves it alone). Other readers of m->weights (checkpoint, export) use
-     * st_model_acquire / st_model_release. */
+     * st_model_acquire / st_model_release, and find the acquired tensor with st_model_param_weights (a
+     * windowed model's is in its gather buffer). */
     void (*acquire)(void *ctx, int first, int last);
     void (*release)(void *ctx, int first, int last);
     /* Optional, with acquire: prefetch(ctx, first, last) announces the next acquire while this layer
@@ -110,6 +120,18 @@ typedef struct {
      * (no position table); the values are the table's rows, bit for bit. */
     int (*embed_rows)(void *ctx, const int32_t *ids, int n, float *out);
     void *residency_ctx;
+    /* Optional residency windows (ZeRO-3 on a device backend, worker/comm_zero3_dev.c): with `windowed` set,
+     * forward and backward find a parameter's weights (and their bf16 copy) in the window of wwin that holds
+     * its weight offset, and its gradient in the window of gwin that holds its gradient offset, instead of
+     * at weights + offset / grads + grad_offset (NULL when none holds it). The hooks keep the windows
+     * current: the groups gathered into per-group device buffers, and where their gradients go. */
+    int windowed;
+    int n_wwin, n_gwin;
+    st_res_window wwin[ST_RES_WINDOWS], gwin[ST_RES_WINDOWS];
+    /* The weights, their bf16 copy and the gradients belong to a communicator (ZeRO-3 on a device,
+     * worker/comm_zero3_dev.c), set before the buffers would be made: st_model_set_precision allocates no
+     * bf16 copy and st_model_set_trainable no gradient buffer (a model bound without weights keeps none). */
+    int buffers_external;
     int in_compute; /* inside forward / backward: under bf16 an acquire then needs the fp32 weights only of
                        the parameters st_model_param_bf16_only says no to (checkpoints need all of them) */
     /* LoRA adapters (worker/lora.h): registry entries [n_base_params, n_params) and weights
@@ -251,6 +273,9 @@ void st_model_acquire(const st_model *m, int first, int last);
  * The groups the forward acquires (generation acquires the same ones). */
 int st_model_layer_first_param(const st_model *m, int l);
 void st_model_release(const st_model *m, int first, int last);
+/* Where parameter i's fp32 weights are now: m->weights + offset, or while acquired on a windowed model
+ * (ZeRO-3 on a device) its place in the gather buffer (NULL when not resident there). */
+const float *st_model_param_weights(const st_model *m, int i);
 /* Whether forward and backward read parameter i only through the bf16 compute copy under precision bf16
  * (the layers' and the untied head's matmul weights; norms, biases and the embeddings read fp32). */
 int st_model_param_bf16_only(const st_model *m, int i);

@@ -17,6 +17,7 @@
 #include "checkpoints/model_dir.h"
 #include "common/error.h"
 #include "worker/comm.h"
+#include "worker/comm_zero3_dev.h"
 #include "worker/lora.h"
 #include "text/tokenizer.h"
 #include "worker/prompt.h"
@@ -492,6 +493,26 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (c->backend == ST_BACKEND_CUDA) r->host_snapshot = snap; /* host memory beside the device's */
     else if (periodic) r->buffers += snap;
     else late = snap;
+    if (zero == 3 && c->backend == ST_BACKEND_CUDA && sp->n_trainable == m->n_weights) {
+        /* worker/comm_zero3_dev.c (every parameter trains): the master shard, the gather slots (and their bf16
+         * copies), the slots' layer gradients, the edge gradients, shard_grads and the receive buffer, all
+         * allocated for the whole run */
+        size_t wf, gf;
+        st_z3dev_floats(m, sp->shard, c->precision == ST_PRECISION_BF16, &wf, &gf);
+        r->weights = wf * sizeof(float);
+        r->grads = gf * sizeof(float);
+        r->comm = 0;
+        r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
+        /* load (train.c: the model bound without weights, buffers_external): streamed into the shard once
+         * the communicator and optimizer exist, a host chunk at a time: the step's device memory */
+        r->at_load = r->total;
+        /* checkpoints gather one tensor at a time into a slot (already counted); final/ and resume go
+         * through host memory a tensor or this rank's parts at a time */
+        r->at_save = r->total + late;
+        r->at_ckpt = r->total + late;
+        r->at_resume = r->total;
+        return;
+    }
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group (and the next one
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */

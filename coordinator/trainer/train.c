@@ -434,7 +434,15 @@ static int setup(trainer *t) {
         fprintf(stderr, "shardtune train: rank %d: peak RSS before loading the model: %ld kB, resident now %ld kB\n",
                 t->rank, ru.ru_maxrss, resident_kb());
     int quant = !stream && c->finetune.mode == ST_FINETUNE_QLORA; /* quantized while read (load_quantized) */
-    if (!rc) rc = st_trainer_agree(t, stream  ? st_model_open_dir(c->model.path, t->be, &t->model)
+    /* ZeRO-3 on a device (worker/comm_zero3_dev.c): no whole-model buffer is ever made; the communicator
+     * holds the shard the streamed load fills (a mode it cannot run is refused when it is built) */
+    int dev3 = !rc && stream && !t->be->host_memory && c->finetune.mode == ST_FINETUNE_FULL;
+    if (dev3) {
+        rc = st_model_open_registry(c->model.path, &t->model);
+        t->model.buffers_external = 1;
+        if (!rc) rc = st_model_bind(&t->model, t->be, 0);
+        rc = st_trainer_agree(t, rc);
+    } else if (!rc) rc = st_trainer_agree(t, stream  ? st_model_open_dir(c->model.path, t->be, &t->model)
                                       : quant ? load_quantized(t)
                                               : st_model_load_dir(c->model.path, t->be, &t->model));
     t->model.weights_unread = stream; /* the adapters attach over zeros: the base is read after */

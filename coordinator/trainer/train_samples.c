@@ -91,6 +91,9 @@ static int check_prompts(const trainer *t, const st_prompt_set *ps) {
 int st_trainer_samples_open(trainer *t) {
     const st_config *c = t->cfg;
     if (c->eval.generate.every_steps <= 0) return 0;
+    if (c->sharding.stage == 3 && !t->be->host_memory) /* generation reads weights + offset (worker/generate.c) */
+        return st_fail(ST_ECONFIG, "eval.generate at sharding.stage 3 is supported on CPU ranks only, not on the %s "
+                                   "backend (its ranks hold only their shards)", t->be->name);
     struct st_train_samples *s = calloc(1, sizeof *s);
     if (!s) return st_fail(ST_ENOMEM, "out of memory");
     t->samples = s;

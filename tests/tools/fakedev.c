@@ -11,8 +11,11 @@
  *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, lora_dropout,
  *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c) device only. A violation (host memory where device memory belongs,
  *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
- *    status, so the next step boundary stops training with it, as a GPU would have crashed. Use one rank:
- *    with host_memory 0 and several ranks worker/comm.c would need NCCL.
+ *    status, so the next step boundary stops training with it, as a GPU would have crashed. With several
+ *    ranks worker/comm.c then takes its NCCL path: the fake NCCL of nccl_fake.h (collectives run through
+ *    MPI when the compute stream waits; a stream-order violation is printed and recorded in the status).
+ *    FAKEDEV_REPORT_MEM=1 prints each rank's device bytes at exit: the peak, and the most allocated at a
+ *    step boundary (what `shardtune plan` calls the step total).
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
  *    attention_bwd, cross_entropy, adamw_multi) records a failure in the status, on every rank or only on
  *    RANK; the kernel itself still runs (like a GPU kernel whose fault is only seen later).
@@ -28,6 +31,7 @@
 #include "common/util.h"
 #include "coordinator/cli/commands.h"
 #include "kernels/kernels.h"
+#include "tests/tools/nccl_fake.h" /* several guarded ranks: NCCL, faked with its stream-order checks */
 
 static st_backend fake;
 static const st_backend *cpu;
@@ -46,7 +50,14 @@ static void record(const char *fmt, const char *a, const char *b) {
     fprintf(stderr, "fakedev (rank %d): %s\n", my_rank(), failure);
 }
 
+static size_t dev_bytes, dev_peak, dev_between; /* allocated now, at most, at most at a step boundary */
+static int status_rank; /* this rank (read while MPI runs) */
+
 static int fake_status(void) {
+    if (dev_bytes > dev_between) dev_between = dev_bytes; /* the trainer asks at every step boundary */
+    status_rank = my_rank();
+    if (violations && !failure[0]) record("%s%s", "the fake NCCL's stream order was violated (see above)", "");
+    violations = 0;
     if (!failure[0]) return 0;
     st_fail(ST_EDEVICE, "%s", failure);
     failure[0] = 0;
@@ -77,6 +88,8 @@ static void *guard_alloc(size_t bytes) {
     if (!p) return NULL;
     ranges[n_ranges].lo = p, ranges[n_ranges].hi = p + (bytes ? bytes : 1);
     n_ranges++;
+    dev_bytes += bytes ? bytes : 1;
+    if (dev_bytes > dev_peak) dev_peak = dev_bytes;
     return p;
 }
 
@@ -84,6 +97,7 @@ static void guard_free(void *p) {
     if (!p) return;
     for (size_t i = 0; i < n_ranges; i++)
         if (ranges[i].lo == p) {
+            dev_bytes -= (size_t)(ranges[i].hi - ranges[i].lo);
             ranges[i] = ranges[--n_ranges];
             free(p);
             return;
@@ -100,6 +114,7 @@ static void guard_memset0(void *p, size_t bytes) {
     cpu->memset0(p, bytes);
 }
 static void guard_copy(void *dst, const void *src, size_t bytes) {
+    check_read(src, bytes, "copy");
     if (bytes) {
         need(is_device(dst), "copy (device to device)", "the destination is host memory");
         need(is_device(src), "copy (device to device)", "the source is host memory");
@@ -114,6 +129,7 @@ static void guard_to_device(void *dst, const void *src, size_t bytes) {
     cpu->copy_to_device(dst, src, bytes);
 }
 static void guard_to_host(void *dst, const void *src, size_t bytes) {
+    check_read(src, bytes, "copy_to_host");
     if (bytes) {
         need(!is_device(dst), "copy_to_host", "the destination is device memory");
         need(is_device(src), "copy_to_host", "the source is host memory");
@@ -129,6 +145,15 @@ static void operands(const char *kernel, int n, const void *const *p) {
 static void guard_copy_cols(float *dst, int ldd, const float *src, int lds, int rows, int cols, int acc) {
     if (rows > 0 && cols > 0) operands("copy_cols", 2, (const void *[]){dst, src});
     cpu->copy_cols(dst, ldd, src, lds, rows, cols, acc);
+}
+static void guard_bias_add(float *y, const float *bias, int n, int c) { /* ZeRO-3 adds received sums with it */
+    check_read(bias, (size_t)c * sizeof(float), "bias_add");
+    if (n > 0 && c > 0) operands("bias_add", 2, (const void *[]){y, bias});
+    cpu->bias_add(y, bias, n, c);
+}
+static void guard_to_bf16(uint16_t *dst, const float *src, size_t n) {
+    if (n) operands("to_bf16", 2, (const void *[]){dst, src});
+    cpu->to_bf16(dst, src, n);
 }
 static void guard_add_scalar(float *x, float v, size_t n) {
     if (n) operands("add_scalar", 1, (const void *[]){x});
@@ -282,6 +307,7 @@ int main(int argc, char **argv) {
         fake.dora_norm = guard_dora_norm, fake.dora_apply = guard_dora_apply, fake.dora_bwd = guard_dora_bwd;
         fake.scale_rows = guard_scale_rows, fake.prompt_act = guard_prompt_act, fake.prompt_act_bwd = guard_prompt_act_bwd;
         fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
+        fake.bias_add = guard_bias_add, fake.to_bf16 = guard_to_bf16;
         guarded = 1;
     }
     fake.matmul = f_matmul, fake.matmul_bf16 = f_matmul_bf16;
@@ -291,5 +317,9 @@ int main(int argc, char **argv) {
     if (self_test) return guard_self_test();
     st_backend_set_override(&fake);
     argv[i - 1] = (char *)"train"; /* st_cmd_train(argc, argv): argv[0] is the command, argv[1] the job */
-    return st_cmd_train(argc - (i - 1), argv + (i - 1));
+    int rc = st_cmd_train(argc - (i - 1), argv + (i - 1));
+    const char *mem = getenv("FAKEDEV_REPORT_MEM");
+    if (guard && mem && !strcmp(mem, "1"))
+        printf("fakedev device bytes: rank %d peak %zu between steps %zu\n", status_rank, dev_peak, dev_between);
+    return rc;
 }

@@ -19,7 +19,7 @@
 #    on attention (small shapes).
 # 3. gpu_bench when built (bench/gpu_bench.c): 7B-class shapes, TFLOP/s and MFU against the bf16 peak.
 # 4. The real trainer: a small Llama with `backend: cuda` on GPUS ranks (NCCL; one GPU: the one-rank NCCL
-#    switch SHARDTUNE_NCCL_ONE_RANK=1) for ZeRO 0, 1, 2 in fp32 and bf16, each against the same job on the
+#    switch SHARDTUNE_NCCL_ONE_RANK=1) for ZeRO 0, 1, 2, 3 in fp32 and bf16, each against the same job on the
 #    CPU backend (1 rank, same global batch); a progressive run (stage changes) against the CPU; a bf16
 #    ZeRO-2 stop + resume bit-identical to its unbroken run; PEFT on the device (QLoRA fp32, QLoRA + DoRA
 #    bf16, P-tuning's LSTM encoder) against the CPU backend.
@@ -170,7 +170,7 @@ for prec in fp32 bf16; do
   job "cpu_$prec" cpu $prec 0 $GB
   "$ST" train "$T/cpu_$prec.yaml" > "$T/cpu_$prec.out" 2>&1; check "cpu reference $prec" $? "$(tail -1 "$T/cpu_$prec.out")"
   tol=$([ $prec = fp32 ] && echo 1e-4 || echo 5e-3)
-  for stage in 0 1 2; do
+  for stage in 0 1 2 3; do # 3: worker/comm_zero3_dev.c (gather buffers, per-group reduce-scatter) on the device
     name="gpu_${prec}_z$stage"
     job "$name" $DEV $prec $stage 4
     if ! gpu_train "$name"; then check "$GPUS $DEV rank(s) $prec ZeRO-$stage" 1 "train failed: $(grep -m1 -i error "$T/$name.out")"; continue; fi

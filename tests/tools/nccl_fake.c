@@ -1,6 +1,6 @@
 /* nccl_fake.c — runs worker/comm.c's device (NCCL) code path on the CPU, with stream semantics checked.
  *
- *   mpirun -np W nccl_fake --stage S [--steps N] [--accum A] [--bucket-kb K] [--no-overlap] [--inject-race]
+ *   mpirun -np W nccl_fake --stage S [--steps N] [--accum A] [--bucket-kb K] [--no-overlap] [--inject-race] [--bf16]
  *
  * No GPU exists here, so the NCCL path of comm.c (bucketed overlap, reduce-scatter into shards, the
  * parameter all-gather, and the waits before the compute stream touches their results) would only ever
@@ -24,7 +24,9 @@
  * (st_comm_gather_state: through the fake NCCL on the device path) and must agree with the MPI path.
  * Prints one line per step and path: "step K path P loss L". Runs in any build: comm.c's NCCL path has
  * no #ifdef, and this file's st_nccl_* replace the real ones (CUDA) or the failing stubs (no CUDA).
- * On one rank with SHARDTUNE_NCCL_ONE_RANK=1 the device path runs through the (fake) one-rank NCCL. */
+ * On one rank with SHARDTUNE_NCCL_ONE_RANK=1 the device path runs through the (fake) one-rank NCCL.
+ * Stage 3: the device path is worker/comm_zero3_dev.c (gather slots, per-group reduce-scatter), the MPI path
+ * the CPU ranks' stage 3; --bf16 runs both under mixed precision. The fake NCCL itself: nccl_fake.h. */
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -38,97 +40,8 @@
 #include "worker/comm.h"
 #include "worker/model.h"
 #include "worker/optim.h"
+#include "tests/tools/nccl_fake.h"
 
-static int violations;
-static void violation(const char *what) {
-    violations++;
-    fprintf(stderr, "stream order violated: %s\n", what);
-}
-
-/* ---------------------------------------------------------------- the fake NCCL */
-
-typedef enum { OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER, OP_GATHER_PARTS } op_kind;
-
-typedef struct {
-    op_kind kind;
-    const float *in;  /* what the comm stream reads */
-    size_t in_n;
-    float *snapshot;  /* its contents at enqueue */
-    float *out;       /* what it writes */
-    size_t out_n;
-    int *counts;      /* OP_REDUCE_PARTS, OP_GATHER_PARTS: per-rank parts (then their offsets) */
-} pending_op;
-
-struct st_nccl_comm {
-    int rank, world;
-    pending_op ops[4096];
-    int n_ops;
-};
-static st_nccl_comm *the_comm; /* one per process, as in the trainer */
-
-int st_nccl_get_unique_id(unsigned char id_out[ST_NCCL_ID_BYTES]) {
-    memset(id_out, 7, ST_NCCL_ID_BYTES);
-    return 0;
-}
-
-int st_nccl_init(st_nccl_comm **out, int rank, int world, const unsigned char id[ST_NCCL_ID_BYTES]) {
-    if (id[0] != 7) return st_fail(ST_ECOMM, "fake NCCL: the id was not broadcast");
-    st_nccl_comm *c = calloc(1, sizeof *c);
-    c->rank = rank;
-    c->world = world;
-    *out = the_comm = c;
-    return 0;
-}
-
-static int enqueue(st_nccl_comm *c, op_kind kind, const float *in, size_t in_n, float *out, size_t out_n) {
-    if (c->n_ops == (int)(sizeof c->ops / sizeof c->ops[0])) return st_fail(ST_ECOMM, "fake NCCL: queue full");
-    pending_op *op = &c->ops[c->n_ops++];
-    memset(op, 0, sizeof *op);
-    op->kind = kind, op->in = in, op->in_n = in_n, op->out = out, op->out_n = out_n;
-    op->snapshot = malloc((in_n ? in_n : 1) * sizeof(float));
-    memcpy(op->snapshot, in, in_n * sizeof(float));
-    return 0;
-}
-
-int st_nccl_all_reduce_sum(st_nccl_comm *c, float *buf, size_t n) {
-    return n ? enqueue(c, OP_ALL_REDUCE, buf, n, buf, n) : 0;
-}
-
-int st_nccl_reduce_scatter_sum(st_nccl_comm *c, float *recv, const float *send, size_t recv_n) {
-    return recv_n ? enqueue(c, OP_REDUCE_SCATTER, send, recv_n * (size_t)c->world, recv, recv_n) : 0;
-}
-
-/* Enqueues a collective over consecutive per-rank parts (its output: this rank's part, or all of them);
- * its op keeps MPI's counts, then displacements. */
-static int enqueue_parts(st_nccl_comm *c, op_kind kind, const float *in, float *out, int out_all,
-                         const size_t *parts) {
-    size_t total = 0;
-    for (int r = 0; r < c->world; r++) total += parts[r];
-    int rc = enqueue(c, kind, in, total, out, out_all ? total : parts[c->rank]);
-    if (rc) return rc;
-    int *counts = malloc(2 * (size_t)c->world * sizeof *counts);
-    for (int r = 0, off = 0; r < c->world; r++) {
-        counts[r] = (int)parts[r];
-        counts[c->world + r] = off;
-        off += counts[r];
-    }
-    c->ops[c->n_ops - 1].counts = counts;
-    return 0;
-}
-
-int st_nccl_reduce_parts_sum(st_nccl_comm *c, float *recv, const float *send, const size_t *parts) {
-    return enqueue_parts(c, OP_REDUCE_PARTS, send, recv, 0, parts);
-}
-
-int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
-    return enqueue_parts(c, OP_GATHER_PARTS, buf, buf, 1, parts);
-}
-
-int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
-    return send_n ? enqueue(c, OP_ALL_GATHER, send, send_n, recv, send_n * (size_t)c->world) : 0;
-}
-
-static long ops_run; /* collectives that went through this fake NCCL */
 /* Whether comm.c's device path must use NCCL: several ranks, or one with SHARDTUNE_NCCL_ONE_RANK=1. */
 static int nccl_expected(void) {
     const char *one = getenv("SHARDTUNE_NCCL_ONE_RANK");
@@ -137,69 +50,10 @@ static int nccl_expected(void) {
     return w > 1 || (one && !strcmp(one, "1"));
 }
 
-/* The comm stream runs everything queued, in order. */
-static int run_pending(st_nccl_comm *c) {
-    for (int i = 0; i < c->n_ops; i++) {
-        pending_op *op = &c->ops[i];
-        ops_run++;
-        if (memcmp(op->in, op->snapshot, op->in_n * sizeof(float)) != 0)
-            violation("compute wrote a collective's input after it was enqueued (bucket not final yet?)");
-        switch (op->kind) {
-        case OP_ALL_REDUCE:
-            MPI_Allreduce(op->snapshot, op->out, (int)op->in_n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-            break;
-        case OP_REDUCE_SCATTER:
-            MPI_Reduce_scatter_block(op->snapshot, op->out, (int)op->out_n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-            break;
-        case OP_REDUCE_PARTS:
-            MPI_Reduce_scatter(op->snapshot, op->out, op->counts, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-            break;
-        case OP_GATHER_PARTS: {
-            const int *counts = op->counts, *displs = op->counts + c->world;
-            MPI_Allgatherv(op->snapshot + displs[c->rank], counts[c->rank], MPI_FLOAT, op->out, counts, displs,
-                           MPI_FLOAT, MPI_COMM_WORLD);
-            break;
-        }
-        case OP_ALL_GATHER:
-            MPI_Allgather(op->snapshot, (int)op->in_n, MPI_FLOAT, op->out, (int)op->in_n, MPI_FLOAT, MPI_COMM_WORLD);
-            break;
-        }
-        free(op->snapshot);
-        free(op->counts);
-    }
-    c->n_ops = 0;
-    return 0;
-}
-
-int st_nccl_wait_compute(st_nccl_comm *c) { return run_pending(c); }
-int st_nccl_synchronize(st_nccl_comm *c) { return run_pending(c); }
-int st_nccl_rank(const st_nccl_comm *c) { return c->rank; }
-int st_nccl_world(const st_nccl_comm *c) { return c->world; }
-void st_nccl_destroy(st_nccl_comm *c) {
-    if (c && c->n_ops) violation("communicator destroyed with collectives still queued");
-    if (c == the_comm) the_comm = NULL;
-    free(c);
-}
-
 /* ---------------------------------------------------------------- the "device" backend */
 
 static st_backend dev;
 static const st_backend *cpu;
-
-/* Compute reading [p, p + bytes) while a queued collective will still write there is a race. */
-static void check_read(const void *p, size_t bytes, const char *who) {
-    if (!the_comm || !bytes) return;
-    const char *a = p, *b = a + bytes;
-    for (int i = 0; i < the_comm->n_ops; i++) {
-        const char *lo = (const char *)the_comm->ops[i].out, *hi = lo + the_comm->ops[i].out_n * sizeof(float);
-        if (a < hi && lo < b) {
-            char msg[160];
-            snprintf(msg, sizeof msg, "%s read the output of a queued collective before the compute stream waited for it", who);
-            violation(msg);
-            return;
-        }
-    }
-}
 
 static double dev_sumsq(const float *x, size_t n) {
     check_read(x, n * sizeof(float), "sumsq (gradient norm)");
@@ -209,6 +63,10 @@ static void dev_copy(void *dst, const void *src, size_t bytes) {
     check_read(src, bytes, "copy");
     cpu->copy(dst, src, bytes);
 }
+static void dev_bias_add(float *y, const float *bias, int n, int c) { /* stage 3 adds the received sums with it */
+    check_read(bias, (size_t)c * sizeof(float), "bias_add (stage-3 gradient sum)");
+    cpu->bias_add(y, bias, n, c);
+}
 static void dev_adamw_multi(const st_adamw_range *r, int count, float b1, float b2, float eps, float gs) {
     for (int i = 0; i < count; i++) check_read(r[i].grad, r[i].n * sizeof(float), "adamw_multi (optimizer)");
     cpu->adamw_multi(r, count, b1, b2, eps, gs);
@@ -217,11 +75,11 @@ static void dev_adamw_multi(const st_adamw_range *r, int count, float b1, float 
 /* ---------------------------------------------------------------- training steps */
 
 typedef struct {
-    int stage, steps, accum, overlap, inject_race;
+    int stage, steps, accum, overlap, inject_race, bf16;
     size_t bucket_bytes;
 } options;
 
-static void build_model(st_model *m, const st_backend *be, int world) {
+static void build_model(st_model *m, const st_backend *be, int world, int bf16) {
     st_model_config c;
     memset(&c, 0, sizeof c);
     c.family = ST_FAMILY_LLAMA;
@@ -230,7 +88,8 @@ static void build_model(st_model *m, const st_backend *be, int world) {
     c.max_seq = 16, c.norm_eps = 1e-5f, c.rope_theta = 10000.0f, c.bos_id = c.eos_id = -1;
     unsigned char layers[3] = {1, 1, 1};
     if (st_model_build(m, &c, be) || st_model_init_random(m, 5) || (m->grad_align = world, 0) ||
-        st_model_set_trainable(m, layers, ST_MOD_ALL) || st_model_alloc_activations(m, 2, 16)) {
+        st_model_set_trainable(m, layers, ST_MOD_ALL) || st_model_alloc_activations(m, 2, 16) ||
+        (bf16 && st_model_set_precision(m, ST_PRECISION_BF16))) {
         fprintf(stderr, "nccl_fake: %s\n", st_error());
         MPI_Abort(MPI_COMM_WORLD, 2);
     }
@@ -243,7 +102,7 @@ static void train(const st_backend *be, const options *o, double *losses, double
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world);
     st_model m;
-    build_model(&m, be, world);
+    build_model(&m, be, world, o->bf16);
     st_comm comm;
     st_optim opt;
     st_optim_config oc = {3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, ST_SCHED_CONSTANT, 0, 0, 0.0f, 1.0f};
@@ -305,7 +164,7 @@ fail:
 
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
-    options o = {1, 4, 2, 1, 0, 8 * 1024};
+    options o = {1, 4, 2, 1, 0, 0, 8 * 1024};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--stage") && i + 1 < argc) o.stage = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) o.steps = atoi(argv[++i]);
@@ -313,7 +172,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--bucket-kb") && i + 1 < argc) o.bucket_bytes = (size_t)atoi(argv[++i]) * 1024;
         else if (!strcmp(argv[i], "--inject-race")) o.inject_race = 1;
         else if (!strcmp(argv[i], "--no-overlap")) o.overlap = 0;
+        else if (!strcmp(argv[i], "--bf16")) o.bf16 = 1;
         else { fprintf(stderr, "nccl_fake: unknown argument %s\n", argv[i]); MPI_Abort(MPI_COMM_WORLD, 2); }
+    }
+    if (o.inject_race && o.stage == 3) { /* it writes m->grads, which a device stage-3 model does not have */
+        fprintf(stderr, "nccl_fake: --inject-race is for stages 0-2\n");
+        return 2;
     }
     if (o.steps < 1 || o.steps > 64 || o.accum < 1) { fprintf(stderr, "nccl_fake: bad --steps/--accum\n"); return 2; }
     int rank;
@@ -325,6 +189,7 @@ int main(int argc, char **argv) {
     dev.sumsq = dev_sumsq;
     dev.copy = dev_copy;
     dev.adamw_multi = dev_adamw_multi;
+    dev.bias_add = dev_bias_add;
     double via_nccl[64], via_mpi[64], m_nccl = 0, m_mpi = 0;
     train(&dev, &o, via_nccl, &m_nccl);
     train(cpu, &o, via_mpi, &m_mpi);

@@ -11,8 +11,12 @@
  *  - the same with frozen layers and modules (the top layer's MLP trains: gathers go through the staging
  *    buffer, frozen weights never change);
  *  - a skipped (bad) step's reduced gradients do not leak into the next step (bit-identical to stage 0);
- *  - refusals, ST_ECONFIG naming sharding.stage 3 and the cause: a device backend (host_memory 0);
- *    precision bf16 is accepted (hooks installed; its losses: tests/reference/test_zero3.py). */
+ *  - a device backend (host_memory 0) with every parameter trained is accepted (worker/comm_zero3_dev.c:
+ *    hooks installed, the model windowed, its weights this rank's shard, a step's losses bit-identical to
+ *    stage 0 on the host; several ranks and NCCL: cuda.nccl_path_zero3*, integration.test_zero3_device);
+ *  - refusals, ST_ECONFIG naming sharding.stage 3 and the cause: a device backend with frozen layers
+ *    (the device layout needs every parameter trained); precision bf16 is accepted on the host (hooks
+ *    installed; its losses: tests/reference/test_zero3.py). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -153,17 +157,68 @@ static void expect_refusal(st_model *m, const char *word) {
     st_comm_free(&c);
 }
 
+/* One step of one micro-batch on m (stage `stage` on MPI_COMM_SELF); returns its loss. */
+static double one_step(st_model *m, int stage) {
+    st_comm c;
+    st_optim o;
+    st_optim_config oc = {1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, ST_SCHED_CONSTANT, 0, 0, 0.0f, 1.0f};
+    size_t lo, hi;
+    assert_int_equal(st_comm_init(&c, MPI_COMM_SELF, &(st_comm_options){.stage = stage}, m), 0);
+    if (stage == 3) assert_true(m->acquire && m->windowed == !m->be->host_memory);
+    st_comm_optim_range(&c, &lo, &hi);
+    assert_int_equal(st_optim_init(&o, &oc, lo, hi, m, m->be), 0);
+    int32_t in[B * T], tg[B * T];
+    float w[B * T];
+    for (int i = 0; i < B * T; i++) in[i] = (i * 7) % 47, tg[i] = (i * 5 + 1) % 47, w[i] = 1.0f / (B * T);
+    double loss = 0;
+    for (int s = 0; s < 2; s++) {
+        st_model_zero_grad(m);
+        loss = st_model_forward(m, in, tg, w, 1);
+        st_comm_backward_begin(&c, m, 1, 1);
+        st_model_backward(m);
+        assert_int_equal(st_comm_backward_end(&c, m), 0);
+        float *g;
+        assert_int_equal(st_comm_reduce_grads(&c, m, &g), 0);
+        assert_int_equal(st_comm_update_params(&c, m, &o, g, 1e-2f, 1.0f), 0);
+    }
+    loss = st_model_forward(m, in, tg, w, 0); /* after two updates */
+    st_optim_free(&o, m->be);
+    free(o.param_step);
+    st_comm_free(&c);
+    return loss;
+}
+
+static void test_device(void **state) {
+    (void)state;
+    st_model m, ref;
+    build(&m, ST_FAMILY_GPT2, NULL); /* tied embeddings: three gather buffers */
+    build(&ref, ST_FAMILY_GPT2, NULL);
+    st_backend dev = *m.be; /* the same kernels, declared device memory: what the CUDA backend is */
+    dev.host_memory = 0;
+    dev.name = "cuda";
+    m.be = &dev;
+    double a = one_step(&m, 3), b = one_step(&ref, 0);
+    if (a != b) fail_msg("device stage 3 loss %.9g != stage 0 %.9g", a, b);
+    assert_null(m.acquire);
+    assert_null(m.weights); /* a device stage-3 communicator leaves the model without weights */
+    st_model_free(&m);
+    st_model_free(&ref);
+}
+
 static void test_refusals(void **state) {
     (void)state;
     st_model m;
-    build(&m, ST_FAMILY_LLAMA, NULL);
-    st_backend dev = *m.be; /* the same kernels, declared device memory: what the CUDA backend is */
+    unsigned char top[L] = {0, 1};
+    build(&m, ST_FAMILY_LLAMA, top);
+    st_backend dev = *m.be;
     dev.host_memory = 0;
     dev.name = "cuda";
     const st_backend *cpu = m.be;
     m.be = &dev;
-    expect_refusal(&m, "cuda");
+    expect_refusal(&m, "every parameter trained");
     m.be = cpu;
+    st_model_free(&m);
+    build(&m, ST_FAMILY_LLAMA, NULL);
     assert_int_equal(st_model_set_precision(&m, ST_PRECISION_BF16), 0);
     st_comm c;
     assert_int_equal(st_comm_init(&c, MPI_COMM_SELF, &(st_comm_options){.stage = 3}, &m), 0);
@@ -180,6 +235,7 @@ int main(void) {
         cmocka_unit_test(test_gpt2_tied_one_rank),
         cmocka_unit_test(test_frozen_one_rank),
         cmocka_unit_test(test_skipped_step),
+        cmocka_unit_test(test_device),
         cmocka_unit_test(test_refusals),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,0 +1,171 @@
+/* nccl_fake.h — a fake NCCL (kernels/cuda/nccl_comm.h) with stream-order checks, for the tools that run
+ * worker/comm.c's device path on the CPU (tests/tools/nccl_fake.c, tests/tools/fakedev.c). Included by exactly
+ * one file of a tool: it defines the st_nccl_* functions (so the library's real or stub ones are never
+ * pulled in) and static helpers. The model of the two streams: a collective is only ENQUEUED (its input
+ * snapshotted) and runs, through MPI, when st_nccl_wait_compute / st_nccl_synchronize is called; its input
+ * must then still equal the snapshot (compute wrote it after the hand-over: a race on a GPU), and
+ * check_read() reports compute reading a queued collective's output. `violations` counts what was found. */
+#ifndef ST_NCCL_FAKE_H
+#define ST_NCCL_FAKE_H
+
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "kernels/cuda/nccl_comm.h"
+
+static int violations;
+static void violation(const char *what) {
+    violations++;
+    fprintf(stderr, "stream order violated: %s\n", what);
+}
+
+/* ---------------------------------------------------------------- the fake NCCL */
+
+typedef enum { OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER, OP_GATHER_PARTS } op_kind;
+
+typedef struct {
+    op_kind kind;
+    const float *in;  /* what the comm stream reads */
+    size_t in_n;
+    float *snapshot;  /* its contents at enqueue */
+    float *out;       /* what it writes */
+    size_t out_n;
+    int *counts;      /* OP_REDUCE_PARTS, OP_GATHER_PARTS: per-rank parts (then their offsets) */
+} pending_op;
+
+struct st_nccl_comm {
+    int rank, world;
+    pending_op ops[4096];
+    int n_ops;
+};
+static st_nccl_comm *the_comm; /* one per process, as in the trainer */
+
+int st_nccl_get_unique_id(unsigned char id_out[ST_NCCL_ID_BYTES]) {
+    memset(id_out, 7, ST_NCCL_ID_BYTES);
+    return 0;
+}
+
+int st_nccl_init(st_nccl_comm **out, int rank, int world, const unsigned char id[ST_NCCL_ID_BYTES]) {
+    if (id[0] != 7) return st_fail(ST_ECOMM, "fake NCCL: the id was not broadcast");
+    st_nccl_comm *c = calloc(1, sizeof *c);
+    c->rank = rank;
+    c->world = world;
+    *out = the_comm = c;
+    return 0;
+}
+
+static int enqueue(st_nccl_comm *c, op_kind kind, const float *in, size_t in_n, float *out, size_t out_n) {
+    if (c->n_ops == (int)(sizeof c->ops / sizeof c->ops[0])) return st_fail(ST_ECOMM, "fake NCCL: queue full");
+    pending_op *op = &c->ops[c->n_ops++];
+    memset(op, 0, sizeof *op);
+    op->kind = kind, op->in = in, op->in_n = in_n, op->out = out, op->out_n = out_n;
+    op->snapshot = malloc((in_n ? in_n : 1) * sizeof(float));
+    memcpy(op->snapshot, in, in_n * sizeof(float));
+    return 0;
+}
+
+int st_nccl_all_reduce_sum(st_nccl_comm *c, float *buf, size_t n) {
+    return n ? enqueue(c, OP_ALL_REDUCE, buf, n, buf, n) : 0;
+}
+
+int st_nccl_reduce_scatter_sum(st_nccl_comm *c, float *recv, const float *send, size_t recv_n) {
+    return recv_n ? enqueue(c, OP_REDUCE_SCATTER, send, recv_n * (size_t)c->world, recv, recv_n) : 0;
+}
+
+/* Enqueues a collective over consecutive per-rank parts (its output: this rank's part, or all of them);
+ * its op keeps MPI's counts, then displacements. */
+static int enqueue_parts(st_nccl_comm *c, op_kind kind, const float *in, float *out, int out_all,
+                         const size_t *parts) {
+    size_t total = 0;
+    for (int r = 0; r < c->world; r++) total += parts[r];
+    int rc = enqueue(c, kind, in, total, out, out_all ? total : parts[c->rank]);
+    if (rc) return rc;
+    int *counts = malloc(2 * (size_t)c->world * sizeof *counts);
+    for (int r = 0, off = 0; r < c->world; r++) {
+        counts[r] = (int)parts[r];
+        counts[c->world + r] = off;
+        off += counts[r];
+    }
+    c->ops[c->n_ops - 1].counts = counts;
+    return 0;
+}
+
+int st_nccl_reduce_parts_sum(st_nccl_comm *c, float *recv, const float *send, const size_t *parts) {
+    return enqueue_parts(c, OP_REDUCE_PARTS, send, recv, 0, parts);
+}
+
+int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
+    return enqueue_parts(c, OP_GATHER_PARTS, buf, buf, 1, parts);
+}
+
+int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
+    return send_n ? enqueue(c, OP_ALL_GATHER, send, send_n, recv, send_n * (size_t)c->world) : 0;
+}
+
+static long ops_run; /* collectives that went through this fake NCCL */
+/* Whether comm.c's device path must use NCCL: several ranks, or one with SHARDTUNE_NCCL_ONE_RANK=1. */
+/* The comm stream runs everything queued, in order. */
+static int run_pending(st_nccl_comm *c) {
+    for (int i = 0; i < c->n_ops; i++) {
+        pending_op *op = &c->ops[i];
+        ops_run++;
+        if (memcmp(op->in, op->snapshot, op->in_n * sizeof(float)) != 0)
+            violation("compute wrote a collective's input after it was enqueued (bucket not final yet?)");
+        switch (op->kind) {
+        case OP_ALL_REDUCE:
+            MPI_Allreduce(op->snapshot, op->out, (int)op->in_n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+            break;
+        case OP_REDUCE_SCATTER:
+            MPI_Reduce_scatter_block(op->snapshot, op->out, (int)op->out_n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+            break;
+        case OP_REDUCE_PARTS:
+            MPI_Reduce_scatter(op->snapshot, op->out, op->counts, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+            break;
+        case OP_GATHER_PARTS: {
+            const int *counts = op->counts, *displs = op->counts + c->world;
+            MPI_Allgatherv(op->snapshot + displs[c->rank], counts[c->rank], MPI_FLOAT, op->out, counts, displs,
+                           MPI_FLOAT, MPI_COMM_WORLD);
+            break;
+        }
+        case OP_ALL_GATHER:
+            MPI_Allgather(op->snapshot, (int)op->in_n, MPI_FLOAT, op->out, (int)op->in_n, MPI_FLOAT, MPI_COMM_WORLD);
+            break;
+        }
+        free(op->snapshot);
+        free(op->counts);
+    }
+    c->n_ops = 0;
+    return 0;
+}
+
+int st_nccl_wait_compute(st_nccl_comm *c) { return run_pending(c); }
+int st_nccl_synchronize(st_nccl_comm *c) { return run_pending(c); }
+int st_nccl_rank(const st_nccl_comm *c) { return c->rank; }
+int st_nccl_world(const st_nccl_comm *c) { return c->world; }
+void st_nccl_destroy(st_nccl_comm *c) {
+    if (c && c->n_ops) violation("communicator destroyed with collectives still queued");
+    if (c == the_comm) the_comm = NULL;
+    free(c);
+}
+
+
+/* Compute reading [p, p + bytes) while a queued collective will still write there is a race. */
+static void check_read(const void *p, size_t bytes, const char *who) {
+    if (!the_comm || !bytes) return;
+    const char *a = p, *b = a + bytes;
+    for (int i = 0; i < the_comm->n_ops; i++) {
+        const char *lo = (const char *)the_comm->ops[i].out, *hi = lo + the_comm->ops[i].out_n * sizeof(float);
+        if (a < hi && lo < b) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "%s read the output of a queued collective before the compute stream waited for it", who);
+            violation(msg);
+            return;
+        }
+    }
+}
+
+
+#endif

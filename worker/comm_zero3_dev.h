@@ -1,0 +1,31 @@
+/* comm_zero3_dev.h — ZeRO-3 on a device backend (CUDA; NCCL between ranks), for worker/comm.c: the master
+ * weights sharded, per-group device gather buffers the model's weight and gradient pointers are resolved
+ * into while a group is resident (st_model.windowed), gradients reduce-scattered into the owners' shards
+ * as each group's backward ends. Needs every parameter trained (comm_zero3_dev.c explains the layout). */
+#ifndef ST_COMM_ZERO3_DEV_H
+#define ST_COMM_ZERO3_DEV_H
+
+#include "worker/comm.h"
+
+/* Whether the model's trainable set fits the device layout: every parameter trains, in place (compact
+ * space = weight space), no adapters, prompt or quantized base. */
+int st_z3dev_supported(const st_model *m);
+
+/* Builds the device stage-3 state of `c` (stage, shard and NCCL already set up): allocates the master
+ * shard (copied from the whole m->weights, which is then freed), the gather slots, the edge gradient
+ * buffers and shard_grads, and installs the model's hooks. A model it does not support: ST_ECONFIG
+ * naming the cause. */
+int st_z3dev_init(st_comm *c, st_model *m);
+
+/* The backward of a micro-batch begins (1) / ended (0): acquires in backward give a layer its gradients. */
+void st_z3dev_backward(st_comm *c, int in_backward);
+
+/* Frees it; the model is left without weights (the end of a run). */
+void st_z3dev_free(st_comm *c);
+
+/* Device floats (4-byte units) it holds for a model with this registry (and cfg) and shard, bf16 or not:
+ * *weight_floats the gather slots' fp32 weights and bf16 copies and the master shard; *grad_floats the
+ * slots' layer gradients, the edge gradients, shard_grads and the receive buffer. The planner counts them. */
+void st_z3dev_floats(const st_model *m, size_t shard, int bf16, size_t *weight_floats, size_t *grad_floats);
+
+#endif

@@ -51,6 +51,7 @@ struct st_lora {
     adapter *ad;        /* registry order, layer-major */
     int *layer_first;   /* [L + 1]: index into ad of each layer's first adapter */
     size_t rows;        /* N the working memory is sized for */
+    size_t win0, win_n; /* st_lora_set_rows: the row window [win0, win0 + win_n) of the calls (win_n 0: all rows) */
     float *u;           /* [n][rows * r]: x @ A^T of the last forward */
     float *tmp, *du;    /* [rows * max_out], [rows * r] */
     int max_out;
@@ -425,6 +426,22 @@ static int ensure_rows(const st_backend *be, st_lora *lo, size_t N) {
 
 int st_lora_reserve(st_model *m, size_t rows) { return m->lora ? ensure_rows(m->be, m->lora, rows) : 0; }
 
+int st_lora_rows_whole(const st_model *m) {
+    return m->lora && (m->lora->spec.dora || m->lora->spec.dropout > 0);
+}
+
+void st_lora_set_rows(st_model *m, size_t r0, size_t n) {
+    if (!m->lora) return;
+    m->lora->win0 = r0;
+    m->lora->win_n = n;
+}
+
+/* The rows the next forward / backward call covers (the window, else all) and adapter k's saved u for them. */
+static size_t win_rows(const st_lora *lo, size_t N) { return lo->win_n ? lo->win_n : N; }
+static float *win_u(const st_lora *lo, int k, size_t N) {
+    return lo->u + (size_t)k * N * lo->r + (lo->win_n ? lo->win0 * lo->r : 0);
+}
+
 /* Whether the adapter covers whole rows of its site's output (no strided copy needed). */
 static int contiguous(const adapter *a, int ystride) { return a->col0 == 0 && a->out == ystride; }
 
@@ -529,15 +546,16 @@ void st_lora_flops(const st_model *m, int layer, double N, double *fwd, double *
 int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, float *y, int ystride) {
     st_lora *lo = m->lora;
     const st_backend *be = m->be;
-    size_t N = (size_t)m->B * m->T;
-    int rc = ensure_rows(be, lo, N);
+    size_t NT = (size_t)m->B * m->T;
+    int rc = ensure_rows(be, lo, NT);
     if (rc) return rc;
+    size_t N = win_rows(lo, NT);
     if (lo->spec.dora && m->weights_bf16 && !lo->wf && !(lo->wf = work_alloc(be, lo->max_w)))
         return st_fail(ST_ENOMEM, "out of memory for DoRA under bf16 (%zu floats)", lo->max_w);
     for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
         const adapter *a = &lo->ad[k];
         if (a->site != site) continue;
-        float *u = lo->u + (size_t)k * N * lo->r;
+        float *u = win_u(lo, k, NT);
         const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
         const float *xa = lo->drop_on ? dropped(m, k, x, x, lo->xd) : x;
         be->matmul(u, xa, A, (int)N, lo->r, a->in, 0, 1, 1.0f, 0.0f);
@@ -572,13 +590,13 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
                       float *dx) {
     st_lora *lo = m->lora;
     const st_backend *be = m->be;
-    size_t N = lo->rows;
+    size_t N = win_rows(lo, lo->rows);
     for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
         const adapter *a = &lo->ad[k];
         if (a->site != site) continue;
         const st_param *pa = &m->params[a->a], *pb = &m->params[a->b];
         const float *A = m->weights + pa->offset, *B = m->weights + pb->offset;
-        const float *u = lo->u + (size_t)k * N * lo->r, *dyc = dy;
+        const float *u = win_u(lo, k, lo->rows), *dyc = dy;
         if (!contiguous(a, ystride) || a->mag >= 0) {
             be->copy_cols(lo->tmp, a->out, dy + a->col0, ystride, (int)N, a->out, 0);
             dyc = lo->tmp;

@@ -448,11 +448,37 @@ static int head_vblock(const st_model *m) {
     return (int)(rows < 16 ? 16 : rows < V ? rows : V);
 }
 
+/* Token rows per MLP block. The MLP is per token, so under activation checkpointing (where backward recomputes
+ * it anyway) forward and backward run gate/up, the activation and down over blocks of this many rows, and its
+ * [N, 2 d_ff] buffers (h1, h2, dh1, dh2, h1_w) hold one block: Llama-3-8B at T = 2048, ~1 GiB less. Blocks
+ * hold ~ST_MLP_BLOCK_FLOATS of [rows, 2 d_ff] (a multiple of 16 rows, equal-sized). N when not blocked:
+ * without checkpointing (every layer keeps its tensors whole for backward) and with adapters that need whole
+ * batches (DoRA, LoRA dropout: st_lora_rows_whole). */
+#define ST_MLP_BLOCK_FLOATS (1L << 23)
+static int mlp_rows(const st_model *m) {
+    long N = (long)m->B * m->T, most = ST_MLP_BLOCK_FLOATS;
+    if (!m->act_ckpt || m->mlp_whole || st_lora_rows_whole(m)) return (int)N;
+    const char *e = getenv("SHARDTUNE_MLP_BLOCK_FLOATS"); /* tests: block small models too */
+    if (e && atol(e) > 0) most = atol(e);
+    long rows = most / (2L * m->cfg.d_ff) / 16 * 16;
+    if (rows < 16) rows = 16;
+    if (rows >= N) return (int)N;
+    long blocks = (N + rows - 1) / rows;
+    rows = ((N + blocks - 1) / blocks + 15) / 16 * 16;
+    return rows < N ? (int)rows : (int)N;
+}
+
+/* Whether gate and up run as two matmuls (blocked MLP under bf16, Llama family): the CPU twin then widens one
+ * [d_ff, d_model] weight per matmul instead of the fused [2 d_ff, d_model] one. */
+static int mlp_split(const st_model *m) {
+    return m->precision == ST_PRECISION_BF16 && m->cfg.family != ST_FAMILY_GPT2 && mlp_rows(m) < m->B * m->T;
+}
+
 /* Lays out the arena; with base == NULL only counts floats. */
 static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs *mb) {
     const st_model_config *c = &m->cfg;
     size_t N = (size_t)m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c);
-    size_t A = (size_t)c->n_head * c->head_dim, H = c->n_head;
+    size_t A = (size_t)c->n_head * c->head_dim, H = c->n_head, RM = (size_t)mlp_rows(m); /* MLP block rows */
     size_t off = 0;
 #define TAKE(ptr, n)                                                                                         \
     do {                                                                                                   \
@@ -489,8 +515,8 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         SAVED(a->ln2, a->ln2_h, N * C);
         TAKE(a->ln2_mean, N);
         TAKE(a->ln2_rstd, N);
-        SAVED(a->h1, a->h1_h, N * 2 * F);
-        SAVED(a->h2, a->h2_h, N * F);
+        SAVED(a->h1, a->h1_h, RM * 2 * F);
+        SAVED(a->h2, a->h2_h, RM * F);
     }
     model_bufs dummyb, *b = mb ? mb : &dummyb;
     memset(b, 0, sizeof *b);
@@ -503,15 +529,15 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     TAKE(b->dln, N * C);
     TAKE(b->dqkv, N * Q);
     TAKE(b->datt, N * A);
-    TAKE(b->dh1, N * 2 * F);
-    TAKE(b->dh2, N * F);
+    TAKE(b->dh1, RM * 2 * F);
+    TAKE(b->dh2, RM * F);
     TAKE(b->dlnf, N * C);
     TAKE(b->logits, R * (size_t)c->vocab);
     TAKE(b->norm_scratch, 2 * C);
     if (bf16) {
         TAKE(b->qkv_w, N * Q);
         TAKE(b->atty_w, N * A);
-        TAKE(b->h1_w, N * 2 * F);
+        TAKE(b->h1_w, RM * 2 * F);
         float *p_ = NULL;
         TAKE(p_, (R * (size_t)c->vocab + 1) / 2);
         b->dlogits_h = (uint16_t *)p_;
@@ -539,10 +565,11 @@ static size_t bf16_scratch_for(const st_model *m) {
     int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim, V = c->vocab;
     int R = head_chunk_rows(m), F1 = c->family == ST_FAMILY_GPT2 ? c->d_ff : 2 * c->d_ff, F = c->d_ff;
     V = head_vblock(m); /* the head's matmuls run on vocabulary blocks of this many rows */
+    int RM = mlp_rows(m), FU = mlp_split(m) ? F : F1; /* MLP blocks; gate and up apart or fused */
     const int shapes[][3] = {
-        {N, Q, C}, {N, C, A}, {N, F1, C}, {N, C, F},      /* forward: qkv, o, up(+gate), down */
+        {N, Q, C}, {N, C, A}, {RM, FU, C}, {RM, C, F},    /* forward: qkv, o, up(+gate), down */
         {R, V, C}, {R, C, V}, {V, C, R},                  /* head: logits, dlnf, dW */
-        {N, F, C}, {C, F, N}, {N, C, F1}, {F1, C, N},     /* backward MLP: dx and dW */
+        {RM, F, C}, {C, F, RM}, {RM, C, FU}, {F1, C, RM}, /* backward MLP: dx and dW */
         {N, A, C}, {C, A, N}, {N, C, Q}, {Q, C, N},       /* backward attention: dx and dW */
     };
     size_t most = 0;
@@ -715,9 +742,15 @@ size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T,
 
 size_t st_model_activation_floats_dev(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
                                       int device) {
+    return st_model_activation_floats_opts(cfg, B, T, precision, act_ckpt, device, 0);
+}
+
+size_t st_model_activation_floats_opts(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                       int device, int mlp_whole) {
     st_model tmp;
     memset(&tmp, 0, sizeof tmp);
     tmp.sizing_device = device != 0;
+    tmp.mlp_whole = mlp_whole != 0;
     tmp.cfg = *cfg;
     tmp.B = B;
     tmp.T = T;
@@ -771,7 +804,8 @@ void st_model_weights_changed(st_model *m) { m->weights_bf16_stale = 1; }
 
 int st_model_set_activation_checkpointing(st_model *m, int on) {
     m->act_ckpt = on != 0;
-    return m->B > 0 ? alloc_arena(m) : 0;
+    int rc = m->B > 0 ? alloc_arena(m) : 0;
+    return rc ? rc : alloc_mm_scratch(m); /* the MLP's blocks change the largest matmul (mlp_rows) */
 }
 
 int st_model_check_bf16_copy(const st_model *m) {
@@ -980,6 +1014,41 @@ static layer_acts *acts_for(const st_model *m, layer_acts *la, int l) {
     return &la[m->cfg.n_layer];
 }
 
+/* The MLP over rows [r0, r0 + n) (the whole batch, or one block: mlp_rows): h1, h2 (and under bf16 their
+ * fp32 working copies h1_w, dh2) hold the block's rows from their start; ln2 (fp32, the adapters' input),
+ * resmid and res_out the batch's. res_out NULL: a recomputation for backward (stops before the down
+ * projection). Under mlp_split gate and up run apart, each through dh1 (free in forward and before a block's
+ * backward) into its columns of h1. */
+static void mlp_forward(st_model *m, int l, const layer_acts *a, const model_bufs *b, const layer_w *w, int r0, int n,
+                        const float *ln2, float *res_out) {
+    const st_backend *be = m->be;
+    const st_model_config *c = &m->cfg;
+    int C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    size_t o = (size_t)r0 * C;
+    float *h1 = a->h1 ? a->h1 : b->h1_w, *h2 = a->h2 ? a->h2 : b->dh2;
+    st_mm_in x = a->ln2_h ? st_mm_bf16(a->ln2_h + o) : st_mm_f32(ln2 + o);
+    if (m->lora && n < m->B * m->T) st_lora_set_rows(m, (size_t)r0, (size_t)n);
+    if (mlp_split(m)) {
+        for (int h = 0; h < 2; h++) { /* gate, then up: [n, F] each into their half of h1's rows */
+            mm(m, b->dh1, x, weight(m, w->w1 + (size_t)h * F * C), NULL, n, F, C, 0, 1, 0.0f);
+            be->copy_cols(h1 + (size_t)h * F, F1, b->dh1, F, n, F, 0);
+        }
+    } else {
+        mm(m, h1, x, weight(m, w->w1), w->b1, n, F1, C, 0, 1, 0.0f);
+    }
+    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_UP, ln2 + o, h1, F1);
+    save(m, a->h1_h, h1, (size_t)n * F1, 1);
+    if (c->family == ST_FAMILY_GPT2)
+        be->gelu_fwd(h2, h1, (size_t)n * F);
+    else
+        be->swiglu_fwd(h2, h1, n, F);
+    save(m, a->h2_h, h2, (size_t)n * F, m->lora != NULL);
+    if (!res_out) return;
+    be->copy(res_out + o, a->resmid + o, (size_t)n * C * sizeof(float));
+    mm(m, res_out + o, saved(h2, a->h2_h), weight(m, w->w2), w->b2, n, C, F, 0, 1, 1.0f);
+    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_DOWN, h2, res_out + o, C);
+}
+
 /* One layer forward (see the top of this file). Under bf16 the fp32 results land in working buffers
  * (norm outputs in dln, h2 in dh2: both free during forward, and between two layers' backward) and are
  * saved as bf16. res_out NULL: a recomputation for backward, which needs everything but the output. */
@@ -987,11 +1056,9 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     const st_backend *be = m->be;
     const st_model_config *c = &m->cfg;
     layer_w w = layer_weights(m, l);
-    int N = m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c), A = c->n_head * c->head_dim;
-    int F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim;
     float *ln1 = a->ln1 ? a->ln1 : b->dln, *qkv = a->qkv ? a->qkv : b->qkv_w;
     float *atty = a->atty ? a->atty : b->atty_w, *ln2 = a->ln2 ? a->ln2 : b->dln;
-    float *h1 = a->h1 ? a->h1 : b->h1_w, *h2 = a->h2 ? a->h2 : b->dh2;
     /* LoRA under bf16: the adapters (fp32) read the bf16-rounded inputs the base matmuls read, the values
      * backward widens again for their A gradients */
     const int lora_in = m->lora != NULL;
@@ -1021,18 +1088,10 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_O, atty, a->resmid, C);
     norm_fwd(m, ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
     save(m, a->ln2_h, ln2, (size_t)N * C, lora_in);
-    mm(m, h1, saved(ln2, a->ln2_h), weight(m, w.w1), w.b1, N, F1, C, 0, 1, 0.0f);
-    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_UP, ln2, h1, F1);
-    save(m, a->h1_h, h1, (size_t)N * F1, 1);
-    if (c->family == ST_FAMILY_GPT2)
-        be->gelu_fwd(h2, h1, (size_t)N * F);
-    else
-        be->swiglu_fwd(h2, h1, N, F);
-    save(m, a->h2_h, h2, (size_t)N * F, lora_in);
-    if (!res_out) return;
-    be->copy(res_out, a->resmid, (size_t)N * C * sizeof(float));
-    mm(m, res_out, saved(h2, a->h2_h), weight(m, w.w2), w.b2, N, C, F, 0, 1, 1.0f);
-    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_DOWN, h2, res_out, C);
+    int RM = mlp_rows(m);
+    if (RM < N && !res_out) return; /* blocked: layer_backward recomputes the MLP block by block */
+    for (int r0 = 0; r0 < N; r0 += RM) mlp_forward(m, l, a, b, &w, r0, N - r0 < RM ? N - r0 : RM, ln2, res_out);
+    if (m->lora) st_lora_set_rows(m, 0, 0);
 }
 
 /* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
@@ -1187,29 +1246,58 @@ static void linear_dgrad(const st_model *m, float *dx, const float *dy, const fl
     mm(m, dx, st_mm_f32(dy), weight(m, w), NULL, N, in, out, 0, 0, 0.0f);
 }
 
+/* The MLP's backward over rows [r0, r0 + n) (see mlp_forward): dres's rows in, dln's rows out (the base
+ * projection's and the adapters' input gradients); weight and adapter gradients accumulate. Under mlp_split
+ * dln = dh1[:, :F] @ Wgate + dh1[:, F:] @ Wup, each half copied out into h1_w (free once swiglu_bwd ran). */
+static void mlp_backward(st_model *m, int l, const layer_acts *a, const model_bufs *b, const layer_w *w, int r0, int n,
+                         const float *ln2) {
+    const st_backend *be = m->be;
+    const st_model_config *c = &m->cfg;
+    int C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    size_t o = (size_t)r0 * C;
+    const float *dres = b->dres + o;
+    float *dln = b->dln + o;
+    st_mm_in x = a->ln2_h ? st_mm_bf16(a->ln2_h + o) : st_mm_f32(a->ln2 + o);
+    if (m->lora && n < m->B * m->T) st_lora_set_rows(m, (size_t)r0, (size_t)n);
+    linear_dgrad(m, b->dh2, dres, w->w2, n, C, F);
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, restore(m, a->h2, a->h2_h, b->h1_w, (size_t)n * F), dres, C, b->dh2);
+    linear_wgrad(m, w->gw2, dres, saved(a->h2, a->h2_h), n, C, F);
+    const float *h1 = restore(m, a->h1, a->h1_h, b->h1_w, (size_t)n * F1);
+    if (c->family == ST_FAMILY_GPT2)
+        be->gelu_bwd(b->dh1, b->dh2, h1, (size_t)n * F);
+    else
+        be->swiglu_bwd(b->dh1, b->dh2, h1, n, F);
+    if (w->gb1) be->bias_bwd(w->gb1, b->dh1, n, F1);
+    if (mlp_split(m)) {
+        for (int h = 0; h < 2; h++) {
+            be->copy_cols(b->h1_w, F, b->dh1 + (size_t)h * F, F1, n, F, 0);
+            mm(m, dln, st_mm_f32(b->h1_w), weight(m, w->w1 + (size_t)h * F * C), NULL, n, C, F, 0, 0, h ? 1.0f : 0.0f);
+        }
+    } else {
+        linear_dgrad(m, dln, b->dh1, w->w1, n, F1, C);
+    }
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, ln2 ? ln2 + o : NULL, b->dh1, F1, dln);
+    if (w->gw1) mm(m, w->gw1, st_mm_f32(b->dh1), x, NULL, F1, C, n, 1, 0, 1.0f);
+}
+
 static void layer_backward(st_model *m, int l, const layer_acts *a, const model_bufs *b) {
     const st_backend *be = m->be;
     const st_model_config *c = &m->cfg;
     layer_w w = layer_weights(m, l);
-    int N = m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c), A = c->n_head * c->head_dim;
-    int F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim;
     float *dres = b->dres;
     /* MLP branch: dres is the gradient of res_out */
     if (w.gb2) be->bias_bwd(w.gb2, dres, N, C);
-    linear_dgrad(m, b->dh2, dres, w.w2, N, C, F);
     /* LoRA under bf16: each adapter input widened from its bf16 copy into a buffer free at that point
      * (h1_w before h1 is restored, dlnf once the final norm's backward has run, atty_w) */
-    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, restore(m, a->h2, a->h2_h, b->h1_w, (size_t)N * F), dres, C, b->dh2);
-    linear_wgrad(m, w.gw2, dres, saved(a->h2, a->h2_h), N, C, F);
-    const float *h1 = restore(m, a->h1, a->h1_h, b->h1_w, (size_t)N * F1);
-    if (c->family == ST_FAMILY_GPT2)
-        be->gelu_bwd(b->dh1, b->dh2, h1, (size_t)N * F);
-    else
-        be->swiglu_bwd(b->dh1, b->dh2, h1, N, F);
-    if (w.gb1) be->bias_bwd(w.gb1, b->dh1, N, F1);
-    linear_dgrad(m, b->dln, b->dh1, w.w1, N, F1, C);
-    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, restore(m, a->ln2, a->ln2_h, b->dlnf, (size_t)N * C), b->dh1, F1, b->dln);
-    linear_wgrad(m, w.gw1, b->dh1, saved(a->ln2, a->ln2_h), N, F1, C);
+    const float *ln2 = m->lora ? restore(m, a->ln2, a->ln2_h, b->dlnf, (size_t)N * C) : a->ln2;
+    int RM = mlp_rows(m);
+    for (int r0 = 0; r0 < N; r0 += RM) {
+        int n = N - r0 < RM ? N - r0 : RM;
+        if (RM < N) mlp_forward(m, l, a, b, &w, r0, n, ln2, NULL); /* the block's recomputation */
+        mlp_backward(m, l, a, b, &w, r0, n, ln2);
+    }
+    if (m->lora) st_lora_set_rows(m, 0, 0);
     norm_bwd(m, dres, w.gn2w, w.gn2b, b->dln, a->resmid, w.n2w, a->ln2_mean, a->ln2_rstd, N, b->dh2);
     /* attention branch: dres is now the gradient of resmid */
     if (w.gbo) be->bias_bwd(w.gbo, dres, N, C);

@@ -47,6 +47,7 @@ typedef struct {
      * allocation, and nothing reads m->weights below it. 0 otherwise. */
     size_t n_w16;
     int sizing_device; /* registry-only sizing (no backend): as on a device backend (st_model_activation_floats_dev) */
+    int mlp_whole;     /* registry-only sizing: the adapters need whole batches (st_lora_rows_whole): no MLP blocks */
     float *grads;      /* backend memory, n_grads floats (trainable only); NULL when nothing trains */
     size_t n_grads;
     size_t grad_alloc; /* n_grads rounded up to a multiple of grad_align (zero padding for equal shards) */
@@ -191,12 +192,20 @@ size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T,
  * logits chunks are larger (model.c head_chunk_rows, head_vblock). */
 size_t st_model_activation_floats_dev(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
                                       int device);
+/* The same for adapters that need whole batches (mlp_whole != 0: st_lora_rows_whole, DoRA or LoRA dropout),
+ * whose model runs the MLP unblocked under activation checkpointing (the planner's call). */
+size_t st_model_activation_floats_opts(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                       int device, int mlp_whole);
 
 /* Activation checkpointing (memory.activation_checkpointing): forward keeps each layer's input residual
  * only; backward recomputes the layer's forward from it (into one shared layer's worth of buffers) just
  * before that layer's backward. The arithmetic is the same calls on the same inputs, so losses and
  * gradients are bit-identical to the run without it; it costs one more forward of the trained layers
- * (minus the last projection, which backward does not need). Re-lays out the activations when they are
+ * (minus the last projection, which backward does not need). The MLP is per token: under activation
+ * checkpointing it runs over blocks of tokens (model.c mlp_rows: ~32 MiB of [rows, 2 d_ff] per block), forward
+ * and backward, so its [N, d_ff] buffers shrink to [rows, d_ff], and under bf16 gate and up run as two
+ * matmuls (one [d_ff, d_model] weight widened at a time by the CPU twin). Losses are unchanged; the adapter
+ * and weight gradients sum the blocks' products in block order (float rounding). Re-lays out the activations when they are
  * allocated. st_model_layer_activations is refused while it is on (nothing per layer is kept). */
 int st_model_set_activation_checkpointing(st_model *m, int on);
 

@@ -434,10 +434,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         }
     }
     /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
-    r->activations = (st_model_activation_floats_dev(&m->cfg, c->train.micro_batch,
-                                                     c->train.seq_len + st_prompt_tokens(m), c->precision,
-                                                     c->memory.activation_checkpointing,
-                                                     c->backend == ST_BACKEND_CUDA) +
+    r->activations = (st_model_activation_floats_opts(&m->cfg, c->train.micro_batch,
+                                                      c->train.seq_len + st_prompt_tokens(m), c->precision,
+                                                      c->memory.activation_checkpointing,
+                                                      c->backend == ST_BACKEND_CUDA, st_lora_rows_whole(m)) +
                       st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len) +
                       (c->precision == ST_PRECISION_BF16 ? st_lora_bf16_work_floats(m) : 0)) *
                      sizeof(float);

@@ -417,13 +417,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
-    r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
+    r->comm = zero >= 1 && world > 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params (1 rank: none) */
     size_t transient = 0; /* stage 2 on host memory: gradients given back once a backward ends */
     if (zero == 2) { /* comm.c: stage 2 gathers in place when the compact space is the weight space */
         int in_place = sp->n_trainable == m->n_weights;
         for (int i = 0; i < m->n_params && in_place; i++) in_place = goff[i] == (long)m->params[i].offset;
         size_t bucket = (size_t)(c->sharding.bucket_mb * 1048576.0);
-        r->comm = st_comm_param_staging_floats(sp->n_pad, bucket, in_place) * sizeof(float);
+        r->comm = world > 1 ? st_comm_param_staging_floats(sp->n_pad, bucket, in_place) * sizeof(float) : 0;
         if (c->backend != ST_BACKEND_CUDA && world > 1 && sp->n_trainable) {
             /* s2_release: the shard, the gradients resident at once, a later micro-batch's receive buffers */
             size_t biggest = 0, bf = st_comm_zero2_piece_floats(bucket);

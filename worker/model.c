@@ -388,6 +388,7 @@ typedef struct {
     float *res_in, *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *lse, *resmid, *ln2, *ln2_mean, *ln2_rstd, *h1, *h2;
     float *qk_x, *qk_rstd; /* Qwen3 q/k norms: their inputs [N, (H+KVH)*hd] and rstd [N, H+KVH] (fp32) */
     uint16_t *ln1_h, *qkv_h, *atty_h, *ln2_h, *h1_h, *h2_h;
+    uint16_t *res_in_h; /* kept_bf16: the layer's kept input as bf16 (res_in NULL; the work set reads res_w) */
 } layer_acts;
 
 /* Model-wide buffers in the arena after the layers. */
@@ -397,6 +398,7 @@ typedef struct {
     /* bf16 only: one layer's fp32 working copies of the bf16-saved qkv, atty and h1 (forward computes
      * into them before saving; backward widens the saved values back into them). NULL under fp32. */
     float *qkv_w, *atty_w, *h1_w;
+    float *res_w;        /* kept_bf16: the current layer's input, widened (fp32 [N, C]); NULL otherwise */
     uint16_t *dlogits_h; /* bf16 only: one head chunk's dlogits as bf16, written by the loss kernel */
     float *head_tmp;     /* bf16 with a blocked head (head_vblock < V): [R, vblock], one vocabulary block */
     double *loss_acc;    /* the head's loss total, accumulated on the backend over the chunks */
@@ -474,6 +476,11 @@ static int mlp_split(const st_model *m) {
     return m->precision == ST_PRECISION_BF16 && m->cfg.family != ST_FAMILY_GPT2 && mlp_rows(m) < m->B * m->T;
 }
 
+/* Whether the kept layer inputs are bf16 (memory.checkpoint_dtype: bf16, under precision bf16). */
+static int kept_bf16(const st_model *m) {
+    return m->act_ckpt && m->ckpt_bf16 && m->precision == ST_PRECISION_BF16;
+}
+
 /* Lays out the arena; with base == NULL only counts floats. */
 static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs *mb) {
     const st_model_config *c = &m->cfg;
@@ -499,7 +506,13 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     for (int l = 0; l < c->n_layer + ckpt; l++) {
         layer_acts dummy, *a = la ? &la[l] : &dummy;
         memset(a, 0, sizeof *a);
-        if (l < c->n_layer) TAKE(a->res_in, N * C);
+        if (l < c->n_layer && kept_bf16(m)) {
+            float *p_ = NULL;
+            TAKE(p_, (N * C + 1) / 2);
+            if (base) a->res_in_h = (uint16_t *)p_;
+        } else if (l < c->n_layer) {
+            TAKE(a->res_in, N * C);
+        }
         if (ckpt && l < c->n_layer) continue;
         SAVED(a->ln1, a->ln1_h, N * C);
         TAKE(a->ln1_mean, N);
@@ -522,6 +535,7 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     memset(b, 0, sizeof *b);
     size_t R = (size_t)head_chunk_rows(m);
     TAKE(b->res_out, N * C);
+    if (kept_bf16(m)) TAKE(b->res_w, N * C);
     TAKE(b->lnf, N * C);
     TAKE(b->lnf_mean, N);
     TAKE(b->lnf_rstd, N);
@@ -756,6 +770,7 @@ size_t st_model_activation_floats_opts(const st_model_config *cfg, int B, int T,
     tmp.T = T;
     tmp.precision = precision;
     tmp.act_ckpt = act_ckpt != 0;
+    tmp.ckpt_bf16 = act_ckpt == ST_MODEL_CKPT_BF16;
     size_t mm = precision == ST_PRECISION_BF16 ? bf16_scratch_for(&tmp) : 0;
     return layout(&tmp, NULL, NULL, NULL) + (size_t)B * T /* loss_per_pos */ + rope_floats(cfg, T) + mm;
 }
@@ -804,6 +819,7 @@ void st_model_weights_changed(st_model *m) { m->weights_bf16_stale = 1; }
 
 int st_model_set_activation_checkpointing(st_model *m, int on) {
     m->act_ckpt = on != 0;
+    m->ckpt_bf16 = on == ST_MODEL_CKPT_BF16;
     int rc = m->B > 0 ? alloc_arena(m) : 0;
     return rc ? rc : alloc_mm_scratch(m); /* the MLP's blocks change the largest matmul (mlp_rows) */
 }
@@ -1008,10 +1024,18 @@ static int layer_window(const st_model *m, int l) {
 
 /* The saved tensors of layer l: its own set, or under activation checkpointing the shared work set
  * pointed at layer l's kept input. */
-static layer_acts *acts_for(const st_model *m, layer_acts *la, int l) {
+static layer_acts *acts_for(const st_model *m, layer_acts *la, int l, const model_bufs *b) {
     if (!m->act_ckpt) return &la[l];
-    la[m->cfg.n_layer].res_in = la[l].res_in;
+    la[m->cfg.n_layer].res_in = la[l].res_in ? la[l].res_in : b->res_w; /* kept_bf16: the widened copy */
     return &la[m->cfg.n_layer];
+}
+
+/* kept_bf16: rounds the fp32 layer input in res_w into layer l's kept bf16 copy and res_w to that value (the
+ * layer computes from exactly what backward will widen again). */
+static void keep_input(const st_model *m, const layer_acts *la, int l, const model_bufs *b) {
+    size_t n = (size_t)m->B * m->T * m->cfg.d_model;
+    m->be->to_bf16(la[l].res_in_h, b->res_w, n);
+    m->be->from_bf16(b->res_w, la[l].res_in_h, n);
 }
 
 /* The MLP over rows [r0, r0 + n) (the whole batch, or one block: mlp_rows): h1, h2 (and under bf16 their
@@ -1195,31 +1219,36 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     m->in_compute = 1;
     st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
     if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
+    const int k16 = kept_bf16(m);
+    float *x0 = k16 ? b.res_w : la[0].res_in; /* the embedding's output: layer 0's input */
     if (wpe && m->doc_pos_on)
-        be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
+        be->embedding_pos_fwd(x0, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
     else if (m->params[0].offset < m->n_w16) /* the embedding in bf16 only (Llama family): widened row by row */
         for (int i = 0; i < N; i++)
-            be->from_bf16(la[0].res_in + (size_t)i * c->d_model, m->weights_bf16 + m->params[0].offset +
+            be->from_bf16(x0 + (size_t)i * c->d_model, m->weights_bf16 + m->params[0].offset +
                           (size_t)inputs[i] * c->d_model, (size_t)c->d_model);
     else
-        be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
+        be->embedding_fwd(x0, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
     /* the virtual rows (an encoder's tensors acquired together); a prefix table without an encoder is read
      * by every layer: it stays acquired until the last one */
     int pp = st_prompt_param(m), pn = st_prompt_param_count(m);
     int hold = st_prompt_is_prefix(m) && !st_prompt_has_encoder(m);
     if (m->prompt) {
         st_model_acquire(m, pp, pp + pn);
-        st_prompt_forward(m, la[0].res_in);
+        st_prompt_forward(m, x0);
         if (!hold) st_model_release(m, pp, pp + pn);
     }
     if (!tied) st_model_release(m, 0, e0);
+    if (k16 && L > 0) keep_input(m, la, 0, &b);
     for (int l = 0; l < L; l++) {
         layer_acquire(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
         if (l + 1 < L) /* the next layer's gather travels while this one computes */
             st_model_prefetch(m, layer_first_param(m, l + 1), layer_first_param(m, l + 2));
         else
             st_model_prefetch(m, fn, st_model_base_params(m));
-        layer_forward(m, l, acts_for(m, la, l), &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
+        /* kept_bf16: the output overwrites res_w (the layer reads its input only before resmid exists) */
+        layer_forward(m, l, acts_for(m, la, l, &b), &b, l + 1 < L ? (k16 ? b.res_w : la[l + 1].res_in) : b.res_out);
+        if (k16 && l + 1 < L) keep_input(m, la, l + 1, &b);
         layer_release(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
     if (hold) st_model_release(m, pp, pp + pn);
@@ -1363,7 +1392,8 @@ void st_model_backward(st_model *m) {
     report_ready(m, fn, st_model_base_params(m)); /* final norm and an untied head (its gradient came in forward) */
     for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
         int p0 = layer_first_param(m, l), p1 = layer_first_param(m, l + 1);
-        const layer_acts *a = acts_for(m, la, l);
+        const layer_acts *a = acts_for(m, la, l, &b);
+        if (la[l].res_in_h) be->from_bf16(b.res_w, la[l].res_in_h, (size_t)N * c->d_model); /* kept_bf16 */
         layer_acquire(m, l, p0, p1);
         if (l - 1 >= m->lowest_trained_layer) st_model_prefetch(m, layer_first_param(m, l - 1), p0);
         if (m->act_ckpt) layer_forward(m, l, a, &b, NULL); /* the same calls on the same input: same values */

@@ -92,6 +92,7 @@ typedef struct {
     void *head_loss_ctx;
     int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
     int act_ckpt;    /* activation checkpointing (st_model_set_activation_checkpointing) */
+    int ckpt_bf16;   /* ... with the kept layer inputs stored as bf16 (memory.checkpoint_dtype: bf16; under precision bf16) */
     /* Optional parameter residency (ZeRO-3, worker/comm.c): the model calls acquire(ctx, first, last) before
      * it reads the weights of parameters [first, last) and release(ctx, first, last) after its last read of
      * them, in the same order on every rank (the hooks may be collective): per layer in forward and again in
@@ -208,6 +209,12 @@ size_t st_model_activation_floats_opts(const st_model_config *cfg, int B, int T,
  * and weight gradients sum the blocks' products in block order (float rounding). Re-lays out the activations when they are
  * allocated. st_model_layer_activations is refused while it is on (nothing per layer is kept). */
 int st_model_set_activation_checkpointing(st_model *m, int on);
+/* on = ST_MODEL_CKPT_BF16 (memory.checkpoint_dtype: bf16): the kept layer inputs are stored as bf16 under
+ * precision bf16 (half of their memory; one fp32 working copy of the current layer's input). Forward rounds
+ * each layer's output residual to bf16 and computes the next layer from that rounded value, so backward's
+ * recomputation sees exactly what forward did: a numerics change of its own (the residual stream is rounded at
+ * every layer boundary, as a bf16 model's is), a config choice, off by default. Under fp32 it acts as on = 1. */
+#define ST_MODEL_CKPT_BF16 2
 
 /* Selects the arithmetic (fp32 | bf16 mixed precision, see kernels/kernels.h). bf16 needs a backend with
  * matmul_bf16, to_bf16 and from_bf16; it allocates the bf16 weight copy, re-lays out the activations

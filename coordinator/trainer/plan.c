@@ -58,6 +58,11 @@ static int attach_prompt(const st_config *c, st_model *m) {
     return rc ? st_fail_context(rc, "finetune.prompt.init_text") : 0;
 }
 
+int st_plan_act_ckpt(const st_config *c) {
+    if (!c->memory.activation_checkpointing) return 0;
+    return c->memory.checkpoint_dtype == ST_PRECISION_BF16 ? ST_MODEL_CKPT_BF16 : 1;
+}
+
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (st_config_prompt_learning(c)) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
@@ -436,8 +441,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
     r->activations = (st_model_activation_floats_opts(&m->cfg, c->train.micro_batch,
                                                       c->train.seq_len + st_prompt_tokens(m), c->precision,
-                                                      c->memory.activation_checkpointing,
-                                                      c->backend == ST_BACKEND_CUDA, st_lora_rows_whole(m)) +
+                                                      st_plan_act_ckpt(c), c->backend == ST_BACKEND_CUDA,
+                                                      st_lora_rows_whole(m)) +
                       st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len) +
                       (c->precision == ST_PRECISION_BF16 ? st_lora_bf16_work_floats(m) : 0)) *
                      sizeof(float);

@@ -16,7 +16,14 @@
  *    max |g| (two fp32 sums of at most N + 2 d_ff terms, each within gamma_n of the exact one); bf16,
  *    ||diff|| <= 2^-8 ||g|| (a last-bit fp32 change can move a bf16-rounded operand by one bf16 ulp, 2^-8
  *    relative), the losses within the same relative bound; LoRA adapters on all seven projections (fp32 and bf16) the same way; the arena is smaller and
- *    st_model_activation_floats_ckpt still equals what the model allocates. */
+ *    st_model_activation_floats_ckpt still equals what the model allocates.
+ *  - kept inputs in bf16 (ST_MODEL_CKPT_BF16, memory.checkpoint_dtype: bf16, precision bf16): the arena
+ *    shrinks by exactly L kept inputs' halves less one fp32 working copy, the planner's count equals the
+ *    allocation; the run is deterministic (two runs bit-identical) and differs from the fp32-kept run (the
+ *    residual stream is rounded at each layer boundary, D > 0) by little: each rounding moves an input by at
+ *    most 2^-9 relative, so losses within L 2^-8 relative and every gradient within ||diff|| <= L 2^-7 ||g||
+ *    (a wrong input in backward's recomputation would be off by O(1)); under fp32 the option is ignored
+ *    (bit-identical to checkpointing with fp32 inputs). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -250,6 +257,79 @@ static void test_blocked_mlp(void **state) {
     }
 }
 
+static void build_kept(st_model *m, const st_model_config *c, st_precision prec, int mode) {
+    assert_int_equal(st_model_build(m, c, st_backend_cpu(2)), 0);
+    assert_int_equal(st_model_init_random(m, 7), 0);
+    unsigned char layers[L] = {1, 1, 1};
+    m->grad_align = 1;
+    assert_int_equal(st_model_set_trainable(m, layers, ST_MOD_ALL), 0);
+    assert_int_equal(st_model_alloc_activations(m, B, T), 0);
+    assert_int_equal(st_model_set_precision(m, prec), 0);
+    assert_int_equal(st_model_set_activation_checkpointing(m, mode), 0);
+}
+
+static double rel_norm(const float *x, const float *y, size_t n) {
+    double d2 = 0, s2 = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)x[i] - y[i];
+        d2 += d * d;
+        s2 += (double)x[i] * x[i];
+    }
+    return s2 > 0 ? sqrt(d2 / s2) : sqrt(d2);
+}
+
+static void test_kept_bf16(void **state) {
+    (void)state;
+    for (int fam = 0; fam < 2; fam++) {
+        st_model_config c = config(fam ? ST_FAMILY_GPT2 : ST_FAMILY_LLAMA, 0, L);
+        for (int prec = 0; prec < 2; prec++) {
+            st_model f, k, k2;
+            build_kept(&f, &c, (st_precision)prec, 1);
+            build_kept(&k, &c, (st_precision)prec, ST_MODEL_CKPT_BF16);
+            build_kept(&k2, &c, (st_precision)prec, ST_MODEL_CKPT_BF16);
+            size_t half = ((size_t)N * 32 / 2 + 15) & ~(size_t)15, full = ((size_t)N * 32 + 15) & ~(size_t)15;
+            if (prec) {
+                assert_int_equal(k.act_floats, f.act_floats - (size_t)L * (full - half) + full);
+                size_t rope = fam ? 0 : 2 * (size_t)T * (c.head_dim / 2);
+                assert_int_equal(st_model_activation_floats_ckpt(&c, B, T, (st_precision)prec, ST_MODEL_CKPT_BF16),
+                                 k.act_floats + (size_t)N + rope + k.mm_scratch_floats);
+            } else {
+                assert_int_equal(k.act_floats, f.act_floats);
+            }
+            double lf[2], lk[2], lk2[2];
+            float pf[N], pk[N], pk2[N];
+            float *gf = malloc(f.n_grads * sizeof(float)), *gk = malloc(k.n_grads * sizeof(float));
+            float *gk2 = malloc(k.n_grads * sizeof(float));
+            two_steps(&f, lf, pf, gf);
+            two_steps(&k, lk, pk, gk);
+            two_steps(&k2, lk2, pk2, gk2);
+            assert_memory_equal(lk, lk2, sizeof lk);
+            assert_memory_equal(gk, gk2, k.n_grads * sizeof(float));
+            double worst = 0, tol_l = L / 256.0, tol_g = L / 128.0;
+            for (int i = 0; i < f.n_params; i++) {
+                const st_param *p = &f.params[i];
+                if (p->grad_offset < 0) continue;
+                double e = rel_norm(gf + p->grad_offset, gk + p->grad_offset, p->numel);
+                if (e > tol_g) fail_msg("kept bf16 fam %d prec %d: gradient of %s off by %.3g", fam, prec, p->name, e);
+                worst = e > worst ? e : worst;
+            }
+            for (int s = 0; s < 2; s++)
+                if (fabs(lf[s] - lk[s]) > tol_l * fabs(lf[s]))
+                    fail_msg("kept bf16 fam %d prec %d: step %d loss %.9g vs %.9g", fam, prec, s, lf[s], lk[s]);
+            if (prec) assert_true(lf[0] != lk[0] && worst > 0); /* the rounding is real */
+            else assert_true(lf[0] == lk[0] && lf[1] == lk[1] && worst == 0);
+            printf("  kept inputs bf16 %s %s: loss %.9g vs fp32-kept %.9g, worst gradient difference %.3g\n",
+                   fam ? "gpt2" : "llama", prec ? "bf16" : "fp32", lk[1], lf[1], worst);
+            free(gf);
+            free(gk);
+            free(gk2);
+            st_model_free(&f);
+            st_model_free(&k);
+            st_model_free(&k2);
+        }
+    }
+}
+
 static void test_toggle_and_refusal(void **state) {
     (void)state;
     st_model_config c = config(ST_FAMILY_LLAMA, 0, L);
@@ -273,6 +353,7 @@ int main(void) {
         cmocka_unit_test(test_gpt2),
         cmocka_unit_test(test_memory),
         cmocka_unit_test(test_blocked_mlp),
+        cmocka_unit_test(test_kept_bf16),
         cmocka_unit_test(test_toggle_and_refusal),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

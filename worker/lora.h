@@ -130,8 +130,9 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
                       float *dx);
 
 /* Floats of working memory the adapters use for N = B x T rows (x @ A^T of every adapter, two scratch
- * tensors): what st_lora_forward allocates. 0 without adapters. */
-size_t st_lora_work_floats(const st_model *m, size_t rows);
+ * tensors, the larger one for mlp_rows rows at the MLP's sites: st_model_mlp_rows): what st_lora_forward
+ * allocates. 0 without adapters. */
+size_t st_lora_work_floats(const st_model *m, size_t rows, size_t mlp_rows);
 /* Floats more that DoRA needs under precision bf16 (one adapted weight widened from its bf16 copy); 0
  * without DoRA. */
 size_t st_lora_bf16_work_floats(const st_model *m);

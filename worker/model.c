@@ -470,6 +470,19 @@ static int mlp_rows(const st_model *m) {
     return rows < N ? (int)rows : (int)N;
 }
 
+int st_model_mlp_rows(const st_model *m) { return mlp_rows(m); }
+
+int st_model_mlp_block_rows(const st_model_config *cfg, int B, int T, int act_ckpt, int mlp_whole) {
+    st_model tmp;
+    memset(&tmp, 0, sizeof tmp);
+    tmp.cfg = *cfg;
+    tmp.B = B;
+    tmp.T = T;
+    tmp.act_ckpt = act_ckpt != 0;
+    tmp.mlp_whole = mlp_whole != 0;
+    return mlp_rows(&tmp);
+}
+
 /* Whether gate and up run as two matmuls (blocked MLP under bf16, Llama family): the CPU twin then widens one
  * [d_ff, d_model] weight per matmul instead of the fused [2 d_ff, d_model] one. */
 static int mlp_split(const st_model *m) {

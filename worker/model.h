@@ -209,6 +209,10 @@ size_t st_model_activation_floats_opts(const st_model_config *cfg, int B, int T,
  * and weight gradients sum the blocks' products in block order (float rounding). Re-lays out the activations when they are
  * allocated. st_model_layer_activations is refused while it is on (nothing per layer is kept). */
 int st_model_set_activation_checkpointing(st_model *m, int on);
+/* Rows per token block of the MLP (N = B x T when unblocked): of this model, and of a model of this config
+ * (the planner's; mlp_whole: st_lora_rows_whole). */
+int st_model_mlp_rows(const st_model *m);
+int st_model_mlp_block_rows(const st_model_config *cfg, int B, int T, int act_ckpt, int mlp_whole);
 /* on = ST_MODEL_CKPT_BF16 (memory.checkpoint_dtype: bf16): the kept layer inputs are stored as bf16 under
  * precision bf16 (half of their memory; one fp32 working copy of the current layer's input). Forward rounds
  * each layer's output residual to bf16 and computes the next layer from that rounded value, so backward's

@@ -443,7 +443,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                                                       c->train.seq_len + st_prompt_tokens(m), c->precision,
                                                       st_plan_act_ckpt(c), c->backend == ST_BACKEND_CUDA,
                                                       st_lora_rows_whole(m)) +
-                      st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len) +
+                      st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len,
+                                          (size_t)st_model_mlp_block_rows(&m->cfg, c->train.micro_batch,
+                                                                          c->train.seq_len + st_prompt_tokens(m),
+                                                                          st_plan_act_ckpt(c), st_lora_rows_whole(m))) +
                       (c->precision == ST_PRECISION_BF16 ? st_lora_bf16_work_floats(m) : 0)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);

@@ -399,6 +399,7 @@ typedef struct {
      * into them before saving; backward widens the saved values back into them). NULL under fp32. */
     float *qkv_w, *atty_w, *h1_w;
     float *res_w;        /* kept_bf16: the current layer's input, widened (fp32 [N, C]); NULL otherwise */
+    float *wtmp;         /* bf16 with a blocked layer weight (wblock_rows): one block's [M, rows] product / operand */
     uint16_t *dlogits_h; /* bf16 only: one head chunk's dlogits as bf16, written by the loss kernel */
     float *head_tmp;     /* bf16 with a blocked head (head_vblock < V): [R, vblock], one vocabulary block */
     double *loss_acc;    /* the head's loss total, accumulated on the backend over the chunks */
@@ -448,6 +449,30 @@ static int head_vblock(const st_model *m) {
     if (m->precision != ST_PRECISION_BF16 || V * C <= most) return (int)V;
     long rows = most / C / 16 * 16;
     return (int)(rows < 16 ? 16 : rows < V ? rows : V);
+}
+
+/* Rows of a layer weight [out, in] per matmul under bf16 on a host backend. The CPU twin widens every matmul_bf16
+ * operand into mm_scratch, so a weight above ST_W_WIDEN_FLOATS goes through its forward (output columns) and
+ * input-gradient (inner dimension) matmuls in blocks of this many rows (a multiple of 16), as the LM head does
+ * (head_vblock): the scratch then holds one block (Llama-3-8B: [14336, 4096] widened whole otherwise, 224 MiB).
+ * out when not blocked (fp32, a small weight, or a device backend, whose matmul_bf16 reads a bf16 weight in
+ * place). A blocked forward adds each block's product into its columns (as the whole one would: the same sums);
+ * a blocked input gradient sums the blocks' products in block order (float rounding). */
+#define ST_W_WIDEN_FLOATS (1L << 23)
+static int wblock_rows(const st_model *m, int out, int in) {
+    long most = ST_W_WIDEN_FLOATS;
+    if (m->precision != ST_PRECISION_BF16 || (m->be ? !m->be->host_memory : m->sizing_device)) return out;
+    const char *e = getenv("SHARDTUNE_W_WIDEN_FLOATS"); /* tests: block small weights too */
+    if (e && atol(e) > 0) most = atol(e);
+    if ((long)out * in <= most) return out;
+    long rows = most / in / 16 * 16;
+    return (int)(rows < 16 ? 16 : rows < out ? rows : out);
+}
+
+/* Floats of the [M, rows] block product a blocked weight of [out, in] over M rows needs (0: not blocked). */
+static size_t wblock_tmp(const st_model *m, int M, int out, int in) {
+    int nb = wblock_rows(m, out, in);
+    return nb < out ? (size_t)M * nb : 0;
 }
 
 /* Token rows per MLP block. The MLP is per token, so under activation checkpointing (where backward recomputes
@@ -570,6 +595,12 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         b->dlogits_h = (uint16_t *)p_;
         size_t VB = (size_t)head_vblock(m);
         if (VB < (size_t)c->vocab) TAKE(b->head_tmp, R * VB);
+        int FU = mlp_split(m) ? (int)F : c->family == ST_FAMILY_GPT2 ? (int)F : 2 * (int)F, n = (int)N, rm = (int)RM;
+        size_t wt = wblock_tmp(m, n, (int)Q, (int)C), t;
+        if ((t = wblock_tmp(m, n, (int)C, (int)A)) > wt) wt = t;
+        if ((t = wblock_tmp(m, rm, FU, (int)C)) > wt) wt = t;
+        if ((t = wblock_tmp(m, rm, (int)C, (int)F)) > wt) wt = t;
+        if (wt) TAKE(b->wtmp, wt);
     }
     float *tok = NULL, *tgt = NULL, *acc = NULL;
     TAKE(acc, 2); /* one double (the arena's 64-byte alignment keeps it aligned) */
@@ -593,13 +624,19 @@ static size_t bf16_scratch_for(const st_model *m) {
     int R = head_chunk_rows(m), F1 = c->family == ST_FAMILY_GPT2 ? c->d_ff : 2 * c->d_ff, F = c->d_ff;
     V = head_vblock(m); /* the head's matmuls run on vocabulary blocks of this many rows */
     int RM = mlp_rows(m), FU = mlp_split(m) ? F : F1; /* MLP blocks; gate and up apart or fused */
+    /* the layer weights [out, in] over M rows, forward and input gradient, in blocks of wblock_rows */
+    const int wts[][3] = {{N, Q, C}, {N, C, A}, {RM, FU, C}, {RM, C, F}}; /* qkv, o, up(+gate), down */
     const int shapes[][3] = {
-        {N, Q, C}, {N, C, A}, {RM, FU, C}, {RM, C, F},    /* forward: qkv, o, up(+gate), down */
         {R, V, C}, {R, C, V}, {V, C, R},                  /* head: logits, dlnf, dW */
-        {RM, F, C}, {C, F, RM}, {RM, C, FU}, {F1, C, RM}, /* backward MLP: dx and dW */
-        {N, A, C}, {C, A, N}, {N, C, Q}, {Q, C, N},       /* backward attention: dx and dW */
+        {C, F, RM}, {F1, C, RM}, {C, A, N}, {Q, C, N},    /* weight gradients: down, up(+gate), o, qkv */
     };
     size_t most = 0;
+    for (size_t i = 0; i < sizeof wts / sizeof wts[0]; i++) {
+        int M = wts[i][0], out = wts[i][1], in = wts[i][2], nb = wblock_rows(m, out, in);
+        size_t f = st_matmul_bf16_scratch_floats(M, nb, in), d = st_matmul_bf16_scratch_floats(M, in, nb);
+        if (f > most) most = f;
+        if (d > most) most = d;
+    }
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         size_t f = st_matmul_bf16_scratch_floats(shapes[i][0], shapes[i][1], shapes[i][2]);
         if (f > most) most = f;
@@ -1051,6 +1088,38 @@ static void keep_input(const st_model *m, const layer_acts *la, int l, const mod
     m->be->from_bf16(b->res_w, la[l].res_in_h, n);
 }
 
+/* y[M, out] = x @ W^T + beta * y (+ bias) for a layer weight W [out, in], in blocks of wblock_rows rows of W
+ * (each block's product into wtmp, added into its columns; the bias once at the end, as mm() adds it). */
+static void mm_fwd(const st_model *m, const model_bufs *b, float *y, st_mm_in x, const float *w, const float *bias,
+                   int M, int out, int in, float beta) {
+    int nb = wblock_rows(m, out, in);
+    if (nb >= out) {
+        mm(m, y, x, weight(m, w), bias, M, out, in, 0, 1, beta);
+        return;
+    }
+    for (int j0 = 0; j0 < out; j0 += nb) {
+        int n = out - j0 < nb ? out - j0 : nb;
+        mm(m, b->wtmp, x, weight(m, w + (size_t)j0 * in), NULL, M, n, in, 0, 1, 0.0f);
+        m->be->copy_cols(y + j0, out, b->wtmp, n, M, n, beta != 0.0f);
+    }
+    if (bias) m->be->bias_add(y, bias, M, out);
+}
+
+/* dx[M, in] = dy[M, out] @ W + beta * dx, in blocks of wblock_rows rows of W (dy's columns packed into wtmp). */
+static void mm_dgrad(const st_model *m, const model_bufs *b, float *dx, const float *dy, const float *w, int M,
+                     int out, int in, float beta) {
+    int nb = wblock_rows(m, out, in);
+    if (nb >= out) {
+        mm(m, dx, st_mm_f32(dy), weight(m, w), NULL, M, in, out, 0, 0, beta);
+        return;
+    }
+    for (int j0 = 0; j0 < out; j0 += nb) {
+        int n = out - j0 < nb ? out - j0 : nb;
+        m->be->copy_cols(b->wtmp, n, dy + j0, out, M, n, 0);
+        mm(m, dx, st_mm_f32(b->wtmp), weight(m, w + (size_t)j0 * in), NULL, M, in, n, 0, 0, j0 ? 1.0f : beta);
+    }
+}
+
 /* The MLP over rows [r0, r0 + n) (the whole batch, or one block: mlp_rows): h1, h2 (and under bf16 their
  * fp32 working copies h1_w, dh2) hold the block's rows from their start; ln2 (fp32, the adapters' input),
  * resmid and res_out the batch's. res_out NULL: a recomputation for backward (stops before the down
@@ -1067,11 +1136,11 @@ static void mlp_forward(st_model *m, int l, const layer_acts *a, const model_buf
     if (m->lora && n < m->B * m->T) st_lora_set_rows(m, (size_t)r0, (size_t)n);
     if (mlp_split(m)) {
         for (int h = 0; h < 2; h++) { /* gate, then up: [n, F] each into their half of h1's rows */
-            mm(m, b->dh1, x, weight(m, w->w1 + (size_t)h * F * C), NULL, n, F, C, 0, 1, 0.0f);
+            mm_fwd(m, b, b->dh1, x, w->w1 + (size_t)h * F * C, NULL, n, F, C, 0.0f);
             be->copy_cols(h1 + (size_t)h * F, F1, b->dh1, F, n, F, 0);
         }
     } else {
-        mm(m, h1, x, weight(m, w->w1), w->b1, n, F1, C, 0, 1, 0.0f);
+        mm_fwd(m, b, h1, x, w->w1, w->b1, n, F1, C, 0.0f);
     }
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_UP, ln2 + o, h1, F1);
     save(m, a->h1_h, h1, (size_t)n * F1, 1);
@@ -1082,7 +1151,7 @@ static void mlp_forward(st_model *m, int l, const layer_acts *a, const model_buf
     save(m, a->h2_h, h2, (size_t)n * F, m->lora != NULL);
     if (!res_out) return;
     be->copy(res_out + o, a->resmid + o, (size_t)n * C * sizeof(float));
-    mm(m, res_out + o, saved(h2, a->h2_h), weight(m, w->w2), w->b2, n, C, F, 0, 1, 1.0f);
+    mm_fwd(m, b, res_out + o, saved(h2, a->h2_h), w->w2, w->b2, n, C, F, 1.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_DOWN, h2, res_out + o, C);
 }
 
@@ -1101,7 +1170,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     const int lora_in = m->lora != NULL;
     norm_fwd(m, ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
     save(m, a->ln1_h, ln1, (size_t)N * C, lora_in);
-    mm(m, qkv, saved(ln1, a->ln1_h), weight(m, w.wqkv), w.bqkv, N, Q, C, 0, 1, 0.0f);
+    mm_fwd(m, b, qkv, saved(ln1, a->ln1_h), w.wqkv, w.bqkv, N, Q, C, 0.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_QKV, ln1, qkv, Q);
     if (c->qk_norm)
         be->head_rmsnorm_fwd(qkv, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head, c->head_dim, c->norm_eps);
@@ -1121,7 +1190,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     save(m, a->atty_h, atty, (size_t)N * A, lora_in);
     /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T (+ b) */
     be->copy(a->resmid, a->res_in, (size_t)N * C * sizeof(float));
-    mm(m, a->resmid, saved(atty, a->atty_h), weight(m, w.wo), w.bo, N, C, A, 0, 1, 1.0f);
+    mm_fwd(m, b, a->resmid, saved(atty, a->atty_h), w.wo, w.bo, N, C, A, 1.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_O, atty, a->resmid, C);
     norm_fwd(m, ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
     save(m, a->ln2_h, ln2, (size_t)N * C, lora_in);
@@ -1284,8 +1353,9 @@ static void linear_wgrad(const st_model *m, float *dw, const float *dy, st_mm_in
 }
 
 /* Input gradient of y = x @ W^T: dx[N,in] = dy @ W. */
-static void linear_dgrad(const st_model *m, float *dx, const float *dy, const float *w, int N, int out, int in) {
-    mm(m, dx, st_mm_f32(dy), weight(m, w), NULL, N, in, out, 0, 0, 0.0f);
+static void linear_dgrad(const st_model *m, const model_bufs *b, float *dx, const float *dy, const float *w, int N,
+                         int out, int in) {
+    mm_dgrad(m, b, dx, dy, w, N, out, in, 0.0f);
 }
 
 /* The MLP's backward over rows [r0, r0 + n) (see mlp_forward): dres's rows in, dln's rows out (the base
@@ -1301,7 +1371,7 @@ static void mlp_backward(st_model *m, int l, const layer_acts *a, const model_bu
     float *dln = b->dln + o;
     st_mm_in x = a->ln2_h ? st_mm_bf16(a->ln2_h + o) : st_mm_f32(a->ln2 + o);
     if (m->lora && n < m->B * m->T) st_lora_set_rows(m, (size_t)r0, (size_t)n);
-    linear_dgrad(m, b->dh2, dres, w->w2, n, C, F);
+    linear_dgrad(m, b, b->dh2, dres, w->w2, n, C, F);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, restore(m, a->h2, a->h2_h, b->h1_w, (size_t)n * F), dres, C, b->dh2);
     linear_wgrad(m, w->gw2, dres, saved(a->h2, a->h2_h), n, C, F);
     const float *h1 = restore(m, a->h1, a->h1_h, b->h1_w, (size_t)n * F1);
@@ -1313,10 +1383,10 @@ static void mlp_backward(st_model *m, int l, const layer_acts *a, const model_bu
     if (mlp_split(m)) {
         for (int h = 0; h < 2; h++) {
             be->copy_cols(b->h1_w, F, b->dh1 + (size_t)h * F, F1, n, F, 0);
-            mm(m, dln, st_mm_f32(b->h1_w), weight(m, w->w1 + (size_t)h * F * C), NULL, n, C, F, 0, 0, h ? 1.0f : 0.0f);
+            mm_dgrad(m, b, dln, b->h1_w, w->w1 + (size_t)h * F * C, n, F, C, h ? 1.0f : 0.0f);
         }
     } else {
-        linear_dgrad(m, dln, b->dh1, w->w1, n, F1, C);
+        linear_dgrad(m, b, dln, b->dh1, w->w1, n, F1, C);
     }
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, ln2 ? ln2 + o : NULL, b->dh1, F1, dln);
     if (w->gw1) mm(m, w->gw1, st_mm_f32(b->dh1), x, NULL, F1, C, n, 1, 0, 1.0f);
@@ -1343,7 +1413,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     norm_bwd(m, dres, w.gn2w, w.gn2b, b->dln, a->resmid, w.n2w, a->ln2_mean, a->ln2_rstd, N, b->dh2);
     /* attention branch: dres is now the gradient of resmid */
     if (w.gbo) be->bias_bwd(w.gbo, dres, N, C);
-    linear_dgrad(m, b->datt, dres, w.wo, N, C, A);
+    linear_dgrad(m, b, b->datt, dres, w.wo, N, C, A);
     const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_O, atty, dres, C, b->datt);
     linear_wgrad(m, w.gwo, dres, saved(a->atty, a->atty_h), N, C, A);
@@ -1367,7 +1437,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
         be->head_rmsnorm_bwd(b->dqkv, w.gqn, w.gkn, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head,
                              c->head_dim);
     if (w.gbqkv) be->bias_bwd(w.gbqkv, b->dqkv, N, Q);
-    linear_dgrad(m, b->dln, b->dqkv, w.wqkv, N, Q, C);
+    linear_dgrad(m, b, b->dln, b->dqkv, w.wqkv, N, Q, C);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_QKV, restore(m, a->ln1, a->ln1_h, b->dlnf, (size_t)N * C), b->dqkv, Q, b->dln);
     linear_wgrad(m, w.gwqkv, b->dqkv, saved(a->ln1, a->ln1_h), N, Q, C);
     norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);

@@ -186,29 +186,33 @@ static void test_memory(void **state) {
 }
 
 /* The blocked MLP against the unblocked run without checkpointing (see the top of this file). */
-static void check_blocked(st_family family, st_precision prec, int lora) {
+static void check_blocked_env(st_family family, st_precision prec, int lora, const char *env, const char *val) {
     st_model_config c = config(family, 0, L);
     st_model a, b;
     build_lora(&a, &c, prec, 0, 0, lora);
-    setenv("SHARDTUNE_MLP_BLOCK_FLOATS", "1280", 1); /* 1280 / (2 d_ff) -> 16 rows: blocks of 16, 16, 16 */
+    setenv(env, val, 1);
     build_lora(&b, &c, prec, 1, 0, lora);
     st_model u;
-    unsetenv("SHARDTUNE_MLP_BLOCK_FLOATS");
+    unsetenv(env);
     build_lora(&u, &c, prec, 1, 0, lora); /* checkpointed, unblocked (the small model's default) */
-    assert_true(b.act_floats < u.act_floats);
-    setenv("SHARDTUNE_MLP_BLOCK_FLOATS", "1280", 1);
+    if (!strcmp(env, "SHARDTUNE_MLP_BLOCK_FLOATS")) assert_true(b.act_floats < u.act_floats);
+    /* (blocked weights: on this tiny model the head's and the weight gradients' operands set the scratch; the
+     * blocks' working product only adds, b.act_floats; the planner's count is checked below) */
+    setenv(env, val, 1);
     size_t rope = family == ST_FAMILY_LLAMA ? 2 * (size_t)T * (c.head_dim / 2) : 0;
     assert_int_equal(st_model_activation_floats_ckpt(&c, B, T, prec, 1),
                      b.act_floats + (size_t)N + rope + b.mm_scratch_floats);
     double la[2], lb[2];
     float pa[N], pb[N];
     float *ga = malloc(a.n_grads * sizeof(float)), *gb = malloc(b.n_grads * sizeof(float));
+    unsetenv(env); /* the variable is read as each matmul runs: set only while the blocked model runs */
     two_steps(&a, la, pa, ga);
     float pa0[N], pb0[N];
     memcpy(pa0, a.loss_per_pos, sizeof pa0);
+    setenv(env, val, 1);
     two_steps(&b, lb, pb, gb);
     memcpy(pb0, b.loss_per_pos, sizeof pb0);
-    unsetenv("SHARDTUNE_MLP_BLOCK_FLOATS");
+    unsetenv(env);
     const char *what = family == ST_FAMILY_GPT2 ? "gpt2" : "llama";
     const char *pr = prec == ST_PRECISION_BF16 ? "bf16" : "fp32";
     const double eps32 = 1.0 / (1 << 23), tol32 = 4.0 * (N + 2 * c.d_ff) * eps32, tol16 = 1.0 / 256;
@@ -238,14 +242,32 @@ static void check_blocked(st_family family, st_precision prec, int lora) {
         if (err > tol) fail_msg("%s %s lora %d: gradient of %s off by %.3g (tolerance %.3g)", what, pr, lora, p->name, err, tol);
     }
     assert_true(nonzero > 0);
-    printf("  blocked MLP %s %s lora %d: loss %.9g / %.9g, worst gradient error %.3g (tol %.3g)\n", what, pr, lora,
-           la[1], lb[1], worst, tol);
+    printf("  %s=%s %s %s lora %d: loss %.9g / %.9g, worst gradient error %.3g (tol %.3g)\n", env, val, what, pr,
+           lora, la[1], lb[1], worst, tol);
     (void)pa; (void)pb; (void)pa0; (void)pb0;
     free(ga);
     free(gb);
     st_model_free(&a);
     st_model_free(&b);
     st_model_free(&u);
+}
+
+static void check_blocked(st_family family, st_precision prec, int lora) {
+    /* 1280 / (2 d_ff) -> 16 rows: MLP blocks of 16, 16, 16 */
+    check_blocked_env(family, prec, lora, "SHARDTUNE_MLP_BLOCK_FLOATS", "1280");
+}
+
+/* Layer weights widened in blocks of 16 rows (model.c wblock_rows; 512 floats / d_model 32), under bf16 on the
+ * CPU twin (fp32 ignores it), with the MLP blocked too: the same criteria (blocked input gradients sum over
+ * blocks in block order; the forward adds each block's product into its own columns). */
+static void test_blocked_weights(void **state) {
+    (void)state;
+    setenv("SHARDTUNE_MLP_BLOCK_FLOATS", "1280", 1);
+    for (int prec = 0; prec < 2; prec++) {
+        check_blocked_env(ST_FAMILY_LLAMA, (st_precision)prec, 1, "SHARDTUNE_W_WIDEN_FLOATS", "512");
+        check_blocked_env(ST_FAMILY_GPT2, (st_precision)prec, 0, "SHARDTUNE_W_WIDEN_FLOATS", "512");
+    }
+    unsetenv("SHARDTUNE_MLP_BLOCK_FLOATS");
 }
 
 static void test_blocked_mlp(void **state) {
@@ -353,6 +375,7 @@ int main(void) {
         cmocka_unit_test(test_gpt2),
         cmocka_unit_test(test_memory),
         cmocka_unit_test(test_blocked_mlp),
+        cmocka_unit_test(test_blocked_weights),
         cmocka_unit_test(test_kept_bf16),
         cmocka_unit_test(test_toggle_and_refusal),
     };

@@ -16,8 +16,8 @@ model, minus that model's own (tiny) plan. Each rank's RSS minus this baseline m
 the plan's estimate for that rank: its largest phase (load, step, checkpoint, final/ on rank 0).
 
 QLoRA at load and step, where the layer weights dominate (Llama 8 x 512, vocab 2000; nf4 + double
-quantization, fp32 and bf16, and bf16 with activation checkpointing and the token-blocked MLP forced to blocks of
-32 rows, 1 rank): what loading adds to the RSS (the trainer reports the resident set
+quantization, fp32 and bf16, and bf16 with activation checkpointing (kept inputs in bf16) and the token-blocked MLP
+forced to blocks of 32 rows, 1 rank): what loading adds to the RSS (the trainer reports the resident set
 right before the load and getrusage's maximum right after it under SHARDTUNE_REPORT_LOAD_RSS=1; a baseline
 from another run, or a peak before the load, would carry transients the load's memory reuses) against the plan's load phase, and the run's peak minus the baseline
 above against the plan's peak, within 15%. The
@@ -102,10 +102,10 @@ def qlora_phases(root, data, small):
         ov = ["train.steps=2", "train.micro_batch=4", "train.seq_len=64", "sharding.stage=0", "finetune.mode=qlora",
               f"precision={precision}", "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
         # the token-blocked MLP under activation checkpointing (model.c mlp_rows), forced onto this small model:
-        # blocks of 32 rows of [32, 2 d_ff] (plan and run read the same variable)
+        # blocks of 32 rows of [32, 2 d_ff] (plan and run read the same variable); the kept inputs in bf16
         dp.ENV.pop("SHARDTUNE_MLP_BLOCK_FLOATS", None)
         if blocked:
-            ov += ["memory.activation_checkpointing=true"]
+            ov += ["memory.activation_checkpointing=true", "memory.checkpoint_dtype=bf16"]
             dp.ENV["SHARDTUNE_MLP_BLOCK_FLOATS"] = "100000"
             precision += "-ckpt-blocked"
         small_ov = ov + [f"model.path={small}", f"run_dir={root}/qs{precision}"]

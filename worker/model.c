@@ -16,7 +16,11 @@
  * widens the ones non-matmul kernels need (restore()). Residual stream, statistics and gradients stay fp32.
  * LoRA adapters (worker/lora.c) compute in fp32 on the bf16-rounded matmul inputs (forward rounds ln1, atty,
  * ln2 and h2 in place when adapters exist; backward widens them for the adapter gradients); the frozen base
- * reads its bf16 copy like any weight (QLoRA: the dequantized layer, rounded as it is acquired). */
+ * reads its bf16 copy like any weight (QLoRA: the dequantized layer, rounded as it is acquired).
+ *
+ * Memory (docs/finetune.md, activation checkpointing): under checkpointing the MLP runs over token blocks
+ * (mlp_rows; mlp_forward / mlp_backward), the kept layer inputs may be bf16 (kept_bf16), and on host backends
+ * under bf16 large weights go through their matmuls in blocks of rows (wblock_rows), as the LM head does. */
 #include "worker/model.h"
 
 #include <math.h>

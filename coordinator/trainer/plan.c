@@ -455,7 +455,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
      * st_peft_save_dir's adapter copy */
     int tr = 0;
     size_t largest = largest_param(m, &tr), io = tensor_io_bytes(m);
-    size_t copies = rank > 0 ? 0 : m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : io;
+    /* st_peft_save_dir writes the adapters in place on a host backend, from a host copy on a device */
+    size_t adapters_copy = c->backend == ST_BACKEND_CUDA ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
+    size_t copies = rank > 0 ? 0 : m->lora ? adapters_copy : io;
     /* a checkpoint (checkpoints/ckpt_write.c, CPU ranks: written from the live buffers): a bounce window
      * of at most this rank's rows of one tensor */
     size_t written = largest; /* with adapters only they are written (the base tensors are skipped) */

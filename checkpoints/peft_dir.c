@@ -64,12 +64,14 @@ int st_peft_save_dir(const st_model *m, const char *dir, const char *base_model)
     if ((rc = st_mkdirs(dir))) return st_fail(rc, "adapter directory %s: %s", dir, st_error());
     int n = m->n_params - m->n_base_params;
     size_t floats = m->n_weights - m->n_base_weights;
-    float *host = malloc(floats * sizeof(float) + 1);
+    /* the adapters as written: in place on a host backend, else a host copy */
+    int in_place = m->be->host_memory;
+    float *host = in_place ? (float *)(m->weights + m->n_base_weights) : malloc(floats * sizeof(float) + 1);
     st_st_write_item *items = calloc((size_t)n + 1, sizeof *items);
     char (*names)[PEFT_NAME_MAX] = calloc((size_t)n + 1, PEFT_NAME_MAX);
     char *json = config_json(m, &spec, base_model);
     if (!host || !items || !names || !json) rc = st_fail(ST_ENOMEM, "out of memory writing adapter %s", dir);
-    if (!rc) m->be->copy_to_host(host, m->weights + m->n_base_weights, floats * sizeof(float));
+    if (!rc && !in_place) m->be->copy_to_host(host, m->weights + m->n_base_weights, floats * sizeof(float));
     for (int k = 0; !rc && k < n; k++) {
         const st_param *p = &m->params[m->n_base_params + k];
         st_lora_peft_name(m, m->n_base_params + k, names[k], PEFT_NAME_MAX);
@@ -92,7 +94,7 @@ int st_peft_save_dir(const st_model *m, const char *dir, const char *base_model)
     free(json);
     free(names);
     free(items);
-    free(host);
+    if (!in_place) free(host);
     return rc;
 }
 

@@ -123,6 +123,9 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
     if (stage == 3) return z3_init(c, m);
     size_t flat = stage == 1 ? c->n_pad : 0;
     if (stage == 2) flat = st_comm_param_staging_floats(c->n_pad, c->bucket_bytes, weights_in_place(m));
+    const char *one = getenv("SHARDTUNE_NCCL_ONE_RANK");
+    int nccl_one = on_device(m) && one && !strcmp(one, "1");
+    if (c->world == 1 && !nccl_one) flat = 0; /* one rank updates in place: nothing to gather (update_params) */
     if (flat) {
         c->flat_params = c->be->alloc(flat * sizeof(float));
         if (!c->flat_params) return st_fail(ST_ENOMEM, "out of memory for the parameter gather buffer");
@@ -139,8 +142,7 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
         c->s2_model->grads_managed = 1;
         discard(m->grads, 0, m->grad_alloc);
     }
-    const char *one = getenv("SHARDTUNE_NCCL_ONE_RANK");
-    if (on_device(m) && (c->world > 1 || (one && !strcmp(one, "1")))) return nccl_setup(c);
+    if (on_device(m) && (c->world > 1 || nccl_one)) return nccl_setup(c);
     return 0;
 }
 

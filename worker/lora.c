@@ -52,8 +52,10 @@ struct st_lora {
     adapter *ad;        /* registry order, layer-major */
     int *layer_first;   /* [L + 1]: index into ad of each layer's first adapter */
     size_t rows;        /* N the working memory is sized for */
+    size_t win0, win_n; /* st_lora_set_rows: the row window [win0, win0 + win_n) of the calls (win_n 0: all rows) */
     float *u;           /* [n][rows * r]: x @ A^T of the last forward */
-    float *tmp, *du;    /* [rows * max_out], [rows * r] */
+    float *tmp, *du;    /* [tmp_floats] (tmp_floats()), [rows * r] */
+    size_t tmp_floats;
     int max_out;
     size_t max_w;       /* largest out * in of an adapted weight */
     /* DoRA */
@@ -403,10 +405,23 @@ void st_lora_layer_params(const st_model *m, int l, int *first, int *last) {
     if (k1 > k0) { *first = lo->ad[k0].a; *last = lo->ad[k1 - 1].end; }
 }
 
-size_t st_lora_work_floats(const st_model *m, size_t rows) {
+/* Floats of lo->tmp: a site's output columns of one adapter for the rows a call covers (N, or at the MLP's
+ * sites under model.c's token blocks mlp_rows), DoRA's dz for N rows. */
+static size_t tmp_floats(const st_lora *lo, size_t N, size_t mlp_rows) {
+    size_t f = 0;
+    for (int k = 0; k < lo->n; k++) {
+        const adapter *a = &lo->ad[k];
+        int mlp = a->site == ST_LORA_SITE_UP || a->site == ST_LORA_SITE_DOWN;
+        size_t need = (mlp && !lo->spec.dora ? mlp_rows : N) * (size_t)a->out;
+        f = need > f ? need : f;
+    }
+    return f;
+}
+
+size_t st_lora_work_floats(const st_model *m, size_t rows, size_t mlp_rows) {
     const st_lora *lo = m->lora;
     if (!lo) return 0;
-    size_t f = rows * ((size_t)lo->n * lo->r + (size_t)lo->max_out + (size_t)lo->r);
+    size_t f = rows * ((size_t)lo->n * lo->r + (size_t)lo->r) + tmp_floats(lo, rows, mlp_rows);
     if (lo->spec.dropout > 0)
         for (int k = 0, mx = 0; k < lo->n; k++)
             if (lo->ad[k].in > mx) { f += rows * (size_t)(lo->ad[k].in - mx); mx = lo->ad[k].in; }
@@ -422,12 +437,15 @@ size_t st_lora_bf16_work_floats(const st_model *m) {
 }
 
 /* Working memory for N rows (backend memory; zoff, an index table, is host memory). */
-static int ensure_rows(const st_backend *be, st_lora *lo, size_t N) {
-    if (lo->rows == N && lo->be == be) return 0;
+static int ensure_rows(const st_model *m, st_lora *lo, size_t N) {
+    const st_backend *be = m->be;
+    size_t tf = tmp_floats(lo, N, (size_t)st_model_mlp_rows(m));
+    if (lo->rows == N && lo->be == be && lo->tmp_floats == tf) return 0;
     if (lo->be) free_rows(lo);
     lo->be = be;
     lo->u = work_alloc(be, (size_t)lo->n * N * lo->r);
-    lo->tmp = work_alloc(be, N * (size_t)lo->max_out);
+    lo->tmp = work_alloc(be, tf);
+    lo->tmp_floats = tf;
     lo->du = work_alloc(be, N * (size_t)lo->r);
     int bad = !lo->u || !lo->tmp || !lo->du;
     if (!bad && lo->spec.dropout > 0) {
@@ -450,7 +468,23 @@ static int ensure_rows(const st_backend *be, st_lora *lo, size_t N) {
     return bad ? st_fail(ST_ENOMEM, "out of memory for LoRA activations (%zu rows)", N) : 0;
 }
 
-int st_lora_reserve(st_model *m, size_t rows) { return m->lora ? ensure_rows(m->be, m->lora, rows) : 0; }
+int st_lora_reserve(st_model *m, size_t rows) { return m->lora ? ensure_rows(m, m->lora, rows) : 0; }
+
+int st_lora_rows_whole(const st_model *m) {
+    return m->lora && (m->lora->spec.dora || m->lora->spec.dropout > 0);
+}
+
+void st_lora_set_rows(st_model *m, size_t r0, size_t n) {
+    if (!m->lora) return;
+    m->lora->win0 = r0;
+    m->lora->win_n = n;
+}
+
+/* The rows the next forward / backward call covers (the window, else all) and adapter k's saved u for them. */
+static size_t win_rows(const st_lora *lo, size_t N) { return lo->win_n ? lo->win_n : N; }
+static float *win_u(const st_lora *lo, int k, size_t N) {
+    return lo->u + (size_t)k * N * lo->r + (lo->win_n ? lo->win0 * lo->r : 0);
+}
 
 /* Whether the adapter covers whole rows of its site's output (no strided copy needed). */
 static int contiguous(const adapter *a, int ystride) { return a->col0 == 0 && a->out == ystride; }
@@ -556,15 +590,16 @@ void st_lora_flops(const st_model *m, int layer, double N, double *fwd, double *
 int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, float *y, int ystride) {
     st_lora *lo = m->lora;
     const st_backend *be = m->be;
-    size_t N = (size_t)m->B * m->T;
-    int rc = ensure_rows(be, lo, N);
+    size_t NT = (size_t)m->B * m->T;
+    int rc = ensure_rows(m, lo, NT);
     if (rc) return rc;
+    size_t N = win_rows(lo, NT);
     if (lo->spec.dora && m->weights_bf16 && !lo->wf && !(lo->wf = work_alloc(be, lo->max_w)))
         return st_fail(ST_ENOMEM, "out of memory for DoRA under bf16 (%zu floats)", lo->max_w);
     for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
         const adapter *a = &lo->ad[k];
         if (a->site != site) continue;
-        float *u = lo->u + (size_t)k * N * lo->r;
+        float *u = win_u(lo, k, NT);
         const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
         const float *xa = lo->drop_on ? dropped(m, k, x, x, lo->xd) : x;
         be->matmul(u, xa, A, (int)N, lo->r, a->in, 0, 1, 1.0f, 0.0f);
@@ -599,13 +634,13 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
                       float *dx) {
     st_lora *lo = m->lora;
     const st_backend *be = m->be;
-    size_t N = lo->rows;
+    size_t N = win_rows(lo, lo->rows);
     for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
         const adapter *a = &lo->ad[k];
         if (a->site != site) continue;
         const st_param *pa = &m->params[a->a], *pb = &m->params[a->b];
         const float *A = m->weights + pa->offset, *B = m->weights + pb->offset;
-        const float *u = lo->u + (size_t)k * N * lo->r, *dyc = dy;
+        const float *u = win_u(lo, k, lo->rows), *dyc = dy;
         if (!contiguous(a, ystride) || a->mag >= 0) {
             be->copy_cols(lo->tmp, a->out, dy + a->col0, ystride, (int)N, a->out, 0);
             dyc = lo->tmp;
@@ -639,7 +674,7 @@ static int merge_adapter(st_model *m, int k, float *W) {
     const adapter *a = &lo->ad[k];
     const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
     if (a->mag >= 0) {
-        if (!lo->rows && ensure_rows(m->be, lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
+        if (!lo->rows && ensure_rows(m, lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
         dora_scale(m, k, W); /* the norm of the weight being merged */
     }
     m->be->matmul(W, B, A, a->out, a->in, lo->r, 0, 0, lo->scale, 1.0f); /* W += scale * B @ A */

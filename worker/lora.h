@@ -137,14 +137,23 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
                       float *dx);
 
 /* Floats of working memory the adapters use for N = B x T rows (x @ A^T of every adapter, two scratch
- * tensors): what st_lora_forward allocates. 0 without adapters. */
-size_t st_lora_work_floats(const st_model *m, size_t rows);
+ * tensors, the larger one for mlp_rows rows at the MLP's sites: st_model_mlp_rows): what st_lora_forward
+ * allocates. 0 without adapters. */
+size_t st_lora_work_floats(const st_model *m, size_t rows, size_t mlp_rows);
 /* Floats more that DoRA needs under precision bf16 (one adapted weight widened from its bf16 copy); 0
  * without DoRA. */
 size_t st_lora_bf16_work_floats(const st_model *m);
 
 /* Allocates the working memory for N = B x T rows (st_model_alloc_activations calls it). */
 int st_lora_reserve(st_model *m, size_t rows);
+
+/* Row window of the next st_lora_forward / st_lora_backward calls: rows [r0, r0 + n) of the batch's N (x, y,
+ * dy and dx then hold those n rows; each adapter's saved x @ A^T is read and written at rows r0..). n = 0:
+ * all N rows (the default). model.c's token-blocked MLP under activation checkpointing. Not with DoRA or
+ * dropout (st_lora_rows_whole): their masks and scales are per whole batch. */
+void st_lora_set_rows(st_model *m, size_t r0, size_t n);
+/* 1 when the adapters need whole batches (DoRA, dropout > 0): model.c then runs the MLP unblocked. */
+int st_lora_rows_whole(const st_model *m);
 
 /* Parses one target name (q_proj ...); 0 when unknown. */
 unsigned st_lora_target_bit(const char *name);

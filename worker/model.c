@@ -16,7 +16,11 @@
  * widens the ones non-matmul kernels need (restore()). Residual stream, statistics and gradients stay fp32.
  * LoRA adapters (worker/lora.c) compute in fp32 on the bf16-rounded matmul inputs (forward rounds ln1, atty,
  * ln2 and h2 in place when adapters exist; backward widens them for the adapter gradients); the frozen base
- * reads its bf16 copy like any weight (QLoRA: the dequantized layer, rounded as it is acquired). */
+ * reads its bf16 copy like any weight (QLoRA: the dequantized layer, rounded as it is acquired).
+ *
+ * Memory (docs/finetune.md, activation checkpointing): under checkpointing the MLP runs over token blocks
+ * (mlp_rows; mlp_forward / mlp_backward), the kept layer inputs may be bf16 (kept_bf16), and on host backends
+ * under bf16 large weights go through their matmuls in blocks of rows (wblock_rows), as the LM head does. */
 #include "worker/model.h"
 
 #include <math.h>
@@ -389,6 +393,7 @@ typedef struct {
     float *res_in, *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *lse, *resmid, *ln2, *ln2_mean, *ln2_rstd, *h1, *h2;
     float *qk_x, *qk_rstd; /* Qwen3 q/k norms: their inputs [N, (H+KVH)*hd] and rstd [N, H+KVH] (fp32) */
     uint16_t *ln1_h, *qkv_h, *atty_h, *ln2_h, *h1_h, *h2_h;
+    uint16_t *res_in_h; /* kept_bf16: the layer's kept input as bf16 (res_in NULL; the work set reads res_w) */
 } layer_acts;
 
 /* Model-wide buffers in the arena after the layers. */
@@ -398,6 +403,8 @@ typedef struct {
     /* bf16 only: one layer's fp32 working copies of the bf16-saved qkv, atty and h1 (forward computes
      * into them before saving; backward widens the saved values back into them). NULL under fp32. */
     float *qkv_w, *atty_w, *h1_w;
+    float *res_w;        /* kept_bf16: the current layer's input, widened (fp32 [N, C]); NULL otherwise */
+    float *wtmp;         /* bf16 with a blocked layer weight (wblock_rows): one block's [M, rows] product / operand */
     uint16_t *dlogits_h; /* bf16 only: one head chunk's dlogits as bf16, written by the loss kernel */
     float *head_tmp;     /* bf16 with a blocked head (head_vblock < V): [R, vblock], one vocabulary block */
     double *loss_acc;    /* the head's loss total, accumulated on the backend over the chunks */
@@ -449,11 +456,79 @@ static int head_vblock(const st_model *m) {
     return (int)(rows < 16 ? 16 : rows < V ? rows : V);
 }
 
+/* Rows of a layer weight [out, in] per matmul under bf16 on a host backend. The CPU twin widens every matmul_bf16
+ * operand into mm_scratch, so a weight above ST_W_WIDEN_FLOATS goes through its forward (output columns) and
+ * input-gradient (inner dimension) matmuls in blocks of this many rows (a multiple of 16), as the LM head does
+ * (head_vblock): the scratch then holds one block (Llama-3-8B: [14336, 4096] widened whole otherwise, 224 MiB).
+ * out when not blocked (fp32, a small weight, or a device backend, whose matmul_bf16 reads a bf16 weight in
+ * place). A blocked forward adds each block's product into its columns (as the whole one would: the same sums);
+ * a blocked input gradient sums the blocks' products in block order (float rounding). */
+#define ST_W_WIDEN_FLOATS (1L << 23)
+static int wblock_rows(const st_model *m, int out, int in) {
+    long most = ST_W_WIDEN_FLOATS;
+    if (m->precision != ST_PRECISION_BF16 || (m->be ? !m->be->host_memory : m->sizing_device)) return out;
+    const char *e = getenv("SHARDTUNE_W_WIDEN_FLOATS"); /* tests: block small weights too */
+    if (e && atol(e) > 0) most = atol(e);
+    if ((long)out * in <= most) return out;
+    long rows = most / in / 16 * 16;
+    return (int)(rows < 16 ? 16 : rows < out ? rows : out);
+}
+
+/* Floats of the [M, rows] block product a blocked weight of [out, in] over M rows needs (0: not blocked). */
+static size_t wblock_tmp(const st_model *m, int M, int out, int in) {
+    int nb = wblock_rows(m, out, in);
+    return nb < out ? (size_t)M * nb : 0;
+}
+
+/* Token rows per MLP block. The MLP is per token, so under activation checkpointing (where backward recomputes
+ * it anyway) forward and backward run gate/up, the activation and down over blocks of this many rows, and its
+ * [N, 2 d_ff] buffers (h1, h2, dh1, dh2, h1_w) hold one block: Llama-3-8B at T = 2048, ~1 GiB less. Blocks
+ * hold ~ST_MLP_BLOCK_FLOATS of [rows, 2 d_ff] (a multiple of 16 rows, equal-sized). N when not blocked:
+ * without checkpointing (every layer keeps its tensors whole for backward) and with adapters that need whole
+ * batches (DoRA, LoRA dropout: st_lora_rows_whole). */
+#define ST_MLP_BLOCK_FLOATS (1L << 23)
+static int mlp_rows(const st_model *m) {
+    long N = (long)m->B * m->T, most = ST_MLP_BLOCK_FLOATS;
+    if (!m->act_ckpt || m->mlp_whole || st_lora_rows_whole(m)) return (int)N;
+    const char *e = getenv("SHARDTUNE_MLP_BLOCK_FLOATS"); /* tests: block small models too */
+    if (e && atol(e) > 0) most = atol(e);
+    long rows = most / (2L * m->cfg.d_ff) / 16 * 16;
+    if (rows < 16) rows = 16;
+    if (rows >= N) return (int)N;
+    long blocks = (N + rows - 1) / rows;
+    rows = ((N + blocks - 1) / blocks + 15) / 16 * 16;
+    return rows < N ? (int)rows : (int)N;
+}
+
+int st_model_mlp_rows(const st_model *m) { return mlp_rows(m); }
+
+int st_model_mlp_block_rows(const st_model_config *cfg, int B, int T, int act_ckpt, int mlp_whole) {
+    st_model tmp;
+    memset(&tmp, 0, sizeof tmp);
+    tmp.cfg = *cfg;
+    tmp.B = B;
+    tmp.T = T;
+    tmp.act_ckpt = act_ckpt != 0;
+    tmp.mlp_whole = mlp_whole != 0;
+    return mlp_rows(&tmp);
+}
+
+/* Whether gate and up run as two matmuls (blocked MLP under bf16, Llama family): the CPU twin then widens one
+ * [d_ff, d_model] weight per matmul instead of the fused [2 d_ff, d_model] one. */
+static int mlp_split(const st_model *m) {
+    return m->precision == ST_PRECISION_BF16 && m->cfg.family != ST_FAMILY_GPT2 && mlp_rows(m) < m->B * m->T;
+}
+
+/* Whether the kept layer inputs are bf16 (memory.checkpoint_dtype: bf16, under precision bf16). */
+static int kept_bf16(const st_model *m) {
+    return m->act_ckpt && m->ckpt_bf16 && m->precision == ST_PRECISION_BF16;
+}
+
 /* Lays out the arena; with base == NULL only counts floats. */
 static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs *mb) {
     const st_model_config *c = &m->cfg;
     size_t N = (size_t)m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c);
-    size_t A = (size_t)c->n_head * c->head_dim, H = c->n_head;
+    size_t A = (size_t)c->n_head * c->head_dim, H = c->n_head, RM = (size_t)mlp_rows(m); /* MLP block rows */
     size_t off = 0;
 #define TAKE(ptr, n)                                                                                         \
     do {                                                                                                   \
@@ -474,7 +549,13 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     for (int l = 0; l < c->n_layer + ckpt; l++) {
         layer_acts dummy, *a = la ? &la[l] : &dummy;
         memset(a, 0, sizeof *a);
-        if (l < c->n_layer) TAKE(a->res_in, N * C);
+        if (l < c->n_layer && kept_bf16(m)) {
+            float *p_ = NULL;
+            TAKE(p_, (N * C + 1) / 2);
+            if (base) a->res_in_h = (uint16_t *)p_;
+        } else if (l < c->n_layer) {
+            TAKE(a->res_in, N * C);
+        }
         if (ckpt && l < c->n_layer) continue;
         SAVED(a->ln1, a->ln1_h, N * C);
         TAKE(a->ln1_mean, N);
@@ -490,13 +571,14 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         SAVED(a->ln2, a->ln2_h, N * C);
         TAKE(a->ln2_mean, N);
         TAKE(a->ln2_rstd, N);
-        SAVED(a->h1, a->h1_h, N * 2 * F);
-        SAVED(a->h2, a->h2_h, N * F);
+        SAVED(a->h1, a->h1_h, RM * 2 * F);
+        SAVED(a->h2, a->h2_h, RM * F);
     }
     model_bufs dummyb, *b = mb ? mb : &dummyb;
     memset(b, 0, sizeof *b);
     size_t R = (size_t)head_chunk_rows(m);
     TAKE(b->res_out, N * C);
+    if (kept_bf16(m)) TAKE(b->res_w, N * C);
     TAKE(b->lnf, N * C);
     TAKE(b->lnf_mean, N);
     TAKE(b->lnf_rstd, N);
@@ -504,20 +586,26 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     TAKE(b->dln, N * C);
     TAKE(b->dqkv, N * Q);
     TAKE(b->datt, N * A);
-    TAKE(b->dh1, N * 2 * F);
-    TAKE(b->dh2, N * F);
+    TAKE(b->dh1, RM * 2 * F);
+    TAKE(b->dh2, RM * F);
     TAKE(b->dlnf, N * C);
     TAKE(b->logits, R * (size_t)c->vocab);
     TAKE(b->norm_scratch, 2 * C);
     if (bf16) {
         TAKE(b->qkv_w, N * Q);
         TAKE(b->atty_w, N * A);
-        TAKE(b->h1_w, N * 2 * F);
+        TAKE(b->h1_w, RM * 2 * F);
         float *p_ = NULL;
         TAKE(p_, (R * (size_t)c->vocab + 1) / 2);
         b->dlogits_h = (uint16_t *)p_;
         size_t VB = (size_t)head_vblock(m);
         if (VB < (size_t)c->vocab) TAKE(b->head_tmp, R * VB);
+        int FU = mlp_split(m) ? (int)F : c->family == ST_FAMILY_GPT2 ? (int)F : 2 * (int)F, n = (int)N, rm = (int)RM;
+        size_t wt = wblock_tmp(m, n, (int)Q, (int)C), t;
+        if ((t = wblock_tmp(m, n, (int)C, (int)A)) > wt) wt = t;
+        if ((t = wblock_tmp(m, rm, FU, (int)C)) > wt) wt = t;
+        if ((t = wblock_tmp(m, rm, (int)C, (int)F)) > wt) wt = t;
+        if (wt) TAKE(b->wtmp, wt);
     }
     float *tok = NULL, *tgt = NULL, *acc = NULL;
     TAKE(acc, 2); /* one double (the arena's 64-byte alignment keeps it aligned) */
@@ -540,13 +628,20 @@ static size_t bf16_scratch_for(const st_model *m) {
     int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim, V = c->vocab;
     int R = head_chunk_rows(m), F1 = c->family == ST_FAMILY_GPT2 ? c->d_ff : 2 * c->d_ff, F = c->d_ff;
     V = head_vblock(m); /* the head's matmuls run on vocabulary blocks of this many rows */
+    int RM = mlp_rows(m), FU = mlp_split(m) ? F : F1; /* MLP blocks; gate and up apart or fused */
+    /* the layer weights [out, in] over M rows, forward and input gradient, in blocks of wblock_rows */
+    const int wts[][3] = {{N, Q, C}, {N, C, A}, {RM, FU, C}, {RM, C, F}}; /* qkv, o, up(+gate), down */
     const int shapes[][3] = {
-        {N, Q, C}, {N, C, A}, {N, F1, C}, {N, C, F},      /* forward: qkv, o, up(+gate), down */
         {R, V, C}, {R, C, V}, {V, C, R},                  /* head: logits, dlnf, dW */
-        {N, F, C}, {C, F, N}, {N, C, F1}, {F1, C, N},     /* backward MLP: dx and dW */
-        {N, A, C}, {C, A, N}, {N, C, Q}, {Q, C, N},       /* backward attention: dx and dW */
+        {C, F, RM}, {F1, C, RM}, {C, A, N}, {Q, C, N},    /* weight gradients: down, up(+gate), o, qkv */
     };
     size_t most = 0;
+    for (size_t i = 0; i < sizeof wts / sizeof wts[0]; i++) {
+        int M = wts[i][0], out = wts[i][1], in = wts[i][2], nb = wblock_rows(m, out, in);
+        size_t f = st_matmul_bf16_scratch_floats(M, nb, in), d = st_matmul_bf16_scratch_floats(M, in, nb);
+        if (f > most) most = f;
+        if (d > most) most = d;
+    }
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         size_t f = st_matmul_bf16_scratch_floats(shapes[i][0], shapes[i][1], shapes[i][2]);
         if (f > most) most = f;
@@ -716,14 +811,21 @@ size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T,
 
 size_t st_model_activation_floats_dev(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
                                       int device) {
+    return st_model_activation_floats_opts(cfg, B, T, precision, act_ckpt, device, 0);
+}
+
+size_t st_model_activation_floats_opts(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                       int device, int mlp_whole) {
     st_model tmp;
     memset(&tmp, 0, sizeof tmp);
     tmp.sizing_device = device != 0;
+    tmp.mlp_whole = mlp_whole != 0;
     tmp.cfg = *cfg;
     tmp.B = B;
     tmp.T = T;
     tmp.precision = precision;
     tmp.act_ckpt = act_ckpt != 0;
+    tmp.ckpt_bf16 = act_ckpt == ST_MODEL_CKPT_BF16;
     size_t mm = precision == ST_PRECISION_BF16 ? bf16_scratch_for(&tmp) : 0;
     return layout(&tmp, NULL, NULL, NULL) + (size_t)B * T /* loss_per_pos */ + rope_floats(cfg, T) + mm;
 }
@@ -770,7 +872,9 @@ void st_model_weights_changed(st_model *m) { m->weights_bf16_stale = 1; }
 
 int st_model_set_activation_checkpointing(st_model *m, int on) {
     m->act_ckpt = on != 0;
-    return m->B > 0 ? alloc_arena(m) : 0;
+    m->ckpt_bf16 = on == ST_MODEL_CKPT_BF16;
+    int rc = m->B > 0 ? alloc_arena(m) : 0;
+    return rc ? rc : alloc_mm_scratch(m); /* the MLP's blocks change the largest matmul (mlp_rows) */
 }
 
 int st_model_check_bf16_copy(const st_model *m) {
@@ -993,10 +1097,85 @@ static int layer_window(const st_model *m, int l) {
 
 /* The saved tensors of layer l: its own set, or under activation checkpointing the shared work set
  * pointed at layer l's kept input. */
-static layer_acts *acts_for(const st_model *m, layer_acts *la, int l) {
+static layer_acts *acts_for(const st_model *m, layer_acts *la, int l, const model_bufs *b) {
     if (!m->act_ckpt) return &la[l];
-    la[m->cfg.n_layer].res_in = la[l].res_in;
+    la[m->cfg.n_layer].res_in = la[l].res_in ? la[l].res_in : b->res_w; /* kept_bf16: the widened copy */
     return &la[m->cfg.n_layer];
+}
+
+/* kept_bf16: rounds the fp32 layer input in res_w into layer l's kept bf16 copy and res_w to that value (the
+ * layer computes from exactly what backward will widen again). */
+static void keep_input(const st_model *m, const layer_acts *la, int l, const model_bufs *b) {
+    size_t n = (size_t)m->B * m->T * m->cfg.d_model;
+    m->be->to_bf16(la[l].res_in_h, b->res_w, n);
+    m->be->from_bf16(b->res_w, la[l].res_in_h, n);
+}
+
+/* y[M, out] = x @ W^T + beta * y (+ bias) for a layer weight W [out, in], in blocks of wblock_rows rows of W
+ * (each block's product into wtmp, added into its columns; the bias once at the end, as mm() adds it). */
+static void mm_fwd(const st_model *m, const model_bufs *b, float *y, st_mm_in x, const float *w, const float *bias,
+                   int M, int out, int in, float beta) {
+    int nb = wblock_rows(m, out, in);
+    if (nb >= out) {
+        mm(m, y, x, weight(m, w), bias, M, out, in, 0, 1, beta);
+        return;
+    }
+    for (int j0 = 0; j0 < out; j0 += nb) {
+        int n = out - j0 < nb ? out - j0 : nb;
+        mm(m, b->wtmp, x, weight(m, w + (size_t)j0 * in), NULL, M, n, in, 0, 1, 0.0f);
+        m->be->copy_cols(y + j0, out, b->wtmp, n, M, n, beta != 0.0f);
+    }
+    if (bias) m->be->bias_add(y, bias, M, out);
+}
+
+/* dx[M, in] = dy[M, out] @ W + beta * dx, in blocks of wblock_rows rows of W (dy's columns packed into wtmp). */
+static void mm_dgrad(const st_model *m, const model_bufs *b, float *dx, const float *dy, const float *w, int M,
+                     int out, int in, float beta) {
+    int nb = wblock_rows(m, out, in);
+    if (nb >= out) {
+        mm(m, dx, st_mm_f32(dy), weight(m, w), NULL, M, in, out, 0, 0, beta);
+        return;
+    }
+    for (int j0 = 0; j0 < out; j0 += nb) {
+        int n = out - j0 < nb ? out - j0 : nb;
+        m->be->copy_cols(b->wtmp, n, dy + j0, out, M, n, 0);
+        mm(m, dx, st_mm_f32(b->wtmp), weight(m, w + (size_t)j0 * in), NULL, M, in, n, 0, 0, j0 ? 1.0f : beta);
+    }
+}
+
+/* The MLP over rows [r0, r0 + n) (the whole batch, or one block: mlp_rows): h1, h2 (and under bf16 their
+ * fp32 working copies h1_w, dh2) hold the block's rows from their start; ln2 (fp32, the adapters' input),
+ * resmid and res_out the batch's. res_out NULL: a recomputation for backward (stops before the down
+ * projection). Under mlp_split gate and up run apart, each through dh1 (free in forward and before a block's
+ * backward) into its columns of h1. */
+static void mlp_forward(st_model *m, int l, const layer_acts *a, const model_bufs *b, const layer_w *w, int r0, int n,
+                        const float *ln2, float *res_out) {
+    const st_backend *be = m->be;
+    const st_model_config *c = &m->cfg;
+    int C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    size_t o = (size_t)r0 * C;
+    float *h1 = a->h1 ? a->h1 : b->h1_w, *h2 = a->h2 ? a->h2 : b->dh2;
+    st_mm_in x = a->ln2_h ? st_mm_bf16(a->ln2_h + o) : st_mm_f32(ln2 + o);
+    if (m->lora && n < m->B * m->T) st_lora_set_rows(m, (size_t)r0, (size_t)n);
+    if (mlp_split(m)) {
+        for (int h = 0; h < 2; h++) { /* gate, then up: [n, F] each into their half of h1's rows */
+            mm_fwd(m, b, b->dh1, x, w->w1 + (size_t)h * F * C, NULL, n, F, C, 0.0f);
+            be->copy_cols(h1 + (size_t)h * F, F1, b->dh1, F, n, F, 0);
+        }
+    } else {
+        mm_fwd(m, b, h1, x, w->w1, w->b1, n, F1, C, 0.0f);
+    }
+    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_UP, ln2 + o, h1, F1);
+    save(m, a->h1_h, h1, (size_t)n * F1, 1);
+    if (c->family == ST_FAMILY_GPT2)
+        be->gelu_fwd(h2, h1, (size_t)n * F);
+    else
+        be->swiglu_fwd(h2, h1, n, F);
+    save(m, a->h2_h, h2, (size_t)n * F, m->lora != NULL);
+    if (!res_out) return;
+    be->copy(res_out + o, a->resmid + o, (size_t)n * C * sizeof(float));
+    mm_fwd(m, b, res_out + o, saved(h2, a->h2_h), w->w2, w->b2, n, C, F, 1.0f);
+    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_DOWN, h2, res_out + o, C);
 }
 
 /* One layer forward (see the top of this file). Under bf16 the fp32 results land in working buffers
@@ -1006,17 +1185,15 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     const st_backend *be = m->be;
     const st_model_config *c = &m->cfg;
     layer_w w = layer_weights(m, l);
-    int N = m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c), A = c->n_head * c->head_dim;
-    int F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim;
     float *ln1 = a->ln1 ? a->ln1 : b->dln, *qkv = a->qkv ? a->qkv : b->qkv_w;
     float *atty = a->atty ? a->atty : b->atty_w, *ln2 = a->ln2 ? a->ln2 : b->dln;
-    float *h1 = a->h1 ? a->h1 : b->h1_w, *h2 = a->h2 ? a->h2 : b->dh2;
     /* LoRA under bf16: the adapters (fp32) read the bf16-rounded inputs the base matmuls read, the values
      * backward widens again for their A gradients */
     const int lora_in = m->lora != NULL;
     norm_fwd(m, ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
     save(m, a->ln1_h, ln1, (size_t)N * C, lora_in);
-    mm(m, qkv, saved(ln1, a->ln1_h), weight(m, w.wqkv), w.bqkv, N, Q, C, 0, 1, 0.0f);
+    mm_fwd(m, b, qkv, saved(ln1, a->ln1_h), w.wqkv, w.bqkv, N, Q, C, 0.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_QKV, ln1, qkv, Q);
     if (c->qk_norm)
         be->head_rmsnorm_fwd(qkv, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head, c->head_dim, c->norm_eps);
@@ -1036,22 +1213,14 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     save(m, a->atty_h, atty, (size_t)N * A, lora_in);
     /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T (+ b) */
     be->copy(a->resmid, a->res_in, (size_t)N * C * sizeof(float));
-    mm(m, a->resmid, saved(atty, a->atty_h), weight(m, w.wo), w.bo, N, C, A, 0, 1, 1.0f);
+    mm_fwd(m, b, a->resmid, saved(atty, a->atty_h), w.wo, w.bo, N, C, A, 1.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_O, atty, a->resmid, C);
     norm_fwd(m, ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
     save(m, a->ln2_h, ln2, (size_t)N * C, lora_in);
-    mm(m, h1, saved(ln2, a->ln2_h), weight(m, w.w1), w.b1, N, F1, C, 0, 1, 0.0f);
-    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_UP, ln2, h1, F1);
-    save(m, a->h1_h, h1, (size_t)N * F1, 1);
-    if (c->family == ST_FAMILY_GPT2)
-        be->gelu_fwd(h2, h1, (size_t)N * F);
-    else
-        be->swiglu_fwd(h2, h1, N, F);
-    save(m, a->h2_h, h2, (size_t)N * F, lora_in);
-    if (!res_out) return;
-    be->copy(res_out, a->resmid, (size_t)N * C * sizeof(float));
-    mm(m, res_out, saved(h2, a->h2_h), weight(m, w.w2), w.b2, N, C, F, 0, 1, 1.0f);
-    if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_DOWN, h2, res_out, C);
+    int RM = mlp_rows(m);
+    if (RM < N && !res_out) return; /* blocked: layer_backward recomputes the MLP block by block */
+    for (int r0 = 0; r0 < N; r0 += RM) mlp_forward(m, l, a, b, &w, r0, N - r0 < RM ? N - r0 : RM, ln2, res_out);
+    if (m->lora) st_lora_set_rows(m, 0, 0);
 }
 
 /* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
@@ -1152,39 +1321,44 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
     m->in_compute = 1;
+    const int k16 = kept_bf16(m);
+    float *x0 = k16 ? b.res_w : la[0].res_in; /* the embedding's output: layer 0's input */
     /* ZeRO-3, an untied Llama-family embedding: only the batch's rows travel (embed_rows), not the table */
     int gpt2 = c->family == ST_FAMILY_GPT2;
     int rows = m->embed_rows && !tied && e0 == 1 && !gpt2 && m->params[0].offset >= m->n_w16 &&
-               m->embed_rows(m->residency_ctx, inputs, N, la[0].res_in);
+               m->embed_rows(m->residency_ctx, inputs, N, x0);
     if (!rows) st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
     const float *wpe = gpt2 ? wptr(m, 1) : NULL; /* resident now (windowed: found) */
     if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
-    if (rows) { /* the batch's rows are in res_in already */
+    if (rows) { /* the batch's rows are in x0 already */
     } else if (wpe && m->doc_pos_on)
-        be->embedding_pos_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
+        be->embedding_pos_fwd(x0, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
     else if (m->params[0].offset < m->n_w16) /* the embedding in bf16 only (Llama family): widened row by row */
         for (int i = 0; i < N; i++)
-            be->from_bf16(la[0].res_in + (size_t)i * c->d_model, m->weights_bf16 + m->params[0].offset +
+            be->from_bf16(x0 + (size_t)i * c->d_model, m->weights_bf16 + m->params[0].offset +
                           (size_t)inputs[i] * c->d_model, (size_t)c->d_model);
     else
-        be->embedding_fwd(la[0].res_in, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
+        be->embedding_fwd(x0, b.tokens, wptr(m, 0), wpe, m->B, m->T, c->d_model);
     /* the virtual rows (an encoder's tensors acquired together); a prefix table without an encoder is read
      * by every layer: it stays acquired until the last one */
     int pp = st_prompt_param(m), pn = st_prompt_param_count(m);
     int hold = st_prompt_is_prefix(m) && !st_prompt_has_encoder(m);
     if (m->prompt) {
         st_model_acquire(m, pp, pp + pn);
-        st_prompt_forward(m, la[0].res_in);
+        st_prompt_forward(m, x0);
         if (!hold) st_model_release(m, pp, pp + pn);
     }
     if (!tied && !rows) st_model_release(m, 0, e0);
+    if (k16 && L > 0) keep_input(m, la, 0, &b);
     for (int l = 0; l < L; l++) {
         layer_acquire(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
         if (l + 1 < L) /* the next layer's gather travels while this one computes */
             st_model_prefetch(m, layer_first_param(m, l + 1), layer_first_param(m, l + 2));
         else
             st_model_prefetch(m, fn, st_model_base_params(m));
-        layer_forward(m, l, acts_for(m, la, l), &b, l + 1 < L ? la[l + 1].res_in : b.res_out);
+        /* kept_bf16: the output overwrites res_w (the layer reads its input only before resmid exists) */
+        layer_forward(m, l, acts_for(m, la, l, &b), &b, l + 1 < L ? (k16 ? b.res_w : la[l + 1].res_in) : b.res_out);
+        if (k16 && l + 1 < L) keep_input(m, la, l + 1, &b);
         layer_release(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
     if (hold) st_model_release(m, pp, pp + pn);
@@ -1207,37 +1381,67 @@ static void linear_wgrad(const st_model *m, float *dw, const float *dy, st_mm_in
 }
 
 /* Input gradient of y = x @ W^T: dx[N,in] = dy @ W. */
-static void linear_dgrad(const st_model *m, float *dx, const float *dy, const float *w, int N, int out, int in) {
-    mm(m, dx, st_mm_f32(dy), weight(m, w), NULL, N, in, out, 0, 0, 0.0f);
+static void linear_dgrad(const st_model *m, const model_bufs *b, float *dx, const float *dy, const float *w, int N,
+                         int out, int in) {
+    mm_dgrad(m, b, dx, dy, w, N, out, in, 0.0f);
+}
+
+/* The MLP's backward over rows [r0, r0 + n) (see mlp_forward): dres's rows in, dln's rows out (the base
+ * projection's and the adapters' input gradients); weight and adapter gradients accumulate. Under mlp_split
+ * dln = dh1[:, :F] @ Wgate + dh1[:, F:] @ Wup, each half copied out into h1_w (free once swiglu_bwd ran). */
+static void mlp_backward(st_model *m, int l, const layer_acts *a, const model_bufs *b, const layer_w *w, int r0, int n,
+                         const float *ln2) {
+    const st_backend *be = m->be;
+    const st_model_config *c = &m->cfg;
+    int C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    size_t o = (size_t)r0 * C;
+    const float *dres = b->dres + o;
+    float *dln = b->dln + o;
+    st_mm_in x = a->ln2_h ? st_mm_bf16(a->ln2_h + o) : st_mm_f32(a->ln2 + o);
+    if (m->lora && n < m->B * m->T) st_lora_set_rows(m, (size_t)r0, (size_t)n);
+    linear_dgrad(m, b, b->dh2, dres, w->w2, n, C, F);
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, restore(m, a->h2, a->h2_h, b->h1_w, (size_t)n * F), dres, C, b->dh2);
+    linear_wgrad(m, w->gw2, dres, saved(a->h2, a->h2_h), n, C, F);
+    const float *h1 = restore(m, a->h1, a->h1_h, b->h1_w, (size_t)n * F1);
+    if (c->family == ST_FAMILY_GPT2)
+        be->gelu_bwd(b->dh1, b->dh2, h1, (size_t)n * F);
+    else
+        be->swiglu_bwd(b->dh1, b->dh2, h1, n, F);
+    if (w->gb1) be->bias_bwd(w->gb1, b->dh1, n, F1);
+    if (mlp_split(m)) {
+        for (int h = 0; h < 2; h++) {
+            be->copy_cols(b->h1_w, F, b->dh1 + (size_t)h * F, F1, n, F, 0);
+            mm_dgrad(m, b, dln, b->h1_w, w->w1 + (size_t)h * F * C, n, F, C, h ? 1.0f : 0.0f);
+        }
+    } else {
+        linear_dgrad(m, b, dln, b->dh1, w->w1, n, F1, C);
+    }
+    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, ln2 ? ln2 + o : NULL, b->dh1, F1, dln);
+    if (w->gw1) mm(m, w->gw1, st_mm_f32(b->dh1), x, NULL, F1, C, n, 1, 0, 1.0f);
 }
 
 static void layer_backward(st_model *m, int l, const layer_acts *a, const model_bufs *b) {
     const st_backend *be = m->be;
     const st_model_config *c = &m->cfg;
     layer_w w = layer_weights(m, l);
-    int N = m->B * m->T, C = c->d_model, F = c->d_ff, Q = qkv_dim(c), A = c->n_head * c->head_dim;
-    int F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim;
     float *dres = b->dres;
     /* MLP branch: dres is the gradient of res_out */
     if (w.gb2) be->bias_bwd(w.gb2, dres, N, C);
-    linear_dgrad(m, b->dh2, dres, w.w2, N, C, F);
     /* LoRA under bf16: each adapter input widened from its bf16 copy into a buffer free at that point
      * (h1_w before h1 is restored, dlnf once the final norm's backward has run, atty_w) */
-    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, restore(m, a->h2, a->h2_h, b->h1_w, (size_t)N * F), dres, C, b->dh2);
-    linear_wgrad(m, w.gw2, dres, saved(a->h2, a->h2_h), N, C, F);
-    const float *h1 = restore(m, a->h1, a->h1_h, b->h1_w, (size_t)N * F1);
-    if (c->family == ST_FAMILY_GPT2)
-        be->gelu_bwd(b->dh1, b->dh2, h1, (size_t)N * F);
-    else
-        be->swiglu_bwd(b->dh1, b->dh2, h1, N, F);
-    if (w.gb1) be->bias_bwd(w.gb1, b->dh1, N, F1);
-    linear_dgrad(m, b->dln, b->dh1, w.w1, N, F1, C);
-    if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, restore(m, a->ln2, a->ln2_h, b->dlnf, (size_t)N * C), b->dh1, F1, b->dln);
-    linear_wgrad(m, w.gw1, b->dh1, saved(a->ln2, a->ln2_h), N, F1, C);
+    const float *ln2 = m->lora ? restore(m, a->ln2, a->ln2_h, b->dlnf, (size_t)N * C) : a->ln2;
+    int RM = mlp_rows(m);
+    for (int r0 = 0; r0 < N; r0 += RM) {
+        int n = N - r0 < RM ? N - r0 : RM;
+        if (RM < N) mlp_forward(m, l, a, b, &w, r0, n, ln2, NULL); /* the block's recomputation */
+        mlp_backward(m, l, a, b, &w, r0, n, ln2);
+    }
+    if (m->lora) st_lora_set_rows(m, 0, 0);
     norm_bwd(m, dres, w.gn2w, w.gn2b, b->dln, a->resmid, w.n2w, a->ln2_mean, a->ln2_rstd, N, b->dh2);
     /* attention branch: dres is now the gradient of resmid */
     if (w.gbo) be->bias_bwd(w.gbo, dres, N, C);
-    linear_dgrad(m, b->datt, dres, w.wo, N, C, A);
+    linear_dgrad(m, b, b->datt, dres, w.wo, N, C, A);
     const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_O, atty, dres, C, b->datt);
     linear_wgrad(m, w.gwo, dres, saved(a->atty, a->atty_h), N, C, A);
@@ -1261,7 +1465,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
         be->head_rmsnorm_bwd(b->dqkv, w.gqn, w.gkn, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head,
                              c->head_dim);
     if (w.gbqkv) be->bias_bwd(w.gbqkv, b->dqkv, N, Q);
-    linear_dgrad(m, b->dln, b->dqkv, w.wqkv, N, Q, C);
+    linear_dgrad(m, b, b->dln, b->dqkv, w.wqkv, N, Q, C);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_QKV, restore(m, a->ln1, a->ln1_h, b->dlnf, (size_t)N * C), b->dqkv, Q, b->dln);
     linear_wgrad(m, w.gwqkv, b->dqkv, saved(a->ln1, a->ln1_h), N, Q, C);
     norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);
@@ -1299,7 +1503,8 @@ void st_model_backward(st_model *m) {
     report_ready(m, fn, st_model_base_params(m)); /* final norm and an untied head (its gradient came in forward) */
     for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
         int p0 = layer_first_param(m, l), p1 = layer_first_param(m, l + 1);
-        const layer_acts *a = acts_for(m, la, l);
+        const layer_acts *a = acts_for(m, la, l, &b);
+        if (la[l].res_in_h) be->from_bf16(b.res_w, la[l].res_in_h, (size_t)N * c->d_model); /* kept_bf16 */
         layer_acquire(m, l, p0, p1);
         if (l - 1 >= m->lowest_trained_layer) st_model_prefetch(m, layer_first_param(m, l - 1), p0);
         if (m->act_ckpt) layer_forward(m, l, a, &b, NULL); /* the same calls on the same input: same values */

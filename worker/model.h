@@ -56,6 +56,7 @@ typedef struct {
      * allocation, and nothing reads m->weights below it. 0 otherwise. */
     size_t n_w16;
     int sizing_device; /* registry-only sizing (no backend): as on a device backend (st_model_activation_floats_dev) */
+    int mlp_whole;     /* registry-only sizing: the adapters need whole batches (st_lora_rows_whole): no MLP blocks */
     float *grads;      /* backend memory, n_grads floats (trainable only); NULL when nothing trains */
     size_t n_grads;
     size_t grad_alloc; /* n_grads rounded up to a multiple of grad_align (zero padding for equal shards) */
@@ -100,6 +101,7 @@ typedef struct {
     void *head_loss_ctx;
     int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
     int act_ckpt;    /* activation checkpointing (st_model_set_activation_checkpointing) */
+    int ckpt_bf16;   /* ... with the kept layer inputs stored as bf16 (memory.checkpoint_dtype: bf16; under precision bf16) */
     /* Optional parameter residency (ZeRO-3, worker/comm.c): the model calls acquire(ctx, first, last) before
      * it reads the weights of parameters [first, last) and release(ctx, first, last) after its last read of
      * them, in the same order on every rank (the hooks may be collective): per layer in forward and again in
@@ -218,14 +220,32 @@ size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T,
  * logits chunks are larger (model.c head_chunk_rows, head_vblock). */
 size_t st_model_activation_floats_dev(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
                                       int device);
+/* The same for adapters that need whole batches (mlp_whole != 0: st_lora_rows_whole, DoRA or LoRA dropout),
+ * whose model runs the MLP unblocked under activation checkpointing (the planner's call). */
+size_t st_model_activation_floats_opts(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
+                                       int device, int mlp_whole);
 
 /* Activation checkpointing (memory.activation_checkpointing): forward keeps each layer's input residual
  * only; backward recomputes the layer's forward from it (into one shared layer's worth of buffers) just
  * before that layer's backward. The arithmetic is the same calls on the same inputs, so losses and
  * gradients are bit-identical to the run without it; it costs one more forward of the trained layers
- * (minus the last projection, which backward does not need). Re-lays out the activations when they are
+ * (minus the last projection, which backward does not need). The MLP is per token: under activation
+ * checkpointing it runs over blocks of tokens (model.c mlp_rows: ~32 MiB of [rows, 2 d_ff] per block), forward
+ * and backward, so its [N, d_ff] buffers shrink to [rows, d_ff], and under bf16 gate and up run as two
+ * matmuls (one [d_ff, d_model] weight widened at a time by the CPU twin). Losses are unchanged; the adapter
+ * and weight gradients sum the blocks' products in block order (float rounding). Re-lays out the activations when they are
  * allocated. st_model_layer_activations is refused while it is on (nothing per layer is kept). */
 int st_model_set_activation_checkpointing(st_model *m, int on);
+/* Rows per token block of the MLP (N = B x T when unblocked): of this model, and of a model of this config
+ * (the planner's; mlp_whole: st_lora_rows_whole). */
+int st_model_mlp_rows(const st_model *m);
+int st_model_mlp_block_rows(const st_model_config *cfg, int B, int T, int act_ckpt, int mlp_whole);
+/* on = ST_MODEL_CKPT_BF16 (memory.checkpoint_dtype: bf16): the kept layer inputs are stored as bf16 under
+ * precision bf16 (half of their memory; one fp32 working copy of the current layer's input). Forward rounds
+ * each layer's output residual to bf16 and computes the next layer from that rounded value, so backward's
+ * recomputation sees exactly what forward did: a numerics change of its own (the residual stream is rounded at
+ * every layer boundary, as a bf16 model's is), a config choice, off by default. Under fp32 it acts as on = 1. */
+#define ST_MODEL_CKPT_BF16 2
 
 /* Selects the arithmetic (fp32 | bf16 mixed precision, see kernels/kernels.h). bf16 needs a backend with
  * matmul_bf16, to_bf16 and from_bf16; it allocates the bf16 weight copy, re-lays out the activations

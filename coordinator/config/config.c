@@ -685,6 +685,10 @@ static int finish_finetune(st_config *c, const char *file) {
                            "(%" PRId64 " after %" PRId64 ")", file, i, s->at_step, s[-1].at_step);
     }
     if ((rc = check_layers(file, "finetune.lora.layers", c->finetune.lora.layers))) return rc;
+    if (c->memory.checkpoint_dtype == ST_PRECISION_BF16 && (!c->memory.activation_checkpointing ||
+                                                            c->precision != ST_PRECISION_BF16))
+        return st_fail(ST_ECONFIG, "%s: memory.checkpoint_dtype: bf16 needs memory.activation_checkpointing: true and "
+                       "precision: bf16", file);
     if (c->finetune.mode == ST_FINETUNE_P_TUNING && c->finetune.prompt.init_text[0])
         return st_fail(ST_ECONFIG, "%s: finetune.prompt.init_text is a prompt_tuning option (p_tuning has no text init)",
                        file);

@@ -127,6 +127,7 @@ typedef struct {
 
     struct {
         int activation_checkpointing; /* keep each layer's input only, recompute the layer in backward */
+        int checkpoint_dtype;         /* st_precision of the kept layer inputs: fp32 (0, default) or bf16 (1) */
     } memory;
 
     st_task_config tasks[ST_CFG_MAX_TASKS];

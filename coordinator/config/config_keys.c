@@ -157,6 +157,7 @@ static const st_key sharding_keys[] = {
 
 static const st_key memory_keys[] = {
     {.name = "activation_checkpointing", .kind = ST_KEY_BOOL, .off = SOFF(memory, activation_checkpointing)},
+    KEY_ENUM("checkpoint_dtype", SOFF(memory, checkpoint_dtype), precision_names),
     {0},
 };
 

@@ -73,6 +73,11 @@ int st_plan_prompt_text_ids(const st_config *c, int32_t **ids, size_t *n) {
     return rc;
 }
 
+int st_plan_act_ckpt(const st_config *c) {
+    if (!c->memory.activation_checkpointing) return 0;
+    return c->memory.checkpoint_dtype == ST_PRECISION_BF16 ? ST_MODEL_CKPT_BF16 : 1;
+}
+
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (st_config_prompt_learning(c)) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
@@ -436,13 +441,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
-    r->comm = zero >= 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params */
+    r->comm = zero >= 1 && world > 1 ? sp->n_pad * sizeof(float) : 0; /* comm->flat_params (1 rank: none) */
     size_t transient = 0; /* stage 2 on host memory: gradients given back once a backward ends */
     if (zero == 2) { /* comm.c: stage 2 gathers in place when the compact space is the weight space */
         int in_place = sp->n_trainable == m->n_weights;
         for (int i = 0; i < m->n_params && in_place; i++) in_place = goff[i] == (long)m->params[i].offset;
         size_t bucket = (size_t)(c->sharding.bucket_mb * 1048576.0);
-        r->comm = st_comm_param_staging_floats(sp->n_pad, bucket, in_place) * sizeof(float);
+        r->comm = world > 1 ? st_comm_param_staging_floats(sp->n_pad, bucket, in_place) * sizeof(float) : 0;
         if (c->backend != ST_BACKEND_CUDA && world > 1 && sp->n_trainable) {
             /* s2_release: the shard, the gradients resident at once, a later micro-batch's receive buffers */
             size_t biggest = 0, bf = st_comm_zero2_piece_floats(bucket);
@@ -453,11 +458,14 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         }
     }
     /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
-    r->activations = (st_model_activation_floats_dev(&m->cfg, c->train.micro_batch,
-                                                     c->train.seq_len + st_prompt_tokens(m), c->precision,
-                                                     c->memory.activation_checkpointing,
-                                                     c->backend == ST_BACKEND_CUDA) +
-                      st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len) +
+    r->activations = (st_model_activation_floats_opts(&m->cfg, c->train.micro_batch,
+                                                      c->train.seq_len + st_prompt_tokens(m), c->precision,
+                                                      st_plan_act_ckpt(c), c->backend == ST_BACKEND_CUDA,
+                                                      st_lora_rows_whole(m)) +
+                      st_lora_work_floats(m, (size_t)c->train.micro_batch * (size_t)c->train.seq_len,
+                                          (size_t)st_model_mlp_block_rows(&m->cfg, c->train.micro_batch,
+                                                                          c->train.seq_len + st_prompt_tokens(m),
+                                                                          st_plan_act_ckpt(c), st_lora_rows_whole(m))) +
                       (c->precision == ST_PRECISION_BF16 ? st_lora_bf16_work_floats(m) : 0)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
@@ -466,7 +474,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
      * st_peft_save_dir's adapter copy */
     int tr = 0;
     size_t largest = largest_param(m, &tr), io = tensor_io_bytes(m);
-    size_t copies = rank > 0 ? 0 : m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : io;
+    /* st_peft_save_dir writes the adapters in place on a host backend, from a host copy on a device */
+    size_t adapters_copy = c->backend == ST_BACKEND_CUDA ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
+    size_t copies = rank > 0 ? 0 : m->lora ? adapters_copy : io;
     /* a checkpoint (checkpoints/ckpt_write.c, CPU ranks: written from the live buffers): a bounce window
      * of at most this rank's rows of one tensor */
     size_t written = largest; /* with adapters only they are written (the base tensors are skipped) */

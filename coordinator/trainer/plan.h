@@ -50,6 +50,10 @@ int st_plan_unpack(const uint8_t *buf, size_t len, int n_layer, st_stage_list *o
  * nor QLoRA (its base is quantized whole): those read the whole model, then keep their parts. */
 int st_plan_streams(const st_config *cfg);
 
+/* The st_model_set_activation_checkpointing argument of a job: 0, 1, or ST_MODEL_CKPT_BF16 with
+ * memory.checkpoint_dtype: bf16. */
+int st_plan_act_ckpt(const st_config *c);
+
 /* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model
  * gets the registry entries). No-op for the other modes. Call before st_plan_stages / st_plan_build. */
 int st_plan_attach_adapters(const st_config *cfg, st_model *m);

@@ -453,7 +453,7 @@ static int setup(trainer *t) {
     if (!rc && !quant) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
     t->model.weights_unread = 0;
     /* checkpointing first: the arena is then laid out once, at its checkpointed size */
-    if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, c->memory.activation_checkpointing));
+    if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, st_plan_act_ckpt(c)));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
     if (!rc && c->distill.teacher[0]) rc = st_trainer_agree(t, load_teacher(t));

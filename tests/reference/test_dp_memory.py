@@ -16,7 +16,8 @@ model, minus that model's own (tiny) plan. Each rank's RSS minus this baseline m
 the plan's estimate for that rank: its largest phase (load, step, checkpoint, final/ on rank 0).
 
 QLoRA at load and step, where the layer weights dominate (Llama 8 x 512, vocab 2000; nf4 + double
-quantization, fp32 and bf16, 1 rank): what loading adds to the RSS (the trainer reports the resident set
+quantization, fp32 and bf16, and bf16 with activation checkpointing (kept inputs in bf16) and the token-blocked MLP
+forced to blocks of 32 rows, 1 rank): what loading adds to the RSS (the trainer reports the resident set
 right before the load and getrusage's maximum right after it under SHARDTUNE_REPORT_LOAD_RSS=1; a baseline
 from another run, or a peak before the load, would carry transients the load's memory reuses) against the plan's load phase, and the run's peak minus the baseline
 above against the plan's peak, within 15%. The
@@ -97,9 +98,16 @@ def qlora_phases(root, data, small):
     """QLoRA's load and step phases against the measured RSS, on a model whose layer weights dominate."""
     model = dp.init_model(os.path.join(root, "layers"), "llama", 8, dim=512, heads=8, kv=4, vocab=2000, max_seq=128)
     job = dp.write_job(os.path.join(root, "q.yaml"), model, os.path.join(root, "qrun"), [{"name": "a", "path": data}])
-    for precision in ("fp32", "bf16"):
+    for precision, blocked in (("fp32", False), ("bf16", False), ("bf16", True)):
         ov = ["train.steps=2", "train.micro_batch=4", "train.seq_len=64", "sharding.stage=0", "finetune.mode=qlora",
               f"precision={precision}", "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+        # the token-blocked MLP under activation checkpointing (model.c mlp_rows), forced onto this small model:
+        # blocks of 32 rows of [32, 2 d_ff] (plan and run read the same variable); the kept inputs in bf16
+        dp.ENV.pop("SHARDTUNE_MLP_BLOCK_FLOATS", None)
+        if blocked:
+            ov += ["memory.activation_checkpointing=true", "memory.checkpoint_dtype=bf16"]
+            dp.ENV["SHARDTUNE_MLP_BLOCK_FLOATS"] = "100000"
+            precision += "-ckpt-blocked"
         small_ov = ov + [f"model.path={small}", f"run_dir={root}/qs{precision}"]
         base_peak = measured_rss(job, 1, small_ov)[0] - plan(job, 1, small_ov)["peak_bytes"]
         ov += [f"run_dir={root}/q{precision}"]
@@ -114,6 +122,7 @@ def qlora_phases(root, data, small):
             print(f"  qlora nf4+dq {precision} 1 rank, Llama 8 x 512 V2000, {what}: plan {want / 2**20:6.1f} MiB, "
                   f"measured {got / 2**20:6.1f} MiB ({err:+.1%}); fp32 model {fp32_model / 2**20:.1f} MiB")
             assert abs(err) <= TOL, f"qlora {precision} {what}: estimate off by {err:+.1%}"
+    dp.ENV.pop("SHARDTUNE_MLP_BLOCK_FLOATS", None)
 
 
 def main():

@@ -377,6 +377,23 @@ static void test_override_errors(void **state) {
     expect_error(MINIMAL, 1, o10, "unknown key 'trian'", "did you mean 'train'?");
 }
 
+/* memory.checkpoint_dtype: fp32 (default) or bf16, bf16 only with activation checkpointing under precision bf16. */
+static void test_checkpoint_dtype(void **state) {
+    (void)state;
+    st_config c;
+    char *ok[] = {"memory.checkpoint_dtype=bf16", "memory.activation_checkpointing=true", "precision=bf16"};
+    assert_int_equal(st_config_load_string(&c, MINIMAL, 3, ok), 0);
+    assert_int_equal(c.memory.checkpoint_dtype, ST_PRECISION_BF16);
+    assert_int_equal(st_config_load_string(&c, MINIMAL, 0, NULL), 0);
+    assert_int_equal(c.memory.checkpoint_dtype, ST_PRECISION_FP32);
+    char *no_ckpt[] = {"memory.checkpoint_dtype=bf16", "precision=bf16"};
+    expect_error(MINIMAL, 2, no_ckpt, "memory.checkpoint_dtype", "memory.activation_checkpointing: true");
+    char *fp32[] = {"memory.checkpoint_dtype=bf16", "memory.activation_checkpointing=true"};
+    expect_error(MINIMAL, 2, fp32, "memory.checkpoint_dtype", "precision: bf16");
+    char *bad[] = {"memory.checkpoint_dtype=fp16"};
+    expect_error(MINIMAL, 1, bad, "memory.checkpoint_dtype", NULL);
+}
+
 /* ---------- error classes in files ---------- */
 
 static void test_unknown_keys(void **state) {
@@ -839,6 +856,7 @@ int main(void) {
         cmocka_unit_test(test_override_indexed),
         cmocka_unit_test(test_override_later_wins),
         cmocka_unit_test(test_override_errors),
+        cmocka_unit_test(test_checkpoint_dtype),
         cmocka_unit_test(test_unknown_keys),
         cmocka_unit_test(test_type_errors),
         cmocka_unit_test(test_range_errors),

@@ -100,6 +100,30 @@ bad_usage "$BIN" ctl --run-dir $T/j "ctl: error: missing the command"
 bad_usage "$BIN" train --bogus "train: error: unknown or incomplete argument '--bogus'"
 [ ! -e $T/e ] && [ ! -e $T/c ] || fail "a refused command line left output behind"
 
+# an existing non-empty OUT is refused by name (a typo must not lose a model or a dataset); --force replaces
+# it whole (written aside, then renamed: no stale file of the old one, no temporary left)
+sum_before=$(cat $T/model/* $T/train.h5 | md5sum)
+bad "$BIN" "${IM[@]:0:9}" --out $T/model --layers 2 "init-model: error: $T/model already exists and is not empty (pass --force to replace it)"
+bad "$BIN" export $T/nanmodel --out $T/model "export: error: $T/model already exists and is not empty"
+bad "$BIN" export $T/nanmodel --out $T/model --format gguf "export: error: $T/model already exists and is not empty"
+bad "$BIN" export $T/adapter --merge --out $T/model "export: error: $T/model already exists and is not empty"
+bad "$BIN" data pack --jsonl $T/masked.jsonl --out $T/train.h5 --vocab 128 "data: error: $T/train.h5 already exists and is not empty"
+[ "$(cat $T/model/* $T/train.h5 | md5sum)" = "$sum_before" ] || fail "a refused command changed an existing OUT"
+mkdir -p $T/fm && : > $T/fm.h5 # an empty directory / file is fine
+"$BIN" "${IM[@]:0:9}" --out $T/fm --layers 1 >/dev/null || fail "init-model into an empty directory"
+"$BIN" data pack --jsonl $T/masked.jsonl --out $T/fm.h5 --vocab 128 >/dev/null || fail "data pack over an empty file"
+echo stale > $T/fm/stale.txt
+"$BIN" "${IM[@]:0:9}" --out $T/fm --layers 2 --force >/dev/null || fail "init-model --force"
+[ ! -e $T/fm/stale.txt ] && grep -q '"num_hidden_layers": 2' $T/fm/config.json || fail "init-model --force did not replace $T/fm whole"
+"$BIN" export $T/fm --out $T/fm2 >/dev/null && "$BIN" export $T/model --out $T/fm2 --force >/dev/null || fail "export --force"
+"$BIN" export $T/model --out $T/fm3 >/dev/null && cmp -s $T/fm2/model.safetensors $T/fm3/model.safetensors || fail "export --force did not replace $T/fm2"
+"$BIN" data pack --jsonl $T/masked.jsonl --out $T/fm.h5 --vocab 110 --force >/dev/null || fail "data pack --force"
+"$PY" -c "import h5py, sys; assert h5py.File(sys.argv[1])['/'].attrs['vocab_size'] == 110" $T/fm.h5 || fail "data pack --force did not replace"
+bad "$BIN" export $T/nanmodel --out $T/fm --force "holds a non-finite value"
+grep -q '"num_hidden_layers": 2' $T/fm/config.json || fail "a failed export --force touched the existing OUT"
+[ -z "$(ls -d $T/*.tmp-* 2>/dev/null)" ] || fail "temporaries left: $(ls -d $T/*.tmp-*)"
+echo "ok: an existing OUT is refused, --force replaces it whole"
+
 # a failed export leaves no OUT directory behind (a checkpoint whose /model tensor fails its checksum)
 [ "$(train 1 j)" = 0 ] || fail "train for export: $(tail -2 $T/j.err)"
 CK=$T/j/checkpoints/$(cat $T/j/checkpoints/latest)
@@ -115,7 +139,7 @@ bad "$BIN" export $T/flip.h5 --out $T/exp_bad "tensor model/model.layers.1.mlp.u
 bad "$BIN" export $T/flip.h5 --merge --out $T/exp_bad "fails its checksum"
 [ ! -e $T/exp_bad ] || fail "a failed export --merge left $T/exp_bad behind"
 mkdir $T/exp_keep; echo mine > $T/exp_keep/note.txt
-bad "$BIN" export $T/flip.h5 --out $T/exp_keep "fails its checksum"
+bad "$BIN" export $T/flip.h5 --out $T/exp_keep --force "fails its checksum"
 [ "$(cat $T/exp_keep/note.txt)" = mine ] || fail "a failed export into an existing directory removed its files"
 # a failure late in compress (after the weights were written) leaves no OUT either; a directory where a
 # file belongs is named as such (it read as a 2^63-byte file: "out of memory")

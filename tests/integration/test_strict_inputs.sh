@@ -32,6 +32,16 @@ bad "$BIN" train $T/j.yaml train.steps=4294967299 "train.steps: expected an inte
 bad "$BIN" train $T/j.yaml train.micro_batch=2147483647 "train.micro_batch x train.seq_len = "
 bad "$BIN" train $T/j.yaml finetune.train_layers=0-1 "finetune.train_layers: '0-1' has no effect in finetune.mode full"
 
+# eval under mpirun: rank 0 evaluates and prints once, exactly what one rank prints (it ran on every rank)
+for args in "--data $T/train.h5 --seq-len 16 --json" "--split val --job $T/j.yaml"; do
+  one=$("$BIN" eval --model $T/model $args) || fail "eval $args"
+  two=$(mpirun --oversubscribe -np 2 "$BIN" eval --model $T/model $args) || fail "mpirun eval $args"
+  [ -n "$one" ] && [ "$one" = "$two" ] || fail "eval $args on 2 ranks printed '$two', on 1 rank '$one'"
+done
+set +e; err=$(mpirun --oversubscribe -np 2 "$BIN" eval --model $T/model --data $T/none.h5 --seq-len 16 2>&1); set -e
+[ "$(grep -c "eval: error" <<< "$err")" = 1 ] || fail "eval's error on 2 ranks: $err"
+echo "ok: eval on 2 ranks prints once what 1 rank prints"
+
 # NaN / Inf weights: refused at load naming the tensor (train and eval)
 cp -r $T/model $T/nanmodel
 "$PY" - $T/nanmodel/model.safetensors <<'PYEOF'

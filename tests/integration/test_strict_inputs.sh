@@ -107,6 +107,8 @@ bad_usage "$BIN" compare rank "compare: error: unknown subcommand 'rank'"
 bad_usage "$BIN" plot $T/j "plot: error: missing --out FILE.svg|FILE.png"
 bad_usage "$BIN" monitor --bogus "monitor: error: unknown argument '--bogus'"
 bad_usage "$BIN" ctl --run-dir $T/j "ctl: error: missing the command"
+bad_usage "$BIN" ctl stop "ctl: error: missing ADDR: pass the job's monitor.control address, --run-dir DIR or --token-file F"
+bad_usage "$BIN" monitor --json "monitor: error: missing ADDR: pass the job's monitor.publish address or --run-dir DIR"
 bad_usage "$BIN" train --bogus "train: error: unknown or incomplete argument '--bogus'"
 [ ! -e $T/e ] && [ ! -e $T/c ] || fail "a refused command line left output behind"
 

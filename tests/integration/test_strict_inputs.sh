@@ -104,6 +104,18 @@ bad_usage "$BIN" export $T/adapter --out $T/e "export: error: $T/adapter is a PE
 bad_usage "$BIN" compress --model $T/model --out $T/c --bogus "compress: error: unknown or incomplete argument '--bogus'"
 bad_usage "$BIN" compare score $T --bogus "compare score: error: unknown or incomplete argument '--bogus'"
 bad_usage "$BIN" compare rank "compare: error: unknown subcommand 'rank'"
+# compare score: the last vote of a repeated id counts, and a note on stderr says how many were superseded
+mkdir -p $T/cmp && echo '{"0": "A", "1": "B", "2": "A"}' > $T/cmp/key.json
+printf '%s\n' '{"id": "0", "vote": "A"}' '{"id": "0", "vote": "B"}' '{"id": "1", "vote": "B"}' '{"id": "2", "vote": "tie"}' \
+  '{"id": "2", "vote": "A"}' > $T/cmp/votes.jsonl
+out=$("$BIN" compare score $T/cmp --votes $T/cmp/votes.jsonl --json 2>$T/cmp/err) || fail "compare score: $(cat $T/cmp/err)"
+"$PY" -c "import json, sys; r = json.loads(sys.argv[1]); assert (r['wins'], r['losses'], r['ties']) == (2, 1, 0), r" "$out" \
+  || fail "compare score counts (last vote per id: 0 B = loss, 1 B = win, 2 A = win): $out"
+[ "$(cat $T/cmp/err)" = "shardtune compare score: note: 2 votes superseded by a later vote of the same id (the last vote of an id counts)" ] \
+  || fail "compare score note: $(cat $T/cmp/err)"
+head -3 $T/cmp/votes.jsonl | tail -1 > $T/cmp/one.jsonl
+"$BIN" compare score $T/cmp --votes $T/cmp/one.jsonl 2>$T/cmp/err >/dev/null && [ ! -s $T/cmp/err ] || fail "a note without a repeated id: $(cat $T/cmp/err)"
+echo "ok: compare score notes superseded votes"
 bad_usage "$BIN" plot $T/j "plot: error: missing --out FILE.svg|FILE.png"
 bad_usage "$BIN" monitor --bogus "monitor: error: unknown argument '--bogus'"
 bad_usage "$BIN" ctl --run-dir $T/j "ctl: error: missing the command"

@@ -42,6 +42,15 @@ set +e; err=$(mpirun --oversubscribe -np 2 "$BIN" eval --model $T/model --data $
 [ "$(grep -c "eval: error" <<< "$err")" = 1 ] || fail "eval's error on 2 ranks: $err"
 echo "ok: eval on 2 ranks prints once what 1 rank prints"
 
+# a train that fails before its first step leaves no run directory it created (nor its parents); one that
+# existed keeps what it held
+bad "$BIN" train $T/j.yaml run_dir=$T/nr/a/b resume=$T/none.h5 "checkpoint $T/none.h5"
+bad "$BIN" train $T/j.yaml run_dir=$T/nr2/ monitor.publish=bogus://x "cannot bind PUB (monitor.publish) socket to bogus://x"
+[ ! -e $T/nr ] && [ ! -e $T/nr2 ] || fail "a train that failed at the start left $(ls -d $T/nr* | head -1) behind"
+mkdir -p $T/nr3 && echo mine > $T/nr3/note.txt
+bad "$BIN" train $T/j.yaml run_dir=$T/nr3 resume=$T/none.h5 "checkpoint $T/none.h5"
+[ "$(cat $T/nr3/note.txt)" = mine ] || fail "a failed train touched an existing run directory's files"
+
 # NaN / Inf weights: refused at load naming the tensor (train and eval)
 cp -r $T/model $T/nanmodel
 "$PY" - $T/nanmodel/model.safetensors <<'PYEOF'

@@ -687,7 +687,8 @@ static int ignored_key(const char *file, const char *key, const char *why, const
     return st_fail(ST_ECONFIG, "%s: %s has no effect in %s; %s", file, key, why, fix);
 }
 
-/* finetune.lora / qlora / prompt / prefix / train_modules, mixing.temperature / cap, tasks.N.weight. */
+/* finetune.lora / qlora / prompt / prefix / train_modules, distill.temperature / alpha, mixing.temperature / cap,
+ * tasks.N.weight. */
 static int check_ignored_keys(const st_config *c, const char *file) {
     st_config *d = malloc(sizeof *d);
     if (!d) return st_fail(ST_ENOMEM, "out of memory");
@@ -718,6 +719,10 @@ static int check_ignored_keys(const st_config *c, const char *file) {
         c->finetune.train_modules != d->finetune.train_modules)
         rc = ignored_key(file, "finetune.train_modules", why,
                          "it is read by finetune.mode frozen or progressive: set that mode or remove the key");
+    if (!rc && !c->distill.teacher[0] && (c->distill.temperature != d->distill.temperature ||
+                                          c->distill.alpha != d->distill.alpha))
+        rc = ignored_key(file, c->distill.temperature != d->distill.temperature ? "distill.temperature" : "distill.alpha",
+                         "a job without distill.teacher", "set distill.teacher (a model directory) or remove the key");
     snprintf(why, sizeof why, "mixing.strategy %s", st_mixing_name(c->mixing.strategy));
     if (!rc && c->mixing.strategy != ST_MIXING_TEMPERATURE && c->mixing.temperature != d->mixing.temperature)
         rc = ignored_key(file, "mixing.temperature", why, "it is read by mixing.strategy temperature: set that "

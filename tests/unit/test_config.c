@@ -531,6 +531,9 @@ static void test_finetune_errors(void **state) {
                  "mixing.temperature has no effect in mixing.strategy proportional", NULL);
     expect_error(with("mixing: {strategy: weights, cap: 10}\n"), 0, NULL,
                  "mixing.cap has no effect in mixing.strategy weights", NULL);
+    expect_error(with("distill: {alpha: 0.9}\n"), 0, NULL, "distill.alpha has no effect in a job without "
+                 "distill.teacher", NULL);
+    expect_error(with("distill: {temperature: 4}\n"), 0, NULL, "distill.temperature has no effect", NULL);
     expect_error(MINIMAL, 1, (char *[]){"tasks.0.weight=3"}, "tasks.0.weight has no effect in mixing.strategy "
                  "proportional", "mixing.strategy weights");
     /* ... and each read where its mode uses it; a dump of every key reloads (defaults are not "set") */
@@ -541,6 +544,7 @@ static void test_finetune_errors(void **state) {
                           "finetune: {mode: frozen, train_modules: [attn]}\n",
                           "mixing: {strategy: temperature, temperature: 2, cap: 5}\n",
                           "mixing: {strategy: weights, temperature: 1}\n",
+                          "distill: {teacher: t, temperature: 4, alpha: 0.9}\n",
                           "finetune: {mode: full, lora: {r: 16}}\nmixing: {temperature: 1.0}\n"};
     for (size_t i = 0; i < sizeof fine / sizeof fine[0]; i++) {
         if (st_config_load_string(&c, with(fine[i]), 0, NULL)) fail_msg("%s: %s", fine[i], st_error());

@@ -259,15 +259,16 @@ int st_cmd_export(int argc, char **argv) {
         return ST_EXIT_USAGE;
     }
     char path[2048];
+    snprintf(path, sizeof path, "%s/config.json", ckpt);
+    int model_dir = !peft && access(path, F_OK) == 0; /* SRC is a model directory */
     snprintf(path, sizeof path, "%s/adapter_config.json", ckpt);
-    if (access(path, F_OK) == 0) { /* a PEFT adapter directory: hf needs the base, peft is what it already is */
+    if (!model_dir && access(path, F_OK) == 0) { /* a PEFT adapter directory: hf needs the base, peft is what it already is */
         fprintf(stderr, "shardtune export: error: %s is a PEFT adapter directory: pass --merge to write the base model "
                         "with the adapter folded in (or --format gguf for a GGUF LoRA adapter)\n", ckpt);
         return ST_EXIT_USAGE;
     }
     if ((rc = st_cli_out_begin("export", out, force, tmp, sizeof tmp))) return rc;
-    snprintf(path, sizeof path, "%s/config.json", ckpt);
-    if (!peft && access(path, F_OK) == 0) { /* SRC is a model directory */
+    if (model_dir) {
         if (export_model_dir(ckpt, tmp)) return export_failed(out, tmp);
         if ((rc = st_cli_out_end("export", out, tmp, 1))) return rc;
         printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", ckpt,

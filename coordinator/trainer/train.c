@@ -132,8 +132,12 @@ static char *first_missing_dir(const char *path) {
  * leaves no run directory behind when it created it: its files (empty metrics.jsonl, control token,
  * monitor.addr) and the directories it made up to the topmost one go. Anything else there is kept. */
 static void remove_new_run_dir(const trainer *t) {
-    if (t->rank != 0 || !t->run_dir_new) return;
-    if (st_remove_dir_files(t->cfg->run_dir) != 0) return; /* a subdirectory: leave it all */
+    if (t->rank != 0 || !t->run_dir_new || access(t->cfg->run_dir, F_OK) != 0) return;
+    char why[1024]; /* the run's error stays the one reported */
+    snprintf(why, sizeof why, "%s", st_error());
+    int left = st_remove_dir_files(t->cfg->run_dir) != 0; /* a subdirectory: leave it all */
+    st_fail(ST_EIO, "%s", why);
+    if (left) return;
     char *p = strdup(t->cfg->run_dir);
     size_t top = strlen(t->run_dir_new), n = p ? strlen(p) : 0;
     while (n > 1 && p[n - 1] == '/') p[--n] = 0; /* "runs/j/": its parent is runs */

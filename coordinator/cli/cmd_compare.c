@@ -40,6 +40,9 @@ static int cmd_score(int argc, char **argv) {
     }
     st_compare_result r;
     if (st_compare_score(dir, votes, &r)) return st_cli_error("compare score", st_error());
+    if (r.superseded) /* stderr: --json's stdout stays one JSON object */
+        fprintf(stderr, "shardtune compare score: note: %d vote%s superseded by a later vote of the same id (the "
+                        "last vote of an id counts)\n", r.superseded, r.superseded == 1 ? "" : "s");
     if (json) {
         printf("{\"support\": %.6f, \"ci\": [%.6f, %.6f], \"wins\": %d, \"losses\": %d, \"ties\": %d, \"band\": \"%s\"}\n",
                r.support, r.lo, r.hi, r.wins, r.losses, r.ties, r.band);

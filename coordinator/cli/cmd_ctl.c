@@ -108,7 +108,7 @@ int st_cmd_ctl(int argc, char **argv) {
         snprintf(dir, sizeof dir, "%s", run_dir ? run_dir : token_file ? token_file : "");
         if (!run_dir) { char *slash = strrchr(dir, '/'); if (slash) *slash = 0; else snprintf(dir, sizeof dir, "."); }
         if (!run_dir && !token_file)
-            return st_cli_error("ctl", "no ADDR: pass the job's monitor.control address, --run-dir DIR or --token-file F");
+            return st_cli_missing("ctl", "ADDR: pass the job's monitor.control address, --run-dir DIR or --token-file F");
         if (st_monitor_addr_read(dir, "control", addr_buf, sizeof addr_buf)) return st_cli_error("ctl", st_error());
         addr = addr_buf;
     }

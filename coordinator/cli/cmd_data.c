@@ -19,7 +19,8 @@
 static const char *st_data_usage =
     "usage: shardtune data pack (--jsonl IN.jsonl | --llmc-bin 'GLOB') --out DATA.h5 [--vocab V] [--eos ID]\n"
     "       shardtune data pack --text IN.jsonl --model DIR --out DATA.h5 [--format auto|chat|alpaca|prompt|text]\n"
-    "                           [--template NAME|FILE] [--train-on all|assistant|last]";
+    "                           [--template NAME|FILE] [--train-on all|assistant|last]\n"
+    "       (an existing non-empty DATA.h5 is refused unless --force; the file is written aside, then renamed)";
 
 static int usage_error(const char *what, const char *arg) {
     fprintf(stderr, "shardtune data: error: %s%s%s\n%s\n", what, arg ? " " : "", arg ? arg : "", st_data_usage);
@@ -91,8 +92,8 @@ static int load_template(const char *model, const char *tpl, char **out) {
     return 0;
 }
 
-static int pack_text(const char *in, const char *model, const char *out, const char *format, const char *tpl,
-                     const char *train_on) {
+static int pack_text(const char *in, const char *model, const char *dst, const char *out, const char *format,
+                     const char *tpl, const char *train_on) {
     st_sft_opts o = {ST_SFT_AUTO, ST_TRAIN_DEFAULT, NULL, NULL, 0};
     if (format && (o.format = st_sft_format_from_name(format)) < 0) return usage_error("--format must be auto, chat, alpaca, prompt or text, got", format);
     if (train_on && (o.train_on = st_sft_train_on_from_name(train_on)) < 0) return usage_error("--train-on must be all, assistant or last, got", train_on);
@@ -110,7 +111,7 @@ static int pack_text(const char *in, const char *model, const char *out, const c
     st_dataset_writer *w = NULL;
     int64_t eos = n_end ? ends[0] : -1, vocab = (int64_t)st_tokenizer_vocab_size(tok);
     progress_state ps = {st_now(), 0, 0};
-    rc = st_dataset_writer_open(&w, out, vocab, eos); /* streamed: memory does not grow with the file */
+    rc = st_dataset_writer_open(&w, dst, vocab, eos); /* streamed: memory does not grow with the file */
     if (rc == 0) rc = st_text_pack(in, tok, &o, emit_doc, w, isatty(2) ? text_progress : NULL, &ps, &s);
     if (ps.drawn) fputc('\n', stderr);
     st_dataset_summary sum;
@@ -127,6 +128,9 @@ static int pack_text(const char *in, const char *model, const char *out, const c
     return rc < 0 ? st_cli_error("data", st_error()) : ST_EXIT_OK;
 }
 
+static int pack_ids(const char *jsonl, const char *llmc, long long vocab, long long eos, const char *dst,
+                    const char *out);
+
 int st_cmd_data(int argc, char **argv) {
     if (argc < 2) return usage_error("missing subcommand", NULL);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
@@ -137,8 +141,10 @@ int st_cmd_data(int argc, char **argv) {
     const char *jsonl = NULL, *llmc = NULL, *out = NULL, *text = NULL, *model = NULL, *format = NULL, *tpl = NULL,
                *train_on = NULL;
     long long vocab = 0, eos = -1;
+    int force = 0;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
+        if (!strcmp(a, "--force")) { force = 1; continue; }
         int known = !strcmp(a, "--jsonl") || !strcmp(a, "--llmc-bin") || !strcmp(a, "--out") ||
                     !strcmp(a, "--vocab") || !strcmp(a, "--eos") || !strcmp(a, "--text") || !strcmp(a, "--model") ||
                     !strcmp(a, "--format") || !strcmp(a, "--template") || !strcmp(a, "--train-on");
@@ -164,14 +170,27 @@ int st_cmd_data(int argc, char **argv) {
     if (text) {
         if (!model) return usage_error("--text needs --model DIR (its tokenizer.json and chat template)", NULL);
         if (vocab || eos >= 0) return usage_error("--vocab/--eos come from the model with --text", NULL);
-        return pack_text(text, model, out, format, tpl, train_on);
+        if (format && st_sft_format_from_name(format) < 0) return usage_error("--format must be auto, chat, alpaca, prompt or text, got", format);
+        if (train_on && st_sft_train_on_from_name(train_on) < 0) return usage_error("--train-on must be all, assistant or last, got", train_on);
+    } else if (model || format || tpl || train_on) {
+        return usage_error("--model/--format/--template/--train-on go with --text", NULL);
     }
-    if (model || format || tpl || train_on) return usage_error("--model/--format/--template/--train-on go with --text", NULL);
+    char tmp[4200]; /* written aside, renamed over OUT at the end: a failure leaves OUT as it was */
+    int rc = st_cli_out_begin("data", out, force, tmp, sizeof tmp);
+    if (rc) return rc;
+    rc = text ? pack_text(text, model, tmp, out, format, tpl, train_on) : pack_ids(jsonl, llmc, vocab, eos, tmp, out);
+    if (rc) { st_cli_out_end("data", out, tmp, 0); return rc; }
+    return st_cli_out_end("data", out, tmp, 1);
+}
+
+/* data pack --jsonl / --llmc-bin into dst (OUT's temporary sibling; `out` is what the lines name). */
+static int pack_ids(const char *jsonl, const char *llmc, long long vocab, long long eos, const char *dst,
+                    const char *out) {
 
     if (jsonl) { /* streamed (bounded memory) */
         progress_state ps = {st_now(), 0, 0};
         st_dataset_summary sum;
-        int rc = st_dataset_pack_jsonl_file(jsonl, out, vocab, eos, isatty(2) ? jsonl_progress : NULL, &ps, &sum);
+        int rc = st_dataset_pack_jsonl_file(jsonl, dst, vocab, eos, isatty(2) ? jsonl_progress : NULL, &ps, &sum);
         if (ps.drawn) fputc('\n', stderr);
         if (rc < 0 && strstr(st_error(), "missing \"input_ids\"")) {
             char msg[1400];
@@ -188,7 +207,7 @@ int st_cmd_data(int argc, char **argv) {
     st_dataset ds;
     int rc = st_dataset_pack_llmc(llmc, vocab, eos, &ds);
     if (rc < 0) return st_cli_error("data", st_error());
-    rc = st_dataset_write(out, &ds);
+    rc = st_dataset_write(dst, &ds);
     if (rc < 0) {
         st_dataset_free(&ds);
         return st_cli_error("data", st_error());

@@ -10,7 +10,10 @@
  * With --job the data is the job's own split of each of its tasks, opened by the trainer's data plan
  * (coordinator/trainer/data_plan.h: the same by-document split, seq_len and packing), evaluated as the
  * trainer's periodic eval does (st_loader_eval_*, whole split, every window); one line per task, then
- * the token-weighted overall loss. The model defaults to the job's model.path. */
+ * the token-weighted overall loss. The model defaults to the job's model.path.
+ *
+ * Under mpirun / srun, rank 0 evaluates and prints; the other ranks exit 0 at once, so N ranks print
+ * exactly what one does (once), never the same job N times. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +26,7 @@
 #include "coordinator/cli/commands.h"
 #include "kernels/kernels.h"
 #include "coordinator/config/config.h"
+#include "coordinator/config/slurm_env.h"
 #include "coordinator/trainer/data_plan.h"
 #include "worker/dataset.h"
 #include "worker/model.h"
@@ -181,6 +185,8 @@ static int run_job(const char *job, int split, const char *model_dir, const char
 }
 
 int st_cmd_eval(int argc, char **argv) {
+    st_slurm_env env; /* rank 0 does the whole job (an unreadable launcher environment: as if alone) */
+    if (st_slurm_env_read(&env) == 0 && env.rank > 0) return ST_EXIT_OK;
     const char *model_dir = NULL, *data = NULL, *adapter = NULL, *job = NULL, *split_name = NULL;
     int T = 0, B = 0, json = 0, n_over = 0;
     char **over = calloc((size_t)argc, sizeof *over);

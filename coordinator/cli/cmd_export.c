@@ -163,26 +163,34 @@ static int export_model_dir(const char *src, const char *out) {
     return rc;
 }
 
-/* A failed export: the one error line, and no half-written OUT left behind (a directory this run created is
- * removed with whatever it wrote; an OUT that existed before is left as it was). */
-static int export_failed(const char *out, int out_existed) {
+/* A failed export: the one error line, and no half-written OUT left behind (the export went to the temporary
+ * sibling `tmp`, removed here; OUT is left as it was). */
+static int export_failed(const char *out, const char *tmp) {
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", st_error());
-    if (!out_existed && out && access(out, F_OK) == 0) st_remove_dir_files(out);
+    st_cli_out_end("export", out, tmp, 0);
     return st_cli_error("export", msg);
+}
+
+/* --force anywhere on the command line (replace an existing non-empty OUT). */
+static int has_force(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--force")) return 1;
+    return 0;
 }
 
 int st_cmd_export(int argc, char **argv) {
     const char *src_arg = NULL, *out_dir_arg = NULL;
-    int merge = 0;
+    int merge = 0, force = has_force(argc, argv), rc;
     const char *base = NULL;
+    char tmp[4200];
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--merge")) merge = 1;
         else if (!strcmp(argv[i], "--model") && i + 1 < argc) base = argv[i + 1];
     }
     if (merge) {
         for (int i = 1; i < argc; i++) {
-            if (!strcmp(argv[i], "--merge")) continue;
+            if (!strcmp(argv[i], "--merge") || !strcmp(argv[i], "--force")) continue;
             if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--model")) && i + 1 < argc) {
                 if (!strcmp(argv[i], "--out")) out_dir_arg = argv[i + 1];
                 i++;
@@ -191,15 +199,16 @@ int st_cmd_export(int argc, char **argv) {
         }
         if (!src_arg || !out_dir_arg) {
             if (src_arg || out_dir_arg) st_cli_missing("export", !src_arg ? "SRC" : "--out DIR");
-            fprintf(stderr, "usage: shardtune export ADAPTER_DIR --merge --out DIR [--model BASE_DIR]\n");
+            fprintf(stderr, "usage: shardtune export ADAPTER_DIR --merge --out DIR [--model BASE_DIR] [--force]\n");
             return ST_EXIT_USAGE;
         }
         char probe[4200], path[2048];
-        int existed = access(out_dir_arg, F_OK) == 0;
+        if ((rc = st_cli_out_begin("export", out_dir_arg, force, tmp, sizeof tmp))) return rc;
         snprintf(probe, sizeof probe, "%s/adapter_config.json", src_arg);
-        if (access(probe, F_OK) == 0 ? export_merged(src_arg, base, out_dir_arg)
-                                     : st_ckpt_resolve(src_arg, path, sizeof path) || export_ckpt(path, out_dir_arg, 0))
-            return export_failed(out_dir_arg, existed);
+        if (access(probe, F_OK) == 0 ? export_merged(src_arg, base, tmp)
+                                     : st_ckpt_resolve(src_arg, path, sizeof path) || export_ckpt(path, tmp, 0))
+            return export_failed(out_dir_arg, tmp);
+        if ((rc = st_cli_out_end("export", out_dir_arg, tmp, 1))) return rc;
         printf("exported %s merged into its base -> %s\n", src_arg, out_dir_arg);
         return ST_EXIT_OK;
     }
@@ -221,7 +230,10 @@ int st_cmd_export(int argc, char **argv) {
                             " [--tokenizer DIR | --no-tokenizer] [--tokenizer-pre NAME] [--name NAME] [--model BASE_DIR]\n");
             return ST_EXIT_USAGE;
         }
-        return st_export_gguf(ckpt, out, argc, argv);
+        if ((rc = st_cli_out_begin("export", out, force, tmp, sizeof tmp))) return rc;
+        rc = st_export_gguf(ckpt, tmp, out, argc, argv);
+        if (rc) { st_cli_out_end("export", out, tmp, 0); return rc; }
+        return st_cli_out_end("export", out, tmp, 1);
     }
     if (strcmp(format, "hf") != 0 && strcmp(format, "peft") != 0) {
         fprintf(stderr, "shardtune export: error: --format '%s' is not supported (hf, peft or gguf)\n", format);
@@ -230,6 +242,7 @@ int st_cmd_export(int argc, char **argv) {
     int peft = !strcmp(format, "peft");
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
+        else if (!strcmp(argv[i], "--force")) continue;
         else if (!strcmp(argv[i], "--format") && i + 1 < argc && (!strcmp(argv[i + 1], "hf") || peft)) i++;
         else if (argv[i][0] != '-' && !ckpt) ckpt = argv[i];
         else {
@@ -242,25 +255,28 @@ int st_cmd_export(int argc, char **argv) {
     }
     if (!ckpt || !out) {
         if (ckpt || out || argc < 2) st_cli_missing("export", !ckpt ? "SRC" : "--out DIR");
-        fprintf(stderr, "usage: shardtune export SRC --out DST [--format hf|peft|gguf] [--merge] [--quant TYPE]\n");
+        fprintf(stderr, "usage: shardtune export SRC --out DST [--format hf|peft|gguf] [--merge] [--quant TYPE] [--force]\n");
         return ST_EXIT_USAGE;
     }
     char path[2048];
-    int existed = access(out, F_OK) == 0;
     snprintf(path, sizeof path, "%s/config.json", ckpt);
-    if (!peft && access(path, F_OK) == 0) { /* SRC is a model directory */
-        if (export_model_dir(ckpt, out)) return export_failed(out, existed);
-        printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", ckpt,
-               out);
-        return ST_EXIT_OK;
-    }
+    int model_dir = !peft && access(path, F_OK) == 0; /* SRC is a model directory */
     snprintf(path, sizeof path, "%s/adapter_config.json", ckpt);
-    if (access(path, F_OK) == 0) { /* a PEFT adapter directory: hf needs the base, peft is what it already is */
+    if (!model_dir && access(path, F_OK) == 0) { /* a PEFT adapter directory: hf needs the base, peft is what it already is */
         fprintf(stderr, "shardtune export: error: %s is a PEFT adapter directory: pass --merge to write the base model "
                         "with the adapter folded in (or --format gguf for a GGUF LoRA adapter)\n", ckpt);
         return ST_EXIT_USAGE;
     }
-    if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, out, peft)) return export_failed(out, existed);
+    if ((rc = st_cli_out_begin("export", out, force, tmp, sizeof tmp))) return rc;
+    if (model_dir) {
+        if (export_model_dir(ckpt, tmp)) return export_failed(out, tmp);
+        if ((rc = st_cli_out_end("export", out, tmp, 1))) return rc;
+        printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", ckpt,
+               out);
+        return ST_EXIT_OK;
+    }
+    if (st_ckpt_resolve(ckpt, path, sizeof path) || export_ckpt(path, tmp, peft)) return export_failed(out, tmp);
+    if ((rc = st_cli_out_end("export", out, tmp, 1))) return rc;
     if (peft) printf("exported %s -> %s (adapter_config.json + adapter_model.safetensors)\n", path, out);
     else printf("exported %s -> %s (model.safetensors + config.json + the source's tokenizer/generation files)\n", path,
                 out);

@@ -139,11 +139,11 @@ static int load_source(const char *src, const char *base, st_model *m, float **h
 }
 
 /* The adapters of an adapter dir / LoRA checkpoint as a GGUF LoRA adapter (no tokenizer: the base's). */
-static int export_lora(const char *src, const char *out, st_model *m, float *host, st_ggml_type quant,
-                       const char *name) {
+static int export_lora(const char *src, const char *dst, const char *out, st_model *m, float *host,
+                       st_ggml_type quant, const char *name) {
     st_gguf_options opt = {NULL, name, NULL};
     st_gguf_report rep;
-    int rc = st_gguf_export_lora(m, host, quant, &opt, out, &rep);
+    int rc = st_gguf_export_lora(m, host, quant, &opt, dst, &rep);
     free(host);
     st_model_free(m);
     if (rc) return st_cli_error("export", st_error());
@@ -152,7 +152,7 @@ static int export_lora(const char *src, const char *out, st_model *m, float *hos
     return ST_EXIT_OK;
 }
 
-int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
+int st_export_gguf(const char *src, const char *dst, const char *out, int argc, char **argv) {
     const char *quant_s = "f16", *tok = NULL, *name = NULL, *pre = NULL, *base = NULL;
     int no_tok = 0;
     for (int i = 1; i < argc; i++) {
@@ -162,6 +162,7 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
         else if (!strcmp(argv[i], "--tokenizer-pre") && i + 1 < argc) pre = argv[++i];
         else if (!strcmp(argv[i], "--model") && i + 1 < argc) base = argv[++i];
         else if (!strcmp(argv[i], "--no-tokenizer")) no_tok = 1;
+        else if (!strcmp(argv[i], "--force")) continue;
         else if ((!strcmp(argv[i], "--out") || !strcmp(argv[i], "--format")) && i + 1 < argc) i++;
         else if (argv[i][0] == '-') {
             fprintf(stderr, "shardtune export: error: unknown option '%s' for --format gguf\n", argv[i]);
@@ -179,7 +180,7 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
     char found[4096];
     int lora;
     if (load_source(src, base, &m, &host, found, sizeof found, &lora)) return st_cli_error("export", st_error());
-    if (lora) return export_lora(src, out, &m, host, quant, name);
+    if (lora) return export_lora(src, dst, out, &m, host, quant, name);
     if (!tok && !no_tok) {
         tok = found;
         if (!found[0] || !file_exists(found, "tokenizer.json")) {
@@ -193,7 +194,7 @@ int st_export_gguf(const char *src, const char *out, int argc, char **argv) {
     st_gguf_options opt = {no_tok ? NULL : tok, name, pre};
     st_gguf_report rep;
     double t0 = st_now();
-    int rc = st_gguf_export(&m, host, quant, &opt, out, &rep);
+    int rc = st_gguf_export(&m, host, quant, &opt, dst, &rep);
     double dt = st_now() - t0;
     free(host);
     st_model_free(&m);

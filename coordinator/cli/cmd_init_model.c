@@ -12,7 +12,7 @@
 static int usage(void) {
     fprintf(stderr, "usage: shardtune init-model --family llama|gpt2 --layers L --dim D --heads H [--kv-heads K]\n"
                     "         [--ffn F] --vocab V [--max-seq S] [--seed N] [--tied] [--qkv-bias] [--rope-theta X]\n"
-                    "         --out DIR\n");
+                    "         --out DIR [--force]\n");
     return ST_EXIT_USAGE;
 }
 
@@ -21,7 +21,7 @@ int st_cmd_init_model(int argc, char **argv) {
     memset(&c, 0, sizeof c);
     const char *family = NULL, *out = NULL;
     int64_t seed = 1234;
-    int tied = -1, qkv_bias = 0;
+    int tied = -1, qkv_bias = 0, force = 0;
     c.max_seq = 1024;
     c.rope_theta = 10000.0f;
     c.bos_id = c.eos_id = -1;
@@ -52,6 +52,7 @@ int st_cmd_init_model(int argc, char **argv) {
         }
         else if (!strcmp(a, "--out") && has) out = argv[++i];
         else if (!strcmp(a, "--tied")) tied = 1;
+        else if (!strcmp(a, "--force")) force = 1;
         else if (!strcmp(a, "--qkv-bias")) qkv_bias = 1;
         else { st_cli_bad_arg("init-model", a); return usage(); }
     }
@@ -86,13 +87,22 @@ int st_cmd_init_model(int argc, char **argv) {
     c.head_dim = c.n_head > 0 ? c.d_model / c.n_head : 0;
     if (c.head_dim * c.n_head != c.d_model)
         return st_cli_error("init-model", "--dim must be a multiple of --heads");
+    char tmp[4200];
+    int rc = st_cli_out_begin("init-model", out, force, tmp, sizeof tmp); /* written to tmp, then renamed */
+    if (rc) return rc;
     st_model m;
-    int rc = st_model_build(&m, &c, st_backend_cpu(0));
+    rc = st_model_build(&m, &c, st_backend_cpu(0));
     if (!rc) rc = st_model_init_random(&m, (uint64_t)seed);
-    if (!rc) rc = st_model_save_dir(&m, out, 0);
+    if (!rc) rc = st_model_save_dir(&m, tmp, 0);
     size_t n = m.n_weights;
     st_model_free(&m);
-    if (rc) return st_cli_error("init-model", st_error());
+    if (rc) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", st_error());
+        st_cli_out_end("init-model", out, tmp, 0);
+        return st_cli_error("init-model", msg);
+    }
+    if ((rc = st_cli_out_end("init-model", out, tmp, 1))) return rc;
     printf("wrote %s: %s, %d layers, dim %d, heads %d/%d, ffn %d, vocab %d, %.2fM params\n", out, c.model_type,
            c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.d_ff, c.vocab, n / 1e6);
     return ST_EXIT_OK;

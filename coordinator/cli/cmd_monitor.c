@@ -287,7 +287,7 @@ int st_cmd_monitor(int argc, char **argv) {
             return ST_EXIT_USAGE;
         }
     }
-    if (!addr && !run_dir) return st_cli_error("monitor", "no ADDR: pass the job's monitor.publish address or --run-dir DIR");
+    if (!addr && !run_dir) return st_cli_missing("monitor", "ADDR: pass the job's monitor.publish address or --run-dir DIR");
     if (!addr) {
         if (st_monitor_addr_read(run_dir, "publish", addr_buf, sizeof addr_buf)) return st_cli_error("monitor", st_error());
         addr = addr_buf;

@@ -246,6 +246,15 @@ int st_cmd_plot(int argc, char **argv) {
         fprintf(stderr, "usage: shardtune plot RUN_DIR --out FILE.svg|FILE.png\n");
         return ST_EXIT_USAGE;
     }
+    /* the format follows the extension: .svg or .png (case-insensitive); anything else would be an SVG
+     * under a name that says otherwise */
+    const char *base = strrchr(out, '/'), *ext;
+    ext = strrchr(base ? base + 1 : out, '.');
+    if (!ext || (strcasecmp(ext, ".svg") != 0 && strcasecmp(ext, ".png") != 0)) {
+        fprintf(stderr, "shardtune plot: error: --out %s: %s%s%s (plot writes FILE.svg or FILE.png)\n", out,
+                ext ? "unknown extension '" : "no extension", ext ? ext : "", ext ? "'" : "");
+        return ST_EXIT_USAGE;
+    }
     char path[4096];
     snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
     char *text;

@@ -4,6 +4,7 @@
 #ifndef ST_COMMANDS_H
 #define ST_COMMANDS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* Exit codes shared by all commands (documented in docs/cli.md). */
@@ -23,8 +24,9 @@ int st_cmd_eval(int argc, char **argv);
 int st_cmd_plan(int argc, char **argv);
 int st_cmd_ckpt(int argc, char **argv);
 int st_cmd_export(int argc, char **argv);
-/* `export SRC --out FILE --format gguf ...` (cmd_export_gguf.c); argv as st_cmd_export's. */
-int st_export_gguf(const char *src, const char *out, int argc, char **argv);
+/* `export SRC --out FILE --format gguf ...` (cmd_export_gguf.c); argv as st_cmd_export's; writes `dst`
+ * (the temporary sibling of OUT), names `out` in what it prints. */
+int st_export_gguf(const char *src, const char *dst, const char *out, int argc, char **argv);
 int st_cmd_compress(int argc, char **argv);
 int st_cmd_monitor(int argc, char **argv);
 int st_cmd_ctl(int argc, char **argv);
@@ -45,5 +47,14 @@ int st_cli_missing(const char *cmd, const char *what);
  * expected ..., got '<text>'" and returns ST_EXIT_USAGE. Use: if ((rc = st_cli_int(...))) return rc; */
 int st_cli_int(const char *cmd, const char *flag, const char *text, int64_t lo, int64_t hi, int64_t *out);
 int st_cli_real(const char *cmd, const char *flag, const char *text, double lo, double hi, double *out);
+
+/* The OUT of a command that writes a file or a directory (init-model, export, data pack): an existing non-empty
+ * OUT is refused ("shardtune <cmd>: error: OUT already exists and is not empty (pass --force to replace it)",
+ * ST_EXIT_FAIL) unless `force`; the command writes to `tmp` instead (a sibling, OUT.tmp-PID, a stale one removed)
+ * and then calls st_cli_out_end, so a failure never leaves a half-written OUT. 0 or the exit code. */
+int st_cli_out_begin(const char *cmd, const char *out, int force, char *tmp, size_t cap);
+/* ok: tmp renamed to OUT (a replaced OUT is moved aside first, removed after); 0, or the error printed and
+ * ST_EXIT_FAIL. !ok: tmp removed, OUT as it was; returns 0. */
+int st_cli_out_end(const char *cmd, const char *out, const char *tmp, int ok);
 
 #endif

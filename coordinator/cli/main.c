@@ -1,8 +1,12 @@
 /* main.c — `shardtune` entry point: dispatches to a subcommand (coordinator/cli/commands.h). */
 #include "coordinator/cli/commands.h"
 
+#include <dirent.h>
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "common/error.h"
 #include "common/util.h"
@@ -15,14 +19,14 @@ struct st_command {
 
 static const struct st_command st_commands[] = {
     {"init-model", st_cmd_init_model,
-     "--family llama|gpt2 --layers L --dim D --heads H [--kv-heads K] [--ffn F] --vocab V [--max-seq S] [--seed N] --out DIR"},
-    {"data", st_cmd_data, "pack (--jsonl IN.jsonl | --llmc-bin 'GLOB' | --text IN.jsonl --model DIR) --out DATA.h5 ..."},
+     "--family llama|gpt2 --layers L --dim D --heads H [--kv-heads K] [--ffn F] --vocab V [--max-seq S] [--seed N] --out DIR [--force]"},
+    {"data", st_cmd_data, "pack (--jsonl IN.jsonl | --llmc-bin 'GLOB' | --text IN.jsonl --model DIR) --out DATA.h5 [--force] ..."},
     {"tokenize", st_cmd_tokenize, "--model DIR [--decode] [--no-special]   (stdin -> stdout, one JSON value a line)"},
     {"train", st_cmd_train, "JOB.yaml [dotted.key=value ...]"},
     {"eval", st_cmd_eval, "--model DIR [--adapter DIR] --data DATA.h5 --seq-len T [--json]"},
     {"plan", st_cmd_plan, "JOB.yaml --ranks N [--json]"},
     {"ckpt", st_cmd_ckpt, "inspect|verify PATH"},
-    {"export", st_cmd_export, "SRC --out DST [--format hf|peft|gguf] [--merge] [--quant f32|f16|bf16|q8_0|q4_0|q2_K|q3_K|q4_K|q5_K|q6_K|q4_K_M|q5_K_M]"},
+    {"export", st_cmd_export, "SRC --out DST [--format hf|peft|gguf] [--merge] [--quant f32|f16|bf16|q8_0|q4_0|q2_K|q3_K|q4_K|q5_K|q6_K|q4_K_M|q5_K_M] [--force]"},
     {"compress", st_cmd_compress, "--model DIR --out DIR [--drop-layers SPEC] [--prune-heads F] [--prune-ffn F] "
                                   "[--calib DATA.h5]"},
     {"monitor", st_cmd_monitor, "[ADDR] [--run-dir DIR] [--plain|--json]"},
@@ -46,6 +50,66 @@ static void usage(FILE *out) {
 int st_cli_error(const char *cmd, const char *msg) {
     fprintf(stderr, "shardtune %s: error: %s\n", cmd, msg && *msg ? msg : "unknown failure");
     return ST_EXIT_FAIL;
+}
+
+/* 1 when path exists and holds something: a directory with an entry, a file of non-zero size, anything else. */
+static int out_nonempty(const char *path) {
+    struct stat sb;
+    if (lstat(path, &sb) != 0) return 0;
+    if (S_ISREG(sb.st_mode)) return sb.st_size > 0;
+    if (!S_ISDIR(sb.st_mode)) return 1;
+    DIR *d = opendir(path);
+    if (!d) return 1;
+    struct dirent *e;
+    int any = 0;
+    while (!any && (e = readdir(d)) != NULL) any = strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    closedir(d);
+    return any;
+}
+
+/* Removes a file, or a directory and the files directly inside it; a missing path is fine. */
+static void remove_path(const char *path) {
+    struct stat sb;
+    if (lstat(path, &sb) != 0) return;
+    if (S_ISDIR(sb.st_mode)) st_remove_dir_files(path);
+    else unlink(path);
+}
+
+int st_cli_out_begin(const char *cmd, const char *out, int force, char *tmp, size_t cap) {
+    if (!force && out_nonempty(out)) {
+        char msg[4200];
+        snprintf(msg, sizeof msg, "%s already exists and is not empty (pass --force to replace it)", out);
+        return st_cli_error(cmd, msg);
+    }
+    size_t n = strlen(out);
+    while (n > 1 && out[n - 1] == '/') n--; /* "dir/" -> sibling "dir.tmp-PID", not a child */
+    if ((size_t)snprintf(tmp, cap, "%.*s.tmp-%ld", (int)n, out, (long)getpid()) >= cap)
+        return st_cli_error(cmd, "--out path too long");
+    remove_path(tmp);
+    return 0;
+}
+
+int st_cli_out_end(const char *cmd, const char *out, const char *tmp, int ok) {
+    if (!ok) { remove_path(tmp); return 0; }
+    char old[4200];
+    struct stat sb;
+    snprintf(old, sizeof old, "%s.old-%ld", tmp, (long)getpid());
+    int replace = lstat(out, &sb) == 0 && out_nonempty(out);
+    if (replace && rename(out, old) != 0) {
+        char msg[4400];
+        snprintf(msg, sizeof msg, "cannot move %s aside to replace it: %s (the new one is in %s)", out, strerror(errno), tmp);
+        return st_cli_error(cmd, msg);
+    }
+    if (rename(tmp, out) != 0) {
+        char msg[4400];
+        int e = errno;
+        if (replace) rename(old, out); /* the old OUT back in place */
+        snprintf(msg, sizeof msg, "cannot rename %s to %s: %s", tmp, out, strerror(e));
+        remove_path(tmp);
+        return st_cli_error(cmd, msg);
+    }
+    if (replace) remove_path(old);
+    return 0;
 }
 
 int st_cli_bad_arg(const char *cmd, const char *arg) {

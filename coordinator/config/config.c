@@ -650,6 +650,95 @@ static int finish_tasks(st_config *c, const char *file) {
     return 0;
 }
 
+/* ---------- keys of another mode or strategy ----------
+ * A value the job's finetune.mode or mixing.strategy never reads (finetune.lora.* outside lora/qlora, ...)
+ * would be silently ignored: a user who set it expects it to change the math, so it is refused by name.
+ * "Set" is "differs from its default" (the canonical JSON dump lists every key at its value, so a dumped
+ * job spec reloads). */
+
+/* 1 when the value of key k differs between the structs a and b (the same table). */
+static int key_differs(const st_key *k, const char *a, const char *b) {
+    const char *pa = a + k->off, *pb = b + k->off;
+    switch (k->kind) {
+    case ST_KEY_I32: case ST_KEY_BOOL: case ST_KEY_ENUM: case ST_KEY_SIGNAL: return *(const int *)pa != *(const int *)pb;
+    case ST_KEY_I64: return *(const int64_t *)pa != *(const int64_t *)pb;
+    case ST_KEY_F64: return *(const double *)pa != *(const double *)pb;
+    case ST_KEY_F64_LIST:
+        for (size_t i = 0; i < k->size; i++)
+            if (((const double *)pa)[i] != ((const double *)pb)[i]) return 1;
+        return 0;
+    case ST_KEY_STRING: return strncmp(pa, pb, k->size) != 0;
+    case ST_KEY_MODULES: case ST_KEY_NAMESET: return *(const unsigned *)pa != *(const unsigned *)pb;
+    default: return 0; /* sections and lists are compared key by key by the caller */
+    }
+}
+
+/* The first key of section `name` (below `table`, whose struct is at a / b) whose value differs from the
+ * default; its name in *which. 1 when one does. */
+static int section_differs(const st_key *table, const char *name, const char *a, const char *b, const char **which) {
+    const st_key *sec = find_key(table, name, strlen(name));
+    if (!sec || sec->kind != ST_KEY_SECTION) return 0;
+    for (const st_key *k = sec->sub; k->name; k++)
+        if (key_differs(k, a + sec->off, b + sec->off)) return *which = k->name, 1;
+    return 0;
+}
+
+static int ignored_key(const char *file, const char *key, const char *why, const char *fix) {
+    return st_fail(ST_ECONFIG, "%s: %s has no effect in %s; %s", file, key, why, fix);
+}
+
+/* finetune.lora / qlora / prompt / prefix / train_modules, distill.temperature / alpha, mixing.temperature / cap,
+ * tasks.N.weight. */
+static int check_ignored_keys(const st_config *c, const char *file) {
+    st_config *d = malloc(sizeof *d);
+    if (!d) return st_fail(ST_ENOMEM, "out of memory");
+    st_config_defaults(d);
+    const st_key *ft = find_key(st_config_root_keys, "finetune", 8);
+    const char *fa = (const char *)c + ft->off, *fb = (const char *)d + ft->off, *which = NULL;
+    st_finetune_mode m = c->finetune.mode;
+    char key[96], why[96];
+    int rc = 0;
+    snprintf(why, sizeof why, "finetune.mode %s", st_finetune_mode_name(m));
+    static const struct { const char *section, *modes; unsigned mask; } sections[] = {
+        {"lora", "lora or qlora", 1u << ST_FINETUNE_LORA | 1u << ST_FINETUNE_QLORA},
+        {"qlora", "qlora", 1u << ST_FINETUNE_QLORA},
+        {"prompt", "prompt_tuning or p_tuning", 1u << ST_FINETUNE_PROMPT_TUNING | 1u << ST_FINETUNE_P_TUNING},
+        {"prefix", "prefix_tuning", 1u << ST_FINETUNE_PREFIX_TUNING},
+    };
+    for (size_t i = 0; !rc && i < sizeof sections / sizeof sections[0]; i++) {
+        if ((sections[i].mask >> m) & 1u) continue;
+        if (!section_differs(ft->sub, sections[i].section, fa, fb, &which)) continue;
+        snprintf(key, sizeof key, "finetune.%s.%s", sections[i].section, which);
+        char fix[96];
+        snprintf(fix, sizeof fix, "it is read by finetune.mode %s: set that mode or remove the key", sections[i].modes);
+        rc = ignored_key(file, key, why, fix);
+    }
+    if (!rc && m == ST_FINETUNE_PROMPT_TUNING && c->finetune.prompt.encoder != d->finetune.prompt.encoder)
+        rc = ignored_key(file, "finetune.prompt.encoder", why, "the encoder is a p_tuning option: remove the key");
+    if (!rc && m != ST_FINETUNE_FROZEN && m != ST_FINETUNE_PROGRESSIVE &&
+        c->finetune.train_modules != d->finetune.train_modules)
+        rc = ignored_key(file, "finetune.train_modules", why,
+                         "it is read by finetune.mode frozen or progressive: set that mode or remove the key");
+    if (!rc && !c->distill.teacher[0] && (c->distill.temperature != d->distill.temperature ||
+                                          c->distill.alpha != d->distill.alpha))
+        rc = ignored_key(file, c->distill.temperature != d->distill.temperature ? "distill.temperature" : "distill.alpha",
+                         "a job without distill.teacher", "set distill.teacher (a model directory) or remove the key");
+    snprintf(why, sizeof why, "mixing.strategy %s", st_mixing_name(c->mixing.strategy));
+    if (!rc && c->mixing.strategy != ST_MIXING_TEMPERATURE && c->mixing.temperature != d->mixing.temperature)
+        rc = ignored_key(file, "mixing.temperature", why, "it is read by mixing.strategy temperature: set that "
+                         "strategy or remove the key");
+    if (!rc && c->mixing.strategy == ST_MIXING_WEIGHTS && c->mixing.cap != d->mixing.cap)
+        rc = ignored_key(file, "mixing.cap", why, "the tasks' weights are the sampling rates: remove the key");
+    for (int i = 0; !rc && c->mixing.strategy != ST_MIXING_WEIGHTS && i < c->n_tasks; i++)
+        if (c->tasks[i].weight != 1.0) {
+            snprintf(key, sizeof key, "tasks.%d.weight", i);
+            rc = ignored_key(file, key, why, "it is read by mixing.strategy weights: set that strategy or remove "
+                             "the key");
+        }
+    free(d);
+    return rc;
+}
+
 static int finish_finetune(st_config *c, const char *file) {
     int rc = check_layers(file, "finetune.train_layers", c->finetune.train_layers);
     if (rc) return rc;
@@ -689,6 +778,7 @@ static int finish_finetune(st_config *c, const char *file) {
                                                             c->precision != ST_PRECISION_BF16))
         return st_fail(ST_ECONFIG, "%s: memory.checkpoint_dtype: bf16 needs memory.activation_checkpointing: true and "
                        "precision: bf16", file);
+    if ((rc = check_ignored_keys(c, file))) return rc;
     if (c->finetune.mode == ST_FINETUNE_P_TUNING && c->finetune.prompt.init_text[0])
         return st_fail(ST_ECONFIG, "%s: finetune.prompt.init_text is a prompt_tuning option (p_tuning has no text init)",
                        file);

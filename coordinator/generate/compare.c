@@ -250,8 +250,10 @@ int st_compare_score(const char *dir, const char *votes_path, st_compare_result 
         else if (k == key->count)
             rc = st_fail(ST_EINVAL, "%s line %ld: id \"%s\" is not in %s/key.json (votes of another sheet?)",
                          votes_path, ln + 1, id, dir);
-        else if (!strcmp(choice, "A") || !strcmp(choice, "B") || !strcmp(choice, "tie"))
+        else if (!strcmp(choice, "A") || !strcmp(choice, "B") || !strcmp(choice, "tie")) {
+            if (vote[k]) r->superseded++; /* an earlier vote of this id no longer counts */
             vote[k] = choice[0];
+        }
         else
             rc = st_fail(ST_EINVAL, "%s line %ld: vote \"%s\" is not A, B or tie", votes_path, ln + 1, choice);
         st_json_free(v);

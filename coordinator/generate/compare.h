@@ -24,6 +24,7 @@ char st_sheet_tuned_side(uint64_t seed, int i);
 
 typedef struct {
     int wins, losses, ties; /* tuned better, base better, tie (last vote per id) */
+    int superseded;         /* earlier votes of a repeated id, replaced by its last one (not counted) */
     double support, lo, hi; /* wins / (wins + losses) and its 95% Wilson interval */
     const char *band;       /* the verdict (static string) */
 } st_compare_result;

@@ -116,9 +116,43 @@ static int load_data(trainer *t) {
     return 0;
 }
 
+/* The shortest prefix of `path` (cut at a '/') that does not exist, malloc'ed; NULL when path exists. */
+static char *first_missing_dir(const char *path) {
+    if (access(path, F_OK) == 0) return NULL;
+    char *p = strdup(path);
+    for (char *s = p ? p + 1 : NULL; s && *s; s++) {
+        if (*s != '/') continue;
+        *s = 0;
+        if (access(p, F_OK) != 0) return p;
+        *s = '/';
+    }
+    return p;
+}
+
+/* A run that fails before its first step (a bad resume path, a monitor address that cannot be bound...)
+ * leaves no run directory behind when it created it: its files (empty metrics.jsonl, control token,
+ * monitor.addr) and the directories it made up to the topmost one go. Anything else there is kept. */
+static void remove_new_run_dir(const trainer *t) {
+    if (t->rank != 0 || !t->run_dir_new || access(t->cfg->run_dir, F_OK) != 0) return;
+    char why[1024]; /* the run's error stays the one reported */
+    snprintf(why, sizeof why, "%s", st_error());
+    int left = st_remove_dir_files(t->cfg->run_dir) != 0; /* a subdirectory: leave it all */
+    st_fail(ST_EIO, "%s", why);
+    if (left) return;
+    char *p = strdup(t->cfg->run_dir);
+    size_t top = strlen(t->run_dir_new), n = p ? strlen(p) : 0;
+    while (n > 1 && p[n - 1] == '/') p[--n] = 0; /* "runs/j/": its parent is runs */
+    for (char *s = p ? strrchr(p, '/') : NULL; s && (size_t)(s - p) >= top; s = strrchr(p, '/')) {
+        *s = 0;
+        if (s == p || rmdir(p) != 0) break;
+    }
+    free(p);
+}
+
 static int open_run_dir(trainer *t) {
     const st_config *c = t->cfg;
     if (t->rank != 0) return 0;
+    t->run_dir_new = first_missing_dir(c->run_dir);
     int rc = st_mkdirs(c->run_dir);
     if (rc) return st_fail(rc, "run_dir %s: %s", c->run_dir, st_error());
     char path[ST_CFG_PATH_MAX + 32];
@@ -626,6 +660,7 @@ st_run_result st_train_run(const st_config *job, MPI_Comm comm, int *print_error
     if (!rc) rc = st_trainer_agree(&t, st_trainer_trim_metrics(&t, t.start_step));
     if (!rc) rc = st_trainer_agree(&t, st_watchdog_start(&t));
     if (!rc) rc = st_trainer_agree(&t, st_trainer_samples_open(&t));
+    int early = rc != 0; /* failed before the first step: nothing of the run's own is in run_dir yet */
     if (rc) { result = ST_RUN_FAILED; goto done; }
     st_trainer_measure_peak(&t);
     st_trainer_banner(&t);
@@ -688,6 +723,8 @@ st_run_result st_train_run(const st_config *job, MPI_Comm comm, int *print_error
 done:
     *print_error = t.print_error;
     teardown(&t);
+    if (early) remove_new_run_dir(&t);
+    free(t.run_dir_new);
     free(t.own_cfg);
     return result;
 }

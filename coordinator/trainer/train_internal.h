@@ -65,6 +65,7 @@ typedef struct {
     double *task_sums; /* [3 * n_tasks]: loss sum, target count, input tokens */
     double *task_counts; /* [n_tasks + 1]: targets of each task in the global batch, then the total */
     FILE *metrics;
+    char *run_dir_new; /* rank 0: the topmost directory of run_dir this run created (NULL: run_dir existed) */
     st_telemetry *tel;
     st_monitor *mon;
     st_probe *probe;

@@ -15,7 +15,7 @@ source "$(dirname "$0")/ckpt_lib.sh"
 
 twotask() { # NAME [overrides]: 4 steps, the whole val split evaluated at step 4
   local name=$1; shift
-  job "$name" 4 2 1 eval.every_steps=4 eval.batches=100000 "tasks=[{name: count, path: $T/train.h5}, {name: rep, path: $T/rep.h5, weight: 2}]" "$@"
+  job "$name" 4 2 1 eval.every_steps=4 eval.batches=100000 "tasks=[{name: count, path: $T/train.h5}, {name: rep, path: $T/rep.h5}]" "$@"
 }
 # the trainer's val_loss of the last metrics row vs eval --split val --json on final/
 same_as_trainer() {

@@ -24,8 +24,9 @@ echo "ok: two jobs on free ports; monitor --run-dir got $(echo "$out" | wc -l) m
 # 2. clean stops: ctl stop (exit 85) and Ctrl-C (note)
 "$BIN" ctl status --run-dir $T/a >/dev/null || fail "ctl status --run-dir"
 "$BIN" ctl status --token-file $T/a/control.token >/dev/null || fail "ctl status --token-file (monitor.addr next to it)"
-out=$("$BIN" ctl stop 2>&1) && fail "ctl stop without ADDR or run dir"
-echo "$out" | grep -q "no ADDR: pass the job's monitor.control address, --run-dir DIR or --token-file F" || fail "ctl: $out"
+set +e; out=$("$BIN" ctl stop 2>&1); rc=$?; set -e
+[ $rc = 2 ] || fail "ctl stop without ADDR or run dir: exit $rc (expected 2, a bad command line)"
+echo "$out" | grep -q "missing ADDR: pass the job's monitor.control address, --run-dir DIR or --token-file F" || fail "ctl: $out"
 "$BIN" ctl stop --run-dir $T/a >/dev/null || fail "ctl stop --run-dir"
 set +e; wait $A; rc=$?; set -e
 [ $rc = 85 ] || fail "a: mpirun exit $rc after ctl stop, expected 85"

@@ -32,6 +32,26 @@ bad "$BIN" train $T/j.yaml train.steps=4294967299 "train.steps: expected an inte
 bad "$BIN" train $T/j.yaml train.micro_batch=2147483647 "train.micro_batch x train.seq_len = "
 bad "$BIN" train $T/j.yaml finetune.train_layers=0-1 "finetune.train_layers: '0-1' has no effect in finetune.mode full"
 
+# eval under mpirun: rank 0 evaluates and prints once, exactly what one rank prints (it ran on every rank)
+for args in "--data $T/train.h5 --seq-len 16 --json" "--split val --job $T/j.yaml"; do
+  one=$("$BIN" eval --model $T/model $args) || fail "eval $args"
+  two=$(mpirun --oversubscribe -np 2 "$BIN" eval --model $T/model $args) || fail "mpirun eval $args"
+  [ -n "$one" ] && [ "$one" = "$two" ] || fail "eval $args on 2 ranks printed '$two', on 1 rank '$one'"
+done
+# rank 1 of 2 (as mpirun tells it) leaves the job, its errors included, to rank 0 (a failing mpirun costs seconds)
+out=$(OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=2 "$BIN" eval --model $T/model --data $T/none.h5 --seq-len 16 2>&1) \
+  && [ -z "$out" ] || fail "eval as rank 1 of 2: $out"
+echo "ok: eval on 2 ranks prints once what 1 rank prints"
+
+# a train that fails before its first step leaves no run directory it created (nor its parents); one that
+# existed keeps what it held
+bad "$BIN" train $T/j.yaml run_dir=$T/nr/a/b resume=$T/none.h5 "checkpoint $T/none.h5"
+bad "$BIN" train $T/j.yaml run_dir=$T/nr2/ monitor.publish=bogus://x "cannot bind PUB (monitor.publish) socket to bogus://x"
+[ ! -e $T/nr ] && [ ! -e $T/nr2 ] || fail "a train that failed at the start left $(ls -d $T/nr* | head -1) behind"
+mkdir -p $T/nr3 && echo mine > $T/nr3/note.txt
+bad "$BIN" train $T/j.yaml run_dir=$T/nr3 resume=$T/none.h5 "checkpoint $T/none.h5"
+[ "$(cat $T/nr3/note.txt)" = mine ] || fail "a failed train touched an existing run directory's files"
+
 # NaN / Inf weights: refused at load naming the tensor (train and eval)
 cp -r $T/model $T/nanmodel
 "$PY" - $T/nanmodel/model.safetensors <<'PYEOF'
@@ -94,11 +114,49 @@ bad_usage "$BIN" export $T/adapter --out $T/e "export: error: $T/adapter is a PE
 bad_usage "$BIN" compress --model $T/model --out $T/c --bogus "compress: error: unknown or incomplete argument '--bogus'"
 bad_usage "$BIN" compare score $T --bogus "compare score: error: unknown or incomplete argument '--bogus'"
 bad_usage "$BIN" compare rank "compare: error: unknown subcommand 'rank'"
+# compare score: the last vote of a repeated id counts, and a note on stderr says how many were superseded
+mkdir -p $T/cmp && echo '{"0": "A", "1": "B", "2": "A"}' > $T/cmp/key.json
+printf '%s\n' '{"id": "0", "vote": "A"}' '{"id": "0", "vote": "B"}' '{"id": "1", "vote": "B"}' '{"id": "2", "vote": "tie"}' \
+  '{"id": "2", "vote": "A"}' > $T/cmp/votes.jsonl
+out=$("$BIN" compare score $T/cmp --votes $T/cmp/votes.jsonl --json 2>$T/cmp/err) || fail "compare score: $(cat $T/cmp/err)"
+"$PY" -c "import json, sys; r = json.loads(sys.argv[1]); assert (r['wins'], r['losses'], r['ties']) == (2, 1, 0), r" "$out" \
+  || fail "compare score counts (last vote per id: 0 B = loss, 1 B = win, 2 A = win): $out"
+[ "$(cat $T/cmp/err)" = "shardtune compare score: note: 2 votes superseded by a later vote of the same id (the last vote of an id counts)" ] \
+  || fail "compare score note: $(cat $T/cmp/err)"
+head -3 $T/cmp/votes.jsonl | tail -1 > $T/cmp/one.jsonl
+"$BIN" compare score $T/cmp --votes $T/cmp/one.jsonl 2>$T/cmp/err >/dev/null && [ ! -s $T/cmp/err ] || fail "a note without a repeated id: $(cat $T/cmp/err)"
+echo "ok: compare score notes superseded votes"
 bad_usage "$BIN" plot $T/j "plot: error: missing --out FILE.svg|FILE.png"
 bad_usage "$BIN" monitor --bogus "monitor: error: unknown argument '--bogus'"
 bad_usage "$BIN" ctl --run-dir $T/j "ctl: error: missing the command"
+bad_usage "$BIN" ctl stop "ctl: error: missing ADDR: pass the job's monitor.control address, --run-dir DIR or --token-file F"
+bad_usage "$BIN" monitor --json "monitor: error: missing ADDR: pass the job's monitor.publish address or --run-dir DIR"
 bad_usage "$BIN" train --bogus "train: error: unknown or incomplete argument '--bogus'"
 [ ! -e $T/e ] && [ ! -e $T/c ] || fail "a refused command line left output behind"
+
+# an existing non-empty OUT is refused by name (a typo must not lose a model or a dataset); --force replaces
+# it whole (written aside, then renamed: no stale file of the old one, no temporary left)
+sum_before=$(cat $T/model/* $T/train.h5 | md5sum)
+bad "$BIN" "${IM[@]:0:9}" --out $T/model --layers 2 "init-model: error: $T/model already exists and is not empty (pass --force to replace it)"
+bad "$BIN" export $T/nanmodel --out $T/model "export: error: $T/model already exists and is not empty"
+bad "$BIN" export $T/nanmodel --out $T/model --format gguf "export: error: $T/model already exists and is not empty"
+bad "$BIN" export $T/adapter --merge --out $T/model "export: error: $T/model already exists and is not empty"
+bad "$BIN" data pack --jsonl $T/masked.jsonl --out $T/train.h5 --vocab 128 "data: error: $T/train.h5 already exists and is not empty"
+[ "$(cat $T/model/* $T/train.h5 | md5sum)" = "$sum_before" ] || fail "a refused command changed an existing OUT"
+mkdir -p $T/fm && : > $T/fm.h5 # an empty directory / file is fine
+"$BIN" "${IM[@]:0:9}" --out $T/fm --layers 1 >/dev/null || fail "init-model into an empty directory"
+"$BIN" data pack --jsonl $T/masked.jsonl --out $T/fm.h5 --vocab 128 >/dev/null || fail "data pack over an empty file"
+echo stale > $T/fm/stale.txt
+"$BIN" "${IM[@]:0:9}" --out $T/fm --layers 2 --force >/dev/null || fail "init-model --force"
+[ ! -e $T/fm/stale.txt ] && grep -q '"num_hidden_layers": 2' $T/fm/config.json || fail "init-model --force did not replace $T/fm whole"
+"$BIN" export $T/fm --out $T/fm2 >/dev/null && "$BIN" export $T/model --out $T/fm2 --force >/dev/null || fail "export --force"
+"$BIN" export $T/model --out $T/fm3 >/dev/null && cmp -s $T/fm2/model.safetensors $T/fm3/model.safetensors || fail "export --force did not replace $T/fm2"
+"$BIN" data pack --jsonl $T/masked.jsonl --out $T/fm.h5 --vocab 110 --force >/dev/null || fail "data pack --force"
+"$PY" -c "import h5py, sys; assert h5py.File(sys.argv[1])['/'].attrs['vocab_size'] == 110" $T/fm.h5 || fail "data pack --force did not replace"
+bad "$BIN" export $T/nanmodel --out $T/fm --force "holds a non-finite value"
+grep -q '"num_hidden_layers": 2' $T/fm/config.json || fail "a failed export --force touched the existing OUT"
+[ -z "$(ls -d $T/*.tmp-* 2>/dev/null)" ] || fail "temporaries left: $(ls -d $T/*.tmp-*)"
+echo "ok: an existing OUT is refused, --force replaces it whole"
 
 # a failed export leaves no OUT directory behind (a checkpoint whose /model tensor fails its checksum)
 [ "$(train 1 j)" = 0 ] || fail "train for export: $(tail -2 $T/j.err)"
@@ -115,7 +173,7 @@ bad "$BIN" export $T/flip.h5 --out $T/exp_bad "tensor model/model.layers.1.mlp.u
 bad "$BIN" export $T/flip.h5 --merge --out $T/exp_bad "fails its checksum"
 [ ! -e $T/exp_bad ] || fail "a failed export --merge left $T/exp_bad behind"
 mkdir $T/exp_keep; echo mine > $T/exp_keep/note.txt
-bad "$BIN" export $T/flip.h5 --out $T/exp_keep "fails its checksum"
+bad "$BIN" export $T/flip.h5 --out $T/exp_keep --force "fails its checksum"
 [ "$(cat $T/exp_keep/note.txt)" = mine ] || fail "a failed export into an existing directory removed its files"
 # a failure late in compress (after the weights were written) leaves no OUT either; a directory where a
 # file belongs is named as such (it read as a 2^63-byte file: "out of memory")

@@ -135,6 +135,15 @@ EOF
 # the same as PNG: decoded here with zlib alone (no image library), checked for the series colours and
 # the dashed resume marker at step 60
 "$BIN" plot "$T/plot" --out "$T/plot/p.png" | grep -q "wrote .*p.png: 120 steps" || fail "plot png"
+# an extension plot does not write is refused by name (it wrote an SVG under a .jpg name), nothing written
+for bad in p.jpg p.JPEG p p.svg.gz; do
+  set +e; out=$("$BIN" plot "$T/plot" --out "$T/plot/$bad" 2>&1); rc=$?; set -e
+  [ $rc -eq 2 ] && [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q -- "--out $T/plot/$bad: .*(plot writes FILE.svg or FILE.png)" \
+    || fail "plot --out $bad: exit $rc: $out"
+  [ ! -e "$T/plot/$bad" ] || fail "plot --out $bad wrote a file"
+done
+"$BIN" plot "$T/plot" --out "$T/plot/P.SVG" >/dev/null && head -c 200 "$T/plot/P.SVG" | grep -q "<svg" || fail "plot .SVG"
+echo "ok: plot refuses an extension it does not write"
 "$PY" - "$T/plot/p.png" <<'EOF'
 import struct, sys, zlib
 b = open(sys.argv[1], "rb").read()

@@ -186,10 +186,9 @@ static const char *FULL =
     "  layer_lr_decay: 0.9\n"
     "sharding: { stage: 2 }\n"
     "tasks:\n"
-    "  - { name: qa, path: data/qa.h5, weight: 2.0, loss_weight: 0.5 }\n"
+    "  - { name: qa, path: data/qa.h5, weight: 1.0, loss_weight: 0.5 }\n"
     "  - name: summ\n"
     "    path: data/summ.h5\n"
-    "    weight: 1.5\n"
     "    loss_weight: 3\n"
     "mixing:   { strategy: temperature, temperature: 2.5, cap: 1000 }\n"
     "split:    [0.7, 0.2, 0.1]\n"
@@ -237,10 +236,10 @@ static void check_full(const st_config *c) {
     assert_int_equal(c->n_tasks, 2);
     assert_string_equal(c->tasks[0].name, "qa");
     assert_string_equal(c->tasks[0].path, "data/qa.h5");
-    assert_true(c->tasks[0].weight == 2.0 && c->tasks[0].loss_weight == 0.5);
+    assert_true(c->tasks[0].weight == 1.0 && c->tasks[0].loss_weight == 0.5); /* weight: mixing.strategy weights only */
     assert_string_equal(c->tasks[1].name, "summ");
     assert_string_equal(c->tasks[1].path, "data/summ.h5");
-    assert_true(c->tasks[1].weight == 1.5 && c->tasks[1].loss_weight == 3.0);
+    assert_true(c->tasks[1].weight == 1.0 && c->tasks[1].loss_weight == 3.0);
     assert_int_equal(c->mixing.strategy, ST_MIXING_TEMPERATURE);
     assert_true(c->mixing.temperature == 2.5);
     assert_int_equal(c->mixing.cap, 1000);
@@ -324,9 +323,9 @@ static void test_override_lists(void **state) {
 static void test_override_indexed(void **state) {
     (void)state;
     char *over[] = {"tasks.0.weight=2", "tasks.1.path=data/b.h5", "tasks.1.loss_weight=0.25", "train.betas.1=0.98",
-                    "tasks.2={name: c, path: data/c.h5, weight: 3}"};
+                    "tasks.2={name: c, path: data/c.h5, weight: 3}", "mixing.strategy=weights"};
     st_config c;
-    int rc = st_config_load_string(&c, MINIMAL, 5, over);
+    int rc = st_config_load_string(&c, MINIMAL, 6, over);
     if (rc) fail_msg("%s", st_error());
     assert_int_equal(c.n_tasks, 3);
     assert_string_equal(c.tasks[0].name, "qa");
@@ -530,8 +529,48 @@ static void test_finetune_errors(void **state) {
                  "finetune.train_layers: '-1' has no effect in finetune.mode lora", "finetune.lora.layers");
     expect_error(with("finetune: {mode: prompt_tuning, train_layers: '0'}\n"), 0, NULL,
                  "finetune.train_layers: '0' has no effect in finetune.mode prompt_tuning", NULL);
-    /* progressive with the shorthand alone is fine */
+    /* keys another mode or mixing strategy never reads: refused by name, never silently ignored */
+    expect_error(with("finetune: {mode: full, lora: {r: 8}}\n"), 0, NULL,
+                 "finetune.lora.r has no effect in finetune.mode full", "finetune.mode lora or qlora");
+    expect_error(with("finetune: {mode: prompt_tuning, lora: {targets: [q_proj]}}\n"), 0, NULL,
+                 "finetune.lora.targets has no effect in finetune.mode prompt_tuning", NULL);
+    expect_error(with("finetune: {mode: lora, qlora: {quant: int8}}\n"), 0, NULL,
+                 "finetune.qlora.quant has no effect in finetune.mode lora", "finetune.mode qlora");
+    expect_error(with("finetune: {mode: lora, prompt: {virtual_tokens: 4}}\n"), 0, NULL,
+                 "finetune.prompt.virtual_tokens has no effect in finetune.mode lora", NULL);
+    expect_error(with("finetune: {mode: prompt_tuning, prefix: {projection: true}}\n"), 0, NULL,
+                 "finetune.prefix.projection has no effect in finetune.mode prompt_tuning", NULL);
+    expect_error(with("finetune: {mode: prompt_tuning, prompt: {encoder: lstm}}\n"), 0, NULL,
+                 "finetune.prompt.encoder has no effect in finetune.mode prompt_tuning", NULL);
+    expect_error(with("finetune: {mode: lora, train_modules: [attn]}\n"), 0, NULL,
+                 "finetune.train_modules has no effect in finetune.mode lora", "frozen or progressive");
+    expect_error(with("mixing: {temperature: 2}\n"), 0, NULL,
+                 "mixing.temperature has no effect in mixing.strategy proportional", NULL);
+    expect_error(with("mixing: {strategy: weights, cap: 10}\n"), 0, NULL,
+                 "mixing.cap has no effect in mixing.strategy weights", NULL);
+    expect_error(with("distill: {alpha: 0.9}\n"), 0, NULL, "distill.alpha has no effect in a job without "
+                 "distill.teacher", NULL);
+    expect_error(with("distill: {temperature: 4}\n"), 0, NULL, "distill.temperature has no effect", NULL);
+    expect_error(MINIMAL, 1, (char *[]){"tasks.0.weight=3"}, "tasks.0.weight has no effect in mixing.strategy "
+                 "proportional", "mixing.strategy weights");
+    /* ... and each read where its mode uses it; a dump of every key reloads (defaults are not "set") */
     st_config c;
+    const char *fine[] = {"finetune: {mode: qlora, lora: {r: 4}, qlora: {quant: int8}}\n",
+                          "finetune: {mode: p_tuning, prompt: {virtual_tokens: 3, encoder: lstm}}\n",
+                          "finetune: {mode: prefix_tuning, prefix: {virtual_tokens: 3}}\n",
+                          "finetune: {mode: frozen, train_modules: [attn]}\n",
+                          "mixing: {strategy: temperature, temperature: 2, cap: 5}\n",
+                          "mixing: {strategy: weights, temperature: 1}\n",
+                          "distill: {teacher: t, temperature: 4, alpha: 0.9}\n",
+                          "finetune: {mode: full, lora: {r: 16}}\nmixing: {temperature: 1.0}\n"};
+    for (size_t i = 0; i < sizeof fine / sizeof fine[0]; i++) {
+        if (st_config_load_string(&c, with(fine[i]), 0, NULL)) fail_msg("%s: %s", fine[i], st_error());
+        char *json = NULL;
+        assert_int_equal(st_config_to_json(&c, &json), 0);
+        if (st_config_load_string(&c, json, 0, NULL)) fail_msg("dump of %s: %s", fine[i], st_error());
+        free(json);
+    }
+    /* progressive with the shorthand alone is fine */
     assert_int_equal(st_config_load_string(&c, with("finetune: {mode: progressive, unfreeze_every: 10}\n"), 0, NULL), 0);
     assert_int_equal(c.finetune.unfreeze_every, 10);
 }
@@ -715,7 +754,7 @@ static void test_json_dump(void **state) {
                           "\"train_modules\": [\"attn\", \"mlp\", \"head\"]",
                           "{\"at_step\": 200, \"train_layers\": \"-6\", \"train_modules\": [\"attn\", \"norm\"]}",
                           "\"sharding\": {\"stage\": 2, \"overlap\": true, \"bucket_mb\": 4}",
-                          "{\"name\": \"qa\", \"path\": \"data/qa.h5\", \"weight\": 2, \"loss_weight\": 0.5}",
+                          "{\"name\": \"qa\", \"path\": \"data/qa.h5\", \"weight\": 1, \"loss_weight\": 0.5}",
                           "\"split\": [0.7, 0.2, 0.1]", "\"eval\": {\"every_steps\": 25, \"batches\": 4, \"generate\": {\"every_steps\": 0, \"prompts\": \"\", \"max_new\": 64, \"temperature\": 0, \"batch\": 8, \"seed\": 1234, \"chat\": false}}",
                           "\"signal\": \"USR2\"", "\"resume\": \"none\"", "\"curve\": true",
                           "\"stall_after_s\": 12.5", "\"cap\": 1000", "\"run_dir\": \"runs/full-test\""};

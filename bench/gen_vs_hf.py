@@ -87,7 +87,9 @@ def shardtune_once(st, model, prompts, out, a, env):
                   r"cpu seconds: prefill ([0-9.e+-]+), decode ([0-9.e+-]+)", line)
     pre_s, dec_tok, dec_s = float(m.group(2)), int(m.group(3)), float(m.group(4))
     pre_c, dec_c = float(m.group(5)), float(m.group(6))
-    return pre_s, dec_tok / dec_s if dec_s > 0 else 0.0, pre_c, dec_tok / dec_c if dec_c > 0 else 0.0
+    one = re.search(r"decode steps on one thread: (\d+) of (\d+)", line)
+    return (pre_s, dec_tok / dec_s if dec_s > 0 else 0.0, pre_c, dec_tok / dec_c if dec_c > 0 else 0.0,
+            "%s/%s" % one.groups() if one else "?")
 
 
 # --sweep model sizes (Llama, fp32): name -> (layers, dim, heads, kv_heads, ffn, vocab). Weights per decode
@@ -135,15 +137,19 @@ def measure(a, threads, torch, transformers, tmp):
 
     hf_gen(2)  # warm-up (first-call allocations)
     best = {k: 1e30 if k.endswith("pre") else 0.0 for k in ("st_pre", "st_dec", "hf_pre", "hf_dec", "st_cpre",
-                                                             "st_cdec", "hf_cpre", "hf_cdec")}
+                                                             "st_cdec", "hf_cpre", "hf_cdec", "sf_dec")}
 
     def keep(key, v):
         best[key] = min(best[key], v) if key.endswith("pre") else max(best[key], v)
 
     same = None
     for _ in range(a.reps):
-        pre_s, dec, pre_c, dec_c = shardtune_once(st, model, prompts, os.path.join(tmp, "o.jsonl"), a, env)
+        pre_s, dec, pre_c, dec_c, best["team1"] = shardtune_once(st, model, prompts, os.path.join(tmp, "o.jsonl"), a,
+                                                                 env)
         keep("st_pre", pre_s), keep("st_dec", dec), keep("st_cpre", pre_c), keep("st_cdec", dec_c)
+        if threads > 1:  # the team kept on every step (SHARDTUNE_DECODE_TEAM=full), beside the default auto
+            keep("sf_dec", shardtune_once(st, model, prompts, os.path.join(tmp, "of.jsonl"), a,
+                                          dict(env, SHARDTUNE_DECODE_TEAM="full"))[1])
         t1, c1, _ = hf_gen(1)
         tn, cn, hf_ids = hf_gen(a.new)
         keep("hf_pre", t1), keep("hf_dec", (a.new - 1) / max(tn - t1, 1e-9))
@@ -245,17 +251,19 @@ def report_sweep(a, rows, bws, torch, transformers):
     print("floor = MB per token / read bandwidth (CPU-time figure); rates: wall time, and CPU time at 1 thread "
           "(the load-insensitive one); max ratio = floor / transformers' rate: no decoder can beat it when the "
           "weights stream from memory")
-    print("%-4s %7s %3s %5s %10s %10s %7s %9s %8s %8s %9s %5s" % (
+    print("shardtune: the default SHARDTUNE_DECODE_TEAM=auto (1-thr: its decode steps on one thread, last run); "
+          "st full: every step on the whole team")
+    print("%-4s %7s %3s %5s %10s %10s %7s %9s %8s %8s %9s %8s %8s %7s" % (
         "size", "MB/tok", "thr", "clock", "shardtune", "transf.", "ratio", "floor", "st %flr", "hf %flr",
-        "max ratio", "same"))
+        "max ratio", "st full", "1-thr", "same"))
     for z, t, nbytes, b, _ in rows:
         floor = bws[t][0] * 1e9 / nbytes
         clocks = (("wall", "dec"), ("cpu", "cdec")) if t == 1 else (("wall", "dec"),)
         for clock, k in clocks:
             st, hf = b["st_" + k], b["hf_" + k]
-            print("%-4s %7.1f %3d %5s %10.1f %10.1f %6.2fx %9.1f %7.0f%% %7.0f%% %8.2fx %5s" % (
+            print("%-4s %7.1f %3d %5s %10.1f %10.1f %6.2fx %9.1f %7.0f%% %7.0f%% %8.2fx %8s %8s %7s" % (
                 z, nbytes / 1e6, t, clock, st, hf, st / hf, floor, 100 * st / floor, 100 * hf / floor, floor / hf,
-                "%d/%d" % (b["same"], a.new)))
+                "%.1f" % b["sf_dec"] if t > 1 and clock == "wall" else "-", b["team1"], "%d/%d" % (b["same"], a.new)))
 
 
 if __name__ == "__main__":

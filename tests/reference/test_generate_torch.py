@@ -299,26 +299,30 @@ def check_threads(tmp, rng):
     ppath = os.path.join(tmp, "threads_prompts.jsonl")
     write_prompts(ppath, [[int(rng.integers(0, 512))] for _ in range(2)])
     dumps, outs = [], []
-    for t in ("1", "2"):
-        dump = os.path.join(tmp, "threads_%s.bin" % t)
-        out = os.path.join(tmp, "threads_%s.jsonl" % t)
+    # 2 threads: every step on the team ("full"), and the default "auto" (steps on the team or on one thread)
+    for t, team in (("1", "auto"), ("2", "full"), ("2", "auto")):
+        dump = os.path.join(tmp, "threads_%s_%s.bin" % (t, team))
+        out = os.path.join(tmp, "threads_%s_%s.jsonl" % (t, team))
         run(["generate", "--model", d, "--prompts", ppath, "--out", out, "--max-new", "40", "--batch", "1",
-             "--dump-logits", dump], env=dict(ENV, OMP_NUM_THREADS=t))
+             "--dump-logits", dump], env=dict(ENV, OMP_NUM_THREADS=t, SHARDTUNE_DECODE_TEAM=team))
         dumps.append(open(dump, "rb").read())
         outs.append([o["output_ids"] for o in read_out(out)])
-    check("1 vs 2 threads", dumps[0] == dumps[1] and outs[0] == outs[1] and len(dumps[0]) == 2 * 40 * 512 * 4,
-          "logits of %d one-row forwards bit-identical" % (len(dumps[0]) // (512 * 4)))
+    same = all(x == dumps[0] for x in dumps) and all(o == outs[0] for o in outs)
+    check("1 vs 2 threads", same and len(dumps[0]) == 2 * 40 * 512 * 4,
+          "logits of %d one-row forwards bit-identical (1 thread, 2 full, 2 auto)" % (len(dumps[0]) // (512 * 4)))
 
 
 def check_errors(tmp, model):
     bad = os.path.join(tmp, "bad.jsonl")
     cases = [('{"prompt": "hello"}\n', "no tokenizer.json"), ('{"input_ids": [1, 500]}\n', "outside the model's vocabulary"),
-             ('{"input_ids": []}\n', "non-empty"), ('[1, 2]\n', "JSON object")]
+             ('{"input_ids": []}\n', "non-empty"), ('[1, 2]\n', "JSON object"),
+             ('{"input_ids": [1, 2]}\n', "SHARDTUNE_DECODE_TEAM=2: expected auto, full or 1")]
     for text, needle in cases:
         with open(bad, "w") as f:
             f.write(text)
+        env = dict(ENV, SHARDTUNE_DECODE_TEAM="2") if needle.startswith("SHARDTUNE_DECODE_TEAM") else ENV
         r = subprocess.run([BIN, "generate", "--model", model, "--prompts", bad, "--out", os.path.join(tmp, "x.jsonl")],
-                           capture_output=True, text=True, env=ENV, timeout=60)
+                           capture_output=True, text=True, env=env, timeout=60)
         lines = r.stderr.strip().splitlines()
         check(f"error: {needle}", r.returncode == 1 and len(lines) == 1 and needle in lines[0]
               and not os.path.exists(os.path.join(tmp, "x.jsonl")), lines[0] if lines else "(no message)")

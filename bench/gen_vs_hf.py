@@ -8,6 +8,12 @@ from other users of the machine hits both alike; the load average is printed bef
 
   PY=$(bench/torch_venv.sh); $PY bench/gen_vs_hf.py [--build build] [--threads 1] [--reps 3]
       [--prompt 512] [--new 128] [--layers 8 --dim 512 --heads 8 --kv-heads 4 --ffn 1376 --vocab 32000]
+  $PY bench/gen_vs_hf.py --sweep all --threads 1,2     # SIZES below x thread counts, one table
+
+--sweep: per model size and thread count, one line: both sides' decode tok/s (wall; CPU time too at 1
+thread), the ratio, the memory floor at that thread count and each side's fraction of it, the largest
+ratio the floor leaves against transformers' rate (floor / transformers), and at 2+ threads shardtune with
+SHARDTUNE_DECODE_TEAM=full (every step on the whole team) beside the default auto (worker/generate.c).
 
 Prefill FLOPs: 2 x tokens x (the layers' matmul weights) + the causal attention's 4 x L x H x hd x
 T(T+1)/2 (scores and weighted values); the head runs on the last position only (both sides). Decode
@@ -20,8 +26,9 @@ machine would take, up to memory and cache contention). shardtune's --timing pri
 transformers' are time.process_time() around generate; the sgemm peak by CPU time is the FLOPs of
 sgemm_peak's 6 calls over its CPU seconds (matrix set-up included: a slight underestimate), or its wall
 peak when that is higher. Decode at batch 1 streams every weight (and the KV cache) once per token, so
-its ceiling is the machine's read bandwidth: the run measures a single-threaded 256 MB torch sum (best
-of 5 by CPU time) and prints bytes-per-token / bandwidth as the decode floor. The CPU-time columns are the load-insensitive ones at 1 thread; with more
+its ceiling is the machine's read bandwidth: the run measures a 256 MB torch sum with the same thread count
+(best of 5 by CPU time per thread, i.e. as if the threads ran side by side; by wall time too) and prints
+bytes-per-token / bandwidth as the decode floor. The CPU-time columns are the load-insensitive ones at 1 thread; with more
 threads CPU seconds also count threads waiting at barriers, so only the wall columns mean a rate. Numbers
 only."""
 import argparse

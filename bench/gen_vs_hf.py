@@ -14,6 +14,9 @@ from other users of the machine hits both alike; the load average is printed bef
 thread), the ratio, the memory floor at that thread count and each side's fraction of it, the largest
 ratio the floor leaves against transformers' rate (floor / transformers), and at 2+ threads shardtune with
 SHARDTUNE_DECODE_TEAM=full (every step on the whole team) beside the default auto (worker/generate.c).
+--wait-policy passive sets OMP_WAIT_POLICY for both sides (shardtune's and torch's libgomp): waiting threads
+sleep instead of spinning, which on a loaded machine keeps a spinning thread from taking the core its
+descheduled partner needs.
 
 Prefill FLOPs: 2 x tokens x (the layers' matmul weights) + the causal attention's 4 x L x H x hd x
 T(T+1)/2 (scores and weighted values); the head runs on the last position only (both sides). Decode
@@ -204,6 +207,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--wait-policy", default="", choices=("", "active", "passive"),
+                    help="OMP_WAIT_POLICY for both sides (torch's libgomp too; default: unset, libgomp spins a while)")
     ap.add_argument("--sweep", default="", help="comma-separated model sizes (%s), or 'all'" % ",".join(SIZES))
     for k, v in zip(SHAPE_KEYS, SIZES["l"]):
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
@@ -217,9 +222,12 @@ def main():
         sys.exit("gen_vs_hf: a list of thread counts needs --sweep")
     os.environ["OMP_NUM_THREADS"] = str(max(threads))
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    if a.wait_policy:  # before torch loads its OpenMP runtime, which reads it once
+        os.environ["OMP_WAIT_POLICY"] = a.wait_policy
     import torch
     import transformers
-    print("load average before: %s (2 cores shared with other users of the machine)" % loadavg())
+    print("load average before: %s (2 cores shared with other users of the machine); OMP_WAIT_POLICY %s" % (
+        loadavg(), a.wait_policy or "unset"))
     tmp = tempfile.mkdtemp(prefix="gen_vs_hf_")
     # the read bandwidth at each thread count, before and after (the better of the two: load only lowers it)
     bws = {t: read_bandwidth(torch, t) for t in threads}

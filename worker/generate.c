@@ -11,6 +11,9 @@
  * their HF names, and a registry tensor this file does not use is an error (a new architecture
  * feature must not be silently skipped).
  *
+ * Threads: a one-row decode step runs on the whole OpenMP team or on one thread, picked by measuring
+ * (team_pick below; the same bits either way).
+ *
  * Residency: each forward acquires the weight groups it reads in the training forward's order and
  * releases them after (st_model_acquire: embeddings, each layer, final norm + head), so a ZeRO-3 rank
  * holds its shard plus one gathered group (QLoRA: one dequantized layer). Those gathers are collective:

@@ -404,7 +404,7 @@ int st_gen_choose(float *logits, int V, const int32_t *history, int n_hist, cons
 /* A decode step of one row (batch 1) splits each matrix-vector product by output rows across the OpenMP
  * team, ~5 joins per layer: on a quiet machine both cores stream half of every matrix, but where other
  * jobs share the cores a descheduled thread stalls its partner at each join and one thread decodes faster
- * (2-4x at load average ~10 on 2 cores, bench/RESULTS.md). A one-row forward gives the same bits on any
+ * (2.5-5x at load average 8-10 on 2 cores, bench/RESULTS.md). A one-row forward gives the same bits on any
  * team (each output is one dot product; test_generate_torch checks 1 vs 2 threads), so with
  * SHARDTUNE_DECODE_TEAM=auto (the default) the steps try both: TEAM_PROBE steps on the full team,
  * TEAM_PROBE on one thread, then TEAM_RUN steps on the faster by wall time, and again. "full" keeps the

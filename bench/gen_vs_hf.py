@@ -8,6 +8,15 @@ from other users of the machine hits both alike; the load average is printed bef
 
   PY=$(bench/torch_venv.sh); $PY bench/gen_vs_hf.py [--build build] [--threads 1] [--reps 3]
       [--prompt 512] [--new 128] [--layers 8 --dim 512 --heads 8 --kv-heads 4 --ffn 1376 --vocab 32000]
+  $PY bench/gen_vs_hf.py --sweep all --threads 1,2     # SIZES below x thread counts, one table
+
+--sweep: per model size and thread count, one line: both sides' decode tok/s (wall; CPU time too at 1
+thread), the ratio, the memory floor at that thread count and each side's fraction of it, the largest
+ratio the floor leaves against transformers' rate (floor / transformers), and at 2+ threads shardtune with
+SHARDTUNE_DECODE_TEAM=full (every step on the whole team) beside the default auto (worker/generate.c).
+--wait-policy passive sets OMP_WAIT_POLICY for both sides (shardtune's and torch's libgomp): waiting threads
+sleep instead of spinning, which on a loaded machine keeps a spinning thread from taking the core its
+descheduled partner needs.
 
 Prefill FLOPs: 2 x tokens x (the layers' matmul weights) + the causal attention's 4 x L x H x hd x
 T(T+1)/2 (scores and weighted values); the head runs on the last position only (both sides). Decode
@@ -20,8 +29,9 @@ machine would take, up to memory and cache contention). shardtune's --timing pri
 transformers' are time.process_time() around generate; the sgemm peak by CPU time is the FLOPs of
 sgemm_peak's 6 calls over its CPU seconds (matrix set-up included: a slight underestimate), or its wall
 peak when that is higher. Decode at batch 1 streams every weight (and the KV cache) once per token, so
-its ceiling is the machine's read bandwidth: the run measures a single-threaded 256 MB torch sum (best
-of 5 by CPU time) and prints bytes-per-token / bandwidth as the decode floor. The CPU-time columns are the load-insensitive ones at 1 thread; with more
+its ceiling is the machine's read bandwidth: the run measures a 256 MB torch sum with the same thread count
+(best of 5 by CPU time per thread, i.e. as if the threads ran side by side; by wall time too) and prints
+bytes-per-token / bandwidth as the decode floor. The CPU-time columns are the load-insensitive ones at 1 thread; with more
 threads CPU seconds also count threads waiting at barriers, so only the wall columns mean a rate. Numbers
 only."""
 import argparse
@@ -63,15 +73,19 @@ def decode_bytes(a):
     return 4.0 * (a.layers * per_layer + a.vocab * a.dim + kv)
 
 
-def read_bandwidth(torch):
-    """GB/s of a single-threaded sum over 256 MB, best of 5 by CPU time."""
+def read_bandwidth(torch, threads):
+    """GB/s of a sum over 256 MB with `threads` torch threads, best of 5: (by CPU time per thread, by wall
+    time). With one thread the CPU-time figure is load-insensitive; with more it assumes the threads ran
+    side by side (the wall figure is then the one a loaded machine gave)."""
+    torch.set_num_threads(threads)
     x = torch.ones(64 << 20, dtype=torch.float32)
-    best = 1e30
+    best_c = best_w = 1e30
     for _ in range(5):
-        c0 = time.process_time()
+        t0, c0 = time.perf_counter(), time.process_time()
         float(x.sum())
-        best = min(best, time.process_time() - c0)
-    return x.numel() * 4 / best / 1e9
+        best_c = min(best_c, (time.process_time() - c0) / threads)
+        best_w = min(best_w, time.perf_counter() - t0)
+    return x.numel() * 4 / best_c / 1e9, x.numel() * 4 / best_w / 1e9
 
 
 def shardtune_once(st, model, prompts, out, a, env):
@@ -83,41 +97,39 @@ def shardtune_once(st, model, prompts, out, a, env):
                   r"cpu seconds: prefill ([0-9.e+-]+), decode ([0-9.e+-]+)", line)
     pre_s, dec_tok, dec_s = float(m.group(2)), int(m.group(3)), float(m.group(4))
     pre_c, dec_c = float(m.group(5)), float(m.group(6))
-    return pre_s, dec_tok / dec_s if dec_s > 0 else 0.0, pre_c, dec_tok / dec_c if dec_c > 0 else 0.0
+    one = re.search(r"decode steps on one thread: (\d+) of (\d+)", line)
+    return (pre_s, dec_tok / dec_s if dec_s > 0 else 0.0, pre_c, dec_tok / dec_c if dec_c > 0 else 0.0,
+            "%s/%s" % one.groups() if one else "?")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--build", default="build")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--new", type=int, default=128)
-    for k, v in (("layers", 8), ("dim", 512), ("heads", 8), ("kv-heads", 4), ("ffn", 1376), ("vocab", 32000)):
-        ap.add_argument("--" + k, type=int, default=v)
-    a = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(a.threads)
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    import torch
-    import transformers
-    torch.set_num_threads(a.threads)
+# --sweep model sizes (Llama, fp32): name -> (layers, dim, heads, kv_heads, ffn, vocab). Weights per decode
+# token: xs ~3.5 MB and s ~20 MB fit the 48 MB L3, m ~45 MB about fills it, ml ~88 MB and l ~164 MB stream
+# from memory (plus the KV cache).
+SIZES = {"xs": (2, 128, 4, 2, 344, 4096), "s": (4, 256, 4, 2, 688, 8192), "m": (4, 256, 4, 2, 688, 32000),
+         "ml": (6, 384, 6, 3, 1024, 32000), "l": (8, 512, 8, 4, 1376, 32000)}
+SHAPE_KEYS = ("layers", "dim", "heads", "kv_heads", "ffn", "vocab")
+
+
+def measure_peak(a, threads):
+    """sgemm_peak at `threads`: (GFLOP/s by wall time, by CPU time or wall when higher)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = run([os.path.join(a.build, "sgemm_peak"), str(threads), "2048", "5"])
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = float(out.split("gflops=")[1].split()[0])
+    cpu_s = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    return wall, max(wall, 6 * 2.0 * 2048 ** 3 / cpu_s / 1e9 if cpu_s > 0 else 0.0)
+
+
+def measure(a, threads, torch, transformers, tmp):
+    """One model (a's shape) at `threads` on both sides: best-of-reps rates, runs alternating."""
     st = os.path.join(a.build, "shardtune")
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS="1")
-    print("load average before: %s (2 cores shared with other users of the machine)" % loadavg())
-    def measure_peak():
-        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        out = run([os.path.join(a.build, "sgemm_peak"), str(a.threads), "2048", "5"])
-        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        wall = float(out.split("gflops=")[1].split()[0])
-        cpu_s = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-        return wall, max(wall, 6 * 2.0 * 2048 ** 3 / cpu_s / 1e9 if cpu_s > 0 else 0.0)
-
-    peak, peak_cpu = measure_peak()
-    tmp = tempfile.mkdtemp(prefix="gen_vs_hf_")
-    model = os.path.join(tmp, "model")
-    run([st, "init-model", "--family", "llama", "--layers", str(a.layers), "--dim", str(a.dim), "--heads",
-         str(a.heads), "--kv-heads", str(a.kv_heads), "--ffn", str(a.ffn), "--vocab", str(a.vocab), "--max-seq",
-         str(max(2048, a.prompt + a.new)), "--seed", "1", "--out", model])
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
+    torch.set_num_threads(threads)
+    model = os.path.join(tmp, "model_L%d_C%d_V%d" % (a.layers, a.dim, a.vocab))
+    if not os.path.isdir(model):
+        run([st, "init-model", "--family", "llama", "--layers", str(a.layers), "--dim", str(a.dim), "--heads",
+             str(a.heads), "--kv-heads", str(a.kv_heads), "--ffn", str(a.ffn), "--vocab", str(a.vocab),
+             "--max-seq", str(max(2048, a.prompt + a.new)), "--seed", "1", "--out", model])
     import random
     rnd = random.Random(3)
     ids = [rnd.randrange(3, a.vocab) for _ in range(a.prompt)]
@@ -135,15 +147,19 @@ def main():
 
     hf_gen(2)  # warm-up (first-call allocations)
     best = {k: 1e30 if k.endswith("pre") else 0.0 for k in ("st_pre", "st_dec", "hf_pre", "hf_dec", "st_cpre",
-                                                             "st_cdec", "hf_cpre", "hf_cdec")}
+                                                             "st_cdec", "hf_cpre", "hf_cdec", "sf_dec")}
 
     def keep(key, v):
         best[key] = min(best[key], v) if key.endswith("pre") else max(best[key], v)
 
     same = None
     for _ in range(a.reps):
-        pre_s, dec, pre_c, dec_c = shardtune_once(st, model, prompts, os.path.join(tmp, "o.jsonl"), a, env)
+        pre_s, dec, pre_c, dec_c, best["team1"] = shardtune_once(st, model, prompts, os.path.join(tmp, "o.jsonl"), a,
+                                                                 env)
         keep("st_pre", pre_s), keep("st_dec", dec), keep("st_cpre", pre_c), keep("st_cdec", dec_c)
+        if threads > 1:  # the team kept on every step (SHARDTUNE_DECODE_TEAM=full), beside the default auto
+            keep("sf_dec", shardtune_once(st, model, prompts, os.path.join(tmp, "of.jsonl"), a,
+                                          dict(env, SHARDTUNE_DECODE_TEAM="full"))[1])
         t1, c1, _ = hf_gen(1)
         tn, cn, hf_ids = hf_gen(a.new)
         keep("hf_pre", t1), keep("hf_dec", (a.new - 1) / max(tn - t1, 1e-9))
@@ -154,13 +170,16 @@ def main():
         while k < min(len(ours), len(hf_ids)) and ours[k] == hf_ids[k]:
             k += 1
         same = k
-    bw = read_bandwidth(torch)
-    p2, p2c = measure_peak()  # the better of before and after: load from others only lowers it
-    peak, peak_cpu = max(peak, p2), max(peak_cpu, p2c)
+    best["same"] = same
+    return best
+
+
+def report_one(a, threads, best, peak, peak_cpu, bw, torch, transformers):
+    """The single-model output (no --sweep)."""
     fl = prefill_flops(a, a.prompt)
     print("model: llama L=%d C=%d H=%d KVH=%d F=%d V=%d, fp32, batch 1, prompt %d tokens, %d new, %d thread(s), "
           "torch %s, transformers %s" % (a.layers, a.dim, a.heads, a.kv_heads, a.ffn, a.vocab, a.prompt, a.new,
-                                         a.threads, torch.__version__, transformers.__version__))
+                                         threads, torch.__version__, transformers.__version__))
     print("sgemm peak: %.1f GFLOP/s by wall time, %.1f by CPU time (better of before / after)" % (peak, peak_cpu))
     print("%-13s %-5s %14s %14s %16s" % ("", "time", "decode tok/s", "prefill GF/s", "prefill % peak"))
     for name, k in (("shardtune", "st"), ("transformers", "hf")):
@@ -169,14 +188,97 @@ def main():
             g = fl / pre / 1e9
             print("%-13s %-5s %14.1f %14.1f %15.0f%%" % (name, clock, dec, g, 100 * g / pk))
     print("decode speed-up: %.2fx by wall time, %.2fx by CPU time (target >= 3x); greedy tokens agreeing with "
-          "transformers: %d of %d" % (best["st_dec"] / best["hf_dec"], best["st_cdec"] / best["hf_cdec"], same, a.new))
+          "transformers: %d of %d" % (best["st_dec"] / best["hf_dec"], best["st_cdec"] / best["hf_cdec"],
+                                      best["same"], a.new))
     floor = bw * 1e9 / decode_bytes(a)
-    print("decode memory floor: %.1f MB per token / %.1f GB/s read (1 thread, CPU time) = %.1f tok/s at most; "
-          "shardtune at %.0f%% of it (CPU time), transformers at %.0f%%" % (decode_bytes(a) / 1e6, bw, floor,
-                                                                          100 * best["st_cdec"] / floor,
-                                                                          100 * best["hf_cdec"] / floor))
+    # 1 thread: CPU-time rates against the CPU-time floor; more threads: wall rates (CPU seconds then count
+    # threads waiting at barriers)
+    clk = "cdec" if threads == 1 else "dec"
+    print("decode memory floor: %.1f MB per token / %.1f GB/s read (%d thread(s), CPU time per thread) = %.1f tok/s "
+          "at most; shardtune at %.0f%% of it (%s), transformers at %.0f%%" % (
+              decode_bytes(a) / 1e6, bw, threads, floor, 100 * best["st_" + clk] / floor,
+              "CPU time" if threads == 1 else "wall time", 100 * best["hf_" + clk] / floor))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--threads", default="1", help="thread count, or a list (1,2) for --sweep")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--wait-policy", default="", choices=("", "active", "passive"),
+                    help="OMP_WAIT_POLICY for both sides (torch's libgomp too; default: unset, libgomp spins a while)")
+    ap.add_argument("--sweep", default="", help="comma-separated model sizes (%s), or 'all'" % ",".join(SIZES))
+    for k, v in zip(SHAPE_KEYS, SIZES["l"]):
+        ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
+    a = ap.parse_args()
+    threads = [int(t) for t in a.threads.split(",")]
+    sizes = list(SIZES) if a.sweep == "all" else [z for z in a.sweep.split(",") if z]
+    for z in sizes:
+        if z not in SIZES:
+            sys.exit("gen_vs_hf: unknown size %s (known: %s)" % (z, ", ".join(SIZES)))
+    if not sizes and len(threads) != 1:
+        sys.exit("gen_vs_hf: a list of thread counts needs --sweep")
+    os.environ["OMP_NUM_THREADS"] = str(max(threads))
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    if a.wait_policy:  # before torch loads its OpenMP runtime, which reads it once
+        os.environ["OMP_WAIT_POLICY"] = a.wait_policy
+    import torch
+    import transformers
+    print("load average before: %s (2 cores shared with other users of the machine); OMP_WAIT_POLICY %s" % (
+        loadavg(), a.wait_policy or "unset"))
+    tmp = tempfile.mkdtemp(prefix="gen_vs_hf_")
+    # the read bandwidth at each thread count, before and after (the better of the two: load only lowers it)
+    bws = {t: read_bandwidth(torch, t) for t in threads}
+    if not sizes:
+        t = threads[0]
+        peak, peak_cpu = measure_peak(a, t)
+        best = measure(a, t, torch, transformers, tmp)
+        p2, p2c = measure_peak(a, t)
+        bw2 = read_bandwidth(torch, t)
+        report_one(a, t, best, max(peak, p2), max(peak_cpu, p2c), max(bws[t][0], bw2[0]), torch, transformers)
+    else:
+        rows = []
+        for z in sizes:
+            for k, v in zip(SHAPE_KEYS, SIZES[z]):
+                setattr(a, k, v)
+            for t in threads:
+                b = measure(a, t, torch, transformers, tmp)
+                rows.append((z, t, decode_bytes(a), b, loadavg()))
+                print("  measured %s at %d thread(s), load average %s" % (z, t, rows[-1][4]), flush=True)
+        for t in threads:
+            b2 = read_bandwidth(torch, t)
+            bws[t] = (max(bws[t][0], b2[0]), max(bws[t][1], b2[1]))
+        report_sweep(a, rows, bws, torch, transformers)
     print("load average after: %s" % loadavg())
     subprocess.run(["rm", "-rf", tmp])
+
+
+def report_sweep(a, rows, bws, torch, transformers):
+    """One line per (size, threads): both sides' decode tok/s (wall; CPU time at 1 thread), the ratio, each
+    side's fraction of the memory floor, and the ratio the floor allows given transformers' rate."""
+    print("decode sweep: llama fp32, batch 1, greedy, prompt %d tokens, %d new, best of %d, runs alternating; "
+          "torch %s, transformers %s" % (a.prompt, a.new, a.reps, torch.__version__, transformers.__version__))
+    for t in sorted(bws):
+        print("read bandwidth, %d thread(s): %.1f GB/s by CPU time per thread, %.1f by wall time (256 MB torch sum, "
+              "best of 5, better of before / after)" % (t, bws[t][0], bws[t][1]))
+    print("floor = MB per token / read bandwidth (CPU-time figure); rates: wall time, and CPU time at 1 thread "
+          "(the load-insensitive one); max ratio = floor / transformers' rate: no decoder can beat it when the "
+          "weights stream from memory")
+    print("shardtune: the default SHARDTUNE_DECODE_TEAM=auto (1-thr: its decode steps on one thread, last run); "
+          "st full: every step on the whole team")
+    print("%-4s %7s %3s %5s %10s %10s %7s %9s %8s %8s %9s %8s %8s %7s" % (
+        "size", "MB/tok", "thr", "clock", "shardtune", "transf.", "ratio", "floor", "st %flr", "hf %flr",
+        "max ratio", "st full", "1-thr", "same"))
+    for z, t, nbytes, b, _ in rows:
+        floor = bws[t][0] * 1e9 / nbytes
+        clocks = (("wall", "dec"), ("cpu", "cdec")) if t == 1 else (("wall", "dec"),)
+        for clock, k in clocks:
+            st, hf = b["st_" + k], b["hf_" + k]
+            print("%-4s %7.1f %3d %5s %10.1f %10.1f %6.2fx %9.1f %7.0f%% %7.0f%% %8.2fx %8s %8s %7s" % (
+                z, nbytes / 1e6, t, clock, st, hf, st / hf, floor, 100 * st / floor, 100 * hf / floor, floor / hf,
+                "%.1f" % b["sf_dec"] if t > 1 and clock == "wall" else "-", b["team1"], "%d/%d" % (b["same"], a.new)))
 
 
 if __name__ == "__main__":

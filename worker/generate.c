@@ -11,6 +11,9 @@
  * their HF names, and a registry tensor this file does not use is an error (a new architecture
  * feature must not be silently skipped).
  *
+ * Threads: a one-row decode step runs on the whole OpenMP team or on one thread, picked by measuring
+ * (team_pick below; the same bits either way).
+ *
  * Residency: each forward acquires the weight groups it reads in the training forward's order and
  * releases them after (st_model_acquire: embeddings, each layer, final norm + head), so a ZeRO-3 rank
  * holds its shard plus one gathered group (QLoRA: one dequantized layer). Those gathers are collective:
@@ -26,6 +29,7 @@
 #include "worker/generate.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -395,6 +399,58 @@ int st_gen_choose(float *logits, int V, const int32_t *history, int n_hist, cons
     return last; /* rounding left u at the very top: the last kept id */
 }
 
+/* ---------------- team size of one-row decode steps ---------------- */
+
+/* A decode step of one row (batch 1) splits each matrix-vector product by output rows across the OpenMP
+ * team, ~5 joins per layer: on a quiet machine both cores stream half of every matrix, but where other
+ * jobs share the cores a descheduled thread stalls its partner at each join and one thread decodes faster
+ * (2.5-5x at load average 8-10 on 2 cores, bench/RESULTS.md). A one-row forward gives the same bits on any
+ * team (each output is one dot product; test_generate_torch checks 1 vs 2 threads), so with
+ * SHARDTUNE_DECODE_TEAM=auto (the default) the steps try both: TEAM_PROBE steps on the full team,
+ * TEAM_PROBE on one thread, then TEAM_RUN steps on the faster by wall time, and again. "full" keeps the
+ * team, "1" one thread. Steps of several rows always use the team (their sgemm split depends on it). */
+#define TEAM_PROBE 4
+#define TEAM_RUN 120
+
+typedef struct {
+    int mode;      /* 0 auto, 1 full team, 2 one thread */
+    int full;      /* the team size outside one-row steps */
+    int step;      /* position in the probe / run cycle */
+    int use1;      /* the run phase uses one thread */
+    double sum[2]; /* the probe phase's seconds: [0] full team, [1] one thread */
+} team_pick;
+
+static int team_init(team_pick *t) {
+    memset(t, 0, sizeof *t);
+    t->full = omp_get_max_threads();
+    const char *e = getenv("SHARDTUNE_DECODE_TEAM");
+    if (!e || !*e || !strcmp(e, "auto")) t->mode = 0;
+    else if (!strcmp(e, "full")) t->mode = 1;
+    else if (!strcmp(e, "1")) t->mode = 2;
+    else return st_fail(ST_EINVAL, "SHARDTUNE_DECODE_TEAM=%s: expected auto, full or 1", e);
+    return 0;
+}
+
+/* Whether this one-row step runs on one thread (sets the team size for it). */
+static int team_begin(team_pick *t) {
+    int one;
+    if (t->full <= 1 || t->mode == 1) one = 0;
+    else if (t->mode == 2) one = 1;
+    else if (t->step < 2 * TEAM_PROBE) one = t->step >= TEAM_PROBE;
+    else one = t->use1;
+    omp_set_num_threads(one ? 1 : t->full);
+    return one;
+}
+
+/* After the step: its wall seconds feed the probe; the team size goes back to the full team. */
+static void team_end(team_pick *t, int one, double seconds) {
+    omp_set_num_threads(t->full);
+    if (t->mode != 0 || t->full <= 1) return;
+    if (t->step < 2 * TEAM_PROBE) t->sum[one] += seconds;
+    if (++t->step == 2 * TEAM_PROBE) t->use1 = t->sum[1] < t->sum[0];
+    if (t->step == 2 * TEAM_PROBE + TEAM_RUN) t->step = 0, t->sum[0] = t->sum[1] = 0.0;
+}
+
 /* ---------------- driver ---------------- */
 
 int st_gen_max_positions(const st_model_config *c) {
@@ -508,7 +564,8 @@ static double cpu_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int run_batch(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_state *st, int nb, int first) {
+static int run_batch(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_state *st, int nb, int first,
+                     team_pick *team) {
     int R = g->R, V = g->V;
     int32_t *tok = malloc((size_t)R * sizeof *tok), *seq = malloc((size_t)R * sizeof *seq);
     int32_t *pos = malloc((size_t)R * sizeof *pos);
@@ -541,8 +598,11 @@ static int run_batch(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_st
             rows++;
         }
         if (rows == 0) break;
+        int one = rows == 1 && g->be->host_memory ? team_begin(team) : 0;
+        double ts = st_now();
         forward_rows(g, tok, seq, pos, NULL, rows, sel, rows, lg);
-        if (p->stats) p->stats->decode_tokens += rows;
+        if (rows == 1 && g->be->host_memory) team_end(team, one, st_now() - ts);
+        if (p->stats) p->stats->decode_tokens += rows, p->stats->decode_steps++, p->stats->decode_team1_steps += one;
         for (int r = 0; r < rows; r++)
             take_token(g, p, &s[seq[r]], &st[seq[r]], first + seq[r], lg + (size_t)r * V, mark, order);
     }
@@ -578,6 +638,8 @@ static int generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs,
     if (n == 0) return 0;
     if (max_t > limit) max_t = limit;
     int S = p->batch < n ? p->batch : n;
+    team_pick team;
+    if ((rc = team_init(&team))) return rc;
     gen_state g;
     rc = state_init(&g, m, S, max_t + PV);
     g.sync = p->sync;
@@ -599,7 +661,7 @@ static int generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs,
             st[k].active = 1;
             st_rng_seed(&st[k].rng, p->seed, s->stream);
         }
-        if (!rc) rc = run_batch(&g, p, seqs + b0, st, nb, b0);
+        if (!rc) rc = run_batch(&g, p, seqs + b0, st, nb, b0, &team);
         for (int k = 0; k < nb; k++) { free(st[k].hist); st[k].hist = NULL; }
     }
     free(st);

@@ -49,6 +49,7 @@ typedef struct st_gen_stats {
     double prefill_s, decode_s;
     double prefill_cpu_s, decode_cpu_s; /* CPU seconds of all threads: with one thread, time it ran */
     long prefill_tokens, decode_tokens;
+    long decode_team1_steps, decode_steps; /* decode steps run on one thread (see SHARDTUNE_DECODE_TEAM), all */
 } st_gen_stats;
 
 typedef enum {

@@ -38,11 +38,17 @@ static int cpu_device_id(unsigned char id[16]) { (void)id; return -1; } /* no de
  * whole backend: OpenBLAS's own pthreads would busy-wait between calls and steal the cores from the
  * OpenMP kernels that run in between. The split depends only on the shape and the thread count, so
  * results are reproducible run to run; a different thread count may round edge tiles differently. */
+/* From this many weights (256 KB) a one-row product is split across the team: it streams the weights
+ * from memory at a few GB/s per core, ~25 us for 256 KB against ~1-2 us to wake the spinning team, and
+ * every decode GEMV of a model past the cache (Llama 8 x 512: 0.26-1.4 M weights each) must use both
+ * cores' read bandwidth, not only the LM head. */
+#define ST_GEMV_PAR_MIN (1L << 16)
+
 /* One row of C (a decode step at batch 1): matrix-vector products over column blocks. OpenBLAS 0.3.21's
  * sgemm would pack the whole of B for a single row; sgemv streams it once. Each element of C is one dot
  * product whatever the block, so the thread count does not change the result. */
 static void matmul_row(float *c, const float *a, const float *b, int n, int k, int trans_b, float alpha, float beta) {
-#pragma omp parallel if ((long)n * k >= ST_MATMUL_PAR_MIN && n >= 32)
+#pragma omp parallel if ((long)n * k >= ST_GEMV_PAR_MIN && n >= 32)
     {
         int nt = omp_get_num_threads(), id = omp_get_thread_num();
         int per = ((n + nt - 1) / nt + 15) / 16 * 16;

@@ -3,12 +3,15 @@
  * layouts; a sliding window limits the keys a row sees). A run of at least PREFILL_RUN rows of one
  * sequence at consecutive positions (a prefill chunk) attends per head through two sgemm tiles (scores
  * Q K^T over the keys the run sees, masked softmax per row, then P V), in pieces of PREFILL_TILE rows;
- * other rows (decode steps) one by one with the score row on the stack. Each (row or run, query head) item is computed by one thread in
- * a fixed order, so any thread schedule gives the same bits. Caller owns every buffer. */
+ * other rows (decode steps) one by one with the score row on the stack; with GQA, when every thread gets
+ * one, an item is a (row, kv head) whose query heads score each key row loaded once (the same sums as head
+ * by head). Each (row or run, query head) is computed by one thread in a fixed order, so any thread
+ * schedule gives the same bits. Caller owns every buffer. */
 #include "kernels/cpu/cpu_kernels.h"
 
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 /* Rows of one sequence at consecutive positions from which the sgemm tiles pay off. */
@@ -79,6 +82,45 @@ static void attend_row(float *out, const float *qkv, const float *kcache, const 
     float inv = 1.0f / st_cpu_sum(s, nk);
     for (j = 0; j < nk; j++) s[j] *= inv;
     weigh_values(out + (size_t)i * h * hd + (size_t)hi * hd, s, vb, nk, kvd, hd);
+}
+
+/* A decode item's score rows on the stack at most (floats): past it the heads go one by one. */
+#define GROUP_MAX_SCORES 65536
+
+/* Row i, the query heads g*G .. g*G+G-1 that share kv head g (GQA, G = h / kvh): each key row is loaded
+ * once for all G heads' scores (st_cpu_dot4 per head: the same bits as attend_row head by head). */
+static void attend_group(float *out, const float *qkv, const float *kcache, const float *vcache, int seq, int p, int i,
+                         int g, int h, int kvh, int hd, int max_t, int window) {
+    int G = h / kvh, first = first_key(p, window), nk = p + 1 - first;
+    if (G == 1 || nk < 1 || (long)G * nk > GROUP_MAX_SCORES) {
+        for (int r = 0; r < G; r++) attend_row(out, qkv, kcache, vcache, seq, p, i, g * G + r, h, kvh, hd, max_t, window);
+        return;
+    }
+    size_t kvd = (size_t)kvh * hd, stride = (size_t)(h + 2 * kvh) * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    float s[G * nk];
+    const float *q = qkv + (size_t)i * stride + (size_t)g * G * hd;
+    size_t base = ((size_t)seq * max_t + (size_t)first) * kvd + (size_t)g * hd;
+    const float *kb = kcache + base, *vb = vcache + base;
+    int j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        const float *k0 = kb + (size_t)j * kvd;
+        for (int r = 0; r < G; r++) {
+            float d4[4];
+            st_cpu_dot4(d4, q + (size_t)r * hd, k0, k0 + kvd, k0 + 2 * kvd, k0 + 3 * kvd, hd);
+            for (int t = 0; t < 4; t++) s[(size_t)r * nk + j + t] = d4[t] * scale;
+        }
+    }
+    for (; j < nk; j++)
+        for (int r = 0; r < G; r++) s[(size_t)r * nk + j] = st_cpu_dot(q + (size_t)r * hd, kb + (size_t)j * kvd, hd) * scale;
+    for (int r = 0; r < G; r++) {
+        float *sr = s + (size_t)r * nk;
+        float mx = st_cpu_max(sr, nk);
+        for (j = 0; j < nk; j++) sr[j] = st_cpu_expf(sr[j] - mx);
+        float inv = 1.0f / st_cpu_sum(sr, nk);
+        for (j = 0; j < nk; j++) sr[j] *= inv;
+        weigh_values(out + (size_t)i * h * hd + (size_t)(g * G + r) * hd, sr, vb, nk, kvd, hd);
+    }
 }
 
 /* Rows r0..r0+n-1 of one sequence at positions p0..p0+n-1, query head hi: S = scale Q K^T over keys
@@ -171,14 +213,24 @@ void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, 
         attention_runs(out, qkv, kcache, vcache, row_seq, row_pos, run_r0, run_n, n_runs, h, kvh, hd, max_t, window);
     free(run_r0);
     free(run_n);
-    long work = (long)rows * h;
     long keys = 0;
     for (int i = 0; i < rows; i++)
         if (!tiled || !tiled[i]) keys += row_pos[i] + 1 - first_key(row_pos[i], window);
-#pragma omp parallel for schedule(dynamic, 4) if (keys * h * hd >= ST_CPU_PAR_MIN)
-    for (long w = 0; w < work; w++)
-        if (!tiled || !tiled[w / h])
-            attend_row(out, qkv, kcache, vcache, row_seq[w / h], row_pos[w / h], (int)(w / h), (int)(w % h), h, kvh,
-                       hd, max_t, window);
+    int par = keys * h * hd >= ST_CPU_PAR_MIN;
+    if (kvh < h && kvh >= (par ? omp_get_max_threads() : 1)) { /* items (row, kv head): every thread has one */
+        long work = (long)rows * kvh;
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+        for (long w = 0; w < work; w++)
+            if (!tiled || !tiled[w / kvh])
+                attend_group(out, qkv, kcache, vcache, row_seq[w / kvh], row_pos[w / kvh], (int)(w / kvh),
+                             (int)(w % kvh), h, kvh, hd, max_t, window);
+    } else {
+        long work = (long)rows * h;
+#pragma omp parallel for schedule(dynamic, 4) if (par)
+        for (long w = 0; w < work; w++)
+            if (!tiled || !tiled[w / h])
+                attend_row(out, qkv, kcache, vcache, row_seq[w / h], row_pos[w / h], (int)(w / h), (int)(w % h), h,
+                           kvh, hd, max_t, window);
+    }
     free(tiled);
 }

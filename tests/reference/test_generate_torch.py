@@ -17,6 +17,9 @@ reference (torch_model.py: no-cache greedy loop in float64, HF semantics).
     samples must reject the T = 1 distribution, so the check has power); top-k 3 and top-p 0.6 samples
     stay inside the sets computed here and fit the renormalized distribution.
  5. 2 ranks (mpirun) write the same output file as 1 rank, with sampling on and a partial last batch.
+ 6. threads: with one-token prompts every forward is one row, whose matrix-vector products (each of
+    64K+ weights here) are split by output rows across the OpenMP team; 1 and 2 threads must give the
+    same logits bit for bit (each output is one dot product whatever the split).
 Env (set by ctest): SHARDTUNE_BIN."""
 import json
 import os
@@ -48,11 +51,11 @@ def check(what, ok, msg):
         failures.append(what)
 
 
-def run(args, mpi=0):
+def run(args, mpi=0, env=None):
     cmd = [BIN, *args]
     if mpi:
         cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(mpi), *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env or ENV, timeout=300)
     assert r.returncode == 0, f"shardtune {' '.join(args[:1])} failed: {r.stderr}"
     return r
 
@@ -286,15 +289,40 @@ def check_distribution(tmp, rng):
           f"nucleus {sorted(nucleus.tolist())} (mass {probs[above < 0.6].sum():.3f}), chi2 {stat:.1f}")
 
 
+def check_threads(tmp, rng):
+    """6: one-row forwards (one-token prompts) on 1 and 2 threads give identical logits. The shapes put
+    every decode matrix (qkv 512 x 256, o 256 x 256, gate/up 512 x 256, down 256 x 256, head 512 x 256)
+    at or above the 64K weights from which the CPU backend splits a one-row product."""
+    d = os.path.join(tmp, "threads")
+    run(["init-model", "--family", "llama", "--layers", "2", "--dim", "256", "--heads", "4", "--kv-heads", "2",
+         "--ffn", "256", "--vocab", "512", "--max-seq", "64", "--seed", "28", "--out", d])
+    ppath = os.path.join(tmp, "threads_prompts.jsonl")
+    write_prompts(ppath, [[int(rng.integers(0, 512))] for _ in range(2)])
+    dumps, outs = [], []
+    # 2 threads: every step on the team ("full"), and the default "auto" (steps on the team or on one thread)
+    for t, team in (("1", "auto"), ("2", "full"), ("2", "auto")):
+        dump = os.path.join(tmp, "threads_%s_%s.bin" % (t, team))
+        out = os.path.join(tmp, "threads_%s_%s.jsonl" % (t, team))
+        run(["generate", "--model", d, "--prompts", ppath, "--out", out, "--max-new", "40", "--batch", "1",
+             "--dump-logits", dump], env=dict(ENV, OMP_NUM_THREADS=t, SHARDTUNE_DECODE_TEAM=team))
+        dumps.append(open(dump, "rb").read())
+        outs.append([o["output_ids"] for o in read_out(out)])
+    same = all(x == dumps[0] for x in dumps) and all(o == outs[0] for o in outs)
+    check("1 vs 2 threads", same and len(dumps[0]) == 2 * 40 * 512 * 4,
+          "logits of %d one-row forwards bit-identical (1 thread, 2 full, 2 auto)" % (len(dumps[0]) // (512 * 4)))
+
+
 def check_errors(tmp, model):
     bad = os.path.join(tmp, "bad.jsonl")
     cases = [('{"prompt": "hello"}\n', "no tokenizer.json"), ('{"input_ids": [1, 500]}\n', "outside the model's vocabulary"),
-             ('{"input_ids": []}\n', "non-empty"), ('[1, 2]\n', "JSON object")]
+             ('{"input_ids": []}\n', "non-empty"), ('[1, 2]\n', "JSON object"),
+             ('{"input_ids": [1, 2]}\n', "SHARDTUNE_DECODE_TEAM=2: expected auto, full or 1")]
     for text, needle in cases:
         with open(bad, "w") as f:
             f.write(text)
+        env = dict(ENV, SHARDTUNE_DECODE_TEAM="2") if needle.startswith("SHARDTUNE_DECODE_TEAM") else ENV
         r = subprocess.run([BIN, "generate", "--model", model, "--prompts", bad, "--out", os.path.join(tmp, "x.jsonl")],
-                           capture_output=True, text=True, env=ENV, timeout=60)
+                           capture_output=True, text=True, env=env, timeout=60)
         lines = r.stderr.strip().splitlines()
         check(f"error: {needle}", r.returncode == 1 and len(lines) == 1 and needle in lines[0]
               and not os.path.exists(os.path.join(tmp, "x.jsonl")), lines[0] if lines else "(no message)")
@@ -338,6 +366,7 @@ def main():
                      config={"use_sliding_window": True, "sliding_window": 40, "max_window_layers": 1})
         check_sampling(tmp, llama, ppath, out1, rng)
         check_distribution(tmp, rng)
+        check_threads(tmp, rng)
         check_errors(tmp, llama)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

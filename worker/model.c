@@ -1263,7 +1263,10 @@ static void head_backward(st_model *m, const model_bufs *b, float *dlnf, const u
     for (int j0 = 0; j0 < V; j0 += VB) { /* blocked only under bf16: dlogits is bf16 (dl16) */
         int n = V - j0 < VB ? V - j0 : VB;
         uint16_t *blk = (uint16_t *)b->head_tmp;
-        vblock_copy(m, blk, dl16, rows, V, j0, n, sizeof(uint16_t), 0);
+        if (V % 2 == 0 && n % 2 == 0) /* bf16 pairs moved as floats (bits kept): one launch on a device */
+            m->be->copy_cols((float *)blk, n / 2, (const float *)(dl16 + j0), V / 2, rows, n / 2, 0);
+        else
+            vblock_copy(m, blk, dl16, rows, V, j0, n, sizeof(uint16_t), 0);
         mm(m, dlnf, st_mm_bf16(blk), weight(m, w + (size_t)j0 * C), NULL, rows, C, n, 0, 0, j0 ? 1.0f : 0.0f);
         if (gw) mm(m, gw + (size_t)j0 * C, st_mm_bf16(blk), st_mm_f32(x), NULL, n, C, rows, 1, 0, 1.0f);
     }

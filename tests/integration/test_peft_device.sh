@@ -10,7 +10,10 @@
 #     (final/adapter_model.safetensors) is byte-identical;
 #  2. QLoRA (nf4 + double quantization, int8, bf16 with its bf16-only layout, DoRA in fp32 and bf16) and
 #     P-tuning's LSTM encoder (host LSTM core fed by explicit copies), as 1.; QLoRA + DoRA bf16 checkpointed
-#     and resumed on the device backend gives the uninterrupted run's losses.
+#     and resumed on the device backend gives the uninterrupted run's losses; QLoRA bf16 with the head and the
+#     layer weights forced into blocks, as 1.;
+#  3. the plan is true for QLoRA on a device: the step total of `shardtune plan --json backend=cuda` equals the
+#     device bytes fakedev held between steps (FAKEDEV_REPORT_MEM=1) within 15%.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
 [ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"

@@ -439,16 +439,15 @@ static int head_chunk_rows(const st_model *m) {
     return rows < N ? (int)rows : N;
 }
 
-/* Vocabulary rows of the LM head per matmul under bf16. Every matmul_bf16 operand gets an fp32 (CPU twin) or
- * bf16 copy in mm_scratch, so a head weight [V, C] above ST_HEAD_WIDEN_FLOATS goes through the head matmuls
- * in blocks of this many rows (a multiple of 16), each block's output moved into place: the scratch then
- * holds one block, not the whole head (Llama-3-8B: 2 GiB of widened head otherwise). V when not blocked
- * (fp32, a small head, or a device backend, whose matmul_bf16 reads a bf16 weight in place). */
+/* Vocabulary rows of the LM head per matmul under bf16. mm_scratch is sized by st_matmul_bf16_scratch_floats
+ * (room for fp32 copies of both operands: the CPU twin widens both; CUDA lays out bf16 copies of its fp32
+ * operands in the same room), so a head weight [V, C] above ST_HEAD_WIDEN_FLOATS goes through the head
+ * matmuls in blocks of this many rows (a multiple of 16), each block's output moved into place: the scratch
+ * then holds one block, not the whole head (Llama-3-8B: 2 GiB otherwise, on a device too). V when not
+ * blocked (fp32 or a small head). */
 #define ST_HEAD_WIDEN_FLOATS (1L << 24)
 static int head_vblock(const st_model *m) {
     long V = m->cfg.vocab, C = m->cfg.d_model, most = ST_HEAD_WIDEN_FLOATS;
-    /* a device backend copies fp32 operands only (the head is a bf16 weight there): the whole head */
-    if (m->be ? !m->be->host_memory : m->sizing_device) return (int)V;
     const char *e = getenv("SHARDTUNE_HEAD_WIDEN_FLOATS"); /* tests: block small heads too */
     if (e && atol(e) > 0) most = atol(e);
     if (m->precision != ST_PRECISION_BF16 || V * C <= most) return (int)V;
@@ -456,17 +455,17 @@ static int head_vblock(const st_model *m) {
     return (int)(rows < 16 ? 16 : rows < V ? rows : V);
 }
 
-/* Rows of a layer weight [out, in] per matmul under bf16 on a host backend. The CPU twin widens every matmul_bf16
- * operand into mm_scratch, so a weight above ST_W_WIDEN_FLOATS goes through its forward (output columns) and
- * input-gradient (inner dimension) matmuls in blocks of this many rows (a multiple of 16), as the LM head does
- * (head_vblock): the scratch then holds one block (Llama-3-8B: [14336, 4096] widened whole otherwise, 224 MiB).
- * out when not blocked (fp32, a small weight, or a device backend, whose matmul_bf16 reads a bf16 weight in
- * place). A blocked forward adds each block's product into its columns (as the whole one would: the same sums);
+/* Rows of a layer weight [out, in] per matmul under bf16 (any backend: mm_scratch is sized for both operands,
+ * head_vblock). The CPU twin widens every matmul_bf16 operand into mm_scratch, so a weight above
+ * ST_W_WIDEN_FLOATS goes through its forward (output columns) and input-gradient (inner dimension) matmuls in
+ * blocks of this many rows (a multiple of 16), as the LM head does (head_vblock): the scratch then holds one
+ * block (Llama-3-8B: [14336, 4096] widened whole otherwise, 224 MiB). out when not blocked (fp32 or a small
+ * weight). A blocked forward adds each block's product into its columns (as the whole one would: the same sums);
  * a blocked input gradient sums the blocks' products in block order (float rounding). */
 #define ST_W_WIDEN_FLOATS (1L << 23)
 static int wblock_rows(const st_model *m, int out, int in) {
     long most = ST_W_WIDEN_FLOATS;
-    if (m->precision != ST_PRECISION_BF16 || (m->be ? !m->be->host_memory : m->sizing_device)) return out;
+    if (m->precision != ST_PRECISION_BF16) return out;
     const char *e = getenv("SHARDTUNE_W_WIDEN_FLOATS"); /* tests: block small weights too */
     if (e && atol(e) > 0) most = atol(e);
     if ((long)out * in <= most) return out;
@@ -1246,7 +1245,7 @@ static void head_logits(st_model *m, const model_bufs *b, float *logits, const f
     for (int j0 = 0; j0 < V; j0 += VB) {
         int n = V - j0 < VB ? V - j0 : VB;
         mm(m, b->head_tmp, st_mm_f32(x), weight(m, w + (size_t)j0 * C), NULL, rows, n, C, 0, 1, 0.0f);
-        vblock_copy(m, b->head_tmp, logits, rows, V, j0, n, sizeof(float), 1);
+        m->be->copy_cols(logits + j0, V, b->head_tmp, n, rows, n, 0); /* one launch on a device */
     }
 }
 
@@ -1264,7 +1263,10 @@ static void head_backward(st_model *m, const model_bufs *b, float *dlnf, const u
     for (int j0 = 0; j0 < V; j0 += VB) { /* blocked only under bf16: dlogits is bf16 (dl16) */
         int n = V - j0 < VB ? V - j0 : VB;
         uint16_t *blk = (uint16_t *)b->head_tmp;
-        vblock_copy(m, blk, dl16, rows, V, j0, n, sizeof(uint16_t), 0);
+        if (V % 2 == 0 && n % 2 == 0) /* bf16 pairs moved as floats (bits kept): one launch on a device */
+            m->be->copy_cols((float *)blk, n / 2, (const float *)(dl16 + j0), V / 2, rows, n / 2, 0);
+        else
+            vblock_copy(m, blk, dl16, rows, V, j0, n, sizeof(uint16_t), 0);
         mm(m, dlnf, st_mm_bf16(blk), weight(m, w + (size_t)j0 * C), NULL, rows, C, n, 0, 0, j0 ? 1.0f : 0.0f);
         if (gw) mm(m, gw + (size_t)j0 * C, st_mm_bf16(blk), st_mm_f32(x), NULL, n, C, rows, 1, 0, 1.0f);
     }

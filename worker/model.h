@@ -216,8 +216,8 @@ size_t st_model_activation_floats(const st_model_config *cfg, int B, int T, st_p
  * one layer's full set of saved tensors that backward recomputes into, layer by layer. */
 size_t st_model_activation_floats_ckpt(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt);
 /* The same for a model on a device backend (device != 0: CUDA) or a host one (the CPU backend; what _ckpt
- * gives): under bf16 the CPU twin's LM head runs in vocabulary blocks, a device's whole, and the host's
- * logits chunks are larger (model.c head_chunk_rows, head_vblock). */
+ * gives): the host's logits chunks are larger (model.c head_chunk_rows); under bf16 the LM head and large
+ * layer weights run in blocks on both (head_vblock, wblock_rows). */
 size_t st_model_activation_floats_dev(const st_model_config *cfg, int B, int T, st_precision precision, int act_ckpt,
                                       int device);
 /* The same for adapters that need whole batches (mlp_whole != 0: st_lora_rows_whole, DoRA or LoRA dropout),

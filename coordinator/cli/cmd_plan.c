@@ -94,6 +94,10 @@ static void print_text(const st_plan *p, const st_model *m, const st_config *c) 
     if (p->stages[0].ranks[0].host_snapshot)
         printf("checkpoint.async: rank 0 also keeps %.2f MiB of host memory for its snapshot (not in the device "
                "figures above)\n", mib(p->stages[0].ranks[0].host_snapshot));
+    const st_rank_plan *h = &p->stages[p->final_stage].ranks[0];
+    if (h->host_save || h->host_resume)
+        printf("host memory beside the device figures: rank 0 writing final/ %.2f MiB, resume %.2f MiB\n",
+               mib(h->host_save), mib(h->host_resume));
 }
 
 static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, int r, const st_model *m,
@@ -112,9 +116,11 @@ static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, i
     }
     st_strbuf_printf(b, "],\"bytes\":{\"weights\":%zu,\"grads\":%zu,\"optim\":%zu,\"comm\":%zu,\"activations\":%zu,"
                         "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu,\"at_load\":%zu,\"at_ckpt\":%zu,"
-                        "\"at_resume\":%zu,\"host_snapshot\":%zu,\"teacher\":%zu}}%s",
+                        "\"at_resume\":%zu,\"host_snapshot\":%zu,\"host_save\":%zu,\"host_resume\":%zu,"
+                        "\"teacher\":%zu}}%s",
                      rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total, rp->at_save,
-                     rp->at_load, rp->at_ckpt, rp->at_resume, rp->host_snapshot, rp->teacher,
+                     rp->at_load, rp->at_ckpt, rp->at_resume, rp->host_snapshot, rp->host_save, rp->host_resume,
+                     rp->teacher,
                      r + 1 < p->world ? "," : "");
 }
 

@@ -597,7 +597,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
-    r->at_save = r->total - transient + copies + late;
+    /* a device backend: final/'s adapter copy and resume's host image are host memory, apart */
+    int dev = c->backend == ST_BACKEND_CUDA;
+    if (dev) r->host_save = copies;
+    r->at_save = r->total - transient + (dev ? 0 : copies) + late;
     /* load (before the trainable set exists): the weights as read, a tensor at a time (no host copy);
      * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
     r->at_load = m->n_weights * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
@@ -605,7 +608,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (c->finetune.mode == ST_FINETUNE_QLORA) r->at_load = stepbuf + qload + teacher;
     r->at_ckpt = r->total - transient + bounce + late;
     /* resume: a host image of the weights, of which the fp32 part is written (QLoRA: not below n_w16) */
-    r->at_resume = r->total + q32 * sizeof(float) + 2 * range * sizeof(float);
+    size_t image = q32 * sizeof(float) + 2 * range * sizeof(float);
+    if (dev) r->host_resume = image;
+    r->at_resume = r->total + (dev ? 0 : image);
     (void)world;
 }
 

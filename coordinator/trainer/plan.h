@@ -81,6 +81,10 @@ typedef struct {
                                  + the checkpoint.async snapshot copy (ckpt_snap.c) on the CPU backend */
     size_t host_snapshot;     /* backend cuda: the checkpoint.async snapshot, in host memory (copy_to_host),
                                  so not part of the device figures (total, at_*) */
+    size_t host_save;         /* backend cuda, rank 0 (below stage 3): host memory final/ adds beside the device
+                                 figures (st_peft_save_dir's host copy of the adapters) */
+    size_t host_resume;       /* backend cuda (below stage 3): the resume's host image of the fp32 weights and of
+                                 the moments, beside the device figures */
     size_t total;
     size_t at_save;           /* held while final/ is written at the end of this stage: total, + model_io.c's
                                  one tensor at a time on rank 0 (two when a tensor is stored transposed);

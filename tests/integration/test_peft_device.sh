@@ -10,7 +10,10 @@
 #     (final/adapter_model.safetensors) is byte-identical;
 #  2. QLoRA (nf4 + double quantization, int8, bf16 with its bf16-only layout, DoRA in fp32 and bf16) and
 #     P-tuning's LSTM encoder (host LSTM core fed by explicit copies), as 1.; QLoRA + DoRA bf16 checkpointed
-#     and resumed on the device backend gives the uninterrupted run's losses.
+#     and resumed on the device backend gives the uninterrupted run's losses; QLoRA bf16 with the head and the
+#     layer weights forced into blocks, as 1.;
+#  3. the plan is true for QLoRA on a device: the step total of `shardtune plan --json backend=cuda` equals the
+#     device bytes fakedev held between steps (FAKEDEV_REPORT_MEM=1) within 15%.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
 [ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
@@ -55,6 +58,9 @@ device() {
 device qlora finetune.mode=qlora
 device qlora_int8 finetune.mode=qlora finetune.qlora.quant=int8 finetune.qlora.double_quant=false
 device qlora_bf16 finetune.mode=qlora precision=bf16 finetune.lora.dropout=0.2
+# the head and the layer weights in blocks (forced small: the env hooks), as a large model runs them
+SHARDTUNE_HEAD_WIDEN_FLOATS=1024 SHARDTUNE_W_WIDEN_FLOATS=1024 device qlora_bf16_blocks finetune.mode=qlora \
+  precision=bf16 memory.activation_checkpointing=true
 device qlora_dora finetune.mode=qlora finetune.lora.dora=true finetune.qlora.block=48
 device qlora_dora_bf16 finetune.mode=qlora finetune.lora.dora=true precision=bf16 finetune.lora.dropout=0.2
 # resumed on the device backend: checkpointed at step 3 (adapters and AdamW state; the fp32 part of the
@@ -69,6 +75,32 @@ if [ -s "$T/qlora_dora_bf16/metrics.jsonl" ]; then
   ! grep -q "fakedev" "$T/qresume.err" || fail "qresume: a host/device mix-up: $(cat "$T/qresume.err")"
   same_losses "$T/qresume/metrics.jsonl" "$T/qlora_dora_bf16/metrics.jsonl" || fail "qresume: resumed losses differ"
   echo "qlora + dora bf16 resumed at step 3 on device-style memory: losses bit-identical to the uninterrupted run"
+fi
+# the planner is true for QLoRA on a device: `shardtune plan --json backend=cuda` gives the step total that
+# fakedev saw allocated between steps (FAKEDEV_REPORT_MEM=1) within 15%, bf16 + activation checkpointing with
+# the head and the layer weights forced into blocks (the env hooks: the bf16 matmul scratch then holds one
+# block on a device too) and the kept inputs in bf16
+if [[ -z "${ST_PEFT_DEVICE_ONLY:-}" || qplan == $ST_PEFT_DEVICE_ONLY ]]; then
+  qp=(finetune.mode=qlora precision=bf16 memory.activation_checkpointing=true memory.checkpoint_dtype=bf16)
+  job qplan 3 1 2 "${common[@]}" "${qp[@]}"
+  export SHARDTUNE_HEAD_WIDEN_FLOATS=1024 SHARDTUNE_W_WIDEN_FLOATS=1024
+  FAKEDEV_REPORT_MEM=1 "$FAKE" --guard "$T/qplan.yaml" "${common[@]}" "${qp[@]}" >"$T/qplan.out" 2>"$T/qplan.err" ||
+    fail "qplan on fakedev: $(cat "$T/qplan.err")"
+  ! grep -q "fakedev" "$T/qplan.err" || fail "qplan: a host/device mix-up: $(cat "$T/qplan.err")"
+  "$BIN" plan "$T/qplan.yaml" --ranks 1 backend=cuda "${common[@]}" "${qp[@]}" --json >"$T/qplan.plan" || fail "plan of qplan"
+  unset SHARDTUNE_HEAD_WIDEN_FLOATS SHARDTUNE_W_WIDEN_FLOATS
+  p=$(python3 - "$T/qplan.plan" "$T/qplan.out" <<'PY'
+import json, re, sys
+plan = json.load(open(sys.argv[1]))["stages"][0]["ranks"][0]["bytes"]["total"]
+m = re.search(r"fakedev device bytes: rank 0 peak \d+ between steps (\d+)", open(sys.argv[2]).read())
+assert m, "no fakedev device bytes line"
+seen = int(m.group(1))
+rel = abs(seen - plan) / plan
+assert rel <= 0.15, f"plan {plan} vs device bytes held between steps {seen}: {rel:.3g} > 0.15"
+print(f"{rel:.2g} (plan {plan}, held {seen})")
+PY
+  ) || fail "qplan: the plan's step total is not the device memory held: $p"
+  echo "qlora bf16 (blocked head and weights, bf16 kept inputs) on device-style memory: plan vs held $p (15%)"
 fi
 device lora finetune.mode=lora
 device lora_dropout finetune.mode=lora finetune.lora.dropout=0.2

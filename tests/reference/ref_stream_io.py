@@ -291,6 +291,35 @@ def check_planner(root):
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "--device-mem 'x'" in r.stderr, r.stderr
 
 
+def check_qlora_planner(root):
+    """Issue 18's QLoRA target, from config.json alone: Llama-3-8B, nf4 + double quantization, r 16 on all 7
+    projections, bf16, seq 2048, micro_batch 1, activation checkpointing (kept inputs bf16), 1 GPU: every
+    phase's device memory <= 8 GiB, the host memory (async snapshot, final/'s adapter copy, resume's image)
+    reported apart."""
+    d = os.path.join(root, "llama3-8b")
+    os.makedirs(d)
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+               torch_dtype="bfloat16", hidden_act="silu")
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    job = dp.write_job(os.path.join(root, "l3.yaml"), d, os.path.join(root, "run"),
+                       [{"name": "a", "path": os.path.join(root, "none.h5")}])
+    ov = ["train.micro_batch=1", "train.seq_len=2048", "precision=bf16", "memory.activation_checkpointing=true",
+          "memory.checkpoint_dtype=bf16", "backend=cuda", "finetune.mode=qlora", "finetune.lora.r=16",
+          "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+    p = plan(job, 1, ov)
+    b = p["stages"][0]["ranks"][0]["bytes"]
+    for phase in ("at_load", "total", "at_ckpt", "at_save", "at_resume"):
+        assert b[phase] <= 8 * 2**30, (phase, b[phase])
+    adapters = 32 * 2 * 16 * (3 * 4096 + 2 * 1024 + 2 * 4096 + 14336 + 4096) * 4  # A and B of 7 projections, fp32
+    assert b["host_save"] == adapters and b["host_snapshot"] >= 3 * adapters and b["host_resume"] >= 3 * adapters, b
+    print(f"  Llama-3-8B QLoRA on 1 GPU (bf16, act. ckpt, kept inputs bf16): load {b['at_load'] / 2**20:.0f}, step "
+          f"{b['total'] / 2**20:.0f}, checkpoint {b['at_ckpt'] / 2**20:.0f}, final/ {b['at_save'] / 2**20:.0f}, resume "
+          f"{b['at_resume'] / 2**20:.0f} MiB <= 8 GiB; host apart: snapshot {b['host_snapshot'] / 2**20:.0f}, final/ "
+          f"{b['host_save'] / 2**20:.0f}, resume {b['host_resume'] / 2**20:.0f} MiB")
+
+
 def main():
     t0 = time.time()
     root = dp.tmpdir("st_stream_")
@@ -298,7 +327,12 @@ def main():
         if sys.argv[1:] == ["load_from_base"]:  # this part alone
             check_load_from_base(root, dp.make_dataset(os.path.join(root, "b.h5"), 128, 200, seed=1))
             return
+        if sys.argv[1:] == ["planner"]:  # the planner targets alone (config.json only, no run)
+            check_planner(root)
+            check_qlora_planner(root)
+            return
         check_planner(root)
+        check_qlora_planner(root)
         data = dp.make_dataset(os.path.join(root, "a.h5"), 512, 200, seed=3)
         check_files(root, data, "llama", True)
         check_files(root, data, "gpt2", False)

@@ -7,8 +7,8 @@
  * library, for a side-by-side ratio. Usage: step_matmuls [threads=2] [reps=3] [N=256 C=768 F=3072 V=50257
  * L=12] (the defaults: bench/cpu_train's gpt2-124m row, B*T = 4*64). Numbers only, no assertions. */
 #include "kernels/cpu/cpu_kernels.h"
+#include "kernels/kernels.h"
 
-#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,7 +44,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: step_matmuls [threads] [reps] [N C F V L], all >= 1\n");
         return 2;
     }
-    omp_set_num_threads(threads);
+    st_backend_cpu(threads); /* OpenMP threads, OpenBLAS single-threaded: as shardtune train runs */
     const char *env = getenv("SHARDTUNE_SGEMM");
 #ifdef ST_HAVE_DNNL
     const char *lib = env && !strcmp(env, "openblas") ? "openblas" : "onednn";

@@ -45,8 +45,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     st_backend_cpu(threads); /* OpenMP threads, OpenBLAS single-threaded: as shardtune train runs */
-    const char *env = getenv("SHARDTUNE_SGEMM");
 #ifdef ST_HAVE_DNNL
+    const char *env = getenv("SHARDTUNE_SGEMM");
     const char *lib = env && !strcmp(env, "openblas") ? "openblas" : "onednn";
 #else
     const char *lib = "openblas";

@@ -8,7 +8,7 @@ PKGS=(
   libopenmpi-dev openmpi-bin
   libhdf5-openmpi-dev
   libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
-  libcmocka-dev libopenblas-dev libyaml-dev
+  libcmocka-dev libopenblas-dev libdnnl-dev libyaml-dev
   python3 python3-torch python3-numpy python3-h5py python3-zmq python3-protobuf
 )
 # the test extras of `./run test`: Slurm, and a real headless browser for the compare page test

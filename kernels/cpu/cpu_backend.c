@@ -1,16 +1,21 @@
 /* cpu_backend.c — the CPU backend table (st_backend_cpu), host memory functions, matmul through
- * OpenBLAS, bias and elementwise kernels.
+ * oneDNN's sgemm (OpenBLAS when built without oneDNN, or with SHARDTUNE_SGEMM=openblas), bias and
+ * elementwise kernels.
  *
  * Memory: alloc returns 64-byte aligned zeroed host memory owned by the caller (release with ->free).
  * Kernels never allocate. Every reduction runs over a partition that does not depend on the number
  * of threads, so results are bit-identical for any thread count and any scheduling (matmul: for a
- * given thread count). OpenBLAS runs single-threaded inside the OpenMP team (see st_cpu_matmul). */
+ * given thread count). the sgemm library runs single-threaded inside the OpenMP team (see st_cpu_matmul). */
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/kernels.h"
 #include "common/util.h"
 
 #include <cblas.h>
+#ifdef ST_HAVE_DNNL
+#include <dnnl.h>
+#endif
 #include <omp.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -64,6 +69,46 @@ static void matmul_row(float *c, const float *a, const float *b, int n, int k, i
     }
 }
 
+/* 1 when st_cpu_matmul's blocks go to oneDNN: built with it and SHARDTUNE_SGEMM is not "openblas" (the
+ * switch exists to compare both libraries with one binary, bench/cpu_train --sgemm). */
+static int sgemm_dnnl(void) {
+#ifdef ST_HAVE_DNNL
+    static atomic_int choice = -1;
+    int v = atomic_load(&choice);
+    if (v < 0) {
+        const char *e = getenv("SHARDTUNE_SGEMM");
+        v = !(e && strcmp(e, "openblas") == 0);
+        atomic_store(&choice, v);
+    }
+    return v;
+#else
+    return 0;
+#endif
+}
+
+/* One single-threaded row-major sgemm C = alpha op(A) op(B) + beta C (beta 0 never reads C). oneDNN's
+ * JIT sgemm is 25-35% faster than OpenBLAS 0.3.21 on the model's shapes on AVX-512 (bench/RESULTS.md,
+ * 2026-12-06). oneDNN would open its own (nested) team of omp_get_max_threads() threads: the calling thread's
+ * thread count is held at 1 around the call, so each block runs on the thread that owns it (one pool, no
+ * oversubscription, results independent of scheduling). A call oneDNN refuses (it checks the arguments
+ * only) goes to OpenBLAS. */
+static void sgemm_block(int dnnl, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+                        const float *b, int ldb, float beta, float *c, int ldc) {
+#ifdef ST_HAVE_DNNL
+    if (dnnl) {
+        int outer = omp_get_max_threads();
+        if (outer > 1) omp_set_num_threads(1);
+        dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        if (outer > 1) omp_set_num_threads(outer);
+        if (st == dnnl_success) return;
+    }
+#else
+    (void)dnnl;
+#endif
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda,
+                b, ldb, beta, c, ldc);
+}
+
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta) {
     if (m <= 0 || n <= 0) return;
@@ -77,7 +122,7 @@ void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k
         return;
     }
     const int lda = trans_a ? m : k, ldb = trans_b ? k : n;
-    const enum CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
+    const int dnnl = sgemm_dnnl();
     const int by_rows = m >= n;
     const int len = by_rows ? m : n;
 #pragma omp parallel if ((long)m * n * k >= ST_MATMUL_PAR_MIN && len >= 32)
@@ -89,10 +134,10 @@ void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k
         if (hi > lo) {
             if (by_rows) {
                 const float *as = trans_a ? a + lo : a + (size_t)lo * k;
-                cblas_sgemm(CblasRowMajor, ta, tb, hi - lo, n, k, alpha, as, lda, b, ldb, beta, c + (size_t)lo * n, n);
+                sgemm_block(dnnl, trans_a, trans_b, hi - lo, n, k, alpha, as, lda, b, ldb, beta, c + (size_t)lo * n, n);
             } else {
                 const float *bs = trans_b ? b + (size_t)lo * k : b + lo;
-                cblas_sgemm(CblasRowMajor, ta, tb, m, hi - lo, k, alpha, a, lda, bs, ldb, beta, c + lo, n);
+                sgemm_block(dnnl, trans_a, trans_b, m, hi - lo, k, alpha, a, lda, bs, ldb, beta, c + lo, n);
             }
         }
     }

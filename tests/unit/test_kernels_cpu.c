@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -185,6 +186,48 @@ static void test_matmul(void **state) {
         ASSERT_CLOSE(c, want, (size_t)N, 1e-5, "matmul one row");
         free(a), free(b), free(c), free(want);
     }
+}
+
+/* Model-sized matmuls (above the parallel threshold, split by rows and by columns) with 1 and 2 threads,
+ * every transpose, against float64. Each element's bound is the fp32 dot product's: (k + 2) u times
+ * alpha sum |a b| + |beta c| (u = 2^-24), whatever order the sgemm library (oneDNN or OpenBLAS) sums in.
+ * beta 0 on a C of NaN must overwrite it; alpha 0.7, beta 1 accumulates. */
+static void test_matmul_split(void **state) {
+    (void)state;
+    const int shapes[2][3] = {{300, 257, 130}, {70, 400, 200}}; /* by rows; by columns (n > m) */
+    int keep = omp_get_max_threads();
+    for (int nt = 1; nt <= 2; nt++) {
+        omp_set_num_threads(nt);
+        for (int s = 0; s < 2; s++)
+            for (int t = 0; t < 4; t++)
+                for (int acc = 0; acc < 2; acc++) {
+                    int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2], ta = t & 1, tb = t >> 1;
+                    float alpha = acc ? 0.7f : 1.0f, beta = acc ? 1.0f : 0.0f;
+                    float *a = frand((size_t)m * k, 1), *b = frand((size_t)k * n, 1), *c = frand((size_t)m * n, 1);
+                    if (!acc)
+                        for (size_t i = 0; i < (size_t)m * n; i++) c[i] = NAN;
+                    double *want = dzeros((size_t)m * n), *bound = dzeros((size_t)m * n);
+                    for (int i = 0; i < m; i++)
+                        for (int j = 0; j < n; j++) {
+                            double sum = 0, mag = 0;
+                            for (int p = 0; p < k; p++) {
+                                double av = ta ? a[(size_t)p * m + i] : a[(size_t)i * k + p];
+                                double bv = tb ? b[(size_t)j * k + p] : b[(size_t)p * n + j];
+                                sum += av * bv, mag += fabs(av * bv);
+                            }
+                            double c0 = acc ? c[(size_t)i * n + j] : 0.0;
+                            want[(size_t)i * n + j] = alpha * sum + beta * c0;
+                            bound[(size_t)i * n + j] = (k + 2) * ldexp(1.0, -24) * (alpha * mag + fabs(c0)) + 1e-30;
+                        }
+                    st_cpu_matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
+                    for (size_t i = 0; i < (size_t)m * n; i++)
+                        if (!(fabs(c[i] - want[i]) <= bound[i]))
+                            fail_msg("matmul %dx%dx%d ta %d tb %d beta %g, %d threads: element %zu = %.9g, want %.9g (bound %.3g)",
+                                     m, n, k, ta, tb, beta, nt, i, c[i], want[i], bound[i]);
+                    free(a), free(b), free(c), free(want), free(bound);
+                }
+    }
+    omp_set_num_threads(keep);
 }
 
 /* ---- bias and elementwise ---- */
@@ -740,6 +783,7 @@ int main(void) {
         cmocka_unit_test(test_memory),
         cmocka_unit_test(test_attention_cached),
         cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_split),
         cmocka_unit_test(test_bias_and_elementwise),
         cmocka_unit_test(test_layernorm),
         cmocka_unit_test(test_rmsnorm),

@@ -51,8 +51,8 @@ run() { # run NAME STAGE [overrides...]: 2 ranks, each rank's peak RSS (kB) in N
 }
 run s0 0
 run s3 3
-run s0_plain 0 distill.teacher=
-run s3_plain 3 distill.teacher=
+run s0_plain 0 distill.teacher= distill.alpha=0.5  # the defaults: alpha without a teacher is refused
+run s3_plain 3 distill.teacher= distill.alpha=0.5
 run s0_bf16 0 precision=bf16
 run s3_bf16 3 precision=bf16
 run s0_llama 0 distill.teacher="$T/lteacher"

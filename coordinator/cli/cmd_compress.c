@@ -22,12 +22,13 @@
 typedef struct {
     const char *model, *out, *drop, *calib;
     double heads, ffn;
-    int T, windows, B;
+    int T, windows, B, force;
 } opts;
 
 static int usage(void) {
     fprintf(stderr, "usage: shardtune compress --model DIR --out DIR [--drop-layers SPEC|auto:K] [--prune-heads F] "
-                    "[--prune-ffn F] [--calib DATA.h5] [--seq-len T] [--calib-windows N] [--batch B]\n");
+                    "[--prune-ffn F] [--calib DATA.h5] [--seq-len T] [--calib-windows N] [--batch B] [--force]\n"
+                    "(an existing non-empty OUT is refused unless --force; it is written aside, then renamed)\n");
     return ST_EXIT_USAGE;
 }
 
@@ -135,6 +136,7 @@ static int parse_args(int argc, char **argv, opts *o) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int64_t n = 0;
         int rc = 0;
+        if (!strcmp(a, "--force")) { o->force = 1; continue; }
         if (!v) return st_cli_bad_arg("compress", a), -1;
         if (!strcmp(a, "--model")) o->model = v;
         else if (!strcmp(a, "--out")) o->out = v;
@@ -231,13 +233,19 @@ int st_cmd_compress(int argc, char **argv) {
     if (prc) return prc;
     double before, after;
     st_model_config c = {0};
-    int existed = access(o.out, F_OK) == 0;
-    if (run(&o, &before, &after, &c)) { /* no half-written OUT: a directory this run created goes again */
+    const char *out = o.out;
+    char tmp[4200]; /* written here, renamed to OUT when complete: no half-written OUT */
+    int rc = st_cli_out_begin("compress", out, o.force, tmp, sizeof tmp);
+    if (rc) return rc;
+    o.out = tmp;
+    if (run(&o, &before, &after, &c)) {
         char msg[1024];
         snprintf(msg, sizeof msg, "%s", st_error());
-        if (!existed && access(o.out, F_OK) == 0) st_remove_dir_files(o.out);
+        st_cli_out_end("compress", out, tmp, 0);
         return st_cli_error("compress", msg);
     }
+    o.out = out;
+    if ((rc = st_cli_out_end("compress", out, tmp, 1))) return rc;
     printf("compressed %s -> %s: %d layers, %d heads / %d kv heads, ffn %d", o.model, o.out, c.n_layer, c.n_head,
            c.n_kv_head, c.d_ff);
     if (before >= 0) printf("; calibration loss %.6f -> %.6f", before, after);

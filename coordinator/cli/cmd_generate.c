@@ -21,7 +21,8 @@ static int usage(void) {
     fprintf(stderr, "usage: shardtune generate --model DIR [--adapter DIR] --prompts IN.jsonl --out OUT.jsonl "
                     "[--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--chat]\n"
                     "                          [--repetition-penalty R] [--stop STR] [--batch B] "
-                    "[--backend auto|cpu|cuda] [--timing]\n");
+                    "[--backend auto|cpu|cuda] [--timing] [--force]\n"
+                    "(an existing non-empty OUT.jsonl is refused unless --force; the file is written aside, then renamed)\n");
     return ST_EXIT_USAGE;
 }
 
@@ -60,6 +61,7 @@ static int write_dump(const char *path, const float *d, const st_answer *ans, in
 int st_cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompts = NULL, *out = NULL, *adapter = NULL, *dump_path = NULL;
     st_gen_flags f;
+    int force = 0;
     st_gen_flags_default(&f);
     for (int i = 1; i < argc; i++) {
         int has = i + 1 < argc, c = st_gen_flags_parse(&f, argc, argv, &i);
@@ -69,6 +71,7 @@ int st_cmd_generate(int argc, char **argv) {
         else if (!strcmp(argv[i], "--prompts") && has) prompts = argv[++i];
         else if (!strcmp(argv[i], "--out") && has) out = argv[++i];
         else if (!strcmp(argv[i], "--adapter") && has) adapter = argv[++i];
+        else if (!strcmp(argv[i], "--force")) force = 1;
         else if (!strcmp(argv[i], "--dump-logits") && has) dump_path = argv[++i]; /* tests: raw fp32 logits */
         else { st_cli_bad_arg("generate", argv[i]); return usage(); }
     }
@@ -82,6 +85,13 @@ int st_cmd_generate(int argc, char **argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &world);
     int rc = 0, print_error = 0;
     st_prompt_set ps = {0};
+    char tmp[4200]; /* OUT is written here, renamed when complete */
+    int refused = rank == 0 ? st_cli_out_begin("generate", out, force, tmp, sizeof tmp) : 0;
+    MPI_Bcast(&refused, 1, MPI_INT, 0, MPI_COMM_WORLD); /* rank 0 printed the reason */
+    if (refused) {
+        MPI_Finalize();
+        return refused;
+    }
     f.adapter = adapter;
     if (dump_path && world > 1) rc = st_fail(ST_EINVAL, "--dump-logits runs on one rank only");
     if (!rc) rc = st_prompts_read(prompts, &ps);
@@ -104,9 +114,11 @@ int st_cmd_generate(int argc, char **argv) {
                 stats.decode_tokens, stats.decode_s, stats.decode_tokens / (stats.decode_s > 0 ? stats.decode_s : 1e-9),
                 stats.prefill_cpu_s, stats.decode_cpu_s, stats.decode_team1_steps, stats.decode_steps);
     if (!rc && rank == 0) {
-        rc = write_outputs(out, &ps, ans);
-        if (!rc && dump_path) rc = write_dump(dump_path, dump, ans, ps.n, vocab);
+        rc = write_outputs(tmp, &ps, ans);
         print_error = rc != 0;
+        if (rc) st_cli_out_end("generate", out, tmp, 0);
+        else if ((rc = st_cli_out_end("generate", out, tmp, 1)) != 0) print_error = 0; /* it printed the reason */
+        if (!rc && dump_path) print_error = (rc = write_dump(dump_path, dump, ans, ps.n, vocab)) != 0;
     }
     if (rc && print_error) st_cli_error("generate", st_error());
     st_answers_free(ans, ps.n);

@@ -9,6 +9,7 @@
 #include "coordinator/cli/commands.h"
 #include "coordinator/cli/plot_raster.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -232,8 +233,10 @@ static void free_data(plot_data *d) {
 
 int st_cmd_plot(int argc, char **argv) {
     const char *run_dir = NULL, *out = NULL;
+    int force = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
+        else if (!strcmp(argv[i], "--force")) force = 1;
         else if (argv[i][0] != '-' && !run_dir) run_dir = argv[i];
         else {
             st_cli_bad_arg("plot", argv[i]);
@@ -243,7 +246,7 @@ int st_cmd_plot(int argc, char **argv) {
     }
     if (!run_dir || !out) {
         if (run_dir || out || argc < 2) st_cli_missing("plot", !run_dir ? "RUN_DIR" : "--out FILE.svg|FILE.png");
-        fprintf(stderr, "usage: shardtune plot RUN_DIR --out FILE.svg|FILE.png\n");
+        fprintf(stderr, "usage: shardtune plot RUN_DIR --out FILE.svg|FILE.png [--force]\n");
         return ST_EXIT_USAGE;
     }
     /* the format follows the extension: .svg or .png (case-insensitive); anything else would be an SVG
@@ -255,6 +258,9 @@ int st_cmd_plot(int argc, char **argv) {
                 ext ? "unknown extension '" : "no extension", ext ? ext : "", ext ? "'" : "");
         return ST_EXIT_USAGE;
     }
+    char tmp[4200]; /* written here, renamed to OUT when complete */
+    int rc0 = st_cli_out_begin("plot", out, force, tmp, sizeof tmp);
+    if (rc0) return rc0;
     char path[4096];
     snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
     char *text;
@@ -296,18 +302,23 @@ int st_cmd_plot(int argc, char **argv) {
     range_of(all, d.nloss + 2, 1, &xlo, &xhi);
     size_t out_len = strlen(out);
     if (out_len > 4 && !strcasecmp(out + out_len - 4, ".png")) {
-        int rc = write_png(out, &d, xlo, xhi);
+        int rc = write_png(tmp, &d, xlo, xhi);
         free_data(&d);
-        if (rc) return st_cli_error("plot", st_error());
+        if (rc) {
+            rc = st_cli_error("plot", st_error());
+            st_cli_out_end("plot", out, tmp, 0);
+            return rc;
+        }
+        if ((rc = st_cli_out_end("plot", out, tmp, 1))) return rc;
         printf("wrote %s: %zu steps%s", out, used, skipped ? "" : "\n");
         if (skipped) printf(", %zu lines skipped (not metric JSON)\n", skipped);
         return ST_EXIT_OK;
     }
-    FILE *f = fopen(out, "w");
+    FILE *f = fopen(tmp, "w");
     if (!f) {
         free_data(&d);
-        char msg[4200];
-        snprintf(msg, sizeof msg, "cannot write %s", out);
+        char msg[4400];
+        snprintf(msg, sizeof msg, "cannot write %s: %s", tmp, strerror(errno));
         return st_cli_error("plot", msg);
     }
     double height = 3 * (PANEL_H + MT + MB);
@@ -319,7 +330,12 @@ int st_cmd_plot(int argc, char **argv) {
     fputs("</svg>\n", f);
     int bad = fclose(f) != 0;
     free_data(&d);
-    if (bad) return st_cli_error("plot", "write failed (disk full?)");
+    if (bad) {
+        st_cli_out_end("plot", out, tmp, 0);
+        return st_cli_error("plot", "write failed (disk full?)");
+    }
+    int rc = st_cli_out_end("plot", out, tmp, 1);
+    if (rc) return rc;
     printf("wrote %s: %zu steps%s", out, used, skipped ? "" : "\n");
     if (skipped) printf(", %zu lines skipped (not metric JSON)\n", skipped);
     return ST_EXIT_OK;

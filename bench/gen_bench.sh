@@ -27,7 +27,7 @@ printf '%-12s %-6s %s\n' model batch "timing (prompt 32 tokens, 64 new, $THREADS
 for model in gpt2-124m llama-small; do
   for batch in 1 8; do
     in="$TMP/prompts.jsonl"; [ "$batch" = 1 ] && in="$TMP/one.jsonl"
-    line=$("$BIN" generate --model "$TMP/$model" --prompts "$in" --out "$TMP/out.jsonl" --max-new 64 \
+    line=$("$BIN" generate --model "$TMP/$model" --prompts "$in" --out "$TMP/out.jsonl" --force --max-new 64 \
            --batch "$batch" --backend cpu --timing 2>&1 | grep '^timing')
     printf '%-12s %-6s %s\n' "$model" "$batch" "${line#timing (rank 0): }"
   done

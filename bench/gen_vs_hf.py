@@ -89,7 +89,7 @@ def read_bandwidth(torch, threads):
 
 
 def shardtune_once(st, model, prompts, out, a, env):
-    text = run([st, "generate", "--model", model, "--prompts", prompts, "--out", out, "--max-new", str(a.new),
+    text = run([st, "generate", "--model", model, "--prompts", prompts, "--out", out, "--force", "--max-new", str(a.new),
                 "--batch", "1", "--backend", "cpu", "--timing"], env=env)
     line = [ln for ln in text.splitlines() if ln.startswith("timing")][0]
     # timing (rank 0): prefill P tokens in X s = ... tokens/s; decode D tokens in Y s = ... tokens/s

@@ -155,6 +155,20 @@ echo stale > $T/fm/stale.txt
 "$PY" -c "import h5py, sys; assert h5py.File(sys.argv[1])['/'].attrs['vocab_size'] == 110" $T/fm.h5 || fail "data pack --force did not replace"
 bad "$BIN" export $T/nanmodel --out $T/fm --force "holds a non-finite value"
 grep -q '"num_hidden_layers": 2' $T/fm/config.json || fail "a failed export --force touched the existing OUT"
+# the same for generate (on 2 ranks too: rank 0 decides for all), compress and plot
+echo keep > $T/keep.jsonl && echo keep > $T/keep.svg && mkdir -p $T/keepdir && echo keep > $T/keepdir/f
+mkdir -p $T/pl && printf '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n' > $T/pl/metrics.jsonl
+bad "$BIN" generate --model $T/model --prompts $T/p.jsonl --out $T/keep.jsonl "generate: error: $T/keep.jsonl already exists and is not empty (pass --force to replace it)"
+set +e; err=$(timeout 20 mpirun --oversubscribe -np 2 "$BIN" generate --model $T/model --prompts $T/p.jsonl --out $T/keep.jsonl 2>&1); rc=$?; set -e
+[ $rc -ne 0 ] && [ $rc -ne 124 ] && [ "$(echo "$err" | grep -c "already exists")" = 1 ] || fail "generate on 2 ranks over an existing OUT: exit $rc: $err"
+bad "$BIN" compress --model $T/model --out $T/keepdir --drop-layers 1 "compress: error: $T/keepdir already exists and is not empty (pass --force to replace it)"
+bad "$BIN" plot $T/pl --out $T/keep.svg "plot: error: $T/keep.svg already exists and is not empty (pass --force to replace it)"
+[ "$(cat $T/keep.jsonl $T/keep.svg $T/keepdir/f)" = "$(printf 'keep\nkeep\nkeep')" ] || fail "a refused generate/compress/plot changed an existing OUT"
+"$BIN" generate --model $T/model --prompts $T/p.jsonl --out $T/keep.jsonl --max-new 2 --force 2>/dev/null && grep -q '"output_ids"' $T/keep.jsonl \
+  || fail "generate --force did not replace $T/keep.jsonl"
+"$BIN" compress --model $T/model --out $T/keepdir --drop-layers 1 --force >/dev/null && [ ! -e $T/keepdir/f ] && [ -s $T/keepdir/config.json ] \
+  || fail "compress --force did not replace $T/keepdir whole"
+"$BIN" plot $T/pl --out $T/keep.svg --force >/dev/null && grep -q "<svg" $T/keep.svg || fail "plot --force did not replace $T/keep.svg"
 [ -z "$(ls -d $T/*.tmp-* 2>/dev/null)" ] || fail "temporaries left: $(ls -d $T/*.tmp-*)"
 echo "ok: an existing OUT is refused, --force replaces it whole"
 

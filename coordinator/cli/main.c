@@ -28,13 +28,13 @@ static const struct st_command st_commands[] = {
     {"ckpt", st_cmd_ckpt, "inspect|verify PATH"},
     {"export", st_cmd_export, "SRC --out DST [--format hf|peft|gguf] [--merge] [--quant f32|f16|bf16|q8_0|q4_0|q2_K|q3_K|q4_K|q5_K|q6_K|q4_K_M|q5_K_M] [--force]"},
     {"compress", st_cmd_compress, "--model DIR --out DIR [--drop-layers SPEC] [--prune-heads F] [--prune-ffn F] "
-                                  "[--calib DATA.h5]"},
+                                  "[--calib DATA.h5] [--force]"},
     {"monitor", st_cmd_monitor, "[ADDR] [--run-dir DIR] [--plain|--json]"},
     {"ctl", st_cmd_ctl, "[ADDR] status|checkpoint|stop|pause|resume [--run-dir DIR | --token-file F]"},
-    {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg|FILE.png"},
+    {"plot", st_cmd_plot, "RUN_DIR --out FILE.svg|FILE.png [--force]"},
     {"generate", st_cmd_generate,
      "--model DIR [--adapter DIR] --prompts IN.jsonl --out OUT.jsonl [--max-new N] [--temperature T] [--top-p P] "
-     "[--top-k K] [--seed S] [--chat]"},
+     "[--top-k K] [--seed S] [--chat] [--force]"},
     {"compare", st_cmd_compare,
      "sheet --base DIR --tuned DIR [--adapter DIR] --prompts IN.jsonl --out DIR [--max-new N] | score DIR --votes VOTES.jsonl "
      "[--json] | judge DIR --judge MODEL_DIR [--json]"},

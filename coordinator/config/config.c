@@ -687,8 +687,8 @@ static int ignored_key(const char *file, const char *key, const char *why, const
     return st_fail(ST_ECONFIG, "%s: %s has no effect in %s; %s", file, key, why, fix);
 }
 
-/* finetune.lora / qlora / prompt / prefix / train_modules, distill.temperature / alpha, mixing.temperature / cap,
- * tasks.N.weight. */
+/* finetune.lora / qlora / prompt / prefix / train_modules, distill.temperature / alpha, eval.generate.* (without
+ * eval.generate.every_steps), mixing.temperature / cap, tasks.N.weight. */
 static int check_ignored_keys(const st_config *c, const char *file) {
     st_config *d = malloc(sizeof *d);
     if (!d) return st_fail(ST_ENOMEM, "out of memory");
@@ -723,6 +723,13 @@ static int check_ignored_keys(const st_config *c, const char *file) {
                                           c->distill.alpha != d->distill.alpha))
         rc = ignored_key(file, c->distill.temperature != d->distill.temperature ? "distill.temperature" : "distill.alpha",
                          "a job without distill.teacher", "set distill.teacher (a model directory) or remove the key");
+    const st_key *ev = find_key(st_config_root_keys, "eval", 4); /* eval.generate.* without sampling */
+    if (!rc && c->eval.generate.every_steps == 0 &&
+        section_differs(ev->sub, "generate", (const char *)c + ev->off, (const char *)d + ev->off, &which)) {
+        snprintf(key, sizeof key, "eval.generate.%s", which);
+        rc = ignored_key(file, key, "a job with eval.generate.every_steps 0 (no sampling)",
+                         "set eval.generate.every_steps (sample every N steps) or remove the key");
+    }
     snprintf(why, sizeof why, "mixing.strategy %s", st_mixing_name(c->mixing.strategy));
     if (!rc && c->mixing.strategy != ST_MIXING_TEMPERATURE && c->mixing.temperature != d->mixing.temperature)
         rc = ignored_key(file, "mixing.temperature", why, "it is read by mixing.strategy temperature: set that "

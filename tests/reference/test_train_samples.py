@@ -208,7 +208,9 @@ def test_zero3_memory(tmp):
         "--vocab", "256", "--max-seq", "64", "--out", model])
     base = [ST, "train", job, "train.steps=4", "checkpoint.every_steps=0"]
     with_gen = peak_rss(base + ["run_dir=%s/run_gen" % tmp], os.path.join(tmp, "rss_gen"))
-    without = peak_rss(base + ["run_dir=%s/run_plain" % tmp, "eval.generate.every_steps=0"], os.path.join(tmp, "rss_plain"))
+    # sampling off: every eval.generate key back to its default (one set without sampling is refused)
+    off = ["eval.generate.every_steps=0", "eval.generate.prompts=", "eval.generate.max_new=64", "eval.generate.batch=8"]
+    without = peak_rss(base + ["run_dir=%s/run_plain" % tmp] + off, os.path.join(tmp, "rss_plain"))
     whole = os.path.getsize(os.path.join(model, "model.safetensors"))
     assert len(read_jsonl(os.path.join(tmp, "run_gen", "samples.jsonl"))) == 10
     d = with_gen - without

@@ -553,6 +553,24 @@ static void test_finetune_errors(void **state) {
     expect_error(with("distill: {temperature: 4}\n"), 0, NULL, "distill.temperature has no effect", NULL);
     expect_error(MINIMAL, 1, (char *[]){"tasks.0.weight=3"}, "tasks.0.weight has no effect in mixing.strategy "
                  "proportional", "mixing.strategy weights");
+    /* eval.generate.* without eval.generate.every_steps: nothing is sampled, each key is refused by name */
+    const char *gen[][2] = {{"max_new: 8", "max_new"}, {"temperature: 0.7", "temperature"}, {"batch: 2", "batch"},
+                            {"seed: 3", "seed"}, {"chat: true", "chat"}, {"prompts: p.jsonl", "prompts"}};
+    for (size_t i = 0; i < sizeof gen / sizeof gen[0]; i++) {
+        char yaml[256], name[64];
+        snprintf(yaml, sizeof yaml, "eval: {generate: {every_steps: 0, %s}}\n", gen[i][0]);
+        snprintf(name, sizeof name, "eval.generate.%s has no effect", gen[i][1]);
+        expect_error(with(yaml), 0, NULL, name, "set eval.generate.every_steps");
+    }
+    expect_error(with("eval: {generate: {every_steps: 4, prompts: p.jsonl, max_new: 8}}\n"), 1,
+                 (char *[]){"eval.generate.every_steps=0"}, "eval.generate.prompts has no effect", NULL);
+    {   /* turning sampling off from the command line: the keys back to their defaults too */
+        st_config off;
+        char *over[] = {"eval.generate.every_steps=0", "eval.generate.prompts=", "eval.generate.max_new=64"};
+        if (st_config_load_string(&off, with("eval: {generate: {every_steps: 4, prompts: p.jsonl, max_new: 8}}\n"), 3,
+                                  over))
+            fail_msg("sampling off by overrides: %s", st_error());
+    }
     /* ... and each read where its mode uses it; a dump of every key reloads (defaults are not "set") */
     st_config c;
     const char *fine[] = {"finetune: {mode: qlora, lora: {r: 4}, qlora: {quant: int8}}\n",
@@ -562,6 +580,8 @@ static void test_finetune_errors(void **state) {
                           "mixing: {strategy: temperature, temperature: 2, cap: 5}\n",
                           "mixing: {strategy: weights, temperature: 1}\n",
                           "distill: {teacher: t, temperature: 4, alpha: 0.9}\n",
+                          "eval: {generate: {every_steps: 5, prompts: p.jsonl, max_new: 8, temperature: 0.7, batch: 2, "
+                          "seed: 3, chat: true}}\n",
                           "finetune: {mode: full, lora: {r: 16}}\nmixing: {temperature: 1.0}\n"};
     for (size_t i = 0; i < sizeof fine / sizeof fine[0]; i++) {
         if (st_config_load_string(&c, with(fine[i]), 0, NULL)) fail_msg("%s: %s", fine[i], st_error());

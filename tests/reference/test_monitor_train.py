@@ -124,7 +124,7 @@ def test_summaries_and_stall(tmp):
     job = make_job(tmp, pub, ctl, steps)
     sub = Sub(pub)
     p = start(job)
-    assert sub.poll(30, until=lambda: len(sub.summaries) >= 3), "no StepSummary within 30 s"
+    assert sub.poll(60, until=lambda: len(sub.summaries) >= 3), "no StepSummary within 60 s"
     # control without the token is refused, status is answered
     r = request(ctl, 2)  # STOP without token
     assert not r["ok"], r

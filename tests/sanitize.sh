@@ -12,7 +12,7 @@ set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 B=${1:-$SRC/build-san}
 FLAGS="-fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1"
-cmake -S "$SRC" -B "$B" -DSHARDTUNE_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+cmake -S "$SRC" -B "$B" -DSHARDTUNE_CUDA=OFF -DSHARDTUNE_DNNL=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_C_FLAGS="$FLAGS" -DCMAKE_CXX_FLAGS="$FLAGS" \
   -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined,float-cast-overflow" >/dev/null
 cmake --build "$B" -j2 >/dev/null

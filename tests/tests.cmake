@@ -90,6 +90,8 @@ foreach(src ${ST_LLAMA_TESTS})
   add_test(NAME reference.${name} COMMAND bash ${ST_PYREF} --llama ${src})
   set_tests_properties(reference.${name} PROPERTIES LABELS reference TIMEOUT 900 ENVIRONMENT "${ST_TEST_ENV}")
 endforeach()
+# llamacpp_gguf fine-tunes four models with `shardtune train` too (~2 CPU-minutes, 8+ wall minutes under load)
+set_tests_properties(reference.llamacpp_gguf PROPERTIES TIMEOUT 1800)
 
 # the real transformers models and peft (tests/reference/peft_*.py, run with `scripts/pyref --torch`)
 file(GLOB ST_PYREF_TORCH_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/reference/peft_*.py)

@@ -1,18 +1,25 @@
 """llama.cpp itself runs `shardtune export --format gguf` files (PyPI llama-cpp-python, built from source by
 scripts/build_llama.sh; run through `scripts/pyref --llama`, so the low-level libllama API is used directly).
 
-For a Llama (SentencePiece-style BPE tokenizer, GQA), a Qwen2 (byte-level BPE, qwen2 pre-tokenizer, tied head)
-and a GPT-2 (byte-level BPE, gpt-2 pre-tokenizer), all small random models with sharp attention (q/k weights
-of std 0.08: scores of std ~1.6) and width 256, over T = 160 tokens of text:
+For a Llama (SentencePiece-style BPE tokenizer, GQA), a Qwen2 (byte-level BPE, qwen2 pre-tokenizer, tied head),
+a GPT-2 (byte-level BPE, gpt-2 pre-tokenizer) and a Mistral (SentencePiece, GQA), small random models with sharp
+attention (q/k weights of std 0.08: scores of std ~1.6) and width 256, over T = 160 tokens of text:
   * llama.cpp's tokenizer (llama_tokenize on the GGUF's vocabulary, no special tokens) gives exactly the ids of
     `tokenizers` on the model's tokenizer.json;
   * the per-token NLL of the next token from llama.cpp's logits at every position (one llama_decode of the whole
     sequence, f32 KV cache, flash attention off) is within 1e-3 of the float64 reference (torch_model.py on the
     HF weights) at every token for the f32 file; for q8_0 / q4_0 the mean NLL (log-perplexity) is within
-    3e-2 / 0.15 of the reference's (see QUANT below for why not per token), every k-quant's (q2_K, q3_K, q4_K,
+    3e-2 / 0.15 of the reference's (random weights: see QUANT), every k-quant's (q2_K, q3_K, q4_K,
     q5_K, q6_K, q4_K_M, q5_K_M) within 0.15 * max(1, r), where r is the ratio of the RMS weight error of that
     file to that of the q4_0 file over the same tensors (measured here by dequantizing both with gguf.quants):
     to first order the NLL error scales with the weight error, and q4_0's tolerance is the one the issue sets;
+  * TRAINED: the same family TRAIN_DIM wide, fine-tuned by `shardtune train` itself for TRAIN_STEPS steps
+    (TEXT's sentences in shuffled order: the model predicts most tokens confidently and the sentence starts
+    with p ~ 1/6, as a trained model does), exported again: every token's NLL within 1e-3 (f32), 3e-2 (q8_0)
+    and 0.15 (q5_K, q6_K, q5_K_M) of the float64 reference on the trained weights, the mean NLL as above
+    for every file, and every quantized file's per-token NLL within TOL_RUNTIME of the float64 forward over
+    that file's own dequantized tensors (ref_gguf_export.gguf_forward: what the file holds); the 4-bit and
+    lower files (q4_0, q4_K, q4_K_M, q2_K, q3_K) per token against the exact weights: see PER_TOKEN below;
   * a check that can fail: the f32 file with the Q/K rows of layer 0 left unpermuted (llama) or with a
     corrupted qkv tensor (gpt2) is rejected by the f32 tolerance;
   * bit-identity with llama.cpp's own quantizer: llama_model_quantize of our f32 GGUF produces exactly each
@@ -21,10 +28,35 @@ of std 0.08: scores of std ~1.6) and width 256, over T = 160 tokens of text:
     Q3_K_S / Q4_K_S / Q5_K_S / Q6_K, pure (no per-layer mixing), the head at Q6_K; q4_K_M / q5_K_M against
     ftypes Q4_K_M / Q5_K_M with llama-quantize's own per-tensor choice (no overrides), on these models and on
     a 12-layer Llama (layers 10 and 11 sort before 2 by name: the per-layer rule must follow layer numbers).
+
+Why the per-token bounds hold (first order): the NLL of token y from logits z changes by
+dNLL = sum_{v != y} p_v (dz_v - dz_y), so |dNLL| <= (1 - p_y) max_v |dz_v - dz_y|: a confident token passes
+almost none of the logit error, an uncertain one up to the whole spread. A block-quantized matmul y = W x
+adds dy_i = sum_j e_ij x_j with e_ij uniform in one rounding step: absmax/127 per 32 weights (q8_0), absmax/8
+(q4_0; up to a full step at the clipped +8 end): relative to y_i's spread that is ~0.5% (q8_0) and ~8% (q4_0)
+for Gaussian blocks (absmax ~2.1 sigma, error sigma step/sqrt(12)) on every matmul output. On random weights
+(p_y ~ 1/V: the whole spread passes, logits with no structure above the noise) the per-token errors are
+q8_0 up to 0.04-0.07 and q4_0 0.4-0.7; on the trained models the confident tokens pass almost nothing and the
+per-token maxima are those of the ~10% uncertain tokens (measured: docs/compress.md).
+RUNTIME: llama.cpp's CPU matmuls for quantized weights round the activations too, to q8_0 (blocks of 32,
+step absmax/127: the rounding q8_0 applies to weights, hence q8_0's 3e-2) for q8_0 / q4_0, and to q8_K (blocks
+of 256, step set by the largest of 8 such blocks: coarser) for the k-quants, allowed twice that: 6e-2.
+PER_TOKEN: q4_0's rounding step is 16x q8_0's (absmax/8 vs /127) while the issue's tolerance is only 5x
+(0.15 vs 3e-2), so a model whose worst token moves by ~1e-2 under q8_0 (the trained ones here: 1.1-2.4e-2)
+puts the worst 4-bit token near 0.16-0.4. Measured on the trained models: q4_0 0.09-0.25, q4_K 0.09-0.25 on
+single tokens while the mean NLL moves by ~2e-3, and the float64 forward over the 4-bit file's dequantized
+weights (llama.cpp not involved; q4_0's bytes are gguf.quants' own (ref_gguf_export.py), the k-quants'
+llama-quantize's own, below) moves the same tokens by the same amount: the format's damage, not the
+export's or the runtime's. So those files are bounded per token on the runtime (TOL_RUNTIME against what
+the file holds) and on the mean NLL against the exact weights, and the test prints their per-token maximum
+and the count of tokens over the issue's 0.15 (a deviation from the issue's per-token wording, in
+docs/compress.md).
 Exit 77 (skip) without the llama.cpp environment unless SHARDTUNE_WITH_PYREF=1 (scripts/pyref).
 """
 import ctypes
+import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -39,8 +71,9 @@ from tokenizers import Tokenizer  # noqa: E402
 
 import llama_cpp as L  # noqa: E402
 from ref_gguf_export import (TEXT, make_config, make_weights, write_model, bytelevel_tokenizer,  # noqa: E402
-                             spm_tokenizer, expected_tensors)
+                             spm_tokenizer, expected_tensors, gguf_forward)
 from st_cli import check, finish, run  # noqa: E402
+import st_io  # noqa: E402
 import torch_model  # noqa: E402
 
 T = 160
@@ -49,15 +82,20 @@ T = 160
 # NLLs by ~1 (measured 0.34-1.08), so no quantized tolerance could hold; 0.08 keeps attention position-
 # dependent (the corrupted-model check below must still fail) with scores of std ~1.6.
 ATTN_STD = 0.08
-# QUANT: for the quantized files the tolerances bound the difference of the mean NLL over the T-1 predicted
-# tokens (log-perplexity, how quantization quality is usually reported; measured 0.0004-0.0022 for q8_0,
-# 0.0095-0.027 for q4_0, 0.0045-0.025 for q4_K). Single tokens move much further (max |diff| 0.04-0.07 for
-# q8_0, 0.4-0.7 for q4_0 / q4_K; mean |diff| 0.012-0.015 and 0.10-0.20) on these random models:
-# every weight's relative error passes straight into the normalized hidden state, and llama.cpp's CPU
-# matmuls also round the activations to 8 bits for these types), which no per-token bound of 3e-2 / 0.15
-# survives; the layout itself is pinned by bit-identity with llama.cpp's quantizer (q4_K, below) and with
-# gguf.quants (q8_0 / q4_0, ref_gguf_export.py), and the runtime by the f32 per-token check.
+# QUANT (random models): for the quantized files the tolerances bound the difference of the mean NLL over the
+# T-1 predicted tokens (log-perplexity, how quantization quality is usually reported; measured 0.0004-0.0022
+# for q8_0, 0.0095-0.027 for q4_0, 0.0045-0.025 for q4_K). Single tokens move much further (max |diff|
+# 0.04-0.07 for q8_0, 0.4-0.7 for q4_0 / q4_K; mean |diff| 0.012-0.015 and 0.10-0.20) on these random models:
+# every weight's relative error passes straight into the normalized hidden state and p_y ~ 1/V lets the whole
+# logit error through (see "Why the per-token bounds hold"), which no per-token bound of 3e-2 / 0.15
+# survives; the trained models (TRAINED) carry the per-token checks.
 TOL = {"f32": 1e-3, "q8_0": 3e-2, "q4_0": 0.15}
+MEAN_ONLY = ("q4_0", "q4_K", "q4_K_M", "q2_K", "q3_K")  # per token: PER_TOKEN note
+TOL_RUNTIME = {"q8_0": 3e-2, "q4_0": 3e-2}  # k-quant files: TOL_RUNTIME_K (RUNTIME note)
+TOL_RUNTIME_K = 6e-2
+TRAIN_STEPS = 30
+TRAIN_LAYERS = 2
+TRAIN_DIM = 512
 # --quant value -> (llama_ftype, pure): the llama-quantize run each k-quant file must match byte for byte
 KQUANTS = {"q2_K": (10, True), "q3_K": (11, True), "q4_K": (14, True), "q5_K": (16, True), "q6_K": (18, True),
            "q4_K_M": (15, False), "q5_K_M": (17, False)}
@@ -187,6 +225,31 @@ def llama_quantize_matches(tmp, label, f32_path, ours, quant, tied_head):
           f"{', pure, head Q6_K' if pure else ''}; types {dict(sorted(types.items()))})")
 
 
+def train_briefly(tmp, label, d, cfg, tk, rng):
+    """The model in D fine-tuned by `shardtune train` (one rank, TRAIN_STEPS Adam steps) on TEXT's sentences in
+    shuffled order: the trained weights (run/final) and their directory, tokenizer copied in."""
+    V = cfg["vocab_size"]
+    td = os.path.join(tmp, label + "_train")
+    os.makedirs(td, exist_ok=True)
+    with open(os.path.join(td, "d.jsonl"), "w") as f:
+        for _ in range(64):
+            order = rng.permutation(len(TEXT) // 20)  # the 6 distinct sentences, shuffled per document
+            text = " ".join(TEXT[i] for i in order)
+            f.write(json.dumps({"input_ids": tk.encode(text, add_special_tokens=False).ids}) + "\n")
+    run("data", "pack", "--jsonl", os.path.join(td, "d.jsonl"), "--out", os.path.join(td, "d.h5"), "--vocab", str(V))
+    with open(os.path.join(td, "job.yaml"), "w") as f:
+        f.write(f"model: {{ path: {d} }}\nrun_dir: {td}/run\nseed: 1\n"
+                f"train: {{ steps: {TRAIN_STEPS}, micro_batch: 4, grad_accum: 1, seq_len: 128, lr: 3.0e-3, "
+                "warmup_steps: 5, schedule: cosine, log_every: 1000 }\n"
+                f"tasks: [ {{ name: t, path: {td}/d.h5 }} ]\neval: {{ every_steps: 0 }}\n"
+                "checkpoint: { every_steps: 0, keep_last: 0 }\nmonitor: { publish: \"\", control: \"\" }\n")
+    run("train", os.path.join(td, "job.yaml"))
+    fd = os.path.join(td, "run", "final")
+    shutil.copy(os.path.join(d, "tokenizer.json"), os.path.join(fd, "tokenizer.json"))
+    w = st_io.read(os.path.join(fd, "model.safetensors"))
+    return {k: np.asarray(v, np.float32) for k, v in w.items()}, fd
+
+
 def deep_mix_check(tmp, rng):
     """The _M mixes on a 12-layer Llama: the layers that get Q6_K for attn_v / ffn_down are llama-quantize's."""
     tok = spm_tokenizer()
@@ -202,18 +265,98 @@ def deep_mix_check(tmp, rng):
         llama_quantize_matches(tmp, "deep12", f32, p, quant, False)
 
 
+def trained_width(cfg):
+    """The trained models' shape: TRAIN_DIM wide, heads of 64, FFN 8/3 x (4 x for gpt2)."""
+    D = TRAIN_DIM
+    if cfg["model_type"] == "gpt2":
+        cfg.update(n_embd=D, n_head=D // 64, n_inner=4 * D, n_layer=TRAIN_LAYERS)
+    else:
+        kv = cfg["num_key_value_heads"] * (D // 64) // cfg["num_attention_heads"]
+        cfg.update(hidden_size=D, num_attention_heads=D // 64, num_key_value_heads=kv,
+                   intermediate_size=D * 8 // 3 // 32 * 32, num_hidden_layers=TRAIN_LAYERS)
+
+
+def export_all(tmp, label, d):
+    paths = {}
+    for quant in ("f32", "q8_0", "q4_0") + tuple(KQUANTS):
+        paths[quant] = os.path.join(tmp, f"{label}.{quant}.gguf")
+        run("export", d, "--out", paths[quant], "--format", "gguf", "--quant", quant)
+    return paths
+
+
+def nll_checks(label, paths, hf, cfg, ids, text, per_token):
+    """llama.cpp's per-token NLL of each file against the float64 reference on HF: the f32 file at every token
+    (1e-3); the quantized files on the mean NLL, and with PER_TOKEN also at every token."""
+    ref_logits = torch_model.RefModel(cfg, hf, torch.float64).logits(torch.tensor(ids[None])).detach().numpy()[0]
+    ref = nll_from_logits(ref_logits, ids)
+    z = ref_logits[:-1] - ref_logits[:-1].max(1, keepdims=True)
+    p_y = np.exp(-ref)
+    V = cfg["vocab_size"]
+    print(f"{label}: V {V}, reference mean NLL {ref.mean():.4f} (log V {np.log(V):.4f}),"
+          f" logit std {z.std(1).mean():.2f}, p(next) median {np.median(p_y):.2f}, {int((p_y < 0.5).sum())} of "
+          f"{len(p_y)} tokens below 0.5")
+    rms = {q: weight_rms_error(paths[q], hf, cfg)[0] for q in ("q4_0",) + tuple(KQUANTS)}
+    tol = dict(TOL)
+    for q in KQUANTS:
+        tol[q] = TOL["q4_0"] * max(1.0, rms[q] / rms["q4_0"])
+        print(f"{label}: weight RMS error {q} {rms[q]:.3e} vs q4_0 {rms['q4_0']:.3e}: {q} tolerance {tol[q]:.3f}")
+    for quant, path in paths.items():
+        m = Llama(path)
+        if quant == "f32":
+            got = m.tokenize(text)[:T]
+            check(got == ids.tolist(), f"{label}: llama.cpp tokenizes differently from tokenizers "
+                  f"(first difference at {next((i for i, (a, b) in enumerate(zip(got, ids)) if a != b), -1)})")
+        logits = m.logits(ids)
+        nll = nll_from_logits(logits, ids)
+        m.close()
+        diff = np.abs(nll - ref)
+        every = quant == "f32" or (per_token and quant not in MEAN_ONLY)
+        # first-order: dNLL_t = sum_{v != y} p_v (dz_v - dz_y), so |dNLL_t| <= (1 - p_y) max_v |dz_v - dz_y|
+        dz = (logits[:-1].astype(np.float64) - ref_logits[:-1])
+        spread = np.abs(dz - dz[np.arange(T - 1), ids[1:]][:, None]).max(1)
+        mean_err = abs(nll.mean() - ref.mean())
+        print(f"{label}/{quant}: llama.cpp per-token NLL vs float64: max |diff| {diff.max():.2e}, mean |diff| "
+              f"{diff.mean():.2e}, mean NLL {nll.mean():.4f} vs {ref.mean():.4f} (|diff| {mean_err:.2e}); logit error"
+              f" max {np.abs(dz).max():.2e}, max (1-p_y)*spread {((1 - p_y) * spread).max():.2e}; tolerance"
+              f" {tol[quant]:.3g}{' per token' if every else ' on the mean NLL'}")
+        if every:
+            check(diff.max() <= tol[quant],
+                  f"{label}/{quant}: per-token NLL differs by {diff.max():.3e} > {tol[quant]:.3g} (token "
+                  f"{int(diff.argmax())})")
+        if quant != "f32":
+            check(mean_err <= tol[quant], f"{label}/{quant}: mean NLL differs by {mean_err:.3e} > {tol[quant]:.3g}")
+        if per_token and quant != "f32":
+            # what the file holds: the float64 forward over its dequantized tensors (gguf.quants); llama.cpp
+            # must compute it within its activation rounding (RUNTIME note) at every token
+            held = nll_from_logits(gguf_forward(path, ids), ids)
+            run_err, fmt = np.abs(nll - held), np.abs(held - ref)
+            rt = TOL_RUNTIME.get(quant, TOL_RUNTIME_K)
+            print(f"{label}/{quant}: vs the float64 forward of the file's own dequantized weights: max |diff| "
+                  f"{run_err.max():.2e} (tolerance {rt} per token); the format's own damage (that forward vs the "
+                  f"exact weights): max {fmt.max():.2e}; tokens over {tol[quant]:.3g}: {int((diff > tol[quant]).sum())}"
+                  f" from llama.cpp, {int((fmt > tol[quant]).sum())} from the format alone")
+            check(run_err.max() <= rt, f"{label}/{quant}: llama.cpp differs from the float64 forward of "
+                  f"the file's own weights by {run_err.max():.3e} > {rt} (token {int(run_err.argmax())})")
+    return ref
+
+
 def main():
     L.llama_log_set(_quiet, ctypes.c_void_p())
     L.llama_backend_init()
     rng = np.random.default_rng(21)
+    trng = np.random.default_rng(5)  # the training documents' sentence orders (rng keeps the models of before)
     tmp = tempfile.mkdtemp(prefix="st_llamacpp_")
     text = " ".join(TEXT[:30])
     cases = [  # label, config, tokenizer json
         ("llama", make_config("llama", 2, 256, 4, 2, 352, 0, False), spm_tokenizer()),
         ("qwen2", make_config("qwen2", 2, 256, 4, 2, 512, 0, True), bytelevel_tokenizer("qwen2")),
         ("gpt2", make_config("gpt2", 2, 256, 4, 4, 1024, 0, True), bytelevel_tokenizer("gpt-2")),
+        ("mistral", make_config("mistral", 2, 256, 4, 2, 352, 0, False), spm_tokenizer()),
     ]
+    only = os.environ.get("ST_LLAMACPP_ONLY", "")
     for label, cfg, tok in cases:
+        if only and label not in only.split(","):
+            continue
         tk = Tokenizer.from_str(tok)
         V = tk.get_vocab_size(with_added_tokens=True)
         cfg["vocab_size"] = V
@@ -228,34 +371,22 @@ def main():
         write_model(d, cfg, hf, tok)
         ids = np.array(tk.encode(text, add_special_tokens=False).ids[:T])
         check(len(ids) == T, f"{label}: the text gives {len(ids)} tokens, need {T}")
-        ref_logits = torch_model.RefModel(cfg, hf, torch.float64).logits(torch.tensor(ids[None])).detach().numpy()[0]
-        ref = nll_from_logits(ref_logits, ids)
-        print(f"{label}: V {V}, reference mean NLL {ref.mean():.4f} (log V {np.log(V):.4f})")
-        paths = {}
-        for quant in ("f32", "q8_0", "q4_0") + tuple(KQUANTS):
-            paths[quant] = os.path.join(tmp, f"{label}.{quant}.gguf")
-            run("export", d, "--out", paths[quant], "--format", "gguf", "--quant", quant)
-        rms = {q: weight_rms_error(paths[q], hf, cfg)[0] for q in ("q4_0",) + tuple(KQUANTS)}
-        tol = dict(TOL)
-        for q in KQUANTS:
-            tol[q] = TOL["q4_0"] * max(1.0, rms[q] / rms["q4_0"])
-            print(f"{label}: weight RMS error {q} {rms[q]:.3e} vs q4_0 {rms['q4_0']:.3e}: {q} tolerance {tol[q]:.3f}")
-        for quant, path in paths.items():
-            m = Llama(path)
-            if quant == "f32":
-                got = m.tokenize(text)[:T]
-                check(got == ids.tolist(), f"{label}: llama.cpp tokenizes differently from tokenizers "
-                      f"(first difference at {next((i for i, (a, b) in enumerate(zip(got, ids)) if a != b), -1)})")
-            nll = nll_from_logits(m.logits(ids), ids)
-            m.close()
-            diff = np.abs(nll - ref)
-            # f32: every token (llama.cpp must compute what the file holds); quantized: the mean NLL, i.e. the
-            # log-perplexity (the quantization's damage; single tokens move by more, see the QUANT note above)
-            err = diff.max() if quant == "f32" else abs(nll.mean() - ref.mean())
-            print(f"{label}/{quant}: llama.cpp per-token NLL vs float64: max |diff| {diff.max():.2e}, mean |diff| "
-                  f"{diff.mean():.2e} (mean NLL {nll.mean():.4f} vs {ref.mean():.4f}), tolerance {tol[quant]:.3g} "
-                  f"on the {'max' if quant == 'f32' else 'mean NLL'}")
-            check(err <= tol[quant], f"{label}/{quant}: per-token NLL differs by {err:.3e} > {tol[quant]:.3g}")
+        paths = export_all(tmp, label, d)
+        ref = nll_checks(label, paths, hf, cfg, ids, text, per_token=False)
+        # a wider model of the family after TRAIN_STEPS steps of `shardtune train`: every token (TRAINED note)
+        tcfg = dict(cfg)
+        trained_width(tcfg)
+        thf = make_weights(tcfg, trng)
+        for n in thf:  # q/k back to the 0.02 of an ordinary init
+            if any(k in n for k in ("q_proj.weight", "k_proj.weight", "c_attn.weight")):
+                thf[n] = (thf[n] * 0.08).astype(np.float32)
+        d0 = os.path.join(tmp, label + "_init")
+        write_model(d0, tcfg, thf, tok)
+        hft, dt = train_briefly(tmp, label, d0, tcfg, tk, trng)
+        tref = nll_checks(label + "-trained", export_all(tmp, label + "-trained", dt), hft, tcfg, ids, text,
+                          per_token=True)
+        check(tref.mean() < ref.mean() - 1.0, f"{label}: training moved the mean NLL only from {ref.mean():.3f} "
+              f"to {tref.mean():.3f}")
         # the check can fail: a wrong file must be caught by the f32 tolerance
         bad = dict(hf)
         if label == "gpt2":
@@ -276,7 +407,8 @@ def main():
         for quant in KQUANTS:
             llama_quantize_matches(tmp, label, paths["f32"], paths[quant], quant,
                                    tied_head=cfg.get("tie_word_embeddings") and label != "gpt2")
-    deep_mix_check(tmp, rng)
+    if not only:
+        deep_mix_check(tmp, rng)
     L.llama_backend_free()
     finish()
 

@@ -277,6 +277,7 @@ def trained_width(cfg):
 
 
 def export_all(tmp, label, d):
+    """`shardtune export --format gguf` of model dir D in every --quant the test runs: {quant: path}."""
     paths = {}
     for quant in ("f32", "q8_0", "q4_0") + tuple(KQUANTS):
         paths[quant] = os.path.join(tmp, f"{label}.{quant}.gguf")
@@ -286,7 +287,8 @@ def export_all(tmp, label, d):
 
 def nll_checks(label, paths, hf, cfg, ids, text, per_token):
     """llama.cpp's per-token NLL of each file against the float64 reference on HF: the f32 file at every token
-    (1e-3); the quantized files on the mean NLL, and with PER_TOKEN also at every token."""
+    (1e-3); the quantized files on the mean NLL, and with per_token (the trained models) also at every token
+    (types not in MEAN_ONLY) and against the float64 forward of each file's own weights (TOL_RUNTIME)."""
     ref_logits = torch_model.RefModel(cfg, hf, torch.float64).logits(torch.tensor(ids[None])).detach().numpy()[0]
     ref = nll_from_logits(ref_logits, ids)
     z = ref_logits[:-1] - ref_logits[:-1].max(1, keepdims=True)

@@ -43,7 +43,7 @@ step absmax/127: the rounding q8_0 applies to weights, hence q8_0's 3e-2) for q8
 of 256, step set by the largest of 8 such blocks: coarser) for the k-quants, allowed twice that: 6e-2.
 PER_TOKEN: q4_0's rounding step is 16x q8_0's (absmax/8 vs /127) while the issue's tolerance is only 5x
 (0.15 vs 3e-2), so a model whose worst token moves by ~1e-2 under q8_0 (the trained ones here: 1.1-2.4e-2)
-puts the worst 4-bit token near 0.16-0.4. Measured on the trained models: q4_0 0.09-0.25, q4_K 0.09-0.25 on
+puts the worst 4-bit token near 0.16-0.4. Measured on the trained models: q4_0 0.09-0.25, q4_K 0.08-0.25 on
 single tokens while the mean NLL moves by ~2e-3, and the float64 forward over the 4-bit file's dequantized
 weights (llama.cpp not involved; q4_0's bytes are gguf.quants' own (ref_gguf_export.py), the k-quants'
 llama-quantize's own, below) moves the same tokens by the same amount: the format's damage, not the

@@ -72,7 +72,7 @@ from tokenizers import Tokenizer  # noqa: E402
 import llama_cpp as L  # noqa: E402
 from ref_gguf_export import (TEXT, make_config, make_weights, write_model, bytelevel_tokenizer,  # noqa: E402
                              spm_tokenizer, expected_tensors, gguf_forward)
-from st_cli import check, finish, run  # noqa: E402
+from st_cli import FAILS, check, finish, run  # noqa: E402
 import st_io  # noqa: E402
 import torch_model  # noqa: E402
 
@@ -412,6 +412,8 @@ def main():
     if not only:
         deep_mix_check(tmp, rng)
     L.llama_backend_free()
+    if not FAILS:  # ~0.9 GB of models and GGUF files; kept when a check failed
+        shutil.rmtree(tmp, ignore_errors=True)
     finish()
 
 

@@ -186,6 +186,32 @@ static inline __attribute__((always_inline)) VNNI_TARGET void micro(float *c, co
     }
 }
 
+/* quant_row(x, n, kp, q, 128) in AVX-512: the same operations per element (absmax, x / s correctly rounded,
+ * rint, clamp), so the same codes and scale. */
+static VNNI_TARGET float quant_row_avx512(const float *x, int n, int kp, uint8_t *q) {
+    __m512 am = _mm512_setzero_ps();
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    int k = 0;
+    for (; k + 16 <= n; k += 16) am = _mm512_max_ps(am, _mm512_and_ps(_mm512_loadu_ps(x + k), sign));
+    float amax = _mm512_reduce_max_ps(am);
+    for (; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
+    float s = amax / 127.0f;
+    if (!(s > 0.0f)) {
+        memset(q, 128, (size_t)kp);
+        return s;
+    }
+    const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    const __m512i off = _mm512_set1_epi32(128);
+    for (k = 0; k + 16 <= n; k += 16) {
+        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vs), _MM_FROUND_TO_NEAREST_INT);
+        v = _mm512_max_ps(lo, _mm512_min_ps(hi, v));
+        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), off)));
+    }
+    for (; k < n; k++) q[k] = (uint8_t)((int)fmaxf(-127.0f, fminf(127.0f, rintf(x[k] / s))) + 128);
+    for (; k < kp; k++) q[k] = 128;
+    return s;
+}
+
 static VNNI_TARGET void tile_vnni(float *c, const uint8_t *qa, const float *ta, const w8_header *h, int i0, int i1,
                                   int b0, int b1, float beta, const float *bias) {
     for (int b = b0; b < b1; b += 4) {
@@ -205,9 +231,17 @@ void st_cpu_matmul_w8a8(float *c, const float *a, const void *packed, const floa
     float *ta = scratch;
     uint8_t *qa = (uint8_t *)(ta + round_up(m, 16));
     int kp = h->kp;
-#pragma omp parallel for schedule(static) if ((long)m * in >= ST_CPU_PAR_MIN)
-    for (int i = 0; i < m; i++) ta[i] = quant_row(a + (size_t)i * in, in, kp, qa + (size_t)i * kp, 128);
     const int vnni = st_cpu_int8_vnni();
+#pragma omp parallel for schedule(static) if ((long)m * in >= ST_CPU_PAR_MIN)
+    for (int i = 0; i < m; i++) {
+#ifdef ST_INT8_X86
+        if (vnni) {
+            ta[i] = quant_row_avx512(a + (size_t)i * in, in, kp, qa + (size_t)i * kp);
+            continue;
+        }
+#endif
+        ta[i] = quant_row(a + (size_t)i * in, in, kp, qa + (size_t)i * kp, 128);
+    }
     const int nblk = h->np / 16, panels = (out + W8_PANEL - 1) / W8_PANEL, rowt = (m + W8_ROWS - 1) / W8_ROWS;
     const int tiles = panels * rowt;
 #pragma omp parallel for schedule(static) if ((long)m * out * in >= (1L << 20) && tiles > 1)

@@ -10,7 +10,8 @@
 #    kd_loss and ce_loss bit-identical (the int8 teacher is stateless and deterministic), same final weights;
 #    the 2-rank run's step losses equal the 1-rank run's within 1e-5 relative (same global batch);
 #  * the planner counts the int8 teacher (`plan` prints more teacher bytes than the fp32 teacher's);
-#  * errors: distill.teacher_dtype without distill.teacher; int8 with sharding.stage 3; an unknown dtype.
+#  * errors: distill.teacher_dtype without distill.teacher; int8 with sharding.stage 3; an unknown dtype; int8 on
+#    a device backend without int8 matmuls (fakedev --guard, as cuda).
 set -euo pipefail
 BIN=${SHARDTUNE_BIN:?}
 PY=${ST_PYTHON:-/usr/bin/python3}
@@ -117,4 +118,11 @@ expect_err() { # expect_err PATTERN args...
 expect_err "distill.teacher_dtype" "$T/plain.yaml" run_dir="$T/e1" distill.teacher_dtype=int8
 expect_err "sharding.stage" "$T/gpt28.yaml" run_dir="$T/e2" sharding.stage=3
 expect_err "teacher_dtype" "$T/gpt28.yaml" run_dir="$T/e3" distill.teacher_dtype=int4
+# a device backend without int8 matmuls (tests/tools/fakedev --guard has none, as the cuda backend)
+set +e
+out=$("${ST_BUILD_DIR:?}/fakedev" --guard "$T/gpt28.yaml" run_dir="$T/e4" 2>&1); rc=$?
+set -e
+[ $rc -ne 0 ] && grep -q "distill.teacher_dtype: int8 is not available on the fakedev backend" <<<"$out" ||
+  fail "device backend: rc $rc: $out"
+echo "ok: refused on a device backend: $(grep -m1 "teacher_dtype" <<<"$out")"
 echo "ok"

@@ -1211,10 +1211,32 @@ int st_model_set_int8(st_model *m, size_t *bytes) {
     return 0;
 }
 
-size_t st_model_int8_bytes(const st_model_config *c, int B, int T) {
+int st_model_int8_ranges(const st_model *m, size_t *lo, size_t *hi, int max) {
+    int n = 0;
+    float *g;
+    size_t tied = m->cfg.tied_embeddings ? (size_t)(head_weight(m, &g) - m->weights) : (size_t)-1;
+    for (int i = 0; m->w8 && i < m->w8->n && n < max; i++) {
+        const w8_site *q = &m->w8->site[i];
+        if (q->off == tied) continue;
+        lo[n] = q->off, hi[n] = q->off + (size_t)q->out * q->in;
+        n++;
+    }
+    return n;
+}
+
+/* fp32 bytes of a released [out, in] weight, less a page at either end (partial pages stay) */
+static size_t w8_freed(int out, int in) {
+    size_t b = (size_t)out * in * sizeof(float), edge = 2 * 4096;
+    return b > edge ? b - edge : 0;
+}
+
+size_t st_model_int8_bytes(const st_model_config *c, int B, int T, size_t *released) {
     int C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
     int A = c->n_head * c->head_dim;
     size_t per = st_cpu_w8_bytes(qkv_dim(c), C) + st_cpu_w8_bytes(C, A) + st_cpu_w8_bytes(F1, C) + st_cpu_w8_bytes(C, F);
+    if (released)
+        *released = (size_t)c->n_layer * (w8_freed(qkv_dim(c), C) + w8_freed(C, A) + w8_freed(F1, C) + w8_freed(C, F)) +
+                    (c->tied_embeddings ? 0 : w8_freed(c->vocab, C));
     return (size_t)c->n_layer * per + st_cpu_w8_bytes(c->vocab, C) + st_cpu_w8_scratch_bytes(B * T, w8_widest(c));
 }
 

@@ -328,8 +328,13 @@ void st_model_head_logits(st_model *m, float *out, int r0, int rows);
  * (ZeRO-3). The fp32 weights stay (norms, embeddings and a tied head read them); call after the weights are
  * final (a later write is not seen). *bytes (may be NULL): the packed weights and the scratch, backend memory. */
 int st_model_set_int8(st_model *m, size_t *bytes);
-/* The bytes st_model_set_int8 allocates for a model of this config on the cpu backend, for B x T (planner). */
-size_t st_model_int8_bytes(const st_model_config *cfg, int B, int T);
+/* The weight ranges [lo[i], hi[i]) (floats of m->weights) whose fp32 values nothing reads after
+ * st_model_set_int8 (the quantized weights; not a tied head, which the embedding reads): the caller may give
+ * their memory back (worker/comm.h st_comm_discard). Returns how many (<= max); 0 without int8. */
+int st_model_int8_ranges(const st_model *m, size_t *lo, size_t *hi, int max);
+/* The bytes st_model_set_int8 allocates for a model of this config on the cpu backend, for B x T, and (released,
+ * may be NULL) the fp32 bytes of st_model_int8_ranges less a page at either end of each (planner). */
+size_t st_model_int8_bytes(const st_model_config *cfg, int B, int T, size_t *released);
 
 /* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
 double st_model_flops_per_token(const st_model *m, int T);

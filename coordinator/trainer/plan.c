@@ -382,7 +382,11 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
                                             : n * per;
     *out = weights + st_model_activation_floats_ckpt(&tc, c->train.micro_batch, c->train.seq_len, tp, 1) *
                          sizeof(float);
-    if (i8) *out += st_model_int8_bytes(&tc, c->train.micro_batch, c->train.seq_len);
+    if (i8) { /* the packs in, the quantized weights' fp32 pages out (train.c load_teacher) */
+        size_t freed = 0;
+        *out += st_model_int8_bytes(&tc, c->train.micro_batch, c->train.seq_len, &freed);
+        *out -= freed < *out ? freed : 0;
+    }
     st_model_free(&t);
     return 0;
 }

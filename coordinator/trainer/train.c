@@ -308,6 +308,11 @@ static int load_teacher(trainer *t) {
     if ((rc = st_model_set_precision(&t->teacher, i8 ? ST_PRECISION_FP32 : c->precision)))
         return st_fail_context(rc, "distill.teacher");
     if (i8 && (rc = st_model_set_int8(&t->teacher, NULL))) return st_fail_context(rc, "distill.teacher_dtype: int8");
+    if (i8 && t->be->host_memory) { /* the quantized weights' fp32 values are not read again: their pages go */
+        size_t lo[4 * 1024 + 1], hi[4 * 1024 + 1];
+        int n = st_model_int8_ranges(&t->teacher, lo, hi, (int)(sizeof lo / sizeof lo[0]));
+        for (int i = 0; i < n; i++) st_comm_discard(t->teacher.weights, sizeof(float), lo[i], hi[i]);
+    }
     return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);
 }
 

@@ -325,8 +325,9 @@ void st_model_head_logits(st_model *m, float *out, int r0, int rows);
  * int8 with int32 sums, rescaled to fp32. Norms, RoPE, attention, activations, embeddings and the loss stay fp32.
  * Needs a backend with matmul_w8a8 (the cpu backend; ST_ECONFIG naming the backend otherwise), fp32 precision,
  * activations allocated (B x T: the activation scratch is sized for them), no adapters and no residency hooks
- * (ZeRO-3). The fp32 weights stay (norms, embeddings and a tied head read them); call after the weights are
- * final (a later write is not seen). *bytes (may be NULL): the packed weights and the scratch, backend memory. */
+ * (ZeRO-3). The fp32 weights stay allocated (norms, embeddings and a tied head read them; the caller may give
+ * back the memory of st_model_int8_ranges); call after the weights are final (a later write is not seen).
+ * *bytes (may be NULL): the packed weights and the scratch, backend memory. */
 int st_model_set_int8(st_model *m, size_t *bytes);
 /* The weight ranges [lo[i], hi[i]) (floats of m->weights) whose fp32 values nothing reads after
  * st_model_set_int8 (the quantized weights; not a tied head, which the embedding reads): the caller may give

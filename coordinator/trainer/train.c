@@ -309,9 +309,12 @@ static int load_teacher(trainer *t) {
         return st_fail_context(rc, "distill.teacher");
     if (i8 && (rc = st_model_set_int8(&t->teacher, NULL))) return st_fail_context(rc, "distill.teacher_dtype: int8");
     if (i8 && t->be->host_memory) { /* the quantized weights' fp32 values are not read again: their pages go */
-        size_t lo[4 * 1024 + 1], hi[4 * 1024 + 1];
-        int n = st_model_int8_ranges(&t->teacher, lo, hi, (int)(sizeof lo / sizeof lo[0]));
-        for (int i = 0; i < n; i++) st_comm_discard(t->teacher.weights, sizeof(float), lo[i], hi[i]);
+        int max = 4 * t->teacher.cfg.n_layer + 1;
+        size_t *lo = malloc(2 * (size_t)max * sizeof(size_t));
+        if (!lo) return st_fail(ST_ENOMEM, "out of memory");
+        int n = st_model_int8_ranges(&t->teacher, lo, lo + max, max);
+        for (int i = 0; i < n; i++) st_comm_discard(t->teacher.weights, sizeof(float), lo[i], lo[max + i]);
+        free(lo);
     }
     return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);
 }

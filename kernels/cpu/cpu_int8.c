@@ -212,13 +212,69 @@ static VNNI_TARGET float quant_row_avx512(const float *x, int n, int kp, uint8_t
     return s;
 }
 
+/* The main path: 4 rows x 4 blocks (64 columns), the 16 accumulators as named variables so that they stay in
+ * registers (GCC keeps an array of them partly on the stack, through a store-load chain per k group). The
+ * epilogue is micro()'s, on the same values. */
+#define ACC4(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0
+#define DP4(r)                                                                                                  \
+    do {                                                                                                        \
+        int32_t a4;                                                                                             \
+        memcpy(&a4, a##r + g * 4, 4);                                                                           \
+        __m512i av = _mm512_set1_epi32(a4);                                                                     \
+        c##r##0 = _mm512_dpbusd_epi32(c##r##0, av, b0), c##r##1 = _mm512_dpbusd_epi32(c##r##1, av, b1);        \
+        c##r##2 = _mm512_dpbusd_epi32(c##r##2, av, b2), c##r##3 = _mm512_dpbusd_epi32(c##r##3, av, b3);        \
+    } while (0)
+static VNNI_TARGET void micro44(float *c, const uint8_t *qa, const float *ta, const w8_header *h, int i, int b,
+                                float beta, const float *bias) {
+    const float *s = (const float *)(h + 1);
+    const int32_t *wsum = (const int32_t *)(s + h->np);
+    const int8_t *codes = (const int8_t *)(wsum + h->np);
+    const int kp = h->kp, out = h->out;
+    const int8_t *p0 = codes + (size_t)b * 16 * kp, *p1 = p0 + 16 * kp, *p2 = p1 + 16 * kp, *p3 = p2 + 16 * kp;
+    const uint8_t *a0 = qa + (size_t)i * kp, *a1 = a0 + kp, *a2 = a1 + kp, *a3 = a2 + kp;
+    ACC4(0);
+    ACC4(1);
+    ACC4(2);
+    ACC4(3);
+    for (int g = 0; g < kp / 4; g++) {
+        const __m512i b0 = _mm512_loadu_si512((const void *)(p0 + (size_t)g * 64));
+        const __m512i b1 = _mm512_loadu_si512((const void *)(p1 + (size_t)g * 64));
+        const __m512i b2 = _mm512_loadu_si512((const void *)(p2 + (size_t)g * 64));
+        const __m512i b3 = _mm512_loadu_si512((const void *)(p3 + (size_t)g * 64));
+        DP4(0);
+        DP4(1);
+        DP4(2);
+        DP4(3);
+    }
+    __m512i acc[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
+    const __m512i off = _mm512_set1_epi32(128);
+    const __m512 vbeta = _mm512_set1_ps(beta);
+    for (int q = 0; q < 4; q++) {
+        int j = (b + q) * 16;
+        __mmask16 mk = out - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - j)) - 1);
+        __m512 sj = _mm512_maskz_loadu_ps(mk, s + j);
+        __m512i ws = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(mk, wsum + j), off);
+        __m512 bj = bias ? _mm512_maskz_loadu_ps(mk, bias + j) : _mm512_setzero_ps();
+        for (int r = 0; r < 4; r++) {
+            float *cr = c + (size_t)(i + r) * out + j;
+            __m512 sc = _mm512_mul_ps(_mm512_set1_ps(ta[i + r]), sj);
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][q], ws)), sc);
+            if (beta != 0.0f) v = _mm512_add_ps(_mm512_mul_ps(vbeta, _mm512_maskz_loadu_ps(mk, cr)), v);
+            if (bias) v = _mm512_add_ps(v, bj);
+            _mm512_mask_storeu_ps(cr, mk, v);
+        }
+    }
+}
+#undef ACC4
+#undef DP4
+
 static VNNI_TARGET void tile_vnni(float *c, const uint8_t *qa, const float *ta, const w8_header *h, int i0, int i1,
                                   int b0, int b1, float beta, const float *bias) {
     for (int b = b0; b < b1; b += 4) {
         int nb = b1 - b < 4 ? b1 - b : 4;
         int i = i0;
         if (nb == 4)
-            for (; i + 4 <= i1; i += 4) micro(c, qa, ta, h, i, 4, b, 4, beta, bias);
+            for (; i + 4 <= i1; i += 4) micro44(c, qa, ta, h, i, b, beta, bias);
         for (; i < i1; i++) micro(c, qa, ta, h, i, 1, b, nb, beta, bias);
     }
 }

@@ -12,14 +12,15 @@
 #
 #   bench/distill_bench.sh [BUILD_DIR]   env: STEPS (default 8), SKIP (2), VOCAB (8192), MICRO (4), SEQ (128),
 #                                        THREADS (OMP_NUM_THREADS, default 2), PRECISIONS ("fp32 bf16"),
-#                                        REPEATS (2), INT8 (1: also the int8 teacher, distill.teacher_dtype)
+#                                        REPEATS (2), INT8 (1: also the int8 teacher, distill.teacher_dtype),
+#                                        WALL (1; 0: the CPU-time rounds only)
 # Student: Llama L4 C256 H4 KV2 F688; teacher: Llama L8 C320 H4 KV2 F864 (parameter counts printed).
 set -euo pipefail
 BUILD=${1:-build}
 BIN=$BUILD/shardtune
 PY=${ST_PYTHON:-/usr/bin/python3}
 STEPS=${STEPS:-8} SKIP=${SKIP:-2} VOCAB=${VOCAB:-8192} MICRO=${MICRO:-4} SEQ=${SEQ:-128} THREADS=${THREADS:-2}
-PRECISIONS=${PRECISIONS:-fp32 bf16} REPEATS=${REPEATS:-2} INT8=${INT8:-1}
+PRECISIONS=${PRECISIONS:-fp32 bf16} REPEATS=${REPEATS:-2} INT8=${INT8:-1} WALL=${WALL:-1}
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 
@@ -100,6 +101,7 @@ echo "FLOP bound of the ratio (matmul FLOPs: student step 6 N_s, teacher forward
 printf "%-10s %4s %12s %12s %12s %12s %12s %8s %8s   %s\n" precision run student_ms distill_ms teacher_ms \
   int8_dist_ms int8_teach_ms ratio int8_rat "load average (1/5/15 min)"
 for p in $PRECISIONS; do
+  [ "$WALL" = 1 ] || break
   best_s="" best_d="" best_q=""
   for r in $(seq "$REPEATS"); do
     OMP_NUM_THREADS=$THREADS "$BIN" train "$T/job.yaml" run_dir="$T/s_${p}_$r" precision=$p >/dev/null
@@ -128,6 +130,7 @@ echo "CPU time per step (OMP_WAIT_POLICY=passive; steps $((SKIP + 1))..$STEPS):"
 printf "%-10s %14s %14s %14s %8s %8s   %s\n" precision student_cpu_ms distill_cpu_ms int8_dist_cpu_ms ratio \
   int8_rat "load average (1/5/15 min)"
 for p in $PRECISIONS; do
+  ms="" md="" mq=""
   for r in $(seq "$REPEATS"); do
     s=$(cpu_per_step precision=$p)
     d=$(cpu_per_step precision=$p "distill.teacher=$T/teacher")
@@ -135,5 +138,9 @@ for p in $PRECISIONS; do
     [ "$INT8" = 1 ] && q=$(cpu_per_step precision=$p "distill.teacher=$T/teacher" distill.teacher_dtype=int8)
     printf "%-10s %14s %14s %14s %7.2fx %7.2fx   %s\n" "$p" "$s" "$d" "$q" "$("$PY" -c "print($d/$s)")" \
       "$("$PY" -c "print(float('$q')/$s)")" "$(cut -d' ' -f1-3 /proc/loadavg)"
+    ms="$ms $s," md="$md $d," mq="$mq $q,"
   done
+  "$PY" -c "
+s, d, q = min([$ms]), min([$md]), min([float(x) for x in '$mq'.split(',') if x.strip()] or [float('nan')])
+print(f'{\"$p\":<10} {s:>14.1f} {d:>14.1f} {q:>14.1f} {d/s:7.2f}x {q/s:7.2f}x   (lowest of $REPEATS each)')"
 done

@@ -45,17 +45,24 @@ size_t st_cpu_w8_scratch_bytes(int m, int in) {
     return (size_t)round_up(m, 16) * sizeof(float) + (size_t)m * (size_t)round_up(in, 4);
 }
 
-/* One row quantized: scale absmax / 127, codes clamp(rint(x / scale)) (0 for an all-zero row); offset 0 for
- * signed codes, 128 for the activations' u8 form. */
-static float quant_row(const float *x, int n, int kp, uint8_t *q, int offset) {
+/* One code: clamp(rint(x / s), -127, 127), 0 when s = 0 (an all-zero row). */
+static inline int code_of(float x, float s) {
+    float v = s > 0.0f ? rintf(x / s) : 0.0f;
+    return (int)fmaxf(-127.0f, fminf(127.0f, v));
+}
+
+/* absmax / 127 of a row: its quantization step. */
+static float step_of(const float *x, int n) {
     float amax = 0.0f;
     for (int k = 0; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
-    float s = amax / 127.0f;
-    for (int k = 0; k < n; k++) {
-        float v = s > 0.0f ? rintf(x[k] / s) : 0.0f;
-        q[k] = (uint8_t)((int)fmaxf(-127.0f, fminf(127.0f, v)) + offset);
-    }
-    for (int k = n; k < kp; k++) q[k] = (uint8_t)offset;
+    return amax / 127.0f;
+}
+
+/* One activation row quantized into its u8 form (code + 128; the padding 128 too); returns the step. */
+static float quant_row(const float *x, int n, int kp, uint8_t *q) {
+    float s = step_of(x, n);
+    for (int k = 0; k < n; k++) q[k] = (uint8_t)(code_of(x[k], s) + 128);
+    for (int k = n; k < kp; k++) q[k] = 128;
     return s;
 }
 
@@ -67,23 +74,18 @@ void st_cpu_w8_pack(void *packed, const float *w, int out, int in) {
     int32_t *wsum = (int32_t *)(s + h->np);
     int8_t *codes = (int8_t *)(wsum + h->np);
     memset(s, 0, (size_t)h->np * (sizeof(float) + sizeof(int32_t)) + (size_t)h->np * h->kp);
-#pragma omp parallel
-    {
-        uint8_t *row = malloc((size_t)h->kp);
-#pragma omp for schedule(static)
-        for (int j = 0; j < out; j++) {
-            if (!row) continue;
-            s[j] = quant_row(w + (size_t)j * in, in, h->kp, row, 0);
-            int32_t sum = 0;
-            int8_t *blk = codes + (size_t)(j / 16) * 16 * h->kp;
-            for (int k = 0; k < h->kp; k++) {
-                int8_t v = (int8_t)row[k];
-                sum += v;
-                blk[(size_t)(k / 4) * 64 + (j % 16) * 4 + k % 4] = v;
-            }
-            wsum[j] = sum;
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < out; j++) {
+        const float *row = w + (size_t)j * in;
+        float sj = step_of(row, in);
+        int32_t sum = 0;
+        int8_t *blk = codes + (size_t)(j / 16) * 16 * h->kp + (j % 16) * 4;
+        for (int k = 0; k < in; k++) { /* padding codes stay 0 */
+            int v = code_of(row[k], sj);
+            sum += v;
+            blk[(size_t)(k / 4) * 64 + k % 4] = (int8_t)v;
         }
-        free(row);
+        s[j] = sj, wsum[j] = sum;
     }
 }
 
@@ -186,7 +188,7 @@ static inline __attribute__((always_inline)) VNNI_TARGET void micro(float *c, co
     }
 }
 
-/* quant_row(x, n, kp, q, 128) in AVX-512: the same operations per element (absmax, x / s correctly rounded,
+/* quant_row(x, n, kp, q) in AVX-512: the same operations per element (absmax, x / s correctly rounded,
  * rint, clamp), so the same codes and scale. */
 static VNNI_TARGET float quant_row_avx512(const float *x, int n, int kp, uint8_t *q) {
     __m512 am = _mm512_setzero_ps();
@@ -296,7 +298,7 @@ void st_cpu_matmul_w8a8(float *c, const float *a, const void *packed, const floa
             continue;
         }
 #endif
-        ta[i] = quant_row(a + (size_t)i * in, in, kp, qa + (size_t)i * kp, 128);
+        ta[i] = quant_row(a + (size_t)i * in, in, kp, qa + (size_t)i * kp);
     }
     const int nblk = h->np / 16, panels = (out + W8_PANEL - 1) / W8_PANEL, rowt = (m + W8_ROWS - 1) / W8_ROWS;
     const int tiles = panels * rowt;

@@ -268,6 +268,21 @@ struct st_backend {
      * backward dx *= tanh_act ? 1 - r * r : (a > 0). */
     void (*prompt_act)(float *r, const float *a, size_t n, int tanh_act);
     void (*prompt_act_bwd)(float *dx, const float *a, const float *r, size_t n, int tanh_act);
+
+    /* ---- int8 forward matmuls (a frozen distillation teacher, distill.teacher_dtype: int8) ----
+     * A weight W[out, in] is quantized once per output row, symmetric: s_j = absmax_j / 127 (absmax of row j),
+     * q[j, k] = clamp(rint(W[j, k] / s_j), -127, 127) (0 where s_j = 0), as QLoRA's int8 rule with one block per
+     * row; w8_pack writes it into an opaque blob of w8_bytes(out, in) bytes (the backend's layout: codes,
+     * scales, row sums). matmul_w8a8: C[m, out] = (op) + beta * C (+ bias[out]), where each row i of the fp32
+     * activations a[m, in] is quantized per token the same way (t_i = absmax_i / 127, p[i, k] = clamp(rint(
+     * a[i, k] / t_i))), the products summed exactly in int32 and rescaled: op[i, j] = (float)sum_k p q * (t_i *
+     * s_j) (the scale product rounded to fp32 first; beta * C added after, then the bias; beta 0 never reads C).
+     * scratch: backend memory of w8_scratch_bytes(m, in) bytes. All optional (NULL: no int8 teacher here). */
+    size_t (*w8_bytes)(int out, int in);
+    size_t (*w8_scratch_bytes)(int m, int in);
+    void (*w8_pack)(void *packed, const float *w, int out, int in);
+    void (*matmul_w8a8)(float *c, const float *a, const void *packed, const float *bias, int m, int out, int in,
+                        float beta, void *scratch);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,
@@ -297,6 +312,10 @@ extern const float ST_NF4_LEVELS[16];
 
 /* Fills cos/sin [t, hd/2] for positions 0..t-1: angle = pos * theta^(-2i/hd). Host memory. */
 void st_rope_tables(float *cos_out, float *sin_out, int t, int hd, float theta);
+
+/* The CPU backend's w8_bytes and w8_scratch_bytes (kernels/cpu/cpu_int8.c), for planning without a backend. */
+size_t st_cpu_w8_bytes(int out, int in);
+size_t st_cpu_w8_scratch_bytes(int m, int in);
 
 /* The CPU backend. Sets the OpenMP and BLAS thread counts to `threads` (<= 0: st_num_threads()). */
 const st_backend *st_backend_cpu(int threads);

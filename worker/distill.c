@@ -86,6 +86,8 @@ static void head_loss(void *ctx, float *logits, uint16_t *dl16, float *loss, con
         be->copy_to_device(total, &nan, sizeof nan);
         return;
     }
+    if (d->capture_t_logits)
+        be->copy_to_host(d->capture_t_logits + (size_t)r0 * v, d->t_logits, (size_t)rows * v * sizeof(float));
     be->kd_loss(logits, dl16, d->t_logits, loss, targets, weight, rows, v, d->temperature, d->alpha, total, d->sums);
 }
 

@@ -25,6 +25,7 @@ typedef struct {
     double *sums;          /* backend memory: sum of weight * kd and weight * ce since st_distill_reset */
     int32_t *no_targets;   /* [B*T] zeros (host): the teacher's forward computes no loss */
     float *no_weight;
+    float *capture_t_logits; /* optional host [B*T, V]: the teacher's logits are copied here (tests) */
 } st_distill;
 
 /* Checks the pair (same vocabulary, same backend with kd_loss, temperature > 0, alpha in [0, 1]) and makes the

@@ -226,6 +226,8 @@ int st_model_set_doc_positions(st_model *m, const int32_t *pos_host) {
     return 0;
 }
 
+static void w8_free(st_model *m);
+
 void st_model_free(st_model *m) {
     if (!m->be) { /* registry only (st_model_build_registry) */
         free(m->params);
@@ -249,6 +251,7 @@ void st_model_free(st_model *m) {
     st_lora_free(m->lora);
     st_prompt_free(m->prompt);
     st_qlora_free(m->qlora);
+    w8_free(m);
     memset(m, 0, sizeof *m);
 }
 
@@ -1110,10 +1113,138 @@ static void keep_input(const st_model *m, const layer_acts *la, int l, const mod
     m->be->from_bf16(b->res_w, la[l].res_in_h, n);
 }
 
+/* ---- int8 forward matmuls (st_model_set_int8) ---- */
+
+typedef struct {
+    size_t off; /* the weight's offset in m->weights */
+    int out, in;
+    void *packed; /* backend memory: be->w8_bytes(out, in) */
+} w8_site;
+
+struct st_w8 {
+    int n;
+    w8_site site[4 * 1024 + 1];
+    void *scratch; /* backend memory: be->w8_scratch_bytes(B * T, widest input) */
+    size_t bytes;
+};
+
+static void w8_free(st_model *m) {
+    if (!m->w8) return;
+    for (int i = 0; i < m->w8->n; i++) m->be->free(m->w8->site[i].packed);
+    m->be->free(m->w8->scratch);
+    free(m->w8);
+    m->w8 = NULL;
+}
+
+/* y = x @ W^T + beta * y (+ bias) in int8 when W is one of the quantized sites of this shape; 0 otherwise. */
+static int w8_mm(const st_model *m, float *y, st_mm_in x, const float *w, const float *bias, int M, int out, int in,
+                 float beta) {
+    if (!m->w8 || !x.f32) return 0;
+    size_t off = (size_t)(w - m->weights);
+    for (int i = 0; i < m->w8->n; i++) {
+        const w8_site *q = &m->w8->site[i];
+        if (q->off != off || q->out != out || q->in != in) continue;
+        if (m->progress) m->progress(m->residency_ctx);
+        m->be->matmul_w8a8(y, x.f32, q->packed, bias, M, out, in, beta, m->w8->scratch);
+        return 1;
+    }
+    return 0;
+}
+
+/* The quantized sites of a model: per layer q/k/v, output, up (gate|up), down; then the LM head. Fills
+ * offsets and shapes (n of them); returns the count. */
+static int w8_sites(const st_model *m, w8_site *s) {
+    const st_model_config *c = &m->cfg;
+    int n = 0, C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    int A = c->n_head * c->head_dim;
+    for (int l = 0; l < c->n_layer; l++) {
+        layer_w w = layer_weights(m, l);
+        const float *p[4] = {w.wqkv, w.wo, w.w1, w.w2};
+        int shape[4][2] = {{qkv_dim(c), C}, {C, A}, {F1, C}, {C, F}};
+        for (int k = 0; k < 4; k++) {
+            s[n].off = (size_t)(p[k] - m->weights), s[n].out = shape[k][0], s[n].in = shape[k][1];
+            n++;
+        }
+    }
+    float *g;
+    s[n].off = (size_t)(head_weight(m, &g) - m->weights), s[n].out = c->vocab, s[n].in = C;
+    return n + 1;
+}
+
+static int w8_widest(const st_model_config *c) {
+    int A = c->n_head * c->head_dim, k = c->d_model > c->d_ff ? c->d_model : c->d_ff;
+    return k > A ? k : A;
+}
+
+int st_model_set_int8(st_model *m, size_t *bytes) {
+    const st_backend *be = m->be;
+    if (!be->matmul_w8a8 || !be->w8_pack || !be->w8_bytes || !be->w8_scratch_bytes)
+        return st_fail(ST_ECONFIG, "int8 matmuls are not available on the %s backend", be->name);
+    if (m->precision != ST_PRECISION_FP32 || m->lora || m->prompt || m->qlora || m->acquire || m->windowed ||
+        m->B * m->T <= 0 || !m->weights)
+        return st_fail(ST_ECONFIG, "int8 matmuls need an fp32 model with its weights and activations, without "
+                                   "adapters or ZeRO-3 residency");
+    if (m->cfg.n_layer * 4 + 1 > (int)(sizeof m->w8->site / sizeof m->w8->site[0]))
+        return st_fail(ST_ECONFIG, "int8 matmuls: %d layers is more than this build handles", m->cfg.n_layer);
+    w8_free(m);
+    struct st_w8 *q = calloc(1, sizeof *q);
+    if (!q) return st_fail(ST_ENOMEM, "out of memory");
+    m->w8 = q;
+    q->n = w8_sites(m, q->site);
+    size_t sb = be->w8_scratch_bytes(m->B * m->T, w8_widest(&m->cfg));
+    q->scratch = be->alloc(sb);
+    q->bytes = sb;
+    int rc = q->scratch ? 0 : -1;
+    for (int i = 0; i < q->n && !rc; i++) {
+        w8_site *t = &q->site[i];
+        size_t nb = be->w8_bytes(t->out, t->in);
+        if (!(t->packed = be->alloc(nb))) { rc = -1; break; }
+        be->w8_pack(t->packed, m->weights + t->off, t->out, t->in);
+        q->bytes += nb;
+    }
+    if (rc) {
+        size_t want = q->bytes;
+        w8_free(m);
+        return st_fail(ST_ENOMEM, "cannot allocate the int8 weights (%.1f MB so far)", want / 1e6);
+    }
+    if (bytes) *bytes = q->bytes;
+    return 0;
+}
+
+int st_model_int8_ranges(const st_model *m, size_t *lo, size_t *hi, int max) {
+    int n = 0;
+    float *g;
+    size_t tied = m->cfg.tied_embeddings ? (size_t)(head_weight(m, &g) - m->weights) : (size_t)-1;
+    for (int i = 0; m->w8 && i < m->w8->n && n < max; i++) {
+        const w8_site *q = &m->w8->site[i];
+        if (q->off == tied) continue;
+        lo[n] = q->off, hi[n] = q->off + (size_t)q->out * q->in;
+        n++;
+    }
+    return n;
+}
+
+/* fp32 bytes of a released [out, in] weight, less a page at either end (partial pages stay) */
+static size_t w8_freed(int out, int in) {
+    size_t b = (size_t)out * in * sizeof(float), edge = 2 * 4096;
+    return b > edge ? b - edge : 0;
+}
+
+size_t st_model_int8_bytes(const st_model_config *c, int B, int T, size_t *released) {
+    int C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
+    int A = c->n_head * c->head_dim;
+    size_t per = st_cpu_w8_bytes(qkv_dim(c), C) + st_cpu_w8_bytes(C, A) + st_cpu_w8_bytes(F1, C) + st_cpu_w8_bytes(C, F);
+    if (released)
+        *released = (size_t)c->n_layer * (w8_freed(qkv_dim(c), C) + w8_freed(C, A) + w8_freed(F1, C) + w8_freed(C, F)) +
+                    (c->tied_embeddings ? 0 : w8_freed(c->vocab, C));
+    return (size_t)c->n_layer * per + st_cpu_w8_bytes(c->vocab, C) + st_cpu_w8_scratch_bytes(B * T, w8_widest(c));
+}
+
 /* y[M, out] = x @ W^T + beta * y (+ bias) for a layer weight W [out, in], in blocks of wblock_rows rows of W
  * (each block's product into wtmp, added into its columns; the bias once at the end, as mm() adds it). */
 static void mm_fwd(const st_model *m, const model_bufs *b, float *y, st_mm_in x, const float *w, const float *bias,
                    int M, int out, int in, float beta) {
+    if (w8_mm(m, y, x, w, bias, M, out, in, beta)) return;
     int nb = wblock_rows(m, out, in);
     if (nb >= out) {
         mm(m, y, x, weight(m, w), bias, M, out, in, 0, 1, beta);
@@ -1238,6 +1369,7 @@ static void vblock_copy(const st_model *m, void *packed, const void *full, int r
 /* logits[rows, V] = x @ W^T, in vocabulary blocks when head_vblock says so. */
 static void head_logits(st_model *m, const model_bufs *b, float *logits, const float *x, const float *w, int rows) {
     int C = m->cfg.d_model, V = m->cfg.vocab, VB = head_vblock(m);
+    if (w8_mm(m, logits, st_mm_f32(x), w, NULL, rows, V, C, 0.0f)) return;
     if (VB >= V) {
         mm(m, logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
         return;

@@ -145,6 +145,9 @@ typedef struct {
     /* QLoRA (worker/qlora.h): the layers' projection weights held quantized; their registry offsets point
      * at one layer's dequantization scratch, filled by st_model_acquire. NULL otherwise. */
     struct st_qlora *qlora;
+    /* int8 forward matmuls (st_model_set_int8: a distillation teacher under distill.teacher_dtype: int8): the
+     * layers' linear weights and the LM head quantized once per output row; NULL otherwise. */
+    struct st_w8 *w8;
     /* Set by a caller whose weights are still the allocation's zeros (ZeRO-3 streams them in after the
      * adapters are attached): attaching adapters then grows the buffer without copying the base (no page
      * of it touched). Cleared by the caller once the adapters are attached. */
@@ -315,6 +318,24 @@ const float *st_model_final_hidden(const st_model *m);
  * floats; rows <= the model's head chunk), from its final hidden states under its precision rules (bf16: the
  * bf16 weight copy and the hidden states rounded, fp32 accumulation): a KD teacher's logits. */
 void st_model_head_logits(st_model *m, float *out, int r0, int rows);
+
+/* distill.teacher_dtype: int8 — a frozen, forward-only model's matmuls in int8 (kernels.h matmul_w8a8): every
+ * layer's q/k/v, output, MLP up (gate|up) and down projection and the LM head are quantized once here per output
+ * row (symmetric absmax / 127) and packed; every forward then quantizes their inputs per token and multiplies in
+ * int8 with int32 sums, rescaled to fp32. Norms, RoPE, attention, activations, embeddings and the loss stay fp32.
+ * Needs a backend with matmul_w8a8 (the cpu backend; ST_ECONFIG naming the backend otherwise), fp32 precision,
+ * activations allocated (B x T: the activation scratch is sized for them), no adapters and no residency hooks
+ * (ZeRO-3). The fp32 weights stay allocated (norms, embeddings and a tied head read them; the caller may give
+ * back the memory of st_model_int8_ranges); call after the weights are final (a later write is not seen).
+ * *bytes (may be NULL): the packed weights and the scratch, backend memory. */
+int st_model_set_int8(st_model *m, size_t *bytes);
+/* The weight ranges [lo[i], hi[i]) (floats of m->weights) whose fp32 values nothing reads after
+ * st_model_set_int8 (the quantized weights; not a tied head, which the embedding reads): the caller may give
+ * their memory back (worker/comm.h st_comm_discard). Returns how many (<= max); 0 without int8. */
+int st_model_int8_ranges(const st_model *m, size_t *lo, size_t *hi, int max);
+/* The bytes st_model_set_int8 allocates for a model of this config on the cpu backend, for B x T, and (released,
+ * may be NULL) the fp32 bytes of st_model_int8_ranges less a page at either end of each (planner). */
+size_t st_model_int8_bytes(const st_model_config *cfg, int B, int T, size_t *released);
 
 /* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
 double st_model_flops_per_token(const st_model *m, int T);

@@ -720,8 +720,12 @@ static int check_ignored_keys(const st_config *c, const char *file) {
         rc = ignored_key(file, "finetune.train_modules", why,
                          "it is read by finetune.mode frozen or progressive: set that mode or remove the key");
     if (!rc && !c->distill.teacher[0] && (c->distill.temperature != d->distill.temperature ||
-                                          c->distill.alpha != d->distill.alpha))
-        rc = ignored_key(file, c->distill.temperature != d->distill.temperature ? "distill.temperature" : "distill.alpha",
+                                          c->distill.alpha != d->distill.alpha ||
+                                          c->distill.teacher_dtype != d->distill.teacher_dtype))
+        rc = ignored_key(file,
+                         c->distill.temperature != d->distill.temperature ? "distill.temperature"
+                         : c->distill.alpha != d->distill.alpha           ? "distill.alpha"
+                                                                          : "distill.teacher_dtype",
                          "a job without distill.teacher", "set distill.teacher (a model directory) or remove the key");
     const st_key *ev = find_key(st_config_root_keys, "eval", 4); /* eval.generate.* without sampling */
     if (!rc && c->eval.generate.every_steps == 0 &&
@@ -838,6 +842,9 @@ static int finish(st_config *c, const char *file, const char *stem) {
         return st_fail(ST_ECONFIG, "%s: split: the three fractions must sum to 1, got %g + %g + %g = %g", file,
                        c->split[0], c->split[1], c->split[2], sum);
     if (!(c->split[0] > 0)) return st_fail(ST_ECONFIG, "%s: split.0: the train fraction must be > 0", file);
+    if (c->distill.teacher[0] && c->distill.teacher_dtype == ST_TEACHER_INT8 && c->sharding.stage == 3)
+        return st_fail(ST_ECONFIG, "%s: distill.teacher_dtype: int8 cannot be combined with sharding.stage: 3 (the "
+                                   "sharded teacher is not quantized yet): use fp32 or a stage below 3", file);
     if (c->train.packing == ST_PACKING_DOCUMENTS && c->distill.teacher[0]) /* the teacher's forward knows no document positions */
         return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with distill.teacher", file);
     if (c->train.packing == ST_PACKING_DOCUMENTS && st_config_prompt_learning(c))

@@ -26,6 +26,9 @@
 #define ST_CFG_MAX_TASKS 64
 #define ST_CFG_MAX_STAGES 64
 
+/* distill.teacher_dtype */
+typedef enum { ST_TEACHER_FP32 = 0, ST_TEACHER_INT8 = 1 } st_teacher_dtype;
+
 typedef enum { ST_BACKEND_AUTO, ST_BACKEND_CPU, ST_BACKEND_CUDA } st_backend_kind;
 typedef enum { ST_FINETUNE_FULL, ST_FINETUNE_FROZEN, ST_FINETUNE_PROGRESSIVE, ST_FINETUNE_LORA, ST_FINETUNE_QLORA,
                ST_FINETUNE_PROMPT_TUNING, ST_FINETUNE_P_TUNING, ST_FINETUNE_PREFIX_TUNING } st_finetune_mode;
@@ -117,6 +120,7 @@ typedef struct {
         char teacher[ST_CFG_PATH_MAX]; /* "" = no distillation (worker/distill.h) */
         double temperature;
         double alpha;
+        int teacher_dtype; /* ST_TEACHER_FP32 | ST_TEACHER_INT8: the teacher's linear layers and head in int8 */
     } distill;
 
     struct {

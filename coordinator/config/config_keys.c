@@ -34,6 +34,7 @@ static const char *const quant_names[] = {"nf4", "int8", NULL}; /* indexed by st
 static const char *const mixing_names[] = {"proportional", "temperature", "weights", NULL};
 static const char *const loss_weighting_names[] = {"none", "uncertainty", NULL};
 static const char *const packing_names[] = {"stream", "documents", NULL}; /* indexed by st_packing_mode */
+static const char *const teacher_dtype_names[] = {"fp32", "int8", NULL}; /* ST_TEACHER_FP32, ST_TEACHER_INT8 */
 static const char *const nonfinite_names[] = {"stop", "skip", NULL}; /* indexed by st_nonfinite_policy */
 const char *const st_module_names[] = {"attn", "mlp", "norm", "embed", "head", NULL};
 
@@ -145,6 +146,7 @@ static const st_key distill_keys[] = {
     KEY_STR("teacher", SOFF(distill, teacher), ST_CFG_PATH_MAX),
     KEY_F64("temperature", SOFF(distill, temperature), 0, 0, ST_KEY_LO_OPEN | NO_HI),
     KEY_F64("alpha", SOFF(distill, alpha), 0, 1, 0),
+    KEY_ENUM("teacher_dtype", SOFF(distill, teacher_dtype), teacher_dtype_names),
     {0},
 };
 

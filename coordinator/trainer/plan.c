@@ -366,8 +366,10 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
     int rc = st_model_config_read(c->distill.teacher, &tc);
     if (!rc) rc = st_model_build_registry(&t, &tc);
     if (rc) return st_fail_context(rc, "distill.teacher %s", c->distill.teacher);
-    size_t n = t.n_weights, group = 0, per = c->precision == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t)
-                                                                                  : sizeof(float);
+    const int i8 = c->distill.teacher_dtype == ST_TEACHER_INT8; /* fp32 weights + their int8 packs, fp32 math */
+    const st_precision tp = i8 ? ST_PRECISION_FP32 : c->precision;
+    size_t n = t.n_weights, group = 0, per = tp == ST_PRECISION_BF16 ? sizeof(float) + sizeof(uint16_t)
+                                                                      : sizeof(float);
     int L = t.cfg.n_layer, nb = st_model_base_params(&t);
     for (int l = -1; l <= L; l++) { /* the groups the forward gathers: embeddings, each layer, norm + head */
         int a = l < 0 ? 0 : st_model_layer_first_param(&t, l), b = l < 0 ? st_model_layer_first_param(&t, 0)
@@ -378,8 +380,13 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
     }
     size_t weights = c->sharding.stage == 3 ? (n + (size_t)world - 1) / (size_t)world * sizeof(float) + group * per
                                             : n * per;
-    *out = weights + st_model_activation_floats_ckpt(&tc, c->train.micro_batch, c->train.seq_len, c->precision, 1) *
+    *out = weights + st_model_activation_floats_ckpt(&tc, c->train.micro_batch, c->train.seq_len, tp, 1) *
                          sizeof(float);
+    if (i8) { /* the packs in, the quantized weights' fp32 pages out (train.c load_teacher) */
+        size_t freed = 0;
+        *out += st_model_int8_bytes(&tc, c->train.micro_batch, c->train.seq_len, &freed);
+        *out -= freed < *out ? freed : 0;
+    }
     st_model_free(&t);
     return 0;
 }

@@ -288,9 +288,14 @@ static int load_teacher_sharded(trainer *t) {
 
 /* distill.teacher: loaded whole on every rank on the student's backend (sharded at sharding.stage 3), sized
  * for the student's micro-batches, computing in the job's precision (bf16: its own bf16 weight copy, packed
- * once: it is frozen; at stage 3 made per gathered layer). */
+ * once: it is frozen; at stage 3 made per gathered layer), or with distill.teacher_dtype: int8 its linear
+ * layers and head in int8 (quantized once here), the rest in fp32. */
 static int load_teacher(trainer *t) {
     const st_config *c = t->cfg;
+    const int i8 = c->distill.teacher_dtype == ST_TEACHER_INT8;
+    if (i8 && !t->be->matmul_w8a8)
+        return st_fail(ST_ECONFIG, "distill.teacher_dtype: int8 is not available on the %s backend (no int8 matmul "
+                                   "kernel there yet): use distill.teacher_dtype: fp32 or backend: cpu", t->be->name);
     int rc = c->sharding.stage == 3 ? load_teacher_sharded(t)
                                     : st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
     if (rc) return st_fail_context(rc, "distill.teacher");
@@ -298,7 +303,19 @@ static int load_teacher(trainer *t) {
     /* forward only: activation checkpointing keeps one layer's working set, not every layer's (same math) */
     if ((rc = st_model_set_activation_checkpointing(&t->teacher, 1))) return rc;
     if ((rc = st_model_alloc_activations(&t->teacher, c->train.micro_batch, c->train.seq_len))) return rc;
-    if ((rc = st_model_set_precision(&t->teacher, c->precision))) return st_fail_context(rc, "distill.teacher");
+    /* int8: the teacher's matmuls in int8 (worker/model.h st_model_set_int8), the rest of it in fp32 whatever
+     * the job's precision (it has no backward: precision only chose its matmul operands) */
+    if ((rc = st_model_set_precision(&t->teacher, i8 ? ST_PRECISION_FP32 : c->precision)))
+        return st_fail_context(rc, "distill.teacher");
+    if (i8 && (rc = st_model_set_int8(&t->teacher, NULL))) return st_fail_context(rc, "distill.teacher_dtype: int8");
+    if (i8 && t->be->host_memory) { /* the quantized weights' fp32 values are not read again: their pages go */
+        int max = 4 * t->teacher.cfg.n_layer + 1;
+        size_t *lo = malloc(2 * (size_t)max * sizeof(size_t));
+        if (!lo) return st_fail(ST_ENOMEM, "out of memory");
+        int n = st_model_int8_ranges(&t->teacher, lo, lo + max, max);
+        for (int i = 0; i < n; i++) st_comm_discard(t->teacher.weights, sizeof(float), lo[i], lo[max + i]);
+        free(lo);
+    }
     return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);
 }
 

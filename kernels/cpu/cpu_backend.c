@@ -292,6 +292,10 @@ static const st_backend st_cpu_table = {
     .scale_rows = st_cpu_scale_rows,
     .prompt_act = st_cpu_prompt_act,
     .prompt_act_bwd = st_cpu_prompt_act_bwd,
+    .w8_bytes = st_cpu_w8_bytes,
+    .w8_scratch_bytes = st_cpu_w8_scratch_bytes,
+    .w8_pack = st_cpu_w8_pack,
+    .matmul_w8a8 = st_cpu_matmul_w8a8,
 };
 
 const st_backend *st_backend_cpu(int threads) {

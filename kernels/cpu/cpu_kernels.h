@@ -210,6 +210,14 @@ void st_cpu_adamw(float *param, const float *grad, float *m, float *v, size_t n,
 void st_cpu_adamw_multi(const st_adamw_range *ranges, int count, float beta1, float beta2, float eps,
                         float grad_scale);
 void st_cpu_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block);
+/* int8 forward matmuls (cpu_int8.c; kernels.h matmul_w8a8) */
+void st_cpu_w8_pack(void *packed, const float *w, int out, int in);
+void st_cpu_matmul_w8a8(float *c, const float *a, const void *packed, const float *bias, int m, int out, int in,
+                        float beta, void *scratch);
+/* 1 when the AVX-512 VNNI path runs (the CPU has it and SHARDTUNE_INT8 is not "scalar"); tests force a path
+ * with st_cpu_int8_force(0 scalar | 1 VNNI | -1 the default again). */
+int st_cpu_int8_vnni(void);
+void st_cpu_int8_force(int vnni);
 void st_cpu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
 
 /* cpu_decode.c */

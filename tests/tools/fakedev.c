@@ -308,6 +308,8 @@ int main(int argc, char **argv) {
         fake.scale_rows = guard_scale_rows, fake.prompt_act = guard_prompt_act, fake.prompt_act_bwd = guard_prompt_act_bwd;
         fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
         fake.bias_add = guard_bias_add, fake.to_bf16 = guard_to_bf16;
+        /* no int8 matmuls, as the cuda backend: distill.teacher_dtype int8 is refused by name */
+        fake.w8_bytes = NULL, fake.w8_scratch_bytes = NULL, fake.w8_pack = NULL, fake.matmul_w8a8 = NULL;
         guarded = 1;
     }
     fake.matmul = f_matmul, fake.matmul_bf16 = f_matmul_bf16;

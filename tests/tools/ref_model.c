@@ -14,7 +14,8 @@
  * embeddings. --precision bf16 runs every matmul with bf16-rounded operands (kernels.h matmul_bf16).
  * --teacher DIR [--temperature T] [--alpha A]: the loss is knowledge distillation from that model
  * (worker/distill.h); OUT also gets "kd" and "ce" [1] (sums of weight * kd, weight * ce).
- * --teacher-precision fp32|bf16 (default fp32): the teacher's own precision (bf16: its bf16 weight copy).
+ * --teacher-precision fp32|bf16|int8 (default fp32): the teacher's own precision (bf16: its bf16 weight copy;
+ * int8: distill.teacher_dtype int8, worker/model.h st_model_set_int8); OUT also gets "teacher_logits" [B*T,V].
  * --adapter DIR: a PEFT LoRA adapter directory applied on the model; the adapters are then the only
  * trainable tensors (grad.<name>.lora_A.weight ...; no base weight gradient exists).
  * --lora-dropout P,SEED,STEP,SAMPLE: the adapters train with LoRA dropout P (worker/lora.h), masks keyed by
@@ -187,12 +188,15 @@ int main(int argc, char **argv) {
         if (!rc) rc = st_model_alloc_activations(&teacher, B, T);
         if (!rc)
             rc = st_model_set_precision(&teacher, strcmp(t_precision, "bf16") ? ST_PRECISION_FP32 : ST_PRECISION_BF16);
+        if (!rc && !strcmp(t_precision, "int8")) rc = st_model_set_int8(&teacher, NULL);
         if (!rc) rc = st_distill_init(&kd, &teacher, &m, kd_t, kd_alpha);
     }
     if (!rc && pos) rc = st_model_set_doc_positions(&m, pos);
     if (rc) { fprintf(stderr, "ref_model: %s\n", st_error()); return 1; }
-    if (teacher_dir) st_distill_attach(&kd, &m, in);
     size_t N = (size_t)B * m.T; /* a prompt (worker/prompt.h) widens the rows */
+    float *t_logits = teacher_dir ? malloc((size_t)B * T * (size_t)m.cfg.vocab * sizeof(float)) : NULL;
+    kd.capture_t_logits = t_logits;
+    if (teacher_dir) st_distill_attach(&kd, &m, in);
     outlist o = {0};
     float *logits = malloc(N * (size_t)m.cfg.vocab * sizeof(float));
     m.capture_logits = logits;
@@ -214,6 +218,8 @@ int main(int argc, char **argv) {
         *cev = (float)ces;
         add(&o, dupname("", "kd"), kdv, 1, 1, 0);
         add(&o, dupname("", "ce"), cev, 1, 1, 0);
+        add(&o, dupname("", "teacher_logits"), t_logits, 2, (int64_t)B * T, m.cfg.vocab);
+        kd.capture_t_logits = NULL;
     }
     add_params(&o, &m, m.grads, "grad.", 1);
     for (int i = 0; qlora && i < m.n_params; i++) {

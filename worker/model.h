@@ -143,7 +143,7 @@ typedef struct {
     struct st_lora *lora;
     struct st_prompt *prompt; /* prompt tuning (worker/prompt.h): registry entry n_base_params; NULL otherwise */
     /* QLoRA (worker/qlora.h): the layers' projection weights held quantized; their registry offsets point
-     * at one layer's dequantization scratch, filled by st_model_acquire. NULL otherwise. */
+     * at one matmul unit's dequantization scratch, filled right before each matmul (st_qlora_load). NULL otherwise. */
     struct st_qlora *qlora;
     /* Set by a caller whose weights are still the allocation's zeros (ZeRO-3 streams them in after the
      * adapters are attached): attaching adapters then grows the buffer without copying the base (no page

@@ -84,10 +84,10 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* sharding.stage 3: the adapters are the trainable (sharded) tensors, acquired with their layer
      * (worker/model.c); the frozen base is sharded too (QLoRA: its quantized bytes, which the residency
-     * hook gathers per layer before st_model_acquire dequantizes them into the layer's scratch) */
-    /* precision bf16: the base (QLoRA: each dequantized layer) computes from its bf16 copy, the adapters and
+     * hook gathers per layer; each matmul then dequantizes its unit into the scratch) */
+    /* precision bf16: the base (QLoRA: each dequantized matrix) computes from its bf16 copy, the adapters and
      * their optimizer state stay fp32 (worker/model.c); DoRA reads the base weight's bf16 copy widened
-     * (worker/lora.c; QLoRA: the acquired layer's copy), its magnitudes start at the fp32 dequantized rows'
+     * (worker/lora.c; QLoRA: the loaded matrix's copy), its magnitudes start at the fp32 dequantized rows'
      * norms (st_lora_init_magnitudes) */
     unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
     if (!layers) return st_fail(ST_ENOMEM, "out of memory");
@@ -409,8 +409,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes + the acquire's buffers, the fp32 floats compact() removes */
     size_t qlayer = 0, qacq = 0;  /* QLoRA: the most quantized bytes of one layer; the acquire's buffers */
     if (c->finetune.mode == ST_FINETUNE_QLORA) {
-        /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one layer's
-         * scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
+        /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one matmul
+         * unit's scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
          * bf16 copy only */
         int bf16 = c->precision == ST_PRECISION_BF16;
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
@@ -527,8 +527,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
-        /* the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones (their one layer's
-         * scratch stays whole, with the codes), sharded like the trainable ones: this rank's part of it */
+        /* the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones (their one matmul
+         * unit's scratch stays whole, with the codes), sharded like the trainable ones: this rank's part of it */
         long *gath = malloc((size_t)m->n_params * sizeof(long));
         size_t nf = 0, whole = 0;
         int every = 1; /* every parameter trains: in-place gathers, prefetched */

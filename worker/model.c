@@ -513,12 +513,16 @@ int st_model_mlp_block_rows(const st_model_config *cfg, int B, int T, int act_ck
 }
 
 /* Whether gate and up run as two matmuls (blocked MLP under bf16, Llama family): the CPU twin then widens one
- * [d_ff, d_model] weight per matmul instead of the fused [2 d_ff, d_model] one. Always under QLoRA (Llama
- * family): the dequantization scratch holds one matrix (worker/qlora.h). */
+ * [d_ff, d_model] weight per matmul instead of the fused [2 d_ff, d_model] one. Always when a QLoRA base has
+ * gate and up as units of their own (worker/qlora.h spec.mlp_apart: the scratch holds one of them). */
 static int mlp_split(const st_model *m) {
     if (m->cfg.family == ST_FAMILY_GPT2) return 0;
-    if (m->qlora) return 1; /* the QLoRA scratch holds one matrix: gate and up are dequantized apart */
+    if (st_qlora_mlp_apart(m)) return 1; /* the QLoRA scratch holds gate or up, not both */
     return m->precision == ST_PRECISION_BF16 && mlp_rows(m) < m->B * m->T;
+}
+
+int st_model_mlp_splits(const st_model_config *cfg, int B, int T, int act_ckpt, int mlp_whole, int bf16) {
+    return bf16 && cfg->family != ST_FAMILY_GPT2 && st_model_mlp_block_rows(cfg, B, T, act_ckpt, mlp_whole) < B * T;
 }
 
 /* Whether the kept layer inputs are bf16 (memory.checkpoint_dtype: bf16, under precision bf16). */

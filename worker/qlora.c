@@ -147,14 +147,19 @@ static int quantizable(const st_param *p) {
     return p->layer >= 0 && p->ndim == 2 && (p->kind == ST_MOD_ATTN || p->kind == ST_MOD_MLP);
 }
 
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
 /* Whether quantized parameter i starts a new matmul unit: everything but the Llama family's k_proj and v_proj,
- * which follow q_proj in the same layer (the packed q/k/v matmul reads them as one [q + k + v, d_model] matrix).
- * prev: the previous quantized parameter, -1 none. */
-static int unit_starts(const st_model *m, int i, int prev) {
+ * which follow q_proj in the same layer (the packed q/k/v matmul reads them as one [q + k + v, d_model] matrix),
+ * and up_proj, which follows gate_proj unless s->mlp_apart. prev: the previous quantized parameter, -1 none. */
+static int unit_starts(const st_model *m, const st_qlora_spec *s, int i, int prev) {
     const char *n = m->params[i].name;
-    size_t len = strlen(n);
-    int kv = len > 14 && (!strcmp(n + len - 14, ".k_proj.weight") || !strcmp(n + len - 14, ".v_proj.weight"));
-    return !kv || prev < 0 || m->params[prev].layer != m->params[i].layer;
+    int packed = ends_with(n, ".k_proj.weight") || ends_with(n, ".v_proj.weight") ||
+                 (!s->mlp_apart && ends_with(n, ".up_proj.weight"));
+    return !packed || prev < 0 || m->params[prev].layer != m->params[i].layer;
 }
 
 /* spec.bf16: the frozen base parameters held in bf16 only besides the quantized ones: the token embedding
@@ -247,7 +252,7 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     for (int i = 0; i < st_model_base_params(m); i++) {
         if (!quantizable(&m->params[i])) continue;
         qtensor *t = &q->t[q->n++];
-        t->unit = unit_starts(m, i, q->n > 1 ? t[-1].param : -1) ? q->n - 1 : t[-1].unit;
+        t->unit = unit_starts(m, s, i, q->n > 1 ? t[-1].param : -1) ? q->n - 1 : t[-1].unit;
         t->param = i;
         t->n = m->params[i].numel;
         t->ns = n_blocks(t->n, s->block);
@@ -440,6 +445,8 @@ void st_qlora_acquire(const st_model *m, int first, int last) {
         if (q->t[k].param >= first && q->t[k].param < last) st_qlora_load(m, q->t[k].param);
 }
 
+int st_qlora_mlp_apart(const st_model *m) { return m->qlora && m->qlora->spec.mlp_apart; }
+
 int st_qlora_holds(const st_model *m, int i) {
     for (int k = 0; m->qlora && k < m->qlora->n; k++)
         if (m->qlora->t[k].param == i) return 1;
@@ -500,7 +507,7 @@ void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quant
         if (!quantizable(p)) continue;
         qb += tensor_bytes(s, p->numel, n_blocks(p->numel, s->block));
         fb += p->numel * sizeof(float);
-        if (unit_starts(m, i, prev)) unit = 0; /* the scratch holds one matmul unit (layout) */
+        if (unit_starts(m, s, i, prev)) unit = 0; /* the scratch holds one matmul unit (layout) */
         prev = i;
         unit += p->numel;
         if (unit > most) most = unit;

@@ -13,10 +13,10 @@
  * and the base is never saved, so no file format depends on it.
  * The fp32 copies leave the weight buffer: their registry offsets then point at one shared scratch region
  * sized for one matmul unit — q/k/v of a Llama-family layer together (the packed q/k/v matmul reads them as
- * one matrix), every other quantized weight alone — each at its place in its unit. Inside forward / backward
+ * one matrix), gate/up together unless spec.mlp_apart, every other quantized weight alone — each at its
+ * place in its unit. Inside forward / backward
  * (m->in_compute) the model dequantizes a unit right before the matmul that reads it (st_qlora_load: the
- * forward x W^T and the input gradient dy W; gate and up then run as two matmuls, worker/model.c mlp_split;
- * DoRA loads the weight it reads), so only one matrix is ever dequantized; outside it st_qlora_acquire
+ * forward x W^T and the input gradient dy W; DoRA loads the weight it reads), so only one matrix is ever dequantized; outside it st_qlora_acquire
  * dequantizes the requested parameters one unit at a time (callers there read one parameter per acquire).
  * Under precision bf16 the load also rounds the dequantized values into the model's bf16 copy, which the
  * matmuls read (with spec.bf16 straight into it, a piece at a time: the scratch then has no fp32 storage).
@@ -44,6 +44,10 @@ typedef struct {
     int double_quant;
     int block; /* elements per scale, >= 1 */
     int bf16;  /* precision bf16 (st_qlora_begin only): the frozen base is held once, in bf16 (see below) */
+    int mlp_apart; /* Llama family: gate and up are units of their own (else one: the packed gate/up matmul
+                    * reads them as one matrix); the model then always runs them as two matmuls (worker/model.c
+                    * mlp_split). The trainer sets it where the model splits them anyway (st_model_mlp_splits:
+                    * blocked MLP under bf16), so the results are the unquantized path's bit for bit */
 } st_qlora_spec;
 
 typedef struct st_qlora st_qlora;
@@ -87,6 +91,9 @@ void st_qlora_acquire(const st_model *m, int first, int last);
 /* Dequantizes the matmul unit of registry entry i into the scratch (its own place, and under bf16 the bf16
  * copy's), unless the scratch already holds it; a no-op for a parameter that is not quantized. */
 void st_qlora_load(const st_model *m, int i);
+
+/* Whether the model's quantized base has gate and up as units of their own (spec.mlp_apart). */
+int st_qlora_mlp_apart(const st_model *m);
 
 /* Whether registry entry i is held quantized (its weights are scratch, not the model's). */
 int st_qlora_holds(const st_model *m, int i);

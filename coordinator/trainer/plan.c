@@ -78,6 +78,12 @@ int st_plan_act_ckpt(const st_config *c) {
     return c->memory.checkpoint_dtype == ST_PRECISION_BF16 ? ST_MODEL_CKPT_BF16 : 1;
 }
 
+int st_plan_qlora_mlp_apart(const st_config *c, const st_model_config *mc) {
+    int whole = c->finetune.lora.dora || c->finetune.lora.dropout > 0; /* st_lora_rows_whole */
+    return st_model_mlp_splits(mc, c->train.micro_batch, c->train.seq_len, st_plan_act_ckpt(c) != 0, whole,
+                               c->precision == ST_PRECISION_BF16);
+}
+
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (st_config_prompt_learning(c)) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
@@ -101,7 +107,7 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     free(layers);
     if (!rc && q && m->be) { /* the base goes quantized once the adapters (DoRA's magnitudes read it) exist */
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant, .double_quant = c->finetune.qlora.double_quant,
-                            .block = c->finetune.qlora.block};
+                            .block = c->finetune.qlora.block, .mlp_apart = st_plan_qlora_mlp_apart(c, &m->cfg)};
         rc = st_qlora_quantize(m, &qs);
         if (!rc && c->finetune.lora.dora) rc = st_lora_init_magnitudes(m);
     }
@@ -415,7 +421,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         int bf16 = c->precision == ST_PRECISION_BF16;
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
                             .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block,
-                            .bf16 = bf16 && !m->qlora && zero < 3}; /* train.c load_quantized */
+                            .bf16 = bf16 && !m->qlora && zero < 3, /* train.c load_quantized */
+                            .mlp_apart = m->qlora ? st_qlora_mlp_apart(m) : st_plan_qlora_mlp_apart(c, &m->cfg)};
         size_t qb, fb, scratch, w16;
         st_qlora_footprint(m, &qs, &qb, &fb, &scratch, &w16);
         size_t nw = m->qlora ? m->n_weights : m->n_weights - fb / sizeof(float) + scratch;

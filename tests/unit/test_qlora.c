@@ -8,15 +8,16 @@
  *  - double quantization: scales minus their mean, 127 steps of max |d| per 256 scales; scales all equal
  *    come back exactly (the step is 0); otherwise each within half a step; more than 256 scales use one
  *    step per 256.
- *  - one matmul unit at a time (worker/qlora.h): the scratch is the largest unit (q + k + v together, every
- *    other projection alone), not a layer, and every quantized weight's place lies inside it; a LoRA training
- *    step (activation checkpointing: forward, recomputation, backward) over the quantized base gives the loss
- *    and adapter gradients of the same model materialized (every weight dequantized into its own place,
- *    st_qlora_materialize, which also renumbers the registry). The two differ only in how gate/up's matmuls
- *    are split (the QLoRA model runs gate and up apart: the same dot products forward, the input gradient
- *    summed as two K = F halves instead of one K = 2F sum), so within fp32 reordering: relative 2^-24 per
- *    term times K <= 2F = 160 terms, ~1e-5 through the few layers; a unit read from the wrong matrix (the
- *    scratch aliases all of a layer's units) moves the loss by O(1e-2) and the gradients by O(1). */
+ *  - one matmul unit at a time (worker/qlora.h): the scratch is the largest unit (q + k + v together, gate +
+ *    up together or, with spec.mlp_apart, each alone, every other projection alone), not a layer, and every
+ *    quantized weight's place lies inside it. A LoRA training step (activation checkpointing: forward,
+ *    recomputation, backward) over the quantized base against the same model materialized (every weight
+ *    dequantized into its own place, st_qlora_materialize, which also renumbers the registry): packed gate/up
+ *    runs the same matmuls on the same operands, so loss and adapter gradients are bit-identical; with
+ *    mlp_apart the QLoRA model runs gate and up apart (the same dot products forward, the input gradient
+ *    summed as two K = F halves instead of one K = 2F sum), so they agree within fp32 reordering: relative
+ *    2^-24 per term times K <= 2F = 160 terms, ~1e-5 through the two layers. A unit read from the wrong
+ *    matrix (the scratch aliases all of a layer's units) moves the loss by O(1e-2), the gradients by O(1). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -145,26 +146,30 @@ static double unit_step(st_model *m, float *grads) {
     return loss;
 }
 
-static void test_matmul_units(void **state) {
-    (void)state;
-    st_qlora_spec spec = {.quant = ST_QLORA_NF4, .double_quant = 1, .block = 16};
+static void matmul_units(int apart) {
+    st_qlora_spec spec = {.quant = ST_QLORA_NF4, .double_quant = 1, .block = 16, .mlp_apart = apart};
     st_model q, d;
     unit_model(&q, &spec, 0);
-    /* units: q + k + v 32x32 + 2 x 16x32 = 2048, o 1024, gate / up / down 80x32 = 2560; a layer 10752 */
-    size_t qb, fb, scratch, w16, lo = (size_t)-1, hi = 0;
+    /* units: q + k + v 32x32 + 2 x 16x32 = 2048, o 1024, gate / up / down 80x32 = 2560 (gate + up 5120); a
+     * layer 10752 */
+    size_t qb, fb, scratch, w16, lo = (size_t)-1, hi = 0, want = apart ? 2560 : 5120;
     st_qlora_footprint(&q, &spec, &qb, &fb, &scratch, &w16);
-    assert_int_equal(scratch, 2560);
+    assert_int_equal(scratch, want);
     for (int i = 0; i < q.n_params; i++) {
         if (!st_qlora_holds(&q, i)) continue;
         const st_param *p = &q.params[i];
         if (p->offset < lo) lo = p->offset;
         if (p->offset + p->numel > hi) hi = p->offset + p->numel;
     }
-    assert_int_equal(hi - lo, 2560);
+    assert_int_equal(hi - lo, want);
     unit_model(&d, &spec, 1);
     assert_int_equal(q.n_grads, d.n_grads);
     float *gq = malloc(q.n_grads * sizeof(float)), *gd = malloc(d.n_grads * sizeof(float));
     double lq = unit_step(&q, gq), ld = unit_step(&d, gd);
+    if (!apart) {
+        assert_true(lq == ld);
+        assert_memory_equal(gq, gd, q.n_grads * sizeof(float));
+    }
     assert_true(fabs(lq - ld) <= 1e-5 * fabs(ld));
     double diff = 0, norm = 0;
     for (size_t i = 0; i < q.n_grads; i++) {
@@ -176,6 +181,12 @@ static void test_matmul_units(void **state) {
     free(gd);
     st_model_free(&q);
     st_model_free(&d);
+}
+
+static void test_matmul_units(void **state) {
+    (void)state;
+    matmul_units(0);
+    matmul_units(1);
 }
 
 int main(void) {

@@ -6,9 +6,10 @@
 # defaults and for memory.checkpoint_dtype: bf16, each on the CPU backend and with backend=cuda (device
 # memory). Plan numbers only: runs nothing.
 #
-#   bench/qlora_plan_8b.sh [BUILD_DIR]
+#   bench/qlora_plan_8b.sh [BUILD_DIR [key=value ...]]   (the overrides go to every `shardtune plan`)
 set -euo pipefail
 BIN=${1:-build}/shardtune
+shift || true
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 mkdir -p "$T/model"
@@ -37,6 +38,6 @@ for backend in cpu cuda; do
     echo "== backend $backend, memory.checkpoint_dtype: $dt"
     extra=()
     [ "$backend" = cuda ] && extra+=(backend=cuda)
-    "$BIN" plan "$T/job.yaml" --ranks 1 memory.checkpoint_dtype="$dt" "${extra[@]}"
+    "$BIN" plan "$T/job.yaml" --ranks 1 memory.checkpoint_dtype="$dt" "${extra[@]}" "$@"
   done
 done

@@ -5,7 +5,7 @@
  * storage (m->n_w16). st_qlora_put then fills it a tensor at a time (the trainer's streamed load: one fp32
  * tensor in flight, never the fp32 base); st_qlora_quantize does the same from an already loaded model.
  * Every quantized parameter's offset points into the scratch at its place in its matmul unit (q/k/v packed,
- * any other weight alone), so the model's weight pointers (wptr, the packed q/k/v matmul) work unchanged once
+ * gate/up packed unless spec.mlp_apart, any other weight alone), so the model's weight pointers (wptr, the packed matmuls) work unchanged once
  * st_qlora_load has dequantized the unit, right before its matmul.
  * Quantization always runs on the host; on a device backend quantize_one then uploads the codes and scales
  * and every dequantization (st_qlora_load, st_qlora_dequant_host) runs through the backend's kernels. */

@@ -441,7 +441,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         qload = st_qlora_load_work(m, &qs, dev);
         if (adapters > qload) qload = adapters;
         /* what the load has written: the fp32 part but the scratch, the bf16-only kept parameters' bf16 (the
-         * scratch is first written by a layer's acquire, the rest of the bf16 copy by the first forward) */
+         * scratch is first written by a matmul's st_qlora_load, the rest of the bf16 copy by the first forward) */
         qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qbytes)
                       : (q32 - scratch) * sizeof(float) + qbytes;
     }

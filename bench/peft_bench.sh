@@ -9,7 +9,8 @@
 #
 #   bench/peft_bench.sh [BUILD_DIR]     env: STEPS (default 8), SKIP (2), LAYERS (8), DIM (512),
 #                                         VOCAB (32000), GB (global batch, 4), SEQ (64), ROUNDS (2),
-#                                         PRECISION (fp32 or bf16)
+#                                         PRECISION (fp32 or bf16), BASE_BUILD (another build dir: adds the
+#                                         mode qlora@base, QLoRA with that build's binary, interleaved too)
 set -euo pipefail
 BUILD=${1:-build}
 BIN=$BUILD/shardtune
@@ -59,24 +60,28 @@ echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION}; 2 ra
      "${GB} x ${SEQ}; r 16 on all 7 projections; median step of steps $((SKIP + 1))..${STEPS}; ${ROUNDS} rounds, interleaved"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
 declare -A best_ms best_kb
-printf "%-6s %-6s %10s %14s\n" round mode step_ms "peak_RSS_MiB"
+printf "%-6s %-10s %10s %14s\n" round mode step_ms "peak_RSS_MiB"
+MODES="full lora qlora"
+[ -n "${BASE_BUILD:-}" ] && MODES="$MODES qlora@base"
 for round in $(seq "$ROUNDS"); do
-  for mode in full lora qlora; do
+  for mode in $MODES; do
     rd="$T/r$round-$mode"
     mkdir -p "$rd"
+    bin=$BIN
+    [ "$mode" = qlora@base ] && bin=$BASE_BUILD/shardtune
     mpirun --oversubscribe -np 2 sh -c '/usr/bin/time -o "$0/rss.${OMPI_COMM_WORLD_RANK:-0}" -f "%M" "$@"' "$rd" \
-      "$BIN" train "$T/job.yaml" run_dir="$rd" sharding.stage=1 precision="$PRECISION" finetune.mode="$mode" >/dev/null
+      "$bin" train "$T/job.yaml" run_dir="$rd" sharding.stage=1 precision="$PRECISION" finetune.mode="${mode%@base}" >/dev/null
     kb=$(cat "$rd"/rss.* | sort -n | tail -1)
     ms=$(step_ms "$rd")
-    printf "%-6s %-6s %10s %14.1f\n" "$round" "$mode" "$ms" "$(echo "$kb / 1024" | bc -l)"
+    printf "%-6s %-10s %10s %14.1f\n" "$round" "$mode" "$ms" "$(echo "$kb / 1024" | bc -l)"
     if [ -z "${best_ms[$mode]:-}" ] || [ "$(echo "$ms < ${best_ms[$mode]}" | bc)" = 1 ]; then best_ms[$mode]=$ms; fi
     if [ -z "${best_kb[$mode]:-}" ] || [ "$kb" -lt "${best_kb[$mode]}" ]; then best_kb[$mode]=$kb; fi
   done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "best of ${ROUNDS} (the larger rank's peak RSS), ratios to full fine-tuning:"
-printf "%-6s %10s %10s %14s %10s\n" mode step_ms "x full" "peak_RSS_MiB" "x full"
-for mode in full lora qlora; do
-  printf "%-6s %10s %10.3f %14.1f %10.3f\n" "$mode" "${best_ms[$mode]}" "$(echo "${best_ms[$mode]} / ${best_ms[full]}" | bc -l)" \
+printf "%-10s %10s %10s %14s %10s\n" mode step_ms "x full" "peak_RSS_MiB" "x full"
+for mode in $MODES; do
+  printf "%-10s %10s %10.3f %14.1f %10.3f\n" "$mode" "${best_ms[$mode]}" "$(echo "${best_ms[$mode]} / ${best_ms[full]}" | bc -l)" \
     "$(echo "${best_kb[$mode]} / 1024" | bc -l)" "$(echo "${best_kb[$mode]} / ${best_kb[full]}" | bc -l)"
 done

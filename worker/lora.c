@@ -494,6 +494,7 @@ static int contiguous(const adapter *a, int ystride) { return a->col0 == 0 && a-
 static const float *dora_weight(const st_model *m, int k) {
     const st_lora *lo = m->lora;
     const st_param *p = &m->params[lo->ad[k].base];
+    if (m->qlora) st_qlora_load(m, lo->ad[k].base); /* its matmul unit into the scratch (worker/qlora.h) */
     if (!m->weights_bf16) return m->weights + p->offset;
     m->be->from_bf16(lo->wf, m->weights_bf16 + p->offset, p->numel);
     return lo->wf;

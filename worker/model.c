@@ -516,9 +516,16 @@ int st_model_mlp_block_rows(const st_model_config *cfg, int B, int T, int act_ck
 }
 
 /* Whether gate and up run as two matmuls (blocked MLP under bf16, Llama family): the CPU twin then widens one
- * [d_ff, d_model] weight per matmul instead of the fused [2 d_ff, d_model] one. */
+ * [d_ff, d_model] weight per matmul instead of the fused [2 d_ff, d_model] one. Always when a QLoRA base has
+ * gate and up as units of their own (worker/qlora.h spec.mlp_apart: the scratch holds one of them). */
 static int mlp_split(const st_model *m) {
-    return m->precision == ST_PRECISION_BF16 && m->cfg.family != ST_FAMILY_GPT2 && mlp_rows(m) < m->B * m->T;
+    if (m->cfg.family == ST_FAMILY_GPT2) return 0;
+    if (st_qlora_mlp_apart(m)) return 1; /* the QLoRA scratch holds gate or up, not both */
+    return m->precision == ST_PRECISION_BF16 && mlp_rows(m) < m->B * m->T;
+}
+
+int st_model_mlp_splits(const st_model_config *cfg, int B, int T, int act_ckpt, int mlp_whole, int bf16) {
+    return bf16 && cfg->family != ST_FAMILY_GPT2 && st_model_mlp_block_rows(cfg, B, T, act_ckpt, mlp_whole) < B * T;
 }
 
 /* Whether the kept layer inputs are bf16 (memory.checkpoint_dtype: bf16, under precision bf16). */
@@ -962,6 +969,7 @@ int st_model_alloc_activations(st_model *m, int B, int T) {
 typedef struct {
     const float *n1w, *n1b, *wqkv, *bqkv, *wo, *bo, *n2w, *n2b, *w1, *b1, *w2, *b2, *qn, *kn;
     float *gn1w, *gn1b, *gwqkv, *gbqkv, *gwo, *gbo, *gn2w, *gn2b, *gw1, *gb1, *gw2, *gb2, *gqn, *gkn;
+    int iqkv, io, i1, i2; /* registry indices of the projection weights (QLoRA: the unit a matmul loads) */
 } layer_w;
 
 /* The window of w[0 .. n) holding element `at` of its space, or NULL (st_model.windowed). */
@@ -1003,17 +1011,26 @@ static layer_w layer_weights(const st_model *m, int l) {
     if (m->cfg.family == ST_FAMILY_GPT2) {
         SET(n1w, i); SET(n1b, i + 1); SET(wqkv, i + 2); SET(bqkv, i + 3); SET(wo, i + 4); SET(bo, i + 5);
         SET(n2w, i + 6); SET(n2b, i + 7); SET(w1, i + 8); SET(b1, i + 9); SET(w2, i + 10); SET(b2, i + 11);
+        w.iqkv = i + 2; w.io = i + 4; w.i1 = i + 8; w.i2 = i + 10;
     } else {
         SET(n1w, i);
         SET(wqkv, i + 1); /* q, then k and v adjacent */
         int j = i + 4;
         if (m->cfg.qkv_bias) { SET(bqkv, j); j += 3; }
         SET(wo, j);
+        w.iqkv = i + 1; w.io = j;
         if (m->cfg.qk_norm) { SET(qn, j + 1); SET(kn, j + 2); j += 2; }
         SET(n2w, j + 1); SET(w1, j + 2); /* gate, then up adjacent */ SET(w2, j + 4);
+        w.i1 = j + 2; w.i2 = j + 4;
     }
 #undef SET
     return w;
+}
+
+/* QLoRA: the projection weight idx's matmul unit (worker/qlora.h: q/k/v together, any other one alone)
+ * dequantized into the scratch, right before a matmul (or DoRA) reads it; a no-op when it is already there. */
+static void qunit(const st_model *m, int idx) {
+    if (m->qlora) st_qlora_load(m, idx);
 }
 
 /* Every matmul of the model goes through here: the model's precision picks the kernel (one place).
@@ -1288,11 +1305,14 @@ static void mlp_forward(st_model *m, int l, const layer_acts *a, const model_buf
     st_mm_in x = a->ln2_h ? st_mm_bf16(a->ln2_h + o) : st_mm_f32(ln2 + o);
     if (m->lora && n < m->B * m->T) st_lora_set_rows(m, (size_t)r0, (size_t)n);
     if (mlp_split(m)) {
-        for (int h = 0; h < 2; h++) { /* gate, then up: [n, F] each into their half of h1's rows */
-            mm_fwd(m, b, b->dh1, x, w->w1 + (size_t)h * F * C, NULL, n, F, C, 0.0f);
+        for (int h = 0; h < 2; h++) { /* gate, then up: [n, F] each into their half of h1's rows; each weight
+                                        * by its own offset (QLoRA: both at the one-matrix scratch) */
+            qunit(m, w->i1 + h);
+            mm_fwd(m, b, b->dh1, x, wptr(m, w->i1 + h), NULL, n, F, C, 0.0f);
             be->copy_cols(h1 + (size_t)h * F, F1, b->dh1, F, n, F, 0);
         }
     } else {
+        qunit(m, w->i1);
         mm_fwd(m, b, h1, x, w->w1, w->b1, n, F1, C, 0.0f);
     }
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_UP, ln2 + o, h1, F1);
@@ -1304,6 +1324,7 @@ static void mlp_forward(st_model *m, int l, const layer_acts *a, const model_buf
     save(m, a->h2_h, h2, (size_t)n * F, m->lora != NULL);
     if (!res_out) return;
     be->copy(res_out + o, a->resmid + o, (size_t)n * C * sizeof(float));
+    qunit(m, w->i2);
     mm_fwd(m, b, res_out + o, saved(h2, a->h2_h), w->w2, w->b2, n, C, F, 1.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_DOWN, h2, res_out + o, C);
 }
@@ -1323,6 +1344,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     const int lora_in = m->lora != NULL;
     norm_fwd(m, ln1, a->ln1_mean, a->ln1_rstd, a->res_in, w.n1w, w.n1b, N);
     save(m, a->ln1_h, ln1, (size_t)N * C, lora_in);
+    qunit(m, w.iqkv);
     mm_fwd(m, b, qkv, saved(ln1, a->ln1_h), w.wqkv, w.bqkv, N, Q, C, 0.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_QKV, ln1, qkv, Q);
     if (c->qk_norm)
@@ -1343,6 +1365,7 @@ static void layer_forward(st_model *m, int l, const layer_acts *a, const model_b
     save(m, a->atty_h, atty, (size_t)N * A, lora_in);
     /* residual add fused into the projection: resmid = res_in; resmid += atty @ Wo^T (+ b) */
     be->copy(a->resmid, a->res_in, (size_t)N * C * sizeof(float));
+    qunit(m, w.io);
     mm_fwd(m, b, a->resmid, saved(atty, a->atty_h), w.wo, w.bo, N, C, A, 1.0f);
     if (m->lora) st_lora_forward(m, l, ST_LORA_SITE_O, atty, a->resmid, C);
     norm_fwd(m, ln2, a->ln2_mean, a->ln2_rstd, a->resmid, w.n2w, w.n2b, N);
@@ -1533,6 +1556,7 @@ static void mlp_backward(st_model *m, int l, const layer_acts *a, const model_bu
     float *dln = b->dln + o;
     st_mm_in x = a->ln2_h ? st_mm_bf16(a->ln2_h + o) : st_mm_f32(a->ln2 + o);
     if (m->lora && n < m->B * m->T) st_lora_set_rows(m, (size_t)r0, (size_t)n);
+    qunit(m, w->i2);
     linear_dgrad(m, b, b->dh2, dres, w->w2, n, C, F);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, restore(m, a->h2, a->h2_h, b->h1_w, (size_t)n * F), dres, C, b->dh2);
     linear_wgrad(m, w->gw2, dres, saved(a->h2, a->h2_h), n, C, F);
@@ -1543,11 +1567,14 @@ static void mlp_backward(st_model *m, int l, const layer_acts *a, const model_bu
         be->swiglu_bwd(b->dh1, b->dh2, h1, n, F);
     if (w->gb1) be->bias_bwd(w->gb1, b->dh1, n, F1);
     if (mlp_split(m)) {
+        float *half = b->h1_w ? b->h1_w : b->dh2; /* fp32 (QLoRA): dh2 is free once swiglu_bwd ran */
         for (int h = 0; h < 2; h++) {
-            be->copy_cols(b->h1_w, F, b->dh1 + (size_t)h * F, F1, n, F, 0);
-            mm_dgrad(m, b, dln, b->h1_w, w->w1 + (size_t)h * F * C, n, F, C, h ? 1.0f : 0.0f);
+            be->copy_cols(half, F, b->dh1 + (size_t)h * F, F1, n, F, 0);
+            qunit(m, w->i1 + h);
+            mm_dgrad(m, b, dln, half, wptr(m, w->i1 + h), n, F, C, h ? 1.0f : 0.0f);
         }
     } else {
+        qunit(m, w->i1);
         linear_dgrad(m, b, dln, b->dh1, w->w1, n, F1, C);
     }
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, ln2 ? ln2 + o : NULL, b->dh1, F1, dln);
@@ -1575,6 +1602,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     norm_bwd(m, dres, w.gn2w, w.gn2b, b->dln, a->resmid, w.n2w, a->ln2_mean, a->ln2_rstd, N, b->dh2);
     /* attention branch: dres is now the gradient of resmid */
     if (w.gbo) be->bias_bwd(w.gbo, dres, N, C);
+    qunit(m, w.io);
     linear_dgrad(m, b, b->datt, dres, w.wo, N, C, A);
     const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_O, atty, dres, C, b->datt);
@@ -1599,6 +1627,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
         be->head_rmsnorm_bwd(b->dqkv, w.gqn, w.gkn, a->qk_x, a->qk_rstd, w.qn, w.kn, N, c->n_head, c->n_kv_head,
                              c->head_dim);
     if (w.gbqkv) be->bias_bwd(w.gbqkv, b->dqkv, N, Q);
+    qunit(m, w.iqkv);
     linear_dgrad(m, b, b->dln, b->dqkv, w.wqkv, N, Q, C);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_QKV, restore(m, a->ln1, a->ln1_h, b->dlnf, (size_t)N * C), b->dqkv, Q, b->dln);
     linear_wgrad(m, w.gwqkv, b->dqkv, saved(a->ln1, a->ln1_h), N, Q, C);

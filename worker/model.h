@@ -143,7 +143,7 @@ typedef struct {
     struct st_lora *lora;
     struct st_prompt *prompt; /* prompt tuning (worker/prompt.h): registry entry n_base_params; NULL otherwise */
     /* QLoRA (worker/qlora.h): the layers' projection weights held quantized; their registry offsets point
-     * at one layer's dequantization scratch, filled by st_model_acquire. NULL otherwise. */
+     * at one matmul unit's dequantization scratch, filled right before each matmul (st_qlora_load). NULL otherwise. */
     struct st_qlora *qlora;
     /* int8 forward matmuls (st_model_set_int8: a distillation teacher under distill.teacher_dtype: int8): the
      * layers' linear weights and the LM head quantized once per output row; NULL otherwise. */
@@ -243,6 +243,9 @@ int st_model_set_activation_checkpointing(st_model *m, int on);
  * (the planner's; mlp_whole: st_lora_rows_whole). */
 int st_model_mlp_rows(const st_model *m);
 int st_model_mlp_block_rows(const st_model_config *cfg, int B, int T, int act_ckpt, int mlp_whole);
+/* Whether such a model runs gate and up as two matmuls (Llama family, precision bf16 (bf16 != 0), the MLP in
+ * blocks): QLoRA's spec.mlp_apart (worker/qlora.h). */
+int st_model_mlp_splits(const st_model_config *cfg, int B, int T, int act_ckpt, int mlp_whole, int bf16);
 /* on = ST_MODEL_CKPT_BF16 (memory.checkpoint_dtype: bf16): the kept layer inputs are stored as bf16 under
  * precision bf16 (half of their memory; one fp32 working copy of the current layer's input). Forward rounds
  * each layer's output residual to bf16 and computes the next layer from that rounded value, so backward's

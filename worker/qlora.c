@@ -1,13 +1,14 @@
 /* qlora.c — quantized frozen base for QLoRA (see qlora.h).
  *
- * Layout after st_qlora_begin: m->weights = [kept base params | scratch (one layer's quantized weights) |
+ * Layout after st_qlora_begin: m->weights = [kept base params | scratch (one matmul unit of quantized weights) |
  * adapters]; with spec.bf16 [bf16-only kept | scratch | fp32 kept | adapters], the first two without fp32
  * storage (m->n_w16). st_qlora_put then fills it a tensor at a time (the trainer's streamed load: one fp32
  * tensor in flight, never the fp32 base); st_qlora_quantize does the same from an already loaded model.
- * Every quantized parameter's offset points into the scratch at its place in its layer, so the model's
- * weight pointers (wptr, the packed q/k/v and gate/up matmuls) work unchanged once the layer is acquired.
+ * Every quantized parameter's offset points into the scratch at its place in its matmul unit (q/k/v packed,
+ * gate/up packed unless spec.mlp_apart, any other weight alone), so the model's weight pointers (wptr, the packed matmuls) work unchanged once
+ * st_qlora_load has dequantized the unit, right before its matmul.
  * Quantization always runs on the host; on a device backend quantize_one then uploads the codes and scales
- * and every dequantization (acquire, st_qlora_dequant_host) runs through the backend's kernels. */
+ * and every dequantization (st_qlora_load, st_qlora_dequant_host) runs through the backend's kernels. */
 #include "worker/qlora.h"
 
 #include <math.h>
@@ -31,6 +32,7 @@ typedef struct {
     float mean;       /* double_quant: the scales' mean */
     size_t at, bytes; /* its codes and scales: blob[at, at + bytes) */
     int done;         /* quantized (st_qlora_put) */
+    int unit;         /* q->t index of the first tensor of its matmul unit (see unit_starts) */
 } qtensor;
 
 struct st_qlora {
@@ -46,6 +48,7 @@ struct st_qlora {
     size_t fp32_bytes;
     uint8_t *blob;    /* every tensor's codes and scales, registry order (a layer's are contiguous) */
     size_t blob_bytes;
+    int loaded;       /* the unit (q->t index of its first tensor) the scratch holds, -1 none */
 };
 
 /* A tensor's bytes in the blob: codes, then (4-byte aligned) its fp32 scales, or its int8 scale codes and
@@ -144,6 +147,21 @@ static int quantizable(const st_param *p) {
     return p->layer >= 0 && p->ndim == 2 && (p->kind == ST_MOD_ATTN || p->kind == ST_MOD_MLP);
 }
 
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+/* Whether quantized parameter i starts a new matmul unit: everything but the Llama family's k_proj and v_proj,
+ * which follow q_proj in the same layer (the packed q/k/v matmul reads them as one [q + k + v, d_model] matrix),
+ * and up_proj, which follows gate_proj unless s->mlp_apart. prev: the previous quantized parameter, -1 none. */
+static int unit_starts(const st_model *m, const st_qlora_spec *s, int i, int prev) {
+    const char *n = m->params[i].name;
+    int packed = ends_with(n, ".k_proj.weight") || ends_with(n, ".v_proj.weight") ||
+                 (!s->mlp_apart && ends_with(n, ".up_proj.weight"));
+    return !packed || prev < 0 || m->params[prev].layer != m->params[i].layer;
+}
+
 /* spec.bf16: the frozen base parameters held in bf16 only besides the quantized ones: the token embedding
  * (Llama family: its rows are widened from bf16, worker/model.c) and an untied LM head (a matmul weight). */
 static int bf16_only(const st_model *m, int i) {
@@ -179,18 +197,18 @@ static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, c
     return 0;
 }
 
-/* The compacted layout: kept base parameters first (registry order), then one layer's scratch, then the
+/* The compacted layout: kept base parameters first (registry order), then one matmul unit's scratch, then the
  * adapters; sets every offset, n_weights (and n_base_weights with adapters). */
 static void layout(st_model *m, const st_qlora *q) {
-    int n = m->n_params, nb = st_model_base_params(m), k = 0, cur = -1, w16 = q->spec.bf16;
+    int n = m->n_params, nb = st_model_base_params(m), k = 0, w16 = q->spec.bf16;
     size_t at = 0, scratch = 0, layer_at = 0, adapters = m->lora ? m->n_weights - m->n_base_weights : 0;
     size_t adapter0 = m->lora ? m->n_base_weights : m->n_weights;
     for (int i = 0; w16 && i < nb; i++) /* bf16: [bf16-only kept | scratch | fp32 kept | adapters] */
         if (bf16_only(m, i)) { m->params[i].offset = at; at += m->params[i].numel; }
     size_t scratch0 = at;
-    for (k = 0; k < q->n; k++) { /* per layer, in registry order */
+    for (k = 0; k < q->n; k++) { /* per matmul unit, in registry order */
         st_param *p = &m->params[q->t[k].param];
-        if (p->layer != cur) { cur = p->layer; layer_at = 0; }
+        if (k == q->t[k].unit) layer_at = 0;
         p->offset = scratch0 + layer_at;
         layer_at += p->numel;
         if (layer_at > scratch) scratch = layer_at;
@@ -229,10 +247,12 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     if (!q || !q->t) { st_qlora_free(q); return st_fail(ST_ENOMEM, "out of memory quantizing the base model"); }
     q->spec = *s;
     q->be = m->be;
+    q->loaded = -1;
     size_t max_ns = 0;
     for (int i = 0; i < st_model_base_params(m); i++) {
         if (!quantizable(&m->params[i])) continue;
         qtensor *t = &q->t[q->n++];
+        t->unit = unit_starts(m, s, i, q->n > 1 ? t[-1].param : -1) ? q->n - 1 : t[-1].unit;
         t->param = i;
         t->n = m->params[i].numel;
         t->ns = n_blocks(t->n, s->block);
@@ -385,32 +405,47 @@ int st_qlora_dequant_host(const st_model *m, int i, float *host) {
     return 0;
 }
 
+/* Dequantizes tensor t into its place in the scratch (under spec.bf16 its bf16 place, a piece at a time). */
+static void dequant_tensor(const st_model *m, st_qlora *q, const qtensor *t) {
+    const st_backend *be = m->be;
+    const float *s = tensor_scales(q, be, t);
+    if (q->spec.bf16) { /* bf16 only: a piece at a time through fbuf (whole blocks, whole bytes) */
+        uint16_t *out16 = m->weights_bf16 + m->params[t->param].offset;
+        for (size_t at = 0; at < t->n; at += q->chunk) {
+            size_t n = t->n - at < q->chunk ? t->n - at : q->chunk;
+            dequant_piece(q, be, t, s, at, n);
+            be->to_bf16(out16 + at, q->fbuf, n);
+        }
+        return;
+    }
+    float *out = m->weights + m->params[t->param].offset;
+    if (q->spec.quant == ST_QLORA_NF4)
+        be->dequant_nf4(out, t->codes, s, t->n, q->spec.block);
+    else
+        be->dequant_int8(out, (const int8_t *)t->codes, s, t->n, q->spec.block);
+    /* precision bf16: the matmuls read the dequantized matrix rounded to bf16; the fp32 values stay for
+     * the adapters and DoRA */
+    if (m->weights_bf16) be->to_bf16(m->weights_bf16 + m->params[t->param].offset, out, t->n);
+}
+
+void st_qlora_load(const st_model *m, int i) {
+    st_qlora *q = m->qlora;
+    int k = q ? find(q, i) : -1;
+    if (k < 0 || q->loaded == q->t[k].unit) return;
+    int u = q->t[k].unit;
+    for (int j = u; j < q->n && q->t[j].unit == u; j++) dequant_tensor(m, q, &q->t[j]);
+    q->loaded = u;
+}
+
 void st_qlora_acquire(const st_model *m, int first, int last) {
     st_qlora *q = m->qlora;
-    const st_backend *be = m->be;
-    for (int k = 0; k < q->n; k++) {
-        const qtensor *t = &q->t[k];
-        if (t->param < first || t->param >= last) continue;
-        const float *s = tensor_scales(q, be, t);
-        if (q->spec.bf16) { /* bf16 only: a piece at a time through fbuf (whole blocks, whole bytes) */
-            uint16_t *out16 = m->weights_bf16 + m->params[t->param].offset;
-            for (size_t at = 0; at < t->n; at += q->chunk) {
-                size_t n = t->n - at < q->chunk ? t->n - at : q->chunk;
-                dequant_piece(q, be, t, s, at, n);
-                be->to_bf16(out16 + at, q->fbuf, n);
-            }
-            continue;
-        }
-        float *out = m->weights + m->params[t->param].offset;
-        if (q->spec.quant == ST_QLORA_NF4)
-            be->dequant_nf4(out, t->codes, s, t->n, q->spec.block);
-        else
-            be->dequant_int8(out, (const int8_t *)t->codes, s, t->n, q->spec.block);
-        /* precision bf16: the matmuls read the dequantized layer rounded to bf16 (the fused dequant's output
-         * precision); the fp32 values stay for the adapters and DoRA */
-        if (m->weights_bf16) be->to_bf16(m->weights_bf16 + m->params[t->param].offset, out, t->n);
-    }
+    q->loaded = -1; /* a new group: its bytes were just gathered (ZeRO-3), the scratch is filled afresh */
+    if (m->in_compute) return; /* forward / backward: each matmul loads its own unit (st_qlora_load) */
+    for (int k = 0; k < q->n; k++)
+        if (q->t[k].param >= first && q->t[k].param < last) st_qlora_load(m, q->t[k].param);
 }
+
+int st_qlora_mlp_apart(const st_model *m) { return m->qlora && m->qlora->spec.mlp_apart; }
 
 int st_qlora_holds(const st_model *m, int i) {
     for (int k = 0; m->qlora && k < m->qlora->n; k++)
@@ -442,11 +477,15 @@ int st_qlora_materialize(st_model *m) {
     if (!nw) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the dequantized base", total * 4.0 / 1e6);
     size_t at = 0;
     for (int i = 0; i < m->n_params; i++) { /* registry order: q/k/v and gate/up stay adjacent */
-        st_param *p = &m->params[i];
-        if (st_qlora_holds(m, i)) st_qlora_acquire(m, i, i + 1);
+        const st_param *p = &m->params[i];
+        st_qlora_load(m, i); /* its unit into the scratch (no-op for a kept parameter) */
         m->be->copy(nw + at, m->weights + p->offset, p->numel * sizeof(float));
-        p->offset = at;
         at += p->numel;
+    }
+    at = 0;
+    for (int i = 0; i < m->n_params; i++) { /* the new offsets once every copy has read the old ones */
+        m->params[i].offset = at;
+        at += m->params[i].numel;
     }
     m->be->free(m->weights);
     m->weights = nw;
@@ -460,17 +499,18 @@ int st_qlora_materialize(st_model *m) {
 
 void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quantized, size_t *fp32,
                         size_t *scratch, size_t *w16) {
-    size_t qb = 0, fb = 0, layer = 0, most = 0, kept16 = 0;
-    int cur = -1;
+    size_t qb = 0, fb = 0, unit = 0, most = 0, kept16 = 0;
+    int prev = -1;
     for (int i = 0; i < st_model_base_params(m); i++) {
         const st_param *p = &m->params[i];
         if (s->bf16 && bf16_only(m, i)) kept16 += p->numel;
         if (!quantizable(p)) continue;
         qb += tensor_bytes(s, p->numel, n_blocks(p->numel, s->block));
         fb += p->numel * sizeof(float);
-        if (p->layer != cur) { cur = p->layer; layer = 0; }
-        layer += p->numel;
-        if (layer > most) most = layer;
+        if (unit_starts(m, s, i, prev)) unit = 0; /* the scratch holds one matmul unit (layout) */
+        prev = i;
+        unit += p->numel;
+        if (unit > most) most = unit;
     }
     *quantized = qb;
     *fp32 = fb;

@@ -12,11 +12,15 @@
  * bitsandbytes' dynamic 8-bit map and exact to reproduce; it only changes how precisely the scales are kept,
  * and the base is never saved, so no file format depends on it.
  * The fp32 copies leave the weight buffer: their registry offsets then point at one shared scratch region
- * sized for one layer's quantized weights (in registry order, so q/k/v and gate/up stay adjacent), which
- * st_model_acquire fills for the layer being computed through the backend's dequant_int8 / dequant_nf4.
- * One layer is resident at a time (the forward and backward walk layers one by one). Under precision bf16
- * the acquire also rounds the dequantized values into the model's bf16 copy, which the matmuls read (with
- * spec.bf16 straight into it, a piece at a time: the scratch then has no fp32 storage).
+ * sized for one matmul unit — q/k/v of a Llama-family layer together (the packed q/k/v matmul reads them as
+ * one matrix), gate/up together unless spec.mlp_apart, every other quantized weight alone — each at its
+ * place in its unit. Inside forward / backward
+ * (m->in_compute) the model dequantizes a unit right before the matmul that reads it (st_qlora_load: the
+ * forward x W^T and the input gradient dy W; DoRA loads the weight it reads), so only one matrix is ever dequantized; outside it st_qlora_acquire
+ * dequantizes the requested parameters one unit at a time (callers there read one parameter per acquire).
+ * Under precision bf16 the load also rounds the dequantized values into the model's bf16 copy, which the
+ * matmuls read (with spec.bf16 straight into it, a piece at a time: the scratch then has no fp32 storage).
+ * The dequantized values are the same bits whichever path makes them (the same kernels, tensor by tensor).
  * Any backend with dequant_nf4 / dequant_int8 / add_scalar: the quantization itself runs on the host (one
  * fp32 tensor at a time, bit-identical everywhere); on a device backend (host_memory 0) the codes and scales
  * are then uploaded, the acquire dequantizes in device memory, and the bf16-only parameters are put through
@@ -40,6 +44,10 @@ typedef struct {
     int double_quant;
     int block; /* elements per scale, >= 1 */
     int bf16;  /* precision bf16 (st_qlora_begin only): the frozen base is held once, in bf16 (see below) */
+    int mlp_apart; /* Llama family: gate and up are units of their own (else one: the packed gate/up matmul
+                    * reads them as one matrix); the model then always runs them as two matmuls (worker/model.c
+                    * mlp_split). The trainer sets it where the model splits them anyway (st_model_mlp_splits:
+                    * blocked MLP under bf16), so the results are the unquantized path's bit for bit */
 } st_qlora_spec;
 
 typedef struct st_qlora st_qlora;
@@ -52,7 +60,7 @@ void st_qlora_free(st_qlora *q);
 
 /* The streamed form of st_qlora_quantize, for a model bound to its backend without weights (st_model_bind
  * with alloc_weights 0; adapters attached to the registry): lays out and allocates the compacted buffer
- * (kept base, one layer's scratch, the adapters, uninitialized). Then st_qlora_put for every base parameter,
+ * (kept base, one matmul unit's scratch, the adapters, uninitialized). Then st_qlora_put for every base parameter,
  * in any order, each once: a quantized one is quantized from `host` (its fp32 values, numel floats, registry
  * layout), a kept one copied to its place. Same errors as st_qlora_quantize. */
 int st_qlora_begin(st_model *m, const st_qlora_spec *spec);
@@ -75,8 +83,17 @@ uint64_t st_qlora_sum(const st_model *m, int i);
  * DoRA's magnitude init when the scratch has no fp32 storage. */
 int st_qlora_dequant_host(const st_model *m, int i, float *host);
 
-/* Dequantizes the quantized parameters among [first, last) into the scratch their offsets point at. */
+/* A new group of parameters becomes resident (the model's st_model_acquire; ZeRO-3 has just gathered their
+ * quantized bytes): forgets which unit the scratch holds. Outside forward / backward it then dequantizes the
+ * quantized parameters among [first, last), a unit at a time, into the scratch their offsets point at (the
+ * last unit stays: acquire one parameter to read it). Inside them it does nothing more: the matmuls load. */
 void st_qlora_acquire(const st_model *m, int first, int last);
+/* Dequantizes the matmul unit of registry entry i into the scratch (its own place, and under bf16 the bf16
+ * copy's), unless the scratch already holds it; a no-op for a parameter that is not quantized. */
+void st_qlora_load(const st_model *m, int i);
+
+/* Whether the model's quantized base has gate and up as units of their own (spec.mlp_apart). */
+int st_qlora_mlp_apart(const st_model *m);
 
 /* Whether registry entry i is held quantized (its weights are scratch, not the model's). */
 int st_qlora_holds(const st_model *m, int i);
@@ -100,7 +117,7 @@ void st_qlora_span(const st_model *m, int first, int last, size_t *a, size_t *b)
 size_t st_qlora_layer_bytes_max(const st_model *m, const st_qlora_spec *spec);
 
 /* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
- * bytes that leave the weight buffer, the scratch floats that replace them and (spec.bf16) the floats held
+ * bytes that leave the weight buffer, the scratch floats that replace them (the largest matmul unit) and (spec.bf16) the floats held
  * in bf16 only (the bf16-only kept parameters + the scratch: below n_w16). */
 void st_qlora_footprint(const st_model *m, const st_qlora_spec *spec, size_t *quantized, size_t *fp32,
                         size_t *scratch, size_t *w16);

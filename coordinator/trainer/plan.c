@@ -78,16 +78,22 @@ int st_plan_act_ckpt(const st_config *c) {
     return c->memory.checkpoint_dtype == ST_PRECISION_BF16 ? ST_MODEL_CKPT_BF16 : 1;
 }
 
+int st_plan_qlora_mlp_apart(const st_config *c, const st_model_config *mc) {
+    int whole = c->finetune.lora.dora || c->finetune.lora.dropout > 0; /* st_lora_rows_whole */
+    return st_model_mlp_splits(mc, c->train.micro_batch, c->train.seq_len, st_plan_act_ckpt(c) != 0, whole,
+                               c->precision == ST_PRECISION_BF16);
+}
+
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (st_config_prompt_learning(c)) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
     if (c->finetune.mode != ST_FINETUNE_LORA && !q) return 0;
     /* sharding.stage 3: the adapters are the trainable (sharded) tensors, acquired with their layer
      * (worker/model.c); the frozen base is sharded too (QLoRA: its quantized bytes, which the residency
-     * hook gathers per layer before st_model_acquire dequantizes them into the layer's scratch) */
-    /* precision bf16: the base (QLoRA: each dequantized layer) computes from its bf16 copy, the adapters and
+     * hook gathers per layer; each matmul then dequantizes its unit into the scratch) */
+    /* precision bf16: the base (QLoRA: each dequantized matrix) computes from its bf16 copy, the adapters and
      * their optimizer state stay fp32 (worker/model.c); DoRA reads the base weight's bf16 copy widened
-     * (worker/lora.c; QLoRA: the acquired layer's copy), its magnitudes start at the fp32 dequantized rows'
+     * (worker/lora.c; QLoRA: the loaded matrix's copy), its magnitudes start at the fp32 dequantized rows'
      * norms (st_lora_init_magnitudes) */
     unsigned char *layers = calloc((size_t)m->cfg.n_layer, 1);
     if (!layers) return st_fail(ST_ENOMEM, "out of memory");
@@ -101,7 +107,7 @@ int st_plan_attach_adapters(const st_config *c, st_model *m) {
     free(layers);
     if (!rc && q && m->be) { /* the base goes quantized once the adapters (DoRA's magnitudes read it) exist */
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant, .double_quant = c->finetune.qlora.double_quant,
-                            .block = c->finetune.qlora.block};
+                            .block = c->finetune.qlora.block, .mlp_apart = st_plan_qlora_mlp_apart(c, &m->cfg)};
         rc = st_qlora_quantize(m, &qs);
         if (!rc && c->finetune.lora.dora) rc = st_lora_init_magnitudes(m);
     }
@@ -416,13 +422,14 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes + the acquire's buffers, the fp32 floats compact() removes */
     size_t qlayer = 0, qacq = 0;  /* QLoRA: the most quantized bytes of one layer; the acquire's buffers */
     if (c->finetune.mode == ST_FINETUNE_QLORA) {
-        /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one layer's
-         * scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
+        /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one matmul
+         * unit's scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
          * bf16 copy only */
         int bf16 = c->precision == ST_PRECISION_BF16;
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
                             .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block,
-                            .bf16 = bf16 && !m->qlora && zero < 3}; /* train.c load_quantized */
+                            .bf16 = bf16 && !m->qlora && zero < 3, /* train.c load_quantized */
+                            .mlp_apart = m->qlora ? st_qlora_mlp_apart(m) : st_plan_qlora_mlp_apart(c, &m->cfg)};
         size_t qb, fb, scratch, w16;
         st_qlora_footprint(m, &qs, &qb, &fb, &scratch, &w16);
         size_t nw = m->qlora ? m->n_weights : m->n_weights - fb / sizeof(float) + scratch;
@@ -441,7 +448,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         qload = st_qlora_load_work(m, &qs, dev);
         if (adapters > qload) qload = adapters;
         /* what the load has written: the fp32 part but the scratch, the bf16-only kept parameters' bf16 (the
-         * scratch is first written by a layer's acquire, the rest of the bf16 copy by the first forward) */
+         * scratch is first written by a matmul's st_qlora_load, the rest of the bf16 copy by the first forward) */
         qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qbytes)
                       : (q32 - scratch) * sizeof(float) + qbytes;
     }
@@ -534,8 +541,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
-        /* the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones (their one layer's
-         * scratch stays whole, with the codes), sharded like the trainable ones: this rank's part of it */
+        /* the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones (their one matmul
+         * unit's scratch stays whole, with the codes), sharded like the trainable ones: this rank's part of it */
         long *gath = malloc((size_t)m->n_params * sizeof(long));
         size_t nf = 0, whole = 0;
         int every = 1; /* every parameter trains: in-place gathers, prefetched */

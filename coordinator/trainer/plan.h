@@ -57,6 +57,10 @@ int st_plan_act_ckpt(const st_config *c);
 /* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model
  * gets the registry entries). No-op for the other modes. Call before st_plan_stages / st_plan_build. */
 int st_plan_attach_adapters(const st_config *cfg, st_model *m);
+/* finetune.mode qlora: whether the quantized base keeps gate and up as dequantization units of their own
+ * (worker/qlora.h spec.mlp_apart): where the model runs them as two matmuls anyway (st_model_mlp_splits:
+ * precision bf16, activation checkpointing with the MLP in token blocks, no DoRA / LoRA dropout). */
+int st_plan_qlora_mlp_apart(const st_config *c, const st_model_config *mc);
 /* finetune.prompt.init_text's token ids (*ids malloc'd, *n > 0): the model directory's tokenizer.json. */
 int st_plan_prompt_text_ids(const st_config *cfg, int32_t **ids, size_t *n);
 

@@ -416,7 +416,7 @@ static int load_pieces(st_model *m, st_safetensors *s, int i, const char *dir, s
 }
 
 /* QLoRA below stage 3: the base is read a tensor at a time and quantized as it comes (worker/qlora.h
- * st_qlora_begin / st_qlora_put): the load holds the compacted buffer (kept base, one layer's scratch, the
+ * st_qlora_begin / st_qlora_put): the load holds the compacted buffer (kept base, one matmul unit's scratch, the
  * adapters), the codes so far and one fp32 tensor, never the fp32 base. Each tensor is checked finite and
  * summed into the base checksum at its registry offset: the number a whole load gives. */
 static int load_quantized(trainer *t) {
@@ -433,7 +433,8 @@ static int load_quantized(trainer *t) {
     st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant, .double_quant = c->finetune.qlora.double_quant,
                         .block = c->finetune.qlora.block,
                         /* bf16-only frozen parts: not with ZeRO-3's frozen space, which gathers fp32 */
-                        .bf16 = c->precision == ST_PRECISION_BF16 && c->sharding.stage < 3};
+                        .bf16 = c->precision == ST_PRECISION_BF16 && c->sharding.stage < 3,
+                        .mlp_apart = st_plan_qlora_mlp_apart(c, &m->cfg)};
     rc = st_qlora_begin(m, &qs);
     for (int i = 0; !rc && i < nb; i++)
         if (st_qlora_holds(m, i) && m->params[i].numel > most) most = m->params[i].numel;

@@ -21,6 +21,7 @@
 #include "coordinator/trainer/train_internal.h"
 #include "worker/comm.h"
 #include "worker/lora.h"
+#include "worker/qlora.h"
 
 struct st_train_samples {
     st_prompt_set ps;
@@ -209,10 +210,13 @@ static int write_samples(trainer *t, int64_t step, const st_answer *ans) {
  * head and dequantized layer exist in bf16 only, widened: the values the training forward reads), each adapter of the group folded
  * in with st_lora_merge_range (the fold `generate --adapter` applies to the exported adapter), the
  * trainer's group released; released groups give their pages back, so the copy holds one group (the
- * CPU backend; a device backend keeps what it touched). */
+ * CPU backend; a device backend keeps what it touched). QLoRA's quantized weights share the trainer's one
+ * matmul-unit scratch: the view gives them their own places (one layer's, after the base) and loads each
+ * (st_qlora_load) before copying it. */
 typedef struct {
     const st_model *tm; /* the trainer's model */
-    float *w;           /* n_base_weights floats (backend memory) */
+    float *w;           /* the view's weights (backend memory) */
+    st_param *params;   /* QLoRA: the view's registry (its own offsets, below), NULL: the trainer's */
     int rc;             /* first failure inside a hook */
 } merged_view;
 
@@ -225,11 +229,14 @@ static void merged_acquire(void *ctx, int first, int last) {
     st_model_acquire(m, lf, ll);
     for (int i = first; i < last; i++) { /* QLoRA's bf16-only part (below n_w16, worker/qlora.h): widened */
         const st_param *p = &m->params[i];
-        if (p->offset < m->n_w16) m->be->from_bf16(v->w + p->offset, m->weights_bf16 + p->offset, p->numel);
-        else m->be->copy(v->w + p->offset, m->weights + p->offset, p->numel * sizeof(float));
+        size_t at = v->params ? v->params[i].offset : p->offset; /* >= p->offset */
+        st_qlora_load(m, i); /* QLoRA: its matmul unit dequantized into the trainer's scratch */
+        if (p->offset < m->n_w16) m->be->from_bf16(v->w + at, m->weights_bf16 + p->offset, p->numel);
+        else m->be->copy(v->w + at, m->weights + p->offset, p->numel * sizeof(float));
+        /* the merge reads the trainer's base weight (DoRA) and writes dst + its trainer offset */
+        int rc = st_lora_merge_range(m, v->w + (at - p->offset), i, i + 1);
+        if (rc && !v->rc) v->rc = rc;
     }
-    int rc = st_lora_merge_range(m, v->w, first, last);
-    if (rc && !v->rc) v->rc = rc;
     st_model_release(m, lf, ll);
     st_model_release(m, first, last);
 }
@@ -237,9 +244,10 @@ static void merged_acquire(void *ctx, int first, int last) {
 static void merged_release(void *ctx, int first, int last) {
     merged_view *v = ctx;
     const st_model *m = v->tm;
+    const st_param *vp = v->params ? v->params : m->params;
     if (!m->be->host_memory) return;
     for (int i = first; i < last; i++)
-        st_comm_discard(v->w, sizeof(float), m->params[i].offset, m->params[i].offset + m->params[i].numel);
+        st_comm_discard(v->w, sizeof(float), vp[i].offset, vp[i].offset + vp[i].numel);
 }
 
 /* The model generation reads: the trainer's own (its ZeRO-3 hooks gather each group), or under LoRA the
@@ -250,17 +258,37 @@ static int gen_model(const trainer *t, st_model *g, merged_view *v, float **owne
     *owned = NULL;
     if (!m->lora) return 0;
     const st_backend *be = m->be;
-    float *w = be->alloc(m->n_base_weights * sizeof(float) + sizeof(float));
-    if (!w)
+    /* QLoRA: the quantized weights share one matmul unit's scratch in the trainer's layout; the view gives
+     * them their own places, a layer's after n_base_weights (the view holds one layer at a time) */
+    size_t extra = 0, layer = 0;
+    v->params = NULL;
+    if (m->qlora) {
+        v->params = malloc((size_t)m->n_base_params * sizeof(st_param) + 1);
+        if (!v->params) return st_fail(ST_ENOMEM, "eval.generate: out of memory");
+        memcpy(v->params, m->params, (size_t)m->n_base_params * sizeof(st_param));
+        int cur = -1;
+        for (int i = 0; i < m->n_base_params; i++) {
+            if (!st_qlora_holds(m, i)) continue;
+            if (m->params[i].layer != cur) { cur = m->params[i].layer; layer = 0; }
+            v->params[i].offset = m->n_base_weights + layer;
+            layer += m->params[i].numel;
+            if (layer > extra) extra = layer;
+        }
+    }
+    float *w = be->alloc((m->n_base_weights + extra) * sizeof(float) + sizeof(float));
+    if (!w) {
+        free(v->params);
         return st_fail(ST_ENOMEM, "eval.generate: out of memory for the merged weights (%.1f MB)",
-                       m->n_base_weights * 4.0 / 1e6);
+                       (m->n_base_weights + extra) * 4.0 / 1e6);
+    }
     v->tm = m;
     v->w = w;
     v->rc = 0;
     g->weights = w;
     g->weights_bf16 = NULL;
+    if (v->params) g->params = v->params;
     g->n_params = m->n_base_params;
-    g->n_weights = m->n_base_weights;
+    g->n_weights = m->n_base_weights + extra;
     g->n_base_params = 0;
     g->n_base_weights = 0;
     g->lora = NULL;
@@ -303,6 +331,7 @@ int st_trainer_samples_run(trainer *t, int64_t completed) {
         if (rc && t->print_error) st_fail_context(rc, "eval.generate at step %lld", (long long)completed);
     }
     if (owned) t->model.be->free(owned);
+    if (owned) free(v.params);
     if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? write_samples(t, completed, ans) : 0);
     st_answers_free(ans, t->rank == 0 ? s->ps.n : 0);
     st_trainer_phase(t, ST_PHASE_IDLE);

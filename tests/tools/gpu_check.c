@@ -8,7 +8,9 @@
  * Relative error of an output element: |gpu - cpu| / max(|cpu|, 1e-3 * max|cpu|, 1e-20), so values
  * near zero are judged against the scale of the whole tensor. to_bf16/from_bf16 are bit-exact checks:
  * their "error" is the number of differing elements (tolerance 0). matmul_bf16 runs every operand kind
- * (fp32 / bf16 for A and B), every transpose, with and without the bias epilogue.
+ * (fp32 / bf16 for A and B), every transpose, with and without the bias epilogue. The dequant group also
+ * runs QLoRA's per-matmul path end to end (one nf4 + double-quantized matrix dequantized, rounded to bf16,
+ * read by the forward and input-gradient matmuls: check_qlora_matmul).
  * Training step: the same small Llama (identical random weights, tokens and AdamW settings) trains a few
  * steps on the backend under test and on the CPU backend, for precision fp32 and bf16; prints each step's
  * loss on both sides, the max relative loss difference (FAIL above tolerance), the backend's median step
@@ -869,6 +871,52 @@ static void check_dequant(void) {
     G->free(gq), G->free(gpk), G->free(gscale), G->free(gout), free(q), free(packed), free(scale), free(out);
 }
 
+/* QLoRA's per-matmul path (worker/qlora.c st_qlora_load, worker/model.c): a [FF, CH] nf4 weight with
+ * double-quantized absmax (int8 codes per 256 scales + their mean) dequantized into a one-matrix scratch
+ * (dequant_int8 + add_scalar for the scales, dequant_nf4), rounded to bf16, then read by the forward
+ * y = x W^T and the input gradient dx = dy W through matmul_bf16 — on the device and on the CPU twin. The
+ * dequantized weight is exact on both sides (1e-7 as check_dequant); the products multiply the same bf16
+ * values and differ only in fp32 summation order (1e-4 as check_matmul_bf16). */
+static void check_qlora_matmul(void) {
+    const int out = FF, in = CH, block = 64, m = NROWS;
+    size_t n = (size_t)out * in, ns = (n + block - 1) / block, n2 = (ns + 255) / 256;
+    uint8_t *codes = xmalloc(n / 2);
+    int8_t *q8 = xmalloc(ns);
+    for (size_t i = 0; i < n / 2; i++) codes[i] = (uint8_t)rand_bits();
+    for (size_t i = 0; i < ns; i++) q8[i] = (int8_t)(frand() * 127);
+    float *s2 = hrand(n2, 0.01f), mean = 0.05f, *x = hrand((size_t)m * in, 1), *dy = hrand((size_t)m * out, 1);
+    for (size_t i = 0; i < n2; i++) s2[i] = fabsf(s2[i]) * 1e-2f;
+    float *hs = xmalloc(ns * 4), *hw = xmalloc(n * 4), *hy = xmalloc((size_t)m * out * 4), *hdx = xmalloc((size_t)m * in * 4);
+    uint16_t *hw16 = xmalloc(n * 2);
+    size_t nsc = st_matmul_bf16_scratch_floats(m, out, in);
+    if (st_matmul_bf16_scratch_floats(m, in, out) > nsc) nsc = st_matmul_bf16_scratch_floats(m, in, out);
+    float *hsc = xmalloc(nsc * 4), *dsc = dev_from(NULL, nsc * 4);
+    void *gcodes = dev_from(codes, n / 2), *gq8 = dev_from(q8, ns);
+    float *gs2 = dev_from(s2, n2 * 4), *gs = dev_from(NULL, ns * 4), *gw = dev_from(NULL, n * 4);
+    uint16_t *gw16 = dev_from(NULL, n * 2);
+    float *gx = dev_from(x, (size_t)m * in * 4), *gdy = dev_from(dy, (size_t)m * out * 4);
+    float *gy = dev_from(NULL, (size_t)m * out * 4), *gdx = dev_from(NULL, (size_t)m * in * 4);
+    double tg, tc;
+    tick();
+    G->dequant_int8(gs, gq8, gs2, ns, 256), G->add_scalar(gs, mean, ns);
+    G->dequant_nf4(gw, gcodes, gs, n, block), G->to_bf16(gw16, gw, n);
+    G->matmul_bf16(gy, st_mm_f32(gx), st_mm_bf16(gw16), NULL, m, out, in, 0, 1, 1.0f, 0.0f, dsc);
+    G->matmul_bf16(gdx, st_mm_f32(gdy), st_mm_bf16(gw16), NULL, m, in, out, 0, 0, 1.0f, 0.0f, dsc);
+    tg = tock_gpu();
+    tick();
+    C->dequant_int8(hs, q8, s2, ns, 256), C->add_scalar(hs, mean, ns);
+    C->dequant_nf4(hw, codes, hs, n, block), C->to_bf16(hw16, hw, n);
+    C->matmul_bf16(hy, st_mm_f32(x), st_mm_bf16(hw16), NULL, m, out, in, 0, 1, 1.0f, 0.0f, hsc);
+    C->matmul_bf16(hdx, st_mm_f32(dy), st_mm_bf16(hw16), NULL, m, in, out, 0, 0, 1.0f, 0.0f, hsc);
+    tc = tock_cpu();
+    report("qlora dequant (nf4 + dq) one matrix", dev_err(gw, hw, n), tg, tc, 1e-7);
+    report("qlora matmul x W^T (bf16)", dev_err(gy, hy, (size_t)m * out), tg, tc, 1e-4);
+    report("qlora matmul dy W (bf16)", dev_err(gdx, hdx, (size_t)m * in), tg, tc, 1e-4);
+    G->free(gcodes), G->free(gq8), G->free(gs2), G->free(gs), G->free(gw), G->free(gw16), G->free(gx), G->free(gdy);
+    G->free(gy), G->free(gdx), G->free(dsc);
+    free(codes), free(q8), free(s2), free(x), free(dy), free(hs), free(hw), free(hy), free(hdx), free(hw16), free(hsc);
+}
+
 /* ---------------------------------------------------------------- tensor-core attention (CUDA) */
 
 static double norm_err(const float *x, const float *ref, size_t n);
@@ -1440,7 +1488,7 @@ int main(int argc, char **argv) {
     if (GROUP("pointwise")) check_activations(), check_embedding(), check_copies();
     if (GROUP("xent")) check_cross_entropy(), check_kd(NROWS, V, 2.0f, 0.5f, 5.0f), check_kd(NROWS, V, 0.7f, 1.0f, 20.0f);
     if (GROUP("adamw")) check_adamw();
-    if (GROUP("dequant")) check_dequant();
+    if (GROUP("dequant")) check_dequant(), check_qlora_matmul();
     if (GROUP("shapes")) check_real_shapes();
     if (big && GROUP("big")) check_big_elementwise();
     if (train && GROUP("train")) {

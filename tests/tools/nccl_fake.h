@@ -2,7 +2,8 @@
  * worker/comm.c's device path on the CPU (tests/tools/nccl_fake.c, tests/tools/fakedev.c). Included by exactly
  * one file of a tool: it defines the st_nccl_* functions (so the library's real or stub ones are never
  * pulled in) and static helpers. The model of the two streams: a collective is only ENQUEUED (its input
- * snapshotted) and runs, through MPI, when st_nccl_wait_compute / st_nccl_synchronize is called; its input
+ * snapshotted) and runs, through MPI, when st_nccl_wait_compute / st_nccl_synchronize is called (or, for
+ * the collectives queued before an st_nccl_record mark, st_nccl_wait_event: later ones stay queued); its input
  * must then still equal the snapshot (compute wrote it after the hand-over: a race on a GPU), and
  * check_read() reports compute reading a queued collective's output. `violations` counts what was found. */
 #ifndef ST_NCCL_FAKE_H

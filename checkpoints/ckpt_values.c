@@ -27,7 +27,7 @@ int st_model_check_finite_part(const st_model *m, const char *source, st_model_k
         if (keep) keep(ctx, m, i, &first, &last);
         for (size_t at = first; !rc && at < last; at += chunk) {
             size_t n = last - at < chunk ? last - at : chunk;
-            m->be->copy_to_host(host, m->weights + p->offset + at, n * sizeof(float));
+            m->be->copy_to_host(host, st_model_part(m, i) + at, n * sizeof(float));
             rc = st_check_finite_values(host, n, at, source, p->name);
         }
     }

@@ -115,7 +115,7 @@ static int check_extras(const st_safetensors *s, const st_model *m, const char *
 /* Elements [a, b) (registry layout) of parameter p from tensor t into m->weights: ranged reads straight
  * into host weights, or through a bounded host chunk onto a device. */
 static int load_range(st_model *m, st_safetensors *s, const st_st_tensor *t, const st_param *p, size_t a, size_t b) {
-    float *w = m->weights + p->offset;
+    float *w = st_model_part(m, (int)(p - m->params));
     if (m->be->host_memory) return st_safetensors_read_f32_range(s, t, a, b - a, w + a);
     const size_t chunk = (size_t)1 << 20;
     float *buf = malloc((b - a < chunk ? b - a : chunk) * sizeof(float));
@@ -137,7 +137,7 @@ static int load_transposed(st_model *m, st_safetensors *s, const st_st_tensor *t
     if (!rc) rc = st_safetensors_read_f32(s, t, file, p->numel);
     if (!rc) {
         transpose(ours, file, p->shape[1], p->shape[0]);
-        m->be->copy_to_device(m->weights + p->offset + a, ours + a, (b - a) * sizeof(float));
+        m->be->copy_to_device(st_model_part(m, (int)(p - m->params)) + a, ours + a, (b - a) * sizeof(float));
     }
     free(file);
     free(ours);

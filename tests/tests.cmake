@@ -117,6 +117,22 @@ add_test(NAME cuda.nccl_path_zero3_two_ranks COMMAND mpirun --oversubscribe -np 
 add_test(NAME cuda.nccl_path_zero3_bf16 COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 3 --bf16 --accum 3)
 set_tests_properties(cuda.nccl_path_zero3_two_ranks cuda.nccl_path_zero3_bf16 PROPERTIES LABELS cuda TIMEOUT 300
   ENVIRONMENT "${ST_TEST_ENV}")
+add_test(NAME cuda.nccl_path_zero3_blocking COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 3 --no-overlap)
+set_tests_properties(cuda.nccl_path_zero3_blocking PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
+# device ZeRO-3's overlapped reduce-scatter: with one of its waits removed (SHARDTUNE_ZERO3_DEV_FAULT) the
+# stream-order checker must report the race (exit 1 and its message), on fp32 and bf16
+foreach(fault rs-wait one-grad-buffer gather-wait)
+  foreach(prec fp32 bf16)
+    set(flag "")
+    if(prec STREQUAL "bf16")
+      set(flag "--bf16")
+    endif()
+    add_test(NAME cuda.nccl_path_zero3_catches_${fault}_${prec} COMMAND bash
+      ${CMAKE_SOURCE_DIR}/tests/tools/expect_race.sh 3 $<TARGET_FILE:nccl_fake> --stage 3 --accum 2 ${flag})
+    set_tests_properties(cuda.nccl_path_zero3_catches_${fault}_${prec} PROPERTIES LABELS cuda TIMEOUT 300
+      ENVIRONMENT "${ST_TEST_ENV};SHARDTUNE_ZERO3_DEV_FAULT=${fault}")
+  endforeach()
+endforeach()
 add_test(NAME cuda.nccl_path_zero2_blocking COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --no-overlap)
 set_tests_properties(cuda.nccl_path_zero2_blocking PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
 add_test(NAME cuda.nccl_path_catches_race COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --inject-race)

@@ -462,9 +462,6 @@ void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi) {
 int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
                           const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask) {
     const st_backend *be = m->be;
-    if (c->z3dev) /* its master shards are the only weights: nothing to cut a new layout from */
-        return st_fail(ST_ECONFIG, "changing the trainable set (progressive stages) at sharding.stage 3 is supported on "
-                                   "CPU ranks only, not on the %s backend", be->name);
     long *old_off = malloc((size_t)m->n_params * sizeof(long));
     if (!old_off) return st_fail(ST_ENOMEM, "out of memory");
     for (int i = 0; i < m->n_params; i++) old_off[i] = m->params[i].grad_offset;
@@ -480,7 +477,12 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
     }
     /* stage 3: the old trainable weights whole on every rank (every rank acquires: collective), so the new
      * communicator can cut its shards from them (its init gives back what this rank no longer owns) */
-    if (c->stage == 3 && c->model == m) st_model_acquire(m, 0, m->n_params);
+    if (c->z3dev) { /* on a device (worker/comm_zero3_dev.c): gathered into a whole buffer, its layout undone */
+        int urc = st_z3dev_unshard(c);
+        if (!rc) rc = urc;
+    } else if (c->stage == 3 && c->model == m) {
+        st_model_acquire(m, 0, m->n_params);
+    }
     int *old_steps = o->param_step;
     o->param_step = NULL;
     st_optim_free(o, be);
@@ -1271,7 +1273,7 @@ int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int r
         if (!scratch) for (int r = 0; r < c->world; r++) counts[r] = displs[r] = 0; /* nothing lands: no hang */
         recv = scratch;
     }
-    const float *part = m->weights + p->offset + a;
+    const float *part = st_model_part(m, i) + a;
     float *host = NULL; /* device memory: MPI is not CUDA-aware, the part goes through the host */
     if (on_device(m) && b > a) {
         host = malloc((b - a) * sizeof(float));

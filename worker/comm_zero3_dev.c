@@ -12,13 +12,19 @@
  * and an in-place uneven all-gather (st_nccl_all_gather_parts) fills in the rest; the prefetch hook
  * enqueues the next group's gather on the comm stream while this group computes, and its acquire makes
  * the compute stream wait for it (st_nccl_wait_compute).
- * Gradients: a layer's gradient goes to the one layer gradient buffer the slots share (zeroed by the
+ * Gradients: a layer's gradient goes to one of two layer gradient buffers (double-buffered: zeroed by the
  * acquire in backward); final norm + head's and a tied embedding's (written in the training forward's fused
  * head as well as in backward) to resident edge buffers; an untied embedding's (written only after layer
- * 0's reduction) to the layer gradient buffer again. When a group's backward ends (grad_ready) its range is
- * reduce-scattered in chunks (st_nccl_reduce_parts_sum: each owner's part summed into `recv`), the compute
- * stream waits, and recv is added into shard_grads (bias_add over one row: the micro-batches accumulate there
- * as on CPU ranks); an edge buffer is zeroed again. One rank without NCCL copies and adds locally.
+ * 0's reduction was started) to whichever layer gradient buffer is free then. When a group's backward ends
+ * (grad_ready) its range is reduce-scattered in chunks (st_nccl_reduce_parts_sum: each owner's part summed
+ * into one of two receive buffers) and a comm-stream mark recorded after it; with sharding.overlap the
+ * hook returns at once, so the reduction travels while the next layer's backward computes. A reduction is
+ * finished (the compute stream waits for its mark only, st_nccl_wait_event, then adds its receive buffer
+ * into shard_grads with bias_add over one row: the micro-batches accumulate there as on CPU ranks, and an
+ * edge buffer is zeroed again) when its receive buffer or gradient buffer is needed again, or at the end of
+ * the micro-batch's backward (st_z3dev_backward). A gather's acquire waits for that gather's own mark, not
+ * for the reductions queued after it. Without overlap each chunk is finished at once. One rank without
+ * NCCL copies and adds locally.
  * Outside forward/backward an acquire (a checkpoint snapshot: one tensor at a time, collective) gathers into
  * a slot the same way; such readers find the tensor with st_model_param_weights. The optimizer, the final
  * weights' gathers and the streaming load touch only this rank's parts, at weights + offset. */
@@ -32,31 +38,57 @@
 #include "kernels/cuda/nccl_comm.h"
 
 #define Z3D_SLOTS 3
+#define Z3D_RS 2 /* receive buffers: reductions in flight at once */
 
 typedef struct {
     float *w;        /* [slot_floats] the group's fp32 weights */
     uint16_t *w16;   /* [slot_floats] their bf16 copy (precision bf16), else NULL */
-    float *g;        /* [layer_floats] a layer's gradients: one buffer shared by the slots (a layer's
-                        reduction is finished before the next layer's backward begins) */
     int first, last; /* the group held (parameters) */
     size_t lo, hi;   /* its weight (= compact) range */
     int state;       /* 0 free, 1 gather enqueued (prefetched), 2 resident */
-    int g_live;      /* g holds a layer's gradients not yet reduced */
 } z3d_slot;
+
+typedef struct {
+    float *g;        /* [layer_floats] a layer's (or an untied embedding's) gradients */
+    size_t lo, hi;   /* the compact range it holds */
+    int first;       /* the group's first parameter */
+    int live;        /* its backward writes it (a gradient window) */
+    int busy;        /* live, or its reduction not finished yet */
+} z3d_gbuf;
+
+typedef struct {     /* a reduce-scatter chunk in flight */
+    int active;
+    size_t os, own;  /* this rank's part: shard_grads[os - c->lo ..) gets own floats */
+    int gb;          /* its last chunk: the gradient buffer whose reduction it ends, else -1 */
+    float *zero;     /* its last chunk: an edge buffer zeroed after it (the next micro-batch adds into it) */
+    size_t zero_n;
+} z3d_rs;
 
 typedef struct st_z3dev st_z3dev;
 struct st_z3dev {
     st_model *m;
     int n_slots, in_bwd;
     size_t slot_floats, layer_floats;
-    z3d_slot slot[Z3D_SLOTS];
-    float *master;       /* [shard] this rank's fp32 master weights */
-    float *recv;         /* [recv_floats] this rank's part of a reduce-scattered group */
+    z3d_slot slot[Z3D_SLOTS];  /* slot k's gather: comm-stream mark k */
+    z3d_gbuf gbuf[2];
+    float *master;       /* [shard] this rank's fp32 master weights (its shard of the compact space) */
+    float *fmaster;      /* [c->fshard] its shard of the frozen space (fp32), NULL when every parameter trains */
+    float **part_base;   /* [n_params] m->part_base (frozen parameters exist), else NULL */
+    size_t *runs;        /* [4 * n_params] a group's runs: space (0 compact, 1 frozen), space offset, weight
+                            offset, length */
+    float *recv[Z3D_RS]; /* [recv_floats] this rank's part of a reduce-scattered chunk (mark Z3D_SLOTS + j) */
     size_t recv_floats;
+    z3d_rs rs[Z3D_RS];
+    int rs_order[Z3D_RS], n_rs; /* in-flight reductions, oldest first (receive buffer indices) */
     float *edge[2];      /* gradients of the embeddings and of final norm + head */
     int edge0_shared;    /* untied embeddings: their gradient, written only after the last layer's backward
-                            (embedding_bwd), lives in the layer gradient buffer */
+                            (embedding_bwd), lives in a free layer gradient buffer (edge0_gb) */
+    int edge0_gb;
     size_t edge_lo[2], edge_hi[2];
+    /* SHARDTUNE_ZERO3_DEV_FAULT (tests only: the stream-order checker must catch each): "rs-wait" adds a
+     * received part without waiting for its reduction, "one-grad-buffer" reuses a gradient buffer whose
+     * reduction is in flight, "gather-wait" computes on a group without waiting for its gather */
+    int fault_rs_wait, fault_one_gbuf, fault_gather_wait;
 };
 
 /* Weight range of parameters [first, last) (registry order is offset order). */
@@ -65,13 +97,36 @@ static void span(const st_model *m, int first, int last, size_t *a, size_t *b) {
     *b = m->params[last - 1].offset + m->params[last - 1].numel;
 }
 
-/* parts[r] = how much of [a, b) lies in rank r's shard. */
-static void owner_parts(const st_comm *c, size_t a, size_t b, size_t *parts) {
+/* parts[r] = how much of [a, b) lies in rank r's shard of a space sharded `shard` floats per rank. */
+static void space_parts(const st_comm *c, size_t shard, size_t a, size_t b, size_t *parts) {
     for (int r = 0; r < c->world; r++) {
-        size_t lo = c->shard * (size_t)r, hi = lo + c->shard;
+        size_t lo = shard * (size_t)r, hi = lo + shard;
         size_t s = a > lo ? a : lo, e = b < hi ? b : hi;
         parts[r] = e > s ? e - s : 0;
     }
+}
+
+/* The same for the compact space. */
+static void owner_parts(const st_comm *c, size_t a, size_t b, size_t *parts) { space_parts(c, c->shard, a, b, parts); }
+
+/* Compact range [*a, *b) of the trainable parameters among [first, last) (contiguous: compact offsets follow
+ * registry order); empty (*a = *b = 0) when none trains. */
+static void grad_span(const st_model *m, int first, int last, size_t *a, size_t *b) {
+    *a = *b = 0;
+    for (int i = first; i < last; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0 || !p->numel) continue;
+        if (*b == 0) *a = (size_t)p->grad_offset;
+        *b = (size_t)p->grad_offset + p->numel;
+    }
+}
+
+/* Whether the compact space is the weight space (every parameter trains, in place). */
+static int all_train(const st_model *m) {
+    if (m->n_grads != m->n_weights) return 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].grad_offset != (long)m->params[i].offset) return 0;
+    return 1;
 }
 
 static void keep_rc(st_comm *c, int rc) {
@@ -79,7 +134,7 @@ static void keep_rc(st_comm *c, int rc) {
 }
 
 /* The model's windows from the slots' state: resident groups' weights, the edge gradient buffers and the
- * resident layers' gradient buffers. */
+ * live layer gradient buffers. */
 static void sync_windows(st_z3dev *z) {
     st_model *m = z->m;
     m->n_wwin = m->n_gwin = 0;
@@ -87,19 +142,42 @@ static void sync_windows(st_z3dev *z) {
         if (z->edge[e]) m->gwin[m->n_gwin++] = (st_res_window){z->edge_lo[e], z->edge_hi[e], z->edge[e], NULL};
     for (int k = 0; k < z->n_slots; k++) {
         z3d_slot *s = &z->slot[k];
-        if (s->state != 2) continue;
-        m->wwin[m->n_wwin++] = (st_res_window){s->lo, s->hi, s->w, s->w16};
-        if (s->g_live) m->gwin[m->n_gwin++] = (st_res_window){s->lo, s->hi, s->g, NULL};
+        if (s->state == 2) m->wwin[m->n_wwin++] = (st_res_window){s->lo, s->hi, s->w, s->w16};
     }
+    for (int b = 0; b < 2; b++)
+        if (z->gbuf[b].live) m->gwin[m->n_gwin++] = (st_res_window){z->gbuf[b].lo, z->gbuf[b].hi, z->gbuf[b].g, NULL};
 }
 
-/* Whether [first, last) is a layer's group (its gradients go to a slot, not an edge buffer). */
+/* Whether [first, last) is a layer's group (its gradients go to a layer buffer, not an edge buffer). */
 static int is_layer_group(const st_z3dev *z, int first) {
     return first >= st_model_layer_first_param(z->m, 0) && first < st_model_layer_first_param(z->m, z->m->cfg.n_layer);
 }
 
-/* Enqueues the gather of [first, last) into slot s: this rank's part copied in from the master shard, the
- * others' parts by an in-place all-gather on the comm stream (which first waits for that copy). */
+/* The runs of [first, last) contiguous in both the weight space and their sharded space (compact or
+ * frozen): z->runs, 4 per run. Returns their number. */
+static int group_runs(const st_comm *c, int first, int last) {
+    st_z3dev *z = c->z3dev;
+    size_t *r = z->runs;
+    int nr = 0;
+    for (int i = first; i < last; i++) {
+        const st_param *p = &z->m->params[i];
+        if (!p->numel) continue;
+        size_t sp = p->grad_offset >= 0 ? 0 : 1;
+        size_t at = sp == 0 ? (size_t)p->grad_offset : (size_t)c->z3_foff[i];
+        if (nr && r[4 * nr - 4] == sp && r[4 * nr - 3] + r[4 * nr - 1] == at && r[4 * nr - 2] + r[4 * nr - 1] == p->offset) {
+            r[4 * nr - 1] += p->numel;
+            continue;
+        }
+        r[4 * nr] = sp, r[4 * nr + 1] = at, r[4 * nr + 2] = p->offset, r[4 * nr + 3] = p->numel;
+        nr++;
+    }
+    return nr;
+}
+
+/* Enqueues the gather of [first, last) into slot s, run by run (trainable runs from the compact space's
+ * master shards, frozen ones from the frozen space's): this rank's part copied in from its shard, the
+ * others' parts by an in-place all-gather on the comm stream (which first waits for that copy); then the
+ * slot's mark. */
 static int gather_start(st_comm *c, z3d_slot *s, int first, int last) {
     st_z3dev *z = c->z3dev;
     const st_backend *be = z->m->be;
@@ -109,12 +187,26 @@ static int gather_start(st_comm *c, z3d_slot *s, int first, int last) {
                        c->rank, s->hi - s->lo);
     s->first = first;
     s->last = last;
-    size_t os = s->lo > c->lo ? s->lo : c->lo, oe = s->hi < c->hi ? s->hi : c->hi;
-    if (os < oe) be->copy(s->w + (os - s->lo), z->master + (os - c->lo), (oe - os) * sizeof(float));
-    if (!c->nccl) return 0;
-    size_t parts[c->world];
-    owner_parts(c, s->lo, s->hi, parts);
-    return st_nccl_all_gather_parts(c->nccl, s->w, parts);
+    int nr = group_runs(c, first, last), rc = 0;
+    for (int k = 0; k < nr && !rc; k++) {
+        const size_t *r = z->runs + 4 * k;
+        size_t shard = r[0] ? c->fshard : c->shard, slo = r[0] ? c->flo : c->lo, shi = slo + shard;
+        const float *own = r[0] ? z->fmaster : z->master;
+        float *dst = s->w + (r[2] - s->lo);
+        size_t os = r[1] > slo ? r[1] : slo, oe = r[1] + r[3] < shi ? r[1] + r[3] : shi;
+        if (os < oe) be->copy(dst + (os - r[1]), own + (os - slo), (oe - os) * sizeof(float));
+        if (!c->nccl) continue;
+        size_t parts[c->world];
+        space_parts(c, shard, r[1], r[1] + r[3], parts);
+        rc = st_nccl_all_gather_parts(c->nccl, dst, parts);
+    }
+    return rc || !c->nccl ? rc : st_nccl_record(c->nccl, (int)(s - z->slot));
+}
+
+/* The compute stream waits for slot s's gather (and what was queued before it), not for later reductions. */
+static int gather_wait(st_comm *c, z3d_slot *s) {
+    if (!c->nccl || c->z3dev->fault_gather_wait) return 0;
+    return st_nccl_wait_event(c->nccl, (int)(s - c->z3dev->slot));
 }
 
 /* A slot for a new gather: a free one; a prefetched gather nobody acquired is dropped (after the compute
@@ -122,10 +214,10 @@ static int gather_start(st_comm *c, z3d_slot *s, int first, int last) {
 static z3d_slot *free_slot(st_comm *c) {
     st_z3dev *z = c->z3dev;
     for (int k = 0; k < z->n_slots; k++)
-        if (z->slot[k].state == 0 && !z->slot[k].g_live) return &z->slot[k];
+        if (z->slot[k].state == 0) return &z->slot[k];
     for (int k = 0; k < z->n_slots; k++)
         if (z->slot[k].state == 1) {
-            if (c->nccl) keep_rc(c, st_nccl_wait_compute(c->nccl));
+            keep_rc(c, gather_wait(c, &z->slot[k]));
             z->slot[k].state = 0;
             return &z->slot[k];
         }
@@ -140,11 +232,44 @@ static void z3d_prefetch(void *ctx, int first, int last) {
         if (z->slot[k].state == 1) return; /* one in flight at a time */
     z3d_slot *s = NULL;
     for (int k = 0; k < z->n_slots && !s; k++)
-        if (z->slot[k].state == 0 && !z->slot[k].g_live) s = &z->slot[k];
+        if (z->slot[k].state == 0) s = &z->slot[k];
     if (!s) return;
     int rc = gather_start(c, s, first, last);
     keep_rc(c, rc);
     if (!rc) s->state = 1;
+}
+
+/* Finishes the oldest reduction in flight: the compute stream waits for its mark, its part is added into
+ * shard_grads, an edge buffer is zeroed again and its gradient buffer is free. */
+static void rs_finish_oldest(st_comm *c) {
+    st_z3dev *z = c->z3dev;
+    if (!z->n_rs) return;
+    int j = z->rs_order[0];
+    z3d_rs *r = &z->rs[j];
+    for (int k = 1; k < z->n_rs; k++) z->rs_order[k - 1] = z->rs_order[k];
+    z->n_rs--;
+    r->active = 0;
+    if (!z->fault_rs_wait) keep_rc(c, st_nccl_wait_event(c->nccl, Z3D_SLOTS + j));
+    const st_backend *be = z->m->be;
+    if (r->own) be->bias_add(c->shard_grads + (r->os - c->lo), z->recv[j], 1, (int)r->own);
+    if (r->zero) be->memset0(r->zero, r->zero_n * sizeof(float));
+    if (r->gb >= 0) z->gbuf[r->gb].busy = 0;
+}
+
+/* Every reduction in flight finished (the end of a micro-batch's backward). */
+static void rs_finish_all(st_comm *c) {
+    while (c->z3dev->n_rs) rs_finish_oldest(c);
+}
+
+/* A gradient buffer no reduction reads any more (finishing the oldest ones as needed); -1 if none. */
+static int free_gbuf(st_comm *c) {
+    st_z3dev *z = c->z3dev;
+    for (;;) {
+        for (int b = 0; b < 2; b++)
+            if (!z->gbuf[b].busy || (z->fault_one_gbuf && !z->gbuf[b].live)) return b;
+        if (!z->n_rs) return -1;
+        rs_finish_oldest(c);
+    }
 }
 
 static void z3d_acquire(void *ctx, int first, int last) {
@@ -162,18 +287,22 @@ static void z3d_acquire(void *ctx, int first, int last) {
         rc = s ? gather_start(c, s, first, last)
                : st_fail(ST_EINVAL, "rank %d: internal error: no free stage-3 gather buffer", c->rank);
     }
-    if (!rc && c->nccl) rc = st_nccl_wait_compute(c->nccl); /* the gather (and what came before) done */
+    if (!rc && s) rc = gather_wait(c, s); /* the gather (and what came before it) done */
     keep_rc(c, rc);
     if (!s) return;
     s->state = 2;
     if (s->w16 && m->in_compute) m->be->to_bf16(s->w16, s->w, s->hi - s->lo);
-    if (z->in_bwd && is_layer_group(z, first)) { /* the layer's backward accumulates into zeros */
-        for (int k = 0; k < z->n_slots; k++)
-            if (z->slot[k].g_live)
-                keep_rc(c, st_fail(ST_EINVAL, "rank %d: internal error: a layer's gradients were not reduced before "
-                                              "the next layer's backward", c->rank));
-        m->be->memset0(s->g, (s->hi - s->lo) * sizeof(float));
-        s->g_live = 1;
+    size_t ga, gb_;
+    grad_span(m, first, last, &ga, &gb_);
+    if (z->in_bwd && is_layer_group(z, first) && gb_ > ga) { /* the layer's backward accumulates into zeros */
+        int b = free_gbuf(c);
+        if (b < 0) {
+            keep_rc(c, st_fail(ST_EINVAL, "rank %d: internal error: no free stage-3 gradient buffer", c->rank));
+        } else {
+            z3d_gbuf *g = &z->gbuf[b];
+            m->be->memset0(g->g, (gb_ - ga) * sizeof(float));
+            g->lo = ga, g->hi = gb_, g->first = first, g->live = g->busy = 1;
+        }
     }
     sync_windows(z);
     c->overlap_seconds += st_now() - t0;
@@ -185,7 +314,7 @@ static void z3d_release(void *ctx, int first, int last) {
     for (int k = 0; k < z->n_slots; k++) {
         z3d_slot *s = &z->slot[k];
         if (s->state == 2 && s->first == first && s->last == last) {
-            s->state = 0; /* its gradient buffer stays until grad_ready reduced it */
+            s->state = 0; /* its gradient buffer stays until grad_ready hands it to the reduction */
             break;
         }
     }
@@ -194,20 +323,22 @@ static void z3d_release(void *ctx, int first, int last) {
 
 static void z3d_progress(void *ctx) { (void)ctx; }
 
-/* The gradients of [lo, hi) and the buffer that holds them (slot or edge; *edge set for an edge). */
-static float *grad_source(st_z3dev *z, size_t lo, size_t hi, int *edge, z3d_slot **slot) {
+/* The gradients of [lo, hi) and the buffer that holds them (*edge: an edge buffer; *gb: a layer gradient
+ * buffer's index, else -1). An untied embedding's shared buffer counts as its gradient buffer. */
+static float *grad_source(st_z3dev *z, size_t lo, size_t hi, int *edge, int *gb) {
     *edge = 0;
-    *slot = NULL;
+    *gb = -1;
     for (int e = 0; e < 2; e++)
         if (z->edge[e] && lo >= z->edge_lo[e] && hi <= z->edge_hi[e]) {
-            *edge = 1;
+            if (e == 0 && z->edge0_shared) *gb = z->edge0_gb;
+            else *edge = 1;
             return z->edge[e] + (lo - z->edge_lo[e]);
         }
-    for (int k = 0; k < z->n_slots; k++) {
-        z3d_slot *s = &z->slot[k];
-        if (s->g_live && lo >= s->lo && hi <= s->hi) {
-            *slot = s;
-            return s->g + (lo - s->lo);
+    for (int b = 0; b < 2; b++) {
+        z3d_gbuf *g = &z->gbuf[b];
+        if (g->live && lo >= g->lo && hi <= g->hi) {
+            *gb = b;
+            return g->g + (lo - g->lo);
         }
     }
     return NULL;
@@ -223,33 +354,50 @@ static void z3d_grad_ready(void *ctx, size_t lo, size_t hi) {
         be->memset0(c->shard_grads, c->shard * sizeof(float));
         c->fresh = 0;
     }
-    int edge;
-    z3d_slot *slot;
-    float *src = grad_source(z, lo, hi, &edge, &slot);
+    int edge, gb;
+    float *src = grad_source(z, lo, hi, &edge, &gb);
     if (!src) {
         keep_rc(c, st_fail(ST_EINVAL, "rank %d: internal error: stage-3 gradients [%zu, %zu) have no buffer", c->rank,
                            lo, hi));
         return;
     }
-    int rc = 0;
-    for (size_t a = lo; a < hi && !rc; a += z->recv_floats) { /* in chunks: recv holds one rank's part of one */
+    int rc = 0, layer0 = gb >= 0 && z->gbuf[gb].live && z->gbuf[gb].first == st_model_layer_first_param(z->m, 0);
+    if (gb >= 0) z->gbuf[gb].live = 0; /* no more writes: the reduction reads it until finished */
+    for (size_t a = lo; a < hi && !rc; a += z->recv_floats) { /* in chunks: a receive buffer holds one rank's part */
         size_t b = hi - a < z->recv_floats ? hi : a + z->recv_floats;
         size_t os = a > c->lo ? a : c->lo, oe = b < c->hi ? b : c->hi, own = oe > os ? oe - os : 0;
-        if (c->nccl) {
-            size_t parts[c->world];
-            owner_parts(c, a, b, parts);
-            rc = st_nccl_reduce_parts_sum(c->nccl, z->recv, src + (a - lo), parts);
-            if (!rc) rc = st_nccl_wait_compute(c->nccl); /* recv is read and src reused on the compute stream */
-            if (!rc && own) be->bias_add(c->shard_grads + (os - c->lo), z->recv, 1, (int)own);
-        } else if (own) { /* one rank: the sum is its own gradient */
-            be->bias_add(c->shard_grads + (os - c->lo), src + (os - lo), 1, (int)own);
+        if (!c->nccl) { /* one rank: the sum is its own gradient */
+            if (own) be->bias_add(c->shard_grads + (os - c->lo), src + (os - lo), 1, (int)own);
+            continue;
         }
+        if (z->n_rs == Z3D_RS) rs_finish_oldest(c); /* a receive buffer free */
+        int j = z->rs[0].active ? 1 : 0;
+        size_t parts[c->world];
+        owner_parts(c, a, b, parts);
+        rc = st_nccl_reduce_parts_sum(c->nccl, z->recv[j], src + (a - lo), parts);
+        if (!rc) rc = st_nccl_record(c->nccl, Z3D_SLOTS + j);
+        if (rc) break;
+        int last = b == hi;
+        z->rs[j] = (z3d_rs){1, os, own, last ? gb : -1, last && edge ? src : NULL, hi - lo};
+        z->rs_order[z->n_rs++] = j;
+        if (!c->z3_async) rs_finish_all(c); /* sharding.overlap false: each chunk waited for at once */
     }
     keep_rc(c, rc);
-    if (edge) be->memset0(src, (hi - lo) * sizeof(float)); /* the next micro-batch accumulates into zeros */
-    if (slot) slot->g_live = 0;
-    if (slot && z->edge0_shared && slot->first == st_model_layer_first_param(z->m, 0)) /* the embeddings' next */
-        be->memset0(z->edge[0], (z->edge_hi[0] - z->edge_lo[0]) * sizeof(float));
+    if (!c->nccl) { /* nothing in flight: the buffers are free again */
+        if (edge) be->memset0(src, (hi - lo) * sizeof(float));
+        if (gb >= 0) z->gbuf[gb].busy = 0;
+    }
+    if (layer0 && z->edge0_shared) { /* the untied embeddings' gradients next (embedding_bwd): a free buffer */
+        int e = free_gbuf(c);
+        if (e < 0) {
+            keep_rc(c, st_fail(ST_EINVAL, "rank %d: internal error: no gradient buffer for the embeddings", c->rank));
+        } else {
+            z->edge0_gb = e;
+            z->edge[0] = z->gbuf[e].g;
+            z->gbuf[e].busy = 1;
+            be->memset0(z->edge[0], (z->edge_hi[0] - z->edge_lo[0]) * sizeof(float));
+        }
+    }
     sync_windows(z);
     c->overlap_seconds += st_now() - t0;
 }
@@ -260,100 +408,185 @@ static size_t recv_floats(size_t shard, size_t most) {
     return r < ST_Z3_CHUNK ? r : ST_Z3_CHUNK;
 }
 
-/* Whether the embeddings' gradient (n floats) can live in the layer gradient buffer: untied, so nothing
+/* Whether the embeddings' gradient (n floats) can live in a layer gradient buffer: untied, so nothing
  * writes it before layer 0's gradients are reduced. */
 static int embed_shares(const st_model *m, size_t n, size_t layer_floats) {
     return !m->cfg.tied_embeddings && n <= layer_floats;
 }
 
-/* The largest group: the embeddings, a layer, or final norm + head. */
-static void group_sizes(const st_model *m, size_t *most, size_t *layer_most) {
+/* The largest group (the embeddings, a layer, or final norm + head) in the weight space; *layer_most the
+ * largest layer's trainable (compact) span, goff[i] the compact offsets (-1 frozen). */
+static void group_sizes(const st_model *m, const long *goff, size_t *most, size_t *layer_most) {
     int L = m->cfg.n_layer, fn = st_model_layer_first_param(m, L);
-    size_t a, b;
+    size_t a, b, most_layer_w = 0;
     *most = *layer_most = 0;
     for (int l = 0; l < L; l++) {
-        span(m, st_model_layer_first_param(m, l), st_model_layer_first_param(m, l + 1), &a, &b);
-        if (b - a > *layer_most) *layer_most = b - a;
+        int p0 = st_model_layer_first_param(m, l), p1 = st_model_layer_first_param(m, l + 1);
+        span(m, p0, p1, &a, &b);
+        if (b - a > most_layer_w) most_layer_w = b - a;
+        size_t ga = 0, gb = 0;
+        for (int i = p0; i < p1; i++)
+            if (goff[i] >= 0 && m->params[i].numel) {
+                if (!gb) ga = (size_t)goff[i];
+                gb = (size_t)goff[i] + m->params[i].numel;
+            }
+        if (gb - ga > *layer_most) *layer_most = gb - ga;
     }
-    *most = *layer_most;
+    *most = most_layer_w;
     span(m, 0, st_model_layer_first_param(m, 0), &a, &b);
     if (b - a > *most) *most = b - a;
     span(m, fn, m->n_params, &a, &b);
     if (b - a > *most) *most = b - a;
 }
 
-void st_z3dev_floats(const st_model *m, size_t shard, int bf16, size_t *weight_floats, size_t *grad_floats) {
-    size_t most, layer_most, a, b, e;
-    group_sizes(m, &most, &layer_most);
-    span(m, 0, st_model_layer_first_param(m, 0), &a, &b);
-    e = embed_shares(m, b - a, layer_most) ? 0 : b - a;
-    span(m, st_model_layer_first_param(m, m->cfg.n_layer), m->n_params, &a, &b);
-    e += b - a;
-    size_t slots = m->cfg.tied_embeddings ? 3 : 2;
-    *weight_floats = slots * (most + (bf16 ? (most + 1) / 2 : 0)) + shard; /* slots (+ bf16 copies), master */
-    *grad_floats = layer_most + e + shard + recv_floats(shard, most); /* a layer's, edges, shard_grads, recv */
+/* Trainable (compact) floats among parameters [first, last) by goff. */
+static size_t trained_in(const st_model *m, const long *goff, int first, int last) {
+    size_t n = 0;
+    for (int i = first; i < last; i++) n += goff[i] >= 0 ? m->params[i].numel : 0;
+    return n;
 }
 
-int st_z3dev_supported(const st_model *m) {
-    if (m->n_grads != m->n_weights || m->lora || m->prompt || m->qlora || m->n_w16) return 0;
-    for (int i = 0; i < m->n_params; i++)
-        if (m->params[i].grad_offset != (long)m->params[i].offset) return 0;
-    return 1;
+static long *model_goff(const st_model *m) {
+    long *g = malloc((size_t)(m->n_params > 0 ? m->n_params : 1) * sizeof(long));
+    for (int i = 0; g && i < m->n_params; i++) g[i] = m->params[i].grad_offset;
+    return g;
+}
+
+void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shard, int bf16, size_t *weight_floats,
+                     size_t *grad_floats) {
+    long *own = goff ? NULL : model_goff(m);
+    const long *g = goff ? goff : own;
+    *weight_floats = *grad_floats = 0;
+    if (!g) return;
+    size_t most, layer_most, e, nf = 0;
+    group_sizes(m, g, &most, &layer_most);
+    int e0 = st_model_layer_first_param(m, 0), fn = st_model_layer_first_param(m, m->cfg.n_layer);
+    size_t emb = trained_in(m, g, 0, e0);
+    e = emb && embed_shares(m, emb, layer_most) ? 0 : emb;
+    e += trained_in(m, g, fn, m->n_params);
+    for (int i = 0; i < m->n_params; i++) nf += g[i] < 0 ? m->params[i].numel : 0;
+    size_t fshard = (nf + (size_t)world - 1) / (size_t)world;
+    size_t slots = m->cfg.tied_embeddings ? 3 : 2;
+    /* slots (+ bf16 copies), the master shard, the frozen shard */
+    *weight_floats = slots * (most + (bf16 ? (most + 1) / 2 : 0)) + shard + fshard;
+    /* two layers' gradient buffers, the edges, shard_grads, two receive buffers */
+    *grad_floats = 2 * layer_most + e + shard + (shard ? Z3D_RS * recv_floats(shard, most) : 0);
+    free(own);
+}
+
+int st_z3dev_supported(const st_model *m) { return !m->lora && !m->prompt && !m->qlora && !m->n_w16; }
+
+/* The frozen space as CPU ranks lay it out (worker/comm.h): the frozen parameters in registry order,
+ * padded to the world, this rank's [flo, fhi) of it; c->z3_foff (freed by st_comm_free). */
+static int frozen_layout(st_comm *c, const st_model *m) {
+    c->z3_foff = malloc((size_t)(m->n_params > 0 ? m->n_params : 1) * sizeof(long));
+    if (!c->z3_foff) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 frozen space", c->rank);
+    c->nf = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        c->z3_foff[i] = m->params[i].grad_offset >= 0 ? -1 : (long)c->nf;
+        if (c->z3_foff[i] >= 0) c->nf += m->params[i].numel;
+    }
+    size_t w = (size_t)c->world;
+    c->fshard = (c->nf + w - 1) / w;
+    c->flo = c->fshard * (size_t)c->rank;
+    c->fhi = c->flo + c->fshard;
+    return 0;
+}
+
+/* The master shards from the whole weights m->weights (this rank's parts copied out), and where each
+ * parameter's parts are kept (z->part_base). */
+static void cut_shards(st_comm *c, st_model *m, const float *whole) {
+    st_z3dev *z = c->z3dev;
+    const st_backend *be = m->be;
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        int frozen = p->grad_offset < 0;
+        size_t g = frozen ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset, lo = frozen ? c->flo : c->lo;
+        size_t hi = frozen ? c->fhi : c->hi;
+        float *base = frozen ? z->fmaster : z->master;
+        if (z->part_base) z->part_base[i] = base ? base + g - lo : NULL; /* element e of i: part_base[i] + e */
+        size_t s = g > lo ? g : lo, e = g + p->numel < hi ? g + p->numel : hi;
+        if (whole && s < e) be->copy(base + (s - lo), whole + p->offset + (s - g), (e - s) * sizeof(float));
+    }
 }
 
 int st_z3dev_init(st_comm *c, st_model *m) {
     const st_backend *be = m->be;
     if (!st_z3dev_supported(m))
-        return st_fail(ST_ECONFIG, "sharding.stage 3 on the %s backend needs every parameter trained (finetune.mode "
-                                   "full, every module and layer): frozen parameters, adapters and progressive "
-                                   "stages are supported on CPU ranks only; use sharding.stage 2", be->name);
+        return st_fail(ST_ECONFIG, "sharding.stage 3 on the %s backend runs the full, frozen and progressive modes: "
+                                   "adapters (LoRA, QLoRA, DoRA) and prompt learning are supported at stage 3 on CPU "
+                                   "ranks only; use sharding.stage 2", be->name);
     if (m->cfg.n_layer < 1) return st_fail(ST_ECONFIG, "sharding.stage 3 on the %s backend needs a layer", be->name);
     st_z3dev *z = calloc(1, sizeof *z);
     if (!z) return st_fail(ST_ENOMEM, "out of memory");
     c->z3dev = z;
     z->m = m;
-    int bf16 = m->precision == ST_PRECISION_BF16;
-    group_sizes(m, &z->slot_floats, &z->layer_floats);
+    int bf16 = m->precision == ST_PRECISION_BF16, every = all_train(m);
+    long *goff = model_goff(m);
+    z->runs = malloc(4 * (size_t)(m->n_params > 0 ? m->n_params : 1) * sizeof(size_t));
+    if (!goff || !z->runs || frozen_layout(c, m)) {
+        free(goff);
+        return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 layout", c->rank);
+    }
+    group_sizes(m, goff, &z->slot_floats, &z->layer_floats);
+    free(goff);
     z->n_slots = m->cfg.tied_embeddings ? 3 : 2;
     z->recv_floats = recv_floats(c->shard, z->slot_floats);
     int L = m->cfg.n_layer, e0 = st_model_layer_first_param(m, 0), fn = st_model_layer_first_param(m, L);
-    span(m, 0, e0, &z->edge_lo[0], &z->edge_hi[0]);
-    span(m, fn, m->n_params, &z->edge_lo[1], &z->edge_hi[1]);
-    /* the full gradient buffer and bf16 copy go first, the full weights once the master shard is cut */
+    grad_span(m, 0, e0, &z->edge_lo[0], &z->edge_hi[0]);
+    grad_span(m, fn, m->n_params, &z->edge_lo[1], &z->edge_hi[1]);
+    /* the full gradient buffer and bf16 copy go first, the full weights once the master shards are cut */
     be->free(m->grads);
     m->grads = NULL;
     be->free(m->weights_bf16);
     m->weights_bf16 = NULL;
-    z->master = be->alloc(c->shard * sizeof(float));
-    if (!z->master) return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 shard", c->rank, be->name);
-    be->memset0(z->master, c->shard * sizeof(float)); /* the padding past the last parameter */
-    size_t own_end = c->hi < c->n ? c->hi : c->n;
-    if (own_end > c->lo && m->weights) /* NULL: built without weights (buffers_external), streamed in after */
-        be->copy(z->master, m->weights + c->lo, (own_end - c->lo) * sizeof(float));
+    z->master = c->shard ? be->alloc(c->shard * sizeof(float)) : NULL;
+    z->fmaster = c->fshard ? be->alloc(c->fshard * sizeof(float)) : NULL;
+    size_t np = (size_t)(m->n_params > 0 ? m->n_params : 1);
+    z->part_base = every ? NULL : malloc(np * sizeof(float *));
+    if ((c->shard && !z->master) || (c->fshard && !z->fmaster) || (!every && !z->part_base))
+        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 shard", c->rank, be->name);
+    if (z->master) be->memset0(z->master, c->shard * sizeof(float)); /* the padding past the last parameter */
+    if (z->fmaster) be->memset0(z->fmaster, c->fshard * sizeof(float));
+    cut_shards(c, m, m->weights); /* m->weights NULL: built without weights (buffers_external), streamed in after */
     be->free(m->weights); /* from here on this rank's parts are the whole of its weights */
-    m->weights = z->master - c->lo; /* weights + offset reaches this rank's parts (see the top of the file) */
+    /* every parameter trains: weights + offset reaches this rank's parts (see the top of the file); else
+     * they are found through part_base (nothing may read m->weights) */
+    m->weights = every ? z->master - c->lo : NULL;
+    m->part_base = z->part_base;
     int ok = 1;
     for (int k = 0; k < z->n_slots; k++) {
         z->slot[k].w = be->alloc(z->slot_floats * sizeof(float));
         z->slot[k].w16 = bf16 ? be->alloc(z->slot_floats * sizeof(uint16_t)) : NULL;
-        z->slot[k].g = k ? z->slot[0].g : be->alloc(z->layer_floats * sizeof(float));
-        ok = ok && z->slot[k].w && (!bf16 || z->slot[k].w16) && z->slot[k].g;
+        ok = ok && z->slot[k].w && (!bf16 || z->slot[k].w16);
     }
-    z->edge0_shared = embed_shares(m, z->edge_hi[0] - z->edge_lo[0], z->layer_floats) && z->slot[0].g;
+    for (int b = 0; b < 2; b++) {
+        z->gbuf[b].g = be->alloc(z->layer_floats * sizeof(float));
+        ok = ok && z->gbuf[b].g;
+    }
+    z->edge0_shared = z->edge_hi[0] > z->edge_lo[0] && embed_shares(m, z->edge_hi[0] - z->edge_lo[0], z->layer_floats) &&
+                      z->gbuf[0].g; /* the embeddings train */
     for (int e = 0; e < 2; e++) {
         size_t n = z->edge_hi[e] - z->edge_lo[e];
-        z->edge[e] = e == 0 && z->edge0_shared ? z->slot[0].g : n ? be->alloc(n * sizeof(float)) : NULL;
+        z->edge[e] = e == 0 && z->edge0_shared ? z->gbuf[0].g : n ? be->alloc(n * sizeof(float)) : NULL;
         ok = ok && (!n || z->edge[e]);
         if (z->edge[e]) be->memset0(z->edge[e], n * sizeof(float));
     }
-    z->recv = be->alloc(z->recv_floats * sizeof(float));
+    for (int j = 0; j < Z3D_RS; j++) {
+        z->recv[j] = be->alloc(z->recv_floats * sizeof(float));
+        ok = ok && z->recv[j];
+    }
     c->shard_grads = be->alloc(c->shard * sizeof(float));
-    if (!ok || !z->recv || !c->shard_grads)
+    if (!ok || !c->shard_grads)
         return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 gather buffers", c->rank, be->name);
     be->memset0(c->shard_grads, c->shard * sizeof(float));
     m->grads = c->shard_grads - c->lo; /* not read: gradients live in the windows and the shard */
     const char *pf = getenv("SHARDTUNE_ZERO3_PREFETCH");
     c->z3_prefetch = !(pf && strcmp(pf, "0") == 0);
+    const char *fault = getenv("SHARDTUNE_ZERO3_DEV_FAULT"); /* tests only (see st_z3dev) */
+    z->fault_rs_wait = fault && !strcmp(fault, "rs-wait");
+    z->fault_one_gbuf = fault && !strcmp(fault, "one-grad-buffer");
+    z->fault_gather_wait = fault && !strcmp(fault, "gather-wait");
     c->model = m;
     m->windowed = 1;
     m->acquire = z3d_acquire;
@@ -368,7 +601,45 @@ int st_z3dev_init(st_comm *c, st_model *m) {
 }
 
 void st_z3dev_backward(st_comm *c, int in_backward) {
-    if (c->z3dev) c->z3dev->in_bwd = in_backward;
+    if (!c->z3dev) return;
+    c->z3dev->in_bwd = in_backward;
+    if (!in_backward) { /* the last reductions (the embeddings') finished: the next forward may write */
+        double t0 = st_now();
+        rs_finish_all(c);
+        c->overlap_seconds += st_now() - t0;
+    }
+}
+
+int st_z3dev_unshard(st_comm *c) {
+    st_z3dev *z = c->z3dev;
+    st_model *m = z->m;
+    const st_backend *be = m->be;
+    rs_finish_all(c);
+    float *whole = be->alloc((m->n_weights ? m->n_weights : 1) * sizeof(float));
+    int rc = whole ? 0 : st_fail(ST_ENOMEM, "rank %d: out of %s memory gathering the weights for a new trainable set",
+                                 c->rank, be->name);
+    for (int i = 0; i < m->n_params && !rc; i++) { /* each parameter from its space: owners' parts, then the rest */
+        const st_param *p = &m->params[i];
+        int frozen = p->grad_offset < 0;
+        size_t g = frozen ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset, shard = frozen ? c->fshard : c->shard;
+        size_t lo = frozen ? c->flo : c->lo, hi = lo + shard;
+        const float *own = frozen ? z->fmaster : z->master;
+        size_t s = g > lo ? g : lo, e = g + p->numel < hi ? g + p->numel : hi;
+        if (s < e) be->copy(whole + p->offset + (s - g), own + (s - lo), (e - s) * sizeof(float));
+        if (!c->nccl || !p->numel) continue;
+        size_t parts[c->world];
+        space_parts(c, shard, g, g + p->numel, parts);
+        rc = st_nccl_all_gather_parts(c->nccl, whole + p->offset, parts);
+        if (!rc && (i % 64 == 63 || i == m->n_params - 1)) rc = st_nccl_wait_compute(c->nccl); /* a bounded queue */
+    }
+    if (!rc && c->nccl) rc = st_nccl_wait_compute(c->nccl);
+    st_z3dev_free(c); /* waits for what is queued */
+    if (rc) {
+        be->free(whole);
+        return rc;
+    }
+    m->weights = whole;
+    return 0;
 }
 
 void st_z3dev_free(st_comm *c) {
@@ -380,12 +651,16 @@ void st_z3dev_free(st_comm *c) {
     for (int k = 0; k < z->n_slots; k++) {
         be->free(z->slot[k].w);
         be->free(z->slot[k].w16);
-        if (k == 0) be->free(z->slot[k].g); /* shared */
     }
+    for (int b = 0; b < 2; b++) be->free(z->gbuf[b].g);
     for (int e = 0; e < 2; e++)
         if (e || !z->edge0_shared) be->free(z->edge[e]);
     be->free(z->master);
-    be->free(z->recv);
+    be->free(z->fmaster);
+    for (int j = 0; j < Z3D_RS; j++) be->free(z->recv[j]);
+    free(z->runs);
+    free(z->part_base);
+    m->part_base = NULL;
     /* the model keeps no weights: a device stage-3 communicator is freed at the end of a run only
      * (st_comm_reshard_optim refuses to rebuild it) */
     m->weights = NULL;

@@ -1,14 +1,16 @@
 /* comm_zero3_dev.h — ZeRO-3 on a device backend (CUDA; NCCL between ranks), for worker/comm.c: the master
  * weights sharded, per-group device gather buffers the model's weight and gradient pointers are resolved
  * into while a group is resident (st_model.windowed), gradients reduce-scattered into the owners' shards
- * as each group's backward ends. Needs every parameter trained (comm_zero3_dev.c explains the layout). */
+ * as each group's backward ends, in flight while the next layer's backward computes. Frozen parameters are
+ * sharded over the frozen space and gathered with their group (no gradient, no optimizer state); adapters
+ * and prompt learning are refused (comm_zero3_dev.c explains the layout). */
 #ifndef ST_COMM_ZERO3_DEV_H
 #define ST_COMM_ZERO3_DEV_H
 
 #include "worker/comm.h"
 
-/* Whether the model's trainable set fits the device layout: every parameter trains, in place (compact
- * space = weight space), no adapters, prompt or quantized base. */
+/* Whether the device layout runs this model: every mode but the adapters (LoRA, QLoRA, DoRA) and prompt
+ * learning; frozen parameters are sharded over the frozen space as on CPU ranks. */
 int st_z3dev_supported(const st_model *m);
 
 /* Builds the device stage-3 state of `c` (stage, shard and NCCL already set up): allocates the master
@@ -20,12 +22,22 @@ int st_z3dev_init(st_comm *c, st_model *m);
 /* The backward of a micro-batch begins (1) / ended (0): acquires in backward give a layer its gradients. */
 void st_z3dev_backward(st_comm *c, int in_backward);
 
+/* A change of the trainable set (progressive stages, st_comm_reshard_optim): every parameter gathered
+ * whole into a new device buffer of n_weights floats that becomes m->weights (collective, one parameter at a
+ * time), then the device state freed (st_z3dev_free), so the rebuilt communicator cuts its new shards from
+ * the whole weights as at the start. Returns 0, or ST_ENOMEM / the NCCL failure (the model then keeps no
+ * weights). */
+int st_z3dev_unshard(st_comm *c);
+
 /* Frees it; the model is left without weights (the end of a run). */
 void st_z3dev_free(st_comm *c);
 
-/* Device floats (4-byte units) it holds for a model with this registry (and cfg) and shard, bf16 or not:
- * *weight_floats the gather slots' fp32 weights and bf16 copies and the master shard; *grad_floats the
- * slots' layer gradients, the edge gradients, shard_grads and the receive buffer. The planner counts them. */
-void st_z3dev_floats(const st_model *m, size_t shard, int bf16, size_t *weight_floats, size_t *grad_floats);
+/* Device floats (4-byte units) it holds for a model with this registry (and cfg), compact offsets goff
+ * (-1 frozen; NULL: the model's own grad_offset), world size and shard, bf16 or not: *weight_floats the
+ * gather slots' fp32 weights and bf16 copies, the master shard and the frozen shard; *grad_floats the two
+ * layer gradient buffers, the edge gradients, shard_grads and the two receive buffers. The planner counts
+ * them. */
+void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shard, int bf16, size_t *weight_floats,
+                     size_t *grad_floats);
 
 #endif

@@ -994,6 +994,17 @@ static float *gptr(const st_model *m, int idx) {
 
 const float *st_model_param_weights(const st_model *m, int i) { return wptr(m, i); }
 
+float *st_model_weight_ptr(const st_model *m, size_t at) {
+    if (!m->part_base) return m->weights + at;
+    int lo = 0, hi = m->n_params - 1; /* registry order is offset order: the last parameter starting at or before */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (m->params[mid].offset <= at) lo = mid;
+        else hi = mid - 1;
+    }
+    return m->part_base[lo] + (at - m->params[lo].offset);
+}
+
 /* Registry order per layer is fixed by build_*: index arithmetic keeps this O(1). */
 static int layer_first_param(const st_model *m, int l) {
     int per = m->cfg.family == ST_FAMILY_GPT2 ? 12 : 9 + (m->cfg.qkv_bias ? 3 : 0) + (m->cfg.qk_norm ? 2 : 0);

@@ -134,6 +134,12 @@ typedef struct {
      * worker/comm_zero3_dev.c), set before the buffers would be made: st_model_set_precision allocates no
      * bf16 copy and st_model_set_trainable no gradient buffer (a model bound without weights keeps none). */
     int buffers_external;
+    /* Where this rank keeps the parts of the parameters it owns, when not at weights + offset (ZeRO-3 on a
+     * device with frozen parameters, worker/comm_zero3_dev.c: the trainable parts in one master shard, the
+     * frozen ones in another): element e of parameter i's kept range is at part_base[i] + e. NULL
+     * otherwise. Readers and writers of a rank's parts (optimizer, streaming load, checkpoint parts, final
+     * weight gathers) go through st_model_part / st_model_weight_ptr. */
+    float **part_base;
     int in_compute; /* inside forward / backward: under bf16 an acquire then needs the fp32 weights only of
                        the parameters st_model_param_bf16_only says no to (checkpoints need all of them) */
     /* LoRA adapters (worker/lora.h): registry entries [n_base_params, n_params) and weights
@@ -153,6 +159,14 @@ typedef struct {
      * of it touched). Cleared by the caller once the adapters are attached. */
     int weights_unread;
 } st_model;
+
+/* Where element 0 of parameter i is kept on this rank (see part_base): m->weights + offset by default. */
+static inline float *st_model_part(const st_model *m, int i) {
+    return m->part_base ? m->part_base[i] : m->weights + m->params[i].offset;
+}
+
+/* The same for weight-space index `at` (an element of a part this rank keeps). */
+float *st_model_weight_ptr(const st_model *m, size_t at);
 
 /* Parameters of the base model (the registry without LoRA adapters). */
 static inline int st_model_base_params(const st_model *m) { return m->lora || m->prompt ? m->n_base_params : m->n_params; }

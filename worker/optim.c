@@ -108,7 +108,7 @@ static void collect_range(void *vctx, const st_param *p, size_t start, size_t le
     st_model *m = c->m;
     size_t k = start - o->lo, w = p->offset + (start - (size_t)p->grad_offset);
     st_adamw_range *r = &o->ranges[c->count++];
-    r->param = m->weights + w;
+    r->param = st_model_part(m, (int)(p - m->params)) + (start - (size_t)p->grad_offset);
     r->param_bf16 = m->weights_bf16 ? m->weights_bf16 + w : NULL;
     r->grad = c->grads + k;
     r->m = o->m + k;

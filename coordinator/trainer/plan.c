@@ -84,6 +84,11 @@ int st_plan_qlora_mlp_apart(const st_config *c, const st_model_config *mc) {
                                c->precision == ST_PRECISION_BF16);
 }
 
+int st_plan_z3dev_mode(const st_config *c) {
+    return c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN ||
+           c->finetune.mode == ST_FINETUNE_PROGRESSIVE;
+}
+
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (st_config_prompt_learning(c)) return attach_prompt(c, m);
     int q = c->finetune.mode == ST_FINETUNE_QLORA;
@@ -517,12 +522,12 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (c->backend == ST_BACKEND_CUDA) r->host_snapshot = snap; /* host memory beside the device's */
     else if (periodic) r->buffers += snap;
     else late = snap;
-    if (zero == 3 && c->backend == ST_BACKEND_CUDA && sp->n_trainable == m->n_weights) {
-        /* worker/comm_zero3_dev.c (every parameter trains): the master shard, the gather slots (and their bf16
-         * copies), the slots' layer gradients, the edge gradients, shard_grads and the receive buffer, all
-         * allocated for the whole run */
+    if (zero == 3 && c->backend == ST_BACKEND_CUDA && st_plan_z3dev_mode(c)) {
+        /* worker/comm_zero3_dev.c (full, frozen, progressive): the master shard, the frozen shard, the gather
+         * slots (and their bf16 copies), two layer gradient buffers, the edge gradients, shard_grads and two
+         * receive buffers, all allocated for the whole run */
         size_t wf, gf;
-        st_z3dev_floats(m, sp->shard, c->precision == ST_PRECISION_BF16, &wf, &gf);
+        st_z3dev_floats(m, goff, world, sp->shard, c->precision == ST_PRECISION_BF16, &wf, &gf);
         r->weights = wf * sizeof(float);
         r->grads = gf * sizeof(float);
         r->comm = 0;

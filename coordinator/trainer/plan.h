@@ -54,6 +54,10 @@ int st_plan_streams(const st_config *cfg);
  * memory.checkpoint_dtype: bf16. */
 int st_plan_act_ckpt(const st_config *c);
 
+/* Whether sharding.stage 3 on a device backend runs this finetune.mode in worker/comm_zero3_dev.c's layout
+ * (full, frozen, progressive); the adapter modes and prompt learning are refused there (CPU ranks only). */
+int st_plan_z3dev_mode(const st_config *c);
+
 /* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model
  * gets the registry entries). No-op for the other modes. Call before st_plan_stages / st_plan_build. */
 int st_plan_attach_adapters(const st_config *cfg, st_model *m);

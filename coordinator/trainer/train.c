@@ -488,7 +488,7 @@ static int setup(trainer *t) {
     int quant = !stream && c->finetune.mode == ST_FINETUNE_QLORA; /* quantized while read (load_quantized) */
     /* ZeRO-3 on a device (worker/comm_zero3_dev.c): no whole-model buffer is ever made; the communicator
      * holds the shard the streamed load fills (a mode it cannot run is refused when it is built) */
-    int dev3 = !rc && stream && !t->be->host_memory && c->finetune.mode == ST_FINETUNE_FULL;
+    int dev3 = !rc && stream && !t->be->host_memory && st_plan_z3dev_mode(c);
     if (dev3) {
         rc = st_model_open_registry(c->model.path, &t->model);
         t->model.buffers_external = 1;

@@ -105,7 +105,7 @@ static void put_ckpt_parts(trainer *t, const float *parts) {
         size_t a, b;
         st_comm_param_keep(&t->dp, m, i, &a, &b);
         if (b <= a) continue;
-        t->be->copy_to_device(m->weights + m->params[i].offset + a, parts, (b - a) * sizeof(float));
+        t->be->copy_to_device(st_model_part(m, i) + a, parts, (b - a) * sizeof(float));
         parts += b - a;
     }
 }

@@ -143,7 +143,7 @@ int st_trainer_range_checksum(const trainer *t, size_t first, size_t n, uint64_t
     uint64_t sum = 0;
     for (size_t at = first; at < first + n; at += chunk) {
         size_t k = first + n - at < chunk ? first + n - at : chunk;
-        t->be->copy_to_host(host, m->weights + at, k * sizeof(float));
+        t->be->copy_to_host(host, st_model_weight_ptr(m, at), k * sizeof(float)); /* within one parameter */
         sum += st_ckpt_checksum(host, at, k);
     }
     free(host);

@@ -15,6 +15,7 @@ struct st_nccl_comm {
     cudaStream_t comm_stream, compute_stream;
     cudaEvent_t compute_ready; /* recorded on compute, waited on by comm */
     cudaEvent_t comm_done;     /* recorded on comm, waited on by compute */
+    cudaEvent_t marks[ST_NCCL_EVENTS]; /* st_nccl_record / st_nccl_wait_event */
 };
 
 static int nccl_fail(const st_nccl_comm *c, const char *what, ncclResult_t r) {
@@ -49,6 +50,8 @@ extern "C" int st_nccl_init(st_nccl_comm **out, int rank, int world, const unsig
     if (e == cudaSuccess) e = cudaStreamCreateWithPriority(&c->comm_stream, cudaStreamNonBlocking, greatest);
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->compute_ready, cudaEventDisableTiming);
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->comm_done, cudaEventDisableTiming);
+    for (int k = 0; k < ST_NCCL_EVENTS && e == cudaSuccess; k++)
+        e = cudaEventCreateWithFlags(&c->marks[k], cudaEventDisableTiming);
     if (e != cudaSuccess) {
         int rc = cuda_fail(c, "stream/event creation", e);
         st_nccl_destroy(c);
@@ -143,6 +146,18 @@ extern "C" int st_nccl_wait_compute(st_nccl_comm *c) {
     return e == cudaSuccess ? 0 : cuda_fail(c, "wait (compute on comm)", e);
 }
 
+extern "C" int st_nccl_record(st_nccl_comm *c, int ev) {
+    if (!c || ev < 0 || ev >= ST_NCCL_EVENTS) return st_fail(ST_EINVAL, "NCCL record: no communicator or event %d", ev);
+    cudaError_t e = cudaEventRecord(c->marks[ev], c->comm_stream);
+    return e == cudaSuccess ? 0 : cuda_fail(c, "record (comm stream mark)", e);
+}
+
+extern "C" int st_nccl_wait_event(st_nccl_comm *c, int ev) {
+    if (!c || ev < 0 || ev >= ST_NCCL_EVENTS) return st_fail(ST_EINVAL, "NCCL wait: no communicator or event %d", ev);
+    cudaError_t e = cudaStreamWaitEvent(c->compute_stream, c->marks[ev], 0);
+    return e == cudaSuccess ? 0 : cuda_fail(c, "wait (compute on a comm stream mark)", e);
+}
+
 extern "C" int st_nccl_synchronize(st_nccl_comm *c) {
     if (!c) return st_fail(ST_EINVAL, "NCCL synchronize: no communicator");
     cudaError_t e = cudaStreamSynchronize(c->comm_stream);
@@ -162,6 +177,8 @@ extern "C" void st_nccl_destroy(st_nccl_comm *c) {
     if (c->comm_stream) cudaStreamSynchronize(c->comm_stream);
     if (c->comm) ncclCommDestroy(c->comm);
     if (c->comm_done) cudaEventDestroy(c->comm_done);
+    for (int k = 0; k < ST_NCCL_EVENTS; k++)
+        if (c->marks[k]) cudaEventDestroy(c->marks[k]);
     if (c->compute_ready) cudaEventDestroy(c->compute_ready);
     if (c->comm_stream) cudaStreamDestroy(c->comm_stream);
     free(c);

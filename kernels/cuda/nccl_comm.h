@@ -44,6 +44,13 @@ int st_nccl_all_gather(st_nccl_comm *comm, float *recv, const float *send, size_
 
 /* Compute stream waits (on the device, the host does not block) for the collectives queued so far. */
 int st_nccl_wait_compute(st_nccl_comm *comm);
+/* Marks on the comm stream, ST_NCCL_EVENTS of them (ev 0 .. ST_NCCL_EVENTS - 1): st_nccl_record(comm, ev)
+ * records event ev after the collectives queued so far; st_nccl_wait_event(comm, ev) makes the compute
+ * stream wait (on the device) for those only, so collectives queued after the mark stay in flight (ZeRO-3
+ * on a device waits for a layer's gather while the previous layer's reduce-scatter still travels). */
+#define ST_NCCL_EVENTS 8
+int st_nccl_record(st_nccl_comm *comm, int ev);
+int st_nccl_wait_event(st_nccl_comm *comm, int ev);
 /* Host blocks until the queued collectives finished; reports asynchronous NCCL errors. */
 int st_nccl_synchronize(st_nccl_comm *comm);
 

@@ -35,6 +35,8 @@ int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t s
     return no_nccl();
 }
 int st_nccl_wait_compute(st_nccl_comm *c) { (void)c; return no_nccl(); }
+int st_nccl_record(st_nccl_comm *c, int ev) { (void)c, (void)ev; return no_nccl(); }
+int st_nccl_wait_event(st_nccl_comm *c, int ev) { (void)c, (void)ev; return no_nccl(); }
 int st_nccl_synchronize(st_nccl_comm *c) { (void)c; return no_nccl(); }
 int st_nccl_rank(const st_nccl_comm *c) { (void)c; return -1; }
 int st_nccl_world(const st_nccl_comm *c) { (void)c; return 0; }

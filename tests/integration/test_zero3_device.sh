@@ -17,7 +17,12 @@
 #     equal to the device bytes fakedev saw allocated at step boundaries (FAKEDEV_REPORT_MEM=1) within 1%,
 #     on 3 ranks fp32 and 2 ranks bf16, and the peak (loading included) exceeds it only by the trainer's MFU
 #     probe (12 MiB + the bf16 GEMM scratch): no whole-model buffer exists on a device rank;
-#  5. what the device layout does not support is refused by name (frozen layers; eval.generate samples).
+#  5. frozen layers, frozen modules (frozen and trained runs inside a layer), progressive stage changes
+#     (unfreeze_every 2: the device layout gathered whole and cut again) and bf16 frozen: losses equal to the
+#     CPU ranks' stage 3 (bit for bit and final/ byte-identical on 2 ranks, 1e-6 relative on 3); the plan's
+#     step total equals the device memory held (frozen modules, 3 ranks); a frozen run checkpointed on 2
+#     device ranks resumes on 3 device ranks and on 1 CPU rank (steps 4-6 within 1e-6);
+#  6. what the device layout does not support is refused by name (LoRA; eval.generate samples).
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 FAKE=${ST_BUILD_DIR:?}/fakedev
 [ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
@@ -115,14 +120,59 @@ job r1 6 6 2 sharding.stage=3 checkpoint.every_steps=0 train.schedule=constant "
 b=$(close "$T/r1/metrics.jsonl" "$T/full/metrics.jsonl" 1e-6 4 6) || fail "resumed on 1 cpu rank: steps 4-6 differ"
 echo "device stage-3 checkpoint (2 ranks, step 3) resumed on 3 device ranks ($a) and 1 cpu rank ($b): steps 4-6 equal (1e-6)"
 
-job frz 2 3 1 sharding.stage=3 finetune.mode=frozen "finetune.train_layers=-1" "${common[@]}"
+# frozen parameters (the frozen space sharded as on CPU ranks), progressive stage changes, bf16: the device
+# run against the CPU ranks' stage 3 of the same world size (bit for bit on 2 ranks, 1e-6 relative on 3), and
+# final/ byte-identical on 2 ranks
+# cmp_cpu NP NAME TOL [overrides]: device run NAME vs the CPU ranks' run of the same job
+cmp_cpu() {
+  local np=$1 name=$2 tol=$3; shift 3
+  local micro=$((6 / np))
+  job "$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
+  job "c$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
+  dev "$np" "$name"
+  [ "$(train "$np" "c$name")" = 0 ] || fail "$name: cpu stage 3 on $np ranks: $(cat "$T/c$name.err")"
+  local d
+  d=$(close "$T/$name/metrics.jsonl" "$T/c$name/metrics.jsonl" "$tol" 1 6) || fail "$name ($np ranks): device vs cpu stage 3"
+  if [ "$tol" = 0 ]; then
+    cmp -s "$T/$name/final/model.safetensors" "$T/c$name/final/model.safetensors" || fail "$name: final/ differs from cpu stage 3's"
+  fi
+  echo "$name on $np fake device ranks: losses vs cpu stage 3 $d (tolerance $tol)"
+}
+cmp_cpu 2 frz2 0 finetune.mode=frozen "finetune.train_layers=-1"
+cmp_cpu 3 frz3 1e-6 finetune.mode=frozen "finetune.train_layers=-1"
+cmp_cpu 2 mlp2 0 finetune.mode=frozen "finetune.train_layers=-2" finetune.train_modules=mlp # frozen and trained runs inside each layer
+cmp_cpu 2 prog2 0 finetune.mode=progressive finetune.unfreeze_every=2 # stage changes at steps 2 and 4
+cmp_cpu 3 prog3 1e-6 finetune.mode=progressive finetune.unfreeze_every=2
+cmp_cpu 2 bfrz2 0 finetune.mode=frozen "finetune.train_layers=-1" precision=bf16 memory.activation_checkpointing=true
+export FAKEDEV_REPORT_MEM=1
+job pfrz 6 2 2 sharding.stage=3 finetune.mode=frozen "finetune.train_layers=-2" finetune.train_modules=mlp "${common[@]}"
+dev 3 pfrz
+p=$(plan_true 3 pfrz) || fail "frozen, 3 ranks: the plan's step total is not the device memory held"
+echo "plan step total vs device bytes held between steps, frozen modules on 3 ranks: $p relative (1%)"
+unset FAKEDEV_REPORT_MEM
+
+# a frozen device run checkpointed at step 3 on 2 ranks resumes on 3 device ranks and on 1 cpu rank
+job ffull 6 3 2 sharding.stage=3 finetune.mode=frozen "finetune.train_layers=-1" checkpoint.every_steps=3 train.schedule=constant
+dev 2 ffull
+ck="$T/ffull/checkpoints/step-00000003.h5"
+[ -f "$ck" ] || fail "frozen: no checkpoint at step 3: $(ls "$T/ffull/checkpoints")"
+job fr3 6 2 2 sharding.stage=3 finetune.mode=frozen "finetune.train_layers=-1" checkpoint.every_steps=0 train.schedule=constant "resume=$ck"
+dev 3 fr3
+a=$(close "$T/fr3/metrics.jsonl" "$T/ffull/metrics.jsonl" 1e-6 4 6) || fail "frozen, resumed on 3 device ranks: steps 4-6 differ"
+job fr1 6 6 2 sharding.stage=3 finetune.mode=frozen "finetune.train_layers=-1" checkpoint.every_steps=0 train.schedule=constant "resume=$ck"
+[ "$(train 1 fr1)" = 0 ] || fail "frozen, resume on 1 cpu rank: $(cat "$T/fr1.err")"
+b=$(close "$T/fr1/metrics.jsonl" "$T/ffull/metrics.jsonl" 1e-6 4 6) || fail "frozen, resumed on 1 cpu rank: steps 4-6 differ"
+echo "frozen device stage-3 checkpoint (2 ranks, step 3) resumed on 3 device ranks ($a) and 1 cpu rank ($b): steps 4-6 equal (1e-6)"
+
+# the adapter modes stay on CPU ranks at stage 3: refused by name
+job lra 2 3 1 sharding.stage=3 finetune.mode=lora "${common[@]}"
 set +e
-mpirun --oversubscribe -np 2 "$FAKE" --guard "$T/frz.yaml" $(cat "$T/frz.args") >"$T/frz.out" 2>"$T/frz.err"; rc=$?
+mpirun --oversubscribe -np 2 "$FAKE" --guard "$T/lra.yaml" $(cat "$T/lra.args") >"$T/lra.out" 2>"$T/lra.err"; rc=$?
 set -e
-[ $rc != 0 ] || fail "frozen layers at stage 3 ran on a device backend"
-grep "error:" "$T/frz.err" | grep -q "sharding.stage 3 on the fakedev backend needs every parameter trained" ||
-  fail "frozen at stage 3: not refused by name: $(cat "$T/frz.err")"
-echo "frozen layers at stage 3 on a device backend: refused by name"
+[ $rc != 0 ] || fail "lora at stage 3 ran on a device backend"
+grep "error:" "$T/lra.err" | grep -q "sharding.stage 3 on the fakedev backend runs the full, frozen and progressive modes" ||
+  fail "lora at stage 3: not refused by name: $(cat "$T/lra.err")"
+echo "lora at stage 3 on a device backend: refused by name"
 
 job gen 2 3 1 sharding.stage=3 eval.generate.every_steps=1 "eval.generate.prompts=$T/none.jsonl" "${common[@]}"
 set +e

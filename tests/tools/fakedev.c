@@ -215,11 +215,19 @@ static int guarded;
 static void f_matmul(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb, float alpha,
                      float beta) {
     if (guarded && m > 0 && n > 0) operands("matmul", k > 0 ? 3 : 1, (const void *[]){c, a, b});
+    if (guarded && k > 0) { /* a weight still being gathered (a queued collective's output) is a race */
+        check_read(a, (size_t)m * k * sizeof(float), "matmul");
+        check_read(b, (size_t)k * n * sizeof(float), "matmul");
+    }
     cpu->matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
     count_call("matmul");
 }
 static void f_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int ta, int tb,
                           float alpha, float beta, float *scratch) {
+    if (guarded && k > 0) {
+        check_read(a.f32 ? (const void *)a.f32 : (const void *)a.bf16, (size_t)m * k * (a.f32 ? 4 : 2), "matmul_bf16");
+        check_read(b.f32 ? (const void *)b.f32 : (const void *)b.bf16, (size_t)k * n * (b.f32 ? 4 : 2), "matmul_bf16");
+    }
     cpu->matmul_bf16(c, a, b, bias, m, n, k, ta, tb, alpha, beta, scratch);
     count_call("matmul_bf16");
 }

@@ -25,8 +25,10 @@
  * Prints one line per step and path: "step K path P loss L". Runs in any build: comm.c's NCCL path has
  * no #ifdef, and this file's st_nccl_* replace the real ones (CUDA) or the failing stubs (no CUDA).
  * On one rank with SHARDTUNE_NCCL_ONE_RANK=1 the device path runs through the (fake) one-rank NCCL.
- * Stage 3: the device path is worker/comm_zero3_dev.c (gather slots, per-group reduce-scatter), the MPI path
- * the CPU ranks' stage 3; --bf16 runs both under mixed precision. The fake NCCL itself: nccl_fake.h. */
+ * Stage 3: the device path is worker/comm_zero3_dev.c (gather slots, per-group reduce-scatter in flight while
+ * the next layer's backward computes), the MPI path the CPU ranks' stage 3; --bf16 runs both under mixed
+ * precision; SHARDTUNE_ZERO3_DEV_FAULT removes one of its waits (the checker must then fail: matmul and
+ * to_bf16 check their operands, bias_add its received sums). The fake NCCL itself: nccl_fake.h. */
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -66,6 +68,38 @@ static void dev_copy(void *dst, const void *src, size_t bytes) {
 static void dev_bias_add(float *y, const float *bias, int n, int c) { /* stage 3 adds the received sums with it */
     check_read(bias, (size_t)c * sizeof(float), "bias_add (stage-3 gradient sum)");
     cpu->bias_add(y, bias, n, c);
+}
+/* a weight or activation operand still being written by a queued collective (stage 3: a gather the acquire
+ * did not wait for) is a race */
+static long overlapped_mm; /* matmuls that ran while a gradient reduce-scatter was still queued */
+static void count_overlap(void) {
+    for (int i = 0; the_comm && i < the_comm->n_ops; i++)
+        if (the_comm->ops[i].kind == OP_REDUCE_PARTS) {
+            overlapped_mm++;
+            return;
+        }
+}
+static void dev_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int ta, int tb,
+                            float alpha, float beta, float *scratch) {
+    count_overlap();
+    if (k > 0) {
+        check_read(a.f32 ? (const void *)a.f32 : (const void *)a.bf16, (size_t)m * k * (a.f32 ? 4 : 2), "matmul_bf16");
+        check_read(b.f32 ? (const void *)b.f32 : (const void *)b.bf16, (size_t)k * n * (b.f32 ? 4 : 2), "matmul_bf16");
+    }
+    cpu->matmul_bf16(c, a, b, bias, m, n, k, ta, tb, alpha, beta, scratch);
+}
+static void dev_matmul(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb, float alpha,
+                       float beta) {
+    count_overlap();
+    if (k > 0) {
+        check_read(a, (size_t)m * k * sizeof(float), "matmul");
+        check_read(b, (size_t)k * n * sizeof(float), "matmul");
+    }
+    cpu->matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
+}
+static void dev_to_bf16(uint16_t *dst, const float *src, size_t n) { /* stage 3 rounds a gathered group */
+    check_read(src, n * sizeof(float), "to_bf16");
+    cpu->to_bf16(dst, src, n);
 }
 static void dev_adamw_multi(const st_adamw_range *r, int count, float b1, float b2, float eps, float gs) {
     for (int i = 0; i < count; i++) check_read(r[i].grad, r[i].n * sizeof(float), "adamw_multi (optimizer)");
@@ -190,6 +224,9 @@ int main(int argc, char **argv) {
     dev.copy = dev_copy;
     dev.adamw_multi = dev_adamw_multi;
     dev.bias_add = dev_bias_add;
+    dev.matmul = dev_matmul;
+    dev.matmul_bf16 = dev_matmul_bf16;
+    dev.to_bf16 = dev_to_bf16;
     double via_nccl[64], via_mpi[64], m_nccl = 0, m_mpi = 0;
     train(&dev, &o, via_nccl, &m_nccl);
     train(cpu, &o, via_mpi, &m_mpi);
@@ -206,8 +243,19 @@ int main(int argc, char **argv) {
                worst, m_nccl, m_mpi, ops_run);
     int missing = ops_run == 0 && nccl_expected(); /* the device path must have used NCCL */
     if (missing) fprintf(stderr, "nccl_fake: the device path never used NCCL\n");
+    /* stage 3 with overlap on several ranks: a layer's reduce-scatter is still in flight while the next
+     * layer's backward computes (its matmuls ran with it queued) */
+    long ov = 0;
+    MPI_Allreduce(&overlapped_mm, &ov, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+    int world = 1;
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    if (rank == 0 && o.stage == 3) printf("stage 3: %ld matmuls ran with a gradient reduce-scatter in flight\n", ov);
+    int serial = o.stage == 3 && world > 1 && (o.overlap ? ov == 0 : ov != 0);
+    if (serial) fprintf(stderr, "nccl_fake: stage 3's gradient reduce-scatter %s\n",
+                        o.overlap ? "never overlapped backward" : "overlapped backward under --no-overlap");
     MPI_Finalize();
     if (missing) return 4;
+    if (serial) return 5;
     return total ? 1 : worst <= 1e-6 ? 0 : 3;
 }
 

@@ -2,7 +2,8 @@
  * worker/comm.c's device path on the CPU (tests/tools/nccl_fake.c, tests/tools/fakedev.c). Included by exactly
  * one file of a tool: it defines the st_nccl_* functions (so the library's real or stub ones are never
  * pulled in) and static helpers. The model of the two streams: a collective is only ENQUEUED (its input
- * snapshotted) and runs, through MPI, when st_nccl_wait_compute / st_nccl_synchronize is called; its input
+ * snapshotted) and runs, through MPI, when st_nccl_wait_compute / st_nccl_synchronize is called (or, for
+ * the collectives queued before an st_nccl_record mark, st_nccl_wait_event: later ones stay queued); its input
  * must then still equal the snapshot (compute wrote it after the hand-over: a race on a GPU), and
  * check_read() reports compute reading a queued collective's output. `violations` counts what was found. */
 #ifndef ST_NCCL_FAKE_H
@@ -40,6 +41,8 @@ struct st_nccl_comm {
     int rank, world;
     pending_op ops[4096];
     int n_ops;
+    long enqueued, ran;             /* collectives queued / run so far (the comm stream's position) */
+    long marks[ST_NCCL_EVENTS];     /* st_nccl_record: `enqueued` at the mark */
 };
 static st_nccl_comm *the_comm; /* one per process, as in the trainer */
 
@@ -60,6 +63,7 @@ int st_nccl_init(st_nccl_comm **out, int rank, int world, const unsigned char id
 static int enqueue(st_nccl_comm *c, op_kind kind, const float *in, size_t in_n, float *out, size_t out_n) {
     if (c->n_ops == (int)(sizeof c->ops / sizeof c->ops[0])) return st_fail(ST_ECOMM, "fake NCCL: queue full");
     pending_op *op = &c->ops[c->n_ops++];
+    c->enqueued++;
     memset(op, 0, sizeof *op);
     op->kind = kind, op->in = in, op->in_n = in_n, op->out = out, op->out_n = out_n;
     op->snapshot = malloc((in_n ? in_n : 1) * sizeof(float));
@@ -107,9 +111,9 @@ int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t s
 
 static long ops_run; /* collectives that went through this fake NCCL */
 /* Whether comm.c's device path must use NCCL: several ranks, or one with SHARDTUNE_NCCL_ONE_RANK=1. */
-/* The comm stream runs everything queued, in order. */
-static int run_pending(st_nccl_comm *c) {
-    for (int i = 0; i < c->n_ops; i++) {
+/* The comm stream runs the first n queued collectives, in order (the rest stay queued). */
+static int run_first(st_nccl_comm *c, int n) {
+    for (int i = 0; i < n; i++) {
         pending_op *op = &c->ops[i];
         ops_run++;
         if (memcmp(op->in, op->snapshot, op->in_n * sizeof(float)) != 0)
@@ -137,8 +141,26 @@ static int run_pending(st_nccl_comm *c) {
         free(op->snapshot);
         free(op->counts);
     }
-    c->n_ops = 0;
+    memmove(c->ops, c->ops + n, (size_t)(c->n_ops - n) * sizeof c->ops[0]);
+    c->n_ops -= n;
+    c->ran += n;
     return 0;
+}
+
+/* The comm stream runs everything queued, in order. */
+static int run_pending(st_nccl_comm *c) { return run_first(c, c->n_ops); }
+
+int st_nccl_record(st_nccl_comm *c, int ev) {
+    if (ev < 0 || ev >= ST_NCCL_EVENTS) return st_fail(ST_EINVAL, "fake NCCL: no event %d", ev);
+    c->marks[ev] = c->enqueued;
+    return 0;
+}
+
+/* The compute stream waits for the collectives queued before the mark: they run now, later ones stay. */
+int st_nccl_wait_event(st_nccl_comm *c, int ev) {
+    if (ev < 0 || ev >= ST_NCCL_EVENTS) return st_fail(ST_EINVAL, "fake NCCL: no event %d", ev);
+    long n = c->marks[ev] - c->ran;
+    return n > 0 ? run_first(c, (int)n) : 0;
 }
 
 int st_nccl_wait_compute(st_nccl_comm *c) { return run_pending(c); }

@@ -976,12 +976,13 @@ static const float *wptr(const st_model *m, int idx) {
 }
 static float *gptr(const st_model *m, int idx) {
     if (idx < 0 || m->params[idx].grad_offset < 0) return NULL;
-    if (!m->windowed) return m->grads + m->params[idx].grad_offset;
+    if (!m->windowed && !m->grads_windowed) return m->grads + m->params[idx].grad_offset;
     const st_res_window *w = window_at(m->gwin, m->n_gwin, (size_t)m->params[idx].grad_offset);
     return w ? w->p + ((size_t)m->params[idx].grad_offset - w->lo) : NULL;
 }
 
 const float *st_model_param_weights(const st_model *m, int i) { return wptr(m, i); }
+float *st_model_param_grad(const st_model *m, int i) { return gptr(m, i); }
 
 /* Registry order per layer is fixed by build_*: index arithmetic keeps this O(1). */
 static int layer_first_param(const st_model *m, int l) {

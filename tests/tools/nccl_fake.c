@@ -16,8 +16,10 @@
  *    wait is a race too.
  * Any violation is printed ("stream order violated: ...") and the exit status is 1. The same training
  * steps also run through the MPI path (the CPU backend itself); both must give the same losses (within
- * 1e-6 relative). --inject-race scales the gradients between backward and the reduction on purpose: the
- * checker must then report a violation (the test requires that, so the checker itself can fail).
+ * 1e-6 relative). --inject-race scales the gradients between backward and the reduction on purpose (stage 2
+ * on the device path, which reduces during backward: drops one stream wait, drop_wait): the checker must
+ * then report a violation (the test requires that, so the checker itself can fail). Stage 2's device path
+ * is worker/comm_zero2_dev.c: no full-size gradient buffer (checked), a layer's bucket reduced per group.
  * On the MPI path at stage 2 (several ranks) the model's full-size gradient buffer must read all zero after
  * every backward (every bucket reduce-scattered into the shard during it, its pages given back).
  * Last, the sharded AdamW moments are gathered on every rank as at a progressive stage change
@@ -63,8 +65,8 @@ static void dev_copy(void *dst, const void *src, size_t bytes) {
     check_read(src, bytes, "copy");
     cpu->copy(dst, src, bytes);
 }
-static void dev_bias_add(float *y, const float *bias, int n, int c) { /* stage 3 adds the received sums with it */
-    check_read(bias, (size_t)c * sizeof(float), "bias_add (stage-3 gradient sum)");
+static void dev_bias_add(float *y, const float *bias, int n, int c) { /* stages 2-3 add the received sums with it */
+    check_read(bias, (size_t)c * sizeof(float), "bias_add (stage 2-3 gradient sum)");
     cpu->bias_add(y, bias, n, c);
 }
 static void dev_adamw_multi(const st_adamw_range *r, int count, float b1, float b2, float eps, float gs) {
@@ -111,6 +113,10 @@ static void train(const st_backend *be, const options *o, double *losses, double
         goto fail;
     st_comm_optim_range(&comm, &lo, &hi);
     if (st_optim_init(&opt, &oc, lo, hi, &m, be)) goto fail;
+    /* stage 2 on a device: no full-size gradient buffer (worker/comm_zero2_dev.c), gradients in windows */
+    int z2dev = o->stage == 2 && !be->host_memory;
+    if (z2dev && (!comm.z2dev || !m.grads_windowed)) violation("stage 2 on a device kept the full gradient buffer");
+    if (z2dev && o->inject_race) drop_wait = 3; /* one stream wait removed: the checks must catch it */
     int N = 2 * 16;
     int32_t in[32], tg[32];
     float w[32];
@@ -137,7 +143,7 @@ static void train(const st_backend *be, const options *o, double *losses, double
                         break;
                     }
         }
-        if (o->inject_race) /* writes grads that are being reduced (host memory: the fake device is the CPU) */
+        if (o->inject_race && !z2dev) /* writes grads being reduced (host memory: the fake device is the CPU) */
             for (size_t i = 0; i < m.n_grads; i++) m.grads[i] *= 0.5f;
         float *g = NULL;
         if (st_comm_reduce_grads(&comm, &m, &g)) goto fail;

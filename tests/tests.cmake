@@ -14,7 +14,7 @@ set(ST_SLOW_TESTS
   integration.test_slurm_requeue integration.test_slurm_resize reference.test_curve
   reference.test_dp_equivalence reference.test_dp_errors reference.test_dp_memory
   reference.test_monitor_train reference.test_telemetry_client reference.test_act_ckpt reference.test_zero3
-  integration.test_bf16_train integration.test_device_failure integration.test_peft_device integration.test_distill_train integration.test_distill_zero3 integration.test_zero3_device integration.test_divergence
+  integration.test_bf16_train integration.test_device_failure integration.test_peft_device integration.test_distill_train integration.test_distill_zero3 integration.test_zero3_device integration.test_zero2_device integration.test_divergence
   integration.test_first_hour integration.test_gpu_smoke_selftest integration.test_packing_train
   integration.test_pack_text_stream integration.test_resume_safety integration.test_train_epochs
   integration.test_watchdog reference.test_generate_torch reference.test_lora_train

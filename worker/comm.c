@@ -145,7 +145,13 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
     }
     int rc = on_device(m) && (c->world > 1 || nccl_one) ? nccl_setup(c) : 0;
     /* a device: the shard and a layer's bucket, no full-size gradient buffer (comm_zero2_dev.h) */
-    if (!rc && stage == 2 && on_device(m) && c->n && st_z2dev_used(m)) rc = st_z2dev_init(c, (st_model *)m);
+    if (!rc && stage == 2 && on_device(m) && c->n && st_z2dev_used(m)) return st_z2dev_init(c, (st_model *)m);
+    if (!rc && stage == 2 && on_device(m) && c->n && !m->grads && !m->buffers_external) { /* st_comm_reshard_optim */
+        st_model *mm = (st_model *)m;
+        mm->grads = c->be->alloc(m->grad_alloc * sizeof(float));
+        if (!mm->grads) return st_fail(ST_ENOMEM, "rank %d: out of memory for gradients", c->rank);
+        c->be->memset0(mm->grads, m->grad_alloc * sizeof(float));
+    }
     return rc;
 }
 
@@ -496,7 +502,16 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
     st_comm_free(c);
     MPI_Comm_size(comm, &world);
     m->grad_align = world;
+    /* stage 2 on a device: no full-size gradient buffer is made, not even for a moment (st_comm_init
+     * allocates it when the bucketed layout does not apply) */
+    int dev2 = opt->stage == 2 && on_device(m), ext = m->buffers_external;
+    if (dev2 && !ext) {
+        be->free(m->grads);
+        m->grads = NULL;
+        m->buffers_external = 1; /* st_model_set_trainable: no gradient buffer */
+    }
     if (!rc) rc = st_model_set_trainable(m, layer_mask, module_mask);
+    m->buffers_external = ext;
     if (!rc) rc = st_comm_init(c, comm, opt, m);
     size_t lo, hi;
     st_comm_optim_range(c, &lo, &hi);

@@ -10,8 +10,9 @@
 #     gradient GEMMs, the device rank adds each micro-batch's gradient to the shard: one rounding more
 #     per element per step) and on 3 (NCCL and MPI may associate a sum of three differently: a few ulp per
 #     step); and the 1-rank ZeRO-0 run within 1e-5 relative (#17's bound);
-#  2. precision bf16 with activation checkpointing and eval, frozen layers (only the last layer trains) and
-#     LoRA (all projections, dropout) on 2 ranks: losses bit-identical to the CPU ranks' stage 2 of the same job;
+#  2. precision bf16 with activation checkpointing and eval, frozen layers (only the last layer trains),
+#     progressive unfreezing (the communicator rebuilt at each stage change) and LoRA (all projections,
+#     dropout) on 2 ranks: losses bit-identical to the CPU ranks' stage 2 of the same job;
 #  3. checkpointed at step 3 on 2 device ranks, resumed on 3 device ranks and on 1 CPU rank: steps 4-6 equal
 #     the uninterrupted run within 1e-6 relative;
 #  4. the planner is true for it: each rank's step total of `shardtune plan --json` (backend=cuda) equals the
@@ -119,6 +120,11 @@ echo "stage 2 bf16 + activation checkpointing on 2 fake device ranks: losses and
 both 2 frz finetune.mode=frozen "finetune.train_layers=-1"
 close "$T/frz/metrics.jsonl" "$T/frz_c/metrics.jsonl" 0 1 6 >/dev/null || fail "frozen: device vs cpu stage 2 differ"
 echo "stage 2 with frozen layers on 2 fake device ranks: losses bit-identical to the cpu ranks'"
+
+both 2 prog finetune.mode=progressive finetune.unfreeze_every=2
+close "$T/prog/metrics.jsonl" "$T/prog_c/metrics.jsonl" 0 1 6 >/dev/null || fail "progressive: device vs cpu stage 2 differ"
+grep -q '"stage":2' "$T/prog/metrics.jsonl" || fail "progressive: no stage change happened"
+echo "stage 2 progressive (the trainable set changes: the bucket layout rebuilt) on 2 fake device ranks: losses bit-identical to the cpu ranks'"
 
 both 2 lora finetune.mode=lora "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]" finetune.lora.dropout=0.1
 close "$T/lora/metrics.jsonl" "$T/lora_c/metrics.jsonl" 0 1 6 >/dev/null || fail "lora: device vs cpu stage 2 differ"

@@ -5,7 +5,10 @@
  *  - edges: the embeddings' and the final norm + head's compact ranges, each in a resident buffer (the
  *    training forward's fused head writes the head's and a tied embedding's gradients before backward);
  *  - a layer: the compact range of its base parameters and that of its adapters, both in the one bucket
- *    (base at 0, adapters after), pointed at the next layer with gradients once both were reduced.
+ *    (base at 0, adapters after), pointed at the next layer with gradients once both were reduced;
+ *  - untied embeddings that fit in the bucket have no edge buffer: their gradient (written only by the
+ *    embedding backward, after the last layer's reduction) goes to the bucket, pointed at them after the
+ *    lowest layer (EMBED below).
  * The gradient windows (st_model.gwin) say where each lives; the weights stay whole on every rank, so the
  * parameter all-gather after the update is comm.c's stage 2 as before. Together the groups must cover the
  * trainable set exactly (st_z2dev_supported checks it): prompt learning's tables, written by every layer,
@@ -21,6 +24,8 @@
 #include "worker/comm_dev.h"
 #include "worker/lora.h"
 
+#define EMBED (-2) /* z->layer: the bucket holds the embeddings' gradient */
+
 typedef struct st_z2dev st_z2dev;
 struct st_z2dev {
     st_model *m;
@@ -30,7 +35,8 @@ struct st_z2dev {
     size_t bucket_floats;
     float *recv;             /* [recv_floats] this rank's part of one reduce-scattered chunk */
     size_t recv_floats;
-    int layer;               /* the layer the bucket holds, -1 none */
+    int layer;               /* the layer the bucket holds, EMBED, -1 none */
+    int embed_shared;        /* the embeddings' gradient goes to the bucket (edge[0] NULL) */
     size_t span_lo[2], span_hi[2]; /* its base parameters' and its adapters' compact ranges */
     int left;                /* of its non-empty ranges, not reduced yet */
     size_t covered;          /* floats reduced during this micro-batch's backward */
@@ -98,10 +104,14 @@ static size_t recv_size(size_t shard, size_t most) {
     return r < ST_Z3_CHUNK ? r : ST_Z3_CHUNK;
 }
 
+/* Whether untied embeddings' gradient (n floats) can live in the bucket (bucket floats). */
+static int embed_shares(const st_model *m, size_t n, size_t bucket) { return !m->cfg.tied_embeddings && n && n <= bucket; }
+
 size_t st_z2dev_floats(const st_model *m, const long *grad_offset, size_t shard) {
     size_t elo[2], ehi[2], bucket;
     layout(m, grad_offset, elo, ehi, &bucket);
     size_t e = ehi[0] - elo[0] + ehi[1] - elo[1], most = bucket;
+    if (embed_shares(m, ehi[0] - elo[0], bucket)) e -= ehi[0] - elo[0];
     for (int k = 0; k < 2; k++)
         if (ehi[k] - elo[k] > most) most = ehi[k] - elo[k];
     return e + bucket + recv_size(shard, most);
@@ -113,6 +123,7 @@ static void sync_windows(st_z2dev *z) {
     m->n_gwin = 0;
     for (int e = 0; e < 2; e++)
         if (z->edge[e]) m->gwin[m->n_gwin++] = (st_res_window){z->edge_lo[e], z->edge_hi[e], z->edge[e], NULL};
+    if (z->layer == EMBED) m->gwin[m->n_gwin++] = (st_res_window){z->edge_lo[0], z->edge_hi[0], z->bucket, NULL};
     if (z->layer < 0) return;
     size_t off = 0;
     for (int s = 0; s < 2; s++) {
@@ -123,7 +134,7 @@ static void sync_windows(st_z2dev *z) {
 }
 
 /* Points the bucket at the highest layer <= l whose backward writes gradients (its backward runs: >= the
- * model's lowest trained layer), zeroed; none: -1. */
+ * model's lowest trained layer), zeroed; none: the embeddings when they share it (EMBED), else -1. */
 static void point_layer(st_z2dev *z, int l) {
     st_model *m = z->m;
     long *g = NULL;
@@ -143,6 +154,10 @@ static void point_layer(st_z2dev *z, int l) {
         break;
     }
     free(g);
+    if (z->layer < 0 && z->embed_shared) {
+        z->layer = EMBED;
+        m->be->memset0(z->bucket, (z->edge_hi[0] - z->edge_lo[0]) * sizeof(float));
+    }
     sync_windows(z);
 }
 
@@ -164,6 +179,8 @@ static void z2d_grad_ready(void *ctx, size_t lo, size_t hi) {
     int edge = 0;
     for (int e = 0; e < 2 && !src; e++)
         if (z->edge[e] && lo >= z->edge_lo[e] && hi <= z->edge_hi[e]) src = z->edge[e] + (lo - z->edge_lo[e]), edge = 1;
+    int embed = !src && z->layer == EMBED && lo >= z->edge_lo[0] && hi <= z->edge_hi[0];
+    if (embed) src = z->bucket + (lo - z->edge_lo[0]);
     size_t off = 0;
     for (int s = 0; s < 2 && !src && z->layer >= 0; s++) {
         if (lo >= z->span_lo[s] && hi <= z->span_hi[s] && hi > lo) src = z->bucket + off + (lo - z->span_lo[s]);
@@ -176,6 +193,7 @@ static void z2d_grad_ready(void *ctx, size_t lo, size_t hi) {
     keep(z, st_commdev_reduce_add(c, z->recv, z->recv_floats, src, lo, hi));
     z->covered += hi - lo;
     if (edge) be->memset0(src, (hi - lo) * sizeof(float)); /* the next micro-batch accumulates into zeros */
+    else if (embed) z->layer = -1, sync_windows(z);
     else if (--z->left == 0) point_layer(z, z->layer - 1); /* the bucket goes to the next layer down */
     c->overlap_seconds += st_now() - t0;
 }
@@ -197,13 +215,14 @@ int st_z2dev_init(st_comm *c, st_model *m) {
     for (int e = 0; e < 2; e++)
         if (z->edge_hi[e] - z->edge_lo[e] > most) most = z->edge_hi[e] - z->edge_lo[e];
     free(g);
+    z->embed_shared = embed_shares(m, z->edge_hi[0] - z->edge_lo[0], z->bucket_floats);
     z->recv_floats = recv_size(c->shard, most);
     be->free(m->grads); /* the full-size buffer set_trainable made */
     m->grads = NULL;
     int ok = 1;
     for (int e = 0; e < 2; e++) {
         size_t n = z->edge_hi[e] - z->edge_lo[e];
-        if (!n) continue;
+        if (!n || (e == 0 && z->embed_shared)) continue;
         z->edge[e] = be->alloc(n * sizeof(float));
         if (z->edge[e]) be->memset0(z->edge[e], n * sizeof(float));
         ok = ok && z->edge[e];

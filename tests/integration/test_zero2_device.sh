@@ -11,13 +11,14 @@
 #     per element per step) and on 3 (NCCL and MPI may associate a sum of three differently: a few ulp per
 #     step); and the 1-rank ZeRO-0 run within 1e-5 relative (#17's bound);
 #  2. precision bf16 with activation checkpointing and eval, frozen layers (only the last layer trains),
-#     progressive unfreezing (the communicator rebuilt at each stage change) and LoRA (all projections,
-#     dropout) on 2 ranks: losses bit-identical to the CPU ranks' stage 2 of the same job;
+#     progressive unfreezing (the communicator rebuilt at each stage change), LoRA (all projections,
+#     dropout) and tied embeddings (the others are untied: their gradient shares the layer bucket) on 2
+#     ranks: losses bit-identical to the CPU ranks' stage 2 of the same job;
 #  3. checkpointed at step 3 on 2 device ranks, resumed on 3 device ranks and on 1 CPU rank: steps 4-6 equal
 #     the uninterrupted run within 1e-6 relative;
 #  4. the planner is true for it: each rank's step total of `shardtune plan --json` (backend=cuda) equals the
 #     device bytes fakedev saw allocated between steps (FAKEDEV_REPORT_MEM=1) within 1% (3 ranks fp32, 2 ranks
-#     bf16, 2 ranks LoRA), also with SHARDTUNE_ZERO2_FULL_GRADS=1 (the full buffer, the old layout), which
+#     bf16, 2 ranks LoRA and tied), also with SHARDTUNE_ZERO2_FULL_GRADS=1 (the full buffer, the old layout), which
 #     holds more on every rank;
 #  5. one stream wait removed (the fake NCCL's NCCL_FAKE_DROP_WAIT: the wait after a group's reduce-scatter
 #     is skipped): the stream-order checker fails the run.
@@ -130,6 +131,14 @@ both 2 lora finetune.mode=lora "finetune.lora.targets=[q_proj,k_proj,v_proj,o_pr
 close "$T/lora/metrics.jsonl" "$T/lora_c/metrics.jsonl" 0 1 6 >/dev/null || fail "lora: device vs cpu stage 2 differ"
 p=$(plan_true 2 lora) || fail "lora 2 ranks: the plan's step total is not the device memory held"
 echo "stage 2 LoRA (all projections, dropout) on 2 fake device ranks: losses bit-identical to the cpu ranks'; plan vs held $p"
+# tied embeddings: their gradient is written in forward (the head) and in backward: a resident edge buffer
+# (untied ones, as in the jobs above, share the layer bucket)
+"$BIN" init-model --family llama --layers 2 --dim 64 --heads 4 --kv-heads 2 --vocab 128 --max-seq 64 --seed 3 --tied \
+  --out "$T/tied_model" >/dev/null
+both 2 tied "model.path=$T/tied_model"
+close "$T/tied/metrics.jsonl" "$T/tied_c/metrics.jsonl" 0 1 6 >/dev/null || fail "tied: device vs cpu stage 2 differ"
+p=$(plan_true 2 tied) || fail "tied 2 ranks: the plan's step total is not the device memory held"
+echo "stage 2 with tied embeddings on 2 fake device ranks: losses bit-identical to the cpu ranks'; plan vs held $p"
 unset FAKEDEV_REPORT_MEM
 
 # checkpoint at step 3 on 2 device ranks, resumed on 3 device ranks and on 1 cpu rank

@@ -12,8 +12,9 @@
 #     step); and the 1-rank ZeRO-0 run within 1e-5 relative (#17's bound);
 #  2. precision bf16 with activation checkpointing and eval, frozen layers (only the last layer trains),
 #     progressive unfreezing (the communicator rebuilt at each stage change), LoRA (all projections,
-#     dropout) and tied embeddings (the others are untied: their gradient shares the layer bucket) on 2
-#     ranks: losses bit-identical to the CPU ranks' stage 2 of the same job;
+#     dropout), QLoRA + DoRA under bf16 and tied embeddings (the others are untied: their gradient shares the layer bucket) on 2
+#     ranks: losses bit-identical to the CPU ranks' stage 2 of the same job; prefix tuning, which keeps the
+#     full buffer on a device (its table's gradient is written by every layer) as the plan says, within 1e-6;
 #  3. checkpointed at step 3 on 2 device ranks, resumed on 3 device ranks and on 1 CPU rank: steps 4-6 equal
 #     the uninterrupted run within 1e-6 relative;
 #  4. the planner is true for it: each rank's step total of `shardtune plan --json` (backend=cuda) equals the
@@ -138,6 +139,18 @@ both 2 lora finetune.mode=lora "finetune.lora.targets=[q_proj,k_proj,v_proj,o_pr
 close "$T/lora/metrics.jsonl" "$T/lora_c/metrics.jsonl" 0 1 6 >/dev/null || fail "lora: device vs cpu stage 2 differ"
 p=$(plan_true 2 lora) || fail "lora 2 ranks: the plan's step total is not the device memory held"
 echo "stage 2 LoRA (all projections, dropout) on 2 fake device ranks: losses bit-identical to the cpu ranks'; plan vs held $p"
+both 2 qlora finetune.mode=qlora finetune.lora.dora=true precision=bf16
+close "$T/qlora/metrics.jsonl" "$T/qlora_c/metrics.jsonl" 0 1 6 >/dev/null || fail "qlora: device vs cpu stage 2 differ"
+echo "stage 2 QLoRA + DoRA bf16 on 2 fake device ranks: losses bit-identical to the cpu ranks'"
+
+# prompt tuning keeps the full buffer on a device (its table's gradient is not one group's): still correct,
+# and the plan says so
+both 2 prompt finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3
+# (it sums the micro-batches before the ranks, the CPU ranks after: float rounding, 1e-6 as above)
+pd=$(close "$T/prompt/metrics.jsonl" "$T/prompt_c/metrics.jsonl" 1e-6 1 6) || fail "prefix tuning: device vs cpu stage 2 differ"
+p=$(plan_true 2 prompt) || fail "prefix tuning 2 ranks: the plan's step total is not the device memory held"
+echo "stage 2 prefix tuning (the full gradient buffer) on 2 fake device ranks: losses vs the cpu ranks' $pd (1e-6); plan vs held $p"
+
 # tied embeddings: their gradient is written in forward (the head) and in backward: a resident edge buffer
 # (untied ones, as in the jobs above, share the layer bucket)
 "$BIN" init-model --family llama --layers 2 --dim 64 --heads 4 --kv-heads 2 --vocab 128 --max-seq 64 --seed 3 --tied \

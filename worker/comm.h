@@ -87,7 +87,7 @@ typedef struct {
      * gradient. A device backend has no full buffer either (z2dev below: edge buffers and one layer's
      * bucket, reduced per group as backward ends, worker/comm_zero2_dev.h). SHARDTUNE_ZERO2_FULL_GRADS=1
      * keeps the full buffer, reduced once per step, on both (for bench/zero3_step.sh; the planner knows it
-     * on a device only), and so does prompt learning on a device. */
+     * on a device only). */
     int s2_release;
     int s2_wait_each;       /* sharding.overlap false: each bucket is waited for as soon as it starts */
     int s2_micro;           /* micro-batches of this step already summed into shard_grads */

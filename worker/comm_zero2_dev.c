@@ -11,8 +11,9 @@
  *    lowest layer (EMBED below).
  * The gradient windows (st_model.gwin) say where each lives; the weights stay whole on every rank, so the
  * parameter all-gather after the update is comm.c's stage 2 as before. Together the groups must cover the
- * trainable set exactly (st_z2dev_supported checks it): prompt learning's tables, written by every layer,
- * are not in one, and keep the full buffer. */
+ * trainable set exactly (st_z2dev_plan_used checks it; else comm.c keeps the full buffer);
+ *  - the prompt's tensors (prompt tuning's table, P-tuning's encoder, prefix tuning's table, which every
+ *    layer's backward writes): a third resident edge buffer, reported after the embeddings. */
 #include "worker/comm_zero2_dev.h"
 
 #include <stdlib.h>
@@ -23,14 +24,16 @@
 #include "kernels/cuda/nccl_comm.h"
 #include "worker/comm_dev.h"
 #include "worker/lora.h"
+#include "worker/prompt.h"
 
 #define EMBED (-2) /* z->layer: the bucket holds the embeddings' gradient */
+#define NEDGE 3    /* the edge groups: embeddings, final norm + head, the prompt's tensors */
 
 typedef struct st_z2dev st_z2dev;
 struct st_z2dev {
     st_model *m;
-    float *edge[2];          /* embeddings, final norm + head (NULL when nothing of it trains) */
-    size_t edge_lo[2], edge_hi[2];
+    float *edge[NEDGE];      /* embeddings, final norm + head, prompt tables (NULL when nothing of it trains) */
+    size_t edge_lo[NEDGE], edge_hi[NEDGE];
     float *bucket;           /* [bucket_floats] the gradients of the layer whose backward runs */
     size_t bucket_floats;
     float *recv;             /* [recv_floats] this rank's part of one reduce-scattered chunk */
@@ -63,11 +66,15 @@ static void layer_spans(const st_model *m, const long *goff, int l, size_t lo[2]
 }
 
 /* The edges' ranges, the bucket's size, and the floats the groups cover together. */
-static size_t layout(const st_model *m, const long *goff, size_t elo[2], size_t ehi[2], size_t *bucket) {
-    int L = m->cfg.n_layer;
+static size_t layout(const st_model *m, const long *goff, size_t elo[NEDGE], size_t ehi[NEDGE], size_t *bucket) {
+    int L = m->cfg.n_layer, pp = st_prompt_param(m);
     cspan(m, goff, 0, st_model_layer_first_param(m, 0), &elo[0], &ehi[0]);
     cspan(m, goff, st_model_layer_first_param(m, L), st_model_base_params(m), &elo[1], &ehi[1]);
-    size_t covered = ehi[0] - elo[0] + ehi[1] - elo[1];
+    elo[2] = ehi[2] = 0; /* prompt tuning's table, an encoder's tensors, prefix tuning's table (written by every
+                            layer): resident, reported after the embeddings */
+    if (m->prompt) cspan(m, goff, pp, pp + st_prompt_param_count(m), &elo[2], &ehi[2]);
+    size_t covered = 0;
+    for (int e = 0; e < NEDGE; e++) covered += ehi[e] - elo[e];
     *bucket = 0;
     for (int l = 0; l < L; l++) {
         size_t lo[2], hi[2];
@@ -87,8 +94,8 @@ static long *grad_offsets(const st_model *m) {
 
 int st_z2dev_plan_used(const st_model *m, const long *grad_offset, size_t n_trainable) {
     const char *keep = getenv("SHARDTUNE_ZERO2_FULL_GRADS");
-    if ((keep && !strcmp(keep, "1")) || m->prompt || n_trainable == 0) return 0;
-    size_t elo[2], ehi[2], bucket;
+    if ((keep && !strcmp(keep, "1")) || n_trainable == 0) return 0;
+    size_t elo[NEDGE], ehi[NEDGE], bucket;
     return layout(m, grad_offset, elo, ehi, &bucket) == n_trainable;
 }
 
@@ -108,11 +115,12 @@ static size_t recv_size(size_t shard, size_t most) {
 static int embed_shares(const st_model *m, size_t n, size_t bucket) { return !m->cfg.tied_embeddings && n && n <= bucket; }
 
 size_t st_z2dev_floats(const st_model *m, const long *grad_offset, size_t shard) {
-    size_t elo[2], ehi[2], bucket;
+    size_t elo[NEDGE], ehi[NEDGE], bucket, e = 0;
     layout(m, grad_offset, elo, ehi, &bucket);
-    size_t e = ehi[0] - elo[0] + ehi[1] - elo[1], most = bucket;
+    size_t most = bucket;
+    for (int k = 0; k < NEDGE; k++) e += ehi[k] - elo[k];
     if (embed_shares(m, ehi[0] - elo[0], bucket)) e -= ehi[0] - elo[0];
-    for (int k = 0; k < 2; k++)
+    for (int k = 0; k < NEDGE; k++)
         if (ehi[k] - elo[k] > most) most = ehi[k] - elo[k];
     return e + bucket + recv_size(shard, most);
 }
@@ -121,7 +129,7 @@ size_t st_z2dev_floats(const st_model *m, const long *grad_offset, size_t shard)
 static void sync_windows(st_z2dev *z) {
     st_model *m = z->m;
     m->n_gwin = 0;
-    for (int e = 0; e < 2; e++)
+    for (int e = 0; e < NEDGE; e++)
         if (z->edge[e]) m->gwin[m->n_gwin++] = (st_res_window){z->edge_lo[e], z->edge_hi[e], z->edge[e], NULL};
     if (z->layer == EMBED) m->gwin[m->n_gwin++] = (st_res_window){z->edge_lo[0], z->edge_hi[0], z->bucket, NULL};
     if (z->layer < 0) return;
@@ -177,7 +185,7 @@ static void z2d_grad_ready(void *ctx, size_t lo, size_t hi) {
     }
     float *src = NULL;
     int edge = 0;
-    for (int e = 0; e < 2 && !src; e++)
+    for (int e = 0; e < NEDGE && !src; e++)
         if (z->edge[e] && lo >= z->edge_lo[e] && hi <= z->edge_hi[e]) src = z->edge[e] + (lo - z->edge_lo[e]), edge = 1;
     int embed = !src && z->layer == EMBED && lo >= z->edge_lo[0] && hi <= z->edge_hi[0];
     if (embed) src = z->bucket + (lo - z->edge_lo[0]);
@@ -212,7 +220,7 @@ int st_z2dev_init(st_comm *c, st_model *m) {
     z->layer = -1;
     layout(m, g, z->edge_lo, z->edge_hi, &z->bucket_floats);
     size_t most = z->bucket_floats;
-    for (int e = 0; e < 2; e++)
+    for (int e = 0; e < NEDGE; e++)
         if (z->edge_hi[e] - z->edge_lo[e] > most) most = z->edge_hi[e] - z->edge_lo[e];
     free(g);
     z->embed_shared = embed_shares(m, z->edge_hi[0] - z->edge_lo[0], z->bucket_floats);
@@ -220,7 +228,7 @@ int st_z2dev_init(st_comm *c, st_model *m) {
     be->free(m->grads); /* the full-size buffer set_trainable made */
     m->grads = NULL;
     int ok = 1;
-    for (int e = 0; e < 2; e++) {
+    for (int e = 0; e < NEDGE; e++) {
         size_t n = z->edge_hi[e] - z->edge_lo[e];
         if (!n || (e == 0 && z->embed_shared)) continue;
         z->edge[e] = be->alloc(n * sizeof(float));
@@ -266,7 +274,7 @@ void st_z2dev_free(st_comm *c) {
     st_model *m = z->m;
     const st_backend *be = m->be;
     if (c->nccl) st_nccl_synchronize(c->nccl); /* nothing queued reads the buffers freed below */
-    for (int e = 0; e < 2; e++) be->free(z->edge[e]);
+    for (int e = 0; e < NEDGE; e++) be->free(z->edge[e]);
     be->free(z->bucket);
     be->free(z->recv);
     m->grads = NULL; /* st_model_set_trainable / st_model_free find no buffer of ours */

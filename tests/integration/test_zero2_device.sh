@@ -13,8 +13,8 @@
 #  2. precision bf16 with activation checkpointing and eval, frozen layers (only the last layer trains),
 #     progressive unfreezing (the communicator rebuilt at each stage change), LoRA (all projections,
 #     dropout), QLoRA + DoRA under bf16 and tied embeddings (the others are untied: their gradient shares the layer bucket) on 2
-#     ranks: losses bit-identical to the CPU ranks' stage 2 of the same job; prefix tuning, which keeps the
-#     full buffer on a device (its table's gradient is written by every layer) as the plan says, within 1e-6;
+#     ranks, and prefix tuning, prompt tuning and P-tuning with its LSTM encoder (the prompt's tensors in a
+#     resident edge buffer): losses bit-identical to the CPU ranks' stage 2 of the same job;
 #  3. checkpointed at step 3 on 2 device ranks, resumed on 3 device ranks and on 1 CPU rank: steps 4-6 equal
 #     the uninterrupted run within 1e-6 relative;
 #  4. the planner is true for it: each rank's step total of `shardtune plan --json` (backend=cuda) equals the
@@ -143,13 +143,18 @@ both 2 qlora finetune.mode=qlora finetune.lora.dora=true precision=bf16
 close "$T/qlora/metrics.jsonl" "$T/qlora_c/metrics.jsonl" 0 1 6 >/dev/null || fail "qlora: device vs cpu stage 2 differ"
 echo "stage 2 QLoRA + DoRA bf16 on 2 fake device ranks: losses bit-identical to the cpu ranks'"
 
-# prompt tuning keeps the full buffer on a device (its table's gradient is not one group's): still correct,
-# and the plan says so
-both 2 prompt finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3
-# (it sums the micro-batches before the ranks, the CPU ranks after: float rounding, 1e-6 as above)
-pd=$(close "$T/prompt/metrics.jsonl" "$T/prompt_c/metrics.jsonl" 1e-6 1 6) || fail "prefix tuning: device vs cpu stage 2 differ"
-p=$(plan_true 2 prompt) || fail "prefix tuning 2 ranks: the plan's step total is not the device memory held"
-echo "stage 2 prefix tuning (the full gradient buffer) on 2 fake device ranks: losses vs the cpu ranks' $pd (1e-6); plan vs held $p"
+# prompt learning: the prompt's tensors in a third resident edge buffer (prefix tuning's table is written by
+# every layer's backward; P-tuning's LSTM gradients come from the host)
+for mode in "prefix finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3" \
+            "prompt finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=3" \
+            "plstm finetune.mode=p_tuning finetune.prompt.encoder=lstm finetune.prompt.virtual_tokens=3"; do
+  set -- $mode
+  name=$1; shift
+  both 2 "$name" "$@"
+  close "$T/$name/metrics.jsonl" "$T/${name}_c/metrics.jsonl" 0 1 6 >/dev/null || fail "$name: device vs cpu stage 2 differ"
+  p=$(plan_true 2 "$name") || fail "$name 2 ranks: the plan's step total is not the device memory held"
+  echo "stage 2 $* on 2 fake device ranks: losses bit-identical to the cpu ranks'; plan vs held $p"
+done
 
 # tied embeddings: their gradient is written in forward (the head) and in backward: a resident edge buffer
 # (untied ones, as in the jobs above, share the layer bucket)

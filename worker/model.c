@@ -1560,7 +1560,11 @@ static void layer_linear(const st_model *m, int l, double N, double f[4], int tr
     trains[3] = w.gw2 != NULL;
 }
 
-double st_model_step_flops(const st_model *m, int train) {
+double st_model_step_flops(const st_model *mw, int train) {
+    st_model flat = *mw; /* which gradients exist, not where they live now: without residency windows (a
+                            device ZeRO-2/3 model has no layer's gradient window between steps) */
+    flat.windowed = flat.grads_windowed = 0;
+    const st_model *m = &flat;
     const st_model_config *c = &m->cfg;
     double N = (double)m->B * m->T, flops = 0, hd_h = (double)c->head_dim * c->n_head;
     for (int l = 0; l < c->n_layer; l++) {

@@ -24,6 +24,8 @@
  * every backward (every bucket reduce-scattered into the shard during it, its pages given back).
  * Last, the sharded AdamW moments are gathered on every rank as at a progressive stage change
  * (st_comm_gather_state: through the fake NCCL on the device path) and must agree with the MPI path.
+ * The step's FLOP count (st_model_step_flops, MFU) must be the same on both paths (a device ZeRO-2/3 model
+ * finds its gradients through residency windows, which hold no layer between steps).
  * Prints one line per step and path: "step K path P loss L". Runs in any build: comm.c's NCCL path has
  * no #ifdef, and this file's st_nccl_* replace the real ones (CUDA) or the failing stubs (no CUDA).
  * On one rank with SHARDTUNE_NCCL_ONE_RANK=1 the device path runs through the (fake) one-rank NCCL.
@@ -99,7 +101,7 @@ static void build_model(st_model *m, const st_backend *be, int world, int bf16) 
 
 /* The trainer's step sequence (coordinator/trainer/train_step.c) on `be`; returns the losses, then (as a stage
  * change does) gathers the sharded AdamW first moments on every rank and returns their sum of squares. */
-static void train(const st_backend *be, const options *o, double *losses, double *moments) {
+static void train(const st_backend *be, const options *o, double *losses, double *moments, double *flops) {
     int rank, world;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -114,6 +116,8 @@ static void train(const st_backend *be, const options *o, double *losses, double
     st_comm_optim_range(&comm, &lo, &hi);
     if (st_optim_init(&opt, &oc, lo, hi, &m, be)) goto fail;
     /* stage 2 on a device: no full-size gradient buffer (worker/comm_zero2_dev.c), gradients in windows */
+    /* the FLOPs a step performs (MFU) do not depend on where the gradients live (device windows) */
+    *flops = st_model_step_flops(&m, 1);
     int z2dev = o->stage == 2 && !be->host_memory;
     if (z2dev && (!comm.z2dev || !m.grads_windowed)) violation("stage 2 on a device kept the full gradient buffer");
     if (z2dev && o->inject_race) drop_wait = 3; /* one stream wait removed: the checks must catch it */
@@ -196,9 +200,14 @@ int main(int argc, char **argv) {
     dev.copy = dev_copy;
     dev.adamw_multi = dev_adamw_multi;
     dev.bias_add = dev_bias_add;
-    double via_nccl[64], via_mpi[64], m_nccl = 0, m_mpi = 0;
-    train(&dev, &o, via_nccl, &m_nccl);
-    train(cpu, &o, via_mpi, &m_mpi);
+    double via_nccl[64], via_mpi[64], m_nccl = 0, m_mpi = 0, f_nccl = 0, f_mpi = 0;
+    train(&dev, &o, via_nccl, &m_nccl, &f_nccl);
+    train(cpu, &o, via_mpi, &m_mpi, &f_mpi);
+    if (f_nccl != f_mpi) {
+        fprintf(stderr, "nccl_fake: the step's FLOP count differs: %.17g on the device path, %.17g on the MPI path\n",
+                f_nccl, f_mpi);
+        violations++;
+    }
     int total = 0;
     MPI_Allreduce(&violations, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     double worst = fabs(m_nccl - m_mpi) / fmax(m_mpi, 1e-30); /* gathered moments, as in a stage change */

@@ -40,6 +40,7 @@ struct st_z2dev {
     size_t recv_floats;
     int layer;               /* the layer the bucket holds, EMBED, -1 none */
     int embed_shared;        /* the embeddings' gradient goes to the bucket (edge[0] NULL) */
+    long *goff;              /* [n_params] the trainable set's gradient offsets (fixed for this communicator) */
     size_t span_lo[2], span_hi[2]; /* its base parameters' and its adapters' compact ranges */
     int left;                /* of its non-empty ranges, not reduced yet */
     size_t covered;          /* floats reduced during this micro-batch's backward */
@@ -145,13 +146,11 @@ static void sync_windows(st_z2dev *z) {
  * model's lowest trained layer), zeroed; none: the embeddings when they share it (EMBED), else -1. */
 static void point_layer(st_z2dev *z, int l) {
     st_model *m = z->m;
-    long *g = NULL;
     z->layer = -1;
     z->left = 0;
     for (; l >= m->lowest_trained_layer && l >= 0; l--) {
         size_t lo[2], hi[2];
-        if (!g && !(g = grad_offsets(m))) break;
-        layer_spans(m, g, l, lo, hi);
+        layer_spans(m, z->goff, l, lo, hi);
         if (hi[0] == lo[0] && hi[1] == lo[1]) continue;
         z->layer = l;
         for (int s = 0; s < 2; s++) {
@@ -161,7 +160,6 @@ static void point_layer(st_z2dev *z, int l) {
         m->be->memset0(z->bucket, (hi[0] - lo[0] + hi[1] - lo[1]) * sizeof(float));
         break;
     }
-    free(g);
     if (z->layer < 0 && z->embed_shared) {
         z->layer = EMBED;
         m->be->memset0(z->bucket, (z->edge_hi[0] - z->edge_lo[0]) * sizeof(float));
@@ -218,11 +216,11 @@ int st_z2dev_init(st_comm *c, st_model *m) {
     c->z2dev = z;
     z->m = m;
     z->layer = -1;
+    z->goff = g;
     layout(m, g, z->edge_lo, z->edge_hi, &z->bucket_floats);
     size_t most = z->bucket_floats;
     for (int e = 0; e < NEDGE; e++)
         if (z->edge_hi[e] - z->edge_lo[e] > most) most = z->edge_hi[e] - z->edge_lo[e];
-    free(g);
     z->embed_shared = embed_shares(m, z->edge_hi[0] - z->edge_lo[0], z->bucket_floats);
     z->recv_floats = recv_size(c->shard, most);
     be->free(m->grads); /* the full-size buffer set_trainable made */
@@ -277,6 +275,7 @@ void st_z2dev_free(st_comm *c) {
     for (int e = 0; e < NEDGE; e++) be->free(z->edge[e]);
     be->free(z->bucket);
     be->free(z->recv);
+    free(z->goff);
     m->grads = NULL; /* st_model_set_trainable / st_model_free find no buffer of ours */
     m->grads_windowed = 0;
     m->grads_managed = 0;

@@ -13,6 +13,7 @@
 #include "common/error.h"
 #include "common/util.h"
 #include "kernels/cuda/nccl_comm.h" /* plain C; a build without CUDA links failing stubs */
+#include "worker/comm_zero2_dev.h"
 #include "worker/comm_zero3_dev.h"
 #include "worker/optim.h"
 #include "worker/qlora.h"
@@ -142,8 +143,16 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
         c->s2_model->grads_managed = 1;
         discard(m->grads, 0, m->grad_alloc);
     }
-    if (on_device(m) && (c->world > 1 || nccl_one)) return nccl_setup(c);
-    return 0;
+    int rc = on_device(m) && (c->world > 1 || nccl_one) ? nccl_setup(c) : 0;
+    /* a device: the shard and a layer's bucket, no full-size gradient buffer (comm_zero2_dev.h) */
+    if (!rc && stage == 2 && on_device(m) && c->n && st_z2dev_used(m)) return st_z2dev_init(c, (st_model *)m);
+    if (!rc && stage == 2 && on_device(m) && c->n && !m->grads && !m->buffers_external) { /* st_comm_reshard_optim */
+        st_model *mm = (st_model *)m;
+        mm->grads = c->be->alloc(m->grad_alloc * sizeof(float));
+        if (!mm->grads) return st_fail(ST_ENOMEM, "rank %d: out of memory for gradients", c->rank);
+        c->be->memset0(mm->grads, m->grad_alloc * sizeof(float));
+    }
+    return rc;
 }
 
 static int prefetch_finish(st_comm *c, int first, int last); /* stage 3, below */
@@ -177,6 +186,7 @@ static int s2_drain(st_comm *c) {
 
 void st_comm_free(st_comm *c) {
     st_z3dev_free(c); /* before the NCCL communicator goes: it waits for what is queued */
+    st_z2dev_free(c);
     s2_drain(c);
     if (c->s2_model) c->s2_model->grads_managed = 0;
     c->s2_model = NULL;
@@ -382,7 +392,7 @@ static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
 
 void st_comm_overlap_begin(st_comm *c, st_model *m) {
     c->overlapping = 0;
-    if (c->stage == 3) return; /* its own hook reduces every micro-batch's gradients already */
+    if (c->stage == 3 || c->z2dev) return; /* its own hook reduces every micro-batch's gradients already */
     if (!collective(c) || c->n == 0) return;
     if (!c->bucket_bytes) c->bucket_bytes = 4u << 20;
     c->overlapping = 1;
@@ -429,6 +439,10 @@ void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last) {
         st_z3dev_backward(c, 1);
         return;
     }
+    if (c->z2dev) { /* a device's stage 2: every micro-batch's groups reduced as backward produces them */
+        st_z2dev_backward_begin(c);
+        return;
+    }
     if (c->s2_release) {
         st_comm_overlap_begin(c, m);
         c->s2_wait_each = !overlap;
@@ -446,6 +460,7 @@ int st_comm_backward_end(st_comm *c, st_model *m) {
         c->z3_prof[ST_Z3_BWD_END] += st_now() - t0;
         return 0;
     }
+    if (c->z2dev) return st_z2dev_backward_end(c);
     if (!c->s2_release || !c->overlapping) return 0;
     double t0 = st_now();
     int rc = overlap_finish(c, m);
@@ -489,7 +504,16 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
     st_comm_free(c);
     MPI_Comm_size(comm, &world);
     m->grad_align = world;
+    /* stage 2 on a device: no full-size gradient buffer is made, not even for a moment (st_comm_init
+     * allocates it when the bucketed layout does not apply) */
+    int dev2 = opt->stage == 2 && on_device(m), ext = m->buffers_external;
+    if (dev2 && !ext) {
+        be->free(m->grads);
+        m->grads = NULL;
+        m->buffers_external = 1; /* st_model_set_trainable: no gradient buffer */
+    }
     if (!rc) rc = st_model_set_trainable(m, layer_mask, module_mask);
+    m->buffers_external = ext;
     if (!rc) rc = st_comm_init(c, comm, opt, m);
     size_t lo, hi;
     st_comm_optim_range(c, &lo, &hi);
@@ -520,6 +544,14 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
         return rc;
     }
     if (c->n_pad == 0) { *optim_grads = m->grads; return 0; }
+    if (c->z2dev) { /* reduced into the shard group by group during every micro-batch's backward */
+        rc = coll_finish(c); /* nothing of the step left queued on the comm stream */
+        c->fresh = 1;
+        *optim_grads = c->shard_grads;
+        c->comm_seconds = c->overlap_seconds + (st_now() - t0);
+        c->overlap_seconds = 0;
+        return rc;
+    }
     if (c->overlapping) {
         rc = overlap_finish(c, m);
         if (c->s2_release) c->s2_micro++;

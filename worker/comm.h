@@ -4,7 +4,9 @@
  * rank updates its shard and the updated parameters are all-gathered; 2 reduce-scatters gradients into
  * the shard owner (no full gradient is ever summed on every rank), then updates and all-gathers (in place
  * into the weights when every parameter trains); on host memory with several ranks it does so bucket by
- * bucket during every micro-batch's backward and gives each bucket's pages back (s2_release below).
+ * bucket during every micro-batch's backward and gives each bucket's pages back (s2_release below); on a
+ * device backend it keeps no full gradient either: each layer's gradients go to one reused bucket and are
+ * reduce-scattered into the shard as its backward ends (worker/comm_zero2_dev.h).
  * 3 shards the parameters too (MPI on CPU ranks, fp32 or bf16; on a device backend worker/comm_zero3_dev.h,
  * NCCL, every parameter trained; what follows is the host layout): the weights
  * of the trainable parameters in this rank's shard of the compact space are its fp32 master shard and stay
@@ -82,8 +84,10 @@ typedef struct {
      * the first micro-batch of a step straight into shard_grads, later ones through a bucket-sized
      * receive buffer and then added), at most ST_S2_INFLIGHT in flight; a finished bucket's gradient
      * pages are given back (madvise), so a rank holds its shard plus a few buckets, never the whole
-     * gradient. A device backend keeps the full buffer and reduces once per step (no page release); so
-     * does SHARDTUNE_ZERO2_FULL_GRADS=1 (for bench/zero3_step.sh; the planner does not know it). */
+     * gradient. A device backend has no full buffer either (z2dev below: edge buffers and one layer's
+     * bucket, reduced per group as backward ends, worker/comm_zero2_dev.h). SHARDTUNE_ZERO2_FULL_GRADS=1
+     * keeps the full buffer, reduced once per step, on both (for bench/zero3_step.sh; the planner knows it
+     * on a device only). */
     int s2_release;
     int s2_wait_each;       /* sharding.overlap false: each bucket is waited for as soon as it starts */
     int s2_micro;           /* micro-batches of this step already summed into shard_grads */
@@ -137,6 +141,7 @@ typedef struct {
     int fresh;              /* stages 2-3: shard_grads holds a finished step's sums; the next reduction restarts */
     double z3_prof[ST_Z3_PROF_N]; /* stage 3: seconds spent, by where (st_comm_zero3_profile) */
     struct st_z3dev *z3dev; /* stage 3 on a device backend (worker/comm_zero3_dev.h), else NULL */
+    struct st_z2dev *z2dev; /* stage 2 on a device backend (worker/comm_zero2_dev.h), else NULL */
 } st_comm;
 
 /* This rank's index among the ranks of `comm` on its node (the ranks that share memory: MPI's own
@@ -201,8 +206,8 @@ void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi);
 void st_comm_overlap_begin(st_comm *c, st_model *m);
 
 /* Before each micro-batch's st_model_backward (`last`: the step's last one; `overlap`: sharding.overlap):
- * stages 0-1 and stage 2 on a device arm the overlap (st_comm_overlap_begin) on the last micro-batch
- * only; stage 2 on host memory arms its per-bucket reduce-scatter on every micro-batch (blocking per
+ * stages 0-1 arm the overlap (st_comm_overlap_begin) on the last micro-batch only; stage 2 on a device
+ * points its bucket at the first layer (every micro-batch, comm_zero2_dev.h); stage 2 on host memory arms its per-bucket reduce-scatter on every micro-batch (blocking per
  * bucket without overlap); stage 3 makes its per-layer reduce-scatter non-blocking with overlap. */
 void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last);
 

@@ -623,10 +623,9 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
 static void dora_backward(st_model *m, int k, float *dy, float *dx) {
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
-    const st_param *pm = &m->params[a->mag];
     size_t N = lo->rows;
     const float *z = lo->z + lo->zoff[k], *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
-    m->be->dora_bwd(pm->grad_offset >= 0 ? m->grads + pm->grad_offset : NULL, lo->base, dy, z, c, inv, (int)N,
+    m->be->dora_bwd(st_model_param_grad(m, a->mag), lo->base, dy, z, c, inv, (int)N,
                     a->out);
     if (dx) m->be->matmul(dx, lo->base, dora_weight(m, k), (int)N, a->in, a->out, 0, 0, 1.0f, 1.0f);
 }
@@ -648,11 +647,11 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
         }
         if (a->mag >= 0) dora_backward(m, k, lo->tmp, lo->drop_on ? NULL : dx); /* lo->tmp becomes dz */
         if (pb->grad_offset >= 0)
-            be->matmul(m->grads + pb->grad_offset, dyc, u, a->out, lo->r, (int)N, 1, 0, lo->scale, 1.0f);
+            be->matmul(st_model_param_grad(m, a->b), dyc, u, a->out, lo->r, (int)N, 1, 0, lo->scale, 1.0f);
         be->matmul(lo->du, dyc, B, (int)N, lo->r, a->out, 0, 0, lo->scale, 0.0f);
         const float *xa = lo->drop_on ? dropped(m, k, x, x, lo->xd) : x;
         if (pa->grad_offset >= 0)
-            be->matmul(m->grads + pa->grad_offset, lo->du, xa, lo->r, a->in, (int)N, 1, 0, 1.0f, 1.0f);
+            be->matmul(st_model_param_grad(m, a->a), lo->du, xa, lo->r, a->in, (int)N, 1, 0, 1.0f, 1.0f);
         if (!lo->drop_on) {
             be->matmul(dx, lo->du, A, (int)N, a->in, lo->r, 0, 0, 1.0f, 1.0f);
             continue;

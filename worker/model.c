@@ -987,12 +987,13 @@ static const float *wptr(const st_model *m, int idx) {
 }
 static float *gptr(const st_model *m, int idx) {
     if (idx < 0 || m->params[idx].grad_offset < 0) return NULL;
-    if (!m->windowed) return m->grads + m->params[idx].grad_offset;
+    if (!m->windowed && !m->grads_windowed) return m->grads + m->params[idx].grad_offset;
     const st_res_window *w = window_at(m->gwin, m->n_gwin, (size_t)m->params[idx].grad_offset);
     return w ? w->p + ((size_t)m->params[idx].grad_offset - w->lo) : NULL;
 }
 
 const float *st_model_param_weights(const st_model *m, int i) { return wptr(m, i); }
+float *st_model_param_grad(const st_model *m, int i) { return gptr(m, i); }
 
 float *st_model_weight_ptr(const st_model *m, size_t at) {
     if (!m->part_base) return m->weights + at;
@@ -1731,7 +1732,11 @@ static void layer_linear(const st_model *m, int l, double N, double f[4], int tr
     trains[3] = w.gw2 != NULL;
 }
 
-double st_model_step_flops(const st_model *m, int train) {
+double st_model_step_flops(const st_model *mw, int train) {
+    st_model flat = *mw; /* which gradients exist, not where they live now: without residency windows (a
+                            device ZeRO-2/3 model has no layer's gradient window between steps) */
+    flat.windowed = flat.grads_windowed = 0;
+    const st_model *m = &flat;
     const st_model_config *c = &m->cfg;
     double N = (double)m->B * m->T, flops = 0, hd_h = (double)c->head_dim * c->n_head;
     for (int l = 0; l < c->n_layer; l++) {

@@ -128,6 +128,9 @@ typedef struct {
      * at weights + offset / grads + grad_offset (NULL when none holds it). The hooks keep the windows
      * current: the groups gathered into per-group device buffers, and where their gradients go. */
     int windowed;
+    /* Gradients only through gwin, the weights at weights + offset as usual (ZeRO-2 on a device backend,
+     * worker/comm_zero2_dev.c: no full-size gradient buffer; m->grads is then not a buffer to write). */
+    int grads_windowed;
     int n_wwin, n_gwin;
     st_res_window wwin[ST_RES_WINDOWS], gwin[ST_RES_WINDOWS];
     /* The weights, their bf16 copy and the gradients belong to a communicator (ZeRO-3 on a device,
@@ -316,6 +319,10 @@ void st_model_release(const st_model *m, int first, int last);
 /* Where parameter i's fp32 weights are now: m->weights + offset, or while acquired on a windowed model
  * (ZeRO-3 on a device) its place in the gather buffer (NULL when not resident there). */
 const float *st_model_param_weights(const st_model *m, int i);
+/* Where parameter i's gradient accumulates now: m->grads + grad_offset, or on a model with gradient
+ * windows (windowed, grads_windowed) its place in the window that holds it; NULL when it is frozen or no
+ * window holds it. Code outside model.c that writes gradients (the adapters) finds them here. */
+float *st_model_param_grad(const st_model *m, int i);
 /* Whether forward and backward read parameter i only through the bf16 compute copy under precision bf16
  * (the layers' and the untied head's matmul weights; norms, biases and the embeddings read fp32). */
 int st_model_param_bf16_only(const st_model *m, int i);

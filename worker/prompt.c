@@ -211,7 +211,7 @@ static void lstm_down(const st_model *m, int k, int grads) {
     const st_param *pp = &m->params[p->param + k];
     if (!grads) m->be->copy_to_host(p->hw + p->mo[k], m->weights + pp->offset, pp->numel * sizeof(float));
     else if (pp->grad_offset >= 0)
-        m->be->copy_to_host(p->hg + p->mo[k], m->grads + pp->grad_offset, pp->numel * sizeof(float));
+        m->be->copy_to_host(p->hg + p->mo[k], st_model_param_grad(m, p->param + k), pp->numel * sizeof(float));
 }
 
 /* P-tuning with the LSTM encoder: peft's PromptEncoder (LSTM): embedding [V, C] N(0, 1), torch.nn.LSTM(C, H,
@@ -258,7 +258,7 @@ static void lstm_tensors(const st_model *m, const float *w[16], float *g[16]) {
     for (int k = 0; k < 16; k++) {
         const st_param *pp = &m->params[p->param + 1 + k];
         w[k] = m->weights + pp->offset;
-        if (g) g[k] = pp->grad_offset >= 0 && m->grads ? m->grads + pp->grad_offset : NULL;
+        if (g) g[k] = m->grads ? st_model_param_grad(m, p->param + 1 + k) : NULL;
     }
 }
 
@@ -376,7 +376,7 @@ static void encoder_backward(st_model *m, const float *dtab) {
     for (int k = 0; k < 1 + 2 * n; k++) { /* w[0]: the embedding, w[1 + 2j], w[2 + 2j]: linear j */
         const st_param *pp = &m->params[p->param + (k ? l0 - 1 + k : 0)];
         w[k] = m->weights + pp->offset;
-        g[k] = pp->grad_offset >= 0 ? m->grads + pp->grad_offset : NULL;
+        g[k] = st_model_param_grad(m, p->param + (k ? l0 - 1 + k : 0));
     }
     const float *dy = dtab;
     for (int j = n - 1; j >= 0; j--) { /* linear j: y = x W^T + b, W = w[1 + 2j] [out, in] */
@@ -406,7 +406,7 @@ static void encoder_backward(st_model *m, const float *dtab) {
             for (int k = 0; k < 17; k++) {
                 const st_param *q = &m->params[p->param + k];
                 if (q->grad_offset >= 0)
-                    be->copy_to_device(m->grads + q->grad_offset, p->hg + p->mo[k], q->numel * sizeof(float));
+                    be->copy_to_device(st_model_param_grad(m, p->param + k), p->hg + p->mo[k], q->numel * sizeof(float));
             }
             break;
         }
@@ -431,7 +431,7 @@ void st_prompt_backward(st_model *m, const float *dx) {
     }
     if (!p->enc && pp->grad_offset < 0) return;
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
-    float *g = p->enc ? p->dtab : m->grads + pp->grad_offset;
+    float *g = p->enc ? p->dtab : st_model_param_grad(m, p->param);
     if (p->enc) m->be->memset0(g, (size_t)V * C * sizeof(float));
     for (int b = 0; b < p->B; b++) m->be->copy_cols(g, C, dx + (size_t)b * Tm * C, C, V, C, 1);
     if (p->enc) encoder_backward(m, g);
@@ -509,10 +509,9 @@ void st_prefix_layer_backward(st_model *m, int l, float *dqkv) {
     const st_prompt *p = m->prompt;
     if (!p || !p->prefix) return;
     const st_model_config *c = &m->cfg;
-    const st_param *pp = &m->params[p->param];
     int V = p->V, Tm = V + p->T, W = st_prefix_width(c), KVD = c->n_kv_head * c->head_dim;
     size_t Q = (size_t)(c->n_head + 2 * c->n_kv_head) * c->head_dim, qd = (size_t)c->n_head * c->head_dim;
-    float *g = !m->grads ? NULL : p->enc ? p->dtab : pp->grad_offset >= 0 ? m->grads + pp->grad_offset : NULL;
+    float *g = !m->grads ? NULL : p->enc ? p->dtab : st_model_param_grad(m, p->param);
     for (int b = 0; b < p->B; b++) {
         float *rows = dqkv + (size_t)b * Tm * Q + qd;
         for (int kv = 0; g && kv < 2; kv++)

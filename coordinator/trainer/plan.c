@@ -17,6 +17,7 @@
 #include "checkpoints/model_dir.h"
 #include "common/error.h"
 #include "worker/comm.h"
+#include "worker/comm_zero2_dev.h"
 #include "worker/comm_zero3_dev.h"
 #include "worker/lora.h"
 #include "text/tokenizer.h"
@@ -475,6 +476,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
             r->grads = (sp->shard + live + ST_S2_INFLIGHT * recv) * sizeof(float);
             transient = (live + ST_S2_INFLIGHT * recv) * sizeof(float);
         }
+        if (c->backend == ST_BACKEND_CUDA && st_z2dev_plan_used(m, goff, sp->n_trainable))
+            /* worker/comm_zero2_dev.c: shard_grads, the edge buffers, one layer's bucket, the receive buffer */
+            r->grads = (sp->shard + st_z2dev_floats(m, goff, sp->shard)) * sizeof(float);
     }
     /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
     r->activations = (st_model_activation_floats_opts(&m->cfg, c->train.micro_batch,

@@ -16,12 +16,16 @@
  *    wait is a race too.
  * Any violation is printed ("stream order violated: ...") and the exit status is 1. The same training
  * steps also run through the MPI path (the CPU backend itself); both must give the same losses (within
- * 1e-6 relative). --inject-race scales the gradients between backward and the reduction on purpose: the
- * checker must then report a violation (the test requires that, so the checker itself can fail).
+ * 1e-6 relative). --inject-race scales the gradients between backward and the reduction on purpose (stage 2
+ * on the device path, which reduces during backward: drops one stream wait, drop_wait): the checker must
+ * then report a violation (the test requires that, so the checker itself can fail). Stage 2's device path
+ * is worker/comm_zero2_dev.c: no full-size gradient buffer (checked), a layer's bucket reduced per group.
  * On the MPI path at stage 2 (several ranks) the model's full-size gradient buffer must read all zero after
  * every backward (every bucket reduce-scattered into the shard during it, its pages given back).
  * Last, the sharded AdamW moments are gathered on every rank as at a progressive stage change
  * (st_comm_gather_state: through the fake NCCL on the device path) and must agree with the MPI path.
+ * The step's FLOP count (st_model_step_flops, MFU) must be the same on both paths (a device ZeRO-2/3 model
+ * finds its gradients through residency windows, which hold no layer between steps).
  * Prints one line per step and path: "step K path P loss L". Runs in any build: comm.c's NCCL path has
  * no #ifdef, and this file's st_nccl_* replace the real ones (CUDA) or the failing stubs (no CUDA).
  * On one rank with SHARDTUNE_NCCL_ONE_RANK=1 the device path runs through the (fake) one-rank NCCL.
@@ -65,8 +69,8 @@ static void dev_copy(void *dst, const void *src, size_t bytes) {
     check_read(src, bytes, "copy");
     cpu->copy(dst, src, bytes);
 }
-static void dev_bias_add(float *y, const float *bias, int n, int c) { /* stage 3 adds the received sums with it */
-    check_read(bias, (size_t)c * sizeof(float), "bias_add (stage-3 gradient sum)");
+static void dev_bias_add(float *y, const float *bias, int n, int c) { /* stages 2-3 add the received sums with it */
+    check_read(bias, (size_t)c * sizeof(float), "bias_add (stage 2-3 gradient sum)");
     cpu->bias_add(y, bias, n, c);
 }
 /* a weight or activation operand still being written by a queued collective (stage 3: a gather the acquire
@@ -131,7 +135,7 @@ static void build_model(st_model *m, const st_backend *be, int world, int bf16) 
 
 /* The trainer's step sequence (coordinator/trainer/train_step.c) on `be`; returns the losses, then (as a stage
  * change does) gathers the sharded AdamW first moments on every rank and returns their sum of squares. */
-static void train(const st_backend *be, const options *o, double *losses, double *moments) {
+static void train(const st_backend *be, const options *o, double *losses, double *moments, double *flops) {
     int rank, world;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -145,6 +149,12 @@ static void train(const st_backend *be, const options *o, double *losses, double
         goto fail;
     st_comm_optim_range(&comm, &lo, &hi);
     if (st_optim_init(&opt, &oc, lo, hi, &m, be)) goto fail;
+    /* stage 2 on a device: no full-size gradient buffer (worker/comm_zero2_dev.c), gradients in windows */
+    /* the FLOPs a step performs (MFU) do not depend on where the gradients live (device windows) */
+    *flops = st_model_step_flops(&m, 1);
+    int z2dev = o->stage == 2 && !be->host_memory;
+    if (z2dev && (!comm.z2dev || !m.grads_windowed)) violation("stage 2 on a device kept the full gradient buffer");
+    if (z2dev && o->inject_race) drop_wait = 3; /* one stream wait removed: the checks must catch it */
     int N = 2 * 16;
     int32_t in[32], tg[32];
     float w[32];
@@ -171,7 +181,7 @@ static void train(const st_backend *be, const options *o, double *losses, double
                         break;
                     }
         }
-        if (o->inject_race) /* writes grads that are being reduced (host memory: the fake device is the CPU) */
+        if (o->inject_race && !z2dev) /* writes grads being reduced (host memory: the fake device is the CPU) */
             for (size_t i = 0; i < m.n_grads; i++) m.grads[i] *= 0.5f;
         float *g = NULL;
         if (st_comm_reduce_grads(&comm, &m, &g)) goto fail;
@@ -227,9 +237,14 @@ int main(int argc, char **argv) {
     dev.matmul = dev_matmul;
     dev.matmul_bf16 = dev_matmul_bf16;
     dev.to_bf16 = dev_to_bf16;
-    double via_nccl[64], via_mpi[64], m_nccl = 0, m_mpi = 0;
-    train(&dev, &o, via_nccl, &m_nccl);
-    train(cpu, &o, via_mpi, &m_mpi);
+    double via_nccl[64], via_mpi[64], m_nccl = 0, m_mpi = 0, f_nccl = 0, f_mpi = 0;
+    train(&dev, &o, via_nccl, &m_nccl, &f_nccl);
+    train(cpu, &o, via_mpi, &m_mpi, &f_mpi);
+    if (f_nccl != f_mpi) {
+        fprintf(stderr, "nccl_fake: the step's FLOP count differs: %.17g on the device path, %.17g on the MPI path\n",
+                f_nccl, f_mpi);
+        violations++;
+    }
     int total = 0;
     MPI_Allreduce(&violations, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     double worst = fabs(m_nccl - m_mpi) / fmax(m_mpi, 1e-30); /* gathered moments, as in a stage change */

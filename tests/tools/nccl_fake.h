@@ -18,6 +18,10 @@
 #include "kernels/cuda/nccl_comm.h"
 
 static int violations;
+/* > 0: the drop_wait-th st_nccl_wait_compute from now returns without making the compute stream wait (a
+ * stream wait removed from the code under test: the checks must then report a violation). Also set by
+ * NCCL_FAKE_DROP_WAIT=K when the communicator is made. */
+static int drop_wait;
 static void violation(const char *what) {
     violations++;
     fprintf(stderr, "stream order violated: %s\n", what);
@@ -56,6 +60,8 @@ int st_nccl_init(st_nccl_comm **out, int rank, int world, const unsigned char id
     st_nccl_comm *c = calloc(1, sizeof *c);
     c->rank = rank;
     c->world = world;
+    const char *drop = getenv("NCCL_FAKE_DROP_WAIT");
+    if (drop && atoi(drop) > 0) drop_wait = atoi(drop);
     *out = the_comm = c;
     return 0;
 }
@@ -163,7 +169,10 @@ int st_nccl_wait_event(st_nccl_comm *c, int ev) {
     return n > 0 ? run_first(c, (int)n) : 0;
 }
 
-int st_nccl_wait_compute(st_nccl_comm *c) { return run_pending(c); }
+int st_nccl_wait_compute(st_nccl_comm *c) {
+    if (drop_wait > 0 && --drop_wait == 0) return 0; /* the removed wait: what is queued stays queued */
+    return run_pending(c);
+}
 int st_nccl_synchronize(st_nccl_comm *c) { return run_pending(c); }
 int st_nccl_rank(const st_nccl_comm *c) { return c->rank; }
 int st_nccl_world(const st_nccl_comm *c) { return c->world; }

@@ -4,7 +4,9 @@
  * with what st_model_set_trainable, st_model_alloc_activations and st_comm_init / st_optim_init really
  * do on a model built on the CPU backend (MPI singleton for the world-1 communicator; for larger worlds
  * the shard arithmetic is re-derived here). The stage schedule is checked against hand-written
- * expectations; bad schedules must fail with a message naming the key. */
+ * expectations; bad schedules must fail with a message naming the key. Device stage 2's gradient bytes
+ * (worker/comm_zero2_dev.c; integration.test_zero2_device measures them on fakedev) are re-derived from the
+ * registry for every mode, model and world. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -188,6 +190,72 @@ static void test_plan_matches_allocations(void **state) {
             }
 }
 
+/* Device stage 2 (worker/comm_zero2_dev.c): each rank's gradient bytes are its shard, final norm + head's
+ * trainable floats, tied embeddings' (untied ones share the bucket when they fit), the largest layer's,
+ * and a receive buffer of min(shard, largest group, 1 Mi), derived here from the registry's parameter
+ * kinds and layers; with SHARDTUNE_ZERO2_FULL_GRADS=1 the full buffer plus the shard. */
+static void check_device_zero2(const st_config *c, const st_model_config *mc, int world, int expect_less) {
+    st_model m;
+    assert_int_equal(st_model_build(&m, mc, st_backend_cpu(1)), 0);
+    st_stage_list sl;
+    assert_int_equal(st_plan_stages(c, &m, &sl), 0);
+    st_plan p, full;
+    if (st_plan_build(c, &m, world, &p)) fail_msg("plan: %s", st_error());
+    setenv("SHARDTUNE_ZERO2_FULL_GRADS", "1", 1);
+    if (st_plan_build(c, &m, world, &full)) fail_msg("plan: %s", st_error());
+    unsetenv("SHARDTUNE_ZERO2_FULL_GRADS");
+    for (int s = 0; s < p.n_stages; s++) {
+        m.grad_align = world;
+        assert_int_equal(st_model_set_trainable(&m, sl.stages[s].layers, sl.stages[s].modules), 0);
+        size_t embed = 0, head = 0, layer[64] = {0}, biggest = 0;
+        for (int i = 0; i < m.n_params; i++) {
+            const st_param *q = &m.params[i];
+            if (q->grad_offset < 0) continue;
+            if (q->layer >= 0) layer[q->layer] += q->numel;
+            else if (q->kind == ST_MOD_EMBED) embed += q->numel;
+            else head += q->numel; /* final norm, untied head */
+        }
+        for (int l = 0; l < mc->n_layer; l++) biggest = layer[l] > biggest ? layer[l] : biggest;
+        size_t shard = m.grad_alloc / (size_t)world, most = biggest;
+        most = embed > most ? embed : most;
+        most = head > most ? head : most;
+        size_t recv = shard < most ? shard : most;
+        recv = recv < ((size_t)1 << 20) ? recv : ((size_t)1 << 20);
+        int shares = !mc->tied_embeddings && embed && embed <= biggest;
+        size_t want = m.n_grads ? shard + head + (shares ? 0 : embed) + biggest + recv : 0;
+        for (int r = 0; r < world; r++) {
+            assert_int_equal(p.stages[s].ranks[r].grads, want * sizeof(float));
+            assert_int_equal(full.stages[s].ranks[r].grads, m.n_grads ? (m.grad_alloc + shard) * sizeof(float) : 0);
+            if (expect_less) /* every layer trains, several ranks: less than with the full buffer */
+                assert_true(p.stages[s].ranks[r].total < full.stages[s].ranks[r].total);
+        }
+    }
+    st_stage_list_free(&sl);
+    st_plan_free(&p);
+    st_plan_free(&full);
+    st_model_free(&m);
+}
+
+static void test_plan_device_zero2(void **state) {
+    (void)state;
+    static st_config c;
+    st_model_config ll = llama_cfg(3, 0), lt = llama_cfg(3, 1), g = gpt2_cfg(2);
+    const char *modes[] = {
+        "backend: cuda\nfinetune: {mode: full}\n",
+        "backend: cuda\nfinetune: {mode: frozen, train_layers: \"-1\", train_modules: [attn, norm]}\n",
+        "backend: cuda\nfinetune: {mode: frozen, train_layers: \"0\", train_modules: [embed, mlp]}\n",
+        "backend: cuda\nfinetune: {mode: progressive, unfreeze_every: 2}\n",
+    };
+    for (size_t i = 0; i < sizeof modes / sizeof *modes; i++)
+        for (int w = 1; w <= 5; w += 2) {
+            load_cfg(&c, modes[i], "sharding.stage=2");
+            int less = i == 0 && w > 1;
+            check_device_zero2(&c, &ll, w, less);
+            check_device_zero2(&c, &lt, w, less);
+            check_device_zero2(&c, &g, w, less);
+        }
+}
+
 static void test_registry_only(void **state) {
     (void)state;
     st_model_config mc = llama_cfg(2, 0);
@@ -269,6 +337,7 @@ int main(void) {
     MPI_Init(NULL, NULL);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_plan_matches_allocations),
+        cmocka_unit_test(test_plan_device_zero2),
         cmocka_unit_test(test_registry_only),
         cmocka_unit_test(test_unfreeze_every_schedule),
         cmocka_unit_test(test_plan_errors),

@@ -122,6 +122,23 @@ int main(int argc, char **argv) {
     size_t np = (size_t)16 << 20;
     float *p = buf(np, 1), *pg = buf(np, 1), *pm = buf(np, 0), *pv = buf(np, 0);
     TIME("adamw 16M", 0, 7 * np * 4, be->adamw(p, pg, pm, pv, np, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 3));
+    /* the optimizer's tail over the gradients of one step, three times in turn (a shared machine): zeroing,
+     * sum of squares and AdamW as separate passes, against AdamW zeroing what it reads (zero_grad) with
+     * the sum of squares still a pass (in training it is taken as backward finishes each range) */
+    st_adamw_range tail = {p, pg, pm, pv, NULL, np, 1e-4f, 0.1f, 3, NULL};
+    for (int round = 0; round < 3; round++) {
+        tail.zero_grad = NULL;
+        TIME("tail 16M: zero + sumsq + adamw_multi", 0, 9 * np * 4, {
+            be->memset0(pg, np * 4);
+            sink += be->sumsq(pg, np);
+            be->adamw_multi(&tail, 1, 0.9f, 0.95f, 1e-8f, 1.0f);
+        });
+        tail.zero_grad = pg;
+        TIME("tail 16M: sumsq + adamw_multi(zero_grad)", 0, 8 * np * 4, {
+            sink += be->sumsq(pg, np);
+            be->adamw_multi(&tail, 1, 0.9f, 0.95f, 1e-8f, 1.0f);
+        });
+    }
     int8_t *q8 = (int8_t *)be->alloc(np);
     TIME("dequant_int8 16M", 0, 5 * np, be->dequant_int8(p, q8, pg, np, 64));
     TIME("dequant_nf4 16M", 0, 4.5 * np, be->dequant_nf4(p, (const uint8_t *)q8, pg, np, 64));

@@ -23,7 +23,9 @@ typedef struct st_backend st_backend;
 
 /* One tensor range of a multi-tensor AdamW step (adamw_multi): fp32 master weights with their gradient
  * and moments, the range's own lr, weight decay and step count (layer-wise lr, no-decay sets, parameters
- * that started training later), and optionally the bf16 copy to refresh (NULL: none). */
+ * that started training later), optionally the bf16 copy to refresh (NULL: none), and optionally the
+ * gradient again as zero_grad (NULL, or == grad): each gradient element is set to 0 once it is read, so
+ * the next step accumulates into zeros without a separate zeroing pass. */
 typedef struct {
     float *param;
     const float *grad;
@@ -32,6 +34,7 @@ typedef struct {
     size_t n;
     float lr, weight_decay;
     int step;
+    float *zero_grad;
 } st_adamw_range;
 
 /* One operand of matmul_bf16: fp32 values (rounded to bf16 by the kernel) or values already stored as
@@ -181,7 +184,8 @@ struct st_backend {
 
     /* ---- multi-tensor AdamW ----
      * For each range: exactly `adamw` on it, then param_bf16[i] = bf16(param[i]) when param_bf16 is not
-     * NULL (the mixed-precision weight copy, written in the same pass). One call per optimizer step, so
+     * NULL (the mixed-precision weight copy, written in the same pass), and grad[i] = 0 when zero_grad is
+     * not NULL (it is then the same pointer as grad; the same pass too). One call per optimizer step, so
      * a GPU runs a few launches instead of one per tensor. */
     void (*adamw_multi)(const st_adamw_range *ranges, int count, float beta1, float beta2, float eps,
                         float grad_scale);

@@ -433,6 +433,33 @@ static int overlap_finish(st_comm *c, st_model *m) {
     return 0;
 }
 
+/* grad_ready hook of the fused sum of squares (st_comm.sumsq_grads). */
+static void on_grad_sumsq(void *vctx, size_t lo, size_t hi) {
+    st_comm *c = vctx;
+    c->sumsq_sum += c->be->sumsq(c->sumsq_grads + lo, hi - lo);
+    c->sumsq_covered += hi - lo;
+}
+
+/* Arms the fused sum of squares for this (last) micro-batch's backward where nothing else reads the
+ * gradients as they finish: one rank (or no collective), stages 0-1, host memory. */
+static void sumsq_arm(st_comm *c, st_model *m) {
+    c->sumsq_ready = 0;
+    if (collective(c) || c->stage > 1 || !c->be->host_memory || !m->grads || c->n == 0 || m->grad_ready) return;
+    c->sumsq_grads = m->grads;
+    c->sumsq_sum = 0;
+    c->sumsq_covered = 0;
+    m->grad_ready = on_grad_sumsq;
+    m->grad_ready_ctx = c;
+}
+
+static void sumsq_disarm(st_comm *c, st_model *m) {
+    if (!c->sumsq_grads) return;
+    m->grad_ready = NULL;
+    m->grad_ready_ctx = NULL;
+    c->sumsq_grads = NULL;
+    c->sumsq_ready = c->sumsq_covered == c->n; /* else (never expected) st_comm_grad_sumsq reads them again */
+}
+
 void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last) {
     if (c->stage == 3) {
         c->z3_async = overlap && c->world > 1;
@@ -449,6 +476,7 @@ void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last) {
         return;
     }
     if (overlap && last) st_comm_overlap_begin(c, m);
+    if (last) sumsq_arm(c, m);
 }
 
 int st_comm_backward_end(st_comm *c, st_model *m) {
@@ -460,6 +488,7 @@ int st_comm_backward_end(st_comm *c, st_model *m) {
         c->z3_prof[ST_Z3_BWD_END] += st_now() - t0;
         return 0;
     }
+    sumsq_disarm(c, m);
     if (c->z2dev) return st_z2dev_backward_end(c);
     if (!c->s2_release || !c->overlapping) return 0;
     double t0 = st_now();
@@ -577,6 +606,9 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
 double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grads) {
     size_t lo, hi;
     st_comm_optim_range(c, &lo, &hi);
+    int fused = c->sumsq_ready && c->stage <= 1 && !collective(c);
+    c->sumsq_ready = 0;
+    if (fused) return c->sumsq_sum; /* taken during the last backward (sumsq_arm) */
     double s = hi > lo ? m->be->sumsq(optim_grads, hi - lo) : 0.0;
     if (c->stage != 0 && c->world > 1) {
         double t0 = st_now();
@@ -625,14 +657,42 @@ static int gather_finish(st_comm *c) {
     return frc;
 }
 
-int st_comm_update_params(st_comm *c, st_model *m, st_optim *o, const float *grads, float lr, float grad_scale) {
-    if (c->stage == 3) { /* the shard is the resident master copy: update it in place, no gather */
-        st_optim_update(o, m, grads, lr, grad_scale);
-        if (c->shard) c->be->memset0(c->shard_grads, c->shard * sizeof(float)); /* the next step accumulates */
-        return 0;
+/* Whether the update may zero the gradients it reads (the next step accumulates into zeros, and no
+ * separate pass zeroes them): ZeRO-3's shard, or ZeRO 0-1's model gradients where st_model_zero_grad
+ * would zero them (not ZeRO-2's, which the reduction overwrites). */
+static int update_zeroes(const st_comm *c, const st_model *m, const float *grads) {
+    if (c->stage == 3) return grads == c->shard_grads;
+    return c->stage <= 1 && m->grads && !m->release && !m->grads_managed && grads >= m->grads &&
+           grads < m->grads + m->grad_alloc;
+}
+
+/* After a zeroing update: the part of the gradients the optimizer's ranges do not cover is zeroed here
+ * (ZeRO-3: the shard's padding), or left to st_model_zero_grad (ZeRO 0-1: around [lo, hi) of m->grads). */
+static void after_zeroing(st_comm *c, st_model *m, const st_optim *o) {
+    size_t lo = o->lo, hi = o->hi < m->n_grads ? o->hi : m->n_grads;
+    if (hi < lo) hi = lo;
+    if (c->stage == 3) { /* the next step's first reduction then skips its memset (stage 3's restart, fresh) */
+        if (c->shard > hi - lo) c->be->memset0(c->shard_grads + (hi - lo), (c->shard - (hi - lo)) * sizeof(float));
+        c->shard_zeroed = 1;
+        return;
     }
-    if (c->stage == 0 || !collective(c) || c->n_pad == 0) {
-        st_optim_update(o, m, grads, lr, grad_scale);
+    m->grads_zero_lo = lo;
+    m->grads_zero_hi = hi;
+}
+
+static int update_params(st_comm *c, st_model *m, st_optim *o, const float *grads, float lr, float grad_scale);
+
+int st_comm_update_params(st_comm *c, st_model *m, st_optim *o, const float *grads, float lr, float grad_scale) {
+    o->zero_grads = update_zeroes(c, m, grads);
+    int rc = update_params(c, m, o, grads, lr, grad_scale);
+    if (o->zero_grads && !rc) after_zeroing(c, m, o);
+    o->zero_grads = 0;
+    return rc;
+}
+
+static int update_params(st_comm *c, st_model *m, st_optim *o, const float *grads, float lr, float grad_scale) {
+    if (c->stage == 3 || c->stage == 0 || !collective(c) || c->n_pad == 0) {
+        st_optim_update(o, m, grads, lr, grad_scale); /* ZeRO-3: the shard is the resident master copy */
         return 0;
     }
     double t0 = st_now(), optimizer = 0;
@@ -1149,8 +1209,8 @@ static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
     float *grads = c->model->grads;
     double t0 = st_now();
     if (c->fresh) { /* the first reduction of a step: the last step's sums are spent (or its step was skipped) */
-        c->be->memset0(c->shard_grads, c->shard * sizeof(float));
-        c->fresh = 0;
+        if (!c->shard_zeroed) c->be->memset0(c->shard_grads, c->shard * sizeof(float));
+        c->fresh = c->shard_zeroed = 0;
     }
     for (size_t s = lo; s < hi; s += ST_Z3_CHUNK) {
         size_t e = hi - s > ST_Z3_CHUNK ? s + ST_Z3_CHUNK : hi;

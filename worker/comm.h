@@ -74,6 +74,13 @@ typedef struct {
     size_t pend_lo, pend_hi; /* the bucket being filled (ranges arrive top-down) */
     size_t covered;         /* elements handed to MPI so far this step */
     float *overlap_grads;   /* the model's gradient buffer while overlapping */
+    /* One rank at stages 0-1 on host memory (nothing to reduce): the last micro-batch's backward reports
+     * each finished gradient range (grad_ready) and its sum of squares is taken then, while the range is
+     * still in cache, instead of in a pass of its own (st_comm_grad_sumsq). */
+    float *sumsq_grads;     /* the model's gradient buffer while armed, else NULL */
+    double sumsq_sum;       /* the ranges' sums of squares, in the order backward finished them */
+    size_t sumsq_covered;   /* floats summed so far */
+    int sumsq_ready;        /* the last backward covered every gradient: st_comm_grad_sumsq takes sumsq_sum */
     MPI_Request *reqs;
     int **req_counts;       /* per request: the per-rank counts of a stage-2 bucket (MPI keeps reading them) */
     int n_reqs, cap_reqs;
@@ -139,6 +146,7 @@ typedef struct {
     MPI_Request z3_rs_req;
     int *z3_rs_counts;      /* [world]: its per-owner counts */
     int fresh;              /* stages 2-3: shard_grads holds a finished step's sums; the next reduction restarts */
+    int shard_zeroed;       /* stage 3: the optimizer zeroed shard_grads as it read them: the restart skips its memset */
     double z3_prof[ST_Z3_PROF_N]; /* stage 3: seconds spent, by where (st_comm_zero3_profile) */
     struct st_z3dev *z3dev; /* stage 3 on a device backend (worker/comm_zero3_dev.h), else NULL */
     struct st_z2dev *z2dev; /* stage 2 on a device backend (worker/comm_zero2_dev.h), else NULL */

@@ -350,9 +350,9 @@ static void z3d_grad_ready(void *ctx, size_t lo, size_t hi) {
     st_z3dev *z = c->z3dev;
     const st_backend *be = z->m->be;
     double t0 = st_now();
-    if (c->fresh) { /* the first reduction of a step: the last step's sums are spent */
-        be->memset0(c->shard_grads, c->shard * sizeof(float));
-        c->fresh = 0;
+    if (c->fresh) { /* the first reduction of a step: the last step's sums are spent (or the optimizer zeroed them) */
+        if (!c->shard_zeroed) be->memset0(c->shard_grads, c->shard * sizeof(float));
+        c->fresh = c->shard_zeroed = 0;
     }
     int edge, gb;
     float *src = grad_source(z, lo, hi, &edge, &gb);

@@ -337,6 +337,7 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
     if (m->embed_trained) lowest = 0;
     if (!m->buffers_external) m->be->free(m->grads);
     m->grads = NULL;
+    m->grads_zero_lo = m->grads_zero_hi = 0;
     m->n_grads = off;
     m->lowest_trained_layer = lowest;
     size_t align = m->grad_align > 0 ? (size_t)m->grad_align : 1;
@@ -348,7 +349,13 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
 }
 
 void st_model_zero_grad(st_model *m) {
-    if (m->grads && !m->release && !m->grads_managed) m->be->memset0(m->grads, m->grad_alloc * sizeof(float));
+    size_t lo = m->grads_zero_lo < m->grad_alloc ? m->grads_zero_lo : m->grad_alloc;
+    size_t hi = m->grads_zero_hi < m->grad_alloc ? m->grads_zero_hi : m->grad_alloc;
+    if (hi <= lo) lo = hi = 0;
+    m->grads_zero_lo = m->grads_zero_hi = 0;
+    if (!m->grads || m->release || m->grads_managed) return;
+    m->be->memset0(m->grads, lo * sizeof(float)); /* around what the optimizer zeroed already */
+    m->be->memset0(m->grads + hi, (m->grad_alloc - hi) * sizeof(float));
 }
 
 void st_model_acquire(const st_model *m, int first, int last) {

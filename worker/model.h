@@ -63,6 +63,8 @@ typedef struct {
     int grad_align;    /* set by the caller before st_model_set_trainable (the world size); 0 = 1 */
     int grads_managed; /* a communicator reduces m->grads range by range during backward and gives their pages
                           back (ZeRO-2 on host memory): they read zero after, st_model_zero_grad leaves them */
+    size_t grads_zero_lo, grads_zero_hi; /* [lo, hi) of grads the optimizer zeroed as it read them (ZeRO
+                          0-1, st_comm_update_params): the next st_model_zero_grad leaves it, once */
     int lowest_trained_layer; /* backward stops here (L when only the head trains); set by set_trainable */
     int embed_trained;
     /* activations (see model.c for the layout), sized for B x T */

@@ -2,6 +2,7 @@
 #include "worker/optim.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -111,6 +112,7 @@ static void collect_range(void *vctx, const st_param *p, size_t start, size_t le
     r->param = st_model_part(m, (int)(p - m->params)) + (start - (size_t)p->grad_offset);
     r->param_bf16 = m->weights_bf16 ? m->weights_bf16 + w : NULL;
     r->grad = c->grads + k;
+    r->zero_grad = o->zero_grads ? (float *)(uintptr_t)r->grad : NULL; /* writable: see st_optim.zero_grads */
     r->m = o->m + k;
     r->v = o->v + k;
     r->n = len;
@@ -135,9 +137,11 @@ void st_optim_update_range(st_optim *o, st_model *m, const float *grads, float l
     if (be->adamw_multi) {
         be->adamw_multi(ranges, c.count, o->cfg.beta1, o->cfg.beta2, o->cfg.eps, grad_scale);
     } else { /* a backend without the multi-tensor entry: one call per range, then repack the copy */
-        for (int i = 0; i < c.count; i++)
+        for (int i = 0; i < c.count; i++) {
             be->adamw(ranges[i].param, ranges[i].grad, ranges[i].m, ranges[i].v, ranges[i].n, ranges[i].lr,
                       o->cfg.beta1, o->cfg.beta2, o->cfg.eps, ranges[i].weight_decay, grad_scale, ranges[i].step);
+            if (ranges[i].zero_grad) be->memset0(ranges[i].zero_grad, ranges[i].n * sizeof(float));
+        }
         st_model_weights_changed(m);
     }
 }

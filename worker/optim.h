@@ -27,6 +27,9 @@ typedef struct {
     int *param_step; /* [n_params] updates each parameter has had since it became trainable (every rank
                         counts every parameter, so bias corrections agree whatever the sharding) */
     st_adamw_range *ranges; /* [n_params] host list handed to the backend's multi-tensor AdamW */
+    int zero_grads; /* the update zeroes each gradient element it reads, in the same pass (the gradients
+                       passed are then writable: the model's own, or ZeRO-3's shard; st_comm_update_params
+                       sets it for the step's update and clears it after) */
 } st_optim;
 
 /* Zeroed state for [lo, hi) of model m's current gradient space. */
@@ -61,7 +64,8 @@ float st_clip_scale(double grad_norm, float max_norm);
  * one multi-tensor call. */
 void st_optim_update(st_optim *o, st_model *m, const float *grads, float lr, float grad_scale);
 
-/* st_optim_update in parts: count the step once (every trainable parameter's step count advances), then
+/* With o->zero_grads, both also zero the gradients they read (same pass; see st_optim).
+ * st_optim_update in parts: count the step once (every trainable parameter's step count advances), then
  * update any number of disjoint sub-ranges [lo, hi) of the optimizer's range (st_comm_update_params
  * interleaves them with the parameter all-gather). */
 void st_optim_count_step(st_optim *o, const st_model *m);

@@ -179,7 +179,7 @@ void st_cu_adamw(float *param, const float *grad, float *m, float *v, size_t n, 
 }
 
 /* Multi-tensor: one launch covers up to ST_CUDA_MT_MAX_TENSORS ranges, passed by value as kernel
- * parameters (~1.6 KB, under the 4 KB parameter limit); blockIdx.y picks the range. Each range has its
+ * parameters (~1.8 KB, under the 4 KB parameter limit); blockIdx.y picks the range. Each range has its
  * own scalars (lr, weight decay and step count differ per parameter). */
 struct mt_batch {
     float *p[ST_CUDA_MT_MAX_TENSORS];
@@ -187,6 +187,7 @@ struct mt_batch {
     float *m[ST_CUDA_MT_MAX_TENSORS];
     float *v[ST_CUDA_MT_MAX_TENSORS];
     uint16_t *bf[ST_CUDA_MT_MAX_TENSORS];
+    float *z[ST_CUDA_MT_MAX_TENSORS]; /* zero_grad: the gradient again, zeroed once read (or NULL) */
     size_t n[ST_CUDA_MT_MAX_TENSORS];
     st_adamw_scalars s[ST_CUDA_MT_MAX_TENSORS];
 };
@@ -196,11 +197,13 @@ __global__ void adamw_multi_kernel(mt_batch batch, float beta1, float beta2, flo
     float *p = batch.p[ti], *m = batch.m[ti], *v = batch.v[ti];
     const float *g = batch.g[ti];
     uint16_t *bf = batch.bf[ti];
+    float *z = batch.z[ti];
     const st_adamw_scalars s = batch.s[ti];
     GRID_STRIDE(i, batch.n[ti]) {
         float np = adamw_step(p[i], g[i], m + i, v + i, beta1, beta2, eps, grad_scale, s);
         p[i] = np;
         if (bf) bf[i] = st_bf16_bits_rn(np);
+        if (z) z[i] = 0.0f; /* the same thread read g[i] (z == g) */
     }
 }
 
@@ -214,7 +217,7 @@ void st_cu_adamw_multi(const st_adamw_range *r, int count, float beta1, float be
         for (int i = 0; i < in_batch; i++) {
             const st_adamw_range *t = &r[first + i];
             batch.p[i] = t->param, batch.g[i] = t->grad, batch.m[i] = t->m, batch.v[i] = t->v;
-            batch.bf[i] = t->param_bf16, batch.n[i] = t->n;
+            batch.bf[i] = t->param_bf16, batch.z[i] = t->zero_grad, batch.n[i] = t->n;
             batch.s[i] = st_adamw_scalars_for(t->lr, t->weight_decay, beta1, beta2, t->step);
             if (t->n > max_n) max_n = t->n;
         }

@@ -824,12 +824,13 @@ static void check_adamw(void) {
     tick(); C->adamw(p, g, m, v, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 7); tc = tock_cpu();
     double e = fmax(dev_err(gp, p, n), fmax(dev_err(gm, m, n), dev_err(gv, v, n)));
     report("adamw", e, tg, tc, 1e-5);
-    { /* multi-tensor with bf16 copies: two ranges with their own lr, decay and step == two adamw calls */
+    { /* multi-tensor with bf16 copies: two ranges with their own lr, decay and step == two adamw calls;
+       * the second zeroes its gradient as it reads it (zero_grad), the first leaves its own */
         size_t n1 = 20000, n2 = n - n1;
         uint16_t *gbf = dev_from(NULL, n * 2);
         st_adamw_range rs[2] = {
-            {gp, gg, gm, gv, gbf, n1, 2e-3f, 0.1f, 8},
-            {gp + n1, gg + n1, gm + n1, gv + n1, gbf + n1, n2, 1e-3f, 0.0f, 3},
+            {gp, gg, gm, gv, gbf, n1, 2e-3f, 0.1f, 8, NULL},
+            {gp + n1, gg + n1, gm + n1, gv + n1, gbf + n1, n2, 1e-3f, 0.0f, 3, gg + n1},
         };
         tick(); G->adamw_multi(rs, 2, 0.9f, 0.95f, 1e-8f, 0.5f); tg = tock_gpu();
         tick();
@@ -844,8 +845,11 @@ static void check_adamw(void) {
             pref[i] = st_bf16_round(pref[i]);
         }
         e = fmax(dev_err(gp, p, n), fmax(dev_err(gm, m, n), rel_err(pbf, pref, n)));
-        report("adamw_multi (+bf16 copy)", e, tg, tc, 1e-5);
-        G->free(gbf), free(bf), free(pbf), free(pref);
+        float *gz = fetch(gg, n); /* exact: the first range's gradient untouched, the second's all zero */
+        for (size_t i = 0; i < n; i++)
+            if (gz[i] != (i < n1 ? g[i] : 0.0f)) e = fmax(e, 1.0);
+        report("adamw_multi (+bf16 copy, zero_grad)", e, tg, tc, 1e-5);
+        G->free(gbf), free(bf), free(pbf), free(pref), free(gz);
     }
     G->free(gp), G->free(gg), G->free(gm), G->free(gv), free(p), free(g), free(m), free(v);
 }

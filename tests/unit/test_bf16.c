@@ -179,7 +179,8 @@ static void test_bf16_operands_and_bias(void **state) {
     free(a), free(b), free(bias), free(ah), free(bh), free(back), free(scratch), free(c0), free(want), free(got);
 }
 
-/* ---- multi-tensor AdamW: each range exactly `adamw` (own lr, decay, step), plus its bf16 copy ---- */
+/* ---- multi-tensor AdamW: each range exactly `adamw` (own lr, decay, step), plus its bf16 copy, and
+ * with zero_grad its gradient zeroed in the same pass (the others' gradients untouched) ---- */
 
 static void test_adamw_multi(void **state) {
     (void)state;
@@ -187,10 +188,14 @@ static void test_adamw_multi(void **state) {
     enum { R = 4 };
     const size_t n[R] = {1, 37, 5000, 70000}; /* the last one runs on the OpenMP team */
     st_adamw_range r[R];
-    float *want_p[R], *want_m[R], *want_v[R];
+    float *want_p[R], *want_m[R], *want_v[R], *grad_copy[R];
     for (int i = 0; i < R; i++) {
+        float *g = frand(n[i], 0.1);
         r[i].param = frand(n[i], 1.0);
-        r[i].grad = frand(n[i], 0.1);
+        r[i].grad = g;
+        r[i].zero_grad = i == 0 || i == 3 ? g : NULL; /* one below the OpenMP threshold, one above */
+        grad_copy[i] = malloc(n[i] * 4);
+        memcpy(grad_copy[i], g, n[i] * 4);
         r[i].m = frand(n[i], 0.01);
         float *v = frand(n[i], 1e-4);
         for (size_t j = 0; j < n[i]; j++) v[j] = fabsf(v[j]);
@@ -214,8 +219,10 @@ static void test_adamw_multi(void **state) {
         assert_memory_equal(r[i].v, want_v[i], n[i] * 4);
         for (size_t j = 0; r[i].param_bf16 && j < n[i]; j++)
             if (r[i].param_bf16[j] != st_float_to_bf16_bits(want_p[i][j])) fail_msg("range %d: bf16 copy at %zu", i, j);
+        for (size_t j = 0; j < n[i]; j++)
+            if (r[i].grad[j] != (r[i].zero_grad ? 0.0f : grad_copy[i][j])) fail_msg("range %d: gradient at %zu", i, j);
         free(r[i].param), free((void *)r[i].grad), free(r[i].m), free(r[i].v), free(r[i].param_bf16);
-        free(want_p[i]), free(want_m[i]), free(want_v[i]);
+        free(want_p[i]), free(want_m[i]), free(want_v[i]), free(grad_copy[i]);
     }
 }
 

@@ -11,6 +11,12 @@
  *  - the same with frozen layers and modules (the top layer's MLP trains: gathers go through the staging
  *    buffer, frozen weights never change);
  *  - a skipped (bad) step's reduced gradients do not leak into the next step (bit-identical to stage 0);
+ *  - the fused optimizer tail: stages 0 and 1 (AdamW zeroes the gradients it reads, st_model_zero_grad
+ *    skips them; the norm's sum of squares taken as backward finishes each range) are bit-identical to a
+ *    plain step (st_optim_update without zeroing, the full st_model_zero_grad), with and without a
+ *    skipped step; after each applied step the gradients (stage 3: the shard's) read all zero; every
+ *    stage's st_comm_grad_sumsq equals a direct sum of squares of the reduced gradients within double
+ *    rounding (n squares: relative 2n * 2^-53);
  *  - a device backend (host_memory 0) is accepted (worker/comm_zero3_dev.c: hooks installed, the model
  *    windowed, its weights this rank's shards, a step's losses bit-identical to stage 0 on the host), with
  *    every parameter trained and with frozen layers and modules (the frozen space's shard); several ranks
@@ -60,8 +66,11 @@ static int all_zero(const float *x, size_t n) {
 
 static int skip_first_step; /* step 0 is "bad": reduced but not applied, as the trainer skips one */
 
+#define PLAIN (-1) /* stage 0 with a plain update: st_optim_update, no zeroing, the full st_model_zero_grad */
+
 /* Two steps of two micro-batches each; losses out, weights left in the model. */
-static void train(st_model *m, int stage, int accum, double loss[4]) {
+static void train(st_model *m, int stage_arg, int accum, double loss[4]) {
+    int stage = stage_arg == PLAIN ? 0 : stage_arg;
     st_comm c;
     st_optim o;
     st_optim_config oc = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f,
@@ -83,18 +92,44 @@ static void train(st_model *m, int stage, int accum, double loss[4]) {
                 w[i] = 1.0f / (float)(accum * N);
             }
             loss[2 * s + a] = st_model_forward(m, in, tg, w, 1);
+            int hooks = stage <= 1 && stage_arg != PLAIN; /* as the trainer: the fused norm on the last one */
+            if (hooks) st_comm_backward_begin(&c, m, 0, a == accum - 1);
             st_model_backward(m);
+            if (hooks) assert_int_equal(st_comm_backward_end(&c, m), 0);
+            if (hooks) assert_int_equal(c.sumsq_ready, a == accum - 1);
             if (stage == 3) assert_true(all_zero(m->grads, m->grad_alloc)); /* reduced and given back */
         }
         float *g = NULL;
         assert_int_equal(st_comm_reduce_grads(&c, m, &g), 0);
-        if (!(skip_first_step && s == 0)) assert_int_equal(st_comm_update_params(&c, m, &o, g, 1e-2f, 1.0f), 0);
+        double sq = st_comm_grad_sumsq(&c, m, g), direct = m->be->sumsq(g, hi - lo);
+        if (!(fabs(sq - direct) <= 2.0 * (double)(hi - lo) * 0x1p-53 * direct))
+            fail_msg("stage %d: sum of squares %.17g, directly %.17g", stage, sq, direct);
+        assert_true(direct > 0);
+        if (skip_first_step && s == 0) continue;
+        if (stage_arg == PLAIN) st_optim_update(&o, m, g, 1e-2f, 1.0f);
+        else assert_int_equal(st_comm_update_params(&c, m, &o, g, 1e-2f, 1.0f), 0);
+        if (stage <= 1 && stage_arg != PLAIN) assert_true(all_zero(m->grads, m->grad_alloc));
+        if (stage == 3) assert_true(all_zero(c.shard_grads, c.shard));
     }
     st_optim_free(&o, m->be);
     free(o.param_step);
     st_comm_free(&c);
     assert_null(m->acquire);
     assert_null(m->grad_ready);
+}
+
+/* Stages 0 (fused, `ref`: its losses and weights) and 1 against a plain step: bit-identical. */
+static void check_fused_tail(st_family family, const unsigned char *layers, int accum, const double *lref,
+                             const st_model *ref) {
+    for (int stage = PLAIN; stage <= 1; stage += 2) {
+        st_model p;
+        build(&p, family, layers);
+        double lp[4] = {0};
+        train(&p, stage, accum, lp);
+        assert_memory_equal(lp, lref, sizeof lp);
+        assert_memory_equal(p.weights, ref->weights, p.n_weights * sizeof(float));
+        st_model_free(&p);
+    }
 }
 
 static void check_family(st_family family, const unsigned char *layers) {
@@ -106,6 +141,7 @@ static void check_family(st_family family, const unsigned char *layers) {
         train(&a, 0, accum, la);
         train(&b, 3, accum, lb);
         assert_true(la[accum] != la[0]); /* the weights did move */
+        check_fused_tail(family, layers, accum, la, &a);
         if (accum == 1) {
             assert_memory_equal(la, lb, sizeof la);
             assert_memory_equal(a.weights, b.weights, a.n_weights * sizeof(float));
@@ -141,9 +177,10 @@ static void test_skipped_step(void **state) {
     double la[4] = {0}, lb[4] = {0};
     train(&a, 0, 1, la);
     train(&b, 3, 1, lb);
-    skip_first_step = 0;
     assert_memory_equal(la, lb, sizeof la);
     assert_memory_equal(a.weights, b.weights, a.n_weights * sizeof(float));
+    check_fused_tail(ST_FAMILY_LLAMA, NULL, 1, la, &a);
+    skip_first_step = 0;
     st_model_free(&a);
     st_model_free(&b);
 }

@@ -186,14 +186,7 @@ void st_comm_free(st_comm *c) {
     if (c->model) { /* stage 3: the model's hooks point here */
         prefetch_finish(c, -1, -1);
         z3_rs_finish(c);
-        c->model->acquire = NULL;
-        c->model->release = NULL;
-        c->model->prefetch = NULL;
-        c->model->progress = NULL;
-        c->model->embed_rows = NULL;
-        c->model->residency_ctx = NULL;
-        c->model->grad_ready = NULL;
-        c->model->grad_ready_ctx = NULL;
+        st_model_set_residency(c->model, NULL);
         c->model = NULL;
     }
     if (c->be) {
@@ -1194,15 +1187,10 @@ static int z3_init(st_comm *c, const st_model *cm) {
     int rc = frozen_space(c, m);
     if (rc) return rc;
     c->model = m;
-    m->acquire = z3_acquire;
-    m->release = z3_release;
-    m->prefetch = z3_prefetch;
-    m->progress = z3_progress;
     const char *er = getenv("SHARDTUNE_ZERO3_EMBED_ROWS"); /* 0: gather the whole table (bench, tests) */
-    m->embed_rows = er && strcmp(er, "0") == 0 ? NULL : z3_embed_rows;
-    m->residency_ctx = c;
-    m->grad_ready = z3_grad_ready;
-    m->grad_ready_ctx = c;
+    st_residency_hooks h = {z3_acquire, z3_release, z3_prefetch, z3_progress,
+                            er && strcmp(er, "0") == 0 ? NULL : z3_embed_rows, z3_grad_ready, c};
+    st_model_set_residency(m, &h);
     release_compact(c, 0, c->n);
     release_frozen(c, 0, m->n_params);
     release_qlora(c, 0, m->n_params);
@@ -1341,11 +1329,8 @@ int st_frozen_shard_init(st_frozen_shard *s, MPI_Comm comm, st_model *m) {
     s->lo = s->shard * (size_t)s->rank;
     s->hi = s->lo + s->shard;
     s->model = m;
-    m->acquire = frozen_acquire;
-    m->release = frozen_release;
-    m->prefetch = NULL;
-    m->progress = NULL;
-    m->residency_ctx = s;
+    st_residency_hooks h = {.acquire = frozen_acquire, .release = frozen_release, .ctx = s};
+    st_model_set_residency(m, &h);
     if (s->world > 1) {
         discard(m->weights, 0, s->lo < m->n_weights ? s->lo : m->n_weights);
         if (s->hi < m->n_weights) discard(m->weights, s->hi, m->n_weights);
@@ -1363,10 +1348,6 @@ void st_frozen_shard_keep(const st_frozen_shard *s, const st_model *m, int i, si
 }
 
 void st_frozen_shard_free(st_frozen_shard *s) {
-    if (s->model && s->model->residency_ctx == s) {
-        s->model->acquire = NULL;
-        s->model->release = NULL;
-        s->model->residency_ctx = NULL;
-    }
+    if (s->model && s->model->residency_ctx == s) st_model_set_residency(s->model, NULL);
     s->model = NULL;
 }

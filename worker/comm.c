@@ -1094,12 +1094,12 @@ static void z3_rs_add(st_comm *c, size_t a, size_t own, const float *recv) {
 
 /* Floats of one slot's receive buffer: the other ranks' contributions to the own part of a chunk. */
 static size_t z3_slot_floats(size_t shard, int world) {
-    size_t w1 = world > 1 ? (size_t)world - 1 : 1, r = shard * w1;
-    return r < ST_Z3_CHUNK ? r : ST_Z3_CHUNK;
+    size_t w1 = world > 1 ? (size_t)world - 1 : 1, r = shard * w1, cap = ST_Z3_CHUNK / ST_Z3_RS_SLOTS;
+    return r < cap ? r : cap;
 }
 
 size_t st_comm_zero3_chunk_floats(int world) {
-    size_t f = world > 2 ? ST_Z3_CHUNK / (size_t)(world - 1) : ST_Z3_CHUNK;
+    size_t f = ST_Z3_CHUNK / ST_Z3_RS_SLOTS / (size_t)(world > 2 ? world - 1 : 1);
     return f ? f : 1;
 }
 

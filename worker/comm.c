@@ -1093,13 +1093,20 @@ static void z3_rs_add(st_comm *c, size_t a, size_t own, const float *recv) {
 #define ST_Z3_RS_TAG 3003 /* the stage-3 gradient chunks' point-to-point messages (no other p2p on the comm) */
 
 /* Floats of one slot's receive buffer: the other ranks' contributions to the own part of a chunk. */
+/* What the chunks in flight may hold and receive together: an eighth of the shard, at least the one
+ * blocking chunk's ST_Z3_CHUNK, at most ST_Z3_RS_SLOTS of them. */
+static size_t z3_inflight_floats(size_t shard) {
+    size_t b = shard / 8 > ST_Z3_CHUNK ? shard / 8 : ST_Z3_CHUNK;
+    return b < ST_Z3_RS_SLOTS * ST_Z3_CHUNK ? b : ST_Z3_RS_SLOTS * ST_Z3_CHUNK;
+}
+
 static size_t z3_slot_floats(size_t shard, int world) {
-    size_t w1 = world > 1 ? (size_t)world - 1 : 1, r = shard * w1, cap = ST_Z3_CHUNK / ST_Z3_RS_SLOTS;
+    size_t w1 = world > 1 ? (size_t)world - 1 : 1, r = shard * w1, cap = z3_inflight_floats(shard) / ST_Z3_RS_SLOTS;
     return r < cap ? r : cap;
 }
 
-size_t st_comm_zero3_chunk_floats(int world) {
-    size_t f = ST_Z3_CHUNK / ST_Z3_RS_SLOTS / (size_t)(world > 2 ? world - 1 : 1);
+size_t st_comm_zero3_chunk_floats(size_t shard, int world) {
+    size_t f = z3_inflight_floats(shard) / ST_Z3_RS_SLOTS / (size_t)(world > 2 ? world - 1 : 1);
     return f ? f : 1;
 }
 
@@ -1191,7 +1198,7 @@ static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
         c->be->memset0(c->shard_grads, c->shard * sizeof(float));
         c->fresh = 0;
     }
-    size_t chunk = c->z3_async ? st_comm_zero3_chunk_floats(c->world) : ST_Z3_CHUNK;
+    size_t chunk = c->z3_async ? st_comm_zero3_chunk_floats(c->shard, c->world) : ST_Z3_CHUNK;
     for (size_t s = lo; s < hi; s += chunk) {
         size_t e = hi - s > chunk ? s + chunk : hi;
         int rc = 0;

@@ -189,10 +189,10 @@ void st_comm_zero3_profile(const st_comm *c, double out[ST_Z3_PROF_N]);
 /* Floats of the stage-3 receive buffer for a shard of `shard` floats on `world` ranks (the planner counts
  * it): every slot's, and at least one blocking reduce-scatter's part. */
 size_t st_comm_zero3_recv_floats(size_t shard, int world);
-/* Floats of one overlapped stage-3 gradient chunk on `world` ranks: ST_Z3_CHUNK / ST_Z3_RS_SLOTS /
- * (world - 1), so the chunks in flight hold and receive at most ST_Z3_CHUNK floats, as the one blocking
- * chunk does. */
-size_t st_comm_zero3_chunk_floats(int world);
+/* Floats of one overlapped stage-3 gradient chunk for a shard of `shard` floats on `world` ranks:
+ * B / ST_Z3_RS_SLOTS / (world - 1), B = shard / 8 clamped to [ST_Z3_CHUNK, ST_Z3_RS_SLOTS x ST_Z3_CHUNK]:
+ * the chunks in flight hold and receive at most B floats (small models: the one blocking chunk's). */
+size_t st_comm_zero3_chunk_floats(size_t shard, int world);
 
 /* Stage 3: after something wrote the whole of m->weights (a checkpoint load), gives back the pages of
  * the weights this rank does not own. No-op for other stages. */

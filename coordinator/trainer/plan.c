@@ -550,7 +550,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         size_t gwork = zero3_working_floats(m, goff, 0);
         /* with overlap, up to ST_Z3_RS_SLOTS earlier chunks are in flight while a group computes */
         if (c->sharding.overlap && world > 1) {
-            size_t ch = st_comm_zero3_chunk_floats(world);
+            size_t ch = st_comm_zero3_chunk_floats(sp->shard, world);
             gwork += ST_Z3_RS_SLOTS * (gwork < ch ? gwork : ch);
         }
         free(gath);

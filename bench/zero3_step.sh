@@ -14,18 +14,27 @@
 # embeddings / layers / head, gradient reduce-scatters, the wait at backward's end; totals over all steps),
 # and each round ends with ZeRO-3 / ZeRO-1 step-time ratios.
 #
+# Robust on a shared machine: the runs of a round go back to back and the rounds interleave; at the end
+# every run gets its best and median step time over the rounds (each round's value: the median of its
+# steps after SKIP), and ZeRO-3 / ZeRO-1 is printed as best / best, median / median and the median of the
+# per-round ratios, with the load average and the machine's core count. BASE=OTHER_BUILD_DIR runs every
+# config with that build's binary too, interleaved with this one's (A/B of two builds in one run: build the
+# other commit in a separate directory, e.g. `git archive main | tar -x -C /tmp/base` and cmake there).
+#
 #   bench/zero3_step.sh [BUILD_DIR]     env: STEPS (default 10), SKIP (2), LAYERS (8), DIM (512),
 #                                         VOCAB (32000), GB (global batch, 4), SEQ (64), ROUNDS (2),
 #                                         PRECISION (fp32 or bf16), ACCUM (train.grad_accum, 1), EXTRA
 #                                         (train overrides for every run, e.g. "finetune.mode=lora": the
-#                                         frozen base sharded, its runs prefetched)
+#                                         frozen base sharded, its runs prefetched), BASE (a second build
+#                                         dir, see above), THREADS (OMP_NUM_THREADS per rank, 1)
 set -euo pipefail
 BUILD=${1:-build}
 BIN=$BUILD/shardtune
 PY=${ST_PYTHON:-/usr/bin/python3}
 STEPS=${STEPS:-10} SKIP=${SKIP:-2} LAYERS=${LAYERS:-8} DIM=${DIM:-512} VOCAB=${VOCAB:-32000}
 GB=${GB:-4} SEQ=${SEQ:-64} ROUNDS=${ROUNDS:-2} PRECISION=${PRECISION:-fp32} ACCUM=${ACCUM:-1} EXTRA=${EXTRA:-}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
+BASE=${BASE:-} THREADS=${THREADS:-1}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=$THREADS
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 
@@ -62,14 +71,17 @@ print(f"{med('step_ms'):.1f} {med('comm_ms'):.1f}")
 EOF
 }
 
-echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION} ${EXTRA}; 2 ranks x 1 thread, global batch ${GB} x ${SEQ};" \
-     "median of steps $((SKIP + 1))..${STEPS}; ${ROUNDS} rounds, interleaved"
-echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
-printf "%-6s %-26s %10s %10s\n" round run step_ms comm_ms
+BINS=("$BIN"); LABELS=(this)
+[ -n "$BASE" ] && BINS+=("$BASE/shardtune") && LABELS+=(base)
+echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION} ${EXTRA}; 2 ranks x ${THREADS} thread(s), global batch ${GB} x ${SEQ};" \
+     "median of steps $((SKIP + 1))..${STEPS} per run; ${ROUNDS} rounds, interleaved; builds: ${LABELS[*]}"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc --all) cores; a shared machine: compare ratios of one run only)"
+printf "%-6s %-5s %-26s %10s %10s %6s\n" round build run step_ms comm_ms load
 CONFIGS=${CONFIGS:-1 on,2 on,2 off,3 on,3 table,3 off}
+: >"$T/results"
 for round in $(seq "$ROUNDS"); do
-  z1=""; ratios=""
   IFS=, read -r -a cfgs <<<"$CONFIGS"
+  for bi in "${!BINS[@]}"; do
   for cfg in "${cfgs[@]}"; do
     set -- $cfg
     pf=1; [ "$2" = off ] && pf=0
@@ -77,16 +89,34 @@ for round in $(seq "$ROUNDS"); do
     name="ZeRO-$1"; [ "$1" = 3 ] && name="ZeRO-3 prefetch $2"
     [ "$1" = 3 ] && [ "$2" = table ] && name="ZeRO-3 table gathered"
     [ "$1" = 2 ] && name="ZeRO-2 grads released $2"
+    rd="$T/r$round-$bi-$1-$2"
     SHARDTUNE_ZERO2_FULL_GRADS=$((1 - pf)) SHARDTUNE_ZERO3_PREFETCH=$pf SHARDTUNE_ZERO3_EMBED_ROWS=$rows \
-      SHARDTUNE_ZERO3_PROFILE=1 mpirun --oversubscribe -np 2 "$BIN" train "$T/job.yaml" \
-      run_dir="$T/r$round-$1-$2" sharding.stage=$1 precision=$PRECISION train.grad_accum=$ACCUM \
+      SHARDTUNE_ZERO3_PROFILE=1 mpirun --oversubscribe -np 2 "${BINS[$bi]}" train "$T/job.yaml" \
+      run_dir="$rd" sharding.stage=$1 precision=$PRECISION train.grad_accum=$ACCUM \
       train.micro_batch=$((GB / 2 / ACCUM)) $EXTRA 2>"$T/err" >/dev/null
-    read -r s c < <(summary "$T/r$round-$1-$2")
-    printf "%-6s %-26s %10s %10s\n" "$round" "$name" "$s" "$c"
+    read -r s c < <(summary "$rd")
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    printf "%-6s %-5s %-26s %10s %10s %6s\n" "$round" "${LABELS[$bi]}" "$name" "$s" "$c" "$load"
     grep -o "rank [0-9]*: stage-3 comm ms: .*" "$T/err" | sed 's/^/         /' || true
-    [ "$1" = 1 ] && z1=$s
-    [ "$1" = 3 ] && [ -n "$z1" ] && ratios="$ratios $name $(awk -v a="$s" -v b="$z1" 'BEGIN { printf "%.3f", a / b }')x;"
+    printf "%s\t%s\t%s\t%s\n" "$round" "${LABELS[$bi]}" "$name" "$s" >>"$T/results"
   done
-  [ -n "$ratios" ] && echo "round $round, step time over ZeRO-1:$ratios (load average now $(cut -d' ' -f1 /proc/loadavg))"
+  done
 done
+"$PY" - "$T/results" <<'EOF'
+import collections, statistics, sys
+runs = collections.OrderedDict()  # (build, run) -> {round: step_ms}
+for line in open(sys.argv[1]):
+    rnd, build, name, step = line.rstrip("\n").split("\t")
+    runs.setdefault((build, name), {})[int(rnd)] = float(step)
+print("summary over rounds (step_ms: best / median; ZeRO-3 / ZeRO-1 of the same build: best/best, median/median, "
+      "median of the per-round ratios):")
+for (build, name), v in runs.items():
+    line = f"  {build:5s} {name:26s} best {min(v.values()):9.1f}  median {statistics.median(v.values()):9.1f}"
+    z1 = runs.get((build, "ZeRO-1"))
+    if name.startswith("ZeRO-3") and z1:
+        per = [v[r] / z1[r] for r in v if r in z1]
+        line += (f"   ratio {min(v.values()) / min(z1.values()):.3f}x / {statistics.median(v.values()) / statistics.median(z1.values()):.3f}x"
+                 f" / {statistics.median(per):.3f}x (rounds: {' '.join(f'{x:.2f}' for x in per)})")
+    print(line)
+EOF
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -157,6 +157,7 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
 
 static int prefetch_finish(st_comm *c, int first, int last); /* stage 3, below */
 static int z3_rs_finish(st_comm *c);
+static int z3_rs_complete(st_comm *c, int wait);
 
 /* Waits for the oldest stage-2 bucket in flight, adds a later micro-batch's part into the shard, and gives
  * the bucket's gradient pages back. */
@@ -196,14 +197,7 @@ void st_comm_free(st_comm *c) {
     if (c->model) { /* stage 3: the model's hooks point here */
         prefetch_finish(c, -1, -1);
         z3_rs_finish(c);
-        c->model->acquire = NULL;
-        c->model->release = NULL;
-        c->model->prefetch = NULL;
-        c->model->progress = NULL;
-        c->model->embed_rows = NULL;
-        c->model->residency_ctx = NULL;
-        c->model->grad_ready = NULL;
-        c->model->grad_ready_ctx = NULL;
+        st_model_set_residency(c->model, NULL);
         c->model = NULL;
     }
     if (c->be) {
@@ -227,6 +221,8 @@ void st_comm_free(st_comm *c) {
     c->z3_pf_fcounts = NULL;
     free(c->z3_rs_counts);
     c->z3_rs_counts = NULL;
+    free(c->z3_rs_reqs);
+    c->z3_rs_reqs = NULL;
     c->z3_recv = NULL;
     c->z3_stage = NULL;
     free(c->reqs);
@@ -1163,7 +1159,8 @@ static void z3_prefetch(void *ctx, int first, int last) {
 static void z3_progress(void *ctx) {
     st_comm *c = ctx;
     int flag; /* done: a request is MPI_REQUEST_NULL, Wait returns */
-    if (c->z3_rs_active) MPI_Test(&c->z3_rs_req, &flag, MPI_STATUS_IGNORE); /* a gradient reduce-scatter too */
+    while (c->z3_rs_n && z3_rs_complete(c, 0)) { /* gradient chunks that have arrived: summed, pages back */
+    }
     if (!c->z3_pf_active) return;
     if (c->z3_pf_train) MPI_Test(&c->z3_pf_req, &flag, MPI_STATUS_IGNORE);
     if (c->z3_pf_nruns) MPI_Testall(c->z3_pf_nruns, c->z3_pf_freqs, &flag, MPI_STATUSES_IGNORE);
@@ -1180,30 +1177,113 @@ static void z3_release(void *ctx, int first, int last) {
     release_qlora(c, first, last);
 }
 
-/* Adds this rank's part of the reduce-scattered chunk starting at compact index a (in z3_recv) to its
+/* Adds this rank's part of the reduce-scattered chunk starting at compact index a (in recv) to its
  * shard_grads (the micro-batches of a step accumulate there). */
-static void z3_rs_add(st_comm *c, size_t a, int own) {
+static void z3_rs_add(st_comm *c, size_t a, size_t own, const float *recv) {
     float *dst = c->shard_grads + (a > c->lo ? a - c->lo : 0);
-    for (int i = 0; i < own; i++) dst[i] += c->z3_recv[i];
+    for (size_t i = 0; i < own; i++) dst[i] += recv[i];
 }
 
-/* Finishes the reduce-scatter in flight (if any): its part added to the shard, its gradient pages given
- * back. A failure is kept in z3_rc (reported by st_comm_reduce_grads). */
-static int z3_rs_finish(st_comm *c) {
-    if (!c->z3_rs_active) return 0;
-    c->z3_rs_active = 0;
-    int rc = MPI_Wait(&c->z3_rs_req, MPI_STATUS_IGNORE);
+#define ST_Z3_RS_TAG 3003 /* the stage-3 gradient chunks' point-to-point messages (no other p2p on the comm) */
+
+/* Floats of one slot's receive buffer: the other ranks' contributions to the own part of a chunk. */
+/* What the chunks in flight may hold and receive together: an eighth of the shard, at least the one
+ * blocking chunk's ST_Z3_CHUNK, at most ST_Z3_RS_SLOTS of them. */
+static size_t z3_inflight_floats(size_t shard) {
+    size_t b = shard / 8 > ST_Z3_CHUNK ? shard / 8 : ST_Z3_CHUNK;
+    return b < ST_Z3_RS_SLOTS * ST_Z3_CHUNK ? b : ST_Z3_RS_SLOTS * ST_Z3_CHUNK;
+}
+
+static size_t z3_slot_floats(size_t shard, int world) {
+    size_t w1 = world > 1 ? (size_t)world - 1 : 1, r = shard * w1, cap = z3_inflight_floats(shard) / ST_Z3_RS_SLOTS;
+    return r < cap ? r : cap;
+}
+
+size_t st_comm_zero3_chunk_floats(size_t shard, int world) {
+    size_t f = z3_inflight_floats(shard) / ST_Z3_RS_SLOTS / (size_t)(world > 2 ? world - 1 : 1);
+    return f ? f : 1;
+}
+
+size_t st_comm_zero3_recv_floats(size_t shard, int world) {
+    size_t one = shard < ST_Z3_CHUNK ? shard : ST_Z3_CHUNK; /* a blocking reduce-scatter's part */
+    size_t slots = world > 1 ? ST_Z3_RS_SLOTS * z3_slot_floats(shard, world) : 0;
+    return slots > one ? slots : one;
+}
+
+/* Finishes the oldest chunk in flight: waits for its sends and receives (wait 0: only if they are done
+ * already; returns 1 when it finished), sums the own part's contributions in rank order (exactly the
+ * reduce-scatter's sum on 2 ranks) into shard_grads, gives the chunk's gradient pages back. A failure is
+ * kept in z3_rc (reported by st_comm_reduce_grads). */
+static int z3_rs_complete(st_comm *c, int wait) {
+    if (!c->z3_rs_n) return 0;
+    int k = c->z3_rs_first, done = 1;
+    st_z3_rs_slot *sl = &c->z3_rs[k];
+    MPI_Request *req = c->z3_rs_reqs + (size_t)k * 2 * (size_t)c->world;
+    int rc = !sl->nreq ? MPI_SUCCESS
+             : wait    ? MPI_Waitall(sl->nreq, req, MPI_STATUSES_IGNORE)
+                       : MPI_Testall(sl->nreq, req, &done, MPI_STATUSES_IGNORE);
     if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
-    z3_rs_add(c, c->z3_rs_a, c->z3_rs_counts[c->rank]);
-    discard(c->model->grads, c->z3_rs_a, c->z3_rs_b);
+    if (!done && rc == MPI_SUCCESS) return 0;
+    if (sl->own && rc == MPI_SUCCESS) { /* acc (the first receive) holds rank `init`'s part */
+        const float *mine = c->model->grads + sl->own_a;
+        float *acc = sl->recv;
+        int init = c->rank == 0 ? 1 : 0;
+        for (int r = 0; r < c->world; r++) {
+            if (r == init) continue;
+            const float *v = r == c->rank ? mine : sl->recv + (size_t)(r < c->rank ? r : r - 1) * sl->own;
+            for (size_t i = 0; i < sl->own; i++) acc[i] += v[i];
+        }
+        z3_rs_add(c, sl->own_a, sl->own, acc);
+    }
+    discard(c->model->grads, sl->a, sl->b);
+    c->z3_rs_first = (k + 1) % ST_Z3_RS_SLOTS;
+    c->z3_rs_n--;
+    return 1;
+}
+
+/* Finishes every chunk in flight. */
+static int z3_rs_finish(st_comm *c) {
+    while (c->z3_rs_n) z3_rs_complete(c, 1);
     return 0;
 }
 
+/* Starts the point-to-point reduce-scatter of grads[s, e) in a free slot (the oldest finished first when
+ * none is free): this rank's contribution to each other owner's part goes to it, the other ranks'
+ * contributions to this rank's part come into the slot. Same (rank, tag) pairs in the same order on every
+ * rank: MPI's non-overtaking order matches them. */
+static int z3_rs_start(st_comm *c, size_t s, size_t e) {
+    if (c->z3_rs_n == ST_Z3_RS_SLOTS) z3_rs_complete(c, 1);
+    int k = (c->z3_rs_first + c->z3_rs_n) % ST_Z3_RS_SLOTS, w = c->world;
+    st_z3_rs_slot *sl = &c->z3_rs[k];
+    MPI_Request *req = c->z3_rs_reqs + (size_t)k * 2 * (size_t)w;
+    size_t parts[w];
+    bucket_parts(c, s, e - s, parts);
+    memset(sl, 0, sizeof *sl);
+    sl->a = s;
+    sl->b = e;
+    sl->own = parts[c->rank];
+    sl->own_a = s > c->lo ? s : c->lo;
+    sl->recv = c->z3_recv + (size_t)k * z3_slot_floats(c->shard, w);
+    int rc = MPI_SUCCESS;
+    for (int r = 0, j = 0; r < w && rc == MPI_SUCCESS && sl->own; r++)
+        if (r != c->rank)
+            rc = MPI_Irecv(sl->recv + (size_t)j++ * sl->own, (int)sl->own, MPI_FLOAT, r, ST_Z3_RS_TAG, c->comm,
+                           &req[sl->nreq++]);
+    for (int r = 0; r < w && rc == MPI_SUCCESS; r++) {
+        if (r == c->rank || !parts[r]) continue;
+        size_t lo = c->shard * (size_t)r, from = s > lo ? s : lo;
+        rc = MPI_Isend(c->model->grads + from, (int)parts[r], MPI_FLOAT, r, ST_Z3_RS_TAG, c->comm, &req[sl->nreq++]);
+    }
+    if (rc != MPI_SUCCESS) sl->nreq--; /* the failed call started nothing */
+    c->z3_rs_n++;
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
+}
+
 /* grad_ready hook: the finished gradients [lo, hi) are summed into their owners' shard_grads and their
- * pages given back. In chunks of ST_Z3_CHUNK floats: MPI's reduce-scatter holds a temporary as large as
- * its message, and z3_recv needs no more than that. Armed with overlap (z3_async), each chunk's
- * MPI_Ireduce_scatter is left in flight, finished when the next chunk needs z3_recv (the next layer's
- * gradients, whose backward ran meanwhile) or by st_comm_backward_end; else each is blocking. */
+ * pages given back. In chunks: MPI's reduce-scatter holds a temporary as large as its message, and the
+ * receive buffers need no more than that. Armed with overlap (z3_async), each chunk travels point to point
+ * (z3_rs_start, comm.h) while the next layers' backward computes; else each is a blocking
+ * MPI_Reduce_scatter of ST_Z3_CHUNK floats. */
 static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
     st_comm *c = ctx;
     float *grads = c->model->grads;
@@ -1212,23 +1292,23 @@ static void z3_grad_ready(void *ctx, size_t lo, size_t hi) {
         if (!c->shard_zeroed) c->be->memset0(c->shard_grads, c->shard * sizeof(float));
         c->fresh = c->shard_zeroed = 0;
     }
-    for (size_t s = lo; s < hi; s += ST_Z3_CHUNK) {
-        size_t e = hi - s > ST_Z3_CHUNK ? s + ST_Z3_CHUNK : hi;
-        z3_rs_finish(c); /* one chunk in flight: z3_recv is free again */
-        int *counts = c->z3_rs_counts, displs[c->world];
-        owner_counts(c, s, e, counts, displs);
-        int rc;
+    size_t chunk = c->z3_async ? st_comm_zero3_chunk_floats(c->shard, c->world) : ST_Z3_CHUNK;
+    for (size_t s = lo; s < hi; s += chunk) {
+        size_t e = hi - s > chunk ? s + chunk : hi;
+        int rc = 0;
         if (c->z3_async) {
-            rc = MPI_Ireduce_scatter(grads + s, c->z3_recv, counts, MPI_FLOAT, MPI_SUM, c->comm, &c->z3_rs_req);
-            c->z3_rs_active = rc == MPI_SUCCESS;
-            c->z3_rs_a = s;
-            c->z3_rs_b = e;
+            rc = z3_rs_start(c, s, e);
         } else {
+            int *counts = c->z3_rs_counts, displs[c->world];
+            owner_counts(c, s, e, counts, displs);
             rc = MPI_Reduce_scatter(grads + s, c->z3_recv, counts, MPI_FLOAT, MPI_SUM, c->comm);
-            if (rc == MPI_SUCCESS) z3_rs_add(c, s, counts[c->rank]);
+            if (rc == MPI_SUCCESS) z3_rs_add(c, s, (size_t)counts[c->rank], c->z3_recv);
+            rc = rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
             discard(grads, s, e);
         }
-        if (rc != MPI_SUCCESS && !c->z3_rc) c->z3_rc = mpi_check(rc, "stage-3 gradient reduce-scatter", c->rank);
+        if (rc && !c->z3_rc) c->z3_rc = rc;
+    }
+    while (c->z3_rs_n && z3_rs_complete(c, 0)) { /* what has arrived meanwhile */
     }
     c->overlap_seconds += st_now() - t0;
     c->z3_prof[ST_Z3_GRAD] += st_now() - t0;
@@ -1273,7 +1353,7 @@ static int z3_init(st_comm *c, const st_model *cm) {
     }
     if (c->shard) {
         c->shard_grads = c->be->alloc(c->shard * sizeof(float));
-        c->z3_recv = c->be->alloc(st_comm_zero3_recv_floats(c->shard) * sizeof(float));
+        c->z3_recv = c->be->alloc(st_comm_zero3_recv_floats(c->shard, c->world) * sizeof(float));
         if (!c->shard_grads || !c->z3_recv) return st_fail(ST_ENOMEM, "rank %d: out of memory for the gradient shard", c->rank);
     }
     if (c->n != m->n_weights && c->n) { /* frozen parameters: gathers go through a staging buffer */
@@ -1284,19 +1364,15 @@ static int z3_init(st_comm *c, const st_model *cm) {
     c->z3_prefetch = !(pf && strcmp(pf, "0") == 0);
     c->z3_pf_counts = malloc(2 * (size_t)c->world * sizeof(int));
     c->z3_rs_counts = malloc((size_t)c->world * sizeof(int));
-    if (!c->z3_pf_counts || !c->z3_rs_counts) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 prefetch", c->rank);
+    c->z3_rs_reqs = malloc(ST_Z3_RS_SLOTS * 2 * (size_t)c->world * sizeof(MPI_Request));
+    if (!c->z3_pf_counts || !c->z3_rs_counts || !c->z3_rs_reqs) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 prefetch", c->rank);
     int rc = frozen_space(c, m);
     if (rc) return rc;
     c->model = m;
-    m->acquire = z3_acquire;
-    m->release = z3_release;
-    m->prefetch = z3_prefetch;
-    m->progress = z3_progress;
     const char *er = getenv("SHARDTUNE_ZERO3_EMBED_ROWS"); /* 0: gather the whole table (bench, tests) */
-    m->embed_rows = er && strcmp(er, "0") == 0 ? NULL : z3_embed_rows;
-    m->residency_ctx = c;
-    m->grad_ready = z3_grad_ready;
-    m->grad_ready_ctx = c;
+    st_residency_hooks h = {z3_acquire, z3_release, z3_prefetch, z3_progress,
+                            er && strcmp(er, "0") == 0 ? NULL : z3_embed_rows, z3_grad_ready, c};
+    st_model_set_residency(m, &h);
     release_compact(c, 0, c->n);
     release_frozen(c, 0, m->n_params);
     release_qlora(c, 0, m->n_params);
@@ -1311,7 +1387,6 @@ void st_comm_weights_loaded(st_comm *c, st_model *m) {
     release_frozen(c, 0, m->n_params);
 }
 
-size_t st_comm_zero3_recv_floats(size_t shard) { return shard < ST_Z3_CHUNK ? shard : ST_Z3_CHUNK; }
 
 /* ---------------- streaming load and final weights (stage 3 keeps parts) ---------------- */
 
@@ -1435,11 +1510,8 @@ int st_frozen_shard_init(st_frozen_shard *s, MPI_Comm comm, st_model *m) {
     s->lo = s->shard * (size_t)s->rank;
     s->hi = s->lo + s->shard;
     s->model = m;
-    m->acquire = frozen_acquire;
-    m->release = frozen_release;
-    m->prefetch = NULL;
-    m->progress = NULL;
-    m->residency_ctx = s;
+    st_residency_hooks h = {.acquire = frozen_acquire, .release = frozen_release, .ctx = s};
+    st_model_set_residency(m, &h);
     if (s->world > 1) {
         discard(m->weights, 0, s->lo < m->n_weights ? s->lo : m->n_weights);
         if (s->hi < m->n_weights) discard(m->weights, s->hi, m->n_weights);
@@ -1457,10 +1529,6 @@ void st_frozen_shard_keep(const st_frozen_shard *s, const st_model *m, int i, si
 }
 
 void st_frozen_shard_free(st_frozen_shard *s) {
-    if (s->model && s->model->residency_ctx == s) {
-        s->model->acquire = NULL;
-        s->model->release = NULL;
-        s->model->residency_ctx = NULL;
-    }
+    if (s->model && s->model->residency_ctx == s) st_model_set_residency(s->model, NULL);
     s->model = NULL;
 }

@@ -48,6 +48,16 @@ typedef struct {
     size_t own;
 } st_s2_bucket;
 
+/* Stage 3: gradient chunks in flight at once (overlapped reduce-scatter, below). */
+#define ST_Z3_RS_SLOTS 4
+
+/* One stage-3 gradient chunk in flight: grads[a, b), this rank's part of it [own_a, own_a + own). */
+typedef struct {
+    size_t a, b, own_a, own;
+    float *recv;             /* the other ranks' contributions to the own part, rank order, own floats each */
+    int nreq;                /* requests in flight (sends and receives) */
+} st_z3_rs_slot;
+
 /* Where stage 3 spends its communication time (st_comm_zero3_profile): the acquires of the embeddings,
  * of the layers and of the final norm + head (gathers, the prefetched ones' waits), the gradient
  * reduce-scatters started and waited for in backward, and the wait for the last one at its end. */
@@ -137,14 +147,19 @@ typedef struct {
     MPI_Request z3_pf_qreq;
     int *z3_pf_qcounts;     /* [2 * world] */
     /* overlapped gradient reduce-scatter (armed by st_comm_backward_begin with overlap): the grad_ready
-     * hook starts a chunk's MPI_Ireduce_scatter into z3_recv and returns; the chunk is finished (added to
-     * shard_grads, its gradient pages given back) by the next chunk, the progress hook's test, or
-     * st_comm_backward_end — so a layer's reduction travels while the next layer's backward computes */
+     * hook cuts the range into chunks of st_comm_zero3_chunk_floats and sends each rank's contribution to
+     * every part's owner point to point (MPI_Isend from m->grads; the owner's MPI_Irecv into its slot of
+     * z3_recv, one part per other rank) and returns; up to ST_Z3_RS_SLOTS chunks travel at once, the oldest
+     * finished (its contributions summed in rank order and added to shard_grads, its gradient pages given
+     * back) when a slot is needed, by the progress hook between matmuls once it has arrived, or by
+     * st_comm_backward_end — so a layer's reduction travels while the next layers' backward computes, and
+     * a rank waits for its peers only when every slot is busy. Without overlap: one blocking
+     * MPI_Reduce_scatter per chunk. */
     int z3_async;
-    int z3_rs_active;       /* a reduce-scatter of grads[z3_rs_a, z3_rs_b) is in flight */
-    size_t z3_rs_a, z3_rs_b;
-    MPI_Request z3_rs_req;
-    int *z3_rs_counts;      /* [world]: its per-owner counts */
+    st_z3_rs_slot z3_rs[ST_Z3_RS_SLOTS]; /* a ring: z3_rs_n in flight from z3_rs_first */
+    int z3_rs_first, z3_rs_n;
+    MPI_Request *z3_rs_reqs; /* [ST_Z3_RS_SLOTS * 2 * world]: slot k's requests from k * 2 * world */
+    int *z3_rs_counts;      /* [world]: the blocking reduce-scatter's per-owner counts */
     int fresh;              /* stages 2-3: shard_grads holds a finished step's sums; the next reduction restarts */
     int shard_zeroed;       /* stage 3: the optimizer zeroed shard_grads as it read them: the restart skips its memset */
     double z3_prof[ST_Z3_PROF_N]; /* stage 3: seconds spent, by where (st_comm_zero3_profile) */
@@ -184,8 +199,13 @@ void st_comm_zero3_profile(const st_comm *c, double out[ST_Z3_PROF_N]);
 /* Stage 3 reduce-scatters gradients in chunks of this many floats (4 MiB): bounds MPI's temporaries. */
 #define ST_Z3_CHUNK ((size_t)1 << 20)
 
-/* Floats of the stage-3 receive buffer for a shard of `shard` floats (the planner counts it). */
-size_t st_comm_zero3_recv_floats(size_t shard);
+/* Floats of the stage-3 receive buffer for a shard of `shard` floats on `world` ranks (the planner counts
+ * it): every slot's, and at least one blocking reduce-scatter's part. */
+size_t st_comm_zero3_recv_floats(size_t shard, int world);
+/* Floats of one overlapped stage-3 gradient chunk for a shard of `shard` floats on `world` ranks:
+ * B / ST_Z3_RS_SLOTS / (world - 1), B = shard / 8 clamped to [ST_Z3_CHUNK, ST_Z3_RS_SLOTS x ST_Z3_CHUNK]:
+ * the chunks in flight hold and receive at most B floats (small models: the one blocking chunk's). */
+size_t st_comm_zero3_chunk_floats(size_t shard, int world);
 
 /* Stage 3: after something wrote the whole of m->weights (a checkpoint load), gives back the pages of
  * the weights this rank does not own. No-op for other stages. */

@@ -372,6 +372,19 @@ void st_model_prefetch(const st_model *m, int first, int last) {
     if (m->prefetch && last > first) m->prefetch(m->residency_ctx, first, last);
 }
 
+void st_model_set_residency(st_model *m, const st_residency_hooks *h) {
+    static const st_residency_hooks none;
+    if (!h) h = &none;
+    m->acquire = h->acquire;
+    m->release = h->release;
+    m->prefetch = h->prefetch;
+    m->progress = h->progress;
+    m->embed_rows = h->embed_rows;
+    m->residency_ctx = h->ctx;
+    m->grad_ready = h->grad_ready;
+    m->grad_ready_ctx = h->grad_ready ? h->ctx : NULL;
+}
+
 int st_model_param_bf16_only(const st_model *m, int i) {
     const st_param *p = &m->params[i];
     if (p->ndim != 2 || m->lora || m->prompt || m->qlora) return 0;

@@ -331,6 +331,21 @@ int st_model_param_bf16_only(const st_model *m, int i);
 /* The next st_model_acquire will be of [first, last): the residency hooks may start fetching it now. */
 void st_model_prefetch(const st_model *m, int first, int last);
 
+/* One set of residency hooks (the st_model fields of the same names, see there) and the context every one
+ * of them gets (residency_ctx and grad_ready_ctx). A NULL entry leaves that hook off. */
+typedef struct {
+    void (*acquire)(void *ctx, int first, int last);
+    void (*release)(void *ctx, int first, int last);
+    void (*prefetch)(void *ctx, int first, int last);
+    void (*progress)(void *ctx);
+    int (*embed_rows)(void *ctx, const int32_t *ids, int n, float *out);
+    void (*grad_ready)(void *ctx, size_t lo, size_t hi);
+    void *ctx;
+} st_residency_hooks;
+
+/* Installs all the residency hooks of `h` at once (every field, NULL ones included); h NULL removes them. */
+void st_model_set_residency(st_model *m, const st_residency_hooks *h);
+
 /* Layer l's activations from the last forward, in backend memory (fp32 precision only): its input residual
  * [B*T, C], the attention output before the output projection [B*T, H*hd], the MLP activation before the
  * down projection [B*T, F] and its output residual [B*T, C]. Used by calibration (worker/prune.c). */

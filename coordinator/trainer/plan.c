@@ -571,10 +571,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
          * (the frozen part always, the trainable part when every parameter trains) */
         size_t work = gath ? zero3_working_floats(m, gath, world > 1 && (every || nf)) : m->n_weights;
         size_t gwork = zero3_working_floats(m, goff, 0);
-        /* with overlap, the previous group's last reduce-scatter chunk is in flight while a group computes */
-        if (c->sharding.overlap && world > 1) gwork += st_comm_zero3_recv_floats(gwork);
+        /* with overlap, up to ST_Z3_RS_SLOTS earlier chunks are in flight while a group computes */
+        if (c->sharding.overlap && world > 1) {
+            size_t ch = st_comm_zero3_chunk_floats(sp->shard, world);
+            gwork += ST_Z3_RS_SLOTS * (gwork < ch ? gwork : ch);
+        }
         free(gath);
-        size_t staging = n != m->n_weights - qdrop && n ? st_comm_zero3_recv_floats(sp->n_pad) : 0;
+        size_t staging = n != m->n_weights - qdrop && n ? (sp->n_pad < ST_Z3_CHUNK ? sp->n_pad : ST_Z3_CHUNK) : 0; /* z3_stage */
         /* QLoRA's quantized bytes sharded like the frozen space (comm.c z3_qb): this rank's part, and the
          * layer gathered (the next one prefetched with it) */
         size_t qwork = world > 1 ? 2 * qlayer : 0, qkept = world > 1 ? (qbytes - qacq + (size_t)world - 1) / (size_t)world + qacq : qbytes;
@@ -588,7 +591,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
             bf_work = bwork * sizeof(uint16_t);
             r->weights += bf_work + (hi - lo) * sizeof(uint16_t);
         }
-        r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard) + gwork) * sizeof(float);
+        r->grads = (sp->shard + st_comm_zero3_recv_floats(sp->shard, c->sharding.overlap ? world : 1) + gwork) * sizeof(float);
         r->comm = staging * sizeof(float);
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
         size_t idle = r->total - (work + gwork) * sizeof(float) - bf_work - qwork; /* between steps: no layer gathered */

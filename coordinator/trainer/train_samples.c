@@ -293,11 +293,8 @@ static int gen_model(const trainer *t, st_model *g, merged_view *v, float **owne
     g->n_base_weights = 0;
     g->lora = NULL;
     g->qlora = NULL;
-    g->acquire = merged_acquire;
-    g->release = merged_release;
-    g->prefetch = NULL;
-    g->progress = NULL;
-    g->residency_ctx = v;
+    st_residency_hooks h = {.acquire = merged_acquire, .release = merged_release, .ctx = v};
+    st_model_set_residency(g, &h); /* the trainer's ZeRO-3 hooks (embed_rows, grad_ready) do not apply */
     *owned = w;
     return 0;
 }

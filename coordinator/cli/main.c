@@ -10,6 +10,7 @@
 
 #include "common/error.h"
 #include "common/util.h"
+#include "kernels/cpu/cpu_kernels.h"
 
 struct st_command {
     const char *name;
@@ -142,6 +143,10 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
         usage(stdout);
         return ST_EXIT_OK;
+    }
+    if (st_cpu_sgemm_check() != 0) {
+        fprintf(stderr, "shardtune: error: %s\n", st_error());
+        return ST_EXIT_USAGE;
     }
     for (size_t i = 0; i < ST_NCOMMANDS; i++) {
         if (strcmp(argv[1], st_commands[i].name) != 0) continue;

@@ -11,8 +11,8 @@ n u / (1 - n u)), each element times a random sign:
   softmax / log_softmax (max, n exps, a sum, a divide):   gamma_(n+2) * |y|   /   gamma_(n+2) * (1 + |y|)
   their backward (a dot product over n):                  gamma_(n+2) * |y| (|g| + sum |g| |y|) ...
   layer norm (mean, variance, normalize):                 gamma_(n+4) * (|x| + mean |x|) rstd |w| + u |y|
-  every other op that computes (+, *, exp, tanh, ...):   2u |y| (one rounding, and shardtune's exp / tanh
-                                                          approximations: within 2 ulps, kernels/cpu)
+  every other op that computes (+, *, exp, tanh, ...):   2u |y| (one rounding, doubled for exp / tanh
+                                                          approximations that are not correctly rounded)
 Ops that move data (views, copies, cat, gather, indexing, in-place writes) are exact and left alone.
 The errors are propagated through the model exactly (first order), sharp attention's amplification
 included, which is what a bound on the last accumulation alone would miss. bound(): the largest relative

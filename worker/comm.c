@@ -399,8 +399,7 @@ void st_comm_overlap_begin(st_comm *c, st_model *m) {
     c->overlap_rc = 0;
     if (!c->s2_micro) c->overlap_seconds = 0;
     c->overlap_grads = m->grads;
-    m->grad_ready = on_grad_ready;
-    m->grad_ready_ctx = c;
+    st_model_set_residency(m, &(st_residency_hooks){.grad_ready = on_grad_ready, .ctx = c}); /* stages 0-2: no other hook */
 }
 
 /* Compute stream waits (on the device) for the collectives queued so far, then the host checks that
@@ -413,8 +412,7 @@ static int coll_finish(st_comm *c) {
 
 static int overlap_finish(st_comm *c, st_model *m) {
     launch_bucket(c, m->grads);
-    m->grad_ready = NULL;
-    m->grad_ready_ctx = NULL;
+    st_model_set_residency(m, NULL);
     c->overlapping = 0;
     int src = s2_drain(c);
     if (src && !c->overlap_rc) c->overlap_rc = src;
@@ -444,14 +442,12 @@ static void sumsq_arm(st_comm *c, st_model *m) {
     c->sumsq_grads = m->grads;
     c->sumsq_sum = 0;
     c->sumsq_covered = 0;
-    m->grad_ready = on_grad_sumsq;
-    m->grad_ready_ctx = c;
+    st_model_set_residency(m, &(st_residency_hooks){.grad_ready = on_grad_sumsq, .ctx = c});
 }
 
 static void sumsq_disarm(st_comm *c, st_model *m) {
     if (!c->sumsq_grads) return;
-    m->grad_ready = NULL;
-    m->grad_ready_ctx = NULL;
+    st_model_set_residency(m, NULL);
     c->sumsq_grads = NULL;
     c->sumsq_ready = c->sumsq_covered == c->n; /* else (never expected) st_comm_grad_sumsq reads them again */
 }

@@ -240,8 +240,7 @@ int st_z2dev_init(st_comm *c, st_model *m) {
     m->grads = c->shard_grads - c->lo; /* not a buffer: gradients live in the windows and the shard */
     m->grads_windowed = 1;
     m->grads_managed = 1;
-    m->grad_ready = z2d_grad_ready;
-    m->grad_ready_ctx = c;
+    st_model_set_residency(m, &(st_residency_hooks){.grad_ready = z2d_grad_ready, .ctx = c});
     c->fresh = 1;
     sync_windows(z);
     return 0;
@@ -280,10 +279,7 @@ void st_z2dev_free(st_comm *c) {
     m->grads_windowed = 0;
     m->grads_managed = 0;
     m->n_gwin = 0;
-    if (m->grad_ready_ctx == c) {
-        m->grad_ready = NULL;
-        m->grad_ready_ctx = NULL;
-    }
+    if (m->grad_ready_ctx == c) st_model_set_residency(m, NULL);
     free(z);
     c->z2dev = NULL;
 }

@@ -589,13 +589,12 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     z->fault_gather_wait = fault && !strcmp(fault, "gather-wait");
     c->model = m;
     m->windowed = 1;
-    m->acquire = z3d_acquire;
-    m->release = z3d_release;
-    m->prefetch = z3d_prefetch;
-    m->progress = z3d_progress;
-    m->residency_ctx = c;
-    m->grad_ready = z3d_grad_ready;
-    m->grad_ready_ctx = c;
+    st_model_set_residency(m, &(st_residency_hooks){.acquire = z3d_acquire,
+                                                    .release = z3d_release,
+                                                    .prefetch = z3d_prefetch,
+                                                    .progress = z3d_progress,
+                                                    .grad_ready = z3d_grad_ready,
+                                                    .ctx = c});
     sync_windows(z);
     return 0;
 }

@@ -1,6 +1,6 @@
 /* cpu_backend.c — the CPU backend table (st_backend_cpu), host memory functions, matmul through
- * OpenBLAS's sgemm (oneDNN's with SHARDTUNE_SGEMM=onednn when built with it), bias and
- * elementwise kernels.
+ * oneDNN's sgemm when built with it (OpenBLAS's with SHARDTUNE_SGEMM=openblas, or in a build without
+ * oneDNN), bias and elementwise kernels.
  *
  * Memory: alloc returns 64-byte aligned zeroed host memory owned by the caller (release with ->free).
  * Kernels never allocate. Every reduction runs over a partition that does not depend on the number
@@ -8,6 +8,7 @@
  * given thread count). the sgemm library runs single-threaded inside the OpenMP team (see st_cpu_matmul). */
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/kernels.h"
+#include "common/error.h"
 #include "common/util.h"
 
 #include <cblas.h>
@@ -69,16 +70,39 @@ static void matmul_row(float *c, const float *a, const float *b, int n, int k, i
     }
 }
 
-/* 1 when st_cpu_matmul's blocks go to oneDNN: built with it and SHARDTUNE_SGEMM=onednn (opt-in: faster on
- * AVX-512, but it sums in another order than OpenBLAS, and the reference tests' fp32 tolerances were set on
- * OpenBLAS; bench/cpu_train --side shardtune,shardtune-onednn compares both with one binary). */
+/* SHARDTUNE_SGEMM: unset or "onednn" (the default when built with oneDNN: 25-35% faster than OpenBLAS 0.3.21
+ * on AVX-512) or "openblas"; NULL when the value is one of those, else the value. Read once. */
+static const char *sgemm_env(int *dnnl) {
+    const char *e = getenv("SHARDTUNE_SGEMM");
+#ifdef ST_HAVE_DNNL
+    *dnnl = !e || !*e || strcmp(e, "onednn") == 0;
+#else
+    *dnnl = 0;
+#endif
+    if (!e || !*e || strcmp(e, "openblas") == 0 || strcmp(e, "onednn") == 0) return NULL;
+    return e;
+}
+
+int st_cpu_sgemm_check(void) {
+    int dnnl;
+    const char *bad = sgemm_env(&dnnl);
+    if (bad) return st_fail(ST_EINVAL, "SHARDTUNE_SGEMM=%s: expected onednn or openblas", bad);
+#ifndef ST_HAVE_DNNL
+    const char *e = getenv("SHARDTUNE_SGEMM");
+    if (e && strcmp(e, "onednn") == 0)
+        return st_fail(ST_EDEVICE, "SHARDTUNE_SGEMM=onednn: this build has no oneDNN (cmake -DSHARDTUNE_DNNL=ON, Debian: libdnnl-dev)");
+#endif
+    return 0;
+}
+
+/* 1 when st_cpu_matmul's blocks go to oneDNN (see sgemm_env; bench/cpu_train --side
+ * shardtune,shardtune-openblas compares both with one binary). */
 static int sgemm_dnnl(void) {
 #ifdef ST_HAVE_DNNL
     static atomic_int choice = -1;
     int v = atomic_load(&choice);
     if (v < 0) {
-        const char *e = getenv("SHARDTUNE_SGEMM");
-        v = e && strcmp(e, "onednn") == 0;
+        sgemm_env(&v);
         atomic_store(&choice, v);
     }
     return v;

@@ -122,6 +122,10 @@ static inline float st_cpu_expf(float x) {
 /* ---- kernels (see kernels/kernels.h for each contract) ---- */
 
 /* cpu_backend.c */
+/* 0 when SHARDTUNE_SGEMM (the CPU matmuls' sgemm: unset or "onednn" = oneDNN when built with it, "openblas")
+ * names a library this build has, else ST_EINVAL / ST_EDEVICE with a message naming the value. */
+int st_cpu_sgemm_check(void);
+
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta);
 void st_cpu_bias_add(float *y, const float *bias, int n, int c);

@@ -2,7 +2,7 @@
 # test_strict_inputs.sh — every bad input a user can give ends with one line naming it (issue 15, item 4).
 # CLI numbers (init-model, eval, monitor, ctl), config ranges (threads, int64 steps, micro_batch overflow,
 # train_layers in full mode), NaN/Inf weights at load (train, eval, generate, compress, export), an all-masked
-# dataset, one monitor socket off; bad command lines name the flag (exit 2); failed export/compress leave no
+# dataset, one monitor socket off, an unknown SHARDTUNE_SGEMM library; bad command lines name the flag (exit 2); failed export/compress leave no
 # OUT behind; a prompt-tuning checkpoint has no GGUF form.
 source "$(dirname "$0")/ckpt_lib.sh"
 
@@ -25,6 +25,7 @@ bad "$BIN" init-model --family gpt2 --layers 2 --dim 64 --heads 4 --kv-heads 2 -
 bad "$BIN" eval --model $T/model --data $T/train.h5 --seq-len 16x "eval: error: --seq-len: expected an integer"
 bad "$BIN" monitor tcp://127.0.0.1:1 --timeout nan "monitor: error: --timeout: expected a number in \[0, 1e+09\], got 'nan'"
 bad "$BIN" ctl tcp://127.0.0.1:1 status --timeout -1 "ctl: error: --timeout: expected a number"
+SHARDTUNE_SGEMM=mkl bad "$BIN" eval --model $T/model --data $T/train.h5 --seq-len 16 "shardtune: error: SHARDTUNE_SGEMM=mkl: expected onednn or openblas"
 
 job j 2 2 1
 bad "$BIN" train $T/j.yaml threads=100000 "threads: expected an integer in 0..1024, got '100000'"

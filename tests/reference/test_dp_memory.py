@@ -98,11 +98,9 @@ def qlora_phases(root, data, small):
     """QLoRA's load and step phases against the measured RSS, on a model whose layer weights dominate."""
     model = dp.init_model(os.path.join(root, "layers"), "llama", 8, dim=512, heads=8, kv=4, vocab=2000, max_seq=128)
     job = dp.write_job(os.path.join(root, "q.yaml"), model, os.path.join(root, "qrun"), [{"name": "a", "path": data}])
-    # The plan counts live memory. glibc's dynamic mmap threshold keeps freed large blocks (oneDNN's per-call
-    # gemm workspace, the acquire's per-layer buffers) in the heap after the first free: on this 76-135 MiB plan
-    # that slack measured +5..+21% (8-16 MiB, varying run to run); with a fixed threshold (no dynamic
-    # adjustment) the same runs measured +0.5..+0.8%. So these runs use one, and RSS shows live memory.
-    dp.ENV["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    # The plan counts live memory: shardtune fixes glibc's mmap threshold at startup (coordinator/cli/main.c), so
+    # freed large blocks (oneDNN's per-call gemm workspace, the acquire's per-layer buffers) go back to the
+    # system instead of staying in the heap (that slack measured +5..+21% here with glibc's dynamic threshold).
     for precision, blocked in (("fp32", False), ("bf16", False), ("bf16", True)):
         ov = ["train.steps=2", "train.micro_batch=4", "train.seq_len=64", "sharding.stage=0", "finetune.mode=qlora",
               f"precision={precision}", "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
@@ -128,7 +126,6 @@ def qlora_phases(root, data, small):
                   f"measured {got / 2**20:6.1f} MiB ({err:+.1%}); fp32 model {fp32_model / 2**20:.1f} MiB")
             assert abs(err) <= TOL, f"qlora {precision} {what}: estimate off by {err:+.1%}"
     dp.ENV.pop("SHARDTUNE_MLP_BLOCK_FLOATS", None)
-    dp.ENV.pop("MALLOC_MMAP_THRESHOLD_", None)
 
 
 def main():

@@ -143,32 +143,16 @@ static void tile_scalar(float *c, const uint8_t *qa, const float *ta, const w8_h
 #ifdef ST_INT8_X86
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-/* MR rows x NB blocks of 16 columns starting at row i, block b; nb_valid blocks exist, the last may be partial
- * (columns >= out are masked). Inlined with constant MR, NB on the main path. */
-static inline __attribute__((always_inline)) VNNI_TARGET void micro(float *c, const uint8_t *qa, const float *ta,
-                                                                    const w8_header *h, int i, int mr, int b, int nb,
-                                                                    float beta, const float *bias) {
+/* The epilogue of both micro-kernels: rows [i, i + mr) x blocks [b, b + nb) of the int32 sums to fp32,
+ * C = (acc - 128 * row sum of the codes) * token scale * row scale (+ beta * C) (+ bias); columns >= out
+ * masked. */
+static inline __attribute__((always_inline)) VNNI_TARGET void store_tile(float *c, __m512i acc[4][4],
+                                                                         const float *ta, const w8_header *h,
+                                                                         int i, int mr, int b, int nb, float beta,
+                                                                         const float *bias) {
     const float *s = (const float *)(h + 1);
     const int32_t *wsum = (const int32_t *)(s + h->np);
-    const int8_t *codes = (const int8_t *)(wsum + h->np);
-    int kp = h->kp, out = h->out;
-    __m512i acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int q = 0; q < 4; q++) acc[r][q] = _mm512_setzero_si512();
-    const int8_t *bp[4];
-    for (int q = 0; q < nb; q++) bp[q] = codes + (size_t)(b + q) * 16 * kp;
-    const uint8_t *ap[4];
-    for (int r = 0; r < mr; r++) ap[r] = qa + (size_t)(i + r) * kp;
-    for (int g = 0; g < kp / 4; g++) {
-        __m512i bv[4];
-        for (int q = 0; q < nb; q++) bv[q] = _mm512_loadu_si512((const void *)(bp[q] + (size_t)g * 64));
-        for (int r = 0; r < mr; r++) {
-            int32_t a4;
-            memcpy(&a4, ap[r] + g * 4, 4);
-            __m512i av = _mm512_set1_epi32(a4);
-            for (int q = 0; q < nb; q++) acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], av, bv[q]);
-        }
-    }
+    const int out = h->out;
     const __m512i off = _mm512_set1_epi32(128);
     const __m512 vbeta = _mm512_set1_ps(beta);
     for (int q = 0; q < nb; q++) {
@@ -186,6 +170,35 @@ static inline __attribute__((always_inline)) VNNI_TARGET void micro(float *c, co
             _mm512_mask_storeu_ps(cr, mk, v);
         }
     }
+}
+
+/* MR rows x NB blocks of 16 columns starting at row i, block b; nb_valid blocks exist, the last may be partial
+ * (columns >= out are masked). Inlined with constant MR, NB on the main path. */
+static inline __attribute__((always_inline)) VNNI_TARGET void micro(float *c, const uint8_t *qa, const float *ta,
+                                                                    const w8_header *h, int i, int mr, int b, int nb,
+                                                                    float beta, const float *bias) {
+    const float *s = (const float *)(h + 1);
+    const int32_t *wsum = (const int32_t *)(s + h->np);
+    const int8_t *codes = (const int8_t *)(wsum + h->np);
+    int kp = h->kp;
+    __m512i acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm512_setzero_si512();
+    const int8_t *bp[4];
+    for (int q = 0; q < nb; q++) bp[q] = codes + (size_t)(b + q) * 16 * kp;
+    const uint8_t *ap[4];
+    for (int r = 0; r < mr; r++) ap[r] = qa + (size_t)(i + r) * kp;
+    for (int g = 0; g < kp / 4; g++) {
+        __m512i bv[4];
+        for (int q = 0; q < nb; q++) bv[q] = _mm512_loadu_si512((const void *)(bp[q] + (size_t)g * 64));
+        for (int r = 0; r < mr; r++) {
+            int32_t a4;
+            memcpy(&a4, ap[r] + g * 4, 4);
+            __m512i av = _mm512_set1_epi32(a4);
+            for (int q = 0; q < nb; q++) acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], av, bv[q]);
+        }
+    }
+    store_tile(c, acc, ta, h, i, mr, b, nb, beta, bias);
 }
 
 /* quant_row(x, n, kp, q) in AVX-512: the same operations per element (absmax, x / s correctly rounded,
@@ -231,7 +244,7 @@ static VNNI_TARGET void micro44(float *c, const uint8_t *qa, const float *ta, co
     const float *s = (const float *)(h + 1);
     const int32_t *wsum = (const int32_t *)(s + h->np);
     const int8_t *codes = (const int8_t *)(wsum + h->np);
-    const int kp = h->kp, out = h->out;
+    const int kp = h->kp;
     const int8_t *p0 = codes + (size_t)b * 16 * kp, *p1 = p0 + 16 * kp, *p2 = p1 + 16 * kp, *p3 = p2 + 16 * kp;
     const uint8_t *a0 = qa + (size_t)i * kp, *a1 = a0 + kp, *a2 = a1 + kp, *a3 = a2 + kp;
     ACC4(0);
@@ -249,23 +262,7 @@ static VNNI_TARGET void micro44(float *c, const uint8_t *qa, const float *ta, co
         DP4(3);
     }
     __m512i acc[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
-    const __m512i off = _mm512_set1_epi32(128);
-    const __m512 vbeta = _mm512_set1_ps(beta);
-    for (int q = 0; q < 4; q++) {
-        int j = (b + q) * 16;
-        __mmask16 mk = out - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - j)) - 1);
-        __m512 sj = _mm512_maskz_loadu_ps(mk, s + j);
-        __m512i ws = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(mk, wsum + j), off);
-        __m512 bj = bias ? _mm512_maskz_loadu_ps(mk, bias + j) : _mm512_setzero_ps();
-        for (int r = 0; r < 4; r++) {
-            float *cr = c + (size_t)(i + r) * out + j;
-            __m512 sc = _mm512_mul_ps(_mm512_set1_ps(ta[i + r]), sj);
-            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][q], ws)), sc);
-            if (beta != 0.0f) v = _mm512_add_ps(_mm512_mul_ps(vbeta, _mm512_maskz_loadu_ps(mk, cr)), v);
-            if (bias) v = _mm512_add_ps(v, bj);
-            _mm512_mask_storeu_ps(cr, mk, v);
-        }
-    }
+    store_tile(c, acc, ta, h, i, 4, b, 4, beta, bias);
 }
 #undef ACC4
 #undef DP4

@@ -25,36 +25,7 @@
 #  5. one stream wait removed (the fake NCCL's NCCL_FAKE_DROP_WAIT: the wait after a group's reduce-scatter
 #     is skipped): the stream-order checker fails the run.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
-FAKE=${ST_BUILD_DIR:?}/fakedev
-[ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
-
-# close A.jsonl B.jsonl TOL FIRST LAST: the losses of steps FIRST..LAST agree within TOL relative (0: equal)
-close() {
-  python3 - "$@" <<'PY'
-import json, sys
-def losses(p):
-    return {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(p) if '"loss"' in l and '"step"' in l}
-a, b, tol, lo, hi = losses(sys.argv[1]), losses(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-want = set(range(lo, hi + 1))
-assert want <= set(a) and want <= set(b), (sorted(a), sorted(b))
-worst = max(abs(a[s] - b[s]) / abs(b[s]) for s in want)
-assert worst <= tol if tol else all(a[s] == b[s] for s in want), f"worst relative difference {worst:.3g} > {tol}"
-print(f"{worst:.2g}")
-PY
-}
-common=(checkpoint.every_steps=0 train.schedule=constant)
-
-# dev NP NAME [overrides]: the guarded fakedev run of job NAME on NP ranks
-dev() {
-  local np=$1 name=$2; shift 2
-  local args=(); mapfile -t args < <(grep . "$T/$name.args" || true)
-  set +e
-  mpirun --oversubscribe -np "$np" "$FAKE" --guard "$T/$name.yaml" "${args[@]}" "$@" >>"$T/$name.out" 2>>"$T/$name.err"
-  local rc=$?
-  set -e
-  [ $rc = 0 ] || fail "$name on fakedev ($np ranks) exited $rc: $(tail -5 "$T/$name.err")"
-  ! grep -q "fakedev (rank\|stream order violated" "$T/$name.err" || fail "$name: $(grep -m3 "fakedev (rank\|stream order" "$T/$name.err")"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/fakedev_lib.sh"
 # both NP NAME [overrides]: job NAME on NP fake device ranks and job NAME_c on NP CPU ranks
 both() {
   local np=$1 name=$2; shift 2

@@ -99,7 +99,7 @@ int st_cpu_int8_vnni(void) {
         v = 0;
 #ifdef ST_INT8_X86
         __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx512vnni") && !(e && strcmp(e, "scalar") == 0);
+        v = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512dq") && !(e && strcmp(e, "scalar") == 0);
 #else
         (void)e;
 #endif
@@ -141,7 +141,7 @@ static void tile_scalar(float *c, const uint8_t *qa, const float *ta, const w8_h
 }
 
 #ifdef ST_INT8_X86
-#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
 /* The epilogue of both micro-kernels: rows [i, i + mr) x blocks [b, b + nb) of the int32 sums to fp32,
  * C = (acc - 128 * row sum of the codes) * token scale * row scale (+ beta * C) (+ bias); columns >= out

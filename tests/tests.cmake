@@ -139,6 +139,17 @@ foreach(fault rs-wait one-grad-buffer gather-wait)
 endforeach()
 add_test(NAME cuda.nccl_path_zero2_blocking COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --no-overlap)
 set_tests_properties(cuda.nccl_path_zero2_blocking PROPERTIES LABELS cuda TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
+# device ZeRO-2's overlapped reductions (two buckets, comm-stream marks): each wait for a mark it makes dropped
+# in turn (the fake's drop_event) must be reported, on 3 ranks fp32, 2 ranks bf16 and one rank through NCCL
+add_test(NAME cuda.nccl_path_zero2_drop_each_wait COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --drop-each-wait)
+add_test(NAME cuda.nccl_path_zero2_drop_each_wait_bf16 COMMAND mpirun --oversubscribe -np 2 $<TARGET_FILE:nccl_fake>
+  --stage 2 --bf16 --accum 3 --steps 2 --drop-each-wait)
+set_tests_properties(cuda.nccl_path_zero2_drop_each_wait cuda.nccl_path_zero2_drop_each_wait_bf16 PROPERTIES LABELS cuda
+  TIMEOUT 300 ENVIRONMENT "${ST_TEST_ENV}")
+add_test(NAME cuda.nccl_path_zero2_drop_each_wait_one_rank COMMAND mpirun -np 1 $<TARGET_FILE:nccl_fake> --stage 2
+  --drop-each-wait)
+set_tests_properties(cuda.nccl_path_zero2_drop_each_wait_one_rank PROPERTIES LABELS cuda TIMEOUT 300
+  ENVIRONMENT "${ST_TEST_ENV};SHARDTUNE_NCCL_ONE_RANK=1")
 add_test(NAME cuda.nccl_path_catches_race COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --inject-race)
 set_tests_properties(cuda.nccl_path_catches_race PROPERTIES LABELS cuda TIMEOUT 300 WILL_FAIL TRUE
   ENVIRONMENT "${ST_TEST_ENV}")

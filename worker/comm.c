@@ -459,7 +459,7 @@ void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last) {
         return;
     }
     if (c->z2dev) { /* a device's stage 2: every micro-batch's groups reduced as backward produces them */
-        st_z2dev_backward_begin(c);
+        st_z2dev_backward_begin(c, overlap);
         return;
     }
     if (c->s2_release) {

@@ -101,8 +101,8 @@ typedef struct {
      * the first micro-batch of a step straight into shard_grads, later ones through a bucket-sized
      * receive buffer and then added), at most ST_S2_INFLIGHT in flight; a finished bucket's gradient
      * pages are given back (madvise), so a rank holds its shard plus a few buckets, never the whole
-     * gradient. A device backend has no full buffer either (z2dev below: edge buffers and one layer's
-     * bucket, reduced per group as backward ends, worker/comm_zero2_dev.h). SHARDTUNE_ZERO2_FULL_GRADS=1
+     * gradient. A device backend has no full buffer either (z2dev below: edge buffers and two layer
+     * buckets, reduced per group in place as backward ends, worker/comm_zero2_dev.h). SHARDTUNE_ZERO2_FULL_GRADS=1
      * keeps the full buffer, reduced once per step, on both (for bench/zero3_step.sh; the planner knows it
      * on a device only). */
     int s2_release;

@@ -11,21 +11,29 @@ void st_commdev_parts(const st_comm *c, size_t a, size_t b, size_t *parts) {
     }
 }
 
-int st_commdev_reduce_add(st_comm *c, float *recv, size_t recv_floats, const float *src, size_t lo, size_t hi) {
-    const st_backend *be = c->be;
-    int rc = 0;
-    for (size_t a = lo; a < hi && !rc; a += recv_floats) {
-        size_t b = hi - a < recv_floats ? hi : a + recv_floats;
-        size_t os = a > c->lo ? a : c->lo, oe = b < c->hi ? b : c->hi, own = oe > os ? oe - os : 0;
-        if (c->nccl) {
-            size_t parts[c->world];
-            st_commdev_parts(c, a, b, parts);
-            rc = st_nccl_reduce_parts_sum(c->nccl, recv, src + (a - lo), parts);
-            if (!rc) rc = st_nccl_wait_compute(c->nccl); /* recv is read and src reused on the compute stream */
-            if (!rc && own) be->bias_add(c->shard_grads + (os - c->lo), recv, 1, (int)own);
-        } else if (own) { /* one rank: the sum is its own gradient */
-            be->bias_add(c->shard_grads + (os - c->lo), src + (os - lo), 1, (int)own);
-        }
+/* This rank's part of [lo, hi): [*os, *os + return). */
+static size_t own_part(const st_comm *c, size_t lo, size_t hi, size_t *os) {
+    *os = lo > c->lo ? lo : c->lo;
+    size_t oe = hi < c->hi ? hi : c->hi;
+    return oe > *os ? oe - *os : 0;
+}
+
+int st_commdev_reduce_start(st_comm *c, float *src, size_t lo, size_t hi, int ev) {
+    if (!c->nccl || hi <= lo) return 0;
+    size_t parts[c->world], os;
+    st_commdev_parts(c, lo, hi, parts);
+    /* the parts are consecutive in rank order: this rank's (if any) starts at os - lo (ncclReduce in place
+     * at its root: sendbuff == recvbuff) */
+    float *own = own_part(c, lo, hi, &os) ? src + (os - lo) : src;
+    int rc = st_nccl_reduce_parts_sum(c->nccl, own, src, parts);
+    return rc ? rc : st_nccl_record(c->nccl, ev);
+}
+
+void st_commdev_add_own(st_comm *c, const float *src, size_t lo, size_t hi) {
+    size_t os, own = own_part(c, lo, hi, &os);
+    const size_t piece = (size_t)1 << 30; /* bias_add counts in int */
+    for (size_t k = 0; k < own; k += piece) {
+        size_t n = own - k < piece ? own - k : piece;
+        c->be->bias_add(c->shard_grads + (os - c->lo) + k, src + (os - lo) + k, 1, (int)n);
     }
-    return rc;
 }

@@ -477,8 +477,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
             transient = (live + ST_S2_INFLIGHT * recv) * sizeof(float);
         }
         if (c->backend == ST_BACKEND_CUDA && st_z2dev_plan_used(m, goff, sp->n_trainable))
-            /* worker/comm_zero2_dev.c: shard_grads, the edge buffers, one layer's bucket, the receive buffer */
-            r->grads = (sp->shard + st_z2dev_floats(m, goff, sp->shard)) * sizeof(float);
+            /* worker/comm_zero2_dev.c: shard_grads, the edge buffers, two layer buckets (one on one rank) */
+            r->grads = (sp->shard + st_z2dev_floats(m, goff, world)) * sizeof(float);
     }
     /* a prompt's V virtual tokens lead every sequence (worker/prompt.h) */
     r->activations = (st_model_activation_floats_opts(&m->cfg, c->train.micro_batch,

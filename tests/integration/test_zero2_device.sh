@@ -22,8 +22,12 @@
 #     bf16, 2 ranks LoRA and tied), and the peak exceeds it only by the trainer's MFU probe (no transient full
 #     gradient buffer); also with SHARDTUNE_ZERO2_FULL_GRADS=1 (the full buffer, the old layout), which
 #     holds more on every rank;
-#  5. one stream wait removed (the fake NCCL's NCCL_FAKE_DROP_WAIT: the wait after a group's reduce-scatter
-#     is skipped): the stream-order checker fails the run.
+#  5. overlap: on 2 and 3 ranks at least half of the gradient reductions (final norm + head's and the upper
+#     layer's of the four per micro-batch of this 2-layer model) were still in flight while a matmul ran
+#     (fakedev's count: a layer's reduce-scatter travels beside the next layer's backward, the other bucket);
+#  6. one stream wait removed (the fake NCCL's NCCL_FAKE_DROP_EVENT=K: the K-th wait for a reduction's
+#     comm-stream mark is skipped; 1: before the bucket of layer 1's reduction is reused for the embeddings,
+#     2: at the end of the micro-batch's backward): the stream-order checker fails the run.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/fakedev_lib.sh"
 # both NP NAME [overrides]: job NAME on NP fake device ranks and job NAME_c on NP CPU ranks
@@ -73,6 +77,20 @@ for np in 1 2 3; do
   same=$(close "$T/d$np/metrics.jsonl" "$T/d${np}_c/metrics.jsonl" $tol 1 6) || fail "$np ranks: device vs cpu stage 2"
   z0=$(close "$T/d$np/metrics.jsonl" "$T/ref0/metrics.jsonl" 1e-5 1 6) || fail "$np ranks: device stage 2 vs ZeRO-0"
   echo "stage 2 on $np fake device rank(s): losses vs cpu stage 2 $same (tolerance $tol), vs 1-rank ZeRO-0 $z0 (1e-5)"
+done
+# overlapped NAME: each rank's gradient reductions, at least half of them queued while a matmul ran
+overlapped() {
+  python3 - "$T/$1.out" <<'PY'
+import re, sys
+seen = {int(m.group(1)): (int(m.group(2)), int(m.group(3))) for m in re.finditer(
+    r"fakedev device bytes: rank (\d+) .* gradient reductions (\d+), (\d+) of them beside compute", open(sys.argv[1]).read())}
+assert seen and all(n > 0 and 2 * o >= n for n, o in seen.values()), seen
+print(" ".join(f"rank {r}: {o} of {n}" for r, (n, o) in sorted(seen.items())))
+PY
+}
+for np in 2 3; do
+  ov=$(overlapped "d$np") || fail "$np ranks: the layers' reductions did not overlap backward: $(grep -m3 "gradient reductions" "$T/d$np.out")"
+  echo "stage 2 on $np fake device ranks: gradient reductions in flight while a matmul ran: $ov"
 done
 p=$(plan_true 3 d3) || fail "3 ranks: the plan's step total is not the device memory held"
 # the same job with the full-size gradient buffer (the old layout): more memory, by at least what it saves
@@ -150,12 +168,14 @@ job r1 6 6 2 sharding.stage=2 checkpoint.every_steps=0 train.schedule=constant "
 b=$(close "$T/r1/metrics.jsonl" "$T/full/metrics.jsonl" 1e-6 4 6) || fail "resumed on 1 cpu rank: steps 4-6 differ"
 echo "device stage-2 checkpoint (2 ranks, step 3) resumed on 3 device ranks ($a) and 1 cpu rank ($b): steps 4-6 equal (1e-6)"
 
-# one stream wait removed: the checker must catch it
+# one stream wait removed: the checker must catch it (1: a bucket's reuse, 2: the end of backward)
 job race 2 3 2 sharding.stage=2 "${common[@]}"
-set +e
-NCCL_FAKE_DROP_WAIT=5 mpirun --oversubscribe -np 2 -x NCCL_FAKE_DROP_WAIT "$FAKE" --guard "$T/race.yaml" $(cat "$T/race.args") \
-  >"$T/race.out" 2>"$T/race.err"; rc=$?
-set -e
-[ $rc != 0 ] && grep -q "stream order violated" "$T/race.err" ||
-  fail "a removed stream wait went unnoticed (exit $rc): $(tail -5 "$T/race.err")"
-echo "one stream wait removed (the 5th): the stream-order checker fails the run ($(grep -m1 -o "stream order violated: [^(]*" "$T/race.err"))"
+for k in 1 2; do
+  set +e
+  NCCL_FAKE_DROP_EVENT=$k mpirun --oversubscribe -np 2 -x NCCL_FAKE_DROP_EVENT "$FAKE" --guard "$T/race.yaml" $(cat "$T/race.args") \
+    >"$T/race$k.out" 2>"$T/race$k.err"; rc=$?
+  set -e
+  [ $rc != 0 ] && grep -q "stream order violated" "$T/race$k.err" ||
+    fail "a removed stream wait (wait $k for a mark) went unnoticed (exit $rc): $(tail -5 "$T/race$k.err")"
+  echo "wait $k for a reduction's mark removed: the stream-order checker fails the run ($(grep -m1 -o "stream order violated: [^(]*" "$T/race$k.err"))"
+done

@@ -15,7 +15,8 @@
  *    ranks worker/comm.c then takes its NCCL path: the fake NCCL of nccl_fake.h (collectives run through
  *    MPI when the compute stream waits; a stream-order violation is printed and recorded in the status).
  *    FAKEDEV_REPORT_MEM=1 prints each rank's device bytes at exit: the peak, and the most allocated at a
- *    step boundary (what `shardtune plan` calls the step total).
+ *    step boundary (what `shardtune plan` calls the step total); also the gradient reductions (reduce-
+ *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap).
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
  *    attention_bwd, cross_entropy, adamw_multi) records a failure in the status, on every rank or only on
  *    RANK; the kernel itself still runs (like a GPU kernel whose fault is only seen later).
@@ -214,6 +215,7 @@ static void count_call(const char *kernel) {
 static int guarded;
 static void f_matmul(float *c, const float *a, const float *b, int m, int n, int k, int ta, int tb, float alpha,
                      float beta) {
+    compute_ran(); /* the gradient reductions queued now travel beside this matmul */
     if (guarded && m > 0 && n > 0) operands("matmul", k > 0 ? 3 : 1, (const void *[]){c, a, b});
     if (guarded && k > 0) { /* a weight still being gathered (a queued collective's output) is a race */
         check_read(a, (size_t)m * k * sizeof(float), "matmul");
@@ -224,6 +226,7 @@ static void f_matmul(float *c, const float *a, const float *b, int m, int n, int
 }
 static void f_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int ta, int tb,
                           float alpha, float beta, float *scratch) {
+    compute_ran();
     if (guarded && k > 0) {
         check_read(a.f32 ? (const void *)a.f32 : (const void *)a.bf16, (size_t)m * k * (a.f32 ? 4 : 2), "matmul_bf16");
         check_read(b.f32 ? (const void *)b.f32 : (const void *)b.bf16, (size_t)k * n * (b.f32 ? 4 : 2), "matmul_bf16");
@@ -330,6 +333,7 @@ int main(int argc, char **argv) {
     int rc = st_cmd_train(argc - (i - 1), argv + (i - 1));
     const char *mem = getenv("FAKEDEV_REPORT_MEM");
     if (guard && mem && !strcmp(mem, "1"))
-        printf("fakedev device bytes: rank %d peak %zu between steps %zu\n", status_rank, dev_peak, dev_between);
+        printf("fakedev device bytes: rank %d peak %zu between steps %zu; gradient reductions %ld, %ld of them "
+               "beside compute\n", status_rank, dev_peak, dev_between, reductions_run, reductions_overlapped);
     return rc;
 }

@@ -1,6 +1,7 @@
 /* nccl_fake.c — runs worker/comm.c's device (NCCL) code path on the CPU, with stream semantics checked.
  *
  *   mpirun -np W nccl_fake --stage S [--steps N] [--accum A] [--bucket-kb K] [--no-overlap] [--inject-race] [--bf16]
+ *                          [--drop-each-wait]
  *
  * No GPU exists here, so the NCCL path of comm.c (bucketed overlap, reduce-scatter into shards, the
  * parameter all-gather, and the waits before the compute stream touches their results) would only ever
@@ -17,7 +18,7 @@
  * Any violation is printed ("stream order violated: ...") and the exit status is 1. The same training
  * steps also run through the MPI path (the CPU backend itself); both must give the same losses (within
  * 1e-6 relative). --inject-race scales the gradients between backward and the reduction on purpose (stage 2
- * on the device path, which reduces during backward: drops one stream wait, drop_wait): the checker must
+ * on the device path, which reduces during backward: drops the 3rd wait for a mark, drop_event): the checker must
  * then report a violation (the test requires that, so the checker itself can fail). Stage 2's device path
  * is worker/comm_zero2_dev.c: no full-size gradient buffer (checked), a layer's bucket reduced per group.
  * On the MPI path at stage 2 (several ranks) the model's full-size gradient buffer must read all zero after
@@ -29,6 +30,11 @@
  * Prints one line per step and path: "step K path P loss L". Runs in any build: comm.c's NCCL path has
  * no #ifdef, and this file's st_nccl_* replace the real ones (CUDA) or the failing stubs (no CUDA).
  * On one rank with SHARDTUNE_NCCL_ONE_RANK=1 the device path runs through the (fake) one-rank NCCL.
+ * Stage 2's device path keeps each layer's in-place reduce-scatter in flight while the next layer's backward
+ * writes the other bucket: with overlap on several ranks more than one reduction per micro-batch must have
+ * travelled beside a matmul (the fake's reductions_overlapped), none with --no-overlap. --drop-each-wait runs
+ * the device path again once per wait for a comm-stream mark it made, that wait dropped (NCCL_FAKE_DROP_EVENT's
+ * drop_event): each run must report a violation.
  * Stage 3: the device path is worker/comm_zero3_dev.c (gather slots, per-group reduce-scatter in flight while
  * the next layer's backward computes), the MPI path the CPU ranks' stage 3; --bf16 runs both under mixed
  * precision; SHARDTUNE_ZERO3_DEV_FAULT removes one of its waits (the checker must then fail: matmul and
@@ -76,13 +82,7 @@ static void dev_bias_add(float *y, const float *bias, int n, int c) { /* stages 
 /* a weight or activation operand still being written by a queued collective (stage 3: a gather the acquire
  * did not wait for) is a race */
 static long overlapped_mm; /* matmuls that ran while a gradient reduce-scatter was still queued */
-static void count_overlap(void) {
-    for (int i = 0; the_comm && i < the_comm->n_ops; i++)
-        if (the_comm->ops[i].kind == OP_REDUCE_PARTS) {
-            overlapped_mm++;
-            return;
-        }
-}
+static void count_overlap(void) { overlapped_mm += compute_ran(); }
 static void dev_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bias, int m, int n, int k, int ta, int tb,
                             float alpha, float beta, float *scratch) {
     count_overlap();
@@ -113,8 +113,9 @@ static void dev_adamw_multi(const st_adamw_range *r, int count, float b1, float 
 /* ---------------------------------------------------------------- training steps */
 
 typedef struct {
-    int stage, steps, accum, overlap, inject_race, bf16;
+    int stage, steps, accum, overlap, inject_race, bf16, drop_each;
     size_t bucket_bytes;
+    long drop_event; /* > 0: the device path's drop_event-th st_nccl_wait_event is dropped */
 } options;
 
 static void build_model(st_model *m, const st_backend *be, int world, int bf16) {
@@ -154,7 +155,9 @@ static void train(const st_backend *be, const options *o, double *losses, double
     *flops = st_model_step_flops(&m, 1);
     int z2dev = o->stage == 2 && !be->host_memory;
     if (z2dev && (!comm.z2dev || !m.grads_windowed)) violation("stage 2 on a device kept the full gradient buffer");
-    if (z2dev && o->inject_race) drop_wait = 3; /* one stream wait removed: the checks must catch it */
+    /* one stream wait removed (the 3rd wait for a reduction's mark): the checks must catch it */
+    if (z2dev && o->inject_race) drop_event = 3;
+    if (!be->host_memory && o->drop_event > 0) drop_event = (int)o->drop_event;
     int N = 2 * 16;
     int32_t in[32], tg[32];
     float w[32];
@@ -206,9 +209,46 @@ fail:
     MPI_Abort(MPI_COMM_WORLD, 2);
 }
 
+/* --drop-each-wait: the device path once as it is (no violation, K waits for a comm-stream mark counted),
+ * then K more times with the k-th of those waits dropped (drop_event): every run must report a violation,
+ * so no wait made is redundant and none may go missing. 0: all caught; 1: the plain run had violations; 6:
+ * no such wait was made; 7: a dropped wait went unnoticed. */
+static int drop_each(options *o) {
+    int rank;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    double losses[64], mom, fl;
+    long before = event_waits;
+    train(&dev, o, losses, &mom, &fl);
+    long n = event_waits - before, lo = n, hi = n;
+    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_LONG, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_LONG, MPI_MAX, MPI_COMM_WORLD);
+    int clean = 0;
+    MPI_Allreduce(&violations, &clean, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    if (lo != hi) {
+        if (rank == 0) fprintf(stderr, "nccl_fake: the ranks made %ld to %ld waits for a mark\n", lo, hi);
+        return 1;
+    }
+    int missed = 0;
+    for (long k = 1; k <= n && !clean; k++) {
+        violations = 0;
+        o->drop_event = k;
+        train(&dev, o, losses, &mom, &fl);
+        drop_event = 0;
+        int total = 0;
+        MPI_Allreduce(&violations, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+        if (rank == 0) printf("wait %ld of %ld for a comm-stream mark dropped: %d violation(s)%s\n", k, n, total,
+                              total ? "" : ": NOT caught");
+        missed += total == 0;
+    }
+    if (rank == 0)
+        printf("stage %d: %ld waits for a comm-stream mark, each dropped in turn: %ld caught, %d missed%s\n", o->stage,
+               n, clean ? 0 : n - missed, missed, clean ? " (the plain run had violations)" : "");
+    return clean ? 1 : n == 0 ? 6 : missed ? 7 : 0;
+}
+
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
-    options o = {1, 4, 2, 1, 0, 0, 8 * 1024};
+    options o = {1, 4, 2, 1, 0, 0, 0, 8 * 1024, 0};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--stage") && i + 1 < argc) o.stage = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) o.steps = atoi(argv[++i]);
@@ -217,6 +257,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--inject-race")) o.inject_race = 1;
         else if (!strcmp(argv[i], "--no-overlap")) o.overlap = 0;
         else if (!strcmp(argv[i], "--bf16")) o.bf16 = 1;
+        else if (!strcmp(argv[i], "--drop-each-wait")) o.drop_each = 1;
         else { fprintf(stderr, "nccl_fake: unknown argument %s\n", argv[i]); MPI_Abort(MPI_COMM_WORLD, 2); }
     }
     if (o.inject_race && o.stage == 3) { /* it writes m->grads, which a device stage-3 model does not have */
@@ -237,6 +278,11 @@ int main(int argc, char **argv) {
     dev.matmul = dev_matmul;
     dev.matmul_bf16 = dev_matmul_bf16;
     dev.to_bf16 = dev_to_bf16;
+    if (o.drop_each) {
+        int rc = drop_each(&o);
+        MPI_Finalize();
+        return rc;
+    }
     double via_nccl[64], via_mpi[64], m_nccl = 0, m_mpi = 0, f_nccl = 0, f_mpi = 0;
     train(&dev, &o, via_nccl, &m_nccl, &f_nccl);
     train(cpu, &o, via_mpi, &m_mpi, &f_mpi);
@@ -264,10 +310,26 @@ int main(int argc, char **argv) {
     MPI_Allreduce(&overlapped_mm, &ov, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
     int world = 1;
     MPI_Comm_size(MPI_COMM_WORLD, &world);
+    long rs[2] = {reductions_overlapped, reductions_run};
+    MPI_Allreduce(MPI_IN_PLACE, rs, 2, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
     if (rank == 0 && o.stage == 3) printf("stage 3: %ld matmuls ran with a gradient reduce-scatter in flight\n", ov);
+    if (rank == 0 && o.stage >= 2)
+        printf("stage %d: %ld of %ld gradient reductions travelled beside compute (matmuls ran while queued)\n",
+               o.stage, rs[0], rs[1]);
     int serial = o.stage == 3 && world > 1 && (o.overlap ? ov == 0 : ov != 0);
-    if (serial) fprintf(stderr, "nccl_fake: stage 3's gradient reduce-scatter %s\n",
-                        o.overlap ? "never overlapped backward" : "overlapped backward under --no-overlap");
+    /* stage 2 on a device (several ranks): besides final norm + head's (in flight from the start of backward),
+     * at least one layer's reduction per micro-batch travels beside the next layer's backward; none under
+     * --no-overlap */
+    long micro = (long)o.steps * o.accum * world;
+    if (o.stage == 2 && world > 1 && (o.overlap ? rs[0] < 2 * micro : rs[0] != 0)) {
+        fprintf(stderr, "nccl_fake: stage 2's gradient reductions %s (%ld of %ld beside compute, %ld micro-batches)\n",
+                o.overlap ? "did not overlap the next layer's backward" : "overlapped backward under --no-overlap",
+                rs[0], rs[1], micro);
+        serial = 1;
+    }
+    if (serial && o.stage == 3)
+        fprintf(stderr, "nccl_fake: stage 3's gradient reduce-scatter %s\n",
+                o.overlap ? "never overlapped backward" : "overlapped backward under --no-overlap");
     MPI_Finalize();
     if (missing) return 4;
     if (serial) return 5;

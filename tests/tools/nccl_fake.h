@@ -5,7 +5,12 @@
  * snapshotted) and runs, through MPI, when st_nccl_wait_compute / st_nccl_synchronize is called (or, for
  * the collectives queued before an st_nccl_record mark, st_nccl_wait_event: later ones stay queued); its input
  * must then still equal the snapshot (compute wrote it after the hand-over: a race on a GPU), and
- * check_read() reports compute reading a queued collective's output. `violations` counts what was found. */
+ * check_read() reports compute reading a queued collective's output. `violations` counts what was found.
+ * Dropped waits (the checks must then report a violation): NCCL_FAKE_DROP_WAIT=K (or drop_wait) the K-th
+ * st_nccl_wait_compute, NCCL_FAKE_DROP_EVENT=K (or drop_event) the K-th st_nccl_wait_event (device stage 2-3's
+ * waits for one reduction's or gather's mark); event_waits counts the latter. Overlap: compute_ran() (the
+ * tools' matmuls call it) marks every queued reduction as having travelled beside compute;
+ * reductions_overlapped / reductions_run count them when they run. */
 #ifndef ST_NCCL_FAKE_H
 #define ST_NCCL_FAKE_H
 
@@ -22,6 +27,9 @@ static int violations;
  * stream wait removed from the code under test: the checks must then report a violation). Also set by
  * NCCL_FAKE_DROP_WAIT=K when the communicator is made. */
 static int drop_wait;
+static int drop_event;   /* the same for st_nccl_wait_event (NCCL_FAKE_DROP_EVENT=K) */
+static long event_waits; /* st_nccl_wait_event calls so far (dropped ones included) */
+static long reductions_run, reductions_overlapped; /* reductions (OP_REDUCE_PARTS) run; of them, queued while compute ran */
 static void violation(const char *what) {
     violations++;
     fprintf(stderr, "stream order violated: %s\n", what);
@@ -39,6 +47,7 @@ typedef struct {
     float *out;       /* what it writes */
     size_t out_n;
     int *counts;      /* OP_REDUCE_PARTS, OP_GATHER_PARTS: per-rank parts (then their offsets) */
+    int overlapped;   /* compute ran while it was queued (compute_ran) */
 } pending_op;
 
 struct st_nccl_comm {
@@ -62,6 +71,8 @@ int st_nccl_init(st_nccl_comm **out, int rank, int world, const unsigned char id
     c->world = world;
     const char *drop = getenv("NCCL_FAKE_DROP_WAIT");
     if (drop && atoi(drop) > 0) drop_wait = atoi(drop);
+    const char *drop_ev = getenv("NCCL_FAKE_DROP_EVENT");
+    if (drop_ev && atoi(drop_ev) > 0) drop_event = atoi(drop_ev);
     *out = the_comm = c;
     return 0;
 }
@@ -122,6 +133,7 @@ static int run_first(st_nccl_comm *c, int n) {
     for (int i = 0; i < n; i++) {
         pending_op *op = &c->ops[i];
         ops_run++;
+        if (op->kind == OP_REDUCE_PARTS) reductions_run++, reductions_overlapped += op->overlapped;
         if (memcmp(op->in, op->snapshot, op->in_n * sizeof(float)) != 0)
             violation("compute wrote a collective's input after it was enqueued (bucket not final yet?)");
         switch (op->kind) {
@@ -165,6 +177,8 @@ int st_nccl_record(st_nccl_comm *c, int ev) {
 /* The compute stream waits for the collectives queued before the mark: they run now, later ones stay. */
 int st_nccl_wait_event(st_nccl_comm *c, int ev) {
     if (ev < 0 || ev >= ST_NCCL_EVENTS) return st_fail(ST_EINVAL, "fake NCCL: no event %d", ev);
+    event_waits++;
+    if (drop_event > 0 && --drop_event == 0) return 0; /* the removed wait: what is queued stays queued */
     long n = c->marks[ev] - c->ran;
     return n > 0 ? run_first(c, (int)n) : 0;
 }
@@ -182,6 +196,14 @@ void st_nccl_destroy(st_nccl_comm *c) {
     free(c);
 }
 
+
+/* Compute (a matmul) runs now: every queued reduction travels beside it. Returns whether one was queued. */
+static int compute_ran(void) {
+    int any = 0;
+    for (int i = 0; the_comm && i < the_comm->n_ops; i++)
+        if (the_comm->ops[i].kind == OP_REDUCE_PARTS) the_comm->ops[i].overlapped = any = 1;
+    return any;
+}
 
 /* Compute reading [p, p + bytes) while a queued collective will still write there is a race. */
 static void check_read(const void *p, size_t bytes, const char *who) {

@@ -140,7 +140,8 @@ p8=$("$BIN" plan "$T/gpt28.yaml" --ranks 1 --json 2>/dev/null | "$PY" -c "import
 [ "$p8" -lt "$p32" ] || fail "plan: int8 teacher $p8 bytes, fp32 $p32"
 echo "ok: plan counts the int8 teacher: $p8 bytes (fp32 teacher $p32)"
 tb() { "$BIN" plan "$1" --ranks 2 --json sharding.stage=3 "${@:2}" 2>/dev/null |
-  "$PY" -c "import json,sys; print(max(r['bytes']['teacher'] for s in json.load(sys.stdin)['stages'] for r in s['ranks']))"; }
+  "$PY" -c "import json,sys; print(max(r['bytes']['teacher'] for s in json.load(sys.stdin)['stages']
+                                         for r in s['ranks']))"; }
 q32=$(tb "$T/gpt232.yaml") || fail "plan --json stage 3 (fp32 teacher)"
 q8=$(tb "$T/gpt28.yaml") || fail "plan --json stage 3 (int8 teacher)"
 [ "$q8" -lt "$q32" ] || fail "plan stage 3 on 2 ranks: int8 teacher $q8 bytes, fp32 $q32"

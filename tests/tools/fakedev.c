@@ -9,7 +9,8 @@
  *  --guard: its alloc hands out "device" memory from a registry of tagged ranges and it says host_memory 0
  *    (as CUDA does). copy_to_device must go host -> device, copy_to_host device -> host, copy and memset0
  *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, lora_dropout,
- *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c), w8_pack and matmul_w8a8 (the int8 teacher; the CPU kernels, bit-identical to kernels/cuda/int8.cu) device only. A violation (host memory where device memory belongs,
+ *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c),
+ *    w8_pack and matmul_w8a8 (the int8 teacher: the CPU kernels, bit-identical to kernels/cuda/int8.cu) device only. A violation (host memory where device memory belongs,
  *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
  *    status, so the next step boundary stops training with it, as a GPU would have crashed. With several
  *    ranks worker/comm.c then takes its NCCL path: the fake NCCL of nccl_fake.h (collectives run through
@@ -207,7 +208,8 @@ static void guard_w8_pack(void *packed, const float *w, int out, int in) {
 static void guard_matmul_w8a8(float *c, const float *a, const void *packed, const float *bias, int m, int out, int in,
                               float beta, void *scratch) {
     if (m > 0 && out > 0)
-        operands("matmul_w8a8", 4, (const void *[]){c, a, packed, scratch}), operands("matmul_w8a8", 1, (const void *[]){bias});
+        operands("matmul_w8a8", 4, (const void *[]){c, a, packed, scratch}),
+            operands("matmul_w8a8", 1, (const void *[]){bias});
     cpu->matmul_w8a8(c, a, packed, bias, m, out, in, beta, scratch);
 }
 

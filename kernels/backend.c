@@ -1,4 +1,5 @@
-/* backend.c — backend-independent pieces of kernels.h: NF4 levels, RoPE tables, backend lookup. */
+/* backend.c — backend-independent pieces of kernels.h: NF4 levels, RoPE tables, backend lookup, the CUDA
+ * int8 layouts' sizes. */
 #include "kernels/kernels.h"
 #include "common/error.h"
 
@@ -10,6 +11,15 @@ const float ST_NF4_LEVELS[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
 };
+
+/* kernels/cuda/int8.cu's layouts: a 256-byte aligned head of fp32 steps (one per row), then the codes,
+ * rows of `in` rounded up to 32 bytes. */
+static size_t w8_cuda(int rows, int in) {
+    size_t r = rows > 0 ? (size_t)rows : 0, kp = ((size_t)(in > 0 ? in : 0) + 31) / 32 * 32;
+    return (r * sizeof(float) + 255) / 256 * 256 + r * kp;
+}
+size_t st_cuda_w8_bytes(int out, int in) { return w8_cuda(out, in); }
+size_t st_cuda_w8_scratch_bytes(int m, int in) { return w8_cuda(m, in); }
 
 st_adamw_scalars st_adamw_scalars_for(float lr, float weight_decay, float beta1, float beta2, int step) {
     st_adamw_scalars s;

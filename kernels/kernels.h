@@ -320,6 +320,9 @@ void st_rope_tables(float *cos_out, float *sin_out, int t, int hd, float theta);
 /* The CPU backend's w8_bytes and w8_scratch_bytes (kernels/cpu/cpu_int8.c), for planning without a backend. */
 size_t st_cpu_w8_bytes(int out, int in);
 size_t st_cpu_w8_scratch_bytes(int m, int in);
+/* The CUDA backend's (kernels/cuda/int8.cu; defined in kernels/backend.c so a build without CUDA plans too). */
+size_t st_cuda_w8_bytes(int out, int in);
+size_t st_cuda_w8_scratch_bytes(int m, int in);
 
 /* The CPU backend. Sets the OpenMP and BLAS thread counts to `threads` (<= 0: st_num_threads()). */
 const st_backend *st_backend_cpu(int threads);

@@ -1459,22 +1459,48 @@ static void weight_span(const st_model *m, int first, int last, size_t *a, size_
     *b = m->params[last - 1].offset + m->params[last - 1].numel;
 }
 
+/* Elements [a, b) of base (elements of type t, `elem` bytes), of which rank r keeps [r * shard, (r + 1) *
+ * shard), all-gathered in place. */
+static void frozen_gather(st_frozen_shard *s, void *base, size_t elem, MPI_Datatype t, size_t shard, size_t a,
+                          size_t b) {
+    if (b <= a) return;
+    int counts[s->world], displs[s->world];
+    for (int r = 0, off = 0; r < s->world; r++) {
+        size_t lo = shard * (size_t)r, hi = lo + shard;
+        size_t x = a > lo ? a : lo, y = b < hi ? b : hi;
+        counts[r] = y > x ? (int)(y - x) : 0;
+        displs[r] = off;
+        off += counts[r];
+    }
+    int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, t, (char *)base + a * elem, counts, displs, t, s->comm);
+    if (rc != MPI_SUCCESS && !s->rc) s->rc = mpi_check(rc, "the sharded teacher's all-gather", s->rank);
+}
+
+/* The int8 teacher (st_model_int8_packs == 2): the fp32 weights of [a, b) that are not quantized (norms,
+ * biases, embeddings, a tied head), then the packs of the quantized ones (1/4 of their fp32 bytes). */
+static void frozen_gather_int8(st_frozen_shard *s, const st_model *m, size_t a, size_t b, uint8_t *space,
+                               size_t pa, size_t pb, size_t total) {
+    size_t x = a, lo, hi;
+    for (int k = 0; st_model_int8_range(m, k, &lo, &hi) && lo < b; k++) { /* weight order */
+        if (hi <= x) continue;
+        if (lo > x) frozen_gather(s, m->weights, sizeof(float), MPI_FLOAT, s->shard, x, lo);
+        x = hi;
+    }
+    if (x < b) frozen_gather(s, m->weights, sizeof(float), MPI_FLOAT, s->shard, x, b);
+    frozen_gather(s, space, 1, MPI_BYTE, (total + (size_t)s->world - 1) / (size_t)s->world, pa, pb);
+}
+
 static void frozen_acquire(void *ctx, int first, int last) {
     st_frozen_shard *s = ctx;
     const st_model *m = s->model;
-    size_t a, b;
+    size_t a, b, pa, pb, total;
+    uint8_t *space;
     weight_span(m, first, last, &a, &b);
     if (s->world > 1 && b > a) {
-        int counts[s->world], displs[s->world];
-        for (int r = 0, off = 0; r < s->world; r++) {
-            size_t lo = s->shard * (size_t)r, hi = lo + s->shard;
-            size_t x = a > lo ? a : lo, y = b < hi ? b : hi;
-            counts[r] = y > x ? (int)(y - x) : 0;
-            displs[r] = off;
-            off += counts[r];
-        }
-        int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, m->weights + a, counts, displs, MPI_FLOAT, s->comm);
-        if (rc != MPI_SUCCESS && !s->rc) s->rc = mpi_check(rc, "the sharded teacher's all-gather", s->rank);
+        if (st_model_int8_packs(m, a, b, &space, &pa, &pb, &total) == 2)
+            frozen_gather_int8(s, m, a, b, space, pa, pb, total);
+        else
+            frozen_gather(s, m->weights, sizeof(float), MPI_FLOAT, s->shard, a, b);
     }
     if (m->weights_bf16 && b > a) m->be->to_bf16(m->weights_bf16 + a, m->weights + a, b - a);
 }
@@ -1482,12 +1508,18 @@ static void frozen_acquire(void *ctx, int first, int last) {
 static void frozen_release(void *ctx, int first, int last) {
     st_frozen_shard *s = ctx;
     const st_model *m = s->model;
-    size_t a, b;
+    size_t a, b, pa, pb, total;
+    uint8_t *space;
     weight_span(m, first, last, &a, &b);
     if (m->weights_bf16) discard_bytes(m->weights_bf16, sizeof(uint16_t), a, b);
     if (s->world == 1) return;
     discard(m->weights, a, b < s->lo ? b : s->lo);
     discard(m->weights, a > s->hi ? a : s->hi, b);
+    if (st_model_int8_packs(m, a, b, &space, &pa, &pb, &total)) { /* the packs: this rank's share stays */
+        size_t ps = (total + (size_t)s->world - 1) / (size_t)s->world, plo = ps * (size_t)s->rank, phi = plo + ps;
+        discard_bytes(space, 1, pa, pb < plo ? pb : plo);
+        discard_bytes(space, 1, pa > phi ? pa : phi, pb);
+    }
 }
 
 int st_frozen_shard_init(st_frozen_shard *s, MPI_Comm comm, st_model *m) {
@@ -1508,6 +1540,7 @@ int st_frozen_shard_init(st_frozen_shard *s, MPI_Comm comm, st_model *m) {
     s->model = m;
     st_residency_hooks h = {.acquire = frozen_acquire, .release = frozen_release, .ctx = s};
     st_model_set_residency(m, &h);
+    m->residency_int8 = 1; /* the hooks gather int8 packs too (distill.teacher_dtype: int8) */
     if (s->world > 1) {
         discard(m->weights, 0, s->lo < m->n_weights ? s->lo : m->n_weights);
         if (s->hi < m->n_weights) discard(m->weights, s->hi, m->n_weights);
@@ -1525,6 +1558,6 @@ void st_frozen_shard_keep(const st_frozen_shard *s, const st_model *m, int i, si
 }
 
 void st_frozen_shard_free(st_frozen_shard *s) {
-    if (s->model && s->model->residency_ctx == s) st_model_set_residency(s->model, NULL);
+    if (s->model && s->model->residency_ctx == s) st_model_set_residency(s->model, NULL), s->model->residency_int8 = 0;
     s->model = NULL;
 }

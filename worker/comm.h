@@ -279,8 +279,11 @@ void st_comm_discard(void *x, size_t elem, size_t a, size_t b);
  * ranges (the last padded); each rank keeps only its range in m->weights (the rest of the full-size
  * buffer holds no memory) and the model's residency hooks all-gather a group's weights in place just
  * before the model reads them (MPI_Allgatherv) and give the other ranks' parts back after; under bf16 the
- * group's compute copy is rounded from the gathered fp32 weights and given back too. No gradients, no
- * optimizer state. Collective: every rank makes the same acquire/release calls (the forward does). */
+ * group's compute copy is rounded from the gathered fp32 weights and given back too. With int8 packs
+ * (st_model_set_int8 after the init: distill.teacher_dtype int8) the pack space is split the same way in
+ * bytes: a group's acquire gathers its packs and only its fp32 weights that are not quantized (norms, biases,
+ * embeddings), release gives the other ranks' packs back. No gradients, no optimizer state. Collective: every
+ * rank makes the same acquire/release calls (the forward does). */
 typedef struct {
     MPI_Comm comm;
     int rank, world;

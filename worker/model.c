@@ -1175,11 +1175,19 @@ struct st_w8 {
     w8_site site[4 * 1024 + 1];
     void *scratch; /* backend memory: be->w8_scratch_bytes(B * T, widest input) */
     size_t bytes;
+    /* With residency hooks that gather packs (residency_int8: the ZeRO-3 teacher): every site's pack in one
+     * space of space_bytes, site order (= weight order), each at at[i]; the hooks keep a rank's share of it
+     * and gather a group's packs into place. ready: packing is done (the hooks gather packs, not fp32). */
+    uint8_t *space;
+    size_t space_bytes, at[4 * 1024 + 2];
+    int ready;
 };
 
 static void w8_free(st_model *m) {
     if (!m->w8) return;
-    for (int i = 0; i < m->w8->n; i++) m->be->free(m->w8->site[i].packed);
+    if (m->w8->space) m->be->free(m->w8->space);
+    else
+        for (int i = 0; i < m->w8->n; i++) m->be->free(m->w8->site[i].packed);
     m->be->free(m->w8->scratch);
     free(m->w8);
     m->w8 = NULL;
@@ -1225,14 +1233,57 @@ static int w8_widest(const st_model_config *c) {
     return k > A ? k : A;
 }
 
+/* Residency hooks that gather packs: one space for every pack, each group's packs made from its gathered
+ * fp32 weights (acquire, pack, release: collective, the hooks keep this rank's share of the space). */
+static int w8_pack_sharded(st_model *m) {
+    struct st_w8 *q = m->w8;
+    const st_backend *be = m->be;
+    size_t at = 0;
+    for (int i = 0; i < q->n; i++) {
+        q->at[i] = at;
+        at += (be->w8_bytes(q->site[i].out, q->site[i].in) + 63) / 64 * 64;
+    }
+    q->at[q->n] = q->space_bytes = at;
+    if (!(q->space = be->alloc(at ? at : 1))) return -1;
+    q->bytes += at;
+    for (int i = 0; i < q->n; i++) q->site[i].packed = q->space + q->at[i];
+    int L = m->cfg.n_layer, nb = st_model_base_params(m), e0 = layer_first_param(m, 0);
+    for (int g = -1; g <= L; g++) { /* the groups the forward acquires: embeddings, layers, norm + head */
+        int first = g < 0 ? 0 : g < L ? layer_first_param(m, g) : final_norm_index(m);
+        int last = g < 0 ? e0 : g < L ? layer_first_param(m, g + 1) : nb;
+        size_t a = m->params[first].offset, b = m->params[last - 1].offset + m->params[last - 1].numel;
+        st_model_acquire(m, first, last);
+        for (int i = 0; i < q->n; i++)
+            if (q->site[i].off >= a && q->site[i].off < b)
+                be->w8_pack(q->site[i].packed, m->weights + q->site[i].off, q->site[i].out, q->site[i].in);
+        st_model_release(m, first, last);
+    }
+    q->ready = 1;
+    return 0;
+}
+
+int st_model_int8_packs(const st_model *m, size_t a, size_t b, uint8_t **space, size_t *pa, size_t *pb, size_t *total) {
+    const struct st_w8 *q = m->w8;
+    if (!q || !q->space) return 0;
+    *space = q->space, *total = q->space_bytes, *pa = *pb = 0;
+    int first = -1, last = -1;
+    for (int i = 0; i < q->n; i++)
+        if (q->site[i].off >= a && q->site[i].off < b) {
+            if (first < 0) first = i;
+            last = i;
+        }
+    if (first >= 0) *pa = q->at[first], *pb = q->at[last + 1];
+    return q->ready ? 2 : 1;
+}
+
 int st_model_set_int8(st_model *m, size_t *bytes) {
     const st_backend *be = m->be;
     if (!be->matmul_w8a8 || !be->w8_pack || !be->w8_bytes || !be->w8_scratch_bytes)
         return st_fail(ST_ECONFIG, "int8 matmuls are not available on the %s backend", be->name);
-    if (m->precision != ST_PRECISION_FP32 || m->lora || m->prompt || m->qlora || m->acquire || m->windowed ||
-        m->B * m->T <= 0 || !m->weights)
+    if (m->precision != ST_PRECISION_FP32 || m->lora || m->prompt || m->qlora || (m->acquire && !m->residency_int8) ||
+        m->windowed || m->B * m->T <= 0 || !m->weights)
         return st_fail(ST_ECONFIG, "int8 matmuls need an fp32 model with its weights and activations, without "
-                                   "adapters or ZeRO-3 residency");
+                                   "adapters or residency hooks other than a sharded frozen model's");
     if (m->cfg.n_layer * 4 + 1 > (int)(sizeof m->w8->site / sizeof m->w8->site[0]))
         return st_fail(ST_ECONFIG, "int8 matmuls: %d layers is more than this build handles", m->cfg.n_layer);
     w8_free(m);
@@ -1244,7 +1295,8 @@ int st_model_set_int8(st_model *m, size_t *bytes) {
     q->scratch = be->alloc(sb);
     q->bytes = sb;
     int rc = q->scratch ? 0 : -1;
-    for (int i = 0; i < q->n && !rc; i++) {
+    if (!rc && m->acquire) rc = w8_pack_sharded(m);
+    for (int i = 0; i < q->n && !rc && !q->space; i++) {
         w8_site *t = &q->site[i];
         size_t nb = be->w8_bytes(t->out, t->in);
         if (!(t->packed = be->alloc(nb))) { rc = -1; break; }
@@ -1260,16 +1312,22 @@ int st_model_set_int8(st_model *m, size_t *bytes) {
     return 0;
 }
 
-int st_model_int8_ranges(const st_model *m, size_t *lo, size_t *hi, int max) {
-    int n = 0;
+int st_model_int8_range(const st_model *m, int k, size_t *lo, size_t *hi) {
     float *g;
     size_t tied = m->cfg.tied_embeddings ? (size_t)(head_weight(m, &g) - m->weights) : (size_t)-1;
-    for (int i = 0; m->w8 && i < m->w8->n && n < max; i++) {
+    for (int i = 0, n = 0; m->w8 && i < m->w8->n; i++) {
         const w8_site *q = &m->w8->site[i];
         if (q->off == tied) continue;
-        lo[n] = q->off, hi[n] = q->off + (size_t)q->out * q->in;
-        n++;
+        if (n++ < k) continue;
+        *lo = q->off, *hi = q->off + (size_t)q->out * q->in;
+        return 1;
     }
+    return 0;
+}
+
+int st_model_int8_ranges(const st_model *m, size_t *lo, size_t *hi, int max) {
+    int n = 0;
+    while (n < max && st_model_int8_range(m, n, &lo[n], &hi[n])) n++;
     return n;
 }
 
@@ -1279,14 +1337,20 @@ static size_t w8_freed(int out, int in) {
     return b > edge ? b - edge : 0;
 }
 
-size_t st_model_int8_bytes(const st_model_config *c, int B, int T, size_t *released) {
+size_t st_model_int8_bytes(const st_model_config *c, int B, int T, int device, size_t *released, size_t *layer_packs,
+                           size_t *head_pack) {
     int C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
     int A = c->n_head * c->head_dim;
-    size_t per = st_cpu_w8_bytes(qkv_dim(c), C) + st_cpu_w8_bytes(C, A) + st_cpu_w8_bytes(F1, C) + st_cpu_w8_bytes(C, F);
+    size_t (*wb)(int, int) = device ? st_cuda_w8_bytes : st_cpu_w8_bytes;
+    size_t per = wb(qkv_dim(c), C) + wb(C, A) + wb(F1, C) + wb(C, F), head = wb(c->vocab, C);
     if (released)
-        *released = (size_t)c->n_layer * (w8_freed(qkv_dim(c), C) + w8_freed(C, A) + w8_freed(F1, C) + w8_freed(C, F)) +
-                    (c->tied_embeddings ? 0 : w8_freed(c->vocab, C));
-    return (size_t)c->n_layer * per + st_cpu_w8_bytes(c->vocab, C) + st_cpu_w8_scratch_bytes(B * T, w8_widest(c));
+        *released = device ? 0 /* one device allocation: nothing is given back */
+                           : (size_t)c->n_layer * (w8_freed(qkv_dim(c), C) + w8_freed(C, A) + w8_freed(F1, C) +
+                                                   w8_freed(C, F)) + (c->tied_embeddings ? 0 : w8_freed(c->vocab, C));
+    if (layer_packs) *layer_packs = per;
+    if (head_pack) *head_pack = head;
+    return (size_t)c->n_layer * per + head +
+           (device ? st_cuda_w8_scratch_bytes : st_cpu_w8_scratch_bytes)(B * T, w8_widest(c));
 }
 
 /* y[M, out] = x @ W^T + beta * y (+ bias) for a layer weight W [out, in], in blocks of wblock_rows rows of W

@@ -124,6 +124,9 @@ typedef struct {
      * (no position table); the values are the table's rows, bit for bit. */
     int (*embed_rows)(void *ctx, const int32_t *ids, int n, float *out);
     void *residency_ctx;
+    /* Set by hooks that also gather int8 packs (worker/comm.h st_frozen_shard): st_model_set_int8 may then
+     * quantize a model with residency hooks (see st_model_int8_packs). */
+    int residency_int8;
     /* Optional residency windows (ZeRO-3 on a device backend, worker/comm_zero3_dev.c): with `windowed` set,
      * forward and backward find a parameter's weights (and their bf16 copy) in the window of wwin that holds
      * its weight offset, and its gradient in the window of gwin that holds its gradient offset, instead of
@@ -364,19 +367,34 @@ void st_model_head_logits(st_model *m, float *out, int r0, int rows);
  * layer's q/k/v, output, MLP up (gate|up) and down projection and the LM head are quantized once here per output
  * row (symmetric absmax / 127) and packed; every forward then quantizes their inputs per token and multiplies in
  * int8 with int32 sums, rescaled to fp32. Norms, RoPE, attention, activations, embeddings and the loss stay fp32.
- * Needs a backend with matmul_w8a8 (the cpu backend; ST_ECONFIG naming the backend otherwise), fp32 precision,
- * activations allocated (B x T: the activation scratch is sized for them), no adapters and no residency hooks
- * (ZeRO-3). The fp32 weights stay allocated (norms, embeddings and a tied head read them; the caller may give
- * back the memory of st_model_int8_ranges); call after the weights are final (a later write is not seen).
+ * Needs a backend with matmul_w8a8 (cpu, cuda; ST_ECONFIG naming the backend otherwise), fp32 precision,
+ * activations allocated (B x T: the activation scratch is sized for them), no adapters, and no residency hooks
+ * other than ones with residency_int8 set (the ZeRO-3 teacher, st_frozen_shard): with those, every pack goes
+ * into one space in site order and is made from its group's gathered fp32 weights (each group acquired and
+ * released once here: collective), so the packs are those of an unsharded model, byte for byte; the hooks keep
+ * this rank's share of the space and gather a group's packs (st_model_int8_packs). The fp32 weights stay
+ * allocated (norms, embeddings and a tied head read them; the caller may give back the memory of
+ * st_model_int8_ranges); call after the weights are final (a later write is not seen).
  * *bytes (may be NULL): the packed weights and the scratch, backend memory. */
 int st_model_set_int8(st_model *m, size_t *bytes);
+/* Under st_model_set_int8 with residency_int8 hooks: the pack space (*space, *total bytes) and the bytes
+ * [*pa, *pb) of it holding the packs of the weights that start in the weight range [a, b) (floats; *pa = *pb
+ * when none). Returns 0 without such a space, 1 while st_model_set_int8 is still packing (the hooks gather
+ * fp32 weights then), 2 once the packs are made (the hooks gather the packs, not the quantized fp32 weights:
+ * st_model_int8_ranges). */
+int st_model_int8_packs(const st_model *m, size_t a, size_t b, uint8_t **space, size_t *pa, size_t *pb, size_t *total);
 /* The weight ranges [lo[i], hi[i]) (floats of m->weights) whose fp32 values nothing reads after
  * st_model_set_int8 (the quantized weights; not a tied head, which the embedding reads): the caller may give
  * their memory back (worker/comm.h st_comm_discard). Returns how many (<= max); 0 without int8. */
 int st_model_int8_ranges(const st_model *m, size_t *lo, size_t *hi, int max);
-/* The bytes st_model_set_int8 allocates for a model of this config on the cpu backend, for B x T, and (released,
- * may be NULL) the fp32 bytes of st_model_int8_ranges less a page at either end of each (planner). */
-size_t st_model_int8_bytes(const st_model_config *cfg, int B, int T, size_t *released);
+/* The k-th of those ranges (from 0, in weight order) into [*lo, *hi); 0 past the last. */
+int st_model_int8_range(const st_model *m, int k, size_t *lo, size_t *hi);
+/* The bytes st_model_set_int8 allocates for a model of this config on the cpu backend (device: the cuda
+ * backend), for B x T, and (each may be NULL) released: the fp32 bytes of st_model_int8_ranges less a page at
+ * either end of each (0 on a device: not given back); layer_packs: one layer's packs; head_pack: the head's
+ * (planner). */
+size_t st_model_int8_bytes(const st_model_config *cfg, int B, int T, int device, size_t *released, size_t *layer_packs,
+                           size_t *head_pack);
 
 /* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
 double st_model_flops_per_token(const st_model *m, int T);

@@ -842,9 +842,6 @@ static int finish(st_config *c, const char *file, const char *stem) {
         return st_fail(ST_ECONFIG, "%s: split: the three fractions must sum to 1, got %g + %g + %g = %g", file,
                        c->split[0], c->split[1], c->split[2], sum);
     if (!(c->split[0] > 0)) return st_fail(ST_ECONFIG, "%s: split.0: the train fraction must be > 0", file);
-    if (c->distill.teacher[0] && c->distill.teacher_dtype == ST_TEACHER_INT8 && c->sharding.stage == 3)
-        return st_fail(ST_ECONFIG, "%s: distill.teacher_dtype: int8 cannot be combined with sharding.stage: 3 (the "
-                                   "sharded teacher is not quantized yet): use fp32 or a stage below 3", file);
     if (c->train.packing == ST_PACKING_DOCUMENTS && c->distill.teacher[0]) /* the teacher's forward knows no document positions */
         return st_fail(ST_ECONFIG, "%s: train.packing: documents cannot be combined with distill.teacher", file);
     if (c->train.packing == ST_PACKING_DOCUMENTS && st_config_prompt_learning(c))

@@ -369,6 +369,24 @@ int st_plan_streams(const st_config *c) {
     }
 }
 
+/* ZeRO-3's int8 teacher: the fp32 bytes of the quantized weights (the layers' matmul weights and an untied
+ * head: st_model_param_bf16_only) in a rank's 1/world of the weight space, given back after packing, less two
+ * pages per weight; the least over the ranks. */
+static size_t teacher_int8_freed(const st_model *t, int world) {
+    size_t shard = (t->n_weights + (size_t)world - 1) / (size_t)world, least = (size_t)-1;
+    for (int r = 0; r < world; r++) {
+        size_t lo = shard * (size_t)r, hi = lo + shard, f = 0;
+        for (int i = 0; i < st_model_base_params(t); i++) {
+            const st_param *p = &t->params[i];
+            size_t a = p->offset > lo ? p->offset : lo, b = p->offset + p->numel < hi ? p->offset + p->numel : hi;
+            size_t bytes = b > a ? (b - a) * sizeof(float) : 0;
+            if (st_model_param_bf16_only(t, i)) f += bytes > 2 * 4096 ? bytes - 2 * 4096 : 0;
+        }
+        if (f < least) least = f;
+    }
+    return least == (size_t)-1 ? 0 : least;
+}
+
 /* distill.teacher's bytes on one rank (st_rank_plan.teacher): the registry of its config.json. */
 static int teacher_bytes(const st_config *c, int world, size_t *out) {
     *out = 0;
@@ -395,8 +413,15 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
     *out = weights + st_model_activation_floats_ckpt(&tc, c->train.micro_batch, c->train.seq_len, tp, 1) *
                          sizeof(float);
     if (i8) { /* the packs in, the quantized weights' fp32 pages out (train.c load_teacher) */
-        size_t freed = 0;
-        *out += st_model_int8_bytes(&tc, c->train.micro_batch, c->train.seq_len, &freed);
+        size_t freed = 0, lp = 0, hp = 0;
+        const int dev = c->backend == ST_BACKEND_CUDA;
+        size_t all = st_model_int8_bytes(&tc, c->train.micro_batch, c->train.seq_len, dev, &freed, &lp, &hp);
+        if (c->sharding.stage == 3) { /* a share of the packs, one group's packs gathered, the rank's own pages */
+            size_t packs = (size_t)L * lp + hp;
+            all = (packs + (size_t)world - 1) / (size_t)world + (lp > hp ? lp : hp) + (all - packs);
+            freed = teacher_int8_freed(&t, world);
+        }
+        *out += all;
         *out -= freed < *out ? freed : 0;
     }
     st_model_free(&t);

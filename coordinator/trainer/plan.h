@@ -80,7 +80,9 @@ typedef struct {
     size_t teacher;           /* distill.teacher (worker/distill.c): its weights (whole; sharding.stage 3: this
                                  rank's 1/N of them + one gathered group, worker/comm.h st_frozen_shard), their
                                  bf16 copy under bf16 (stage 3: the group's), its checkpointed forward's
-                                 activations; 0 without a teacher. In total and every phase */
+                                 activations; distill.teacher_dtype int8: + the packs and their scratch (stage
+                                 3: 1/N of the packs + one group's) - the quantized weights' fp32 pages given
+                                 back (host ranks); 0 without a teacher. In total and every phase */
     size_t grads;             /* model gradient buffer (padded compact space) + stage-2 reduced shard */
     size_t optim;             /* AdamW exp_avg + exp_avg_sq over the optimizer range, + step counters */
     size_t comm;              /* comm.c parameter staging (stages 1-2) */

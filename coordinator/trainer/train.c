@@ -295,7 +295,7 @@ static int load_teacher(trainer *t) {
     const int i8 = c->distill.teacher_dtype == ST_TEACHER_INT8;
     if (i8 && !t->be->matmul_w8a8)
         return st_fail(ST_ECONFIG, "distill.teacher_dtype: int8 is not available on the %s backend (no int8 matmul "
-                                   "kernel there yet): use distill.teacher_dtype: fp32 or backend: cpu", t->be->name);
+                                   "kernel there): use distill.teacher_dtype: fp32 or backend: cpu", t->be->name);
     int rc = c->sharding.stage == 3 ? load_teacher_sharded(t)
                                     : st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
     if (rc) return st_fail_context(rc, "distill.teacher");
@@ -308,6 +308,8 @@ static int load_teacher(trainer *t) {
     if ((rc = st_model_set_precision(&t->teacher, i8 ? ST_PRECISION_FP32 : c->precision)))
         return st_fail_context(rc, "distill.teacher");
     if (i8 && (rc = st_model_set_int8(&t->teacher, NULL))) return st_fail_context(rc, "distill.teacher_dtype: int8");
+    /* stage 3: packed group by group from the gathered fp32 weights, each rank keeping its share of the packs
+     * (worker/comm.h st_frozen_shard) */
     if (i8 && t->be->host_memory) { /* the quantized weights' fp32 values are not read again: their pages go */
         int max = 4 * t->teacher.cfg.n_layer + 1;
         size_t *lo = malloc(2 * (size_t)max * sizeof(size_t));

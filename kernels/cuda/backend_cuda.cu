@@ -763,11 +763,10 @@ static const st_backend cuda_backend = {
     .scale_rows = cu_scale_rows,
     .prompt_act = cu_prompt_act,
     .prompt_act_bwd = cu_prompt_act_bwd,
-    /* no int8 teacher on the device yet (distill.teacher_dtype: int8 is refused by name there) */
-    .w8_bytes = NULL,
-    .w8_scratch_bytes = NULL,
-    .w8_pack = NULL,
-    .matmul_w8a8 = NULL,
+    .w8_bytes = st_cu_w8_bytes, /* int8.cu: the int8 distillation teacher */
+    .w8_scratch_bytes = st_cu_w8_scratch_bytes,
+    .w8_pack = st_cu_w8_pack,
+    .matmul_w8a8 = st_cu_matmul_w8a8,
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

@@ -62,6 +62,13 @@ void st_cu_adamw_multi(const st_adamw_range *ranges, int count, float beta1, flo
 void st_cu_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block);
 void st_cu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
 
+/* int8.cu: the int8 forward matmul of a distillation teacher (kernels.h w8_*, matmul_w8a8) */
+size_t st_cu_w8_bytes(int out, int in);
+size_t st_cu_w8_scratch_bytes(int m, int in);
+void st_cu_w8_pack(void *packed, const float *w, int out, int in);
+void st_cu_matmul_w8a8(float *c, const float *a, const void *packed, const float *bias, int m, int out, int in,
+                       float beta, void *scratch);
+
 /* cross_entropy.cu */
 double st_cu_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);
 void st_cu_cross_entropy_acc(float *logits, uint16_t *dlogits_bf16, float *loss, const int32_t *target,

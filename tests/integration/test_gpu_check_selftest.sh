@@ -3,7 +3,8 @@
 #  - `gpu_check --self-test` (backend under test: the CPU backend with noisy matmuls; small sizes) exits 0,
 #    prints every kernel line, the bf16 storage and matmul_bf16 lines, the training-step lines of both
 #    precisions (per-step losses, the loss agreement, tokens/s and MFU), shows non-zero (noise) errors
-#    within tolerance, and shows that perturbed results are caught;
+#    within tolerance, and shows that perturbed results are caught; the int8 teacher's matmul (bit-exact
+#    against the CPU twin, within the quantization bound of the fp64 product);
 #  - plain `gpu_check` on a machine without a usable CUDA device exits 2 with one line naming the reason.
 set -euo pipefail
 BIN=${ST_BUILD_DIR:?}/gpu_check
@@ -71,6 +72,13 @@ awk -v a="$l32_1" -v b="$l32_3" 'BEGIN{exit !(b < a)}' || fail "fp32 loss did no
 # the comparisons can fail
 grep -q "^self-test: a perturbed matmul_bf16 output was caught" "$T/out" || fail "perturbed matmul_bf16 not caught"
 grep -q "^self-test: a perturbed to_bf16 result was caught" "$T/out" || fail "perturbed to_bf16 not caught"
+# the int8 teacher's matmul (w8_pack + matmul_w8a8): 4 shapes, bit-exact and within the quantization bound,
+# both comparisons able to fail
+[ "$(grep -Ec '^matmul_w8a8 [0-9x]+( beta)?( bias)? \(bits differ\) +max_rel_err  0.00e\+00 .* ok$' "$T/out")" -eq 4 ] \
+    || fail "expected 4 bit-exact matmul_w8a8 lines"
+[ "$(grep -Ec '^matmul_w8a8 [0-9x]+ vs fp64 / bound .* ok$' "$T/out")" -eq 4 ] || fail "expected 4 matmul_w8a8 bound lines"
+grep -q "^self-test: a perturbed matmul_w8a8 result was caught" "$T/out" || fail "perturbed matmul_w8a8 not caught"
+grep -q "^self-test: a perturbed matmul_w8a8 result (bound) was caught" "$T/out" || fail "matmul_w8a8 bound: not caught"
 ! grep -v "^check_me " "$T/out" | grep -q "FAIL" || fail "a FAIL line (other than the injected check_me)"
 grep -Eq "^gpu_check: ([0-9]+) of \1 checks within tolerance$" "$T/out" || fail "no all-ok summary"
 

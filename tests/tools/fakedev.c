@@ -9,7 +9,8 @@
  *  --guard: its alloc hands out "device" memory from a registry of tagged ranges and it says host_memory 0
  *    (as CUDA does). copy_to_device must go host -> device, copy_to_host device -> host, copy and memset0
  *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, lora_dropout,
- *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c) device only. A violation (host memory where device memory belongs,
+ *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c),
+ *    w8_pack and matmul_w8a8 (the int8 teacher: the CPU kernels, bit-identical to kernels/cuda/int8.cu) device only. A violation (host memory where device memory belongs,
  *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
  *    status, so the next step boundary stops training with it, as a GPU would have crashed. With several
  *    ranks worker/comm.c then takes its NCCL path: the fake NCCL of nccl_fake.h (collectives run through
@@ -199,6 +200,19 @@ static void guard_dequant_nf4(float *out, const uint8_t *packed, const float *ab
     if (n) operands("dequant_nf4", 3, (const void *[]){out, packed, absmax});
     cpu->dequant_nf4(out, packed, absmax, n, block);
 }
+/* The int8 teacher's kernels (kernels.h w8_pack, matmul_w8a8): the CPU's, which compute the CUDA backend's
+ * function bit for bit (kernels/cuda/int8.cu), with their operands device memory, as there. */
+static void guard_w8_pack(void *packed, const float *w, int out, int in) {
+    if (out > 0 && in > 0) operands("w8_pack", 2, (const void *[]){packed, w});
+    cpu->w8_pack(packed, w, out, in);
+}
+static void guard_matmul_w8a8(float *c, const float *a, const void *packed, const float *bias, int m, int out, int in,
+                              float beta, void *scratch) {
+    if (m > 0 && out > 0)
+        operands("matmul_w8a8", 4, (const void *[]){c, a, packed, scratch}),
+            operands("matmul_w8a8", 1, (const void *[]){bias});
+    cpu->matmul_w8a8(c, a, packed, bias, m, out, in, beta, scratch);
+}
 
 /* ---------------------------------------------------------------- injected kernel failure */
 
@@ -319,8 +333,7 @@ int main(int argc, char **argv) {
         fake.scale_rows = guard_scale_rows, fake.prompt_act = guard_prompt_act, fake.prompt_act_bwd = guard_prompt_act_bwd;
         fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
         fake.bias_add = guard_bias_add, fake.to_bf16 = guard_to_bf16;
-        /* no int8 matmuls, as the cuda backend: distill.teacher_dtype int8 is refused by name */
-        fake.w8_bytes = NULL, fake.w8_scratch_bytes = NULL, fake.w8_pack = NULL, fake.matmul_w8a8 = NULL;
+        fake.w8_pack = guard_w8_pack, fake.matmul_w8a8 = guard_matmul_w8a8; /* as the cuda backend: on device memory */
         guarded = 1;
     }
     fake.matmul = f_matmul, fake.matmul_bf16 = f_matmul_bf16;

@@ -10,7 +10,9 @@
  * their "error" is the number of differing elements (tolerance 0). matmul_bf16 runs every operand kind
  * (fp32 / bf16 for A and B), every transpose, with and without the bias epilogue. The dequant group also
  * runs QLoRA's per-matmul path end to end (one nf4 + double-quantized matrix dequantized, rounded to bf16,
- * read by the forward and input-gradient matmuls: check_qlora_matmul).
+ * read by the forward and input-gradient matmuls: check_qlora_matmul). The int8 group (a distillation teacher's
+ * w8_pack + matmul_w8a8) is a bit-exact check, then a bound against the fp64 product of the unquantized
+ * operands (check_w8a8_case).
  * Training step: the same small Llama (identical random weights, tokens and AdamW settings) trains a few
  * steps on the backend under test and on the CPU backend, for precision fp32 and bf16; prints each step's
  * loss on both sides, the max relative loss difference (FAIL above tolerance), the backend's median step
@@ -921,6 +923,91 @@ static void check_qlora_matmul(void) {
     free(codes), free(q8), free(s2), free(x), free(dy), free(hs), free(hw), free(hy), free(hdx), free(hw16), free(hsc);
 }
 
+/* Rows of x [rows, in] an int8 check wants: row 0 all zero (step 0: every code 0), row 1 exact rounding ties
+ * (step 0.5 exactly, values on odd multiples of 0.25: x / s lands on n + 0.5, rint goes to the even side). */
+static void w8_edge_rows(float *x, int rows, int in) {
+    for (int k = 0; k < in && rows > 0; k++) x[k] = 0.0f;
+    for (int k = 0; k < in && rows > 1; k++) x[(size_t)in + k] = k == 0 ? 63.5f : (float)((k * 37) % 255 - 127) * 0.25f;
+}
+
+/* |int8 result - fp64 product| / its bound, worst over [m, out]: per element sum_k (|a| s/2 + |w| t/2 + 3 t s / 4)
+ * (a = t p + ea, w = s q + ew with |ea| <= t/2, |ew| <= s/2), plus 8 fp32 ulps of the terms for the rescale
+ * and the epilogue's adds. 1.0 or less: the int8 function is the one kernels.h describes. */
+static double w8_bound_ratio(const float *c, const float *c0, const float *a, const float *w, const float *bias, int m,
+                             int out, int in, float beta) {
+    double worst = 0.0;
+    for (int i = 0; i < m; i++) {
+        double t = 0.0;
+        for (int k = 0; k < in; k++) t = fmax(t, fabs(a[(size_t)i * in + k]));
+        t /= 127.0;
+        for (int j = 0; j < out; j++) {
+            double s = 0.0, dot = 0.0, mag = 0.0, q = 0.0;
+            for (int k = 0; k < in; k++) s = fmax(s, fabs(w[(size_t)j * in + k]));
+            s /= 127.0;
+            for (int k = 0; k < in; k++) {
+                double x = a[(size_t)i * in + k], y = w[(size_t)j * in + k];
+                dot += x * y, mag += fabs(x) * fabs(y);
+                q += fabs(x) * s / 2 + fabs(y) * t / 2 + 0.75 * t * s;
+            }
+            double extra = beta * (double)c0[(size_t)i * out + j] + (bias ? bias[j] : 0.0);
+            double want = dot + extra;
+            double bound = q * 1.001 + 8 * 0x1p-24 * (mag + q + fabs(extra)) + 1e-30;
+            worst = fmax(worst, fabs(c[(size_t)i * out + j] - want) / bound);
+        }
+    }
+    return worst;
+}
+
+/* The int8 forward matmul of a distillation teacher (w8_pack + matmul_w8a8, kernels/cuda/int8.cu against
+ * kernels/cpu/cpu_int8.c): the quantization (IEEE division, round half to even, the same clamp) and the
+ * rescale are the same fp32 operations on both sides and the int32 sums are exact, so the outputs must be
+ * bit-identical (the error is the number of differing elements, tolerance 0), with beta and bias and with
+ * input widths off the tile sizes. Then the bound only the quantization may break: the result against the
+ * fp64 product of the unquantized operands (w8_bound_ratio <= 1). */
+static void check_w8a8_case(int m, int out, int in, float beta, int with_bias) {
+    float *a = hrand((size_t)m * in, 2), *w = hrand((size_t)out * in, 0.1f), *c0 = hrand((size_t)m * out, 1);
+    float *bias = with_bias ? hrand(out, 0.5f) : NULL, *c = xmalloc((size_t)m * out * 4);
+    w8_edge_rows(a, m, in), w8_edge_rows(w, out, in);
+    memcpy(c, c0, (size_t)m * out * 4);
+    size_t pb = C->w8_bytes(out, in), sb = C->w8_scratch_bytes(m, in);
+    void *hp = xmalloc(pb + 64), *hs = xmalloc(sb + 64); /* the CPU blob wants 64-byte alignment */
+    void *hpa = (void *)(((uintptr_t)hp + 63) & ~(uintptr_t)63), *hsa = (void *)(((uintptr_t)hs + 63) & ~(uintptr_t)63);
+    float *ga = dev_from(a, (size_t)m * in * 4), *gw = dev_from(w, (size_t)out * in * 4);
+    float *gc = dev_from(c0, (size_t)m * out * 4), *gb = bias ? dev_from(bias, (size_t)out * 4) : NULL;
+    void *gp = dev_from(NULL, G->w8_bytes(out, in)), *gs = dev_from(NULL, G->w8_scratch_bytes(m, in));
+    double tg, tc;
+    G->w8_pack(gp, gw, out, in), C->w8_pack(hpa, w, out, in);
+    tick(); G->matmul_w8a8(gc, ga, gp, gb, m, out, in, beta, gs); tg = tock_gpu();
+    tick(); C->matmul_w8a8(c, a, hpa, bias, m, out, in, beta, hsa); tc = tock_cpu();
+    float *got = fetch(gc, (size_t)m * out);
+    char name[80];
+    snprintf(name, sizeof name, "matmul_w8a8 %dx%dx%d%s%s (bits differ)", m, out, in, beta != 0.0f ? " beta" : "",
+             bias ? " bias" : "");
+    report(name, bit_diffs(got, c, (size_t)m * out, 4), tg, tc, 0);
+    snprintf(name, sizeof name, "matmul_w8a8 %dx%dx%d vs fp64 / bound", m, out, in);
+    report(name, w8_bound_ratio(got, c0, a, w, bias, m, out, in, beta), tg, tc, 1.0);
+    if (self_test && m > 2 && out > 2) {
+        got[(size_t)2 * out + 2] = nextafterf(got[(size_t)2 * out + 2], INFINITY); /* one ulp off */
+        expect_caught("matmul_w8a8 result", bit_diffs(got, c, (size_t)m * out, 4), 0);
+        got[(size_t)2 * out + 2] += 1.0f; /* an error beyond what quantization explains */
+        expect_caught("matmul_w8a8 result (bound)", w8_bound_ratio(got, c0, a, w, bias, m, out, in, beta), 1.0);
+    }
+    G->free(ga), G->free(gw), G->free(gc), G->free(gp), G->free(gs);
+    if (gb) G->free(gb);
+    free(a), free(w), free(c0), free(c), free(bias), free(hp), free(hs), free(got);
+}
+
+static void check_w8a8(void) {
+    if (!G->matmul_w8a8 || !G->w8_pack || !G->w8_bytes || !G->w8_scratch_bytes) {
+        report("matmul_w8a8 (slots missing)", INFINITY, 0, 0, 0);
+        return;
+    }
+    check_w8a8_case(NROWS, 3 * CH, CH, 0.0f, 1);    /* q/k/v with biases */
+    check_w8a8_case(NROWS, CH, FF, 1.0f, 0);        /* down projection, in = 344: padded codes, + C */
+    check_w8a8_case(37, V, CH, 0.0f, 0);            /* the head: rows off the tile, out = 1000 */
+    check_w8a8_case(5, 70, 13, 0.5f, 1);            /* tiny, everything off the tiles */
+}
+
 /* ---------------------------------------------------------------- tensor-core attention (CUDA) */
 
 static double norm_err(const float *x, const float *ref, size_t n);
@@ -1409,7 +1496,7 @@ static int usage(const char *bad) {
     printf("usage: gpu_check [--device N] [--seed S] [--self-test] [--layers L] [--dim C] [--heads H]\n"
            "                 [--kv-heads KVH] [--ff F] [--vocab V] [--seq T] [--batch B] [--steps S]\n"
            "                 [--peak-size N] [--no-train] [--no-big] [--big-elems N] [--only GROUP]\n"
-           "groups: matmul bf16 norms attention pointwise xent adamw dequant shapes big train\n");
+           "groups: matmul bf16 norms attention pointwise xent adamw dequant int8 shapes big train\n");
     return 2;
 }
 
@@ -1493,6 +1580,7 @@ int main(int argc, char **argv) {
     if (GROUP("xent")) check_cross_entropy(), check_kd(NROWS, V, 2.0f, 0.5f, 5.0f), check_kd(NROWS, V, 0.7f, 1.0f, 20.0f);
     if (GROUP("adamw")) check_adamw();
     if (GROUP("dequant")) check_dequant(), check_qlora_matmul();
+    if (GROUP("int8")) check_w8a8();
     if (GROUP("shapes")) check_real_shapes();
     if (big && GROUP("big")) check_big_elementwise();
     if (train && GROUP("train")) {

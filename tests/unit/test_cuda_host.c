@@ -148,7 +148,7 @@ static void test_shared_device(void **state) {
 
 /* Every slot of a backend table after `name` and `host_memory` is a function pointer, and none may be
  * NULL: the worker calls them unconditionally — except the int8 teacher's optional slots at the end (w8_bytes
- * onward: a backend without them refuses distill.teacher_dtype int8 by name), checked apart. */
+ * onward: a backend without them refuses distill.teacher_dtype int8 by name; cpu and cuda have them), checked apart. */
 static void assert_every_slot_set(const st_backend *be) {
     typedef void (*fn)(void);
     size_t first = offsetof(st_backend, alloc), slots = (offsetof(st_backend, w8_bytes) - first) / sizeof(fn);
@@ -170,7 +170,8 @@ static void test_tables_complete(void **state) {
     assert_true(cpu->w8_bytes && cpu->w8_scratch_bytes && cpu->w8_pack && cpu->matmul_w8a8); /* the int8 teacher */
 #ifdef ST_HAVE_CUDA /* the table itself, no device needed */
     assert_every_slot_set(st_cuda_table());
-    assert_true(st_cuda_table()->matmul_w8a8 == NULL); /* no int8 teacher on cuda yet: train.c refuses it by name */
+    assert_true(st_cuda_table()->w8_bytes && st_cuda_table()->w8_scratch_bytes && st_cuda_table()->w8_pack &&
+                st_cuda_table()->matmul_w8a8); /* the int8 teacher (kernels/cuda/int8.cu) */
     assert_int_equal(st_cuda_table()->host_memory, 0);
     assert_string_equal(st_cuda_table()->name, "cuda");
     /* the tensor-core attention refuses shapes it has no kernel for before touching the device */

@@ -71,7 +71,11 @@ int st_peft_save_dir(const st_model *m, const char *dir, const char *base_model)
     char (*names)[PEFT_NAME_MAX] = calloc((size_t)n + 1, PEFT_NAME_MAX);
     char *json = config_json(m, &spec, base_model);
     if (!host || !items || !names || !json) rc = st_fail(ST_ENOMEM, "out of memory writing adapter %s", dir);
-    if (!rc && !in_place) m->be->copy_to_host(host, m->weights + m->n_base_weights, floats * sizeof(float));
+    for (int k = 0; !rc && !in_place && k < n; k++) { /* each where it is (a device ZeRO-3 gather buffer too) */
+        const st_param *p = &m->params[m->n_base_params + k];
+        m->be->copy_to_host(host + (p->offset - m->n_base_weights), st_model_param_weights(m, m->n_base_params + k),
+                            p->numel * sizeof(float));
+    }
     for (int k = 0; !rc && k < n; k++) {
         const st_param *p = &m->params[m->n_base_params + k];
         st_lora_peft_name(m, m->n_base_params + k, names[k], PEFT_NAME_MAX);

@@ -88,7 +88,7 @@ int st_peft_prompt_save(const st_model *m, const char *dir, const char *base_mod
     char path[4200];
     if (!rc) {
         if (st_prompt_has_encoder(m)) st_prompt_encode(m, host);
-        else m->be->copy_to_host(host, m->weights + p->offset, p->numel * sizeof(float));
+        else m->be->copy_to_host(host, st_model_param_weights(m, pi), p->numel * sizeof(float));
         st_st_write_item it = {.name = "prompt_embeddings", .data = host, .ndim = 2};
         it.shape[0] = d0;
         it.shape[1] = d1;

@@ -27,7 +27,19 @@
  * NCCL copies and adds locally.
  * Outside forward/backward an acquire (a checkpoint snapshot: one tensor at a time, collective) gathers into
  * a slot the same way; such readers find the tensor with st_model_param_weights. The optimizer, the final
- * weights' gathers and the streaming load touch only this rank's parts, at weights + offset. */
+ * weights' gathers and the streaming load touch only this rank's parts, at weights + offset.
+ * Adapters (LoRA, DoRA) and prompt learning: their registry entries (past the base model) are the trainable
+ * set, the base the frozen space (no gradient, no optimizer state), both found through part_base. The model
+ * acquires a layer's adapters as a group of their own right after its base (worker/model.c layer_acquire)
+ * and the prompt's tensors as one group (held over every layer for a prefix without encoder): they go to
+ * one more slot of the largest such group's size (fp32 only: their compute is fp32), while the base slots
+ * keep prefetching. A layer's adapters get a layer gradient buffer in backward as a layer does; the prompt's
+ * tensors (written by every layer's backward under prefix tuning) a third edge buffer, reduced after the
+ * embeddings. lora.c and prompt.c read their tensors with st_model_param_weights (DoRA's bf16 base with
+ * st_model_param_bf16) and write gradients through st_model_param_grad. An acquire larger than every slot
+ * (all the adapters at once for final/, outside forward and backward) gets a spare slot made for it and
+ * freed by its release. Attached to a model bound without weights, the adapters' initial values come in a
+ * buffer of their own (st_model.weights_tail_only), cut into the shards like the rest. */
 #include "worker/comm_zero3_dev.h"
 
 #include <stdlib.h>
@@ -36,13 +48,18 @@
 #include "common/error.h"
 #include "common/util.h"
 #include "kernels/cuda/nccl_comm.h"
+#include "worker/lora.h"
+#include "worker/prompt.h"
 
-#define Z3D_SLOTS 3
+#define Z3D_SLOTS 5 /* up to three base-group slots, one adapter / prompt slot, one made on demand */
 #define Z3D_RS 2 /* receive buffers: reductions in flight at once */
+#define Z3D_EDGES 3 /* the embeddings, final norm + head, the prompt's tensors */
 
 typedef struct {
-    float *w;        /* [slot_floats] the group's fp32 weights */
-    uint16_t *w16;   /* [slot_floats] their bf16 copy (precision bf16), else NULL */
+    float *w;        /* [cap] the group's fp32 weights */
+    uint16_t *w16;   /* [cap] their bf16 copy (precision bf16, base groups), else NULL */
+    size_t cap;      /* floats it holds */
+    int small;       /* it holds adapter / prompt groups (registry entries past the base model) */
     int first, last; /* the group held (parameters) */
     size_t lo, hi;   /* its weight (= compact) range */
     int state;       /* 0 free, 1 gather enqueued (prefetched), 2 resident */
@@ -68,8 +85,8 @@ typedef struct st_z3dev st_z3dev;
 struct st_z3dev {
     st_model *m;
     int n_slots, in_bwd;
-    size_t slot_floats, layer_floats;
-    z3d_slot slot[Z3D_SLOTS];  /* slot k's gather: comm-stream mark k */
+    size_t slot_floats, small_floats, layer_floats;
+    z3d_slot slot[Z3D_SLOTS];  /* slot k's gather: comm-stream mark k; slot n_slots: made on demand (spare) */
     z3d_gbuf gbuf[2];
     float *master;       /* [shard] this rank's fp32 master weights (its shard of the compact space) */
     float *fmaster;      /* [c->fshard] its shard of the frozen space (fp32), NULL when every parameter trains */
@@ -80,11 +97,11 @@ struct st_z3dev {
     size_t recv_floats;
     z3d_rs rs[Z3D_RS];
     int rs_order[Z3D_RS], n_rs; /* in-flight reductions, oldest first (receive buffer indices) */
-    float *edge[2];      /* gradients of the embeddings and of final norm + head */
+    float *edge[Z3D_EDGES]; /* gradients of the embeddings, of final norm + head and of the prompt's tensors */
     int edge0_shared;    /* untied embeddings: their gradient, written only after the last layer's backward
                             (embedding_bwd), lives in a free layer gradient buffer (edge0_gb) */
     int edge0_gb;
-    size_t edge_lo[2], edge_hi[2];
+    size_t edge_lo[Z3D_EDGES], edge_hi[Z3D_EDGES];
     /* SHARDTUNE_ZERO3_DEV_FAULT (tests only: the stream-order checker must catch each): "rs-wait" adds a
      * received part without waiting for its reduction, "one-grad-buffer" reuses a gradient buffer whose
      * reduction is in flight, "gather-wait" computes on a group without waiting for its gather */
@@ -138,9 +155,9 @@ static void keep_rc(st_comm *c, int rc) {
 static void sync_windows(st_z3dev *z) {
     st_model *m = z->m;
     m->n_wwin = m->n_gwin = 0;
-    for (int e = 0; e < 2; e++)
+    for (int e = 0; e < Z3D_EDGES; e++)
         if (z->edge[e]) m->gwin[m->n_gwin++] = (st_res_window){z->edge_lo[e], z->edge_hi[e], z->edge[e], NULL};
-    for (int k = 0; k < z->n_slots; k++) {
+    for (int k = 0; k <= z->n_slots; k++) {
         z3d_slot *s = &z->slot[k];
         if (s->state == 2) m->wwin[m->n_wwin++] = (st_res_window){s->lo, s->hi, s->w, s->w16};
     }
@@ -148,10 +165,16 @@ static void sync_windows(st_z3dev *z) {
         if (z->gbuf[b].live) m->gwin[m->n_gwin++] = (st_res_window){z->gbuf[b].lo, z->gbuf[b].hi, z->gbuf[b].g, NULL};
 }
 
-/* Whether [first, last) is a layer's group (its gradients go to a layer buffer, not an edge buffer). */
+/* Whether [first, last) is a layer's group (its gradients go to a layer buffer, not an edge buffer): a layer's
+ * base parameters or its adapters (entries past the base model that belong to a layer; the prompt's do not). */
 static int is_layer_group(const st_z3dev *z, int first) {
-    return first >= st_model_layer_first_param(z->m, 0) && first < st_model_layer_first_param(z->m, z->m->cfg.n_layer);
+    const st_model *m = z->m;
+    if (first >= st_model_base_params(m)) return first < m->n_params && m->params[first].layer >= 0;
+    return first >= st_model_layer_first_param(m, 0) && first < st_model_layer_first_param(m, m->cfg.n_layer);
 }
+
+/* Whether a group goes to the adapter / prompt slot (registry entries past the base model). */
+static int small_group(const st_z3dev *z, int first) { return first >= st_model_base_params(z->m); }
 
 /* The runs of [first, last) contiguous in both the weight space and their sharded space (compact or
  * frozen): z->runs, 4 per run. Returns their number. */
@@ -182,7 +205,7 @@ static int gather_start(st_comm *c, z3d_slot *s, int first, int last) {
     st_z3dev *z = c->z3dev;
     const st_backend *be = z->m->be;
     span(z->m, first, last, &s->lo, &s->hi);
-    if (s->hi - s->lo > z->slot_floats)
+    if (s->hi - s->lo > s->cap)
         return st_fail(ST_EINVAL, "rank %d: internal error: a stage-3 group of %zu floats exceeds the gather buffer",
                        c->rank, s->hi - s->lo);
     s->first = first;
@@ -209,19 +232,32 @@ static int gather_wait(st_comm *c, z3d_slot *s) {
     return st_nccl_wait_event(c->nccl, (int)(s - c->z3dev->slot));
 }
 
-/* A slot for a new gather: a free one; a prefetched gather nobody acquired is dropped (after the compute
- * stream waited for it, so nothing writes the slot behind the next use). NULL when all are resident. */
-static z3d_slot *free_slot(st_comm *c) {
+/* Whether slot s may take group [first, first + n floats): its kind (base group / adapters and prompt) and size. */
+static int slot_fits(const st_z3dev *z, const z3d_slot *s, int first, size_t n) {
+    return s->small == small_group(z, first) && s->cap >= n;
+}
+
+/* A slot for a new gather of `first`'s group of n floats: a free one of its kind; a prefetched gather nobody
+ * acquired is dropped (after the compute stream waited for it, so nothing writes the slot behind the next
+ * use); else (outside forward and backward: all the adapters at once for final/) the spare slot, allocated
+ * for it and freed by its release. NULL when none is left. */
+static z3d_slot *free_slot(st_comm *c, int first, size_t n) {
     st_z3dev *z = c->z3dev;
     for (int k = 0; k < z->n_slots; k++)
-        if (z->slot[k].state == 0) return &z->slot[k];
+        if (z->slot[k].state == 0 && slot_fits(z, &z->slot[k], first, n)) return &z->slot[k];
     for (int k = 0; k < z->n_slots; k++)
-        if (z->slot[k].state == 1) {
+        if (z->slot[k].state == 1 && slot_fits(z, &z->slot[k], first, n)) {
             keep_rc(c, gather_wait(c, &z->slot[k]));
             z->slot[k].state = 0;
             return &z->slot[k];
         }
-    return NULL;
+    z3d_slot *s = &z->slot[z->n_slots];
+    if (s->state != 0) return NULL;
+    s->w = z->m->be->alloc((n ? n : 1) * sizeof(float));
+    if (!s->w) return NULL;
+    s->cap = n;
+    s->small = small_group(z, first);
+    return s;
 }
 
 static void z3d_prefetch(void *ctx, int first, int last) {
@@ -231,8 +267,10 @@ static void z3d_prefetch(void *ctx, int first, int last) {
     for (int k = 0; k < z->n_slots; k++)
         if (z->slot[k].state == 1) return; /* one in flight at a time */
     z3d_slot *s = NULL;
+    size_t a, b;
+    span(z->m, first, last, &a, &b);
     for (int k = 0; k < z->n_slots && !s; k++)
-        if (z->slot[k].state == 0) s = &z->slot[k];
+        if (z->slot[k].state == 0 && slot_fits(z, &z->slot[k], first, b - a)) s = &z->slot[k];
     if (!s) return;
     int rc = gather_start(c, s, first, last);
     keep_rc(c, rc);
@@ -283,9 +321,11 @@ static void z3d_acquire(void *ctx, int first, int last) {
         if (z->slot[k].state == 1 && z->slot[k].first == first && z->slot[k].last == last) s = &z->slot[k];
     int rc = 0;
     if (!s) {
-        s = free_slot(c);
+        size_t a, b;
+        span(m, first, last, &a, &b);
+        s = free_slot(c, first, b - a);
         rc = s ? gather_start(c, s, first, last)
-               : st_fail(ST_EINVAL, "rank %d: internal error: no free stage-3 gather buffer", c->rank);
+               : st_fail(ST_EINVAL, "rank %d: out of %s memory or of free stage-3 gather buffers", c->rank, m->be->name);
     }
     if (!rc && s) rc = gather_wait(c, s); /* the gather (and what came before it) done */
     keep_rc(c, rc);
@@ -311,10 +351,15 @@ static void z3d_acquire(void *ctx, int first, int last) {
 static void z3d_release(void *ctx, int first, int last) {
     st_comm *c = ctx;
     st_z3dev *z = c->z3dev;
-    for (int k = 0; k < z->n_slots; k++) {
+    for (int k = 0; k <= z->n_slots; k++) {
         z3d_slot *s = &z->slot[k];
         if (s->state == 2 && s->first == first && s->last == last) {
             s->state = 0; /* its gradient buffer stays until grad_ready hands it to the reduction */
+            if (k == z->n_slots) { /* the spare (its gather was waited for by the acquire) */
+                z->m->be->free(s->w);
+                s->w = NULL;
+                s->cap = 0;
+            }
             break;
         }
     }
@@ -328,7 +373,7 @@ static void z3d_progress(void *ctx) { (void)ctx; }
 static float *grad_source(st_z3dev *z, size_t lo, size_t hi, int *edge, int *gb) {
     *edge = 0;
     *gb = -1;
-    for (int e = 0; e < 2; e++)
+    for (int e = 0; e < Z3D_EDGES; e++)
         if (z->edge[e] && lo >= z->edge_lo[e] && hi <= z->edge_hi[e]) {
             if (e == 0 && z->edge0_shared) *gb = z->edge0_gb;
             else *edge = 1;
@@ -414,29 +459,49 @@ static int embed_shares(const st_model *m, size_t n, size_t layer_floats) {
     return !m->cfg.tied_embeddings && n <= layer_floats;
 }
 
-/* The largest group (the embeddings, a layer, or final norm + head) in the weight space; *layer_most the
- * largest layer's trainable (compact) span, goff[i] the compact offsets (-1 frozen). */
-static void group_sizes(const st_model *m, const long *goff, size_t *most, size_t *layer_most) {
-    int L = m->cfg.n_layer, fn = st_model_layer_first_param(m, L);
-    size_t a, b, most_layer_w = 0;
-    *most = *layer_most = 0;
+/* The trainable (compact) span of parameters [p0, p1) by goff (-1 frozen). */
+static size_t trained_span(const st_model *m, const long *goff, int p0, int p1) {
+    size_t ga = 0, gb = 0;
+    for (int i = p0; i < p1; i++)
+        if (goff[i] >= 0 && m->params[i].numel) {
+            if (!gb) ga = (size_t)goff[i];
+            gb = (size_t)goff[i] + m->params[i].numel;
+        }
+    return gb - ga;
+}
+
+/* Weight floats of group [p0, p1) (0 when empty). */
+static size_t group_floats(const st_model *m, int p0, int p1) {
+    size_t a, b;
+    if (p1 <= p0) return 0;
+    span(m, p0, p1, &a, &b);
+    return b - a;
+}
+
+/* The largest base group (the embeddings, a layer, or final norm + head) in the weight space (*most), the
+ * largest adapter / prompt group (a layer's adapters, the prompt's tensors; *small), and the largest layer
+ * group's trainable (compact) span (*layer_most: a layer's base parameters or its adapters); goff[i] the
+ * compact offsets (-1 frozen). */
+static void group_sizes(const st_model *m, const long *goff, size_t *most, size_t *small, size_t *layer_most) {
+    int L = m->cfg.n_layer, fn = st_model_layer_first_param(m, L), nb = st_model_base_params(m);
+    *most = *small = *layer_most = 0;
     for (int l = 0; l < L; l++) {
-        int p0 = st_model_layer_first_param(m, l), p1 = st_model_layer_first_param(m, l + 1);
-        span(m, p0, p1, &a, &b);
-        if (b - a > most_layer_w) most_layer_w = b - a;
-        size_t ga = 0, gb = 0;
-        for (int i = p0; i < p1; i++)
-            if (goff[i] >= 0 && m->params[i].numel) {
-                if (!gb) ga = (size_t)goff[i];
-                gb = (size_t)goff[i] + m->params[i].numel;
-            }
-        if (gb - ga > *layer_most) *layer_most = gb - ga;
+        int p0 = st_model_layer_first_param(m, l), p1 = st_model_layer_first_param(m, l + 1), lf, ll;
+        size_t n = group_floats(m, p0, p1), t = trained_span(m, goff, p0, p1);
+        if (n > *most) *most = n;
+        if (t > *layer_most) *layer_most = t;
+        st_lora_layer_params(m, l, &lf, &ll);
+        n = group_floats(m, lf, ll), t = trained_span(m, goff, lf, ll);
+        if (n > *small) *small = n;
+        if (t > *layer_most) *layer_most = t;
     }
-    *most = most_layer_w;
-    span(m, 0, st_model_layer_first_param(m, 0), &a, &b);
-    if (b - a > *most) *most = b - a;
-    span(m, fn, m->n_params, &a, &b);
-    if (b - a > *most) *most = b - a;
+    size_t n = group_floats(m, 0, st_model_layer_first_param(m, 0));
+    if (n > *most) *most = n;
+    n = group_floats(m, fn, nb);
+    if (n > *most) *most = n;
+    int pp = st_prompt_param(m);
+    n = m->prompt ? group_floats(m, pp, pp + st_prompt_param_count(m)) : 0;
+    if (n > *small) *small = n;
 }
 
 /* Trainable (compact) floats among parameters [first, last) by goff. */
@@ -458,23 +523,24 @@ void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shar
     const long *g = goff ? goff : own;
     *weight_floats = *grad_floats = 0;
     if (!g) return;
-    size_t most, layer_most, e, nf = 0;
-    group_sizes(m, g, &most, &layer_most);
+    size_t most, small, layer_most, e, nf = 0;
+    group_sizes(m, g, &most, &small, &layer_most);
     int e0 = st_model_layer_first_param(m, 0), fn = st_model_layer_first_param(m, m->cfg.n_layer);
     size_t emb = trained_in(m, g, 0, e0);
     e = emb && embed_shares(m, emb, layer_most) ? 0 : emb;
-    e += trained_in(m, g, fn, m->n_params);
+    e += trained_in(m, g, fn, st_model_base_params(m));
+    if (m->prompt) e += trained_in(m, g, st_prompt_param(m), st_prompt_param(m) + st_prompt_param_count(m));
     for (int i = 0; i < m->n_params; i++) nf += g[i] < 0 ? m->params[i].numel : 0;
     size_t fshard = (nf + (size_t)world - 1) / (size_t)world;
     size_t slots = m->cfg.tied_embeddings ? 3 : 2;
-    /* slots (+ bf16 copies), the master shard, the frozen shard */
-    *weight_floats = slots * (most + (bf16 ? (most + 1) / 2 : 0)) + shard + fshard;
+    /* slots (+ bf16 copies), the adapter / prompt slot (fp32 only), the master shard, the frozen shard */
+    *weight_floats = slots * (most + (bf16 ? (most + 1) / 2 : 0)) + small + shard + fshard;
     /* two layers' gradient buffers, the edges, shard_grads, two receive buffers */
     *grad_floats = 2 * layer_most + e + shard + (shard ? Z3D_RS * recv_floats(shard, most) : 0);
     free(own);
 }
 
-int st_z3dev_supported(const st_model *m) { return !m->lora && !m->prompt && !m->qlora && !m->n_w16; }
+int st_z3dev_supported(const st_model *m) { return !m->qlora && !m->n_w16; }
 
 /* The frozen space as CPU ranks lay it out (worker/comm.h): the frozen parameters in registry order,
  * padded to the world, this rank's [flo, fhi) of it; c->z3_foff (freed by st_comm_free). */
@@ -506,16 +572,16 @@ static void cut_shards(st_comm *c, st_model *m, const float *whole) {
         float *base = frozen ? z->fmaster : z->master;
         if (z->part_base) z->part_base[i] = base ? base + g - lo : NULL; /* element e of i: part_base[i] + e */
         size_t s = g > lo ? g : lo, e = g + p->numel < hi ? g + p->numel : hi;
-        if (whole && s < e) be->copy(base + (s - lo), whole + p->offset + (s - g), (e - s) * sizeof(float));
+        int unread = m->weights_tail_only && i < st_model_base_params(m); /* no base in `whole` */
+        if (whole && !unread && s < e) be->copy(base + (s - lo), whole + p->offset + (s - g), (e - s) * sizeof(float));
     }
 }
 
 int st_z3dev_init(st_comm *c, st_model *m) {
     const st_backend *be = m->be;
     if (!st_z3dev_supported(m))
-        return st_fail(ST_ECONFIG, "sharding.stage 3 on the %s backend runs the full, frozen and progressive modes: "
-                                   "adapters (LoRA, QLoRA, DoRA) and prompt learning are supported at stage 3 on CPU "
-                                   "ranks only; use sharding.stage 2", be->name);
+        return st_fail(ST_ECONFIG, "sharding.stage 3 on the %s backend runs every mode but QLoRA: QLoRA's quantized "
+                                   "base is sharded at stage 3 on CPU ranks only; use sharding.stage 2", be->name);
     if (m->cfg.n_layer < 1) return st_fail(ST_ECONFIG, "sharding.stage 3 on the %s backend needs a layer", be->name);
     st_z3dev *z = calloc(1, sizeof *z);
     if (!z) return st_fail(ST_ENOMEM, "out of memory");
@@ -528,13 +594,15 @@ int st_z3dev_init(st_comm *c, st_model *m) {
         free(goff);
         return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 layout", c->rank);
     }
-    group_sizes(m, goff, &z->slot_floats, &z->layer_floats);
+    group_sizes(m, goff, &z->slot_floats, &z->small_floats, &z->layer_floats);
     free(goff);
-    z->n_slots = m->cfg.tied_embeddings ? 3 : 2;
+    z->n_slots = (m->cfg.tied_embeddings ? 3 : 2) + (z->small_floats > 0);
     z->recv_floats = recv_floats(c->shard, z->slot_floats);
     int L = m->cfg.n_layer, e0 = st_model_layer_first_param(m, 0), fn = st_model_layer_first_param(m, L);
     grad_span(m, 0, e0, &z->edge_lo[0], &z->edge_hi[0]);
-    grad_span(m, fn, m->n_params, &z->edge_lo[1], &z->edge_hi[1]);
+    grad_span(m, fn, st_model_base_params(m), &z->edge_lo[1], &z->edge_hi[1]);
+    int pp = st_prompt_param(m); /* the prompt's tensors: every layer's backward may write them (prefix tuning) */
+    if (m->prompt) grad_span(m, pp, pp + st_prompt_param_count(m), &z->edge_lo[2], &z->edge_hi[2]);
     /* the full gradient buffer and bf16 copy go first, the full weights once the master shards are cut */
     be->free(m->grads);
     m->grads = NULL;
@@ -548,25 +616,31 @@ int st_z3dev_init(st_comm *c, st_model *m) {
         return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 shard", c->rank, be->name);
     if (z->master) be->memset0(z->master, c->shard * sizeof(float)); /* the padding past the last parameter */
     if (z->fmaster) be->memset0(z->fmaster, c->fshard * sizeof(float));
-    cut_shards(c, m, m->weights); /* m->weights NULL: built without weights (buffers_external), streamed in after */
-    be->free(m->weights); /* from here on this rank's parts are the whole of its weights */
+    /* m->weights NULL: built without weights (buffers_external), streamed in after; weights_tail_only: the
+     * adapters' / prompt's initial values only (attached to such a model), the base streamed in after */
+    cut_shards(c, m, m->weights);
+    be->free(m->weights_tail_only ? m->weights + m->n_base_weights : m->weights);
+    m->weights_tail_only = 0; /* from here on this rank's parts are the whole of its weights */
     /* every parameter trains: weights + offset reaches this rank's parts (see the top of the file); else
      * they are found through part_base (nothing may read m->weights) */
     m->weights = every ? z->master - c->lo : NULL;
     m->part_base = z->part_base;
     int ok = 1;
-    for (int k = 0; k < z->n_slots; k++) {
-        z->slot[k].w = be->alloc(z->slot_floats * sizeof(float));
-        z->slot[k].w16 = bf16 ? be->alloc(z->slot_floats * sizeof(uint16_t)) : NULL;
-        ok = ok && z->slot[k].w && (!bf16 || z->slot[k].w16);
+    for (int k = 0; k < z->n_slots; k++) { /* the base groups' slots, then the adapters' / prompt's (fp32 only) */
+        z3d_slot *s = &z->slot[k];
+        s->small = z->small_floats && k == z->n_slots - 1;
+        s->cap = s->small ? z->small_floats : z->slot_floats;
+        s->w = be->alloc(s->cap * sizeof(float));
+        s->w16 = bf16 && !s->small ? be->alloc(s->cap * sizeof(uint16_t)) : NULL;
+        ok = ok && s->w && (!bf16 || s->small || s->w16);
     }
-    for (int b = 0; b < 2; b++) {
+    for (int b = 0; b < 2 && z->layer_floats; b++) { /* none when no layer trains (prompt learning) */
         z->gbuf[b].g = be->alloc(z->layer_floats * sizeof(float));
         ok = ok && z->gbuf[b].g;
     }
     z->edge0_shared = z->edge_hi[0] > z->edge_lo[0] && embed_shares(m, z->edge_hi[0] - z->edge_lo[0], z->layer_floats) &&
                       z->gbuf[0].g; /* the embeddings train */
-    for (int e = 0; e < 2; e++) {
+    for (int e = 0; e < Z3D_EDGES; e++) {
         size_t n = z->edge_hi[e] - z->edge_lo[e];
         z->edge[e] = e == 0 && z->edge0_shared ? z->gbuf[0].g : n ? be->alloc(n * sizeof(float)) : NULL;
         ok = ok && (!n || z->edge[e]);
@@ -647,12 +721,12 @@ void st_z3dev_free(st_comm *c) {
     st_model *m = z->m;
     const st_backend *be = m->be;
     if (c->nccl) st_nccl_synchronize(c->nccl); /* nothing queued writes the buffers freed below */
-    for (int k = 0; k < z->n_slots; k++) {
+    for (int k = 0; k <= z->n_slots; k++) {
         be->free(z->slot[k].w);
         be->free(z->slot[k].w16);
     }
     for (int b = 0; b < 2; b++) be->free(z->gbuf[b].g);
-    for (int e = 0; e < 2; e++)
+    for (int e = 0; e < Z3D_EDGES; e++)
         if (e || !z->edge0_shared) be->free(z->edge[e]);
     be->free(z->master);
     be->free(z->fmaster);

@@ -3,14 +3,15 @@
  * into while a group is resident (st_model.windowed), gradients reduce-scattered into the owners' shards
  * as each group's backward ends, in flight while the next layer's backward computes. Frozen parameters are
  * sharded over the frozen space and gathered with their group (no gradient, no optimizer state); adapters
- * and prompt learning are refused (comm_zero3_dev.c explains the layout). */
+ * (LoRA, DoRA) and prompt learning train their own tensors over a frozen sharded base; QLoRA is refused
+ * (comm_zero3_dev.c explains the layout). */
 #ifndef ST_COMM_ZERO3_DEV_H
 #define ST_COMM_ZERO3_DEV_H
 
 #include "worker/comm.h"
 
-/* Whether the device layout runs this model: every mode but the adapters (LoRA, QLoRA, DoRA) and prompt
- * learning; frozen parameters are sharded over the frozen space as on CPU ranks. */
+/* Whether the device layout runs this model: every mode but QLoRA (its quantized base); frozen parameters
+ * (a frozen base under adapters or a prompt too) are sharded over the frozen space as on CPU ranks. */
 int st_z3dev_supported(const st_model *m);
 
 /* Builds the device stage-3 state of `c` (stage, shard and NCCL already set up): allocates the master

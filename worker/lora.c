@@ -242,8 +242,17 @@ static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
     if (!host) return st_fail(ST_ENOMEM, "out of memory initializing LoRA adapters");
     int rc = fill_host(m, lo, host, seed, !m->weights_unread); /* unread: st_lora_init_magnitudes_kept later */
     if (rc) { free(host); return rc; }
-    float *nw = m->be->alloc(m->n_weights * sizeof(float));
+    /* a model bound without weights (ZeRO-3 on a device, buffers_external): the adapters' floats only */
+    int tail = m->buffers_external && !m->weights;
+    float *nw = m->be->alloc((tail ? extra + 1 : m->n_weights) * sizeof(float));
     if (!nw) { free(host); return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with LoRA adapters", m->n_weights * 4.0 / 1e6); }
+    if (tail) {
+        m->be->copy_to_device(nw, host, extra * sizeof(float));
+        m->weights = nw - m->n_base_weights; /* element offset n_base_weights is the allocation's first */
+        m->weights_tail_only = 1;
+        free(host);
+        return 0;
+    }
     if (!m->weights_unread) m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float)); /* else zeros */
     m->be->copy_to_device(nw + m->n_base_weights, host, extra * sizeof(float));
     m->be->free(m->weights);
@@ -298,7 +307,7 @@ int st_lora_init_magnitudes_kept(st_model *m, void (*keep)(void *ctx, const st_m
         for (int j = 0; !rc && j < a->out; j++) {
             const float *r = in_pieces ? w + (size_t)j * a->in : row;
             if (!in_pieces)
-                m->be->copy_to_host(row, m->weights + m->params[a->base].offset + (size_t)j * a->in, (size_t)a->in * sizeof(float));
+                m->be->copy_to_host(row, st_model_param_weights(m, a->base) + (size_t)j * a->in, (size_t)a->in * sizeof(float));
             double ss = 0;
             for (int i = 0; i < a->in; i++) ss += (double)r[i] * r[i];
             mg[j] = (float)sqrt(ss);
@@ -306,7 +315,7 @@ int st_lora_init_magnitudes_kept(st_model *m, void (*keep)(void *ctx, const st_m
         if (!in_pieces) st_model_release(m, a->base, a->base + 1);
         size_t s = 0, e = (size_t)a->out;
         if (keep) keep(ctx, m, a->mag, &s, &e);
-        if (!rc && e > s) m->be->copy_to_device(m->weights + m->params[a->mag].offset + s, mg + s, (e - s) * sizeof(float));
+        if (!rc && e > s) m->be->copy_to_device(st_model_part(m, a->mag) + s, mg + s, (e - s) * sizeof(float)); /* its kept part */
     }
     free(row);
     free(mg);
@@ -495,8 +504,10 @@ static const float *dora_weight(const st_model *m, int k) {
     const st_lora *lo = m->lora;
     const st_param *p = &m->params[lo->ad[k].base];
     if (m->qlora) st_qlora_load(m, lo->ad[k].base); /* its matmul unit into the scratch (worker/qlora.h) */
-    if (!m->weights_bf16) return m->weights + p->offset;
-    m->be->from_bf16(lo->wf, m->weights_bf16 + p->offset, p->numel);
+    /* the bf16 copy: the model's, or (ZeRO-3 on a device) the gather buffer's */
+    const uint16_t *h = m->precision == ST_PRECISION_BF16 ? st_model_param_bf16(m, lo->ad[k].base) : NULL;
+    if (!h) return st_model_param_weights(m, lo->ad[k].base);
+    m->be->from_bf16(lo->wf, h, p->numel);
     return lo->wf;
 }
 
@@ -504,8 +515,8 @@ static const float *dora_weight(const st_model *m, int k) {
 static void dora_scale(st_model *m, int k, const float *W) {
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
-    const float *mg = m->weights + m->params[a->mag].offset;
-    const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
+    const float *mg = st_model_param_weights(m, a->mag);
+    const float *A = st_model_param_weights(m, a->a), *B = st_model_param_weights(m, a->b);
     m->be->matmul(lo->ba, B, A, a->out, a->in, lo->r, 0, 0, 1.0f, 0.0f); /* B @ A [out, in] */
     float *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
     m->be->dora_norm(c, inv, W, lo->ba, mg, a->out, a->in, lo->scale);
@@ -517,7 +528,7 @@ static void dora_forward(st_model *m, int k, const float *x, float *y, int ystri
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
     size_t N = lo->rows;
-    const float *W = dora_weight(m, k), *B = m->weights + m->params[a->b].offset;
+    const float *W = dora_weight(m, k), *B = st_model_param_weights(m, a->b);
     const float *u = lo->u + (size_t)k * N * lo->r;
     float *z = lo->z + lo->zoff[k], *c = lo->c + (size_t)k * lo->max_out;
     dora_scale(m, k, W);
@@ -595,13 +606,14 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
     int rc = ensure_rows(m, lo, NT);
     if (rc) return rc;
     size_t N = win_rows(lo, NT);
-    if (lo->spec.dora && m->weights_bf16 && !lo->wf && !(lo->wf = work_alloc(be, lo->max_w)))
+    if (lo->spec.dora && m->precision == ST_PRECISION_BF16 && !lo->wf && !(lo->wf = work_alloc(be, lo->max_w)))
         return st_fail(ST_ENOMEM, "out of memory for DoRA under bf16 (%zu floats)", lo->max_w);
     for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
         const adapter *a = &lo->ad[k];
         if (a->site != site) continue;
         float *u = win_u(lo, k, NT);
-        const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
+        /* the adapters' weights where they are now (ZeRO-3 on a device: the gather buffer) */
+        const float *A = st_model_param_weights(m, a->a), *B = st_model_param_weights(m, a->b);
         const float *xa = lo->drop_on ? dropped(m, k, x, x, lo->xd) : x;
         be->matmul(u, xa, A, (int)N, lo->r, a->in, 0, 1, 1.0f, 0.0f);
         if (a->mag >= 0) {
@@ -639,7 +651,7 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
         const adapter *a = &lo->ad[k];
         if (a->site != site) continue;
         const st_param *pa = &m->params[a->a], *pb = &m->params[a->b];
-        const float *A = m->weights + pa->offset, *B = m->weights + pb->offset;
+        const float *A = st_model_param_weights(m, a->a), *B = st_model_param_weights(m, a->b);
         const float *u = win_u(lo, k, lo->rows), *dyc = dy;
         if (!contiguous(a, ystride) || a->mag >= 0) {
             be->copy_cols(lo->tmp, a->out, dy + a->col0, ystride, (int)N, a->out, 0);
@@ -672,7 +684,7 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
 static int merge_adapter(st_model *m, int k, float *W) {
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
-    const float *A = m->weights + m->params[a->a].offset, *B = m->weights + m->params[a->b].offset;
+    const float *A = st_model_param_weights(m, a->a), *B = st_model_param_weights(m, a->b);
     if (a->mag >= 0) {
         if (!lo->rows && ensure_rows(m, lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
         dora_scale(m, k, W); /* the norm of the weight being merged */

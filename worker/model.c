@@ -237,7 +237,7 @@ void st_model_free(st_model *m) {
         memset(m, 0, sizeof *m);
         return;
     }
-    m->be->free(m->weights ? m->weights + m->n_w16 : NULL);
+    m->be->free(!m->weights ? NULL : m->weights_tail_only ? m->weights + m->n_base_weights : m->weights + m->n_w16);
     m->be->free(m->grads);
     m->be->free(m->act_arena);
     m->be->free(m->rope_cos);
@@ -1013,6 +1013,7 @@ static float *gptr(const st_model *m, int idx) {
 }
 
 const float *st_model_param_weights(const st_model *m, int i) { return wptr(m, i); }
+
 float *st_model_param_grad(const st_model *m, int i) { return gptr(m, i); }
 
 float *st_model_weight_ptr(const st_model *m, size_t at) {
@@ -1089,6 +1090,13 @@ static st_mm_in weight(const st_model *m, const float *w) {
         if (w >= r->p && w < r->p + (r->hi - r->lo)) return r->p16 ? st_mm_bf16(r->p16 + (w - r->p)) : st_mm_f32(w);
     }
     return m->weights_bf16 ? st_mm_bf16(m->weights_bf16 + (w - m->weights)) : st_mm_f32(w);
+}
+
+const uint16_t *st_model_param_bf16(const st_model *m, int i) {
+    const float *w = wptr(m, i);
+    if (!w) return NULL;
+    st_mm_in in = weight(m, w);
+    return in.f32 ? NULL : in.bf16;
 }
 
 /* Saves a freshly computed fp32 activation as bf16 (no-op under fp32). With `reuse`, x is replaced by its
@@ -1760,6 +1768,11 @@ void st_model_backward(st_model *m) {
              wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
     st_model_release(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2));
     report_ready(m, fn, st_model_base_params(m)); /* final norm and an untied head (its gradient came in forward) */
+    /* activation checkpointing recomputes each layer's forward, which reads a prefix table without encoder:
+     * acquired over the layers as in forward (ZeRO-3 gathers it) */
+    int pp = st_prompt_param(m), pn = st_prompt_param_count(m);
+    int hold = m->act_ckpt && st_prompt_is_prefix(m) && !st_prompt_has_encoder(m) && L - 1 >= m->lowest_trained_layer;
+    if (hold) st_model_acquire(m, pp, pp + pn);
     for (int l = L - 1; l >= m->lowest_trained_layer; l--) {
         int p0 = layer_first_param(m, l), p1 = layer_first_param(m, l + 1);
         const layer_acts *a = acts_for(m, la, l, &b);
@@ -1774,6 +1787,7 @@ void st_model_backward(st_model *m) {
         st_lora_layer_params(m, l, &lf, &ll);
         report_ready(m, lf, ll); /* the layer's adapters (appended after the base registry) */
     }
+    if (hold) st_model_release(m, pp, pp + pn);
     m->in_compute = 0;
     int gpt2 = c->family == ST_FAMILY_GPT2;
     if (m->embed_trained) { /* wte and wpe train together (see param_selected) */
@@ -1783,7 +1797,7 @@ void st_model_backward(st_model *m) {
     }
     report_ready(m, 0, layer_first_param(m, 0));
     if (m->prompt) { /* an encoder's backward reads its tensors */
-        int enc = st_prompt_has_encoder(m), pp = st_prompt_param(m), pn = st_prompt_param_count(m);
+        int enc = st_prompt_has_encoder(m);
         if (enc) st_model_acquire(m, pp, pp + pn);
         st_prompt_backward(m, b.dres);
         if (enc) st_model_release(m, pp, pp + pn);

@@ -166,6 +166,10 @@ typedef struct {
      * adapters are attached): attaching adapters then grows the buffer without copying the base (no page
      * of it touched). Cleared by the caller once the adapters are attached. */
     int weights_unread;
+    /* The weight buffer holds only the adapters' / prompt's floats [n_base_weights, n_weights) (the allocation
+     * is m->weights + n_base_weights; nothing below exists): a model bound without weights (buffers_external:
+     * ZeRO-3 on a device) got them attached; the communicator cuts its shards from it (comm_zero3_dev.c). */
+    int weights_tail_only;
 } st_model;
 
 /* Where element 0 of parameter i is kept on this rank (see part_base): m->weights + offset by default. */
@@ -328,6 +332,9 @@ const float *st_model_param_weights(const st_model *m, int i);
  * windows (windowed, grads_windowed) its place in the window that holds it; NULL when it is frozen or no
  * window holds it. Code outside model.c that writes gradients (the adapters) finds them here. */
 float *st_model_param_grad(const st_model *m, int i);
+/* Parameter i's bf16 compute copy under precision bf16 (the model's weights_bf16, or while acquired on a windowed
+ * model its gather buffer's copy); NULL when it has none there (fp32, or not resident). */
+const uint16_t *st_model_param_bf16(const st_model *m, int i);
 /* Whether forward and backward read parameter i only through the bf16 compute copy under precision bf16
  * (the layers' and the untied head's matmul weights; norms, biases and the embeddings read fp32). */
 int st_model_param_bf16_only(const st_model *m, int i);

@@ -117,12 +117,15 @@ static int add_entries(st_model *m, int n, const entry *e, uint64_t seed) {
         m->n_weights += p->numel;
     }
     if (!m->be) return 0; /* registry-only model */
-    float *nw = m->be->alloc(m->n_weights * sizeof(float));
-    if (!nw) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with a prompt", m->n_weights * 4.0 / 1e6);
     size_t extra = m->n_weights - m->n_base_weights;
+    /* a model bound without weights (ZeRO-3 on a device, buffers_external): the prompt's floats only */
+    int tail = m->buffers_external && !m->weights;
+    float *nw = m->be->alloc((tail ? extra + 1 : m->n_weights) * sizeof(float));
+    if (!nw) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with a prompt", m->n_weights * 4.0 / 1e6);
     float *host = malloc(extra * sizeof(float) + 1);
     if (!host) { m->be->free(nw); return st_fail(ST_ENOMEM, "out of memory initializing the prompt"); }
-    if (!m->weights_unread) m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float)); /* else zeros */
+    if (tail) nw -= m->n_base_weights; /* element offset n_base_weights is the allocation's first */
+    else if (!m->weights_unread) m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float)); /* else zeros */
     st_rng rng;
     st_rng_seed(&rng, seed, 0x50726f6dull); /* "Prom": its own stream */
     float *dst = host;
@@ -132,8 +135,9 @@ static int add_entries(st_model *m, int n, const entry *e, uint64_t seed) {
                                   : (float)(e[k].bound * (2.0 * st_rng_uniform(&rng) - 1.0));
     m->be->copy_to_device(nw + m->n_base_weights, host, extra * sizeof(float));
     free(host);
-    m->be->free(m->weights);
+    if (!tail) m->be->free(m->weights);
     m->weights = nw;
+    m->weights_tail_only = tail;
     return 0;
 }
 
@@ -209,7 +213,7 @@ static int lstm_mirrors(st_prompt *p, const st_model *m) {
 static void lstm_down(const st_model *m, int k, int grads) {
     const st_prompt *p = m->prompt;
     const st_param *pp = &m->params[p->param + k];
-    if (!grads) m->be->copy_to_host(p->hw + p->mo[k], m->weights + pp->offset, pp->numel * sizeof(float));
+    if (!grads) m->be->copy_to_host(p->hw + p->mo[k], st_model_param_weights(m, p->param + k), pp->numel * sizeof(float));
     else if (pp->grad_offset >= 0)
         m->be->copy_to_host(p->hg + p->mo[k], st_model_param_grad(m, p->param + k), pp->numel * sizeof(float));
 }
@@ -256,8 +260,7 @@ static int add_lstm_encoder(st_model *m, int V, uint64_t seed) {
 static void lstm_tensors(const st_model *m, const float *w[16], float *g[16]) {
     const st_prompt *p = m->prompt;
     for (int k = 0; k < 16; k++) {
-        const st_param *pp = &m->params[p->param + 1 + k];
-        w[k] = m->weights + pp->offset;
+        w[k] = st_model_param_weights(m, p->param + 1 + k); /* where they are now (a device ZeRO-3 gather buffer) */
         if (g) g[k] = m->grads ? st_model_param_grad(m, p->param + 1 + k) : NULL;
     }
 }
@@ -297,7 +300,10 @@ int st_prompt_init_ids(st_model *m, const int32_t *ids, int n, const char *text,
     for (int v = 0; v < p->V; v++) {
         int32_t id = ids[v % n];
         if (id < 0 || id >= m->cfg.vocab) return st_fail(ST_EINVAL, "prompt init token %d is outside the vocabulary", id);
-        m->be->copy(dst + (size_t)v * C, m->weights + m->params[0].offset + (size_t)id * C, (size_t)C * sizeof(float));
+        if (m->weights_tail_only) /* no base here (ZeRO-3 on a device): zeros, the rows come after the load */
+            m->be->memset0(dst + (size_t)v * C, (size_t)C * sizeof(float));
+        else
+            m->be->copy(dst + (size_t)v * C, m->weights + m->params[0].offset + (size_t)id * C, (size_t)C * sizeof(float));
     }
     st_model_weights_changed(m);
     free(p->init_text);
@@ -356,9 +362,8 @@ void st_prompt_forward(st_model *m, float *x) {
         return;
     }
     int V = p->V, C = m->cfg.d_model, Tm = V + p->T;
-    const float *pe = m->weights + m->params[p->param].offset;
-    if (p->enc) pe = p->table;
-    const float *wpe = m->cfg.family == ST_FAMILY_GPT2 ? m->weights + m->params[1].offset : NULL;
+    const float *pe = p->enc ? p->table : st_model_param_weights(m, p->param);
+    const float *wpe = m->cfg.family == ST_FAMILY_GPT2 ? st_model_param_weights(m, 1) : NULL; /* acquired with wte */
     for (int b = 0; b < p->B; b++) { /* rows = pe (+ wpe): backend copies (encoder: its host table, the CPU) */
         float *rows = x + (size_t)b * Tm * C;
         m->be->copy(rows, pe, (size_t)V * C * sizeof(float));
@@ -374,8 +379,7 @@ static void encoder_backward(st_model *m, const float *dtab) {
     const float *w[7];
     float *g[7];
     for (int k = 0; k < 1 + 2 * n; k++) { /* w[0]: the embedding, w[1 + 2j], w[2 + 2j]: linear j */
-        const st_param *pp = &m->params[p->param + (k ? l0 - 1 + k : 0)];
-        w[k] = m->weights + pp->offset;
+        w[k] = st_model_param_weights(m, p->param + (k ? l0 - 1 + k : 0));
         g[k] = st_model_param_grad(m, p->param + (k ? l0 - 1 + k : 0));
     }
     const float *dy = dtab;
@@ -442,7 +446,7 @@ static void encode(const st_model *m, float *out) {
     st_prompt *p = m->prompt;
     const st_backend *be = m->be;
     int V = p->V, H = p->hid, n = p->enc, l0 = lin0(p);
-    const float *x = m->weights + m->params[p->param].offset;
+    const float *x = st_model_param_weights(m, p->param);
     if (p->lstm) {
         const float *lw[16];
         lstm_tensors(m, lw, NULL);
@@ -459,8 +463,8 @@ static void encode(const st_model *m, float *out) {
         }
     }
     for (int j = 0; j < n; j++) {
-        const float *w = m->weights + m->params[p->param + l0 + 2 * j].offset;
-        const float *b = m->weights + m->params[p->param + l0 + 1 + 2 * j].offset;
+        const float *w = st_model_param_weights(m, p->param + l0 + 2 * j);
+        const float *b = st_model_param_weights(m, p->param + l0 + 1 + 2 * j);
         int in = j == 0 ? p->cin : H, o = j == n - 1 ? p->cout : H;
         float *y = j == n - 1 ? out : p->a[j];
         be->matmul(y, x, w, V, o, in, 0, 1, 1.0f, 0.0f); /* y = x W^T + b */
@@ -498,7 +502,7 @@ void st_prefix_layer_forward(st_model *m, int l, float *qkv) {
     const st_model_config *c = &m->cfg;
     int V = p->V, Tm = V + p->T, W = st_prefix_width(c), KVD = c->n_kv_head * c->head_dim;
     size_t Q = (size_t)(c->n_head + 2 * c->n_kv_head) * c->head_dim, qd = (size_t)c->n_head * c->head_dim;
-    const float *tab = p->enc ? p->table : m->weights + m->params[p->param].offset;
+    const float *tab = p->enc ? p->table : st_model_param_weights(m, p->param);
     for (int b = 0; b < p->B; b++)
         for (int kv = 0; kv < 2; kv++)
             m->be->copy_cols(qkv + (size_t)b * Tm * Q + qd + (size_t)kv * KVD, (int)Q, tab + prefix_col(m, l, kv), W, V,

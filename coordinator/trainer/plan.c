@@ -85,10 +85,7 @@ int st_plan_qlora_mlp_apart(const st_config *c, const st_model_config *mc) {
                                c->precision == ST_PRECISION_BF16);
 }
 
-int st_plan_z3dev_mode(const st_config *c) {
-    return c->finetune.mode == ST_FINETUNE_FULL || c->finetune.mode == ST_FINETUNE_FROZEN ||
-           c->finetune.mode == ST_FINETUNE_PROGRESSIVE;
-}
+int st_plan_z3dev_mode(const st_config *c) { return c->finetune.mode != ST_FINETUNE_QLORA; }
 
 int st_plan_attach_adapters(const st_config *c, st_model *m) {
     if (st_config_prompt_learning(c)) return attach_prompt(c, m);
@@ -552,9 +549,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     else if (periodic) r->buffers += snap;
     else late = snap;
     if (zero == 3 && c->backend == ST_BACKEND_CUDA && st_plan_z3dev_mode(c)) {
-        /* worker/comm_zero3_dev.c (full, frozen, progressive): the master shard, the frozen shard, the gather
-         * slots (and their bf16 copies), two layer gradient buffers, the edge gradients, shard_grads and two
-         * receive buffers, all allocated for the whole run */
+        /* worker/comm_zero3_dev.c (every mode but QLoRA): the master shard, the frozen shard, the gather slots
+         * (and their bf16 copies; an adapter / prompt slot), two layer gradient buffers, the edge gradients,
+         * shard_grads and two receive buffers, all allocated for the whole run */
         size_t wf, gf;
         st_z3dev_floats(m, goff, world, sp->shard, c->precision == ST_PRECISION_BF16, &wf, &gf);
         r->weights = wf * sizeof(float);
@@ -565,8 +562,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
          * the communicator and optimizer exist, a host chunk at a time: the step's device memory */
         r->at_load = r->total;
         /* checkpoints gather one tensor at a time into a slot (already counted); final/ and resume go
-         * through host memory a tensor or this rank's parts at a time */
-        r->at_save = r->total + late;
+         * through host memory a tensor or this rank's parts at a time; an adapter mode's final/ gathers all
+         * the adapters (the prompt's tensors) at once into a device buffer made for it */
+        size_t tail = m->lora || m->prompt ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
+        r->at_save = r->total + late + tail;
         r->at_ckpt = r->total + late;
         r->at_resume = r->total;
         return;

@@ -55,7 +55,7 @@ int st_plan_streams(const st_config *cfg);
 int st_plan_act_ckpt(const st_config *c);
 
 /* Whether sharding.stage 3 on a device backend runs this finetune.mode in worker/comm_zero3_dev.c's layout
- * (full, frozen, progressive); the adapter modes and prompt learning are refused there (CPU ranks only). */
+ * (every mode but QLoRA, whose quantized base is sharded at stage 3 on CPU ranks only: refused there). */
 int st_plan_z3dev_mode(const st_config *c);
 
 /* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model

@@ -366,7 +366,8 @@ static int prompt_text_rows(trainer *t) {
     st_comm_param_keep(&t->dp, m, 0, &ea, &eb);
     for (int v = 0; !rc && v < V; v++) { /* the ids were checked against the vocabulary at attach */
         size_t s = (size_t)ids[v % n] * C, a = s > ea ? s : ea, b = s + C < eb ? s + C : eb;
-        if (a < b) memcpy(rows + (size_t)v * C + (a - s), m->weights + e0 + a, (b - a) * sizeof(float));
+        if (a < b) /* this rank's part of the row, wherever it keeps it (a device ZeRO-3 shard too) */
+            m->be->copy_to_host(rows + (size_t)v * C + (a - s), st_model_weight_ptr(m, e0 + a), (b - a) * sizeof(float));
     }
     free(ids);
     int ok = !rc;
@@ -375,7 +376,7 @@ static int prompt_text_rows(trainer *t) {
         rc = st_fail(ST_ECOMM, "rank %d: the prompt's TEXT init all-reduce failed", t->rank);
     if (ok && !rc) {
         st_comm_param_keep(&t->dp, m, P, &pa, &pb);
-        if (pb > pa) memcpy(m->weights + m->params[P].offset + pa, rows + pa, (pb - pa) * sizeof(float));
+        if (pb > pa) m->be->copy_to_device(st_model_part(m, P) + pa, rows + pa, (pb - pa) * sizeof(float));
         st_model_weights_changed(m);
     }
     free(rows);

@@ -110,6 +110,17 @@ static void put_ckpt_parts(trainer *t, const float *parts) {
     }
 }
 
+/* A device ZeRO-3 rank of an adapter mode (the checkpoint's whole image read, the base checked): this rank's
+ * parts of it written where it keeps them (worker/comm_zero3_dev.c has no whole weight buffer). */
+static void put_image_parts(trainer *t, const float *w) {
+    const st_model *m = &t->model;
+    for (int i = 0; i < m->n_params; i++) {
+        size_t a, b;
+        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        if (b > a) t->be->copy_to_device(st_model_part(m, i) + a, w + m->params[i].offset + a, (b - a) * sizeof(float));
+    }
+}
+
 /* Both halves of a save end here: the console line, the monitor event and the failure count. */
 static int report_save(trainer *t, int rc, int64_t completed, const char *why, const char *name, double secs) {
     const st_config *c = t->cfg;
@@ -327,6 +338,7 @@ static int try_resume(trainer *t, const char *path) {
     if (!rc) {
         const st_backend *be = t->be;
         if (parts) put_ckpt_parts(t, w);
+        else if (t->dp.z3dev) put_image_parts(t, w);
         else /* n_w16: QLoRA's bf16-only part has no fp32 place (and came from the model directory, not the checkpoint) */
             be->copy_to_device(t->model.weights + t->model.n_w16, w + t->model.n_w16,
                                (t->model.n_weights - t->model.n_w16) * sizeof(float));

@@ -22,7 +22,8 @@
 #     CPU ranks' stage 3 (bit for bit and final/ byte-identical on 2 ranks, 1e-6 relative on 3); the plan's
 #     step total equals the device memory held (frozen modules, 3 ranks); a frozen run checkpointed on 2
 #     device ranks resumes on 3 device ranks and on 1 CPU rank (steps 4-6 within 1e-6);
-#  6. what the device layout does not support is refused by name (LoRA; eval.generate samples).
+#  6. what the device layout does not support is refused by name (eval.generate samples; QLoRA and the adapter
+#     and prompt modes: test_zero3_device_peft.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/fakedev_lib.sh"
 
@@ -134,16 +135,6 @@ job fr1 6 6 2 sharding.stage=3 finetune.mode=frozen "finetune.train_layers=-1" c
 [ "$(train 1 fr1)" = 0 ] || fail "frozen, resume on 1 cpu rank: $(cat "$T/fr1.err")"
 b=$(close "$T/fr1/metrics.jsonl" "$T/ffull/metrics.jsonl" 1e-6 4 6) || fail "frozen, resumed on 1 cpu rank: steps 4-6 differ"
 echo "frozen device stage-3 checkpoint (2 ranks, step 3) resumed on 3 device ranks ($a) and 1 cpu rank ($b): steps 4-6 equal (1e-6)"
-
-# the adapter modes stay on CPU ranks at stage 3: refused by name
-job lra 2 3 1 sharding.stage=3 finetune.mode=lora "${common[@]}"
-set +e
-mpirun --oversubscribe -np 2 "$FAKE" --guard "$T/lra.yaml" $(cat "$T/lra.args") >"$T/lra.out" 2>"$T/lra.err"; rc=$?
-set -e
-[ $rc != 0 ] || fail "lora at stage 3 ran on a device backend"
-grep "error:" "$T/lra.err" | grep -q "sharding.stage 3 on the fakedev backend runs the full, frozen and progressive modes" ||
-  fail "lora at stage 3: not refused by name: $(cat "$T/lra.err")"
-echo "lora at stage 3 on a device backend: refused by name"
 
 job gen 2 3 1 sharding.stage=3 eval.generate.every_steps=1 "eval.generate.prompts=$T/none.jsonl" "${common[@]}"
 set +e

@@ -200,6 +200,9 @@ def main():
         big = to_bf16_dir(dp.init_model(os.path.join(root, "big32"), "llama", 4, dim=256, heads=4, kv=2,
                                         vocab=32000, max_seq=128), os.path.join(root, "big"))
         small = dp.init_model(os.path.join(root, "small"), "llama", 1, dim=16, heads=2, kv=1, vocab=128, max_seq=128)
+        d128 = dp.make_dataset(os.path.join(root, "b.h5"), 128, 200, seed=1)
+        jobs["frozen"] = dp.write_job(os.path.join(root, "rss.yaml"), big, os.path.join(root, "x"),
+                                      [{"name": "a", "path": d128}], 'finetune: { mode: frozen, train_layers: "-1" }\n')
         ov = ["train.steps=2", "train.micro_batch=4", "train.seq_len=64", "sharding.stage=1", "precision=bf16"]
         bov = ov + [f"model.path={small}", f"run_dir={root}/base"]
         base = mem.measured_rss(jobs["frozen"], 1, bov)[0] - mem.plan(jobs["frozen"], 1, bov)["peak_bytes"]

@@ -999,12 +999,15 @@ void st_model_fp32_rewritten(st_model *m) {
     m->weights_bf16_stale = 1;
 }
 
-size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff) {
+size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *largest) {
     const char *keep = getenv("SHARDTUNE_FROZEN_FP32"); /* as bf16_storage_on */
-    if (keep && !strcmp(keep, "1")) return 0;
-    size_t n = 0;
-    for (int i = 0; i < m->n_params; i++)
-        if (goff[i] < 0 && bf16_storable(m, i)) n += m->params[i].numel;
+    size_t n = 0, most = 0;
+    for (int i = 0; !(keep && !strcmp(keep, "1")) && i < m->n_params; i++)
+        if (goff[i] < 0 && bf16_storable(m, i)) {
+            n += m->params[i].numel;
+            if (m->params[i].numel > most) most = m->params[i].numel;
+        }
+    if (largest) *largest = most;
     return n;
 }
 

@@ -303,8 +303,9 @@ void st_model_restore_fp32(st_model *m);
 /* The fp32 weights were all written anew (resume): none is held in bf16 only any more, the copy is stale. */
 void st_model_fp32_rewritten(st_model *m);
 /* Floats st_model_drop_frozen_fp32 would hold in bf16 only for the trainable set goff (registry-only model,
- * the planner's; a bf16 source, precision bf16 and a host backend below ZeRO-3 are the caller's to check). */
-size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff);
+ * the planner's; a bf16 source, precision bf16 and a host backend below ZeRO-3 are the caller's to check);
+ * *largest (may be NULL): the most floats of one of those tensors. */
+size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *largest);
 
 /* Tells the model its fp32 weights were written (optimizer step, parameter all-gather, load), so the
  * bf16 copy is refreshed before the next forward. Every writer of m->weights calls it. */

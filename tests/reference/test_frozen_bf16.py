@@ -11,8 +11,8 @@ The trainer's report (SHARDTUNE_REPORT_LOAD_RSS=1) must name exactly the frozen 
 safetensors file: the untied embedding and the frozen layers' matmul weights; 0 for the fp32 source (its
 values are not bf16 values: it keeps today's layout), at ZeRO-3 (not held in bf16 only there yet) and with the
 hook set. The plan's weights shrink by 4 bytes per held float. Measured peak RSS of a larger frozen run
-(Llama 4 x 256, vocab 32000, 1 rank, ZeRO-1) must match the plan within 15% as in test_dp_memory, and fall
-by about the plan's saving.
+(Llama 4 x 256, vocab 32000, 1 rank, ZeRO-1) must match the plan within 15% as in test_dp_memory, both ways,
+and fall by the plan's saving within 25% of it.
 """
 import json
 import os
@@ -223,9 +223,9 @@ def main():
             print(f"  frozen bf16 Llama 4 x 256 V32000 1 rank ZeRO-1, {name}: plan {want / 2**20:6.1f} MiB, "
                   f"measured {rss / 2**20:6.1f} MiB - baseline = {net / 2**20:6.1f} MiB ({err:+.1%})")
             assert abs(err) <= mem.TOL, f"{name}: estimate off by {err:+.1%}"
-        saved = got["fp32 copy kept"][1] - got["bf16 only"][1]
-        print(f"  peak RSS saved: {saved / 2**20:.1f} MiB (plan: {(got['fp32 copy kept'][0] - got['bf16 only'][0]) / 2**20:.1f} MiB)")
-        assert saved > 0, saved
+        saved, plan_saved = got["fp32 copy kept"][1] - got["bf16 only"][1], got["fp32 copy kept"][0] - got["bf16 only"][0]
+        print(f"  peak RSS saved: {saved / 2**20:.1f} MiB (plan: {plan_saved / 2**20:.1f} MiB)")
+        assert plan_saved > 0 and abs(saved - plan_saved) <= 0.25 * plan_saved, (saved, plan_saved)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"test_frozen_bf16: OK ({time.time() - t0:.1f} s)")

@@ -392,7 +392,7 @@ static void test_frozen_bf16_only(void **state) {
         const st_param *p = &m.params[i];
         if (i == 0 || (p->layer == 0 && p->ndim == 2)) want += p->numel; /* embedding, layer 0's matmul weights */
     }
-    assert_true(st_model_bf16_frozen_floats(&m, goff) == want); /* the planner's count ignores values */
+    assert_true(st_model_bf16_frozen_floats(&m, goff, NULL) == want); /* the planner's count ignores values */
     setenv("SHARDTUNE_FROZEN_FP32", "1", 1);
     assert_true(st_model_drop_frozen_fp32(&m) == 0);
     unsetenv("SHARDTUNE_FROZEN_FP32");

@@ -6,7 +6,8 @@ with SHARDTUNE_FROZEN_FP32=1 (every fp32 copy kept: the behaviour before the fea
 exactly: every dataset and attribute of every checkpoint (h5py), final/ byte for byte, the losses in
 metrics.jsonl. Cases: frozen on 1 rank at ZeRO-0 and on 2 ranks at ZeRO-1 and ZeRO-2, progressive (a stage
 change that makes held-in-bf16 layers trainable again: their fp32 masters widened back) on 2 ranks at ZeRO-1;
-checkpoints written sync (from the live buffers, ZeRO-0/1) and async (the snapshot copy, ZeRO-2, progressive); and a progressive run stopped at the stage boundary and resumed.
+checkpoints written sync (from the live buffers, ZeRO-0/1) and async (the snapshot copy, ZeRO-2, progressive); and a progressive run stopped at the stage boundary and resumed; eval.generate's samples (generation reads fp32
+weights: widened back for it) equal too.
 The trainer's report (SHARDTUNE_REPORT_LOAD_RSS=1) must name exactly the frozen floats computed here from the
 safetensors file: the untied embedding and the frozen layers' matmul weights; 0 for the fp32 source (its
 values are not bf16 values: it keeps today's layout), at ZeRO-3 (not held in bf16 only there yet) and with the
@@ -148,7 +149,12 @@ def main():
         want1 = held_floats(b16, {0, 1, 2})  # train_layers -1: layer 3, final norm and head train
         want3 = held_floats(b16, {0})        # -3: layers 1-3
         sync = ["checkpoint.async=false"]  # written from the live buffers: the bf16-only rows widened by the writer
-        for mode, ranks, zero, more in [("frozen", 1, 0, sync), ("frozen", 2, 1, sync), ("frozen", 2, 2, []),
+        prompts = os.path.join(root, "prompts.jsonl")
+        with open(prompts, "w") as f:
+            for k in range(3):
+                f.write(json.dumps({"input_ids": [(7 * k + j) % 256 for j in range(5)]}) + "\n")
+        gen = ["eval.generate.every_steps=2", f"eval.generate.prompts={prompts}", "eval.generate.max_new=6"]
+        for mode, ranks, zero, more in [("frozen", 1, 0, sync + gen), ("frozen", 2, 1, sync), ("frozen", 2, 2, []),
                                         ("progressive", 2, 1, ["checkpoint.async=true"])]:
             tag = f"{mode} {ranks} rank(s) ZeRO-{zero}"
             ov = common + [f"sharding.stage={zero}"] + more
@@ -160,6 +166,11 @@ def main():
                 assert n == (want1 if s == 0 else want3), f"{tag}: rank {r} stage {s} held {n}, want {want1}/{want3}"
             assert len(held) == ranks * (2 if mode == "progressive" else 1), held
             k = same_run(ref, new, tag)
+            if "eval.generate.every_steps=2" in more:  # generation reads fp32 weights: widened back for it
+                sa = [json.loads(x)["output_ids"] for x in open(os.path.join(ref, "samples.jsonl"))]
+                sb = [json.loads(x)["output_ids"] for x in open(os.path.join(new, "samples.jsonl"))]
+                assert sa == sb and len(sa) >= 6, f"{tag}: samples differ\n{sa}\n{sb}"
+                tag += ", eval.generate samples"
             print(f"  {tag}: {held[(0, 0)]} frozen floats in bf16 only; {k} checkpoints, final/, losses identical")
 
         # resume across the stage change: stopped at step 2 (stage 0), resumed to step 4 (stage 1)

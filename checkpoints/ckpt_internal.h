@@ -34,6 +34,8 @@ typedef struct {
     int64_t shape[2], step;
     uint64_t ma, mb, oa, ob;  /* this rank's /model and /optim element ranges */
     const float *w, *m, *v;   /* the data of those ranges (into the snapshot's copy, or the live buffers) */
+    const uint16_t *w16;      /* instead of w when borrowed: the bf16 copy of a frozen tensor held in bf16 only
+                                 (worker/model.h st_model_drop_frozen_fp32), widened as it is written */
     uint64_t sum_w;           /* skipped (frozen base) tensors only: the whole tensor's checksum */
 } st_ckpt_snap_param;
 

@@ -91,9 +91,15 @@ static void fill(st_ckpt_snap *s, const st_model *m, const st_optim *o, int borr
         size_t nw = q->mb - q->ma, no = q->ob - q->oa;
         st_model_acquire(m, i, i + 1); /* ZeRO-3: one tensor gathered at a time */
         const float *live = st_model_param_weights(m, i) + q->ma; /* a device ZeRO-3 gather buffer too */
-        if (borrow) q->w = live;
+        int w16 = st_model_fp32_dropped(m, i); /* frozen, in bf16 only: its fp32 value widened, exactly */
+        if (borrow && w16) q->w16 = m->weights_bf16 + p->offset + q->ma;
+        else if (borrow) q->w = live;
         else if (q->skip) q->w = NULL;
-        else {
+        else if (w16) {
+            st_model_param_fp32(m, i, q->ma, nw, at); /* host memory (only host models hold bf16 only) */
+            q->w = at;
+            at += nw;
+        } else {
             be->copy_to_host(at, live, nw * sizeof(float));
             q->w = at;
             at += nw;

@@ -29,6 +29,7 @@
 #include "checkpoints/ckpt_internal.h"
 #include "common/error.h"
 #include "common/util.h"
+#include "kernels/bf16.h"
 
 /* ---------------- HDF5 error text ---------------- */
 
@@ -202,7 +203,13 @@ static int write_tensors(writer *w, const st_ckpt_snap *s, hid_t gm, hid_t go, d
         snprintf(o[0].label, sizeof o[0].label, "model/%s", p->name);
         snprintf(o[1].label, sizeof o[1].label, "optim/%s/exp_avg", p->name);
         snprintf(o[2].label, sizeof o[2].label, "optim/%s/exp_avg_sq", p->name);
-        e = write_tensor(w, gm, p->name, p->ndim, p->shape, p->w, p->ma, p->mb, -1, p->transposed, rc, &o[0]);
+        float *wide = NULL; /* a tensor held in bf16 only: this rank's range widened for the write (exact) */
+        if (p->w16 && p->mb > p->ma && !(wide = malloc((p->mb - p->ma) * sizeof(float))) && !rc)
+            rc = st_fail(ST_ENOMEM, "checkpoint %s: out of memory writing %s", w->path, o[0].label);
+        for (size_t k = 0; wide && k < p->mb - p->ma; k++) wide[k] = st_bf16_bits_to_float(p->w16[k]);
+        e = write_tensor(w, gm, p->name, p->ndim, p->shape, p->w16 ? wide : p->w, p->ma, p->mb, -1, p->transposed,
+                         rc, &o[0]);
+        free(wide);
         rc = rc ? rc : e;
         if (!p->trainable) continue;
         hid_t g = H5Gcreate2(go, p->name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);

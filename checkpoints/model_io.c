@@ -298,7 +298,9 @@ int st_model_save_dir_streamed(const st_model *m, const char *dir, uint64_t max_
 /* Parameter i from the model's own weights. */
 static int fetch_local(void *ctx, const st_model *m, int i, float *dst) {
     (void)ctx;
-    if (dst) m->be->copy_to_host(dst, m->weights + m->params[i].offset, m->params[i].numel * sizeof(float));
+    if (dst && st_model_fp32_dropped(m, i)) /* a frozen one held in bf16 only (host memory): widened, exactly */
+        st_model_param_fp32(m, i, 0, m->params[i].numel, dst);
+    else if (dst) m->be->copy_to_host(dst, m->weights + m->params[i].offset, m->params[i].numel * sizeof(float));
     return 0;
 }
 

@@ -42,6 +42,19 @@ void *st_calloc_aligned(size_t bytes) {
     return p;
 }
 
+void st_give_back(void *x, size_t elem, size_t a, size_t b) {
+    if (b <= a) return;
+    uintptr_t lo = (uintptr_t)x + a * elem, hi = (uintptr_t)x + b * elem, page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t plo = (lo + page - 1) / page * page, phi = hi / page * page;
+    if (phi <= plo) {
+        memset((void *)lo, 0, hi - lo);
+        return;
+    }
+    memset((void *)lo, 0, plo - lo);
+    memset((void *)phi, 0, hi - phi);
+    if (madvise((void *)plo, phi - plo, MADV_DONTNEED) != 0) memset((void *)plo, 0, phi - plo);
+}
+
 int st_read_file(const char *path, char **data, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return st_fail(ST_EIO, "cannot open %s: %s", path, strerror(errno));

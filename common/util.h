@@ -18,6 +18,12 @@ void st_h5_unlock(void);
  * their whole pages from the system lazily (no memory is resident until a page is written). */
 void *st_calloc_aligned(size_t bytes);
 
+/* Gives the memory of elements [a, b) of x (elem bytes each; host memory from malloc) back to the system:
+ * the whole pages inside it with madvise(MADV_DONTNEED) (private anonymous memory reads as zeros on the
+ * next touch); the partial pages at either end are shared with neighbouring data, so only the range's own
+ * elements there are zeroed. The range reads as zero afterwards. */
+void st_give_back(void *x, size_t elem, size_t a, size_t b);
+
 /* Reads a whole file into a malloc'ed buffer (NUL-terminated; *len excludes the NUL).
  * Returns 0 or ST_EIO with a message naming the path. */
 int st_read_file(const char *path, char **data, size_t *len);

@@ -750,18 +750,7 @@ int st_comm_gather_state(st_comm *c, const float *part, float *full) {
 /* Gives the memory behind x[a, b) back to the system; the range reads as zero afterwards. Whole pages go
  * with madvise(MADV_DONTNEED) (private anonymous memory comes back as zeros on the next touch); the partial
  * pages at either end are shared with neighbouring tensors, so only the range's own elements are zeroed. */
-static void discard_bytes(void *x, size_t elem, size_t a, size_t b) {
-    if (b <= a) return;
-    uintptr_t lo = (uintptr_t)x + a * elem, hi = (uintptr_t)x + b * elem, page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t plo = (lo + page - 1) / page * page, phi = hi / page * page;
-    if (phi <= plo) {
-        memset((void *)lo, 0, hi - lo);
-        return;
-    }
-    memset((void *)lo, 0, plo - lo);
-    memset((void *)phi, 0, hi - phi);
-    if (madvise((void *)plo, phi - plo, MADV_DONTNEED) != 0) memset((void *)plo, 0, phi - plo);
-}
+static void discard_bytes(void *x, size_t elem, size_t a, size_t b) { st_give_back(x, elem, a, b); }
 
 static void discard(float *x, size_t a, size_t b) { discard_bytes(x, sizeof(float), a, b); }
 

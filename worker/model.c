@@ -245,6 +245,7 @@ void st_model_free(st_model *m) {
     m->be->free(m->doc_pos);
     m->be->free(m->mm_scratch);
     m->be->free(m->weights_bf16);
+    free(m->w32_dropped);
     free(m->loss_per_pos);
     free(m->layer_acts);
     free(m->params);
@@ -324,6 +325,10 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
     for (int i = 0; i < m->n_params; i++) {
         st_param *p = &m->params[i];
         if (param_selected(m, i, layer_mask, module_mask)) {
+            if (st_model_fp32_dropped(m, i)) { /* held in bf16 only while frozen: its fp32 master, exactly */
+                m->be->from_bf16(m->weights + p->offset, m->weights_bf16 + p->offset, p->numel);
+                m->w32_dropped[i] = 0;
+            }
             p->grad_offset = (long)off;
             off += p->numel;
             if (p->layer >= 0 && p->layer < lowest) lowest = p->layer;
@@ -881,6 +886,7 @@ int st_model_set_precision(st_model *m, st_precision precision) {
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
     if (m->n_w16 && precision != ST_PRECISION_BF16) /* worker/qlora.h: that part exists in bf16 only */
         return st_fail(ST_EINVAL, "the model's frozen base is held in bf16 only: precision must stay bf16");
+    st_model_restore_fp32(m); /* the bf16 copy is about to go: no weight may live there only */
     m->precision = precision;
     if (!m->n_w16) { /* else the bf16 copy came with the weights (st_qlora_begin) */
         m->be->free(m->weights_bf16);
@@ -898,6 +904,112 @@ int st_model_set_precision(st_model *m, st_precision precision) {
 }
 
 void st_model_weights_changed(st_model *m) { m->weights_bf16_stale = 1; }
+
+/* ---------------- frozen weights in bf16 only (model.h st_model_drop_frozen_fp32) ---------------- */
+
+/* The kinds of parameter nothing reads in fp32 under bf16: the matmul weights (st_model_param_bf16_only) and
+ * an untied Llama-family token embedding (forward widens its rows from the bf16 copy). */
+static int bf16_storable(const st_model *m, int i) {
+    if (m->lora || m->prompt || m->qlora || i >= st_model_base_params(m)) return 0;
+    if (st_model_param_bf16_only(m, i)) return 1;
+    return i == 0 && m->cfg.family == ST_FAMILY_LLAMA && !m->cfg.tied_embeddings && m->params[0].kind == ST_MOD_EMBED;
+}
+
+/* Whether this model may hold frozen weights in bf16 only at all (see model.h). */
+static int bf16_storage_on(const st_model *m) {
+    const char *keep = getenv("SHARDTUNE_FROZEN_FP32"); /* tests: 1 keeps every fp32 copy */
+    if (keep && !strcmp(keep, "1")) return 0;
+    return m->precision == ST_PRECISION_BF16 && m->weights_bf16 && m->be->host_memory && !m->acquire &&
+           !m->lora && !m->prompt && !m->qlora &&
+           !m->windowed && !m->grads_windowed && !m->buffers_external && !m->part_base && !m->n_w16 && !m->w8;
+}
+
+/* Whether x[0, n) are all bf16 values (low 16 bits zero), so their bf16 copy widens back to them exactly. */
+static int bf16_exact(const float *x, size_t n) {
+    for (size_t k = 0; k < n; k++) {
+        uint32_t u;
+        memcpy(&u, x + k, sizeof u);
+        if (u & 0xffffu) return 0;
+    }
+    return 1;
+}
+
+/* The bf16 copy of every parameter that still has fp32 weights, in runs of adjacent ones (the ones held in
+ * bf16 only are their own value and are never rounded from their given-back fp32 memory). */
+static void refresh_bf16(st_model *m) {
+    if (!m->w32_dropped) {
+        m->be->to_bf16(m->weights_bf16 + m->n_w16, m->weights + m->n_w16, m->n_weights - m->n_w16);
+    } else {
+        size_t lo = 0, hi = 0;
+        for (int i = 0; i <= m->n_params; i++) {
+            const st_param *p = i < m->n_params ? &m->params[i] : NULL;
+            if (p && !m->w32_dropped[i] && p->offset == hi && hi > lo) {
+                hi += p->numel;
+                continue;
+            }
+            if (hi > lo) m->be->to_bf16(m->weights_bf16 + lo, m->weights + lo, hi - lo);
+            lo = hi = 0;
+            if (p && !m->w32_dropped[i]) {
+                lo = p->offset;
+                hi = lo + p->numel;
+            }
+        }
+    }
+    m->weights_bf16_stale = 0;
+}
+
+int st_model_fp32_dropped(const st_model *m, int i) { return m->w32_dropped && m->w32_dropped[i]; }
+
+size_t st_model_drop_frozen_fp32(st_model *m) {
+    if (!m->w32_dropped && !bf16_storage_on(m)) return 0;
+    if (!m->w32_dropped && !(m->w32_dropped = calloc((size_t)m->n_params, 1))) return 0; /* a saving, not a need */
+    size_t n = 0;
+    int on = bf16_storage_on(m);
+    for (int i = 0; i < m->n_params; i++) { /* one tensor at a time: its bf16 copy made (when stale), then its
+                                               fp32 given back, so the two never coexist whole */
+        const st_param *p = &m->params[i];
+        if (!m->w32_dropped[i] && on && p->grad_offset < 0 && bf16_storable(m, i) &&
+            bf16_exact(m->weights + p->offset, p->numel)) {
+            if (m->weights_bf16_stale) m->be->to_bf16(m->weights_bf16 + p->offset, m->weights + p->offset, p->numel);
+            st_give_back(m->weights, sizeof(float), p->offset, p->offset + p->numel);
+            m->w32_dropped[i] = 1;
+        }
+        if (m->w32_dropped[i]) n += p->numel;
+    }
+    return n;
+}
+
+void st_model_param_fp32(const st_model *m, int i, size_t a, size_t n, float *dst) {
+    size_t at = m->params[i].offset + a;
+    if (st_model_fp32_dropped(m, i)) m->be->from_bf16(dst, m->weights_bf16 + at, n);
+    else m->be->copy(dst, m->weights + at, n * sizeof(float));
+}
+
+void st_model_restore_fp32(st_model *m) {
+    for (int i = 0; m->w32_dropped && i < m->n_params; i++)
+        if (m->w32_dropped[i]) {
+            const st_param *p = &m->params[i];
+            m->be->from_bf16(m->weights + p->offset, m->weights_bf16 + p->offset, p->numel);
+            m->w32_dropped[i] = 0;
+        }
+}
+
+void st_model_fp32_rewritten(st_model *m) {
+    if (m->w32_dropped) memset(m->w32_dropped, 0, (size_t)m->n_params);
+    m->weights_bf16_stale = 1;
+}
+
+size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *largest) {
+    const char *keep = getenv("SHARDTUNE_FROZEN_FP32"); /* as bf16_storage_on */
+    size_t n = 0, most = 0;
+    for (int i = 0; !(keep && !strcmp(keep, "1")) && i < m->n_params; i++)
+        if (goff[i] < 0 && bf16_storable(m, i)) {
+            n += m->params[i].numel;
+            if (m->params[i].numel > most) most = m->params[i].numel;
+        }
+    if (largest) *largest = most;
+    return n;
+}
 
 int st_model_set_activation_checkpointing(st_model *m, int on) {
     m->act_ckpt = on != 0;
@@ -920,7 +1032,7 @@ int st_model_check_bf16_copy(const st_model *m) {
         for (size_t i = lo; i < m->n_weights; i++) want[i] = st_float_to_bf16_bits(w[i]);
         for (int i = 0; i < m->n_params && !rc; i++) {
             const st_param *p = &m->params[i];
-            if (p->offset < lo) continue;
+            if (p->offset < lo || st_model_fp32_dropped(m, i)) continue; /* bf16 only: the copy is the value */
             if (memcmp(copy + p->offset, want + p->offset, p->numel * sizeof(uint16_t)))
                 rc = st_fail(ST_ECORRUPT, "bf16 weight copy of %s is out of date with its fp32 weights", p->name);
         }
@@ -1570,11 +1682,9 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     layer_acts *la = m->layer_acts;
     model_bufs b;
     bind(m, la, &b);
-    if (m->weights_bf16 && m->weights_bf16_stale && !m->acquire) { /* the bf16 copy every matmul reads (ZeRO-3:
-                                                                        made per layer by the acquire hook) */
-        be->to_bf16(m->weights_bf16 + m->n_w16, m->weights + m->n_w16, m->n_weights - m->n_w16);
-        m->weights_bf16_stale = 0;
-    }
+    if (m->weights_bf16 && m->weights_bf16_stale && !m->acquire) /* the bf16 copy every matmul reads (ZeRO-3:
+                                                                      made per layer by the acquire hook) */
+        refresh_bf16(m);
     if (m->lora) st_lora_set_training(m, train); /* LoRA dropout: training forwards only */
     if (m->prompt) st_prompt_widen(m, inputs, targets, weight, &inputs, &targets, &weight); /* [B, V + T] */
     be->copy_to_device(b.tokens, inputs, (size_t)N * sizeof(int32_t));
@@ -1594,7 +1704,8 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     if (rows) { /* the batch's rows are in x0 already */
     } else if (wpe && m->doc_pos_on)
         be->embedding_pos_fwd(x0, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
-    else if (m->params[0].offset < m->n_w16) /* the embedding in bf16 only (Llama family): widened row by row */
+    else if (m->params[0].offset < m->n_w16 || st_model_fp32_dropped(m, 0)) /* the embedding in bf16 only (Llama
+                                                                               family): widened row by row */
         for (int i = 0; i < N; i++)
             be->from_bf16(x0 + (size_t)i * c->d_model, m->weights_bf16 + m->params[0].offset +
                           (size_t)inputs[i] * c->d_model, (size_t)c->d_model);

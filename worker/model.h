@@ -88,6 +88,9 @@ typedef struct {
     st_precision precision;
     uint16_t *weights_bf16;  /* backend memory, n_weights (bf16 only): refreshed by the next forward after */
     int weights_bf16_stale;  /* ... st_model_weights_changed() marked the fp32 master weights as written */
+    /* Frozen parameters held in bf16 only (st_model_drop_frozen_fp32): w32_dropped[i] != 0 when parameter
+     * i's fp32 weights were given back and its bf16 copy is its one exact value; NULL when none ever was. */
+    unsigned char *w32_dropped;
     float *mm_scratch;   /* backend memory, mm_scratch_floats floats (bf16 only) */
     size_t mm_scratch_floats;
     /* Optional: called by st_model_backward each time a contiguous range [lo, hi) of the gradient space
@@ -284,6 +287,32 @@ int st_model_mlp_splits(const st_model_config *cfg, int B, int T, int act_ckpt, 
  * (bf16 saved tensors) and the matmul operand scratch for the current B x T. Master weights, gradients
  * and optimizer state stay fp32. */
 int st_model_set_precision(st_model *m, st_precision precision);
+
+/* Frozen weights stored once, in bf16 (docs/finetune.md "Frozen weights under bf16"): under precision bf16 on
+ * a host-memory backend without residency hooks (ZeRO 0-2), no adapters, every frozen parameter that forward
+ * and backward read only through the bf16 copy (st_model_param_bf16_only: the layers' and an untied head's
+ * matmul weights) or an untied Llama-family token embedding (forward then widens the batch's rows from the
+ * bf16 copy), whose fp32 values are all bf16 values (a bf16 source model: their low 16 bits are zero, so
+ * the bf16 copy is the value itself, exactly), has its fp32 memory given back (common/util.h
+ * st_give_back). Anything that needs its fp32 value widens the bf16 copy (st_model_param_fp32; exact).
+ * Idempotent; call after the trainable set is final (st_model_set_trainable gives a parameter that becomes
+ * trainable its fp32 weights back first, widened exactly). Returns the floats held in bf16 only.
+ * SHARDTUNE_FROZEN_FP32=1 (tests) keeps every fp32 copy. */
+size_t st_model_drop_frozen_fp32(st_model *m);
+/* Whether parameter i's fp32 weights were given back (st_model_drop_frozen_fp32). */
+int st_model_fp32_dropped(const st_model *m, int i);
+/* Widens parameter i's elements [a, a + n) to fp32 into dst (backend memory): from the bf16 copy when its
+ * fp32 weights were given back, else copied from m->weights. */
+void st_model_param_fp32(const st_model *m, int i, size_t a, size_t n, float *dst);
+/* Gives every parameter its fp32 weights back (widened from the bf16 copy, exactly): before a reader of
+ * m->weights that does not go through st_model_param_fp32 (generation). */
+void st_model_restore_fp32(st_model *m);
+/* The fp32 weights were all written anew (resume): none is held in bf16 only any more, the copy is stale. */
+void st_model_fp32_rewritten(st_model *m);
+/* Floats st_model_drop_frozen_fp32 would hold in bf16 only for the trainable set goff (registry-only model,
+ * the planner's; a bf16 source, precision bf16 and a host backend below ZeRO-3 are the caller's to check);
+ * *largest (may be NULL): the most floats of one of those tensors. */
+size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *largest);
 
 /* Tells the model its fp32 weights were written (optimizer step, parameter all-gather, load), so the
  * bf16 copy is refreshed before the next forward. Every writer of m->weights calls it. */

@@ -480,6 +480,12 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qbytes)
                       : (q32 - scratch) * sizeof(float) + qbytes;
     }
+    /* frozen weights of a bf16 source held once, in bf16 (worker/model.h st_model_drop_frozen_fp32): host ranks
+     * below stage 3 under bf16 give their fp32 copy back once the trainable set is known (after the load) */
+    size_t w16only = 0, w16most = 0;
+    if (zero < 3 && c->precision == ST_PRECISION_BF16 && c->backend != ST_BACKEND_CUDA && !strcmp(m->cfg.dtype, "bfloat16"))
+        w16only = st_model_bf16_frozen_floats(m, goff, &w16most);
+    r->weights -= w16only * sizeof(float);
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
     r->optim = 2 * range * sizeof(float) + ((size_t)m->n_params + 1) * sizeof(int);
@@ -656,11 +662,15 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     r->at_load = m->n_weights * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
     /* QLoRA: quantized while read (train.c load_quantized), the layout's buffers from the start */
     if (c->finetune.mode == ST_FINETUNE_QLORA) r->at_load = stepbuf + qload + teacher;
-    r->at_ckpt = r->total - transient + bounce + late;
+    /* a sync save widens a bf16-only tensor's rows into a window of their own (checkpoints/ckpt_write.c; the
+     * async snapshot widens into its copy) */
+    size_t wide = w16only && !c->checkpoint.async ? (w16most / (size_t)world + 1) * sizeof(float) : 0;
+    r->at_ckpt = r->total - transient + bounce + wide + late;
     /* resume: a host image of the weights, of which the fp32 part is written (QLoRA: not below n_w16) */
     size_t image = q32 * sizeof(float) + 2 * range * sizeof(float);
     if (dev) r->host_resume = image;
-    r->at_resume = r->total + (dev ? 0 : image);
+    /* the image is copied over the whole weights, the bf16-only ones too, before they are given back again */
+    r->at_resume = r->total + (dev ? 0 : image + w16only * sizeof(float));
     (void)world;
 }
 

@@ -315,6 +315,8 @@ int st_trainer_samples_run(trainer *t, int64_t completed) {
     merged_view v;
     float *owned = NULL;
     int pe = 0;
+    st_model_restore_fp32(&t->model); /* generation reads fp32 weights (worker/generate.c): the frozen ones held
+                                         in bf16 only widened back for it, exactly, and given back after */
     int rc = st_trainer_agree(t, gen_model(t, &g, &v, &owned));
     if (!rc) {
         st_gen_flags f = s->f;
@@ -329,6 +331,7 @@ int st_trainer_samples_run(trainer *t, int64_t completed) {
     }
     if (owned) t->model.be->free(owned);
     if (owned) free(v.params);
+    if (t->dp.stage < 3) st_model_drop_frozen_fp32(&t->model);
     if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? write_samples(t, completed, ans) : 0);
     st_answers_free(ans, t->rank == 0 ? s->ps.n : 0);
     st_trainer_phase(t, ST_PHASE_IDLE);

@@ -3,6 +3,9 @@
  * (train_ckpt.c); calls nothing else of the trainer. */
 #include "coordinator/trainer/train_internal.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 static st_optim_config optim_config(const st_config *c) {
     st_optim_config o;
     o.lr = (float)c->train.lr;
@@ -26,6 +29,12 @@ int st_trainer_enter_stage(trainer *t, int s) {
                           .bucket_bytes = (size_t)(t->cfg->sharding.bucket_mb * 1048576.0)};
     int rc = st_comm_reshard_optim(&t->dp, &t->optim, &t->model, t->comm, &co, &oc, t->stages.stages[s].layers,
                                    t->stages.stages[s].modules);
+    /* frozen weights of a bf16 source held once, in bf16 (worker/model.h; st_model_set_trainable gave the
+     * newly trainable ones their fp32 masters back, exactly) */
+    size_t w16 = !rc && t->dp.stage < 3 ? st_model_drop_frozen_fp32(&t->model) : 0;
+    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS"); /* tests: what the stage holds in bf16 only */
+    if (!rc && report && !strcmp(report, "1"))
+        fprintf(stderr, "shardtune train: rank %d: stage %d: %zu frozen weights held in bf16 only\n", t->rank, s, w16);
     t->stage = s;
     return rc;
 }

@@ -364,6 +364,80 @@ static void test_model_bf16(void **state) {
     check_model(ST_FAMILY_GPT2, 1);
 }
 
+/* Frozen weights of a bf16 source held in bf16 only (st_model_drop_frozen_fp32): with layer 0 frozen (its
+ * matmul weights and the untied embedding held, one weight with a non-bf16 element kept in fp32), the fp32
+ * memory of what is held reads zero (given back), loss and gradients equal the model that keeps both copies
+ * bit for bit, the widened values are the fp32 ones exactly; making layer 0 trainable gives it its fp32 masters
+ * back exactly; restore gives everything back; SHARDTUNE_FROZEN_FP32=1 holds nothing. */
+static void test_frozen_bf16_only(void **state) {
+    (void)state;
+    cpu = st_backend_cpu(2);
+    st_model m, ref;
+    build(&m, ST_FAMILY_LLAMA, 0, cpu);
+    build(&ref, ST_FAMILY_LLAMA, 0, cpu);
+    for (size_t i = 0; i < m.n_weights; i++) m.weights[i] = st_bf16_round(m.weights[i]); /* a bf16 source */
+    int odd = st_model_find(&m, "model.layers.0.mlp.down_proj.weight");
+    assert_true(odd > 0);
+    m.weights[m.params[odd].offset + 3] += 1e-6f; /* not a bf16 value any more: stays fp32 */
+    memcpy(ref.weights, m.weights, m.n_weights * 4);
+    assert_int_equal(st_model_set_precision(&m, ST_PRECISION_BF16), 0);
+    assert_int_equal(st_model_set_precision(&ref, ST_PRECISION_BF16), 0);
+    unsigned char top[2] = {0, 1}, all[2] = {1, 1};
+    assert_int_equal(st_model_set_trainable(&m, top, ST_MOD_ALL), 0);
+    assert_int_equal(st_model_set_trainable(&ref, top, ST_MOD_ALL), 0);
+    size_t want = 0;
+    long *goff = malloc(m.n_params * sizeof(long));
+    for (int i = 0; i < m.n_params; i++) {
+        goff[i] = m.params[i].grad_offset;
+        const st_param *p = &m.params[i];
+        if (i == 0 || (p->layer == 0 && p->ndim == 2)) want += p->numel; /* embedding, layer 0's matmul weights */
+    }
+    assert_true(st_model_bf16_frozen_floats(&m, goff, NULL) == want); /* the planner's count ignores values */
+    setenv("SHARDTUNE_FROZEN_FP32", "1", 1);
+    assert_true(st_model_drop_frozen_fp32(&m) == 0);
+    unsetenv("SHARDTUNE_FROZEN_FP32");
+    size_t held = st_model_drop_frozen_fp32(&m);
+    printf("  held in bf16 only: %zu of %zu floats (want %zu - %zu)\n", held, m.n_weights, want, m.params[odd].numel);
+    assert_true(held == want - m.params[odd].numel);
+    assert_true(st_model_drop_frozen_fp32(&m) == held); /* idempotent */
+    assert_false(st_model_fp32_dropped(&m, odd));
+    float *wide = malloc(m.n_weights * 4);
+    for (int i = 0; i < m.n_params; i++) {
+        const st_param *p = &m.params[i];
+        int expect = i != odd && (i == 0 || (p->layer == 0 && p->ndim == 2));
+        assert_int_equal(st_model_fp32_dropped(&m, i), expect);
+        for (size_t k = 0; expect && k < p->numel; k++) assert_true(m.weights[p->offset + k] == 0.0f);
+        st_model_param_fp32(&m, i, 0, p->numel, wide + p->offset);
+    }
+    assert_memory_equal(wide, ref.weights, m.n_weights * 4);
+    float *g = malloc(m.n_grads * 4), *gr = malloc(m.n_grads * 4);
+    for (int round = 0; round < 2; round++) { /* the second after a write of the trainable weights */
+        double l = run_step(&m, g), lr = run_step(&ref, gr);
+        assert_true(l == lr);
+        assert_memory_equal(g, gr, m.n_grads * 4);
+        assert_int_equal(st_model_check_bf16_copy(&m), 0);
+        const st_param *h = &m.params[m.n_params - 1]; /* the head trains */
+        for (size_t k = 0; k < h->numel; k++) m.weights[h->offset + k] = ref.weights[h->offset + k] *= 0.5f;
+        st_model_weights_changed(&m);
+        st_model_weights_changed(&ref);
+    }
+    /* layer 0 becomes trainable (a progressive stage): its fp32 masters widened back, exactly */
+    unsigned no_embed = ST_MOD_ALL & ~(unsigned)ST_MOD_EMBED; /* the embedding stays frozen */
+    assert_int_equal(st_model_set_trainable(&m, all, no_embed), 0);
+    assert_int_equal(st_model_set_trainable(&ref, all, no_embed), 0);
+    assert_true(st_model_drop_frozen_fp32(&m) == m.params[0].numel);
+    for (int i = 1; i < m.n_params; i++) assert_false(st_model_fp32_dropped(&m, i));
+    st_model_restore_fp32(&m);
+    assert_memory_equal(m.weights, ref.weights, m.n_weights * 4);
+    g = realloc(g, m.n_grads * 4), gr = realloc(gr, m.n_grads * 4); /* more trains now */
+    double l = run_step(&m, g), lr = run_step(&ref, gr);
+    assert_true(l == lr);
+    assert_memory_equal(g, gr, m.n_grads * 4);
+    free(g), free(gr), free(wide), free(goff);
+    st_model_free(&m);
+    st_model_free(&ref);
+}
+
 static void test_model_refusals(void **state) {
     (void)state;
     cpu = st_backend_cpu(2);
@@ -387,6 +461,7 @@ int main(void) {
         cmocka_unit_test(test_bf16_copy_follows_weights),
         cmocka_unit_test(test_model_bf16),
         cmocka_unit_test(test_model_refusals),
+        cmocka_unit_test(test_frozen_bf16_only),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

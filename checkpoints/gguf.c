@@ -426,13 +426,14 @@ static int write_tensor(gwriter *w, const gtensor *t, float *scratch) {
     } else {
         int64_t per = (int64_t)(CHUNK_BYTES / row);
         if (per < 1) per = 1;
-        /* the block quantizers are compute-bound: rows in parallel on the rank's threads */
+        /* the block quantizers are compute-bound: rows in parallel on the rank's threads, handed out a few
+         * at a time (a thread the OS has descheduled on a busy machine holds up the chunk by at most that) */
         int heavy = t->type != ST_GGML_F16 && t->type != ST_GGML_BF16;
         for (int64_t r0 = 0; r0 < t->ne[1] && !writer_failed(w); r0 += per) {
             int64_t n = t->ne[1] - r0 < per ? t->ne[1] - r0 : per;
             wslot *s = writer_slot(w);
             uint8_t *enc = s->buf;
-#pragma omp parallel for schedule(static) if (heavy && n > 8)
+#pragma omp parallel for schedule(dynamic, 4) if (heavy && n > 8)
             for (int64_t r = 0; r < n; r++)
                 st_ggml_encode(t->type, src + (r0 + r) * t->ne[0], t->ne[0], enc + r * row);
             writer_push(w, s, enc, row * (size_t)n);

@@ -235,9 +235,10 @@ static inline __attribute__((always_inline)) int fit_groups(const float *x, int 
  * builds: the default target and, on x86-64 with GCC, one for AVX-512 whose 16 lanes are one
  * 512-bit register (GCC's -march=native keeps 256-bit vectors by default); st_ggml_simd_wide() picks at run
  * time (the CPU has AVX-512F/DQ/BW/VL and SHARDTUNE_GGUF_SIMD is not "avx2"). Both are the same C, so the same
- * operations in the same order per lane: the same bytes (tests/unit/test_gguf_kquant.c). */
+ * operations in the same order per lane: the same bytes (tests/unit/test_gguf_kquant.c). noinline: under
+ * -march=native the default target has AVX-512 too, and inlined into it the 512-bit preference is lost. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KQ_WIDE __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,prefer-vector-width=512")))
+#define KQ_WIDE __attribute__((noinline, target("avx512f,avx512dq,avx512bw,avx512vl,prefer-vector-width=512")))
 static atomic_int kq_wide_choice = -1;
 void st_ggml_simd_reset(void) { atomic_store(&kq_wide_choice, -1); }
 int st_ggml_simd_wide(void) {

@@ -212,6 +212,12 @@ static void permute_rows(const float *src, float *dst, int64_t rows, int64_t col
                 memcpy(dst + (h * hd + 2 * i + j) * cols, src + (h * hd + j * half + i) * cols, (size_t)cols * 4);
 }
 
+/* The source row of permuted row r (permute_rows' inverse map), so that encoders read rows in place. */
+static int64_t permuted_src_row(int64_t r, int64_t rows, int heads) {
+    int64_t hd = rows / heads, half = hd / 2, h = r / hd, k = r % hd;
+    return h * hd + (k % 2) * half + k / 2;
+}
+
 static uint64_t align_up(uint64_t x) { return (x + GGUF_ALIGN - 1) / GGUF_ALIGN * GGUF_ALIGN; }
 
 static uint32_t file_type(st_ggml_type q) {
@@ -409,13 +415,14 @@ static int writer_finish(gwriter *w) {
     return w->failed ? -1 : 0;
 }
 
-/* Converts and writes one tensor's data in chunks of whole rows (scratch: rows*cols floats when the tensor
- * is permuted). f32 rows are written straight from the source (or the scratch). Each chunk is encoded into
- * a cache-sized slot buffer while the writer thread writes the previous one (bench/gguf_bench.c). */
+/* Converts and writes one tensor's data in chunks of whole rows (scratch: rows*cols floats when an f32 tensor
+ * is permuted). f32 rows are written straight from the source (or the scratch); the encoders read a permuted
+ * tensor's rows in place. Each chunk is encoded into a cache-sized slot buffer while the writer thread writes
+ * the previous one (bench/gguf_bench.c). */
 static int write_tensor(gwriter *w, const gtensor *t, float *scratch) {
     static const char zeros[GGUF_ALIGN];
     const float *src = t->src;
-    if (t->permute_heads) {
+    if (t->permute_heads && t->type == ST_GGML_F32) {
         writer_drain(w); /* the scratch may still be queued from the previous permuted tensor */
         permute_rows(t->src, scratch, t->ne[1], t->ne[0], t->permute_heads);
         src = scratch;
@@ -434,8 +441,10 @@ static int write_tensor(gwriter *w, const gtensor *t, float *scratch) {
             wslot *s = writer_slot(w);
             uint8_t *enc = s->buf;
 #pragma omp parallel for schedule(dynamic, 4) if (heavy && n > 8)
-            for (int64_t r = 0; r < n; r++)
-                st_ggml_encode(t->type, src + (r0 + r) * t->ne[0], t->ne[0], enc + r * row);
+            for (int64_t r = 0; r < n; r++) {
+                int64_t sr = t->permute_heads ? permuted_src_row(r0 + r, t->ne[1], t->permute_heads) : r0 + r;
+                st_ggml_encode(t->type, src + sr * t->ne[0], t->ne[0], enc + r * row);
+            }
             writer_push(w, s, enc, row * (size_t)n);
         }
     }
@@ -463,7 +472,7 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
         t->offset = off;
         size_t bytes = st_ggml_row_bytes(t->type, t->ne[0]) * (size_t)t->ne[1];
         off += align_up(bytes);
-        size_t fl = t->permute_heads ? (size_t)(t->ne[0] * t->ne[1]) : 0;
+        size_t fl = t->permute_heads && t->type == ST_GGML_F32 ? (size_t)(t->ne[0] * t->ne[1]) : 0;
         size_t row = st_ggml_row_bytes(t->type, t->ne[0]);
         if (fl > max_floats) max_floats = fl;
         if (row > max_bytes) max_bytes = row;

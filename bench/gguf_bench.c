@@ -5,12 +5,16 @@
  * "ratio" = export MB/s / raw MB/s, both over the GGUF file's bytes (the target is >= 50%); "input ratio" the
  * same with the export's rate over the f32 input's bytes (what the quantized formats, whose files are 5-9x
  * smaller than their input, read and encode per second, against what the disk writes per second).
+ * "export CPU s" / "raw CPU s": the process's CPU time (user + sys, all threads; medians) of the export and
+ * of the raw write: what each costs in CPU, which a loaded machine cannot shrink, where wall time also
+ * counts the other processes (the raw write mostly waits on the disk, the export mostly computes).
  * The encoders run on OMP_NUM_THREADS threads (rows in parallel), as `shardtune export` does.
  * usage: gguf_bench [--dir DIR] [--layers L] [--dim D] [--vocab V] [--reps R] [--quant a,b,...] */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -21,6 +25,12 @@
 #include "worker/model.h"
 
 #include "bench/bench_io.h"
+
+static double cpu_seconds(void) {
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return (double)u.ru_utime.tv_sec + (double)u.ru_stime.tv_sec + 1e-6 * (double)(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
 
 int main(int argc, char **argv) {
     const char *dir = "/tmp/st_gguf_bench", *quants = "f32,f16,bf16,q8_0,q4_0,q2_K,q3_K,q4_K,q5_K,q6_K,q4_K_M,q5_K_M";
@@ -50,8 +60,9 @@ int main(int argc, char **argv) {
     bench_loadavg(la0, sizeof la0);
     printf("gguf_bench: llama L%d D%d F%d V%d (%.1fM params, %.0f MB f32), %d rounds, dir %s, load average %s\n",
            L, D, c.d_ff, V, m.n_weights / 1e6, m.n_weights * 4 / 1e6, reps, dir, la0);
-    printf("| quant | file MB | export s (median) | export MB/s | raw write+fsync MB/s | ratio | input MB/s | input ratio |\n");
-    printf("|---|---|---|---|---|---|---|---|\n");
+    printf("| quant | file MB | export s (median) | export MB/s | raw write+fsync MB/s | ratio | input MB/s | input ratio "
+           "| export CPU s | raw CPU s |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|\n");
     char list[256];
     snprintf(list, sizeof list, "%s", quants);
     for (char *q = strtok(list, ","); q; q = strtok(NULL, ",")) {
@@ -62,24 +73,30 @@ int main(int argc, char **argv) {
         }
         snprintf(path, sizeof path, "%s/bench.%s.gguf", dir, q);
         double *ex = calloc((size_t)reps, sizeof(double)), *raw = calloc((size_t)reps, sizeof(double));
+        double *exc = calloc((size_t)reps, sizeof(double)), *rawc = calloc((size_t)reps, sizeof(double));
         st_gguf_report rep;
         for (int r = 0; r < reps; r++) {
-            double t0 = st_now();
+            double t0 = st_now(), c0 = cpu_seconds();
             if (st_gguf_export(&m, m.weights, t, NULL, path, &rep)) {
                 fprintf(stderr, "gguf_bench: %s\n", st_error());
                 return 1;
             }
             ex[r] = st_now() - t0;
+            exc[r] = cpu_seconds() - c0;
             unlink(path);
+            c0 = cpu_seconds();
             raw[r] = bench_raw_write(dir, rep.bytes);
+            rawc[r] = cpu_seconds() - c0;
         }
         double mb = rep.bytes / 1e6, e = bench_median(ex, reps), w = bench_median(raw, reps);
         double in = m.n_weights * 4 / 1e6;
-        printf("| %s | %.1f | %.3f | %.0f | %.0f | %.0f%% | %.0f | %.0f%% |\n", q, mb, e, mb / e, mb / w, 100 * w / e,
-               in / e, 100 * (in / e) / (mb / w));
+        printf("| %s | %.1f | %.3f | %.0f | %.0f | %.0f%% | %.0f | %.0f%% | %.3f | %.3f |\n", q, mb, e, mb / e, mb / w,
+               100 * w / e, in / e, 100 * (in / e) / (mb / w), bench_median(exc, reps), bench_median(rawc, reps));
         fflush(stdout);
         free(ex);
         free(raw);
+        free(exc);
+        free(rawc);
     }
     bench_loadavg(la1, sizeof la1);
     printf("load average after: %s (2 cores, shared)\n", la1);

@@ -5,6 +5,7 @@
  * section), zero padding to general.alignment (32), then each tensor's bytes, each padded to 32. */
 #include "checkpoints/gguf.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -211,6 +212,12 @@ static void permute_rows(const float *src, float *dst, int64_t rows, int64_t col
                 memcpy(dst + (h * hd + 2 * i + j) * cols, src + (h * hd + j * half + i) * cols, (size_t)cols * 4);
 }
 
+/* The source row of permuted row r (permute_rows' inverse map), so that encoders read rows in place. */
+static int64_t permuted_src_row(int64_t r, int64_t rows, int heads) {
+    int64_t hd = rows / heads, half = hd / 2, h = r / hd, k = r % hd;
+    return h * hd + (k % 2) * half + k / 2;
+}
+
 static uint64_t align_up(uint64_t x) { return (x + GGUF_ALIGN - 1) / GGUF_ALIGN * GGUF_ALIGN; }
 
 static uint32_t file_type(st_ggml_type q) {
@@ -284,7 +291,34 @@ typedef struct {
     int head;   /* next slot the producer fills */
     int stop;
     int failed; /* an fwrite came short: the producer stops early, write_file reports it */
+    off_t pos, synced; /* file offset written so far / handed to writeback so far */
 } gwriter;
+
+#define WRITEBACK_BYTES (4u << 20) /* writes between early writeback requests (and the largest single fwrite) */
+
+/* Writes n bytes in pieces of WRITEBACK_BYTES and, after each, starts the kernel's writeback of what is
+ * written (sync_file_range, not waiting for it): the disk writes while the next chunks are encoded, so the
+ * final fsync only waits for the tail instead of the whole file (the raw write+fsync that gguf_bench
+ * compares against flushes everything at its end). Returns 0, or -1 when an fwrite came short. */
+static int writer_emit(gwriter *w, const void *p, size_t n) {
+    const uint8_t *b = p;
+    while (n) {
+        size_t k = n < WRITEBACK_BYTES ? n : WRITEBACK_BYTES;
+        if (fwrite(b, 1, k, w->f) != k) return -1;
+        b += k;
+        n -= k;
+        w->pos += (off_t)k;
+#ifdef SYNC_FILE_RANGE_WRITE
+        if (w->pos - w->synced >= (off_t)WRITEBACK_BYTES) {
+            if (fflush(w->f)) return -1;
+            /* advisory: a failure here (a file system without it) leaves the work to the final fsync */
+            (void)sync_file_range(fileno(w->f), w->synced, w->pos - w->synced, SYNC_FILE_RANGE_WRITE);
+            w->synced = w->pos;
+        }
+#endif
+    }
+    return 0;
+}
 
 static void *writer_main(void *arg) {
     gwriter *w = arg;
@@ -301,7 +335,7 @@ static void *writer_main(void *arg) {
         pthread_mutex_lock(&w->mu);
         int skip = w->failed;
         pthread_mutex_unlock(&w->mu);
-        int bad = !skip && fwrite(p, 1, n, w->f) != n;
+        int bad = !skip && writer_emit(w, p, n);
         pthread_mutex_lock(&w->mu);
         if (bad) w->failed = 1;
         w->s[k].full = 0;
@@ -324,7 +358,7 @@ static wslot *writer_slot(gwriter *w) {
 /* Hands slot s (filled: p, n) to the writer. */
 static void writer_push(gwriter *w, wslot *s, const void *p, size_t n) {
     if (!w->threaded) {
-        if (!w->failed && fwrite(p, 1, n, w->f) != n) w->failed = 1;
+        if (!w->failed && writer_emit(w, p, n)) w->failed = 1;
         return;
     }
     pthread_mutex_lock(&w->mu);
@@ -355,6 +389,7 @@ static void writer_drain(gwriter *w) {
 static int writer_start(gwriter *w, FILE *f, size_t buf_bytes) {
     memset(w, 0, sizeof *w);
     w->f = f;
+    w->pos = w->synced = ftello(f); /* after the header */
     for (int k = 0; k < 2; k++)
         if (!(w->s[k].buf = malloc(buf_bytes + 1))) return -1;
     pthread_mutex_init(&w->mu, NULL);
@@ -380,13 +415,14 @@ static int writer_finish(gwriter *w) {
     return w->failed ? -1 : 0;
 }
 
-/* Converts and writes one tensor's data in chunks of whole rows (scratch: rows*cols floats when the tensor
- * is permuted). f32 rows are written straight from the source (or the scratch). Each chunk is encoded into
- * a cache-sized slot buffer while the writer thread writes the previous one (bench/gguf_bench.c). */
+/* Converts and writes one tensor's data in chunks of whole rows (scratch: rows*cols floats when an f32 tensor
+ * is permuted). f32 rows are written straight from the source (or the scratch); the encoders read a permuted
+ * tensor's rows in place. Each chunk is encoded into a cache-sized slot buffer while the writer thread writes
+ * the previous one (bench/gguf_bench.c). */
 static int write_tensor(gwriter *w, const gtensor *t, float *scratch) {
     static const char zeros[GGUF_ALIGN];
     const float *src = t->src;
-    if (t->permute_heads) {
+    if (t->permute_heads && t->type == ST_GGML_F32) {
         writer_drain(w); /* the scratch may still be queued from the previous permuted tensor */
         permute_rows(t->src, scratch, t->ne[1], t->ne[0], t->permute_heads);
         src = scratch;
@@ -397,15 +433,18 @@ static int write_tensor(gwriter *w, const gtensor *t, float *scratch) {
     } else {
         int64_t per = (int64_t)(CHUNK_BYTES / row);
         if (per < 1) per = 1;
-        /* the block quantizers are compute-bound: rows in parallel on the rank's threads */
+        /* the block quantizers are compute-bound: rows in parallel on the rank's threads, handed out a few
+         * at a time (a thread the OS has descheduled on a busy machine holds up the chunk by at most that) */
         int heavy = t->type != ST_GGML_F16 && t->type != ST_GGML_BF16;
         for (int64_t r0 = 0; r0 < t->ne[1] && !writer_failed(w); r0 += per) {
             int64_t n = t->ne[1] - r0 < per ? t->ne[1] - r0 : per;
             wslot *s = writer_slot(w);
             uint8_t *enc = s->buf;
-#pragma omp parallel for schedule(static) if (heavy && n > 8)
-            for (int64_t r = 0; r < n; r++)
-                st_ggml_encode(t->type, src + (r0 + r) * t->ne[0], t->ne[0], enc + r * row);
+#pragma omp parallel for schedule(dynamic, 4) if (heavy && n > 8)
+            for (int64_t r = 0; r < n; r++) {
+                int64_t sr = t->permute_heads ? permuted_src_row(r0 + r, t->ne[1], t->permute_heads) : r0 + r;
+                st_ggml_encode(t->type, src + sr * t->ne[0], t->ne[0], enc + r * row);
+            }
             writer_push(w, s, enc, row * (size_t)n);
         }
     }
@@ -433,7 +472,7 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
         t->offset = off;
         size_t bytes = st_ggml_row_bytes(t->type, t->ne[0]) * (size_t)t->ne[1];
         off += align_up(bytes);
-        size_t fl = t->permute_heads ? (size_t)(t->ne[0] * t->ne[1]) : 0;
+        size_t fl = t->permute_heads && t->type == ST_GGML_F32 ? (size_t)(t->ne[0] * t->ne[1]) : 0;
         size_t row = st_ggml_row_bytes(t->type, t->ne[0]);
         if (fl > max_floats) max_floats = fl;
         if (row > max_bytes) max_bytes = row;

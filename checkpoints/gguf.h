@@ -45,8 +45,13 @@ void st_ggml_encode_kquant(st_ggml_type t, const float *x, int64_t n, uint8_t *o
  * a super-block in vector lanes, which must give the same bytes (tests/unit/test_gguf_kquant.c). */
 void st_ggml_kquant_scalar(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
 /* The plain, ggml-loop-shaped form of every encoder that st_ggml_encode runs in a faster form (q8_0 / q4_0:
- * AVX2; q4_K / q5_K: vector lanes); the unit test holds the two to the same bytes. Other types: nothing. */
+ * AVX2 / AVX-512; q2_K, q4_K, q5_K, q6_K: vector lanes); the unit test holds the two to the same bytes. */
 void st_ggml_encode_reference(st_ggml_type t, const float *x, int64_t n, uint8_t *out);
+/* 1 when the encoders run their AVX-512 builds (x86-64 CPU with AVX-512F/DQ/BW/VL, and the environment
+ * variable SHARDTUNE_GGUF_SIMD is not "avx2"), 0 for the default build; decided at the first call.
+ * st_ggml_simd_reset makes the next call decide again (tests run both builds). */
+int st_ggml_simd_wide(void);
+void st_ggml_simd_reset(void);
 
 typedef struct {
     const char *tokenizer_dir; /* folder with tokenizer.json (+ tokenizer_config.json); NULL: none */

@@ -22,6 +22,8 @@
  *   Q5_1 (24 bytes):  f16 d, f16 m, qh[4], qs[16]; x = d*q + m. */
 #include <float.h>
 #include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "checkpoints/gguf.h"
@@ -127,18 +129,21 @@ static float fit_affine(const float *x, const float *w, int n, const affine_fit 
  * in the same order within each lane, written as loops over the 8 lanes (innermost, branch-free) so that they compile
  * to 8-wide vector instructions; ~5x faster than eight fit_affine calls and bit-identical to them (lanes
  * whose group is flat take fit_affine's early exit at the end; tests/unit/test_gguf_kquant.c compares the two).
- * Rounding: (v + 1.5*2^23) - 1.5*2^23 is round-to-nearest-even for |v| < 2^22 (no FMA/reassociation here). */
+ * Rounding: (v + 1.5*2^23) - 1.5*2^23 is round-to-nearest-even for |v| < 2^22 (no FMA/reassociation here),
+ * where it equals round_ne; beyond (groups of float-subnormal range, whose inverse scale overflows, or huge
+ * values) the two part, so fit_groups returns 1 when any non-flat lane may have left that range, and the
+ * caller fits those groups with fit_affine instead (same bytes as the scalar form for every input). */
 #define NL 16
 static inline float rne(float v) { return (v + 12582912.f) - 12582912.f; }
 static inline float clampf(float v, float hi) { return v < 0 ? 0 : v > hi ? hi : v; }
 
-static inline __attribute__((always_inline)) void fit_groups(const float *x, int n, const float w[32][NL],
-                                                             const affine_fit *p, int mad, uint8_t *L, float *scale,
-                                                             float *neg_min) {
+static inline __attribute__((always_inline)) int fit_groups(const float *x, int n, const float w[32][NL],
+                                                            const affine_fit *p, int mad, uint8_t *L, float *scale,
+                                                            float *neg_min) {
     const float nmax = (float)p->nmax;
-    float xt[32][NL], lt[32][NL], aux[32][NL];
-    float mn[NL], mx[NL], sw[NL], sx[NL], isc[NL], sc[NL], best[NL], den[NL], mn0[NL];
-    int flat[NL];
+    float xt[32][NL], aux[32][NL];
+    float mn[NL], mx[NL], sw[NL], sx[NL], isc[NL], sc[NL], best[NL], den[NL], mn0[NL], bisc[NL], bmn[NL], xmn[NL];
+    int flat[NL], far[NL]; /* far: some |isc * (x - mn)| below may reach 2^22, where rne and round_ne part */
     for (int i = 0; i < n; i++)
         for (int j = 0; j < NL; j++) xt[i][j] = x[n * j + i];
     for (int j = 0; j < NL; j++) {
@@ -154,6 +159,7 @@ static inline __attribute__((always_inline)) void fit_groups(const float *x, int
             sx[j] += w[i][j] * xt[i][j];
         }
     for (int j = 0; j < NL; j++) {
+        xmn[j] = mn[j];
         mn[j] = mn[j] > 0 ? 0 : mn[j];
         mn0[j] = mn[j];
         flat[j] = mx[j] == mn[j];
@@ -161,17 +167,25 @@ static inline __attribute__((always_inline)) void fit_groups(const float *x, int
         isc[j] = p->nmax / den[j];
         sc[j] = 1 / isc[j];
         best[j] = 0;
+        bisc[j] = isc[j]; /* the winning levels are round(bisc * (x - bmn)), recomputed at the end */
+        bmn[j] = mn[j];
+        far[j] = !(fabsf(isc[j]) * (mx[j] - mn[j]) < 4194304.f); /* also NaN / inf */
     }
     for (int i = 0; i < n; i++)
         for (int j = 0; j < NL; j++) {
-            lt[i][j] = clampf(rne(isc[j] * (xt[i][j] - mn[j])), nmax);
-            float diff = sc[j] * lt[i][j] + mn[j] - xt[i][j];
+            float l = clampf(rne(isc[j] * (xt[i][j] - mn[j])), nmax);
+            float diff = sc[j] * l + mn[j] - xt[i][j];
             diff = mad ? fabsf(diff) : diff * diff;
             best[j] += w[i][j] * diff;
         }
     for (int is = 0; is <= p->nstep; is++) {
         float sl[NL] = {0}, sl2[NL] = {0}, sxl[NL] = {0}, err[NL] = {0}, ts[NL], tm[NL];
-        for (int j = 0; j < NL; j++) isc[j] = (p->rmin + 0.1f * is + p->nmax) / (flat[j] ? 1.f : mx[j] - mn[j]);
+        for (int j = 0; j < NL; j++) {
+            isc[j] = (p->rmin + 0.1f * is + p->nmax) / (flat[j] ? 1.f : mx[j] - mn[j]);
+            /* x - mn lies between xmn - mn and mx - mn (rounding is monotone): bounds |isc * (x - mn)| */
+            float a = fabsf(xmn[j] - mn[j]), b = fabsf(mx[j] - mn[j]);
+            far[j] |= !(fabsf(isc[j]) * (a > b ? a : b) < 4194304.f);
+        }
         for (int i = 0; i < n; i++)
             for (int j = 0; j < NL; j++) {
                 float l = clampf(rne(isc[j] * (xt[i][j] - mn[j])), nmax);
@@ -196,31 +210,73 @@ static inline __attribute__((always_inline)) void fit_groups(const float *x, int
                 diff = mad ? fabsf(diff) : diff * diff;
                 err[j] += w[i][j] * diff;
             }
-        int take[NL];
         for (int j = 0; j < NL; j++) {
-            take[j] = den[j] > 0 && err[j] < best[j];
-            best[j] = take[j] ? err[j] : best[j];
-            sc[j] = take[j] ? ts[j] : sc[j];
-            mn[j] = take[j] ? tm[j] : mn[j];
+            int take = den[j] > 0 && err[j] < best[j];
+            best[j] = take ? err[j] : best[j];
+            sc[j] = take ? ts[j] : sc[j];
+            bisc[j] = take ? isc[j] : bisc[j];
+            bmn[j] = take ? mn[j] : bmn[j]; /* the min these levels were rounded against */
+            mn[j] = take ? tm[j] : mn[j];
         }
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < NL; j++) lt[i][j] = take[j] ? aux[i][j] : lt[i][j];
     }
+    for (int i = 0; i < n; i++) /* the same operations as in the loops: the same levels */
+        for (int j = 0; j < NL; j++) aux[i][j] = clampf(rne(bisc[j] * (xt[i][j] - bmn[j])), nmax);
+    int out_of_range = 0;
     for (int j = 0; j < NL; j++) {
-        for (int i = 0; i < n; i++) L[n * j + i] = flat[j] ? 0 : (uint8_t)lt[i][j];
+        for (int i = 0; i < n; i++) L[n * j + i] = flat[j] ? 0 : (uint8_t)aux[i][j];
         scale[j] = flat[j] ? 0.f : sc[j];
         neg_min[j] = flat[j] ? -mn0[j] : -mn[j];
+        out_of_range |= !flat[j] && far[j];
     }
+    return out_of_range;
 }
 
-/* fit_groups specialised (n and mad constant, so the loops unroll and vectorize as written). */
-static void fit_groups32(const float *x, const float w[32][NL], const affine_fit *p, uint8_t *L, float *scale,
-                         float *neg_min) {
-    fit_groups(x, 32, w, p, 0, L, scale, neg_min);
+/* fit_groups specialised (n and mad constant, so the loops unroll and vectorize as written), each in two
+ * builds: the default target and, on x86-64 with GCC, one for AVX-512 whose 16 lanes are one
+ * 512-bit register (GCC's -march=native keeps 256-bit vectors by default); st_ggml_simd_wide() picks at run
+ * time (the CPU has AVX-512F/DQ/BW/VL and SHARDTUNE_GGUF_SIMD is not "avx2"). Both are the same C, so the same
+ * operations in the same order per lane: the same bytes (tests/unit/test_gguf_kquant.c). noinline: under
+ * -march=native the default target has AVX-512 too, and inlined into it the 512-bit preference is lost. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KQ_WIDE __attribute__((noinline, target("avx512f,avx512dq,avx512bw,avx512vl,prefer-vector-width=512")))
+static atomic_int kq_wide_choice = -1;
+void st_ggml_simd_reset(void) { atomic_store(&kq_wide_choice, -1); }
+int st_ggml_simd_wide(void) {
+    int v = atomic_load(&kq_wide_choice);
+    if (v < 0) {
+        const char *e = getenv("SHARDTUNE_GGUF_SIMD");
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && !(e && strcmp(e, "avx2") == 0);
+        atomic_store(&kq_wide_choice, v);
+    }
+    return v;
 }
-static void fit_groups16_mad(const float *x, const float w[32][NL], const affine_fit *p, uint8_t *L, float *scale,
-                             float *neg_min) {
-    fit_groups(x, 16, w, p, 1, L, scale, neg_min);
+static KQ_WIDE int fit_groups32_wide(const float *x, const float w[32][NL], const affine_fit *p, uint8_t *L,
+                                     float *scale, float *neg_min) {
+    return fit_groups(x, 32, w, p, 0, L, scale, neg_min);
+}
+static KQ_WIDE int fit_groups16_mad_wide(const float *x, const float w[32][NL], const affine_fit *p, uint8_t *L,
+                                         float *scale, float *neg_min) {
+    return fit_groups(x, 16, w, p, 1, L, scale, neg_min);
+}
+#else
+void st_ggml_simd_reset(void) {}
+int st_ggml_simd_wide(void) { return 0; }
+#endif
+static int fit_groups32(const float *x, const float w[32][NL], const affine_fit *p, uint8_t *L, float *scale,
+                        float *neg_min) {
+#ifdef KQ_WIDE
+    if (st_ggml_simd_wide()) return fit_groups32_wide(x, w, p, L, scale, neg_min);
+#endif
+    return fit_groups(x, 32, w, p, 0, L, scale, neg_min);
+}
+static int fit_groups16_mad(const float *x, const float w[32][NL], const affine_fit *p, uint8_t *L, float *scale,
+                            float *neg_min) {
+#ifdef KQ_WIDE
+    if (st_ggml_simd_wide()) return fit_groups16_mad_wide(x, w, p, L, scale, neg_min);
+#endif
+    return fit_groups(x, 16, w, p, 1, L, scale, neg_min);
 }
 
 /* Q4_K / Q5_K (same scheme, 4 or 5-bit levels): 8 groups of 32 fitted independently (weights rms(x) + |x|),
@@ -228,14 +284,14 @@ static void fit_groups16_mad(const float *x, const float w[32][NL], const affine
  * min / 63), then every element re-quantized with the 6-bit scale and min it will be decoded with.
  * Writes d, dmin and the 12 scale bytes at out[0..15] and the levels to L. */
 /* The 16 groups of 32 of two consecutive super-blocks (512 floats) fitted in the lanes, weights rms + |x|. */
-static void kx_fit_pair(const float *x, const affine_fit *p, uint8_t *L, float *scales, float *mins) {
+static int kx_fit_pair(const float *x, const affine_fit *p, uint8_t *L, float *scales, float *mins) {
     float wt[32][NL], sx2[NL] = {0}, av[NL];
     for (int i = 0; i < 32; i++)
         for (int j = 0; j < NL; j++) sx2[j] += x[32 * j + i] * x[32 * j + i];
     for (int j = 0; j < NL; j++) av[j] = sqrtf(sx2[j] / 32);
     for (int i = 0; i < 32; i++)
         for (int j = 0; j < NL; j++) wt[i][j] = av[j] + fabsf(x[32 * j + i]);
-    fit_groups32(x, (const float(*)[NL])wt, p, L, scales, mins);
+    return fit_groups32(x, (const float(*)[NL])wt, p, L, scales, mins);
 }
 
 /* fitted: L, scales and mins hold the sub-block fits (kx_fit_pair); else they are fitted here, one at a time. */
@@ -316,10 +372,10 @@ static void kx_row(const float *x, int64_t nb, uint8_t *out, st_ggml_type t) {
             memcpy(pair + QKK, src, sizeof(float) * QKK);
             src = pair;
         }
-        kx_fit_pair(src, p, L, scales, mins);
+        int fitted = !kx_fit_pair(src, p, L, scales, mins); /* else: out of the lanes' range, one at a time */
         for (int h = 0; h < 2 && b + h < nb; h++) {
             uint8_t *o = out + (size_t)(b + h) * bytes;
-            kx_block(src + h * QKK, o, p, 1, L + h * QKK, scales + 8 * h, mins + 8 * h);
+            kx_block(src + h * QKK, o, p, fitted, L + h * QKK, scales + 8 * h, mins + 8 * h);
             (t == ST_GGML_Q4_K ? q4_K_pack : q5_K_pack)(L + h * QKK, o);
         }
     }
@@ -344,7 +400,7 @@ static void q2_K_block(const float *x, uint8_t *out, int lanes) {
         float wt[32][NL];
         for (int i = 0; i < 16; i++)
             for (int j = 0; j < NL; j++) wt[i][j] = fabsf(x[16 * j + i]);
-        fit_groups16_mad(x, (const float(*)[NL])wt, &FIT_Q2, L, scales, mins);
+        lanes = !fit_groups16_mad(x, (const float(*)[NL])wt, &FIT_Q2, L, scales, mins); /* else one at a time */
     }
     for (int g = 0; g < 16; g++) {
         if (!lanes) {
@@ -524,10 +580,14 @@ static float fit_group6(const float *x, int8_t *L) {
 #define NG 16
 static inline float clamp6(float v) { return v < -32.f ? -32.f : v > 31.f ? 31.f : v; }
 
-static void fit_groups6(const float *x, int8_t *L, float *scale) {
-    float xt[16][NG], lt[16][NG], mx[NG], am[NG], sc[NG], best[NG];
+static inline __attribute__((always_inline)) void fit_groups6_body(const float *x, int8_t *L, float *scale) {
+    float xt[16][NG], w2[16][NG], w3[16][NG], mx[NG], am[NG], sc[NG], best[NG], bisc[NG];
     for (int i = 0; i < 16; i++)
-        for (int g = 0; g < NG; g++) xt[i][g] = x[16 * g + i];
+        for (int g = 0; g < NG; g++) {
+            xt[i][g] = x[16 * g + i];
+            w2[i][g] = xt[i][g] * xt[i][g];   /* the weight w = x^2 */
+            w3[i][g] = w2[i][g] * xt[i][g];   /* w * x, as (w * x) * l below rounds it */
+        }
     for (int g = 0; g < NG; g++) mx[g] = am[g] = 0;
     for (int i = 0; i < 16; i++)
         for (int g = 0; g < NG; g++) {
@@ -539,36 +599,47 @@ static void fit_groups6(const float *x, int8_t *L, float *scale) {
     for (int g = 0; g < NG; g++) mx[g] = am[g] < EPS_GROUP ? 1.f : mx[g];
     for (int is = 0; is <= 18; is++) { /* is 0: the start (-32 / max); then -9..9 without 0 */
         int step = is == 0 ? 0 : is <= 9 ? is - 10 : is - 9;
-        float isc[NG], a[NG] = {0}, b[NG] = {0}, lv[16][NG];
+        float isc[NG], a[NG] = {0}, b[NG] = {0};
         for (int g = 0; g < NG; g++) isc[g] = step == 0 ? -32 / mx[g] : -(32 + 0.1f * step) / mx[g];
         for (int i = 0; i < 16; i++)
             for (int g = 0; g < NG; g++) {
-                float l = clamp6(rne(isc[g] * xt[i][g])), w = xt[i][g] * xt[i][g];
-                lv[i][g] = l;
-                a[g] += w * xt[i][g] * l;
-                b[g] += w * l * l;
+                float l = clamp6(rne(isc[g] * xt[i][g]));
+                a[g] += w3[i][g] * l;
+                b[g] += w2[i][g] * l * l;
             }
-        int take[NG];
         for (int g = 0; g < NG; g++) {
             if (is == 0) {
                 sc[g] = b[g] != 0 ? a[g] / b[g] : 0.0f;
                 best[g] = sc[g] * a[g];
-                take[g] = 1;
+                bisc[g] = isc[g];
             } else {
-                take[g] = b[g] > 0 && a[g] * a[g] > best[g] * b[g];
+                int take = b[g] > 0 && a[g] * a[g] > best[g] * b[g];
                 float bd = b[g] > 0 ? b[g] : 1.f;
-                sc[g] = take[g] ? a[g] / bd : sc[g];
-                best[g] = take[g] ? sc[g] * a[g] : best[g];
+                sc[g] = take ? a[g] / bd : sc[g];
+                best[g] = take ? sc[g] * a[g] : best[g];
+                bisc[g] = take ? isc[g] : bisc[g]; /* the winning levels: recomputed below */
             }
         }
-        for (int i = 0; i < 16; i++)
-            for (int g = 0; g < NG; g++) lt[i][g] = take[g] ? lv[i][g] : lt[i][g];
     }
     for (int g = 0; g < NG; g++) {
         int flat = am[g] < EPS_GROUP;
-        for (int i = 0; i < 16; i++) L[16 * g + i] = (int8_t)(flat ? 0 : (int)lt[i][g] + 32);
+        for (int i = 0; i < 16; i++) L[16 * g + i] = (int8_t)(flat ? 0 : (int)clamp6(rne(bisc[g] * xt[i][g])) + 32);
         scale[g] = flat ? 0.f : sc[g];
     }
+}
+
+static void fit_groups6_plain(const float *x, int8_t *L, float *scale) { fit_groups6_body(x, L, scale); }
+#ifdef KQ_WIDE
+static KQ_WIDE void fit_groups6_wide(const float *x, int8_t *L, float *scale) { fit_groups6_body(x, L, scale); }
+#endif
+static void fit_groups6(const float *x, int8_t *L, float *scale) {
+#ifdef KQ_WIDE
+    if (st_ggml_simd_wide()) {
+        fit_groups6_wide(x, L, scale);
+        return;
+    }
+#endif
+    fit_groups6_plain(x, L, scale);
 }
 
 /* Q6_K: 16 groups of 16 fitted independently, their scales quantized to int8 against the one of largest

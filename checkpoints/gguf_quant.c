@@ -3,7 +3,8 @@
  * Bit-exactness with ggml's reference quantizers (ggml-quants.c quantize_row_*_ref) needs the same fp32
  * operation order: the build uses -march=native, where GCC would fuse `x*id + 8.5f` into one FMA with a
  * different rounding, so the encoders are compiled with fp-contract off. With AVX2 + F16C, Q8_0 / Q4_0 blocks
- * are encoded 8 lanes at a time by the same operations (st_ggml_encode_reference keeps the scalar form). */
+ * are encoded 8 lanes at a time by the same operations, and on CPUs with AVX-512 (chosen at run time:
+ * st_ggml_simd_wide) 16 blocks at a time in 16 lanes (st_ggml_encode_reference keeps the scalar form). */
 #include "checkpoints/gguf.h"
 
 #include <math.h>
@@ -180,7 +181,8 @@ __attribute__((optimize("fp-contract=off"))) static void q4_0_block(const float 
 /* Q8_0 / Q4_0 in AVX2, a block of 32 as four vectors of 8: the same fp32 operations as q8_0_block /
  * q4_0_block (mul, add, truncating conversion: no FMA, nothing reassociated; max is exact in any order), so
  * the same bytes for finite inputs (tests/unit/test_gguf_kquant.c compares them over random and edge-case
- * blocks; NaN blocks are not meaningful weights and may differ). */
+ * blocks; a block of float-subnormal scale, whose 1/d overflows, goes to the scalar form; NaN blocks are not
+ * meaningful weights, `export` refuses them). */
 static inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
 
 static inline float hmax8(__m256 v) {
@@ -209,6 +211,10 @@ __attribute__((optimize("fp-contract=off"))) static void q8_0_block_avx2(const f
     }
     const float d = hmax8(m) / 127;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    if (!isfinite(id)) { /* float-subnormal block: 1/d overflows, and the scalar's conversions of inf rule */
+        q8_0_block(x, out);
+        return;
+    }
     put_f16_fast(out, d);
     const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.49999997f), sign = _mm256_set1_ps(-0.0f);
     __m256i q[4];
@@ -236,6 +242,10 @@ __attribute__((optimize("fp-contract=off"))) static void q4_0_block_avx2(const f
     }
     const float d = max / -8;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    if (!isfinite(id)) { /* as in q8_0_block_avx2 */
+        q4_0_block(x, out);
+        return;
+    }
     put_f16_fast(out, d);
     const __m256 vid = _mm256_set1_ps(id), off = _mm256_set1_ps(8.5f);
     const __m256i top = _mm256_set1_epi32(15);
@@ -248,6 +258,93 @@ __attribute__((optimize("fp-contract=off"))) static void q4_0_block_avx2(const f
 }
 #define Q8_0_BLOCK q8_0_block_avx2
 #define Q4_0_BLOCK q4_0_block_avx2
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* AVX-512 (run-time choice: st_ggml_simd_wide), 16 blocks at a time: each block's max |x| from two 16-lane
+ * registers, then the 16 scales d = amax / 127 (q8_0) or max / -8 (q4_0), their inverses and f16 forms
+ * in one vector each (IEEE division and conversion round the same in any lane: the same values as the
+ * scalar code's), then each block's levels by the same mul / add / truncation as above, narrowed to bytes
+ * with the saturating (q8_0, |q| <= 127 anyway) or plain (q4_0, 0..15) down-conversion. */
+#define Q_WIDE __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+#define NB16 16
+
+static Q_WIDE inline __m512 abs16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32((int)0x80000000u), _mm512_castps_si512(v)));
+}
+
+/* amax[b] = max |x| of block b; signed: sx[b] = the first element of that magnitude (0 when amax is 0). */
+static Q_WIDE void blocks16_max(const float *x, float *amax, float *sx, int signed_max) {
+    for (int b = 0; b < NB16; b++) {
+        __m512 lo = _mm512_loadu_ps(x + QK * b), hi = _mm512_loadu_ps(x + QK * b + 16);
+        float a = _mm512_reduce_max_ps(_mm512_max_ps(abs16(lo), abs16(hi)));
+        amax[b] = a;
+        if (signed_max) {
+            float m = 0.0f;
+            if (a > 0) {
+                __m512 va = _mm512_set1_ps(a);
+                uint32_t mask = (uint32_t)_mm512_cmp_ps_mask(abs16(lo), va, _CMP_EQ_OQ) |
+                                ((uint32_t)_mm512_cmp_ps_mask(abs16(hi), va, _CMP_EQ_OQ) << 16);
+                m = x[QK * b + __builtin_ctz(mask)];
+            }
+            sx[b] = m;
+        }
+    }
+}
+
+/* d = num / den per lane, id = d != 0 ? 1 / d : 0, and d as f16 (round to nearest even). */
+static Q_WIDE void scales16(const float *num, float den, float *id, uint16_t *d16) {
+    __m512 d = _mm512_div_ps(_mm512_loadu_ps(num), _mm512_set1_ps(den));
+    __mmask16 nz = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    _mm512_storeu_ps(id, _mm512_maskz_div_ps(nz, _mm512_set1_ps(1.0f), d));
+    _mm256_storeu_si256((__m256i *)d16, _mm512_cvtps_ph(d, _MM_FROUND_TO_NEAREST_INT));
+}
+
+__attribute__((optimize("fp-contract=off"))) static Q_WIDE void q8_0_blocks16(const float *x, uint8_t *out) {
+    float amax[NB16], id[NB16];
+    uint16_t d16[NB16];
+    blocks16_max(x, amax, NULL, 0);
+    scales16(amax, 127.0f, id, d16);
+    const __m512 half = _mm512_set1_ps(0.49999997f), sign = _mm512_set1_ps(-0.0f);
+    for (int b = 0; b < NB16; b++) {
+        uint8_t *o = out + b * (2 + QK);
+        if (!isfinite(id[b])) { /* as in q8_0_block_avx2 */
+            q8_0_block(x + QK * b, o);
+            continue;
+        }
+        memcpy(o, &d16[b], 2);
+        const __m512 vid = _mm512_set1_ps(id[b]);
+        for (int h = 0; h < 2; h++) { /* round_away: + copysign(0.49999997, v), truncate */
+            __m512 p = _mm512_mul_ps(_mm512_loadu_ps(x + QK * b + 16 * h), vid);
+            __m512i q = _mm512_cvttps_epi32(_mm512_add_ps(p, _mm512_or_ps(_mm512_and_ps(p, sign), half)));
+            _mm_storeu_si128((__m128i *)(o + 2 + 16 * h), _mm512_cvtsepi32_epi8(q));
+        }
+    }
+}
+
+__attribute__((optimize("fp-contract=off"))) static Q_WIDE void q4_0_blocks16(const float *x, uint8_t *out) {
+    float amax[NB16], mx[NB16], id[NB16];
+    uint16_t d16[NB16];
+    blocks16_max(x, amax, mx, 1);
+    scales16(mx, -8.0f, id, d16);
+    const __m512 off = _mm512_set1_ps(8.5f);
+    const __m512i top = _mm512_set1_epi32(15);
+    for (int b = 0; b < NB16; b++) {
+        uint8_t *o = out + b * (2 + QK / 2);
+        if (!isfinite(id[b])) {
+            q4_0_block(x + QK * b, o);
+            continue;
+        }
+        memcpy(o, &d16[b], 2);
+        const __m512 vid = _mm512_set1_ps(id[b]);
+        __m128i q[2];
+        for (int h = 0; h < 2; h++)
+            q[h] = _mm512_cvtepi32_epi8(_mm512_min_epi32(
+                _mm512_cvttps_epi32(_mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(x + QK * b + 16 * h), vid), off)), top));
+        _mm_storeu_si128((__m128i *)(o + 2), _mm_or_si128(q[0], _mm_slli_epi16(q[1], 4)));
+    }
+}
+#define Q_HAVE_WIDE 1
+#endif
 #else
 #define Q8_0_BLOCK q8_0_block
 #define Q4_0_BLOCK q4_0_block
@@ -283,12 +380,24 @@ void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
             memcpy(out + 2 * i, &h, 2);
         }
         break;
-    case ST_GGML_Q8_0:
-        for (int64_t b = 0; b < n / QK; b++) Q8_0_BLOCK(x + b * QK, out + b * (2 + QK));
+    case ST_GGML_Q8_0: {
+        int64_t b = 0;
+#ifdef Q_HAVE_WIDE
+        if (st_ggml_simd_wide())
+            for (; b + NB16 <= n / QK; b += NB16) q8_0_blocks16(x + b * QK, out + b * (2 + QK));
+#endif
+        for (; b < n / QK; b++) Q8_0_BLOCK(x + b * QK, out + b * (2 + QK));
         break;
-    case ST_GGML_Q4_0:
-        for (int64_t b = 0; b < n / QK; b++) Q4_0_BLOCK(x + b * QK, out + b * (2 + QK / 2));
+    }
+    case ST_GGML_Q4_0: {
+        int64_t b = 0;
+#ifdef Q_HAVE_WIDE
+        if (st_ggml_simd_wide())
+            for (; b + NB16 <= n / QK; b += NB16) q4_0_blocks16(x + b * QK, out + b * (2 + QK / 2));
+#endif
+        for (; b < n / QK; b++) Q4_0_BLOCK(x + b * QK, out + b * (2 + QK / 2));
         break;
+    }
     default: st_ggml_encode_kquant(t, x, n, out); break; /* q5_0, q5_1, q2_K..q6_K */
     }
 }

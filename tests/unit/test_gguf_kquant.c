@@ -5,8 +5,11 @@
  * against llama.cpp's own quantizer by tests/reference/llamacpp_gguf.py. Over 8000 random super-blocks of mixed scales and shapes — Gaussian,
  * uniform, all positive, all negative, constant (positive, zero, negative), one spike among zeros, tiny
  * (f16-subnormal scales), sub-blocks of very different magnitudes, signed zeros, repeated values with ties of
- * magnitude in both signs (Q4_0 takes the first) — the two agree byte for
- * byte. Both forms' times are printed (not asserted: the machine is shared). */
+ * magnitude in both signs (Q4_0 takes the first), huge values whose squares and sums overflow to inf, values
+ * near FLT_MAX, float subnormals, huge constants — the two agree byte for byte, for both vector builds (the
+ * AVX-512 one where the CPU has it, and the default one: SHARDTUNE_GGUF_SIMD=avx2). NaN / inf weights never
+ * reach the encoders (`export` refuses them by name: st_model_check_finite). Both forms' times are printed
+ * (not asserted: the machine is shared). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -46,18 +49,24 @@ static void fill(float *x, int kind) {
         case 6: x[i] = 1e-7f * gauss(); break;
         case 7: x[i] = (float)pow(10.0, (i / 32) - 4) * gauss(); break;
         case 8: x[i] = (i / 32) % 2 ? -0.0f : (i % 7 == 0 ? -0.0f : 0.0f); break;
+        case 10: x[i] = (float)pow(10.0, 15 + 23 * urand()) * gauss(); break; /* huge: x^2 and sums overflow */
+        case 11: x[i] = i % 5 == 0 ? 3.0e38f * (float)(2 * urand() - 1) : s * gauss(); break; /* near FLT_MAX */
+        case 12: x[i] = 1e-39f * gauss(); break; /* float subnormals */
+        case 13: x[i] = (i / 16) % 2 ? -1e30f : 1e30f; break; /* huge constants */
         default: x[i] = s * (float)((int)(urand() * 5) - 2); break; /* ties of magnitude, both signs */
         }
     }
 }
 
-static void lanes_equal_scalar(st_ggml_type t) {
+#define NKIND 14
+
+static void lanes_equal_scalar_once(st_ggml_type t) {
     enum { NB = 8000 };
     const size_t bs = st_ggml_row_bytes(t, 256); /* bytes per 256 elements (8 blocks for q8_0 / q4_0) */
     float *x = malloc((size_t)NB * 256 * sizeof(float));
     uint8_t *a = malloc((size_t)NB * bs), *b = malloc((size_t)NB * bs);
     assert_non_null(x);
-    for (int k = 0; k < NB; k++) fill(x + (size_t)k * 256, k % 10);
+    for (int k = 0; k < NB; k++) fill(x + (size_t)k * 256, k % NKIND);
     double t0 = st_now();
     /* rows of 7999 and 1 super-blocks: q4_K / q5_K fit two super-blocks at a time, an odd last one alone */
     st_ggml_encode(t, x, (int64_t)(NB - 1) * 256, a);
@@ -68,13 +77,27 @@ static void lanes_equal_scalar(st_ggml_type t) {
     int bad = 0;
     for (int k = 0; k < NB; k++)
         if (memcmp(a + (size_t)k * bs, b + (size_t)k * bs, bs) != 0 && bad++ < 5)
-            fprintf(stderr, "super-block %d (kind %d) differs\n", k, k % 10);
-    printf("%s: %d of %d super-blocks differ; vector %.3f s, scalar %.3f s\n", st_ggml_type_name(t), bad, NB,
-           t1 - t0, t2 - t1);
+            fprintf(stderr, "super-block %d (kind %d) differs\n", k, k % NKIND);
+    printf("%s (%s build): %d of %d super-blocks differ; vector %.3f s, scalar %.3f s\n", st_ggml_type_name(t),
+           st_ggml_simd_wide() ? "AVX-512" : "default", bad, NB, t1 - t0, t2 - t1);
     assert_int_equal(bad, 0);
     free(x);
     free(a);
     free(b);
+}
+
+/* Both vector builds: the one the CPU picks (AVX-512 where it has it) and the default one. */
+static void lanes_equal_scalar(st_ggml_type t) {
+    unsetenv("SHARDTUNE_GGUF_SIMD");
+    st_ggml_simd_reset();
+    lanes_equal_scalar_once(t);
+    if (st_ggml_simd_wide()) {
+        setenv("SHARDTUNE_GGUF_SIMD", "avx2", 1);
+        st_ggml_simd_reset();
+        lanes_equal_scalar_once(t);
+        unsetenv("SHARDTUNE_GGUF_SIMD");
+        st_ggml_simd_reset();
+    }
 }
 
 static void test_q4_K_lanes_equal_scalar(void **state) {

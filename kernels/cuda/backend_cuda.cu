@@ -768,6 +768,7 @@ static const st_backend cuda_backend = {
     .w8_scratch_bytes = NULL,
     .w8_pack = NULL,
     .matmul_w8a8 = NULL,
+    .qmatmul = st_cu_qmatmul, /* qmatmul.cu: QLoRA's fused dequantize-matmul */
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

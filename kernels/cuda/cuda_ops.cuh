@@ -62,6 +62,10 @@ void st_cu_adamw_multi(const st_adamw_range *ranges, int count, float beta1, flo
 void st_cu_dequant_int8(float *out, const int8_t *q, const float *scale, size_t n, int block);
 void st_cu_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, size_t n, int block);
 
+/* qmatmul.cu */
+void st_cu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta, float *scratch,
+                   size_t scratch_floats);
+
 /* cross_entropy.cu */
 double st_cu_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);
 void st_cu_cross_entropy_acc(float *logits, uint16_t *dlogits_bf16, float *loss, const int32_t *target,

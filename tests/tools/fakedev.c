@@ -318,6 +318,9 @@ int main(int argc, char **argv) {
         fake.bias_add = guard_bias_add, fake.to_bf16 = guard_to_bf16;
         /* no int8 matmuls, as the cuda backend: distill.teacher_dtype int8 is refused by name */
         fake.w8_bytes = NULL, fake.w8_scratch_bytes = NULL, fake.w8_pack = NULL, fake.matmul_w8a8 = NULL;
+        /* QLoRA's fused matmul: its CPU twin needs a host scratch a device backend is not given (qmatmul,
+         * kernels.h): the guarded runs dequantize whole units through the guarded dequant kernels instead */
+        fake.qmatmul = NULL;
         guarded = 1;
     }
     fake.matmul = f_matmul, fake.matmul_bf16 = f_matmul_bf16;

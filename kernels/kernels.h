@@ -340,14 +340,14 @@ static inline size_t st_matmul_bf16_scratch_floats(int m, int n, int k) {
     return ((size_t)m * (size_t)k + 15) / 16 * 16 + (size_t)k * (size_t)n;
 }
 
-/* qmatmul's CPU panels: about 64 Ki floats of W each (256 KB: an L2's share) — panel width P output columns
+/* qmatmul's CPU panels: about 256 Ki floats of W each (1 MB: an L2) — panel width P output columns
  * (rows of W for trans 0, len = K; columns of W for trans 1, len = R), a multiple of 16, at most n (the output
  * columns) rounded up to 16. The n columns are split into ceil(n / P) panels of near-equal widths (multiples of
  * 4, at most P + 3), each at least 2^20 / (m len) columns wide: OpenBLAS's small-matrix sgemm kernels (m n k
  * <= 10^6) sum k in one pass where the blocked ones sum it in chunks, so no panel may fall under that size
  * unless the whole product does (the bits would then differ from the whole-matrix sgemm's). */
 static inline int st_qmatmul_panel(int m, int len, int n) {
-    long p = len > 0 ? 65536L / len : 16, small = m > 0 && len > 0 ? (1L << 20) / ((long)m * len) + 1 : 0;
+    long p = len > 0 ? 262144L / len : 16, small = m > 0 && len > 0 ? (1L << 20) / ((long)m * len) + 1 : 0;
     if (p < 2 * small + 8) p = 2 * small + 8;
     p = (p + 15) / 16 * 16;
     long nn = ((long)n + 15) / 16 * 16;

@@ -194,13 +194,13 @@ static void test_matmul_units(void **state) {
 }
 
 /* ---- the fused dequantize-matmul (qmatmul, kernels/cpu/cpu_qmatmul.c) against dequantize-then-matmul ----
- * A unit of `np` stacked parts (rows 100 / 37 / 41: no multiple of 16, of the block or of a panel), cols 1101
+ * A unit of `np` stacked parts (rows 300 / 137 / 141: no multiple of 16, of the block or of a panel), cols 1101
  * (odd: nf4 rows start on a high nibble), block 64 (blocks straddle rows), quantized by the real quantizer
  * (st_qlora_quant_tensor, double-quantized scales by st_qlora_double_quant). Today's path: every part
  * dequantized whole (dequant_nf4 / dequant_int8, the scales by dequant_int8 + add_scalar) into one stacked
  * matrix, then matmul (fp32) or matmul_bf16 on its bf16 copy. The fused kernel runs the same sgemm per output
- * element over several panels (forward: 2-3 panels of about 64 rows; input gradient: 3 panels of about 368
- * columns over 1101; the reference on one thread, the fused kernel on the backend's threads), so the results must be equal bit for bit, for m = 1 (the sgemv path) and m = 37, beta 0 and 1
+ * element over several panels (forward: 2-3 panels of up to 240 rows; input gradient: 2-3 panels of up to 880
+ * columns over 1101 for 578 rows; the reference on one thread, the fused kernel on the backend's threads), so the results must be equal bit for bit, for m = 1 (the sgemv path) and m = 37, beta 0 and 1
  * — except the one-row input gradient: OpenBLAS 0.3.21's sgemv (column-major, no transpose) orders an output's
  * sum by the length of the call, so a 368-column panel and the whole 1101 columns differ in the last bits (as
  * dequantize-then-matmul itself does between thread counts, st_cpu_matmul's matmul_row); that case is held to
@@ -210,7 +210,7 @@ static void test_matmul_units(void **state) {
  * dequantization (one code nibble flipped, or the double-quant mean dropped) must change the result, and a
  * scratch too small for one panel gives NaN (never a plausible result). */
 enum { QC = 1101, QBLK = 64, QM = 37 };
-static const int qrows[3] = {100, 37, 41};
+static const int qrows[3] = {300, 137, 141};
 
 typedef struct {
     uint8_t *codes[3];

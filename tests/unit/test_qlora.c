@@ -202,7 +202,7 @@ static void test_matmul_units(void **state) {
  * element over several panels (forward: 2-3 panels of up to 240 rows; input gradient: 2-3 panels of up to 880
  * columns over 1101 for 578 rows; the reference on one thread, the fused kernel on the backend's threads), so the results must be equal bit for bit, for m = 1 (the sgemv path) and m = 37, beta 0 and 1
  * — except the one-row input gradient: OpenBLAS 0.3.21's sgemv (column-major, no transpose) orders an output's
- * sum by the length of the call, so a 368-column panel and the whole 1101 columns differ in the last bits (as
+ * sum by the length of the call, so a panel and the whole 1101 columns differ in the last bits (as
  * dequantize-then-matmul itself does between thread counts, st_cpu_matmul's matmul_row); that case is held to
  * the float64 bound below only (a backward over a single token row; the model's always has B * T rows).
  * Independently, each output against a float64 sum of the dequantized W: |err| <= K * 2^-23 * sum |x w| (fp32

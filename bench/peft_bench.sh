@@ -10,7 +10,9 @@
 #   bench/peft_bench.sh [BUILD_DIR]     env: STEPS (default 8), SKIP (2), LAYERS (8), DIM (512),
 #                                         VOCAB (32000), GB (global batch, 4), SEQ (64), ROUNDS (2),
 #                                         PRECISION (fp32 or bf16), BASE_BUILD (another build dir: adds the
-#                                         mode qlora@base, QLoRA with that build's binary, interleaved too)
+#                                         mode qlora@base, QLoRA with that build's binary, interleaved too),
+#                                         MODES (default "full lora qlora"; qlora@unfused: QLoRA with
+#                                         SHARDTUNE_QLORA_FUSED=0, whole units dequantized before each matmul)
 set -euo pipefail
 BUILD=${1:-build}
 BIN=$BUILD/shardtune
@@ -61,7 +63,7 @@ echo "model: llama ${LAYERS} layers x ${DIM}, vocab ${VOCAB}, ${PRECISION}; 2 ra
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
 declare -A best_ms best_kb
 printf "%-6s %-10s %10s %14s\n" round mode step_ms "peak_RSS_MiB"
-MODES="full lora qlora"
+MODES=${MODES:-"full lora qlora"}
 [ -n "${BASE_BUILD:-}" ] && MODES="$MODES qlora@base"
 for round in $(seq "$ROUNDS"); do
   for mode in $MODES; do
@@ -69,8 +71,10 @@ for round in $(seq "$ROUNDS"); do
     mkdir -p "$rd"
     bin=$BIN
     [ "$mode" = qlora@base ] && bin=$BASE_BUILD/shardtune
-    mpirun --oversubscribe -np 2 sh -c '/usr/bin/time -o "$0/rss.${OMPI_COMM_WORLD_RANK:-0}" -f "%M" "$@"' "$rd" \
-      "$bin" train "$T/job.yaml" run_dir="$rd" sharding.stage=1 precision="$PRECISION" finetune.mode="${mode%@base}" >/dev/null
+    fused=1
+    [ "$mode" = qlora@unfused ] && fused=0
+    SHARDTUNE_QLORA_FUSED=$fused mpirun --oversubscribe -x SHARDTUNE_QLORA_FUSED -np 2 sh -c '/usr/bin/time -o "$0/rss.${OMPI_COMM_WORLD_RANK:-0}" -f "%M" "$@"' "$rd" \
+      "$bin" train "$T/job.yaml" run_dir="$rd" sharding.stage=1 precision="$PRECISION" finetune.mode="${mode%@*}" >/dev/null
     kb=$(cat "$rd"/rss.* | sort -n | tail -1)
     ms=$(step_ms "$rd")
     printf "%-6s %-10s %10s %14.1f\n" "$round" "$mode" "$ms" "$(echo "$kb / 1024" | bc -l)"
@@ -79,9 +83,11 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "best of ${ROUNDS} (the larger rank's peak RSS), ratios to full fine-tuning:"
+echo "best of ${ROUNDS} (the larger rank's peak RSS), ratios to full fine-tuning (or the first mode without it):"
 printf "%-10s %10s %10s %14s %10s\n" mode step_ms "x full" "peak_RSS_MiB" "x full"
+ref=full
+case " $MODES " in *" full "*) ;; *) ref=${MODES%% *} ;; esac
 for mode in $MODES; do
-  printf "%-10s %10s %10.3f %14.1f %10.3f\n" "$mode" "${best_ms[$mode]}" "$(echo "${best_ms[$mode]} / ${best_ms[full]}" | bc -l)" \
-    "$(echo "${best_kb[$mode]} / 1024" | bc -l)" "$(echo "${best_kb[$mode]} / ${best_kb[full]}" | bc -l)"
+  printf "%-10s %10s %10.3f %14.1f %10.3f\n" "$mode" "${best_ms[$mode]}" "$(echo "${best_ms[$mode]} / ${best_ms[$ref]}" | bc -l)" \
+    "$(echo "${best_kb[$mode]} / 1024" | bc -l)" "$(echo "${best_kb[$mode]} / ${best_kb[$ref]}" | bc -l)"
 done

@@ -47,6 +47,31 @@ typedef struct {
     int rounded;
 } st_mm_in;
 
+/* A QLoRA base weight W[rows, cols] held quantized (worker/qlora.c), the operand of qmatmul: up to
+ * ST_QW_PARTS tensors stacked by rows (a packed q/k/v or gate/up matmul unit), all `cols` wide. Each part
+ * has its own codes (nf4: two a byte, low nibble first, as dequant_nf4; int8: one a byte, as dequant_int8)
+ * and one scale per `block` consecutive elements of its own row-major storage: scales[b], or, with scales
+ * NULL (double quantization), (float)q8[b] * scale2[b / ST_QW_DQ_BLOCK] then + mean, each operation
+ * rounded on its own (what dequant_int8 + add_scalar compute). The struct is host memory (passed by
+ * pointer); the pointers in it are backend memory. */
+#define ST_QW_PARTS 4
+#define ST_QW_DQ_BLOCK 256
+typedef struct {
+    const uint8_t *codes;
+    const float *scales;
+    const int8_t *q8;
+    const float *scale2;
+    float mean;
+    int rows;
+} st_qw_part;
+typedef struct {
+    int nf4; /* 1: nf4 codes, 0: int8 codes */
+    int block;
+    int cols;
+    int nparts;
+    st_qw_part part[ST_QW_PARTS];
+} st_qweight;
+
 static inline st_mm_in st_mm_f32(const float *p) { st_mm_in o = {p, NULL, 0}; return o; }
 static inline st_mm_in st_mm_f32_rounded(const float *p) { st_mm_in o = {p, NULL, 1}; return o; }
 static inline st_mm_in st_mm_bf16(const uint16_t *p) { st_mm_in o = {NULL, p, 0}; return o; }
@@ -287,6 +312,19 @@ struct st_backend {
     void (*w8_pack)(void *packed, const float *w, int out, int in);
     void (*matmul_w8a8)(float *c, const float *a, const void *packed, const float *bias, int m, int out, int in,
                         float beta, void *scratch);
+    /* ---- fused dequantize-matmul (QLoRA bases, worker/qlora.c st_qlora_matmul) ----
+     * W[R, K] = the dequantized st_qweight (R = the sum of its parts' rows, K = cols), never materialized
+     * whole: trans 0 (forward): C[m, R] = X[m, K] @ W^T + beta * C; trans 1 (input gradient): C[m, K] =
+     * X[m, R] @ W + beta * C (beta 0 never reads C). bf16 0: matmul's product of fp32 X and the dequantized
+     * W (the CPU twin gives matmul's bits: the same sgemm per output element, K summed in the same order; a
+     * one-row trans 1 within fp32 summation error: OpenBLAS's sgemv orders by the call's length);
+     * bf16 1: matmul_bf16's (X and the dequantized W rounded to bf16, fp32 accumulation; X may be stored as
+     * bf16). scratch: backend memory of st_qmatmul_scratch_floats(m, R, K, trans, bf16, threads) floats,
+     * `threads` the CPU backend's thread count (the CPU twin dequantizes one panel of W per thread there and
+     * uses at most scratch_floats of it; CUDA dequantizes tiles in shared memory and needs none: NULL, 0).
+     * Optional (NULL: the caller dequantizes whole matrices and uses matmul / matmul_bf16). */
+    void (*qmatmul)(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta, float *scratch,
+                    size_t scratch_floats);
 };
 
 /* Arithmetic of the model (config key `precision`): fp32; or bf16 mixed precision — fp32 master weights,
@@ -300,6 +338,30 @@ typedef enum { ST_PRECISION_FP32 = 0, ST_PRECISION_BF16 = 1 } st_precision;
 static inline size_t st_matmul_bf16_scratch_floats(int m, int n, int k) {
     if (m <= 0 || n <= 0 || k <= 0) return 0;
     return ((size_t)m * (size_t)k + 15) / 16 * 16 + (size_t)k * (size_t)n;
+}
+
+/* qmatmul's CPU panels: about 256 Ki floats of W each (1 MB: an L2) — panel width P output columns
+ * (rows of W for trans 0, len = K; columns of W for trans 1, len = R), a multiple of 16, at most n (the output
+ * columns) rounded up to 16. The n columns are split into ceil(n / P) panels of near-equal widths (multiples of
+ * 4, at most P + 3), each at least 2^20 / (m len) columns wide: OpenBLAS's small-matrix sgemm kernels (m n k
+ * <= 10^6) sum k in one pass where the blocked ones sum it in chunks, so no panel may fall under that size
+ * unless the whole product does (the bits would then differ from the whole-matrix sgemm's). */
+static inline int st_qmatmul_panel(int m, int len, int n) {
+    long p = len > 0 ? 262144L / len : 16, small = m > 0 && len > 0 ? (1L << 20) / ((long)m * len) + 1 : 0;
+    if (p < 2 * small + 8) p = 2 * small + 8;
+    p = (p + 15) / 16 * 16;
+    long nn = ((long)n + 15) / 16 * 16;
+    return (int)(p < nn ? p : nn);
+}
+
+/* Floats of scratch qmatmul needs on the CPU backend with `threads` threads: X's bf16 values as fp32
+ * (bf16 only, padded to 64 bytes), then one panel slot ((P + 4) x len floats) per thread. A smaller scratch
+ * runs fewer threads (one slot at the least). */
+static inline size_t st_qmatmul_scratch_floats(int m, int rows, int cols, int trans, int bf16, int threads) {
+    if (m <= 0 || rows <= 0 || cols <= 0) return 0;
+    int len = trans ? rows : cols, n = trans ? cols : rows;
+    size_t xs = bf16 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0;
+    return xs + ((size_t)st_qmatmul_panel(m, len, n) + 4) * (size_t)len * (size_t)(threads > 0 ? threads : 1);
 }
 
 /* AdamW's per-range scalars, computed in double and rounded to float once, where PyTorch hands them to

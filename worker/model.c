@@ -1173,9 +1173,10 @@ static layer_w layer_weights(const st_model *m, int l) {
 }
 
 /* QLoRA: the projection weight idx's matmul unit (worker/qlora.h: q/k/v together, any other one alone)
- * dequantized into the scratch, right before a matmul (or DoRA) reads it; a no-op when it is already there. */
+ * dequantized into the scratch, right before a matmul (or DoRA) reads it; a no-op when it is already there.
+ * With the fused path (st_qlora_select) only noted: the next mm_fwd / mm_dgrad multiplies through its codes. */
 static void qunit(const st_model *m, int idx) {
-    if (m->qlora) st_qlora_load(m, idx);
+    if (m->qlora) st_qlora_select(m, idx);
 }
 
 /* Every matmul of the model goes through here: the model's precision picks the kernel (one place).
@@ -1478,6 +1479,13 @@ size_t st_model_int8_bytes(const st_model_config *c, int B, int T, int device, s
 static void mm_fwd(const st_model *m, const model_bufs *b, float *y, st_mm_in x, const float *w, const float *bias,
                    int M, int out, int in, float beta) {
     if (w8_mm(m, y, x, w, bias, M, out, in, beta)) return;
+    if (m->qlora && st_qlora_fused(m)) { /* QLoRA's fused dequantize-matmul (qunit noted the unit) */
+        if (m->progress) m->progress(m->residency_ctx);
+        if (st_qlora_mm(m, y, x, w, M, out, in, 0, beta)) {
+            if (bias) m->be->bias_add(y, bias, M, out); /* after the product, as mm() adds it */
+            return;
+        }
+    }
     int nb = wblock_rows(m, out, in);
     if (nb >= out) {
         mm(m, y, x, weight(m, w), bias, M, out, in, 0, 1, beta);
@@ -1494,6 +1502,10 @@ static void mm_fwd(const st_model *m, const model_bufs *b, float *y, st_mm_in x,
 /* dx[M, in] = dy[M, out] @ W + beta * dx, in blocks of wblock_rows rows of W (dy's columns packed into wtmp). */
 static void mm_dgrad(const st_model *m, const model_bufs *b, float *dx, const float *dy, const float *w, int M,
                      int out, int in, float beta) {
+    if (m->qlora && st_qlora_fused(m)) {
+        if (m->progress) m->progress(m->residency_ctx);
+        if (st_qlora_mm(m, dx, st_mm_f32(dy), w, M, out, in, 1, beta)) return;
+    }
     int nb = wblock_rows(m, out, in);
     if (nb >= out) {
         mm(m, dx, st_mm_f32(dy), weight(m, w), NULL, M, in, out, 0, 0, beta);

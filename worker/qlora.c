@@ -8,7 +8,10 @@
  * gate/up packed unless spec.mlp_apart, any other weight alone), so the model's weight pointers (wptr, the packed matmuls) work unchanged once
  * st_qlora_load has dequantized the unit, right before its matmul.
  * Quantization always runs on the host; on a device backend quantize_one then uploads the codes and scales
- * and every dequantization (st_qlora_load, st_qlora_dequant_host) runs through the backend's kernels. */
+ * and every dequantization (st_qlora_load, st_qlora_dequant_host) runs through the backend's kernels.
+ * With the backend's qmatmul (the fused path, st_qlora_select / st_qlora_mm) the forward and input-gradient
+ * matmuls read the codes directly and the scratch is only filled for the other readers (DoRA, acquires outside
+ * a step). */
 #include "worker/qlora.h"
 
 #include <math.h>
@@ -49,6 +52,10 @@ struct st_qlora {
     uint8_t *blob;    /* every tensor's codes and scales, registry order (a layer's are contiguous) */
     size_t blob_bytes;
     int loaded;       /* the unit (q->t index of its first tensor) the scratch holds, -1 none */
+    int fused;        /* matmuls through be->qmatmul (st_qlora_select) */
+    int pending;      /* fused: the q->t index st_qlora_select noted for the next st_qlora_mm, -1 none */
+    float *qscratch;  /* fused on a host backend: qmatmul's panels (qscratch_floats) */
+    size_t qscratch_floats;
 };
 
 /* A tensor's bytes in the blob: codes, then (4-byte aligned) its fp32 scales, or its int8 scale codes and
@@ -137,6 +144,7 @@ void st_qlora_free(st_qlora *q) {
     if (q->be) {
         q->be->free(q->sbuf);
         q->be->free(q->fbuf);
+        q->be->free(q->qscratch);
     }
     free(q->sums);
     free(q);
@@ -248,6 +256,9 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     q->spec = *s;
     q->be = m->be;
     q->loaded = -1;
+    q->pending = -1;
+    const char *fz = getenv("SHARDTUNE_QLORA_FUSED"); /* "0": dequantize whole units (bench/qlora_fused.sh) */
+    q->fused = m->be->qmatmul && !(fz && !strcmp(fz, "0"));
     size_t max_ns = 0;
     for (int i = 0; i < st_model_base_params(m); i++) {
         if (!quantizable(&m->params[i])) continue;
@@ -445,6 +456,64 @@ void st_qlora_acquire(const st_model *m, int first, int last) {
         if (q->t[k].param >= first && q->t[k].param < last) st_qlora_load(m, q->t[k].param);
 }
 
+int st_qlora_fused(const st_model *m) { return m->qlora && m->qlora->fused; }
+
+void st_qlora_select(const st_model *m, int i) {
+    st_qlora *q = m->qlora;
+    int k = q ? find(q, i) : -1;
+    if (k < 0) return;
+    if (!q->fused) {
+        st_qlora_load(m, i);
+        return;
+    }
+    q->pending = k;
+}
+
+/* Parts of qw: the tensors of unit u from the one at offset `off` on, while their rows add up to at most out
+ * rows of `in` columns. 0 when they do not make exactly [out, in]. */
+static int unit_parts(const st_model *m, const st_qlora *q, int k0, size_t off, int out, int in, st_qweight *qw) {
+    int u = q->t[k0].unit, k = u, rows = 0;
+    while (k < q->n && q->t[k].unit == u && m->params[q->t[k].param].offset != off) k++;
+    memset(qw, 0, sizeof *qw);
+    qw->nf4 = q->spec.quant == ST_QLORA_NF4, qw->block = q->spec.block, qw->cols = in;
+    for (; k < q->n && q->t[k].unit == u && rows < out && qw->nparts < ST_QW_PARTS; k++) {
+        const qtensor *t = &q->t[k];
+        if (in <= 0 || t->n % (size_t)in) return 0;
+        st_qw_part *p = &qw->part[qw->nparts++];
+        p->codes = t->codes, p->scales = t->scales, p->q8 = t->q8, p->scale2 = t->scale2, p->mean = t->mean;
+        p->rows = (int)(t->n / (size_t)in);
+        rows += p->rows;
+    }
+    return rows == out && qw->nparts > 0;
+}
+
+int st_qlora_mm(const st_model *m, float *c, st_mm_in x, const float *w, int M, int out, int in, int trans,
+                float beta) {
+    st_qlora *q = m->qlora;
+    if (!q || q->pending < 0) return 0;
+    int k0 = q->pending;
+    q->pending = -1;
+    st_qweight qw;
+    if (!unit_parts(m, q, k0, (size_t)(w - m->weights), out, in, &qw)) {
+        st_qlora_load(m, q->t[k0].param); /* the old path: the caller multiplies the dequantized unit */
+        return 0;
+    }
+    const st_backend *be = m->be;
+    int bf16 = m->precision == ST_PRECISION_BF16;
+    size_t need = be->host_memory ? st_qmatmul_scratch_floats(M, out, in, trans, bf16, st_num_threads()) : 0;
+    if (need > q->qscratch_floats) { /* grown once per larger shape; on failure the old path */
+        be->free(q->qscratch);
+        q->qscratch = be->alloc(need * sizeof(float));
+        q->qscratch_floats = q->qscratch ? need : 0;
+        if (!q->qscratch) {
+            st_qlora_load(m, q->t[k0].param);
+            return 0;
+        }
+    }
+    be->qmatmul(c, x, &qw, M, trans, bf16, beta, q->qscratch, q->qscratch_floats);
+    return 1;
+}
+
 int st_qlora_mlp_apart(const st_model *m) { return m->qlora && m->qlora->spec.mlp_apart; }
 
 int st_qlora_holds(const st_model *m, int i) {
@@ -516,6 +585,24 @@ void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quant
     *fp32 = fb;
     *scratch = most;
     *w16 = s->bf16 ? kept16 + most : 0;
+}
+
+size_t st_qlora_fused_work(const st_model *m, const st_qlora_spec *s, int M, int bf16, int threads, int device) {
+    if (device || (m->be && !m->be->qmatmul)) return 0; /* no backend (the planner): the CPU's, which has it */
+    size_t most = 0;
+    int prev = -1, rows = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (!quantizable(p)) continue;
+        if (unit_starts(m, s, i, prev)) rows = 0;
+        prev = i;
+        rows += (int)p->shape[0];
+        for (int trans = 0; trans <= 1; trans++) {
+            size_t f = st_qmatmul_scratch_floats(M, rows, (int)p->shape[1], trans, bf16, threads) * sizeof(float);
+            if (f > most) most = f;
+        }
+    }
+    return most;
 }
 
 size_t st_qlora_acquire_work(const st_model *m, const st_qlora_spec *s, int device) {

@@ -92,6 +92,26 @@ void st_qlora_acquire(const st_model *m, int first, int last);
  * copy's), unless the scratch already holds it; a no-op for a parameter that is not quantized. */
 void st_qlora_load(const st_model *m, int i);
 
+/* The fused path (the backend's qmatmul, kernels/kernels.h: W's codes dequantized a panel / tile at a time
+ * inside the matmul, never the whole matrix). Inside forward / backward the model calls st_qlora_select
+ * where it used to call st_qlora_load: with a backend that has qmatmul (and SHARDTUNE_QLORA_FUSED is not
+ * "0": the bench's side by side) it only notes the unit; the next st_qlora_mm then multiplies through the
+ * codes of the unit's tensors from the one at weight pointer w (registry offset) whose rows add up to `out`
+ * (q/k/v packed, gate/up packed or one of them, any other weight alone): C = X W^T (trans 0) or X W
+ * (trans 1) + beta * C, under the model's precision (bf16: matmul_bf16's numerics), and returns 1. Without a
+ * noted unit or a matching shape it dequantizes the noted unit into the scratch (st_qlora_load: the old
+ * path, so DoRA and anything else reading the scratch still see it) and returns 0: the caller multiplies.
+ * Without the fused path st_qlora_select is st_qlora_load. The CPU twin's panels come from a scratch of
+ * st_qmatmul_scratch_floats (allocated on first use, grown as needed, owned by the quantized base). */
+void st_qlora_select(const st_model *m, int i);
+int st_qlora_mm(const st_model *m, float *c, st_mm_in x, const float *w, int M, int out, int in, int trans,
+                float beta);
+/* Whether the model's quantized matmuls run fused (st_qlora_select above). */
+int st_qlora_fused(const st_model *m);
+/* Bytes st_qlora_mm's scratch grows to on a host backend with `threads` threads over matmuls of M rows
+ * (the most over every unit's forward and input gradient; 0 on a device backend: tiles in shared memory). */
+size_t st_qlora_fused_work(const st_model *m, const st_qlora_spec *spec, int M, int bf16, int threads, int device);
+
 /* Whether the model's quantized base has gate and up as units of their own (spec.mlp_apart). */
 int st_qlora_mlp_apart(const st_model *m);
 

@@ -16,6 +16,7 @@
 
 #include "checkpoints/model_dir.h"
 #include "common/error.h"
+#include "common/util.h"
 #include "worker/comm.h"
 #include "worker/comm_zero2_dev.h"
 #include "worker/comm_zero3_dev.h"
@@ -467,6 +468,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
          * pieces: worker/qlora.h) */
         int dev = c->backend == ST_BACKEND_CUDA;
         qacq = st_qlora_acquire_work(m, &qs, dev);
+        /* the fused matmuls' panels (worker/qlora.c st_qlora_mm, the CPU twin: one panel per thread, X's bf16
+         * copy under bf16; none on a device) */
+        qacq += st_qlora_fused_work(m, &qs, c->train.micro_batch * c->train.seq_len, bf16, st_num_threads(), dev);
         qbytes = qb + qacq;
         r->weights = q32 * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0) + qbytes;
         qlayer = st_qlora_layer_bytes_max(m, &qs);

@@ -136,6 +136,11 @@ static void sgemm_block(int dnnl, int ta, int tb, int m, int n, int k, float alp
                 b, ldb, beta, c, ldc);
 }
 
+void st_cpu_sgemm_one(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda, const float *b,
+                      int ldb, float beta, float *c, int ldc) {
+    sgemm_block(sgemm_dnnl(), ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta) {
     if (m <= 0 || n <= 0) return;
@@ -322,6 +327,7 @@ static const st_backend st_cpu_table = {
     .w8_scratch_bytes = st_cpu_w8_scratch_bytes,
     .w8_pack = st_cpu_w8_pack,
     .matmul_w8a8 = st_cpu_matmul_w8a8,
+    .qmatmul = st_cpu_qmatmul,
 };
 
 const st_backend *st_backend_cpu(int threads) {

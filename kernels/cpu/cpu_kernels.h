@@ -126,6 +126,12 @@ static inline float st_cpu_expf(float x) {
  * names a library this build has, else ST_EINVAL / ST_EDEVICE with a message naming the value. */
 int st_cpu_sgemm_check(void);
 
+/* One single-threaded row-major sgemm through the library st_cpu_matmul's blocks use (SHARDTUNE_SGEMM). */
+void st_cpu_sgemm_one(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda, const float *b,
+                      int ldb, float beta, float *c, int ldc);
+/* qmatmul (kernels.h): the fused dequantize-matmul, panels of W dequantized per thread (cpu_qmatmul.c). */
+void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta, float *scratch,
+                    size_t scratch_floats);
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta);
 void st_cpu_bias_add(float *y, const float *bias, int n, int c);

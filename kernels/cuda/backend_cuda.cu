@@ -767,6 +767,7 @@ static const st_backend cuda_backend = {
     .w8_scratch_bytes = st_cu_w8_scratch_bytes,
     .w8_pack = st_cu_w8_pack,
     .matmul_w8a8 = st_cu_matmul_w8a8,
+    .qmatmul = st_cu_qmatmul, /* qmatmul.cu: QLoRA's fused dequantize-matmul */
 };
 
 extern "C" const st_backend *st_cuda_table(void) { return &cuda_backend; }

@@ -68,6 +68,9 @@ size_t st_cu_w8_scratch_bytes(int m, int in);
 void st_cu_w8_pack(void *packed, const float *w, int out, int in);
 void st_cu_matmul_w8a8(float *c, const float *a, const void *packed, const float *bias, int m, int out, int in,
                        float beta, void *scratch);
+/* qmatmul.cu */
+void st_cu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta, float *scratch,
+                   size_t scratch_floats);
 
 /* cross_entropy.cu */
 double st_cu_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);

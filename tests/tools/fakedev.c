@@ -9,7 +9,7 @@
  *  --guard: its alloc hands out "device" memory from a registry of tagged ranges and it says host_memory 0
  *    (as CUDA does). copy_to_device must go host -> device, copy_to_host device -> host, copy and memset0
  *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, lora_dropout,
- *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4 and dequant_int8 (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c),
+ *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4, dequant_int8 and qmatmul (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c),
  *    w8_pack and matmul_w8a8 (the int8 teacher: the CPU kernels, bit-identical to kernels/cuda/int8.cu) device only. A violation (host memory where device memory belongs,
  *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
  *    status, so the next step boundary stops training with it, as a GPU would have crashed. With several
@@ -196,6 +196,24 @@ static void guard_dequant_int8(float *out, const int8_t *q, const float *scale, 
     if (n) operands("dequant_int8", 3, (const void *[]){out, q, scale});
     cpu->dequant_int8(out, q, scale, n, block);
 }
+/* QLoRA's fused matmul: every pointer device memory; a device backend is given no scratch (the CUDA kernel
+ * tiles in shared memory), so the CPU twin runs on a scratch of its own here, as the GPU's shared memory */
+static void guard_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta,
+                          float *scratch, size_t scratch_floats) {
+    (void)scratch, (void)scratch_floats;
+    int rows = 0;
+    for (int p = 0; p < w->nparts && p < ST_QW_PARTS; p++) {
+        const st_qw_part *q = &w->part[p];
+        operands("qmatmul", 4, (const void *[]){q->codes, q->scales, q->q8, q->scale2});
+        rows += q->rows;
+    }
+    operands("qmatmul", 3, (const void *[]){c, x.f32, x.bf16});
+    size_t n = st_qmatmul_scratch_floats(m, rows, w->cols, trans, bf16, st_num_threads());
+    float *own = malloc(n * sizeof(float) + sizeof(float));
+    if (!own) { record("%s%s", "qmatmul: out of host memory for the scratch", ""); return; }
+    cpu->qmatmul(c, x, w, m, trans, bf16, beta, own, n);
+    free(own);
+}
 static void guard_dequant_nf4(float *out, const uint8_t *packed, const float *absmax, size_t n, int block) {
     if (n) operands("dequant_nf4", 3, (const void *[]){out, packed, absmax});
     cpu->dequant_nf4(out, packed, absmax, n, block);
@@ -334,6 +352,7 @@ int main(int argc, char **argv) {
         fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
         fake.bias_add = guard_bias_add, fake.to_bf16 = guard_to_bf16;
         fake.w8_pack = guard_w8_pack, fake.matmul_w8a8 = guard_matmul_w8a8; /* as the cuda backend: on device memory */
+        fake.qmatmul = guard_qmatmul;
         guarded = 1;
     }
     fake.matmul = f_matmul, fake.matmul_bf16 = f_matmul_bf16;

@@ -12,7 +12,9 @@
  * runs QLoRA's per-matmul path end to end (one nf4 + double-quantized matrix dequantized, rounded to bf16,
  * read by the forward and input-gradient matmuls: check_qlora_matmul). The int8 group (a distillation teacher's
  * w8_pack + matmul_w8a8) is a bit-exact check, then a bound against the fp64 product of the unquantized
- * operands (check_w8a8_case).
+ * operands (check_w8a8_case). The fused dequantize-matmul qmatmul (nf4 / int8 tiles dequantized in shared
+ * memory, tensor cores under bf16) is checked against its CPU twin, bounded per output by 2 K 2^-24 sum |x w|
+ * (check_qmatmul; --self-test runs its host side on the twin).
  * Training step: the same small Llama (identical random weights, tokens and AdamW settings) trains a few
  * steps on the backend under test and on the CPU backend, for precision fp32 and bf16; prints each step's
  * loss on both sides, the max relative loss difference (FAIL above tolerance), the backend's median step
@@ -882,7 +884,8 @@ static void check_dequant(void) {
  * (dequant_int8 + add_scalar for the scales, dequant_nf4), rounded to bf16, then read by the forward
  * y = x W^T and the input gradient dx = dy W through matmul_bf16 — on the device and on the CPU twin. The
  * dequantized weight is exact on both sides (1e-7 as check_dequant); the products multiply the same bf16
- * values and differ only in fp32 summation order (1e-4 as check_matmul_bf16). */
+ * values and differ only in fp32 summation order (1e-4 as check_matmul_bf16). (check_qmatmul below: the fused
+ * kernel that replaces this path where the backend has it.) */
 static void check_qlora_matmul(void) {
     const int out = FF, in = CH, block = 64, m = NROWS;
     size_t n = (size_t)out * in, ns = (n + block - 1) / block, n2 = (ns + 255) / 256;
@@ -1006,6 +1009,109 @@ static void check_w8a8(void) {
     check_w8a8_case(NROWS, CH, FF, 1.0f, 0);        /* down projection, in = 344: padded codes, + C */
     check_w8a8_case(37, V, CH, 0.0f, 0);            /* the head: rows off the tile, out = 1000 */
     check_w8a8_case(5, 70, 13, 0.5f, 1);            /* tiny, everything off the tiles */
+/* qmatmul (kernels/cuda/qmatmul.cu, CPU twin kernels/cpu/cpu_qmatmul.c): QLoRA's fused dequantize-matmul on a
+ * unit of three stacked parts (rows 200 / 37 / 41, cols 259: odd, so nf4 rows start mid-byte; block 64 straddles
+ * rows), part 0 with double-quantized absmax (q8 * scale2 + mean rebuilt in the kernel), the others plain fp32
+ * scales; nf4 and int8; forward X W^T and input gradient X W; bf16 (tensor cores) and fp32; beta 1 onto a
+ * non-zero C. Device and twin multiply the same operands (bf16: both round X and the dequantized W with the one
+ * rule, and products of bf16 values are exact in fp32) and differ only in the order of K fp32 additions, each
+ * within K 2^-24 sum_k |x w| of the exact sum, so the bound per output is 2 K 2^-24 sum_k |x w| (+ the beta C
+ * addition's half ulp, covered by the factor 2); the error reported is the worst |gpu - cpu| / bound (tol 1).
+ * sum_k |x w| is matmul's product of |X| and |W| (W dequantized on the host by dequant_nf4 / dequant_int8;
+ * both rounded to bf16 first under bf16). --self-test: the "device" is the CPU twin with 4-ulp output noise,
+ * within the bound; one output moved by 1e-3 must be caught. */
+static const int qm_rows[3] = {200, 37, 41};
+enum { QM_COLS = 259, QM_BLOCK = 64 };
+
+static void qm_host_dequant(float *w, int nf4, uint8_t *const codes[3], float *const scales[3]) {
+    size_t at = 0;
+    for (int p = 0; p < 3; p++) {
+        size_t n = (size_t)qm_rows[p] * QM_COLS;
+        if (nf4) C->dequant_nf4(w + at, codes[p], scales[p], n, QM_BLOCK);
+        else C->dequant_int8(w + at, (const int8_t *)codes[p], scales[p], n, QM_BLOCK);
+        at += n;
+    }
+}
+
+static void check_qmatmul_case(int nf4, int trans, int bf16, int m) {
+    int R = qm_rows[0] + qm_rows[1] + qm_rows[2], n = trans ? QM_COLS : R, k = trans ? R : QM_COLS;
+    st_qweight hw, gw;
+    memset(&hw, 0, sizeof hw);
+    hw.nf4 = nf4, hw.block = QM_BLOCK, hw.cols = QM_COLS, hw.nparts = 3;
+    gw = hw;
+    uint8_t *codes[3];
+    float *scales[3], *s2 = NULL;
+    int8_t *q8 = NULL;
+    for (int p = 0; p < 3; p++) {
+        size_t ne = (size_t)qm_rows[p] * QM_COLS, nb = nf4 ? (ne + 1) / 2 : ne, ns = (ne + QM_BLOCK - 1) / QM_BLOCK;
+        codes[p] = xmalloc(nb);
+        for (size_t i = 0; i < nb; i++) codes[p][i] = (uint8_t)(nf4 ? rand_bits() : (uint32_t)(int8_t)(frand() * 127));
+        scales[p] = xmalloc(ns * sizeof(float));
+        st_qw_part hp = {codes[p], scales[p], NULL, NULL, 0.0f, qm_rows[p]};
+        st_qw_part gp = {dev_from(codes[p], nb), NULL, NULL, NULL, 0.0f, qm_rows[p]};
+        if (p == 0) { /* double-quantized absmax: scales[0] is what dequant_int8 + add_scalar rebuild */
+            size_t n2 = (ns + ST_QW_DQ_BLOCK - 1) / ST_QW_DQ_BLOCK;
+            q8 = xmalloc(ns), s2 = xmalloc(n2 * sizeof(float));
+            for (size_t i = 0; i < ns; i++) q8[i] = (int8_t)(frand() * 127);
+            for (size_t i = 0; i < n2; i++) s2[i] = 1e-4f * (1.0f + fabsf(frand()));
+            hp.mean = gp.mean = 0.02f;
+            C->dequant_int8(scales[0], q8, s2, ns, ST_QW_DQ_BLOCK), C->add_scalar(scales[0], hp.mean, ns);
+            hp.scales = NULL, hp.q8 = q8, hp.scale2 = s2;
+            gp.q8 = dev_from(q8, ns), gp.scale2 = dev_from(s2, n2 * sizeof(float));
+        } else {
+            for (size_t i = 0; i < ns; i++) scales[p][i] = 0.01f * (1.0f + fabsf(frand()));
+            gp.scales = dev_from(scales[p], ns * sizeof(float));
+        }
+        hw.part[p] = hp, gw.part[p] = gp;
+    }
+    float *x = hrand((size_t)m * k, 1.0f), *c = hrand((size_t)m * n, 1.0f);
+    float *gx = dev_from(x, (size_t)m * k * 4), *gc = dev_from(c, (size_t)m * n * 4);
+    size_t nsc = st_qmatmul_scratch_floats(m, R, QM_COLS, trans, bf16, 4);
+    float *hsc = xmalloc(nsc * 4);
+    double tg, tc;
+    float *dsc = dev_from(NULL, nsc * 4); /* CUDA needs none (shared-memory tiles); the self-test's CPU twin does */
+    tick(); G->qmatmul(gc, st_mm_f32(gx), &gw, m, trans, bf16, 1.0f, dsc, nsc); tg = tock_gpu();
+    G->free(dsc);
+    tick(); C->qmatmul(c, st_mm_f32(x), &hw, m, trans, bf16, 1.0f, hsc, nsc); tc = tock_cpu();
+    /* the bound: sum_k |x w| from the host's dequantized W (rounded to bf16 with bf16) */
+    float *w = xmalloc((size_t)R * QM_COLS * 4), *ax = xmalloc((size_t)m * k * 4), *mag = xmalloc((size_t)m * n * 4);
+    qm_host_dequant(w, nf4, codes, scales);
+    for (size_t i = 0; i < (size_t)R * QM_COLS; i++) w[i] = fabsf(bf16 ? st_bf16_round(w[i]) : w[i]);
+    for (size_t i = 0; i < (size_t)m * k; i++) ax[i] = fabsf(bf16 ? st_bf16_round(x[i]) : x[i]);
+    C->matmul(mag, ax, w, m, n, k, 0, !trans, 1.0f, 0.0f);
+    float *g = fetch(gc, (size_t)m * n);
+    double worst = 0;
+    for (size_t i = 0; i < (size_t)m * n; i++) {
+        double bound = 2.0 * k * 0x1p-24 * (mag[i] + fabs(c[i])) + 1e-30, e = fabs((double)g[i] - c[i]) / bound;
+        if (isnan(g[i]) || isnan(c[i])) e = INFINITY;
+        if (e > worst) worst = e;
+    }
+    char name[64];
+    snprintf(name, sizeof name, "qmatmul %s %s %s m=%d (err/bound)", nf4 ? "nf4" : "int8", trans ? "dy W" : "x W^T",
+             bf16 ? "bf16" : "fp32", m);
+    report(name, worst, tg, tc, 1.0);
+    if (self_test && nf4 && !trans && bf16) { /* one output off by 1e-3 relative: far past the bound */
+        g[7] = c[7] + 1e-3f * fmaxf(fabsf(c[7]), 1.0f);
+        double e = fabs((double)g[7] - c[7]) / (2.0 * k * 0x1p-24 * (mag[7] + fabs(c[7])));
+        expect_caught("qmatmul output", e, 1.0);
+    }
+    for (int p = 0; p < 3; p++) {
+        G->free((void *)gw.part[p].codes), free(codes[p]), free(scales[p]);
+        if (gw.part[p].scales) G->free((void *)gw.part[p].scales);
+    }
+    G->free((void *)gw.part[0].q8), G->free((void *)gw.part[0].scale2), free(q8), free(s2);
+    G->free(gx), G->free(gc), free(x), free(c), free(hsc), free(w), free(ax), free(mag), free(g);
+}
+
+static void check_qmatmul(void) {
+    if (!G->qmatmul || !C->qmatmul) {
+        printf("qmatmul: not in the %s backend table  FAIL\n", G->qmatmul ? C->name : G->name);
+        checked++, failures++;
+        return;
+    }
+    for (int nf4 = 1; nf4 >= 0; nf4--)
+        for (int trans = 0; trans <= 1; trans++)
+            for (int bf16 = 1; bf16 >= 0; bf16--) check_qmatmul_case(nf4, trans, bf16, trans ? 77 : NROWS);
 }
 
 /* ---------------------------------------------------------------- tensor-core attention (CUDA) */
@@ -1489,6 +1595,14 @@ static void noisy_matmul_bf16(float *c, st_mm_in a, st_mm_in b, const float *bia
     if (m > 0 && n > 0) add_noise(c, (size_t)m * n);
 }
 
+static void noisy_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta,
+                          float *scratch, size_t scratch_floats) {
+    C->qmatmul(c, x, w, m, trans, bf16, beta, scratch, scratch_floats);
+    int rows = 0;
+    for (int p = 0; p < w->nparts; p++) rows += w->part[p].rows;
+    if (m > 0) add_noise(c, (size_t)m * (size_t)(trans ? w->cols : rows));
+}
+
 /* ---------------------------------------------------------------- main */
 
 static int usage(const char *bad) {
@@ -1544,6 +1658,7 @@ int main(int argc, char **argv) {
             noisy.name = "cpu+noise";
             noisy.matmul = noisy_matmul;
             noisy.matmul_bf16 = noisy_matmul_bf16;
+            noisy.qmatmul = noisy_qmatmul;
             noisy.status = noisy_status;
             G = &noisy;
         }
@@ -1581,6 +1696,7 @@ int main(int argc, char **argv) {
     if (GROUP("adamw")) check_adamw();
     if (GROUP("dequant")) check_dequant(), check_qlora_matmul();
     if (GROUP("int8")) check_w8a8();
+    if (GROUP("dequant")) check_dequant(), check_qlora_matmul(), check_qmatmul();
     if (GROUP("shapes")) check_real_shapes();
     if (big && GROUP("big")) check_big_elementwise();
     if (train && GROUP("train")) {

@@ -147,13 +147,14 @@ static void test_shared_device(void **state) {
 }
 
 /* Every slot of a backend table after `name` and `host_memory` is a function pointer, and none may be
- * NULL: the worker calls them unconditionally — except the int8 teacher's optional slots at the end (w8_bytes
- * onward: a backend without them refuses distill.teacher_dtype int8 by name; cpu and cuda have them), checked apart. */
+ * NULL: the worker calls them unconditionally — except the optional slots at the end, checked apart: the int8
+ * teacher's (w8_bytes onward: a backend without them refuses distill.teacher_dtype int8 by name; cpu and cuda
+ * have them) and QLoRA's fused qmatmul (without it the base is dequantized a unit at a time). */
 static void assert_every_slot_set(const st_backend *be) {
     typedef void (*fn)(void);
     size_t first = offsetof(st_backend, alloc), slots = (offsetof(st_backend, w8_bytes) - first) / sizeof(fn);
     assert_int_equal((sizeof(st_backend) - first) % sizeof(fn), 0); /* only function pointers follow */
-    assert_int_equal(sizeof(st_backend) - offsetof(st_backend, w8_bytes), 4 * sizeof(fn)); /* the 4 optional */
+    assert_int_equal(sizeof(st_backend) - offsetof(st_backend, w8_bytes), 5 * sizeof(fn)); /* the 5 optional */
     assert_true(slots >= 30);
     for (size_t i = 0; i < slots; i++) {
         fn f;
@@ -168,10 +169,12 @@ static void test_tables_complete(void **state) {
     assert_every_slot_set(cpu);
     assert_int_equal(cpu->host_memory, 1);
     assert_true(cpu->w8_bytes && cpu->w8_scratch_bytes && cpu->w8_pack && cpu->matmul_w8a8); /* the int8 teacher */
+    assert_non_null(cpu->qmatmul); /* QLoRA's fused dequantize-matmul (kernels/cpu/cpu_qmatmul.c) */
 #ifdef ST_HAVE_CUDA /* the table itself, no device needed */
     assert_every_slot_set(st_cuda_table());
     assert_true(st_cuda_table()->w8_bytes && st_cuda_table()->w8_scratch_bytes && st_cuda_table()->w8_pack &&
                 st_cuda_table()->matmul_w8a8); /* the int8 teacher (kernels/cuda/int8.cu) */
+    assert_non_null(st_cuda_table()->qmatmul); /* kernels/cuda/qmatmul.cu */
     assert_int_equal(st_cuda_table()->host_memory, 0);
     assert_string_equal(st_cuda_table()->name, "cuda");
     /* the tensor-core attention refuses shapes it has no kernel for before touching the device */

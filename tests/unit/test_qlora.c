@@ -17,7 +17,10 @@
  *    mlp_apart the QLoRA model runs gate and up apart (the same dot products forward, the input gradient
  *    summed as two K = F halves instead of one K = 2F sum), so they agree within fp32 reordering: relative
  *    2^-24 per term times K <= 2F = 160 terms, ~1e-5 through the two layers. A unit read from the wrong
- *    matrix (the scratch aliases all of a layer's units) moves the loss by O(1e-2), the gradients by O(1). */
+ *    matrix (the scratch aliases all of a layer's units) moves the loss by O(1e-2), the gradients by O(1).
+ *  - the fused dequantize-matmul (qmatmul): bit for bit dequantize-then-matmul on its own (test_qmatmul_fused,
+ *    with a float64 bound and broken dequantizations that must show) and inside a model's step
+ *    (test_fused_model: fused against SHARDTUNE_QLORA_FUSED=0, fp32 and bf16). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -30,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "kernels/bf16.h"
 #include "kernels/kernels.h"
 #include "worker/lora.h"
 #include "worker/model.h"
@@ -189,6 +193,213 @@ static void test_matmul_units(void **state) {
     matmul_units(1);
 }
 
+/* ---- the fused dequantize-matmul (qmatmul, kernels/cpu/cpu_qmatmul.c) against dequantize-then-matmul ----
+ * A unit of `np` stacked parts (rows 300 / 137 / 141: no multiple of 16, of the block or of a panel), cols 1101
+ * (odd: nf4 rows start on a high nibble), block 64 (blocks straddle rows), quantized by the real quantizer
+ * (st_qlora_quant_tensor, double-quantized scales by st_qlora_double_quant). Today's path: every part
+ * dequantized whole (dequant_nf4 / dequant_int8, the scales by dequant_int8 + add_scalar) into one stacked
+ * matrix, then matmul (fp32) or matmul_bf16 on its bf16 copy. The fused kernel runs the same sgemm per output
+ * element over several panels (forward: 2-3 panels of up to 240 rows; input gradient: 2-3 panels of up to 880
+ * columns over 1101 for 578 rows; the reference on one thread, the fused kernel on the backend's threads), so the results must be equal bit for bit, for m = 1 (the sgemv path) and m = 37, beta 0 and 1
+ * — except the one-row input gradient: OpenBLAS 0.3.21's sgemv (column-major, no transpose) orders an output's
+ * sum by the length of the call, so a panel and the whole 1101 columns differ in the last bits (as
+ * dequantize-then-matmul itself does between thread counts, st_cpu_matmul's matmul_row); that case is held to
+ * the float64 bound below only (a backward over a single token row; the model's always has B * T rows).
+ * Independently, each output against a float64 sum of the dequantized W: |err| <= K * 2^-23 * sum |x w| (fp32
+ * accumulation of K terms; the bf16 case compares against the bf16-rounded operands). A deliberately broken
+ * dequantization (one code nibble flipped, or the double-quant mean dropped) must change the result, and a
+ * scratch too small for one panel gives NaN (never a plausible result). */
+enum { QC = 1101, QBLK = 64, QM = 37 };
+static const int qrows[3] = {300, 137, 141};
+
+typedef struct {
+    uint8_t *codes[3];
+    float *scales[3], *scale2[3], mean[3];
+    int8_t *q8[3];
+    float *w; /* the stacked dequantized matrix, today's path */
+} qunit_t;
+
+static void qunit_build(qunit_t *u, st_qweight *qw, st_qlora_quant quant, int dq, int np, unsigned seed) {
+    const st_backend *be = st_backend_cpu(0);
+    memset(u, 0, sizeof *u);
+    memset(qw, 0, sizeof *qw);
+    size_t total = 0;
+    for (int p = 0; p < np; p++) total += (size_t)qrows[p] * QC;
+    u->w = malloc(total * sizeof(float));
+    qw->nf4 = quant == ST_QLORA_NF4, qw->block = QBLK, qw->cols = QC, qw->nparts = np;
+    size_t at = 0;
+    for (int p = 0; p < np; p++) {
+        size_t n = (size_t)qrows[p] * QC, ns = (n + QBLK - 1) / QBLK;
+        float *src = malloc(n * sizeof(float));
+        for (size_t i = 0; i < n; i++) {
+            seed = seed * 1103515245u + 12345u;
+            src[i] = ((float)((seed >> 8) & 0xffff) / 32768.0f - 1.0f) * (1.0f + (float)(i % 5));
+        }
+        u->codes[p] = calloc(n + 1, 1);
+        u->scales[p] = malloc(ns * sizeof(float));
+        st_qlora_quant_tensor(quant, src, n, QBLK, u->codes[p], u->scales[p]);
+        const float *s = u->scales[p];
+        float *sd = NULL;
+        if (dq) {
+            u->q8[p] = malloc(ns);
+            u->scale2[p] = malloc(((ns + 255) / 256) * sizeof(float));
+            st_qlora_double_quant(u->scales[p], ns, u->q8[p], u->scale2[p], &u->mean[p]);
+            sd = malloc(ns * sizeof(float));
+            be->dequant_int8(sd, u->q8[p], u->scale2[p], ns, 256);
+            be->add_scalar(sd, u->mean[p], ns);
+            s = sd;
+        }
+        if (quant == ST_QLORA_NF4) be->dequant_nf4(u->w + at, u->codes[p], s, n, QBLK);
+        else be->dequant_int8(u->w + at, (const int8_t *)u->codes[p], s, n, QBLK);
+        st_qw_part part = {u->codes[p], dq ? NULL : u->scales[p], u->q8[p], u->scale2[p], u->mean[p], qrows[p]};
+        qw->part[p] = part;
+        at += n;
+        free(sd);
+        free(src);
+    }
+}
+
+static void qunit_free(qunit_t *u) {
+    for (int p = 0; p < 3; p++) free(u->codes[p]), free(u->scales[p]), free(u->scale2[p]), free(u->q8[p]);
+    free(u->w);
+}
+
+/* Today's path: C = X W^T or X W on the stacked dequantized W (bf16: its bf16 copy through matmul_bf16). */
+static void qref(const st_backend *be, float *c, const float *x, const float *w, int m, int R, int trans, int bf16,
+                 float beta) {
+    int n = trans ? QC : R, k = trans ? R : QC;
+    /* on one thread: st_cpu_matmul's thread blocks can be small enough for OpenBLAS's small-matrix kernels
+     * (another K order), so today's bits depend on the thread count there; the fused panels' do not */
+    st_backend_cpu(1);
+    if (!bf16) {
+        be->matmul(c, x, w, m, n, k, 0, !trans, 1.0f, beta);
+        st_backend_cpu(0);
+        return;
+    }
+    uint16_t *w16 = malloc((size_t)R * QC * 2);
+    float *sc = malloc(st_matmul_bf16_scratch_floats(m, n, k) * sizeof(float));
+    be->to_bf16(w16, w, (size_t)R * QC);
+    be->matmul_bf16(c, st_mm_f32(x), st_mm_bf16(w16), NULL, m, n, k, 0, !trans, 1.0f, beta, sc);
+    st_backend_cpu(0);
+    free(w16);
+    free(sc);
+}
+
+/* max over outputs of |c - sum| / (K 2^-23 sum |x w|), in float64 from the (bf16: rounded) operands */
+static double qbound_ratio(const float *c, const float *x, const float *w, int m, int R, int trans, int bf16) {
+    int n = trans ? QC : R, k = trans ? R : QC;
+    double worst = 0;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            double s = 0, a = 0;
+            for (int t = 0; t < k; t++) {
+                double xv = x[(size_t)i * k + t], wv = trans ? w[(size_t)t * QC + j] : w[(size_t)j * QC + t];
+                if (bf16) xv = st_bf16_round((float)xv), wv = st_bf16_round((float)wv);
+                s += xv * wv, a += fabs(xv * wv);
+            }
+            double r = fabs(c[(size_t)i * n + j] - s) / (k * 0x1p-23 * a + 1e-30);
+            if (r > worst) worst = r;
+        }
+    return worst;
+}
+
+static void qmatmul_case(st_qlora_quant quant, int dq, int np) {
+    const st_backend *be = st_backend_cpu(0);
+    qunit_t u;
+    st_qweight qw;
+    qunit_build(&u, &qw, quant, dq, np, 7u + (unsigned)quant * 3u + (unsigned)dq * 5u + (unsigned)np);
+    int R = 0;
+    for (int p = 0; p < np; p++) R += qrows[p];
+    for (int trans = 0; trans <= 1; trans++)
+        for (int bf16 = 0; bf16 <= 1; bf16++)
+            for (int mi = 0; mi < 2; mi++) {
+                int m = mi ? QM : 1, n = trans ? QC : R, k = trans ? R : QC;
+                float *x = malloc((size_t)m * k * sizeof(float)), *c0 = malloc((size_t)m * n * sizeof(float));
+                float *c1 = malloc((size_t)m * n * sizeof(float));
+                for (size_t i = 0; i < (size_t)m * k; i++) x[i] = (float)((int)((i * 37) % 19) - 9) / 7.0f;
+                for (size_t i = 0; i < (size_t)m * n; i++) c0[i] = c1[i] = 0.25f * (float)(i % 3);
+                size_t nsc = st_qmatmul_scratch_floats(m, R, QC, trans, bf16, 4);
+                float *sc = malloc(nsc * sizeof(float));
+                for (float beta = 0.0f; beta <= 1.0f; beta += 1.0f) {
+                    qref(be, c0, x, u.w, m, R, trans, bf16, beta);
+                    be->qmatmul(c1, st_mm_f32(x), &qw, m, trans, bf16, beta, sc, nsc);
+                    /* m = 1, X W: OpenBLAS's sgemv orders a column's sum by the length of the call (the
+                     * whole-matrix path's own result changes with the thread count there): bound only */
+                    if (!(trans && m == 1) && memcmp(c0, c1, (size_t)m * n * sizeof(float)))
+                        fail_msg("qmatmul %s dq %d parts %d trans %d bf16 %d m %d beta %g: not dequantize-then-matmul's "
+                                 "bits", quant == ST_QLORA_NF4 ? "nf4" : "int8", dq, np, trans, bf16, m, beta);
+                }
+                /* beta 0 once more for the independent float64 check */
+                be->qmatmul(c1, st_mm_f32(x), &qw, m, trans, bf16, 0.0f, sc, nsc);
+                assert_true(qbound_ratio(c1, x, u.w, m, R, trans, bf16) <= 1.0);
+                /* a broken dequantization must show: one code changed; the double-quant mean dropped */
+                uint8_t keep = u.codes[np - 1][5];
+                u.codes[np - 1][5] ^= 0x11;
+                be->qmatmul(c0, st_mm_f32(x), &qw, m, trans, bf16, 0.0f, sc, nsc);
+                u.codes[np - 1][5] = keep;
+                assert_true(memcmp(c0, c1, (size_t)m * n * sizeof(float)) != 0);
+                if (dq) {
+                    float mean = qw.part[0].mean;
+                    qw.part[0].mean = 0.0f;
+                    be->qmatmul(c0, st_mm_f32(x), &qw, m, trans, bf16, 0.0f, sc, nsc);
+                    qw.part[0].mean = mean;
+                    assert_true(memcmp(c0, c1, (size_t)m * n * sizeof(float)) != 0);
+                }
+                /* fewer threads' worth of scratch gives the same bits; less than one panel: NaN */
+                size_t one = st_qmatmul_scratch_floats(m, R, QC, trans, bf16, 1);
+                be->qmatmul(c0, st_mm_f32(x), &qw, m, trans, bf16, 0.0f, sc, one);
+                assert_memory_equal(c0, c1, (size_t)m * n * sizeof(float));
+                be->qmatmul(c0, st_mm_f32(x), &qw, m, trans, bf16, 0.0f, sc, one - 1);
+                assert_true(isnan(c0[0]) && isnan(c0[(size_t)m * n - 1]));
+                free(sc), free(x), free(c0), free(c1);
+            }
+    qunit_free(&u);
+}
+
+static void test_qmatmul_fused(void **state) {
+    (void)state;
+    qmatmul_case(ST_QLORA_NF4, 1, 3); /* q/k/v-like unit */
+    qmatmul_case(ST_QLORA_NF4, 0, 1);
+    qmatmul_case(ST_QLORA_INT8, 0, 3);
+    qmatmul_case(ST_QLORA_INT8, 1, 2);
+}
+
+/* The model's path: a LoRA step over the quantized base with the fused matmuls (the CPU backend has qmatmul)
+ * against the same step with SHARDTUNE_QLORA_FUSED=0 (each unit dequantized whole, then matmul): the same
+ * sgemm dot products, so loss and adapter gradients are bit-identical, in fp32 and in bf16 (where both read
+ * bf16(dequantized W) and bf16(x)); nf4 + double quantization and int8. */
+static void fused_vs_unfused(st_qlora_quant quant, st_precision prec) {
+    st_qlora_spec spec = {.quant = quant, .double_quant = quant == ST_QLORA_NF4, .block = 16};
+    st_model a, b;
+    unit_model(&a, &spec, 0);
+    setenv("SHARDTUNE_QLORA_FUSED", "0", 1);
+    unit_model(&b, &spec, 0);
+    unsetenv("SHARDTUNE_QLORA_FUSED");
+    assert_true(st_qlora_fused(&a) && !st_qlora_fused(&b));
+    if (prec == ST_PRECISION_BF16) {
+        assert_int_equal(st_model_set_precision(&a, prec), 0);
+        assert_int_equal(st_model_set_precision(&b, prec), 0);
+    }
+    float *ga = malloc(a.n_grads * sizeof(float)), *gb = malloc(b.n_grads * sizeof(float));
+    double la = unit_step(&a, ga), lb = unit_step(&b, gb);
+    assert_true(la == lb);
+    assert_memory_equal(ga, gb, a.n_grads * sizeof(float));
+    double norm = 0;
+    for (size_t i = 0; i < a.n_grads; i++) norm += (double)ga[i] * ga[i];
+    assert_true(norm > 0);
+    free(ga);
+    free(gb);
+    st_model_free(&a);
+    st_model_free(&b);
+}
+
+static void test_fused_model(void **state) {
+    (void)state;
+    fused_vs_unfused(ST_QLORA_NF4, ST_PRECISION_FP32);
+    fused_vs_unfused(ST_QLORA_INT8, ST_PRECISION_FP32);
+    fused_vs_unfused(ST_QLORA_NF4, ST_PRECISION_BF16);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nf4_codes),
@@ -196,6 +407,8 @@ int main(void) {
         cmocka_unit_test(test_int8),
         cmocka_unit_test(test_double_quant),
         cmocka_unit_test(test_matmul_units),
+        cmocka_unit_test(test_qmatmul_fused),
+        cmocka_unit_test(test_fused_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

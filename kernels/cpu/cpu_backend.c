@@ -72,14 +72,13 @@ static void matmul_row(float *c, const float *a, const float *b, int n, int k, i
     }
 }
 
-/* SHARDTUNE_SGEMM: unset or "openblas" (the default) or "onednn" (when built with oneDNN: 25-35% faster than
- * OpenBLAS 0.3.21 on AVX-512; opt-in again after an intermittent heap-corruption abort inside a oneDNN run's
- * matmul region in CI that no local or ASan run reproduced: docs/architecture.md); NULL when the value is one
- * of those, else the value. Read once. */
+/* SHARDTUNE_SGEMM: unset or "onednn" (the default when built with oneDNN: 25-35% faster than OpenBLAS 0.3.21
+ * on AVX-512; its calls run with signals blocked, see sgemm_block) or "openblas"; NULL when the value is one of
+ * those, else the value. Read once. */
 static const char *sgemm_env(int *dnnl) {
     const char *e = getenv("SHARDTUNE_SGEMM");
 #ifdef ST_HAVE_DNNL
-    *dnnl = e && strcmp(e, "onednn") == 0;
+    *dnnl = !e || !*e || strcmp(e, "onednn") == 0;
 #else
     *dnnl = 0;
 #endif

@@ -269,7 +269,7 @@ static void test_matmul_signals(void **state) {
     sig_hits = 0;
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, sig_pinger, NULL), 0);
-    for (int it = 0; it < 3000; it++) {
+    for (int it = 0; it < 1000; it++) {
         const int *s = shapes[it % ns];
         int m = s[0], n = s[1], k = s[2], ta = s[3], tb = s[4], acc = s[5];
         float *a = frand((size_t)m * k, 1), *b = frand((size_t)k * n, 1), *c = frand((size_t)m * n, 1);

@@ -41,10 +41,10 @@ if(CMOCKA_FOUND)
     set_tests_properties(unit.${name} PROPERTIES LABELS unit TIMEOUT 300
       ENVIRONMENT "OMP_NUM_THREADS=2;SHARDTUNE_BIN=$<TARGET_FILE:shardtune>;ST_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
   endforeach()
-  if(ST_HAVE_DNNL) # OpenBLAS is the default sgemm: the opt-in oneDNN matmuls (SHARDTUNE_SGEMM=onednn) against the same float64 bounds
-    add_test(NAME unit.test_kernels_cpu_onednn COMMAND test_kernels_cpu)
-    set_tests_properties(unit.test_kernels_cpu_onednn PROPERTIES LABELS unit TIMEOUT 300
-      ENVIRONMENT "OMP_NUM_THREADS=2;SHARDTUNE_SGEMM=onednn;ST_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
+  if(ST_HAVE_DNNL) # oneDNN is the default sgemm: the OpenBLAS matmuls (SHARDTUNE_SGEMM=openblas) against the same float64 bounds
+    add_test(NAME unit.test_kernels_cpu_openblas COMMAND test_kernels_cpu)
+    set_tests_properties(unit.test_kernels_cpu_openblas PROPERTIES LABELS unit TIMEOUT 300
+      ENVIRONMENT "OMP_NUM_THREADS=2;SHARDTUNE_SGEMM=openblas;ST_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
   endif()
 endif()
 

@@ -58,6 +58,7 @@ struct st_monitor {
     double stall_after_s;
     char token[64];
     char pull_endpoint[256];
+    char pub_endpoint[256], rep_endpoint[256]; /* as bound, read before the thread starts (st_monitor_bound) */
     void *ctx, *pull, *pub, *rep;
     pthread_t thread;
     atomic_bool stopping;
@@ -204,11 +205,11 @@ int st_monitor_missing_ranks(st_monitor *m, int self, int64_t step, int phase, d
     return n;
 }
 
+/* Copies of what resolve_endpoint read before the thread started: the sockets belong to the monitor thread
+ * (a ZeroMQ socket must not be used by two threads at once), so no other thread calls into them. */
 void st_monitor_bound(const st_monitor *m, char *publish, char *control, size_t size) {
-    publish[0] = control[0] = 0;
-    if (m->pub) zmq_getsockopt(m->pub, ZMQ_LAST_ENDPOINT, publish, &size);
-    size_t sz = size;
-    if (m->rep) zmq_getsockopt(m->rep, ZMQ_LAST_ENDPOINT, control, &sz);
+    snprintf(publish, size, "%s", m->pub_endpoint);
+    snprintf(control, size, "%s", m->rep_endpoint);
 }
 
 const char *st_monitor_pull_endpoint(const st_monitor *m) { return m->pull_endpoint; }
@@ -561,9 +562,14 @@ static void *bound_socket(st_monitor *m, int type, const char *addr, const char 
     return s;
 }
 
-/* ZMQ_LAST_ENDPOINT of a wildcard bind says 0.0.0.0: other hosts need this host's name instead. */
+/* ZMQ_LAST_ENDPOINT of a wildcard bind says 0.0.0.0: other hosts need this host's name instead. The
+ * PUB and REP addresses are kept as bound (st_monitor_bound). Before the thread starts: see there. */
 static void resolve_endpoint(st_monitor *m) {
-    size_t sz = sizeof m->pull_endpoint;
+    size_t sz = sizeof m->pub_endpoint;
+    if (m->pub) zmq_getsockopt(m->pub, ZMQ_LAST_ENDPOINT, m->pub_endpoint, &sz);
+    sz = sizeof m->rep_endpoint;
+    if (m->rep) zmq_getsockopt(m->rep, ZMQ_LAST_ENDPOINT, m->rep_endpoint, &sz);
+    sz = sizeof m->pull_endpoint;
     zmq_getsockopt(m->pull, ZMQ_LAST_ENDPOINT, m->pull_endpoint, &sz);
     const char *wild = "tcp://0.0.0.0:";
     if (!strncmp(m->pull_endpoint, wild, strlen(wild))) {

@@ -50,7 +50,8 @@ const char *st_monitor_pull_endpoint(const st_monitor *m);
  * out (`self`, the caller's rank, is never listed); returns their count. */
 int st_monitor_missing_ranks(st_monitor *m, int self, int64_t step, int phase, double silent_s, char *out, size_t size);
 
-/* The addresses PUB and REP actually bound (a "*" port resolved), "" for a socket that is off. */
+/* The addresses PUB and REP actually bound (a "*" port resolved), "" for a socket that is off. Any thread:
+ * copies taken before the monitor thread started (its sockets are used by that thread only). */
 void st_monitor_bound(const st_monitor *m, char *publish, char *control, size_t size);
 
 /* Publishes an Event on topic "event" (kind: start, end, stop, resume, stage_change,

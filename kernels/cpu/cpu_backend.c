@@ -16,6 +16,8 @@
 #include <dnnl.h>
 #endif
 #include <omp.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,14 +72,13 @@ static void matmul_row(float *c, const float *a, const float *b, int n, int k, i
     }
 }
 
-/* SHARDTUNE_SGEMM: unset or "openblas" (the default) or "onednn" (when built with oneDNN: 25-35% faster than
- * OpenBLAS 0.3.21 on AVX-512; opt-in again after an intermittent heap-corruption abort inside a oneDNN run's
- * matmul region in CI that no local or ASan run reproduced: docs/architecture.md); NULL when the value is one
- * of those, else the value. Read once. */
+/* SHARDTUNE_SGEMM: unset or "onednn" (the default when built with oneDNN: 25-35% faster than OpenBLAS 0.3.21
+ * on AVX-512; its calls run with signals blocked, see sgemm_block) or "openblas"; NULL when the value is one of
+ * those, else the value. Read once. */
 static const char *sgemm_env(int *dnnl) {
     const char *e = getenv("SHARDTUNE_SGEMM");
 #ifdef ST_HAVE_DNNL
-    *dnnl = e && strcmp(e, "onednn") == 0;
+    *dnnl = !e || !*e || strcmp(e, "onednn") == 0;
 #else
     *dnnl = 0;
 #endif
@@ -125,7 +126,14 @@ static void sgemm_block(int dnnl, int ta, int tb, int m, int n, int k, float alp
     if (dnnl) {
         int outer = omp_get_max_threads();
         if (outer > 1) omp_set_num_threads(1);
+        /* no signal handler may run on this thread inside oneDNN: a signal delivered during dnnl_sgemm
+         * (2.6.3, AVX-512) corrupts the heap (tests/unit/test_kernels_cpu.c, matmul under signals). A
+         * process-directed one goes to another thread, or waits here until the call returns. */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
         dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (outer > 1) omp_set_num_threads(outer);
         if (st == dnnl_success) return;
     }

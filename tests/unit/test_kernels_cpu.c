@@ -12,6 +12,9 @@
 
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -228,6 +231,72 @@ static void test_matmul_split(void **state) {
                 }
     }
     omp_set_num_threads(keep);
+}
+
+/* A signal handled on a thread inside the sgemm library must not corrupt anything: oneDNN 2.6.3's AVX-512
+ * sgemm corrupted the heap when one arrived mid-call (glibc "corrupted size vs. prev_size", within 0.3 s of
+ * this loop before st_cpu_matmul blocked signals around it; the checkpoint signal or SIGTERM reaching a rank
+ * during a matmul did it once in CI). Another thread signals this one every ~20 us through the training
+ * step's shapes (tiny Llama: N = 32 tokens); every product is checked against double with its fp32 bound. */
+static volatile sig_atomic_t sig_hits;
+static volatile int sig_stop;
+static pthread_t sig_victim;
+static void sig_count(int sig) { (void)sig; sig_hits++; }
+static void *sig_pinger(void *arg) {
+    (void)arg;
+    struct timespec ts = {0, 20000};
+    while (!sig_stop) {
+        pthread_kill(sig_victim, SIGUSR2);
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+static void test_matmul_signals(void **state) {
+    (void)state;
+    const int shapes[][6] = {/* m, n, k, trans_a, trans_b, accumulate */
+                             {128, 64, 32, 1, 0, 1}, {32, 128, 64, 0, 1, 0}, {32, 64, 128, 0, 0, 0}, {384, 64, 32, 1, 0, 1},
+                             {32, 64, 192, 0, 1, 1}, {32, 384, 64, 0, 1, 0}, {32, 64, 384, 0, 0, 0}, {32, 192, 64, 0, 0, 0}};
+    const int ns = (int)(sizeof shapes / sizeof shapes[0]);
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = sig_count;
+    sa.sa_flags = SA_RESTART; /* as the trainer's handlers (coordinator/trainer/train.c) */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR2, &sa, &old);
+    sig_victim = pthread_self();
+    sig_stop = 0;
+    sig_hits = 0;
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, sig_pinger, NULL), 0);
+    for (int it = 0; it < 1000; it++) {
+        const int *s = shapes[it % ns];
+        int m = s[0], n = s[1], k = s[2], ta = s[3], tb = s[4], acc = s[5];
+        float *a = frand((size_t)m * k, 1), *b = frand((size_t)k * n, 1), *c = frand((size_t)m * n, 1);
+        double *want = dzeros((size_t)m * n), *bound = dzeros((size_t)m * n);
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++) {
+                double sum = 0, mag = 0;
+                for (int p = 0; p < k; p++) {
+                    double av = ta ? a[(size_t)p * m + i] : a[(size_t)i * k + p];
+                    double bv = tb ? b[(size_t)j * k + p] : b[(size_t)p * n + j];
+                    sum += av * bv, mag += fabs(av * bv);
+                }
+                double c0 = acc ? c[(size_t)i * n + j] : 0.0;
+                want[(size_t)i * n + j] = sum + c0;
+                bound[(size_t)i * n + j] = (k + 2) * ldexp(1.0, -24) * (mag + fabs(c0)) + 1e-30;
+            }
+        st_cpu_matmul(c, a, b, m, n, k, ta, tb, 1.0f, acc ? 1.0f : 0.0f);
+        for (size_t i = 0; i < (size_t)m * n; i++)
+            if (!(fabs(c[i] - want[i]) <= bound[i]))
+                fail_msg("matmul %dx%dx%d ta %d tb %d under signals, iteration %d: element %zu = %.9g, want %.9g", m, n, k,
+                         ta, tb, it, i, c[i], want[i]);
+        free(a), free(b), free(c), free(want), free(bound);
+    }
+    sig_stop = 1;
+    pthread_join(th, NULL);
+    sigaction(SIGUSR2, &old, NULL);
+    if (sig_hits < 100) fail_msg("only %d signals arrived: the test did not interrupt the matmuls", (int)sig_hits);
 }
 
 /* ---- bias and elementwise ---- */
@@ -784,6 +853,7 @@ int main(void) {
         cmocka_unit_test(test_attention_cached),
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_matmul_split),
+        cmocka_unit_test(test_matmul_signals),
         cmocka_unit_test(test_bias_and_elementwise),
         cmocka_unit_test(test_layernorm),
         cmocka_unit_test(test_rmsnorm),

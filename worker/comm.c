@@ -650,12 +650,15 @@ static int gather_finish(st_comm *c) {
 }
 
 /* Whether the update may zero the gradients it reads (the next step accumulates into zeros, and no
- * separate pass zeroes them): ZeRO-3's shard, or ZeRO 0-1's model gradients where st_model_zero_grad
- * would zero them (not ZeRO-2's, which the reduction overwrites). */
+ * separate pass zeroes them): ZeRO-3's shard (ST_OPTIM_ZERO_ALL: the reductions add into it), or ZeRO 0-1's
+ * model gradients where st_model_zero_grad would zero them (not ZeRO-2's, which the reduction overwrites),
+ * except those the next step's first weight-gradient matmul overwrites (ST_OPTIM_ZERO_UNLESS_OVERWRITTEN). */
 static int update_zeroes(const st_comm *c, const st_model *m, const float *grads) {
-    if (c->stage == 3) return grads == c->shard_grads;
+    if (c->stage == 3) return grads == c->shard_grads ? ST_OPTIM_ZERO_ALL : 0;
     return c->stage <= 1 && m->grads && !m->release && !m->grads_managed && grads >= m->grads &&
-           grads < m->grads + m->grad_alloc;
+                   grads < m->grads + m->grad_alloc
+               ? ST_OPTIM_ZERO_UNLESS_OVERWRITTEN
+               : 0;
 }
 
 /* After a zeroing update: the part of the gradients the optimizer's ranges do not cover is zeroed here

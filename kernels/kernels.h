@@ -21,6 +21,8 @@
 
 typedef struct st_backend st_backend;
 
+#define ST_SUMSQ_CHUNK 8192 /* the host sumsq's chunk (st_backend.sumsq) */
+
 /* One tensor range of a multi-tensor AdamW step (adamw_multi): fp32 master weights with their gradient
  * and moments, the range's own lr, weight decay and step count (layer-wise lr, no-decay sets, parameters
  * that started training later), optionally the bf16 copy to refresh (NULL: none), and optionally the
@@ -123,7 +125,9 @@ struct st_backend {
     void (*bias_bwd)(float *dbias, const float *dy, int n, int c);
 
     /* ---- reductions ---- */
-    /* Sum of squares of x, accumulated in double. */
+    /* Sum of squares of x, accumulated in double. On host memory (cpu): the sum, added in order from 0, of
+     * the sums of consecutive ST_SUMSQ_CHUNK-element chunks from x, each chunk's sum being sumsq of that
+     * chunk alone: per-chunk calls added in order give the same bits as one call (worker/comm.c). */
     double (*sumsq)(const float *x, size_t n);
 
     /* ---- norms (rows of C) ----

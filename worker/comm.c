@@ -227,6 +227,14 @@ void st_comm_free(st_comm *c) {
     c->z3_stage = NULL;
     free(c->reqs);
     free(c->req_counts);
+    free(c->req_range);
+    free(c->sq_part);
+    free(c->sq_done);
+    c->req_range = NULL;
+    c->sq_part = NULL;
+    c->sq_done = NULL;
+    c->sq_cap = c->sq_n = 0;
+    c->sq_armed = c->sq_ready = 0;
     c->shard_grads = c->flat_params = NULL;
     c->reqs = NULL;
     c->req_counts = NULL;
@@ -262,8 +270,10 @@ static int reserve_request(st_comm *c) {
     MPI_Request *nr = realloc(c->reqs, (size_t)nc * sizeof *nr);
     if (nr) c->reqs = nr;
     int **np = nr ? realloc(c->req_counts, (size_t)nc * sizeof *np) : NULL;
-    if (!nr || !np) return st_fail(ST_ENOMEM, "rank %d: out of memory for bucket requests", c->rank);
-    c->req_counts = np;
+    if (np) c->req_counts = np;
+    size_t *rr = np ? realloc(c->req_range, 2 * (size_t)nc * sizeof *rr) : NULL;
+    if (!rr) return st_fail(ST_ENOMEM, "rank %d: out of memory for bucket requests", c->rank);
+    c->req_range = rr;
     c->cap_reqs = nc;
     return 0;
 }
@@ -311,6 +321,8 @@ static int bucket_reduce_start(st_comm *c, float *grads, size_t lo, size_t n) {
     if (c->nccl) return st_nccl_all_reduce_sum(c->nccl, grads + lo, n);
     int rc = reserve_request(c);
     if (rc) return rc;
+    c->req_range[2 * c->n_reqs] = lo;
+    c->req_range[2 * c->n_reqs + 1] = lo + n;
     if (c->stage == 2) return mpi_bucket_reduce_scatter(c, grads, lo, parts);
     c->req_counts[c->n_reqs] = NULL;
     return mpi_check(MPI_Iallreduce(MPI_IN_PLACE, grads + lo, (int)n, MPI_FLOAT, MPI_SUM, c->comm,
@@ -371,6 +383,8 @@ static void launch_bucket(st_comm *c, float *grads) {
     c->pend_lo = c->pend_hi = 0;
 }
 
+static void sq_take_req(st_comm *c, const float *grads, int i); /* the fused sum of squares, below */
+
 static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
     st_comm *c = vctx;
     float *grads = c->overlap_grads;
@@ -380,10 +394,72 @@ static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
     else c->pend_lo = lo;
     if ((c->pend_hi - c->pend_lo) * sizeof(float) >= c->bucket_bytes) launch_bucket(c, grads);
     /* Open MPI progresses non-blocking collectives only inside MPI calls: poke it once per layer */
-    int done;
+    int done = 0;
     if (c->n_reqs) MPI_Testall(c->n_reqs, c->reqs, &done, MPI_STATUSES_IGNORE);
+    for (int i = 0; done && c->sq_armed && i < c->n_reqs; i++) sq_take_req(c, grads, i); /* all completed */
     for (int i = 0; i < c->s2_n; i++) MPI_Test(&c->s2[i].req, &done, MPI_STATUS_IGNORE); /* done: Wait returns */
     c->overlap_seconds += st_now() - t0;
+}
+
+/* The optimizer's range [lo, hi) of the gradient space (st_comm_optim_range) and its ST_SUMSQ_CHUNK chunks. */
+static size_t sq_chunks(const st_comm *c, size_t *lo, size_t *hi) {
+    st_comm_optim_range(c, lo, hi);
+    return *hi > *lo ? (*hi - *lo + ST_SUMSQ_CHUNK - 1) / ST_SUMSQ_CHUNK : 0;
+}
+
+/* Arms the fused sum of squares for this step's overlapped reduction (see st_comm.sq_part); a failed
+ * allocation leaves it off (st_comm_grad_sumsq then takes its own pass). */
+static void sq_arm(st_comm *c) {
+    size_t lo, hi, n = sq_chunks(c, &lo, &hi);
+    c->sq_armed = c->sq_ready = 0;
+    if (c->stage > 1 || c->nccl || !c->be->host_memory || c->world < 2 || n == 0) return;
+    if (n > c->sq_cap) {
+        free(c->sq_part);
+        free(c->sq_done);
+        c->sq_part = malloc(n * sizeof *c->sq_part);
+        c->sq_done = malloc(n);
+        c->sq_cap = c->sq_part && c->sq_done ? n : 0;
+        if (!c->sq_cap) return;
+    }
+    c->sq_n = n;
+    memset(c->sq_done, 0, n);
+    c->sq_armed = 1;
+}
+
+/* The chunks of the optimizer's range that lie whole inside the reduced bucket [a, b) of grads. */
+static void sq_take(st_comm *c, const float *grads, size_t a, size_t b) {
+    size_t lo, hi;
+    sq_chunks(c, &lo, &hi);
+    if (a < lo) a = lo;
+    if (b > hi) b = hi;
+    for (size_t k = a > lo ? (a - lo + ST_SUMSQ_CHUNK - 1) / ST_SUMSQ_CHUNK : 0; k < c->sq_n; k++) {
+        size_t s = lo + k * ST_SUMSQ_CHUNK, e = s + ST_SUMSQ_CHUNK < hi ? s + ST_SUMSQ_CHUNK : hi;
+        if (e > b) break;
+        c->sq_part[k] = c->be->sumsq(grads + s, e - s);
+        c->sq_done[k] = 1;
+    }
+}
+
+/* sq_take of request i's bucket once it completed (its range then emptied: taken once). */
+static void sq_take_req(st_comm *c, const float *grads, int i) {
+    sq_take(c, grads, c->req_range[2 * i], c->req_range[2 * i + 1]);
+    c->req_range[2 * i] = c->req_range[2 * i + 1];
+}
+
+/* wait_requests, taking each bucket's chunks (sq_take) as its all-reduce completes. */
+static int wait_requests_sumsq(st_comm *c, const float *grads) {
+    for (int left = c->n_reqs; left > 0; left--) {
+        int i = MPI_UNDEFINED;
+        int rc = MPI_Waitany(c->n_reqs, c->reqs, &i, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) {
+            c->sq_armed = 0;
+            wait_requests(c);
+            return rc;
+        }
+        if (i == MPI_UNDEFINED) break; /* the rest completed in on_grad_ready's MPI_Testall (taken there) */
+        sq_take_req(c, grads, i);
+    }
+    return wait_requests(c); /* every request is done: releases their counts */
 }
 
 void st_comm_overlap_begin(st_comm *c, st_model *m) {
@@ -399,6 +475,7 @@ void st_comm_overlap_begin(st_comm *c, st_model *m) {
     c->overlap_rc = 0;
     if (!c->s2_micro) c->overlap_seconds = 0;
     c->overlap_grads = m->grads;
+    sq_arm(c);
     st_model_set_residency(m, &(st_residency_hooks){.grad_ready = on_grad_ready, .ctx = c}); /* stages 0-2: no other hook */
 }
 
@@ -416,7 +493,9 @@ static int overlap_finish(st_comm *c, st_model *m) {
     c->overlapping = 0;
     int src = s2_drain(c);
     if (src && !c->overlap_rc) c->overlap_rc = src;
-    int rc = wait_requests(c);
+    int rc = c->sq_armed ? wait_requests_sumsq(c, m->grads) : wait_requests(c);
+    c->sq_ready = c->sq_armed && rc == MPI_SUCCESS && !c->overlap_rc && c->covered == c->n;
+    c->sq_armed = 0;
     int frc = coll_finish(c);
     if (c->overlap_rc) return c->overlap_rc;
     if (rc != MPI_SUCCESS) return mpi_check(rc, "bucketed gradient all-reduce", c->rank);
@@ -601,7 +680,16 @@ double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grad
     int fused = c->sumsq_ready && c->stage <= 1 && !collective(c);
     c->sumsq_ready = 0;
     if (fused) return c->sumsq_sum; /* taken during the last backward (sumsq_arm) */
-    double s = hi > lo ? m->be->sumsq(optim_grads, hi - lo) : 0.0;
+    double s = 0.0;
+    if (c->sq_ready && c->sq_n == sq_chunks(c, &lo, &hi)) { /* most chunks taken during the reduction */
+        for (size_t k = 0; k < c->sq_n; k++) {
+            size_t at = k * ST_SUMSQ_CHUNK, len = hi - lo - at < ST_SUMSQ_CHUNK ? hi - lo - at : ST_SUMSQ_CHUNK;
+            s += c->sq_done[k] ? c->sq_part[k] : m->be->sumsq(optim_grads + at, len);
+        }
+    } else if (hi > lo) {
+        s = m->be->sumsq(optim_grads, hi - lo);
+    }
+    c->sq_ready = 0;
     if (c->stage != 0 && c->world > 1) {
         double t0 = st_now();
         MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_SUM, c->comm);
@@ -650,12 +738,15 @@ static int gather_finish(st_comm *c) {
 }
 
 /* Whether the update may zero the gradients it reads (the next step accumulates into zeros, and no
- * separate pass zeroes them): ZeRO-3's shard, or ZeRO 0-1's model gradients where st_model_zero_grad
- * would zero them (not ZeRO-2's, which the reduction overwrites). */
+ * separate pass zeroes them): ZeRO-3's shard (ST_OPTIM_ZERO_ALL: the reductions add into it), or ZeRO 0-1's
+ * model gradients where st_model_zero_grad would zero them (not ZeRO-2's, which the reduction overwrites),
+ * except those the next step's first weight-gradient matmul overwrites (ST_OPTIM_ZERO_UNLESS_OVERWRITTEN). */
 static int update_zeroes(const st_comm *c, const st_model *m, const float *grads) {
-    if (c->stage == 3) return grads == c->shard_grads;
+    if (c->stage == 3) return grads == c->shard_grads ? ST_OPTIM_ZERO_ALL : 0;
     return c->stage <= 1 && m->grads && !m->release && !m->grads_managed && grads >= m->grads &&
-           grads < m->grads + m->grad_alloc;
+                   grads < m->grads + m->grad_alloc
+               ? ST_OPTIM_ZERO_UNLESS_OVERWRITTEN
+               : 0;
 }
 
 /* After a zeroing update: the part of the gradients the optimizer's ranges do not cover is zeroed here

@@ -93,7 +93,18 @@ typedef struct {
     int sumsq_ready;        /* the last backward covered every gradient: st_comm_grad_sumsq takes sumsq_sum */
     MPI_Request *reqs;
     int **req_counts;       /* per request: the per-rank counts of a stage-2 bucket (MPI keeps reading them) */
+    size_t *req_range;      /* per request: its bucket [req_range[2i], req_range[2i + 1]) of the gradient space */
     int n_reqs, cap_reqs;
+    /* Several ranks at stages 0-1 on host memory over MPI, overlapped: the norm's sum of squares of the
+     * optimizer's range (st_comm_optim_range) is taken as the all-reduce finishes each bucket (the values
+     * are final and in cache), a partial per ST_SUMSQ_CHUNK chunk of that range (sq_part, sq_done), the
+     * chunks no single bucket holds whole after; st_comm_grad_sumsq adds them in chunk order from 0 (the
+     * order of be->sumsq's one pass: kernels.h), so the norm has the same bits as before. */
+    double *sq_part;
+    unsigned char *sq_done;
+    size_t sq_n, sq_cap;
+    int sq_armed;           /* this step's overlapped reduction takes the partials */
+    int sq_ready;           /* they are taken: st_comm_grad_sumsq adds them */
     int overlap_rc;         /* first failure starting a bucket (the hook cannot return it) */
     double overlap_seconds; /* time spent launching/progressing buckets during backward */
     /* stage 2 on host memory with several ranks (s2_release): the model's gradient buffer is address space

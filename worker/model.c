@@ -248,6 +248,7 @@ void st_model_free(st_model *m) {
     free(m->w32_dropped);
     free(m->loss_per_pos);
     free(m->layer_acts);
+    free(m->grad_state);
     free(m->params);
     st_lora_free(m->lora);
     st_prompt_free(m->prompt);
@@ -343,6 +344,10 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
     if (!m->buffers_external) m->be->free(m->grads);
     m->grads = NULL;
     m->grads_zero_lo = m->grads_zero_hi = 0;
+    free(m->grad_state); /* fresh (zeroed) gradients: nothing written yet */
+    m->grad_state = calloc((size_t)m->n_params + 1, 1);
+    m->grad_state_n = m->grad_state ? m->n_params : 0;
+    if (!m->grad_state) return st_fail(ST_ENOMEM, "out of memory");
     m->n_grads = off;
     m->lowest_trained_layer = lowest;
     size_t align = m->grad_align > 0 ? (size_t)m->grad_align : 1;
@@ -353,14 +358,53 @@ int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigne
     return 0;
 }
 
+/* grad_state bits (st_model.grad_overwrite) */
+#define ST_GRAD_WRITTEN 1
+#define ST_GRAD_FIRST_WRITE 2
+
+int st_model_grad_overwritten(const st_model *m, int i) {
+    return m->grad_overwrite && i >= 0 && i < m->grad_state_n && (m->grad_state[i] & ST_GRAD_FIRST_WRITE);
+}
+
+/* Zeroes grads[a, b) outside [lo, hi) (what the optimizer zeroed already). */
+static void zero_outside(const st_model *m, size_t a, size_t b, size_t lo, size_t hi) {
+    if (b <= a) return;
+    if (lo < a) lo = a;
+    if (hi > b) hi = b;
+    if (hi <= lo) { m->be->memset0(m->grads + a, (b - a) * sizeof(float)); return; }
+    m->be->memset0(m->grads + a, (lo - a) * sizeof(float));
+    m->be->memset0(m->grads + hi, (b - hi) * sizeof(float));
+}
+
 void st_model_zero_grad(st_model *m) {
     size_t lo = m->grads_zero_lo < m->grad_alloc ? m->grads_zero_lo : m->grad_alloc;
     size_t hi = m->grads_zero_hi < m->grad_alloc ? m->grads_zero_hi : m->grad_alloc;
     if (hi <= lo) lo = hi = 0;
     m->grads_zero_lo = m->grads_zero_hi = 0;
-    if (!m->grads || m->release || m->grads_managed) return;
-    m->be->memset0(m->grads, lo * sizeof(float)); /* around what the optimizer zeroed already */
-    m->be->memset0(m->grads + hi, (m->grad_alloc - hi) * sizeof(float));
+    if (m->grads && !m->release && !m->grads_managed) {
+        /* runs of the gradient space between the parameters the next first write overwrites (registry
+         * order is gradient-offset order), each zeroed around what the optimizer zeroed already */
+        size_t run = 0;
+        for (int i = 0; i < m->n_params; i++) {
+            const st_param *p = &m->params[i];
+            if (p->grad_offset < 0 || !st_model_grad_overwritten(m, i)) continue;
+            zero_outside(m, run, (size_t)p->grad_offset, lo, hi);
+            run = (size_t)p->grad_offset + p->numel;
+        }
+        zero_outside(m, run, m->grad_alloc, lo, hi);
+    }
+    if (m->grad_state) memset(m->grad_state, 0, (size_t)m->grad_state_n); /* a new accumulation */
+}
+
+/* beta of a weight-gradient matmul that writes the gradients of parameters [i, i + n) (adjacent, written
+ * together): 0 on their first write since st_model_zero_grad under grad_overwrite (marked, so the optimizer
+ * and the next st_model_zero_grad leave them), else 1 (accumulate). Any other writer of the same gradient
+ * (a tied embedding's lookup) comes after it within a backward. */
+static float grad_beta(const st_model *m, int i, int n) {
+    if (!m->grad_overwrite || i < 0 || i + n > m->grad_state_n) return 1.0f;
+    if (m->grad_state[i] & ST_GRAD_WRITTEN) return 1.0f;
+    for (int k = i; k < i + n; k++) m->grad_state[k] = ST_GRAD_WRITTEN | ST_GRAD_FIRST_WRITE;
+    return 0.0f;
 }
 
 void st_model_acquire(const st_model *m, int first, int last) {
@@ -1254,8 +1298,10 @@ static int final_norm_index(const st_model *m) {
     return layer_first_param(m, m->cfg.n_layer);
 }
 
+static int head_index(const st_model *m) { return m->cfg.tied_embeddings ? 0 : st_model_base_params(m) - 1; }
+
 static const float *head_weight(const st_model *m, float **grad) {
-    int idx = m->cfg.tied_embeddings ? 0 : st_model_base_params(m) - 1;
+    int idx = head_index(m);
     *grad = gptr(m, idx);
     return wptr(m, idx);
 }
@@ -1640,9 +1686,10 @@ static void head_backward(st_model *m, const model_bufs *b, float *dlnf, const u
     if (VB >= V) {
         st_mm_in dlogits = dl16 ? st_mm_bf16(dl16) : st_mm_f32(b->logits);
         mm(m, dlnf, dlogits, weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
-        if (gw) mm(m, gw, dlogits, st_mm_f32(x), NULL, V, C, rows, 1, 0, 1.0f);
+        if (gw) mm(m, gw, dlogits, st_mm_f32(x), NULL, V, C, rows, 1, 0, grad_beta(m, head_index(m), 1));
         return;
     }
+    float gbeta = gw ? grad_beta(m, head_index(m), 1) : 1.0f; /* each block writes its own rows once */
     for (int j0 = 0; j0 < V; j0 += VB) { /* blocked only under bf16: dlogits is bf16 (dl16) */
         int n = V - j0 < VB ? V - j0 : VB;
         uint16_t *blk = (uint16_t *)b->head_tmp;
@@ -1651,7 +1698,7 @@ static void head_backward(st_model *m, const model_bufs *b, float *dlnf, const u
         else
             vblock_copy(m, blk, dl16, rows, V, j0, n, sizeof(uint16_t), 0);
         mm(m, dlnf, st_mm_bf16(blk), weight(m, w + (size_t)j0 * C), NULL, rows, C, n, 0, 0, j0 ? 1.0f : 0.0f);
-        if (gw) mm(m, gw + (size_t)j0 * C, st_mm_bf16(blk), st_mm_f32(x), NULL, n, C, rows, 1, 0, 1.0f);
+        if (gw) mm(m, gw + (size_t)j0 * C, st_mm_bf16(blk), st_mm_f32(x), NULL, n, C, rows, 1, 0, gbeta);
     }
 }
 
@@ -1759,10 +1806,15 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     return loss;
 }
 
-/* Weight gradient of y = x @ W^T: dW[out,in] += dy^T @ x. */
-static void linear_wgrad(const st_model *m, float *dw, const float *dy, st_mm_in x, int N, int out, int in) {
-    if (dw) mm(m, dw, st_mm_f32(dy), x, NULL, out, in, N, 1, 0, 1.0f);
+/* Weight gradient of y = x @ W^T: dW[out,in] += dy^T @ x (W: parameters [idx, idx + n), see grad_beta). */
+static void linear_wgrad(const st_model *m, float *dw, const float *dy, st_mm_in x, int N, int out, int in, int idx,
+                         int n) {
+    if (dw) mm(m, dw, st_mm_f32(dy), x, NULL, out, in, N, 1, 0, grad_beta(m, idx, n));
 }
+
+/* Parameters written by the fused q/k/v (Llama: three adjacent) and gate/up (two) weight gradients. */
+static int qkv_params(const st_model *m) { return m->cfg.family == ST_FAMILY_GPT2 ? 1 : 3; }
+static int up_params(const st_model *m) { return m->cfg.family == ST_FAMILY_GPT2 ? 1 : 2; }
 
 /* Input gradient of y = x @ W^T: dx[N,in] = dy @ W. */
 static void linear_dgrad(const st_model *m, const model_bufs *b, float *dx, const float *dy, const float *w, int N,
@@ -1786,7 +1838,7 @@ static void mlp_backward(st_model *m, int l, const layer_acts *a, const model_bu
     qunit(m, w->i2);
     linear_dgrad(m, b, b->dh2, dres, w->w2, n, C, F);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_DOWN, restore(m, a->h2, a->h2_h, b->h1_w, (size_t)n * F), dres, C, b->dh2);
-    linear_wgrad(m, w->gw2, dres, saved(a->h2, a->h2_h), n, C, F);
+    linear_wgrad(m, w->gw2, dres, saved(a->h2, a->h2_h), n, C, F, w->i2, 1);
     const float *h1 = restore(m, a->h1, a->h1_h, b->h1_w, (size_t)n * F1);
     if (c->family == ST_FAMILY_GPT2)
         be->gelu_bwd(b->dh1, b->dh2, h1, (size_t)n * F);
@@ -1805,7 +1857,7 @@ static void mlp_backward(st_model *m, int l, const layer_acts *a, const model_bu
         linear_dgrad(m, b, dln, b->dh1, w->w1, n, F1, C);
     }
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_UP, ln2 ? ln2 + o : NULL, b->dh1, F1, dln);
-    if (w->gw1) mm(m, w->gw1, st_mm_f32(b->dh1), x, NULL, F1, C, n, 1, 0, 1.0f);
+    linear_wgrad(m, w->gw1, b->dh1, x, n, F1, C, w->i1, up_params(m));
 }
 
 static void layer_backward(st_model *m, int l, const layer_acts *a, const model_bufs *b) {
@@ -1833,7 +1885,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     linear_dgrad(m, b, b->datt, dres, w.wo, N, C, A);
     const float *atty = restore(m, a->atty, a->atty_h, b->atty_w, (size_t)N * A);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_O, atty, dres, C, b->datt);
-    linear_wgrad(m, w.gwo, dres, saved(a->atty, a->atty_h), N, C, A);
+    linear_wgrad(m, w.gwo, dres, saved(a->atty, a->atty_h), N, C, A, w.io, 1);
     const float *qkv = restore(m, a->qkv, a->qkv_h, b->qkv_w, (size_t)N * Q);
     int win = layer_window(m, l);
     if (m->doc_pos_on)
@@ -1857,7 +1909,7 @@ static void layer_backward(st_model *m, int l, const layer_acts *a, const model_
     qunit(m, w.iqkv);
     linear_dgrad(m, b, b->dln, b->dqkv, w.wqkv, N, Q, C);
     if (m->lora) st_lora_backward(m, l, ST_LORA_SITE_QKV, restore(m, a->ln1, a->ln1_h, b->dlnf, (size_t)N * C), b->dqkv, Q, b->dln);
-    linear_wgrad(m, w.gwqkv, b->dqkv, saved(a->ln1, a->ln1_h), N, Q, C);
+    linear_wgrad(m, w.gwqkv, b->dqkv, saved(a->ln1, a->ln1_h), N, Q, C, w.iqkv, qkv_params(m));
     norm_bwd(m, dres, w.gn1w, w.gn1b, b->dln, a->res_in, w.n1w, a->ln1_mean, a->ln1_rstd, N, b->norm_scratch);
 }
 

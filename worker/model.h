@@ -65,6 +65,16 @@ typedef struct {
                           back (ZeRO-2 on host memory): they read zero after, st_model_zero_grad leaves them */
     size_t grads_zero_lo, grads_zero_hi; /* [lo, hi) of grads the optimizer zeroed as it read them (ZeRO
                           0-1, st_comm_update_params): the next st_model_zero_grad leaves it, once */
+    /* First-write gradients (set by the trainer, which starts every step's accumulation with
+     * st_model_zero_grad): the weight-gradient matmuls of the linear weights and the LM head write their
+     * parameter's gradient with beta 0 on its first contribution after st_model_zero_grad (the step's first
+     * micro-batch) and add (beta 1) after, so those gradients need no zeroing between steps: the optimizer
+     * (ZeRO 0-1) and st_model_zero_grad leave them. grad_state[i] (n_params entries, set_trainable) holds
+     * ST_GRAD_WRITTEN (written since the last st_model_zero_grad) and ST_GRAD_FIRST_WRITE (that first write
+     * was a beta-0 matmul: st_model_grad_overwritten). 0: every contribution adds (tests, tools). */
+    int grad_overwrite;
+    unsigned char *grad_state;
+    int grad_state_n;
     int lowest_trained_layer; /* backward stops here (L when only the head trains); set by set_trainable */
     int embed_trained;
     /* activations (see model.c for the layout), sized for B x T */
@@ -343,8 +353,14 @@ int st_model_set_doc_positions(st_model *m, const int32_t *pos_host);
 /* Backward from the saved activations of the last training forward; accumulates into m->grads. */
 void st_model_backward(st_model *m);
 
-/* Sets all gradients to zero (nothing when residency hooks manage them). */
+/* Starts a step's gradient accumulation: sets the gradients to zero (nothing when residency hooks manage
+ * them), except those the optimizer zeroed as it read them (grads_zero_lo/hi) and, under grad_overwrite,
+ * those whose first write of the last step was a beta-0 matmul (the next one will be too). */
 void st_model_zero_grad(st_model *m);
+
+/* Under grad_overwrite: whether parameter i's gradient was first written by a beta-0 matmul since the last
+ * st_model_zero_grad (its stale values need no zeroing before the next step: the optimizer skips them). */
+int st_model_grad_overwritten(const st_model *m, int i);
 
 /* Makes the weights of parameters [first, last) readable in m->weights / lets them go again: the residency
  * hooks when installed (collective then: every rank makes the same calls), nothing otherwise. */

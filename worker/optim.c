@@ -112,7 +112,9 @@ static void collect_range(void *vctx, const st_param *p, size_t start, size_t le
     r->param = st_model_part(m, (int)(p - m->params)) + (start - (size_t)p->grad_offset);
     r->param_bf16 = m->weights_bf16 ? m->weights_bf16 + w : NULL;
     r->grad = c->grads + k;
-    r->zero_grad = o->zero_grads ? (float *)(uintptr_t)r->grad : NULL; /* writable: see st_optim.zero_grads */
+    int zero = o->zero_grads == ST_OPTIM_ZERO_ALL ||
+               (o->zero_grads == ST_OPTIM_ZERO_UNLESS_OVERWRITTEN && !st_model_grad_overwritten(m, (int)(p - m->params)));
+    r->zero_grad = zero ? (float *)(uintptr_t)r->grad : NULL; /* writable: see st_optim.zero_grads */
     r->m = o->m + k;
     r->v = o->v + k;
     r->n = len;

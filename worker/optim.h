@@ -20,6 +20,8 @@ typedef struct {
     float layer_lr_decay; /* lr x decay^(distance from the top layer); 1 = off */
 } st_optim_config;
 
+enum { ST_OPTIM_ZERO_ALL = 1, ST_OPTIM_ZERO_UNLESS_OVERWRITTEN = 2 }; /* st_optim.zero_grads */
+
 typedef struct {
     st_optim_config cfg;
     size_t lo, hi;   /* range of the compact gradient space this optimizer updates */
@@ -29,7 +31,9 @@ typedef struct {
     st_adamw_range *ranges; /* [n_params] host list handed to the backend's multi-tensor AdamW */
     int zero_grads; /* the update zeroes each gradient element it reads, in the same pass (the gradients
                        passed are then writable: the model's own, or ZeRO-3's shard; st_comm_update_params
-                       sets it for the step's update and clears it after) */
+                       sets it for the step's update and clears it after); ST_OPTIM_ZERO_UNLESS_OVERWRITTEN:
+                       the model's own, except parameters the next step's first write overwrites anyway
+                       (st_model_grad_overwritten) */
 } st_optim;
 
 /* Zeroed state for [lo, hi) of model m's current gradient space. */

@@ -507,6 +507,8 @@ static int setup(trainer *t) {
     if (!rc && !stream && !quant) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
     if (!rc && !quant) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
     t->model.weights_unread = 0;
+    /* every step starts with st_model_zero_grad: the first weight-gradient matmuls overwrite (model.h) */
+    t->model.grad_overwrite = 1;
     /* checkpointing first: the arena is then laid out once, at its checkpointed size */
     if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, st_plan_act_ckpt(c)));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));

@@ -220,8 +220,7 @@ void st_cpu_scale(float *restrict x, float s, size_t n) {
 
 /* Sum of squares in double over fixed 8192-element chunks; chunk partials of one 256-chunk super
  * block are computed in parallel and added in chunk order. */
-#define ST_SUMSQ_CHUNK 8192
-#define ST_SUMSQ_SUPER 256
+#define ST_SUMSQ_SUPER 256 /* ST_SUMSQ_CHUNK: kernels.h (its contract) */
 static double sumsq_chunk(const float *restrict x, size_t n) {
     double acc[8] = {0};
     size_t i = 0;

@@ -1009,6 +1009,8 @@ static void check_w8a8(void) {
     check_w8a8_case(NROWS, CH, FF, 1.0f, 0);        /* down projection, in = 344: padded codes, + C */
     check_w8a8_case(37, V, CH, 0.0f, 0);            /* the head: rows off the tile, out = 1000 */
     check_w8a8_case(5, 70, 13, 0.5f, 1);            /* tiny, everything off the tiles */
+}
+
 /* qmatmul (kernels/cuda/qmatmul.cu, CPU twin kernels/cpu/cpu_qmatmul.c): QLoRA's fused dequantize-matmul on a
  * unit of three stacked parts (rows 200 / 37 / 41, cols 259: odd, so nf4 rows start mid-byte; block 64 straddles
  * rows), part 0 with double-quantized absmax (q8 * scale2 + mean rebuilt in the kernel), the others plain fp32

@@ -450,6 +450,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     size_t qload = 0, q32 = m->n_weights; /* QLoRA: the load's working bytes; the floats with fp32 storage */
     size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes + the acquire's buffers, the fp32 floats compact() removes */
     size_t qlayer = 0, qacq = 0;  /* QLoRA: the most quantized bytes of one layer; the acquire's buffers */
+    size_t qfused = 0;            /* QLoRA: the fused matmuls' panels (part of qacq; first allocated by a step) */
     if (c->finetune.mode == ST_FINETUNE_QLORA) {
         /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one matmul
          * unit's scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
@@ -470,7 +471,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         qacq = st_qlora_acquire_work(m, &qs, dev);
         /* the fused matmuls' panels (worker/qlora.c st_qlora_mm, the CPU twin: one panel per thread, X's bf16
          * copy under bf16; none on a device) */
-        qacq += st_qlora_fused_work(m, &qs, c->train.micro_batch * c->train.seq_len, bf16, st_num_threads(), dev);
+        qfused = st_qlora_fused_work(m, &qs, c->train.micro_batch * c->train.seq_len, bf16, st_num_threads(), dev);
+        qacq += qfused;
         qbytes = qb + qacq;
         r->weights = q32 * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0) + qbytes;
         qlayer = st_qlora_layer_bytes_max(m, &qs);
@@ -480,9 +482,10 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         qload = st_qlora_load_work(m, &qs, dev);
         if (adapters > qload) qload = adapters;
         /* what the load has written: the fp32 part but the scratch, the bf16-only kept parameters' bf16 (the
-         * scratch is first written by a matmul's st_qlora_load, the rest of the bf16 copy by the first forward) */
-        qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qbytes)
-                      : (q32 - scratch) * sizeof(float) + qbytes;
+         * scratch is first written by a matmul's st_qlora_load, the rest of the bf16 copy by the first forward;
+         * the fused matmuls' panels by the first step) */
+        qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qbytes - qfused)
+                      : (q32 - scratch) * sizeof(float) + qbytes - qfused;
     }
     /* frozen weights of a bf16 source held once, in bf16 (worker/model.h st_model_drop_frozen_fp32): host ranks
      * below stage 3 under bf16 give their fp32 copy back once the trainable set is known (after the load) */

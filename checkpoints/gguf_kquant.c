@@ -223,7 +223,9 @@ static inline __attribute__((always_inline)) int fit_groups(const float *x, int 
         for (int j = 0; j < NL; j++) aux[i][j] = clampf(rne(bisc[j] * (xt[i][j] - bmn[j])), nmax);
     int out_of_range = 0;
     for (int j = 0; j < NL; j++) {
-        for (int i = 0; i < n; i++) L[n * j + i] = flat[j] ? 0 : (uint8_t)aux[i][j];
+        /* a far lane's levels may be NaN / out of range (converting those is undefined): the caller redoes
+         * such a group with the scalar form, so they are not stored */
+        for (int i = 0; i < n; i++) L[n * j + i] = flat[j] || far[j] ? 0 : (uint8_t)aux[i][j];
         scale[j] = flat[j] ? 0.f : sc[j];
         neg_min[j] = flat[j] ? -mn0[j] : -mn[j];
         out_of_range |= !flat[j] && far[j];
@@ -418,7 +420,7 @@ static void q2_K_block(const float *x, uint8_t *out, int lanes) {
     put_f16(out + 80, max_scale > 0 ? max_scale / 15.f : 0.f);
     if (max_min > 0) {
         float iscale = 15.f / max_min;
-        for (int g = 0; g < 16; g++) sc[g] = (uint8_t)(sc[g] | (round_ne(iscale * mins[g]) << 4));
+        for (int g = 0; g < 16; g++) sc[g] = (uint8_t)(sc[g] | ((unsigned)round_ne(iscale * mins[g]) << 4)); /* low bits as ggml's int shift */
     }
     put_f16(out + 82, max_min > 0 ? max_min / 15.f : 0.f);
     float d16 = get_f16(out + 80), dmin16 = get_f16(out + 82);
@@ -623,7 +625,12 @@ static inline __attribute__((always_inline)) void fit_groups6_body(const float *
     }
     for (int g = 0; g < NG; g++) {
         int flat = am[g] < EPS_GROUP;
-        for (int i = 0; i < 16; i++) L[16 * g + i] = (int8_t)(flat ? 0 : (int)clamp6(rne(bisc[g] * xt[i][g])) + 32);
+        /* a level is NaN where bisc is infinite (a group max near the smallest normal) and x is 0: level 0
+         * (stored 32), without the undefined float-to-int conversion of a NaN */
+        for (int i = 0; i < 16; i++) {
+            float l = clamp6(rne(bisc[g] * xt[i][g]));
+            L[16 * g + i] = (int8_t)(flat ? 0 : l != l ? 32 : (int)l + 32);
+        }
         scale[g] = flat ? 0.f : sc[g];
     }
 }

@@ -111,7 +111,15 @@ static void put_u16(uint8_t *p, uint16_t v) {
 
 /* (int)roundf(v) (halves away from zero) for |v| <= 128, in a form the compiler vectorizes: adding the float
  * just below 0.5 and truncating gives the same integer for every float in [-128, 128] (checked exhaustively). */
-static inline int32_t round_away(float v) { return (int32_t)(v + copysignf(0.49999997f, v)); }
+/* Out of int32's range or NaN (a block scale near the smallest normal makes x / d infinite): INT32_MIN, the value
+ * x86's conversion gives there (ggml's (int)roundf does the same), without C's undefined conversion. */
+/* (int32_t)v, truncating; INT32_MIN out of range or NaN, as x86's conversion (and ggml's (int8_t) cast of a float,
+ * which compiles to it) gives, without C's undefined conversion. */
+static inline int32_t trunc_i32(float v) { return v >= -2147483648.f && v < 2147483648.f ? (int32_t)v : INT32_MIN; }
+
+static inline int32_t round_away(float v) {
+    return trunc_i32(v + copysignf(0.49999997f, v));
+}
 
 /* max |x| over a block, in 8 lanes (max is exact, so the order does not matter; the loop vectorizes). */
 static inline float block_amax(const float *x) {
@@ -171,7 +179,7 @@ __attribute__((optimize("fp-contract=off"))) static void q4_0_block(const float 
     put_u16(out, st_fp32_to_fp16(d));
     for (int j = 0; j < QK / 2; j++) {
         const float x0 = x[j] * id, x1 = x[QK / 2 + j] * id;
-        int8_t a = (int8_t)(x0 + 8.5f), b = (int8_t)(x1 + 8.5f);
+        int8_t a = (int8_t)trunc_i32(x0 + 8.5f), b = (int8_t)trunc_i32(x1 + 8.5f);
         uint8_t qa = (uint8_t)(a < 15 ? a : 15), qb = (uint8_t)(b < 15 ? b : 15);
         out[2 + j] = (uint8_t)(qa | (qb << 4));
     }

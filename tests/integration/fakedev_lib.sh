@@ -31,3 +31,25 @@ dev() {
   [ $rc = 0 ] || fail "$name on fakedev ($np ranks) exited $rc: $(tail -5 "$T/$name.err")"
   ! grep -q "fakedev (rank\|stream order violated" "$T/$name.err" || fail "$name: $(grep -m3 "fakedev (rank\|stream order" "$T/$name.err")"
 }
+
+# plan_true NP NAME: the device stage-3 plan of run NAME against the fake device's bytes in $T/NAME.out
+# (between steps within 1%; the peak beyond it only the MFU probe); prints the worst relative difference
+plan_true() {
+  local np=$1 name=$2
+  local args=(); mapfile -t args < <(grep . "$T/$name.args" || true)
+  "$BIN" plan "$T/$name.yaml" --ranks "$np" backend=cuda "${args[@]}" --json >"$T/$name.plan" || fail "plan of $name"
+  python3 - "$T/$name.plan" "$T/$name.out" <<'PY'
+import json, re, sys
+plan = {r["rank"]: r["bytes"]["total"] for r in json.load(open(sys.argv[1]))["stages"][0]["ranks"]}
+seen = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"fakedev device bytes: rank (\d+) peak \d+ between steps (\d+)", open(sys.argv[2]).read())}
+assert set(seen) == set(plan), (seen, plan)
+worst = max(abs(seen[r] - plan[r]) / plan[r] for r in plan)
+assert worst <= 0.01, f"plan {plan} vs measured {seen}"
+# the peak: loading included (no whole-model buffer), beyond the step total only the trainer's MFU probe,
+# three 1024 x 1024 fp32 matrices (+ the bf16 GEMM scratch: at most another 8 MiB) that the plan leaves out
+peak = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"fakedev device bytes: rank (\d+) peak (\d+)", open(sys.argv[2]).read())}
+extra = max(peak[r] - seen[r] for r in peak)
+assert 12 << 20 <= extra <= 20 << 20, f"device peak beyond the step total: {extra} bytes ({peak} vs {seen})"
+print(f"{worst:.2g}")
+PY
+}

@@ -6,10 +6,14 @@
 # plan with every fp32 copy kept (SHARDTUNE_FROZEN_FP32=1, the layout before) and as shipped. A hand-written
 # config.json and no weights (`shardtune plan` reads the registry only). Plan numbers only: runs nothing.
 #
+# FINETUNE (environment) replaces the finetune section, e.g. LoRA r16 on every projection:
+#   FINETUNE='{ mode: lora, lora: { r: 16, alpha: 32, targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] } }'
+#
 #   bench/frozen_plan_7b.sh [BUILD_DIR [RANKS [key=value ...]]]   (the overrides go to every `shardtune plan`)
 set -euo pipefail
 BIN=${1:-build}/shardtune
 RANKS=${2:-8}
+FINETUNE=${FINETUNE:-'{ mode: frozen, train_layers: "-8" }'}
 shift 2 || shift $# || true
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
@@ -30,7 +34,7 @@ tasks:
 precision: bf16
 memory: { activation_checkpointing: true }
 sharding: { stage: 1 }
-finetune: { mode: frozen, train_layers: "-8" }
+finetune: $FINETUNE
 YAML
 for keep in 1 0; do
   if [ "$keep" = 1 ]; then echo "== every fp32 copy kept (SHARDTUNE_FROZEN_FP32=1: before)"; else echo "== frozen weights in bf16 only"; fi

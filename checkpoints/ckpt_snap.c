@@ -79,6 +79,19 @@ static size_t plan(st_ckpt_snap *s, const st_model *m, const st_optim *o, uint64
     return total;
 }
 
+/* The checksum of parameter i's elements [a, a + n) held in bf16 only (st_model_drop_frozen_fp32: a frozen
+ * base tensor under adapters), widened piece by piece: the fp32 values it stands for, exactly. */
+static uint64_t sum_w16(const st_model *m, int i, size_t a, size_t n) {
+    float piece[4096];
+    uint64_t sum = 0;
+    for (size_t k = 0; k < n; k += 4096) {
+        size_t c = n - k < 4096 ? n - k : 4096;
+        st_model_param_fp32(m, i, a + k, c, piece); /* host memory (only host models hold bf16 only) */
+        sum += st_ckpt_checksum(piece, a + k, c); /* partial sums add up (ckpt.h) */
+    }
+    return sum;
+}
+
 /* Copies (or points at) the data of every range. Only the checksums of the tensors left out (the frozen
  * base under adapters: not copied) are summed here; the others are the write's work (ckpt_write.c, each range just before it is written),
  * off the training's critical path. */
@@ -108,6 +121,7 @@ static void fill(st_ckpt_snap *s, const st_model *m, const st_optim *o, int borr
          * quantized one does not count; one held in bf16 only has its load-time sum, counted once) */
         if (q->skip && st_qlora_holds(m, i)) q->sum_w = 0;
         else if (q->skip && st_qlora_bf16_only(m, i)) q->sum_w = s->rank == 0 ? st_qlora_sum(m, i) : 0;
+        else if (q->skip && w16) q->sum_w = sum_w16(m, i, q->ma, nw);
         else if (q->skip && !borrow) {
             float piece[4096];
             q->sum_w = 0;

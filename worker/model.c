@@ -951,11 +951,15 @@ void st_model_weights_changed(st_model *m) { m->weights_bf16_stale = 1; }
 
 /* ---------------- frozen weights in bf16 only (model.h st_model_drop_frozen_fp32) ---------------- */
 
-/* The kinds of parameter nothing reads in fp32 under bf16: the matmul weights (st_model_param_bf16_only) and
- * an untied Llama-family token embedding (forward widens its rows from the bf16 copy). */
+/* The kinds of parameter nothing reads in fp32 under bf16: the base's matmul weights (the layers' and an untied
+ * head's 2-D weights: st_model_param_bf16_only's set, here with adapters too — LoRA's base matmuls and DoRA's
+ * weight norms read the bf16 copy, worker/lora.c dora_weight; the prompt family reads only its own tensors and
+ * the embedding's rows) and an untied Llama-family token embedding (forward widens its rows from the bf16
+ * copy). QLoRA keeps its own layout (worker/qlora.h). */
 static int bf16_storable(const st_model *m, int i) {
-    if (m->lora || m->prompt || m->qlora || i >= st_model_base_params(m)) return 0;
-    if (st_model_param_bf16_only(m, i)) return 1;
+    if (m->qlora || i >= st_model_base_params(m)) return 0;
+    const st_param *p = &m->params[i];
+    if (p->ndim == 2 && (p->layer >= 0 || (!m->cfg.tied_embeddings && i == st_model_base_params(m) - 1))) return 1;
     return i == 0 && m->cfg.family == ST_FAMILY_LLAMA && !m->cfg.tied_embeddings && m->params[0].kind == ST_MOD_EMBED;
 }
 
@@ -964,8 +968,7 @@ static int bf16_storage_on(const st_model *m) {
     const char *keep = getenv("SHARDTUNE_FROZEN_FP32"); /* tests: 1 keeps every fp32 copy */
     if (keep && !strcmp(keep, "1")) return 0;
     return m->precision == ST_PRECISION_BF16 && m->weights_bf16 && m->be->host_memory && !m->acquire &&
-           !m->lora && !m->prompt && !m->qlora &&
-           !m->windowed && !m->grads_windowed && !m->buffers_external && !m->part_base && !m->n_w16 && !m->w8;
+           !m->qlora && !m->windowed && !m->grads_windowed && !m->buffers_external && !m->part_base && !m->n_w16 && !m->w8;
 }
 
 /* Whether x[0, n) are all bf16 values (low 16 bits zero), so their bf16 copy widens back to them exactly. */

@@ -299,9 +299,10 @@ int st_model_mlp_splits(const st_model_config *cfg, int B, int T, int act_ckpt, 
 int st_model_set_precision(st_model *m, st_precision precision);
 
 /* Frozen weights stored once, in bf16 (docs/finetune.md "Frozen weights under bf16"): under precision bf16 on
- * a host-memory backend without residency hooks (ZeRO 0-2), no adapters, every frozen parameter that forward
- * and backward read only through the bf16 copy (st_model_param_bf16_only: the layers' and an untied head's
- * matmul weights) or an untied Llama-family token embedding (forward then widens the batch's rows from the
+ * a host-memory backend without residency hooks (ZeRO 0-2), not QLoRA (LoRA / DoRA and the prompt family
+ * qualify: their whole base is frozen), every frozen base parameter that forward and backward read only through
+ * the bf16 copy (the layers' and an untied head's matmul weights; DoRA's weight norms read that copy too) or an
+ * untied Llama-family token embedding (forward then widens the batch's rows from the
  * bf16 copy), whose fp32 values are all bf16 values (a bf16 source model: their low 16 bits are zero, so
  * the bf16 copy is the value itself, exactly), has its fp32 memory given back (common/util.h
  * st_give_back). Anything that needs its fp32 value widens the bf16 copy (st_model_param_fp32; exact).

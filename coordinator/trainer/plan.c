@@ -490,7 +490,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     /* frozen weights of a bf16 source held once, in bf16 (worker/model.h st_model_drop_frozen_fp32): host ranks
      * below stage 3 under bf16 give their fp32 copy back once the trainable set is known (after the load) */
     size_t w16only = 0, w16most = 0;
-    if (zero < 3 && c->precision == ST_PRECISION_BF16 && c->backend != ST_BACKEND_CUDA && !strcmp(m->cfg.dtype, "bfloat16"))
+    if (zero < 3 && c->precision == ST_PRECISION_BF16 && c->backend != ST_BACKEND_CUDA && !strcmp(m->cfg.dtype, "bfloat16") &&
+        c->finetune.mode != ST_FINETUNE_QLORA) /* QLoRA keeps its own layout (the registry here has no m->qlora) */
         w16only = st_model_bf16_frozen_floats(m, goff, &w16most);
     r->weights -= w16only * sizeof(float);
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
@@ -670,8 +671,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     /* QLoRA: quantized while read (train.c load_quantized), the layout's buffers from the start */
     if (c->finetune.mode == ST_FINETUNE_QLORA) r->at_load = stepbuf + qload + teacher;
     /* a sync save widens a bf16-only tensor's rows into a window of their own (checkpoints/ckpt_write.c; the
-     * async snapshot widens into its copy) */
-    size_t wide = w16only && !c->checkpoint.async ? (w16most / (size_t)world + 1) * sizeof(float) : 0;
+     * async snapshot widens into its copy); under adapters the frozen base is not written (its checksum is
+     * summed from a stack piece) */
+    size_t wide = w16only && !c->checkpoint.async && !m->lora && !m->prompt ? (w16most / (size_t)world + 1) * sizeof(float) : 0;
     r->at_ckpt = r->total - transient + bounce + wide + late;
     /* resume: a host image of the weights, of which the fp32 part is written (QLoRA: not below n_w16) */
     size_t image = q32 * sizeof(float) + 2 * range * sizeof(float);

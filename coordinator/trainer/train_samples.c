@@ -232,6 +232,7 @@ static void merged_acquire(void *ctx, int first, int last) {
         size_t at = v->params ? v->params[i].offset : p->offset; /* >= p->offset */
         st_qlora_load(m, i); /* QLoRA: its matmul unit dequantized into the trainer's scratch */
         if (p->offset < m->n_w16) m->be->from_bf16(v->w + at, m->weights_bf16 + p->offset, p->numel);
+        else if (st_model_fp32_dropped(m, i)) st_model_param_fp32(m, i, 0, p->numel, v->w + at); /* bf16 only */
         else m->be->copy(v->w + at, m->weights + p->offset, p->numel * sizeof(float));
         /* the merge reads the trainer's base weight (DoRA) and writes dst + its trainer offset */
         int rc = st_lora_merge_range(m, v->w + (at - p->offset), i, i + 1);
@@ -315,8 +316,9 @@ int st_trainer_samples_run(trainer *t, int64_t completed) {
     merged_view v;
     float *owned = NULL;
     int pe = 0;
-    st_model_restore_fp32(&t->model); /* generation reads fp32 weights (worker/generate.c): the frozen ones held
-                                         in bf16 only widened back for it, exactly, and given back after */
+    /* generation reads fp32 weights (worker/generate.c): the frozen ones held in bf16 only widened back for it,
+     * exactly, and given back after; under LoRA the merged view widens them one group at a time instead */
+    if (!t->model.lora) st_model_restore_fp32(&t->model);
     int rc = st_trainer_agree(t, gen_model(t, &g, &v, &owned));
     if (!rc) {
         st_gen_flags f = s->f;

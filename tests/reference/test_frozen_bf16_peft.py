@@ -7,7 +7,7 @@ the behaviour before). The two must agree exactly: every dataset and attribute o
 adapters, their optimizer state, adapter_base_checksum summed from the widened base), final/ (the PEFT adapter
 directory) byte for byte, the losses. Cases: LoRA and DoRA on 1 rank at ZeRO-0 (checkpoints written sync; LoRA
 with eval.generate's samples: the merged view widens the base group by group) and on 2 ranks at ZeRO-2 (async
-snapshot); prompt tuning and prefix tuning on 1 rank; a LoRA run stopped at step 2 and resumed (the checkpoint's
+snapshot); prompt tuning, prefix tuning and P-tuning (LSTM encoder) on 1 rank; a LoRA run stopped at step 2 and resumed (the checkpoint's
 base checksum checked against the base held in bf16 only); `export --merge` of the last checkpoint equal. The
 trainer's report (SHARDTUNE_REPORT_LOAD_RSS=1) must name exactly the floats computed here from the safetensors
 file (the untied embedding, every layer's 2-D weight and the untied head); 0 at ZeRO-3 (not held in bf16 only
@@ -30,6 +30,7 @@ LORA = "finetune: { mode: lora, lora: { r: 4, alpha: 8, targets: [q_proj, v_proj
 DORA = LORA.replace("alpha: 8,", "alpha: 8, dora: true,")
 PROMPT = "finetune: { mode: prompt_tuning, prompt: { virtual_tokens: 5 } }\n"
 PREFIX = "finetune: { mode: prefix_tuning, prefix: { virtual_tokens: 4 } }\n"
+PTUNING = "finetune: { mode: p_tuning, prompt: { virtual_tokens: 4, encoder: lstm } }\n"
 
 
 def base_floats(model):
@@ -53,7 +54,8 @@ def main():
         data = dp.make_dataset(os.path.join(root, "a.h5"), 256, 200, seed=1)
         jobs = {name: dp.write_job(os.path.join(root, name + ".yaml"), b16, os.path.join(root, "x"),
                                    [{"name": "a", "path": data}], text)
-                for name, text in (("lora", LORA), ("dora", DORA), ("prompt", PROMPT), ("prefix", PREFIX))}
+                for name, text in (("lora", LORA), ("dora", DORA), ("prompt", PROMPT), ("prefix", PREFIX),
+                                   ("ptuning", PTUNING))}
         common = ["train.steps=4", "train.seq_len=16", "train.micro_batch=4", "train.schedule=constant",
                   "train.warmup_steps=0", "precision=bf16", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
         want = base_floats(b16)
@@ -64,7 +66,7 @@ def main():
                 f.write(json.dumps({"input_ids": [(7 * k + j) % 256 for j in range(5)]}) + "\n")
         gen = ["eval.generate.every_steps=2", f"eval.generate.prompts={prompts}", "eval.generate.max_new=6"]
         cases = [("lora", 1, 0, sync + gen), ("dora", 1, 0, sync), ("lora", 2, 2, asyn), ("dora", 2, 2, asyn),
-                 ("prompt", 1, 1, sync), ("prefix", 1, 1, asyn)]
+                 ("prompt", 1, 1, sync), ("prefix", 1, 1, asyn), ("ptuning", 1, 0, asyn)]
         for mode, ranks, zero, more in cases:
             tag = f"{mode} {ranks} rank(s) ZeRO-{zero}"
             ov = common + [f"sharding.stage={zero}"] + more

@@ -323,7 +323,8 @@ struct st_backend {
      * W (the CPU twin gives matmul's bits: the same sgemm per output element, K summed in the same order; a
      * one-row trans 1 within fp32 summation error: OpenBLAS's sgemv orders by the call's length);
      * bf16 1: matmul_bf16's (X and the dequantized W rounded to bf16, fp32 accumulation; X may be stored as
-     * bf16). scratch: backend memory of st_qmatmul_scratch_floats(m, R, K, trans, bf16, threads) floats,
+     * bf16); bf16 2 (ST_QMM_W16): matmul's fp32 product of fp32 X (never rounded; no bf16 X) and the dequantized
+     * W rounded to bf16 (DoRA's base term under bf16 reads the base matmul's bf16 weight, worker/lora.c). scratch: backend memory of st_qmatmul_scratch_floats(m, R, K, trans, bf16, threads) floats,
      * `threads` the CPU backend's thread count (the CPU twin dequantizes one panel of W per thread there and
      * uses at most scratch_floats of it; CUDA dequantizes tiles in shared memory and needs none: NULL, 0).
      * Optional (NULL: the caller dequantizes whole matrices and uses matmul / matmul_bf16). */
@@ -359,12 +360,13 @@ static inline int st_qmatmul_panel(int m, int len, int n) {
 }
 
 /* Floats of scratch qmatmul needs on the CPU backend with `threads` threads: X's bf16 values as fp32
- * (bf16 only, padded to 64 bytes), then one panel slot ((P + 4) x len floats) per thread. A smaller scratch
+ * (bf16 1 only, padded to 64 bytes), then one panel slot ((P + 4) x len floats) per thread. A smaller scratch
  * runs fewer threads (one slot at the least). */
+#define ST_QMM_W16 2 /* qmatmul's bf16 argument: W rounded to bf16, X fp32 as is */
 static inline size_t st_qmatmul_scratch_floats(int m, int rows, int cols, int trans, int bf16, int threads) {
     if (m <= 0 || rows <= 0 || cols <= 0) return 0;
     int len = trans ? rows : cols, n = trans ? cols : rows;
-    size_t xs = bf16 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0;
+    size_t xs = bf16 == 1 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0;
     return xs + ((size_t)st_qmatmul_panel(m, len, n) + 4) * (size_t)len * (size_t)(threads > 0 ? threads : 1);
 }
 

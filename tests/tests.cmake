@@ -19,6 +19,7 @@ set(ST_SLOW_TESTS
   integration.test_pack_text_stream integration.test_resume_safety integration.test_train_epochs
   integration.test_watchdog reference.test_generate_torch reference.test_lora_train
   reference.test_prompt_train reference.test_qlora_train reference.test_peft_bf16 reference.ref_rope_models
+  integration.test_qlora_readers
   reference.test_train_samples reference.llamacpp_gguf integration.test_zero3_kill reference.ref_stream_io
   reference.peft_adapters reference.test_peft_modes_bf16 reference.peft_generate_prompt
   reference.test_bf16_torch reference.llamacpp_lora reference.ref_prompt_text_init

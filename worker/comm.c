@@ -1087,10 +1087,12 @@ static int prefetch_finish(st_comm *c, int first, int last) {
 }
 
 /* precision bf16: the compute copy of parameters [first, last) from their (now whole) fp32 weights, the
- * same rounding stage 0 does for the whole model (worker/model.c); release gives it back again. */
+ * same rounding stage 0 does for the whole model (worker/model.c); release gives it back again. QLoRA's
+ * quantized parameters have no weights to round (worker/qlora.h: the matmuls read their codes). */
 static void bf16_copy(const st_model *m, int first, int last, int make) {
     for (int i = first; i < last; i++) {
         const st_param *p = &m->params[i];
+        if (st_qlora_fused(m) && st_qlora_holds(m, i)) continue;
         if (make)
             m->be->to_bf16(m->weights_bf16 + p->offset, m->weights + p->offset, p->numel);
         else

@@ -62,13 +62,15 @@ struct st_lora {
     float *z;           /* [n][rows * out_k] (offsets zoff) pre-scale outputs of the last forward */
     size_t *zoff;       /* [n] */
     float *c, *inv_n;   /* [n][max_out]: m / norm and 1 / norm of the last forward */
-    float *base, *ba;   /* [rows * max_out] x W^T ; [max_w] B @ A */
+    float *base, *ba;   /* [rows * max_out] x W^T ; [ba_floats] B @ A (whole, or a panel of rows: dora_scale) */
+    size_t ba_floats;
     /* dropout */
     int drop_on;        /* the current forward trains with dropout > 0 */
     int64_t drop_step, drop_sample; /* the micro-batch's key: step and its first global sample */
     float *xd;          /* [rows * max_in] the dropped input (forward) / du @ A (backward) */
     int max_in;
-    float *wf;          /* DoRA under bf16: [max_w] an adapted weight's bf16 copy widened to fp32 */
+    float *wf;          /* DoRA under bf16: [max_w] an adapted weight's bf16 copy widened to fp32 (not over a
+                         * fused QLoRA base: its products and norms read the codes, q_base) */
     const st_backend *be; /* the backend the working memory (u .. xd, wf) came from; NULL before any */
 };
 
@@ -284,42 +286,45 @@ size_t st_lora_dora_base_floats(const st_model *m) {
 int st_lora_init_magnitudes(st_model *m) { return st_lora_init_magnitudes_kept(m, NULL, NULL); }
 
 /* DoRA's m = ||W||_row of every adapted weight, W its dequantized values when the base is quantized: read
- * a row at a time after the acquire (a sharded base, ZeRO-3: gathered whole), or (QLoRA's bf16-only
- * scratch, worker/qlora.h: no fp32 storage) the fp32 dequantized tensor whole, st_qlora_dequant_host. */
+ * a row at a time after the acquire (a sharded base, ZeRO-3: gathered whole), or (a quantized base, whose
+ * tensors have no fp32 place: worker/qlora.h) a panel of rows at a time, st_qlora_rows (its fp32 values, the
+ * acquire first: ZeRO-3 gathers the quantized bytes). */
 int st_lora_init_magnitudes_kept(st_model *m, void (*keep)(void *ctx, const st_model *m, int i, size_t *a, size_t *b),
                                  void *ctx) {
     st_lora *lo = m->lora;
-    size_t most = 0, whole = 0;
+    size_t most = 0;
     for (int k = 0; lo && k < lo->n; k++) {
-        most = (size_t)lo->ad[k].in > most ? (size_t)lo->ad[k].in : most;
-        const st_param *p = &m->params[lo->ad[k].base];
-        if (lo->ad[k].mag >= 0 && p->offset < m->n_w16 && p->numel > whole) whole = p->numel;
+        const adapter *a = &lo->ad[k];
+        size_t f = st_qlora_holds(m, a->base) ? (size_t)st_qlora_panel_rows(m, a->base) * (size_t)a->in : (size_t)a->in;
+        most = f > most ? f : most;
     }
     float *row = malloc(most * sizeof(float) + 1), *mg = malloc((size_t)(lo ? lo->max_out : 0) * sizeof(float) + 1);
-    float *w = whole ? malloc(whole * sizeof(float)) : NULL;
-    int rc = row && mg && (w || !whole) ? 0 : st_fail(ST_ENOMEM, "out of memory initializing DoRA");
+    int rc = row && mg ? 0 : st_fail(ST_ENOMEM, "out of memory initializing DoRA");
     for (int k = 0; !rc && lo && k < lo->n; k++) {
         const adapter *a = &lo->ad[k];
         if (a->mag < 0) continue;
-        int in_pieces = m->params[a->base].offset < m->n_w16;
-        if (in_pieces) rc = st_qlora_dequant_host(m, a->base, w);
-        else st_model_acquire(m, a->base, a->base + 1); /* a quantized base (worker/qlora.h): its dequantized values */
-        for (int j = 0; !rc && j < a->out; j++) {
-            const float *r = in_pieces ? w + (size_t)j * a->in : row;
-            if (!in_pieces)
-                m->be->copy_to_host(row, st_model_param_weights(m, a->base) + (size_t)j * a->in, (size_t)a->in * sizeof(float));
-            double ss = 0;
-            for (int i = 0; i < a->in; i++) ss += (double)r[i] * r[i];
-            mg[j] = (float)sqrt(ss);
+        int q = st_qlora_holds(m, a->base), P = q ? st_qlora_panel_rows(m, a->base) : 1;
+        st_model_acquire(m, a->base, a->base + 1); /* ZeRO-3: gathered (a quantized base: its bytes) */
+        for (int j0 = 0; !rc && j0 < a->out; j0 += P) {
+            int n = a->out - j0 < P ? a->out - j0 : P;
+            const float *src = q ? st_qlora_rows(m, a->base, j0, n, 0)
+                                 : st_model_param_weights(m, a->base) + (size_t)j0 * a->in;
+            if (!src) { rc = st_fail_context(ST_ENOMEM, "initializing DoRA"); break; }
+            m->be->copy_to_host(row, src, (size_t)n * a->in * sizeof(float));
+            for (int j = 0; j < n; j++) {
+                const float *r = row + (size_t)j * a->in;
+                double ss = 0;
+                for (int i = 0; i < a->in; i++) ss += (double)r[i] * r[i];
+                mg[j0 + j] = (float)sqrt(ss);
+            }
         }
-        if (!in_pieces) st_model_release(m, a->base, a->base + 1);
+        st_model_release(m, a->base, a->base + 1);
         size_t s = 0, e = (size_t)a->out;
         if (keep) keep(ctx, m, a->mag, &s, &e);
         if (!rc && e > s) m->be->copy_to_device(st_model_part(m, a->mag) + s, mg + s, (e - s) * sizeof(float)); /* its kept part */
     }
     free(row);
     free(mg);
-    free(w);
     st_model_weights_changed(m);
     return rc;
 }
@@ -436,13 +441,27 @@ size_t st_lora_work_floats(const st_model *m, size_t rows, size_t mlp_rows) {
             if (lo->ad[k].in > mx) { f += rows * (size_t)(lo->ad[k].in - mx); mx = lo->ad[k].in; }
     if (lo->spec.dora) {
         for (int k = 0; k < lo->n; k++) f += rows * (size_t)lo->ad[k].out + 2 * (size_t)lo->max_out;
-        f += rows * (size_t)lo->max_out + lo->max_w;
+        f += rows * (size_t)lo->max_out;
     }
     return f;
 }
 
-size_t st_lora_bf16_work_floats(const st_model *m) {
-    return m->lora && m->lora->spec.dora ? m->lora->max_w : 0;
+/* Floats of lo->ba: B A whole (max_w), or over a fused QLoRA base one panel of rows (st_qlora_panel_rows). */
+static size_t ba_floats(const st_model *m, const st_lora *lo, int qfused) {
+    if (!qfused) return lo->max_w;
+    size_t f = 0;
+    for (int k = 0; k < lo->n; k++) {
+        const adapter *a = &lo->ad[k];
+        size_t p = a->mag >= 0 ? (size_t)st_qlora_panel_rows(m, a->base) * (size_t)a->in : 0;
+        f = p > f ? p : f;
+    }
+    return f;
+}
+
+size_t st_lora_dora_weight_floats(const st_model *m, int qfused, int bf16) {
+    const st_lora *lo = m->lora;
+    if (!lo || !lo->spec.dora) return 0;
+    return ba_floats(m, lo, qfused) + (bf16 && !qfused ? lo->max_w : 0);
 }
 
 /* Working memory for N rows (backend memory; zoff, an index table, is host memory). */
@@ -470,7 +489,8 @@ static int ensure_rows(const st_model *m, st_lora *lo, size_t N) {
         lo->c = work_alloc(be, (size_t)lo->n * lo->max_out);
         lo->inv_n = work_alloc(be, (size_t)lo->n * lo->max_out);
         lo->base = work_alloc(be, N * (size_t)lo->max_out);
-        lo->ba = work_alloc(be, lo->max_w);
+        lo->ba_floats = ba_floats(m, lo, st_qlora_fused(m));
+        lo->ba = work_alloc(be, lo->ba_floats);
         bad = !lo->zoff || !lo->z || !lo->c || !lo->inv_n || !lo->base || !lo->ba;
     }
     lo->rows = bad ? 0 : N;
@@ -498,8 +518,14 @@ static float *win_u(const st_lora *lo, int k, size_t N) {
 /* Whether the adapter covers whole rows of its site's output (no strided copy needed). */
 static int contiguous(const adapter *a, int ystride) { return a->col0 == 0 && a->out == ystride; }
 
+/* Whether adapter k's base is held by a fused QLoRA base (worker/qlora.h): no dequantized matrix exists, DoRA
+ * reads it through qmatmul (st_qlora_param_mm) and row panels (st_qlora_rows). */
+static int q_base(const st_model *m, int k) {
+    return st_qlora_fused(m) && st_qlora_holds(m, m->lora->ad[k].base);
+}
+
 /* The adapted weight of adapter k as DoRA reads it: the fp32 weights, or under bf16 the bf16 copy the base
- * matmul reads, widened into lo->wf (allocated by st_lora_forward). */
+ * matmul reads, widened into lo->wf (allocated by st_lora_forward). Not for q_base. */
 static const float *dora_weight(const st_model *m, int k) {
     const st_lora *lo = m->lora;
     const st_param *p = &m->params[lo->ad[k].base];
@@ -511,31 +537,57 @@ static const float *dora_weight(const st_model *m, int k) {
     return lo->wf;
 }
 
-/* c = m / ||W + scale B A||_row for adapter k (into lo->c, lo->inv_n). */
-static void dora_scale(st_model *m, int k, const float *W) {
+/* c = m / ||W + scale B A||_row for adapter k (into lo->c, lo->inv_n), over as many rows at a time as lo->ba
+ * holds: all of them (one B @ A, one dora_norm), or over a fused QLoRA base a panel of rows, W NULL: the base's
+ * rows dequantized panel by panel (st_qlora_rows; rounded to bf16 under bf16, as the base matmul reads them).
+ * Each row's norm is its own sum (dora_norm) and each element of B @ A its own r-term dot product, so the
+ * panels give the whole matrix's bits. */
+static int dora_scale(st_model *m, int k, const float *W) {
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
     const float *mg = st_model_param_weights(m, a->mag);
     const float *A = st_model_param_weights(m, a->a), *B = st_model_param_weights(m, a->b);
-    m->be->matmul(lo->ba, B, A, a->out, a->in, lo->r, 0, 0, 1.0f, 0.0f); /* B @ A [out, in] */
     float *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
-    m->be->dora_norm(c, inv, W, lo->ba, mg, a->out, a->in, lo->scale);
+    size_t fit = lo->ba_floats / (size_t)a->in;
+    int P = fit >= (size_t)a->out ? a->out : (int)fit, r16 = m->precision == ST_PRECISION_BF16;
+    if (P < 1) return st_fail(ST_EINVAL, "DoRA: no room for a row of B A"); /* ba_floats covers a panel */
+    for (int j0 = 0; j0 < a->out; j0 += P) {
+        int n = a->out - j0 < P ? a->out - j0 : P;
+        const float *w = W ? W + (size_t)j0 * a->in : st_qlora_rows(m, a->base, j0, n, r16);
+        if (!w) return st_fail_context(ST_ENOMEM, "DoRA over the quantized %s", m->params[a->base].name);
+        m->be->matmul(lo->ba, B + (size_t)j0 * lo->r, A, n, a->in, lo->r, 0, 0, 1.0f, 0.0f); /* B @ A rows */
+        m->be->dora_norm(c + j0, inv + j0, w, lo->ba, mg + j0, n, a->in, lo->scale);
+    }
+    return 0;
 }
 
 /* y[:, block] += c * z - x W^T with z = x W^T + scale * u B^T (u already computed; x the adapter's input,
  * dropped under LoRA dropout). */
-static void dora_forward(st_model *m, int k, const float *x, float *y, int ystride) {
+static int dora_forward(st_model *m, int k, const float *x, float *y, int ystride) {
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
     size_t N = lo->rows;
-    const float *W = dora_weight(m, k), *B = st_model_param_weights(m, a->b);
+    int q = q_base(m, k);
+    const float *W = q ? NULL : dora_weight(m, k), *B = st_model_param_weights(m, a->b);
     const float *u = lo->u + (size_t)k * N * lo->r;
     float *z = lo->z + lo->zoff[k], *c = lo->c + (size_t)k * lo->max_out;
-    dora_scale(m, k, W);
-    m->be->matmul(lo->base, x, W, (int)N, a->out, a->in, 0, 1, 1.0f, 0.0f);
+    int rc = dora_scale(m, k, W);
+    if (!rc && q) rc = st_qlora_param_mm(m, a->base, lo->base, x, (int)N, 0, 0.0f); /* x W^T through the codes */
+    if (rc) return rc;
+    if (!q) m->be->matmul(lo->base, x, W, (int)N, a->out, a->in, 0, 1, 1.0f, 0.0f);
     m->be->copy(z, lo->base, N * (size_t)a->out * sizeof(float));
     m->be->matmul(z, u, B, (int)N, a->out, lo->r, 0, 1, lo->scale, 1.0f);
     m->be->dora_apply(y + a->col0, ystride, z, lo->base, c, (int)N, a->out);
+    return 0;
+}
+
+/* out[N, in] = g[N, out] W + beta out, W adapter k's base (DoRA's input gradient term): through the codes over
+ * a fused QLoRA base (st_qlora_param_mm: the same product of the same values), else matmul on dora_weight. */
+static void dora_dgrad(st_model *m, int k, float *out, const float *g, float beta) {
+    const adapter *a = &m->lora->ad[k];
+    int N = (int)m->lora->rows;
+    if (q_base(m, k)) st_qlora_param_mm(m, a->base, out, g, N, 1, beta); /* fails only unfused: q_base says not */
+    else m->be->matmul(out, g, dora_weight(m, k), N, a->in, a->out, 0, 0, 1.0f, beta);
 }
 
 void st_lora_dropout_batch(st_model *m, int64_t step, int64_t first_sample) {
@@ -606,7 +658,8 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
     int rc = ensure_rows(m, lo, NT);
     if (rc) return rc;
     size_t N = win_rows(lo, NT);
-    if (lo->spec.dora && m->precision == ST_PRECISION_BF16 && !lo->wf && !(lo->wf = work_alloc(be, lo->max_w)))
+    if (lo->spec.dora && m->precision == ST_PRECISION_BF16 && !st_qlora_fused(m) && !lo->wf &&
+        !(lo->wf = work_alloc(be, lo->max_w)))
         return st_fail(ST_ENOMEM, "out of memory for DoRA under bf16 (%zu floats)", lo->max_w);
     for (int k = lo->layer_first[layer]; k < lo->layer_first[layer + 1]; k++) {
         const adapter *a = &lo->ad[k];
@@ -617,7 +670,7 @@ int st_lora_forward(st_model *m, int layer, st_lora_site site, const float *x, f
         const float *xa = lo->drop_on ? dropped(m, k, x, x, lo->xd) : x;
         be->matmul(u, xa, A, (int)N, lo->r, a->in, 0, 1, 1.0f, 0.0f);
         if (a->mag >= 0) {
-            dora_forward(m, k, xa, y, ystride);
+            if ((rc = dora_forward(m, k, xa, y, ystride))) return rc;
             continue;
         }
         if (contiguous(a, ystride)) {
@@ -639,7 +692,7 @@ static void dora_backward(st_model *m, int k, float *dy, float *dx) {
     const float *z = lo->z + lo->zoff[k], *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
     m->be->dora_bwd(st_model_param_grad(m, a->mag), lo->base, dy, z, c, inv, (int)N,
                     a->out);
-    if (dx) m->be->matmul(dx, lo->base, dora_weight(m, k), (int)N, a->in, a->out, 0, 0, 1.0f, 1.0f);
+    if (dx) dora_dgrad(m, k, dx, lo->base, 1.0f);
 }
 
 void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x, const float *dy, int ystride,
@@ -670,7 +723,7 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
         }
         float beta = 0.0f; /* dx += mask ((c - 1) dy @ W (DoRA) + du @ A) / (1 - p) */
         if (a->mag >= 0) {
-            be->matmul(lo->xd, lo->base, dora_weight(m, k), (int)N, a->in, a->out, 0, 0, 1.0f, 0.0f);
+            dora_dgrad(m, k, lo->xd, lo->base, 0.0f);
             beta = 1.0f;
         }
         be->matmul(lo->xd, lo->du, A, (int)N, a->in, lo->r, 0, 0, 1.0f, beta);
@@ -687,7 +740,8 @@ static int merge_adapter(st_model *m, int k, float *W) {
     const float *A = st_model_param_weights(m, a->a), *B = st_model_param_weights(m, a->b);
     if (a->mag >= 0) {
         if (!lo->rows && ensure_rows(m, lo, 1)) return st_fail(ST_ENOMEM, "out of memory merging DoRA");
-        dora_scale(m, k, W); /* the norm of the weight being merged */
+        int rc = dora_scale(m, k, W); /* the norm of the weight being merged */
+        if (rc) return rc;
     }
     m->be->matmul(W, B, A, a->out, a->in, lo->r, 0, 0, lo->scale, 1.0f); /* W += scale * B @ A */
     if (a->mag >= 0) {
@@ -696,12 +750,11 @@ static int merge_adapter(st_model *m, int k, float *W) {
     return 0;
 }
 
-int st_lora_merge_range(const st_model *m, float *dst, int first, int last) {
+int st_lora_merge_range_at(const st_model *m, float *w, size_t at, int i) {
     const st_lora *lo = m->lora;
     for (int k = 0; lo && k < lo->n; k++) {
-        int base = lo->ad[k].base;
-        if (base < first || base >= last) continue;
-        int rc = merge_adapter((st_model *)m, k, dst + m->params[base].offset);
+        if (lo->ad[k].base != i) continue;
+        int rc = merge_adapter((st_model *)m, k, w + at);
         if (rc) return rc;
     }
     return 0;

@@ -81,7 +81,8 @@ void st_lora_flops(const st_model *m, int layer, double N, double *fwd, double *
 void st_lora_free(st_lora *l);
 
 /* DoRA: sets every magnitude vector to ||W||_row of the weight the model computes with (after QLoRA
- * quantized the base: its dequantized values, as peft initializes DoRA on a 4-bit base). */
+ * quantized the base: its dequantized values, read a panel of rows at a time (st_qlora_rows), as peft
+ * initializes DoRA on a 4-bit base). */
 /* A model whose adapters were attached to the registry alone (no backend then) and whose weight buffer
  * was laid out later (worker/qlora.h's streamed load): writes the adapters' initial values (A, B = 0 as
  * st_lora_attach; DoRA magnitudes 0 until st_lora_init_magnitudes) in place. */
@@ -103,11 +104,11 @@ int st_lora_spec_of(const st_model *m, st_lora_spec *out);
  * the merged base model afterwards. */
 int st_lora_merge(st_model *m);
 
-/* The same fold into dst, a weight buffer laid out as the base's (dst + params[i].offset), for the
- * adapters of base parameters [first, last) only; the model keeps its adapters (its DoRA scratch is
- * used). The caller has the base weights and the adapters of that range resident (st_model_acquire) and
- * dst holding the base values. eval.generate's per-layer merge (coordinator/trainer/train_samples.c). */
-int st_lora_merge_range(const st_model *m, float *dst, int first, int last);
+/* The same fold of the adapters of base parameter i into W = w + at, backend memory holding its values (at: its
+ * place in w, not its registry offset, which a fused QLoRA base's tensors have only virtually, worker/qlora.h);
+ * the model keeps its adapters (its DoRA scratch is used). The caller has the base weight and its adapters
+ * resident (st_model_acquire). eval.generate's per-layer merge (coordinator/trainer/train_samples.c). */
+int st_lora_merge_range_at(const st_model *m, float *w, size_t at, int i);
 
 /* Whether the model's adapters are DoRA (0 without adapters). */
 int st_lora_has_dora(const st_model *m);
@@ -137,12 +138,13 @@ void st_lora_backward(st_model *m, int layer, st_lora_site site, const float *x,
                       float *dx);
 
 /* Floats of working memory the adapters use for N = B x T rows (x @ A^T of every adapter, two scratch
- * tensors, the larger one for mlp_rows rows at the MLP's sites: st_model_mlp_rows): what st_lora_forward
- * allocates. 0 without adapters. */
+ * tensors, the larger one for mlp_rows rows at the MLP's sites: st_model_mlp_rows; DoRA's per-row tensors):
+ * what st_lora_forward allocates, but DoRA's weight-shaped buffers (below). 0 without adapters. */
 size_t st_lora_work_floats(const st_model *m, size_t rows, size_t mlp_rows);
-/* Floats more that DoRA needs under precision bf16 (one adapted weight widened from its bf16 copy); 0
- * without DoRA. */
-size_t st_lora_bf16_work_floats(const st_model *m);
+/* Floats of DoRA's weight-shaped buffers: B A of the largest adapted weight, and under bf16 (bf16 1) that weight
+ * widened from its bf16 copy; over a fused QLoRA base (qfused 1: worker/qlora.h, the base read through its
+ * codes) only one panel of B A's rows (st_qlora_panel_rows) and no widened copy. 0 without DoRA. */
+size_t st_lora_dora_weight_floats(const st_model *m, int qfused, int bf16);
 
 /* Allocates the working memory for N = B x T rows (st_model_alloc_activations calls it). */
 int st_lora_reserve(st_model *m, size_t rows);

@@ -169,8 +169,9 @@ typedef struct {
     size_t n_base_weights;
     struct st_lora *lora;
     struct st_prompt *prompt; /* prompt tuning (worker/prompt.h): registry entry n_base_params; NULL otherwise */
-    /* QLoRA (worker/qlora.h): the layers' projection weights held quantized; their registry offsets point
-     * at one matmul unit's dequantization scratch, filled right before each matmul (st_qlora_load). NULL otherwise. */
+    /* QLoRA (worker/qlora.h): the layers' projection weights held quantized; their registry offsets are
+     * virtual (no storage: the fused matmuls read the codes), or unfused point at one matmul unit's
+     * dequantization scratch, filled right before each matmul (st_qlora_load). NULL otherwise. */
     struct st_qlora *qlora;
     /* int8 forward matmuls (st_model_set_int8: a distillation teacher under distill.teacher_dtype: int8): the
      * layers' linear weights and the LM head quantized once per output row; NULL otherwise. */

@@ -1,17 +1,22 @@
 /* qlora.c — quantized frozen base for QLoRA (see qlora.h).
  *
- * Layout after st_qlora_begin: m->weights = [kept base params | scratch (one matmul unit of quantized weights) |
- * adapters]; with spec.bf16 [bf16-only kept | scratch | fp32 kept | adapters], the first two without fp32
- * storage (m->n_w16). st_qlora_put then fills it a tensor at a time (the trainer's streamed load: one fp32
+ * Layout after st_qlora_begin: m->weights = [kept base params | adapters]; with spec.bf16 [bf16-only kept |
+ * fp32 kept | adapters], the first without fp32 storage (m->n_w16). The quantized parameters have no storage:
+ * their offsets lie in a virtual range far past the buffer (QL_VIRTUAL + their place in their matmul unit), so
+ * the model's weight pointers still name them (st_qlora_mm finds a unit's tensors by them) and any read of
+ * one faults. Only the unfused path (a backend without qmatmul, or SHARDTUNE_QLORA_FUSED=0) keeps the old
+ * one-unit scratch between the kept parameters and the adapters (within the bf16-only part under spec.bf16). st_qlora_put then fills it a tensor at a time (the trainer's streamed load: one fp32
  * tensor in flight, never the fp32 base); st_qlora_quantize does the same from an already loaded model.
- * Every quantized parameter's offset points into the scratch at its place in its matmul unit (q/k/v packed,
- * gate/up packed unless spec.mlp_apart, any other weight alone), so the model's weight pointers (wptr, the packed matmuls) work unchanged once
- * st_qlora_load has dequantized the unit, right before its matmul.
+ * Unfused, every quantized parameter's offset points into the scratch at its place in its matmul unit (q/k/v
+ * packed, gate/up packed unless spec.mlp_apart, any other weight alone), so the model's weight pointers (wptr,
+ * the packed matmuls) work unchanged once st_qlora_load has dequantized the unit, right before its matmul.
  * Quantization always runs on the host; on a device backend quantize_one then uploads the codes and scales
  * and every dequantization (st_qlora_load, st_qlora_dequant_host) runs through the backend's kernels.
  * With the backend's qmatmul (the fused path, st_qlora_select / st_qlora_mm) the forward and input-gradient
- * matmuls read the codes directly and the scratch is only filled for the other readers (DoRA, acquires outside
- * a step). */
+ * matmuls read the codes directly, and the other readers never need a whole dequantized matrix: DoRA's products
+ * go through qmatmul too (st_qlora_param_mm), its norms through row panels (st_qlora_rows), and the readers
+ * outside a step dequantize a tensor into their own memory (st_qlora_dequant_param: eval.generate's merged
+ * view, st_qlora_materialize). */
 #include "worker/qlora.h"
 
 #include <math.h>
@@ -23,6 +28,8 @@
 #include "kernels/kernels.h"
 
 #define DQ_BLOCK 256 /* scales per double-quantization block (bitsandbytes' blocksize for the absmax) */
+#define QL_VIRTUAL ((size_t)1 << 40) /* fused layout: where the quantized parameters' (storage-less) offsets start */
+#define QL_PANEL ((size_t)1 << 18)   /* st_qlora_rows: about this many floats per panel (1 MB) */
 
 typedef struct {
     int param;        /* registry index */
@@ -44,7 +51,7 @@ struct st_qlora {
     int n;
     qtensor *t;       /* registry order */
     float *sbuf;      /* backend [max ns]: dequantized scales of the tensor being acquired */
-    float *fbuf;      /* backend [chunk floats]: spec.bf16: a piece dequantized before its rounding to bf16; a
+    float *fbuf;      /* backend [chunk floats]: unfused spec.bf16: a piece dequantized before its rounding to bf16; a
                          device backend: also the staging of a bf16-only piece put from the host */
     size_t chunk;
     uint64_t *sums;   /* spec.bf16: [n_params] the checksums st_qlora_set_sum recorded (bf16-only params) */
@@ -52,10 +59,14 @@ struct st_qlora {
     uint8_t *blob;    /* every tensor's codes and scales, registry order (a layer's are contiguous) */
     size_t blob_bytes;
     int loaded;       /* the unit (q->t index of its first tensor) the scratch holds, -1 none */
+    int sbuf_of;      /* the q->t index whose dequantized scales sbuf holds, -1 none (the codes never change) */
     int fused;        /* matmuls through be->qmatmul (st_qlora_select) */
     int pending;      /* fused: the q->t index st_qlora_select noted for the next st_qlora_mm, -1 none */
     float *qscratch;  /* fused on a host backend: qmatmul's panels (qscratch_floats) */
     size_t qscratch_floats;
+    float *pbuf;      /* backend [pbuf_floats]: st_qlora_rows' panel (allocated on first use) */
+    uint16_t *pbuf16; /* backend [pbuf_floats]: its bf16 rounding (and st_qlora_dequant_param's) */
+    size_t pbuf_floats;
 };
 
 /* A tensor's bytes in the blob: codes, then (4-byte aligned) its fp32 scales, or its int8 scale codes and
@@ -145,6 +156,8 @@ void st_qlora_free(st_qlora *q) {
         q->be->free(q->sbuf);
         q->be->free(q->fbuf);
         q->be->free(q->qscratch);
+        q->be->free(q->pbuf);
+        q->be->free(q->pbuf16);
     }
     free(q->sums);
     free(q);
@@ -205,8 +218,15 @@ static int quantize_one(const st_model *m, const st_qlora_spec *s, qtensor *t, c
     return 0;
 }
 
-/* The compacted layout: kept base parameters first (registry order), then one matmul unit's scratch, then the
- * adapters; sets every offset, n_weights (and n_base_weights with adapters). */
+/* Whether a base quantized on backend be (NULL: the planner's, the CPU's, which has qmatmul) runs fused. */
+static int want_fused(const st_backend *be) {
+    const char *fz = getenv("SHARDTUNE_QLORA_FUSED"); /* "0": dequantize whole units (bench/qlora_fused.sh) */
+    return (!be || be->qmatmul) && !(fz && !strcmp(fz, "0"));
+}
+
+/* The compacted layout: kept base parameters first (registry order), then (unfused only) one matmul unit's
+ * scratch, then the adapters; sets every offset, n_weights (and n_base_weights with adapters). Fused, the
+ * quantized parameters' offsets are QL_VIRTUAL + their place in their unit (no storage). */
 static void layout(st_model *m, const st_qlora *q) {
     int n = m->n_params, nb = st_model_base_params(m), k = 0, w16 = q->spec.bf16;
     size_t at = 0, scratch = 0, layer_at = 0, adapters = m->lora ? m->n_weights - m->n_base_weights : 0;
@@ -221,6 +241,10 @@ static void layout(st_model *m, const st_qlora *q) {
         layer_at += p->numel;
         if (layer_at > scratch) scratch = layer_at;
     }
+    if (q->fused) { /* no scratch: the offsets name the tensors only */
+        for (k = 0; k < q->n; k++) m->params[q->t[k].param].offset += QL_VIRTUAL - scratch0;
+        scratch = 0;
+    }
     at = scratch0 + scratch;
     m->n_w16 = w16 ? at : 0;
     if (!w16) at = 0; /* fp32: [kept | scratch | adapters] */
@@ -229,7 +253,7 @@ static void layout(st_model *m, const st_qlora *q) {
         if (k < q->n && q->t[k].param == i) k++;
         else if (!(w16 && bf16_only(m, i))) { m->params[i].offset = at; at += m->params[i].numel; }
     size_t base_end = w16 ? at : at + scratch;
-    if (!w16) { /* the scratch follows the kept parameters */
+    if (!w16 && !q->fused) { /* the scratch follows the kept parameters */
         for (k = 0; k < q->n; k++) m->params[q->t[k].param].offset += at;
     }
     for (int i = nb; i < n; i++) m->params[i].offset = base_end + (m->params[i].offset - adapter0);
@@ -256,9 +280,9 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     q->spec = *s;
     q->be = m->be;
     q->loaded = -1;
+    q->sbuf_of = -1;
     q->pending = -1;
-    const char *fz = getenv("SHARDTUNE_QLORA_FUSED"); /* "0": dequantize whole units (bench/qlora_fused.sh) */
-    q->fused = m->be->qmatmul && !(fz && !strcmp(fz, "0"));
+    q->fused = want_fused(m->be);
     size_t max_ns = 0;
     for (int i = 0; i < st_model_base_params(m); i++) {
         if (!quantizable(&m->params[i])) continue;
@@ -285,7 +309,7 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
     int ok = w32 && q->sbuf;
     /* whole blocks, whole bytes: a piece of nf4 codes starts on a byte */
     q->chunk = chunk_floats(s->block);
-    if (ok && (s->bf16 || !m->be->host_memory)) {
+    if (ok && ((s->bf16 && !q->fused) || !m->be->host_memory)) { /* the unfused bf16 scratch's pieces, staging */
         q->fbuf = m->be->alloc(q->chunk * sizeof(float));
         ok = q->fbuf != NULL;
     }
@@ -343,6 +367,8 @@ int st_qlora_put_part(st_model *m, int i, size_t a, size_t n, const float *host)
 
 int st_qlora_bf16_only(const st_model *m, int i) { return m->params[i].offset < m->n_w16 && !st_qlora_holds(m, i); }
 
+int st_qlora_held_bf16(const st_model *m) { return m->qlora && m->qlora->spec.bf16; }
+
 void st_qlora_set_sum(st_model *m, int i, uint64_t sum) {
     if (m->qlora && m->qlora->sums) m->qlora->sums[i] = sum;
 }
@@ -383,11 +409,16 @@ int st_qlora_quantize(st_model *m, const st_qlora_spec *s) {
     return rc;
 }
 
-/* The block scales of t in backend memory: its own, or (double quantization) dequantized into sbuf. */
+/* The block scales of t in backend memory: its own, or (double quantization) dequantized into sbuf (kept for
+ * the next call on the same tensor: st_qlora_rows reads one tensor in many panels). */
 static const float *tensor_scales(const st_qlora *q, const st_backend *be, const qtensor *t) {
     if (t->scales) return t->scales;
+    st_qlora *w = (st_qlora *)q; /* the cache only */
+    int k = (int)(t - q->t);
+    if (w->sbuf_of == k) return q->sbuf;
     be->dequant_int8(q->sbuf, t->q8, t->scale2, t->ns, DQ_BLOCK);
     be->add_scalar(q->sbuf, t->mean, t->ns);
+    w->sbuf_of = k;
     return q->sbuf;
 }
 
@@ -399,21 +430,6 @@ static void dequant_piece(const st_qlora *q, const st_backend *be, const qtensor
         be->dequant_nf4(q->fbuf, t->codes + at / 2, s + sb, k, q->spec.block);
     else
         be->dequant_int8(q->fbuf, (const int8_t *)t->codes + at, s + sb, k, q->spec.block);
-}
-
-int st_qlora_dequant_host(const st_model *m, int i, float *host) {
-    const st_qlora *q = m->qlora;
-    int k = q ? find(q, i) : -1;
-    if (k < 0 || !q->fbuf || !q->t[k].done)
-        return st_fail(ST_EINVAL, "st_qlora_dequant_host: %s is not a quantized parameter held in pieces", m->params[i].name);
-    const qtensor *t = &q->t[k];
-    const float *s = tensor_scales(q, m->be, t);
-    for (size_t at = 0; at < t->n; at += q->chunk) {
-        size_t n = t->n - at < q->chunk ? t->n - at : q->chunk;
-        dequant_piece(q, m->be, t, s, at, n);
-        m->be->copy_to_host(host + at, q->fbuf, n * sizeof(float));
-    }
-    return 0;
 }
 
 /* Dequantizes tensor t into its place in the scratch (under spec.bf16 its bf16 place, a piece at a time). */
@@ -441,7 +457,7 @@ static void dequant_tensor(const st_model *m, st_qlora *q, const qtensor *t) {
 
 void st_qlora_load(const st_model *m, int i) {
     st_qlora *q = m->qlora;
-    int k = q ? find(q, i) : -1;
+    int k = q && !q->fused ? find(q, i) : -1; /* fused: there is no scratch */
     if (k < 0 || q->loaded == q->t[k].unit) return;
     int u = q->t[k].unit;
     for (int j = u; j < q->n && q->t[j].unit == u; j++) dequant_tensor(m, q, &q->t[j]);
@@ -451,12 +467,15 @@ void st_qlora_load(const st_model *m, int i) {
 void st_qlora_acquire(const st_model *m, int first, int last) {
     st_qlora *q = m->qlora;
     q->loaded = -1; /* a new group: its bytes were just gathered (ZeRO-3), the scratch is filled afresh */
-    if (m->in_compute) return; /* forward / backward: each matmul loads its own unit (st_qlora_load) */
+    if (m->in_compute || q->fused) return; /* forward / backward: each matmul loads its own unit (st_qlora_load);
+                                            * fused: no scratch, the readers dequantize what they read */
     for (int k = 0; k < q->n; k++)
         if (q->t[k].param >= first && q->t[k].param < last) st_qlora_load(m, q->t[k].param);
 }
 
 int st_qlora_fused(const st_model *m) { return m->qlora && m->qlora->fused; }
+
+int st_qlora_fuses(const st_backend *be) { return want_fused(be); }
 
 void st_qlora_select(const st_model *m, int i) {
     st_qlora *q = m->qlora;
@@ -469,6 +488,13 @@ void st_qlora_select(const st_model *m, int i) {
     q->pending = k;
 }
 
+/* Appends tensor t (rows of `in` columns) to qw's parts. */
+static void put_part(st_qweight *qw, const qtensor *t, int in) {
+    st_qw_part *p = &qw->part[qw->nparts++];
+    p->codes = t->codes, p->scales = t->scales, p->q8 = t->q8, p->scale2 = t->scale2, p->mean = t->mean;
+    p->rows = (int)(t->n / (size_t)in);
+}
+
 /* Parts of qw: the tensors of unit u from the one at offset `off` on, while their rows add up to at most out
  * rows of `in` columns. 0 when they do not make exactly [out, in]. */
 static int unit_parts(const st_model *m, const st_qlora *q, int k0, size_t off, int out, int in, st_qweight *qw) {
@@ -479,12 +505,26 @@ static int unit_parts(const st_model *m, const st_qlora *q, int k0, size_t off, 
     for (; k < q->n && q->t[k].unit == u && rows < out && qw->nparts < ST_QW_PARTS; k++) {
         const qtensor *t = &q->t[k];
         if (in <= 0 || t->n % (size_t)in) return 0;
-        st_qw_part *p = &qw->part[qw->nparts++];
-        p->codes = t->codes, p->scales = t->scales, p->q8 = t->q8, p->scale2 = t->scale2, p->mean = t->mean;
-        p->rows = (int)(t->n / (size_t)in);
-        rows += p->rows;
+        put_part(qw, t, in);
+        rows += qw->part[qw->nparts - 1].rows;
     }
     return rows == out && qw->nparts > 0;
+}
+
+/* be->qmatmul with the host scratch grown to the shape (once per larger shape). Out of memory: the scratch
+ * stays too small, and the CPU twin writes NaN (never a plausible result: the trainer's guard sees it). */
+static void run_qmatmul(const st_model *m, st_qlora *q, float *c, st_mm_in x, const st_qweight *qw, int M, int trans,
+                        int mode, float beta) {
+    const st_backend *be = m->be;
+    int rows = 0;
+    for (int p = 0; p < qw->nparts; p++) rows += qw->part[p].rows;
+    size_t need = be->host_memory ? st_qmatmul_scratch_floats(M, rows, qw->cols, trans, mode, st_num_threads()) : 0;
+    if (need > q->qscratch_floats) {
+        be->free(q->qscratch);
+        q->qscratch = be->alloc(need * sizeof(float));
+        q->qscratch_floats = q->qscratch ? need : 0;
+    }
+    be->qmatmul(c, x, qw, M, trans, mode, beta, q->qscratch, q->qscratch_floats);
 }
 
 int st_qlora_mm(const st_model *m, float *c, st_mm_in x, const float *w, int M, int out, int in, int trans,
@@ -494,24 +534,106 @@ int st_qlora_mm(const st_model *m, float *c, st_mm_in x, const float *w, int M, 
     int k0 = q->pending;
     q->pending = -1;
     st_qweight qw;
-    if (!unit_parts(m, q, k0, (size_t)(w - m->weights), out, in, &qw)) {
-        st_qlora_load(m, q->t[k0].param); /* the old path: the caller multiplies the dequantized unit */
-        return 0;
-    }
-    const st_backend *be = m->be;
-    int bf16 = m->precision == ST_PRECISION_BF16;
-    size_t need = be->host_memory ? st_qmatmul_scratch_floats(M, out, in, trans, bf16, st_num_threads()) : 0;
-    if (need > q->qscratch_floats) { /* grown once per larger shape; on failure the old path */
-        be->free(q->qscratch);
-        q->qscratch = be->alloc(need * sizeof(float));
-        q->qscratch_floats = q->qscratch ? need : 0;
-        if (!q->qscratch) {
-            st_qlora_load(m, q->t[k0].param);
-            return 0;
-        }
-    }
-    be->qmatmul(c, x, &qw, M, trans, bf16, beta, q->qscratch, q->qscratch_floats);
+    if (!unit_parts(m, q, k0, (size_t)(w - m->weights), out, in, &qw)) /* no caller makes such a shape: loud */
+        m->be->add_scalar(c, NAN, (size_t)M * (size_t)(trans ? in : out));
+    else
+        run_qmatmul(m, q, c, x, &qw, M, trans, m->precision == ST_PRECISION_BF16, beta);
     return 1;
+}
+
+
+int st_qlora_param_mm(const st_model *m, int i, float *c, const float *x, int M, int trans, float beta) {
+    st_qlora *q = m->qlora;
+    int k = q ? find(q, i) : -1;
+    if (k < 0 || !q->fused)
+        return st_fail(ST_EINVAL, "st_qlora_param_mm: %s is not a quantized parameter of a fused base", m->params[i].name);
+    const st_param *p = &m->params[i];
+    st_qweight qw;
+    memset(&qw, 0, sizeof qw);
+    qw.nf4 = q->spec.quant == ST_QLORA_NF4, qw.block = q->spec.block, qw.cols = (int)p->shape[1];
+    put_part(&qw, &q->t[k], qw.cols);
+    run_qmatmul(m, q, c, st_mm_f32(x), &qw, M, trans, m->precision == ST_PRECISION_BF16 ? ST_QMM_W16 : 0, beta);
+    return 0;
+}
+
+/* Grows the panel buffers (pbuf, pbuf16) to `floats`. */
+static int panel_room(const st_model *m, st_qlora *q, size_t floats) {
+    if (floats <= q->pbuf_floats) return 0;
+    m->be->free(q->pbuf);
+    m->be->free(q->pbuf16);
+    q->pbuf = m->be->alloc(floats * sizeof(float));
+    q->pbuf16 = m->be->alloc(floats * sizeof(uint16_t));
+    q->pbuf_floats = q->pbuf && q->pbuf16 ? floats : 0;
+    return q->pbuf_floats ? 0 : st_fail(ST_ENOMEM, "out of memory for a QLoRA panel (%.1f MB)", floats * 6.0 / 1e6);
+}
+
+/* x[0, n) (backend memory) rounded to bf16 in place, through pbuf16 a panel at a time. */
+static void round_bf16(const st_model *m, const st_qlora *q, float *x, size_t n) {
+    for (size_t at = 0; at < n; at += q->pbuf_floats) {
+        size_t k = n - at < q->pbuf_floats ? n - at : q->pbuf_floats;
+        m->be->to_bf16(q->pbuf16, x + at, k);
+        m->be->from_bf16(x + at, q->pbuf16, k);
+    }
+}
+
+/* Elements [a0, a0 + n) of t dequantized into dst (a0 on a block and a byte: whole blocks, whole nf4 bytes). */
+static void dequant_at(const st_model *m, const st_qlora *q, const qtensor *t, float *dst, size_t a0, size_t n) {
+    const float *s = tensor_scales(q, m->be, t);
+    size_t sb = a0 / (size_t)q->spec.block;
+    if (q->spec.quant == ST_QLORA_NF4) m->be->dequant_nf4(dst, t->codes + a0 / 2, s + sb, n, q->spec.block);
+    else m->be->dequant_int8(dst, (const int8_t *)t->codes + a0, s + sb, n, q->spec.block);
+}
+
+/* st_qlora_rows' panel size in floats: QL_PANEL, or SHARDTUNE_QLORA_PANEL_FLOATS (tests: several panels, rows
+ * that start mid-block, on a small model). */
+static size_t panel_floats(void) {
+    const char *e = getenv("SHARDTUNE_QLORA_PANEL_FLOATS");
+    long v = e ? atol(e) : 0;
+    return v > 0 ? (size_t)v : QL_PANEL;
+}
+
+int st_qlora_panel_rows(const st_model *m, int i) {
+    const st_param *p = &m->params[i];
+    size_t r = panel_floats() / (size_t)(p->shape[1] > 0 ? p->shape[1] : 1);
+    if (r < 1) r = 1;
+    return (int)(r < (size_t)p->shape[0] ? r : (size_t)p->shape[0]);
+}
+
+size_t st_qlora_rows_work(const st_model *m, const st_qlora_spec *spec) {
+    size_t most = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        if (!quantizable(&m->params[i])) continue;
+        size_t f = (size_t)st_qlora_panel_rows(m, i) * (size_t)m->params[i].shape[1] + 2 * (size_t)spec->block;
+        if (f > most) most = f;
+    }
+    return most * (sizeof(float) + sizeof(uint16_t));
+}
+
+const float *st_qlora_rows(const st_model *m, int i, int r0, int nr, int round16) {
+    st_qlora *q = m->qlora;
+    int k = q ? find(q, i) : -1;
+    const st_param *p = &m->params[i];
+    if (k < 0 || r0 < 0 || nr < 1 || r0 + nr > p->shape[0]) {
+        st_fail(ST_EINVAL, "st_qlora_rows: %s is not quantized or rows %d..%d are outside it", p->name, r0, r0 + nr);
+        return NULL;
+    }
+    size_t in = (size_t)p->shape[1], g = 2 * (size_t)q->spec.block; /* whole blocks, even: a whole nf4 byte */
+    size_t a = (size_t)r0 * in, a0 = a / g * g, n = (size_t)nr * in + (a - a0);
+    if (panel_room(m, q, n > g ? n : g)) return NULL;
+    dequant_at(m, q, &q->t[k], q->pbuf, a0, n);
+    if (round16) round_bf16(m, q, q->pbuf, n);
+    return q->pbuf + (a - a0);
+}
+
+int st_qlora_dequant_param(const st_model *m, int i, float *dst, int round16) {
+    st_qlora *q = m->qlora;
+    int k = q ? find(q, i) : -1;
+    if (k < 0) return st_fail(ST_EINVAL, "st_qlora_dequant_param: %s is not a quantized parameter", m->params[i].name);
+    int rc = round16 ? panel_room(m, q, panel_floats()) : 0;
+    if (rc) return rc;
+    dequant_at(m, q, &q->t[k], dst, 0, q->t[k].n);
+    if (round16) round_bf16(m, q, dst, q->t[k].n);
+    return 0;
 }
 
 int st_qlora_mlp_apart(const st_model *m) { return m->qlora && m->qlora->spec.mlp_apart; }
@@ -547,8 +669,8 @@ int st_qlora_materialize(st_model *m) {
     size_t at = 0;
     for (int i = 0; i < m->n_params; i++) { /* registry order: q/k/v and gate/up stay adjacent */
         const st_param *p = &m->params[i];
-        st_qlora_load(m, i); /* its unit into the scratch (no-op for a kept parameter) */
-        m->be->copy(nw + at, m->weights + p->offset, p->numel * sizeof(float));
+        if (st_qlora_holds(m, i)) st_qlora_dequant_param(m, i, nw + at, 0); /* straight into its new place */
+        else m->be->copy(nw + at, m->weights + p->offset, p->numel * sizeof(float));
         at += p->numel;
     }
     at = 0;
@@ -581,6 +703,7 @@ void st_qlora_footprint(const st_model *m, const st_qlora_spec *s, size_t *quant
         unit += p->numel;
         if (unit > most) most = unit;
     }
+    if (want_fused(m->be)) most = 0; /* the fused path has no scratch (layout) */
     *quantized = qb;
     *fp32 = fb;
     *scratch = most;
@@ -609,7 +732,8 @@ size_t st_qlora_acquire_work(const st_model *m, const st_qlora_spec *s, int devi
     size_t ns = 0;
     for (int i = 0; i < st_model_base_params(m); i++)
         if (quantizable(&m->params[i]) && n_blocks(m->params[i].numel, s->block) > ns) ns = n_blocks(m->params[i].numel, s->block);
-    return (ns + 1) * sizeof(float) + (s->bf16 || device ? chunk_floats(s->block) * sizeof(float) : 0);
+    int piece = (s->bf16 && !want_fused(m->be)) || device;
+    return (ns + 1) * sizeof(float) + (piece ? chunk_floats(s->block) * sizeof(float) : 0);
 }
 
 size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *s, int device) {

@@ -11,7 +11,14 @@
  * linear symmetric map, one fp32 scale (max |scale - mean| / 127) per 256 scales — simpler than
  * bitsandbytes' dynamic 8-bit map and exact to reproduce; it only changes how precisely the scales are kept,
  * and the base is never saved, so no file format depends on it.
- * The fp32 copies leave the weight buffer: their registry offsets then point at one shared scratch region
+ * The fp32 copies leave the weight buffer. With the backend's qmatmul (the fused path, the default) no
+ * dequantized matrix has a place at all: the quantized parameters' registry offsets lie in a virtual range past
+ * the buffer (no storage; they still name the tensors: st_qlora_mm below), every reader goes through the codes —
+ * the model's matmuls (st_qlora_select / st_qlora_mm), DoRA's products (st_qlora_param_mm) and norms (row
+ * panels, st_qlora_rows), and outside a step a reader that wants a tensor dequantizes it into its own memory
+ * (st_qlora_dequant_param: eval.generate's merged view, st_qlora_materialize); st_qlora_acquire then only
+ * notes the new group. The unfused path (a backend without qmatmul, or SHARDTUNE_QLORA_FUSED=0: the bench's
+ * and the tests' side by side) keeps the old layout: the offsets point at one shared scratch region
  * sized for one matmul unit — q/k/v of a Llama-family layer together (the packed q/k/v matmul reads them as
  * one matrix), gate/up together unless spec.mlp_apart, every other quantized weight alone — each at its
  * place in its unit. Inside forward / backward
@@ -60,36 +67,51 @@ void st_qlora_free(st_qlora *q);
 
 /* The streamed form of st_qlora_quantize, for a model bound to its backend without weights (st_model_bind
  * with alloc_weights 0; adapters attached to the registry): lays out and allocates the compacted buffer
- * (kept base, one matmul unit's scratch, the adapters, uninitialized). Then st_qlora_put for every base parameter,
+ * (kept base, unfused only one matmul unit's scratch, the adapters, uninitialized). Then st_qlora_put for every base parameter,
  * in any order, each once: a quantized one is quantized from `host` (its fp32 values, numel floats, registry
  * layout), a kept one copied to its place. Same errors as st_qlora_quantize. */
 int st_qlora_begin(st_model *m, const st_qlora_spec *spec);
 int st_qlora_put(st_model *m, int i, const float *host);
 /* Elements [a, a + n) of a parameter that is not quantized (a piece of a large tensor at a time). */
 int st_qlora_put_part(st_model *m, int i, size_t a, size_t n, const float *host);
-/* spec.bf16 ("the frozen weights once, in the compute precision"): the layout is [bf16-only kept | one
- * layer's scratch | fp32 kept | adapters], m->n_w16 the end of the scratch: the token embedding (Llama family)
+/* spec.bf16 ("the frozen weights once, in the compute precision"): the layout is [bf16-only kept | (unfused:
+ * one unit's scratch) | fp32 kept | adapters], m->n_w16 the end of the bf16-only part: the token embedding (Llama family)
  * and an untied LM head live in the bf16 copy only (st_qlora_begin allocates it; st_model_set_precision
- * keeps it), the scratch too (the acquire dequantizes a piece at a time and rounds it into the bf16 copy:
+ * keeps it), an unfused scratch too (the acquire dequantizes a piece at a time and rounds it into the bf16 copy:
  * the values the fp32 path would round). Norms, biases and the adapters keep fp32 masters. Without fp32
  * values, those parameters' checksums (checkpoints' adapter_base_checksum) are recorded at load:
  * st_qlora_set_sum / st_qlora_sum (st_ckpt_checksum of the fp32 values, from element 0). */
 int st_qlora_bf16_only(const st_model *m, int i);
+/* Whether the base is held so (spec.bf16): its matmuls' values are the dequantized ones rounded to bf16. */
+int st_qlora_held_bf16(const st_model *m);
 void st_qlora_set_sum(st_model *m, int i, uint64_t sum);
 uint64_t st_qlora_sum(const st_model *m, int i);
 
-/* The fp32 dequantized values of quantized parameter i (the values the acquire rounds to bf16) into
- * host[numel], a piece at a time (spec.bf16 or a device backend: the piece buffer exists; ST_EINVAL else):
- * DoRA's magnitude init when the scratch has no fp32 storage. */
-int st_qlora_dequant_host(const st_model *m, int i, float *host);
+/* Quantized parameter i dequantized whole into dst (backend memory, numel floats, the caller's: eval.generate's
+ * merged view, st_qlora_materialize): its fp32 values, with round16 rounded to bf16 (kept as fp32: what a
+ * matmul under bf16 reads). Bit for bit what the scratch held. ST_EINVAL for a parameter not quantized. */
+int st_qlora_dequant_param(const st_model *m, int i, float *dst, int round16);
+/* Rows [r0, r0 + nr) of quantized parameter i dequantized (round16 as above) into the base's panel buffer
+ * (backend memory, grown to the largest panel asked; valid until the next call): a pointer to row r0, NULL
+ * with st_error() set (out of memory, rows outside it). Readers that want a whole matrix row by row (DoRA's
+ * norms and magnitudes) take st_qlora_panel_rows(m, i) rows at a time (about 1 MB of fp32; at least a row). */
+const float *st_qlora_rows(const st_model *m, int i, int r0, int nr, int round16);
+int st_qlora_panel_rows(const st_model *m, int i);
+/* Bytes st_qlora_rows' buffers reach with st_qlora_panel_rows panels (fp32 + bf16; the planner). */
+size_t st_qlora_rows_work(const st_model *m, const st_qlora_spec *spec);
+/* The fused base: C = X W^T (trans 0) or X W (trans 1) + beta C with W quantized parameter i alone, through the
+ * backend's qmatmul, W as the model's matmuls read it (precision bf16: rounded to bf16, ST_QMM_W16), X fp32 as
+ * is: matmul's product of the same values (DoRA's base term, worker/lora.c). ST_EINVAL unfused. */
+int st_qlora_param_mm(const st_model *m, int i, float *c, const float *x, int M, int trans, float beta);
 
 /* A new group of parameters becomes resident (the model's st_model_acquire; ZeRO-3 has just gathered their
- * quantized bytes): forgets which unit the scratch holds. Outside forward / backward it then dequantizes the
+ * quantized bytes): forgets which unit the scratch holds. Unfused, outside forward / backward it then dequantizes the
  * quantized parameters among [first, last), a unit at a time, into the scratch their offsets point at (the
  * last unit stays: acquire one parameter to read it). Inside them it does nothing more: the matmuls load. */
 void st_qlora_acquire(const st_model *m, int first, int last);
-/* Dequantizes the matmul unit of registry entry i into the scratch (its own place, and under bf16 the bf16
- * copy's), unless the scratch already holds it; a no-op for a parameter that is not quantized. */
+/* Unfused: dequantizes the matmul unit of registry entry i into the scratch (its own place, and under bf16 the bf16
+ * copy's), unless the scratch already holds it; a no-op for a parameter that is not quantized, and on the fused
+ * path (no scratch). */
 void st_qlora_load(const st_model *m, int i);
 
 /* The fused path (the backend's qmatmul, kernels/kernels.h: W's codes dequantized a panel / tile at a time
@@ -99,15 +121,16 @@ void st_qlora_load(const st_model *m, int i);
  * codes of the unit's tensors from the one at weight pointer w (registry offset) whose rows add up to `out`
  * (q/k/v packed, gate/up packed or one of them, any other weight alone): C = X W^T (trans 0) or X W
  * (trans 1) + beta * C, under the model's precision (bf16: matmul_bf16's numerics), and returns 1. Without a
- * noted unit or a matching shape it dequantizes the noted unit into the scratch (st_qlora_load: the old
- * path, so DoRA and anything else reading the scratch still see it) and returns 0: the caller multiplies.
- * Without the fused path st_qlora_select is st_qlora_load. The CPU twin's panels come from a scratch of
+ * noted unit it returns 0 (the caller multiplies a weight that is not quantized); a shape that is no unit's
+ * (no caller makes one) gives NaN. Without the fused path st_qlora_select is st_qlora_load. The CPU twin's panels come from a scratch of
  * st_qmatmul_scratch_floats (allocated on first use, grown as needed, owned by the quantized base). */
 void st_qlora_select(const st_model *m, int i);
 int st_qlora_mm(const st_model *m, float *c, st_mm_in x, const float *w, int M, int out, int in, int trans,
                 float beta);
-/* Whether the model's quantized matmuls run fused (st_qlora_select above). */
+/* Whether the model's quantized matmuls run fused (st_qlora_select above; then no scratch exists). */
 int st_qlora_fused(const st_model *m);
+/* Whether a base quantized on backend be would (NULL: the planner's registry-only model, the CPU's). */
+int st_qlora_fuses(const st_backend *be);
 /* Bytes st_qlora_mm's scratch grows to on a host backend with `threads` threads over matmuls of M rows
  * (the most over every unit's forward and input gradient; 0 on a device backend: tiles in shared memory). */
 size_t st_qlora_fused_work(const st_model *m, const st_qlora_spec *spec, int M, int bf16, int threads, int device);
@@ -115,7 +138,7 @@ size_t st_qlora_fused_work(const st_model *m, const st_qlora_spec *spec, int M, 
 /* Whether the model's quantized base has gate and up as units of their own (spec.mlp_apart). */
 int st_qlora_mlp_apart(const st_model *m);
 
-/* Whether registry entry i is held quantized (its weights are scratch, not the model's). */
+/* Whether registry entry i is held quantized (no weights of its own in the model's buffer). */
 int st_qlora_holds(const st_model *m, int i);
 
 /* Bytes the quantized base takes (codes + scales) and the fp32 bytes it replaced. */
@@ -137,8 +160,9 @@ void st_qlora_span(const st_model *m, int first, int last, size_t *a, size_t *b)
 size_t st_qlora_layer_bytes_max(const st_model *m, const st_qlora_spec *spec);
 
 /* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
- * bytes that leave the weight buffer, the scratch floats that replace them (the largest matmul unit) and (spec.bf16) the floats held
- * in bf16 only (the bf16-only kept parameters + the scratch: below n_w16). */
+ * bytes that leave the weight buffer, the scratch floats that replace them (0 on the fused path; unfused the
+ * largest matmul unit) and (spec.bf16) the floats held in bf16 only (the bf16-only kept parameters + the
+ * scratch: below n_w16). */
 void st_qlora_footprint(const st_model *m, const st_qlora_spec *spec, size_t *quantized, size_t *fp32,
                         size_t *scratch, size_t *w16);
 /* The streamed load's working memory besides the model (bytes, host memory): one fp32 tensor to quantize and
@@ -146,7 +170,7 @@ void st_qlora_footprint(const st_model *m, const st_qlora_spec *spec, size_t *qu
  * kept one (coordinator/trainer/train.c load_quantized). */
 size_t st_qlora_load_work(const st_model *m, const st_qlora_spec *spec, int device);
 /* The acquire's buffers st_qlora_begin allocates beside the model (bytes, backend memory): the dequantized
- * scales of the largest tensor, and with spec.bf16 or on a device backend the piece buffer. */
+ * scales of the largest tensor, and with spec.bf16 unfused or on a device backend the piece buffer. */
 size_t st_qlora_acquire_work(const st_model *m, const st_qlora_spec *spec, int device);
 
 /* The quantization itself, on one host tensor of n floats (exposed for tests):

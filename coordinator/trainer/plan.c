@@ -452,9 +452,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     size_t qlayer = 0, qacq = 0;  /* QLoRA: the most quantized bytes of one layer; the acquire's buffers */
     size_t qfused = 0;            /* QLoRA: the fused matmuls' panels (part of qacq; first allocated by a step) */
     if (c->finetune.mode == ST_FINETUNE_QLORA) {
-        /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, one matmul
-         * unit's scratch, adapters) in fp32, and under bf16 its bf16 copy, below n_w16 (embedding, head, scratch) the
-         * bf16 copy only */
+        /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, adapters; no
+         * dequantized matrix on the fused path, else one matmul unit's scratch too: st_qlora_footprint) in fp32,
+         * and under bf16 its bf16 copy, below n_w16 (embedding, head, an unfused scratch) the bf16 copy only */
         int bf16 = c->precision == ST_PRECISION_BF16;
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
                             .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block,
@@ -469,6 +469,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
          * pieces: worker/qlora.h) */
         int dev = c->backend == ST_BACKEND_CUDA;
         qacq = st_qlora_acquire_work(m, &qs, dev);
+        /* DoRA: its magnitudes and norms read the base a panel of rows at a time (st_qlora_rows) */
+        if (c->finetune.lora.dora) qacq += st_qlora_rows_work(m, &qs);
         /* the fused matmuls' panels (worker/qlora.c st_qlora_mm, the CPU twin: one panel per thread, X's bf16
          * copy under bf16; none on a device) */
         qfused = st_qlora_fused_work(m, &qs, c->train.micro_batch * c->train.seq_len, bf16, st_num_threads(), dev);
@@ -481,9 +483,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         size_t adapters = m->lora ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
         qload = st_qlora_load_work(m, &qs, dev);
         if (adapters > qload) qload = adapters;
-        /* what the load has written: the fp32 part but the scratch, the bf16-only kept parameters' bf16 (the
-         * scratch is first written by a matmul's st_qlora_load, the rest of the bf16 copy by the first forward;
-         * the fused matmuls' panels by the first step) */
+        /* what the load has written: the fp32 part but an unfused scratch, the bf16-only kept parameters' bf16
+         * (that scratch is first written by a matmul's st_qlora_load, the rest of the bf16 copy by the first
+         * forward; the fused matmuls' panels by the first step) */
         qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qbytes - qfused)
                       : (q32 - scratch) * sizeof(float) + qbytes - qfused;
     }
@@ -525,7 +527,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                                           (size_t)st_model_mlp_block_rows(&m->cfg, c->train.micro_batch,
                                                                           c->train.seq_len + st_prompt_tokens(m),
                                                                           st_plan_act_ckpt(c), st_lora_rows_whole(m))) +
-                      (c->precision == ST_PRECISION_BF16 ? st_lora_bf16_work_floats(m) : 0)) *
+                      /* DoRA's B A (and widened weight); over a fused QLoRA base one panel of rows */
+                      st_lora_dora_weight_floats(m, c->finetune.mode == ST_FINETUNE_QLORA && st_qlora_fuses(m->be),
+                                                 c->precision == ST_PRECISION_BF16)) *
                      sizeof(float);
     r->buffers = step_buffer_bytes(c);
     size_t stepbuf = r->buffers; /* what the load phase holds: the async snapshot comes with the first save */
@@ -588,8 +592,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                         in flight when every parameter trains), shard_grads + z3_recv + one group's gradients
                         (+ the gather staging when some parameters are frozen) */
         size_t n = sp->n_trainable, lo = r->lo < n ? r->lo : n, hi = r->hi < n ? r->hi : n;
-        /* the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones (their one matmul
-         * unit's scratch stays whole, with the codes), sharded like the trainable ones: this rank's part of it */
+        /* the frozen space (comm.h): every frozen parameter but QLoRA's quantized ones (whole with the codes,
+         * and unfused their one matmul unit's scratch), sharded like the trainable ones: this rank's part of it */
         long *gath = malloc((size_t)m->n_params * sizeof(long));
         size_t nf = 0, whole = 0;
         int every = 1; /* every parameter trains: in-place gathers, prefetched */

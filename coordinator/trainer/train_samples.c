@@ -206,13 +206,14 @@ static int write_samples(trainer *t, int64_t step, const st_answer *ans) {
 
 /* Under LoRA (qlora and DoRA too) generation reads a view of the base registry over `w`, a buffer laid
  * out as the base weights whose groups this view's residency hooks fill one at a time: the trainer model's
- * group acquired (its ZeRO-3 gathers, its QLoRA dequantization), copied (QLoRA under bf16: the embedding,
+ * group acquired (its ZeRO-3 gathers), copied (QLoRA under bf16: the embedding,
  * head and dequantized layer exist in bf16 only, widened: the values the training forward reads), each adapter of the group folded
- * in with st_lora_merge_range (the fold `generate --adapter` applies to the exported adapter), the
+ * in with st_lora_merge_range_at (the fold `generate --adapter` applies to the exported adapter), the
  * trainer's group released; released groups give their pages back, so the copy holds one group (the
- * CPU backend; a device backend keeps what it touched). QLoRA's quantized weights share the trainer's one
- * matmul-unit scratch: the view gives them their own places (one layer's, after the base) and loads each
- * (st_qlora_load) before copying it. */
+ * CPU backend; a device backend keeps what it touched). QLoRA's quantized weights have no place in the
+ * trainer's buffer (worker/qlora.h: the fused path; unfused they share one matmul-unit scratch): the view
+ * gives them their own places (one layer's, after the base) and dequantizes each straight into its place
+ * (st_qlora_dequant_param; unfused: loads it into the scratch, st_qlora_load, and copies it). */
 typedef struct {
     const st_model *tm; /* the trainer's model */
     float *w;           /* the view's weights (backend memory) */
@@ -229,13 +230,19 @@ static void merged_acquire(void *ctx, int first, int last) {
     st_model_acquire(m, lf, ll);
     for (int i = first; i < last; i++) { /* QLoRA's bf16-only part (below n_w16, worker/qlora.h): widened */
         const st_param *p = &m->params[i];
-        size_t at = v->params ? v->params[i].offset : p->offset; /* >= p->offset */
-        st_qlora_load(m, i); /* QLoRA: its matmul unit dequantized into the trainer's scratch */
-        if (p->offset < m->n_w16) m->be->from_bf16(v->w + at, m->weights_bf16 + p->offset, p->numel);
-        else if (st_model_fp32_dropped(m, i)) st_model_param_fp32(m, i, 0, p->numel, v->w + at); /* bf16 only */
-        else m->be->copy(v->w + at, m->weights + p->offset, p->numel * sizeof(float));
-        /* the merge reads the trainer's base weight (DoRA) and writes dst + its trainer offset */
-        int rc = st_lora_merge_range(m, v->w + (at - p->offset), i, i + 1);
+        size_t at = v->params ? v->params[i].offset : p->offset;
+        int rc = 0;
+        if (st_qlora_fused(m) && st_qlora_holds(m, i)) /* no scratch: dequantized straight into the view */
+            rc = st_qlora_dequant_param(m, i, v->w + at, st_qlora_held_bf16(m));
+        else {
+            st_qlora_load(m, i); /* unfused QLoRA: its matmul unit dequantized into the trainer's scratch */
+            if (p->offset < m->n_w16) m->be->from_bf16(v->w + at, m->weights_bf16 + p->offset, p->numel);
+            else if (st_model_fp32_dropped(m, i)) st_model_param_fp32(m, i, 0, p->numel, v->w + at); /* bf16 only */
+            else m->be->copy(v->w + at, m->weights + p->offset, p->numel * sizeof(float));
+        }
+        /* the merge (DoRA's norms from dst) writes dst + its trainer offset (offsets, not pointers: a fused
+         * QLoRA parameter's trainer offset is virtual, worker/qlora.h) */
+        if (!rc) rc = st_lora_merge_range_at(m, v->w, at, i);
         if (rc && !v->rc) v->rc = rc;
     }
     st_model_release(m, lf, ll);

@@ -13,7 +13,7 @@
  * with the thread count there): within fp32 summation error, not bit for bit. The panels split the output
  * columns near-evenly and none is small enough for OpenBLAS's small-matrix kernels unless the whole product is
  * (st_qmatmul_panel: those sum K in one pass, the blocked kernels in chunks). Compiled with -ffp-contract=off: the double-quantized scale is q8 * scale2, rounded,
- * then + mean, as dequant_int8 + add_scalar. */
+ * then + mean, as dequant_int8 + add_scalar. bf16 ST_QMM_W16: W's panels rounded as under bf16 1, X read as is. */
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/bf16.h"
 #include "kernels/kernels.h"
@@ -54,14 +54,14 @@ static void dq_row(float *restrict dst, const st_qweight *w, int r, int c0, int 
         for (int j = 0; j < n; j++) dst[j] = st_bf16_round(dst[j]);
 }
 
-/* X's values as the matmul reads them: fp32 as is, or (bf16) rounded / widened into slot. NULL: no operand. */
+/* X's values as the matmul reads them: fp32 as is, or (bf16 1) rounded / widened into slot. NULL: no operand. */
 static const float *operand(st_mm_in x, int bf16, float *slot, size_t n) {
     if (x.bf16) {
-        if (!bf16) return NULL; /* fp32 math has no bf16 X (and no slot for it) */
+        if (bf16 != 1) return NULL; /* fp32 math (and ST_QMM_W16) has no bf16 X (and no slot for it) */
         st_cpu_from_bf16(slot, x.bf16, n);
         return slot;
     }
-    if (!bf16 || !x.f32 || x.rounded) return x.f32;
+    if (bf16 != 1 || !x.f32 || x.rounded) return x.f32;
     const float *restrict src = x.f32;
 #pragma omp parallel for schedule(static) if (n >= ST_CPU_PAR_MIN)
     for (size_t i = 0; i < n; i++) slot[i] = st_bf16_round(src[i]);
@@ -104,7 +104,7 @@ void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans,
         return;
     }
     const int P = st_qmatmul_panel(m, len, n), np = (n + P - 1) / P;
-    const size_t xs = bf16 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0, slot = ((size_t)P + 4) * (size_t)len;
+    const size_t xs = bf16 == 1 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0, slot = ((size_t)P + 4) * (size_t)len;
     const size_t slots = scratch_floats > xs ? (scratch_floats - xs) / slot : 0;
     const float *xa = slots && w->block > 0 && w->nparts >= 1 && w->nparts <= ST_QW_PARTS
                           ? operand(x, bf16, scratch, (size_t)m * (size_t)len)

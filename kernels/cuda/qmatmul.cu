@@ -7,7 +7,8 @@
  *   bf16 1: both tiles rounded to bf16 (kernels/bf16.h's rule, st_bf16_bits_rn) and multiplied on the tensor
  *           cores (WMMA 16x16x16, bf16 in, fp32 accumulate; 4 warps of 32 x 32) — the CPU twin's values up to
  *           the order of the fp32 additions (gpu_check bounds it);
- *   bf16 0: fp32 FMA tiles (256 threads, 4 x 4 outputs each) — matmul's fp32 product, up to summation order.
+ *   bf16 0: fp32 FMA tiles (256 threads, 4 x 4 outputs each) — matmul's fp32 product, up to summation order;
+ *   bf16 2 (ST_QMM_W16): the same fp32 tiles with W's tile rounded to bf16 (X fp32 as is, never bf16).
  * Forward (trans 0) reads W[n][k] (tile loads walk k, along W's rows); the input gradient (trans 1) reads
  * W[k][n] (loads walk n). C = tile + beta * C (beta 0 never reads C). Compiled for sm_80 / sm_90. */
 #include "kernels/cuda/cuda_ops.cuh"
@@ -66,12 +67,14 @@ __device__ void load_x(S *as, const float *xf, const uint16_t *xh, int m, int le
 
 /* B[k0 .. k0 + 32)[n0 .. n0 + 64) of the product, B = W^T (trans 0) or W (trans 1), dequantized -> Bs */
 template <typename S, int LD>
-__device__ void load_w(S *bs, const st_qweight &w, const float *lv, int trans, int n, int len, int k0, int n0) {
+__device__ void load_w(S *bs, const st_qweight &w, const float *lv, int trans, int n, int len, int k0, int n0,
+                       int round16) {
     for (int i = threadIdx.x; i < QM_BK * QM_BN; i += blockDim.x) {
         int k = trans ? i / QM_BN : i % QM_BK, j = trans ? i % QM_BN : i / QM_BK; /* walk W's rows */
         int gk = k0 + k, gn = n0 + j;
         float v = 0.0f;
         if (gk < len && gn < n) v = trans ? qw_at(w, lv, gk, gn) : qw_at(w, lv, gn, gk);
+        if (round16) v = __uint_as_float((uint32_t)st_bf16_bits_rn(v) << 16); /* ST_QMM_W16 */
         qput(bs[k * LD + j], v);
     }
 }
@@ -95,7 +98,7 @@ __global__ void __launch_bounds__(128) qmm_tc_kernel(float *c, const float *xf, 
         for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
     for (int k0 = 0; k0 < len; k0 += QM_BK) {
         load_x<qbf16, QM_LDA>(as, xf, xh, m, len, m0, k0);
-        load_w<qbf16, QM_LDB>(bs, w, lv, trans, n, len, k0, n0);
+        load_w<qbf16, QM_LDB>(bs, w, lv, trans, n, len, k0, n0, 0);
         __syncthreads();
         for (int kk = 0; kk < QM_BK / 16; kk++) {
             qfrag_a fa[2];
@@ -119,7 +122,8 @@ __global__ void __launch_bounds__(128) qmm_tc_kernel(float *c, const float *xf, 
 }
 
 __global__ void __launch_bounds__(256) qmm_f32_kernel(float *c, const float *xf, const uint16_t *xh, st_qweight w,
-                                                      int m, int n, int len, int trans, float beta, qmm_levels lvp) {
+                                                      int m, int n, int len, int trans, float beta, qmm_levels lvp,
+                                                      int round16) {
     __shared__ float as[QM_BM * (QM_BK + 1)];
     __shared__ float bs[QM_BK * (QM_BN + 1)];
     __shared__ float lv[16];
@@ -131,7 +135,7 @@ __global__ void __launch_bounds__(256) qmm_f32_kernel(float *c, const float *xf,
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
     for (int k0 = 0; k0 < len; k0 += QM_BK) {
         load_x<float, QM_BK + 1>(as, xf, xh, m, len, m0, k0);
-        load_w<float, QM_BN + 1>(bs, w, lv, trans, n, len, k0, n0);
+        load_w<float, QM_BN + 1>(bs, w, lv, trans, n, len, k0, n0, round16);
         __syncthreads();
         for (int k = 0; k < QM_BK; k++) {
             float a[4], b[4];
@@ -160,8 +164,8 @@ void st_cu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, 
     for (int p = 0; p < w->nparts; p++) rows += w->part[p].rows;
     const int n = trans ? w->cols : rows, len = trans ? rows : w->cols;
     if (m <= 0 || n <= 0) return;
-    if (!x.f32 && !x.bf16) {
-        st_cuda_note("qmatmul", "no X operand");
+    if ((!x.f32 && !x.bf16) || (bf16 != 1 && !x.f32)) {
+        st_cuda_note("qmatmul", "no X operand (fp32 math and ST_QMM_W16 read fp32 X)");
         return;
     }
     if ((m + QM_BM - 1) / QM_BM > 65535) {
@@ -171,9 +175,10 @@ void st_cu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, 
     qmm_levels lv;
     memcpy(lv.v, ST_NF4_LEVELS, sizeof lv.v);
     dim3 grid((unsigned)((n + QM_BN - 1) / QM_BN), (unsigned)((m + QM_BM - 1) / QM_BM));
-    if (bf16)
+    if (bf16 == 1)
         qmm_tc_kernel<<<grid, 128, 0, st_cuda_stream_internal()>>>(c, x.f32, x.bf16, *w, m, n, len, trans, beta, lv);
     else
-        qmm_f32_kernel<<<grid, 256, 0, st_cuda_stream_internal()>>>(c, x.f32, x.bf16, *w, m, n, len, trans, beta, lv);
+        qmm_f32_kernel<<<grid, 256, 0, st_cuda_stream_internal()>>>(c, x.f32, NULL, *w, m, n, len, trans, beta, lv,
+                                                                    bf16 == ST_QMM_W16);
     ST_CUDA_LAUNCHED("qmatmul");
 }

@@ -1014,8 +1014,8 @@ static void check_w8a8(void) {
 /* qmatmul (kernels/cuda/qmatmul.cu, CPU twin kernels/cpu/cpu_qmatmul.c): QLoRA's fused dequantize-matmul on a
  * unit of three stacked parts (rows 200 / 37 / 41, cols 259: odd, so nf4 rows start mid-byte; block 64 straddles
  * rows), part 0 with double-quantized absmax (q8 * scale2 + mean rebuilt in the kernel), the others plain fp32
- * scales; nf4 and int8; forward X W^T and input gradient X W; bf16 (tensor cores) and fp32; beta 1 onto a
- * non-zero C. Device and twin multiply the same operands (bf16: both round X and the dequantized W with the one
+ * scales; nf4 and int8; forward X W^T and input gradient X W; bf16 (tensor cores), fp32 and ST_QMM_W16 (fp32
+ * tiles, W rounded to bf16: DoRA's base term under bf16); beta 1 onto a non-zero C. Device and twin multiply the same operands (bf16: both round X and the dequantized W with the one
  * rule, and products of bf16 values are exact in fp32) and differ only in the order of K fp32 additions, each
  * within K 2^-24 sum_k |x w| of the exact sum, so the bound per output is 2 K 2^-24 sum_k |x w| (+ the beta C
  * addition's half ulp, covered by the factor 2); the error reported is the worst |gpu - cpu| / bound (tol 1).
@@ -1079,7 +1079,7 @@ static void check_qmatmul_case(int nf4, int trans, int bf16, int m) {
     float *w = xmalloc((size_t)R * QM_COLS * 4), *ax = xmalloc((size_t)m * k * 4), *mag = xmalloc((size_t)m * n * 4);
     qm_host_dequant(w, nf4, codes, scales);
     for (size_t i = 0; i < (size_t)R * QM_COLS; i++) w[i] = fabsf(bf16 ? st_bf16_round(w[i]) : w[i]);
-    for (size_t i = 0; i < (size_t)m * k; i++) ax[i] = fabsf(bf16 ? st_bf16_round(x[i]) : x[i]);
+    for (size_t i = 0; i < (size_t)m * k; i++) ax[i] = fabsf(bf16 == 1 ? st_bf16_round(x[i]) : x[i]);
     C->matmul(mag, ax, w, m, n, k, 0, !trans, 1.0f, 0.0f);
     float *g = fetch(gc, (size_t)m * n);
     double worst = 0;
@@ -1090,7 +1090,7 @@ static void check_qmatmul_case(int nf4, int trans, int bf16, int m) {
     }
     char name[64];
     snprintf(name, sizeof name, "qmatmul %s %s %s m=%d (err/bound)", nf4 ? "nf4" : "int8", trans ? "dy W" : "x W^T",
-             bf16 ? "bf16" : "fp32", m);
+             bf16 == 1 ? "bf16" : bf16 ? "w16" : "fp32", m);
     report(name, worst, tg, tc, 1.0);
     if (self_test && nf4 && !trans && bf16) { /* one output off by 1e-3 relative: far past the bound */
         g[7] = c[7] + 1e-3f * fmaxf(fabsf(c[7]), 1.0f);
@@ -1113,7 +1113,7 @@ static void check_qmatmul(void) {
     }
     for (int nf4 = 1; nf4 >= 0; nf4--)
         for (int trans = 0; trans <= 1; trans++)
-            for (int bf16 = 1; bf16 >= 0; bf16--) check_qmatmul_case(nf4, trans, bf16, trans ? 77 : NROWS);
+            for (int bf16 = ST_QMM_W16; bf16 >= 0; bf16--) check_qmatmul_case(nf4, trans, bf16, trans ? 77 : NROWS);
 }
 
 /* ---------------------------------------------------------------- tensor-core attention (CUDA) */

@@ -225,9 +225,14 @@ int main(int argc, char **argv) {
     for (int i = 0; qlora && i < m.n_params; i++) {
         if (!st_qlora_holds(&m, i)) continue;
         const st_param *p = &m.params[i];
-        float *hf = malloc(p->numel * sizeof(float));
-        st_model_acquire(&m, i, i + 1);
-        st_model_param_to_hf(&m, i, m.weights, hf);
+        float *hf = malloc(p->numel * sizeof(float)), *dq = malloc(p->numel * sizeof(float));
+        st_qlora_dequant_param(&m, i, dq, 0); /* no place in m.weights (worker/qlora.h): its own buffer */
+        if (p->ndim == 2 && p->transpose_io) /* HF layout, as st_model_param_to_hf */
+            for (int64_t r = 0; r < p->shape[0]; r++)
+                for (int64_t k = 0; k < p->shape[1]; k++) hf[k * p->shape[0] + r] = dq[r * p->shape[1] + k];
+        else
+            memcpy(hf, dq, p->numel * sizeof(float));
+        free(dq);
         int64_t d0 = p->transpose_io ? p->shape[1] : p->shape[0], d1 = p->transpose_io ? p->shape[0] : p->shape[1];
         add(&o, dupname("dequant.", p->name), hf, 2, d0, d1);
     }

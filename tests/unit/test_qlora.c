@@ -8,7 +8,7 @@
  *  - double quantization: scales minus their mean, 127 steps of max |d| per 256 scales; scales all equal
  *    come back exactly (the step is 0); otherwise each within half a step; more than 256 scales use one
  *    step per 256.
- *  - one matmul unit at a time (worker/qlora.h): the scratch is the largest unit (q + k + v together, gate +
+ *  - one matmul unit at a time (worker/qlora.h, the unfused path): the scratch is the largest unit (q + k + v together, gate +
  *    up together or, with spec.mlp_apart, each alone, every other projection alone), not a layer, and every
  *    quantized weight's place lies inside it. A LoRA training step (activation checkpointing: forward,
  *    recomputation, backward) over the quantized base against the same model materialized (every weight
@@ -20,7 +20,10 @@
  *    matrix (the scratch aliases all of a layer's units) moves the loss by O(1e-2), the gradients by O(1).
  *  - the fused dequantize-matmul (qmatmul): bit for bit dequantize-then-matmul on its own (test_qmatmul_fused,
  *    with a float64 bound and broken dequantizations that must show) and inside a model's step
- *    (test_fused_model: fused against SHARDTUNE_QLORA_FUSED=0, fp32 and bf16). */
+ *    (test_fused_model: fused against SHARDTUNE_QLORA_FUSED=0, fp32 and bf16).
+ *  - no whole-matrix scratch on the fused path (test_no_scratch: no storage for the quantized tensors, and every
+ *    other reader — DoRA's magnitudes, norms and products, eval.generate's merged values, materialize — gives
+ *    the unfused (scratch) path's bits). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -111,7 +114,7 @@ static void test_double_quant(void **state) {
 
 enum { UB = 2, UT = 12, UN = UB * UT };
 
-static void unit_model(st_model *m, const st_qlora_spec *spec, int materialize) {
+static void unit_model_dora(st_model *m, const st_qlora_spec *spec, int materialize, int dora) {
     st_model_config c;
     memset(&c, 0, sizeof c);
     c.family = ST_FAMILY_LLAMA;
@@ -121,14 +124,19 @@ static void unit_model(st_model *m, const st_qlora_spec *spec, int materialize) 
     assert_int_equal(st_model_build(m, &c, st_backend_cpu(1)), 0);
     assert_int_equal(st_model_init_random(m, 7), 0);
     m->grad_align = 1;
-    st_lora_spec ls = {.r = 4, .alpha = 8.0, .targets = ST_LORA_LLAMA_ALL, .seed = 11};
+    st_lora_spec ls = {.r = 4, .alpha = 8.0, .targets = ST_LORA_LLAMA_ALL, .seed = 11, .dora = dora};
     assert_int_equal(st_lora_attach(m, &ls), 0);
     assert_int_equal(st_qlora_quantize(m, spec), 0);
+    if (dora) assert_int_equal(st_lora_init_magnitudes(m), 0);
     if (materialize) assert_int_equal(st_qlora_materialize(m), 0);
     unsigned char layers[2] = {1, 1};
     assert_int_equal(st_model_set_trainable(m, layers, ST_MOD_LORA), 0);
     assert_int_equal(st_model_alloc_activations(m, UB, UT), 0);
     assert_int_equal(st_model_set_activation_checkpointing(m, 1), 0);
+}
+
+static void unit_model(st_model *m, const st_qlora_spec *spec, int materialize) {
+    unit_model_dora(m, spec, materialize, 0);
 }
 
 /* One step's loss and gradients; B of every adapter set to a fixed nonzero value first (B = 0 at init would
@@ -153,11 +161,13 @@ static double unit_step(st_model *m, float *grads) {
 static void matmul_units(int apart) {
     st_qlora_spec spec = {.quant = ST_QLORA_NF4, .double_quant = 1, .block = 16, .mlp_apart = apart};
     st_model q, d;
+    setenv("SHARDTUNE_QLORA_FUSED", "0", 1); /* the scratch: the unfused path's (the fused one has none) */
     unit_model(&q, &spec, 0);
     /* units: q + k + v 32x32 + 2 x 16x32 = 2048, o 1024, gate / up / down 80x32 = 2560 (gate + up 5120); a
      * layer 10752 */
     size_t qb, fb, scratch, w16, lo = (size_t)-1, hi = 0, want = apart ? 2560 : 5120;
     st_qlora_footprint(&q, &spec, &qb, &fb, &scratch, &w16);
+    unsetenv("SHARDTUNE_QLORA_FUSED");
     assert_int_equal(scratch, want);
     for (int i = 0; i < q.n_params; i++) {
         if (!st_qlora_holds(&q, i)) continue;
@@ -400,6 +410,108 @@ static void test_fused_model(void **state) {
     fused_vs_unfused(ST_QLORA_NF4, ST_PRECISION_BF16);
 }
 
+/* ---- no whole-matrix scratch on the fused path (worker/qlora.h) ----
+ * The fused model's quantized tensors have no storage: the weight buffer is the unfused one's less its one-unit
+ * scratch, and every quantized offset lies past the buffer (a reader still going through the registry offset
+ * faults). Against the unfused model (SHARDTUNE_QLORA_FUSED=0: today's readers over the scratch), bit for bit:
+ * DoRA's magnitudes (row panels, st_qlora_rows), DoRA training steps (norms panel by panel, the base term and
+ * its input gradient through qmatmul, st_qlora_param_mm) in fp32, bf16 and bf16 with LoRA dropout (DoRA's term
+ * then reads the dropped fp32 input: qmatmul's ST_QMM_W16), eval.generate's merged values of every quantized
+ * tensor (st_qlora_dequant_param + st_lora_merge_range_at against the scratch's copy, fp32 and bf16-rounded)
+ * and export --merge's st_qlora_materialize. Each panel and qmatmul computes every element with the same
+ * operations in the same order as the whole-matrix path (dora_norm is per row, B A's rows are r-term dot
+ * products, qmatmul is dequantize-then-matmul's bits: test_qmatmul_fused), so equality is exact. */
+static void no_scratch_step(st_model *a, st_model *b, st_precision prec, double dropout) {
+    if (prec == ST_PRECISION_BF16 && a->precision != prec) {
+        assert_int_equal(st_model_set_precision(a, prec), 0);
+        assert_int_equal(st_model_set_precision(b, prec), 0);
+    }
+    assert_int_equal(st_lora_set_dropout(a, dropout, 5), 0);
+    assert_int_equal(st_lora_set_dropout(b, dropout, 5), 0);
+    st_lora_dropout_batch(a, 3, 0);
+    st_lora_dropout_batch(b, 3, 0);
+    float *ga = malloc(a->n_grads * sizeof(float)), *gb = malloc(b->n_grads * sizeof(float));
+    double la = unit_step(a, ga), lb = unit_step(b, gb);
+    if (la != lb) fail_msg("DoRA step (precision %d, dropout %g): loss %.17g fused, %.17g unfused", (int)prec, dropout, la, lb);
+    assert_int_equal(a->n_grads, b->n_grads);
+    assert_memory_equal(ga, gb, a->n_grads * sizeof(float));
+    double norm = 0;
+    for (size_t i = 0; i < a->n_grads; i++) norm += (double)ga[i] * ga[i];
+    assert_true(norm > 0);
+    free(ga);
+    free(gb);
+}
+
+static void no_scratch_merged(st_model *a, st_model *b, int round16) {
+    for (int i = 0; i < st_model_base_params(a); i++) {
+        if (!st_qlora_holds(a, i)) continue;
+        const st_param *p = &a->params[i];
+        float *wa = malloc(p->numel * sizeof(float)), *wb = malloc(p->numel * sizeof(float));
+        assert_int_equal(st_qlora_dequant_param(a, i, wa, round16), 0);
+        st_qlora_load(b, i); /* the unfused model's scratch: today's readers */
+        if (round16) b->be->from_bf16(wb, b->weights_bf16 + b->params[i].offset, p->numel);
+        else memcpy(wb, b->weights + b->params[i].offset, p->numel * sizeof(float));
+        assert_memory_equal(wa, wb, p->numel * sizeof(float));
+        assert_int_equal(st_lora_merge_range_at(a, wa, 0, i), 0);
+        assert_int_equal(st_lora_merge_range_at(b, wb, 0, i), 0);
+        assert_memory_equal(wa, wb, p->numel * sizeof(float));
+        free(wa);
+        free(wb);
+    }
+}
+
+static void test_no_scratch(void **state) {
+    (void)state;
+    st_qlora_spec spec = {.quant = ST_QLORA_NF4, .double_quant = 1, .block = 16};
+    st_model a, b;
+    /* panels of 100 floats: 3 rows of 32 (q/k/v, gate, up: several panels, the last one short) or 1 of 80 (down:
+     * its rows start mid-block, 80 = 5 blocks of 16 but 2 x 16 the alignment) */
+    setenv("SHARDTUNE_QLORA_PANEL_FLOATS", "100", 1);
+    unit_model_dora(&a, &spec, 0, 1);
+    setenv("SHARDTUNE_QLORA_FUSED", "0", 1);
+    unit_model_dora(&b, &spec, 0, 1);
+    size_t qb, fb, scratch_b, scratch_a, w16;
+    st_qlora_footprint(&b, &spec, &qb, &fb, &scratch_b, &w16);
+    unsetenv("SHARDTUNE_QLORA_FUSED");
+    st_qlora_footprint(&a, &spec, &qb, &fb, &scratch_a, &w16);
+    assert_true(st_qlora_fused(&a) && !st_qlora_fused(&b));
+    assert_int_equal(scratch_a, 0);
+    assert_int_equal(scratch_b, 5120); /* gate + up */
+    assert_int_equal(a.n_weights + scratch_b, b.n_weights);
+    for (int i = 0; i < a.n_params; i++)
+        if (st_qlora_holds(&a, i)) assert_true(a.params[i].offset >= a.n_weights + ((size_t)1 << 30));
+    for (int i = st_model_base_params(&a); i < a.n_params; i++) { /* the adapters, DoRA magnitudes included */
+        const st_param *p = &a.params[i];
+        assert_memory_equal(a.weights + p->offset, b.weights + b.params[i].offset, p->numel * sizeof(float));
+        if (!strstr(p->name, "lora_magnitude_vector")) continue;
+        int base = st_lora_base_of(&a, i, NULL), in = (int)a.params[base].shape[1]; /* today's: the scratch's rows */
+        st_qlora_load(&b, base);
+        for (int j = 0; j < (int)p->numel; j++) {
+            const float *r = b.weights + b.params[base].offset + (size_t)j * in;
+            double ss = 0;
+            for (int k = 0; k < in; k++) ss += (double)r[k] * r[k];
+            assert_true(a.weights[p->offset + j] == (float)sqrt(ss));
+        }
+    }
+    no_scratch_step(&a, &b, ST_PRECISION_FP32, 0.0);
+    no_scratch_merged(&a, &b, 0);
+    no_scratch_step(&a, &b, ST_PRECISION_BF16, 0.0);
+    no_scratch_step(&a, &b, ST_PRECISION_BF16, 0.25);
+    no_scratch_merged(&a, &b, 1);
+    st_model_free(&a);
+    st_model_free(&b);
+    /* export --merge's materialization (fp32 base) */
+    unit_model_dora(&a, &spec, 1, 1);
+    setenv("SHARDTUNE_QLORA_FUSED", "0", 1);
+    unit_model_dora(&b, &spec, 1, 1);
+    unsetenv("SHARDTUNE_QLORA_FUSED");
+    assert_int_equal(a.n_weights, b.n_weights);
+    assert_memory_equal(a.weights, b.weights, a.n_weights * sizeof(float));
+    st_model_free(&a);
+    st_model_free(&b);
+    unsetenv("SHARDTUNE_QLORA_PANEL_FLOATS");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nf4_codes),
@@ -409,6 +521,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_units),
         cmocka_unit_test(test_qmatmul_fused),
         cmocka_unit_test(test_fused_model),
+        cmocka_unit_test(test_no_scratch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

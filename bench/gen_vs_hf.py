@@ -33,7 +33,14 @@ its ceiling is the machine's read bandwidth: the run measures a 256 MB torch sum
 (best of 5 by CPU time per thread, i.e. as if the threads ran side by side; by wall time too) and prints
 bytes-per-token / bandwidth as the decode floor. The CPU-time columns are the load-insensitive ones at 1 thread; with more
 threads CPU seconds also count threads waiting at barriers, so only the wall columns mean a rate. Numbers
-only."""
+only.
+
+--source bf16: the model directory is the same random-init model saved by transformers in bf16
+(save_pretrained after .to(torch.bfloat16): BF16 safetensors, as Llama / Qwen / Mistral checkpoints ship);
+transformers loads it with dtype=torch.float32 and shardtune holds its matmul weights as bf16 (the values
+are bf16 values: worker/generate.h st_gen_hold_bf16), so both compute in fp32 on the same values and should
+agree token for token. shardtune's floor then counts 2 bytes per weight (the KV cache stays fp32),
+transformers' 4; "max ratio" is shardtune's floor over transformers' rate."""
 import argparse
 import json
 import os
@@ -64,13 +71,13 @@ def prefill_flops(a, T):
     return 2.0 * T * a.layers * per_layer + 4.0 * a.layers * a.heads * hd * T * (T + 1) / 2 + 2.0 * a.dim * a.vocab
 
 
-def decode_bytes(a):
-    """fp32 bytes one decode step reads: every layer's matmul weights, the LM head, and the keys and
-    values cached so far (at the middle of the generation)."""
+def decode_bytes(a, wbytes=4):
+    """Bytes one decode step reads: every layer's matmul weights and the LM head (wbytes each: 4 fp32, 2 held
+    as bf16), and the fp32 keys and values cached so far (at the middle of the generation)."""
     hd = a.dim // a.heads
     per_layer = a.dim * (a.heads + 2 * a.kv_heads) * hd + a.heads * hd * a.dim + 3 * a.dim * a.ffn
     kv = 2 * a.layers * (a.prompt + a.new // 2) * a.kv_heads * hd
-    return 4.0 * (a.layers * per_layer + a.vocab * a.dim + kv)
+    return wbytes * (a.layers * per_layer + a.vocab * a.dim) + 4.0 * kv
 
 
 def read_bandwidth(torch, threads):
@@ -130,6 +137,12 @@ def measure(a, threads, torch, transformers, tmp):
         run([st, "init-model", "--family", "llama", "--layers", str(a.layers), "--dim", str(a.dim), "--heads",
              str(a.heads), "--kv-heads", str(a.kv_heads), "--ffn", str(a.ffn), "--vocab", str(a.vocab),
              "--max-seq", str(max(2048, a.prompt + a.new)), "--seed", "1", "--out", model])
+    if a.source == "bf16":  # saved by transformers in bf16; read back below as float32
+        b16 = model + "_bf16"
+        if not os.path.isdir(b16):
+            transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(
+                torch.bfloat16).save_pretrained(b16)
+        model = b16
     import random
     rnd = random.Random(3)
     ids = [rnd.randrange(3, a.vocab) for _ in range(a.prompt)]
@@ -190,7 +203,7 @@ def report_one(a, threads, best, peak, peak_cpu, bw, torch, transformers):
     print("decode speed-up: %.2fx by wall time, %.2fx by CPU time (target >= 3x); greedy tokens agreeing with "
           "transformers: %d of %d" % (best["st_dec"] / best["hf_dec"], best["st_cdec"] / best["hf_cdec"],
                                       best["same"], a.new))
-    floor = bw * 1e9 / decode_bytes(a)
+    floor = bw * 1e9 / decode_bytes(a, 2 if a.source == "bf16" else 4)
     # 1 thread: CPU-time rates against the CPU-time floor; more threads: wall rates (CPU seconds then count
     # threads waiting at barriers)
     clk = "cdec" if threads == 1 else "dec"
@@ -209,6 +222,8 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--wait-policy", default="", choices=("", "active", "passive"),
                     help="OMP_WAIT_POLICY for both sides (torch's libgomp too; default: unset, libgomp spins a while)")
+    ap.add_argument("--source", default="fp32", choices=("fp32", "bf16"),
+                    help="the model directory's weights: fp32, or saved by transformers in bf16 (see above)")
     ap.add_argument("--sweep", default="", help="comma-separated model sizes (%s), or 'all'" % ",".join(SIZES))
     for k, v in zip(SHAPE_KEYS, SIZES["l"]):
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
@@ -245,6 +260,7 @@ def main():
                 setattr(a, k, v)
             for t in threads:
                 b = measure(a, t, torch, transformers, tmp)
+                b["st_bytes"] = decode_bytes(a, 2 if a.source == "bf16" else 4)
                 rows.append((z, t, decode_bytes(a), b, loadavg()))
                 print("  measured %s at %d thread(s), load average %s" % (z, t, rows[-1][4]), flush=True)
         for t in threads:
@@ -258,12 +274,15 @@ def main():
 def report_sweep(a, rows, bws, torch, transformers):
     """One line per (size, threads): both sides' decode tok/s (wall; CPU time at 1 thread), the ratio, each
     side's fraction of the memory floor, and the ratio the floor allows given transformers' rate."""
-    print("decode sweep: llama fp32, batch 1, greedy, prompt %d tokens, %d new, best of %d, runs alternating; "
-          "torch %s, transformers %s" % (a.prompt, a.new, a.reps, torch.__version__, transformers.__version__))
+    print("decode sweep: llama, %s, batch 1, greedy, prompt %d tokens, %d new, best of %d, runs alternating; "
+          "torch %s, transformers %s" % ("fp32" if a.source == "fp32" else
+                                         "bf16 source (transformers computes in fp32 on it, shardtune holds bf16)",
+                                         a.prompt, a.new, a.reps, torch.__version__, transformers.__version__))
     for t in sorted(bws):
         print("read bandwidth, %d thread(s): %.1f GB/s by CPU time per thread, %.1f by wall time (256 MB torch sum, "
               "best of 5, better of before / after)" % (t, bws[t][0], bws[t][1]))
-    print("floor = MB per token / read bandwidth (CPU-time figure); rates: wall time, and CPU time at 1 thread "
+    print("MB/tok, floor: shardtune's MB per token and that / read bandwidth (CPU-time figure; hf %flr against "
+          "transformers' own fp32 floor); rates: wall time, and CPU time at 1 thread "
           "(the load-insensitive one); max ratio = floor / transformers' rate: no decoder can beat it when the "
           "weights stream from memory")
     print("shardtune: the default SHARDTUNE_DECODE_TEAM=auto (1-thr: its decode steps on one thread, last run); "
@@ -272,12 +291,14 @@ def report_sweep(a, rows, bws, torch, transformers):
         "size", "MB/tok", "thr", "clock", "shardtune", "transf.", "ratio", "floor", "st %flr", "hf %flr",
         "max ratio", "st full", "1-thr", "same"))
     for z, t, nbytes, b, _ in rows:
-        floor = bws[t][0] * 1e9 / nbytes
+        floor = bws[t][0] * 1e9 / nbytes  # transformers' (fp32 weights); shardtune's below
+        st_floor = bws[t][0] * 1e9 / b["st_bytes"]
         clocks = (("wall", "dec"), ("cpu", "cdec")) if t == 1 else (("wall", "dec"),)
         for clock, k in clocks:
             st, hf = b["st_" + k], b["hf_" + k]
             print("%-4s %7.1f %3d %5s %10.1f %10.1f %6.2fx %9.1f %7.0f%% %7.0f%% %8.2fx %8s %8s %7s" % (
-                z, nbytes / 1e6, t, clock, st, hf, st / hf, floor, 100 * st / floor, 100 * hf / floor, floor / hf,
+                z, b["st_bytes"] / 1e6, t, clock, st, hf, st / hf, st_floor, 100 * st / st_floor, 100 * hf / floor,
+                st_floor / hf,
                 "%.1f" % b["sf_dec"] if t > 1 and clock == "wall" else "-", b["team1"], "%d/%d" % (b["same"], a.new)))
 
 

@@ -236,6 +236,14 @@ struct st_backend {
     void (*attention_cached)(float *out, const float *qkv, const float *kcache, const float *vcache,
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
                              int max_t, int window);
+    /* ---- generation's small-batch products (worker/generate.c), optional (NULL: matmul) ----
+     * y[r, o] = sum_k x[r, k] W[o, k] (+ y[r, o] when beta is 1; beta is 0 or 1) for rows r < rows (a decode
+     * step or a few selected rows), W [out, in] held as fp32 (w) or as bf16 bit patterns (w16, widened
+     * exactly: shift left 16), exactly one of them non-NULL. Each output is one dot product summed in a fixed
+     * order that depends only on `in`: the same bits whatever rows, out, the thread count, and whether W is
+     * held as fp32 or (for weights that are bf16 values) as bf16. */
+    void (*decode_mm)(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
+                      float beta);
     /* ---- per-head RMSNorm of the q and k heads of packed qkv [N, (H+2*KVH)*hd] (Qwen3's q_norm/k_norm,
      * before RoPE): every q head row x[hd] becomes x * rstd * wq, every k head row x * rstd * wk,
      * rstd = 1/sqrt(mean(x^2) + eps); v is untouched. fwd works in place and saves the input rows

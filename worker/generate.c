@@ -25,7 +25,15 @@
  * Prompt / P-tuning: each sequence's prefill starts with V virtual rows at positions 0..V-1 whose
  * embedding is the table row (+ wpe[v], GPT-2); prefix tuning: the V prefix keys/values of every layer
  * are stored in the cache at positions 0..V-1 (as past_key_values enter it). Either way the real tokens
- * sit at positions V.. and attend to the virtual ones. */
+ * sit at positions V.. and attend to the virtual ones.
+ *
+ * bf16 holding (st_gen_hold_bf16, `generate` / `compare` on the CPU backend): the matmul weights of a bf16
+ * source model are held as bf16 only, half the bytes each decode step streams. Products of at most
+ * GEN_MM_ROWS rows (decode steps, the LM head on the selected rows, short prompts) go through the backend's
+ * decode_mm whichever way a weight is held (one fixed-order dot product per output, the bf16 weight widened
+ * exactly); a prefill chunk of more rows widens a held unit into an fp32 scratch and makes the same matmul
+ * call as fp32 holding. Either way the logits are bit-identical to holding the same weights as fp32
+ * (SHARDTUNE_DECODE_FP32=1). */
 #include "worker/generate.h"
 
 #include <math.h>
@@ -37,14 +45,18 @@
 
 #include "common/error.h"
 #include "common/util.h"
+#include "kernels/bf16.h"
 #include "worker/prompt.h"
 
 /* Prefill chunk: at most this many token rows per forward (bounds the scratch). 512 (a 512-token prompt in
  * one forward, each weight packed for sgemm once) measured the same prefill CPU time as 256. */
 #define GEN_MAX_ROWS 256
+/* Products of at most this many rows go through decode_mm (each weight row read once for all the rows). */
+#define GEN_MM_ROWS 8
 
 typedef struct {
     const float *n1w, *n1b, *wqkv, *bqkv, *qn, *kn, *wo, *bo, *n2w, *n2b, *w1, *b1, *w2, *b2;
+    const uint16_t *wqkv16, *wo16, *w116, *w216; /* the unit held in bf16 only (st_gen_hold_bf16), or NULL */
 } gen_layer;
 
 typedef struct {
@@ -54,6 +66,9 @@ typedef struct {
     int L, C, H, KVH, hd, Q, A, KVD, F, F1, V;
     gen_layer *layers;
     const float *wte, *wpe, *nfw, *nfb, *head;
+    const uint16_t *wte16, *head16;                  /* held in bf16 only, or NULL */
+    const st_gen_hold *hold;                         /* st_gen_params.hold */
+    float *wide;                                     /* host: a held layer unit widened (prefill chunks) */
     float *kc, *vc;                                  /* [L, S, max_t, KVD] */
     float *x, *ln, *qkv, *att, *h1, *h2, *mean, *rstd, *selx, *seln, *logits; /* backend, per row */
     float *qk_x, *qk_rstd;                           /* backend: Qwen3 q/k norm scratch (qk_norm only) */
@@ -159,20 +174,65 @@ static void state_free(gen_state *g) {
     free(g->cos_tab); free(g->sin_tab); free(g->hcos); free(g->hsin);
     free(g->layers);
     free(g->vrow);
+    free(g->wide);
 }
 
-static int state_init(gen_state *g, const st_model *m, int S, int max_t) {
-    memset(g, 0, sizeof *g);
+static void state_dims(gen_state *g, const st_model *m) {
     const st_model_config *c = &m->cfg;
     g->m = m;
     g->be = m->be;
-    g->S = S;
-    g->max_t = max_t;
-    g->R = GEN_MAX_ROWS > S ? GEN_MAX_ROWS : S;
     g->L = c->n_layer; g->C = c->d_model; g->H = c->n_head; g->KVH = c->n_kv_head; g->hd = c->head_dim;
     g->A = g->H * g->hd; g->KVD = g->KVH * g->hd; g->Q = g->A + 2 * g->KVD;
     g->F = c->d_ff; g->F1 = c->family == ST_FAMILY_GPT2 ? g->F : 2 * g->F; g->V = c->vocab;
+}
+
+/* The matmul units st_gen_hold_bf16 considers: layer l's (field, out, in) k = 0..3, then the head and wte. */
+static const float **layer_unit(gen_state *g, int l, int k, const uint16_t ***w16, size_t *n) {
+    gen_layer *w = &g->layers[l];
+    const float **f[] = {&w->wqkv, &w->wo, &w->w1, &w->w2};
+    const uint16_t **h[] = {&w->wqkv16, &w->wo16, &w->w116, &w->w216};
+    size_t sz[] = {(size_t)g->Q * g->C, (size_t)g->C * g->A, (size_t)g->F1 * g->C, (size_t)g->C * g->F};
+    if (w16) *w16 = h[k];
+    *n = sz[k];
+    return f[k];
+}
+
+/* The bf16 copy of the unit starting at fp32 weight w when the hold holds it, else NULL. */
+static const uint16_t *held16(const gen_state *g, const float *w) {
+    const st_gen_hold *h = g->hold;
+    if (!h || !w) return NULL;
+    size_t off = (size_t)(w - g->m->weights);
+    for (int i = 0; i < g->m->n_params; i++)
+        if (g->m->params[i].offset == off) return h->held[i] ? h->w16 + off : NULL;
+    return NULL;
+}
+
+/* Binds the held units' bf16 copies; the widening scratch for prefill chunks (largest held layer unit). */
+static int bind_held(gen_state *g) {
+    size_t wide = 0, n;
+    const uint16_t **u16;
+    for (int l = 0; g->hold && l < g->L; l++)
+        for (int k = 0; k < 4; k++) {
+            const float **u = layer_unit(g, l, k, &u16, &n);
+            if ((*u16 = held16(g, *u)) != NULL && n > wide) wide = n;
+        }
+    g->wte16 = held16(g, g->wte);
+    g->head16 = held16(g, g->head);
+    if (wide && !(g->wide = st_calloc_aligned(wide * sizeof(float))))
+        return st_fail(ST_ENOMEM, "out of memory for generation scratch");
+    return 0;
+}
+
+static int state_init(gen_state *g, const st_model *m, const st_gen_hold *hold, int S, int max_t) {
+    memset(g, 0, sizeof *g);
+    const st_model_config *c = &m->cfg;
+    state_dims(g, m);
+    g->hold = hold && hold->floats && m->be->host_memory && m->be->decode_mm ? hold : NULL;
+    g->S = S;
+    g->max_t = max_t;
+    g->R = GEN_MAX_ROWS > S ? GEN_MAX_ROWS : S;
     int rc = bind_weights(g);
+    if (!rc) rc = bind_held(g);
     if (rc) return rc;
     const st_backend *be = g->be;
     size_t R = (size_t)g->R, cache = (size_t)g->L * S * max_t * g->KVD, half = (size_t)g->hd / 2;
@@ -210,6 +270,74 @@ static int state_init(gen_state *g, const st_model *m, int S, int max_t) {
     return 0;
 }
 
+/* ---------------- bf16 holding (generate.h st_gen_hold_bf16) ---------------- */
+
+/* Whether x[0, n) are all bf16 values (low 16 bits zero). */
+static int bf16_values(const float *x, size_t n) {
+    for (size_t k = 0; k < n; k++) {
+        uint32_t u;
+        memcpy(&u, x + k, sizeof u);
+        if (u & 0xffffu) return 0;
+    }
+    return 1;
+}
+
+/* Unit [w, w + n) held when exact: its bf16 copy at the same offset, its fp32 memory given back, every
+ * parameter inside it marked. */
+static void hold_unit(st_model *m, st_gen_hold *h, const float *w, size_t n) {
+    if (!w || !bf16_values(w, n)) return;
+    size_t off = (size_t)(w - m->weights);
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].offset >= off && m->params[i].offset < off + n) {
+            if (h->held[i]) return; /* tied: already held as the other unit */
+            h->held[i] = 1;
+        }
+    m->be->to_bf16(h->w16 + off, w, n); /* exact: the values are bf16 values */
+    st_give_back(m->weights, sizeof(float), off, off + n);
+    h->floats += n;
+}
+
+static int hold_env_fp32(void) {
+    const char *e = getenv("SHARDTUNE_DECODE_FP32"); /* tests: 1 holds every weight as fp32 */
+    return e && !strcmp(e, "1");
+}
+
+int st_gen_hold_bf16(st_model *m, st_gen_hold *h) {
+    memset(h, 0, sizeof *h);
+    if (hold_env_fp32() || !m->be->host_memory || !m->be->decode_mm || m->acquire || m->prompt || m->qlora || m->w8 ||
+        m->n_w16 || m->windowed || m->buffers_external || m->part_base || m->n_params < 1)
+        return 0;
+    gen_state g;
+    memset(&g, 0, sizeof g);
+    state_dims(&g, m);
+    int rc = bind_weights(&g);
+    if (rc) { free(g.layers); return rc; }
+    h->w16 = st_calloc_aligned(m->n_weights * sizeof(uint16_t)); /* pages become resident only where written */
+    h->held = calloc((size_t)m->n_params, 1);
+    if (!h->w16 || !h->held) {
+        free(g.layers);
+        st_gen_hold_free(h);
+        return st_fail(ST_ENOMEM, "out of memory holding the weights in bf16");
+    }
+    size_t n;
+    for (int l = 0; l < g.L; l++)
+        for (int k = 0; k < 4; k++) {
+            const float **u = layer_unit(&g, l, k, NULL, &n);
+            hold_unit(m, h, *u, n);
+        }
+    hold_unit(m, h, g.wte, (size_t)g.V * g.C);
+    if (g.head != g.wte) hold_unit(m, h, g.head, (size_t)g.V * g.C);
+    free(g.layers);
+    if (!h->floats) st_gen_hold_free(h);
+    return 0;
+}
+
+void st_gen_hold_free(st_gen_hold *h) {
+    free(h->w16);
+    free(h->held);
+    memset(h, 0, sizeof *h);
+}
+
 /* ---------------- one forward over token rows ---------------- */
 
 static void norm(const gen_state *g, float *out, const float *x, const float *w, const float *b, int rows) {
@@ -220,16 +348,33 @@ static void norm(const gen_state *g, float *out, const float *x, const float *w,
         g->be->rmsnorm_fwd(out, g->rstd, x, w, rows, g->C, c->norm_eps);
 }
 
-/* y (+)= x @ W^T (+ b): beta 1 adds into y (the residual stream). */
-static void linear(const gen_state *g, float *y, const float *x, const float *w, const float *b, int rows, int out,
-                   int in, float beta) {
-    g->be->matmul(y, x, w, rows, out, in, 0, 1, 1.0f, beta);
-    if (b) g->be->bias_add(y, b, rows, out);
+/* y (+)= x @ W^T (+ b): beta 1 adds into y (the residual stream). W is fp32 w, or held as bf16 w16 (the
+ * same values): decode_mm for a few rows, else the matmul on W (widened into g->wide when held). */
+static void linear(const gen_state *g, float *y, const float *x, const float *w, const uint16_t *w16, const float *b,
+                   int rows, int out, int in, float beta) {
+    const st_backend *be = g->be;
+    if (be->decode_mm && rows <= GEN_MM_ROWS) {
+        be->decode_mm(y, x, w16 ? NULL : w, w16, rows, out, in, beta);
+    } else {
+        if (w16) {
+            be->from_bf16(g->wide, w16, (size_t)out * in);
+            w = g->wide;
+        }
+        be->matmul(y, x, w, rows, out, in, 0, 1, 1.0f, beta);
+    }
+    if (b) be->bias_add(y, b, rows, out);
 }
 
 static void embed(gen_state *g, const int32_t *seq, const int32_t *pos, const int *vrow, int rows) {
     const st_backend *be = g->be;
-    if (!g->wpe) {
+    if (g->wte16) { /* held in bf16 (host memory): each row widened exactly (+ wpe), as embedding_fwd */
+        for (int r = 0; r < rows; r++) {
+            float *x = g->x + (size_t)r * g->C;
+            const uint16_t *e = g->wte16 + (size_t)g->d_tok[r] * g->C;
+            const float *pe = g->wpe ? g->wpe + (size_t)pos[r] * g->C : NULL;
+            for (int j = 0; j < g->C; j++) x[j] = pe ? st_bf16_bits_to_float(e[j]) + pe[j] : st_bf16_bits_to_float(e[j]);
+        }
+    } else if (!g->wpe) {
         be->embedding_fwd(g->x, g->d_tok, g->wte, NULL, 1, rows, g->C);
     } else { /* learned positions: one lookup per run of consecutive positions of one sequence, with the
               * position table offset to the run's first position */
@@ -304,7 +449,7 @@ static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, c
         residency(g->m, l + 1, 1);
         float *kc = g->kc + l * layer_cache, *vc = g->vc + l * layer_cache;
         norm(g, g->ln, g->x, w->n1w, w->n1b, rows);
-        linear(g, g->qkv, g->ln, w->wqkv, w->bqkv, rows, g->Q, g->C, 0.0f);
+        linear(g, g->qkv, g->ln, w->wqkv, w->wqkv16, w->bqkv, rows, g->Q, g->C, 0.0f);
         if (w->qn) /* Qwen3: per-head RMSNorm of q and k before RoPE */
             be->head_rmsnorm_fwd(g->qkv, g->qk_x, g->qk_rstd, w->qn, w->kn, rows, g->H, g->KVH, g->hd,
                                  g->m->cfg.norm_eps);
@@ -312,12 +457,12 @@ static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, c
         be->kv_store(kc, vc, g->qkv, g->d_seq, g->d_pos, rows, g->H, g->KVH, g->hd, g->max_t);
         be->attention_cached(g->att, g->qkv, kc, vc, g->d_seq, g->d_pos, rows, g->H, g->KVH, g->hd, g->max_t,
                              layer_window(&g->m->cfg, l));
-        linear(g, g->x, g->att, w->wo, w->bo, rows, g->C, g->A, 1.0f);
+        linear(g, g->x, g->att, w->wo, w->wo16, w->bo, rows, g->C, g->A, 1.0f);
         norm(g, g->ln, g->x, w->n2w, w->n2b, rows);
-        linear(g, g->h1, g->ln, w->w1, w->b1, rows, g->F1, g->C, 0.0f);
+        linear(g, g->h1, g->ln, w->w1, w->w116, w->b1, rows, g->F1, g->C, 0.0f);
         if (g->wpe) be->gelu_fwd(g->h2, g->h1, (size_t)rows * g->F);
         else be->swiglu_fwd(g->h2, g->h1, rows, g->F);
-        linear(g, g->x, g->h2, w->w2, w->b2, rows, g->C, g->F, 1.0f);
+        linear(g, g->x, g->h2, w->w2, w->w216, w->b2, rows, g->C, g->F, 1.0f);
         residency(g->m, l + 1, 0);
     }
     residency(g->m, g->L + 1, 1);
@@ -325,7 +470,12 @@ static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, c
         for (int k = 0; k < n_sel; k++)
             be->copy(g->selx + (size_t)k * g->C, g->x + (size_t)sel[k] * g->C, (size_t)g->C * sizeof(float));
         norm(g, g->seln, g->selx, g->nfw, g->nfb, n_sel);
-        linear(g, g->logits, g->seln, g->head, NULL, n_sel, g->V, g->C, 0.0f);
+        int step = be->decode_mm ? GEN_MM_ROWS : n_sel; /* never the widened head: a few rows at a time */
+        for (int k0 = 0; k0 < n_sel; k0 += step) {
+            int n = n_sel - k0 < step ? n_sel - k0 : step;
+            linear(g, g->logits + (size_t)k0 * g->V, g->seln + (size_t)k0 * g->C, g->head, g->head16, NULL, n, g->V,
+                   g->C, 0.0f);
+        }
         be->copy_to_host(host, g->logits, (size_t)n_sel * g->V * sizeof(float));
     }
     residency(g->m, g->L + 1, 0);
@@ -564,6 +714,17 @@ static double cpu_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* This process's resident memory now (VmRSS), MB; 0 when unknown. */
+static double resident_mb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) kb = atof(line + 6);
+    if (f) fclose(f);
+    return kb / 1024.0;
+}
+
 static int run_batch(gen_state *g, const st_gen_params *p, st_gen_seq *s, seq_state *st, int nb, int first,
                      team_pick *team) {
     int R = g->R, V = g->V;
@@ -641,7 +802,7 @@ static int generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs,
     team_pick team;
     if ((rc = team_init(&team))) return rc;
     gen_state g;
-    rc = state_init(&g, m, S, max_t + PV);
+    rc = state_init(&g, m, p->hold, S, max_t + PV);
     g.sync = p->sync;
     g.sync_ctx = p->sync_ctx;
     g.ptab = ptab;
@@ -663,6 +824,10 @@ static int generate(const st_model *m, const st_gen_params *p, st_gen_seq *seqs,
         }
         if (!rc) rc = run_batch(&g, p, seqs + b0, st, nb, b0, &team);
         for (int k = 0; k < nb; k++) { free(st[k].hist); st[k].hist = NULL; }
+    }
+    if (!rc && p->stats) {
+        p->stats->hold_bf16_floats = g.hold ? (long)g.hold->floats : 0;
+        p->stats->rss_mb = resident_mb();
     }
     free(st);
     state_free(&g);

@@ -43,13 +43,37 @@ typedef struct {
      * rank out of work calls sync(ctx, 0) and repeats the forward's acquires while it returns 1. */
     int (*sync)(void *ctx, int busy);
     void *sync_ctx;
+    /* Optional: the weights held in bf16 only (st_gen_hold_bf16 on this model); NULL: all read as fp32. */
+    const struct st_gen_hold *hold;
 } st_gen_params;
+
+/* Matmul weights held in bf16 only for generation (st_gen_hold_bf16). */
+typedef struct st_gen_hold {
+    uint16_t *w16;         /* host [n_weights]: parameter i's bf16 copy at params[i].offset where held[i] */
+    unsigned char *held;   /* [n_params] */
+    size_t floats;         /* weights held in bf16 only */
+} st_gen_hold;
+
+/* Holds the model's matmul weights in bf16 only where that is exact: every matmul unit (a layer's packed
+ * q/k/v, the output projection, the packed gate/up or GPT-2 c_fc, the down projection, the LM head and the
+ * token embedding) whose fp32 values are all bf16 values (low 16 bits zero: a bf16 source model) gets a
+ * bf16 copy and its fp32 memory given back (it reads as zero after: the model is then for generation only,
+ * and st_model_free). Generation reads those through decode_mm (each output one dot product, the weight
+ * widened exactly: the same bits as with fp32 holding) or, for a prefill chunk of more rows, widened into
+ * an fp32 scratch unit by unit (the same matmul call). A unit with any other value (a merged LoRA
+ * adapter's projections) stays fp32. Only on a host-memory backend with decode_mm, a model without
+ * residency hooks, prompt learning, QLoRA or int8 packs; otherwise, or with SHARDTUNE_DECODE_FP32=1
+ * (tests), nothing is held (h->floats 0). Returns 0 or ST_ENOMEM. */
+int st_gen_hold_bf16(st_model *m, st_gen_hold *h);
+void st_gen_hold_free(st_gen_hold *h);
 
 typedef struct st_gen_stats {
     double prefill_s, decode_s;
     double prefill_cpu_s, decode_cpu_s; /* CPU seconds of all threads: with one thread, time it ran */
     long prefill_tokens, decode_tokens;
     long decode_team1_steps, decode_steps; /* decode steps run on one thread (see SHARDTUNE_DECODE_TEAM), all */
+    long hold_bf16_floats;                 /* weights held in bf16 only (st_gen_hold_bf16) */
+    double rss_mb;                         /* resident memory (VmRSS) after the last decode step, MB */
 } st_gen_stats;
 
 typedef enum {

@@ -108,11 +108,13 @@ int st_cmd_generate(int argc, char **argv) {
     rc = st_gen_run(model, &f, &ps, MPI_COMM_WORLD, &ans, dump_path ? &dump : NULL, &vocab, &print_error);
     if (!rc && f.timing && rank == 0)
         fprintf(stderr, "timing (rank 0): prefill %ld tokens in %.4f s = %.1f tokens/s; decode %ld tokens in %.4f s = "
-                        "%.1f tokens/s; cpu seconds: prefill %.4f, decode %.4f; decode steps on one thread: %ld of %ld\n",
+                        "%.1f tokens/s; cpu seconds: prefill %.4f, decode %.4f; decode steps on one thread: %ld of %ld; "
+                        "weights held in bf16: %ld; resident MB after decoding: %.1f\n",
                 stats.prefill_tokens,
                 stats.prefill_s, stats.prefill_tokens / (stats.prefill_s > 0 ? stats.prefill_s : 1e-9),
                 stats.decode_tokens, stats.decode_s, stats.decode_tokens / (stats.decode_s > 0 ? stats.decode_s : 1e-9),
-                stats.prefill_cpu_s, stats.decode_cpu_s, stats.decode_team1_steps, stats.decode_steps);
+                stats.prefill_cpu_s, stats.decode_cpu_s, stats.decode_team1_steps, stats.decode_steps,
+                stats.hold_bf16_floats, stats.rss_mb);
     if (!rc && rank == 0) {
         rc = write_outputs(tmp, &ps, ans);
         print_error = rc != 0;

@@ -418,8 +418,16 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     /* a LoRA adapter is folded into the weights: the decode path then runs the merged model unchanged; a
      * prompt-learning adapter stays attached (generation prepends its virtual tokens, worker/generate.c) */
     if (!rc && f->adapter && !(rc = st_peft_load_dir(&m, f->adapter)) && !m.prompt) rc = st_lora_merge(&m);
+    /* the model is for generation only: matmul weights that are bf16 values are held as bf16 (half the bytes
+     * each decode step reads, the same logits; worker/generate.h) */
+    st_gen_hold hold;
+    memset(&hold, 0, sizeof hold);
+    if (!rc) rc = st_gen_hold_bf16(&m, &hold);
     rc = agree(comm, rc, print_error);
-    if (!rc) rc = st_gen_run_model(&m, model_dir, f, ps, comm, answers, dump, vocab, print_error);
+    st_gen_flags fh = *f;
+    fh.gp.hold = &hold;
+    if (!rc) rc = st_gen_run_model(&m, model_dir, &fh, ps, comm, answers, dump, vocab, print_error);
+    st_gen_hold_free(&hold);
     if (loaded) st_model_free(&m);
     return rc;
 }

@@ -311,6 +311,7 @@ static const st_backend st_cpu_table = {
     .round_bf16 = st_cpu_round_bf16,
     .kv_store = st_cpu_kv_store,
     .attention_cached = st_cpu_attention_cached,
+    .decode_mm = st_cpu_decode_mm,
     .head_rmsnorm_fwd = st_cpu_head_rmsnorm_fwd,
     .head_rmsnorm_bwd = st_cpu_head_rmsnorm_bwd,
     .attention_window_fwd = st_cpu_attention_window_fwd,

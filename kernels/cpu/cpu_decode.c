@@ -6,7 +6,8 @@
  * other rows (decode steps) one by one with the score row on the stack; with GQA, when every thread gets
  * one, an item is a (row, kv head) whose query heads score each key row loaded once (the same sums as head
  * by head). Each (row or run, query head) is computed by one thread in a fixed order, so any thread
- * schedule gives the same bits. Caller owns every buffer. */
+ * schedule gives the same bits. decode_mm (at the end): generation's small-batch products on weights held
+ * as fp32 or bf16, one fixed-order dot product per output. Caller owns every buffer. */
 #include "kernels/cpu/cpu_kernels.h"
 
 #include <cblas.h>
@@ -233,4 +234,105 @@ void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, 
                            kvh, hd, max_t, window);
     }
     free(tiled);
+}
+
+/* ---- decode_mm: generation's small-batch products on fp32- or bf16-held weights ----
+ * One dot product per output, in one order for both holdings: NACC vector accumulators take the in-order
+ * chunks of LANES elements round-robin (chunk c into accumulator c % NACC) while NACC whole chunks remain,
+ * then the remaining whole chunks into accumulator 0, then the last in % LANES elements one by one (fmaf)
+ * into a scalar; the result is reduce((a0 + a1) + (a2 + a3)) + scalar. A bf16 weight is widened exactly
+ * (its bits shifted left 16) before the same fp32 FMA, so a weight whose fp32 value is a bf16 value gives
+ * the same bits held either way. LANES is 16 (AVX-512), 8 (AVX2) or 8 (portable: 8 scalar lanes). */
+#define NACC 4
+
+static inline float widen16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define LANES 16
+typedef __m512 vacc;
+static inline vacc v_zero(void) { return _mm512_setzero_ps(); }
+static inline vacc v_ld32(const float *p) { return _mm512_loadu_ps(p); }
+static inline vacc v_ld16(const uint16_t *p) {
+    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+static inline vacc v_fma(vacc a, vacc b, vacc c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vacc v_add(vacc a, vacc b) { return _mm512_add_ps(a, b); }
+static inline float v_sum(vacc a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LANES 8
+typedef __m256 vacc;
+static inline vacc v_zero(void) { return _mm256_setzero_ps(); }
+static inline vacc v_ld32(const float *p) { return _mm256_loadu_ps(p); }
+static inline vacc v_ld16(const uint16_t *p) {
+    __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+static inline vacc v_fma(vacc a, vacc b, vacc c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vacc v_add(vacc a, vacc b) { return _mm256_add_ps(a, b); }
+static inline float v_sum(vacc a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else
+#define LANES 8
+typedef struct { float v[8]; } vacc;
+static inline vacc v_zero(void) { vacc a = {{0}}; return a; }
+static inline vacc v_ld32(const float *p) { vacc a; memcpy(a.v, p, sizeof a.v); return a; }
+static inline vacc v_ld16(const uint16_t *p) { vacc a; for (int l = 0; l < 8; l++) a.v[l] = widen16(p[l]); return a; }
+static inline vacc v_fma(vacc a, vacc b, vacc c) { for (int l = 0; l < 8; l++) c.v[l] = fmaf(a.v[l], b.v[l], c.v[l]); return c; }
+static inline vacc v_add(vacc a, vacc b) { for (int l = 0; l < 8; l++) a.v[l] += b.v[l]; return a; }
+static inline float v_sum(vacc a) { return ((a.v[0] + a.v[4]) + (a.v[2] + a.v[6])) + ((a.v[1] + a.v[5]) + (a.v[3] + a.v[7])); }
+#endif
+
+/* The dot product of x[in] and weight row w (fp32) or w16 (bf16), in the order above. */
+#define DECODE_DOT(NAME, T, LOAD, SCALAR)                                                                      \
+    static float NAME(const float *restrict x, const T *restrict w, int in) {                                 \
+        vacc a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();                                       \
+        int k = 0;                                                                                             \
+        for (; k + NACC * LANES <= in; k += NACC * LANES) {                                                    \
+            a0 = v_fma(v_ld32(x + k), LOAD(w + k), a0);                                                        \
+            a1 = v_fma(v_ld32(x + k + LANES), LOAD(w + k + LANES), a1);                                        \
+            a2 = v_fma(v_ld32(x + k + 2 * LANES), LOAD(w + k + 2 * LANES), a2);                                \
+            a3 = v_fma(v_ld32(x + k + 3 * LANES), LOAD(w + k + 3 * LANES), a3);                                \
+        }                                                                                                      \
+        for (; k + LANES <= in; k += LANES) a0 = v_fma(v_ld32(x + k), LOAD(w + k), a0);                        \
+        float t = 0.0f;                                                                                        \
+        for (; k < in; k++) t = fmaf(x[k], SCALAR(w[k]), t);                                                   \
+        return v_sum(v_add(v_add(a0, a1), v_add(a2, a3))) + t;                                                 \
+    }
+#define AS_IS(v) (v)
+DECODE_DOT(dot_w32, float, v_ld32, AS_IS)
+DECODE_DOT(dot_w16, uint16_t, v_ld16, widen16)
+
+/* From this many weights a product is split across the team by output rows (as st_cpu_matmul's one-row
+ * products: streaming 256 KB costs far more than waking the team). */
+#define DECODE_PAR_MIN (1L << 16)
+
+void st_cpu_decode_mm(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
+                      float beta) {
+    if (rows <= 0 || out <= 0) return;
+#pragma omp parallel if ((long)out * in >= DECODE_PAR_MIN && out >= 32)
+    {
+        int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        int per = ((out + nt - 1) / nt + 15) / 16 * 16;
+        int lo = id * per < out ? id * per : out;
+        int hi = lo + per < out ? lo + per : out;
+        for (int o = lo; o < hi; o++)
+            for (int r = 0; r < rows; r++) {
+                const float *xr = x + (size_t)r * in;
+                float d = w16 ? dot_w16(xr, w16 + (size_t)o * in, in) : dot_w32(xr, w + (size_t)o * in, in);
+                float *yo = y + (size_t)r * out + o;
+                *yo = beta != 0.0f ? *yo + d : d;
+            }
+    }
 }

@@ -236,5 +236,7 @@ void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32
 void st_cpu_attention_cached(float *out, const float *qkv, const float *kcache, const float *vcache,
                              const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
                              int max_t, int window);
+void st_cpu_decode_mm(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
+                      float beta);
 
 #endif

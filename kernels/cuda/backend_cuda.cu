@@ -744,6 +744,7 @@ static const st_backend cuda_backend = {
     .round_bf16 = cu_round_bf16,
     .kv_store = st_cu_kv_store,
     .attention_cached = st_cu_attention_cached,
+    .decode_mm = st_cu_decode_mm,
     .head_rmsnorm_fwd = st_cu_head_rmsnorm_fwd,
     .head_rmsnorm_bwd = st_cu_head_rmsnorm_bwd,
     .attention_window_fwd = st_cu_attention_window_fwd,

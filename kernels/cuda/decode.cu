@@ -3,13 +3,20 @@
  * warp per (token, query head) over the token's cached keys in tiles of 32: lane j scores key j of the
  * tile against the query (kept in shared memory), the warp keeps an online softmax (running max and sum,
  * rescaled accumulator) and lane d owns output dims d, d + 32, ... Each output element has one writer
- * and a fixed summation order: reproducible. head_dim <= ST_DECODE_MAX_HD. */
+ * and a fixed summation order: reproducible. head_dim <= ST_DECODE_MAX_HD. decode_mm (generation's
+ * small-batch products on fp32- or bf16-held weights): one warp per weight row, lane j summing elements
+ * j, j + 32, ... of each dot product in order, then the warp's butterfly sum; a bf16 weight is widened
+ * exactly (shift left 16) before the same fused multiply-add, so both holdings give the same bits. */
 #include "kernels/cuda/cuda_ops.cuh"
 
 #include <math.h>
 
 #define ST_DECODE_WARPS 4
 #define ST_DECODE_MAX_HD 256
+
+/* A weight as fp32: itself, or a bf16 bit pattern widened exactly. */
+__device__ __forceinline__ float st_decode_widen(float v) { return v; }
+__device__ __forceinline__ float st_decode_widen(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
 
 __global__ void kv_store_kernel(float *kc, float *vc, const float *qkv, const int32_t *row_seq,
                                 const int32_t *row_pos, int rows, int h, int kvh, int hd, int max_t) {
@@ -97,4 +104,34 @@ void st_cu_attention_cached(float *out, const float *qkv, const float *kcache, c
     attention_cached_kernel<<<blocks, 32 * ST_DECODE_WARPS, 0, st_cuda_stream_internal()>>>(
         out, qkv, kcache, vcache, row_seq, row_pos, rows, h, kvh, hd, max_t, window, 1.0f / sqrtf((float)hd));
     ST_CUDA_LAUNCHED("attention_cached");
+}
+
+/* y[r, o] = dot(x[r], W[o]) (+ y[r, o] when accumulate), one warp per weight row o, every row r. */
+template <typename W>
+__global__ void decode_mm_kernel(float *y, const float *x, const W *w, int rows, int out, int in, int accumulate) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    long o = (long)blockIdx.x * ST_DECODE_WARPS + warp;
+    if (o >= out) return;
+    const W *wr = w + (size_t)o * in;
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * in;
+        float acc = 0.0f;
+        for (int k = lane; k < in; k += 32) acc = fmaf(xr[k], st_decode_widen(wr[k]), acc);
+        acc = st_warp_sum(acc);
+        if (lane == 0) {
+            float *yo = y + (size_t)r * out + o;
+            *yo = accumulate ? *yo + acc : acc;
+        }
+    }
+}
+
+void st_cu_decode_mm(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
+                     float beta) {
+    if (rows <= 0 || out <= 0) return;
+    int blocks = (out + ST_DECODE_WARPS - 1) / ST_DECODE_WARPS, acc = beta != 0.0f;
+    if (w16)
+        decode_mm_kernel<<<blocks, 32 * ST_DECODE_WARPS, 0, st_cuda_stream_internal()>>>(y, x, w16, rows, out, in, acc);
+    else
+        decode_mm_kernel<<<blocks, 32 * ST_DECODE_WARPS, 0, st_cuda_stream_internal()>>>(y, x, w, rows, out, in, acc);
+    ST_CUDA_LAUNCHED("decode_mm");
 }

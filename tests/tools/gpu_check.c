@@ -602,6 +602,39 @@ static void check_decode(void) {
     free(qkv), free(kc), free(vc), free(out), free(seq), free(pos);
 }
 
+/* Generation's decode_mm: 1 and 5 rows, a width with a partial last warp pass, writing and accumulating;
+ * against the CPU twin, and the device's fp32 and bf16 holdings of the same bf16 values bit for bit. */
+static void check_decode_mm(void) {
+    enum { OUT = 1000, IN = 300, ROWS = 5 };
+    float *w = hrand((size_t)OUT * IN, 1), *x = hrand((size_t)ROWS * IN, 1), *y = hrand((size_t)ROWS * OUT, 1);
+    uint16_t *w16 = xmalloc((size_t)OUT * IN * 2);
+    for (size_t i = 0; i < (size_t)OUT * IN; i++) { /* bf16 values: the fp32 weight truncated to its upper half */
+        uint32_t u;
+        memcpy(&u, &w[i], 4);
+        w16[i] = (uint16_t)(u >> 16);
+        u &= 0xffff0000u;
+        memcpy(&w[i], &u, 4);
+    }
+    float *gw = dev_from(w, (size_t)OUT * IN * 4), *gx = dev_from(x, (size_t)ROWS * IN * 4);
+    uint16_t *gw16 = dev_from(w16, (size_t)OUT * IN * 2);
+    float *gy = dev_from(y, (size_t)ROWS * OUT * 4), *gy16 = dev_from(y, (size_t)ROWS * OUT * 4);
+    double tg, tc;
+    int rows[2] = {1, ROWS};
+    for (int k = 0; k < 2; k++) {
+        float beta = k == 0 ? 0.0f : 1.0f;
+        tick(); G->decode_mm(gy, gx, gw, NULL, rows[k], OUT, IN, beta); tg = tock_gpu();
+        tick(); C->decode_mm(y, x, NULL, w16, rows[k], OUT, IN, beta); tc = tock_cpu();
+        G->decode_mm(gy16, gx, NULL, gw16, rows[k], OUT, IN, beta);
+        report(k == 0 ? "decode_mm (1 row)" : "decode_mm (5 rows, accumulate)", dev_err(gy, y, (size_t)ROWS * OUT), tg,
+               tc, 1e-4);
+        float *a = fetch(gy, (size_t)ROWS * OUT), *b = fetch(gy16, (size_t)ROWS * OUT);
+        report("decode_mm bf16 holding == fp32", memcmp(a, b, (size_t)ROWS * OUT * 4) == 0 ? 0.0 : 1.0, 0, 0, 0);
+        free(a), free(b);
+    }
+    G->free(gw), G->free(gx), G->free(gw16), G->free(gy), G->free(gy16);
+    free(w), free(x), free(y), free(w16);
+}
+
 /* Qwen3's per-head q/k RMSNorm on packed qkv (v untouched), forward in place and backward. */
 static void check_head_rmsnorm(void) {
     size_t row = (size_t)(H + 2 * KVH) * HD, n = (size_t)NROWS * row, nx = (size_t)NROWS * (H + KVH) * HD;
@@ -1691,7 +1724,7 @@ int main(int argc, char **argv) {
     if (GROUP("attention") && !self_test) /* tensor cores: CUDA only */
         check_attention_tc(2, 80, 4, 2, 64), check_attention_tc(1, 515, 8, 2, 128), check_attention_tc(1, 77, 4, 1, 64);
 #endif
-    if (GROUP("decode")) check_decode();
+    if (GROUP("decode")) check_decode(), check_decode_mm();
     if (GROUP("norms")) check_head_rmsnorm();
     if (GROUP("pointwise")) check_activations(), check_embedding(), check_copies();
     if (GROUP("xent")) check_cross_entropy(), check_kd(NROWS, V, 2.0f, 0.5f, 5.0f), check_kd(NROWS, V, 0.7f, 1.0f, 20.0f);

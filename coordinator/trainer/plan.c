@@ -20,6 +20,7 @@
 #include "worker/comm.h"
 #include "worker/comm_zero2_dev.h"
 #include "worker/comm_zero3_dev.h"
+#include "worker/comm_zero3_teacher_dev.h"
 #include "worker/lora.h"
 #include "text/tokenizer.h"
 #include "worker/prompt.h"
@@ -408,11 +409,14 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
     }
     size_t weights = c->sharding.stage == 3 ? (n + (size_t)world - 1) / (size_t)world * sizeof(float) + group * per
                                             : n * per;
-    *out = weights + st_model_activation_floats_ckpt(&tc, c->train.micro_batch, c->train.seq_len, tp, 1) *
-                         sizeof(float);
+    const int dev = c->backend == ST_BACKEND_CUDA;
+    /* stage 3 on a device (worker/comm_zero3_teacher_dev.c): the device shard and the gather slots (two, three
+     * with a tied head: each the largest group, with its bf16 copy under bf16), held for the whole run */
+    if (c->sharding.stage == 3 && dev && !i8) weights = st_z3teach_floats(&t, world, tp == ST_PRECISION_BF16) * sizeof(float);
+    *out = weights + st_model_activation_floats_dev(&tc, c->train.micro_batch, c->train.seq_len, tp, 1,
+                                                    dev && c->sharding.stage == 3) * sizeof(float);
     if (i8) { /* the packs in, the quantized weights' fp32 pages out (train.c load_teacher) */
         size_t freed = 0, lp = 0, hp = 0;
-        const int dev = c->backend == ST_BACKEND_CUDA;
         size_t all = st_model_int8_bytes(&tc, c->train.micro_batch, c->train.seq_len, dev, &freed, &lp, &hp);
         if (c->sharding.stage == 3) { /* a share of the packs, one group's packs gathered, the rank's own pages */
             size_t packs = (size_t)L * lp + hp;

@@ -1,0 +1,236 @@
+/* comm_zero3_teacher_dev.c — ZeRO-3's distillation teacher on a device backend (comm_zero3_teacher_dev.h).
+ *
+ * Layout: the teacher is frozen and its registry is in offset order, so its one space is the weight space:
+ * rank r keeps [r * shard, (r + 1) * shard) of it in `own` (shard floats, zero past the last weight), and
+ * m->weights = own - lo, so the streamed load writes this rank's parts at weights + offset; nothing else of
+ * the weight space has memory. The model runs `windowed`: an acquired group's weights are found in its slot
+ * (worker/model.h wwin), the slot's bf16 copy beside it under bf16.
+ * Gathers: this rank's part of the group copied into the slot on the compute stream, then an in-place uneven
+ * all-gather (st_nccl_all_gather_parts) on the NCCL comm stream, which first waits for the compute stream,
+ * then the mark Z3T_MARK recorded. The student's device stage 3 (comm_zero3_dev.c) uses marks 0-6 of the
+ * same communicator; the teacher only the last one, so at most one teacher gather is recorded and not yet
+ * waited for: the prefetch hook starts the next group's gather only when no other is in flight, and an
+ * acquire of another group first waits for (and drops) a prefetched one nobody acquired. The acquire makes
+ * the compute stream wait for the mark, then (bf16) rounds the slot's compute copy. One rank without NCCL:
+ * its part is the whole group. A failure inside a hook (which cannot return one) goes to the student
+ * communicator's z3_rc, which the step's gradient reduction reports. */
+#include "worker/comm_zero3_teacher_dev.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "kernels/cuda/nccl_comm.h"
+
+#define Z3T_SLOTS 3                  /* two, three with a tied head */
+#define Z3T_MARK (ST_NCCL_EVENTS - 1) /* the teacher's comm-stream mark (see the top of the file) */
+
+typedef struct {
+    float *w;        /* [cap] the group's fp32 weights */
+    uint16_t *w16;   /* [cap] their bf16 copy (bf16), else NULL */
+    int first, last; /* the group held (parameters) */
+    size_t lo, hi;   /* its weight range */
+    int state;       /* 0 free, 1 gather enqueued (prefetched), 2 resident */
+} z3t_slot;
+
+struct st_z3teach {
+    st_comm *c; /* the student's communicator: c->nccl (rebuilt with it), c->z3_prefetch, c->z3_rc */
+    st_model *m;
+    int rank, world, n_slots;
+    size_t shard, lo, hi, cap;
+    float *own; /* [shard] this rank's part of the weight space */
+    z3t_slot slot[Z3T_SLOTS];
+};
+
+/* Weight range of parameters [first, last) (registry order is offset order). */
+static void span(const st_model *m, int first, int last, size_t *a, size_t *b) {
+    *a = m->params[first].offset;
+    *b = m->params[last - 1].offset + m->params[last - 1].numel;
+}
+
+/* The largest group the forward acquires: the embeddings, a layer, or the final norm + head. */
+static size_t largest_group(const st_model *m) {
+    int L = m->cfg.n_layer, nb = st_model_base_params(m);
+    size_t most = 0, a, b;
+    for (int g = -1; g <= L; g++) {
+        int first = g < 0 ? 0 : st_model_layer_first_param(m, g);
+        int last = g < 0 ? st_model_layer_first_param(m, 0) : g < L ? st_model_layer_first_param(m, g + 1) : nb;
+        if (last <= first) continue;
+        span(m, first, last, &a, &b);
+        if (b - a > most) most = b - a;
+    }
+    return most;
+}
+
+static void keep_rc(st_z3teach *z, int rc) {
+    if (rc && !z->c->z3_rc) z->c->z3_rc = rc;
+}
+
+/* The model's weight windows: the resident slots. */
+static void sync_windows(st_z3teach *z) {
+    st_model *m = z->m;
+    m->n_wwin = m->n_gwin = 0;
+    for (int k = 0; k < z->n_slots; k++) {
+        const z3t_slot *s = &z->slot[k];
+        if (s->state == 2) m->wwin[m->n_wwin++] = (st_res_window){s->lo, s->hi, s->w, s->w16};
+    }
+}
+
+/* Enqueues the gather of [first, last) into slot s (see the top of the file). */
+static int gather_start(st_z3teach *z, z3t_slot *s, int first, int last) {
+    const st_backend *be = z->m->be;
+    span(z->m, first, last, &s->lo, &s->hi);
+    if (s->hi - s->lo > z->cap)
+        return st_fail(ST_EINVAL, "rank %d: internal error: a teacher group of %zu floats exceeds the gather buffer",
+                       z->rank, s->hi - s->lo);
+    s->first = first;
+    s->last = last;
+    size_t os = s->lo > z->lo ? s->lo : z->lo, oe = s->hi < z->hi ? s->hi : z->hi;
+    if (os < oe) be->copy(s->w + (os - s->lo), z->own + (os - z->lo), (oe - os) * sizeof(float));
+    st_nccl_comm *nc = z->c->nccl;
+    if (!nc) return 0;
+    size_t parts[z->world];
+    for (int r = 0; r < z->world; r++) {
+        size_t lo = z->shard * (size_t)r, hi = lo + z->shard;
+        size_t x = s->lo > lo ? s->lo : lo, y = s->hi < hi ? s->hi : hi;
+        parts[r] = y > x ? y - x : 0;
+    }
+    int rc = st_nccl_all_gather_parts(nc, s->w, parts);
+    return rc ? rc : st_nccl_record(nc, Z3T_MARK);
+}
+
+/* The compute stream waits for the last teacher gather (and what the comm stream queued before it). */
+static int gather_wait(st_z3teach *z) { return z->c->nccl ? st_nccl_wait_event(z->c->nccl, Z3T_MARK) : 0; }
+
+static void t_prefetch(void *ctx, int first, int last) {
+    st_z3teach *z = ctx;
+    if (!z->c->nccl || !z->c->z3_prefetch || last <= first) return;
+    z3t_slot *s = NULL;
+    for (int k = 0; k < z->n_slots; k++) {
+        if (z->slot[k].state == 1) return; /* one in flight at a time: one mark */
+        if (z->slot[k].state == 0 && !s) s = &z->slot[k];
+    }
+    if (!s) return;
+    int rc = gather_start(z, s, first, last);
+    keep_rc(z, rc);
+    if (!rc) s->state = 1;
+}
+
+static void t_acquire(void *ctx, int first, int last) {
+    st_z3teach *z = ctx;
+    st_model *m = z->m;
+    if (last <= first) return;
+    z3t_slot *s = NULL;
+    int rc = 0;
+    for (int k = 0; k < z->n_slots && !s; k++)
+        if (z->slot[k].state == 1 && z->slot[k].first == first && z->slot[k].last == last) s = &z->slot[k];
+    if (!s) {
+        for (int k = 0; k < z->n_slots; k++)
+            if (z->slot[k].state == 1) { /* a prefetch nobody acquired: nothing may write its slot later */
+                keep_rc(z, gather_wait(z));
+                z->slot[k].state = 0;
+            }
+        for (int k = 0; k < z->n_slots && !s; k++)
+            if (z->slot[k].state == 0) s = &z->slot[k];
+        rc = s ? gather_start(z, s, first, last)
+               : st_fail(ST_EINVAL, "rank %d: internal error: no free teacher gather buffer", z->rank);
+    }
+    if (!rc) rc = gather_wait(z);
+    keep_rc(z, rc);
+    if (!s) return;
+    s->state = 2;
+    if (s->w16) m->be->to_bf16(s->w16, s->w, s->hi - s->lo); /* the teacher always computes with it */
+    sync_windows(z);
+}
+
+static void t_release(void *ctx, int first, int last) {
+    st_z3teach *z = ctx;
+    for (int k = 0; k < z->n_slots; k++) {
+        z3t_slot *s = &z->slot[k];
+        if (s->state == 2 && s->first == first && s->last == last) {
+            s->state = 0;
+            break;
+        }
+    }
+    sync_windows(z);
+}
+
+static void t_progress(void *ctx) { (void)ctx; }
+
+size_t st_z3teach_floats(const st_model *m, int world, int bf16) {
+    size_t w = (size_t)(world > 0 ? world : 1), shard = (m->n_weights + w - 1) / w, cap = largest_group(m);
+    size_t slots = m->cfg.tied_embeddings ? 3 : 2;
+    return shard + slots * (cap + (bf16 ? (cap + 1) / 2 : 0));
+}
+
+void st_z3teach_keep(void *ctx, const st_model *m, int i, size_t *a, size_t *b) {
+    const st_z3teach *z = ctx;
+    const st_param *p = &m->params[i];
+    size_t x = p->offset > z->lo ? p->offset : z->lo, y = p->offset + p->numel < z->hi ? p->offset + p->numel : z->hi;
+    if (y <= x) {
+        *a = *b = 0;
+        return;
+    }
+    *a = x - p->offset;
+    *b = y - p->offset;
+}
+
+int st_z3teach_init(st_z3teach **out, st_comm *c, MPI_Comm comm, st_model *m, int bf16) {
+    *out = NULL;
+    const st_backend *be = m->be;
+    if (m->weights || m->acquire || m->lora || m->prompt || m->qlora || m->cfg.n_layer < 1)
+        return st_fail(ST_EINVAL, "a device-sharded teacher is a plain model bound without weights");
+    for (int i = 1; i < m->n_params; i++)
+        if (m->params[i].offset != m->params[i - 1].offset + m->params[i - 1].numel)
+            return st_fail(ST_EINVAL, "a sharded frozen model needs its weights in registry order");
+    st_z3teach *z = calloc(1, sizeof *z);
+    if (!z) return st_fail(ST_ENOMEM, "out of memory");
+    z->c = c;
+    z->m = m;
+    MPI_Comm_rank(comm, &z->rank);
+    MPI_Comm_size(comm, &z->world);
+    z->shard = (m->n_weights + (size_t)z->world - 1) / (size_t)z->world;
+    z->lo = z->shard * (size_t)z->rank;
+    z->hi = z->lo + z->shard;
+    z->cap = largest_group(m);
+    z->n_slots = m->cfg.tied_embeddings ? 3 : 2;
+    int ok = (z->own = be->alloc((z->shard ? z->shard : 1) * sizeof(float))) != NULL;
+    for (int k = 0; k < z->n_slots && ok; k++) {
+        z->slot[k].w = be->alloc(z->cap * sizeof(float));
+        z->slot[k].w16 = bf16 ? be->alloc(z->cap * sizeof(uint16_t)) : NULL;
+        ok = z->slot[k].w && (!bf16 || z->slot[k].w16);
+    }
+    if (!ok) {
+        st_z3teach_free(z);
+        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the sharded teacher (distill.teacher)", z->rank,
+                       be->name);
+    }
+    if (z->shard) be->memset0(z->own, z->shard * sizeof(float)); /* the padding past the last weight */
+    m->weights = z->own - z->lo; /* this rank's parts at weights + offset (see the top of the file) */
+    m->windowed = 1;
+    st_model_set_residency(m, &(st_residency_hooks){.acquire = t_acquire,
+                                                    .release = t_release,
+                                                    .prefetch = t_prefetch,
+                                                    .progress = t_progress,
+                                                    .ctx = z});
+    sync_windows(z);
+    *out = z;
+    return 0;
+}
+
+void st_z3teach_free(st_z3teach *z) {
+    if (!z) return;
+    st_model *m = z->m;
+    const st_backend *be = m->be;
+    if (z->c->nccl) st_nccl_synchronize(z->c->nccl); /* nothing queued writes the slots freed below */
+    if (m->residency_ctx == z) st_model_set_residency(m, NULL);
+    for (int k = 0; k < Z3T_SLOTS; k++) {
+        be->free(z->slot[k].w);
+        be->free(z->slot[k].w16);
+    }
+    be->free(z->own);
+    m->weights = NULL;
+    m->windowed = 0;
+    m->n_wwin = 0;
+    free(z);
+}

@@ -28,8 +28,10 @@
 typedef struct {
     float *w;        /* [cap] the group's fp32 weights */
     uint16_t *w16;   /* [cap] their bf16 copy (bf16), else NULL */
+    uint8_t *p8;     /* [pcap] the group's int8 packs (int8), else NULL */
     int first, last; /* the group held (parameters) */
     size_t lo, hi;   /* its weight range */
+    size_t pa, pb;   /* its pack bytes (pa = pb: none) */
     int state;       /* 0 free, 1 gather enqueued (prefetched), 2 resident */
 } z3t_slot;
 
@@ -39,6 +41,10 @@ struct st_z3teach {
     int rank, world, n_slots;
     size_t shard, lo, hi, cap;
     float *own; /* [shard] this rank's part of the weight space */
+    /* int8 (st_model_set_int8): this rank's share [plo, phi) of the pack space (pshard bytes, a multiple of 4
+     * so the shares are whole floats for the all-gather), made on the first acquire that packs */
+    uint8_t *pown;
+    size_t pshard, plo, phi, pcap;
     z3t_slot slot[Z3T_SLOTS];
 };
 
@@ -72,31 +78,90 @@ static void sync_windows(st_z3teach *z) {
     m->n_wwin = m->n_gwin = 0;
     for (int k = 0; k < z->n_slots; k++) {
         const z3t_slot *s = &z->slot[k];
-        if (s->state == 2) m->wwin[m->n_wwin++] = (st_res_window){s->lo, s->hi, s->w, s->w16};
+        if (s->state == 2)
+            m->wwin[m->n_wwin++] = (st_res_window){s->lo, s->hi, s->w, s->w16, s->pb > s->pa ? s->p8 : NULL, s->pa};
     }
 }
 
-/* Enqueues the gather of [first, last) into slot s (see the top of the file). */
+/* Elements [a, b) of a space sharded `shard` per rank into dst (dst[0] = element a): this rank's part copied
+ * from own (its element lo at own[0]), the others' all-gathered in place (elements of 4 bytes). */
+static int gather_range(st_z3teach *z, void *dst, const void *own, size_t shard, size_t lo, size_t elem, size_t a,
+                        size_t b) {
+    if (b <= a) return 0;
+    size_t hi = lo + shard, os = a > lo ? a : lo, oe = b < hi ? b : hi;
+    if (os < oe) z->m->be->copy((char *)dst + (os - a) * elem, (const char *)own + (os - lo) * elem, (oe - os) * elem);
+    if (!z->c->nccl) return 0;
+    size_t parts[z->world];
+    for (int r = 0; r < z->world; r++) {
+        size_t x = a > shard * (size_t)r ? a : shard * (size_t)r, y = b < shard * (size_t)(r + 1) ? b : shard * (size_t)(r + 1);
+        parts[r] = y > x ? (y - x) * elem / sizeof(float) : 0;
+    }
+    return st_nccl_all_gather_parts(z->c->nccl, dst, parts);
+}
+
+/* int8, packs made (st_model_int8_packs 2): the fp32 weights of the slot's group that are not quantized (norms,
+ * biases, embeddings, a tied head), then its packs in bytes. */
+static int gather_int8(st_z3teach *z, z3t_slot *s) {
+    size_t x = s->lo, qlo, qhi;
+    int rc = 0;
+    for (int k = 0; !rc && st_model_int8_range(z->m, k, &qlo, &qhi) && qlo < s->hi; k++) { /* weight order */
+        if (qhi <= x) continue;
+        if (qlo > x) rc = gather_range(z, s->w + (x - s->lo), z->own, z->shard, z->lo, sizeof(float), x, qlo);
+        x = qhi;
+    }
+    if (!rc && x < s->hi) rc = gather_range(z, s->w + (x - s->lo), z->own, z->shard, z->lo, sizeof(float), x, s->hi);
+    /* the shares are whole floats: pshard, pa and pb are multiples of 4 (the packs are 64-byte aligned) */
+    if (!rc) rc = gather_range(z, s->p8, z->pown, z->pshard / 4, z->plo / 4, sizeof(float), s->pa / 4, s->pb / 4);
+    return rc;
+}
+
+/* The pack share and the slots' pack buffers, on the first acquire while st_model_set_int8 packs. */
+static int int8_setup(st_z3teach *z, size_t total) {
+    const st_model *m = z->m;
+    const st_backend *be = m->be;
+    size_t w = (size_t)z->world, pa, pb, t;
+    uint8_t *sp;
+    z->pshard = ((total + w - 1) / w + 3) / 4 * 4;
+    z->plo = z->pshard * (size_t)z->rank;
+    z->phi = z->plo + z->pshard;
+    int L = m->cfg.n_layer, nb = st_model_base_params(m);
+    for (int g = -1; g <= L; g++) { /* the largest group's packs */
+        int first = g < 0 ? 0 : st_model_layer_first_param(m, g);
+        int last = g < 0 ? st_model_layer_first_param(m, 0) : g < L ? st_model_layer_first_param(m, g + 1) : nb;
+        size_t a, b;
+        if (last <= first) continue;
+        span(m, first, last, &a, &b);
+        if (st_model_int8_packs(m, a, b, &sp, &pa, &pb, &t) && pb - pa > z->pcap) z->pcap = pb - pa;
+    }
+    int ok = (z->pown = be->alloc(z->pshard ? z->pshard : 4)) != NULL;
+    for (int k = 0; k < z->n_slots && ok; k++) ok = (z->slot[k].p8 = be->alloc(z->pcap ? z->pcap : 4)) != NULL;
+    if (!ok) return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the sharded teacher's int8 packs", z->rank, be->name);
+    if (z->pshard) be->memset0(z->pown, z->pshard);
+    return 0;
+}
+
+/* Enqueues the gather of [first, last) into slot s (see the top of the file); int8: while packing the whole
+ * group's fp32 weights (the packs are made in the slot), once packed its packs and unquantized weights. */
 static int gather_start(st_z3teach *z, z3t_slot *s, int first, int last) {
-    const st_backend *be = z->m->be;
     span(z->m, first, last, &s->lo, &s->hi);
     if (s->hi - s->lo > z->cap)
         return st_fail(ST_EINVAL, "rank %d: internal error: a teacher group of %zu floats exceeds the gather buffer",
                        z->rank, s->hi - s->lo);
     s->first = first;
     s->last = last;
-    size_t os = s->lo > z->lo ? s->lo : z->lo, oe = s->hi < z->hi ? s->hi : z->hi;
-    if (os < oe) be->copy(s->w + (os - s->lo), z->own + (os - z->lo), (oe - os) * sizeof(float));
-    st_nccl_comm *nc = z->c->nccl;
-    if (!nc) return 0;
-    size_t parts[z->world];
-    for (int r = 0; r < z->world; r++) {
-        size_t lo = z->shard * (size_t)r, hi = lo + z->shard;
-        size_t x = s->lo > lo ? s->lo : lo, y = s->hi < hi ? s->hi : hi;
-        parts[r] = y > x ? y - x : 0;
+    s->pa = s->pb = 0;
+    uint8_t *sp;
+    size_t total;
+    int packs = st_model_int8_packs(z->m, s->lo, s->hi, &sp, &s->pa, &s->pb, &total), rc = 0;
+    if (packs && !z->pown) rc = int8_setup(z, total);
+    if (!rc && s->pb - s->pa > z->pcap)
+        rc = st_fail(ST_EINVAL, "rank %d: internal error: a teacher group's packs exceed the gather buffer", z->rank);
+    if (rc) {
+        s->pa = s->pb = 0;
+        return rc;
     }
-    int rc = st_nccl_all_gather_parts(nc, s->w, parts);
-    return rc ? rc : st_nccl_record(nc, Z3T_MARK);
+    rc = packs == 2 ? gather_int8(z, s) : gather_range(z, s->w, z->own, z->shard, z->lo, sizeof(float), s->lo, s->hi);
+    return rc || !z->c->nccl ? rc : st_nccl_record(z->c->nccl, Z3T_MARK);
 }
 
 /* The compute stream waits for the last teacher gather (and what the comm stream queued before it). */
@@ -148,6 +213,13 @@ static void t_release(void *ctx, int first, int last) {
     for (int k = 0; k < z->n_slots; k++) {
         z3t_slot *s = &z->slot[k];
         if (s->state == 2 && s->first == first && s->last == last) {
+            uint8_t *sp;
+            size_t pa, pb, total;
+            if (s->pb > s->pa && st_model_int8_packs(z->m, s->lo, s->hi, &sp, &pa, &pb, &total) == 1) {
+                /* st_model_set_int8 packed the group into the slot: this rank's share of the packs stays */
+                size_t x = s->pa > z->plo ? s->pa : z->plo, y = s->pb < z->phi ? s->pb : z->phi;
+                if (x < y) z->m->be->copy(z->pown + (x - z->plo), s->p8 + (x - s->pa), y - x);
+            }
             s->state = 0;
             break;
         }
@@ -208,6 +280,7 @@ int st_z3teach_init(st_z3teach **out, st_comm *c, MPI_Comm comm, st_model *m, in
     if (z->shard) be->memset0(z->own, z->shard * sizeof(float)); /* the padding past the last weight */
     m->weights = z->own - z->lo; /* this rank's parts at weights + offset (see the top of the file) */
     m->windowed = 1;
+    m->residency_int8 = 1; /* the hooks hold int8 packs in the windows (distill.teacher_dtype: int8) */
     st_model_set_residency(m, &(st_residency_hooks){.acquire = t_acquire,
                                                     .release = t_release,
                                                     .prefetch = t_prefetch,
@@ -223,12 +296,14 @@ void st_z3teach_free(st_z3teach *z) {
     st_model *m = z->m;
     const st_backend *be = m->be;
     if (z->c->nccl) st_nccl_synchronize(z->c->nccl); /* nothing queued writes the slots freed below */
-    if (m->residency_ctx == z) st_model_set_residency(m, NULL);
+    if (m->residency_ctx == z) st_model_set_residency(m, NULL), m->residency_int8 = 0;
     for (int k = 0; k < Z3T_SLOTS; k++) {
         be->free(z->slot[k].w);
         be->free(z->slot[k].w16);
+        be->free(z->slot[k].p8);
     }
     be->free(z->own);
+    be->free(z->pown);
     m->weights = NULL;
     m->windowed = 0;
     m->n_wwin = 0;

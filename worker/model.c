@@ -1348,12 +1348,13 @@ struct st_w8 {
     uint8_t *space;
     size_t space_bytes, at[4 * 1024 + 2];
     int ready;
+    int windowed; /* a windowed model: no space; each resident window's p8 holds its group's packs */
 };
 
 static void w8_free(st_model *m) {
     if (!m->w8) return;
     if (m->w8->space) m->be->free(m->w8->space);
-    else
+    else if (!m->w8->windowed)
         for (int i = 0; i < m->w8->n; i++) m->be->free(m->w8->site[i].packed);
     m->be->free(m->w8->scratch);
     free(m->w8);
@@ -1364,12 +1365,17 @@ static void w8_free(st_model *m) {
 static int w8_mm(const st_model *m, float *y, st_mm_in x, const float *w, const float *bias, int M, int out, int in,
                  float beta) {
     if (!m->w8 || !x.f32) return 0;
-    size_t off = (size_t)(w - m->weights);
+    const st_res_window *r = NULL; /* windowed: the window holding w, its packs beside it */
+    for (int k = 0; m->windowed && k < m->n_wwin && !r; k++)
+        if (w >= m->wwin[k].p && w < m->wwin[k].p + (m->wwin[k].hi - m->wwin[k].lo)) r = &m->wwin[k];
+    if (m->windowed && (!r || !r->p8)) return 0;
+    size_t off = r ? r->lo + (size_t)(w - r->p) : (size_t)(w - m->weights);
     for (int i = 0; i < m->w8->n; i++) {
         const w8_site *q = &m->w8->site[i];
         if (q->off != off || q->out != out || q->in != in) continue;
         if (m->progress) m->progress(m->residency_ctx);
-        m->be->matmul_w8a8(y, x.f32, q->packed, bias, M, out, in, beta, m->w8->scratch);
+        const void *packed = r ? (const void *)(r->p8 + (m->w8->at[i] - r->plo)) : q->packed;
+        m->be->matmul_w8a8(y, x.f32, packed, bias, M, out, in, beta, m->w8->scratch);
         return 1;
     }
     return 0;
@@ -1381,17 +1387,16 @@ static int w8_sites(const st_model *m, w8_site *s) {
     const st_model_config *c = &m->cfg;
     int n = 0, C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
     int A = c->n_head * c->head_dim;
-    for (int l = 0; l < c->n_layer; l++) {
+    for (int l = 0; l < c->n_layer; l++) { /* registry offsets: a windowed model's weights need not be resident */
         layer_w w = layer_weights(m, l);
-        const float *p[4] = {w.wqkv, w.wo, w.w1, w.w2};
+        const int idx[4] = {w.iqkv, w.io, w.i1, w.i2};
         int shape[4][2] = {{qkv_dim(c), C}, {C, A}, {F1, C}, {C, F}};
         for (int k = 0; k < 4; k++) {
-            s[n].off = (size_t)(p[k] - m->weights), s[n].out = shape[k][0], s[n].in = shape[k][1];
+            s[n].off = m->params[idx[k]].offset, s[n].out = shape[k][0], s[n].in = shape[k][1];
             n++;
         }
     }
-    float *g;
-    s[n].off = (size_t)(head_weight(m, &g) - m->weights), s[n].out = c->vocab, s[n].in = C;
+    s[n].off = m->params[head_index(m)].offset, s[n].out = c->vocab, s[n].in = C;
     return n + 1;
 }
 
@@ -1411,18 +1416,24 @@ static int w8_pack_sharded(st_model *m) {
         at += (be->w8_bytes(q->site[i].out, q->site[i].in) + 63) / 64 * 64;
     }
     q->at[q->n] = q->space_bytes = at;
-    if (!(q->space = be->alloc(at ? at : 1))) return -1;
-    q->bytes += at;
-    for (int i = 0; i < q->n; i++) q->site[i].packed = q->space + q->at[i];
+    q->windowed = m->windowed;
+    if (!q->windowed && !(q->space = be->alloc(at ? at : 1))) return -1;
+    if (!q->windowed) q->bytes += at;
+    for (int i = 0; i < q->n && q->space; i++) q->site[i].packed = q->space + q->at[i];
     int L = m->cfg.n_layer, nb = st_model_base_params(m), e0 = layer_first_param(m, 0);
     for (int g = -1; g <= L; g++) { /* the groups the forward acquires: embeddings, layers, norm + head */
         int first = g < 0 ? 0 : g < L ? layer_first_param(m, g) : final_norm_index(m);
         int last = g < 0 ? e0 : g < L ? layer_first_param(m, g + 1) : nb;
         size_t a = m->params[first].offset, b = m->params[last - 1].offset + m->params[last - 1].numel;
         st_model_acquire(m, first, last);
-        for (int i = 0; i < q->n; i++)
-            if (q->site[i].off >= a && q->site[i].off < b)
-                be->w8_pack(q->site[i].packed, m->weights + q->site[i].off, q->site[i].out, q->site[i].in);
+        const st_res_window *r = m->windowed ? window_at(m->wwin, m->n_wwin, a) : NULL;
+        for (int i = 0; i < q->n; i++) {
+            const w8_site *t = &q->site[i];
+            if (t->off < a || t->off >= b) continue;
+            if (r && !r->p8) return -1; /* the hooks gave the group no pack bytes */
+            void *dst = r ? (void *)(r->p8 + (q->at[i] - r->plo)) : t->packed;
+            be->w8_pack(dst, r ? r->p + (t->off - r->lo) : m->weights + t->off, t->out, t->in);
+        }
         st_model_release(m, first, last);
     }
     q->ready = 1;
@@ -1431,7 +1442,7 @@ static int w8_pack_sharded(st_model *m) {
 
 int st_model_int8_packs(const st_model *m, size_t a, size_t b, uint8_t **space, size_t *pa, size_t *pb, size_t *total) {
     const struct st_w8 *q = m->w8;
-    if (!q || !q->space) return 0;
+    if (!q || (!q->space && !q->windowed)) return 0;
     *space = q->space, *total = q->space_bytes, *pa = *pb = 0;
     int first = -1, last = -1;
     for (int i = 0; i < q->n; i++)
@@ -1448,7 +1459,7 @@ int st_model_set_int8(st_model *m, size_t *bytes) {
     if (!be->matmul_w8a8 || !be->w8_pack || !be->w8_bytes || !be->w8_scratch_bytes)
         return st_fail(ST_ECONFIG, "int8 matmuls are not available on the %s backend", be->name);
     if (m->precision != ST_PRECISION_FP32 || m->lora || m->prompt || m->qlora || (m->acquire && !m->residency_int8) ||
-        m->windowed || m->B * m->T <= 0 || !m->weights)
+        (m->windowed && !m->residency_int8) || m->B * m->T <= 0 || !m->weights)
         return st_fail(ST_ECONFIG, "int8 matmuls need an fp32 model with its weights and activations, without "
                                    "adapters or residency hooks other than a sharded frozen model's");
     if (m->cfg.n_layer * 4 + 1 > (int)(sizeof m->w8->site / sizeof m->w8->site[0]))
@@ -1480,8 +1491,7 @@ int st_model_set_int8(st_model *m, size_t *bytes) {
 }
 
 int st_model_int8_range(const st_model *m, int k, size_t *lo, size_t *hi) {
-    float *g;
-    size_t tied = m->cfg.tied_embeddings ? (size_t)(head_weight(m, &g) - m->weights) : (size_t)-1;
+    size_t tied = m->cfg.tied_embeddings ? m->params[head_index(m)].offset : (size_t)-1;
     for (int i = 0, n = 0; m->w8 && i < m->w8->n; i++) {
         const w8_site *q = &m->w8->site[i];
         if (q->off == tied) continue;
@@ -1496,6 +1506,25 @@ int st_model_int8_ranges(const st_model *m, size_t *lo, size_t *hi, int max) {
     int n = 0;
     while (n < max && st_model_int8_range(m, n, &lo[n], &hi[n])) n++;
     return n;
+}
+
+size_t st_model_int8_space(const st_model *m, int device, size_t *group_most) {
+    size_t (*wb)(int, int) = device ? st_cuda_w8_bytes : st_cpu_w8_bytes, total = 0, most = 0;
+    w8_site *s = malloc((size_t)(4 * m->cfg.n_layer + 1) * sizeof *s);
+    if (!s) return 0;
+    int n = w8_sites(m, s), L = m->cfg.n_layer, nb = st_model_base_params(m), e0 = layer_first_param(m, 0);
+    for (int i = 0; i < n; i++) total += (wb(s[i].out, s[i].in) + 63) / 64 * 64;
+    for (int g = -1; g <= L; g++) { /* w8_pack_sharded's groups */
+        int first = g < 0 ? 0 : g < L ? layer_first_param(m, g) : final_norm_index(m);
+        int last = g < 0 ? e0 : g < L ? layer_first_param(m, g + 1) : nb;
+        size_t a = m->params[first].offset, b = m->params[last - 1].offset + m->params[last - 1].numel, k = 0;
+        for (int i = 0; i < n; i++)
+            if (s[i].off >= a && s[i].off < b) k += (wb(s[i].out, s[i].in) + 63) / 64 * 64;
+        if (k > most) most = k;
+    }
+    free(s);
+    if (group_most) *group_most = most;
+    return total;
 }
 
 /* fp32 bytes of a released [out, in] weight, less a page at either end (partial pages stay) */

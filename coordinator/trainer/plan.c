@@ -412,13 +412,19 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
     const int dev = c->backend == ST_BACKEND_CUDA;
     /* stage 3 on a device (worker/comm_zero3_teacher_dev.c): the device shard and the gather slots (two, three
      * with a tied head: each the largest group, with its bf16 copy under bf16), held for the whole run */
-    if (c->sharding.stage == 3 && dev && !i8) weights = st_z3teach_floats(&t, world, tp == ST_PRECISION_BF16) * sizeof(float);
+    if (c->sharding.stage == 3 && dev) weights = st_z3teach_floats(&t, world, tp == ST_PRECISION_BF16) * sizeof(float);
     *out = weights + st_model_activation_floats_dev(&tc, c->train.micro_batch, c->train.seq_len, tp, 1,
                                                     dev && c->sharding.stage == 3) * sizeof(float);
     if (i8) { /* the packs in, the quantized weights' fp32 pages out (train.c load_teacher) */
         size_t freed = 0, lp = 0, hp = 0;
         size_t all = st_model_int8_bytes(&tc, c->train.micro_batch, c->train.seq_len, dev, &freed, &lp, &hp);
-        if (c->sharding.stage == 3) { /* a share of the packs, one group's packs gathered, the rank's own pages */
+        if (c->sharding.stage == 3 && dev) { /* worker/comm_zero3_teacher_dev.c: a share of the pack space (whole
+                                                  floats), each slot's pack buffer, the scratch; nothing given back */
+            size_t most = 0, space = st_model_int8_space(&t, 1, &most), packs = (size_t)L * lp + hp;
+            all = ((space + (size_t)world - 1) / (size_t)world + 3) / 4 * 4 +
+                  (t.cfg.tied_embeddings ? 3 : 2) * most + (all - packs);
+            freed = 0;
+        } else if (c->sharding.stage == 3) { /* a share of the packs, one group's packs gathered, the rank's own pages */
             size_t packs = (size_t)L * lp + hp;
             all = (packs + (size_t)world - 1) / (size_t)world + (lp > hp ? lp : hp) + (all - packs);
             freed = teacher_int8_freed(&t, world);

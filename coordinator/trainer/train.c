@@ -313,10 +313,6 @@ static int load_teacher(trainer *t) {
         return st_fail(ST_ECONFIG, "distill.teacher_dtype: int8 is not available on the %s backend (no int8 matmul "
                                    "kernel there): use distill.teacher_dtype: fp32 or backend: cpu", t->be->name);
     const int dev3 = c->sharding.stage == 3 && !t->be->host_memory;
-    if (dev3 && i8)
-        return st_fail(ST_ECONFIG, "distill.teacher_dtype: int8 at sharding.stage 3 runs on CPU ranks only (the %s "
-                                   "backend shards an fp32 / bf16 teacher): use distill.teacher_dtype: fp32, "
-                                   "sharding.stage 2 or backend: cpu", t->be->name);
     int rc = dev3 ? load_teacher_dev(t)
              : c->sharding.stage == 3 ? load_teacher_sharded(t)
                                       : st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
@@ -329,7 +325,8 @@ static int load_teacher(trainer *t) {
      * the job's precision (it has no backward: precision only chose its matmul operands) */
     if ((rc = st_model_set_precision(&t->teacher, i8 ? ST_PRECISION_FP32 : c->precision)))
         return st_fail_context(rc, "distill.teacher");
-    if (i8 && (rc = st_model_set_int8(&t->teacher, NULL))) return st_fail_context(rc, "distill.teacher_dtype: int8");
+    /* a device's stage 3 packs through the student communicator's NCCL: once it exists (setup, teacher_int8_dev) */
+    if (i8 && !dev3 && (rc = st_model_set_int8(&t->teacher, NULL))) return st_fail_context(rc, "distill.teacher_dtype: int8");
     /* stage 3: packed group by group from the gathered fp32 weights, each rank keeping its share of the packs
      * (worker/comm.h st_frozen_shard) */
     if (i8 && t->be->host_memory) { /* the quantized weights' fp32 values are not read again: their pages go */
@@ -544,6 +541,10 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
+    if (!rc && t->teacher_dev && c->distill.teacher_dtype == ST_TEACHER_INT8) { /* packed group by group (collective) */
+        rc = st_model_set_int8(&t->teacher, NULL);
+        rc = st_trainer_agree(t, rc ? st_fail_context(rc, "distill.teacher_dtype: int8") : 0);
+    }
     if (!rc && stream) rc = load_streamed(t);
     if (!rc && stream) rc = init_from_base(t);
     if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)

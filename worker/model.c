@@ -1474,7 +1474,7 @@ int st_model_set_int8(st_model *m, size_t *bytes) {
     q->bytes = sb;
     int rc = q->scratch ? 0 : -1;
     if (!rc && m->acquire) rc = w8_pack_sharded(m);
-    for (int i = 0; i < q->n && !rc && !q->space; i++) {
+    for (int i = 0; i < q->n && !rc && !q->space && !q->windowed; i++) {
         w8_site *t = &q->site[i];
         size_t nb = be->w8_bytes(t->out, t->in);
         if (!(t->packed = be->alloc(nb))) { rc = -1; break; }

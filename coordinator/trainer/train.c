@@ -296,7 +296,8 @@ static int load_teacher_dev(trainer *t) {
     int rc = st_model_open_registry(dir, &t->teacher);
     t->teacher.buffers_external = 1; /* st_model_set_precision: no whole bf16 copy (the slots hold theirs) */
     if (!rc) rc = st_model_bind(&t->teacher, t->be, 0);
-    if (!rc) rc = st_z3teach_init(&t->teacher_dev, &t->dp, t->comm, &t->teacher, c->precision == ST_PRECISION_BF16);
+    const int bf16 = c->precision == ST_PRECISION_BF16 && c->distill.teacher_dtype != ST_TEACHER_INT8; /* int8: fp32 */
+    if (!rc) rc = st_z3teach_init(&t->teacher_dev, &t->dp, t->comm, &t->teacher, bf16);
     if (!rc) rc = st_model_load_weights_part(&t->teacher, dir, st_z3teach_keep, t->teacher_dev);
     if (!rc) rc = st_model_check_finite_part(&t->teacher, dir, st_z3teach_keep, t->teacher_dev);
     return rc;

@@ -93,7 +93,8 @@ static int gather_range(st_z3teach *z, void *dst, const void *own, size_t shard,
     if (!z->c->nccl) return 0;
     size_t parts[z->world];
     for (int r = 0; r < z->world; r++) {
-        size_t x = a > shard * (size_t)r ? a : shard * (size_t)r, y = b < shard * (size_t)(r + 1) ? b : shard * (size_t)(r + 1);
+        size_t rlo = shard * (size_t)r, rhi = rlo + shard;
+        size_t x = a > rlo ? a : rlo, y = b < rhi ? b : rhi;
         parts[r] = y > x ? (y - x) * elem / sizeof(float) : 0;
     }
     return st_nccl_all_gather_parts(z->c->nccl, dst, parts);
@@ -135,7 +136,8 @@ static int int8_setup(st_z3teach *z, size_t total) {
     }
     int ok = (z->pown = be->alloc(z->pshard ? z->pshard : 4)) != NULL;
     for (int k = 0; k < z->n_slots && ok; k++) ok = (z->slot[k].p8 = be->alloc(z->pcap ? z->pcap : 4)) != NULL;
-    if (!ok) return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the sharded teacher's int8 packs", z->rank, be->name);
+    if (!ok)
+        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the sharded teacher's int8 packs", z->rank, be->name);
     if (z->pshard) be->memset0(z->pown, z->pshard);
     return 0;
 }

@@ -326,8 +326,9 @@ static int load_teacher(trainer *t) {
      * the job's precision (it has no backward: precision only chose its matmul operands) */
     if ((rc = st_model_set_precision(&t->teacher, i8 ? ST_PRECISION_FP32 : c->precision)))
         return st_fail_context(rc, "distill.teacher");
-    /* a device's stage 3 packs through the student communicator's NCCL: once it exists (setup, after st_trainer_enter_stage) */
-    if (i8 && !dev3 && (rc = st_model_set_int8(&t->teacher, NULL))) return st_fail_context(rc, "distill.teacher_dtype: int8");
+    /* a device's stage 3 packs through the student communicator's NCCL: once it exists (setup) */
+    if (i8 && !dev3 && (rc = st_model_set_int8(&t->teacher, NULL)))
+        return st_fail_context(rc, "distill.teacher_dtype: int8");
     /* stage 3: packed group by group from the gathered fp32 weights, each rank keeping its share of the packs
      * (worker/comm.h st_frozen_shard) */
     if (i8 && t->be->host_memory) { /* the quantized weights' fp32 values are not read again: their pages go */

@@ -75,11 +75,12 @@ static void keep_rc(st_z3teach *z, int rc) {
 /* The model's weight windows: the resident slots. */
 static void sync_windows(st_z3teach *z) {
     st_model *m = z->m;
-    m->n_wwin = m->n_gwin = 0;
+    m->n_wwin = m->n_gwin = m->n_pwin = 0;
     for (int k = 0; k < z->n_slots; k++) {
         const z3t_slot *s = &z->slot[k];
-        if (s->state == 2)
-            m->wwin[m->n_wwin++] = (st_res_window){s->lo, s->hi, s->w, s->w16, s->pb > s->pa ? s->p8 : NULL, s->pa};
+        if (s->state != 2) continue;
+        m->wwin[m->n_wwin++] = (st_res_window){s->lo, s->hi, s->w, s->w16};
+        if (s->pb > s->pa) m->pwin[m->n_pwin++] = (st_pack_window){s->lo, s->hi, s->p8, s->pa};
     }
 }
 
@@ -308,6 +309,6 @@ void st_z3teach_free(st_z3teach *z) {
     be->free(z->pown);
     m->weights = NULL;
     m->windowed = 0;
-    m->n_wwin = 0;
+    m->n_wwin = m->n_pwin = 0;
     free(z);
 }

@@ -1365,16 +1365,19 @@ static void w8_free(st_model *m) {
 static int w8_mm(const st_model *m, float *y, st_mm_in x, const float *w, const float *bias, int M, int out, int in,
                  float beta) {
     if (!m->w8 || !x.f32) return 0;
-    const st_res_window *r = NULL; /* windowed: the window holding w, its packs beside it */
+    const st_res_window *r = NULL; /* windowed: the window holding w, and the pack window of its group */
+    const st_pack_window *pw = NULL;
     for (int k = 0; m->windowed && k < m->n_wwin && !r; k++)
         if (w >= m->wwin[k].p && w < m->wwin[k].p + (m->wwin[k].hi - m->wwin[k].lo)) r = &m->wwin[k];
-    if (m->windowed && (!r || !r->p8)) return 0;
     size_t off = r ? r->lo + (size_t)(w - r->p) : (size_t)(w - m->weights);
+    for (int k = 0; r && k < m->n_pwin && !pw; k++)
+        if (off >= m->pwin[k].lo && off < m->pwin[k].hi) pw = &m->pwin[k];
+    if (m->windowed && !pw) return 0;
     for (int i = 0; i < m->w8->n; i++) {
         const w8_site *q = &m->w8->site[i];
         if (q->off != off || q->out != out || q->in != in) continue;
         if (m->progress) m->progress(m->residency_ctx);
-        const void *packed = r ? (const void *)(r->p8 + (m->w8->at[i] - r->plo)) : q->packed;
+        const void *packed = pw ? (const void *)(pw->p + (m->w8->at[i] - pw->plo)) : q->packed;
         m->be->matmul_w8a8(y, x.f32, packed, bias, M, out, in, beta, m->w8->scratch);
         return 1;
     }
@@ -1427,11 +1430,14 @@ static int w8_pack_sharded(st_model *m) {
         size_t a = m->params[first].offset, b = m->params[last - 1].offset + m->params[last - 1].numel;
         st_model_acquire(m, first, last);
         const st_res_window *r = m->windowed ? window_at(m->wwin, m->n_wwin, a) : NULL;
+        const st_pack_window *pw = NULL;
+        for (int k = 0; r && k < m->n_pwin && !pw; k++)
+            if (a >= m->pwin[k].lo && a < m->pwin[k].hi) pw = &m->pwin[k];
         for (int i = 0; i < q->n; i++) {
             const w8_site *t = &q->site[i];
             if (t->off < a || t->off >= b) continue;
-            if (r && !r->p8) return -1; /* the hooks gave the group no pack bytes */
-            void *dst = r ? (void *)(r->p8 + (q->at[i] - r->plo)) : t->packed;
+            if (m->windowed && (!r || !pw)) return -1; /* the hooks gave the group no window or pack bytes */
+            void *dst = pw ? (void *)(pw->p + (q->at[i] - pw->plo)) : t->packed;
             be->w8_pack(dst, r ? r->p + (t->off - r->lo) : m->weights + t->off, t->out, t->in);
         }
         st_model_release(m, first, last);

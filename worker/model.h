@@ -36,17 +36,21 @@ typedef struct {
 } st_param;
 
 /* A residency window (st_model.windowed): the range [lo, hi) of the weight or gradient space lives at p
- * (element lo at p[0]); p16: the weights' bf16 copy there (precision bf16), else NULL; p8: the int8 packs of
- * the weights in [lo, hi) (st_model_set_int8 under hooks with residency_int8 that hold packs in windows: the
- * device ZeRO-3 teacher), byte plo of the pack space at p8[0], else NULL. */
+ * (element lo at p[0]); p16: the weights' bf16 copy there (precision bf16), else NULL. */
 typedef struct {
     size_t lo, hi;
     float *p;
     uint16_t *p16;
-    uint8_t *p8;
-    size_t plo;
 } st_res_window;
 #define ST_RES_WINDOWS 6
+
+/* A pack window (st_model.pwin): the int8 packs of the weights in [lo, hi) (st_model_set_int8 under hooks with
+ * residency_int8 that hold packs in windows: the device ZeRO-3 teacher), byte plo of the pack space at p[0]. */
+typedef struct {
+    size_t lo, hi;
+    uint8_t *p;
+    size_t plo;
+} st_pack_window;
 
 typedef struct {
     st_model_config cfg;
@@ -155,6 +159,10 @@ typedef struct {
     int grads_windowed;
     int n_wwin, n_gwin;
     st_res_window wwin[ST_RES_WINDOWS], gwin[ST_RES_WINDOWS];
+    /* With windowed int8 packs (st_model_set_int8 on a windowed model): the resident groups' packs, kept
+     * current by the hooks; a quantized weight's pack is found in the pack window holding its offset. */
+    int n_pwin;
+    st_pack_window pwin[ST_RES_WINDOWS];
     /* The weights, their bf16 copy and the gradients belong to a communicator (ZeRO-3 on a device,
      * worker/comm_zero3_dev.c), set before the buffers would be made: st_model_set_precision allocates no
      * bf16 copy and st_model_set_trainable no gradient buffer (a model bound without weights keeps none). */
@@ -430,8 +438,8 @@ void st_model_head_logits(st_model *m, float *out, int r0, int rows);
  * released once here: collective), so the packs are those of an unsharded model, byte for byte; the hooks keep
  * this rank's share of the space and gather a group's packs (st_model_int8_packs). A windowed model (the device
  * ZeRO-3 teacher, worker/comm_zero3_teacher_dev.c) gets no pack space at all: its hooks give each acquired
- * group's window the bytes of its packs (st_res_window p8; packed there, then kept in share by the release;
- * later gathered there), and the matmuls read a site's pack from the window that holds its weight. The fp32 weights stay
+ * group a pack window with the bytes of its packs (st_model.pwin; packed there, then kept in share by the
+ * release; later gathered there), and the matmuls read a site's pack from the pack window holding its weight. The fp32 weights stay
  * allocated (norms, embeddings and a tied head read them; the caller may give back the memory of
  * st_model_int8_ranges); call after the weights are final (a later write is not seen).
  * *bytes (may be NULL): the packed weights and the scratch, backend memory. */

@@ -511,6 +511,16 @@ static int head_chunk_rows(const st_model *m) {
     return rows < N ? (int)rows : N;
 }
 
+size_t st_model_head_chunk_floats(const st_model_config *cfg, int B, int T, int device) {
+    st_model tmp;
+    memset(&tmp, 0, sizeof tmp);
+    tmp.cfg = *cfg;
+    tmp.B = B;
+    tmp.T = T;
+    tmp.sizing_device = device != 0;
+    return (size_t)head_chunk_rows(&tmp) * (size_t)cfg->vocab;
+}
+
 /* Vocabulary rows of the LM head per matmul under bf16. mm_scratch is sized by st_matmul_bf16_scratch_floats
  * (room for fp32 copies of both operands: the CPU twin widens both; CUDA lays out bf16 copies of its fp32
  * operands in the same room), so a head weight [V, C] above ST_HEAD_WIDEN_FLOATS goes through the head

@@ -419,6 +419,10 @@ void st_model_set_residency(st_model *m, const st_residency_hooks *h);
 int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,
                                const float **res_out);
 
+/* Floats of one LM-head chunk of logits (rows per chunk x vocab) for micro-batches of B x T on a host backend
+ * (device: a device one): the buffer a KD teacher's logits take (worker/distill.c; the planner). */
+size_t st_model_head_chunk_floats(const st_model_config *cfg, int B, int T, int device);
+
 /* The final norm's output [B*T, C] from the last forward (backend memory): the LM head's input. */
 const float *st_model_final_hidden(const st_model *m);
 

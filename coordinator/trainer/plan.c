@@ -415,6 +415,8 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
     if (c->sharding.stage == 3 && dev) weights = st_z3teach_floats(&t, world, tp == ST_PRECISION_BF16) * sizeof(float);
     *out = weights + st_model_activation_floats_dev(&tc, c->train.micro_batch, c->train.seq_len, tp, 1,
                                                     dev && c->sharding.stage == 3) * sizeof(float);
+    /* worker/distill.c: one LM-head chunk of the teacher's logits (the student's chunk rows, the same vocabulary) */
+    *out += st_model_head_chunk_floats(&tc, c->train.micro_batch, c->train.seq_len, dev) * sizeof(float);
     if (i8) { /* the packs in, the quantized weights' fp32 pages out (train.c load_teacher) */
         size_t freed = 0, lp = 0, hp = 0;
         size_t all = st_model_int8_bytes(&tc, c->train.micro_batch, c->train.seq_len, dev, &freed, &lp, &hp);

@@ -40,7 +40,8 @@ struct st_z3teach {
     st_model *m;
     int rank, world, n_slots;
     size_t shard, lo, hi, cap;
-    float *own; /* [shard] this rank's part of the weight space */
+    float *own; /* [shard] this rank's part of the weight space; compact: only its unquantized weights */
+    int compact; /* int8: the quantized weights' fp32 values were dropped (st_z3teach_int8_compact) */
     /* int8 (st_model_set_int8): this rank's share [plo, phi) of the pack space (pshard bytes, a multiple of 4
      * so the shares are whole floats for the all-gather), made on the first acquire that packs */
     uint8_t *pown;
@@ -85,12 +86,14 @@ static void sync_windows(st_z3teach *z) {
 }
 
 /* Elements [a, b) of a space sharded `shard` per rank into dst (dst[0] = element a): this rank's part copied
- * from own (its element lo at own[0]), the others' all-gathered in place (elements of 4 bytes). */
-static int gather_range(st_z3teach *z, void *dst, const void *own, size_t shard, size_t lo, size_t elem, size_t a,
-                        size_t b) {
+ * from own (its element lo at own[0], less `skip` elements dropped before it), the others' all-gathered in
+ * place (elements of 4 bytes). */
+static int gather_range(st_z3teach *z, void *dst, const void *own, size_t skip, size_t shard, size_t lo, size_t elem,
+                        size_t a, size_t b) {
     if (b <= a) return 0;
     size_t hi = lo + shard, os = a > lo ? a : lo, oe = b < hi ? b : hi;
-    if (os < oe) z->m->be->copy((char *)dst + (os - a) * elem, (const char *)own + (os - lo) * elem, (oe - os) * elem);
+    if (os < oe)
+        z->m->be->copy((char *)dst + (os - a) * elem, (const char *)own + (os - lo - skip) * elem, (oe - os) * elem);
     if (!z->c->nccl) return 0;
     size_t parts[z->world];
     for (int r = 0; r < z->world; r++) {
@@ -101,6 +104,23 @@ static int gather_range(st_z3teach *z, void *dst, const void *own, size_t shard,
     return st_nccl_all_gather_parts(z->c->nccl, dst, parts);
 }
 
+/* Quantized floats in this rank's weight range before x (st_model_int8_range): what a compacted shard
+ * dropped before element x. */
+static size_t quantized_before(const st_z3teach *z, size_t x) {
+    size_t n = 0, qlo, qhi;
+    for (int k = 0; st_model_int8_range(z->m, k, &qlo, &qhi) && qlo < x; k++) {
+        size_t a = qlo > z->lo ? qlo : z->lo, b = qhi < x ? qhi : x;
+        n += b > a ? b - a : 0;
+    }
+    return n;
+}
+
+/* Unquantized fp32 run [x, y) of the slot's group (no quantized weight inside). */
+static int gather_run(st_z3teach *z, z3t_slot *s, size_t x, size_t y) {
+    size_t skip = z->compact ? quantized_before(z, x > z->lo ? x : z->lo) : 0;
+    return gather_range(z, s->w + (x - s->lo), z->own, skip, z->shard, z->lo, sizeof(float), x, y);
+}
+
 /* int8, packs made (st_model_int8_packs 2): the fp32 weights of the slot's group that are not quantized (norms,
  * biases, embeddings, a tied head), then its packs in bytes. */
 static int gather_int8(st_z3teach *z, z3t_slot *s) {
@@ -108,12 +128,12 @@ static int gather_int8(st_z3teach *z, z3t_slot *s) {
     int rc = 0;
     for (int k = 0; !rc && st_model_int8_range(z->m, k, &qlo, &qhi) && qlo < s->hi; k++) { /* weight order */
         if (qhi <= x) continue;
-        if (qlo > x) rc = gather_range(z, s->w + (x - s->lo), z->own, z->shard, z->lo, sizeof(float), x, qlo);
+        if (qlo > x) rc = gather_run(z, s, x, qlo);
         x = qhi;
     }
-    if (!rc && x < s->hi) rc = gather_range(z, s->w + (x - s->lo), z->own, z->shard, z->lo, sizeof(float), x, s->hi);
+    if (!rc && x < s->hi) rc = gather_run(z, s, x, s->hi);
     /* the shares are whole floats: pshard, pa and pb are multiples of 4 (the packs are 64-byte aligned) */
-    if (!rc) rc = gather_range(z, s->p8, z->pown, z->pshard / 4, z->plo / 4, sizeof(float), s->pa / 4, s->pb / 4);
+    if (!rc) rc = gather_range(z, s->p8, z->pown, 0, z->pshard / 4, z->plo / 4, sizeof(float), s->pa / 4, s->pb / 4);
     return rc;
 }
 
@@ -163,7 +183,9 @@ static int gather_start(st_z3teach *z, z3t_slot *s, int first, int last) {
         s->pa = s->pb = 0;
         return rc;
     }
-    rc = packs == 2 ? gather_int8(z, s) : gather_range(z, s->w, z->own, z->shard, z->lo, sizeof(float), s->lo, s->hi);
+    if (z->compact && packs != 2)
+        return st_fail(ST_EINVAL, "rank %d: internal error: a compacted teacher shard gathered without its packs", z->rank);
+    rc = packs == 2 ? gather_int8(z, s) : gather_range(z, s->w, z->own, 0, z->shard, z->lo, sizeof(float), s->lo, s->hi);
     return rc || !z->c->nccl ? rc : st_nccl_record(z->c->nccl, Z3T_MARK);
 }
 
@@ -231,6 +253,40 @@ static void t_release(void *ctx, int first, int last) {
 }
 
 static void t_progress(void *ctx) { (void)ctx; }
+
+int st_z3teach_int8_compact(st_z3teach *z) {
+    st_model *m = z->m;
+    const st_backend *be = m->be;
+    uint8_t *sp;
+    size_t pa, pb, total, qlo, qhi, x = z->lo, at = 0;
+    if (z->compact || st_model_int8_packs(m, 0, m->n_weights, &sp, &pa, &pb, &total) != 2) return 0;
+    size_t kept = z->shard - quantized_before(z, z->hi);
+    float *c = be->alloc((kept ? kept : 1) * sizeof(float));
+    if (!c) return st_fail(ST_ENOMEM, "rank %d: out of %s memory compacting the sharded teacher", z->rank, be->name);
+    for (int k = 0; st_model_int8_range(m, k, &qlo, &qhi) && qlo < z->hi; k++) { /* weight order */
+        if (qhi <= x) continue;
+        if (qlo > x) be->copy(c + at, z->own + (x - z->lo), (qlo - x) * sizeof(float)), at += qlo - x;
+        x = qhi;
+    }
+    if (x < z->hi) be->copy(c + at, z->own + (x - z->lo), (z->hi - x) * sizeof(float));
+    be->free(z->own);
+    z->own = c;
+    z->compact = 1;
+    m->weights = NULL; /* nothing reads this rank's parts at weights + offset any more */
+    return 0;
+}
+
+size_t st_z3teach_kept_floats(const st_model *m, int world, int rank, int int8) {
+    size_t w = (size_t)(world > 0 ? world : 1), shard = (m->n_weights + w - 1) / w;
+    if (!int8) return shard;
+    size_t lo = shard * (size_t)rank, hi = lo + shard, q = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) { /* the quantized weights: st_model_param_bf16_only's */
+        const st_param *p = &m->params[i];
+        size_t a = p->offset > lo ? p->offset : lo, b = p->offset + p->numel < hi ? p->offset + p->numel : hi;
+        if (b > a && st_model_param_bf16_only(m, i)) q += b - a;
+    }
+    return shard - q;
+}
 
 size_t st_z3teach_floats(const st_model *m, int world, int bf16) {
     size_t w = (size_t)(world > 0 ? world : 1), shard = (m->n_weights + w - 1) / w, cap = largest_group(m);

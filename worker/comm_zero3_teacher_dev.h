@@ -28,6 +28,16 @@ int st_z3teach_init(st_z3teach **out, st_comm *c, MPI_Comm comm, st_model *m, in
 /* Which elements [*a, *b) of parameter i this rank keeps (an st_model_keep_fn: ctx is the st_z3teach). */
 void st_z3teach_keep(void *ctx, const st_model *m, int i, size_t *a, size_t *b);
 
+/* distill.teacher_dtype int8, after st_model_set_int8 (the packs made): the quantized weights' fp32 values are
+ * not read again, so this rank's shard is cut down to its unquantized weights (norms, biases, embeddings, a
+ * tied head), in weight order, in a new device buffer (the old one freed; m->weights is NULL after: the
+ * hooks find this rank's parts). A no-op otherwise. ST_ENOMEM naming the rank. */
+int st_z3teach_int8_compact(st_z3teach *z);
+
+/* Floats of rank `rank`'s shard for a teacher with this registry on `world` ranks (int8: after
+ * st_z3teach_int8_compact; the quantized weights are st_model_param_bf16_only's). The planner counts them. */
+size_t st_z3teach_kept_floats(const st_model *m, int world, int rank, int int8);
+
 /* Removes the hooks, frees the shard and the slots; the model is left without weights. NULL is fine. */
 void st_z3teach_free(st_z3teach *z);
 

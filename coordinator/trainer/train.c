@@ -545,6 +545,7 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
     if (!rc && t->teacher_dev && c->distill.teacher_dtype == ST_TEACHER_INT8) { /* packed group by group (collective) */
         rc = st_model_set_int8(&t->teacher, NULL);
+        if (!rc) rc = st_z3teach_int8_compact(t->teacher_dev); /* the quantized weights' fp32 values go */
         rc = st_trainer_agree(t, rc ? st_fail_context(rc, "distill.teacher_dtype: int8") : 0);
     }
     if (!rc && stream) rc = load_streamed(t);

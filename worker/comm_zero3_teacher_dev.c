@@ -13,7 +13,13 @@
  * acquire of another group first waits for (and drops) a prefetched one nobody acquired. The acquire makes
  * the compute stream wait for the mark, then (bf16) rounds the slot's compute copy. One rank without NCCL:
  * its part is the whole group. A failure inside a hook (which cannot return one) goes to the student
- * communicator's z3_rc, which the step's gradient reduction reports. */
+ * communicator's z3_rc, which the step's gradient reduction reports.
+ * int8 (st_model_set_int8 on the windowed model, residency_int8): the first acquire while it packs makes this
+ * rank's share of the pack space (pshard bytes, a multiple of 4: the all-gathers move whole floats) and a pack
+ * buffer per slot of the largest group's packs; while packing, a group's fp32 weights are gathered whole, the
+ * model packs them into the slot's pack window and the release copies this rank's share out. Once packed,
+ * a group's gather moves its unquantized fp32 runs and its packs; st_z3teach_int8_compact keeps only the
+ * unquantized weights in the shard (a run's part found by the quantized floats before it). */
 #include "worker/comm_zero3_teacher_dev.h"
 
 #include <stdlib.h>

@@ -7,9 +7,12 @@
  * size (two; three with a tied head: wte stays until the head has run), the next group prefetched on the
  * student communicator's NCCL stream while this one computes, and the slot freed by the release. Under bf16
  * the slot's compute copy is rounded from the gathered fp32 weights on the device. No whole-model buffer
- * exists on a device rank. Not yet: distill.teacher_dtype int8 here (refused by name, train.c).
- * Owns: the shard and the slots (device memory); the model's registry, activations and hooks stay the
- * model's / caller's. */
+ * exists on a device rank. distill.teacher_dtype int8: st_model_set_int8 packs each group on the device into
+ * its slot's pack buffer (a pack window, st_model.pwin) and each rank keeps 1/N of the pack space; the forward
+ * gathers a group's packs and its unquantized fp32 weights (st_z3teach_int8_compact drops the quantized
+ * ones' fp32 values from the shard after packing).
+ * Owns: the shard, the pack share and the slots (device memory); the model's registry, activations and
+ * hooks stay the model's / caller's. */
 #ifndef ST_COMM_ZERO3_TEACHER_DEV_H
 #define ST_COMM_ZERO3_TEACHER_DEV_H
 

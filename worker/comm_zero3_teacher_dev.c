@@ -53,6 +53,9 @@ struct st_z3teach {
     uint8_t *pown;
     size_t pshard, plo, phi, pcap;
     z3t_slot slot[Z3T_SLOTS];
+    /* SHARDTUNE_ZERO3_DEV_FAULT=teacher-gather-wait (tests only: the stream-order checker must catch it): the
+     * teacher computes on a group without waiting for its gather */
+    int fault_gather_wait;
 };
 
 /* Weight range of parameters [first, last) (registry order is offset order). */
@@ -196,7 +199,9 @@ static int gather_start(st_z3teach *z, z3t_slot *s, int first, int last) {
 }
 
 /* The compute stream waits for the last teacher gather (and what the comm stream queued before it). */
-static int gather_wait(st_z3teach *z) { return z->c->nccl ? st_nccl_wait_event(z->c->nccl, Z3T_MARK) : 0; }
+static int gather_wait(st_z3teach *z) {
+    return z->c->nccl && !z->fault_gather_wait ? st_nccl_wait_event(z->c->nccl, Z3T_MARK) : 0;
+}
 
 static void t_prefetch(void *ctx, int first, int last) {
     st_z3teach *z = ctx;
@@ -343,6 +348,8 @@ int st_z3teach_init(st_z3teach **out, st_comm *c, MPI_Comm comm, st_model *m, in
                        be->name);
     }
     if (z->shard) be->memset0(z->own, z->shard * sizeof(float)); /* the padding past the last weight */
+    const char *fault = getenv("SHARDTUNE_ZERO3_DEV_FAULT"); /* tests only (see st_z3teach) */
+    z->fault_gather_wait = fault && !strcmp(fault, "teacher-gather-wait");
     m->weights = z->own - z->lo; /* this rank's parts at weights + offset (see the top of the file) */
     m->windowed = 1;
     m->residency_int8 = 1; /* the hooks hold int8 packs in the windows (distill.teacher_dtype: int8) */

@@ -18,6 +18,8 @@
 #     boundaries within 1%, on 3 ranks fp32 (GPT-2 teacher), 2 ranks bf16 (Llama teacher) and 3 ranks int8 (Llama
 #     teacher: the plan sizes the packs in the CUDA layout, fakedev holds the CPU kernels'; both small); and the plan's
 #     teacher bytes differ between 2 and 3 ranks by the shard's ceil(n/2) - ceil(n/3) floats, to the byte;
+#  4. the fake NCCL's stream-order checker sees the teacher's gathers: with the teacher's gather wait removed
+#     (SHARDTUNE_ZERO3_DEV_FAULT=teacher-gather-wait) the run fails with a stream-order violation;
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/fakedev_lib.sh"
 
@@ -127,3 +129,15 @@ assert t3 >= 4 * ((n + 2) // 3 + 3 * layer), (t3, n, layer)
 print(f"teacher plan: 2 ranks {t2} bytes, 3 ranks {t3} bytes; the shard's difference {want} to the byte")
 PY
 
+
+# the stream-order checker sees the teacher's gathers: with its gather wait removed
+# (SHARDTUNE_ZERO3_DEV_FAULT=teacher-gather-wait) the guarded run must report the race
+# shellcheck disable=SC2046
+job race 2 3 1 sharding.stage=3 $(kd gt) "${common[@]}"
+set +e
+SHARDTUNE_ZERO3_DEV_FAULT=teacher-gather-wait mpirun --oversubscribe -np 2 "$FAKE" --guard "$T/race.yaml" \
+  $(cat "$T/race.args") >"$T/race.out" 2>"$T/race.err"; rc=$?
+set -e
+[ $rc != 0 ] && grep -q "stream order violated" "$T/race.err" ||
+  fail "the teacher's missing gather wait was not caught (rc $rc): $(tail -3 "$T/race.err")"
+echo "a teacher gather computed on without its wait: caught by the stream-order checker"

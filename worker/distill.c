@@ -26,7 +26,11 @@ int st_distill_init(st_distill *d, st_model *teacher, const st_model *student, f
     int32_t *zeros_t = calloc(N ? N : 1, sizeof(int32_t));
     float *zeros_w = calloc(N ? N : 1, sizeof(float));
     d->sums = be->alloc(2 * sizeof(double));
-    if (!zeros_t || !zeros_w || !d->sums) {
+    /* one head chunk of teacher logits, made now: the run's memory from the start (the planner counts it) */
+    size_t chunk = st_model_head_chunk_floats(&student->cfg, student->B, student->T, !be->host_memory);
+    d->t_logits = be->alloc((chunk ? chunk : 1) * sizeof(float));
+    d->t_logits_floats = d->t_logits ? chunk : 0;
+    if (!zeros_t || !zeros_w || !d->sums || !d->t_logits) {
         free(zeros_t), free(zeros_w);
         st_distill_free(d, be);
         return st_fail(ST_ENOMEM, "out of memory");

@@ -511,6 +511,16 @@ static int head_chunk_rows(const st_model *m) {
     return rows < N ? (int)rows : N;
 }
 
+size_t st_model_head_chunk_floats(const st_model_config *cfg, int B, int T, int device) {
+    st_model tmp;
+    memset(&tmp, 0, sizeof tmp);
+    tmp.cfg = *cfg;
+    tmp.B = B;
+    tmp.T = T;
+    tmp.sizing_device = device != 0;
+    return (size_t)head_chunk_rows(&tmp) * (size_t)cfg->vocab;
+}
+
 /* Vocabulary rows of the LM head per matmul under bf16. mm_scratch is sized by st_matmul_bf16_scratch_floats
  * (room for fp32 copies of both operands: the CPU twin widens both; CUDA lays out bf16 copies of its fp32
  * operands in the same room), so a head weight [V, C] above ST_HEAD_WIDEN_FLOATS goes through the head
@@ -1351,12 +1361,13 @@ struct st_w8 {
     uint8_t *space;
     size_t space_bytes, at[4 * 1024 + 2];
     int ready;
+    int windowed; /* a windowed model: no space; each resident window's p8 holds its group's packs */
 };
 
 static void w8_free(st_model *m) {
     if (!m->w8) return;
     if (m->w8->space) m->be->free(m->w8->space);
-    else
+    else if (!m->w8->windowed)
         for (int i = 0; i < m->w8->n; i++) m->be->free(m->w8->site[i].packed);
     m->be->free(m->w8->scratch);
     free(m->w8);
@@ -1367,12 +1378,20 @@ static void w8_free(st_model *m) {
 static int w8_mm(const st_model *m, float *y, st_mm_in x, const float *w, const float *bias, int M, int out, int in,
                  float beta) {
     if (!m->w8 || !x.f32) return 0;
-    size_t off = (size_t)(w - m->weights);
+    const st_res_window *r = NULL; /* windowed: the window holding w, and the pack window of its group */
+    const st_pack_window *pw = NULL;
+    for (int k = 0; m->windowed && k < m->n_wwin && !r; k++)
+        if (w >= m->wwin[k].p && w < m->wwin[k].p + (m->wwin[k].hi - m->wwin[k].lo)) r = &m->wwin[k];
+    size_t off = r ? r->lo + (size_t)(w - r->p) : (size_t)(w - m->weights);
+    for (int k = 0; r && k < m->n_pwin && !pw; k++)
+        if (off >= m->pwin[k].lo && off < m->pwin[k].hi) pw = &m->pwin[k];
+    if (m->windowed && !pw) return 0;
     for (int i = 0; i < m->w8->n; i++) {
         const w8_site *q = &m->w8->site[i];
         if (q->off != off || q->out != out || q->in != in) continue;
         if (m->progress) m->progress(m->residency_ctx);
-        m->be->matmul_w8a8(y, x.f32, q->packed, bias, M, out, in, beta, m->w8->scratch);
+        const void *packed = pw ? (const void *)(pw->p + (m->w8->at[i] - pw->plo)) : q->packed;
+        m->be->matmul_w8a8(y, x.f32, packed, bias, M, out, in, beta, m->w8->scratch);
         return 1;
     }
     return 0;
@@ -1384,17 +1403,16 @@ static int w8_sites(const st_model *m, w8_site *s) {
     const st_model_config *c = &m->cfg;
     int n = 0, C = c->d_model, F = c->d_ff, F1 = c->family == ST_FAMILY_GPT2 ? F : 2 * F;
     int A = c->n_head * c->head_dim;
-    for (int l = 0; l < c->n_layer; l++) {
+    for (int l = 0; l < c->n_layer; l++) { /* registry offsets: a windowed model's weights need not be resident */
         layer_w w = layer_weights(m, l);
-        const float *p[4] = {w.wqkv, w.wo, w.w1, w.w2};
+        const int idx[4] = {w.iqkv, w.io, w.i1, w.i2};
         int shape[4][2] = {{qkv_dim(c), C}, {C, A}, {F1, C}, {C, F}};
         for (int k = 0; k < 4; k++) {
-            s[n].off = (size_t)(p[k] - m->weights), s[n].out = shape[k][0], s[n].in = shape[k][1];
+            s[n].off = m->params[idx[k]].offset, s[n].out = shape[k][0], s[n].in = shape[k][1];
             n++;
         }
     }
-    float *g;
-    s[n].off = (size_t)(head_weight(m, &g) - m->weights), s[n].out = c->vocab, s[n].in = C;
+    s[n].off = m->params[head_index(m)].offset, s[n].out = c->vocab, s[n].in = C;
     return n + 1;
 }
 
@@ -1414,18 +1432,27 @@ static int w8_pack_sharded(st_model *m) {
         at += (be->w8_bytes(q->site[i].out, q->site[i].in) + 63) / 64 * 64;
     }
     q->at[q->n] = q->space_bytes = at;
-    if (!(q->space = be->alloc(at ? at : 1))) return -1;
-    q->bytes += at;
-    for (int i = 0; i < q->n; i++) q->site[i].packed = q->space + q->at[i];
+    q->windowed = m->windowed;
+    if (!q->windowed && !(q->space = be->alloc(at ? at : 1))) return -1;
+    if (!q->windowed) q->bytes += at;
+    for (int i = 0; i < q->n && q->space; i++) q->site[i].packed = q->space + q->at[i];
     int L = m->cfg.n_layer, nb = st_model_base_params(m), e0 = layer_first_param(m, 0);
     for (int g = -1; g <= L; g++) { /* the groups the forward acquires: embeddings, layers, norm + head */
         int first = g < 0 ? 0 : g < L ? layer_first_param(m, g) : final_norm_index(m);
         int last = g < 0 ? e0 : g < L ? layer_first_param(m, g + 1) : nb;
         size_t a = m->params[first].offset, b = m->params[last - 1].offset + m->params[last - 1].numel;
         st_model_acquire(m, first, last);
-        for (int i = 0; i < q->n; i++)
-            if (q->site[i].off >= a && q->site[i].off < b)
-                be->w8_pack(q->site[i].packed, m->weights + q->site[i].off, q->site[i].out, q->site[i].in);
+        const st_res_window *r = m->windowed ? window_at(m->wwin, m->n_wwin, a) : NULL;
+        const st_pack_window *pw = NULL;
+        for (int k = 0; r && k < m->n_pwin && !pw; k++)
+            if (a >= m->pwin[k].lo && a < m->pwin[k].hi) pw = &m->pwin[k];
+        for (int i = 0; i < q->n; i++) {
+            const w8_site *t = &q->site[i];
+            if (t->off < a || t->off >= b) continue;
+            if (m->windowed && (!r || !pw)) return -1; /* the hooks gave the group no window or pack bytes */
+            void *dst = pw ? (void *)(pw->p + (q->at[i] - pw->plo)) : t->packed;
+            be->w8_pack(dst, r ? r->p + (t->off - r->lo) : m->weights + t->off, t->out, t->in);
+        }
         st_model_release(m, first, last);
     }
     q->ready = 1;
@@ -1434,7 +1461,7 @@ static int w8_pack_sharded(st_model *m) {
 
 int st_model_int8_packs(const st_model *m, size_t a, size_t b, uint8_t **space, size_t *pa, size_t *pb, size_t *total) {
     const struct st_w8 *q = m->w8;
-    if (!q || !q->space) return 0;
+    if (!q || (!q->space && !q->windowed)) return 0;
     *space = q->space, *total = q->space_bytes, *pa = *pb = 0;
     int first = -1, last = -1;
     for (int i = 0; i < q->n; i++)
@@ -1451,7 +1478,7 @@ int st_model_set_int8(st_model *m, size_t *bytes) {
     if (!be->matmul_w8a8 || !be->w8_pack || !be->w8_bytes || !be->w8_scratch_bytes)
         return st_fail(ST_ECONFIG, "int8 matmuls are not available on the %s backend", be->name);
     if (m->precision != ST_PRECISION_FP32 || m->lora || m->prompt || m->qlora || (m->acquire && !m->residency_int8) ||
-        m->windowed || m->B * m->T <= 0 || !m->weights)
+        (m->windowed && !m->residency_int8) || m->B * m->T <= 0 || !m->weights)
         return st_fail(ST_ECONFIG, "int8 matmuls need an fp32 model with its weights and activations, without "
                                    "adapters or residency hooks other than a sharded frozen model's");
     if (m->cfg.n_layer * 4 + 1 > (int)(sizeof m->w8->site / sizeof m->w8->site[0]))
@@ -1466,7 +1493,7 @@ int st_model_set_int8(st_model *m, size_t *bytes) {
     q->bytes = sb;
     int rc = q->scratch ? 0 : -1;
     if (!rc && m->acquire) rc = w8_pack_sharded(m);
-    for (int i = 0; i < q->n && !rc && !q->space; i++) {
+    for (int i = 0; i < q->n && !rc && !q->space && !q->windowed; i++) {
         w8_site *t = &q->site[i];
         size_t nb = be->w8_bytes(t->out, t->in);
         if (!(t->packed = be->alloc(nb))) { rc = -1; break; }
@@ -1483,8 +1510,7 @@ int st_model_set_int8(st_model *m, size_t *bytes) {
 }
 
 int st_model_int8_range(const st_model *m, int k, size_t *lo, size_t *hi) {
-    float *g;
-    size_t tied = m->cfg.tied_embeddings ? (size_t)(head_weight(m, &g) - m->weights) : (size_t)-1;
+    size_t tied = m->cfg.tied_embeddings ? m->params[head_index(m)].offset : (size_t)-1;
     for (int i = 0, n = 0; m->w8 && i < m->w8->n; i++) {
         const w8_site *q = &m->w8->site[i];
         if (q->off == tied) continue;
@@ -1499,6 +1525,25 @@ int st_model_int8_ranges(const st_model *m, size_t *lo, size_t *hi, int max) {
     int n = 0;
     while (n < max && st_model_int8_range(m, n, &lo[n], &hi[n])) n++;
     return n;
+}
+
+size_t st_model_int8_space(const st_model *m, int device, size_t *group_most) {
+    size_t (*wb)(int, int) = device ? st_cuda_w8_bytes : st_cpu_w8_bytes, total = 0, most = 0;
+    w8_site *s = malloc((size_t)(4 * m->cfg.n_layer + 1) * sizeof *s);
+    if (!s) return 0;
+    int n = w8_sites(m, s), L = m->cfg.n_layer, nb = st_model_base_params(m), e0 = layer_first_param(m, 0);
+    for (int i = 0; i < n; i++) total += (wb(s[i].out, s[i].in) + 63) / 64 * 64;
+    for (int g = -1; g <= L; g++) { /* w8_pack_sharded's groups */
+        int first = g < 0 ? 0 : g < L ? layer_first_param(m, g) : final_norm_index(m);
+        int last = g < 0 ? e0 : g < L ? layer_first_param(m, g + 1) : nb;
+        size_t a = m->params[first].offset, b = m->params[last - 1].offset + m->params[last - 1].numel, k = 0;
+        for (int i = 0; i < n; i++)
+            if (s[i].off >= a && s[i].off < b) k += (wb(s[i].out, s[i].in) + 63) / 64 * 64;
+        if (k > most) most = k;
+    }
+    free(s);
+    if (group_most) *group_most = most;
+    return total;
 }
 
 /* fp32 bytes of a released [out, in] weight, less a page at either end (partial pages stay) */

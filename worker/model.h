@@ -44,6 +44,14 @@ typedef struct {
 } st_res_window;
 #define ST_RES_WINDOWS 6
 
+/* A pack window (st_model.pwin): the int8 packs of the weights in [lo, hi) (st_model_set_int8 under hooks with
+ * residency_int8 that hold packs in windows: the device ZeRO-3 teacher), byte plo of the pack space at p[0]. */
+typedef struct {
+    size_t lo, hi;
+    uint8_t *p;
+    size_t plo;
+} st_pack_window;
+
 typedef struct {
     st_model_config cfg;
     const st_backend *be;
@@ -151,6 +159,10 @@ typedef struct {
     int grads_windowed;
     int n_wwin, n_gwin;
     st_res_window wwin[ST_RES_WINDOWS], gwin[ST_RES_WINDOWS];
+    /* With windowed int8 packs (st_model_set_int8 on a windowed model): the resident groups' packs, kept
+     * current by the hooks; a quantized weight's pack is found in the pack window holding its offset. */
+    int n_pwin;
+    st_pack_window pwin[ST_RES_WINDOWS];
     /* The weights, their bf16 copy and the gradients belong to a communicator (ZeRO-3 on a device,
      * worker/comm_zero3_dev.c), set before the buffers would be made: st_model_set_precision allocates no
      * bf16 copy and st_model_set_trainable no gradient buffer (a model bound without weights keeps none). */
@@ -409,6 +421,10 @@ void st_model_set_residency(st_model *m, const st_residency_hooks *h);
 int st_model_layer_activations(const st_model *m, int l, const float **res_in, const float **attn, const float **mlp,
                                const float **res_out);
 
+/* Floats of one LM-head chunk of logits (rows per chunk x vocab) for micro-batches of B x T on a host backend
+ * (device: a device one): the buffer a KD teacher's logits take (worker/distill.c; the planner). */
+size_t st_model_head_chunk_floats(const st_model_config *cfg, int B, int T, int device);
+
 /* The final norm's output [B*T, C] from the last forward (backend memory): the LM head's input. */
 const float *st_model_final_hidden(const st_model *m);
 
@@ -426,12 +442,16 @@ void st_model_head_logits(st_model *m, float *out, int r0, int rows);
  * other than ones with residency_int8 set (the ZeRO-3 teacher, st_frozen_shard): with those, every pack goes
  * into one space in site order and is made from its group's gathered fp32 weights (each group acquired and
  * released once here: collective), so the packs are those of an unsharded model, byte for byte; the hooks keep
- * this rank's share of the space and gather a group's packs (st_model_int8_packs). The fp32 weights stay
+ * this rank's share of the space and gather a group's packs (st_model_int8_packs). A windowed model (the device
+ * ZeRO-3 teacher, worker/comm_zero3_teacher_dev.c) gets no pack space at all: its hooks give each acquired
+ * group a pack window with the bytes of its packs (st_model.pwin; packed there, then kept in share by the
+ * release; later gathered there), and the matmuls read a site's pack from the pack window holding its weight. The fp32 weights stay
  * allocated (norms, embeddings and a tied head read them; the caller may give back the memory of
  * st_model_int8_ranges); call after the weights are final (a later write is not seen).
  * *bytes (may be NULL): the packed weights and the scratch, backend memory. */
 int st_model_set_int8(st_model *m, size_t *bytes);
-/* Under st_model_set_int8 with residency_int8 hooks: the pack space (*space, *total bytes) and the bytes
+/* Under st_model_set_int8 with residency_int8 hooks: the pack space (*space, *total bytes; *space NULL for a
+ * windowed model, whose hooks hold the packs) and the bytes
  * [*pa, *pb) of it holding the packs of the weights that start in the weight range [a, b) (floats; *pa = *pb
  * when none). Returns 0 without such a space, 1 while st_model_set_int8 is still packing (the hooks gather
  * fp32 weights then), 2 once the packs are made (the hooks gather the packs, not the quantized fp32 weights:
@@ -449,6 +469,11 @@ int st_model_int8_range(const st_model *m, int k, size_t *lo, size_t *hi);
  * (planner). */
 size_t st_model_int8_bytes(const st_model_config *cfg, int B, int T, int device, size_t *released, size_t *layer_packs,
                            size_t *head_pack);
+
+/* The pack space st_model_set_int8 lays out under residency_int8 hooks for a model with this registry (may be
+ * registry-only) on the cpu backend (device: cuda): its bytes (each site's pack 64-byte aligned), and (may be
+ * NULL) the most bytes one group the forward acquires holds (planner). 0 when out of memory. */
+size_t st_model_int8_space(const st_model *m, int device, size_t *group_most);
 
 /* FLOPs of one training step per token (6N + 12 L T C, N = non-embedding params incl. head). */
 double st_model_flops_per_token(const st_model *m, int T);

@@ -20,6 +20,7 @@
 #include "worker/comm.h"
 #include "worker/comm_zero2_dev.h"
 #include "worker/comm_zero3_dev.h"
+#include "worker/comm_zero3_teacher_dev.h"
 #include "worker/lora.h"
 #include "text/tokenizer.h"
 #include "worker/prompt.h"
@@ -385,9 +386,11 @@ static size_t teacher_int8_freed(const st_model *t, int world) {
     return least == (size_t)-1 ? 0 : least;
 }
 
-/* distill.teacher's bytes on one rank (st_rank_plan.teacher): the registry of its config.json. */
-static int teacher_bytes(const st_config *c, int world, size_t *out) {
-    *out = 0;
+/* distill.teacher's bytes on each rank (st_rank_plan.teacher; out[world]) and what its load holds on top
+ * (load[world]: a device int8 teacher's whole fp32 shard beside the compacted one, at load only): the registry
+ * of its config.json. */
+static int teacher_bytes(const st_config *c, int world, size_t *out, size_t *load) {
+    for (int r = 0; r < world; r++) out[r] = load[r] = 0;
     if (!c->distill.teacher[0]) return 0;
     st_model_config tc;
     st_model t;
@@ -408,19 +411,39 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
     }
     size_t weights = c->sharding.stage == 3 ? (n + (size_t)world - 1) / (size_t)world * sizeof(float) + group * per
                                             : n * per;
-    *out = weights + st_model_activation_floats_ckpt(&tc, c->train.micro_batch, c->train.seq_len, tp, 1) *
-                         sizeof(float);
+    const int dev = c->backend == ST_BACKEND_CUDA;
+    /* stage 3 on a device (worker/comm_zero3_teacher_dev.c): the device shard and the gather slots (two, three
+     * with a tied head: each the largest group, with its bf16 copy under bf16), held for the whole run */
+    if (c->sharding.stage == 3 && dev) weights = st_z3teach_floats(&t, world, tp == ST_PRECISION_BF16) * sizeof(float);
+    size_t held = weights + st_model_activation_floats_dev(&tc, c->train.micro_batch, c->train.seq_len, tp, 1,
+                                                          dev && c->sharding.stage == 3) * sizeof(float);
+    /* worker/distill.c: one LM-head chunk of the teacher's logits (the student's chunk rows, the same vocabulary) */
+    held += st_model_head_chunk_floats(&tc, c->train.micro_batch, c->train.seq_len, dev) * sizeof(float);
     if (i8) { /* the packs in, the quantized weights' fp32 pages out (train.c load_teacher) */
         size_t freed = 0, lp = 0, hp = 0;
-        const int dev = c->backend == ST_BACKEND_CUDA;
         size_t all = st_model_int8_bytes(&tc, c->train.micro_batch, c->train.seq_len, dev, &freed, &lp, &hp);
-        if (c->sharding.stage == 3) { /* a share of the packs, one group's packs gathered, the rank's own pages */
+        if (c->sharding.stage == 3 && dev) { /* worker/comm_zero3_teacher_dev.c: a share of the pack space (whole
+                                                  floats), each slot's pack buffer, the scratch; the fp32 shard
+                                                  compacted to the rank's unquantized weights (below) */
+            size_t most = 0, space = st_model_int8_space(&t, 1, &most), packs = (size_t)L * lp + hp;
+            all = ((space + (size_t)world - 1) / (size_t)world + 3) / 4 * 4 +
+                  (t.cfg.tied_embeddings ? 3 : 2) * most + (all - packs);
+            freed = 0;
+        } else if (c->sharding.stage == 3) { /* a share of the packs, one group's packs gathered, the rank's own pages */
             size_t packs = (size_t)L * lp + hp;
             all = (packs + (size_t)world - 1) / (size_t)world + (lp > hp ? lp : hp) + (all - packs);
             freed = teacher_int8_freed(&t, world);
         }
-        *out += all;
-        *out -= freed < *out ? freed : 0;
+        held += all;
+        held -= freed < held ? freed : 0;
+    }
+    for (int r = 0; r < world; r++) {
+        out[r] = held;
+        if (i8 && c->sharding.stage == 3 && dev) { /* st_z3teach_int8_compact: rank r's unquantized weights stay */
+            size_t whole = st_z3teach_kept_floats(&t, world, r, 0), kept = st_z3teach_kept_floats(&t, world, r, 1);
+            out[r] -= (whole - kept) * sizeof(float);
+            load[r] = whole * sizeof(float); /* the whole shard beside the compacted one while it is cut */
+        }
     }
     st_model_free(&t);
     return 0;
@@ -429,7 +452,7 @@ static int teacher_bytes(const st_config *c, int world, size_t *out) {
 static int streams(const st_config *c) { return st_plan_streams(c); }
 
 static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
-                      int rank, st_rank_plan *r, size_t teacher) {
+                      int rank, st_rank_plan *r, size_t teacher, size_t teacher_load) {
     int zero = c->sharding.stage;
     memset(r, 0, sizeof *r);
     r->lo = sp->shard * (size_t)rank;
@@ -577,8 +600,9 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         r->comm = 0;
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
         /* load (train.c: the model bound without weights, buffers_external): streamed into the shard once
-         * the communicator and optimizer exist, a host chunk at a time: the step's device memory */
-        r->at_load = r->total;
+         * the communicator and optimizer exist, a host chunk at a time: the step's device memory (+ an int8
+         * teacher's whole fp32 shard while it is compacted) */
+        r->at_load = r->total + teacher_load;
         /* checkpoints gather one tensor at a time into a slot (already counted); final/ and resume go
          * through host memory a tensor or this rank's parts at a time; an adapter mode's final/ gathers all
          * the adapters (the prompt's tensors) at once into a device buffer made for it */
@@ -688,7 +712,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
 }
 
 static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, size_t prev_pad, int world,
-                      long *goff, st_stage_plan *sp, size_t teacher) {
+                      long *goff, st_stage_plan *sp, const size_t *teacher, const size_t *teacher_load) {
     sp->at_step = s->at_step;
     sp->modules = s->modules;
     snprintf(sp->layers_spec, sizeof sp->layers_spec, "%s", s->layers_spec);
@@ -701,7 +725,7 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
         sp->transition_extra += prev_pad ? m->n_weights * sizeof(float) : 0;
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
-    for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r], teacher);
+    for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r], teacher[r], teacher_load[r]);
     return 0;
 }
 
@@ -721,11 +745,18 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     out->seq_len = c->train.seq_len;
     out->n_weights = m->n_weights;
     out->n_params = m->n_params;
-    size_t teacher;
-    if ((rc = teacher_bytes(c, world, &teacher))) return rc;
+    size_t *teacher = calloc(2 * (size_t)world, sizeof(size_t)); /* per rank: held, and on top at load */
+    if (!teacher) return st_fail(ST_ENOMEM, "out of memory");
+    if ((rc = teacher_bytes(c, world, teacher, teacher + world))) {
+        free(teacher);
+        return rc;
+    }
     st_stage_list stages;
     rc = st_plan_stages(c, m, &stages);
-    if (rc) return rc;
+    if (rc) {
+        free(teacher);
+        return rc;
+    }
     long *goff = malloc((size_t)m->n_params * sizeof(long));
     out->stages = calloc((size_t)stages.n, sizeof *out->stages);
     if (!goff || !out->stages) rc = st_fail(ST_ENOMEM, "out of memory");
@@ -733,7 +764,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
     for (int i = 0; !rc && i < stages.n; i++) {
         st_stage_plan *sp = &out->stages[i];
         out->n_stages++;
-        rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, sp, teacher);
+        rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, sp, teacher, teacher + world);
         if (rc) break;
         /* setup happens in the first stage's layout (stage 3 streams only this rank's parts in) */
         for (int r = 0; i == 0 && r < world; r++) {
@@ -775,6 +806,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
         }
     }
     free(goff);
+    free(teacher);
     st_stage_list_free(&stages);
     if (rc) st_plan_free(out);
     return rc;

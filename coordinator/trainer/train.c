@@ -286,6 +286,23 @@ static int load_teacher_sharded(trainer *t) {
     return rc;
 }
 
+/* sharding.stage 3 on a device backend (worker/comm_zero3_teacher_dev.h): bound without weights, this rank's
+ * 1/N of the weight space streamed into its device shard; the forward gathers a group at a time into device
+ * slots through the student communicator's NCCL (t->dp, built later: read at each gather). No whole-model
+ * buffer is made. */
+static int load_teacher_dev(trainer *t) {
+    const st_config *c = t->cfg;
+    const char *dir = c->distill.teacher;
+    int rc = st_model_open_registry(dir, &t->teacher);
+    t->teacher.buffers_external = 1; /* st_model_set_precision: no whole bf16 copy (the slots hold theirs) */
+    if (!rc) rc = st_model_bind(&t->teacher, t->be, 0);
+    const int bf16 = c->precision == ST_PRECISION_BF16 && c->distill.teacher_dtype != ST_TEACHER_INT8; /* int8: fp32 */
+    if (!rc) rc = st_z3teach_init(&t->teacher_dev, &t->dp, t->comm, &t->teacher, bf16);
+    if (!rc) rc = st_model_load_weights_part(&t->teacher, dir, st_z3teach_keep, t->teacher_dev);
+    if (!rc) rc = st_model_check_finite_part(&t->teacher, dir, st_z3teach_keep, t->teacher_dev);
+    return rc;
+}
+
 /* distill.teacher: loaded whole on every rank on the student's backend (sharded at sharding.stage 3), sized
  * for the student's micro-batches, computing in the job's precision (bf16: its own bf16 weight copy, packed
  * once: it is frozen; at stage 3 made per gathered layer), or with distill.teacher_dtype: int8 its linear
@@ -296,8 +313,10 @@ static int load_teacher(trainer *t) {
     if (i8 && !t->be->matmul_w8a8)
         return st_fail(ST_ECONFIG, "distill.teacher_dtype: int8 is not available on the %s backend (no int8 matmul "
                                    "kernel there): use distill.teacher_dtype: fp32 or backend: cpu", t->be->name);
-    int rc = c->sharding.stage == 3 ? load_teacher_sharded(t)
-                                    : st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
+    const int dev3 = c->sharding.stage == 3 && !t->be->host_memory;
+    int rc = dev3 ? load_teacher_dev(t)
+             : c->sharding.stage == 3 ? load_teacher_sharded(t)
+                                      : st_model_load_dir(c->distill.teacher, t->be, &t->teacher);
     if (rc) return st_fail_context(rc, "distill.teacher");
     t->kd_on = 1;
     /* forward only: activation checkpointing keeps one layer's working set, not every layer's (same math) */
@@ -307,7 +326,9 @@ static int load_teacher(trainer *t) {
      * the job's precision (it has no backward: precision only chose its matmul operands) */
     if ((rc = st_model_set_precision(&t->teacher, i8 ? ST_PRECISION_FP32 : c->precision)))
         return st_fail_context(rc, "distill.teacher");
-    if (i8 && (rc = st_model_set_int8(&t->teacher, NULL))) return st_fail_context(rc, "distill.teacher_dtype: int8");
+    /* a device's stage 3 packs through the student communicator's NCCL: once it exists (setup) */
+    if (i8 && !dev3 && (rc = st_model_set_int8(&t->teacher, NULL)))
+        return st_fail_context(rc, "distill.teacher_dtype: int8");
     /* stage 3: packed group by group from the gathered fp32 weights, each rank keeping its share of the packs
      * (worker/comm.h st_frozen_shard) */
     if (i8 && t->be->host_memory) { /* the quantized weights' fp32 values are not read again: their pages go */
@@ -522,6 +543,11 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
+    if (!rc && t->teacher_dev && c->distill.teacher_dtype == ST_TEACHER_INT8) { /* packed group by group (collective) */
+        rc = st_model_set_int8(&t->teacher, NULL);
+        if (!rc) rc = st_z3teach_int8_compact(t->teacher_dev); /* the quantized weights' fp32 values go */
+        rc = st_trainer_agree(t, rc ? st_fail_context(rc, "distill.teacher_dtype: int8") : 0);
+    }
     if (!rc && stream) rc = load_streamed(t);
     if (!rc && stream) rc = init_from_base(t);
     if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)
@@ -574,6 +600,8 @@ static void teardown(trainer *t) {
     free(t->job_json);
     free(t->model_config_text);
     st_model_free(&t->model);
+    st_z3teach_free(t->teacher_dev); /* also after a failed load: its device buffers */
+    t->teacher_dev = NULL;
     if (t->kd_on) {
         st_distill_free(&t->kd, t->be);
         st_frozen_shard_free(&t->teacher_shard);

@@ -29,6 +29,7 @@
 #include "coordinator/trainer/plan.h"
 #include "coordinator/monitor/telemetry.h"
 #include "worker/comm.h"
+#include "worker/comm_zero3_teacher_dev.h"
 #include "worker/dataset.h"
 #include "worker/distill.h"
 #include "worker/loader.h"
@@ -77,11 +78,12 @@ typedef struct {
     double peak_flops; /* measured matmul FLOP/s of all ranks together (for MFU) */
     /* knowledge distillation (distill.teacher set): the frozen teacher, replicated on every rank below
      * sharding.stage 3; at stage 3 sharded like the student (teacher_shard: 1/N of its weights per rank,
-     * gathered per layer for its forward) */
+     * gathered per layer for its forward; on a device backend teacher_dev, worker/comm_zero3_teacher_dev.h) */
     int kd_on;
     st_model teacher;
     st_distill kd;
     st_frozen_shard teacher_shard;
+    st_z3teach *teacher_dev;
     /* divergence guard (train_guard.c) */
     double loss_mean;      /* running mean of recent good losses (for train.loss_spike) */
     int64_t good_steps;    /* good steps since start/resume */

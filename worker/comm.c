@@ -4,7 +4,6 @@
  * links NCCL stubs that fail with one line (kernels/cuda/nccl_stub_host.c). */
 #include "worker/comm.h"
 
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -467,7 +466,7 @@ static void sq_take(st_comm *c, size_t a, size_t b) {
         if (!c->sq_left[k]) {
             size_t len = hi - cs < ST_SUMSQ_CHUNK ? hi - cs : ST_SUMSQ_CHUNK;
             c->sq_part[k] = c->be->sumsq(c->sq_x + (cs - lo), len);
-            if (c->sq_check == 2 && !c->sq_taken) c->sq_part[k] = nextafter(c->sq_part[k], INFINITY);
+            if (c->sq_check == 2 && !c->sq_taken) c->sq_part[k] *= 1.0 + 0x1p-20; /* tests: comm.h sq_check */
             c->sq_done[k] = 1;
             c->sq_taken++;
         }

@@ -106,7 +106,8 @@ typedef struct {
      * order of be->sumsq's one pass: kernels.h), so the norm has the same bits as one pass over the range.
      * A range reported twice (never expected) disarms it: the one pass then. SHARDTUNE_NORM_CHECK=1 (tests)
      * also takes the one pass and fails the step when the bits differ; =flip changes the first chunk taken
-     * by one ulp (the check must then fail: proves the chunks are taken during the reduction). */
+     * by 2^-20 of itself (the check must then fail: proves the chunks are taken during the reduction; one ulp
+     * of a chunk may round away in the total). */
     double *sq_part;
     unsigned char *sq_done;
     size_t *sq_left;        /* per chunk: elements below n whose final value has not arrived */

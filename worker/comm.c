@@ -121,6 +121,8 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
     c->lo = c->shard * (size_t)c->rank;
     c->hi = c->lo + c->shard;
     c->be = m->be;
+    const char *nc = getenv("SHARDTUNE_NORM_CHECK"); /* tests: comm.h sq_check */
+    c->sq_check = nc && !strcmp(nc, "1") ? 1 : nc && !strcmp(nc, "flip") ? 2 : 0;
     if (stage == 3) return z3_init(c, m);
     size_t flat = stage == 1 ? c->n_pad : 0;
     if (stage == 2) flat = st_comm_param_staging_floats(c->n_pad, c->bucket_bytes, weights_in_place(m));
@@ -158,6 +160,7 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
 static int prefetch_finish(st_comm *c, int first, int last); /* stage 3, below */
 static int z3_rs_finish(st_comm *c);
 static int z3_rs_complete(st_comm *c, int wait);
+static void sq_take(st_comm *c, size_t a, size_t b); /* the norm inside the reduction, below */
 
 /* Waits for the oldest stage-2 bucket in flight, adds a later micro-batch's part into the shard, and gives
  * the bucket's gradient pages back. */
@@ -168,6 +171,8 @@ static int s2_complete_oldest(st_comm *c) {
         for (size_t i = 0; i < b->own; i++) b->dst[i] += b->tmp[i];
         free(b->tmp);
     }
+    size_t own_a = b->lo > c->lo ? b->lo : c->lo; /* this rank's part of the bucket: final now */
+    if (rc == MPI_SUCCESS && b->own) sq_take(c, own_a, own_a + b->own);
     free(b->counts);
     if (c->s2_model) discard(c->s2_model->grads, b->lo, b->hi);
     c->s2_n--;
@@ -230,9 +235,12 @@ void st_comm_free(st_comm *c) {
     free(c->req_range);
     free(c->sq_part);
     free(c->sq_done);
+    free(c->sq_left);
     c->req_range = NULL;
     c->sq_part = NULL;
     c->sq_done = NULL;
+    c->sq_left = NULL;
+    c->sq_x = NULL;
     c->sq_cap = c->sq_n = 0;
     c->sq_armed = c->sq_ready = 0;
     c->shard_grads = c->flat_params = NULL;
@@ -383,7 +391,7 @@ static void launch_bucket(st_comm *c, float *grads) {
     c->pend_lo = c->pend_hi = 0;
 }
 
-static void sq_take_req(st_comm *c, const float *grads, int i); /* the fused sum of squares, below */
+static void sq_take_req(st_comm *c, int i); /* the norm inside the reduction, below */
 
 static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
     st_comm *c = vctx;
@@ -396,7 +404,7 @@ static void on_grad_ready(void *vctx, size_t lo, size_t hi) {
     /* Open MPI progresses non-blocking collectives only inside MPI calls: poke it once per layer */
     int done = 0;
     if (c->n_reqs) MPI_Testall(c->n_reqs, c->reqs, &done, MPI_STATUSES_IGNORE);
-    for (int i = 0; done && c->sq_armed && i < c->n_reqs; i++) sq_take_req(c, grads, i); /* all completed */
+    for (int i = 0; done && c->sq_armed && i < c->n_reqs; i++) sq_take_req(c, i); /* all completed */
     for (int i = 0; i < c->s2_n; i++) MPI_Test(&c->s2[i].req, &done, MPI_STATUS_IGNORE); /* done: Wait returns */
     c->overlap_seconds += st_now() - t0;
 }
@@ -407,47 +415,74 @@ static size_t sq_chunks(const st_comm *c, size_t *lo, size_t *hi) {
     return *hi > *lo ? (*hi - *lo + ST_SUMSQ_CHUNK - 1) / ST_SUMSQ_CHUNK : 0;
 }
 
-/* Arms the fused sum of squares for this step's overlapped reduction (see st_comm.sq_part); a failed
- * allocation leaves it off (st_comm_grad_sumsq then takes its own pass). */
-static void sq_arm(st_comm *c) {
+/* Arms the norm's sum of squares inside this step's reduction (comm.h: sq_part) when `last` (the step's
+ * last micro-batch) and the reduction is one that takes it; else leaves it off. A failed allocation leaves
+ * it off too (st_comm_grad_sumsq then takes its own pass). */
+static void sq_arm(st_comm *c, int last) {
     size_t lo, hi, n = sq_chunks(c, &lo, &hi);
     c->sq_armed = c->sq_ready = 0;
-    if (c->stage > 1 || c->nccl || !c->be->host_memory || c->world < 2 || n == 0) return;
+    c->sq_taken = 0;
+    if (!last || c->nccl || !c->be->host_memory || c->z2dev || c->z3dev || n == 0) return;
+    if (c->stage <= 2 && !c->overlapping) return; /* stages 0-2: the bucketed reduction (world > 1) takes it */
+    if (c->stage == 3 && !c->shard_grads) return;
     if (n > c->sq_cap) {
         free(c->sq_part);
         free(c->sq_done);
+        free(c->sq_left);
         c->sq_part = malloc(n * sizeof *c->sq_part);
         c->sq_done = malloc(n);
-        c->sq_cap = c->sq_part && c->sq_done ? n : 0;
+        c->sq_left = malloc(n * sizeof *c->sq_left);
+        c->sq_cap = c->sq_part && c->sq_done && c->sq_left ? n : 0;
         if (!c->sq_cap) return;
     }
+    size_t top = hi < c->n ? hi : c->n; /* past n: padding, never reduced into */
+    for (size_t k = 0; k < n; k++) {
+        size_t s = lo + k * ST_SUMSQ_CHUNK, e = s + ST_SUMSQ_CHUNK < top ? s + ST_SUMSQ_CHUNK : top;
+        c->sq_left[k] = e > s ? e - s : 0;
+    }
+    c->sq_x = c->stage <= 1 ? c->overlap_grads + lo : c->shard_grads;
     c->sq_n = n;
     memset(c->sq_done, 0, n);
     c->sq_armed = 1;
 }
 
-/* The chunks of the optimizer's range that lie whole inside the reduced bucket [a, b) of grads. */
-static void sq_take(st_comm *c, const float *grads, size_t a, size_t b) {
+/* The reduction finished [a, b) of the gradient space (its values final in sq_x): every chunk of the
+ * optimizer's range that now has all its elements takes its sum of squares. */
+static void sq_take(st_comm *c, size_t a, size_t b) {
     size_t lo, hi;
+    if (!c->sq_armed) return;
     sq_chunks(c, &lo, &hi);
+    size_t top = hi < c->n ? hi : c->n;
     if (a < lo) a = lo;
-    if (b > hi) b = hi;
-    for (size_t k = a > lo ? (a - lo + ST_SUMSQ_CHUNK - 1) / ST_SUMSQ_CHUNK : 0; k < c->sq_n; k++) {
-        size_t s = lo + k * ST_SUMSQ_CHUNK, e = s + ST_SUMSQ_CHUNK < hi ? s + ST_SUMSQ_CHUNK : hi;
-        if (e > b) break;
-        c->sq_part[k] = c->be->sumsq(grads + s, e - s);
-        c->sq_done[k] = 1;
+    if (b > top) b = top;
+    for (size_t s = a; s < b;) {
+        size_t k = (s - lo) / ST_SUMSQ_CHUNK, cs = lo + k * ST_SUMSQ_CHUNK;
+        size_t e = cs + ST_SUMSQ_CHUNK < b ? cs + ST_SUMSQ_CHUNK : b;
+        if (e - s > c->sq_left[k]) { /* finished twice: not a partition of the range; the one pass */
+            c->sq_armed = 0;
+            return;
+        }
+        c->sq_left[k] -= e - s;
+        if (!c->sq_left[k]) {
+            size_t len = hi - cs < ST_SUMSQ_CHUNK ? hi - cs : ST_SUMSQ_CHUNK;
+            c->sq_part[k] = c->be->sumsq(c->sq_x + (cs - lo), len);
+            if (c->sq_check == 2 && !c->sq_taken) c->sq_part[k] *= 1.0 + 0x1p-20; /* tests: comm.h sq_check */
+            c->sq_done[k] = 1;
+            c->sq_taken++;
+        }
+        s = e;
     }
 }
 
-/* sq_take of request i's bucket once it completed (its range then emptied: taken once). */
-static void sq_take_req(st_comm *c, const float *grads, int i) {
-    sq_take(c, grads, c->req_range[2 * i], c->req_range[2 * i + 1]);
+/* sq_take of request i's bucket once it completed (its range then emptied: taken once). Stage 2's
+ * reduce-scatter finished this rank's part of it (sq_take keeps to the optimizer's range). */
+static void sq_take_req(st_comm *c, int i) {
+    sq_take(c, c->req_range[2 * i], c->req_range[2 * i + 1]);
     c->req_range[2 * i] = c->req_range[2 * i + 1];
 }
 
 /* wait_requests, taking each bucket's chunks (sq_take) as its all-reduce completes. */
-static int wait_requests_sumsq(st_comm *c, const float *grads) {
+static int wait_requests_sumsq(st_comm *c) {
     for (int left = c->n_reqs; left > 0; left--) {
         int i = MPI_UNDEFINED;
         int rc = MPI_Waitany(c->n_reqs, c->reqs, &i, MPI_STATUS_IGNORE);
@@ -457,7 +492,7 @@ static int wait_requests_sumsq(st_comm *c, const float *grads) {
             return rc;
         }
         if (i == MPI_UNDEFINED) break; /* the rest completed in on_grad_ready's MPI_Testall (taken there) */
-        sq_take_req(c, grads, i);
+        sq_take_req(c, i);
     }
     return wait_requests(c); /* every request is done: releases their counts */
 }
@@ -475,7 +510,6 @@ void st_comm_overlap_begin(st_comm *c, st_model *m) {
     c->overlap_rc = 0;
     if (!c->s2_micro) c->overlap_seconds = 0;
     c->overlap_grads = m->grads;
-    sq_arm(c);
     st_model_set_residency(m, &(st_residency_hooks){.grad_ready = on_grad_ready, .ctx = c}); /* stages 0-2: no other hook */
 }
 
@@ -493,7 +527,7 @@ static int overlap_finish(st_comm *c, st_model *m) {
     c->overlapping = 0;
     int src = s2_drain(c);
     if (src && !c->overlap_rc) c->overlap_rc = src;
-    int rc = c->sq_armed ? wait_requests_sumsq(c, m->grads) : wait_requests(c);
+    int rc = c->sq_armed ? wait_requests_sumsq(c) : wait_requests(c);
     c->sq_ready = c->sq_armed && rc == MPI_SUCCESS && !c->overlap_rc && c->covered == c->n;
     c->sq_armed = 0;
     int frc = coll_finish(c);
@@ -535,6 +569,7 @@ void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last) {
     if (c->stage == 3) {
         c->z3_async = overlap && c->world > 1;
         st_z3dev_backward(c, 1);
+        sq_arm(c, last && c->model); /* CPU ranks: each chunk's part taken as it is summed into the shard */
         return;
     }
     if (c->z2dev) { /* a device's stage 2: every micro-batch's groups reduced as backward produces them */
@@ -544,9 +579,11 @@ void st_comm_backward_begin(st_comm *c, st_model *m, int overlap, int last) {
     if (c->s2_release) {
         st_comm_overlap_begin(c, m);
         c->s2_wait_each = !overlap;
+        sq_arm(c, last);
         return;
     }
     if (overlap && last) st_comm_overlap_begin(c, m);
+    sq_arm(c, last);
     if (last) sumsq_arm(c, m);
 }
 
@@ -633,6 +670,8 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     if (c->stage == 3) { /* reduce-scattered layer by layer during backward */
         prefetch_finish(c, -1, -1);
         z3_rs_finish(c);
+        c->sq_ready = c->sq_armed && !c->z3_rc;
+        c->sq_armed = 0;
         if (c->z3dev) rc = coll_finish(c); /* nothing of the step left queued on the comm stream */
         c->z3_async = 0;
         c->fresh = 1;
@@ -674,14 +713,28 @@ int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads) {
     return rc;
 }
 
-double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grads) {
+/* SHARDTUNE_NORM_CHECK: the sum taken inside the reduction against one pass over the range, bit for bit. */
+static int sq_check(const st_comm *c, const st_model *m, const float *optim_grads, size_t n, double s) {
+    double one = n ? m->be->sumsq(optim_grads, n) : 0.0;
+    if (!memcmp(&one, &s, sizeof s)) return 0;
+    return st_fail(ST_ECOMM, "rank %d: SHARDTUNE_NORM_CHECK: the gradient sum of squares taken in the reduction "
+                             "(%zu of %zu chunks) is %.17g, one pass gives %.17g",
+                   c->rank, c->sq_taken, c->sq_n, s, one);
+}
+
+int st_comm_grad_sumsq_part(st_comm *c, const st_model *m, const float *optim_grads, double *sq, int *partial) {
     size_t lo, hi;
     st_comm_optim_range(c, &lo, &hi);
+    *partial = c->stage != 0 && c->world > 1;
     int fused = c->sumsq_ready && c->stage <= 1 && !collective(c);
     c->sumsq_ready = 0;
-    if (fused) return c->sumsq_sum; /* taken during the last backward (sumsq_arm) */
+    if (fused) { /* taken during the last backward (sumsq_arm) */
+        *sq = c->sumsq_sum;
+        return 0;
+    }
     double s = 0.0;
-    if (c->sq_ready && c->sq_n == sq_chunks(c, &lo, &hi)) { /* most chunks taken during the reduction */
+    int taken = c->sq_ready && c->sq_n == sq_chunks(c, &lo, &hi);
+    if (taken) { /* most chunks taken during the reduction */
         for (size_t k = 0; k < c->sq_n; k++) {
             size_t at = k * ST_SUMSQ_CHUNK, len = hi - lo - at < ST_SUMSQ_CHUNK ? hi - lo - at : ST_SUMSQ_CHUNK;
             s += c->sq_done[k] ? c->sq_part[k] : m->be->sumsq(optim_grads + at, len);
@@ -690,7 +743,15 @@ double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grad
         s = m->be->sumsq(optim_grads, hi - lo);
     }
     c->sq_ready = 0;
-    if (c->stage != 0 && c->world > 1) {
+    *sq = s;
+    return taken && c->sq_check ? sq_check(c, m, optim_grads, hi - lo, s) : 0;
+}
+
+double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grads) {
+    double s = 0.0;
+    int partial = 0;
+    st_comm_grad_sumsq_part(c, m, optim_grads, &s, &partial); /* a failed check: st_error, the sum as taken */
+    if (partial) {
         double t0 = st_now();
         MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_SUM, c->comm);
         c->comm_seconds += st_now() - t0;
@@ -1260,6 +1321,7 @@ static void z3_release(void *ctx, int first, int last) {
 static void z3_rs_add(st_comm *c, size_t a, size_t own, const float *recv) {
     float *dst = c->shard_grads + (a > c->lo ? a - c->lo : 0);
     for (size_t i = 0; i < own; i++) dst[i] += recv[i];
+    sq_take(c, a > c->lo ? a : c->lo, (a > c->lo ? a : c->lo) + own); /* the last micro-batch's: final */
 }
 
 #define ST_Z3_RS_TAG 3003 /* the stage-3 gradient chunks' point-to-point messages (no other p2p on the comm) */

@@ -95,16 +95,28 @@ typedef struct {
     int **req_counts;       /* per request: the per-rank counts of a stage-2 bucket (MPI keeps reading them) */
     size_t *req_range;      /* per request: its bucket [req_range[2i], req_range[2i + 1]) of the gradient space */
     int n_reqs, cap_reqs;
-    /* Several ranks at stages 0-1 on host memory over MPI, overlapped: the norm's sum of squares of the
-     * optimizer's range (st_comm_optim_range) is taken as the all-reduce finishes each bucket (the values
-     * are final and in cache), a partial per ST_SUMSQ_CHUNK chunk of that range (sq_part, sq_done), the
-     * chunks no single bucket holds whole after; st_comm_grad_sumsq adds them in chunk order from 0 (the
-     * order of be->sumsq's one pass: kernels.h), so the norm has the same bits as before. */
+    /* The norm's sum of squares inside the reduction (host memory, MPI; armed for the step's last
+     * micro-batch): several ranks at stages 0-1 overlapped (each bucket's all-reduce), stage 2 with several
+     * ranks (each bucket's reduce-scatter into the shard), stage 3 (each chunk's reduce-scatter into the
+     * shard, summed there). The optimizer's range (st_comm_optim_range, its gradients at sq_x) is cut into
+     * ST_SUMSQ_CHUNK chunks; as a reduction finishes a range of it, the chunks it touches count down their
+     * elements still to come (sq_left: the padding past n never comes, it stays zero), and a chunk that
+     * reaches 0 has its values final and in cache: its sum of squares is taken then (sq_part, sq_done).
+     * st_comm_grad_sumsq adds the chunks in order from 0, the ones not taken by a separate sumsq each (the
+     * order of be->sumsq's one pass: kernels.h), so the norm has the same bits as one pass over the range.
+     * A range reported twice (never expected) disarms it: the one pass then. SHARDTUNE_NORM_CHECK=1 (tests)
+     * also takes the one pass and fails the step when the bits differ; =flip changes the first chunk taken
+     * by 2^-20 of itself (the check must then fail: proves the chunks are taken during the reduction; one ulp
+     * of a chunk may round away in the total). */
     double *sq_part;
     unsigned char *sq_done;
+    size_t *sq_left;        /* per chunk: elements below n whose final value has not arrived */
+    const float *sq_x;      /* the optimizer's gradients (element 0 = its range's start) while armed */
     size_t sq_n, sq_cap;
-    int sq_armed;           /* this step's overlapped reduction takes the partials */
+    size_t sq_taken;        /* chunks taken during the last armed reduction (tests) */
+    int sq_armed;           /* this step's reduction takes the partials */
     int sq_ready;           /* they are taken: st_comm_grad_sumsq adds them */
+    int sq_check;           /* SHARDTUNE_NORM_CHECK: 1 compare with one pass, 2 flip the first chunk too */
     int overlap_rc;         /* first failure starting a bucket (the hook cannot return it) */
     double overlap_seconds; /* time spent launching/progressing buckets during backward */
     /* stage 2 on host memory with several ranks (s2_release): the model's gradient buffer is address space
@@ -264,8 +276,14 @@ size_t st_comm_param_staging_floats(size_t n_pad, size_t bucket_bytes, int in_pl
 /* Sums gradients across ranks (finishing an armed overlap: flush, wait, uninstall the hook). Returns the pointer the optimizer reads (element 0 = its range start). */
 int st_comm_reduce_grads(st_comm *c, st_model *m, float **optim_grads);
 
-/* Global squared L2 norm of the summed gradients (optim_grads over the optimizer range). */
+/* Global squared L2 norm of the summed gradients (optim_grads over the optimizer range):
+ * st_comm_grad_sumsq_part, then its all-reduce when partial. */
 double st_comm_grad_sumsq(st_comm *c, const st_model *m, const float *optim_grads);
+
+/* This rank's part of it without any collective: *partial 1 when the ranks' parts are still to be summed
+ * (stages 1-3 on several ranks: the trainer adds it to the step's one scalar all-reduce, with the losses),
+ * 0 when *sq is the global value already. Fails only under SHARDTUNE_NORM_CHECK (bits differ). */
+int st_comm_grad_sumsq_part(st_comm *c, const st_model *m, const float *optim_grads, double *sq, int *partial);
 
 /* The optimizer step and, for stages 1-2, the parameter all-gather, interleaved per bucket of
  * bucket_bytes: each bucket's owned part is updated (st_optim_update_range), staged, and its all-gather

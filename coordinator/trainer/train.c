@@ -224,7 +224,7 @@ static int alloc_step_buffers(trainer *t) {
     t->task_of = malloc((size_t)t->slots * sizeof(int));
     if (c->train.packing == ST_PACKING_DOCUMENTS && !(t->doc_pos = malloc(n * sizeof(int32_t))))
         return st_fail(ST_ENOMEM, "out of memory for step buffers");
-    t->task_sums = calloc(3 * (size_t)t->n_tasks + 2, sizeof(double));
+    t->task_sums = calloc(ST_TASK_SUMS(t->n_tasks), sizeof(double));
     t->task_counts = calloc((size_t)t->n_tasks + 1, sizeof(double));
     st_taskw_init(&t->taskw, t->n_tasks, c->loss_weighting == ST_LOSS_WEIGHTING_UNCERTAINTY, c->loss_weighting_lr);
     if (!t->inputs || !t->targets || !t->mask || !t->weight || !t->task_of || !t->task_sums || !t->task_counts)

@@ -37,6 +37,9 @@
 #include "worker/optim.h"
 #include "worker/taskweight.h"
 
+/* Doubles of trainer.task_sums for n tasks: 3 per task, the loss, the norm's part, the two distillation parts. */
+#define ST_TASK_SUMS(n) (3 * (size_t)(n) + 4)
+
 typedef struct st_watchdog st_watchdog;
 
 typedef struct {
@@ -63,7 +66,8 @@ typedef struct {
     float *mask, *weight;
     int32_t *doc_pos; /* train.packing documents: [slots * T] position of each token in its document; else NULL */
     int *task_of;
-    double *task_sums; /* [3 * n_tasks]: loss sum, target count, input tokens */
+    double *task_sums; /* [ST_TASK_SUMS(n_tasks)]: per task loss sum, target count, input tokens; then the step's
+                          loss, the norm's part and the distillation parts (train_step.c reduce_step_sums) */
     double *task_counts; /* [n_tasks + 1]: targets of each task in the global batch, then the total */
     FILE *metrics;
     char *run_dir_new; /* rank 0: the topmost directory of run_dir this run created (NULL: run_dir existed) */

@@ -68,10 +68,43 @@ static void account_tasks(trainer *t, int first_sample) {
     }
 }
 
+/* The step's one scalar all-reduce, after the gradient reduction: the per-task sums, the loss, this rank's
+ * part of the norm's sum of squares when the ranks' parts are summed (`partial`, stages 1-3 on several
+ * ranks: st_comm_grad_sumsq_part) and the distillation parts. One vector instead of a collective each: the
+ * sum is element-wise, each element's bits those of its own all-reduce. *sq becomes the global sum. Under
+ * SHARDTUNE_NORM_CHECK the norm's own all-reduce too; a difference sets *check (the step still runs its
+ * collectives: no rank is left waiting). */
+static int reduce_step_sums(trainer *t, double loss, double *sq, int partial, st_step_result *r, int *check) {
+    double *x = t->task_sums, mine = *sq;
+    int at = 3 * t->n_tasks, n = at + 1, kd = 0;
+    x[at] = loss;
+    if (partial) x[n++] = mine;
+    if (t->kd_on) { /* the two parts of the loss, weighted like it (DESIGN.md: ce_loss, kd_loss) */
+        kd = n;
+        st_distill_parts(&t->kd, &x[kd], &x[kd + 1]);
+        n += 2;
+    }
+    double t0 = st_now();
+    int rc = MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, t->comm);
+    if (partial) t->dp.comm_seconds += st_now() - t0; /* the norm's reduction, counted as before */
+    if (rc != MPI_SUCCESS) return st_fail(ST_ECOMM, "rank %d: the step's loss and norm all-reduce failed", t->rank);
+    r->loss = x[at];
+    if (kd) r->kd_loss = x[kd], r->ce_loss = x[kd + 1];
+    if (!partial) return 0;
+    *sq = x[at + 1];
+    if (!t->dp.sq_check) return 0;
+    double alone = 0; /* SHARDTUNE_NORM_CHECK: the norm's own all-reduce, as before, gives the same bits */
+    MPI_Allreduce(&mine, &alone, 1, MPI_DOUBLE, MPI_SUM, t->comm);
+    if (memcmp(&alone, sq, sizeof alone) && !*check)
+        *check = st_fail(ST_ECOMM, "rank %d: SHARDTUNE_NORM_CHECK: the norm's sum of squares reduced with the loss "
+                                   "is %.17g, on its own %.17g", t->rank, *sq, alone);
+    return 0;
+}
+
 int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     st_model *m = &t->model;
     double t0 = st_now();
-    memset(t->task_sums, 0, (3 * (size_t)t->n_tasks + 2) * sizeof(double));
+    memset(t->task_sums, 0, ST_TASK_SUMS(t->n_tasks) * sizeof(double));
     r->teacher_seconds = 0;
     if (t->kd_on) st_distill_reset(&t->kd);
     st_trainer_phase(t, ST_PHASE_DATA);
@@ -104,24 +137,19 @@ int st_trainer_step(trainer *t, int64_t step, st_step_result *r) {
     float *g = NULL;
     rc = st_comm_reduce_grads(&t->dp, m, &g);
     if (rc) return rc;
-    double norm = sqrt(st_comm_grad_sumsq(&t->dp, m, g));
+    double sq = 0;
+    int partial = 0;
+    int check = st_comm_grad_sumsq_part(&t->dp, m, g, &sq, &partial); /* fails only under SHARDTUNE_NORM_CHECK */
     r->lr = st_lr_at(&t->optim.cfg, (int)step);
-    /* the loss is summed before the update so that every rank can refuse a bad step alike */
-    t->task_sums[3 * t->n_tasks] = loss;
-    MPI_Allreduce(MPI_IN_PLACE, t->task_sums, 3 * t->n_tasks + 1, MPI_DOUBLE, MPI_SUM, t->comm);
-    r->loss = t->task_sums[3 * t->n_tasks];
-    if (t->kd_on) { /* the two parts of the loss, weighted like it (DESIGN.md: ce_loss, kd_loss) */
-        double kc[2];
-        st_distill_parts(&t->kd, &kc[0], &kc[1]);
-        MPI_Allreduce(MPI_IN_PLACE, kc, 2, MPI_DOUBLE, MPI_SUM, t->comm);
-        r->kd_loss = kc[0];
-        r->ce_loss = kc[1];
-    }
+    /* the loss (and the norm) summed before the update so that every rank can refuse a bad step alike */
+    if ((rc = reduce_step_sums(t, loss, &sq, partial, r, &check))) return rc;
+    double norm = sqrt(sq);
     r->bad = st_trainer_bad_step(t, r->loss, norm);
     st_trainer_phase(t, ST_PHASE_OPTIMIZER);
     /* AdamW and (ZeRO 1-2) the parameter all-gather, bucket by bucket; a bad step changes nothing */
     if (!r->bad) rc = st_comm_update_params(&t->dp, m, &t->optim, g, r->lr, st_clip_scale(norm, (float)t->cfg->train.grad_clip));
     if (!rc && t->check_bf16_copy) rc = st_model_check_bf16_copy(m);
+    if (!rc) rc = check; /* the norm check's difference, after the step's collectives */
     if (rc) return rc;
     st_trainer_phase(t, ST_PHASE_IDLE);
     if (!r->bad) update_task_weights(t);

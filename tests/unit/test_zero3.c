@@ -16,7 +16,9 @@
  *    plain step (st_optim_update without zeroing, the full st_model_zero_grad), with and without a
  *    skipped step; after each applied step the gradients (stage 3: the shard's) read all zero; every
  *    stage's st_comm_grad_sumsq equals a direct sum of squares of the reduced gradients within double
- *    rounding (n squares: relative 2n * 2^-53);
+ *    rounding (n squares: relative 2n * 2^-53), stage 3's bit for bit, every ST_SUMSQ_CHUNK chunk of it
+ *    taken as the reduce-scatter summed the chunk's last part into the shard (several ranks:
+ *    integration.test_norm_in_reduction);
  *  - a device backend (host_memory 0) is accepted (worker/comm_zero3_dev.c: hooks installed, the model
  *    windowed, its weights this rank's shards, a step's losses bit-identical to stage 0 on the host), with
  *    every parameter trained and with frozen layers and modules (the frozen space's shard); several ranks
@@ -92,11 +94,12 @@ static void train(st_model *m, int stage_arg, int accum, double loss[4]) {
                 w[i] = 1.0f / (float)(accum * N);
             }
             loss[2 * s + a] = st_model_forward(m, in, tg, w, 1);
-            int hooks = stage <= 1 && stage_arg != PLAIN; /* as the trainer: the fused norm on the last one */
+            /* as the trainer: the fused norm on the last one (stage 3: taken as the shard sums each chunk) */
+            int hooks = (stage <= 1 && stage_arg != PLAIN) || stage == 3;
             if (hooks) st_comm_backward_begin(&c, m, 0, a == accum - 1);
             st_model_backward(m);
             if (hooks) assert_int_equal(st_comm_backward_end(&c, m), 0);
-            if (hooks) assert_int_equal(c.sumsq_ready, a == accum - 1);
+            if (hooks && stage <= 1) assert_int_equal(c.sumsq_ready, a == accum - 1);
             if (stage == 3) assert_true(all_zero(m->grads, m->grad_alloc)); /* reduced and given back */
         }
         float *g = NULL;
@@ -104,6 +107,10 @@ static void train(st_model *m, int stage_arg, int accum, double loss[4]) {
         double sq = st_comm_grad_sumsq(&c, m, g), direct = m->be->sumsq(g, hi - lo);
         if (!(fabs(sq - direct) <= 2.0 * (double)(hi - lo) * 0x1p-53 * direct))
             fail_msg("stage %d: sum of squares %.17g, directly %.17g", stage, sq, direct);
+        if (stage == 3) { /* every chunk taken as the reduce-scatter finished it: the bits of one pass */
+            assert_int_equal(c.sq_taken, c.sq_n);
+            if (memcmp(&sq, &direct, sizeof sq)) fail_msg("stage 3: sum of squares %a, one pass %a", sq, direct);
+        }
         assert_true(direct > 0);
         if (skip_first_step && s == 0) continue;
         if (stage_arg == PLAIN) st_optim_update(&o, m, g, 1e-2f, 1.0f);

@@ -58,19 +58,12 @@ static int export_lora_ckpt(const char *path, const st_ckpt_info *info, const st
     return rc;
 }
 
-/* One parameter from a checkpoint file (ctx: its path). */
-static int fetch_ckpt(void *ctx, const st_model *m, int i, float *dst) {
+int st_export_fetch_ckpt(void *ctx, const st_model *m, int i, float *dst) {
     return dst ? st_ckpt_load_param(ctx, m, i, dst) : 0;
 }
 
-/* One parameter from a model directory's safetensors (ctx: the open files; registry layout). */
-struct model_dir_src {
-    st_safetensors *st;
-    const char *dir;
-};
-
-static int fetch_model_dir(void *ctx, const st_model *m, int i, float *dst) {
-    const struct model_dir_src *src = ctx;
+int st_export_fetch_model_dir(void *ctx, const st_model *m, int i, float *dst) {
+    const st_export_dir_src *src = ctx;
     if (!dst) return 0;
     int rc = st_model_read_param(src->st, m, i, dst);
     /* NaN/Inf weights: refused naming the tensor, as eval and train do (a checkpoint's are verified on save) */
@@ -107,7 +100,7 @@ static int export_ckpt(const char *path, const char *out, int peft) {
      * checkpoint's own config.json text; tokenizer and generation files from the source model directory
      * when it is still there (a moved source only loses those extras) */
     rc = st_model_export_dir_streamed(&m, out, access(src, F_OK) == 0 ? src : NULL, info.model_config, 0,
-                                      fetch_ckpt, (void *)path);
+                                      st_export_fetch_ckpt, (void *)path);
     st_model_free(&m);
     st_ckpt_info_free(&info);
     return rc;
@@ -155,8 +148,8 @@ static int export_model_dir(const char *src, const char *out) {
     snprintf(path, sizeof path, "%s/config.json", src);
     if ((rc = st_read_file(path, &cfg, &len))) rc = st_fail(rc, "%s: %s", path, st_error());
     if (!rc) rc = st_model_check_files(&m, src, &st);
-    struct model_dir_src from = {NULL, src};
-    if (!rc) from.st = st, rc = st_model_export_dir_streamed(&m, out, src, cfg, 0, fetch_model_dir, &from);
+    st_export_dir_src from = {NULL, src};
+    if (!rc) from.st = st, rc = st_model_export_dir_streamed(&m, out, src, cfg, 0, st_export_fetch_model_dir, &from);
     st_safetensors_close(st);
     free(cfg);
     st_model_free(&m);

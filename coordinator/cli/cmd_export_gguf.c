@@ -196,14 +196,16 @@ int st_export_gguf(const char *src, const char *dst, const char *out, int argc, 
     memset(&from, 0, sizeof from);
     if (load_source(src, base, &m, &host, &from, found, sizeof found, &lora)) return st_cli_error("export", st_error());
     if (lora) return export_lora(src, dst, out, &m, host, quant, name);
+    /* the note is printed after a successful export: a failure (a NaN in a tensor read on the way) stays one line */
+    char note[4400] = "";
     if (!tok && !no_tok) {
         tok = found;
         if (!found[0] || !file_exists(found, "tokenizer.json")) {
-            fprintf(stderr, "shardtune export: note: no tokenizer.json in %s (pass --tokenizer DIR): the GGUF "
-                    "holds the weights without a tokenizer\n", found[0] ? found : src);
+            snprintf(note, sizeof note, "shardtune export: note: no tokenizer.json in %s (pass --tokenizer DIR): the "
+                     "GGUF holds the weights without a tokenizer\n", found[0] ? found : src);
             tok = NULL;
         } else if (strcmp(found, src) != 0) {
-            fprintf(stderr, "shardtune export: note: tokenizer from the run's model.path %s\n", found);
+            snprintf(note, sizeof note, "shardtune export: note: tokenizer from the run's model.path %s\n", found);
         }
     }
     st_gguf_options opt = {no_tok ? NULL : tok, name, pre};
@@ -214,6 +216,7 @@ int st_export_gguf(const char *src, const char *dst, const char *out, int argc, 
     st_safetensors_close(from.dir.st);
     st_model_free(&m);
     if (rc) return st_cli_error("export", st_error());
+    fputs(note, stderr);
     printf("exported %s -> %s (gguf %s, %d tensors, %d %s, tokenizer %s%s%s, %.1f MB in %.2f s)\n", src, out,
            st_ggml_type_name(quant), rep.n_tensors, rep.n_fallback,
            st_ggml_block_size(quant) == 256 ? "in a fallback type (q4_0/q5_0/q5_1/q8_0/f16)" : "kept at f16", rep.has_tokenizer ? rep.tokenizer_model : "none",

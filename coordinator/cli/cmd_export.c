@@ -65,9 +65,22 @@ int st_export_fetch_ckpt(void *ctx, const st_model *m, int i, float *dst) {
 int st_export_fetch_model_dir(void *ctx, const st_model *m, int i, float *dst) {
     const st_export_dir_src *src = ctx;
     if (!dst) return 0;
-    int rc = st_model_read_param(src->st, m, i, dst);
-    /* NaN/Inf weights: refused naming the tensor, as eval and train do (a checkpoint's are verified on save) */
-    return rc ? rc : st_check_finite_values(dst, m->params[i].numel, 0, src->dir, m->params[i].name);
+    const st_param *p = &m->params[i];
+    /* NaN/Inf weights: refused naming the tensor, as eval and train do (a checkpoint's are verified on save);
+     * read in pieces, each checked while it is still in cache (a second pass over a large tensor costs as
+     * much as q4_0's encoder); a transposed GPT-2 Conv1D tensor is read whole */
+    if (p->ndim == 2 && p->transpose_io) {
+        int rc = st_model_read_param(src->st, m, i, dst);
+        return rc ? rc : st_check_finite_values(dst, p->numel, 0, src->dir, p->name);
+    }
+    enum { PIECE = 1 << 16 };
+    for (size_t a = 0; a < p->numel; a += PIECE) {
+        size_t n = p->numel - a < PIECE ? p->numel - a : PIECE;
+        int rc = st_model_read_param_range(src->st, m, i, a, n, dst + a);
+        if (!rc) rc = st_check_finite_values(dst + a, n, a, src->dir, p->name);
+        if (rc) return rc;
+    }
+    return 0;
 }
 
 static int export_ckpt(const char *path, const char *out, int peft) {

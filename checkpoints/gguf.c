@@ -63,7 +63,8 @@ typedef struct {
     int ndim;
     int64_t ne[2];        /* ne[0] = row length (the fastest dimension), ne[1] = rows */
     st_ggml_type type;
-    const float *src;     /* internal layout [rows, ne0] */
+    const float *src;     /* internal layout [rows, ne0]; streamed: set to the fetched buffer when written */
+    int param;            /* the model parameter it comes from (GPT-2's tied head: the embedding's) */
     int permute_heads;    /* > 0: llama.cpp's Q/K row permutation with this many heads */
     uint64_t offset;      /* into the data section */
 } gtensor;
@@ -182,7 +183,8 @@ static int build_tensors(const st_model *m, const float *w, st_ggml_type quant, 
         t->ndim = p->ndim;
         t->ne[0] = p->ndim == 2 ? p->shape[1] : p->shape[0]; /* internal [out, in]: rows of `in` */
         t->ne[1] = p->ndim == 2 ? p->shape[0] : 1;
-        t->src = w + p->offset;
+        t->src = w ? w + p->offset : NULL;
+        t->param = i;
         /* llama.cpp's convert_hf_to_gguf permutes q/k rows of `llama` models (rotate-half -> interleaved
          * RoPE pairs); qwen2 runs NEOX-style RoPE on the HF layout as is. */
         if (llama_arch && is_suffix(p->name, "q_proj.weight")) t->permute_heads = c->n_head;
@@ -450,10 +452,81 @@ static int write_tensor(gwriter *w, const gtensor *t, float *scratch) {
     }
     size_t pad = (size_t)(align_up(bytes) - bytes);
     if (pad) writer_push(w, writer_slot(w), zeros, pad);
-    return writer_failed(w) ? -1 : 0;
+    return writer_failed(w) ? 1 : 0;
 }
 
-static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
+/* ---------------- streamed source ----------------
+ * st_gguf_export_streamed: a helper thread fetches (reads and converts) the next parameter into one of two
+ * buffers while the tensor in the other is encoded and written. */
+typedef struct {
+    const st_model *m;
+    st_model_fetch_fn fetch;
+    void *ctx;
+    float *buf[2];
+    int have[2];    /* the parameter buf[k] holds, -1: none */
+    int direct[2];  /* buf[k] was handed to the writer as is (an f32 tensor): drain before refilling it */
+    int pending;    /* a fetch was started and not yet waited for */
+    int threaded;   /* ... on its own thread */
+    int next, param, rc; /* its buffer, parameter and result */
+    pthread_t th;
+    char err[1024]; /* its st_error() when it failed (the message is thread-local) */
+} gfeed;
+
+static void *feed_main(void *arg) {
+    gfeed *f = arg;
+    f->rc = f->fetch(f->ctx, f->m, f->param, f->buf[f->next]);
+    if (f->rc) snprintf(f->err, sizeof f->err, "%s", st_error());
+    return NULL;
+}
+
+/* Starts fetching parameter i into buffer k (inline when no thread can be started). */
+static void feed_start(gfeed *f, int i, int k) {
+    f->param = i;
+    f->next = k;
+    f->have[k] = -1;
+    f->rc = 0;
+    f->pending = 1;
+    f->threaded = pthread_create(&f->th, NULL, feed_main, f) == 0;
+    if (!f->threaded) feed_main(f);
+}
+
+/* Waits for the fetch started last: 0 (its buffer now holds it) or its error, the message set here. */
+static int feed_wait(gfeed *f) {
+    if (!f->pending) return 0;
+    if (f->threaded) pthread_join(f->th, NULL);
+    f->pending = f->threaded = 0;
+    if (f->rc) return st_fail(f->rc, "%s", f->err);
+    f->have[f->next] = f->param;
+    return 0;
+}
+
+/* Points ts[i] at its fetched values: waits for them when its parameter is not the one already held, then
+ * starts fetching the next parameter into the other buffer (once the writer is done with what it held). */
+static int feed_tensor(gfeed *f, gwriter *w, gtensor *ts, int n, int i, int *cur) {
+    gtensor *t = &ts[i];
+    if (*cur < 0 || f->have[*cur] != t->param) {
+        if (!f->pending) feed_start(f, t->param, 0); /* the first tensor */
+        int rc = feed_wait(f);
+        if (rc) return rc;
+        *cur = f->next;
+        if (f->have[*cur] != t->param) /* the tensors come in parameter order: never */
+            return st_fail(ST_EINVAL, "gguf: tensor %s fetched out of order", t->name);
+        int j = i + 1;
+        while (j < n && ts[j].param == t->param) j++;
+        if (j < n) {
+            if (f->direct[*cur ^ 1]) writer_drain(w);
+            f->direct[*cur ^ 1] = 0;
+            feed_start(f, ts[j].param, *cur ^ 1);
+        }
+    }
+    t->src = f->buf[*cur];
+    if (t->type == ST_GGML_F32 && !t->permute_heads) f->direct[*cur] = 1;
+    return 0;
+}
+
+/* Writes the file (f at its start). 0, 1 when a write came short (write_atomic names the file), or a
+ * negative ST_E* with its message (memory, a fetch). feed: the streamed source, or NULL (ts[i].src set). */
+static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n, gfeed *feed) {
     st_strbuf h = {0};
     st_strbuf_append(&h, "GGUF", 4);
     st_gguf_put_u32(&h, GGUF_VERSION);
@@ -483,7 +556,7 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
         st_strbuf_free(&h);
         return st_fail(ST_ENOMEM, "out of memory building the GGUF header");
     }
-    int rc = fwrite(h.data, 1, h.len, f) == h.len ? 0 : -1;
+    int rc = fwrite(h.data, 1, h.len, f) == h.len ? 0 : 1;
     st_strbuf_free(&h);
     float *scratch = malloc(max_floats * sizeof(float) + 1);
     gwriter w;
@@ -494,20 +567,28 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n) {
         free(w.s[1].buf);
         return st_fail(ST_ENOMEM, "out of memory converting tensors");
     }
-    for (int i = 0; i < n && rc == 0; i++) rc = write_tensor(&w, &ts[i], scratch);
-    if (writer_finish(&w)) rc = -1;
+    int cur = -1;
+    for (int i = 0; i < n && rc == 0; i++) {
+        if (feed) rc = feed_tensor(feed, &w, ts, n, i, &cur);
+        if (!rc) rc = write_tensor(&w, &ts[i], scratch);
+    }
+    if (feed && feed->pending) { /* stopped early: let the fetch in flight end (its result is not needed) */
+        if (feed->threaded) pthread_join(feed->th, NULL);
+        feed->pending = feed->threaded = 0;
+    }
+    if (writer_finish(&w) && rc == 0) rc = 1;
     free(scratch);
     return rc;
 }
 
 /* Writes the header, metadata and tensors to `path` atomically; rep->bytes set on success. */
-static int write_atomic(const char *path, const st_gguf_kv *kv, gtensor *ts, int n, st_gguf_report *rep) {
+static int write_atomic(const char *path, const st_gguf_kv *kv, gtensor *ts, int n, gfeed *feed, st_gguf_report *rep) {
     char tmp[4096];
     if (snprintf(tmp, sizeof tmp, "%s.partial", path) >= (int)sizeof tmp) return st_fail(ST_EINVAL, "path too long: %s", path);
     FILE *f = fopen(tmp, "wb");
     if (!f) return st_fail(ST_EIO, "cannot create %s", tmp);
-    int rc = write_file(f, kv, ts, n);
-    if (rc == -1) rc = st_fail(ST_EIO, "write failed on %s (disk full?)", tmp);
+    int rc = write_file(f, kv, ts, n, feed);
+    if (rc == 1) rc = st_fail(ST_EIO, "write failed on %s (disk full?)", tmp);
     if (!rc && (fflush(f) || fsync(fileno(f)))) rc = st_fail(ST_EIO, "write failed on %s", tmp);
     if (!rc) rep->bytes = (uint64_t)ftell(f);
     if (fclose(f) && !rc) rc = st_fail(ST_EIO, "write failed on %s", tmp);
@@ -516,8 +597,9 @@ static int write_atomic(const char *path, const st_gguf_kv *kv, gtensor *ts, int
     return rc;
 }
 
-int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
-                   const char *path, st_gguf_report *rep) {
+/* st_gguf_export from host_weights, or (host_weights NULL) from feed. */
+static int export_model(const st_model *m, const float *host_weights, gfeed *feed, st_ggml_type quant,
+                        const st_gguf_options *opt, const char *path, st_gguf_report *rep) {
     st_gguf_report local;
     if (!rep) rep = &local;
     memset(rep, 0, sizeof *rep);
@@ -529,10 +611,41 @@ int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type qu
     if (!rc && opt && opt->tokenizer_dir)
         rc = st_gguf_add_tokenizer(&kv, opt->tokenizer_dir, opt->tokenizer_pre, &m->cfg, rep);
     if (!rc && kv.b.failed) rc = st_fail(ST_ENOMEM, "out of memory building GGUF metadata");
-    if (!rc) rc = write_atomic(path, &kv, ts, n, rep);
+    if (!rc && feed) { /* the two fetch buffers: the largest parameter written */
+        size_t most = 1;
+        for (int i = 0; i < n; i++) {
+            size_t numel = m->params[ts[i].param].numel;
+            most = numel > most ? numel : most;
+        }
+        for (int k = 0; k < 2 && !rc; k++) {
+            feed->have[k] = -1;
+            if (!(feed->buf[k] = malloc(most * sizeof(float))))
+                rc = st_fail(ST_ENOMEM, "out of memory: two tensors of %zu floats for the streamed export", most);
+        }
+    }
+    if (!rc) rc = write_atomic(path, &kv, ts, n, feed, rep);
     rep->n_tensors = n;
     st_strbuf_free(&kv.b);
     free(ts);
+    return rc;
+}
+
+int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
+                   const char *path, st_gguf_report *rep) {
+    if (!host_weights) return st_fail(ST_EINVAL, "gguf: no weights given");
+    return export_model(m, host_weights, NULL, quant, opt, path, rep);
+}
+
+int st_gguf_export_streamed(const st_model *m, st_model_fetch_fn fetch, void *ctx, st_ggml_type quant,
+                            const st_gguf_options *opt, const char *path, st_gguf_report *rep) {
+    gfeed feed;
+    memset(&feed, 0, sizeof feed);
+    feed.m = m;
+    feed.fetch = fetch;
+    feed.ctx = ctx;
+    int rc = export_model(m, NULL, &feed, quant, opt, path, rep);
+    free(feed.buf[0]);
+    free(feed.buf[1]);
     return rc;
 }
 
@@ -605,7 +718,7 @@ int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_ty
         st_gguf_kv_f32(&kv, "adapter.lora.alpha", (float)(st_lora_scale(m) * st_lora_rank(m)));
         if (kv.b.failed) rc = st_fail(ST_ENOMEM, "out of memory building GGUF metadata");
     }
-    if (!rc) rc = write_atomic(path, &kv, ts, n, rep);
+    if (!rc) rc = write_atomic(path, &kv, ts, n, NULL, rep);
     rep->n_tensors = n;
     st_strbuf_free(&kv.b);
     free(ts);

@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "checkpoints/model_io.h"
 #include "worker/model.h"
 
 /* ggml tensor types (values are ggml's enum ggml_type), and the two mixes `--quant q4_K_M | q5_K_M` (not ggml
@@ -73,6 +74,16 @@ typedef struct {
  * model's internal layout. Returns 0 or a negative ST_E* with a message naming the cause. */
 int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
                    const char *path, st_gguf_report *rep);
+
+/* st_gguf_export with the weights coming from fetch (model_io.h: parameter i in registry layout = the
+ * internal layout), a tensor at a time, so that no whole-model copy exists: a helper thread fetches (reads and
+ * converts) the next parameter while the current one is encoded on the OpenMP threads and the writer thread
+ * writes the previous chunk. Memory: two buffers of the largest parameter, plus what st_gguf_export uses.
+ * fetch is called at most once per parameter, in increasing order, from that helper thread one call at a
+ * time (so it must not be a collective; its st_fail message is carried back); after a failure no further
+ * parameter is fetched. The same bytes as st_gguf_export over the same values (tests/unit/test_gguf_stream.c). */
+int st_gguf_export_streamed(const st_model *m, st_model_fetch_fn fetch, void *ctx, st_ggml_type quant,
+                            const st_gguf_options *opt, const char *path, st_gguf_report *rep);
 
 /* The model's LoRA adapters (worker/lora.h; host_weights: all m->n_weights floats, adapters included) as
  * a GGUF LoRA adapter as llama.cpp's convert_lora_to_gguf.py writes one: general.type "adapter",

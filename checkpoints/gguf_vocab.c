@@ -291,7 +291,7 @@ int st_gguf_add_tokenizer(st_gguf_kv *kv, const char *dir, const char *pre, cons
         rc = add_merges(&tmp, &v, st_json_get(model, "merges"), spm, src);
         if (!rc) {
             add_vocab_arrays(kv, &v, spm);
-            st_strbuf_append(&kv->b, tmp.b.data, tmp.b.len);
+            if (tmp.b.len) st_strbuf_append(&kv->b, tmp.b.data, tmp.b.len); /* none: no buffer (memcpy from NULL) */
             kv->n += tmp.n;
         }
         st_strbuf_free(&tmp.b);

@@ -58,23 +58,29 @@ static int export_lora_ckpt(const char *path, const st_ckpt_info *info, const st
     return rc;
 }
 
-/* One parameter from a checkpoint file (ctx: its path). */
-static int fetch_ckpt(void *ctx, const st_model *m, int i, float *dst) {
+int st_export_fetch_ckpt(void *ctx, const st_model *m, int i, float *dst) {
     return dst ? st_ckpt_load_param(ctx, m, i, dst) : 0;
 }
 
-/* One parameter from a model directory's safetensors (ctx: the open files; registry layout). */
-struct model_dir_src {
-    st_safetensors *st;
-    const char *dir;
-};
-
-static int fetch_model_dir(void *ctx, const st_model *m, int i, float *dst) {
-    const struct model_dir_src *src = ctx;
+int st_export_fetch_model_dir(void *ctx, const st_model *m, int i, float *dst) {
+    const st_export_dir_src *src = ctx;
     if (!dst) return 0;
-    int rc = st_model_read_param(src->st, m, i, dst);
-    /* NaN/Inf weights: refused naming the tensor, as eval and train do (a checkpoint's are verified on save) */
-    return rc ? rc : st_check_finite_values(dst, m->params[i].numel, 0, src->dir, m->params[i].name);
+    const st_param *p = &m->params[i];
+    /* NaN/Inf weights: refused naming the tensor, as eval and train do (a checkpoint's are verified on save);
+     * read in pieces, each checked while it is still in cache (a second pass over a large tensor costs as
+     * much as q4_0's encoder); a transposed GPT-2 Conv1D tensor is read whole */
+    if (p->ndim == 2 && p->transpose_io) {
+        int rc = st_model_read_param(src->st, m, i, dst);
+        return rc ? rc : st_check_finite_values(dst, p->numel, 0, src->dir, p->name);
+    }
+    enum { PIECE = 1 << 16 };
+    for (size_t a = 0; a < p->numel; a += PIECE) {
+        size_t n = p->numel - a < PIECE ? p->numel - a : PIECE;
+        int rc = st_model_read_param_range(src->st, m, i, a, n, dst + a);
+        if (!rc) rc = st_check_finite_values(dst + a, n, a, src->dir, p->name);
+        if (rc) return rc;
+    }
+    return 0;
 }
 
 static int export_ckpt(const char *path, const char *out, int peft) {
@@ -107,7 +113,7 @@ static int export_ckpt(const char *path, const char *out, int peft) {
      * checkpoint's own config.json text; tokenizer and generation files from the source model directory
      * when it is still there (a moved source only loses those extras) */
     rc = st_model_export_dir_streamed(&m, out, access(src, F_OK) == 0 ? src : NULL, info.model_config, 0,
-                                      fetch_ckpt, (void *)path);
+                                      st_export_fetch_ckpt, (void *)path);
     st_model_free(&m);
     st_ckpt_info_free(&info);
     return rc;
@@ -155,8 +161,8 @@ static int export_model_dir(const char *src, const char *out) {
     snprintf(path, sizeof path, "%s/config.json", src);
     if ((rc = st_read_file(path, &cfg, &len))) rc = st_fail(rc, "%s: %s", path, st_error());
     if (!rc) rc = st_model_check_files(&m, src, &st);
-    struct model_dir_src from = {NULL, src};
-    if (!rc) from.st = st, rc = st_model_export_dir_streamed(&m, out, src, cfg, 0, fetch_model_dir, &from);
+    st_export_dir_src from = {NULL, src};
+    if (!rc) from.st = st, rc = st_model_export_dir_streamed(&m, out, src, cfg, 0, st_export_fetch_model_dir, &from);
     st_safetensors_close(st);
     free(cfg);
     st_model_free(&m);

@@ -100,11 +100,24 @@ static int load_lora_ckpt(const char *path, const char *job_spec, st_model *m, f
     return rc;
 }
 
-/* Builds the model from SRC (model dir, adapter dir or checkpoint) and fills host[] with its weights;
- * tok_dir gets where a tokenizer may be (SRC itself, or a checkpoint's model.path); *is_lora says the
- * model carries adapters (an adapter dir or a LoRA checkpoint). */
-static int load_source(const char *src, const char *base, st_model *m, float **host, char *tok_dir,
-                       size_t tok_size, int *is_lora) {
+/* Where the streamed export of a plain model reads its weights, a tensor at a time: a model directory's
+ * safetensors (dir.st open) or a checkpoint file. */
+typedef struct {
+    st_export_dir_src dir;
+    char ckpt[2048];
+} gguf_source;
+
+static int fetch_source(void *ctx, const st_model *m, int i, float *dst) {
+    gguf_source *s = ctx;
+    return s->dir.st ? st_export_fetch_model_dir(&s->dir, m, i, dst) : st_export_fetch_ckpt(s->ckpt, m, i, dst);
+}
+
+/* Builds the model from SRC (model dir, adapter dir or checkpoint). With adapters (an adapter dir or a LoRA
+ * checkpoint: *is_lora) host[] gets all the weights; a plain model's are left where they are (*host NULL,
+ * `from` says where: the export streams them, so neither its weights nor a copy are ever held whole).
+ * tok_dir gets where a tokenizer may be (SRC itself, or a checkpoint's model.path). */
+static int load_source(const char *src, const char *base, st_model *m, float **host, gguf_source *from,
+                       char *tok_dir, size_t tok_size, int *is_lora) {
     const st_backend *be = st_backend_cpu(1);
     int rc;
     *host = NULL;
@@ -114,10 +127,13 @@ static int load_source(const char *src, const char *base, st_model *m, float **h
         *is_lora = 1;
         return load_adapter_dir(src, base, m, host);
     }
-    if (file_exists(src, "config.json")) {
-        if ((rc = st_model_load_dir(src, be, m))) return rc;
-        if ((rc = st_model_check_finite(m, src))) { st_model_free(m); return rc; } /* NaN/Inf: named, as eval */
-    } else {
+    if (file_exists(src, "config.json")) { /* built, weights untouched (not resident); files checked */
+        if ((rc = st_model_open_dir(src, be, m))) return rc;
+        if ((rc = st_model_check_files(m, src, &from->dir.st))) st_model_free(m);
+        from->dir.dir = src; /* NaN/Inf refused by name as each tensor is read, as eval does */
+        return rc;
+    }
+    {
         char path[2048];
         st_ckpt_info info;
         if ((rc = st_ckpt_resolve(src, path, sizeof path)) || (rc = st_ckpt_read_info(path, &info))) return rc;
@@ -130,12 +146,9 @@ static int load_source(const char *src, const char *base, st_model *m, float **h
         job_model_path(info.job_spec, tok_dir, tok_size);
         st_ckpt_info_free(&info);
         if (rc || (rc = st_model_build(m, &mc, be))) return rc;
-        if (!(*host = malloc(m->n_weights * sizeof(float)))) rc = st_fail(ST_ENOMEM, "out of memory");
-        if (!rc) rc = st_ckpt_load_model(path, m, *host);
-        if (rc) { free(*host); *host = NULL; st_model_free(m); }
-        return rc;
+        snprintf(from->ckpt, sizeof from->ckpt, "%s", path);
+        return 0;
     }
-    return host_copy(m, host);
 }
 
 /* The adapters of an adapter dir / LoRA checkpoint as a GGUF LoRA adapter (no tokenizer: the base's). */
@@ -179,26 +192,31 @@ int st_export_gguf(const char *src, const char *dst, const char *out, int argc, 
     float *host;
     char found[4096];
     int lora;
-    if (load_source(src, base, &m, &host, found, sizeof found, &lora)) return st_cli_error("export", st_error());
+    gguf_source from;
+    memset(&from, 0, sizeof from);
+    if (load_source(src, base, &m, &host, &from, found, sizeof found, &lora)) return st_cli_error("export", st_error());
     if (lora) return export_lora(src, dst, out, &m, host, quant, name);
+    /* the note is printed after a successful export: a failure (a NaN in a tensor read on the way) stays one line */
+    char note[4400] = "";
     if (!tok && !no_tok) {
         tok = found;
         if (!found[0] || !file_exists(found, "tokenizer.json")) {
-            fprintf(stderr, "shardtune export: note: no tokenizer.json in %s (pass --tokenizer DIR): the GGUF "
-                    "holds the weights without a tokenizer\n", found[0] ? found : src);
+            snprintf(note, sizeof note, "shardtune export: note: no tokenizer.json in %s (pass --tokenizer DIR): the "
+                     "GGUF holds the weights without a tokenizer\n", found[0] ? found : src);
             tok = NULL;
         } else if (strcmp(found, src) != 0) {
-            fprintf(stderr, "shardtune export: note: tokenizer from the run's model.path %s\n", found);
+            snprintf(note, sizeof note, "shardtune export: note: tokenizer from the run's model.path %s\n", found);
         }
     }
     st_gguf_options opt = {no_tok ? NULL : tok, name, pre};
     st_gguf_report rep;
     double t0 = st_now();
-    int rc = st_gguf_export(&m, host, quant, &opt, dst, &rep);
+    int rc = st_gguf_export_streamed(&m, fetch_source, &from, quant, &opt, dst, &rep);
     double dt = st_now() - t0;
-    free(host);
+    st_safetensors_close(from.dir.st);
     st_model_free(&m);
     if (rc) return st_cli_error("export", st_error());
+    fputs(note, stderr);
     printf("exported %s -> %s (gguf %s, %d tensors, %d %s, tokenizer %s%s%s, %.1f MB in %.2f s)\n", src, out,
            st_ggml_type_name(quant), rep.n_tensors, rep.n_fallback,
            st_ggml_block_size(quant) == 256 ? "in a fallback type (q4_0/q5_0/q5_1/q8_0/f16)" : "kept at f16", rep.has_tokenizer ? rep.tokenizer_model : "none",

@@ -7,6 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "checkpoints/model_io.h"
+
 /* Exit codes shared by all commands (documented in docs/cli.md). */
 enum {
     ST_EXIT_OK = 0,
@@ -27,6 +29,15 @@ int st_cmd_export(int argc, char **argv);
 /* `export SRC --out FILE --format gguf ...` (cmd_export_gguf.c); argv as st_cmd_export's; writes `dst`
  * (the temporary sibling of OUT), names `out` in what it prints. */
 int st_export_gguf(const char *src, const char *dst, const char *out, int argc, char **argv);
+/* The streamed exports' sources (st_model_fetch_fn, cmd_export.c), parameter i in registry layout: from a
+ * checkpoint file (ctx: its path; shapes and checksums verified) and from a model directory's safetensors
+ * (ctx: st_export_dir_src; NaN / Inf refused naming the tensor, as eval and train do). */
+typedef struct {
+    st_safetensors *st; /* st_model_check_files' open handle */
+    const char *dir;
+} st_export_dir_src;
+int st_export_fetch_ckpt(void *ctx, const st_model *m, int i, float *dst);
+int st_export_fetch_model_dir(void *ctx, const st_model *m, int i, float *dst);
 int st_cmd_compress(int argc, char **argv);
 int st_cmd_monitor(int argc, char **argv);
 int st_cmd_ctl(int argc, char **argv);

@@ -68,9 +68,11 @@ static void lanes_equal_scalar_once(st_ggml_type t) {
     assert_non_null(x);
     for (int k = 0; k < NB; k++) fill(x + (size_t)k * 256, k % NKIND);
     double t0 = st_now();
-    /* rows of 7999 and 1 super-blocks: q4_K / q5_K fit two super-blocks at a time, an odd last one alone */
-    st_ggml_encode(t, x, (int64_t)(NB - 1) * 256, a);
-    st_ggml_encode(t, x + (size_t)(NB - 1) * 256, 256, a + (size_t)(NB - 1) * bs);
+    /* rows of 7994, 3, 2 and 1 super-blocks: q4_K / q5_K fit two super-blocks at a time, an odd last one next to
+     * a copy of itself */
+    static const int rows[] = {NB - 6, 3, 2, 1};
+    for (int r = 0, at = 0; r < 4; at += rows[r++])
+        st_ggml_encode(t, x + (size_t)at * 256, (int64_t)rows[r] * 256, a + (size_t)at * bs);
     double t1 = st_now();
     st_ggml_encode_reference(t, x, (int64_t)NB * 256, b);
     double t2 = st_now();

@@ -20,7 +20,12 @@
  *    matrix (the scratch aliases all of a layer's units) moves the loss by O(1e-2), the gradients by O(1).
  *  - the fused dequantize-matmul (qmatmul): bit for bit dequantize-then-matmul on its own (test_qmatmul_fused,
  *    with a float64 bound and broken dequantizations that must show) and inside a model's step
- *    (test_fused_model: fused against SHARDTUNE_QLORA_FUSED=0, fp32 and bf16). */
+ *    (test_fused_model: fused against SHARDTUNE_QLORA_FUSED=0, fp32 and bf16).
+ *  - ZeRO-3 on a device's hooks (worker/comm_zero3_dev.c qz_*): the blob taken away (and overwritten before
+ *    it is freed), each layer's bytes copied into a buffer of their own and placed there (st_qlora_place),
+ *    the scratch moved to a buffer of the caller's (st_qlora_set_scratch): every quantized weight loads
+ *    bit-identical to the untouched model's, into the new scratch only (the old one keeps its poison), and
+ *    st_qlora_scratch_range covers exactly the old scratch's offsets. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -400,6 +405,58 @@ static void test_fused_model(void **state) {
     fused_vs_unfused(ST_QLORA_NF4, ST_PRECISION_BF16);
 }
 
+/* ZeRO-3 on a device: the blob's layers placed in buffers of their own, the scratch elsewhere (see the top). */
+static void test_place_scratch(void **state) {
+    (void)state;
+    st_qlora_spec spec = {.quant = ST_QLORA_NF4, .double_quant = 1, .block = 16};
+    st_model a, b;
+    unit_model(&a, &spec, 0);
+    unit_model(&b, &spec, 0);
+    size_t lo, hi, qbytes;
+    st_qlora_scratch_range(&b, &lo, &hi);
+    uint8_t *blob;
+    st_qlora_blob(&b, &blob, &qbytes);
+    assert_non_null(blob);
+    size_t fq, ff, scratch, w16;
+    st_qlora_footprint(&b, &spec, &fq, &ff, &scratch, &w16);
+    assert_int_equal(hi - lo, scratch); /* the one matmul unit's scratch */
+    assert_int_equal(fq, qbytes);
+    for (int i = 0; i < b.n_params; i++) {
+        assert_int_equal(st_qlora_holds(&b, i), st_qlora_quantizable(&b, i));
+        if (st_qlora_holds(&b, i)) assert_true(b.params[i].offset >= lo && b.params[i].offset + b.params[i].numel <= hi);
+    }
+    uint8_t *bufs[2];
+    for (int l = 0; l < 2; l++) {
+        int p0 = st_model_layer_first_param(&b, l), p1 = st_model_layer_first_param(&b, l + 1);
+        size_t qa, qb;
+        st_qlora_span(&b, p0, p1, &qa, &qb);
+        assert_true(qb > qa && qa % 4 == 0 && qb % 4 == 0);
+        bufs[l] = malloc(qb - qa);
+        memcpy(bufs[l], blob + qa, qb - qa);
+        st_qlora_place(&b, p0, p1, bufs[l], qa);
+    }
+    assert_ptr_equal(st_qlora_blob_take(&b), blob);
+    memset(blob, 0xff, qbytes); /* a read of the old bytes would show */
+    free(blob);
+    float *sw = calloc(hi - lo, sizeof(float));
+    for (size_t k = lo; k < hi; k++) b.weights[k] = NAN; /* the old scratch: never written again */
+    st_qlora_set_scratch(&b, sw, NULL, lo);
+    for (int i = 0; i < b.n_params; i++) {
+        if (!st_qlora_holds(&b, i)) continue;
+        st_qlora_load(&a, i);
+        st_qlora_load(&b, i);
+        const st_param *p = &b.params[i];
+        assert_memory_equal(sw + (p->offset - lo), a.weights + a.params[i].offset, p->numel * sizeof(float));
+    }
+    for (size_t k = lo; k < hi; k++) assert_true(isnan(b.weights[k]));
+    st_qlora_set_scratch(&b, NULL, NULL, 0);
+    free(sw);
+    st_model_free(&a);
+    st_model_free(&b);
+    free(bufs[0]);
+    free(bufs[1]);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nf4_codes),
@@ -409,6 +466,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_units),
         cmocka_unit_test(test_qmatmul_fused),
         cmocka_unit_test(test_fused_model),
+        cmocka_unit_test(test_place_scratch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -582,11 +582,18 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
          * below stage 3), with the activations and the whole bf16 copy and gradients until the communicator
          * cuts its shards out of them */
         r->at_load = r->total;
-        if (q) {
-            size_t nw = m->qlora ? m->n_weights : q32, ng = m->n_weights - m->n_base_weights;
-            size_t whole = stepbuf + qload + teacher + r->activations + ng * sizeof(float) +
-                           (c->precision == ST_PRECISION_BF16 ? nw * sizeof(uint16_t) : 0);
-            r->at_load = whole + r->weights > r->at_load ? whole + r->weights : r->at_load;
+        if (q) { /* then the shards are cut (comm_zero3_dev.c qz_init: the master, frozen and quantized shards, the
+                    scratch) once the whole bf16 copy and gradients are gone, before the whole weights and codes go */
+            size_t nw = m->qlora ? m->n_weights : q32, ng = m->n_weights - m->n_base_weights, qb, fb, scr, w16, nf = 0;
+            int bf16 = c->precision == ST_PRECISION_BF16;
+            st_qlora_footprint(m, &qs, &qb, &fb, &scr, &w16);
+            for (int i = 0; i < m->n_params; i++)
+                if (goff[i] < 0 && !(m->qlora ? st_qlora_holds(m, i) : st_qlora_quantizable(m, i))) nf += m->params[i].numel;
+            size_t w = (size_t)world, cut = (sp->shard + (nf + w - 1) / w + (qb / 4 + w - 1) / w + scr +
+                                             (bf16 ? (scr + 1) / 2 : 0)) * sizeof(float);
+            size_t early = ng * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0);
+            size_t whole = stepbuf + qload + teacher + r->activations + (early > cut ? early : cut);
+            r->at_load = whole > r->at_load ? whole : r->at_load;
         }
         /* checkpoints gather one tensor at a time into a slot (already counted); final/ and resume go
          * through host memory a tensor or this rank's parts at a time; an adapter mode's final/ gathers all

@@ -121,8 +121,9 @@ struct st_z3dev {
     size_t edge_lo[Z3D_EDGES], edge_hi[Z3D_EDGES];
     /* SHARDTUNE_ZERO3_DEV_FAULT (tests only: the stream-order checker must catch each): "rs-wait" adds a
      * received part without waiting for its reduction, "one-grad-buffer" reuses a gradient buffer whose
-     * reduction is in flight, "gather-wait" computes on a group without waiting for its gather */
-    int fault_rs_wait, fault_one_gbuf, fault_gather_wait;
+     * reduction is in flight, "gather-wait" computes on a group without waiting for its gather, "qz-late"
+     * enqueues a group's quantized bytes after the mark its acquire waits for */
+    int fault_rs_wait, fault_one_gbuf, fault_gather_wait, fault_qz_late;
     /* QLoRA (qz_* below): the quantized base parameters (held) leave the group spans and the frozen space;
      * their codes and scales (worker/qlora.h's blob) are sharded by 4-byte words, this rank's part in qmaster,
      * a group's range gathered into its slot's byte buffer; their one matmul unit's scratch (and its bf16
@@ -355,8 +356,10 @@ static int gather_start(st_comm *c, z3d_slot *s, int first, int last) {
         space_parts(c, shard, r[1], r[1] + r[3], parts);
         rc = st_nccl_all_gather_parts(c->nccl, dst, parts);
     }
-    if (!rc && z->held) rc = qz_gather(c, s, first, last);
-    return rc || !c->nccl ? rc : st_nccl_record(c->nccl, (int)(s - z->slot));
+    if (!rc && z->held && !z->fault_qz_late) rc = qz_gather(c, s, first, last);
+    rc = rc || !c->nccl ? rc : st_nccl_record(c->nccl, (int)(s - z->slot));
+    if (!rc && z->held && z->fault_qz_late) rc = qz_gather(c, s, first, last); /* tests only: after the mark */
+    return rc;
 }
 
 /* The compute stream waits for slot s's gather (and what was queued before it), not for later reductions. */
@@ -831,6 +834,7 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     z->fault_rs_wait = fault && !strcmp(fault, "rs-wait");
     z->fault_one_gbuf = fault && !strcmp(fault, "one-grad-buffer");
     z->fault_gather_wait = fault && !strcmp(fault, "gather-wait");
+    z->fault_qz_late = fault && !strcmp(fault, "qz-late");
     c->model = m;
     m->windowed = 1;
     st_model_set_residency(m, &(st_residency_hooks){.acquire = z3d_acquire,

@@ -17,7 +17,9 @@
 #     below stage 3 before the communicator cuts it, stays under that in this model);
 #  3. a run checkpointed at step 3 on 2 device ranks resumes on 3 device ranks and on 1 CPU rank: steps 4-6
 #     equal the uninterrupted device run within 1e-6 relative, and final/ equals its final/ within the same
-#     bound (the adapters' values: a resumed run reduces in another order).
+#     bound (the adapters' values: a resumed run reduces in another order);
+#  4. the fake NCCL's stream-order checker sees qmatmul read the gathered bytes: with a layer's bytes enqueued
+#     after the mark its acquire waits for (SHARDTUNE_ZERO3_DEV_FAULT=qz-late) the run fails with a violation.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/fakedev_lib.sh"
 
@@ -89,3 +91,16 @@ for d in sys.argv[2:]:
         assert worst <= 1e-5, f"{d}: {k} differs by {worst:.3g} of its largest value"
 PY
 echo "qlora: device stage-3 checkpoint (2 ranks, step 3) resumed on 3 device ranks ($a) and 1 cpu rank ($b): steps 4-6 equal (1e-6), final/ equal (1e-5 of each tensor's largest value)"
+
+# the gathered bytes are read by qmatmul only after the compute stream waited for them: a late gather is caught
+# (adapters on layer 0 only: layer 1's acquire waits for its base's mark alone, no adapter mark after the bytes)
+job qlate 2 3 1 sharding.stage=3 "${common[@]}" "${q[@]}" finetune.lora.layers=0
+args=(); mapfile -t args < <(grep . "$T/qlate.args")
+set +e
+SHARDTUNE_ZERO3_DEV_FAULT=qz-late mpirun --oversubscribe -np 2 -x SHARDTUNE_ZERO3_DEV_FAULT "$FAKE" --guard \
+  "$T/qlate.yaml" "${args[@]}" >"$T/qlate.out" 2>"$T/qlate.err"
+rc=$?
+set -e
+[ $rc != 0 ] && grep -q "qmatmul read the output of a queued collective" "$T/qlate.out" "$T/qlate.err" ||
+  fail "a quantized-bytes gather after its mark was not caught (rc $rc): $(tail -3 "$T/qlate.err")"
+echo "qz-late fault: qmatmul reading bytes of a queued gather caught by the stream-order checker"

@@ -42,7 +42,7 @@ typedef struct {
     float *p;
     uint16_t *p16;
 } st_res_window;
-#define ST_RES_WINDOWS 6
+#define ST_RES_WINDOWS 8
 
 typedef struct {
     st_model_config cfg;

@@ -159,6 +159,23 @@ void st_qlora_span(const st_model *m, int first, int last, size_t *a, size_t *b)
 /* From the registry: the most blob bytes one layer holds (the planner: one layer gathered at a time). */
 size_t st_qlora_layer_bytes_max(const st_model *m, const st_qlora_spec *spec);
 
+/* ZeRO-3 on a device (worker/comm_zero3_dev.c), which keeps only this rank's part of the blob and gathers a
+ * layer's bytes into a buffer of its own:
+ * st_qlora_quantizable: whether base parameter i is one QLoRA quantizes (from the registry: a registry-only
+ *   model too; every such parameter is held once st_qlora_begin ran);
+ * st_qlora_blob_take: hands the whole blob to the caller (backend memory: the caller frees it); the tensors
+ *   then have no bytes until placed;
+ * st_qlora_place: the quantized tensors among [first, last) read their codes and scales from `bytes`, which
+ *   holds the blob's range from byte `a` on (st_qlora_span; the group's bytes just gathered);
+ * st_qlora_scratch_range: the weight range [*lo, *hi) of the scratch (every quantized parameter's offset);
+ * st_qlora_set_scratch: the scratch lives at w (fp32) and w16 (its bf16 copy, NULL without one), element lo
+ *   of the weight space at w[0], instead of at m->weights / m->weights_bf16 + offset (w NULL: back there). */
+int st_qlora_quantizable(const st_model *m, int i);
+uint8_t *st_qlora_blob_take(st_model *m);
+void st_qlora_place(const st_model *m, int first, int last, uint8_t *bytes, size_t a);
+void st_qlora_scratch_range(const st_model *m, size_t *lo, size_t *hi);
+void st_qlora_set_scratch(st_model *m, float *w, uint16_t *w16, size_t lo);
+
 /* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
  * bytes that leave the weight buffer, the scratch floats that replace them (0 on the fused path; unfused the
  * largest matmul unit) and (spec.bf16) the floats held in bf16 only (the bf16-only kept parameters + the

@@ -42,16 +42,18 @@
  * freed by its release. Attached to a model bound without weights, the adapters' initial values come in a
  * buffer of their own (st_model.weights_tail_only), cut into the shards like the rest.
  * QLoRA (qz_*): the model arrives quantized whole (train.c load_quantized: worker/qlora.h's blob of codes and
- * scales, the compacted weights [kept base | one matmul unit's scratch | adapters]). The quantized parameters
+ * scales, the compacted weights [kept base | adapters], unfused with one matmul unit's scratch between them).
+ * The quantized parameters
  * (held) are in neither space: the frozen space holds the kept base (embeddings, norms, head), the compact
  * space the adapters. The blob is sharded by 4-byte words (every tensor's bytes are a multiple of 4): this
  * rank's words in qmaster, the whole blob freed. A base group's span leaves its held parameters out (the rest
  * of a layer is contiguous in the compacted layout), and its gather also fills the slot's byte buffer with the
  * group's blob range (this rank's words copied in, an in-place all-gather for the rest, before the slot's
- * mark: prefetched with the group); its acquire points the group's tensors there (st_qlora_place). The
- * scratch is one device buffer of the communicator's (and its bf16 copy), a resident weight window that
- * worker/qlora.c fills (st_qlora_set_scratch) when a matmul cannot read the codes itself (the fused qmatmul
- * reads them in place) and DoRA or an acquire outside a step reads the dequantized weight. */
+ * mark: prefetched with the group); its acquire points the group's tensors there (st_qlora_place). On the
+ * fused path (the default: the backend's qmatmul) nothing else exists: qmatmul, DoRA's panels and every other
+ * reader use the placed codes in place (worker/qlora.h). Only the unfused path (SHARDTUNE_QLORA_FUSED=0) has
+ * a scratch: one device buffer of the communicator's (and its bf16 copy), a resident weight window that
+ * worker/qlora.c fills (st_qlora_set_scratch) a matmul unit at a time. */
 #include "worker/comm_zero3_dev.h"
 
 #include <stdlib.h>
@@ -126,8 +128,8 @@ struct st_z3dev {
     int fault_rs_wait, fault_one_gbuf, fault_gather_wait, fault_qz_late;
     /* QLoRA (qz_* below): the quantized base parameters (held) leave the group spans and the frozen space;
      * their codes and scales (worker/qlora.h's blob) are sharded by 4-byte words, this rank's part in qmaster,
-     * a group's range gathered into its slot's byte buffer; their one matmul unit's scratch (and its bf16
-     * copy) is a resident window of its own */
+     * a group's range gathered into its slot's byte buffer; unfused, their one matmul unit's scratch (and its
+     * bf16 copy) is a resident window of its own (fused: none, scratch NULL) */
     unsigned char *held;   /* [n_params] held quantized; NULL without QLoRA */
     uint8_t *qmaster;      /* [4 * qshard] this rank's words [qlo, qlo + qshard) of the blob */
     size_t nq4, qshard, qlo;
@@ -285,8 +287,9 @@ static size_t qz_group_bytes(const st_model *m) {
 }
 
 /* QLoRA (a quantized model): which parameters are held; this rank's words of the blob copied out of the
- * whole blob, which is then freed; the scratch (fp32, and bf16 under precision bf16) made and handed to
- * worker/qlora.c (st_qlora_set_scratch); the base slots' byte capacity. Without QLoRA: nothing. */
+ * whole blob, which is then freed; the base slots' byte capacity; on the unfused path only (the fused one has
+ * no scratch) the scratch (fp32, and bf16 under precision bf16) made and handed to worker/qlora.c
+ * (st_qlora_set_scratch). Without QLoRA: nothing. */
 static int qz_init(st_comm *c, st_model *m, int bf16) {
     st_z3dev *z = c->z3dev;
     const st_backend *be = m->be;
@@ -307,14 +310,15 @@ static int qz_init(st_comm *c, st_model *m, int bf16) {
     size_t hi = z->qlo + z->qshard < z->nq4 ? z->qlo + z->qshard : z->nq4;
     if (blob && hi > z->qlo) be->copy(z->qmaster, blob + 4 * z->qlo, 4 * (hi - z->qlo));
     be->free(st_qlora_blob_take(m));
+    z->qslot_bytes = qz_group_bytes(m);
     st_qlora_scratch_range(m, &z->scr_lo, &z->scr_hi);
     size_t n = z->scr_hi - z->scr_lo;
+    if (st_qlora_fused(m)) return 0; /* no scratch: qmatmul, DoRA's panels and the readers use the placed codes */
     z->scratch = be->alloc((n ? n : 1) * sizeof(float));
     z->scratch16 = bf16 ? be->alloc((n ? n : 1) * sizeof(uint16_t)) : NULL;
     if (!z->scratch || (bf16 && !z->scratch16))
         return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the QLoRA scratch", c->rank, be->name);
     st_qlora_set_scratch(m, z->scratch, z->scratch16, z->scr_lo);
-    z->qslot_bytes = qz_group_bytes(m);
     return 0;
 }
 
@@ -726,8 +730,9 @@ static void cut_shards(st_comm *c, st_model *m, const float *whole) {
     for (int i = 0; i < m->n_params; i++) {
         const st_param *p = &m->params[i];
         int frozen = p->grad_offset < 0;
-        if (frozen && c->z3_foff[i] < 0) { /* QLoRA's quantized: its values are the scratch's (qz_init) */
-            if (z->part_base) z->part_base[i] = z->scratch + (p->offset - z->scr_lo);
+        if (frozen && c->z3_foff[i] < 0) { /* QLoRA's quantized: unfused its values are the scratch's (qz_init);
+                                             * fused it has no storage (worker/qlora.h's readers) */
+            if (z->part_base) z->part_base[i] = z->scratch ? z->scratch + (p->offset - z->scr_lo) : NULL;
             continue;
         }
         size_t g = frozen ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset, lo = frozen ? c->flo : c->lo;

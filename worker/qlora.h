@@ -118,7 +118,8 @@ void st_qlora_load(const st_model *m, int i);
  * inside the matmul, never the whole matrix). Inside forward / backward the model calls st_qlora_select
  * where it used to call st_qlora_load: with a backend that has qmatmul (and SHARDTUNE_QLORA_FUSED is not
  * "0": the bench's side by side) it only notes the unit; the next st_qlora_mm then multiplies through the
- * codes of the unit's tensors from the one at weight pointer w (registry offset) whose rows add up to `out`
+ * codes of the unit's tensors from the noted one on whose rows add up to `out` (w, the caller's pointer for the
+ * noted weight, is not read: a windowed model, device ZeRO-3, has none for a storage-less tensor)
  * (q/k/v packed, gate/up packed or one of them, any other weight alone): C = X W^T (trans 0) or X W
  * (trans 1) + beta * C, under the model's precision (bf16: matmul_bf16's numerics), and returns 1. Without a
  * noted unit it returns 0 (the caller multiplies a weight that is not quantized); a shape that is no unit's
@@ -167,9 +168,11 @@ size_t st_qlora_layer_bytes_max(const st_model *m, const st_qlora_spec *spec);
  *   then have no bytes until placed;
  * st_qlora_place: the quantized tensors among [first, last) read their codes and scales from `bytes`, which
  *   holds the blob's range from byte `a` on (st_qlora_span; the group's bytes just gathered);
- * st_qlora_scratch_range: the weight range [*lo, *hi) of the scratch (every quantized parameter's offset);
- * st_qlora_set_scratch: the scratch lives at w (fp32) and w16 (its bf16 copy, NULL without one), element lo
- *   of the weight space at w[0], instead of at m->weights / m->weights_bf16 + offset (w NULL: back there). */
+ * st_qlora_scratch_range: the weight range [*lo, *hi) of the unfused path's scratch (every quantized
+ *   parameter's offset); empty (0, 0) on the fused path, which has none (qmatmul reads the placed codes);
+ * st_qlora_set_scratch: (unfused) the scratch lives at w (fp32) and w16 (its bf16 copy, NULL without one),
+ *   element lo of the weight space at w[0], instead of at m->weights / m->weights_bf16 + offset (w NULL: back
+ *   there). */
 int st_qlora_quantizable(const st_model *m, int i);
 uint8_t *st_qlora_blob_take(st_model *m);
 void st_qlora_place(const st_model *m, int first, int last, uint8_t *bytes, size_t a);

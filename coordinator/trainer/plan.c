@@ -570,7 +570,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         /* worker/comm_zero3_dev.c: the master shard, the frozen shard, the gather slots (and their bf16 copies;
          * two adapter / prompt slots), two layer gradient buffers, the edge gradients, shard_grads and two
          * receive buffers, all allocated for the whole run; QLoRA: this rank's part of the quantized bytes, a
-         * layer's bytes per base slot, the matmul unit's scratch (+ its bf16 copy) and the acquire's buffers */
+         * layer's bytes per base slot and the acquire's buffers (DoRA's panels), and only on the unfused path
+         * (SHARDTUNE_QLORA_FUSED=0) the matmul unit's scratch (+ its bf16 copy): st_qlora_footprint's 0 fused */
         size_t wf, gf;
         int q = c->finetune.mode == ST_FINETUNE_QLORA;
         st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
@@ -588,7 +589,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
          * cuts its shards out of them */
         r->at_load = r->total;
         if (q) { /* then the shards are cut (comm_zero3_dev.c qz_init: the master, frozen and quantized shards, the
-                    scratch) once the whole bf16 copy and gradients are gone, before the whole weights and codes go */
+                    unfused path's scratch) once the whole bf16 copy and gradients are gone, before the whole weights and codes go */
             size_t nw = m->qlora ? m->n_weights : q32, ng = m->n_weights - m->n_base_weights, qb, fb, scr, w16, nf = 0;
             int bf16 = c->precision == ST_PRECISION_BF16;
             st_qlora_footprint(m, &qs, &qb, &fb, &scr, &w16);

@@ -18,6 +18,9 @@
 #  3. a run checkpointed at step 3 on 2 device ranks resumes on 3 device ranks and on 1 CPU rank: steps 4-6
 #     equal the uninterrupted device run within 1e-6 relative, and final/ equals its final/ within the same
 #     bound (the adapters' values: a resumed run reduces in another order);
+#     the unfused path (SHARDTUNE_QLORA_FUSED=0: the one-unit scratch a device buffer of the communicator's)
+#     the same on 2 ranks, holding exactly the planned scratch more device bytes than the fused run, which has
+#     none;
 #  4. the fake NCCL's stream-order checker sees qmatmul read the gathered bytes: with a layer's bytes enqueued
 #     after the mark its acquire waits for (SHARDTUNE_ZERO3_DEV_FAULT=qz-late) the run fails with a violation.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
@@ -49,6 +52,23 @@ cmp_cpu 2 i8bf 0 "${q[@]}" finetune.qlora.quant=int8 finetune.qlora.double_quant
   memory.activation_checkpointing=true
 p=$(plan_true 2 i8bf) || fail "int8 bf16 2 ranks: the plan is not the device memory held"
 echo "  plan step total vs device bytes held between steps: $p relative (1%)"
+# the unfused path (SHARDTUNE_QLORA_FUSED=0, both sides): the one-unit scratch is the communicator's device
+# buffer; the fused runs above have none, so this run holds exactly the scratch more than nf4 (the same job)
+export SHARDTUNE_QLORA_FUSED=0
+cmp_cpu 2 unf 0 "${q[@]}"
+p=$(plan_true 2 unf) || fail "unfused nf4 2 ranks: the plan is not the device memory held"
+unset SHARDTUNE_QLORA_FUSED
+echo "  plan step total vs device bytes held between steps: $p relative (1%)"
+python3 - "$T/nf4.out" "$T/unf.out" "$T/nf4.plan" "$T/unf.plan" <<'PY' || fail "unfused vs fused device bytes"
+import json, re, sys
+held = lambda f: {int(m.group(1)): int(m.group(2)) for m in
+                  re.finditer(r"fakedev device bytes: rank (\d+) peak \d+ between steps (\d+)", open(f).read())}
+tot = lambda f: {r["rank"]: r["bytes"]["total"] for r in json.load(open(f))["stages"][0]["ranks"]}
+fz, uz, fp, up = held(sys.argv[1]), held(sys.argv[2]), tot(sys.argv[3]), tot(sys.argv[4])
+for r in fz:  # the scratch: the largest matmul unit (gate + up: 2 x d_ff x d_model fp32 floats) or q/k/v
+    assert uz[r] - fz[r] == up[r] - fp[r] > 0, (r, uz[r] - fz[r], up[r] - fp[r])
+print(f"  unfused holds {uz[0] - fz[0]} device bytes more per rank (its scratch), as planned")
+PY
 unset FAKEDEV_REPORT_MEM
 cmp_cpu 2 dora 0 finetune.mode=qlora finetune.lora.dora=true precision=bf16 finetune.qlora.block=48
 cmp_cpu 3 nf4r3 1e-6 "${q[@]}"

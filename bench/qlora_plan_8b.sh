@@ -4,9 +4,10 @@
 # projections, precision bf16, seq 2048, micro_batch 1, activation checkpointing, 1 rank. A hand-written
 # config.json and no weights (`shardtune plan` reads the registry only). Prints `shardtune plan` for the
 # defaults and for memory.checkpoint_dtype: bf16, each on the CPU backend and with backend=cuda (device
-# memory). Plan numbers only: runs nothing.
+# memory). Plan numbers only: runs nothing. RANKS=8 with sharding.stage=3 gives the 8-rank ZeRO-3 form (on
+# cuda: worker/comm_zero3_dev.c's QLoRA layout, the quantized bytes sharded).
 #
-#   bench/qlora_plan_8b.sh [BUILD_DIR [key=value ...]]   (the overrides go to every `shardtune plan`)
+#   [RANKS=N] bench/qlora_plan_8b.sh [BUILD_DIR [key=value ...]]   (the overrides go to every `shardtune plan`)
 set -euo pipefail
 BIN=${1:-build}/shardtune
 shift || true
@@ -38,6 +39,6 @@ for backend in cpu cuda; do
     echo "== backend $backend, memory.checkpoint_dtype: $dt"
     extra=()
     [ "$backend" = cuda ] && extra+=(backend=cuda)
-    "$BIN" plan "$T/job.yaml" --ranks 1 memory.checkpoint_dtype="$dt" "${extra[@]}" "$@"
+    "$BIN" plan "$T/job.yaml" --ranks "${RANKS:-1}" memory.checkpoint_dtype="$dt" "${extra[@]}" "$@"
   done
 done

@@ -32,14 +32,28 @@
  * set, the base the frozen space (no gradient, no optimizer state), both found through part_base. The model
  * acquires a layer's adapters as a group of their own right after its base (worker/model.c layer_acquire)
  * and the prompt's tensors as one group (held over every layer for a prefix without encoder): they go to
- * one more slot of the largest such group's size (fp32 only: their compute is fp32), while the base slots
- * keep prefetching. A layer's adapters get a layer gradient buffer in backward as a layer does; the prompt's
+ * two more slots of the largest such group's size (fp32 only: their compute is fp32): the model prefetches
+ * the next layer's adapters right after its base (worker/model.c layer_prefetch), one gather in flight of
+ * each kind, so a layer's adapters travel with its base while the layer before computes. A layer's adapters get a layer gradient buffer in backward as a layer does; the prompt's
  * tensors (written by every layer's backward under prefix tuning) a third edge buffer, reduced after the
  * embeddings. lora.c and prompt.c read their tensors with st_model_param_weights (DoRA's bf16 base with
  * st_model_param_bf16) and write gradients through st_model_param_grad. An acquire larger than every slot
  * (all the adapters at once for final/, outside forward and backward) gets a spare slot made for it and
  * freed by its release. Attached to a model bound without weights, the adapters' initial values come in a
- * buffer of their own (st_model.weights_tail_only), cut into the shards like the rest. */
+ * buffer of their own (st_model.weights_tail_only), cut into the shards like the rest.
+ * QLoRA (qz_*): the model arrives quantized whole (train.c load_quantized: worker/qlora.h's blob of codes and
+ * scales, the compacted weights [kept base | adapters], unfused with one matmul unit's scratch between them).
+ * The quantized parameters
+ * (held) are in neither space: the frozen space holds the kept base (embeddings, norms, head), the compact
+ * space the adapters. The blob is sharded by 4-byte words (every tensor's bytes are a multiple of 4): this
+ * rank's words in qmaster, the whole blob freed. A base group's span leaves its held parameters out (the rest
+ * of a layer is contiguous in the compacted layout), and its gather also fills the slot's byte buffer with the
+ * group's blob range (this rank's words copied in, an in-place all-gather for the rest, before the slot's
+ * mark: prefetched with the group); its acquire points the group's tensors there (st_qlora_place). On the
+ * fused path (the default: the backend's qmatmul) nothing else exists: qmatmul, DoRA's panels and every other
+ * reader use the placed codes in place (worker/qlora.h). Only the unfused path (SHARDTUNE_QLORA_FUSED=0) has
+ * a scratch: one device buffer of the communicator's (and its bf16 copy), a resident weight window that
+ * worker/qlora.c fills (st_qlora_set_scratch) a matmul unit at a time. */
 #include "worker/comm_zero3_dev.h"
 
 #include <stdlib.h>
@@ -50,10 +64,13 @@
 #include "kernels/cuda/nccl_comm.h"
 #include "worker/lora.h"
 #include "worker/prompt.h"
+#include "worker/qlora.h"
 
-#define Z3D_SLOTS 5 /* up to three base-group slots, one adapter / prompt slot, one made on demand */
+#define Z3D_SLOTS 6 /* up to three base-group slots, two adapter / prompt slots, one made on demand */
 #define Z3D_RS 2 /* receive buffers: reductions in flight at once */
 #define Z3D_EDGES 3 /* the embeddings, final norm + head, the prompt's tensors */
+_Static_assert(Z3D_SLOTS + Z3D_RS < ST_NCCL_EVENTS, "marks 0 .. Z3D_SLOTS + Z3D_RS - 1 are the student's; the last one "
+               "is a device teacher's (comm_zero3_teacher_dev.c Z3T_MARK)");
 
 typedef struct {
     float *w;        /* [cap] the group's fp32 weights */
@@ -63,6 +80,8 @@ typedef struct {
     int first, last; /* the group held (parameters) */
     size_t lo, hi;   /* its weight (= compact) range */
     int state;       /* 0 free, 1 gather enqueued (prefetched), 2 resident */
+    uint8_t *q;      /* QLoRA, base groups: [qcap bytes] the group's quantized bytes, blob range [qa, qb) */
+    size_t qcap, qa, qb;
 } z3d_slot;
 
 typedef struct {
@@ -86,7 +105,9 @@ struct st_z3dev {
     st_model *m;
     int n_slots, in_bwd;
     size_t slot_floats, small_floats, layer_floats;
-    z3d_slot slot[Z3D_SLOTS];  /* slot k's gather: comm-stream mark k; slot n_slots: made on demand (spare) */
+    z3d_slot slot[Z3D_SLOTS];  /* slot k's gather: comm-stream mark k; slot n_slots: made on demand (spare); the
+                                  adapter / prompt slots last (two: a layer's adapters and the next layer's
+                                  prefetched with its base) */
     z3d_gbuf gbuf[2];
     float *master;       /* [shard] this rank's fp32 master weights (its shard of the compact space) */
     float *fmaster;      /* [c->fshard] its shard of the frozen space (fp32), NULL when every parameter trains */
@@ -104,14 +125,36 @@ struct st_z3dev {
     size_t edge_lo[Z3D_EDGES], edge_hi[Z3D_EDGES];
     /* SHARDTUNE_ZERO3_DEV_FAULT (tests only: the stream-order checker must catch each): "rs-wait" adds a
      * received part without waiting for its reduction, "one-grad-buffer" reuses a gradient buffer whose
-     * reduction is in flight, "gather-wait" computes on a group without waiting for its gather */
-    int fault_rs_wait, fault_one_gbuf, fault_gather_wait;
+     * reduction is in flight, "gather-wait" computes on a group without waiting for its gather, "qz-late"
+     * enqueues a group's quantized bytes after the mark its acquire waits for */
+    int fault_rs_wait, fault_one_gbuf, fault_gather_wait, fault_qz_late;
+    /* QLoRA (qz_* below): the quantized base parameters (held) leave the group spans and the frozen space;
+     * their codes and scales (worker/qlora.h's blob) are sharded by 4-byte words, this rank's part in qmaster,
+     * a group's range gathered into its slot's byte buffer; unfused, their one matmul unit's scratch (and its
+     * bf16 copy) is a resident window of its own (fused: none, scratch NULL) */
+    unsigned char *held;   /* [n_params] held quantized; NULL without QLoRA */
+    uint8_t *qmaster;      /* [4 * qshard] this rank's words [qlo, qlo + qshard) of the blob */
+    size_t nq4, qshard, qlo;
+    size_t qslot_bytes;    /* a base slot's byte buffer: the most quantized bytes of one group */
+    float *scratch;        /* [scr_hi - scr_lo] the scratch's fp32 values */
+    uint16_t *scratch16;   /* their bf16 copy (precision bf16), else NULL */
+    size_t scr_lo, scr_hi;
 };
 
-/* Weight range of parameters [first, last) (registry order is offset order). */
-static void span(const st_model *m, int first, int last, size_t *a, size_t *b) {
-    *a = m->params[first].offset;
-    *b = m->params[last - 1].offset + m->params[last - 1].numel;
+/* Weight range of parameters [first, last) (registry order is offset order); QLoRA's quantized parameters
+ * (held, may be NULL) left out: their offsets point at the scratch, the group's others stay contiguous. */
+static void span(const st_model *m, const unsigned char *held, int first, int last, size_t *a, size_t *b) {
+    if (!held) {
+        *a = m->params[first].offset;
+        *b = m->params[last - 1].offset + m->params[last - 1].numel;
+        return;
+    }
+    *a = *b = 0;
+    for (int i = first; i < last; i++) {
+        if (held[i]) continue;
+        if (*b == *a) *a = m->params[i].offset;
+        *b = m->params[i].offset + m->params[i].numel;
+    }
 }
 
 /* parts[r] = how much of [a, b) lies in rank r's shard of a space sharded `shard` floats per rank. */
@@ -161,6 +204,8 @@ static void sync_windows(st_z3dev *z) {
         z3d_slot *s = &z->slot[k];
         if (s->state == 2) m->wwin[m->n_wwin++] = (st_res_window){s->lo, s->hi, s->w, s->w16};
     }
+    if (z->scratch) /* QLoRA: the matmul unit's scratch (worker/qlora.c fills it) */
+        m->wwin[m->n_wwin++] = (st_res_window){z->scr_lo, z->scr_hi, z->scratch, z->scratch16};
     for (int b = 0; b < 2; b++)
         if (z->gbuf[b].live) m->gwin[m->n_gwin++] = (st_res_window){z->gbuf[b].lo, z->gbuf[b].hi, z->gbuf[b].g, NULL};
 }
@@ -173,7 +218,7 @@ static int is_layer_group(const st_z3dev *z, int first) {
     return first >= st_model_layer_first_param(m, 0) && first < st_model_layer_first_param(m, m->cfg.n_layer);
 }
 
-/* Whether a group goes to the adapter / prompt slot (registry entries past the base model). */
+/* Whether a group goes to the adapter / prompt slots (registry entries past the base model). */
 static int small_group(const st_z3dev *z, int first) { return first >= st_model_base_params(z->m); }
 
 /* The runs of [first, last) contiguous in both the weight space and their sharded space (compact or
@@ -184,7 +229,7 @@ static int group_runs(const st_comm *c, int first, int last) {
     int nr = 0;
     for (int i = first; i < last; i++) {
         const st_param *p = &z->m->params[i];
-        if (!p->numel) continue;
+        if (!p->numel || (p->grad_offset < 0 && c->z3_foff[i] < 0)) continue; /* QLoRA's quantized: qz_gather */
         size_t sp = p->grad_offset >= 0 ? 0 : 1;
         size_t at = sp == 0 ? (size_t)p->grad_offset : (size_t)c->z3_foff[i];
         if (nr && r[4 * nr - 4] == sp && r[4 * nr - 3] + r[4 * nr - 1] == at && r[4 * nr - 2] + r[4 * nr - 1] == p->offset) {
@@ -197,6 +242,100 @@ static int group_runs(const st_comm *c, int first, int last) {
     return nr;
 }
 
+
+/* ---- QLoRA's quantized base (st_z3dev: held, qmaster, scratch) ---- */
+
+/* Enqueues the gather of the quantized bytes of [first, last) into slot s's byte buffer (the spare gets one
+ * made for it): this rank's words copied in from qmaster, the others' by the in-place all-gather on the comm
+ * stream (4-byte words: every tensor's bytes are a multiple of 4, worker/qlora.c). Nothing for a group
+ * without quantized parameters. */
+static int qz_gather(st_comm *c, z3d_slot *s, int first, int last) {
+    st_z3dev *z = c->z3dev;
+    const st_backend *be = z->m->be;
+    st_qlora_span(z->m, first, last, &s->qa, &s->qb);
+    size_t n = s->qb - s->qa;
+    if (!n) return 0;
+    if (n > s->qcap) {
+        if (s != &z->slot[z->n_slots])
+            return st_fail(ST_EINVAL, "rank %d: internal error: %zu quantized bytes exceed the stage-3 gather buffer",
+                           c->rank, n);
+        be->free(s->q);
+        s->q = be->alloc(n);
+        s->qcap = s->q ? n : 0;
+        if (!s->q) return st_fail(ST_ENOMEM, "rank %d: out of %s memory gathering the quantized base", c->rank, be->name);
+    }
+    size_t a = s->qa / 4, b = s->qb / 4, hi = z->qlo + z->qshard;
+    size_t os = a > z->qlo ? a : z->qlo, oe = b < hi ? b : hi;
+    if (os < oe) be->copy(s->q + 4 * (os - a), z->qmaster + 4 * (os - z->qlo), 4 * (oe - os));
+    if (!c->nccl) return 0;
+    size_t parts[c->world];
+    space_parts(c, z->qshard, a, b, parts);
+    return st_nccl_all_gather_parts(c->nccl, (float *)s->q, parts);
+}
+
+/* A group became resident in slot s: its quantized tensors read their codes and scales there. */
+static void qz_place(st_z3dev *z, const z3d_slot *s) {
+    if (z->held && s->qb > s->qa) st_qlora_place(z->m, s->first, s->last, s->q, s->qa);
+}
+
+/* The most quantized bytes of one layer's base group (QLoRA quantizes inside the layers only). */
+static size_t qz_group_bytes(const st_model *m) {
+    size_t most = 0, a, b;
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        st_qlora_span(m, st_model_layer_first_param(m, l), st_model_layer_first_param(m, l + 1), &a, &b);
+        if (b - a > most) most = b - a;
+    }
+    return most;
+}
+
+/* QLoRA (a quantized model): which parameters are held; this rank's words of the blob copied out of the
+ * whole blob, which is then freed; the base slots' byte capacity; on the unfused path only (the fused one has
+ * no scratch) the scratch (fp32, and bf16 under precision bf16) made and handed to worker/qlora.c
+ * (st_qlora_set_scratch). Without QLoRA: nothing. */
+static int qz_init(st_comm *c, st_model *m, int bf16) {
+    st_z3dev *z = c->z3dev;
+    const st_backend *be = m->be;
+    if (!m->qlora) return 0;
+    z->held = calloc((size_t)m->n_params + 1, 1);
+    if (!z->held) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 quantized base", c->rank);
+    for (int i = 0; i < m->n_params; i++) z->held[i] = (unsigned char)st_qlora_holds(m, i);
+    uint8_t *blob;
+    size_t bytes, w = (size_t)c->world;
+    st_qlora_blob(m, &blob, &bytes);
+    z->nq4 = bytes / 4;
+    z->qshard = (z->nq4 + w - 1) / w;
+    z->qlo = z->qshard * (size_t)c->rank;
+    z->qmaster = z->qshard ? be->alloc(4 * z->qshard) : NULL;
+    if (z->qshard && !z->qmaster)
+        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 quantized base", c->rank, be->name);
+    if (z->qmaster) be->memset0(z->qmaster, 4 * z->qshard); /* the padding past the last word */
+    size_t hi = z->qlo + z->qshard < z->nq4 ? z->qlo + z->qshard : z->nq4;
+    if (blob && hi > z->qlo) be->copy(z->qmaster, blob + 4 * z->qlo, 4 * (hi - z->qlo));
+    be->free(st_qlora_blob_take(m));
+    z->qslot_bytes = qz_group_bytes(m);
+    st_qlora_scratch_range(m, &z->scr_lo, &z->scr_hi);
+    size_t n = z->scr_hi - z->scr_lo;
+    if (st_qlora_fused(m)) return 0; /* no scratch: qmatmul, DoRA's panels and the readers use the placed codes */
+    z->scratch = be->alloc((n ? n : 1) * sizeof(float));
+    z->scratch16 = bf16 ? be->alloc((n ? n : 1) * sizeof(uint16_t)) : NULL;
+    if (!z->scratch || (bf16 && !z->scratch16))
+        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the QLoRA scratch", c->rank, be->name);
+    st_qlora_set_scratch(m, z->scratch, z->scratch16, z->scr_lo);
+    return 0;
+}
+
+/* Frees what qz_init made (the slots' byte buffers are freed with the slots). */
+static void qz_free(st_z3dev *z) {
+    const st_backend *be = z->m->be;
+    if (!z->held) return;
+    st_qlora_set_scratch(z->m, NULL, NULL, 0);
+    be->free(z->qmaster);
+    be->free(z->scratch);
+    be->free(z->scratch16);
+    free(z->held);
+    z->held = NULL;
+}
+
 /* Enqueues the gather of [first, last) into slot s, run by run (trainable runs from the compact space's
  * master shards, frozen ones from the frozen space's): this rank's part copied in from its shard, the
  * others' parts by an in-place all-gather on the comm stream (which first waits for that copy); then the
@@ -204,7 +343,7 @@ static int group_runs(const st_comm *c, int first, int last) {
 static int gather_start(st_comm *c, z3d_slot *s, int first, int last) {
     st_z3dev *z = c->z3dev;
     const st_backend *be = z->m->be;
-    span(z->m, first, last, &s->lo, &s->hi);
+    span(z->m, z->held, first, last, &s->lo, &s->hi);
     if (s->hi - s->lo > s->cap)
         return st_fail(ST_EINVAL, "rank %d: internal error: a stage-3 group of %zu floats exceeds the gather buffer",
                        c->rank, s->hi - s->lo);
@@ -223,7 +362,10 @@ static int gather_start(st_comm *c, z3d_slot *s, int first, int last) {
         space_parts(c, shard, r[1], r[1] + r[3], parts);
         rc = st_nccl_all_gather_parts(c->nccl, dst, parts);
     }
-    return rc || !c->nccl ? rc : st_nccl_record(c->nccl, (int)(s - z->slot));
+    if (!rc && z->held && !z->fault_qz_late) rc = qz_gather(c, s, first, last);
+    rc = rc || !c->nccl ? rc : st_nccl_record(c->nccl, (int)(s - z->slot));
+    if (!rc && z->held && z->fault_qz_late) rc = qz_gather(c, s, first, last); /* tests only: after the mark */
+    return rc;
 }
 
 /* The compute stream waits for slot s's gather (and what was queued before it), not for later reductions. */
@@ -264,11 +406,11 @@ static void z3d_prefetch(void *ctx, int first, int last) {
     st_comm *c = ctx;
     st_z3dev *z = c->z3dev;
     if (!c->nccl || !z->m->in_compute || !c->z3_prefetch) return;
-    for (int k = 0; k < z->n_slots; k++)
-        if (z->slot[k].state == 1) return; /* one in flight at a time */
+    for (int k = 0; k < z->n_slots; k++) /* one in flight at a time of each kind: a layer's base, its adapters */
+        if (z->slot[k].state == 1 && z->slot[k].small == small_group(z, first)) return;
     z3d_slot *s = NULL;
     size_t a, b;
-    span(z->m, first, last, &a, &b);
+    span(z->m, z->held, first, last, &a, &b);
     for (int k = 0; k < z->n_slots && !s; k++)
         if (z->slot[k].state == 0 && slot_fits(z, &z->slot[k], first, b - a)) s = &z->slot[k];
     if (!s) return;
@@ -322,7 +464,7 @@ static void z3d_acquire(void *ctx, int first, int last) {
     int rc = 0;
     if (!s) {
         size_t a, b;
-        span(m, first, last, &a, &b);
+        span(m, z->held, first, last, &a, &b);
         s = free_slot(c, first, b - a);
         rc = s ? gather_start(c, s, first, last)
                : st_fail(ST_EINVAL, "rank %d: out of %s memory or of free stage-3 gather buffers", c->rank, m->be->name);
@@ -331,6 +473,7 @@ static void z3d_acquire(void *ctx, int first, int last) {
     keep_rc(c, rc);
     if (!s) return;
     s->state = 2;
+    qz_place(z, s);
     if (s->w16 && m->in_compute) m->be->to_bf16(s->w16, s->w, s->hi - s->lo);
     size_t ga, gb_;
     grad_span(m, first, last, &ga, &gb_);
@@ -357,8 +500,10 @@ static void z3d_release(void *ctx, int first, int last) {
             s->state = 0; /* its gradient buffer stays until grad_ready hands it to the reduction */
             if (k == z->n_slots) { /* the spare (its gather was waited for by the acquire) */
                 z->m->be->free(s->w);
+                z->m->be->free(s->q);
                 s->w = NULL;
-                s->cap = 0;
+                s->q = NULL;
+                s->cap = s->qcap = 0;
             }
             break;
         }
@@ -470,11 +615,14 @@ static size_t trained_span(const st_model *m, const long *goff, int p0, int p1) 
     return gb - ga;
 }
 
-/* Weight floats of group [p0, p1) (0 when empty). */
-static size_t group_floats(const st_model *m, int p0, int p1) {
-    size_t a, b;
+/* Weight floats of group [p0, p1) (0 when empty); QLoRA's quantized parameters (held) left out: the others'
+ * floats (contiguous in the quantized layout, worker/qlora.c), whichever layout the registry has. */
+static size_t group_floats(const st_model *m, const unsigned char *held, int p0, int p1) {
+    size_t a, b, n = 0;
     if (p1 <= p0) return 0;
-    span(m, p0, p1, &a, &b);
+    for (int i = p0; held && i < p1; i++) n += held[i] ? 0 : m->params[i].numel;
+    if (held) return n;
+    span(m, NULL, p0, p1, &a, &b);
     return b - a;
 }
 
@@ -482,25 +630,26 @@ static size_t group_floats(const st_model *m, int p0, int p1) {
  * largest adapter / prompt group (a layer's adapters, the prompt's tensors; *small), and the largest layer
  * group's trainable (compact) span (*layer_most: a layer's base parameters or its adapters); goff[i] the
  * compact offsets (-1 frozen). */
-static void group_sizes(const st_model *m, const long *goff, size_t *most, size_t *small, size_t *layer_most) {
+static void group_sizes(const st_model *m, const unsigned char *held, const long *goff, size_t *most, size_t *small,
+                        size_t *layer_most) {
     int L = m->cfg.n_layer, fn = st_model_layer_first_param(m, L), nb = st_model_base_params(m);
     *most = *small = *layer_most = 0;
     for (int l = 0; l < L; l++) {
         int p0 = st_model_layer_first_param(m, l), p1 = st_model_layer_first_param(m, l + 1), lf, ll;
-        size_t n = group_floats(m, p0, p1), t = trained_span(m, goff, p0, p1);
+        size_t n = group_floats(m, held, p0, p1), t = trained_span(m, goff, p0, p1);
         if (n > *most) *most = n;
         if (t > *layer_most) *layer_most = t;
         st_lora_layer_params(m, l, &lf, &ll);
-        n = group_floats(m, lf, ll), t = trained_span(m, goff, lf, ll);
+        n = group_floats(m, held, lf, ll), t = trained_span(m, goff, lf, ll);
         if (n > *small) *small = n;
         if (t > *layer_most) *layer_most = t;
     }
-    size_t n = group_floats(m, 0, st_model_layer_first_param(m, 0));
+    size_t n = group_floats(m, held, 0, st_model_layer_first_param(m, 0));
     if (n > *most) *most = n;
-    n = group_floats(m, fn, nb);
+    n = group_floats(m, held, fn, nb);
     if (n > *most) *most = n;
     int pp = st_prompt_param(m);
-    n = m->prompt ? group_floats(m, pp, pp + st_prompt_param_count(m)) : 0;
+    n = m->prompt ? group_floats(m, held, pp, pp + st_prompt_param_count(m)) : 0;
     if (n > *small) *small = n;
 }
 
@@ -517,30 +666,45 @@ static long *model_goff(const st_model *m) {
     return g;
 }
 
-void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shard, int bf16, size_t *weight_floats,
-                     size_t *grad_floats) {
+void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shard, int bf16,
+                     const st_qlora_spec *qs, size_t *weight_floats, size_t *grad_floats) {
     long *own = goff ? NULL : model_goff(m);
     const long *g = goff ? goff : own;
+    unsigned char *held = qs ? calloc((size_t)m->n_params + 1, 1) : NULL; /* QLoRA's quantized parameters */
     *weight_floats = *grad_floats = 0;
-    if (!g) return;
+    if (!g || (qs && !held)) {
+        free(own);
+        free(held);
+        return;
+    }
+    for (int i = 0; held && i < m->n_params; i++)
+        held[i] = (unsigned char)(m->qlora ? st_qlora_holds(m, i) : st_qlora_quantizable(m, i));
     size_t most, small, layer_most, e, nf = 0;
-    group_sizes(m, g, &most, &small, &layer_most);
+    group_sizes(m, held, g, &most, &small, &layer_most);
     int e0 = st_model_layer_first_param(m, 0), fn = st_model_layer_first_param(m, m->cfg.n_layer);
     size_t emb = trained_in(m, g, 0, e0);
     e = emb && embed_shares(m, emb, layer_most) ? 0 : emb;
     e += trained_in(m, g, fn, st_model_base_params(m));
     if (m->prompt) e += trained_in(m, g, st_prompt_param(m), st_prompt_param(m) + st_prompt_param_count(m));
-    for (int i = 0; i < m->n_params; i++) nf += g[i] < 0 ? m->params[i].numel : 0;
+    for (int i = 0; i < m->n_params; i++) nf += g[i] < 0 && !(held && held[i]) ? m->params[i].numel : 0;
     size_t fshard = (nf + (size_t)world - 1) / (size_t)world;
     size_t slots = m->cfg.tied_embeddings ? 3 : 2;
-    /* slots (+ bf16 copies), the adapter / prompt slot (fp32 only), the master shard, the frozen shard */
-    *weight_floats = slots * (most + (bf16 ? (most + 1) / 2 : 0)) + small + shard + fshard;
+    /* slots (+ bf16 copies), the two adapter / prompt slots (fp32 only), the master shard, the frozen shard */
+    *weight_floats = slots * (most + (bf16 ? (most + 1) / 2 : 0)) + 2 * small + shard + fshard;
+    if (qs) { /* QLoRA (qz_init): this rank's words of the blob, each base slot's bytes, the scratch (+ bf16) */
+        size_t qb, fb, scratch, w16;
+        st_qlora_footprint(m, qs, &qb, &fb, &scratch, &w16);
+        size_t q4 = qb / 4, qshard = (q4 + (size_t)world - 1) / (size_t)world;
+        *weight_floats += qshard + slots * (st_qlora_layer_bytes_max(m, qs) / 4) + scratch +
+                          (bf16 ? (scratch + 1) / 2 : 0);
+    }
     /* two layers' gradient buffers, the edges, shard_grads, two receive buffers */
     *grad_floats = 2 * layer_most + e + shard + (shard ? Z3D_RS * recv_floats(shard, most) : 0);
     free(own);
+    free(held);
 }
 
-int st_z3dev_supported(const st_model *m) { return !m->qlora && !m->n_w16; }
+int st_z3dev_supported(const st_model *m) { return !m->n_w16; }
 
 /* The frozen space as CPU ranks lay it out (worker/comm.h): the frozen parameters in registry order,
  * padded to the world, this rank's [flo, fhi) of it; c->z3_foff (freed by st_comm_free). */
@@ -549,7 +713,8 @@ static int frozen_layout(st_comm *c, const st_model *m) {
     if (!c->z3_foff) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 frozen space", c->rank);
     c->nf = 0;
     for (int i = 0; i < m->n_params; i++) {
-        c->z3_foff[i] = m->params[i].grad_offset >= 0 ? -1 : (long)c->nf;
+        /* QLoRA's quantized parameters: their bytes are sharded apart (qz_init) */
+        c->z3_foff[i] = m->params[i].grad_offset >= 0 || st_qlora_holds(m, i) ? -1 : (long)c->nf;
         if (c->z3_foff[i] >= 0) c->nf += m->params[i].numel;
     }
     size_t w = (size_t)c->world;
@@ -567,6 +732,11 @@ static void cut_shards(st_comm *c, st_model *m, const float *whole) {
     for (int i = 0; i < m->n_params; i++) {
         const st_param *p = &m->params[i];
         int frozen = p->grad_offset < 0;
+        if (frozen && c->z3_foff[i] < 0) { /* QLoRA's quantized: unfused its values are the scratch's (qz_init);
+                                             * fused it has no storage (worker/qlora.h's readers) */
+            if (z->part_base) z->part_base[i] = z->scratch ? z->scratch + (p->offset - z->scr_lo) : NULL;
+            continue;
+        }
         size_t g = frozen ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset, lo = frozen ? c->flo : c->lo;
         size_t hi = frozen ? c->fhi : c->hi;
         float *base = frozen ? z->fmaster : z->master;
@@ -579,9 +749,9 @@ static void cut_shards(st_comm *c, st_model *m, const float *whole) {
 
 int st_z3dev_init(st_comm *c, st_model *m) {
     const st_backend *be = m->be;
-    if (!st_z3dev_supported(m))
-        return st_fail(ST_ECONFIG, "sharding.stage 3 on the %s backend runs every mode but QLoRA: QLoRA's quantized "
-                                   "base is sharded at stage 3 on CPU ranks only; use sharding.stage 2", be->name);
+    if (!st_z3dev_supported(m)) /* st_qlora_begin's spec.bf16: the trainer never sets it at stage 3 */
+        return st_fail(ST_ECONFIG, "sharding.stage 3 on the %s backend needs the frozen base in fp32 (a QLoRA base "
+                                   "held in bf16 only is a stage 0-2 layout)", be->name);
     if (m->cfg.n_layer < 1) return st_fail(ST_ECONFIG, "sharding.stage 3 on the %s backend needs a layer", be->name);
     st_z3dev *z = calloc(1, sizeof *z);
     if (!z) return st_fail(ST_ENOMEM, "out of memory");
@@ -594,9 +764,14 @@ int st_z3dev_init(st_comm *c, st_model *m) {
         free(goff);
         return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 layout", c->rank);
     }
-    group_sizes(m, goff, &z->slot_floats, &z->small_floats, &z->layer_floats);
+    int qrc = qz_init(c, m, bf16); /* QLoRA: before the sizes (the quantized parameters leave the groups) */
+    if (qrc) {
+        free(goff);
+        return qrc;
+    }
+    group_sizes(m, z->held, goff, &z->slot_floats, &z->small_floats, &z->layer_floats);
     free(goff);
-    z->n_slots = (m->cfg.tied_embeddings ? 3 : 2) + (z->small_floats > 0);
+    z->n_slots = (m->cfg.tied_embeddings ? 3 : 2) + (z->small_floats > 0 ? 2 : 0);
     z->recv_floats = recv_floats(c->shard, z->slot_floats);
     int L = m->cfg.n_layer, e0 = st_model_layer_first_param(m, 0), fn = st_model_layer_first_param(m, L);
     grad_span(m, 0, e0, &z->edge_lo[0], &z->edge_hi[0]);
@@ -628,11 +803,16 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     int ok = 1;
     for (int k = 0; k < z->n_slots; k++) { /* the base groups' slots, then the adapters' / prompt's (fp32 only) */
         z3d_slot *s = &z->slot[k];
-        s->small = z->small_floats && k == z->n_slots - 1;
+        s->small = z->small_floats && k >= z->n_slots - 2;
         s->cap = s->small ? z->small_floats : z->slot_floats;
         s->w = be->alloc(s->cap * sizeof(float));
         s->w16 = bf16 && !s->small ? be->alloc(s->cap * sizeof(uint16_t)) : NULL;
         ok = ok && s->w && (!bf16 || s->small || s->w16);
+        if (z->held && !s->small) { /* QLoRA: a layer's quantized bytes (qz_gather) */
+            s->qcap = z->qslot_bytes;
+            s->q = be->alloc(s->qcap ? s->qcap : 1);
+            ok = ok && s->q;
+        }
     }
     for (int b = 0; b < 2 && z->layer_floats; b++) { /* none when no layer trains (prompt learning) */
         z->gbuf[b].g = be->alloc(z->layer_floats * sizeof(float));
@@ -661,6 +841,7 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     z->fault_rs_wait = fault && !strcmp(fault, "rs-wait");
     z->fault_one_gbuf = fault && !strcmp(fault, "one-grad-buffer");
     z->fault_gather_wait = fault && !strcmp(fault, "gather-wait");
+    z->fault_qz_late = fault && !strcmp(fault, "qz-late");
     c->model = m;
     m->windowed = 1;
     st_model_set_residency(m, &(st_residency_hooks){.acquire = z3d_acquire,
@@ -687,6 +868,8 @@ int st_z3dev_unshard(st_comm *c) {
     st_z3dev *z = c->z3dev;
     st_model *m = z->m;
     const st_backend *be = m->be;
+    if (z->held) /* QLoRA's trainable set (the adapters) never changes */
+        return st_fail(ST_ECONFIG, "a QLoRA run's trainable set cannot change at sharding.stage 3 on a device");
     rs_finish_all(c);
     float *whole = be->alloc((m->n_weights ? m->n_weights : 1) * sizeof(float));
     int rc = whole ? 0 : st_fail(ST_ENOMEM, "rank %d: out of %s memory gathering the weights for a new trainable set",
@@ -724,7 +907,9 @@ void st_z3dev_free(st_comm *c) {
     for (int k = 0; k <= z->n_slots; k++) {
         be->free(z->slot[k].w);
         be->free(z->slot[k].w16);
+        be->free(z->slot[k].q);
     }
+    qz_free(z);
     for (int b = 0; b < 2; b++) be->free(z->gbuf[b].g);
     for (int e = 0; e < Z3D_EDGES; e++)
         if (e || !z->edge0_shared) be->free(z->edge[e]);

@@ -3,15 +3,18 @@
  * into while a group is resident (st_model.windowed), gradients reduce-scattered into the owners' shards
  * as each group's backward ends, in flight while the next layer's backward computes. Frozen parameters are
  * sharded over the frozen space and gathered with their group (no gradient, no optimizer state); adapters
- * (LoRA, DoRA) and prompt learning train their own tensors over a frozen sharded base; QLoRA is refused
- * (comm_zero3_dev.c explains the layout). */
+ * (LoRA, DoRA) and prompt learning train their own tensors over a frozen sharded base; QLoRA's quantized
+ * base is sharded by bytes and a layer's codes and scales gathered with its group (comm_zero3_dev.c explains
+ * the layout). */
 #ifndef ST_COMM_ZERO3_DEV_H
 #define ST_COMM_ZERO3_DEV_H
 
 #include "worker/comm.h"
+#include "worker/qlora.h"
 
-/* Whether the device layout runs this model: every mode but QLoRA (its quantized base); frozen parameters
- * (a frozen base under adapters or a prompt too) are sharded over the frozen space as on CPU ranks. */
+/* Whether the device layout runs this model: every mode (QLoRA's base only with fp32 storage for its kept
+ * parameters: no spec.bf16 layout, which the trainer never uses at stage 3); frozen parameters (a frozen base
+ * under adapters or a prompt too) are sharded over the frozen space as on CPU ranks. */
 int st_z3dev_supported(const st_model *m);
 
 /* Builds the device stage-3 state of `c` (stage, shard and NCCL already set up): allocates the master
@@ -34,11 +37,12 @@ int st_z3dev_unshard(st_comm *c);
 void st_z3dev_free(st_comm *c);
 
 /* Device floats (4-byte units) it holds for a model with this registry (and cfg), compact offsets goff
- * (-1 frozen; NULL: the model's own grad_offset), world size and shard, bf16 or not: *weight_floats the
- * gather slots' fp32 weights and bf16 copies, the master shard and the frozen shard; *grad_floats the two
- * layer gradient buffers, the edge gradients, shard_grads and the two receive buffers. The planner counts
- * them. */
-void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shard, int bf16, size_t *weight_floats,
-                     size_t *grad_floats);
+ * (-1 frozen; NULL: the model's own grad_offset), world size and shard, bf16 or not, QLoRA's spec (NULL
+ * without QLoRA; the registry quantized or not): *weight_floats the gather slots' fp32 weights and bf16
+ * copies, the master shard and the frozen shard (QLoRA: + this rank's part of the quantized bytes, a layer's
+ * bytes per base slot, the scratch and its bf16 copy); *grad_floats the two layer gradient buffers, the edge
+ * gradients, shard_grads and the two receive buffers. The planner counts them. */
+void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shard, int bf16,
+                     const st_qlora_spec *qs, size_t *weight_floats, size_t *grad_floats);
 
 #endif

@@ -7,8 +7,8 @@
  * (worker/model.h wwin), the slot's bf16 copy beside it under bf16.
  * Gathers: this rank's part of the group copied into the slot on the compute stream, then an in-place uneven
  * all-gather (st_nccl_all_gather_parts) on the NCCL comm stream, which first waits for the compute stream,
- * then the mark Z3T_MARK recorded. The student's device stage 3 (comm_zero3_dev.c) uses marks 0-6 of the
- * same communicator; the teacher only the last one, so at most one teacher gather is recorded and not yet
+ * then the mark Z3T_MARK recorded. The student's device stage 3 (comm_zero3_dev.c) uses marks 0-7 of the
+ * same communicator (it asserts it stays below this one); the teacher only the last one, so at most one teacher gather is recorded and not yet
  * waited for: the prefetch hook starts the next group's gather only when no other is in flight, and an
  * acquire of another group first waits for (and drops) a prefetched one nobody acquired. The acquire makes
  * the compute stream wait for the mark, then (bf16) rounds the slot's compute copy. One rank without NCCL:

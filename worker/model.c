@@ -448,6 +448,15 @@ static void layer_acquire(const st_model *m, int l, int p0, int p1) {
     st_model_acquire(m, lf, ll);
 }
 
+/* Layer l's base group and then its adapters prefetched: ZeRO-3 starts their gathers while the layer before
+ * computes (a hook that prefetches one group at a time keeps the base's; no adapters: the second is empty). */
+static void layer_prefetch(const st_model *m, int l) {
+    int lf, ll;
+    st_model_prefetch(m, st_model_layer_first_param(m, l), st_model_layer_first_param(m, l + 1));
+    st_lora_layer_params(m, l, &lf, &ll);
+    st_model_prefetch(m, lf, ll);
+}
+
 static void layer_release(const st_model *m, int l, int p0, int p1) {
     int lf, ll;
     st_model_release(m, p0, p1);
@@ -1807,7 +1816,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
                m->embed_rows(m->residency_ctx, inputs, N, x0);
     if (!rows) st_model_acquire(m, 0, e0); /* a tied wte stays until the head has run */
     const float *wpe = gpt2 ? wptr(m, 1) : NULL; /* resident now (windowed: found) */
-    if (L > 0) st_model_prefetch(m, layer_first_param(m, 0), layer_first_param(m, 1));
+    if (L > 0) layer_prefetch(m, 0);
     if (rows) { /* the batch's rows are in x0 already */
     } else if (wpe && m->doc_pos_on)
         be->embedding_pos_fwd(x0, b.tokens, wptr(m, 0), wpe, m->doc_pos, m->B, m->T, c->d_model);
@@ -1832,7 +1841,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     for (int l = 0; l < L; l++) {
         layer_acquire(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
         if (l + 1 < L) /* the next layer's gather travels while this one computes */
-            st_model_prefetch(m, layer_first_param(m, l + 1), layer_first_param(m, l + 2));
+            layer_prefetch(m, l + 1);
         else
             st_model_prefetch(m, fn, st_model_base_params(m));
         /* kept_bf16: the output overwrites res_w (the layer reads its input only before resmid exists) */
@@ -1986,7 +1995,7 @@ void st_model_backward(st_model *m) {
     int fn = final_norm_index(m);
     be->memset0(b.dres, (size_t)N * c->d_model * sizeof(float));
     st_model_acquire(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2)); /* the final norm */
-    if (L - 1 >= m->lowest_trained_layer) st_model_prefetch(m, layer_first_param(m, L - 1), layer_first_param(m, L));
+    if (L - 1 >= m->lowest_trained_layer) layer_prefetch(m, L - 1);
     norm_bwd(m, b.dres, gptr(m, fn), c->family == ST_FAMILY_GPT2 ? gptr(m, fn + 1) : NULL, b.dlnf, b.res_out,
              wptr(m, fn), b.lnf_mean, b.lnf_rstd, N, b.norm_scratch);
     st_model_release(m, fn, fn + 1 + (c->family == ST_FAMILY_GPT2));
@@ -2001,7 +2010,7 @@ void st_model_backward(st_model *m) {
         const layer_acts *a = acts_for(m, la, l, &b);
         if (la[l].res_in_h) be->from_bf16(b.res_w, la[l].res_in_h, (size_t)N * c->d_model); /* kept_bf16 */
         layer_acquire(m, l, p0, p1);
-        if (l - 1 >= m->lowest_trained_layer) st_model_prefetch(m, layer_first_param(m, l - 1), p0);
+        if (l - 1 >= m->lowest_trained_layer) layer_prefetch(m, l - 1);
         if (m->act_ckpt) layer_forward(m, l, a, &b, NULL); /* the same calls on the same input: same values */
         layer_backward(m, l, a, &b);
         layer_release(m, l, p0, p1);

@@ -42,7 +42,7 @@ typedef struct {
     float *p;
     uint16_t *p16;
 } st_res_window;
-#define ST_RES_WINDOWS 6
+#define ST_RES_WINDOWS 8
 
 /* A pack window (st_model.pwin): the int8 packs of the weights in [lo, hi) (st_model_set_int8 under hooks with
  * residency_int8 that hold packs in windows: the device ZeRO-3 teacher), byte plo of the pack space at p[0]. */

@@ -67,7 +67,23 @@ struct st_qlora {
     float *pbuf;      /* backend [pbuf_floats]: st_qlora_rows' panel (allocated on first use) */
     uint16_t *pbuf16; /* backend [pbuf_floats]: its bf16 rounding (and st_qlora_dequant_param's) */
     size_t pbuf_floats;
+    /* unfused ZeRO-3 on a device (st_qlora_set_scratch): the scratch's weight range [zlo, ...) lives at zw (fp32) and
+     * zw16 (its bf16 copy, precision bf16) instead of m->weights + offset; NULL: where the layout put it */
+    float *zw;
+    uint16_t *zw16;
+    size_t zlo;
 };
+
+/* Where the scratch place of parameter i is (fp32; its bf16 copy): see st_qlora_set_scratch. */
+static float *scratch32(const st_model *m, const st_qlora *q, int i) {
+    size_t off = m->params[i].offset;
+    return q->zw ? q->zw + (off - q->zlo) : m->weights + off;
+}
+static uint16_t *scratch16(const st_model *m, const st_qlora *q, int i) {
+    size_t off = m->params[i].offset;
+    if (q->zw) return q->zw16 ? q->zw16 + (off - q->zlo) : NULL;
+    return m->weights_bf16 ? m->weights_bf16 + off : NULL;
+}
 
 /* A tensor's bytes in the blob: codes, then (4-byte aligned) its fp32 scales, or its int8 scale codes and
  * (aligned) their fp32 scales under double quantization; the whole padded to 4 bytes. */
@@ -437,7 +453,7 @@ static void dequant_tensor(const st_model *m, st_qlora *q, const qtensor *t) {
     const st_backend *be = m->be;
     const float *s = tensor_scales(q, be, t);
     if (q->spec.bf16) { /* bf16 only: a piece at a time through fbuf (whole blocks, whole bytes) */
-        uint16_t *out16 = m->weights_bf16 + m->params[t->param].offset;
+        uint16_t *out16 = scratch16(m, q, t->param);
         for (size_t at = 0; at < t->n; at += q->chunk) {
             size_t n = t->n - at < q->chunk ? t->n - at : q->chunk;
             dequant_piece(q, be, t, s, at, n);
@@ -445,14 +461,15 @@ static void dequant_tensor(const st_model *m, st_qlora *q, const qtensor *t) {
         }
         return;
     }
-    float *out = m->weights + m->params[t->param].offset;
+    float *out = scratch32(m, q, t->param);
+    uint16_t *out16 = scratch16(m, q, t->param);
     if (q->spec.quant == ST_QLORA_NF4)
         be->dequant_nf4(out, t->codes, s, t->n, q->spec.block);
     else
         be->dequant_int8(out, (const int8_t *)t->codes, s, t->n, q->spec.block);
     /* precision bf16: the matmuls read the dequantized matrix rounded to bf16; the fp32 values stay for
      * the adapters and DoRA */
-    if (m->weights_bf16) be->to_bf16(m->weights_bf16 + m->params[t->param].offset, out, t->n);
+    if (out16) be->to_bf16(out16, out, t->n);
 }
 
 void st_qlora_load(const st_model *m, int i) {
@@ -534,7 +551,10 @@ int st_qlora_mm(const st_model *m, float *c, st_mm_in x, const float *w, int M, 
     int k0 = q->pending;
     q->pending = -1;
     st_qweight qw;
-    if (!unit_parts(m, q, k0, (size_t)(w - m->weights), out, in, &qw)) /* no caller makes such a shape: loud */
+    /* the noted tensor names the weight: every caller passes its own pointer (w), which a windowed model (device
+     * ZeRO-3) does not have for a storage-less quantized tensor */
+    (void)w;
+    if (!unit_parts(m, q, k0, m->params[q->t[k0].param].offset, out, in, &qw)) /* no caller makes such a shape: loud */
         m->be->add_scalar(c, NAN, (size_t)M * (size_t)(trans ? in : out));
     else
         run_qmatmul(m, q, c, x, &qw, M, trans, m->precision == ST_PRECISION_BF16, beta);
@@ -776,4 +796,49 @@ size_t st_qlora_layer_bytes_max(const st_model *m, const st_qlora_spec *s) {
         if (layer > most) most = layer;
     }
     return most;
+}
+
+/* ---- ZeRO-3 on a device (worker/comm_zero3_dev.c): the blob sharded; unfused, the scratch in the
+ * communicator's memory ---- */
+
+int st_qlora_quantizable(const st_model *m, int i) {
+    return i >= 0 && i < st_model_base_params(m) && quantizable(&m->params[i]);
+}
+
+uint8_t *st_qlora_blob_take(st_model *m) {
+    st_qlora *q = m->qlora;
+    uint8_t *b = q ? q->blob : NULL;
+    if (q) q->blob = NULL;
+    return b;
+}
+
+void st_qlora_place(const st_model *m, int first, int last, uint8_t *bytes, size_t a) {
+    st_qlora *q = m->qlora;
+    for (int k = 0; q && k < q->n; k++) {
+        qtensor *t = &q->t[k];
+        if (t->param < first || t->param >= last) continue;
+        qtensor h = *t;
+        h.at = 0;
+        place(&h, &q->spec, bytes + (t->at - a)); /* its bytes at bytes[t->at - a ..) */
+        t->codes = h.codes, t->scales = h.scales, t->q8 = h.q8, t->scale2 = h.scale2;
+    }
+}
+
+void st_qlora_scratch_range(const st_model *m, size_t *lo, size_t *hi) {
+    const st_qlora *q = m->qlora;
+    *lo = *hi = 0;
+    for (int k = 0; q && !q->fused && k < q->n; k++) { /* fused: no scratch (the offsets only name tensors) */
+        const st_param *p = &m->params[q->t[k].param];
+        if (*hi == *lo || p->offset < *lo) *lo = p->offset;
+        if (p->offset + p->numel > *hi) *hi = p->offset + p->numel;
+    }
+}
+
+void st_qlora_set_scratch(st_model *m, float *w, uint16_t *w16, size_t lo) {
+    st_qlora *q = m->qlora;
+    if (!q) return;
+    q->zw = w;
+    q->zw16 = w ? w16 : NULL;
+    q->zlo = lo;
+    q->loaded = -1; /* nothing is dequantized there yet */
 }

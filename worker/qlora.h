@@ -118,7 +118,8 @@ void st_qlora_load(const st_model *m, int i);
  * inside the matmul, never the whole matrix). Inside forward / backward the model calls st_qlora_select
  * where it used to call st_qlora_load: with a backend that has qmatmul (and SHARDTUNE_QLORA_FUSED is not
  * "0": the bench's side by side) it only notes the unit; the next st_qlora_mm then multiplies through the
- * codes of the unit's tensors from the one at weight pointer w (registry offset) whose rows add up to `out`
+ * codes of the unit's tensors from the noted one on whose rows add up to `out` (w, the caller's pointer for the
+ * noted weight, is not read: a windowed model, device ZeRO-3, has none for a storage-less tensor)
  * (q/k/v packed, gate/up packed or one of them, any other weight alone): C = X W^T (trans 0) or X W
  * (trans 1) + beta * C, under the model's precision (bf16: matmul_bf16's numerics), and returns 1. Without a
  * noted unit it returns 0 (the caller multiplies a weight that is not quantized); a shape that is no unit's
@@ -158,6 +159,25 @@ void st_qlora_blob(const st_model *m, uint8_t **blob, size_t *bytes);
 void st_qlora_span(const st_model *m, int first, int last, size_t *a, size_t *b);
 /* From the registry: the most blob bytes one layer holds (the planner: one layer gathered at a time). */
 size_t st_qlora_layer_bytes_max(const st_model *m, const st_qlora_spec *spec);
+
+/* ZeRO-3 on a device (worker/comm_zero3_dev.c), which keeps only this rank's part of the blob and gathers a
+ * layer's bytes into a buffer of its own:
+ * st_qlora_quantizable: whether base parameter i is one QLoRA quantizes (from the registry: a registry-only
+ *   model too; every such parameter is held once st_qlora_begin ran);
+ * st_qlora_blob_take: hands the whole blob to the caller (backend memory: the caller frees it); the tensors
+ *   then have no bytes until placed;
+ * st_qlora_place: the quantized tensors among [first, last) read their codes and scales from `bytes`, which
+ *   holds the blob's range from byte `a` on (st_qlora_span; the group's bytes just gathered);
+ * st_qlora_scratch_range: the weight range [*lo, *hi) of the unfused path's scratch (every quantized
+ *   parameter's offset); empty (0, 0) on the fused path, which has none (qmatmul reads the placed codes);
+ * st_qlora_set_scratch: (unfused) the scratch lives at w (fp32) and w16 (its bf16 copy, NULL without one),
+ *   element lo of the weight space at w[0], instead of at m->weights / m->weights_bf16 + offset (w NULL: back
+ *   there). */
+int st_qlora_quantizable(const st_model *m, int i);
+uint8_t *st_qlora_blob_take(st_model *m);
+void st_qlora_place(const st_model *m, int first, int last, uint8_t *bytes, size_t a);
+void st_qlora_scratch_range(const st_model *m, size_t *lo, size_t *hi);
+void st_qlora_set_scratch(st_model *m, float *w, uint16_t *w16, size_t lo);
 
 /* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
  * bytes that leave the weight buffer, the scratch floats that replace them (0 on the fused path; unfused the

@@ -589,20 +589,41 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (c->backend == ST_BACKEND_CUDA) r->host_snapshot = snap; /* host memory beside the device's */
     else if (periodic) r->buffers += snap;
     else late = snap;
-    if (zero == 3 && c->backend == ST_BACKEND_CUDA && st_plan_z3dev_mode(c)) {
-        /* worker/comm_zero3_dev.c (every mode but QLoRA): the master shard, the frozen shard, the gather slots
-         * (and their bf16 copies; an adapter / prompt slot), two layer gradient buffers, the edge gradients,
-         * shard_grads and two receive buffers, all allocated for the whole run */
+    if (zero == 3 && c->backend == ST_BACKEND_CUDA) {
+        /* worker/comm_zero3_dev.c: the master shard, the frozen shard, the gather slots (and their bf16 copies;
+         * two adapter / prompt slots), two layer gradient buffers, the edge gradients, shard_grads and two
+         * receive buffers, all allocated for the whole run; QLoRA: this rank's part of the quantized bytes, a
+         * layer's bytes per base slot and the acquire's buffers (DoRA's panels), and only on the unfused path
+         * (SHARDTUNE_QLORA_FUSED=0) the matmul unit's scratch (+ its bf16 copy): st_qlora_footprint's 0 fused */
         size_t wf, gf;
-        st_z3dev_floats(m, goff, world, sp->shard, c->precision == ST_PRECISION_BF16, &wf, &gf);
-        r->weights = wf * sizeof(float);
+        int q = c->finetune.mode == ST_FINETUNE_QLORA;
+        st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant,
+                            .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block,
+                            .mlp_apart = m->qlora ? st_qlora_mlp_apart(m) : st_plan_qlora_mlp_apart(c, &m->cfg)};
+        st_z3dev_floats(m, goff, world, sp->shard, c->precision == ST_PRECISION_BF16, q ? &qs : NULL, &wf, &gf);
+        r->weights = wf * sizeof(float) + (q ? qacq : 0);
         r->grads = gf * sizeof(float);
         r->comm = 0;
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
         /* load (train.c: the model bound without weights, buffers_external): streamed into the shard once
-         * the communicator and optimizer exist, a host chunk at a time: the step's device memory (+ an int8
-         * teacher's whole fp32 shard while it is compacted) */
+         * the communicator and optimizer exist, a host chunk at a time: the step's device memory. QLoRA:
+         * quantized while read on every rank (load_quantized: the whole codes and the compacted buffer, as
+         * below stage 3), with the activations and the whole bf16 copy and gradients until the communicator
+         * cuts its shards out of them; + an int8 teacher's whole fp32 shard while it is compacted */
         r->at_load = r->total + teacher_load;
+        if (q) { /* then the shards are cut (comm_zero3_dev.c qz_init: the master, frozen and quantized shards, the
+                    unfused path's scratch) once the whole bf16 copy and gradients are gone, before the whole weights and codes go */
+            size_t nw = m->qlora ? m->n_weights : q32, ng = m->n_weights - m->n_base_weights, qb, fb, scr, w16, nf = 0;
+            int bf16 = c->precision == ST_PRECISION_BF16;
+            st_qlora_footprint(m, &qs, &qb, &fb, &scr, &w16);
+            for (int i = 0; i < m->n_params; i++)
+                if (goff[i] < 0 && !(m->qlora ? st_qlora_holds(m, i) : st_qlora_quantizable(m, i))) nf += m->params[i].numel;
+            size_t w = (size_t)world, cut = (sp->shard + (nf + w - 1) / w + (qb / 4 + w - 1) / w + scr +
+                                             (bf16 ? (scr + 1) / 2 : 0)) * sizeof(float);
+            size_t early = ng * sizeof(float) + (bf16 ? nw * sizeof(uint16_t) : 0);
+            size_t whole = stepbuf + qload + teacher + r->activations + (early > cut ? early : cut);
+            r->at_load = whole > r->at_load ? whole : r->at_load;
+        }
         /* checkpoints gather one tensor at a time into a slot (already counted); final/ and resume go
          * through host memory a tensor or this rank's parts at a time; an adapter mode's final/ gathers all
          * the adapters (the prompt's tensors) at once into a device buffer made for it */

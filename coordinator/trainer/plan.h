@@ -54,8 +54,9 @@ int st_plan_streams(const st_config *cfg);
  * memory.checkpoint_dtype: bf16. */
 int st_plan_act_ckpt(const st_config *c);
 
-/* Whether sharding.stage 3 on a device backend runs this finetune.mode in worker/comm_zero3_dev.c's layout
- * (every mode but QLoRA, whose quantized base is sharded at stage 3 on CPU ranks only: refused there). */
+/* Whether sharding.stage 3 on a device backend streams this finetune.mode into worker/comm_zero3_dev.c's
+ * shards (the model bound without weights): every mode but QLoRA, which is quantized while read on every
+ * rank (train.c load_quantized) and then cut into the shards when the communicator is built. */
 int st_plan_z3dev_mode(const st_config *c);
 
 /* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model

@@ -15,6 +15,7 @@
 #include "checkpoints/ckpt.h"
 #include "checkpoints/ckpt_internal.h" /* retention and `latest` for the divergence guard */
 #include "checkpoints/model_io.h"
+#include "worker/qlora.h"
 
 /* ---------------- final weights ---------------- */
 
@@ -111,11 +112,14 @@ static void put_ckpt_parts(trainer *t, const float *parts) {
 }
 
 /* A device ZeRO-3 rank of an adapter mode (the checkpoint's whole image read, the base checked): this rank's
- * parts of it written where it keeps them (worker/comm_zero3_dev.c has no whole weight buffer). */
+ * parts of it written where it keeps them (worker/comm_zero3_dev.c has no whole weight buffer). QLoRA's
+ * quantized tensors have no fp32 place there (their codes are the communicator's, from the model directory;
+ * fused, their offsets lie past the image too): skipped. */
 static void put_image_parts(trainer *t, const float *w) {
     const st_model *m = &t->model;
     for (int i = 0; i < m->n_params; i++) {
         size_t a, b;
+        if (m->qlora && st_qlora_holds(m, i)) continue;
         st_comm_param_keep(&t->dp, m, i, &a, &b);
         if (b > a) t->be->copy_to_device(st_model_part(m, i) + a, w + m->params[i].offset + a, (b - a) * sizeof(float));
     }

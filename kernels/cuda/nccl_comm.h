@@ -48,7 +48,7 @@ int st_nccl_wait_compute(st_nccl_comm *comm);
  * records event ev after the collectives queued so far; st_nccl_wait_event(comm, ev) makes the compute
  * stream wait (on the device) for those only, so collectives queued after the mark stay in flight (ZeRO-3
  * on a device waits for a layer's gather while the previous layer's reduce-scatter still travels). */
-#define ST_NCCL_EVENTS 8
+#define ST_NCCL_EVENTS 10
 int st_nccl_record(st_nccl_comm *comm, int ev);
 int st_nccl_wait_event(st_nccl_comm *comm, int ev);
 /* Host blocks until the queued collectives finished; reports asynchronous NCCL errors. */

@@ -22,8 +22,8 @@
 #     CPU ranks' stage 3 (bit for bit and final/ byte-identical on 2 ranks, 1e-6 relative on 3); the plan's
 #     step total equals the device memory held (frozen modules, 3 ranks); a frozen run checkpointed on 2
 #     device ranks resumes on 3 device ranks and on 1 CPU rank (steps 4-6 within 1e-6);
-#  6. what the device layout does not support is refused by name (eval.generate samples; QLoRA and the adapter
-#     and prompt modes: test_zero3_device_peft.sh).
+#  6. what the device layout does not support is refused by name (eval.generate samples; the adapter and prompt
+#     modes: test_zero3_device_peft.sh, QLoRA: test_zero3_device_qlora.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/fakedev_lib.sh"
 

@@ -205,6 +205,11 @@ static void guard_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int 
     for (int p = 0; p < w->nparts && p < ST_QW_PARTS; p++) {
         const st_qw_part *q = &w->part[p];
         operands("qmatmul", 4, (const void *[]){q->codes, q->scales, q->q8, q->scale2});
+        /* device ZeRO-3 gathers these bytes on the comm stream: read only after the compute stream waited */
+        size_t n = (size_t)q->rows * (size_t)w->cols, ns = w->block > 0 ? (n + (size_t)w->block - 1) / (size_t)w->block : 0;
+        check_read(q->codes, w->nf4 ? (n + 1) / 2 : n, "qmatmul");
+        if (q->scales) check_read(q->scales, ns * sizeof(float), "qmatmul");
+        if (q->q8) check_read(q->q8, ns, "qmatmul");
         rows += q->rows;
     }
     operands("qmatmul", 3, (const void *[]){c, x.f32, x.bf16});

@@ -23,7 +23,14 @@
  *    (test_fused_model: fused against SHARDTUNE_QLORA_FUSED=0, fp32 and bf16).
  *  - no whole-matrix scratch on the fused path (test_no_scratch: no storage for the quantized tensors, and every
  *    other reader — DoRA's magnitudes, norms and products, eval.generate's merged values, materialize — gives
- *    the unfused (scratch) path's bits). */
+ *    the unfused (scratch) path's bits).
+ *  - ZeRO-3 on a device's hooks (worker/comm_zero3_dev.c qz_*): the blob taken away (and overwritten before
+ *    it is freed), each layer's bytes copied into a buffer of their own and placed there (st_qlora_place).
+ *    Fused: no scratch range at all, and every quantized weight dequantizes (st_qlora_dequant_param) and
+ *    multiplies (st_qlora_param_mm) bit-identical to the untouched model's from the placed bytes. Unfused
+ *    (SHARDTUNE_QLORA_FUSED=0): the scratch moved to a buffer of the caller's (st_qlora_set_scratch), every
+ *    quantized weight loads bit-identical to the untouched model's, into the new scratch only (the old one
+ *    keeps its poison), and st_qlora_scratch_range covers exactly the old scratch's offsets. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -512,6 +519,102 @@ static void test_no_scratch(void **state) {
     unsetenv("SHARDTUNE_QLORA_PANEL_FLOATS");
 }
 
+/* The fused half of place_scratch: no scratch range (footprint 0), and b's placed bytes dequantize and multiply
+ * bit for bit as a's own blob does (the old blob is poisoned and freed by then). */
+static void place_fused(st_model *a, st_model *b, size_t lo, size_t hi, size_t scratch) {
+    assert_int_equal(lo, 0);
+    assert_int_equal(hi, 0);
+    assert_int_equal(scratch, 0);
+    for (int i = 0; i < b->n_params; i++) {
+        if (!st_qlora_holds(b, i)) continue;
+        const st_param *p = &b->params[i];
+        int out = (int)p->shape[0], in = (int)p->shape[1], M = 3;
+        float *wa = malloc(p->numel * sizeof(float)), *wb = malloc(p->numel * sizeof(float));
+        float *x = malloc((size_t)M * in * sizeof(float)), *ya = calloc((size_t)M * out, sizeof(float));
+        float *yb = calloc((size_t)M * out, sizeof(float));
+        for (int k = 0; k < M * in; k++) x[k] = (float)((k * 37 % 23) - 11) / 16.0f;
+        assert_int_equal(st_qlora_dequant_param(a, i, wa, 0), 0);
+        assert_int_equal(st_qlora_dequant_param(b, i, wb, 0), 0);
+        assert_memory_equal(wa, wb, p->numel * sizeof(float));
+        assert_int_equal(st_qlora_param_mm(a, i, ya, x, M, 0, 0.0f), 0);
+        assert_int_equal(st_qlora_param_mm(b, i, yb, x, M, 0, 0.0f), 0);
+        assert_memory_equal(ya, yb, (size_t)M * out * sizeof(float));
+        double n2 = 0;
+        for (int k = 0; k < M * out; k++) n2 += (double)yb[k] * yb[k];
+        assert_true(n2 > 0 && n2 == n2);
+        free(wa), free(wb), free(x), free(ya), free(yb);
+    }
+}
+
+/* The unfused half of place_scratch: the scratch moved to a buffer of ours; b loads there only, bit for bit as a
+ * loads into its own scratch. */
+static void place_unfused(st_model *a, st_model *b, size_t lo, size_t hi) {
+    float *sw = calloc(hi - lo, sizeof(float));
+    for (size_t k = lo; k < hi; k++) b->weights[k] = NAN; /* the old scratch: never written again */
+    st_qlora_set_scratch(b, sw, NULL, lo);
+    for (int i = 0; i < b->n_params; i++) {
+        if (!st_qlora_holds(b, i)) continue;
+        st_qlora_load(a, i);
+        st_qlora_load(b, i);
+        const st_param *p = &b->params[i];
+        assert_memory_equal(sw + (p->offset - lo), a->weights + a->params[i].offset, p->numel * sizeof(float));
+    }
+    for (size_t k = lo; k < hi; k++) assert_true(isnan(b->weights[k]));
+    st_qlora_set_scratch(b, NULL, NULL, 0);
+    free(sw);
+}
+
+/* ZeRO-3 on a device: the blob's layers placed in buffers of their own; unfused, the scratch elsewhere (see the
+ * top). */
+static void place_scratch(int fused) {
+    st_qlora_spec spec = {.quant = ST_QLORA_NF4, .double_quant = 1, .block = 16};
+    st_model a, b;
+    if (!fused) setenv("SHARDTUNE_QLORA_FUSED", "0", 1);
+    unit_model(&a, &spec, 0);
+    unit_model(&b, &spec, 0);
+    assert_int_equal(st_qlora_fused(&b), fused);
+    size_t lo, hi, qbytes;
+    st_qlora_scratch_range(&b, &lo, &hi);
+    uint8_t *blob;
+    st_qlora_blob(&b, &blob, &qbytes);
+    assert_non_null(blob);
+    size_t fq, ff, scratch, w16;
+    st_qlora_footprint(&b, &spec, &fq, &ff, &scratch, &w16);
+    assert_int_equal(hi - lo, scratch); /* the one matmul unit's scratch */
+    assert_int_equal(fq, qbytes);
+    for (int i = 0; i < b.n_params; i++) {
+        assert_int_equal(st_qlora_holds(&b, i), st_qlora_quantizable(&b, i));
+        if (st_qlora_holds(&b, i) && !fused)
+            assert_true(b.params[i].offset >= lo && b.params[i].offset + b.params[i].numel <= hi);
+    }
+    uint8_t *bufs[2];
+    for (int l = 0; l < 2; l++) {
+        int p0 = st_model_layer_first_param(&b, l), p1 = st_model_layer_first_param(&b, l + 1);
+        size_t qa, qb;
+        st_qlora_span(&b, p0, p1, &qa, &qb);
+        assert_true(qb > qa && qa % 4 == 0 && qb % 4 == 0);
+        bufs[l] = malloc(qb - qa);
+        memcpy(bufs[l], blob + qa, qb - qa);
+        st_qlora_place(&b, p0, p1, bufs[l], qa);
+    }
+    assert_ptr_equal(st_qlora_blob_take(&b), blob);
+    memset(blob, 0xff, qbytes); /* a read of the old bytes would show */
+    free(blob);
+    if (fused) place_fused(&a, &b, lo, hi, scratch);
+    else place_unfused(&a, &b, lo, hi);
+    unsetenv("SHARDTUNE_QLORA_FUSED");
+    st_model_free(&a);
+    st_model_free(&b);
+    free(bufs[0]);
+    free(bufs[1]);
+}
+
+static void test_place_scratch(void **state) {
+    (void)state;
+    place_scratch(1);
+    place_scratch(0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nf4_codes),
@@ -522,6 +625,7 @@ int main(void) {
         cmocka_unit_test(test_qmatmul_fused),
         cmocka_unit_test(test_fused_model),
         cmocka_unit_test(test_no_scratch),
+        cmocka_unit_test(test_place_scratch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

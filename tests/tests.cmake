@@ -10,7 +10,7 @@ set(ST_PYTHON /usr/bin/python3 CACHE FILEPATH "python with Debian's torch, numpy
 # Tests that take over ~8 s in `./run test` on 2 idle cores (measured 2026-12-06; README has the numbers):
 # not `fast`, which keeps the fast label near 1.5 min. A new test that takes that long belongs here.
 set(ST_SLOW_TESTS
-  unit.test_kernels_cpu integration.test_ckpt_resume integration.test_ckpt_async integration.test_faults integration.test_slurm_cancel
+  unit.test_kernels_cpu unit.test_gguf_kquant integration.test_ckpt_resume integration.test_ckpt_async integration.test_faults integration.test_slurm_cancel
   integration.test_slurm_requeue integration.test_slurm_resize reference.test_curve
   reference.test_dp_equivalence reference.test_dp_errors reference.test_dp_memory
   reference.test_monitor_train reference.test_telemetry_client reference.test_act_ckpt reference.test_zero3

@@ -23,37 +23,20 @@ source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/fakedev_lib.sh"
 
 lora=(finetune.mode=lora "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
-# cmp_cpu NP NAME TOL [overrides]: device run NAME vs the CPU ranks' run of the same job (final/ too at TOL 0)
-cmp_cpu() {
-  local np=$1 name=$2 tol=$3; shift 3
-  local micro=$((6 / np))
-  job "$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
-  job "c$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
-  dev "$np" "$name"
-  [ "$(train "$np" "c$name")" = 0 ] || fail "$name: cpu stage 3 on $np ranks: $(cat "$T/c$name.err")"
-  local d
-  d=$(close "$T/$name/metrics.jsonl" "$T/c$name/metrics.jsonl" "$tol" 1 6) || fail "$name ($np ranks): device vs cpu stage 3"
-  if [ "$tol" = 0 ]; then
-    [ -f "$T/$name/final/adapter_model.safetensors" ] || fail "$name: no peft adapter in final/: $(ls "$T/$name/final")"
-    diff -r "$T/$name/final" "$T/c$name/final" >/dev/null || fail "$name: final/ differs from cpu stage 3's"
-  fi
-  echo "$name on $np fake device ranks: losses vs cpu stage 3 $d (tolerance $tol)"
-}
-# plan_true NP NAME: each rank's plan step total = the device bytes fakedev held between steps (1%)
 
 export FAKEDEV_REPORT_MEM=1
-cmp_cpu 2 lora2 0 "${lora[@]}" finetune.lora.dropout=0.1
+cmp_cpu_adapter 2 lora2 0 "${lora[@]}" finetune.lora.dropout=0.1
 p=$(plan_true 2 lora2) || fail "lora 2 ranks: the plan's step total is not the device memory held"
 echo "  plan step total vs device bytes held between steps: $p relative (1%)"
-cmp_cpu 2 prefix2 0 finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3 precision=bf16 memory.activation_checkpointing=true
+cmp_cpu_adapter 2 prefix2 0 finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3 precision=bf16 memory.activation_checkpointing=true
 p=$(plan_true 2 prefix2) || fail "prefix 2 ranks: the plan's step total is not the device memory held"
 echo "  plan step total vs device bytes held between steps: $p relative (1%)"
 unset FAKEDEV_REPORT_MEM
-cmp_cpu 3 lora3 1e-6 "${lora[@]}"
-cmp_cpu 2 dora2 0 finetune.mode=lora finetune.lora.dora=true precision=bf16 memory.activation_checkpointing=true
-cmp_cpu 2 prompt2 0 finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=3
-cmp_cpu 2 plstm2 0 finetune.mode=p_tuning finetune.prompt.encoder=lstm finetune.prompt.virtual_tokens=3
-cmp_cpu 2 pproj2 0 finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3 finetune.prefix.projection=true
+cmp_cpu_adapter 3 lora3 1e-6 "${lora[@]}"
+cmp_cpu_adapter 2 dora2 0 finetune.mode=lora finetune.lora.dora=true precision=bf16 memory.activation_checkpointing=true
+cmp_cpu_adapter 2 prompt2 0 finetune.mode=prompt_tuning finetune.prompt.virtual_tokens=3
+cmp_cpu_adapter 2 plstm2 0 finetune.mode=p_tuning finetune.prompt.encoder=lstm finetune.prompt.virtual_tokens=3
+cmp_cpu_adapter 2 pproj2 0 finetune.mode=prefix_tuning finetune.prefix.virtual_tokens=3 finetune.prefix.projection=true
 
 # checkpointed at step 3 on 2 device ranks, resumed on 3 device ranks and on 1 cpu rank
 for mode in "lora ${lora[*]}" "plstm finetune.mode=p_tuning finetune.prompt.encoder=lstm finetune.prompt.virtual_tokens=3"; do

@@ -27,35 +27,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/fakedev_lib.sh"
 
 q=(finetune.mode=qlora "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
-# cmp_cpu NP NAME TOL [overrides]: device run NAME vs the CPU ranks' run of the same job (final/ too at TOL 0)
-cmp_cpu() {
-  local np=$1 name=$2 tol=$3; shift 3
-  local micro=$((6 / np))
-  job "$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
-  job "c$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
-  dev "$np" "$name"
-  [ "$(train "$np" "c$name")" = 0 ] || fail "$name: cpu stage 3 on $np ranks: $(cat "$T/c$name.err")"
-  local d
-  d=$(close "$T/$name/metrics.jsonl" "$T/c$name/metrics.jsonl" "$tol" 1 6) || fail "$name ($np ranks): device vs cpu stage 3"
-  if [ "$tol" = 0 ]; then
-    [ -f "$T/$name/final/adapter_model.safetensors" ] || fail "$name: no peft adapter in final/: $(ls "$T/$name/final")"
-    diff -r "$T/$name/final" "$T/c$name/final" >/dev/null || fail "$name: final/ differs from cpu stage 3's"
-  fi
-  echo "$name on $np fake device ranks: losses vs cpu stage 3 $d (tolerance $tol)"
-}
 
 export FAKEDEV_REPORT_MEM=1
-cmp_cpu 2 nf4 0 "${q[@]}"
+cmp_cpu_adapter 2 nf4 0 "${q[@]}"
 p=$(plan_true 2 nf4) || fail "nf4 2 ranks: the plan is not the device memory held"
 echo "  plan step total vs device bytes held between steps: $p relative (1%)"
-cmp_cpu 2 i8bf 0 "${q[@]}" finetune.qlora.quant=int8 finetune.qlora.double_quant=false precision=bf16 \
+cmp_cpu_adapter 2 i8bf 0 "${q[@]}" finetune.qlora.quant=int8 finetune.qlora.double_quant=false precision=bf16 \
   memory.activation_checkpointing=true
 p=$(plan_true 2 i8bf) || fail "int8 bf16 2 ranks: the plan is not the device memory held"
 echo "  plan step total vs device bytes held between steps: $p relative (1%)"
 # the unfused path (SHARDTUNE_QLORA_FUSED=0, both sides): the one-unit scratch is the communicator's device
 # buffer; the fused runs above have none, so this run holds exactly the scratch more than nf4 (the same job)
 export SHARDTUNE_QLORA_FUSED=0
-cmp_cpu 2 unf 0 "${q[@]}"
+cmp_cpu_adapter 2 unf 0 "${q[@]}"
 p=$(plan_true 2 unf) || fail "unfused nf4 2 ranks: the plan is not the device memory held"
 unset SHARDTUNE_QLORA_FUSED
 echo "  plan step total vs device bytes held between steps: $p relative (1%)"
@@ -70,8 +54,8 @@ for r in fz:  # the scratch: the largest matmul unit (gate + up: 2 x d_ff x d_mo
 print(f"  unfused holds {uz[0] - fz[0]} device bytes more per rank (its scratch), as planned")
 PY
 unset FAKEDEV_REPORT_MEM
-cmp_cpu 2 dora 0 finetune.mode=qlora finetune.lora.dora=true precision=bf16 finetune.qlora.block=48
-cmp_cpu 3 nf4r3 1e-6 "${q[@]}"
+cmp_cpu_adapter 2 dora 0 finetune.mode=qlora finetune.lora.dora=true precision=bf16 finetune.qlora.block=48
+cmp_cpu_adapter 3 nf4r3 1e-6 "${q[@]}"
 
 # checkpointed at step 3 on 2 device ranks, resumed on 3 device ranks and on 1 cpu rank
 job kq 6 3 2 sharding.stage=3 checkpoint.every_steps=3 train.schedule=constant "${q[@]}"

@@ -11,6 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "checkpoints/gguf_internal.h"
 #include "common/error.h"
@@ -66,6 +69,7 @@ typedef struct {
     const float *src;     /* internal layout [rows, ne0]; streamed: set to the fetched buffer when written */
     int param;            /* the model parameter it comes from (GPT-2's tied head: the embedding's) */
     int permute_heads;    /* > 0: llama.cpp's Q/K row permutation with this many heads */
+    int ranged;           /* streamed: read a piece of rows at a time through the source's rows() */
     uint64_t offset;      /* into the data section */
 } gtensor;
 
@@ -270,6 +274,7 @@ static void model_metadata(st_gguf_kv *kv, const st_model_config *c, st_ggml_typ
 }
 
 #define CHUNK_BYTES (1u << 20) /* encoded bytes per write: stays in cache between encode and fwrite */
+#define PIECE_FLOATS (1u << 15) /* a ranged read's piece: 128 KB of floats (+ the read's staging) in L2 */
 
 /* ---------------- pipelined writer ----------------
  * The encoders (rows in parallel on the OpenMP threads) fill one chunk while a writer thread fwrite()s the
@@ -455,6 +460,74 @@ static int write_tensor(gwriter *w, const gtensor *t, float *scratch) {
     return writer_failed(w) ? 1 : 0;
 }
 
+/* A ranged tensor's piece: whole rows, whole heads when permuted (the permutation stays within a head, so
+ * a piece's output rows come from the same source rows), about PIECE_FLOATS values. */
+static int64_t piece_rows(const gtensor *t) {
+    int64_t g = t->permute_heads ? t->ne[1] / t->permute_heads : 1, per = (int64_t)PIECE_FLOATS / t->ne[0];
+    per = per / g * g;
+    return per < g ? g : per;
+}
+
+/* The ranged reads' per-thread piece buffers, and the first failure of a rows() call (its thread's message). */
+typedef struct {
+    float **buf;
+    int n;
+    size_t floats;
+    volatile int failed;
+    int rc;
+    char err[1024];
+} gpieces;
+
+/* Reads, converts and encodes one ranged tensor: per chunk of whole pieces (about CHUNK_BYTES encoded), the
+ * OpenMP threads take pieces one at a time, each read by rows() into the thread's own buffer (in L2) and
+ * encoded from there into the chunk, which the writer thread then writes while the next chunk is read and
+ * encoded: the source values are touched once, in cache, and no buffer of the tensor exists. */
+static int write_tensor_ranged(gwriter *w, const gtensor *t, const st_model *m, const st_gguf_source *src,
+                               gpieces *pc) {
+    static const char zeros[GGUF_ALIGN];
+    const int64_t cols = t->ne[0], rows = t->ne[1], pr = piece_rows(t);
+    size_t row = st_ggml_row_bytes(t->type, cols), bytes = row * (size_t)rows;
+    int64_t per = (int64_t)(CHUNK_BYTES / row) / pr * pr;
+    if (per < pr) per = pr;
+    for (int64_t r0 = 0; r0 < rows && !writer_failed(w) && !pc->failed; r0 += per) {
+        int64_t n = rows - r0 < per ? rows - r0 : per, np = (n + pr - 1) / pr;
+        wslot *s = writer_slot(w);
+        uint8_t *enc = s->buf;
+#pragma omp parallel for schedule(dynamic, 1) if (np > 1)
+        for (int64_t p = 0; p < np; p++) {
+            if (pc->failed) continue;
+#ifdef _OPENMP
+            float *x = pc->buf[omp_get_thread_num() % pc->n];
+#else
+            float *x = pc->buf[0];
+#endif
+            int64_t a = r0 + p * pr, k = r0 + n - a < pr ? r0 + n - a : pr;
+            int rc = src->rows(src->ctx, m, t->param, a, k, x);
+            if (rc) {
+#pragma omp critical(gguf_piece_error)
+                if (!pc->failed) {
+                    pc->rc = rc;
+                    snprintf(pc->err, sizeof pc->err, "%s", st_error());
+                    pc->failed = 1;
+                }
+                continue;
+            }
+            for (int64_t r = 0; r < k; r++) {
+                int64_t sr = t->permute_heads ? permuted_src_row(a + r, rows, t->permute_heads) - a : r;
+                uint8_t *o = enc + (a - r0 + r) * row;
+                if (t->type == ST_GGML_F32) memcpy(o, x + sr * cols, row);
+                else st_ggml_encode(t->type, x + sr * cols, cols, o);
+            }
+        }
+        if (pc->failed) break;
+        writer_push(w, s, enc, row * (size_t)n);
+    }
+    if (pc->failed) return st_fail(pc->rc, "%s", pc->err);
+    size_t pad = (size_t)(align_up(bytes) - bytes);
+    if (pad) writer_push(w, writer_slot(w), zeros, pad);
+    return writer_failed(w) ? 1 : 0;
+}
+
 /* ---------------- streamed source ----------------
  * st_gguf_export_streamed: a helper thread fetches (reads and converts) the next parameter into one of two
  * buffers while the tensor in the other is encoded and written. */
@@ -462,6 +535,7 @@ typedef struct {
     const st_model *m;
     st_model_fetch_fn fetch;
     void *ctx;
+    const st_gguf_source *src; /* its rows() serve the ranged tensors */
     float *buf[2];
     int have[2];    /* the parameter buf[k] holds, -1: none */
     int direct[2];  /* buf[k] was handed to the writer as is (an f32 tensor): drain before refilling it */
@@ -504,6 +578,7 @@ static int feed_wait(gfeed *f) {
  * starts fetching the next parameter into the other buffer (once the writer is done with what it held). */
 static int feed_tensor(gfeed *f, gwriter *w, gtensor *ts, int n, int i, int *cur) {
     gtensor *t = &ts[i];
+    if (t->ranged) return 0;
     if (*cur < 0 || f->have[*cur] != t->param) {
         if (!f->pending) feed_start(f, t->param, 0); /* the first tensor */
         int rc = feed_wait(f);
@@ -512,7 +587,7 @@ static int feed_tensor(gfeed *f, gwriter *w, gtensor *ts, int n, int i, int *cur
         if (f->have[*cur] != t->param) /* the tensors come in parameter order: never */
             return st_fail(ST_EINVAL, "gguf: tensor %s fetched out of order", t->name);
         int j = i + 1;
-        while (j < n && ts[j].param == t->param) j++;
+        while (j < n && (ts[j].param == t->param || ts[j].ranged)) j++;
         if (j < n) {
             if (f->direct[*cur ^ 1]) writer_drain(w);
             f->direct[*cur ^ 1] = 0;
@@ -522,6 +597,26 @@ static int feed_tensor(gfeed *f, gwriter *w, gtensor *ts, int n, int i, int *cur
     t->src = f->buf[*cur];
     if (t->type == ST_GGML_F32 && !t->permute_heads) f->direct[*cur] = 1;
     return 0;
+}
+
+/* One piece buffer per OpenMP thread (none when no tensor is ranged: floats 0). */
+static int pieces_alloc(gpieces *pc) {
+    if (!pc->floats) return 0;
+#ifdef _OPENMP
+    pc->n = omp_get_max_threads();
+#else
+    pc->n = 1;
+#endif
+    if (!(pc->buf = calloc((size_t)pc->n, sizeof *pc->buf))) return -1;
+    for (int k = 0; k < pc->n; k++)
+        if (!(pc->buf[k] = malloc(pc->floats * sizeof(float)))) return -1;
+    return 0;
+}
+
+static void pieces_free(gpieces *pc) {
+    for (int k = 0; pc->buf && k < pc->n; k++) free(pc->buf[k]);
+    free(pc->buf);
+    pc->buf = NULL;
 }
 
 /* Writes the file (f at its start). 0, 1 when a write came short (write_atomic names the file), or a
@@ -535,6 +630,8 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n, gfeed *
     st_strbuf_append(&h, kv->b.data, kv->b.len);
     uint64_t off = 0;
     size_t max_floats = 0, max_bytes = CHUNK_BYTES;
+    gpieces pieces;
+    memset(&pieces, 0, sizeof pieces);
     for (int i = 0; i < n; i++) {
         gtensor *t = &ts[i];
         st_gguf_put_str(&h, t->name, strlen(t->name));
@@ -545,10 +642,12 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n, gfeed *
         t->offset = off;
         size_t bytes = st_ggml_row_bytes(t->type, t->ne[0]) * (size_t)t->ne[1];
         off += align_up(bytes);
-        size_t fl = t->permute_heads && t->type == ST_GGML_F32 ? (size_t)(t->ne[0] * t->ne[1]) : 0;
-        size_t row = st_ggml_row_bytes(t->type, t->ne[0]);
+        size_t fl = t->permute_heads && t->type == ST_GGML_F32 && !t->ranged ? (size_t)(t->ne[0] * t->ne[1]) : 0;
+        size_t row = st_ggml_row_bytes(t->type, t->ne[0]) * (size_t)(t->ranged ? piece_rows(t) : 1);
         if (fl > max_floats) max_floats = fl;
         if (row > max_bytes) max_bytes = row;
+        if (t->ranged && (size_t)(piece_rows(t) * t->ne[0]) > pieces.floats)
+            pieces.floats = (size_t)(piece_rows(t) * t->ne[0]);
     }
     static const char zeros[GGUF_ALIGN];
     st_strbuf_append(&h, zeros, (size_t)(align_up(h.len) - h.len));
@@ -561,8 +660,10 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n, gfeed *
     float *scratch = malloc(max_floats * sizeof(float) + 1);
     gwriter w;
     memset(&w, 0, sizeof w);
-    if (!scratch || writer_start(&w, f, max_bytes)) {
+    int nomem = !scratch || pieces_alloc(&pieces);
+    if (nomem || writer_start(&w, f, max_bytes)) {
         free(scratch);
+        pieces_free(&pieces);
         free(w.s[0].buf);
         free(w.s[1].buf);
         return st_fail(ST_ENOMEM, "out of memory converting tensors");
@@ -570,7 +671,8 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n, gfeed *
     int cur = -1;
     for (int i = 0; i < n && rc == 0; i++) {
         if (feed) rc = feed_tensor(feed, &w, ts, n, i, &cur);
-        if (!rc) rc = write_tensor(&w, &ts[i], scratch);
+        if (!rc) rc = ts[i].ranged ? write_tensor_ranged(&w, &ts[i], feed->m, feed->src, &pieces)
+                                   : write_tensor(&w, &ts[i], scratch);
     }
     if (feed && feed->pending) { /* stopped early: let the fetch in flight end (its result is not needed) */
         if (feed->threaded) pthread_join(feed->th, NULL);
@@ -578,6 +680,7 @@ static int write_file(FILE *f, const st_gguf_kv *kv, gtensor *ts, int n, gfeed *
     }
     if (writer_finish(&w) && rc == 0) rc = 1;
     free(scratch);
+    pieces_free(&pieces);
     return rc;
 }
 
@@ -597,6 +700,25 @@ static int write_atomic(const char *path, const st_gguf_kv *kv, gtensor *ts, int
     return rc;
 }
 
+/* Marks the tensors the source reads by rows (ranged) and allocates the two fetch buffers: the largest
+ * parameter written whole. */
+static int feed_alloc(gfeed *feed, const st_model *m, gtensor *ts, int n) {
+    size_t most = 1;
+    for (int i = 0; i < n; i++) {
+        const st_gguf_source *s = feed->src;
+        int p = ts[i].param;
+        ts[i].ranged = s && s->rows && m->params[p].ndim == 2 && (s->ranged ? s->ranged(s->ctx, m, p) : 1);
+        size_t numel = ts[i].ranged ? 0 : m->params[p].numel;
+        most = numel > most ? numel : most;
+    }
+    for (int k = 0; k < 2; k++) {
+        feed->have[k] = -1;
+        if (!(feed->buf[k] = malloc(most * sizeof(float))))
+            return st_fail(ST_ENOMEM, "out of memory: two tensors of %zu floats for the streamed export", most);
+    }
+    return 0;
+}
+
 /* st_gguf_export from host_weights, or (host_weights NULL) from feed. */
 static int export_model(const st_model *m, const float *host_weights, gfeed *feed, st_ggml_type quant,
                         const st_gguf_options *opt, const char *path, st_gguf_report *rep) {
@@ -611,18 +733,7 @@ static int export_model(const st_model *m, const float *host_weights, gfeed *fee
     if (!rc && opt && opt->tokenizer_dir)
         rc = st_gguf_add_tokenizer(&kv, opt->tokenizer_dir, opt->tokenizer_pre, &m->cfg, rep);
     if (!rc && kv.b.failed) rc = st_fail(ST_ENOMEM, "out of memory building GGUF metadata");
-    if (!rc && feed) { /* the two fetch buffers: the largest parameter written */
-        size_t most = 1;
-        for (int i = 0; i < n; i++) {
-            size_t numel = m->params[ts[i].param].numel;
-            most = numel > most ? numel : most;
-        }
-        for (int k = 0; k < 2 && !rc; k++) {
-            feed->have[k] = -1;
-            if (!(feed->buf[k] = malloc(most * sizeof(float))))
-                rc = st_fail(ST_ENOMEM, "out of memory: two tensors of %zu floats for the streamed export", most);
-        }
-    }
+    if (!rc && feed) rc = feed_alloc(feed, m, ts, n);
     if (!rc) rc = write_atomic(path, &kv, ts, n, feed, rep);
     rep->n_tensors = n;
     st_strbuf_free(&kv.b);
@@ -636,17 +747,25 @@ int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type qu
     return export_model(m, host_weights, NULL, quant, opt, path, rep);
 }
 
-int st_gguf_export_streamed(const st_model *m, st_model_fetch_fn fetch, void *ctx, st_ggml_type quant,
-                            const st_gguf_options *opt, const char *path, st_gguf_report *rep) {
+int st_gguf_export_source(const st_model *m, const st_gguf_source *src, st_ggml_type quant, const st_gguf_options *opt,
+                          const char *path, st_gguf_report *rep) {
+    if (!src || !src->fetch) return st_fail(ST_EINVAL, "gguf: no source given");
     gfeed feed;
     memset(&feed, 0, sizeof feed);
     feed.m = m;
-    feed.fetch = fetch;
-    feed.ctx = ctx;
+    feed.fetch = src->fetch;
+    feed.ctx = src->ctx;
+    feed.src = src;
     int rc = export_model(m, NULL, &feed, quant, opt, path, rep);
     free(feed.buf[0]);
     free(feed.buf[1]);
     return rc;
+}
+
+int st_gguf_export_streamed(const st_model *m, st_model_fetch_fn fetch, void *ctx, st_ggml_type quant,
+                            const st_gguf_options *opt, const char *path, st_gguf_report *rep) {
+    st_gguf_source src = {fetch, NULL, NULL, ctx};
+    return st_gguf_export_source(m, &src, quant, opt, path, rep);
 }
 
 /* ---------------- LoRA adapters ---------------- */
@@ -673,7 +792,8 @@ static int build_lora_tensors(const st_model *m, const float *w, st_ggml_type qu
         t->ndim = 2;
         t->ne[0] = p->shape[1];
         t->ne[1] = p->shape[0];
-        t->src = w + p->offset;
+        t->src = w ? w + p->offset : NULL;
+        t->param = i;
         if (llama_arch && is_b && is_suffix(bp->name, "q_proj.weight")) t->permute_heads = c->n_head;
         if (llama_arch && is_b && is_suffix(bp->name, "k_proj.weight")) t->permute_heads = c->n_kv_head;
         t->type = pick_type(t, quant, 0, c->n_layer, fallback);
@@ -682,8 +802,9 @@ static int build_lora_tensors(const st_model *m, const float *w, st_ggml_type qu
     return 0;
 }
 
-int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
-                        const char *path, st_gguf_report *rep) {
+/* st_gguf_export_lora from host_weights, or (host_weights NULL) from feed. */
+static int export_lora(const st_model *m, const float *host_weights, gfeed *feed, st_ggml_type quant,
+                       const st_gguf_options *opt, const char *path, st_gguf_report *rep) {
     st_gguf_report local;
     if (!rep) rep = &local;
     memset(rep, 0, sizeof *rep);
@@ -718,9 +839,29 @@ int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_ty
         st_gguf_kv_f32(&kv, "adapter.lora.alpha", (float)(st_lora_scale(m) * st_lora_rank(m)));
         if (kv.b.failed) rc = st_fail(ST_ENOMEM, "out of memory building GGUF metadata");
     }
-    if (!rc) rc = write_atomic(path, &kv, ts, n, NULL, rep);
+    if (!rc && feed) rc = feed_alloc(feed, m, ts, n);
+    if (!rc) rc = write_atomic(path, &kv, ts, n, feed, rep);
     rep->n_tensors = n;
     st_strbuf_free(&kv.b);
     free(ts);
+    return rc;
+}
+
+int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
+                        const char *path, st_gguf_report *rep) {
+    if (!host_weights) return st_fail(ST_EINVAL, "gguf: no weights given");
+    return export_lora(m, host_weights, NULL, quant, opt, path, rep);
+}
+
+int st_gguf_export_lora_streamed(const st_model *m, st_model_fetch_fn fetch, void *ctx, st_ggml_type quant,
+                                 const st_gguf_options *opt, const char *path, st_gguf_report *rep) {
+    gfeed feed;
+    memset(&feed, 0, sizeof feed);
+    feed.m = m;
+    feed.fetch = fetch;
+    feed.ctx = ctx;
+    int rc = export_lora(m, NULL, &feed, quant, opt, path, rep);
+    free(feed.buf[0]);
+    free(feed.buf[1]);
     return rc;
 }

@@ -85,6 +85,24 @@ int st_gguf_export(const st_model *m, const float *host_weights, st_ggml_type qu
 int st_gguf_export_streamed(const st_model *m, st_model_fetch_fn fetch, void *ctx, st_ggml_type quant,
                             const st_gguf_options *opt, const char *path, st_gguf_report *rep);
 
+/* A streamed export's source: `fetch` gives whole parameters (as st_gguf_export_streamed's); `rows`, when
+ * not NULL, gives rows [r0, r0 + n) of a 2-D parameter i (registry layout: shape[1] floats a row) for the
+ * parameters `ranged` accepts. A ranged tensor is read, converted, checked and encoded a cache-sized piece
+ * at a time on the OpenMP threads (rows may be called concurrently from them, in any order, each range at
+ * most once per tensor written; its st_fail message is carried back), so no buffer of the whole tensor
+ * exists and each value crosses memory once. The others come from `fetch` as in st_gguf_export_streamed. */
+typedef int (*st_gguf_rows_fn)(void *ctx, const st_model *m, int i, int64_t r0, int64_t n, float *dst);
+typedef struct {
+    st_model_fetch_fn fetch;
+    st_gguf_rows_fn rows;                                /* NULL: every parameter through fetch */
+    int (*ranged)(void *ctx, const st_model *m, int i); /* 1: parameter i through rows (NULL: every 2-D one) */
+    void *ctx;
+} st_gguf_source;
+
+/* st_gguf_export_streamed from such a source: the same bytes (tests/unit/test_gguf_stream.c). */
+int st_gguf_export_source(const st_model *m, const st_gguf_source *src, st_ggml_type quant, const st_gguf_options *opt,
+                          const char *path, st_gguf_report *rep);
+
 /* The model's LoRA adapters (worker/lora.h; host_weights: all m->n_weights floats, adapters included) as
  * a GGUF LoRA adapter as llama.cpp's convert_lora_to_gguf.py writes one: general.type "adapter",
  * adapter.type "lora", adapter.lora.alpha (scale * r), general.architecture of the base, tensors
@@ -92,5 +110,10 @@ int st_gguf_export_streamed(const st_model *m, st_model_fetch_fn fetch, void *ct
  * quantized adapters); ST_EINVAL without adapters or for the q4_K_M / q5_K_M mixes, ST_ECONFIG for DoRA. */
 int st_gguf_export_lora(const st_model *m, const float *host_weights, st_ggml_type quant, const st_gguf_options *opt,
                         const char *path, st_gguf_report *rep);
+/* The same with the adapter tensors coming from fetch, one parameter at a time in increasing order (only the
+ * adapters' parameters are fetched; the base's weights are never read, so a base built without loading its
+ * weights serves): the same bytes (tests/unit/test_gguf_stream.c). */
+int st_gguf_export_lora_streamed(const st_model *m, st_model_fetch_fn fetch, void *ctx, st_ggml_type quant,
+                                 const st_gguf_options *opt, const char *path, st_gguf_report *rep);
 
 #endif

@@ -3,7 +3,10 @@
  * The tokenizer comes from --tokenizer DIR, else SRC (a model dir) or the checkpoint's job model.path;
  * without a tokenizer.json the file holds the weights alone and a notice says so.
  * A PEFT adapter directory or a LoRA run's checkpoint as SRC gives a GGUF LoRA adapter instead (the base
- * from adapter_config.json's base_model_name_or_path unless --model DIR, or from the job's model.path). */
+ * from adapter_config.json's base_model_name_or_path unless --model DIR, or from the job's model.path; its
+ * weights are not read, only its files checked, and the adapters stream a tensor at a time). A model
+ * directory's 2-D tensors are read a piece of rows at a time on the encoding threads (st_gguf_source). */
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,18 +42,22 @@ static void job_model_path(const char *job_spec, char *out, size_t size) {
     st_json_free(root);
 }
 
-/* Copies the model's weights (adapters included) to a new host buffer. */
-static int host_copy(st_model *m, float **host) {
-    if (!(*host = malloc(m->n_weights * sizeof(float)))) {
-        st_model_free(m);
-        return st_fail(ST_ENOMEM, "out of memory");
-    }
-    m->be->copy_to_host(*host, m->weights, m->n_weights * sizeof(float));
-    return 0;
+/* A LoRA export's base: built from DIR's config.json and its safetensors checked as a load checks them
+ * (every tensor present with its shape), but its weights not read (the GGUF adapter holds only the adapters;
+ * left untouched, they are not even resident). `load`: read them too (a QLoRA job quantizes the base when
+ * its adapters are attached). */
+static int open_base(const char *dir, st_model *m, int load) {
+    if (load) return st_model_load_dir(dir, st_backend_cpu(1), m);
+    st_safetensors *st = NULL;
+    int rc = st_model_open_dir(dir, st_backend_cpu(1), m);
+    if (rc) return rc;
+    if ((rc = st_model_check_files(m, dir, &st))) st_model_free(m);
+    st_safetensors_close(st);
+    return rc;
 }
 
 /* A PEFT adapter directory: its base (--model, else base_model_name_or_path) with the adapter loaded. */
-static int load_adapter_dir(const char *src, const char *base, st_model *m, float **host) {
+static int load_adapter_dir(const char *src, const char *base, st_model *m) {
     char path[4200], base_path[4096];
     char *text = NULL;
     size_t len = 0;
@@ -65,17 +72,15 @@ static int load_adapter_dir(const char *src, const char *base, st_model *m, floa
     snprintf(base_path, sizeof base_path, "%s", base ? base : named ? named : "");
     st_json_free(j);
     if (!base_path[0]) return st_fail(ST_EINVAL, "%s names no base model: pass --model DIR", path);
-    if ((rc = st_model_load_dir(base_path, st_backend_cpu(1), m))) return st_fail_context(rc, "base model %s", base_path);
-    if ((rc = st_peft_load_dir(m, src))) {
-        st_model_free(m);
-        return rc;
-    }
-    return host_copy(m, host);
+    if ((rc = open_base(base_path, m, 0))) return st_fail_context(rc, "base model %s", base_path);
+    if ((rc = st_peft_load_dir(m, src))) st_model_free(m);
+    return rc;
 }
 
 /* A LoRA (or QLoRA) run's checkpoint: its base from the job's model.path, the adapters attached as the
- * job did and loaded from the checkpoint. *is_lora = 0 (nothing loaded) for any other checkpoint. */
-static int load_lora_ckpt(const char *path, const char *job_spec, st_model *m, float **host, int *is_lora) {
+ * job did (the export then reads them from the checkpoint a tensor at a time). *is_lora = 0 (nothing
+ * built) for any other checkpoint. */
+static int load_lora_ckpt(const char *path, const char *job_spec, st_model *m, int *is_lora) {
     st_config *job = calloc(1, sizeof *job);
     if (!job) return st_fail(ST_ENOMEM, "out of memory");
     int loaded = job_spec && !st_config_load_string(job, job_spec, 0, NULL);
@@ -85,47 +90,65 @@ static int load_lora_ckpt(const char *path, const char *job_spec, st_model *m, f
         rc = st_fail(ST_EINVAL, "checkpoint %s is from a finetune.mode %s run: GGUF has no prompt-learning adapter "
                      "(export it with --format peft)", path, st_finetune_mode_name(job->finetune.mode));
     if (*is_lora) {
-        rc = st_model_load_dir(job->model.path, st_backend_cpu(1), m);
+        rc = open_base(job->model.path, m, job->finetune.mode == ST_FINETUNE_QLORA);
         if (rc) rc = st_fail_context(rc, "checkpoint %s: its base model (model.path) %s", path, job->model.path);
-        else if ((rc = st_plan_attach_adapters(job, m)) ||
-                 !(*host = malloc(m->n_weights * sizeof(float))) ||
-                 (rc = st_ckpt_load_model(path, m, *host))) {
-            if (!rc) rc = st_fail(ST_ENOMEM, "out of memory");
-            free(*host);
-            *host = NULL;
-            st_model_free(m);
-        }
+        else if ((rc = st_plan_attach_adapters(job, m))) st_model_free(m);
     }
     free(job);
     return rc;
 }
 
-/* Where the streamed export of a plain model reads its weights, a tensor at a time: a model directory's
- * safetensors (dir.st open) or a checkpoint file. */
+/* Where the streamed export reads its weights, a tensor at a time: a model directory's safetensors (dir.st
+ * open) or a checkpoint file; a LoRA export's adapters from that checkpoint or (ckpt "") the model, which
+ * an adapter directory's load filled. */
 typedef struct {
     st_export_dir_src dir;
     char ckpt[2048];
 } gguf_source;
+
+static int fetch_lora(void *ctx, const st_model *m, int i, float *dst) {
+    gguf_source *s = ctx;
+    if (s->ckpt[0]) return st_ckpt_load_param(s->ckpt, m, i, dst);
+    m->be->copy_to_host(dst, m->weights + m->params[i].offset, m->params[i].numel * sizeof(float));
+    return 0;
+}
 
 static int fetch_source(void *ctx, const st_model *m, int i, float *dst) {
     gguf_source *s = ctx;
     return s->dir.st ? st_export_fetch_model_dir(&s->dir, m, i, dst) : st_export_fetch_ckpt(s->ckpt, m, i, dst);
 }
 
-/* Builds the model from SRC (model dir, adapter dir or checkpoint). With adapters (an adapter dir or a LoRA
- * checkpoint: *is_lora) host[] gets all the weights; a plain model's are left where they are (*host NULL,
- * `from` says where: the export streams them, so neither its weights nor a copy are ever held whole).
+/* A model directory's 2-D tensors are read a piece of rows at a time (st_gguf_source), except GPT-2's
+ * Conv1D ones, which the files hold transposed; a checkpoint's tensors come whole (their checksums cover a
+ * whole tensor). */
+static int ranged_source(void *ctx, const st_model *m, int i) {
+    gguf_source *s = ctx;
+    return s->dir.st && !m->params[i].transpose_io;
+}
+
+/* Rows [r0, r0 + n) of parameter i from the safetensors, NaN / Inf refused naming the tensor and element
+ * (as st_export_fetch_model_dir does), checked while the piece is in cache. */
+static int rows_source(void *ctx, const st_model *m, int i, int64_t r0, int64_t n, float *dst) {
+    gguf_source *s = ctx;
+    const st_param *p = &m->params[i];
+    size_t cols = (size_t)p->shape[1], a = (size_t)r0 * cols, k = (size_t)n * cols;
+    int rc = st_model_read_param_range(s->dir.st, m, i, a, k, dst);
+    return rc ? rc : st_check_finite_values(dst, k, a, s->dir.dir, p->name);
+}
+
+/* Builds the model from SRC (model dir, adapter dir or checkpoint), its weights left where they are (`from`
+ * says where: the export streams them, so neither the weights nor a copy are ever held whole). With
+ * adapters (*is_lora): an adapter dir's are loaded into the model, a LoRA checkpoint's stay in it (from->ckpt).
  * tok_dir gets where a tokenizer may be (SRC itself, or a checkpoint's model.path). */
-static int load_source(const char *src, const char *base, st_model *m, float **host, gguf_source *from,
-                       char *tok_dir, size_t tok_size, int *is_lora) {
+static int load_source(const char *src, const char *base, st_model *m, gguf_source *from, char *tok_dir,
+                       size_t tok_size, int *is_lora) {
     const st_backend *be = st_backend_cpu(1);
     int rc;
-    *host = NULL;
     *is_lora = 0;
     snprintf(tok_dir, tok_size, "%s", src);
     if (file_exists(src, "adapter_config.json")) {
         *is_lora = 1;
-        return load_adapter_dir(src, base, m, host);
+        return load_adapter_dir(src, base, m);
     }
     if (file_exists(src, "config.json")) { /* built, weights untouched (not resident); files checked */
         if ((rc = st_model_open_dir(src, be, m))) return rc;
@@ -137,8 +160,9 @@ static int load_source(const char *src, const char *base, st_model *m, float **h
         char path[2048];
         st_ckpt_info info;
         if ((rc = st_ckpt_resolve(src, path, sizeof path)) || (rc = st_ckpt_read_info(path, &info))) return rc;
-        if ((rc = load_lora_ckpt(path, info.job_spec, m, host, is_lora)) || *is_lora) {
+        if ((rc = load_lora_ckpt(path, info.job_spec, m, is_lora)) || *is_lora) {
             st_ckpt_info_free(&info);
+            if (*is_lora) snprintf(from->ckpt, sizeof from->ckpt, "%s", path);
             return rc;
         }
         st_model_config mc;
@@ -152,12 +176,11 @@ static int load_source(const char *src, const char *base, st_model *m, float **h
 }
 
 /* The adapters of an adapter dir / LoRA checkpoint as a GGUF LoRA adapter (no tokenizer: the base's). */
-static int export_lora(const char *src, const char *dst, const char *out, st_model *m, float *host,
+static int export_lora(const char *src, const char *dst, const char *out, st_model *m, gguf_source *from,
                        st_ggml_type quant, const char *name) {
     st_gguf_options opt = {NULL, name, NULL};
     st_gguf_report rep;
-    int rc = st_gguf_export_lora(m, host, quant, &opt, dst, &rep);
-    free(host);
+    int rc = st_gguf_export_lora_streamed(m, fetch_lora, from, quant, &opt, dst, &rep);
     st_model_free(m);
     if (rc) return st_cli_error("export", st_error());
     printf("exported %s -> %s (gguf lora adapter %s, %d tensors, %d kept at f16, %.1f MB)\n", src, out,
@@ -189,13 +212,12 @@ int st_export_gguf(const char *src, const char *dst, const char *out, int argc, 
     st_ggml_type quant;
     if (st_ggml_type_parse(quant_s, &quant)) return st_cli_error("export", st_error());
     st_model m;
-    float *host;
     char found[4096];
     int lora;
     gguf_source from;
     memset(&from, 0, sizeof from);
-    if (load_source(src, base, &m, &host, &from, found, sizeof found, &lora)) return st_cli_error("export", st_error());
-    if (lora) return export_lora(src, dst, out, &m, host, quant, name);
+    if (load_source(src, base, &m, &from, found, sizeof found, &lora)) return st_cli_error("export", st_error());
+    if (lora) return export_lora(src, dst, out, &m, &from, quant, name);
     /* the note is printed after a successful export: a failure (a NaN in a tensor read on the way) stays one line */
     char note[4400] = "";
     if (!tok && !no_tok) {
@@ -211,7 +233,14 @@ int st_export_gguf(const char *src, const char *dst, const char *out, int argc, 
     st_gguf_options opt = {no_tok ? NULL : tok, name, pre};
     st_gguf_report rep;
     double t0 = st_now();
-    int rc = st_gguf_export_streamed(&m, fetch_source, &from, quant, &opt, dst, &rep);
+    /* each ranged read converts through a 128 KB staging buffer of its own (safetensors.c), which main.c's
+     * fixed 128 KB mmap threshold turns into an mmap, 16-32 page faults and a munmap per piece (58K faults
+     * and 7K system calls for a 225 MB bf16 model: more system time than the whole read's copy); for the
+     * export, such blocks are kept in the heap (and not trimmed back: the export holds no large scratch) */
+    mallopt(M_MMAP_THRESHOLD, 4 << 20);
+    mallopt(M_TRIM_THRESHOLD, 64 << 20);
+    st_gguf_source source = {fetch_source, rows_source, ranged_source, &from};
+    int rc = st_gguf_export_source(&m, &source, quant, &opt, dst, &rep);
     double dt = st_now() - t0;
     st_safetensors_close(from.dir.st);
     st_model_free(&m);

@@ -267,6 +267,122 @@ __attribute__((optimize("fp-contract=off"))) static void q4_0_block_avx2(const f
 #define Q8_0_BLOCK q8_0_block_avx2
 #define Q4_0_BLOCK q4_0_block_avx2
 
+/* Eight blocks at a time (a row's blocks in groups of 8; the rest one at a time above): each block's max |x|
+ * (q4_0 also max x and min x) as one 8-lane vector, reduced across the 8 blocks at once by a transposing
+ * tree (max and min are exact in any order), so the scales d, their inverses and f16 forms come out of one
+ * vector division each (IEEE division and conversion round alike in every lane: the scalar code's values)
+ * instead of a serial chain of horizontal max, two scalar divisions and a conversion per block. q4_0's
+ * signed max, the first element of largest magnitude: amax itself when no element equals -amax, -amax when
+ * none equals amax, and the first such element (as q4_0_block_avx2 finds it) when the block holds both. */
+#define RED8X8(name, op)                                                                                          \
+    static inline __m256 name(const __m256 v[8]) {                                                                \
+        __m256 t[4], u[2];                                                                                        \
+        for (int k = 0; k < 4; k++)                                                                               \
+            t[k] = op(_mm256_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm256_unpackhi_ps(v[2 * k], v[2 * k + 1]));   \
+        for (int k = 0; k < 2; k++)                                                                               \
+            u[k] = op(_mm256_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),                          \
+                      _mm256_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));                         \
+        return op(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));            \
+    }
+RED8X8(hmax8x8, _mm256_max_ps)
+RED8X8(hmin8x8, _mm256_min_ps)
+
+/* d = num / den per lane, id = d != 0 ? 1 / d : 0, d as f16; returns the lanes whose id is not finite. */
+static inline int scales8(__m256 num, float den, float *id, uint16_t *d16) {
+    __m256 d = _mm256_div_ps(num, _mm256_set1_ps(den));
+    __m256 nz = _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+    __m256 inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), d), nz);
+    _mm256_storeu_ps(id, inv);
+    _mm_storeu_si128((__m128i *)d16, _mm256_cvtps_ph(d, _MM_FROUND_TO_NEAREST_INT));
+    return _mm256_movemask_ps(_mm256_cmp_ps(abs8(inv), _mm256_set1_ps(INFINITY), _CMP_NLT_UQ));
+}
+
+__attribute__((optimize("fp-contract=off"))) static void q8_0_blocks8_avx2(const float *x, uint8_t *out) {
+    __m256 am[8];
+    for (int b = 0; b < 8; b++) {
+        const float *xb = x + QK * b;
+        __m256 m0 = _mm256_max_ps(abs8(_mm256_loadu_ps(xb)), abs8(_mm256_loadu_ps(xb + 8)));
+        __m256 m1 = _mm256_max_ps(abs8(_mm256_loadu_ps(xb + 16)), abs8(_mm256_loadu_ps(xb + 24)));
+        am[b] = _mm256_max_ps(m0, m1);
+    }
+    float id[8];
+    uint16_t d16[8];
+    int odd = scales8(hmax8x8(am), 127.0f, id, d16);
+    const __m256 half = _mm256_set1_ps(0.49999997f), sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < 8; b++) {
+        const float *xb = x + QK * b;
+        uint8_t *o = out + b * (2 + QK);
+        if (odd >> b & 1) { /* as in q8_0_block_avx2 */
+            q8_0_block(xb, o);
+            continue;
+        }
+        memcpy(o, &d16[b], 2);
+        const __m256 vid = _mm256_set1_ps(id[b]);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 p = _mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), vid);
+            q[k] = _mm256_cvttps_epi32(_mm256_add_ps(p, _mm256_or_ps(_mm256_and_ps(p, sign), half)));
+        }
+        _mm256_storeu_si256((__m256i *)(o + 2), pack32(q));
+    }
+}
+
+/* The first element of block xb whose magnitude is amax (> 0). */
+static inline float first_of_magnitude(const float *xb, float amax) {
+    const __m256 va = _mm256_set1_ps(amax);
+    uint32_t mask = 0;
+    for (int k = 0; k < 4; k++)
+        mask |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(abs8(_mm256_loadu_ps(xb + 8 * k)), va, _CMP_EQ_OQ)) << (8 * k);
+    return xb[__builtin_ctz(mask)];
+}
+
+__attribute__((optimize("fp-contract=off"))) static void q4_0_blocks8_avx2(const float *x, uint8_t *out) {
+    __m256 am[8], hi[8], lo[8];
+    for (int b = 0; b < 8; b++) {
+        const float *xb = x + QK * b;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+               v3 = _mm256_loadu_ps(xb + 24);
+        am[b] = _mm256_max_ps(_mm256_max_ps(abs8(v0), abs8(v1)), _mm256_max_ps(abs8(v2), abs8(v3)));
+        hi[b] = _mm256_max_ps(_mm256_max_ps(v0, v1), _mm256_max_ps(v2, v3));
+        lo[b] = _mm256_min_ps(_mm256_min_ps(v0, v1), _mm256_min_ps(v2, v3));
+    }
+    const __m256 a = hmax8x8(am), neg_a = _mm256_xor_ps(a, _mm256_set1_ps(-0.0f));
+    const __m256 has_pos = _mm256_cmp_ps(hmax8x8(hi), a, _CMP_EQ_OQ), has_neg = _mm256_cmp_ps(hmin8x8(lo), neg_a, _CMP_EQ_OQ);
+    const __m256 zero = _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_EQ_OQ);
+    /* amax where +amax occurs, else -amax; +0 for an all-zero block (the scan's initial max) */
+    __m256 mx = _mm256_andnot_ps(zero, _mm256_blendv_ps(neg_a, a, has_pos));
+    int both = _mm256_movemask_ps(_mm256_andnot_ps(zero, _mm256_and_ps(has_pos, has_neg)));
+    if (both) { /* +amax and -amax in one block: the first one decides */
+        float m[8], av[8];
+        _mm256_storeu_ps(m, mx);
+        _mm256_storeu_ps(av, a);
+        for (int b = 0; b < 8; b++)
+            if (both >> b & 1) m[b] = first_of_magnitude(x + QK * b, av[b]);
+        mx = _mm256_loadu_ps(m);
+    }
+    float id[8];
+    uint16_t d16[8];
+    int odd = scales8(mx, -8.0f, id, d16);
+    const __m256 off = _mm256_set1_ps(8.5f);
+    const __m256i top = _mm256_set1_epi32(15);
+    for (int b = 0; b < 8; b++) {
+        const float *xb = x + QK * b;
+        uint8_t *o = out + b * (2 + QK / 2);
+        if (odd >> b & 1) { /* as in q4_0_block_avx2 */
+            q4_0_block(xb, o);
+            continue;
+        }
+        memcpy(o, &d16[b], 2);
+        const __m256 vid = _mm256_set1_ps(id[b]);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++)
+            q[k] = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), vid), off)), top);
+        __m256i p = pack32(q);
+        _mm_storeu_si128((__m128i *)(o + 2), _mm_or_si128(_mm256_castsi256_si128(p), _mm_slli_epi16(_mm256_extracti128_si256(p, 1), 4)));
+    }
+}
+#define Q_HAVE_BLOCKS8 1
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 /* AVX-512 (run-time choice: st_ggml_simd_wide), 16 blocks at a time: each block's max |x| from two 16-lane
  * registers, then the 16 scales d = amax / 127 (q8_0) or max / -8 (q4_0), their inverses and f16 forms
@@ -394,6 +510,9 @@ void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
         if (st_ggml_simd_wide())
             for (; b + NB16 <= n / QK; b += NB16) q8_0_blocks16(x + b * QK, out + b * (2 + QK));
 #endif
+#ifdef Q_HAVE_BLOCKS8
+        for (; b + 8 <= n / QK; b += 8) q8_0_blocks8_avx2(x + b * QK, out + b * (2 + QK));
+#endif
         for (; b < n / QK; b++) Q8_0_BLOCK(x + b * QK, out + b * (2 + QK));
         break;
     }
@@ -402,6 +521,9 @@ void st_ggml_encode(st_ggml_type t, const float *x, int64_t n, uint8_t *out) {
 #ifdef Q_HAVE_WIDE
         if (st_ggml_simd_wide())
             for (; b + NB16 <= n / QK; b += NB16) q4_0_blocks16(x + b * QK, out + b * (2 + QK / 2));
+#endif
+#ifdef Q_HAVE_BLOCKS8
+        for (; b + 8 <= n / QK; b += 8) q4_0_blocks8_avx2(x + b * QK, out + b * (2 + QK / 2));
 #endif
         for (; b < n / QK; b++) Q4_0_BLOCK(x + b * QK, out + b * (2 + QK / 2));
         break;

@@ -44,14 +44,16 @@ static void job_model_path(const char *job_spec, char *out, size_t size) {
 
 /* A LoRA export's base: built from DIR's config.json and its safetensors checked as a load checks them
  * (every tensor present with its shape), but its weights not read (the GGUF adapter holds only the adapters;
- * left untouched, they are not even resident). `load`: read them too (a QLoRA job quantizes the base when
- * its adapters are attached). */
+ * left untouched, they are not even resident: weights_unread, so that attaching the adapters does not copy
+ * them either; the caller clears it after). `load`: read them too (a QLoRA job quantizes the base when its
+ * adapters are attached). */
 static int open_base(const char *dir, st_model *m, int load) {
     if (load) return st_model_load_dir(dir, st_backend_cpu(1), m);
     st_safetensors *st = NULL;
     int rc = st_model_open_dir(dir, st_backend_cpu(1), m);
     if (rc) return rc;
     if ((rc = st_model_check_files(m, dir, &st))) st_model_free(m);
+    else m->weights_unread = 1;
     st_safetensors_close(st);
     return rc;
 }
@@ -73,7 +75,9 @@ static int load_adapter_dir(const char *src, const char *base, st_model *m) {
     st_json_free(j);
     if (!base_path[0]) return st_fail(ST_EINVAL, "%s names no base model: pass --model DIR", path);
     if ((rc = open_base(base_path, m, 0))) return st_fail_context(rc, "base model %s", base_path);
-    if ((rc = st_peft_load_dir(m, src))) st_model_free(m);
+    rc = st_peft_load_dir(m, src);
+    m->weights_unread = 0;
+    if (rc) st_model_free(m);
     return rc;
 }
 
@@ -92,7 +96,11 @@ static int load_lora_ckpt(const char *path, const char *job_spec, st_model *m, i
     if (*is_lora) {
         rc = open_base(job->model.path, m, job->finetune.mode == ST_FINETUNE_QLORA);
         if (rc) rc = st_fail_context(rc, "checkpoint %s: its base model (model.path) %s", path, job->model.path);
-        else if ((rc = st_plan_attach_adapters(job, m))) st_model_free(m);
+        else {
+            rc = st_plan_attach_adapters(job, m);
+            m->weights_unread = 0;
+            if (rc) st_model_free(m);
+        }
     }
     free(job);
     return rc;

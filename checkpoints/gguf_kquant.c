@@ -136,6 +136,18 @@ static float fit_affine(const float *x, const float *w, int n, const affine_fit 
 #define NL 16
 static inline float rne(float v) { return (v + 12582912.f) - 12582912.f; }
 static inline float clampf(float v, float hi) { return v < 0 ? 0 : v > hi ? hi : v; }
+/* c ? a : b by the bits: GCC does not turn `c ? a : b` that feeds a division (or selects its result) into a
+ * vector blend (the division might raise an FP exception the branch would have skipped), so such lane loops
+ * would stay scalar; this form is a plain and/or and vectorizes. The value is the same. */
+static inline float pick(int c, float a, float b) {
+    uint32_t ua, ub, m = 0u - (uint32_t)(c != 0);
+    memcpy(&ua, &a, 4);
+    memcpy(&ub, &b, 4);
+    uint32_t r = (ua & m) | (ub & ~m);
+    float f;
+    memcpy(&f, &r, 4);
+    return f;
+}
 
 static inline __attribute__((always_inline)) int fit_groups(const float *x, int n, const float w[32][NL],
                                                             const affine_fit *p, int mad, uint8_t *L, float *scale,
@@ -180,8 +192,8 @@ static inline __attribute__((always_inline)) int fit_groups(const float *x, int 
         }
     for (int is = 0; is <= p->nstep; is++) {
         float sl[NL] = {0}, sl2[NL] = {0}, sxl[NL] = {0}, err[NL] = {0}, ts[NL], tm[NL];
-        for (int j = 0; j < NL; j++) {
-            isc[j] = (p->rmin + 0.1f * is + p->nmax) / (flat[j] ? 1.f : mx[j] - mn[j]);
+        for (int j = 0; j < NL; j++) { /* the selects by pick, so that these lane loops vectorize */
+            isc[j] = (p->rmin + 0.1f * is + p->nmax) / pick(flat[j], 1.f, mx[j] - mn[j]);
             /* x - mn lies between xmn - mn and mx - mn (rounding is monotone): bounds |isc * (x - mn)| */
             float a = fabsf(xmn[j] - mn[j]), b = fabsf(mx[j] - mn[j]);
             far[j] |= !(fabsf(isc[j]) * (a > b ? a : b) < 4194304.f);
@@ -196,12 +208,12 @@ static inline __attribute__((always_inline)) int fit_groups(const float *x, int 
             }
         for (int j = 0; j < NL; j++) {
             float D = sw[j] * sl2[j] - sl[j] * sl[j];
-            float Dd = D > 0 ? D : 1.f;
+            float Dd = pick(D > 0, D, 1.f);
             ts[j] = (sw[j] * sxl[j] - sx[j] * sl[j]) / Dd;
             tm[j] = (sl2[j] * sx[j] - sl[j] * sxl[j]) / Dd;
-            float s0 = sl2[j] != 0 ? sxl[j] / sl2[j] : 0.f; /* used only when tm > 0, where sl2 > 0 */
-            ts[j] = tm[j] > 0 ? s0 : ts[j];
-            tm[j] = tm[j] > 0 ? 0 : tm[j];
+            float s0 = pick(sl2[j] != 0, sxl[j] / pick(sl2[j] != 0, sl2[j], 1.f), 0.f); /* used only when tm > 0, where sl2 > 0 */
+            ts[j] = pick(tm[j] > 0, s0, ts[j]);
+            tm[j] = pick(tm[j] > 0, 0.f, tm[j]);
             den[j] = D; /* reused: > 0 marks a valid candidate */
         }
         for (int i = 0; i < n; i++)
@@ -602,24 +614,27 @@ static inline __attribute__((always_inline)) void fit_groups6_body(const float *
     for (int is = 0; is <= 18; is++) { /* is 0: the start (-32 / max); then -9..9 without 0 */
         int step = is == 0 ? 0 : is <= 9 ? is - 10 : is - 9;
         float isc[NG], a[NG] = {0}, b[NG] = {0};
-        for (int g = 0; g < NG; g++) isc[g] = step == 0 ? -32 / mx[g] : -(32 + 0.1f * step) / mx[g];
+        const float num = step == 0 ? -32.f : -(32 + 0.1f * step);
+        for (int g = 0; g < NG; g++) isc[g] = num / mx[g];
         for (int i = 0; i < 16; i++)
             for (int g = 0; g < NG; g++) {
                 float l = clamp6(rne(isc[g] * xt[i][g]));
                 a[g] += w3[i][g] * l;
                 b[g] += w2[i][g] * l * l;
             }
-        for (int g = 0; g < NG; g++) {
-            if (is == 0) {
-                sc[g] = b[g] != 0 ? a[g] / b[g] : 0.0f;
+        /* the selects by pick and & for &&, so that the lane loops vectorize (fit_groups) */
+        if (is == 0) {
+            for (int g = 0; g < NG; g++) {
+                sc[g] = pick(b[g] != 0, a[g] / pick(b[g] != 0, b[g], 1.f), 0.0f);
                 best[g] = sc[g] * a[g];
                 bisc[g] = isc[g];
-            } else {
-                int take = b[g] > 0 && a[g] * a[g] > best[g] * b[g];
-                float bd = b[g] > 0 ? b[g] : 1.f;
-                sc[g] = take ? a[g] / bd : sc[g];
-                best[g] = take ? sc[g] * a[g] : best[g];
-                bisc[g] = take ? isc[g] : bisc[g]; /* the winning levels: recomputed below */
+            }
+        } else {
+            for (int g = 0; g < NG; g++) {
+                int take = (b[g] > 0) & (a[g] * a[g] > best[g] * b[g]);
+                sc[g] = pick(take, a[g] / pick(b[g] > 0, b[g], 1.f), sc[g]);
+                best[g] = pick(take, sc[g] * a[g], best[g]);
+                bisc[g] = pick(take, isc[g], bisc[g]); /* the winning levels: recomputed below */
             }
         }
     }

@@ -111,13 +111,13 @@ static const char *LLAMA_ODD =
     " \"max_position_embeddings\": 64, \"model_type\": \"llama\", \"num_attention_heads\": 4,"
     " \"num_hidden_layers\": 2, \"num_key_value_heads\": 2, \"rms_norm_eps\": 1e-05, \"rope_theta\": 10000.0,"
     " \"tie_word_embeddings\": true, \"vocab_size\": 97}";
-/* heads of 256 rows of 512 (a head is 4 pieces' worth: one piece), a 1.5M-value embedding (several chunks),
+/* heads of 256 rows of 512 (a head is 4 pieces' worth: one piece), a 615K-value embedding (several chunks in f32 / f16 / bf16),
  * ffn 320 (q5_0 / q5_1 / q8_0 fallbacks under the k-quants) */
 static const char *LLAMA_WIDE =
     "{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 512, \"intermediate_size\": 320,"
     " \"max_position_embeddings\": 64, \"model_type\": \"llama\", \"num_attention_heads\": 2,"
     " \"num_hidden_layers\": 1, \"num_key_value_heads\": 1, \"rms_norm_eps\": 1e-05, \"rope_theta\": 10000.0,"
-    " \"tie_word_embeddings\": false, \"vocab_size\": 3001}";
+    " \"tie_word_embeddings\": false, \"vocab_size\": 1201}";
 
 /* The ranged source from memory: rows() copies rows (counting how many times each is read), fetch the rest. */
 typedef struct {
@@ -316,13 +316,13 @@ static void test_rows_failure(void **state) {
     memset(&rs, 0, sizeof rs);
     rs.w = m.weights;
     for (int i = 0; i < m.n_params; i++) assert_non_null(rs.reads[i] = calloc((size_t)m.params[i].shape[0], sizeof(int)));
-    rs.fail_param = 0; /* the embedding: 3001 rows, several chunks */
-    rs.fail_row = 2500;
+    rs.fail_param = 0; /* the embedding: 1201 rows, several chunks in f32 */
+    rs.fail_row = 1000;
     st_gguf_source src = {rows_fetch, rows_read, NULL, &rs};
     for (int q = 0; q < 2; q++) {
         int rc = st_gguf_export_source(&m, &src, q ? ST_GGML_Q4_0 : ST_GGML_F32, NULL, p, NULL);
         assert_int_equal(rc, ST_EFORMAT);
-        if (!strstr(st_error(), "row 2500 unreadable (test)") || !strstr(st_error(), m.params[0].name))
+        if (!strstr(st_error(), "row 1000 unreadable (test)") || !strstr(st_error(), m.params[0].name))
             fail_msg("message: %s", st_error());
         assert_int_not_equal(access(p, F_OK), 0);
         assert_int_not_equal(access(partial, F_OK), 0);

@@ -598,7 +598,8 @@ static float *z3d_head_rows(void *ctx, int j0, int n, int next, int next_n, int 
         if (!s) {
             s = free_slot(c, z->head, hi - lo);
             rc = s ? block_start(c, s, (size_t)j0, (size_t)n)
-                   : st_fail(ST_EINVAL, "rank %d: out of %s memory or of free stage-3 gather buffers", c->rank, be->name);
+                   : st_fail(ST_EINVAL, "rank %d: out of %s memory or of free stage-3 gather buffers", c->rank,
+                             be->name);
         }
         if (!rc && s) rc = gather_wait(c, s);
         keep_rc(c, rc);
@@ -680,7 +681,8 @@ static int rows_batch(st_comm *c, z3d_slot *s, const int32_t *all, int i0, int i
         for (int r = 0; r < w; r++) {
             size_t lo = shard * (size_t)r, os = a > lo ? a : lo, oe = a + C < lo + shard ? a + C : lo + shard;
             if (os >= oe) continue;
-            if (i >= mine && i < mine + n) be->copy(out + (size_t)(i - mine) * C + (os - a), s->w + pos[r], (oe - os) * sizeof(float));
+            if (i >= mine && i < mine + n)
+                be->copy(out + (size_t)(i - mine) * C + (os - a), s->w + pos[r], (oe - os) * sizeof(float));
             pos[r] += oe - os;
         }
     }
@@ -706,7 +708,8 @@ static int z3d_embed_rows(void *ctx, const int32_t *ids, int n, float *out) {
         const float *own = sp ? z->fmaster : z->master;
         size_t slo = sp ? c->flo : c->lo;
         for (int i = 0; i < n; i++)
-            if (ids[i] >= 0 && (size_t)ids[i] < V) be->copy(out + (size_t)i * C, own + (g + (size_t)ids[i] * C - slo), C * sizeof(float));
+            if (ids[i] >= 0 && (size_t)ids[i] < V)
+                be->copy(out + (size_t)i * C, own + (g + (size_t)ids[i] * C - slo), C * sizeof(float));
         return 1;
     }
     int w = c->world, counts[w], displs[w], total = 0;
@@ -720,7 +723,8 @@ static int z3d_embed_rows(void *ctx, const int32_t *ids, int n, float *out) {
     if (rc == MPI_SUCCESS) rc = MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, c->comm);
     if (rc == MPI_SUCCESS && ok) rc = MPI_Allgatherv(ids, n, MPI_INT32_T, all, counts, displs, MPI_INT32_T, c->comm);
     if (rc != MPI_SUCCESS || !ok) {
-        keep_rc(c, st_fail(rc != MPI_SUCCESS ? ST_ECOMM : ST_ENOMEM, "rank %d: the stage-3 embedding rows failed", c->rank));
+        keep_rc(c, st_fail(rc != MPI_SUCCESS ? ST_ECOMM : ST_ENOMEM, "rank %d: the stage-3 embedding rows failed",
+                           c->rank));
         free(all);
         return 1; /* the step reports it */
     }
@@ -866,7 +870,8 @@ static int rows_embed(const st_model *m) {
 
 /* Vocabulary rows of one block of an untied head (z3d_head_rows): as many as the largest layer group holds,
  * at least Z3D_HEAD_BLOCK_FLOATS' worth (fewer, larger gathers), a multiple of 16, the whole vocabulary when
- * that fits; SHARDTUNE_HEAD_BLOCK_ROWS (tests; worker/model.c head_vblock reads it too) fewer. 0: a tied head
+ * that fits; SHARDTUNE_HEAD_BLOCK_ROWS (tests; worker/model.c head_vblock reads it too: every backend's head
+ * runs those blocks) or SHARDTUNE_ZERO3_DEV_HEAD_ROWS (tests: only this path's) fewer. 0: a tied head
  * (the embedding's table, gathered whole) or edges_whole. */
 static int head_block_rows(const st_model *m, size_t layer_group) {
     if (edges_whole() || m->cfg.tied_embeddings) return 0;
@@ -874,8 +879,9 @@ static int head_block_rows(const st_model *m, size_t layer_group) {
     long most = (long)layer_group > Z3D_HEAD_BLOCK_FLOATS ? (long)layer_group : Z3D_HEAD_BLOCK_FLOATS;
     long rows = V * C <= most ? V : most / C / 16 * 16;
     if (rows < 16) rows = V < 16 ? V : 16;
-    const char *e = getenv("SHARDTUNE_HEAD_BLOCK_ROWS");
+    const char *e = getenv("SHARDTUNE_HEAD_BLOCK_ROWS"), *d = getenv("SHARDTUNE_ZERO3_DEV_HEAD_ROWS");
     if (e && atol(e) > 0 && atol(e) < rows) rows = atol(e);
+    if (d && atol(d) > 0 && atol(d) < rows) rows = atol(d); /* tests: this path's blocks only */
     return (int)rows;
 }
 

@@ -542,7 +542,7 @@ size_t st_model_head_chunk_floats(const st_model_config *cfg, int B, int T, int 
 #define ST_HEAD_WIDEN_FLOATS (1L << 24)
 /* The untied head gathered by vocabulary blocks (st_model.head_rows: device ZeRO-3), never resident whole. */
 static int head_by_rows(const st_model *m) { return m->head_rows && m->head_block > 0 && !m->cfg.tied_embeddings; }
-static int head_vblock(const st_model *m) {
+static int head_vblock_own(const st_model *m) {
     long V = m->cfg.vocab, C = m->cfg.d_model, most = ST_HEAD_WIDEN_FLOATS, vb = V;
     const char *e = getenv("SHARDTUNE_HEAD_WIDEN_FLOATS"); /* tests: block small heads too */
     if (e && atol(e) > 0) most = atol(e);
@@ -552,8 +552,14 @@ static int head_vblock(const st_model *m) {
     }
     const char *r = getenv("SHARDTUNE_HEAD_BLOCK_ROWS"); /* tests: blocks of this many rows at any precision */
     if (r && atol(r) > 0 && atol(r) < vb) vb = atol(r);
-    if (head_by_rows(m) && m->head_block < vb) vb = m->head_block; /* the blocks a device ZeRO-3 gathers */
     return (int)vb;
+}
+
+/* The head's vocabulary blocks as run: head_vblock_own's, or a device ZeRO-3's fewer rows (head_by_rows; their
+ * block scratch is then the hook's when the arena, laid out by head_vblock_own, has none). */
+static int head_vblock(const st_model *m) {
+    int vb = head_vblock_own(m);
+    return head_by_rows(m) && m->head_block < vb ? m->head_block : vb;
 }
 
 /* Rows of a layer weight [out, in] per matmul under bf16 (any backend: mm_scratch is sized for both operands,
@@ -697,7 +703,7 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     TAKE(b->dh2, RM * F);
     TAKE(b->dlnf, N * C);
     TAKE(b->logits, R * (size_t)c->vocab);
-    size_t VB = (size_t)head_vblock(m);
+    size_t VB = (size_t)head_vblock_own(m); /* not the hooks' blocks: the layout stays the one allocated */
     if (VB < (size_t)c->vocab) TAKE(b->head_tmp, R * VB); /* one vocabulary block of logits or dlogits */
     TAKE(b->norm_scratch, 2 * C);
     if (bf16) {
@@ -734,7 +740,7 @@ static size_t bf16_scratch_for(const st_model *m) {
     const st_model_config *c = &m->cfg;
     int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim, V = c->vocab;
     int R = head_chunk_rows(m), F1 = c->family == ST_FAMILY_GPT2 ? c->d_ff : 2 * c->d_ff, F = c->d_ff;
-    V = head_vblock(m); /* the head's matmuls run on vocabulary blocks of this many rows */
+    V = head_vblock_own(m); /* the head's matmuls run on vocabulary blocks of at most this many rows */
     int RM = mlp_rows(m), FU = mlp_split(m) ? F : F1; /* MLP blocks; gate and up apart or fused */
     /* the layer weights [out, in] over M rows, forward and input gradient, in blocks of wblock_rows */
     const int wts[][3] = {{N, Q, C}, {N, C, A}, {RM, FU, C}, {RM, C, F}}; /* qkv, o, up(+gate), down */

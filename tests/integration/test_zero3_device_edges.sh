@@ -10,6 +10,8 @@
 #  1. full fp32 and bf16 with activation checkpointing, LoRA, QLoRA (NF4), on 2 ranks: losses and final/
 #     bit-identical; full and LoRA on 3 ranks within 1e-6 (NCCL and MPI may associate a sum of three
 #     differently); GPT-2 and Llama with tied embeddings (the table gathered whole, as before) bit-identical;
+#     blocks on the device only (SHARDTUNE_ZERO3_DEV_HEAD_ROWS=48, fp32: the CPU ranks' head one product, dlnf's
+#     sum over the vocabulary then reassociated) within 1e-6, 2 ranks;
 #  2. the old path (SHARDTUNE_ZERO3_DEV_EDGES=whole: the embedding and head gathered whole) gives the same
 #     losses and final/ as the rows and blocks, and holds more device memory: the plan is true for both
 #     (1%), QLoRA on 2 ranks;
@@ -29,6 +31,13 @@ cmp_cpu_adapter 2 lora 0 finetune.mode=lora
 cmp_cpu 3 full3 1e-6
 cmp_cpu_adapter 3 lora3 1e-6 finetune.mode=lora
 cmp_cpu 2 gpt2 0 "model.path=$T/gpt2"
+# blocks on the device only (fp32, the CPU ranks' head one product): dlnf sums its 128 vocabulary terms in three
+# partial sums instead of one, a reassociation of the same kind as a sum over three ranks: within 1e-6
+unset SHARDTUNE_HEAD_BLOCK_ROWS
+export SHARDTUNE_ZERO3_DEV_HEAD_ROWS=48
+cmp_cpu 2 devblk 1e-6
+unset SHARDTUNE_ZERO3_DEV_HEAD_ROWS
+export SHARDTUNE_HEAD_BLOCK_ROWS=48
 cmp_cpu 2 tied 0 "model.path=$T/tied"
 
 # QLoRA: rows and blocks vs the whole tables (the old path), and vs the CPU ranks

@@ -6,7 +6,9 @@
  * checkpoint parts, streaming load, final-weight gathers) finds them there; nothing else of the weight
  * space has memory. For forward and backward the model runs `windowed` (worker/model.h): a group
  * (embeddings, a layer, final norm + head) is gathered into one of a few device slots of the largest
- * group's size (two, three with tied embeddings: wte stays until the head has run), the model's weight
+ * group's size (two, three with tied embeddings: wte stays until the head has run) — the edges excepted:
+ * an untied Llama-family embedding sends only the batch's rows (z3d_embed_rows) and an untied head comes in
+ * vocabulary blocks (z3d_head_rows), so the slots are sized for a layer (or one head block) — the model's weight
  * pointers resolved into the slot while it is resident; under bf16 the slot's compute copy is rounded
  * from the gathered fp32 weights on the device. The gather: each rank copies its own part into the slot
  * and an in-place uneven all-gather (st_nccl_all_gather_parts) fills in the rest; the prefetch hook

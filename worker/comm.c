@@ -1511,7 +1511,7 @@ static int z3_init(st_comm *c, const st_model *cm) {
     c->model = m;
     const char *er = getenv("SHARDTUNE_ZERO3_EMBED_ROWS"); /* 0: gather the whole table (bench, tests) */
     st_residency_hooks h = {z3_acquire, z3_release, z3_prefetch, z3_progress,
-                            er && strcmp(er, "0") == 0 ? NULL : z3_embed_rows, z3_grad_ready, c};
+                            er && strcmp(er, "0") == 0 ? NULL : z3_embed_rows, z3_grad_ready, c, NULL, 0};
     st_model_set_residency(m, &h);
     release_compact(c, 0, c->n);
     release_frozen(c, 0, m->n_params);

@@ -6,7 +6,9 @@
  * checkpoint parts, streaming load, final-weight gathers) finds them there; nothing else of the weight
  * space has memory. For forward and backward the model runs `windowed` (worker/model.h): a group
  * (embeddings, a layer, final norm + head) is gathered into one of a few device slots of the largest
- * group's size (two, three with tied embeddings: wte stays until the head has run), the model's weight
+ * group's size (two, three with tied embeddings: wte stays until the head has run) — the edges excepted:
+ * an untied Llama-family embedding sends only the batch's rows (z3d_embed_rows) and an untied head comes in
+ * vocabulary blocks (z3d_head_rows), so the slots are sized for a layer (or one head block) — the model's weight
  * pointers resolved into the slot while it is resident; under bf16 the slot's compute copy is rounded
  * from the gathered fp32 weights on the device. The gather: each rank copies its own part into the slot
  * and an in-place uneven all-gather (st_nccl_all_gather_parts) fills in the rest; the prefetch hook
@@ -82,6 +84,7 @@ typedef struct {
     int state;       /* 0 free, 1 gather enqueued (prefetched), 2 resident */
     uint8_t *q;      /* QLoRA, base groups: [qcap bytes] the group's quantized bytes, blob range [qa, qb) */
     size_t qcap, qa, qb;
+    int blk;         /* it holds a block of the head's vocabulary rows (z3d_head_rows), not a whole group */
 } z3d_slot;
 
 typedef struct {
@@ -139,6 +142,11 @@ struct st_z3dev {
     float *scratch;        /* [scr_hi - scr_lo] the scratch's fp32 values */
     uint16_t *scratch16;   /* their bf16 copy (precision bf16), else NULL */
     size_t scr_lo, scr_hi;
+    /* The edges (edge_layout): an untied Llama-family embedding is never gathered whole (the batch's rows
+     * travel: z3d_embed_rows), nor an untied head (blocks of head_block vocabulary rows: z3d_head_rows) */
+    int rows_embed, head, head_block; /* head: the head's parameter when it goes by blocks, else -1 */
+    float *htmp;         /* [htmp_floats] a block of logits or dlogits (the model's layout has none) */
+    size_t htmp_floats;
 };
 
 /* Weight range of parameters [first, last) (registry order is offset order); QLoRA's quantized parameters
@@ -336,32 +344,36 @@ static void qz_free(st_z3dev *z) {
     z->held = NULL;
 }
 
+/* Enqueues the gather of one run r (space, space offset, weight offset, length: group_runs) into slot s:
+ * this rank's part copied in from its shard, the others' by an in-place all-gather on the comm stream. */
+static int gather_run(st_comm *c, z3d_slot *s, const size_t *r) {
+    st_z3dev *z = c->z3dev;
+    size_t shard = r[0] ? c->fshard : c->shard, slo = r[0] ? c->flo : c->lo, shi = slo + shard;
+    const float *own = r[0] ? z->fmaster : z->master;
+    float *dst = s->w + (r[2] - s->lo);
+    size_t os = r[1] > slo ? r[1] : slo, oe = r[1] + r[3] < shi ? r[1] + r[3] : shi;
+    if (os < oe) z->m->be->copy(dst + (os - r[1]), own + (os - slo), (oe - os) * sizeof(float));
+    if (!c->nccl) return 0;
+    size_t parts[c->world];
+    space_parts(c, shard, r[1], r[1] + r[3], parts);
+    return st_nccl_all_gather_parts(c->nccl, dst, parts);
+}
+
 /* Enqueues the gather of [first, last) into slot s, run by run (trainable runs from the compact space's
  * master shards, frozen ones from the frozen space's): this rank's part copied in from its shard, the
  * others' parts by an in-place all-gather on the comm stream (which first waits for that copy); then the
  * slot's mark. */
 static int gather_start(st_comm *c, z3d_slot *s, int first, int last) {
     st_z3dev *z = c->z3dev;
-    const st_backend *be = z->m->be;
     span(z->m, z->held, first, last, &s->lo, &s->hi);
     if (s->hi - s->lo > s->cap)
         return st_fail(ST_EINVAL, "rank %d: internal error: a stage-3 group of %zu floats exceeds the gather buffer",
                        c->rank, s->hi - s->lo);
     s->first = first;
     s->last = last;
+    s->blk = 0;
     int nr = group_runs(c, first, last), rc = 0;
-    for (int k = 0; k < nr && !rc; k++) {
-        const size_t *r = z->runs + 4 * k;
-        size_t shard = r[0] ? c->fshard : c->shard, slo = r[0] ? c->flo : c->lo, shi = slo + shard;
-        const float *own = r[0] ? z->fmaster : z->master;
-        float *dst = s->w + (r[2] - s->lo);
-        size_t os = r[1] > slo ? r[1] : slo, oe = r[1] + r[3] < shi ? r[1] + r[3] : shi;
-        if (os < oe) be->copy(dst + (os - r[1]), own + (os - slo), (oe - os) * sizeof(float));
-        if (!c->nccl) continue;
-        size_t parts[c->world];
-        space_parts(c, shard, r[1], r[1] + r[3], parts);
-        rc = st_nccl_all_gather_parts(c->nccl, dst, parts);
-    }
+    for (int k = 0; k < nr && !rc; k++) rc = gather_run(c, s, z->runs + 4 * k);
     if (!rc && z->held && !z->fault_qz_late) rc = qz_gather(c, s, first, last);
     rc = rc || !c->nccl ? rc : st_nccl_record(c->nccl, (int)(s - z->slot));
     if (!rc && z->held && z->fault_qz_late) rc = qz_gather(c, s, first, last); /* tests only: after the mark */
@@ -460,7 +472,8 @@ static void z3d_acquire(void *ctx, int first, int last) {
     double t0 = st_now();
     z3d_slot *s = NULL;
     for (int k = 0; k < z->n_slots && !s; k++)
-        if (z->slot[k].state == 1 && z->slot[k].first == first && z->slot[k].last == last) s = &z->slot[k];
+        if (z->slot[k].state == 1 && !z->slot[k].blk && z->slot[k].first == first && z->slot[k].last == last)
+            s = &z->slot[k];
     int rc = 0;
     if (!s) {
         size_t a, b;
@@ -491,24 +504,239 @@ static void z3d_acquire(void *ctx, int first, int last) {
     c->overlap_seconds += st_now() - t0;
 }
 
+/* Slot k is free again (its gather was waited for); the spare's buffers are freed. */
+static void slot_drop(st_z3dev *z, int k) {
+    z3d_slot *s = &z->slot[k];
+    s->state = 0;
+    s->blk = 0;
+    if (k != z->n_slots) return;
+    z->m->be->free(s->w);
+    z->m->be->free(s->q);
+    s->w = NULL;
+    s->q = NULL;
+    s->cap = s->qcap = 0;
+}
+
 static void z3d_release(void *ctx, int first, int last) {
     st_comm *c = ctx;
     st_z3dev *z = c->z3dev;
     for (int k = 0; k <= z->n_slots; k++) {
         z3d_slot *s = &z->slot[k];
-        if (s->state == 2 && s->first == first && s->last == last) {
-            s->state = 0; /* its gradient buffer stays until grad_ready hands it to the reduction */
-            if (k == z->n_slots) { /* the spare (its gather was waited for by the acquire) */
-                z->m->be->free(s->w);
-                z->m->be->free(s->q);
-                s->w = NULL;
-                s->q = NULL;
-                s->cap = s->qcap = 0;
-            }
+        if (s->state == 2 && !s->blk && s->first == first && s->last == last) {
+            slot_drop(z, k); /* its gradient buffer stays until grad_ready hands it to the reduction */
             break;
         }
     }
     sync_windows(z);
+}
+
+/* ---- the edges: the embedding's rows and the head's vocabulary blocks (z3d_embed_rows, z3d_head_rows) ---- */
+
+/* Parameter i's place in its space: *sp 0 compact / 1 frozen, *at its offset there. */
+static void param_space(const st_comm *c, int i, size_t *sp, size_t *at) {
+    const st_param *p = &c->z3dev->m->params[i];
+    *sp = p->grad_offset >= 0 ? 0 : 1;
+    *at = *sp ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset;
+}
+
+/* Enqueues the gather of the head's vocabulary rows [j0, j0 + n) into slot s (one run), then the slot's mark. */
+static int block_start(st_comm *c, z3d_slot *s, size_t j0, size_t n) {
+    st_z3dev *z = c->z3dev;
+    const st_param *p = &z->m->params[z->head];
+    size_t C = (size_t)z->m->cfg.d_model, r[4];
+    param_space(c, z->head, &r[0], &r[1]);
+    r[1] += j0 * C, r[2] = p->offset + j0 * C, r[3] = n * C;
+    if (r[3] > s->cap)
+        return st_fail(ST_EINVAL, "rank %d: internal error: a head block of %zu floats exceeds the gather buffer",
+                       c->rank, r[3]);
+    s->lo = r[2], s->hi = r[2] + r[3], s->first = z->head, s->last = z->head + 1, s->blk = 1;
+    s->qa = s->qb = 0; /* nothing quantized */
+    int rc = gather_run(c, s, r);
+    return rc || !c->nccl ? rc : st_nccl_record(c->nccl, (int)(s - z->slot));
+}
+
+/* The slot holding the head's weight range [lo, hi) in state `state`, else NULL. */
+static z3d_slot *block_slot(st_z3dev *z, int state, size_t lo, size_t hi) {
+    for (int k = 0; k <= z->n_slots; k++) {
+        z3d_slot *s = &z->slot[k];
+        if (s->blk && s->state == state && s->lo == lo && s->hi == hi) return s;
+    }
+    return NULL;
+}
+
+/* Every head block resident or in flight dropped (a gather in flight waited for first). */
+static void blocks_drop(st_comm *c, int keep_in_flight) {
+    st_z3dev *z = c->z3dev;
+    for (int k = 0; k <= z->n_slots; k++) {
+        z3d_slot *s = &z->slot[k];
+        if (!s->blk || !s->state || (s->state == 1 && keep_in_flight)) continue;
+        if (s->state == 1) keep_rc(c, gather_wait(c, s));
+        slot_drop(z, k);
+    }
+}
+
+/* head_rows hook (worker/model.h): rows [j0, j0 + n) of the head resident (a prefetched gather finished, else
+ * gathered now), the block before dropped, and the block at `next` gathered into a free base slot while this
+ * one computes (one in flight, as a layer's). j0 < 0: the head released. Returns the block scratch (rows x n
+ * floats, made the first time), or NULL (rows 0). */
+static float *z3d_head_rows(void *ctx, int j0, int n, int next, int next_n, int rows) {
+    st_comm *c = ctx;
+    st_z3dev *z = c->z3dev;
+    st_model *m = z->m;
+    const st_backend *be = m->be;
+    double t0 = st_now();
+    size_t C = (size_t)m->cfg.d_model, base = m->params[z->head].offset;
+    if (j0 < 0) {
+        blocks_drop(c, 0);
+        sync_windows(z);
+        return NULL;
+    }
+    size_t lo = base + (size_t)j0 * C, hi = lo + (size_t)n * C;
+    if (!block_slot(z, 2, lo, hi)) {
+        for (int k = 0; k <= z->n_slots; k++) /* the block before */
+            if (z->slot[k].blk && z->slot[k].state == 2) slot_drop(z, k);
+        z3d_slot *s = block_slot(z, 1, lo, hi);
+        int rc = 0;
+        if (!s) {
+            s = free_slot(c, z->head, hi - lo);
+            rc = s ? block_start(c, s, (size_t)j0, (size_t)n)
+                   : st_fail(ST_EINVAL, "rank %d: out of %s memory or of free stage-3 gather buffers", c->rank,
+                             be->name);
+        }
+        if (!rc && s) rc = gather_wait(c, s);
+        keep_rc(c, rc);
+        if (s && !rc) {
+            s->state = 2;
+            if (s->w16) be->to_bf16(s->w16, s->w, hi - lo);
+        } else if (s) {
+            slot_drop(z, (int)(s - z->slot));
+        }
+        sync_windows(z);
+    }
+    size_t nlo = base + (size_t)next * C, nhi = nlo + (size_t)next_n * C;
+    int flight = 0;
+    for (int k = 0; k < z->n_slots; k++) flight |= z->slot[k].state == 1 && !z->slot[k].small;
+    if (next >= 0 && next_n > 0 && nlo != lo && c->nccl && c->z3_prefetch && !flight) {
+        z3d_slot *s = NULL;
+        for (int k = 0; k < z->n_slots && !s; k++)
+            if (z->slot[k].state == 0 && slot_fits(z, &z->slot[k], z->head, nhi - nlo)) s = &z->slot[k];
+        int rc = s ? block_start(c, s, (size_t)next, (size_t)next_n) : 0;
+        keep_rc(c, rc);
+        if (s && !rc) s->state = 1;
+    }
+    c->overlap_seconds += st_now() - t0;
+    size_t need = (size_t)rows * (size_t)n;
+    if (need > z->htmp_floats) { /* the first block (the model's layout has no block scratch) */
+        be->free(z->htmp);
+        z->htmp = be->alloc(need * sizeof(float));
+        z->htmp_floats = z->htmp ? need : 0;
+        if (!z->htmp) keep_rc(c, st_fail(ST_ENOMEM, "rank %d: out of %s memory for a head block", c->rank, be->name));
+    }
+    return rows ? z->htmp : NULL;
+}
+
+/* The free base slot the embedding rows travel through (its gather mark), or NULL. */
+static z3d_slot *rows_slot(st_z3dev *z) {
+    for (int k = 0; k < z->n_slots; k++)
+        if (z->slot[k].state == 0 && !z->slot[k].small && z->slot[k].cap >= (size_t)z->m->cfg.d_model)
+            return &z->slot[k];
+    return NULL;
+}
+
+/* Moves rows [i0, i1) of the ranks' ids (all, in rank order; this rank's from `mine`) through slot s: each
+ * rank packs the elements of those rows its shard holds (row order), an uneven in-place all-gather hands
+ * every rank every pack, and this rank copies its own rows' pieces out into out (row i at i - mine). */
+static int rows_batch(st_comm *c, z3d_slot *s, const int32_t *all, int i0, int i1, int mine, int n, float *out) {
+    st_z3dev *z = c->z3dev;
+    const st_backend *be = z->m->be;
+    size_t C = (size_t)z->m->cfg.d_model, V = (size_t)z->m->cfg.vocab, sp, g;
+    param_space(c, 0, &sp, &g);
+    size_t shard = sp ? c->fshard : c->shard, slo = sp ? c->flo : c->lo;
+    const float *own = sp ? z->fmaster : z->master;
+    int w = c->world;
+    size_t parts[w], piece[w], pos[w], at = 0, total = 0;
+    memset(parts, 0, sizeof parts);
+    for (int i = i0; i < i1; i++) {
+        if (all[i] < 0 || (size_t)all[i] >= V) continue; /* not a token: its row stays zero */
+        space_parts(c, shard, g + (size_t)all[i] * C, g + (size_t)all[i] * C + C, piece);
+        for (int r = 0; r < w; r++) parts[r] += piece[r];
+    }
+    for (int r = 0; r < w; r++) {
+        pos[r] = total;
+        total += parts[r];
+    }
+    if (!total) return 0;
+    at = pos[c->rank];
+    for (int i = i0; i < i1; i++) { /* this rank's pack */
+        if (all[i] < 0 || (size_t)all[i] >= V) continue;
+        size_t a = g + (size_t)all[i] * C, os = a > slo ? a : slo, oe = a + C < slo + shard ? a + C : slo + shard;
+        if (os >= oe) continue;
+        be->copy(s->w + at, own + (os - slo), (oe - os) * sizeof(float));
+        at += oe - os;
+    }
+    int k = (int)(s - z->slot), rc = st_nccl_all_gather_parts(c->nccl, s->w, parts);
+    if (!rc) rc = st_nccl_record(c->nccl, k);
+    if (!rc) rc = st_nccl_wait_event(c->nccl, k);
+    for (int i = i0; i < i1 && !rc; i++) { /* this rank's rows out of the packs */
+        if (all[i] < 0 || (size_t)all[i] >= V) continue;
+        size_t a = g + (size_t)all[i] * C;
+        for (int r = 0; r < w; r++) {
+            size_t lo = shard * (size_t)r, os = a > lo ? a : lo, oe = a + C < lo + shard ? a + C : lo + shard;
+            if (os >= oe) continue;
+            if (i >= mine && i < mine + n)
+                be->copy(out + (size_t)(i - mine) * C + (os - a), s->w + pos[r], (oe - os) * sizeof(float));
+            pos[r] += oe - os;
+        }
+    }
+    return rc;
+}
+
+/* embed_rows hook (worker/model.h): the rows of this rank's ids (out: device memory, n x d_model), bit for bit
+ * the table's, without gathering the table: the ranks' ids are all-gathered (MPI, host), then the rows of
+ * every rank travel in batches of a base slot's size (rows_batch). One rank without NCCL copies its rows.
+ * Declined (0, every rank alike) when no base slot is free. */
+static int z3d_embed_rows(void *ctx, const int32_t *ids, int n, float *out) {
+    st_comm *c = ctx;
+    st_z3dev *z = c->z3dev;
+    const st_model *m = z->m;
+    const st_backend *be = m->be;
+    size_t C = (size_t)m->cfg.d_model, V = (size_t)m->cfg.vocab, sp, g;
+    z3d_slot *s = rows_slot(z);
+    if (!z->rows_embed || !s) return 0;
+    double t0 = st_now();
+    param_space(c, 0, &sp, &g);
+    be->memset0(out, (size_t)n * C * sizeof(float)); /* ids outside the vocabulary: zero rows */
+    if (!c->nccl) { /* one rank: every row is its own */
+        const float *own = sp ? z->fmaster : z->master;
+        size_t slo = sp ? c->flo : c->lo;
+        for (int i = 0; i < n; i++)
+            if (ids[i] >= 0 && (size_t)ids[i] < V)
+                be->copy(out + (size_t)i * C, own + (g + (size_t)ids[i] * C - slo), C * sizeof(float));
+        return 1;
+    }
+    int w = c->world, counts[w], displs[w], total = 0;
+    int rc = MPI_Allgather(&n, 1, MPI_INT, counts, 1, MPI_INT, c->comm);
+    for (int r = 0; r < w; r++) {
+        displs[r] = total;
+        total += counts[r];
+    }
+    int32_t *all = rc == MPI_SUCCESS ? malloc((size_t)total * sizeof *all + 1) : NULL;
+    int ok = all != NULL; /* every rank has its list, or none goes on */
+    if (rc == MPI_SUCCESS) rc = MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, c->comm);
+    if (rc == MPI_SUCCESS && ok) rc = MPI_Allgatherv(ids, n, MPI_INT32_T, all, counts, displs, MPI_INT32_T, c->comm);
+    if (rc != MPI_SUCCESS || !ok) {
+        keep_rc(c, st_fail(rc != MPI_SUCCESS ? ST_ECOMM : ST_ENOMEM, "rank %d: the stage-3 embedding rows failed",
+                           c->rank));
+        free(all);
+        return 1; /* the step reports it */
+    }
+    int per = (int)(s->cap / C), err = 0;
+    for (int i0 = 0; i0 < total && !err; i0 += per)
+        err = rows_batch(c, s, all, i0, i0 + per < total ? i0 + per : total, displs[c->rank], n, out);
+    keep_rc(c, err);
+    free(all);
+    c->overlap_seconds += st_now() - t0;
+    return 1;
 }
 
 static void z3d_progress(void *ctx) { (void)ctx; }
@@ -626,12 +854,46 @@ static size_t group_floats(const st_model *m, const unsigned char *held, int p0,
     return b - a;
 }
 
-/* The largest base group (the embeddings, a layer, or final norm + head) in the weight space (*most), the
- * largest adapter / prompt group (a layer's adapters, the prompt's tensors; *small), and the largest layer
- * group's trainable (compact) span (*layer_most: a layer's base parameters or its adapters); goff[i] the
- * compact offsets (-1 frozen). */
+#define Z3D_HEAD_BLOCK_FLOATS (1L << 24) /* a head block holds at least this many floats (64 MiB fp32) */
+
+/* SHARDTUNE_ZERO3_DEV_EDGES=whole (tests, A/B): the embedding and the head gathered whole, as before the
+ * edges went by rows and blocks. */
+static int edges_whole(void) {
+    const char *e = getenv("SHARDTUNE_ZERO3_DEV_EDGES");
+    return e && !strcmp(e, "whole");
+}
+
+/* Whether the forward moves the batch's rows of the embedding (z3d_embed_rows) instead of gathering the table:
+ * an untied Llama-family embedding (worker/model.c asks for the rows then, st_model_forward). */
+static int rows_embed(const st_model *m) {
+    return !edges_whole() && !m->cfg.tied_embeddings && m->cfg.family != ST_FAMILY_GPT2 &&
+           st_model_layer_first_param(m, 0) == 1;
+}
+
+/* Vocabulary rows of one block of an untied head (z3d_head_rows): as many as the largest layer group holds,
+ * at least Z3D_HEAD_BLOCK_FLOATS' worth (fewer, larger gathers), a multiple of 16, the whole vocabulary when
+ * that fits; SHARDTUNE_HEAD_BLOCK_ROWS (tests; worker/model.c head_vblock reads it too: every backend's head
+ * runs those blocks) or SHARDTUNE_ZERO3_DEV_HEAD_ROWS (tests: only this path's) fewer. 0: a tied head
+ * (the embedding's table, gathered whole) or edges_whole. */
+static int head_block_rows(const st_model *m, size_t layer_group) {
+    if (edges_whole() || m->cfg.tied_embeddings) return 0;
+    long V = m->cfg.vocab, C = m->cfg.d_model;
+    long most = (long)layer_group > Z3D_HEAD_BLOCK_FLOATS ? (long)layer_group : Z3D_HEAD_BLOCK_FLOATS;
+    long rows = V * C <= most ? V : most / C / 16 * 16;
+    if (rows < 16) rows = V < 16 ? V : 16;
+    const char *e = getenv("SHARDTUNE_HEAD_BLOCK_ROWS"), *d = getenv("SHARDTUNE_ZERO3_DEV_HEAD_ROWS");
+    if (e && atol(e) > 0 && atol(e) < rows) rows = atol(e);
+    if (d && atol(d) > 0 && atol(d) < rows) rows = atol(d); /* tests: this path's blocks only */
+    return (int)rows;
+}
+
+/* The largest base group in the weight space (*most: a layer; the embeddings unless their rows travel; final
+ * norm + head, or the final norm and one head block of *head_rows rows, 0 when the head is gathered whole),
+ * the largest adapter / prompt group (a layer's adapters, the prompt's tensors; *small), and the largest
+ * layer group's trainable (compact) span (*layer_most: a layer's base parameters or its adapters); goff[i]
+ * the compact offsets (-1 frozen). */
 static void group_sizes(const st_model *m, const unsigned char *held, const long *goff, size_t *most, size_t *small,
-                        size_t *layer_most) {
+                        size_t *layer_most, int *head_rows) {
     int L = m->cfg.n_layer, fn = st_model_layer_first_param(m, L), nb = st_model_base_params(m);
     *most = *small = *layer_most = 0;
     for (int l = 0; l < L; l++) {
@@ -644,9 +906,12 @@ static void group_sizes(const st_model *m, const unsigned char *held, const long
         if (n > *small) *small = n;
         if (t > *layer_most) *layer_most = t;
     }
-    size_t n = group_floats(m, held, 0, st_model_layer_first_param(m, 0));
+    *head_rows = head_block_rows(m, *most);
+    size_t n = rows_embed(m) ? 0 : group_floats(m, held, 0, st_model_layer_first_param(m, 0));
     if (n > *most) *most = n;
-    n = group_floats(m, held, fn, nb);
+    n = group_floats(m, held, fn, *head_rows ? nb - 1 : nb);
+    if (n > *most) *most = n;
+    n = (size_t)*head_rows * (size_t)m->cfg.d_model;
     if (n > *most) *most = n;
     int pp = st_prompt_param(m);
     n = m->prompt ? group_floats(m, held, pp, pp + st_prompt_param_count(m)) : 0;
@@ -680,7 +945,8 @@ void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shar
     for (int i = 0; held && i < m->n_params; i++)
         held[i] = (unsigned char)(m->qlora ? st_qlora_holds(m, i) : st_qlora_quantizable(m, i));
     size_t most, small, layer_most, e, nf = 0;
-    group_sizes(m, held, g, &most, &small, &layer_most);
+    int hrows;
+    group_sizes(m, held, g, &most, &small, &layer_most, &hrows);
     int e0 = st_model_layer_first_param(m, 0), fn = st_model_layer_first_param(m, m->cfg.n_layer);
     size_t emb = trained_in(m, g, 0, e0);
     e = emb && embed_shares(m, emb, layer_most) ? 0 : emb;
@@ -691,6 +957,11 @@ void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shar
     size_t slots = m->cfg.tied_embeddings ? 3 : 2;
     /* slots (+ bf16 copies), the two adapter / prompt slots (fp32 only), the master shard, the frozen shard */
     *weight_floats = slots * (most + (bf16 ? (most + 1) / 2 : 0)) + 2 * small + shard + fshard;
+    /* a head by blocks under fp32 (bf16 layouts have a block scratch, model.c head_vblock, as have test runs
+     * with SHARDTUNE_HEAD_BLOCK_ROWS): one block of logits (dlogits) for a head chunk's rows (z3d_head_rows;
+     * the most rows a chunk has) */
+    if (hrows && hrows < m->cfg.vocab && !bf16 && !getenv("SHARDTUNE_HEAD_BLOCK_ROWS"))
+        *weight_floats += st_model_head_chunk_floats(&m->cfg, 1, 1 << 20, 1) / (size_t)m->cfg.vocab * (size_t)hrows;
     if (qs) { /* QLoRA (qz_init): this rank's words of the blob, each base slot's bytes, the scratch (+ bf16) */
         size_t qb, fb, scratch, w16;
         st_qlora_footprint(m, qs, &qb, &fb, &scratch, &w16);
@@ -769,7 +1040,9 @@ int st_z3dev_init(st_comm *c, st_model *m) {
         free(goff);
         return qrc;
     }
-    group_sizes(m, z->held, goff, &z->slot_floats, &z->small_floats, &z->layer_floats);
+    group_sizes(m, z->held, goff, &z->slot_floats, &z->small_floats, &z->layer_floats, &z->head_block);
+    z->rows_embed = rows_embed(m);
+    z->head = z->head_block ? st_model_base_params(m) - 1 : -1;
     free(goff);
     z->n_slots = (m->cfg.tied_embeddings ? 3 : 2) + (z->small_floats > 0 ? 2 : 0);
     z->recv_floats = recv_floats(c->shard, z->slot_floats);
@@ -849,6 +1122,9 @@ int st_z3dev_init(st_comm *c, st_model *m) {
                                                     .prefetch = z3d_prefetch,
                                                     .progress = z3d_progress,
                                                     .grad_ready = z3d_grad_ready,
+                                                    .embed_rows = z->rows_embed ? z3d_embed_rows : NULL,
+                                                    .head_rows = z->head_block ? z3d_head_rows : NULL,
+                                                    .head_block = z->head_block,
                                                     .ctx = c});
     sync_windows(z);
     return 0;
@@ -916,6 +1192,7 @@ void st_z3dev_free(st_comm *c) {
     be->free(z->master);
     be->free(z->fmaster);
     for (int j = 0; j < Z3D_RS; j++) be->free(z->recv[j]);
+    be->free(z->htmp);
     free(z->runs);
     free(z->part_base);
     m->part_base = NULL;

@@ -39,9 +39,10 @@ void st_z3dev_free(st_comm *c);
 /* Device floats (4-byte units) it holds for a model with this registry (and cfg), compact offsets goff
  * (-1 frozen; NULL: the model's own grad_offset), world size and shard, bf16 or not, QLoRA's spec (NULL
  * without QLoRA; the registry quantized or not): *weight_floats the gather slots' fp32 weights and bf16
- * copies, the master shard and the frozen shard (QLoRA: + this rank's part of the quantized bytes, a layer's
- * bytes per base slot, the scratch and its bf16 copy); *grad_floats the two layer gradient buffers, the edge
- * gradients, shard_grads and the two receive buffers. The planner counts them. */
+ * copies (sized for a layer or one head block when the edges go by rows and blocks), the master shard and
+ * the frozen shard (QLoRA: + this rank's part of the quantized bytes, a layer's bytes per base slot, the
+ * scratch and its bf16 copy; fp32 with a head in several blocks: + one block of logits); *grad_floats the two
+ * layer gradient buffers, the edge gradients, shard_grads and the two receive buffers. The planner counts them. */
 void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shard, int bf16,
                      const st_qlora_spec *qs, size_t *weight_floats, size_t *grad_floats);
 

@@ -429,6 +429,8 @@ void st_model_set_residency(st_model *m, const st_residency_hooks *h) {
     m->prefetch = h->prefetch;
     m->progress = h->progress;
     m->embed_rows = h->embed_rows;
+    m->head_rows = h->head_rows;
+    m->head_block = h->head_rows ? h->head_block : 0;
     m->residency_ctx = h->ctx;
     m->grad_ready = h->grad_ready;
     m->grad_ready_ctx = h->grad_ready ? h->ctx : NULL;
@@ -487,7 +489,8 @@ typedef struct {
     float *res_w;        /* kept_bf16: the current layer's input, widened (fp32 [N, C]); NULL otherwise */
     float *wtmp;         /* bf16 with a blocked layer weight (wblock_rows): one block's [M, rows] product / operand */
     uint16_t *dlogits_h; /* bf16 only: one head chunk's dlogits as bf16, written by the loss kernel */
-    float *head_tmp;     /* bf16 with a blocked head (head_vblock < V): [R, vblock], one vocabulary block */
+    float *head_tmp;     /* a blocked head (head_vblock < V): [R, vblock], one vocabulary block (NULL: the
+                            head_rows hook's scratch) */
     double *loss_acc;    /* the head's loss total, accumulated on the backend over the chunks */
     int32_t *tokens, *targets;
     float *weight, *loss;
@@ -537,13 +540,26 @@ size_t st_model_head_chunk_floats(const st_model_config *cfg, int B, int T, int 
  * then holds one block, not the whole head (Llama-3-8B: 2 GiB otherwise, on a device too). V when not
  * blocked (fp32 or a small head). */
 #define ST_HEAD_WIDEN_FLOATS (1L << 24)
-static int head_vblock(const st_model *m) {
-    long V = m->cfg.vocab, C = m->cfg.d_model, most = ST_HEAD_WIDEN_FLOATS;
+/* The untied head gathered by vocabulary blocks (st_model.head_rows: device ZeRO-3), never resident whole. */
+static int head_by_rows(const st_model *m) { return m->head_rows && m->head_block > 0 && !m->cfg.tied_embeddings; }
+static int head_vblock_own(const st_model *m) {
+    long V = m->cfg.vocab, C = m->cfg.d_model, most = ST_HEAD_WIDEN_FLOATS, vb = V;
     const char *e = getenv("SHARDTUNE_HEAD_WIDEN_FLOATS"); /* tests: block small heads too */
     if (e && atol(e) > 0) most = atol(e);
-    if (m->precision != ST_PRECISION_BF16 || V * C <= most) return (int)V;
-    long rows = most / C / 16 * 16;
-    return (int)(rows < 16 ? 16 : rows < V ? rows : V);
+    if (m->precision == ST_PRECISION_BF16 && V * C > most) {
+        long rows = most / C / 16 * 16;
+        vb = rows < 16 ? 16 : rows < V ? rows : V;
+    }
+    const char *r = getenv("SHARDTUNE_HEAD_BLOCK_ROWS"); /* tests: blocks of this many rows at any precision */
+    if (r && atol(r) > 0 && atol(r) < vb) vb = atol(r);
+    return (int)vb;
+}
+
+/* The head's vocabulary blocks as run: head_vblock_own's, or a device ZeRO-3's fewer rows (head_by_rows; their
+ * block scratch is then the hook's when the arena, laid out by head_vblock_own, has none). */
+static int head_vblock(const st_model *m) {
+    int vb = head_vblock_own(m);
+    return head_by_rows(m) && m->head_block < vb ? m->head_block : vb;
 }
 
 /* Rows of a layer weight [out, in] per matmul under bf16 (any backend: mm_scratch is sized for both operands,
@@ -687,6 +703,8 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     TAKE(b->dh2, RM * F);
     TAKE(b->dlnf, N * C);
     TAKE(b->logits, R * (size_t)c->vocab);
+    size_t VB = (size_t)head_vblock_own(m); /* not the hooks' blocks: the layout stays the one allocated */
+    if (VB < (size_t)c->vocab) TAKE(b->head_tmp, R * VB); /* one vocabulary block of logits or dlogits */
     TAKE(b->norm_scratch, 2 * C);
     if (bf16) {
         TAKE(b->qkv_w, N * Q);
@@ -695,8 +713,6 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
         float *p_ = NULL;
         TAKE(p_, (R * (size_t)c->vocab + 1) / 2);
         b->dlogits_h = (uint16_t *)p_;
-        size_t VB = (size_t)head_vblock(m);
-        if (VB < (size_t)c->vocab) TAKE(b->head_tmp, R * VB);
         int FU = mlp_split(m) ? (int)F : c->family == ST_FAMILY_GPT2 ? (int)F : 2 * (int)F, n = (int)N, rm = (int)RM;
         size_t wt = wblock_tmp(m, n, (int)Q, (int)C), t;
         if ((t = wblock_tmp(m, n, (int)C, (int)A)) > wt) wt = t;
@@ -724,7 +740,7 @@ static size_t bf16_scratch_for(const st_model *m) {
     const st_model_config *c = &m->cfg;
     int N = m->B * m->T, C = c->d_model, Q = qkv_dim(c), A = c->n_head * c->head_dim, V = c->vocab;
     int R = head_chunk_rows(m), F1 = c->family == ST_FAMILY_GPT2 ? c->d_ff : 2 * c->d_ff, F = c->d_ff;
-    V = head_vblock(m); /* the head's matmuls run on vocabulary blocks of this many rows */
+    V = head_vblock_own(m); /* the head's matmuls run on vocabulary blocks of at most this many rows */
     int RM = mlp_rows(m), FU = mlp_split(m) ? F : F1; /* MLP blocks; gate and up apart or fused */
     /* the layer weights [out, in] over M rows, forward and input gradient, in blocks of wblock_rows */
     const int wts[][3] = {{N, Q, C}, {N, C, A}, {RM, FU, C}, {RM, C, F}}; /* qkv, o, up(+gate), down */
@@ -1720,48 +1736,89 @@ static void vblock_copy(const st_model *m, void *packed, const void *full, int r
     }
 }
 
-/* logits[rows, V] = x @ W^T, in vocabulary blocks when head_vblock says so. */
-static void head_logits(st_model *m, const model_bufs *b, float *logits, const float *x, const float *w, int rows) {
+/* Rows [j0, j0 + n) of the head's weights: w + j0 C, or (head_by_rows) the block made resident by the
+ * head_rows hook, which may start gathering the block at `next` (next_n rows; -1: none follows). *tmp: the
+ * block scratch when the layout has none (b->head_tmp). NULL when the block could not be gathered (the
+ * hook's failure is the step's). */
+static const float *head_block(st_model *m, const model_bufs *b, const float *w, int j0, int n, int next, int rows,
+                               float **tmp) {
     int C = m->cfg.d_model, V = m->cfg.vocab, VB = head_vblock(m);
-    if (w8_mm(m, logits, st_mm_f32(x), w, NULL, rows, V, C, 0.0f)) return;
+    *tmp = b->head_tmp;
+    if (!head_by_rows(m)) return w + (size_t)j0 * C;
+    int next_n = next < 0 ? 0 : V - next < VB ? V - next : VB;
+    float *t = m->head_rows(m->residency_ctx, j0, n, next, next_n, b->head_tmp || n >= V ? 0 : rows);
+    if (!*tmp) *tmp = t;
+    size_t at = m->params[head_index(m)].offset + (size_t)j0 * C;
+    const st_res_window *r = window_at(m->wwin, m->n_wwin, at);
+    return r && r->hi >= at + (size_t)n * C ? r->p + (at - r->lo) : NULL;
+}
+
+/* The block after [j0, j0 + VB): the next one, else `after` (0: the head is read again from its first block,
+ * -1: not any more). */
+static int head_next(const st_model *m, int j0, int after) {
+    int VB = head_vblock(m);
+    return j0 + VB < m->cfg.vocab ? j0 + VB : after;
+}
+
+/* logits[rows, V] = x @ W^T, in vocabulary blocks when head_vblock says so (after: see head_next). */
+static void head_logits(st_model *m, const model_bufs *b, float *logits, const float *x, const float *w, int rows,
+                        int after) {
+    int C = m->cfg.d_model, V = m->cfg.vocab, VB = head_vblock(m);
+    if (!head_by_rows(m) && w8_mm(m, logits, st_mm_f32(x), w, NULL, rows, V, C, 0.0f)) return;
+    float *tmp;
     if (VB >= V) {
-        mm(m, logits, st_mm_f32(x), weight(m, w), NULL, rows, V, C, 0, 1, 0.0f);
+        const float *wb = head_block(m, b, w, 0, V, after, rows, &tmp);
+        if (wb) mm(m, logits, st_mm_f32(x), weight(m, wb), NULL, rows, V, C, 0, 1, 0.0f);
         return;
     }
     for (int j0 = 0; j0 < V; j0 += VB) {
         int n = V - j0 < VB ? V - j0 : VB;
-        mm(m, b->head_tmp, st_mm_f32(x), weight(m, w + (size_t)j0 * C), NULL, rows, n, C, 0, 1, 0.0f);
-        m->be->copy_cols(logits + j0, V, b->head_tmp, n, rows, n, 0); /* one launch on a device */
+        const float *wb = head_block(m, b, w, j0, n, head_next(m, j0, after), rows, &tmp);
+        if (!wb || !tmp) continue;
+        mm(m, tmp, st_mm_f32(x), weight(m, wb), NULL, rows, n, C, 0, 1, 0.0f);
+        m->be->copy_cols(logits + j0, V, tmp, n, rows, n, 0); /* one launch on a device */
     }
 }
 
 /* dlnf[rows, C] = dlogits @ W and (gw) dW += dlogits^T @ x, in vocabulary blocks when head_vblock says so
- * (dlnf then sums the blocks' products in block order). */
+ * (dlnf then sums the blocks' products in block order; after: see head_next). */
 static void head_backward(st_model *m, const model_bufs *b, float *dlnf, const uint16_t *dl16, const float *x,
-                          const float *w, float *gw, int rows) {
+                          const float *w, float *gw, int rows, int after) {
     int C = m->cfg.d_model, V = m->cfg.vocab, VB = head_vblock(m);
+    float *tmp;
     if (VB >= V) {
         st_mm_in dlogits = dl16 ? st_mm_bf16(dl16) : st_mm_f32(b->logits);
-        mm(m, dlnf, dlogits, weight(m, w), NULL, rows, C, V, 0, 0, 0.0f);
+        const float *wb = head_block(m, b, w, 0, V, after, rows, &tmp);
+        if (wb) mm(m, dlnf, dlogits, weight(m, wb), NULL, rows, C, V, 0, 0, 0.0f);
         if (gw) mm(m, gw, dlogits, st_mm_f32(x), NULL, V, C, rows, 1, 0, grad_beta(m, head_index(m), 1));
         return;
     }
     float gbeta = gw ? grad_beta(m, head_index(m), 1) : 1.0f; /* each block writes its own rows once */
-    for (int j0 = 0; j0 < V; j0 += VB) { /* blocked only under bf16: dlogits is bf16 (dl16) */
+    for (int j0 = 0; j0 < V; j0 += VB) { /* dlogits: bf16 (dl16) under bf16, else fp32 in b->logits */
         int n = V - j0 < VB ? V - j0 : VB;
-        uint16_t *blk = (uint16_t *)b->head_tmp;
-        if (V % 2 == 0 && n % 2 == 0) /* bf16 pairs moved as floats (bits kept): one launch on a device */
-            m->be->copy_cols((float *)blk, n / 2, (const float *)(dl16 + j0), V / 2, rows, n / 2, 0);
-        else
-            vblock_copy(m, blk, dl16, rows, V, j0, n, sizeof(uint16_t), 0);
-        mm(m, dlnf, st_mm_bf16(blk), weight(m, w + (size_t)j0 * C), NULL, rows, C, n, 0, 0, j0 ? 1.0f : 0.0f);
-        if (gw) mm(m, gw + (size_t)j0 * C, st_mm_bf16(blk), st_mm_f32(x), NULL, n, C, rows, 1, 0, gbeta);
+        const float *wb = head_block(m, b, w, j0, n, head_next(m, j0, after), rows, &tmp);
+        if (!wb || !tmp) continue;
+        st_mm_in blk;
+        if (!dl16) {
+            m->be->copy_cols(tmp, n, b->logits + j0, V, rows, n, 0);
+            blk = st_mm_f32(tmp);
+        } else {
+            uint16_t *b16 = (uint16_t *)tmp;
+            if (V % 2 == 0 && n % 2 == 0) /* bf16 pairs moved as floats (bits kept): one launch on a device */
+                m->be->copy_cols((float *)b16, n / 2, (const float *)(dl16 + j0), V / 2, rows, n / 2, 0);
+            else
+                vblock_copy(m, b16, dl16, rows, V, j0, n, sizeof(uint16_t), 0);
+            blk = st_mm_bf16(b16);
+        }
+        mm(m, dlnf, blk, weight(m, wb), NULL, rows, C, n, 0, 0, j0 ? 1.0f : 0.0f);
+        if (gw) mm(m, gw + (size_t)j0 * C, blk, st_mm_f32(x), NULL, n, C, rows, 1, 0, gbeta);
     }
 }
 
 /* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
  * the backend until the last chunk (one host wait per forward). Under bf16 the loss kernel writes dlogits
- * as bf16 (rounded once), the operand of both gradient matmuls. */
+ * as bf16 (rounded once), the operand of both gradient matmuls. A head gathered by blocks (head_by_rows) is
+ * released at the end. */
 static double head_forward(st_model *m, const model_bufs *b, int train) {
     const st_backend *be = m->be;
     int N = m->B * m->T, C = m->cfg.d_model, V = m->cfg.vocab, R = head_chunk_rows(m);
@@ -1772,7 +1829,8 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
     for (int r0 = 0; r0 < N; r0 += R) {
         int rows = N - r0 < R ? N - r0 : R;
         const float *x = b->lnf + (size_t)r0 * C;
-        head_logits(m, b, b->logits, x, w, rows);
+        int more = r0 + rows < N ? 0 : -1; /* another row chunk reads the head again from its first block */
+        head_logits(m, b, b->logits, x, w, rows, train ? 0 : more);
         if (m->capture_logits)
             be->copy_to_host(m->capture_logits + (size_t)r0 * V, b->logits, (size_t)rows * V * sizeof(float));
         if (m->head_loss)
@@ -1781,8 +1839,9 @@ static double head_forward(st_model *m, const model_bufs *b, int train) {
         else
             be->cross_entropy_acc(b->logits, dl16, b->loss + r0, b->targets + r0, b->weight + r0, rows, V, b->loss_acc);
         if (!train) continue;
-        head_backward(m, b, b->dlnf + (size_t)r0 * C, dl16, x, w, gw, rows);
+        head_backward(m, b, b->dlnf + (size_t)r0 * C, dl16, x, w, gw, rows, more);
     }
+    if (head_by_rows(m)) m->head_rows(m->residency_ctx, -1, 0, -1, 0, 0);
     double total = 0.0;
     be->copy_to_host(&total, b->loss_acc, sizeof total);
     return total;
@@ -1807,6 +1866,7 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
     be->copy_to_device(b.targets, targets, (size_t)N * sizeof(int32_t));
     be->copy_to_device(b.weight, weight, (size_t)N * sizeof(float));
     int e0 = layer_first_param(m, 0), fn = final_norm_index(m), tied = c->tied_embeddings;
+    int hend = head_by_rows(m) ? head_index(m) : st_model_base_params(m); /* the final norm's group */
     m->in_compute = 1;
     const int k16 = kept_bf16(m);
     float *x0 = k16 ? b.res_w : la[0].res_in; /* the embedding's output: layer 0's input */
@@ -1843,18 +1903,19 @@ double st_model_forward(st_model *m, const int32_t *inputs, const int32_t *targe
         if (l + 1 < L) /* the next layer's gather travels while this one computes */
             layer_prefetch(m, l + 1);
         else
-            st_model_prefetch(m, fn, st_model_base_params(m));
+            st_model_prefetch(m, fn, hend);
         /* kept_bf16: the output overwrites res_w (the layer reads its input only before resmid exists) */
         layer_forward(m, l, acts_for(m, la, l, &b), &b, l + 1 < L ? (k16 ? b.res_w : la[l + 1].res_in) : b.res_out);
         if (k16 && l + 1 < L) keep_input(m, la, l + 1, &b);
         layer_release(m, l, layer_first_param(m, l), layer_first_param(m, l + 1));
     }
     if (hold) st_model_release(m, pp, pp + pn);
-    st_model_acquire(m, fn, st_model_base_params(m));
+    st_model_acquire(m, fn, hend);
     const float *nfb = c->family == ST_FAMILY_GPT2 ? wptr(m, fn + 1) : NULL;
     norm_fwd(m, b.lnf, b.lnf_mean, b.lnf_rstd, b.res_out, wptr(m, fn), nfb, N);
+    if (hend < st_model_base_params(m)) st_model_release(m, fn, hend); /* the head comes by blocks */
     double loss = m->hidden_only ? 0.0 : head_forward(m, &b, train);
-    st_model_release(m, fn, st_model_base_params(m));
+    if (hend == st_model_base_params(m)) st_model_release(m, fn, hend);
     if (tied) st_model_release(m, 0, e0);
     m->in_compute = 0;
     if (m->hidden_only) return 0.0;
@@ -2125,5 +2186,6 @@ void st_model_head_logits(st_model *m, float *out, int r0, int rows) {
     float *gw;
     const float *w = head_weight(m, &gw);
     int C = m->cfg.d_model;
-    head_logits(m, &b, out, b.lnf + (size_t)r0 * C, w, rows);
+    head_logits(m, &b, out, b.lnf + (size_t)r0 * C, w, rows, -1);
+    if (head_by_rows(m)) m->head_rows(m->residency_ctx, -1, 0, -1, 0, 0);
 }

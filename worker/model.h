@@ -144,6 +144,15 @@ typedef struct {
      * forward then acquires the table as usual). The forward tries it for an untied Llama-family embedding
      * (no position table); the values are the table's rows, bit for bit. */
     int (*embed_rows)(void *ctx, const int32_t *ids, int n, float *out);
+    /* Optional, with acquire (ZeRO-3 on a device): an untied LM head is never resident whole but in blocks of
+     * at most head_block vocabulary rows (model.c head_logits / head_backward: the same blocks and sums as a
+     * head blocked by head_vblock). head_rows(ctx, j0, n, next, next_n, rows) makes rows [j0, j0 + n) of the
+     * head's weights resident (a window: the matmuls find its bf16 copy as any weight's; the block before is
+     * not resident any more) and may start gathering rows [next, next + next_n) (next < 0: no block follows);
+     * j0 < 0 releases the head. It returns a scratch of rows x n floats for one block of logits or dlogits
+     * (rows 0: none needed, NULL). The forward then acquires the final norm without the head. */
+    float *(*head_rows)(void *ctx, int j0, int n, int next, int next_n, int rows);
+    int head_block;
     void *residency_ctx;
     /* Set by hooks that also gather int8 packs (worker/comm.h st_frozen_shard): st_model_set_int8 may then
      * quantize a model with residency hooks (see st_model_int8_packs). */
@@ -410,6 +419,8 @@ typedef struct {
     int (*embed_rows)(void *ctx, const int32_t *ids, int n, float *out);
     void (*grad_ready)(void *ctx, size_t lo, size_t hi);
     void *ctx;
+    float *(*head_rows)(void *ctx, int j0, int n, int next, int next_n, int rows);
+    int head_block; /* with head_rows: the most vocabulary rows of one block */
 } st_residency_hooks;
 
 /* Installs all the residency hooks of `h` at once (every field, NULL ones included); h NULL removes them. */

@@ -1,6 +1,7 @@
 # fakedev_lib.sh — shared by the device-sharding tests (test_zero2_device.sh, test_zero3_device*.sh,
 # test_distill_zero3_device.sh): the fakedev binary, `close` (losses of two runs agree within a relative tolerance),
-# `dev` (a guarded fakedev run whose stream-order violations fail the test), `cmp_cpu_adapter` (an adapter mode's
+# `dev` (a guarded fakedev run whose stream-order violations fail the test), `cmp_cpu` (a full or
+# frozen mode's device stage 3 against the CPU ranks'), `cmp_cpu_adapter` (an adapter mode's
 # device stage 3 against the CPU ranks') and `plan_true` (the device plan against the bytes held). Sourced after ckpt_lib.sh (fail, T); `common`: the overrides every run of these tests takes.
 FAKE=${ST_BUILD_DIR:?}/fakedev
 [ -x "$FAKE" ] || fail "no $FAKE (tests/tools/fakedev.c not built)"
@@ -31,6 +32,23 @@ dev() {
   set -e
   [ $rc = 0 ] || fail "$name on fakedev ($np ranks) exited $rc: $(tail -5 "$T/$name.err")"
   ! grep -q "fakedev (rank\|stream order violated" "$T/$name.err" || fail "$name: $(grep -m3 "fakedev (rank\|stream order" "$T/$name.err")"
+}
+
+# cmp_cpu NP NAME TOL [overrides]: the device stage-3 run NAME vs the CPU ranks' run of the same job; at TOL 0
+# also final/model.safetensors byte for byte
+cmp_cpu() {
+  local np=$1 name=$2 tol=$3; shift 3
+  local micro=$((6 / np))
+  job "$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
+  job "c$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
+  dev "$np" "$name"
+  [ "$(train "$np" "c$name")" = 0 ] || fail "$name: cpu stage 3 on $np ranks: $(cat "$T/c$name.err")"
+  local d
+  d=$(close "$T/$name/metrics.jsonl" "$T/c$name/metrics.jsonl" "$tol" 1 6) || fail "$name ($np ranks): device vs cpu stage 3"
+  if [ "$tol" = 0 ]; then
+    cmp -s "$T/$name/final/model.safetensors" "$T/c$name/final/model.safetensors" || fail "$name: final/ differs from cpu stage 3's"
+  fi
+  echo "$name on $np fake device ranks: losses vs cpu stage 3 $d (tolerance $tol)"
 }
 
 # cmp_cpu_adapter NP NAME TOL [overrides]: the device stage-3 run NAME of an adapter mode vs the CPU ranks' run

@@ -77,20 +77,6 @@ echo "device stage-3 checkpoint (2 ranks, step 3) resumed on 3 device ranks ($a)
 # run against the CPU ranks' stage 3 of the same world size (bit for bit on 2 ranks, 1e-6 relative on 3), and
 # final/ byte-identical on 2 ranks
 # cmp_cpu NP NAME TOL [overrides]: device run NAME vs the CPU ranks' run of the same job
-cmp_cpu() {
-  local np=$1 name=$2 tol=$3; shift 3
-  local micro=$((6 / np))
-  job "$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
-  job "c$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
-  dev "$np" "$name"
-  [ "$(train "$np" "c$name")" = 0 ] || fail "$name: cpu stage 3 on $np ranks: $(cat "$T/c$name.err")"
-  local d
-  d=$(close "$T/$name/metrics.jsonl" "$T/c$name/metrics.jsonl" "$tol" 1 6) || fail "$name ($np ranks): device vs cpu stage 3"
-  if [ "$tol" = 0 ]; then
-    cmp -s "$T/$name/final/model.safetensors" "$T/c$name/final/model.safetensors" || fail "$name: final/ differs from cpu stage 3's"
-  fi
-  echo "$name on $np fake device ranks: losses vs cpu stage 3 $d (tolerance $tol)"
-}
 cmp_cpu 2 frz2 0 finetune.mode=frozen "finetune.train_layers=-1"
 cmp_cpu 3 frz3 1e-6 finetune.mode=frozen "finetune.train_layers=-1"
 cmp_cpu 2 mlp2 0 finetune.mode=frozen "finetune.train_layers=-2" finetune.train_modules=mlp # frozen and trained runs inside each layer

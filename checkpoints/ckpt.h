@@ -168,6 +168,11 @@ void st_ckpt_info_free(st_ckpt_info *info);
  * missing tensor or a shape that differs from the model (names the tensor), and verifying each
  * tensor's checksum attribute (ST_ECORRUPT naming it). Local: no communication. */
 int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights);
+/* The same for an adapter run's checkpoint (LoRA / DoRA / prompt family), without an image of the base: the
+ * base is only checked against adapter_base_checksum (summed a piece at a time from the model's own weights,
+ * widened where held in bf16 only), host_weights gets the adapters' tensors at their offsets and nothing else
+ * is written (a resume that keeps the model's base as it is: st_ckpt_skips_tensor's tensors). */
+int st_ckpt_load_adapters(const char *path, const st_model *m, float *host_weights);
 
 /* One /model tensor (parameter i of m) into dst (numel floats, the model's layout), with the same shape and
  * checksum checks: what a streamed export reads, a tensor at a time. Local. */

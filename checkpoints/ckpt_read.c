@@ -227,26 +227,46 @@ uint64_t st_ckpt_base_checksum(const st_model *m, const uint64_t *sums, size_t s
     return h;
 }
 
+/* Parameter i's checksum summed a 1 Mi-float piece at a time from the model's own weights (widened where held
+ * in bf16 only): what check_base needs when the caller keeps no image of the base. */
+static void sum_own(const st_model *m, int i, float *piece, uint64_t *sum) {
+    const st_param *p = &m->params[i];
+    const size_t chunk = (size_t)1 << 20;
+    for (size_t a = 0; a < p->numel; a += chunk) {
+        size_t n = p->numel - a < chunk ? p->numel - a : chunk;
+        if (st_model_fp32_dropped(m, i)) st_model_param_fp32(m, i, a, n, piece);
+        else m->be->copy_to_host(piece, st_model_param_weights(m, i) + a, n * sizeof(float));
+        *sum += st_ckpt_checksum(piece, a, n); /* partial sums add up (ckpt.h) */
+    }
+}
+
 /* A LoRA checkpoint holds no base tensors: host_weights gets the model's own base (the caller copies
- * the whole buffer back), whose checksum must be the one the checkpoint was trained on. */
+ * the whole buffer back), whose checksum must be the one the checkpoint was trained on. host_weights NULL:
+ * the base is only summed, a piece at a time (st_ckpt_load_adapters). */
 static int check_base(hid_t f, const st_model *m, float *host_weights, const char *path) {
     uint64_t want = 0;
     int rc = attr_num(f, "adapter_base_checksum", H5T_NATIVE_UINT64, &want, 1, path);
     if (rc) return st_fail(ST_EFORMAT, "checkpoint %s holds no adapter_base_checksum: it is not a LoRA checkpoint", path);
     uint64_t *sums = calloc((size_t)m->n_params + 1, sizeof *sums);
-    if (!sums) return st_fail(ST_ENOMEM, "out of memory");
+    float *piece = host_weights ? NULL : malloc(((size_t)1 << 20) * sizeof(float));
+    if (!sums || (!host_weights && !piece)) {
+        free(sums);
+        return st_fail(ST_ENOMEM, "out of memory");
+    }
     for (int i = 0; i < m->n_params; i++) {
         const st_param *p = &m->params[i];
         if (!st_ckpt_skips_tensor(m, i) || st_qlora_holds(m, i)) continue; /* QLoRA scratch: the trainer's own check */
         if (st_qlora_bf16_only(m, i)) { sums[i] = st_qlora_sum(m, i); continue; } /* no fp32 values: the load's sum */
         st_model_acquire(m, i, i + 1); /* ZeRO-3 shards the frozen base: one tensor gathered at a time */
-        if (st_model_fp32_dropped(m, i)) /* held in bf16 only (a bf16 source): its fp32 value widened, exactly */
+        if (!host_weights) sum_own(m, i, piece, &sums[i]);
+        else if (st_model_fp32_dropped(m, i)) /* held in bf16 only (a bf16 source): its fp32 value widened, exactly */
             st_model_param_fp32(m, i, 0, p->numel, host_weights + p->offset);
         else
             m->be->copy_to_host(host_weights + p->offset, st_model_param_weights(m, i), p->numel * sizeof(float));
         st_model_release(m, i, i + 1);
-        sums[i] = st_ckpt_checksum(host_weights + p->offset, 0, p->numel);
+        if (host_weights) sums[i] = st_ckpt_checksum(host_weights + p->offset, 0, p->numel);
     }
+    free(piece);
     uint64_t got = st_ckpt_base_checksum(m, sums, 1);
     free(sums);
     if (got != want)
@@ -255,11 +275,11 @@ static int check_base(hid_t f, const st_model *m, float *host_weights, const cha
     return 0;
 }
 
-int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights) {
+static int load_model(const char *path, const st_model *m, float *host_weights, int base_image) {
     hid_t f = open_file(path);
     if (f < 0) return ST_EFORMAT;
     int rc = 0;
-    if (m->lora || m->prompt) rc = check_base(f, m, host_weights, path);
+    if (m->lora || m->prompt) rc = check_base(f, m, base_image ? host_weights : NULL, path);
     for (int i = 0; !rc && i < m->n_params; i++) {
         const st_param *p = &m->params[i];
         if (st_ckpt_skips_tensor(m, i)) continue; /* check_base kept the model's own */
@@ -267,6 +287,15 @@ int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights)
     }
     H5Fclose(f);
     return rc;
+}
+
+int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights) {
+    return load_model(path, m, host_weights, 1);
+}
+
+int st_ckpt_load_adapters(const char *path, const st_model *m, float *host_weights) {
+    if (!m->lora && !m->prompt) return st_fail(ST_EINVAL, "checkpoint %s: st_ckpt_load_adapters on a model without adapters", path);
+    return load_model(path, m, host_weights, 0);
 }
 
 /* A tensor's optimizer step: 0..max_step (the checkpoint's own step; -1 = up to INT_MAX). */

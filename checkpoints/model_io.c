@@ -192,12 +192,30 @@ int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst)
     return rc;
 }
 
-int st_model_read_param_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, float *dst) {
+/* Parameter i's file tensor for a ranged read (not a transposed Conv1D one): 0, or the error naming it. */
+static int ranged_tensor(const st_safetensors *s, const st_model *m, int i, const st_st_tensor **t) {
     const st_param *p = &m->params[i];
-    const st_st_tensor *t = find_tensor(s, m, p);
-    if (!t) return st_fail(ST_EFORMAT, "tensor '%s' is missing", p->name);
+    *t = find_tensor(s, m, p);
+    if (!*t) return st_fail(ST_EFORMAT, "tensor '%s' is missing", p->name);
     if (p->ndim == 2 && p->transpose_io) return st_fail(ST_EINVAL, "a ranged read of transposed tensor %s", p->name);
-    return st_safetensors_read_f32_range(s, t, a, n, dst);
+    return 0;
+}
+
+int st_model_read_param_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, float *dst) {
+    const st_st_tensor *t;
+    int rc = ranged_tensor(s, m, i, &t);
+    return rc ? rc : st_safetensors_read_f32_range(s, t, a, n, dst);
+}
+
+int st_model_param_dtype(const st_safetensors *s, const st_model *m, int i) {
+    const st_st_tensor *t = find_tensor(s, m, &m->params[i]);
+    return t ? t->dtype : -1;
+}
+
+int st_model_read_param_bf16_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, uint16_t *dst) {
+    const st_st_tensor *t;
+    int rc = ranged_tensor(s, m, i, &t);
+    return rc ? rc : st_safetensors_read_bf16_range(s, t, a, n, dst);
 }
 
 int st_model_load_weights(st_model *m, const char *dir) { return st_model_load_weights_part(m, dir, NULL, NULL); }

@@ -36,6 +36,13 @@ int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst)
 /* Elements [a, a + n) of it (not for a transposed Conv1D tensor: ST_EINVAL). */
 int st_model_read_param_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, float *dst);
 
+/* The dtype of parameter i's tensor in those files (ST_DTYPE_*), -1 when absent: a BF16 one's values are bf16
+ * values by construction, so a load may put it into the bf16 copy only (train.c load_late, gen_run.c load_held). */
+int st_model_param_dtype(const st_safetensors *s, const st_model *m, int i);
+/* Elements [a, a + n) of parameter i's BF16 tensor as bf16 bits into dst (st_safetensors_read_bf16_range; not
+ * for a transposed Conv1D tensor or another dtype: ST_EINVAL). */
+int st_model_read_param_bf16_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, uint16_t *dst);
+
 /* Which elements of parameter i (registry layout, [0, numel)) this rank keeps: sets [*a, *b) (empty when
  * a >= b). */
 typedef void (*st_model_keep_fn)(void *ctx, const st_model *m, int i, size_t *a, size_t *b);

@@ -604,6 +604,19 @@ int st_safetensors_read_f32_range(st_safetensors *s, const st_st_tensor *t, uint
     return rc;
 }
 
+int st_safetensors_read_bf16_range(st_safetensors *s, const st_st_tensor *t, uint64_t first, size_t n, uint16_t *dst) {
+    int rc = check_owned(s, t);
+    if (rc) return rc;
+    uint64_t numel = st_st_numel(t);
+    if (t->dtype != ST_DTYPE_BF16)
+        return st_fail(ST_EINVAL, "%s: tensor '%s' has dtype %s, not BF16", s->paths[t->file], t->name,
+                       dtype_names[t->dtype]);
+    if (first > numel || n > numel - first)
+        return st_fail(ST_ESHAPE, "%s: tensor '%s' has %" PRIu64 " elements; elements [%" PRIu64 ", %" PRIu64
+                       ") were asked for", s->paths[t->file], t->name, numel, first, first + n);
+    return n ? read_bytes(s, t, dst, n * 2, first * 2) : 0; /* the file's bits as they are (little-endian host) */
+}
+
 /* ---------------------------------------------------------------- writer */
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }

@@ -78,6 +78,10 @@ int st_safetensors_read_f32(st_safetensors *s, const st_st_tensor *t, float *dst
  * bounded chunk, converted piece by piece (F32 / F16 / BF16 / F64) — what a rank that keeps part of a
  * tensor reads. ST_ESHAPE when the range leaves the tensor. */
 int st_safetensors_read_f32_range(st_safetensors *s, const st_st_tensor *t, uint64_t first, size_t n, float *dst);
+/* Elements [first, first + n) of a BF16 tensor `t` as their bf16 bits into dst, one ranged pread straight into
+ * it (no conversion, no staging): what a load that holds a tensor in bf16 only reads. ST_EINVAL for any other
+ * dtype, ST_ESHAPE when the range leaves the tensor. */
+int st_safetensors_read_bf16_range(st_safetensors *s, const st_st_tensor *t, uint64_t first, size_t n, uint16_t *dst);
 /* Reads tensor `t`'s raw little-endian bytes (any dtype); `bytes` must equal end - begin. */
 int st_safetensors_read_raw(st_safetensors *s, const st_st_tensor *t, void *dst, size_t bytes);
 

@@ -282,19 +282,41 @@ static int bf16_values(const float *x, size_t n) {
     return 1;
 }
 
+/* Whether unit [off, off + n) of the weight space is held already (tied: as the other unit; or loaded so). */
+static int unit_held(const st_model *m, const st_gen_hold *h, size_t off, size_t n) {
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].offset >= off && m->params[i].offset < off + n && h->held[i]) return 1;
+    return 0;
+}
+
 /* Unit [w, w + n) held when exact: its bf16 copy at the same offset, its fp32 memory given back, every
  * parameter inside it marked. */
 static void hold_unit(st_model *m, st_gen_hold *h, const float *w, size_t n) {
-    if (!w || !bf16_values(w, n)) return;
+    if (!w || unit_held(m, h, (size_t)(w - m->weights), n) || !bf16_values(w, n)) return;
     size_t off = (size_t)(w - m->weights);
     for (int i = 0; i < m->n_params; i++)
-        if (m->params[i].offset >= off && m->params[i].offset < off + n) {
-            if (h->held[i]) return; /* tied: already held as the other unit */
-            h->held[i] = 1;
-        }
+        if (m->params[i].offset >= off && m->params[i].offset < off + n) h->held[i] = 1;
     m->be->to_bf16(h->w16 + off, w, n); /* exact: the values are bf16 values */
     st_give_back(m->weights, sizeof(float), off, off + n);
     h->floats += n;
+}
+
+/* Unit [w, w + n) read straight into the hold when the source has every parameter of it in bf16 (can16): its
+ * fp32 memory never touched. */
+static int load_unit(st_model *m, st_gen_hold *h, const float *w, size_t n, const st_gen_hold_source *src) {
+    if (!w) return 0;
+    size_t off = (size_t)(w - m->weights);
+    if (unit_held(m, h, off, n)) return 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].offset >= off && m->params[i].offset < off + n && !src->can16(src->ctx, i)) return 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].offset >= off && m->params[i].offset < off + n) {
+            int rc = src->read16(src->ctx, i, h->w16 + m->params[i].offset);
+            if (rc) return rc;
+            h->held[i] = 1;
+        }
+    h->floats += n;
+    return 0;
 }
 
 static int hold_env_fp32(void) {
@@ -302,8 +324,9 @@ static int hold_env_fp32(void) {
     return e && !strcmp(e, "1");
 }
 
-int st_gen_hold_bf16(st_model *m, st_gen_hold *h) {
-    memset(h, 0, sizeof *h);
+/* Holds (src NULL: the exact units of the loaded weights) or loads into the hold (src: the units the source has
+ * in bf16) every matmul unit not held yet; h's buffers made on the first call. */
+static int hold_units(st_model *m, st_gen_hold *h, const st_gen_hold_source *src) {
     if (hold_env_fp32() || !m->be->host_memory || !m->be->decode_mm || m->acquire || m->prompt || m->qlora || m->w8 ||
         m->n_w16 || m->windowed || m->buffers_external || m->part_base || m->n_params < 1)
         return 0;
@@ -312,24 +335,40 @@ int st_gen_hold_bf16(st_model *m, st_gen_hold *h) {
     state_dims(&g, m);
     int rc = bind_weights(&g);
     if (rc) { free(g.layers); return rc; }
-    h->w16 = st_calloc_aligned(m->n_weights * sizeof(uint16_t)); /* pages become resident only where written */
-    h->held = calloc((size_t)m->n_params, 1);
+    if (!h->w16) {
+        h->w16 = st_calloc_aligned(m->n_weights * sizeof(uint16_t)); /* pages become resident only where written */
+        h->held = calloc((size_t)m->n_params, 1);
+    }
     if (!h->w16 || !h->held) {
         free(g.layers);
         st_gen_hold_free(h);
         return st_fail(ST_ENOMEM, "out of memory holding the weights in bf16");
     }
     size_t n;
-    for (int l = 0; l < g.L; l++)
-        for (int k = 0; k < 4; k++) {
+    for (int l = 0; l < g.L && !rc; l++)
+        for (int k = 0; k < 4 && !rc; k++) {
             const float **u = layer_unit(&g, l, k, NULL, &n);
-            hold_unit(m, h, *u, n);
+            if (src) rc = load_unit(m, h, *u, n, src);
+            else hold_unit(m, h, *u, n);
         }
-    hold_unit(m, h, g.wte, (size_t)g.V * g.C);
-    if (g.head != g.wte) hold_unit(m, h, g.head, (size_t)g.V * g.C);
+    const float *tail[2] = {g.wte, g.head != g.wte ? g.head : NULL};
+    for (int k = 0; k < 2 && !rc; k++) {
+        if (src) rc = load_unit(m, h, tail[k], (size_t)g.V * g.C, src);
+        else hold_unit(m, h, tail[k], (size_t)g.V * g.C);
+    }
     free(g.layers);
-    if (!h->floats) st_gen_hold_free(h);
-    return 0;
+    if (rc || (!src && !h->floats)) st_gen_hold_free(h);
+    return rc;
+}
+
+int st_gen_hold_load(st_model *m, st_gen_hold *h, const st_gen_hold_source *src) {
+    memset(h, 0, sizeof *h);
+    return hold_units(m, h, src);
+}
+
+int st_gen_hold_bf16(st_model *m, st_gen_hold *h) {
+    if (!h->w16) memset(h, 0, sizeof *h);
+    return hold_units(m, h, NULL);
 }
 
 void st_gen_hold_free(st_gen_hold *h) {

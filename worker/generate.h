@@ -54,7 +54,8 @@ typedef struct st_gen_hold {
     size_t floats;         /* weights held in bf16 only */
 } st_gen_hold;
 
-/* Holds the model's matmul weights in bf16 only where that is exact: every matmul unit (a layer's packed
+/* Holds the model's matmul weights in bf16 only where that is exact (h zeroed, or from st_gen_hold_load: the
+ * units held there stay): every matmul unit (a layer's packed
  * q/k/v, the output projection, the packed gate/up or GPT-2 c_fc, the down projection, the LM head and the
  * token embedding) whose fp32 values are all bf16 values (low 16 bits zero: a bf16 source model) gets a
  * bf16 copy and its fp32 memory given back (it reads as zero after: the model is then for generation only,
@@ -65,6 +66,21 @@ typedef struct st_gen_hold {
  * residency hooks, prompt learning, QLoRA or int8 packs; otherwise, or with SHARDTUNE_DECODE_FP32=1
  * (tests), nothing is held (h->floats 0). Returns 0 or ST_ENOMEM. */
 int st_gen_hold_bf16(st_model *m, st_gen_hold *h);
+
+/* Where a model that has not been read yet (weights still the allocation's zeros) gets a parameter in bf16:
+ * can16(ctx, i): whether parameter i's source values are bf16 values (a BF16 file tensor); read16(ctx, i, dst):
+ * writes its numel bf16 values to dst (and may check them), 0 or an error. */
+typedef struct {
+    int (*can16)(void *ctx, int i);
+    int (*read16)(void *ctx, int i, uint16_t *dst);
+    void *ctx;
+} st_gen_hold_source;
+
+/* The load's side of st_gen_hold_bf16 (the same conditions; h zeroed first): every matmul unit whose parameters
+ * the source has all in bf16 is read straight into the hold (read16 into h->w16) and marked held, its fp32 memory
+ * never touched; the caller then reads the other parameters as fp32 and calls st_gen_hold_bf16(m, h), which keeps
+ * h and holds what else is exact. Returns 0 or the first read16 error (h released). */
+int st_gen_hold_load(st_model *m, st_gen_hold *h, const st_gen_hold_source *src);
 void st_gen_hold_free(st_gen_hold *h);
 
 typedef struct st_gen_stats {

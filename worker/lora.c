@@ -310,7 +310,9 @@ int st_lora_init_magnitudes_kept(st_model *m, void (*keep)(void *ctx, const st_m
             const float *src = q ? st_qlora_rows(m, a->base, j0, n, 0)
                                  : st_model_param_weights(m, a->base) + (size_t)j0 * a->in;
             if (!src) { rc = st_fail_context(ST_ENOMEM, "initializing DoRA"); break; }
-            m->be->copy_to_host(row, src, (size_t)n * a->in * sizeof(float));
+            if (!q && st_model_fp32_dropped(m, a->base)) /* held in bf16 only (loaded so): widened, exactly */
+                st_model_param_fp32(m, a->base, (size_t)j0 * a->in, (size_t)n * a->in, row);
+            else m->be->copy_to_host(row, src, (size_t)n * a->in * sizeof(float));
             for (int j = 0; j < n; j++) {
                 const float *r = row + (size_t)j * a->in;
                 double ss = 0;

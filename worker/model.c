@@ -1061,6 +1061,19 @@ size_t st_model_drop_frozen_fp32(st_model *m) {
     return n;
 }
 
+/* A load that reads a frozen bf16 tensor straight into the bf16 copy (coordinator/trainer/train.c
+ * load_late): the same rule as st_model_drop_frozen_fp32, decided before the values exist. */
+int st_model_bf16_load_planned(const st_model *m, int i, const long *goff) {
+    return goff[i] < 0 && bf16_storage_on(m) && bf16_storable(m, i);
+}
+
+int st_model_mark_bf16_only(st_model *m, int i) {
+    if (!m->w32_dropped && !(m->w32_dropped = calloc((size_t)m->n_params, 1)))
+        return st_fail(ST_ENOMEM, "out of memory marking %s as held in bf16 only", m->params[i].name);
+    m->w32_dropped[i] = 1;
+    return 0;
+}
+
 void st_model_param_fp32(const st_model *m, int i, size_t a, size_t n, float *dst) {
     size_t at = m->params[i].offset + a;
     if (st_model_fp32_dropped(m, i)) m->be->from_bf16(dst, m->weights_bf16 + at, n);

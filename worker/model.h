@@ -332,6 +332,13 @@ int st_model_set_precision(st_model *m, st_precision precision);
  * trainable its fp32 weights back first, widened exactly). Returns the floats held in bf16 only.
  * SHARDTUNE_FROZEN_FP32=1 (tests) keeps every fp32 copy. */
 size_t st_model_drop_frozen_fp32(st_model *m);
+/* Loading a bf16 source straight into the bf16 copy (no fp32 page of those tensors ever touched): whether
+ * st_model_drop_frozen_fp32 would hold parameter i in bf16 only for the trainable set goff once its values are
+ * bf16 values (the caller knows they are: a BF16 file tensor). Needs the precision set (the bf16 copy exists). */
+int st_model_bf16_load_planned(const st_model *m, int i, const long *goff);
+/* The caller wrote parameter i's exact value into m->weights_bf16 and never into m->weights: it is held in bf16
+ * only from now on, as if st_model_drop_frozen_fp32 had given its fp32 memory back. ST_ENOMEM or 0. */
+int st_model_mark_bf16_only(st_model *m, int i);
 /* Whether parameter i's fp32 weights were given back (st_model_drop_frozen_fp32). */
 int st_model_fp32_dropped(const st_model *m, int i);
 /* Widens parameter i's elements [a, a + n) to fp32 into dst (backend memory): from the bf16 copy when its

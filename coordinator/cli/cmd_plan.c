@@ -85,6 +85,9 @@ static void print_text(const st_plan *p, const st_model *m, const st_config *c) 
     }
     printf("loading: %s\n", st_plan_streams(c) ? "each rank reads its own parts of the safetensors (streamed)"
                             : p->zero_stage == 3 ? "every rank reads the whole model, then keeps its parts"
+                            : st_plan_loads_late(c) && c->precision == ST_PRECISION_BF16
+                                ? "every rank reads the whole model, a tensor at a time, the frozen BF16 tensors straight "
+                                  "into their bf16 copy (no fp32 copy of them)"
                                                  : "every rank reads the whole model, a tensor at a time");
     printf("writing final/: rank 0 holds %.2f MiB (one tensor at a time)\n",
            mib(p->stages[p->final_stage].ranks[0].at_save));

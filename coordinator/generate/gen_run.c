@@ -403,6 +403,58 @@ static int gather_answers(MPI_Comm comm, const st_gen_seq *s, int count, int n, 
     return rc;
 }
 
+/* Loading a model for generation without an adapter: the matmul units the files hold in BF16 go straight into
+ * the bf16 hold (worker/generate.h st_gen_hold_load: their fp32 pages are never touched, so the load never holds
+ * the fp32 model), the rest is read as fp32 and checked as before; st_gen_hold_bf16 then holds what else is exact. */
+typedef struct {
+    st_safetensors *s;
+    const st_model *m;
+    const char *dir;
+    float *buf; /* a widened piece: the finite check */
+} held_load;
+
+static int held_can16(void *ctx, int i) {
+    const held_load *l = ctx;
+    const st_param *p = &l->m->params[i];
+    return st_model_param_dtype(l->s, l->m, i) == ST_DTYPE_BF16 && !(p->ndim == 2 && p->transpose_io);
+}
+
+static int held_read16(void *ctx, int i, uint16_t *dst) {
+    held_load *l = ctx;
+    const st_param *p = &l->m->params[i];
+    const size_t chunk = (size_t)1 << 16;
+    int rc = 0;
+    for (size_t a = 0; !rc && a < p->numel; a += chunk) {
+        size_t n = p->numel - a < chunk ? p->numel - a : chunk;
+        rc = st_model_read_param_bf16_range(l->s, l->m, i, a, n, dst + a);
+        for (size_t k = 0; !rc && k < n; k++) l->buf[k] = st_bf16_to_f32(dst[a + k]);
+        if (!rc) rc = st_check_finite_values(l->buf, n, a, l->dir, p->name); /* NaN weights: refused, as eval does */
+    }
+    return rc;
+}
+
+/* The parameters st_gen_hold_load did not read (ctx: the hold). */
+static void keep_unheld(void *ctx, const st_model *m, int i, size_t *a, size_t *b) {
+    const st_gen_hold *h = ctx;
+    (void)m;
+    if (h->held && h->held[i]) *a = *b = 0;
+}
+
+static int load_held(const char *dir, const st_backend *be, st_model *m, st_gen_hold *hold) {
+    int rc = st_model_open_dir(dir, be, m);
+    if (rc) return rc;
+    held_load l = {.m = m, .dir = dir, .buf = malloc(((size_t)1 << 16) * sizeof(float))};
+    if (!l.buf) rc = st_fail(ST_ENOMEM, "out of memory loading %s", dir);
+    if (!rc) rc = st_model_check_files(m, dir, &l.s);
+    st_gen_hold_source src = {held_can16, held_read16, &l};
+    if (!rc) rc = st_gen_hold_load(m, hold, &src);
+    if (l.s) st_safetensors_close(l.s);
+    free(l.buf);
+    if (!rc) rc = st_model_load_weights_part(m, dir, keep_unheld, hold);
+    if (!rc) rc = st_model_check_finite_part(m, dir, keep_unheld, hold);
+    return rc;
+}
+
 int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set *ps, MPI_Comm comm,
                st_answer **answers, float **dump, int *vocab, int *print_error) {
     *answers = NULL;
@@ -411,17 +463,18 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     st_model m;
     memset(&m, 0, sizeof m);
     int loaded = 0;
+    st_gen_hold hold;
+    memset(&hold, 0, sizeof hold);
     int rc = pick_backend(f, comm, &be);
-    if (!rc) rc = st_model_load_dir(model_dir, be, &m);
-    if (!rc) loaded = 1;
-    if (!rc) rc = st_model_check_finite(&m, model_dir); /* NaN weights: refused naming the tensor, as eval does */
+    /* without an adapter the BF16 matmul units are read straight into the hold (load_held) */
+    if (!rc) rc = f->adapter ? st_model_load_dir(model_dir, be, &m) : load_held(model_dir, be, &m, &hold);
+    if (m.be) loaded = 1; /* load_held may fail after the model is built */
+    if (!rc && f->adapter) rc = st_model_check_finite(&m, model_dir); /* NaN weights: refused naming the tensor, as eval does */
     /* a LoRA adapter is folded into the weights: the decode path then runs the merged model unchanged; a
      * prompt-learning adapter stays attached (generation prepends its virtual tokens, worker/generate.c) */
     if (!rc && f->adapter && !(rc = st_peft_load_dir(&m, f->adapter)) && !m.prompt) rc = st_lora_merge(&m);
     /* the model is for generation only: matmul weights that are bf16 values are held as bf16 (half the bytes
      * each decode step reads, the same logits; worker/generate.h) */
-    st_gen_hold hold;
-    memset(&hold, 0, sizeof hold);
     if (!rc) rc = st_gen_hold_bf16(&m, &hold);
     rc = agree(comm, rc, print_error);
     st_gen_flags fh = *f;

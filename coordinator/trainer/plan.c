@@ -451,6 +451,11 @@ static int teacher_bytes(const st_config *c, int world, size_t *out, size_t *loa
 
 static int streams(const st_config *c) { return st_plan_streams(c); }
 
+int st_plan_loads_late(const st_config *c) {
+    return c->sharding.stage < 3 && c->backend != ST_BACKEND_CUDA && c->finetune.mode != ST_FINETUNE_QLORA &&
+           c->finetune.mode != ST_FINETUNE_FULL;
+}
+
 static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
                       int rank, st_rank_plan *r, size_t teacher, size_t teacher_load) {
     int zero = c->sharding.stage;
@@ -714,9 +719,14 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     int dev = c->backend == ST_BACKEND_CUDA;
     if (dev) r->host_save = copies;
     r->at_save = r->total - transient + (dev ? 0 : copies) + late;
-    /* load (before the trainable set exists): the weights as read, a tensor at a time (no host copy);
-     * the bf16 copy and the gradient / optimizer buffers come after, within the step total */
-    r->at_load = m->n_weights * sizeof(float) + stepbuf + (tr ? io : 0) + check + teacher;
+    /* load: the weights as read, a tensor at a time (no host copy); the bf16 copy and the gradient / optimizer
+     * buffers come after, within the step total. Read after the adapters and the precision (st_plan_loads_late,
+     * train.c load_late: no copy of the base when the adapters grow the buffer), under bf16 the first stage's
+     * frozen bf16 tensors go straight into their bf16 copy, 2 bytes a float, their fp32 pages never touched (the
+     * other tensors' bf16 copy comes with the first forward) */
+    size_t direct16 = st_plan_loads_late(c) ? w16only : 0;
+    r->at_load = (m->n_weights - direct16) * sizeof(float) + direct16 * sizeof(uint16_t) + stepbuf + (tr ? io : 0) +
+                 check + teacher;
     /* QLoRA: quantized while read (train.c load_quantized), the layout's buffers from the start */
     if (c->finetune.mode == ST_FINETUNE_QLORA) r->at_load = stepbuf + qload + teacher;
     /* a sync save widens a bf16-only tensor's rows into a window of their own (checkpoints/ckpt_write.c; the
@@ -727,8 +737,12 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     /* resume: a host image of the weights, of which the fp32 part is written (QLoRA: not below n_w16) */
     size_t image = q32 * sizeof(float) + 2 * range * sizeof(float);
     if (dev) r->host_resume = image;
-    /* the image is copied over the whole weights, the bf16-only ones too, before they are given back again */
-    r->at_resume = r->total + (dev ? 0 : image + w16only * sizeof(float));
+    /* the image is copied over the whole weights, the bf16-only ones too, before they are given back again; an
+     * adapter run's (train_ckpt.c own_base) holds the adapters only and the base is summed a 1 Mi-float piece at
+     * a time (checkpoints/ckpt_read.c st_ckpt_load_adapters) */
+    if (!dev && (m->lora || m->prompt) && c->finetune.mode != ST_FINETUNE_QLORA)
+        r->at_resume = r->total + ((m->n_weights - m->n_base_weights) + 2 * range + ((size_t)1 << 20)) * sizeof(float);
+    else r->at_resume = r->total + (dev ? 0 : image + w16only * sizeof(float));
     (void)world;
 }
 

@@ -50,6 +50,12 @@ int st_plan_unpack(const uint8_t *buf, size_t len, int n_layer, st_stage_list *o
  * nor QLoRA (its base is quantized whole): those read the whole model, then keep their parts. */
 int st_plan_streams(const st_config *cfg);
 
+/* Whether training below sharding.stage 3 on a host backend (not QLoRA, not full) reads the model late: after
+ * the adapters are attached (over the unread base: no copy of it) and the precision is set, under bf16 the
+ * first stage's frozen BF16 tensors straight into the bf16 copy (train.c load_late): no rank holds the fp32
+ * model at load (SHARDTUNE_FROZEN_FP32=1, tests: every tensor read as fp32, as before). */
+int st_plan_loads_late(const st_config *cfg);
+
 /* The st_model_set_activation_checkpointing argument of a job: 0, 1, or ST_MODEL_CKPT_BF16 with
  * memory.checkpoint_dtype: bf16. */
 int st_plan_act_ckpt(const st_config *c);

@@ -489,6 +489,77 @@ static int load_quantized(trainer *t) {
     return rc;
 }
 
+/* Prompt tuning's TEXT init below stage 3 after load_late: the prompt attached over the unread base
+ * (zero rows), so its rows are the embedding's rows now, widened from the bf16 copy where it is held there
+ * (st_model_param_fp32: the values the attach would have copied). */
+static int prompt_text_local(trainer *t) {
+    st_model *m = &t->model;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int rc = st_plan_prompt_text_ids(t->cfg, &ids, &n);
+    size_t C = (size_t)m->cfg.d_model;
+    float *dst = rc ? NULL : st_model_part(m, st_prompt_param(m));
+    for (int v = 0; !rc && v < st_prompt_tokens(m); v++) /* the ids were checked against the vocabulary at attach */
+        st_model_param_fp32(m, 0, (size_t)ids[(size_t)v % n] * C, C, dst + (size_t)v * C);
+    free(ids);
+    st_model_weights_changed(m);
+    return rc;
+}
+
+/* Below stage 3 on a host backend (st_plan_loads_late; the model opened without weights, the adapters attached
+ * over them, so the base was never copied, and the precision set): under bf16 every frozen tensor of the first
+ * stage that st_model_drop_frozen_fp32 would hold in bf16 only and whose file tensor is BF16 (bf16 values by
+ * construction) is read straight into the bf16 copy, a piece at a time (st_model_bf16_load_planned /
+ * st_model_mark_bf16_only): its fp32 pages are never touched, so no rank ever holds the fp32 model. The others
+ * are read as fp32 in place (an F32 / F16 tensor then gets today's exactness check at stage entry). Every
+ * tensor is checked finite and summed into the base checksum at its registry offset (the number a whole load
+ * gives); then what reads the base at attach: DoRA's magnitudes, a prompt TEXT init. */
+static int load_late(trainer *t) {
+    const st_config *c = t->cfg;
+    st_model *m = &t->model;
+    const size_t chunk = (size_t)1 << 20;
+    st_stage_list sl;
+    int rc = st_plan_stages(c, m, &sl);
+    if (rc) return rc;
+    long *goff = malloc((size_t)m->n_params * sizeof *goff + 1);
+    float *buf = malloc(chunk * sizeof(float));
+    if (!goff || !buf) rc = st_fail(ST_ENOMEM, "out of memory loading %s", c->model.path);
+    else st_model_grad_offsets(m, sl.stages[0].layers, sl.stages[0].modules, goff); /* st_trainer_enter_stage(t, 0)'s */
+    st_stage_list_free(&sl);
+    st_safetensors *s = NULL;
+    if (!rc) rc = st_model_check_files(m, c->model.path, &s);
+    uint64_t sum = 0;
+    for (int i = 0; !rc && i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (st_model_param_dtype(s, m, i) != ST_DTYPE_BF16 || (p->ndim == 2 && p->transpose_io) ||
+            !st_model_bf16_load_planned(m, i, goff)) {
+            float *w = m->weights + p->offset;
+            rc = st_model_read_param(s, m, i, w);
+            if (!rc) rc = st_check_finite_values(w, p->numel, 0, c->model.path, p->name);
+            if (!rc) sum += st_ckpt_checksum(w, p->offset, p->numel);
+            continue;
+        }
+        for (size_t a = 0; !rc && a < p->numel; a += chunk) {
+            size_t n = p->numel - a < chunk ? p->numel - a : chunk;
+            uint16_t *w16 = m->weights_bf16 + p->offset + a;
+            rc = st_model_read_param_bf16_range(s, m, i, a, n, w16);
+            if (rc) break;
+            m->be->from_bf16(buf, w16, n); /* the fp32 values it stands for, exactly: checked and summed */
+            rc = st_check_finite_values(buf, n, a, c->model.path, p->name);
+            if (!rc) sum += st_ckpt_checksum(buf, p->offset + a, n);
+        }
+        if (!rc) rc = st_model_mark_bf16_only(m, i);
+    }
+    if (s) st_safetensors_close(s);
+    free(buf);
+    free(goff);
+    st_model_weights_changed(m); /* the fp32 ones' bf16 copy is made by the first forward */
+    t->base_checksum = sum ? sum : 1;
+    if (!rc && c->finetune.mode == ST_FINETUNE_LORA && c->finetune.lora.dora) rc = st_lora_init_magnitudes(m);
+    if (!rc && c->finetune.mode == ST_FINETUNE_PROMPT_TUNING && c->finetune.prompt.init_text[0]) rc = prompt_text_local(t);
+    return rc;
+}
+
 /* The resident set now (kB, from /proc/self/statm; -1 where it cannot be read): the tests' load report. */
 static long resident_kb(void) {
     long pages = -1, rss = -1;
@@ -510,6 +581,9 @@ static int setup(trainer *t) {
         fprintf(stderr, "shardtune train: rank %d: peak RSS before loading the model: %ld kB, resident now %ld kB\n",
                 t->rank, ru.ru_maxrss, resident_kb());
     int quant = !stream && c->finetune.mode == ST_FINETUNE_QLORA; /* quantized while read (load_quantized) */
+    /* below stage 3 on a host backend: read once the adapters and the precision are set, under bf16 the frozen
+     * BF16 tensors straight into the bf16 copy (load_late) */
+    int late = !rc && !stream && !quant && t->be->host_memory && st_plan_loads_late(c);
     /* ZeRO-3 on a device (worker/comm_zero3_dev.c): no whole-model buffer is ever made; the communicator
      * holds the shard the streamed load fills (a mode it cannot run is refused when it is built) */
     int dev3 = !rc && stream && !t->be->host_memory && st_plan_z3dev_mode(c);
@@ -518,14 +592,15 @@ static int setup(trainer *t) {
         t->model.buffers_external = 1;
         if (!rc) rc = st_model_bind(&t->model, t->be, 0);
         rc = st_trainer_agree(t, rc);
-    } else if (!rc) rc = st_trainer_agree(t, stream  ? st_model_open_dir(c->model.path, t->be, &t->model)
+    } else if (!rc) rc = st_trainer_agree(t, stream || late ? st_model_open_dir(c->model.path, t->be, &t->model)
                                       : quant ? load_quantized(t)
                                               : st_model_load_dir(c->model.path, t->be, &t->model));
-    t->model.weights_unread = stream; /* the adapters attach over zeros: the base is read after */
+    t->model.weights_unread = stream || late; /* the adapters attach over zeros: the base is read after */
     if (!rc && t->rank == 0 && st_model_load_warning())
         fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
-    if (!rc && !stream && !quant) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
-    if (!rc && !stream && !quant) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
+    int whole = !stream && !quant && !late; /* read whole, as fp32, before the adapters */
+    if (!rc && whole) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
+    if (!rc && whole) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
     if (!rc && !quant) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));
     t->model.weights_unread = 0;
     /* every step starts with st_model_zero_grad: the first weight-gradient matmuls overwrite (model.h) */
@@ -534,6 +609,7 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, st_model_set_activation_checkpointing(&t->model, st_plan_act_ckpt(c)));
     if (!rc) rc = st_trainer_agree(t, st_model_alloc_activations(&t->model, c->train.micro_batch, c->train.seq_len));
     if (!rc) rc = st_trainer_agree(t, st_model_set_precision(&t->model, c->precision));
+    if (!rc && late) rc = st_trainer_agree(t, load_late(t));
     if (!rc && c->distill.teacher[0]) rc = st_trainer_agree(t, load_teacher(t));
     const char *check = getenv("SHARDTUNE_CHECK_BF16_COPY");
     t->check_bf16_copy = check && !strcmp(check, "1");

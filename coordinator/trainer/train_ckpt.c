@@ -309,9 +309,14 @@ static int try_resume(trainer *t, const char *path) {
     if (!rc && s != t->stage) rc = st_trainer_agree(t, st_trainer_enter_stage(t, s));
     /* ZeRO-3 (full, frozen): only this rank's parts, a tensor at a time; else the whole weights */
     int parts = t->dp.stage == 3 && !t->model.lora && !t->model.prompt;
+    /* an adapter run below stage 3 on host memory: the base stays as loaded (only checked against the checkpoint's
+     * adapter_base_checksum), the image gets the adapters alone (its base pages are never touched) */
+    int own_base = !parts && t->dp.stage < 3 && t->be->host_memory && (t->model.lora || t->model.prompt) && !t->model.qlora;
     float *w = rc || parts ? NULL : malloc(t->model.n_weights * sizeof(float));
     if (!rc && parts) rc = st_trainer_agree(t, read_ckpt_parts(t, path, &w));
-    else if (!rc) rc = st_trainer_agree(t, w ? st_ckpt_load_model(path, &t->model, w) : st_fail(ST_ENOMEM, "out of memory"));
+    else if (!rc) rc = st_trainer_agree(t, !w          ? st_fail(ST_ENOMEM, "out of memory")
+                                           : own_base ? st_ckpt_load_adapters(path, &t->model, w)
+                                                      : st_ckpt_load_model(path, &t->model, w));
     if (!rc) rc = st_trainer_agree(t, st_trainer_check_model(t, &info, path));
     size_t n = t->optim.hi - t->optim.lo;
     float *mh = NULL, *vh = NULL;
@@ -343,11 +348,17 @@ static int try_resume(trainer *t, const char *path) {
         const st_backend *be = t->be;
         if (parts) put_ckpt_parts(t, w);
         else if (t->dp.z3dev) put_image_parts(t, w);
+        else if (own_base) /* the adapters only: the base (its bf16-only tensors too) is the model's own */
+            for (int i = 0; i < t->model.n_params; i++) {
+                const st_param *p = &t->model.params[i];
+                if (!st_ckpt_skips_tensor(&t->model, i))
+                    be->copy_to_device(t->model.weights + p->offset, w + p->offset, p->numel * sizeof(float));
+            }
         else /* n_w16: QLoRA's bf16-only part has no fp32 place (and came from the model directory, not the checkpoint) */
             be->copy_to_device(t->model.weights + t->model.n_w16, w + t->model.n_w16,
                                (t->model.n_weights - t->model.n_w16) * sizeof(float));
         st_model_weights_changed(&t->model);
-        st_model_fp32_rewritten(&t->model); /* every fp32 weight written again: the frozen ones go back to */
+        if (!own_base) st_model_fp32_rewritten(&t->model); /* every fp32 weight written again: the frozen ones go back to */
         if (t->dp.stage < 3) st_model_drop_frozen_fp32(&t->model); /* bf16 only, where that is exact */
         st_comm_weights_loaded(&t->dp, &t->model); /* ZeRO-3 keeps its shard only */
         st_optim_restore(&t->optim, &t->model, mh, vh, steps);

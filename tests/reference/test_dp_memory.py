@@ -82,7 +82,10 @@ def load_rss(job, ov):
     SHARDTUNE_REPORT_LOAD_RSS=1, the resident set right before the load and getrusage's maximum right after it,
     in the same run."""
     env = dict(dp.ENV, SHARDTUNE_REPORT_LOAD_RSS="1")
-    r = subprocess.run([dp.BIN, "train", job] + ov, env=env, capture_output=True, text=True, timeout=300)
+    # through a shell that forks the trainer: Linux keeps ru_maxrss across execve, so a trainer exec'ed straight
+    # from this process would start with this Python's own peak (hundreds of MiB once numpy made a model)
+    r = subprocess.run(["sh", "-c", '"$@"; exit $?', "sh", dp.BIN, "train", job] + ov, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     kb = {}
     for x in r.stderr.splitlines():

@@ -318,6 +318,25 @@ DECODE_DOT(dot_w16, uint16_t, v_ld16, widen16)
  * products: streaming 256 KB costs far more than waking the team). */
 #define DECODE_PAR_MIN (1L << 16)
 
+/* A thread reads its weight rows as this many sequential streams side by side (row i of each quarter of
+ * its range in turn): one core's read rate from memory is bounded by the cache lines it has in flight,
+ * and the hardware prefetcher runs ahead on each stream it follows, so several streams keep more lines
+ * coming than one. On the 2-core AMD EPYC (Zen 3) VM, 1 thread, matrices streamed from memory: 4 streams
+ * read bf16 rows at 1.6-1.8x and fp32 rows at ~1.35x the rate of one stream (3 about the same, 6 and 8
+ * slower). Only the order in which outputs are computed changes: each is still its one dot product. */
+#define DECODE_STREAMS 4
+
+/* y[r, o] (+)= dot(x[r], W[o]) for every row r. */
+static inline void decode_out(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
+                              float beta, int o) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * in;
+        float d = w16 ? dot_w16(xr, w16 + (size_t)o * in, in) : dot_w32(xr, w + (size_t)o * in, in);
+        float *yo = y + (size_t)r * out + o;
+        *yo = beta != 0.0f ? *yo + d : d;
+    }
+}
+
 void st_cpu_decode_mm(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
                       float beta) {
     if (rows <= 0 || out <= 0) return;
@@ -327,12 +346,11 @@ void st_cpu_decode_mm(float *y, const float *x, const float *w, const uint16_t *
         int per = ((out + nt - 1) / nt + 15) / 16 * 16;
         int lo = id * per < out ? id * per : out;
         int hi = lo + per < out ? lo + per : out;
-        for (int o = lo; o < hi; o++)
-            for (int r = 0; r < rows; r++) {
-                const float *xr = x + (size_t)r * in;
-                float d = w16 ? dot_w16(xr, w16 + (size_t)o * in, in) : dot_w32(xr, w + (size_t)o * in, in);
-                float *yo = y + (size_t)r * out + o;
-                *yo = beta != 0.0f ? *yo + d : d;
+        int sub = (hi - lo + DECODE_STREAMS - 1) / DECODE_STREAMS; /* rows per stream */
+        for (int i = 0; i < sub; i++)
+            for (int s = 0; s < DECODE_STREAMS; s++) {
+                int o = lo + s * sub + i;
+                if (o < hi) decode_out(y, x, w, w16, rows, out, in, beta, o);
             }
     }
 }

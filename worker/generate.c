@@ -41,6 +41,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "common/error.h"
@@ -154,6 +155,33 @@ static int bind_weights(gen_state *g) {
     return rc;
 }
 
+/* ---------------- 2 MB pages ---------------- */
+
+#if defined(__linux__) && !defined(MADV_COLLAPSE)
+#define MADV_COLLAPSE 25 /* Linux 6.1; older kernels refuse it (EINVAL), which is ignored */
+#endif
+
+/* The large host buffers a decode step streams (the weights held in bf16, an fp32 model's weights, the KV
+ * cache) are asked for 2 MB pages where the kernel offers them (transparent huge pages "madvise" or
+ * "always"): a 4 KB page ends each run of the hardware prefetcher and costs a TLB entry, so with 4 KB pages
+ * one core reads a stream of weights well below its memory bandwidth (bf16 weights through decode_mm,
+ * 1 thread, AMD EPYC VM: 1.15x the rate on 2 MB pages, besides the 4 streams decode_mm reads side by side).
+ * Advice only: the contents do not change and a refusal is ignored. collapse: the range is written
+ * already and is moved to 2 MB pages now (MADV_COLLAPSE); otherwise pages are made 2 MB as they are first
+ * written. The range is rounded inward to whole 2 MB blocks. */
+static void huge_pages(const void *p, size_t bytes, int collapse) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + bytes) & ~(huge - 1);
+    if (!p || hi <= lo || madvise((void *)lo, hi - lo, MADV_HUGEPAGE) != 0) return;
+#ifdef MADV_COLLAPSE
+    if (collapse) (void)madvise((void *)lo, hi - lo, MADV_COLLAPSE);
+#endif
+#else
+    (void)p, (void)bytes, (void)collapse;
+#endif
+}
+
 /* ---------------- state ---------------- */
 
 /* RoPE tables for positions 0..max_t-1 (host): the model's own builder (every RoPE variant, attention
@@ -241,6 +269,7 @@ static int state_init(gen_state *g, const st_model *m, const st_gen_hold *hold, 
     if (!g->kc || !g->vc)
         return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of KV cache for %d sequences of %d positions "
                                   "(lower --batch or --max-new)", 2.0 * cache * 4 / 1e6, S, max_t);
+    if (be->host_memory) huge_pages(g->kc, cache * sizeof(float), 0), huge_pages(g->vc, cache * sizeof(float), 0);
     struct { float **p; size_t n; } bufs[] = {
         {&g->x, R * g->C}, {&g->ln, R * g->C}, {&g->qkv, R * g->Q}, {&g->att, R * g->A},
         {&g->h1, R * g->F1}, {&g->h2, R * g->F}, {&g->mean, R}, {&g->rstd, R},
@@ -304,9 +333,13 @@ static int hold_env_fp32(void) {
 
 int st_gen_hold_bf16(st_model *m, st_gen_hold *h) {
     memset(h, 0, sizeof *h);
-    if (hold_env_fp32() || !m->be->host_memory || !m->be->decode_mm || m->acquire || m->prompt || m->qlora || m->w8 ||
-        m->n_w16 || m->windowed || m->buffers_external || m->part_base || m->n_params < 1)
+    if (!m->be->host_memory || !m->be->decode_mm || m->acquire || m->prompt || m->qlora || m->w8 || m->n_w16 ||
+        m->windowed || m->buffers_external || m->part_base || m->n_params < 1)
         return 0;
+    if (hold_env_fp32()) { /* every weight read as fp32: on 2 MB pages (every page is written: no memory added) */
+        huge_pages(m->weights, m->n_weights * sizeof(float), 1);
+        return 0;
+    }
     gen_state g;
     memset(&g, 0, sizeof g);
     state_dims(&g, m);
@@ -319,6 +352,7 @@ int st_gen_hold_bf16(st_model *m, st_gen_hold *h) {
         st_gen_hold_free(h);
         return st_fail(ST_ENOMEM, "out of memory holding the weights in bf16");
     }
+    huge_pages(h->w16, m->n_weights * sizeof(uint16_t), 0);
     size_t n;
     for (int l = 0; l < g.L; l++)
         for (int k = 0; k < 4; k++) {
@@ -328,7 +362,10 @@ int st_gen_hold_bf16(st_model *m, st_gen_hold *h) {
     hold_unit(m, h, g.wte, (size_t)g.V * g.C);
     if (g.head != g.wte) hold_unit(m, h, g.head, (size_t)g.V * g.C);
     free(g.layers);
-    if (!h->floats) st_gen_hold_free(h);
+    if (!h->floats) { /* nothing held (an fp32 source): the fp32 weights on 2 MB pages */
+        st_gen_hold_free(h);
+        huge_pages(m->weights, m->n_weights * sizeof(float), 1);
+    }
     return 0;
 }
 

@@ -36,6 +36,16 @@ void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32
 /* First key a query at position p sees: 0, or with a sliding window W the keys j with p - j < W. */
 static inline int first_key(int p, int window) { return window > 0 && p >= window ? p - window + 1 : 0; }
 
+/* A decode step's cached keys and values arrive from memory (the weights streamed since the last step
+ * have pushed them out of the caches), one head's slice of hd floats per position at a stride of kv_heads
+ * x hd: a stride the hardware prefetcher follows late, so the loops over positions prefetch the slice
+ * KEYS_AHEAD positions ahead (no effect on the arithmetic). */
+#define KEYS_AHEAD 16
+#define VALUES_AHEAD 64
+static inline void prefetch_slice(const float *p, int n) {
+    for (int b = 0; b < n * (int)sizeof(float); b += 64) __builtin_prefetch((const char *)p + b);
+}
+
 /* o[hd] = sum_j p[j] v_j (v_j: row j of vb, stride kvd), keys in order for every element. A chunk of
  * VALUE_CHUNK output dims stays in registers over all the keys (the same sums as an axpy per key, which
  * would store and reload o for every key). */
@@ -48,11 +58,13 @@ static void weigh_values(float *restrict o, const float *restrict p, const float
         if (w == VALUE_CHUNK)
             for (int j = 0; j < nk; j++) {
                 const float *restrict v = vb + (size_t)j * kvd + d0;
+                if (j + VALUES_AHEAD < nk) prefetch_slice(v + VALUES_AHEAD * kvd, VALUE_CHUNK);
                 for (int d = 0; d < VALUE_CHUNK; d++) acc[d] += p[j] * v[d];
             }
         else
             for (int j = 0; j < nk; j++) {
                 const float *restrict v = vb + (size_t)j * kvd + d0;
+                if (j + VALUES_AHEAD < nk) prefetch_slice(v + VALUES_AHEAD * kvd, w);
                 for (int d = 0; d < w; d++) acc[d] += p[j] * v[d];
             }
         memcpy(o + d0, acc, (size_t)w * sizeof(float));
@@ -73,6 +85,7 @@ static void attend_row(float *out, const float *qkv, const float *kcache, const 
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
         const float *k0 = kb + (size_t)j * kvd;
+        for (int t = 0; t < 4 && j + KEYS_AHEAD + t < nk; t++) prefetch_slice(k0 + (KEYS_AHEAD + t) * kvd, hd);
         float d4[4];
         st_cpu_dot4(d4, q, k0, k0 + kvd, k0 + 2 * kvd, k0 + 3 * kvd, hd);
         for (int r = 0; r < 4; r++) s[j + r] = d4[r] * scale;
@@ -106,6 +119,7 @@ static void attend_group(float *out, const float *qkv, const float *kcache, cons
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
         const float *k0 = kb + (size_t)j * kvd;
+        for (int t = 0; t < 4 && j + KEYS_AHEAD + t < nk; t++) prefetch_slice(k0 + (KEYS_AHEAD + t) * kvd, hd);
         for (int r = 0; r < G; r++) {
             float d4[4];
             st_cpu_dot4(d4, q + (size_t)r * hd, k0, k0 + kvd, k0 + 2 * kvd, k0 + 3 * kvd, hd);

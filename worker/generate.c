@@ -41,6 +41,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "common/error.h"
@@ -154,6 +155,33 @@ static int bind_weights(gen_state *g) {
     return rc;
 }
 
+/* ---------------- 2 MB pages ---------------- */
+
+#if defined(__linux__) && !defined(MADV_COLLAPSE)
+#define MADV_COLLAPSE 25 /* Linux 6.1; older kernels refuse it (EINVAL), which is ignored */
+#endif
+
+/* The large host buffers a decode step streams (the weights held in bf16, an fp32 model's weights, the KV
+ * cache) are asked for 2 MB pages where the kernel offers them (transparent huge pages "madvise" or
+ * "always"): a 4 KB page ends each run of the hardware prefetcher and costs a TLB entry, so with 4 KB pages
+ * one core reads a stream of weights well below its memory bandwidth (bf16 weights through decode_mm,
+ * 1 thread, AMD EPYC VM: 1.15x the rate on 2 MB pages, besides the 4 streams decode_mm reads side by side).
+ * Advice only: the contents do not change and a refusal is ignored. collapse: the range is written
+ * already and is moved to 2 MB pages now (MADV_COLLAPSE); otherwise pages are made 2 MB as they are first
+ * written. The range is rounded inward to whole 2 MB blocks. */
+static void huge_pages(const void *p, size_t bytes, int collapse) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + bytes) & ~(huge - 1);
+    if (!p || hi <= lo || madvise((void *)lo, hi - lo, MADV_HUGEPAGE) != 0) return;
+#ifdef MADV_COLLAPSE
+    if (collapse) (void)madvise((void *)lo, hi - lo, MADV_COLLAPSE);
+#endif
+#else
+    (void)p, (void)bytes, (void)collapse;
+#endif
+}
+
 /* ---------------- state ---------------- */
 
 /* RoPE tables for positions 0..max_t-1 (host): the model's own builder (every RoPE variant, attention
@@ -241,6 +269,7 @@ static int state_init(gen_state *g, const st_model *m, const st_gen_hold *hold, 
     if (!g->kc || !g->vc)
         return st_fail(ST_ENOMEM, "cannot allocate %.1f MB of KV cache for %d sequences of %d positions "
                                   "(lower --batch or --max-new)", 2.0 * cache * 4 / 1e6, S, max_t);
+    if (be->host_memory) huge_pages(g->kc, cache * sizeof(float), 0), huge_pages(g->vc, cache * sizeof(float), 0);
     struct { float **p; size_t n; } bufs[] = {
         {&g->x, R * g->C}, {&g->ln, R * g->C}, {&g->qkv, R * g->Q}, {&g->att, R * g->A},
         {&g->h1, R * g->F1}, {&g->h2, R * g->F}, {&g->mean, R}, {&g->rstd, R},
@@ -327,9 +356,14 @@ static int hold_env_fp32(void) {
 /* Holds (src NULL: the exact units of the loaded weights) or loads into the hold (src: the units the source has
  * in bf16) every matmul unit not held yet; h's buffers made on the first call. */
 static int hold_units(st_model *m, st_gen_hold *h, const st_gen_hold_source *src) {
-    if (hold_env_fp32() || !m->be->host_memory || !m->be->decode_mm || m->acquire || m->prompt || m->qlora || m->w8 ||
-        m->n_w16 || m->windowed || m->buffers_external || m->part_base || m->n_params < 1)
+    if (!m->be->host_memory || !m->be->decode_mm || m->acquire || m->prompt || m->qlora || m->w8 || m->n_w16 ||
+        m->windowed || m->buffers_external || m->part_base || m->n_params < 1)
         return 0;
+    if (hold_env_fp32()) { /* every weight read as fp32: on 2 MB pages once loaded (every page is written: no
+                               memory added) */
+        if (!src) huge_pages(m->weights, m->n_weights * sizeof(float), 1);
+        return 0;
+    }
     gen_state g;
     memset(&g, 0, sizeof g);
     state_dims(&g, m);
@@ -344,6 +378,7 @@ static int hold_units(st_model *m, st_gen_hold *h, const st_gen_hold_source *src
         st_gen_hold_free(h);
         return st_fail(ST_ENOMEM, "out of memory holding the weights in bf16");
     }
+    huge_pages(h->w16, m->n_weights * sizeof(uint16_t), 0);
     size_t n;
     for (int l = 0; l < g.L && !rc; l++)
         for (int k = 0; k < 4 && !rc; k++) {
@@ -357,8 +392,15 @@ static int hold_units(st_model *m, st_gen_hold *h, const st_gen_hold_source *src
         else hold_unit(m, h, tail[k], (size_t)g.V * g.C);
     }
     free(g.layers);
-    if (rc || (!src && !h->floats)) st_gen_hold_free(h);
-    return rc;
+    if (rc) {
+        st_gen_hold_free(h);
+        return rc;
+    }
+    if (!src && !h->floats) { /* nothing held (an fp32 source): the fp32 weights on 2 MB pages */
+        st_gen_hold_free(h);
+        huge_pages(m->weights, m->n_weights * sizeof(float), 1);
+    }
+    return 0;
 }
 
 int st_gen_hold_load(st_model *m, st_gen_hold *h, const st_gen_hold_source *src) {

@@ -36,6 +36,16 @@ void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32
 /* First key a query at position p sees: 0, or with a sliding window W the keys j with p - j < W. */
 static inline int first_key(int p, int window) { return window > 0 && p >= window ? p - window + 1 : 0; }
 
+/* A decode step's cached keys and values arrive from memory (the weights streamed since the last step
+ * have pushed them out of the caches), one head's slice of hd floats per position at a stride of kv_heads
+ * x hd: a stride the hardware prefetcher follows late, so the loops over positions prefetch the slice
+ * KEYS_AHEAD positions ahead (no effect on the arithmetic). */
+#define KEYS_AHEAD 16
+#define VALUES_AHEAD 64
+static inline void prefetch_slice(const float *p, int n) {
+    for (int b = 0; b < n * (int)sizeof(float); b += 64) __builtin_prefetch((const char *)p + b);
+}
+
 /* o[hd] = sum_j p[j] v_j (v_j: row j of vb, stride kvd), keys in order for every element. A chunk of
  * VALUE_CHUNK output dims stays in registers over all the keys (the same sums as an axpy per key, which
  * would store and reload o for every key). */
@@ -48,11 +58,13 @@ static void weigh_values(float *restrict o, const float *restrict p, const float
         if (w == VALUE_CHUNK)
             for (int j = 0; j < nk; j++) {
                 const float *restrict v = vb + (size_t)j * kvd + d0;
+                if (j + VALUES_AHEAD < nk) prefetch_slice(v + VALUES_AHEAD * kvd, VALUE_CHUNK);
                 for (int d = 0; d < VALUE_CHUNK; d++) acc[d] += p[j] * v[d];
             }
         else
             for (int j = 0; j < nk; j++) {
                 const float *restrict v = vb + (size_t)j * kvd + d0;
+                if (j + VALUES_AHEAD < nk) prefetch_slice(v + VALUES_AHEAD * kvd, w);
                 for (int d = 0; d < w; d++) acc[d] += p[j] * v[d];
             }
         memcpy(o + d0, acc, (size_t)w * sizeof(float));
@@ -73,6 +85,7 @@ static void attend_row(float *out, const float *qkv, const float *kcache, const 
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
         const float *k0 = kb + (size_t)j * kvd;
+        for (int t = 0; t < 4 && j + KEYS_AHEAD + t < nk; t++) prefetch_slice(k0 + (KEYS_AHEAD + t) * kvd, hd);
         float d4[4];
         st_cpu_dot4(d4, q, k0, k0 + kvd, k0 + 2 * kvd, k0 + 3 * kvd, hd);
         for (int r = 0; r < 4; r++) s[j + r] = d4[r] * scale;
@@ -106,6 +119,7 @@ static void attend_group(float *out, const float *qkv, const float *kcache, cons
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
         const float *k0 = kb + (size_t)j * kvd;
+        for (int t = 0; t < 4 && j + KEYS_AHEAD + t < nk; t++) prefetch_slice(k0 + (KEYS_AHEAD + t) * kvd, hd);
         for (int r = 0; r < G; r++) {
             float d4[4];
             st_cpu_dot4(d4, q + (size_t)r * hd, k0, k0 + kvd, k0 + 2 * kvd, k0 + 3 * kvd, hd);
@@ -318,6 +332,25 @@ DECODE_DOT(dot_w16, uint16_t, v_ld16, widen16)
  * products: streaming 256 KB costs far more than waking the team). */
 #define DECODE_PAR_MIN (1L << 16)
 
+/* A thread reads its weight rows as this many sequential streams side by side (row i of each quarter of
+ * its range in turn): one core's read rate from memory is bounded by the cache lines it has in flight,
+ * and the hardware prefetcher runs ahead on each stream it follows, so several streams keep more lines
+ * coming than one. On the 2-core AMD EPYC (Zen 3) VM, 1 thread, matrices streamed from memory: 4 streams
+ * read bf16 rows at 1.6-1.8x and fp32 rows at ~1.35x the rate of one stream (3 about the same, 6 and 8
+ * slower). Only the order in which outputs are computed changes: each is still its one dot product. */
+#define DECODE_STREAMS 4
+
+/* y[r, o] (+)= dot(x[r], W[o]) for every row r. */
+static inline void decode_out(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
+                              float beta, int o) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * in;
+        float d = w16 ? dot_w16(xr, w16 + (size_t)o * in, in) : dot_w32(xr, w + (size_t)o * in, in);
+        float *yo = y + (size_t)r * out + o;
+        *yo = beta != 0.0f ? *yo + d : d;
+    }
+}
+
 void st_cpu_decode_mm(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
                       float beta) {
     if (rows <= 0 || out <= 0) return;
@@ -327,12 +360,11 @@ void st_cpu_decode_mm(float *y, const float *x, const float *w, const uint16_t *
         int per = ((out + nt - 1) / nt + 15) / 16 * 16;
         int lo = id * per < out ? id * per : out;
         int hi = lo + per < out ? lo + per : out;
-        for (int o = lo; o < hi; o++)
-            for (int r = 0; r < rows; r++) {
-                const float *xr = x + (size_t)r * in;
-                float d = w16 ? dot_w16(xr, w16 + (size_t)o * in, in) : dot_w32(xr, w + (size_t)o * in, in);
-                float *yo = y + (size_t)r * out + o;
-                *yo = beta != 0.0f ? *yo + d : d;
+        int sub = (hi - lo + DECODE_STREAMS - 1) / DECODE_STREAMS; /* rows per stream */
+        for (int i = 0; i < sub; i++)
+            for (int s = 0; s < DECODE_STREAMS; s++) {
+                int o = lo + s * sub + i;
+                if (o < hi) decode_out(y, x, w, w16, rows, out, in, beta, o);
             }
     }
 }

@@ -451,21 +451,26 @@ static int teacher_bytes(const st_config *c, int world, size_t *out, size_t *loa
 
 static int streams(const st_config *c) { return st_plan_streams(c); }
 
-/* ZeRO-3 on CPU ranks: the floats of the frozen space's [flo, fhi) (comm.h: the frozen parameters but QLoRA's,
- * registry order) that worker/comm.c st_comm_drop_frozen_fp32 holds in bf16 only: of the frozen parameters
- * st_model_bf16_storable names, for a bf16 source under precision bf16 (as the rule below stage 3), 0 under
- * SHARDTUNE_FROZEN_FP32=1. Each costs 2 bytes (its bf16 part) instead of 4. */
-static size_t zero3_bf16_kept(const st_config *c, const st_model *m, const long *goff, size_t flo, size_t fhi) {
+/* ZeRO-3 on CPU ranks: whether frozen parameter i is held in bf16 only (worker/comm.c st_comm_drop_frozen_fp32):
+ * of the kinds st_model_bf16_storable names, for a bf16 source under precision bf16 (as the rule below stage 3),
+ * never under SHARDTUNE_FROZEN_FP32=1. Its part costs 2 bytes a float instead of 4, and its gathers fill the
+ * bf16 copy only (no fp32 working copy). */
+static int zero3_bf16_only(const st_config *c, const st_model *m, const long *goff, int i) {
     const char *keep = getenv("SHARDTUNE_FROZEN_FP32");
-    if ((keep && !strcmp(keep, "1")) || c->precision != ST_PRECISION_BF16 || c->backend == ST_BACKEND_CUDA ||
-        strcmp(m->cfg.dtype, "bfloat16") || c->finetune.mode == ST_FINETUNE_QLORA)
-        return 0;
+    return !(keep && !strcmp(keep, "1")) && c->precision == ST_PRECISION_BF16 && c->backend != ST_BACKEND_CUDA &&
+           !strcmp(m->cfg.dtype, "bfloat16") && c->finetune.mode != ST_FINETUNE_QLORA && goff[i] < 0 &&
+           st_model_bf16_storable(m, i);
+}
+
+/* The floats of the frozen space's [flo, fhi) (comm.h: the frozen parameters but QLoRA's, registry order) held
+ * in bf16 only (zero3_bf16_only). */
+static size_t zero3_bf16_kept(const st_config *c, const st_model *m, const long *goff, size_t flo, size_t fhi) {
     size_t n = 0, f = 0;
     for (int i = 0; i < m->n_params; i++) {
         if (goff[i] >= 0) continue;
         size_t a = f, b = f + m->params[i].numel;
         f = b;
-        if (!st_model_bf16_storable(m, i)) continue;
+        if (!zero3_bf16_only(c, m, goff, i)) continue;
         a = a > flo ? a : flo;
         b = b < fhi ? b : fhi;
         n += b > a ? b - a : 0;
@@ -670,7 +675,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                        goff[i] < 0; /* worker/qlora.c quantizable() */
             if (goff[i] < 0 && !held) nf += p->numel;
             every &= goff[i] >= 0;
-            if (gath) gath[i] = held ? -1 : 0;
+            if (gath) gath[i] = held || zero3_bf16_only(c, m, goff, i) ? -1 : 0; /* no fp32 gathered */
         }
         if (qbytes) whole = m->qlora ? m->n_weights - n - nf : m->n_weights - n - nf - qdrop; /* the scratch */
         size_t fshard = (nf + (size_t)world - 1) / (size_t)world, flo = fshard * (size_t)rank;

@@ -1560,16 +1560,6 @@ void st_comm_weights_loaded(st_comm *c, st_model *m) {
 
 /* ---- frozen parts held in bf16 only (comm.h st_comm_drop_frozen_fp32) ---- */
 
-/* Whether x[0, n) are all bf16 values (low 16 bits zero). */
-static int bf16_values(const float *x, size_t n) {
-    for (size_t k = 0; k < n; k++) {
-        uint32_t u;
-        memcpy(&u, x + k, sizeof u);
-        if (u & 0xffffu) return 0;
-    }
-    return 1;
-}
-
 size_t st_comm_drop_frozen_fp32(st_comm *c, st_model *m) {
     if (c->stage != 3 || c->z3dev || c->model != m || !c->z3_foff) return 0;
     int np = m->n_params, any = 0;
@@ -1578,7 +1568,7 @@ size_t st_comm_drop_frozen_fp32(st_comm *c, st_model *m) {
         size_t a, b;
         st_comm_param_keep(c, m, i, &a, &b);
         ok[i] = !st_model_fp32_dropped(m, i) && c->z3_foff[i] >= 0 && st_model_bf16_only_candidate(m, i) &&
-                bf16_values(m->weights + m->params[i].offset + a, b - a);
+                st_model_bf16_exact(m->weights + m->params[i].offset + a, b - a);
         any |= ok[i];
     }
     /* the ranks agree: held so only where every rank's part is bf16 values (a bf16 source; not a tensor

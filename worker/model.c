@@ -1091,6 +1091,8 @@ int st_model_bf16_only_candidate(const st_model *m, int i) {
 
 int st_model_bf16_storable(const st_model *m, int i) { return bf16_storable(m, i); }
 
+int st_model_bf16_exact(const float *x, size_t n) { return bf16_exact(x, n); }
+
 int st_model_set_fp32_dropped(st_model *m, int i, int on) {
     if (!m->w32_dropped && !on) return 0;
     if (!m->w32_dropped && !(m->w32_dropped = calloc((size_t)m->n_params, 1))) return -1;

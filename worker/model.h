@@ -345,6 +345,8 @@ size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *
 int st_model_bf16_only_candidate(const st_model *m, int i);
 /* Whether parameter i is of those kinds (the registry only: the planner's, coordinator/trainer/plan.c). */
 int st_model_bf16_storable(const st_model *m, int i);
+/* Whether host x[0, n) are all bf16 values (low 16 bits zero): their bf16 copy widens back to them exactly. */
+int st_model_bf16_exact(const float *x, size_t n);
 /* Marks parameter i as held in bf16 only (on) or not (st_model_fp32_dropped), for a caller that moved its
  * values itself (ZeRO-3: this rank's part of it). Returns -1 when the flags cannot be allocated. */
 int st_model_set_fp32_dropped(st_model *m, int i, int on);

@@ -36,6 +36,7 @@ int st_trainer_enter_stage(trainer *t, int s) {
                                    t->stages.stages[s].modules);
     /* frozen weights of a bf16 source held once, in bf16 (worker/model.h; st_model_set_trainable gave the
      * newly trainable ones their fp32 masters back, exactly) */
+    if (t->cfg->sharding.stage == 3) rc = st_trainer_agree(t, rc); /* the hold below is collective there */
     size_t w16 = rc ? 0 : st_trainer_hold_bf16(t);
     t->stage = s;
     if (!rc) st_trainer_report_bf16(t, w16);

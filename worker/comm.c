@@ -986,22 +986,26 @@ static void frozen_counts(const st_comm *c, size_t a, size_t b, int *counts, int
     }
 }
 
-/* The frozen parameters of [first, last) as runs contiguous in both the frozen space and m->weights:
- * c->z3_runs[3k] frozen offset, [3k + 1] weight offset, [3k + 2] length. Returns the number of runs. */
+/* The frozen parameters of [first, last) as runs contiguous in both the frozen space and m->weights and
+ * alike in storage: c->z3_runs[4k] frozen offset, [4k + 1] weight offset, [4k + 2] length, [4k + 3] 1 when
+ * held in bf16 only (st_comm_drop_frozen_fp32: its values in m->weights_bf16). Returns the number of runs. */
 static int frozen_runs(st_comm *c, int first, int last) {
     int nr = 0;
     size_t *r = c->z3_runs;
     for (int i = first; c->z3_foff && i < last; i++) {
         const st_param *p = &c->model->params[i];
         long f = foff(c, i);
+        size_t w16 = (size_t)st_model_fp32_dropped(c->model, i);
         if (f < 0 || !p->numel) continue;
-        if (nr && r[3 * nr - 3] + r[3 * nr - 1] == (size_t)f && r[3 * nr - 2] + r[3 * nr - 1] == p->offset) {
-            r[3 * nr - 1] += p->numel;
+        if (nr && r[4 * nr - 4] + r[4 * nr - 2] == (size_t)f && r[4 * nr - 3] + r[4 * nr - 2] == p->offset &&
+            r[4 * nr - 1] == w16) {
+            r[4 * nr - 2] += p->numel;
             continue;
         }
-        r[3 * nr] = (size_t)f;
-        r[3 * nr + 1] = p->offset;
-        r[3 * nr + 2] = p->numel;
+        r[4 * nr] = (size_t)f;
+        r[4 * nr + 1] = p->offset;
+        r[4 * nr + 2] = p->numel;
+        r[4 * nr + 3] = w16;
         nr++;
     }
     return nr;
@@ -1014,21 +1018,24 @@ static int gather_frozen(st_comm *c, int first, int last, MPI_Request *reqs, int
     int nr = frozen_runs(c, first, last), rc = MPI_SUCCESS;
     *nruns = 0;
     for (int k = 0; k < nr && rc == MPI_SUCCESS; k++) {
-        const size_t *run = c->z3_runs + 3 * k;
+        const size_t *run = c->z3_runs + 4 * k;
         int *cn = counts + (size_t)k * 2 * (size_t)c->world, *ds = cn + c->world;
         frozen_counts(c, run[0], run[0] + run[2], cn, ds);
-        float *at = c->model->weights + run[1];
+        /* held in bf16 only: its bf16 values travel (half the bytes), into the compute copy the matmuls read */
+        void *at = run[3] ? (void *)(c->model->weights_bf16 + run[1]) : (void *)(c->model->weights + run[1]);
+        MPI_Datatype t = run[3] ? MPI_UINT16_T : MPI_FLOAT;
         if (reqs) {
-            rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, at, cn, ds, MPI_FLOAT, c->comm, &reqs[k]);
+            rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, t, at, cn, ds, t, c->comm, &reqs[k]);
             if (rc == MPI_SUCCESS) (*nruns)++;
         } else {
-            rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, at, cn, ds, MPI_FLOAT, c->comm);
+            rc = MPI_Allgatherv(MPI_IN_PLACE, 0, t, at, cn, ds, t, c->comm);
         }
     }
     return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "stage-3 frozen parameter all-gather", c->rank);
 }
 
-/* Gives back the frozen weights of [first, last) outside this rank's part of the frozen space. */
+/* Gives back the frozen weights of [first, last) outside this rank's part of the frozen space (of one held in
+ * bf16 only: its bf16 copy's). */
 static void release_frozen(st_comm *c, int first, int last) {
     for (int i = first; c->z3_foff && i < last; i++) {
         const st_param *p = &c->model->params[i];
@@ -1036,8 +1043,14 @@ static void release_frozen(st_comm *c, int first, int last) {
         if (f < 0) continue;
         size_t a = (size_t)f, b = a + p->numel, w = p->offset;
         size_t e1 = b < c->flo ? b : c->flo, s2 = a > c->fhi ? a : c->fhi;
-        if (e1 > a) discard(c->model->weights, w, w + (e1 - a));
-        if (b > s2) discard(c->model->weights, w + (s2 - a), w + (b - a));
+        void *x = c->model->weights;
+        size_t elem = sizeof(float);
+        if (st_model_fp32_dropped(c->model, i)) {
+            x = c->model->weights_bf16;
+            elem = sizeof(uint16_t);
+        }
+        if (e1 > a) discard_bytes(x, elem, w, w + (e1 - a));
+        if (b > s2) discard_bytes(x, elem, w + (s2 - a), w + (b - a));
     }
 }
 
@@ -1154,6 +1167,7 @@ static void bf16_copy(const st_model *m, int first, int last, int make) {
     for (int i = first; i < last; i++) {
         const st_param *p = &m->params[i];
         if (st_qlora_fused(m) && st_qlora_holds(m, i)) continue;
+        if (st_model_fp32_dropped(m, i)) continue; /* its bf16 values were gathered; release_frozen gives them back */
         if (make)
             m->be->to_bf16(m->weights_bf16 + p->offset, m->weights + p->offset, p->numel);
         else
@@ -1207,7 +1221,10 @@ static int z3_embed_rows(void *ctx, const int32_t *ids, int n, float *out) {
     for (int i = 0; use && rc == MPI_SUCCESS && i < total; i++) {
         if (all[i] < 0 || (size_t)all[i] >= V) continue; /* not a token (the forward does not read it) */
         size_t s = (size_t)all[i] * C, lo = s > a ? s : a, hi = s + C < b ? s + C : b;
-        if (lo < hi) memcpy(tab + (size_t)i * C + (lo - s), m->weights + e0 + lo, (hi - lo) * sizeof(float));
+        if (lo < hi && st_model_fp32_dropped(m, 0)) /* held in bf16 only: widened, the fp32 bits exactly */
+            m->be->from_bf16((float *)(tab + (size_t)i * C + (lo - s)), m->weights_bf16 + e0 + lo, hi - lo);
+        else if (lo < hi)
+            memcpy(tab + (size_t)i * C + (lo - s), m->weights + e0 + lo, (hi - lo) * sizeof(float));
     }
     for (int r = 0; r < w; r++) rcounts[r] = counts[r] * (int)C;
     if (use && rc == MPI_SUCCESS) rc = MPI_Reduce_scatter(tab, out, rcounts, MPI_UINT32_T, MPI_BOR, c->comm);
@@ -1460,7 +1477,7 @@ static int frozen_space(st_comm *c, const st_model *m) {
     if (env && strcmp(env, "0") == 0) return 0;
     size_t np = (size_t)m->n_params, w = (size_t)c->world;
     c->z3_foff = malloc(np * sizeof(long));
-    c->z3_runs = malloc(3 * np * sizeof(size_t));
+    c->z3_runs = malloc(4 * np * sizeof(size_t));
     c->z3_pf_freqs = malloc(np * sizeof(MPI_Request));
     c->z3_pf_fcounts = malloc(np * 2 * w * sizeof(int));
     if (!c->z3_foff || !c->z3_runs || !c->z3_pf_freqs || !c->z3_pf_fcounts)
@@ -1481,6 +1498,19 @@ static int frozen_space(st_comm *c, const st_model *m) {
     c->z3_pf_qcounts = malloc(2 * w * sizeof(int));
     if (!c->z3_pf_qcounts) return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 frozen space", c->rank);
     return 0;
+}
+
+/* The bf16 compute copy given back (made per acquire), but this rank's part of a frozen parameter held in
+ * bf16 only (st_comm_drop_frozen_fp32): its one value. After a re-shard those parts are cut from the whole
+ * tensors the old communicator gathered (st_comm_reshard_optim). */
+static void discard_bf16(st_model *m) {
+    size_t lo = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        if (!st_model_fp32_dropped(m, i)) continue;
+        discard_bytes(m->weights_bf16, sizeof(uint16_t), lo, m->params[i].offset);
+        lo = m->params[i].offset + m->params[i].numel;
+    }
+    discard_bytes(m->weights_bf16, sizeof(uint16_t), lo, m->n_weights); /* the parts' edges: release_frozen's */
 }
 
 static int z3_init(st_comm *c, const st_model *cm) {
@@ -1517,7 +1547,7 @@ static int z3_init(st_comm *c, const st_model *cm) {
     release_frozen(c, 0, m->n_params);
     release_qlora(c, 0, m->n_params);
     if (m->grads) discard(m->grads, 0, m->grad_alloc);
-    if (m->weights_bf16) discard_bytes(m->weights_bf16, sizeof(uint16_t), 0, m->n_weights); /* made per acquire */
+    if (m->weights_bf16) discard_bf16(m); /* made per acquire */
     return 0;
 }
 
@@ -1527,6 +1557,50 @@ void st_comm_weights_loaded(st_comm *c, st_model *m) {
     release_frozen(c, 0, m->n_params);
 }
 
+
+/* ---- frozen parts held in bf16 only (comm.h st_comm_drop_frozen_fp32) ---- */
+
+size_t st_comm_drop_frozen_fp32(st_comm *c, st_model *m) {
+    if (c->stage != 3 || c->z3dev || c->model != m || !c->z3_foff) return 0;
+    int np = m->n_params, any = 0;
+    unsigned char ok[np + 1];
+    for (int i = 0; i < np; i++) {
+        size_t a, b;
+        st_comm_param_keep(c, m, i, &a, &b);
+        ok[i] = !st_model_fp32_dropped(m, i) && c->z3_foff[i] >= 0 && st_model_bf16_only_candidate(m, i) &&
+                st_model_bf16_exact(m->weights + m->params[i].offset + a, b - a);
+        any |= ok[i];
+    }
+    /* the ranks agree: held so only where every rank's part is bf16 values (a bf16 source; not a tensor
+     * trained earlier and frozen since) and every rank could make the flags */
+    if (any && st_model_set_fp32_dropped(m, 0, st_model_fp32_dropped(m, 0))) memset(ok, 0, (size_t)np);
+    int rc = np ? MPI_Allreduce(MPI_IN_PLACE, ok, np, MPI_UNSIGNED_CHAR, MPI_MIN, c->comm) : MPI_SUCCESS;
+    size_t n = 0;
+    for (int i = 0; i < np; i++) {
+        const st_param *p = &m->params[i];
+        size_t a, b;
+        st_comm_param_keep(c, m, i, &a, &b);
+        if (rc == MPI_SUCCESS && ok[i]) { /* this rank's part rounded (exactly), its fp32 pages back */
+            m->be->to_bf16(m->weights_bf16 + p->offset + a, m->weights + p->offset + a, b - a);
+            discard(m->weights, p->offset + a, p->offset + b);
+            st_model_set_fp32_dropped(m, i, 1);
+        }
+        if (st_model_fp32_dropped(m, i)) n += b - a;
+    }
+    return n;
+}
+
+void st_comm_restore_fp32(st_comm *c, st_model *m) {
+    for (int i = 0; c->stage == 3 && c->model == m && i < m->n_params; i++) {
+        if (!st_model_fp32_dropped(m, i)) continue;
+        const st_param *p = &m->params[i];
+        size_t a, b;
+        st_comm_param_keep(c, m, i, &a, &b);
+        m->be->from_bf16(m->weights + p->offset + a, m->weights_bf16 + p->offset + a, b - a);
+        discard_bytes(m->weights_bf16, sizeof(uint16_t), p->offset + a, p->offset + b);
+        st_model_set_fp32_dropped(m, i, 0);
+    }
+}
 
 /* ---------------- streaming load and final weights (stage 3 keeps parts) ---------------- */
 
@@ -1562,6 +1636,24 @@ void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, s
     *b = e - g;
 }
 
+/* st_comm_gather_param of a frozen parameter held in bf16 only (host memory): the parts travel as bf16 into
+ * the upper half of recv's bytes, then are widened in place upwards (element k's 4 bytes end at or below
+ * where element k + 1's 2 bytes start: each is read before anything overwrites it). Frees scratch. */
+static int gather_param_bf16(st_comm *c, const st_model *m, int i, float *recv, int *counts, int *displs, size_t a,
+                             size_t b, int root, float *scratch) {
+    size_t n = m->params[i].numel;
+    uint16_t *half = recv ? (uint16_t *)recv + n : NULL;
+    int rc = MPI_Gatherv(m->weights_bf16 + m->params[i].offset + a, (int)(b - a), MPI_UINT16_T, half, counts, displs,
+                         MPI_UINT16_T, root, c->comm);
+    if (rc == MPI_SUCCESS && c->rank == root && recv)
+        for (size_t k = 0; k < n; k++) {
+            uint32_t u = (uint32_t)half[k] << 16;
+            memcpy(recv + k, &u, sizeof u);
+        }
+    free(scratch);
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "gathering a parameter for the final weights", c->rank);
+}
+
 int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int root) {
     const st_param *p = &m->params[i];
     size_t g, lo, hi, a, b;
@@ -1580,6 +1672,7 @@ int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int r
         if (!scratch) for (int r = 0; r < c->world; r++) counts[r] = displs[r] = 0; /* nothing lands: no hang */
         recv = scratch;
     }
+    if (st_model_fp32_dropped(m, i)) return gather_param_bf16(c, m, i, recv, counts, displs, a, b, root, scratch);
     const float *part = st_model_part(m, i) + a;
     float *host = NULL; /* device memory: MPI is not CUDA-aware, the part goes through the host */
     if (on_device(m) && b > a) {

@@ -156,7 +156,7 @@ typedef struct {
      * parameters contiguous in both spaces (SHARDTUNE_ZERO3_SHARD_FROZEN=0: kept whole, as before) */
     long *z3_foff;          /* [n_params]: offset in the frozen space, -1 (trainable, kept whole) */
     size_t nf, fshard, flo, fhi;
-    size_t *z3_runs;        /* [3 * n_params]: a group's runs (frozen offset, weight offset, length) */
+    size_t *z3_runs;        /* [4 * n_params]: a group's runs (frozen offset, weight offset, length, bf16 only) */
     int z3_pf_nruns;        /* frozen runs of the prefetched group in flight */
     MPI_Request *z3_pf_freqs; /* [n_params] */
     int *z3_pf_fcounts;     /* [n_params * 2 * world] */
@@ -233,6 +233,18 @@ size_t st_comm_zero3_chunk_floats(size_t shard, int world);
 /* Stage 3: after something wrote the whole of m->weights (a checkpoint load), gives back the pages of
  * the weights this rank does not own. No-op for other stages. */
 void st_comm_weights_loaded(st_comm *c, st_model *m);
+
+/* Stage 3 on CPU ranks (worker/model.h st_model_drop_frozen_fp32's rule at ZeRO-3): every frozen parameter of the
+ * frozen space that st_model_bf16_only_candidate names and whose parts are bf16 values on every rank (checked
+ * with one all-reduce: the ranks agree) keeps this rank's part in m->weights_bf16 only (rounded, exactly; its
+ * fp32 pages given back; st_model_fp32_dropped then says so). Its gathers move bf16 into m->weights_bf16, its
+ * release gives back all but that part, st_comm_gather_param widens it, a re-shard cuts the new parts from the
+ * gathered bf16 tensors. Collective; idempotent; call once the weights are loaded and the trainable set is
+ * final. Returns the floats of this rank's parts held so; 0 below stage 3 and on a device. */
+size_t st_comm_drop_frozen_fp32(st_comm *c, st_model *m);
+/* Undoes it (before a reader of m->weights that does not know, generation): this rank's parts widened back into
+ * their fp32 places, exactly. Local. */
+void st_comm_restore_fp32(st_comm *c, st_model *m);
 
 /* Which elements of parameter i ([*a, *b) of its numel, registry layout) this rank keeps in m->weights:
  * all of it below stage 3 (and for a QLoRA-quantized parameter); at stage 3 its part of the rank's shard of

@@ -1106,6 +1106,29 @@ size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *
     return n;
 }
 
+/* ZeRO-3 (worker/comm.c st_comm_drop_frozen_fp32): the same kinds as bf16_storable under the same model-wide
+ * conditions as bf16_storage_on, with the residency hooks that stage 3 installs allowed. Registry + config
+ * only, so every rank names the same set. */
+int st_model_bf16_only_candidate(const st_model *m, int i) {
+    const char *keep = getenv("SHARDTUNE_FROZEN_FP32"); /* tests: 1 keeps every fp32 copy */
+    if (keep && !strcmp(keep, "1")) return 0;
+    if (m->precision != ST_PRECISION_BF16 || !m->weights_bf16 || !m->be->host_memory || m->qlora || m->windowed ||
+        m->grads_windowed || m->buffers_external || m->part_base || m->n_w16 || m->w8)
+        return 0;
+    return m->params[i].grad_offset < 0 && bf16_storable(m, i);
+}
+
+int st_model_bf16_storable(const st_model *m, int i) { return bf16_storable(m, i); }
+
+int st_model_bf16_exact(const float *x, size_t n) { return bf16_exact(x, n); }
+
+int st_model_set_fp32_dropped(st_model *m, int i, int on) {
+    if (!m->w32_dropped && !on) return 0;
+    if (!m->w32_dropped && !(m->w32_dropped = calloc((size_t)m->n_params, 1))) return -1;
+    m->w32_dropped[i] = on != 0;
+    return 0;
+}
+
 int st_model_set_activation_checkpointing(st_model *m, int on) {
     m->act_ckpt = on != 0;
     m->ckpt_bf16 = on == ST_MODEL_CKPT_BF16;

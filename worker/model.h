@@ -354,6 +354,19 @@ void st_model_fp32_rewritten(st_model *m);
  * *largest (may be NULL): the most floats of one of those tensors. */
 size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *largest);
 
+/* ZeRO-3 on CPU ranks (worker/comm.c st_comm_drop_frozen_fp32): whether frozen parameter i is of a kind held
+ * in bf16 only (as st_model_drop_frozen_fp32's, precision bf16 on a host backend, SHARDTUNE_FROZEN_FP32 unset);
+ * from the registry and the model's settings only (the same on every rank). Whether its values are bf16
+ * values is the caller's to check. */
+int st_model_bf16_only_candidate(const st_model *m, int i);
+/* Whether parameter i is of those kinds (the registry only: the planner's, coordinator/trainer/plan.c). */
+int st_model_bf16_storable(const st_model *m, int i);
+/* Whether host x[0, n) are all bf16 values (low 16 bits zero): their bf16 copy widens back to them exactly. */
+int st_model_bf16_exact(const float *x, size_t n);
+/* Marks parameter i as held in bf16 only (on) or not (st_model_fp32_dropped), for a caller that moved its
+ * values itself (ZeRO-3: this rank's part of it). Returns -1 when the flags cannot be allocated. */
+int st_model_set_fp32_dropped(st_model *m, int i, int on);
+
 /* Tells the model its fp32 weights were written (optimizer step, parameter all-gather, load), so the
  * bf16 copy is refreshed before the next forward. Every writer of m->weights calls it. */
 void st_model_weights_changed(st_model *m);

@@ -454,6 +454,31 @@ static int streams(const st_config *c) { return st_plan_streams(c); }
 int st_plan_loads_late(const st_config *c) {
     return c->sharding.stage < 3 && c->backend != ST_BACKEND_CUDA && c->finetune.mode != ST_FINETUNE_QLORA &&
            c->finetune.mode != ST_FINETUNE_FULL;
+/* ZeRO-3 on CPU ranks: whether frozen parameter i is held in bf16 only (worker/comm.c st_comm_drop_frozen_fp32):
+ * of the kinds st_model_bf16_storable names, for a bf16 source under precision bf16 (as the rule below stage 3),
+ * never under SHARDTUNE_FROZEN_FP32=1. Its part costs 2 bytes a float instead of 4, and its gathers fill the
+ * bf16 copy only (no fp32 working copy). */
+static int zero3_bf16_only(const st_config *c, const st_model *m, const long *goff, int i) {
+    const char *keep = getenv("SHARDTUNE_FROZEN_FP32");
+    return !(keep && !strcmp(keep, "1")) && c->precision == ST_PRECISION_BF16 && c->backend != ST_BACKEND_CUDA &&
+           !strcmp(m->cfg.dtype, "bfloat16") && c->finetune.mode != ST_FINETUNE_QLORA && goff[i] < 0 &&
+           st_model_bf16_storable(m, i);
+}
+
+/* The floats of the frozen space's [flo, fhi) (comm.h: the frozen parameters but QLoRA's, registry order) held
+ * in bf16 only (zero3_bf16_only). */
+static size_t zero3_bf16_kept(const st_config *c, const st_model *m, const long *goff, size_t flo, size_t fhi) {
+    size_t n = 0, f = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        if (goff[i] >= 0) continue;
+        size_t a = f, b = f + m->params[i].numel;
+        f = b;
+        if (!zero3_bf16_only(c, m, goff, i)) continue;
+        a = a > flo ? a : flo;
+        b = b < fhi ? b : fhi;
+        n += b > a ? b - a : 0;
+    }
+    return n;
 }
 
 static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
@@ -653,12 +678,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                        goff[i] < 0; /* worker/qlora.c quantizable() */
             if (goff[i] < 0 && !held) nf += p->numel;
             every &= goff[i] >= 0;
-            if (gath) gath[i] = held ? -1 : 0;
+            if (gath) gath[i] = held || zero3_bf16_only(c, m, goff, i) ? -1 : 0; /* no fp32 gathered */
         }
         if (qbytes) whole = m->qlora ? m->n_weights - n - nf : m->n_weights - n - nf - qdrop; /* the scratch */
         size_t fshard = (nf + (size_t)world - 1) / (size_t)world, flo = fshard * (size_t)rank;
         size_t kept = (flo + fshard < nf ? flo + fshard : nf) - (flo < nf ? flo : nf);
         size_t frozen = whole + kept; /* resident frozen floats */
+        size_t kept16 = zero3_bf16_kept(c, m, goff, flo, flo + fshard); /* of them held in bf16 only */
         /* gathered at once: a group's trainable and frozen weights, the next group's prefetched with them
          * (the frozen part always, the trainable part when every parameter trains) */
         size_t work = gath ? zero3_working_floats(m, gath, world > 1 && (every || nf)) : m->n_weights;
@@ -673,7 +699,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         /* QLoRA's quantized bytes sharded like the frozen space (comm.c z3_qb): this rank's part, and the
          * layer gathered (the next one prefetched with it) */
         size_t qwork = world > 1 ? 2 * qlayer : 0, qkept = world > 1 ? (qbytes - qacq + (size_t)world - 1) / (size_t)world + qacq : qbytes;
-        r->weights = (frozen + hi - lo + work) * sizeof(float) + qkept + qwork;
+        r->weights = (frozen + hi - lo + work) * sizeof(float) + qkept + qwork - kept16 * (sizeof(float) - sizeof(uint16_t));
         size_t bf_work = 0;
         if (c->precision == ST_PRECISION_BF16) { /* the compute copy of the group acquired (frozen weights
                                                     included) and of the shard the optimizer writes */
@@ -711,7 +737,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
         /* resume (train_ckpt.c): full / frozen: the parts and one tensor read, the moments read in place (CPU
          * ranks); else the whole weights (the base checked a tensor at a time) and the moments' host copy */
         r->at_resume = idle + (streams(c) && !adapters ? (frozen + hi - lo + largest) * sizeof(float)
-                                                       : (m->n_weights - qdrop + largest) * sizeof(float) + 2 * range * sizeof(float));
+                                                       : (m->n_weights - qdrop + largest) * sizeof(float) + 2 * range * sizeof(float)) +
+                       kept16 * sizeof(float); /* the parts held in bf16 only: their fp32 places written again, then held so again */
         return;
     }
     r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;

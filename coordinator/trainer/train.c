@@ -618,6 +618,7 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, alloc_step_buffers(t));
     if (!rc) rc = st_trainer_agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);
+    t->weights_read = !stream; /* ZeRO-3: streamed in below, once the communicator exists */
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
     if (!rc && t->teacher_dev && c->distill.teacher_dtype == ST_TEACHER_INT8) { /* packed group by group (collective) */
         rc = st_model_set_int8(&t->teacher, NULL);
@@ -626,6 +627,10 @@ static int setup(trainer *t) {
     }
     if (!rc && stream) rc = load_streamed(t);
     if (!rc && stream) rc = init_from_base(t);
+    t->weights_read = 1;
+    if (!rc && stream) st_trainer_report_bf16(t, st_trainer_hold_bf16(t)); /* ZeRO-3: the parts just read */
+    if (!rc && stream && report && !strcmp(report, "1"))
+        fprintf(stderr, "shardtune train: rank %d: resident after holding the frozen parts: %ld kB\n", t->rank, resident_kb());
     if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)
         fprintf(stderr, "shardtune train: rank %d: peak RSS after loading the model: %ld kB\n", t->rank, ru.ru_maxrss);
     if (!rc) rc = st_trainer_agree(t, read_job_texts(t));

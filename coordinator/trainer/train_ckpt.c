@@ -359,8 +359,8 @@ static int try_resume(trainer *t, const char *path) {
                                (t->model.n_weights - t->model.n_w16) * sizeof(float));
         st_model_weights_changed(&t->model);
         if (!own_base) st_model_fp32_rewritten(&t->model); /* every fp32 weight written again: the frozen ones go back to */
-        if (t->dp.stage < 3) st_model_drop_frozen_fp32(&t->model); /* bf16 only, where that is exact */
         st_comm_weights_loaded(&t->dp, &t->model); /* ZeRO-3 keeps its shard only */
+        st_trainer_hold_bf16(t); /* bf16 only, where that is exact (ZeRO-3: its parts; collective) */
         st_optim_restore(&t->optim, &t->model, mh, vh, steps);
         t->start_step = info.step;
         t->last_saved = info.step;

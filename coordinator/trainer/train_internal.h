@@ -61,6 +61,7 @@ typedef struct {
     st_stage_list stages; /* the fine-tuning schedule (coordinator/trainer/plan.h) */
     st_taskw taskw;       /* multi-task loss weighting (fixed or learned uncertainty) */
     int stage;            /* index of the current stage */
+    int weights_read;     /* the model's weights are in (ZeRO-3 streams them after the first stage is entered) */
     int micro, accum, T, slots; /* slots = micro * accum samples per rank per step */
     int32_t *inputs, *targets;
     float *mask, *weight;
@@ -123,6 +124,12 @@ void st_trainer_phase(trainer *t, st_phase phase);
 int st_trainer_agree(trainer *t, int rc);
 /* train_stage.c: makes stage s current (trainable set, shards, optimizer state carried over). */
 int st_trainer_enter_stage(trainer *t, int s);
+/* Frozen weights of a bf16 source held once, in bf16, where that is exact: st_model_drop_frozen_fp32 below
+ * ZeRO-3, st_comm_drop_frozen_fp32 (collective) at ZeRO-3 once t->weights_read. Returns the floats held so
+ * (ZeRO-3: of this rank's parts). */
+size_t st_trainer_hold_bf16(trainer *t);
+/* SHARDTUNE_REPORT_LOAD_RSS=1 (tests): the line naming the floats the current stage holds in bf16 only. */
+void st_trainer_report_bf16(const trainer *t, size_t w16);
 
 int st_trainer_step(trainer *t, int64_t step, st_step_result *r);
 /* Why a step with this (all-reduced) loss and grad norm must not be applied, or NULL; also updates the

@@ -325,7 +325,8 @@ int st_trainer_samples_run(trainer *t, int64_t completed) {
     int pe = 0;
     /* generation reads fp32 weights (worker/generate.c): the frozen ones held in bf16 only widened back for it,
      * exactly, and given back after; under LoRA the merged view widens them one group at a time instead */
-    if (!t->model.lora) st_model_restore_fp32(&t->model);
+    if (!t->model.lora && t->dp.stage == 3) st_comm_restore_fp32(&t->dp, &t->model); /* this rank's parts */
+    else if (!t->model.lora) st_model_restore_fp32(&t->model);
     int rc = st_trainer_agree(t, gen_model(t, &g, &v, &owned));
     if (!rc) {
         st_gen_flags f = s->f;
@@ -340,7 +341,7 @@ int st_trainer_samples_run(trainer *t, int64_t completed) {
     }
     if (owned) t->model.be->free(owned);
     if (owned) free(v.params);
-    if (t->dp.stage < 3) st_model_drop_frozen_fp32(&t->model);
+    st_trainer_hold_bf16(t);
     if (!rc) rc = st_trainer_agree(t, t->rank == 0 ? write_samples(t, completed, ans) : 0);
     st_answers_free(ans, t->rank == 0 ? s->ps.n : 0);
     st_trainer_phase(t, ST_PHASE_IDLE);

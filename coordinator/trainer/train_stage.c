@@ -21,6 +21,11 @@ static st_optim_config optim_config(const st_config *c) {
     return o;
 }
 
+size_t st_trainer_hold_bf16(trainer *t) {
+    if (t->dp.stage < 3) return st_model_drop_frozen_fp32(&t->model);
+    return t->weights_read ? st_comm_drop_frozen_fp32(&t->dp, &t->model) : 0; /* collective */
+}
+
 /* Makes stage `s` current: trainable set, gradient layout, shards and optimizer state. Parameters that
  * stay trainable keep their AdamW moments and step count; new ones start fresh (worker/comm.c). */
 int st_trainer_enter_stage(trainer *t, int s) {
@@ -31,10 +36,15 @@ int st_trainer_enter_stage(trainer *t, int s) {
                                    t->stages.stages[s].modules);
     /* frozen weights of a bf16 source held once, in bf16 (worker/model.h; st_model_set_trainable gave the
      * newly trainable ones their fp32 masters back, exactly) */
-    size_t w16 = !rc && t->dp.stage < 3 ? st_model_drop_frozen_fp32(&t->model) : 0;
-    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS"); /* tests: what the stage holds in bf16 only */
-    if (!rc && report && !strcmp(report, "1"))
-        fprintf(stderr, "shardtune train: rank %d: stage %d: %zu frozen weights held in bf16 only\n", t->rank, s, w16);
+    if (t->cfg->sharding.stage == 3) rc = st_trainer_agree(t, rc); /* the hold below is collective there */
+    size_t w16 = rc ? 0 : st_trainer_hold_bf16(t);
     t->stage = s;
+    if (!rc) st_trainer_report_bf16(t, w16);
     return rc;
+}
+
+void st_trainer_report_bf16(const trainer *t, size_t w16) {
+    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS"); /* tests: what the stage holds in bf16 only */
+    if (report && !strcmp(report, "1"))
+        fprintf(stderr, "shardtune train: rank %d: stage %d: %zu frozen weights held in bf16 only\n", t->rank, t->stage, w16);
 }

@@ -10,8 +10,8 @@ checkpoints written sync (from the live buffers, ZeRO-0/1) and async (the snapsh
 weights: widened back for it) equal too.
 The trainer's report (SHARDTUNE_REPORT_LOAD_RSS=1) must name exactly the frozen floats computed here from the
 safetensors file: the untied embedding and the frozen layers' matmul weights; 0 for the fp32 source (its
-values are not bf16 values: it keeps today's layout), at ZeRO-3 (not held in bf16 only there yet) and with the
-hook set. The plan's weights shrink by 4 bytes per held float. Measured peak RSS of a larger frozen run
+values are not bf16 values: it keeps today's layout; also at ZeRO-3, where the ranks agree on it with one
+all-reduce; the bf16 source at ZeRO-3 is test_frozen_bf16_zero3.py) and with the hook set. The plan's weights shrink by 4 bytes per held float. Measured peak RSS of a larger frozen run
 (Llama 4 x 256, vocab 32000, 1 rank, ZeRO-1) must match the plan within 15% as in test_dp_memory, both ways,
 and fall by the plan's saving within 25% of it.
 """
@@ -192,12 +192,12 @@ def main():
                 assert ia[k] == ib.get(k), f"resumed: {last} {k} differs"
         print(f"  progressive resumed at the stage change: final/ and {last}'s tensors identical")
 
-        # what keeps today's layout: an fp32 source, ZeRO-3
+        # what keeps today's layout: an fp32 source (ZeRO-3: test_frozen_bf16_zero3.py)
         held = run(jobs["frozen"], 1, common + ["sharding.stage=1", f"run_dir={root}/f32run", f"model.path={f32}"])
         assert set(held.values()) == {0}, f"fp32 source: {held}"
-        held = run(jobs["frozen"], 2, common + ["sharding.stage=3", f"run_dir={root}/z3run"])
-        assert set(held.values()) == {0}, f"ZeRO-3: {held}"
-        print("  fp32 source and ZeRO-3: nothing held in bf16 only (today's layout)")
+        held = run(jobs["frozen"], 2, common + ["sharding.stage=3", f"run_dir={root}/z3run", f"model.path={f32}"])
+        assert set(held.values()) == {0}, f"fp32 source, ZeRO-3: {held}"
+        print("  fp32 source (ZeRO-1 and ZeRO-3): nothing held in bf16 only (today's layout)")
 
         # the plan counts it: 4 bytes less per held float (rank weights), only for the bf16 source
         pov = common + ["sharding.stage=1"]

@@ -10,8 +10,8 @@ with eval.generate's samples: the merged view widens the base group by group) an
 snapshot); prompt tuning, prefix tuning and P-tuning (LSTM encoder) on 1 rank; a LoRA run stopped at step 2 and resumed (the checkpoint's
 base checksum checked against the base held in bf16 only); `export --merge` of the last checkpoint equal. The
 trainer's report (SHARDTUNE_REPORT_LOAD_RSS=1) must name exactly the floats computed here from the safetensors
-file (the untied embedding, every layer's 2-D weight and the untied head); 0 at ZeRO-3 (not held in bf16 only
-there yet). The plan's weights shrink by 4 bytes per held float; measured peak RSS of a larger LoRA run (Llama
+file (the untied embedding, every layer's 2-D weight and the untied head); ZeRO-3 is
+test_frozen_bf16_zero3.py. The plan's weights shrink by 4 bytes per held float; measured peak RSS of a larger LoRA run (Llama
 4 x 256, vocab 32000, 1 rank, ZeRO-1) matches the plan within 15% both ways and falls by the plan's saving
 within 25% of it. The load phase of that run (read after the adapters are attached, the frozen BF16 tensors
 straight into the bf16 copy, train.c load_late; with SHARDTUNE_FROZEN_FP32=1 every tensor as fp32) matches the
@@ -109,11 +109,6 @@ def main():
                 assert ia[k] == ib.get(k), f"resumed: {last} {k} differs"
         assert "@adapter_base_checksum" in ia, sorted(ia)[:10]
         print(f"  LoRA resumed on 2 ranks at ZeRO-2: final/ and {last}'s tensors and base checksum identical")
-
-        # ZeRO-3 keeps today's layout
-        held = fb.run(jobs["lora"], 2, common + ["sharding.stage=3", f"run_dir={root}/z3run"])
-        assert set(held.values()) == {0}, f"ZeRO-3: {held}"
-        print("  LoRA at ZeRO-3: nothing held in bf16 only (today's layout)")
 
         # the plan counts it: 4 bytes less per held float, only for the bf16 source
         pov = common + ["sharding.stage=1"]

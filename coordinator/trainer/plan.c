@@ -454,6 +454,8 @@ static int streams(const st_config *c) { return st_plan_streams(c); }
 int st_plan_loads_late(const st_config *c) {
     return c->sharding.stage < 3 && c->backend != ST_BACKEND_CUDA && c->finetune.mode != ST_FINETUNE_QLORA &&
            c->finetune.mode != ST_FINETUNE_FULL;
+}
+
 /* ZeRO-3 on CPU ranks: whether frozen parameter i is held in bf16 only (worker/comm.c st_comm_drop_frozen_fp32):
  * of the kinds st_model_bf16_storable names, for a bf16 source under precision bf16 (as the rule below stage 3),
  * never under SHARDTUNE_FROZEN_FP32=1. Its part costs 2 bytes a float instead of 4, and its gathers fill the

@@ -359,7 +359,8 @@ int st_model_bf16_storable(const st_model *m, int i);
 int st_model_grow_bf16(st_model *m, size_t old_n);
 
 /* Floats st_model_drop_frozen_fp32 would hold in bf16 only for the trainable set goff (registry-only model,
- * the planner's; a bf16 source, precision bf16 and a host backend below ZeRO-3 are the caller's to check);
+ * the planner's; a bf16 source, precision bf16 and ZeRO 0-2 are the caller's to check; on a device backend goff
+ * is the set no stage trains, st_model_bind_frozen_bf16's);
  * *largest (may be NULL): the most floats of one of those tensors. */
 size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *largest);
 

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dp_common as dp  # noqa: E402
 import test_dp_memory as mem  # noqa: E402
 import test_frozen_bf16 as fb  # noqa: E402
+import test_frozen_bf16_peft as fbp  # noqa: E402
 
 FAKE = os.path.join(os.environ.get("ST_BUILD_DIR", "build"), "fakedev")
 LORA = "finetune: { mode: lora, lora: { r: 4, alpha: 8, targets: [q_proj, v_proj, o_proj, up_proj, down_proj] } }\n"
@@ -100,16 +101,7 @@ def main():
             assert len(saved) == ranks and set(saved.values()) == {4 * want[mode]}, \
                 f"{tag}: device bytes between steps {dev_ref} -> {dev}, want {4 * want[mode]} less"
             k = fb.same_run(ref, new, tag)
-            if "eval.generate.every_steps=2" in more:
-                sa = [json.loads(x)["output_ids"] for x in open(os.path.join(ref, "samples.jsonl"))]
-                sb = [json.loads(x)["output_ids"] for x in open(os.path.join(new, "samples.jsonl"))]
-                assert sa == sb and len(sa) >= 6, f"{tag}: samples differ\n{sa}\n{sb}"
-                tag += ", eval.generate samples"
-            if mode in ("lora", "dora"):
-                from test_frozen_bf16_peft import merged
-                ma, mb = merged(ref, os.path.join(ref, "xm")), merged(new, os.path.join(new, "xm"))
-                assert ma == mb and ma, f"{tag}: export --merge differs"
-                tag += ", export --merge"
+            tag = fbp.same_extras(ref, new, mode, more, tag)  # eval.generate samples, export --merge
             print(f"  {tag}: {want[mode]} floats in bf16 only, {4 * want[mode]} device bytes less; "
                   f"{k} checkpoints, final/, losses identical")
 

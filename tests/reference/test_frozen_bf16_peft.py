@@ -45,6 +45,21 @@ def merged(rd, out):
     return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))}
 
 
+def same_extras(ref, new, mode, more, tag):
+    """eval.generate's samples (when the run made them) and, for LoRA / DoRA, `export --merge` of the last
+    checkpoint of runs ref and new agree; returns tag with what was compared."""
+    if "eval.generate.every_steps=2" in more:  # the merged view widens the base held in bf16 only
+        sa = [json.loads(x)["output_ids"] for x in open(os.path.join(ref, "samples.jsonl"))]
+        sb = [json.loads(x)["output_ids"] for x in open(os.path.join(new, "samples.jsonl"))]
+        assert sa == sb and len(sa) >= 6, f"{tag}: samples differ\n{sa}\n{sb}"
+        tag += ", eval.generate samples"
+    if mode in ("lora", "dora"):
+        ma, mb = merged(ref, os.path.join(ref, "xm")), merged(new, os.path.join(new, "xm"))
+        assert ma == mb and ma, f"{tag}: export --merge differs"
+        tag += ", export --merge"
+    return tag
+
+
 def main():
     t0 = time.time()
     root = dp.tmpdir("st_frozen_bf16_peft_")
@@ -76,15 +91,7 @@ def main():
             assert set(held_ref.values()) == {0}, f"{tag}: the hook kept nothing in bf16 only: {held_ref}"
             assert len(held) == ranks and set(held.values()) == {want}, f"{tag}: held {held}, want {want}"
             k = fb.same_run(ref, new, tag)
-            if "eval.generate.every_steps=2" in more:  # the merged view widens the base held in bf16 only
-                sa = [json.loads(x)["output_ids"] for x in open(os.path.join(ref, "samples.jsonl"))]
-                sb = [json.loads(x)["output_ids"] for x in open(os.path.join(new, "samples.jsonl"))]
-                assert sa == sb and len(sa) >= 6, f"{tag}: samples differ\n{sa}\n{sb}"
-                tag += ", eval.generate samples"
-            if mode in ("lora", "dora"):
-                ma, mb = merged(ref, os.path.join(ref, "xm")), merged(new, os.path.join(new, "xm"))
-                assert ma == mb and ma, f"{tag}: export --merge differs"
-                tag += ", export --merge"
+            tag = same_extras(ref, new, mode, more, tag)
             print(f"  {tag}: {want} base floats in bf16 only; {k} checkpoints, final/, losses identical")
 
         # resume: stopped at step 2, resumed to step 4 (check_base sums the base held in bf16 only)

@@ -66,13 +66,8 @@ def main():
         sys.exit(1)
     root = dp.tmpdir("st_frozen_bf16_device_")
     try:
-        f32 = dp.init_model(os.path.join(root, "f32"), "llama", 2, dim=64, heads=4, kv=2, vocab=256, max_seq=64)
-        b16 = fb.to_bf16_dir(f32, os.path.join(root, "b16"))
-        data = dp.make_dataset(os.path.join(root, "a.h5"), 256, 200, seed=1)
-        jobs = {name: dp.write_job(os.path.join(root, name + ".yaml"), b16, os.path.join(root, "x"),
-                                   [{"name": "a", "path": data}], text)
-                for name, text in (("lora", LORA), ("dora", DORA), ("prompt", PROMPT), ("ptuning", PTUNING),
-                                   ("frozen", FROZEN), ("progressive", PROGRESSIVE))}
+        _, b16, jobs = fbp.make_jobs(root, (("lora", LORA), ("dora", DORA), ("prompt", PROMPT), ("ptuning", PTUNING),
+                                            ("frozen", FROZEN), ("progressive", PROGRESSIVE)))
         t = dp.read_safetensors(os.path.join(b16, "model.safetensors"))
         base = fb.held_floats(b16, {0, 1}) + t["lm_head.weight"].size  # embedding, layers' 2-D weights, head
         want = {m: base for m in jobs}

@@ -10,6 +10,8 @@
 #   FINETUNE='{ mode: lora, lora: { r: 16, alpha: 32, targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] } }'
 #
 #   bench/frozen_plan_7b.sh [BUILD_DIR [RANKS [key=value ...]]]   (the overrides go to every `shardtune plan`)
+# e.g. `bench/frozen_plan_7b.sh build 8 backend=cuda --device-mem 80`: device ranks (the fp32 copy never allocated,
+# coordinator/trainer/train_frozen16.c).
 set -euo pipefail
 BIN=${1:-build}/shardtune
 RANKS=${2:-8}

@@ -260,7 +260,7 @@ static int check_base(hid_t f, const st_model *m, float *host_weights, const cha
         st_model_acquire(m, i, i + 1); /* ZeRO-3 shards the frozen base: one tensor gathered at a time */
         if (!host_weights) sum_own(m, i, piece, &sums[i]);
         else if (st_model_fp32_dropped(m, i)) /* held in bf16 only (a bf16 source): its fp32 value widened, exactly */
-            st_model_param_fp32(m, i, 0, p->numel, host_weights + p->offset);
+            st_model_param_fp32_host(m, i, 0, p->numel, host_weights + p->offset);
         else
             m->be->copy_to_host(host_weights + p->offset, st_model_param_weights(m, i), p->numel * sizeof(float));
         st_model_release(m, i, i + 1);

@@ -86,7 +86,7 @@ static uint64_t sum_w16(const st_model *m, int i, size_t a, size_t n) {
     uint64_t sum = 0;
     for (size_t k = 0; k < n; k += 4096) {
         size_t c = n - k < 4096 ? n - k : 4096;
-        st_model_param_fp32(m, i, a + k, c, piece); /* host memory (only host models hold bf16 only) */
+        st_model_param_fp32_host(m, i, a + k, c, piece); /* host memory; a device's copy widened on the host */
         sum += st_ckpt_checksum(piece, a + k, c); /* partial sums add up (ckpt.h) */
     }
     return sum;
@@ -109,7 +109,7 @@ static void fill(st_ckpt_snap *s, const st_model *m, const st_optim *o, int borr
         else if (borrow) q->w = live;
         else if (q->skip) q->w = NULL;
         else if (w16) {
-            st_model_param_fp32(m, i, q->ma, nw, at); /* host memory (only host models hold bf16 only) */
+            st_model_param_fp32_host(m, i, q->ma, nw, at); /* host memory; a device's copy widened on the host */
             q->w = at;
             at += nw;
         } else {

@@ -218,6 +218,11 @@ int st_model_read_param_bf16_range(st_safetensors *s, const st_model *m, int i, 
     return rc ? rc : st_safetensors_read_bf16_range(s, t, a, n, dst);
 }
 
+int st_model_param_file_dtype(const st_safetensors *s, const st_model *m, int i) {
+    const st_st_tensor *t = find_tensor(s, m, &m->params[i]);
+    return t ? t->dtype : -1;
+}
+
 int st_model_load_weights(st_model *m, const char *dir) { return st_model_load_weights_part(m, dir, NULL, NULL); }
 
 int st_model_open_registry(const char *dir, st_model *m) {
@@ -316,8 +321,8 @@ int st_model_save_dir_streamed(const st_model *m, const char *dir, uint64_t max_
 /* Parameter i from the model's own weights. */
 static int fetch_local(void *ctx, const st_model *m, int i, float *dst) {
     (void)ctx;
-    if (dst && st_model_fp32_dropped(m, i)) /* a frozen one held in bf16 only (host memory): widened, exactly */
-        st_model_param_fp32(m, i, 0, m->params[i].numel, dst);
+    if (dst && st_model_fp32_dropped(m, i)) /* a frozen one held in bf16 only: widened, exactly */
+        st_model_param_fp32_host(m, i, 0, m->params[i].numel, dst);
     else if (dst) m->be->copy_to_host(dst, m->weights + m->params[i].offset, m->params[i].numel * sizeof(float));
     return 0;
 }

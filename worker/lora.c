@@ -123,7 +123,8 @@ static int check_spec(const st_model *m, const st_lora_spec *s) {
     for (int l = 0; l < m->cfg.n_layer; l++) any |= !s->layers || s->layers[l];
     if (!any) return st_fail(ST_ECONFIG, "finetune.lora.layers selects no layer of a %d-layer model", m->cfg.n_layer);
     if (m->lora) return st_fail(ST_EINVAL, "the model already has LoRA adapters");
-    if (m->weights_bf16) /* the bf16 copy is sized for the weights before the adapters */
+    if (m->weights_bf16 && !m->n_w16) /* the bf16 copy is sized for the weights before the adapters (a bf16-only
+                                         part's copy came with the weights and grows with them: st_model_grow_bf16) */
         return st_fail(ST_EINVAL, "LoRA adapters must be attached before precision bf16 is set");
     return 0;
 }
@@ -226,8 +227,8 @@ static int fill_host(st_model *m, st_lora *lo, float *host, uint64_t seed, int w
             const adapter *a = &lo->ad[k];
             float *row = malloc((size_t)a->in * sizeof(float)), *mg = host + (m->params[a->mag].offset - m->n_base_weights);
             if (!row) return st_fail(ST_ENOMEM, "out of memory initializing DoRA");
-            for (int j = 0; j < a->out; j++) {
-                m->be->copy_to_host(row, m->weights + m->params[a->base].offset + (size_t)j * a->in, (size_t)a->in * sizeof(float));
+            for (int j = 0; j < a->out; j++) { /* a base held in bf16 only: widened, exactly (worker/model.h) */
+                st_model_param_fp32_host(m, a->base, (size_t)j * a->in, (size_t)a->in, row);
                 double ss = 0;
                 for (int i = 0; i < a->in; i++) ss += (double)row[i] * row[i];
                 mg[j] = (float)sqrt(ss);
@@ -246,7 +247,8 @@ static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
     if (rc) { free(host); return rc; }
     /* a model bound without weights (ZeRO-3 on a device, buffers_external): the adapters' floats only */
     int tail = m->buffers_external && !m->weights;
-    float *nw = m->be->alloc((tail ? extra + 1 : m->n_weights) * sizeof(float));
+    size_t w16 = m->n_w16; /* a bf16-only part (st_model_bind_frozen_bf16) has no fp32 place: not allocated */
+    float *nw = m->be->alloc((tail ? extra + 1 : m->n_weights - w16) * sizeof(float));
     if (!nw) { free(host); return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with LoRA adapters", m->n_weights * 4.0 / 1e6); }
     if (tail) {
         m->be->copy_to_device(nw, host, extra * sizeof(float));
@@ -255,12 +257,13 @@ static int init_weights(st_model *m, st_lora *lo, size_t extra, uint64_t seed) {
         free(host);
         return 0;
     }
-    if (!m->weights_unread) m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float)); /* else zeros */
+    nw -= w16;
+    if (!m->weights_unread) m->be->copy(nw + w16, m->weights + w16, (m->n_base_weights - w16) * sizeof(float)); /* else zeros */
     m->be->copy_to_device(nw + m->n_base_weights, host, extra * sizeof(float));
-    m->be->free(m->weights);
+    m->be->free(m->weights + w16);
     m->weights = nw;
     free(host);
-    return 0;
+    return st_model_grow_bf16(m, m->n_base_weights);
 }
 
 int st_lora_init_adapters(st_model *m) {

@@ -320,6 +320,10 @@ size_t st_model_grad_offsets(const st_model *m, const unsigned char *layer_mask,
 }
 
 int st_model_set_trainable(st_model *m, const unsigned char *layer_mask, unsigned module_mask) {
+    for (int i = 0; i < m->n_params; i++) /* st_model_bind_frozen_bf16: no fp32 place, for the whole run */
+        if (st_model_fp32_dropped(m, i) && m->params[i].offset < m->n_w16 && param_selected(m, i, layer_mask, module_mask))
+            return st_fail(ST_EINVAL, "%s is held in bf16 only (frozen for the whole run) and cannot train",
+                           m->params[i].name);
     size_t off = 0;
     int lowest = m->cfg.n_layer;
     m->embed_trained = 0;
@@ -1080,9 +1084,69 @@ void st_model_param_fp32(const st_model *m, int i, size_t a, size_t n, float *ds
     else m->be->copy(dst, m->weights + at, n * sizeof(float));
 }
 
+void st_model_param_fp32_host(const st_model *m, int i, size_t a, size_t n, float *host) {
+    size_t at = m->params[i].offset + a;
+    if (m->be->host_memory) { st_model_param_fp32(m, i, a, n, host); return; }
+    if (!st_model_fp32_dropped(m, i)) { m->be->copy_to_host(host, m->weights + at, n * sizeof(float)); return; }
+    uint16_t piece[4096];
+    for (size_t k = 0; k < n; k += 4096) { /* widening is exact: the bits from_bf16 gives */
+        size_t c = n - k < 4096 ? n - k : 4096;
+        m->be->copy_to_host(piece, m->weights_bf16 + at + k, c * sizeof(uint16_t));
+        for (size_t j = 0; j < c; j++) host[k + j] = st_bf16_bits_to_float(piece[j]);
+    }
+}
+
+int st_model_bf16_storable(const st_model *m, int i) { return bf16_storable(m, i); }
+
+int st_model_bind_frozen_bf16(st_model *m, const st_backend *be, const unsigned char *w16) {
+    if (m->be || m->lora || m->prompt || m->qlora) return st_fail(ST_EINVAL, "st_model_bind_frozen_bf16: not a bare registry");
+    size_t n16 = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (w16[i] && bf16_storable(m, i)) n16 += m->params[i].numel;
+    if (!n16) return st_model_bind(m, be, 1);
+    if (!be->to_bf16 || !be->from_bf16) return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", be->name);
+    int rc = st_model_bind(m, be, 0);
+    if (rc) return rc;
+    size_t lo = 0, hi = n16;
+    for (int i = 0; i < m->n_params; i++) { /* [bf16 only | fp32], each in registry order */
+        size_t *at = w16[i] && bf16_storable(m, i) ? &lo : &hi;
+        m->params[i].offset = *at;
+        *at += m->params[i].numel;
+    }
+    m->w32_dropped = calloc((size_t)m->n_params, 1);
+    float *w32 = be->alloc((m->n_weights - n16) * sizeof(float)); /* > 0: norms keep fp32 */
+    m->weights_bf16 = be->alloc(m->n_weights * sizeof(uint16_t));
+    if (!m->w32_dropped || !w32 || !m->weights_bf16) {
+        be->free(w32);
+        be->free(m->weights_bf16);
+        m->weights_bf16 = NULL;
+        return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights (%.1f MB of them in bf16 only)",
+                       (m->n_weights - n16) * 4.0 / 1e6 + m->n_weights * 2.0 / 1e6, n16 * 2.0 / 1e6);
+    }
+    for (int i = 0; i < m->n_params; i++) m->w32_dropped[i] = m->params[i].offset < n16;
+    m->weights = w32 - n16; /* nothing reads below n_w16 (model.h) */
+    m->n_w16 = n16;
+    m->weights_bf16_stale = 1;
+    return 0;
+}
+
+int st_model_grow_bf16(st_model *m, size_t old_n) {
+    if (!m->n_w16 || !m->weights_bf16 || !m->w32_dropped) return 0; /* (QLoRA's bf16-only part: its own layout) */
+    unsigned char *d = realloc(m->w32_dropped, (size_t)m->n_params);
+    uint16_t *nb = d ? m->be->alloc(m->n_weights * sizeof(uint16_t)) : NULL;
+    if (d) m->w32_dropped = d;
+    if (!nb) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the bf16 weight copy", m->n_weights * 2.0 / 1e6);
+    for (int i = 0; i < m->n_params; i++) m->w32_dropped[i] = m->params[i].offset < m->n_w16; /* the new ones: fp32 */
+    m->be->copy(nb, m->weights_bf16, old_n * sizeof(uint16_t));
+    m->be->free(m->weights_bf16);
+    m->weights_bf16 = nb;
+    m->weights_bf16_stale = 1;
+    return 0;
+}
+
 void st_model_restore_fp32(st_model *m) {
     for (int i = 0; m->w32_dropped && i < m->n_params; i++)
-        if (m->w32_dropped[i]) {
+        if (m->w32_dropped[i] && m->params[i].offset >= m->n_w16) { /* below n_w16: no fp32 place at all */
             const st_param *p = &m->params[i];
             m->be->from_bf16(m->weights + p->offset, m->weights_bf16 + p->offset, p->numel);
             m->w32_dropped[i] = 0;
@@ -1090,7 +1154,8 @@ void st_model_restore_fp32(st_model *m) {
 }
 
 void st_model_fp32_rewritten(st_model *m) {
-    if (m->w32_dropped) memset(m->w32_dropped, 0, (size_t)m->n_params);
+    for (int i = 0; m->w32_dropped && i < m->n_params; i++) /* below n_w16 they have no fp32 place to be written */
+        if (m->params[i].offset >= m->n_w16) m->w32_dropped[i] = 0;
     m->weights_bf16_stale = 1;
 }
 
@@ -1117,8 +1182,6 @@ int st_model_bf16_only_candidate(const st_model *m, int i) {
         return 0;
     return m->params[i].grad_offset < 0 && bf16_storable(m, i);
 }
-
-int st_model_bf16_storable(const st_model *m, int i) { return bf16_storable(m, i); }
 
 int st_model_bf16_exact(const float *x, size_t n) { return bf16_exact(x, n); }
 

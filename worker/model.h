@@ -349,8 +349,34 @@ void st_model_param_fp32(const st_model *m, int i, size_t a, size_t n, float *ds
 void st_model_restore_fp32(st_model *m);
 /* The fp32 weights were all written anew (resume): none is held in bf16 only any more, the copy is stale. */
 void st_model_fp32_rewritten(st_model *m);
+/* st_model_param_fp32 into host memory (any backend; a device's bf16 copy widened on the host, exactly: the
+ * same bits as the backend's from_bf16): the readers outside a step that write files (checkpoint snapshot and
+ * resume check, final/, the base checksums). */
+void st_model_param_fp32_host(const st_model *m, int i, size_t a, size_t n, float *host);
+
+/* Frozen weights stored once, in bf16, on a device backend (docs/finetune.md "Frozen weights under bf16"): a
+ * device buffer cannot give pages back, so there the choice is made before anything is allocated. w16[i] != 0
+ * names the parameters to hold in bf16 only (the caller's choice: frozen in every stage of the run, a bf16 source
+ * tensor, precision bf16, below ZeRO-3); of them those st_model_drop_frozen_fp32 would admit
+ * (st_model_bf16_storable) get their offsets first, [0, n_w16), in registry order, the rest after in registry
+ * order (q/k/v and gate/up stay adjacent: they are frozen together), and no fp32 storage: the model is bound to
+ * `be` with m->weights + n_w16 the fp32 allocation (nothing reads below it, as QLoRA's bf16-only part,
+ * worker/qlora.h) and the whole bf16 copy allocated (st_model_set_precision keeps it); those parameters read as
+ * st_model_fp32_dropped for good (st_model_restore_fp32 and st_model_fp32_rewritten leave them; one selected
+ * to train is refused by st_model_set_trainable). The caller then writes their bf16 values into weights_bf16
+ * and the others' fp32 values into m->weights. Call on a registry-only model, before adapters are attached
+ * (st_lora_attach / st_prompt_attach grow both buffers with it). No parameter admitted: an ordinary bind. */
+int st_model_bind_frozen_bf16(st_model *m, const st_backend *be, const unsigned char *w16);
+/* Whether parameter i is of a kind that may be held in bf16 only (see st_model_drop_frozen_fp32). */
+int st_model_bf16_storable(const st_model *m, int i);
+/* Regrows the bf16 copy of a model with a bf16-only part (st_model_bind_frozen_bf16) after its registry grew from
+ * old_n floats (adapters attached; w32_dropped grows with it): the new copy holds the old one's [0, old_n), the
+ * rest is made by the next refresh. A no-op for any other model. */
+int st_model_grow_bf16(st_model *m, size_t old_n);
+
 /* Floats st_model_drop_frozen_fp32 would hold in bf16 only for the trainable set goff (registry-only model,
- * the planner's; a bf16 source, precision bf16 and a host backend below ZeRO-3 are the caller's to check);
+ * the planner's; a bf16 source, precision bf16 and ZeRO 0-2 are the caller's to check; on a device backend goff
+ * is the set no stage trains, st_model_bind_frozen_bf16's);
  * *largest (may be NULL): the most floats of one of those tensors. */
 size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *largest);
 
@@ -359,8 +385,6 @@ size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *
  * from the registry and the model's settings only (the same on every rank). Whether its values are bf16
  * values is the caller's to check. */
 int st_model_bf16_only_candidate(const st_model *m, int i);
-/* Whether parameter i is of those kinds (the registry only: the planner's, coordinator/trainer/plan.c). */
-int st_model_bf16_storable(const st_model *m, int i);
 /* Whether host x[0, n) are all bf16 values (low 16 bits zero): their bf16 copy widens back to them exactly. */
 int st_model_bf16_exact(const float *x, size_t n);
 /* Marks parameter i as held in bf16 only (on) or not (st_model_fp32_dropped), for a caller that moved its

@@ -80,7 +80,8 @@ static int check(const st_model *m, int V, const char *mode, int encoder) {
         return st_fail(ST_ECONFIG, "finetune.%s.virtual_tokens must be >= 1, got %d",
                        strcmp(mode, "prefix_tuning") ? "prompt" : "prefix", V);
     if (m->lora || m->prompt) return st_fail(ST_EINVAL, "the model already has adapters");
-    if (m->weights_bf16) /* the bf16 copy is sized for the weights before the prompt's tensors */
+    if (m->weights_bf16 && !m->n_w16) /* the bf16 copy is sized for the weights before the prompt's tensors (a
+                                         bf16-only part's grows with them: st_model_grow_bf16) */
         return st_fail(ST_EINVAL, "finetune.mode %s: the prompt must be attached before precision bf16 is set", mode);
     (void)encoder;
     return 0;
@@ -120,12 +121,15 @@ static int add_entries(st_model *m, int n, const entry *e, uint64_t seed) {
     size_t extra = m->n_weights - m->n_base_weights;
     /* a model bound without weights (ZeRO-3 on a device, buffers_external): the prompt's floats only */
     int tail = m->buffers_external && !m->weights;
-    float *nw = m->be->alloc((tail ? extra + 1 : m->n_weights) * sizeof(float));
+    size_t w16 = m->n_w16; /* a bf16-only part (st_model_bind_frozen_bf16) has no fp32 place: not allocated */
+    float *nw = m->be->alloc((tail ? extra + 1 : m->n_weights - w16) * sizeof(float));
     if (!nw) return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for weights with a prompt", m->n_weights * 4.0 / 1e6);
     float *host = malloc(extra * sizeof(float) + 1);
     if (!host) { m->be->free(nw); return st_fail(ST_ENOMEM, "out of memory initializing the prompt"); }
     if (tail) nw -= m->n_base_weights; /* element offset n_base_weights is the allocation's first */
-    else if (!m->weights_unread) m->be->copy(nw, m->weights, m->n_base_weights * sizeof(float)); /* else zeros */
+    else nw -= w16;
+    if (!tail && !m->weights_unread)
+        m->be->copy(nw + w16, m->weights + w16, (m->n_base_weights - w16) * sizeof(float)); /* else zeros */
     st_rng rng;
     st_rng_seed(&rng, seed, 0x50726f6dull); /* "Prom": its own stream */
     float *dst = host;
@@ -135,10 +139,10 @@ static int add_entries(st_model *m, int n, const entry *e, uint64_t seed) {
                                   : (float)(e[k].bound * (2.0 * st_rng_uniform(&rng) - 1.0));
     m->be->copy_to_device(nw + m->n_base_weights, host, extra * sizeof(float));
     free(host);
-    if (!tail) m->be->free(m->weights);
+    if (!tail) m->be->free(m->weights + w16);
     m->weights = nw;
     m->weights_tail_only = tail;
-    return 0;
+    return st_model_grow_bf16(m, m->n_base_weights); /* a bf16-only part's copy grows with the registry */
 }
 
 static int add_param(st_model *m, int V, int C, uint64_t seed) {
@@ -302,6 +306,8 @@ int st_prompt_init_ids(st_model *m, const int32_t *ids, int n, const char *text,
         if (id < 0 || id >= m->cfg.vocab) return st_fail(ST_EINVAL, "prompt init token %d is outside the vocabulary", id);
         if (m->weights_tail_only) /* no base here (ZeRO-3 on a device): zeros, the rows come after the load */
             m->be->memset0(dst + (size_t)v * C, (size_t)C * sizeof(float));
+        else if (st_model_fp32_dropped(m, 0)) /* the embedding in bf16 only: its row widened, exactly */
+            m->be->from_bf16(dst + (size_t)v * C, m->weights_bf16 + m->params[0].offset + (size_t)id * C, (size_t)C);
         else
             m->be->copy(dst + (size_t)v * C, m->weights + m->params[0].offset + (size_t)id * C, (size_t)C * sizeof(float));
     }

@@ -381,7 +381,9 @@ int st_qlora_put_part(st_model *m, int i, size_t a, size_t n, const float *host)
     return 0;
 }
 
-int st_qlora_bf16_only(const st_model *m, int i) { return m->params[i].offset < m->n_w16 && !st_qlora_holds(m, i); }
+int st_qlora_bf16_only(const st_model *m, int i) { /* (a device's frozen bf16-only part has no QLoRA: model.h) */
+    return m->qlora && m->params[i].offset < m->n_w16 && !st_qlora_holds(m, i);
+}
 
 int st_qlora_held_bf16(const st_model *m) { return m->qlora && m->qlora->spec.bf16; }
 

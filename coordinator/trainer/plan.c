@@ -483,8 +483,8 @@ static size_t zero3_bf16_kept(const st_config *c, const st_model *m, const long 
     return n;
 }
 
-static void plan_rank(const st_config *c, const st_model *m, const long *goff, st_stage_plan *sp, int world,
-                      int rank, st_rank_plan *r, size_t teacher, size_t teacher_load) {
+static void plan_rank(const st_config *c, const st_model *m, const long *goff, const long *frozen_run,
+                      st_stage_plan *sp, int world, int rank, st_rank_plan *r, size_t teacher, size_t teacher_load) {
     int zero = c->sharding.stage;
     memset(r, 0, sizeof *r);
     r->lo = sp->shard * (size_t)rank;
@@ -545,11 +545,15 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
                       : (q32 - scratch) * sizeof(float) + qbytes - qfused;
     }
     /* frozen weights of a bf16 source held once, in bf16 (worker/model.h st_model_drop_frozen_fp32): host ranks
-     * below stage 3 under bf16 give their fp32 copy back once the trainable set is known (after the load) */
+     * below stage 3 under bf16 give their fp32 copy back once the trainable set is known (after the load); a
+     * device rank never allocates it (st_model_bind_frozen_bf16, coordinator/trainer/train_frozen16.c) for those
+     * that no stage of the run trains (frozen_run) */
     size_t w16only = 0, w16most = 0;
-    if (zero < 3 && c->precision == ST_PRECISION_BF16 && c->backend != ST_BACKEND_CUDA && !strcmp(m->cfg.dtype, "bfloat16") &&
-        c->finetune.mode != ST_FINETUNE_QLORA) /* QLoRA keeps its own layout (the registry here has no m->qlora) */
-        w16only = st_model_bf16_frozen_floats(m, goff, &w16most);
+    int cuda = c->backend == ST_BACKEND_CUDA;
+    if (zero < 3 && c->precision == ST_PRECISION_BF16 && !strcmp(m->cfg.dtype, "bfloat16") &&
+        c->finetune.mode != ST_FINETUNE_QLORA && /* QLoRA keeps its own layout (the registry here has no m->qlora) */
+        (!cuda || (frozen_run && c->finetune.mode != ST_FINETUNE_FULL)))
+        w16only = st_model_bf16_frozen_floats(m, cuda ? frozen_run : goff, &w16most);
     r->weights -= w16only * sizeof(float);
     r->grads = sp->n_trainable ? sp->n_pad * sizeof(float) : 0; /* model->grads: grad_alloc floats */
     if (zero == 2) r->grads += sp->shard * sizeof(float);        /* comm->shard_grads */
@@ -749,19 +753,21 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
     if (dev) r->host_save = copies;
     r->at_save = r->total - transient + (dev ? 0 : copies) + late;
     /* load: the weights as read, a tensor at a time (no host copy); the bf16 copy and the gradient / optimizer
-     * buffers come after, within the step total. Read after the adapters and the precision (st_plan_loads_late,
-     * train.c load_late: no copy of the base when the adapters grow the buffer), under bf16 the first stage's
-     * frozen bf16 tensors go straight into their bf16 copy, 2 bytes a float, their fp32 pages never touched (the
-     * other tensors' bf16 copy comes with the first forward) */
+     * buffers come after, within the step total. Host ranks read after the adapters and the precision
+     * (st_plan_loads_late, train.c load_late: no copy of the base when the adapters grow the buffer), under bf16
+     * the first stage's frozen bf16 tensors straight into their bf16 copy, 2 bytes a float, their fp32 pages never
+     * touched (the other tensors' bf16 copy comes with the first forward); a device rank holding frozen weights in
+     * bf16 only has the fp32 part and the whole bf16 copy from the start */
     size_t direct16 = st_plan_loads_late(c) ? w16only : 0;
-    r->at_load = (m->n_weights - direct16) * sizeof(float) + direct16 * sizeof(uint16_t) + stepbuf + (tr ? io : 0) +
-                 check + teacher;
+    r->at_load = (dev && w16only ? (m->n_weights - w16only) * sizeof(float) + m->n_weights * sizeof(uint16_t)
+                                 : (m->n_weights - direct16) * sizeof(float) + direct16 * sizeof(uint16_t)) +
+                 stepbuf + (tr ? io : 0) + check + teacher;
     /* QLoRA: quantized while read (train.c load_quantized), the layout's buffers from the start */
     if (c->finetune.mode == ST_FINETUNE_QLORA) r->at_load = stepbuf + qload + teacher;
     /* a sync save widens a bf16-only tensor's rows into a window of their own (checkpoints/ckpt_write.c; the
      * async snapshot widens into its copy); under adapters the frozen base is not written (its checksum is
      * summed from a stack piece) */
-    size_t wide = w16only && !c->checkpoint.async && !m->lora && !m->prompt ? (w16most / (size_t)world + 1) * sizeof(float) : 0;
+    size_t wide = w16only && !dev && !c->checkpoint.async && !m->lora && !m->prompt ? (w16most / (size_t)world + 1) * sizeof(float) : 0;
     r->at_ckpt = r->total - transient + bounce + wide + late;
     /* resume: a host image of the weights, of which the fp32 part is written (QLoRA: not below n_w16) */
     size_t image = q32 * sizeof(float) + 2 * range * sizeof(float);
@@ -776,7 +782,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, s
 }
 
 static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, size_t prev_pad, int world,
-                      long *goff, st_stage_plan *sp, const size_t *teacher, const size_t *teacher_load) {
+                      long *goff, const long *frozen_run, st_stage_plan *sp, const size_t *teacher,
+                      const size_t *teacher_load) {
     sp->at_step = s->at_step;
     sp->modules = s->modules;
     snprintf(sp->layers_spec, sizeof sp->layers_spec, "%s", s->layers_spec);
@@ -789,7 +796,8 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
         sp->transition_extra += prev_pad ? m->n_weights * sizeof(float) : 0;
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
-    for (int r = 0; r < world; r++) plan_rank(c, m, goff, sp, world, r, &sp->ranks[r], teacher[r], teacher_load[r]);
+    for (int r = 0; r < world; r++)
+        plan_rank(c, m, goff, frozen_run, sp, world, r, &sp->ranks[r], teacher[r], teacher_load[r]);
     return 0;
 }
 
@@ -822,13 +830,20 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
         return rc;
     }
     long *goff = malloc((size_t)m->n_params * sizeof(long));
+    long *frozen_run = malloc((size_t)m->n_params * sizeof(long)); /* -1: no stage trains it (grad_offset style) */
     out->stages = calloc((size_t)stages.n, sizeof *out->stages);
-    if (!goff || !out->stages) rc = st_fail(ST_ENOMEM, "out of memory");
+    if (!goff || !frozen_run || !out->stages) rc = st_fail(ST_ENOMEM, "out of memory");
+    for (int i = 0; !rc && i < m->n_params; i++) frozen_run[i] = -1;
+    for (int i = 0; !rc && i < stages.n; i++) {
+        st_model_grad_offsets(m, stages.stages[i].layers, stages.stages[i].modules, goff);
+        for (int k = 0; k < m->n_params; k++)
+            if (goff[k] >= 0) frozen_run[k] = 0;
+    }
     size_t prev_pad = 0;
     for (int i = 0; !rc && i < stages.n; i++) {
         st_stage_plan *sp = &out->stages[i];
         out->n_stages++;
-        rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, sp, teacher, teacher + world);
+        rc = plan_stage(c, m, &stages.stages[i], prev_pad, world, goff, frozen_run, sp, teacher, teacher + world);
         if (rc) break;
         /* setup happens in the first stage's layout (stage 3 streams only this rank's parts in) */
         for (int r = 0; i == 0 && r < world; r++) {
@@ -870,6 +885,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
         }
     }
     free(goff);
+    free(frozen_run);
     free(teacher);
     st_stage_list_free(&stages);
     if (rc) st_plan_free(out);

@@ -592,13 +592,17 @@ static int setup(trainer *t) {
         t->model.buffers_external = 1;
         if (!rc) rc = st_model_bind(&t->model, t->be, 0);
         rc = st_trainer_agree(t, rc);
-    } else if (!rc) rc = st_trainer_agree(t, stream || late ? st_model_open_dir(c->model.path, t->be, &t->model)
+    }
+    /* a device rank under bf16: frozen weights of a bf16 source in its bf16 copy only (train_frozen16.c) */
+    int w16 = 0;
+    if (!rc && !dev3 && !stream && !quant && !late) rc = st_trainer_agree(t, st_trainer_load_frozen_bf16(t, &w16));
+    if (!rc && !dev3 && !w16) rc = st_trainer_agree(t, stream || late ? st_model_open_dir(c->model.path, t->be, &t->model)
                                       : quant ? load_quantized(t)
                                               : st_model_load_dir(c->model.path, t->be, &t->model));
     t->model.weights_unread = stream || late; /* the adapters attach over zeros: the base is read after */
     if (!rc && t->rank == 0 && st_model_load_warning())
         fprintf(stderr, "shardtune train: warning: %s\n", st_model_load_warning());
-    int whole = !stream && !quant && !late; /* read whole, as fp32, before the adapters */
+    int whole = !stream && !quant && !late && !w16; /* read whole, as fp32, before the adapters */
     if (!rc && whole) rc = st_trainer_agree(t, t->rank == 0 ? st_model_check_finite(&t->model, c->model.path) : 0);
     if (!rc && whole) t->base_checksum = st_trainer_weights_checksum(t); /* a resume refuses another base model */
     if (!rc && !quant) rc = st_trainer_agree(t, st_plan_attach_adapters(c, &t->model));

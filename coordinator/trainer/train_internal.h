@@ -165,6 +165,10 @@ int st_trainer_check_compat(const trainer *t, const st_ckpt_info *info, const ch
 /* The same for the model: config.json keys and the base model's checksum (after the tensors loaded, so a
  * shape mismatch is reported naming the tensor). */
 int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const char *path);
+/* train_frozen16.c: a device rank under bf16 below ZeRO-3 loads the model with its frozen bf16-source weights
+ * in the bf16 copy only (worker/model.h st_model_bind_frozen_bf16), with the finite check and base_checksum
+ * done; *done 0: nothing to hold so (or SHARDTUNE_FROZEN_FP32=1): the caller loads as usual. Not collective. */
+int st_trainer_load_frozen_bf16(trainer *t, int *done);
 /* st_ckpt_checksum of the model's weights (never 0). */
 uint64_t st_trainer_weights_checksum(const trainer *t);
 /* This rank's, not collective: adds to *sum the checksum's terms of weights [first, first + n) (they add

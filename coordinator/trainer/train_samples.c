@@ -264,7 +264,10 @@ static int gen_model(const trainer *t, st_model *g, merged_view *v, float **owne
     const st_model *m = &t->model;
     *g = *m;
     *owned = NULL;
-    if (!m->lora) return 0;
+    /* without adapters the view is needed only for a bf16-only part without fp32 storage (a device's frozen
+     * weights, worker/model.h st_model_bind_frozen_bf16): the whole registry over a buffer of its own */
+    int plain = !m->lora && m->n_w16 && !m->qlora;
+    if (!m->lora && !plain) return 0;
     const st_backend *be = m->be;
     /* QLoRA: the quantized weights share one matmul unit's scratch in the trainer's layout; the view gives
      * them their own places, a layer's after n_base_weights (the view holds one layer at a time) */
@@ -283,17 +286,25 @@ static int gen_model(const trainer *t, st_model *g, merged_view *v, float **owne
             if (layer > extra) extra = layer;
         }
     }
-    float *w = be->alloc((m->n_base_weights + extra) * sizeof(float) + sizeof(float));
+    size_t nw = plain ? m->n_weights : m->n_base_weights + extra;
+    float *w = be->alloc(nw * sizeof(float) + sizeof(float));
     if (!w) {
         free(v->params);
-        return st_fail(ST_ENOMEM, "eval.generate: out of memory for the merged weights (%.1f MB)",
-                       (m->n_base_weights + extra) * 4.0 / 1e6);
+        return st_fail(ST_ENOMEM, "eval.generate: out of memory for the merged weights (%.1f MB)", nw * 4.0 / 1e6);
     }
     v->tm = m;
     v->w = w;
     v->rc = 0;
     g->weights = w;
     g->weights_bf16 = NULL;
+    if (plain) {
+        g->n_w16 = 0; /* the view holds every parameter in fp32 */
+        g->w32_dropped = NULL; /* the prompt's tensors are copied in by the same hooks (prompt_table acquires them) */
+        st_residency_hooks h = {.acquire = merged_acquire, .release = merged_release, .ctx = v};
+        st_model_set_residency(g, &h);
+        *owned = w;
+        return 0;
+    }
     if (v->params) g->params = v->params;
     g->n_params = m->n_base_params;
     g->n_weights = m->n_base_weights + extra;

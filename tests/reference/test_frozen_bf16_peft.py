@@ -48,17 +48,37 @@ def merged(rd, out):
     return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))}
 
 
+def make_jobs(root, texts):
+    """The test model (Llama 2 x 64, vocab 256: fp32, and its bf16 copy), a dataset and a job over the bf16 model
+    per (name, finetune section) of texts. Returns (fp32 dir, bf16 dir, {name: job path})."""
+    f32 = dp.init_model(os.path.join(root, "f32"), "llama", 2, dim=64, heads=4, kv=2, vocab=256, max_seq=64)
+    b16 = fb.to_bf16_dir(f32, os.path.join(root, "b16"))
+    data = dp.make_dataset(os.path.join(root, "a.h5"), 256, 200, seed=1)
+    return f32, b16, {name: dp.write_job(os.path.join(root, name + ".yaml"), b16, os.path.join(root, "x"),
+                                         [{"name": "a", "path": data}], text) for name, text in texts}
+
+
+def same_extras(ref, new, mode, more, tag):
+    """eval.generate's samples (when the run made them) and, for LoRA / DoRA, `export --merge` of the last
+    checkpoint of runs ref and new agree; returns tag with what was compared."""
+    if "eval.generate.every_steps=2" in more:  # the merged view widens the base held in bf16 only
+        sa = [json.loads(x)["output_ids"] for x in open(os.path.join(ref, "samples.jsonl"))]
+        sb = [json.loads(x)["output_ids"] for x in open(os.path.join(new, "samples.jsonl"))]
+        assert sa == sb and len(sa) >= 6, f"{tag}: samples differ\n{sa}\n{sb}"
+        tag += ", eval.generate samples"
+    if mode in ("lora", "dora"):
+        ma, mb = merged(ref, os.path.join(ref, "xm")), merged(new, os.path.join(new, "xm"))
+        assert ma == mb and ma, f"{tag}: export --merge differs"
+        tag += ", export --merge"
+    return tag
+
+
 def main():
     t0 = time.time()
     root = dp.tmpdir("st_frozen_bf16_peft_")
     try:
-        f32 = dp.init_model(os.path.join(root, "f32"), "llama", 2, dim=64, heads=4, kv=2, vocab=256, max_seq=64)
-        b16 = fb.to_bf16_dir(f32, os.path.join(root, "b16"))
-        data = dp.make_dataset(os.path.join(root, "a.h5"), 256, 200, seed=1)
-        jobs = {name: dp.write_job(os.path.join(root, name + ".yaml"), b16, os.path.join(root, "x"),
-                                   [{"name": "a", "path": data}], text)
-                for name, text in (("lora", LORA), ("dora", DORA), ("prompt", PROMPT), ("prefix", PREFIX),
-                                   ("ptuning", PTUNING))}
+        f32, b16, jobs = make_jobs(root, (("lora", LORA), ("dora", DORA), ("prompt", PROMPT), ("prefix", PREFIX),
+                                          ("ptuning", PTUNING)))
         common = ["train.steps=4", "train.seq_len=16", "train.micro_batch=4", "train.schedule=constant",
                   "train.warmup_steps=0", "precision=bf16", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
         want = base_floats(b16)
@@ -79,15 +99,7 @@ def main():
             assert set(held_ref.values()) == {0}, f"{tag}: the hook kept nothing in bf16 only: {held_ref}"
             assert len(held) == ranks and set(held.values()) == {want}, f"{tag}: held {held}, want {want}"
             k = fb.same_run(ref, new, tag)
-            if "eval.generate.every_steps=2" in more:  # the merged view widens the base held in bf16 only
-                sa = [json.loads(x)["output_ids"] for x in open(os.path.join(ref, "samples.jsonl"))]
-                sb = [json.loads(x)["output_ids"] for x in open(os.path.join(new, "samples.jsonl"))]
-                assert sa == sb and len(sa) >= 6, f"{tag}: samples differ\n{sa}\n{sb}"
-                tag += ", eval.generate samples"
-            if mode in ("lora", "dora"):
-                ma, mb = merged(ref, os.path.join(ref, "xm")), merged(new, os.path.join(new, "xm"))
-                assert ma == mb and ma, f"{tag}: export --merge differs"
-                tag += ", export --merge"
+            tag = same_extras(ref, new, mode, more, tag)
             print(f"  {tag}: {want} base floats in bf16 only; {k} checkpoints, final/, losses identical")
 
         # resume: stopped at step 2, resumed to step 4 (check_base sums the base held in bf16 only)

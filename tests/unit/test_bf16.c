@@ -438,6 +438,69 @@ static void test_frozen_bf16_only(void **state) {
     st_model_free(&ref);
 }
 
+/* The device layout (st_model_bind_frozen_bf16): layer 0's matmul weights and the untied embedding of a bf16
+ * source bound without fp32 storage (their offsets first, below the fp32 allocation), their values written into
+ * the bf16 copy only: loss and gradients equal the model that keeps both copies bit for bit, the widened values
+ * are the fp32 ones exactly, restore / rewritten leave them held, and training one is refused. */
+static void test_frozen_bf16_bound(void **state) {
+    (void)state;
+    cpu = st_backend_cpu(2);
+    st_model ref, m;
+    build(&ref, ST_FAMILY_LLAMA, 0, cpu);
+    for (size_t i = 0; i < ref.n_weights; i++) ref.weights[i] = st_bf16_round(ref.weights[i]); /* a bf16 source */
+    st_model_weights_changed(&ref);
+    memset(&m, 0, sizeof m);
+    assert_int_equal(st_model_build_registry(&m, &ref.cfg), 0);
+    unsigned char *w16 = calloc((size_t)m.n_params, 1);
+    size_t *at = malloc((size_t)m.n_params * sizeof *at), want = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const st_param *p = &m.params[i];
+        w16[i] = i == 0 || p->layer == 0; /* its norms too: not storable, they keep fp32 */
+        if (i == 0 || (p->layer == 0 && p->ndim == 2)) want += p->numel;
+        at[i] = p->offset;
+    }
+    assert_int_equal(st_model_bind_frozen_bf16(&m, cpu, w16), 0);
+    assert_true(m.n_w16 == want);
+    uint16_t *h = malloc(m.n_weights * sizeof *h);
+    for (int i = 0; i < m.n_params; i++) {
+        const st_param *p = &m.params[i];
+        int held = i == 0 || (p->layer == 0 && p->ndim == 2);
+        assert_int_equal(st_model_fp32_dropped(&m, i), held);
+        assert_int_equal(p->offset < m.n_w16, held);
+        for (size_t k = 0; k < p->numel; k++) h[k] = st_float_to_bf16_bits(ref.weights[at[i] + k]);
+        if (held) memcpy(m.weights_bf16 + p->offset, h, p->numel * sizeof *h);
+        else memcpy(m.weights + p->offset, ref.weights + at[i], p->numel * sizeof(float));
+    }
+    st_model_weights_changed(&m);
+    unsigned char top[2] = {0, 1}, all[2] = {1, 1};
+    m.grad_align = 1;
+    assert_int_equal(st_model_set_trainable(&m, top, ST_MOD_ALL), 0);
+    assert_int_equal(st_model_set_trainable(&ref, top, ST_MOD_ALL), 0);
+    assert_int_equal(st_model_alloc_activations(&m, 2, 12), 0);
+    assert_int_equal(st_model_set_precision(&m, ST_PRECISION_BF16), 0);
+    assert_int_equal(st_model_set_precision(&ref, ST_PRECISION_BF16), 0);
+    float *g = malloc(m.n_grads * 4), *gr = malloc(ref.n_grads * 4), *wide = malloc(ref.n_weights * 4);
+    assert_true(m.n_grads == ref.n_grads);
+    for (int round = 0; round < 2; round++) {
+        assert_true(run_step(&m, g) == run_step(&ref, gr));
+        assert_memory_equal(g, gr, m.n_grads * 4);
+        assert_int_equal(st_model_check_bf16_copy(&m), 0);
+        st_model_restore_fp32(&m); /* no fp32 place: still held */
+        st_model_fp32_rewritten(&m);
+        st_model_weights_changed(&m);
+    }
+    for (int i = 0; i < m.n_params; i++) {
+        st_model_param_fp32_host(&m, i, 0, m.params[i].numel, wide + at[i]);
+        assert_int_equal(st_model_fp32_dropped(&m, i), m.params[i].offset < m.n_w16);
+    }
+    assert_memory_equal(wide, ref.weights, ref.n_weights * 4);
+    assert_int_equal(st_model_set_trainable(&m, all, ST_MOD_ALL), ST_EINVAL);
+    assert_non_null(strstr(st_error(), "bf16 only"));
+    free(g), free(gr), free(wide), free(h), free(at), free(w16);
+    st_model_free(&m);
+    st_model_free(&ref);
+}
+
 static void test_model_refusals(void **state) {
     (void)state;
     cpu = st_backend_cpu(2);
@@ -462,6 +525,7 @@ int main(void) {
         cmocka_unit_test(test_model_bf16),
         cmocka_unit_test(test_model_refusals),
         cmocka_unit_test(test_frozen_bf16_only),
+        cmocka_unit_test(test_frozen_bf16_bound),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

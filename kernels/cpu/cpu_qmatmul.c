@@ -11,8 +11,10 @@
  * (unit.test_qlora) hold it to that. One exception: a one-row input gradient (m 1, trans 1) runs OpenBLAS's
  * sgemv per panel, whose sum order depends on the call's length (the whole-matrix path's own result changes
  * with the thread count there): within fp32 summation error, not bit for bit. The panels split the output
- * columns near-evenly and none is small enough for OpenBLAS's small-matrix kernels unless the whole product is
- * (st_qmatmul_panel: those sum K in one pass, the blocked kernels in chunks). Compiled with -ffp-contract=off: the double-quantized scale is q8 * scale2, rounded,
+ * columns near-evenly at multiples of 16 (oneDNN's AVX2 tiles) and none is small enough for OpenBLAS's
+ * small-matrix kernels unless the whole product is (st_qmatmul_panel: those sum K in one pass, the blocked
+ * kernels in chunks). OpenBLAS 0.3.21's Haswell/Zen sgemm kernels order a sum by the call's column blocking,
+ * so with SHARDTUNE_SGEMM=openblas on such a CPU the bits are not guaranteed (the tests probe the library). Compiled with -ffp-contract=off: the double-quantized scale is q8 * scale2, rounded,
  * then + mean, as dequant_int8 + add_scalar. bf16 ST_QMM_W16: W's panels rounded as under bf16 1, X read as is. */
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/bf16.h"
@@ -90,8 +92,9 @@ static void panel(float *c, const float *xa, const st_qweight *w, int m, int tra
     }
 }
 
-/* The first column of panel q of np over n columns: q n / np rounded down to a multiple of 4 (n for q = np). */
-static int edge(int q, int np, int n) { return q >= np ? n : (int)((long)q * n / np / 4 * 4); }
+/* The first column of panel q of np over n columns: q n / np rounded down to a multiple of 16 (n for q = np),
+ * so every panel's sgemm tiles its columns as the whole-matrix call does (see st_qmatmul_panel). */
+static int edge(int q, int np, int n) { return q >= np ? n : (int)((long)q * n / np / 16 * 16); }
 
 void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta, float *scratch,
                     size_t scratch_floats) {
@@ -104,7 +107,7 @@ void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans,
         return;
     }
     const int P = st_qmatmul_panel(m, len, n), np = (n + P - 1) / P;
-    const size_t xs = bf16 == 1 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0, slot = ((size_t)P + 4) * (size_t)len;
+    const size_t xs = bf16 == 1 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0, slot = ((size_t)P + 16) * (size_t)len;
     const size_t slots = scratch_floats > xs ? (scratch_floats - xs) / slot : 0;
     const float *xa = slots && w->block > 0 && w->nparts >= 1 && w->nparts <= ST_QW_PARTS
                           ? operand(x, bf16, scratch, (size_t)m * (size_t)len)

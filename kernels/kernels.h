@@ -370,6 +370,10 @@ static inline int st_qmatmul_panel(int m, int len, int n) {
     return (int)(p < nn ? p : nn);
 }
 
+/* The first output column of panel q of np over n columns: q n / np rounded down to a multiple of 16 (n for
+ * q = np), so every panel's sgemm tiles its columns as the whole-matrix call does (see st_qmatmul_panel). */
+static inline int st_qmatmul_edge(int q, int np, int n) { return q >= np ? n : (int)((long)q * n / np / 16 * 16); }
+
 /* Floats of scratch qmatmul needs on the CPU backend with `threads` threads: X's bf16 values as fp32
  * (bf16 1 only, padded to 64 bytes), then one panel slot ((P + 16) x len floats) per thread. A smaller scratch
  * runs fewer threads (one slot at the least). */

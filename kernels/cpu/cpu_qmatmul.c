@@ -92,10 +92,6 @@ static void panel(float *c, const float *xa, const st_qweight *w, int m, int tra
     }
 }
 
-/* The first column of panel q of np over n columns: q n / np rounded down to a multiple of 16 (n for q = np),
- * so every panel's sgemm tiles its columns as the whole-matrix call does (see st_qmatmul_panel). */
-static int edge(int q, int np, int n) { return q >= np ? n : (int)((long)q * n / np / 16 * 16); }
-
 void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta, float *scratch,
                     size_t scratch_floats) {
     int R = 0;
@@ -125,7 +121,7 @@ void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans,
         int id = omp_get_thread_num(), team = omp_get_num_threads();
         float *mine = scratch + xs + (size_t)id * slot;
         for (int q = id; q < np; q += team) { /* panel q: columns [edge(q), edge(q + 1)) */
-            int j0 = edge(q, np, n), pn = edge(q + 1, np, n) - j0;
+            int j0 = st_qmatmul_edge(q, np, n), pn = st_qmatmul_edge(q + 1, np, n) - j0;
             panel(c, xa, w, m, trans, bf16, beta, R, j0, pn, mine);
         }
     }

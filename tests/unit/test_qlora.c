@@ -411,6 +411,34 @@ static void qmatmul_case(st_qlora_quant quant, int dq, int np) {
     qunit_free(&u);
 }
 
+/* Where st_cpu_matmul splits C by rows (m >= n, a product big enough to wake the team), qmatmul runs its panels
+ * in the same row blocks (st_cpu_matmul_rows): its bits are dequantize-then-matmul's at the same thread count,
+ * not only on one thread (oneDNN 2.6 on AVX2 orders a sum by the call's row count). */
+static void test_qmatmul_rows(void **state) {
+    (void)state;
+    const st_backend *be = st_backend_cpu(0);
+    qunit_t u;
+    st_qweight qw;
+    qunit_build(&u, &qw, ST_QLORA_NF4, 1, 1, 11u);
+    int m = 600, n = qrows[0], k = QC, rb = st_cpu_matmul_rows(m, n, k);
+    float *x = malloc((size_t)m * k * sizeof(float)), *c0 = malloc((size_t)m * n * sizeof(float));
+    float *c1 = malloc((size_t)m * n * sizeof(float));
+    for (size_t i = 0; i < (size_t)m * k; i++) x[i] = (float)((int)((i * 37) % 19) - 9) / 7.0f;
+    size_t nsc = st_qmatmul_scratch_floats(m, n, k, 0, 0, 4);
+    float *sc = malloc(nsc * sizeof(float));
+    be->matmul(c0, x, u.w, m, n, k, 0, 1, 1.0f, 0.0f); /* the whole-matrix path at this thread count */
+    be->qmatmul(c1, st_mm_f32(x), &qw, m, 0, 0, 0.0f, sc, nsc);
+    if (split_exact(x, u.w, m, n, 0, 0)) {
+        assert_memory_equal(c0, c1, (size_t)m * n * sizeof(float));
+    } else {
+        print_message("qmatmul rows: the sgemm library's bits change with the column split (probe): float64 bound only\n");
+    }
+    print_message("qmatmul rows: m %d n %d k %d in row blocks of %d\n", m, n, k, rb);
+    assert_true(qbound_ratio(c1, x, u.w, m, n, 0, 0) <= 1.0);
+    free(x), free(c0), free(c1), free(sc);
+    qunit_free(&u);
+}
+
 static void test_qmatmul_fused(void **state) {
     (void)state;
     qmatmul_case(ST_QLORA_NF4, 1, 3); /* q/k/v-like unit */
@@ -661,6 +689,7 @@ int main(void) {
         cmocka_unit_test(test_double_quant),
         cmocka_unit_test(test_matmul_units),
         cmocka_unit_test(test_qmatmul_fused),
+        cmocka_unit_test(test_qmatmul_rows),
         cmocka_unit_test(test_fused_model),
         cmocka_unit_test(test_no_scratch),
         cmocka_unit_test(test_place_scratch),

@@ -358,10 +358,10 @@ static inline size_t st_matmul_bf16_scratch_floats(int m, int n, int k) {
  * columns) rounded up to 16. The n columns are split into ceil(n / P) panels of near-equal widths whose edges
  * are multiples of 16 (widths at most P + 15): oneDNN's AVX2 sgemm (2.6) sums a column that falls in a last tile
  * of 8 or fewer columns in another order than one in a full 16-column tile, so only edges on the whole matrix's
- * own 16-column tiles give its bits (bench/sgemm_split_probe; AVX-512 tolerates any multiple of 4). Each panel
- * is at least 2^20 / (m len) columns wide: OpenBLAS's small-matrix sgemm kernels (SkylakeX: m n k <= 10^6) sum
- * k in one pass where the blocked ones sum it in chunks, so no panel may fall under that size unless the
- * whole product does (the bits would then differ from the whole-matrix sgemm's). */
+ * own 16-column tiles give its bits (test_qlora.c split_exact measures it; AVX-512 takes any multiple of 4).
+ * Each panel is at least 2^20 / (m len) columns wide: OpenBLAS's small-matrix sgemm kernels (SkylakeX:
+ * m n k <= 10^6) sum k in one pass where the blocked ones sum it in chunks, so no panel may fall under that size
+ * unless the whole product does (the bits would then differ from the whole-matrix sgemm's). */
 static inline int st_qmatmul_panel(int m, int len, int n) {
     long p = len > 0 ? 262144L / len : 16, small = m > 0 && len > 0 ? (1L << 20) / ((long)m * len) + 1 : 0;
     if (p < 2 * small + 32) p = 2 * small + 32; /* a panel is then at least n / np - 15 > P / 2 - 15 > small */

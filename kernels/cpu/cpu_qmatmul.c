@@ -8,14 +8,15 @@
  *   whole, so each output element is still one sum over R in the library's order).
  * Each output element is therefore the same sgemm dot product over the same K as dequantize-then-matmul
  * (st_cpu_matmul splits C into blocks the same way; where it splits C by rows, each panel runs in the same row
- * blocks, st_cpu_matmul_rows, since oneDNN 2.6 on AVX2 picks its kernel by the call's row count too), and the result is that path's bit for bit; the tests
- * (unit.test_qlora) hold it to that. One exception: a one-row input gradient (m 1, trans 1) runs OpenBLAS's
- * sgemv per panel, whose sum order depends on the call's length (the whole-matrix path's own result changes
- * with the thread count there): within fp32 summation error, not bit for bit. The panels split the output
- * columns near-evenly at multiples of 16 (oneDNN's AVX2 tiles) and none is small enough for OpenBLAS's
- * small-matrix kernels unless the whole product is (st_qmatmul_panel: those sum K in one pass, the blocked
- * kernels in chunks). OpenBLAS 0.3.21's Haswell/Zen sgemm kernels order a sum by the call's column blocking,
- * so with SHARDTUNE_SGEMM=openblas on such a CPU the bits are not guaranteed (the tests probe the library). Compiled with -ffp-contract=off: the double-quantized scale is q8 * scale2, rounded,
+ * blocks, st_cpu_matmul_rows, since oneDNN 2.6 on AVX2 picks its kernel by the call's row count too), and the
+ * result is that path's bit for bit; the tests (unit.test_qlora) hold it to that. One exception: a one-row input
+ * gradient (m 1, trans 1) runs OpenBLAS's sgemv per panel, whose sum order depends on the call's length (the
+ * whole-matrix path's own result changes with the thread count there): within fp32 summation error, not bit for
+ * bit. The panels split the output columns near-evenly at multiples of 16 (oneDNN's AVX2 tiles) and none is small
+ * enough for OpenBLAS's small-matrix kernels unless the whole product is (st_qmatmul_panel: those sum K in one
+ * pass, the blocked kernels in chunks). OpenBLAS 0.3.21's Haswell/Zen sgemm kernels order a sum by the call's
+ * column blocking, so with SHARDTUNE_SGEMM=openblas on such a CPU the bits are not guaranteed (the tests probe
+ * the library and say so). Compiled with -ffp-contract=off: the double-quantized scale is q8 * scale2, rounded,
  * then + mean, as dequant_int8 + add_scalar. bf16 ST_QMM_W16: W's panels rounded as under bf16 1, X read as is. */
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/bf16.h"

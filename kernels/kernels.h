@@ -355,27 +355,34 @@ static inline size_t st_matmul_bf16_scratch_floats(int m, int n, int k) {
 
 /* qmatmul's CPU panels: about 256 Ki floats of W each (1 MB: an L2) — panel width P output columns
  * (rows of W for trans 0, len = K; columns of W for trans 1, len = R), a multiple of 16, at most n (the output
- * columns) rounded up to 16. The n columns are split into ceil(n / P) panels of near-equal widths (multiples of
- * 4, at most P + 3), each at least 2^20 / (m len) columns wide: OpenBLAS's small-matrix sgemm kernels (m n k
- * <= 10^6) sum k in one pass where the blocked ones sum it in chunks, so no panel may fall under that size
+ * columns) rounded up to 16. The n columns are split into ceil(n / P) panels of near-equal widths whose edges
+ * are multiples of 16 (widths at most P + 15): oneDNN's AVX2 sgemm (2.6) sums a column that falls in a last tile
+ * of 8 or fewer columns in another order than one in a full 16-column tile, so only edges on the whole matrix's
+ * own 16-column tiles give its bits (test_qlora.c split_exact measures it; AVX-512 takes any multiple of 4).
+ * Each panel is at least 2^20 / (m len) columns wide: OpenBLAS's small-matrix sgemm kernels (SkylakeX:
+ * m n k <= 10^6) sum k in one pass where the blocked ones sum it in chunks, so no panel may fall under that size
  * unless the whole product does (the bits would then differ from the whole-matrix sgemm's). */
 static inline int st_qmatmul_panel(int m, int len, int n) {
     long p = len > 0 ? 262144L / len : 16, small = m > 0 && len > 0 ? (1L << 20) / ((long)m * len) + 1 : 0;
-    if (p < 2 * small + 8) p = 2 * small + 8;
+    if (p < 2 * small + 32) p = 2 * small + 32; /* a panel is then at least n / np - 15 > P / 2 - 15 > small */
     p = (p + 15) / 16 * 16;
     long nn = ((long)n + 15) / 16 * 16;
     return (int)(p < nn ? p : nn);
 }
 
+/* The first output column of panel q of np over n columns: q n / np rounded down to a multiple of 16 (n for
+ * q = np), so every panel's sgemm tiles its columns as the whole-matrix call does (see st_qmatmul_panel). */
+static inline int st_qmatmul_edge(int q, int np, int n) { return q >= np ? n : (int)((long)q * n / np / 16 * 16); }
+
 /* Floats of scratch qmatmul needs on the CPU backend with `threads` threads: X's bf16 values as fp32
- * (bf16 1 only, padded to 64 bytes), then one panel slot ((P + 4) x len floats) per thread. A smaller scratch
+ * (bf16 1 only, padded to 64 bytes), then one panel slot ((P + 16) x len floats) per thread. A smaller scratch
  * runs fewer threads (one slot at the least). */
 #define ST_QMM_W16 2 /* qmatmul's bf16 argument: W rounded to bf16, X fp32 as is */
 static inline size_t st_qmatmul_scratch_floats(int m, int rows, int cols, int trans, int bf16, int threads) {
     if (m <= 0 || rows <= 0 || cols <= 0) return 0;
     int len = trans ? rows : cols, n = trans ? cols : rows;
     size_t xs = bf16 == 1 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0;
-    return xs + ((size_t)st_qmatmul_panel(m, len, n) + 4) * (size_t)len * (size_t)(threads > 0 ? threads : 1);
+    return xs + ((size_t)st_qmatmul_panel(m, len, n) + 16) * (size_t)len * (size_t)(threads > 0 ? threads : 1);
 }
 
 /* AdamW's per-range scalars, computed in double and rounded to float once, where PyTorch hands them to

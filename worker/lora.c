@@ -545,8 +545,10 @@ static const float *dora_weight(const st_model *m, int k) {
 /* c = m / ||W + scale B A||_row for adapter k (into lo->c, lo->inv_n), over as many rows at a time as lo->ba
  * holds: all of them (one B @ A, one dora_norm), or over a fused QLoRA base a panel of rows, W NULL: the base's
  * rows dequantized panel by panel (st_qlora_rows; rounded to bf16 under bf16, as the base matmul reads them).
- * Each row's norm is its own sum (dora_norm) and each element of B @ A its own r-term dot product, so the
- * panels give the whole matrix's bits. */
+ * Each row's norm is its own sum (dora_norm) and each element of B @ A its own r-term dot product, but the sgemm
+ * library may order that product by the call's row count (oneDNN 2.6 on AVX2 picks its kernel, FMA or not, by
+ * the shape): over any QLoRA base, fused or not, B @ A therefore runs in the same st_qlora_panel_rows panels, so
+ * the fused and the unfused model make the same calls and get the same bits on every ISA. */
 static int dora_scale(st_model *m, int k, const float *W) {
     st_lora *lo = m->lora;
     const adapter *a = &lo->ad[k];
@@ -555,6 +557,7 @@ static int dora_scale(st_model *m, int k, const float *W) {
     float *c = lo->c + (size_t)k * lo->max_out, *inv = lo->inv_n + (size_t)k * lo->max_out;
     size_t fit = lo->ba_floats / (size_t)a->in;
     int P = fit >= (size_t)a->out ? a->out : (int)fit, r16 = m->precision == ST_PRECISION_BF16;
+    if (st_qlora_holds(m, a->base) && st_qlora_panel_rows(m, a->base) < P) P = st_qlora_panel_rows(m, a->base);
     if (P < 1) return st_fail(ST_EINVAL, "DoRA: no room for a row of B A"); /* ba_floats covers a panel */
     for (int j0 = 0; j0 < a->out; j0 += P) {
         int n = a->out - j0 < P ? a->out - j0 : P;

@@ -149,6 +149,15 @@ void st_cpu_sgemm_one(int ta, int tb, int m, int n, int k, float alpha, const fl
     sgemm_block(sgemm_dnnl(), ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+/* The length of each of st_cpu_matmul's blocks over len rows or columns on a team of nt: a multiple of 16. */
+static int matmul_block(int len, int nt) { return ((len + nt - 1) / nt + 15) / 16 * 16; }
+
+int st_cpu_matmul_rows(int m, int n, int k) {
+    if (m < n || (long)m * n * k < ST_MATMUL_PAR_MIN || m < 32 || omp_in_parallel()) return m;
+    int nt = omp_get_max_threads();
+    return nt > 1 ? matmul_block(m, nt) : m;
+}
+
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta) {
     if (m <= 0 || n <= 0) return;
@@ -168,7 +177,7 @@ void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k
 #pragma omp parallel if ((long)m * n * k >= ST_MATMUL_PAR_MIN && len >= 32)
     {
         int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        int per = ((len + nt - 1) / nt + 15) / 16 * 16;
+        int per = matmul_block(len, nt);
         int lo = id * per < len ? id * per : len;
         int hi = lo + per < len ? lo + per : len;
         if (hi > lo) {

@@ -132,6 +132,11 @@ void st_cpu_sgemm_one(int ta, int tb, int m, int n, int k, float alpha, const fl
 /* qmatmul (kernels.h): the fused dequantize-matmul, panels of W dequantized per thread (cpu_qmatmul.c). */
 void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta, float *scratch,
                     size_t scratch_floats);
+/* The rows of each block st_cpu_matmul splits C into for this shape on the calling thread's team (a multiple of
+ * 16, the last block shorter): it splits by rows when m >= n and the product is big enough to wake the team;
+ * m when it does not. The sgemm library may order a sum by the call's row count (oneDNN 2.6 on AVX2), so
+ * qmatmul runs the same row blocks to keep the whole-matrix path's bits. */
+int st_cpu_matmul_rows(int m, int n, int k);
 void st_cpu_matmul(float *c, const float *a, const float *b, int m, int n, int k, int trans_a, int trans_b,
                    float alpha, float beta);
 void st_cpu_bias_add(float *y, const float *bias, int n, int c);

@@ -7,12 +7,16 @@
  *   input gradient (trans 1), C[m, K] = X W: a panel is P columns of W over all R rows (the sum dimension stays
  *   whole, so each output element is still one sum over R in the library's order).
  * Each output element is therefore the same sgemm dot product over the same K as dequantize-then-matmul
- * (st_cpu_matmul splits C into blocks the same way), and the result is that path's bit for bit; the tests
- * (unit.test_qlora) hold it to that. One exception: a one-row input gradient (m 1, trans 1) runs OpenBLAS's
- * sgemv per panel, whose sum order depends on the call's length (the whole-matrix path's own result changes
- * with the thread count there): within fp32 summation error, not bit for bit. The panels split the output
- * columns near-evenly and none is small enough for OpenBLAS's small-matrix kernels unless the whole product is
- * (st_qmatmul_panel: those sum K in one pass, the blocked kernels in chunks). Compiled with -ffp-contract=off: the double-quantized scale is q8 * scale2, rounded,
+ * (st_cpu_matmul splits C into blocks the same way; where it splits C by rows, each panel runs in the same row
+ * blocks, st_cpu_matmul_rows, since oneDNN 2.6 on AVX2 picks its kernel by the call's row count too), and the
+ * result is that path's bit for bit; the tests (unit.test_qlora) hold it to that. One exception: a one-row input
+ * gradient (m 1, trans 1) runs OpenBLAS's sgemv per panel, whose sum order depends on the call's length (the
+ * whole-matrix path's own result changes with the thread count there): within fp32 summation error, not bit for
+ * bit. The panels split the output columns near-evenly at multiples of 16 (oneDNN's AVX2 tiles) and none is small
+ * enough for OpenBLAS's small-matrix kernels unless the whole product is (st_qmatmul_panel: those sum K in one
+ * pass, the blocked kernels in chunks). OpenBLAS 0.3.21's Haswell/Zen sgemm kernels order a sum by the call's
+ * column blocking, so with SHARDTUNE_SGEMM=openblas on such a CPU the bits are not guaranteed (the tests probe
+ * the library and say so). Compiled with -ffp-contract=off: the double-quantized scale is q8 * scale2, rounded,
  * then + mean, as dequant_int8 + add_scalar. bf16 ST_QMM_W16: W's panels rounded as under bf16 1, X read as is. */
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/bf16.h"
@@ -70,7 +74,7 @@ static const float *operand(st_mm_in x, int bf16, float *slot, size_t n) {
 
 /* Panel q of the product: dequantized into slot, then its sgemm (or sgemv) into C's columns [j0, j0 + pn). */
 static void panel(float *c, const float *xa, const st_qweight *w, int m, int trans, int bf16, float beta, int R,
-                  int j0, int pn, float *slot) {
+                  int j0, int pn, float *slot, int rb) {
     const int K = w->cols;
     if (!trans)
         for (int r = 0; r < pn; r++) dq_row(slot + (size_t)r * K, w, j0 + r, 0, K, bf16);
@@ -83,15 +87,17 @@ static void panel(float *c, const float *xa, const st_qweight *w, int m, int tra
             cblas_sgemv(CblasRowMajor, CblasNoTrans, pn, K, 1.0f, slot, K, xa, 1, beta, c + j0, 1);
         else
             cblas_sgemv(CblasRowMajor, CblasTrans, R, pn, 1.0f, slot, pn, xa, 1, beta, c + j0, 1);
-    } else if (!trans) {
-        st_cpu_sgemm_one(0, 1, m, pn, K, 1.0f, xa, K, slot, K, beta, c + j0, ldc);
-    } else {
-        st_cpu_sgemm_one(0, 0, m, pn, R, 1.0f, xa, R, slot, pn, beta, c + j0, ldc);
+    } else { /* in st_cpu_matmul's row blocks of rb rows (the whole-matrix call's row counts) */
+        const int len = trans ? R : K;
+        for (int i0 = 0; i0 < m; i0 += rb) {
+            int mb = m - i0 < rb ? m - i0 : rb;
+            const float *xi = xa + (size_t)i0 * (size_t)len;
+            float *ci = c + (size_t)i0 * (size_t)ldc + j0;
+            if (!trans) st_cpu_sgemm_one(0, 1, mb, pn, K, 1.0f, xi, K, slot, K, beta, ci, ldc);
+            else st_cpu_sgemm_one(0, 0, mb, pn, R, 1.0f, xi, R, slot, pn, beta, ci, ldc);
+        }
     }
 }
-
-/* The first column of panel q of np over n columns: q n / np rounded down to a multiple of 4 (n for q = np). */
-static int edge(int q, int np, int n) { return q >= np ? n : (int)((long)q * n / np / 4 * 4); }
 
 void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans, int bf16, float beta, float *scratch,
                     size_t scratch_floats) {
@@ -104,7 +110,7 @@ void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans,
         return;
     }
     const int P = st_qmatmul_panel(m, len, n), np = (n + P - 1) / P;
-    const size_t xs = bf16 == 1 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0, slot = ((size_t)P + 4) * (size_t)len;
+    const size_t xs = bf16 == 1 ? ((size_t)m * (size_t)len + 15) / 16 * 16 : 0, slot = ((size_t)P + 16) * (size_t)len;
     const size_t slots = scratch_floats > xs ? (scratch_floats - xs) / slot : 0;
     const float *xa = slots && w->block > 0 && w->nparts >= 1 && w->nparts <= ST_QW_PARTS
                           ? operand(x, bf16, scratch, (size_t)m * (size_t)len)
@@ -113,6 +119,7 @@ void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans,
         for (size_t i = 0; i < (size_t)m * (size_t)n; i++) c[i] = NAN;
         return;
     }
+    const int rb = st_cpu_matmul_rows(m, n, len); /* before the team: st_cpu_matmul's own split at this shape */
     int nt = omp_get_max_threads();
     if ((size_t)nt > slots) nt = (int)slots;
     if (nt > np) nt = np;
@@ -122,8 +129,8 @@ void st_cpu_qmatmul(float *c, st_mm_in x, const st_qweight *w, int m, int trans,
         int id = omp_get_thread_num(), team = omp_get_num_threads();
         float *mine = scratch + xs + (size_t)id * slot;
         for (int q = id; q < np; q += team) { /* panel q: columns [edge(q), edge(q + 1)) */
-            int j0 = edge(q, np, n), pn = edge(q + 1, np, n) - j0;
-            panel(c, xa, w, m, trans, bf16, beta, R, j0, pn, mine);
+            int j0 = st_qmatmul_edge(q, np, n), pn = st_qmatmul_edge(q + 1, np, n) - j0;
+            panel(c, xa, w, m, trans, bf16, beta, R, j0, pn, mine, rb);
         }
     }
 }

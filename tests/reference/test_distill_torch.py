@@ -33,6 +33,10 @@ from test_bf16_torch import U_BF16, bf16_emulation  # noqa: E402
 REF_MODEL = os.path.join(os.environ.get("ST_BUILD_DIR", "build"), "ref_model")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 TOL = 1e-5
+# fp32 gradients: within GRAD_BOUND x the error float32 torch itself makes on the same step (err <= BOUND u kappa with
+# kappa measured, as test_bf16_torch's (a)), TOL the floor: a sgemm's rounding depends on the CPU's kernels (oneDNN /
+# OpenBLAS on AVX2 sum in other orders than on AVX-512), so a fixed 1e-5 held on one ISA only
+GRAD_BOUND = 2.0
 V, B, T = 100, 2, 16
 STUDENT = dict(model_type="llama", hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=V, max_position_embeddings=32, rms_norm_eps=1e-6,
@@ -147,10 +151,11 @@ def main():
     w = (w / w.sum()).astype(np.float32)
     batch = os.path.join(tmp, "batch.safetensors")
     st_io.write(batch, {"inputs": inputs, "targets": targets, "weight": w})
-    student = RefModel(STUDENT, st_w, torch.float64)
+    student, student32 = RefModel(STUDENT, st_w, torch.float64), RefModel(STUDENT, st_w, torch.float32)
     for tname, tcfg in TEACHERS.items():
         tdir = os.path.join(tmp, tname)
-        teacher = RefModel(tcfg, make(tdir, tcfg, rng, 0.3), torch.float64)  # a confident teacher
+        t_w = make(tdir, tcfg, rng, 0.3)
+        teacher, teacher32 = RefModel(tcfg, t_w, torch.float64), RefModel(tcfg, t_w, torch.float32)  # confident
         check_bf16_teacher(tmp, sdir, student, batch, inputs, targets, w, tname, tdir, teacher)
         for temp, alpha in ((2.0, 0.5), (1.0, 1.0), (4.0, 0.9), (2.0, 0.0)):
             label = f"{tname} T={temp} alpha={alpha}"
@@ -168,8 +173,12 @@ def main():
             check_(label + " kd", abs(ours["kd"][0] - kd) <= TOL * max(kd, ce), f"{ours['kd'][0]} vs {kd}")
             check_(label + " ce", rel(ours["ce"], [ce]) < TOL, f"{ours['ce'][0]} vs {ce}")
             check_(label + " loss_per_pos", rel(ours["loss_per_pos"], per) < TOL, f"{rel(ours['loss_per_pos'], per):.2e}")
+            g32 = torch_kd(student32, teacher32, inputs, targets, w, temp, alpha)[4]
             worst = max(rel(ours["grad." + n], g) for n, g in grads.items())
-            check_(label + " gradients", worst < TOL, f"max rel err {worst:.2e} over {len(grads)} tensors")
+            e32 = max(rel(g32[n], g) for n, g in grads.items())
+            ratio = max(rel(ours["grad." + n], g) / max(TOL, GRAD_BOUND * rel(g32[n], g)) for n, g in grads.items())
+            check_(label + " gradients", ratio <= 1.0, f"max rel err {worst:.2e} over {len(grads)} tensors (float32 "
+                   f"torch {e32:.2e}; worst {ratio:.2f} of max({TOL:g}, {GRAD_BOUND:g} x float32 torch's))")
     # the error a user can cause: a teacher with another vocabulary
     other = os.path.join(tmp, "other")
     make(other, dict(STUDENT, vocab_size=V + 1), rng, 0.1)

@@ -293,6 +293,57 @@ int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights)
     return load_model(path, m, host_weights, 1);
 }
 
+/* Parameter p's /model tensor checked without keeping it: its shape, and its checksum summed over pieces of
+ * whole rows (about 1 Mi floats, read into `piece`), with read_verified's messages. */
+static int check_tensor(hid_t f, const st_param *p, float *piece, size_t piece_floats, const char *path) {
+    char name[160];
+    snprintf(name, sizeof name, "model/%s", p->name);
+    int rc = 0;
+    hid_t d = open_tensor(f, name, p->ndim, p->shape, path, &rc);
+    if (d < 0) return rc ? rc : ST_EFORMAT;
+    uint64_t want = 0, got = 0;
+    rc = checksum_attr(d, &want, name, path);
+    size_t row = p->ndim == 2 ? (size_t)p->shape[1] : 1, step = row ? piece_floats / row * row : piece_floats;
+    if (step == 0) step = row; /* a row wider than the piece: the caller sized the piece for it */
+    for (size_t a = 0; !rc && a < p->numel; a += step) {
+        size_t n = p->numel - a < step ? p->numel - a : step;
+        rc = read_range(d, p->ndim, p->shape, a, a + n, piece, name, path);
+        if (!rc) got += st_ckpt_checksum(piece, a, n); /* partial sums add up (ckpt.h) */
+    }
+    if (!rc && got != want) rc = st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s fails its checksum", path, name);
+    H5Dclose(d);
+    return rc;
+}
+
+int st_ckpt_check_model(const char *path, const st_model *m) {
+    if (m->lora || m->prompt) return st_fail(ST_EINVAL, "checkpoint %s: st_ckpt_check_model on a model with adapters", path);
+    size_t piece = (size_t)1 << 20;
+    for (int i = 0; i < m->n_params; i++) /* at least one whole row */
+        if (m->params[i].ndim == 2 && (size_t)m->params[i].shape[1] > piece) piece = (size_t)m->params[i].shape[1];
+    float *buf = malloc(piece * sizeof(float));
+    if (!buf) return st_fail(ST_ENOMEM, "out of memory");
+    hid_t f = open_file(path);
+    int rc = f < 0 ? ST_EFORMAT : 0;
+    for (int i = 0; !rc && i < m->n_params; i++) rc = check_tensor(f, &m->params[i], buf, piece, path);
+    if (f >= 0) H5Fclose(f);
+    free(buf);
+    return rc;
+}
+
+int st_ckpt_load_model_in_place(const char *path, st_model *m) {
+    if (!m->be->host_memory || m->lora || m->prompt)
+        return st_fail(ST_EINVAL, "checkpoint %s: st_ckpt_load_model_in_place needs host weights and no adapters", path);
+    hid_t f = open_file(path);
+    int rc = f < 0 ? ST_EFORMAT : 0;
+    for (int i = 0; !rc && i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if ((size_t)p->offset < m->n_w16) continue; /* QLoRA's bf16-only part: no fp32 place */
+        rc = read_verified(f, p, m->weights + p->offset, path);
+    }
+    if (f >= 0) H5Fclose(f);
+    return rc;
+}
+
 int st_ckpt_load_adapters(const char *path, const st_model *m, float *host_weights) {
     if (!m->lora && !m->prompt) return st_fail(ST_EINVAL, "checkpoint %s: st_ckpt_load_adapters on a model without adapters", path);
     return load_model(path, m, host_weights, 0);

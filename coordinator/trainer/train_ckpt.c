@@ -376,7 +376,9 @@ static int try_resume(trainer *t, const char *path, int *spoiled) {
             be->copy_to_device(t->model.weights + t->model.n_w16, w + t->model.n_w16,
                                (t->model.n_weights - t->model.n_w16) * sizeof(float));
         st_model_weights_changed(&t->model);
-        if (!own_base) st_model_fp32_rewritten(&t->model); /* every fp32 weight written again: the frozen ones go back to */
+        /* every fp32 weight written again: the frozen ones go back to bf16 only below (in place: the bf16-only
+         * ones were read into their bf16 copy, or got their fp32 place back, by st_ckpt_load_model_in_place) */
+        if (!own_base && !in_place) st_model_fp32_rewritten(&t->model);
         st_comm_weights_loaded(&t->dp, &t->model); /* ZeRO-3 keeps its shard only */
         st_trainer_hold_bf16(t); /* bf16 only, where that is exact (ZeRO-3: its parts; collective) */
         st_optim_restore(&t->optim, &t->model, mh, vh, steps);

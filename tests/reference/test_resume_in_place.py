@@ -25,14 +25,18 @@ IMAGE = {"SHARDTUNE_RESUME_IMAGE": "1"}
 TEXTS = {"full": "finetune: { mode: full }\n",
          "frozen": 'finetune: { mode: frozen, train_layers: "-1" }\n',
          "progressive": ('finetune: { mode: progressive, stages: [ {at_step: 0, train_layers: "-1"}, '
-                         '{at_step: 2, train_layers: "-3"} ] }\n')}
+                         '{at_step: 2, train_layers: "-3"} ] }\n'),
+         # layer 2 trained, then frozen: its checkpoint values are not bf16, so they get their fp32 place back
+         "shrinking": ('finetune: { mode: progressive, stages: [ {at_step: 0, train_layers: "-2"}, '
+                       '{at_step: 2, train_layers: "-1"} ] }\n')}
 # (mode, precision, (ranks, ZeRO) of the first run, (ranks, ZeRO) of the resume)
 CASES = [("full", "fp32", (1, 0), (1, 0)),
          ("full", "bf16", (2, 2), (3, 1)),
          ("frozen", "bf16", (2, 1), (3, 1)),
          ("frozen", "fp32", (3, 0), (2, 2)),
          ("progressive", "bf16", (2, 2), (2, 2)),
-         ("progressive", "fp32", (1, 0), (2, 1))]
+         ("progressive", "fp32", (1, 0), (2, 1)),
+         ("shrinking", "bf16", (2, 1), (1, 0))]
 
 
 def main():
@@ -49,11 +53,13 @@ def main():
             job = dp.write_job(os.path.join(root, f"{mode}_{prec}.yaml"), model, os.path.join(root, "x"),
                                [{"name": "a", "path": data}], TEXTS[mode])
             ov = common + [f"precision={prec}"]
+            stop = 4 if mode == "shrinking" else 2  # the checkpoint resumed from: in the last stage
+            total = stop + 2
             dirs = {}
             for name, env in (("image", IMAGE), ("in_place", {})):
                 rd = os.path.join(root, f"{mode}_{prec}_{name}")
-                fb.run(job, first[0], ov + [f"sharding.stage={first[1]}", f"run_dir={rd}", "train.steps=2"])
-                fb.run(job, second[0], ov + [f"sharding.stage={second[1]}", f"run_dir={rd}"], env)
+                fb.run(job, first[0], ov + [f"sharding.stage={first[1]}", f"run_dir={rd}", f"train.steps={stop}"])
+                fb.run(job, second[0], ov + [f"sharding.stage={second[1]}", f"run_dir={rd}", f"train.steps={total}"], env)
                 dirs[name] = rd
             n = fb.same_run(dirs["image"], dirs["in_place"], f"{mode} {prec}")
             print(f"  {mode} {prec}: {first[0]} rank(s) ZeRO-{first[1]} -> {second[0]} rank(s) ZeRO-{second[1]}: "

@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "common/error.h"
@@ -411,7 +412,21 @@ static int try_resume(trainer *t, const char *path, int *spoiled) {
  * previous checkpoint; a mismatch with the job (shapes, datasets, tasks) is the user's to fix. */
 static int is_damage(int rc) { return rc == ST_ECORRUPT || rc == ST_EFORMAT || rc == ST_EIO; }
 
+static int resume_any(trainer *t);
+
+/* SHARDTUNE_REPORT_LOAD_RSS=1 (tests, bench): the peak RSS before and after the resume, measured */
 int st_trainer_resume(trainer *t) {
+    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS");
+    struct rusage ru;
+    long before = report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : -1;
+    int rc = resume_any(t);
+    if (before >= 0 && getrusage(RUSAGE_SELF, &ru) == 0)
+        fprintf(stderr, "shardtune train: rank %d: peak RSS before the resume %ld kB, after it %ld kB\n", t->rank, before,
+                ru.ru_maxrss);
+    return rc;
+}
+
+static int resume_any(trainer *t) {
     const st_config *c = t->cfg;
     t->resumed_loss = NAN;
     if (c->resume == ST_RESUME_NONE) {

@@ -174,6 +174,14 @@ int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights)
  * is written (a resume that keeps the model's base as it is: st_ckpt_skips_tensor's tensors). */
 int st_ckpt_load_adapters(const char *path, const st_model *m, float *host_weights);
 
+/* A resume without an image of the weights (full / frozen / progressive on host memory): st_ckpt_check_model
+ * makes st_ckpt_load_model's checks (every tensor present, its shape, its checksum, the same messages) reading
+ * a piece of whole rows at a time and keeping nothing; once every other check of the resume has passed,
+ * st_ckpt_load_model_in_place reads the tensors straight into m->weights (at and above n_w16), verifying them
+ * again. A failure there leaves the weights partly overwritten. Local. */
+int st_ckpt_check_model(const char *path, const st_model *m);
+int st_ckpt_load_model_in_place(const char *path, st_model *m);
+
 /* One /model tensor (parameter i of m) into dst (numel floats, the model's layout), with the same shape and
  * checksum checks: what a streamed export reads, a tensor at a time. Local. */
 int st_ckpt_load_param(const char *path, const st_model *m, int i, float *dst);

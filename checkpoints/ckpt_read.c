@@ -293,6 +293,81 @@ int st_ckpt_load_model(const char *path, const st_model *m, float *host_weights)
     return load_model(path, m, host_weights, 1);
 }
 
+/* Parameter i's /model tensor through pieces of whole rows (about 1 Mi floats, read into `piece`): its shape, and
+ * its checksum summed piece by piece, with read_verified's messages. into NULL: only checked. Else parameter i is
+ * held in bf16 only and the pieces go into its bf16 copy (exact: they are bf16 values), or, from the first piece
+ * that is not, into its fp32 place got back (st_model_fp32_regain), as the whole-image resume leaves it. */
+static int check_tensor(hid_t f, st_model *into, const st_model *m, int i, float *piece, size_t piece_floats,
+                        const char *path) {
+    const st_param *p = &m->params[i];
+    int held = into != NULL;
+    char name[160];
+    snprintf(name, sizeof name, "model/%s", p->name);
+    int rc = 0;
+    hid_t d = open_tensor(f, name, p->ndim, p->shape, path, &rc);
+    if (d < 0) return rc ? rc : ST_EFORMAT;
+    uint64_t want = 0, got = 0;
+    rc = checksum_attr(d, &want, name, path);
+    size_t row = p->ndim == 2 ? (size_t)p->shape[1] : 1, step = row ? piece_floats / row * row : piece_floats;
+    if (step == 0) step = row; /* a row wider than the piece: the caller sized the piece for it */
+    for (size_t a = 0; !rc && a < p->numel; a += step) {
+        size_t n = p->numel - a < step ? p->numel - a : step;
+        rc = read_range(d, p->ndim, p->shape, a, a + n, piece, name, path);
+        if (rc) break;
+        got += st_ckpt_checksum(piece, a, n); /* partial sums add up (ckpt.h) */
+        if (held && !st_model_values_bf16(piece, n)) {
+            st_model_fp32_regain(into, i, a);
+            held = 0;
+        }
+        if (held) into->be->to_bf16(into->weights_bf16 + p->offset + a, piece, n);
+        else if (into) memcpy(into->weights + p->offset + a, piece, n * sizeof(float));
+    }
+    if (!rc && got != want) rc = st_fail(ST_ECORRUPT, "checkpoint %s: tensor %s fails its checksum", path, name);
+    H5Dclose(d);
+    return rc;
+}
+
+static size_t piece_floats(const st_model *m) {
+    size_t piece = (size_t)1 << 20;
+    for (int i = 0; i < m->n_params; i++) /* at least one whole row */
+        if (m->params[i].ndim == 2 && (size_t)m->params[i].shape[1] > piece) piece = (size_t)m->params[i].shape[1];
+    return piece;
+}
+
+int st_ckpt_check_model(const char *path, const st_model *m) {
+    if (m->lora || m->prompt) return st_fail(ST_EINVAL, "checkpoint %s: st_ckpt_check_model on a model with adapters", path);
+    size_t piece = piece_floats(m);
+    float *buf = malloc(piece * sizeof(float));
+    if (!buf) return st_fail(ST_ENOMEM, "out of memory");
+    hid_t f = open_file(path);
+    int rc = f < 0 ? ST_EFORMAT : 0;
+    for (int i = 0; !rc && i < m->n_params; i++) rc = check_tensor(f, NULL, m, i, buf, piece, path);
+    if (f >= 0) H5Fclose(f);
+    free(buf);
+    return rc;
+}
+
+int st_ckpt_load_model_in_place(const char *path, st_model *m) {
+    if (!m->be->host_memory || m->lora || m->prompt)
+        return st_fail(ST_EINVAL, "checkpoint %s: st_ckpt_load_model_in_place needs host weights and no adapters", path);
+    size_t piece = piece_floats(m);
+    float *buf = NULL;
+    for (int i = 0; !buf && i < m->n_params; i++)
+        if (st_model_fp32_dropped(m, i) && (size_t)m->params[i].offset >= m->n_w16 && !(buf = malloc(piece * sizeof(float))))
+            return st_fail(ST_ENOMEM, "out of memory");
+    hid_t f = open_file(path);
+    int rc = f < 0 ? ST_EFORMAT : 0;
+    for (int i = 0; !rc && i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if ((size_t)p->offset < m->n_w16) continue; /* QLoRA's bf16-only part: no fp32 place */
+        if (st_model_fp32_dropped(m, i)) rc = check_tensor(f, m, m, i, buf, piece, path); /* its bf16 copy */
+        else rc = read_verified(f, p, m->weights + p->offset, path);
+    }
+    if (f >= 0) H5Fclose(f);
+    free(buf);
+    return rc;
+}
+
 int st_ckpt_load_adapters(const char *path, const st_model *m, float *host_weights) {
     if (!m->lora && !m->prompt) return st_fail(ST_EINVAL, "checkpoint %s: st_ckpt_load_adapters on a model without adapters", path);
     return load_model(path, m, host_weights, 0);

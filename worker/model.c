@@ -1153,6 +1153,15 @@ void st_model_restore_fp32(st_model *m) {
         }
 }
 
+int st_model_values_bf16(const float *x, size_t n) { return bf16_exact(x, n); }
+
+void st_model_fp32_regain(st_model *m, int i, size_t n) {
+    if (!st_model_fp32_dropped(m, i) || m->params[i].offset < m->n_w16) return;
+    const st_param *p = &m->params[i];
+    if (n) m->be->from_bf16(m->weights + p->offset, m->weights_bf16 + p->offset, n); /* exact */
+    m->w32_dropped[i] = 0;
+}
+
 void st_model_fp32_rewritten(st_model *m) {
     for (int i = 0; m->w32_dropped && i < m->n_params; i++) /* below n_w16 they have no fp32 place to be written */
         if (m->params[i].offset >= m->n_w16) m->w32_dropped[i] = 0;

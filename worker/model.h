@@ -349,6 +349,11 @@ void st_model_param_fp32(const st_model *m, int i, size_t a, size_t n, float *ds
 void st_model_restore_fp32(st_model *m);
 /* The fp32 weights were all written anew (resume): none is held in bf16 only any more, the copy is stale. */
 void st_model_fp32_rewritten(st_model *m);
+/* Whether x[0, n) are all bf16 values (their bf16 copy widens back to them exactly). */
+int st_model_values_bf16(const float *x, size_t n);
+/* Parameter i, held in bf16 only, gets its fp32 place back: its first n floats widened from the bf16 copy (exact),
+ * the rest for the caller to write (a resume reading values that are not bf16 into a bf16-only tensor). */
+void st_model_fp32_regain(st_model *m, int i, size_t n);
 /* st_model_param_fp32 into host memory (any backend; a device's bf16 copy widened on the host, exactly: the
  * same bits as the backend's from_bf16): the readers outside a step that write files (checkpoint snapshot and
  * resume check, final/, the base checksums). */

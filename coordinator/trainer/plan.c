@@ -775,8 +775,19 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
     /* the image is copied over the whole weights, the bf16-only ones too, before they are given back again; an
      * adapter run's (train_ckpt.c own_base) holds the adapters only and the base is summed a 1 Mi-float piece at
      * a time (checkpoints/ckpt_read.c st_ckpt_load_adapters) */
+    /* full / frozen / progressive on CPU ranks (train_ckpt.c in_place, unless SHARDTUNE_RESUME_IMAGE=1): no image;
+     * the checkpoint's tensors are checked through a piece of whole rows (1 Mi floats, or one row where wider:
+     * checkpoints/ckpt_read.c st_ckpt_check_model), then read into the model's own fp32 places, a tensor held in
+     * bf16 only into its bf16 copy through the same piece (its fp32 pages never touched while its values are bf16),
+     * and the moments into the optimizer's */
+    const char *image_env = getenv("SHARDTUNE_RESUME_IMAGE");
+    int in_place = !dev && !m->lora && !m->prompt && c->finetune.mode != ST_FINETUNE_QLORA && !(image_env && image_env[0] == '1');
+    size_t piece = (size_t)1 << 20;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].ndim == 2 && (size_t)m->params[i].shape[1] > piece) piece = (size_t)m->params[i].shape[1];
     if (!dev && (m->lora || m->prompt) && c->finetune.mode != ST_FINETUNE_QLORA)
         r->at_resume = r->total + ((m->n_weights - m->n_base_weights) + 2 * range + ((size_t)1 << 20)) * sizeof(float);
+    else if (in_place) r->at_resume = r->total + piece * sizeof(float);
     else r->at_resume = r->total + (dev ? 0 : image + w16only * sizeof(float));
     (void)world;
 }

@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "common/error.h"
@@ -278,8 +279,9 @@ unsigned st_trainer_control(trainer *t) {
 }
 
 /* One checkpoint file: header, datasets, weights, optimizer range, loader. The trainer's state
- * changes only once everything has been read and verified. */
-static int try_resume(trainer *t, const char *path) {
+ * changes only once everything has been read and verified; *spoiled is set once the weights are being written
+ * (a failure after that cannot fall back to another checkpoint or a fresh start). */
+static int try_resume(trainer *t, const char *path, int *spoiled) {
     const st_config *c = t->cfg;
     st_ckpt_info info;
     int rc = st_trainer_agree(t, st_ckpt_read_info(path, &info));
@@ -312,8 +314,15 @@ static int try_resume(trainer *t, const char *path) {
     /* an adapter run below stage 3 on host memory: the base stays as loaded (only checked against the checkpoint's
      * adapter_base_checksum), the image gets the adapters alone (its base pages are never touched) */
     int own_base = !parts && t->dp.stage < 3 && t->be->host_memory && (t->model.lora || t->model.prompt) && !t->model.qlora;
-    float *w = rc || parts ? NULL : malloc(t->model.n_weights * sizeof(float));
+    /* full / frozen / progressive below stage 3 on host memory: no image; the weights are checked a piece at a
+     * time here and read straight into the model's own storage once everything else has passed (below).
+     * SHARDTUNE_RESUME_IMAGE=1 (tests) keeps the whole image, the path this one must match bit for bit. */
+    const char *image_env = getenv("SHARDTUNE_RESUME_IMAGE");
+    int in_place = !parts && !t->dp.z3dev && t->dp.stage < 3 && t->be->host_memory && !t->model.lora &&
+                   !t->model.prompt && !(image_env && image_env[0] == '1');
+    float *w = rc || parts || in_place ? NULL : malloc(t->model.n_weights * sizeof(float));
     if (!rc && parts) rc = st_trainer_agree(t, read_ckpt_parts(t, path, &w));
+    else if (!rc && in_place) rc = st_trainer_agree(t, st_ckpt_check_model(path, &t->model));
     else if (!rc) rc = st_trainer_agree(t, !w          ? st_fail(ST_ENOMEM, "out of memory")
                                            : own_base ? st_ckpt_load_adapters(path, &t->model, w)
                                                       : st_ckpt_load_model(path, &t->model, w));
@@ -323,7 +332,7 @@ static int try_resume(trainer *t, const char *path) {
     int *steps = NULL;
     /* ZeRO-3 on host memory: the moments are read straight into the optimizer's own buffers (no second
      * copy of them); zeroed again below if the resume fails after that */
-    int direct = parts && t->be->host_memory && t->optim.m && n;
+    int direct = (parts || in_place) && t->be->host_memory && t->optim.m && n;
     if (!rc) {
         mh = direct ? t->optim.m : malloc((n ? n : 1) * sizeof(float));
         vh = direct ? t->optim.v : malloc((n ? n : 1) * sizeof(float));
@@ -344,9 +353,19 @@ static int try_resume(trainer *t, const char *path) {
     if (!rc && t->taskw.learned && info.task_weighting_len > 0 &&
         st_taskw_state_restore(&t->taskw, info.task_weighting, info.task_weighting_len) != 0)
         rc = st_trainer_agree(t, st_fail(ST_ECONFIG, "checkpoint %s: task weighting state is for another number of tasks", path));
+    if (!rc && in_place) {
+        /* every check passed: the tensors read again, into their places. A failure now (the file changed or
+         * broke between the two reads) leaves the weights partly written: not damage to fall back from */
+        *spoiled = 1;
+        rc = st_ckpt_load_model_in_place(path, &t->model);
+        if (rc) rc = st_fail(rc, "%s (read again after its checks passed: the weights are partly overwritten; start the "
+                             "job again)", st_error());
+        rc = st_trainer_agree(t, rc);
+    }
     if (!rc) {
         const st_backend *be = t->be;
         if (parts) put_ckpt_parts(t, w);
+        else if (in_place) {} /* read in place above */
         else if (t->dp.z3dev) put_image_parts(t, w);
         else if (own_base) /* the adapters only: the base (its bf16-only tensors too) is the model's own */
             for (int i = 0; i < t->model.n_params; i++) {
@@ -358,7 +377,9 @@ static int try_resume(trainer *t, const char *path) {
             be->copy_to_device(t->model.weights + t->model.n_w16, w + t->model.n_w16,
                                (t->model.n_weights - t->model.n_w16) * sizeof(float));
         st_model_weights_changed(&t->model);
-        if (!own_base) st_model_fp32_rewritten(&t->model); /* every fp32 weight written again: the frozen ones go back to */
+        /* every fp32 weight written again: the frozen ones go back to bf16 only below (in place: the bf16-only
+         * ones were read into their bf16 copy, or got their fp32 place back, by st_ckpt_load_model_in_place) */
+        if (!own_base && !in_place) st_model_fp32_rewritten(&t->model);
         st_comm_weights_loaded(&t->dp, &t->model); /* ZeRO-3 keeps its shard only */
         st_trainer_hold_bf16(t); /* bf16 only, where that is exact (ZeRO-3: its parts; collective) */
         st_optim_restore(&t->optim, &t->model, mh, vh, steps);
@@ -391,7 +412,21 @@ static int try_resume(trainer *t, const char *path) {
  * previous checkpoint; a mismatch with the job (shapes, datasets, tasks) is the user's to fix. */
 static int is_damage(int rc) { return rc == ST_ECORRUPT || rc == ST_EFORMAT || rc == ST_EIO; }
 
+static int resume_any(trainer *t);
+
+/* SHARDTUNE_REPORT_LOAD_RSS=1 (tests, bench): the peak RSS before and after the resume, measured */
 int st_trainer_resume(trainer *t) {
+    const char *report = getenv("SHARDTUNE_REPORT_LOAD_RSS");
+    struct rusage ru;
+    long before = report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : -1;
+    int rc = resume_any(t);
+    if (before >= 0 && getrusage(RUSAGE_SELF, &ru) == 0)
+        fprintf(stderr, "shardtune train: rank %d: peak RSS before the resume %ld kB, after it %ld kB\n", t->rank, before,
+                ru.ru_maxrss);
+    return rc;
+}
+
+static int resume_any(trainer *t) {
     const st_config *c = t->cfg;
     t->resumed_loss = NAN;
     if (c->resume == ST_RESUME_NONE) {
@@ -407,7 +442,8 @@ int st_trainer_resume(trainer *t) {
                    c->resume_path, path);
             fflush(stdout);
         }
-        return try_resume(t, path);
+        int spoiled = 0;
+        return try_resume(t, path, &spoiled);
     }
     /* auto: rank 0 lists the directory, everyone tries the candidates in the same order */
     char (*names)[ST_CKPT_NAME_MAX] = NULL;
@@ -426,11 +462,12 @@ int st_trainer_resume(trainer *t) {
     for (int i = 0; i < n; i++) {
         char path[ST_CFG_PATH_MAX + ST_CKPT_NAME_MAX + 2];
         snprintf(path, sizeof path, "%s/%s", c->checkpoint.dir, names[i]);
-        rc = try_resume(t, path);
+        int spoiled = 0;
+        rc = try_resume(t, path, &spoiled);
         /* not yet proven by a good step after it (the run that saved it may have died first): a first step
          * that diverges sets it aside like a checkpoint of this run */
         if (rc == 0 && t->rank == 0) snprintf(t->pending_ckpt, sizeof t->pending_ckpt, "%s", names[i]);
-        if (rc == 0 || !is_damage(rc)) break;
+        if (rc == 0 || !is_damage(rc) || spoiled) break;
         if (t->rank == 0) {
             fprintf(stderr, "shardtune train: warning: checkpoint %s is unusable (%s); falling back to %s\n", path,
                     st_error(), i + 1 < n ? names[i + 1] : "a fresh start");

@@ -611,16 +611,132 @@ void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi) {
     else { *lo = c->lo; *hi = c->hi; }
 }
 
+/* ---- stage 3 on host memory: the moments moved shard to shard at a change of the trainable set ----
+ * The old and new gradient spaces are registry-order concatenations of the trainable parameters, each cut
+ * into equal shards. A parameter trainable in both layouts keeps its moments: element k sits at old_off + k
+ * (old owner: that / old shard) and at grad_offset + k (new owner). Each rank sends the pieces of its old
+ * shard, cut at the new owners' edges, and receives the pieces of its new shard, cut at the old owners'
+ * edges; both sides visit them in registry order, so every pair of ranks posts the same runs in the same
+ * order (MPI keeps the order of messages between two ranks with one tag). No rank holds more than its old
+ * and its new moments: SHARDTUNE_ZERO3_RESHARD=whole gathers the whole old moments everywhere instead (the
+ * path before; tests compare the two bit for bit). */
+
+#define RESHARD_TAG 7301
+#define RESHARD_RUN ((size_t)1 << 30) /* an MPI count is an int */
+
+typedef struct {
+    const float *old_m, *old_v; /* this rank's old shard, from old_lo */
+    float *new_m, *new_v;       /* this rank's new shard, from new_lo */
+    size_t old_lo, new_lo;
+    MPI_Comm comm;
+    int rank, sending, count, live; /* live 0: only count the runs */
+    MPI_Request *reqs;
+    const st_backend *be;
+} reshard_ctx;
+
+static int reshard_whole(void) {
+    const char *e = getenv("SHARDTUNE_ZERO3_RESHARD");
+    return e && !strcmp(e, "whole");
+}
+
+/* One run: n moments of one parameter at old_at (old space) and new_at (new space), peer the other side. */
+static int reshard_run(reshard_ctx *x, int peer, size_t old_at, size_t new_at, size_t n) {
+    if (peer == x->rank) { /* kept on this rank: copied once, on the sending pass */
+        if (x->sending && x->live) {
+            x->be->copy(x->new_m + (new_at - x->new_lo), x->old_m + (old_at - x->old_lo), n * sizeof(float));
+            x->be->copy(x->new_v + (new_at - x->new_lo), x->old_v + (old_at - x->old_lo), n * sizeof(float));
+        }
+        return MPI_SUCCESS;
+    }
+    int k = x->count;
+    x->count += 2;
+    if (!x->live) return MPI_SUCCESS;
+    int rc;
+    if (x->sending) {
+        rc = MPI_Isend(x->old_m + (old_at - x->old_lo), (int)n, MPI_FLOAT, peer, RESHARD_TAG, x->comm, &x->reqs[k]);
+        if (rc == MPI_SUCCESS)
+            rc = MPI_Isend(x->old_v + (old_at - x->old_lo), (int)n, MPI_FLOAT, peer, RESHARD_TAG, x->comm, &x->reqs[k + 1]);
+    } else {
+        rc = MPI_Irecv(x->new_m + (new_at - x->new_lo), (int)n, MPI_FLOAT, peer, RESHARD_TAG, x->comm, &x->reqs[k]);
+        if (rc == MPI_SUCCESS)
+            rc = MPI_Irecv(x->new_v + (new_at - x->new_lo), (int)n, MPI_FLOAT, peer, RESHARD_TAG, x->comm, &x->reqs[k + 1]);
+    }
+    return rc;
+}
+
+/* Registry-order visit of this rank's side: its old range [lo, hi) cut at the new owners' edges (sending) or
+ * its new range cut at the old owners' edges (receiving). */
+static int reshard_visit(reshard_ctx *x, const st_model *m, const long *old_off, size_t lo, size_t hi,
+                         size_t old_shard, size_t new_shard) {
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0 || old_off[i] < 0) continue;
+        size_t oa = (size_t)old_off[i], na = (size_t)p->grad_offset;
+        size_t here = x->sending ? oa : na, there = x->sending ? na : oa;
+        size_t there_shard = x->sending ? new_shard : old_shard;
+        size_t s = here > lo ? here : lo, e = here + p->numel < hi ? here + p->numel : hi;
+        for (size_t k = s > here ? s - here : 0; s < e && k < e - here;) {
+            size_t peer = (there + k) / there_shard, end = (peer + 1) * there_shard - there;
+            if (end > e - here) end = e - here;
+            if (end - k > RESHARD_RUN) end = k + RESHARD_RUN;
+            int rc = reshard_run(x, (int)peer, oa + k, na + k, end - k);
+            if (rc != MPI_SUCCESS) return rc;
+            k = end;
+        }
+    }
+    return MPI_SUCCESS;
+}
+
+static int reshard_pass(reshard_ctx *x, const st_model *m, const long *old_off, size_t lo, size_t hi,
+                        size_t old_shard, size_t new_shard, int sending) {
+    x->sending = sending;
+    return reshard_visit(x, m, old_off, lo, hi, old_shard, new_shard);
+}
+
+/* Moves the moments of the parameters trainable in both layouts from the old shards (old_m, old_v over
+ * [old_lo, old_lo + old_shard) of the old space) into o's new ones (zero elsewhere: new parameters start
+ * fresh). Collective over comm. */
+static int reshard_moments(st_optim *o, const st_model *m, MPI_Comm comm, const long *old_off, const float *old_m,
+                           const float *old_v, size_t old_lo, size_t old_shard, size_t new_shard) {
+    reshard_ctx x = {old_m, old_v, o->m, o->v, old_lo, o->lo, comm, 0, 0, 0, 0, NULL, m->be};
+    MPI_Comm_rank(comm, &x.rank);
+    size_t old_hi = old_m ? old_lo + old_shard : old_lo, new_hi = o->m ? o->hi : o->lo;
+    int rc = reshard_pass(&x, m, old_off, old_lo, old_hi, old_shard, new_shard, 1);
+    if (rc == MPI_SUCCESS) rc = reshard_pass(&x, m, old_off, o->lo, new_hi, old_shard, new_shard, 0);
+    if (rc != MPI_SUCCESS) return mpi_check(rc, "optimizer state re-shard", x.rank);
+    x.reqs = x.count ? malloc((size_t)x.count * sizeof(MPI_Request)) : NULL;
+    int fail = x.count && !x.reqs; /* every rank agrees before any message is posted */
+    rc = MPI_Allreduce(MPI_IN_PLACE, &fail, 1, MPI_INT, MPI_MAX, comm);
+    if (rc != MPI_SUCCESS) { free(x.reqs); return mpi_check(rc, "optimizer state re-shard", x.rank); }
+    if (fail) { free(x.reqs); return st_fail(ST_ENOMEM, "rank %d: out of memory re-sharding optimizer state", x.rank); }
+    int posted = x.count;
+    x.count = 0;
+    x.live = 1;
+    rc = reshard_pass(&x, m, old_off, old_lo, old_hi, old_shard, new_shard, 1);
+    if (rc == MPI_SUCCESS) rc = reshard_pass(&x, m, old_off, o->lo, new_hi, old_shard, new_shard, 0);
+    int wrc = posted ? MPI_Waitall(x.count, x.reqs, MPI_STATUSES_IGNORE) : MPI_SUCCESS;
+    if (posted) free(x.reqs);
+    if (rc == MPI_SUCCESS) rc = wrc;
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "optimizer state re-shard", x.rank);
+}
+
 int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
                           const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask) {
     const st_backend *be = m->be;
     long *old_off = malloc((size_t)m->n_params * sizeof(long));
     if (!old_off) return st_fail(ST_ENOMEM, "out of memory");
     for (int i = 0; i < m->n_params; i++) old_off[i] = m->params[i].grad_offset;
-    /* the full old moments on every rank, so each rank can cut its new shard from them */
-    float *old_m = NULL, *old_v = NULL;
+    /* stage 3 on host memory: the old shards kept and moved shard to shard once the new layout is made
+     * (reshard_moments); elsewhere the full old moments on every rank, so each rank can cut its new shard */
+    int move = c->stage == 3 && opt->stage == 3 && !c->z3dev && be->host_memory && !reshard_whole();
+    size_t old_lo = o->lo, old_shard = c->shard;
+    float *old_m = NULL, *old_v = NULL, *keep_m = NULL, *keep_v = NULL;
     int rc = 0, world = 1;
-    if (o->m && c->n_pad > 0) {
+    if (move) {
+        keep_m = o->m;
+        keep_v = o->v;
+        o->m = o->v = NULL; /* not freed with the old optimizer */
+    } else if (o->m && c->n_pad > 0) {
         old_m = be->alloc(c->n_pad * sizeof(float)); /* backend memory: gathered and copied on the device */
         old_v = be->alloc(c->n_pad * sizeof(float));
         if (!old_m || !old_v) rc = st_fail(ST_ENOMEM, "out of memory re-sharding optimizer state");
@@ -655,10 +771,18 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
     size_t lo, hi;
     st_comm_optim_range(c, &lo, &hi);
     if (!rc) rc = st_optim_init(o, oc, lo, hi, m, be);
+    if (move) { /* collective below: every rank or none */
+        int bad = rc != 0, arc = MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MAX, comm);
+        if (!rc && arc != MPI_SUCCESS) rc = mpi_check(arc, "optimizer state re-shard", c->rank);
+        if (!rc && bad) rc = st_fail(ST_ECOMM, "rank %d: another rank failed re-sharding the optimizer state", c->rank);
+    }
+    if (move && !rc) rc = reshard_moments(o, m, comm, old_off, keep_m, keep_v, old_lo, old_shard, c->shard);
     if (!rc && old_steps) st_optim_carry_over(o, m, old_off, old_steps, old_m, old_v);
     free(old_steps);
     be->free(old_m);
     be->free(old_v);
+    be->free(keep_m);
+    be->free(keep_v);
     free(old_off);
     return rc;
 }

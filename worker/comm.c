@@ -720,6 +720,95 @@ static int reshard_moments(st_optim *o, const st_model *m, MPI_Comm comm, const 
     return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "optimizer state re-shard", x.rank);
 }
 
+/* The weights likewise: element k of a parameter lives at m->weights[offset + k] (fp32) or, held in bf16 only,
+ * m->weights_bf16[offset + k], on the rank that owns it in its space: the compact space while trainable, the
+ * frozen space while frozen, each cut into equal shards. The new spaces are known before the new layout is
+ * built (st_model_grad_offsets; frozen_space's rule), so every element goes from its old owner to its new one
+ * at the same address, point to point; the new communicator's init gives back what this rank does not own
+ * any more. A newly trainable tensor held in bf16 only arrives in bf16 and st_model_set_trainable widens it
+ * as before. SHARDTUNE_ZERO3_RESHARD=whole acquires every parameter whole instead. */
+typedef struct {
+    long *goff, *foff;     /* the new layout's compact and frozen offsets, -1 where not in that space */
+    size_t shard, fshard;  /* the new shards */
+    MPI_Request *reqs;     /* NULL: only count */
+    int count;
+} weights_move;
+
+static int move_param(const st_comm *c, st_model *m, weights_move *w, int i) {
+    const st_param *p = &m->params[i];
+    long oa = p->grad_offset >= 0 ? p->grad_offset : c->z3_foff[i], na = w->goff[i] >= 0 ? w->goff[i] : w->foff[i];
+    size_t osh = p->grad_offset >= 0 ? c->shard : c->fshard, nsh = w->goff[i] >= 0 ? w->shard : w->fshard;
+    if (oa < 0 || na < 0 || !osh || !nsh) return MPI_SUCCESS;
+    int b16 = st_model_fp32_dropped(m, i);
+    char *base = b16 ? (char *)(m->weights_bf16 + p->offset) : (char *)(m->weights + p->offset);
+    size_t elem = b16 ? sizeof(uint16_t) : sizeof(float);
+    for (int send = 1; send >= 0; send--) { /* this rank's old part cut at the new owners, its new part at the old */
+        size_t here = (size_t)(send ? oa : na), there = (size_t)(send ? na : oa);
+        size_t hsh = send ? osh : nsh, tsh = send ? nsh : osh, lo = (size_t)c->rank * hsh, hi = lo + hsh;
+        size_t s = here > lo ? here : lo, e = here + p->numel < hi ? here + p->numel : hi;
+        for (size_t k = s - here; s < e && k < e - here;) {
+            size_t peer = (there + k) / tsh, end = (peer + 1) * tsh - there;
+            if (end > e - here) end = e - here;
+            if (end - k > RESHARD_RUN) end = k + RESHARD_RUN;
+            if ((int)peer != c->rank) { /* else already in place */
+                int rc = MPI_SUCCESS, n = (int)(end - k);
+                MPI_Datatype t = b16 ? MPI_UINT16_T : MPI_FLOAT;
+                if (w->reqs && send) rc = MPI_Isend(base + k * elem, n, t, (int)peer, RESHARD_TAG, c->comm, &w->reqs[w->count]);
+                if (w->reqs && !send) rc = MPI_Irecv(base + k * elem, n, t, (int)peer, RESHARD_TAG, c->comm, &w->reqs[w->count]);
+                if (rc != MPI_SUCCESS) return rc;
+                w->count++;
+            }
+            k = end;
+        }
+    }
+    return MPI_SUCCESS;
+}
+
+/* A tensor held in bf16 only that becomes trainable: this rank's new part widened to its fp32 master (exact)
+ * and the flag cleared, so st_model_set_trainable does not widen the whole tensor (every rank's pages). */
+static void widen_new_parts(const st_comm *c, st_model *m, const weights_move *w) {
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (w->goff[i] < 0 || !st_model_fp32_dropped(m, i) || p->offset < m->n_w16) continue; /* n_w16: refused there */
+        size_t a = (size_t)w->goff[i], lo = (size_t)c->rank * w->shard, hi = lo + w->shard;
+        size_t s = a > lo ? a : lo, e = a + p->numel < hi ? a + p->numel : hi;
+        if (s < e) m->be->from_bf16(m->weights + p->offset + (s - a), m->weights_bf16 + p->offset + (s - a), e - s);
+        st_model_set_fp32_dropped(m, i, 0);
+    }
+}
+
+/* Collective over the old communicator c, before it is freed. */
+static int reshard_weights(st_comm *c, st_model *m, const unsigned char *layer_mask, unsigned module_mask) {
+    int np = m->n_params, fail = 0, rc = MPI_SUCCESS;
+    weights_move w = {malloc((size_t)np * sizeof(long)), malloc((size_t)np * sizeof(long)), 0, 0, NULL, 0};
+    if (w.goff && w.foff) {
+        size_t n = st_model_grad_offsets(m, layer_mask, module_mask, w.goff), nf = 0, world = (size_t)c->world;
+        for (int i = 0; i < np; i++) { /* frozen_space's rule */
+            w.foff[i] = w.goff[i] >= 0 ? -1 : (long)nf;
+            if (w.foff[i] >= 0) nf += m->params[i].numel;
+        }
+        w.shard = (n + world - 1) / world;
+        w.fshard = (nf + world - 1) / world;
+        for (int i = 0; i < np && rc == MPI_SUCCESS; i++) rc = move_param(c, m, &w, i);
+        w.reqs = w.count ? malloc((size_t)w.count * sizeof(MPI_Request)) : NULL;
+    }
+    fail = !w.goff || !w.foff || (w.count && !w.reqs) || rc != MPI_SUCCESS; /* every rank agrees before posting */
+    int arc = MPI_Allreduce(MPI_IN_PLACE, &fail, 1, MPI_INT, MPI_MAX, c->comm);
+    w.count = 0;
+    if (arc == MPI_SUCCESS && !fail && w.reqs) {
+        for (int i = 0; i < np && rc == MPI_SUCCESS; i++) rc = move_param(c, m, &w, i);
+        int wrc = MPI_Waitall(w.count, w.reqs, MPI_STATUSES_IGNORE);
+        if (rc == MPI_SUCCESS) rc = wrc;
+        if (rc == MPI_SUCCESS) widen_new_parts(c, m, &w);
+    }
+    free(w.goff);
+    free(w.foff);
+    free(w.reqs);
+    if (arc != MPI_SUCCESS) rc = arc;
+    if (rc != MPI_SUCCESS) return mpi_check(rc, "weights re-shard", c->rank);
+    return fail ? st_fail(ST_ENOMEM, "rank %d: out of memory re-sharding the weights (or another rank failed)", c->rank) : 0;
+}
+
 int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
                           const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask) {
     const st_backend *be = m->be;
@@ -748,6 +837,10 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
     if (c->z3dev) { /* on a device (worker/comm_zero3_dev.c): gathered into a whole buffer, its layout undone */
         int urc = st_z3dev_unshard(c);
         if (!rc) rc = urc;
+    } else if (c->stage == 3 && c->model == m && move && c->z3_foff && !c->nq && !m->lora && !m->prompt) {
+        prefetch_finish(c, -1, -1); /* nothing of the old layout still in flight */
+        int wrc = reshard_weights(c, m, layer_mask, module_mask); /* the old and new parts only */
+        if (!rc) rc = wrc;
     } else if (c->stage == 3 && c->model == m) {
         st_model_acquire(m, 0, m->n_params);
     }

@@ -1,12 +1,15 @@
 """The optimizer moments moved shard to shard at a progressive stage change under CPU ZeRO-3
-(worker/comm.c reshard_moments) against the path before, which gathers the whole old moments on every rank
-and cuts the new shards from them (SHARDTUNE_ZERO3_RESHARD=whole). Both only copy values, so the runs must
+and the weights moved from their old owners to their new ones (worker/comm.c reshard_moments,
+reshard_weights) against the path before, which gathers the whole old moments and acquires every weight whole
+on every rank and cuts the new shards from them (SHARDTUNE_ZERO3_RESHARD=whole). Both only copy values (and
+widen bf16 to fp32, exactly), so the runs must
 agree exactly: every dataset and attribute of every checkpoint (h5py), final/ byte for byte, the losses
 (test_frozen_bf16.same_run).
 
 Cases: a bf16 safetensors source (frozen parts held in bf16 only) progressive on 2 and 3 ranks across its stage
 change; an fp32 source by stages (layer_lr_decay, two changes) on 2 and 3 ranks in fp32 and on 3 in bf16, and by
-unfreeze_every on 3 ranks; resumes at another world size across the changes (checkpoints at steps 2 and 4 of a
+unfreeze_every on 3 ranks (and on 2 with the frozen weights not sharded, SHARDTUNE_ZERO3_SHARD_FROZEN=0:
+the weights acquired whole there); resumes at another world size across the changes (checkpoints at steps 2 and 4 of a
 3-rank run, resumed on 2 ranks under each path).
 """
 import os
@@ -25,11 +28,11 @@ STAGES = ('finetune: { mode: progressive, layer_lr_decay: 0.8, stages: [ {at_ste
 UNFREEZE = "finetune: { mode: progressive, unfreeze_every: 2 }\n"
 
 
-def pair(root, tag, job, ranks, ov):
+def pair(root, tag, job, ranks, ov, env=None):
     """The job under both paths; returns the whole-path run dir."""
     a, b = os.path.join(root, tag + "_whole"), os.path.join(root, tag + "_moved")
-    fb.run(job, ranks, ov + [f"run_dir={a}"], WHOLE)
-    fb.run(job, ranks, ov + [f"run_dir={b}"])
+    fb.run(job, ranks, ov + [f"run_dir={a}"], dict(WHOLE, **(env or {})))
+    fb.run(job, ranks, ov + [f"run_dir={b}"], env)
     k = fb.same_run(a, b, tag)
     print(f"  {tag}: {k} checkpoints, final/, losses identical")
     return a
@@ -55,6 +58,9 @@ def main():
             pair(root, f"stages resumed from step {at} (3 -> 2 ranks)", job, 2, ov + ["train.micro_batch=6", f"resume={ck}"])
         job = dp.write_job(os.path.join(root, "uf.yaml"), model, os.path.join(root, "x"), [{"name": "a", "path": data}], UNFREEZE)
         pair(root, "unfreeze_every 3 ranks", job, 3, ov + ["train.micro_batch=6"])
+        # the frozen weights resident everywhere (no frozen space): the moments moved, the weights acquired whole
+        pair(root, "unfreeze_every 2 ranks, frozen not sharded", job, 2, ov + ["train.micro_batch=6"],
+             {"SHARDTUNE_ZERO3_SHARD_FROZEN": "0"})
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"test_zero3_reshard: OK ({time.time() - t0:.1f} s)")

@@ -68,7 +68,7 @@ static void print_text(const st_plan *p, const st_model *m, const st_config *c) 
             printf("  distill.teacher: %.2f MiB per rank (in total)\n", mib(sp->ranks[0].teacher));
         if (sp->transition_extra)
             printf("  entering this stage: +%.2f MiB per rank (re-sharding: the previous stage's moments; ZeRO-3: "
-                   "the whole weights)\n",
+                   "its weights)\n",
                    mib(sp->transition_extra));
     }
     printf("\nper phase (MiB): load (first stage), step (largest stage total), checkpoint, final/ (end of stage %d)\n",

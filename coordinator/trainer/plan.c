@@ -795,8 +795,11 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
      * kept until they are moved into the new ones (comm.c reshard_moments) */
     int moved = c->sharding.stage == 3 && c->backend != ST_BACKEND_CUDA;
     sp->transition_extra = 2 * (moved ? prev_pad / (size_t)world : prev_pad) * sizeof(float);
-    if (c->sharding.stage == 3) /* + the old weights whole (trainable and frozen: comm.c gathers the model) */
-        sp->transition_extra += prev_pad ? m->n_weights * sizeof(float) : 0;
+    /* + the old weights: at CPU ZeRO-3 this rank's old parts (compact and frozen shards, fp32 at most) beside
+     * the new ones until the new communicator gives them back (comm.c reshard_weights); on a device whole */
+    size_t old_parts = (m->n_weights + (size_t)world - 1) / (size_t)world + 1;
+    if (c->sharding.stage == 3 && prev_pad)
+        sp->transition_extra += (moved ? old_parts : m->n_weights) * sizeof(float);
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
     for (int r = 0; r < world; r++)

@@ -6,7 +6,7 @@ widen bf16 to fp32, exactly), so the runs must
 agree exactly: every dataset and attribute of every checkpoint (h5py), final/ byte for byte, the losses
 (test_frozen_bf16.same_run).
 
-Cases: a bf16 safetensors source (frozen parts held in bf16 only) progressive on 2 and 3 ranks across its stage
+Cases: a bf16 safetensors source (frozen parts held in bf16 only) progressive on 1, 2 and 3 ranks across its stage
 change; an fp32 source by stages (layer_lr_decay, two changes) on 2 and 3 ranks in fp32 and on 3 in bf16, and by
 unfreeze_every on 3 ranks (and on 2 with the frozen weights not sharded, SHARDTUNE_ZERO3_SHARD_FROZEN=0:
 the weights acquired whole there); resumes at another world size across the changes (checkpoints at steps 2 and 4 of a
@@ -43,7 +43,7 @@ def main():
     root = dp.tmpdir("st_zero3_reshard_")
     try:
         _, jobs, common, _ = fz.setup(root)
-        for ranks in (2, 3):
+        for ranks in (1, 2, 3):
             pair(root, f"bf16 source progressive {ranks} ranks", jobs["progressive"], ranks, common)
         model = dp.init_model(os.path.join(root, "f32b"), "llama", 3, dim=64, vocab=256, max_seq=64)
         data = os.path.join(root, "a.h5")

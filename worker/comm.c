@@ -611,16 +611,221 @@ void st_comm_optim_range(const st_comm *c, size_t *lo, size_t *hi) {
     else { *lo = c->lo; *hi = c->hi; }
 }
 
+/* ---- stage 3 on host memory: the moments moved shard to shard at a change of the trainable set ----
+ * The old and new gradient spaces are registry-order concatenations of the trainable parameters, each cut
+ * into equal shards. A parameter trainable in both layouts keeps its moments: element k sits at old_off + k
+ * (old owner: that / old shard) and at grad_offset + k (new owner). Each rank sends the pieces of its old
+ * shard, cut at the new owners' edges, and receives the pieces of its new shard, cut at the old owners'
+ * edges; both sides visit them in registry order, so every pair of ranks posts the same runs in the same
+ * order (MPI keeps the order of messages between two ranks with one tag). No rank holds more than its old
+ * and its new moments: SHARDTUNE_ZERO3_RESHARD=whole gathers the whole old moments everywhere instead (the
+ * path before; tests compare the two bit for bit). */
+
+#define RESHARD_TAG 7301
+#define RESHARD_RUN ((size_t)1 << 30) /* an MPI count is an int */
+
+typedef struct {
+    const float *old_m, *old_v; /* this rank's old shard, from old_lo */
+    float *new_m, *new_v;       /* this rank's new shard, from new_lo */
+    size_t old_lo, new_lo;
+    MPI_Comm comm;
+    int rank, sending, count, live; /* live 0: only count the runs */
+    MPI_Request *reqs;
+    const st_backend *be;
+} reshard_ctx;
+
+static int reshard_whole(void) {
+    const char *e = getenv("SHARDTUNE_ZERO3_RESHARD");
+    return e && !strcmp(e, "whole");
+}
+
+/* One run: n moments of one parameter at old_at (old space) and new_at (new space), peer the other side. */
+static int reshard_run(reshard_ctx *x, int peer, size_t old_at, size_t new_at, size_t n) {
+    if (peer == x->rank) { /* kept on this rank: copied once, on the sending pass */
+        if (x->sending && x->live) {
+            x->be->copy(x->new_m + (new_at - x->new_lo), x->old_m + (old_at - x->old_lo), n * sizeof(float));
+            x->be->copy(x->new_v + (new_at - x->new_lo), x->old_v + (old_at - x->old_lo), n * sizeof(float));
+        }
+        return MPI_SUCCESS;
+    }
+    int k = x->count;
+    x->count += 2;
+    if (!x->live) return MPI_SUCCESS;
+    int rc;
+    if (x->sending) {
+        rc = MPI_Isend(x->old_m + (old_at - x->old_lo), (int)n, MPI_FLOAT, peer, RESHARD_TAG, x->comm, &x->reqs[k]);
+        if (rc == MPI_SUCCESS)
+            rc = MPI_Isend(x->old_v + (old_at - x->old_lo), (int)n, MPI_FLOAT, peer, RESHARD_TAG, x->comm, &x->reqs[k + 1]);
+    } else {
+        rc = MPI_Irecv(x->new_m + (new_at - x->new_lo), (int)n, MPI_FLOAT, peer, RESHARD_TAG, x->comm, &x->reqs[k]);
+        if (rc == MPI_SUCCESS)
+            rc = MPI_Irecv(x->new_v + (new_at - x->new_lo), (int)n, MPI_FLOAT, peer, RESHARD_TAG, x->comm, &x->reqs[k + 1]);
+    }
+    return rc;
+}
+
+/* Registry-order visit of this rank's side: its old range [lo, hi) cut at the new owners' edges (sending) or
+ * its new range cut at the old owners' edges (receiving). */
+static int reshard_visit(reshard_ctx *x, const st_model *m, const long *old_off, size_t lo, size_t hi,
+                         size_t old_shard, size_t new_shard) {
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (p->grad_offset < 0 || old_off[i] < 0) continue;
+        size_t oa = (size_t)old_off[i], na = (size_t)p->grad_offset;
+        size_t here = x->sending ? oa : na, there = x->sending ? na : oa;
+        size_t there_shard = x->sending ? new_shard : old_shard;
+        size_t s = here > lo ? here : lo, e = here + p->numel < hi ? here + p->numel : hi;
+        for (size_t k = s > here ? s - here : 0; s < e && k < e - here;) {
+            size_t peer = (there + k) / there_shard, end = (peer + 1) * there_shard - there;
+            if (end > e - here) end = e - here;
+            if (end - k > RESHARD_RUN) end = k + RESHARD_RUN;
+            int rc = reshard_run(x, (int)peer, oa + k, na + k, end - k);
+            if (rc != MPI_SUCCESS) return rc;
+            k = end;
+        }
+    }
+    return MPI_SUCCESS;
+}
+
+static int reshard_pass(reshard_ctx *x, const st_model *m, const long *old_off, size_t lo, size_t hi,
+                        size_t old_shard, size_t new_shard, int sending) {
+    x->sending = sending;
+    return reshard_visit(x, m, old_off, lo, hi, old_shard, new_shard);
+}
+
+/* Moves the moments of the parameters trainable in both layouts from the old shards (old_m, old_v over
+ * [old_lo, old_lo + old_shard) of the old space) into o's new ones (zero elsewhere: new parameters start
+ * fresh). Collective over comm. */
+static int reshard_moments(st_optim *o, const st_model *m, MPI_Comm comm, const long *old_off, const float *old_m,
+                           const float *old_v, size_t old_lo, size_t old_shard, size_t new_shard) {
+    reshard_ctx x = {old_m, old_v, o->m, o->v, old_lo, o->lo, comm, 0, 0, 0, 0, NULL, m->be};
+    MPI_Comm_rank(comm, &x.rank);
+    size_t old_hi = old_m ? old_lo + old_shard : old_lo, new_hi = o->m ? o->hi : o->lo;
+    int rc = reshard_pass(&x, m, old_off, old_lo, old_hi, old_shard, new_shard, 1);
+    if (rc == MPI_SUCCESS) rc = reshard_pass(&x, m, old_off, o->lo, new_hi, old_shard, new_shard, 0);
+    if (rc != MPI_SUCCESS) return mpi_check(rc, "optimizer state re-shard", x.rank);
+    x.reqs = x.count ? malloc((size_t)x.count * sizeof(MPI_Request)) : NULL;
+    int fail = x.count && !x.reqs; /* every rank agrees before any message is posted */
+    rc = MPI_Allreduce(MPI_IN_PLACE, &fail, 1, MPI_INT, MPI_MAX, comm);
+    if (rc != MPI_SUCCESS) { free(x.reqs); return mpi_check(rc, "optimizer state re-shard", x.rank); }
+    if (fail) { free(x.reqs); return st_fail(ST_ENOMEM, "rank %d: out of memory re-sharding optimizer state", x.rank); }
+    int posted = x.count;
+    x.count = 0;
+    x.live = 1;
+    rc = reshard_pass(&x, m, old_off, old_lo, old_hi, old_shard, new_shard, 1);
+    if (rc == MPI_SUCCESS) rc = reshard_pass(&x, m, old_off, o->lo, new_hi, old_shard, new_shard, 0);
+    int wrc = posted ? MPI_Waitall(x.count, x.reqs, MPI_STATUSES_IGNORE) : MPI_SUCCESS;
+    if (posted) free(x.reqs);
+    if (rc == MPI_SUCCESS) rc = wrc;
+    return rc == MPI_SUCCESS ? 0 : mpi_check(rc, "optimizer state re-shard", x.rank);
+}
+
+/* The weights likewise: element k of a parameter lives at m->weights[offset + k] (fp32) or, held in bf16 only,
+ * m->weights_bf16[offset + k], on the rank that owns it in its space: the compact space while trainable, the
+ * frozen space while frozen, each cut into equal shards. The new spaces are known before the new layout is
+ * built (st_model_grad_offsets; frozen_space's rule), so every element goes from its old owner to its new one
+ * at the same address, point to point; the new communicator's init gives back what this rank does not own
+ * any more. A newly trainable tensor held in bf16 only arrives in bf16 and st_model_set_trainable widens it
+ * as before. SHARDTUNE_ZERO3_RESHARD=whole acquires every parameter whole instead. */
+typedef struct {
+    long *goff, *foff;     /* the new layout's compact and frozen offsets, -1 where not in that space */
+    size_t shard, fshard;  /* the new shards */
+    MPI_Request *reqs;     /* NULL: only count */
+    int count;
+} weights_move;
+
+static int move_param(const st_comm *c, st_model *m, weights_move *w, int i) {
+    const st_param *p = &m->params[i];
+    long oa = p->grad_offset >= 0 ? p->grad_offset : c->z3_foff[i], na = w->goff[i] >= 0 ? w->goff[i] : w->foff[i];
+    size_t osh = p->grad_offset >= 0 ? c->shard : c->fshard, nsh = w->goff[i] >= 0 ? w->shard : w->fshard;
+    if (oa < 0 || na < 0 || !osh || !nsh) return MPI_SUCCESS;
+    int b16 = st_model_fp32_dropped(m, i);
+    char *base = b16 ? (char *)(m->weights_bf16 + p->offset) : (char *)(m->weights + p->offset);
+    size_t elem = b16 ? sizeof(uint16_t) : sizeof(float);
+    for (int send = 1; send >= 0; send--) { /* this rank's old part cut at the new owners, its new part at the old */
+        size_t here = (size_t)(send ? oa : na), there = (size_t)(send ? na : oa);
+        size_t hsh = send ? osh : nsh, tsh = send ? nsh : osh, lo = (size_t)c->rank * hsh, hi = lo + hsh;
+        size_t s = here > lo ? here : lo, e = here + p->numel < hi ? here + p->numel : hi;
+        for (size_t k = s - here; s < e && k < e - here;) {
+            size_t peer = (there + k) / tsh, end = (peer + 1) * tsh - there;
+            if (end > e - here) end = e - here;
+            if (end - k > RESHARD_RUN) end = k + RESHARD_RUN;
+            if ((int)peer != c->rank) { /* else already in place */
+                int rc = MPI_SUCCESS, n = (int)(end - k);
+                MPI_Datatype t = b16 ? MPI_UINT16_T : MPI_FLOAT;
+                if (w->reqs && send) rc = MPI_Isend(base + k * elem, n, t, (int)peer, RESHARD_TAG, c->comm, &w->reqs[w->count]);
+                if (w->reqs && !send) rc = MPI_Irecv(base + k * elem, n, t, (int)peer, RESHARD_TAG, c->comm, &w->reqs[w->count]);
+                if (rc != MPI_SUCCESS) return rc;
+                w->count++;
+            }
+            k = end;
+        }
+    }
+    return MPI_SUCCESS;
+}
+
+/* A tensor held in bf16 only that becomes trainable: this rank's new part widened to its fp32 master (exact)
+ * and the flag cleared, so st_model_set_trainable does not widen the whole tensor (every rank's pages). */
+static void widen_new_parts(const st_comm *c, st_model *m, const weights_move *w) {
+    for (int i = 0; i < m->n_params; i++) {
+        const st_param *p = &m->params[i];
+        if (w->goff[i] < 0 || !st_model_fp32_dropped(m, i) || p->offset < m->n_w16) continue; /* n_w16: refused there */
+        size_t a = (size_t)w->goff[i], lo = (size_t)c->rank * w->shard, hi = lo + w->shard;
+        size_t s = a > lo ? a : lo, e = a + p->numel < hi ? a + p->numel : hi;
+        if (s < e) m->be->from_bf16(m->weights + p->offset + (s - a), m->weights_bf16 + p->offset + (s - a), e - s);
+        st_model_set_fp32_dropped(m, i, 0);
+    }
+}
+
+/* Collective over the old communicator c, before it is freed. */
+static int reshard_weights(st_comm *c, st_model *m, const unsigned char *layer_mask, unsigned module_mask) {
+    int np = m->n_params, fail = 0, rc = MPI_SUCCESS;
+    weights_move w = {malloc((size_t)np * sizeof(long)), malloc((size_t)np * sizeof(long)), 0, 0, NULL, 0};
+    if (w.goff && w.foff) {
+        size_t n = st_model_grad_offsets(m, layer_mask, module_mask, w.goff), nf = 0, world = (size_t)c->world;
+        for (int i = 0; i < np; i++) { /* frozen_space's rule */
+            w.foff[i] = w.goff[i] >= 0 ? -1 : (long)nf;
+            if (w.foff[i] >= 0) nf += m->params[i].numel;
+        }
+        w.shard = (n + world - 1) / world;
+        w.fshard = (nf + world - 1) / world;
+        for (int i = 0; i < np && rc == MPI_SUCCESS; i++) rc = move_param(c, m, &w, i);
+        w.reqs = w.count ? malloc((size_t)w.count * sizeof(MPI_Request)) : NULL;
+    }
+    fail = !w.goff || !w.foff || (w.count && !w.reqs) || rc != MPI_SUCCESS; /* every rank agrees before posting */
+    int arc = MPI_Allreduce(MPI_IN_PLACE, &fail, 1, MPI_INT, MPI_MAX, c->comm);
+    w.count = 0;
+    if (arc == MPI_SUCCESS && !fail && w.reqs) {
+        for (int i = 0; i < np && rc == MPI_SUCCESS; i++) rc = move_param(c, m, &w, i);
+        int wrc = MPI_Waitall(w.count, w.reqs, MPI_STATUSES_IGNORE);
+        if (rc == MPI_SUCCESS) rc = wrc;
+        if (rc == MPI_SUCCESS) widen_new_parts(c, m, &w);
+    }
+    free(w.goff);
+    free(w.foff);
+    free(w.reqs);
+    if (arc != MPI_SUCCESS) rc = arc;
+    if (rc != MPI_SUCCESS) return mpi_check(rc, "weights re-shard", c->rank);
+    return fail ? st_fail(ST_ENOMEM, "rank %d: out of memory re-sharding the weights (or another rank failed)", c->rank) : 0;
+}
+
 int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
                           const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask) {
     const st_backend *be = m->be;
     long *old_off = malloc((size_t)m->n_params * sizeof(long));
     if (!old_off) return st_fail(ST_ENOMEM, "out of memory");
     for (int i = 0; i < m->n_params; i++) old_off[i] = m->params[i].grad_offset;
-    /* the full old moments on every rank, so each rank can cut its new shard from them */
-    float *old_m = NULL, *old_v = NULL;
+    /* stage 3 on host memory: the old shards kept and moved shard to shard once the new layout is made
+     * (reshard_moments); elsewhere the full old moments on every rank, so each rank can cut its new shard */
+    int move = c->stage == 3 && opt->stage == 3 && !c->z3dev && be->host_memory && !reshard_whole();
+    size_t old_lo = o->lo, old_shard = c->shard;
+    float *old_m = NULL, *old_v = NULL, *keep_m = NULL, *keep_v = NULL;
     int rc = 0, world = 1;
-    if (o->m && c->n_pad > 0) {
+    if (move) {
+        keep_m = o->m;
+        keep_v = o->v;
+        o->m = o->v = NULL; /* not freed with the old optimizer */
+    } else if (o->m && c->n_pad > 0) {
         old_m = be->alloc(c->n_pad * sizeof(float)); /* backend memory: gathered and copied on the device */
         old_v = be->alloc(c->n_pad * sizeof(float));
         if (!old_m || !old_v) rc = st_fail(ST_ENOMEM, "out of memory re-sharding optimizer state");
@@ -632,6 +837,10 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
     if (c->z3dev) { /* on a device (worker/comm_zero3_dev.c): gathered into a whole buffer, its layout undone */
         int urc = st_z3dev_unshard(c);
         if (!rc) rc = urc;
+    } else if (c->stage == 3 && c->model == m && move && c->z3_foff && !c->nq && !m->lora && !m->prompt) {
+        prefetch_finish(c, -1, -1); /* nothing of the old layout still in flight */
+        int wrc = reshard_weights(c, m, layer_mask, module_mask); /* the old and new parts only */
+        if (!rc) rc = wrc;
     } else if (c->stage == 3 && c->model == m) {
         st_model_acquire(m, 0, m->n_params);
     }
@@ -655,10 +864,18 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
     size_t lo, hi;
     st_comm_optim_range(c, &lo, &hi);
     if (!rc) rc = st_optim_init(o, oc, lo, hi, m, be);
+    if (move) { /* collective below: every rank or none */
+        int bad = rc != 0, arc = MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MAX, comm);
+        if (!rc && arc != MPI_SUCCESS) rc = mpi_check(arc, "optimizer state re-shard", c->rank);
+        if (!rc && bad) rc = st_fail(ST_ECOMM, "rank %d: another rank failed re-sharding the optimizer state", c->rank);
+    }
+    if (move && !rc) rc = reshard_moments(o, m, comm, old_off, keep_m, keep_v, old_lo, old_shard, c->shard);
     if (!rc && old_steps) st_optim_carry_over(o, m, old_off, old_steps, old_m, old_v);
     free(old_steps);
     be->free(old_m);
     be->free(old_v);
+    be->free(keep_m);
+    be->free(keep_v);
     free(old_off);
     return rc;
 }

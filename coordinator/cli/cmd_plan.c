@@ -67,7 +67,8 @@ static void print_text(const st_plan *p, const st_model *m, const st_config *c) 
         if (sp->ranks[0].teacher)
             printf("  distill.teacher: %.2f MiB per rank (in total)\n", mib(sp->ranks[0].teacher));
         if (sp->transition_extra)
-            printf("  entering this stage: +%.2f MiB per rank (the previous stage's moments, gathered)\n",
+            printf("  entering this stage: +%.2f MiB per rank (re-sharding: the previous stage's moments; ZeRO-3: "
+                   "its weights)\n",
                    mib(sp->transition_extra));
     }
     printf("\nper phase (MiB): load (first stage), step (largest stage total), checkpoint, final/ (end of stage %d)\n",

@@ -802,9 +802,15 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
     sp->n_pad = (sp->n_trainable + (size_t)world - 1) / (size_t)world * (size_t)world;
     sp->shard = sp->n_pad / (size_t)world;
     for (int i = 0; i < m->n_params; i++) sp->n_trainable_params += goff[i] >= 0;
-    sp->transition_extra = 2 * prev_pad * sizeof(float); /* st_comm_reshard_optim's old_m + old_v */
-    if (c->sharding.stage == 3) /* + the old weights whole (trainable and frozen: comm.c gathers the model) */
-        sp->transition_extra += prev_pad ? m->n_weights * sizeof(float) : 0;
+    /* st_comm_reshard_optim's old moments: gathered whole (old_m + old_v), or at CPU ZeRO-3 the old shards
+     * kept until they are moved into the new ones (comm.c reshard_moments) */
+    int moved = c->sharding.stage == 3 && c->backend != ST_BACKEND_CUDA;
+    sp->transition_extra = 2 * (moved ? prev_pad / (size_t)world : prev_pad) * sizeof(float);
+    /* + the old weights: at CPU ZeRO-3 this rank's old parts (compact and frozen shards, fp32 at most) beside
+     * the new ones until the new communicator gives them back (comm.c reshard_weights); on a device whole */
+    size_t old_parts = (m->n_weights + (size_t)world - 1) / (size_t)world + 1;
+    if (c->sharding.stage == 3 && prev_pad)
+        sp->transition_extra += (moved ? old_parts : m->n_weights) * sizeof(float);
     sp->ranks = calloc((size_t)world, sizeof *sp->ranks);
     if (!sp->ranks) return st_fail(ST_ENOMEM, "out of memory");
     for (int r = 0; r < world; r++)

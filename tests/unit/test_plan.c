@@ -253,6 +253,35 @@ static void test_plan_device_zero2(void **state) {
         }
 }
 
+/* A progressive stage change at ZeRO-3: on CPU ranks the old moments' shards and this rank's old weight parts
+ * (worker/comm.c reshard_moments / reshard_weights move them to their new owners); on a device the old
+ * moments gathered and the weights whole. */
+static void test_plan_zero3_transition(void **state) {
+    (void)state;
+    static st_config c;
+    st_model_config mc = llama_cfg(3, 0);
+    st_model m;
+    assert_int_equal(st_model_build_registry(&m, &mc), 0);
+    const char *modes[] = {"finetune: {mode: progressive, unfreeze_every: 2}\n",
+                           "backend: cuda\nfinetune: {mode: progressive, unfreeze_every: 2}\n"};
+    for (int dev = 0; dev < 2; dev++)
+        for (int w = 1; w <= 4; w++) {
+            load_cfg(&c, modes[dev], "sharding.stage=3");
+            st_plan p;
+            if (st_plan_build(&c, &m, w, &p)) fail_msg("plan: %s", st_error());
+            assert_true(p.n_stages > 1);
+            assert_int_equal(p.stages[0].transition_extra, 0);
+            for (int s = 1; s < p.n_stages; s++) {
+                size_t prev = p.stages[s - 1].n_pad, old = dev ? prev : prev / (size_t)w;
+                size_t weights = dev ? m.n_weights : (m.n_weights + (size_t)w - 1) / (size_t)w + 1;
+                assert_int_equal(prev % (size_t)w, 0);
+                assert_int_equal(p.stages[s].transition_extra, (2 * old + weights) * sizeof(float));
+            }
+            st_plan_free(&p);
+        }
+    st_model_free(&m);
+}
+
 static void test_registry_only(void **state) {
     (void)state;
     st_model_config mc = llama_cfg(2, 0);
@@ -335,6 +364,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_plan_matches_allocations),
         cmocka_unit_test(test_plan_device_zero2),
+        cmocka_unit_test(test_plan_zero3_transition),
         cmocka_unit_test(test_registry_only),
         cmocka_unit_test(test_unfreeze_every_schedule),
         cmocka_unit_test(test_plan_errors),

@@ -218,11 +218,6 @@ int st_model_read_param_bf16_range(st_safetensors *s, const st_model *m, int i, 
     return rc ? rc : st_safetensors_read_bf16_range(s, t, a, n, dst);
 }
 
-int st_model_param_file_dtype(const st_safetensors *s, const st_model *m, int i) {
-    const st_st_tensor *t = find_tensor(s, m, &m->params[i]);
-    return t ? t->dtype : -1;
-}
-
 int st_model_load_weights(st_model *m, const char *dir) { return st_model_load_weights_part(m, dir, NULL, NULL); }
 
 int st_model_open_registry(const char *dir, st_model *m) {

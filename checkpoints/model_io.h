@@ -35,12 +35,9 @@ int st_model_check_files(const st_model *m, const char *dir, st_safetensors **ou
 int st_model_read_param(st_safetensors *s, const st_model *m, int i, float *dst);
 /* Elements [a, a + n) of it (not for a transposed Conv1D tensor: ST_EINVAL). */
 int st_model_read_param_range(st_safetensors *s, const st_model *m, int i, size_t a, size_t n, float *dst);
-/* The ST_DTYPE_* parameter i is stored as in those files (-1: absent): a BF16 one widens to fp32 exactly, so
- * its bf16 copy is its value (worker/model.h st_model_bind_frozen_bf16). */
-int st_model_param_file_dtype(const st_safetensors *s, const st_model *m, int i);
-
 /* The dtype of parameter i's tensor in those files (ST_DTYPE_*), -1 when absent: a BF16 one's values are bf16
- * values by construction, so a load may put it into the bf16 copy only (train.c load_late, gen_run.c load_held). */
+ * values by construction, so a load may put it into the bf16 copy only (train.c load_late, gen_run.c load_held;
+ * on a device train_frozen16.c, worker/model.h st_model_bind_frozen_bf16). */
 int st_model_param_dtype(const st_safetensors *s, const st_model *m, int i);
 /* Elements [a, a + n) of parameter i's BF16 tensor as bf16 bits into dst (st_safetensors_read_bf16_range; not
  * for a transposed Conv1D tensor or another dtype: ST_EINVAL). */

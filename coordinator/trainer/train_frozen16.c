@@ -93,7 +93,7 @@ int st_trainer_load_frozen_bf16(trainer *t, int *done) {
     if (!rc) rc = frozen_all_run(c, m, w16);
     if (!rc) rc = st_model_check_files(m, c->model.path, &s);
     for (int i = 0; !rc && i < m->n_params; i++) {
-        w16[i] = w16[i] && st_model_bf16_storable(m, i) && st_model_param_file_dtype(s, m, i) == ST_DTYPE_BF16;
+        w16[i] = w16[i] && st_model_bf16_storable(m, i) && st_model_param_dtype(s, m, i) == ST_DTYPE_BF16;
         if (w16[i]) n16 += m->params[i].numel;
         at[i] = m->params[i].offset; /* the registry's, before the layout moves them */
     }

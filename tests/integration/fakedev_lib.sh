@@ -34,34 +34,34 @@ dev() {
   ! grep -q "fakedev (rank\|stream order violated" "$T/$name.err" || fail "$name: $(grep -m3 "fakedev (rank\|stream order" "$T/$name.err")"
 }
 
-# cmp_cpu NP NAME TOL [overrides]: the device stage-3 run NAME vs the CPU ranks' run of the same job; at TOL 0
-# also final/model.safetensors byte for byte
-cmp_cpu() {
+# cmp_cpu_losses NP NAME TOL [overrides]: runs the device stage-3 job NAME and the CPU ranks' job cNAME (the same
+# job) and prints their losses' largest difference; fails above TOL
+cmp_cpu_losses() {
   local np=$1 name=$2 tol=$3; shift 3
   local micro=$((6 / np))
   job "$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
   job "c$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
   dev "$np" "$name"
   [ "$(train "$np" "c$name")" = 0 ] || fail "$name: cpu stage 3 on $np ranks: $(cat "$T/c$name.err")"
-  local d
-  d=$(close "$T/$name/metrics.jsonl" "$T/c$name/metrics.jsonl" "$tol" 1 6) || fail "$name ($np ranks): device vs cpu stage 3"
+  close "$T/$name/metrics.jsonl" "$T/c$name/metrics.jsonl" "$tol" 1 6 || fail "$name ($np ranks): device vs cpu stage 3"
+}
+
+# cmp_cpu NP NAME TOL [overrides]: the device stage-3 run NAME vs the CPU ranks' run of the same job; at TOL 0
+# also final/model.safetensors byte for byte
+cmp_cpu() {
+  local np=$1 name=$2 tol=$3 d
+  d=$(cmp_cpu_losses "$@") || exit 1
   if [ "$tol" = 0 ]; then
     cmp -s "$T/$name/final/model.safetensors" "$T/c$name/final/model.safetensors" || fail "$name: final/ differs from cpu stage 3's"
   fi
   echo "$name on $np fake device ranks: losses vs cpu stage 3 $d (tolerance $tol)"
 }
 
-# cmp_cpu_adapter NP NAME TOL [overrides]: the device stage-3 run NAME of an adapter mode vs the CPU ranks' run
-# of the same job; at TOL 0 also final/ (a peft adapter directory) byte for byte
+# cmp_cpu_adapter NP NAME TOL [overrides]: as cmp_cpu for an adapter mode: at TOL 0 final/ (a peft adapter
+# directory) byte for byte
 cmp_cpu_adapter() {
-  local np=$1 name=$2 tol=$3; shift 3
-  local micro=$((6 / np))
-  job "$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
-  job "c$name" 6 "$micro" 2 sharding.stage=3 "${common[@]}" "$@"
-  dev "$np" "$name"
-  [ "$(train "$np" "c$name")" = 0 ] || fail "$name: cpu stage 3 on $np ranks: $(cat "$T/c$name.err")"
-  local d
-  d=$(close "$T/$name/metrics.jsonl" "$T/c$name/metrics.jsonl" "$tol" 1 6) || fail "$name ($np ranks): device vs cpu stage 3"
+  local np=$1 name=$2 tol=$3 d
+  d=$(cmp_cpu_losses "$@") || exit 1
   if [ "$tol" = 0 ]; then
     [ -f "$T/$name/final/adapter_model.safetensors" ] || fail "$name: no peft adapter in final/: $(ls "$T/$name/final")"
     diff -r "$T/$name/final" "$T/c$name/final" >/dev/null || fail "$name: final/ differs from cpu stage 3's"

@@ -809,15 +809,26 @@ static int reshard_weights(st_comm *c, st_model *m, const unsigned char *layer_m
     return fail ? st_fail(ST_ENOMEM, "rank %d: out of memory re-sharding the weights (or another rank failed)", c->rank) : 0;
 }
 
+/* rc unless another rank failed: every rank goes on to a collective, or none does. */
+static int all_agree(int rc, MPI_Comm comm, int rank) {
+    int bad = rc != 0, arc = MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MAX, comm);
+    if (!rc && arc != MPI_SUCCESS) rc = mpi_check(arc, "optimizer state re-shard", rank);
+    if (!rc && bad) rc = st_fail(ST_ECOMM, "rank %d: another rank failed re-sharding the optimizer state", rank);
+    return rc;
+}
+
 int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
                           const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask) {
     const st_backend *be = m->be;
     long *old_off = malloc((size_t)m->n_params * sizeof(long));
     if (!old_off) return st_fail(ST_ENOMEM, "out of memory");
     for (int i = 0; i < m->n_params; i++) old_off[i] = m->params[i].grad_offset;
-    /* stage 3 on host memory: the old shards kept and moved shard to shard once the new layout is made
-     * (reshard_moments); elsewhere the full old moments on every rank, so each rank can cut its new shard */
-    int move = c->stage == 3 && opt->stage == 3 && !c->z3dev && be->host_memory && !reshard_whole();
+    /* stage 3: the old shards kept and moved once the new layout is made (host memory: shard to shard,
+     * reshard_moments; a device: in bounded pieces, st_z3dev_move_moments); elsewhere the full old moments on
+     * every rank, so each rank can cut its new shard */
+    int move = c->stage == 3 && opt->stage == 3 && (c->z3dev || be->host_memory) && !reshard_whole();
+    int dmove = move && c->z3dev;
+    st_z3dev *old_z = NULL; /* dmove: the old weight shards, detached from the old communicator */
     size_t old_lo = o->lo, old_shard = c->shard;
     float *old_m = NULL, *old_v = NULL, *keep_m = NULL, *keep_v = NULL;
     int rc = 0, world = 1;
@@ -832,9 +843,14 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
         if (!rc) rc = st_comm_gather_state(c, o->m, old_m);
         if (!rc) rc = st_comm_gather_state(c, o->v, old_v);
     }
-    /* stage 3: the old trainable weights whole on every rank (every rank acquires: collective), so the new
-     * communicator can cut its shards from them (its init gives back what this rank no longer owns) */
-    if (c->z3dev) { /* on a device (worker/comm_zero3_dev.c): gathered into a whole buffer, its layout undone */
+    /* stage 3: the weights moved from their old owners to their new ones (SHARDTUNE_ZERO3_RESHARD=whole, or
+     * where that is not done: whole on every rank, every rank acquires: collective, so the new communicator
+     * can cut its shards from them; its init gives back what this rank no longer owns) */
+    if (dmove) { /* on a device (worker/comm_zero3_dev.c): the old shards kept, moved piece by piece below */
+        int drc;
+        old_z = st_z3dev_detach(c, &drc);
+        if (!rc) rc = drc;
+    } else if (c->z3dev) { /* SHARDTUNE_ZERO3_RESHARD=whole: gathered into a whole buffer, its layout undone */
         int urc = st_z3dev_unshard(c);
         if (!rc) rc = urc;
     } else if (c->stage == 3 && c->model == m && move && c->z3_foff && !c->nq && !m->lora && !m->prompt) {
@@ -851,8 +867,8 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
     MPI_Comm_size(comm, &world);
     m->grad_align = world;
     /* stage 2 on a device: no full-size gradient buffer is made, not even for a moment (st_comm_init
-     * allocates it when the bucketed layout does not apply) */
-    int dev2 = opt->stage == 2 && on_device(m), ext = m->buffers_external;
+     * allocates it when the bucketed layout does not apply); nor at stage 3 (its init would free it) */
+    int dev2 = (opt->stage == 2 || dmove) && on_device(m), ext = m->buffers_external; /* dmove: nor at stage 3 */
     if (dev2 && !ext) {
         be->free(m->grads);
         m->grads = NULL;
@@ -861,15 +877,18 @@ int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, c
     if (!rc) rc = st_model_set_trainable(m, layer_mask, module_mask);
     m->buffers_external = ext;
     if (!rc) rc = st_comm_init(c, comm, opt, m);
+    if (dmove) { /* the weights first: their old shards are freed before the new moments are made */
+        rc = all_agree(rc, comm, c->rank);
+        if (!rc) rc = st_z3dev_reshard(c, old_z, old_off);
+        else st_z3dev_drop_detached(old_z);
+    }
     size_t lo, hi;
     st_comm_optim_range(c, &lo, &hi);
     if (!rc) rc = st_optim_init(o, oc, lo, hi, m, be);
-    if (move) { /* collective below: every rank or none */
-        int bad = rc != 0, arc = MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MAX, comm);
-        if (!rc && arc != MPI_SUCCESS) rc = mpi_check(arc, "optimizer state re-shard", c->rank);
-        if (!rc && bad) rc = st_fail(ST_ECOMM, "rank %d: another rank failed re-sharding the optimizer state", c->rank);
-    }
-    if (move && !rc) rc = reshard_moments(o, m, comm, old_off, keep_m, keep_v, old_lo, old_shard, c->shard);
+    if (move) rc = all_agree(rc, comm, c->rank); /* collective below: every rank or none */
+    if (dmove) {
+        if (!rc && keep_m && o->m) rc = st_z3dev_move_moments(c, old_off, old_shard, keep_m, keep_v, o->m, o->v);
+    } else if (move && !rc) rc = reshard_moments(o, m, comm, old_off, keep_m, keep_v, old_lo, old_shard, c->shard);
     if (!rc && old_steps) st_optim_carry_over(o, m, old_off, old_steps, old_m, old_v);
     free(old_steps);
     be->free(old_m);

@@ -103,7 +103,6 @@ typedef struct {     /* a reduce-scatter chunk in flight */
     size_t zero_n;
 } z3d_rs;
 
-typedef struct st_z3dev st_z3dev;
 struct st_z3dev {
     st_model *m;
     int n_slots, in_bwd;
@@ -147,6 +146,10 @@ struct st_z3dev {
     int rows_embed, head, head_block; /* head: the head's parameter when it goes by blocks, else -1 */
     float *htmp;         /* [htmp_floats] a block of logits or dlogits (the model's layout has none) */
     size_t htmp_floats;
+    /* detached (st_z3dev_detach): only master and fmaster are kept, cut by the old layout below, until
+     * st_z3dev_reshard has moved them into the new communicator's shards */
+    long *old_foff;      /* [n_params] the old frozen offsets (the old c->z3_foff) */
+    size_t old_lo, old_shard, old_flo, old_fshard;
 };
 
 /* Weight range of parameters [first, last) (registry order is offset order); QLoRA's quantized parameters
@@ -1173,6 +1176,140 @@ int st_z3dev_unshard(st_comm *c) {
     m->weights = whole;
     return 0;
 }
+
+/* ---- a change of the trainable set without whole weights (st_z3dev_detach, st_z3dev_reshard) ---- */
+
+/* n values of a frozen shard from its element k, as fp32 (out) / from fp32 (in): the only readers and writers
+ * of fmaster here, so its element type is theirs to know. */
+static void frozen_get(const st_z3dev *z, size_t k, float *out, size_t n) {
+    z->m->be->copy(out, z->fmaster + k, n * sizeof(float));
+}
+
+static void frozen_put(st_z3dev *z, size_t k, const float *in, size_t n) {
+    z->m->be->copy(z->fmaster + k, in, n * sizeof(float));
+}
+
+typedef struct { /* one sharded space as this rank holds it: its part [lo, lo + shard) */
+    st_z3dev *fz;    /* the frozen space of this st_z3dev (frozen_get / frozen_put), else ... */
+    float *f;        /* ... an fp32 shard (master weights, a moment) */
+    size_t lo, shard;
+} z3d_side;
+
+static void side_get(const st_backend *be, const z3d_side *s, size_t at, float *out, size_t n) {
+    if (s->fz) frozen_get(s->fz, at - s->lo, out, n);
+    else be->copy(out, s->f + (at - s->lo), n * sizeof(float));
+}
+
+static void side_put(const st_backend *be, z3d_side *s, size_t at, const float *in, size_t n) {
+    if (s->fz) frozen_put(s->fz, at - s->lo, in, n);
+    else be->copy(s->f + (at - s->lo), in, n * sizeof(float));
+}
+
+/* Moves n values of one tensor from `from` (at space offset oa) to `to` (at na) in pieces of at most cap
+ * floats through buf: a piece's old owners' parts all-gathered into buf (this rank's copied in first), then
+ * this rank's new part copied out. Collective: every rank moves the same tensors in the same order. */
+static int move_values(st_comm *c, float *buf, size_t cap, const z3d_side *from, size_t oa, z3d_side *to, size_t na,
+                       size_t n) {
+    const st_backend *be = c->be;
+    for (size_t k = 0; k < n; k += cap) {
+        size_t q = n - k < cap ? n - k : cap, a = oa + k, hi = from->lo + from->shard;
+        size_t s = a > from->lo ? a : from->lo, e = a + q < hi ? a + q : hi;
+        if (s < e) side_get(be, from, s, buf + (s - a), e - s);
+        if (c->nccl) {
+            size_t parts[c->world];
+            space_parts(c, from->shard, a, a + q, parts);
+            int rc = st_nccl_all_gather_parts(c->nccl, buf, parts);
+            if (!rc) rc = st_nccl_wait_compute(c->nccl); /* the copy out below reads what arrived */
+            if (rc) return rc;
+        }
+        a = na + k, hi = to->lo + to->shard;
+        s = a > to->lo ? a : to->lo, e = a + q < hi ? a + q : hi;
+        if (s < e) side_put(be, to, s, buf + (s - a), e - s);
+    }
+    return 0;
+}
+
+/* The piece buffer: the new communicator's first base slot (no group is resident during a change). */
+static float *piece_buf(const st_comm *c, size_t *cap) {
+    *cap = c->z3dev->slot[0].cap;
+    return c->z3dev->slot[0].w;
+}
+
+static void detached_free(st_z3dev *old) {
+    if (!old) return;
+    old->m->be->free(old->master);
+    old->m->be->free(old->fmaster);
+    free(old->old_foff);
+    free(old);
+}
+
+st_z3dev *st_z3dev_detach(st_comm *c, int *rc) {
+    st_z3dev *z = c->z3dev, *old = NULL;
+    *rc = 0;
+    if (z->held) /* QLoRA's trainable set (the adapters) never changes */
+        *rc = st_fail(ST_ECONFIG, "a QLoRA run's trainable set cannot change at sharding.stage 3 on a device");
+    else if (!(old = calloc(1, sizeof *old)))
+        *rc = st_fail(ST_ENOMEM, "out of memory");
+    if (*rc) return NULL;
+    rs_finish_all(c);
+    old->m = z->m;
+    old->master = z->master;
+    old->fmaster = z->fmaster;
+    z->master = NULL;
+    z->fmaster = NULL;
+    old->old_foff = c->z3_foff;
+    c->z3_foff = NULL;
+    old->old_lo = c->lo, old->old_shard = c->shard, old->old_flo = c->flo, old->old_fshard = c->fshard;
+    st_z3dev_free(c); /* waits for what is queued */
+    return old;
+}
+
+int st_z3dev_reshard(st_comm *c, st_z3dev *old, const long *old_off) {
+    st_z3dev *z = c->z3dev;
+    const st_model *m = z->m;
+    size_t cap;
+    float *buf = piece_buf(c, &cap);
+    int rc = 0;
+    for (int i = 0; i < m->n_params && !rc; i++) { /* each parameter from its old space to its new one */
+        const st_param *p = &m->params[i];
+        int of = old_off[i] < 0, nf = p->grad_offset < 0;
+        long oa = of ? old->old_foff[i] : old_off[i], na = nf ? c->z3_foff[i] : p->grad_offset;
+        if (!p->numel || oa < 0 || na < 0) continue;
+        z3d_side from = {of ? old : NULL, of ? NULL : old->master, of ? old->old_flo : old->old_lo,
+                         of ? old->old_fshard : old->old_shard};
+        z3d_side to = {nf ? z : NULL, nf ? NULL : z->master, nf ? c->flo : c->lo, nf ? c->fshard : c->shard};
+        rc = move_values(c, buf, cap, &from, (size_t)oa, &to, (size_t)na, p->numel);
+    }
+    if (c->nccl) { /* nothing queued still reads the old shards freed below */
+        int src = st_nccl_synchronize(c->nccl);
+        if (!rc) rc = src;
+    }
+    detached_free(old);
+    return rc;
+}
+
+int st_z3dev_move_moments(st_comm *c, const long *old_off, size_t old_shard, float *old_m, float *old_v,
+                          float *new_m, float *new_v) {
+    const st_model *m = c->z3dev->m;
+    size_t cap, old_lo = old_shard * (size_t)c->rank;
+    float *buf = piece_buf(c, &cap);
+    int rc = 0;
+    for (int i = 0; i < m->n_params && !rc; i++) { /* trainable before and after: its moments carried over */
+        const st_param *p = &m->params[i];
+        if (!p->numel || p->grad_offset < 0 || old_off[i] < 0) continue;
+        z3d_side fm = {NULL, old_m, old_lo, old_shard}, fv = {NULL, old_v, old_lo, old_shard};
+        z3d_side tm = {NULL, new_m, c->lo, c->shard}, tv = {NULL, new_v, c->lo, c->shard};
+        rc = move_values(c, buf, cap, &fm, (size_t)old_off[i], &tm, (size_t)p->grad_offset, p->numel);
+        if (!rc) rc = move_values(c, buf, cap, &fv, (size_t)old_off[i], &tv, (size_t)p->grad_offset, p->numel);
+    }
+    if (c->nccl) { /* nothing queued still reads the old moments (freed by the caller) */
+        int src = st_nccl_synchronize(c->nccl);
+        if (!rc) rc = src;
+    }
+    return rc;
+}
+
+void st_z3dev_drop_detached(st_z3dev *old) { detached_free(old); }
 
 void st_z3dev_free(st_comm *c) {
     st_z3dev *z = c->z3dev;

@@ -12,6 +12,8 @@
 #include "worker/comm.h"
 #include "worker/qlora.h"
 
+typedef struct st_z3dev st_z3dev;
+
 /* Whether the device layout runs this model: every mode (QLoRA's base only with fp32 storage for its kept
  * parameters: no spec.bf16 layout, which the trainer never uses at stage 3); frozen parameters (a frozen base
  * under adapters or a prompt too) are sharded over the frozen space as on CPU ranks. */
@@ -26,12 +28,29 @@ int st_z3dev_init(st_comm *c, st_model *m);
 /* The backward of a micro-batch begins (1) / ended (0): acquires in backward give a layer its gradients. */
 void st_z3dev_backward(st_comm *c, int in_backward);
 
-/* A change of the trainable set (progressive stages, st_comm_reshard_optim): every parameter gathered
+/* A change of the trainable set (progressive stages, st_comm_reshard_optim) under SHARDTUNE_ZERO3_RESHARD=whole
+ * (the path before st_z3dev_detach / st_z3dev_reshard below, kept for A/B): every parameter gathered
  * whole into a new device buffer of n_weights floats that becomes m->weights (collective, one parameter at a
  * time), then the device state freed (st_z3dev_free), so the rebuilt communicator cuts its new shards from
  * the whole weights as at the start. Returns 0, or ST_ENOMEM / the NCCL failure (the model then keeps no
  * weights). */
 int st_z3dev_unshard(st_comm *c);
+
+/* The same change without whole weights (st_comm_reshard_optim unless SHARDTUNE_ZERO3_RESHARD=whole): detach
+ * keeps this rank's master shards (compact and frozen) with the old layout and frees the rest of the device
+ * state (not collective; NULL and *rc on a failure: QLoRA, out of memory). Once the new communicator is built
+ * around zeroed shards (st_z3dev_init on a model without weights), st_z3dev_reshard moves every parameter's
+ * values from its old owners to its new ones (old_off: the old compact offsets, -1 frozen) in pieces of at
+ * most one gather slot: a piece all-gathered into the new communicator's first slot, each rank copying its
+ * new part out; nothing of the model's size is allocated. It frees `old` (collective). st_z3dev_move_moments
+ * moves the moments of the parameters trainable in both layouts the same way, from the old shards (old_shard
+ * floats per rank, from old_shard * rank) into the new (collective). st_z3dev_drop_detached frees a detached
+ * state that is not moved (a failure on the way). */
+st_z3dev *st_z3dev_detach(st_comm *c, int *rc);
+int st_z3dev_reshard(st_comm *c, st_z3dev *old, const long *old_off);
+int st_z3dev_move_moments(st_comm *c, const long *old_off, size_t old_shard, float *old_m, float *old_v,
+                          float *new_m, float *new_v);
+void st_z3dev_drop_detached(st_z3dev *old);
 
 /* Frees it; the model is left without weights (the end of a run). */
 void st_z3dev_free(st_comm *c);

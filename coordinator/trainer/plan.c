@@ -802,12 +802,15 @@ static int plan_stage(const st_config *c, const st_model *m, const st_stage *s, 
     sp->n_pad = (sp->n_trainable + (size_t)world - 1) / (size_t)world * (size_t)world;
     sp->shard = sp->n_pad / (size_t)world;
     for (int i = 0; i < m->n_params; i++) sp->n_trainable_params += goff[i] >= 0;
-    /* st_comm_reshard_optim's old moments: gathered whole (old_m + old_v), or at CPU ZeRO-3 the old shards
-     * kept until they are moved into the new ones (comm.c reshard_moments) */
-    int moved = c->sharding.stage == 3 && c->backend != ST_BACKEND_CUDA;
+    /* st_comm_reshard_optim's old moments: gathered whole (old_m + old_v), or at ZeRO-3 the old shards kept
+     * until they are moved into the new ones (comm.c reshard_moments; on a device in pieces through a gather
+     * slot, comm_zero3_dev.c st_z3dev_move_moments), unless SHARDTUNE_ZERO3_RESHARD=whole */
+    const char *how = getenv("SHARDTUNE_ZERO3_RESHARD");
+    int moved = c->sharding.stage == 3 && !(how && !strcmp(how, "whole"));
     sp->transition_extra = 2 * (moved ? prev_pad / (size_t)world : prev_pad) * sizeof(float);
-    /* + the old weights: at CPU ZeRO-3 this rank's old parts (compact and frozen shards, fp32 at most) beside
-     * the new ones until the new communicator gives them back (comm.c reshard_weights); on a device whole */
+    /* + the old weights: at ZeRO-3 this rank's old parts (compact and frozen shards, fp32 at most) beside the
+     * new ones until they are moved (comm.c reshard_weights; on a device st_z3dev_reshard, freed before the
+     * new moments are made); whole on every rank under SHARDTUNE_ZERO3_RESHARD=whole */
     size_t old_parts = (m->n_weights + (size_t)world - 1) / (size_t)world + 1;
     if (c->sharding.stage == 3 && prev_pad)
         sp->transition_extra += (moved ? old_parts : m->n_weights) * sizeof(float);

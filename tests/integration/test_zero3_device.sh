@@ -18,7 +18,8 @@
 #     on 3 ranks fp32 and 2 ranks bf16, and the peak (loading included) exceeds it only by the trainer's MFU
 #     probe (12 MiB + the bf16 GEMM scratch): no whole-model buffer exists on a device rank;
 #  5. frozen layers, frozen modules (frozen and trained runs inside a layer), progressive stage changes
-#     (unfreeze_every 2: the device layout gathered whole and cut again) and bf16 frozen: losses equal to the
+#     (unfreeze_every 2: the old shards moved to their new owners in pieces; test_zero3_reshard_device.py
+#     compares that with the whole path) and bf16 frozen: losses equal to the
 #     CPU ranks' stage 3 (bit for bit and final/ byte-identical on 2 ranks, 1e-6 relative on 3); the plan's
 #     step total equals the device memory held (frozen modules, 3 ranks); a frozen run checkpointed on 2
 #     device ranks resumes on 3 device ranks and on 1 CPU rank (steps 4-6 within 1e-6);

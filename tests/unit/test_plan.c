@@ -264,21 +264,25 @@ static void test_plan_zero3_transition(void **state) {
     assert_int_equal(st_model_build_registry(&m, &mc), 0);
     const char *modes[] = {"finetune: {mode: progressive, unfreeze_every: 2}\n",
                            "backend: cuda\nfinetune: {mode: progressive, unfreeze_every: 2}\n"};
-    for (int dev = 0; dev < 2; dev++)
-        for (int w = 1; w <= 4; w++) {
-            load_cfg(&c, modes[dev], "sharding.stage=3");
-            st_plan p;
-            if (st_plan_build(&c, &m, w, &p)) fail_msg("plan: %s", st_error());
-            assert_true(p.n_stages > 1);
-            assert_int_equal(p.stages[0].transition_extra, 0);
-            for (int s = 1; s < p.n_stages; s++) {
-                size_t prev = p.stages[s - 1].n_pad, old = dev ? prev : prev / (size_t)w;
-                size_t weights = dev ? m.n_weights : (m.n_weights + (size_t)w - 1) / (size_t)w + 1;
-                assert_int_equal(prev % (size_t)w, 0);
-                assert_int_equal(p.stages[s].transition_extra, (2 * old + weights) * sizeof(float));
+    /* the old shards moved (CPU ranks and a device alike), or whole everywhere under SHARDTUNE_ZERO3_RESHARD=whole */
+    for (int whole = 0; whole < 2; whole++)
+        for (int dev = 0; dev < 2; dev++)
+            for (int w = 1; w <= 4; w++) {
+                if (whole) setenv("SHARDTUNE_ZERO3_RESHARD", "whole", 1);
+                load_cfg(&c, modes[dev], "sharding.stage=3");
+                st_plan p;
+                if (st_plan_build(&c, &m, w, &p)) fail_msg("plan: %s", st_error());
+                unsetenv("SHARDTUNE_ZERO3_RESHARD");
+                assert_true(p.n_stages > 1);
+                assert_int_equal(p.stages[0].transition_extra, 0);
+                for (int s = 1; s < p.n_stages; s++) {
+                    size_t prev = p.stages[s - 1].n_pad, old = whole ? prev : prev / (size_t)w;
+                    size_t weights = whole ? m.n_weights : (m.n_weights + (size_t)w - 1) / (size_t)w + 1;
+                    assert_int_equal(prev % (size_t)w, 0);
+                    assert_int_equal(p.stages[s].transition_extra, (2 * old + weights) * sizeof(float));
+                }
+                st_plan_free(&p);
             }
-            st_plan_free(&p);
-        }
     st_model_free(&m);
 }
 

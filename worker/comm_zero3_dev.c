@@ -55,7 +55,11 @@
  * fused path (the default: the backend's qmatmul) nothing else exists: qmatmul, DoRA's panels and every other
  * reader use the placed codes in place (worker/qlora.h). Only the unfused path (SHARDTUNE_QLORA_FUSED=0) has
  * a scratch: one device buffer of the communicator's (and its bf16 copy), a resident weight window that
- * worker/qlora.c fills (st_qlora_set_scratch) a matmul unit at a time. */
+ * worker/qlora.c fills (st_qlora_set_scratch) a matmul unit at a time.
+ * A change of the trainable set (progressive stages): the old master shards are detached from the old state
+ * (st_z3dev_detach), the new state is built around zeroed shards, and every parameter (then every kept
+ * moment) goes from its old owners to its new ones in pieces of one gather slot (st_z3dev_reshard,
+ * st_z3dev_move_moments): no buffer of the model's size exists at any point. */
 #include "worker/comm_zero3_dev.h"
 
 #include <stdlib.h>

@@ -1893,8 +1893,9 @@ static int gather_param_bf16(st_comm *c, const st_model *m, int i, float *recv, 
 int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int root) {
     const st_param *p = &m->params[i];
     size_t g, lo, hi, a, b;
-    if (!param_space(c, m, i, &g, &lo, &hi) || c->world == 1) { /* whole on the root already */
-        if (c->rank == root && dst) m->be->copy_to_host(dst, m->weights + p->offset, p->numel * sizeof(float));
+    if (!param_space(c, m, i, &g, &lo, &hi) || c->world == 1) { /* whole on the root already (a device rank's
+                                                                  * frozen parts: through part_base) */
+        if (c->rank == root && dst) m->be->copy_to_host(dst, st_model_part(m, i), p->numel * sizeof(float));
         return 0;
     }
     int counts[c->world], displs[c->world];

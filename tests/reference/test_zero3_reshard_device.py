@@ -6,7 +6,8 @@ the fake device (tests/tools/fakedev --guard: device-style memory, the fake NCCL
 several ranks). Both only copy values, so the runs must agree exactly: every dataset and attribute of every
 checkpoint (h5py), final/ byte for byte, the losses (test_frozen_bf16.same_run).
 
-Cases: unfreeze_every 2 over 7 steps (three stage changes) on 1, 2 and 3 ranks in fp32 and in bf16; by stages
+Cases: unfreeze_every 2 over 7 steps (three stage changes) on 1, 2 and 3 ranks in fp32 and in bf16, and over 5 steps on 1 rank (final/ written
+with layers still frozen); by stages
 (layer_lr_decay: parameters both frozen -> trainable and kept trainable at new offsets) on 3 ranks; a resume at
 another world size across the changes (checkpoints at steps 2 and 4 of the 3-rank fp32 run, resumed on 2 ranks
 under each path). The device bytes each path held at its peak (FAKEDEV_REPORT_MEM=1) are printed for a larger
@@ -72,6 +73,8 @@ def main():
                 if ranks == 3 and prec == "fp32":
                     ck3 = ref
         pair(root, "stages fp32 3 ranks", st, 3, ov)
+        # ending in a stage with frozen layers on 1 rank: final/ reads the frozen parts through part_base
+        pair(root, "unfreeze_every fp32 1 rank, 5 steps", uf, 1, ov + ["train.steps=5"])
         for at in (2, 4):
             ck = os.path.join(ck3, "checkpoints", f"step-{at:08d}.h5")
             pair(root, f"unfreeze_every resumed from step {at} (3 -> 2 ranks)", uf, 2, ov + [f"resume={ck}"])

@@ -451,6 +451,11 @@ static int teacher_bytes(const st_config *c, int world, size_t *out, size_t *loa
 
 static int streams(const st_config *c) { return st_plan_streams(c); }
 
+int st_plan_qload_sharded(const st_config *c, int device) {
+    const char *e = getenv("SHARDTUNE_Z3DEV_QLOAD"); /* "whole": quantized whole, then cut (the A/B) */
+    return c->finetune.mode == ST_FINETUNE_QLORA && c->sharding.stage == 3 && device && !(e && !strcmp(e, "whole"));
+}
+
 /* The bytes of the largest quantizable Conv1D (transposed) tensor: the sharded QLoRA load reads one whole
  * (train_qload.c read_values). */
 static size_t transposed_most(const st_model *m) {
@@ -660,8 +665,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
          * stage 3), with the activations and the whole bf16 copy and gradients until the communicator cuts its
          * shards out of them; + an int8 teacher's whole fp32 shard while it is compacted */
         r->at_load = r->total + teacher_load;
-        const char *qw = getenv("SHARDTUNE_Z3DEV_QLOAD"); /* "whole": train.c load_quantized (the A/B) */
-        if (q && !(qw && !strcmp(qw, "whole"))) /* train_qload.c: laid out without the base, the communicator built,
+        if (q && st_plan_qload_sharded(c, 1)) /* train_qload.c: laid out without the base, the communicator built,
                                                    then each rank's words quantized and its kept parts read: one
                                                    tensor's bytes and scales, a piece, the kept base's 1 Mi-float
                                                    piece (host), a transposed (Conv1D) tensor read whole */

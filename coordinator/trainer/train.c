@@ -342,8 +342,6 @@ static int load_teacher(trainer *t) {
     return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);
 }
 
-/* (train_internal.h) the communicator decides: all of it below ZeRO-3 */
-void st_trainer_keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b) { st_comm_param_keep(ctx, m, i, a, b); }
 
 /* ZeRO-3 streaming load, once the communicator has decided what each rank keeps: every rank reads only
  * that from the safetensors files (ranged reads, converted per piece), checks those values are finite,
@@ -579,7 +577,7 @@ static int setup(trainer *t) {
     int quant = !stream && c->finetune.mode == ST_FINETUNE_QLORA; /* quantized while read (load_quantized) */
     /* ZeRO-3 on a device: laid out without the base, which each rank reads its parts of once the communicator
      * exists (train_qload.c) */
-    int qshard = !rc && quant && st_trainer_qload_sharded(c, t->be);
+    int qshard = !rc && quant && st_plan_qload_sharded(c, !t->be->host_memory);
     /* below stage 3 on a host backend: read once the adapters and the precision are set, under bf16 the frozen
      * BF16 tensors straight into the bf16 copy (load_late) */
     int late = !rc && !stream && !quant && t->be->host_memory && st_plan_loads_late(c);

@@ -173,12 +173,10 @@ int st_trainer_load_frozen_bf16(trainer *t, int *done);
 /* Which parts of parameter i this rank keeps (ctx: the communicator, st_comm_param_keep; all of it below ZeRO-3):
  * the streamed loads' st_model_keep_fn. */
 void st_trainer_keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b);
-/* train_qload.c: QLoRA's spec from the config (train.c load_quantized, the sharded load); whether this run loads
- * its quantized base sharded (stage 3 on a device, unless SHARDTUNE_Z3DEV_QLOAD=whole); the layout without the
- * base (before the communicator; not collective); then each rank's parts read, the base checksum and the scales'
- * means agreed (collective, after the first stage is entered). */
+/* train_qload.c (a run st_plan_qload_sharded says so): QLoRA's spec from the config (train.c load_quantized, the
+ * sharded load); the layout without the base (before the communicator; not collective); then each rank's parts
+ * read, the base checksum and the scales' means agreed (collective, after the first stage is entered). */
 st_qlora_spec st_trainer_qlora_spec(const st_config *c, const st_model *m);
-int st_trainer_qload_sharded(const st_config *c, const st_backend *be);
 int st_trainer_qload_layout(trainer *t);
 int st_trainer_qload_read(trainer *t);
 /* st_ckpt_checksum of the model's weights (never 0). */

@@ -36,11 +36,6 @@ st_qlora_spec st_trainer_qlora_spec(const st_config *c, const st_model *m) {
                            .mlp_apart = st_plan_qlora_mlp_apart(c, &m->cfg)};
 }
 
-int st_trainer_qload_sharded(const st_config *c, const st_backend *be) {
-    const char *e = getenv("SHARDTUNE_Z3DEV_QLOAD"); /* "whole": quantized whole, then cut (the A/B) */
-    return c->finetune.mode == ST_FINETUNE_QLORA && c->sharding.stage == 3 && !be->host_memory && !(e && !strcmp(e, "whole"));
-}
-
 int st_trainer_qload_layout(trainer *t) {
     const st_config *c = t->cfg;
     st_model *m = &t->model;

@@ -5,7 +5,9 @@
 # (SHARDTUNE_Z3DEV_QLOAD=whole: train.c load_quantized quantizes the whole base on every rank, then the
 # communicator cuts it), both `shardtune train` on tests/tools/fakedev --guard with the same ranks and job:
 # the losses, every checkpoint (each dataset and attribute, base_checksum and adapter_base_checksum included,
-# but job_spec), final/ and `export --merge` of the last checkpoint are bit-identical. Cases: NF4 + double
+# but job_spec), final/ and `export --merge` of the last checkpoint are bit-identical; on a model whose fp32
+# embedding and head dominate, each rank's peak RSS after loading (fakedev's device memory included) is lower.
+# Cases: NF4 + double
 # quantization (fp32) on 2 ranks; on 3 ranks with block 3 (uneven shards: a rank's edge inside a tensor's
 # codes, mid-block, and another inside the double-quantized scales: checked from the layout, `cuts`), NF4's
 # fp32 scales and int8 without double quantization under bf16 cut the same way; DoRA (magnitudes from the gathered codes);
@@ -41,13 +43,28 @@ assert "@base_checksum" in a, sorted(a)[:10]
 PY
 }
 
+# load_rss NAME: each rank's peak RSS after loading (SHARDTUNE_REPORT_LOAD_RSS; fakedev's device memory is host
+# memory, so it counts both) is lower with the sharded load than with the whole one (a model whose whole base
+# outweighs the rest of the load)
+load_rss() {
+  "$PY" - "$T/$1.err" "$T/w$1.err" <<'PY' || fail "$1: peak RSS at load"
+import re, sys
+rss = lambda f: {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"rank (\d+): peak RSS after loading the model: (\d+) kB", open(f).read())}
+new, old = rss(sys.argv[1]), rss(sys.argv[2])
+assert new and set(new) == set(old), (new, old)
+for r in new:
+    assert new[r] < old[r], f"rank {r}: peak RSS after loading {new[r]} kB sharded, {old[r]} kB whole"
+print(f"  peak RSS after loading, rank 0: {new[0]} kB sharded vs {old[0]} kB whole")
+PY
+}
+
 # same NP NAME [overrides]: job NAME with the sharded load and wNAME with the whole one, on NP fake device ranks
 same() {
   local np=$1 name=$2 ck; shift 2
   job "$name" 4 2 1 sharding.stage=3 checkpoint.every_steps=2 train.schedule=constant "${q[@]}" "$@"
   job "w$name" 4 2 1 sharding.stage=3 checkpoint.every_steps=2 train.schedule=constant "${q[@]}" "$@"
-  dev "$np" "$name"
-  SHARDTUNE_Z3DEV_QLOAD=whole dev "$np" "w$name"
+  SHARDTUNE_REPORT_LOAD_RSS=1 dev "$np" "$name"
+  SHARDTUNE_REPORT_LOAD_RSS=1 SHARDTUNE_Z3DEV_QLOAD=whole dev "$np" "w$name"
   close "$T/$name/metrics.jsonl" "$T/w$name/metrics.jsonl" 0 1 4 >/dev/null || fail "$name ($np ranks): losses differ from the whole load's"
   diff -r "$T/$name/final" "$T/w$name/final" >/dev/null || fail "$name: final/ differs from the whole load's"
   for ck in step-00000002.h5 step-00000004.h5; do
@@ -101,6 +118,13 @@ cuts int8 0 5 3
 same 3 i8bf finetune.qlora.quant=int8 finetune.qlora.double_quant=false finetune.qlora.block=5 precision=bf16
 same 2 dora finetune.lora.dora=true finetune.qlora.block=48
 SHARDTUNE_QLORA_FUSED=0 same 2 unf finetune.qlora.block=48
+
+# a model whose fp32 embedding and head (16000 x 256 each, untied) outweigh the rest: the whole load's peak RSS
+# is above the sharded one's
+"$BIN" init-model --family llama --layers 2 --dim 256 --heads 4 --kv-heads 2 --vocab 16000 --max-seq 64 --seed 3 \
+  --out "$T/wide" >/dev/null
+same 2 wide "model.path=$T/wide"
+load_rss wide
 
 # a bf16 source (BF16 safetensors, torch_dtype bfloat16) under bf16
 "$PY" - "$T/model" "$T/model16" <<'PY'

@@ -20,22 +20,13 @@ q=(finetune.mode=qlora "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_
 
 # h5same A B: two checkpoints hold the same datasets and attributes (job_spec names the run_dir)
 h5same() {
-  "$PY" - "$1" "$2" <<'PY'
-import sys, h5py, numpy as np
-def items(p):
-    out = {}
-    with h5py.File(p, "r") as f:
-        for k, v in f.attrs.items():
-            out["@" + k] = np.asarray(v).tobytes()
-        def visit(name, obj):
-            for k, v in obj.attrs.items():
-                out[name + "@" + k] = np.asarray(v).tobytes()
-            if isinstance(obj, h5py.Dataset):
-                out[name] = (obj.dtype.str, obj.shape, obj[()].tobytes())
-        f.visititems(visit)
-    out.pop("@job_spec", None)
-    return out
-a, b = items(sys.argv[1]), items(sys.argv[2])
+  "$PY" - "$SRC/tests/reference" "$1" "$2" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+from dp_common import h5_items
+a, b = h5_items(sys.argv[2]), h5_items(sys.argv[3])
+a.pop("@job_spec", None)
+b.pop("@job_spec", None)
 assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
 bad = [k for k in a if a[k] != b[k]]
 assert not bad, f"differ: {bad[:5]}"

@@ -43,12 +43,15 @@
  * (all the adapters at once for final/, outside forward and backward) gets a spare slot made for it and
  * freed by its release. Attached to a model bound without weights, the adapters' initial values come in a
  * buffer of their own (st_model.weights_tail_only), cut into the shards like the rest.
- * QLoRA (qz_*): the model arrives quantized whole (train.c load_quantized: worker/qlora.h's blob of codes and
- * scales, the compacted weights [kept base | adapters], unfused with one matmul unit's scratch between them).
+ * QLoRA (qz_*): the model arrives laid out without its base (coordinator/trainer/train_qload.c: worker/qlora.h
+ * spec.sharded, the compacted registry [kept base | adapters], unfused with one matmul unit's scratch between
+ * them, only the adapters' floats in a buffer: weights_tail_only), and the trainer then fills this rank's words
+ * of the codes (st_z3dev_qshard) and its parts of the kept base; or (SHARDTUNE_Z3DEV_QLOAD=whole) quantized
+ * whole (train.c load_quantized: the blob of codes and scales and the whole compacted weights), cut here.
  * The quantized parameters
  * (held) are in neither space: the frozen space holds the kept base (embeddings, norms, head), the compact
  * space the adapters. The blob is sharded by 4-byte words (every tensor's bytes are a multiple of 4): this
- * rank's words in qmaster, the whole blob freed. A base group's span leaves its held parameters out (the rest
+ * rank's words in qmaster (a whole blob copied out and freed). A base group's span leaves its held parameters out (the rest
  * of a layer is contiguous in the compacted layout), and its gather also fills the slot's byte buffer with the
  * group's blob range (this rank's words copied in, an in-place all-gather for the rest, before the slot's
  * mark: prefetched with the group); its acquire points the group's tensors there (st_qlora_place). On the
@@ -304,7 +307,8 @@ static size_t qz_group_bytes(const st_model *m) {
 }
 
 /* QLoRA (a quantized model): which parameters are held; this rank's words of the blob copied out of the
- * whole blob, which is then freed; the base slots' byte capacity; on the unfused path only (the fused one has
+ * whole blob, which is then freed (a sharded base, worker/qlora.h spec.sharded, has none: the zeroed words are
+ * filled after, coordinator/trainer/train_qload.c); the base slots' byte capacity; on the unfused path only (the fused one has
  * no scratch) the scratch (fp32, and bf16 under precision bf16) made and handed to worker/qlora.c
  * (st_qlora_set_scratch). Without QLoRA: nothing. */
 static int qz_init(st_comm *c, st_model *m, int bf16) {
@@ -337,6 +341,15 @@ static int qz_init(st_comm *c, st_model *m, int bf16) {
         return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the QLoRA scratch", c->rank, be->name);
     st_qlora_set_scratch(m, z->scratch, z->scratch16, z->scr_lo);
     return 0;
+}
+
+uint8_t *st_z3dev_qshard(const st_comm *c, size_t *a, size_t *b) {
+    const st_z3dev *z = c->z3dev;
+    *a = *b = 0;
+    if (!z || !z->held) return NULL;
+    *a = 4 * z->qlo;
+    *b = 4 * (z->qlo + z->qshard);
+    return z->qmaster;
 }
 
 /* Frees what qz_init made (the slots' byte buffers are freed with the slots). */

@@ -25,6 +25,11 @@ int st_z3dev_supported(const st_model *m);
  * naming the cause. */
 int st_z3dev_init(st_comm *c, st_model *m);
 
+/* QLoRA: this rank's part of the quantized bytes (worker/qlora.h's blob, sharded by 4-byte words): the blob's
+ * bytes [*a, *b) at the returned device buffer's start (NULL, empty: none). The sharded load
+ * (coordinator/trainer/train_qload.c) fills it; a model quantized whole had it copied out at st_z3dev_init. */
+uint8_t *st_z3dev_qshard(const st_comm *c, size_t *a, size_t *b);
+
 /* The backward of a micro-batch begins (1) / ended (0): acquires in backward give a layer its gradients. */
 void st_z3dev_backward(st_comm *c, int in_backward);
 

@@ -288,6 +288,8 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
         return st_fail(ST_EINVAL, "the base must be quantized before precision bf16 is set");
     if (s->block < 1) return st_fail(ST_ECONFIG, "finetune.qlora.block must be >= 1, got %d", s->block);
     if (m->qlora) return st_fail(ST_EINVAL, "the model's base is already quantized");
+    if (s->sharded && (s->bf16 || !m->lora))
+        return st_fail(ST_EINVAL, "st_qlora_begin: a sharded base needs adapters and an fp32 kept base");
     if (s->bf16 && (!m->be->to_bf16 || !m->be->from_bf16))
         return st_fail(ST_ECONFIG, "precision: bf16 is not supported by the %s backend", m->be->name);
     st_qlora *q = calloc(1, sizeof *q);
@@ -313,14 +315,18 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
         t->bytes = tensor_bytes(s, t->n, t->ns);
         q->blob_bytes += t->bytes;
     }
-    /* host: address space, pages come as the codes are written; a device backend: device memory */
-    q->blob = m->be->host_memory ? st_calloc_aligned(q->blob_bytes + 64) : m->be->alloc(q->blob_bytes + 64);
-    if (!q->blob) { st_qlora_free(q); return st_fail(ST_ENOMEM, "out of memory for the quantized base"); }
-    for (int k = 0; k < q->n; k++) place(&q->t[k], s, q->blob);
+    /* host: address space, pages come as the codes are written; a device backend: device memory; spec.sharded:
+     * none (each rank's words go to the communicator's shard, st_qlora_put_bytes) */
+    if (!s->sharded)
+        q->blob = m->be->host_memory ? st_calloc_aligned(q->blob_bytes + 64) : m->be->alloc(q->blob_bytes + 64);
+    if (!s->sharded && !q->blob) { st_qlora_free(q); return st_fail(ST_ENOMEM, "out of memory for the quantized base"); }
+    for (int k = 0; q->blob && k < q->n; k++) place(&q->t[k], s, q->blob);
     layout(m, q);
-    size_t n32 = m->n_weights - m->n_w16;
+    /* spec.sharded: the adapters' floats only (weights_tail_only; the communicator cuts the kept base's shard) */
+    size_t n32 = s->sharded ? m->n_weights - m->n_base_weights : m->n_weights - m->n_w16;
     float *w32 = m->be->alloc(n32 * sizeof(float) + sizeof(float));
-    m->weights = w32 ? w32 - m->n_w16 : NULL; /* nothing reads below n_w16 (model.h) */
+    m->weights = w32 ? w32 - (s->sharded ? m->n_base_weights : m->n_w16) : NULL; /* nothing reads below (model.h) */
+    m->weights_tail_only = s->sharded;
     q->sbuf = m->be->alloc(max_ns * sizeof(float) + sizeof(float));
     int ok = w32 && q->sbuf;
     /* whole blocks, whole bytes: a piece of nf4 codes starts on a byte */
@@ -339,6 +345,7 @@ int st_qlora_begin(st_model *m, const st_qlora_spec *s) {
         m->be->free(m->weights_bf16);
         m->weights = NULL;
         m->weights_bf16 = NULL;
+        m->weights_tail_only = 0;
         m->n_w16 = 0;
         st_qlora_free(q);
         return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for the QLoRA weight buffer", n32 * 4.0 / 1e6);
@@ -843,4 +850,117 @@ void st_qlora_set_scratch(st_model *m, float *w, uint16_t *w16, size_t lo) {
     q->zw16 = w ? w16 : NULL;
     q->zlo = lo;
     q->loaded = -1; /* nothing is dequantized there yet */
+}
+
+/* ---- the sharded load (spec.sharded: ZeRO-3 on a device, coordinator/trainer/train_qload.c) ---- */
+
+/* Elements [*e0, *e1) of t (n elements), widened to multiples of 2 * block (whole blocks, whole bytes of nf4
+ * codes: st_qlora_quant_tensor of such a piece gives the whole tensor's bytes there) but clipped to n. */
+static void whole_pieces(const st_qlora_spec *s, size_t n, size_t *e0, size_t *e1) {
+    size_t u = 2 * (size_t)s->block;
+    *e0 = *e0 / u * u;
+    *e1 = (*e1 + u - 1) / u * u;
+    if (*e1 > n) *e1 = n;
+}
+
+/* The element ranges of t whose values bytes [lo, hi) of its blob bytes (t-relative) depend on: r[0] its codes'
+ * (the blocks holding those elements), r[1] its scales' (their blocks; under double quantization every block:
+ * the scales' mean); empty ranges have r[k][0] == r[k][1]. Merged into r[0] when they meet. */
+static void needed(const st_qlora_spec *s, const qtensor *t, size_t lo, size_t hi, size_t r[2][2]) {
+    int nf4 = s->quant == ST_QLORA_NF4;
+    size_t cb = nf4 ? (t->n + 1) / 2 : t->n, sc0 = align4(cb), B = (size_t)s->block;
+    memset(r, 0, 4 * sizeof(size_t));
+    if (lo < cb) {
+        r[0][0] = nf4 ? 2 * lo : lo;
+        r[0][1] = nf4 ? 2 * (hi < cb ? hi : cb) : (hi < cb ? hi : cb);
+        whole_pieces(s, t->n, &r[0][0], &r[0][1]);
+    }
+    if (hi > sc0 && s->double_quant) r[1][1] = t->n;
+    else if (hi > sc0) { /* fp32 scales: 4 bytes each */
+        size_t a = (lo > sc0 ? lo - sc0 : 0) / 4, b = (hi - sc0 + 3) / 4;
+        r[1][0] = a * B;
+        r[1][1] = (b < t->ns ? b : t->ns) * B;
+        whole_pieces(s, t->n, &r[1][0], &r[1][1]);
+    }
+    if (r[1][0] < r[1][1] && r[0][0] < r[0][1] && r[1][0] <= r[0][1] && r[0][0] <= r[1][1]) {
+        r[0][0] = r[0][0] < r[1][0] ? r[0][0] : r[1][0];
+        r[0][1] = r[0][1] > r[1][1] ? r[0][1] : r[1][1];
+        r[1][0] = r[1][1] = 0;
+    }
+}
+
+void st_qlora_code_elems(const st_model *m, int i, size_t a, size_t b, size_t *e0, size_t *e1) {
+    const st_qlora *q = m->qlora;
+    int k = q ? find(q, i) : -1;
+    *e0 = *e1 = 0;
+    if (k < 0) return;
+    const qtensor *t = &q->t[k];
+    int nf4 = q->spec.quant == ST_QLORA_NF4;
+    size_t cb = nf4 ? (t->n + 1) / 2 : t->n, lo = a > t->at ? a - t->at : 0, hi = b > t->at ? b - t->at : 0;
+    if (hi > cb) hi = cb;
+    if (lo >= hi) return;
+    *e0 = nf4 ? 2 * lo : lo;
+    *e1 = nf4 ? 2 * hi : hi;
+    if (*e1 > t->n) *e1 = t->n;
+}
+
+int st_qlora_put_bytes(st_model *m, int i, size_t a, size_t b, st_qlora_read_fn rd, void *ctx, uint8_t *dst,
+                       int *mean_set) {
+    st_qlora *q = m->qlora;
+    int k = q ? find(q, i) : -1;
+    *mean_set = 0;
+    if (k < 0) return st_fail(ST_EINVAL, "st_qlora_put_bytes: %s is not quantized", m->params[i].name);
+    qtensor *t = &q->t[k];
+    const st_qlora_spec *s = &q->spec;
+    size_t ta = a > t->at ? a : t->at, tb = b < t->at + t->bytes ? b : t->at + t->bytes;
+    if (ta >= tb) return 0;
+    size_t lo = ta - t->at, hi = tb - t->at, r[2][2];
+    needed(s, t, lo, hi, r);
+    /* the tensor's bytes on the host (zeros: the padding), its fp32 scales, one piece of its values */
+    qtensor h = *t;
+    h.at = 0;
+    uint8_t *stage = calloc(t->bytes + 1, 1);
+    float *scales = NULL, *buf = malloc(q->chunk * sizeof(float));
+    if (stage) place(&h, s, stage);
+    if (stage) scales = s->double_quant ? calloc(t->ns + 1, sizeof(float)) : h.scales;
+    int rc = stage && scales && buf ? 0 : st_fail(ST_ENOMEM, "out of memory quantizing %s", m->params[i].name);
+    int nf4 = s->quant == ST_QLORA_NF4;
+    for (int j = 0; !rc && j < 2; j++)
+        for (size_t at = r[j][0]; !rc && at < r[j][1]; at += q->chunk) { /* at: a multiple of 2 * block */
+            size_t n = r[j][1] - at < q->chunk ? r[j][1] - at : q->chunk;
+            rc = rd(ctx, i, at, n, buf);
+            if (!rc) st_qlora_quant_tensor(s->quant, buf, n, s->block, h.codes + (nf4 ? at / 2 : at),
+                                           scales + at / (size_t)s->block);
+        }
+    size_t sc0 = align4(nf4 ? (t->n + 1) / 2 : t->n);
+    if (!rc && s->double_quant && hi > sc0) { /* every scale is here (needed): the mean is this rank's to give */
+        st_qlora_double_quant(scales, t->ns, h.q8, h.scale2, &t->mean);
+        *mean_set = 1;
+    }
+    if (!rc) m->be->copy_to_device(dst + (ta - a), stage + lo, hi - lo);
+    if (s->double_quant) free(scales);
+    free(stage);
+    free(buf);
+    return rc;
+}
+
+float st_qlora_mean(const st_model *m, int i) {
+    int k = m->qlora ? find(m->qlora, i) : -1;
+    return k < 0 ? 0.0f : m->qlora->t[k].mean;
+}
+
+void st_qlora_set_mean(st_model *m, int i, float mean) {
+    int k = m->qlora ? find(m->qlora, i) : -1;
+    if (k >= 0) m->qlora->t[k].mean = mean;
+}
+
+size_t st_qlora_put_bytes_work(const st_model *m, const st_qlora_spec *s) {
+    size_t most = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (!quantizable(p)) continue;
+        size_t ns = n_blocks(p->numel, s->block), b = tensor_bytes(s, p->numel, ns) + (s->double_quant ? ns * sizeof(float) : 0);
+        if (b > most) most = b;
+    }
+    return most + chunk_floats(s->block) * sizeof(float);
 }

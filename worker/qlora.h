@@ -55,6 +55,9 @@ typedef struct {
                     * reads them as one matrix); the model then always runs them as two matmuls (worker/model.c
                     * mlp_split). The trainer sets it where the model splits them anyway (st_model_mlp_splits:
                     * blocked MLP under bf16), so the results are the unquantized path's bit for bit */
+    int sharded;   /* st_qlora_begin only (ZeRO-3 on a device, coordinator/trainer/train_qload.c): no blob and only
+                    * the adapters' floats in the weight buffer (m->weights_tail_only); each rank puts the words it
+                    * keeps with st_qlora_put_bytes (below) once the communicator exists */
 } st_qlora_spec;
 
 typedef struct st_qlora st_qlora;
@@ -178,6 +181,26 @@ uint8_t *st_qlora_blob_take(st_model *m);
 void st_qlora_place(const st_model *m, int first, int last, uint8_t *bytes, size_t a);
 void st_qlora_scratch_range(const st_model *m, size_t *lo, size_t *hi);
 void st_qlora_set_scratch(st_model *m, float *w, uint16_t *w16, size_t lo);
+
+/* The sharded load (spec.sharded): each rank quantizes only the bytes of the blob it keeps, reading only the
+ * values they depend on.
+ * st_qlora_put_bytes: the bytes [a, b) of the blob that quantized parameter i holds (none outside it) into
+ *   dst (backend memory; blob byte a at dst[0]), byte for byte what quantizing the whole tensor gives: its
+ *   codes from their blocks' values, fp32 scales from theirs, double-quantized scales from every block (the
+ *   scales' mean). Values come from rd (elements [at, at + n) of parameter i as fp32, pieces of whole blocks
+ *   and whole code bytes, each element at most once), one piece and the tensor's host bytes in memory at a time.
+ *   *mean_set: 1 when it computed the tensor's double-quantization mean (st_qlora_mean), which the ranks that
+ *   did not must be given (st_qlora_set_mean) before anything dequantizes it.
+ * st_qlora_code_elems: the elements [*e0, *e1) of parameter i whose codes lie in blob bytes [a, b) (the ranks'
+ *   code bytes partition the tensor's elements: each rank checks and sums its own, train_qload.c).
+ * st_qlora_put_bytes_work: its host working bytes at most (the largest tensor's bytes and fp32 scales, a piece). */
+typedef int (*st_qlora_read_fn)(void *ctx, int i, size_t at, size_t n, float *dst);
+int st_qlora_put_bytes(st_model *m, int i, size_t a, size_t b, st_qlora_read_fn rd, void *ctx, uint8_t *dst,
+                       int *mean_set);
+void st_qlora_code_elems(const st_model *m, int i, size_t a, size_t b, size_t *e0, size_t *e1);
+float st_qlora_mean(const st_model *m, int i);
+void st_qlora_set_mean(st_model *m, int i, float mean);
+size_t st_qlora_put_bytes_work(const st_model *m, const st_qlora_spec *spec);
 
 /* From the registry alone (a registry-only model too): the bytes `spec` quantizes the base into, the fp32
  * bytes that leave the weight buffer, the scratch floats that replace them (0 on the fused path; unfused the

@@ -364,7 +364,7 @@ int st_plan_streams(const st_config *c) {
     /* DoRA's magnitudes and a TEXT init read the base: after the streamed load (train.c init_from_base) */
     case ST_FINETUNE_LORA: case ST_FINETUNE_PROMPT_TUNING: case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING:
         return 1;
-    default: return 0; /* qlora: quantized as read, every tensor on every rank (train.c load_quantized) */
+    default: return 0; /* qlora: quantized as read (train.c load_quantized; a device: its own sharded load, train_qload.c) */
     }
 }
 
@@ -450,6 +450,23 @@ static int teacher_bytes(const st_config *c, int world, size_t *out, size_t *loa
 }
 
 static int streams(const st_config *c) { return st_plan_streams(c); }
+
+int st_plan_qload_sharded(const st_config *c, int device) {
+    const char *e = getenv("SHARDTUNE_Z3DEV_QLOAD"); /* "whole": quantized whole, then cut (the A/B) */
+    return c->finetune.mode == ST_FINETUNE_QLORA && c->sharding.stage == 3 && device && !(e && !strcmp(e, "whole"));
+}
+
+/* The bytes of the largest quantizable Conv1D (transposed) tensor: the sharded QLoRA load reads one whole
+ * (train_qload.c read_values). */
+static size_t transposed_most(const st_model *m) {
+    size_t most = 0;
+    for (int i = 0; i < st_model_base_params(m); i++) {
+        const st_param *p = &m->params[i];
+        if (st_qlora_quantizable(m, i) && p->ndim == 2 && p->transpose_io && p->numel * sizeof(float) > most)
+            most = p->numel * sizeof(float);
+    }
+    return most;
+}
 
 int st_plan_loads_late(const st_config *c) {
     return c->sharding.stage < 3 && c->backend != ST_BACKEND_CUDA && c->finetune.mode != ST_FINETUNE_QLORA &&
@@ -642,12 +659,18 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
         r->comm = 0;
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
         /* load (train.c: the model bound without weights, buffers_external): streamed into the shard once
-         * the communicator and optimizer exist, a host chunk at a time: the step's device memory. QLoRA:
-         * quantized while read on every rank (load_quantized: the whole codes and the compacted buffer, as
-         * below stage 3), with the activations and the whole bf16 copy and gradients until the communicator
-         * cuts its shards out of them; + an int8 teacher's whole fp32 shard while it is compacted */
+         * the communicator and optimizer exist, a host chunk at a time: the step's device memory. QLoRA: the
+         * same, each rank quantizing only its words of the codes (train_qload.c); under SHARDTUNE_Z3DEV_QLOAD=whole
+         * quantized whole on every rank (load_quantized: the whole codes and the compacted buffer, as below
+         * stage 3), with the activations and the whole bf16 copy and gradients until the communicator cuts its
+         * shards out of them; + an int8 teacher's whole fp32 shard while it is compacted */
         r->at_load = r->total + teacher_load;
-        if (q) { /* then the shards are cut (comm_zero3_dev.c qz_init: the master, frozen and quantized shards, the
+        if (q && st_plan_qload_sharded(c, 1)) /* train_qload.c: laid out without the base, the communicator built,
+                                                   then each rank's words quantized and its kept parts read: one
+                                                   tensor's bytes and scales, a piece, the kept base's 1 Mi-float
+                                                   piece (host), a transposed (Conv1D) tensor read whole */
+            r->at_load += st_qlora_put_bytes_work(m, &qs) + ((size_t)1 << 20) * sizeof(float) + transposed_most(m);
+        else if (q) { /* then the shards are cut (comm_zero3_dev.c qz_init: the master, frozen and quantized shards, the
                     unfused path's scratch) once the whole bf16 copy and gradients are gone, before the whole weights and codes go */
             size_t nw = m->qlora ? m->n_weights : q32, ng = m->n_weights - m->n_base_weights, qb, fb, scr, w16, nf = 0;
             int bf16 = c->precision == ST_PRECISION_BF16;

@@ -61,9 +61,13 @@ int st_plan_loads_late(const st_config *cfg);
 int st_plan_act_ckpt(const st_config *c);
 
 /* Whether sharding.stage 3 on a device backend streams this finetune.mode into worker/comm_zero3_dev.c's
- * shards (the model bound without weights): every mode but QLoRA, which is quantized while read on every
- * rank (train.c load_quantized) and then cut into the shards when the communicator is built. */
+ * shards (the model bound without weights): every mode but QLoRA, which has a sharded load of its own
+ * (train_qload.c: each rank quantizes only its words of the codes once the communicator exists; with
+ * SHARDTUNE_Z3DEV_QLOAD=whole quantized whole on every rank, train.c load_quantized, then cut). */
 int st_plan_z3dev_mode(const st_config *c);
+/* Whether QLoRA at sharding.stage 3 on a device (device: the backend has no host memory) loads its base sharded
+ * (train_qload.c): always, unless SHARDTUNE_Z3DEV_QLOAD=whole (the A/B and the tests' reference). */
+int st_plan_qload_sharded(const st_config *c, int device);
 
 /* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model
  * gets the registry entries). No-op for the other modes. Call before st_plan_stages / st_plan_build. */

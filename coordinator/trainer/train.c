@@ -342,8 +342,6 @@ static int load_teacher(trainer *t) {
     return st_distill_init(&t->kd, &t->teacher, &t->model, (float)c->distill.temperature, (float)c->distill.alpha);
 }
 
-/* Which parts of parameter i this rank keeps (the communicator decides: all of it below ZeRO-3). */
-static void keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b) { st_comm_param_keep(ctx, m, i, a, b); }
 
 /* ZeRO-3 streaming load, once the communicator has decided what each rank keeps: every rank reads only
  * that from the safetensors files (ranged reads, converted per piece), checks those values are finite,
@@ -352,8 +350,8 @@ static void keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b)
 static int load_streamed(trainer *t) {
     const st_config *c = t->cfg;
     st_model *m = &t->model;
-    int rc = st_trainer_agree(t, st_model_load_weights_part(m, c->model.path, keep_part, &t->dp));
-    if (!rc) rc = st_trainer_agree(t, st_model_check_finite_part(m, c->model.path, keep_part, &t->dp));
+    int rc = st_trainer_agree(t, st_model_load_weights_part(m, c->model.path, st_trainer_keep_part, &t->dp));
+    if (!rc) rc = st_trainer_agree(t, st_model_check_finite_part(m, c->model.path, st_trainer_keep_part, &t->dp));
     if (rc) return rc;
     uint64_t sum = 0;
     int ok = 1;
@@ -410,7 +408,7 @@ static int prompt_text_rows(trainer *t) {
 static int init_from_base(trainer *t) {
     const st_config *c = t->cfg;
     if (c->finetune.mode == ST_FINETUNE_LORA && c->finetune.lora.dora)
-        return st_trainer_agree(t, st_lora_init_magnitudes_kept(&t->model, keep_part, &t->dp));
+        return st_trainer_agree(t, st_lora_init_magnitudes_kept(&t->model, st_trainer_keep_part, &t->dp));
     if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING && c->finetune.prompt.init_text[0]) return prompt_text_rows(t);
     return 0;
 }
@@ -454,11 +452,7 @@ static int load_quantized(trainer *t) {
     size_t *at = malloc((size_t)nb * sizeof *at + 1), most = 0;
     if (!at) return st_fail(ST_ENOMEM, "out of memory loading %s", c->model.path);
     for (int i = 0; i < nb; i++) at[i] = m->params[i].offset; /* the registry's, before the layout moves them */
-    st_qlora_spec qs = {.quant = (st_qlora_quant)c->finetune.qlora.quant, .double_quant = c->finetune.qlora.double_quant,
-                        .block = c->finetune.qlora.block,
-                        /* bf16-only frozen parts: not with ZeRO-3's frozen space, which gathers fp32 */
-                        .bf16 = c->precision == ST_PRECISION_BF16 && c->sharding.stage < 3,
-                        .mlp_apart = st_plan_qlora_mlp_apart(c, &m->cfg)};
+    st_qlora_spec qs = st_trainer_qlora_spec(c, m);
     rc = st_qlora_begin(m, &qs);
     for (int i = 0; !rc && i < nb; i++)
         if (st_qlora_holds(m, i) && m->params[i].numel > most) most = m->params[i].numel;
@@ -581,6 +575,9 @@ static int setup(trainer *t) {
         fprintf(stderr, "shardtune train: rank %d: peak RSS before loading the model: %ld kB, resident now %ld kB\n",
                 t->rank, ru.ru_maxrss, resident_kb());
     int quant = !stream && c->finetune.mode == ST_FINETUNE_QLORA; /* quantized while read (load_quantized) */
+    /* ZeRO-3 on a device: laid out without the base, which each rank reads its parts of once the communicator
+     * exists (train_qload.c) */
+    int qshard = !rc && quant && st_plan_qload_sharded(c, !t->be->host_memory);
     /* below stage 3 on a host backend: read once the adapters and the precision are set, under bf16 the frozen
      * BF16 tensors straight into the bf16 copy (load_late) */
     int late = !rc && !stream && !quant && t->be->host_memory && st_plan_loads_late(c);
@@ -597,7 +594,7 @@ static int setup(trainer *t) {
     int w16 = 0;
     if (!rc && !dev3 && !stream && !quant && !late) rc = st_trainer_agree(t, st_trainer_load_frozen_bf16(t, &w16));
     if (!rc && !dev3 && !w16) rc = st_trainer_agree(t, stream || late ? st_model_open_dir(c->model.path, t->be, &t->model)
-                                      : quant ? load_quantized(t)
+                                      : quant ? (qshard ? st_trainer_qload_layout(t) : load_quantized(t))
                                               : st_model_load_dir(c->model.path, t->be, &t->model));
     t->model.weights_unread = stream || late; /* the adapters attach over zeros: the base is read after */
     if (!rc && t->rank == 0 && st_model_load_warning())
@@ -622,7 +619,7 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, alloc_step_buffers(t));
     if (!rc) rc = st_trainer_agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);
-    t->weights_read = !stream; /* ZeRO-3: streamed in below, once the communicator exists */
+    t->weights_read = !stream && !qshard; /* ZeRO-3: streamed in below, once the communicator exists */
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
     if (!rc && t->teacher_dev && c->distill.teacher_dtype == ST_TEACHER_INT8) { /* packed group by group (collective) */
         rc = st_model_set_int8(&t->teacher, NULL);
@@ -631,6 +628,7 @@ static int setup(trainer *t) {
     }
     if (!rc && stream) rc = load_streamed(t);
     if (!rc && stream) rc = init_from_base(t);
+    if (!rc && qshard) rc = st_trainer_qload_read(t);
     t->weights_read = 1;
     if (!rc && stream) st_trainer_report_bf16(t, st_trainer_hold_bf16(t)); /* ZeRO-3: the parts just read */
     if (!rc && stream && report && !strcmp(report, "1"))

@@ -35,6 +35,7 @@
 #include "worker/loader.h"
 #include "worker/model.h"
 #include "worker/optim.h"
+#include "worker/qlora.h"
 #include "worker/taskweight.h"
 
 /* Doubles of trainer.task_sums for n tasks: 3 per task, the loss, the norm's part, the two distillation parts. */
@@ -169,6 +170,15 @@ int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const cha
  * in the bf16 copy only (worker/model.h st_model_bind_frozen_bf16), with the finite check and base_checksum
  * done; *done 0: nothing to hold so (or SHARDTUNE_FROZEN_FP32=1): the caller loads as usual. Not collective. */
 int st_trainer_load_frozen_bf16(trainer *t, int *done);
+/* Which parts of parameter i this rank keeps (ctx: the communicator, st_comm_param_keep; all of it below ZeRO-3):
+ * the streamed loads' st_model_keep_fn. */
+void st_trainer_keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b);
+/* train_qload.c (a run st_plan_qload_sharded says so): QLoRA's spec from the config (train.c load_quantized, the
+ * sharded load); the layout without the base (before the communicator; not collective); then each rank's parts
+ * read, the base checksum and the scales' means agreed (collective, after the first stage is entered). */
+st_qlora_spec st_trainer_qlora_spec(const st_config *c, const st_model *m);
+int st_trainer_qload_layout(trainer *t);
+int st_trainer_qload_read(trainer *t);
 /* st_ckpt_checksum of the model's weights (never 0). */
 uint64_t st_trainer_weights_checksum(const trainer *t);
 /* This rank's, not collective: adds to *sum the checksum's terms of weights [first, first + n) (they add

@@ -18,3 +18,6 @@ int st_trainer_agree(trainer *t, int rc) {
     t->print_error = first == t->rank;
     return rc ? rc : ST_ECOMM;
 }
+
+/* (train_internal.h) the communicator decides: all of it below ZeRO-3 */
+void st_trainer_keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b) { st_comm_param_keep(ctx, m, i, a, b); }

@@ -13,8 +13,9 @@
 #     of three differently: a few ulp per step, as test_zero3_device_peft.sh's LoRA on 3 ranks);
 #  2. the planner is true for it: `shardtune plan --json` with backend=cuda gives each rank's step total equal
 #     to the device bytes fakedev held at step boundaries (1%), NF4 fp32 and int8 bf16 on 2 ranks, and the
-#     peak exceeds it only by the trainer's MFU probe (the load, which quantizes the whole base on every rank as
-#     below stage 3 before the communicator cuts it, stays under that in this model);
+#     peak exceeds it only by the trainer's MFU probe (the load, each rank quantizing only its words of the codes,
+#     coordinator/trainer/train_qload.c, stays under that; test_zero3_device_qload.sh compares it with the whole
+#     load);
 #  3. a run checkpointed at step 3 on 2 device ranks resumes on 3 device ranks and on 1 CPU rank: steps 4-6
 #     equal the uninterrupted device run within 1e-6 relative, and final/ equals its final/ within the same
 #     bound (the adapters' values: a resumed run reduces in another order);

@@ -87,3 +87,20 @@ def read_safetensors(path):
 
 def tmpdir(prefix):
     return tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR", "/tmp"))
+
+
+def h5_items(path):
+    """Every attribute and dataset of an HDF5 file (a checkpoint), as bytes: two files compare with ==."""
+    import h5py  # only the callers that compare checkpoints need it
+    out = {}
+    with h5py.File(path, "r") as f:
+        for k, v in f.attrs.items():
+            out["@" + k] = np.asarray(v).tobytes()
+
+        def visit(name, obj):
+            for k, v in obj.attrs.items():
+                out[name + "@" + k] = np.asarray(v).tobytes()
+            if isinstance(obj, h5py.Dataset):
+                out[name] = (obj.dtype.str, obj.shape, obj[()].tobytes())
+        f.visititems(visit)
+    return out

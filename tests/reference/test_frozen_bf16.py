@@ -22,7 +22,6 @@ import struct
 import sys
 import time
 
-import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -92,21 +91,6 @@ def run(job, ranks, ov, env_extra=None):
     return held
 
 
-def h5_items(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        for k, v in f.attrs.items():
-            out["@" + k] = np.asarray(v).tobytes()
-
-        def visit(name, obj):
-            for k, v in obj.attrs.items():
-                out[name + "@" + k] = np.asarray(v).tobytes()
-            if isinstance(obj, h5py.Dataset):
-                out[name] = (obj.dtype.str, obj.shape, obj[()].tobytes())
-        f.visititems(visit)
-    return out
-
-
 def same_run(a, b, what):
     """Checkpoints (h5py), final/ (bytes) and losses of run dirs a and b agree exactly."""
     la = [(m.get("step"), m.get("loss")) for m in dp.losses(a)]
@@ -116,7 +100,7 @@ def same_run(a, b, what):
     cb = sorted(x for x in os.listdir(os.path.join(b, "checkpoints")) if x.endswith(".h5"))
     assert ca == cb and ca, f"{what}: checkpoints {ca} vs {cb}"
     for name in ca:
-        ia, ib = h5_items(os.path.join(a, "checkpoints", name)), h5_items(os.path.join(b, "checkpoints", name))
+        ia, ib = dp.h5_items(os.path.join(a, "checkpoints", name)), dp.h5_items(os.path.join(b, "checkpoints", name))
         ia.pop("@job_spec", None)  # names the run_dir, which differs
         ib.pop("@job_spec", None)
         assert ia.keys() == ib.keys(), f"{what} {name}: {sorted(set(ia) ^ set(ib))}"
@@ -186,7 +170,7 @@ def main():
             assert open(os.path.join(ref, "final", name), "rb").read() == \
                 open(os.path.join(res, "final", name), "rb").read(), f"resumed: final/{name} differs"
         last = sorted(x for x in os.listdir(os.path.join(ref, "checkpoints")) if x.endswith(".h5"))[-1]
-        ia, ib = h5_items(os.path.join(ref, "checkpoints", last)), h5_items(os.path.join(res, "checkpoints", last))
+        ia, ib = dp.h5_items(os.path.join(ref, "checkpoints", last)), dp.h5_items(os.path.join(res, "checkpoints", last))
         for k in list(ia):
             if k.startswith("model/") or k.startswith("optim/"):
                 assert ia[k] == ib.get(k), f"resumed: {last} {k} differs"

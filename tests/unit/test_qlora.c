@@ -30,7 +30,10 @@
  *    multiplies (st_qlora_param_mm) bit-identical to the untouched model's from the placed bytes. Unfused
  *    (SHARDTUNE_QLORA_FUSED=0): the scratch moved to a buffer of the caller's (st_qlora_set_scratch), every
  *    quantized weight loads bit-identical to the untouched model's, into the new scratch only (the old one
- *    keeps its poison), and st_qlora_scratch_range covers exactly the old scratch's offsets. */
+ *    keeps its poison), and st_qlora_scratch_range covers exactly the old scratch's offsets.
+ *  - the sharded load (test_put_bytes, st_qlora_put_bytes): any ranks' word ranges of the blob quantized from
+ *    the values alone are the whole quantization's bytes, reading each element at most once and, inside a
+ *    tensor's codes, only their blocks; the double-quantization mean from the ranks owning a scale byte. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -681,6 +684,105 @@ static void test_place_scratch(void **state) {
     place_scratch(0);
 }
 
+/* The sharded load (spec.sharded, st_qlora_put_bytes): the blob cut into 2 .. 9 ranks' word ranges, each range
+ * (and 23, 61, 97: ranges inside one tensor's codes) quantized from the fp32 values alone, byte for byte the whole quantization's; each call reads an element at
+ * most once, and a range inside one tensor's codes only the blocks under them; the ranks' code elements
+ * (st_qlora_code_elems) partition every tensor; the double-quantization mean comes from the calls that own a
+ * scale byte and equals the whole's. */
+typedef struct {
+    const float *w;       /* the fp32 base, registry layout */
+    const size_t *off;    /* registry offsets */
+    unsigned char *seen;  /* [numel] reads of the parameter in this call */
+    size_t reads;
+} qsrc;
+
+static int qsrc_read(void *ctx, int i, size_t at, size_t n, float *dst) {
+    qsrc *s = ctx;
+    for (size_t k = 0; k < n; k++) assert_int_equal(s->seen[at + k]++, 0); /* each element at most once */
+    memcpy(dst, s->w + s->off[i] + at, n * sizeof(float));
+    s->reads += n;
+    return 0;
+}
+
+static void put_bytes_case(st_qlora_quant quant, int dq, int block) {
+    st_qlora_spec spec = {.quant = quant, .double_quant = dq, .block = block};
+    st_model a, b;
+    unit_model(&a, &spec, 0); /* quantized whole */
+    st_model_config c = a.cfg;
+    assert_int_equal(st_model_build(&b, &c, st_backend_cpu(1)), 0);
+    assert_int_equal(st_model_init_random(&b, 7), 0);
+    st_lora_spec ls = {.r = 4, .alpha = 8.0, .targets = ST_LORA_LLAMA_ALL, .seed = 11};
+    assert_int_equal(st_lora_attach(&b, &ls), 0);
+    size_t nb = (size_t)st_model_base_params(&b), *off = malloc(nb * sizeof *off), most = 0;
+    for (size_t i = 0; i < nb; i++) {
+        off[i] = b.params[i].offset;
+        if (b.params[i].numel > most) most = b.params[i].numel;
+    }
+    float *w = b.weights; /* the fp32 values the whole model quantized (the same seed) */
+    b.weights = NULL;
+    st_qlora_spec ss = spec;
+    ss.sharded = 1;
+    assert_int_equal(st_qlora_begin(&b, &ss), 0);
+    assert_true(b.weights_tail_only);
+    uint8_t *blob, *none;
+    size_t bytes, nbytes;
+    st_qlora_blob(&a, &blob, &bytes);
+    st_qlora_blob(&b, &none, &nbytes);
+    assert_null(none);
+    assert_int_equal(nbytes, bytes);
+    uint8_t *out = malloc(bytes);
+    qsrc src = {.w = w, .off = off, .seen = malloc(most)};
+    size_t worlds[] = {2, 3, 4, 5, 6, 7, 8, 9, 23, 61, 97}, inside = 0;
+    for (size_t wi = 0; wi < sizeof worlds / sizeof *worlds; wi++) {
+        size_t W = worlds[wi], shard = (bytes / 4 + W - 1) / W;
+        memset(out, 0xa5, bytes);
+        size_t *owned = calloc(nb, sizeof *owned);
+        for (size_t r = 0; r < W; r++) {
+            size_t lo = 4 * shard * r, hi = 4 * shard * (r + 1) < bytes ? 4 * shard * (r + 1) : bytes;
+            if (lo >= hi) continue;
+            for (size_t i = 0; i < nb; i++) {
+                if (!st_qlora_holds(&b, (int)i)) continue;
+                size_t qa, qb, e0, e1;
+                st_qlora_span(&b, (int)i, (int)i + 1, &qa, &qb);
+                memset(src.seen, 0, b.params[i].numel);
+                src.reads = 0;
+                int set = 0;
+                assert_int_equal(st_qlora_put_bytes(&b, (int)i, lo, hi, qsrc_read, &src, out + lo, &set), 0);
+                st_qlora_code_elems(&b, (int)i, lo, hi, &e0, &e1);
+                owned[i] += e1 - e0;
+                size_t cb = quant == ST_QLORA_NF4 ? (b.params[i].numel + 1) / 2 : b.params[i].numel;
+                if (lo > qa && hi < qa + cb) { /* inside its codes: their blocks only (a whole-block piece each side) */
+                    assert_true(src.reads <= (e1 - e0) + 4 * (size_t)block);
+                    inside++;
+                }
+                if (set) assert_int_equal(*(uint32_t *)&(float){st_qlora_mean(&b, (int)i)},
+                                          *(uint32_t *)&(float){st_qlora_mean(&a, (int)i)});
+                assert_int_equal(set, dq && hi > qa + (cb + 3) / 4 * 4 && lo < qb);
+            }
+        }
+        assert_memory_equal(out, blob, bytes);
+        for (size_t i = 0; i < nb; i++) /* every element's code byte on exactly one rank */
+            if (st_qlora_holds(&b, (int)i)) assert_int_equal(owned[i], b.params[i].numel);
+        free(owned);
+    }
+    assert_true(inside > 0); /* ranges inside a tensor's codes were cut (a rank's edge on either side) */
+    free(src.seen);
+    free(out);
+    free(off);
+    st_model_free(&a);
+    b.be->free(w);
+    st_model_free(&b);
+}
+
+static void test_put_bytes(void **state) {
+    (void)state;
+    put_bytes_case(ST_QLORA_NF4, 1, 16);
+    put_bytes_case(ST_QLORA_NF4, 1, 3);
+    put_bytes_case(ST_QLORA_NF4, 0, 5);
+    put_bytes_case(ST_QLORA_INT8, 0, 7);
+    put_bytes_case(ST_QLORA_INT8, 1, 3);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_nf4_codes),
@@ -693,6 +795,7 @@ int main(void) {
         cmocka_unit_test(test_fused_model),
         cmocka_unit_test(test_no_scratch),
         cmocka_unit_test(test_place_scratch),
+        cmocka_unit_test(test_put_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

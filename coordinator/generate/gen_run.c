@@ -488,6 +488,8 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     st_gen_flags fh = *f;
     fh.gp.hold = &hold;
     if (!rc) rc = st_gen_run_model(&m, model_dir, &fh, ps, comm, answers, dump, vocab, print_error);
+    /* a device kernel's failure (kernels.h status) leaves garbage logits: reported, never written out */
+    if (!rc) rc = agree(comm, be->status(), print_error);
     st_gen_hold_free(&hold);
     if (loaded) st_model_free(&m);
     return rc;

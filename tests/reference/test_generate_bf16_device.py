@@ -15,10 +15,10 @@ output file byte for byte and the same --dump-logits bytes, for
     embedding rows);
  5. `compare sheet` (base vs the LoRA-tuned model): the same sheet and key;
  6. an fp32 source: nothing held, the same device bytes.
-Device memory (FAKEDEV_REPORT_MEM=1: the bytes allocated when generation checks the device status at its end,
-everything generation holds then) must fall by exactly 2 bytes per held float less the widening scratch (4 bytes
-per float of the largest held layer unit); the held count (the --timing line) must equal the count computed
-from the safetensors file.
+Device memory (FAKEDEV_REPORT_MEM=1: the bytes allocated when `generate` checks the device status after
+generating, the model and its hold) must fall by exactly 2 bytes per held float; so must the peak (the
+generation state and the widening scratch of 4 bytes per float of the largest held layer unit on top), less
+that scratch; the held count (the --timing line) must equal the count computed from the safetensors file.
 Env (set by ctest): SHARDTUNE_BIN, ST_BUILD_DIR."""
 import json
 import os
@@ -58,10 +58,10 @@ def run(cmd, env_extra=None, mpi=0):
 
 
 def device_bytes(r):
-    """Rank 0's device bytes when generation checked the status (fakedev's 'between steps')."""
+    """Rank 0's device bytes when generate checked the status (fakedev's 'between steps'), and the peak."""
     m = re.search(r"fakedev device bytes: rank 0 peak (\d+) between steps (\d+)", r.stdout)
     assert m, r.stdout
-    return int(m.group(2))
+    return int(m.group(2)), int(m.group(1))
 
 
 def generate(tmp, model, prompts, tag, flags, env_extra=None, mpi=0, adapter=None, cpu=False):
@@ -100,10 +100,13 @@ def same(what, a, b, expect_held, wide, freed=0):
     check(what, ok, f"output and logits identical ({len(a[1]) // 4 if a[1] else 0} logits)" if ok else "outputs differ")
     check(what + ": held floats", a[2] == expect_held and b[2] == 0,
           f"{a[2]} held (expected {expect_held}), {b[2]} with fp32 forced")
-    want = 2 * expect_held - 4 * wide + 4 * freed
-    check(what + ": device bytes", b[3] - a[3] == want,
-          f"{a[3]} held in bf16 vs {b[3]} fp32: {b[3] - a[3]} less, expected 2 x {expect_held} - 4 x {wide} + 4 x "
+    want = 2 * expect_held + 4 * freed
+    check(what + ": device bytes", b[3][0] - a[3][0] == want,
+          f"{a[3][0]} held in bf16 vs {b[3][0]} fp32: {b[3][0] - a[3][0]} less, expected 2 x {expect_held} + 4 x "
           f"{freed} = {want}")
+    if freed == 0:  # (an adapter run's peak is its fp32 load)
+        check(what + ": peak device bytes", b[3][1] - a[3][1] == want - 4 * wide,
+              f"{a[3][1]} vs {b[3][1]}: {b[3][1] - a[3][1]} less, expected {want} - 4 x {wide} (widening scratch)")
 
 
 def main():

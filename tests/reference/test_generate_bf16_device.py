@@ -32,21 +32,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_frozen_bf16 import to_bf16_dir  # noqa: E402
-from test_generate_bf16 import held_expected, write_lora, write_prompts  # noqa: E402
+from test_generate_bf16 import check, failures, held_expected, write_lora, write_prompts  # noqa: E402
 
 BIN = os.environ.get("SHARDTUNE_BIN", "build/shardtune")
 FAKEDEV = os.path.join(os.environ.get("ST_BUILD_DIR", os.path.dirname(BIN)), "fakedev")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", FAKEDEV_REPORT_MEM="1")
 FP32 = {"SHARDTUNE_DECODE_FP32": "1"}
-
-failures = []
-
-
-def check(what, ok, msg):
-    print(f"  {'ok  ' if ok else 'FAIL'} {what}: {msg}")
-    if not ok:
-        failures.append(what)
-
 
 def run(cmd, env_extra=None, mpi=0):
     if mpi:

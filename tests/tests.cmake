@@ -23,7 +23,7 @@ set(ST_SLOW_TESTS
   reference.test_train_samples reference.llamacpp_gguf integration.test_zero3_kill reference.ref_stream_io
   reference.peft_adapters reference.test_peft_modes_bf16 reference.peft_generate_prompt
   reference.test_bf16_torch reference.llamacpp_lora reference.ref_prompt_text_init
-  reference.test_frozen_bf16 reference.test_frozen_bf16_peft reference.test_frozen_bf16_device reference.test_generate_bf16
+  reference.test_frozen_bf16 reference.test_frozen_bf16_peft reference.test_frozen_bf16_device reference.test_generate_bf16 reference.test_generate_bf16_device
   reference.test_frozen_bf16_zero3 reference.test_frozen_bf16_zero3_resume reference.test_zero3_reshard reference.test_zero3_reshard_device
   integration.test_norm_in_reduction)
 

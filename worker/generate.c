@@ -27,8 +27,8 @@
  * are stored in the cache at positions 0..V-1 (as past_key_values enter it). Either way the real tokens
  * sit at positions V.. and attend to the virtual ones.
  *
- * bf16 holding (st_gen_hold_bf16, `generate` / `compare` on the CPU backend): the matmul weights of a bf16
- * source model are held as bf16 only, half the bytes each decode step streams. Products of at most
+ * bf16 holding (st_gen_hold_bf16, `generate` / `compare`): the matmul weights of a bf16 source model are held
+ * as bf16 only, half the bytes each decode step streams (host memory, or device memory on a device backend). Products of at most
  * GEN_MM_ROWS rows (decode steps, the LM head on the selected rows, short prompts) go through the backend's
  * decode_mm whichever way a weight is held (one fixed-order dot product per output, the bf16 weight widened
  * exactly); a prefill chunk of more rows widens a held unit into an fp32 scratch and makes the same matmul
@@ -69,7 +69,7 @@ typedef struct {
     const float *wte, *wpe, *nfw, *nfb, *head;
     const uint16_t *wte16, *head16;                  /* held in bf16 only, or NULL */
     const st_gen_hold *hold;                         /* st_gen_params.hold */
-    float *wide;                                     /* host: a held layer unit widened (prefill chunks) */
+    float *wide;                                     /* backend: a held layer unit widened (prefill chunks) */
     float *kc, *vc;                                  /* [L, S, max_t, KVD] */
     float *x, *ln, *qkv, *att, *h1, *h2, *mean, *rstd, *selx, *seln, *logits; /* backend, per row */
     float *qk_x, *qk_rstd;                           /* backend: Qwen3 q/k norm scratch (qk_norm only) */
@@ -202,7 +202,7 @@ static void state_free(gen_state *g) {
     free(g->cos_tab); free(g->sin_tab); free(g->hcos); free(g->hsin);
     free(g->layers);
     free(g->vrow);
-    free(g->wide);
+    be->free(g->wide);
 }
 
 static void state_dims(gen_state *g, const st_model *m) {
@@ -214,7 +214,7 @@ static void state_dims(gen_state *g, const st_model *m) {
     g->F = c->d_ff; g->F1 = c->family == ST_FAMILY_GPT2 ? g->F : 2 * g->F; g->V = c->vocab;
 }
 
-/* The matmul units st_gen_hold_bf16 considers: layer l's (field, out, in) k = 0..3, then the head and wte. */
+/* Layer l's matmul unit k = 0..3 (list_units' order): its fp32 field, its bf16 field (*w16) and floats (*n). */
 static const float **layer_unit(gen_state *g, int l, int k, const uint16_t ***w16, size_t *n) {
     gen_layer *w = &g->layers[l];
     const float **f[] = {&w->wqkv, &w->wo, &w->w1, &w->w2};
@@ -246,7 +246,7 @@ static int bind_held(gen_state *g) {
         }
     g->wte16 = held16(g, g->wte);
     g->head16 = held16(g, g->head);
-    if (wide && !(g->wide = st_calloc_aligned(wide * sizeof(float))))
+    if (wide && !(g->wide = g->be->alloc(wide * sizeof(float))))
         return st_fail(ST_ENOMEM, "out of memory for generation scratch");
     return 0;
 }
@@ -255,7 +255,7 @@ static int state_init(gen_state *g, const st_model *m, const st_gen_hold *hold, 
     memset(g, 0, sizeof *g);
     const st_model_config *c = &m->cfg;
     state_dims(g, m);
-    g->hold = hold && hold->floats && m->be->host_memory && m->be->decode_mm ? hold : NULL;
+    g->hold = hold && hold->floats && m->be->decode_mm ? hold : NULL;
     g->S = S;
     g->max_t = max_t;
     g->R = GEN_MAX_ROWS > S ? GEN_MAX_ROWS : S;
@@ -311,41 +311,179 @@ static int bf16_values(const float *x, size_t n) {
     return 1;
 }
 
+/* Host pieces of a device load or check (floats or halves). */
+#define HOLD_PIECE ((size_t)1 << 20)
+
+/* The matmul units st_gen_hold_bf16 considers: layer l's packed q/k/v (c_attn), output projection, packed
+ * gate/up (c_fc) and down projection, then the token embedding and an untied head, each as its first parameter
+ * (-1 when missing: generation's bind_weights names it) and its floats. From the registry alone: a device model
+ * is planned before its weights exist. Returns the count (at most 4 L + 2). */
+static int list_units(const st_model *m, int *first, size_t *n) {
+    static const char *llama[4] = {"model.layers.%d.self_attn.q_proj.weight", "model.layers.%d.self_attn.o_proj.weight",
+                                   "model.layers.%d.mlp.gate_proj.weight", "model.layers.%d.mlp.down_proj.weight"};
+    static const char *gpt2[4] = {"h.%d.attn.c_attn.weight", "h.%d.attn.c_proj.weight", "h.%d.mlp.c_fc.weight",
+                                  "h.%d.mlp.c_proj.weight"};
+    gen_state g;
+    memset(&g, 0, sizeof g);
+    state_dims(&g, m);
+    int is_gpt2 = m->cfg.family == ST_FAMILY_GPT2, k = 0;
+    size_t sz[4] = {(size_t)g.Q * g.C, (size_t)g.C * g.A, (size_t)g.F1 * g.C, (size_t)g.C * g.F};
+    char name[160];
+    for (int l = 0; l < g.L; l++)
+        for (int u = 0; u < 4; u++, k++) {
+            snprintf(name, sizeof name, is_gpt2 ? gpt2[u] : llama[u], l);
+            first[k] = st_model_find(m, name);
+            n[k] = sz[u];
+        }
+    first[k] = st_model_find(m, is_gpt2 ? "wte.weight" : "model.embed_tokens.weight");
+    n[k++] = (size_t)g.V * g.C;
+    if (!m->cfg.tied_embeddings) {
+        first[k] = st_model_find(m, "lm_head.weight");
+        n[k++] = (size_t)g.V * g.C;
+    }
+    return k;
+}
+
+/* Whether parameter i lies in the unit [off, off + n) of the weight space. */
+static int in_unit(const st_model *m, int i, size_t off, size_t n) {
+    return m->params[i].offset >= off && m->params[i].offset < off + n;
+}
+
 /* Whether unit [off, off + n) of the weight space is held already (tied: as the other unit; or loaded so). */
 static int unit_held(const st_model *m, const st_gen_hold *h, size_t off, size_t n) {
     for (int i = 0; i < m->n_params; i++)
-        if (m->params[i].offset >= off && m->params[i].offset < off + n && h->held[i]) return 1;
+        if (in_unit(m, i, off, n) && h->held[i]) return 1;
     return 0;
 }
 
-/* Unit [w, w + n) held when exact: its bf16 copy at the same offset, its fp32 memory given back, every
- * parameter inside it marked. */
-static void hold_unit(st_model *m, st_gen_hold *h, const float *w, size_t n) {
-    if (!w || unit_held(m, h, (size_t)(w - m->weights), n) || !bf16_values(w, n)) return;
-    size_t off = (size_t)(w - m->weights);
+/* Whether the source has every parameter of unit [off, off + n) in bf16. */
+static int unit_can16(const st_model *m, size_t off, size_t n, const st_gen_hold_source *src) {
     for (int i = 0; i < m->n_params; i++)
-        if (m->params[i].offset >= off && m->params[i].offset < off + n) h->held[i] = 1;
-    m->be->to_bf16(h->w16 + off, w, n); /* exact: the values are bf16 values */
+        if (in_unit(m, i, off, n) && !src->can16(src->ctx, i)) return 0;
+    return 1;
+}
+
+/* Host: unit [off, off + n) held when exact: its bf16 copy at the same offset, its fp32 memory given back, every
+ * parameter inside it marked. */
+static void hold_unit(st_model *m, st_gen_hold *h, size_t off, size_t n) {
+    if (!bf16_values(m->weights + off, n)) return;
+    for (int i = 0; i < m->n_params; i++)
+        if (in_unit(m, i, off, n)) h->held[i] = 1;
+    m->be->to_bf16(h->w16 + off, m->weights + off, n); /* exact: the values are bf16 values */
     st_give_back(m->weights, sizeof(float), off, off + n);
     h->floats += n;
 }
 
-/* Unit [w, w + n) read straight into the hold when the source has every parameter of it in bf16 (can16): its
+/* Host: unit [off, off + n) read straight into the hold when the source has every parameter of it in bf16: its
  * fp32 memory never touched. */
-static int load_unit(st_model *m, st_gen_hold *h, const float *w, size_t n, const st_gen_hold_source *src) {
-    if (!w) return 0;
-    size_t off = (size_t)(w - m->weights);
-    if (unit_held(m, h, off, n)) return 0;
+static int load_unit(st_model *m, st_gen_hold *h, size_t off, size_t n, const st_gen_hold_source *src) {
+    if (!unit_can16(m, off, n, src)) return 0;
     for (int i = 0; i < m->n_params; i++)
-        if (m->params[i].offset >= off && m->params[i].offset < off + n && !src->can16(src->ctx, i)) return 0;
-    for (int i = 0; i < m->n_params; i++)
-        if (m->params[i].offset >= off && m->params[i].offset < off + n) {
-            int rc = src->read16(src->ctx, i, h->w16 + m->params[i].offset);
+        if (in_unit(m, i, off, n)) {
+            int rc = src->read16(src->ctx, i, 0, m->params[i].numel, h->w16 + m->params[i].offset);
             if (rc) return rc;
             h->held[i] = 1;
         }
     h->floats += n;
     return 0;
+}
+
+/* Device: whether unit [off, off + n)'s fp32 values are bf16 values (read back in host pieces into buf). */
+static int unit_exact_device(const st_model *m, size_t off, size_t n, float *buf) {
+    for (size_t a = 0; a < n; a += HOLD_PIECE) {
+        size_t k = n - a < HOLD_PIECE ? n - a : HOLD_PIECE;
+        m->be->copy_to_host(buf, m->weights + off + a, k * sizeof(float));
+        if (!bf16_values(buf, k)) return 0;
+    }
+    return 1;
+}
+
+/* Device: parameter i's bf16 values into dst (device) in bounded host pieces from the source. */
+static int read_device(const st_model *m, int i, uint16_t *dst, const st_gen_hold_source *src, uint16_t *piece) {
+    size_t n = m->params[i].numel;
+    for (size_t a = 0; a < n; a += HOLD_PIECE) {
+        size_t k = n - a < HOLD_PIECE ? n - a : HOLD_PIECE;
+        int rc = src->read16(src->ctx, i, a, k, piece);
+        if (rc) return rc;
+        m->be->copy_to_device(dst + a, piece, k * sizeof(uint16_t));
+    }
+    return 0;
+}
+
+/* Device: the model laid out anew, the parameters held (h->held, or want: newly held) first, [0, n16) in registry
+ * order, the others after in registry order (a unit's parameters stay adjacent: they are held together). The held
+ * ones' bf16 copy goes to a new device buffer of n16 halves (the old copy's moved; want's read from src, or
+ * converted from their fp32 values: exact), the others' fp32 values to an allocation of n_weights - n16 floats
+ * (nothing to move from a model never allocated). On failure the model and h are as they were. */
+static int relayout(st_model *m, st_gen_hold *h, const unsigned char *want, const st_gen_hold_source *src) {
+    const st_backend *be = m->be;
+    size_t n16 = 0, lo = 0, hi;
+    for (int i = 0; i < m->n_params; i++)
+        if (h->held[i] || want[i]) n16 += m->params[i].numel;
+    hi = n16;
+    size_t *old = malloc((size_t)m->n_params * sizeof *old);
+    uint16_t *w16 = be->alloc(n16 * sizeof(uint16_t)), *piece = src ? malloc(HOLD_PIECE * sizeof(uint16_t)) : NULL;
+    float *w32 = be->alloc((m->n_weights - n16) * sizeof(float)); /* > 0: the norms stay fp32 */
+    int rc = 0;
+    if (!old || !w16 || !w32 || (src && !piece)) {
+        rc = st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights (%.1f MB of them in bf16 only)",
+                     (m->n_weights - n16) * 4.0 / 1e6 + n16 * 2.0 / 1e6, n16 * 2.0 / 1e6);
+        goto out;
+    }
+    for (int i = 0; i < m->n_params; i++) {
+        old[i] = m->params[i].offset;
+        size_t *at = h->held[i] || want[i] ? &lo : &hi;
+        m->params[i].offset = *at;
+        *at += m->params[i].numel;
+    }
+    for (int i = 0; i < m->n_params && !rc; i++) {
+        size_t at = m->params[i].offset, n = m->params[i].numel;
+        if (h->held[i]) be->copy(w16 + at, h->w16 + old[i], n * sizeof(uint16_t));
+        else if (want[i] && src) rc = read_device(m, i, w16 + at, src, piece);
+        else if (want[i]) be->to_bf16(w16 + at, m->weights + old[i], n); /* exact: bf16 values */
+        else if (m->weights) be->copy(w32 + (at - n16), m->weights + old[i], n * sizeof(float));
+    }
+    if (rc) {
+        for (int i = 0; i < m->n_params; i++) m->params[i].offset = old[i];
+        goto out;
+    }
+    for (int i = 0; i < m->n_params; i++) h->held[i] |= want[i];
+    be->free(h->w16);
+    if (m->weights) be->free(m->weights + m->n_w16);
+    h->w16 = w16, h->be = be, h->floats = n16;
+    m->weights = w32 - n16; /* nothing reads below n_w16 (model.h) */
+    m->n_w16 = n16;
+    w16 = NULL, w32 = NULL;
+out:
+    be->free(w16);
+    be->free(w32);
+    free(piece);
+    free(old);
+    return rc;
+}
+
+/* Device: the units to hold now (src: every parameter in bf16 in the source; else fp32 values that are bf16
+ * values), then the model laid out anew when there are any; a model bound without weights gets them all in fp32
+ * when there are none. */
+static int hold_device(st_model *m, st_gen_hold *h, const st_gen_hold_source *src, const int *first,
+                       const size_t *n, int nu) {
+    unsigned char *want = calloc((size_t)m->n_params, 1);
+    float *buf = src ? NULL : malloc(HOLD_PIECE * sizeof(float));
+    int rc = want && (src || buf) ? 0 : st_fail(ST_ENOMEM, "out of memory holding the weights in bf16"), any = 0;
+    for (int u = 0; u < nu && !rc; u++) {
+        if (first[u] < 0) continue;
+        size_t off = m->params[first[u]].offset;
+        if (unit_held(m, h, off, n[u]) || (src ? !unit_can16(m, off, n[u], src) : !unit_exact_device(m, off, n[u], buf)))
+            continue;
+        for (int i = 0; i < m->n_params; i++)
+            if (in_unit(m, i, off, n[u])) want[i] = 1, any = 1;
+    }
+    if (!rc && any) rc = relayout(m, h, want, src);
+    else if (!rc && !m->weights && !(m->weights = m->be->alloc(m->n_weights * sizeof(float))))
+        rc = st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights", m->n_weights * 4.0 / 1e6);
+    free(want);
+    free(buf);
+    return rc;
 }
 
 static int hold_env_fp32(void) {
@@ -356,47 +494,46 @@ static int hold_env_fp32(void) {
 /* Holds (src NULL: the exact units of the loaded weights) or loads into the hold (src: the units the source has
  * in bf16) every matmul unit not held yet; h's buffers made on the first call. */
 static int hold_units(st_model *m, st_gen_hold *h, const st_gen_hold_source *src) {
-    if (!m->be->host_memory || !m->be->decode_mm || m->acquire || m->prompt || m->qlora || m->w8 || m->n_w16 ||
-        m->windowed || m->buffers_external || m->part_base || m->n_params < 1)
-        return 0;
-    if (hold_env_fp32()) { /* every weight read as fp32: on 2 MB pages once loaded (every page is written: no
-                               memory added) */
-        if (!src) huge_pages(m->weights, m->n_weights * sizeof(float), 1);
+    int device = !m->be->host_memory;
+    if (!m->be->decode_mm || m->acquire || m->prompt || m->qlora || m->w8 || (m->n_w16 && !h->be) || m->windowed ||
+        m->buffers_external || m->part_base || m->n_params < 1 || hold_env_fp32()) {
+        if (device && !m->weights && !(m->weights = m->be->alloc(m->n_weights * sizeof(float)))) /* a load: all fp32 */
+            return st_fail(ST_ENOMEM, "cannot allocate %.1f MB for model weights", m->n_weights * 4.0 / 1e6);
+        if (!device && !src && hold_env_fp32()) /* every weight read as fp32: on 2 MB pages once loaded (every page
+                                                 * is written: no memory added) */
+            huge_pages(m->weights, m->n_weights * sizeof(float), 1);
         return 0;
     }
-    gen_state g;
-    memset(&g, 0, sizeof g);
-    state_dims(&g, m);
-    int rc = bind_weights(&g);
-    if (rc) { free(g.layers); return rc; }
-    if (!h->w16) {
-        h->w16 = st_calloc_aligned(m->n_weights * sizeof(uint16_t)); /* pages become resident only where written */
-        h->held = calloc((size_t)m->n_params, 1);
-    }
-    if (!h->w16 || !h->held) {
-        free(g.layers);
+    int *first = malloc((size_t)(4 * m->cfg.n_layer + 2) * sizeof *first), rc = 0;
+    size_t *n = malloc((size_t)(4 * m->cfg.n_layer + 2) * sizeof *n);
+    if (!h->held) h->held = calloc((size_t)m->n_params, 1);
+    if (!device && !h->w16) h->w16 = st_calloc_aligned(m->n_weights * sizeof(uint16_t)); /* resident where written */
+    if (!first || !n || !h->held || (!device && !h->w16)) {
+        free(first);
+        free(n);
         st_gen_hold_free(h);
         return st_fail(ST_ENOMEM, "out of memory holding the weights in bf16");
     }
-    huge_pages(h->w16, m->n_weights * sizeof(uint16_t), 0);
-    size_t n;
-    for (int l = 0; l < g.L && !rc; l++)
-        for (int k = 0; k < 4 && !rc; k++) {
-            const float **u = layer_unit(&g, l, k, NULL, &n);
-            if (src) rc = load_unit(m, h, *u, n, src);
-            else hold_unit(m, h, *u, n);
+    int nu = list_units(m, first, n);
+    if (device) {
+        rc = hold_device(m, h, src, first, n, nu);
+    } else {
+        huge_pages(h->w16, m->n_weights * sizeof(uint16_t), 0);
+        for (int u = 0; u < nu && !rc; u++) {
+            if (first[u] < 0) continue;
+            size_t off = m->params[first[u]].offset;
+            if (unit_held(m, h, off, n[u])) continue;
+            if (src) rc = load_unit(m, h, off, n[u], src);
+            else hold_unit(m, h, off, n[u]);
         }
-    const float *tail[2] = {g.wte, g.head != g.wte ? g.head : NULL};
-    for (int k = 0; k < 2 && !rc; k++) {
-        if (src) rc = load_unit(m, h, tail[k], (size_t)g.V * g.C, src);
-        else hold_unit(m, h, tail[k], (size_t)g.V * g.C);
     }
-    free(g.layers);
+    free(first);
+    free(n);
     if (rc) {
         st_gen_hold_free(h);
         return rc;
     }
-    if (!src && !h->floats) { /* nothing held (an fp32 source): the fp32 weights on 2 MB pages */
+    if (!device && !src && !h->floats) { /* nothing held (an fp32 source): the fp32 weights on 2 MB pages */
         st_gen_hold_free(h);
         huge_pages(m->weights, m->n_weights * sizeof(float), 1);
     }
@@ -409,12 +546,13 @@ int st_gen_hold_load(st_model *m, st_gen_hold *h, const st_gen_hold_source *src)
 }
 
 int st_gen_hold_bf16(st_model *m, st_gen_hold *h) {
-    if (!h->w16) memset(h, 0, sizeof *h);
+    if (!h->held) memset(h, 0, sizeof *h);
     return hold_units(m, h, NULL);
 }
 
 void st_gen_hold_free(st_gen_hold *h) {
-    free(h->w16);
+    if (h->be) h->be->free(h->w16);
+    else free(h->w16);
     free(h->held);
     memset(h, 0, sizeof *h);
 }
@@ -446,14 +584,13 @@ static void linear(const gen_state *g, float *y, const float *x, const float *w,
     if (b) be->bias_add(y, b, rows, out);
 }
 
-static void embed(gen_state *g, const int32_t *seq, const int32_t *pos, const int *vrow, int rows) {
+static void embed(gen_state *g, const int32_t *tok, const int32_t *seq, const int32_t *pos, const int *vrow, int rows) {
     const st_backend *be = g->be;
-    if (g->wte16) { /* held in bf16 (host memory): each row widened exactly (+ wpe), as embedding_fwd */
+    if (g->wte16) { /* held in bf16: each row widened exactly (+ wpe[pos], one add: embedding_fwd's sum) */
         for (int r = 0; r < rows; r++) {
             float *x = g->x + (size_t)r * g->C;
-            const uint16_t *e = g->wte16 + (size_t)g->d_tok[r] * g->C;
-            const float *pe = g->wpe ? g->wpe + (size_t)pos[r] * g->C : NULL;
-            for (int j = 0; j < g->C; j++) x[j] = pe ? st_bf16_bits_to_float(e[j]) + pe[j] : st_bf16_bits_to_float(e[j]);
+            be->from_bf16(x, g->wte16 + (size_t)tok[r] * g->C, (size_t)g->C);
+            if (g->wpe) be->bias_add(x, g->wpe + (size_t)pos[r] * g->C, 1, g->C);
         }
     } else if (!g->wpe) {
         be->embedding_fwd(g->x, g->d_tok, g->wte, NULL, 1, rows, g->C);
@@ -522,7 +659,7 @@ static void forward_rows(gen_state *g, const int32_t *tok, const int32_t *seq, c
     be->copy_to_device(g->d_seq, seq, (size_t)rows * sizeof(int32_t));
     be->copy_to_device(g->d_pos, pos, (size_t)rows * sizeof(int32_t));
     residency(g->m, 0, 1);
-    embed(g, seq, pos, vrow, rows);
+    embed(g, tok, seq, pos, vrow, rows);
     residency(g->m, 0, 0);
     size_t layer_cache = (size_t)g->S * g->max_t * g->KVD;
     for (int l = 0; l < g->L; l++) {

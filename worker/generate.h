@@ -49,9 +49,12 @@ typedef struct {
 
 /* Matmul weights held in bf16 only for generation (st_gen_hold_bf16). */
 typedef struct st_gen_hold {
-    uint16_t *w16;         /* host [n_weights]: parameter i's bf16 copy at params[i].offset where held[i] */
+    /* parameter i's bf16 copy at w16 + params[i].offset where held[i]: host [n_weights] (pages resident only
+     * where written), or on a device backend (be set) device memory [n16], the held parameters laid out first */
+    uint16_t *w16;
     unsigned char *held;   /* [n_params] */
     size_t floats;         /* weights held in bf16 only */
+    const st_backend *be;  /* the device backend owning w16, NULL: host memory */
 } st_gen_hold;
 
 /* Holds the model's matmul weights in bf16 only where that is exact (h zeroed, or from st_gen_hold_load: the
@@ -62,24 +65,32 @@ typedef struct st_gen_hold {
  * and st_model_free). Generation reads those through decode_mm (each output one dot product, the weight
  * widened exactly: the same bits as with fp32 holding) or, for a prefill chunk of more rows, widened into
  * an fp32 scratch unit by unit (the same matmul call). A unit with any other value (a merged LoRA
- * adapter's projections) stays fp32. Only on a host-memory backend with decode_mm, a model without
- * residency hooks, prompt learning, QLoRA or int8 packs; otherwise, or with SHARDTUNE_DECODE_FP32=1
+ * adapter's projections) stays fp32. On a device backend (host_memory 0), whose buffers cannot give pages
+ * back, the model is laid out anew: the held parameters first with no fp32 storage (m->n_w16, as
+ * st_model_bind_frozen_bf16's layout; nothing reads m->weights below it), their bf16 copy in a device buffer
+ * of their own (h->be), the others copied to a smaller fp32 allocation, so device memory falls by 2 bytes per
+ * held float (the old allocation exists until the copy is made). Only on a backend with decode_mm, a model
+ * without residency hooks, prompt learning, QLoRA or int8 packs; otherwise, or with SHARDTUNE_DECODE_FP32=1
  * (tests), nothing is held (h->floats 0). Returns 0 or ST_ENOMEM. */
 int st_gen_hold_bf16(st_model *m, st_gen_hold *h);
 
-/* Where a model that has not been read yet (weights still the allocation's zeros) gets a parameter in bf16:
- * can16(ctx, i): whether parameter i's source values are bf16 values (a BF16 file tensor); read16(ctx, i, dst):
- * writes its numel bf16 values to dst (and may check them), 0 or an error. */
+/* Where a model that has not been read yet gets a parameter in bf16: can16(ctx, i): whether parameter i's
+ * source values are bf16 values (a BF16 file tensor); read16(ctx, i, a, n, dst): writes its bf16 values
+ * [a, a + n) to host dst (and may check them), 0 or an error. */
 typedef struct {
     int (*can16)(void *ctx, int i);
-    int (*read16)(void *ctx, int i, uint16_t *dst);
+    int (*read16)(void *ctx, int i, size_t a, size_t n, uint16_t *dst);
     void *ctx;
 } st_gen_hold_source;
 
 /* The load's side of st_gen_hold_bf16 (the same conditions; h zeroed first): every matmul unit whose parameters
  * the source has all in bf16 is read straight into the hold (read16 into h->w16) and marked held, its fp32 memory
  * never touched; the caller then reads the other parameters as fp32 and calls st_gen_hold_bf16(m, h), which keeps
- * h and holds what else is exact. Returns 0 or the first read16 error (h released). */
+ * h and holds what else is exact. A host-memory model comes with its weights allocated (st_model_open_dir);
+ * on a device backend m is bound without weights (st_model_bind(m, be, 0)) and this allocates them: the held
+ * parameters laid out first without fp32 storage (see st_gen_hold_bf16), read in bounded host pieces through
+ * copy_to_device, the fp32 allocation for the others only (all of them when nothing is held). Returns 0 or
+ * the first read16 error (h released). */
 int st_gen_hold_load(st_model *m, st_gen_hold *h, const st_gen_hold_source *src);
 void st_gen_hold_free(st_gen_hold *h);
 

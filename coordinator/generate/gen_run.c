@@ -238,6 +238,7 @@ static int read_eos(const char *dir, const st_model *m, int32_t *eos, int cap, i
 /* ---------------- running on the ranks ---------------- */
 
 static int pick_backend(const st_gen_flags *f, MPI_Comm comm, const st_backend **be) {
+    if ((*be = st_backend_override())) return 0; /* a test's backend (kernels.h: tests/tools/fakedev.c) */
     if (strcmp(f->backend, "cpu") != 0) {
         int local = 0, local_size = 1;
         int rc = st_comm_node_rank(comm, &local, &local_size);
@@ -404,8 +405,9 @@ static int gather_answers(MPI_Comm comm, const st_gen_seq *s, int count, int n, 
 }
 
 /* Loading a model for generation without an adapter: the matmul units the files hold in BF16 go straight into
- * the bf16 hold (worker/generate.h st_gen_hold_load: their fp32 pages are never touched, so the load never holds
- * the fp32 model), the rest is read as fp32 and checked as before; st_gen_hold_bf16 then holds what else is exact. */
+ * the bf16 hold (worker/generate.h st_gen_hold_load: their fp32 pages are never touched, on a device never
+ * allocated, so the load never holds the fp32 model), the rest is read as fp32 and checked as before;
+ * st_gen_hold_bf16 then holds what else is exact. */
 typedef struct {
     st_safetensors *s;
     const st_model *m;
@@ -419,15 +421,16 @@ static int held_can16(void *ctx, int i) {
     return st_model_param_dtype(l->s, l->m, i) == ST_DTYPE_BF16 && !(p->ndim == 2 && p->transpose_io);
 }
 
-static int held_read16(void *ctx, int i, uint16_t *dst) {
+static int held_read16(void *ctx, int i, size_t a0, size_t n0, uint16_t *dst) {
     held_load *l = ctx;
     const st_param *p = &l->m->params[i];
     const size_t chunk = (size_t)1 << 16;
     int rc = 0;
-    for (size_t a = 0; !rc && a < p->numel; a += chunk) {
-        size_t n = p->numel - a < chunk ? p->numel - a : chunk;
-        rc = st_model_read_param_bf16_range(l->s, l->m, i, a, n, dst + a);
-        for (size_t k = 0; !rc && k < n; k++) l->buf[k] = st_bf16_to_f32(dst[a + k]);
+    for (size_t a = a0; !rc && a < a0 + n0; a += chunk) {
+        size_t n = a0 + n0 - a < chunk ? a0 + n0 - a : chunk;
+        uint16_t *d = dst + (a - a0);
+        rc = st_model_read_param_bf16_range(l->s, l->m, i, a, n, d);
+        for (size_t k = 0; !rc && k < n; k++) l->buf[k] = st_bf16_to_f32(d[k]);
         if (!rc) rc = st_check_finite_values(l->buf, n, a, l->dir, p->name); /* NaN weights: refused, as eval does */
     }
     return rc;
@@ -441,7 +444,12 @@ static void keep_unheld(void *ctx, const st_model *m, int i, size_t *a, size_t *
 }
 
 static int load_held(const char *dir, const st_backend *be, st_model *m, st_gen_hold *hold) {
-    int rc = st_model_open_dir(dir, be, m);
+    /* a device model is bound without weights: st_gen_hold_load allocates them once it knows what it holds */
+    int rc = be->host_memory ? st_model_open_dir(dir, be, m) : st_model_open_registry(dir, m);
+    if (!rc && !be->host_memory && (rc = st_model_bind(m, be, 0))) {
+        st_model_free(m);
+        rc = st_fail_context(rc, "%s/config.json", dir);
+    }
     if (rc) return rc;
     held_load l = {.m = m, .dir = dir, .buf = malloc(((size_t)1 << 16) * sizeof(float))};
     if (!l.buf) rc = st_fail(ST_ENOMEM, "out of memory loading %s", dir);
@@ -480,6 +488,8 @@ int st_gen_run(const char *model_dir, const st_gen_flags *f, const st_prompt_set
     st_gen_flags fh = *f;
     fh.gp.hold = &hold;
     if (!rc) rc = st_gen_run_model(&m, model_dir, &fh, ps, comm, answers, dump, vocab, print_error);
+    /* a device kernel's failure (kernels.h status) leaves garbage logits: reported, never written out */
+    if (!rc) rc = agree(comm, be->status(), print_error);
     st_gen_hold_free(&hold);
     if (loaded) st_model_free(&m);
     return rc;

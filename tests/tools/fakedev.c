@@ -1,7 +1,8 @@
-/* fakedev.c — `shardtune train` on a "device" backend that catches host/device mix-ups and can fail a
- * chosen kernel, so the trainer's device paths are tested without a GPU.
+/* fakedev.c — `shardtune train` (or `generate` / `compare`) on a "device" backend that catches host/device
+ * mix-ups and can fail a chosen kernel, so the trainer's and generation's device paths are tested without a GPU.
  *
  *   fakedev [--guard] [--fail KERNEL:CALL[@RANK]] JOB.yaml [a.b=value ...]
+ *   fakedev [--guard] generate|compare ARGS...   (the command's own flags; its --backend is ignored)
  *   fakedev --guard-self-test
  *
  * The backend is the CPU backend under the name "fakedev" (installed with st_backend_set_override, so the
@@ -10,20 +11,22 @@
  *    (as CUDA does). copy_to_device must go host -> device, copy_to_host device -> host, copy and memset0
  *    device only, free only a registered start; the operands of matmul, copy_cols, add_scalar, lora_dropout,
  *    dora_norm, dora_apply, dora_bwd, scale_rows, prompt_act, prompt_act_bwd, dequant_nf4, dequant_int8 and qmatmul (the kernels the PEFT adapters call, worker/lora.c, worker/qlora.c),
- *    w8_pack and matmul_w8a8 (the int8 teacher: the CPU kernels, bit-identical to kernels/cuda/int8.cu) device only. A violation (host memory where device memory belongs,
+ *    w8_pack and matmul_w8a8 (the int8 teacher: the CPU kernels, bit-identical to kernels/cuda/int8.cu), and
+ *    generation's from_bf16, decode_mm, kv_store, attention_cached and embedding_fwd device only. A violation (host memory where device memory belongs,
  *    e.g. a host buffer passed to a device-to-device copy) is printed and recorded in the backend's
  *    status, so the next step boundary stops training with it, as a GPU would have crashed. With several
  *    ranks worker/comm.c then takes its NCCL path: the fake NCCL of nccl_fake.h (collectives run through
  *    MPI when the compute stream waits; a stream-order violation is printed and recorded in the status).
  *    FAKEDEV_REPORT_MEM=1 prints each rank's device bytes at exit: the peak, and the most allocated at a
- *    step boundary (what `shardtune plan` calls the step total); also the gradient reductions (reduce-
+ *    step boundary (generate / compare: none, 0) (what `shardtune plan` calls the step total); also the gradient reductions (reduce-
  *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap).
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
  *    attention_bwd, cross_entropy, adamw_multi) records a failure in the status, on every rank or only on
  *    RANK; the kernel itself still runs (like a GPU kernel whose fault is only seen later).
  *  --guard-self-test: checks that the guard catches a host buffer in a device copy and a host kernel
  *    operand (copy_cols), and exits.
- * Exit status and output are those of `shardtune train`. */
+ * Exit status and output are those of the command; a guard violation the command's own status checks did not
+ * see (generation never asks) makes it 1. */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,6 +91,7 @@ static void *guard_alloc(size_t bytes) {
     }
     char *p = st_calloc_aligned(bytes ? bytes : 1);
     if (!p) return NULL;
+    status_rank = my_rank(); /* generation never asks for the status: the rank for the memory report */
     ranges[n_ranges].lo = p, ranges[n_ranges].hi = p + (bytes ? bytes : 1);
     n_ranges++;
     dev_bytes += bytes ? bytes : 1;
@@ -156,6 +160,33 @@ static void guard_bias_add(float *y, const float *bias, int n, int c) { /* ZeRO-
 static void guard_to_bf16(uint16_t *dst, const float *src, size_t n) {
     if (n) operands("to_bf16", 2, (const void *[]){dst, src});
     cpu->to_bf16(dst, src, n);
+}
+static void guard_from_bf16(float *dst, const uint16_t *src, size_t n) {
+    if (n) operands("from_bf16", 2, (const void *[]){dst, src});
+    cpu->from_bf16(dst, src, n);
+}
+/* generation's kernels (worker/generate.c): a held bf16 weight or a cache must be device memory, as on a GPU */
+static void guard_decode_mm(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
+                            float beta) {
+    if (rows > 0 && out > 0) operands("decode_mm", 4, (const void *[]){y, x, w, w16});
+    cpu->decode_mm(y, x, w, w16, rows, out, in, beta);
+}
+static void guard_kv_store(float *kc, float *vc, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,
+                           int rows, int h, int kvh, int hd, int max_t) {
+    if (rows > 0) operands("kv_store", 4, (const void *[]){kc, vc, qkv, row_seq}), operands("kv_store", 1, (const void *[]){row_pos});
+    cpu->kv_store(kc, vc, qkv, row_seq, row_pos, rows, h, kvh, hd, max_t);
+}
+static void guard_attention_cached(float *out, const float *qkv, const float *kc, const float *vc,
+                                   const int32_t *row_seq, const int32_t *row_pos, int rows, int h, int kvh, int hd,
+                                   int max_t, int window) {
+    if (rows > 0) operands("attention_cached", 4, (const void *[]){out, qkv, kc, vc}),
+        operands("attention_cached", 2, (const void *[]){row_seq, row_pos});
+    cpu->attention_cached(out, qkv, kc, vc, row_seq, row_pos, rows, h, kvh, hd, max_t, window);
+}
+static void guard_embedding_fwd(float *out, const int32_t *tokens, const float *wte, const float *wpe, int b, int t,
+                                int c) {
+    if (b > 0 && t > 0) operands("embedding_fwd", 4, (const void *[]){out, tokens, wte, wpe});
+    cpu->embedding_fwd(out, tokens, wte, wpe, b, t, c);
 }
 static void guard_add_scalar(float *x, float v, size_t n) {
     if (n) operands("add_scalar", 1, (const void *[]){x});
@@ -313,12 +344,6 @@ static int parse_fail(const char *s) {
     return -1;
 }
 
-/* The CLI's error printer lives in coordinator/cli/main.c (not in the library): the same line here. */
-int st_cli_error(const char *cmd, const char *msg) {
-    fprintf(stderr, "shardtune %s: error: %s\n", cmd, msg && *msg ? msg : "unknown failure");
-    return ST_EXIT_FAIL;
-}
-
 /* --guard-self-test: the guard reports a host buffer passed as a device copy's destination. */
 static int guard_self_test(void) {
     float host[4] = {0}, *dev = fake.alloc(sizeof host);
@@ -355,7 +380,9 @@ int main(int argc, char **argv) {
         fake.dora_norm = guard_dora_norm, fake.dora_apply = guard_dora_apply, fake.dora_bwd = guard_dora_bwd;
         fake.scale_rows = guard_scale_rows, fake.prompt_act = guard_prompt_act, fake.prompt_act_bwd = guard_prompt_act_bwd;
         fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
-        fake.bias_add = guard_bias_add, fake.to_bf16 = guard_to_bf16;
+        fake.bias_add = guard_bias_add, fake.to_bf16 = guard_to_bf16, fake.from_bf16 = guard_from_bf16;
+        fake.decode_mm = guard_decode_mm, fake.kv_store = guard_kv_store;
+        fake.attention_cached = guard_attention_cached, fake.embedding_fwd = guard_embedding_fwd;
         fake.w8_pack = guard_w8_pack, fake.matmul_w8a8 = guard_matmul_w8a8; /* as the cuda backend: on device memory */
         fake.qmatmul = guard_qmatmul;
         guarded = 1;
@@ -366,8 +393,14 @@ int main(int argc, char **argv) {
     fake.adamw_multi = f_adamw_multi;
     if (self_test) return guard_self_test();
     st_backend_set_override(&fake);
-    argv[i - 1] = (char *)"train"; /* st_cmd_train(argc, argv): argv[0] is the command, argv[1] the job */
-    int rc = st_cmd_train(argc - (i - 1), argv + (i - 1));
+    int rc, gen = i < argc && (!strcmp(argv[i], "generate") || !strcmp(argv[i], "compare"));
+    if (gen) { /* st_cmd_generate / st_cmd_compare(argc, argv): argv[0] is the command */
+        rc = !strcmp(argv[i], "generate") ? st_cmd_generate(argc - i, argv + i) : st_cmd_compare(argc - i, argv + i);
+        if (failure[0] && rc == 0) rc = 1; /* printed when recorded */
+    } else {
+        argv[i - 1] = (char *)"train"; /* st_cmd_train(argc, argv): argv[0] is the command, argv[1] the job */
+        rc = st_cmd_train(argc - (i - 1), argv + (i - 1));
+    }
     const char *mem = getenv("FAKEDEV_REPORT_MEM");
     if (guard && mem && !strcmp(mem, "1"))
         printf("fakedev device bytes: rank %d peak %zu between steps %zu; gradient reductions %ld, %ld of them "

@@ -157,6 +157,11 @@ static void guard_to_bf16(uint16_t *dst, const float *src, size_t n) {
     if (n) operands("to_bf16", 2, (const void *[]){dst, src});
     cpu->to_bf16(dst, src, n);
 }
+static void guard_from_bf16(float *dst, const uint16_t *src, size_t n) { /* device ZeRO-3 widens gathered bf16 runs */
+    check_read(src, n * sizeof(uint16_t), "from_bf16");
+    if (n) operands("from_bf16", 2, (const void *[]){dst, src});
+    cpu->from_bf16(dst, src, n);
+}
 static void guard_add_scalar(float *x, float v, size_t n) {
     if (n) operands("add_scalar", 1, (const void *[]){x});
     cpu->add_scalar(x, v, n);
@@ -355,7 +360,7 @@ int main(int argc, char **argv) {
         fake.dora_norm = guard_dora_norm, fake.dora_apply = guard_dora_apply, fake.dora_bwd = guard_dora_bwd;
         fake.scale_rows = guard_scale_rows, fake.prompt_act = guard_prompt_act, fake.prompt_act_bwd = guard_prompt_act_bwd;
         fake.dequant_int8 = guard_dequant_int8, fake.dequant_nf4 = guard_dequant_nf4;
-        fake.bias_add = guard_bias_add, fake.to_bf16 = guard_to_bf16;
+        fake.bias_add = guard_bias_add, fake.to_bf16 = guard_to_bf16, fake.from_bf16 = guard_from_bf16;
         fake.w8_pack = guard_w8_pack, fake.matmul_w8a8 = guard_matmul_w8a8; /* as the cuda backend: on device memory */
         fake.qmatmul = guard_qmatmul;
         guarded = 1;

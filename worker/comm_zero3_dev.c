@@ -1301,58 +1301,64 @@ size_t st_z3dev_hold_bf16(st_comm *c) {
     int np = m->n_params;
     if (z->fb16 || !np || !z->part_base) return z->n16; /* held so already (idempotent); or nothing is frozen */
     unsigned char ok[np + 1];
-    size_t cap = (size_t)1 << 16, n16 = 0, n32 = 0, a, b;
+    size_t cap = (size_t)1 << 16, n16 = 0, a, b;
     float *host = malloc(cap * sizeof(float));
     /* the ranks agree (as on CPU ranks, worker/comm.c st_comm_drop_frozen_fp32): a frozen parameter of the
-     * kinds st_model_bf16_only_candidate names whose parts are bf16 values on every rank; ok[np]: every rank
-     * could check */
+     * kinds st_model_bf16_only_candidate names whose parts are bf16 values on every rank (a rank that cannot
+     * check names none) */
     for (int i = 0; i < np; i++) {
         frozen_part(c, i, &a, &b);
         ok[i] = host && c->z3_foff[i] >= 0 && m->params[i].grad_offset < 0 && st_model_bf16_only_candidate(m, i) &&
                 part_exact(c, i, a, b, host, cap);
     }
-    ok[np] = host != NULL;
-    free(host);
-    int rc = MPI_Allreduce(MPI_IN_PLACE, ok, np + 1, MPI_UNSIGNED_CHAR, MPI_MIN, c->comm);
-    if (rc != MPI_SUCCESS || !ok[np]) return 0;
-    for (int i = 0; i < np; i++) {
+    int rc = MPI_Allreduce(MPI_IN_PLACE, ok, np, MPI_UNSIGNED_CHAR, MPI_MIN, c->comm), any = 0;
+    for (int i = 0; i < np && rc == MPI_SUCCESS; i++) {
         frozen_part(c, i, &a, &b);
-        if (ok[i]) n16 += b - a;
-        else n32 += b - a;
+        n16 += ok[i] ? b - a : 0;
+        any |= ok[i];
     }
-    int any = 0;
-    for (int i = 0; i < np; i++) any |= ok[i];
-    if (!any) return 0;
-    uint16_t *f16 = n16 ? be->alloc(n16 * sizeof(uint16_t)) : NULL;
-    float *f32 = n32 ? be->alloc(n32 * sizeof(float)) : NULL;
-    unsigned char *flags = malloc((size_t)np);
-    int good = (!n16 || f16) && (!n32 || f32) && flags; /* a saving, not a need: every rank holds so, or none */
-    rc = MPI_Allreduce(MPI_IN_PLACE, &good, 1, MPI_INT, MPI_MIN, c->comm);
-    if (rc != MPI_SUCCESS || !good) {
-        be->free(f16);
-        be->free(f32);
-        free(flags);
+    /* the new layout staged in host memory (the device never holds the fp32 shard and the new buffers at once):
+     * the held parts rounded there (exactly), the others and the padding past the last parameter as fp32 */
+    size_t n32 = c->fshard - n16, at16 = 0, at32 = 0;
+    uint16_t *h16 = any ? malloc(n16 * sizeof(uint16_t) + 2) : NULL;
+    float *h32 = any ? calloc(n32 + 1, sizeof(float)) : NULL;
+    unsigned char *flags = any ? malloc((size_t)np) : NULL;
+    int good = h16 && h32 && flags; /* a saving, not a need: every rank holds so, or none */
+    if (any) rc = MPI_Allreduce(MPI_IN_PLACE, &good, 1, MPI_INT, MPI_MIN, c->comm);
+    if (!any || rc != MPI_SUCCESS || !good) {
+        free(host), free(h16), free(h32), free(flags);
         return 0;
     }
-    size_t at16 = 0, at32 = 0;
-    for (int i = 0; i < np; i++) { /* each part moved into its new buffer (rounding is exact), in frozen-space order */
+    for (int i = 0; i < np; i++) { /* in frozen-space order: each new buffer compacted */
         flags[i] = ok[i];
         if (m->params[i].grad_offset >= 0 || c->z3_foff[i] < 0) continue;
         frozen_part(c, i, &a, &b);
-        size_t *at = ok[i] ? &at16 : &at32;
-        if (b > a && ok[i]) be->to_bf16(f16 + at16, z->fmaster + z->fat[i] + (long)a, b - a);
-        else if (b > a) be->copy(f32 + at32, z->fmaster + z->fat[i] + (long)a, (b - a) * sizeof(float));
-        z->fat[i] = (long)*at - (long)a;
+        for (size_t k = a; ok[i] && k < b; k += cap) {
+            size_t q = b - k < cap ? b - k : cap;
+            st_z3dev_part_fp32(c, i, k, q, host, 1);
+            for (size_t j = 0; j < q; j++) h16[at16 + (k - a) + j] = st_float_to_bf16_bits(host[j]);
+        }
+        if (!ok[i]) st_z3dev_part_fp32(c, i, a, b - a, h32 + at32, 1);
+        /* element k of i at fat[i] + k for every k of a run's parameters from i on (gather_run counts from a run's
+         * first parameter): one before the shard at -(flo - its offset) from the buffer's start */
+        size_t *at = ok[i] ? &at16 : &at32, f = (size_t)c->z3_foff[i];
+        z->fat[i] = (long)*at - (long)((f > c->flo ? f : c->flo) - f);
         *at += b - a;
     }
     be->free(z->fmaster);
-    z->fmaster = f32;
-    z->f16 = f16;
+    z->fmaster = n32 ? be->alloc(n32 * sizeof(float)) : NULL;
+    z->f16 = n16 ? be->alloc(n16 * sizeof(uint16_t)) : NULL;
+    if ((n32 && !z->fmaster) || (n16 && !z->f16)) /* smaller than what was just freed: the step reports it */
+        keep_rc(c, st_fail(ST_ENOMEM, "rank %d: out of %s memory holding the stage-3 frozen shard in bf16", c->rank,
+                           be->name));
+    if (z->fmaster) be->copy_to_device(z->fmaster, h32, n32 * sizeof(float));
+    if (z->f16) be->copy_to_device(z->f16, h16, n16 * sizeof(uint16_t));
+    free(host), free(h16), free(h32);
     z->fb16 = flags;
     z->n16 = n16;
     for (int i = 0; i < np; i++) /* element e of a part kept in fp32 at part_base[i] + e; none for the others */
         if (m->params[i].grad_offset < 0 && c->z3_foff[i] >= 0)
-            z->part_base[i] = flags[i] || !f32 ? NULL : f32 + z->fat[i];
+            z->part_base[i] = flags[i] || !z->fmaster ? NULL : z->fmaster + z->fat[i];
     return n16;
 }
 
@@ -1361,24 +1367,29 @@ int st_z3dev_restore_fp32(st_comm *c) {
     st_model *m = z->m;
     const st_backend *be = m->be;
     if (!z->fb16) return 0;
-    float *whole = be->alloc((c->fshard ? c->fshard : 1) * sizeof(float));
-    if (!whole) return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 frozen shard in fp32", c->rank, be->name);
-    be->memset0(whole, c->fshard * sizeof(float)); /* the padding past the last parameter */
+    /* staged in host memory, as the hold: the device never holds both layouts */
+    float *h = calloc(c->fshard + 1, sizeof(float)); /* zeros: the padding past the last parameter */
+    if (!h) return st_fail(ST_ENOMEM, "rank %d: out of memory restoring the stage-3 frozen shard in fp32", c->rank);
     size_t a, b;
     for (int i = 0; i < m->n_params; i++) {
         if (m->params[i].grad_offset >= 0 || c->z3_foff[i] < 0) continue;
         frozen_part(c, i, &a, &b);
         long at = c->z3_foff[i] - (long)c->flo;
-        st_z3dev_part_fp32(c, i, a, b - a, whole + at + (long)a, 0);
+        st_z3dev_part_fp32(c, i, a, b - a, h + at + (long)a, 1);
         z->fat[i] = at;
-        z->part_base[i] = whole + at;
     }
     be->free(z->fmaster);
     be->free(z->f16);
     free(z->fb16);
-    z->fmaster = whole;
     z->f16 = NULL;
     z->fb16 = NULL;
     z->n16 = 0;
+    z->fmaster = c->fshard ? be->alloc(c->fshard * sizeof(float)) : NULL;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].grad_offset < 0 && c->z3_foff[i] >= 0) z->part_base[i] = z->fmaster ? z->fmaster + z->fat[i] : NULL;
+    if (z->fmaster) be->copy_to_device(z->fmaster, h, c->fshard * sizeof(float));
+    free(h);
+    if (c->fshard && !z->fmaster)
+        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 frozen shard in fp32", c->rank, be->name);
     return 0;
 }

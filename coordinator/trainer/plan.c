@@ -639,13 +639,13 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
                             .mlp_apart = m->qlora ? st_qlora_mlp_apart(m) : st_plan_qlora_mlp_apart(c, &m->cfg)};
         st_z3dev_floats(m, goff, world, sp->shard, c->precision == ST_PRECISION_BF16, q ? &qs : NULL, &wf, &gf);
         /* the frozen shard's parts held in bf16 only (st_z3dev_hold_bf16, once the weights are read): 2 bytes a
-         * float; until then, and while they are moved (the load, a resume's st_z3dev_restore_fp32), the whole
-         * frozen shard in fp32 beside them */
+         * float; the load, and a resume (st_z3dev_restore_fp32), hold the whole frozen shard in fp32 (the moves
+         * between the two layouts are staged in host memory) */
         size_t nf = 0;
         for (int i = 0; i < m->n_params; i++) nf += goff[i] < 0 ? m->params[i].numel : 0;
         size_t fsh = (nf + (size_t)world - 1) / (size_t)world, flo = fsh * (size_t)rank;
         size_t kept16 = q ? 0 : zero3_bf16_kept(c, m, goff, flo, flo + fsh);
-        size_t moved = kept16 ? fsh * sizeof(float) : 0;
+        size_t moved = kept16 * (sizeof(float) - sizeof(uint16_t));
         r->weights = wf * sizeof(float) + (q ? qacq : 0) - kept16 * (sizeof(float) - sizeof(uint16_t));
         r->grads = gf * sizeof(float);
         r->comm = 0;

@@ -7,8 +7,7 @@ tagged device allocations, several ranks through the fake NCCL, whose bf16 all-g
 twice, as shipped and with SHARDTUNE_FROZEN_FP32=1 (every rank's frozen shard kept in fp32 and gathered as fp32:
 the layout before). The two must agree exactly: the losses, every dataset and attribute of every checkpoint (h5py,
 incl. adapter_base_checksum: summed from the slots' widened bf16 values), final/ byte for byte (mode frozen's whole
-model gathered from the ranks' bf16 parts, widened). Cases: LoRA on 2 ranks, mode frozen on 3 (+ eval.generate's
-samples), progressive on 2 crossing its stage change (the shards re-cut from the gathered whole weights, then held
+model gathered from the ranks' bf16 parts, widened). Cases: LoRA on 2 ranks, mode frozen on 3, progressive on 2 crossing its stage change (the shards re-cut from the gathered whole weights, then held
 again), prompt tuning on 2; resumes at another world size: LoRA 2 -> 3 ranks and mode frozen 3 -> 2 (the parts
 widened back into their fp32 places, written, held again), each equal to the same resume under
 SHARDTUNE_FROZEN_FP32=1. Each rank's report (SHARDTUNE_REPORT_LOAD_RSS=1) names the floats of its parts held in
@@ -16,7 +15,6 @@ bf16 only: they sum to the floats computed from the safetensors file; the device
 (FAKEDEV_REPORT_MEM=1) fall by exactly 2 bytes per such float on every rank, and so do the plan's
 (`shardtune plan backend=cuda`, per rank, against the plan under SHARDTUNE_FROZEN_FP32=1).
 """
-import json
 import os
 import shutil
 import subprocess
@@ -69,12 +67,7 @@ def main():
     root = dp.tmpdir("st_frozen_bf16_dz3_")
     try:
         b16, jobs, common, want = z3.setup(root)
-        prompts = os.path.join(root, "prompts.jsonl")
-        with open(prompts, "w") as f:
-            for k in range(3):
-                f.write(json.dumps({"input_ids": [(7 * k + j) % 256 for j in range(5)]}) + "\n")
-        gen = ["eval.generate.every_steps=2", f"eval.generate.prompts={prompts}", "eval.generate.max_new=6"]
-        cases = [("lora", 2, []), ("frozen", 3, gen), ("progressive", 2, []), ("prompt", 2, [])]
+        cases = [("lora", 2, []), ("frozen", 3, []), ("progressive", 2, []), ("prompt", 2, [])]
         for mode, ranks, more in cases:
             tag = f"{mode} on {ranks} fake devices at ZeRO-3"
             ov = common + more
@@ -89,10 +82,6 @@ def main():
             assert saved == [2 * held[(r, last)] for r in range(ranks)], \
                 f"{tag}: device bytes between steps {dev_ref} -> {dev}, held {held}"
             k = fb.same_run(ref, new, tag)
-            if more:
-                sa = sorted(os.listdir(os.path.join(ref, "samples")))
-                assert sa and all(open(os.path.join(ref, "samples", n), "rb").read() ==
-                                  open(os.path.join(new, "samples", n), "rb").read() for n in sa), f"{tag}: samples"
             line = f"  {tag}: {want[mode]} floats in bf16 only, device bytes {saved} less; {k} checkpoints, final/, losses"
             if mode in ("lora", "frozen"):  # the plan: per rank, the same saving
                 p_ref, p_new = plan_weights(jobs[mode], ranks, ov, fb.KEEP), plan_weights(jobs[mode], ranks, ov, {})

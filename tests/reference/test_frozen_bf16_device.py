@@ -40,8 +40,9 @@ PROGRESSIVE = ('finetune: { mode: progressive, stages: [ {at_step: 0, train_laye
                '{at_step: 2, train_layers: "-2", train_modules: [attn, mlp, norm, head]} ] }\n')
 
 
-def run(job, ranks, ov, env_extra=None):
-    """A guarded fakedev run; returns ({rank: floats held in bf16 only}, {rank: device bytes between steps})."""
+def run(job, ranks, ov, env_extra=None, stage=0):
+    """A guarded fakedev run; returns ({rank: floats held in bf16 only at `stage`; stage None: {(rank, stage): ...}},
+    {rank: device bytes between steps})."""
     env = dict(dp.ENV, SHARDTUNE_REPORT_LOAD_RSS="1", FAKEDEV_REPORT_MEM="1", **(env_extra or {}))
     args = [FAKE, "--guard", job] + ov
     if ranks > 1:
@@ -51,8 +52,10 @@ def run(job, ranks, ov, env_extra=None):
     assert "fakedev (rank" not in r.stderr and "stream order violated" not in r.stderr, r.stderr
     held, dev = {}, {}
     for x in r.stderr.splitlines():
-        if "frozen weights held in bf16 only" in x and "stage 0:" in x:
-            held[int(x.split("rank ")[1].split(":")[0])] = int(x.split(":")[-1].split()[0])
+        if "frozen weights held in bf16 only" in x:
+            rank, s = int(x.split("rank ")[1].split(":")[0]), int(x.split("stage ")[1].split(":")[0])
+            if stage is None or s == stage:
+                held[rank if stage is not None else (rank, s)] = int(x.split(":")[-1].split()[0])
     for x in r.stdout.splitlines():
         if x.startswith("fakedev device bytes: rank "):
             dev[int(x.split("rank ")[1].split()[0])] = int(x.split("between steps ")[1].split(";")[0])

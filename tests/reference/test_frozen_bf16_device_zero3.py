@@ -17,7 +17,6 @@ bf16 only: they sum to the floats computed from the safetensors file; the device
 """
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -25,27 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dp_common as dp  # noqa: E402
 import test_dp_memory as mem  # noqa: E402
 import test_frozen_bf16 as fb  # noqa: E402
+import test_frozen_bf16_device as fbd  # noqa: E402
 import test_frozen_bf16_zero3 as z3  # noqa: E402
 
-FAKE = os.path.join(os.environ.get("ST_BUILD_DIR", "build"), "fakedev")
+FAKE = fbd.FAKE
 
 
 def run(job, ranks, ov, env_extra=None):
     """A guarded fakedev run: ({(rank, stage): floats held in bf16 only}, {rank: device bytes between steps})."""
-    env = dict(dp.ENV, SHARDTUNE_REPORT_LOAD_RSS="1", FAKEDEV_REPORT_MEM="1", **(env_extra or {}))
-    args = ["mpirun", "--oversubscribe", "-np", str(ranks), FAKE, "--guard", job] + ov
-    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"{' '.join(args)}\n{r.stdout}\n{r.stderr}"
-    assert "fakedev (rank" not in r.stderr and "stream order violated" not in r.stderr, r.stderr
-    held, dev = {}, {}
-    for x in r.stderr.splitlines():
-        if "frozen weights held in bf16 only" in x:
-            rank, stage = int(x.split("rank ")[1].split(":")[0]), int(x.split("stage ")[1].split(":")[0])
-            held[(rank, stage)] = int(x.split(":")[-1].split()[0])
-    for x in r.stdout.splitlines():
-        if x.startswith("fakedev device bytes: rank "):
-            dev[int(x.split("rank ")[1].split()[0])] = int(x.split("between steps ")[1].split(";")[0])
-    return held, dev
+    return fbd.run(job, ranks, ov, env_extra, stage=None)
 
 
 def plan_weights(job, ranks, ov, env_extra):

@@ -62,6 +62,18 @@ def run(job, ranks, ov, env_extra=None, stage=0):
     return held, dev
 
 
+def plan_weights(job, ranks, ov, env_extra):
+    """Each rank's planned weights (bytes) of the first stage, `shardtune plan` run with env_extra set."""
+    old = dict(dp.ENV)
+    dp.ENV.update(env_extra)
+    try:
+        p = mem.plan(job, ranks, ov)
+    finally:
+        dp.ENV.clear()
+        dp.ENV.update(old)
+    return [r["bytes"]["weights"] for r in p["stages"][0]["ranks"]]
+
+
 def main():
     t0 = time.time()
     if not os.access(FAKE, os.X_OK):
@@ -128,14 +140,7 @@ def main():
         # the plan's device weights shrink by exactly the floats held in bf16 only (4 bytes each)
         for mode in ("lora", "frozen"):
             pov = common + ["sharding.stage=1", "backend=cuda"]
-            old = dict(dp.ENV)
-            dp.ENV.update(fb.KEEP)
-            try:
-                w_ref = mem.plan(jobs[mode], 8, pov)["stages"][0]["ranks"][0]["bytes"]["weights"]
-            finally:
-                dp.ENV.clear()
-                dp.ENV.update(old)
-            w_new = mem.plan(jobs[mode], 8, pov)["stages"][0]["ranks"][0]["bytes"]["weights"]
+            w_ref, w_new = plan_weights(jobs[mode], 8, pov, fb.KEEP)[0], plan_weights(jobs[mode], 8, pov, {})[0]
             assert w_ref - w_new == 4 * want[mode], (mode, w_ref, w_new, want[mode])
             print(f"  plan (backend=cuda, {mode}) device weights: {w_ref} B -> {w_new} B, {4 * want[mode]} B less")
     finally:

@@ -22,7 +22,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dp_common as dp  # noqa: E402
-import test_dp_memory as mem  # noqa: E402
 import test_frozen_bf16 as fb  # noqa: E402
 import test_frozen_bf16_device as fbd  # noqa: E402
 import test_frozen_bf16_zero3 as z3  # noqa: E402
@@ -33,17 +32,6 @@ FAKE = fbd.FAKE
 def run(job, ranks, ov, env_extra=None):
     """A guarded fakedev run: ({(rank, stage): floats held in bf16 only}, {rank: device bytes between steps})."""
     return fbd.run(job, ranks, ov, env_extra, stage=None)
-
-
-def plan_weights(job, ranks, ov, env_extra):
-    old = dict(dp.ENV)
-    dp.ENV.update(env_extra)
-    try:
-        p = mem.plan(job, ranks, ov + ["backend=cuda"])
-    finally:
-        dp.ENV.clear()
-        dp.ENV.update(old)
-    return [r["bytes"]["weights"] for r in p["stages"][0]["ranks"]]
 
 
 def main():
@@ -71,7 +59,9 @@ def main():
             k = fb.same_run(ref, new, tag)
             line = f"  {tag}: {want[mode]} floats in bf16 only, device bytes {saved} less; {k} checkpoints, final/, losses"
             if mode in ("lora", "frozen"):  # the plan: per rank, the same saving
-                p_ref, p_new = plan_weights(jobs[mode], ranks, ov, fb.KEEP), plan_weights(jobs[mode], ranks, ov, {})
+                pov = ov + ["backend=cuda"]
+                p_ref = fbd.plan_weights(jobs[mode], ranks, pov, fb.KEEP)
+                p_new = fbd.plan_weights(jobs[mode], ranks, pov, {})
                 assert [a - b for a, b in zip(p_ref, p_new)] == saved, f"{tag}: plan {p_ref} -> {p_new}, measured {saved}"
                 line += ", plan"
             print(line + " identical")

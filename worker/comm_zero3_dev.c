@@ -383,7 +383,8 @@ static int gather_run(st_comm *c, z3d_slot *s, const size_t *r) {
 static void slot_widen(const st_z3dev *z, const z3d_slot *s) {
     for (int i = s->first; z->fb16 && s->w16 && i < s->last; i++) {
         const st_param *p = &z->m->params[i];
-        size_t a = p->offset > s->lo ? p->offset : s->lo, b = p->offset + p->numel < s->hi ? p->offset + p->numel : s->hi;
+        size_t a = p->offset > s->lo ? p->offset : s->lo, e = p->offset + p->numel;
+        size_t b = e < s->hi ? e : s->hi;
         if (z->fb16[i] && b > a) z->m->be->from_bf16(s->w + (a - s->lo), s->w16 + (a - s->lo), b - a);
     }
 }
@@ -747,7 +748,8 @@ static int z3d_embed_rows(void *ctx, const int32_t *ids, int n, float *out) {
     be->memset0(out, (size_t)n * C * sizeof(float)); /* ids outside the vocabulary: zero rows */
     if (!c->nccl) { /* one rank: every row is its own */
         for (int i = 0; i < n; i++)
-            if (ids[i] >= 0 && (size_t)ids[i] < V) st_z3dev_part_fp32(c, 0, (size_t)ids[i] * C, C, out + (size_t)i * C, 0);
+            if (ids[i] >= 0 && (size_t)ids[i] < V)
+                st_z3dev_part_fp32(c, 0, (size_t)ids[i] * C, C, out + (size_t)i * C, 0);
         return 1;
     }
     int w = c->world, counts[w], displs[w], total = 0;
@@ -1386,7 +1388,8 @@ int st_z3dev_restore_fp32(st_comm *c) {
     z->n16 = 0;
     z->fmaster = c->fshard ? be->alloc(c->fshard * sizeof(float)) : NULL;
     for (int i = 0; i < m->n_params; i++)
-        if (m->params[i].grad_offset < 0 && c->z3_foff[i] >= 0) z->part_base[i] = z->fmaster ? z->fmaster + z->fat[i] : NULL;
+        if (m->params[i].grad_offset < 0 && c->z3_foff[i] >= 0)
+            z->part_base[i] = z->fmaster ? z->fmaster + z->fat[i] : NULL;
     if (z->fmaster) be->copy_to_device(z->fmaster, h, c->fshard * sizeof(float));
     free(h);
     if (c->fshard && !z->fmaster)

@@ -4,16 +4,17 @@ st_z3dev_hold_bf16).
 As tests/reference/test_frozen_bf16_zero3.py (same bf16 Llama model, jobs and held floats), on the fake device
 (tests/tools/fakedev.c --guard: the CUDA backend's code paths, every copy and kernel operand checked against the
 tagged device allocations, several ranks through the fake NCCL, whose bf16 all-gather is new here). Every job runs
-twice, as shipped and with SHARDTUNE_FROZEN_FP32=1 (every rank's frozen shard kept in fp32 and gathered as fp32:
-the layout before). The two must agree exactly: the losses, every dataset and attribute of every checkpoint (h5py,
-incl. adapter_base_checksum: summed from the slots' widened bf16 values), final/ byte for byte (mode frozen's whole
-model gathered from the ranks' bf16 parts, widened). Cases: LoRA on 2 ranks, mode frozen on 3, progressive on 2 crossing its stage change (the shards re-cut from the gathered whole weights, then held
-again), prompt tuning on 2; resumes at another world size: LoRA 2 -> 3 ranks and mode frozen 3 -> 2 (the parts
-widened back into their fp32 places, written, held again), each equal to the same resume under
-SHARDTUNE_FROZEN_FP32=1. Each rank's report (SHARDTUNE_REPORT_LOAD_RSS=1) names the floats of its parts held in
-bf16 only: they sum to the floats computed from the safetensors file; the device bytes held between steps
-(FAKEDEV_REPORT_MEM=1) fall by exactly 2 bytes per such float on every rank, and so do the plan's
-(`shardtune plan backend=cuda`, per rank, against the plan under SHARDTUNE_FROZEN_FP32=1).
+twice, as shipped and with SHARDTUNE_FROZEN_FP32=1 (every rank's frozen shard kept in fp32 and gathered as fp32: the
+layout before). The two must agree exactly: the losses, every dataset and attribute of every checkpoint (h5py, incl.
+adapter_base_checksum: summed from the slots' widened bf16 values), final/ byte for byte (mode frozen's whole model
+gathered from the ranks' bf16 parts, widened). Cases: LoRA on 2 ranks, mode frozen on 3, progressive on 2 crossing
+its stage change (the shards re-cut from the gathered whole weights, then held again), prompt tuning on 2; resumes at
+another world size: LoRA 2 -> 3 ranks and mode frozen 3 -> 2 (the parts widened back into their fp32 places, written,
+held again), each equal to the same resume under SHARDTUNE_FROZEN_FP32=1. Each rank's report
+(SHARDTUNE_REPORT_LOAD_RSS=1) names the floats of its parts held in bf16 only: they sum to the floats computed from
+the safetensors file; the device bytes held between steps (FAKEDEV_REPORT_MEM=1) fall by exactly 2 bytes per such
+float on every rank, and so do the plan's (`shardtune plan backend=cuda`, per rank, against the plan under
+SHARDTUNE_FROZEN_FP32=1).
 """
 import os
 import shutil
@@ -57,12 +58,14 @@ def main():
             assert saved == [2 * held[(r, last)] for r in range(ranks)], \
                 f"{tag}: device bytes between steps {dev_ref} -> {dev}, held {held}"
             k = fb.same_run(ref, new, tag)
-            line = f"  {tag}: {want[mode]} floats in bf16 only, device bytes {saved} less; {k} checkpoints, final/, losses"
+            line = f"  {tag}: {want[mode]} floats in bf16 only, device bytes {saved} less; {k} checkpoints, final/, " \
+                   "losses"
             if mode in ("lora", "frozen"):  # the plan: per rank, the same saving
                 pov = ov + ["backend=cuda"]
                 p_ref = fbd.plan_weights(jobs[mode], ranks, pov, fb.KEEP)
                 p_new = fbd.plan_weights(jobs[mode], ranks, pov, {})
-                assert [a - b for a, b in zip(p_ref, p_new)] == saved, f"{tag}: plan {p_ref} -> {p_new}, measured {saved}"
+                assert [a - b for a, b in zip(p_ref, p_new)] == saved, \
+                    f"{tag}: plan {p_ref} -> {p_new}, measured {saved}"
                 line += ", plan"
             print(line + " identical")
 

@@ -38,7 +38,9 @@ static void violation(const char *what) {
 
 /* ---------------------------------------------------------------- the fake NCCL */
 
-typedef enum { OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER, OP_GATHER_PARTS, OP_GATHER_PARTS16 } op_kind;
+typedef enum {
+    OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER, OP_GATHER_PARTS, OP_GATHER_PARTS16
+} op_kind;
 
 typedef struct {
     op_kind kind;

@@ -25,6 +25,7 @@ set(ST_SLOW_TESTS
   reference.test_bf16_torch reference.llamacpp_lora reference.ref_prompt_text_init
   reference.test_frozen_bf16 reference.test_frozen_bf16_peft reference.test_frozen_bf16_device reference.test_generate_bf16 reference.test_generate_bf16_device
   reference.test_frozen_bf16_zero3 reference.test_frozen_bf16_zero3_resume reference.test_zero3_reshard reference.test_zero3_reshard_device
+  reference.test_frozen_bf16_device_zero3
   integration.test_norm_in_reduction)
 
 # The only tests that run a second time after a failure (tests/retry_once.sh, ctest's --repeat

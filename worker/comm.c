@@ -1797,6 +1797,7 @@ void st_comm_weights_loaded(st_comm *c, st_model *m) {
 /* ---- frozen parts held in bf16 only (comm.h st_comm_drop_frozen_fp32) ---- */
 
 size_t st_comm_drop_frozen_fp32(st_comm *c, st_model *m) {
+    if (c->z3dev && c->model == m) return st_z3dev_hold_bf16(c); /* on a device: worker/comm_zero3_dev.c */
     if (c->stage != 3 || c->z3dev || c->model != m || !c->z3_foff) return 0;
     int np = m->n_params, any = 0;
     unsigned char ok[np + 1];
@@ -1910,11 +1911,12 @@ int st_comm_gather_param(st_comm *c, const st_model *m, int i, float *dst, int r
         recv = scratch;
     }
     if (st_model_fp32_dropped(m, i)) return gather_param_bf16(c, m, i, recv, counts, displs, a, b, root, scratch);
-    const float *part = st_model_part(m, i) + a;
+    const float *part = c->z3dev ? NULL : st_model_part(m, i) + a;
     float *host = NULL; /* device memory: MPI is not CUDA-aware, the part goes through the host */
     if (on_device(m) && b > a) {
         host = malloc((b - a) * sizeof(float));
-        if (host) m->be->copy_to_host(host, part, (b - a) * sizeof(float));
+        if (host && c->z3dev) st_z3dev_part_fp32(c, i, a, b - a, host, 1); /* held in bf16 only: widened */
+        else if (host) m->be->copy_to_host(host, part, (b - a) * sizeof(float));
         else for (int r = 0; r < c->world; r++) counts[r] = displs[r] = 0; /* nobody waits for a part: no hang */
         part = host;
     }

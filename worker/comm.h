@@ -242,7 +242,8 @@ void st_comm_weights_loaded(st_comm *c, st_model *m);
  * fp32 pages given back; st_model_fp32_dropped then says so). Its gathers move bf16 into m->weights_bf16, its
  * release gives back all but that part, st_comm_gather_param widens it, a re-shard cuts the new parts from the
  * gathered bf16 tensors. Collective; idempotent; call once the weights are loaded and the trainable set is
- * final. Returns the floats of this rank's parts held so; 0 below stage 3 and on a device. */
+ * final. Returns the floats of this rank's parts held so; 0 below stage 3. On a device (ZeRO-3) the same rule
+ * through worker/comm_zero3_dev.h st_z3dev_hold_bf16. */
 size_t st_comm_drop_frozen_fp32(st_comm *c, st_model *m);
 /* Undoes it (before a reader of m->weights that does not know, generation): this rank's parts widened back into
  * their fp32 places, exactly. Local. */

@@ -70,6 +70,7 @@
 
 #include "common/error.h"
 #include "common/util.h"
+#include "kernels/bf16.h"
 #include "kernels/cuda/nccl_comm.h"
 #include "worker/lora.h"
 #include "worker/prompt.h"
@@ -119,10 +120,15 @@ struct st_z3dev {
                                   prefetched with its base) */
     z3d_gbuf gbuf[2];
     float *master;       /* [shard] this rank's fp32 master weights (its shard of the compact space) */
-    float *fmaster;      /* [c->fshard] its shard of the frozen space (fp32), NULL when every parameter trains */
+    float *fmaster;      /* its shard of the frozen space (fp32): [c->fshard], NULL when every parameter trains; once
+                            parts are held in bf16 only (st_z3dev_hold_bf16) the other frozen parts, compacted */
+    uint16_t *f16;       /* [n16] this rank's parts of the frozen parameters held in bf16 only, compacted, else NULL */
+    unsigned char *fb16; /* [n_params] frozen parameter i held in bf16 only (its gathers move bf16), else NULL */
+    long *fat;           /* [n_params] frozen parameter i's element k is fmaster[fat[i] + k] (f16[...] when fb16[i]) */
+    size_t n16;
     float **part_base;   /* [n_params] m->part_base (frozen parameters exist), else NULL */
-    size_t *runs;        /* [4 * n_params] a group's runs: space (0 compact, 1 frozen), space offset, weight
-                            offset, length */
+    size_t *runs;        /* [5 * n_params] a group's runs: space (0 compact, 1 frozen, 2 frozen held in bf16 only),
+                            space offset, weight offset, length, first parameter */
     float *recv[Z3D_RS]; /* [recv_floats] this rank's part of a reduce-scattered chunk (mark Z3D_SLOTS + j) */
     size_t recv_floats;
     z3d_rs rs[Z3D_RS];
@@ -239,8 +245,14 @@ static int is_layer_group(const st_z3dev *z, int first) {
 /* Whether a group goes to the adapter / prompt slots (registry entries past the base model). */
 static int small_group(const st_z3dev *z, int first) { return first >= st_model_base_params(z->m); }
 
+/* Parameter i's space: 0 compact, 1 frozen, 2 frozen and held in bf16 only (z->fb16). */
+static size_t space_of(const st_comm *c, int i) {
+    if (c->z3dev->m->params[i].grad_offset >= 0) return 0;
+    return c->z3dev->fb16 && c->z3dev->fb16[i] ? 2 : 1;
+}
+
 /* The runs of [first, last) contiguous in both the weight space and their sharded space (compact or
- * frozen): z->runs, 4 per run. Returns their number. */
+ * frozen) and alike in storage (so in this rank's buffer too): z->runs, 5 per run. Returns their number. */
 static int group_runs(const st_comm *c, int first, int last) {
     st_z3dev *z = c->z3dev;
     size_t *r = z->runs;
@@ -248,13 +260,14 @@ static int group_runs(const st_comm *c, int first, int last) {
     for (int i = first; i < last; i++) {
         const st_param *p = &z->m->params[i];
         if (!p->numel || (p->grad_offset < 0 && c->z3_foff[i] < 0)) continue; /* QLoRA's quantized: qz_gather */
-        size_t sp = p->grad_offset >= 0 ? 0 : 1;
+        size_t sp = space_of(c, i), *q = r + 5 * (nr - 1);
         size_t at = sp == 0 ? (size_t)p->grad_offset : (size_t)c->z3_foff[i];
-        if (nr && r[4 * nr - 4] == sp && r[4 * nr - 3] + r[4 * nr - 1] == at && r[4 * nr - 2] + r[4 * nr - 1] == p->offset) {
-            r[4 * nr - 1] += p->numel;
+        if (nr && q[0] == sp && q[1] + q[3] == at && q[2] + q[3] == p->offset) {
+            q[3] += p->numel;
             continue;
         }
-        r[4 * nr] = sp, r[4 * nr + 1] = at, r[4 * nr + 2] = p->offset, r[4 * nr + 3] = p->numel;
+        q += 5;
+        q[0] = sp, q[1] = at, q[2] = p->offset, q[3] = p->numel, q[4] = (size_t)i;
         nr++;
     }
     return nr;
@@ -364,19 +377,36 @@ static void qz_free(st_z3dev *z) {
     z->held = NULL;
 }
 
-/* Enqueues the gather of one run r (space, space offset, weight offset, length: group_runs) into slot s:
- * this rank's part copied in from its shard, the others' by an in-place all-gather on the comm stream. */
+/* Enqueues the gather of one run r (space, space offset, weight offset, length, first parameter: group_runs)
+ * into slot s: this rank's part copied in from its shard, the others' by an in-place all-gather on the comm
+ * stream. A run held in bf16 only travels as bf16 into the slot's bf16 copy (slot_widen makes its fp32). */
 static int gather_run(st_comm *c, z3d_slot *s, const size_t *r) {
     st_z3dev *z = c->z3dev;
-    size_t shard = r[0] ? c->fshard : c->shard, slo = r[0] ? c->flo : c->lo, shi = slo + shard;
-    const float *own = r[0] ? z->fmaster : z->master;
-    float *dst = s->w + (r[2] - s->lo);
-    size_t os = r[1] > slo ? r[1] : slo, oe = r[1] + r[3] < shi ? r[1] + r[3] : shi;
-    if (os < oe) z->m->be->copy(dst + (os - r[1]), own + (os - slo), (oe - os) * sizeof(float));
-    if (!c->nccl) return 0;
-    size_t parts[c->world];
+    size_t shard = r[0] ? c->fshard : c->shard, slo = r[0] ? c->flo : c->lo, shi = slo + shard, parts[c->world];
+    size_t os = r[1] > slo ? r[1] : slo, oe = r[1] + r[3] < shi ? r[1] + r[3] : shi, i = r[4];
     space_parts(c, shard, r[1], r[1] + r[3], parts);
-    return st_nccl_all_gather_parts(c->nccl, dst, parts);
+    if (r[0] == 2) {
+        uint16_t *dst = s->w16 + (r[2] - s->lo);
+        if (os < oe) /* the run's parameters lie next to each other in f16 (group_runs) */
+            z->m->be->copy(dst + (os - r[1]), z->f16 + z->fat[i] + (long)(os - (size_t)c->z3_foff[i]),
+                           (oe - os) * sizeof(uint16_t));
+        return c->nccl ? st_nccl_all_gather_parts_bf16(c->nccl, dst, parts) : 0;
+    }
+    float *dst = s->w + (r[2] - s->lo);
+    size_t g = r[0] ? (size_t)c->z3_foff[i] : (size_t)z->m->params[i].grad_offset;
+    if (os < oe) st_z3dev_part_fp32(c, (int)i, os - g, oe - os, dst + (os - r[1]), 0);
+    return c->nccl ? st_nccl_all_gather_parts(c->nccl, dst, parts) : 0;
+}
+
+/* Slot s's parameters held in bf16 only arrived in its bf16 copy: their fp32 window values widened from it
+ * (exact), for the readers of fp32 weights (an embedding's rows, checkpoints, generation). */
+static void slot_widen(const st_z3dev *z, const z3d_slot *s) {
+    for (int i = s->first; z->fb16 && s->w16 && i < s->last; i++) {
+        const st_param *p = &z->m->params[i];
+        size_t a = p->offset > s->lo ? p->offset : s->lo, e = p->offset + p->numel;
+        size_t b = e < s->hi ? e : s->hi;
+        if (z->fb16[i] && b > a) z->m->be->from_bf16(s->w + (a - s->lo), s->w16 + (a - s->lo), b - a);
+    }
 }
 
 /* Enqueues the gather of [first, last) into slot s, run by run (trainable runs from the compact space's
@@ -393,7 +423,7 @@ static int gather_start(st_comm *c, z3d_slot *s, int first, int last) {
     s->last = last;
     s->blk = 0;
     int nr = group_runs(c, first, last), rc = 0;
-    for (int k = 0; k < nr && !rc; k++) rc = gather_run(c, s, z->runs + 4 * k);
+    for (int k = 0; k < nr && !rc; k++) rc = gather_run(c, s, z->runs + 5 * k);
     if (!rc && z->held && !z->fault_qz_late) rc = qz_gather(c, s, first, last);
     rc = rc || !c->nccl ? rc : st_nccl_record(c->nccl, (int)(s - z->slot));
     if (!rc && z->held && z->fault_qz_late) rc = qz_gather(c, s, first, last); /* tests only: after the mark */
@@ -427,10 +457,18 @@ static z3d_slot *free_slot(st_comm *c, int first, size_t n) {
         }
     z3d_slot *s = &z->slot[z->n_slots];
     if (s->state != 0) return NULL;
-    s->w = z->m->be->alloc((n ? n : 1) * sizeof(float));
-    if (!s->w) return NULL;
-    s->cap = n;
     s->small = small_group(z, first);
+    s->w = z->m->be->alloc((n ? n : 1) * sizeof(float));
+    /* a base group's parameters held in bf16 only travel into a bf16 copy */
+    s->w16 = z->fb16 && !s->small ? z->m->be->alloc((n ? n : 1) * sizeof(uint16_t)) : NULL;
+    if (!s->w || (z->fb16 && !s->small && !s->w16)) {
+        z->m->be->free(s->w);
+        z->m->be->free(s->w16);
+        s->w = NULL;
+        s->w16 = NULL;
+        return NULL;
+    }
+    s->cap = n;
     return s;
 }
 
@@ -507,6 +545,7 @@ static void z3d_acquire(void *ctx, int first, int last) {
     if (!s) return;
     s->state = 2;
     qz_place(z, s);
+    slot_widen(z, s);
     if (s->w16 && m->in_compute) m->be->to_bf16(s->w16, s->w, s->hi - s->lo);
     size_t ga, gb_;
     grad_span(m, first, last, &ga, &gb_);
@@ -531,8 +570,10 @@ static void slot_drop(st_z3dev *z, int k) {
     s->blk = 0;
     if (k != z->n_slots) return;
     z->m->be->free(s->w);
+    z->m->be->free(s->w16);
     z->m->be->free(s->q);
     s->w = NULL;
+    s->w16 = NULL;
     s->q = NULL;
     s->cap = s->qcap = 0;
 }
@@ -552,10 +593,10 @@ static void z3d_release(void *ctx, int first, int last) {
 
 /* ---- the edges: the embedding's rows and the head's vocabulary blocks (z3d_embed_rows, z3d_head_rows) ---- */
 
-/* Parameter i's place in its space: *sp 0 compact / 1 frozen, *at its offset there. */
+/* Parameter i's place in its space: *sp as space_of, *at its offset there. */
 static void param_space(const st_comm *c, int i, size_t *sp, size_t *at) {
     const st_param *p = &c->z3dev->m->params[i];
-    *sp = p->grad_offset >= 0 ? 0 : 1;
+    *sp = space_of(c, i);
     *at = *sp ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset;
 }
 
@@ -563,9 +604,9 @@ static void param_space(const st_comm *c, int i, size_t *sp, size_t *at) {
 static int block_start(st_comm *c, z3d_slot *s, size_t j0, size_t n) {
     st_z3dev *z = c->z3dev;
     const st_param *p = &z->m->params[z->head];
-    size_t C = (size_t)z->m->cfg.d_model, r[4];
+    size_t C = (size_t)z->m->cfg.d_model, r[5];
     param_space(c, z->head, &r[0], &r[1]);
-    r[1] += j0 * C, r[2] = p->offset + j0 * C, r[3] = n * C;
+    r[1] += j0 * C, r[2] = p->offset + j0 * C, r[3] = n * C, r[4] = (size_t)z->head;
     if (r[3] > s->cap)
         return st_fail(ST_EINVAL, "rank %d: internal error: a head block of %zu floats exceeds the gather buffer",
                        c->rank, r[3]);
@@ -627,6 +668,7 @@ static float *z3d_head_rows(void *ctx, int j0, int n, int next, int next_n, int 
         keep_rc(c, rc);
         if (s && !rc) {
             s->state = 2;
+            slot_widen(z, s);
             if (s->w16) be->to_bf16(s->w16, s->w, hi - lo);
         } else if (s) {
             slot_drop(z, (int)(s - z->slot));
@@ -672,7 +714,6 @@ static int rows_batch(st_comm *c, z3d_slot *s, const int32_t *all, int i0, int i
     size_t C = (size_t)z->m->cfg.d_model, V = (size_t)z->m->cfg.vocab, sp, g;
     param_space(c, 0, &sp, &g);
     size_t shard = sp ? c->fshard : c->shard, slo = sp ? c->flo : c->lo;
-    const float *own = sp ? z->fmaster : z->master;
     int w = c->world;
     size_t parts[w], piece[w], pos[w], at = 0, total = 0;
     memset(parts, 0, sizeof parts);
@@ -691,7 +732,7 @@ static int rows_batch(st_comm *c, z3d_slot *s, const int32_t *all, int i0, int i
         if (all[i] < 0 || (size_t)all[i] >= V) continue;
         size_t a = g + (size_t)all[i] * C, os = a > slo ? a : slo, oe = a + C < slo + shard ? a + C : slo + shard;
         if (os >= oe) continue;
-        be->copy(s->w + at, own + (os - slo), (oe - os) * sizeof(float));
+        st_z3dev_part_fp32(c, 0, os - g, oe - os, s->w + at, 0);
         at += oe - os;
     }
     int k = (int)(s - z->slot), rc = st_nccl_all_gather_parts(c->nccl, s->w, parts);
@@ -720,18 +761,15 @@ static int z3d_embed_rows(void *ctx, const int32_t *ids, int n, float *out) {
     st_z3dev *z = c->z3dev;
     const st_model *m = z->m;
     const st_backend *be = m->be;
-    size_t C = (size_t)m->cfg.d_model, V = (size_t)m->cfg.vocab, sp, g;
+    size_t C = (size_t)m->cfg.d_model, V = (size_t)m->cfg.vocab;
     z3d_slot *s = rows_slot(z);
     if (!z->rows_embed || !s) return 0;
     double t0 = st_now();
-    param_space(c, 0, &sp, &g);
     be->memset0(out, (size_t)n * C * sizeof(float)); /* ids outside the vocabulary: zero rows */
     if (!c->nccl) { /* one rank: every row is its own */
-        const float *own = sp ? z->fmaster : z->master;
-        size_t slo = sp ? c->flo : c->lo;
         for (int i = 0; i < n; i++)
             if (ids[i] >= 0 && (size_t)ids[i] < V)
-                be->copy(out + (size_t)i * C, own + (g + (size_t)ids[i] * C - slo), C * sizeof(float));
+                st_z3dev_part_fp32(c, 0, (size_t)ids[i] * C, C, out + (size_t)i * C, 0);
         return 1;
     }
     int w = c->world, counts[w], displs[w], total = 0;
@@ -1031,6 +1069,7 @@ static void cut_shards(st_comm *c, st_model *m, const float *whole) {
         size_t g = frozen ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset, lo = frozen ? c->flo : c->lo;
         size_t hi = frozen ? c->fhi : c->hi;
         float *base = frozen ? z->fmaster : z->master;
+        if (frozen) z->fat[i] = (long)g - (long)lo;
         if (z->part_base) z->part_base[i] = base ? base + g - lo : NULL; /* element e of i: part_base[i] + e */
         size_t s = g > lo ? g : lo, e = g + p->numel < hi ? g + p->numel : hi;
         int unread = m->weights_tail_only && i < st_model_base_params(m); /* no base in `whole` */
@@ -1050,8 +1089,9 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     z->m = m;
     int bf16 = m->precision == ST_PRECISION_BF16, every = all_train(m);
     long *goff = model_goff(m);
-    z->runs = malloc(4 * (size_t)(m->n_params > 0 ? m->n_params : 1) * sizeof(size_t));
-    if (!goff || !z->runs || frozen_layout(c, m)) {
+    z->runs = malloc(5 * (size_t)(m->n_params > 0 ? m->n_params : 1) * sizeof(size_t));
+    z->fat = malloc((size_t)(m->n_params > 0 ? m->n_params : 1) * sizeof(long));
+    if (!goff || !z->runs || !z->fat || frozen_layout(c, m)) {
         free(goff);
         return st_fail(ST_ENOMEM, "rank %d: out of memory for the stage-3 layout", c->rank);
     }
@@ -1175,9 +1215,8 @@ int st_z3dev_unshard(st_comm *c) {
         int frozen = p->grad_offset < 0;
         size_t g = frozen ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset, shard = frozen ? c->fshard : c->shard;
         size_t lo = frozen ? c->flo : c->lo, hi = lo + shard;
-        const float *own = frozen ? z->fmaster : z->master;
         size_t s = g > lo ? g : lo, e = g + p->numel < hi ? g + p->numel : hi;
-        if (s < e) be->copy(whole + p->offset + (s - g), own + (s - lo), (e - s) * sizeof(float));
+        if (s < e) st_z3dev_part_fp32(c, i, s - g, e - s, whole + p->offset + (s - g), 0);
         if (!c->nccl || !p->numel) continue;
         size_t parts[c->world];
         space_parts(c, shard, g, g + p->numel, parts);
@@ -1267,6 +1306,9 @@ st_z3dev *st_z3dev_detach(st_comm *c, int *rc) {
         *rc = st_fail(ST_ECONFIG, "a QLoRA run's trainable set cannot change at sharding.stage 3 on a device");
     else if (!(old = calloc(1, sizeof *old)))
         *rc = st_fail(ST_ENOMEM, "out of memory");
+    if (!*rc && (*rc = st_z3dev_restore_fp32(c))) /* the frozen parts move as fp32 (frozen_get); the new
+                                                        communicator holds its own in bf16 again after the change */
+        free(old), old = NULL;
     if (*rc) return NULL;
     rs_finish_all(c);
     old->m = z->m;
@@ -1345,9 +1387,12 @@ void st_z3dev_free(st_comm *c) {
         if (e || !z->edge0_shared) be->free(z->edge[e]);
     be->free(z->master);
     be->free(z->fmaster);
+    be->free(z->f16);
     for (int j = 0; j < Z3D_RS; j++) be->free(z->recv[j]);
     be->free(z->htmp);
     free(z->runs);
+    free(z->fat);
+    free(z->fb16);
     free(z->part_base);
     m->part_base = NULL;
     /* the model keeps no weights: a device stage-3 communicator is freed at the end of a run only
@@ -1358,4 +1403,153 @@ void st_z3dev_free(st_comm *c) {
     m->n_wwin = m->n_gwin = 0;
     free(z);
     c->z3dev = NULL;
+}
+
+/* ---- frozen parts held in bf16 only (st_z3dev_hold_bf16) ---- */
+
+void st_z3dev_part_fp32(const st_comm *c, int i, size_t a, size_t n, float *dst, int host) {
+    const st_z3dev *z = c->z3dev;
+    const st_model *m = z->m;
+    const st_backend *be = m->be;
+    const st_param *p = &m->params[i];
+    if (!n) return;
+    if (p->grad_offset < 0 && z->fb16 && z->fb16[i]) { /* widened: exact */
+        const uint16_t *src = z->f16 + z->fat[i] + (long)a;
+        if (!host) {
+            be->from_bf16(dst, src, n);
+            return;
+        }
+        uint16_t piece[4096];
+        for (size_t k = 0; k < n; k += 4096) {
+            size_t q = n - k < 4096 ? n - k : 4096;
+            be->copy_to_host(piece, src + k, q * sizeof(uint16_t));
+            for (size_t j = 0; j < q; j++) dst[k + j] = st_bf16_bits_to_float(piece[j]);
+        }
+        return;
+    }
+    const float *src = p->grad_offset < 0 ? z->fmaster + z->fat[i] + (long)a
+                                          : z->master + ((size_t)p->grad_offset + a - c->lo);
+    if (host) be->copy_to_host(dst, src, n * sizeof(float));
+    else be->copy(dst, src, n * sizeof(float));
+}
+
+/* This rank's part [*a, *b) of frozen parameter i (element offsets; empty when it keeps none or i is not in
+ * the frozen space). */
+static void frozen_part(const st_comm *c, int i, size_t *a, size_t *b) {
+    const st_param *p = &c->z3dev->m->params[i];
+    *a = *b = 0;
+    if (p->grad_offset >= 0 || c->z3_foff[i] < 0) return;
+    size_t g = (size_t)c->z3_foff[i], s = g > c->flo ? g : c->flo, e = g + p->numel < c->fhi ? g + p->numel : c->fhi;
+    if (e > s) *a = s - g, *b = e - g;
+}
+
+/* Whether this rank's fp32 part [a, b) of frozen parameter i holds bf16 values only (read a piece at a time). */
+static int part_exact(const st_comm *c, int i, size_t a, size_t b, float *host, size_t cap) {
+    for (size_t k = a; k < b; k += cap) {
+        size_t q = b - k < cap ? b - k : cap;
+        st_z3dev_part_fp32(c, i, k, q, host, 1);
+        if (!st_model_bf16_exact(host, q)) return 0;
+    }
+    return 1;
+}
+
+size_t st_z3dev_hold_bf16(st_comm *c) {
+    st_z3dev *z = c->z3dev;
+    st_model *m = z->m;
+    const st_backend *be = m->be;
+    int np = m->n_params;
+    if (z->fb16 || !np || !z->part_base) return z->n16; /* held so already (idempotent); or nothing is frozen */
+    unsigned char ok[np + 1];
+    size_t cap = (size_t)1 << 16, n16 = 0, a, b;
+    float *host = malloc(cap * sizeof(float));
+    /* the ranks agree (as on CPU ranks, worker/comm.c st_comm_drop_frozen_fp32): a frozen parameter of the
+     * kinds st_model_bf16_only_candidate names whose parts are bf16 values on every rank (a rank that cannot
+     * check names none) */
+    for (int i = 0; i < np; i++) {
+        frozen_part(c, i, &a, &b);
+        ok[i] = host && c->z3_foff[i] >= 0 && m->params[i].grad_offset < 0 && st_model_bf16_only_candidate(m, i) &&
+                part_exact(c, i, a, b, host, cap);
+    }
+    int rc = MPI_Allreduce(MPI_IN_PLACE, ok, np, MPI_UNSIGNED_CHAR, MPI_MIN, c->comm), any = 0;
+    for (int i = 0; i < np && rc == MPI_SUCCESS; i++) {
+        frozen_part(c, i, &a, &b);
+        n16 += ok[i] ? b - a : 0;
+        any |= ok[i];
+    }
+    /* the new layout staged in host memory (the device never holds the fp32 shard and the new buffers at once):
+     * the held parts rounded there (exactly), the others and the padding past the last parameter as fp32 */
+    size_t n32 = c->fshard - n16, at16 = 0, at32 = 0;
+    uint16_t *h16 = any ? malloc(n16 * sizeof(uint16_t) + 2) : NULL;
+    float *h32 = any ? calloc(n32 + 1, sizeof(float)) : NULL;
+    unsigned char *flags = any ? malloc((size_t)np) : NULL;
+    int good = h16 && h32 && flags; /* a saving, not a need: every rank holds so, or none */
+    if (any) rc = MPI_Allreduce(MPI_IN_PLACE, &good, 1, MPI_INT, MPI_MIN, c->comm);
+    if (!any || rc != MPI_SUCCESS || !good) {
+        free(host), free(h16), free(h32), free(flags);
+        return 0;
+    }
+    for (int i = 0; i < np; i++) { /* in frozen-space order: each new buffer compacted */
+        flags[i] = ok[i];
+        if (m->params[i].grad_offset >= 0 || c->z3_foff[i] < 0) continue;
+        frozen_part(c, i, &a, &b);
+        for (size_t k = a; ok[i] && k < b; k += cap) {
+            size_t q = b - k < cap ? b - k : cap;
+            st_z3dev_part_fp32(c, i, k, q, host, 1);
+            for (size_t j = 0; j < q; j++) h16[at16 + (k - a) + j] = st_float_to_bf16_bits(host[j]);
+        }
+        if (!ok[i]) st_z3dev_part_fp32(c, i, a, b - a, h32 + at32, 1);
+        /* element k of i at fat[i] + k for every k of a run's parameters from i on (gather_run counts from a run's
+         * first parameter): one before the shard at -(flo - its offset) from the buffer's start */
+        size_t *at = ok[i] ? &at16 : &at32, f = (size_t)c->z3_foff[i];
+        z->fat[i] = (long)*at - (long)((f > c->flo ? f : c->flo) - f);
+        *at += b - a;
+    }
+    be->free(z->fmaster);
+    z->fmaster = n32 ? be->alloc(n32 * sizeof(float)) : NULL;
+    z->f16 = n16 ? be->alloc(n16 * sizeof(uint16_t)) : NULL;
+    if ((n32 && !z->fmaster) || (n16 && !z->f16)) /* smaller than what was just freed: the step reports it */
+        keep_rc(c, st_fail(ST_ENOMEM, "rank %d: out of %s memory holding the stage-3 frozen shard in bf16", c->rank,
+                           be->name));
+    if (z->fmaster) be->copy_to_device(z->fmaster, h32, n32 * sizeof(float));
+    if (z->f16) be->copy_to_device(z->f16, h16, n16 * sizeof(uint16_t));
+    free(host), free(h16), free(h32);
+    z->fb16 = flags;
+    z->n16 = n16;
+    for (int i = 0; i < np; i++) /* element e of a part kept in fp32 at part_base[i] + e; none for the others */
+        if (m->params[i].grad_offset < 0 && c->z3_foff[i] >= 0)
+            z->part_base[i] = flags[i] || !z->fmaster ? NULL : z->fmaster + z->fat[i];
+    return n16;
+}
+
+int st_z3dev_restore_fp32(st_comm *c) {
+    st_z3dev *z = c->z3dev;
+    st_model *m = z->m;
+    const st_backend *be = m->be;
+    if (!z->fb16) return 0;
+    /* staged in host memory, as the hold: the device never holds both layouts */
+    float *h = calloc(c->fshard + 1, sizeof(float)); /* zeros: the padding past the last parameter */
+    if (!h) return st_fail(ST_ENOMEM, "rank %d: out of memory restoring the stage-3 frozen shard in fp32", c->rank);
+    size_t a, b;
+    for (int i = 0; i < m->n_params; i++) {
+        if (m->params[i].grad_offset >= 0 || c->z3_foff[i] < 0) continue;
+        frozen_part(c, i, &a, &b);
+        long at = c->z3_foff[i] - (long)c->flo;
+        st_z3dev_part_fp32(c, i, a, b - a, h + at + (long)a, 1);
+        z->fat[i] = at;
+    }
+    be->free(z->fmaster);
+    be->free(z->f16);
+    free(z->fb16);
+    z->f16 = NULL;
+    z->fb16 = NULL;
+    z->n16 = 0;
+    z->fmaster = c->fshard ? be->alloc(c->fshard * sizeof(float)) : NULL;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].grad_offset < 0 && c->z3_foff[i] >= 0)
+            z->part_base[i] = z->fmaster ? z->fmaster + z->fat[i] : NULL;
+    if (z->fmaster) be->copy_to_device(z->fmaster, h, c->fshard * sizeof(float));
+    free(h);
+    if (c->fshard && !z->fmaster)
+        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 frozen shard in fp32", c->rank, be->name);
+    return 0;
 }

@@ -56,6 +56,20 @@ int st_z3dev_reshard(st_comm *c, st_z3dev *old, const long *old_off);
 int st_z3dev_move_moments(st_comm *c, const long *old_off, size_t old_shard, float *old_m, float *old_v,
                           float *new_m, float *new_v);
 void st_z3dev_drop_detached(st_z3dev *old);
+/* Frozen parameters held in bf16 only (worker/comm.h st_comm_drop_frozen_fp32's rule on a device; collective):
+ * under precision bf16, every frozen parameter of the kinds st_model_bf16_only_candidate names whose parts are
+ * bf16 values on every rank keeps this rank's part as bf16 (half the device bytes; the other frozen parts stay
+ * fp32, compacted), and its gathers move bf16 straight into the gather slot's bf16 copy (half the bytes on the
+ * wire; the slot's fp32 window widened from it, exactly). Idempotent. Returns the floats of this rank held so
+ * (0: none; the ranks agree, an allocation failure included). SHARDTUNE_FROZEN_FP32=1 keeps every part fp32. */
+size_t st_z3dev_hold_bf16(st_comm *c);
+/* Undoes it (a resume writes every part in fp32 again): the frozen shard whole in fp32 again. ST_ENOMEM or 0. */
+int st_z3dev_restore_fp32(st_comm *c);
+/* The one reader of this rank's parts (the frozen shard's, held in bf16 only or not, and the master shard's):
+ * parameter i's elements [a, a + n) of this rank's part copied (fp32) or widened (bf16, exactly) into dst,
+ * device memory, or host memory when host != 0. [a, a + n) may run on into the parameters kept next to i in
+ * the same buffer (a run of the gathers). */
+void st_z3dev_part_fp32(const st_comm *c, int i, size_t a, size_t n, float *dst, int host);
 
 /* Frees it; the model is left without weights (the end of a run). */
 void st_z3dev_free(st_comm *c);

@@ -1180,14 +1180,17 @@ size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *
     return n;
 }
 
-/* ZeRO-3 (worker/comm.c st_comm_drop_frozen_fp32): the same kinds as bf16_storable under the same model-wide
- * conditions as bf16_storage_on, with the residency hooks that stage 3 installs allowed. Registry + config
- * only, so every rank names the same set. */
+/* ZeRO-3 (worker/comm.c st_comm_drop_frozen_fp32, worker/comm_zero3_dev.c st_z3dev_hold_bf16): the same kinds
+ * as bf16_storable under the same model-wide conditions as bf16_storage_on, with the residency hooks that stage 3
+ * installs allowed; on a device the model is windowed over its shards (its gather slots carry the bf16 copies).
+ * Registry + config only, so every rank names the same set. */
 int st_model_bf16_only_candidate(const st_model *m, int i) {
     const char *keep = getenv("SHARDTUNE_FROZEN_FP32"); /* tests: 1 keeps every fp32 copy */
     if (keep && !strcmp(keep, "1")) return 0;
-    if (m->precision != ST_PRECISION_BF16 || !m->weights_bf16 || !m->be->host_memory || m->qlora || m->windowed ||
-        m->grads_windowed || m->buffers_external || m->part_base || m->n_w16 || m->w8)
+    if (m->precision != ST_PRECISION_BF16 || m->qlora || m->n_w16 || m->w8) return 0;
+    int dev3 = !m->be->host_memory && m->windowed; /* device ZeRO-3 */
+    if (!dev3 && (!m->weights_bf16 || !m->be->host_memory || m->windowed || m->grads_windowed || m->buffers_external ||
+                  m->part_base))
         return 0;
     return m->params[i].grad_offset < 0 && bf16_storable(m, i);
 }

@@ -385,8 +385,9 @@ int st_model_grow_bf16(st_model *m, size_t old_n);
  * *largest (may be NULL): the most floats of one of those tensors. */
 size_t st_model_bf16_frozen_floats(const st_model *m, const long *goff, size_t *largest);
 
-/* ZeRO-3 on CPU ranks (worker/comm.c st_comm_drop_frozen_fp32): whether frozen parameter i is of a kind held
- * in bf16 only (as st_model_drop_frozen_fp32's, precision bf16 on a host backend, SHARDTUNE_FROZEN_FP32 unset);
+/* ZeRO-3 (worker/comm.c st_comm_drop_frozen_fp32 on CPU ranks, worker/comm_zero3_dev.c st_z3dev_hold_bf16 on a
+ * device): whether frozen parameter i is of a kind held in bf16 only (as st_model_drop_frozen_fp32's, precision
+ * bf16, SHARDTUNE_FROZEN_FP32 unset);
  * from the registry and the model's settings only (the same on every rank). Whether its values are bf16
  * values is the caller's to check. */
 int st_model_bf16_only_candidate(const st_model *m, int i);

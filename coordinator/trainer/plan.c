@@ -473,13 +473,14 @@ int st_plan_loads_late(const st_config *c) {
            c->finetune.mode != ST_FINETUNE_FULL;
 }
 
-/* ZeRO-3 on CPU ranks: whether frozen parameter i is held in bf16 only (worker/comm.c st_comm_drop_frozen_fp32):
- * of the kinds st_model_bf16_storable names, for a bf16 source under precision bf16 (as the rule below stage 3),
- * never under SHARDTUNE_FROZEN_FP32=1. Its part costs 2 bytes a float instead of 4, and its gathers fill the
- * bf16 copy only (no fp32 working copy). */
+/* ZeRO-3: whether frozen parameter i is held in bf16 only (worker/comm.c st_comm_drop_frozen_fp32 on CPU ranks,
+ * worker/comm_zero3_dev.c st_z3dev_hold_bf16 on a device): of the kinds st_model_bf16_storable names, for a bf16
+ * source under precision bf16 (as the rule below stage 3), never under SHARDTUNE_FROZEN_FP32=1. Its part costs 2
+ * bytes a float instead of 4; on CPU ranks its gathers fill the bf16 copy only (no fp32 working copy), on a
+ * device its gathers fill the slot's bf16 copy (the slots are sized as before). */
 static int zero3_bf16_only(const st_config *c, const st_model *m, const long *goff, int i) {
     const char *keep = getenv("SHARDTUNE_FROZEN_FP32");
-    return !(keep && !strcmp(keep, "1")) && c->precision == ST_PRECISION_BF16 && c->backend != ST_BACKEND_CUDA &&
+    return !(keep && !strcmp(keep, "1")) && c->precision == ST_PRECISION_BF16 &&
            !strcmp(m->cfg.dtype, "bfloat16") && c->finetune.mode != ST_FINETUNE_QLORA && goff[i] < 0 &&
            st_model_bf16_storable(m, i);
 }
@@ -654,7 +655,15 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
                             .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block,
                             .mlp_apart = m->qlora ? st_qlora_mlp_apart(m) : st_plan_qlora_mlp_apart(c, &m->cfg)};
         st_z3dev_floats(m, goff, world, sp->shard, c->precision == ST_PRECISION_BF16, q ? &qs : NULL, &wf, &gf);
-        r->weights = wf * sizeof(float) + (q ? qacq : 0);
+        /* the frozen shard's parts held in bf16 only (st_z3dev_hold_bf16, once the weights are read): 2 bytes a
+         * float; the load, and a resume (st_z3dev_restore_fp32), hold the whole frozen shard in fp32 (the moves
+         * between the two layouts are staged in host memory) */
+        size_t nf = 0;
+        for (int i = 0; i < m->n_params; i++) nf += goff[i] < 0 ? m->params[i].numel : 0;
+        size_t fsh = (nf + (size_t)world - 1) / (size_t)world, flo = fsh * (size_t)rank;
+        size_t kept16 = q ? 0 : zero3_bf16_kept(c, m, goff, flo, flo + fsh);
+        size_t moved = kept16 * (sizeof(float) - sizeof(uint16_t));
+        r->weights = wf * sizeof(float) + (q ? qacq : 0) - kept16 * (sizeof(float) - sizeof(uint16_t));
         r->grads = gf * sizeof(float);
         r->comm = 0;
         r->total = r->weights + r->grads + r->optim + r->comm + r->activations + r->buffers + r->teacher;
@@ -664,7 +673,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
          * quantized whole on every rank (load_quantized: the whole codes and the compacted buffer, as below
          * stage 3), with the activations and the whole bf16 copy and gradients until the communicator cuts its
          * shards out of them; + an int8 teacher's whole fp32 shard while it is compacted */
-        r->at_load = r->total + teacher_load;
+        r->at_load = r->total + teacher_load + moved;
         if (q && st_plan_qload_sharded(c, 1)) /* train_qload.c: laid out without the base, the communicator built,
                                                    then each rank's words quantized and its kept parts read: one
                                                    tensor's bytes and scales, a piece, the kept base's 1 Mi-float
@@ -689,7 +698,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
         size_t tail = m->lora || m->prompt ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
         r->at_save = r->total + late + tail;
         r->at_ckpt = r->total + late;
-        r->at_resume = r->total;
+        r->at_resume = r->total + moved;
         return;
     }
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group (and the next one

@@ -16,6 +16,7 @@
 #include "checkpoints/ckpt.h"
 #include "checkpoints/ckpt_internal.h" /* retention and `latest` for the divergence guard */
 #include "checkpoints/model_io.h"
+#include "worker/comm_zero3_dev.h" /* st_z3dev_restore_fp32 */
 #include "worker/qlora.h"
 
 /* ---------------- final weights ---------------- */
@@ -362,6 +363,8 @@ static int try_resume(trainer *t, const char *path, int *spoiled) {
                              "job again)", st_error());
         rc = st_trainer_agree(t, rc);
     }
+    /* device ZeRO-3: parts held in bf16 only get their fp32 places back to be written (held so again below) */
+    if (!rc && t->dp.z3dev) rc = st_trainer_agree(t, st_z3dev_restore_fp32(&t->dp));
     if (!rc) {
         const st_backend *be = t->be;
         if (parts) put_ckpt_parts(t, w);

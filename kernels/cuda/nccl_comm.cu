@@ -132,6 +132,13 @@ extern "C" int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_
     });
 }
 
+extern "C" int st_nccl_all_gather_parts_bf16(st_nccl_comm *c, uint16_t *buf, const size_t *parts) {
+    if (!c) return st_fail(ST_EINVAL, "NCCL all_gather_parts_bf16: no communicator");
+    return grouped_parts(c, "all_gather_parts_bf16", parts, [&](int root, size_t off, size_t n) {
+        return ncclBroadcast(buf + off, buf + off, n, ncclBfloat16, root, c->comm, c->comm_stream); /* bits moved */
+    });
+}
+
 extern "C" int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
     if (!c) return st_fail(ST_EINVAL, "NCCL all_gather: no communicator");
     if (send_n == 0) return 0;

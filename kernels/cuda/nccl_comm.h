@@ -12,6 +12,7 @@
 #define ST_NCCL_COMM_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -39,6 +40,9 @@ int st_nccl_reduce_parts_sum(st_nccl_comm *comm, float *recv, const float *send,
 /* An all-gather with uneven parts, in place: buf[0..sum(parts)) holds consecutive per-rank parts and rank
  * r's part (parts[r] floats) is broadcast from rank r to every rank. Grouped ncclBroadcast calls. */
 int st_nccl_all_gather_parts(st_nccl_comm *comm, float *buf, const size_t *parts);
+/* The same over bf16 values (parts[r] 2-byte elements): device ZeRO-3's frozen parameters held in bf16 only
+ * travel so, half the bytes (worker/comm_zero3_dev.c). */
+int st_nccl_all_gather_parts_bf16(st_nccl_comm *comm, uint16_t *buf, const size_t *parts);
 /* recv[r * send_n ..) = send of rank r; recv has world * send_n floats (send may alias its slot). */
 int st_nccl_all_gather(st_nccl_comm *comm, float *recv, const float *send, size_t send_n);
 

@@ -30,6 +30,10 @@ int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
     (void)c, (void)buf, (void)parts;
     return no_nccl();
 }
+int st_nccl_all_gather_parts_bf16(st_nccl_comm *c, uint16_t *buf, const size_t *parts) {
+    (void)c, (void)buf, (void)parts;
+    return no_nccl();
+}
 int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
     (void)c, (void)recv, (void)send, (void)send_n;
     return no_nccl();

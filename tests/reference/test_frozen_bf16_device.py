@@ -40,8 +40,9 @@ PROGRESSIVE = ('finetune: { mode: progressive, stages: [ {at_step: 0, train_laye
                '{at_step: 2, train_layers: "-2", train_modules: [attn, mlp, norm, head]} ] }\n')
 
 
-def run(job, ranks, ov, env_extra=None):
-    """A guarded fakedev run; returns ({rank: floats held in bf16 only}, {rank: device bytes between steps})."""
+def run(job, ranks, ov, env_extra=None, stage=0):
+    """A guarded fakedev run; returns ({rank: floats held in bf16 only at `stage`; stage None: {(rank, stage): ...}},
+    {rank: device bytes between steps})."""
     env = dict(dp.ENV, SHARDTUNE_REPORT_LOAD_RSS="1", FAKEDEV_REPORT_MEM="1", **(env_extra or {}))
     args = [FAKE, "--guard", job] + ov
     if ranks > 1:
@@ -51,12 +52,26 @@ def run(job, ranks, ov, env_extra=None):
     assert "fakedev (rank" not in r.stderr and "stream order violated" not in r.stderr, r.stderr
     held, dev = {}, {}
     for x in r.stderr.splitlines():
-        if "frozen weights held in bf16 only" in x and "stage 0:" in x:
-            held[int(x.split("rank ")[1].split(":")[0])] = int(x.split(":")[-1].split()[0])
+        if "frozen weights held in bf16 only" in x:
+            rank, s = int(x.split("rank ")[1].split(":")[0]), int(x.split("stage ")[1].split(":")[0])
+            if stage is None or s == stage:
+                held[rank if stage is not None else (rank, s)] = int(x.split(":")[-1].split()[0])
     for x in r.stdout.splitlines():
         if x.startswith("fakedev device bytes: rank "):
             dev[int(x.split("rank ")[1].split()[0])] = int(x.split("between steps ")[1].split(";")[0])
     return held, dev
+
+
+def plan_weights(job, ranks, ov, env_extra):
+    """Each rank's planned weights (bytes) of the first stage, `shardtune plan` run with env_extra set."""
+    old = dict(dp.ENV)
+    dp.ENV.update(env_extra)
+    try:
+        p = mem.plan(job, ranks, ov)
+    finally:
+        dp.ENV.clear()
+        dp.ENV.update(old)
+    return [r["bytes"]["weights"] for r in p["stages"][0]["ranks"]]
 
 
 def main():
@@ -125,14 +140,7 @@ def main():
         # the plan's device weights shrink by exactly the floats held in bf16 only (4 bytes each)
         for mode in ("lora", "frozen"):
             pov = common + ["sharding.stage=1", "backend=cuda"]
-            old = dict(dp.ENV)
-            dp.ENV.update(fb.KEEP)
-            try:
-                w_ref = mem.plan(jobs[mode], 8, pov)["stages"][0]["ranks"][0]["bytes"]["weights"]
-            finally:
-                dp.ENV.clear()
-                dp.ENV.update(old)
-            w_new = mem.plan(jobs[mode], 8, pov)["stages"][0]["ranks"][0]["bytes"]["weights"]
+            w_ref, w_new = plan_weights(jobs[mode], 8, pov, fb.KEEP)[0], plan_weights(jobs[mode], 8, pov, {})[0]
             assert w_ref - w_new == 4 * want[mode], (mode, w_ref, w_new, want[mode])
             print(f"  plan (backend=cuda, {mode}) device weights: {w_ref} B -> {w_new} B, {4 * want[mode]} B less")
     finally:

@@ -161,7 +161,8 @@ static void guard_to_bf16(uint16_t *dst, const float *src, size_t n) {
     if (n) operands("to_bf16", 2, (const void *[]){dst, src});
     cpu->to_bf16(dst, src, n);
 }
-static void guard_from_bf16(float *dst, const uint16_t *src, size_t n) {
+static void guard_from_bf16(float *dst, const uint16_t *src, size_t n) { /* device ZeRO-3 widens gathered bf16 runs */
+    check_read(src, n * sizeof(uint16_t), "from_bf16");
     if (n) operands("from_bf16", 2, (const void *[]){dst, src});
     cpu->from_bf16(dst, src, n);
 }

@@ -15,6 +15,7 @@
 #define ST_NCCL_FAKE_H
 
 #include <mpi.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,7 +38,9 @@ static void violation(const char *what) {
 
 /* ---------------------------------------------------------------- the fake NCCL */
 
-typedef enum { OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER, OP_GATHER_PARTS } op_kind;
+typedef enum {
+    OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER, OP_GATHER_PARTS, OP_GATHER_PARTS16
+} op_kind;
 
 typedef struct {
     op_kind kind;
@@ -46,6 +49,7 @@ typedef struct {
     float *snapshot;  /* its contents at enqueue */
     float *out;       /* what it writes */
     size_t out_n;
+    size_t elem;      /* bytes of an element: 4 (fp32), 2 (OP_GATHER_PARTS16: bf16) */
     int *counts;      /* OP_REDUCE_PARTS, OP_GATHER_PARTS: per-rank parts (then their offsets) */
     int overlapped;   /* compute ran while it was queued (compute_ran) */
 } pending_op;
@@ -82,9 +86,10 @@ static int enqueue(st_nccl_comm *c, op_kind kind, const float *in, size_t in_n, 
     pending_op *op = &c->ops[c->n_ops++];
     c->enqueued++;
     memset(op, 0, sizeof *op);
-    op->kind = kind, op->in = in, op->in_n = in_n, op->out = out, op->out_n = out_n;
-    op->snapshot = malloc((in_n ? in_n : 1) * sizeof(float));
-    memcpy(op->snapshot, in, in_n * sizeof(float));
+    size_t elem = kind == OP_GATHER_PARTS16 ? sizeof(uint16_t) : sizeof(float);
+    op->kind = kind, op->in = in, op->in_n = in_n, op->out = out, op->out_n = out_n, op->elem = elem;
+    op->snapshot = malloc((in_n ? in_n : 1) * elem);
+    memcpy(op->snapshot, in, in_n * elem);
     return 0;
 }
 
@@ -122,6 +127,10 @@ int st_nccl_all_gather_parts(st_nccl_comm *c, float *buf, const size_t *parts) {
     return enqueue_parts(c, OP_GATHER_PARTS, buf, buf, 1, parts);
 }
 
+int st_nccl_all_gather_parts_bf16(st_nccl_comm *c, uint16_t *buf, const size_t *parts) {
+    return enqueue_parts(c, OP_GATHER_PARTS16, (const float *)buf, (float *)buf, 1, parts); /* elements: 2 bytes */
+}
+
 int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
     return send_n ? enqueue(c, OP_ALL_GATHER, send, send_n, recv, send_n * (size_t)c->world) : 0;
 }
@@ -134,7 +143,7 @@ static int run_first(st_nccl_comm *c, int n) {
         pending_op *op = &c->ops[i];
         ops_run++;
         if (op->kind == OP_REDUCE_PARTS) reductions_run++, reductions_overlapped += op->overlapped;
-        if (memcmp(op->in, op->snapshot, op->in_n * sizeof(float)) != 0)
+        if (memcmp(op->in, op->snapshot, op->in_n * op->elem) != 0)
             violation("compute wrote a collective's input after it was enqueued (bucket not final yet?)");
         switch (op->kind) {
         case OP_ALL_REDUCE:
@@ -150,6 +159,13 @@ static int run_first(st_nccl_comm *c, int n) {
             const int *counts = op->counts, *displs = op->counts + c->world;
             MPI_Allgatherv(op->snapshot + displs[c->rank], counts[c->rank], MPI_FLOAT, op->out, counts, displs,
                            MPI_FLOAT, MPI_COMM_WORLD);
+            break;
+        }
+        case OP_GATHER_PARTS16: {
+            const int *counts = op->counts, *displs = op->counts + c->world;
+            const uint16_t *in16 = (const uint16_t *)op->snapshot;
+            MPI_Allgatherv(in16 + displs[c->rank], counts[c->rank], MPI_UINT16_T, op->out, counts, displs,
+                           MPI_UINT16_T, MPI_COMM_WORLD);
             break;
         }
         case OP_ALL_GATHER:
@@ -210,7 +226,7 @@ static void check_read(const void *p, size_t bytes, const char *who) {
     if (!the_comm || !bytes) return;
     const char *a = p, *b = a + bytes;
     for (int i = 0; i < the_comm->n_ops; i++) {
-        const char *lo = (const char *)the_comm->ops[i].out, *hi = lo + the_comm->ops[i].out_n * sizeof(float);
+        const char *lo = (const char *)the_comm->ops[i].out, *hi = lo + the_comm->ops[i].out_n * the_comm->ops[i].elem;
         if (a < hi && lo < b) {
             char msg[160];
             snprintf(msg, sizeof msg, "%s read the output of a queued collective before the compute stream waited for it", who);

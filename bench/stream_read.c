@@ -8,7 +8,8 @@
  * (a repeated pass over less than the 32 MB L3 hits in it); and a part of R MB read with plain loads while
  * the rest is read with prefetchnta, to see whether that part then stays in L3 between passes. Each line:
  * the best of REPS passes by process CPU time (one thread, so the time it actually ran on a shared
- * machine), as GB/s, and by wall time. Usage: stream_read [MB=192] [reps=7] [L=512]. Owns its buffers;
+ * machine), as GB/s, and by wall time. Usage: stream_read [MB=192] [reps=7] [L=512] [focus] (focus: only the
+ * candidates against decode_mm's order, for more rounds). Owns its buffers;
  * prints the load average before and after. Numbers only, no assertions. */
 #include <immintrin.h>
 #include <stdint.h>
@@ -100,21 +101,21 @@ static void pass_range(float *y, const float *x, const float *w, size_t r0, size
                        int kind) {
     size_t n = r1 - r0, S = (size_t)c->streams, sub = (n + S - 1) / S;
     int d = c->dist / 4;
-    if (c->joint > 1) { /* J streams at a time, one row of each dotted together */
+    if (c->joint > 1) { /* S streams in groups of J (J divides S), one row of each of a group dotted together */
         size_t J = (size_t)c->joint;
-        sub = (n + J - 1) / J;
-        for (size_t i = 0; i < sub; i++) {
-            const float *rows[3];
-            size_t o[3], m = 0;
-            for (size_t s = 0; s < J; s++)
-                if (s * sub + i < n) o[m] = r0 + s * sub + i, rows[m] = w + o[m] * L, m++;
-            float out[3];
-            if (m == J) {
-                dot_rows(out, x, rows, (int)J, L, kind, d);
-                for (size_t s = 0; s < m; s++) y[o[s]] = out[s];
-            } else
-                for (size_t s = 0; s < m; s++) y[o[s]] = dot_row(x, rows[s], L, kind, d, 0);
-        }
+        for (size_t i = 0; i < sub; i++)
+            for (size_t g = 0; g < S; g += J) {
+                const float *rows[3];
+                size_t o[3], m = 0;
+                for (size_t s = g; s < g + J; s++)
+                    if (s * sub + i < n) o[m] = r0 + s * sub + i, rows[m] = w + o[m] * L, m++;
+                float out[3];
+                if (m == J) {
+                    dot_rows(out, x, rows, (int)J, L, kind, d);
+                    for (size_t s = 0; s < m; s++) y[o[s]] = out[s];
+                } else
+                    for (size_t s = 0; s < m; s++) y[o[s]] = dot_row(x, rows[s], L, kind, d, 0);
+            }
         return;
     }
     for (size_t i = 0; i < sub; i++)
@@ -136,21 +137,13 @@ static void one_pass(float *y, const float *x, const float *w, size_t rows, int 
         pass_range(y, x, w, 0, rows, L, c, c->pf);
 }
 
-/* Best GB/s of reps passes over bytes of w: by process CPU time into *cpu, by wall time returned. */
-static double measure(float *y, const float *x, const float *w, size_t bytes, int L, const cfg *c, int reps,
-                      double *cpu) {
+/* Seconds of one pass over bytes of w: by process CPU time into *cpu, by wall time returned. */
+static double timed_pass(float *y, const float *x, const float *w, size_t bytes, int L, const cfg *c, double *cpu) {
     size_t rows = bytes / ((size_t)L * 4);
-    double bc = 1e30, bw = 1e30;
-    one_pass(y, x, w, rows, L, c); /* warm-up: TLB, and the resident part into L3 */
-    for (int r = 0; r < reps; r++) {
-        double w0 = clk(CLOCK_MONOTONIC), c0 = clk(CLOCK_PROCESS_CPUTIME_ID);
-        one_pass(y, x, w, rows, L, c);
-        double dc = clk(CLOCK_PROCESS_CPUTIME_ID) - c0, dw = clk(CLOCK_MONOTONIC) - w0;
-        if (dc < bc) bc = dc;
-        if (dw < bw) bw = dw;
-    }
-    *cpu = rows * (double)L * 4 / bc / 1e9;
-    return rows * (double)L * 4 / bw / 1e9;
+    double w0 = clk(CLOCK_MONOTONIC), c0 = clk(CLOCK_PROCESS_CPUTIME_ID);
+    one_pass(y, x, w, rows, L, c);
+    *cpu = clk(CLOCK_PROCESS_CPUTIME_ID) - c0;
+    return clk(CLOCK_MONOTONIC) - w0;
 }
 
 /* kB of AnonHugePages in the mapping that holds p (-1 when unknown). */
@@ -186,68 +179,102 @@ static float *alloc_pages(size_t bytes, int huge, void **base, size_t *mapped) {
 
 static const char *pf_name(int k) { return k == PF_T0 ? "t0" : k == PF_NTA ? "nta" : "-"; }
 
-static void line(const char *label, float *y, const float *x, const float *w, size_t bytes, int L, cfg c, int reps) {
-    double cpu, wall = measure(y, x, w, bytes, L, &c, reps, &cpu);
-    printf("%-10s %5zu MB  streams %2d  joint %d  prefetch %-3s %5d B  aligned %d  resident %3zu MB   "
-           "%6.2f GB/s cpu  %6.2f GB/s wall\n",
-           label, bytes >> 20, c.streams, c.joint, pf_name(c.resident ? PF_NTA : c.pf), c.dist, c.aligned,
-           c.resident >> 20, cpu, wall);
-    fflush(stdout);
+/* One line of the table: a configuration, the buffer (4 KB or 2 MB pages) and how much of it to read. */
+typedef struct {
+    const char *label;
+    int huge;
+    size_t mb;
+    cfg c;
+    double cpu, wall; /* best seconds */
+} row;
+
+#define MAX_ROWS 96
+
+/* The table: streams on both page sizes, then on 2 MB pages aligned loads, software prefetch, joint rows,
+ * smaller arrays (L3), a resident part. */
+static int make_rows(row *t, size_t mb, int focus) {
+    int n = 0;
+    if (focus) { /* the candidates against decode_mm's own order (4 streams, no prefetch), more rounds */
+        t[n++] = (row){"2MB", 1, mb, {1, 1, PF_NONE, 0, 0, 0}, 0, 0};
+        t[n++] = (row){"2MB", 1, mb, {4, 1, PF_NONE, 0, 0, 0}, 0, 0};
+        int d[] = {128, 256, 384};
+        for (int i = 0; i < 3; i++) t[n++] = (row){"2MB", 1, mb, {4, 1, PF_T0, d[i], 0, 0}, 0, 0};
+        for (int i = 0; i < 3; i++) t[n++] = (row){"2MB", 1, mb, {4, 1, PF_NTA, d[i], 0, 0}, 0, 0};
+        t[n++] = (row){"2MB", 1, mb, {2, 2, PF_NONE, 0, 0, 0}, 0, 0};
+        t[n++] = (row){"2MB", 1, mb, {3, 3, PF_NONE, 0, 0, 0}, 0, 0};
+        t[n++] = (row){"2MB", 1, mb, {4, 2, PF_NONE, 0, 0, 0}, 0, 0};
+        t[n++] = (row){"2MB", 1, mb, {6, 3, PF_NONE, 0, 0, 0}, 0, 0};
+        t[n++] = (row){"2MB", 1, mb, {4, 2, PF_NTA, 256, 0, 0}, 0, 0};
+        t[n++] = (row){"2MB", 1, mb, {3, 3, PF_NTA, 256, 0, 0}, 0, 0};
+        return n;
+    }
+    int streams[] = {1, 2, 3, 4, 6, 8, 12};
+    for (int huge = 0; huge < 2; huge++)
+        for (int i = 0; i < 7; i++) t[n++] = (row){huge ? "2MB" : "4KB", huge, mb, {streams[i], 1, PF_NONE, 0, 0, 0}, 0, 0};
+    t[n++] = (row){"2MB", 1, mb, {4, 1, PF_NONE, 0, 1, 0}, 0, 0};
+    int dists[] = {256, 512, 1024, 2048, 4096}, ss[] = {1, 4, 8};
+    for (int si = 0; si < 3; si++)
+        for (int k = PF_T0; k <= PF_NTA; k++)
+            for (int i = 0; i < 5; i++) t[n++] = (row){"2MB", 1, mb, {ss[si], 1, k, dists[i], 0, 0}, 0, 0};
+    for (int J = 2; J <= 3; J++) {
+        t[n++] = (row){"2MB", 1, mb, {J, J, PF_NONE, 0, 0, 0}, 0, 0};
+        t[n++] = (row){"2MB", 1, mb, {J, J, PF_T0, 1024, 0, 0}, 0, 0};
+    }
+    size_t sizes[] = {8, 16, 24, 32, 64};
+    for (int i = 0; i < 5; i++)
+        if (sizes[i] <= mb) t[n++] = (row){"size", 1, sizes[i], {4, 1, PF_NONE, 0, 0, 0}, 0, 0};
+    size_t res[] = {8, 16, 24};
+    for (int i = 0; i < 3; i++) t[n++] = (row){"resident", 1, mb, {4, 1, PF_NTA, 1024, 0, res[i] << 20}, 0, 0};
+    return n;
 }
 
 int main(int argc, char **argv) {
     size_t mb = argc > 1 ? (size_t)atol(argv[1]) : 192;
-    int reps = argc > 2 ? atoi(argv[2]) : 7, L = argc > 3 ? atoi(argv[3]) : 512;
+    int reps = argc > 2 ? atoi(argv[2]) : 7, L = argc > 3 ? atoi(argv[3]) : 512, focus = argc > 4 && !strcmp(argv[4], "focus");
     if (mb < 4 || mb > 8192 || reps < 1 || L < 32 || L % 32) {
-        fprintf(stderr, "usage: stream_read [MB in 4..8192] [reps >= 1] [L: a multiple of 32]\n");
+        fprintf(stderr, "usage: stream_read [MB in 4..8192] [reps >= 1] [L: a multiple of 32] [focus]\n");
         return 2;
     }
-    size_t bytes = (mb + 1) / 2 * 2 << 20;
+    mb = (mb + 1) / 2 * 2;
+    size_t bytes = mb << 20;
     char la0[64], la1[64];
     bench_loadavg(la0, sizeof la0);
     float *x = aligned_alloc(64, (size_t)L * 4), *y = malloc(bytes / ((size_t)L * 4) * 4 + 64);
-    if (!x || !y) return 1;
-    for (int k = 0; k < L; k++) x[k] = 1.0f / (k + 1);
-    printf("stream_read: one thread, rows of %d floats, best of %d passes; load %s\n", L, reps, la0);
-    for (int huge = 0; huge < 2; huge++) {
-        void *base;
-        size_t mapped;
-        float *w = alloc_pages(bytes, huge, &base, &mapped);
-        if (!w) {
+    void *base[2];
+    size_t mapped[2];
+    float *w[2];
+    for (int h = 0; h < 2; h++)
+        if (!(w[h] = alloc_pages(bytes, h, &base[h], &mapped[h]))) {
             fprintf(stderr, "stream_read: cannot map %zu MB\n", mb);
             return 1;
         }
-        const char *pg = huge ? "2MB" : "4KB";
-        printf("%s pages: AnonHugePages %ld kB of %zu kB\n", pg, anon_huge_kb(w), bytes >> 10);
-        int streams[] = {1, 2, 3, 4, 6, 8, 12};
-        for (int i = 0; i < 7; i++) line(pg, y, x, w, bytes, L, (cfg){streams[i], 1, PF_NONE, 0, 0, 0}, reps);
-        if (!huge) {
-            munmap(base, mapped);
-            continue;
+    if (!x || !y) return 1;
+    for (int k = 0; k < L; k++) x[k] = 1.0f / (k + 1);
+    static row t[MAX_ROWS];
+    int n = make_rows(t, mb, focus);
+    for (int i = 0; i < n; i++) t[i].cpu = t[i].wall = 1e30;
+    /* rounds: every line once per round, so a burst of load from other users hits all lines alike */
+    for (int r = 0; r <= reps; r++)
+        for (int i = 0; i < n; i++) {
+            double cpu, wall;
+            timed_pass(y, x, w[t[i].huge], t[i].mb << 20, L, &t[i].c, &cpu); /* warm: TLB, resident part */
+            wall = timed_pass(y, x, w[t[i].huge], t[i].mb << 20, L, &t[i].c, &cpu);
+            if (r > 0 && cpu < t[i].cpu) t[i].cpu = cpu;
+            if (r > 0 && wall < t[i].wall) t[i].wall = wall;
         }
-        line(pg, y, x, w, bytes, L, (cfg){4, 1, PF_NONE, 0, 1, 0}, reps);
-        int dists[] = {256, 512, 1024, 2048, 4096};
-        int ss[] = {1, 4};
-        for (int si = 0; si < 2; si++)
-            for (int k = PF_T0; k <= PF_NTA; k++)
-                for (int i = 0; i < 5; i++)
-                    line(pg, y, x, w, bytes, L, (cfg){ss[si], 1, k, dists[i], 0, 0}, reps);
-        for (int J = 2; J <= 3; J++) {
-            line(pg, y, x, w, bytes, L, (cfg){J, J, PF_NONE, 0, 0, 0}, reps);
-            line(pg, y, x, w, bytes, L, (cfg){J, J, PF_T0, 1024, 0, 0}, reps);
-        }
-        size_t sizes[] = {8, 16, 24, 32, 64, 512};
-        for (int i = 0; i < 6; i++)
-            if ((sizes[i] << 20) <= bytes) line("size", y, x, w, sizes[i] << 20, L, (cfg){4, 1, PF_NONE, 0, 0, 0}, reps);
-        size_t res[] = {8, 16, 24};
-        for (int i = 0; i < 3; i++)
-            for (int d = 512; d <= 2048; d *= 4)
-                line("resident", y, x, w, bytes, L, (cfg){4, 1, PF_NTA, d, 0, res[i] << 20}, reps);
-        line("nta-all", y, x, w, bytes, L, (cfg){4, 1, PF_NTA, 1024, 0, 0}, reps);
-        munmap(base, mapped);
-    }
     bench_loadavg(la1, sizeof la1);
+    printf("stream_read: one thread, rows of %d floats, best of %d rounds; AnonHugePages %ld kB (4 KB buffer), %ld "
+           "kB (2 MB buffer) of %zu kB\n", L, reps, anon_huge_kb(w[0]), anon_huge_kb(w[1]), bytes >> 10);
+    for (int i = 0; i < n; i++) {
+        const cfg *c = &t[i].c;
+        double b = (double)(t[i].mb << 20) / 1e9;
+        printf("%-9s %4zu MB  streams %2d  joint %d  prefetch %-3s %4d B  aligned %d  resident %2zu MB  "
+               "%6.2f GB/s cpu  %6.2f GB/s wall\n",
+               t[i].label, t[i].mb, c->streams, c->joint, pf_name(c->resident ? PF_NTA : c->pf), c->dist, c->aligned,
+               c->resident >> 20, b / t[i].cpu, b / t[i].wall);
+    }
     printf("load %s -> %s\n", la0, la1);
+    for (int h = 0; h < 2; h++) munmap(base[h], mapped[h]);
     free(x);
     free(y);
     return 0;

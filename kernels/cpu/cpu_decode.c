@@ -324,21 +324,51 @@ static inline float v_sum(vacc a) { return ((a.v[0] + a.v[4]) + (a.v[2] + a.v[6]
         for (; k < in; k++) t = fmaf(x[k], SCALAR(w[k]), t);                                                   \
         return v_sum(v_add(v_add(a0, a1), v_add(a2, a3))) + t;                                                 \
     }
+/* Two weight rows wa, wb against the same x: each row's dot product in exactly the order above (its own
+ * accumulators, tail and reduction), x loaded once for both. Two rows side by side keep more weight lines
+ * in flight than one row at a time (see DECODE_STREAMS). */
+#define DECODE_DOT2(NAME, T, LOAD, SCALAR)                                                                     \
+    static void NAME(float d[2], const float *restrict x, const T *restrict wa, const T *restrict wb, int in) { \
+        vacc a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();                                       \
+        vacc b0 = v_zero(), b1 = v_zero(), b2 = v_zero(), b3 = v_zero();                                       \
+        int k = 0;                                                                                             \
+        for (; k + NACC * LANES <= in; k += NACC * LANES) {                                                    \
+            vacc x0 = v_ld32(x + k), x1 = v_ld32(x + k + LANES);                                               \
+            vacc x2 = v_ld32(x + k + 2 * LANES), x3 = v_ld32(x + k + 3 * LANES);                               \
+            a0 = v_fma(x0, LOAD(wa + k), a0), b0 = v_fma(x0, LOAD(wb + k), b0);                                \
+            a1 = v_fma(x1, LOAD(wa + k + LANES), a1), b1 = v_fma(x1, LOAD(wb + k + LANES), b1);                \
+            a2 = v_fma(x2, LOAD(wa + k + 2 * LANES), a2), b2 = v_fma(x2, LOAD(wb + k + 2 * LANES), b2);        \
+            a3 = v_fma(x3, LOAD(wa + k + 3 * LANES), a3), b3 = v_fma(x3, LOAD(wb + k + 3 * LANES), b3);        \
+        }                                                                                                      \
+        for (; k + LANES <= in; k += LANES) {                                                                  \
+            vacc xk = v_ld32(x + k);                                                                           \
+            a0 = v_fma(xk, LOAD(wa + k), a0), b0 = v_fma(xk, LOAD(wb + k), b0);                                \
+        }                                                                                                      \
+        float ta = 0.0f, tb = 0.0f;                                                                            \
+        for (; k < in; k++) ta = fmaf(x[k], SCALAR(wa[k]), ta), tb = fmaf(x[k], SCALAR(wb[k]), tb);            \
+        d[0] = v_sum(v_add(v_add(a0, a1), v_add(a2, a3))) + ta;                                                \
+        d[1] = v_sum(v_add(v_add(b0, b1), v_add(b2, b3))) + tb;                                                \
+    }
 #define AS_IS(v) (v)
 DECODE_DOT(dot_w32, float, v_ld32, AS_IS)
 DECODE_DOT(dot_w16, uint16_t, v_ld16, widen16)
+DECODE_DOT2(dot2_w32, float, v_ld32, AS_IS)
+DECODE_DOT2(dot2_w16, uint16_t, v_ld16, widen16)
 
 /* From this many weights a product is split across the team by output rows (as st_cpu_matmul's one-row
  * products: streaming 256 KB costs far more than waking the team). */
 #define DECODE_PAR_MIN (1L << 16)
 
 /* A thread reads its weight rows as this many sequential streams side by side (row i of each quarter of
- * its range in turn): one core's read rate from memory is bounded by the cache lines it has in flight,
- * and the hardware prefetcher runs ahead on each stream it follows, so several streams keep more lines
- * coming than one. On the 2-core AMD EPYC (Zen 3) VM, 1 thread, matrices streamed from memory: 4 streams
- * read bf16 rows at 1.6-1.8x and fp32 rows at ~1.35x the rate of one stream (3 about the same, 6 and 8
- * slower). Only the order in which outputs are computed changes: each is still its one dot product. */
-#define DECODE_STREAMS 4
+ * its range in turn, two quarters' rows at a time through DECODE_DOT2): one core's read rate from memory is
+ * bounded by the cache lines it has in flight, and the hardware prefetcher runs ahead on each stream it
+ * follows, so several streams keep more lines coming than one. On the 2-core AMD EPYC (Zen 3) VM, 1 thread,
+ * matrices streamed from memory: 4 streams read bf16 rows at 1.6-1.8x and fp32 rows at ~1.35x the rate of
+ * one stream (3 about the same, 6 and 8 slower); reading the 4 as two pairs of rows dotted together adds
+ * 3-9% more on fp32 (bench/stream_read: 192 MB, rounds alternating, loaded machine), software prefetch
+ * nothing clear. Only the order in which outputs are computed changes: each is still its one dot product. */
+#define DECODE_STREAMS 4 /* even: its streams go in pairs */
+_Static_assert(DECODE_STREAMS % 2 == 0, "decode_mm reads its streams in pairs");
 
 /* y[r, o] (+)= dot(x[r], W[o]) for every row r. */
 static inline void decode_out(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out, int in,
@@ -348,6 +378,20 @@ static inline void decode_out(float *y, const float *x, const float *w, const ui
         float d = w16 ? dot_w16(xr, w16 + (size_t)o * in, in) : dot_w32(xr, w + (size_t)o * in, in);
         float *yo = y + (size_t)r * out + o;
         *yo = beta != 0.0f ? *yo + d : d;
+    }
+}
+
+/* decode_out for outputs o and p, their weight rows read side by side. */
+static inline void decode_pair(float *y, const float *x, const float *w, const uint16_t *w16, int rows, int out,
+                               int in, float beta, int o, int p) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * in;
+        float d[2];
+        if (w16) dot2_w16(d, xr, w16 + (size_t)o * in, w16 + (size_t)p * in, in);
+        else dot2_w32(d, xr, w + (size_t)o * in, w + (size_t)p * in, in);
+        float *yo = y + (size_t)r * out + o, *yp = y + (size_t)r * out + p;
+        *yo = beta != 0.0f ? *yo + d[0] : d[0];
+        *yp = beta != 0.0f ? *yp + d[1] : d[1];
     }
 }
 
@@ -362,9 +406,10 @@ void st_cpu_decode_mm(float *y, const float *x, const float *w, const uint16_t *
         int hi = lo + per < out ? lo + per : out;
         int sub = (hi - lo + DECODE_STREAMS - 1) / DECODE_STREAMS; /* rows per stream */
         for (int i = 0; i < sub; i++)
-            for (int s = 0; s < DECODE_STREAMS; s++) {
-                int o = lo + s * sub + i;
-                if (o < hi) decode_out(y, x, w, w16, rows, out, in, beta, o);
+            for (int s = 0; s < DECODE_STREAMS; s += 2) {
+                int o = lo + s * sub + i, p = o + sub;
+                if (p < hi) decode_pair(y, x, w, w16, rows, out, in, beta, o, p);
+                else if (o < hi) decode_out(y, x, w, w16, rows, out, in, beta, o);
             }
     }
 }

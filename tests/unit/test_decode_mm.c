@@ -3,7 +3,8 @@
  * that hit each part of the kernel (whole 4-chunk steps, single chunks, the scalar tail, widths under one
  * chunk), 1 to 8 rows, writing and accumulating (beta 1 adds the old y); and the properties generation's
  * bit-identity rests on: a weight held as bf16 bits gives the same bits as the same values held as fp32,
- * each output is the same whatever the number of rows beside it, and 1 and 2 threads agree bit for bit. */
+ * each output is the same whatever the number of rows beside it and whether its weight row is read beside
+ * another (decode_mm's pairs of streams) or alone, and 1 and 2 threads agree bit for bit. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -90,6 +91,13 @@ static void test_bits(void **state) {
     for (int r = 0; r < ROWS; r++) { /* one row alone == that row among six */
         be->decode_mm(c, x + (size_t)r * IN, w, NULL, 1, OUT, IN, 0.0f);
         assert_memory_equal(c, a + (size_t)r * OUT, (size_t)OUT * 4);
+    }
+    for (int o = 0; o < OUT; o++) { /* an output read beside another weight row == its weight row alone */
+        float one;
+        be->decode_mm(&one, x, w + (size_t)o * IN, NULL, 1, 1, IN, 0.0f);
+        assert_memory_equal(&one, a + o, 4);
+        be->decode_mm(&one, x, NULL, w16 + (size_t)o * IN, 1, 1, IN, 0.0f);
+        assert_memory_equal(&one, a + o, 4);
     }
     omp_set_num_threads(threads);
     free(w), free(x), free(w16), free(a), free(b), free(c);

@@ -13,19 +13,25 @@
 
 #include <math.h>
 
-/* One row: loss (NaN for an out-of-range target) and dlogits in place of x. */
-static float xent_row(float *restrict x, int32_t tg, float w, int v) {
+/* One row: loss (NaN for an out-of-range target) and dlogits in place of x. `next` (NULL: none): the row
+ * this thread runs after, fetched into the cache while this one's exp pass runs. A head's logits ([rows, V],
+ * 128-200 MB) come from memory, and the max pass would otherwise wait on them with the core idle, then the
+ * exp and scale passes run from L2 (a row is 128-200 KB) with the memory idle; the prefetch overlaps the two
+ * (one cache line of the next row per 16 floats of this one). Prefetches change no value. */
+static float xent_row(float *restrict x, const float *next, int32_t tg, float w, int v) {
     int valid = tg >= 0 && tg < v;
     float xt = valid ? x[tg] : 0.0f;
     float mx = st_cpu_max(x, v);
     float acc[ST_LANES] = {0};
     int j = 0;
-    for (; j + ST_LANES <= v; j += ST_LANES)
+    for (; j + ST_LANES <= v; j += ST_LANES) {
+        if (next) __builtin_prefetch(next + j, 0, 2);
         for (int l = 0; l < ST_LANES; l++) {
             float e = st_cpu_expf(x[j + l] - mx);
             x[j + l] = e;
             acc[l] += e;
         }
+    }
     float sum = 0.0f;
     for (int l = 0; l < ST_LANES; l++) sum += acc[l];
     for (; j < v; j++) {
@@ -52,7 +58,7 @@ static double xent_rows(float *logits, uint16_t *dl16, float *loss, const int32_
             for (int j = 0; j < v; j++) x[j] = 0.0f;
             loss[i] = 0.0f;
         } else {
-            loss[i] = xent_row(x, target[i], w, v);
+            loss[i] = xent_row(x, i + 1 < n ? x + v : NULL, target[i], w, v);
         }
         if (dl16) {
             uint16_t *restrict d = dl16 + (size_t)i * v;

@@ -33,6 +33,7 @@
 #include "common/util.h"
 #include "coordinator/cli/commands.h"
 #include "kernels/kernels.h"
+#include "worker/comm_zero3_dev.h"
 #include "tests/tools/nccl_fake.h" /* several guarded ranks: NCCL, faked with its stream-order checks */
 
 static st_backend fake;
@@ -291,6 +292,11 @@ static void f_cross_entropy_acc(float *logits, uint16_t *dl16, float *loss, cons
     cpu->cross_entropy_acc(logits, dl16, loss, target, weight, n, v, total);
     count_call("cross_entropy");
 }
+static void f_xent_block_loss(const float *stats, float *loss, const int32_t *target, const float *weight, int n, int v,
+                              double *total) {
+    cpu->xent_block_loss(stats, loss, target, weight, n, v, total);
+    count_call("cross_entropy");
+}
 static void f_adamw_multi(const st_adamw_range *r, int count, float b1, float b2, float eps, float gs) {
     cpu->adamw_multi(r, count, b1, b2, eps, gs);
     count_call("adamw_multi");
@@ -363,14 +369,18 @@ int main(int argc, char **argv) {
     fake.matmul = f_matmul, fake.matmul_bf16 = f_matmul_bf16;
     fake.attention_fwd = f_attention_fwd, fake.attention_bwd = f_attention_bwd;
     fake.cross_entropy = f_cross_entropy, fake.cross_entropy_acc = f_cross_entropy_acc;
+    fake.xent_block_loss = f_xent_block_loss;
     fake.adamw_multi = f_adamw_multi;
     if (self_test) return guard_self_test();
     st_backend_set_override(&fake);
     argv[i - 1] = (char *)"train"; /* st_cmd_train(argc, argv): argv[0] is the command, argv[1] the job */
     int rc = st_cmd_train(argc - (i - 1), argv + (i - 1));
     const char *mem = getenv("FAKEDEV_REPORT_MEM");
+    long gathers, passes;
+    st_z3dev_head_counts(&gathers, &passes);
     if (guard && mem && !strcmp(mem, "1"))
         printf("fakedev device bytes: rank %d peak %zu between steps %zu; gradient reductions %ld, %ld of them "
-               "beside compute\n", status_rank, dev_peak, dev_between, reductions_run, reductions_overlapped);
+               "beside compute; head blocks gathered %ld in %ld head passes\n", status_rank, dev_peak, dev_between,
+               reductions_run, reductions_overlapped, gathers, passes);
     return rc;
 }

@@ -94,10 +94,15 @@ print(" ".join(f"{g}/{p}" for n in names for g, p in
 PY
 }
 g=$(gathers 6 "$T/outer.out" "$T/outerbf.out") || fail "blocks outermost: a head block not gathered exactly twice per micro-batch"
+unset SHARDTUNE_HEAD_OUTER # the default: a head by blocks in several chunks runs blocks outermost
+job dflt 6 3 2 sharding.stage=3 "${common[@]}"
+dev 2 dflt
+gathers 6 "$T/dflt.out" >/dev/null || fail "by default a head block is not gathered exactly twice per micro-batch"
+diff -r "$T/dflt/final" "$T/outer/final" >/dev/null || fail "blocks outermost by default: final/ differs from the forced run's"
 export SHARDTUNE_HEAD_OUTER=0
 job rowloop 6 3 2 sharding.stage=3 "${common[@]}"
 dev 2 rowloop
 r=$(gathers 18 "$T/rowloop.out") || fail "the row-chunk loop: not 6 gathers per head block per micro-batch"
 a=$(close "$T/rowloop/metrics.jsonl" "$T/outer/metrics.jsonl" 1e-6 1 6) || fail "row-chunk loop vs blocks outermost"
 unset SHARDTUNE_HEAD_CHUNK_ROWS SHARDTUNE_HEAD_OUTER FAKEDEV_REPORT_MEM
-echo "blocks outermost: head gathers/passes per rank $g (2 per block), the row-chunk loop $r (6 per block); losses within $a"
+echo "blocks outermost: head gathers/passes per rank $g (2 per block; also by default), the row-chunk loop $r (6 per block); losses within $a"

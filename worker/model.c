@@ -1990,7 +1990,7 @@ static double head_forward_outer(st_model *m, const model_bufs *b, int train) {
 /* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
  * the backend until the last chunk (one host wait per forward). Under bf16 the loss kernel writes dlogits
  * as bf16 (rounded once), the operand of both gradient matmuls. A head gathered by blocks (head_by_rows) is
- * released at the end. */
+ * released at the end; in several blocks and chunks it runs blocks outermost instead (head_outer). */
 static double head_forward(st_model *m, const model_bufs *b, int train) {
     if (head_outer(m)) return head_forward_outer(m, b, train);
     const st_backend *be = m->be;

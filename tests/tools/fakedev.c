@@ -17,9 +17,11 @@
  *    MPI when the compute stream waits; a stream-order violation is printed and recorded in the status).
  *    FAKEDEV_REPORT_MEM=1 prints each rank's device bytes at exit: the peak, and the most allocated at a
  *    step boundary (what `shardtune plan` calls the step total); also the gradient reductions (reduce-
- *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap).
+ *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap), and device
+ *    ZeRO-3's head-block gathers and the head passes they served (worker/comm_zero3_dev.h st_z3dev_head_counts).
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
- *    attention_bwd, cross_entropy, adamw_multi) records a failure in the status, on every rank or only on
+ *    attention_bwd, cross_entropy (the LM head's loss kernels too: cross_entropy_acc, xent_block_loss),
+ *    adamw_multi) records a failure in the status, on every rank or only on
  *    RANK; the kernel itself still runs (like a GPU kernel whose fault is only seen later).
  *  --guard-self-test: checks that the guard catches a host buffer in a device copy and a host kernel
  *    operand (copy_cols), and exits.

@@ -1931,11 +1931,11 @@ static void head_backward(st_model *m, const model_bufs *b, float *dlnf, const u
  * (head_by_rows) in several blocks and several row chunks, where the row-chunk loop would gather every block
  * again for every chunk (Llama-3-8B at 2048 tokens: 16 chunks). SHARDTUNE_HEAD_OUTER=0 keeps the row-chunk loop
  * (A/B); =1 runs blocks outermost on any head with several blocks and chunks (tests: the CPU ranks' reference for
- * the device's, bit for bit). The distillation hook (head_loss: the teacher's logits per row chunk, whole rows),
- * captured logits (whole rows) and an int8 head (w8_mm) keep the row-chunk loop. */
+ * the device's, bit for bit). A distillation student (head_loss, head_loss_rows: the teacher's logits per row
+ * chunk, whole rows), captured logits (whole rows) and an int8 head (w8_mm) keep the row-chunk loop. */
 static int head_outer(const st_model *m) {
     const char *e = getenv("SHARDTUNE_HEAD_OUTER");
-    if (m->head_loss || m->capture_logits || m->w8 || (e && !strcmp(e, "0"))) return 0;
+    if (m->head_loss || m->head_loss_rows || m->capture_logits || m->w8 || (e && !strcmp(e, "0"))) return 0;
     if (head_vblock(m) >= m->cfg.vocab || head_chunk_rows(m) >= m->B * m->T) return 0;
     return head_by_rows(m) || (e && !strcmp(e, "1"));
 }

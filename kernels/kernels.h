@@ -198,6 +198,23 @@ struct st_backend {
     void (*kd_loss)(float *s_logits, uint16_t *dlogits_bf16, const float *t_logits, float *loss,
                     const int32_t *target, const float *weight, int n, int v, float temperature, float alpha,
                     double *total, double *parts);
+    /* ---- cross_entropy_acc by vocabulary blocks (an LM head gathered block by block, worker/model.c) ----
+     * logits[n, nv] holds columns [j0, j0 + nv) of n rows' logits (blocks visited in order, j0 = 0 first);
+     * stats[n, 3] per row: the running max, the sum of exp(x - max) and the target's logit.
+     * xent_block_stats: j0 == 0 starts each row's statistics from this block; a later block folds its own in
+     * (max' = max(max, block max), sum' = sum exp(max - max') + sum_j exp(x_j - max')), and the block holding
+     * target[i] records its logit. Rows with weight[i] == 0 are skipped (target never read).
+     * xent_block_loss (after the last block): loss[i] = max + log(sum) - x_target (0 where weight[i] == 0) and
+     * total[0] += sum_i weight[i] * loss[i] in double, as cross_entropy_acc; an out-of-range target on a live
+     * row: as cross_entropy_acc on that backend (NaN, or the device's bad-target flag).
+     * xent_block_grad (with the final stats): the block's dlogits weight * (exp(x - max) / sum - onehot) in
+     * place of logits, or as bf16 bits into dlogits_bf16 [n, nv] (rounded once; logits then scratch). */
+    void (*xent_block_stats)(const float *logits, float *stats, const int32_t *target, const float *weight, int n,
+                             int nv, int j0);
+    void (*xent_block_loss)(const float *stats, float *loss, const int32_t *target, const float *weight, int n,
+                            int v, double *total);
+    void (*xent_block_grad)(float *logits, uint16_t *dlogits_bf16, const float *stats, const int32_t *target,
+                            const float *weight, int n, int nv, int j0);
 
     /* ---- fused AdamW over a flat range (PyTorch torch.optim.AdamW semantics) ----
      * g = grad * grad_scale; p -= lr * weight_decay * p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;

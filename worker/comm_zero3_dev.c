@@ -600,6 +600,13 @@ static void param_space(const st_comm *c, int i, size_t *sp, size_t *at) {
     *at = *sp ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset;
 }
 
+static long head_gathers, head_passes; /* st_z3dev_head_counts: one communicator per process */
+
+void st_z3dev_head_counts(long *gathers, long *passes) {
+    *gathers = head_gathers;
+    *passes = head_passes;
+}
+
 /* Enqueues the gather of the head's vocabulary rows [j0, j0 + n) into slot s (one run), then the slot's mark. */
 static int block_start(st_comm *c, z3d_slot *s, size_t j0, size_t n) {
     st_z3dev *z = c->z3dev;
@@ -612,6 +619,7 @@ static int block_start(st_comm *c, z3d_slot *s, size_t j0, size_t n) {
                        c->rank, r[3]);
     s->lo = r[2], s->hi = r[2] + r[3], s->first = z->head, s->last = z->head + 1, s->blk = 1;
     s->qa = s->qb = 0; /* nothing quantized */
+    head_gathers++;
     int rc = gather_run(c, s, r);
     return rc || !c->nccl ? rc : st_nccl_record(c->nccl, (int)(s - z->slot));
 }
@@ -648,6 +656,7 @@ static float *z3d_head_rows(void *ctx, int j0, int n, int next, int next_n, int 
     double t0 = st_now();
     size_t C = (size_t)m->cfg.d_model, base = m->params[z->head].offset;
     if (j0 < 0) {
+        head_passes++;
         blocks_drop(c, 0);
         sync_windows(z);
         return NULL;

@@ -84,4 +84,9 @@ void st_z3dev_free(st_comm *c);
 void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shard, int bf16,
                      const st_qlora_spec *qs, size_t *weight_floats, size_t *grad_floats);
 
+/* This process's head-block gathers so far (z3d_head_rows: *gathers) and the head passes they served (*passes: a
+ * forward's head, released at its end). Tests (tests/tools/fakedev.c FAKEDEV_REPORT_MEM): blocks outermost,
+ * worker/model.c head_outer, gather each block twice per training micro-batch. */
+void st_z3dev_head_counts(long *gathers, long *passes);
+
 #endif

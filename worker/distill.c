@@ -99,6 +99,7 @@ void st_distill_attach(st_distill *d, st_model *student, const int32_t *inputs) 
     st_model_forward(d->teacher, inputs, d->no_targets, d->no_weight, 0);
     student->head_loss = head_loss;
     student->head_loss_ctx = d;
+    student->head_loss_rows = 1;
 }
 
 void st_distill_detach(st_model *student) {

@@ -496,6 +496,7 @@ typedef struct {
     float *head_tmp;     /* a blocked head (head_vblock < V): [R, vblock], one vocabulary block (NULL: the
                             head_rows hook's scratch) */
     double *loss_acc;    /* the head's loss total, accumulated on the backend over the chunks */
+    float *head_stats;   /* [N, 3]: each row's running max, sum of exponentials and target logit (head_outer) */
     int32_t *tokens, *targets;
     float *weight, *loss;
 } model_bufs;
@@ -521,6 +522,8 @@ static int head_chunk_rows(const st_model *m) {
     int big = host && m->cfg.vocab <= ST_HEAD_CHUNK_HOST_MAX_VOCAB;
     long rows = (big ? ST_HEAD_CHUNK_FLOATS_HOST : ST_HEAD_CHUNK_FLOATS) / m->cfg.vocab;
     if (rows < 128) rows = 128;
+    const char *e = getenv("SHARDTUNE_HEAD_CHUNK_ROWS"); /* tests: several row chunks on a small batch */
+    if (e && atol(e) > 0) return atol(e) < N ? (int)atol(e) : N;
     if (rows >= N) return N;
     long chunks = (N + rows - 1) / rows;
     rows = ((N + chunks - 1) / chunks + 15) / 16 * 16;
@@ -710,6 +713,7 @@ static size_t layout(const st_model *m, float *base, layer_acts *la, model_bufs 
     size_t VB = (size_t)head_vblock_own(m); /* not the hooks' blocks: the layout stays the one allocated */
     if (VB < (size_t)c->vocab) TAKE(b->head_tmp, R * VB); /* one vocabulary block of logits or dlogits */
     TAKE(b->norm_scratch, 2 * C);
+    TAKE(b->head_stats, 3 * N);
     if (bf16) {
         TAKE(b->qkv_w, N * Q);
         TAKE(b->atty_w, N * A);
@@ -1926,11 +1930,72 @@ static void head_backward(st_model *m, const model_bufs *b, float *dlnf, const u
     }
 }
 
+/* Whether the head's loss runs blocks outermost (head_forward_outer): a head gathered by vocabulary blocks
+ * (head_by_rows) in several blocks and several row chunks, where the row-chunk loop would gather every block
+ * again for every chunk (Llama-3-8B at 2048 tokens: 16 chunks). SHARDTUNE_HEAD_OUTER=0 keeps the row-chunk loop
+ * (A/B); =1 runs blocks outermost on any head with several blocks and chunks (tests: the CPU ranks' reference for
+ * the device's, bit for bit). A distillation student (head_loss, head_loss_rows: the teacher's logits per row
+ * chunk, whole rows), captured logits (whole rows) and an int8 head (w8_mm) keep the row-chunk loop. */
+static int head_outer(const st_model *m) {
+    const char *e = getenv("SHARDTUNE_HEAD_OUTER");
+    if (m->head_loss || m->head_loss_rows || m->capture_logits || m->w8 || (e && !strcmp(e, "0"))) return 0;
+    if (head_vblock(m) >= m->cfg.vocab || head_chunk_rows(m) >= m->B * m->T) return 0;
+    return head_by_rows(m) || (e && !strcmp(e, "1"));
+}
+
+/* The head's loss by vocabulary blocks, blocks outermost (head_outer). Pass 1 runs each block (gathered once) over
+ * every row chunk: its logits = x @ W_block^T folded into each row's statistics (xent_block_stats), then each
+ * row's loss (xent_block_loss). With `train`, pass 2 gathers each block once more and recomputes its logits per
+ * row chunk: dlogits from the final statistics (xent_block_grad; bf16: rounded once, as cross_entropy_acc),
+ * dlnf += dlogits @ W_block (the blocks summed in order, as head_backward) and dW_block += dlogits^T @ x. Two
+ * gathers of the head per micro-batch instead of two per row chunk, for one more head matmul
+ * (st_model_step_flops). b->logits holds one block's [rows, n] logits, b->dlogits_h its bf16 dlogits. */
+static double head_forward_outer(st_model *m, const model_bufs *b, int train) {
+    const st_backend *be = m->be;
+    int N = m->B * m->T, C = m->cfg.d_model, V = m->cfg.vocab, R = head_chunk_rows(m), VB = head_vblock(m);
+    float *gw, *tmp;
+    const float *w = head_weight(m, &gw);
+    uint16_t *dl16 = m->precision == ST_PRECISION_BF16 ? b->dlogits_h : NULL;
+    be->memset0(b->loss_acc, sizeof(double));
+    for (int pass = 0; pass <= (train != 0); pass++) {
+        float gbeta = pass && gw ? grad_beta(m, head_index(m), 1) : 1.0f; /* each row chunk adds to its block */
+        int after = pass || !train ? -1 : 0; /* pass 2 reads the head again from its first block */
+        for (int j0 = 0; j0 < V; j0 += VB) {
+            int n = V - j0 < VB ? V - j0 : VB;
+            const float *wb = head_block(m, b, w, j0, n, head_next(m, j0, after), 0, &tmp);
+            if (!wb) continue; /* the hook's failure is the step's */
+            for (int r0 = 0; r0 < N; r0 += R) {
+                int rows = N - r0 < R ? N - r0 : R;
+                const float *x = b->lnf + (size_t)r0 * C;
+                float *st = b->head_stats + 3 * (size_t)r0;
+                const int32_t *tg = b->targets + r0;
+                mm(m, b->logits, st_mm_f32(x), weight(m, wb), NULL, rows, n, C, 0, 1, 0.0f);
+                if (!pass) {
+                    be->xent_block_stats(b->logits, st, tg, b->weight + r0, rows, n, j0);
+                    continue;
+                }
+                be->xent_block_grad(b->logits, dl16, st, tg, b->weight + r0, rows, n, j0);
+                st_mm_in d = dl16 ? st_mm_bf16(dl16) : st_mm_f32(b->logits);
+                mm(m, b->dlnf + (size_t)r0 * C, d, weight(m, wb), NULL, rows, C, n, 0, 0, j0 ? 1.0f : 0.0f);
+                if (gw) mm(m, gw + (size_t)j0 * C, d, st_mm_f32(x), NULL, n, C, rows, 1, 0, r0 ? 1.0f : gbeta);
+            }
+        }
+        for (int r0 = 0; !pass && r0 < N; r0 += R) /* per chunk: the device's loss scratch holds a chunk's rows */
+            be->xent_block_loss(b->head_stats + 3 * (size_t)r0, b->loss + r0, b->targets + r0, b->weight + r0,
+                                N - r0 < R ? N - r0 : R, V, b->loss_acc);
+    }
+    if (head_by_rows(m)) m->head_rows(m->residency_ctx, -1, 0, -1, 0, 0);
+    double total = 0.0;
+    be->copy_to_host(&total, b->loss_acc, sizeof total);
+    return total;
+}
+
 /* Chunked LM head + loss; with `train`, also dlnf and the head weight gradient. The loss total stays on
  * the backend until the last chunk (one host wait per forward). Under bf16 the loss kernel writes dlogits
  * as bf16 (rounded once), the operand of both gradient matmuls. A head gathered by blocks (head_by_rows) is
- * released at the end. */
+ * released at the end; in several blocks and chunks it runs blocks outermost instead (head_outer). */
 static double head_forward(st_model *m, const model_bufs *b, int train) {
+    if (head_outer(m)) return head_forward_outer(m, b, train);
     const st_backend *be = m->be;
     int N = m->B * m->T, C = m->cfg.d_model, V = m->cfg.vocab, R = head_chunk_rows(m);
     float *gw;
@@ -2259,6 +2324,7 @@ double st_model_step_flops(const st_model *mw, int train) {
     head_weight(m, &gw);
     flops += head;
     if (train) flops += head + (gw && m->grads ? head : 0); /* dlnf always, the head's dW when it trains */
+    if (train && head_outer(m)) flops += head;              /* blocks outermost: the logits recomputed */
     return flops;
 }
 

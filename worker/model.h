@@ -122,6 +122,8 @@ typedef struct {
     void (*head_loss)(void *ctx, float *logits, uint16_t *dlogits_bf16, float *loss, const int32_t *targets,
                       const float *weight, int r0, int rows, int v, double *total);
     void *head_loss_ctx;
+    int head_loss_rows; /* set by st_distill_attach, kept: the head's loss keeps the row-chunk loop (the hook needs
+                           whole rows), also between attaches (the MFU's FLOP count, st_model_step_flops) */
     int hidden_only; /* forward stops at the final norm (st_model_final_hidden) and returns 0: a KD teacher */
     int act_ckpt;    /* activation checkpointing (st_model_set_activation_checkpointing) */
     int ckpt_bf16;   /* ... with the kept layer inputs stored as bf16 (memory.checkpoint_dtype: bf16; under precision bf16) */

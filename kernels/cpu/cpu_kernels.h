@@ -215,6 +215,12 @@ void st_cpu_embedding_bwd(float *dwte, float *dwpe, const float *dout, const int
 double st_cpu_cross_entropy(float *logits, float *loss, const int32_t *target, const float *weight, int n, int v);
 void st_cpu_cross_entropy_acc(float *logits, uint16_t *dlogits_bf16, float *loss, const int32_t *target,
                               const float *weight, int n, int v, double *total);
+void st_cpu_xent_block_stats(const float *logits, float *stats, const int32_t *target, const float *weight, int n,
+                             int nv, int j0);
+void st_cpu_xent_block_loss(const float *stats, float *loss, const int32_t *target, const float *weight, int n, int v,
+                            double *total);
+void st_cpu_xent_block_grad(float *logits, uint16_t *dlogits_bf16, const float *stats, const int32_t *target,
+                            const float *weight, int n, int nv, int j0);
 void st_cpu_kd_loss(float *s_logits, uint16_t *dlogits_bf16, const float *t_logits, float *loss,
                     const int32_t *target, const float *weight, int n, int v, float temperature, float alpha,
                     double *total, double *parts);

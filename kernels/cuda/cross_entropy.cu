@@ -11,7 +11,11 @@
  * (the model reads it once after its last chunk) and, under bf16, writes dlogits as bf16 bits in the same
  * pass (rounded once, the operand of both head GEMMs). kd_loss is the fused knowledge-distillation row
  * (kernels/cpu/cpu_kd.c is its twin): one block per row, exponentials in fp32 and everything summed in double,
- * exponentials recomputed per pass instead of stored; row parts summed by the same deterministic reduction into device doubles. */
+ * exponentials recomputed per pass instead of stored; row parts summed by the same deterministic reduction into device doubles.
+ * xent_block_* are cross_entropy_acc by vocabulary blocks (kernels/cpu/cpu_loss.c is their twin): the row's max
+ * and sum of exponentials carried from block to block (one block per row, the block's exponentials taken against
+ * the new max and the sum so far rescaled), the loss once after the last block, then each block's dlogits from
+ * the final statistics (one thread per element). */
 #include "kernels/cuda/cuda_ops.cuh"
 
 #include <stdio.h>
@@ -180,4 +184,92 @@ void st_cu_kd_loss(float *s_logits, uint16_t *dlogits_bf16, const float *t_logit
     st_cuda_add_sum_doubles(total, rows, (size_t)n, reduce);
     st_cuda_add_sum_doubles(parts, rows + n, (size_t)n, reduce);
     st_cuda_add_sum_doubles(parts + 1, rows + 2 * (size_t)n, (size_t)n, reduce);
+}
+
+/* One row of a vocabulary block folded into its statistics (stats[row]: max, sum, target logit). */
+__global__ void xent_block_stats_kernel(const float *logits, float *stats, const int32_t *target, const float *weight,
+                                        int nv, int j0) {
+    __shared__ float sh[32];
+    int row = blockIdx.x;
+    if (weight[row] == 0.0f) return; /* block-uniform: the target is never read */
+    const float *x = logits + (size_t)row * nv;
+    float *s = stats + 3 * (size_t)row;
+    float bm = -INFINITY;
+    for (int j = threadIdx.x; j < nv; j += blockDim.x) bm = fmaxf(bm, x[j]);
+    bm = st_block_max(bm, sh);
+    float m0 = j0 == 0 ? bm : s[0], mx = fmaxf(m0, bm);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < nv; j += blockDim.x) sum += expf(x[j] - mx);
+    sum = st_block_sum(sum, sh);
+    if (threadIdx.x == 0) {
+        float before = j0 == 0 ? 0.0f : s[1] * expf(m0 - mx);
+        int t = target[row] - j0;
+        s[0] = mx;
+        s[1] = before + sum;
+        if (j0 == 0) s[2] = 0.0f;
+        if (t >= 0 && t < nv) s[2] = x[t];
+    }
+}
+
+/* Each row's loss from its final statistics; the weighted loss to row_loss (a bad target: 0, flagged). */
+__global__ void xent_block_loss_kernel(const float *stats, float *loss, double *row_loss, int *bad_row,
+                                       const int32_t *target, const float *weight, int n, int v) {
+    int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= n) return;
+    float w = weight[row];
+    int tgt = w != 0.0f ? target[row] : -1;
+    bool bad = w != 0.0f && (tgt < 0 || tgt >= v);
+    const float *s = stats + 3 * (size_t)row;
+    float l = w == 0.0f || bad ? 0.0f : s[0] + logf(s[1]) - s[2];
+    loss[row] = l;
+    row_loss[row] = (double)w * (double)l;
+    if (bad) atomicMin(bad_row, row);
+}
+
+/* One element of a block's dlogits from its row's final statistics (an out-of-range target: weight * softmax, as
+ * the twin; the loss kernel has flagged it). */
+__global__ void xent_block_grad_kernel(float *logits, uint16_t *dl16, const float *stats, const int32_t *target,
+                                       const float *weight, int n, int nv, int j0) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * nv) return;
+    int row = (int)(i / nv), j = (int)(i % nv);
+    float w = weight[row], d = 0.0f;
+    if (w != 0.0f) {
+        const float *s = stats + 3 * (size_t)row;
+        d = expf(logits[i] - s[0]) * (w / s[1]);
+        if (j0 + j == target[row]) d -= w;
+    }
+    if (dl16) dl16[i] = st_bf16_bits_rn(d); /* the one rounding of dlogits */
+    else logits[i] = d;
+}
+
+void st_cu_xent_block_stats(const float *logits, float *stats, const int32_t *target, const float *weight, int n,
+                            int nv, int j0) {
+    if (n <= 0 || nv <= 0) return;
+    xent_block_stats_kernel<<<n, ST_CUDA_THREADS, 0, st_cuda_stream_internal()>>>(logits, stats, target, weight, nv,
+                                                                                   j0);
+    ST_CUDA_LAUNCHED("xent_block_stats");
+}
+
+void st_cu_xent_block_loss(const float *stats, float *loss, const int32_t *target, const float *weight, int n, int v,
+                           double *total) {
+    if (n <= 0 || v <= 0) return;
+    double *row_loss = xent_scratch("xent_block_loss", n, 1);
+    if (!row_loss) return;
+    int *bad_row = st_cuda_bad_target_flag(v);
+    cudaStream_t st = st_cuda_stream_internal();
+    xent_block_loss_kernel<<<(n + ST_CUDA_THREADS - 1) / ST_CUDA_THREADS, ST_CUDA_THREADS, 0, st>>>(
+        stats, loss, row_loss, bad_row, target, weight, n, v);
+    ST_CUDA_LAUNCHED("xent_block_loss");
+    st_cuda_add_sum_doubles(total, row_loss, (size_t)n, row_loss + n); /* stays on the device */
+}
+
+void st_cu_xent_block_grad(float *logits, uint16_t *dlogits_bf16, const float *stats, const int32_t *target,
+                           const float *weight, int n, int nv, int j0) {
+    if (n <= 0 || nv <= 0) return;
+    size_t total = (size_t)n * (size_t)nv;
+    unsigned blocks = (unsigned)((total + ST_CUDA_THREADS - 1) / ST_CUDA_THREADS);
+    xent_block_grad_kernel<<<blocks, ST_CUDA_THREADS, 0, st_cuda_stream_internal()>>>(logits, dlogits_bf16, stats,
+                                                                                       target, weight, n, nv, j0);
+    ST_CUDA_LAUNCHED("xent_block_grad");
 }

@@ -78,6 +78,12 @@ void st_cu_cross_entropy_acc(float *logits, uint16_t *dlogits_bf16, float *loss,
                              const float *weight, int n, int v, double *total);
 void st_cu_kd_loss(float *s_logits, uint16_t *dlogits_bf16, const float *t_logits, float *loss, const int32_t *target,
                    const float *weight, int n, int v, float temperature, float alpha, double *total, double *parts);
+void st_cu_xent_block_stats(const float *logits, float *stats, const int32_t *target, const float *weight, int n,
+                            int nv, int j0);
+void st_cu_xent_block_loss(const float *stats, float *loss, const int32_t *target, const float *weight, int n, int v,
+                           double *total);
+void st_cu_xent_block_grad(float *logits, uint16_t *dlogits_bf16, const float *stats, const int32_t *target,
+                           const float *weight, int n, int nv, int j0);
 
 /* decode.cu */
 void st_cu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,

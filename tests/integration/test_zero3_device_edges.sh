@@ -15,7 +15,13 @@
 #  2. the old path (SHARDTUNE_ZERO3_DEV_EDGES=whole: the embedding and head gathered whole) gives the same
 #     losses and final/ as the rows and blocks, and holds more device memory: the plan is true for both
 #     (1%), QLoRA on 2 ranks;
-#  3. a 2-rank device checkpoint at step 3 resumed on 3 device ranks: steps 4-6 within 1e-6.
+#  3. a 2-rank device checkpoint at step 3 resumed on 3 device ranks: steps 4-6 within 1e-6;
+#  4. the head's loss with blocks outermost (worker/model.c head_outer): 3 row chunks of 16 rows
+#     (SHARDTUNE_HEAD_CHUNK_ROWS) x the 3 head blocks; the CPU ranks run the same loops (SHARDTUNE_HEAD_OUTER=1):
+#     fp32 and bf16 bit-identical; each head block gathered exactly twice per micro-batch (the fake device's
+#     count of z3d_head_rows gathers), where the row-chunk loop (SHARDTUNE_HEAD_OUTER=0) gathers it twice per
+#     row chunk (6 times), its losses within 1e-6 of the blocks-outermost ones (the online softmax's rescaling:
+#     a few float roundings per row).
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/fakedev_lib.sh"
 
@@ -70,3 +76,33 @@ job r3 6 2 2 sharding.stage=3 checkpoint.every_steps=0 train.schedule=constant "
 dev 3 r3
 a=$(close "$T/r3/metrics.jsonl" "$T/k/metrics.jsonl" 1e-6 4 6) || fail "resumed on 3 device ranks: steps 4-6 differ"
 echo "device stage-3 checkpoint (2 ranks, step 3) resumed on 3 device ranks: steps 4-6 within $a (1e-6)"
+
+# --- 4. blocks outermost: 3 row chunks x 3 head blocks (48 + 48 + 32 rows) ---
+export SHARDTUNE_HEAD_CHUNK_ROWS=16 SHARDTUNE_HEAD_OUTER=1 FAKEDEV_REPORT_MEM=1
+cmp_cpu 2 outer 0
+cmp_cpu 2 outerbf 0 precision=bf16 memory.activation_checkpointing=true
+# gathers GATHERS_PER_PASS NAME...: every rank gathered its head blocks GATHERS_PER_PASS times per head pass
+gathers() {
+  python3 - "$@" <<'PY'
+import re, sys
+per, names = int(sys.argv[1]), sys.argv[2:]
+for n in names:
+    seen = [(int(g), int(p)) for g, p in re.findall(r"head blocks gathered (\d+) in (\d+) head passes", open(n).read())]
+    assert len(seen) == 2 and all(p > 0 and g == per * p for g, p in seen), (n, per, seen)
+print(" ".join(f"{g}/{p}" for n in names for g, p in
+               re.findall(r"head blocks gathered (\d+) in (\d+) head passes", open(n).read())))
+PY
+}
+g=$(gathers 6 "$T/outer.out" "$T/outerbf.out") || fail "blocks outermost: a head block not gathered exactly twice per micro-batch"
+unset SHARDTUNE_HEAD_OUTER # the default: a head by blocks in several chunks runs blocks outermost
+job dflt 6 3 2 sharding.stage=3 "${common[@]}"
+dev 2 dflt
+gathers 6 "$T/dflt.out" >/dev/null || fail "by default a head block is not gathered exactly twice per micro-batch"
+diff -r "$T/dflt/final" "$T/outer/final" >/dev/null || fail "blocks outermost by default: final/ differs from the forced run's"
+export SHARDTUNE_HEAD_OUTER=0
+job rowloop 6 3 2 sharding.stage=3 "${common[@]}"
+dev 2 rowloop
+r=$(gathers 18 "$T/rowloop.out") || fail "the row-chunk loop: not 6 gathers per head block per micro-batch"
+a=$(close "$T/rowloop/metrics.jsonl" "$T/outer/metrics.jsonl" 1e-6 1 6) || fail "row-chunk loop vs blocks outermost"
+unset SHARDTUNE_HEAD_CHUNK_ROWS SHARDTUNE_HEAD_OUTER FAKEDEV_REPORT_MEM
+echo "blocks outermost: head gathers/passes per rank $g (2 per block; also by default), the row-chunk loop $r (6 per block); losses within $a"

@@ -19,9 +19,11 @@
  *    MPI when the compute stream waits; a stream-order violation is printed and recorded in the status).
  *    FAKEDEV_REPORT_MEM=1 prints each rank's device bytes at exit: the peak, and the most allocated at a
  *    step boundary (generate / compare: none, 0) (what `shardtune plan` calls the step total); also the gradient reductions (reduce-
- *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap).
+ *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap), and device
+ *    ZeRO-3's head-block gathers and the head passes they served (worker/comm_zero3_dev.h st_z3dev_head_counts).
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
- *    attention_bwd, cross_entropy, adamw_multi) records a failure in the status, on every rank or only on
+ *    attention_bwd, cross_entropy (the LM head's loss kernels too: cross_entropy_acc, xent_block_loss),
+ *    adamw_multi) records a failure in the status, on every rank or only on
  *    RANK; the kernel itself still runs (like a GPU kernel whose fault is only seen later).
  *  --guard-self-test: checks that the guard catches a host buffer in a device copy and a host kernel
  *    operand (copy_cols), and exits.
@@ -36,6 +38,7 @@
 #include "common/util.h"
 #include "coordinator/cli/commands.h"
 #include "kernels/kernels.h"
+#include "worker/comm_zero3_dev.h"
 #include "tests/tools/nccl_fake.h" /* several guarded ranks: NCCL, faked with its stream-order checks */
 
 static st_backend fake;
@@ -323,6 +326,11 @@ static void f_cross_entropy_acc(float *logits, uint16_t *dl16, float *loss, cons
     cpu->cross_entropy_acc(logits, dl16, loss, target, weight, n, v, total);
     count_call("cross_entropy");
 }
+static void f_xent_block_loss(const float *stats, float *loss, const int32_t *target, const float *weight, int n, int v,
+                              double *total) {
+    cpu->xent_block_loss(stats, loss, target, weight, n, v, total);
+    count_call("cross_entropy");
+}
 static void f_adamw_multi(const st_adamw_range *r, int count, float b1, float b2, float eps, float gs) {
     cpu->adamw_multi(r, count, b1, b2, eps, gs);
     count_call("adamw_multi");
@@ -391,6 +399,7 @@ int main(int argc, char **argv) {
     fake.matmul = f_matmul, fake.matmul_bf16 = f_matmul_bf16;
     fake.attention_fwd = f_attention_fwd, fake.attention_bwd = f_attention_bwd;
     fake.cross_entropy = f_cross_entropy, fake.cross_entropy_acc = f_cross_entropy_acc;
+    fake.xent_block_loss = f_xent_block_loss;
     fake.adamw_multi = f_adamw_multi;
     if (self_test) return guard_self_test();
     st_backend_set_override(&fake);
@@ -403,8 +412,11 @@ int main(int argc, char **argv) {
         rc = st_cmd_train(argc - (i - 1), argv + (i - 1));
     }
     const char *mem = getenv("FAKEDEV_REPORT_MEM");
+    long gathers, passes;
+    st_z3dev_head_counts(&gathers, &passes);
     if (guard && mem && !strcmp(mem, "1"))
         printf("fakedev device bytes: rank %d peak %zu between steps %zu; gradient reductions %ld, %ld of them "
-               "beside compute\n", status_rank, dev_peak, dev_between, reductions_run, reductions_overlapped);
+               "beside compute; head blocks gathered %ld in %ld head passes\n", status_rank, dev_peak, dev_between,
+               reductions_run, reductions_overlapped, gathers, passes);
     return rc;
 }

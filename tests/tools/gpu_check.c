@@ -746,6 +746,55 @@ static void check_xent_acc(const float *orig, const float *gdone, const int32_t 
     free(logits), free(loss), free(again), free(got), free(want);
 }
 
+/* xent_block_* (the block-outer LM head's loss, worker/model.c head_forward_outer) against the CPU twin
+ * (kernels/cpu/cpu_loss.c): the logits in vocabulary blocks of 96 (the last 40), statistics folded block by
+ * block, the loss once, then each block's dlogits from the final statistics: fp32 in place, and bf16 bits that
+ * must be the rounding of the backend's own fp32 dlogits. Masked rows (weight 0, target -100) included. */
+static void check_xent_blocks(const int32_t *target, const int32_t *gtarget, const float *weight,
+                              const float *gweight) {
+    enum { VB = 96 };
+    size_t n = (size_t)NROWS * V;
+    float *logits = hrand(n, 5), *loss = hrand(NROWS, 1), *dl = xmalloc(n * 4), *blk = xmalloc((size_t)NROWS * VB * 4);
+    float *stats = xmalloc((size_t)NROWS * 3 * 4), *gstats = dev_from(NULL, (size_t)NROWS * 3 * 4);
+    float *gblk = dev_from(NULL, (size_t)NROWS * VB * 4), *gloss = dev_from(NULL, NROWS * 4), *gdl = dev_from(NULL, n * 4);
+    uint16_t *g16 = dev_from(NULL, (size_t)NROWS * VB * 2), *got = xmalloc(n * 2), *want = xmalloc(n * 2);
+    double *gtot = dev_from(NULL, sizeof(double)), ctot = 0, tg = 0, tc = 0;
+    for (int pass = 0; pass < 3; pass++) /* stats; fp32 dlogits; bf16 dlogits */
+        for (int j0 = 0; j0 < V; j0 += VB) {
+            int nv = V - j0 < VB ? V - j0 : VB;
+            for (int i = 0; i < NROWS; i++) memcpy(blk + (size_t)i * nv, logits + (size_t)i * V + j0, (size_t)nv * 4);
+            G->copy_to_device(gblk, blk, (size_t)NROWS * nv * 4);
+            tick();
+            if (pass == 0) G->xent_block_stats(gblk, gstats, gtarget, gweight, NROWS, nv, j0);
+            else G->xent_block_grad(gblk, pass == 2 ? g16 : NULL, gstats, gtarget, gweight, NROWS, nv, j0);
+            tg += tock_gpu();
+            tick();
+            if (pass == 0) C->xent_block_stats(blk, stats, target, weight, NROWS, nv, j0);
+            else if (pass == 1) C->xent_block_grad(blk, NULL, stats, target, weight, NROWS, nv, j0);
+            tc += tock_cpu();
+            if (pass == 1)
+                for (int i = 0; i < NROWS; i++) {
+                    memcpy(dl + (size_t)i * V + j0, blk + (size_t)i * nv, (size_t)nv * 4);
+                    G->copy(gdl + (size_t)i * V + j0, gblk + (size_t)i * nv, (size_t)nv * 4);
+                }
+            if (pass == 2)
+                for (int i = 0; i < NROWS; i++)
+                    G->copy_to_host(got + (size_t)i * V + j0, g16 + (size_t)i * nv, (size_t)nv * 2);
+            if (pass == 0 && j0 + nv >= V) {
+                tick(); G->xent_block_loss(gstats, gloss, gtarget, gweight, NROWS, V, gtot); tg += tock_gpu();
+                tick(); C->xent_block_loss(stats, loss, target, weight, NROWS, V, &ctot); tc += tock_cpu();
+            }
+        }
+    double e = fmax(dev_err(gdl, dl, n), dev_err(gloss, loss, NROWS));
+    e = fmax(e, fabs(dev_double(gtot) - ctot) / fmax(fabs(ctot), 1e-30));
+    report("xent_block_stats/loss/grad (11 blocks)", e, tg, tc, 1e-4);
+    float *again = fetch(gdl, n);
+    for (size_t i = 0; i < n; i++) want[i] = st_float_to_bf16_bits(again[i]);
+    report("xent_block_grad bf16 dlogits (bits)", bit_diffs(got, want, n, 2), 0, 0, 0);
+    G->free(gstats), G->free(gblk), G->free(gloss), G->free(gdl), G->free(g16), G->free(gtot);
+    free(logits), free(loss), free(dl), free(blk), free(stats), free(got), free(want), free(again);
+}
+
 /* The fused distillation loss (kd_loss) against the CPU twin (kernels/cpu/cpu_kd.c): both compute each row
  * in double; fp32 dlogits and bf16 dlogits, two temperatures, masked rows, sums accumulated over 2 chunks. */
 static void check_kd(int rows, int v, float temp, float alpha, float scale) {
@@ -848,6 +897,7 @@ static void check_cross_entropy(void) {
     e = fmax(e, fabs(sg - sc) / fmax(fabs(sc), 1e-30));
     report("cross_entropy", e, tg, tc, 1e-4);
     check_xent_acc(orig, glogits, target, gtarget, weight, gweight);
+    check_xent_blocks(target, gtarget, weight, gweight);
     G->free(glogits), G->free(gloss), G->free(gweight), G->free(gtarget), free(logits), free(loss), free(orig);
 }
 

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/bf16.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/kernels.h"
 
@@ -691,6 +692,113 @@ static void test_cross_entropy(void **state) {
     free(logits), free(k.logits), free(g), free(l2);
 }
 
+/* xent_block_* (cross_entropy_acc by vocabulary blocks, the block-outer LM head) against the float64 softmax,
+ * with a bound derived from the arithmetic (u = 2^-24, e = st_cpu_expf's relative error, test_expf's 4e-7; R the
+ * widest |x - max| of a row; nb blocks): each exponential is off by at most e + u (R + 1) relative (x - max rounded,
+ * then exp), the sum adds (v / ST_LANES + ST_LANES + nb) u (lanes, their total, one add per block) and each of
+ * the nb rescales another e + u (R + 1); so |loss - ref| <= rel(S) + 2 u (|max| + |log S| + |loss|) and each
+ * dlogit is off by at most |w| (p (e + u (R + 2) + rel(S)) + u). Also: one block holding the whole row is
+ * cross_entropy_acc bit for bit; the bf16 dlogits are the fp32 ones rounded once; weight-0 rows are zeros and
+ * their targets never read; an out-of-range target on a live row makes its loss NaN. */
+static void xent_blocks(const float *logits, float *dl, uint16_t *dl16, float *loss, double *total,
+                        const int32_t *target, const float *weight, int n, int v, int vb) {
+    float *stats = malloc(3 * (size_t)n * sizeof(float)), *blk = malloc((size_t)n * vb * sizeof(float));
+    for (int pass = 0; pass < 2; pass++)
+        for (int j0 = 0; j0 < v; j0 += vb) {
+            int nv = v - j0 < vb ? v - j0 : vb;
+            for (int i = 0; i < n; i++) memcpy(blk + (size_t)i * nv, logits + (size_t)i * v + j0, nv * sizeof(float));
+            if (!pass) {
+                be->xent_block_stats(blk, stats, target, weight, n, nv, j0);
+                continue;
+            }
+            uint16_t *b16 = dl16 ? malloc((size_t)n * nv * sizeof(uint16_t)) : NULL;
+            be->xent_block_grad(blk, b16, stats, target, weight, n, nv, j0);
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < nv; j++) {
+                    if (b16) dl16[(size_t)i * v + j0 + j] = b16[(size_t)i * nv + j];
+                    else dl[(size_t)i * v + j0 + j] = blk[(size_t)i * nv + j];
+                }
+            free(b16);
+        }
+    be->xent_block_loss(stats, loss, target, weight, n, v, total);
+    free(stats), free(blk);
+}
+
+static void test_xent_blocks(void **state) {
+    (void)state;
+    enum { n = 7, v = 101 };
+    const double u = 1.0 / (1 << 24), e = 4e-7;
+    float *logits = frand((size_t)n * v, 8), loss[n], dl[n * v];
+    for (int j = 0; j < v; j++) logits[1 * v + j] += 1000.0f;           /* huge logits */
+    for (int j = 0; j < v; j++) logits[3 * v + j] += 0.2f * (float)j;  /* the max grows block by block */
+    int32_t target[n] = {3, 100, -100, 0, 99999, 57, 16};             /* rows 2 and 4 masked: garbage targets */
+    float weight[n] = {0.5f, 1.0f, 0.0f, 0.25f, 0.0f, 2.0f, 1.0f};
+    double *x = dcopy(logits, (size_t)n * v), wloss[n];
+    double want_total = ref_ce(wloss, x, target, weight, n, v);
+    const int vbs[] = {16, 7, 100};
+    for (size_t k = 0; k < sizeof vbs / sizeof vbs[0]; k++) {
+        int vb = vbs[k], nb = (v + vb - 1) / vb;
+        double total = 0.0;
+        xent_blocks(logits, dl, NULL, loss, &total, target, weight, n, v, vb);
+        double tot_bound = 0.0;
+        for (int i = 0; i < n; i++) {
+            const double *r = x + (size_t)i * v;
+            double mx = -INFINITY, mn = INFINITY, S = 0;
+            for (int j = 0; j < v; j++) mx = r[j] > mx ? r[j] : mx, mn = r[j] < mn ? r[j] : mn;
+            for (int j = 0; j < v; j++) S += exp(r[j] - mx);
+            double R = mx - mn, step = e + u * (R + 1);
+            double relS = step + (v / ST_LANES + ST_LANES + nb) * u + nb * step;
+            double lb = relS + 2 * u * (fabs(mx) + fabs(log(S)) + fabs(wloss[i])), w = weight[i];
+            tot_bound += fabs(w) * lb + 1e-12;
+            if (w == 0.0f) {
+                assert_true(loss[i] == 0.0f);
+                for (int j = 0; j < v; j++) assert_true(dl[(size_t)i * v + j] == 0.0f);
+                continue;
+            }
+            if (fabs(loss[i] - wloss[i]) > lb)
+                fail_msg("blocks of %d: row %d loss %.9g vs %.9g (bound %.3g)", vb, i, loss[i], wloss[i], lb);
+            for (int j = 0; j < v; j++) {
+                double p = exp(r[j] - mx) / S, want = w * (p - (j == target[i])), got = dl[(size_t)i * v + j];
+                double db = fabs(w) * (p * (e + u * (R + 2) + relS) + u);
+                if (fabs(got - want) > db)
+                    fail_msg("blocks of %d: row %d dlogit %d %.9g vs %.9g (bound %.3g)", vb, i, j, got, want, db);
+            }
+        }
+        if (fabs(total - want_total) > tot_bound)
+            fail_msg("blocks of %d: total %.12g vs %.12g (bound %.3g)", vb, total, want_total, tot_bound);
+        /* bf16: the fp32 dlogits rounded once */
+        uint16_t d16[n * v];
+        double t16 = 0.0;
+        float l16[n];
+        xent_blocks(logits, NULL, d16, l16, &t16, target, weight, n, v, vb);
+        for (size_t i = 0; i < (size_t)n * v; i++) assert_int_equal(d16[i], st_float_to_bf16_bits(dl[i]));
+        assert_memory_equal(l16, loss, sizeof loss);
+    }
+    /* one block holding the whole row: cross_entropy_acc bit for bit */
+    float *l2 = fdup(logits, (size_t)n * v), loss2[n];
+    double t1 = 0.0, t2 = 0.0;
+    xent_blocks(logits, dl, NULL, loss, &t1, target, weight, n, v, v);
+    be->cross_entropy_acc(l2, NULL, loss2, target, weight, n, v, &t2);
+    assert_true(t1 == t2);
+    assert_memory_equal(loss, loss2, sizeof loss);
+    assert_memory_equal(dl, l2, sizeof dl);
+    /* masked rows' targets never read; a live row's out-of-range target: NaN */
+    float loss3[n], dl3[n * v];
+    double t3 = 0.0;
+    t1 = 0.0;
+    xent_blocks(logits, dl, NULL, loss, &t1, target, weight, n, v, 16);
+    target[2] = 5, target[4] = -1;
+    xent_blocks(logits, dl3, NULL, loss3, &t3, target, weight, n, v, 16);
+    assert_memory_equal(dl3, dl, sizeof dl);
+    assert_memory_equal(loss3, loss, sizeof loss);
+    assert_true(t3 == t1);
+    target[0] = v;
+    t3 = 0.0;
+    xent_blocks(logits, dl3, NULL, loss3, &t3, target, weight, n, v, 16);
+    assert_true(isnan(loss3[0]) && isnan(t3));
+    free(logits), free(x), free(l2);
+}
+
 /* ---- AdamW ---- */
 
 static void test_adamw(void **state) {
@@ -863,6 +971,7 @@ int main(void) {
         cmocka_unit_test(test_swiglu),
         cmocka_unit_test(test_embedding),
         cmocka_unit_test(test_cross_entropy),
+        cmocka_unit_test(test_xent_blocks),
         cmocka_unit_test(test_adamw),
         cmocka_unit_test(test_dequant),
         cmocka_unit_test(test_determinism),

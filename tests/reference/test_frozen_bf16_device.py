@@ -130,8 +130,8 @@ def main():
                 assert open(os.path.join(ref, "final", name), "rb").read() == \
                     open(os.path.join(res, "final", name), "rb").read(), f"resumed {mode}: final/{name} differs"
             last = sorted(x for x in os.listdir(os.path.join(ref, "checkpoints")) if x.endswith(".h5"))[-1]
-            ia = fb.h5_items(os.path.join(ref, "checkpoints", last))
-            ib = fb.h5_items(os.path.join(res, "checkpoints", last))
+            ia = dp.h5_items(os.path.join(ref, "checkpoints", last))
+            ib = dp.h5_items(os.path.join(res, "checkpoints", last))
             for k in list(ia):
                 if k.startswith("model/") or k.startswith("optim/") or "checksum" in k:
                     assert ia[k] == ib.get(k), f"resumed {mode}: {last} {k} differs"

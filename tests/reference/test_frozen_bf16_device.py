@@ -40,9 +40,10 @@ PROGRESSIVE = ('finetune: { mode: progressive, stages: [ {at_step: 0, train_laye
                '{at_step: 2, train_layers: "-2", train_modules: [attn, mlp, norm, head]} ] }\n')
 
 
-def run(job, ranks, ov, env_extra=None, stage=0):
+def run(job, ranks, ov, env_extra=None, stage=0, loads=None):
     """A guarded fakedev run; returns ({rank: floats held in bf16 only at `stage`; stage None: {(rank, stage): ...}},
-    {rank: device bytes between steps})."""
+    {rank: device bytes between steps}); loads (a dict) gets {rank: device peak when the status was first asked}
+    (at device ZeRO-3 the load's)."""
     env = dict(dp.ENV, SHARDTUNE_REPORT_LOAD_RSS="1", FAKEDEV_REPORT_MEM="1", **(env_extra or {}))
     args = [FAKE, "--guard", job] + ov
     if ranks > 1:
@@ -59,6 +60,8 @@ def run(job, ranks, ov, env_extra=None, stage=0):
     for x in r.stdout.splitlines():
         if x.startswith("fakedev device bytes: rank "):
             dev[int(x.split("rank ")[1].split()[0])] = int(x.split("between steps ")[1].split(";")[0])
+            if loads is not None:
+                loads[int(x.split("rank ")[1].split()[0])] = int(x.split("peak at the first status ")[1].split()[0])
     return held, dev
 
 

@@ -10,7 +10,13 @@
  * its values go straight into the device bf16 copy. Every other parameter is read as st_model_load_dir reads
  * it. The base checksum and the finite check are the whole load's (each tensor summed at its registry offset
  * before the layout moved it), so checkpoints and resume checks are unchanged. SHARDTUNE_FROZEN_FP32=1 (tests)
- * keeps the ordinary load. */
+ * keeps the ordinary load.
+ * At ZeRO-3 (worker/comm_zero3_dev.c) the same choice for the first stage's frozen base parameters
+ * (st_trainer_z3_frozen_bf16, before the communicator is built: its frozen shard is laid out with their parts in
+ * bf16 only and no fp32 place for them), then each rank reads its parts of them straight into bf16
+ * (st_trainer_z3_read_bf16, a bounded piece at a time through st_safetensors_read_bf16_range), finite-checked and
+ * summed like the streamed load's other parts; st_z3dev_hold_bf16 afterwards adds the frozen parts stored in
+ * another dtype whose values are bf16 values, as before. */
 #include "coordinator/trainer/train_internal.h"
 
 #include <stdlib.h>

@@ -40,10 +40,10 @@ PROGRESSIVE = ('finetune: { mode: progressive, stages: [ {at_step: 0, train_laye
                '{at_step: 2, train_layers: "-2", train_modules: [attn, mlp, norm, head]} ] }\n')
 
 
-def run(job, ranks, ov, env_extra=None, stage=0, loads=None):
+def run(job, ranks, ov, env_extra=None, stage=0, loads=None, peaks=None):
     """A guarded fakedev run; returns ({rank: floats held in bf16 only at `stage`; stage None: {(rank, stage): ...}},
     {rank: device bytes between steps}); loads (a dict) gets {rank: device peak when the status was first asked}
-    (at device ZeRO-3 the load's)."""
+    (at device ZeRO-3 the load's), peaks {rank: ... second asked} (there, resuming, the resume's)."""
     env = dict(dp.ENV, SHARDTUNE_REPORT_LOAD_RSS="1", FAKEDEV_REPORT_MEM="1", **(env_extra or {}))
     args = [FAKE, "--guard", job] + ov
     if ranks > 1:
@@ -60,8 +60,10 @@ def run(job, ranks, ov, env_extra=None, stage=0, loads=None):
     for x in r.stdout.splitlines():
         if x.startswith("fakedev device bytes: rank "):
             dev[int(x.split("rank ")[1].split()[0])] = int(x.split("between steps ")[1].split(";")[0])
+            if peaks is not None:
+                peaks[int(x.split("rank ")[1].split()[0])] = int(x.split("at the second ")[1].split()[0])
             if loads is not None:
-                loads[int(x.split("rank ")[1].split()[0])] = int(x.split("peak at the first status ")[1].split()[0])
+                loads[int(x.split("rank ")[1].split()[0])] = int(x.split("peak at the first status ")[1].split(",")[0])
     return held, dev
 
 
@@ -133,8 +135,8 @@ def main():
                 assert open(os.path.join(ref, "final", name), "rb").read() == \
                     open(os.path.join(res, "final", name), "rb").read(), f"resumed {mode}: final/{name} differs"
             last = sorted(x for x in os.listdir(os.path.join(ref, "checkpoints")) if x.endswith(".h5"))[-1]
-            ia = fb.h5_items(os.path.join(ref, "checkpoints", last))
-            ib = fb.h5_items(os.path.join(res, "checkpoints", last))
+            ia = dp.h5_items(os.path.join(ref, "checkpoints", last))
+            ib = dp.h5_items(os.path.join(res, "checkpoints", last))
             for k in list(ia):
                 if k.startswith("model/") or k.startswith("optim/") or "checksum" in k:
                     assert ia[k] == ib.get(k), f"resumed {mode}: {last} {k} differs"

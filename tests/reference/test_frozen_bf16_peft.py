@@ -114,8 +114,8 @@ def main():
             assert open(os.path.join(ref, "final", name), "rb").read() == \
                 open(os.path.join(res, "final", name), "rb").read(), f"resumed: final/{name} differs"
         last = sorted(x for x in os.listdir(os.path.join(ref, "checkpoints")) if x.endswith(".h5"))[-1]
-        ia = fb.h5_items(os.path.join(ref, "checkpoints", last))
-        ib = fb.h5_items(os.path.join(res, "checkpoints", last))
+        ia = dp.h5_items(os.path.join(ref, "checkpoints", last))
+        ib = dp.h5_items(os.path.join(res, "checkpoints", last))
         for k in list(ia):
             if k.startswith("model/") or k.startswith("optim/") or k == "@adapter_base_checksum":
                 assert ia[k] == ib.get(k), f"resumed: {last} {k} differs"

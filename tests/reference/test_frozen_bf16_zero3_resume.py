@@ -40,8 +40,8 @@ def main():
                 assert open(os.path.join(a, "final", name), "rb").read() == \
                     open(os.path.join(b, "final", name), "rb").read(), f"resumed {mode}: final/{name} differs"
             last = sorted(x for x in os.listdir(os.path.join(a, "checkpoints")) if x.endswith(".h5"))[-1]
-            ia = fb.h5_items(os.path.join(a, "checkpoints", last))
-            ib = fb.h5_items(os.path.join(b, "checkpoints", last))
+            ia = dp.h5_items(os.path.join(a, "checkpoints", last))
+            ib = dp.h5_items(os.path.join(b, "checkpoints", last))
             ia.pop("@job_spec", None)
             ib.pop("@job_spec", None)
             assert ia == ib, f"resumed {mode}: {last} differs: {[k for k in ia if ia[k] != ib.get(k)][:5]}"

@@ -20,7 +20,8 @@
  *    FAKEDEV_REPORT_MEM=1 prints each rank's device bytes at exit: the peak, and the most allocated at a
  *    step boundary (generate / compare: none, 0) (what `shardtune plan` calls the step total); also the gradient reductions (reduce-
  *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap), and the
- *    peak when the status was first asked (device ZeRO-3 training asks once its load is done: the load's peak).
+ *    peaks when the status was first and second asked (device ZeRO-3 training asks once its load is done and,
+ *    resuming, once its resume is: the load's peak, then the resume's).
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
  *    attention_bwd, cross_entropy, adamw_multi) records a failure in the status, on every rank or only on
  *    RANK; the kernel itself still runs (like a GPU kernel whose fault is only seen later).
@@ -57,13 +58,13 @@ static void record(const char *fmt, const char *a, const char *b) {
 }
 
 static size_t dev_bytes, dev_peak, dev_between; /* allocated now, at most, at most at a step boundary */
-static size_t dev_first;  /* the peak when the status was first asked: a device ZeRO-3 trainer asks once its load
-                             is done (train.c setup), so its load's peak */
+static size_t dev_first[2]; /* the peak when the status was first and second asked: a device ZeRO-3 trainer asks
+                               once its load is done (train.c setup) and once its resume is (train_ckpt.c) */
 static int status_rank; /* this rank (read while MPI runs) */
 static int asked;
 
 static int fake_status(void) {
-    if (!asked++) dev_first = dev_peak;
+    if (asked < 2) dev_first[asked++] = dev_peak;
     if (dev_bytes > dev_between) dev_between = dev_bytes; /* the trainer asks at every step boundary */
     status_rank = my_rank();
     if (violations && !failure[0]) record("%s%s", "the fake NCCL's stream order was violated (see above)", "");
@@ -410,7 +411,7 @@ int main(int argc, char **argv) {
     const char *mem = getenv("FAKEDEV_REPORT_MEM");
     if (guard && mem && !strcmp(mem, "1"))
         printf("fakedev device bytes: rank %d peak %zu between steps %zu; gradient reductions %ld, %ld of them "
-               "beside compute; peak at the first status %zu\n", status_rank, dev_peak, dev_between, reductions_run,
-               reductions_overlapped, dev_first);
+               "beside compute; peak at the first status %zu, at the second %zu\n", status_rank, dev_peak, dev_between,
+               reductions_run, reductions_overlapped, dev_first[0], dev_first[1]);
     return rc;
 }

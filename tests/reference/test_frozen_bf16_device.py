@@ -67,8 +67,9 @@ def run(job, ranks, ov, env_extra=None, stage=0, loads=None, peaks=None):
     return held, dev
 
 
-def plan_weights(job, ranks, ov, env_extra):
-    """Each rank's planned weights (bytes) of the first stage, `shardtune plan` run with env_extra set."""
+def plan_weights(job, ranks, ov, env_extra, key="weights"):
+    """Each rank's planned weights (bytes; or another of its bytes, `key`) of the first stage, `shardtune plan` run
+    with env_extra set."""
     old = dict(dp.ENV)
     dp.ENV.update(env_extra)
     try:
@@ -76,7 +77,7 @@ def plan_weights(job, ranks, ov, env_extra):
     finally:
         dp.ENV.clear()
         dp.ENV.update(old)
-    return [r["bytes"]["weights"] for r in p["stages"][0]["ranks"]]
+    return [r["bytes"][key] for r in p["stages"][0]["ranks"]]
 
 
 def main():

@@ -24,10 +24,8 @@ every rank, and so does the plan's load phase (at_load). A source whose config s
 frozen tensor as F32 (one not bf16-exact: never held; one of bf16 values: held by the check after the load, not
 read into bf16) gives the same results as SHARDTUNE_FROZEN_FP32=1, the load holding only the BF16 tensors in bf16.
 """
-import json
 import os
 import shutil
-import struct
 import sys
 import time
 
@@ -48,45 +46,19 @@ def run(job, ranks, ov, env_extra=None, loads=None, peaks=None):
     return fbd.run(job, ranks, ov, env_extra, stage=None, loads=loads, peaks=peaks)
 
 
-def plan_loads(job, ranks, ov, env_extra):
-    """Each rank's planned load phase (at_load, bytes), `shardtune plan` run with env_extra set."""
-    old = dict(dp.ENV)
-    dp.ENV.update(env_extra)
-    try:
-        p = fbd.mem.plan(job, ranks, ov)
-    finally:
-        dp.ENV.clear()
-        dp.ENV.update(old)
-    return [r["bytes"]["at_load"] for r in p["stages"][0]["ranks"]]
-
-
 def mixed_dir(f32, b16, dst, raw, wide):
     """b16 copied to dst (config still bfloat16) with tensor `raw` stored F32 from the fp32 model f32 (not
     bf16-exact) and tensor `wide` stored F32 with its bf16 values widened (exact)."""
     shutil.copytree(b16, dst)
     src = dp.read_safetensors(os.path.join(f32, "model.safetensors"))
-    path = os.path.join(dst, "model.safetensors")
-    raw_bytes = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", raw_bytes[:8])
-    header = json.loads(raw_bytes[8:8 + n])
-    meta = header.pop("__metadata__", None)
-    body, out, blobs, at = raw_bytes[8 + n:], {}, [], 0
-    for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        a, b = e["data_offsets"]
-        r, dtype = body[a:b], "BF16"
+
+    def pick(name, dtype, r):
         if name == raw:
-            r, dtype = np.ascontiguousarray(src[name], dtype="<f4").tobytes(), "F32"
-        elif name == wide:
-            r, dtype = (np.frombuffer(r, dtype="<u2").astype("<u4") << 16).tobytes(), "F32"
-        out[name] = {"dtype": dtype, "shape": e["shape"], "data_offsets": [at, at + len(r)]}
-        blobs.append(r)
-        at += len(r)
-    if meta is not None:
-        out["__metadata__"] = meta
-    h = json.dumps(out).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+            return "F32", np.ascontiguousarray(src[name], dtype="<f4").tobytes()
+        if name == wide:
+            return "F32", (np.frombuffer(r, dtype="<u2").astype("<u4") << 16).tobytes()
+        return dtype, r
+    fb.rewrite_safetensors(os.path.join(dst, "model.safetensors"), pick)
     return dst
 
 
@@ -128,7 +100,7 @@ def main():
                 p_new = fbd.plan_weights(jobs[mode], ranks, pov, {})
                 assert [a - b for a, b in zip(p_ref, p_new)] == saved, \
                     f"{tag}: plan {p_ref} -> {p_new}, measured {saved}"
-                l_ref, l_new = plan_loads(jobs[mode], ranks, pov, fb.KEEP), plan_loads(jobs[mode], ranks, pov, {})
+                l_ref, l_new = (fbd.plan_weights(jobs[mode], ranks, pov, e, "at_load") for e in (fb.KEEP, {}))
                 assert [a - b for a, b in zip(l_ref, l_new)] == load_saved, \
                     f"{tag}: plan's load {l_ref} -> {l_new}, measured {load_saved}"
                 line += ", plan (step and load)"

@@ -110,6 +110,7 @@ int st_comm_init(st_comm *c, MPI_Comm comm, const st_comm_options *opt, const st
     memset(c, 0, sizeof *c);
     c->comm = comm;
     c->bucket_bytes = opt->bucket_bytes;
+    c->z3_pre16 = opt->frozen_bf16;
     MPI_Comm_rank(comm, &c->rank);
     MPI_Comm_size(comm, &c->world);
     if (stage < 0 || stage > 3) return st_fail(ST_ECONFIG, "sharding.stage %d is not supported (0 to 3)", stage);

@@ -187,6 +187,7 @@ typedef struct {
     int shard_zeroed;       /* stage 3: the optimizer zeroed shard_grads as it read them: the restart skips its memset */
     double z3_prof[ST_Z3_PROF_N]; /* stage 3: seconds spent, by where (st_comm_zero3_profile) */
     struct st_z3dev *z3dev; /* stage 3 on a device backend (worker/comm_zero3_dev.h), else NULL */
+    const unsigned char *z3_pre16; /* st_comm_options.frozen_bf16, read by st_z3dev_init only (then NULL) */
     struct st_z2dev *z2dev; /* stage 2 on a device backend (worker/comm_zero2_dev.h), else NULL */
 } st_comm;
 
@@ -202,6 +203,9 @@ int st_comm_node_allgather(MPI_Comm comm, const void *mine, int bytes, unsigned 
 typedef struct {
     int stage;           /* ZeRO stage 0-3 */
     size_t bucket_bytes; /* overlapped reduction / interleaved all-gather bucket size; 0 = 4 MiB when overlapping */
+    /* stage 3 on a device: [n_params] frozen parameters whose parts the load reads straight into bf16 (the
+     * trainer's choice from the files' dtypes, train_frozen16.c; worker/comm_zero3_dev.h), else NULL */
+    const unsigned char *frozen_bf16;
 } st_comm_options;
 
 /* `m` must already have its trainable set (grad_align = world size). */

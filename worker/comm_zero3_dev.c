@@ -126,6 +126,7 @@ struct st_z3dev {
     unsigned char *fb16; /* [n_params] frozen parameter i held in bf16 only (its gathers move bf16), else NULL */
     long *fat;           /* [n_params] frozen parameter i's element k is fmaster[fat[i] + k] (f16[...] when fb16[i]) */
     size_t n16;
+    int held_checked;    /* st_z3dev_hold_bf16 has checked every fp32 frozen part (until st_z3dev_restore_fp32) */
     float **part_base;   /* [n_params] m->part_base (frozen parameters exist), else NULL */
     size_t *runs;        /* [5 * n_params] a group's runs: space (0 compact, 1 frozen, 2 frozen held in bf16 only),
                             space offset, weight offset, length, first parameter */
@@ -1044,6 +1045,63 @@ void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shar
 
 int st_z3dev_supported(const st_model *m) { return !m->n_w16; }
 
+/* This rank's part [*a, *b) of frozen parameter i (element offsets; empty when it keeps none or i is not in
+ * the frozen space). */
+static void frozen_part(const st_comm *c, int i, size_t *a, size_t *b) {
+    const st_param *p = &c->z3dev->m->params[i];
+    *a = *b = 0;
+    if (p->grad_offset >= 0 || c->z3_foff[i] < 0) return;
+    size_t g = (size_t)c->z3_foff[i], s = g > c->flo ? g : c->flo, e = g + p->numel < c->fhi ? g + p->numel : c->fhi;
+    if (e > s) *a = s - g, *b = e - g;
+}
+
+/* The frozen shard laid out with the parts of the parameters flags[i] names held in bf16 only: fat[i] of every
+ * frozen parameter, each of the two buffers (bf16, fp32 with the padding past the last parameter) compacted in
+ * frozen-space order. Element k of i is at fat[i] + k for every k of a run's parameters from i on (gather_run
+ * counts from a run's first parameter): one starting before the shard at -(flo - its offset). Returns the
+ * floats held in bf16. */
+static size_t frozen_compact(const st_comm *c, const unsigned char *flags, long *fat) {
+    const st_model *m = c->z3dev->m;
+    size_t at16 = 0, at32 = 0, a, b;
+    for (int i = 0; i < m->n_params; i++) {
+        if (m->params[i].grad_offset >= 0 || c->z3_foff[i] < 0) continue;
+        frozen_part(c, i, &a, &b);
+        size_t *at = flags[i] ? &at16 : &at32, f = (size_t)c->z3_foff[i];
+        fat[i] = (long)*at - (long)((f > c->flo ? f : c->flo) - f);
+        *at += b - a;
+    }
+    return at16;
+}
+
+/* The load's choice (st_comm_options.frozen_bf16, made from the files' dtypes before anything is allocated):
+ * the frozen parameters whose parts are read straight into bf16 (st_z3dev_put_bf16) get no fp32 place at all;
+ * the ranks agree (a rank that cannot hold names none). Before the frozen shard is allocated, on a model bound
+ * without weights only. 0 or ST_ENOMEM. */
+static int frozen_prehold(st_comm *c, st_model *m) {
+    st_z3dev *z = c->z3dev;
+    const unsigned char *want = c->z3_pre16;
+    int np = m->n_params, any = 0;
+    c->z3_pre16 = NULL; /* the options' array: the trainer's, for this build only */
+    if (!want || np < 1 || (m->weights && !m->weights_tail_only) || m->precision != ST_PRECISION_BF16 || all_train(m) || z->held) return 0;
+    unsigned char ok[np];
+    unsigned char *flags = malloc((size_t)np);
+    for (int i = 0; i < np; i++)
+        ok[i] = flags && want[i] && m->params[i].grad_offset < 0 && c->z3_foff[i] >= 0 && st_model_bf16_storable(m, i);
+    if (MPI_Allreduce(MPI_IN_PLACE, ok, np, MPI_UNSIGNED_CHAR, MPI_MIN, c->comm) != MPI_SUCCESS) memset(ok, 0, (size_t)np);
+    for (int i = 0; i < np; i++) any |= ok[i];
+    if (!any) {
+        free(flags);
+        return 0;
+    }
+    memcpy(flags, ok, (size_t)np);
+    z->fb16 = flags;
+    z->n16 = frozen_compact(c, flags, z->fat);
+    z->f16 = z->n16 ? m->be->alloc(z->n16 * sizeof(uint16_t)) : NULL;
+    if (z->n16 && !z->f16)
+        return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 frozen shard", c->rank, m->be->name);
+    return 0;
+}
+
 /* The frozen space as CPU ranks lay it out (worker/comm.h): the frozen parameters in registry order,
  * padded to the world, this rank's [flo, fhi) of it; c->z3_foff (freed by st_comm_free). */
 static int frozen_layout(st_comm *c, const st_model *m) {
@@ -1078,8 +1136,9 @@ static void cut_shards(st_comm *c, st_model *m, const float *whole) {
         size_t g = frozen ? (size_t)c->z3_foff[i] : (size_t)p->grad_offset, lo = frozen ? c->flo : c->lo;
         size_t hi = frozen ? c->fhi : c->hi;
         float *base = frozen ? z->fmaster : z->master;
-        if (frozen) z->fat[i] = (long)g - (long)lo;
-        if (z->part_base) z->part_base[i] = base ? base + g - lo : NULL; /* element e of i: part_base[i] + e */
+        if (frozen && !z->fb16) z->fat[i] = (long)g - (long)lo; /* else laid out already (frozen_prehold) */
+        float *at = !base || (frozen && z->fb16 && z->fb16[i]) ? NULL : frozen ? base + z->fat[i] : base + g - lo;
+        if (z->part_base) z->part_base[i] = at; /* element e of i: part_base[i] + e; none when held in bf16 only */
         size_t s = g > lo ? g : lo, e = g + p->numel < hi ? g + p->numel : hi;
         int unread = m->weights_tail_only && i < st_model_base_params(m); /* no base in `whole` */
         if (whole && !unread && s < e) be->copy(base + (s - lo), whole + p->offset + (s - g), (e - s) * sizeof(float));
@@ -1126,13 +1185,17 @@ int st_z3dev_init(st_comm *c, st_model *m) {
     be->free(m->weights_bf16);
     m->weights_bf16 = NULL;
     z->master = c->shard ? be->alloc(c->shard * sizeof(float)) : NULL;
-    z->fmaster = c->fshard ? be->alloc(c->fshard * sizeof(float)) : NULL;
+    int prc = frozen_prehold(c, m); /* the parts the load reads straight into bf16: no fp32 place */
+    if (prc) return prc;
+    size_t n32 = c->fshard - z->n16;
+    z->fmaster = n32 ? be->alloc(n32 * sizeof(float)) : NULL;
     size_t np = (size_t)(m->n_params > 0 ? m->n_params : 1);
     z->part_base = every ? NULL : malloc(np * sizeof(float *));
-    if ((c->shard && !z->master) || (c->fshard && !z->fmaster) || (!every && !z->part_base))
+    if ((c->shard && !z->master) || (n32 && !z->fmaster) || (!every && !z->part_base))
         return st_fail(ST_ENOMEM, "rank %d: out of %s memory for the stage-3 shard", c->rank, be->name);
     if (z->master) be->memset0(z->master, c->shard * sizeof(float)); /* the padding past the last parameter */
-    if (z->fmaster) be->memset0(z->fmaster, c->fshard * sizeof(float));
+    if (z->fmaster) be->memset0(z->fmaster, n32 * sizeof(float));
+    if (z->f16) be->memset0(z->f16, z->n16 * sizeof(uint16_t));
     /* m->weights NULL: built without weights (buffers_external), streamed in after; weights_tail_only: the
      * adapters' / prompt's initial values only (attached to such a model), the base streamed in after */
     cut_shards(c, m, m->weights);
@@ -1442,16 +1505,6 @@ void st_z3dev_part_fp32(const st_comm *c, int i, size_t a, size_t n, float *dst,
     else be->copy(dst, src, n * sizeof(float));
 }
 
-/* This rank's part [*a, *b) of frozen parameter i (element offsets; empty when it keeps none or i is not in
- * the frozen space). */
-static void frozen_part(const st_comm *c, int i, size_t *a, size_t *b) {
-    const st_param *p = &c->z3dev->m->params[i];
-    *a = *b = 0;
-    if (p->grad_offset >= 0 || c->z3_foff[i] < 0) return;
-    size_t g = (size_t)c->z3_foff[i], s = g > c->flo ? g : c->flo, e = g + p->numel < c->fhi ? g + p->numel : c->fhi;
-    if (e > s) *a = s - g, *b = e - g;
-}
-
 /* Whether this rank's fp32 part [a, b) of frozen parameter i holds bf16 values only (read a piece at a time). */
 static int part_exact(const st_comm *c, int i, size_t a, size_t b, float *host, size_t cap) {
     for (size_t k = a; k < b; k += cap) {
@@ -1467,53 +1520,59 @@ size_t st_z3dev_hold_bf16(st_comm *c) {
     st_model *m = z->m;
     const st_backend *be = m->be;
     int np = m->n_params;
-    if (z->fb16 || !np || !z->part_base) return z->n16; /* held so already (idempotent); or nothing is frozen */
+    if (z->held_checked || !np || !z->part_base) return z->n16; /* held so already (idempotent); or nothing is frozen */
     unsigned char ok[np + 1];
     size_t cap = (size_t)1 << 16, n16 = 0, a, b;
     float *host = malloc(cap * sizeof(float));
     /* the ranks agree (as on CPU ranks, worker/comm.c st_comm_drop_frozen_fp32): a frozen parameter of the
      * kinds st_model_bf16_only_candidate names whose parts are bf16 values on every rank (a rank that cannot
-     * check names none) */
+     * check names none); those the load read straight into bf16 (frozen_prehold) are so already */
+    int fresh = 0; /* a part not held yet is */
     for (int i = 0; i < np; i++) {
         frozen_part(c, i, &a, &b);
-        ok[i] = host && c->z3_foff[i] >= 0 && m->params[i].grad_offset < 0 && st_model_bf16_only_candidate(m, i) &&
-                part_exact(c, i, a, b, host, cap);
+        int was = z->fb16 && z->fb16[i];
+        ok[i] = was || (host && c->z3_foff[i] >= 0 && m->params[i].grad_offset < 0 && st_model_bf16_only_candidate(m, i) &&
+                        part_exact(c, i, a, b, host, cap));
     }
     int rc = MPI_Allreduce(MPI_IN_PLACE, ok, np, MPI_UNSIGNED_CHAR, MPI_MIN, c->comm), any = 0;
     for (int i = 0; i < np && rc == MPI_SUCCESS; i++) {
         frozen_part(c, i, &a, &b);
         n16 += ok[i] ? b - a : 0;
         any |= ok[i];
+        fresh |= ok[i] && !(z->fb16 && z->fb16[i]);
+    }
+    if (rc == MPI_SUCCESS && any && !fresh) { /* the load's choice was the whole of it */
+        free(host);
+        z->held_checked = 1;
+        return z->n16;
     }
     /* the new layout staged in host memory (the device never holds the fp32 shard and the new buffers at once):
      * the held parts rounded there (exactly), the others and the padding past the last parameter as fp32 */
-    size_t n32 = c->fshard - n16, at16 = 0, at32 = 0;
+    size_t n32 = c->fshard - n16;
+    long *fat = any ? malloc((size_t)np * sizeof(long)) : NULL;
     uint16_t *h16 = any ? malloc(n16 * sizeof(uint16_t) + 2) : NULL;
     float *h32 = any ? calloc(n32 + 1, sizeof(float)) : NULL;
     unsigned char *flags = any ? malloc((size_t)np) : NULL;
-    int good = h16 && h32 && flags; /* a saving, not a need: every rank holds so, or none */
+    int good = fat && h16 && h32 && flags; /* a saving, not a need: every rank holds so, or none */
     if (any) rc = MPI_Allreduce(MPI_IN_PLACE, &good, 1, MPI_INT, MPI_MIN, c->comm);
     if (!any || rc != MPI_SUCCESS || !good) {
-        free(host), free(h16), free(h32), free(flags);
-        return 0;
+        free(host), free(fat), free(h16), free(h32), free(flags);
+        return z->n16; /* what the load held stays so */
     }
-    for (int i = 0; i < np; i++) { /* in frozen-space order: each new buffer compacted */
-        flags[i] = ok[i];
+    memcpy(flags, ok, (size_t)np);
+    frozen_compact(c, flags, fat);
+    for (int i = 0; i < np; i++) { /* from the old layout (st_z3dev_part_fp32 reads it) into the new */
         if (m->params[i].grad_offset >= 0 || c->z3_foff[i] < 0) continue;
         frozen_part(c, i, &a, &b);
         for (size_t k = a; ok[i] && k < b; k += cap) {
             size_t q = b - k < cap ? b - k : cap;
             st_z3dev_part_fp32(c, i, k, q, host, 1);
-            for (size_t j = 0; j < q; j++) h16[at16 + (k - a) + j] = st_float_to_bf16_bits(host[j]);
+            for (size_t j = 0; j < q; j++) h16[fat[i] + (long)k + (long)j] = st_float_to_bf16_bits(host[j]);
         }
-        if (!ok[i]) st_z3dev_part_fp32(c, i, a, b - a, h32 + at32, 1);
-        /* element k of i at fat[i] + k for every k of a run's parameters from i on (gather_run counts from a run's
-         * first parameter): one before the shard at -(flo - its offset) from the buffer's start */
-        size_t *at = ok[i] ? &at16 : &at32, f = (size_t)c->z3_foff[i];
-        z->fat[i] = (long)*at - (long)((f > c->flo ? f : c->flo) - f);
-        *at += b - a;
+        if (!ok[i] && b > a) st_z3dev_part_fp32(c, i, a, b - a, h32 + fat[i] + (long)a, 1);
     }
     be->free(z->fmaster);
+    be->free(z->f16);
     z->fmaster = n32 ? be->alloc(n32 * sizeof(float)) : NULL;
     z->f16 = n16 ? be->alloc(n16 * sizeof(uint16_t)) : NULL;
     if ((n32 && !z->fmaster) || (n16 && !z->f16)) /* smaller than what was just freed: the step reports it */
@@ -1522,12 +1581,26 @@ size_t st_z3dev_hold_bf16(st_comm *c) {
     if (z->fmaster) be->copy_to_device(z->fmaster, h32, n32 * sizeof(float));
     if (z->f16) be->copy_to_device(z->f16, h16, n16 * sizeof(uint16_t));
     free(host), free(h16), free(h32);
+    free(z->fb16);
+    memcpy(z->fat, fat, (size_t)np * sizeof(long));
+    free(fat);
     z->fb16 = flags;
     z->n16 = n16;
+    z->held_checked = 1;
     for (int i = 0; i < np; i++) /* element e of a part kept in fp32 at part_base[i] + e; none for the others */
         if (m->params[i].grad_offset < 0 && c->z3_foff[i] >= 0)
             z->part_base[i] = flags[i] || !z->fmaster ? NULL : z->fmaster + z->fat[i];
     return n16;
+}
+
+int st_z3dev_part_held(const st_comm *c, int i) {
+    const st_z3dev *z = c->z3dev;
+    return z && z->fb16 && z->m->params[i].grad_offset < 0 && z->fb16[i];
+}
+
+void st_z3dev_put_bf16(st_comm *c, int i, size_t a, size_t n, const uint16_t *host) {
+    st_z3dev *z = c->z3dev;
+    if (n) z->m->be->copy_to_device(z->f16 + z->fat[i] + (long)a, host, n * sizeof(uint16_t));
 }
 
 int st_z3dev_restore_fp32(st_comm *c) {
@@ -1552,6 +1625,7 @@ int st_z3dev_restore_fp32(st_comm *c) {
     z->f16 = NULL;
     z->fb16 = NULL;
     z->n16 = 0;
+    z->held_checked = 0;
     z->fmaster = c->fshard ? be->alloc(c->fshard * sizeof(float)) : NULL;
     for (int i = 0; i < m->n_params; i++)
         if (m->params[i].grad_offset < 0 && c->z3_foff[i] >= 0)

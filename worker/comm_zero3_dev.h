@@ -65,6 +65,13 @@ void st_z3dev_drop_detached(st_z3dev *old);
 size_t st_z3dev_hold_bf16(st_comm *c);
 /* Undoes it (a resume writes every part in fp32 again): the frozen shard whole in fp32 again. ST_ENOMEM or 0. */
 int st_z3dev_restore_fp32(st_comm *c);
+/* The load's side (st_comm_options.frozen_bf16: the frozen parameters whose file tensors are BF16, so their values
+ * are bf16 values by construction): those parts are laid out in bf16 only when the communicator is built (the
+ * ranks agree; the fp32 frozen shard is allocated without them), and the load puts their values there:
+ * st_z3dev_part_held says whether parameter i's part is held so, st_z3dev_put_bf16 copies elements [a, a + n) of
+ * this rank's part of it from host bf16 bits. st_z3dev_hold_bf16 then adds what else is exact. */
+int st_z3dev_part_held(const st_comm *c, int i);
+void st_z3dev_put_bf16(st_comm *c, int i, size_t a, size_t n, const uint16_t *host);
 /* The one reader of this rank's parts (the frozen shard's, held in bf16 only or not, and the master shard's):
  * parameter i's elements [a, a + n) of this rank's part copied (fp32) or widened (bf16, exactly) into dst,
  * device memory, or host memory when host != 0. [a, a + n) may run on into the parameters kept next to i in

@@ -124,10 +124,10 @@ static void json_rank(st_strbuf *b, const st_plan *p, const st_stage_plan *sp, i
     st_strbuf_printf(b, "],\"bytes\":{\"weights\":%zu,\"grads\":%zu,\"optim\":%zu,\"comm\":%zu,\"activations\":%zu,"
                         "\"buffers\":%zu,\"total\":%zu,\"at_save\":%zu,\"at_load\":%zu,\"at_ckpt\":%zu,"
                         "\"at_resume\":%zu,\"host_snapshot\":%zu,\"host_save\":%zu,\"host_resume\":%zu,"
-                        "\"teacher\":%zu}}%s",
+                        "\"teacher\":%zu,\"enter_fp32\":%zu}}%s",
                      rp->weights, rp->grads, rp->optim, rp->comm, rp->activations, rp->buffers, rp->total, rp->at_save,
                      rp->at_load, rp->at_ckpt, rp->at_resume, rp->host_snapshot, rp->host_save, rp->host_resume,
-                     rp->teacher,
+                     rp->teacher, rp->enter_fp32,
                      r + 1 < p->world ? "," : "");
 }
 

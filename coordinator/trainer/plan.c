@@ -655,8 +655,11 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
                             .double_quant = c->finetune.qlora.double_quant, .block = c->finetune.qlora.block,
                             .mlp_apart = m->qlora ? st_qlora_mlp_apart(m) : st_plan_qlora_mlp_apart(c, &m->cfg)};
         st_z3dev_floats(m, goff, world, sp->shard, c->precision == ST_PRECISION_BF16, q ? &qs : NULL, &wf, &gf);
-        /* the frozen shard's parts held in bf16 only (st_z3dev_hold_bf16, once the weights are read): 2 bytes a
-         * float; the load, and a resume (st_z3dev_restore_fp32), hold the whole frozen shard in fp32 (the moves
+        /* the frozen shard's parts held in bf16 only: 2 bytes a float. The load reads them straight into bf16
+         * (BF16 file tensors: laid out so when the communicator is built, train_frozen16.c
+         * st_trainer_z3_frozen_bf16; a bf16 source's are), and so does a resume (train_ckpt.c held_exact: the
+         * checkpoint's values of those parts are bf16 values); a stage change (st_z3dev_detach, then the new
+         * communicator until st_z3dev_hold_bf16) holds the whole frozen shard in fp32 (enter_fp32; the moves
          * between the two layouts are staged in host memory) */
         size_t nf = 0;
         for (int i = 0; i < m->n_params; i++) nf += goff[i] < 0 ? m->params[i].numel : 0;
@@ -673,7 +676,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
          * quantized whole on every rank (load_quantized: the whole codes and the compacted buffer, as below
          * stage 3), with the activations and the whole bf16 copy and gradients until the communicator cuts its
          * shards out of them; + an int8 teacher's whole fp32 shard while it is compacted */
-        r->at_load = r->total + teacher_load + moved;
+        r->at_load = r->total + teacher_load + (streams(c) ? 0 : moved); /* progressive: cut from the whole weights */
+        r->enter_fp32 = moved;
         if (q && st_plan_qload_sharded(c, 1)) /* train_qload.c: laid out without the base, the communicator built,
                                                    then each rank's words quantized and its kept parts read: one
                                                    tensor's bytes and scales, a piece, the kept base's 1 Mi-float
@@ -698,7 +702,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
         size_t tail = m->lora || m->prompt ? (m->n_weights - m->n_base_weights) * sizeof(float) : 0;
         r->at_save = r->total + late + tail;
         r->at_ckpt = r->total + late;
-        r->at_resume = r->total + moved;
+        r->at_resume = r->total; /* the checkpoint's bf16 values written straight into the bf16 parts */
         return;
     }
     if (zero == 3) { /* comm.c stage 3: frozen weights, the resident shard, one gathered group (and the next one
@@ -907,7 +911,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
         prev_pad = sp->n_pad;
         /* entering a stage, the gathered old moments coexist first with the old buffers, then the new */
         for (int r = 0; r < world; r++) {
-            size_t held = sp->ranks[r].total;
+            size_t held = sp->ranks[r].total + (i > 0 ? sp->ranks[r].enter_fp32 : 0);
             if (i > 0 && out->stages[i - 1].ranks[r].total > held) held = out->stages[i - 1].ranks[r].total;
             if (held + sp->transition_extra > out->peak) out->peak = held + sp->transition_extra;
         }
@@ -925,7 +929,7 @@ int st_plan_build(const st_config *c, const st_model *m, int world, st_plan *out
             size_t peak = out->stages[0].ranks[r].at_load;
             for (int k = 0; k < out->n_stages; k++) {
                 const st_rank_plan *rp = &out->stages[k].ranks[r];
-                size_t held = rp->total;
+                size_t held = rp->total + (k > 0 ? rp->enter_fp32 : 0); /* the new frozen shard in fp32 first */
                 if (k > 0 && out->stages[k - 1].ranks[r].total > held) held = out->stages[k - 1].ranks[r].total;
                 held += out->stages[k].transition_extra;
                 if (held > peak) peak = held;

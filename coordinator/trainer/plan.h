@@ -119,6 +119,9 @@ typedef struct {
                                  buffers held between steps; not part of rank_peak */
     size_t at_ckpt;           /* held while a checkpoint is written (CPU ranks: from the live buffers, a
                                  bounce window; ZeRO-3: one tensor gathered at a time, no layer working set) */
+    size_t enter_fp32;        /* device ZeRO-3: entering this stage (a stage change), on top of total: the new
+                                 frozen shard whole in fp32 until its parts go back to bf16 only (the other 2
+                                 bytes of each float held so) */
 } st_rank_plan;
 
 typedef struct {

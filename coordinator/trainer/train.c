@@ -19,6 +19,7 @@
 #include "common/util.h"
 #include "checkpoints/ckpt.h"
 #include "checkpoints/model_io.h"
+#include "worker/comm_zero3_dev.h"
 #include "worker/lora.h"
 #include "worker/prompt.h"
 #include "worker/qlora.h"
@@ -347,18 +348,24 @@ static int load_teacher(trainer *t) {
  * that from the safetensors files (ranged reads, converted per piece), checks those values are finite,
  * and the base model's checksum is summed from the ranks' parts (a parameter kept whole on every rank
  * counts on rank 0 only): the number a whole load gives, so resume checks are unchanged. */
+static void keep_fp32(void *ctx, const st_model *m, int i, size_t *a, size_t *b) {
+    st_comm_param_keep(ctx, m, i, a, b);
+    if (st_z3dev_part_held(ctx, i)) *a = *b = 0; /* read straight into bf16 (st_trainer_z3_read_bf16) */
+}
+
 static int load_streamed(trainer *t) {
     const st_config *c = t->cfg;
     st_model *m = &t->model;
-    int rc = st_trainer_agree(t, st_model_load_weights_part(m, c->model.path, st_trainer_keep_part, &t->dp));
-    if (!rc) rc = st_trainer_agree(t, st_model_check_finite_part(m, c->model.path, st_trainer_keep_part, &t->dp));
-    if (rc) return rc;
+    int rc = st_trainer_agree(t, st_model_load_weights_part(m, c->model.path, keep_fp32, &t->dp));
+    if (!rc) rc = st_trainer_agree(t, st_model_check_finite_part(m, c->model.path, keep_fp32, &t->dp));
     uint64_t sum = 0;
+    if (!rc) rc = st_trainer_agree(t, st_trainer_z3_read_bf16(t, &sum)); /* device ZeRO-3: the parts held in bf16 */
+    if (rc) return rc;
     int ok = 1;
     for (int i = 0; i < st_model_base_params(m); i++) {
         const st_param *p = &m->params[i];
         size_t a, b;
-        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        keep_fp32(&t->dp, m, i, &a, &b);
         if (a < b && (st_comm_param_sharded(&t->dp, m, i) || t->rank == 0) &&
             st_trainer_range_checksum(t, p->offset + a, b - a, &sum))
             ok = 0;
@@ -385,7 +392,9 @@ static int prompt_text_rows(trainer *t) {
     st_comm_param_keep(&t->dp, m, 0, &ea, &eb);
     for (int v = 0; !rc && v < V; v++) { /* the ids were checked against the vocabulary at attach */
         size_t s = (size_t)ids[v % n] * C, a = s > ea ? s : ea, b = s + C < eb ? s + C : eb;
-        if (a < b) /* this rank's part of the row, wherever it keeps it (a device ZeRO-3 shard too) */
+        if (a < b && st_z3dev_part_held(&t->dp, 0)) /* a device ZeRO-3 part read in bf16 only: widened */
+            st_z3dev_part_fp32(&t->dp, 0, a, b - a, (float *)(rows + (size_t)v * C + (a - s)), 1);
+        else if (a < b) /* this rank's part of the row, wherever it keeps it (a device ZeRO-3 shard too) */
             m->be->copy_to_host(rows + (size_t)v * C + (a - s), st_model_weight_ptr(m, e0 + a), (b - a) * sizeof(float));
     }
     free(ids);
@@ -620,7 +629,11 @@ static int setup(trainer *t) {
     if (!rc) rc = st_trainer_agree(t, open_run_dir(t));
     if (!rc) rc = start_monitoring(t);
     t->weights_read = !stream && !qshard; /* ZeRO-3: streamed in below, once the communicator exists */
+    /* device ZeRO-3: the frozen parts to read straight into bf16, chosen before the communicator allocates */
+    if (!rc && dev3) rc = st_trainer_agree(t, st_trainer_z3_frozen_bf16(t, &t->z3_frozen16));
     if (!rc) rc = st_trainer_agree(t, st_trainer_enter_stage(t, 0));
+    free(t->z3_frozen16);
+    t->z3_frozen16 = NULL;
     if (!rc && t->teacher_dev && c->distill.teacher_dtype == ST_TEACHER_INT8) { /* packed group by group (collective) */
         rc = st_model_set_int8(&t->teacher, NULL);
         if (!rc) rc = st_z3teach_int8_compact(t->teacher_dev); /* the quantized weights' fp32 values go */
@@ -631,6 +644,7 @@ static int setup(trainer *t) {
     if (!rc && qshard) rc = st_trainer_qload_read(t);
     t->weights_read = 1;
     if (!rc && stream) st_trainer_report_bf16(t, st_trainer_hold_bf16(t)); /* ZeRO-3: the parts just read */
+    if (!rc && dev3) rc = st_trainer_agree(t, t->be->status()); /* a device fault while loading is the load's */
     if (!rc && stream && report && !strcmp(report, "1"))
         fprintf(stderr, "shardtune train: rank %d: resident after holding the frozen parts: %ld kB\n", t->rank, resident_kb());
     if (!rc && report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0)

@@ -16,7 +16,8 @@
 #include "checkpoints/ckpt.h"
 #include "checkpoints/ckpt_internal.h" /* retention and `latest` for the divergence guard */
 #include "checkpoints/model_io.h"
-#include "worker/comm_zero3_dev.h" /* st_z3dev_restore_fp32 */
+#include "kernels/bf16.h"
+#include "worker/comm_zero3_dev.h" /* st_z3dev_restore_fp32, st_z3dev_put_bf16 */
 #include "worker/qlora.h"
 
 /* ---------------- final weights ---------------- */
@@ -102,13 +103,48 @@ static int read_ckpt_parts(trainer *t, const char *path, float **out) {
     return rc;
 }
 
+/* Elements [a, b) of parameter i from host src into this rank's part: its fp32 place, or (device ZeRO-3, a part
+ * held in bf16 only whose values held_exact found bf16 values) rounded, exactly, into its bf16 place a piece at a
+ * time. */
+static void put_part(trainer *t, int i, size_t a, size_t b, const float *src) {
+    if (!st_z3dev_part_held(&t->dp, i)) {
+        t->be->copy_to_device(st_model_part(&t->model, i) + a, src, (b - a) * sizeof(float));
+        return;
+    }
+    uint16_t piece[4096];
+    for (size_t k = a; k < b; k += 4096) {
+        size_t q = b - k < 4096 ? b - k : 4096;
+        for (size_t j = 0; j < q; j++) piece[j] = st_float_to_bf16_bits(src[k - a + j]);
+        st_z3dev_put_bf16(&t->dp, i, k, q, piece);
+    }
+}
+
+/* Device ZeRO-3: whether the values about to be written into every rank's parts held in bf16 only are bf16
+ * values (then they go there straight, the held set the load's: a frozen parameter keeps the base's values);
+ * else the frozen shard gets its fp32 places back first (st_z3dev_restore_fp32). w: this rank's parts packed
+ * (packed) or the whole image. Collective. */
+static int held_exact(trainer *t, const float *w, int packed) {
+    const st_model *m = &t->model;
+    int ok = 1;
+    for (int i = 0; i < m->n_params; i++) {
+        size_t a, b;
+        st_comm_param_keep(&t->dp, m, i, &a, &b);
+        if (b <= a) continue;
+        const float *x = packed ? w : w + m->params[i].offset + a;
+        if (st_z3dev_part_held(&t->dp, i) && !st_model_bf16_exact(x, b - a)) ok = 0;
+        if (packed) w += b - a;
+    }
+    MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, t->comm);
+    return ok;
+}
+
 static void put_ckpt_parts(trainer *t, const float *parts) {
     const st_model *m = &t->model;
     for (int i = 0; i < m->n_params; i++) {
         size_t a, b;
         st_comm_param_keep(&t->dp, m, i, &a, &b);
         if (b <= a) continue;
-        t->be->copy_to_device(st_model_part(m, i) + a, parts, (b - a) * sizeof(float));
+        put_part(t, i, a, b, parts);
         parts += b - a;
     }
 }
@@ -123,7 +159,7 @@ static void put_image_parts(trainer *t, const float *w) {
         size_t a, b;
         if (m->qlora && st_qlora_holds(m, i)) continue;
         st_comm_param_keep(&t->dp, m, i, &a, &b);
-        if (b > a) t->be->copy_to_device(st_model_part(m, i) + a, w + m->params[i].offset + a, (b - a) * sizeof(float));
+        if (b > a) put_part(t, i, a, b, w + m->params[i].offset + a);
     }
 }
 
@@ -363,8 +399,9 @@ static int try_resume(trainer *t, const char *path, int *spoiled) {
                              "job again)", st_error());
         rc = st_trainer_agree(t, rc);
     }
-    /* device ZeRO-3: parts held in bf16 only get their fp32 places back to be written (held so again below) */
-    if (!rc && t->dp.z3dev) rc = st_trainer_agree(t, st_z3dev_restore_fp32(&t->dp));
+    /* device ZeRO-3: parts held in bf16 only are written there straight when the checkpoint's values are bf16
+     * values on every rank, else they get their fp32 places back to be written (held so again below) */
+    if (!rc && t->dp.z3dev && !held_exact(t, w, parts)) rc = st_trainer_agree(t, st_z3dev_restore_fp32(&t->dp));
     if (!rc) {
         const st_backend *be = t->be;
         if (parts) put_ckpt_parts(t, w);
@@ -423,6 +460,7 @@ int st_trainer_resume(trainer *t) {
     struct rusage ru;
     long before = report && !strcmp(report, "1") && getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : -1;
     int rc = resume_any(t);
+    if (!rc && t->dp.z3dev) rc = st_trainer_agree(t, t->be->status()); /* a device fault while resuming is the resume's */
     if (before >= 0 && getrusage(RUSAGE_SELF, &ru) == 0)
         fprintf(stderr, "shardtune train: rank %d: peak RSS before the resume %ld kB, after it %ld kB\n", t->rank, before,
                 ru.ru_maxrss);

@@ -63,6 +63,8 @@ typedef struct {
     st_taskw taskw;       /* multi-task loss weighting (fixed or learned uncertainty) */
     int stage;            /* index of the current stage */
     int weights_read;     /* the model's weights are in (ZeRO-3 streams them after the first stage is entered) */
+    unsigned char *z3_frozen16; /* device ZeRO-3, setup only: the first stage's frozen parameters read straight into
+                                   bf16 (train_frozen16.c st_trainer_z3_frozen_bf16), else NULL */
     int micro, accum, T, slots; /* slots = micro * accum samples per rank per step */
     int32_t *inputs, *targets;
     float *mask, *weight;
@@ -170,6 +172,14 @@ int st_trainer_check_model(const trainer *t, const st_ckpt_info *info, const cha
  * in the bf16 copy only (worker/model.h st_model_bind_frozen_bf16), with the finite check and base_checksum
  * done; *done 0: nothing to hold so (or SHARDTUNE_FROZEN_FP32=1): the caller loads as usual. Not collective. */
 int st_trainer_load_frozen_bf16(trainer *t, int *done);
+/* The same at device ZeRO-3, in two halves around the communicator's build: the first stage's frozen base
+ * parameters that st_model_bf16_storable admits and whose file tensors are BF16 (*out [n_params], NULL when
+ * none or SHARDTUNE_FROZEN_FP32=1; not collective: the communicator agrees, st_comm_options.frozen_bf16), then,
+ * once it is built, this rank's parts of those it holds in bf16 only (worker/comm_zero3_dev.h
+ * st_z3dev_part_held) read straight into them a bounded piece at a time, finite-checked and summed into *sum as
+ * load_streamed sums the others (train.c). */
+int st_trainer_z3_frozen_bf16(trainer *t, unsigned char **out);
+int st_trainer_z3_read_bf16(trainer *t, uint64_t *sum);
 /* Which parts of parameter i this rank keeps (ctx: the communicator, st_comm_param_keep; all of it below ZeRO-3):
  * the streamed loads' st_model_keep_fn. */
 void st_trainer_keep_part(void *ctx, const st_model *m, int i, size_t *a, size_t *b);

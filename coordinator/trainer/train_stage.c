@@ -31,7 +31,8 @@ size_t st_trainer_hold_bf16(trainer *t) {
 int st_trainer_enter_stage(trainer *t, int s) {
     st_optim_config oc = optim_config(t->cfg);
     st_comm_options co = {.stage = t->cfg->sharding.stage,
-                          .bucket_bytes = (size_t)(t->cfg->sharding.bucket_mb * 1048576.0)};
+                          .bucket_bytes = (size_t)(t->cfg->sharding.bucket_mb * 1048576.0),
+                          .frozen_bf16 = t->z3_frozen16};
     int rc = st_comm_reshard_optim(&t->dp, &t->optim, &t->model, t->comm, &co, &oc, t->stages.stages[s].layers,
                                    t->stages.stages[s].modules);
     /* frozen weights of a bf16 source held once, in bf16 (worker/model.h; st_model_set_trainable gave the

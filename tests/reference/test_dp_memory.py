@@ -43,7 +43,7 @@ def plan(job, ranks, overrides):
 
 
 def expected_per_rank(p):
-    """Peak bytes of each rank from the plan: its max over the phases (load, every stage's total + the
+    """Peak bytes of each rank from the plan: its max over the phases (load, every stage's total (+ enter_fp32) + the
     transition into it, a checkpoint, final/ on the final stage), recomputed here from the phase numbers."""
     out = []
     for r in range(p["world"]):
@@ -51,8 +51,8 @@ def expected_per_rank(p):
         for i, s in enumerate(p["stages"]):
             b = s["ranks"][r]["bytes"]
             held = b["total"]
-            if i > 0:
-                held = max(held, p["stages"][i - 1]["ranks"][r]["bytes"]["total"])
+            if i > 0:  # device ZeRO-3: the new frozen shard in fp32 until held in bf16 again
+                held = max(held + b["enter_fp32"], p["stages"][i - 1]["ranks"][r]["bytes"]["total"])
             peak = max(peak, held + s["transition_extra_bytes"], b["at_ckpt"])
         peak = max(peak, p["stages"][p["final_stage"]]["ranks"][r]["bytes"]["at_save"])
         out.append(peak)

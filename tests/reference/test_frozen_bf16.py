@@ -31,10 +31,8 @@ import test_dp_memory as mem  # noqa: E402
 KEEP = {"SHARDTUNE_FROZEN_FP32": "1"}
 
 
-def to_bf16_dir(src, dst):
-    """Copies model dir src to dst with every F32 tensor rounded to BF16 (nearest even)."""
-    shutil.copytree(src, dst)
-    path = os.path.join(dst, "model.safetensors")
+def rewrite_safetensors(path, fn):
+    """Rewrites safetensors file `path` tensor by tensor: fn(name, dtype, raw bytes) -> (dtype, raw bytes)."""
     raw = open(path, "rb").read()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
@@ -43,10 +41,8 @@ def to_bf16_dir(src, dst):
     blobs, at = [], 0
     for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         a, b = e["data_offsets"]
-        assert e["dtype"] == "F32", e
-        u = np.frombuffer(body[a:b], dtype="<u4").astype(np.uint64)
-        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
-        out[name] = {"dtype": "BF16", "shape": e["shape"], "data_offsets": [at, at + len(r)]}
+        dtype, r = fn(name, e["dtype"], body[a:b])
+        out[name] = {"dtype": dtype, "shape": e["shape"], "data_offsets": [at, at + len(r)]}
         blobs.append(r)
         at += len(r)
     if meta is not None:
@@ -55,6 +51,19 @@ def to_bf16_dir(src, dst):
     h += b" " * (-len(h) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def to_bf16(name, dtype, r):
+    """An F32 tensor's bytes rounded to BF16 (nearest even)."""
+    assert dtype == "F32", (name, dtype)
+    u = np.frombuffer(r, dtype="<u4").astype(np.uint64)
+    return "BF16", ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
+
+
+def to_bf16_dir(src, dst):
+    """Copies model dir src to dst with every F32 tensor rounded to BF16 (nearest even)."""
+    shutil.copytree(src, dst)
+    rewrite_safetensors(os.path.join(dst, "model.safetensors"), to_bf16)
     cfg_path = os.path.join(dst, "config.json")
     cfg = json.load(open(cfg_path))
     cfg.pop("dtype", None)

@@ -40,9 +40,10 @@ PROGRESSIVE = ('finetune: { mode: progressive, stages: [ {at_step: 0, train_laye
                '{at_step: 2, train_layers: "-2", train_modules: [attn, mlp, norm, head]} ] }\n')
 
 
-def run(job, ranks, ov, env_extra=None, stage=0):
+def run(job, ranks, ov, env_extra=None, stage=0, loads=None, peaks=None):
     """A guarded fakedev run; returns ({rank: floats held in bf16 only at `stage`; stage None: {(rank, stage): ...}},
-    {rank: device bytes between steps})."""
+    {rank: device bytes between steps}); loads (a dict) gets {rank: device peak when the status was first asked}
+    (at device ZeRO-3 the load's), peaks {rank: ... second asked} (there, resuming, the resume's)."""
     env = dict(dp.ENV, SHARDTUNE_REPORT_LOAD_RSS="1", FAKEDEV_REPORT_MEM="1", **(env_extra or {}))
     args = [FAKE, "--guard", job] + ov
     if ranks > 1:
@@ -59,11 +60,16 @@ def run(job, ranks, ov, env_extra=None, stage=0):
     for x in r.stdout.splitlines():
         if x.startswith("fakedev device bytes: rank "):
             dev[int(x.split("rank ")[1].split()[0])] = int(x.split("between steps ")[1].split(";")[0])
+            if peaks is not None:
+                peaks[int(x.split("rank ")[1].split()[0])] = int(x.split("at the second ")[1].split()[0])
+            if loads is not None:
+                loads[int(x.split("rank ")[1].split()[0])] = int(x.split("peak at the first status ")[1].split(",")[0])
     return held, dev
 
 
-def plan_weights(job, ranks, ov, env_extra):
-    """Each rank's planned weights (bytes) of the first stage, `shardtune plan` run with env_extra set."""
+def plan_weights(job, ranks, ov, env_extra, key="weights"):
+    """Each rank's planned weights (bytes; or another of its bytes, `key`) of the first stage, `shardtune plan` run
+    with env_extra set."""
     old = dict(dp.ENV)
     dp.ENV.update(env_extra)
     try:
@@ -71,7 +77,7 @@ def plan_weights(job, ranks, ov, env_extra):
     finally:
         dp.ENV.clear()
         dp.ENV.update(old)
-    return [r["bytes"]["weights"] for r in p["stages"][0]["ranks"]]
+    return [r["bytes"][key] for r in p["stages"][0]["ranks"]]
 
 
 def main():

@@ -19,8 +19,10 @@
  *    MPI when the compute stream waits; a stream-order violation is printed and recorded in the status).
  *    FAKEDEV_REPORT_MEM=1 prints each rank's device bytes at exit: the peak, and the most allocated at a
  *    step boundary (generate / compare: none, 0) (what `shardtune plan` calls the step total); also the gradient reductions (reduce-
- *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap), and device
- *    ZeRO-3's head-block gathers and the head passes they served (worker/comm_zero3_dev.h st_z3dev_head_counts).
+ *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap), device
+ *    ZeRO-3's head-block gathers and the head passes they served (worker/comm_zero3_dev.h st_z3dev_head_counts),
+ *    and the peaks when the status was first and second asked (device ZeRO-3 training asks once its load is done
+ *    and, resuming, once its resume is: the load's peak, then the resume's).
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
  *    attention_bwd, cross_entropy (the LM head's loss kernels too: cross_entropy_acc, xent_block_loss),
  *    adamw_multi) records a failure in the status, on every rank or only on
@@ -59,9 +61,13 @@ static void record(const char *fmt, const char *a, const char *b) {
 }
 
 static size_t dev_bytes, dev_peak, dev_between; /* allocated now, at most, at most at a step boundary */
+static size_t dev_first[2]; /* the peak when the status was first and second asked: a device ZeRO-3 trainer asks
+                               once its load is done (train.c setup) and once its resume is (train_ckpt.c) */
 static int status_rank; /* this rank (read while MPI runs) */
+static int asked;
 
 static int fake_status(void) {
+    if (asked < 2) dev_first[asked++] = dev_peak;
     if (dev_bytes > dev_between) dev_between = dev_bytes; /* the trainer asks at every step boundary */
     status_rank = my_rank();
     if (violations && !failure[0]) record("%s%s", "the fake NCCL's stream order was violated (see above)", "");
@@ -416,7 +422,8 @@ int main(int argc, char **argv) {
     st_z3dev_head_counts(&gathers, &passes);
     if (guard && mem && !strcmp(mem, "1"))
         printf("fakedev device bytes: rank %d peak %zu between steps %zu; gradient reductions %ld, %ld of them "
-               "beside compute; head blocks gathered %ld in %ld head passes\n", status_rank, dev_peak, dev_between,
-               reductions_run, reductions_overlapped, gathers, passes);
+               "beside compute; head blocks gathered %ld in %ld head passes; peak at the first status %zu, at the "
+               "second %zu\n", status_rank, dev_peak, dev_between, reductions_run, reductions_overlapped, gathers, passes,
+               dev_first[0], dev_first[1]);
     return rc;
 }

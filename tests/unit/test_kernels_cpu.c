@@ -125,6 +125,13 @@ static void test_attention_cached(void **state) {
         float *qkv = frand((size_t)ROWS * stride, 2.0), *kc = frand(cache, 2.0), *vc = frand(cache, 1.0);
         float *out = frand((size_t)ROWS * H * HD, 1.0);
         be->kv_store(kc, vc, qkv, seq, pos, ROWS, H, KVH, HD, MT);
+        for (int i = 0; i < ROWS; i++) /* the layout [S, KVH, MT, HD]: row i's kv head g at its own slot */
+            for (int g = 0; g < KVH; g++) {
+                size_t slot = (((size_t)seq[i] * KVH + (size_t)g) * MT + (size_t)pos[i]) * HD;
+                const float *k = qkv + (size_t)i * stride + (size_t)(H + g) * HD;
+                assert_memory_equal(kc + slot, k, HD * sizeof(float));
+                assert_memory_equal(vc + slot, k + kvd, HD * sizeof(float));
+            }
         double *want = dzeros((size_t)ROWS * H * HD);
         for (int i = 0; i < ROWS; i++)
             for (int hi = 0; hi < H; hi++) {

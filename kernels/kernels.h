@@ -241,7 +241,8 @@ struct st_backend {
     void (*round_bf16)(float *x, size_t n);
 
     /* ---- decoding with a KV cache (worker/generate.c) ----
-     * Caches kcache/vcache are [S, max_t, KVH*hd]: sequence s, position p. `rows` tokens are in flight;
+     * Caches kcache/vcache are [S, KVH, max_t, hd]: sequence s, kv head g, position p (a head's keys
+     * and values contiguous by position). `rows` tokens are in flight;
      * token i belongs to sequence row_seq[i] at position row_pos[i] (both int32 arrays in backend memory).
      * kv_store: copies each token's k and v heads from packed qkv [rows, (H+2*KVH)*hd] into the caches.
      * attention_cached: out[rows, H*hd] = for each token and query head (GQA as above), softmax over keys

@@ -70,7 +70,7 @@ typedef struct {
     const uint16_t *wte16, *head16;                  /* held in bf16 only, or NULL */
     const st_gen_hold *hold;                         /* st_gen_params.hold */
     float *wide;                                     /* backend: a held layer unit widened (prefill chunks) */
-    float *kc, *vc;                                  /* [L, S, max_t, KVD] */
+    float *kc, *vc;                                  /* [L, S, KVH, max_t, hd] */
     float *x, *ln, *qkv, *att, *h1, *h2, *mean, *rstd, *selx, *seln, *logits; /* backend, per row */
     float *qk_x, *qk_rstd;                           /* backend: Qwen3 q/k norm scratch (qk_norm only) */
     float *gcos, *gsin;                              /* backend [R, hd/2]: the rows' rotations */

@@ -22,14 +22,21 @@
  * T x T square to about one tile per row. */
 #define PREFILL_TILE 128
 
+/* Offset of (sequence seq, kv head g, position p) in a [S, KVH, max_t, hd] cache (kernels.h). */
+static inline size_t kv_slot(int seq, int g, int p, int kvh, int hd, int max_t) {
+    return (((size_t)seq * kvh + (size_t)g) * max_t + (size_t)p) * hd;
+}
+
 void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32_t *row_seq, const int32_t *row_pos,
                      int rows, int h, int kvh, int hd, int max_t) {
     size_t kvd = (size_t)kvh * hd, stride = (size_t)(h + 2 * kvh) * hd;
     for (int i = 0; i < rows; i++) {
-        size_t slot = ((size_t)row_seq[i] * max_t + (size_t)row_pos[i]) * kvd;
         const float *k = qkv + (size_t)i * stride + (size_t)h * hd;
-        memcpy(kcache + slot, k, kvd * sizeof(float));
-        memcpy(vcache + slot, k + kvd, kvd * sizeof(float));
+        for (int g = 0; g < kvh; g++) {
+            size_t slot = kv_slot(row_seq[i], g, row_pos[i], kvh, hd, max_t);
+            memcpy(kcache + slot, k + (size_t)g * hd, (size_t)hd * sizeof(float));
+            memcpy(vcache + slot, k + kvd + (size_t)g * hd, (size_t)hd * sizeof(float));
+        }
     }
 }
 
@@ -37,34 +44,33 @@ void st_cpu_kv_store(float *kcache, float *vcache, const float *qkv, const int32
 static inline int first_key(int p, int window) { return window > 0 && p >= window ? p - window + 1 : 0; }
 
 /* A decode step's cached keys and values arrive from memory (the weights streamed since the last step
- * have pushed them out of the caches), one head's slice of hd floats per position at a stride of kv_heads
- * x hd: a stride the hardware prefetcher follows late, so the loops over positions prefetch the slice
- * KEYS_AHEAD positions ahead (no effect on the arithmetic). */
+ * have pushed them out of the caches). A kv head's keys (values) are contiguous by position, one stream
+ * per head. The loops over positions prefetch KEYS_AHEAD (VALUES_AHEAD) positions ahead (no effect on
+ * the arithmetic): a help when the slices were strided; on the contiguous streams it measured neutral. */
 #define KEYS_AHEAD 16
 #define VALUES_AHEAD 64
 static inline void prefetch_slice(const float *p, int n) {
     for (int b = 0; b < n * (int)sizeof(float); b += 64) __builtin_prefetch((const char *)p + b);
 }
 
-/* o[hd] = sum_j p[j] v_j (v_j: row j of vb, stride kvd), keys in order for every element. A chunk of
+/* o[hd] = sum_j p[j] v_j (v_j: row j of vb, stride hd), keys in order for every element. A chunk of
  * VALUE_CHUNK output dims stays in registers over all the keys (the same sums as an axpy per key, which
  * would store and reload o for every key). */
 #define VALUE_CHUNK 64
-static void weigh_values(float *restrict o, const float *restrict p, const float *restrict vb, int nk, size_t kvd,
-                         int hd) {
+static void weigh_values(float *restrict o, const float *restrict p, const float *restrict vb, int nk, int hd) {
     for (int d0 = 0; d0 < hd; d0 += VALUE_CHUNK) {
         int w = hd - d0 < VALUE_CHUNK ? hd - d0 : VALUE_CHUNK;
         float acc[VALUE_CHUNK] = {0};
         if (w == VALUE_CHUNK)
             for (int j = 0; j < nk; j++) {
-                const float *restrict v = vb + (size_t)j * kvd + d0;
-                if (j + VALUES_AHEAD < nk) prefetch_slice(v + VALUES_AHEAD * kvd, VALUE_CHUNK);
+                const float *restrict v = vb + (size_t)j * hd + d0;
+                if (j + VALUES_AHEAD < nk) prefetch_slice(v + VALUES_AHEAD * hd, VALUE_CHUNK);
                 for (int d = 0; d < VALUE_CHUNK; d++) acc[d] += p[j] * v[d];
             }
         else
             for (int j = 0; j < nk; j++) {
-                const float *restrict v = vb + (size_t)j * kvd + d0;
-                if (j + VALUES_AHEAD < nk) prefetch_slice(v + VALUES_AHEAD * kvd, w);
+                const float *restrict v = vb + (size_t)j * hd + d0;
+                if (j + VALUES_AHEAD < nk) prefetch_slice(v + VALUES_AHEAD * hd, w);
                 for (int d = 0; d < w; d++) acc[d] += p[j] * v[d];
             }
         memcpy(o + d0, acc, (size_t)w * sizeof(float));
@@ -74,28 +80,28 @@ static void weigh_values(float *restrict o, const float *restrict p, const float
 /* Row i (sequence seq, position p), query head hi, over its keys one by one (the score row on the stack). */
 static void attend_row(float *out, const float *qkv, const float *kcache, const float *vcache, int seq, int p, int i,
                        int hi, int h, int kvh, int hd, int max_t, int window) {
-    size_t kvd = (size_t)kvh * hd, stride = (size_t)(h + 2 * kvh) * hd;
+    size_t stride = (size_t)(h + 2 * kvh) * hd;
     float scale = 1.0f / sqrtf((float)hd);
     int first = first_key(p, window), nk = p + 1 - first; /* >= 1: the row's own key */
     if (nk < 1) return;
     float s[nk];
     const float *q = qkv + (size_t)i * stride + (size_t)hi * hd;
-    size_t base = ((size_t)seq * max_t + (size_t)first) * kvd + (size_t)(hi / (h / kvh)) * hd;
+    size_t base = kv_slot(seq, hi / (h / kvh), first, kvh, hd, max_t);
     const float *kb = kcache + base, *vb = vcache + base;
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
-        const float *k0 = kb + (size_t)j * kvd;
-        for (int t = 0; t < 4 && j + KEYS_AHEAD + t < nk; t++) prefetch_slice(k0 + (KEYS_AHEAD + t) * kvd, hd);
+        const float *k0 = kb + (size_t)j * hd;
+        for (int t = 0; t < 4 && j + KEYS_AHEAD + t < nk; t++) prefetch_slice(k0 + (KEYS_AHEAD + t) * hd, hd);
         float d4[4];
-        st_cpu_dot4(d4, q, k0, k0 + kvd, k0 + 2 * kvd, k0 + 3 * kvd, hd);
+        st_cpu_dot4(d4, q, k0, k0 + hd, k0 + 2 * hd, k0 + 3 * hd, hd);
         for (int r = 0; r < 4; r++) s[j + r] = d4[r] * scale;
     }
-    for (; j < nk; j++) s[j] = st_cpu_dot(q, kb + (size_t)j * kvd, hd) * scale;
+    for (; j < nk; j++) s[j] = st_cpu_dot(q, kb + (size_t)j * hd, hd) * scale;
     float mx = st_cpu_max(s, nk);
     for (j = 0; j < nk; j++) s[j] = st_cpu_expf(s[j] - mx);
     float inv = 1.0f / st_cpu_sum(s, nk);
     for (j = 0; j < nk; j++) s[j] *= inv;
-    weigh_values(out + (size_t)i * h * hd + (size_t)hi * hd, s, vb, nk, kvd, hd);
+    weigh_values(out + (size_t)i * h * hd + (size_t)hi * hd, s, vb, nk, hd);
 }
 
 /* A decode item's score rows on the stack at most (floats): past it the heads go one by one. */
@@ -110,31 +116,31 @@ static void attend_group(float *out, const float *qkv, const float *kcache, cons
         for (int r = 0; r < G; r++) attend_row(out, qkv, kcache, vcache, seq, p, i, g * G + r, h, kvh, hd, max_t, window);
         return;
     }
-    size_t kvd = (size_t)kvh * hd, stride = (size_t)(h + 2 * kvh) * hd;
+    size_t stride = (size_t)(h + 2 * kvh) * hd;
     float scale = 1.0f / sqrtf((float)hd);
     float s[G * nk];
     const float *q = qkv + (size_t)i * stride + (size_t)g * G * hd;
-    size_t base = ((size_t)seq * max_t + (size_t)first) * kvd + (size_t)g * hd;
+    size_t base = kv_slot(seq, g, first, kvh, hd, max_t);
     const float *kb = kcache + base, *vb = vcache + base;
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
-        const float *k0 = kb + (size_t)j * kvd;
-        for (int t = 0; t < 4 && j + KEYS_AHEAD + t < nk; t++) prefetch_slice(k0 + (KEYS_AHEAD + t) * kvd, hd);
+        const float *k0 = kb + (size_t)j * hd;
+        for (int t = 0; t < 4 && j + KEYS_AHEAD + t < nk; t++) prefetch_slice(k0 + (KEYS_AHEAD + t) * hd, hd);
         for (int r = 0; r < G; r++) {
             float d4[4];
-            st_cpu_dot4(d4, q + (size_t)r * hd, k0, k0 + kvd, k0 + 2 * kvd, k0 + 3 * kvd, hd);
+            st_cpu_dot4(d4, q + (size_t)r * hd, k0, k0 + hd, k0 + 2 * hd, k0 + 3 * hd, hd);
             for (int t = 0; t < 4; t++) s[(size_t)r * nk + j + t] = d4[t] * scale;
         }
     }
     for (; j < nk; j++)
-        for (int r = 0; r < G; r++) s[(size_t)r * nk + j] = st_cpu_dot(q + (size_t)r * hd, kb + (size_t)j * kvd, hd) * scale;
+        for (int r = 0; r < G; r++) s[(size_t)r * nk + j] = st_cpu_dot(q + (size_t)r * hd, kb + (size_t)j * hd, hd) * scale;
     for (int r = 0; r < G; r++) {
         float *sr = s + (size_t)r * nk;
         float mx = st_cpu_max(sr, nk);
         for (j = 0; j < nk; j++) sr[j] = st_cpu_expf(sr[j] - mx);
         float inv = 1.0f / st_cpu_sum(sr, nk);
         for (j = 0; j < nk; j++) sr[j] *= inv;
-        weigh_values(out + (size_t)i * h * hd + (size_t)(g * G + r) * hd, sr, vb, nk, kvd, hd);
+        weigh_values(out + (size_t)i * h * hd + (size_t)(g * G + r) * hd, sr, vb, nk, hd);
     }
 }
 
@@ -143,12 +149,12 @@ static void attend_group(float *out, const float *qkv, const float *kcache, cons
  * rest 0), O = P V. s: scratch [n, nk]. */
 static void attend_run(float *out, const float *qkv, const float *kcache, const float *vcache, int seq, int r0,
                        int p0, int n, int hi, int h, int kvh, int hd, int max_t, int window, float *s) {
-    size_t kvd = (size_t)kvh * hd, stride = (size_t)(h + 2 * kvh) * hd;
+    size_t stride = (size_t)(h + 2 * kvh) * hd;
     int lo = first_key(p0, window), nk = p0 + n - lo;
-    size_t base = ((size_t)seq * max_t + (size_t)lo) * kvd + (size_t)(hi / (h / kvh)) * hd;
+    size_t base = kv_slot(seq, hi / (h / kvh), lo, kvh, hd, max_t);
     const float *q = qkv + (size_t)r0 * stride + (size_t)hi * hd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nk, hd, 1.0f / sqrtf((float)hd), q, (int)stride,
-                kcache + base, (int)kvd, 0.0f, s, nk);
+                kcache + base, hd, 0.0f, s, nk);
     for (int i = 0; i < n; i++) {
         float *row = s + (size_t)i * nk;
         int a = first_key(p0 + i, window) - lo, b = p0 + i - lo + 1; /* keys [a, b) */
@@ -159,7 +165,7 @@ static void attend_run(float *out, const float *qkv, const float *kcache, const 
         for (int j = a; j < b; j++) row[j] *= inv;
         for (int j = b; j < nk; j++) row[j] = 0.0f;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, nk, 1.0f, s, nk, vcache + base, (int)kvd, 0.0f,
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, nk, 1.0f, s, nk, vcache + base, hd, 0.0f,
                 out + (size_t)r0 * h * hd + (size_t)hi * hd, h * hd);
 }
 

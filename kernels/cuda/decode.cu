@@ -23,8 +23,8 @@ __global__ void kv_store_kernel(float *kc, float *vc, const float *qkv, const in
     size_t kvd = (size_t)kvh * hd, total = (size_t)rows * kvd, stride = (size_t)(h + 2 * kvh) * hd;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
-        size_t i = idx / kvd, e = idx % kvd;
-        size_t slot = ((size_t)row_seq[i] * max_t + (size_t)row_pos[i]) * kvd + e;
+        size_t i = idx / kvd, e = idx % kvd, g = e / hd; /* [S, KVH, max_t, hd]: kv head g's slice */
+        size_t slot = (((size_t)row_seq[i] * kvh + g) * max_t + (size_t)row_pos[i]) * hd + e % hd;
         const float *src = qkv + i * stride + (size_t)h * hd + e;
         kc[slot] = src[0];
         vc[slot] = src[kvd];
@@ -48,13 +48,13 @@ __global__ void attention_cached_kernel(float *out, const float *qkv, const floa
     long w = (long)blockIdx.x * ST_DECODE_WARPS + warp;
     if (w >= (long)rows * h) return; /* whole warps leave together: only __syncwarp below */
     int i = (int)(w / h), hi = (int)(w % h);
-    size_t stride = (size_t)(h + 2 * kvh) * hd, kvd = (size_t)kvh * hd;
+    size_t stride = (size_t)(h + 2 * kvh) * hd;
     const float *q = qkv + (size_t)i * stride + (size_t)hi * hd;
     for (int d = lane; d < hd; d += 32) qs[warp][d] = q[d];
     __syncwarp();
     int k0 = window > 0 && row_pos[i] >= window ? row_pos[i] - window + 1 : 0; /* sliding window */
     int nk = row_pos[i] + 1 - k0;
-    size_t base = ((size_t)row_seq[i] * max_t + (size_t)k0) * kvd + (size_t)(hi / (h / kvh)) * hd;
+    size_t base = (((size_t)row_seq[i] * kvh + (size_t)(hi / (h / kvh))) * max_t + (size_t)k0) * hd;
     const float *kb = kc + base, *vb = vc + base;
     float m = -INFINITY, l = 0.0f, acc[ST_DECODE_MAX_HD / 32];
     for (int c = 0; c < ST_DECODE_MAX_HD / 32; c++) acc[c] = 0.0f;
@@ -62,7 +62,7 @@ __global__ void attention_cached_kernel(float *out, const float *qkv, const floa
         int j = j0 + lane;
         float s = -INFINITY;
         if (j < nk) {
-            const float *k = kb + (size_t)j * kvd;
+            const float *k = kb + (size_t)j * hd;
             float dot = 0.0f;
             for (int d = 0; d < hd; d++) dot += qs[warp][d] * k[d];
             s = dot * scale;
@@ -75,7 +75,7 @@ __global__ void attention_cached_kernel(float *out, const float *qkv, const floa
         int cnt = nk - j0 < 32 ? nk - j0 : 32;
         for (int jj = 0; jj < cnt; jj++) {
             float pj = __shfl_sync(0xffffffffu, p, jj);
-            const float *v = vb + (size_t)(j0 + jj) * kvd;
+            const float *v = vb + (size_t)(j0 + jj) * hd;
             for (int c = 0; c < ST_DECODE_MAX_HD / 32; c++) {
                 int d = lane + 32 * c;
                 if (d < hd) acc[c] += pj * v[d];

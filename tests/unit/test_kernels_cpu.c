@@ -126,23 +126,30 @@ static void test_attention_cached(void **state) {
         float *qkv = frand((size_t)ROWS * stride, 2.0), *kc = frand(cache, 2.0), *vc = frand(cache, 1.0);
         float *out = frand((size_t)ROWS * H * HD, 1.0);
         be->kv_store(kc, vc, qkv, seq, pos, ROWS, H, KVH, HD, MT);
+        for (int i = 0; i < ROWS; i++) /* the layout [S, KVH, MT, HD]: row i's kv head g at its own slot */
+            for (int g = 0; g < KVH; g++) {
+                size_t slot = (((size_t)seq[i] * KVH + (size_t)g) * MT + (size_t)pos[i]) * HD;
+                const float *k = qkv + (size_t)i * stride + (size_t)(H + g) * HD;
+                assert_memory_equal(kc + slot, k, HD * sizeof(float));
+                assert_memory_equal(vc + slot, k + kvd, HD * sizeof(float));
+            }
         double *want = dzeros((size_t)ROWS * H * HD);
         for (int i = 0; i < ROWS; i++)
             for (int hi = 0; hi < H; hi++) {
                 int lo = window > 0 && pos[i] >= window ? pos[i] - window + 1 : 0, nk = pos[i] + 1 - lo;
                 double sc[MT], mx = -INFINITY, z = 0;
                 const float *q = qkv + (size_t)i * stride + (size_t)hi * HD;
-                size_t base = ((size_t)seq[i] * MT + (size_t)lo) * kvd + (size_t)(hi / (H / KVH)) * HD;
+                size_t base = (((size_t)seq[i] * KVH + (size_t)(hi / (H / KVH))) * MT + (size_t)lo) * HD; /* [S, KVH, MT, HD] */
                 for (int j = 0; j < nk; j++) {
                     double d = 0;
-                    for (int t = 0; t < HD; t++) d += (double)q[t] * kc[base + (size_t)j * kvd + t];
+                    for (int t = 0; t < HD; t++) d += (double)q[t] * kc[base + (size_t)j * HD + t];
                     sc[j] = d / sqrt((double)HD);
                     if (sc[j] > mx) mx = sc[j];
                 }
                 for (int j = 0; j < nk; j++) z += sc[j] = exp(sc[j] - mx);
                 for (int j = 0; j < nk; j++)
                     for (int t = 0; t < HD; t++)
-                        want[((size_t)i * H + hi) * HD + t] += sc[j] / z * vc[base + (size_t)j * kvd + t];
+                        want[((size_t)i * H + hi) * HD + t] += sc[j] / z * vc[base + (size_t)j * HD + t];
             }
         be->attention_cached(out, qkv, kc, vc, seq, pos, ROWS, H, KVH, HD, MT, window);
         ASSERT_CLOSE(out, want, (size_t)ROWS * H * HD, 1e-5, window ? "attention_cached (window 7)" : "attention_cached");

@@ -11,8 +11,10 @@
 #   scripts/ab_train_bits.sh BASE_BUILD [BUILD]   e.g. build main once: git worktree add /tmp/base main;
 #                                                 cmake -S /tmp/base -B /tmp/base/build ...; then
 #                                                 scripts/ab_train_bits.sh /tmp/base/build build
-#   env: FAMILIES ("gpt2 llama"), MODES ("full lora frozen"), STAGES ("0 1 2 3"), RANKS ("1 2 3"),
-#        ACCUMS ("1 3"), EXTRA (1: the extra rows, default 1)
+#   env: FAMILIES ("gpt2 llama"), MODES ("full lora frozen"; also progressive: unfreeze_every 1, a stage
+#        change at steps 1 and 2), STAGES ("0 1 2 3"), RANKS ("1 2 3"), ACCUMS ("1 3"), EXTRA (1: the extra
+#        rows, default 1), PRECISION (fp32 | bf16, default fp32), DEVICE (1: each build's fakedev, a device
+#        rank, instead of a host one), RESUME (1: each run stopped after step 2, a checkpoint saved, and resumed)
 set -euo pipefail -f
 BASE=${1:?usage: scripts/ab_train_bits.sh BASE_BUILD [BUILD]}
 BUILD=${2:-build}
@@ -21,7 +23,11 @@ A=$BASE/shardtune B=$BUILD/shardtune
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 PY=${ST_PYTHON:-/usr/bin/python3}
 FAMILIES=${FAMILIES:-gpt2 llama} MODES=${MODES:-full lora frozen} STAGES=${STAGES:-0 1 2 3}
-RANKS=${RANKS:-1 2 3} ACCUMS=${ACCUMS:-1 3} EXTRA=${EXTRA:-1}
+RANKS=${RANKS:-1 2 3} ACCUMS=${ACCUMS:-1 3} EXTRA=${EXTRA:-1} PRECISION=${PRECISION:-fp32} DEVICE=${DEVICE:-0}
+RESUME=${RESUME:-0}
+if [ "$DEVICE" = 1 ]; then
+  [ -x "$BASE/fakedev" ] && [ -x "$BUILD/fakedev" ] || { echo "no fakedev in $BASE or $BUILD" >&2; exit 2; }
+fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
@@ -48,16 +54,25 @@ mode_args() { # FAMILY MODE
   case $2 in
     full) ;;
     frozen) echo "finetune.mode=frozen finetune.train_layers=-1" ;;
+    progressive) echo "finetune.mode=progressive finetune.unfreeze_every=1" ;;
     lora) if [ "$1" = gpt2 ]; then echo "finetune.mode=lora finetune.lora.targets=[c_attn,c_proj,c_fc]"
           else echo "finetune.mode=lora"; fi ;;
   esac
 }
 
-# one LABEL BIN RUN_DIR NP ENV [overrides]
+# one BIN RUN_DIR NP ENV [overrides]: a host rank's `shardtune train`, or (DEVICE=1) the build's fakedev;
+# RESUME=1: 2 steps with a checkpoint, then resumed to the end in the same run directory
 one() {
   local bin=$1 rd=$2 np=$3 envs=$4
   shift 4
-  env $envs mpirun --oversubscribe -np "$np" "$bin" train "$T/job.yaml" run_dir="$rd" "$@" >/dev/null 2>"$rd.err"
+  local cmd=("$bin" train)
+  [ "$DEVICE" = 1 ] && cmd=("$(dirname "$bin")/fakedev" --guard)
+  if [ "$RESUME" = 1 ]; then
+    env $envs mpirun --oversubscribe -np "$np" "${cmd[@]}" "$T/job.yaml" run_dir="$rd" precision="$PRECISION" "$@" \
+      train.steps=2 checkpoint.every_steps=2 >/dev/null 2>"$rd.err0" || return 1
+  fi
+  env $envs mpirun --oversubscribe -np "$np" "${cmd[@]}" "$T/job.yaml" run_dir="$rd" precision="$PRECISION" "$@" \
+    >/dev/null 2>"$rd.err"
 }
 
 # the rows: "FAMILY MODE STAGE NP ACCUM ENV"
@@ -69,7 +84,7 @@ if [ "$EXTRA" = 1 ]; then
   rows+=("llama full 2 3 3 SHARDTUNE_ZERO2_FULL_GRADS=1" "gpt2 lora 2 2 3 SHARDTUNE_ZERO2_FULL_GRADS=1"
          "llama full 3 3 3 overlap=false" "llama full 1 3 3 overlap=false" "llama full 2 3 3 overlap=false")
 fi
-echo "A: $A  B: $B; ${#rows[@]} configurations; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "A: $A  B: $B; precision $PRECISION, device $DEVICE, resume $RESUME; ${#rows[@]} configurations; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 same=0 differ=0 failed=0 unclipped=0 i=0
 for row in "${rows[@]}"; do
   read -r f mo s np ac ex <<<"$row"

@@ -360,7 +360,9 @@ static size_t tensor_io_bytes(const st_model *m) {
 int st_plan_streams(const st_config *c) {
     if (c->sharding.stage != 3) return 0;
     switch (c->finetune.mode) {
-    case ST_FINETUNE_FULL: case ST_FINETUNE_FROZEN: return 1;
+    /* progressive: its first stage's shards; a stage change moves them owner to owner (worker/comm.c
+     * reshard_weights, comm_zero3_dev.c st_z3dev_reshard), never from a whole copy */
+    case ST_FINETUNE_FULL: case ST_FINETUNE_FROZEN: case ST_FINETUNE_PROGRESSIVE: return 1;
     /* DoRA's magnitudes and a TEXT init read the base: after the streamed load (train.c init_from_base) */
     case ST_FINETUNE_LORA: case ST_FINETUNE_PROMPT_TUNING: case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING:
         return 1;
@@ -676,7 +678,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
          * quantized whole on every rank (load_quantized: the whole codes and the compacted buffer, as below
          * stage 3), with the activations and the whole bf16 copy and gradients until the communicator cuts its
          * shards out of them; + an int8 teacher's whole fp32 shard while it is compacted */
-        r->at_load = r->total + teacher_load + (streams(c) ? 0 : moved); /* progressive: cut from the whole weights */
+        r->at_load = r->total + teacher_load; /* the first stage's held parts read straight into bf16 (progressive too) */
         r->enter_fp32 = moved;
         if (q && st_plan_qload_sharded(c, 1)) /* train_qload.c: laid out without the base, the communicator built,
                                                    then each rank's words quantized and its kept parts read: one

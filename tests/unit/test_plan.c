@@ -286,6 +286,37 @@ static void test_plan_zero3_transition(void **state) {
     st_model_free(&m);
 }
 
+/* progressive at ZeRO-3 reads only the first stage's parts (st_plan_streams, train.c load_streamed): its load
+ * phase is `frozen`'s with the same trainable set on every rank (a whole load would hold the whole weights),
+ * on CPU ranks and a device. */
+static void test_plan_zero3_progressive_streams(void **state) {
+    (void)state;
+    static st_config c;
+    st_model_config mc = llama_cfg(3, 0);
+    st_model m;
+    assert_int_equal(st_model_build_registry(&m, &mc), 0);
+    const char *prog = "finetune: {mode: progressive, stages: [{at_step: 0, train_layers: \"-1\"}, "
+                       "{at_step: 3, train_layers: \"-2\"}]}\n";
+    const char *frozen = "finetune: {mode: frozen, train_layers: \"-1\"}\n";
+    for (int dev = 0; dev < 2; dev++)
+        for (int w = 1; w <= 4; w++) {
+            char text[2][256];
+            snprintf(text[0], sizeof text[0], "%s%s", dev ? "backend: cuda\n" : "", prog);
+            snprintf(text[1], sizeof text[1], "%s%s", dev ? "backend: cuda\n" : "", frozen);
+            st_plan p[2];
+            for (int k = 0; k < 2; k++) {
+                load_cfg(&c, text[k], "sharding.stage=3");
+                assert_true(st_plan_streams(&c));
+                if (st_plan_build(&c, &m, w, &p[k])) fail_msg("plan: %s", st_error());
+            }
+            for (int r = 0; r < w; r++)
+                assert_int_equal(p[0].stages[0].ranks[r].at_load, p[1].stages[0].ranks[r].at_load);
+            st_plan_free(&p[0]);
+            st_plan_free(&p[1]);
+        }
+    st_model_free(&m);
+}
+
 static void test_registry_only(void **state) {
     (void)state;
     st_model_config mc = llama_cfg(2, 0);
@@ -369,6 +400,7 @@ int main(void) {
         cmocka_unit_test(test_plan_matches_allocations),
         cmocka_unit_test(test_plan_device_zero2),
         cmocka_unit_test(test_plan_zero3_transition),
+        cmocka_unit_test(test_plan_zero3_progressive_streams),
         cmocka_unit_test(test_registry_only),
         cmocka_unit_test(test_unfreeze_every_schedule),
         cmocka_unit_test(test_plan_errors),

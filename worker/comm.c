@@ -1862,6 +1862,15 @@ int st_comm_param_sharded(const st_comm *c, const st_model *m, int i) {
     return param_space(c, m, i, &g, &lo, &hi);
 }
 
+uint8_t *st_comm_qlora_part(const st_comm *c, size_t *a, size_t *b) {
+    if (c->z3dev) return st_z3dev_qshard(c, a, b);
+    *a = *b = 0;
+    if (c->stage != 3 || !c->z3_foff || !c->z3_qb) return NULL;
+    *a = c->qlo < c->nq ? c->qlo : c->nq;
+    *b = c->qhi < c->nq ? c->qhi : c->nq;
+    return c->z3_qb + *a;
+}
+
 void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, size_t *b) {
     const st_param *p = &m->params[i];
     size_t g, lo, hi;

@@ -262,6 +262,13 @@ void st_comm_param_keep(const st_comm *c, const st_model *m, int i, size_t *a, s
 /* Whether parameter i is split across the ranks (stage 3: trainable, or frozen and sharded). */
 int st_comm_param_sharded(const st_comm *c, const st_model *m, int i);
 
+/* QLoRA at stage 3: this rank's part of the quantized bytes (worker/qlora.h's blob), the blob's bytes [*a, *b)
+ * at the returned pointer: on a device (worker/comm_zero3_dev.c st_z3dev_qshard) its 4-byte words in the
+ * communicator's own buffer, on CPU ranks its bytes [qlo, qhi) of the blob itself (z3_qb; clipped to it). The
+ * sharded load (coordinator/trainer/train_qload.c) fills exactly these. NULL, empty: none (below stage 3, or
+ * SHARDTUNE_ZERO3_SHARD_FROZEN=0 on CPU ranks: the blob kept whole). */
+uint8_t *st_comm_qlora_part(const st_comm *c, size_t *a, size_t *b);
+
 /* Parameter i's fp32 values (registry layout, numel floats) gathered into dst (host memory) on rank `root`
  * from the ranks that keep its parts (MPI_Gatherv at stage 3, device parts staged through the host; a
  * local copy otherwise). Collective at stage 3: every

@@ -455,19 +455,22 @@ static int streams(const st_config *c) { return st_plan_streams(c); }
 
 int st_plan_qload_sharded(const st_config *c, int device) {
     const char *e = getenv("SHARDTUNE_Z3DEV_QLOAD"); /* "whole": quantized whole, then cut (the A/B) */
-    return c->finetune.mode == ST_FINETUNE_QLORA && c->sharding.stage == 3 && device && !(e && !strcmp(e, "whole"));
+    const char *f = getenv("SHARDTUNE_ZERO3_SHARD_FROZEN"); /* CPU ranks' "0": the blob kept whole (worker/comm.c) */
+    return c->finetune.mode == ST_FINETUNE_QLORA && c->sharding.stage == 3 && !(e && !strcmp(e, "whole")) &&
+           (device || !(f && !strcmp(f, "0")));
 }
 
-/* The bytes of the largest quantizable Conv1D (transposed) tensor: the sharded QLoRA load reads one whole
- * (train_qload.c read_values). */
-static size_t transposed_most(const st_model *m) {
-    size_t most = 0;
+/* The sharded QLoRA load's read buffers (train_qload.c): a device's staging of the kept base, a 1 Mi-float piece (its
+ * pages touched: at most the largest kept tensor; CPU ranks read in place), and the largest quantizable Conv1D
+ * (transposed) tensor, read whole (read_values). */
+static size_t qload_reads(const st_model *m, int device) {
+    size_t most = 0, piece = 0;
     for (int i = 0; i < st_model_base_params(m); i++) {
         const st_param *p = &m->params[i];
-        if (st_qlora_quantizable(m, i) && p->ndim == 2 && p->transpose_io && p->numel * sizeof(float) > most)
-            most = p->numel * sizeof(float);
+        if (!st_qlora_quantizable(m, i)) piece = p->numel > piece ? p->numel : piece;
+        else if (p->ndim == 2 && p->transpose_io && p->numel * sizeof(float) > most) most = p->numel * sizeof(float);
     }
-    return most;
+    return most + (device ? (piece < ((size_t)1 << 20) ? piece : ((size_t)1 << 20)) * sizeof(float) : 0);
 }
 
 int st_plan_loads_late(const st_config *c) {
@@ -526,6 +529,7 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
     size_t qbytes = 0, qdrop = 0; /* QLoRA: the quantized base's bytes + the acquire's buffers, the fp32 floats compact() removes */
     size_t qlayer = 0, qacq = 0;  /* QLoRA: the most quantized bytes of one layer; the acquire's buffers */
     size_t qfused = 0;            /* QLoRA: the fused matmuls' panels (part of qacq; first allocated by a step) */
+    size_t qput = 0;              /* QLoRA at stage 3: the sharded load's working bytes (train_qload.c) */
     if (c->finetune.mode == ST_FINETUNE_QLORA) {
         /* worker/qlora.c st_qlora_begin's layout: codes + scales; the compacted buffer (kept base, adapters; no
          * dequantized matrix on the fused path, else one matmul unit's scratch too: st_qlora_footprint) in fp32,
@@ -563,6 +567,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
          * forward; the fused matmuls' panels by the first step) */
         qload += bf16 ? (q32 * sizeof(float) + (w16 - scratch) * sizeof(uint16_t) + qbytes - qfused)
                       : (q32 - scratch) * sizeof(float) + qbytes - qfused;
+        /* train_qload.c: one tensor's bytes and scales, a piece (st_qlora_put_bytes), the read buffers (host) */
+        qput = st_qlora_put_bytes_work(m, &qs) + qload_reads(m, dev);
     }
     /* frozen weights of a bf16 source held once, in bf16 (worker/model.h st_model_drop_frozen_fp32): host ranks
      * below stage 3 under bf16 give their fp32 copy back once the trainable set is known (after the load); a
@@ -681,10 +687,8 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
         r->at_load = r->total + teacher_load; /* the first stage's held parts read straight into bf16 (progressive too) */
         r->enter_fp32 = moved;
         if (q && st_plan_qload_sharded(c, 1)) /* train_qload.c: laid out without the base, the communicator built,
-                                                   then each rank's words quantized and its kept parts read: one
-                                                   tensor's bytes and scales, a piece, the kept base's 1 Mi-float
-                                                   piece (host), a transposed (Conv1D) tensor read whole */
-            r->at_load += st_qlora_put_bytes_work(m, &qs) + ((size_t)1 << 20) * sizeof(float) + transposed_most(m);
+                                                   then each rank's words quantized and its kept parts read */
+            r->at_load += qput;
         else if (q) { /* then the shards are cut (comm_zero3_dev.c qz_init: the master, frozen and quantized shards, the
                     unfused path's scratch) once the whole bf16 copy and gradients are gone, before the whole weights and codes go */
             size_t nw = m->qlora ? m->n_weights : q32, ng = m->n_weights - m->n_base_weights, qb, fb, scr, w16, nf = 0;
@@ -766,7 +770,15 @@ static void plan_rank(const st_config *c, const st_model *m, const long *goff, c
         if (c->finetune.mode == ST_FINETUNE_PROMPT_TUNING && c->finetune.prompt.init_text[0])
             from_base = 2 * (size_t)st_prompt_tokens(m) * (size_t)m->cfg.d_model * sizeof(float);
         if (streams(c)) r->at_load = (frozen + hi - lo + (adapters ? n : 0)) * sizeof(float) + from_base + stepbuf + (tr ? io : 0) + check + teacher;
-        else if (qbytes) r->at_load = stepbuf + qload + teacher; /* load_quantized, as below stage 3: codes whole */
+        /* QLoRA (train_qload.c): laid out without reading, the communicator built, then each rank's bytes of the
+         * codes quantized and its parts of the kept base read: this rank's parts (the frozen space's, the
+         * compact one's, the blob's), the adapters whole (initialized on every rank), the load's working bytes;
+         * DoRA's magnitudes then gather a layer's bytes at a time and dequantize a panel (the acquire's buffers).
+         * Under SHARDTUNE_Z3DEV_QLOAD=whole: load_quantized, as below stage 3: the codes and kept base whole */
+        else if (qbytes && st_plan_qload_sharded(c, 0))
+            r->at_load = (kept + hi - lo + n) * sizeof(float) + qkept - qacq + stepbuf + teacher + qput +
+                         (c->finetune.lora.dora ? qacq + qwork : 0);
+        else if (qbytes) r->at_load = stepbuf + qload + teacher;
         else r->at_load = (m->n_weights + sp->n_pad) * sizeof(float) + r->activations + stepbuf + teacher;
         /* final/: one tensor gathered at a time on rank 0 (the others serve their parts); adapters: gathered
          * whole on every rank (st_trainer_save_final) */

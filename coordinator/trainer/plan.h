@@ -65,8 +65,9 @@ int st_plan_act_ckpt(const st_config *c);
  * (train_qload.c: each rank quantizes only its words of the codes once the communicator exists; with
  * SHARDTUNE_Z3DEV_QLOAD=whole quantized whole on every rank, train.c load_quantized, then cut). */
 int st_plan_z3dev_mode(const st_config *c);
-/* Whether QLoRA at sharding.stage 3 on a device (device: the backend has no host memory) loads its base sharded
- * (train_qload.c): always, unless SHARDTUNE_Z3DEV_QLOAD=whole (the A/B and the tests' reference). */
+/* Whether QLoRA at sharding.stage 3 loads its base sharded (train_qload.c), on a device (device: the backend has
+ * no host memory) and on CPU ranks alike: always, unless SHARDTUNE_Z3DEV_QLOAD=whole (both: the A/B and the tests'
+ * reference) or, on CPU ranks, SHARDTUNE_ZERO3_SHARD_FROZEN=0 (the blob kept whole: nothing to shard). */
 int st_plan_qload_sharded(const st_config *c, int device);
 
 /* finetune.mode lora: adds the adapters of cfg->finetune.lora to m (worker/lora.h; a registry-only model

@@ -584,8 +584,8 @@ static int setup(trainer *t) {
         fprintf(stderr, "shardtune train: rank %d: peak RSS before loading the model: %ld kB, resident now %ld kB\n",
                 t->rank, ru.ru_maxrss, resident_kb());
     int quant = !stream && c->finetune.mode == ST_FINETUNE_QLORA; /* quantized while read (load_quantized) */
-    /* ZeRO-3 on a device: laid out without the base, which each rank reads its parts of once the communicator
-     * exists (train_qload.c) */
+    /* ZeRO-3 (a device and CPU ranks alike): laid out without reading the base, which each rank reads its parts
+     * of once the communicator exists (train_qload.c) */
     int qshard = !rc && quant && st_plan_qload_sharded(c, !t->be->host_memory);
     /* below stage 3 on a host backend: read once the adapters and the precision are set, under bf16 the frozen
      * BF16 tensors straight into the bf16 copy (load_late) */
@@ -643,7 +643,8 @@ static int setup(trainer *t) {
     if (!rc && stream) rc = init_from_base(t);
     if (!rc && qshard) rc = st_trainer_qload_read(t);
     t->weights_read = 1;
-    if (!rc && stream) st_trainer_report_bf16(t, st_trainer_hold_bf16(t)); /* ZeRO-3: the parts just read */
+    /* ZeRO-3: the parts just read (CPU ranks' QLoRA too: its kept base; a device's QLoRA holds none so) */
+    if (!rc && (stream || (qshard && t->be->host_memory))) st_trainer_report_bf16(t, st_trainer_hold_bf16(t));
     if (!rc && dev3) rc = st_trainer_agree(t, t->be->status()); /* a device fault while loading is the load's */
     if (!rc && stream && report && !strcmp(report, "1"))
         fprintf(stderr, "shardtune train: rank %d: resident after holding the frozen parts: %ld kB\n", t->rank, resident_kb());

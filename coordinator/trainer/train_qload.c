@@ -24,7 +24,7 @@
 #include "common/error.h"
 #include "coordinator/trainer/plan.h"
 #include "coordinator/trainer/train_internal.h"
-#include "worker/comm_zero3_dev.h"
+#include "worker/comm.h"
 #include "worker/lora.h"
 #include "worker/qlora.h"
 
@@ -41,10 +41,14 @@ int st_trainer_qload_layout(trainer *t) {
     st_model *m = &t->model;
     int rc = st_model_open_registry(c->model.path, m);
     if (!rc) rc = st_plan_attach_adapters(c, m); /* the adapters' registry entries (no backend yet) */
-    m->buffers_external = 1; /* no whole gradient buffer or bf16 copy: the communicator's windows */
+    int dev = !t->be->host_memory;
+    m->buffers_external = dev; /* a device: no whole gradient buffer or bf16 copy: the communicator's windows */
     if (!rc) rc = st_model_bind(m, t->be, 0);
     st_qlora_spec qs = st_trainer_qlora_spec(c, m);
-    qs.sharded = 1;
+    /* a device: no blob, the adapters' floats only; CPU ranks: the blob and the compacted buffer as address
+     * space (st_calloc_aligned), their pages resident only where this rank writes its parts (worker/comm.c keeps
+     * its parts of both in place) */
+    qs.sharded = dev;
     if (!rc) rc = st_qlora_begin(m, &qs);
     st_safetensors *s = NULL;
     if (!rc) rc = st_model_check_files(m, c->model.path, &s); /* a missing tensor or shape: before any collective */
@@ -86,7 +90,8 @@ static int read_piece(void *ctx, int i, size_t a, size_t n, float *dst) {
     return rc;
 }
 
-/* Kept (unquantized) base parameter i: this rank's part [a, b) read, checked and put a piece at a time. */
+/* Kept (unquantized) base parameter i: this rank's part [a, b) read, checked and put a piece at a time (CPU ranks:
+ * read in place, buf NULL). */
 static int read_kept(trainer *t, qreader *r, int i, size_t a, size_t b, float *buf, size_t chunk, int count) {
     st_model *m = &t->model;
     r->o0 = count ? a : 0;
@@ -94,8 +99,8 @@ static int read_kept(trainer *t, qreader *r, int i, size_t a, size_t b, float *b
     int rc = 0;
     for (size_t x = a; !rc && x < b; x += chunk) {
         size_t n = b - x < chunk ? b - x : chunk;
-        rc = read_piece(r, i, x, n, buf);
-        if (!rc) m->be->copy_to_device(st_model_part(m, i) + x, buf, n * sizeof(float));
+        rc = read_piece(r, i, x, n, buf ? buf : st_model_part(m, i) + x);
+        if (!rc && buf) m->be->copy_to_device(st_model_part(m, i) + x, buf, n * sizeof(float));
     }
     return rc;
 }
@@ -107,10 +112,11 @@ static int read_parts(trainer *t, uint32_t *means, uint64_t *sum) {
     st_model *m = &t->model;
     const size_t chunk = (size_t)1 << 20;
     size_t qa, qb;
-    uint8_t *dst = st_z3dev_qshard(&t->dp, &qa, &qb);
-    float *buf = malloc(chunk * sizeof(float));
+    uint8_t *dst = st_comm_qlora_part(&t->dp, &qa, &qb);
+    float *buf = m->be->host_memory ? NULL : malloc(chunk * sizeof(float)); /* a device's staging */
     qreader r = {.m = m, .dir = c->model.path};
-    int rc = buf ? st_model_check_files(m, c->model.path, &r.s) : st_fail(ST_ENOMEM, "out of memory loading %s", c->model.path);
+    int rc = buf || m->be->host_memory ? st_model_check_files(m, c->model.path, &r.s)
+                                       : st_fail(ST_ENOMEM, "out of memory loading %s", c->model.path);
     size_t at = 0; /* the registry offset (the layout moved the parameters): base parameters back to back */
     for (int i = 0; !rc && i < st_model_base_params(m); at += m->params[i].numel, i++) {
         r.at = at;

@@ -317,6 +317,48 @@ static void test_plan_zero3_progressive_streams(void **state) {
     st_model_free(&m);
 }
 
+/* QLoRA at ZeRO-3 on CPU ranks loads sharded (train_qload.c: each rank quantizes only its bytes of the codes and
+ * reads its parts of the kept base): on a model whose fp32 embedding and head outweigh the rest, from 2 ranks on the
+ * load phase is below the whole load's (SHARDTUNE_Z3DEV_QLOAD=whole, and SHARDTUNE_ZERO3_SHARD_FROZEN=0's, which
+ * takes it) on every rank, falls as ranks are added and holds at least this rank's parts of the blob and kept base. */
+static void test_plan_zero3_qload_cpu(void **state) {
+    (void)state;
+    static st_config c;
+    st_model_config mc = llama_cfg(2, 0);
+    mc.d_model = 128, mc.n_head = 4, mc.n_kv_head = 2, mc.head_dim = 32, mc.d_ff = 256, mc.vocab = 8000;
+    st_model m;
+    assert_int_equal(st_model_build_registry(&m, &mc), 0);
+    const char *q = "finetune: {mode: qlora, lora: {targets: [q_proj, v_proj, down_proj]}}\n";
+    load_cfg(&c, q, "sharding.stage=3");
+    if (st_plan_attach_adapters(&c, &m)) fail_msg("adapters: %s", st_error());
+    size_t kept = 2 * (size_t)mc.vocab * (size_t)mc.d_model; /* embedding + untied head, fp32 */
+    size_t prev = 0;
+    for (int w = 1; w <= 4; w++) {
+        st_plan p[3];
+        for (int k = 0; k < 3; k++) {
+            if (k == 1) setenv("SHARDTUNE_Z3DEV_QLOAD", "whole", 1);
+            if (k == 2) setenv("SHARDTUNE_ZERO3_SHARD_FROZEN", "0", 1);
+            load_cfg(&c, q, "sharding.stage=3");
+            assert_int_equal(st_plan_qload_sharded(&c, 0), k == 0);
+            assert_true(st_plan_qload_sharded(&c, 1) == (k != 1)); /* a device: only the A/B switch */
+            if (st_plan_build(&c, &m, w, &p[k])) fail_msg("plan: %s", st_error());
+            unsetenv("SHARDTUNE_Z3DEV_QLOAD");
+            unsetenv("SHARDTUNE_ZERO3_SHARD_FROZEN");
+        }
+        for (int r = 0; r < w; r++) {
+            size_t sh = p[0].stages[0].ranks[r].at_load, wh = p[1].stages[0].ranks[r].at_load;
+            assert_true(sh >= kept / (size_t)w * sizeof(float));
+            if (w > 1) assert_true(sh < wh);
+            if (w > 1) assert_true(sh < p[2].stages[0].ranks[r].at_load);
+        }
+        size_t now = p[0].stages[0].ranks[0].at_load;
+        if (w > 1) assert_true(now < prev);
+        prev = now;
+        for (int k = 0; k < 3; k++) st_plan_free(&p[k]);
+    }
+    st_model_free(&m);
+}
+
 static void test_registry_only(void **state) {
     (void)state;
     st_model_config mc = llama_cfg(2, 0);
@@ -401,6 +443,7 @@ int main(void) {
         cmocka_unit_test(test_plan_device_zero2),
         cmocka_unit_test(test_plan_zero3_transition),
         cmocka_unit_test(test_plan_zero3_progressive_streams),
+        cmocka_unit_test(test_plan_zero3_qload_cpu),
         cmocka_unit_test(test_registry_only),
         cmocka_unit_test(test_unfreeze_every_schedule),
         cmocka_unit_test(test_plan_errors),

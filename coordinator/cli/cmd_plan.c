@@ -86,7 +86,7 @@ static void print_text(const st_plan *p, const st_model *m, const st_config *c) 
     }
     printf("loading: %s\n", st_plan_streams(c) ? "each rank reads its own parts of the safetensors (streamed)"
                             : st_plan_qload_sharded(c, c->backend == ST_BACKEND_CUDA)
-                                ? "each rank quantizes only its words of the codes and reads its own parts of the kept "
+                                ? "each rank quantizes only its part of the codes and reads its own parts of the kept "
                                   "base (ranged reads)"
                             : p->zero_stage == 3 ? "every rank reads the whole model, then keeps its parts"
                             : st_plan_loads_late(c) && c->precision == ST_PRECISION_BF16

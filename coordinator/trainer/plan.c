@@ -366,7 +366,7 @@ int st_plan_streams(const st_config *c) {
     /* DoRA's magnitudes and a TEXT init read the base: after the streamed load (train.c init_from_base) */
     case ST_FINETUNE_LORA: case ST_FINETUNE_PROMPT_TUNING: case ST_FINETUNE_P_TUNING: case ST_FINETUNE_PREFIX_TUNING:
         return 1;
-    default: return 0; /* qlora: quantized as read (train.c load_quantized; a device: its own sharded load, train_qload.c) */
+    default: return 0; /* qlora: quantized as read (train.c load_quantized; stage 3: its own sharded load, train_qload.c) */
     }
 }
 

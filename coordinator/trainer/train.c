@@ -643,8 +643,7 @@ static int setup(trainer *t) {
     if (!rc && stream) rc = init_from_base(t);
     if (!rc && qshard) rc = st_trainer_qload_read(t);
     t->weights_read = 1;
-    /* ZeRO-3: the parts just read (CPU ranks' QLoRA too: its kept base; a device's QLoRA holds none so) */
-    if (!rc && (stream || (qshard && t->be->host_memory))) st_trainer_report_bf16(t, st_trainer_hold_bf16(t));
+    if (!rc && stream) st_trainer_report_bf16(t, st_trainer_hold_bf16(t)); /* ZeRO-3: the parts just read */
     if (!rc && dev3) rc = st_trainer_agree(t, t->be->status()); /* a device fault while loading is the load's */
     if (!rc && stream && report && !strcmp(report, "1"))
         fprintf(stderr, "shardtune train: rank %d: resident after holding the frozen parts: %ld kB\n", t->rank, resident_kb());

@@ -1,20 +1,23 @@
-/* train_qload.c — QLoRA at sharding.stage 3 on a device backend: the base loaded sharded (issue #17).
+/* train_qload.c — QLoRA at sharding.stage 3: the base loaded sharded, on a device and on CPU ranks (issue #17).
  *
- * Below stage 3 (and with SHARDTUNE_Z3DEV_QLOAD=whole, the A/B and the tests' reference) train.c load_quantized
- * quantizes the whole base on every rank and the communicator then keeps this rank's words of the codes and its
- * parts of the kept base (worker/comm_zero3_dev.c qz_init, cut_shards): the load held the whole model's codes
- * and fp32 embedding / head. Here the model is laid out without a blob or a kept base (worker/qlora.h
- * spec.sharded: the adapters' floats only), the communicator is built over that, and then each rank reads only
- * what it keeps: for every quantized tensor the bytes of its 4-byte words of the blob (st_qlora_put_bytes reads
- * just the blocks those bytes depend on, with ranged reads; a double-quantized tensor's scales need every block,
- * so the rank owning any of them reads that tensor whole, a piece at a time), and for the kept base (embedding,
- * norms, head) its part of the frozen space, a piece at a time. The bytes are the whole path's bit for bit; a
- * double-quantized tensor's scale mean (held beside the bytes, by every rank) comes from the rank that computed
- * it (a bitwise-OR all-reduce: the others give 0). Every element is checked finite and summed into the base
- * checksum by exactly one rank (a quantized one by the owner of its code byte, a kept one by its part's owner)
- * at its registry offset: the sums add up to the whole load's number, so a resume checks the same. Then DoRA's
- * magnitudes, from the gathered bytes (st_lora_init_magnitudes_kept, as the LoRA modes' streamed load).
- * The load holds the shard plus one tensor's bytes and scales and one piece of values (host memory). */
+ * Below stage 3 (and with SHARDTUNE_Z3DEV_QLOAD=whole, the A/B and the tests' reference, on either backend)
+ * train.c load_quantized quantizes the whole base on every rank and the communicator then keeps this rank's part
+ * of the codes and of the kept base (worker/comm_zero3_dev.c qz_init, cut_shards; on CPU ranks worker/comm.c gives
+ * the rest of the blob and weights back): the load held the whole model's codes and fp32 embedding / head. Here
+ * the model is laid out without reading the base (on a device without a blob or a kept base, worker/qlora.h
+ * spec.sharded: the adapters' floats only; on CPU ranks the blob and the compacted weights are untouched address
+ * space), the communicator is built over that, and then each rank reads only what it keeps (st_comm_qlora_part:
+ * a device's 4-byte words of the blob in the communicator's buffer, CPU ranks' bytes [qlo, qhi) of the blob
+ * itself): for every quantized tensor those bytes (st_qlora_put_bytes reads just the blocks they depend on, with
+ * ranged reads; a double-quantized tensor's scales need every block, so the rank owning any of them reads that
+ * tensor whole, a piece at a time), and for the kept base (embedding, norms, head) its part of the frozen space,
+ * a piece at a time (CPU ranks: read in place). The bytes are the whole path's bit for bit; a double-quantized
+ * tensor's scale mean (held beside the bytes, by every rank) comes from the rank that computed it (a bitwise-OR
+ * all-reduce: the others give 0). Every element is checked finite and summed into the base checksum by exactly
+ * one rank (a quantized one by the owner of its code byte, a kept one by its part's owner) at its registry
+ * offset: the sums add up to the whole load's number, so a resume checks the same. Then DoRA's magnitudes, from
+ * the gathered bytes (st_lora_init_magnitudes_kept, as the LoRA modes' streamed load). The load holds the shard
+ * plus one tensor's bytes and scales and one piece of values (host memory). */
 #include <mpi.h>
 #include <stdlib.h>
 #include <string.h>

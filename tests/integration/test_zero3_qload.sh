@@ -9,28 +9,12 @@
 # and head dominate, each rank's peak RSS after loading is lower. Cases: NF4 + double quantization on 1 and 2
 # ranks; on 3 ranks with block 3 (the host shards are bytes: a rank's edge inside a tensor's codes, mid-block,
 # and another inside its double-quantized scales: checked from the layout, `cuts`); NF4's fp32 scales and int8
-# under bf16 cut the same way; DoRA (magnitudes from the gathered codes); a bf16 source under bf16 (its kept base
-# then held in bf16 only, as the whole load's); a resume of the 2-rank run on 3 ranks (the base checksum
-# agrees). A model file with a NaN in a quantized tensor is refused naming it.
+# under bf16 cut the same way; DoRA (magnitudes from the gathered codes); a bf16 source under bf16; a resume of
+# the 2-rank run on 3 ranks (the base checksum agrees). A model file with a NaN in a quantized tensor is refused naming it.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/qload_lib.sh"
 
 q=(finetune.mode=qlora "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
-
-# h5same A B: two checkpoints hold the same datasets and attributes (job_spec names the run_dir)
-h5same() {
-  "$PY" - "$SRC/tests/reference" "$1" "$2" <<'PY'
-import sys
-sys.path.insert(0, sys.argv[1])
-from dp_common import h5_items
-a, b = h5_items(sys.argv[2]), h5_items(sys.argv[3])
-a.pop("@job_spec", None)
-b.pop("@job_spec", None)
-assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-bad = [k for k in a if a[k] != b[k]]
-assert not bad, f"differ: {bad[:5]}"
-assert "@base_checksum" in a, sorted(a)[:10]
-PY
-}
 
 # losses_equal A.jsonl B.jsonl: every step's loss is the same float
 losses_equal() {
@@ -45,19 +29,6 @@ PY
 # run NP NAME: train job NAME on NP ranks (environment assignments before it reach the ranks); fails on an error
 run() {
   [ "$(train "$1" "$2")" = 0 ] || fail "$2 on $1 ranks: $(tail -5 "$T/$2.err")"
-}
-
-# load_rss NAME: each rank's peak RSS after loading (SHARDTUNE_REPORT_LOAD_RSS) is lower sharded than whole
-load_rss() {
-  "$PY" - "$T/$1.err" "$T/w$1.err" <<'PY' || fail "$1: peak RSS at load"
-import re, sys
-rss = lambda f: {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"rank (\d+): peak RSS after loading the model: (\d+) kB", open(f).read())}
-new, old = rss(sys.argv[1]), rss(sys.argv[2])
-assert new and set(new) == set(old), (new, old)
-for r in new:
-    assert new[r] < old[r], f"rank {r}: peak RSS after loading {new[r]} kB sharded, {old[r]} kB whole"
-print(f"  peak RSS after loading, rank 0: {new[0]} kB sharded vs {old[0]} kB whole ({len(new)} ranks)")
-PY
 }
 
 # same NP NAME [overrides]: job NAME with the sharded load and wNAME with the whole one, on NP CPU ranks
@@ -80,45 +51,13 @@ same() {
   echo "$name on $np CPU ranks: losses, checkpoints (base checksum included), final/, export --merge bit-identical to the whole load"
 }
 
-# cuts QUANT DQ BLOCK NP: in the blob's layout (worker/qlora.c tensor_bytes, registry order) sharded by bytes
-# (worker/comm.c frozen_space: ceil(Q / NP) bytes a rank) a rank's edge lies inside a tensor's codes mid-block and
-# another inside a tensor's scales
-cuts() {
-  "$PY" - "$T/model" "$@" <<'PY' || fail "$* does not cut a block and the scales"
-import json, struct, sys
-d, quant, dq, block, world = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
-raw = open(d + "/model.safetensors", "rb").read()
-head = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
-a4 = lambda x: (x + 3) // 4 * 4
-names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-per = 2 if quant == "nf4" else 1  # elements per code byte
-tens, at = [], 0
-for l in range(2):
-    for n in names:
-        shp = head[f"model.layers.{l}.{n}.weight"]["shape"]
-        e = shp[0] * shp[1]; ns = (e + block - 1) // block; cb = a4((e + per - 1) // per)
-        b = cb + (a4(ns) + (ns + 255) // 256 * 4 if dq else 4 * ns)
-        tens.append((at, cb, b)); at += b
-shard = (at + world - 1) // world
-mid_block = in_scales = 0
-for r in range(1, world):
-    edge = shard * r
-    for t0, cb, b in tens:
-        if t0 < edge < t0 + b:
-            x = edge - t0
-            mid_block |= x < cb and (per * x) % block != 0
-            in_scales |= x >= cb
-assert mid_block and in_scales, (mid_block, in_scales, shard, at)
-PY
-}
-
 same 1 one
 same 2 nf4
-cuts nf4 1 3 3
+cuts 1 nf4 1 3 3
 same 3 nf4b3 finetune.qlora.block=3
-cuts nf4 0 7 3
+cuts 1 nf4 0 7 3
 same 3 nf4nodq finetune.qlora.block=7 finetune.qlora.double_quant=false
-cuts int8 0 5 3
+cuts 1 int8 0 5 3
 same 3 i8bf finetune.qlora.quant=int8 finetune.qlora.double_quant=false finetune.qlora.block=5 precision=bf16
 same 2 dora finetune.lora.dora=true finetune.qlora.block=48
 
@@ -140,44 +79,12 @@ echo "resume of the 2-rank run on 3 CPU ranks: losses and checkpoint bit-identic
 same 2 wide "model.path=$T/wide"
 load_rss wide
 
-# a bf16 source (BF16 safetensors, torch_dtype bfloat16) under bf16: the kept base held in bf16 only after the load
-"$PY" - "$T/model" "$T/model16" <<'PY'
-import json, os, shutil, struct, sys
-import numpy as np
-src, dst = sys.argv[1], sys.argv[2]
-shutil.copytree(src, dst)
-raw = open(src + "/model.safetensors", "rb").read()
-n = struct.unpack("<Q", raw[:8])[0]
-head = json.loads(raw[8:8 + n]); meta = head.pop("__metadata__", None)
-out, blobs, at = {}, [], 0
-for name, e in sorted(head.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-    a, b = e["data_offsets"]
-    u = np.frombuffer(raw[8 + n + a:8 + n + b], dtype="<u4").astype(np.uint64)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
-    out[name] = {"dtype": "BF16", "shape": e["shape"], "data_offsets": [at, at + len(r)]}
-    blobs.append(r); at += len(r)
-if meta is not None:
-    out["__metadata__"] = meta
-h = json.dumps(out).encode(); h += b" " * (-len(h) % 8)
-open(dst + "/model.safetensors", "wb").write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-cfg = json.load(open(dst + "/config.json")); cfg.pop("dtype", None); cfg["torch_dtype"] = "bfloat16"
-json.dump(cfg, open(dst + "/config.json", "w"))
-PY
+# a bf16 source (BF16 safetensors, torch_dtype bfloat16) under bf16
+bf16_source "$T/model" "$T/model16"
 same 3 src16 "model.path=$T/model16" precision=bf16 finetune.qlora.block=3
-held() { grep -o "rank 0: stage 0: [0-9]* frozen weights held in bf16 only" "$1" | tail -1; }
-[ -n "$(held "$T/src16.err")" ] && [ "$(held "$T/src16.err")" = "$(held "$T/wsrc16.err")" ] ||
-  fail "src16: held in bf16 only: '$(held "$T/src16.err")' sharded vs '$(held "$T/wsrc16.err")' whole"
-echo "src16: $(held "$T/src16.err") (as the whole load)"
 
 # a NaN in a quantized tensor: refused naming it (every element is checked by the rank that owns its code byte)
-cp -r "$T/model" "$T/modelnan"
-"$PY" - "$T/modelnan/model.safetensors" <<'PY'
-import json, struct, sys
-p = sys.argv[1]; raw = bytearray(open(p, "rb").read())
-n = struct.unpack("<Q", raw[:8])[0]; e = json.loads(raw[8:8 + n])["model.layers.1.mlp.down_proj.weight"]
-at = 8 + n + e["data_offsets"][0] + 4 * 777
-raw[at:at + 4] = struct.pack("<f", float("nan")); open(p, "wb").write(raw)
-PY
+nan_model "$T/model" "$T/modelnan"
 job qnan 2 2 1 sharding.stage=3 "${q[@]}" "model.path=$T/modelnan"
 [ "$(train 3 qnan)" != 0 ] && grep -q "down_proj" "$T/qnan.err" ||
   fail "a NaN in a quantized tensor was not refused: $(tail -3 "$T/qnan.err")"

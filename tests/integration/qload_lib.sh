@@ -1,7 +1,9 @@
 # qload_lib.sh — shared by the sharded QLoRA load's tests (test_zero3_device_qload.sh on fakedev,
 # test_zero3_qload.sh on CPU ranks): `h5same` (two checkpoints hold the same datasets and attributes), `cuts`
 # (a shard edge inside a tensor's codes mid-block and another inside its scales), `bf16_source` (a BF16 copy of
-# a model directory), `nan_model` (a copy with a NaN in layers.1.mlp.down_proj). Sourced after ckpt_lib.sh.
+# a model directory), `nan_model` (a copy with a NaN in layers.1.mlp.down_proj), `same` (a job with the sharded
+# load and with the whole one, bit for bit), `load_rss`. Sourced after ckpt_lib.sh; the test sets `q` (the
+# QLoRA overrides), `qrun` (NP NAME: runs a job, failing the test on an error) and `qwhere` (the ranks, in words).
 
 # h5same A B: two checkpoints hold the same datasets and attributes (job_spec names the run_dir)
 h5same() {
@@ -102,4 +104,57 @@ for r in new:
     assert new[r] < old[r], f"rank {r}: peak RSS after loading {new[r]} kB sharded, {old[r]} kB whole"
 print(f"  peak RSS after loading, rank 0: {new[0]} kB sharded vs {old[0]} kB whole ({len(new)} ranks)")
 PY
+}
+
+# losses_equal A.jsonl B.jsonl: every step's loss is the same float
+losses_equal() {
+  "$PY" - "$@" <<'PY'
+import json, sys
+ls = lambda p: {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(p) if '"loss"' in l and '"step"' in l}
+a, b = ls(sys.argv[1]), ls(sys.argv[2])
+assert a and a == b, (a, b)
+PY
+}
+
+# same NP NAME [overrides]: job NAME with the sharded load and wNAME with the whole one (SHARDTUNE_Z3DEV_QLOAD=whole)
+# on NP ranks (qrun): losses, final/, every checkpoint and `export --merge` of the last one bit-identical
+same() {
+  local np=$1 name=$2 ck; shift 2
+  job "$name" 4 2 1 sharding.stage=3 checkpoint.every_steps=2 train.schedule=constant "${q[@]}" "$@"
+  job "w$name" 4 2 1 sharding.stage=3 checkpoint.every_steps=2 train.schedule=constant "${q[@]}" "$@"
+  SHARDTUNE_REPORT_LOAD_RSS=1 "$qrun" "$np" "$name"
+  SHARDTUNE_REPORT_LOAD_RSS=1 SHARDTUNE_Z3DEV_QLOAD=whole "$qrun" "$np" "w$name"
+  losses_equal "$T/$name/metrics.jsonl" "$T/w$name/metrics.jsonl" || fail "$name ($np ranks): losses differ from the whole load's"
+  diff -r "$T/$name/final" "$T/w$name/final" >/dev/null || fail "$name: final/ differs from the whole load's"
+  for ck in step-00000002.h5 step-00000004.h5; do
+    [ -f "$T/$name/checkpoints/$ck" ] || fail "$name: no checkpoint $ck: $(ls "$T/$name/checkpoints")"
+    h5same "$T/$name/checkpoints/$ck" "$T/w$name/checkpoints/$ck" || fail "$name: checkpoint $ck differs from the whole load's"
+  done
+  "$BIN" export "$T/$name/checkpoints" --merge --out "$T/$name/merged" >/dev/null 2>>"$T/$name.err" &&
+    "$BIN" export "$T/w$name/checkpoints" --merge --out "$T/w$name/merged" >/dev/null 2>>"$T/$name.err" ||
+    fail "$name: export --merge: $(tail -3 "$T/$name.err")"
+  cmp -s "$T/$name/merged/model.safetensors" "$T/w$name/merged/model.safetensors" || fail "$name: export --merge differs"
+  echo "$name on $np $qwhere: losses, checkpoints (base checksum included), final/, export --merge bit-identical to the whole load"
+}
+
+# qload_cases UNIT: the cases every backend runs (UNIT: its shards' unit in bytes, for `cuts`): NF4 + double
+# quantization on 2 ranks; on 3 ranks with block 3 (a rank's edge inside a tensor's codes mid-block, another
+# inside its double-quantized scales), NF4's fp32 scales and int8 under bf16 cut the same way; DoRA; a model whose
+# fp32 embedding and head (16000 x 256 each, untied) outweigh the rest (peak RSS after loading lower sharded); a
+# bf16 source (BF16 safetensors, torch_dtype bfloat16) under bf16 on 3 ranks
+qload_cases() {
+  same 2 nf4
+  cuts "$1" nf4 1 3 3
+  same 3 nf4b3 finetune.qlora.block=3
+  cuts "$1" nf4 0 7 3
+  same 3 nf4nodq finetune.qlora.block=7 finetune.qlora.double_quant=false
+  cuts "$1" int8 0 5 3
+  same 3 i8bf finetune.qlora.quant=int8 finetune.qlora.double_quant=false finetune.qlora.block=5 precision=bf16
+  same 2 dora finetune.lora.dora=true finetune.qlora.block=48
+  "$BIN" init-model --family llama --layers 2 --dim 256 --heads 4 --kv-heads 2 --vocab 16000 --max-seq 64 --seed 3 \
+    --out "$T/wide" >/dev/null
+  same 2 wide "model.path=$T/wide"
+  load_rss wide
+  bf16_source "$T/model" "$T/model16"
+  same 3 src16 "model.path=$T/model16" precision=bf16 finetune.qlora.block=3
 }

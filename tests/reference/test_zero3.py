@@ -363,8 +363,9 @@ def check_memory(root, data):
 def check_memory_qlora(root, job, common, base):
     """QLoRA (nf4, double quantization) on 2 ranks: its quantized bytes sharded like the frozen weights
     (each rank keeps half, a layer's gathered for its dequantization): peak RSS per rank within 15% of the
-    plan. The load quantizes every tensor on every rank (one fp32 tensor in flight, the codes whole), so
-    the peak may be the load's."""
+    plan. The load is sharded too (coordinator/trainer/train_qload.c: each rank quantizes only its bytes of the
+    codes and reads its parts of the kept base; SHARDTUNE_Z3DEV_QLOAD=whole quantizes every tensor on every rank,
+    the codes whole, so the peak may then be the load's)."""
     ov = common + ["sharding.stage=3", "finetune.mode=qlora", "finetune.lora.r=4", "finetune.qlora.quant=nf4",
                    "finetune.qlora.double_quant=true"]
     p = plan(job, 2, ov)

@@ -183,7 +183,8 @@ def check_frozen_shard(root, data):
     (SHARDTUNE_ZERO3_PREFETCH=0) and the run whose forward gathers the embedding table instead of moving the
     batch's rows (SHARDTUNE_ZERO3_EMBED_ROWS=0); fp32 and bf16. LoRA, DoRA, P-tuning and prefix tuning also stream the base
     in (each rank reads its parts; DoRA's magnitudes from each base weight gathered after the load); QLoRA
-    quantizes it whole and keeps its part of the codes (kept whole on every rank with the switch)."""
+    quantizes only its part of the codes (train_qload.c; with the switch the whole load: every rank quantizes
+    every tensor, the codes kept whole)."""
     model = dp.init_model(os.path.join(root, "fs"), "llama", 3, dim=64, max_seq=64)
     cases = (("frozen", 'finetune: { mode: frozen, train_layers: "-2", train_modules: [attn, mlp, head] }\n', []),
              ("frozen_bf16", 'finetune: { mode: frozen, train_layers: "-2", train_modules: [attn, mlp] }\n', ["precision=bf16"]),

@@ -9,8 +9,9 @@
 # and head dominate, each rank's peak RSS after loading is lower. Cases: NF4 + double quantization on 1 and 2
 # ranks; on 3 ranks with block 3 (the host shards are bytes: a rank's edge inside a tensor's codes, mid-block,
 # and another inside its double-quantized scales: checked from the layout, `cuts`); NF4's fp32 scales and int8
-# under bf16 cut the same way; DoRA (magnitudes from the gathered codes); a bf16 source under bf16; a resume of
-# the 2-rank run on 3 ranks (the base checksum agrees). A model file with a NaN in a quantized tensor is refused naming it.
+# under bf16 cut the same way; DoRA (magnitudes from the gathered codes); the unfused path
+# (SHARDTUNE_QLORA_FUSED=0: the scratch in the weight buffer); a bf16 source under bf16; a resume of the 2-rank
+# run on 3 ranks (the base checksum agrees). A model file with a NaN in a quantized tensor is refused naming it.
 source "$(dirname "${BASH_SOURCE[0]}")/ckpt_lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/qload_lib.sh"
 
@@ -24,6 +25,7 @@ run() {
 
 same 1 one
 qload_cases 1
+SHARDTUNE_QLORA_FUSED=0 same 2 unf finetune.qlora.block=48
 
 # resume 2 -> 3 ranks: the 2-rank run's step-2 checkpoint resumed on 3 ranks, sharded and whole alike
 for n in nf4 wnf4; do

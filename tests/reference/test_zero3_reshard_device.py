@@ -38,8 +38,9 @@ STAGES = ('finetune: { mode: progressive, layer_lr_decay: 0.8, stages: [ {at_ste
           ' {at_step: 3, train_layers: "-2"}, {at_step: 5, train_layers: "all"} ] }\n')
 
 
-MOVE = re.compile(r"fakedev device bytes: rank (\d+) peak (\d+) .*stage-change moves received (\d+) needed (\d+) "
-                  r"moved (\d+); point-to-point received (\d+)")
+PEAK = re.compile(r"fakedev device bytes: rank (\d+) peak (\d+)")
+MOVE = re.compile(r"fakedev stage-change moves: rank (\d+) received (\d+) needed (\d+) moved (\d+); point-to-point "
+                  r"received (\d+)")
 
 
 def dev(job, ranks, ov, env_extra=None):
@@ -51,8 +52,10 @@ def dev(job, ranks, ov, env_extra=None):
     assert r.returncode == 0, f"{' '.join(args)}\n{r.stdout}\n{r.stderr}"
     bad = [x for x in r.stderr.splitlines() if "fakedev (rank" in x or "stream order violated" in x]
     assert not bad, f"{' '.join(args)}: {bad[:3]}"
-    stats = {int(m.group(1)): tuple(int(m.group(k)) for k in range(2, 7)) for m in MOVE.finditer(r.stdout)}
-    assert len(stats) == ranks, r.stdout
+    peaks = {int(m.group(1)): int(m.group(2)) for m in PEAK.finditer(r.stdout)}
+    stats = {int(m.group(1)): (peaks.get(int(m.group(1))),) + tuple(int(m.group(k)) for k in range(2, 6))
+             for m in MOVE.finditer(r.stdout)}
+    assert len(stats) == ranks == len(peaks), r.stdout
     return stats
 
 

@@ -62,7 +62,8 @@
  * A change of the trainable set (progressive stages): the old master shards are detached from the old state
  * (st_z3dev_detach), the new state is built around zeroed shards, and every parameter (then every kept
  * moment) goes from its old owners to its new ones in pieces of one gather slot (st_z3dev_reshard,
- * st_z3dev_move_moments): no buffer of the model's size exists at any point. */
+ * st_z3dev_move_moments), owner to owner (NCCL point to point: a rank receives what its new parts need, not the
+ * piece; SHARDTUNE_Z3DEV_MOVE=gather all-gathers each piece, for A/B): no buffer of the model's size exists. */
 #include "worker/comm_zero3_dev.h"
 
 #include <stdlib.h>

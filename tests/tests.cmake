@@ -155,6 +155,11 @@ add_test(NAME cuda.nccl_path_zero2_drop_each_wait_one_rank COMMAND mpirun -np 1 
   --drop-each-wait)
 set_tests_properties(cuda.nccl_path_zero2_drop_each_wait_one_rank PROPERTIES LABELS cuda TIMEOUT 300
   ENVIRONMENT "${ST_TEST_ENV};SHARDTUNE_NCCL_ONE_RANK=1")
+# the fake NCCL's point to point itself (device ZeRO-3's stage change moves pieces owner to owner with it)
+foreach(np 1 2 3)
+  add_test(NAME cuda.nccl_fake_p2p_${np} COMMAND mpirun --oversubscribe -np ${np} $<TARGET_FILE:nccl_fake> --p2p-self-test)
+  set_tests_properties(cuda.nccl_fake_p2p_${np} PROPERTIES LABELS cuda TIMEOUT 120 ENVIRONMENT "${ST_TEST_ENV}")
+endforeach()
 add_test(NAME cuda.nccl_path_catches_race COMMAND ${ST_MPIRUN} $<TARGET_FILE:nccl_fake> --stage 2 --inject-race)
 set_tests_properties(cuda.nccl_path_catches_race PROPERTIES LABELS cuda TIMEOUT 300 WILL_FAIL TRUE
   ENVIRONMENT "${ST_TEST_ENV}")

@@ -216,8 +216,8 @@ void st_comm_free(st_comm *c);
  * the world size) and rebuilds the communicator `c` (opt) and the optimizer `o` (oc) for
  * it. Parameters trainable before and after keep their AdamW moments and step counts (the old moments are
  * gathered in full on every rank, then each rank cuts its new range from them; at stage 3 the old shards are
- * moved into the new ones instead, and the weights too: shard to shard on host memory, in bounded pieces on a
- * device, unless SHARDTUNE_ZERO3_RESHARD=whole); new ones start fresh.
+ * moved into the new ones instead, and the weights too: shard to shard on host memory, in bounded pieces owner to
+ * owner on a device, unless SHARDTUNE_ZERO3_RESHARD=whole); new ones start fresh.
  * On the first call c and o are zeroed (nothing to carry over). Collective. */
 int st_comm_reshard_optim(st_comm *c, st_optim *o, st_model *m, MPI_Comm comm, const st_comm_options *opt,
                           const st_optim_config *oc, const unsigned char *layer_mask, unsigned module_mask);

@@ -62,7 +62,8 @@
  * A change of the trainable set (progressive stages): the old master shards are detached from the old state
  * (st_z3dev_detach), the new state is built around zeroed shards, and every parameter (then every kept
  * moment) goes from its old owners to its new ones in pieces of one gather slot (st_z3dev_reshard,
- * st_z3dev_move_moments): no buffer of the model's size exists at any point. */
+ * st_z3dev_move_moments), owner to owner (NCCL point to point: a rank receives what its new parts need, not the
+ * piece; SHARDTUNE_Z3DEV_MOVE=gather all-gathers each piece, for A/B): no buffer of the model's size exists. */
 #include "worker/comm_zero3_dev.h"
 
 #include <stdlib.h>
@@ -1333,26 +1334,86 @@ static void side_put(const st_backend *be, z3d_side *s, size_t at, const float *
     else be->copy(s->f + (at - s->lo), in, n * sizeof(float));
 }
 
+/* Whether a stage change moves a piece all-gathered (SHARDTUNE_Z3DEV_MOVE=gather: every rank receives the whole
+ * piece, the path before, kept for A/B) instead of owner to owner. */
+static int move_by_gather(void) {
+    const char *e = getenv("SHARDTUNE_Z3DEV_MOVE");
+    return e && !strcmp(e, "gather");
+}
+
+/* The moves' traffic so far (st_z3dev_move_counts): one communicator per process. */
+static size_t move_received, move_needed, move_moved;
+
+void st_z3dev_move_counts(size_t *received, size_t *needed, size_t *moved) {
+    *received = move_received, *needed = move_needed, *moved = move_moved;
+}
+
+/* Rank r's part [shard * r, shard * (r + 1)) of a space as a span of the piece [a, a + q) of it (offsets into the
+ * piece; n 0: none of it). */
+static st_nccl_span piece_part(size_t shard, int r, size_t a, size_t q) {
+    size_t lo = shard * (size_t)r, hi = lo + shard;
+    size_t s = a > lo ? a : lo, e = a + q < hi ? a + q : hi;
+    return e > s ? (st_nccl_span){s - a, e - s} : (st_nccl_span){0, 0};
+}
+
+static st_nccl_span span_overlap(st_nccl_span x, st_nccl_span y) {
+    size_t s = x.off > y.off ? x.off : y.off, e = x.off + x.n < y.off + y.n ? x.off + x.n : y.off + y.n;
+    return x.n && y.n && e > s ? (st_nccl_span){s, e - s} : (st_nccl_span){0, 0};
+}
+
+/* Counts a tensor's move (n values, old space offset oa, new na): its bytes, and what this rank's new part of it
+ * needs from other ranks (its new part less what its old part held), whatever the path moves. */
+static void count_move(const st_comm *c, const z3d_side *from, size_t oa, const z3d_side *to, size_t na, size_t n) {
+    st_nccl_span mine = piece_part(to->shard, c->rank, na, n), had = piece_part(from->shard, c->rank, oa, n);
+    move_moved += n * sizeof(float);
+    move_needed += (mine.n - span_overlap(mine, had).n) * sizeof(float);
+}
+
+/* A piece [a, a + q) of the old space, this rank's old part already in buf: the old owners' parts all-gathered
+ * into buf (the SHARDTUNE_Z3DEV_MOVE=gather path). */
+static int piece_gather(st_comm *c, float *buf, size_t oshard, size_t a, size_t q) {
+    size_t parts[c->world];
+    space_parts(c, oshard, a, a + q, parts);
+    for (int r = 0; r < c->world; r++)
+        if (r != c->rank) move_received += parts[r] * sizeof(float);
+    int rc = st_nccl_all_gather_parts(c->nccl, buf, parts);
+    return rc ? rc : st_nccl_wait_compute(c->nccl); /* the copy out reads what arrived */
+}
+
+/* The same piece owner to owner (at na of the new space): this rank sends each new owner the part of its old part
+ * that owner's new part holds and receives from each old owner what its own new part needs, in place in buf (the
+ * sends read this rank's old part only; the receives land outside it; its own overlap is already there). */
+static int piece_exchange(st_comm *c, float *buf, size_t oshard, size_t a, size_t nshard, size_t na, size_t q) {
+    st_nccl_span to[c->world], from[c->world];
+    st_nccl_span had = piece_part(oshard, c->rank, a, q), mine = piece_part(nshard, c->rank, na, q);
+    for (int r = 0; r < c->world; r++) {
+        to[r] = span_overlap(had, piece_part(nshard, r, na, q));
+        from[r] = span_overlap(mine, piece_part(oshard, r, a, q));
+        if (r != c->rank) move_received += from[r].n * sizeof(float);
+    }
+    int rc = st_nccl_send_recv(c->nccl, buf, to, buf, from);
+    return rc ? rc : st_nccl_wait_compute(c->nccl); /* the copy out reads what arrived */
+}
+
 /* Moves n values of one tensor from `from` (at space offset oa) to `to` (at na) in pieces of at most cap
- * floats through buf: a piece's old owners' parts all-gathered into buf (this rank's copied in first), then
- * this rank's new part copied out. Collective: every rank moves the same tensors in the same order. */
+ * floats through buf: this rank's old part of a piece copied in, what its new part needs of the others' sent
+ * owner to owner (piece_exchange; SHARDTUNE_Z3DEV_MOVE=gather: the piece all-gathered), its new part copied
+ * out. Collective: every rank moves the same tensors in the same order. */
 static int move_values(st_comm *c, float *buf, size_t cap, const z3d_side *from, size_t oa, z3d_side *to, size_t na,
                        size_t n) {
     const st_backend *be = c->be;
+    int gather = move_by_gather();
+    count_move(c, from, oa, to, na, n);
     for (size_t k = 0; k < n; k += cap) {
-        size_t q = n - k < cap ? n - k : cap, a = oa + k, hi = from->lo + from->shard;
-        size_t s = a > from->lo ? a : from->lo, e = a + q < hi ? a + q : hi;
-        if (s < e) side_get(be, from, s, buf + (s - a), e - s);
-        if (c->nccl) {
-            size_t parts[c->world];
-            space_parts(c, from->shard, a, a + q, parts);
-            int rc = st_nccl_all_gather_parts(c->nccl, buf, parts);
-            if (!rc) rc = st_nccl_wait_compute(c->nccl); /* the copy out below reads what arrived */
-            if (rc) return rc;
-        }
-        a = na + k, hi = to->lo + to->shard;
-        s = a > to->lo ? a : to->lo, e = a + q < hi ? a + q : hi;
-        if (s < e) side_put(be, to, s, buf + (s - a), e - s);
+        size_t q = n - k < cap ? n - k : cap;
+        st_nccl_span had = piece_part(from->shard, c->rank, oa + k, q);
+        if (had.n) side_get(be, from, oa + k + had.off, buf + had.off, had.n);
+        int rc = !c->nccl ? 0
+                 : gather ? piece_gather(c, buf, from->shard, oa + k, q)
+                          : piece_exchange(c, buf, from->shard, oa + k, to->shard, na + k, q);
+        if (rc) return rc;
+        st_nccl_span mine = piece_part(to->shard, c->rank, na + k, q);
+        if (mine.n) side_put(be, to, na + k + mine.off, buf + mine.off, mine.n);
     }
     return 0;
 }

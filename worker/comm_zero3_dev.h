@@ -46,8 +46,10 @@ int st_z3dev_unshard(st_comm *c);
  * state (not collective; NULL and *rc on a failure: QLoRA, out of memory). Once the new communicator is built
  * around zeroed shards (st_z3dev_init on a model without weights), st_z3dev_reshard moves every parameter's
  * values from its old owners to its new ones (old_off: the old compact offsets, -1 frozen) in pieces of at
- * most one gather slot: a piece all-gathered into the new communicator's first slot, each rank copying its
- * new part out; nothing of the model's size is allocated. It frees `old` (collective). st_z3dev_move_moments
+ * most one gather slot: a piece's old parts in the new communicator's first slot, each rank sending the new owners
+ * what they need of its old part and receiving what its new part needs (NCCL point to point; with
+ * SHARDTUNE_Z3DEV_MOVE=gather the piece all-gathered instead), then copying its new part out; nothing of the
+ * model's size is allocated. It frees `old` (collective). st_z3dev_move_moments
  * moves the moments of the parameters trainable in both layouts the same way, from the old shards (old_shard
  * floats per rank, from old_shard * rank) into the new (collective). st_z3dev_drop_detached frees a detached
  * state that is not moved (a failure on the way). */
@@ -95,5 +97,12 @@ void st_z3dev_floats(const st_model *m, const long *goff, int world, size_t shar
  * forward's head, released at its end). Tests (tests/tools/fakedev.c FAKEDEV_REPORT_MEM): blocks outermost,
  * worker/model.c head_outer, gather each block twice per training micro-batch. */
 void st_z3dev_head_counts(long *gathers, long *passes);
+
+/* This process's stage-change moves so far (st_z3dev_reshard, st_z3dev_move_moments): *received the bytes it
+ * asked other ranks for (owner to owner: what its new parts need; SHARDTUNE_Z3DEV_MOVE=gather: every other rank's
+ * old part of each piece), *needed what its new parts held that its old parts did not (counted apart from the
+ * path), *moved the bytes of the tensors moved (each rank counts all). Tests (tests/tools/fakedev.c
+ * FAKEDEV_REPORT_MEM) check the traffic with them. */
+void st_z3dev_move_counts(size_t *received, size_t *needed, size_t *moved);
 
 #endif

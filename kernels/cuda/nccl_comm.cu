@@ -139,6 +139,22 @@ extern "C" int st_nccl_all_gather_parts_bf16(st_nccl_comm *c, uint16_t *buf, con
     });
 }
 
+extern "C" int st_nccl_send_recv(st_nccl_comm *c, const float *send, const st_nccl_span *to, float *recv,
+                                 const st_nccl_span *from) {
+    if (!c) return st_fail(ST_EINVAL, "NCCL send_recv: no communicator");
+    int rc = order_after_compute(c, "send_recv");
+    if (rc) return rc;
+    ncclResult_t r = ncclGroupStart();
+    for (int peer = 0; peer < c->world && r == ncclSuccess; peer++) {
+        if (peer == c->rank) continue; /* the caller's own overlap: a local copy */
+        if (to[peer].n) r = ncclSend(send + to[peer].off, to[peer].n, ncclFloat32, peer, c->comm, c->comm_stream);
+        if (r == ncclSuccess && from[peer].n)
+            r = ncclRecv(recv + from[peer].off, from[peer].n, ncclFloat32, peer, c->comm, c->comm_stream);
+    }
+    ncclResult_t g = ncclGroupEnd();
+    return finish(c, "send_recv", r != ncclSuccess ? r : g);
+}
+
 extern "C" int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
     if (!c) return st_fail(ST_EINVAL, "NCCL all_gather: no communicator");
     if (send_n == 0) return 0;

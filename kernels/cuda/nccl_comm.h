@@ -43,6 +43,14 @@ int st_nccl_all_gather_parts(st_nccl_comm *comm, float *buf, const size_t *parts
 /* The same over bf16 values (parts[r] 2-byte elements): device ZeRO-3's frozen parameters held in bf16 only
  * travel so, half the bytes (worker/comm_zero3_dev.c). */
 int st_nccl_all_gather_parts_bf16(st_nccl_comm *comm, uint16_t *buf, const size_t *parts);
+/* Point to point, one NCCL group (ncclSend / ncclRecv): to[r] = {off, n} sends send[off .. off + n) to rank r,
+ * from[r] receives n floats from rank r into recv[off ..) (world entries each; n 0: nothing with that rank;
+ * this rank's own entries are ignored: the caller copies its own overlap). Collective in order: every rank
+ * calls it at the same point of its queue, those with nothing to move too, and a rank's to[r] must match
+ * rank r's from[its rank]. Device ZeRO-3's stage change moves a piece owner to owner with it. */
+typedef struct { size_t off, n; } st_nccl_span;
+int st_nccl_send_recv(st_nccl_comm *comm, const float *send, const st_nccl_span *to, float *recv,
+                      const st_nccl_span *from);
 /* recv[r * send_n ..) = send of rank r; recv has world * send_n floats (send may alias its slot). */
 int st_nccl_all_gather(st_nccl_comm *comm, float *recv, const float *send, size_t send_n);
 

@@ -34,6 +34,11 @@ int st_nccl_all_gather_parts_bf16(st_nccl_comm *c, uint16_t *buf, const size_t *
     (void)c, (void)buf, (void)parts;
     return no_nccl();
 }
+int st_nccl_send_recv(st_nccl_comm *c, const float *send, const st_nccl_span *to, float *recv,
+                      const st_nccl_span *from) {
+    (void)c, (void)send, (void)to, (void)recv, (void)from;
+    return no_nccl();
+}
 int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
     (void)c, (void)recv, (void)send, (void)send_n;
     return no_nccl();

@@ -11,7 +11,13 @@ with layers still frozen); by stages
 (layer_lr_decay: parameters both frozen -> trainable and kept trainable at new offsets) on 3 ranks; a resume at
 another world size across the changes (checkpoints at steps 2 and 4 of the 3-rank fp32 run, resumed on 2 ranks
 under each path). The device bytes each path held at its peak (FAKEDEV_REPORT_MEM=1) are printed for a larger
-model: numbers, not assertions, beyond the moved path not exceeding the whole one.
+model (2 and 3 ranks): numbers, not assertions, beyond the moved path not exceeding the whole one.
+
+The piecewise move runs owner to owner (NCCL point to point) unless SHARDTUNE_Z3DEV_MOVE=gather (each piece
+all-gathered): every case runs under both and the whole path, all three identical. Its traffic is asserted
+(check_traffic, from fakedev's FAKEDEV_REPORT_MEM line): owner to owner, each rank receives exactly what its new
+parts need from the others (counted by the communicator apart from the path, and delivered so by the fake NCCL),
+all ranks together at most the moved bytes; gathered, (ranks - 1) x the moved bytes.
 """
 import os
 import re
@@ -26,32 +32,64 @@ import test_frozen_bf16 as fb  # noqa: E402
 
 FAKE = os.path.join(os.path.dirname(os.path.abspath(dp.BIN)), "fakedev")
 WHOLE = {"SHARDTUNE_ZERO3_RESHARD": "whole"}
+GATHER = {"SHARDTUNE_Z3DEV_MOVE": "gather"}
 UNFREEZE = "finetune: { mode: progressive, unfreeze_every: 2 }\n"
 STAGES = ('finetune: { mode: progressive, layer_lr_decay: 0.8, stages: [ {at_step: 0, train_layers: "-1"},'
           ' {at_step: 3, train_layers: "-2"}, {at_step: 5, train_layers: "all"} ] }\n')
 
 
+PEAK = re.compile(r"fakedev device bytes: rank (\d+) peak (\d+)")
+MOVE = re.compile(r"fakedev stage-change moves: rank (\d+) received (\d+) needed (\d+) moved (\d+); point-to-point "
+                  r"received (\d+)")
+
+
 def dev(job, ranks, ov, env_extra=None):
-    """A guarded fakedev run; returns each rank's peak device bytes (FAKEDEV_REPORT_MEM=1)."""
+    """A guarded fakedev run; returns each rank's (peak device bytes, move bytes received, needed, moved, received
+    point to point) (FAKEDEV_REPORT_MEM=1)."""
     env = dict(dp.ENV, FAKEDEV_REPORT_MEM="1", **(env_extra or {}))
     args = ["mpirun", "--oversubscribe", "-np", str(ranks), FAKE, "--guard", job] + ov
     r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{' '.join(args)}\n{r.stdout}\n{r.stderr}"
     bad = [x for x in r.stderr.splitlines() if "fakedev (rank" in x or "stream order violated" in x]
     assert not bad, f"{' '.join(args)}: {bad[:3]}"
-    peaks = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"fakedev device bytes: rank (\d+) peak (\d+)", r.stdout)}
-    assert len(peaks) == ranks, r.stdout
-    return peaks
+    peaks = {int(m.group(1)): int(m.group(2)) for m in PEAK.finditer(r.stdout)}
+    stats = {int(m.group(1)): (peaks.get(int(m.group(1))),) + tuple(int(m.group(k)) for k in range(2, 6))
+             for m in MOVE.finditer(r.stdout)}
+    assert len(stats) == ranks == len(peaks), r.stdout
+    return stats
+
+
+def check_traffic(tag, ranks, gather, p2p):
+    """The owner-to-owner move receives exactly what each rank's new parts need from the others (counted apart
+    from the path; the fake NCCL's delivered bytes agree), all ranks together at most the moved bytes; the gather
+    path receives every other rank's old part of each piece: all ranks together (ranks - 1) x the moved bytes."""
+    moved = {s[3] for s in p2p.values()} | {s[3] for s in gather.values()}
+    assert len(moved) == 1, (tag, gather, p2p)
+    moved = moved.pop()
+    for r, (_, rec, need, _, pp) in p2p.items():
+        assert rec == need == pp, (tag, r, p2p[r])
+        assert gather[r][2] == need and gather[r][4] == 0, (tag, r, gather[r], p2p[r])
+    total_p2p, total_gather = sum(s[1] for s in p2p.values()), sum(s[1] for s in gather.values())
+    assert total_gather == (ranks - 1) * moved, (tag, gather, moved)
+    assert total_p2p <= moved and (ranks == 1 or moved == 0 or total_p2p > 0), (tag, p2p, moved)
+    return moved
 
 
 def pair(root, tag, job, ranks, ov):
-    """The job under both paths; returns the whole-path run dir and both peaks."""
-    a, b = os.path.join(root, tag + "_whole"), os.path.join(root, tag + "_moved")
+    """The job under the three paths (whole, the piece all-gathered, owner to owner); returns the whole-path run dir
+    and each path's stats."""
+    a, g, b = (os.path.join(root, tag + x) for x in ("_whole", "_gather", "_moved"))
     pa = dev(job, ranks, ov + [f"run_dir={a}"], WHOLE)
+    pg = dev(job, ranks, ov + [f"run_dir={g}"], GATHER)
     pb = dev(job, ranks, ov + [f"run_dir={b}"])
     k = fb.same_run(a, b, tag)
-    print(f"  {tag}: {k} checkpoints, final/, losses identical")
-    return a, pa, pb
+    fb.same_run(g, b, tag)
+    moved = check_traffic(tag, ranks, pg, pb)
+    assert ranks == 1 or moved > 0, (tag, pb)
+    print(f"  {tag}: {k} checkpoints, final/, losses identical (whole, gather, point to point); moved "
+          f"{moved} B, received per rank gather {[pg[r][1] for r in sorted(pg)]} point to point "
+          f"{[pb[r][1] for r in sorted(pb)]}")
+    return a, pa, pg, pb
 
 
 def main():
@@ -69,7 +107,7 @@ def main():
         ck3 = None
         for prec in ("fp32", "bf16"):
             for ranks in (1, 2, 3):
-                ref, _, _ = pair(root, f"unfreeze_every {prec} {ranks} ranks", uf, ranks, ov + [f"precision={prec}"])
+                ref, _, _, _ = pair(root, f"unfreeze_every {prec} {ranks} ranks", uf, ranks, ov + [f"precision={prec}"])
                 if ranks == 3 and prec == "fp32":
                     ck3 = ref
         pair(root, "stages fp32 3 ranks", st, 3, ov)
@@ -84,10 +122,13 @@ def main():
         d4k = dp.make_dataset(os.path.join(root, "b.h5"), 4096, 100, seed=1)
         bj = dp.write_job(os.path.join(root, "big.yaml"), big, os.path.join(root, "x"), [{"name": "a", "path": d4k}], UNFREEZE)
         bov = ["train.steps=5", "train.seq_len=16", "train.micro_batch=4", "checkpoint.every_steps=0", "sharding.stage=3"]
-        _, pw, pm = pair(root, "peak, 4 x 256 vocab 4096, 2 ranks", bj, 2, bov)
-        for r in sorted(pw):
-            print(f"  rank {r}: device peak whole {pw[r] / 2**20:.1f} MiB, moved {pm[r] / 2**20:.1f} MiB")
-            assert pm[r] <= pw[r], (pm, pw)
+        for ranks in (2, 3):
+            _, pw, pg, pm = pair(root, f"peak, 4 x 256 vocab 4096, {ranks} ranks", bj, ranks, bov)
+            for r in sorted(pw):
+                print(f"  rank {r}: device peak whole {pw[r][0] / 2**20:.1f} MiB, moved {pm[r][0] / 2**20:.1f} MiB; "
+                      f"stage changes received {pg[r][1] / 2**20:.2f} MiB gathered, {pm[r][1] / 2**20:.2f} MiB point "
+                      f"to point, of {pm[r][3] / 2**20:.2f} MiB moved")
+                assert pm[r][0] <= pw[r][0], (pm, pw)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"test_zero3_reshard_device: OK ({time.time() - t0:.1f} s)")

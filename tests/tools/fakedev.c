@@ -22,7 +22,8 @@
  *    scatters) through the fake NCCL and how many of them were queued while a matmul ran (overlap), device
  *    ZeRO-3's head-block gathers and the head passes they served (worker/comm_zero3_dev.h st_z3dev_head_counts),
  *    and the peaks when the status was first and second asked (device ZeRO-3 training asks once its load is done
- *    and, resuming, once its resume is: the load's peak, then the resume's).
+ *    and, resuming, once its resume is: the load's peak, then the resume's), device ZeRO-3's stage-change traffic
+ *    (st_z3dev_move_counts) and the bytes the fake NCCL's point-to-point delivered to the rank.
  *  --fail KERNEL:CALL[@RANK]: the CALL-th call (from 1) of KERNEL (matmul, matmul_bf16, attention_fwd,
  *    attention_bwd, cross_entropy (the LM head's loss kernels too: cross_entropy_acc, xent_block_loss),
  *    adamw_multi) records a failure in the status, on every rank or only on
@@ -419,11 +420,16 @@ int main(int argc, char **argv) {
     }
     const char *mem = getenv("FAKEDEV_REPORT_MEM");
     long gathers, passes;
+    size_t mv_recv, mv_need, mv_moved;
     st_z3dev_head_counts(&gathers, &passes);
+    st_z3dev_move_counts(&mv_recv, &mv_need, &mv_moved);
     if (guard && mem && !strcmp(mem, "1"))
         printf("fakedev device bytes: rank %d peak %zu between steps %zu; gradient reductions %ld, %ld of them "
                "beside compute; head blocks gathered %ld in %ld head passes; peak at the first status %zu, at the "
                "second %zu\n", status_rank, dev_peak, dev_between, reductions_run, reductions_overlapped, gathers, passes,
                dev_first[0], dev_first[1]);
+    if (guard && mem && !strcmp(mem, "1"))
+        printf("fakedev stage-change moves: rank %d received %zu needed %zu moved %zu; point-to-point received %zu\n",
+               status_rank, mv_recv, mv_need, mv_moved, p2p_recv_bytes);
     return rc;
 }

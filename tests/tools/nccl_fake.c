@@ -2,6 +2,7 @@
  *
  *   mpirun -np W nccl_fake --stage S [--steps N] [--accum A] [--bucket-kb K] [--no-overlap] [--inject-race] [--bf16]
  *                          [--drop-each-wait]
+ *   mpirun -np W nccl_fake --p2p-self-test
  *
  * No GPU exists here, so the NCCL path of comm.c (bucketed overlap, reduce-scatter into shards, the
  * parameter all-gather, and the waits before the compute stream touches their results) would only ever
@@ -38,7 +39,9 @@
  * Stage 3: the device path is worker/comm_zero3_dev.c (gather slots, per-group reduce-scatter in flight while
  * the next layer's backward computes), the MPI path the CPU ranks' stage 3; --bf16 runs both under mixed
  * precision; SHARDTUNE_ZERO3_DEV_FAULT removes one of its waits (the checker must then fail: matmul and
- * to_bf16 check their operands, bias_add its received sums). The fake NCCL itself: nccl_fake.h. */
+ * to_bf16 check their operands, bias_add its received sums). The fake NCCL itself: nccl_fake.h; --p2p-self-test
+ * checks its point to point (st_nccl_send_recv: values, untouched gaps, bytes counted, a late write and a size
+ * mismatch reported). */
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -246,8 +249,65 @@ static int drop_each(options *o) {
     return clean ? 1 : n == 0 ? 6 : missed ? 7 : 0;
 }
 
+/* --p2p-self-test: the fake's st_nccl_send_recv itself. Rank i sends rank r (i + 2r + 1) floats valued
+ * 1000 i + 100 r + j from a packed send buffer into an unpacked receive buffer (its own entries set, to be
+ * ignored); every value and every untouched float must be as expected, p2p_recv_bytes the sum of the receives,
+ * no violation. Then the stream-order check: a send buffer written after the enqueue, and a send one float longer
+ * than its peer's receive, must each be a violation. 0: all held. */
+static int p2p_self_test(void) {
+    int me, w;
+    MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    MPI_Comm_size(MPI_COMM_WORLD, &w);
+    st_nccl_comm *c;
+    unsigned char id[ST_NCCL_ID_BYTES];
+    st_nccl_get_unique_id(id);
+    st_nccl_init(&c, me, w, id);
+    st_nccl_span to[w], from[w];
+    float send[256], recv[512];
+    size_t so = 0, ro = 3, want = 0;
+    for (int r = 0; r < w; r++) {
+        to[r] = (st_nccl_span){so, (size_t)(me + 2 * r + 1)};
+        from[r] = (st_nccl_span){ro, (size_t)(r + 2 * me + 1)};
+        for (size_t j = 0; j < to[r].n; j++) send[so + j] = (float)(1000 * me + 100 * r + (int)j);
+        so += to[r].n, ro += from[r].n + 2; /* gaps between the receives stay untouched */
+        want += r != me ? from[r].n * sizeof(float) : 0;
+    }
+    for (int i = 0; i < 512; i++) recv[i] = -1.0f;
+    int bad = st_nccl_send_recv(c, send, to, recv, from) || st_nccl_wait_compute(c);
+    for (int r = 0; r < w; r++)
+        for (size_t j = 0; j < from[r].n; j++)
+            bad |= recv[from[r].off + j] != (r == me ? -1.0f : (float)(1000 * r + 100 * me + (int)j));
+    for (int i = 0, r = 0; i < 512; i++) { /* outside every receive: untouched */
+        while (r < w && (size_t)i >= from[r].off + from[r].n) r++;
+        if (r == w || (size_t)i < from[r].off) bad |= recv[i] != -1.0f;
+    }
+    bad |= p2p_recv_bytes != want || violations != 0;
+    int before = violations;
+    st_nccl_send_recv(c, send, to, recv, from);
+    send[to[(me + 1) % w].off] += 1.0f; /* written after the hand-over */
+    st_nccl_synchronize(c);
+    int caught_write = w == 1 || violations > before;
+    before = violations;
+    for (int r = 0; r < w; r++) to[r].n += r != me; /* one float more than the peer receives */
+    st_nccl_send_recv(c, send, to, recv, from);
+    st_nccl_synchronize(c);
+    int caught_size = w == 1 || violations > before;
+    st_nccl_destroy(c);
+    int ok = !bad && caught_write && caught_size, all = 0;
+    MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (!ok) fprintf(stderr, "nccl_fake: rank %d: send/recv self-test: values/bytes %s, late write %s, size mismatch %s\n",
+                     me, bad ? "WRONG" : "ok", caught_write ? "caught" : "NOT caught", caught_size ? "caught" : "NOT caught");
+    if (me == 0 && all) printf("nccl_fake: send/recv self-test on %d ranks: OK\n", w);
+    return all ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
+    if (argc == 2 && !strcmp(argv[1], "--p2p-self-test")) {
+        int rc = p2p_self_test();
+        MPI_Finalize();
+        return rc;
+    }
     options o = {1, 4, 2, 1, 0, 0, 0, 8 * 1024, 0};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--stage") && i + 1 < argc) o.stage = atoi(argv[++i]);

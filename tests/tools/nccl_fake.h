@@ -10,7 +10,9 @@
  * st_nccl_wait_compute, NCCL_FAKE_DROP_EVENT=K (or drop_event) the K-th st_nccl_wait_event (device stage 2-3's
  * waits for one reduction's or gather's mark); event_waits counts the latter. Overlap: compute_ran() (the
  * tools' matmuls call it) marks every queued reduction as having travelled beside compute;
- * reductions_overlapped / reductions_run count them when they run. */
+ * reductions_overlapped / reductions_run count them when they run. st_nccl_send_recv runs as MPI point to point at
+ * its queue position (its input: the span of its sends, its output: the span of its receives); a send whose size
+ * differs from its peer's receive is a violation; p2p_recv_bytes counts what it delivered. */
 #ifndef ST_NCCL_FAKE_H
 #define ST_NCCL_FAKE_H
 
@@ -31,6 +33,7 @@ static int drop_wait;
 static int drop_event;   /* the same for st_nccl_wait_event (NCCL_FAKE_DROP_EVENT=K) */
 static long event_waits; /* st_nccl_wait_event calls so far (dropped ones included) */
 static long reductions_run, reductions_overlapped; /* reductions (OP_REDUCE_PARTS) run; of them, queued while compute ran */
+static size_t p2p_recv_bytes; /* bytes this rank received from other ranks through st_nccl_send_recv (OP_P2P) */
 static void violation(const char *what) {
     violations++;
     fprintf(stderr, "stream order violated: %s\n", what);
@@ -39,7 +42,7 @@ static void violation(const char *what) {
 /* ---------------------------------------------------------------- the fake NCCL */
 
 typedef enum {
-    OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER, OP_GATHER_PARTS, OP_GATHER_PARTS16
+    OP_ALL_REDUCE, OP_REDUCE_SCATTER, OP_REDUCE_PARTS, OP_ALL_GATHER, OP_GATHER_PARTS, OP_GATHER_PARTS16, OP_P2P
 } op_kind;
 
 typedef struct {
@@ -51,6 +54,7 @@ typedef struct {
     size_t out_n;
     size_t elem;      /* bytes of an element: 4 (fp32), 2 (OP_GATHER_PARTS16: bf16) */
     int *counts;      /* OP_REDUCE_PARTS, OP_GATHER_PARTS: per-rank parts (then their offsets) */
+    st_nccl_span *spans; /* OP_P2P: per-rank sends (offsets into in), then receives (into out) */
     int overlapped;   /* compute ran while it was queued (compute_ran) */
 } pending_op;
 
@@ -131,6 +135,31 @@ int st_nccl_all_gather_parts_bf16(st_nccl_comm *c, uint16_t *buf, const size_t *
     return enqueue_parts(c, OP_GATHER_PARTS16, (const float *)buf, (float *)buf, 1, parts); /* elements: 2 bytes */
 }
 
+/* The op reads the span of send covering every send to another rank and writes the span of recv covering every
+ * receive (the stream-order checks' input and output); its spans keep offsets relative to those. */
+int st_nccl_send_recv(st_nccl_comm *c, const float *send, const st_nccl_span *to, float *recv,
+                      const st_nccl_span *from) {
+    size_t slo = SIZE_MAX, shi = 0, rlo = SIZE_MAX, rhi = 0;
+    for (int r = 0; r < c->world; r++) {
+        if (r == c->rank) continue; /* the caller's own overlap: a local copy */
+        if (to[r].n) slo = to[r].off < slo ? to[r].off : slo, shi = to[r].off + to[r].n > shi ? to[r].off + to[r].n : shi;
+        if (from[r].n)
+            rlo = from[r].off < rlo ? from[r].off : rlo, rhi = from[r].off + from[r].n > rhi ? from[r].off + from[r].n : rhi;
+    }
+    if (slo > shi) slo = shi = 0;
+    if (rlo > rhi) rlo = rhi = 0;
+    int rc = enqueue(c, OP_P2P, send + slo, shi - slo, recv + rlo, rhi - rlo);
+    if (rc) return rc;
+    st_nccl_span *sp = malloc(2 * (size_t)c->world * sizeof *sp);
+    for (int r = 0; r < c->world; r++) {
+        int other = r != c->rank;
+        sp[r] = (st_nccl_span){other && to[r].n ? to[r].off - slo : 0, other ? to[r].n : 0};
+        sp[c->world + r] = (st_nccl_span){other && from[r].n ? from[r].off - rlo : 0, other ? from[r].n : 0};
+    }
+    c->ops[c->n_ops - 1].spans = sp;
+    return 0;
+}
+
 int st_nccl_all_gather(st_nccl_comm *c, float *recv, const float *send, size_t send_n) {
     return send_n ? enqueue(c, OP_ALL_GATHER, send, send_n, recv, send_n * (size_t)c->world) : 0;
 }
@@ -171,9 +200,34 @@ static int run_first(st_nccl_comm *c, int n) {
         case OP_ALL_GATHER:
             MPI_Allgather(op->snapshot, (int)op->in_n, MPI_FLOAT, op->out, (int)op->in_n, MPI_FLOAT, MPI_COMM_WORLD);
             break;
+        case OP_P2P: { /* every rank runs its send/recv at the same queue position: matched by peer, in order */
+            MPI_Request reqs[2 * c->world];
+            MPI_Status st[2 * c->world];
+            float *tmp[c->world];
+            int nr = 0, got;
+            const st_nccl_span *to = op->spans, *from = op->spans + c->world;
+            for (int r = 0; r < c->world; r++) { /* receives first, each with a float to spare: a longer send */
+                tmp[r] = from[r].n ? malloc((from[r].n + 1) * sizeof(float)) : NULL; /* is seen, not cut */
+                if (tmp[r]) MPI_Irecv(tmp[r], (int)from[r].n + 1, MPI_FLOAT, r, 17, MPI_COMM_WORLD, &reqs[nr++]);
+            }
+            for (int r = 0; r < c->world; r++)
+                if (to[r].n)
+                    MPI_Isend(op->snapshot + to[r].off, (int)to[r].n, MPI_FLOAT, r, 17, MPI_COMM_WORLD, &reqs[nr++]);
+            MPI_Waitall(nr, reqs, st);
+            for (int r = 0, k = 0; r < c->world; r++) {
+                if (!tmp[r]) continue;
+                MPI_Get_count(&st[k++], MPI_FLOAT, &got);
+                p2p_recv_bytes += (size_t)got * sizeof(float);
+                if ((size_t)got != from[r].n) violation("send/recv: a send and its peer's receive differ in size");
+                memcpy(op->out + from[r].off, tmp[r], (got < (int)from[r].n ? (size_t)got : from[r].n) * sizeof(float));
+                free(tmp[r]);
+            }
+            break;
+        }
         }
         free(op->snapshot);
         free(op->counts);
+        free(op->spans);
     }
     memmove(c->ops, c->ops + n, (size_t)(c->n_ops - n) * sizeof c->ops[0]);
     c->n_ops -= n;

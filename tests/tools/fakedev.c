@@ -423,13 +423,13 @@ int main(int argc, char **argv) {
     size_t mv_recv, mv_need, mv_moved;
     st_z3dev_head_counts(&gathers, &passes);
     st_z3dev_move_counts(&mv_recv, &mv_need, &mv_moved);
-    if (guard && mem && !strcmp(mem, "1"))
+    if (guard && mem && !strcmp(mem, "1")) {
         printf("fakedev device bytes: rank %d peak %zu between steps %zu; gradient reductions %ld, %ld of them "
                "beside compute; head blocks gathered %ld in %ld head passes; peak at the first status %zu, at the "
                "second %zu\n", status_rank, dev_peak, dev_between, reductions_run, reductions_overlapped, gathers, passes,
                dev_first[0], dev_first[1]);
-    if (guard && mem && !strcmp(mem, "1"))
         printf("fakedev stage-change moves: rank %d received %zu needed %zu moved %zu; point-to-point received %zu\n",
                status_rank, mv_recv, mv_need, mv_moved, p2p_recv_bytes);
+    }
     return rc;
 }

@@ -1,8 +1,11 @@
 /* sgemm_peak.c — measures the machine's fp32 matmul peak: OpenBLAS sgemm on N x N x N (default 2048)
  * with a given number of BLAS threads; prints `gflops=<best of reps>`, and when built with oneDNN (the
  * CPU backend's matmul library) also `dnnl_gflops=` for oneDNN's sgemm with as many OpenMP threads.
- * bench/cpu_train uses both as denominators of "% of peak". Usage: sgemm_peak [threads=2] [n=2048]
+ * bench/cpu_train uses both as denominators of "% of peak", and prints `default=`, the library shardtune's
+ * CPU matmuls use here with SHARDTUNE_SGEMM unset (it depends on the CPU). Usage: sgemm_peak [threads=2] [n=2048]
  * [reps=5]. Owns its buffers. */
+#include "kernels/cpu/cpu_kernels.h"
+
 #include <cblas.h>
 #ifdef ST_HAVE_DNNL
 #include <dnnl.h>
@@ -62,7 +65,7 @@ int main(int argc, char **argv) {
 #ifdef ST_HAVE_DNNL
     printf(" dnnl_gflops=%.1f", 2.0 * n * (double)n * n / dbest / 1e9);
 #endif
-    printf("\n");
+    printf(" default=%s\n", st_cpu_sgemm_library());
     free(a);
     free(b);
     free(c);

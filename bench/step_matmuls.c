@@ -3,7 +3,7 @@
  * forward (x W^T), input gradients (dY W) and weight gradients (dY^T x, accumulated), then the LM head
  * (logits, dx, dW over the full vocabulary). Prints GFLOP/s by wall time and by process CPU time (CPU time
  * / threads: less sensitive to other processes on a shared machine), best of reps, and the sgemm library
- * (oneDNN by default when built with it, SHARDTUNE_SGEMM=openblas picks OpenBLAS, as for shardtune itself). Run it twice, alternating the
+ * (shardtune's default for this CPU, or SHARDTUNE_SGEMM=onednn|openblas, as for shardtune itself). Run it twice, alternating the
  * library, for a side-by-side ratio. Usage: step_matmuls [threads=2] [reps=3] [N=256 C=768 F=3072 V=50257
  * L=12] (the defaults: bench/cpu_train's gpt2-124m row, B*T = 4*64). Numbers only, no assertions. */
 #include "kernels/cpu/cpu_kernels.h"
@@ -45,12 +45,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     st_backend_cpu(threads); /* OpenMP threads, OpenBLAS single-threaded: as shardtune train runs */
-#ifdef ST_HAVE_DNNL
-    const char *env = getenv("SHARDTUNE_SGEMM");
-    const char *lib = env && !strcmp(env, "openblas") ? "openblas" : "onednn";
-#else
-    const char *lib = "openblas";
-#endif
+    const char *lib = st_cpu_sgemm_library();
     int Q = 3 * C, W = F > Q ? F : Q;
     /* one weight set per layer (the step streams 12 layers' weights, as training does) */
     float **wq = malloc(L * sizeof *wq), **wf = malloc(L * sizeof *wf), **wo = malloc(L * sizeof *wo);

@@ -45,10 +45,16 @@ if(CMOCKA_FOUND)
     set_tests_properties(unit.${name} PROPERTIES LABELS unit TIMEOUT 300
       ENVIRONMENT "OMP_NUM_THREADS=2;SHARDTUNE_BIN=$<TARGET_FILE:shardtune>;ST_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
   endforeach()
-  if(ST_HAVE_DNNL) # oneDNN is the default sgemm: the OpenBLAS matmuls (SHARDTUNE_SGEMM=openblas) against the same float64 bounds
-    add_test(NAME unit.test_kernels_cpu_openblas COMMAND test_kernels_cpu)
-    set_tests_properties(unit.test_kernels_cpu_openblas PROPERTIES LABELS unit TIMEOUT 300
-      ENVIRONMENT "OMP_NUM_THREADS=2;SHARDTUNE_SGEMM=openblas;ST_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
+  if(ST_HAVE_DNNL) # the default sgemm depends on the CPU (oneDNN on AVX-512, else OpenBLAS): both libraries run
+    # the matmul tests against the same float64 bounds, and QLoRA's fused-vs-unfused bits under oneDNN whatever the CPU
+    foreach(lib onednn openblas)
+      add_test(NAME unit.test_kernels_cpu_${lib} COMMAND test_kernels_cpu)
+      set_tests_properties(unit.test_kernels_cpu_${lib} PROPERTIES LABELS unit TIMEOUT 300
+        ENVIRONMENT "OMP_NUM_THREADS=2;SHARDTUNE_SGEMM=${lib};ST_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
+    endforeach()
+    add_test(NAME unit.test_qlora_onednn COMMAND test_qlora)
+    set_tests_properties(unit.test_qlora_onednn PROPERTIES LABELS unit TIMEOUT 300
+      ENVIRONMENT "OMP_NUM_THREADS=2;SHARDTUNE_SGEMM=onednn;SHARDTUNE_BIN=$<TARGET_FILE:shardtune>;ST_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
   endif()
 endif()
 

@@ -1,6 +1,6 @@
-/* cpu_backend.c — the CPU backend table (st_backend_cpu), host memory functions, matmul through
- * oneDNN's sgemm when built with it (OpenBLAS's with SHARDTUNE_SGEMM=openblas, or in a build without
- * oneDNN), bias and elementwise kernels.
+/* cpu_backend.c — the CPU backend table (st_backend_cpu), host memory functions, matmul through the
+ * faster sgemm on this CPU (oneDNN's on AVX-512 when built with it, else OpenBLAS's; SHARDTUNE_SGEMM picks
+ * one), bias and elementwise kernels.
  *
  * Memory: alloc returns 64-byte aligned zeroed host memory owned by the caller (release with ->free).
  * Kernels never allocate. Every reduction runs over a partition that does not depend on the number
@@ -72,17 +72,32 @@ static void matmul_row(float *c, const float *a, const float *b, int n, int k, i
     }
 }
 
-/* SHARDTUNE_SGEMM: unset or "onednn" (the default when built with oneDNN: 25-35% faster than OpenBLAS 0.3.21
- * on AVX-512; its calls run with signals blocked, see sgemm_block) or "openblas"; NULL when the value is one of
- * those, else the value. Read once. */
+/* The sgemm when SHARDTUNE_SGEMM is unset: oneDNN on a CPU with AVX-512 (its JIT sgemm is 25-35% faster than
+ * OpenBLAS 0.3.21 there, 1.33x on gpt2-124m steps), OpenBLAS on the others: on an AVX2-only CPU (AMD EPYC
+ * Zen 3) OpenBLAS ran the steps' sgemms 1.05-1.16x faster, with no page faults (oneDNN's per-call packing
+ * buffers are fresh mappings under the CLI's fixed mmap threshold: 10.8k / 29.1k faults per llama-small /
+ * gpt2-124m step), bench/sgemm_shapes and bench/cpu_train (bench/RESULTS.md, 2026-12-07). */
+#ifdef ST_HAVE_DNNL
+static int dnnl_by_default(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+#endif
+
+/* SHARDTUNE_SGEMM: unset (dnnl_by_default), "onednn" or "openblas"; NULL when the value is one of those, else
+ * the value. Read once. */
 static const char *sgemm_env(int *dnnl) {
     const char *e = getenv("SHARDTUNE_SGEMM");
+    int unset = !e || !*e;
 #ifdef ST_HAVE_DNNL
-    *dnnl = !e || !*e || strcmp(e, "onednn") == 0;
+    *dnnl = unset ? dnnl_by_default() : strcmp(e, "onednn") == 0;
 #else
     *dnnl = 0;
 #endif
-    if (!e || !*e || strcmp(e, "openblas") == 0 || strcmp(e, "onednn") == 0) return NULL;
+    if (unset || strcmp(e, "openblas") == 0 || strcmp(e, "onednn") == 0) return NULL;
     return e;
 }
 
@@ -114,9 +129,10 @@ static int sgemm_dnnl(void) {
 #endif
 }
 
-/* One single-threaded row-major sgemm C = alpha op(A) op(B) + beta C (beta 0 never reads C). oneDNN's
- * JIT sgemm is 25-35% faster than OpenBLAS 0.3.21 on the model's shapes on AVX-512 (bench/RESULTS.md,
- * 2026-12-06). oneDNN would open its own (nested) team of omp_get_max_threads() threads: the calling thread's
+const char *st_cpu_sgemm_library(void) { return sgemm_dnnl() ? "onednn" : "openblas"; }
+
+/* One single-threaded row-major sgemm C = alpha op(A) op(B) + beta C (beta 0 never reads C) through the
+ * library sgemm_dnnl picks. oneDNN would open its own (nested) team of omp_get_max_threads() threads: the calling thread's
  * thread count is held at 1 around the call, so each block runs on the thread that owns it (one pool, no
  * oversubscription, results independent of scheduling). A call oneDNN refuses (it checks the arguments
  * only) goes to OpenBLAS. */

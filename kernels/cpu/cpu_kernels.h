@@ -122,10 +122,13 @@ static inline float st_cpu_expf(float x) {
 /* ---- kernels (see kernels/kernels.h for each contract) ---- */
 
 /* cpu_backend.c */
-/* 0 when SHARDTUNE_SGEMM (the CPU matmuls' sgemm: unset or "onednn" = oneDNN when built with it, "openblas")
+/* 0 when SHARDTUNE_SGEMM (the CPU matmuls' sgemm: unset = oneDNN on AVX-512 when built with it, else OpenBLAS;
+ * "onednn"; "openblas")
  * names a library this build has, else ST_EINVAL / ST_EDEVICE with a message naming the value. */
 int st_cpu_sgemm_check(void);
 
+/* "onednn" or "openblas": the library st_cpu_matmul's blocks use in this process (benches print it). */
+const char *st_cpu_sgemm_library(void);
 /* One single-threaded row-major sgemm through the library st_cpu_matmul's blocks use (SHARDTUNE_SGEMM). */
 void st_cpu_sgemm_one(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda, const float *b,
                       int ldb, float beta, float *c, int ldc);

@@ -2,7 +2,7 @@
  * with a given number of BLAS threads; prints `gflops=<best of reps>`, and when built with oneDNN (the
  * CPU backend's matmul library) also `dnnl_gflops=` for oneDNN's sgemm with as many OpenMP threads.
  * bench/cpu_train uses both as denominators of "% of peak", and prints `default=`, the library shardtune's
- * CPU matmuls use here with SHARDTUNE_SGEMM unset (it depends on the CPU). Usage: sgemm_peak [threads=2] [n=2048]
+ * CPU matmuls use in this environment (SHARDTUNE_SGEMM, else the CPU's default). Usage: sgemm_peak [threads=2] [n=2048]
  * [reps=5]. Owns its buffers. */
 #include "kernels/cpu/cpu_kernels.h"
 

@@ -132,8 +132,8 @@ static int sgemm_dnnl(void) {
 const char *st_cpu_sgemm_library(void) { return sgemm_dnnl() ? "onednn" : "openblas"; }
 
 /* One single-threaded row-major sgemm C = alpha op(A) op(B) + beta C (beta 0 never reads C) through the
- * library sgemm_dnnl picks. oneDNN would open its own (nested) team of omp_get_max_threads() threads: the calling thread's
- * thread count is held at 1 around the call, so each block runs on the thread that owns it (one pool, no
+ * library sgemm_dnnl picks. oneDNN would open its own (nested) team of omp_get_max_threads() threads: the
+ * calling thread's thread count is held at 1 around the call, so each block runs on the thread that owns it (one pool, no
  * oversubscription, results independent of scheduling). A call oneDNN refuses (it checks the arguments
  * only) goes to OpenBLAS. */
 static void sgemm_block(int dnnl, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,

@@ -123,8 +123,7 @@ static inline float st_cpu_expf(float x) {
 
 /* cpu_backend.c */
 /* 0 when SHARDTUNE_SGEMM (the CPU matmuls' sgemm: unset = oneDNN on AVX-512 when built with it, else OpenBLAS;
- * "onednn"; "openblas")
- * names a library this build has, else ST_EINVAL / ST_EDEVICE with a message naming the value. */
+ * or "onednn" / "openblas") names a library this build has, else ST_EINVAL / ST_EDEVICE with a message naming the value. */
 int st_cpu_sgemm_check(void);
 
 /* "onednn" or "openblas": the library st_cpu_matmul's blocks use in this process (benches print it). */

@@ -16,8 +16,8 @@
  * enough for OpenBLAS's small-matrix kernels unless the whole product is (st_qmatmul_panel: those sum K in one
  * pass, the blocked kernels in chunks). OpenBLAS 0.3.21's Haswell/Zen sgemm kernels order a sum by the call's
  * column blocking, so with OpenBLAS on such a CPU (the default there, see sgemm_env) the bits are not guaranteed
- * (the tests probe the library and say so; unit.test_qlora_onednn holds them under oneDNN on any CPU). Compiled with -ffp-contract=off: the double-quantized scale is q8 * scale2, rounded,
- * then + mean, as dequant_int8 + add_scalar. bf16 ST_QMM_W16: W's panels rounded as under bf16 1, X read as is. */
+ * (the tests probe the library and say so; unit.test_qlora_onednn holds them under oneDNN on any CPU).
+ * Compiled with -ffp-contract=off: the double-quantized scale is q8 * scale2, rounded, then + mean, as dequant_int8 + add_scalar. bf16 ST_QMM_W16: W's panels rounded as under bf16 1, X read as is. */
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/bf16.h"
 #include "kernels/kernels.h"
